@@ -1,0 +1,1 @@
+"""The `carve` command line."""

@@ -1,0 +1,196 @@
+"""`carve` command line: flags map one to one onto the Recipe; it imports only the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from typing import Any
+
+import carve
+from carve.corpora import builtin_corpora
+from carve.progress import set_quiet
+from carve.scorers import SCORERS
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print a machine-readable JSON summary")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA"
+    )
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+
+
+def _data_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--domain", default="legal", help="builtin corpus name or path (default: legal)")
+    p.add_argument("--general", default="general", help="builtin corpus name or path (default: general)")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl / .parquet / datasets corpora")
+    p.add_argument("--block-len", type=int, default=512, help="tokens per calibration and eval block")
+    p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks per corpus for perplexity")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carve", description=carve.__doc__)
+    parser.add_argument("--version", action="version", version=f"carve {carve.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ex = sub.add_parser("extract", help="prune a model into a domain specialist")
+    ex.add_argument(
+        "--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a directory, a .gguf or a hub id"
+    )
+    _data_flags(ex)
+    ex.add_argument("--method", default="sparsegpt", help=f"scorer: {', '.join(sorted(SCORERS))} (default: sparsegpt)")
+    ex.add_argument("--sparsity", type=float, default=None, help="share of Linear weights to remove (default 0.5)")
+    ex.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (keep N of every M)")
+    ex.add_argument(
+        "--granularity",
+        choices=["row", "matrix", "global"],
+        default=None,
+        help="comparison group (default: the method's paper)",
+    )
+    ex.add_argument(
+        "--mix", type=float, default=0.0, help="share of calibration blocks from the general corpus (0 = domain only)"
+    )
+    ex.add_argument("--calib-blocks", type=int, default=64, help="number of calibration blocks")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--include", nargs="+", default=["*"], help="glob patterns of Linear modules to prune")
+    ex.add_argument(
+        "--exclude", nargs="+", default=None, help="glob patterns to leave dense (default: embeddings, lm_head, norms)"
+    )
+    ex.add_argument("--batch-size", type=int, default=8, help="calibration blocks per forward pass")
+    ex.add_argument("--out", required=True, help="output directory (written atomically)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    _common(ex)
+
+    ev = sub.add_parser("eval", help="perplexity of a model on general and domain held-out text")
+    ev.add_argument("model", nargs="?", default=None, help="'default', a directory, a .gguf or a hub id")
+    _data_flags(ev)
+    _common(ev)
+
+    co = sub.add_parser("corpora", help="list the builtin corpora")
+    co.add_argument("--json", action="store_true")
+    me = sub.add_parser("methods", help="list the registered scorers")
+    me.add_argument("--json", action="store_true")
+    return parser
+
+
+def _recipe(args: argparse.Namespace) -> carve.Recipe:
+    names = {f.name for f in fields(carve.Recipe)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return carve.Recipe(**values)
+
+
+def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
+    manifest = carve.extract(_recipe(args), args.out, overwrite=args.overwrite)
+    before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
+    r = manifest["recipe"]
+    if not args.json:
+        print(
+            f"\n{manifest['source']['model']} -> {args.out}  ({r['method']}, sparsity {r['sparsity']:g}"
+            f"{', ' + r['pattern'] if r['pattern'] else ''}, mix {r['mix']:g})"
+        )
+        print(
+            _table(
+                [
+                    ["", f"domain ppl ({r['domain']})", f"general ppl ({r['general']})", "linear sparsity"],
+                    ["dense", f"{before['domain_ppl']:.3f}", f"{before['general_ppl']:.3f}", "0"],
+                    [
+                        "pruned",
+                        f"{after['domain_ppl']:.3f}",
+                        f"{after['general_ppl']:.3f}",
+                        f"{manifest['sparsity']['linear']:.4f}",
+                    ],
+                ]
+            )
+        )
+        print(
+            f"perplexity over {after['domain_eval_blocks']} / {after['general_eval_blocks']} held-out blocks of "
+            f"{after['block_len']} tokens; peak RSS {manifest['peak_rss_mb']:.0f} MB; "
+            f"prune {manifest['timings_s']['prune']:.1f} s"
+        )
+    return {
+        "out": args.out,
+        "metrics": manifest["metrics"],
+        "sparsity": {k: v for k, v in manifest["sparsity"].items() if k != "per_module"},
+        "timings_s": manifest["timings_s"],
+        "peak_rss_mb": manifest["peak_rss_mb"],
+    }
+
+
+def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    domain, general = carve.Corpus(args.domain, args.text_field), carve.Corpus(args.general, args.text_field)
+    lm = carve.load_model(args.model, dtype=args.dtype, device=args.device)
+    m = carve.evaluate(lm, domain, general, blocks=args.eval_blocks, block_len=args.block_len)
+    if not args.json:
+        print(
+            _table(
+                [
+                    ["model", f"domain ppl ({args.domain})", f"general ppl ({args.general})"],
+                    [lm.source, f"{m['domain_ppl']:.3f}", f"{m['general_ppl']:.3f}"],
+                ]
+            )
+        )
+        print(
+            f"perplexity over {m['domain_eval_blocks']} / {m['general_eval_blocks']} held-out blocks "
+            f"of {m['block_len']} tokens"
+        )
+    return {"model": lm.source, "fingerprint": lm.fingerprint, "metrics": m}
+
+
+def _cmd_corpora(args: argparse.Namespace) -> Any:
+    rows = builtin_corpora()
+    if not args.json:
+        print(
+            _table(
+                [["name", "documents", "KB", "source", "licence"]]
+                + [[r["name"], str(r["documents"]), str(r["kilobytes"]), r["source"], r["licence"]] for r in rows]
+            )
+        )
+    return rows
+
+
+def _cmd_methods(args: argparse.Namespace) -> Any:
+    rows: list[dict[str, Any]] = [
+        {"name": s.name, "needs_data": s.statistic is not None, "paper": s.paper, "url": s.url}
+        for s in SCORERS.values()
+    ]
+    if not args.json:
+        print(
+            _table(
+                [["name", "data", "paper"]]
+                + [[r["name"], "yes" if r["needs_data"] else "no", f"{r['paper']} {r['url']}"] for r in rows]
+            )
+        )
+    return rows
+
+
+COMMANDS = {"extract": _cmd_extract, "eval": _cmd_eval, "corpora": _cmd_corpora, "methods": _cmd_methods}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    set_quiet(getattr(args, "quiet", False) or (getattr(args, "json", False) and not sys.stderr.isatty()))
+    try:
+        summary = COMMANDS[args.command](args)
+    except carve.UsageError as exc:
+        print(f"carve: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("carve: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

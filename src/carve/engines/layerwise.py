@@ -1,0 +1,161 @@
+"""The layer-wise engine: one decoder block at a time, with sequential propagation.
+
+1. Capture the real call of every decoder block (positional args and kwargs: position
+   embeddings, masks, layer-specific masks such as Gemma's sliding window) by running the
+   model once per batch shape with pre-hooks, and the hidden states entering block 0 for every
+   calibration batch (stopping there).
+2. Per block: hook its Linear layers so each accumulates a statistic of its inputs, run the
+   calibration batches, hand (linears, statistics) to the caller (which scores and/or prunes),
+   then re-run the block so the next block sees the outputs of this (possibly pruned) block.
+
+Memory: the model, the hidden states of the calibration set for one block boundary (input and
+output), and one block's activations.  The engine never imports a method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from carve.models.arch import find_blocks, prunable_linears
+from carve.progress import progress
+
+
+class _Stop(Exception):
+    pass
+
+
+BlockCall = tuple[tuple[Any, ...], dict[str, Any], bool]  # other args, kwargs, hidden-as-kwarg
+
+
+def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, BlockCall]:
+    if "hidden_states" in kwargs:
+        kw = dict(kwargs)
+        hidden = kw.pop("hidden_states")
+        return hidden, (args, kw, True)
+    return args[0], (args[1:], dict(kwargs), False)
+
+
+def _call_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    args, kwargs, as_kwarg = call
+    out = block(*args, hidden_states=hidden, **kwargs) if as_kwarg else block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def _capture(
+    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]
+) -> tuple[list[torch.Tensor], dict[tuple[int, ...], list[BlockCall]]]:
+    hidden: list[torch.Tensor] = []
+    calls: dict[tuple[int, ...], list[BlockCall]] = {}
+
+    def stop_at_first(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        h, _ = _split_hidden(args, kwargs)
+        hidden.append(h.detach())
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(stop_at_first, with_kwargs=True)
+    try:
+        for ids in progress(batches, "capturing block inputs"):
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+
+    # the per-block calls depend only on the batch shape (no padding), so one full forward
+    # per distinct shape records what each block is really given
+    for ids in batches:
+        shape = tuple(ids.shape)
+        if shape in calls:
+            continue
+        recorded: list[BlockCall] = []
+
+        def record(
+            _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], into: list[BlockCall] = recorded
+        ) -> None:
+            into.append(_split_hidden(args, kwargs)[1])
+
+        handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
+        try:
+            model(input_ids=ids, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        calls[shape] = recorded
+    return hidden, calls
+
+
+def _hook_statistics(
+    linears: dict[str, nn.Module], statistic: Callable[[int, Any], Any], device: torch.device, stats: dict[str, Any]
+) -> list[Any]:
+    """Feed each Linear's inputs to a statistic.  Linears that receive the very same input
+    tensor (q/k/v, gate/up) share one statistic object, accumulated once: the grouping is read
+    off the first batch, while its inputs are kept alive so tensor identity is unambiguous."""
+    leader: dict[str, str] = {}
+    live: list[tuple[torch.Tensor, str]] = []
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        if name not in leader:
+            same = next((n for t, n in live if t is x), None)
+            if same is not None:
+                leader[name] = same
+                stats[name] = stats[same]
+                return
+            leader[name] = name
+            live.append((x, name))
+            stats[name] = statistic(x.shape[-1], device)
+        if leader[name] == name:
+            if len(leader) == len(linears):
+                live.clear()  # grouping complete: release the first batch's inputs
+            stats[name].update(x)
+
+    return [
+        lin.register_forward_hook(lambda _m, inp, _out, name=name: hook(name, inp[0])) for name, lin in linears.items()
+    ]
+
+
+@torch.no_grad()
+def layerwise(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    on_block: Callable[[int, dict[str, nn.Module], dict[str, Any]], bool],
+    statistic: Callable[[int, Any], Any] | None,
+    include: tuple[str, ...] = ("*",),
+    exclude: tuple[str, ...] | None = None,
+    batch_size: int = 8,
+    desc: str = "calibrating",
+) -> None:
+    """Run `calibration` [N, L] block by block.
+
+    For block i, `statistic(in_features, device)` is built for each of its Linear layers and fed
+    their inputs; then `on_block(i, linears, stats)` is called and returns whether it changed
+    the block's weights (then the block is re-run to propagate its new outputs)."""
+    from carve.models.arch import DEFAULT_EXCLUDE
+
+    exclude = DEFAULT_EXCLUDE if exclude is None else exclude
+    device = next(model.parameters()).device
+    prefix, blocks = find_blocks(model)
+    batches = [b.to(device) for b in calibration.split(batch_size)]
+    hidden, calls = _capture(model, blocks, batches)
+    shapes = [tuple(b.shape) for b in batches]
+
+    for i in progress(range(len(blocks)), desc, total=len(blocks)):
+        block = blocks[i]
+        linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
+        stats: dict[str, Any] = {}
+        handles = [] if statistic is None else _hook_statistics(linears, statistic, device, stats)
+        outputs = []
+        try:
+            for j, h in enumerate(hidden):
+                outputs.append(_call_block(block, h, calls[shapes[j]][i]))
+        finally:
+            for handle in handles:
+                handle.remove()
+        if on_block(i, linears, stats):
+            outputs = [_call_block(block, h, calls[shapes[j]][i]) for j, h in enumerate(hidden)]
+        hidden = outputs

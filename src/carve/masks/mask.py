@@ -1,0 +1,147 @@
+"""ImportanceMap (param name -> float scores) and Mask (param name -> bool, True = keep)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from carve.errors import UsageError
+from carve.masks.select import check_sparsity, keep_mask, parse_pattern
+
+
+@dataclass
+class ImportanceMap(Mapping[str, torch.Tensor]):
+    """Scores of the same shape as each parameter, with how they were made."""
+
+    scores: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.scores[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.scores)
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def save(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(
+            {k: v.contiguous().cpu() for k, v in self.scores.items()},
+            str(path),
+            metadata={"carve": json.dumps(self.meta)},
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> ImportanceMap:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("carve", "{}"))
+            return cls({k: f.get_tensor(k) for k in f.keys()}, meta)
+
+
+@dataclass
+class Mask(Mapping[str, torch.Tensor]):
+    """Keep-masks per parameter, with algebra, statistics and bit-packed storage."""
+
+    keep: dict[str, torch.Tensor]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.keep[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keep)
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def _zip(self, other: Mask) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        if self.keep.keys() != other.keep.keys():
+            raise ValueError("masks cover different parameters")
+        for k, v in self.keep.items():
+            yield k, v, other.keep[k]
+
+    def __and__(self, other: Mask) -> Mask:
+        return Mask({k: a & b for k, a, b in self._zip(other)})
+
+    def __or__(self, other: Mask) -> Mask:
+        return Mask({k: a | b for k, a, b in self._zip(other)})
+
+    def __invert__(self) -> Mask:
+        return Mask({k: ~v for k, v in self.keep.items()})
+
+    @staticmethod
+    def vote(masks: list[Mask], at_least: int) -> Mask:
+        """Keep a weight kept by at least `at_least` of the masks (TALL/consensus style)."""
+        names = masks[0].keep.keys()
+        return Mask({k: torch.stack([m[k] for m in masks]).sum(0) >= at_least for k in names})
+
+    def sparsity(self) -> float:
+        total = sum(v.numel() for v in self.keep.values())
+        kept = sum(int(v.sum()) for v in self.keep.values())
+        return 1 - kept / total if total else 0.0
+
+    def sparsity_per_param(self) -> dict[str, float]:
+        return {k: 1 - v.float().mean().item() for k, v in self.keep.items()}
+
+    def jaccard(self, other: Mask) -> float:
+        """|A ∩ B| / |A ∪ B| over the kept weights of all parameters."""
+        inter = sum(int((a & b).sum()) for _, a, b in self._zip(other))
+        union = sum(int((a | b).sum()) for _, a, b in self._zip(other))
+        return inter / union if union else 1.0
+
+    def save(self, path: str | Path) -> None:
+        """Bit-packed: one bit per weight, shapes in the metadata."""
+        from safetensors.torch import save_file
+
+        packed = {k: torch.from_numpy(np.packbits(v.cpu().numpy().reshape(-1))) for k, v in self.keep.items()}
+        shapes = {k: list(v.shape) for k, v in self.keep.items()}
+        save_file(packed, str(path), metadata={"carve_mask_shapes": json.dumps(shapes)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> Mask:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            shapes = json.loads((f.metadata() or {})["carve_mask_shapes"])
+            keep = {}
+            for k in f.keys():
+                n = int(np.prod(shapes[k]))
+                bits = np.unpackbits(f.get_tensor(k).numpy())[:n].astype(bool)
+                keep[k] = torch.from_numpy(bits).view(shapes[k])
+        return cls(keep)
+
+
+def select_mask(
+    scores: Mapping[str, torch.Tensor],
+    sparsity: float | None = None,
+    granularity: str = "row",
+    pattern: str | None = None,
+) -> Mask:
+    """Remove the lowest-scoring `sparsity` share: per output row, per matrix, over all
+    matrices at once ("global"), or as N:M along the input dimension (`pattern="2:4"`)."""
+    nm = parse_pattern(pattern)
+    sparsity = check_sparsity(sparsity, nm)
+    if granularity == "global" and nm is None:
+        flat = torch.cat([v.detach().float().reshape(-1).cpu() for v in scores.values()])
+        k = int(flat.numel() * sparsity)
+        keep_flat = torch.ones_like(flat, dtype=torch.bool)
+        if k:
+            keep_flat[torch.topk(flat, k, largest=False).indices] = False
+        out, start = {}, 0
+        for name, v in scores.items():
+            out[name] = keep_flat[start : start + v.numel()].view(v.shape).to(v.device)
+            start += v.numel()
+        return Mask(out)
+    if granularity not in ("row", "matrix", "global"):
+        raise UsageError(f"granularity {granularity!r} is not one of row, matrix, global")
+    return Mask({k: keep_mask(v.float(), sparsity, granularity, nm) for k, v in scores.items()})

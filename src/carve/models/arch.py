@@ -1,0 +1,88 @@
+"""Find the decoder blocks and the Linear layers of any Hugging Face causal LM, without
+per-architecture code: the blocks are the longest ModuleList of same-class modules that
+contain Linear layers (model.layers for Llama/Qwen2/Gemma, transformer.h for GPT-2,
+model.decoder.layers for OPT, gpt_neox.layers …)."""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+
+from carve.errors import UsageError
+
+
+def is_linear(module: nn.Module) -> bool:
+    # GPT-2's Conv1D is a Linear with its weight stored transposed ([in, out])
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def weight_matrix(module: nn.Module) -> torch.Tensor:
+    """The weight as [out_features, in_features] (a view: writes reach the module)."""
+    w = module.weight
+    assert isinstance(w, torch.Tensor)
+    return w if isinstance(module, nn.Linear) else w.t()
+
+
+def as_param_layout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A [out, in] tensor (score, mask) in the layout of the module's weight parameter."""
+    return t if isinstance(module, nn.Linear) else t.t().contiguous()
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        if len({type(m) for m in mod}) != 1:
+            continue
+        if not any(is_linear(m) for m in mod[0].modules()):
+            continue
+        if best is None or len(mod) > len(best[1]):
+            best = (name, mod)
+    if best is None:
+        raise UsageError(
+            f"no decoder blocks found in {type(model).__name__}: carve needs a causal LM whose "
+            "blocks are a ModuleList of layers containing Linear modules"
+        )
+    return best
+
+
+DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*norm*", "*wte*", "*wpe*")
+
+
+def prunable_linears(
+    block: nn.Module,
+    prefix: str,
+    include: tuple[str, ...] = ("*",),
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+) -> dict[str, nn.Module]:
+    """Linear modules of one block, by full module name, filtered by glob patterns."""
+    out = {}
+    for name, mod in block.named_modules():
+        full = f"{prefix}.{name}" if name else prefix
+        if not is_linear(mod):
+            continue
+        if not any(fnmatch.fnmatch(full, p) for p in include):
+            continue
+        if any(fnmatch.fnmatch(full, p) for p in exclude):
+            continue
+        out[full] = mod
+    return out
+
+
+def all_prunable_linears(
+    model: nn.Module,
+    include: tuple[str, ...] = ("*",),
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+) -> dict[str, nn.Module]:
+    prefix, blocks = find_blocks(model)
+    out: dict[str, nn.Module] = {}
+    for i, block in enumerate(blocks):
+        out.update(prunable_linears(block, f"{prefix}.{i}", include, exclude))
+    if not out:
+        raise UsageError(
+            f"no Linear layers to prune in {type(model).__name__} with include={list(include)} exclude={list(exclude)}"
+        )
+    return out

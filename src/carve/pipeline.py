@@ -1,0 +1,209 @@
+"""The main job as a short script of named steps: load → data → evaluate → prune → evaluate → save."""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carve.corpora import Corpus
+from carve.errors import UsageError
+from carve.evaluation import perplexity
+from carve.masks.select import check_sparsity, parse_pattern
+from carve.models import LoadedModel, load_model
+from carve.models.arch import DEFAULT_EXCLUDE
+from carve.ops import model_sparsity, prune
+from carve.output import atomic_output_dir, check_output, write_json
+from carve.scorers import get_scorer
+
+
+@dataclass
+class Recipe:
+    """Everything that decides an extraction; stored in the manifest, one field per CLI flag."""
+
+    model: str | None = None
+    domain: str = "legal"
+    general: str = "general"
+    method: str = "sparsegpt"
+    sparsity: float | None = None  # None: 0.5, or what the N:M pattern implies
+    pattern: str | None = None
+    granularity: str | None = None  # None: the method's paper
+    mix: float = 0.0  # share of calibration blocks taken from the general corpus
+    calib_blocks: int = 64
+    block_len: int = 512
+    eval_blocks: int = 32
+    seed: int = 0
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    text_field: str = "text"
+    dtype: str | None = None
+    device: str | None = None
+    batch_size: int = 8
+
+    def validate(self) -> None:
+        get_scorer(self.method)
+        nm = parse_pattern(self.pattern)
+        if self.sparsity is None and nm is None:
+            self.sparsity = 0.5
+        self.sparsity = check_sparsity(self.sparsity, nm)
+        if not 0 <= self.mix <= 1:
+            raise UsageError(f"mix {self.mix} is outside [0, 1]: it is the share of general calibration blocks")
+        for name in ("calib_blocks", "block_len", "eval_blocks", "batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be a positive whole number, not {getattr(self, name)}")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Stages:
+    """Wall time per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 3)
+
+
+def _tensor_fingerprint(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def calibration_data(
+    tokenizer: Any, domain: Corpus, general: Corpus, n: int, length: int, mix: float, seed: int
+) -> torch.Tensor:
+    """`n` blocks: round(mix·n) from the general corpus, the rest from the domain."""
+    n_general = round(mix * n)
+    parts = [
+        domain.calibration_blocks(tokenizer, n - n_general, length, seed),
+        general.calibration_blocks(tokenizer, n_general, length, seed + 1),
+    ]
+    return torch.cat([p for p in parts if p.numel()])
+
+
+def evaluate(
+    model: LoadedModel,
+    domain: str | Corpus = "legal",
+    general: str | Corpus = "general",
+    *,
+    blocks: int = 32,
+    block_len: int = 512,
+) -> dict[str, Any]:
+    """Domain and general perplexity on the first `blocks` held-out blocks of `block_len` tokens."""
+    dom = domain if isinstance(domain, Corpus) else Corpus(domain)
+    gen = general if isinstance(general, Corpus) else Corpus(general)
+    out: dict[str, Any] = {}
+    for key, corpus in (("domain", dom), ("general", gen)):
+        data = corpus.eval_blocks(model.tokenizer, blocks, block_len)
+        out[f"{key}_ppl"] = round(perplexity(model.model, data, desc=f"perplexity ({corpus.name})"), 4)
+        out[f"{key}_eval_blocks"] = len(data)
+    out["block_len"] = block_len
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from carve import __version__
+
+    return {
+        "carve": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def extract(
+    recipe: Recipe, out: str | Path | None = None, *, overwrite: bool = False, model: LoadedModel | None = None
+) -> dict[str, Any]:
+    """Run the main job; write the model, tokenizer and carve.json to `out` when given.
+    Returns the manifest."""
+    recipe.validate()
+    if out is not None:
+        check_output(out, overwrite)
+    stage = Stages()
+    with stage("load_data"):
+        domain = Corpus(recipe.domain, recipe.text_field)
+        general = Corpus(recipe.general, recipe.text_field)
+    with stage("load_model"):
+        lm = model or load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
+    with stage("tokenize"):
+        calib = calibration_data(
+            lm.tokenizer, domain, general, recipe.calib_blocks, recipe.block_len, recipe.mix, recipe.seed
+        )
+        # checked before any long work: both corpora must have held-out text
+        for c in (domain, general):
+            c.eval_blocks(lm.tokenizer, 1, recipe.block_len)
+    with stage("evaluate_before"):
+        before = evaluate(lm, domain, general, blocks=recipe.eval_blocks, block_len=recipe.block_len)
+    with stage("prune"):
+        result = prune(
+            lm.model,
+            recipe.method,
+            recipe.sparsity,
+            calib,
+            granularity=recipe.granularity,
+            pattern=recipe.pattern,
+            include=tuple(recipe.include),
+            exclude=tuple(recipe.exclude),
+            batch_size=recipe.batch_size,
+        )
+    with stage("evaluate_after"):
+        after = evaluate(lm, domain, general, blocks=recipe.eval_blocks, block_len=recipe.block_len)
+    achieved = model_sparsity(lm.model, result.mask)
+    retries = {k: v for k, v in result.info.items() if v.get("damp_retries")}
+    manifest: dict[str, Any] = {
+        "carve_manifest": 1,
+        "job": "extract",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": _versions(),
+        "source": {"model": lm.source, "fingerprint": lm.fingerprint},
+        "recipe": asdict(recipe),
+        "data": {
+            "domain": domain.describe(),
+            "general": general.describe(),
+            "calibration": {
+                "blocks": len(calib),
+                "general_blocks": round(recipe.mix * recipe.calib_blocks),
+                "block_len": recipe.block_len,
+                "seed": recipe.seed,
+                "fingerprint": _tensor_fingerprint(calib),
+            },
+        },
+        "sparsity": {
+            "target": recipe.sparsity,
+            "linear": round(achieved["linear"], 6),
+            "all_parameters": round(achieved["all_parameters"], 6),
+            "per_module": {k: round(v, 6) for k, v in result.mask.sparsity_per_param().items()},
+        },
+        "metrics": {"before": before, "after": after},
+        "method_notes": {
+            "hessian_damping_retries": retries,
+        },
+        "timings_s": stage.seconds,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    if out is not None:
+        with stage("save"), atomic_output_dir(out, overwrite) as tmp:
+            lm.model.save_pretrained(tmp, safe_serialization=True)
+            lm.tokenizer.save_pretrained(tmp)
+            manifest["timings_s"] = stage.seconds
+            write_json(tmp / "carve.json", manifest)
+        manifest["timings_s"] = stage.seconds
+        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        write_json(Path(out) / "carve.json", manifest)
+    return manifest

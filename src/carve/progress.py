@@ -1,0 +1,20 @@
+"""Progress bars: shown on stderr for any stage that runs longer than about 2 seconds."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+_QUIET = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _QUIET
+    _QUIET = quiet
+
+
+def progress(iterable: Iterable[T], desc: str, total: int | None = None, **kw: Any) -> Iterator[T]:
+    yield from tqdm(iterable, desc=desc, total=total, disable=_QUIET, delay=2.0, leave=False, dynamic_ncols=True, **kw)

@@ -1,0 +1,64 @@
+"""The scorer registry: adding a method is one decorated function with its paper beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from carve.errors import UsageError
+from carve.masks.select import keep_mask
+
+# A statistic is built per Linear from its in_features and fed its inputs: see scorers/stats.py.
+StatFactory = Callable[[int, Any], Any]
+ScoreFn = Callable[[torch.Tensor, Any], torch.Tensor]
+# prune(W[out,in], stat, sparsity, granularity, nm) -> (new W, keep mask, info)
+PruneFn = Callable[..., tuple[torch.Tensor, torch.Tensor, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class Scorer:
+    name: str
+    paper: str
+    url: str
+    score: ScoreFn
+    statistic: StatFactory | None  # None: needs no calibration data
+    granularity: str  # the comparison group the paper uses
+    prune: PruneFn | None = None  # methods that also update the kept weights (OBS)
+
+    def prune_weight(
+        self, W: torch.Tensor, stat: Any, sparsity: float, granularity: str, nm: tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        if self.prune is not None:
+            return self.prune(W, stat, sparsity, granularity, nm)
+        keep = keep_mask(self.score(W, stat), sparsity, granularity, nm)
+        return W * keep, keep, {}
+
+
+SCORERS: dict[str, Scorer] = {}
+
+
+def register(
+    name: str,
+    *,
+    paper: str,
+    url: str,
+    statistic: StatFactory | None = None,
+    granularity: str = "row",
+    prune: PruneFn | None = None,
+) -> Callable[[ScoreFn], ScoreFn]:
+    def deco(fn: ScoreFn) -> ScoreFn:
+        SCORERS[name] = Scorer(name, paper, url, fn, statistic, granularity, prune)
+        return fn
+
+    return deco
+
+
+def get_scorer(name: str) -> Scorer:
+    from carve import scorers  # noqa: F401  - importing the package registers the builtins
+
+    if name not in SCORERS:
+        raise UsageError(f"unknown method {name!r}: use one of {', '.join(sorted(SCORERS))}")
+    return SCORERS[name]

@@ -1,0 +1,120 @@
+"""SparseGPT (Frantar & Alistarh 2023, arXiv 2301.00774), Algorithm 1.
+
+For a Linear W [out, in] with Hessian H = 2/n · X Xᵀ of its inputs:
+- dampen: H + λI with λ = 1% of mean(diag H); dead inputs (H_jj = 0) get H_jj = 1 and W_:j = 0;
+- U = Cholesky(H⁻¹) (upper): row j of U gives the OBS update for column j with columns < j fixed;
+- columns in blocks of B = 128: the mask of the block is chosen once (unstructured) by the OBS
+  saliency w²/U_jj², or per group of M columns (N:M) just before the group is reached;
+- for each column j: q = w masked, err = (w − q)/U_jj, W_:,j: −= err · U_j,j: (OBS compensation);
+- after a block, the remaining columns get the block's accumulated error at once (lazy batch update).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from carve.errors import UsageError
+from carve.masks.select import keep_mask, nm_mask
+from carve.scorers.registry import register
+from carve.scorers.stats import Hessian
+
+BLOCK_SIZE = 128
+PERCDAMP = 0.01
+MAX_DAMP_RETRIES = 6
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = PERCDAMP) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Upper Cholesky factor of (H + λI)⁻¹.  If H + λI is not positive definite (rank-deficient
+    calibration, fp noise), λ grows ×10 per retry rather than crashing; the info says so."""
+    H = H.float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    damp = percdamp * torch.mean(torch.diag(H)).item()
+    idx = torch.arange(H.shape[0], device=H.device)
+    for attempt in range(MAX_DAMP_RETRIES + 1):
+        Hd = H.clone()
+        Hd[idx, idx] += damp
+        L, err = torch.linalg.cholesky_ex(Hd)
+        if err.item() == 0:
+            U, err = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if err.item() == 0 and torch.isfinite(U).all():
+                return U, {"damp": damp, "damp_retries": attempt, "dead_inputs": int(dead.sum())}
+        damp *= 10.0
+    raise RuntimeError("Hessian is not positive definite even after growing the damping 1e6-fold")
+
+
+def obs_saliency(W: torch.Tensor, U_diag: torch.Tensor) -> torch.Tensor:
+    """w² / [H⁻¹]²_jj with [H⁻¹]_jj taken from the Cholesky factor's diagonal (Algorithm 1)."""
+    return W.float() ** 2 / U_diag.float().unsqueeze(0) ** 2
+
+
+@register(
+    "sparsegpt",
+    paper="Frantar & Alistarh, SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot (2023)",
+    url="https://arxiv.org/abs/2301.00774",
+    statistic=Hessian,
+    granularity="matrix",
+    prune=lambda W, stat, s, g, nm: sparsegpt_prune(W, stat.H, s, g, nm, factor=_factor(stat)),
+)
+def sparsegpt_score(W: torch.Tensor, stat: Hessian) -> torch.Tensor:
+    """The OBS saliency of each weight before any update (what the first block's mask uses)."""
+    U, _ = _factor(stat)
+    return obs_saliency(W.detach(), torch.diag(U))
+
+
+def _factor(stat: Hessian) -> tuple[torch.Tensor, dict[str, Any]]:
+    if "inverse_cholesky" not in stat.cache:
+        stat.cache["inverse_cholesky"] = inverse_hessian_cholesky(stat.H)
+    return stat.cache["inverse_cholesky"]
+
+
+def sparsegpt_prune(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float,
+    granularity: str = "matrix",
+    nm: tuple[int, int] | None = None,
+    blocksize: int = BLOCK_SIZE,
+    percdamp: float = PERCDAMP,
+    factor: tuple[torch.Tensor, dict[str, Any]] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Prune and reconstruct W; returns (new W in W's dtype, keep mask, info).
+
+    `granularity` applies inside each 128-column block: "matrix" removes `sparsity` of the
+    block's weights (the paper), "row" removes it from each row of the block."""
+    if granularity not in ("row", "matrix"):
+        raise UsageError(f"sparsegpt supports granularity row or matrix, not {granularity!r}")
+    out_dtype = W.dtype
+    W = W.detach().float().clone()
+    H = H.to(W.device)
+    cols = W.shape[1]
+    W[:, torch.diag(H) == 0] = 0
+    U, info = factor if factor is not None else inverse_hessian_cholesky(H, percdamp)
+    U = U.to(W.device)
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        U1 = U[i1:i2, i1:i2]
+        d1 = torch.diag(U1)
+        Err1 = torch.zeros_like(W1)
+        if nm is None:
+            keep1 = keep_mask(obs_saliency(W1, d1), sparsity, granularity)
+        else:
+            keep1 = torch.ones_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                g = slice(i, i + nm[1])
+                keep1[:, g] = nm_mask(obs_saliency(W1[:, g], d1[g]), *nm)
+            w = W1[:, i]
+            q = w * keep1[:, i]
+            err = (w - q) / U1[i, i]
+            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        keep[:, i1:i2] = keep1
+        W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+    return W.to(out_dtype), keep, info
