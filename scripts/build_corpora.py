@@ -92,7 +92,12 @@ def general(wheel: Path) -> list[dict[str, str]]:
             continue
         text = _strip_wiki(markup)
         text = text.split("\nReferences\n")[0].split("\nSee also\n")[0]
-        docs.append({"text": f"{title.group(1)}\n\n{text[:12000]}", "source": "English Wikipedia (gensim test_data enwiki sample)"})
+        docs.append(
+            {
+                "text": f"{title.group(1)}\n\n{text[:12000]}",
+                "source": "English Wikipedia (gensim test_data enwiki sample)",
+            }
+        )
     # interleave news and encyclopedic prose so a size cap keeps both
     news = [d for d in docs if "news" in d["source"]]
     wiki = [d for d in docs if "Wikipedia" in d["source"]]

@@ -19,7 +19,7 @@ from carve.errors import UsageError
 from carve.evaluation import perplexity
 from carve.masks.select import check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
-from carve.models.arch import DEFAULT_EXCLUDE
+from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears
 from carve.ops import model_sparsity, prune
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.scorers import get_scorer
@@ -141,6 +141,8 @@ def extract(
         general = Corpus(recipe.general, recipe.text_field)
     with stage("load_model"):
         lm = model or load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
+        # checked before any long work: the model has blocks and Linear layers to prune
+        all_prunable_linears(lm.model, tuple(recipe.include), tuple(recipe.exclude))
     with stage("tokenize"):
         calib = calibration_data(
             lm.tokenizer, domain, general, recipe.calib_blocks, recipe.block_len, recipe.mix, recipe.seed

@@ -12,8 +12,15 @@ _QUIET = False
 
 
 def set_quiet(quiet: bool) -> None:
+    """Silence carve's bars and those transformers draws while loading and saving."""
     global _QUIET
     _QUIET = quiet
+    from transformers.utils import logging as hf_logging
+
+    if quiet:
+        hf_logging.disable_progress_bar()
+    else:
+        hf_logging.enable_progress_bar()
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, **kw: Any) -> Iterator[T]:

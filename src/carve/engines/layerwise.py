@@ -90,51 +90,78 @@ def _capture(
     return hidden, calls
 
 
-def _hook_statistics(
-    linears: dict[str, nn.Module], statistic: Callable[[int, Any], Any], device: torch.device, stats: dict[str, Any]
-) -> list[Any]:
-    """Feed each Linear's inputs to a statistic.  Linears that receive the very same input
-    tensor (q/k/v, gate/up) share one statistic object, accumulated once: the grouping is read
-    off the first batch, while its inputs are kept alive so tensor identity is unambiguous."""
-    leader: dict[str, str] = {}
-    live: list[tuple[torch.Tensor, str]] = []
+class _BlockStatistics:
+    """Feeds each Linear's inputs to a statistic, through forward *pre*-hooks (a statistic
+    needs only inputs).
 
-    def hook(name: str, x: torch.Tensor) -> None:
-        if name not in leader:
-            same = next((n for t, n in live if t is x), None)
+    Linears that receive the very same input tensor (q/k/v, gate/up) share one statistic object,
+    accumulated once: the grouping is read off the first batch, while its inputs are kept alive
+    so tensor identity is unambiguous.  With `stop_early`, once the first batch has shown which
+    Linear is called last, later batches stop the block right after that Linear's input is
+    recorded: its matmul and whatever follows are not needed (the block is re-run after pruning)."""
+
+    def __init__(
+        self,
+        linears: dict[str, nn.Module],
+        statistic: Callable[[int, Any], Any],
+        device: torch.device,
+        stop_early: bool,
+    ) -> None:
+        self.stats: dict[str, Any] = {}
+        self._statistic, self._device, self._count = statistic, device, len(linears)
+        self._leader: dict[str, str] = {}
+        self._live: list[tuple[torch.Tensor, str]] = []
+        self._last: str | None = None
+        self._stop_early = stop_early
+        self._seen_all = False  # a whole batch has run: the call order is known
+        self._handles = [
+            lin.register_forward_pre_hook(lambda _m, args, name=name: self._hook(name, args[0]))
+            for name, lin in linears.items()
+        ]
+
+    def _hook(self, name: str, x: torch.Tensor) -> None:
+        if name not in self._leader:
+            same = next((n for t, n in self._live if t is x), None)
+            self._leader[name] = same or name
             if same is not None:
-                leader[name] = same
-                stats[name] = stats[same]
-                return
-            leader[name] = name
-            live.append((x, name))
-            stats[name] = statistic(x.shape[-1], device)
-        if leader[name] == name:
-            if len(leader) == len(linears):
-                live.clear()  # grouping complete: release the first batch's inputs
-            stats[name].update(x)
+                self.stats[name] = self.stats[same]
+            else:
+                self._live.append((x, name))
+                self.stats[name] = self._statistic(x.shape[-1], self._device)
+            if len(self._leader) == self._count:
+                self._live.clear()  # grouping complete: release the first batch's inputs
+                self._last = name
+        if self._leader[name] == name:
+            self.stats[name].update(x)
+        if self._stop_early and self._seen_all and name == self._last:
+            raise _Stop
 
-    return [
-        lin.register_forward_hook(lambda _m, inp, _out, name=name: hook(name, inp[0])) for name, lin in linears.items()
-    ]
+    def batch_done(self) -> None:
+        self._seen_all = self._last is not None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
 
 
 @torch.no_grad()
 def layerwise(
     model: nn.Module,
     calibration: torch.Tensor,
-    on_block: Callable[[int, dict[str, nn.Module], dict[str, Any]], bool],
+    on_block: Callable[[int, dict[str, nn.Module], dict[str, Any]], None],
     statistic: Callable[[int, Any], Any] | None,
     include: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] | None = None,
     batch_size: int = 8,
     desc: str = "calibrating",
+    modifies: bool = True,
 ) -> None:
     """Run `calibration` [N, L] block by block.
 
-    For block i, `statistic(in_features, device)` is built for each of its Linear layers and fed
-    their inputs; then `on_block(i, linears, stats)` is called and returns whether it changed
-    the block's weights (then the block is re-run to propagate its new outputs)."""
+    For block i, `statistic(in_features, device)` is built for its Linear layers and fed their
+    inputs; then `on_block(i, linears, stats)` is called.  With `modifies` (it prunes), the block
+    is re-run on the same inputs so the next block sees the pruned block's outputs; otherwise
+    the outputs of the statistics pass are propagated."""
     from carve.models.arch import DEFAULT_EXCLUDE
 
     exclude = DEFAULT_EXCLUDE if exclude is None else exclude
@@ -146,16 +173,22 @@ def layerwise(
 
     for i in progress(range(len(blocks)), desc, total=len(blocks)):
         block = blocks[i]
+        last = i == len(blocks) - 1
         linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
-        stats: dict[str, Any] = {}
-        handles = [] if statistic is None else _hook_statistics(linears, statistic, device, stats)
+        collector = None if statistic is None else _BlockStatistics(linears, statistic, device, modifies)
         outputs = []
         try:
             for j, h in enumerate(hidden):
-                outputs.append(_call_block(block, h, calls[shapes[j]][i]))
+                try:
+                    outputs.append(_call_block(block, h, calls[shapes[j]][i]))
+                except _Stop:
+                    pass
+                if collector is not None:
+                    collector.batch_done()
         finally:
-            for handle in handles:
-                handle.remove()
-        if on_block(i, linears, stats):
+            if collector is not None:
+                collector.remove()
+        on_block(i, linears, {} if collector is None else collector.stats)
+        if modifies and not last:
             outputs = [_call_block(block, h, calls[shapes[j]][i]) for j, h in enumerate(hidden)]
         hidden = outputs

@@ -170,5 +170,4 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
         tok.pad_token = tok.eos_token
     model.to(dev)
     model.eval()
-    model.config.use_cache = False
     return LoadedModel(model=model, tokenizer=tok, source=name, fingerprint=fingerprint)

@@ -53,12 +53,13 @@ def score(
             scores[_param_name(name)] = as_param_layout(lin, scorer.score(weight_matrix(lin), None)).cpu()
     else:
 
-        def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> bool:
+        def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
             for name, lin in linears.items():
                 scores[_param_name(name)] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats[name])).cpu()
-            return False
 
-        layerwise(model, data, on_block, scorer.statistic, include, exclude, batch_size, f"scoring ({method})")
+        layerwise(
+            model, data, on_block, scorer.statistic, include, exclude, batch_size, f"scoring ({method})", modifies=False
+        )
     return ImportanceMap(scores, {"scorer": method})
 
 
@@ -110,7 +111,7 @@ def prune(
     keep: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
 
-    def prune_linears(linears: dict[str, nn.Module], stats: dict[str, Any]) -> bool:
+    def prune_linears(linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
         for name, lin in linears.items():
             W = weight_matrix(lin)
             new, k, notes = scorer.prune_weight(W, stats.get(name), sparsity, granularity, nm)
@@ -118,7 +119,6 @@ def prune(
             keep[_param_name(name)] = as_param_layout(lin, k).cpu()
             if notes:
                 info[_param_name(name)] = notes
-        return True
 
     if data is None:
         with torch.no_grad():

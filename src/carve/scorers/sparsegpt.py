@@ -31,7 +31,8 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = PERCDAMP) -> tup
     H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    damp = percdamp * torch.mean(torch.diag(H)).item()
+    scale = torch.mean(torch.diag(H)).abs().item()
+    damp = percdamp * scale
     idx = torch.arange(H.shape[0], device=H.device)
     for attempt in range(MAX_DAMP_RETRIES + 1):
         Hd = H.clone()
@@ -41,7 +42,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = PERCDAMP) -> tup
             U, err = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
             if err.item() == 0 and torch.isfinite(U).all():
                 return U, {"damp": damp, "damp_retries": attempt, "dead_inputs": int(dead.sum())}
-        damp *= 10.0
+        damp = max(damp * 10.0, 1e-6 * scale)
     raise RuntimeError("Hessian is not positive definite even after growing the damping 1e6-fold")
 
 
@@ -87,34 +88,35 @@ def sparsegpt_prune(
     if granularity not in ("row", "matrix"):
         raise UsageError(f"sparsegpt supports granularity row or matrix, not {granularity!r}")
     out_dtype = W.dtype
-    W = W.detach().float().clone()
-    H = H.to(W.device)
-    cols = W.shape[1]
-    W[:, torch.diag(H) == 0] = 0
+    # work on Wᵀ so that the column walked by the inner loop is a contiguous row in memory
+    Wt = W.detach().float().t().contiguous()
+    H = H.to(Wt.device)
+    cols = Wt.shape[0]
+    Wt[torch.diag(H) == 0] = 0
     U, info = factor if factor is not None else inverse_hessian_cholesky(H, percdamp)
-    U = U.to(W.device)
-    keep = torch.ones_like(W, dtype=torch.bool)
+    U = U.to(Wt.device)
+    keep_t = torch.ones_like(Wt, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         d1 = torch.diag(U1)
         Err1 = torch.zeros_like(W1)
         if nm is None:
-            keep1 = keep_mask(obs_saliency(W1, d1), sparsity, granularity)
+            keep1 = keep_mask(obs_saliency(W1.t(), d1), sparsity, granularity).t().contiguous()
         else:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
-                keep1[:, g] = nm_mask(obs_saliency(W1[:, g], d1[g]), *nm)
-            w = W1[:, i]
-            q = w * keep1[:, i]
+                keep1[g] = nm_mask(obs_saliency(W1[g].t(), d1[g]), *nm).t()
+            w = W1[i]
+            q = torch.where(keep1[i], w, 0.0)
             err = (w - q) / U1[i, i]
-            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = W1
-        keep[:, i1:i2] = keep1
-        W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
-    return W.to(out_dtype), keep, info
+            W1[i:].sub_(U1[i, i:].unsqueeze(1) * err.unsqueeze(0))
+            W1[i] = q
+            Err1[i] = err
+        Wt[i1:i2] = W1
+        keep_t[i1:i2] = keep1
+        Wt[i2:].sub_(U[i1:i2, i2:].t() @ Err1)
+    return Wt.t().to(out_dtype), keep_t.t(), info

@@ -1,0 +1,103 @@
+"""Tiny random models of several architectures, built in-process, and a tokenizer trained on the
+fly: nothing is downloaded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+VOCAB = 384
+ARCHS = ["llama", "qwen2", "mistral", "gemma3", "gpt2", "opt"]
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    common = {"vocab_size": VOCAB, "max_position_embeddings": 256}
+    if arch in ("llama", "qwen2", "mistral"):
+        cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
+        return cls(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=(arch == "qwen2"),
+            **common,
+        )
+    if arch == "gemma3":
+        # one sliding-window layer and one global layer: their masks differ, so the engine must
+        # give each block its own recorded call
+        return tf.Gemma3TextConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+            **common,
+        )
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256)
+    if arch == "opt":
+        return tf.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            **common,
+        )
+    raise ValueError(arch)
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import carve
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<eos>"], show_progress=False)
+    tok.train_from_iterator(carve.Corpus("legal").documents[:20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, tokenizer) -> Path:
+    """A tiny Llama saved as a Hugging Face directory (what a user's local model looks like)."""
+    out = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def small_corpus(tmp_path: Path) -> Path:
+    """A .jsonl corpus of real legal text, large enough for a few 64-token blocks."""
+    import json
+
+    import carve
+
+    path = tmp_path / "corpus.jsonl"
+    docs = carve.Corpus("legal").documents[:40]
+    path.write_text("".join(json.dumps({"text": d[:3000]}) + "\n" for d in docs))
+    return path

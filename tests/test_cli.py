@@ -1,0 +1,245 @@
+"""The command line end to end on a tiny local model, and every bad input: one sentence, exit 2,
+nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from carve.cli.main import main
+
+FAST = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--quiet"]
+
+
+def _extract(model_dir: Path, corpus: Path, out: Path, *extra: str) -> int:
+    return main(
+        [
+            "extract",
+            "--model",
+            str(model_dir),
+            "--domain",
+            str(corpus),
+            "--general",
+            "general",
+            "--out",
+            str(out),
+            *FAST,
+            *extra,
+        ]
+    )
+
+
+def _nothing_written(parent: Path, out: Path) -> bool:
+    return not out.exists() and not any(p.name.startswith(f".{out.name}.carve-tmp") for p in parent.iterdir())
+
+
+def test_extract_end_to_end(tmp_path: Path, model_dir: Path, small_corpus: Path, capsys) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    assert _extract(model_dir, small_corpus, out, "--method", "sparsegpt", "--sparsity", "0.5", "--mix", "0.5") == 0
+    printed = capsys.readouterr().out
+    assert "domain ppl" in printed and "pruned" in printed
+    manifest = json.loads((out / "carve.json").read_text())
+    for key in ("source", "recipe", "data", "sparsity", "metrics", "versions", "timings_s", "peak_rss_mb"):
+        assert key in manifest
+    assert manifest["recipe"]["method"] == "sparsegpt" and manifest["recipe"]["mix"] == 0.5
+    assert manifest["data"]["calibration"]["general_blocks"] == 2
+    for when in ("before", "after"):
+        assert manifest["metrics"][when]["domain_ppl"] > 1 and manifest["metrics"][when]["general_ppl"] > 1
+    assert manifest["sparsity"]["linear"] == pytest.approx(0.5, abs=1e-3)
+    assert 0 < manifest["sparsity"]["all_parameters"] < 0.5
+    assert {"prune", "evaluate_before", "evaluate_after", "save"} <= manifest["timings_s"].keys()
+    # stock transformers loads it, zeros and all
+    model = AutoModelForCausalLM.from_pretrained(out)
+    AutoTokenizer.from_pretrained(out)
+    w = model.model.layers[0].mlp.down_proj.weight
+    assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+
+
+def test_json_summary_and_eval(tmp_path: Path, model_dir: Path, small_corpus: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert _extract(model_dir, small_corpus, out, "--method", "wanda", "--pattern", "2:4", "--json") == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sparsity"]["linear"] == pytest.approx(0.5, abs=1e-3)
+    assert (
+        main(
+            [
+                "eval",
+                str(out),
+                "--domain",
+                str(small_corpus),
+                "--block-len",
+                "32",
+                "--eval-blocks",
+                "2",
+                "--json",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["metrics"]["domain_ppl"] == pytest.approx(summary["metrics"]["after"]["domain_ppl"], rel=1e-4)
+
+
+def test_corpora_and_methods_listings(capsys) -> None:
+    assert main(["corpora", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} == {"general", "legal", "code"}
+    assert all(r["kilobytes"] >= 300 and r["licence"] and r["source"] for r in rows)
+    assert main(["methods"]) == 0
+    printed = capsys.readouterr().out
+    assert "2301.00774" in printed and "2306.11695" in printed
+
+
+def test_overwrite_replaces_atomically(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    assert _extract(model_dir, small_corpus, out, "--method", "magnitude", "--overwrite") == 0
+    assert (out / "carve.json").exists() and not (out / "old.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_interrupt_leaves_nothing(tmp_path: Path, model_dir: Path, small_corpus: Path, monkeypatch) -> None:
+    import carve.pipeline
+
+    def interrupted(*_a: object, **_k: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(carve.pipeline, "write_json", interrupted)  # dies mid-save
+    out = tmp_path / "out"
+    assert _extract(model_dir, small_corpus, out, "--method", "magnitude") == 130
+    assert _nothing_written(tmp_path, out)
+
+
+def _truncated_model(tmp_path: Path, model_dir: Path) -> Path:
+    bad = tmp_path / "truncated"
+    bad.mkdir()
+    for f in model_dir.iterdir():
+        data = f.read_bytes()
+        (bad / f.name).write_bytes(data[: len(data) // 2] if f.suffix == ".safetensors" else data)
+    return bad
+
+
+def _not_weights(tmp_path: Path, _model_dir: Path) -> Path:
+    p = tmp_path / "model.gguf"
+    p.write_bytes(b"this is not a gguf file at all")
+    return p
+
+
+def _no_blocks(tmp_path: Path, model_dir: Path) -> Path:
+    """A causal LM whose config has no decoder layers: nothing to prune."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config("llama")
+    config.num_hidden_layers = 0
+    d = tmp_path / "no-layers"
+    AutoModelForCausalLM.from_config(config).save_pretrained(d)
+    for f in model_dir.glob("tokenizer*"):
+        (d / f.name).write_bytes(f.read_bytes())
+    return d
+
+
+BAD = [
+    # (label, args builder, expected message part)
+    ("unknown model", lambda t, m, c: ["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    ("missing model dir", lambda t, m, c: ["--model", str(t / "nowhere/")], "unknown model"),
+    ("truncated weights", lambda t, m, c: ["--model", str(_truncated_model(t, m))], "truncated or not safetensors"),
+    ("not gguf", lambda t, m, c: ["--model", str(_not_weights(t, m))], "is not a GGUF file"),
+    ("unknown corpus", lambda t, m, c: ["--model", str(m), "--domain", "astrology"], "unknown corpus 'astrology'"),
+    (
+        "short corpus",
+        lambda t, m, c: ["--model", str(m), "--domain", str(_short(t))],
+        "too few for one calibration block",
+    ),
+    ("no held-out", lambda t, m, c: ["--model", str(m), "--domain", str(_one_doc(t))], "no held-out text"),
+    ("sparsity 0", lambda t, m, c: ["--model", str(m), "--domain", str(c), "--sparsity", "0"], "outside (0, 1)"),
+    ("sparsity 1.5", lambda t, m, c: ["--model", str(m), "--domain", str(c), "--sparsity", "1.5"], "outside (0, 1)"),
+    ("bad N:M", lambda t, m, c: ["--model", str(m), "--domain", str(c), "--pattern", "4:2"], "needs 0 < N < M"),
+    (
+        "N:M vs sparsity",
+        lambda t, m, c: ["--model", str(m), "--domain", str(c), "--pattern", "2:4", "--sparsity", "0.6"],
+        "disagrees with pattern 2:4",
+    ),
+    ("unknown method", lambda t, m, c: ["--model", str(m), "--domain", str(c), "--method", "voodoo"], "unknown method"),
+    (
+        "no decoder blocks",
+        lambda t, m, c: ["--model", str(_no_blocks(t, m)), "--domain", str(c)],
+        "no decoder blocks found",
+    ),
+]
+
+
+def _short(tmp_path: Path) -> Path:
+    from carve.corpora.corpus import _doc_is_eval
+
+    docs = [f"tiny {i}" for i in range(200)]
+    train = [d for d in docs if not _doc_is_eval(d, 0.15)][:2]
+    held = [d for d in docs if _doc_is_eval(d, 0.15)][:1]
+    p = tmp_path / "short.jsonl"
+    p.write_text("".join(json.dumps({"text": d}) + "\n" for d in train + held))
+    return p
+
+
+def _one_doc(tmp_path: Path) -> Path:
+    p = tmp_path / "onedoc"
+    p.mkdir()
+    # one document: the hash puts it in train, so nothing is held out
+    for text in (f"document {i} " * 400 for i in range(100)):
+        from carve.corpora.corpus import _doc_is_eval
+
+        if not _doc_is_eval(text, 0.15):
+            (p / "a.txt").write_text(text)
+            break
+    return p
+
+
+@pytest.mark.parametrize(("label", "build", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input(
+    label: str, build, message: str, tmp_path: Path, model_dir: Path, small_corpus: Path, capsys
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    args = build(work, model_dir, small_corpus)
+    if "--domain" not in args:
+        args += ["--domain", str(small_corpus)]
+    out = tmp_path / "out"
+    rc = main(["extract", *args, "--general", str(small_corpus), "--out", str(out), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2, label
+    assert message in err
+    assert err.startswith("carve: error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert _nothing_written(tmp_path, out)
+
+
+def test_existing_output_is_refused(tmp_path: Path, model_dir: Path, small_corpus: Path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _extract(model_dir, small_corpus, out) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_python_api(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+    import carve
+
+    lm = carve.load_model(str(model_dir))
+    corpus = carve.Corpus(str(small_corpus))
+    calib = corpus.calibration_blocks(lm.tokenizer, 4, 32)
+    scores = carve.score(lm.model, "wanda", calib)
+    mask = carve.select_mask(scores, 0.5, "row")
+    carve.apply_mask(lm.model, mask)
+    w = dict(lm.model.named_parameters())
+    assert all(torch.equal(w[k] == 0, ~mask[k]) for k in mask)
+    metrics = carve.evaluate(lm, corpus, corpus, blocks=2, block_len=32)
+    assert metrics["domain_ppl"] == metrics["general_ppl"]
+    res = carve.prune(carve.load_model(str(model_dir)).model, "sparsegpt", 0.5, calib)
+    assert res.mask.sparsity() == pytest.approx(0.5, abs=1e-6)

@@ -1,0 +1,123 @@
+"""The layer-wise engine on tiny random models of several architectures."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import carve
+from carve.engines import layerwise
+from carve.models import all_prunable_linears, find_blocks
+from carve.scorers import RowNorms
+from tests.conftest import ARCHS, VOCAB, tiny_model
+
+
+def _calib(n: int = 6, length: int = 24, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _reference_norms(model: nn.Module, calib: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Input statistics of every prunable Linear from plain full-model forwards."""
+    stats: dict[str, RowNorms] = {}
+    handles = []
+    for name, lin in all_prunable_linears(model).items():
+
+        def hook(_m: nn.Module, inp: Any, _o: Any, name: str = name) -> None:
+            stats.setdefault(name, RowNorms(inp[0].shape[-1])).update(inp[0])
+
+        handles.append(lin.register_forward_hook(hook))
+    with torch.no_grad():
+        model(input_ids=calib, use_cache=False)
+    for h in handles:
+        h.remove()
+    return {k: v.norms for k, v in stats.items()}
+
+
+@pytest.mark.parametrize("modifies", [False, True])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_engine_feeds_each_linear_what_the_full_model_does(arch: str, modifies: bool) -> None:
+    """With `modifies`, later batches stop each block after its last Linear's input: the
+    statistics must not change."""
+    model = tiny_model(arch)
+    calib = _calib()
+    ref = _reference_norms(model, calib)
+    got: dict[str, torch.Tensor] = {}
+
+    def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
+        got.update({name: stats[name].norms.clone() for name in linears})
+
+    layerwise(model, calib, on_block, RowNorms, batch_size=2, modifies=modifies)  # 3 batches
+    assert got.keys() == ref.keys() and len(got) >= 8
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sequential_propagation_sees_earlier_pruned_blocks(arch: str) -> None:
+    """The first Linears of block i are calibrated on the outputs of the already-pruned
+    blocks < i: their statistics equal those of the final pruned model."""
+    model = tiny_model(arch)
+    calib = _calib()
+    first_in_block: dict[str, torch.Tensor] = {}
+
+    def capture(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
+        name = next(iter(linears))
+        first_in_block[name] = stats[name].norms.clone()
+
+    # prune with wanda, then run the engine again on the pruned model, without pruning
+    result = carve.prune(model, "wanda", 0.5, calib, batch_size=4)
+    layerwise(model, calib, capture, RowNorms, batch_size=4, modifies=False)
+    ref = _reference_norms(model, calib)
+    for name, norms in first_in_block.items():
+        torch.testing.assert_close(norms, ref[name], rtol=1e-4, atol=1e-5)
+    assert result.mask.sparsity() == pytest.approx(0.5, abs=1e-6)
+    # and pruning block by block differs from pruning every block with dense inputs
+    dense_scored = carve.select_mask(carve.score(tiny_model(arch), "wanda", calib), 0.5, "row")
+    prefix, _ = find_blocks(model)
+    later = [k for k in result.mask if k.startswith(f"{prefix}.1.")]
+    assert later and any(not torch.equal(result.mask[k], dense_scored[k]) for k in later)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize(
+    ("method", "pattern"), [("sparsegpt", None), ("sparsegpt", "2:4"), ("wanda", "2:4"), ("magnitude", None)]
+)
+def test_prune_reaches_exact_sparsity_and_model_still_runs(arch: str, method: str, pattern: str | None) -> None:
+    model = tiny_model(arch)
+    calib = _calib()
+    res = carve.prune(model, method, None if pattern else 0.5, calib, pattern=pattern)
+    params = dict(model.named_parameters())
+    for name, keep in res.mask.items():
+        assert keep.shape == params[name].shape
+        assert torch.equal(params[name].detach() == 0, ~keep) or (params[name][~keep] == 0).all()
+    assert res.mask.sparsity() == pytest.approx(0.5, abs=1e-6)
+    if pattern:
+        for name, keep in res.mask.items():
+            rows = keep if isinstance(dict(model.named_modules())[name[:-7]], nn.Linear) else keep.t()
+            assert (rows.reshape(rows.shape[0], -1, 4).sum(-1) == 2).all()
+    with torch.no_grad():
+        out = model(input_ids=calib[:1], use_cache=False).logits
+    assert torch.isfinite(out).all()
+
+
+def test_gemma3_gets_a_different_mask_per_layer_type() -> None:
+    """Sliding-window and global layers receive different attention masks; the engine must
+    replay each block's own call, not block 0's."""
+    model = tiny_model("gemma3")
+    calib = _calib(n=2, length=24)
+    from carve.engines.layerwise import _capture
+
+    _, blocks = find_blocks(model)
+    _, calls = _capture(model, blocks, [calib])
+    (per_block,) = calls.values()
+    masks = [c[1].get("attention_mask") for c in per_block]
+    assert masks[0] is not None  # the sliding-window layer gets an explicit banded mask
+    assert masks[1] is None or not torch.equal(masks[0], masks[1])
+
+
+def test_no_blocks_is_a_usage_error() -> None:
+    with pytest.raises(carve.UsageError, match="no decoder blocks found"):
+        find_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))

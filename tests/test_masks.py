@@ -1,0 +1,89 @@
+"""Mask selection, algebra, statistics and storage against direct computations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from carve import Mask, UsageError, select_mask
+from carve.masks import check_sparsity, keep_mask, parse_pattern
+
+
+def test_row_granularity_removes_lowest_of_each_row() -> None:
+    s = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.1, 0.4, 0.3, 0.2]])
+    keep = keep_mask(s, 0.5, "row")
+    assert keep.tolist() == [[True, False, True, False], [False, True, True, False]]
+
+
+def test_matrix_granularity_removes_lowest_overall() -> None:
+    s = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.1, 0.4, 0.3, 0.2]])
+    keep = keep_mask(s, 0.5, "matrix")
+    assert keep.tolist() == [[True, True, True, True], [False, False, False, False]]
+
+
+def test_nm_keeps_n_of_every_m_along_inputs() -> None:
+    s = torch.rand(6, 16)
+    keep = select_mask({"w": s}, pattern="2:4")["w"]
+    groups = s.view(6, 4, 4)
+    ref = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, groups.topk(2, dim=-1).indices, True)
+    assert torch.equal(keep, ref.view(6, 16))
+
+
+def test_global_selection_matches_a_sort() -> None:
+    scores = {"a": torch.rand(5, 8), "b": torch.rand(3, 4) * 0.5}
+    mask = select_mask(scores, 0.4, "global")
+    flat = torch.cat([v.flatten() for v in scores.values()])
+    threshold = flat.sort().values[int(0.4 * flat.numel()) - 1]
+    for k, v in scores.items():
+        assert torch.equal(mask[k], v > threshold)
+    assert abs(mask.sparsity() - int(0.4 * flat.numel()) / flat.numel()) < 1e-9
+
+
+def test_algebra_jaccard_and_sparsity() -> None:
+    a = Mask({"w": torch.tensor([[True, True, False, False]])})
+    b = Mask({"w": torch.tensor([[True, False, True, False]])})
+    assert (a & b)["w"].tolist() == [[True, False, False, False]]
+    assert (a | b)["w"].tolist() == [[True, True, True, False]]
+    assert (~a)["w"].tolist() == [[False, False, True, True]]
+    assert a.jaccard(b) == pytest.approx(1 / 3)
+    assert a.sparsity() == 0.5
+    assert Mask.vote([a, b, a], 2)["w"].tolist() == [[True, True, False, False]]
+
+
+def test_jaccard_against_direct_computation() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = Mask({"x": torch.rand(7, 9, generator=g) > 0.5, "y": torch.rand(3, 3, generator=g) > 0.3})
+    b = Mask({"x": torch.rand(7, 9, generator=g) > 0.5, "y": torch.rand(3, 3, generator=g) > 0.3})
+    fa = torch.cat([a["x"].flatten(), a["y"].flatten()])
+    fb = torch.cat([b["x"].flatten(), b["y"].flatten()])
+    assert a.jaccard(b) == pytest.approx((fa & fb).sum().item() / (fa | fb).sum().item())
+
+
+def test_bitpacked_round_trip(tmp_path: Path) -> None:
+    m = Mask({"w": torch.rand(130, 70) > 0.5, "v": torch.rand(5) > 0.5})
+    m.save(tmp_path / "m.safetensors")
+    back = Mask.load(tmp_path / "m.safetensors")
+    assert all(torch.equal(m[k], back[k]) for k in m)
+    assert (tmp_path / "m.safetensors").stat().st_size < (130 * 70 + 5) / 6  # ~one bit per weight
+
+
+@pytest.mark.parametrize(
+    ("pattern", "sparsity", "message"),
+    [
+        ("4:2", None, "needs 0 < N < M"),
+        ("2-4", None, "is not N:M"),
+        ("2:4", 0.7, "disagrees with pattern 2:4"),
+        (None, 1.0, "outside (0, 1)"),
+        (None, 0.0, "outside (0, 1)"),
+    ],
+)
+def test_bad_patterns_and_sparsities(pattern: str | None, sparsity: float | None, message: str) -> None:
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_sparsity(sparsity, parse_pattern(pattern))
+
+
+def test_pattern_implies_sparsity() -> None:
+    assert check_sparsity(None, parse_pattern("2:4")) == 0.5
+    assert check_sparsity(0.5, parse_pattern("4:8")) == 0.5
