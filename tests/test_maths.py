@@ -45,6 +45,17 @@ def test_hessian_is_two_over_n_xxt() -> None:
     torch.testing.assert_close(h.H, 2 / X.shape[0] * X.t() @ X, rtol=1e-4, atol=1e-4)
 
 
+def test_hessian_from_upper_chunks_is_full_and_symmetric() -> None:
+    X = torch.randn(256, 600, generator=torch.Generator().manual_seed(3))  # chunks 256, 256, 88
+    h = Hessian(600)
+    h.update(X[:100])
+    first = h.H.clone()  # reading mid-way must not disturb later updates
+    h.update(X[100:])
+    torch.testing.assert_close(first, 2 / 100 * X[:100].t() @ X[:100], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.H, 2 / 256 * X.t() @ X, rtol=1e-4, atol=1e-4)
+    assert torch.equal(h.H, h.H.t())
+
+
 def test_inverse_cholesky_factor() -> None:
     X = _inputs()
     H = 2 / X.shape[0] * X.t() @ X

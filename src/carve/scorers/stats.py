@@ -27,10 +27,16 @@ class RowNorms:
 
 class Hessian:
     """H = 2/n · Σ x xᵀ over the n calibration tokens (SparseGPT eq. for the layer-wise
-    squared error), accumulated as a running mean so no token count overflows float32."""
+    squared error), accumulated as a running mean so no token count overflows float32.
+
+    H is symmetric: each update computes only the row-chunks of the upper triangle
+    (about 60% of the products for a 1536-wide input) and `H` mirrors it when read."""
+
+    CHUNK = 256
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self._symmetric = True
         self.n = 0
         # quantities derived from the final H (SparseGPT's inverse Cholesky factor), computed
         # once for all the Linears that share this Hessian
@@ -38,8 +44,19 @@ class Hessian:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        t = x.shape[0]
-        self.H.mul_(self.n / (self.n + t))
+        t, d = x.shape
+        self._H.mul_(self.n / (self.n + t))
         self.n += t
         x = x * (2.0 / self.n) ** 0.5
-        self.H.addmm_(x.t(), x)
+        for a in range(0, d, self.CHUNK):
+            b = min(a + self.CHUNK, d)
+            self._H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+        self._symmetric = False
+
+    @property
+    def H(self) -> torch.Tensor:
+        if not self._symmetric:
+            # diagonal chunks are complete; mirror the upper off-diagonal chunks
+            self._H = torch.triu(self._H) + torch.triu(self._H, 1).t()
+            self._symmetric = True
+        return self._H

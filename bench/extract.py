@@ -1,0 +1,313 @@
+"""Benchmark `carve extract` on the embedded default against llm-compressor's oneshot.
+
+    .venv/bin/python bench/extract.py [--domains legal code] [--only ID_SUBSTRING] [--eval-blocks 16]
+
+On SmolLM2-135M-Instruct (the embedded default, dequantized once to bench/out/smollm2-f32),
+domains legal and code, 64 calibration blocks x 512 tokens (seed 0): magnitude / Wanda /
+SparseGPT at 50% unstructured and 2:4, each calibrated on the domain and on general text.  In
+the same run, the same job through llm-compressor 0.14 (`oneshot` with its Wanda and SparseGPT
+modifiers, in bench/.venv-llmc which this script creates: it pins an older transformers), and
+SparseGPT 2:4 through a textbook reference (`sparsegpt-reference` below).
+
+Every configuration runs in its own process, so wall time and peak RSS are its own; every
+model is evaluated by the same carve code on the same held-out blocks.  Results accumulate in
+bench/results/extract.jsonl (a finished configuration is not rerun) and the table is rewritten
+to bench/RESULTS.md after each one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "out"
+MODEL_DIR = OUT / "smollm2-f32"
+RESULTS = HERE / "results" / "extract.jsonl"
+TABLE = HERE / "RESULTS.md"
+LLMC_VENV = HERE / ".venv-llmc"
+CALIB_BLOCKS, BLOCK_LEN, SEED = 64, 512, 0
+
+
+# --------------------------------------------------------------------------- worker side
+def _register_reference() -> None:
+    """SparseGPT N:M as a textbook loop (no lazy batches, full-row updates per column)."""
+    import torch
+
+    from carve.scorers import Hessian, inverse_hessian_cholesky, register
+
+    def reference(W: torch.Tensor, stat: Hessian, _s: float, _g: str, nm: tuple[int, int]) -> Any:
+        n, m = nm
+        W, (U, _) = W.detach().double().clone(), inverse_hessian_cholesky(stat.H)
+        U, keep = U.double(), torch.ones_like(W, dtype=torch.bool)
+        for i in range(W.shape[1]):
+            if i % m == 0:
+                sal = W[:, i : i + m] ** 2 / torch.diag(U)[i : i + m] ** 2
+                keep[:, i : i + m].scatter_(1, sal.topk(m - n, dim=1, largest=False).indices, False)
+            err = W[:, i] * ~keep[:, i] / U[i, i]
+            W[:, i:] -= err[:, None] * U[i, i:][None, :]
+        return (W * keep).float(), keep, {}
+
+    register("sparsegpt-reference", paper="reference", url="", statistic=Hessian, prune=reference)(
+        lambda W, stat: W.abs()
+    )
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    import carve
+    from carve.pipeline import calibration_data
+    from carve.progress import set_quiet
+
+    set_quiet(True)
+    torch.manual_seed(0)
+    _register_reference()
+    lm = carve.load_model(spec.get("model_dir", str(MODEL_DIR)))
+    domain, general = carve.Corpus(spec["domain"]), carve.Corpus("general")
+    result: dict[str, Any] = {}
+    if spec["kind"] == "calib":  # write the calibration blocks for llm-compressor
+        mix = 1.0 if spec["calibration"] == "general" else 0.0
+        blocks = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
+        torch.save(blocks, spec["path"])
+        return {"blocks": len(blocks)}
+    if spec["kind"] == "prune":
+        mix = 1.0 if spec["calibration"] == "general" else 0.0
+        calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
+        t = time.perf_counter()
+        pattern = None if spec["pattern"] == "50%" else spec["pattern"]
+        res = carve.prune(lm.model, spec["method"], None if pattern else 0.5, calib, pattern=pattern)
+        result["seconds"] = round(time.perf_counter() - t, 2)
+        sparsity = carve.ops.model_sparsity(lm.model, res.mask)
+        result["linear_sparsity"] = sparsity["linear"]
+        result["all_sparsity"] = sparsity["all_parameters"]
+        result["damp_retries"] = sum(v.get("damp_retries", 0) for v in res.info.values())
+    m = carve.evaluate(lm, domain, general, blocks=spec["eval_blocks"], block_len=BLOCK_LEN)
+    result.update(domain_ppl=m["domain_ppl"], general_ppl=m["general_ppl"], eval_blocks=m["domain_eval_blocks"])
+    if spec["kind"] == "eval" and "linear_sparsity" not in result:
+        params = dict(lm.model.named_parameters())
+        lin = [n for n, p in params.items() if p.dim() == 2 and ".layers." in n]
+        result["linear_sparsity"] = sum(int((params[n] == 0).sum()) for n in lin) / sum(params[n].numel() for n in lin)
+        total = sum(p.numel() for p in lm.model.parameters())
+        result["all_sparsity"] = sum(int((p == 0).sum()) for p in lm.model.parameters()) / total
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return result
+
+
+# --------------------------------------------------------------------------- driver side
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:300]}"}
+    return json.loads(lines[-1])
+
+
+def _commit() -> str:
+    """The carve commit the workers import (the checkout this script lives in)."""
+    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True, text=True)
+    return proc.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _carve_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return _run([sys.executable, __file__, "--worker", json.dumps(spec)], env)
+
+
+def _ensure_model() -> None:
+    if (MODEL_DIR / "model.safetensors").exists():
+        return
+    import carve
+
+    lm = carve.load_model()
+    lm.model.save_pretrained(MODEL_DIR)
+    lm.tokenizer.save_pretrained(MODEL_DIR)
+
+
+def _ensure_llmc() -> Path:
+    python = LLMC_VENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(LLMC_VENV)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "llmcompressor==0.14.0.1"], check=True
+        )
+    return python
+
+
+def _load_results() -> dict[str, dict[str, Any]]:
+    if not RESULTS.exists():
+        return {}
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return {r["id"]: r for r in rows}
+
+
+def _save(row: dict[str, Any]) -> None:
+    RESULTS.parent.mkdir(exist_ok=True)
+    with RESULTS.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def configurations(domains: list[str]) -> list[dict[str, Any]]:
+    """In priority order: the llm-compressor comparison first, then the grid."""
+    out: list[dict[str, Any]] = []
+    for d in domains:
+        out.append({"domain": d, "tool": "carve", "method": "dense", "pattern": "-", "calibration": "-"})
+        for method in ("sparsegpt", "wanda"):
+            for tool in ("carve", "llm-compressor"):
+                out.append({"domain": d, "tool": tool, "method": method, "pattern": "50%", "calibration": "domain"})
+        out.append({"domain": d, "tool": "carve", "method": "sparsegpt", "pattern": "2:4", "calibration": "domain"})
+        out.append({"domain": d, "tool": "reference", "method": "sparsegpt", "pattern": "2:4", "calibration": "domain"})
+        out.append(
+            {"domain": d, "tool": "llm-compressor", "method": "sparsegpt", "pattern": "2:4", "calibration": "domain"}
+        )
+        out.append({"domain": d, "tool": "carve", "method": "wanda", "pattern": "2:4", "calibration": "domain"})
+        for pattern in ("50%", "2:4"):
+            out.append({"domain": d, "tool": "carve", "method": "magnitude", "pattern": pattern, "calibration": "-"})
+        out.append({"domain": d, "tool": "llm-compressor", "method": "magnitude", "pattern": "50%", "calibration": "-"})
+        for method in ("sparsegpt", "wanda"):
+            for pattern in ("50%", "2:4"):
+                out.append(
+                    {"domain": d, "tool": "carve", "method": method, "pattern": pattern, "calibration": "general"}
+                )
+    for c in out:
+        c["id"] = "/".join([c["domain"], c["tool"], c["method"], c["pattern"], c["calibration"]])
+    return out
+
+
+def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
+    base = {"domain": cfg["domain"], "eval_blocks": eval_blocks, "model_dir": str(MODEL_DIR)}
+    if cfg["method"] == "dense":
+        return _carve_worker({**base, "kind": "eval"})
+    if cfg["tool"] in ("carve", "reference"):
+        method = "sparsegpt-reference" if cfg["tool"] == "reference" else cfg["method"]
+        return _carve_worker(
+            {**base, "kind": "prune", "method": method, "pattern": cfg["pattern"], "calibration": cfg["calibration"]}
+        )
+    # llm-compressor: same calibration blocks, its own process and venv, evaluated by carve
+    python = _ensure_llmc()
+    calib = OUT / f"calib-{cfg['domain']}-{cfg['calibration']}.pt"
+    if cfg["calibration"] != "-" and not calib.exists():
+        _carve_worker({**base, "kind": "calib", "calibration": cfg["calibration"], "path": str(calib)})
+    if not calib.exists():
+        _carve_worker({**base, "kind": "calib", "calibration": "domain", "path": str(calib)})
+    pruned = OUT / ("llmc-" + cfg["id"].replace("/", "-").replace(":", "-").replace("%", ""))
+    pattern = "unstructured" if cfg["pattern"] == "50%" else cfg["pattern"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    res = _run(
+        [str(python), str(HERE / "llmc_worker.py"), str(MODEL_DIR), str(calib), cfg["method"], pattern, str(pruned)],
+        env,
+    )
+    if "error" in res:
+        return res
+    evaluated = _carve_worker({**base, "kind": "eval", "model_dir": str(pruned)})
+    return {**evaluated, **{k: v for k, v in res.items() if k in ("seconds", "peak_rss_mb", "linear_sparsity")}}
+
+
+def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks: int) -> str:
+    def f(v: Any, fmt: str) -> str:
+        return "" if v is None else format(v, fmt)
+
+    lines = [
+        "# carve extract: benchmark results",
+        "",
+        "Written by `bench/extract.py` (rerun it to reproduce; finished rows are cached in "
+        "`bench/results/extract.jsonl`). Model: SmolLM2-135M-Instruct, the embedded default, dequantized "
+        f"to float32. Calibration: {CALIB_BLOCKS} blocks x {BLOCK_LEN} tokens sampled with seed {SEED} from "
+        "the train split of the domain corpus (`calibration=domain`) or of `general` (`calibration=general`). "
+        f"Perplexity: the first {eval_blocks} non-overlapping {BLOCK_LEN}-token blocks of each corpus's held-out "
+        "split, the same blocks for every row. Sparsity: share of zeros over the decoder Linear weights (linear) "
+        "and over all parameters (all). Time: wall seconds of scoring + pruning (for llm-compressor: its "
+        "`oneshot` call), each configuration in its own process on 2 CPU cores; peak RSS of that process "
+        "(for carve: load + prune + evaluate).",
+        "",
+    ]
+    for d in domains:
+        lines += [
+            f"## domain: {d}",
+            "",
+            "| tool | method | pattern | calibration | domain ppl | general ppl | linear sparsity | all sparsity "
+            "| prune s | peak RSS MB | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for cfg in configurations([d]):
+            r = rows.get(cfg["id"])
+            if r is None:
+                lines.append(
+                    f"| {cfg['tool']} | {cfg['method']} | {cfg['pattern']} | {cfg['calibration']} "
+                    "| | | | | | | not run yet |"
+                )
+                continue
+            note = r.get("error", "")
+            if r.get("damp_retries"):
+                note += f" {r['damp_retries']} Hessian damping retries"
+            lines.append(
+                f"| {cfg['tool']} | {cfg['method']} | {cfg['pattern']} | {cfg['calibration']} "
+                f"| {f(r.get('domain_ppl'), '.3f')} | {f(r.get('general_ppl'), '.3f')} "
+                f"| {f(r.get('linear_sparsity'), '.4f')} | {f(r.get('all_sparsity'), '.4f')} "
+                f"| {f(r.get('seconds'), '.1f')} | {f(r.get('peak_rss_mb'), '.0f')} | {note.strip()} |"
+            )
+        lines.append("")
+        comp = []
+        pairs = [
+            ("sparsegpt 50%", "sparsegpt/50%/domain", "llm-compressor", "sparsegpt/50%/domain"),
+            ("wanda 50%", "wanda/50%/domain", "llm-compressor", "wanda/50%/domain"),
+            ("sparsegpt 2:4", "sparsegpt/2:4/domain", "reference", "sparsegpt/2:4/domain"),
+        ]
+        for label, ours, tool, theirs in pairs:
+            a, b = rows.get(f"{d}/carve/{ours}"), rows.get(f"{d}/{tool}/{theirs}")
+            if a and b and "error" not in a and "error" not in b:
+                comp.append(
+                    f"- {label}: carve domain ppl / {tool} = {a['domain_ppl'] / b['domain_ppl']:.4f}; "
+                    f"wall time carve / {tool} = {a['seconds'] / b['seconds']:.2f}"
+                )
+        if comp:
+            lines += ["Ratios from the rows above (same run, same blocks):", "", *comp, ""]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker")
+    p.add_argument("--domains", nargs="+", default=["legal", "code"])
+    p.add_argument("--only", default="")
+    p.add_argument("--eval-blocks", type=int, default=16)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    _ensure_model()
+    rows = _load_results()
+    for cfg in configurations(args.domains):
+        if cfg["id"] in rows or args.only not in cfg["id"]:
+            continue
+        t = time.perf_counter()
+        print(f"running {cfg['id']} ...", flush=True)
+        res = run_one(cfg, args.eval_blocks)
+        row = {
+            **cfg,
+            **res,
+            "eval_blocks": args.eval_blocks,
+            "wall_total_s": round(time.perf_counter() - t, 1),
+            "commit": _commit(),
+        }
+        _save(row)
+        rows[cfg["id"]] = row
+        print(json.dumps(row), flush=True)
+        TABLE.write_text(write_table(rows, ["legal", "code"], args.eval_blocks))
+    TABLE.write_text(write_table(rows, ["legal", "code"], args.eval_blocks))
+    print(TABLE.read_text())
+
+
+if __name__ == "__main__":
+    main()
