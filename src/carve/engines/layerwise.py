@@ -67,8 +67,9 @@ def _capture(
     finally:
         handle.remove()
 
-    # the per-block calls depend only on the batch shape (no padding), so one full forward
-    # per distinct shape records what each block is really given
+    # the per-block calls depend only on the batch shape (no padding), so one forward per
+    # distinct shape records what each block is really given; it stops before the last block
+    # runs, so no logits are computed
     for ids in batches:
         shape = tuple(ids.shape)
         if shape in calls:
@@ -79,10 +80,14 @@ def _capture(
             _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], into: list[BlockCall] = recorded
         ) -> None:
             into.append(_split_hidden(args, kwargs)[1])
+            if len(into) == len(blocks):
+                raise _Stop
 
         handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
         try:
             model(input_ids=ids, use_cache=False)
+        except _Stop:
+            pass
         finally:
             for h in handles:
                 h.remove()
