@@ -243,3 +243,30 @@ def test_python_api(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None
     assert metrics["domain_ppl"] == metrics["general_ppl"]
     res = carve.prune(carve.load_model(str(model_dir)).model, "sparsegpt", 0.5, calib)
     assert res.mask.sparsity() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_recipe_file_with_flag_overrides_and_manifest_replay(
+    tmp_path: Path, model_dir: Path, small_corpus: Path
+) -> None:
+    recipe = tmp_path / "legal.yaml"
+    recipe.write_text(
+        f"model: {model_dir}\ndomain: {small_corpus}\nmethod: wanda\nsparsity: 0.6\n"
+        "calib-blocks: 4\nblock_len: 32\neval_blocks: 2\nmix: 0.25\n"
+    )
+    out = tmp_path / "a"
+    assert main(["extract", "--recipe", str(recipe), "--method", "magnitude", "--out", str(out), "--quiet"]) == 0
+    r = json.loads((out / "carve.json").read_text())["recipe"]
+    assert r["method"] == "magnitude" and r["sparsity"] == 0.6 and r["mix"] == 0.25 and r["calib_blocks"] == 4
+    # a manifest is a recipe: replaying it reproduces the same model
+    again = tmp_path / "b"
+    assert main(["extract", "--recipe", str(out / "carve.json"), "--out", str(again), "--quiet"]) == 0
+    assert json.loads((again / "carve.json").read_text())["recipe"] == r
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
+
+
+def test_bad_recipe_file(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methd: wanda\n")
+    assert main(["extract", "--recipe", str(bad), "--out", str(tmp_path / "out")]) == 2
+    assert "unknown fields ['methd']" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -8,7 +8,7 @@ import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,29 @@ class Recipe:
     dtype: str | None = None
     device: str | None = None
     batch_size: int = 8
+
+    @classmethod
+    def load(cls, path: str | Path) -> Recipe:
+        """A YAML or JSON recipe, or the `recipe` of a carve.json manifest (to reproduce a run)."""
+        import yaml
+
+        p = Path(path).expanduser()
+        if not p.is_file():
+            raise UsageError(f"recipe file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise UsageError(f"recipe file {str(path)!r} is not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+        if isinstance(data, dict) and isinstance(data.get("recipe"), dict):
+            data = data["recipe"]
+        if not isinstance(data, dict):
+            raise UsageError(f"recipe file {str(path)!r} must hold a mapping of recipe fields")
+        data = {str(k).replace("-", "_"): v for k, v in data.items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"recipe file {str(path)!r} has unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
 
     def validate(self) -> None:
         get_scorer(self.method)

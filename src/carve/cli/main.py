@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any
 
 import carve
 from carve.corpora import builtin_corpora
 from carve.progress import set_quiet
 from carve.scorers import SCORERS
+
+
+_UNSET = object()  # a recipe flag the user did not give
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -67,9 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude", nargs="+", default=None, help="glob patterns to leave dense (default: embeddings, lm_head, norms)"
     )
     ex.add_argument("--batch-size", type=int, default=8, help="calibration blocks per forward pass")
+    ex.add_argument("--recipe", help="YAML/JSON recipe (or a carve.json manifest) to start from; flags override it")
     ex.add_argument("--out", required=True, help="output directory (written atomically)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _common(ex)
+    # recipe flags the user did not give stay unset, so a --recipe file's values are not
+    # overridden by defaults (the Recipe dataclass holds the defaults)
+    ex.set_defaults(**{f.name: _UNSET for f in fields(carve.Recipe)})
 
     ev = sub.add_parser("eval", help="perplexity of a model on general and domain held-out text")
     ev.add_argument("model", nargs="?", default=None, help="'default', a directory, a .gguf or a hub id")
@@ -85,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _recipe(args: argparse.Namespace) -> carve.Recipe:
     names = {f.name for f in fields(carve.Recipe)}
-    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
-    return carve.Recipe(**values)
+    given = {k: v for k, v in vars(args).items() if k in names and v is not _UNSET}
+    base = carve.Recipe.load(args.recipe) if args.recipe else carve.Recipe()
+    return carve.Recipe(**{**asdict(base), **given})
 
 
 def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
