@@ -264,7 +264,7 @@ def test_recipe_file_with_flag_overrides_and_manifest_replay(
     assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()
 
 
-def test_bad_recipe_file(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_bad_recipe_file(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("methd: wanda\n")
     assert main(["extract", "--recipe", str(bad), "--out", str(tmp_path / "out")]) == 2

@@ -13,7 +13,6 @@ from carve.corpora import builtin_corpora
 from carve.progress import set_quiet
 from carve.scorers import SCORERS
 
-
 _UNSET = object()  # a recipe flag the user did not give
 
 
