@@ -48,6 +48,10 @@ def test_extract_end_to_end(tmp_path: Path, model_dir: Path, small_corpus: Path,
         assert key in manifest
     assert manifest["recipe"]["method"] == "sparsegpt" and manifest["recipe"]["mix"] == 0.5
     assert manifest["data"]["calibration"]["general_blocks"] == 2
+    assert (
+        len(manifest["data"]["eval"]["domain"]["fingerprint"]) == 16
+        and manifest["data"]["eval"]["general"]["blocks"] == 2
+    )
     for when in ("before", "after"):
         assert manifest["metrics"][when]["domain_ppl"] > 1 and manifest["metrics"][when]["general_ppl"] > 1
     assert manifest["sparsity"]["linear"] == pytest.approx(0.5, abs=1e-3)

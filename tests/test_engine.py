@@ -121,3 +121,13 @@ def test_gemma3_gets_a_different_mask_per_layer_type() -> None:
 def test_no_blocks_is_a_usage_error() -> None:
     with pytest.raises(carve.UsageError, match="no decoder blocks found"):
         find_blocks(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+def test_global_granularity_ranks_all_layers_together() -> None:
+    model = tiny_model("llama")
+    res = carve.prune(model, "wanda", 0.5, _calib(), granularity="global")
+    per_layer = res.mask.sparsity_per_param()
+    assert res.mask.sparsity() == pytest.approx(0.5, abs=1e-6)
+    assert max(per_layer.values()) - min(per_layer.values()) > 0.05  # layers are not forced equal
+    with pytest.raises(carve.UsageError, match="prunes block by block"):
+        carve.prune(tiny_model("llama"), "sparsegpt", 0.5, _calib(), granularity="global")

@@ -117,6 +117,26 @@ def calibration_data(
     return torch.cat([p for p in parts if p.numel()])
 
 
+def held_out_blocks(
+    tokenizer: Any, domain: Corpus, general: Corpus, blocks: int, block_len: int
+) -> dict[str, tuple[str, torch.Tensor]]:
+    """{"domain"|"general": (corpus name, the first `blocks` held-out blocks)}: the same blocks
+    for every model evaluated with the same corpora and settings."""
+    return {
+        key: (c.name, c.eval_blocks(tokenizer, blocks, block_len))
+        for key, c in (("domain", domain), ("general", general))
+    }
+
+
+def _perplexities(model: Any, data: dict[str, tuple[str, torch.Tensor]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (name, blocks) in data.items():
+        out[f"{key}_ppl"] = round(perplexity(model, blocks, desc=f"perplexity ({name})"), 4)
+        out[f"{key}_eval_blocks"] = len(blocks)
+        out["block_len"] = blocks.shape[1]
+    return out
+
+
 def evaluate(
     model: LoadedModel,
     domain: str | Corpus = "legal",
@@ -128,13 +148,7 @@ def evaluate(
     """Domain and general perplexity on the first `blocks` held-out blocks of `block_len` tokens."""
     dom = domain if isinstance(domain, Corpus) else Corpus(domain)
     gen = general if isinstance(general, Corpus) else Corpus(general)
-    out: dict[str, Any] = {}
-    for key, corpus in (("domain", dom), ("general", gen)):
-        data = corpus.eval_blocks(model.tokenizer, blocks, block_len)
-        out[f"{key}_ppl"] = round(perplexity(model.model, data, desc=f"perplexity ({corpus.name})"), 4)
-        out[f"{key}_eval_blocks"] = len(data)
-    out["block_len"] = block_len
-    return out
+    return _perplexities(model.model, held_out_blocks(model.tokenizer, dom, gen, blocks, block_len))
 
 
 def _versions() -> dict[str, str]:
@@ -170,11 +184,9 @@ def extract(
         calib = calibration_data(
             lm.tokenizer, domain, general, recipe.calib_blocks, recipe.block_len, recipe.mix, recipe.seed
         )
-        # checked before any long work: both corpora must have held-out text
-        for c in (domain, general):
-            c.eval_blocks(lm.tokenizer, 1, recipe.block_len)
+        held_out = held_out_blocks(lm.tokenizer, domain, general, recipe.eval_blocks, recipe.block_len)
     with stage("evaluate_before"):
-        before = evaluate(lm, domain, general, blocks=recipe.eval_blocks, block_len=recipe.block_len)
+        before = _perplexities(lm.model, held_out)
     with stage("prune"):
         result = prune(
             lm.model,
@@ -188,7 +200,7 @@ def extract(
             batch_size=recipe.batch_size,
         )
     with stage("evaluate_after"):
-        after = evaluate(lm, domain, general, blocks=recipe.eval_blocks, block_len=recipe.block_len)
+        after = _perplexities(lm.model, held_out)
     achieved = model_sparsity(lm.model, result.mask)
     retries = {k: v for k, v in result.info.items() if v.get("damp_retries")}
     manifest: dict[str, Any] = {
@@ -207,6 +219,10 @@ def extract(
                 "block_len": recipe.block_len,
                 "seed": recipe.seed,
                 "fingerprint": _tensor_fingerprint(calib),
+            },
+            "eval": {
+                key: {"blocks": len(b), "block_len": b.shape[1], "fingerprint": _tensor_fingerprint(b)}
+                for key, (_name, b) in held_out.items()
             },
         },
         "sparsity": {
