@@ -87,3 +87,12 @@ def test_bad_patterns_and_sparsities(pattern: str | None, sparsity: float | None
 def test_pattern_implies_sparsity() -> None:
     assert check_sparsity(None, parse_pattern("2:4")) == 0.5
     assert check_sparsity(0.5, parse_pattern("4:8")) == 0.5
+
+
+def test_importance_map_round_trip(tmp_path: Path) -> None:
+    from carve import ImportanceMap
+
+    imp = ImportanceMap({"a.weight": torch.rand(4, 6), "b.weight": torch.rand(3, 2)}, {"scorer": "wanda", "data": "x"})
+    imp.save(tmp_path / "imp.safetensors")
+    back = ImportanceMap.load(tmp_path / "imp.safetensors")
+    assert back.meta == imp.meta and all(torch.equal(back[k], imp[k]) for k in imp)
