@@ -37,9 +37,7 @@ def main() -> None:
             final_sparsity=0.5,
             start=0,
             end=0,
-            update_frequency=1,
             targets=["re:.*proj.weight"],
-            leave_enabled=True,
             mask_structure="unstructured" if pattern == "unstructured" else pattern,
         ),
     }[method]()
