@@ -36,10 +36,10 @@ def _reference_norms(model: nn.Module, calib: torch.Tensor) -> dict[str, torch.T
     return {k: v.norms for k, v in stats.items()}
 
 
-@pytest.mark.parametrize("modifies", [False, True])
+@pytest.mark.parametrize("rerun", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_engine_feeds_each_linear_what_the_full_model_does(arch: str, modifies: bool) -> None:
-    """With `modifies`, later batches stop each block after its last Linear's input: the
+def test_engine_feeds_each_linear_what_the_full_model_does(arch: str, rerun: bool) -> None:
+    """With `rerun`, later batches stop each block after its last Linear's input: the
     statistics must not change."""
     model = tiny_model(arch)
     calib = _calib()
@@ -49,7 +49,7 @@ def test_engine_feeds_each_linear_what_the_full_model_does(arch: str, modifies: 
     def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
         got.update({name: stats[name].norms.clone() for name in linears})
 
-    layerwise(model, calib, on_block, RowNorms, batch_size=2, modifies=modifies)  # 3 batches
+    layerwise(model, calib, on_block, RowNorms, batch_size=2, rerun=rerun)  # 3 batches
     assert got.keys() == ref.keys() and len(got) >= 8
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5)
@@ -69,7 +69,7 @@ def test_sequential_propagation_sees_earlier_pruned_blocks(arch: str) -> None:
 
     # prune with wanda, then run the engine again on the pruned model, without pruning
     result = carve.prune(model, "wanda", 0.5, calib, batch_size=4)
-    layerwise(model, calib, capture, RowNorms, batch_size=4, modifies=False)
+    layerwise(model, calib, capture, RowNorms, batch_size=4, rerun=False)
     ref = _reference_norms(model, calib)
     for name, norms in first_in_block.items():
         torch.testing.assert_close(norms, ref[name], rtol=1e-4, atol=1e-5)
@@ -79,6 +79,20 @@ def test_sequential_propagation_sees_earlier_pruned_blocks(arch: str) -> None:
     prefix, _ = find_blocks(model)
     later = [k for k in result.mask if k.startswith(f"{prefix}.1.")]
     assert later and any(not torch.equal(result.mask[k], dense_scored[k]) for k in later)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dense_propagation_calibrates_every_block_on_the_dense_model(arch: str) -> None:
+    """propagation="dense": every block sees the dense model's activations, so Wanda's mask is
+    exactly the one scored on the dense model in one go."""
+    calib = _calib()
+    result = carve.prune(tiny_model(arch), "wanda", 0.5, calib, batch_size=4, propagation="dense")
+    dense_scored = carve.select_mask(carve.score(tiny_model(arch), "wanda", calib), 0.5, "row")
+    assert set(result.mask) == set(dense_scored)
+    for k in dense_scored:
+        assert torch.equal(result.mask[k], dense_scored[k]), k
+    with pytest.raises(carve.UsageError, match="propagation 'lazy' is not one of"):
+        carve.prune(tiny_model(arch), "wanda", 0.5, calib, propagation="lazy")
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -21,6 +21,7 @@ from carve.masks.select import check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears
 from carve.ops import model_sparsity, prune
+from carve.ops.prune import PROPAGATIONS
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.scorers import get_scorer
 
@@ -37,6 +38,7 @@ class Recipe:
     pattern: str | None = None
     granularity: str | None = None  # None: the method's paper
     mix: float = 0.0  # share of calibration blocks taken from the general corpus
+    propagation: str = "pruned"  # "pruned" (sequential, the papers') or "dense" (one pass per block)
     calib_blocks: int = 64
     block_len: int = 512
     eval_blocks: int = 32
@@ -77,6 +79,8 @@ class Recipe:
         if self.sparsity is None and nm is None:
             self.sparsity = 0.5
         self.sparsity = check_sparsity(self.sparsity, nm)
+        if self.propagation not in PROPAGATIONS:
+            raise UsageError(f"propagation {self.propagation!r} is not one of {', '.join(PROPAGATIONS)}")
         if not 0 <= self.mix <= 1:
             raise UsageError(f"mix {self.mix} is outside [0, 1]: it is the share of general calibration blocks")
         for name in ("calib_blocks", "block_len", "eval_blocks", "batch_size"):
@@ -198,6 +202,7 @@ def extract(
             include=tuple(recipe.include),
             exclude=tuple(recipe.exclude),
             batch_size=recipe.batch_size,
+            propagation=recipe.propagation,
         )
     with stage("evaluate_after"):
         after = _perplexities(lm.model, held_out)

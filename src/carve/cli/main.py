@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--mix", type=float, default=0.0, help="share of calibration blocks from the general corpus (0 = domain only)"
     )
+    ex.add_argument(
+        "--propagation",
+        choices=["pruned", "dense"],
+        default="pruned",
+        help="calibrate each block on the pruned blocks' outputs (sequential, default) or on the dense "
+        "model's (one pass per block, faster)",
+    )
     ex.add_argument("--calib-blocks", type=int, default=64, help="number of calibration blocks")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--include", nargs="+", default=["*"], help="glob patterns of Linear modules to prune")

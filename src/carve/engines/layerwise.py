@@ -159,14 +159,15 @@ def layerwise(
     exclude: tuple[str, ...] | None = None,
     batch_size: int = 8,
     desc: str = "calibrating",
-    modifies: bool = True,
+    rerun: bool = True,
 ) -> None:
     """Run `calibration` [N, L] block by block.
 
     For block i, `statistic(in_features, device)` is built for its Linear layers and fed their
-    inputs; then `on_block(i, linears, stats)` is called.  With `modifies` (it prunes), the block
-    is re-run on the same inputs so the next block sees the pruned block's outputs; otherwise
-    the outputs of the statistics pass are propagated."""
+    inputs; then `on_block(i, linears, stats)` is called.  With `rerun` (sequential propagation
+    of a pruned model), the block is re-run on the same inputs so the next block sees the pruned
+    block's outputs; otherwise the outputs of the statistics pass (the block as it was before
+    `on_block`) are propagated: one pass per block."""
     from carve.models.arch import DEFAULT_EXCLUDE
 
     exclude = DEFAULT_EXCLUDE if exclude is None else exclude
@@ -180,7 +181,7 @@ def layerwise(
         block = blocks[i]
         last = i == len(blocks) - 1
         linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
-        collector = None if statistic is None else _BlockStatistics(linears, statistic, device, modifies)
+        collector = None if statistic is None else _BlockStatistics(linears, statistic, device, rerun)
         outputs = []
         try:
             for j, h in enumerate(hidden):
@@ -194,6 +195,6 @@ def layerwise(
             if collector is not None:
                 collector.remove()
         on_block(i, linears, {} if collector is None else collector.stats)
-        if modifies and not last:
+        if rerun and not last:
             outputs = [_call_block(block, h, calls[shapes[j]][i]) for j, h in enumerate(hidden)]
         hidden = outputs

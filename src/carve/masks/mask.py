@@ -17,7 +17,8 @@ from carve.masks.select import check_sparsity, keep_mask, parse_pattern
 
 @dataclass
 class ImportanceMap(Mapping[str, torch.Tensor]):
-    """Scores of the same shape as each parameter, with how they were made."""
+    """Scores of the same shape as each parameter, with how they were made.  `meta["transposed"]`
+    lists parameters stored [in, out] (GPT-2's Conv1D), so row selection uses output rows."""
 
     scores: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
@@ -144,4 +145,13 @@ def select_mask(
         return Mask(out)
     if granularity not in ("row", "matrix", "global"):
         raise UsageError(f"granularity {granularity!r} is not one of row, matrix, global")
-    return Mask({k: keep_mask(v.float(), sparsity, granularity, nm) for k, v in scores.items()})
+    # scores are in each parameter's layout; GPT-2's Conv1D stores [in, out], so rows and N:M
+    # groups are taken on the transpose for the parameters an ImportanceMap marks as such
+    transposed = set(scores.meta.get("transposed", [])) if isinstance(scores, ImportanceMap) else set()
+    out = {}
+    for k, v in scores.items():
+        if k in transposed:
+            out[k] = keep_mask(v.float().t(), sparsity, granularity, nm).t().contiguous()
+        else:
+            out[k] = keep_mask(v.float(), sparsity, granularity, nm)
+    return Mask(out)

@@ -15,6 +15,8 @@ from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, as_param_layout, weight_matrix
 from carve.scorers.registry import Scorer, get_scorer
 
+PROPAGATIONS = ("pruned", "dense")
+
 
 @dataclass
 class PruneResult:
@@ -58,9 +60,11 @@ def score(
                 scores[_param_name(name)] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats[name])).cpu()
 
         layerwise(
-            model, data, on_block, scorer.statistic, include, exclude, batch_size, f"scoring ({method})", modifies=False
+            model, data, on_block, scorer.statistic, include, exclude, batch_size, f"scoring ({method})", rerun=False
         )
-    return ImportanceMap(scores, {"scorer": method})
+    modules = dict(model.named_modules())
+    transposed = [k for k in scores if not isinstance(modules[k.removesuffix(".weight")], nn.Linear)]
+    return ImportanceMap(scores, {"scorer": method, "transposed": transposed})
 
 
 def apply_mask(model: nn.Module, mask: Mask) -> None:
@@ -83,11 +87,14 @@ def prune(
     include: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     batch_size: int = 8,
+    propagation: str = "pruned",
 ) -> PruneResult:
     """Prune the decoder Linear layers in place.
 
-    Layer-wise methods run block by block with sequential propagation (each block calibrated on
-    the outputs of the already-pruned blocks before it).  `granularity` defaults to the
+    Layer-wise methods run block by block.  `propagation="pruned"` (the papers' sequential
+    propagation) calibrates each block on the outputs of the already-pruned blocks before it: two
+    passes per block.  `"dense"` calibrates every block on the dense model's activations: one
+    pass per block, faster, usually a little less accurate.  `granularity` defaults to the
     method's paper ("row" for Wanda, "matrix" for magnitude and SparseGPT); "global" ranks all
     layers together (scored on the dense model, then pruned at once)."""
     scorer = get_scorer(method)
@@ -96,6 +103,8 @@ def prune(
     granularity = granularity or scorer.granularity
     if granularity not in GRANULARITIES:
         raise UsageError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
+    if propagation not in PROPAGATIONS:
+        raise UsageError(f"propagation {propagation!r} is not one of {', '.join(PROPAGATIONS)}")
     data = _needs_data(scorer, calibration)
     if granularity == "global" and nm is None:
         if scorer.prune is not None:
@@ -133,6 +142,7 @@ def prune(
             exclude,
             batch_size,
             f"pruning ({method})",
+            rerun=propagation == "pruned",
         )
     if not keep:
         raise UsageError(f"no Linear layers matched include={list(include)} exclude={list(exclude)}")
