@@ -149,9 +149,9 @@ def select_mask(
     # groups are taken on the transpose for the parameters an ImportanceMap marks as such
     transposed = set(scores.meta.get("transposed", [])) if isinstance(scores, ImportanceMap) else set()
     out = {}
-    for k, v in scores.items():
-        if k in transposed:
-            out[k] = keep_mask(v.float().t(), sparsity, granularity, nm).t().contiguous()
+    for name, v in scores.items():
+        if name in transposed:
+            out[name] = keep_mask(v.float().t(), sparsity, granularity, nm).t().contiguous()
         else:
-            out[k] = keep_mask(v.float(), sparsity, granularity, nm)
+            out[name] = keep_mask(v.float(), sparsity, granularity, nm)
     return Mask(out)
