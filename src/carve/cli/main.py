@@ -174,8 +174,7 @@ def _cmd_corpora(args: argparse.Namespace) -> Any:
 
 def _cmd_methods(args: argparse.Namespace) -> Any:
     rows: list[dict[str, Any]] = [
-        {"name": s.name, "needs_data": s.statistic is not None, "paper": s.paper, "url": s.url}
-        for s in SCORERS.values()
+        {"name": s.name, "needs_data": s.kind != "weight", "paper": s.paper, "url": s.url} for s in SCORERS.values()
     ]
     if not args.json:
         print(

@@ -8,12 +8,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from carve.engines.gradient import STATISTICS, accumulate_gradients
 from carve.engines.layerwise import layerwise
 from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap, Mask, select_mask
 from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, as_param_layout, weight_matrix
+from carve.scorers.gradient import normalized
 from carve.scorers.registry import Scorer, get_scorer
+from carve.scorers.sparsegpt import factor_of, sparsegpt_prune
+from carve.scorers.stats import Hessian
 
 PROPAGATIONS = ("pruned", "dense")
 
@@ -23,6 +27,7 @@ class PruneResult:
     mask: Mask
     # per-Linear notes from the method, e.g. SparseGPT's damping retries
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
+    importance: ImportanceMap | None = None  # the scores the mask was selected from, if any
 
 
 def _param_name(module_name: str) -> str:
@@ -30,7 +35,7 @@ def _param_name(module_name: str) -> str:
 
 
 def _needs_data(scorer: Scorer, calibration: torch.Tensor | None) -> torch.Tensor | None:
-    if scorer.statistic is None:
+    if scorer.kind == "weight":
         return None
     if calibration is None or calibration.numel() == 0:
         raise UsageError(f"method {scorer.name!r} needs calibration text")
@@ -45,26 +50,77 @@ def score(
     include: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     batch_size: int = 8,
+    general_calibration: torch.Tensor | None = None,
+    lam: float = 1.0,
+    lr: float = 0.0,
 ) -> ImportanceMap:
-    """Importance of every prunable weight under `method`, on the dense model (no pruning)."""
+    """Importance of every prunable weight under `method`, on the dense model (no pruning).
+
+    Gradient methods run the gradient engine over `calibration` (micro-batches of one block);
+    `dual` also needs `general_calibration` (open-domain text) for its general importance, and
+    takes `lam` (λ, the weight of general importance) and `lr` (SGD steps while accumulating)."""
     scorer = get_scorer(method)
     data = _needs_data(scorer, calibration)
     scores: dict[str, torch.Tensor] = {}
+    linears = all_prunable_linears(model, include, exclude)
+    meta: dict[str, Any] = {"scorer": method}
     if data is None:
-        for name, lin in all_prunable_linears(model, include, exclude).items():
+        for name, lin in linears.items():
             scores[_param_name(name)] = as_param_layout(lin, scorer.score(weight_matrix(lin), None)).cpu()
+    elif scorer.gradient is not None:
+        general = _general_importance(model, scorer, general_calibration, include, exclude, batch_size)
+        if scorer.needs_general:
+            meta.update(lam=lam, lr=lr)
+
+        def penalty(name: str, w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+            # gradient of the refined loss's regularizer λ·Σ Ĝ(θ − θ₀)²
+            return 2 * lam * general[name].to(w.device) * (w - w0)
+
+        params = [_param_name(n) for n in linears]
+        grads = accumulate_gradients(
+            model,
+            data,
+            params,
+            {s: STATISTICS[s] for s in scorer.gradient},
+            lr=lr,
+            penalty=penalty if general else None,
+            desc=f"gradients ({method})",
+        )
+        for name, lin in linears.items():
+            pname = _param_name(name)
+            stats: dict[str, Any] = {s: as_param_layout(lin, grads.stats[s].pop(pname)) for s in scorer.gradient}
+            if general:
+                stats.update(general=as_param_layout(lin, general.pop(pname)), **{"lambda": lam})
+            scores[pname] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats)).cpu()
     else:
 
-        def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
-            for name, lin in linears.items():
+        def on_block(_i: int, block_linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
+            for name, lin in block_linears.items():
                 scores[_param_name(name)] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats[name])).cpu()
 
         layerwise(
             model, data, on_block, scorer.statistic, include, exclude, batch_size, f"scoring ({method})", rerun=False
         )
     modules = dict(model.named_modules())
-    transposed = [k for k in scores if not isinstance(modules[k.removesuffix(".weight")], nn.Linear)]
-    return ImportanceMap(scores, {"scorer": method, "transposed": transposed})
+    meta["transposed"] = [k for k in scores if not isinstance(modules[k.removesuffix(".weight")], nn.Linear)]
+    return ImportanceMap(scores, meta)
+
+
+def _general_importance(
+    model: nn.Module,
+    scorer: Scorer,
+    general_calibration: torch.Tensor | None,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """Ĝ = G / mean(G) per matrix, G the OBS saliency on open-domain text (param layout)."""
+    if not scorer.needs_general:
+        return {}
+    if general_calibration is None or general_calibration.numel() == 0:
+        raise UsageError(f"method {scorer.name!r} needs general (open-domain) calibration text")
+    G = score(model, "sparsegpt", general_calibration, include=include, exclude=exclude, batch_size=batch_size)
+    return {k: normalized(v) for k, v in G.items()}
 
 
 def apply_mask(model: nn.Module, mask: Mask) -> None:
@@ -88,6 +144,11 @@ def prune(
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     batch_size: int = 8,
     propagation: str = "pruned",
+    general_calibration: torch.Tensor | None = None,
+    lam: float = 1.0,
+    lr: float = 0.0,
+    importance: ImportanceMap | None = None,
+    reconstruct_with: torch.Tensor | None = None,
 ) -> PruneResult:
     """Prune the decoder Linear layers in place.
 
@@ -96,7 +157,13 @@ def prune(
     passes per block.  `"dense"` calibrates every block on the dense model's activations: one
     pass per block, faster, usually a little less accurate.  `granularity` defaults to the
     method's paper ("row" for Wanda, "matrix" for magnitude and SparseGPT); "global" ranks all
-    layers together (scored on the dense model, then pruned at once)."""
+    layers together (scored on the dense model, then pruned at once).
+
+    Score-then-mask methods (gradient methods such as taylor, fisher, dual; any method at global
+    granularity) score the dense model, select the mask, then either zero the removed weights or,
+    with `reconstruct_with` (calibration blocks, e.g. a domain/general mix), keep that mask and
+    update the kept weights by OBS compensation block by block (SparseGPT's update with a fixed
+    mask).  `importance` reuses a saved ImportanceMap instead of scoring again."""
     scorer = get_scorer(method)
     nm = parse_pattern(pattern)
     sparsity = check_sparsity(sparsity, nm)
@@ -105,17 +172,29 @@ def prune(
         raise UsageError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
     if propagation not in PROPAGATIONS:
         raise UsageError(f"propagation {propagation!r} is not one of {', '.join(PROPAGATIONS)}")
-    data = _needs_data(scorer, calibration)
-    if granularity == "global" and nm is None:
-        if scorer.prune is not None:
-            raise UsageError(f"method {method!r} prunes block by block; use granularity row or matrix")
-        mask = select_mask(
-            score(model, method, data, include=include, exclude=exclude, batch_size=batch_size),
-            sparsity,
-            "global",
-        )
-        apply_mask(model, mask)
-        return PruneResult(mask)
+    score_first = scorer.kind == "gradient" or importance is not None or (granularity == "global" and nm is None)
+    if granularity == "global" and nm is None and scorer.prune is not None:
+        raise UsageError(f"method {method!r} prunes block by block; use granularity row or matrix")
+    data = None if importance is not None else _needs_data(scorer, calibration)
+    if score_first:
+        if importance is None:
+            importance = score(
+                model,
+                method,
+                data,
+                include=include,
+                exclude=exclude,
+                batch_size=batch_size,
+                general_calibration=general_calibration,
+                lam=lam,
+                lr=lr,
+            )
+        mask = select_mask(importance, sparsity, granularity, pattern)
+        if reconstruct_with is None:
+            apply_mask(model, mask)
+            return PruneResult(mask, importance=importance)
+        notes = reconstruct(model, mask, reconstruct_with, include=include, exclude=exclude, batch_size=batch_size)
+        return PruneResult(mask, notes, importance=importance)
 
     keep: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
@@ -147,6 +226,36 @@ def prune(
     if not keep:
         raise UsageError(f"no Linear layers matched include={list(include)} exclude={list(exclude)}")
     return PruneResult(Mask(keep), info)
+
+
+def reconstruct(
+    model: nn.Module,
+    mask: Mask,
+    calibration: torch.Tensor,
+    *,
+    include: tuple[str, ...] = ("*",),
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+    batch_size: int = 8,
+) -> dict[str, dict[str, Any]]:
+    """Impose `mask` and update the kept weights by OBS compensation (SparseGPT's column sweep
+    with the mask fixed), block by block with sequential propagation, Hessians from
+    `calibration`.  Returns per-Linear notes (damping retries)."""
+    info: dict[str, dict[str, Any]] = {}
+
+    def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
+        for name, lin in linears.items():
+            pname = _param_name(name)
+            if pname not in mask:
+                continue
+            W = weight_matrix(lin)
+            keep = as_param_layout(lin, mask[pname]).to(W.device)  # back to [out, in]
+            new, _, notes = sparsegpt_prune(W, stats[name].H, 0.5, keep=keep, factor=factor_of(stats[name]))
+            W.copy_(new)
+            if notes:
+                info[pname] = notes
+
+    layerwise(model, calibration, on_block, Hessian, include, exclude, batch_size, "reconstructing (OBS)")
+    return info
 
 
 def model_sparsity(model: nn.Module, mask: Mask) -> dict[str, float]:

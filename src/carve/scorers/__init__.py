@@ -1,6 +1,6 @@
 """Scorers: the maths of each method as pure tensor functions, registered by name."""
 
-from carve.scorers import magnitude, sparsegpt, wanda  # noqa: F401  - registers the builtins
+from carve.scorers import gradient, magnitude, sparsegpt, wanda  # noqa: F401  - registers the builtins
 from carve.scorers.magnitude import magnitude_score
 from carve.scorers.registry import SCORERS, Scorer, get_scorer, register
 from carve.scorers.sparsegpt import inverse_hessian_cholesky, obs_saliency, sparsegpt_prune

@@ -27,6 +27,15 @@ class Scorer:
     statistic: StatFactory | None  # None: needs no calibration data
     granularity: str  # the comparison group the paper uses
     prune: PruneFn | None = None  # methods that also update the kept weights (OBS)
+    # gradient methods: the gradient engine's statistics the score reads (see engines/gradient.py)
+    gradient: tuple[str, ...] | None = None
+    needs_general: bool = False  # scored with a general importance too (dual)
+
+    @property
+    def kind(self) -> str:
+        if self.gradient is not None:
+            return "gradient"
+        return "weight" if self.statistic is None else "layerwise"
 
     def prune_weight(
         self, W: torch.Tensor, stat: Any, sparsity: float, granularity: str, nm: tuple[int, int] | None
@@ -48,9 +57,11 @@ def register(
     statistic: StatFactory | None = None,
     granularity: str = "row",
     prune: PruneFn | None = None,
+    gradient: tuple[str, ...] | None = None,
+    needs_general: bool = False,
 ) -> Callable[[ScoreFn], ScoreFn]:
     def deco(fn: ScoreFn) -> ScoreFn:
-        SCORERS[name] = Scorer(name, paper, url, fn, statistic, granularity, prune)
+        SCORERS[name] = Scorer(name, paper, url, fn, statistic, granularity, prune, gradient, needs_general)
         return fn
 
     return deco

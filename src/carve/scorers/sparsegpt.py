@@ -57,15 +57,15 @@ def obs_saliency(W: torch.Tensor, U_diag: torch.Tensor) -> torch.Tensor:
     url="https://arxiv.org/abs/2301.00774",
     statistic=Hessian,
     granularity="matrix",
-    prune=lambda W, stat, s, g, nm: sparsegpt_prune(W, stat.H, s, g, nm, factor=_factor(stat)),
+    prune=lambda W, stat, s, g, nm: sparsegpt_prune(W, stat.H, s, g, nm, factor=factor_of(stat)),
 )
 def sparsegpt_score(W: torch.Tensor, stat: Hessian) -> torch.Tensor:
     """The OBS saliency of each weight before any update (what the first block's mask uses)."""
-    U, _ = _factor(stat)
+    U, _ = factor_of(stat)
     return obs_saliency(W.detach(), torch.diag(U))
 
 
-def _factor(stat: Hessian) -> tuple[torch.Tensor, dict[str, Any]]:
+def factor_of(stat: Hessian) -> tuple[torch.Tensor, dict[str, Any]]:
     if "inverse_cholesky" not in stat.cache:
         stat.cache["inverse_cholesky"] = inverse_hessian_cholesky(stat.H)
     return stat.cache["inverse_cholesky"]
@@ -80,11 +80,13 @@ def sparsegpt_prune(
     blocksize: int = BLOCK_SIZE,
     percdamp: float = PERCDAMP,
     factor: tuple[torch.Tensor, dict[str, Any]] | None = None,
+    keep: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Prune and reconstruct W; returns (new W in W's dtype, keep mask, info).
 
     `granularity` applies inside each 128-column block: "matrix" removes `sparsity` of the
-    block's weights (the paper), "row" removes it from each row of the block."""
+    block's weights (the paper), "row" removes it from each row of the block.  With `keep`
+    ([out, in] bool), that mask is imposed and only the OBS compensation is computed."""
     if granularity not in ("row", "matrix"):
         raise UsageError(f"sparsegpt supports granularity row or matrix, not {granularity!r}")
     out_dtype = W.dtype
@@ -95,19 +97,22 @@ def sparsegpt_prune(
     Wt[torch.diag(H) == 0] = 0
     U, info = factor if factor is not None else inverse_hessian_cholesky(H, percdamp)
     U = U.to(Wt.device)
-    keep_t = torch.ones_like(Wt, dtype=torch.bool)
+    keep_t = torch.ones_like(Wt, dtype=torch.bool) if keep is None else keep.t().to(Wt.device, torch.bool)
+    fixed = keep is not None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = Wt[i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         d1 = torch.diag(U1)
         Err1 = torch.zeros_like(W1)
-        if nm is None:
+        if fixed:
+            keep1 = keep_t[i1:i2]
+        elif nm is None:
             keep1 = keep_mask(obs_saliency(W1.t(), d1), sparsity, granularity).t().contiguous()
         else:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
+            if not fixed and nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
                 keep1[g] = nm_mask(obs_saliency(W1[g].t(), d1[g]), *nm).t()
             w = W1[i]

@@ -1,0 +1,162 @@
+"""The gradient engine: full forward/backward passes over calibration blocks, folding each
+parameter's gradient into float32 per-parameter statistics the moment it is computed.
+
+- Only the parameters asked for require gradients; every other parameter is frozen for the pass.
+- Each parameter's gradient is consumed by a post-accumulate-grad hook as soon as backward has
+  produced it, folded into the statistics, optionally used for an SGD step (the optimizer steps
+  D-Pruner takes while it accumulates), and freed: no second copy of the model's gradients lives
+  longer than one micro-batch's backward.
+- Decoder blocks are checkpointed (their activations are recomputed in backward), so activation
+  memory is one block's plus the block boundaries'.
+- Statistics are means over micro-batches of f(g, θ) for named functions f (see STATISTICS); with
+  equal-sized micro-batches the mean gradient equals the full-batch gradient.
+
+Memory: the model, one float32 tensor per (parameter, statistic), and one micro-batch's
+activations; with `lr > 0` also a float32 copy of the scored parameters (restored at the end).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from carve.models.arch import find_blocks
+from carve.progress import progress
+
+# f(g, θ) -> the per-micro-batch quantity whose mean is kept
+StatFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+STATISTICS: dict[str, StatFn] = {
+    "grad": lambda g, w: g,
+    "grad_sq": lambda g, w: g * g,
+    "grad_weight": lambda g, w: g * w,
+    # |ΔL| of removing each weight (δθ = −θ) to second order with the empirical Fisher g² as
+    # the Hessian diagonal, per micro-batch: |−g·θ + ½·(g·θ)²|  (D-Pruner's per-step score)
+    "taylor2_step": lambda g, w: (0.5 * (g * w) ** 2 - g * w).abs(),
+}
+
+
+@dataclass
+class GradientStats:
+    """Per-parameter means over micro-batches: stats[statistic][param name] -> float32 tensor."""
+
+    stats: dict[str, dict[str, torch.Tensor]]
+    micro_batches: int
+    losses: list[float] = field(default_factory=list)
+
+
+def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting every token from those before it."""
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+@contextmanager
+def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
+    """Wrap every decoder block's forward in activation checkpointing (architecture-agnostic:
+    the blocks are found as in the layer-wise engine, no model-specific flag is needed)."""
+    _, blocks = find_blocks(model)
+    originals = []
+    for block in blocks:
+        fwd = block.forward
+        originals.append(fwd)
+
+        def wrapped(*args: Any, _fwd: Callable[..., Any] = fwd, **kwargs: Any) -> Any:
+            return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+
+        block.forward = wrapped
+    try:
+        yield
+    finally:
+        for block, fwd in zip(blocks, originals, strict=True):
+            block.forward = fwd
+
+
+@contextmanager
+def _only_these_require_grad(model: nn.Module, names: set[str]) -> Iterator[None]:
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n in names)
+    try:
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(before[n])
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    params: list[str],
+    statistics: dict[str, StatFn] | tuple[str, ...] = ("grad", "grad_sq", "grad_weight"),
+    *,
+    micro_batch: int = 1,
+    checkpointing: bool = True,
+    lr: float = 0.0,
+    penalty: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = next_token_loss,
+    desc: str = "gradients",
+) -> GradientStats:
+    """Means over micro-batches of each statistic f(g, θ) for the named parameters.
+
+    `lr > 0` takes an SGD step θ ← θ − lr·g after each micro-batch's gradient (LOMO-style, fused
+    into the hook); the original weights θ₀ are restored at the end.  `penalty(name, θ, θ₀)` is
+    the gradient of a regularizer added to g (D-Pruner's refined loss); it only acts once θ has
+    moved, so it is ignored without steps."""
+    fns = statistics if isinstance(statistics, dict) else {s: STATISTICS[s] for s in statistics}
+    named = dict(model.named_parameters())
+    device = next(model.parameters()).device
+    acc = {s: {n: torch.zeros(named[n].shape, dtype=torch.float32, device=device) for n in params} for s in fns}
+    original = {n: named[n].detach().float().clone() for n in params} if lr > 0 else {}
+
+    def hook(name: str) -> Callable[[torch.Tensor], None]:
+        def fold(p: torch.Tensor) -> None:
+            assert p.grad is not None
+            with torch.no_grad():
+                g = p.grad.float()
+                w = p.detach().float()
+                if penalty is not None and lr > 0:
+                    g = g + penalty(name, w, original[name])
+                for s, f in fns.items():
+                    acc[s][name].add_(f(g, w))
+                if lr > 0:
+                    p.sub_((lr * g).to(p.dtype))
+            p.grad = None
+
+        return fold
+
+    batches = list(calibration.split(micro_batch))
+    losses: list[float] = []
+    was_training = model.training
+    model.eval()  # no dropout: statistics of the model as it is used
+    handles = [named[n].register_post_accumulate_grad_hook(hook(n)) for n in params]
+    ckpt = checkpointed_blocks(model) if checkpointing else _null()
+    try:
+        with _only_these_require_grad(model, set(params)), ckpt, torch.enable_grad():
+            for ids in progress(batches, desc):
+                loss = loss_fn(model, ids.to(device))
+                loss.backward()
+                losses.append(loss.item())
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        with torch.no_grad():
+            for n, w0 in original.items():
+                named[n].copy_(w0.to(named[n].dtype))
+    for per in acc.values():
+        for t in per.values():
+            t.div_(len(batches))
+    return GradientStats(acc, len(batches), losses)
+
+
+@contextmanager
+def _null() -> Iterator[None]:
+    yield
