@@ -274,3 +274,54 @@ def test_bad_recipe_file(tmp_path: Path, capsys) -> None:
     assert main(["extract", "--recipe", str(bad), "--out", str(tmp_path / "out")]) == 2
     assert "unknown fields ['methd']" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_dual_extract_saves_importance_and_a_second_extract_reuses_it(
+    tmp_path: Path, model_dir: Path, small_corpus: Path, capsys
+) -> None:
+    from carve import ImportanceMap
+
+    first = tmp_path / "dual-50"
+    assert _extract(model_dir, small_corpus, first, "--method", "dual", "--lambda", "0.5", "--reconstruct", "0.3") == 0
+    manifest = json.loads((first / "carve.json").read_text())
+    assert manifest["recipe"]["lam"] == 0.5 and manifest["importance"]["reused_from"] is None
+    assert "domain_cloze" in manifest["metrics"]["after"] or "skipped" in manifest["data"]["eval"]["domain_cloze"]
+    imp = ImportanceMap.load(first / "importance.safetensors")
+    assert imp.meta["model_fingerprint"] == manifest["source"]["fingerprint"]
+    assert imp.meta["data_fingerprint"] == manifest["importance"]["data_fingerprint"]
+
+    # same model, data and settings at another sparsity: reused, no gradient pass
+    second = tmp_path / "dual-70"
+    imp_path = str(first / "importance.safetensors")
+    assert (
+        _extract(
+            model_dir,
+            small_corpus,
+            second,
+            "--method",
+            "dual",
+            "--lambda",
+            "0.5",
+            "--sparsity",
+            "0.7",
+            "--importance",
+            imp_path,
+        )
+        == 0
+    )
+    m2 = json.loads((second / "carve.json").read_text())
+    assert m2["importance"]["reused_from"] == imp_path
+    assert m2["sparsity"]["linear"] == pytest.approx(0.7, abs=0.02)  # whole weights per 64-wide row
+    reloaded = ImportanceMap.load(second / "importance.safetensors")
+    for k in imp:
+        assert torch.equal(reloaded[k], imp[k])
+
+    # other data or settings: refused before any work, nothing written
+    capsys.readouterr()
+    for extra, what in ((["--lambda", "2"], "calibration data and settings"), (["--method", "taylor"], "method")):
+        out = tmp_path / "refused"
+        args = ["--method", "dual", "--lambda", "0.5", *extra, "--importance", imp_path]
+        assert _extract(model_dir, small_corpus, out, *args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("carve: error: importance file") and what in err and "\n" not in err
+        assert _nothing_written(tmp_path, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 import resource
 import time
@@ -16,7 +17,8 @@ import torch
 
 from carve.corpora import Corpus
 from carve.errors import UsageError
-from carve.evaluation import perplexity
+from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
+from carve.masks.mask import ImportanceMap
 from carve.masks.select import check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears
@@ -39,9 +41,14 @@ class Recipe:
     granularity: str | None = None  # None: the method's paper
     mix: float = 0.0  # share of calibration blocks taken from the general corpus
     propagation: str = "pruned"  # "pruned" (sequential, the papers') or "dense" (one pass per block)
+    lam: float = 1.0  # dual: weight of general importance
+    lr: float = 0.0  # gradient methods: SGD steps while accumulating (0: none)
+    reconstruct_mix: float | None = None  # score-then-mask: OBS reconstruction, this share general
+    importance: str | None = None  # importance.safetensors to reuse
     calib_blocks: int = 64
     block_len: int = 512
     eval_blocks: int = 32
+    cloze_items: int = 100  # held-out domain cloze items evaluated (0: none)
     seed: int = 0
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
@@ -81,6 +88,12 @@ class Recipe:
         self.sparsity = check_sparsity(self.sparsity, nm)
         if self.propagation not in PROPAGATIONS:
             raise UsageError(f"propagation {self.propagation!r} is not one of {', '.join(PROPAGATIONS)}")
+        if self.reconstruct_mix is not None and not 0 <= self.reconstruct_mix <= 1:
+            raise UsageError(f"reconstruct mix {self.reconstruct_mix} is outside [0, 1]")
+        if self.lam < 0 or self.lr < 0:
+            raise UsageError("lambda and grad-lr must not be negative")
+        if self.importance is not None and not Path(self.importance).expanduser().is_file():
+            raise UsageError(f"importance file {self.importance!r} does not exist")
         if not 0 <= self.mix <= 1:
             raise UsageError(f"mix {self.mix} is outside [0, 1]: it is the share of general calibration blocks")
         for name in ("calib_blocks", "block_len", "eval_blocks", "batch_size"):
@@ -121,23 +134,54 @@ def calibration_data(
     return torch.cat([p for p in parts if p.numel()])
 
 
-def held_out_blocks(
-    tokenizer: Any, domain: Corpus, general: Corpus, blocks: int, block_len: int
-) -> dict[str, tuple[str, torch.Tensor]]:
-    """{"domain"|"general": (corpus name, the first `blocks` held-out blocks)}: the same blocks
-    for every model evaluated with the same corpora and settings."""
-    return {
-        key: (c.name, c.eval_blocks(tokenizer, blocks, block_len))
-        for key, c in (("domain", domain), ("general", general))
-    }
+@dataclass
+class EvalData:
+    """The fixed evaluation set: held-out perplexity blocks per corpus, the domain cloze task."""
+
+    blocks: dict[str, tuple[str, torch.Tensor]]  # "domain"|"general" -> (corpus name, [n, L])
+    cloze: ClozeTask | None = None
+    cloze_note: str = ""  # why there is no cloze task, if there is none
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            key: {"blocks": len(b), "block_len": b.shape[1], "fingerprint": _tensor_fingerprint(b)}
+            for key, (_name, b) in self.blocks.items()
+        }
+        if self.cloze is not None:
+            out["domain_cloze"] = {"items": len(self.cloze.answers), "fingerprint": self.cloze.fingerprint()}
+        elif self.cloze_note:
+            out["domain_cloze"] = {"skipped": self.cloze_note}
+        return out
 
 
-def _perplexities(model: Any, data: dict[str, tuple[str, torch.Tensor]]) -> dict[str, Any]:
+def held_out_data(
+    tokenizer: Any, domain: Corpus, general: Corpus, blocks: int, block_len: int, cloze_items: int = 100
+) -> EvalData:
+    """The first `blocks` held-out blocks of each corpus and `cloze_items` domain cloze items:
+    the same for every model evaluated with the same corpora and settings.  A domain with too
+    little held-out text for a cloze task is evaluated by perplexity alone (the reason is kept)."""
+    data = EvalData(
+        {
+            key: (c.name, c.eval_blocks(tokenizer, blocks, block_len))
+            for key, c in (("domain", domain), ("general", general))
+        }
+    )
+    if cloze_items > 0:
+        try:
+            data.cloze = build_cloze(domain, tokenizer, cloze_items)
+        except UsageError as exc:
+            data.cloze_note = str(exc)
+    return data
+
+
+def _metrics(model: Any, data: EvalData) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, (name, blocks) in data.items():
+    for key, (name, blocks) in data.blocks.items():
         out[f"{key}_ppl"] = round(perplexity(model, blocks, desc=f"perplexity ({name})"), 4)
         out[f"{key}_eval_blocks"] = len(blocks)
         out["block_len"] = blocks.shape[1]
+    if data.cloze is not None:
+        out["domain_cloze"] = cloze_accuracy(model, data.cloze)
     return out
 
 
@@ -148,11 +192,39 @@ def evaluate(
     *,
     blocks: int = 32,
     block_len: int = 512,
+    cloze_items: int = 100,
 ) -> dict[str, Any]:
-    """Domain and general perplexity on the first `blocks` held-out blocks of `block_len` tokens."""
+    """Domain and general perplexity on the first `blocks` held-out blocks of `block_len` tokens,
+    and accuracy on `cloze_items` held-out domain cloze items (0: none)."""
     dom = domain if isinstance(domain, Corpus) else Corpus(domain)
     gen = general if isinstance(general, Corpus) else Corpus(general)
-    return _perplexities(model.model, held_out_blocks(model.tokenizer, dom, gen, blocks, block_len))
+    return _metrics(model.model, held_out_data(model.tokenizer, dom, gen, blocks, block_len, cloze_items))
+
+
+def _importance_key(
+    recipe: Recipe, model_fingerprint: str, calib: torch.Tensor, general_calib: torch.Tensor | None
+) -> dict[str, Any]:
+    """What an importance map depends on: reusing one needs all of it to match."""
+    data = hashlib.sha256(_tensor_fingerprint(calib).encode())
+    if general_calib is not None:
+        data.update(_tensor_fingerprint(general_calib).encode())
+    data.update(json.dumps([recipe.lam, recipe.lr, recipe.include, recipe.exclude]).encode())
+    return {"scorer": recipe.method, "model_fingerprint": model_fingerprint, "data_fingerprint": data.hexdigest()[:16]}
+
+
+def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
+    try:
+        imp = ImportanceMap.load(Path(path).expanduser())
+    except Exception as exc:
+        raise UsageError(f"importance file {path!r} is not a carve importance map ({exc})") from None
+    what = {"scorer": "method", "model_fingerprint": "model", "data_fingerprint": "calibration data and settings"}
+    for field_name, label in what.items():
+        if imp.meta.get(field_name) != key[field_name]:
+            raise UsageError(
+                f"importance file {path!r} was computed with another {label} "
+                f"({imp.meta.get(field_name)} != {key[field_name]}); rerun without --importance"
+            )
+    return imp
 
 
 def _versions() -> dict[str, str]:
@@ -184,13 +256,36 @@ def extract(
         lm = model or load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
         # checked before any long work: the model has blocks and Linear layers to prune
         all_prunable_linears(lm.model, tuple(recipe.include), tuple(recipe.exclude))
+    scorer = get_scorer(recipe.method)
     with stage("tokenize"):
         calib = calibration_data(
             lm.tokenizer, domain, general, recipe.calib_blocks, recipe.block_len, recipe.mix, recipe.seed
         )
-        held_out = held_out_blocks(lm.tokenizer, domain, general, recipe.eval_blocks, recipe.block_len)
+        general_calib = (
+            general.calibration_blocks(lm.tokenizer, recipe.calib_blocks, recipe.block_len, recipe.seed + 1)
+            if scorer.needs_general
+            else None
+        )
+        rebuild = (
+            calibration_data(
+                lm.tokenizer,
+                domain,
+                general,
+                recipe.calib_blocks,
+                recipe.block_len,
+                recipe.reconstruct_mix,
+                recipe.seed,
+            )
+            if recipe.reconstruct_mix is not None
+            else None
+        )
+        importance_key = _importance_key(recipe, lm.fingerprint, calib, general_calib)
+        reused = _load_importance(recipe.importance, importance_key) if recipe.importance else None
+        held_out = held_out_data(
+            lm.tokenizer, domain, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items
+        )
     with stage("evaluate_before"):
-        before = _perplexities(lm.model, held_out)
+        before = _metrics(lm.model, held_out)
     with stage("prune"):
         result = prune(
             lm.model,
@@ -203,9 +298,14 @@ def extract(
             exclude=tuple(recipe.exclude),
             batch_size=recipe.batch_size,
             propagation=recipe.propagation,
+            general_calibration=general_calib,
+            lam=recipe.lam,
+            lr=recipe.lr,
+            importance=reused,
+            reconstruct_with=rebuild,
         )
     with stage("evaluate_after"):
-        after = _perplexities(lm.model, held_out)
+        after = _metrics(lm.model, held_out)
     achieved = model_sparsity(lm.model, result.mask)
     retries = {k: v for k, v in result.info.items() if v.get("damp_retries")}
     manifest: dict[str, Any] = {
@@ -225,10 +325,7 @@ def extract(
                 "seed": recipe.seed,
                 "fingerprint": _tensor_fingerprint(calib),
             },
-            "eval": {
-                key: {"blocks": len(b), "block_len": b.shape[1], "fingerprint": _tensor_fingerprint(b)}
-                for key, (_name, b) in held_out.items()
-            },
+            "eval": held_out.describe(),
         },
         "sparsity": {
             "target": recipe.sparsity,
@@ -240,6 +337,9 @@ def extract(
         "method_notes": {
             "hessian_damping_retries": retries,
         },
+        "importance": None
+        if result.importance is None
+        else {"file": "importance.safetensors", "reused_from": recipe.importance, **importance_key},
         "timings_s": stage.seconds,
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
@@ -247,6 +347,9 @@ def extract(
         with stage("save"), atomic_output_dir(out, overwrite) as tmp:
             lm.model.save_pretrained(tmp, safe_serialization=True)
             lm.tokenizer.save_pretrained(tmp)
+            if result.importance is not None:
+                result.importance.meta.update(importance_key)
+                result.importance.save(tmp / "importance.safetensors")
             manifest["timings_s"] = stage.seconds
             write_json(tmp / "carve.json", manifest)
         manifest["timings_s"] = stage.seconds

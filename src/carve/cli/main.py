@@ -34,10 +34,17 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--domain", default="legal", help="builtin corpus name or path (default: legal)")
-    p.add_argument("--general", default="general", help="builtin corpus name or path (default: general)")
+    p.add_argument(
+        "--general",
+        "--general-corpus",
+        dest="general",
+        default="general",
+        help="open-domain corpus: builtin name or path (default: general)",
+    )
     p.add_argument("--text-field", default="text", help="text field of .jsonl / .parquet / datasets corpora")
     p.add_argument("--block-len", type=int, default=512, help="tokens per calibration and eval block")
     p.add_argument("--eval-blocks", type=int, default=32, help="held-out blocks per corpus for perplexity")
+    p.add_argument("--cloze-items", type=int, default=100, help="held-out domain cloze items (0: skip the cloze task)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +75,34 @@ def build_parser() -> argparse.ArgumentParser:
         default="pruned",
         help="calibrate each block on the pruned blocks' outputs (sequential, default) or on the dense "
         "model's (one pass per block, faster)",
+    )
+    ex.add_argument(
+        "--lambda",
+        dest="lam",
+        type=float,
+        default=1.0,
+        help="dual: weight of general importance against domain importance (default 1)",
+    )
+    ex.add_argument(
+        "--grad-lr",
+        dest="lr",
+        type=float,
+        default=0.0,
+        help="gradient methods: SGD learning rate of steps taken while accumulating (default 0: none)",
+    )
+    ex.add_argument(
+        "--reconstruct",
+        dest="reconstruct_mix",
+        type=float,
+        default=None,
+        metavar="MIX",
+        help="score-then-mask methods: keep the mask, update kept weights by OBS compensation with a "
+        "Hessian from calibration blocks, MIX of them general",
+    )
+    ex.add_argument(
+        "--importance",
+        default=None,
+        help="importance.safetensors of an earlier extract (same model, data, method) to reuse",
     )
     ex.add_argument("--calib-blocks", type=int, default=64, help="number of calibration blocks")
     ex.add_argument("--seed", type=int, default=0)
@@ -103,6 +138,14 @@ def _recipe(args: argparse.Namespace) -> carve.Recipe:
     return carve.Recipe(**{**asdict(base), **given})
 
 
+def _cloze(m: dict[str, Any]) -> str:
+    c = m.get("domain_cloze")
+    if not c:
+        return "-"
+    lo, hi = c["ci95"]
+    return f"{c['accuracy']:.3f} [{lo:.2f}, {hi:.2f}] n={c['items']}"
+
+
 def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
     manifest = carve.extract(_recipe(args), args.out, overwrite=args.overwrite)
     before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
@@ -115,12 +158,19 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
         print(
             _table(
                 [
-                    ["", f"domain ppl ({r['domain']})", f"general ppl ({r['general']})", "linear sparsity"],
-                    ["dense", f"{before['domain_ppl']:.3f}", f"{before['general_ppl']:.3f}", "0"],
+                    [
+                        "",
+                        f"domain ppl ({r['domain']})",
+                        f"general ppl ({r['general']})",
+                        "domain cloze acc",
+                        "linear sparsity",
+                    ],
+                    ["dense", f"{before['domain_ppl']:.3f}", f"{before['general_ppl']:.3f}", _cloze(before), "0"],
                     [
                         "pruned",
                         f"{after['domain_ppl']:.3f}",
                         f"{after['general_ppl']:.3f}",
+                        _cloze(after),
                         f"{manifest['sparsity']['linear']:.4f}",
                     ],
                 ]
@@ -143,13 +193,15 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     domain, general = carve.Corpus(args.domain, args.text_field), carve.Corpus(args.general, args.text_field)
     lm = carve.load_model(args.model, dtype=args.dtype, device=args.device)
-    m = carve.evaluate(lm, domain, general, blocks=args.eval_blocks, block_len=args.block_len)
+    m = carve.evaluate(
+        lm, domain, general, blocks=args.eval_blocks, block_len=args.block_len, cloze_items=args.cloze_items
+    )
     if not args.json:
         print(
             _table(
                 [
-                    ["model", f"domain ppl ({args.domain})", f"general ppl ({args.general})"],
-                    [lm.source, f"{m['domain_ppl']:.3f}", f"{m['general_ppl']:.3f}"],
+                    ["model", f"domain ppl ({args.domain})", f"general ppl ({args.general})", "domain cloze acc"],
+                    [lm.source, f"{m['domain_ppl']:.3f}", f"{m['general_ppl']:.3f}", _cloze(m)],
                 ]
             )
         )

@@ -1,0 +1,150 @@
+"""Gradient scorers (taylor, fisher, dual) and OBS reconstruction under a fixed mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import carve
+from carve.engines import next_token_loss
+from carve.engines.gradient import STATISTICS
+from carve.models import all_prunable_linears
+from carve.scorers import sparsegpt_prune
+from carve.scorers.gradient import dual_combine, fisher_score, normalized, taylor_score
+from tests.conftest import VOCAB, tiny_model
+
+
+def _calib(n: int = 4, length: int = 20, seed: int = 3) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_formulas_on_tiny_tensors() -> None:
+    W = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    g = torch.tensor([[0.1, 0.3], [-2.0, 5.0]])
+    assert torch.allclose(taylor_score(W, {"grad_weight": g * W}), (g * W).abs())
+    assert torch.allclose(fisher_score(W, {"grad_sq": g * g}), 0.5 * g**2 * W**2)
+    # |ΔL| of setting θ to 0, second order with g² for the Hessian diagonal
+    assert torch.allclose(STATISTICS["taylor2_step"](g, W), (-g * W + 0.5 * (g * W) ** 2).abs())
+    D, G = torch.tensor([[1.0, 3.0]]), torch.tensor([[0.0, 4.0]])
+    assert torch.allclose(normalized(G), torch.tensor([[0.0, 2.0]]))
+    assert torch.allclose(dual_combine(D, G, 0.5), D + 0.5 * 2.0 * torch.tensor([[0.0, 2.0]]))
+    assert torch.equal(normalized(torch.zeros(2, 2)), torch.zeros(2, 2))
+
+
+def _autograd(model: torch.nn.Module, calib: torch.Tensor, names: list[str], micro: int) -> list[list[torch.Tensor]]:
+    params = dict(model.named_parameters())
+    return [
+        list(torch.autograd.grad(next_token_loss(model, mb), [params[n] for n in names])) for mb in calib.split(micro)
+    ]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_taylor_and_fisher_scores_of_a_model(arch: str) -> None:
+    calib = _calib()
+    names = [f"{n}.weight" for n in all_prunable_linears(tiny_model(arch))]
+    params = dict(tiny_model(arch).named_parameters())
+    per_mb = _autograd(tiny_model(arch), calib, names, 1)
+    taylor = carve.score(tiny_model(arch), "taylor", calib)
+    fisher = carve.score(tiny_model(arch), "fisher", calib)
+    for i, n in enumerate(names):
+        g_mean = sum(gs[i] for gs in per_mb) / len(per_mb)
+        torch.testing.assert_close(taylor[n], (g_mean * params[n]).abs().detach(), rtol=1e-4, atol=1e-7)
+        g_sq = sum(gs[i] ** 2 for gs in per_mb) / len(per_mb)
+        torch.testing.assert_close(fisher[n], (0.5 * g_sq * params[n] ** 2).detach(), rtol=1e-4, atol=1e-9)
+
+
+def test_dual_combines_domain_taylor_with_general_obs_importance() -> None:
+    domain, general = _calib(seed=3), _calib(seed=4)
+    lam = 0.7
+    got = carve.score(tiny_model("llama"), "dual", domain, general_calibration=general, lam=lam)
+    G = carve.score(tiny_model("llama"), "sparsegpt", general)
+    names = list(G)
+    params = dict(tiny_model("llama").named_parameters())
+    per_mb = _autograd(tiny_model("llama"), domain, names, 1)
+    for i, n in enumerate(names):
+        w = params[n].detach()
+        D = sum(STATISTICS["taylor2_step"](gs[i], w) for gs in per_mb) / len(per_mb)
+        torch.testing.assert_close(got[n], dual_combine(D, G[n], lam), rtol=1e-4, atol=1e-7)
+    assert got.meta["lam"] == lam
+    with pytest.raises(carve.UsageError, match="needs general"):
+        carve.score(tiny_model("llama"), "dual", domain)
+
+
+def test_fixed_mask_reconstruction() -> None:
+    X = torch.randn(400, 24) @ torch.randn(24, 24, generator=torch.Generator().manual_seed(5))
+    H = 2 / 400 * X.t() @ X
+    W = torch.randn(8, 24)
+    new, keep, _ = sparsegpt_prune(W, H, 0.5, blocksize=8)
+    # imposing SparseGPT's own mask reproduces SparseGPT exactly
+    again, keep2, _ = sparsegpt_prune(W, H, 0.5, blocksize=8, keep=keep)
+    assert torch.equal(keep2, keep)
+    torch.testing.assert_close(again, new)
+    # any mask: exactly those zeros, and a smaller layer-output error than zeroing alone
+    mask = torch.rand(8, 24, generator=torch.Generator().manual_seed(6)) > 0.5
+    rec, _, _ = sparsegpt_prune(W, H, 0.5, keep=mask)
+    assert torch.equal(rec == 0, ~mask)
+    assert ((X @ (W - rec).t()) ** 2).sum() < ((X @ (W - W * mask).t()) ** 2).sum()
+
+
+def test_dual_prune_with_reconstruction_keeps_the_dual_mask() -> None:
+    domain, general = _calib(seed=3), _calib(seed=4)
+    model = tiny_model("llama")
+    res = carve.prune(
+        model, "dual", 0.5, domain, general_calibration=general, reconstruct_with=torch.cat([domain, general])
+    )
+    expected = carve.select_mask(res.importance, 0.5, "row")
+    params = dict(model.named_parameters())
+    for n, keep in res.mask.items():
+        assert torch.equal(keep, expected[n])
+        assert torch.equal(params[n].detach() == 0, ~keep)
+    plain = tiny_model("llama")
+    carve.apply_mask(plain, res.mask)
+    assert any(not torch.equal(params[n], dict(plain.named_parameters())[n]) for n in res.mask)  # weights updated
+
+
+def test_cloze_items_are_deterministic_and_distractors_come_from_other_documents(tokenizer) -> None:
+    from carve.evaluation import build_cloze
+
+    corpus = carve.Corpus("legal")
+    a, b = build_cloze(corpus, tokenizer, 30), build_cloze(corpus, tokenizer, 30)
+    assert torch.equal(a.choices, b.choices) and torch.equal(a.answers, b.answers)
+    assert a.contexts.shape == (30, 48) and a.choices.shape == (30, 4, 16)
+    assert 0 < (a.answers == 0).sum() < 30  # the answer's position varies
+    # the true continuation follows its passage in one held-out document: find it there
+    docs = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in corpus.eval]
+    for i in range(5):
+        whole = a.contexts[i].tolist() + a.choices[i, a.answers[i]].tolist()
+        owner = [j for j, d in enumerate(docs) if any(d[k : k + 64] == whole for k in range(len(d) - 63))]
+        assert len(owner) == 1
+        for c in range(4):
+            if c != int(a.answers[i]):
+                wrong = a.contexts[i].tolist() + a.choices[i, c].tolist()
+                assert not any(docs[owner[0]][k : k + 64] == wrong for k in range(len(docs[owner[0]]) - 63))
+
+
+def test_wilson_interval_against_formula() -> None:
+    from carve.evaluation import wilson_interval
+
+    lo, hi = wilson_interval(30, 100)
+    # textbook values for 30/100
+    assert lo == pytest.approx(0.2189, abs=1e-4) and hi == pytest.approx(0.3958, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_cloze_accuracy_picks_highest_mean_loglik() -> None:
+    from carve.evaluation import ClozeTask, cloze_accuracy
+
+    model = tiny_model("llama")
+    ctx = torch.randint(0, VOCAB, (6, 8), generator=torch.Generator().manual_seed(0))
+    cho = torch.randint(0, VOCAB, (6, 4, 3), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = torch.empty(6, 4)
+        for i in range(6):
+            for c in range(4):
+                seq = torch.cat([ctx[i], cho[i, c]])[None]
+                logp = torch.log_softmax(model(input_ids=seq).logits[0, -4:-1], -1)
+                ref[i, c] = logp.gather(-1, cho[i, c][:, None]).mean()
+    task = ClozeTask("t", ctx, cho, ref.argmax(-1))
+    assert cloze_accuracy(model, task)["accuracy"] == 1.0
+    task = ClozeTask("t", ctx, cho, (ref.argmax(-1) + 1) % 4)
+    assert cloze_accuracy(model, task)["accuracy"] == 0.0
