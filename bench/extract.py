@@ -20,21 +20,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-OUT = HERE / "out"
-MODEL_DIR = OUT / "smollm2-f32"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    BLOCK_LEN,
+    CALIB_BLOCKS,
+    HERE,
+    MODEL_DIR,
+    OUT,
+    RESULTS_MD,
+    ROOT,
+    SEED,
+    carve_worker,
+    commit,
+    ensure_model,
+    load_results,
+    peak_rss_mb,
+    run_json,
+    save_result,
+    write_section,
+)
+
 RESULTS = HERE / "results" / "extract.jsonl"
-TABLE = HERE / "RESULTS.md"
 LLMC_VENV = HERE / ".venv-llmc"
-CALIB_BLOCKS, BLOCK_LEN, SEED = 64, 512, 0
 FAST = "carve --propagation dense"  # every block calibrated on the dense model: one pass per block
 
 
@@ -106,40 +119,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         result["linear_sparsity"] = sum(int((params[n] == 0).sum()) for n in lin) / sum(params[n].numel() for n in lin)
         total = sum(p.numel() for p in lm.model.parameters())
         result["all_sparsity"] = sum(int((p == 0).sum()) for p in lm.model.parameters()) / total
-    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
 
 
 # --------------------------------------------------------------------------- driver side
-def _run(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"exit {proc.returncode}: {tail[:300]}"}
-    return json.loads(lines[-1])
-
-
-def _commit() -> str:
-    """The carve commit the workers import (the checkout this script lives in)."""
-    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True, text=True)
-    return proc.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-
-
-def _carve_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return _run([sys.executable, __file__, "--worker", json.dumps(spec)], env)
-
-
-def _ensure_model() -> None:
-    if (MODEL_DIR / "model.safetensors").exists():
-        return
-    import carve
-
-    lm = carve.load_model()
-    lm.model.save_pretrained(MODEL_DIR)
-    lm.tokenizer.save_pretrained(MODEL_DIR)
 
 
 def _ensure_llmc() -> Path:
@@ -150,19 +134,6 @@ def _ensure_llmc() -> Path:
             [str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "llmcompressor==0.14.0.1"], check=True
         )
     return python
-
-
-def _load_results() -> dict[str, dict[str, Any]]:
-    if not RESULTS.exists():
-        return {}
-    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
-    return {r["id"]: r for r in rows}
-
-
-def _save(row: dict[str, Any]) -> None:
-    RESULTS.parent.mkdir(exist_ok=True)
-    with RESULTS.open("a") as fh:
-        fh.write(json.dumps(row) + "\n")
 
 
 def configurations(domains: list[str]) -> list[dict[str, Any]]:
@@ -196,29 +167,29 @@ def configurations(domains: list[str]) -> list[dict[str, Any]]:
 def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
     base = {"domain": cfg["domain"], "eval_blocks": eval_blocks, "model_dir": str(MODEL_DIR)}
     if cfg["method"] == "dense":
-        return _carve_worker({**base, "kind": "eval"})
+        return carve_worker(__file__, {**base, "kind": "eval"})
     if cfg["tool"] in ("carve", "reference", FAST):
         method = "sparsegpt-reference" if cfg["tool"] == "reference" else cfg["method"]
         spec = {**base, "kind": "prune", "method": method, "pattern": cfg["pattern"], "calibration": cfg["calibration"]}
-        return _carve_worker({**spec, "propagation": "dense" if cfg["tool"] == FAST else "pruned"})
+        return carve_worker(__file__, {**spec, "propagation": "dense" if cfg["tool"] == FAST else "pruned"})
     # llm-compressor: same calibration blocks, its own process and venv, evaluated by carve
     python = _ensure_llmc()
     calib = OUT / f"calib-{cfg['domain']}-{cfg['calibration']}.pt"
     if cfg["calibration"] != "-" and not calib.exists():
-        _carve_worker({**base, "kind": "calib", "calibration": cfg["calibration"], "path": str(calib)})
+        carve_worker(__file__, {**base, "kind": "calib", "calibration": cfg["calibration"], "path": str(calib)})
     if not calib.exists():
-        _carve_worker({**base, "kind": "calib", "calibration": "domain", "path": str(calib)})
+        carve_worker(__file__, {**base, "kind": "calib", "calibration": "domain", "path": str(calib)})
     pruned = OUT / ("llmc-" + cfg["id"].replace("/", "-").replace(":", "-").replace("%", ""))
     pattern = "unstructured" if cfg["pattern"] == "50%" else cfg["pattern"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    res = _run(
+    res = run_json(
         [str(python), str(HERE / "llmc_worker.py"), str(MODEL_DIR), str(calib), cfg["method"], pattern, str(pruned)],
         env,
     )
     if "error" in res:
         return res
-    evaluated = _carve_worker({**base, "kind": "eval", "model_dir": str(pruned)})
+    evaluated = carve_worker(__file__, {**base, "kind": "eval", "model_dir": str(pruned)})
     return {**evaluated, **{k: v for k, v in res.items() if k in ("seconds", "peak_rss_mb", "linear_sparsity")}}
 
 
@@ -248,7 +219,7 @@ def quickstart(manifest_path: Path | None = None) -> dict[str, Any]:
         "metrics": manifest["metrics"],
         "linear_sparsity": manifest["sparsity"]["linear"],
         "wall_total_s": wall,
-        "commit": _commit(),
+        "commit": commit(),
     }
 
 
@@ -364,15 +335,15 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     if args.table_only or args.quickstart is not None:
-        rows = _load_results()
+        rows = load_results(RESULTS)
         if args.quickstart is not None:
             rows["quickstart"] = quickstart(Path(args.quickstart) if args.quickstart else None)
-            _save(rows["quickstart"])
-        TABLE.write_text(write_table(rows, ["legal", "code"], args.eval_blocks))
-        print(TABLE.read_text())
+            save_result(RESULTS, rows["quickstart"])
+        write_section("extract", write_table(rows, ["legal", "code"], args.eval_blocks))
+        print(RESULTS_MD.read_text())
         return
-    _ensure_model()
-    rows = _load_results()
+    ensure_model()
+    rows = load_results(RESULTS)
     for cfg in configurations(args.domains):
         if cfg["id"] in rows or args.only not in cfg["id"]:
             continue
@@ -384,14 +355,14 @@ def main() -> None:
             **res,
             "eval_blocks": args.eval_blocks,
             "wall_total_s": round(time.perf_counter() - t, 1),
-            "commit": _commit(),
+            "commit": commit(),
         }
-        _save(row)
+        save_result(RESULTS, row)
         rows[cfg["id"]] = row
         print(json.dumps(row), flush=True)
-        TABLE.write_text(write_table(rows, ["legal", "code"], args.eval_blocks))
-    TABLE.write_text(write_table(rows, ["legal", "code"], args.eval_blocks))
-    print(TABLE.read_text())
+        write_section("extract", write_table(rows, ["legal", "code"], args.eval_blocks))
+    write_section("extract", write_table(rows, ["legal", "code"], args.eval_blocks))
+    print(RESULTS_MD.read_text())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""What every bench script shares: the model dir, running a worker in its own process, the
+commit a result was measured on, and the cached results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUT = HERE / "out"
+MODEL_DIR = OUT / "smollm2-f32"
+CALIB_BLOCKS, BLOCK_LEN, SEED = 64, 512, 0
+
+
+def run_json(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a worker; its last stdout line starting with "{" is its result."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:300]}"}
+    return json.loads(lines[-1])
+
+
+def carve_worker(script: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """`script --worker SPEC` in a fresh process that imports carve from this checkout."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return run_json([sys.executable, script, "--worker", json.dumps(spec)], env)
+
+
+def commit() -> str:
+    """The carve commit the workers import (the checkout this script lives in)."""
+    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True, text=True)
+    return proc.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def ensure_model() -> None:
+    """The embedded default, de-quantized once to a float32 HF directory."""
+    if (MODEL_DIR / "model.safetensors").exists():
+        return
+    import carve
+
+    lm = carve.load_model()
+    lm.model.save_pretrained(MODEL_DIR)
+    lm.tokenizer.save_pretrained(MODEL_DIR)
+
+
+def load_results(path: Path) -> dict[str, dict[str, Any]]:
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["id"]: r for r in rows}
+
+
+def save_result(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+RESULTS_MD = HERE / "RESULTS.md"
+
+
+def write_section(name: str, text: str, path: Path = RESULTS_MD) -> None:
+    """Replace this script's section of bench/RESULTS.md (between its markers), keeping the
+    other scripts' sections; a new section is appended."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.exists() else ""
+    if start in old and end in old:
+        before, rest = old.split(start, 1)
+        after = rest.split(end, 1)[1].lstrip("\n")
+        new = before + block + ("\n" + after if after else "")
+    else:
+        new = (old.rstrip() + "\n\n" if old.strip() else "") + block
+    path.write_text(new)

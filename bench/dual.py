@@ -1,0 +1,240 @@
+"""Benchmark dual importance (D-Pruner) against SparseGPT / Wanda at several calibration mixes.
+
+    .venv/bin/python bench/dual.py [--domains legal code] [--patterns 50% 2:4] [--only ID_SUBSTRING]
+
+On SmolLM2-135M-Instruct (the embedded default, de-quantized once to bench/out/smollm2-f32), for
+each domain and pattern: dense; magnitude; SparseGPT and Wanda calibrated with a share of general
+blocks of 0 (domain only), 0.1, 0.3, 0.5 and 1 (general only); dual (domain gradients with
+general OBS importance, λ = 1) and dual with OBS reconstruction of the kept weights from a 0.3
+mix.  64 calibration blocks x 512 tokens per corpus.  Every configuration runs in its own
+process; metrics: domain and general perplexity (first 16 held-out blocks), domain cloze accuracy
+(100 held-out items, Wilson 95% interval), wall time of scoring + pruning, peak RSS.
+
+Results accumulate in bench/results/dual.jsonl (a finished configuration is not rerun); the
+table goes to the `dual` section of bench/RESULTS.md and the plot to bench/dual.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    BLOCK_LEN,
+    CALIB_BLOCKS,
+    HERE,
+    MODEL_DIR,
+    SEED,
+    carve_worker,
+    commit,
+    ensure_model,
+    load_results,
+    peak_rss_mb,
+    save_result,
+    write_section,
+)
+
+RESULTS = HERE / "results" / "dual.jsonl"
+PLOT = HERE / "dual.png"
+MIXES = (0.0, 0.1, 0.3, 0.5, 1.0)
+EVAL_BLOCKS, CLOZE_ITEMS = 16, 100
+
+
+# --------------------------------------------------------------------------- worker side
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    import carve
+    from carve.pipeline import calibration_data
+    from carve.progress import set_quiet
+
+    set_quiet(True)
+    torch.manual_seed(0)
+    lm = carve.load_model(str(MODEL_DIR))
+    domain, general = carve.Corpus(spec["domain"]), carve.Corpus("general")
+    result: dict[str, Any] = {}
+    if spec["method"] != "dense":
+        calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, spec["mix"], SEED)
+        kwargs: dict[str, Any] = {}
+        if spec["method"] == "dual":
+            kwargs["general_calibration"] = general.calibration_blocks(lm.tokenizer, CALIB_BLOCKS, BLOCK_LEN, SEED + 1)
+            kwargs["lam"] = spec["lam"]
+            if spec.get("reconstruct") is not None:
+                kwargs["reconstruct_with"] = calibration_data(
+                    lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, spec["reconstruct"], SEED
+                )
+        pattern = None if spec["pattern"] == "50%" else spec["pattern"]
+        t = time.perf_counter()
+        res = carve.prune(lm.model, spec["method"], None if pattern else 0.5, calib, pattern=pattern, **kwargs)
+        result["seconds"] = round(time.perf_counter() - t, 2)
+        result["linear_sparsity"] = carve.ops.model_sparsity(lm.model, res.mask)["linear"]
+        result["peak_rss_prune_mb"] = peak_rss_mb()
+    m = carve.evaluate(lm, domain, general, blocks=EVAL_BLOCKS, block_len=BLOCK_LEN, cloze_items=CLOZE_ITEMS)
+    result.update(
+        domain_ppl=m["domain_ppl"],
+        general_ppl=m["general_ppl"],
+        cloze=m["domain_cloze"]["accuracy"],
+        cloze_ci95=m["domain_cloze"]["ci95"],
+        peak_rss_mb=peak_rss_mb(),
+    )
+    return result
+
+
+# --------------------------------------------------------------------------- driver side
+def configurations(domains: list[str], patterns: list[str]) -> list[dict[str, Any]]:
+    """In priority order per domain and pattern: dual first, then the baselines."""
+    out: list[dict[str, Any]] = []
+    for d in domains:
+        out.append({"domain": d, "pattern": "-", "method": "dense", "mix": None})
+        for pat in patterns:
+            out.append({"domain": d, "pattern": pat, "method": "dual", "mix": 0.0, "lam": 1.0})
+            out.append({"domain": d, "pattern": pat, "method": "dual", "mix": 0.0, "lam": 1.0, "reconstruct": 0.3})
+            for mix in MIXES:
+                out.append({"domain": d, "pattern": pat, "method": "sparsegpt", "mix": mix})
+            for mix in MIXES:
+                out.append({"domain": d, "pattern": pat, "method": "wanda", "mix": mix})
+            out.append({"domain": d, "pattern": pat, "method": "magnitude", "mix": None})
+    for c in out:
+        c["id"] = "/".join(str(c.get(k)) for k in ("domain", "pattern", "method", "mix", "lam", "reconstruct"))
+    return out
+
+
+def label(c: dict[str, Any]) -> str:
+    if c["method"] == "dual":
+        return f"dual λ={c['lam']:g}" + (f" + OBS rec. mix {c['reconstruct']:g}" if c.get("reconstruct") else "")
+    if c["mix"] is None:
+        return c["method"]
+    return f"{c['method']} mix {c['mix']:g}"
+
+
+def dominated_by(row: dict[str, Any], others: list[dict[str, Any]]) -> list[str]:
+    """Baselines at least as good as `row` on both domain and general perplexity."""
+    return [
+        label(o)
+        for o in others
+        if o["method"] not in ("dual", "dense")
+        and o["domain_ppl"] <= row["domain_ppl"]
+        and o["general_ppl"] <= row["general_ppl"]
+    ]
+
+
+def write_table(rows: dict[str, dict[str, Any]], domains: list[str], patterns: list[str]) -> str:
+    lines = [
+        "# dual importance (D-Pruner) against SparseGPT / Wanda calibration mixes",
+        "",
+        "Written by `bench/dual.py` (finished rows cached in `bench/results/dual.jsonl`). Model: SmolLM2-135M-"
+        f"Instruct (embedded default, float32). Calibration: {CALIB_BLOCKS} x {BLOCK_LEN}-token blocks (seed {SEED}); "
+        "`mix` = share of them from `general`, the rest from the domain. dual: gradient pass over the domain blocks "
+        "plus the OBS importance from 64 general blocks, λ = 1; `+ OBS rec.` keeps dual's mask and updates the kept "
+        "weights by OBS compensation with a Hessian from a 0.3 mix. Perplexity: first "
+        f"{EVAL_BLOCKS} held-out 512-token blocks; cloze: {CLOZE_ITEMS} held-out domain items, 4 choices (chance "
+        "0.25), 95% Wilson interval. Time: scoring + pruning; peak RSS of the whole process (load, prune, "
+        "evaluate). Plot: `bench/dual.png`.",
+        "",
+    ]
+    for d in domains:
+        for pat in patterns:
+            cfgs = [c for c in configurations([d], [pat]) if c["pattern"] in (pat, "-")]
+            lines += [
+                f"## {d}, {pat}",
+                "",
+                "| method | domain ppl | general ppl | domain cloze acc [95% CI] | prune s | peak RSS MB |",
+                "|---|---|---|---|---|---|",
+            ]
+            done = []
+            for c in cfgs:
+                r = rows.get(c["id"])
+                if r is None:
+                    lines.append(f"| {label(c)} | | | | | not run yet |")
+                    continue
+                if "error" in r:
+                    lines.append(f"| {label(c)} | | | | | {r['error']} |")
+                    continue
+                done.append({**c, **r})
+                ci = r["cloze_ci95"]
+                lines.append(
+                    f"| {label(c)} | {r['domain_ppl']:.3f} | {r['general_ppl']:.3f} | {r['cloze']:.2f} "
+                    f"[{ci[0]:.2f}, {ci[1]:.2f}] | {r.get('seconds', 0):.1f} | {r['peak_rss_mb']:.0f} |"
+                )
+            lines.append("")
+            for r in done:
+                if r["method"] == "dual":
+                    dom = dominated_by(r, done)
+                    verdict = f"dominated by {', '.join(dom)}" if dom else "not dominated by any baseline run"
+                    lines.append(f"- {label(r)}: {verdict}")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict[str, Any]], domains: list[str], patterns: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        len(patterns), len(domains), figsize=(6 * len(domains), 4.5 * len(patterns)), squeeze=False
+    )
+    for i, pat in enumerate(patterns):
+        for j, d in enumerate(domains):
+            ax = axes[i][j]
+            for c in configurations([d], [pat]):
+                r = rows.get(c["id"])
+                if r is None or "error" in r or (c["pattern"] not in (pat, "-")):
+                    continue
+                marker = {"dual": "*", "sparsegpt": "o", "wanda": "s", "magnitude": "x", "dense": "D"}[c["method"]]
+                ax.scatter(r["general_ppl"], r["domain_ppl"], marker=marker, s=80 if marker == "*" else 40)
+                ax.annotate(
+                    label(c), (r["general_ppl"], r["domain_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                )
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("general perplexity")
+            ax.set_ylabel(f"{d} perplexity")
+            ax.set_title(f"{d}, {pat} (lower-left is better)")
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker")
+    p.add_argument("--domains", nargs="+", default=["legal", "code"])
+    p.add_argument("--patterns", nargs="+", default=["50%", "2:4"])
+    p.add_argument("--only", default="")
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    all_domains, all_patterns = ["legal", "code"], ["50%", "2:4"]
+    rows = load_results(RESULTS)
+
+    def publish() -> None:
+        write_section("dual", write_table(rows, all_domains, all_patterns))
+        plot(rows, all_domains, all_patterns)
+
+    if not args.table_only:
+        ensure_model()
+        for cfg in configurations(args.domains, args.patterns):
+            if cfg["id"] in rows or args.only not in cfg["id"]:
+                continue
+            print(f"running {cfg['id']} ...", flush=True)
+            t = time.perf_counter()
+            res = carve_worker(__file__, cfg)
+            row = {**cfg, **res, "wall_total_s": round(time.perf_counter() - t, 1), "commit": commit()}
+            save_result(RESULTS, row)
+            rows[cfg["id"]] = row
+            print(json.dumps(row), flush=True)
+            publish()
+    publish()
+    print(write_table(rows, all_domains, all_patterns))
+
+
+if __name__ == "__main__":
+    main()
