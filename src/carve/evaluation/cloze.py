@@ -94,10 +94,19 @@ def choice_loglik(model: nn.Module, task: ClozeTask, batch_items: int = 4, desc:
         ctx = task.contexts[s : s + batch_items]
         cho = task.choices[s : s + batch_items]
         seqs = torch.cat([ctx.unsqueeze(1).expand(-1, k, -1), cho], dim=2).reshape(-1, ctx.shape[1] + cont)
-        logits = model(input_ids=seqs.to(device), use_cache=False).logits[:, -cont - 1 : -1].float()
+        logits = _last_logits(model, seqs.to(device), cont + 1)[:, :-1].float()
         logp = F.log_softmax(logits, dim=-1).gather(-1, seqs[:, -cont:, None].to(device)).squeeze(-1)
         out[s : s + batch_items] = logp.mean(-1).view(-1, k).cpu()
     return out
+
+
+def _last_logits(model: nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions only (the vocabulary projection of the passage
+    positions is not needed), for models whose forward takes `logits_to_keep`."""
+    try:
+        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, -keep:]
+    except TypeError:
+        return model(input_ids=ids, use_cache=False).logits[:, -keep:]
 
 
 def cloze_accuracy(model: nn.Module, task: ClozeTask, desc: str | None = None) -> dict[str, Any]:
