@@ -148,3 +148,15 @@ def test_cloze_accuracy_picks_highest_mean_loglik() -> None:
     assert cloze_accuracy(model, task)["accuracy"] == 1.0
     task = ClozeTask("t", ctx, cho, (ref.argmax(-1) + 1) % 4)
     assert cloze_accuracy(model, task)["accuracy"] == 0.0
+
+
+def test_dual_with_sgd_steps_uses_the_refined_loss_and_restores_weights() -> None:
+    domain, general = _calib(seed=3), _calib(seed=4)
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    still = carve.score(tiny_model("llama"), "dual", domain, general_calibration=general)
+    moved = carve.score(model, "dual", domain, general_calibration=general, lr=0.5)
+    assert moved.meta["lr"] == 0.5
+    assert any(not torch.allclose(moved[n], still[n]) for n in still)  # steps change the scores
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n])

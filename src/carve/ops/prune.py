@@ -16,7 +16,7 @@ from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, as_param_layout, weight_matrix
 from carve.scorers.gradient import normalized
 from carve.scorers.registry import Scorer, get_scorer
-from carve.scorers.sparsegpt import factor_of, sparsegpt_prune
+from carve.scorers.sparsegpt import factor_of, sparsegpt_prune, sparsegpt_score
 from carve.scorers.stats import Hessian
 
 PROPAGATIONS = ("pruned", "dense")
@@ -68,30 +68,60 @@ def score(
         for name, lin in linears.items():
             scores[_param_name(name)] = as_param_layout(lin, scorer.score(weight_matrix(lin), None)).cpu()
     elif scorer.gradient is not None:
-        general = _general_importance(model, scorer, general_calibration, include, exclude, batch_size)
+        wanted = scorer.gradient
+        general: dict[str, torch.Tensor] = {}
         if scorer.needs_general:
+            _check_general(scorer, general_calibration)
             meta.update(lam=lam, lr=lr)
+            if lr > 0:  # the penalty of the refined loss needs Ĝ during the steps
+                assert general_calibration is not None
+                general = _general_importance(model, general_calibration, include, exclude, batch_size)
 
         def penalty(name: str, w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
             # gradient of the refined loss's regularizer λ·Σ Ĝ(θ − θ₀)²
             return 2 * lam * general[name].to(w.device) * (w - w0)
 
-        params = [_param_name(n) for n in linears]
         grads = accumulate_gradients(
             model,
             data,
-            params,
-            {s: STATISTICS[s] for s in scorer.gradient},
+            [_param_name(n) for n in linears],
+            {s: STATISTICS[s] for s in wanted},
             lr=lr,
             penalty=penalty if general else None,
             desc=f"gradients ({method})",
         )
-        for name, lin in linears.items():
+
+        def finish(name: str, lin: nn.Module, general_matrix: torch.Tensor | None) -> None:
+            # the statistics are popped as each score is written: memory stays one set of maps
             pname = _param_name(name)
-            stats: dict[str, Any] = {s: as_param_layout(lin, grads.stats[s].pop(pname)) for s in scorer.gradient}
-            if general:
-                stats.update(general=as_param_layout(lin, general.pop(pname)), **{"lambda": lam})
+            stats: dict[str, Any] = {s: as_param_layout(lin, grads.stats[s].pop(pname)) for s in wanted}
+            if general_matrix is not None:
+                stats.update(general=general_matrix, **{"lambda": lam})
             scores[pname] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats)).cpu()
+
+        if scorer.needs_general and not general:
+            assert general_calibration is not None
+            # Ĝ block by block on open-domain text, folded in as soon as each block's is known
+
+            def combine(_i: int, block_linears: dict[str, nn.Module], hstats: dict[str, Any]) -> None:
+                for name, lin in block_linears.items():
+                    finish(name, lin, normalized(sparsegpt_score(weight_matrix(lin), hstats[name])))
+
+            layerwise(
+                model,
+                general_calibration,
+                combine,
+                Hessian,
+                include,
+                exclude,
+                batch_size,
+                "general importance (OBS)",
+                rerun=False,
+            )
+        else:
+            for name, lin in linears.items():
+                g = general.pop(_param_name(name), None)
+                finish(name, lin, None if g is None else as_param_layout(lin, g))
     else:
 
         def on_block(_i: int, block_linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
@@ -106,19 +136,19 @@ def score(
     return ImportanceMap(scores, meta)
 
 
+def _check_general(scorer: Scorer, general_calibration: torch.Tensor | None) -> None:
+    if general_calibration is None or general_calibration.numel() == 0:
+        raise UsageError(f"method {scorer.name!r} needs general (open-domain) calibration text")
+
+
 def _general_importance(
     model: nn.Module,
-    scorer: Scorer,
-    general_calibration: torch.Tensor | None,
+    general_calibration: torch.Tensor,
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     batch_size: int,
 ) -> dict[str, torch.Tensor]:
     """Ĝ = G / mean(G) per matrix, G the OBS saliency on open-domain text (param layout)."""
-    if not scorer.needs_general:
-        return {}
-    if general_calibration is None or general_calibration.numel() == 0:
-        raise UsageError(f"method {scorer.name!r} needs general (open-domain) calibration text")
     G = score(model, "sparsegpt", general_calibration, include=include, exclude=exclude, batch_size=batch_size)
     return {k: normalized(v) for k, v in G.items()}
 
