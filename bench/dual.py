@@ -46,7 +46,50 @@ EVAL_BLOCKS, CLOZE_ITEMS = 16, 100
 
 
 # --------------------------------------------------------------------------- worker side
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def memory_worker(blocks: int) -> dict[str, Any]:
+    """Memory of the gradient engine alone on the embedded default: RSS after imports, after
+    loading the model, and the peak over a dual-score gradient pass of `blocks` domain blocks
+    (the statistics and activations do not grow with the number of blocks)."""
+    import torch
+
+    import carve
+    from carve.engines import accumulate_gradients
+    from carve.models import all_prunable_linears
+    from carve.progress import set_quiet
+
+    set_quiet(True)
+    base = _rss_mb()
+    lm = carve.load_model(str(MODEL_DIR))
+    loaded = _rss_mb()
+    model_mb = sum(p.numel() for p in lm.model.parameters()) * 4 / 2**20
+    calib = carve.Corpus("legal").calibration_blocks(lm.tokenizer, blocks, BLOCK_LEN, SEED)
+    names = [f"{n}.weight" for n in all_prunable_linears(lm.model)]
+    t = time.perf_counter()
+    accumulate_gradients(lm.model, calib, names, ("taylor2_step",))
+    seconds = time.perf_counter() - t
+    peak = peak_rss_mb()
+    return {
+        "model_fp32_mb": round(model_mb, 1),
+        "rss_after_imports_mb": base,
+        "rss_after_load_mb": loaded,
+        "peak_rss_mb": peak,
+        "engine_mb": round(peak - base, 1),
+        "ratio_to_model": round((peak - base) / model_mb, 2),
+        "seconds_per_block": round(seconds / blocks, 2),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    if spec.get("kind") == "memory":
+        return memory_worker(spec["blocks"])
     import torch
 
     import carve
@@ -123,6 +166,20 @@ def dominated_by(row: dict[str, Any], others: list[dict[str, Any]]) -> list[str]
     ]
 
 
+def sparsegpt_at(general_ppl: float, rows: list[dict[str, Any]]) -> float | None:
+    """Domain ppl of the SparseGPT mix curve at this general ppl: log-log interpolation between
+    the two mixes around it (None outside the range the mixes span)."""
+    import itertools
+    import math
+
+    pts = sorted((r["general_ppl"], r["domain_ppl"]) for r in rows if r["method"] == "sparsegpt")
+    for (g0, d0), (g1, d1) in itertools.pairwise(pts):
+        if g0 <= general_ppl <= g1:
+            t = 0.0 if g1 == g0 else (math.log(general_ppl) - math.log(g0)) / (math.log(g1) - math.log(g0))
+            return math.exp(math.log(d0) + t * (math.log(d1) - math.log(d0)))
+    return None
+
+
 def write_table(rows: dict[str, dict[str, Any]], domains: list[str], patterns: list[str]) -> str:
     lines = [
         "# dual importance (D-Pruner) against SparseGPT / Wanda calibration mixes",
@@ -166,8 +223,35 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], patterns: l
                 if r["method"] == "dual":
                     dom = dominated_by(r, done)
                     verdict = f"dominated by {', '.join(dom)}" if dom else "not dominated by any baseline run"
-                    lines.append(f"- {label(r)}: {verdict}")
+                    ref = sparsegpt_at(r["general_ppl"], done)
+                    if ref is None:
+                        goal = "general ppl outside the SparseGPT mixes' range, no equal-general comparison"
+                    else:
+                        ratio = r["domain_ppl"] / ref
+                        goal = (
+                            f"domain ppl / SparseGPT mix curve at equal general ppl = {ratio:.3f} "
+                            f"(goal <= 0.95: {'met' if ratio <= 0.95 else 'NOT met'})"
+                        )
+                    lines.append(f"- {label(r)}: {verdict}; {goal}")
             lines.append("")
+    mem = rows.get("memory")
+    if mem and "error" not in mem:
+        lines += [
+            "## Gradient engine memory (embedded default)",
+            "",
+            "A dual-score gradient pass (checkpointed blocks, one 512-token block per micro-batch, one float32 "
+            "statistic per scored weight) in its own process; engine memory = peak RSS - RSS after imports "
+            "(so it includes the model itself).",
+            "",
+            "| model fp32 MB | RSS after imports MB | after load MB | peak MB | engine MB | engine / model "
+            "| s per block |",
+            "|---|---|---|---|---|---|---|",
+            f"| {mem['model_fp32_mb']:.0f} | {mem['rss_after_imports_mb']:.0f} | {mem['rss_after_load_mb']:.0f} "
+            f"| {mem['peak_rss_mb']:.0f} | {mem['engine_mb']:.0f} | {mem['ratio_to_model']:.2f} "
+            f"({'under' if mem['ratio_to_model'] < 3 else 'NOT under'} the 3x target) "
+            f"| {mem['seconds_per_block']:.1f} |",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -208,12 +292,18 @@ def main() -> None:
     p.add_argument("--patterns", nargs="+", default=["50%", "2:4"])
     p.add_argument("--only", default="")
     p.add_argument("--table-only", action="store_true")
+    p.add_argument("--memory", action="store_true", help="measure the gradient engine's memory instead")
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
         return
     all_domains, all_patterns = ["legal", "code"], ["50%", "2:4"]
     rows = load_results(RESULTS)
+    if args.memory:
+        ensure_model()
+        row = {"id": "memory", **carve_worker(__file__, {"kind": "memory", "blocks": 8}), "commit": commit()}
+        save_result(RESULTS, row)
+        rows["memory"] = row
 
     def publish() -> None:
         write_section("dual", write_table(rows, all_domains, all_patterns))
