@@ -160,3 +160,18 @@ def test_dual_with_sgd_steps_uses_the_refined_loss_and_restores_weights() -> Non
     assert any(not torch.allclose(moved[n], still[n]) for n in still)  # steps change the scores
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n])
+
+
+def test_reconstruction_after_any_mask_and_refused_for_sparsegpt() -> None:
+    calib = _calib()
+    model = tiny_model("llama")
+    res = carve.prune(model, "wanda", 0.5, calib, reconstruct_with=calib)
+    params = dict(model.named_parameters())
+    assert res.importance is not None
+    expected = carve.select_mask(res.importance, 0.5, "row")
+    for n, keep in res.mask.items():
+        assert torch.equal(keep, expected[n]) and torch.equal(params[n].detach() == 0, ~keep)
+    with pytest.raises(carve.UsageError, match="neither global granularity nor a separate reconstruction"):
+        carve.prune(tiny_model("llama"), "sparsegpt", 0.5, calib, reconstruct_with=calib)
+    with pytest.raises(carve.UsageError, match="--reconstruct is for score-then-mask methods"):
+        carve.Recipe(method="sparsegpt", reconstruct_mix=0.3).validate()

@@ -143,5 +143,5 @@ def test_global_granularity_ranks_all_layers_together() -> None:
     per_layer = res.mask.sparsity_per_param()
     assert res.mask.sparsity() == pytest.approx(0.5, abs=1e-6)
     assert max(per_layer.values()) - min(per_layer.values()) > 0.05  # layers are not forced equal
-    with pytest.raises(carve.UsageError, match="prunes block by block"):
+    with pytest.raises(carve.UsageError, match="prunes and updates weights block by block"):
         carve.prune(tiny_model("llama"), "sparsegpt", 0.5, _calib(), granularity="global")

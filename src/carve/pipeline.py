@@ -81,7 +81,9 @@ class Recipe:
         return cls(**data)
 
     def validate(self) -> None:
-        get_scorer(self.method)
+        scorer = get_scorer(self.method)
+        if self.reconstruct_mix is not None and scorer.prune is not None:
+            raise UsageError(f"--reconstruct is for score-then-mask methods; {self.method} already updates the weights")
         nm = parse_pattern(self.pattern)
         if self.sparsity is None and nm is None:
             self.sparsity = 0.5

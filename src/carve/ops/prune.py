@@ -202,9 +202,13 @@ def prune(
         raise UsageError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
     if propagation not in PROPAGATIONS:
         raise UsageError(f"propagation {propagation!r} is not one of {', '.join(PROPAGATIONS)}")
-    score_first = scorer.kind == "gradient" or importance is not None or (granularity == "global" and nm is None)
-    if granularity == "global" and nm is None and scorer.prune is not None:
-        raise UsageError(f"method {method!r} prunes block by block; use granularity row or matrix")
+    global_ = granularity == "global" and nm is None
+    if (global_ or reconstruct_with is not None) and scorer.prune is not None:
+        raise UsageError(
+            f"method {method!r} prunes and updates weights block by block: it takes neither global "
+            "granularity nor a separate reconstruction"
+        )
+    score_first = scorer.kind == "gradient" or importance is not None or global_ or reconstruct_with is not None
     data = None if importance is not None else _needs_data(scorer, calibration)
     if score_first:
         if importance is None:
