@@ -102,7 +102,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     domain, general = carve.Corpus(spec["domain"]), carve.Corpus("general")
     result: dict[str, Any] = {}
     if spec["method"] != "dense":
-        calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, spec["mix"], SEED)
+        calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, spec["mix"] or 0.0, SEED)
         kwargs: dict[str, Any] = {}
         if spec["method"] == "dual":
             kwargs["general_calibration"] = general.calibration_blocks(lm.tokenizer, CALIB_BLOCKS, BLOCK_LEN, SEED + 1)
