@@ -175,3 +175,13 @@ def test_reconstruction_after_any_mask_and_refused_for_sparsegpt() -> None:
         carve.prune(tiny_model("llama"), "sparsegpt", 0.5, calib, reconstruct_with=calib)
     with pytest.raises(carve.UsageError, match="--reconstruct is for score-then-mask methods"):
         carve.Recipe(method="sparsegpt", reconstruct_mix=0.3).validate()
+
+
+def test_default_mix_is_the_methods() -> None:
+    for method, mix in (("sparsegpt", 0.3), ("wanda", 0.3), ("dual", 0.0), ("taylor", 0.0)):
+        r = carve.Recipe(method=method)
+        r.validate()
+        assert r.mix == mix
+    r = carve.Recipe(method="sparsegpt", mix=0.0)
+    r.validate()
+    assert r.mix == 0.0

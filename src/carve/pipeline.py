@@ -39,7 +39,7 @@ class Recipe:
     sparsity: float | None = None  # None: 0.5, or what the N:M pattern implies
     pattern: str | None = None
     granularity: str | None = None  # None: the method's paper
-    mix: float = 0.0  # share of calibration blocks taken from the general corpus
+    mix: float | None = None  # share of calibration blocks from the general corpus (None: the method's)
     propagation: str = "pruned"  # "pruned" (sequential, the papers') or "dense" (one pass per block)
     lam: float = 1.0  # dual: weight of general importance
     lr: float = 0.0  # gradient methods: SGD steps while accumulating (0: none)
@@ -96,6 +96,8 @@ class Recipe:
             raise UsageError("lambda and grad-lr must not be negative")
         if self.importance is not None and not Path(self.importance).expanduser().is_file():
             raise UsageError(f"importance file {self.importance!r} does not exist")
+        if self.mix is None:
+            self.mix = scorer.default_mix
         if not 0 <= self.mix <= 1:
             raise UsageError(f"mix {self.mix} is outside [0, 1]: it is the share of general calibration blocks")
         for name in ("calib_blocks", "block_len", "eval_blocks", "batch_size"):
@@ -248,6 +250,8 @@ def extract(
     """Run the main job; write the model, tokenizer and carve.json to `out` when given.
     Returns the manifest."""
     recipe.validate()
+    mix = recipe.mix
+    assert mix is not None  # validate() resolved the method's default
     if out is not None:
         check_output(out, overwrite)
     stage = Stages()
@@ -260,9 +264,7 @@ def extract(
         all_prunable_linears(lm.model, tuple(recipe.include), tuple(recipe.exclude))
     scorer = get_scorer(recipe.method)
     with stage("tokenize"):
-        calib = calibration_data(
-            lm.tokenizer, domain, general, recipe.calib_blocks, recipe.block_len, recipe.mix, recipe.seed
-        )
+        calib = calibration_data(lm.tokenizer, domain, general, recipe.calib_blocks, recipe.block_len, mix, recipe.seed)
         general_calib = (
             general.calibration_blocks(lm.tokenizer, recipe.calib_blocks, recipe.block_len, recipe.seed + 1)
             if scorer.needs_general
@@ -322,7 +324,7 @@ def extract(
             "general": general.describe(),
             "calibration": {
                 "blocks": len(calib),
-                "general_blocks": round(recipe.mix * recipe.calib_blocks),
+                "general_blocks": round(mix * recipe.calib_blocks),
                 "block_len": recipe.block_len,
                 "seed": recipe.seed,
                 "fingerprint": _tensor_fingerprint(calib),

@@ -67,7 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="comparison group (default: the method's paper)",
     )
     ex.add_argument(
-        "--mix", type=float, default=0.0, help="share of calibration blocks from the general corpus (0 = domain only)"
+        "--mix",
+        type=float,
+        default=0.0,
+        help="share of calibration blocks from the general corpus (0 = domain only; default 0.3 for "
+        "SparseGPT/Wanda, 0 for gradient methods)",
     )
     ex.add_argument(
         "--propagation",

@@ -54,8 +54,10 @@ class GradientStats:
 
 def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of predicting every token from those before it."""
-    logits = model(input_ids=ids, use_cache=False).logits[:, :-1]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    # targets shifted left, the last position of each row ignored: no copy of the logits is made
+    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
 @contextmanager

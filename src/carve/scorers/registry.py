@@ -30,6 +30,9 @@ class Scorer:
     # gradient methods: the gradient engine's statistics the score reads (see engines/gradient.py)
     gradient: tuple[str, ...] | None = None
     needs_general: bool = False  # scored with a general importance too (dual)
+    # default share of general calibration blocks: 0.3 measured best for SparseGPT (bench/RESULTS.md);
+    # gradient methods calibrate on the domain only (dual brings its own general term)
+    default_mix: float = 0.3
 
     @property
     def kind(self) -> str:
@@ -59,9 +62,12 @@ def register(
     prune: PruneFn | None = None,
     gradient: tuple[str, ...] | None = None,
     needs_general: bool = False,
+    default_mix: float | None = None,
 ) -> Callable[[ScoreFn], ScoreFn]:
+    mix = default_mix if default_mix is not None else (0.0 if gradient is not None else 0.3)
+
     def deco(fn: ScoreFn) -> ScoreFn:
-        SCORERS[name] = Scorer(name, paper, url, fn, statistic, granularity, prune, gradient, needs_general)
+        SCORERS[name] = Scorer(name, paper, url, fn, statistic, granularity, prune, gradient, needs_general, mix)
         return fn
 
     return deco
