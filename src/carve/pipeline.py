@@ -23,7 +23,7 @@ from carve.masks.select import check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears
 from carve.ops import model_sparsity, prune
-from carve.ops.prune import PROPAGATIONS
+from carve.ops.prune import check_propagation
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.scorers import get_scorer
 
@@ -88,8 +88,7 @@ class Recipe:
         if self.sparsity is None and nm is None:
             self.sparsity = 0.5
         self.sparsity = check_sparsity(self.sparsity, nm)
-        if self.propagation not in PROPAGATIONS:
-            raise UsageError(f"propagation {self.propagation!r} is not one of {', '.join(PROPAGATIONS)}")
+        check_propagation(self.propagation)
         if self.reconstruct_mix is not None and not 0 <= self.reconstruct_mix <= 1:
             raise UsageError(f"reconstruct mix {self.reconstruct_mix} is outside [0, 1]")
         if self.lam < 0 or self.lr < 0:
@@ -270,8 +269,10 @@ def extract(
             if scorer.needs_general
             else None
         )
-        rebuild = (
-            calibration_data(
+        # the Hessians of --reconstruct come from the calibration blocks when the mixes agree
+        rebuild = calib if recipe.reconstruct_mix == mix else None
+        if recipe.reconstruct_mix is not None and rebuild is None:
+            rebuild = calibration_data(
                 lm.tokenizer,
                 domain,
                 general,
@@ -280,9 +281,6 @@ def extract(
                 recipe.reconstruct_mix,
                 recipe.seed,
             )
-            if recipe.reconstruct_mix is not None
-            else None
-        )
         importance_key = _importance_key(recipe, lm.fingerprint, calib, general_calib)
         reused = _load_importance(recipe.importance, importance_key) if recipe.importance else None
         held_out = held_out_data(

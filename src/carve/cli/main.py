@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--mix",
         type=float,
-        default=0.0,
+        default=None,
         help="share of calibration blocks from the general corpus (0 = domain only; default 0.3 for "
         "SparseGPT/Wanda, 0 for gradient methods)",
     )

@@ -22,6 +22,11 @@ from carve.scorers.stats import Hessian
 PROPAGATIONS = ("pruned", "dense")
 
 
+def check_propagation(propagation: str) -> None:
+    if propagation not in PROPAGATIONS:
+        raise UsageError(f"propagation {propagation!r} is not one of {', '.join(PROPAGATIONS)}")
+
+
 @dataclass
 class PruneResult:
     mask: Mask
@@ -200,8 +205,7 @@ def prune(
     granularity = granularity or scorer.granularity
     if granularity not in GRANULARITIES:
         raise UsageError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-    if propagation not in PROPAGATIONS:
-        raise UsageError(f"propagation {propagation!r} is not one of {', '.join(PROPAGATIONS)}")
+    check_propagation(propagation)
     global_ = granularity == "global" and nm is None
     if (global_ or reconstruct_with is not None) and scorer.prune is not None:
         raise UsageError(

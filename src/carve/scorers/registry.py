@@ -30,15 +30,19 @@ class Scorer:
     # gradient methods: the gradient engine's statistics the score reads (see engines/gradient.py)
     gradient: tuple[str, ...] | None = None
     needs_general: bool = False  # scored with a general importance too (dual)
-    # default share of general calibration blocks: 0.3 measured best for SparseGPT (bench/RESULTS.md);
-    # gradient methods calibrate on the domain only (dual brings its own general term)
-    default_mix: float = 0.3
 
     @property
     def kind(self) -> str:
         if self.gradient is not None:
             return "gradient"
         return "weight" if self.statistic is None else "layerwise"
+
+    @property
+    def default_mix(self) -> float:
+        """Default share of general calibration blocks: 0.3 measured best for SparseGPT
+        (bench/RESULTS.md); gradient methods calibrate on the domain only (dual brings its own
+        general term)."""
+        return 0.0 if self.kind == "gradient" else 0.3
 
     def prune_weight(
         self, W: torch.Tensor, stat: Any, sparsity: float, granularity: str, nm: tuple[int, int] | None
@@ -62,12 +66,9 @@ def register(
     prune: PruneFn | None = None,
     gradient: tuple[str, ...] | None = None,
     needs_general: bool = False,
-    default_mix: float | None = None,
 ) -> Callable[[ScoreFn], ScoreFn]:
-    mix = default_mix if default_mix is not None else (0.0 if gradient is not None else 0.3)
-
     def deco(fn: ScoreFn) -> ScoreFn:
-        SCORERS[name] = Scorer(name, paper, url, fn, statistic, granularity, prune, gradient, needs_general, mix)
+        SCORERS[name] = Scorer(name, paper, url, fn, statistic, granularity, prune, gradient, needs_general)
         return fn
 
     return deco
