@@ -10,8 +10,10 @@ mix.  64 calibration blocks x 512 tokens per corpus.  Every configuration runs i
 process; metrics: domain and general perplexity (first 16 held-out blocks), domain cloze accuracy
 (100 held-out items, Wilson 95% interval), wall time of scoring + pruning, peak RSS.
 
-Results accumulate in bench/results/dual.jsonl (a finished configuration is not rerun); the
-table goes to the `dual` section of bench/RESULTS.md and the plot to bench/dual.png.
+Results accumulate in bench/results/dual.jsonl (a finished configuration is not rerun); dual's
+importance map is kept per domain under bench/out and reused by the domain's other dual rows (its
+scores depend on neither sparsity, pattern nor reconstruction; the table says so); the table
+goes to the `dual` section of bench/RESULTS.md and the plot to bench/dual.png.
 """
 
 from __future__ import annotations
@@ -87,6 +89,11 @@ def memory_worker(blocks: int) -> dict[str, Any]:
     }
 
 
+def importance_file(spec: dict[str, Any]) -> Path:
+    """Where a dual configuration's importance map is kept for the other rows of its domain."""
+    return MODEL_DIR.parent / f"importance-{spec['method']}-{spec['domain']}-lam{spec.get('lam')}.safetensors"
+
+
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec.get("kind") == "memory":
         return memory_worker(spec["blocks"])
@@ -104,9 +111,13 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["method"] != "dense":
         calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, spec["mix"] or 0.0, SEED)
         kwargs: dict[str, Any] = {}
+        cached = importance_file(spec)
         if spec["method"] == "dual":
             kwargs["general_calibration"] = general.calibration_blocks(lm.tokenizer, CALIB_BLOCKS, BLOCK_LEN, SEED + 1)
             kwargs["lam"] = spec["lam"]
+            if cached.is_file():  # same model, data and λ: the scores do not depend on sparsity or pattern
+                kwargs["importance"] = carve.ImportanceMap.load(cached)
+                result["importance_reused"] = cached.name
             if spec.get("reconstruct") is not None:
                 kwargs["reconstruct_with"] = calibration_data(
                     lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, spec["reconstruct"], SEED
@@ -115,6 +126,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         t = time.perf_counter()
         res = carve.prune(lm.model, spec["method"], None if pattern else 0.5, calib, pattern=pattern, **kwargs)
         result["seconds"] = round(time.perf_counter() - t, 2)
+        if spec["method"] == "dual" and "importance" not in kwargs and res.importance is not None:
+            res.importance.meta["scoring_s"] = result["seconds"]
+            res.importance.save(cached)
+        elif "importance" in kwargs:
+            result["scoring_s"] = kwargs["importance"].meta.get("scoring_s")
         result["linear_sparsity"] = carve.ops.model_sparsity(lm.model, res.mask)["linear"]
         result["peak_rss_prune_mb"] = peak_rss_mb()
     m = carve.evaluate(lm, domain, general, blocks=EVAL_BLOCKS, block_len=BLOCK_LEN, cloze_items=CLOZE_ITEMS)
@@ -214,9 +230,12 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], patterns: l
                     continue
                 done.append({**c, **r})
                 ci = r["cloze_ci95"]
+                seconds = f"{r.get('seconds', 0):.1f}"
+                if r.get("importance_reused"):
+                    seconds += f" (scores reused; scoring took {r.get('scoring_s') or 0:.0f})"
                 lines.append(
                     f"| {label(c)} | {r['domain_ppl']:.3f} | {r['general_ppl']:.3f} | {r['cloze']:.2f} "
-                    f"[{ci[0]:.2f}, {ci[1]:.2f}] | {r.get('seconds', 0):.1f} | {r['peak_rss_mb']:.0f} |"
+                    f"[{ci[0]:.2f}, {ci[1]:.2f}] | {seconds} | {r['peak_rss_mb']:.0f} |"
                 )
             lines.append("")
             for r in done:
