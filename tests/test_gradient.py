@@ -79,3 +79,42 @@ def test_sgd_steps_with_a_penalty_and_weights_restored() -> None:
         torch.testing.assert_close(got.stats["grad"][n], total[n], rtol=1e-4, atol=1e-6)
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), theta0[n])
+
+
+def _full_logits_loss(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids).logits.float()
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2", "opt", "gemma3-softcap"])
+def test_chunked_next_token_loss_equals_the_full_logits_loss(arch: str) -> None:
+    """Head + cross-entropy over chunks of positions (checkpointed) gives the same loss and the
+    same gradients, including those of a tied embedding, as cross-entropy on the full logits;
+    an architecture with a transform after the head (Gemma's soft-capping) is computed in full."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    def build() -> torch.nn.Module:
+        config = tiny_config(arch.removesuffix("-softcap"))
+        if arch.endswith("-softcap"):
+            config.final_logit_softcapping = 3.0
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config).eval()
+
+    ids = _calib(n=2, length=23)
+    got_model, ref_model = build(), build()
+    calls: list[int] = []
+    got_model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    got = next_token_loss(got_model, ids, chunk=5)
+    # chunked: the hidden-states pass through the head, then one call per chunk of 5 positions
+    assert len(calls) == (1 if arch.endswith("-softcap") else 1 + 5)
+    ref = _full_logits_loss(ref_model, ids)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    got.backward()
+    ref.backward()
+    ref_params = dict(ref_model.named_parameters())
+    for n, p in got_model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_params[n].grad, rtol=1e-4, atol=1e-6, msg=n)
+    # the head is the model's own again afterwards
+    torch.testing.assert_close(got_model(input_ids=ids).logits, ref_model(input_ids=ids).logits)

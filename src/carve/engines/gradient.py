@@ -52,12 +52,61 @@ class GradientStats:
     losses: list[float] = field(default_factory=list)
 
 
-def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of predicting every token from those before it."""
-    logits = model(input_ids=ids, use_cache=False).logits.float()
-    # targets shifted left, the last position of each row ignored: no copy of the logits is made
-    targets = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
-    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+# config attributes of a transform some architectures apply after the output head (Gemma's logit
+# soft-capping, Cohere's logit scale): with one of these set the loss is computed from the logits
+POST_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
+
+
+def _plain_output_head(model: nn.Module) -> nn.Module | None:
+    """The output head when the model's logits are exactly head(final hidden states)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    config = getattr(model, "config", None)
+    if head is None or any(getattr(config, a, None) for a in POST_HEAD_TRANSFORMS):
+        return None
+    return head
+
+
+@contextmanager
+def _head_as_identity(head: nn.Module) -> Iterator[None]:
+    """The model returns its final hidden states in place of logits while this is active."""
+    head.forward = lambda hidden: hidden
+    try:
+        yield
+    finally:
+        del head.forward  # the class's forward again
+
+
+def _shifted_targets(ids: torch.Tensor) -> torch.Tensor:
+    # each position predicts the next token; the last position of each row is ignored
+    return torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+
+
+def next_token_loss(model: nn.Module, ids: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """Mean cross-entropy of predicting every token from those before it.
+
+    The output head and the cross-entropy run over `chunk` positions at a time under activation
+    checkpointing, so the full-vocabulary logits (and their log-softmax and gradient) never exist
+    for the whole sequence at once: for a 49k vocabulary and 512 positions that is ~100 MB per
+    copy saved.  Models with a transform after the head (see POST_HEAD_TRANSFORMS) or without a
+    findable head get the loss from their full logits."""
+    targets = _shifted_targets(ids)
+    head = _plain_output_head(model)
+    if head is None or ids.shape[1] <= chunk:
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    with _head_as_identity(head):
+        hidden = model(input_ids=ids, use_cache=False).logits
+
+    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), ignore_index=-100, reduction="sum")
+
+    total = sum(
+        checkpoint(chunk_loss, h, t, use_reentrant=False)
+        for h, t in zip(hidden.split(chunk, dim=1), targets.split(chunk, dim=1), strict=True)
+    )
+    return total / (targets != -100).sum()
 
 
 @contextmanager
