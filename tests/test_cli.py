@@ -11,7 +11,7 @@ import torch
 
 from carve.cli.main import main
 
-FAST = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--quiet"]
+FAST = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--quiet", "--no-speed"]
 
 
 def _extract(model_dir: Path, corpus: Path, out: Path, *extra: str) -> int:
@@ -42,9 +42,9 @@ def test_extract_end_to_end(tmp_path: Path, model_dir: Path, small_corpus: Path,
     out = tmp_path / "out"
     assert _extract(model_dir, small_corpus, out, "--method", "sparsegpt", "--sparsity", "0.5", "--mix", "0.5") == 0
     printed = capsys.readouterr().out
-    assert "domain ppl" in printed and "pruned" in printed
+    assert "domain ppl" in printed and "extracted" in printed and "linear sparsity 0.5" in printed
     manifest = json.loads((out / "carve.json").read_text())
-    for key in ("source", "recipe", "data", "sparsity", "metrics", "versions", "timings_s", "peak_rss_mb"):
+    for key in ("source", "recipe", "data", "sparsity", "metrics", "size", "versions", "timings_s", "peak_rss_mb"):
         assert key in manifest
     assert manifest["recipe"]["method"] == "sparsegpt" and manifest["recipe"]["mix"] == 0.5
     assert manifest["data"]["calibration"]["general_blocks"] == 2
@@ -325,3 +325,56 @@ def test_dual_extract_saves_importance_and_a_second_extract_reuses_it(
         err = capsys.readouterr().err.strip()
         assert err.startswith("carve: error: importance file") and what in err and "\n" not in err
         assert _nothing_written(tmp_path, out)
+
+
+def test_structured_extract_is_smaller_reloads_and_reports_speed(
+    tmp_path: Path, model_dir: Path, small_corpus: Path, capsys
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    fast = [a for a in FAST if a != "--no-speed"]
+    assert main(["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--out", str(out), *fast,
+                 "--structure", "--keep", "0.6", "--cloze-items", "0"]) == 0  # fmt: skip
+    assert "structured by wanda" in capsys.readouterr().out
+    m = json.loads((out / "carve.json").read_text())
+    assert m["recipe"]["method"] == "wanda" and m["recipe"]["structure"] and "sparsity" not in m
+    size, shape = m["size"], m["structure"]["shape"]
+    assert size["parameters_after"] < size["parameters_before"] and size["file_mb"] > 0
+    assert len(m["structure"]["candidates"]) > 1  # the split was searched
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == size["parameters_after"]
+    assert model.config.intermediate_size == shape["mlp_channels"] == m["structure"]["config"]["intermediate_size"]
+    assert model.config.num_hidden_layers == 2 - shape["drop_blocks"]
+    speed = m["speed"]
+    for key in ("prefill", "decode"):
+        d, e = speed["dense"][f"{key}_tokens_per_s"], speed["extracted"][f"{key}_tokens_per_s"]
+        assert d > 0 and e > 0 and speed[f"{key}_speedup"] == pytest.approx(e / d, rel=1e-2)
+    assert {"speed_before", "speed_after"} <= m["timings_s"].keys()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--structure", "--sparsity", "0.5"], "--sparsity do not apply"),
+        (["--keep", "0.5", "--pattern", "2:4"], "--pattern do not apply"),
+        (["--keep", "1.5"], "outside (0, 1)"),
+        (["--heads-keep", "0.01"], "keep at least one"),
+        (["--drop-blocks", "2"], "keep at least one"),
+        (["--structure", "--model", "GPT2"], "Llama-style blocks"),
+    ],
+)
+def test_structured_bad_input(
+    tmp_path: Path, model_dir: Path, small_corpus: Path, tokenizer, capsys, flags, message
+) -> None:
+    if "GPT2" in flags:  # an architecture without Llama-style projections
+        from tests.conftest import tiny_model
+
+        model_dir = tmp_path / "gpt2"
+        tiny_model("gpt2").save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        flags = ["--structure"]
+    out = tmp_path / "out"
+    assert _extract(model_dir, small_corpus, out, *flags) == 2
+    assert message in capsys.readouterr().err
+    assert _nothing_written(tmp_path, out)

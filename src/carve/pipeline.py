@@ -18,12 +18,14 @@ import torch
 from carve.corpora import Corpus
 from carve.errors import UsageError
 from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
+from carve.evaluation.speed import measure_speed, speedup
 from carve.masks.mask import ImportanceMap
 from carve.masks.select import check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
-from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears
+from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, count_parameters
 from carve.ops import model_sparsity, prune
 from carve.ops.prune import check_propagation
+from carve.ops.structure import structure
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.scorers import get_scorer
 
@@ -35,7 +37,7 @@ class Recipe:
     model: str | None = None
     domain: str = "legal"
     general: str = "general"
-    method: str = "sparsegpt"
+    method: str | None = None  # None: sparsegpt, or wanda with --structure
     sparsity: float | None = None  # None: 0.5, or what the N:M pattern implies
     pattern: str | None = None
     granularity: str | None = None  # None: the method's paper
@@ -45,6 +47,12 @@ class Recipe:
     lr: float = 0.0  # gradient methods: SGD steps while accumulating (0: none)
     reconstruct_mix: float | None = None  # score-then-mask: OBS reconstruction, this share general
     importance: str | None = None  # importance.safetensors to reuse
+    structure: bool = False  # remove whole channels / heads / blocks (a smaller dense model)
+    keep: float | None = None  # structure: share of decoder-block parameters kept (None: 0.5)
+    mlp_keep: float | None = None  # structure: share of MLP channels kept in every block
+    heads_keep: float | None = None  # structure: share of key/value head groups kept
+    drop_blocks: int | None = None  # structure: number of decoder blocks removed
+    speed: bool = True  # measure prefill / decode tokens/s of the dense and the extracted model
     calib_blocks: int = 64
     block_len: int = 512
     eval_blocks: int = 32
@@ -81,13 +89,20 @@ class Recipe:
         return cls(**data)
 
     def validate(self) -> None:
+        targets = (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)
+        if any(t is not None for t in targets):
+            self.structure = True
+        if self.structure:
+            self._validate_structure()
+        self.method = self.method or ("wanda" if self.structure else "sparsegpt")
         scorer = get_scorer(self.method)
         if self.reconstruct_mix is not None and scorer.prune is not None:
             raise UsageError(f"--reconstruct is for score-then-mask methods; {self.method} already updates the weights")
-        nm = parse_pattern(self.pattern)
-        if self.sparsity is None and nm is None:
-            self.sparsity = 0.5
-        self.sparsity = check_sparsity(self.sparsity, nm)
+        if not self.structure:
+            nm = parse_pattern(self.pattern)
+            if self.sparsity is None and nm is None:
+                self.sparsity = 0.5
+            self.sparsity = check_sparsity(self.sparsity, nm)
         check_propagation(self.propagation)
         if self.reconstruct_mix is not None and not 0 <= self.reconstruct_mix <= 1:
             raise UsageError(f"reconstruct mix {self.reconstruct_mix} is outside [0, 1]")
@@ -102,6 +117,20 @@ class Recipe:
         for name in ("calib_blocks", "block_len", "eval_blocks", "batch_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be a positive whole number, not {getattr(self, name)}")
+
+    def _validate_structure(self) -> None:
+        unstructured = {
+            "sparsity": self.sparsity,
+            "pattern": self.pattern,
+            "granularity": self.granularity,
+            "reconstruct": self.reconstruct_mix,
+            "propagation": None if self.propagation == "pruned" else self.propagation,
+        }
+        given = [f"--{k}" for k, v in unstructured.items() if v is not None]
+        if given:
+            raise UsageError(f"--structure removes whole channels, heads and blocks: {', '.join(given)} do not apply")
+        if all(t is None for t in (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)):
+            self.keep = 0.5
 
 
 def peak_rss_mb() -> float:
@@ -249,8 +278,8 @@ def extract(
     """Run the main job; write the model, tokenizer and carve.json to `out` when given.
     Returns the manifest."""
     recipe.validate()
-    mix = recipe.mix
-    assert mix is not None  # validate() resolved the method's default
+    mix, method = recipe.mix, recipe.method
+    assert mix is not None and method is not None  # validate() resolved the defaults
     if out is not None:
         check_output(out, overwrite)
     stage = Stages()
@@ -261,7 +290,7 @@ def extract(
         lm = model or load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
         # checked before any long work: the model has blocks and Linear layers to prune
         all_prunable_linears(lm.model, tuple(recipe.include), tuple(recipe.exclude))
-    scorer = get_scorer(recipe.method)
+    scorer = get_scorer(method)
     with stage("tokenize"):
         calib = calibration_data(lm.tokenizer, domain, general, recipe.calib_blocks, recipe.block_len, mix, recipe.seed)
         general_calib = (
@@ -288,28 +317,49 @@ def extract(
         )
     with stage("evaluate_before"):
         before = _metrics(lm.model, held_out)
+    prompt = held_out.blocks["domain"][1][0]  # speed is measured on the first held-out domain block
+    if recipe.speed:
+        with stage("speed_before"):
+            dense_speed = measure_speed(lm.model, prompt)
+    params_before = count_parameters(lm.model)
     with stage("prune"):
-        result = prune(
-            lm.model,
-            recipe.method,
-            recipe.sparsity,
-            calib,
-            granularity=recipe.granularity,
-            pattern=recipe.pattern,
-            include=tuple(recipe.include),
-            exclude=tuple(recipe.exclude),
-            batch_size=recipe.batch_size,
-            propagation=recipe.propagation,
-            general_calibration=general_calib,
-            lam=recipe.lam,
-            lr=recipe.lr,
-            importance=reused,
-            reconstruct_with=rebuild,
-        )
+        if recipe.structure:
+            shaped = structure(
+                lm.model,
+                method,
+                calib,
+                keep=recipe.keep,
+                mlp_keep=recipe.mlp_keep,
+                heads_keep=recipe.heads_keep,
+                drop_blocks=recipe.drop_blocks,
+                general_calibration=general_calib,
+                lam=recipe.lam,
+                lr=recipe.lr,
+                importance=reused,
+                batch_size=recipe.batch_size,
+            )
+            importance = shaped.importance
+        else:
+            result = prune(
+                lm.model,
+                method,
+                recipe.sparsity,
+                calib,
+                granularity=recipe.granularity,
+                pattern=recipe.pattern,
+                include=tuple(recipe.include),
+                exclude=tuple(recipe.exclude),
+                batch_size=recipe.batch_size,
+                propagation=recipe.propagation,
+                general_calibration=general_calib,
+                lam=recipe.lam,
+                lr=recipe.lr,
+                importance=reused,
+                reconstruct_with=rebuild,
+            )
+            importance = result.importance
     with stage("evaluate_after"):
         after = _metrics(lm.model, held_out)
-    achieved = model_sparsity(lm.model, result.mask)
-    retries = {k: v for k, v in result.info.items() if v.get("damp_retries")}
     manifest: dict[str, Any] = {
         "carve_manifest": 1,
         "job": "extract",
@@ -329,29 +379,54 @@ def extract(
             },
             "eval": held_out.describe(),
         },
-        "sparsity": {
+        "metrics": {"before": before, "after": after},
+        "size": {"parameters_before": params_before, "parameters_after": count_parameters(lm.model)},
+    }
+    if recipe.structure:
+        manifest["structure"] = {
+            **shaped.plan.describe(),
+            "config": {
+                k: getattr(lm.model.config, k, None)
+                for k in (
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "head_dim",
+                    "intermediate_size",
+                )
+            },
+            "block_distances": None if shaped.distances is None else [round(x, 5) for x in shaped.distances.tolist()],
+        }
+    else:
+        achieved = model_sparsity(lm.model, result.mask)
+        manifest["sparsity"] = {
             "target": recipe.sparsity,
             "linear": round(achieved["linear"], 6),
             "all_parameters": round(achieved["all_parameters"], 6),
             "per_module": {k: round(v, 6) for k, v in result.mask.sparsity_per_param().items()},
-        },
-        "metrics": {"before": before, "after": after},
-        "method_notes": {
-            "hessian_damping_retries": retries,
-        },
-        "importance": None
-        if result.importance is None
-        else {"file": "importance.safetensors", "reused_from": recipe.importance, **importance_key},
-        "timings_s": stage.seconds,
-        "peak_rss_mb": round(peak_rss_mb(), 1),
-    }
+        }
+        retries = {k: v for k, v in result.info.items() if v.get("damp_retries")}
+        manifest["method_notes"] = {"hessian_damping_retries": retries}
+    if recipe.speed:
+        with stage("speed_after"):
+            manifest["speed"] = speedup(dense_speed, measure_speed(lm.model, prompt))
+    manifest["importance"] = (
+        None
+        if importance is None
+        else {"file": "importance.safetensors", "reused_from": recipe.importance, **importance_key}
+    )
+    manifest["timings_s"] = stage.seconds
+    manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if out is not None:
         with stage("save"), atomic_output_dir(out, overwrite) as tmp:
             lm.model.save_pretrained(tmp, safe_serialization=True)
             lm.tokenizer.save_pretrained(tmp)
-            if result.importance is not None:
-                result.importance.meta.update(importance_key)
-                result.importance.save(tmp / "importance.safetensors")
+            if importance is not None:
+                importance.meta.update(importance_key)
+                importance.save(tmp / "importance.safetensors")
+            manifest["size"]["file_mb"] = round(
+                sum(f.stat().st_size for f in tmp.glob("model*.safetensors")) / 2**20, 2
+            )
             manifest["timings_s"] = stage.seconds
             write_json(tmp / "carve.json", manifest)
         manifest["timings_s"] = stage.seconds

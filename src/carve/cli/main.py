@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a directory, a .gguf or a hub id"
     )
     _data_flags(ex)
-    ex.add_argument("--method", default="sparsegpt", help=f"scorer: {', '.join(sorted(SCORERS))} (default: sparsegpt)")
+    ex.add_argument(
+        "--method",
+        default=None,
+        help=f"scorer: {', '.join(sorted(SCORERS))} (default: sparsegpt; wanda with --structure)",
+    )
     ex.add_argument("--sparsity", type=float, default=None, help="share of Linear weights to remove (default 0.5)")
     ex.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (keep N of every M)")
     ex.add_argument(
@@ -108,6 +112,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="importance.safetensors of an earlier extract (same model, data, method) to reuse",
     )
+    st = ex.add_argument_group("structured extraction (a smaller dense model)")
+    st.add_argument(
+        "--structure",
+        action="store_true",
+        help="remove whole MLP channels, key/value head groups and decoder blocks instead of single weights",
+    )
+    st.add_argument(
+        "--keep",
+        type=float,
+        default=None,
+        help="share of decoder-block parameters kept (default 0.5); carve chooses the split between MLP "
+        "width, heads and depth by the calibration loss of each candidate",
+    )
+    st.add_argument("--mlp-keep", type=float, default=None, help="share of MLP channels kept in every block")
+    st.add_argument(
+        "--heads-keep", type=float, default=None, help="share of attention heads kept, in whole key/value groups"
+    )
+    st.add_argument("--drop-blocks", type=int, default=None, help="number of decoder blocks removed")
+    ex.add_argument(
+        "--no-speed",
+        dest="speed",
+        action="store_false",
+        default=True,
+        help="skip measuring prefill / decode tokens/s of the dense and extracted models",
+    )
     ex.add_argument("--calib-blocks", type=int, default=64, help="number of calibration blocks")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--include", nargs="+", default=["*"], help="glob patterns of Linear modules to prune")
@@ -154,11 +183,20 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
     manifest = carve.extract(_recipe(args), args.out, overwrite=args.overwrite)
     before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
     r = manifest["recipe"]
-    if not args.json:
-        print(
-            f"\n{manifest['source']['model']} -> {args.out}  ({r['method']}, sparsity {r['sparsity']:g}"
-            f"{', ' + r['pattern'] if r['pattern'] else ''}, mix {r['mix']:g})"
+    size, speed = manifest["size"], manifest.get("speed")
+    structured = manifest.get("structure")
+    if structured:
+        shape = structured["shape"]
+        what = (
+            f"structured by {r['method']}: {shape['kv_groups']} key/value groups, {shape['mlp_channels']} MLP "
+            f"channels, {manifest['structure']['config']['num_hidden_layers']} blocks"
         )
+        last = f"{size['parameters_after'] / size['parameters_before']:.3f} of the parameters"
+    else:
+        what = f"{r['method']}, sparsity {r['sparsity']:g}{', ' + r['pattern'] if r['pattern'] else ''}"
+        last = f"linear sparsity {manifest['sparsity']['linear']:.4f}"
+    if not args.json:
+        print(f"\n{manifest['source']['model']} -> {args.out}  ({what}, mix {r['mix']:g})")
         print(
             _table(
                 [
@@ -167,19 +205,31 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
                         f"domain ppl ({r['domain']})",
                         f"general ppl ({r['general']})",
                         "domain cloze acc",
-                        "linear sparsity",
+                        "parameters",
+                        "decode tok/s",
                     ],
-                    ["dense", f"{before['domain_ppl']:.3f}", f"{before['general_ppl']:.3f}", _cloze(before), "0"],
                     [
-                        "pruned",
+                        "dense",
+                        f"{before['domain_ppl']:.3f}",
+                        f"{before['general_ppl']:.3f}",
+                        _cloze(before),
+                        f"{size['parameters_before']:,}",
+                        f"{speed['dense']['decode_tokens_per_s']:.1f}" if speed else "-",
+                    ],
+                    [
+                        "extracted",
                         f"{after['domain_ppl']:.3f}",
                         f"{after['general_ppl']:.3f}",
                         _cloze(after),
-                        f"{manifest['sparsity']['linear']:.4f}",
+                        f"{size['parameters_after']:,}",
+                        f"{speed['extracted']['decode_tokens_per_s']:.1f} ({speed['decode_speedup']:.2f}x)"
+                        if speed
+                        else "-",
                     ],
                 ]
             )
         )
+        print(last + (f"; {size['file_mb']:.1f} MB of safetensors" if "file_mb" in size else ""))
         print(
             f"perplexity over {after['domain_eval_blocks']} / {after['general_eval_blocks']} held-out blocks of "
             f"{after['block_len']} tokens; peak RSS {manifest['peak_rss_mb']:.0f} MB; "
@@ -188,7 +238,10 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "out": args.out,
         "metrics": manifest["metrics"],
-        "sparsity": {k: v for k, v in manifest["sparsity"].items() if k != "per_module"},
+        "sparsity": {k: v for k, v in manifest.get("sparsity", {}).items() if k != "per_module"} or None,
+        "structure": {k: v for k, v in (structured or {}).items() if k != "candidates"} or None,
+        "size": size,
+        "speed": speed,
         "timings_s": manifest["timings_s"],
         "peak_rss_mb": manifest["peak_rss_mb"],
     }

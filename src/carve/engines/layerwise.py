@@ -31,7 +31,7 @@ class _Stop(Exception):
 BlockCall = tuple[tuple[Any, ...], dict[str, Any], bool]  # other args, kwargs, hidden-as-kwarg
 
 
-def _split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, BlockCall]:
+def split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, BlockCall]:
     if "hidden_states" in kwargs:
         kw = dict(kwargs)
         hidden = kw.pop("hidden_states")
@@ -53,7 +53,7 @@ def _capture(
     calls: dict[tuple[int, ...], list[BlockCall]] = {}
 
     def stop_at_first(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        h, _ = _split_hidden(args, kwargs)
+        h, _ = split_hidden(args, kwargs)
         hidden.append(h.detach())
         raise _Stop
 
@@ -79,7 +79,7 @@ def _capture(
         def record(
             _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], into: list[BlockCall] = recorded
         ) -> None:
-            into.append(_split_hidden(args, kwargs)[1])
+            into.append(split_hidden(args, kwargs)[1])
             if len(into) == len(blocks):
                 raise _Stop
 

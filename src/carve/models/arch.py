@@ -86,3 +86,8 @@ def all_prunable_linears(
             f"no Linear layers to prune in {type(model).__name__} with include={list(include)} exclude={list(exclude)}"
         )
     return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters the model holds (a tied embedding / output head counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,162 @@
+"""Structured extraction on tiny random models: slicing equals zeroing, reloads with stock
+from_pretrained, parameter arithmetic, unit importance against a direct computation."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from carve.errors import UsageError
+from carve.masks import ImportanceMap
+from carve.models import all_prunable_linears
+from carve.ops.structure import (
+    Shape,
+    anatomy,
+    apply_plan,
+    block_distances,
+    candidate_shapes,
+    decoder_params,
+    make_plan,
+    search_plan,
+    unit_importance,
+    zero_plan,
+)
+from tests.conftest import VOCAB, tiny_config
+
+STRUCTURED = ["llama", "qwen2", "mistral", "gemma3"]
+
+
+def three_block_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    config = tiny_config(arch)
+    config.num_hidden_layers = 3
+    if arch == "gemma3":
+        config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    elif getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1] * 3
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def random_scores(model: torch.nn.Module, seed: int = 1) -> ImportanceMap:
+    g = torch.Generator().manual_seed(seed)
+    return ImportanceMap(
+        {f"{n}.weight": torch.rand(lin.weight.shape, generator=g) for n, lin in all_prunable_linears(model).items()}
+    )
+
+
+def _ids(n: int = 2, length: int = 12) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, length), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("arch", STRUCTURED)
+def test_sliced_model_equals_zeroed_model_and_reloads(arch: str, tmp_path: Path) -> None:
+    model = three_block_model(arch)
+    anat = anatomy(model)
+    groups, channels = unit_importance(random_scores(model), anat)
+    distances = torch.tensor([0.3, 0.1, 0.2])
+    plan = make_plan(Shape(kv_groups=1, mlp_channels=40, drop_blocks=1), groups, channels, distances)
+    assert plan.drop == [1]
+    sliced = apply_plan(copy.deepcopy(model), plan)
+    zeroed = zero_plan(copy.deepcopy(model), plan)
+    ids = _ids()
+    with torch.no_grad():
+        want = zeroed(input_ids=ids).logits
+        torch.testing.assert_close(sliced(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+    # the config says what the weights are, and stock from_pretrained loads it with no custom code
+    sliced.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    c = reloaded.config
+    assert (c.num_hidden_layers, c.num_key_value_heads, c.intermediate_size) == (2, 1, 40)
+    assert c.num_attention_heads == anat.group_size and c.head_dim == anat.head_dim
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+    # the KV cache follows the renumbered blocks: cached greedy decoding equals the zeroed model's
+    kw = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    assert torch.equal(reloaded.generate(ids[:1, :5], **kw), zeroed.generate(ids[:1, :5], **kw))
+    # parameter arithmetic: what the planner counted is what the model holds
+    blocks = sum(p.numel() for b in anatomy(reloaded).blocks for p in b.parameters())
+    assert blocks == decoder_params(anat, plan.shape)
+    if arch == "qwen2":  # tied embeddings stay tied
+        assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+
+
+def test_unit_importance_against_a_direct_sum() -> None:
+    model = three_block_model("llama")
+    anat = anatomy(model)
+    scores = random_scores(model)
+    groups, channels = unit_importance(scores, anat)
+    hd, rep = anat.head_dim, anat.group_size
+    for i in range(3):
+        s = {r: scores[f"model.layers.{i}.{'self_attn' if r[0] in 'qkvo' else 'mlp'}.{r}.weight"] for r in
+             ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}  # fmt: skip
+        for g in range(anat.kv_heads):
+            want = s["k_proj"][g * hd : (g + 1) * hd].sum() + s["v_proj"][g * hd : (g + 1) * hd].sum()
+            for h in range(g * rep, (g + 1) * rep):
+                want += s["q_proj"][h * hd : (h + 1) * hd].sum() + s["o_proj"][:, h * hd : (h + 1) * hd].sum()
+            torch.testing.assert_close(groups[i, g], want)
+        for c in (0, 17, anat.intermediate - 1):
+            want = s["gate_proj"][c].sum() + s["up_proj"][c].sum() + s["down_proj"][:, c].sum()
+            torch.testing.assert_close(channels[i, c], want)
+
+
+def test_candidate_shapes_fit_the_budget_and_fixed_targets_hold() -> None:
+    model = three_block_model("llama")
+    anat = anatomy(model)
+    dense = decoder_params(anat, Shape(anat.kv_heads, anat.intermediate, 0))
+    shapes = candidate_shapes(anat, 0.5, multiple=8)
+    assert len(shapes) > 1
+    for s in shapes:
+        assert decoder_params(anat, s) <= 0.5 * dense
+        assert s.mlp_channels % 8 == 0
+    # the widest MLP that fits: one more step of 8 channels would exceed the budget
+    for s in shapes:
+        if s.mlp_channels + 8 <= anat.intermediate:
+            assert decoder_params(anat, Shape(s.kv_groups, s.mlp_channels + 8, s.drop_blocks)) > 0.5 * dense
+    fixed = candidate_shapes(anat, 0.5, heads_keep=0.5, drop_blocks=0, multiple=8)
+    assert fixed and all(s.kv_groups == 1 and s.drop_blocks == 0 for s in fixed)
+    assert candidate_shapes(anat, None, mlp_keep=0.25) == [Shape(anat.kv_heads, 32, 0)]
+    with pytest.raises(UsageError, match="keeps 0 of 2"):
+        candidate_shapes(anat, 0.5, heads_keep=0.1)
+    with pytest.raises(UsageError, match="loosen"):
+        candidate_shapes(anat, 0.05, heads_keep=1.0, drop_blocks=0)
+
+
+def test_block_distance_of_an_identity_block_is_zero_and_it_is_dropped_first() -> None:
+    model = three_block_model("llama")
+    anat = anatomy(model)
+    with torch.no_grad():  # block 2 becomes the identity
+        anat.parts[2].linear("o_proj").weight.zero_()
+        anat.parts[2].linear("down_proj").weight.zero_()
+    d = block_distances(model, _ids(4, 16), batch_size=2)
+    assert d[2].item() < 1e-3 < d[0].item() and d[1].item() > 1e-3
+    groups, channels = unit_importance(random_scores(model), anat)
+    assert make_plan(Shape(2, 128, 1), groups, channels, d).drop == [2]
+
+
+def test_search_picks_the_candidate_with_the_lowest_loss() -> None:
+    model = three_block_model("llama")
+    anat = anatomy(model)
+    groups, channels = unit_importance(random_scores(model), anat)
+    d = block_distances(model, _ids(4, 16))
+    shapes = candidate_shapes(anat, 0.6, multiple=8)
+    plan = search_plan(model, shapes, groups, channels, d, _ids(3, 16))
+    assert len(plan.search) == len(shapes)
+    best = min(plan.search, key=lambda c: c["loss"])
+    assert (best["kv_groups"], best["mlp_channels"], best["drop_blocks"]) == (
+        plan.shape.kv_groups,
+        plan.shape.mlp_channels,
+        plan.shape.drop_blocks,
+    )
+    # the model searched over is untouched
+    assert anatomy(model).parts[0].linear("up_proj").out_features == anat.intermediate
+
+
+def test_unsupported_architecture_is_refused_clearly() -> None:
+    from tests.conftest import tiny_model
+
+    with pytest.raises(UsageError, match="Llama-style blocks"):
+        anatomy(tiny_model("gpt2"))
