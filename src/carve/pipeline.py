@@ -150,7 +150,7 @@ class Stages:
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 3)
 
 
-def _tensor_fingerprint(t: torch.Tensor) -> str:
+def tensor_fingerprint(t: torch.Tensor) -> str:
     return hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -176,7 +176,7 @@ class EvalData:
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            key: {"blocks": len(b), "block_len": b.shape[1], "fingerprint": _tensor_fingerprint(b)}
+            key: {"blocks": len(b), "block_len": b.shape[1], "fingerprint": tensor_fingerprint(b)}
             for key, (_name, b) in self.blocks.items()
         }
         if self.cloze is not None:
@@ -206,7 +206,7 @@ def held_out_data(
     return data
 
 
-def _metrics(model: Any, data: EvalData) -> dict[str, Any]:
+def metrics_of(model: Any, data: EvalData) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, (name, blocks) in data.blocks.items():
         out[f"{key}_ppl"] = round(perplexity(model, blocks, desc=f"perplexity ({name})"), 4)
@@ -230,16 +230,16 @@ def evaluate(
     and accuracy on `cloze_items` held-out domain cloze items (0: none)."""
     dom = domain if isinstance(domain, Corpus) else Corpus(domain)
     gen = general if isinstance(general, Corpus) else Corpus(general)
-    return _metrics(model.model, held_out_data(model.tokenizer, dom, gen, blocks, block_len, cloze_items))
+    return metrics_of(model.model, held_out_data(model.tokenizer, dom, gen, blocks, block_len, cloze_items))
 
 
 def _importance_key(
     recipe: Recipe, model_fingerprint: str, calib: torch.Tensor, general_calib: torch.Tensor | None
 ) -> dict[str, Any]:
     """What an importance map depends on: reusing one needs all of it to match."""
-    data = hashlib.sha256(_tensor_fingerprint(calib).encode())
+    data = hashlib.sha256(tensor_fingerprint(calib).encode())
     if general_calib is not None:
-        data.update(_tensor_fingerprint(general_calib).encode())
+        data.update(tensor_fingerprint(general_calib).encode())
     data.update(json.dumps([recipe.lam, recipe.lr, recipe.include, recipe.exclude]).encode())
     return {"scorer": recipe.method, "model_fingerprint": model_fingerprint, "data_fingerprint": data.hexdigest()[:16]}
 
@@ -259,7 +259,7 @@ def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
     return imp
 
 
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
     import transformers
 
     from carve import __version__
@@ -316,7 +316,7 @@ def extract(
             lm.tokenizer, domain, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items
         )
     with stage("evaluate_before"):
-        before = _metrics(lm.model, held_out)
+        before = metrics_of(lm.model, held_out)
     prompt = held_out.blocks["domain"][1][0]  # speed is measured on the first held-out domain block
     if recipe.speed:
         with stage("speed_before"):
@@ -359,12 +359,12 @@ def extract(
             )
             importance = result.importance
     with stage("evaluate_after"):
-        after = _metrics(lm.model, held_out)
+        after = metrics_of(lm.model, held_out)
     manifest: dict[str, Any] = {
         "carve_manifest": 1,
         "job": "extract",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": _versions(),
+        "versions": versions(),
         "source": {"model": lm.source, "fingerprint": lm.fingerprint},
         "recipe": asdict(recipe),
         "data": {
@@ -375,7 +375,7 @@ def extract(
                 "general_blocks": round(mix * recipe.calib_blocks),
                 "block_len": recipe.block_len,
                 "seed": recipe.seed,
-                "fingerprint": _tensor_fingerprint(calib),
+                "fingerprint": tensor_fingerprint(calib),
             },
             "eval": held_out.describe(),
         },

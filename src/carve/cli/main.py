@@ -157,6 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
     _data_flags(ev)
     _common(ev)
 
+    rc = sub.add_parser("recover", help="distil a pruned model back towards its dense teacher")
+    rc.add_argument("model", help="the pruned model: a carve output directory (or any model source)")
+    rc.add_argument("--teacher", default=None, help="dense teacher (default: the source named in MODEL/carve.json)")
+    _data_flags(rc)
+    rc.add_argument("--mix", type=float, default=0.5, help="share of training blocks from the general corpus")
+    rc.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    rc.add_argument("--batch-size", type=int, default=1, help="blocks per step (default 1)")
+    rc.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4; 1e-3 with --lora)")
+    rc.add_argument("--warmup", type=int, default=10, help="linear warm-up steps, then cosine decay to 10%%")
+    rc.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
+    rc.add_argument("--kd-weight", type=float, default=1.0, help="weight of T²·KL(teacher ‖ student)")
+    rc.add_argument("--lm-weight", type=float, default=0.0, help="weight of the next-token cross-entropy")
+    rc.add_argument("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank (PEFT)")
+    rc.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--out", required=True, help="output directory (written atomically)")
+    rc.add_argument("--overwrite", action="store_true", help="replace an existing output (and its checkpoint)")
+    rc.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint")
+    _common(rc)
+
     co = sub.add_parser("corpora", help="list the builtin corpora")
     co.add_argument("--json", action="store_true")
     me = sub.add_parser("methods", help="list the registered scorers")
@@ -269,6 +289,30 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     return {"model": lm.source, "fingerprint": lm.fingerprint, "metrics": m}
 
 
+def _cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
+    from carve.recover import RecoverRecipe, recover
+
+    names = {f.name for f in fields(RecoverRecipe)}
+    recipe = RecoverRecipe(**{k: v for k, v in vars(args).items() if k in names})
+    manifest = recover(recipe, args.out, overwrite=args.overwrite, resume=args.resume)
+    m, t = manifest["metrics"], manifest["training"]
+    if not args.json:
+        rows = [["", f"domain ppl ({args.domain})", f"general ppl ({args.general})", "domain cloze acc"]]
+        for key, name in (("dense", "dense teacher"), ("before", "pruned"), ("after", "recovered")):
+            if m[key]:
+                rows.append([name, f"{m[key]['domain_ppl']:.3f}", f"{m[key]['general_ppl']:.3f}", _cloze(m[key])])
+        print(f"\n{manifest['source']['model']} -> {args.out}  (teacher {manifest['teacher']['model']})")
+        print(_table(rows))
+        print(
+            f"{t['steps']} steps, {t['tokens']:,} tokens, loss {t['loss_first']:.4f} -> {t['loss_last']:.4f}; "
+            f"train {manifest['timings_s']['train']:.0f} s; peak RSS {manifest['peak_rss_mb']:.0f} MB"
+        )
+    return {k: manifest[k] for k in ("metrics", "sparsity", "size", "timings_s", "peak_rss_mb")} | {
+        "out": args.out,
+        "training": {k: v for k, v in t.items() if k != "losses"},
+    }
+
+
 def _cmd_corpora(args: argparse.Namespace) -> Any:
     rows = builtin_corpora()
     if not args.json:
@@ -295,7 +339,13 @@ def _cmd_methods(args: argparse.Namespace) -> Any:
     return rows
 
 
-COMMANDS = {"extract": _cmd_extract, "eval": _cmd_eval, "corpora": _cmd_corpora, "methods": _cmd_methods}
+COMMANDS = {
+    "extract": _cmd_extract,
+    "recover": _cmd_recover,
+    "eval": _cmd_eval,
+    "corpora": _cmd_corpora,
+    "methods": _cmd_methods,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

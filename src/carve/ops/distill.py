@@ -1,0 +1,61 @@
+"""Knowledge distillation loss and masked (sparsity-preserving) updates.
+
+Loss per token position t with a next token (Hinton et al. 2015, arXiv 1503.02531; Minitron uses
+the logit term alone):
+
+    L = kd_weight · T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)) + lm_weight · CE(z_s, next token)
+
+averaged over positions; z_t teacher logits, z_s student logits, T the temperature (the T² keeps
+the gradient scale independent of T).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carve.models.arch import all_prunable_linears
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: float = 1.0,
+    kd_weight: float = 1.0,
+    lm_weight: float = 0.0,
+) -> torch.Tensor:
+    """The loss above for [batch, length, vocab] logits of `ids` [batch, length]; the last
+    position of each row (no next token) is left out of both terms."""
+    s = student_logits[:, :-1].float().flatten(0, 1)
+    loss = torch.zeros((), device=s.device)
+    if kd_weight:
+        t = teacher_logits[:, :-1].float().flatten(0, 1)
+        kl = F.kl_div(
+            F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="none"
+        )
+        loss = loss + kd_weight * temperature**2 * kl.sum(-1).mean()
+    if lm_weight:
+        loss = loss + lm_weight * F.cross_entropy(s, ids[:, 1:].reshape(-1))
+    return loss
+
+
+def sparsity_masks(model: nn.Module, min_zero_share: float = 0.01) -> dict[str, torch.Tensor]:
+    """Keep-masks (weight != 0) of the decoder Linear weights that are pruned (at least
+    `min_zero_share` exact zeros); updates multiplied by them keep the model's sparsity."""
+    out = {}
+    for name, lin in all_prunable_linears(model).items():
+        w = lin.weight
+        assert isinstance(w, torch.Tensor)
+        keep = w.detach() != 0
+        if 1 - keep.float().mean().item() >= min_zero_share:
+            out[f"{name}.weight"] = keep
+    return out
+
+
+@torch.no_grad()
+def reapply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    for name, keep in masks.items():
+        params[name].mul_(keep)

@@ -1,0 +1,287 @@
+"""`carve recover`: distil a pruned model back towards its dense teacher on domain + general text.
+
+Steps: load student and teacher → training blocks (a `mix` share general) and the fixed held-out
+evaluation → evaluate before → `steps` optimizer steps of the distillation loss (full fine-tune
+with AdamW, or LoRA adapters through PEFT, merged at the end) → evaluate after → save.
+
+- Sparsity is kept: decoder Linear weights with exact zeros get a keep-mask, re-applied after every
+  full fine-tune step (masked updates) and after a LoRA merge.
+- Checkpoints every `checkpoint_every` steps to `<out>.checkpoint/` (trainable weights,
+  optimizer and schedule state, step, RNG state, losses), written atomically; `resume=True`
+  continues from it and gives the same result as an uninterrupted run; it is removed when the
+  output is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from carve.corpora import Corpus
+from carve.errors import UsageError
+from carve.models import LoadedModel, count_parameters, load_model
+from carve.models.arch import all_prunable_linears
+from carve.ops.distill import distill_loss, reapply_masks, sparsity_masks
+from carve.output import atomic_output_dir, check_output, write_json
+from carve.pipeline import (
+    Stages,
+    calibration_data,
+    held_out_data,
+    metrics_of,
+    peak_rss_mb,
+    tensor_fingerprint,
+    versions,
+)
+from carve.progress import progress
+
+
+@dataclass
+class RecoverRecipe:
+    """Everything that decides a recovery run; one field per `carve recover` flag."""
+
+    model: str
+    teacher: str | None = None  # None: the source model named in MODEL/carve.json
+    domain: str = "legal"
+    general: str = "general"
+    mix: float = 0.5  # share of training blocks from the general corpus
+    steps: int = 200
+    batch_size: int = 1  # blocks per optimizer step
+    block_len: int = 512
+    lr: float | None = None  # None: 1e-4 for a full fine-tune, 1e-3 for LoRA
+    warmup: int = 10  # linear warm-up steps, then cosine decay to 10% of lr
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    lm_weight: float = 0.0
+    lora: int = 0  # LoRA rank (0: full fine-tune)
+    checkpoint_every: int = 50
+    eval_blocks: int = 32
+    cloze_items: int = 100
+    seed: int = 0
+    text_field: str = "text"
+    dtype: str | None = None
+    device: str | None = None
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "block_len", "checkpoint_every", "eval_blocks"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be a positive whole number, not {getattr(self, name)}")
+        if not 0 <= self.mix <= 1:
+            raise UsageError(f"mix {self.mix} is outside [0, 1]: it is the share of general training blocks")
+        if self.temperature <= 0 or self.kd_weight < 0 or self.lm_weight < 0 or self.kd_weight + self.lm_weight == 0:
+            raise UsageError("temperature must be positive, and kd-weight / lm-weight non-negative, not both 0")
+        if self.lora < 0 or self.warmup < 0 or (self.lr is not None and self.lr <= 0):
+            raise UsageError("lora rank and warmup must not be negative, and lr must be positive")
+        if self.lr is None:
+            self.lr = 1e-3 if self.lora else 1e-4
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    p = Path(out).expanduser()
+    return p.parent / f"{p.name}.checkpoint"
+
+
+def _teacher_source(recipe: RecoverRecipe, student: LoadedModel) -> str:
+    if recipe.teacher:
+        return recipe.teacher
+    manifest = Path(recipe.model).expanduser() / "carve.json"
+    if manifest.is_file():
+        return str(json.loads(manifest.read_text())["source"]["model"])
+    raise UsageError(f"--teacher is needed: {recipe.model!r} has no carve.json naming the model it was carved from")
+
+
+def _lr_at(step: int, recipe: RecoverRecipe) -> float:
+    """Multiplier of the learning rate: linear warm-up, then cosine decay to 0.1."""
+    if step < recipe.warmup:
+        return (step + 1) / recipe.warmup
+    span = max(1, recipe.steps - recipe.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - recipe.warmup) / span))
+
+
+def _add_lora(model: nn.Module, rank: int) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UsageError("--lora needs PEFT: pip install 'carve[recover]' (or pip install peft)") from None
+    targets = sorted({name.rsplit(".", 1)[-1] for name in all_prunable_linears(model)})
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
+    return get_peft_model(model, config)
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer: Any, step: int, losses: list[float]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.parent / f".{path.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({n: p.detach().contiguous() for n, p in _trainable(model).items()}, str(tmp / "trainable.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
+    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def _load_checkpoint(path: Path, model: nn.Module, optimizer: Any) -> tuple[int, list[float]]:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = _trainable(model)
+    if saved.keys() != params.keys():
+        raise UsageError(f"checkpoint {str(path)!r} was written for other trainable weights (another --lora?)")
+    with torch.no_grad():
+        for n, t in saved.items():
+            params[n].copy_(t)
+    state = torch.load(path / "state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    info = json.loads((path / "progress.json").read_text())
+    return int(info["step"]), list(info["losses"])
+
+
+def recover(
+    recipe: RecoverRecipe,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the recovery; write the model, tokenizer and carve.json to `out`. `on_step(step)` is
+    called after every optimizer step (after any checkpoint of that step)."""
+    recipe.validate()
+    check_output(out, overwrite)
+    ckpt = checkpoint_dir(out)
+    if resume and not ckpt.is_dir():
+        raise UsageError(f"nothing to resume: {str(ckpt)!r} does not exist")
+    if ckpt.exists() and not resume:
+        if not overwrite:
+            raise UsageError(
+                f"{str(ckpt)!r} holds an interrupted run: pass --resume to continue it or --overwrite to start over"
+            )
+        shutil.rmtree(ckpt)
+    stage = Stages()
+    with stage("load_data"):
+        domain = Corpus(recipe.domain, recipe.text_field)
+        general = Corpus(recipe.general, recipe.text_field)
+    with stage("load_model"):
+        student = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
+        teacher = load_model(_teacher_source(recipe, student), dtype=recipe.dtype, device=recipe.device)
+        if len(teacher.tokenizer) != len(student.tokenizer):
+            raise UsageError(
+                f"teacher {teacher.source!r} and student {student.source!r} have different tokenizers "
+                f"({len(teacher.tokenizer)} vs {len(student.tokenizer)} tokens)"
+            )
+    tok = student.tokenizer
+    with stage("tokenize"):
+        n = recipe.steps * recipe.batch_size
+        train = calibration_data(tok, domain, general, n, recipe.block_len, recipe.mix, recipe.seed)
+        train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed))]
+        held_out = held_out_data(tok, domain, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items)
+    with stage("evaluate_before"):
+        before = metrics_of(student.model, held_out)
+    model: nn.Module = student.model
+    masks = sparsity_masks(model)
+    if recipe.lora:
+        model = _add_lora(model, recipe.lora)
+    params = _trainable(model)
+    assert recipe.lr is not None
+    optimizer = torch.optim.AdamW(params.values(), lr=recipe.lr, weight_decay=0.0)
+    start, losses = _load_checkpoint(ckpt, model, optimizer) if resume else (0, [])
+    device = next(model.parameters()).device
+    teacher.model.eval()
+    model.train()
+    with stage("train"):
+        bar = progress(range(start, recipe.steps), "distillation", total=recipe.steps, initial=start)
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = recipe.lr * _lr_at(step, recipe)
+            ids = train[step * recipe.batch_size : (step + 1) * recipe.batch_size].to(device)
+            with torch.no_grad():
+                t_logits = teacher.model(input_ids=ids, use_cache=False).logits
+            s_logits = model(input_ids=ids, use_cache=False).logits
+            loss = distill_loss(s_logits, t_logits, ids, recipe.temperature, recipe.kd_weight, recipe.lm_weight)
+            del s_logits, t_logits
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if not recipe.lora:
+                reapply_masks(model, masks)
+            losses.append(round(loss.item(), 5))
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            done = step + 1
+            if done % recipe.checkpoint_every == 0 and done < recipe.steps:
+                with stage("checkpoint"):
+                    _save_checkpoint(ckpt, model, optimizer, done, losses)
+            if on_step is not None:
+                on_step(done)
+    model.eval()
+    if recipe.lora:
+        model = model.merge_and_unload()  # type: ignore[operator]
+        reapply_masks(model, masks)  # the merged update is masked too: zeros stay zeros
+    student.model = model
+    with stage("evaluate_after"):
+        after = metrics_of(model, held_out)
+    kept = {n: p for n, p in model.named_parameters() if n in masks}
+    masked = sum(int(m.numel()) for m in masks.values())
+    source_manifest = Path(recipe.model).expanduser() / "carve.json"
+    dense = json.loads(source_manifest.read_text())["metrics"]["before"] if source_manifest.is_file() else None
+    manifest: dict[str, Any] = {
+        "carve_manifest": 1,
+        "job": "recover",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "source": {"model": student.source, "fingerprint": student.fingerprint},
+        "teacher": {"model": teacher.source, "fingerprint": teacher.fingerprint},
+        "recipe": asdict(recipe),
+        "data": {
+            "train": {
+                "blocks": len(train),
+                "general_blocks": round(recipe.mix * n),
+                "block_len": recipe.block_len,
+                "tokens": int(train.numel()),
+                "fingerprint": tensor_fingerprint(train),
+            },
+            "eval": held_out.describe(),
+        },
+        "training": {
+            "steps": recipe.steps,
+            "tokens": recipe.steps * recipe.batch_size * recipe.block_len,
+            "trainable_parameters": sum(p.numel() for p in params.values()),
+            "resumed_from_step": start if resume else None,
+            "loss_first": losses[0] if losses else None,
+            "loss_last": losses[-1] if losses else None,
+            "losses": losses,
+        },
+        "sparsity": {
+            "masked_weights": len(masks),  # pruned matrices trained with masked updates
+            "zero_share_before": round(sum(int((~m).sum()) for m in masks.values()) / masked, 6) if masks else 0.0,
+            "zero_share_after": round(sum(int((kept[n] == 0).sum()) for n in masks) / masked, 6) if masks else 0.0,
+            "zeros_kept": all(bool((kept[n][~m] == 0).all()) for n, m in masks.items()),
+        },
+        "metrics": {"dense": dense, "before": before, "after": after},
+        "size": {"parameters": count_parameters(model)},
+    }
+    with stage("save"), atomic_output_dir(out, overwrite) as tmp:
+        student.model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        manifest["size"]["file_mb"] = round(sum(f.stat().st_size for f in tmp.glob("model*.safetensors")) / 2**20, 2)
+        manifest["timings_s"] = stage.seconds
+        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        write_json(tmp / "carve.json", manifest)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return manifest
