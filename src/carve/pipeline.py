@@ -24,7 +24,7 @@ from carve.masks.select import check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, count_parameters
 from carve.ops import model_sparsity, prune
-from carve.ops.prune import check_propagation
+from carve.ops.prune import check_propagation, scores_first
 from carve.ops.structure import structure
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.scorers import get_scorer
@@ -272,16 +272,61 @@ def versions() -> dict[str, str]:
     }
 
 
+def _scores_first(recipe: Recipe) -> bool:
+    """Whether the extract scores the dense model first (and so has an importance map)."""
+    global_ = (recipe.granularity or "") == "global" and recipe.pattern is None
+    scorer = get_scorer(recipe.method or "sparsegpt")
+    return scores_first(scorer, global_, recipe.importance is not None, recipe.reconstruct_mix is not None)
+
+
+def _check_side_output(path: str | Path | None, overwrite: bool) -> None:
+    if path is None:
+        return
+    p = Path(path).expanduser()
+    if p.exists() and not overwrite:
+        raise UsageError(f"{str(p)!r} already exists: choose another path or pass --overwrite")
+    if p.is_dir():
+        raise UsageError(f"{str(p)!r} is a directory; give a file path")
+
+
+def _atomic_save(save: Any, path: str | Path) -> None:
+    """`save(tmp_path)` then rename: an interrupted write leaves nothing at `path`."""
+    p = Path(path).expanduser()
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.parent / f".{p.name}.carve-tmp"
+    try:
+        save(tmp)
+        tmp.replace(p)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def extract(
-    recipe: Recipe, out: str | Path | None = None, *, overwrite: bool = False, model: LoadedModel | None = None
+    recipe: Recipe,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    model: LoadedModel | None = None,
+    save_mask: str | Path | None = None,
+    save_importance: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Run the main job; write the model, tokenizer and carve.json to `out` when given.
-    Returns the manifest."""
+    """Run the main job; write the model, tokenizer, mask and carve.json to `out` when given,
+    the mask (bit-packed) to `save_mask` and the importance map to `save_importance` when given
+    (to compare domains without saving models).  Returns the manifest."""
     recipe.validate()
     mix, method = recipe.mix, recipe.method
     assert mix is not None and method is not None  # validate() resolved the defaults
     if out is not None:
         check_output(out, overwrite)
+    if save_mask is not None and recipe.structure:
+        raise UsageError("--save-mask is for weight masks; a structured extract's kept units are in its carve.json")
+    if save_importance is not None and not (recipe.structure or _scores_first(recipe)):
+        raise UsageError(
+            f"{method} chooses its mask while updating weights and keeps no importance map; "
+            "--save-importance works with wanda/magnitude at global granularity, gradient methods, dual or --structure"
+        )
+    _check_side_output(save_mask, overwrite)
+    _check_side_output(save_importance, overwrite)
     stage = Stages()
     with stage("load_data"):
         domain = Corpus(recipe.domain, recipe.text_field)
@@ -424,6 +469,8 @@ def extract(
             if importance is not None:
                 importance.meta.update(importance_key)
                 importance.save(tmp / "importance.safetensors")
+            if not recipe.structure:
+                result.mask.save(tmp / "mask.safetensors")
             manifest["size"]["file_mb"] = round(
                 sum(f.stat().st_size for f in tmp.glob("model*.safetensors")) / 2**20, 2
             )
@@ -432,4 +479,10 @@ def extract(
         manifest["timings_s"] = stage.seconds
         manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
         write_json(Path(out) / "carve.json", manifest)
+    if save_mask is not None:
+        _atomic_save(result.mask.save, save_mask)
+    if save_importance is not None:
+        assert importance is not None
+        importance.meta.update(importance_key)
+        _atomic_save(importance.save, save_importance)
     return manifest

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from dataclasses import asdict, fields
+from pathlib import Path
 from typing import Any
 
 import carve
@@ -145,8 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("--batch-size", type=int, default=8, help="calibration blocks per forward pass")
     ex.add_argument("--recipe", help="YAML/JSON recipe (or a carve.json manifest) to start from; flags override it")
-    ex.add_argument("--out", required=True, help="output directory (written atomically)")
-    ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    ex.add_argument("--out", default=None, help="output directory (written atomically)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory or file")
+    ex.add_argument(
+        "--save-mask", default=None, metavar="FILE", help="also write the mask, bit-packed (no --out needed)"
+    )
+    ex.add_argument(
+        "--save-importance", default=None, metavar="FILE", help="also write the importance map (no --out needed)"
+    )
+    ex.add_argument("--report", action="store_true", help="write report.html and report.md into the output")
     _common(ex)
     # recipe flags the user did not give stay unset, so a --recipe file's values are not
     # overridden by defaults (the Recipe dataclass holds the defaults)
@@ -177,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint")
     _common(rc)
 
+    ins = sub.add_parser("inspect", help="per-layer sparsity, two masks' overlap, top modules by importance")
+    ins.add_argument("target", help="a carve output directory, a mask or an importance file")
+    ins.add_argument("other", nargs="?", default=None, help="a second one: the overlap of the two masks per layer")
+    ins.add_argument("--top", type=int, default=10, help="modules listed by mean importance (default 10)")
+    ins.add_argument("--json", action="store_true")
+    rp = sub.add_parser("report", help="an HTML page (and Markdown summary) comparing carve outputs")
+    rp.add_argument("targets", nargs="+", help="carve output directories (and/or mask / importance files)")
+    rp.add_argument("--out", default="carve-report.html", help="HTML file to write (default carve-report.html)")
+    rp.add_argument("--json", action="store_true")
+
     co = sub.add_parser("corpora", help="list the builtin corpora")
     co.add_argument("--json", action="store_true")
     me = sub.add_parser("methods", help="list the registered scorers")
@@ -200,7 +218,21 @@ def _cloze(m: dict[str, Any]) -> str:
 
 
 def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
-    manifest = carve.extract(_recipe(args), args.out, overwrite=args.overwrite)
+    if args.out is None and args.save_mask is None and args.save_importance is None:
+        raise carve.UsageError("--out is required (or --save-mask / --save-importance to keep only those)")
+    if args.report and args.out is None:
+        raise carve.UsageError("--report writes into the output directory: give --out")
+    manifest = carve.extract(
+        _recipe(args),
+        args.out,
+        overwrite=args.overwrite,
+        save_mask=args.save_mask,
+        save_importance=args.save_importance,
+    )
+    if args.report:
+        from carve.report import write_report
+
+        write_report([args.out], Path(args.out) / "report.html", Path(args.out) / "report.md")
     before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
     r = manifest["recipe"]
     size, speed = manifest["size"], manifest.get("speed")
@@ -216,7 +248,8 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
         what = f"{r['method']}, sparsity {r['sparsity']:g}{', ' + r['pattern'] if r['pattern'] else ''}"
         last = f"linear sparsity {manifest['sparsity']['linear']:.4f}"
     if not args.json:
-        print(f"\n{manifest['source']['model']} -> {args.out}  ({what}, mix {r['mix']:g})")
+        dest = args.out or ", ".join(x for x in (args.save_mask, args.save_importance) if x)
+        print(f"\n{manifest['source']['model']} -> {dest}  ({what}, mix {r['mix']:g})")
         print(
             _table(
                 [
@@ -313,6 +346,70 @@ def _cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
+    from carve.inspect import load_run, per_layer_overlap, per_layer_sparsity, top_modules
+
+    run = load_run(args.target)
+    other = load_run(args.other) if args.other else None
+    facts: dict[str, Any] = {"target": args.target}
+    if run.manifest:
+        from carve.report import run_row
+
+        facts["summary"] = {k: v for k, v in run_row(run).items() if v not in (None, {})}
+    if run.mask is not None:
+        per = per_layer_sparsity(run.mask)
+        kinds = sorted({k for v in per.values() for k in v})
+        facts["sparsity"] = {"overall": run.mask.sparsity(), "per_layer": per}
+    if other is not None:
+        if run.mask is None or other.mask is None:
+            raise carve.UsageError("comparing two targets needs a mask in each (an unstructured extract's output)")
+        facts["overlap"] = {
+            "jaccard": run.mask.jaccard(other.mask),
+            "per_layer": per_layer_overlap(run.mask, other.mask),
+        }
+    if run.importance is not None:
+        facts["top_modules"] = top_modules(run.importance, args.top)
+    if not any(k in facts for k in ("sparsity", "top_modules", "summary")):
+        raise carve.UsageError(f"{args.target!r} holds neither a manifest, a mask nor an importance map")
+    if args.json:
+        return facts
+    for k, v in facts.get("summary", {}).items():
+        print(f"{k}: {v}")
+    if "sparsity" in facts:
+        print(f"\nsparsity per block and module (overall {facts['sparsity']['overall']:.4f})")
+        rows = [["block", *kinds]]
+        rows += [[str(layer), *(_fmt(v.get(k)) for k in kinds)] for layer, v in per.items()]
+        print(_table(rows))
+    if "overlap" in facts:
+        o = facts["overlap"]
+        print(f"\nkept-weight overlap, {args.target} (A) vs {args.other} (B): Jaccard {o['jaccard']:.4f}")
+        rows = [["block", "Jaccard", "kept by both", "A only", "B only", "neither"]]
+        rows += [
+            [str(r["layer"]), *(f"{r[k]:.4f}" for k in ("jaccard", "both", "only_a", "only_b", "neither"))]
+            for r in o["per_layer"]
+        ]
+        print(_table(rows))
+    if "top_modules" in facts:
+        print("\nmodules by mean importance")
+        print(_table([["module", "mean score"], *([n, f"{v:.4g}"] for n, v in facts["top_modules"])]))
+    return facts
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"
+
+
+def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
+    from carve.report import write_report
+
+    html_path = Path(args.out)
+    facts = write_report(args.targets, html_path, html_path.with_suffix(".md"))
+    if not args.json:
+        print(f"wrote {html_path} and {html_path.with_suffix('.md')} ({len(facts['rows'])} runs, plots: "
+              f"{', '.join(facts['plots']) or 'none'})")  # fmt: skip
+    return {"html": str(html_path), "markdown": str(html_path.with_suffix(".md")), **facts}
+
+
 def _cmd_corpora(args: argparse.Namespace) -> Any:
     rows = builtin_corpora()
     if not args.json:
@@ -342,6 +439,8 @@ def _cmd_methods(args: argparse.Namespace) -> Any:
 COMMANDS = {
     "extract": _cmd_extract,
     "recover": _cmd_recover,
+    "inspect": _cmd_inspect,
+    "report": _cmd_report,
     "eval": _cmd_eval,
     "corpora": _cmd_corpora,
     "methods": _cmd_methods,

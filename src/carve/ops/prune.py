@@ -27,6 +27,12 @@ def check_propagation(propagation: str) -> None:
         raise UsageError(f"propagation {propagation!r} is not one of {', '.join(PROPAGATIONS)}")
 
 
+def scores_first(scorer: Scorer, global_: bool, reusing: bool, reconstructing: bool) -> bool:
+    """Whether `prune` scores the dense model, then masks (and so returns an ImportanceMap),
+    rather than choosing the mask block by block while pruning."""
+    return scorer.kind == "gradient" or global_ or reusing or reconstructing
+
+
 @dataclass
 class PruneResult:
     mask: Mask
@@ -212,7 +218,7 @@ def prune(
             f"method {method!r} prunes and updates weights block by block: it takes neither global "
             "granularity nor a separate reconstruction"
         )
-    score_first = scorer.kind == "gradient" or importance is not None or global_ or reconstruct_with is not None
+    score_first = scores_first(scorer, global_, importance is not None, reconstruct_with is not None)
     data = None if importance is not None else _needs_data(scorer, calibration)
     if score_first:
         if importance is None:

@@ -1,0 +1,264 @@
+"""Benchmark structured extraction and recovery on the embedded default.
+
+    .venv/bin/python bench/structured.py [--domains legal code] [--keeps 0.75 0.5] [--steps 200] [--only ID]
+
+For each domain: `carve extract --structure --keep K` (K = 0.75 and 0.5: 25% and 50% of the
+decoder-block parameters removed; the split between MLP width, heads and blocks chosen by carve;
+Wanda scores, 0.3 general calibration mix, 64 x 512-token calibration blocks), then `carve recover`
+(distillation from the dense model, full fine-tune, `--steps` steps of one 512-token block, half
+of them general). Each job runs in its own process with its manifest; prefill / decode tokens/s of
+the extracted and of the recovered model are measured against the dense model in the same process
+(batch 1, best of 3, 2 threads). Evaluation as in bench/dual.py (first 16 held-out 512-token blocks
+per corpus, 100 cloze items) so the unstructured SparseGPT rows of that table compare directly.
+
+Results accumulate in bench/results/structured.jsonl (finished jobs are not rerun); the table goes
+to the `structured` section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (
+    HERE,
+    MODEL_DIR,
+    OUT,
+    carve_worker,
+    commit,
+    ensure_model,
+    load_results,
+    peak_rss_mb,
+    save_result,
+    write_section,
+)
+
+RESULTS = HERE / "results" / "structured.jsonl"
+DUAL_RESULTS = HERE / "results" / "dual.jsonl"
+EVAL_BLOCKS, CLOZE_ITEMS = 16, 100
+
+
+def _out(spec: dict[str, Any]) -> Path:
+    name = f"structured-{spec['domain']}-{spec['keep']}" + (f"-{spec['drop']}drop" if spec.get("drop") else "")
+    return OUT / (name + ("-rec" if spec["job"] == "recover" else ""))
+
+
+# --------------------------------------------------------------------------- worker side
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import shutil
+
+    import carve
+    from carve.progress import set_quiet
+
+    set_quiet(True)
+    out = _out(spec)
+    shutil.rmtree(out, ignore_errors=True)
+    if spec["job"] == "extract":
+        recipe = carve.Recipe(
+            model=str(MODEL_DIR),
+            domain=spec["domain"],
+            structure=True,
+            keep=spec["keep"] if not spec.get("drop") else None,
+            drop_blocks=spec.get("drop"),
+            eval_blocks=EVAL_BLOCKS,
+            cloze_items=CLOZE_ITEMS,
+        )
+        m = carve.extract(recipe, out)
+    else:
+        from carve.evaluation.speed import measure_speed, speedup
+        from carve.recover import RecoverRecipe, recover
+
+        source = _out({**spec, "job": "extract"})
+        m = recover(
+            RecoverRecipe(
+                model=str(source),
+                domain=spec["domain"],
+                steps=spec["steps"],
+                eval_blocks=EVAL_BLOCKS,
+                cloze_items=CLOZE_ITEMS,
+            ),
+            out,
+        )
+        # the recovered model has the extracted one's shape; its speed measured against dense again
+        dense, rec = carve.load_model(str(MODEL_DIR)), carve.load_model(str(out))
+        prompt = carve.Corpus(spec["domain"]).eval_blocks(dense.tokenizer, 1, 512)[0]
+        m["speed"] = speedup(measure_speed(dense.model, prompt), measure_speed(rec.model, prompt))
+    m["peak_rss_worker_mb"] = peak_rss_mb()
+    return m
+
+
+# --------------------------------------------------------------------------- driver side
+def configurations(domains: list[str], keeps: list[float], steps: int) -> list[dict[str, Any]]:
+    out = []
+    for d in domains:
+        for k in keeps:
+            for job in ("extract", "recover"):
+                c: dict[str, Any] = {"domain": d, "keep": k, "job": job}
+                if job == "recover":
+                    c["steps"] = steps
+                c["id"] = "/".join(str(v) for v in c.values())
+                out.append(c)
+    return out
+
+
+def _sparsegpt_reference(domain: str) -> dict[str, Any] | None:
+    """The 50% unstructured SparseGPT row (0.3 mix, the extract default) of bench/dual.py."""
+    rows = load_results(DUAL_RESULTS)
+    return rows.get(f"{domain}/50%/sparsegpt/0.3/None/None")
+
+
+def write_table(rows: dict[str, dict[str, Any]], domains: list[str], keeps: list[float], steps: int) -> str:
+    dense_mb = (MODEL_DIR / "model.safetensors").stat().st_size / 2**20 if MODEL_DIR.exists() else float("nan")
+    lines = [
+        "# Structured extraction and recovery",
+        "",
+        "Written by `bench/structured.py` (finished jobs cached in `bench/results/structured.jsonl`). Model: "
+        "SmolLM2-135M-Instruct (embedded default, float32, 30 blocks). `keep`: share of decoder-block parameters "
+        "kept; carve chose the split (kv groups of 3, MLP channels of 1536, blocks of 30) by the calibration loss "
+        "of each candidate; Wanda scores, 0.3 general mix, 64 x 512 calibration blocks. Recovery: full-model "
+        "distillation (KL on logits, T = 1) from the dense model, one 512-token block per step, half general, "
+        "AdamW lr 1e-4 with warm-up and cosine decay. Perplexity: first 16 held-out 512-token blocks; cloze: 100 "
+        "held-out items (95% Wilson interval). Speed: batch 1 on 2 CPU threads, best of 3, dense measured in the "
+        "same process (prefill: 512 tokens; decode: 128 greedy tokens). Time and RSS: whole job (its manifest's "
+        "stages; RSS of its process).",
+        "",
+    ]
+    for d in domains:
+        lines += [
+            f"## {d}",
+            "",
+            "| model | shape (kv groups / MLP / blocks) | parameters | file MB | domain ppl | general ppl "
+            "| domain cloze [95% CI] | prefill tok/s (x dense) | decode tok/s (x dense) | time s | peak RSS MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        dense_row = None
+        for k in keeps:
+            ex = rows.get(f"{d}/{k}/extract")
+            if ex and "error" not in ex and dense_row is None:
+                b, sp = ex["metrics"]["before"], ex["speed"]["dense"]
+                dense_row = b
+                lines.append(
+                    f"| dense | 3 / 1536 / 30 | {ex['size']['parameters_before']:,} | {dense_mb:.0f} "
+                    f"| {b['domain_ppl']:.3f} | {b['general_ppl']:.3f} | {_cloze(b)} "
+                    f"| {sp['prefill_tokens_per_s']:.0f} | {sp['decode_tokens_per_s']:.1f} | | |"
+                )
+        for k in keeps:
+            for job in ("extract", "recover"):
+                key = f"{d}/{k}/{job}" + (f"/{steps}" if job == "recover" else "")
+                r = rows.get(key)
+                name = f"keep {k:g}" + (
+                    f", recovered ({steps} steps, {steps * 512:,} tokens)" if job == "recover" else ""
+                )
+                if r is None or "error" in r:
+                    lines.append(f"| {name} | | | | | | | | | | {'not run yet' if r is None else r['error']} |")
+                    continue
+                ex = rows.get(f"{d}/{k}/extract")
+                shape = ex["structure"]["config"] if ex and "structure" in ex else {}
+                after, sp = r["metrics"]["after"], r["speed"]
+                params = r["size"].get("parameters_after", r["size"].get("parameters"))
+                total = sum(r["timings_s"].values())
+                lines.append(
+                    f"| {name} | {shape.get('num_key_value_heads')} / {shape.get('intermediate_size')} / "
+                    f"{shape.get('num_hidden_layers')} | {params:,} | {r['size']['file_mb']:.0f} "
+                    f"| {after['domain_ppl']:.3f} | {after['general_ppl']:.3f} | {_cloze(after)} "
+                    f"| {sp['extracted']['prefill_tokens_per_s']:.0f} ({sp['prefill_speedup']:.2f}x) "
+                    f"| {sp['extracted']['decode_tokens_per_s']:.1f} ({sp['decode_speedup']:.2f}x) "
+                    f"| {total:.0f} | {r['peak_rss_mb']:.0f} |"
+                )
+        ref = _sparsegpt_reference(d)
+        if ref:
+            lines.append(
+                f"| SparseGPT 50% unstructured, mix 0.3 (bench/dual.py) | dense shape, zeros stored | "
+                f"| {dense_mb:.0f} | {ref['domain_ppl']:.3f} | {ref['general_ppl']:.3f} "
+                f"| {ref['cloze']:.2f} | not measured (dense shape) | not measured "
+                f"| {ref.get('seconds', 0):.0f} (prune) | {ref['peak_rss_mb']:.0f} |"
+            )
+        lines.append("")
+        lines += _verdicts(rows, d, steps, dense_row, ref, dense_mb)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cloze(m: dict[str, Any]) -> str:
+    c = m.get("domain_cloze")
+    if not c:
+        return "-"
+    return f"{c['accuracy']:.2f} [{c['ci95'][0]:.2f}, {c['ci95'][1]:.2f}]"
+
+
+def _verdicts(
+    rows: dict[str, dict[str, Any]],
+    d: str,
+    steps: int,
+    dense: dict[str, Any] | None,
+    ref: dict[str, Any] | None,
+    dense_mb: float,
+) -> list[str]:
+    ex, rec = rows.get(f"{d}/0.5/extract"), rows.get(f"{d}/0.5/recover/{steps}")
+    out = []
+    if ex and "error" not in ex:
+        s = ex["speed"]["decode_speedup"]
+        out.append(f"- 50% removed, decode speed-up {s:.2f}x dense (bar >= 1.6x: {'met' if s >= 1.6 else 'NOT met'})")
+    if rec and "error" not in rec and dense:
+        ratio = rec["metrics"]["after"]["domain_ppl"] / dense["domain_ppl"]
+        out.append(
+            f"- 50% removed and recovered: domain ppl {ratio:.2f}x dense (bar <= 1.5x: "
+            f"{'met' if ratio <= 1.5 else 'NOT met'})"
+        )
+        if ref:
+            below = rec["metrics"]["after"]["domain_ppl"] < ref["domain_ppl"]
+            half = rec["size"]["file_mb"] <= dense_mb / 2
+            out.append(
+                f"- aim: recovered 50% domain ppl {rec['metrics']['after']['domain_ppl']:.3f} vs SparseGPT 50% "
+                f"{ref['domain_ppl']:.3f} ({'below' if below else 'NOT below'}), file {rec['size']['file_mb']:.0f} MB "
+                f"vs {dense_mb:.0f} MB ({'at most half' if half else 'NOT half'})"
+            )
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker")
+    p.add_argument("--domains", nargs="+", default=["legal", "code"])
+    p.add_argument("--keeps", nargs="+", type=float, default=[0.75, 0.5])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--only", default="")
+    p.add_argument("--table-only", action="store_true")
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    rows = load_results(RESULTS)
+
+    def publish() -> None:
+        write_section("structured", write_table(rows, ["legal", "code"], [0.75, 0.5], args.steps))
+
+    if not args.table_only:
+        ensure_model()
+        for cfg in configurations(args.domains, args.keeps, args.steps):
+            if cfg["id"] in rows or args.only not in cfg["id"]:
+                continue
+            if cfg["job"] == "recover" and "error" in rows.get(f"{cfg['domain']}/{cfg['keep']}/extract", {"error": 1}):
+                continue  # nothing to recover
+            print(f"running {cfg['id']} ...", flush=True)
+            t = time.perf_counter()
+            res = carve_worker(__file__, cfg)
+            res.pop("data", None)
+            if "training" in res:
+                res["training"].pop("losses", None)
+            row = {**cfg, **res, "wall_total_s": round(time.perf_counter() - t, 1), "commit": commit()}
+            save_result(RESULTS, row)
+            rows[cfg["id"]] = row
+            print(json.dumps({k: row.get(k) for k in ("id", "metrics", "speed", "size", "timings_s")}), flush=True)
+            publish()
+    publish()
+    print(write_table(rows, ["legal", "code"], [0.75, 0.5], args.steps))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Facts about extracted models and their masks, for `carve inspect` and `carve report`:
+per-layer sparsity, the overlap of two masks per layer (which weights two domains share and
+which each keeps alone), importance by module.  A target is a carve output directory (its
+carve.json, mask.safetensors, importance.safetensors) or a mask / importance file."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carve.errors import UsageError
+from carve.masks.mask import ImportanceMap, Mask
+
+MASK_FILE, IMPORTANCE_FILE, MANIFEST_FILE = "mask.safetensors", "importance.safetensors", "carve.json"
+
+
+def layer_and_type(param: str) -> tuple[int | None, str]:
+    """("model.layers.12.mlp.down_proj.weight") -> (12, "mlp.down_proj"): the first integer
+    component is the block index, what follows it (without .weight) the module type."""
+    parts = param.removesuffix(".weight").split(".")
+    for i, p in enumerate(parts):
+        if re.fullmatch(r"\d+", p):
+            return int(p), ".".join(parts[i + 1 :]) or p
+    return None, ".".join(parts)
+
+
+@dataclass
+class Run:
+    """What one target holds (any part may be missing)."""
+
+    name: str
+    manifest: dict[str, Any] | None = None
+    mask: Mask | None = None
+    importance: ImportanceMap | None = None
+
+
+def _is_mask(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return "carve_mask_shapes" in (f.metadata() or {})
+    except Exception as exc:
+        raise UsageError(f"{str(path)!r} is not a safetensors file ({exc})") from None
+
+
+def load_run(target: str | Path) -> Run:
+    path = Path(target).expanduser()
+    if path.is_dir():
+        manifest_path = path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            raise UsageError(f"{str(path)!r} is not a carve output: it has no {MANIFEST_FILE}")
+        run = Run(path.name, manifest=json.loads(manifest_path.read_text()))
+        if (path / MASK_FILE).is_file():
+            run.mask = Mask.load(path / MASK_FILE)
+        if (path / IMPORTANCE_FILE).is_file():
+            run.importance = ImportanceMap.load(path / IMPORTANCE_FILE)
+        return run
+    if path.is_file():
+        if _is_mask(path):
+            return Run(path.stem, mask=Mask.load(path))
+        return Run(path.stem, importance=ImportanceMap.load(path))
+    raise UsageError(f"{str(target)!r} does not exist")
+
+
+def per_layer_sparsity(mask: Mask) -> dict[int | None, dict[str, float]]:
+    """Block index -> module type -> share of removed weights."""
+    out: dict[int | None, dict[str, float]] = {}
+    for name, keep in mask.items():
+        layer, kind = layer_and_type(name)
+        out.setdefault(layer, {})[kind] = 1 - keep.float().mean().item()
+    return dict(sorted(out.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
+
+
+def per_layer_overlap(a: Mask, b: Mask) -> list[dict[str, Any]]:
+    """Per block, over its weights: Jaccard |A∩B|/|A∪B| of the kept sets, and the shares of
+    weights kept by both, by A only, by B only and by neither."""
+    if a.keys() != b.keys():
+        raise UsageError("the two masks cover different weights (masks of different models?)")
+    acc: dict[int | None, list[int]] = {}
+    for name in a:
+        ka, kb = a[name], b[name]
+        layer, _ = layer_and_type(name)
+        row = acc.setdefault(layer, [0, 0, 0, 0, 0])
+        row[0] += int((ka & kb).sum())
+        row[1] += int((ka & ~kb).sum())
+        row[2] += int((~ka & kb).sum())
+        row[3] += int((~ka & ~kb).sum())
+        row[4] += ka.numel()
+    rows = []
+    for layer, (both, only_a, only_b, neither, n) in sorted(acc.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+        union = both + only_a + only_b
+        rows.append(
+            {
+                "layer": layer,
+                "jaccard": both / union if union else 1.0,
+                "both": both / n,
+                "only_a": only_a / n,
+                "only_b": only_b / n,
+                "neither": neither / n,
+            }
+        )
+    return rows
+
+
+def importance_by_type(imp: ImportanceMap, sample: int = 20000, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Module type -> a seeded sample of its scores (for distributions), all blocks pooled."""
+    gen = torch.Generator().manual_seed(seed)
+    pooled: dict[str, list[torch.Tensor]] = {}
+    for name, scores in imp.items():
+        _, kind = layer_and_type(name)
+        flat = scores.float().reshape(-1)
+        idx = torch.randint(0, flat.numel(), (min(sample, flat.numel()),), generator=gen)
+        pooled.setdefault(kind, []).append(flat[idx])
+    return {k: torch.cat(v) for k, v in pooled.items()}
+
+
+def top_modules(imp: ImportanceMap, k: int = 10) -> list[tuple[str, float]]:
+    """The `k` modules with the highest mean importance."""
+    means = [(name.removesuffix(".weight"), scores.float().mean().item()) for name, scores in imp.items()]
+    return sorted(means, key=lambda t: -t[1])[:k]

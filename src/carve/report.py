@@ -1,0 +1,231 @@
+"""`carve report`: one self-contained HTML page (and a Markdown summary) from one or more carve
+outputs: a comparison table, domain vs general perplexity, per-layer sparsity, importance
+distributions per module type and, for two masks, their overlap per layer.  Plots are matplotlib
+PNGs embedded as data URIs, so the page needs no network and no other file."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from carve.errors import UsageError
+from carve.inspect import Run, importance_by_type, layer_and_type, load_run, per_layer_overlap
+
+
+def _fmt(x: Any, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def run_row(run: Run) -> dict[str, Any]:
+    """The comparison-table facts of one run (from its manifest)."""
+    m = run.manifest or {}
+    r = m.get("recipe", {})
+    metrics = m.get("metrics", {})
+    after, before = metrics.get("after") or {}, metrics.get("before") or {}
+    size = m.get("size", {})
+    if m.get("job") == "recover":
+        what = f"recover ({m['training']['steps']} steps{', LoRA ' + str(r['lora']) if r.get('lora') else ''})"
+    elif m.get("structure"):
+        c = m["structure"]["config"]
+        what = (
+            f"{r.get('method')} structured: {c['num_key_value_heads']} kv groups, "
+            f"{c['intermediate_size']} MLP, {c['num_hidden_layers']} blocks"
+        )
+    elif r:
+        what = f"{r.get('method')} {r.get('pattern') or _fmt(r.get('sparsity'), 'g')}, mix {_fmt(r.get('mix'), 'g')}"
+    else:
+        what = "mask / importance file"
+    cloze = after.get("domain_cloze") or {}
+    tasks = {k: v.get("acc") for k, v in (m.get("tasks") or {}).items() if isinstance(v, dict)}
+    return {
+        "run": run.name,
+        "what": what,
+        "domain": r.get("domain"),
+        "parameters": size.get("parameters_after", size.get("parameters")),
+        "file_mb": size.get("file_mb"),
+        "domain_ppl_before": before.get("domain_ppl"),
+        "domain_ppl": after.get("domain_ppl"),
+        "general_ppl_before": before.get("general_ppl"),
+        "general_ppl": after.get("general_ppl"),
+        "cloze": cloze.get("accuracy"),
+        "tasks": tasks,
+        "decode_speedup": (m.get("speed") or {}).get("decode_speedup"),
+        "seconds": round(sum((m.get("timings_s") or {}).values()), 1) if m else None,
+        "peak_rss_mb": m.get("peak_rss_mb"),
+        "sparsity": (m.get("sparsity") or {}).get("linear"),
+    }
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out: dict[str, str] = {}
+    pts = [r for r in rows if r["domain_ppl"] and r["general_ppl"]]
+    if pts:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        dense = next((r for r in pts if r["domain_ppl_before"]), None)
+        if dense:
+            ax.scatter(dense["general_ppl_before"], dense["domain_ppl_before"], marker="D", color="black")
+            ax.annotate("dense", (dense["general_ppl_before"], dense["domain_ppl_before"]), fontsize=8)
+        for r in pts:
+            ax.scatter(r["general_ppl"], r["domain_ppl"])
+            ax.annotate(
+                r["run"], (r["general_ppl"], r["domain_ppl"]), fontsize=8, xytext=(3, 3), textcoords="offset points"
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("general perplexity")
+        ax.set_ylabel("domain perplexity")
+        ax.set_title("domain vs general perplexity (lower-left is better)")
+        out["perplexity"] = _png(fig)
+    sparse = [run for run in runs if run.manifest and (run.manifest.get("sparsity") or {}).get("per_module")]
+    if sparse:
+        fig, axes = plt.subplots(len(sparse), 1, figsize=(9, 2.6 * len(sparse)), squeeze=False)
+        for ax, run in zip(axes[:, 0], sparse, strict=True):
+            per: dict[str, dict[int, float]] = {}
+            for name, sp in run.manifest["sparsity"]["per_module"].items():  # type: ignore[index]
+                layer, kind = layer_and_type(name)
+                per.setdefault(kind, {})[layer if layer is not None else -1] = sp
+            kinds = sorted(per)
+            width = 0.8 / len(kinds)
+            for j, kind in enumerate(kinds):
+                layers = sorted(per[kind])
+                ax.bar([x + j * width for x in layers], [per[kind][x] for x in layers], width, label=kind)
+            ax.set_ylabel("sparsity")
+            ax.set_xlabel("block")
+            ax.set_title(f"{run.name}: share of weights removed per block and module")
+            ax.legend(fontsize=6, ncol=4)
+        out["sparsity"] = _png(fig)
+    scored = [run for run in runs if run.importance is not None]
+    if scored:
+        fig, axes = plt.subplots(len(scored), 1, figsize=(8, 3 * len(scored)), squeeze=False)
+        for ax, run in zip(axes[:, 0], scored, strict=True):
+            assert run.importance is not None
+            for kind, sample in sorted(importance_by_type(run.importance).items()):
+                vals = sample[sample > 0].log10().numpy()
+                if len(vals):
+                    ax.hist(vals, bins=60, histtype="step", label=kind)
+            ax.set_xlabel("log10 importance score")
+            ax.set_ylabel("weights (sample)")
+            ax.set_title(f"{run.name}: importance distribution per module type")
+            ax.legend(fontsize=6)
+        out["importance"] = _png(fig)
+    masked = [run for run in runs if run.mask is not None]
+    if len(masked) >= 2:
+        a, b = masked[:2]
+        assert a.mask is not None and b.mask is not None
+        rows_o = per_layer_overlap(a.mask, b.mask)
+        layers = [r["layer"] if r["layer"] is not None else -1 for r in rows_o]
+        fig, ax = plt.subplots(figsize=(9, 3.4))
+        bottom: list[float] = [0.0] * len(rows_o)
+        for key, label in (("both", "kept by both"), ("only_a", f"{a.name} only"), ("only_b", f"{b.name} only")):
+            shares = [float(r[key]) for r in rows_o]
+            ax.bar(layers, shares, bottom=bottom, label=label)
+            bottom = [x + v for x, v in zip(bottom, shares, strict=True)]
+        ax.plot(layers, [r["jaccard"] for r in rows_o], color="black", marker=".", label="Jaccard of kept")
+        ax.set_xlabel("block")
+        ax.set_ylabel("share of weights")
+        ax.set_title(f"mask overlap per block: {a.name} vs {b.name}")
+        ax.legend(fontsize=7)
+        out["overlap"] = _png(fig)
+    return out
+
+
+COLUMNS = [
+    ("run", "run", None),
+    ("what", "method", None),
+    ("domain", "domain", None),
+    ("parameters", "parameters", ","),
+    ("file_mb", "file MB", ".1f"),
+    ("sparsity", "linear sparsity", ".3f"),
+    ("domain_ppl", "domain ppl", ".3f"),
+    ("general_ppl", "general ppl", ".3f"),
+    ("cloze", "domain cloze acc", ".3f"),
+    ("decode_speedup", "decode x dense", ".2f"),
+    ("seconds", "time s", ".0f"),
+    ("peak_rss_mb", "peak RSS MB", ".0f"),
+]
+
+
+def _cells(row: dict[str, Any]) -> list[str]:
+    return [str(row[k]) if spec is None and row[k] is not None else _fmt(row[k], spec or "") for k, _, spec in COLUMNS]
+
+
+def write_report(targets: list[str | Path], html_path: str | Path, md_path: str | Path | None = None) -> dict[str, Any]:
+    """Write the HTML report (and the Markdown summary); returns the table rows and overlap facts."""
+    if not targets:
+        raise UsageError("give at least one carve output directory, mask or importance file")
+    runs = [load_run(t) for t in targets]
+    rows = [run_row(r) for r in runs]
+    task_names = sorted({t for r in rows for t in r["tasks"]})
+    plots = _plots(runs, rows)
+    masked = [r for r in runs if r.mask is not None]
+    overlap: dict[str, Any] | None = None
+    if len(masked) >= 2:
+        assert masked[0].mask is not None and masked[1].mask is not None
+        overlap = {
+            "a": masked[0].name,
+            "b": masked[1].name,
+            "jaccard": masked[0].mask.jaccard(masked[1].mask),
+            "per_layer": per_layer_overlap(masked[0].mask, masked[1].mask),
+        }
+    head = [label for _, label, _ in COLUMNS] + task_names
+    body = [_cells(r) + [_fmt(r["tasks"].get(t)) for t in task_names] for r in rows]
+    esc = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>carve report</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f3f3}"
+        "td:first-child,td:nth-child(2){text-align:left}img{max-width:100%;display:block;margin:1em 0}</style>",
+        "</head><body><h1>carve report</h1>",
+        f"<p>{len(runs)} run(s): {esc(', '.join(str(t) for t in targets))}</p>",
+        "<table id='runs'><thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>",
+        *("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in body),
+        "</tbody></table>",
+    ]
+    titles = {
+        "perplexity": "Domain vs general perplexity",
+        "sparsity": "Per-layer sparsity",
+        "importance": "Importance scores per module type",
+        "overlap": "Mask overlap per layer",
+    }
+    for key, title in titles.items():
+        if key in plots:
+            parts.append(f"<h2>{title}</h2><img alt='{key}' src='data:image/png;base64,{plots[key]}'>")
+    if overlap:
+        parts.append(
+            f"<p>Jaccard of the kept weights, {esc(overlap['a'])} vs {esc(overlap['b'])}: "
+            f"{overlap['jaccard']:.4f} overall.</p>"
+        )
+    parts.append("</body></html>")
+    out = Path(html_path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(parts))
+    if md_path is not None:
+        md = ["# carve report", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        md += ["| " + " | ".join(row) + " |" for row in body]
+        if overlap:
+            md += ["", f"Mask overlap, {overlap['a']} vs {overlap['b']}: Jaccard {overlap['jaccard']:.4f} overall.", ""]
+            md += ["| block | Jaccard | kept by both | only A | only B |", "|---|---|---|---|---|"]
+            md += [
+                f"| {r['layer']} | {r['jaccard']:.4f} | {r['both']:.3f} | {r['only_a']:.3f} | {r['only_b']:.3f} |"
+                for r in overlap["per_layer"]
+            ]
+        md += ["", f"Plots: {out.name}"]
+        Path(md_path).expanduser().write_text("\n".join(md) + "\n")
+    return {"rows": rows, "overlap": overlap, "plots": sorted(plots)}
