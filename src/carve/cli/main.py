@@ -163,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="perplexity of a model on general and domain held-out text")
     ev.add_argument("model", nargs="?", default=None, help="'default', a directory, a .gguf or a hub id")
     _data_flags(ev)
+    ev.add_argument(
+        "--tasks",
+        nargs="+",
+        default=None,
+        help="also run lm-evaluation-harness tasks (carve_cloze_legal/code/general, lm-eval's, or --include-path "
+        "ones); results go into MODEL/carve.json when MODEL is a carve output",
+    )
+    ev.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs (e.g. a local JSONL set)")
+    ev.add_argument("--limit", type=int, default=None, help="lm-eval: first N documents of each task only")
     _common(ev)
 
     rc = sub.add_parser("recover", help="distil a pruned model back towards its dense teacher")
@@ -319,7 +328,31 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             f"perplexity over {m['domain_eval_blocks']} / {m['general_eval_blocks']} held-out blocks "
             f"of {m['block_len']} tokens"
         )
-    return {"model": lm.source, "fingerprint": lm.fingerprint, "metrics": m}
+    summary: dict[str, Any] = {"model": lm.source, "fingerprint": lm.fingerprint, "metrics": m}
+    if args.tasks:
+        from carve.evaluation.lm_eval_bridge import run_tasks
+
+        tasks = run_tasks(lm.model, lm.tokenizer, args.tasks, include_path=args.include_path, limit=args.limit)
+        summary["tasks"] = tasks
+        if not args.json:
+            rows = [["task", "acc", "acc_norm", "other metrics"]]
+            for name, t in tasks.items():
+                acc = [
+                    f"{t[k]:.4f} ± {t.get(k + '_stderr', float('nan')):.4f}" if k in t else "-"
+                    for k in ("acc", "acc_norm")
+                ]
+                rest = ", ".join(f"{k} {v:.4g}" for k, v in t.items() if not k.startswith(("acc", "alias")))
+                rows.append([name, *acc, rest or "-"])
+            print(_table(rows))
+        manifest = Path(str(args.model or "")).expanduser() / "carve.json"
+        if manifest.is_file():  # a carve output: its manifest records the task results
+            data = json.loads(manifest.read_text())
+            data["tasks"] = {**(data.get("tasks") or {}), **tasks}
+            data["tasks_settings"] = {"limit": args.limit, "include_path": args.include_path, "harness": "lm-eval"}
+            tmp = manifest.with_suffix(".json.carve-tmp")
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+            tmp.replace(manifest)
+    return summary
 
 
 def _cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
