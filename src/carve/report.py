@@ -43,7 +43,7 @@ def run_row(run: Run) -> dict[str, Any]:
     return {
         "run": run.name,
         "what": what,
-        "domain": r.get("domain"),
+        "domain": Path(str(r["domain"])).name if r.get("domain") else None,
         "parameters": size.get("parameters_after", size.get("parameters")),
         "file_mb": size.get("file_mb"),
         "domain_ppl_before": before.get("domain_ppl"),
@@ -108,8 +108,10 @@ def _plots(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, str]:
                 ax.bar([x + j * width for x in layers], [per[kind][x] for x in layers], width, label=kind)
             ax.set_ylabel("sparsity")
             ax.set_xlabel("block")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.set_title(f"{run.name}: share of weights removed per block and module")
             ax.legend(fontsize=6, ncol=4)
+        fig.tight_layout()
         out["sparsity"] = _png(fig)
     scored = [run for run in runs if run.importance is not None]
     if scored:
@@ -124,6 +126,7 @@ def _plots(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, str]:
             ax.set_ylabel("weights (sample)")
             ax.set_title(f"{run.name}: importance distribution per module type")
             ax.legend(fontsize=6)
+        fig.tight_layout()
         out["importance"] = _png(fig)
     masked = [run for run in runs if run.mask is not None]
     if len(masked) >= 2:
@@ -139,6 +142,7 @@ def _plots(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, str]:
             bottom = [x + v for x, v in zip(bottom, shares, strict=True)]
         ax.plot(layers, [r["jaccard"] for r in rows_o], color="black", marker=".", label="Jaccard of kept")
         ax.set_xlabel("block")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylabel("share of weights")
         ax.set_title(f"mask overlap per block: {a.name} vs {b.name}")
         ax.legend(fontsize=7)
