@@ -73,6 +73,7 @@ def _plots(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     out: dict[str, str] = {}
     pts = [r for r in rows if r["domain_ppl"] and r["general_ppl"]]
@@ -108,7 +109,7 @@ def _plots(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, str]:
                 ax.bar([x + j * width for x in layers], [per[kind][x] for x in layers], width, label=kind)
             ax.set_ylabel("sparsity")
             ax.set_xlabel("block")
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{run.name}: share of weights removed per block and module")
             ax.legend(fontsize=6, ncol=4)
         fig.tight_layout()
@@ -142,7 +143,7 @@ def _plots(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, str]:
             bottom = [x + v for x, v in zip(bottom, shares, strict=True)]
         ax.plot(layers, [r["jaccard"] for r in rows_o], color="black", marker=".", label="Jaccard of kept")
         ax.set_xlabel("block")
-        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("share of weights")
         ax.set_title(f"mask overlap per block: {a.name} vs {b.name}")
         ax.legend(fontsize=7)
