@@ -259,6 +259,26 @@ def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
     return imp
 
 
+def manifest_head(job: str, lm: LoadedModel, recipe: Any) -> dict[str, Any]:
+    """The first entries of every carve.json: what job, when, with which versions, on what."""
+    return {
+        "carve_manifest": 1,
+        "job": job,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "source": {"model": lm.source, "fingerprint": lm.fingerprint},
+        "recipe": asdict(recipe),
+    }
+
+
+def save_model_files(tmp: Path, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> None:
+    """Model (safetensors) and tokenizer into an output being written; its size into the manifest."""
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    size = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
+    manifest.setdefault("size", {})["file_mb"] = round(size / 2**20, 2)
+
+
 def versions() -> dict[str, str]:
     import transformers
 
@@ -406,12 +426,7 @@ def extract(
     with stage("evaluate_after"):
         after = metrics_of(lm.model, held_out)
     manifest: dict[str, Any] = {
-        "carve_manifest": 1,
-        "job": "extract",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": versions(),
-        "source": {"model": lm.source, "fingerprint": lm.fingerprint},
-        "recipe": asdict(recipe),
+        **manifest_head("extract", lm, recipe),
         "data": {
             "domain": domain.describe(),
             "general": general.describe(),
@@ -464,16 +479,12 @@ def extract(
     manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if out is not None:
         with stage("save"), atomic_output_dir(out, overwrite) as tmp:
-            lm.model.save_pretrained(tmp, safe_serialization=True)
-            lm.tokenizer.save_pretrained(tmp)
+            save_model_files(tmp, lm.model, lm.tokenizer, manifest)
             if importance is not None:
                 importance.meta.update(importance_key)
                 importance.save(tmp / "importance.safetensors")
             if not recipe.structure:
                 result.mask.save(tmp / "mask.safetensors")
-            manifest["size"]["file_mb"] = round(
-                sum(f.stat().st_size for f in tmp.glob("model*.safetensors")) / 2**20, 2
-            )
             manifest["timings_s"] = stage.seconds
             write_json(tmp / "carve.json", manifest)
         manifest["timings_s"] = stage.seconds

@@ -17,9 +17,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +35,11 @@ from carve.pipeline import (
     Stages,
     calibration_data,
     held_out_data,
+    manifest_head,
     metrics_of,
     peak_rss_mb,
+    save_model_files,
     tensor_fingerprint,
-    versions,
 )
 from carve.progress import progress
 
@@ -241,13 +241,8 @@ def recover(
     source_manifest = Path(recipe.model).expanduser() / "carve.json"
     dense = json.loads(source_manifest.read_text())["metrics"]["before"] if source_manifest.is_file() else None
     manifest: dict[str, Any] = {
-        "carve_manifest": 1,
-        "job": "recover",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": versions(),
-        "source": {"model": student.source, "fingerprint": student.fingerprint},
+        **manifest_head("recover", student, recipe),
         "teacher": {"model": teacher.source, "fingerprint": teacher.fingerprint},
-        "recipe": asdict(recipe),
         "data": {
             "train": {
                 "blocks": len(train),
@@ -277,9 +272,7 @@ def recover(
         "size": {"parameters": count_parameters(model)},
     }
     with stage("save"), atomic_output_dir(out, overwrite) as tmp:
-        student.model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        manifest["size"]["file_mb"] = round(sum(f.stat().st_size for f in tmp.glob("model*.safetensors")) / 2**20, 2)
+        save_model_files(tmp, student.model, tok, manifest)
         manifest["timings_s"] = stage.seconds
         manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
         write_json(tmp / "carve.json", manifest)
