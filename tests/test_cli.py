@@ -378,3 +378,17 @@ def test_structured_bad_input(
     assert _extract(model_dir, small_corpus, out, *flags) == 2
     assert message in capsys.readouterr().err
     assert _nothing_written(tmp_path, out)
+
+
+def test_structured_with_bias_compensation(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    assert _extract(model_dir, small_corpus, out, "--keep", "0.6", "--bias-compensation", "--cloze-items", "0") == 0
+    m = json.loads((out / "carve.json").read_text())
+    assert m["recipe"]["structure"] and m["recipe"]["bias_compensation"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    shape = m["structure"]["shape"]
+    if shape["mlp_channels"] < 128:
+        assert model.config.mlp_bias and model.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
+    assert sum(p.numel() for p in model.parameters()) == m["size"]["parameters_after"]

@@ -160,3 +160,54 @@ def test_unsupported_architecture_is_refused_clearly() -> None:
 
     with pytest.raises(UsageError, match="Llama-style blocks"):
         anatomy(tiny_model("gpt2"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_bias_compensation_keeps_the_mean_output_and_reloads(arch: str, tmp_path: Path) -> None:
+    """FLAP: with the removed inputs' mean contribution added as a bias, the mean output of block
+    0's o_proj (and down_proj, where the config allows an MLP bias) over the calibration tokens
+    equals the dense model's; the biases and the config flags survive save / from_pretrained."""
+    from carve.ops.structure import compensable, input_means
+
+    model = three_block_model(arch)
+    anat = anatomy(model)
+    calib = _ids(4, 16)
+    groups, channels = unit_importance(random_scores(model), anat)
+    means = input_means(model, calib, batch_size=2)
+    roles = compensable(model)
+
+    def mean_outputs(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+        parts, got = anatomy(m).parts[0], {}
+        handles = [
+            parts.linear(r).register_forward_hook(lambda _m, _a, out, r=r: got.__setitem__(r, out.mean((0, 1))))
+            for r in roles
+        ]
+        with torch.no_grad():
+            m(input_ids=calib)
+        for h in handles:
+            h.remove()
+        return got
+
+    dense = mean_outputs(model)
+    # one kind of unit removed at a time: removing heads changes the MLP's inputs token by token
+    only = {"o_proj": Shape(1, anat.intermediate, 0), "down_proj": Shape(anat.kv_heads, 40, 0)}
+    for r in roles:
+        plan = make_plan(only[r], groups, channels, None)
+        got = mean_outputs(apply_plan(copy.deepcopy(model), plan, means))[r]
+        without = mean_outputs(apply_plan(copy.deepcopy(model), plan))[r]
+        torch.testing.assert_close(got, dense[r], rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(without, dense[r], atol=1e-4)  # the compensation did something
+    sliced = apply_plan(copy.deepcopy(model), make_plan(Shape(1, 40, 0), groups, channels, None), means)
+    sliced.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.attention_bias and (arch != "llama" or reloaded.config.mlp_bias)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=calib).logits, sliced(input_ids=calib).logits)
+
+
+def test_bias_compensation_refused_without_a_bias_flag() -> None:
+    from carve.ops.structure import structure
+    from tests.conftest import tiny_model
+
+    with pytest.raises(UsageError, match="neither mlp_bias nor attention_bias"):
+        structure(tiny_model("qwen2"), "magnitude", _ids(2, 16), keep=0.5, bias_compensation=True)

@@ -52,6 +52,7 @@ class Recipe:
     mlp_keep: float | None = None  # structure: share of MLP channels kept in every block
     heads_keep: float | None = None  # structure: share of key/value head groups kept
     drop_blocks: int | None = None  # structure: number of decoder blocks removed
+    bias_compensation: bool = False  # structure: removed units' mean contribution kept as a bias (FLAP)
     speed: bool = True  # measure prefill / decode tokens/s of the dense and the extracted model
     calib_blocks: int = 64
     block_len: int = 512
@@ -90,7 +91,7 @@ class Recipe:
 
     def validate(self) -> None:
         targets = (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)
-        if any(t is not None for t in targets):
+        if any(t is not None for t in targets) or self.bias_compensation:
             self.structure = True
         if self.structure:
             self._validate_structure()
@@ -402,6 +403,7 @@ def extract(
                 lr=recipe.lr,
                 importance=reused,
                 batch_size=recipe.batch_size,
+                bias_compensation=recipe.bias_compensation,
             )
             importance = shaped.importance
         else:

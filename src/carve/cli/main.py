@@ -131,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--heads-keep", type=float, default=None, help="share of attention heads kept, in whole key/value groups"
     )
     st.add_argument("--drop-blocks", type=int, default=None, help="number of decoder blocks removed")
+    st.add_argument(
+        "--bias-compensation",
+        action="store_true",
+        help="keep the removed heads' and channels' mean contribution as a bias (FLAP; configs with "
+        "mlp_bias / attention_bias, e.g. Llama)",
+    )
     ex.add_argument(
         "--no-speed",
         dest="speed",

@@ -172,6 +172,44 @@ def block_distances(model: nn.Module, calibration: torch.Tensor, batch_size: int
     return (total / count).float()
 
 
+@torch.no_grad()
+def input_means(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Per block, the mean over calibration tokens of the inputs of o_proj and down_proj (what
+    FLAP's bias compensation adds back for the removed columns)."""
+    anat = anatomy(model)
+    sums = [{r: torch.zeros(p.linear(r).in_features, dtype=torch.float64) for r in ("o_proj", "down_proj")}
+            for p in anat.parts]  # fmt: skip
+    count = 0
+
+    def hook(i: int, role: str) -> Any:
+        def record(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            sums[i][role] += args[0].detach().double().reshape(-1, args[0].shape[-1]).sum(0).cpu()
+
+        return record
+
+    handles = [
+        p.linear(role).register_forward_pre_hook(hook(i, role))
+        for i, p in enumerate(anat.parts)
+        for role in ("o_proj", "down_proj")
+    ]
+    device = next(model.parameters()).device
+    try:
+        for ids in progress(list(calibration.split(batch_size)), "input means"):
+            model(input_ids=ids.to(device), use_cache=False)
+            count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return [{r: (t / count).float() for r, t in block.items()} for block in sums]
+
+
+def compensable(model: nn.Module) -> list[str]:
+    """The projections whose removed inputs can be compensated by a bias the config can carry:
+    "down_proj" when the config has `mlp_bias`, "o_proj" when it has `attention_bias`."""
+    config = _text_config(model)
+    return [role for role, flag in (("o_proj", "attention_bias"), ("down_proj", "mlp_bias")) if hasattr(config, flag)]
+
+
 # --------------------------------------------------------------------------- shapes and plans
 @dataclass(frozen=True)
 class Shape:
@@ -322,15 +360,42 @@ def _head_rows(units: list[int], per_unit: int) -> list[int]:
     return [u * per_unit + j for u in units for j in range(per_unit)]
 
 
-def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
-    """Slice `model` in place to the plan's units and rewrite its config; returns it."""
+def _with_bias(lin: nn.Linear, delta: torch.Tensor | None = None) -> None:
+    """Give `lin` a bias if it has none (zeros), and add `delta` to it."""
+    if lin.bias is None:
+        lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
+    if delta is not None:
+        with torch.no_grad():
+            lin.bias.add_(delta.to(lin.bias.dtype).to(lin.bias.device))
+
+
+def apply_plan(model: nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]] | None = None) -> nn.Module:
+    """Slice `model` in place to the plan's units and rewrite its config; returns it.  With
+    `means` (from `input_means`), the removed heads' and channels' mean contributions are
+    compensated by biases where the config can carry them (see `compensable`)."""
     anat = anatomy(model)
     hd, rep = anat.head_dim, anat.group_size
+    roles = compensable(model) if means is not None else []
+    if plan.shape.kv_groups == anat.kv_heads and "o_proj" in roles:
+        roles.remove("o_proj")  # no head removed: nothing to compensate
+    if plan.shape.mlp_channels == anat.intermediate and "down_proj" in roles:
+        roles.remove("down_proj")
+    config = _text_config(model)
     for i, p in enumerate(anat.parts):
         if i in plan.drop:
             continue
         kv = _head_rows(plan.groups[i], hd)
         q = _head_rows([h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)], hd)
+        removed = {
+            "o_proj": sorted(set(range(p.linear("o_proj").in_features)) - set(q)),
+            "down_proj": sorted(set(range(p.linear("down_proj").in_features)) - set(plan.channels[i])),
+        }
+        deltas = {}
+        for role in roles:
+            assert means is not None
+            lin = p.linear(role)
+            cols = removed[role]
+            deltas[role] = lin.weight.detach()[:, cols].float() @ means[i][role][cols].to(lin.weight.device)
         for role, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
             setattr(p.attention, role, _sliced(p.linear(role), rows=rows))
         p.attention.o_proj = _sliced(p.linear("o_proj"), cols=q)
@@ -339,6 +404,12 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
             if role in p.names:
                 setattr(p.mlp, role, _sliced(p.linear(role), rows=ch))
         p.mlp.down_proj = _sliced(p.linear("down_proj"), cols=ch)
+        for role, delta in deltas.items():
+            for r in ATTENTION if role == "o_proj" else MLP:
+                if r in p.names:  # the config's flag gives every projection it governs a bias
+                    _with_bias(p.linear(r), delta if r == role else None)
+    for role in roles:
+        setattr(config, "attention_bias" if role == "o_proj" else "mlp_bias", True)
     kept = [i for i in range(len(anat.blocks)) if i not in plan.drop]
     if plan.drop:
         new_list = nn.ModuleList([anat.blocks[i] for i in kept])
@@ -348,7 +419,6 @@ def apply_plan(model: nn.Module, plan: Plan) -> nn.Module:
                     mod.layer_idx = new_i  # type: ignore[assignment]  # the KV cache is indexed by it
         parent = model.get_submodule(anat.prefix.rsplit(".", 1)[0]) if "." in anat.prefix else model
         setattr(parent, anat.prefix.rsplit(".", 1)[-1], new_list)
-    config = _text_config(model)
     config.head_dim = hd  # explicit: most configs derive it from hidden_size / heads otherwise
     config.num_key_value_heads = plan.shape.kv_groups
     config.num_attention_heads = plan.shape.kv_groups * rep
@@ -398,9 +468,11 @@ def search_plan(
     channels: torch.Tensor,
     distances: torch.Tensor | None,
     blocks: torch.Tensor,
+    means: list[dict[str, torch.Tensor]] | None = None,
 ) -> Plan:
-    """The plan among `shapes` whose sliced model has the lowest loss on `blocks` (each candidate
-    is sliced from a copy of the model, measured, and freed)."""
+    """The plan among `shapes` whose sliced model (bias-compensated with `means`, if given) has
+    the lowest loss on `blocks` (each candidate is sliced from a copy of the model, measured, and
+    freed)."""
     if len(shapes) == 1:
         return make_plan(shapes[0], groups, channels, distances)
     anat = anatomy(model)
@@ -408,7 +480,7 @@ def search_plan(
     weighed = []
     for shape in progress(shapes, "split search"):
         plan = make_plan(shape, groups, channels, distances)
-        trial = apply_plan(copy.deepcopy(model), plan)
+        trial = apply_plan(copy.deepcopy(model), plan, means)
         loss = calibration_loss(trial, blocks)
         del trial
         weighed.append({**asdict(shape), "decoder_params": decoder_params(anat, shape), "loss": round(loss, 5)})
@@ -450,13 +522,20 @@ def structure(
     batch_size: int = 8,
     search_blocks: int = 8,
     distance_blocks: int = 16,
+    bias_compensation: bool = False,
 ) -> StructureResult:
     """Score the weights with `method`, rank channels / key-value groups / blocks, choose the
     split (the candidate shapes within `keep` with the lowest loss on `search_blocks`
-    calibration blocks, explicit targets held), and slice `model` in place."""
+    calibration blocks, explicit targets held), and slice `model` in place; with
+    `bias_compensation`, removed units' mean contributions become biases (FLAP)."""
     from carve.ops.prune import score
 
     anat = anatomy(model)  # refuses an unsupported architecture before any long work
+    if bias_compensation and not compensable(model):
+        raise UsageError(
+            f"{type(model).__name__}'s config has neither mlp_bias nor attention_bias: the removed units' "
+            "contribution cannot be kept as a bias (bias compensation works for Llama, and Gemma3 attention)"
+        )
     shapes = candidate_shapes(anat, keep, mlp_keep, heads_keep, drop_blocks)
     if importance is None:
         importance = score(
@@ -472,6 +551,7 @@ def structure(
     distances = None
     if any(s.drop_blocks for s in shapes):
         distances = block_distances(model, evenly_spaced(calibration, distance_blocks), batch_size)
-    plan = search_plan(model, shapes, groups, channels, distances, evenly_spaced(calibration, search_blocks))
-    apply_plan(model, plan)
+    means = input_means(model, evenly_spaced(calibration, distance_blocks), batch_size) if bias_compensation else None
+    plan = search_plan(model, shapes, groups, channels, distances, evenly_spaced(calibration, search_blocks), means)
+    apply_plan(model, plan, means)
     return StructureResult(plan, importance, distances)
