@@ -96,7 +96,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def speed_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Dense and extracted loaded side by side, measured alternately (dense, extracted, dense,
-    extracted): the best of each, so a disturbance hits both alike."""
+    extracted, ...): the best of each, so a disturbance hits both alike."""
     import carve
     from carve.evaluation.speed import measure_speed, speedup
 
@@ -104,7 +104,7 @@ def speed_worker(spec: dict[str, Any]) -> dict[str, Any]:
     ext = carve.load_model(str(_out({**spec, "job": "extract"})))
     prompt = carve.Corpus(spec["domain"]).eval_blocks(dense.tokenizer, 1, 512)[0]
     runs: dict[str, list[dict[str, Any]]] = {"dense": [], "extracted": []}
-    for _ in range(2):
+    for _ in range(3):
         runs["dense"].append(measure_speed(dense.model, prompt))
         runs["extracted"].append(measure_speed(ext.model, prompt))
 
@@ -116,15 +116,27 @@ def speed_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- driver side
-def configurations(domains: list[str], keeps: list[float], steps: int) -> list[dict[str, Any]]:
+def _variants(keeps: list[float], drops: list[int]) -> list[tuple[float, int | None]]:
+    """(keep, dropped blocks): carve's own split for each keep, then depth-only variants at 0.5
+    (whole blocks dropped, widths untouched; 15 of 30 blocks is exactly half the decoder)."""
+    return [(k, None) for k in keeps] + [(0.5, n) for n in drops]
+
+
+def _key(d: str, k: float, drop: int | None) -> str:
+    return f"{d}/{k}" + (f"/{drop}drop" if drop else "")
+
+
+def configurations(domains: list[str], keeps: list[float], steps: int, drops: list[int]) -> list[dict[str, Any]]:
     out = []
     for d in domains:
-        for k in keeps:
+        for k, drop in _variants(keeps, drops):
             for job in ("extract", "speed", "recover"):
                 c: dict[str, Any] = {"domain": d, "keep": k, "job": job}
+                if drop:
+                    c["drop"] = drop
                 if job == "recover":
                     c["steps"] = steps
-                c["id"] = "/".join(str(v) for v in c.values())
+                c["id"] = _key(d, k, drop) + f"/{job}" + (f"/{steps}" if job == "recover" else "")
                 out.append(c)
     return out
 
@@ -135,7 +147,9 @@ def _sparsegpt_reference(domain: str) -> dict[str, Any] | None:
     return rows.get(f"{domain}/50%/sparsegpt/0.3/None/None")
 
 
-def write_table(rows: dict[str, dict[str, Any]], domains: list[str], keeps: list[float], steps: int) -> str:
+def write_table(
+    rows: dict[str, dict[str, Any]], domains: list[str], keeps: list[float], steps: int, drops: list[int]
+) -> str:
     dense_mb = (MODEL_DIR / "model.safetensors").stat().st_size / 2**20 if MODEL_DIR.exists() else float("nan")
     lines = [
         "# Structured extraction and recovery",
@@ -143,12 +157,14 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], keeps: list
         "Written by `bench/structured.py` (finished jobs cached in `bench/results/structured.jsonl`). Model: "
         "SmolLM2-135M-Instruct (embedded default, float32, 30 blocks). `keep`: share of decoder-block parameters "
         "kept; carve chose the split (kv groups of 3, MLP channels of 1536, blocks of 30) by the calibration loss "
-        "of each candidate; Wanda scores, 0.3 general mix, 64 x 512 calibration blocks. Recovery: full-model "
+        "of each candidate (a `drop N` row: only N whole blocks dropped, by angular distance); Wanda scores, "
+        "0.3 general mix, 64 x 512 calibration blocks. Recovery: full-model "
         "distillation (KL on logits, T = 1) from the dense model, one 512-token block per step, half general, "
         "AdamW lr 1e-4 with warm-up and cosine decay. Perplexity: first 16 held-out 512-token blocks; cloze: 100 "
         "held-out items (95% Wilson interval). Speed: batch 1 on 2 CPU threads, best of 3 after a warm-up "
         "(prefill: 512 tokens; decode: 128 greedy tokens); for an extracted model from a separate process holding "
-        "it and the dense model, measured alternately twice (the extract's own before/after figures are minutes "
+        "it and the dense model, measured alternately (three rounds; two for the first 0.5 rows; the extract's "
+        "own before/after figures are minutes "
         "apart); for a recovered model, right after the dense one in its job's process. Time and RSS: whole job "
         "(its manifest's stages; RSS of its process).",
         "",
@@ -165,28 +181,30 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], keeps: list
         for k in keeps:
             ex = rows.get(f"{d}/{k}/extract")
             if ex and "error" not in ex and dense_row is None:
-                b, sp = ex["metrics"]["before"], _extract_speed(rows, d, k)["dense"]
+                b, sp = ex["metrics"]["before"], _extract_speed(rows, f"{d}/{k}")["dense"]
                 dense_row = b
                 lines.append(
                     f"| dense | 3 / 1536 / 30 | {ex['size']['parameters_before']:,} | {dense_mb:.0f} "
                     f"| {b['domain_ppl']:.3f} | {b['general_ppl']:.3f} | {_cloze(b)} "
                     f"| {sp['prefill_tokens_per_s']:.0f} | {sp['decode_tokens_per_s']:.1f} | | |"
                 )
-        for k in keeps:
+        for k, drop in _variants(keeps, drops):
             for job in ("extract", "recover"):
-                key = f"{d}/{k}/{job}" + (f"/{steps}" if job == "recover" else "")
+                key = _key(d, k, drop) + f"/{job}" + (f"/{steps}" if job == "recover" else "")
                 r = rows.get(key)
-                name = f"keep {k:g}" + (
-                    f", recovered ({steps} steps, {steps * 512:,} tokens)" if job == "recover" else ""
+                name = (
+                    f"keep {k:g}"
+                    + (f", drop {drop} blocks only" if drop else "")
+                    + (f", recovered ({steps} steps, {steps * 512:,} tokens)" if job == "recover" else "")
                 )
                 if r is None or "error" in r:
                     lines.append(f"| {name} | | | | | | | | | | {'not run yet' if r is None else r['error']} |")
                     continue
-                ex = rows.get(f"{d}/{k}/extract")
+                ex = rows.get(_key(d, k, drop) + "/extract")
                 shape = ex["structure"]["config"] if ex and "structure" in ex else {}
                 after, sp = r["metrics"]["after"], r["speed"]
                 if job == "extract":
-                    sp = _extract_speed(rows, d, k)
+                    sp = _extract_speed(rows, _key(d, k, drop))
                 params = r["size"].get("parameters_after", r["size"].get("parameters"))
                 total = sum(r["timings_s"].values())
                 lines.append(
@@ -206,15 +224,16 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], keeps: list
                 f"| {ref.get('seconds', 0):.0f} (prune) | {ref['peak_rss_mb']:.0f} |"
             )
         lines.append("")
-        lines += _verdicts(rows, d, steps, dense_row, ref, dense_mb)
+        for drop in [None, *drops]:
+            lines += _verdicts(rows, d, drop, steps, dense_row, ref, dense_mb)
         lines.append("")
     return "\n".join(lines)
 
 
-def _extract_speed(rows: dict[str, dict[str, Any]], d: str, k: float) -> dict[str, Any]:
+def _extract_speed(rows: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
     """The extracted model's speed: from the side-by-side job when it ran, else the extract's own."""
-    side = rows.get(f"{d}/{k}/speed")
-    return side["speed"] if side and "error" not in side else rows[f"{d}/{k}/extract"]["speed"]
+    side = rows.get(f"{key}/speed")
+    return side["speed"] if side and "error" not in side else rows[f"{key}/extract"]["speed"]
 
 
 def _cloze(m: dict[str, Any]) -> str:
@@ -227,27 +246,30 @@ def _cloze(m: dict[str, Any]) -> str:
 def _verdicts(
     rows: dict[str, dict[str, Any]],
     d: str,
+    drop: int | None,
     steps: int,
     dense: dict[str, Any] | None,
     ref: dict[str, Any] | None,
     dense_mb: float,
 ) -> list[str]:
-    ex, rec = rows.get(f"{d}/0.5/extract"), rows.get(f"{d}/0.5/recover/{steps}")
+    key = _key(d, 0.5, drop)
+    ex, rec = rows.get(f"{key}/extract"), rows.get(f"{key}/recover/{steps}")
     out = []
+    what = f"50% removed ({f'{drop} blocks dropped' if drop else 'carve split'})"
     if ex and "error" not in ex:
-        s = _extract_speed(rows, d, 0.5)["decode_speedup"]
-        out.append(f"- 50% removed, decode speed-up {s:.2f}x dense (bar >= 1.6x: {'met' if s >= 1.6 else 'NOT met'})")
+        s = _extract_speed(rows, key)["decode_speedup"]
+        out.append(f"- {what}, decode speed-up {s:.2f}x dense (bar >= 1.6x: {'met' if s >= 1.6 else 'NOT met'})")
     if rec and "error" not in rec and dense:
         ratio = rec["metrics"]["after"]["domain_ppl"] / dense["domain_ppl"]
         out.append(
-            f"- 50% removed and recovered: domain ppl {ratio:.2f}x dense (bar <= 1.5x: "
+            f"- {what} and recovered: domain ppl {ratio:.2f}x dense (bar <= 1.5x: "
             f"{'met' if ratio <= 1.5 else 'NOT met'})"
         )
         if ref:
             below = rec["metrics"]["after"]["domain_ppl"] < ref["domain_ppl"]
             half = rec["size"]["file_mb"] <= dense_mb / 2
             out.append(
-                f"- aim: recovered 50% domain ppl {rec['metrics']['after']['domain_ppl']:.3f} vs SparseGPT 50% "
+                f"- aim ({what}): recovered domain ppl {rec['metrics']['after']['domain_ppl']:.3f} vs SparseGPT 50% "
                 f"{ref['domain_ppl']:.3f} ({'below' if below else 'NOT below'}), file {rec['size']['file_mb']:.0f} MB "
                 f"vs {dense_mb:.0f} MB ({'at most half' if half else 'NOT half'})"
             )
@@ -260,6 +282,7 @@ def main() -> None:
     p.add_argument("--domains", nargs="+", default=["legal", "code"])
     p.add_argument("--keeps", nargs="+", type=float, default=[0.75, 0.5])
     p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--drops", nargs="*", type=int, default=[15], help="depth-only variants at keep 0.5")
     p.add_argument("--only", default="")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
@@ -269,14 +292,15 @@ def main() -> None:
     rows = load_results(RESULTS)
 
     def publish() -> None:
-        write_section("structured", write_table(rows, ["legal", "code"], [0.75, 0.5], args.steps))
+        write_section("structured", write_table(rows, ["legal", "code"], [0.75, 0.5], args.steps, [15]))
 
     if not args.table_only:
         ensure_model()
-        for cfg in configurations(args.domains, args.keeps, args.steps):
+        for cfg in configurations(args.domains, args.keeps, args.steps, args.drops):
             if cfg["id"] in rows or args.only not in cfg["id"]:
                 continue
-            if cfg["job"] != "extract" and "error" in rows.get(f"{cfg['domain']}/{cfg['keep']}/extract", {"error": 1}):
+            base = _key(cfg["domain"], cfg["keep"], cfg.get("drop"))
+            if cfg["job"] != "extract" and "error" in rows.get(f"{base}/extract", {"error": 1}):
                 continue  # nothing to measure or recover
             print(f"running {cfg['id']} ...", flush=True)
             t = time.perf_counter()
@@ -290,7 +314,7 @@ def main() -> None:
             print(json.dumps({k: row.get(k) for k in ("id", "metrics", "speed", "size", "timings_s")}), flush=True)
             publish()
     publish()
-    print(write_table(rows, ["legal", "code"], [0.75, 0.5], args.steps))
+    print(write_table(rows, ["legal", "code"], [0.75, 0.5], args.steps, [15]))
 
 
 if __name__ == "__main__":

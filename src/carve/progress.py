@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
@@ -25,3 +28,20 @@ def set_quiet(quiet: bool) -> None:
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, **kw: Any) -> Iterator[T]:
     yield from tqdm(iterable, desc=desc, total=total, disable=_QUIET, delay=2.0, leave=False, dynamic_ncols=True, **kw)
+
+
+@contextmanager
+def library_bars(module_name: str) -> Iterator[None]:
+    """Route the plain tqdm bars a library module draws (transformers' GGUF de-quantization, which
+    its own progress-bar switch does not reach) through carve's rules: hidden with --quiet, shown
+    only after 2 s, cleared when done."""
+    module = importlib.import_module(module_name)
+    original = getattr(module, "tqdm", None)
+    if original is None:
+        yield
+        return
+    module.tqdm = functools.partial(original, disable=_QUIET, delay=2.0, leave=False)  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        module.tqdm = original  # type: ignore[attr-defined]

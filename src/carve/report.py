@@ -79,10 +79,12 @@ def _plots(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, str]:
     pts = [r for r in rows if r["domain_ppl"] and r["general_ppl"]]
     if pts:
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        dense = next((r for r in pts if r["domain_ppl_before"]), None)
-        if dense:
-            ax.scatter(dense["general_ppl_before"], dense["domain_ppl_before"], marker="D", color="black")
-            ax.annotate("dense", (dense["general_ppl_before"], dense["domain_ppl_before"]), fontsize=8)
+        dense = {r["domain"]: r for r in pts if r["domain_ppl_before"]}  # one source point per domain
+        for domain, r in dense.items():
+            xy = (r["general_ppl_before"], r["domain_ppl_before"])
+            ax.scatter(*xy, marker="D", color="black")
+            label = f"dense ({domain})" if len(dense) > 1 else "dense"
+            ax.annotate(label, xy, fontsize=8, xytext=(3, 3), textcoords="offset points")
         for r in pts:
             ax.scatter(r["general_ppl"], r["domain_ppl"])
             ax.annotate(
@@ -111,7 +113,7 @@ def _plots(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, str]:
             ax.set_xlabel("block")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(f"{run.name}: share of weights removed per block and module")
-            ax.legend(fontsize=6, ncol=4)
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1))
         fig.tight_layout()
         out["sparsity"] = _png(fig)
     scored = [run for run in runs if run.importance is not None]
@@ -146,7 +148,8 @@ def _plots(runs: list[Run], rows: list[dict[str, Any]]) -> dict[str, str]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("share of weights")
         ax.set_title(f"mask overlap per block: {a.name} vs {b.name}")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+        fig.tight_layout()
         out["overlap"] = _png(fig)
     return out
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from carve.errors import UsageError
+from carve.progress import library_bars
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _DEFAULT_ALIASES = {None, "", "default", DEFAULT_MODEL, "SmolLM2-135M-Instruct"}
@@ -132,7 +133,8 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
             _check_gguf(path)
             fingerprint = _file_fingerprint([path])
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+            with library_bars("transformers.modeling_gguf_pytorch_utils"):
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
             # the weights are now plain floats: a saved copy must not claim to be GGUF-quantized
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
