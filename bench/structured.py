@@ -280,7 +280,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--worker")
     p.add_argument("--domains", nargs="+", default=["legal", "code"])
-    p.add_argument("--keeps", nargs="+", type=float, default=[0.75, 0.5])
+    p.add_argument("--keeps", nargs="*", type=float, default=[0.75, 0.5])
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--drops", nargs="*", type=int, default=[15], help="depth-only variants at keep 0.5")
     p.add_argument("--only", default="")
