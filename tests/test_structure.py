@@ -155,6 +155,39 @@ def test_search_picks_the_candidate_with_the_lowest_loss() -> None:
     assert anatomy(model).parts[0].linear("up_proj").out_features == anat.intermediate
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_slicing_a_shared_copy_leaves_the_model_and_equals_slicing_a_full_copy(arch: str) -> None:
+    """The search slices candidates from `shared_copy` (no second model in memory): the original's
+    weights, config and outputs stay as they were, and the candidate equals one sliced from a deep
+    copy (bias compensation and dropped blocks included)."""
+    from carve.ops.structure import compensable, input_means, shared_copy
+
+    model = three_block_model(arch)
+    model.config.attention_bias = True  # let the compensation write biases, also into projections that had none
+    anat = anatomy(model)
+    calib = _ids(4, 16)
+    groups, channels = unit_importance(random_scores(model), anat)
+    plan = make_plan(Shape(1, 40, 1), groups, channels, block_distances(model, calib))
+    means = input_means(model, calib, batch_size=2)
+    assert "o_proj" in compensable(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    config = model.config.to_dict()
+    with torch.no_grad():
+        logits = model(input_ids=calib).logits
+
+    copied = shared_copy(model)
+    embed = model.get_input_embeddings().weight
+    assert copied.get_input_embeddings().weight.data_ptr() == embed.data_ptr()  # shared, not copied
+    trial = apply_plan(copied, plan, means)
+    reference = apply_plan(copy.deepcopy(model), plan, means)
+    with torch.no_grad():
+        torch.testing.assert_close(trial(input_ids=calib).logits, reference(input_ids=calib).logits, rtol=0, atol=0)
+        torch.testing.assert_close(model(input_ids=calib).logits, logits, rtol=0, atol=0)
+    assert model.config.to_dict() == config and model.config.num_hidden_layers == 3
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+
+
 def test_unsupported_architecture_is_refused_clearly() -> None:
     from tests.conftest import tiny_model
 

@@ -461,6 +461,14 @@ def calibration_loss(model: nn.Module, blocks: torch.Tensor) -> float:
     return float(sum(next_token_loss(model, b[None].to(device)).item() for b in blocks) / len(blocks))
 
 
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s modules and config that shares every parameter and buffer with it.
+    `apply_plan` replaces the Linear modules it slices (never writes into a weight), so slicing
+    this copy leaves `model` as it was while allocating only the kept units."""
+    memo: dict[int, Any] = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
 def search_plan(
     model: nn.Module,
     shapes: list[Shape],
@@ -471,8 +479,8 @@ def search_plan(
     means: list[dict[str, torch.Tensor]] | None = None,
 ) -> Plan:
     """The plan among `shapes` whose sliced model (bias-compensated with `means`, if given) has
-    the lowest loss on `blocks` (each candidate is sliced from a copy of the model, measured, and
-    freed)."""
+    the lowest loss on `blocks` (each candidate is sliced from a `shared_copy` of the model,
+    measured, and freed: a candidate costs only its sliced weights, not a second model)."""
     if len(shapes) == 1:
         return make_plan(shapes[0], groups, channels, distances)
     anat = anatomy(model)
@@ -480,7 +488,7 @@ def search_plan(
     weighed = []
     for shape in progress(shapes, "split search"):
         plan = make_plan(shape, groups, channels, distances)
-        trial = apply_plan(copy.deepcopy(model), plan, means)
+        trial = apply_plan(shared_copy(model), plan, means)
         loss = calibration_loss(trial, blocks)
         del trial
         weighed.append({**asdict(shape), "decoder_params": decoder_params(anat, shape), "loss": round(loss, 5)})
