@@ -149,6 +149,31 @@ def test_cloze_accuracy_picks_highest_mean_loglik() -> None:
     task = ClozeTask("t", ctx, cho, (ref.argmax(-1) + 1) % 4)
     assert cloze_accuracy(model, task)["accuracy"] == 0.0
 
+    # a forward without `logits_to_keep` is scored from its full logits, and an error raised inside
+    # a forward reaches the caller instead of being retried
+    class NoKeep(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids: torch.Tensor, use_cache: bool = False):  # type: ignore[no-untyped-def]
+            return self.inner(input_ids=input_ids, use_cache=use_cache)
+
+    wrapped = NoKeep(model)
+    task = ClozeTask("t", ctx, cho, ref.argmax(-1))
+    assert cloze_accuracy(wrapped, task)["accuracy"] == 1.0
+
+    class Broken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))  # a device to run on
+
+        def forward(self, input_ids: torch.Tensor, use_cache: bool = False, logits_to_keep: int = 0):  # type: ignore[no-untyped-def]
+            raise TypeError("a bug inside the model")
+
+    with pytest.raises(TypeError, match="a bug inside"):
+        cloze_accuracy(Broken(), task)
+
 
 def test_dual_with_sgd_steps_uses_the_refined_loss_and_restores_weights() -> None:
     domain, general = _calib(seed=3), _calib(seed=4)

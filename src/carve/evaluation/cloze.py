@@ -11,6 +11,7 @@ Wilson score interval for a binomial proportion.  Chance is 1/4.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import random
 from dataclasses import dataclass
@@ -102,11 +103,11 @@ def choice_loglik(model: nn.Module, task: ClozeTask, batch_items: int = 4, desc:
 
 def _last_logits(model: nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
     """Logits of the last `keep` positions only (the vocabulary projection of the passage
-    positions is not needed), for models whose forward takes `logits_to_keep`."""
-    try:
+    positions is not needed), for models whose forward takes `logits_to_keep` (asked of the
+    signature, so an error raised inside a forward is never mistaken for an unknown argument)."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
         return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, -keep:]
-    except TypeError:
-        return model(input_ids=ids, use_cache=False).logits[:, -keep:]
+    return model(input_ids=ids, use_cache=False).logits[:, -keep:]
 
 
 def cloze_accuracy(model: nn.Module, task: ClozeTask, desc: str | None = None) -> dict[str, Any]:
