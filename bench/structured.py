@@ -302,6 +302,11 @@ def main() -> None:
             base = _key(cfg["domain"], cfg["keep"], cfg.get("drop"))
             if cfg["job"] != "extract" and "error" in rows.get(f"{base}/extract", {"error": 1}):
                 continue  # nothing to measure or recover
+            if cfg["job"] != "extract" and not _out({**cfg, "job": "extract"}).exists():
+                # its extraction is cached but its model directory is not (a fresh checkout):
+                # rebuild it (deterministic: same seeded calibration blocks) and keep the cached row
+                print(f"rebuilding the model of {base}/extract for {cfg['id']} ...", flush=True)
+                carve_worker(__file__, {**cfg, "job": "extract", "id": f"{base}/extract"})
             print(f"running {cfg['id']} ...", flush=True)
             t = time.perf_counter()
             res = carve_worker(__file__, cfg)

@@ -11,7 +11,6 @@ Wilson score interval for a binomial proportion.  Chance is 1/4.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import random
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from torch import nn
 
 from carve.corpora import Corpus
 from carve.errors import UsageError
+from carve.models.arch import last_logits
 from carve.progress import progress
 
 CHOICES = 4
@@ -95,19 +95,10 @@ def choice_loglik(model: nn.Module, task: ClozeTask, batch_items: int = 4, desc:
         ctx = task.contexts[s : s + batch_items]
         cho = task.choices[s : s + batch_items]
         seqs = torch.cat([ctx.unsqueeze(1).expand(-1, k, -1), cho], dim=2).reshape(-1, ctx.shape[1] + cont)
-        logits = _last_logits(model, seqs.to(device), cont + 1)[:, :-1].float()
+        logits = last_logits(model, seqs.to(device), cont + 1)[:, :-1].float()
         logp = F.log_softmax(logits, dim=-1).gather(-1, seqs[:, -cont:, None].to(device)).squeeze(-1)
         out[s : s + batch_items] = logp.mean(-1).view(-1, k).cpu()
     return out
-
-
-def _last_logits(model: nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
-    """Logits of the last `keep` positions only (the vocabulary projection of the passage
-    positions is not needed), for models whose forward takes `logits_to_keep` (asked of the
-    signature, so an error raised inside a forward is never mistaken for an unknown argument)."""
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, -keep:]
-    return model(input_ids=ids, use_cache=False).logits[:, -keep:]
 
 
 def cloze_accuracy(model: nn.Module, task: ClozeTask, desc: str | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from carve.models.arch import last_logits
 from carve.progress import progress
 
 
@@ -38,10 +39,7 @@ def measure_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 128,
     model.eval()
 
     def prefill() -> None:
-        try:
-            model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        except TypeError:  # models without logits_to_keep
-            model(input_ids=ids, use_cache=False)
+        last_logits(model, ids, 1)
 
     short = ids[:, :16]
 

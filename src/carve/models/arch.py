@@ -6,6 +6,7 @@ model.decoder.layers for OPT, gpt_neox.layers …)."""
 from __future__ import annotations
 
 import fnmatch
+import inspect
 
 import torch
 from torch import nn
@@ -91,3 +92,12 @@ def all_prunable_linears(
 def count_parameters(model: nn.Module) -> int:
     """Parameters the model holds (a tied embedding / output head counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def last_logits(model: nn.Module, ids: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions of a cache-less forward over `ids`: only those are
+    projected onto the vocabulary when the model's forward takes `logits_to_keep` (asked of its
+    signature, so an error raised inside a forward is never mistaken for an unknown argument)."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits[:, -keep:]
+    return model(input_ids=ids, use_cache=False).logits[:, -keep:]
