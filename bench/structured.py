@@ -1,6 +1,7 @@
 """Benchmark structured extraction and recovery on the embedded default.
 
-    .venv/bin/python bench/structured.py [--domains legal code] [--keeps 0.75 0.5] [--steps 200] [--only ID]
+    .venv/bin/python bench/structured.py [--domains legal code] [--keeps 0.75 0.5] [--drops 15]
+        [--steps 200 ...] [--only ID]
 
 For each domain: `carve extract --structure --keep K` (K = 0.75 and 0.5: 25% and 50% of the
 decoder-block parameters removed; the split between MLP width, heads and blocks chosen by carve;
@@ -41,6 +42,7 @@ from common import (
 RESULTS = HERE / "results" / "structured.jsonl"
 DUAL_RESULTS = HERE / "results" / "dual.jsonl"
 EVAL_BLOCKS, CLOZE_ITEMS = 16, 100
+STEPS = 200  # the standard recovery length; others (--steps) are listed beside it
 
 
 def _out(spec: dict[str, Any]) -> Path:
@@ -126,19 +128,27 @@ def _key(d: str, k: float, drop: int | None) -> str:
     return f"{d}/{k}" + (f"/{drop}drop" if drop else "")
 
 
-def configurations(domains: list[str], keeps: list[float], steps: int, drops: list[int]) -> list[dict[str, Any]]:
+def configurations(domains: list[str], keeps: list[float], steps: list[int], drops: list[int]) -> list[dict[str, Any]]:
     out = []
     for d in domains:
         for k, drop in _variants(keeps, drops):
-            for job in ("extract", "speed", "recover"):
+            jobs: list[tuple[str, int | None]] = [("extract", None), ("speed", None)] + [("recover", n) for n in steps]
+            for job, n in jobs:
                 c: dict[str, Any] = {"domain": d, "keep": k, "job": job}
                 if drop:
                     c["drop"] = drop
-                if job == "recover":
-                    c["steps"] = steps
-                c["id"] = _key(d, k, drop) + f"/{job}" + (f"/{steps}" if job == "recover" else "")
+                if n is not None:
+                    c["steps"] = n
+                c["id"] = _key(d, k, drop) + f"/{job}" + (f"/{n}" if n is not None else "")
                 out.append(c)
     return out
+
+
+def _recoveries(rows: dict[str, dict[str, Any]], key: str, steps: int) -> list[int]:
+    """The step counts of the recoveries of `key` in the cache (the standard `steps` always
+    listed, so a missing one shows as not run)."""
+    found = {int(i.rsplit("/", 1)[1]) for i in rows if i.startswith(f"{key}/recover/")}
+    return sorted(found | {steps})
 
 
 def _sparsegpt_reference(domain: str) -> dict[str, Any] | None:
@@ -189,13 +199,14 @@ def write_table(
                     f"| {sp['prefill_tokens_per_s']:.0f} | {sp['decode_tokens_per_s']:.1f} | | |"
                 )
         for k, drop in _variants(keeps, drops):
-            for job in ("extract", "recover"):
-                key = _key(d, k, drop) + f"/{job}" + (f"/{steps}" if job == "recover" else "")
+            jobs = [("extract", 0)] + [("recover", n) for n in _recoveries(rows, _key(d, k, drop), steps)]
+            for job, n in jobs:
+                key = _key(d, k, drop) + f"/{job}" + (f"/{n}" if job == "recover" else "")
                 r = rows.get(key)
                 name = (
                     f"keep {k:g}"
                     + (f", drop {drop} blocks only" if drop else "")
-                    + (f", recovered ({steps} steps, {steps * 512:,} tokens)" if job == "recover" else "")
+                    + (f", recovered ({n} steps, {n * 512:,} tokens)" if job == "recover" else "")
                 )
                 if r is None or "error" in r:
                     lines.append(f"| {name} | | | | | | | | | | {'not run yet' if r is None else r['error']} |")
@@ -253,23 +264,27 @@ def _verdicts(
     dense_mb: float,
 ) -> list[str]:
     key = _key(d, 0.5, drop)
-    ex, rec = rows.get(f"{key}/extract"), rows.get(f"{key}/recover/{steps}")
+    ex = rows.get(f"{key}/extract")
     out = []
     what = f"50% removed ({f'{drop} blocks dropped' if drop else 'carve split'})"
     if ex and "error" not in ex:
         s = _extract_speed(rows, key)["decode_speedup"]
         out.append(f"- {what}, decode speed-up {s:.2f}x dense (bar >= 1.6x: {'met' if s >= 1.6 else 'NOT met'})")
-    if rec and "error" not in rec and dense:
+    for n in _recoveries(rows, key, steps):
+        rec = rows.get(f"{key}/recover/{n}")
+        if not rec or "error" in rec or not dense:
+            continue
+        what_n = what + (f", {n} steps" if n != steps else "")
         ratio = rec["metrics"]["after"]["domain_ppl"] / dense["domain_ppl"]
         out.append(
-            f"- {what} and recovered: domain ppl {ratio:.2f}x dense (bar <= 1.5x: "
+            f"- {what_n} and recovered: domain ppl {ratio:.2f}x dense (bar <= 1.5x: "
             f"{'met' if ratio <= 1.5 else 'NOT met'})"
         )
         if ref:
             below = rec["metrics"]["after"]["domain_ppl"] < ref["domain_ppl"]
             half = rec["size"]["file_mb"] <= dense_mb / 2
             out.append(
-                f"- aim ({what}): recovered domain ppl {rec['metrics']['after']['domain_ppl']:.3f} vs SparseGPT 50% "
+                f"- aim ({what_n}): recovered domain ppl {rec['metrics']['after']['domain_ppl']:.3f} vs SparseGPT 50% "
                 f"{ref['domain_ppl']:.3f} ({'below' if below else 'NOT below'}), file {rec['size']['file_mb']:.0f} MB "
                 f"vs {dense_mb:.0f} MB ({'at most half' if half else 'NOT half'})"
             )
@@ -281,7 +296,9 @@ def main() -> None:
     p.add_argument("--worker")
     p.add_argument("--domains", nargs="+", default=["legal", "code"])
     p.add_argument("--keeps", nargs="*", type=float, default=[0.75, 0.5])
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument(
+        "--steps", nargs="+", type=int, default=[STEPS], help=f"recovery lengths (the table's standard: {STEPS})"
+    )
     p.add_argument("--drops", nargs="*", type=int, default=[15], help="depth-only variants at keep 0.5")
     p.add_argument("--only", default="")
     p.add_argument("--table-only", action="store_true")
@@ -292,7 +309,7 @@ def main() -> None:
     rows = load_results(RESULTS)
 
     def publish() -> None:
-        write_section("structured", write_table(rows, ["legal", "code"], [0.75, 0.5], args.steps, [15]))
+        write_section("structured", write_table(rows, ["legal", "code"], [0.75, 0.5], STEPS, [15]))
 
     if not args.table_only:
         ensure_model()
@@ -319,7 +336,7 @@ def main() -> None:
             print(json.dumps({k: row.get(k) for k in ("id", "metrics", "speed", "size", "timings_s")}), flush=True)
             publish()
     publish()
-    print(write_table(rows, ["legal", "code"], [0.75, 0.5], args.steps, [15]))
+    print(write_table(rows, ["legal", "code"], [0.75, 0.5], STEPS, [15]))
 
 
 if __name__ == "__main__":
