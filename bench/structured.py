@@ -74,7 +74,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         )
         m = carve.extract(recipe, out)
     else:
-        from carve.evaluation.speed import measure_speed, speedup
         from carve.recover import RecoverRecipe, recover
 
         source = _out({**spec, "job": "extract"})
@@ -89,32 +88,33 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             out,
         )
         # the recovered model has the extracted one's shape; its speed measured against dense again
-        dense, rec = carve.load_model(str(MODEL_DIR)), carve.load_model(str(out))
-        prompt = carve.Corpus(spec["domain"]).eval_blocks(dense.tokenizer, 1, 512)[0]
-        m["speed"] = speedup(measure_speed(dense.model, prompt), measure_speed(rec.model, prompt))
+        m["speed"] = side_by_side(out, spec["domain"])
     m["peak_rss_worker_mb"] = peak_rss_mb()
     return m
 
 
 def speed_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Dense and extracted loaded side by side, measured alternately (dense, extracted, dense,
-    extracted, ...): the best of each, so a disturbance hits both alike."""
+    return {"speed": side_by_side(_out({**spec, "job": "extract"}), spec["domain"])}
+
+
+def side_by_side(model_dir: Path, domain: str, rounds: int = 3) -> dict[str, Any]:
+    """Dense and `model_dir` loaded side by side, measured alternately (dense, other, dense,
+    other, ...): the best of each, so a disturbance hits both alike."""
     import carve
     from carve.evaluation.speed import measure_speed, speedup
 
-    dense = carve.load_model(str(MODEL_DIR))
-    ext = carve.load_model(str(_out({**spec, "job": "extract"})))
-    prompt = carve.Corpus(spec["domain"]).eval_blocks(dense.tokenizer, 1, 512)[0]
-    runs: dict[str, list[dict[str, Any]]] = {"dense": [], "extracted": []}
-    for _ in range(3):
+    dense, other = carve.load_model(str(MODEL_DIR)), carve.load_model(str(model_dir))
+    prompt = carve.Corpus(domain).eval_blocks(dense.tokenizer, 1, 512)[0]
+    runs: dict[str, list[dict[str, Any]]] = {"dense": [], "other": []}
+    for _ in range(rounds):
         runs["dense"].append(measure_speed(dense.model, prompt))
-        runs["extracted"].append(measure_speed(ext.model, prompt))
+        runs["other"].append(measure_speed(other.model, prompt))
 
     def best(rs: list[dict[str, Any]]) -> dict[str, Any]:
         keys = ("prefill_tokens_per_s", "decode_tokens_per_s")
         return {**rs[0], **{k: max(r[k] for r in rs) for k in keys}, "rounds": len(rs)}
 
-    return {"speed": speedup(best(runs["dense"]), best(runs["extracted"]))}
+    return speedup(best(runs["dense"]), best(runs["other"]))
 
 
 # --------------------------------------------------------------------------- driver side
@@ -175,8 +175,10 @@ def write_table(
         "(prefill: 512 tokens; decode: 128 greedy tokens); for an extracted model from a separate process holding "
         "it and the dense model, measured alternately (three rounds; two for the first 0.5 rows; the extract's "
         "own before/after figures are minutes "
-        "apart); for a recovered model, right after the dense one in its job's process. Time and RSS: whole job "
-        "(its manifest's stages; RSS of its process).",
+        "apart); for a recovered model, in its job's process after training, alternately with the dense model "
+        "(three rounds), except where marked `*`: one dense run then one recovered run (a single round, noisier: "
+        "the same shape measured side by side differed by up to 0.27x). Time and RSS: whole job (its manifest's "
+        "stages; RSS of its process).",
         "",
     ]
     for d in domains:
@@ -216,14 +218,15 @@ def write_table(
                 after, sp = r["metrics"]["after"], r["speed"]
                 if job == "extract":
                     sp = _extract_speed(rows, _key(d, k, drop))
+                mark = "*" if job == "recover" and "rounds" not in sp["dense"] else ""
                 params = r["size"].get("parameters_after", r["size"].get("parameters"))
                 total = sum(r["timings_s"].values())
                 lines.append(
                     f"| {name} | {shape.get('num_key_value_heads')} / {shape.get('intermediate_size')} / "
                     f"{shape.get('num_hidden_layers')} | {params:,} | {r['size']['file_mb']:.0f} "
                     f"| {after['domain_ppl']:.3f} | {after['general_ppl']:.3f} | {_cloze(after)} "
-                    f"| {sp['extracted']['prefill_tokens_per_s']:.0f} ({sp['prefill_speedup']:.2f}x) "
-                    f"| {sp['extracted']['decode_tokens_per_s']:.1f} ({sp['decode_speedup']:.2f}x) "
+                    f"| {sp['extracted']['prefill_tokens_per_s']:.0f} ({sp['prefill_speedup']:.2f}x){mark} "
+                    f"| {sp['extracted']['decode_tokens_per_s']:.1f} ({sp['decode_speedup']:.2f}x){mark} "
                     f"| {total:.0f} | {r['peak_rss_mb']:.0f} |"
                 )
         ref = _sparsegpt_reference(d)
