@@ -297,10 +297,14 @@ def plot(rows: dict[str, dict[str, Any]], domains: list[str], patterns: list[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(
-        len(patterns), len(domains), figsize=(6 * len(domains), 4.5 * len(patterns)), squeeze=False
+        len(patterns), len(domains), figsize=(5 * len(domains) + 2.5, 4.2 * len(patterns)), squeeze=False
     )
+    colors = [plt.get_cmap("tab20")(k) for k in range(20)]
+    styles: dict[str, tuple[str, Any]] = {}  # one marker and colour per method, the same in every panel
+    handles: dict[str, Any] = {}
     for i, pat in enumerate(patterns):
         for j, d in enumerate(domains):
             ax = axes[i][j]
@@ -308,17 +312,23 @@ def plot(rows: dict[str, dict[str, Any]], domains: list[str], patterns: list[str
                 r = rows.get(c["id"])
                 if r is None or "error" in r or (c["pattern"] not in (pat, "-")):
                     continue
+                name = label(c)
                 marker = {"dual": "*", "sparsegpt": "o", "wanda": "s", "magnitude": "x", "dense": "D"}[c["method"]]
-                ax.scatter(r["general_ppl"], r["domain_ppl"], marker=marker, s=80 if marker == "*" else 40)
-                ax.annotate(
-                    label(c), (r["general_ppl"], r["domain_ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                styles.setdefault(name, (marker, colors[len(styles) % len(colors)]))
+                m, color = styles[name]
+                handles[name] = ax.scatter(
+                    r["general_ppl"], r["domain_ppl"], marker=m, color=color, s=90 if m == "*" else 40
                 )
             ax.set_xscale("log")
             ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):  # plain numbers, major ticks only
+                axis.set_major_formatter(ScalarFormatter())
+                axis.set_minor_formatter(NullFormatter())
             ax.set_xlabel("general perplexity")
             ax.set_ylabel(f"{d} perplexity")
             ax.set_title(f"{d}, {pat} (lower-left is better)")
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles), loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 2.3 / fig.get_figwidth(), 1))
     fig.savefig(PLOT, dpi=110)
 
 
