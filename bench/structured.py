@@ -80,6 +80,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         m = recover(
             RecoverRecipe(
                 model=str(source),
+                teacher=str(MODEL_DIR),  # not the path in its manifest: the extraction may have run elsewhere
                 domain=spec["domain"],
                 steps=spec["steps"],
                 eval_blocks=EVAL_BLOCKS,

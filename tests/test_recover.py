@@ -4,6 +4,7 @@ survives full and LoRA updates, and an interrupted run resumes to the same resul
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -140,4 +141,13 @@ def test_recover_cli_and_bad_input(
     assert main(["recover", str(model_dir), *base[2:-1], str(tmp_path / "x")]) == 2
     assert "--teacher is needed" in capsys.readouterr().err
     assert main([*base[:-1], str(tmp_path / "y"), "--temperature", "0"]) == 2
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    # a teacher named by the manifest that has since moved is named in the message, with the way out
+    moved = tmp_path / "moved"
+    shutil.copytree(structured, moved)
+    manifest = json.loads((moved / "carve.json").read_text())
+    manifest["source"]["model"] = str(tmp_path / "gone-dense")
+    (moved / "carve.json").write_text(json.dumps(manifest))
+    assert main(["recover", str(moved), *base[2:-1], str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert "gone-dense" in err and "no longer there" in err and "--teacher" in err
+    assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))

@@ -94,7 +94,13 @@ def _teacher_source(recipe: RecoverRecipe, student: LoadedModel) -> str:
         return recipe.teacher
     manifest = Path(recipe.model).expanduser() / "carve.json"
     if manifest.is_file():
-        return str(json.loads(manifest.read_text())["source"]["model"])
+        source = str(json.loads(manifest.read_text())["source"]["model"])
+        if Path(source).is_absolute() and not Path(source).exists():  # moved or deleted since
+            raise UsageError(
+                f"{recipe.model!r} was carved from {source!r} (its carve.json says), which is no longer there: "
+                "give the dense model with --teacher"
+            )
+        return source
     raise UsageError(f"--teacher is needed: {recipe.model!r} has no carve.json naming the model it was carved from")
 
 
