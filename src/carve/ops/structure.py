@@ -149,7 +149,6 @@ def block_distances(model: nn.Module, calibration: torch.Tensor, batch_size: int
     calibration token: 0 = the block leaves its input's direction unchanged."""
     _, blocks = find_blocks(model)
     total = torch.zeros(len(blocks), dtype=torch.float64)
-    count = 0
 
     def hook(i: int) -> Any:
         def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
@@ -161,14 +160,7 @@ def block_distances(model: nn.Module, calibration: torch.Tensor, batch_size: int
         return record
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    device = next(model.parameters()).device
-    try:
-        for ids in progress(list(calibration.split(batch_size)), "block distances"):
-            model(input_ids=ids.to(device), use_cache=False)
-            count += ids.numel()
-    finally:
-        for h in handles:
-            h.remove()
+    count = _run_hooked(model, calibration, handles, batch_size, "block distances")
     return (total / count).float()
 
 
@@ -179,7 +171,6 @@ def input_means(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8
     anat = anatomy(model)
     sums = [{r: torch.zeros(p.linear(r).in_features, dtype=torch.float64) for r in ("o_proj", "down_proj")}
             for p in anat.parts]  # fmt: skip
-    count = 0
 
     def hook(i: int, role: str) -> Any:
         def record(_m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -192,15 +183,23 @@ def input_means(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8
         for i, p in enumerate(anat.parts)
         for role in ("o_proj", "down_proj")
     ]
+    count = _run_hooked(model, calibration, handles, batch_size, "input means")
+    return [{r: (t / count).float() for r, t in block.items()} for block in sums]
+
+
+def _run_hooked(model: nn.Module, calibration: torch.Tensor, handles: list[Any], batch_size: int, label: str) -> int:
+    """Run the calibration blocks through the model (the hooks record what they need), remove the
+    hooks, and return the number of tokens seen."""
     device = next(model.parameters()).device
+    count = 0
     try:
-        for ids in progress(list(calibration.split(batch_size)), "input means"):
+        for ids in progress(list(calibration.split(batch_size)), label):
             model(input_ids=ids.to(device), use_cache=False)
             count += ids.numel()
     finally:
         for h in handles:
             h.remove()
-    return [{r: (t / count).float() for r, t in block.items()} for block in sums]
+    return count
 
 
 def compensable(model: nn.Module) -> list[str]:
