@@ -114,11 +114,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     m = carve.evaluate(lm, domain, general, blocks=spec["eval_blocks"], block_len=BLOCK_LEN)
     result.update(domain_ppl=m["domain_ppl"], general_ppl=m["general_ppl"], eval_blocks=m["domain_eval_blocks"])
     if spec["kind"] == "eval" and "linear_sparsity" not in result:
-        params = dict(lm.model.named_parameters())
-        lin = [n for n, p in params.items() if p.dim() == 2 and ".layers." in n]
-        result["linear_sparsity"] = sum(int((params[n] == 0).sum()) for n in lin) / sum(params[n].numel() for n in lin)
-        total = sum(p.numel() for p in lm.model.parameters())
-        result["all_sparsity"] = sum(int((p == 0).sum()) for p in lm.model.parameters()) / total
+        # a model pruned elsewhere (llm-compressor): the decoder blocks' weight matrices
+        lin = [n for n, p in lm.model.named_parameters() if p.dim() == 2 and ".layers." in n]
+        sparsity = carve.ops.model_sparsity(lm.model, lin)
+        result["linear_sparsity"] = sparsity["linear"]
+        result["all_sparsity"] = sparsity["all_parameters"]
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 

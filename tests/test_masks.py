@@ -96,3 +96,19 @@ def test_importance_map_round_trip(tmp_path: Path) -> None:
     imp.save(tmp_path / "imp.safetensors")
     back = ImportanceMap.load(tmp_path / "imp.safetensors")
     assert back.meta == imp.meta and all(torch.equal(back[k], imp[k]) for k in imp)
+
+
+def test_model_sparsity_counts_zeros_of_the_named_weights_and_of_all_parameters() -> None:
+    from carve.ops import model_sparsity
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[:2] = 0  # 8 of 16 zeros
+        model[1].weight.fill_(1.0)
+        model[0].bias.zero_()  # 4 more zeros, outside the named weights
+        model[1].bias.fill_(1.0)
+    by_names = model_sparsity(model, ["0.weight", "1.weight"])
+    by_mask = model_sparsity(model, Mask({"0.weight": torch.ones(4, 4, dtype=torch.bool)}))
+    assert by_names["linear"] == pytest.approx(8 / 24)
+    assert by_mask["linear"] == pytest.approx(8 / 16)
+    assert by_names["all_parameters"] == by_mask["all_parameters"] == pytest.approx(12 / 30)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -302,11 +303,13 @@ def reconstruct(
     return info
 
 
-def model_sparsity(model: nn.Module, mask: Mask) -> dict[str, float]:
-    """Share of zeros over the pruned Linear weights and over all parameters."""
+def model_sparsity(model: nn.Module, pruned: Mask | Iterable[str]) -> dict[str, float]:
+    """Share of zeros over the pruned weights (a mask's parameters, or any parameter names) and
+    over all parameters."""
     params = dict(model.named_parameters())
-    pruned_total = sum(params[k].numel() for k in mask)
-    pruned_zeros = sum(int((params[k] == 0).sum()) for k in mask)
+    names = list(pruned)
+    pruned_total = sum(params[k].numel() for k in names)
+    pruned_zeros = sum(int((params[k] == 0).sum()) for k in names)
     all_total = sum(p.numel() for p in model.parameters())
     all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
     return {
