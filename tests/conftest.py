@@ -20,26 +20,22 @@ def tiny_config(arch: str):
     import transformers as tf
 
     common = {"vocab_size": VOCAB, "max_position_embeddings": 256}
+    # the Llama family's sizes: 2 blocks, 4 query heads in 2 key/value groups
+    sizes = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     if arch in ("llama", "qwen2", "mistral"):
         cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}[arch]
-        return cls(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            tie_word_embeddings=(arch == "qwen2"),
-            **common,
-        )
+        return cls(tie_word_embeddings=(arch == "qwen2"), **sizes, **common)
     if arch == "gemma3":
         # one sliding-window layer and one global layer: their masks differ, so the engine must
         # give each block its own recorded call
         return tf.Gemma3TextConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            **sizes,
             head_dim=16,
             sliding_window=8,
             layer_types=["sliding_attention", "full_attention"],
