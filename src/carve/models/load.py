@@ -135,7 +135,9 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             with library_bars("transformers.modeling_gguf_pytorch_utils"):
                 model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-            # the weights are now plain floats: a saved copy must not claim to be GGUF-quantized
+            # the weights are now plain floats: detach the GGUF quantizer as transformers' own
+            # HfQuantizer.remove_quantization_config does (save_pretrained refuses a model carrying
+            # the non-serializable GGUF quantizer; PEFT and Trainer treat `is_quantized` as frozen)
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             model.hf_quantizer = None
