@@ -16,7 +16,6 @@ only the section, from the saved results). About 20 minutes on 2 cores (the gree
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -27,15 +26,16 @@ import torch
 import carve
 from carve.engines.layerwise import split_hidden
 from carve.evaluation.perplexity import perplexity
-from carve.models.arch import find_blocks
 from carve.ops.structure import (
     Plan,
     Shape,
     anatomy,
+    angular_distance,
     apply_plan,
     block_distances,
     calibration_loss,
     evenly_spaced,
+    run_hooked,
     shared_copy,
 )
 from carve.pipeline import calibration_data
@@ -94,7 +94,7 @@ def main() -> None:
         )
 
     # the hidden states entering every block and leaving the last (for the span distances)
-    _, blocks = find_blocks(model)
+    blocks = anat.blocks
     states: list[list[torch.Tensor]] = [[] for _ in range(n_blocks + 1)]
 
     def pre(i: int) -> Any:
@@ -110,15 +110,11 @@ def main() -> None:
     hooks = [b.register_forward_pre_hook(pre(i), with_kwargs=True) for i, b in enumerate(blocks)]
     hooks.append(blocks[-1].register_forward_hook(post, with_kwargs=True))
     with torch.no_grad():
-        for ids in evenly_spaced(calib, 16).split(4):
-            model(input_ids=ids, use_cache=False)
-    for h in hooks:
-        h.remove()
+        run_hooked(model, evenly_spaced(calib, 16), hooks, 4, "hidden states")
     xs = [torch.cat(s).reshape(-1, s[0].shape[-1]) for s in states]
 
     def angle(a: torch.Tensor, b: torch.Tensor) -> float:
-        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1, 1)
-        return float((torch.arccos(cos) / math.pi).mean())
+        return float(angular_distance(a, b).mean())
 
     d = block_distances(model, evenly_spaced(calib, 16))
     spans = [(angle(xs[start], xs[start + N]), start) for start in range(n_blocks - N + 1)]

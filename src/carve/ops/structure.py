@@ -143,6 +143,12 @@ def unit_importance(scores: Mapping[str, torch.Tensor], anat: Anatomy) -> tuple[
     return groups, channels
 
 
+def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(a, b))/π per position (last dimension compared): 0 = same direction, 1 = opposite."""
+    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+    return torch.arccos(cos.clamp(-1, 1)) / math.pi
+
+
 @torch.no_grad()
 def block_distances(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
     """Mean angular distance arccos(cos(x_in, x_out))/π of each decoder block over every
@@ -154,13 +160,12 @@ def block_distances(model: nn.Module, calibration: torch.Tensor, batch_size: int
         def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             x_in, _ = split_hidden(args, kwargs)
             x_out = out[0] if isinstance(out, (tuple, list)) else out
-            cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
-            total[i] += (torch.arccos(cos.clamp(-1, 1)) / math.pi).sum().double().cpu()
+            total[i] += angular_distance(x_in, x_out).sum().double().cpu()
 
         return record
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    count = _run_hooked(model, calibration, handles, batch_size, "block distances")
+    count = run_hooked(model, calibration, handles, batch_size, "block distances")
     return (total / count).float()
 
 
@@ -183,11 +188,11 @@ def input_means(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8
         for i, p in enumerate(anat.parts)
         for role in ("o_proj", "down_proj")
     ]
-    count = _run_hooked(model, calibration, handles, batch_size, "input means")
+    count = run_hooked(model, calibration, handles, batch_size, "input means")
     return [{r: (t / count).float() for r, t in block.items()} for block in sums]
 
 
-def _run_hooked(model: nn.Module, calibration: torch.Tensor, handles: list[Any], batch_size: int, label: str) -> int:
+def run_hooked(model: nn.Module, calibration: torch.Tensor, handles: list[Any], batch_size: int, label: str) -> int:
     """Run the calibration blocks through the model (the hooks record what they need), remove the
     hooks, and return the number of tokens seen."""
     device = next(model.parameters()).device
