@@ -2,15 +2,15 @@
 
 Compares the held-out perplexity (8 x 512-token blocks of each corpus) of the model with 15 blocks
 dropped by four rules:
-  - per-block angular distance (carve's `--drop-blocks` rule, as ShortGPT);
+  - per-block angular distance (carve's default `--drop-rule distance`, as ShortGPT);
   - the contiguous span of 15 blocks whose input and output are closest in angle (Gromov et al.
     2024, arXiv 2403.17887), also with the last block forced to stay;
   - greedy: drop one block at a time, the one whose removal gives the lowest calibration loss on 2
-    calibration blocks (30 + 29 + ... trial models).
+    calibration blocks (carve's `--drop-rule greedy`, `greedy_drop_order`).
 
 Usage: `python bench/depth_rules.py [legal|code]`; prints one JSON line per rule, writes
 `bench/results/depth_rules_<domain>.json` and its section of bench/RESULTS.md (`--table-only`:
-only the section, from the saved results). About 20 minutes on 2 cores (the greedy search).
+only the section, from the saved results). About 15 minutes on 2 cores (most of it the greedy search).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from carve.ops.structure import (
     angular_distance,
     apply_plan,
     block_distances,
-    calibration_loss,
     evenly_spaced,
+    greedy_drop_order,
     run_hooked,
     shared_copy,
 )
@@ -122,7 +122,7 @@ def main() -> None:
     s1 = min((s, start) for s, start in spans if start + N < n_blocks)[1]
     rules: dict[str, list[int]] = {
         "dense": [],
-        "per-block distance (carve)": sorted(d.argsort()[:N].tolist()),
+        "per-block distance (carve default)": sorted(d.argsort()[:N].tolist()),
         "contiguous span (Gromov)": list(range(s0, s0 + N)),
         "span, last block kept": list(range(s1, s1 + N)),
     }
@@ -143,20 +143,9 @@ def main() -> None:
     for name, drop in rules.items():
         report(name, drop)
     t = time.time()
-    greedy: list[int] = []
-    with torch.no_grad():
-        for k in range(N):
-            best: tuple[float, int] | None = None
-            for i in range(n_blocks):
-                if i in greedy:
-                    continue
-                loss = calibration_loss(apply_plan(shared_copy(model), full([*greedy, i])), search)
-                if best is None or loss < best[0]:
-                    best = (loss, i)
-            assert best is not None
-            greedy.append(best[1])
-            print("greedy", k, best, flush=True)
-    report("greedy by calibration loss", sorted(greedy))
+    greedy, losses = greedy_drop_order(model, search, N)  # carve's `--drop-rule greedy`
+    print("greedy", greedy, losses, flush=True)
+    report("greedy by calibration loss (carve --drop-rule greedy)", sorted(greedy))
     out["greedy_seconds"] = round(time.time() - t)
     print(json.dumps(out))
     (HERE / "results" / f"depth_rules_{domain_name}.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -353,6 +353,19 @@ def test_structured_extract_is_smaller_reloads_and_reports_speed(
     assert {"speed_before", "speed_after"} <= m["timings_s"].keys()
 
 
+def test_structured_extract_with_the_greedy_drop_rule(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    assert main(["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--out", str(out), *FAST,
+                 "--drop-blocks", "1", "--drop-rule", "greedy", "--cloze-items", "0"]) == 0  # fmt: skip
+    m = json.loads((out / "carve.json").read_text())
+    st = m["structure"]
+    assert m["recipe"]["drop_rule"] == st["drop_rule"] == "greedy" and st["block_distances"] is None
+    assert len(st["drop_order"]) == len(st["greedy_losses"]) == 1 and st["dropped_blocks"] == st["drop_order"]
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

@@ -18,10 +18,13 @@ from carve.ops.structure import (
     anatomy,
     apply_plan,
     block_distances,
+    calibration_loss,
     candidate_shapes,
     decoder_params,
+    greedy_drop_order,
     make_plan,
     search_plan,
+    shared_copy,
     unit_importance,
     zero_plan,
 )
@@ -57,8 +60,7 @@ def test_sliced_model_equals_zeroed_model_and_reloads(arch: str, tmp_path: Path)
     model = three_block_model(arch)
     anat = anatomy(model)
     groups, channels = unit_importance(random_scores(model), anat)
-    distances = torch.tensor([0.3, 0.1, 0.2])
-    plan = make_plan(Shape(kv_groups=1, mlp_channels=40, drop_blocks=1), groups, channels, distances)
+    plan = make_plan(Shape(kv_groups=1, mlp_channels=40, drop_blocks=1), groups, channels, [1, 2, 0])
     assert plan.drop == [1]
     sliced = apply_plan(copy.deepcopy(model), plan)
     zeroed = zero_plan(copy.deepcopy(model), plan)
@@ -134,7 +136,7 @@ def test_block_distance_of_an_identity_block_is_zero_and_it_is_dropped_first() -
     d = block_distances(model, _ids(4, 16), batch_size=2)
     assert d[2].item() < 1e-3 < d[0].item() and d[1].item() > 1e-3
     groups, channels = unit_importance(random_scores(model), anat)
-    assert make_plan(Shape(2, 128, 1), groups, channels, d).drop == [2]
+    assert make_plan(Shape(2, 128, 1), groups, channels, d.argsort().tolist()).drop == [2]
 
 
 def test_search_picks_the_candidate_with_the_lowest_loss() -> None:
@@ -143,7 +145,7 @@ def test_search_picks_the_candidate_with_the_lowest_loss() -> None:
     groups, channels = unit_importance(random_scores(model), anat)
     d = block_distances(model, _ids(4, 16))
     shapes = candidate_shapes(anat, 0.6, multiple=8)
-    plan = search_plan(model, shapes, groups, channels, d, _ids(3, 16))
+    plan = search_plan(model, shapes, groups, channels, d.argsort().tolist(), _ids(3, 16))
     assert len(plan.search) == len(shapes)
     best = min(plan.search, key=lambda c: c["loss"])
     assert (best["kv_groups"], best["mlp_channels"], best["drop_blocks"]) == (
@@ -160,14 +162,14 @@ def test_slicing_a_shared_copy_leaves_the_model_and_equals_slicing_a_full_copy(a
     """The search slices candidates from `shared_copy` (no second model in memory): the original's
     weights, config and outputs stay as they were, and the candidate equals one sliced from a deep
     copy (bias compensation and dropped blocks included)."""
-    from carve.ops.structure import compensable, input_means, shared_copy
+    from carve.ops.structure import compensable, input_means
 
     model = three_block_model(arch)
     model.config.attention_bias = True  # let the compensation write biases, also into projections that had none
     anat = anatomy(model)
     calib = _ids(4, 16)
     groups, channels = unit_importance(random_scores(model), anat)
-    plan = make_plan(Shape(1, 40, 1), groups, channels, block_distances(model, calib))
+    plan = make_plan(Shape(1, 40, 1), groups, channels, block_distances(model, calib).argsort().tolist())
     means = input_means(model, calib, batch_size=2)
     assert "o_proj" in compensable(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -244,3 +246,50 @@ def test_bias_compensation_refused_without_a_bias_flag() -> None:
 
     with pytest.raises(UsageError, match="neither mlp_bias nor attention_bias"):
         structure(tiny_model("qwen2"), "magnitude", _ids(2, 16), keep=0.5, bias_compensation=True)
+
+
+@pytest.mark.parametrize("arch", STRUCTURED)
+def test_greedy_drop_order_equals_slicing_every_candidate(arch: str) -> None:
+    """The greedy rule starts each candidate's forward from cached hidden states; it must pick the
+    blocks, and report the losses, that slicing a trial model per candidate gives (Gemma3 with
+    alternating sliding-window and full attention: each block keeps its own mask)."""
+    config = tiny_config(arch)
+    config.num_hidden_layers = 5
+    if arch == "gemma3":
+        config.layer_types = ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
+        config.sliding_window = 4
+    elif getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1] * 5
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    anat = anatomy(model)
+    n = len(anat.blocks)
+    calib = _ids(3, 16)
+    order, losses = greedy_drop_order(model, calib, 2)
+    units = unit_importance(random_scores(model), anat)
+
+    def dropped(drop: list[int]) -> float:
+        plan = make_plan(Shape(anat.kv_heads, anat.intermediate, len(drop)), *units, drop)
+        return calibration_loss(apply_plan(shared_copy(model), plan), calib)
+
+    chosen: list[int] = []
+    for k in range(2):
+        trials = {i: dropped([*chosen, i]) for i in range(n) if i not in chosen}
+        chosen.append(min(trials, key=lambda i: trials[i]))
+        assert losses[k] == pytest.approx(trials[chosen[-1]], abs=1e-4)
+    assert order == chosen
+    # the model is left as it was: no block's forward is still replaced
+    assert all("forward" not in b.__dict__ for b in anat.blocks)
+
+
+def test_structure_drops_the_greedy_rules_blocks() -> None:
+    from carve.ops.structure import structure
+
+    model = three_block_model("llama")
+    calib = _ids(4, 16)
+    order, _ = greedy_drop_order(copy.deepcopy(model), calib[[0, 3]], 1)
+    res = structure(model, "magnitude", calib, mlp_keep=1.0, heads_keep=1.0, drop_blocks=1, drop_rule="greedy")
+    assert res.drop_order == order and res.plan.drop == order and res.distances is None
+    assert model.config.num_hidden_layers == 2
+    with pytest.raises(UsageError, match="drop rule 'best'"):
+        structure(three_block_model("llama"), "magnitude", calib, drop_blocks=1, drop_rule="best")

@@ -25,7 +25,7 @@ from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, count_parameters
 from carve.ops import model_sparsity, prune
 from carve.ops.prune import check_propagation, scores_first
-from carve.ops.structure import structure
+from carve.ops.structure import DROP_RULES, structure
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.scorers import get_scorer
 
@@ -52,6 +52,7 @@ class Recipe:
     mlp_keep: float | None = None  # structure: share of MLP channels kept in every block
     heads_keep: float | None = None  # structure: share of key/value head groups kept
     drop_blocks: int | None = None  # structure: number of decoder blocks removed
+    drop_rule: str | None = None  # structure: which blocks go, "distance" (default) or "greedy"
     bias_compensation: bool = False  # structure: removed units' mean contribution kept as a bias (FLAP)
     speed: bool = True  # measure prefill / decode tokens/s of the dense and the extracted model
     calib_blocks: int = 64
@@ -91,7 +92,7 @@ class Recipe:
 
     def validate(self) -> None:
         targets = (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)
-        if any(t is not None for t in targets) or self.bias_compensation:
+        if any(t is not None for t in targets) or self.bias_compensation or self.drop_rule is not None:
             self.structure = True
         if self.structure:
             self._validate_structure()
@@ -132,6 +133,9 @@ class Recipe:
             raise UsageError(f"--structure removes whole channels, heads and blocks: {', '.join(given)} do not apply")
         if all(t is None for t in (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)):
             self.keep = 0.5
+        self.drop_rule = self.drop_rule or "distance"
+        if self.drop_rule not in DROP_RULES:
+            raise UsageError(f"drop rule {self.drop_rule!r} is not one of {', '.join(DROP_RULES)}")
 
 
 def peak_rss_mb() -> float:
@@ -398,6 +402,7 @@ def extract(
                 mlp_keep=recipe.mlp_keep,
                 heads_keep=recipe.heads_keep,
                 drop_blocks=recipe.drop_blocks,
+                drop_rule=recipe.drop_rule or "distance",
                 general_calibration=general_calib,
                 lam=recipe.lam,
                 lr=recipe.lr,
@@ -458,6 +463,9 @@ def extract(
                 )
             },
             "block_distances": None if shaped.distances is None else [round(x, 5) for x in shaped.distances.tolist()],
+            "drop_rule": recipe.drop_rule,
+            "drop_order": shaped.drop_order,
+            "greedy_losses": shaped.greedy_losses,
         }
     else:
         achieved = model_sparsity(lm.model, result.mask)

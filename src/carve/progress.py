@@ -27,7 +27,12 @@ def set_quiet(quiet: bool) -> None:
 
 
 def progress(iterable: Iterable[T], desc: str, total: int | None = None, **kw: Any) -> Iterator[T]:
-    yield from tqdm(iterable, desc=desc, total=total, disable=_QUIET, delay=2.0, leave=False, dynamic_ncols=True, **kw)
+    yield from bar(desc, total, iterable, **kw)
+
+
+def bar(desc: str, total: int | None, iterable: Iterable[Any] | None = None, **kw: Any) -> tqdm:
+    """A bar by carve's rules, for work that is not one loop (advance it with `.update()`)."""
+    return tqdm(iterable, desc=desc, total=total, disable=_QUIET, delay=2.0, leave=False, dynamic_ncols=True, **kw)
 
 
 @contextmanager
