@@ -1,11 +1,12 @@
 """Benchmark structured extraction and recovery on the embedded default.
 
     .venv/bin/python bench/structured.py [--domains legal code] [--keeps 0.75 0.5] [--drops 15]
-        [--steps 200 ...] [--only ID]
+        [--rules distance greedy] [--steps 200 ...] [--only ID]
 
 For each domain: `carve extract --structure --keep K` (K = 0.75 and 0.5: 25% and 50% of the
 decoder-block parameters removed; the split between MLP width, heads and blocks chosen by carve;
-Wanda scores, 0.3 general calibration mix, 64 x 512-token calibration blocks), then `carve recover`
+Wanda scores, 0.3 general calibration mix, 64 x 512-token calibration blocks; blocks dropped by
+each `--drop-rule` in `--rules`, the default distance rule first), then `carve recover`
 (distillation from the dense model, full fine-tune, `--steps` steps of one 512-token block, half
 of them general). Each job runs in its own process with its manifest; prefill / decode tokens/s of
 the extracted and of the recovered model are measured against the dense model in the same process
@@ -43,11 +44,15 @@ RESULTS = HERE / "results" / "structured.jsonl"
 DUAL_RESULTS = HERE / "results" / "dual.jsonl"
 EVAL_BLOCKS, CLOZE_ITEMS = 16, 100
 STEPS = 200  # the standard recovery length; others (--steps) are listed beside it
+RULES = ["distance", "greedy"]  # the table lists both drop rules' rows
 
 
 def _out(spec: dict[str, Any]) -> Path:
     name = f"structured-{spec['domain']}-{spec['keep']}" + (f"-{spec['drop']}drop" if spec.get("drop") else "")
-    return OUT / (name + ("-rec" if spec["job"] == "recover" else ""))
+    name += "-greedy" if spec.get("rule") == "greedy" else ""
+    if spec["job"] == "recover":
+        name += "-rec" + (f"-lr{spec['lr']:g}" if spec.get("lr") else "")
+    return OUT / name
 
 
 # --------------------------------------------------------------------------- worker side
@@ -69,6 +74,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             structure=True,
             keep=spec["keep"] if not spec.get("drop") else None,
             drop_blocks=spec.get("drop"),
+            drop_rule=spec.get("rule"),
             eval_blocks=EVAL_BLOCKS,
             cloze_items=CLOZE_ITEMS,
         )
@@ -83,6 +89,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 teacher=str(MODEL_DIR),  # not the path in its manifest: the extraction may have run elsewhere
                 domain=spec["domain"],
                 steps=spec["steps"],
+                lr=spec.get("lr"),  # None: carve recover's default (1e-4 for a full fine-tune)
                 eval_blocks=EVAL_BLOCKS,
                 cloze_items=CLOZE_ITEMS,
             ),
@@ -119,37 +126,65 @@ def side_by_side(model_dir: Path, domain: str, rounds: int = 3) -> dict[str, Any
 
 
 # --------------------------------------------------------------------------- driver side
-def _variants(keeps: list[float], drops: list[int]) -> list[tuple[float, int | None]]:
-    """(keep, dropped blocks): carve's own split for each keep, then depth-only variants at 0.5
-    (whole blocks dropped, widths untouched; 15 of 30 blocks is exactly half the decoder)."""
-    return [(k, None) for k in keeps] + [(0.5, n) for n in drops]
+Variant = tuple[float, int | None, str]  # keep, dropped blocks (None: carve's split), drop rule
 
 
-def _key(d: str, k: float, drop: int | None) -> str:
-    return f"{d}/{k}" + (f"/{drop}drop" if drop else "")
+def _variants(keeps: list[float], drops: list[int], rules: list[str]) -> list[Variant]:
+    """(keep, dropped blocks, drop rule): carve's own split for each keep, then depth-only
+    variants at 0.5 (whole blocks dropped, widths untouched; 15 of 30 blocks is exactly half the
+    decoder); the distance rule's variants first, then the greedy rule's at 0.5."""
+    out: list[Variant] = []
+    for rule in rules:
+        splits = keeps if rule == "distance" else [k for k in keeps if k == 0.5]
+        out += [(k, None, rule) for k in splits] + [(0.5, n, rule) for n in drops]
+    return out
 
 
-def configurations(domains: list[str], keeps: list[float], steps: list[int], drops: list[int]) -> list[dict[str, Any]]:
+def _key(d: str, k: float, drop: int | None, rule: str = "distance") -> str:
+    return f"{d}/{k}" + (f"/{drop}drop" if drop else "") + ("/greedy" if rule == "greedy" else "")
+
+
+def _rec_id(n: int, lr: float | None) -> str:
+    return f"recover/{n}" + (f"/lr{lr:g}" if lr else "")
+
+
+def configurations(
+    domains: list[str],
+    keeps: list[float],
+    steps: list[int],
+    drops: list[int],
+    rules: list[str],
+    lrs: list[float | None],
+) -> list[dict[str, Any]]:
     out = []
     for d in domains:
-        for k, drop in _variants(keeps, drops):
-            jobs: list[tuple[str, int | None]] = [("extract", None), ("speed", None)] + [("recover", n) for n in steps]
-            for job, n in jobs:
+        for k, drop, rule in _variants(keeps, drops, rules):
+            base = _key(d, k, drop, rule)
+            jobs: list[tuple[str, int | None, float | None]] = [("extract", None, None), ("speed", None, None)]
+            jobs += [("recover", n, lr) for n in steps for lr in lrs]
+            for job, n, lr in jobs:
                 c: dict[str, Any] = {"domain": d, "keep": k, "job": job}
                 if drop:
                     c["drop"] = drop
+                if rule != "distance":
+                    c["rule"] = rule
                 if n is not None:
                     c["steps"] = n
-                c["id"] = _key(d, k, drop) + f"/{job}" + (f"/{n}" if n is not None else "")
+                if lr:
+                    c["lr"] = lr
+                c["id"] = f"{base}/" + (_rec_id(n, lr) if n is not None else job)
                 out.append(c)
     return out
 
 
-def _recoveries(rows: dict[str, dict[str, Any]], key: str, steps: int) -> list[int]:
-    """The step counts of the recoveries of `key` in the cache (the standard `steps` always
-    listed, so a missing one shows as not run)."""
-    found = {int(i.rsplit("/", 1)[1]) for i in rows if i.startswith(f"{key}/recover/")}
-    return sorted(found | {steps})
+def _recoveries(rows: dict[str, dict[str, Any]], key: str, steps: int) -> list[tuple[int, float | None]]:
+    """The (steps, lr) of the recoveries of `key` in the cache (lr None: recover's default); the
+    standard (`steps`, default lr) listed when none ran, so a missing one shows as not run."""
+    found = set()
+    for i, r in rows.items():
+        if i.startswith(f"{key}/recover/"):
+            found.add((r["steps"], r.get("lr")))
+    return sorted(found or {(steps, None)}, key=lambda t: (t[0], t[1] or 0))
 
 
 def _sparsegpt_reference(domain: str) -> dict[str, Any] | None:
@@ -159,7 +194,12 @@ def _sparsegpt_reference(domain: str) -> dict[str, Any] | None:
 
 
 def write_table(
-    rows: dict[str, dict[str, Any]], domains: list[str], keeps: list[float], steps: int, drops: list[int]
+    rows: dict[str, dict[str, Any]],
+    domains: list[str],
+    keeps: list[float],
+    steps: int,
+    drops: list[int],
+    rules: list[str],
 ) -> str:
     dense_mb = (MODEL_DIR / "model.safetensors").stat().st_size / 2**20 if MODEL_DIR.exists() else float("nan")
     lines = [
@@ -168,10 +208,12 @@ def write_table(
         "Written by `bench/structured.py` (finished jobs cached in `bench/results/structured.jsonl`). Model: "
         "SmolLM2-135M-Instruct (embedded default, float32, 30 blocks). `keep`: share of decoder-block parameters "
         "kept; carve chose the split (kv groups of 3, MLP channels of 1536, blocks of 30) by the calibration loss "
-        "of each candidate (a `drop N` row: only N whole blocks dropped, by angular distance); Wanda scores, "
+        "of each candidate (a `drop N` row: only N whole blocks dropped); blocks chosen by angular distance "
+        "(carve's default) or, in `greedy rule` rows, by `--drop-rule greedy`; Wanda scores, "
         "0.3 general mix, 64 x 512 calibration blocks. Recovery: full-model "
         "distillation (KL on logits, T = 1) from the dense model, one 512-token block per step, half general, "
-        "AdamW lr 1e-4 with warm-up and cosine decay. Perplexity: first 16 held-out 512-token blocks; cloze: 100 "
+        "AdamW lr 1e-4 (carve recover's default; 5e-4 where a row says so) with warm-up and cosine decay. "
+        "Perplexity: first 16 held-out 512-token blocks; cloze: 100 "
         "held-out items (95% Wilson interval). Speed: batch 1 on 2 CPU threads, best of 3 after a warm-up "
         "(prefill: 512 tokens; decode: 128 greedy tokens); for an extracted model from a separate process holding "
         "it and the dense model, measured alternately (three rounds; two for the first 0.5 rows; the extract's "
@@ -201,24 +243,27 @@ def write_table(
                     f"| {b['domain_ppl']:.3f} | {b['general_ppl']:.3f} | {_cloze(b)} "
                     f"| {sp['prefill_tokens_per_s']:.0f} | {sp['decode_tokens_per_s']:.1f} | | |"
                 )
-        for k, drop in _variants(keeps, drops):
-            jobs = [("extract", 0)] + [("recover", n) for n in _recoveries(rows, _key(d, k, drop), steps)]
-            for job, n in jobs:
-                key = _key(d, k, drop) + f"/{job}" + (f"/{n}" if job == "recover" else "")
+        for k, drop, rule in _variants(keeps, drops, rules):
+            base = _key(d, k, drop, rule)
+            jobs: list[tuple[str, int, float | None]] = [("extract", 0, None)]
+            jobs += [("recover", n, lr) for n, lr in _recoveries(rows, base, steps)]
+            for job, n, lr in jobs:
+                key = f"{base}/" + (_rec_id(n, lr) if job == "recover" else job)
                 r = rows.get(key)
                 name = (
                     f"keep {k:g}"
                     + (f", drop {drop} blocks only" if drop else "")
-                    + (f", recovered ({n} steps, {n * 512:,} tokens)" if job == "recover" else "")
+                    + (", greedy rule" if rule == "greedy" else "")
+                    + (f", recovered ({n} steps, {n * 512:,} tokens{_lr_note(lr)})" if job == "recover" else "")
                 )
                 if r is None or "error" in r:
                     lines.append(f"| {name} | | | | | | | | | | {'not run yet' if r is None else r['error']} |")
                     continue
-                ex = rows.get(_key(d, k, drop) + "/extract")
+                ex = rows.get(base + "/extract")
                 shape = ex["structure"]["config"] if ex and "structure" in ex else {}
                 after, sp = r["metrics"]["after"], r["speed"]
                 if job == "extract":
-                    sp = _extract_speed(rows, _key(d, k, drop))
+                    sp = _extract_speed(rows, base)
                 mark = "*" if job == "recover" and "rounds" not in sp["dense"] else ""
                 params = r["size"].get("parameters_after", r["size"].get("parameters"))
                 total = sum(r["timings_s"].values())
@@ -239,10 +284,14 @@ def write_table(
                 f"| {ref.get('seconds', 0):.0f} (prune) | {ref['peak_rss_mb']:.0f} |"
             )
         lines.append("")
-        for drop in [None, *drops]:
-            lines += _verdicts(rows, d, drop, steps, dense_row, ref, dense_mb)
+        for _, drop, rule in [v for v in _variants(keeps, drops, rules) if v[0] == 0.5]:
+            lines += _verdicts(rows, d, drop, rule, steps, dense_row, ref, dense_mb)
         lines.append("")
     return "\n".join(lines)
+
+
+def _lr_note(lr: float | None) -> str:
+    return f", lr {lr:g}" if lr else ""
 
 
 def _extract_speed(rows: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
@@ -262,23 +311,24 @@ def _verdicts(
     rows: dict[str, dict[str, Any]],
     d: str,
     drop: int | None,
+    rule: str,
     steps: int,
     dense: dict[str, Any] | None,
     ref: dict[str, Any] | None,
     dense_mb: float,
 ) -> list[str]:
-    key = _key(d, 0.5, drop)
+    key = _key(d, 0.5, drop, rule)
     ex = rows.get(f"{key}/extract")
     out = []
-    what = f"50% removed ({f'{drop} blocks dropped' if drop else 'carve split'})"
+    what = f"50% removed ({f'{drop} blocks dropped' if drop else 'carve split'}, {rule} rule)"
     if ex and "error" not in ex:
         s = _extract_speed(rows, key)["decode_speedup"]
         out.append(f"- {what}, decode speed-up {s:.2f}x dense (bar >= 1.6x: {'met' if s >= 1.6 else 'NOT met'})")
-    for n in _recoveries(rows, key, steps):
-        rec = rows.get(f"{key}/recover/{n}")
+    for n, lr in _recoveries(rows, key, steps):
+        rec = rows.get(f"{key}/{_rec_id(n, lr)}")
         if not rec or "error" in rec or not dense:
             continue
-        what_n = what + (f", {n} steps" if n != steps else "")
+        what_n = what + (f", {n} steps" if n != steps else "") + _lr_note(lr)
         ratio = rec["metrics"]["after"]["domain_ppl"] / dense["domain_ppl"]
         out.append(
             f"- {what_n} and recovered: domain ppl {ratio:.2f}x dense (bar <= 1.5x: "
@@ -304,6 +354,8 @@ def main() -> None:
         "--steps", nargs="+", type=int, default=[STEPS], help=f"recovery lengths (the table's standard: {STEPS})"
     )
     p.add_argument("--drops", nargs="*", type=int, default=[15], help="depth-only variants at keep 0.5")
+    p.add_argument("--rules", nargs="+", default=["distance"], help="drop rules (greedy: at keep 0.5 only)")
+    p.add_argument("--lrs", nargs="+", type=float, default=[None], help="recovery learning rates (default: recover's)")
     p.add_argument("--only", default="")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
@@ -313,14 +365,14 @@ def main() -> None:
     rows = load_results(RESULTS)
 
     def publish() -> None:
-        write_section("structured", write_table(rows, ["legal", "code"], [0.75, 0.5], STEPS, [15]))
+        write_section("structured", write_table(rows, ["legal", "code"], [0.75, 0.5], STEPS, [15], RULES))
 
     if not args.table_only:
         ensure_model()
-        for cfg in configurations(args.domains, args.keeps, args.steps, args.drops):
+        for cfg in configurations(args.domains, args.keeps, args.steps, args.drops, args.rules, args.lrs):
             if cfg["id"] in rows or args.only not in cfg["id"]:
                 continue
-            base = _key(cfg["domain"], cfg["keep"], cfg.get("drop"))
+            base = _key(cfg["domain"], cfg["keep"], cfg.get("drop"), cfg.get("rule", "distance"))
             if cfg["job"] != "extract" and "error" in rows.get(f"{base}/extract", {"error": 1}):
                 continue  # nothing to measure or recover
             if cfg["job"] != "extract" and not _out({**cfg, "job": "extract"}).exists():
@@ -340,7 +392,7 @@ def main() -> None:
             print(json.dumps({k: row.get(k) for k in ("id", "metrics", "speed", "size", "timings_s")}), flush=True)
             publish()
     publish()
-    print(write_table(rows, ["legal", "code"], [0.75, 0.5], STEPS, [15]))
+    print(write_table(rows, ["legal", "code"], [0.75, 0.5], STEPS, [15], RULES))
 
 
 if __name__ == "__main__":

@@ -293,3 +293,7 @@ def test_structure_drops_the_greedy_rules_blocks() -> None:
     assert model.config.num_hidden_layers == 2
     with pytest.raises(UsageError, match="drop rule 'best'"):
         structure(three_block_model("llama"), "magnitude", calib, drop_blocks=1, drop_rule="best")
+    from carve.pipeline import Recipe
+
+    with pytest.raises(UsageError, match="drop rule 'best'"):  # refused before any model is loaded
+        Recipe(drop_blocks=1, drop_rule="best").validate()

@@ -25,7 +25,7 @@ from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, count_parameters
 from carve.ops import model_sparsity, prune
 from carve.ops.prune import check_propagation, scores_first
-from carve.ops.structure import DROP_RULES, structure
+from carve.ops.structure import check_drop_rule, structure
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.scorers import get_scorer
 
@@ -133,9 +133,7 @@ class Recipe:
             raise UsageError(f"--structure removes whole channels, heads and blocks: {', '.join(given)} do not apply")
         if all(t is None for t in (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)):
             self.keep = 0.5
-        self.drop_rule = self.drop_rule or "distance"
-        if self.drop_rule not in DROP_RULES:
-            raise UsageError(f"drop rule {self.drop_rule!r} is not one of {', '.join(DROP_RULES)}")
+        self.drop_rule = check_drop_rule(self.drop_rule or "distance")
 
 
 def peak_rss_mb() -> float:

@@ -430,6 +430,12 @@ def candidate_shapes(
     return shapes
 
 
+def check_drop_rule(rule: str) -> str:
+    if rule not in DROP_RULES:
+        raise UsageError(f"drop rule {rule!r} is not one of {', '.join(DROP_RULES)}")
+    return rule
+
+
 def make_plan(shape: Shape, groups: torch.Tensor, channels: torch.Tensor, drop_order: Sequence[int] | None) -> Plan:
     """The top units of each block for `shape`; the first `drop_blocks` blocks of `drop_order`
     dropped (the order of a drop rule: `block_distances` ascending, or `greedy_drop_order`)."""
@@ -658,8 +664,7 @@ def structure(
             f"{type(model).__name__}'s config has neither mlp_bias nor attention_bias: the removed units' "
             "contribution cannot be kept as a bias (bias compensation works for Llama, and Gemma3 attention)"
         )
-    if drop_rule not in DROP_RULES:
-        raise UsageError(f"drop rule {drop_rule!r} is not one of {', '.join(DROP_RULES)}")
+    check_drop_rule(drop_rule)
     shapes = candidate_shapes(anat, keep, mlp_keep, heads_keep, drop_blocks)
     if importance is None:
         importance = score(
