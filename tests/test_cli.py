@@ -349,7 +349,8 @@ def test_structured_extract_is_smaller_reloads_and_reports_speed(
     speed = m["speed"]
     for key in ("prefill", "decode"):
         d, e = speed["dense"][f"{key}_tokens_per_s"], speed["extracted"][f"{key}_tokens_per_s"]
-        assert d > 0 and e > 0 and speed[f"{key}_speedup"] == pytest.approx(e / d, rel=1e-2)
+        # the speed-up is rounded to 3 decimals (a tiny ratio under load, e.g. 0.039, is off by up to 1.3%)
+        assert d > 0 and e > 0 and speed[f"{key}_speedup"] == pytest.approx(e / d, rel=1e-2, abs=1e-3)
     assert {"speed_before", "speed_after"} <= m["timings_s"].keys()
 
 

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=DROP_RULES,
         default=None,
         help="which blocks go: distance (default; least change between a block's input and output, one pass) "
-        "or greedy (one at a time, the removal that raises the calibration loss least; about 10 min for "
+        "or greedy (one at a time, the removal that raises the calibration loss least; about 13 min for "
         "15 of 30 blocks of the embedded default on 2 CPU cores)",
     )
     st.add_argument(
