@@ -280,6 +280,8 @@ def test_greedy_drop_order_equals_slicing_every_candidate(arch: str) -> None:
     assert order == chosen
     # the model is left as it was: no block's forward is still replaced
     assert all("forward" not in b.__dict__ for b in anat.blocks)
+    with pytest.raises(UsageError, match="keep at least one"):
+        greedy_drop_order(model, calib, n)
 
 
 def test_structure_drops_the_greedy_rules_blocks() -> None:

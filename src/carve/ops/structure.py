@@ -283,6 +283,8 @@ def greedy_drop_order(model: nn.Module, calibration: torch.Tensor, n: int) -> tu
     from carve.engines.gradient import next_token_loss
 
     _, blocks = find_blocks(model)
+    if not 0 <= n < len(blocks):
+        raise UsageError(f"cannot drop {n} of the model's {len(blocks)} blocks; keep at least one")
     device = next(model.parameters()).device
     seqs = [b[None].to(device) for b in calibration]
     order: list[int] = []
