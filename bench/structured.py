@@ -52,6 +52,7 @@ def _out(spec: dict[str, Any]) -> Path:
     name += "-greedy" if spec.get("rule") == "greedy" else ""
     if spec["job"] == "recover":
         name += "-rec" + (f"-lr{spec['lr']:g}" if spec.get("lr") else "")
+        name += f"-mix{spec['mix']:g}" if spec.get("mix") is not None else ""
     return OUT / name
 
 
@@ -90,6 +91,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 domain=spec["domain"],
                 steps=spec["steps"],
                 lr=spec.get("lr"),  # None: carve recover's default (1e-4 for a full fine-tune)
+                **({"mix": spec["mix"]} if spec.get("mix") is not None else {}),  # else recover's 0.5
                 eval_blocks=EVAL_BLOCKS,
                 cloze_items=CLOZE_ITEMS,
             ),
@@ -144,8 +146,11 @@ def _key(d: str, k: float, drop: int | None, rule: str = "distance") -> str:
     return f"{d}/{k}" + (f"/{drop}drop" if drop else "") + ("/greedy" if rule == "greedy" else "")
 
 
-def _rec_id(n: int, lr: float | None) -> str:
-    return f"recover/{n}" + (f"/lr{lr:g}" if lr else "")
+Recovery = tuple[int, float | None, float | None]  # steps, lr, general mix (None: recover's defaults)
+
+
+def _rec_id(n: int, lr: float | None, mix: float | None = None) -> str:
+    return f"recover/{n}" + (f"/lr{lr:g}" if lr else "") + (f"/mix{mix:g}" if mix is not None else "")
 
 
 def configurations(
@@ -155,14 +160,18 @@ def configurations(
     drops: list[int],
     rules: list[str],
     lrs: list[float | None],
+    mixes: list[float | None],
 ) -> list[dict[str, Any]]:
     out = []
     for d in domains:
         for k, drop, rule in _variants(keeps, drops, rules):
             base = _key(d, k, drop, rule)
-            jobs: list[tuple[str, int | None, float | None]] = [("extract", None, None), ("speed", None, None)]
-            jobs += [("recover", n, lr) for n in steps for lr in lrs]
-            for job, n, lr in jobs:
+            jobs: list[tuple[str, int | None, float | None, float | None]] = [
+                ("extract", None, None, None),
+                ("speed", None, None, None),
+            ]
+            jobs += [("recover", n, lr, mix) for n in steps for lr in lrs for mix in mixes]
+            for job, n, lr, mix in jobs:
                 c: dict[str, Any] = {"domain": d, "keep": k, "job": job}
                 if drop:
                     c["drop"] = drop
@@ -172,19 +181,21 @@ def configurations(
                     c["steps"] = n
                 if lr:
                     c["lr"] = lr
-                c["id"] = f"{base}/" + (_rec_id(n, lr) if n is not None else job)
+                if mix is not None:
+                    c["mix"] = mix
+                c["id"] = f"{base}/" + (_rec_id(n, lr, mix) if n is not None else job)
                 out.append(c)
     return out
 
 
-def _recoveries(rows: dict[str, dict[str, Any]], key: str, steps: int) -> list[tuple[int, float | None]]:
-    """The (steps, lr) of the recoveries of `key` in the cache (lr None: recover's default); the
-    standard (`steps`, default lr) listed when none ran, so a missing one shows as not run."""
+def _recoveries(rows: dict[str, dict[str, Any]], key: str, steps: int) -> list[Recovery]:
+    """The (steps, lr, mix) of the recoveries of `key` in the cache (None: recover's default);
+    the standard (`steps`, defaults) listed when none ran, so a missing one shows as not run."""
     found = set()
     for i, r in rows.items():
         if i.startswith(f"{key}/recover/"):
-            found.add((r["steps"], r.get("lr")))
-    return sorted(found or {(steps, None)}, key=lambda t: (t[0], t[1] or 0))
+            found.add((r["steps"], r.get("lr"), r.get("mix")))
+    return sorted(found or {(steps, None, None)}, key=lambda t: (t[0], t[1] or 0, t[2] is not None, t[2] or 0))
 
 
 def _sparsegpt_reference(domain: str) -> dict[str, Any] | None:
@@ -245,16 +256,16 @@ def write_table(
                 )
         for k, drop, rule in _variants(keeps, drops, rules):
             base = _key(d, k, drop, rule)
-            jobs: list[tuple[str, int, float | None]] = [("extract", 0, None)]
-            jobs += [("recover", n, lr) for n, lr in _recoveries(rows, base, steps)]
-            for job, n, lr in jobs:
-                key = f"{base}/" + (_rec_id(n, lr) if job == "recover" else job)
+            jobs: list[tuple[str, int, float | None, float | None]] = [("extract", 0, None, None)]
+            jobs += [("recover", n, lr, mix) for n, lr, mix in _recoveries(rows, base, steps)]
+            for job, n, lr, mix in jobs:
+                key = f"{base}/" + (_rec_id(n, lr, mix) if job == "recover" else job)
                 r = rows.get(key)
                 name = (
                     f"keep {k:g}"
                     + (f", drop {drop} blocks only" if drop else "")
                     + (", greedy rule" if rule == "greedy" else "")
-                    + (f", recovered ({n} steps, {n * 512:,} tokens{_lr_note(lr)})" if job == "recover" else "")
+                    + (f", recovered ({n} steps, {n * 512:,} tokens{_rec_note(lr, mix)})" if job == "recover" else "")
                 )
                 if r is None or "error" in r:
                     lines.append(f"| {name} | | | | | | | | | | {'not run yet' if r is None else r['error']} |")
@@ -290,8 +301,8 @@ def write_table(
     return "\n".join(lines)
 
 
-def _lr_note(lr: float | None) -> str:
-    return f", lr {lr:g}" if lr else ""
+def _rec_note(lr: float | None, mix: float | None) -> str:
+    return (f", lr {lr:g}" if lr else "") + (f", {mix:g} general" if mix is not None else "")
 
 
 def _extract_speed(rows: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
@@ -324,11 +335,11 @@ def _verdicts(
     if ex and "error" not in ex:
         s = _extract_speed(rows, key)["decode_speedup"]
         out.append(f"- {what}, decode speed-up {s:.2f}x dense (bar >= 1.6x: {'met' if s >= 1.6 else 'NOT met'})")
-    for n, lr in _recoveries(rows, key, steps):
-        rec = rows.get(f"{key}/{_rec_id(n, lr)}")
+    for n, lr, mix in _recoveries(rows, key, steps):
+        rec = rows.get(f"{key}/{_rec_id(n, lr, mix)}")
         if not rec or "error" in rec or not dense:
             continue
-        what_n = what + (f", {n} steps" if n != steps else "") + _lr_note(lr)
+        what_n = what + (f", {n} steps" if n != steps else "") + _rec_note(lr, mix)
         ratio = rec["metrics"]["after"]["domain_ppl"] / dense["domain_ppl"]
         out.append(
             f"- {what_n} and recovered: domain ppl {ratio:.2f}x dense (bar <= 1.5x: "
@@ -356,6 +367,9 @@ def main() -> None:
     p.add_argument("--drops", nargs="*", type=int, default=[15], help="depth-only variants at keep 0.5")
     p.add_argument("--rules", nargs="+", default=["distance"], help="drop rules (greedy: at keep 0.5 only)")
     p.add_argument("--lrs", nargs="+", type=float, default=[None], help="recovery learning rates (default: recover's)")
+    p.add_argument(
+        "--mixes", nargs="+", type=float, default=[None], help="recovery general shares (default: recover's 0.5)"
+    )
     p.add_argument("--only", default="")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
@@ -369,7 +383,7 @@ def main() -> None:
 
     if not args.table_only:
         ensure_model()
-        for cfg in configurations(args.domains, args.keeps, args.steps, args.drops, args.rules, args.lrs):
+        for cfg in configurations(args.domains, args.keeps, args.steps, args.drops, args.rules, args.lrs, args.mixes):
             if cfg["id"] in rows or args.only not in cfg["id"]:
                 continue
             base = _key(cfg["domain"], cfg["keep"], cfg.get("drop"), cfg.get("rule", "distance"))
