@@ -339,6 +339,7 @@ def test_structured_extract_is_smaller_reloads_and_reports_speed(
     assert "structured by wanda" in capsys.readouterr().out
     m = json.loads((out / "carve.json").read_text())
     assert m["recipe"]["method"] == "wanda" and m["recipe"]["structure"] and "sparsity" not in m
+    assert m["recipe"]["drop_rule"] == "distance"  # the default, resolved in the recipe
     size, shape = m["size"], m["structure"]["shape"]
     assert size["parameters_after"] < size["parameters_before"] and size["file_mb"] > 0
     assert len(m["structure"]["candidates"]) > 1  # the split was searched
@@ -362,7 +363,7 @@ def test_structured_extract_with_the_greedy_drop_rule(tmp_path: Path, model_dir:
                  "--drop-blocks", "1", "--drop-rule", "greedy", "--cloze-items", "0"]) == 0  # fmt: skip
     m = json.loads((out / "carve.json").read_text())
     st = m["structure"]
-    assert m["recipe"]["drop_rule"] == st["drop_rule"] == "greedy" and st["block_distances"] is None
+    assert m["recipe"]["drop_rule"] == "greedy" and "drop_rule" not in st and st["block_distances"] is None
     assert len(st["drop_order"]) == len(st["greedy_losses"]) == 1 and st["dropped_blocks"] == st["drop_order"]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 1
 

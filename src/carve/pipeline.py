@@ -25,7 +25,7 @@ from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, count_parameters
 from carve.ops import model_sparsity, prune
 from carve.ops.prune import check_propagation, scores_first
-from carve.ops.structure import check_drop_rule, structure
+from carve.ops.structure import DEFAULT_DROP_RULE, check_drop_rule, structure
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.scorers import get_scorer
 
@@ -52,7 +52,7 @@ class Recipe:
     mlp_keep: float | None = None  # structure: share of MLP channels kept in every block
     heads_keep: float | None = None  # structure: share of key/value head groups kept
     drop_blocks: int | None = None  # structure: number of decoder blocks removed
-    drop_rule: str | None = None  # structure: which blocks go, "distance" (default) or "greedy"
+    drop_rule: str | None = None  # structure: which blocks go, "distance" (the default) or "greedy"
     bias_compensation: bool = False  # structure: removed units' mean contribution kept as a bias (FLAP)
     speed: bool = True  # measure prefill / decode tokens/s of the dense and the extracted model
     calib_blocks: int = 64
@@ -133,7 +133,7 @@ class Recipe:
             raise UsageError(f"--structure removes whole channels, heads and blocks: {', '.join(given)} do not apply")
         if all(t is None for t in (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)):
             self.keep = 0.5
-        self.drop_rule = check_drop_rule(self.drop_rule or "distance")
+        self.drop_rule = check_drop_rule(self.drop_rule or DEFAULT_DROP_RULE)
 
 
 def peak_rss_mb() -> float:
@@ -400,7 +400,7 @@ def extract(
                 mlp_keep=recipe.mlp_keep,
                 heads_keep=recipe.heads_keep,
                 drop_blocks=recipe.drop_blocks,
-                drop_rule=recipe.drop_rule or "distance",
+                drop_rule=recipe.drop_rule or DEFAULT_DROP_RULE,
                 general_calibration=general_calib,
                 lam=recipe.lam,
                 lr=recipe.lr,
@@ -461,7 +461,6 @@ def extract(
                 )
             },
             "block_distances": None if shaped.distances is None else [round(x, 5) for x in shaped.distances.tolist()],
-            "drop_rule": recipe.drop_rule,
             "drop_order": shaped.drop_order,
             "greedy_losses": shaped.greedy_losses,
         }

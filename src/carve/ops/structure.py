@@ -42,6 +42,7 @@ from carve.progress import bar, progress
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 DROP_RULES = ("distance", "greedy")
+DEFAULT_DROP_RULE = "distance"
 MLP = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -641,7 +642,7 @@ def structure(
     mlp_keep: float | None = None,
     heads_keep: float | None = None,
     drop_blocks: int | None = None,
-    drop_rule: str = "distance",
+    drop_rule: str = DEFAULT_DROP_RULE,
     general_calibration: torch.Tensor | None = None,
     lam: float = 1.0,
     lr: float = 0.0,
