@@ -6,14 +6,16 @@ On SmolLM2-135M-Instruct (the embedded default, de-quantized once to bench/out/s
 each domain and pattern: dense; magnitude; SparseGPT and Wanda calibrated with a share of general
 blocks of 0 (domain only), 0.1, 0.3, 0.5 and 1 (general only); dual (domain gradients with
 general OBS importance, λ = 1) and dual with OBS reconstruction of the kept weights from a 0.3
-mix.  64 calibration blocks x 512 tokens per corpus.  Every configuration runs in its own
-process; metrics: domain and general perplexity (first 16 held-out blocks), domain cloze accuracy
-(100 held-out items, Wilson 95% interval), wall time of scoring + pruning, peak RSS.
+mix; dual-obs (domain Fisher error plus the OBS error, mask chosen in SparseGPT's sweep, λ = 1)
+with its sweep's Hessians from a 0.3 and a 0.5 mix.  64 calibration blocks x 512 tokens per
+corpus.  Every configuration runs in its own process; metrics: domain and general perplexity
+(first 16 held-out blocks), domain cloze accuracy (100 held-out items, Wilson 95% interval), wall
+time of scoring + pruning, peak RSS.
 
 Results accumulate in bench/results/dual.jsonl (a finished configuration is not rerun); dual's
-importance map is kept per domain under bench/out and reused by the domain's other dual rows (its
-scores depend on neither sparsity, pattern nor reconstruction; the table says so); the table
-goes to the `dual` section of bench/RESULTS.md and the plot to bench/dual.png.
+(and dual-obs's) importance map is kept per domain under bench/out and reused by the domain's other
+rows of that method (its scores depend on neither sparsity, pattern nor reconstruction; the table
+says so); the table goes to the `dual` section of bench/RESULTS.md and the plot to bench/dual.png.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ from common import (
 RESULTS = HERE / "results" / "dual.jsonl"
 PLOT = HERE / "dual.png"
 MIXES = (0.0, 0.1, 0.3, 0.5, 1.0)
+SCORED = ("dual", "dual-obs")  # methods whose importance map is cached per domain
+DUAL_OBS_MIXES = (0.3, 0.5)
+MARKERS = {"dual": "*", "dual-obs": "P", "sparsegpt": "o", "wanda": "s", "magnitude": "x", "dense": "D"}
 EVAL_BLOCKS, CLOZE_ITEMS = 16, 100
 
 
@@ -90,8 +95,10 @@ def memory_worker(blocks: int) -> dict[str, Any]:
 
 
 def importance_file(spec: dict[str, Any]) -> Path:
-    """Where a dual configuration's importance map is kept for the other rows of its domain."""
-    return MODEL_DIR.parent / f"importance-{spec['method']}-{spec['domain']}-lam{spec.get('lam')}.safetensors"
+    """Where a dual / dual-obs configuration's importance map is kept for the other rows of its
+    domain (dual-obs's scores, the domain Fisher term, do not depend on λ)."""
+    lam = "" if spec["method"] == "dual-obs" else f"-lam{spec.get('lam')}"
+    return MODEL_DIR.parent / f"importance-{spec['method']}-{spec['domain']}{lam}.safetensors"
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -112,8 +119,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, spec["mix"] or 0.0, SEED)
         kwargs: dict[str, Any] = {}
         cached = importance_file(spec)
-        if spec["method"] == "dual":
-            kwargs["general_calibration"] = general.calibration_blocks(lm.tokenizer, CALIB_BLOCKS, BLOCK_LEN, SEED + 1)
+        if spec["method"] in SCORED:
+            if spec["method"] == "dual":
+                general_calib = general.calibration_blocks(lm.tokenizer, CALIB_BLOCKS, BLOCK_LEN, SEED + 1)
+                kwargs["general_calibration"] = general_calib
             kwargs["lam"] = spec["lam"]
             if cached.is_file():  # same model, data and λ: the scores do not depend on sparsity or pattern
                 kwargs["importance"] = carve.ImportanceMap.load(cached)
@@ -126,7 +135,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         t = time.perf_counter()
         res = carve.prune(lm.model, spec["method"], None if pattern else 0.5, calib, pattern=pattern, **kwargs)
         result["seconds"] = round(time.perf_counter() - t, 2)
-        if spec["method"] == "dual" and "importance" not in kwargs and res.importance is not None:
+        if spec["method"] in SCORED and "importance" not in kwargs and res.importance is not None:
             res.importance.meta["scoring_s"] = result["seconds"]
             res.importance.save(cached)
         elif "importance" in kwargs:
@@ -153,6 +162,9 @@ def configurations(domains: list[str], patterns: list[str]) -> list[dict[str, An
         for pat in patterns:
             out.append({"domain": d, "pattern": pat, "method": "dual", "mix": 0.0, "lam": 1.0})
             out.append({"domain": d, "pattern": pat, "method": "dual", "mix": 0.0, "lam": 1.0, "reconstruct": 0.3})
+            for mix in DUAL_OBS_MIXES:
+                obs = {"domain": d, "pattern": pat, "method": "dual-obs", "mix": 0.0, "lam": 1.0, "reconstruct": mix}
+                out.append(obs)
             for mix in MIXES:
                 out.append({"domain": d, "pattern": pat, "method": "sparsegpt", "mix": mix})
             for mix in MIXES:
@@ -164,6 +176,8 @@ def configurations(domains: list[str], patterns: list[str]) -> list[dict[str, An
 
 
 def label(c: dict[str, Any]) -> str:
+    if c["method"] == "dual-obs":
+        return f"dual-obs λ={c['lam']:g}, sweep mix {c['reconstruct']:g}"
     if c["method"] == "dual":
         return f"dual λ={c['lam']:g}" + (f" + OBS rec. mix {c['reconstruct']:g}" if c.get("reconstruct") else "")
     if c["mix"] is None:
@@ -176,7 +190,7 @@ def dominated_by(row: dict[str, Any], others: list[dict[str, Any]]) -> list[str]
     return [
         label(o)
         for o in others
-        if o["method"] not in ("dual", "dense")
+        if o["method"] not in (*SCORED, "dense")
         and o["domain_ppl"] <= row["domain_ppl"]
         and o["general_ppl"] <= row["general_ppl"]
     ]
@@ -204,7 +218,9 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], patterns: l
         f"Instruct (embedded default, float32). Calibration: {CALIB_BLOCKS} x {BLOCK_LEN}-token blocks (seed {SEED}); "
         "`mix` = share of them from `general`, the rest from the domain. dual: gradient pass over the domain blocks "
         "plus the OBS importance from 64 general blocks, λ = 1; `+ OBS rec.` keeps dual's mask and updates the kept "
-        "weights by OBS compensation with a Hessian from a 0.3 mix. Perplexity: first "
+        "weights by OBS compensation with a Hessian from a 0.3 mix. dual-obs: the domain Fisher error ½·E[g²]·θ² "
+        "(gradients on the 64 domain blocks) plus λ times the layer's OBS error, the mask chosen inside SparseGPT's "
+        "sweep, whose Hessians come from a 0.3 or 0.5 mix (docs/methods.md). Perplexity: first "
         f"{EVAL_BLOCKS} held-out 512-token blocks; cloze: {CLOZE_ITEMS} held-out domain items, 4 choices (chance "
         "0.25), 95% Wilson interval. Time: scoring + pruning; peak RSS of the whole process (load, prune, "
         "evaluate). Plot: `bench/dual.png`.",
@@ -239,7 +255,7 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], patterns: l
                 )
             lines.append("")
             for r in done:
-                if r["method"] == "dual":
+                if r["method"] in SCORED:
                     dom = dominated_by(r, done)
                     verdict = f"dominated by {', '.join(dom)}" if dom else "not dominated by any baseline run"
                     ref = sparsegpt_at(r["general_ppl"], done)
@@ -253,18 +269,20 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], patterns: l
                         )
                     lines.append(f"- {label(r)}: {verdict}; {goal}")
             lines.append("")
-    cli = rows.get("cli")
-    if cli:
+    for key in ("cli", "cli/dual-obs"):  # `carve extract --method M --domain legal` with default settings
+        cli = rows.get(key)
+        if not cli:
+            continue
         t, r = cli["timings_s"], cli["recipe"]
+        what = "general OBS + gradients" if r["method"] == "dual" else "gradients + guided OBS sweep"
         lines += [
-            "## `carve extract --method dual --domain legal` with default settings",
+            f"## `carve extract --method {r['method']} --domain legal` with default settings",
             "",
             f"From the embedded GGUF ({cli['source']}), {r['calib_blocks']} x {r['block_len']} calibration blocks "
             f"for each corpus, {r['eval_blocks']} eval blocks per corpus and 100 cloze items before and after; "
             "stage times from its manifest (their sum omits only interpreter start-up and imports):",
             "",
-            "| total s | load model s | evaluate before s | prune (general OBS + gradients) s | evaluate after s "
-            "| peak RSS MB |",
+            f"| total s | load model s | evaluate before s | prune ({what}) s | evaluate after s | peak RSS MB |",
             "|---|---|---|---|---|---|",
             f"| {cli['total_s']:.0f} ({'under' if cli['total_s'] < 900 else 'NOT under'} 15 min) "
             f"| {t['load_model']:.0f} | {t['evaluate_before']:.0f} | {t['prune']:.0f} | {t['evaluate_after']:.0f} "
@@ -313,11 +331,11 @@ def plot(rows: dict[str, dict[str, Any]], domains: list[str], patterns: list[str
                 if r is None or "error" in r or (c["pattern"] not in (pat, "-")):
                     continue
                 name = label(c)
-                marker = {"dual": "*", "sparsegpt": "o", "wanda": "s", "magnitude": "x", "dense": "D"}[c["method"]]
+                marker = MARKERS[c["method"]]
                 styles.setdefault(name, (marker, colors[len(styles) % len(colors)]))
                 m, color = styles[name]
                 handles[name] = ax.scatter(
-                    r["general_ppl"], r["domain_ppl"], marker=m, color=color, s=90 if m == "*" else 40
+                    r["general_ppl"], r["domain_ppl"], marker=m, color=color, s=90 if m in "*P" else 40
                 )
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -342,7 +360,8 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="measure the gradient engine's memory instead")
     p.add_argument(
         "--cli-manifest",
-        help="carve.json of `carve extract --method dual --domain legal` run with default settings (record it)",
+        help="carve.json of `carve extract --method dual|dual-obs --domain legal` run with default settings "
+        "(record it)",
     )
     args = p.parse_args()
     if args.worker:
@@ -353,7 +372,7 @@ def main() -> None:
     if args.cli_manifest:
         m = json.loads(Path(args.cli_manifest).read_text())
         row = {
-            "id": "cli",
+            "id": "cli" if m["recipe"]["method"] == "dual" else f"cli/{m['recipe']['method']}",
             "recipe": {k: m["recipe"][k] for k in ("method", "domain", "calib_blocks", "block_len", "eval_blocks")},
             "source": m["source"]["model"],
             "timings_s": m["timings_s"],
@@ -363,7 +382,7 @@ def main() -> None:
             "commit": commit(),
         }
         save_result(RESULTS, row)
-        rows["cli"] = row
+        rows[row["id"]] = row
     if args.memory:
         ensure_model()
         row = {"id": "memory", **carve_worker(__file__, {"kind": "memory", "blocks": 8}), "commit": commit()}

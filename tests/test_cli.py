@@ -327,6 +327,38 @@ def test_dual_extract_saves_importance_and_a_second_extract_reuses_it(
         assert _nothing_written(tmp_path, out)
 
 
+def test_dual_obs_extract_records_its_sweep_mix_and_reuses_its_scores_at_another_lambda(
+    tmp_path: Path, model_dir: Path, small_corpus: Path
+) -> None:
+    first = tmp_path / "dual-obs"
+    assert _extract(model_dir, small_corpus, first, "--method", "dual-obs") == 0
+    manifest = json.loads((first / "carve.json").read_text())
+    r = manifest["recipe"]
+    assert (r["method"], r["mix"], r["reconstruct_mix"], r["lam"]) == ("dual-obs", 0.0, 0.3, 1.0)
+    assert manifest["sparsity"]["linear"] == pytest.approx(0.5)
+    # its scores (the domain Fisher term) do not depend on λ: reused at λ = 4 and 2:4
+    second = tmp_path / "dual-obs-24"
+    imp = str(first / "importance.safetensors")
+    assert (
+        _extract(
+            model_dir,
+            small_corpus,
+            second,
+            "--method",
+            "dual-obs",
+            "--lambda",
+            "4",
+            "--pattern",
+            "2:4",
+            "--importance",
+            imp,
+        )
+        == 0
+    )
+    m2 = json.loads((second / "carve.json").read_text())
+    assert m2["importance"]["reused_from"] == imp and m2["sparsity"]["linear"] == pytest.approx(0.5)
+
+
 def test_structured_extract_is_smaller_reloads_and_reports_speed(
     tmp_path: Path, model_dir: Path, small_corpus: Path, capsys
 ) -> None:

@@ -210,3 +210,46 @@ def test_default_mix_is_the_methods() -> None:
     r = carve.Recipe(method="sparsegpt", mix=0.0)
     r.validate()
     assert r.mix == 0.0
+
+
+def test_guided_sweep_chooses_the_mask_by_obs_error_plus_the_guide() -> None:
+    from carve.masks.select import keep_mask, nm_mask
+    from carve.scorers.sparsegpt import inverse_hessian_cholesky
+
+    X = torch.randn(300, 16) @ torch.randn(16, 16, generator=torch.Generator().manual_seed(7))
+    H = 2 / 300 * X.t() @ X
+    W = torch.randn(6, 16, generator=torch.Generator().manual_seed(8))
+    C = torch.rand(6, 16, generator=torch.Generator().manual_seed(9)) * 50
+    d = torch.diag(inverse_hessian_cholesky(H)[0])
+    # one column block: the mask is chosen once, on the dense weights, by w²·(a/U_jj² + C)
+    _, keep, _ = sparsegpt_prune(W, H, 0.5, guide=C, obs_weight=0.3)
+    assert torch.equal(keep, keep_mask(W**2 * (0.3 / d**2 + C), 0.5, "matrix"))
+    assert not torch.equal(keep, sparsegpt_prune(W, H, 0.5)[1])  # the guide changed the choice
+    # N:M: the first group of 4 columns is chosen on the dense weights too
+    _, keep24, _ = sparsegpt_prune(W, H, None, nm=(2, 4), guide=C, obs_weight=0.3)
+    g = slice(0, 4)
+    assert torch.equal(keep24[:, g], nm_mask(W[:, g] ** 2 * (0.3 / d[g] ** 2 + C[:, g]), 2, 4))
+
+
+def test_dual_obs_prune() -> None:
+    domain, mixed = _calib(seed=3), _calib(seed=4)
+    model = tiny_model("llama")
+    res = carve.prune(model, "dual-obs", 0.5, domain, reconstruct_with=mixed)
+    fisher = carve.score(tiny_model("llama"), "fisher", domain)
+    params = dict(model.named_parameters())
+    for n, keep in res.mask.items():
+        torch.testing.assert_close(res.importance[n], fisher[n])  # the domain term is the Fisher error
+        assert torch.equal(params[n].detach() == 0, ~keep) and keep.float().mean() == 0.5
+    # λ → ∞: the OBS term alone, i.e. SparseGPT on the sweep's blocks; an all-zero guide: the same
+    ref = tiny_model("llama")
+    ref_res = carve.prune(ref, "sparsegpt", 0.5, mixed)
+    heavy = carve.prune(tiny_model("llama"), "dual-obs", 0.5, domain, reconstruct_with=mixed, lam=1e12)
+    zero = carve.ImportanceMap({n: torch.zeros_like(s) for n, s in fisher.items()}, fisher.meta)
+    plain = tiny_model("llama")
+    unguided = carve.prune(plain, "dual-obs", 0.5, domain, reconstruct_with=mixed, importance=zero)
+    for n in ref_res.mask:
+        assert torch.equal(heavy.mask[n], ref_res.mask[n]) and torch.equal(unguided.mask[n], ref_res.mask[n])
+        torch.testing.assert_close(dict(plain.named_parameters())[n], dict(ref.named_parameters())[n])
+    assert any(not torch.equal(res.mask[n], ref_res.mask[n]) for n in res.mask)  # λ = 1: the guide matters
+    with pytest.raises(carve.UsageError, match="chooses its mask in SparseGPT's sweep"):
+        carve.prune(tiny_model("llama"), "dual-obs", 0.5, domain, granularity="global")

@@ -29,6 +29,8 @@ from carve.ops.structure import DEFAULT_DROP_RULE, check_drop_rule, structure
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.scorers import get_scorer
 
+SWEEP_MIX = 0.3  # dual-obs: share of general blocks in its sweep's Hessians (as SparseGPT's default mix)
+
 
 @dataclass
 class Recipe:
@@ -45,7 +47,8 @@ class Recipe:
     propagation: str = "pruned"  # "pruned" (sequential, the papers') or "dense" (one pass per block)
     lam: float = 1.0  # dual: weight of general importance
     lr: float = 0.0  # gradient methods: SGD steps while accumulating (0: none)
-    reconstruct_mix: float | None = None  # score-then-mask: OBS reconstruction, this share general
+    # score-then-mask: OBS reconstruction, this share general; dual-obs: its sweep's Hessian mix (0.3)
+    reconstruct_mix: float | None = None
     importance: str | None = None  # importance.safetensors to reuse
     structure: bool = False  # remove whole channels / heads / blocks (a smaller dense model)
     keep: float | None = None  # structure: share of decoder-block parameters kept (None: 0.5)
@@ -100,6 +103,8 @@ class Recipe:
         scorer = get_scorer(self.method)
         if self.reconstruct_mix is not None and scorer.prune is not None:
             raise UsageError(f"--reconstruct is for score-then-mask methods; {self.method} already updates the weights")
+        if scorer.sweep and self.reconstruct_mix is None and not self.structure:
+            self.reconstruct_mix = SWEEP_MIX
         if not self.structure:
             nm = parse_pattern(self.pattern)
             if self.sparsity is None and nm is None:
@@ -243,7 +248,8 @@ def _importance_key(
     data = hashlib.sha256(tensor_fingerprint(calib).encode())
     if general_calib is not None:
         data.update(tensor_fingerprint(general_calib).encode())
-    data.update(json.dumps([recipe.lam, recipe.lr, recipe.include, recipe.exclude]).encode())
+    lam = recipe.lam if general_calib is not None else None  # only dual's scores depend on λ
+    data.update(json.dumps([lam, recipe.lr, recipe.include, recipe.exclude]).encode())
     return {"scorer": recipe.method, "model_fingerprint": model_fingerprint, "data_fingerprint": data.hexdigest()[:16]}
 
 

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="share of calibration blocks from the general corpus (0 = domain only; default 0.3 for "
-        "SparseGPT/Wanda, 0 for gradient methods)",
+        "SparseGPT/Wanda, 0 for gradient methods, whose gradients dual-obs takes from these blocks)",
     )
     ex.add_argument(
         "--propagation",
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
         dest="lam",
         type=float,
         default=1.0,
-        help="dual: weight of general importance against domain importance (default 1)",
+        help="dual: weight of general importance against domain importance; dual-obs: weight of the "
+        "layer's OBS error against the domain Fisher error (default 1)",
     )
     ex.add_argument(
         "--grad-lr",
@@ -107,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MIX",
         help="score-then-mask methods: keep the mask, update kept weights by OBS compensation with a "
-        "Hessian from calibration blocks, MIX of them general",
+        "Hessian from calibration blocks, MIX of them general; dual-obs: MIX of its sweep's Hessian "
+        "blocks general (default 0.3)",
     )
     ex.add_argument(
         "--importance",

@@ -17,7 +17,7 @@ from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, as_param_layout, weight_matrix
 from carve.scorers.gradient import normalized
 from carve.scorers.registry import Scorer, get_scorer
-from carve.scorers.sparsegpt import factor_of, sparsegpt_prune, sparsegpt_score
+from carve.scorers.sparsegpt import factor_of, obs_saliency, sparsegpt_prune, sparsegpt_score
 from carve.scorers.stats import Hessian
 
 PROPAGATIONS = ("pruned", "dense")
@@ -205,7 +205,10 @@ def prune(
     granularity) score the dense model, select the mask, then either zero the removed weights or,
     with `reconstruct_with` (calibration blocks, e.g. a domain/general mix), keep that mask and
     update the kept weights by OBS compensation block by block (SparseGPT's update with a fixed
-    mask).  `importance` reuses a saved ImportanceMap instead of scoring again."""
+    mask).  Sweep methods (`dual-obs`) score the dense model on `calibration`, then choose the mask
+    inside SparseGPT's sweep with Hessians from `reconstruct_with` (default `calibration`), `lam`
+    weighing the OBS error against the importance (guided_sparsegpt).  `importance` reuses a saved
+    ImportanceMap instead of scoring again."""
     scorer = get_scorer(method)
     nm = parse_pattern(pattern)
     sparsity = check_sparsity(sparsity, nm)
@@ -214,6 +217,8 @@ def prune(
         raise UsageError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
     check_propagation(propagation)
     global_ = granularity == "global" and nm is None
+    if global_ and scorer.sweep:
+        raise UsageError(f"method {method!r} chooses its mask in SparseGPT's sweep: use granularity row or matrix")
     if (global_ or reconstruct_with is not None) and scorer.prune is not None:
         raise UsageError(
             f"method {method!r} prunes and updates weights block by block: it takes neither global "
@@ -233,6 +238,22 @@ def prune(
                 general_calibration=general_calibration,
                 lam=lam,
                 lr=lr,
+            )
+        if scorer.sweep:
+            sweep_data = reconstruct_with if reconstruct_with is not None else calibration
+            if sweep_data is None:
+                raise UsageError(f"method {method!r} needs calibration text for its OBS sweep")
+            return guided_sparsegpt(
+                model,
+                sweep_data,
+                importance,
+                sparsity,
+                pattern=pattern,
+                granularity=granularity,
+                lam=lam,
+                include=include,
+                exclude=exclude,
+                batch_size=batch_size,
             )
         mask = select_mask(importance, sparsity, granularity, pattern)
         if reconstruct_with is None:
@@ -285,21 +306,93 @@ def reconstruct(
     """Impose `mask` and update the kept weights by OBS compensation (SparseGPT's column sweep
     with the mask fixed), block by block with sequential propagation, Hessians from
     `calibration`.  Returns per-Linear notes (damping retries)."""
+    return _obs_sweep(
+        model,
+        calibration,
+        include,
+        exclude,
+        batch_size,
+        lambda pname, lin, W, factor: {
+            "keep": as_param_layout(lin, mask[pname]).to(W.device) if pname in mask else None  # back to [out, in]
+        },
+    )
+
+
+def guided_sparsegpt(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    guide: ImportanceMap,
+    sparsity: float | None = None,
+    *,
+    pattern: str | None = None,
+    granularity: str = "matrix",
+    lam: float = 1.0,
+    include: tuple[str, ...] = ("*",),
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+    batch_size: int = 8,
+) -> PruneResult:
+    """SparseGPT (Hessians from `calibration`, sequential propagation) whose mask is chosen by
+    the weight's end-to-end error plus λ times its layer OBS error: w²·(a/U_jj² + C), where
+    C = I/θ₀² comes from an importance I = C·θ₀² of the dense weights θ₀ (for `fisher`/`dual-obs`,
+    C = ½·E[g²]) and a = λ · mean(I) / mean(θ₀²/U_jj²) per matrix, so that λ = 1 gives both terms
+    the same mean at the start of the sweep.  Weights the importance map lacks are left alone."""
+    nm = parse_pattern(pattern)
+    sparsity = check_sparsity(sparsity, nm)
+    keep: dict[str, torch.Tensor] = {}
+
+    def args(pname: str, lin: nn.Module, W: torch.Tensor, factor: Any) -> dict[str, Any]:
+        if pname not in guide:
+            return {"keep": None}
+        W0 = W.detach().float()
+        imp = as_param_layout(lin, guide[pname]).to(W0.device).float()
+        curvature = torch.where(W0 != 0, imp / W0.square().clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        obs0 = obs_saliency(W0, torch.diag(factor[0])).mean().item()
+        signal = imp.mean().item()
+        # no end-to-end signal (all-zero importance): plain SparseGPT
+        a = lam * signal / obs0 if signal > 0 and obs0 > 0 else 1.0
+        return {"guide": curvature, "obs_weight": a, "sparsity": sparsity, "granularity": granularity, "nm": nm}
+
+    def done(pname: str, lin: nn.Module, k: torch.Tensor) -> None:
+        keep[pname] = as_param_layout(lin, k).cpu()
+
+    info = _obs_sweep(model, calibration, include, exclude, batch_size, args, done, "pruning (OBS sweep, guided)")
+    if not keep:
+        raise UsageError(f"no Linear layers matched include={list(include)} exclude={list(exclude)}")
+    return PruneResult(Mask(keep), info, importance=guide)
+
+
+def _obs_sweep(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    batch_size: int,
+    args: Any,
+    done: Any = None,
+    label: str = "reconstructing (OBS)",
+) -> dict[str, dict[str, Any]]:
+    """SparseGPT's column sweep over every matched Linear, block by block with sequential
+    propagation; `args(pname, lin, W, factor)` gives each Linear's keyword arguments (a fixed
+    `keep`, or a `guide` with sparsity/pattern; `{"keep": None}` leaves the Linear alone)."""
     info: dict[str, dict[str, Any]] = {}
 
     def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
         for name, lin in linears.items():
             pname = _param_name(name)
-            if pname not in mask:
-                continue
             W = weight_matrix(lin)
-            keep = as_param_layout(lin, mask[pname]).to(W.device)  # back to [out, in]
-            new, _, notes = sparsegpt_prune(W, stats[name].H, 0.5, keep=keep, factor=factor_of(stats[name]))
+            factor = factor_of(stats[name])
+            kw = args(pname, lin, W, factor)
+            if "keep" in kw and kw["keep"] is None:
+                continue
+            kw.setdefault("sparsity", 0.5)
+            new, k, notes = sparsegpt_prune(W, stats[name].H, factor=factor, **kw)
             W.copy_(new)
+            if done is not None:
+                done(pname, lin, k)
             if notes:
                 info[pname] = notes
 
-    layerwise(model, calibration, on_block, Hessian, include, exclude, batch_size, "reconstructing (OBS)")
+    layerwise(model, calibration, on_block, Hessian, include, exclude, batch_size, label)
     return info
 
 

@@ -9,6 +9,10 @@
   λ · mean(D) · Ĝ, where Ĝ = G / mean(G) is the general OBS importance G = w²/[H⁻¹]²_jj
   (open-domain calibration, layer-wise engine) rescaled per matrix.  See docs/methods.md for how
   this follows the paper and where it deviates.
+- dual-obs (carve; D-Pruner's two terms inside SparseGPT's sweep): the importance is the domain
+  Fisher term ½ · E[g²] ⊙ θ²; ops.prune.guided_sparsegpt then chooses the mask during SparseGPT's
+  OBS sweep by that end-to-end domain error plus λ times the layer's OBS error (Hessian from a
+  domain/general mix), both for the weights' current values.
 """
 
 from __future__ import annotations
@@ -60,3 +64,16 @@ def dual_combine(domain: torch.Tensor, general: torch.Tensor, lam: float) -> tor
 )
 def dual_score(W: torch.Tensor, stats: dict[str, Any]) -> torch.Tensor:
     return dual_combine(stats["taylor2_step"], stats["general"], stats["lambda"])
+
+
+@register(
+    "dual-obs",
+    paper="carve: D-Pruner's general + domain importance (arXiv 2405.06275) chosen inside SparseGPT's OBS sweep",
+    url="https://arxiv.org/abs/2405.06275",
+    gradient=("grad_sq",),
+    granularity="matrix",
+    sweep=True,
+)
+def dual_obs_score(W: torch.Tensor, stats: dict[str, Any]) -> torch.Tensor:
+    """The domain term: empirical-Fisher error ½·E[g²]·θ² (the sweep adds the OBS term)."""
+    return fisher_score(W, stats)

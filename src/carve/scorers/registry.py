@@ -30,6 +30,8 @@ class Scorer:
     # gradient methods: the gradient engine's statistics the score reads (see engines/gradient.py)
     gradient: tuple[str, ...] | None = None
     needs_general: bool = False  # scored with a general importance too (dual)
+    # the importance guides a SparseGPT sweep (mask by OBS error + importance, see ops.prune)
+    sweep: bool = False
 
     @property
     def kind(self) -> str:
@@ -66,9 +68,10 @@ def register(
     prune: PruneFn | None = None,
     gradient: tuple[str, ...] | None = None,
     needs_general: bool = False,
+    sweep: bool = False,
 ) -> Callable[[ScoreFn], ScoreFn]:
     def deco(fn: ScoreFn) -> ScoreFn:
-        SCORERS[name] = Scorer(name, paper, url, fn, statistic, granularity, prune, gradient, needs_general)
+        SCORERS[name] = Scorer(name, paper, url, fn, statistic, granularity, prune, gradient, needs_general, sweep)
         return fn
 
     return deco

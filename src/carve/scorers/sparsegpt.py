@@ -7,6 +7,10 @@ For a Linear W [out, in] with Hessian H = 2/n · X Xᵀ of its inputs:
   saliency w²/U_jj², or per group of M columns (N:M) just before the group is reached;
 - for each column j: q = w masked, err = (w − q)/U_jj, W_:,j: −= err · U_j,j: (OBS compensation);
 - after a block, the remaining columns get the block's accumulated error at once (lazy batch update).
+
+With a `guide` C ([out, in], ≥ 0: an extra curvature per weight, e.g. half a domain Fisher
+diagonal) and a weight a, the mask is chosen by w² · (a/U_jj² + C_ij) instead: the layer's OBS error
+plus an end-to-end error C·w² of the same weight, both for its current (compensated) value.
 """
 
 from __future__ import annotations
@@ -46,9 +50,13 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = PERCDAMP) -> tup
     raise RuntimeError("Hessian is not positive definite even after growing the damping 1e6-fold")
 
 
-def obs_saliency(W: torch.Tensor, U_diag: torch.Tensor) -> torch.Tensor:
-    """w² / [H⁻¹]²_jj with [H⁻¹]_jj taken from the Cholesky factor's diagonal (Algorithm 1)."""
-    return W.float() ** 2 / U_diag.float().unsqueeze(0) ** 2
+def obs_saliency(
+    W: torch.Tensor, U_diag: torch.Tensor, guide: torch.Tensor | None = None, obs_weight: float = 1.0
+) -> torch.Tensor:
+    """w² / [H⁻¹]²_jj with [H⁻¹]_jj taken from the Cholesky factor's diagonal (Algorithm 1); with
+    `guide` C (same shape as W), w² · (a/[H⁻¹]²_jj + C), a = `obs_weight`."""
+    inv = 1.0 / U_diag.float().unsqueeze(0) ** 2
+    return W.float() ** 2 * (inv if guide is None else obs_weight * inv + guide.float())
 
 
 @register(
@@ -81,12 +89,15 @@ def sparsegpt_prune(
     percdamp: float = PERCDAMP,
     factor: tuple[torch.Tensor, dict[str, Any]] | None = None,
     keep: torch.Tensor | None = None,
+    guide: torch.Tensor | None = None,
+    obs_weight: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Prune and reconstruct W; returns (new W in W's dtype, keep mask, info).
 
     `granularity` applies inside each 128-column block: "matrix" removes `sparsity` of the
     block's weights (the paper), "row" removes it from each row of the block.  With `keep`
-    ([out, in] bool), that mask is imposed and only the OBS compensation is computed."""
+    ([out, in] bool), that mask is imposed and only the OBS compensation is computed; with
+    `guide` ([out, in] curvature), the mask is chosen by obs_saliency(W, U_jj, guide, obs_weight)."""
     if granularity not in ("row", "matrix"):
         raise UsageError(f"sparsegpt supports granularity row or matrix, not {granularity!r}")
     out_dtype = W.dtype
@@ -99,22 +110,24 @@ def sparsegpt_prune(
     U = U.to(Wt.device)
     keep_t = torch.ones_like(Wt, dtype=torch.bool) if keep is None else keep.t().to(Wt.device, torch.bool)
     fixed = keep is not None
+    guide_t = None if guide is None else guide.detach().float().t().to(Wt.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = Wt[i1:i2].clone()
         U1 = U[i1:i2, i1:i2]
         d1 = torch.diag(U1)
+        C1 = None if guide_t is None else guide_t[i1:i2]
         Err1 = torch.zeros_like(W1)
         if fixed:
             keep1 = keep_t[i1:i2]
         elif nm is None:
-            keep1 = keep_mask(obs_saliency(W1.t(), d1), sparsity, granularity).t().contiguous()
+            keep1 = keep_mask(obs_saliency(W1.t(), d1, _t(C1), obs_weight), sparsity, granularity).t().contiguous()
         else:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         for i in range(i2 - i1):
             if not fixed and nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
-                keep1[g] = nm_mask(obs_saliency(W1[g].t(), d1[g]), *nm).t()
+                keep1[g] = nm_mask(obs_saliency(W1[g].t(), d1[g], _t(C1, g), obs_weight), *nm).t()
             w = W1[i]
             q = torch.where(keep1[i], w, 0.0)
             err = (w - q) / U1[i, i]
@@ -125,3 +138,8 @@ def sparsegpt_prune(
         keep_t[i1:i2] = keep1
         Wt[i2:].sub_(U[i1:i2, i2:].t() @ Err1)
     return Wt.t().to(out_dtype), keep_t.t(), info
+
+
+def _t(C: torch.Tensor | None, rows: slice = slice(None)) -> torch.Tensor | None:
+    """A transposed guide's rows back in [out, in] layout (None stays None)."""
+    return None if C is None else C[rows].t()
