@@ -331,7 +331,7 @@ def test_dual_obs_extract_records_its_sweep_mix_and_reuses_its_scores_at_another
     tmp_path: Path, model_dir: Path, small_corpus: Path
 ) -> None:
     first = tmp_path / "dual-obs"
-    assert _extract(model_dir, small_corpus, first, "--method", "dual-obs") == 0
+    assert _extract(model_dir, small_corpus, first) == 0  # dual-obs is extract's default method
     manifest = json.loads((first / "carve.json").read_text())
     r = manifest["recipe"]
     assert (r["method"], r["mix"], r["reconstruct_mix"], r["lam"]) == ("dual-obs", 0.0, 0.3, 1.0)

@@ -30,6 +30,8 @@ from carve.output import atomic_output_dir, check_output, write_json
 from carve.scorers import get_scorer
 
 SWEEP_MIX = 0.3  # dual-obs: share of general blocks in its sweep's Hessians (as SparseGPT's default mix)
+# extract's default method: measured best in bench/RESULTS.md (dual section); wanda for --structure
+DEFAULT_METHOD, DEFAULT_STRUCTURE_METHOD = "dual-obs", "wanda"
 
 
 @dataclass
@@ -39,7 +41,7 @@ class Recipe:
     model: str | None = None
     domain: str = "legal"
     general: str = "general"
-    method: str | None = None  # None: sparsegpt, or wanda with --structure
+    method: str | None = None  # None: DEFAULT_METHOD, or DEFAULT_STRUCTURE_METHOD with --structure
     sparsity: float | None = None  # None: 0.5, or what the N:M pattern implies
     pattern: str | None = None
     granularity: str | None = None  # None: the method's paper
@@ -99,7 +101,7 @@ class Recipe:
             self.structure = True
         if self.structure:
             self._validate_structure()
-        self.method = self.method or ("wanda" if self.structure else "sparsegpt")
+        self.method = self.method or (DEFAULT_STRUCTURE_METHOD if self.structure else DEFAULT_METHOD)
         scorer = get_scorer(self.method)
         if self.reconstruct_mix is not None and scorer.prune is not None:
             raise UsageError(f"--reconstruct is for score-then-mask methods; {self.method} already updates the weights")
@@ -304,7 +306,7 @@ def versions() -> dict[str, str]:
 def _scores_first(recipe: Recipe) -> bool:
     """Whether the extract scores the dense model first (and so has an importance map)."""
     global_ = (recipe.granularity or "") == "global" and recipe.pattern is None
-    scorer = get_scorer(recipe.method or "sparsegpt")
+    scorer = get_scorer(recipe.method or DEFAULT_METHOD)
     return scores_first(scorer, global_, recipe.importance is not None, recipe.reconstruct_mix is not None)
 
 

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument(
         "--method",
         default=None,
-        help=f"scorer: {', '.join(sorted(SCORERS))} (default: sparsegpt; wanda with --structure)",
+        help=f"scorer: {', '.join(sorted(SCORERS))} (default: dual-obs; wanda with --structure)",
     )
     ex.add_argument("--sparsity", type=float, default=None, help="share of Linear weights to remove (default 0.5)")
     ex.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (keep N of every M)")
