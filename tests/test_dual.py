@@ -231,25 +231,33 @@ def test_guided_sweep_chooses_the_mask_by_obs_error_plus_the_guide() -> None:
     assert torch.equal(keep24[:, g], nm_mask(W[:, g] ** 2 * (0.3 / d[g] ** 2 + C[:, g]), 2, 4))
 
 
-def test_dual_obs_prune() -> None:
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_dual_obs_prune(arch: str) -> None:
     domain, mixed = _calib(seed=3), _calib(seed=4)
-    model = tiny_model("llama")
+    model = tiny_model(arch)
     res = carve.prune(model, "dual-obs", 0.5, domain, reconstruct_with=mixed)
-    fisher = carve.score(tiny_model("llama"), "fisher", domain)
+    fisher = carve.score(tiny_model(arch), "fisher", domain)
     params = dict(model.named_parameters())
     for n, keep in res.mask.items():
         torch.testing.assert_close(res.importance[n], fisher[n])  # the domain term is the Fisher error
         assert torch.equal(params[n].detach() == 0, ~keep) and keep.float().mean() == 0.5
     # λ → ∞: the OBS term alone, i.e. SparseGPT on the sweep's blocks; an all-zero guide: the same
-    ref = tiny_model("llama")
+    ref = tiny_model(arch)
     ref_res = carve.prune(ref, "sparsegpt", 0.5, mixed)
-    heavy = carve.prune(tiny_model("llama"), "dual-obs", 0.5, domain, reconstruct_with=mixed, lam=1e12)
+    heavy = carve.prune(tiny_model(arch), "dual-obs", 0.5, domain, reconstruct_with=mixed, lam=1e12)
     zero = carve.ImportanceMap({n: torch.zeros_like(s) for n, s in fisher.items()}, fisher.meta)
-    plain = tiny_model("llama")
+    plain = tiny_model(arch)
     unguided = carve.prune(plain, "dual-obs", 0.5, domain, reconstruct_with=mixed, importance=zero)
     for n in ref_res.mask:
         assert torch.equal(heavy.mask[n], ref_res.mask[n]) and torch.equal(unguided.mask[n], ref_res.mask[n])
         torch.testing.assert_close(dict(plain.named_parameters())[n], dict(ref.named_parameters())[n])
     assert any(not torch.equal(res.mask[n], ref_res.mask[n]) for n in res.mask)  # λ = 1: the guide matters
+    # --propagation dense: one pass per block, the same as SparseGPT's dense propagation at λ → ∞
+    dense_ref = carve.prune(tiny_model(arch), "sparsegpt", 0.5, mixed, propagation="dense")
+    dense = carve.prune(
+        tiny_model(arch), "dual-obs", 0.5, domain, reconstruct_with=mixed, lam=1e12, propagation="dense"
+    )
+    assert all(torch.equal(dense.mask[n], dense_ref.mask[n]) for n in dense_ref.mask)
+    assert any(not torch.equal(dense.mask[n], heavy.mask[n]) for n in dense_ref.mask)
     with pytest.raises(carve.UsageError, match="chooses its mask in SparseGPT's sweep"):
-        carve.prune(tiny_model("llama"), "dual-obs", 0.5, domain, granularity="global")
+        carve.prune(tiny_model(arch), "dual-obs", 0.5, domain, granularity="global")

@@ -275,7 +275,8 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
         last = f"linear sparsity {manifest['sparsity']['linear']:.4f}"
     if not args.json:
         dest = args.out or ", ".join(x for x in (args.save_mask, args.save_importance) if x)
-        print(f"\n{manifest['source']['model']} -> {dest}  ({what}, mix {r['mix']:g})")
+        sweep = f", OBS mix {r['reconstruct_mix']:g}" if r.get("reconstruct_mix") is not None else ""
+        print(f"\n{manifest['source']['model']} -> {dest}  ({what}, mix {r['mix']:g}{sweep})")
         print(
             _table(
                 [

@@ -254,6 +254,7 @@ def prune(
                 include=include,
                 exclude=exclude,
                 batch_size=batch_size,
+                propagation=propagation,
             )
         mask = select_mask(importance, sparsity, granularity, pattern)
         if reconstruct_with is None:
@@ -330,8 +331,9 @@ def guided_sparsegpt(
     include: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     batch_size: int = 8,
+    propagation: str = "pruned",
 ) -> PruneResult:
-    """SparseGPT (Hessians from `calibration`, sequential propagation) whose mask is chosen by
+    """SparseGPT (Hessians from `calibration`, `propagation` as in `prune`) whose mask is chosen by
     the weight's end-to-end error plus λ times its layer OBS error: w²·(a/U_jj² + C), where
     C = I/θ₀² comes from an importance I = C·θ₀² of the dense weights θ₀ (for `fisher`/`dual-obs`,
     C = ½·E[g²]) and a = λ · mean(I) / mean(θ₀²/U_jj²) per matrix, so that λ = 1 gives both terms
@@ -355,7 +357,8 @@ def guided_sparsegpt(
     def done(pname: str, lin: nn.Module, k: torch.Tensor) -> None:
         keep[pname] = as_param_layout(lin, k).cpu()
 
-    info = _obs_sweep(model, calibration, include, exclude, batch_size, args, done, "pruning (OBS sweep, guided)")
+    label = "pruning (OBS sweep, guided)"
+    info = _obs_sweep(model, calibration, include, exclude, batch_size, args, done, label, propagation == "pruned")
     if not keep:
         raise UsageError(f"no Linear layers matched include={list(include)} exclude={list(exclude)}")
     return PruneResult(Mask(keep), info, importance=guide)
@@ -370,6 +373,7 @@ def _obs_sweep(
     args: Any,
     done: Any = None,
     label: str = "reconstructing (OBS)",
+    rerun: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """SparseGPT's column sweep over every matched Linear, block by block with sequential
     propagation; `args(pname, lin, W, factor)` gives each Linear's keyword arguments (a fixed
@@ -392,7 +396,7 @@ def _obs_sweep(
             if notes:
                 info[pname] = notes
 
-    layerwise(model, calibration, on_block, Hessian, include, exclude, batch_size, label)
+    layerwise(model, calibration, on_block, Hessian, include, exclude, batch_size, label, rerun=rerun)
     return info
 
 
