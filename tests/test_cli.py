@@ -174,6 +174,11 @@ BAD = [
     ),
     ("unknown method", lambda t, m, c: ["--model", str(m), "--domain", str(c), "--method", "voodoo"], "unknown method"),
     (
+        "global sweep",
+        lambda t, m, c: ["--model", str(m), "--domain", str(c), "--method", "dual-obs", "--granularity", "global"],
+        "chooses its mask in SparseGPT's sweep",
+    ),
+    (
         "no decoder blocks",
         lambda t, m, c: ["--model", str(_no_blocks(t, m)), "--domain", str(c)],
         "no decoder blocks found",

@@ -24,7 +24,7 @@ from carve.masks.select import check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, count_parameters
 from carve.ops import model_sparsity, prune
-from carve.ops.prune import check_propagation, scores_first
+from carve.ops.prune import check_method_options, check_propagation, scores_first
 from carve.ops.structure import DEFAULT_DROP_RULE, check_drop_rule, structure
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.scorers import get_scorer
@@ -105,6 +105,9 @@ class Recipe:
         scorer = get_scorer(self.method)
         if self.reconstruct_mix is not None and scorer.prune is not None:
             raise UsageError(f"--reconstruct is for score-then-mask methods; {self.method} already updates the weights")
+        if not self.structure:
+            global_ = self.granularity == "global" and self.pattern is None
+            check_method_options(scorer, global_, False)
         if scorer.sweep and self.reconstruct_mix is None and not self.structure:
             self.reconstruct_mix = SWEEP_MIX
         if not self.structure:

@@ -34,6 +34,17 @@ def scores_first(scorer: Scorer, global_: bool, reusing: bool, reconstructing: b
     return scorer.kind == "gradient" or global_ or reusing or reconstructing
 
 
+def check_method_options(scorer: Scorer, global_: bool, reconstructing: bool) -> None:
+    """Options a method cannot take (checked by `prune` and, before any work, by the recipe)."""
+    if global_ and scorer.sweep:
+        raise UsageError(f"method {scorer.name!r} chooses its mask in SparseGPT's sweep: use granularity row or matrix")
+    if (global_ or reconstructing) and scorer.prune is not None:
+        raise UsageError(
+            f"method {scorer.name!r} prunes and updates weights block by block: it takes neither global "
+            "granularity nor a separate reconstruction"
+        )
+
+
 @dataclass
 class PruneResult:
     mask: Mask
@@ -217,13 +228,7 @@ def prune(
         raise UsageError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
     check_propagation(propagation)
     global_ = granularity == "global" and nm is None
-    if global_ and scorer.sweep:
-        raise UsageError(f"method {method!r} chooses its mask in SparseGPT's sweep: use granularity row or matrix")
-    if (global_ or reconstruct_with is not None) and scorer.prune is not None:
-        raise UsageError(
-            f"method {method!r} prunes and updates weights block by block: it takes neither global "
-            "granularity nor a separate reconstruction"
-        )
+    check_method_options(scorer, global_, reconstruct_with is not None)
     score_first = scores_first(scorer, global_, importance is not None, reconstruct_with is not None)
     data = None if importance is not None else _needs_data(scorer, calibration)
     if score_first:
