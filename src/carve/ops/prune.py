@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -375,14 +375,15 @@ def _obs_sweep(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     batch_size: int,
-    args: Any,
-    done: Any = None,
+    args: Callable[[str, nn.Module, torch.Tensor, Any], dict[str, Any]],
+    done: Callable[[str, nn.Module, torch.Tensor], None] | None = None,
     label: str = "reconstructing (OBS)",
     rerun: bool = True,
 ) -> dict[str, dict[str, Any]]:
-    """SparseGPT's column sweep over every matched Linear, block by block with sequential
-    propagation; `args(pname, lin, W, factor)` gives each Linear's keyword arguments (a fixed
-    `keep`, or a `guide` with sparsity/pattern; `{"keep": None}` leaves the Linear alone)."""
+    """SparseGPT's column sweep over every matched Linear, block by block (sequential propagation
+    unless not `rerun`); `args(pname, lin, W, factor)` gives each Linear's keyword arguments (a
+    fixed `keep`, or a `guide` with sparsity/pattern; `{"keep": None}` leaves the Linear alone);
+    `done(pname, lin, keep)` receives each Linear's mask."""
     info: dict[str, dict[str, Any]] = {}
 
     def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:

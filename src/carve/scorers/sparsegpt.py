@@ -55,8 +55,10 @@ def obs_saliency(
 ) -> torch.Tensor:
     """w² / [H⁻¹]²_jj with [H⁻¹]_jj taken from the Cholesky factor's diagonal (Algorithm 1); with
     `guide` C (same shape as W), w² · (a/[H⁻¹]²_jj + C), a = `obs_weight`."""
-    inv = 1.0 / U_diag.float().unsqueeze(0) ** 2
-    return W.float() ** 2 * (inv if guide is None else obs_weight * inv + guide.float())
+    d2 = U_diag.float().unsqueeze(0) ** 2
+    if guide is None:
+        return W.float() ** 2 / d2
+    return W.float() ** 2 * (obs_weight / d2 + guide.float())
 
 
 @register(
