@@ -106,11 +106,9 @@ class Recipe:
         if self.reconstruct_mix is not None and scorer.prune is not None:
             raise UsageError(f"--reconstruct is for score-then-mask methods; {self.method} already updates the weights")
         if not self.structure:
-            global_ = self.granularity == "global" and self.pattern is None
-            check_method_options(scorer, global_, False)
-        if scorer.sweep and self.reconstruct_mix is None and not self.structure:
-            self.reconstruct_mix = SWEEP_MIX
-        if not self.structure:
+            check_method_options(scorer, self.granularity == "global" and self.pattern is None, False)
+            if scorer.sweep and self.reconstruct_mix is None:
+                self.reconstruct_mix = SWEEP_MIX
             nm = parse_pattern(self.pattern)
             if self.sparsity is None and nm is None:
                 self.sparsity = 0.5
@@ -253,7 +251,7 @@ def _importance_key(
     data = hashlib.sha256(tensor_fingerprint(calib).encode())
     if general_calib is not None:
         data.update(tensor_fingerprint(general_calib).encode())
-    lam = recipe.lam if general_calib is not None else None  # only dual's scores depend on λ
+    lam = recipe.lam if get_scorer(recipe.method or DEFAULT_METHOD).needs_general else None  # only dual's use λ
     data.update(json.dumps([lam, recipe.lr, recipe.include, recipe.exclude]).encode())
     return {"scorer": recipe.method, "model_fingerprint": model_fingerprint, "data_fingerprint": data.hexdigest()[:16]}
 
