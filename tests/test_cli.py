@@ -362,6 +362,21 @@ def test_dual_obs_extract_records_its_sweep_mix_and_reuses_its_scores_at_another
     )
     m2 = json.loads((second / "carve.json").read_text())
     assert m2["importance"]["reused_from"] == imp and m2["sparsity"]["linear"] == pytest.approx(0.5)
+    # its scores are fisher's: a fisher extract takes the map (same calibration: both domain only)
+    # and gives the mask that ranking selects; a wanda map is not taken
+    third = tmp_path / "fisher"
+    assert _extract(model_dir, small_corpus, third, "--method", "fisher", "--importance", imp) == 0
+    m3 = json.loads((third / "carve.json").read_text())
+    assert m3["importance"]["reused_from"] == imp and m3["recipe"]["method"] == "fisher"
+    fisher_imp = str(third / "importance.safetensors")
+    fourth = tmp_path / "dual-obs-from-fisher"
+    assert _extract(model_dir, small_corpus, fourth, "--importance", fisher_imp) == 0
+    assert json.loads((fourth / "carve.json").read_text())["importance"]["reused_from"] == fisher_imp
+    wanda = tmp_path / "wanda"
+    assert _extract(model_dir, small_corpus, wanda, "--method", "wanda", "--granularity", "global", "--mix", "0") == 0
+    refused = tmp_path / "refused"
+    assert _extract(model_dir, small_corpus, refused, "--importance", str(wanda / "importance.safetensors")) == 2
+    assert _nothing_written(tmp_path, refused)
 
 
 def test_structured_extract_is_smaller_reloads_and_reports_speed(

@@ -27,7 +27,7 @@ from carve.ops import model_sparsity, prune
 from carve.ops.prune import check_method_options, check_propagation, scores_first
 from carve.ops.structure import DEFAULT_DROP_RULE, check_drop_rule, structure
 from carve.output import atomic_output_dir, check_output, write_json
-from carve.scorers import get_scorer
+from carve.scorers import SCORERS, get_scorer
 
 SWEEP_MIX = 0.3  # dual-obs: share of general blocks in its sweep's Hessians (as SparseGPT's default mix)
 # extract's default method: measured best in bench/RESULTS.md (dual section); wanda for --structure
@@ -256,6 +256,10 @@ def _importance_key(
     return {"scorer": recipe.method, "model_fingerprint": model_fingerprint, "data_fingerprint": data.hexdigest()[:16]}
 
 
+def _importance_name(method: Any) -> Any:
+    return get_scorer(method).importance_name if method in SCORERS else method
+
+
 def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
     try:
         imp = ImportanceMap.load(Path(path).expanduser())
@@ -263,7 +267,10 @@ def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
         raise UsageError(f"importance file {path!r} is not a carve importance map ({exc})") from None
     what = {"scorer": "method", "model_fingerprint": "model", "data_fingerprint": "calibration data and settings"}
     for field_name, label in what.items():
-        if imp.meta.get(field_name) != key[field_name]:
+        saved, wanted = imp.meta.get(field_name), key[field_name]
+        if field_name == "scorer":  # methods that compute the same importance share maps
+            saved, wanted = _importance_name(saved), _importance_name(wanted)
+        if saved != wanted:
             raise UsageError(
                 f"importance file {path!r} was computed with another {label} "
                 f"({imp.meta.get(field_name)} != {key[field_name]}); rerun without --importance"

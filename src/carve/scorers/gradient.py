@@ -73,6 +73,7 @@ def dual_score(W: torch.Tensor, stats: dict[str, Any]) -> torch.Tensor:
     gradient=("grad_sq",),
     granularity="matrix",
     sweep=True,
+    scores_as="fisher",
 )
 def dual_obs_score(W: torch.Tensor, stats: dict[str, Any]) -> torch.Tensor:
     """The domain term: empirical-Fisher error ½·E[g²]·θ² (the sweep adds the OBS term)."""

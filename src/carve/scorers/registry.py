@@ -32,6 +32,14 @@ class Scorer:
     needs_general: bool = False  # scored with a general importance too (dual)
     # the importance guides a SparseGPT sweep (mask by OBS error + importance, see ops.prune)
     sweep: bool = False
+    # another method whose importance maps this one computes (saved maps are interchangeable)
+    scores_as: str | None = None
+
+    @property
+    def importance_name(self) -> str:
+        """The method whose importance this one computes: maps saved by methods with the same
+        importance name are interchangeable (dual-obs's scores are fisher's)."""
+        return self.scores_as or self.name
 
     @property
     def kind(self) -> str:
@@ -69,9 +77,12 @@ def register(
     gradient: tuple[str, ...] | None = None,
     needs_general: bool = False,
     sweep: bool = False,
+    scores_as: str | None = None,
 ) -> Callable[[ScoreFn], ScoreFn]:
     def deco(fn: ScoreFn) -> ScoreFn:
-        SCORERS[name] = Scorer(name, paper, url, fn, statistic, granularity, prune, gradient, needs_general, sweep)
+        SCORERS[name] = Scorer(
+            name, paper, url, fn, statistic, granularity, prune, gradient, needs_general, sweep, scores_as
+        )
         return fn
 
     return deco
