@@ -215,6 +215,25 @@ def test_reconstruction_after_any_mask_and_refused_for_sparsegpt() -> None:
         carve.Recipe(method="sparsegpt", reconstruct_mix=0.3).validate()
 
 
+def test_reconstruction_follows_the_propagation() -> None:
+    from carve.ops.prune import reconstruct
+
+    calib = _calib(seed=4)
+    # SparseGPT's own mask imposed with a fixed-mask sweep gives SparseGPT's weights, for each
+    # propagation, so the reconstruction calibrates each block on the same activations
+    results = {}
+    for propagation in ("pruned", "dense"):
+        ref = tiny_model("llama")
+        res = carve.prune(ref, "sparsegpt", 0.5, calib, propagation=propagation)
+        model = tiny_model("llama")
+        reconstruct(model, res.mask, calib, propagation=propagation)
+        params, expected = dict(model.named_parameters()), dict(ref.named_parameters())
+        for n in res.mask:
+            torch.testing.assert_close(params[n], expected[n])
+        results[propagation] = params
+    assert any(not torch.equal(results["pruned"][n], results["dense"][n]) for n in res.mask)
+
+
 def test_default_mix_is_the_methods() -> None:
     for method, mix in (("sparsegpt", 0.3), ("wanda", 0.3), ("dual", 0.0), ("taylor", 0.0)):
         r = carve.Recipe(method=method)

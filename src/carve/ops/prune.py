@@ -265,7 +265,15 @@ def prune(
         if reconstruct_with is None:
             apply_mask(model, mask)
             return PruneResult(mask, importance=importance)
-        notes = reconstruct(model, mask, reconstruct_with, include=include, exclude=exclude, batch_size=batch_size)
+        notes = reconstruct(
+            model,
+            mask,
+            reconstruct_with,
+            include=include,
+            exclude=exclude,
+            batch_size=batch_size,
+            propagation=propagation,
+        )
         return PruneResult(mask, notes, importance=importance)
 
     keep: dict[str, torch.Tensor] = {}
@@ -308,10 +316,12 @@ def reconstruct(
     include: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     batch_size: int = 8,
+    propagation: str = "pruned",
 ) -> dict[str, dict[str, Any]]:
     """Impose `mask` and update the kept weights by OBS compensation (SparseGPT's column sweep
-    with the mask fixed), block by block with sequential propagation, Hessians from
+    with the mask fixed), block by block (`propagation` as in `prune`), Hessians from
     `calibration`.  Returns per-Linear notes (damping retries)."""
+    check_propagation(propagation)
     return _obs_sweep(
         model,
         calibration,
@@ -321,6 +331,7 @@ def reconstruct(
         lambda pname, lin, W, factor: {
             "keep": as_param_layout(lin, mask[pname]).to(W.device) if pname in mask else None  # back to [out, in]
         },
+        rerun=propagation == "pruned",
     )
 
 
