@@ -1,6 +1,7 @@
 """Benchmark `carve extract` on the embedded default against llm-compressor's oneshot.
 
-    .venv/bin/python bench/extract.py [--domains legal code] [--only ID_SUBSTRING] [--eval-blocks 16]
+    .venv/bin/python bench/extract.py [--domains legal code] [--only ID_SUBSTRING] [--rerun ID_SUBSTRING ...]
+        [--eval-blocks 16]
 
 On SmolLM2-135M-Instruct (the embedded default, dequantized once to bench/out/smollm2-f32),
 domains legal and code, 64 calibration blocks x 512 tokens (seed 0): magnitude / Wanda /
@@ -49,6 +50,8 @@ from common import (
 RESULTS = HERE / "results" / "extract.jsonl"
 LLMC_VENV = HERE / ".venv-llmc"
 FAST = "carve --propagation dense"  # every block calibrated on the dense model: one pass per block
+FUSED = "carve --propagation fused"  # one forward of all blocks, each Linear pruned as its input arrives
+PROPAGATION = {FAST: "dense", FUSED: "fused"}
 
 
 # --------------------------------------------------------------------------- worker side
@@ -144,7 +147,8 @@ def configurations(domains: list[str]) -> list[dict[str, Any]]:
         for method in ("sparsegpt", "wanda"):
             for tool in ("carve", "llm-compressor"):
                 out.append({"domain": d, "tool": tool, "method": method, "pattern": "50%", "calibration": "domain"})
-        out.append({"domain": d, "tool": FAST, "method": "sparsegpt", "pattern": "50%", "calibration": "domain"})
+        for tool in (FAST, FUSED):
+            out.append({"domain": d, "tool": tool, "method": "sparsegpt", "pattern": "50%", "calibration": "domain"})
         out.append({"domain": d, "tool": "carve", "method": "sparsegpt", "pattern": "2:4", "calibration": "domain"})
         out.append({"domain": d, "tool": "reference", "method": "sparsegpt", "pattern": "2:4", "calibration": "domain"})
         out.append(
@@ -168,10 +172,10 @@ def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
     base = {"domain": cfg["domain"], "eval_blocks": eval_blocks, "model_dir": str(MODEL_DIR)}
     if cfg["method"] == "dense":
         return carve_worker(__file__, {**base, "kind": "eval"})
-    if cfg["tool"] in ("carve", "reference", FAST):
+    if cfg["tool"] in ("carve", "reference", FAST, FUSED):
         method = "sparsegpt-reference" if cfg["tool"] == "reference" else cfg["method"]
         spec = {**base, "kind": "prune", "method": method, "pattern": cfg["pattern"], "calibration": cfg["calibration"]}
-        return carve_worker(__file__, {**spec, "propagation": "dense" if cfg["tool"] == FAST else "pruned"})
+        return carve_worker(__file__, {**spec, "propagation": PROPAGATION.get(cfg["tool"], "pruned")})
     # llm-compressor: same calibration blocks, its own process and venv, evaluated by carve
     python = _ensure_llmc()
     calib = OUT / f"calib-{cfg['domain']}-{cfg['calibration']}.pt"
@@ -281,19 +285,29 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
                     f"wall time carve / {tool} = {a['seconds'] / b['seconds']:.2f}"
                 )
         b = rows.get(f"{d}/llm-compressor/sparsegpt/50%/domain")
-        for tool in ("carve", FAST):
+        c = rows.get(f"{d}/carve/sparsegpt/50%/domain")
+        for tool in ("carve", FAST, FUSED):
             a = rows.get(f"{d}/{tool}/sparsegpt/50%/domain")
             if a and b and "error" not in a and "error" not in b:
                 q_ratio, t_ratio = a["domain_ppl"] / b["domain_ppl"], a["seconds"] / b["seconds"]
                 both = q_ratio <= 1.02 and t_ratio <= 0.5
+                other = " (llm-compressor's row from an earlier run)" if a.get("run") != b.get("run") else ""
                 comp.append(
-                    f"- targets for `{tool}` SparseGPT 50%: domain ppl / llm-compressor's = {q_ratio:.4f} "
+                    f"- targets for `{tool}` SparseGPT 50%{other}: domain ppl / llm-compressor's = {q_ratio:.4f} "
                     f"(within 2%: {'met' if q_ratio <= 1.02 else 'NOT met'}); wall time / llm-compressor's = "
                     f"{t_ratio:.2f} (at most 0.5x: {'met' if t_ratio <= 0.5 else 'NOT met'}) -> "
                     + ("both met" if both else "NOT both met")
                 )
+            if tool != "carve" and a and c and a.get("run") and a.get("run") == c.get("run"):
+                comp.append(
+                    f"- `{tool}` against `carve` (sequential propagation) SparseGPT 50%, measured in the same run: "
+                    f"wall time {a['seconds'] / c['seconds']:.2f}x, "
+                    f"domain ppl {a['domain_ppl'] / c['domain_ppl']:.4f}x, "
+                    f"peak RSS {a['peak_rss_mb']:.0f} vs {c['peak_rss_mb']:.0f} MB"
+                )
         if comp:
-            lines += ["Ratios from the rows above (same run, same blocks):", "", *comp, ""]
+            head = "Ratios from the rows above (same blocks; rows of one run unless a line says otherwise):"
+            lines += [head, "", *comp, ""]
     q = rows.get("quickstart")
     if q and "error" not in q:
         m, t = q["metrics"], q["timings_s"]
@@ -322,6 +336,9 @@ def main() -> None:
     p.add_argument("--worker")
     p.add_argument("--domains", nargs="+", default=["legal", "code"])
     p.add_argument("--only", default="")
+    p.add_argument(
+        "--rerun", nargs="*", default=[], help="run again the cached rows whose id contains one of these (same run)"
+    )
     p.add_argument("--eval-blocks", type=int, default=16)
     p.add_argument(
         "--quickstart",
@@ -344,8 +361,10 @@ def main() -> None:
         return
     ensure_model()
     rows = load_results(RESULTS)
+    run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # rows of one invocation share it
     for cfg in configurations(args.domains):
-        if cfg["id"] in rows or args.only not in cfg["id"]:
+        again = any(r in cfg["id"] for r in args.rerun)
+        if (cfg["id"] in rows and not again) or args.only not in cfg["id"]:
             continue
         t = time.perf_counter()
         print(f"running {cfg['id']} ...", flush=True)
@@ -356,6 +375,7 @@ def main() -> None:
             "eval_blocks": args.eval_blocks,
             "wall_total_s": round(time.perf_counter() - t, 1),
             "commit": commit(),
+            "run": run,
         }
         save_result(RESULTS, row)
         rows[cfg["id"]] = row

@@ -291,5 +291,11 @@ def test_dual_obs_prune(arch: str) -> None:
     )
     assert all(torch.equal(dense.mask[n], dense_ref.mask[n]) for n in dense_ref.mask)
     assert any(not torch.equal(dense.mask[n], heavy.mask[n]) for n in dense_ref.mask)
+    # --propagation fused: the same as SparseGPT's fused pass at λ → ∞
+    fused_ref = carve.prune(tiny_model(arch), "sparsegpt", 0.5, mixed, propagation="fused")
+    fused = carve.prune(
+        tiny_model(arch), "dual-obs", 0.5, domain, reconstruct_with=mixed, lam=1e12, propagation="fused"
+    )
+    assert all(torch.equal(fused.mask[n], fused_ref.mask[n]) for n in fused_ref.mask)
     with pytest.raises(carve.UsageError, match="chooses its mask in SparseGPT's sweep"):
         carve.prune(tiny_model(arch), "dual-obs", 0.5, domain, granularity="global")

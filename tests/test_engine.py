@@ -36,11 +36,12 @@ def _reference_norms(model: nn.Module, calib: torch.Tensor) -> dict[str, torch.T
     return {k: v.norms for k, v in stats.items()}
 
 
-@pytest.mark.parametrize("rerun", [False, True])
+@pytest.mark.parametrize("propagation", ["dense", "pruned", "fused"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_engine_feeds_each_linear_what_the_full_model_does(arch: str, rerun: bool) -> None:
-    """With `rerun`, later batches stop each block after its last Linear's input: the
-    statistics must not change."""
+def test_engine_feeds_each_linear_what_the_full_model_does(arch: str, propagation: str) -> None:
+    """With "pruned", later batches stop each block after its last Linear's input; "fused" runs
+    the model once with every Linear handed over from its pre-hook: the statistics must not
+    change."""
     model = tiny_model(arch)
     calib = _calib()
     ref = _reference_norms(model, calib)
@@ -49,7 +50,7 @@ def test_engine_feeds_each_linear_what_the_full_model_does(arch: str, rerun: boo
     def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
         got.update({name: stats[name].norms.clone() for name in linears})
 
-    layerwise(model, calib, on_block, RowNorms, batch_size=2, rerun=rerun)  # 3 batches
+    layerwise(model, calib, on_block, RowNorms, batch_size=2, propagation=propagation)  # 3 batches unless fused
     assert got.keys() == ref.keys() and len(got) >= 8
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5)
@@ -69,7 +70,7 @@ def test_sequential_propagation_sees_earlier_pruned_blocks(arch: str) -> None:
 
     # prune with wanda, then run the engine again on the pruned model, without pruning
     result = carve.prune(model, "wanda", 0.5, calib, batch_size=4)
-    layerwise(model, calib, capture, RowNorms, batch_size=4, rerun=False)
+    layerwise(model, calib, capture, RowNorms, batch_size=4, propagation="dense")
     ref = _reference_norms(model, calib)
     for name, norms in first_in_block.items():
         torch.testing.assert_close(norms, ref[name], rtol=1e-4, atol=1e-5)
@@ -93,6 +94,65 @@ def test_dense_propagation_calibrates_every_block_on_the_dense_model(arch: str) 
         assert torch.equal(result.mask[k], dense_scored[k]), k
     with pytest.raises(carve.UsageError, match="propagation 'lazy' is not one of"):
         carve.prune(tiny_model(arch), "wanda", 0.5, calib, propagation="lazy")
+
+
+def _true_sequential_sparsegpt(model: nn.Module, calib: torch.Tensor, sparsity: float) -> None:
+    """SparseGPT with GPTQ's "true sequential" order, naively: every Linear in the order the
+    forward calls it, its Hessian from a fresh full-model forward with all earlier Linears
+    already pruned."""
+    from carve.models.arch import weight_matrix
+    from carve.scorers import Hessian, get_scorer
+
+    class Stop(Exception):
+        pass
+
+    linears = all_prunable_linears(model)
+    order: list[str] = []
+    handles = [
+        lin.register_forward_pre_hook(lambda _m, _a, n=name: None if n in order else order.append(n))
+        for name, lin in linears.items()
+    ]
+    with torch.no_grad():
+        model(input_ids=calib, use_cache=False)
+    for h in handles:
+        h.remove()
+    assert sorted(order) == sorted(linears)
+    for name in order:
+        stat = Hessian(weight_matrix(linears[name]).shape[1])
+
+        def grab(_m: nn.Module, args: Any, stat: Hessian = stat) -> None:
+            stat.update(args[0])
+            raise Stop
+
+        handle = linears[name].register_forward_pre_hook(grab)
+        try:
+            with torch.no_grad():
+                model(input_ids=calib, use_cache=False)
+        except Stop:
+            pass
+        handle.remove()
+        W = weight_matrix(linears[name])
+        with torch.no_grad():
+            W.copy_(get_scorer("sparsegpt").prune_weight(W, stat, sparsity, "matrix", None)[0])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fused_propagation_is_true_sequential_sparsegpt_in_one_pass(arch: str) -> None:
+    calib = _calib()
+    fused = tiny_model(arch)
+    res = carve.prune(fused, "sparsegpt", 0.5, calib, propagation="fused")
+    ref = tiny_model(arch)
+    _true_sequential_sparsegpt(ref, calib, 0.5)
+    got, expected = dict(fused.named_parameters()), dict(ref.named_parameters())
+    for n in res.mask:
+        torch.testing.assert_close(got[n], expected[n])
+    assert res.mask.sparsity() == pytest.approx(0.5, abs=1e-6)
+    # block by block ("pruned") calibrates a block's later Linears on its dense earlier ones
+    blockwise = tiny_model(arch)
+    carve.prune(blockwise, "sparsegpt", 0.5, calib, propagation="pruned")
+    first = next(iter(res.mask))
+    torch.testing.assert_close(dict(blockwise.named_parameters())[first], got[first])  # same inputs
+    assert any(not torch.allclose(dict(blockwise.named_parameters())[n], got[n]) for n in res.mask)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -81,10 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument(
         "--propagation",
-        choices=["pruned", "dense"],
+        choices=["pruned", "dense", "fused"],
         default="pruned",
-        help="calibrate each block on the pruned blocks' outputs (sequential, default) or on the dense "
-        "model's (one pass per block, faster)",
+        help="calibrate each block on the pruned blocks' outputs (sequential, default), on the dense "
+        "model's (one pass per block, faster), or fused: one forward of all calibration blocks at once, "
+        "each Linear pruned as its input arrives (one pass, more memory)",
     )
     ex.add_argument(
         "--lambda",

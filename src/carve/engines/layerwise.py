@@ -10,6 +10,12 @@
 
 Memory: the model, the hidden states of the calibration set for one block boundary (input and
 output), and one block's activations.  The engine never imports a method.
+
+`propagation="fused"` is the one-pass variant: a single forward of the whole calibration set
+as one batch, in which every Linear is handed to the caller the moment its input arrives, so
+it is pruned before it computes and every later Linear (in its block too: GPTQ's "true
+sequential" order) sees the already-pruned ones' outputs.  Each matmul runs once, on pruned
+weights; the price is one block's activations for the whole calibration set at once.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import torch
 from torch import nn
 
 from carve.models.arch import find_blocks, prunable_linears
-from carve.progress import progress
+from carve.progress import bar, progress
 
 
 class _Stop(Exception):
@@ -111,8 +117,12 @@ class _BlockStatistics:
         statistic: Callable[[int, Any], Any],
         device: torch.device,
         stop_early: bool,
+        ready: Callable[[str, Any], None] | None = None,
     ) -> None:
         self.stats: dict[str, Any] = {}
+        self.linears = linears
+        self.pending = set(linears)  # with `ready`: the Linears not handed over yet
+        self._ready = ready
         self._statistic, self._device, self._count = statistic, device, len(linears)
         self._leader: dict[str, str] = {}
         self._live: list[tuple[torch.Tensor, str]] = []
@@ -138,6 +148,10 @@ class _BlockStatistics:
                 self._last = name
         if self._leader[name] == name:
             self.stats[name].update(x)
+        if self._ready is not None and name in self.pending:
+            # one batch holds the whole calibration set: the statistic is complete
+            self.pending.discard(name)
+            self._ready(name, self.stats[name])
         if self._stop_early and self._seen_all and name == self._last:
             raise _Stop
 
@@ -147,32 +161,42 @@ class _BlockStatistics:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+        self._live.clear()
+
+
+OnBlock = Callable[[int, dict[str, nn.Module], dict[str, Any]], None]
 
 
 @torch.no_grad()
 def layerwise(
     model: nn.Module,
     calibration: torch.Tensor,
-    on_block: Callable[[int, dict[str, nn.Module], dict[str, Any]], None],
+    on_block: OnBlock,
     statistic: Callable[[int, Any], Any] | None,
     include: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] | None = None,
     batch_size: int = 8,
     desc: str = "calibrating",
-    rerun: bool = True,
+    propagation: str = "pruned",
 ) -> None:
     """Run `calibration` [N, L] block by block.
 
     For block i, `statistic(in_features, device)` is built for its Linear layers and fed their
-    inputs; then `on_block(i, linears, stats)` is called.  With `rerun` (sequential propagation
-    of a pruned model), the block is re-run on the same inputs so the next block sees the pruned
-    block's outputs; otherwise the outputs of the statistics pass (the block as it was before
-    `on_block`) are propagated: one pass per block."""
+    inputs; then `on_block(i, linears, stats)` is called.  With `propagation="pruned"`
+    (sequential propagation of a pruned model), the block is re-run on the same inputs so the
+    next block sees the pruned block's outputs; with `"dense"` the outputs of the statistics pass
+    (the block as it was before `on_block`) are propagated: one pass per block.  With `"fused"`
+    (see the module docstring) `on_block(i, {name: linear}, {name: stat})` is called for each
+    Linear as its input arrives, in one forward of the model with `batch_size` ignored."""
     from carve.models.arch import DEFAULT_EXCLUDE
 
     exclude = DEFAULT_EXCLUDE if exclude is None else exclude
     device = next(model.parameters()).device
     prefix, blocks = find_blocks(model)
+    if propagation == "fused" and statistic is not None:
+        _fused(model, calibration.to(device), blocks, prefix, on_block, statistic, include, exclude, desc)
+        return
+    rerun = propagation == "pruned"
     batches = [b.to(device) for b in calibration.split(batch_size)]
     hidden, calls = _capture(model, blocks, batches)
     shapes = [tuple(b.shape) for b in batches]
@@ -198,3 +222,53 @@ def layerwise(
         if rerun and not last:
             outputs = [_call_block(block, h, calls[shapes[j]][i]) for j, h in enumerate(hidden)]
         hidden = outputs
+
+
+def _fused(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    blocks: nn.ModuleList,
+    prefix: str,
+    on_block: OnBlock,
+    statistic: Callable[[int, Any], Any],
+    include: tuple[str, ...],
+    exclude: tuple[str, ...],
+    desc: str,
+) -> None:
+    """One forward of the model on all of `calibration`, every Linear handed to `on_block` from
+    its pre-hook (so before it computes); stopped once the last block has run (no logits)."""
+    device = calibration.device
+    collectors: list[_BlockStatistics] = []
+    handles = []
+    with bar(desc, len(blocks)) as shown:
+        for i, block in enumerate(blocks):
+            linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
+
+            def ready(name: str, stat: Any, i: int = i, linears: dict[str, nn.Module] = linears) -> None:
+                on_block(i, {name: linears[name]}, {name: stat})
+
+            collectors.append(_BlockStatistics(linears, statistic, device, False, ready))
+
+            def finished(_m: nn.Module, _args: Any, _out: Any, i: int = i) -> None:
+                # Linears the forward never called are handed over without a statistic, as the
+                # block-by-block passes do
+                c = collectors[i]
+                if c.pending:
+                    names = sorted(c.pending)
+                    c.pending.clear()
+                    on_block(i, {n: c.linears[n] for n in names}, {})
+                c.remove()
+                shown.update(1)
+                if i == len(blocks) - 1:
+                    raise _Stop
+
+            handles.append(block.register_forward_hook(finished))
+        try:
+            model(input_ids=calibration, use_cache=False)
+        except _Stop:
+            pass
+        finally:
+            for c in collectors:
+                c.remove()
+            for h in handles:
+                h.remove()

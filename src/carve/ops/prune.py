@@ -20,7 +20,7 @@ from carve.scorers.registry import Scorer, get_scorer
 from carve.scorers.sparsegpt import factor_of, obs_saliency, sparsegpt_prune, sparsegpt_score
 from carve.scorers.stats import Hessian
 
-PROPAGATIONS = ("pruned", "dense")
+PROPAGATIONS = ("pruned", "dense", "fused")
 
 
 def check_propagation(propagation: str) -> None:
@@ -139,7 +139,7 @@ def score(
                 exclude,
                 batch_size,
                 "general importance (OBS)",
-                rerun=False,
+                propagation="dense",
             )
         else:
             for name, lin in linears.items():
@@ -151,9 +151,8 @@ def score(
             for name, lin in block_linears.items():
                 scores[_param_name(name)] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats[name])).cpu()
 
-        layerwise(
-            model, data, on_block, scorer.statistic, include, exclude, batch_size, f"scoring ({method})", rerun=False
-        )
+        label = f"scoring ({method})"
+        layerwise(model, data, on_block, scorer.statistic, include, exclude, batch_size, label, propagation="dense")
     modules = dict(model.named_modules())
     meta["transposed"] = [k for k in scores if not isinstance(modules[k.removesuffix(".weight")], nn.Linear)]
     return ImportanceMap(scores, meta)
@@ -208,7 +207,11 @@ def prune(
     Layer-wise methods run block by block.  `propagation="pruned"` (the papers' sequential
     propagation) calibrates each block on the outputs of the already-pruned blocks before it: two
     passes per block.  `"dense"` calibrates every block on the dense model's activations: one
-    pass per block, faster, usually a little less accurate.  `granularity` defaults to the
+    pass per block, faster, usually a little less accurate.  `"fused"` goes further than
+    `"pruned"` in one pass: a single forward of all calibration blocks at once, each Linear pruned
+    as its input arrives, so later Linears of the same block see it pruned too (GPTQ's "true
+    sequential" order); every matmul runs once, but one block's activations for the whole
+    calibration set are held at once.  `granularity` defaults to the
     method's paper ("row" for Wanda, "matrix" for magnitude and SparseGPT); "global" ranks all
     layers together (scored on the dense model, then pruned at once).
 
@@ -301,7 +304,7 @@ def prune(
             exclude,
             batch_size,
             f"pruning ({method})",
-            rerun=propagation == "pruned",
+            propagation=propagation,
         )
     if not keep:
         raise UsageError(f"no Linear layers matched include={list(include)} exclude={list(exclude)}")
@@ -331,7 +334,7 @@ def reconstruct(
         lambda pname, lin, W, factor: {
             "keep": as_param_layout(lin, mask[pname]).to(W.device) if pname in mask else None  # back to [out, in]
         },
-        rerun=propagation == "pruned",
+        propagation=propagation,
     )
 
 
@@ -374,7 +377,7 @@ def guided_sparsegpt(
         keep[pname] = as_param_layout(lin, k).cpu()
 
     label = "pruning (OBS sweep, guided)"
-    info = _obs_sweep(model, calibration, include, exclude, batch_size, args, done, label, propagation == "pruned")
+    info = _obs_sweep(model, calibration, include, exclude, batch_size, args, done, label, propagation)
     if not keep:
         raise UsageError(f"no Linear layers matched include={list(include)} exclude={list(exclude)}")
     return PruneResult(Mask(keep), info, importance=guide)
@@ -389,10 +392,10 @@ def _obs_sweep(
     args: Callable[[str, nn.Module, torch.Tensor, Any], dict[str, Any]],
     done: Callable[[str, nn.Module, torch.Tensor], None] | None = None,
     label: str = "reconstructing (OBS)",
-    rerun: bool = True,
+    propagation: str = "pruned",
 ) -> dict[str, dict[str, Any]]:
-    """SparseGPT's column sweep over every matched Linear, block by block (sequential propagation
-    unless not `rerun`); `args(pname, lin, W, factor)` gives each Linear's keyword arguments (a
+    """SparseGPT's column sweep over every matched Linear, block by block (`propagation` as in
+    `prune`); `args(pname, lin, W, factor)` gives each Linear's keyword arguments (a
     fixed `keep`, or a `guide` with sparsity/pattern; `{"keep": None}` leaves the Linear alone);
     `done(pname, lin, keep)` receives each Linear's mask."""
     info: dict[str, dict[str, Any]] = {}
@@ -413,7 +416,7 @@ def _obs_sweep(
             if notes:
                 info[pname] = notes
 
-    layerwise(model, calibration, on_block, Hessian, include, exclude, batch_size, label, rerun=rerun)
+    layerwise(model, calibration, on_block, Hessian, include, exclude, batch_size, label, propagation)
     return info
 
 

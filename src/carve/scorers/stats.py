@@ -45,12 +45,11 @@ class Hessian:
     def update(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         t, d = x.shape
-        self._H.mul_(self.n / (self.n + t))
+        keep = self.n / (self.n + t)  # the running mean's weight on what came before
         self.n += t
-        x = x * (2.0 / self.n) ** 0.5
-        for a in range(0, d, self.CHUNK):
+        for a in range(0, d, self.CHUNK):  # no scaled copy of x: addmm scales the product
             b = min(a + self.CHUNK, d)
-            self._H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:])
+            self._H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=keep, alpha=2.0 / self.n)
         self._symmetric = False
 
     @property
