@@ -46,7 +46,7 @@ class Recipe:
     pattern: str | None = None
     granularity: str | None = None  # None: the method's paper
     mix: float | None = None  # share of calibration blocks from the general corpus (None: the method's)
-    propagation: str = "pruned"  # "pruned" (sequential, the papers') or "dense" (one pass per block)
+    propagation: str = "pruned"  # "pruned" (sequential, the papers'), "dense" (one pass per block) or "fused"
     lam: float = 1.0  # dual: weight of general importance
     lr: float = 0.0  # gradient methods: SGD steps while accumulating (0: none)
     # score-then-mask: OBS reconstruction, this share general; dual-obs: its sweep's Hessian mix (0.3)
