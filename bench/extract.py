@@ -261,7 +261,7 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
                     "| | | | | | | not run yet |"
                 )
                 continue
-            note = r.get("error", "")
+            note = r.get("error", "") + r.get("note", "")  # a note: what the row's process ran beside
             if r.get("damp_retries"):
                 note += f" {r['damp_retries']} Hessian damping retries"
             lines.append(

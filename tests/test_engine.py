@@ -56,6 +56,21 @@ def test_engine_feeds_each_linear_what_the_full_model_does(arch: str, propagatio
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("propagation", ["pruned", "fused"])
+def test_linears_fed_the_same_input_share_one_statistic(propagation: str) -> None:
+    model = tiny_model("llama")
+    seen: dict[str, Any] = {}
+
+    def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
+        seen.update({name.split(".", 3)[-1]: stats[name] for name in linears if ".layers.0." in name})
+
+    layerwise(model, _calib(), on_block, RowNorms, batch_size=2, propagation=propagation)
+    assert seen["self_attn.q_proj"] is seen["self_attn.k_proj"] is seen["self_attn.v_proj"]
+    assert seen["mlp.gate_proj"] is seen["mlp.up_proj"]
+    shared = {id(seen[k]) for k in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
+    assert len(shared) == 4
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_sequential_propagation_sees_earlier_pruned_blocks(arch: str) -> None:
     """The first Linears of block i are calibrated on the outputs of the already-pruned

@@ -105,11 +105,13 @@ class _BlockStatistics:
     """Feeds each Linear's inputs to a statistic, through forward *pre*-hooks (a statistic
     needs only inputs).
 
-    Linears that receive the very same input tensor (q/k/v, gate/up) share one statistic object,
-    accumulated once: the grouping is read off the first batch, while its inputs are kept alive
-    so tensor identity is unambiguous.  With `stop_early`, once the first batch has shown which
-    Linear is called last, later batches stop the block right after that Linear's input is
-    recorded: its matmul and whatever follows are not needed (the block is re-run after pruning)."""
+    Linears that receive the very same input tensor in a row (q/k/v, gate/up) share one
+    statistic object, accumulated once: the grouping is read off the first batch, keeping the
+    latest input alive so tensor identity is unambiguous (only the latest: a Linear fed an
+    earlier input again would get its own statistic, equal, just computed twice).  With
+    `stop_early`, once the first batch has shown which Linear is called last, later batches stop
+    the block right after that Linear's input is recorded: its matmul and whatever follows are
+    not needed (the block is re-run after pruning)."""
 
     def __init__(
         self,
@@ -125,7 +127,7 @@ class _BlockStatistics:
         self._ready = ready
         self._statistic, self._device, self._count = statistic, device, len(linears)
         self._leader: dict[str, str] = {}
-        self._live: list[tuple[torch.Tensor, str]] = []
+        self._live: tuple[torch.Tensor, str] | None = None  # the latest input and its leader
         self._last: str | None = None
         self._stop_early = stop_early
         self._seen_all = False  # a whole batch has run: the call order is known
@@ -136,15 +138,15 @@ class _BlockStatistics:
 
     def _hook(self, name: str, x: torch.Tensor) -> None:
         if name not in self._leader:
-            same = next((n for t, n in self._live if t is x), None)
+            same = self._live[1] if self._live is not None and self._live[0] is x else None
             self._leader[name] = same or name
             if same is not None:
                 self.stats[name] = self.stats[same]
             else:
-                self._live.append((x, name))
+                self._live = (x, name)
                 self.stats[name] = self._statistic(x.shape[-1], self._device)
             if len(self._leader) == self._count:
-                self._live.clear()  # grouping complete: release the first batch's inputs
+                self._live = None  # grouping complete: release the first batch's input
                 self._last = name
         if self._leader[name] == name:
             self.stats[name].update(x)
@@ -161,7 +163,7 @@ class _BlockStatistics:
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
-        self._live.clear()
+        self._live = None
 
 
 OnBlock = Callable[[int, dict[str, nn.Module], dict[str, Any]], None]
