@@ -51,6 +51,18 @@ def _call_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torc
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _forward_until_stop(model: nn.Module, ids: torch.Tensor, handles: list[Any]) -> None:
+    """Run the model on `ids` until one of its hooks raises _Stop (or to the end), then remove
+    `handles`."""
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 @torch.no_grad()
 def _capture(
     model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]
@@ -89,14 +101,7 @@ def _capture(
             if len(into) == len(blocks):
                 raise _Stop
 
-        handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
-        try:
-            model(input_ids=ids, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
+        _forward_until_stop(model, ids, [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks])
         calls[shape] = recorded
     return hidden, calls
 
@@ -266,11 +271,7 @@ def _fused(
 
             handles.append(block.register_forward_hook(finished))
         try:
-            model(input_ids=calibration, use_cache=False)
-        except _Stop:
-            pass
+            _forward_until_stop(model, calibration, handles)
         finally:
             for c in collectors:
                 c.remove()
-            for h in handles:
-                h.remove()
