@@ -44,16 +44,29 @@ RESULTS = HERE / "results" / "structured.jsonl"
 DUAL_RESULTS = HERE / "results" / "dual.jsonl"
 EVAL_BLOCKS, CLOZE_ITEMS = 16, 100
 STEPS = 200  # the standard recovery length; others (--steps) are listed beside it
+# recovery corpora other than the domain's builtin one (`--corpus`): built on first use, evaluated
+# on the builtin domain's held-out split all the same
+CORPORA = {"stdlib": (OUT / "stdlib-sub", "the 4.3 MB stdlib-subpackage Python corpus of bench/stdlib_corpus.py")}
 RULES = ["distance", "greedy"]  # the table lists both drop rules' rows
 
 
 def _out(spec: dict[str, Any]) -> Path:
+    if spec["job"] == "recover" and spec.get("after"):  # a recovery continued from another
+        parent = _out(_parent(spec))
+        return parent.with_name(
+            f"{parent.name}-then{spec['steps']}" + (f"-{spec['corpus']}" if spec.get("corpus") else "")
+        )
     name = f"structured-{spec['domain']}-{spec['keep']}" + (f"-{spec['drop']}drop" if spec.get("drop") else "")
     name += "-greedy" if spec.get("rule") == "greedy" else ""
     if spec["job"] == "recover":
         name += "-rec" + (f"-lr{spec['lr']:g}" if spec.get("lr") else "")
         name += f"-mix{spec['mix']:g}" if spec.get("mix") is not None else ""
     return OUT / name
+
+
+def _parent(spec: dict[str, Any]) -> dict[str, Any]:
+    """The recovery a continued one starts from: `after` steps, same lr and general share, builtin data."""
+    return {**{k: v for k, v in spec.items() if k not in ("after", "corpus", "id")}, "steps": spec["after"]}
 
 
 # --------------------------------------------------------------------------- worker side
@@ -83,12 +96,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from carve.recover import RecoverRecipe, recover
 
-        source = _out({**spec, "job": "extract"})
+        source = _out(_parent(spec) if spec.get("after") else {**spec, "job": "extract"})
+        corpus = str(CORPORA[spec["corpus"]][0]) if spec.get("corpus") else None
         m = recover(
             RecoverRecipe(
                 model=str(source),
                 teacher=str(MODEL_DIR),  # not the path in its manifest: the extraction may have run elsewhere
-                domain=spec["domain"],
+                domain=corpus or spec["domain"],
+                eval_domain=spec["domain"] if corpus else None,  # measured as every other row
                 steps=spec["steps"],
                 lr=spec.get("lr"),  # None: carve recover's default (1e-4 for a full fine-tune)
                 **({"mix": spec["mix"]} if spec.get("mix") is not None else {}),  # else recover's 0.5
@@ -146,11 +161,17 @@ def _key(d: str, k: float, drop: int | None, rule: str = "distance") -> str:
     return f"{d}/{k}" + (f"/{drop}drop" if drop else "") + ("/greedy" if rule == "greedy" else "")
 
 
-Recovery = tuple[int, float | None, float | None]  # steps, lr, general mix (None: recover's defaults)
-
-
-def _rec_id(n: int, lr: float | None, mix: float | None = None) -> str:
-    return f"recover/{n}" + (f"/lr{lr:g}" if lr else "") + (f"/mix{mix:g}" if mix is not None else "")
+def _rec_id(
+    n: int, lr: float | None, mix: float | None = None, after: int | None = None, corpus: str | None = None
+) -> str:
+    """`recover/N[/lrX][/mixY]`; a recovery continued from the A-step one: `recover/A+N...[/CORPUS]`."""
+    steps = f"{after}+{n}" if after else f"{n}"
+    return (
+        f"recover/{steps}"
+        + (f"/lr{lr:g}" if lr else "")
+        + (f"/mix{mix:g}" if mix is not None else "")
+        + (f"/{corpus}" if corpus else "")
+    )
 
 
 def configurations(
@@ -161,7 +182,11 @@ def configurations(
     rules: list[str],
     lrs: list[float | None],
     mixes: list[float | None],
+    after: int | None = None,
+    corpus: str | None = None,
 ) -> list[dict[str, Any]]:
+    """Every job to run; with `after`, the recoveries continue from the `after`-step recovery of
+    the same lr and general share (on `corpus` when given)."""
     out = []
     for d in domains:
         for k, drop, rule in _variants(keeps, drops, rules):
@@ -183,19 +208,42 @@ def configurations(
                     c["lr"] = lr
                 if mix is not None:
                     c["mix"] = mix
-                c["id"] = f"{base}/" + (_rec_id(n, lr, mix) if n is not None else job)
+                if n is not None and after:
+                    c["after"] = after
+                if n is not None and corpus:
+                    c["corpus"] = corpus
+                c["id"] = f"{base}/" + (_rec_id(n, lr, mix, c.get("after"), c.get("corpus")) if n is not None else job)
                 out.append(c)
     return out
 
 
-def _recoveries(rows: dict[str, dict[str, Any]], key: str, steps: int) -> list[Recovery]:
-    """The (steps, lr, mix) of the recoveries of `key` in the cache (None: recover's default);
-    the standard (`steps`, defaults) listed when none ran, so a missing one shows as not run."""
-    found = set()
-    for i, r in rows.items():
-        if i.startswith(f"{key}/recover/"):
-            found.add((r["steps"], r.get("lr"), r.get("mix")))
-    return sorted(found or {(steps, None, None)}, key=lambda t: (t[0], t[1] or 0, t[2] is not None, t[2] or 0))
+def _recoveries(rows: dict[str, dict[str, Any]], key: str, steps: int) -> list[dict[str, Any]]:
+    """The recovery rows of `key` in the cache, shortest first, each continued one after the one
+    it continues; the standard (`steps`, recover's defaults) listed when none ran, so a missing
+    one shows as not run."""
+    found = [r for i, r in rows.items() if i.startswith(f"{key}/recover/")]
+    if not found:
+        return [{"id": f"{key}/{_rec_id(steps, None)}", "steps": steps}]
+
+    def order(r: dict[str, Any]) -> tuple[Any, ...]:
+        first = r.get("after") or r["steps"]
+        return (
+            first,
+            r.get("lr") or 0,
+            r.get("mix") is not None,
+            r.get("mix") or 0,
+            r["steps"] if r.get("after") else 0,
+        )
+
+    return sorted(found, key=order)
+
+
+def _rec_label(r: dict[str, Any]) -> str:
+    n, note = r["steps"], _rec_note(r.get("lr"), r.get("mix"))
+    if not r.get("after"):
+        return f"recovered ({n} steps, {n * 512:,} tokens{note})"
+    where = f" on {CORPORA[r['corpus']][1]}" if r.get("corpus") else ""
+    return f"recovered ({r['after']} steps{note}), then {n} more steps ({n * 512:,} tokens{where})"
 
 
 def _sparsegpt_reference(domain: str) -> dict[str, Any] | None:
@@ -257,16 +305,14 @@ def write_table(
                 )
         for k, drop, rule in _variants(keeps, drops, rules):
             base = _key(d, k, drop, rule)
-            jobs: list[tuple[str, int, float | None, float | None]] = [("extract", 0, None, None)]
-            jobs += [("recover", n, lr, mix) for n, lr, mix in _recoveries(rows, base, steps)]
-            for job, n, lr, mix in jobs:
-                key = f"{base}/" + (_rec_id(n, lr, mix) if job == "recover" else job)
-                r = rows.get(key)
+            jobs = [("extract", {"id": f"{base}/extract"})] + [("recover", s) for s in _recoveries(rows, base, steps)]
+            for job, spec in jobs:
+                r = rows.get(spec["id"])
                 name = (
                     f"keep {k:g}"
                     + (f", drop {drop} blocks only" if drop else "")
                     + (", greedy rule" if rule == "greedy" else "")
-                    + (f", recovered ({n} steps, {n * 512:,} tokens{_rec_note(lr, mix)})" if job == "recover" else "")
+                    + (f", {_rec_label(spec)}" if job == "recover" else "")
                 )
                 if r is None or "error" in r:
                     lines.append(f"| {name} | | | | | | | | | | {'not run yet' if r is None else r['error']} |")
@@ -336,11 +382,14 @@ def _verdicts(
     if ex and "error" not in ex:
         s = _extract_speed(rows, key)["decode_speedup"]
         out.append(f"- {what}, decode speed-up {s:.2f}x dense (bar >= 1.6x: {'met' if s >= 1.6 else 'NOT met'})")
-    for n, lr, mix in _recoveries(rows, key, steps):
-        rec = rows.get(f"{key}/{_rec_id(n, lr, mix)}")
+    for spec in _recoveries(rows, key, steps):
+        rec = rows.get(spec["id"])
         if not rec or "error" in rec or not dense:
             continue
-        what_n = what + (f", {n} steps" if n != steps else "") + _rec_note(lr, mix)
+        n, lr, mix = rec["steps"], rec.get("lr"), rec.get("mix")
+        total = n + (rec.get("after") or 0)
+        what_n = what + (f", {total} steps" if total != steps else "") + _rec_note(lr, mix)
+        what_n += f" (the last {n} on {rec['corpus']})" if rec.get("corpus") else ""
         ratio = rec["metrics"]["after"]["domain_ppl"] / dense["domain_ppl"]
         out.append(
             f"- {what_n} and recovered: domain ppl {ratio:.2f}x dense (bar <= 1.5x: "
@@ -357,6 +406,13 @@ def _verdicts(
     return out
 
 
+def _has_model(spec: dict[str, Any]) -> bool:
+    """The recovery's model directory exists and holds that many steps (runs of other lengths
+    share the directory)."""
+    manifest = _out(spec) / "carve.json"
+    return manifest.exists() and json.loads(manifest.read_text())["training"]["steps"] == spec["steps"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--worker")
@@ -371,6 +427,10 @@ def main() -> None:
     p.add_argument(
         "--mixes", nargs="+", type=float, default=[None], help="recovery general shares (default: recover's 0.5)"
     )
+    p.add_argument("--after", type=int, default=None, help="continue from the recovery of this many steps")
+    p.add_argument(
+        "--corpus", choices=sorted(CORPORA), default=None, help="recovery text other than the builtin domain"
+    )
     p.add_argument("--only", default="")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args()
@@ -384,7 +444,10 @@ def main() -> None:
 
     if not args.table_only:
         ensure_model()
-        for cfg in configurations(args.domains, args.keeps, args.steps, args.drops, args.rules, args.lrs, args.mixes):
+        todo = configurations(
+            args.domains, args.keeps, args.steps, args.drops, args.rules, args.lrs, args.mixes, args.after, args.corpus
+        )
+        for cfg in todo:
             if cfg["id"] in rows or args.only not in cfg["id"]:
                 continue
             base = _key(cfg["domain"], cfg["keep"], cfg.get("drop"), cfg.get("rule", "distance"))
@@ -395,6 +458,13 @@ def main() -> None:
                 # rebuild it (deterministic: same seeded calibration blocks) and keep the cached row
                 print(f"rebuilding the model of {base}/extract for {cfg['id']} ...", flush=True)
                 carve_worker(__file__, {**cfg, "job": "extract", "id": f"{base}/extract"})
+            if cfg.get("after") and not _has_model(_parent(cfg)):
+                print(f"rebuilding the {cfg['after']}-step recovery {cfg['id']} continues ...", flush=True)
+                carve_worker(__file__, _parent(cfg))  # its cached row, if any, is kept
+            if cfg.get("corpus") and not CORPORA[cfg["corpus"]][0].exists():
+                from stdlib_corpus import build
+
+                build(CORPORA[cfg["corpus"]][0])
             print(f"running {cfg['id']} ...", flush=True)
             t = time.perf_counter()
             res = carve_worker(__file__, cfg)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 import carve
 from carve.cli.main import main
 from carve.ops.distill import distill_loss
+from carve.pipeline import tensor_fingerprint
 from carve.recover import RecoverRecipe, checkpoint_dir, recover
 
 TINY = {"block_len": 32, "eval_blocks": 2, "cloze_items": 0}
@@ -120,6 +121,27 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
     straight = json.loads((tmp_path / "straight" / "carve.json").read_text())["training"]["losses"]
     assert m["training"]["losses"] == pytest.approx(straight, abs=1e-4)
+
+
+def test_chained_recovery_and_another_evaluation_corpus(
+    tmp_path: Path, structured: Path, small_corpus: Path, tokenizer
+) -> None:
+    """A recovery of a recovered model still compares with the dense model (not with the first
+    recovery's starting point); training on one corpus and measuring on another's held-out split
+    evaluates that split, and the extraction's dense figures (measured elsewhere) are not shown."""
+    extracted = json.loads((structured / "carve.json").read_text())
+    first = recover(_recipe(structured, small_corpus, steps=2), tmp_path / "first")
+    assert first["metrics"]["dense"] == extracted["metrics"]["before"]
+    second = recover(_recipe(tmp_path / "first", small_corpus, steps=2), tmp_path / "second")
+    assert second["metrics"]["dense"] == extracted["metrics"]["before"]
+    assert second["metrics"]["before"] == pytest.approx(first["metrics"]["after"], rel=1e-4)
+
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": d[:3000]}) + "\n" for d in carve.Corpus("general").documents[:40]))
+    m = recover(_recipe(tmp_path / "first", small_corpus, steps=1, eval_domain=str(other)), tmp_path / "elsewhere")
+    blocks = carve.Corpus(str(other)).eval_blocks(tokenizer, TINY["eval_blocks"], TINY["block_len"])
+    assert m["data"]["eval"]["domain"]["fingerprint"] == tensor_fingerprint(blocks)
+    assert m["metrics"]["dense"] is None and m["recipe"]["eval_domain"] == str(other)
 
 
 def test_recover_cli_and_bad_input(

@@ -52,6 +52,7 @@ class RecoverRecipe:
     teacher: str | None = None  # None: the source model named in MODEL/carve.json
     domain: str = "legal"
     general: str = "general"
+    eval_domain: str | None = None  # None: the held-out split of `domain`
     mix: float = 0.5  # share of training blocks from the general corpus
     steps: int = 200
     batch_size: int = 1  # blocks per optimizer step
@@ -102,6 +103,21 @@ def _teacher_source(recipe: RecoverRecipe, student: LoadedModel) -> str:
             )
         return source
     raise UsageError(f"--teacher is needed: {recipe.model!r} has no carve.json naming the model it was carved from")
+
+
+def _dense_metrics(source_manifest: Path, evaluation: dict[str, Any]) -> dict[str, Any] | None:
+    """The dense model's metrics from the student's manifest when they were measured on the same
+    held-out data: an extraction's `before`, or the `dense` an earlier recovery carried along."""
+    if not source_manifest.is_file():
+        return None
+    m = json.loads(source_manifest.read_text())
+    measured = m.get("data", {}).get("eval", {})
+    dense = m["metrics"].get("dense" if m.get("job") == "recover" else "before")
+    if not dense or any(measured.get(k) != evaluation.get(k) for k in ("domain", "general")):
+        return None
+    if measured.get("domain_cloze") != evaluation.get("domain_cloze"):  # other items, or none
+        dense = {k: v for k, v in dense.items() if k != "domain_cloze"}
+    return dict(dense)
 
 
 def _lr_at(step: int, recipe: RecoverRecipe) -> float:
@@ -182,6 +198,7 @@ def recover(
     with stage("load_data"):
         domain = Corpus(recipe.domain, recipe.text_field)
         general = Corpus(recipe.general, recipe.text_field)
+        evaluated = Corpus(recipe.eval_domain, recipe.text_field) if recipe.eval_domain else domain
     with stage("load_model"):
         student = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
         teacher = load_model(_teacher_source(recipe, student), dtype=recipe.dtype, device=recipe.device)
@@ -195,7 +212,7 @@ def recover(
         n = recipe.steps * recipe.batch_size
         train = calibration_data(tok, domain, general, n, recipe.block_len, recipe.mix, recipe.seed)
         train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed))]
-        held_out = held_out_data(tok, domain, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items)
+        held_out = held_out_data(tok, evaluated, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items)
     with stage("evaluate_before"):
         before = metrics_of(student.model, held_out)
     model: nn.Module = student.model
@@ -244,8 +261,7 @@ def recover(
         after = metrics_of(model, held_out)
     kept = {n: p for n, p in model.named_parameters() if n in masks}
     masked = sum(int(m.numel()) for m in masks.values())
-    source_manifest = Path(recipe.model).expanduser() / "carve.json"
-    dense = json.loads(source_manifest.read_text())["metrics"]["before"] if source_manifest.is_file() else None
+    dense = _dense_metrics(Path(recipe.model).expanduser() / "carve.json", held_out.describe())
     manifest: dict[str, Any] = {
         **manifest_head("recover", student, recipe),
         "teacher": {"model": teacher.source, "fingerprint": teacher.fingerprint},

@@ -196,6 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("model", help="the pruned model: a carve output directory (or any model source)")
     rc.add_argument("--teacher", default=None, help="dense teacher (default: the source named in MODEL/carve.json)")
     _data_flags(rc)
+    rc.add_argument(
+        "--eval-domain",
+        default=None,
+        help="corpus whose held-out split measures the domain (default: --domain's own held-out split)",
+    )
     rc.add_argument("--mix", type=float, default=0.5, help="share of training blocks from the general corpus")
     rc.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
     rc.add_argument("--batch-size", type=int, default=1, help="blocks per step (default 1)")
@@ -382,7 +387,9 @@ def _cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
     manifest = recover(recipe, args.out, overwrite=args.overwrite, resume=args.resume)
     m, t = manifest["metrics"], manifest["training"]
     if not args.json:
-        rows = [["", f"domain ppl ({args.domain})", f"general ppl ({args.general})", "domain cloze acc"]]
+        rows = [
+            ["", f"domain ppl ({args.eval_domain or args.domain})", f"general ppl ({args.general})", "domain cloze acc"]
+        ]
         for key, name in (("dense", "dense teacher"), ("before", "pruned"), ("after", "recovered")):
             if m[key]:
                 rows.append([name, f"{m[key]['domain_ppl']:.3f}", f"{m[key]['general_ppl']:.3f}", _cloze(m[key])])
