@@ -281,7 +281,9 @@ def write_table(
         "apart); for a recovered model, in its job's process after training, alternately with the dense model "
         "(three rounds), except where marked `*`: one dense run then one recovered run (a single round, noisier: "
         "the same shape measured side by side differed by up to 0.27x). Time and RSS: whole job (its manifest's "
-        "stages; RSS of its process).",
+        "stages; RSS of its process). A `then N more steps` row continues the recovery named before it (that "
+        "row's model, `bench/structured.py --after`), on another corpus where it says so (`--corpus`), still "
+        "measured on the builtin domain's held-out blocks; its time is its own stage's.",
         "",
     ]
     for d in domains:
