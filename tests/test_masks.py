@@ -41,6 +41,26 @@ def test_global_selection_matches_a_sort() -> None:
     assert abs(mask.sparsity() - int(0.4 * flat.numel()) / flat.numel()) < 1e-9
 
 
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("granularity", ["row", "matrix"])
+def test_selection_removes_exactly_what_a_stable_sort_would(granularity: str, ties: bool) -> None:
+    """Rows long enough to select the threshold (not sort): the same exact count, and ties at
+    the threshold removed in position order, as a stable sort does; -0.0 ties with 0.0."""
+    g = torch.Generator().manual_seed(3)
+    for shape in [(7, 300), (2, 64), (1, 1000)]:
+        s = torch.rand(shape, generator=g)
+        if ties:
+            s = (s * 5).floor() - 2.0  # few distinct values: many ties at any threshold
+            s[s == 0] = torch.where(torch.rand(int((s == 0).sum()), generator=g) < 0.5, -0.0, 0.0)
+        for sparsity in (0.1, 0.5, 0.93):
+            flat = s if granularity == "row" else s.reshape(1, -1)
+            k = int(flat.shape[-1] * sparsity)
+            want = torch.ones_like(flat, dtype=torch.bool)
+            want.scatter_(-1, torch.sort(flat, dim=-1, stable=True).indices[:, :k], False)
+            keep = keep_mask(s, sparsity, granularity)
+            assert torch.equal(keep, want.view(shape)), (shape, sparsity)
+
+
 def test_algebra_jaccard_and_sparsity() -> None:
     a = Mask({"w": torch.tensor([[True, True, False, False]])})
     b = Mask({"w": torch.tensor([[True, False, True, False]])})

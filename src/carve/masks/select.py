@@ -41,14 +41,23 @@ def check_sparsity(sparsity: float | None, nm: tuple[int, int] | None) -> float:
     return float(sparsity)
 
 
+SELECT_FROM = 64  # last dimensions at least this long select the threshold instead of sorting
+
+
 def _prune_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep-mask with the k lowest scores of the last dimension removed."""
-    keep = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        # a stable sort: exact count, ties broken by position (faster than topk for large k)
-        idx = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
-        keep.scatter_(-1, idx, False)
-    return keep
+    """Keep-mask with the k lowest scores of the last dimension removed: exactly k, ties at the
+    threshold removed in position order (what a stable sort gives)."""
+    if k <= 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    if scores.shape[-1] < SELECT_FROM:  # short groups (N:M): one sort is cheapest
+        keep = torch.ones_like(scores, dtype=torch.bool)
+        keep.scatter_(-1, torch.sort(scores, dim=-1, stable=True).indices[..., :k], False)
+        return keep
+    # the k-th smallest by selection, O(n) (a sort of a 128-column SparseGPT block took ~6x longer)
+    threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    below, tie = scores < threshold, scores == threshold
+    still = k - below.sum(-1, keepdim=True)  # how many of the ties go
+    return ~(below | (tie & (tie.cumsum(-1) <= still)))
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -126,16 +126,22 @@ def sparsegpt_prune(
             keep1 = keep_mask(obs_saliency(W1.t(), d1, _t(C1), obs_weight), sparsity, granularity).t().contiguous()
         else:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
+        # per column i: err = (w - q) / U_ii with q = w·keep, i.e. w · (1 - keep) / U_ii; the
+        # later columns of the block get −U_i,j · err (one rank-1 update), and column i itself
+        # becomes q (zeros exact).  `scale` and `keepf` hold (1 - keep) / U_ii and keep per
+        # weight, so each column costs three kernels (the loop is dispatch-bound otherwise).
+        keepf = keep1.to(W1.dtype)
+        scale = (1 - keepf) / d1.unsqueeze(1)
+        rows, errs, us = W1.unbind(0), Err1.unbind(0), U1.unbind(0)
         for i in range(i2 - i1):
             if not fixed and nm is not None and i % nm[1] == 0:
                 g = slice(i, i + nm[1])
                 keep1[g] = nm_mask(obs_saliency(W1[g].t(), d1[g], _t(C1, g), obs_weight), *nm).t()
-            w = W1[i]
-            q = torch.where(keep1[i], w, 0.0)
-            err = (w - q) / U1[i, i]
-            W1[i:].sub_(U1[i, i:].unsqueeze(1) * err.unsqueeze(0))
-            W1[i] = q
-            Err1[i] = err
+                keepf[g] = keep1[g]
+                scale[g] = (1 - keepf[g]) / d1[g].unsqueeze(1)
+            torch.mul(rows[i], scale[i], out=errs[i])
+            W1[i + 1 :].addr_(us[i][i + 1 :], errs[i], alpha=-1)
+            rows[i].mul_(keepf[i])
         Wt[i1:i2] = W1
         keep_t[i1:i2] = keep1
         Wt[i2:].sub_(U[i1:i2, i2:].t() @ Err1)
