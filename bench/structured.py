@@ -53,15 +53,18 @@ RULES = ["distance", "greedy"]  # the table lists both drop rules' rows
 def _out(spec: dict[str, Any]) -> Path:
     if spec["job"] == "recover" and spec.get("after"):  # a recovery continued from another
         parent = _out(_parent(spec))
-        return parent.with_name(
-            f"{parent.name}-then{spec['steps']}" + (f"-{spec['corpus']}" if spec.get("corpus") else "")
-        )
+        return parent.with_name(f"{parent.name}-then{spec['steps']}" + _corpus_suffix(spec))
     name = f"structured-{spec['domain']}-{spec['keep']}" + (f"-{spec['drop']}drop" if spec.get("drop") else "")
     name += "-greedy" if spec.get("rule") == "greedy" else ""
     if spec["job"] == "recover":
         name += "-rec" + (f"-lr{spec['lr']:g}" if spec.get("lr") else "")
         name += f"-mix{spec['mix']:g}" if spec.get("mix") is not None else ""
+        name += _corpus_suffix(spec)
     return OUT / name
+
+
+def _corpus_suffix(spec: dict[str, Any]) -> str:
+    return f"-{spec['corpus']}" if spec.get("corpus") else ""
 
 
 def _parent(spec: dict[str, Any]) -> dict[str, Any]:
@@ -240,9 +243,9 @@ def _recoveries(rows: dict[str, dict[str, Any]], key: str, steps: int) -> list[d
 
 def _rec_label(r: dict[str, Any]) -> str:
     n, note = r["steps"], _rec_note(r.get("lr"), r.get("mix"))
-    if not r.get("after"):
-        return f"recovered ({n} steps, {n * 512:,} tokens{note})"
     where = f" on {CORPORA[r['corpus']][1]}" if r.get("corpus") else ""
+    if not r.get("after"):
+        return f"recovered ({n} steps, {n * 512:,} tokens{where}{note})"
     return f"recovered ({r['after']} steps{note}), then {n} more steps ({n * 512:,} tokens{where})"
 
 
@@ -391,7 +394,8 @@ def _verdicts(
         n, lr, mix = rec["steps"], rec.get("lr"), rec.get("mix")
         total = n + (rec.get("after") or 0)
         what_n = what + (f", {total} steps" if total != steps else "") + _rec_note(lr, mix)
-        what_n += f" (the last {n} on {rec['corpus']})" if rec.get("corpus") else ""
+        if rec.get("corpus"):
+            what_n += f" (the last {n} on {rec['corpus']})" if rec.get("after") else f" (on {rec['corpus']})"
         ratio = rec["metrics"]["after"]["domain_ppl"] / dense["domain_ppl"]
         out.append(
             f"- {what_n} and recovered: domain ppl {ratio:.2f}x dense (bar <= 1.5x: "
