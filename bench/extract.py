@@ -51,7 +51,10 @@ RESULTS = HERE / "results" / "extract.jsonl"
 LLMC_VENV = HERE / ".venv-llmc"
 FAST = "carve --propagation dense"  # every block calibrated on the dense model: one pass per block
 FUSED = "carve --propagation fused"  # one forward of all blocks, each Linear pruned as its input arrives
+F32 = "carve --calib-dtype float32"  # calibration forwards in float32 (carve's default before --calib-dtype)
 PROPAGATION = {FAST: "dense", FUSED: "fused"}
+CALIB_DTYPE = {F32: "float32"}  # every other carve row: "auto", carve extract's default
+CARVE_TOOLS = ("carve", F32, FAST, FUSED)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -82,6 +85,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import carve
+    from carve.models.load import resolve_calib_dtype
     from carve.pipeline import calibration_data
     from carve.progress import set_quiet
 
@@ -99,6 +103,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["kind"] == "prune":
         mix = 1.0 if spec["calibration"] == "general" else 0.0
         calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
+        calib_dtype = resolve_calib_dtype(spec.get("calib_dtype", "auto"), lm.model)
+        result["calib_dtype"] = str(calib_dtype).removeprefix("torch.")
         t = time.perf_counter()
         pattern = None if spec["pattern"] == "50%" else spec["pattern"]
         res = carve.prune(
@@ -108,6 +114,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             calib,
             pattern=pattern,
             propagation=spec.get("propagation", "pruned"),
+            calib_dtype=calib_dtype,
         )
         result["seconds"] = round(time.perf_counter() - t, 2)
         sparsity = carve.ops.model_sparsity(lm.model, res.mask)
@@ -147,7 +154,7 @@ def configurations(domains: list[str]) -> list[dict[str, Any]]:
         for method in ("sparsegpt", "wanda"):
             for tool in ("carve", "llm-compressor"):
                 out.append({"domain": d, "tool": tool, "method": method, "pattern": "50%", "calibration": "domain"})
-        for tool in (FAST, FUSED):
+        for tool in CARVE_TOOLS[1:]:
             out.append({"domain": d, "tool": tool, "method": "sparsegpt", "pattern": "50%", "calibration": "domain"})
         out.append({"domain": d, "tool": "carve", "method": "sparsegpt", "pattern": "2:4", "calibration": "domain"})
         out.append({"domain": d, "tool": "reference", "method": "sparsegpt", "pattern": "2:4", "calibration": "domain"})
@@ -172,10 +179,12 @@ def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
     base = {"domain": cfg["domain"], "eval_blocks": eval_blocks, "model_dir": str(MODEL_DIR)}
     if cfg["method"] == "dense":
         return carve_worker(__file__, {**base, "kind": "eval"})
-    if cfg["tool"] in ("carve", "reference", FAST, FUSED):
+    if cfg["tool"] in ("reference", *CARVE_TOOLS):
         method = "sparsegpt-reference" if cfg["tool"] == "reference" else cfg["method"]
         spec = {**base, "kind": "prune", "method": method, "pattern": cfg["pattern"], "calibration": cfg["calibration"]}
-        return carve_worker(__file__, {**spec, "propagation": PROPAGATION.get(cfg["tool"], "pruned")})
+        tool = cfg["tool"]
+        spec.update(propagation=PROPAGATION.get(tool, "pruned"), calib_dtype=CALIB_DTYPE.get(tool, "auto"))
+        return carve_worker(__file__, spec)
     # llm-compressor: same calibration blocks, its own process and venv, evaluated by carve
     python = _ensure_llmc()
     calib = OUT / f"calib-{cfg['domain']}-{cfg['calibration']}.pt"
@@ -240,7 +249,11 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
         "the train split of the domain corpus (`calibration=domain`) or of `general` (`calibration=general`). "
         f"Perplexity: the first {eval_blocks} non-overlapping {BLOCK_LEN}-token blocks of each corpus's held-out "
         "split, the same blocks for every row. Sparsity: share of zeros over the decoder Linear weights (linear) "
-        "and over all parameters (all). Time: wall seconds of scoring + pruning (for llm-compressor: its "
+        "and over all parameters (all). Calib dtype: what carve's calibration forwards and XᵀX products "
+        "computed in (`--calib-dtype`, default auto: bfloat16 on this AVX512-BF16 CPU; statistics accumulate and "
+        "pruning runs in float32, the saved weights are float32); rows measured before that option existed "
+        "computed in float32 and say so; llm-compressor runs the float32 model as loaded. "
+        "Time: wall seconds of scoring + pruning (for llm-compressor: its "
         "`oneshot` call), each configuration in its own process on 2 CPU cores; peak RSS of that process "
         "(for carve: load + prune + evaluate).",
         "",
@@ -249,23 +262,25 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
         lines += [
             f"## domain: {d}",
             "",
-            "| tool | method | pattern | calibration | domain ppl | general ppl | linear sparsity | all sparsity "
-            "| prune s | peak RSS MB | note |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| tool | method | pattern | calibration | calib dtype | domain ppl | general ppl | linear sparsity "
+            "| all sparsity | prune s | peak RSS MB | note |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for cfg in configurations([d]):
             r = rows.get(cfg["id"])
             if r is None:
                 lines.append(
                     f"| {cfg['tool']} | {cfg['method']} | {cfg['pattern']} | {cfg['calibration']} "
-                    "| | | | | | | not run yet |"
+                    "| | | | | | | | not run yet |"
                 )
                 continue
             note = r.get("error", "") + r.get("note", "")  # a note: what the row's process ran beside
             if r.get("damp_retries"):
                 note += f" {r['damp_retries']} Hessian damping retries"
+            ours = cfg["tool"] in ("reference", *CARVE_TOOLS) and cfg["calibration"] != "-"
+            dtype = r.get("calib_dtype", "float32 (before the option)") if ours else ""
             lines.append(
-                f"| {cfg['tool']} | {cfg['method']} | {cfg['pattern']} | {cfg['calibration']} "
+                f"| {cfg['tool']} | {cfg['method']} | {cfg['pattern']} | {cfg['calibration']} | {dtype} "
                 f"| {f(r.get('domain_ppl'), '.3f')} | {f(r.get('general_ppl'), '.3f')} "
                 f"| {f(r.get('linear_sparsity'), '.4f')} | {f(r.get('all_sparsity'), '.4f')} "
                 f"| {f(r.get('seconds'), '.1f')} | {f(r.get('peak_rss_mb'), '.0f')} | {note.strip()} |"
@@ -286,7 +301,7 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
                 )
         b = rows.get(f"{d}/llm-compressor/sparsegpt/50%/domain")
         c = rows.get(f"{d}/carve/sparsegpt/50%/domain")
-        for tool in ("carve", FAST, FUSED):
+        for tool in CARVE_TOOLS:
             a = rows.get(f"{d}/{tool}/sparsegpt/50%/domain")
             if a and b and "error" not in a and "error" not in b:
                 q_ratio, t_ratio = a["domain_ppl"] / b["domain_ppl"], a["seconds"] / b["seconds"]

@@ -48,6 +48,11 @@ def test_extract_end_to_end(tmp_path: Path, model_dir: Path, small_corpus: Path,
         assert key in manifest
     assert manifest["recipe"]["method"] == "sparsegpt" and manifest["recipe"]["mix"] == 0.5
     assert manifest["data"]["calibration"]["general_blocks"] == 2
+    from carve.models.load import native_bfloat16
+
+    # --calib-dtype auto: bfloat16 forwards where the CPU multiplies bfloat16 natively
+    assert manifest["recipe"]["calib_dtype"] == "auto"
+    assert manifest["data"]["calibration"]["dtype"] == ("bfloat16" if native_bfloat16("cpu") else "float32")
     assert (
         len(manifest["data"]["eval"]["domain"]["fingerprint"]) == 16
         and manifest["data"]["eval"]["general"]["blocks"] == 2
@@ -177,6 +182,11 @@ BAD = [
         "global sweep",
         lambda t, m, c: ["--model", str(m), "--domain", str(c), "--method", "dual-obs", "--granularity", "global"],
         "chooses its mask in SparseGPT's sweep",
+    ),
+    (
+        "calib dtype above the model's",
+        lambda t, m, c: ["--model", str(m), "--domain", str(c), "--dtype", "bfloat16", "--calib-dtype", "float32"],
+        "is not a lower precision than the model's bfloat16",
     ),
     (
         "no decoder blocks",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -220,3 +220,86 @@ def test_global_granularity_ranks_all_layers_together() -> None:
     assert max(per_layer.values()) - min(per_layer.values()) > 0.05  # layers are not forced equal
     with pytest.raises(carve.UsageError, match="prunes and updates weights block by block"):
         carve.prune(tiny_model("llama"), "sparsegpt", 0.5, _calib(), granularity="global")
+
+
+class _Recorded(RowNorms):
+    """RowNorms that also records the dtype it is fed and whether autocast was on."""
+
+    seen: ClassVar[list[tuple[torch.dtype, bool]]] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        _Recorded.seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
+        super().update(x)
+
+
+@pytest.mark.parametrize("propagation", ["dense", "fused"])
+def test_bfloat16_calibration_feeds_what_the_model_computes_under_autocast(propagation: str) -> None:
+    """calib_dtype=bfloat16 on a float32 model: each Linear's statistic gets the bfloat16 input the
+    full model computes under autocast, outside autocast; the weights stay float32."""
+    model = tiny_model("llama")
+    calib = _calib()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _reference_norms(model, calib)
+    fp32 = _reference_norms(model, calib)
+    got: dict[str, torch.Tensor] = {}
+    autocast_in_on_block: list[bool] = []
+
+    def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
+        autocast_in_on_block.append(torch.is_autocast_enabled("cpu"))
+        got.update({name: stats[name].norms.clone() for name in linears})
+
+    _Recorded.seen = []
+    layerwise(model, calib, on_block, _Recorded, batch_size=2, propagation=propagation, calib_dtype=torch.bfloat16)
+    assert got.keys() == ref.keys()
+    assert {s for s in _Recorded.seen} == {(torch.bfloat16, False)} and not any(autocast_in_on_block)
+    off = 0.0
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], rtol=2e-2, atol=1e-3)
+        off = max(off, ((got[name] - fp32[name]).abs() / fp32[name].abs().clamp_min(1e-3)).max().item())
+    assert off > 1e-4  # the statistics did come from bfloat16 activations, not float32 ones
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("propagation", ["pruned", "fused"])
+def test_bfloat16_calibrated_sparsegpt_is_close_to_float32(propagation: str) -> None:
+    """The bfloat16-calibrated SparseGPT model differs from the float32-calibrated one by much
+    less than pruning changed the model, at the same exact sparsity, with float32 weights."""
+    calib = _calib(n=8, length=32)
+    dense = tiny_model("llama")
+    with torch.no_grad():
+        ref_out = dense(input_ids=calib, use_cache=False).logits
+    outs = {}
+    for dtype in (None, torch.bfloat16):
+        model = tiny_model("llama")
+        res = carve.prune(model, "sparsegpt", 0.5, calib, propagation=propagation, calib_dtype=dtype)
+        assert res.mask.sparsity() == pytest.approx(0.5, abs=1e-6)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        with torch.no_grad():
+            outs[dtype] = model(input_ids=calib, use_cache=False).logits
+    pruning = (outs[None] - ref_out).norm()
+    assert 0 < (outs[torch.bfloat16] - outs[None]).norm() < 0.25 * pruning
+
+
+def test_calibration_dtype_must_be_lower_than_the_model_s() -> None:
+    from carve.engines.layerwise import check_calib_dtype
+    from carve.errors import UsageError
+
+    assert check_calib_dtype(torch.float32, torch.bfloat16) == torch.bfloat16
+    assert check_calib_dtype(torch.float32, torch.float32) is None
+    assert check_calib_dtype(torch.bfloat16, torch.bfloat16) is None
+    with pytest.raises(UsageError, match="not a lower precision than the model's bfloat16"):
+        check_calib_dtype(torch.bfloat16, torch.float32)
+    with pytest.raises(UsageError, match="not a lower precision"):
+        check_calib_dtype(torch.float16, torch.bfloat16)
+
+
+def test_auto_calibration_dtype_follows_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    import carve.models.load as load
+
+    model = tiny_model("llama")
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(load, "native_bfloat16", lambda _d, n=native: n)
+        assert load.resolve_calib_dtype("auto", model) == expected
+    assert load.resolve_calib_dtype("float16", model) == torch.float16
+    monkeypatch.setattr(load, "native_bfloat16", lambda _d: True)
+    assert load.resolve_calib_dtype("auto", model.to(torch.bfloat16)) == torch.bfloat16  # the model's own

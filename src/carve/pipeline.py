@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from carve.corpora import Corpus
+from carve.engines.layerwise import check_calib_dtype
 from carve.errors import UsageError
 from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
 from carve.evaluation.speed import measure_speed, speedup
@@ -23,6 +24,7 @@ from carve.masks.mask import ImportanceMap
 from carve.masks.select import check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, count_parameters
+from carve.models.load import CALIB_DTYPES, resolve_calib_dtype
 from carve.ops import model_sparsity, prune
 from carve.ops.prune import check_method_options, check_propagation, scores_first
 from carve.ops.structure import DEFAULT_DROP_RULE, check_drop_rule, structure
@@ -47,6 +49,9 @@ class Recipe:
     granularity: str | None = None  # None: the method's paper
     mix: float | None = None  # share of calibration blocks from the general corpus (None: the method's)
     propagation: str = "pruned"  # "pruned" (sequential, the papers'), "dense" (one pass per block) or "fused"
+    # dtype of the calibration forwards and statistics' products ("auto": bfloat16 for a float32
+    # model where the device multiplies bfloat16 natively, else the model's)
+    calib_dtype: str = "auto"
     lam: float = 1.0  # dual: weight of general importance
     lr: float = 0.0  # gradient methods: SGD steps while accumulating (0: none)
     # score-then-mask: OBS reconstruction, this share general; dual-obs: its sweep's Hessian mix (0.3)
@@ -114,6 +119,8 @@ class Recipe:
                 self.sparsity = 0.5
             self.sparsity = check_sparsity(self.sparsity, nm)
         check_propagation(self.propagation)
+        if self.calib_dtype not in CALIB_DTYPES:
+            raise UsageError(f"unknown calibration dtype {self.calib_dtype!r}: use one of {', '.join(CALIB_DTYPES)}")
         if self.reconstruct_mix is not None and not 0 <= self.reconstruct_mix <= 1:
             raise UsageError(f"reconstruct mix {self.reconstruct_mix} is outside [0, 1]")
         if self.lam < 0 or self.lr < 0:
@@ -135,6 +142,7 @@ class Recipe:
             "granularity": self.granularity,
             "reconstruct": self.reconstruct_mix,
             "propagation": None if self.propagation == "pruned" else self.propagation,
+            "calib-dtype": None if self.calib_dtype == "auto" else self.calib_dtype,
         }
         given = [f"--{k}" for k, v in unstructured.items() if v is not None]
         if given:
@@ -374,6 +382,9 @@ def extract(
         lm = model or load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
         # checked before any long work: the model has blocks and Linear layers to prune
         all_prunable_linears(lm.model, tuple(recipe.include), tuple(recipe.exclude))
+        model_dtype = next(lm.model.parameters()).dtype
+        calib_dtype = None if recipe.structure else resolve_calib_dtype(recipe.calib_dtype, lm.model)
+        calib_dtype = None if calib_dtype is None else check_calib_dtype(model_dtype, calib_dtype)
     scorer = get_scorer(method)
     with stage("tokenize"):
         calib = calibration_data(lm.tokenizer, domain, general, recipe.calib_blocks, recipe.block_len, mix, recipe.seed)
@@ -442,6 +453,7 @@ def extract(
                 lr=recipe.lr,
                 importance=reused,
                 reconstruct_with=rebuild,
+                calib_dtype=calib_dtype,
             )
             importance = result.importance
     with stage("evaluate_after"):
@@ -457,6 +469,8 @@ def extract(
                 "block_len": recipe.block_len,
                 "seed": recipe.seed,
                 "fingerprint": tensor_fingerprint(calib),
+                # what the calibration forwards computed in (autocast), None for --structure
+                "dtype": None if recipe.structure else str(calib_dtype or model_dtype).removeprefix("torch."),
             },
             "eval": held_out.describe(),
         },

@@ -16,10 +16,18 @@ as one batch, in which every Linear is handed to the caller the moment its input
 it is pruned before it computes and every later Linear (in its block too: GPTQ's "true
 sequential" order) sees the already-pruned ones' outputs.  Each matmul runs once, on pruned
 weights; the price is one block's activations for the whole calibration set at once.
+
+`calib_dtype` (e.g. bfloat16 for a float32 model) runs the block forwards under autocast in that
+dtype, as SparseGPT's and GPTQ's reference code ran their float32-statistics passes on a
+float16 model: the statistics are fed the Linear inputs in that dtype (XᵀX products in it,
+accumulated in float32), while scoring and pruning stay outside autocast, in float32, and the
+weights keep the model's dtype.  None (the default) computes in the model's dtype and feeds the
+statistics float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +114,26 @@ def _capture(
     return hidden, calls
 
 
+def check_calib_dtype(model_dtype: torch.dtype, calib_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The autocast dtype for a model of `model_dtype` (None: compute in the model's own), or a
+    UsageError when `calib_dtype` is not a lower precision than the model's."""
+    from carve.errors import UsageError
+
+    if calib_dtype is None or calib_dtype == model_dtype:
+        return None
+    if calib_dtype not in (torch.bfloat16, torch.float16) or model_dtype != torch.float32:
+        raise UsageError(
+            f"calibration dtype {str(calib_dtype).removeprefix('torch.')} is not a lower precision than the model's "
+            f"{str(model_dtype).removeprefix('torch.')}: use bfloat16 or float16 with a float32 model, or the model's"
+        )
+    return calib_dtype
+
+
+def _computing(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+    """The context the block forwards run in: autocast to `dtype`, or nothing."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 class _BlockStatistics:
     """Feeds each Linear's inputs to a statistic, through forward *pre*-hooks (a statistic
     needs only inputs).
@@ -125,12 +153,14 @@ class _BlockStatistics:
         device: torch.device,
         stop_early: bool,
         ready: Callable[[str, Any], None] | None = None,
+        feed: torch.dtype = torch.float32,
     ) -> None:
         self.stats: dict[str, Any] = {}
         self.linears = linears
         self.pending = set(linears)  # with `ready`: the Linears not handed over yet
         self._ready = ready
         self._statistic, self._device, self._count = statistic, device, len(linears)
+        self._feed = feed  # the dtype the statistics are fed
         self._leader: dict[str, str] = {}
         self._live: tuple[torch.Tensor, str] | None = None  # the latest input and its leader
         self._last: str | None = None
@@ -142,6 +172,11 @@ class _BlockStatistics:
         ]
 
     def _hook(self, name: str, x: torch.Tensor) -> None:
+        # statistics and whatever `ready` does (pruning) run outside the forward's autocast
+        with torch.autocast(self._device.type, enabled=False):
+            self._record(name, x)
+
+    def _record(self, name: str, x: torch.Tensor) -> None:
         if name not in self._leader:
             same = self._live[1] if self._live is not None and self._live[0] is x else None
             self._leader[name] = same or name
@@ -154,7 +189,7 @@ class _BlockStatistics:
                 self._live = None  # grouping complete: release the first batch's input
                 self._last = name
         if self._leader[name] == name:
-            self.stats[name].update(x)
+            self.stats[name].update(x.to(self._feed))
         if self._ready is not None and name in self.pending:
             # one batch holds the whole calibration set: the statistic is complete
             self.pending.discard(name)
@@ -185,6 +220,7 @@ def layerwise(
     batch_size: int = 8,
     desc: str = "calibrating",
     propagation: str = "pruned",
+    calib_dtype: torch.dtype | None = None,
 ) -> None:
     """Run `calibration` [N, L] block by block.
 
@@ -194,30 +230,37 @@ def layerwise(
     next block sees the pruned block's outputs; with `"dense"` the outputs of the statistics pass
     (the block as it was before `on_block`) are propagated: one pass per block.  With `"fused"`
     (see the module docstring) `on_block(i, {name: linear}, {name: stat})` is called for each
-    Linear as its input arrives, in one forward of the model with `batch_size` ignored."""
+    Linear as its input arrives, in one forward of the model with `batch_size` ignored.
+    `calib_dtype`: see the module docstring."""
     from carve.models.arch import DEFAULT_EXCLUDE
 
     exclude = DEFAULT_EXCLUDE if exclude is None else exclude
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device = param.device
+    autocast = check_calib_dtype(param.dtype, calib_dtype)
+    feed = autocast or torch.float32
     prefix, blocks = find_blocks(model)
     if propagation == "fused" and statistic is not None:
-        _fused(model, calibration.to(device), blocks, prefix, on_block, statistic, include, exclude, desc)
+        with _computing(device, autocast):
+            _fused(model, calibration.to(device), blocks, prefix, on_block, statistic, include, exclude, desc, feed)
         return
     rerun = propagation == "pruned"
     batches = [b.to(device) for b in calibration.split(batch_size)]
-    hidden, calls = _capture(model, blocks, batches)
+    with _computing(device, autocast):
+        hidden, calls = _capture(model, blocks, batches)
     shapes = [tuple(b.shape) for b in batches]
 
     for i in progress(range(len(blocks)), desc, total=len(blocks)):
         block = blocks[i]
         last = i == len(blocks) - 1
         linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
-        collector = None if statistic is None else _BlockStatistics(linears, statistic, device, rerun)
+        collector = None if statistic is None else _BlockStatistics(linears, statistic, device, rerun, feed=feed)
         outputs = []
         try:
             for j, h in enumerate(hidden):
                 try:
-                    outputs.append(_call_block(block, h, calls[shapes[j]][i]))
+                    with _computing(device, autocast):
+                        outputs.append(_call_block(block, h, calls[shapes[j]][i]))
                 except _Stop:
                     pass
                 if collector is not None:
@@ -227,7 +270,8 @@ def layerwise(
                 collector.remove()
         on_block(i, linears, {} if collector is None else collector.stats)
         if rerun and not last:
-            outputs = [_call_block(block, h, calls[shapes[j]][i]) for j, h in enumerate(hidden)]
+            with _computing(device, autocast):
+                outputs = [_call_block(block, h, calls[shapes[j]][i]) for j, h in enumerate(hidden)]
         hidden = outputs
 
 
@@ -241,6 +285,7 @@ def _fused(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     desc: str,
+    feed: torch.dtype,
 ) -> None:
     """One forward of the model on all of `calibration`, every Linear handed to `on_block` from
     its pre-hook (so before it computes); stopped once the last block has run (no logits)."""
@@ -254,7 +299,7 @@ def _fused(
             def ready(name: str, stat: Any, i: int = i, linears: dict[str, nn.Module] = linears) -> None:
                 on_block(i, {name: linears[name]}, {name: stat})
 
-            collectors.append(_BlockStatistics(linears, statistic, device, False, ready))
+            collectors.append(_BlockStatistics(linears, statistic, device, False, ready, feed))
 
             def finished(_m: nn.Module, _args: Any, _out: Any, i: int = i) -> None:
                 # Linears the forward never called are handed over without a statistic, as the
@@ -263,7 +308,8 @@ def _fused(
                 if c.pending:
                     names = sorted(c.pending)
                     c.pending.clear()
-                    on_block(i, {n: c.linears[n] for n in names}, {})
+                    with torch.autocast(device.type, enabled=False):
+                        on_block(i, {n: c.linears[n] for n in names}, {})
                 c.remove()
                 shown.update(1)
                 if i == len(blocks) - 1:

@@ -73,6 +73,33 @@ def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def native_bfloat16(device: torch.device | str) -> bool:
+    """Whether `device` multiplies bfloat16 matrices natively (faster than float32): a CUDA GPU
+    with bfloat16 support, or a CPU with AVX512-BF16 or AMX."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, p, lambda: False)()) for p in probes)
+
+
+CALIB_DTYPES = ("auto", *_DTYPES)
+
+
+def resolve_calib_dtype(choice: str, model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the calibration forwards for `model`: "auto" is bfloat16 for a float32
+    model on a device that multiplies bfloat16 natively, else the model's own dtype."""
+    param = next(model.parameters())
+    if choice == "auto":
+        fast = param.dtype == torch.float32 and native_bfloat16(param.device)
+        return torch.bfloat16 if fast else param.dtype
+    if choice not in _DTYPES:
+        raise UsageError(f"unknown calibration dtype {choice!r}: use one of {', '.join(CALIB_DTYPES)}")
+    return _DTYPES[choice]
+
+
 def resolve_device(device: str | None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -76,12 +76,16 @@ def score(
     general_calibration: torch.Tensor | None = None,
     lam: float = 1.0,
     lr: float = 0.0,
+    calib_dtype: torch.dtype | None = None,
 ) -> ImportanceMap:
     """Importance of every prunable weight under `method`, on the dense model (no pruning).
 
     Gradient methods run the gradient engine over `calibration` (micro-batches of one block);
     `dual` also needs `general_calibration` (open-domain text) for its general importance, and
-    takes `lam` (λ, the weight of general importance) and `lr` (SGD steps while accumulating)."""
+    takes `lam` (λ, the weight of general importance) and `lr` (SGD steps while accumulating).
+    `calib_dtype` (e.g. bfloat16 for a float32 model): the layer-wise passes' forwards run under
+    autocast in it, statistics are fed in it (see carve.engines.layerwise); the gradient engine
+    ignores it."""
     scorer = get_scorer(method)
     data = _needs_data(scorer, calibration)
     scores: dict[str, torch.Tensor] = {}
@@ -140,6 +144,7 @@ def score(
                 batch_size,
                 "general importance (OBS)",
                 propagation="dense",
+                calib_dtype=calib_dtype,
             )
         else:
             for name, lin in linears.items():
@@ -152,7 +157,18 @@ def score(
                 scores[_param_name(name)] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats[name])).cpu()
 
         label = f"scoring ({method})"
-        layerwise(model, data, on_block, scorer.statistic, include, exclude, batch_size, label, propagation="dense")
+        layerwise(
+            model,
+            data,
+            on_block,
+            scorer.statistic,
+            include,
+            exclude,
+            batch_size,
+            label,
+            propagation="dense",
+            calib_dtype=calib_dtype,
+        )
     modules = dict(model.named_modules())
     meta["transposed"] = [k for k in scores if not isinstance(modules[k.removesuffix(".weight")], nn.Linear)]
     return ImportanceMap(scores, meta)
@@ -201,6 +217,7 @@ def prune(
     lr: float = 0.0,
     importance: ImportanceMap | None = None,
     reconstruct_with: torch.Tensor | None = None,
+    calib_dtype: torch.dtype | None = None,
 ) -> PruneResult:
     """Prune the decoder Linear layers in place.
 
@@ -211,7 +228,10 @@ def prune(
     `"pruned"` in one pass: a single forward of all calibration blocks at once, each Linear pruned
     as its input arrives, so later Linears of the same block see it pruned too (GPTQ's "true
     sequential" order); every matmul runs once, but one block's activations for the whole
-    calibration set are held at once.  `granularity` defaults to the
+    calibration set are held at once.  `calib_dtype` (e.g. bfloat16 for a float32 model) runs the
+    calibration forwards under autocast in it and feeds the statistics in it (XᵀX products in it,
+    accumulated in float32); scoring, pruning and the weights stay in float32 / the model's
+    dtype (see carve.engines.layerwise).  `granularity` defaults to the
     method's paper ("row" for Wanda, "matrix" for magnitude and SparseGPT); "global" ranks all
     layers together (scored on the dense model, then pruned at once).
 
@@ -246,6 +266,7 @@ def prune(
                 general_calibration=general_calibration,
                 lam=lam,
                 lr=lr,
+                calib_dtype=calib_dtype,
             )
         if scorer.sweep:
             sweep_data = reconstruct_with if reconstruct_with is not None else calibration
@@ -263,6 +284,7 @@ def prune(
                 exclude=exclude,
                 batch_size=batch_size,
                 propagation=propagation,
+                calib_dtype=calib_dtype,
             )
         mask = select_mask(importance, sparsity, granularity, pattern)
         if reconstruct_with is None:
@@ -276,6 +298,7 @@ def prune(
             exclude=exclude,
             batch_size=batch_size,
             propagation=propagation,
+            calib_dtype=calib_dtype,
         )
         return PruneResult(mask, notes, importance=importance)
 
@@ -305,6 +328,7 @@ def prune(
             batch_size,
             f"pruning ({method})",
             propagation=propagation,
+            calib_dtype=calib_dtype,
         )
     if not keep:
         raise UsageError(f"no Linear layers matched include={list(include)} exclude={list(exclude)}")
@@ -320,10 +344,11 @@ def reconstruct(
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     batch_size: int = 8,
     propagation: str = "pruned",
+    calib_dtype: torch.dtype | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Impose `mask` and update the kept weights by OBS compensation (SparseGPT's column sweep
     with the mask fixed), block by block (`propagation` as in `prune`), Hessians from
-    `calibration`.  Returns per-Linear notes (damping retries)."""
+    `calibration` (`calib_dtype` as in `prune`).  Returns per-Linear notes (damping retries)."""
     check_propagation(propagation)
     return _obs_sweep(
         model,
@@ -335,6 +360,7 @@ def reconstruct(
             "keep": as_param_layout(lin, mask[pname]).to(W.device) if pname in mask else None  # back to [out, in]
         },
         propagation=propagation,
+        calib_dtype=calib_dtype,
     )
 
 
@@ -351,8 +377,9 @@ def guided_sparsegpt(
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
     batch_size: int = 8,
     propagation: str = "pruned",
+    calib_dtype: torch.dtype | None = None,
 ) -> PruneResult:
-    """SparseGPT (Hessians from `calibration`, `propagation` as in `prune`) whose mask is chosen by
+    """SparseGPT (Hessians from `calibration`, `propagation` and `calib_dtype` as in `prune`) whose mask is chosen by
     the weight's end-to-end error plus λ times its layer OBS error: w²·(a/U_jj² + C), where
     C = I/θ₀² comes from an importance I = C·θ₀² of the dense weights θ₀ (for `fisher`/`dual-obs`,
     C = ½·E[g²]) and a = λ · mean(I) / mean(θ₀²/U_jj²) per matrix, so that λ = 1 gives both terms
@@ -377,7 +404,7 @@ def guided_sparsegpt(
         keep[pname] = as_param_layout(lin, k).cpu()
 
     label = "pruning (OBS sweep, guided)"
-    info = _obs_sweep(model, calibration, include, exclude, batch_size, args, done, label, propagation)
+    info = _obs_sweep(model, calibration, include, exclude, batch_size, args, done, label, propagation, calib_dtype)
     if not keep:
         raise UsageError(f"no Linear layers matched include={list(include)} exclude={list(exclude)}")
     return PruneResult(Mask(keep), info, importance=guide)
@@ -393,6 +420,7 @@ def _obs_sweep(
     done: Callable[[str, nn.Module, torch.Tensor], None] | None = None,
     label: str = "reconstructing (OBS)",
     propagation: str = "pruned",
+    calib_dtype: torch.dtype | None = None,
 ) -> dict[str, dict[str, Any]]:
     """SparseGPT's column sweep over every matched Linear, block by block (`propagation` as in
     `prune`); `args(pname, lin, W, factor)` gives each Linear's keyword arguments (a
@@ -416,7 +444,7 @@ def _obs_sweep(
             if notes:
                 info[pname] = notes
 
-    layerwise(model, calibration, on_block, Hessian, include, exclude, batch_size, label, propagation)
+    layerwise(model, calibration, on_block, Hessian, include, exclude, batch_size, label, propagation, calib_dtype)
     return info
 
 
