@@ -277,7 +277,7 @@ def test_bfloat16_calibrated_sparsegpt_is_close_to_float32(propagation: str) -> 
         with torch.no_grad():
             outs[dtype] = model(input_ids=calib, use_cache=False).logits
     pruning = (outs[None] - ref_out).norm()
-    assert 0 < (outs[torch.bfloat16] - outs[None]).norm() < 0.25 * pruning
+    assert 0 < (outs[torch.bfloat16] - outs[None]).norm() < 0.3 * pruning  # 0.18-0.20 here
 
 
 def test_calibration_dtype_must_be_lower_than_the_model_s() -> None:

@@ -18,11 +18,11 @@ sequential" order) sees the already-pruned ones' outputs.  Each matmul runs once
 weights; the price is one block's activations for the whole calibration set at once.
 
 `calib_dtype` (e.g. bfloat16 for a float32 model) runs the block forwards under autocast in that
-dtype, as SparseGPT's and GPTQ's reference code ran their float32-statistics passes on a
-float16 model: the statistics are fed the Linear inputs in that dtype (XᵀX products in it,
-accumulated in float32), while scoring and pruning stay outside autocast, in float32, and the
-weights keep the model's dtype.  None (the default) computes in the model's dtype and feeds the
-statistics float32.
+dtype (16-bit forwards, as SparseGPT's and GPTQ's reference code ran float16 models) and feeds
+the statistics the Linear inputs in that dtype (XᵀX products in it, accumulated in float32;
+the reference code multiplied in float32), while scoring and pruning stay outside autocast, in
+float32, and the weights keep the model's dtype.  None (the default) computes in the model's
+dtype and feeds the statistics float32.
 """
 
 from __future__ import annotations
@@ -130,8 +130,12 @@ def check_calib_dtype(model_dtype: torch.dtype, calib_dtype: torch.dtype | None)
 
 
 def _computing(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
-    """The context the block forwards run in: autocast to `dtype`, or nothing."""
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+    """The context the block forwards run in: autocast to `dtype`, or nothing.  No cast cache:
+    each weight is used once per context, and a weight pruned inside the context (fused) must
+    never be read from a copy cast before."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
 
 
 class _BlockStatistics:
