@@ -56,16 +56,16 @@ def test_hessian_from_upper_chunks_is_full_and_symmetric() -> None:
     assert torch.equal(h.H, h.H.t())
 
 
-def test_hessian_of_bfloat16_inputs_multiplies_in_bfloat16_and_accumulates_in_float32() -> None:
+def test_hessian_of_bfloat16_inputs_multiplies_in_float32() -> None:
+    """A bfloat16 input (an autocast forward's) is multiplied in float32: one bfloat16 product per
+    update would round H by up to 2^-9 relative, enough to make a damped H indefinite."""
     X = torch.randn(512, 300, generator=torch.Generator().manual_seed(4)).bfloat16()
     h = Hessian(300)
     for chunk in X.split(128):
         h.update(chunk)
-    assert h.H.dtype == torch.float32 and torch.equal(h.H, h.H.t())
-    exact = 2 / 512 * X.float().t() @ X.float()  # bfloat16 products are exact in float32
-    err = (h.H - exact).abs().max() / exact.abs().max()
-    assert 0 < err < 2**-8  # one bfloat16 rounding per update's product, no more
-    torch.testing.assert_close(torch.diag(h.H), torch.diag(exact), rtol=2**-8, atol=0)
+    exact = 2 / 512 * X.double().t() @ X.double()  # bfloat16 values are exact in float32/64
+    assert h.H.dtype == torch.float32
+    assert ((h.H.double() - exact).abs().max() / exact.abs().max()).item() < 1e-6
 
 
 def test_inverse_cholesky_factor() -> None:

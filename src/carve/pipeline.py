@@ -49,8 +49,8 @@ class Recipe:
     granularity: str | None = None  # None: the method's paper
     mix: float | None = None  # share of calibration blocks from the general corpus (None: the method's)
     propagation: str = "pruned"  # "pruned" (sequential, the papers'), "dense" (one pass per block) or "fused"
-    # dtype of the calibration forwards and statistics' products ("auto": bfloat16 for a float32
-    # model where the device multiplies bfloat16 natively, else the model's)
+    # dtype of the calibration forwards ("auto": bfloat16 for a float32 model where the device
+    # multiplies bfloat16 natively, else the model's)
     calib_dtype: str = "auto"
     lam: float = 1.0  # dual: weight of general importance
     lr: float = 0.0  # gradient methods: SGD steps while accumulating (0: none)

@@ -91,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-dtype",
         choices=["auto", "float32", "bfloat16", "float16"],
         default="auto",
-        help="dtype the calibration forwards and X^T X products compute in (autocast; statistics accumulate "
-        "and pruning runs in float32, the weights keep --dtype). auto (default): bfloat16 for a float32 model "
-        "on a device that multiplies bfloat16 natively (AVX512-BF16/AMX CPU, CUDA), else the model's",
+        help="dtype the calibration forwards compute in (autocast; statistics, scoring and pruning run in "
+        "float32, the weights keep --dtype). auto (default): bfloat16 for a float32 model on a device that "
+        "multiplies bfloat16 natively (AVX512-BF16/AMX CPU, CUDA), else the model's",
     )
     ex.add_argument(
         "--lambda",

@@ -18,11 +18,10 @@ sequential" order) sees the already-pruned ones' outputs.  Each matmul runs once
 weights; the price is one block's activations for the whole calibration set at once.
 
 `calib_dtype` (e.g. bfloat16 for a float32 model) runs the block forwards under autocast in that
-dtype (16-bit forwards, as SparseGPT's and GPTQ's reference code ran float16 models) and feeds
-the statistics the Linear inputs in that dtype (XᵀX products in it, accumulated in float32;
-the reference code multiplied in float32), while scoring and pruning stay outside autocast, in
-float32, and the weights keep the model's dtype.  None (the default) computes in the model's
-dtype and feeds the statistics float32.
+dtype (16-bit forwards, as SparseGPT's and GPTQ's reference code ran float16 models).  The
+statistics get each Linear's input as the forward produced it and compute in float32, outside
+autocast, as do scoring and pruning; the weights keep the model's dtype.  None (the default)
+computes in the model's dtype.
 """
 
 from __future__ import annotations
@@ -157,14 +156,12 @@ class _BlockStatistics:
         device: torch.device,
         stop_early: bool,
         ready: Callable[[str, Any], None] | None = None,
-        feed: torch.dtype = torch.float32,
     ) -> None:
         self.stats: dict[str, Any] = {}
         self.linears = linears
         self.pending = set(linears)  # with `ready`: the Linears not handed over yet
         self._ready = ready
         self._statistic, self._device, self._count = statistic, device, len(linears)
-        self._feed = feed  # the dtype the statistics are fed
         self._leader: dict[str, str] = {}
         self._live: tuple[torch.Tensor, str] | None = None  # the latest input and its leader
         self._last: str | None = None
@@ -193,7 +190,7 @@ class _BlockStatistics:
                 self._live = None  # grouping complete: release the first batch's input
                 self._last = name
         if self._leader[name] == name:
-            self.stats[name].update(x.to(self._feed))
+            self.stats[name].update(x)
         if self._ready is not None and name in self.pending:
             # one batch holds the whole calibration set: the statistic is complete
             self.pending.discard(name)
@@ -242,11 +239,10 @@ def layerwise(
     param = next(model.parameters())
     device = param.device
     autocast = check_calib_dtype(param.dtype, calib_dtype)
-    feed = autocast or torch.float32
     prefix, blocks = find_blocks(model)
     if propagation == "fused" and statistic is not None:
         with _computing(device, autocast):
-            _fused(model, calibration.to(device), blocks, prefix, on_block, statistic, include, exclude, desc, feed)
+            _fused(model, calibration.to(device), blocks, prefix, on_block, statistic, include, exclude, desc)
         return
     rerun = propagation == "pruned"
     batches = [b.to(device) for b in calibration.split(batch_size)]
@@ -258,7 +254,7 @@ def layerwise(
         block = blocks[i]
         last = i == len(blocks) - 1
         linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
-        collector = None if statistic is None else _BlockStatistics(linears, statistic, device, rerun, feed=feed)
+        collector = None if statistic is None else _BlockStatistics(linears, statistic, device, rerun)
         outputs = []
         try:
             for j, h in enumerate(hidden):
@@ -289,7 +285,6 @@ def _fused(
     include: tuple[str, ...],
     exclude: tuple[str, ...],
     desc: str,
-    feed: torch.dtype,
 ) -> None:
     """One forward of the model on all of `calibration`, every Linear handed to `on_block` from
     its pre-hook (so before it computes); stopped once the last block has run (no logits)."""
@@ -303,7 +298,7 @@ def _fused(
             def ready(name: str, stat: Any, i: int = i, linears: dict[str, nn.Module] = linears) -> None:
                 on_block(i, {name: linears[name]}, {name: stat})
 
-            collectors.append(_BlockStatistics(linears, statistic, device, False, ready, feed))
+            collectors.append(_BlockStatistics(linears, statistic, device, False, ready))
 
             def finished(_m: nn.Module, _args: Any, _out: Any, i: int = i) -> None:
                 # Linears the forward never called are handed over without a statistic, as the

@@ -84,8 +84,7 @@ def score(
     `dual` also needs `general_calibration` (open-domain text) for its general importance, and
     takes `lam` (λ, the weight of general importance) and `lr` (SGD steps while accumulating).
     `calib_dtype` (e.g. bfloat16 for a float32 model): the layer-wise passes' forwards run under
-    autocast in it, statistics are fed in it (see carve.engines.layerwise); the gradient engine
-    ignores it."""
+    autocast in it (see carve.engines.layerwise); the gradient engine ignores it."""
     scorer = get_scorer(method)
     data = _needs_data(scorer, calibration)
     scores: dict[str, torch.Tensor] = {}
@@ -229,9 +228,8 @@ def prune(
     as its input arrives, so later Linears of the same block see it pruned too (GPTQ's "true
     sequential" order); every matmul runs once, but one block's activations for the whole
     calibration set are held at once.  `calib_dtype` (e.g. bfloat16 for a float32 model) runs the
-    calibration forwards under autocast in it and feeds the statistics in it (XᵀX products in it,
-    accumulated in float32); scoring, pruning and the weights stay in float32 / the model's
-    dtype (see carve.engines.layerwise).  `granularity` defaults to the
+    calibration forwards under autocast in it; statistics, scoring and pruning stay in float32 and
+    the weights in the model's dtype (see carve.engines.layerwise).  `granularity` defaults to the
     method's paper ("row" for Wanda, "matrix" for magnitude and SparseGPT); "global" ranks all
     layers together (scored on the dense model, then pruned at once).
 

@@ -30,11 +30,7 @@ class Hessian:
     squared error), accumulated as a running mean so no token count overflows float32.
 
     H is symmetric: each update computes only the row-chunks of the upper triangle
-    (about 60% of the products for a 1536-wide input) and `H` mirrors it when read.
-
-    A bfloat16 or float16 `x` (the engine's `calib_dtype`) has its XᵀX products computed in
-    that dtype (float32 accumulation inside the matmul, each update's product rounded to the
-    dtype once) and added to H in float32; any other dtype is multiplied in float32."""
+    (about 60% of the products for a 1536-wide input) and `H` mirrors it when read."""
 
     CHUNK = 256
 
@@ -47,18 +43,13 @@ class Hessian:
         self.cache: dict[str, Any] = {}
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        low = x.dtype in (torch.bfloat16, torch.float16)
-        x = x if low else x.float()
+        x = x.reshape(-1, x.shape[-1]).float()
         t, d = x.shape
         keep = self.n / (self.n + t)  # the running mean's weight on what came before
         self.n += t
-        for a in range(0, d, self.CHUNK):  # no scaled copy of x: the update scales the product
+        for a in range(0, d, self.CHUNK):  # no scaled copy of x: addmm scales the product
             b = min(a + self.CHUNK, d)
-            if low:
-                self._H[a:b, a:].mul_(keep).add_(x[:, a:b].t() @ x[:, a:], alpha=2.0 / self.n)
-            else:
-                self._H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=keep, alpha=2.0 / self.n)
+            self._H[a:b, a:].addmm_(x[:, a:b].t(), x[:, a:], beta=keep, alpha=2.0 / self.n)
         self._symmetric = False
 
     @property
