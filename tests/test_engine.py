@@ -305,3 +305,25 @@ def test_auto_calibration_dtype_follows_the_device(monkeypatch: pytest.MonkeyPat
     assert load.resolve_calib_dtype("float16", model) == torch.float16
     monkeypatch.setattr(load, "native_bfloat16", lambda _d: True)
     assert load.resolve_calib_dtype("auto", model.to(torch.bfloat16)) == torch.bfloat16  # the model's own
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_recording_block_calls_runs_no_block_but_the_first(arch: str) -> None:
+    """The calls are recorded with blocks 1.. passing their input through (their maths is not
+    needed), then every block's own forward is back."""
+    from carve.engines.layerwise import _capture
+
+    model = tiny_model(arch)
+    _prefix, blocks = find_blocks(model)
+    ran: list[str] = []
+    handles = [
+        lin.register_forward_pre_hook(lambda _m, _a, name=name: ran.append(name))
+        for name, lin in all_prunable_linears(model).items()
+    ]
+    calib = _calib()
+    _hidden, calls = _capture(model, blocks, list(calib.split(2)))
+    for h in handles:
+        h.remove()
+    assert ran and all(".0." in name for name in ran)
+    assert len(calls[(2, calib.shape[1])]) == len(blocks)
+    assert all("forward" not in b.__dict__ for b in blocks)

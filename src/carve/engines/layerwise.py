@@ -27,7 +27,7 @@ computes in the model's dtype.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -92,9 +92,10 @@ def _capture(
     finally:
         handle.remove()
 
-    # the per-block calls depend only on the batch shape (no padding), so one forward per
-    # distinct shape records what each block is really given; it stops before the last block
-    # runs, so no logits are computed
+    # the per-block calls depend only on the batch shape (no padding), not on the hidden states,
+    # so one forward per distinct shape records what each block is really given; block 0 runs,
+    # every later block passes its input through (in block 0's output structure), and the
+    # forward stops at the last block's pre-hook: no block maths beyond block 0, no logits
     for ids in batches:
         shape = tuple(ids.shape)
         if shape in calls:
@@ -108,9 +109,37 @@ def _capture(
             if len(into) == len(blocks):
                 raise _Stop
 
-        _forward_until_stop(model, ids, [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks])
+        handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
+        with _passing_through(blocks):
+            _forward_until_stop(model, ids, handles)
         calls[shape] = recorded
     return hidden, calls
+
+
+@contextlib.contextmanager
+def _passing_through(blocks: nn.ModuleList) -> Iterator[None]:
+    """Blocks 1.. return their hidden input, shaped as block 0's output (a tensor, or a tuple
+    with the rest of block 0's); an instance-level forward (e.g. accelerate's) is restored."""
+    first: list[Any] = []
+    saved = [b.__dict__.get("forward") for b in blocks]
+
+    def passthrough(*args: Any, **kwargs: Any) -> Any:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        out = first[0] if first else None
+        return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
+
+    handle = blocks[0].register_forward_hook(lambda _m, _a, out: first.append(out))
+    try:
+        for b in blocks[1:]:
+            b.forward = passthrough
+        yield
+    finally:
+        handle.remove()
+        for b, fwd in zip(blocks, saved, strict=True):
+            if fwd is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = fwd
 
 
 def check_calib_dtype(model_dtype: torch.dtype, calib_dtype: torch.dtype | None) -> torch.dtype | None:

@@ -33,6 +33,7 @@ class Hessian:
     (about 60% of the products for a 1536-wide input) and `H` mirrors it when read."""
 
     CHUNK = 256
+    ROWS = 8192  # tokens per product: a float32 copy of a 16-bit input is made this many at a time
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
@@ -43,7 +44,10 @@ class Hessian:
         self.cache: dict[str, Any] = {}
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).float()
+        for rows in x.reshape(-1, x.shape[-1]).split(self.ROWS):
+            self._add(rows.float())
+
+    def _add(self, x: torch.Tensor) -> None:
         t, d = x.shape
         keep = self.n / (self.n + t)  # the running mean's weight on what came before
         self.n += t
