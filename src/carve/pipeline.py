@@ -383,8 +383,9 @@ def extract(
         # checked before any long work: the model has blocks and Linear layers to prune
         all_prunable_linears(lm.model, tuple(recipe.include), tuple(recipe.exclude))
         model_dtype = next(lm.model.parameters()).dtype
-        calib_dtype = None if recipe.structure else resolve_calib_dtype(recipe.calib_dtype, lm.model)
-        calib_dtype = None if calib_dtype is None else check_calib_dtype(model_dtype, calib_dtype)
+        # the autocast dtype of the calibration forwards (None: the model's own; --structure: unused)
+        asked = resolve_calib_dtype(recipe.calib_dtype, lm.model)
+        calib_dtype = None if recipe.structure else check_calib_dtype(model_dtype, asked)
     scorer = get_scorer(method)
     with stage("tokenize"):
         calib = calibration_data(lm.tokenizer, domain, general, recipe.calib_blocks, recipe.block_len, mix, recipe.seed)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from carve.errors import UsageError
 from carve.models.arch import find_blocks, prunable_linears
 from carve.progress import bar, progress
 
@@ -145,8 +146,6 @@ def _passing_through(blocks: nn.ModuleList) -> Iterator[None]:
 def check_calib_dtype(model_dtype: torch.dtype, calib_dtype: torch.dtype | None) -> torch.dtype | None:
     """The autocast dtype for a model of `model_dtype` (None: compute in the model's own), or a
     UsageError when `calib_dtype` is not a lower precision than the model's."""
-    from carve.errors import UsageError
-
     if calib_dtype is None or calib_dtype == model_dtype:
         return None
     if calib_dtype not in (torch.bfloat16, torch.float16) or model_dtype != torch.float32:
