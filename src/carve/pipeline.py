@@ -24,7 +24,7 @@ from carve.masks.mask import ImportanceMap
 from carve.masks.select import check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, count_parameters
-from carve.models.load import CALIB_DTYPES, resolve_calib_dtype
+from carve.models.load import check_calib_choice, resolve_calib_dtype
 from carve.ops import model_sparsity, prune
 from carve.ops.prune import check_method_options, check_propagation, scores_first
 from carve.ops.structure import DEFAULT_DROP_RULE, check_drop_rule, structure
@@ -119,8 +119,7 @@ class Recipe:
                 self.sparsity = 0.5
             self.sparsity = check_sparsity(self.sparsity, nm)
         check_propagation(self.propagation)
-        if self.calib_dtype not in CALIB_DTYPES:
-            raise UsageError(f"unknown calibration dtype {self.calib_dtype!r}: use one of {', '.join(CALIB_DTYPES)}")
+        check_calib_choice(self.calib_dtype)
         if self.reconstruct_mix is not None and not 0 <= self.reconstruct_mix <= 1:
             raise UsageError(f"reconstruct mix {self.reconstruct_mix} is outside [0, 1]")
         if self.lam < 0 or self.lr < 0:

@@ -88,6 +88,11 @@ def native_bfloat16(device: torch.device | str) -> bool:
 CALIB_DTYPES = ("auto", *_DTYPES)
 
 
+def check_calib_choice(choice: str) -> None:
+    if choice not in CALIB_DTYPES:
+        raise UsageError(f"unknown calibration dtype {choice!r}: use one of {', '.join(CALIB_DTYPES)}")
+
+
 def resolve_calib_dtype(choice: str, model: torch.nn.Module) -> torch.dtype:
     """The dtype of the calibration forwards for `model`: "auto" is bfloat16 for a float32
     model on a device that multiplies bfloat16 natively, else the model's own dtype."""
@@ -95,8 +100,7 @@ def resolve_calib_dtype(choice: str, model: torch.nn.Module) -> torch.dtype:
     if choice == "auto":
         fast = param.dtype == torch.float32 and native_bfloat16(param.device)
         return torch.bfloat16 if fast else param.dtype
-    if choice not in _DTYPES:
-        raise UsageError(f"unknown calibration dtype {choice!r}: use one of {', '.join(CALIB_DTYPES)}")
+    check_calib_choice(choice)
     return _DTYPES[choice]
 
 
