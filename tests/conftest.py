@@ -97,3 +97,9 @@ def small_corpus(tmp_path: Path) -> Path:
     docs = carve.Corpus("legal").documents[:40]
     path.write_text("".join(json.dumps({"text": d[:3000]}) + "\n" for d in docs))
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory) -> None:
+    """Cached evaluations go to a directory of this test session, never the user's cache."""
+    os.environ["CARVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("carve-cache"))

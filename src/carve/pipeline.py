@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
-import resource
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +13,21 @@ import torch
 from carve.corpora import Corpus
 from carve.engines.layerwise import check_calib_dtype
 from carve.errors import UsageError
-from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
 from carve.evaluation.speed import measure_speed, speedup
+from carve.job import (  # noqa: F401  - the shared job skeleton (re-exported for callers of the pipeline)
+    EvalData,
+    Stages,
+    calibration_data,
+    evaluate,
+    evaluate_source,
+    held_out_data,
+    manifest_head,
+    metrics_of,
+    peak_rss_mb,
+    save_model_files,
+    tensor_fingerprint,
+    versions,
+)
 from carve.masks.mask import ImportanceMap
 from carve.masks.select import check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
@@ -28,7 +36,7 @@ from carve.models.load import check_calib_choice, resolve_calib_dtype
 from carve.ops import model_sparsity, prune
 from carve.ops.prune import check_method_options, check_propagation, scores_first
 from carve.ops.structure import DEFAULT_DROP_RULE, check_drop_rule, structure
-from carve.output import atomic_output_dir, check_output, write_json
+from carve.output import atomic_file, atomic_output_dir, check_output, write_json
 from carve.scorers import SCORERS, get_scorer
 
 SWEEP_MIX = 0.3  # dual-obs: share of general blocks in its sweep's Hessians (as SparseGPT's default mix)
@@ -142,6 +150,9 @@ class Recipe:
             "reconstruct": self.reconstruct_mix,
             "propagation": None if self.propagation == "pruned" else self.propagation,
             "calib-dtype": None if self.calib_dtype == "auto" else self.calib_dtype,
+            # every block keeps the same units (a standard config), so no module can be left out
+            "include": None if list(self.include) == ["*"] else self.include,
+            "exclude": None if list(self.exclude) == list(DEFAULT_EXCLUDE) else self.exclude,
         }
         given = [f"--{k}" for k, v in unstructured.items() if v is not None]
         if given:
@@ -149,106 +160,6 @@ class Recipe:
         if all(t is None for t in (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)):
             self.keep = 0.5
         self.drop_rule = check_drop_rule(self.drop_rule or DEFAULT_DROP_RULE)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-class Stages:
-    """Wall time per named stage."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        t = time.perf_counter()
-        yield
-        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 3)
-
-
-def tensor_fingerprint(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()[:16]
-
-
-def calibration_data(
-    tokenizer: Any, domain: Corpus, general: Corpus, n: int, length: int, mix: float, seed: int
-) -> torch.Tensor:
-    """`n` blocks: round(mix·n) from the general corpus, the rest from the domain."""
-    n_general = round(mix * n)
-    parts = [
-        domain.calibration_blocks(tokenizer, n - n_general, length, seed),
-        general.calibration_blocks(tokenizer, n_general, length, seed + 1),
-    ]
-    return torch.cat([p for p in parts if p.numel()])
-
-
-@dataclass
-class EvalData:
-    """The fixed evaluation set: held-out perplexity blocks per corpus, the domain cloze task."""
-
-    blocks: dict[str, tuple[str, torch.Tensor]]  # "domain"|"general" -> (corpus name, [n, L])
-    cloze: ClozeTask | None = None
-    cloze_note: str = ""  # why there is no cloze task, if there is none
-
-    def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            key: {"blocks": len(b), "block_len": b.shape[1], "fingerprint": tensor_fingerprint(b)}
-            for key, (_name, b) in self.blocks.items()
-        }
-        if self.cloze is not None:
-            out["domain_cloze"] = {"items": len(self.cloze.answers), "fingerprint": self.cloze.fingerprint()}
-        elif self.cloze_note:
-            out["domain_cloze"] = {"skipped": self.cloze_note}
-        return out
-
-
-def held_out_data(
-    tokenizer: Any, domain: Corpus, general: Corpus, blocks: int, block_len: int, cloze_items: int = 100
-) -> EvalData:
-    """The first `blocks` held-out blocks of each corpus and `cloze_items` domain cloze items:
-    the same for every model evaluated with the same corpora and settings.  A domain with too
-    little held-out text for a cloze task is evaluated by perplexity alone (the reason is kept)."""
-    data = EvalData(
-        {
-            key: (c.name, c.eval_blocks(tokenizer, blocks, block_len))
-            for key, c in (("domain", domain), ("general", general))
-        }
-    )
-    if cloze_items > 0:
-        try:
-            data.cloze = build_cloze(domain, tokenizer, cloze_items)
-        except UsageError as exc:
-            data.cloze_note = str(exc)
-    return data
-
-
-def metrics_of(model: Any, data: EvalData) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, (name, blocks) in data.blocks.items():
-        out[f"{key}_ppl"] = round(perplexity(model, blocks, desc=f"perplexity ({name})"), 4)
-        out[f"{key}_eval_blocks"] = len(blocks)
-        out["block_len"] = blocks.shape[1]
-    if data.cloze is not None:
-        out["domain_cloze"] = cloze_accuracy(model, data.cloze)
-    return out
-
-
-def evaluate(
-    model: LoadedModel,
-    domain: str | Corpus = "legal",
-    general: str | Corpus = "general",
-    *,
-    blocks: int = 32,
-    block_len: int = 512,
-    cloze_items: int = 100,
-) -> dict[str, Any]:
-    """Domain and general perplexity on the first `blocks` held-out blocks of `block_len` tokens,
-    and accuracy on `cloze_items` held-out domain cloze items (0: none)."""
-    dom = domain if isinstance(domain, Corpus) else Corpus(domain)
-    gen = general if isinstance(general, Corpus) else Corpus(general)
-    return metrics_of(model.model, held_out_data(model.tokenizer, dom, gen, blocks, block_len, cloze_items))
 
 
 def _importance_key(
@@ -285,39 +196,6 @@ def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
     return imp
 
 
-def manifest_head(job: str, lm: LoadedModel, recipe: Any) -> dict[str, Any]:
-    """The first entries of every carve.json: what job, when, with which versions, on what."""
-    return {
-        "carve_manifest": 1,
-        "job": job,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": versions(),
-        "source": {"model": lm.source, "fingerprint": lm.fingerprint},
-        "recipe": asdict(recipe),
-    }
-
-
-def save_model_files(tmp: Path, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> None:
-    """Model (safetensors) and tokenizer into an output being written; its size into the manifest."""
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    size = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
-    manifest.setdefault("size", {})["file_mb"] = round(size / 2**20, 2)
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    from carve import __version__
-
-    return {
-        "carve": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def _scores_first(recipe: Recipe) -> bool:
     """Whether the extract scores the dense model first (and so has an importance map)."""
     global_ = (recipe.granularity or "") == "global" and recipe.pattern is None
@@ -336,15 +214,9 @@ def _check_side_output(path: str | Path | None, overwrite: bool) -> None:
 
 
 def _atomic_save(save: Any, path: str | Path) -> None:
-    """`save(tmp_path)` then rename: an interrupted write leaves nothing at `path`."""
-    p = Path(path).expanduser()
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.parent / f".{p.name}.carve-tmp"
-    try:
+    """`save(tmp_path)` then rename: an interrupted write leaves the old file or the new one."""
+    with atomic_file(path) as tmp:
         save(tmp)
-        tmp.replace(p)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def extract(
@@ -355,10 +227,12 @@ def extract(
     model: LoadedModel | None = None,
     save_mask: str | Path | None = None,
     save_importance: str | Path | None = None,
+    cache: bool = True,
 ) -> dict[str, Any]:
     """Run the main job; write the model, tokenizer, mask and carve.json to `out` when given,
-    the mask (bit-packed) to `save_mask` and the importance map to `save_importance` when given
-    (to compare domains without saving models).  Returns the manifest."""
+        the mask (bit-packed) to `save_mask` and the importance map to `save_importance` when given
+        (to compare domains without saving models).  `cache=False` measures the source model anew
+    instead of reusing its cached "before" metrics.  Returns the manifest."""
     recipe.validate()
     mix, method = recipe.mix, recipe.method
     assert mix is not None and method is not None  # validate() resolved the defaults
@@ -411,7 +285,9 @@ def extract(
             lm.tokenizer, domain, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items
         )
     with stage("evaluate_before"):
-        before = metrics_of(lm.model, held_out)
+        # the source's metrics are cached only for a model carve loaded itself (a model handed in
+        # may have been changed since its fingerprint was taken)
+        before, cached = evaluate_source(lm, held_out, cache=cache and model is None)
     prompt = held_out.blocks["domain"][1][0]  # speed is measured on the first held-out domain block
     if recipe.speed:
         with stage("speed_before"):
@@ -474,7 +350,7 @@ def extract(
             },
             "eval": held_out.describe(),
         },
-        "metrics": {"before": before, "after": after},
+        "metrics": {"before": before, "after": after, "before_from_cache": cached},
         "size": {"parameters_before": params_before, "parameters_after": count_parameters(lm.model)},
     }
     if recipe.structure:
@@ -515,18 +391,18 @@ def extract(
     manifest["timings_s"] = stage.seconds
     manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
     if out is not None:
-        with stage("save"), atomic_output_dir(out, overwrite) as tmp:
-            save_model_files(tmp, lm.model, lm.tokenizer, manifest)
-            if importance is not None:
-                importance.meta.update(importance_key)
-                importance.save(tmp / "importance.safetensors")
-            if not recipe.structure:
-                result.mask.save(tmp / "mask.safetensors")
+        with atomic_output_dir(out, overwrite) as tmp:
+            with stage("save"):
+                save_model_files(tmp, lm.model, lm.tokenizer, manifest)
+                if importance is not None:
+                    importance.meta.update(importance_key)
+                    importance.save(tmp / "importance.safetensors")
+                if not recipe.structure:
+                    result.mask.save(tmp / "mask.safetensors")
             manifest["timings_s"] = stage.seconds
+            manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+            # written inside the temporary directory only: the rename publishes a complete output
             write_json(tmp / "carve.json", manifest)
-        manifest["timings_s"] = stage.seconds
-        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        write_json(Path(out) / "carve.json", manifest)
     if save_mask is not None:
         _atomic_save(result.mask.save, save_mask)
     if save_importance is not None:

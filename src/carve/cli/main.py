@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import carve
+from carve.cli.flags import add_recipe_flags, recipe_from
 from carve.corpora import builtin_corpora
+from carve.finetune import FinetuneRecipe, finetune
 from carve.ops.structure import DROP_RULES
 from carve.progress import set_quiet
 from carve.scorers import SCORERS
@@ -225,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint")
     _common(rc)
 
+    ft = sub.add_parser("finetune", help="sparse fine-tuning: train only the weights where the domain lives")
+    ft.add_argument("model", nargs="?", default=None, help="'default' (embedded), a directory, a .gguf or a hub id")
+    add_recipe_flags(ft, FinetuneRecipe, skip=("model",))
+    ft.add_argument("--out", required=True, help="output directory (written atomically)")
+    ft.add_argument("--overwrite", action="store_true", help="replace an existing output (and its checkpoint)")
+    ft.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint")
+    ft.add_argument("--no-cache", dest="cache", action="store_false", help="evaluate the source model anew")
+    ft.add_argument("--quiet", action="store_true", help="no progress bars")
+    ft.add_argument("--json", action="store_true", help="print a machine-readable JSON summary")
+
     ins = sub.add_parser("inspect", help="per-layer sparsity, two masks' overlap, top modules by importance")
     ins.add_argument("target", help="a carve output directory, a mask or an importance file")
     ins.add_argument("other", nargs="?", default=None, help="a second one: the overlap of the two masks per layer")
@@ -413,6 +425,28 @@ def _cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
+    manifest = finetune(
+        recipe_from(args, FinetuneRecipe), args.out, overwrite=args.overwrite, resume=args.resume, cache=args.cache
+    )
+    m, t, tr = manifest["metrics"], manifest["training"], manifest["trainable"]
+    if not args.json:
+        rows = [["", f"domain ppl ({args.domain})", f"general ppl ({args.general})", "domain cloze acc"]]
+        for key, name in (("before", "source"), ("after", "fine-tuned")):
+            rows.append([name, f"{m[key]['domain_ppl']:.3f}", f"{m[key]['general_ppl']:.3f}", _cloze(m[key])])
+        print(f"\n{manifest['source']['model']} -> {args.out}  (trainable: {tr['kind']}, {tr['parameters']:,} entries)")
+        print(_table(rows))
+        print(
+            f"{t['steps']} steps, {t['tokens']:,} tokens, loss {t['loss_first']:.4f} -> {t['loss_last']:.4f}; "
+            f"optimizer state {t['optimizer_state_mb']:.1f} MB; train {manifest['timings_s']['train']:.0f} s; "
+            f"peak RSS {manifest['peak_rss_mb']:.0f} MB"
+        )
+    return {k: manifest[k] for k in ("metrics", "trainable", "size", "timings_s", "peak_rss_mb")} | {
+        "out": args.out,
+        "training": {k: v for k, v in t.items() if k != "losses"},
+    }
+
+
 def _cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
     from carve.inspect import load_run, per_layer_overlap, per_layer_sparsity, top_modules
 
@@ -506,6 +540,7 @@ def _cmd_methods(args: argparse.Namespace) -> Any:
 COMMANDS = {
     "extract": _cmd_extract,
     "recover": _cmd_recover,
+    "finetune": _cmd_finetune,
     "inspect": _cmd_inspect,
     "report": _cmd_report,
     "eval": _cmd_eval,

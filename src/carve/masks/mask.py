@@ -104,7 +104,7 @@ class Mask(Mapping[str, torch.Tensor]):
         """Bit-packed: one bit per weight, shapes in the metadata."""
         from safetensors.torch import save_file
 
-        packed = {k: torch.from_numpy(np.packbits(v.cpu().numpy().reshape(-1))) for k, v in self.keep.items()}
+        packed = {k: pack_bits(v) for k, v in self.keep.items()}
         shapes = {k: list(v.shape) for k, v in self.keep.items()}
         save_file(packed, str(path), metadata={"carve_mask_shapes": json.dumps(shapes)})
 
@@ -114,12 +114,19 @@ class Mask(Mapping[str, torch.Tensor]):
 
         with safe_open(str(path), framework="pt") as f:
             shapes = json.loads((f.metadata() or {})["carve_mask_shapes"])
-            keep = {}
-            for k in f.keys():
-                n = int(np.prod(shapes[k]))
-                bits = np.unpackbits(f.get_tensor(k).numpy())[:n].astype(bool)
-                keep[k] = torch.from_numpy(bits).view(shapes[k])
+            keep = {k: unpack_bits(f.get_tensor(k), shapes[k]) for k in f.keys()}
         return cls(keep)
+
+
+def pack_bits(keep: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8, eight entries per byte (row-major, big-endian bit order)."""
+    return torch.from_numpy(np.packbits(keep.cpu().numpy().reshape(-1)))
+
+
+def unpack_bits(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The bool tensor of `shape` that `pack_bits` packed."""
+    n = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(packed.numpy())[:n].astype(bool)).view(shape)
 
 
 def select_mask(

@@ -1,0 +1,155 @@
+"""Benchmark sparse fine-tuning (`carve finetune`) on the embedded default.
+
+    .venv/bin/python bench/finetune.py [--domains legal code] [--rows full lora lift ...] [--steps 100]
+        [--rerun ROW_ID ...]
+
+Per domain, the same data for every row: `--steps` optimizer steps of one 512-token training
+block (the domain's train split, no general text: `--mix 0`, seed 0), evaluated on the first 16
+held-out 512-token blocks of the domain and of the general corpus and 100 domain cloze items.
+Rows: the base model (the jobs' cached "before" metrics), full fine-tuning, LoRA with the
+trainable count of 5% of the targeted weights, and 5% of each targeted matrix chosen by LIFT
+(rank 128), by a Fisher importance map of the domain (`carve extract --method fisher
+--save-importance`, 64 domain blocks), by magnitude and at random.  Each row is one
+`carve finetune` process (the product's CLI, default learning rate of its kind); its manifest's
+data fingerprints, optimizer state, peak RSS and stage times are kept in
+bench/results/finetune.jsonl (finished rows are not rerun); the table goes to the `finetune`
+section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, load_results, save_result, write_section
+
+RESULTS = HERE / "results" / "finetune.jsonl"
+ROWS = ["full", "lora", "lift", "importance", "magnitude", "random"]
+EVAL = ["--eval-blocks", "16", "--cloze-items", "100", "--block-len", "512"]
+DENSITY = 0.05
+CARVE = str(ROOT / ".venv" / "bin" / "carve")
+
+
+def _importance_map(domain: str) -> Path:
+    """The domain's Fisher importance of the dense model, from carve's own extract."""
+    path = OUT / f"finetune-fisher-{domain}.safetensors"
+    if not path.exists():
+        cmd = [CARVE, "extract", "--model", str(MODEL_DIR), "--domain", domain, "--method", "fisher",
+               "--sparsity", "0.5", "--no-speed", "--quiet", "--save-importance", str(path), *EVAL]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True)
+    return path
+
+
+def run_row(domain: str, row: str, steps: int) -> dict[str, Any]:
+    out = OUT / f"finetune-{domain}-{row}-{steps}"
+    trainable = f"importance:{_importance_map(domain)}" if row == "importance" else row
+    cmd = [CARVE, "finetune", str(MODEL_DIR), "--domain", domain, "--trainable", trainable,
+           "--density", str(DENSITY), "--steps", str(steps), *EVAL, "--out", str(out), "--overwrite",
+           "--quiet", "--json"]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    manifest = json.loads((out / "carve.json").read_text())
+    return {
+        "wall_s": round(wall, 1),
+        "metrics": manifest["metrics"],
+        "trainable": manifest["trainable"],
+        "training": {k: v for k, v in manifest["training"].items() if k != "losses"},
+        "data": {"train": manifest["data"]["train"], "eval": manifest["data"]["eval"]},
+        "timings_s": manifest["timings_s"],
+        "peak_rss_mb": manifest["peak_rss_mb"],
+        "source_fingerprint": manifest["source"]["fingerprint"],
+    }
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def write_table(rows: dict[str, dict[str, Any]], domains: list[str], steps: int) -> str:
+    lines = [
+        "## Sparse fine-tuning (`carve finetune`), embedded default",
+        "",
+        f"bench/finetune.py: {steps} AdamW steps of one 512-token block of the domain's train split (no general",
+        "text, seed 0, the same blocks for every row: each row's train fingerprint is in results/finetune.jsonl),",
+        "peak learning rate the CLI's default for the kind (full 5e-5, LoRA 1e-3, sparse masks 5e-4; 10 warm-up steps,",
+        "cosine to 10%). Perplexity on the first 16 held-out 512-token blocks per corpus, 100 domain cloze items.",
+        "Sparse rows train 5% of each decoder Linear weight matrix; LoRA's rank gives the same trainable count.",
+        "Optimizer state: AdamW moments (and int32 indices of the trained entries). One run (seed 0) per row.",
+        "",
+    ]
+    for domain in domains:
+        base = next(
+            (r["metrics"]["before"] for r in rows.values() if r.get("domain") == domain and "metrics" in r), None
+        )
+        full = rows.get(f"{domain}/full/{steps}", {}).get("metrics", {}).get("after")
+        lines += [f"### {domain}", "",
+                  "| row | domain ppl | general ppl | domain cloze acc | trainable params | optimizer state MB | "
+                  "peak RSS MB | train s | wall s | domain log-ppl gain vs full | general rise vs full |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        if base:
+            cloze = _fmt(base.get("domain_cloze", {}).get("accuracy"))
+            lines.append(f"| base | {base['domain_ppl']:.3f} | {base['general_ppl']:.3f} | {cloze} |" + " - |" * 7)
+        for row in ROWS:
+            r = rows.get(f"{domain}/{row}/{steps}")
+            if not r or "metrics" not in r:
+                if r and "error" in r:
+                    lines.append(f"| {row} | error: {r['error']} |")
+                continue
+            a = r["metrics"]["after"]
+            gain = rise = None
+            if base and full:
+                full_gain = math.log(base["domain_ppl"]) - math.log(full["domain_ppl"])
+                gain = (math.log(base["domain_ppl"]) - math.log(a["domain_ppl"])) / full_gain if full_gain else None
+                full_rise = full["general_ppl"] - base["general_ppl"]
+                rise = (a["general_ppl"] - base["general_ppl"]) / full_rise if full_rise > 0 else None
+            label = row + (f" (rank {r['trainable']['lora_rank']})" if row == "lora" else "")
+            lines.append(
+                f"| {label} | {a['domain_ppl']:.3f} | {a['general_ppl']:.3f} | "
+                f"{_fmt(a.get('domain_cloze', {}).get('accuracy'))} | {r['trainable']['parameters']:,} | "
+                f"{r['training']['optimizer_state_mb']:.1f} | {r['peak_rss_mb']:.0f} | {r['timings_s']['train']:.0f} | "
+                f"{r['wall_s']:.0f} | {_fmt(gain, '.2f')} | {_fmt(rise, '.2f')} |"
+            )
+        lines.append("")
+    lines.append(
+        f"Rows measured at carve commit(s) {', '.join(sorted({r.get('commit', '?') for r in rows.values()}))}."
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--domains", nargs="+", default=["legal", "code"])
+    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--rerun", nargs="*", default=[], help="row ids (domain/row/steps) to measure again")
+    args = ap.parse_args()
+    ensure_model()
+    rows = load_results(RESULTS)
+    for domain in args.domains:
+        for row in args.rows:
+            rid = f"{domain}/{row}/{args.steps}"
+            if rid in rows and "error" not in rows[rid] and rid not in args.rerun:
+                continue
+            print(f"running {rid} ...", flush=True)
+            result = {"id": rid, "domain": domain, "row": row, "steps": args.steps, "commit": commit(),
+                      "date": time.strftime("%Y-%m-%d %H:%M"), **run_row(domain, row, args.steps)}  # fmt: skip
+            save_result(RESULTS, result)
+            rows[rid] = result
+            table = write_table(rows, args.domains, args.steps)
+            write_section("finetune", table)
+            print(table.splitlines()[-3] if "error" not in result else result["error"], flush=True)
+    print(write_table(rows, args.domains, args.steps))
+
+
+if __name__ == "__main__":
+    main()

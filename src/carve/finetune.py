@@ -1,0 +1,274 @@
+"""`carve finetune`: sparse fine-tuning of a model on domain text, training only a chosen share
+of its weights (LIFT principal weights, an importance map, magnitude, random), or the dense
+baselines (every parameter; LoRA at an equal trainable count).
+
+Steps: load → training blocks (a `mix` share general) and the fixed held-out evaluation →
+evaluate the source (cached) → the trainable mask → `steps` masked AdamW steps of the next-token
+loss (ops.train) → evaluate → save (the whole model, or with `save_delta` only the update: the
+changed entries' bit-packed mask and values, for merging).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from carve.corpora import Corpus
+from carve.engines.gradient import bound_heap_retention, next_token_loss
+from carve.errors import UsageError
+from carve.job import (
+    Stages,
+    calibration_data,
+    evaluate_source,
+    held_out_data,
+    manifest_head,
+    metrics_of,
+    peak_rss_mb,
+    save_model_files,
+    tensor_fingerprint,
+)
+from carve.models import LoadedModel, count_parameters, load_model
+from carve.models.arch import DEFAULT_EXCLUDE
+from carve.ops.finetune import Trainable, add_lora, lora_rank_for, sparse_delta, trainable_mask
+from carve.ops.train import Schedule, has_checkpoint, remove_checkpoint, train
+from carve.output import atomic_output_dir, check_output, write_json
+from carve.settings import flag
+
+# peak learning rates by what is trained: a sparse subset takes larger steps than the whole
+# model (LIFT's practice); LoRA's usual 1e-3 (set on the embedded default: bench/finetune.py)
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "sparse": 5e-4}
+
+
+@dataclass
+class FinetuneRecipe:
+    """Everything that decides a fine-tune; one field per `carve finetune` flag."""
+
+    model: str | None = flag(
+        "'default' (embedded SmolLM2-135M-Instruct), a directory, a .gguf or a hub id", default=None
+    )
+    domain: str = flag("builtin corpus name or path", default="legal")
+    general: str = flag("open-domain corpus: builtin name or path", default="general")
+    trainable: str = flag(
+        "what is trained: lift, magnitude, random, importance:FILE, mask:FILE (a top-density share of each "
+        "matrix), full (every parameter) or lora (adapters with the same trainable count)",
+        default="lift",
+    )
+    density: float = flag("share of each targeted matrix trained (and LoRA's trainable count)", default=0.05)
+    rank: float = flag("lift: rank of each matrix's approximation (a fraction < 1: of its full rank)", default=128)
+    mix: float = flag("share of training blocks from the general corpus", default=0.0)
+    steps: int = flag("optimizer steps", default=100)
+    batch_size: int = flag("blocks per optimizer step", default=1)
+    micro_batch: int = flag("blocks per forward/backward (gradient accumulation)", default=1)
+    block_len: int = flag("tokens per training and eval block", default=512)
+    lr: float | None = flag("peak learning rate (default: 5e-5 full, 1e-3 lora, 5e-4 sparse)", default=None)
+    warmup: int = flag("linear warm-up steps, then cosine decay to 10%", default=10)
+    weight_decay: float = flag("decoupled weight decay of the trained entries", default=0.0)
+    checkpoint_every: int = flag("steps between checkpoints", default=50)
+    eval_blocks: int = flag("held-out blocks per corpus for perplexity", default=32)
+    cloze_items: int = flag("held-out domain cloze items (0: skip the cloze task)", default=100)
+    seed: int = flag("data order and random masks", default=0)
+    include: list[str] = flag("glob patterns of Linear modules to train", default_factory=lambda: ["*"])
+    exclude: list[str] = flag("glob patterns left frozen", default_factory=lambda: list(DEFAULT_EXCLUDE))
+    text_field: str = flag("text field of .jsonl / .parquet / datasets corpora", default="text")
+    dtype: str | None = flag("float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)", default=None)
+    device: str | None = flag("cpu, cuda, cuda:N (default: cuda when available)", default=None)
+    save_delta: bool = flag("write only the update (bit-packed mask + changed values), not the model", default=False)
+
+    def validate(self) -> Trainable:
+        spec = Trainable.parse(self.trainable)
+        for name in ("steps", "batch_size", "micro_batch", "block_len", "checkpoint_every", "eval_blocks"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be a positive whole number, not {getattr(self, name)}")
+        if not 0 < self.density < 1:
+            raise UsageError(f"density {self.density} is outside (0, 1): the share of each matrix trained, e.g. 0.05")
+        if not 0 <= self.mix <= 1:
+            raise UsageError(f"mix {self.mix} is outside [0, 1]: it is the share of general training blocks")
+        if self.batch_size % self.micro_batch:
+            raise UsageError(f"batch-size {self.batch_size} is not a multiple of micro-batch {self.micro_batch}")
+        if (self.lr is not None and self.lr <= 0) or self.warmup < 0 or self.weight_decay < 0 or self.rank <= 0:
+            raise UsageError("lr and rank must be positive, warmup and weight-decay not negative")
+        return spec
+
+    def schedule(self, spec: Trainable) -> Schedule:
+        lr = self.lr or DEFAULT_LR[spec.kind if not spec.sparse else "sparse"]
+        return Schedule(
+            steps=self.steps,
+            lr=lr,
+            batch_size=self.batch_size,
+            micro_batch=self.micro_batch,
+            warmup=self.warmup,
+            weight_decay=self.weight_decay,
+            checkpoint_every=self.checkpoint_every,
+        )
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    p = Path(out).expanduser()
+    return p.parent / f"{p.name}.checkpoint"
+
+
+def check_checkpoint(out: str | Path, resume: bool, overwrite: bool) -> Path:
+    """The run's checkpoint directory, after refusing to ignore or silently replace one."""
+    ckpt = checkpoint_dir(out)
+    if resume and not has_checkpoint(ckpt):
+        raise UsageError(f"nothing to resume: {str(ckpt)!r} does not exist")
+    if has_checkpoint(ckpt) and not resume:
+        if not overwrite:
+            raise UsageError(
+                f"{str(ckpt)!r} holds an interrupted run: pass --resume to continue it or --overwrite to start over"
+            )
+        remove_checkpoint(ckpt)
+    return ckpt
+
+
+def _what_to_train(
+    lm: LoadedModel, recipe: FinetuneRecipe, spec: Trainable
+) -> tuple[nn.Module, dict[str, torch.Tensor | None], dict[str, Any]]:
+    """The model to train (LoRA-wrapped for lora), its trainable entries, and their description."""
+    from carve.settings import Targets
+
+    targets = Targets.of(recipe.include, recipe.exclude)
+    if spec.kind == "full":
+        trainable: dict[str, torch.Tensor | None] = {n: None for n, _ in lm.model.named_parameters()}
+        return lm.model, trainable, {"kind": "full"}
+    if spec.kind == "lora":
+        rank = lora_rank_for(lm.model, recipe.density, targets)
+        model = add_lora(lm.model, rank, targets)
+        trainable = {n: None for n, p in model.named_parameters() if p.requires_grad}
+        return model, trainable, {"kind": "lora", "lora_rank": rank}
+    mask = trainable_mask(
+        lm.model, spec, recipe.density, targets, rank=recipe.rank, seed=recipe.seed, model_fingerprint=lm.fingerprint
+    )
+    info = {"kind": spec.kind, "file": spec.path, "density": round(1 - mask.sparsity(), 6), "matrices": len(mask)}
+    if spec.kind == "lift":
+        info["rank"] = recipe.rank
+    return lm.model, dict(mask.items()), info
+
+
+def finetune(
+    recipe: FinetuneRecipe,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    resume: bool = False,
+    cache: bool = True,
+    on_step: Any = None,
+) -> dict[str, Any]:
+    """Run the fine-tune; write the model (or its update), tokenizer and carve.json to `out`."""
+    spec = recipe.validate()
+    check_output(out, overwrite)
+    ckpt = check_checkpoint(out, resume, overwrite)
+    stage = Stages()
+    with stage("load_data"):
+        domain = Corpus(recipe.domain, recipe.text_field)
+        general = Corpus(recipe.general, recipe.text_field)
+    with stage("load_model"):
+        lm = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
+    with stage("tokenize"):
+        n = recipe.steps * recipe.batch_size
+        train_blocks = calibration_data(lm.tokenizer, domain, general, n, recipe.block_len, recipe.mix, recipe.seed)
+        order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(recipe.seed))
+        train_blocks = train_blocks[order]
+        held_out = held_out_data(
+            lm.tokenizer, domain, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items
+        )
+    with stage("evaluate_before"):
+        before, cached = evaluate_source(lm, held_out, cache=cache)
+    base = {n: p.detach().cpu().clone() for n, p in lm.model.named_parameters()} if recipe.save_delta else {}
+    with stage("select"):
+        model, trainable, info = _what_to_train(lm, recipe, spec)
+    bound_heap_retention()
+    schedule = recipe.schedule(spec)
+    with stage("train"):
+        result = train(
+            model, train_blocks, next_token_loss, trainable, schedule,
+            checkpoint=ckpt, resume=resume, on_step=on_step, desc=f"fine-tuning ({spec.kind})",
+        )  # fmt: skip
+    model.eval()
+    if spec.kind == "lora":
+        model = model.merge_and_unload()  # type: ignore[operator]
+    lm.model = model
+    with stage("evaluate_after"):
+        after = metrics_of(model, held_out)
+    manifest: dict[str, Any] = {
+        **manifest_head("finetune", lm, recipe),
+        "data": {
+            "domain": domain.describe(),
+            "general": general.describe(),
+            "train": {
+                "blocks": len(train_blocks),
+                "general_blocks": round(recipe.mix * n),
+                "block_len": recipe.block_len,
+                "tokens": int(train_blocks.numel()),
+                "fingerprint": tensor_fingerprint(train_blocks),
+            },
+            "eval": held_out.describe(),
+        },
+        "trainable": {**info, "parameters": result.trained_entries},
+        "training": {
+            "steps": recipe.steps,
+            "lr": schedule.lr,
+            "tokens": recipe.steps * recipe.batch_size * recipe.block_len,
+            "optimizer_state_mb": result.optimizer_state_mb,
+            "resumed_from_step": result.resumed_from_step,
+            "loss_first": result.losses[0] if result.losses else None,
+            "loss_last": result.losses[-1] if result.losses else None,
+            "losses": result.losses,
+        },
+        "metrics": {"before": before, "after": after, "before_from_cache": cached},
+        "size": {"parameters": count_parameters(model)},
+    }
+    with atomic_output_dir(out, overwrite) as tmp:
+        with stage("save"):
+            if recipe.save_delta:
+                _save_delta(tmp, model, base, lm, manifest)
+            else:
+                save_model_files(tmp, model, lm.tokenizer, manifest)
+        manifest["timings_s"] = stage.seconds
+        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        write_json(tmp / "carve.json", manifest)
+    remove_checkpoint(ckpt)
+    return manifest
+
+
+DELTA_FILE = "delta.safetensors"
+
+
+def _save_delta(tmp: Path, model: nn.Module, base: dict[str, torch.Tensor], lm: LoadedModel, manifest: dict) -> None:
+    """The update alone: `delta.safetensors` holds, per changed parameter, its bit-packed mask
+    (`mask/NAME`) and the changed entries' values (`value/NAME`); the base is the manifest's source."""
+    from safetensors.torch import save_file
+
+    from carve.masks.mask import pack_bits
+
+    mask, values = sparse_delta(model, base)
+    tensors = {f"mask/{k}": pack_bits(v) for k, v in mask.items()}
+    tensors.update({f"value/{k}": v for k, v in values.items()})
+    shapes = {k: list(v.shape) for k, v in mask.items()}
+    import json
+
+    save_file(tensors, str(tmp / DELTA_FILE), metadata={"carve_mask_shapes": json.dumps(shapes)})
+    lm.tokenizer.save_pretrained(tmp)
+    changed = sum(int(v.numel()) for v in values.values())
+    manifest.setdefault("size", {}).update(
+        delta_mb=round((tmp / DELTA_FILE).stat().st_size / 2**20, 3), delta_entries=changed
+    )
+
+
+def load_delta(path: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """(Mask, values) of a saved update (see `_save_delta`); apply with ops.finetune.apply_delta."""
+    import json
+
+    from safetensors import safe_open
+
+    from carve.masks.mask import Mask, unpack_bits
+
+    with safe_open(str(path), framework="pt") as f:
+        shapes = json.loads((f.metadata() or {})["carve_mask_shapes"])
+        keep = {k: unpack_bits(f.get_tensor(f"mask/{k}"), shapes[k]) for k in shapes}
+        values = {k: f.get_tensor(f"value/{k}") for k in shapes}
+    return Mask(keep), values

@@ -1,0 +1,66 @@
+"""Importance from gradient statistics under a named objective (see engines/gradient.py).
+
+Objectives: "lm", the next-token loss on the data; "kl", KL(teacher ‖ model) of the next-token
+distributions against a teacher (the reference model).  The score is the empirical-Fisher error
+of moving each weight to its reference point: ½ · E[g²] · (θ − θ_ref)², with θ_ref = 0 (pruning,
+OBD with the Fisher as Hessian diagonal) unless a reference model's weights are given as the
+point (`at_reference=True`: the error of reverting a task vector).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carve.engines.gradient import accumulate_gradients, next_token_loss
+from carve.errors import UsageError
+from carve.importance.registry import importance_source
+
+OBJECTIVES = ("lm", "kl")
+
+
+def kl_to(teacher: nn.Module) -> Any:
+    """loss_fn(model, ids): mean over positions of KL(teacher ‖ model), both on the same ids."""
+
+    def loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t = teacher(input_ids=ids, use_cache=False).logits.float()
+        s = model(input_ids=ids, use_cache=False).logits.float()
+        kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="none")
+        return kl.sum(-1).mean()
+
+    return loss
+
+
+@importance_source(
+    "fisher",
+    paper="LeCun et al., Optimal Brain Damage (1990), with the empirical Fisher as Hessian diagonal",
+    url="https://proceedings.neurips.cc/paper/1989/hash/6c9882bbac1c7093bd25041881277658-Abstract.html",
+    needs=("data",),
+)
+def fisher(
+    model: nn.Module,
+    linears: dict[str, nn.Module],
+    data: torch.Tensor,
+    objective: str = "lm",
+    teacher: nn.Module | None = None,
+    reference: nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
+    """½ · E[g²] · (θ − θ_ref)², g the gradient of `objective` per block of `data`."""
+    if objective not in OBJECTIVES:
+        raise UsageError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if objective == "kl" and teacher is None:
+        raise UsageError("objective 'kl' needs a teacher model")
+    loss_fn = next_token_loss if objective == "lm" else kl_to(teacher)  # type: ignore[arg-type]
+    names = [f"{n}.weight" for n in linears]
+    stats = accumulate_gradients(model, data, names, ("grad_sq",), loss_fn=loss_fn, desc=f"gradients ({objective})")
+    params = dict(model.named_parameters())
+    ref = dict(reference.named_parameters()) if reference is not None else {}
+    out = {}
+    for n in names:
+        delta = params[n].detach().float() - (ref[n].detach().float() if n in ref else 0.0)
+        out[n] = (0.5 * stats.stats["grad_sq"][n] * delta.square()).cpu()
+    return out

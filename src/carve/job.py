@@ -1,0 +1,200 @@
+"""The job skeleton every job shares: load → data → evaluate (cached for an unchanged source) →
+op → evaluate → save, with one manifest head, one way to time stages and one atomic output.
+
+- `held_out_data` / `metrics_of`: the fixed evaluation set and the metrics on it.
+- `evaluate_source`: the source model's "before" metrics, cached under the user's cache
+  directory by (model fingerprint, held-out data fingerprints, dtype and device, carve version),
+  so a second job on the same model and data skips that evaluation (`cache=False`: measure anew).
+- `manifest_head`, `save_model_files`, `Stages`, `peak_rss_mb`: the parts of every carve.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carve.corpora import Corpus
+from carve.errors import UsageError
+from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
+from carve.models import LoadedModel
+from carve.output import write_json
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class Stages:
+    """Wall time per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 3)
+
+
+def tensor_fingerprint(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def calibration_data(
+    tokenizer: Any, domain: Corpus, general: Corpus, n: int, length: int, mix: float, seed: int
+) -> torch.Tensor:
+    """`n` blocks: round(mix·n) from the general corpus, the rest from the domain."""
+    n_general = round(mix * n)
+    parts = [
+        domain.calibration_blocks(tokenizer, n - n_general, length, seed),
+        general.calibration_blocks(tokenizer, n_general, length, seed + 1),
+    ]
+    return torch.cat([p for p in parts if p.numel()])
+
+
+@dataclass
+class EvalData:
+    """The fixed evaluation set: held-out perplexity blocks per corpus, the domain cloze task."""
+
+    blocks: dict[str, tuple[str, torch.Tensor]]  # "domain"|"general" -> (corpus name, [n, L])
+    cloze: ClozeTask | None = None
+    cloze_note: str = ""  # why there is no cloze task, if there is none
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            key: {"blocks": len(b), "block_len": b.shape[1], "fingerprint": tensor_fingerprint(b)}
+            for key, (_name, b) in self.blocks.items()
+        }
+        if self.cloze is not None:
+            out["domain_cloze"] = {"items": len(self.cloze.answers), "fingerprint": self.cloze.fingerprint()}
+        elif self.cloze_note:
+            out["domain_cloze"] = {"skipped": self.cloze_note}
+        return out
+
+
+def held_out_data(
+    tokenizer: Any, domain: Corpus, general: Corpus, blocks: int, block_len: int, cloze_items: int = 100
+) -> EvalData:
+    """The first `blocks` held-out blocks of each corpus and `cloze_items` domain cloze items:
+    the same for every model evaluated with the same corpora and settings.  A domain with too
+    little held-out text for a cloze task is evaluated by perplexity alone (the reason is kept)."""
+    data = EvalData(
+        {
+            key: (c.name, c.eval_blocks(tokenizer, blocks, block_len))
+            for key, c in (("domain", domain), ("general", general))
+        }
+    )
+    if cloze_items > 0:
+        try:
+            data.cloze = build_cloze(domain, tokenizer, cloze_items)
+        except UsageError as exc:
+            data.cloze_note = str(exc)
+    return data
+
+
+def metrics_of(model: Any, data: EvalData) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, (name, blocks) in data.blocks.items():
+        out[f"{key}_ppl"] = round(perplexity(model, blocks, desc=f"perplexity ({name})"), 4)
+        out[f"{key}_eval_blocks"] = len(blocks)
+        out["block_len"] = blocks.shape[1]
+    if data.cloze is not None:
+        out["domain_cloze"] = cloze_accuracy(model, data.cloze)
+    return out
+
+
+def evaluate(
+    model: LoadedModel,
+    domain: str | Corpus = "legal",
+    general: str | Corpus = "general",
+    *,
+    blocks: int = 32,
+    block_len: int = 512,
+    cloze_items: int = 100,
+) -> dict[str, Any]:
+    """Domain and general perplexity on the first `blocks` held-out blocks of `block_len` tokens,
+    and accuracy on `cloze_items` held-out domain cloze items (0: none)."""
+    dom = domain if isinstance(domain, Corpus) else Corpus(domain)
+    gen = general if isinstance(general, Corpus) else Corpus(general)
+    return metrics_of(model.model, held_out_data(model.tokenizer, dom, gen, blocks, block_len, cloze_items))
+
+
+def manifest_head(job: str, lm: LoadedModel, recipe: Any) -> dict[str, Any]:
+    """The first entries of every carve.json: what job, when, with which versions, on what."""
+    return {
+        "carve_manifest": 1,
+        "job": job,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "source": {"model": lm.source, "fingerprint": lm.fingerprint},
+        "recipe": asdict(recipe),
+    }
+
+
+def save_model_files(tmp: Path, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> None:
+    """Model (safetensors) and tokenizer into an output being written; its size into the manifest."""
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    size = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
+    manifest.setdefault("size", {})["file_mb"] = round(size / 2**20, 2)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from carve import __version__
+
+    return {
+        "carve": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def cache_dir() -> Path:
+    """$CARVE_CACHE_DIR, else $XDG_CACHE_HOME/carve, else ~/.cache/carve."""
+    if os.environ.get("CARVE_CACHE_DIR"):
+        return Path(os.environ["CARVE_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "carve"
+
+
+def evaluation_key(lm: LoadedModel, data: EvalData) -> str:
+    """What the source model's metrics depend on: the weights, the held-out data, the dtype and
+    device they were computed in, and carve's version (the metric code)."""
+    from carve import __version__
+
+    param = next(lm.model.parameters())
+    what = [lm.fingerprint, data.describe(), str(param.dtype), param.device.type, __version__]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def evaluate_source(lm: LoadedModel, data: EvalData, cache: bool = True) -> tuple[dict[str, Any], bool]:
+    """The metrics of the freshly loaded source model on `data`, and whether they came from the
+    cache.  A cached entry is used only when its key matches; an unreadable one is measured anew."""
+    path = cache_dir() / "eval" / f"{evaluation_key(lm, data)}.json"
+    if cache and path.is_file():
+        try:
+            return dict(json.loads(path.read_text())["metrics"]), True
+        except (ValueError, KeyError, OSError):
+            pass
+    metrics = metrics_of(lm.model, data)
+    if cache:
+        try:
+            write_json(path, {"source": lm.source, "fingerprint": lm.fingerprint, "metrics": metrics})
+        except OSError:  # a read-only cache directory costs the next job a re-evaluation, no more
+            pass
+    return metrics, False

@@ -1,0 +1,150 @@
+"""What a sparse fine-tune trains: a trainable Mask from an importance source, a saved map or
+mask, or the dense baselines (every parameter; LoRA adapters with a matched trainable count).
+
+Sparse kinds keep the top `density` share of each targeted matrix by its score
+(`select_mask(scores, 1 - density, "matrix")`, as LIFT selects per matrix):
+- `lift`: |W_r|, the rank-r approximation's magnitudes (principal weights, arXiv 2506.00772);
+- `magnitude`: |W|;  `random`: seeded uniform scores;
+- `importance:FILE`: an ImportanceMap (e.g. `carve extract --method fisher --save-importance`),
+  fine-tuning where the domain lives;
+- `mask:FILE`: a saved Mask, as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from carve.errors import UsageError
+from carve.importance import compute_importance
+from carve.masks.mask import ImportanceMap, Mask, select_mask
+from carve.models.arch import weight_matrix
+from carve.settings import DEFAULT_TARGETS, Targets
+
+SPARSE_KINDS = ("lift", "magnitude", "random")
+KINDS = (*SPARSE_KINDS, "importance:FILE", "mask:FILE", "full", "lora")
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """A parsed `--trainable` value."""
+
+    kind: str  # one of lift, magnitude, random, importance, mask, full, lora
+    path: str | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> Trainable:
+        kind, _, path = spec.partition(":")
+        if kind in ("importance", "mask"):
+            if not path:
+                raise UsageError(f"--trainable {kind}:FILE needs the file, e.g. {kind}:out/legal/{kind}.safetensors")
+            if not Path(path).expanduser().is_file():
+                raise UsageError(f"{kind} file {path!r} does not exist")
+            return cls(kind, path)
+        if kind not in (*SPARSE_KINDS, "full", "lora") or path:
+            raise UsageError(f"--trainable {spec!r} is not one of {', '.join(KINDS)}")
+        return cls(kind)
+
+    @property
+    def sparse(self) -> bool:
+        return self.kind not in ("full", "lora")
+
+
+def trainable_mask(
+    model: nn.Module,
+    spec: Trainable,
+    density: float,
+    targets: Targets = DEFAULT_TARGETS,
+    *,
+    rank: float = 128,
+    seed: int = 0,
+    model_fingerprint: str | None = None,
+) -> Mask:
+    """The entries a sparse fine-tune trains (True), over `targets`' Linear weights."""
+    if spec.kind == "mask":
+        assert spec.path is not None
+        return _checked(_load(Mask.load, spec.path, "mask"), model, spec.path)
+    if spec.kind == "importance":
+        assert spec.path is not None
+        scores = _load(ImportanceMap.load, spec.path, "importance map")
+        saved_for = scores.meta.get("model_fingerprint")
+        if model_fingerprint and saved_for and saved_for != model_fingerprint:
+            raise UsageError(
+                f"importance map {spec.path!r} was computed on another model ({saved_for} != {model_fingerprint})"
+            )
+        _checked(scores, model, spec.path)
+    else:
+        params: dict[str, Any] = (
+            {"rank": rank} if spec.kind == "lift" else {"seed": seed} if spec.kind == "random" else {}
+        )
+        scores = compute_importance(spec.kind, model, targets, **params)
+    return select_mask(scores, 1 - density, "matrix")
+
+
+def _load(loader: Any, path: str, what: str) -> Any:
+    try:
+        return loader(Path(path).expanduser())
+    except Exception as exc:
+        raise UsageError(f"{path!r} is not a carve {what} ({str(exc).splitlines()[0]})") from None
+
+
+def _checked(named: Any, model: nn.Module, path: str) -> Any:
+    params = dict(model.named_parameters())
+    for name, t in named.items():
+        if name not in params or tuple(params[name].shape) != tuple(t.shape):
+            raise UsageError(f"{path!r} names {name} {tuple(t.shape)}, which this model does not have in that shape")
+    return named
+
+
+def lora_rank_for(model: nn.Module, density: float, targets: Targets = DEFAULT_TARGETS) -> int:
+    """The LoRA rank whose adapters (r·(in + out) per targeted matrix) hold about `density` of
+    the targeted weights: the baseline at an equal trainable count."""
+    linears = targets.linears(model)
+    shapes = [weight_matrix(lin).shape for lin in linears.values()]
+    weights = sum(out * inp for out, inp in shapes)
+    per_rank = sum(out + inp for out, inp in shapes)
+    return max(1, round(density * weights / per_rank))
+
+
+def add_lora(model: nn.Module, rank: int, targets: Targets = DEFAULT_TARGETS) -> nn.Module:
+    """LoRA adapters (PEFT, α = 2r, no dropout) on `targets`' Linear modules."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UsageError("LoRA needs PEFT: pip install 'carve[recover]' (or pip install peft)") from None
+    names = sorted(targets.linears(model))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names)
+    return get_peft_model(model, config)
+
+
+def sparse_delta(model: nn.Module, base: dict[str, torch.Tensor]) -> tuple[Mask, dict[str, torch.Tensor]]:
+    """The update of every parameter that changed from `base`: where it changed (a Mask) and the
+    changed entries' new values (flat, in mask order; values, not differences, so applying them
+    to θ₀ gives the fine-tuned weights bit for bit; the task vector is θ − θ₀ at those entries)."""
+    keep: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        b = base.get(name)
+        if b is None or b.shape != p.shape:
+            continue
+        diff = p.detach().cpu() - b
+        changed = diff != 0
+        if bool(changed.any()):
+            keep[name] = changed
+            values[name] = p.detach().cpu()[changed].contiguous()
+    return Mask(keep), values
+
+
+def apply_delta(model: nn.Module, mask: Mask, values: dict[str, torch.Tensor]) -> None:
+    """Write a saved update's values into the base model, in place."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, keep in mask.items():
+            p = params[name]
+            flat = p.data.view(-1)
+            idx = keep.reshape(-1).nonzero().squeeze(1).to(p.device)
+            flat.index_copy_(0, idx, values[name].to(p.device, p.dtype))
