@@ -99,7 +99,7 @@ def small_corpus(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _private_cache(tmp_path_factory) -> None:
-    """Cached evaluations go to a directory of this test session, never the user's cache."""
-    os.environ["CARVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("carve-cache"))
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch) -> None:
+    """Cached evaluations go to a directory of each test, never the user's cache."""
+    monkeypatch.setenv("CARVE_CACHE_DIR", str(tmp_path_factory.mktemp("carve-cache")))

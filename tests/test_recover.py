@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 import carve
 from carve.cli.main import main
 from carve.ops.distill import distill_loss
+from carve.ops.train import checkpoint_dir
 from carve.pipeline import tensor_fingerprint
-from carve.recover import RecoverRecipe, checkpoint_dir, recover
+from carve.recover import RecoverRecipe, recover
 
 TINY = {"block_len": 32, "eval_blocks": 2, "cloze_items": 0}
 

@@ -34,7 +34,7 @@ from carve.job import (
 from carve.models import LoadedModel, count_parameters, load_model
 from carve.models.arch import DEFAULT_EXCLUDE
 from carve.ops.finetune import Trainable, add_lora, lora_rank_for, sparse_delta, trainable_mask
-from carve.ops.train import Schedule, has_checkpoint, remove_checkpoint, train
+from carve.ops.train import Schedule, check_checkpoint, remove_checkpoint, train
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.settings import flag
 
@@ -104,25 +104,6 @@ class FinetuneRecipe:
             weight_decay=self.weight_decay,
             checkpoint_every=self.checkpoint_every,
         )
-
-
-def checkpoint_dir(out: str | Path) -> Path:
-    p = Path(out).expanduser()
-    return p.parent / f"{p.name}.checkpoint"
-
-
-def check_checkpoint(out: str | Path, resume: bool, overwrite: bool) -> Path:
-    """The run's checkpoint directory, after refusing to ignore or silently replace one."""
-    ckpt = checkpoint_dir(out)
-    if resume and not has_checkpoint(ckpt):
-        raise UsageError(f"nothing to resume: {str(ckpt)!r} does not exist")
-    if has_checkpoint(ckpt) and not resume:
-        if not overwrite:
-            raise UsageError(
-                f"{str(ckpt)!r} holds an interrupted run: pass --resume to continue it or --overwrite to start over"
-            )
-        remove_checkpoint(ckpt)
-    return ckpt
 
 
 def _what_to_train(

@@ -84,10 +84,11 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     tmp.mkdir()
     try:
         yield tmp
+        replace_path(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        recover_replaced(path)  # interrupted between the renames: the old output back in place
         raise
-    replace_path(tmp, path)
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> None:

@@ -4,19 +4,17 @@ Steps: load student and teacher → training blocks (a `mix` share general) and 
 evaluation → evaluate before → `steps` optimizer steps of the distillation loss (full fine-tune
 with AdamW, or LoRA adapters through PEFT, merged at the end) → evaluate after → save.
 
-- Sparsity is kept: decoder Linear weights with exact zeros get a keep-mask, re-applied after every
-  full fine-tune step (masked updates) and after a LoRA merge.
-- Checkpoints every `checkpoint_every` steps to `<out>.checkpoint/` (trainable weights,
-  optimizer and schedule state, step, RNG state, losses), written atomically; `resume=True`
-  continues from it and gives the same result as an uninterrupted run; it is removed when the
-  output is complete.
+- Sparsity is kept: the zeros of pruned decoder Linear weights are frozen entries of the masked
+  training loop (ops.train: never updated, no optimizer state), and a LoRA merge is masked.
+- Checkpoints every `checkpoint_every` steps to `<out>.checkpoint/` (trained entries, optimizer
+  state and RNG state in safetensors, step and losses in JSON: no pickles), written atomically;
+  `resume=True` continues from it and gives the same result as an uninterrupted run; it is
+  removed when the output is complete.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +26,9 @@ from torch import nn
 from carve.corpora import Corpus
 from carve.errors import UsageError
 from carve.models import LoadedModel, count_parameters, load_model
-from carve.models.arch import all_prunable_linears
 from carve.ops.distill import distill_loss, reapply_masks, sparsity_masks
+from carve.ops.finetune import add_lora
+from carve.ops.train import Schedule, check_checkpoint, remove_checkpoint, train
 from carve.output import atomic_output_dir, check_output, write_json
 from carve.pipeline import (
     Stages,
@@ -41,7 +40,6 @@ from carve.pipeline import (
     save_model_files,
     tensor_fingerprint,
 )
-from carve.progress import progress
 
 
 @dataclass
@@ -85,11 +83,6 @@ class RecoverRecipe:
             self.lr = 1e-3 if self.lora else 1e-4
 
 
-def checkpoint_dir(out: str | Path) -> Path:
-    p = Path(out).expanduser()
-    return p.parent / f"{p.name}.checkpoint"
-
-
 def _teacher_source(recipe: RecoverRecipe, student: LoadedModel) -> str:
     if recipe.teacher:
         return recipe.teacher
@@ -120,59 +113,6 @@ def _dense_metrics(source_manifest: Path, evaluation: dict[str, Any]) -> dict[st
     return dict(dense)
 
 
-def _lr_at(step: int, recipe: RecoverRecipe) -> float:
-    """Multiplier of the learning rate: linear warm-up, then cosine decay to 0.1."""
-    if step < recipe.warmup:
-        return (step + 1) / recipe.warmup
-    span = max(1, recipe.steps - recipe.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - recipe.warmup) / span))
-
-
-def _add_lora(model: nn.Module, rank: int) -> nn.Module:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise UsageError("--lora needs PEFT: pip install 'carve[recover]' (or pip install peft)") from None
-    targets = sorted({name.rsplit(".", 1)[-1] for name in all_prunable_linears(model)})
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
-    return get_peft_model(model, config)
-
-
-def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in model.named_parameters() if p.requires_grad}
-
-
-def _save_checkpoint(path: Path, model: nn.Module, optimizer: Any, step: int, losses: list[float]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.parent / f".{path.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({n: p.detach().contiguous() for n, p in _trainable(model).items()}, str(tmp / "trainable.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()}, tmp / "state.pt")
-    (tmp / "progress.json").write_text(json.dumps({"step": step, "losses": losses}))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
-
-
-def _load_checkpoint(path: Path, model: nn.Module, optimizer: Any) -> tuple[int, list[float]]:
-    from safetensors.torch import load_file
-
-    saved = load_file(str(path / "trainable.safetensors"))
-    params = _trainable(model)
-    if saved.keys() != params.keys():
-        raise UsageError(f"checkpoint {str(path)!r} was written for other trainable weights (another --lora?)")
-    with torch.no_grad():
-        for n, t in saved.items():
-            params[n].copy_(t)
-    state = torch.load(path / "state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    info = json.loads((path / "progress.json").read_text())
-    return int(info["step"]), list(info["losses"])
-
-
 def recover(
     recipe: RecoverRecipe,
     out: str | Path,
@@ -182,18 +122,11 @@ def recover(
     on_step: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Run the recovery; write the model, tokenizer and carve.json to `out`. `on_step(step)` is
-    called after every optimizer step (after any checkpoint of that step)."""
+    called after every optimizer step (after any checkpoint of that step).  Training is ops.train's
+    masked loop: the pruned matrices' zeros are frozen entries (never updated)."""
     recipe.validate()
     check_output(out, overwrite)
-    ckpt = checkpoint_dir(out)
-    if resume and not ckpt.is_dir():
-        raise UsageError(f"nothing to resume: {str(ckpt)!r} does not exist")
-    if ckpt.exists() and not resume:
-        if not overwrite:
-            raise UsageError(
-                f"{str(ckpt)!r} holds an interrupted run: pass --resume to continue it or --overwrite to start over"
-            )
-        shutil.rmtree(ckpt)
+    ckpt = check_checkpoint(out, resume, overwrite)
     stage = Stages()
     with stage("load_data"):
         domain = Corpus(recipe.domain, recipe.text_field)
@@ -210,48 +143,42 @@ def recover(
     tok = student.tokenizer
     with stage("tokenize"):
         n = recipe.steps * recipe.batch_size
-        train = calibration_data(tok, domain, general, n, recipe.block_len, recipe.mix, recipe.seed)
-        train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(recipe.seed))]
+        train_blocks = calibration_data(tok, domain, general, n, recipe.block_len, recipe.mix, recipe.seed)
+        order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(recipe.seed))
+        train_blocks = train_blocks[order]
         held_out = held_out_data(tok, evaluated, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items)
     with stage("evaluate_before"):
         before = metrics_of(student.model, held_out)
     model: nn.Module = student.model
     masks = sparsity_masks(model)
     if recipe.lora:
-        model = _add_lora(model, recipe.lora)
-    params = _trainable(model)
+        model = add_lora(model, recipe.lora)
+        trainable: dict[str, torch.Tensor | None] = {n: None for n, p in model.named_parameters() if p.requires_grad}
+    else:  # every parameter, the pruned matrices only where they are not zero: zeros stay zeros
+        trainable = {n: masks.get(n) for n, _ in model.named_parameters()}
     assert recipe.lr is not None
-    optimizer = torch.optim.AdamW(params.values(), lr=recipe.lr, weight_decay=0.0)
-    start, losses = _load_checkpoint(ckpt, model, optimizer) if resume else (0, [])
-    device = next(model.parameters()).device
+    schedule = Schedule(
+        steps=recipe.steps,
+        lr=recipe.lr,
+        batch_size=recipe.batch_size,
+        micro_batch=recipe.batch_size,
+        warmup=recipe.warmup,
+        checkpoint_every=recipe.checkpoint_every,
+    )
     teacher.model.eval()
-    model.train()
+
+    def loss_fn(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = teacher.model(input_ids=ids, use_cache=False).logits
+        s_logits = m(input_ids=ids, use_cache=False).logits
+        return distill_loss(s_logits, t_logits, ids, recipe.temperature, recipe.kd_weight, recipe.lm_weight)
+
     with stage("train"):
-        bar = progress(range(start, recipe.steps), "distillation", total=recipe.steps, initial=start)
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = recipe.lr * _lr_at(step, recipe)
-            ids = train[step * recipe.batch_size : (step + 1) * recipe.batch_size].to(device)
-            with torch.no_grad():
-                t_logits = teacher.model(input_ids=ids, use_cache=False).logits
-            s_logits = model(input_ids=ids, use_cache=False).logits
-            loss = distill_loss(s_logits, t_logits, ids, recipe.temperature, recipe.kd_weight, recipe.lm_weight)
-            del s_logits, t_logits
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if not recipe.lora:
-                reapply_masks(model, masks)
-            losses.append(round(loss.item(), 5))
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            done = step + 1
-            if done % recipe.checkpoint_every == 0 and done < recipe.steps:
-                with stage("checkpoint"):
-                    _save_checkpoint(ckpt, model, optimizer, done, losses)
-            if on_step is not None:
-                on_step(done)
+        result = train(
+            model, train_blocks, loss_fn, trainable, schedule,
+            checkpoint=ckpt, resume=resume, on_step=on_step, desc="distillation",
+        )  # fmt: skip
+    losses = result.losses
     model.eval()
     if recipe.lora:
         model = model.merge_and_unload()  # type: ignore[operator]
@@ -267,19 +194,20 @@ def recover(
         "teacher": {"model": teacher.source, "fingerprint": teacher.fingerprint},
         "data": {
             "train": {
-                "blocks": len(train),
+                "blocks": len(train_blocks),
                 "general_blocks": round(recipe.mix * n),
                 "block_len": recipe.block_len,
-                "tokens": int(train.numel()),
-                "fingerprint": tensor_fingerprint(train),
+                "tokens": int(train_blocks.numel()),
+                "fingerprint": tensor_fingerprint(train_blocks),
             },
             "eval": held_out.describe(),
         },
         "training": {
             "steps": recipe.steps,
             "tokens": recipe.steps * recipe.batch_size * recipe.block_len,
-            "trainable_parameters": sum(p.numel() for p in params.values()),
-            "resumed_from_step": start if resume else None,
+            "trainable_parameters": result.trained_entries,
+            "optimizer_state_mb": result.optimizer_state_mb,
+            "resumed_from_step": result.resumed_from_step,
             "loss_first": losses[0] if losses else None,
             "loss_last": losses[-1] if losses else None,
             "losses": losses,
@@ -293,10 +221,11 @@ def recover(
         "metrics": {"dense": dense, "before": before, "after": after},
         "size": {"parameters": count_parameters(model)},
     }
-    with stage("save"), atomic_output_dir(out, overwrite) as tmp:
-        save_model_files(tmp, student.model, tok, manifest)
+    with atomic_output_dir(out, overwrite) as tmp:
+        with stage("save"):
+            save_model_files(tmp, student.model, tok, manifest)
         manifest["timings_s"] = stage.seconds
         manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
         write_json(tmp / "carve.json", manifest)
-    shutil.rmtree(ckpt, ignore_errors=True)
+    remove_checkpoint(ckpt)
     return manifest

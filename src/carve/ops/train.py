@@ -230,6 +230,25 @@ def has_checkpoint(path: Path) -> bool:
     return path.is_dir()
 
 
+def checkpoint_dir(out: str | Path) -> Path:
+    p = Path(out).expanduser()
+    return p.parent / f"{p.name}.checkpoint"
+
+
+def check_checkpoint(out: str | Path, resume: bool, overwrite: bool) -> Path:
+    """The run's checkpoint directory, after refusing to ignore or silently replace one."""
+    ckpt = checkpoint_dir(out)
+    if resume and not has_checkpoint(ckpt):
+        raise UsageError(f"nothing to resume: {str(ckpt)!r} does not exist")
+    if has_checkpoint(ckpt) and not resume:
+        if not overwrite:
+            raise UsageError(
+                f"{str(ckpt)!r} holds an interrupted run: pass --resume to continue it or --overwrite to start over"
+            )
+        remove_checkpoint(ckpt)
+    return ckpt
+
+
 def train(
     model: nn.Module,
     batches: torch.Tensor,
