@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from carve.models.arch import find_blocks
+from carve.models.patch import replaced_forwards
 from carve.progress import progress
 
 # f(g, θ) -> the per-micro-batch quantity whose mean is kept
@@ -67,14 +68,9 @@ def _plain_output_head(model: nn.Module) -> nn.Module | None:
     return head
 
 
-@contextmanager
-def _head_as_identity(head: nn.Module) -> Iterator[None]:
+def _head_as_identity(head: nn.Module) -> Any:
     """The model returns its final hidden states in place of logits while this is active."""
-    head.forward = lambda hidden: hidden
-    try:
-        yield
-    finally:
-        del head.forward  # the class's forward again
+    return replaced_forwards([head], lambda _m, _fwd: lambda hidden: hidden)
 
 
 def _shifted_targets(ids: torch.Tensor) -> torch.Tensor:
@@ -129,25 +125,15 @@ def bound_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
         return False
 
 
-@contextmanager
-def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
+def checkpointed_blocks(model: nn.Module) -> Any:
     """Wrap every decoder block's forward in activation checkpointing (architecture-agnostic:
     the blocks are found as in the layer-wise engine, no model-specific flag is needed)."""
     _, blocks = find_blocks(model)
-    originals = []
-    for block in blocks:
-        fwd = block.forward
-        originals.append(fwd)
 
-        def wrapped(*args: Any, _fwd: Callable[..., Any] = fwd, **kwargs: Any) -> Any:
-            return checkpoint(_fwd, *args, use_reentrant=False, **kwargs)
+    def make(_block: nn.Module, fwd: Callable[..., Any]) -> Callable[..., Any]:
+        return lambda *args, **kwargs: checkpoint(fwd, *args, use_reentrant=False, **kwargs)
 
-        block.forward = wrapped
-    try:
-        yield
-    finally:
-        for block, fwd in zip(blocks, originals, strict=True):
-            block.forward = fwd
+    return replaced_forwards(list(blocks), make)
 
 
 @contextmanager

@@ -35,6 +35,7 @@ from torch import nn
 
 from carve.errors import UsageError
 from carve.models.arch import find_blocks, prunable_linears
+from carve.models.patch import replaced_forwards
 from carve.progress import bar, progress
 
 
@@ -120,9 +121,8 @@ def _capture(
 @contextlib.contextmanager
 def _passing_through(blocks: nn.ModuleList) -> Iterator[None]:
     """Blocks 1.. return their hidden input, shaped as block 0's output (a tensor, or a tuple
-    with the rest of block 0's); an instance-level forward (e.g. accelerate's) is restored."""
+    with the rest of block 0's)."""
     first: list[Any] = []
-    saved = [b.__dict__.get("forward") for b in blocks]
 
     def passthrough(*args: Any, **kwargs: Any) -> Any:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -131,16 +131,10 @@ def _passing_through(blocks: nn.ModuleList) -> Iterator[None]:
 
     handle = blocks[0].register_forward_hook(lambda _m, _a, out: first.append(out))
     try:
-        for b in blocks[1:]:
-            b.forward = passthrough
-        yield
+        with replaced_forwards(list(blocks[1:]), lambda _m, _fwd: passthrough):
+            yield
     finally:
         handle.remove()
-        for b, fwd in zip(blocks, saved, strict=True):
-            if fwd is None:
-                b.__dict__.pop("forward", None)
-            else:
-                b.forward = fwd
 
 
 def check_calib_dtype(model_dtype: torch.dtype, calib_dtype: torch.dtype | None) -> torch.dtype | None:

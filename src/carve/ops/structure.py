@@ -38,6 +38,7 @@ from torch import nn
 from carve.engines.layerwise import split_hidden
 from carve.errors import UsageError
 from carve.models.arch import find_blocks, last_logits
+from carve.models.patch import replaced_forwards
 from carve.progress import bar, progress
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -223,6 +224,7 @@ def _bypassed(
     if resume is not None:
         stubs.update({j: None for j in range(resume[0])})
         stubs[resume[0]] = resume[1]
+    index = {id(blocks[j]): j for j in stubs}
 
     def stub(out: torch.Tensor | None) -> Any:
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -231,17 +233,8 @@ def _bypassed(
 
         return forward
 
-    saved = {j: blocks[j].__dict__.get("forward") for j in stubs}
-    try:
-        for j, out in stubs.items():
-            blocks[j].forward = stub(out)
+    with replaced_forwards([blocks[j] for j in stubs], lambda m, _fwd: stub(stubs[index[id(m)]])):
         yield
-    finally:
-        for j, old in saved.items():
-            if old is None:
-                del blocks[j].forward
-            else:
-                blocks[j].forward = old
 
 
 def _block_inputs(
