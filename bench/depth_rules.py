@@ -24,20 +24,12 @@ from typing import Any
 import torch
 
 import carve
+from carve.engines.blocks import angular_distance, block_distances, greedy_drop_order, run_hooked
 from carve.engines.layerwise import split_hidden
 from carve.evaluation.perplexity import perplexity
-from carve.ops.structure import (
-    Plan,
-    Shape,
-    anatomy,
-    angular_distance,
-    apply_plan,
-    block_distances,
-    evenly_spaced,
-    greedy_drop_order,
-    run_hooked,
-    shared_copy,
-)
+from carve.models.anatomy import anatomy
+from carve.ops.plan import Plan, Shape, evenly_spaced
+from carve.ops.structure import apply_plan, shared_copy
 from carve.pipeline import calibration_data
 from common import write_section
 

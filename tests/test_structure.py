@@ -10,24 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from carve.engines.blocks import block_distances, calibration_loss, greedy_drop_order
 from carve.errors import UsageError
 from carve.masks import ImportanceMap
 from carve.models import all_prunable_linears
-from carve.ops.structure import (
-    Shape,
-    anatomy,
-    apply_plan,
-    block_distances,
-    calibration_loss,
-    candidate_shapes,
-    decoder_params,
-    greedy_drop_order,
-    make_plan,
-    search_plan,
-    shared_copy,
-    unit_importance,
-    zero_plan,
-)
+from carve.models.anatomy import anatomy
+from carve.ops.plan import Shape, candidate_shapes, decoder_params, make_plan, unit_importance
+from carve.ops.structure import apply_plan, search_plan, shared_copy, zero_plan
 from tests.conftest import VOCAB, tiny_config
 
 STRUCTURED = ["llama", "qwen2", "mistral", "gemma3"]
@@ -162,7 +151,8 @@ def test_slicing_a_shared_copy_leaves_the_model_and_equals_slicing_a_full_copy(a
     """The search slices candidates from `shared_copy` (no second model in memory): the original's
     weights, config and outputs stay as they were, and the candidate equals one sliced from a deep
     copy (bias compensation and dropped blocks included)."""
-    from carve.ops.structure import compensable, input_means
+    from carve.engines.blocks import input_means
+    from carve.models.anatomy import compensable
 
     model = three_block_model(arch)
     model.config.attention_bias = True  # let the compensation write biases, also into projections that had none
@@ -202,7 +192,8 @@ def test_bias_compensation_keeps_the_mean_output_and_reloads(arch: str, tmp_path
     """FLAP: with the removed inputs' mean contribution added as a bias, the mean output of block
     0's o_proj (and down_proj, where the config allows an MLP bias) over the calibration tokens
     equals the dense model's; the biases and the config flags survive save / from_pretrained."""
-    from carve.ops.structure import compensable, input_means
+    from carve.engines.blocks import input_means
+    from carve.models.anatomy import compensable
 
     model = three_block_model(arch)
     anat = anatomy(model)

@@ -34,8 +34,9 @@ from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, count_parameters
 from carve.models.load import check_calib_choice, resolve_calib_dtype
 from carve.ops import model_sparsity, prune
+from carve.ops.plan import DEFAULT_DROP_RULE, check_drop_rule
 from carve.ops.prune import check_method_options, check_propagation, scores_first
-from carve.ops.structure import DEFAULT_DROP_RULE, check_drop_rule, structure
+from carve.ops.structure import structure
 from carve.output import atomic_file, atomic_output_dir, check_output, write_json
 from carve.scorers import SCORERS, get_scorer
 

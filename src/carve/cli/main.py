@@ -13,7 +13,7 @@ import carve
 from carve.cli.flags import add_recipe_flags, recipe_from
 from carve.corpora import builtin_corpora
 from carve.finetune import FinetuneRecipe, finetune
-from carve.ops.structure import DROP_RULES
+from carve.ops.plan import DROP_RULES
 from carve.progress import set_quiet
 from carve.scorers import SCORERS
 

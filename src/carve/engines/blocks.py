@@ -1,0 +1,187 @@
+"""Calibration passes over whole decoder blocks, for structured extraction: how much each block
+changes its input (ShortGPT's angular distance), the mean inputs of the output projections
+(FLAP's bias compensation), the greedy order of block removal by calibration loss, and the
+calibration loss itself.  Blocks are stood in for by pass-through forwards (models.patch)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from carve.engines.layerwise import split_hidden
+from carve.errors import UsageError
+from carve.models.anatomy import anatomy
+from carve.models.arch import find_blocks, last_logits
+from carve.models.patch import replaced_forwards
+from carve.progress import bar, progress
+
+
+def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(a, b))/π per position (last dimension compared): 0 = same direction, 1 = opposite."""
+    cos = torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1)
+    return torch.arccos(cos.clamp(-1, 1)) / math.pi
+
+
+@torch.no_grad()
+def block_distances(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Mean angular distance arccos(cos(x_in, x_out))/π of each decoder block over every
+    calibration token: 0 = the block leaves its input's direction unchanged."""
+    _, blocks = find_blocks(model)
+    total = torch.zeros(len(blocks), dtype=torch.float64)
+
+    def hook(i: int) -> Any:
+        def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+            x_in, _ = split_hidden(args, kwargs)
+            x_out = out[0] if isinstance(out, (tuple, list)) else out
+            total[i] += angular_distance(x_in, x_out).sum().double().cpu()
+
+        return record
+
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    count = run_hooked(model, calibration, handles, batch_size, "block distances")
+    return (total / count).float()
+
+
+@torch.no_grad()
+def input_means(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """Per block, the mean over calibration tokens of the inputs of o_proj and down_proj (what
+    FLAP's bias compensation adds back for the removed columns)."""
+    anat = anatomy(model)
+    sums = [{r: torch.zeros(p.linear(r).in_features, dtype=torch.float64) for r in ("o_proj", "down_proj")}
+            for p in anat.parts]  # fmt: skip
+
+    def hook(i: int, role: str) -> Any:
+        def record(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            sums[i][role] += args[0].detach().double().reshape(-1, args[0].shape[-1]).sum(0).cpu()
+
+        return record
+
+    handles = [
+        p.linear(role).register_forward_pre_hook(hook(i, role))
+        for i, p in enumerate(anat.parts)
+        for role in ("o_proj", "down_proj")
+    ]
+    count = run_hooked(model, calibration, handles, batch_size, "input means")
+    return [{r: (t / count).float() for r, t in block.items()} for block in sums]
+
+
+def run_hooked(model: nn.Module, calibration: torch.Tensor, handles: list[Any], batch_size: int, label: str) -> int:
+    """Run the calibration blocks through the model (the hooks record what they need), remove the
+    hooks, and return the number of tokens seen."""
+    device = next(model.parameters()).device
+    count = 0
+    try:
+        for ids in progress(list(calibration.split(batch_size)), label):
+            model(input_ids=ids.to(device), use_cache=False)
+            count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return count
+
+
+@contextmanager
+def _bypassed(
+    blocks: nn.ModuleList, skip: set[int], tuple_out: bool, resume: tuple[int, torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Within, the blocks in `skip` return their input unchanged (what dropping them computes:
+    see `zero_plan`), and with `resume=(i, h)` blocks 0..i are not run either, block i returning
+    `h` (so a forward starts from a cached hidden state).  `tuple_out`: the blocks return tuples."""
+    stubs: dict[int, torch.Tensor | None] = {j: None for j in skip}
+    if resume is not None:
+        stubs.update({j: None for j in range(resume[0])})
+        stubs[resume[0]] = resume[1]
+    index = {id(blocks[j]): j for j in stubs}
+
+    def stub(out: torch.Tensor | None) -> Any:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            h = out if out is not None else split_hidden(args, kwargs)[0]
+            return (h,) if tuple_out else h
+
+        return forward
+
+    with replaced_forwards([blocks[j] for j in stubs], lambda m, _fwd: stub(stubs[index[id(m)]])):
+        yield
+
+
+def _block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, seqs: list[torch.Tensor], dropped: list[int], tuple_out: bool
+) -> tuple[list[list[torch.Tensor]], bool]:
+    """The hidden state entering each block (per sequence) of the model without `dropped`, and
+    whether its blocks return tuples (`tuple_out`: what they were seen to return before; with
+    nothing dropped, it is not needed)."""
+    states: list[list[torch.Tensor]] = [[] for _ in blocks]
+    kinds: list[bool] = []
+
+    def record(i: int) -> Any:
+        def f(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            states[i].append(split_hidden(args, kwargs)[0].detach())
+
+        return f
+
+    kept = next(j for j in range(len(blocks)) if j not in dropped)
+    handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles.append(blocks[kept].register_forward_hook(lambda _m, _a, out: kinds.append(isinstance(out, (tuple, list)))))
+    try:
+        with _bypassed(blocks, set(dropped), tuple_out):
+            for ids in seqs:
+                last_logits(model, ids, 1)
+    finally:
+        for h in handles:
+            h.remove()
+    return states, kinds[0]
+
+
+@torch.no_grad()
+def greedy_drop_order(model: nn.Module, calibration: torch.Tensor, n: int) -> tuple[list[int], list[float]]:
+    """The first `n` blocks to drop, one at a time: each time the block whose removal (on top of
+    those already chosen) gives the lowest next-token loss on the calibration blocks.  Returns the
+    order and the loss after each removal.
+
+    Exact and cheaper than slicing a trial model per candidate: per step, one forward of the
+    current model records the hidden state entering every block; a candidate's forward then
+    starts from the state entering it, so only the blocks after it run."""
+    from carve.engines.gradient import next_token_loss
+
+    _, blocks = find_blocks(model)
+    if not 0 <= n < len(blocks):
+        raise UsageError(f"cannot drop {n} of the model's {len(blocks)} blocks; keep at least one")
+    device = next(model.parameters()).device
+    seqs = [b[None].to(device) for b in calibration]
+    order: list[int] = []
+    losses: list[float] = []
+    tuple_out = False
+    ticks = bar("greedy block search", sum(len(blocks) - k for k in range(n)))
+    for _ in range(n):
+        states, tuple_out = _block_inputs(model, blocks, seqs, order, tuple_out)
+        best: tuple[float, int] | None = None
+        for i in range(len(blocks)):
+            if i in order:
+                continue
+            total = 0.0
+            for s, ids in enumerate(seqs):
+                with _bypassed(blocks, {*order, i}, tuple_out, resume=(i, states[i][s])):
+                    total += next_token_loss(model, ids).item()
+            loss = total / len(seqs)
+            if best is None or loss < best[0]:
+                best = (loss, i)
+            ticks.update()
+        assert best is not None
+        order.append(best[1])
+        losses.append(round(best[0], 5))
+    ticks.close()
+    return order, losses
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, blocks: torch.Tensor) -> float:
+    """Mean next-token loss over `blocks` (one forward each)."""
+    from carve.engines.gradient import next_token_loss
+
+    device = next(model.parameters()).device
+    return float(sum(next_token_loss(model, b[None].to(device)).item() for b in blocks) / len(blocks))

@@ -1,0 +1,116 @@
+"""The anatomy of a decoder block for structured extraction: its attention and MLP projections,
+found by module names (q/k/v/o_proj attention, optional gate_proj, up_proj, down_proj MLP:
+Llama, Mistral, Qwen2, Gemma/Gemma2/Gemma3), not by model class; the head layout
+(grouped-query attention: query head h reads key/value head h // (heads / kv_heads)); and what
+a block's parameters cost per key/value group and per MLP channel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from carve.errors import UsageError
+from carve.models.arch import find_blocks
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class Parts:
+    """The structural handles of one decoder block."""
+
+    attention: nn.Module  # the module holding q/k/v/o_proj
+    mlp: nn.Module  # the module holding gate/up/down_proj
+    names: dict[str, str]  # role ("q_proj", ...) -> full module name
+
+    def linear(self, role: str) -> nn.Linear:
+        holder = self.attention if role in ATTENTION else self.mlp
+        lin = getattr(holder, role)
+        assert isinstance(lin, nn.Linear)
+        return lin
+
+
+@dataclass
+class Anatomy:
+    prefix: str  # module path of the blocks' ModuleList ("model.layers")
+    blocks: nn.ModuleList
+    parts: list[Parts]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.kv_heads
+
+
+def text_config(model: nn.Module) -> Any:
+    config: Any = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def anatomy(model: nn.Module) -> Anatomy:
+    """Find the attention and MLP projections of every decoder block, or say why not."""
+    prefix, blocks = find_blocks(model)
+    parts: list[Parts] = []
+    for i, block in enumerate(blocks):
+        holders: dict[str, nn.Module] = {}
+        names: dict[str, str] = {}
+        for name, mod in block.named_modules():
+            for role in ATTENTION + MLP:
+                lin = getattr(mod, role, None)
+                if isinstance(lin, nn.Linear) and role not in names:
+                    holders[role] = mod
+                    names[role] = f"{prefix}.{i}.{name}.{role}" if name else f"{prefix}.{i}.{role}"
+        missing = [r for r in ATTENTION + MLP[1:] if r not in names]
+        if missing:
+            raise UsageError(
+                f"structured extraction needs Llama-style blocks (q/k/v/o_proj attention, gate/up/down_proj "
+                f"MLP); {type(model).__name__} block {i} has no {', '.join(missing)}"
+            )
+        parts.append(Parts(holders["q_proj"], holders["up_proj"], names))
+    config = text_config(model)
+    heads, kv_heads = (
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
+    first = parts[0]
+    head_dim = first.linear("k_proj").out_features // kv_heads
+    intermediate = first.linear("up_proj").out_features
+    if first.linear("q_proj").out_features != heads * head_dim or heads % kv_heads:
+        raise UsageError(
+            f"{type(model).__name__}: q_proj has {first.linear('q_proj').out_features} outputs, not "
+            f"{heads} heads x {head_dim}; carve cannot tell its heads apart"
+        )
+    return Anatomy(prefix, blocks, parts, heads, kv_heads, head_dim, intermediate)
+
+
+def compensable(model: nn.Module) -> list[str]:
+    """The projections whose removed inputs can be compensated by a bias the config can carry:
+    "down_proj" when the config has `mlp_bias`, "o_proj" when it has `attention_bias`."""
+    config = text_config(model)
+    return [role for role, flag in (("o_proj", "attention_bias"), ("down_proj", "mlp_bias")) if hasattr(config, flag)]
+
+
+def block_param_counts(anat: Anatomy) -> tuple[int, int, int]:
+    """(parameters of a block that depend on neither groups nor channels, per kv group, per MLP
+    channel), from block 0 (every block has the same sizes)."""
+    p = anat.parts[0]
+    per_group = 0
+    for role in ("q_proj", "k_proj", "v_proj"):
+        lin = p.linear(role)
+        per_group += lin.out_features // anat.kv_heads * (lin.in_features + (lin.bias is not None))
+    o = p.linear("o_proj")
+    per_group += o.out_features * (o.in_features // anat.kv_heads)
+    per_channel = 0
+    for role in ("gate_proj", "up_proj"):
+        if role in p.names:
+            lin = p.linear(role)
+            per_channel += lin.in_features + (lin.bias is not None)
+    per_channel += p.linear("down_proj").out_features
+    whole = sum(t.numel() for t in anat.blocks[0].parameters())
+    return whole - anat.kv_heads * per_group - anat.intermediate * per_channel, per_group, per_channel
