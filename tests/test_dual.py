@@ -11,6 +11,7 @@ from carve.engines.gradient import STATISTICS
 from carve.models import all_prunable_linears
 from carve.scorers import sparsegpt_prune
 from carve.scorers.gradient import dual_combine, fisher_score, normalized, taylor_score
+from carve.settings import Calibration
 from tests.conftest import VOCAB, tiny_model
 
 
@@ -212,7 +213,7 @@ def test_reconstruction_after_any_mask_and_refused_for_sparsegpt() -> None:
     with pytest.raises(carve.UsageError, match="neither global granularity nor a separate reconstruction"):
         carve.prune(tiny_model("llama"), "sparsegpt", 0.5, calib, reconstruct_with=calib)
     with pytest.raises(carve.UsageError, match="--reconstruct is for score-then-mask methods"):
-        carve.Recipe(method="sparsegpt", reconstruct_mix=0.3).validate()
+        carve.Recipe(method="sparsegpt", reconstruct_mix=0.3).resolved()
 
 
 def test_reconstruction_follows_the_propagation() -> None:
@@ -224,9 +225,9 @@ def test_reconstruction_follows_the_propagation() -> None:
     results = {}
     for propagation in ("pruned", "dense"):
         ref = tiny_model("llama")
-        res = carve.prune(ref, "sparsegpt", 0.5, calib, propagation=propagation)
+        res = carve.prune(ref, "sparsegpt", 0.5, calib, calib=Calibration(propagation=propagation))
         model = tiny_model("llama")
-        reconstruct(model, res.mask, calib, propagation=propagation)
+        reconstruct(model, res.mask, calib, calib=Calibration(propagation=propagation))
         params, expected = dict(model.named_parameters()), dict(ref.named_parameters())
         for n in res.mask:
             torch.testing.assert_close(params[n], expected[n])
@@ -236,12 +237,9 @@ def test_reconstruction_follows_the_propagation() -> None:
 
 def test_default_mix_is_the_methods() -> None:
     for method, mix in (("sparsegpt", 0.3), ("wanda", 0.3), ("dual", 0.0), ("taylor", 0.0)):
-        r = carve.Recipe(method=method)
-        r.validate()
-        assert r.mix == mix
-    r = carve.Recipe(method="sparsegpt", mix=0.0)
-    r.validate()
-    assert r.mix == 0.0
+        given = carve.Recipe(method=method)
+        assert given.resolved().mix == mix and given.mix is None  # the given recipe is left as it was
+    assert carve.Recipe(method="sparsegpt", mix=0.0).resolved().mix == 0.0
 
 
 def test_guided_sweep_chooses_the_mask_by_obs_error_plus_the_guide() -> None:
@@ -285,16 +283,28 @@ def test_dual_obs_prune(arch: str) -> None:
         torch.testing.assert_close(dict(plain.named_parameters())[n], dict(ref.named_parameters())[n])
     assert any(not torch.equal(res.mask[n], ref_res.mask[n]) for n in res.mask)  # λ = 1: the guide matters
     # --propagation dense: one pass per block, the same as SparseGPT's dense propagation at λ → ∞
-    dense_ref = carve.prune(tiny_model(arch), "sparsegpt", 0.5, mixed, propagation="dense")
+    dense_ref = carve.prune(tiny_model(arch), "sparsegpt", 0.5, mixed, calib=Calibration(propagation="dense"))
     dense = carve.prune(
-        tiny_model(arch), "dual-obs", 0.5, domain, reconstruct_with=mixed, lam=1e12, propagation="dense"
+        tiny_model(arch),
+        "dual-obs",
+        0.5,
+        domain,
+        reconstruct_with=mixed,
+        lam=1e12,
+        calib=Calibration(propagation="dense"),
     )
     assert all(torch.equal(dense.mask[n], dense_ref.mask[n]) for n in dense_ref.mask)
     assert any(not torch.equal(dense.mask[n], heavy.mask[n]) for n in dense_ref.mask)
     # --propagation fused: the same as SparseGPT's fused pass at λ → ∞
-    fused_ref = carve.prune(tiny_model(arch), "sparsegpt", 0.5, mixed, propagation="fused")
+    fused_ref = carve.prune(tiny_model(arch), "sparsegpt", 0.5, mixed, calib=Calibration(propagation="fused"))
     fused = carve.prune(
-        tiny_model(arch), "dual-obs", 0.5, domain, reconstruct_with=mixed, lam=1e12, propagation="fused"
+        tiny_model(arch),
+        "dual-obs",
+        0.5,
+        domain,
+        reconstruct_with=mixed,
+        lam=1e12,
+        calib=Calibration(propagation="fused"),
     )
     assert all(torch.equal(fused.mask[n], fused_ref.mask[n]) for n in fused_ref.mask)
     with pytest.raises(carve.UsageError, match="chooses its mask in SparseGPT's sweep"):

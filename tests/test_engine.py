@@ -12,6 +12,7 @@ import carve
 from carve.engines import layerwise
 from carve.models import all_prunable_linears, find_blocks
 from carve.scorers import RowNorms
+from carve.settings import Calibration
 from tests.conftest import ARCHS, VOCAB, tiny_model
 
 
@@ -50,7 +51,7 @@ def test_engine_feeds_each_linear_what_the_full_model_does(arch: str, propagatio
     def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
         got.update({name: stats[name].norms.clone() for name in linears})
 
-    layerwise(model, calib, on_block, RowNorms, batch_size=2, propagation=propagation)  # 3 batches unless fused
+    layerwise(model, calib, on_block, RowNorms, calib=Calibration(2, propagation))  # 3 batches unless fused
     assert got.keys() == ref.keys() and len(got) >= 8
     for name in ref:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-4, atol=1e-5)
@@ -64,7 +65,7 @@ def test_linears_fed_the_same_input_share_one_statistic(propagation: str) -> Non
     def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
         seen.update({name.split(".", 3)[-1]: stats[name] for name in linears if ".layers.0." in name})
 
-    layerwise(model, _calib(), on_block, RowNorms, batch_size=2, propagation=propagation)
+    layerwise(model, _calib(), on_block, RowNorms, calib=Calibration(2, propagation))
     assert seen["self_attn.q_proj"] is seen["self_attn.k_proj"] is seen["self_attn.v_proj"]
     assert seen["mlp.gate_proj"] is seen["mlp.up_proj"]
     shared = {id(seen[k]) for k in ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")}
@@ -84,8 +85,8 @@ def test_sequential_propagation_sees_earlier_pruned_blocks(arch: str) -> None:
         first_in_block[name] = stats[name].norms.clone()
 
     # prune with wanda, then run the engine again on the pruned model, without pruning
-    result = carve.prune(model, "wanda", 0.5, calib, batch_size=4)
-    layerwise(model, calib, capture, RowNorms, batch_size=4, propagation="dense")
+    result = carve.prune(model, "wanda", 0.5, calib, calib=Calibration(4))
+    layerwise(model, calib, capture, RowNorms, calib=Calibration(4, "dense"))
     ref = _reference_norms(model, calib)
     for name, norms in first_in_block.items():
         torch.testing.assert_close(norms, ref[name], rtol=1e-4, atol=1e-5)
@@ -102,13 +103,13 @@ def test_dense_propagation_calibrates_every_block_on_the_dense_model(arch: str) 
     """propagation="dense": every block sees the dense model's activations, so Wanda's mask is
     exactly the one scored on the dense model in one go."""
     calib = _calib()
-    result = carve.prune(tiny_model(arch), "wanda", 0.5, calib, batch_size=4, propagation="dense")
+    result = carve.prune(tiny_model(arch), "wanda", 0.5, calib, calib=Calibration(4, "dense"))
     dense_scored = carve.select_mask(carve.score(tiny_model(arch), "wanda", calib), 0.5, "row")
     assert set(result.mask) == set(dense_scored)
     for k in dense_scored:
         assert torch.equal(result.mask[k], dense_scored[k]), k
     with pytest.raises(carve.UsageError, match="propagation 'lazy' is not one of"):
-        carve.prune(tiny_model(arch), "wanda", 0.5, calib, propagation="lazy")
+        carve.prune(tiny_model(arch), "wanda", 0.5, calib, calib=Calibration(propagation="lazy"))
 
 
 def _true_sequential_sparsegpt(model: nn.Module, calib: torch.Tensor, sparsity: float) -> None:
@@ -155,7 +156,7 @@ def _true_sequential_sparsegpt(model: nn.Module, calib: torch.Tensor, sparsity: 
 def test_fused_propagation_is_true_sequential_sparsegpt_in_one_pass(arch: str) -> None:
     calib = _calib()
     fused = tiny_model(arch)
-    res = carve.prune(fused, "sparsegpt", 0.5, calib, propagation="fused")
+    res = carve.prune(fused, "sparsegpt", 0.5, calib, calib=Calibration(propagation="fused"))
     ref = tiny_model(arch)
     _true_sequential_sparsegpt(ref, calib, 0.5)
     got, expected = dict(fused.named_parameters()), dict(ref.named_parameters())
@@ -164,7 +165,7 @@ def test_fused_propagation_is_true_sequential_sparsegpt_in_one_pass(arch: str) -
     assert res.mask.sparsity() == pytest.approx(0.5, abs=1e-6)
     # block by block ("pruned") calibrates a block's later Linears on its dense earlier ones
     blockwise = tiny_model(arch)
-    carve.prune(blockwise, "sparsegpt", 0.5, calib, propagation="pruned")
+    carve.prune(blockwise, "sparsegpt", 0.5, calib, calib=Calibration(propagation="pruned"))
     first = next(iter(res.mask))
     torch.testing.assert_close(dict(blockwise.named_parameters())[first], got[first])  # same inputs
     assert any(not torch.allclose(dict(blockwise.named_parameters())[n], got[n]) for n in res.mask)
@@ -250,7 +251,7 @@ def test_bfloat16_calibration_feeds_what_the_model_computes_under_autocast(propa
         got.update({name: stats[name].norms.clone() for name in linears})
 
     _Recorded.seen = []
-    layerwise(model, calib, on_block, _Recorded, batch_size=2, propagation=propagation, calib_dtype=torch.bfloat16)
+    layerwise(model, calib, on_block, _Recorded, calib=Calibration(2, propagation, torch.bfloat16))
     assert got.keys() == ref.keys()
     assert not any(on for _d, on in _Recorded.seen) and not any(autocast_in_on_block)
     assert {d for d, _on in _Recorded.seen} == {torch.bfloat16, torch.float32}  # o/down; the norms' outputs
@@ -273,7 +274,7 @@ def test_bfloat16_calibrated_sparsegpt_is_close_to_float32(propagation: str) -> 
     outs = {}
     for dtype in (None, torch.bfloat16):
         model = tiny_model("llama")
-        res = carve.prune(model, "sparsegpt", 0.5, calib, propagation=propagation, calib_dtype=dtype)
+        res = carve.prune(model, "sparsegpt", 0.5, calib, calib=Calibration(propagation=propagation, dtype=dtype))
         assert res.mask.sparsity() == pytest.approx(0.5, abs=1e-6)
         assert all(p.dtype == torch.float32 for p in model.parameters())
         with torch.no_grad():

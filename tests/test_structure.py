@@ -10,12 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import carve
 from carve.engines.blocks import block_distances, calibration_loss, greedy_drop_order
 from carve.errors import UsageError
 from carve.masks import ImportanceMap
 from carve.models import all_prunable_linears
 from carve.models.anatomy import anatomy
-from carve.ops.plan import Shape, candidate_shapes, decoder_params, make_plan, unit_importance
+from carve.ops.plan import Shape, ShapeTarget, candidate_shapes, decoder_params, make_plan, unit_importance
 from carve.ops.structure import apply_plan, search_plan, shared_copy, zero_plan
 from tests.conftest import VOCAB, tiny_config
 
@@ -236,7 +237,7 @@ def test_bias_compensation_refused_without_a_bias_flag() -> None:
     from tests.conftest import tiny_model
 
     with pytest.raises(UsageError, match="neither mlp_bias nor attention_bias"):
-        structure(tiny_model("qwen2"), "magnitude", _ids(2, 16), keep=0.5, bias_compensation=True)
+        structure(tiny_model("qwen2"), never_scored, _ids(2, 16), ShapeTarget(keep=0.5, bias_compensation=True))
 
 
 @pytest.mark.parametrize("arch", STRUCTURED)
@@ -281,12 +282,18 @@ def test_structure_drops_the_greedy_rules_blocks() -> None:
     model = three_block_model("llama")
     calib = _ids(4, 16)
     order, _ = greedy_drop_order(copy.deepcopy(model), calib[[0, 3]], 1)
-    res = structure(model, "magnitude", calib, mlp_keep=1.0, heads_keep=1.0, drop_blocks=1, drop_rule="greedy")
+    target = ShapeTarget(mlp_keep=1.0, heads_keep=1.0, drop_blocks=1, drop_rule="greedy")
+    res = structure(model, carve.score(model, "magnitude"), calib, target)
     assert res.drop_order == order and res.plan.drop == order and res.distances is None
     assert model.config.num_hidden_layers == 2
     with pytest.raises(UsageError, match="drop rule 'best'"):
-        structure(three_block_model("llama"), "magnitude", calib, drop_blocks=1, drop_rule="best")
+        structure(three_block_model("llama"), never_scored, calib, ShapeTarget(drop_blocks=1, drop_rule="best"))
     from carve.pipeline import Recipe
 
     with pytest.raises(UsageError, match="drop rule 'best'"):  # refused before any model is loaded
-        Recipe(drop_blocks=1, drop_rule="best").validate()
+        Recipe(drop_blocks=1, drop_rule="best").resolved()
+
+
+def never_scored() -> carve.ImportanceMap:
+    """The importance of a structured extraction that must be refused before any scoring."""
+    raise AssertionError("scored before the model and target were checked")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from carve.corpora import Corpus
 from carve.engines.layerwise import check_calib_dtype
 from carve.errors import UsageError
 from carve.evaluation.speed import measure_speed, speedup
+from carve.importance.scoring import score
 from carve.job import (  # noqa: F401  - the shared job skeleton (re-exported for callers of the pipeline)
     EvalData,
     Stages,
@@ -29,62 +31,109 @@ from carve.job import (  # noqa: F401  - the shared job skeleton (re-exported fo
     versions,
 )
 from carve.masks.mask import ImportanceMap
-from carve.masks.select import check_sparsity, parse_pattern
+from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
-from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, count_parameters
+from carve.models.arch import DEFAULT_EXCLUDE, count_parameters
 from carve.models.load import check_calib_choice, resolve_calib_dtype
-from carve.ops import model_sparsity, prune
-from carve.ops.plan import DEFAULT_DROP_RULE, check_drop_rule
-from carve.ops.prune import check_method_options, check_propagation, scores_first
+from carve.ops.outcome import Outcome
+from carve.ops.plan import DEFAULT_DROP_RULE, DROP_RULES, ShapeTarget, check_drop_rule
+from carve.ops.prune import PROPAGATIONS, PruneResult, check_method_options, check_propagation, prune, scores_first
 from carve.ops.structure import structure
 from carve.output import atomic_file, atomic_output_dir, check_output, write_json
 from carve.scorers import SCORERS, get_scorer
+from carve.settings import Calibration, Targets, flag
 
 SWEEP_MIX = 0.3  # dual-obs: share of general blocks in its sweep's Hessians (as SparseGPT's default mix)
 # extract's default method: measured best in bench/RESULTS.md (dual section); wanda for --structure
 DEFAULT_METHOD, DEFAULT_STRUCTURE_METHOD = "dual-obs", "wanda"
+SCORER_NAMES = ("dual-obs", "sparsegpt", "wanda", "magnitude", "dual", "taylor", "fisher")
+STRUCTURED = "structured extraction (a smaller dense model)"  # the CLI's group of these flags
 
 
 @dataclass
 class Recipe:
-    """Everything that decides an extraction; stored in the manifest, one field per CLI flag."""
+    """Everything that decides an extraction; stored in the manifest, one field per CLI flag
+    (the CLI builds each flag from its field: name, type, default and help)."""
 
-    model: str | None = None
-    domain: str = "legal"
-    general: str = "general"
-    method: str | None = None  # None: DEFAULT_METHOD, or DEFAULT_STRUCTURE_METHOD with --structure
-    sparsity: float | None = None  # None: 0.5, or what the N:M pattern implies
-    pattern: str | None = None
-    granularity: str | None = None  # None: the method's paper
-    mix: float | None = None  # share of calibration blocks from the general corpus (None: the method's)
-    propagation: str = "pruned"  # "pruned" (sequential, the papers'), "dense" (one pass per block) or "fused"
-    # dtype of the calibration forwards ("auto": bfloat16 for a float32 model where the device
-    # multiplies bfloat16 natively, else the model's)
-    calib_dtype: str = "auto"
-    lam: float = 1.0  # dual: weight of general importance
-    lr: float = 0.0  # gradient methods: SGD steps while accumulating (0: none)
-    # score-then-mask: OBS reconstruction, this share general; dual-obs: its sweep's Hessian mix (0.3)
-    reconstruct_mix: float | None = None
-    importance: str | None = None  # importance.safetensors to reuse
-    structure: bool = False  # remove whole channels / heads / blocks (a smaller dense model)
-    keep: float | None = None  # structure: share of decoder-block parameters kept (None: 0.5)
-    mlp_keep: float | None = None  # structure: share of MLP channels kept in every block
-    heads_keep: float | None = None  # structure: share of key/value head groups kept
-    drop_blocks: int | None = None  # structure: number of decoder blocks removed
-    drop_rule: str | None = None  # structure: which blocks go, "distance" (the default) or "greedy"
-    bias_compensation: bool = False  # structure: removed units' mean contribution kept as a bias (FLAP)
-    speed: bool = True  # measure prefill / decode tokens/s of the dense and the extracted model
-    calib_blocks: int = 64
-    block_len: int = 512
-    eval_blocks: int = 32
-    cloze_items: int = 100  # held-out domain cloze items evaluated (0: none)
-    seed: int = 0
-    include: list[str] = field(default_factory=lambda: ["*"])
-    exclude: list[str] = field(default_factory=lambda: list(DEFAULT_EXCLUDE))
-    text_field: str = "text"
-    dtype: str | None = None
-    device: str | None = None
-    batch_size: int = 8
+    model: str | None = flag("'default' (embedded SmolLM2-135M-Instruct), a directory, a .gguf or a hub id")
+    domain: str = flag("builtin corpus name or path", "legal")
+    general: str = flag("open-domain corpus: builtin name or path", "general", aliases=("--general-corpus",))
+    method: str | None = flag(f"scorer: {', '.join(SCORER_NAMES)} (default: dual-obs; wanda with --structure)")
+    sparsity: float | None = flag("share of Linear weights to remove (default 0.5)")
+    pattern: str | None = flag("N:M semi-structured pattern, e.g. 2:4 (keep N of every M)")
+    granularity: str | None = flag("comparison group (default: the method's paper)", choices=GRANULARITIES)
+    mix: float | None = flag(
+        "share of calibration blocks from the general corpus (0 = domain only; default 0.3 for SparseGPT/Wanda, "
+        "0 for gradient methods, whose gradients dual-obs takes from these blocks)"
+    )
+    propagation: str = flag(
+        "calibrate each block on the pruned blocks' outputs (sequential), on the dense model's (one pass per "
+        "block, faster), or fused: one forward of all calibration blocks at once, each Linear pruned as its "
+        "input arrives (one pass, more memory)",
+        "pruned",
+        choices=PROPAGATIONS,
+    )
+    calib_dtype: str = flag(
+        "dtype the calibration forwards compute in (autocast; statistics, scoring and pruning run in float32, "
+        "the weights keep --dtype). auto: bfloat16 for a float32 model on a device that multiplies bfloat16 "
+        "natively (AVX512-BF16/AMX CPU, CUDA), else the model's",
+        "auto",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    lam: float = flag(
+        "dual: weight of general importance against domain importance; dual-obs: weight of the layer's OBS "
+        "error against the domain Fisher error",
+        1.0,
+        name="--lambda",
+    )
+    lr: float = flag("gradient methods: SGD learning rate of steps taken while accumulating (0: none)", 0.0,
+                     name="--grad-lr")  # fmt: skip
+    reconstruct_mix: float | None = flag(
+        "score-then-mask methods: keep the mask, update kept weights by OBS compensation with a Hessian from "
+        "calibration blocks, MIX of them general; dual-obs: MIX of its sweep's Hessian blocks general "
+        f"(default {SWEEP_MIX})",
+        name="--reconstruct",
+        metavar="MIX",
+    )
+    importance: str | None = flag("importance.safetensors of an earlier extract (same model, data, method) to reuse")
+    structure: bool = flag(
+        "remove whole MLP channels, key/value head groups and decoder blocks instead of single weights",
+        False,
+        group=STRUCTURED,
+    )
+    keep: float | None = flag(
+        "share of decoder-block parameters kept (default 0.5); carve chooses the split between MLP width, heads "
+        "and depth by the calibration loss of each candidate",
+        group=STRUCTURED,
+    )
+    mlp_keep: float | None = flag("share of MLP channels kept in every block", group=STRUCTURED)
+    heads_keep: float | None = flag("share of attention heads kept, in whole key/value groups", group=STRUCTURED)
+    drop_blocks: int | None = flag("number of decoder blocks removed", group=STRUCTURED)
+    drop_rule: str | None = flag(
+        "which blocks go: distance (default; least change between a block's input and output, one pass) or "
+        "greedy (one at a time, the removal that raises the calibration loss least; about 13 min for 15 of 30 "
+        "blocks of the embedded default on 2 CPU cores)",
+        choices=DROP_RULES,
+        group=STRUCTURED,
+    )
+    bias_compensation: bool = flag(
+        "keep the removed heads' and channels' mean contribution as a bias (FLAP; configs with mlp_bias / "
+        "attention_bias, e.g. Llama)",
+        False,
+        group=STRUCTURED,
+    )
+    speed: bool = flag("measure prefill / decode tokens/s of the dense and extracted model (--no-speed: skip)", True)
+    calib_blocks: int = flag("number of calibration blocks", 64)
+    block_len: int = flag("tokens per calibration and eval block", 512)
+    eval_blocks: int = flag("held-out blocks per corpus for perplexity", 32)
+    cloze_items: int = flag("held-out domain cloze items (0: skip the cloze task)", 100)
+    seed: int = flag("calibration sampling seed", 0)
+    include: list[str] = flag("glob patterns of Linear modules to prune", factory=lambda: ["*"])
+    exclude: list[str] = flag("glob patterns to leave dense", factory=lambda: list(DEFAULT_EXCLUDE))
+    text_field: str = flag("text field of .jsonl / .parquet / datasets corpora", "text")
+    dtype: str | None = flag("default: float32 on CPU, bfloat16 on CUDA", choices=("float32", "bfloat16", "float16"))
+    device: str | None = flag("cpu, cuda, cuda:N (default: cuda when available)")
+    batch_size: int = flag("calibration blocks per forward pass", 8)
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -109,41 +158,41 @@ class Recipe:
             raise UsageError(f"recipe file {str(path)!r} has unknown fields {unknown}; known: {sorted(known)}")
         return cls(**data)
 
-    def validate(self) -> None:
-        targets = (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)
-        if any(t is not None for t in targets) or self.bias_compensation or self.drop_rule is not None:
-            self.structure = True
-        if self.structure:
-            self._validate_structure()
-        self.method = self.method or (DEFAULT_STRUCTURE_METHOD if self.structure else DEFAULT_METHOD)
-        scorer = get_scorer(self.method)
-        if self.reconstruct_mix is not None and scorer.prune is not None:
-            raise UsageError(f"--reconstruct is for score-then-mask methods; {self.method} already updates the weights")
-        if not self.structure:
-            check_method_options(scorer, self.granularity == "global" and self.pattern is None, False)
-            if scorer.sweep and self.reconstruct_mix is None:
-                self.reconstruct_mix = SWEEP_MIX
-            nm = parse_pattern(self.pattern)
-            if self.sparsity is None and nm is None:
-                self.sparsity = 0.5
-            self.sparsity = check_sparsity(self.sparsity, nm)
-        check_propagation(self.propagation)
-        check_calib_choice(self.calib_dtype)
-        if self.reconstruct_mix is not None and not 0 <= self.reconstruct_mix <= 1:
-            raise UsageError(f"reconstruct mix {self.reconstruct_mix} is outside [0, 1]")
-        if self.lam < 0 or self.lr < 0:
+    def resolved(self) -> Recipe:
+        """A copy with every default decided (method, sparsity, mix, sweep mix, structure
+        targets) and every value checked; the recipe itself is left as given."""
+        r = replace(self, include=list(self.include), exclude=list(self.exclude))
+        shape = (r.keep, r.mlp_keep, r.heads_keep, r.drop_blocks)
+        r.structure = r.structure or any(t is not None for t in shape) or r.bias_compensation or r.drop_rule is not None
+        if r.structure:
+            r._resolve_structure()
+        r.method = r.method or (DEFAULT_STRUCTURE_METHOD if r.structure else DEFAULT_METHOD)
+        scorer = get_scorer(r.method)
+        if r.reconstruct_mix is not None and scorer.prune is not None:
+            raise UsageError(f"--reconstruct is for score-then-mask methods; {r.method} already updates the weights")
+        if not r.structure:
+            check_method_options(scorer, r.granularity == "global" and r.pattern is None, False)
+            if scorer.sweep and r.reconstruct_mix is None:
+                r.reconstruct_mix = SWEEP_MIX
+            nm = parse_pattern(r.pattern)
+            r.sparsity = check_sparsity(0.5 if r.sparsity is None and nm is None else r.sparsity, nm)
+        check_propagation(r.propagation)
+        check_calib_choice(r.calib_dtype)
+        if r.reconstruct_mix is not None and not 0 <= r.reconstruct_mix <= 1:
+            raise UsageError(f"reconstruct mix {r.reconstruct_mix} is outside [0, 1]")
+        if r.lam < 0 or r.lr < 0:
             raise UsageError("lambda and grad-lr must not be negative")
-        if self.importance is not None and not Path(self.importance).expanduser().is_file():
-            raise UsageError(f"importance file {self.importance!r} does not exist")
-        if self.mix is None:
-            self.mix = scorer.default_mix
-        if not 0 <= self.mix <= 1:
-            raise UsageError(f"mix {self.mix} is outside [0, 1]: it is the share of general calibration blocks")
+        if r.importance is not None and not Path(r.importance).expanduser().is_file():
+            raise UsageError(f"importance file {r.importance!r} does not exist")
+        r.mix = scorer.default_mix if r.mix is None else r.mix
+        if not 0 <= r.mix <= 1:
+            raise UsageError(f"mix {r.mix} is outside [0, 1]: it is the share of general calibration blocks")
         for name in ("calib_blocks", "block_len", "eval_blocks", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"{name.replace('_', '-')} must be a positive whole number, not {getattr(self, name)}")
+            if getattr(r, name) < 1:
+                raise UsageError(f"{name.replace('_', '-')} must be a positive whole number, not {getattr(r, name)}")
+        return r
 
-    def _validate_structure(self) -> None:
+    def _resolve_structure(self) -> None:
         unstructured = {
             "sparsity": self.sparsity,
             "pattern": self.pattern,
@@ -161,6 +210,15 @@ class Recipe:
         if all(t is None for t in (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)):
             self.keep = 0.5
         self.drop_rule = check_drop_rule(self.drop_rule or DEFAULT_DROP_RULE)
+
+    def targets(self) -> Targets:
+        return Targets.of(self.include, self.exclude)
+
+    def shape_target(self) -> ShapeTarget:
+        return ShapeTarget(
+            self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks,
+            self.drop_rule or DEFAULT_DROP_RULE, self.bias_compensation,
+        )  # fmt: skip
 
 
 def _importance_key(
@@ -220,6 +278,70 @@ def _atomic_save(save: Any, path: str | Path) -> None:
         save(tmp)
 
 
+@dataclass
+class ExtractData:
+    """The tokenized data of an extraction: calibration blocks (and the general blocks of dual,
+    the blocks of --reconstruct when its mix differs), the held-out evaluation, and what an
+    importance map of this run depends on (its reuse key)."""
+
+    calib: torch.Tensor
+    general_calib: torch.Tensor | None
+    rebuild: torch.Tensor | None
+    held_out: EvalData
+    importance_key: dict[str, Any]
+
+    def describe(self, r: Recipe, calib_dtype: str | None) -> dict[str, Any]:
+        return {
+            "blocks": len(self.calib),
+            "general_blocks": round((r.mix or 0) * r.calib_blocks),
+            "block_len": r.block_len,
+            "seed": r.seed,
+            "fingerprint": tensor_fingerprint(self.calib),
+            "dtype": calib_dtype,  # what the calibration forwards computed in (autocast); None for --structure
+        }
+
+
+def _tokenize(r: Recipe, lm: LoadedModel, domain: Corpus, general: Corpus) -> ExtractData:
+    tok = lm.tokenizer
+    calib = calibration_data(tok, domain, general, r.calib_blocks, r.block_len, r.mix or 0.0, r.seed)
+    general_calib = None
+    if get_scorer(r.method or DEFAULT_METHOD).needs_general:
+        general_calib = general.calibration_blocks(tok, r.calib_blocks, r.block_len, r.seed + 1)
+    # the Hessians of --reconstruct come from the calibration blocks when the mixes agree
+    rebuild = calib if r.reconstruct_mix == r.mix else None
+    if r.reconstruct_mix is not None and rebuild is None:
+        rebuild = calibration_data(tok, domain, general, r.calib_blocks, r.block_len, r.reconstruct_mix, r.seed)
+    held_out = held_out_data(tok, domain, general, r.eval_blocks, r.block_len, r.cloze_items)
+    return ExtractData(
+        calib, general_calib, rebuild, held_out, _importance_key(r, lm.fingerprint, calib, general_calib)
+    )
+
+
+def _calibration(r: Recipe, lm: LoadedModel) -> Calibration:
+    """The calibration settings, with the autocast dtype checked against the model's (None: the
+    model's own; --structure calibrates in the model's dtype)."""
+    model_dtype = next(lm.model.parameters()).dtype
+    asked = None if r.structure else resolve_calib_dtype(r.calib_dtype, lm.model)
+    return Calibration(r.batch_size, r.propagation, check_calib_dtype(model_dtype, asked))
+
+
+def _operate(r: Recipe, lm: LoadedModel, data: ExtractData, calib: Calibration) -> Outcome:
+    """The op the recipe asks for: structured slicing or unstructured / N:M pruning."""
+    assert r.method is not None
+    reused = _load_importance(r.importance, data.importance_key) if r.importance else None
+    if r.structure:
+        scores = reused or partial(
+            score, lm.model, r.method, data.calib, calib=calib,
+            general_calibration=data.general_calib, lam=r.lam, lr=r.lr,
+        )  # fmt: skip
+        return structure(lm.model, scores, data.calib, r.shape_target(), batch_size=r.batch_size)
+    return prune(
+        lm.model, r.method, r.sparsity, data.calib, granularity=r.granularity, pattern=r.pattern,
+        targets=r.targets(), calib=calib, general_calibration=data.general_calib, lam=r.lam, lr=r.lr,
+        importance=reused, reconstruct_with=data.rebuild,
+    )  # fmt: skip
+
+
 def extract(
     recipe: Recipe,
     out: str | Path | None = None,
@@ -231,183 +353,92 @@ def extract(
     cache: bool = True,
 ) -> dict[str, Any]:
     """Run the main job; write the model, tokenizer, mask and carve.json to `out` when given,
-        the mask (bit-packed) to `save_mask` and the importance map to `save_importance` when given
-        (to compare domains without saving models).  `cache=False` measures the source model anew
+    the mask (bit-packed) to `save_mask` and the importance map to `save_importance` when given
+    (to compare domains without saving models).  `cache=False` measures the source model anew
     instead of reusing its cached "before" metrics.  Returns the manifest."""
-    recipe.validate()
-    mix, method = recipe.mix, recipe.method
-    assert mix is not None and method is not None  # validate() resolved the defaults
-    if out is not None:
-        check_output(out, overwrite)
-    if save_mask is not None and recipe.structure:
-        raise UsageError("--save-mask is for weight masks; a structured extract's kept units are in its carve.json")
-    if save_importance is not None and not (recipe.structure or _scores_first(recipe)):
-        raise UsageError(
-            f"{method} chooses its mask while updating weights and keeps no importance map; "
-            "--save-importance works with wanda/magnitude at global granularity, gradient methods, dual or --structure"
-        )
-    _check_side_output(save_mask, overwrite)
-    _check_side_output(save_importance, overwrite)
+    r = recipe.resolved()
+    _check_outputs(r, out, overwrite, save_mask, save_importance)
     stage = Stages()
     with stage("load_data"):
-        domain = Corpus(recipe.domain, recipe.text_field)
-        general = Corpus(recipe.general, recipe.text_field)
+        domain, general = Corpus(r.domain, r.text_field), Corpus(r.general, r.text_field)
     with stage("load_model"):
-        lm = model or load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
-        # checked before any long work: the model has blocks and Linear layers to prune
-        all_prunable_linears(lm.model, tuple(recipe.include), tuple(recipe.exclude))
-        model_dtype = next(lm.model.parameters()).dtype
-        # the autocast dtype of the calibration forwards (None: the model's own; --structure: unused)
-        asked = resolve_calib_dtype(recipe.calib_dtype, lm.model)
-        calib_dtype = None if recipe.structure else check_calib_dtype(model_dtype, asked)
-    scorer = get_scorer(method)
+        lm = model or load_model(r.model, dtype=r.dtype, device=r.device)
+        r.targets().linears(lm.model)  # checked before any long work: there are Linear layers to prune
+        calib = _calibration(r, lm)
     with stage("tokenize"):
-        calib = calibration_data(lm.tokenizer, domain, general, recipe.calib_blocks, recipe.block_len, mix, recipe.seed)
-        general_calib = (
-            general.calibration_blocks(lm.tokenizer, recipe.calib_blocks, recipe.block_len, recipe.seed + 1)
-            if scorer.needs_general
-            else None
-        )
-        # the Hessians of --reconstruct come from the calibration blocks when the mixes agree
-        rebuild = calib if recipe.reconstruct_mix == mix else None
-        if recipe.reconstruct_mix is not None and rebuild is None:
-            rebuild = calibration_data(
-                lm.tokenizer,
-                domain,
-                general,
-                recipe.calib_blocks,
-                recipe.block_len,
-                recipe.reconstruct_mix,
-                recipe.seed,
-            )
-        importance_key = _importance_key(recipe, lm.fingerprint, calib, general_calib)
-        reused = _load_importance(recipe.importance, importance_key) if recipe.importance else None
-        held_out = held_out_data(
-            lm.tokenizer, domain, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items
-        )
+        data = _tokenize(r, lm, domain, general)
     with stage("evaluate_before"):
-        # the source's metrics are cached only for a model carve loaded itself (a model handed in
-        # may have been changed since its fingerprint was taken)
-        before, cached = evaluate_source(lm, held_out, cache=cache and model is None)
-    prompt = held_out.blocks["domain"][1][0]  # speed is measured on the first held-out domain block
-    if recipe.speed:
+        # cached only for a model carve loaded itself (one handed in may have changed since)
+        before, cached = evaluate_source(lm, data.held_out, cache=cache and model is None)
+    prompt = data.held_out.blocks["domain"][1][0]  # speed is measured on the first held-out domain block
+    if r.speed:
         with stage("speed_before"):
             dense_speed = measure_speed(lm.model, prompt)
     params_before = count_parameters(lm.model)
     with stage("prune"):
-        if recipe.structure:
-            shaped = structure(
-                lm.model,
-                method,
-                calib,
-                keep=recipe.keep,
-                mlp_keep=recipe.mlp_keep,
-                heads_keep=recipe.heads_keep,
-                drop_blocks=recipe.drop_blocks,
-                drop_rule=recipe.drop_rule or DEFAULT_DROP_RULE,
-                general_calibration=general_calib,
-                lam=recipe.lam,
-                lr=recipe.lr,
-                importance=reused,
-                batch_size=recipe.batch_size,
-                bias_compensation=recipe.bias_compensation,
-            )
-            importance = shaped.importance
-        else:
-            result = prune(
-                lm.model,
-                method,
-                recipe.sparsity,
-                calib,
-                granularity=recipe.granularity,
-                pattern=recipe.pattern,
-                include=tuple(recipe.include),
-                exclude=tuple(recipe.exclude),
-                batch_size=recipe.batch_size,
-                propagation=recipe.propagation,
-                general_calibration=general_calib,
-                lam=recipe.lam,
-                lr=recipe.lr,
-                importance=reused,
-                reconstruct_with=rebuild,
-                calib_dtype=calib_dtype,
-            )
-            importance = result.importance
+        outcome = _operate(r, lm, data, calib)
     with stage("evaluate_after"):
-        after = metrics_of(lm.model, held_out)
+        after = metrics_of(lm.model, data.held_out)
+    calib_dtype = None if r.structure else str(calib.dtype or next(lm.model.parameters()).dtype).removeprefix("torch.")
     manifest: dict[str, Any] = {
-        **manifest_head("extract", lm, recipe),
+        **manifest_head("extract", lm, r),
         "data": {
             "domain": domain.describe(),
             "general": general.describe(),
-            "calibration": {
-                "blocks": len(calib),
-                "general_blocks": round(mix * recipe.calib_blocks),
-                "block_len": recipe.block_len,
-                "seed": recipe.seed,
-                "fingerprint": tensor_fingerprint(calib),
-                # what the calibration forwards computed in (autocast), None for --structure
-                "dtype": None if recipe.structure else str(calib_dtype or model_dtype).removeprefix("torch."),
-            },
-            "eval": held_out.describe(),
+            "calibration": data.describe(r, calib_dtype),
+            "eval": data.held_out.describe(),
         },
         "metrics": {"before": before, "after": after, "before_from_cache": cached},
         "size": {"parameters_before": params_before, "parameters_after": count_parameters(lm.model)},
+        **outcome.describe(lm.model),
     }
-    if recipe.structure:
-        manifest["structure"] = {
-            **shaped.plan.describe(),
-            "config": {
-                k: getattr(lm.model.config, k, None)
-                for k in (
-                    "num_hidden_layers",
-                    "num_attention_heads",
-                    "num_key_value_heads",
-                    "head_dim",
-                    "intermediate_size",
-                )
-            },
-            "block_distances": None if shaped.distances is None else [round(x, 5) for x in shaped.distances.tolist()],
-            "drop_order": shaped.drop_order,
-            "greedy_losses": shaped.greedy_losses,
-        }
-    else:
-        achieved = model_sparsity(lm.model, result.mask)
-        manifest["sparsity"] = {
-            "target": recipe.sparsity,
-            "linear": round(achieved["linear"], 6),
-            "all_parameters": round(achieved["all_parameters"], 6),
-            "per_module": {k: round(v, 6) for k, v in result.mask.sparsity_per_param().items()},
-        }
-        retries = {k: v for k, v in result.info.items() if v.get("damp_retries")}
-        manifest["method_notes"] = {"hessian_damping_retries": retries}
-    if recipe.speed:
+    if r.speed:
         with stage("speed_after"):
             manifest["speed"] = speedup(dense_speed, measure_speed(lm.model, prompt))
-    manifest["importance"] = (
-        None
-        if importance is None
-        else {"file": "importance.safetensors", "reused_from": recipe.importance, **importance_key}
-    )
-    manifest["timings_s"] = stage.seconds
-    manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    importance = outcome.importance
+    if importance is not None:
+        importance.meta.update(data.importance_key)
+    manifest["importance"] = None if importance is None else {
+        "file": "importance.safetensors", "reused_from": r.importance, **data.importance_key}  # fmt: skip
+    manifest["timings_s"], manifest["peak_rss_mb"] = stage.seconds, round(peak_rss_mb(), 1)
     if out is not None:
-        with atomic_output_dir(out, overwrite) as tmp:
-            with stage("save"):
-                save_model_files(tmp, lm.model, lm.tokenizer, manifest)
-                if importance is not None:
-                    importance.meta.update(importance_key)
-                    importance.save(tmp / "importance.safetensors")
-                if not recipe.structure:
-                    result.mask.save(tmp / "mask.safetensors")
-            manifest["timings_s"] = stage.seconds
-            manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
-            # written inside the temporary directory only: the rename publishes a complete output
-            write_json(tmp / "carve.json", manifest)
+        _write_output(out, overwrite, lm, outcome, manifest, stage)
     if save_mask is not None:
-        _atomic_save(result.mask.save, save_mask)
+        assert isinstance(outcome, PruneResult)  # a structured extract's --save-mask was refused
+        _atomic_save(outcome.mask.save, save_mask)
     if save_importance is not None:
         assert importance is not None
-        importance.meta.update(importance_key)
         _atomic_save(importance.save, save_importance)
     return manifest
+
+
+def _check_outputs(
+    r: Recipe, out: str | Path | None, overwrite: bool, save_mask: str | Path | None, save_importance: str | Path | None
+) -> None:
+    """Every output path and side output checked before any work is done."""
+    if out is not None:
+        check_output(out, overwrite)
+    if save_mask is not None and r.structure:
+        raise UsageError("--save-mask is for weight masks; a structured extract's kept units are in its carve.json")
+    if save_importance is not None and not (r.structure or _scores_first(r)):
+        raise UsageError(
+            f"{r.method} chooses its mask while updating weights and keeps no importance map; "
+            "--save-importance works with wanda/magnitude at global granularity, gradient methods, dual or --structure"
+        )
+    _check_side_output(save_mask, overwrite)
+    _check_side_output(save_importance, overwrite)
+
+
+def _write_output(
+    out: str | Path, overwrite: bool, lm: LoadedModel, outcome: Outcome, manifest: dict[str, Any], stage: Stages
+) -> None:
+    """Model, tokenizer, the outcome's files, importance and carve.json, published by one rename."""
+    with atomic_output_dir(out, overwrite) as tmp:
+        with stage("save"):
+            save_model_files(tmp, lm.model, lm.tokenizer, manifest)
+            outcome.save(tmp)
+            if outcome.importance is not None:
+                outcome.importance.save(tmp / "importance.safetensors")
+        manifest["timings_s"] = stage.seconds
+        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        write_json(tmp / "carve.json", manifest)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from carve.output import atomic_output_dir, check_output, write_json
 from carve.pipeline import (
     Stages,
     calibration_data,
+    evaluate_source,
     held_out_data,
     manifest_head,
     metrics_of,
@@ -40,36 +41,38 @@ from carve.pipeline import (
     save_model_files,
     tensor_fingerprint,
 )
+from carve.settings import flag
 
 
 @dataclass
 class RecoverRecipe:
     """Everything that decides a recovery run; one field per `carve recover` flag."""
 
-    model: str
-    teacher: str | None = None  # None: the source model named in MODEL/carve.json
-    domain: str = "legal"
-    general: str = "general"
-    eval_domain: str | None = None  # None: the held-out split of `domain`
-    mix: float = 0.5  # share of training blocks from the general corpus
-    steps: int = 200
-    batch_size: int = 1  # blocks per optimizer step
-    block_len: int = 512
-    lr: float | None = None  # None: 1e-4 for a full fine-tune, 1e-3 for LoRA
-    warmup: int = 10  # linear warm-up steps, then cosine decay to 10% of lr
-    temperature: float = 1.0
-    kd_weight: float = 1.0
-    lm_weight: float = 0.0
-    lora: int = 0  # LoRA rank (0: full fine-tune)
-    checkpoint_every: int = 50
-    eval_blocks: int = 32
-    cloze_items: int = 100
-    seed: int = 0
-    text_field: str = "text"
-    dtype: str | None = None
-    device: str | None = None
+    model: str = flag("the pruned model: a carve output directory (or any model source)", "")
+    teacher: str | None = flag("dense teacher (default: the source named in MODEL/carve.json)")
+    domain: str = flag("builtin corpus name or path", "legal")
+    general: str = flag("open-domain corpus: builtin name or path", "general", aliases=("--general-corpus",))
+    eval_domain: str | None = flag("corpus whose held-out split measures the domain (default: --domain's own)")
+    mix: float = flag("share of training blocks from the general corpus", 0.5)
+    steps: int = flag("optimizer steps", 200)
+    batch_size: int = flag("blocks per step", 1)
+    block_len: int = flag("tokens per training and eval block", 512)
+    lr: float | None = flag("peak learning rate (default 1e-4; 1e-3 with --lora)")
+    warmup: int = flag("linear warm-up steps, then cosine decay to 10% of lr", 10)
+    temperature: float = flag("distillation temperature T", 1.0)
+    kd_weight: float = flag("weight of T²·KL(teacher ‖ student)", 1.0)
+    lm_weight: float = flag("weight of the next-token cross-entropy", 0.0)
+    lora: int = flag("train LoRA adapters of this rank (PEFT; 0: full fine-tune)", 0, metavar="RANK")
+    checkpoint_every: int = flag("steps between checkpoints", 50)
+    eval_blocks: int = flag("held-out blocks per corpus for perplexity", 32)
+    cloze_items: int = flag("held-out domain cloze items (0: skip the cloze task)", 100)
+    seed: int = flag("data order", 0)
+    text_field: str = flag("text field of .jsonl / .parquet / datasets corpora", "text")
+    dtype: str | None = flag("default: float32 on CPU, bfloat16 on CUDA", choices=("float32", "bfloat16", "float16"))
+    device: str | None = flag("cpu, cuda, cuda:N (default: cuda when available)")
 
-    def validate(self) -> None:
+    def resolved(self) -> RecoverRecipe:
+        """A copy with the learning rate decided and every value checked."""
         for name in ("steps", "batch_size", "block_len", "checkpoint_every", "eval_blocks"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be a positive whole number, not {getattr(self, name)}")
@@ -79,8 +82,7 @@ class RecoverRecipe:
             raise UsageError("temperature must be positive, and kd-weight / lm-weight non-negative, not both 0")
         if self.lora < 0 or self.warmup < 0 or (self.lr is not None and self.lr <= 0):
             raise UsageError("lora rank and warmup must not be negative, and lr must be positive")
-        if self.lr is None:
-            self.lr = 1e-3 if self.lora else 1e-4
+        return replace(self, lr=self.lr or (1e-3 if self.lora else 1e-4))
 
 
 def _teacher_source(recipe: RecoverRecipe, student: LoadedModel) -> str:
@@ -120,11 +122,12 @@ def recover(
     overwrite: bool = False,
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
+    cache: bool = True,
 ) -> dict[str, Any]:
     """Run the recovery; write the model, tokenizer and carve.json to `out`. `on_step(step)` is
     called after every optimizer step (after any checkpoint of that step).  Training is ops.train's
     masked loop: the pruned matrices' zeros are frozen entries (never updated)."""
-    recipe.validate()
+    recipe = recipe.resolved()
     check_output(out, overwrite)
     ckpt = check_checkpoint(out, resume, overwrite)
     stage = Stages()
@@ -148,7 +151,7 @@ def recover(
         train_blocks = train_blocks[order]
         held_out = held_out_data(tok, evaluated, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items)
     with stage("evaluate_before"):
-        before = metrics_of(student.model, held_out)
+        before, cached = evaluate_source(student, held_out, cache=cache)
     model: nn.Module = student.model
     masks = sparsity_masks(model)
     if recipe.lora:
@@ -218,7 +221,7 @@ def recover(
             "zero_share_after": round(sum(int((kept[n] == 0).sum()) for n in masks) / masked, 6) if masks else 0.0,
             "zeros_kept": all(bool((kept[n][~m] == 0).all()) for n, m in masks.items()),
         },
-        "metrics": {"dense": dense, "before": before, "after": after},
+        "metrics": {"dense": dense, "before": before, "after": after, "before_from_cache": cached},
         "size": {"parameters": count_parameters(model)},
     }
     with atomic_output_dir(out, overwrite) as tmp:

@@ -42,7 +42,24 @@ class Calibration:
     dtype: torch.dtype | None = None  # autocast dtype of the forwards (None: the model's)
 
 
-def flag(help: str, **kw: Any) -> Any:
-    """A recipe field with its command-line help: the CLI builds the flag from the field (name,
-    type, default), so each default is written once, here."""
-    return field(metadata={"help": help}, **kw)
+DEFAULT_CALIBRATION = Calibration()
+
+
+def flag(
+    help: str,
+    default: Any = None,
+    *,
+    factory: Any = None,
+    name: str | None = None,
+    aliases: tuple[str, ...] = (),
+    choices: tuple[str, ...] | None = None,
+    metavar: str | None = None,
+    group: str | None = None,
+) -> Any:
+    """A recipe field with what its command-line flag needs: the CLI builds the flag from the
+    field (name, type, default, help), so each default is written once, here.  `name` overrides
+    the flag's name (--lambda for `lam`), `aliases` adds others, `group` a help section."""
+    meta = {"help": help, "name": name, "aliases": aliases, "choices": choices, "metavar": metavar, "group": group}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)

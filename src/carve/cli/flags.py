@@ -20,30 +20,50 @@ def _base_type(hint: Any) -> tuple[Any, bool]:
     return hint, False
 
 
-def add_recipe_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """`--field-name` for every field of `cls` not in `skip` (booleans: a switch to the other value)."""
+def add_recipe_flags(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), unset: bool = False
+) -> None:
+    """A flag for every field of `cls` not in `skip` (booleans: a switch to the other value).
+    `unset=True`: a flag the user does not give is absent from the parsed namespace (so values
+    from a recipe file are not overridden by defaults); the help still shows the default."""
     hints = typing.get_type_hints(cls)
+    groups: dict[str, Any] = {}
     for f in fields(cls):
         if f.name in skip:
             continue
+        meta = f.metadata
         default: Any = f.default_factory() if f.default_factory is not MISSING else f.default
-        help_text = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
+        where = parser
+        if meta.get("group"):
+            where = groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
+        help_text = meta.get("help", "").replace("%", "%%")  # argparse formats help with %
         kind, many = _base_type(hints[f.name])
-        name = "--" + f.name.replace("_", "-")
+        name = meta.get("name") or "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name}
+        if unset:
+            kw["default"] = argparse.SUPPRESS
         if kind is bool:
-            flag = name if not default else "--no-" + f.name.replace("_", "-")
-            parser.add_argument(flag, dest=f.name, action="store_false" if default else "store_true", help=help_text)
+            switch = name if not default else "--no-" + name.removeprefix("--")
+            where.add_argument(switch, action="store_false" if default else "store_true", help=help_text, **kw)
             continue
-        shown = " ".join(map(str, default)) if many else default
-        parser.add_argument(
+        if default is not None and default != "" and "(default" not in help_text:
+            shown = " ".join(map(str, default)) if many else default
+            help_text = f"{help_text} (default: {shown})"
+        where.add_argument(
             name,
-            dest=f.name,
+            *meta.get("aliases", ()),
             type=kind,
             nargs="+" if many else None,
-            default=default,
-            help=f"{help_text} (default: {shown})" if default is not None else help_text,
+            choices=meta.get("choices"),
+            metavar=meta.get("metavar"),
+            help=help_text,
+            **({"default": default} | kw),
         )
 
 
-def recipe_from(args: argparse.Namespace, cls: type) -> Any:
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+def recipe_from(args: argparse.Namespace, cls: type, base: Any = None) -> Any:
+    """The recipe the flags give: `base`'s values (a recipe file's), overridden by every flag given."""
+    given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    if base is None:
+        return cls(**given)
+    return cls(**{**{f.name: getattr(base, f.name) for f in fields(cls)}, **given})

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,9 @@ import carve
 from carve.cli.flags import add_recipe_flags, recipe_from
 from carve.corpora import builtin_corpora
 from carve.finetune import FinetuneRecipe, finetune
-from carve.ops.plan import DROP_RULES
 from carve.progress import set_quiet
+from carve.recover import RecoverRecipe, recover
 from carve.scorers import SCORERS
-
-_UNSET = object()  # a recipe flag the user did not give
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -34,6 +31,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on CPU, bfloat16 on CUDA"
     )
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+
+
+def _job_flags(p: argparse.ArgumentParser) -> None:
+    """What every job that writes an output takes beside its recipe."""
+    p.add_argument("--no-cache", dest="cache", action="store_false", help="evaluate the source model anew")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print a machine-readable JSON summary")
 
 
 def _data_flags(p: argparse.ArgumentParser) -> None:
@@ -57,122 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("extract", help="prune a model into a domain specialist")
-    ex.add_argument(
-        "--model", default=None, help="'default' (embedded SmolLM2-135M-Instruct), a directory, a .gguf or a hub id"
-    )
-    _data_flags(ex)
-    ex.add_argument(
-        "--method",
-        default=None,
-        help=f"scorer: {', '.join(sorted(SCORERS))} (default: dual-obs; wanda with --structure)",
-    )
-    ex.add_argument("--sparsity", type=float, default=None, help="share of Linear weights to remove (default 0.5)")
-    ex.add_argument("--pattern", default=None, help="N:M semi-structured pattern, e.g. 2:4 (keep N of every M)")
-    ex.add_argument(
-        "--granularity",
-        choices=["row", "matrix", "global"],
-        default=None,
-        help="comparison group (default: the method's paper)",
-    )
-    ex.add_argument(
-        "--mix",
-        type=float,
-        default=None,
-        help="share of calibration blocks from the general corpus (0 = domain only; default 0.3 for "
-        "SparseGPT/Wanda, 0 for gradient methods, whose gradients dual-obs takes from these blocks)",
-    )
-    ex.add_argument(
-        "--propagation",
-        choices=["pruned", "dense", "fused"],
-        default="pruned",
-        help="calibrate each block on the pruned blocks' outputs (sequential, default), on the dense "
-        "model's (one pass per block, faster), or fused: one forward of all calibration blocks at once, "
-        "each Linear pruned as its input arrives (one pass, more memory)",
-    )
-    ex.add_argument(
-        "--calib-dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        default="auto",
-        help="dtype the calibration forwards compute in (autocast; statistics, scoring and pruning run in "
-        "float32, the weights keep --dtype). auto (default): bfloat16 for a float32 model on a device that "
-        "multiplies bfloat16 natively (AVX512-BF16/AMX CPU, CUDA), else the model's",
-    )
-    ex.add_argument(
-        "--lambda",
-        dest="lam",
-        type=float,
-        default=1.0,
-        help="dual: weight of general importance against domain importance; dual-obs: weight of the "
-        "layer's OBS error against the domain Fisher error (default 1)",
-    )
-    ex.add_argument(
-        "--grad-lr",
-        dest="lr",
-        type=float,
-        default=0.0,
-        help="gradient methods: SGD learning rate of steps taken while accumulating (default 0: none)",
-    )
-    ex.add_argument(
-        "--reconstruct",
-        dest="reconstruct_mix",
-        type=float,
-        default=None,
-        metavar="MIX",
-        help="score-then-mask methods: keep the mask, update kept weights by OBS compensation with a "
-        "Hessian from calibration blocks, MIX of them general; dual-obs: MIX of its sweep's Hessian "
-        "blocks general (default 0.3)",
-    )
-    ex.add_argument(
-        "--importance",
-        default=None,
-        help="importance.safetensors of an earlier extract (same model, data, method) to reuse",
-    )
-    st = ex.add_argument_group("structured extraction (a smaller dense model)")
-    st.add_argument(
-        "--structure",
-        action="store_true",
-        help="remove whole MLP channels, key/value head groups and decoder blocks instead of single weights",
-    )
-    st.add_argument(
-        "--keep",
-        type=float,
-        default=None,
-        help="share of decoder-block parameters kept (default 0.5); carve chooses the split between MLP "
-        "width, heads and depth by the calibration loss of each candidate",
-    )
-    st.add_argument("--mlp-keep", type=float, default=None, help="share of MLP channels kept in every block")
-    st.add_argument(
-        "--heads-keep", type=float, default=None, help="share of attention heads kept, in whole key/value groups"
-    )
-    st.add_argument("--drop-blocks", type=int, default=None, help="number of decoder blocks removed")
-    st.add_argument(
-        "--drop-rule",
-        choices=DROP_RULES,
-        default=None,
-        help="which blocks go: distance (default; least change between a block's input and output, one pass) "
-        "or greedy (one at a time, the removal that raises the calibration loss least; about 13 min for "
-        "15 of 30 blocks of the embedded default on 2 CPU cores)",
-    )
-    st.add_argument(
-        "--bias-compensation",
-        action="store_true",
-        help="keep the removed heads' and channels' mean contribution as a bias (FLAP; configs with "
-        "mlp_bias / attention_bias, e.g. Llama)",
-    )
-    ex.add_argument(
-        "--no-speed",
-        dest="speed",
-        action="store_false",
-        default=True,
-        help="skip measuring prefill / decode tokens/s of the dense and extracted models",
-    )
-    ex.add_argument("--calib-blocks", type=int, default=64, help="number of calibration blocks")
-    ex.add_argument("--seed", type=int, default=0)
-    ex.add_argument("--include", nargs="+", default=["*"], help="glob patterns of Linear modules to prune")
-    ex.add_argument(
-        "--exclude", nargs="+", default=None, help="glob patterns to leave dense (default: embeddings, lm_head, norms)"
-    )
-    ex.add_argument("--batch-size", type=int, default=8, help="calibration blocks per forward pass")
+    add_recipe_flags(ex, carve.Recipe, unset=True)
     ex.add_argument("--recipe", help="YAML/JSON recipe (or a carve.json manifest) to start from; flags override it")
     ex.add_argument("--out", default=None, help="output directory (written atomically)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing output directory or file")
@@ -183,10 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-importance", default=None, metavar="FILE", help="also write the importance map (no --out needed)"
     )
     ex.add_argument("--report", action="store_true", help="write report.html and report.md into the output")
-    _common(ex)
-    # recipe flags the user did not give stay unset, so a --recipe file's values are not
-    # overridden by defaults (the Recipe dataclass holds the defaults)
-    ex.set_defaults(**{f.name: _UNSET for f in fields(carve.Recipe)})
+    _job_flags(ex)
 
     ev = sub.add_parser("eval", help="perplexity of a model on general and domain held-out text")
     ev.add_argument("model", nargs="?", default=None, help="'default', a directory, a .gguf or a hub id")
@@ -204,28 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recover", help="distil a pruned model back towards its dense teacher")
     rc.add_argument("model", help="the pruned model: a carve output directory (or any model source)")
-    rc.add_argument("--teacher", default=None, help="dense teacher (default: the source named in MODEL/carve.json)")
-    _data_flags(rc)
-    rc.add_argument(
-        "--eval-domain",
-        default=None,
-        help="corpus whose held-out split measures the domain (default: --domain's own held-out split)",
-    )
-    rc.add_argument("--mix", type=float, default=0.5, help="share of training blocks from the general corpus")
-    rc.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
-    rc.add_argument("--batch-size", type=int, default=1, help="blocks per step (default 1)")
-    rc.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-4; 1e-3 with --lora)")
-    rc.add_argument("--warmup", type=int, default=10, help="linear warm-up steps, then cosine decay to 10%%")
-    rc.add_argument("--temperature", type=float, default=1.0, help="distillation temperature T")
-    rc.add_argument("--kd-weight", type=float, default=1.0, help="weight of T²·KL(teacher ‖ student)")
-    rc.add_argument("--lm-weight", type=float, default=0.0, help="weight of the next-token cross-entropy")
-    rc.add_argument("--lora", type=int, default=0, metavar="RANK", help="train LoRA adapters of this rank (PEFT)")
-    rc.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
-    rc.add_argument("--seed", type=int, default=0)
+    add_recipe_flags(rc, RecoverRecipe, skip=("model",))
     rc.add_argument("--out", required=True, help="output directory (written atomically)")
     rc.add_argument("--overwrite", action="store_true", help="replace an existing output (and its checkpoint)")
     rc.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint")
-    _common(rc)
+    _job_flags(rc)
 
     ft = sub.add_parser("finetune", help="sparse fine-tuning: train only the weights where the domain lives")
     ft.add_argument("model", nargs="?", default=None, help="'default' (embedded), a directory, a .gguf or a hub id")
@@ -233,9 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", required=True, help="output directory (written atomically)")
     ft.add_argument("--overwrite", action="store_true", help="replace an existing output (and its checkpoint)")
     ft.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint")
-    ft.add_argument("--no-cache", dest="cache", action="store_false", help="evaluate the source model anew")
-    ft.add_argument("--quiet", action="store_true", help="no progress bars")
-    ft.add_argument("--json", action="store_true", help="print a machine-readable JSON summary")
+    _job_flags(ft)
 
     ins = sub.add_parser("inspect", help="per-layer sparsity, two masks' overlap, top modules by importance")
     ins.add_argument("target", help="a carve output directory, a mask or an importance file")
@@ -255,10 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args: argparse.Namespace) -> carve.Recipe:
-    names = {f.name for f in fields(carve.Recipe)}
-    given = {k: v for k, v in vars(args).items() if k in names and v is not _UNSET}
-    base = carve.Recipe.load(args.recipe) if args.recipe else carve.Recipe()
-    return carve.Recipe(**{**asdict(base), **given})
+    base = carve.Recipe.load(args.recipe) if args.recipe else None
+    return recipe_from(args, carve.Recipe, base)
 
 
 def _cloze(m: dict[str, Any]) -> str:
@@ -280,6 +145,7 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
         overwrite=args.overwrite,
         save_mask=args.save_mask,
         save_importance=args.save_importance,
+        cache=args.cache,
     )
     if args.report:
         from carve.report import write_report
@@ -400,11 +266,8 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_recover(args: argparse.Namespace) -> dict[str, Any]:
-    from carve.recover import RecoverRecipe, recover
-
-    names = {f.name for f in fields(RecoverRecipe)}
-    recipe = RecoverRecipe(**{k: v for k, v in vars(args).items() if k in names})
-    manifest = recover(recipe, args.out, overwrite=args.overwrite, resume=args.resume)
+    recipe = recipe_from(args, RecoverRecipe)
+    manifest = recover(recipe, args.out, overwrite=args.overwrite, resume=args.resume, cache=args.cache)
     m, t = manifest["metrics"], manifest["training"]
     if not args.json:
         rows = [

@@ -37,6 +37,7 @@ from carve.errors import UsageError
 from carve.models.arch import find_blocks, prunable_linears
 from carve.models.patch import replaced_forwards
 from carve.progress import bar, progress
+from carve.settings import DEFAULT_CALIBRATION, DEFAULT_TARGETS, Calibration, Targets
 
 
 class _Stop(Exception):
@@ -238,12 +239,9 @@ def layerwise(
     calibration: torch.Tensor,
     on_block: OnBlock,
     statistic: Callable[[int, Any], Any] | None,
-    include: tuple[str, ...] = ("*",),
-    exclude: tuple[str, ...] | None = None,
-    batch_size: int = 8,
+    targets: Targets = DEFAULT_TARGETS,
+    calib: Calibration = DEFAULT_CALIBRATION,
     desc: str = "calibrating",
-    propagation: str = "pruned",
-    calib_dtype: torch.dtype | None = None,
 ) -> None:
     """Run `calibration` [N, L] block by block.
 
@@ -253,21 +251,19 @@ def layerwise(
     next block sees the pruned block's outputs; with `"dense"` the outputs of the statistics pass
     (the block as it was before `on_block`) are propagated: one pass per block.  With `"fused"`
     (see the module docstring) `on_block(i, {name: linear}, {name: stat})` is called for each
-    Linear as its input arrives, in one forward of the model with `batch_size` ignored.
-    `calib_dtype`: see the module docstring."""
-    from carve.models.arch import DEFAULT_EXCLUDE
-
-    exclude = DEFAULT_EXCLUDE if exclude is None else exclude
+    Linear as its input arrives, in one forward of the model with `calib.batch_size` ignored.
+    `calib.dtype`: see the module docstring.  `targets`: the Linear modules handed over."""
+    include, exclude, propagation = targets.include, targets.exclude, calib.propagation
     param = next(model.parameters())
     device = param.device
-    autocast = check_calib_dtype(param.dtype, calib_dtype)
+    autocast = check_calib_dtype(param.dtype, calib.dtype)
     prefix, blocks = find_blocks(model)
     if propagation == "fused" and statistic is not None:
         with _computing(device, autocast):
             _fused(model, calibration.to(device), blocks, prefix, on_block, statistic, include, exclude, desc)
         return
     rerun = propagation == "pruned"
-    batches = [b.to(device) for b in calibration.split(batch_size)]
+    batches = [b.to(device) for b in calibration.split(calib.batch_size)]
     with _computing(device, autocast):
         hidden, calls = _capture(model, blocks, batches)
     shapes = [tuple(b.shape) for b in batches]

@@ -23,6 +23,20 @@ DROP_RULES = ("distance", "greedy")
 DEFAULT_DROP_RULE = "distance"
 
 
+@dataclass(frozen=True)
+class ShapeTarget:
+    """What a structured extraction aims for: a share of the decoder-block parameters kept
+    (`keep`), and/or dimensions fixed by the user; how blocks are chosen for dropping; whether
+    removed units' mean contributions are kept as biases (FLAP)."""
+
+    keep: float | None = None
+    mlp_keep: float | None = None
+    heads_keep: float | None = None
+    drop_blocks: int | None = None
+    drop_rule: str = DEFAULT_DROP_RULE
+    bias_compensation: bool = False
+
+
 def _rows(t: torch.Tensor, groups: int) -> torch.Tensor:
     """Sum of a [out, in] score matrix over consecutive row groups -> [groups]."""
     return t.float().reshape(groups, -1).sum(1)

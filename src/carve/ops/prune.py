@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from carve.engines.gradient import STATISTICS, accumulate_gradients
 from carve.engines.layerwise import layerwise
 from carve.errors import UsageError
+from carve.importance.scoring import needs_data, score
 from carve.masks.mask import ImportanceMap, Mask, select_mask
 from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
-from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears, as_param_layout, weight_matrix
-from carve.scorers.gradient import normalized
+from carve.models.arch import as_param_layout, weight_matrix
 from carve.scorers.registry import Scorer, get_scorer
-from carve.scorers.sparsegpt import factor_of, obs_saliency, sparsegpt_prune, sparsegpt_score
+from carve.scorers.sparsegpt import factor_of, obs_saliency, sparsegpt_prune
 from carve.scorers.stats import Hessian
+from carve.settings import DEFAULT_CALIBRATION, DEFAULT_TARGETS, Calibration, Targets
 
 PROPAGATIONS = ("pruned", "dense", "fused")
 
@@ -47,147 +48,33 @@ def check_method_options(scorer: Scorer, global_: bool, reconstructing: bool) ->
 
 @dataclass
 class PruneResult:
+    """The Outcome of unstructured / N:M pruning (see ops.outcome)."""
+
     mask: Mask
     # per-Linear notes from the method, e.g. SparseGPT's damping retries
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
     importance: ImportanceMap | None = None  # the scores the mask was selected from, if any
+    sparsity: float | None = None  # the target
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        achieved = model_sparsity(model, self.mask)
+        retries = {k: v for k, v in self.info.items() if v.get("damp_retries")}
+        return {
+            "sparsity": {
+                "target": self.sparsity,
+                "linear": round(achieved["linear"], 6),
+                "all_parameters": round(achieved["all_parameters"], 6),
+                "per_module": {k: round(v, 6) for k, v in self.mask.sparsity_per_param().items()},
+            },
+            "method_notes": {"hessian_damping_retries": retries},
+        }
+
+    def save(self, directory: Path) -> None:
+        self.mask.save(directory / "mask.safetensors")
 
 
 def _param_name(module_name: str) -> str:
     return f"{module_name}.weight"
-
-
-def _needs_data(scorer: Scorer, calibration: torch.Tensor | None) -> torch.Tensor | None:
-    if scorer.kind == "weight":
-        return None
-    if calibration is None or calibration.numel() == 0:
-        raise UsageError(f"method {scorer.name!r} needs calibration text")
-    return calibration
-
-
-def score(
-    model: nn.Module,
-    method: str,
-    calibration: torch.Tensor | None = None,
-    *,
-    include: tuple[str, ...] = ("*",),
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
-    batch_size: int = 8,
-    general_calibration: torch.Tensor | None = None,
-    lam: float = 1.0,
-    lr: float = 0.0,
-    calib_dtype: torch.dtype | None = None,
-) -> ImportanceMap:
-    """Importance of every prunable weight under `method`, on the dense model (no pruning).
-
-    Gradient methods run the gradient engine over `calibration` (micro-batches of one block);
-    `dual` also needs `general_calibration` (open-domain text) for its general importance, and
-    takes `lam` (λ, the weight of general importance) and `lr` (SGD steps while accumulating).
-    `calib_dtype` (e.g. bfloat16 for a float32 model): the layer-wise passes' forwards run under
-    autocast in it (see carve.engines.layerwise); the gradient engine ignores it."""
-    scorer = get_scorer(method)
-    data = _needs_data(scorer, calibration)
-    scores: dict[str, torch.Tensor] = {}
-    linears = all_prunable_linears(model, include, exclude)
-    meta: dict[str, Any] = {"scorer": method}
-    if data is None:
-        for name, lin in linears.items():
-            scores[_param_name(name)] = as_param_layout(lin, scorer.score(weight_matrix(lin), None)).cpu()
-    elif scorer.gradient is not None:
-        wanted = scorer.gradient
-        general: dict[str, torch.Tensor] = {}
-        if scorer.needs_general:
-            _check_general(scorer, general_calibration)
-            meta.update(lam=lam, lr=lr)
-            if lr > 0:  # the penalty of the refined loss needs Ĝ during the steps
-                assert general_calibration is not None
-                general = _general_importance(model, general_calibration, include, exclude, batch_size)
-
-        def penalty(name: str, w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
-            # gradient of the refined loss's regularizer λ·Σ Ĝ(θ − θ₀)²
-            return 2 * lam * general[name].to(w.device) * (w - w0)
-
-        grads = accumulate_gradients(
-            model,
-            data,
-            [_param_name(n) for n in linears],
-            {s: STATISTICS[s] for s in wanted},
-            lr=lr,
-            penalty=penalty if general else None,
-            desc=f"gradients ({method})",
-        )
-
-        def finish(name: str, lin: nn.Module, general_matrix: torch.Tensor | None) -> None:
-            # the statistics are popped as each score is written: memory stays one set of maps
-            pname = _param_name(name)
-            stats: dict[str, Any] = {s: as_param_layout(lin, grads.stats[s].pop(pname)) for s in wanted}
-            if general_matrix is not None:
-                stats.update(general=general_matrix, **{"lambda": lam})
-            scores[pname] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats)).cpu()
-
-        if scorer.needs_general and not general:
-            assert general_calibration is not None
-            # Ĝ block by block on open-domain text, folded in as soon as each block's is known
-
-            def combine(_i: int, block_linears: dict[str, nn.Module], hstats: dict[str, Any]) -> None:
-                for name, lin in block_linears.items():
-                    finish(name, lin, normalized(sparsegpt_score(weight_matrix(lin), hstats[name])))
-
-            layerwise(
-                model,
-                general_calibration,
-                combine,
-                Hessian,
-                include,
-                exclude,
-                batch_size,
-                "general importance (OBS)",
-                propagation="dense",
-                calib_dtype=calib_dtype,
-            )
-        else:
-            for name, lin in linears.items():
-                g = general.pop(_param_name(name), None)
-                finish(name, lin, None if g is None else as_param_layout(lin, g))
-    else:
-
-        def on_block(_i: int, block_linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
-            for name, lin in block_linears.items():
-                scores[_param_name(name)] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats[name])).cpu()
-
-        label = f"scoring ({method})"
-        layerwise(
-            model,
-            data,
-            on_block,
-            scorer.statistic,
-            include,
-            exclude,
-            batch_size,
-            label,
-            propagation="dense",
-            calib_dtype=calib_dtype,
-        )
-    modules = dict(model.named_modules())
-    meta["transposed"] = [k for k in scores if not isinstance(modules[k.removesuffix(".weight")], nn.Linear)]
-    return ImportanceMap(scores, meta)
-
-
-def _check_general(scorer: Scorer, general_calibration: torch.Tensor | None) -> None:
-    if general_calibration is None or general_calibration.numel() == 0:
-        raise UsageError(f"method {scorer.name!r} needs general (open-domain) calibration text")
-
-
-def _general_importance(
-    model: nn.Module,
-    general_calibration: torch.Tensor,
-    include: tuple[str, ...],
-    exclude: tuple[str, ...],
-    batch_size: int,
-) -> dict[str, torch.Tensor]:
-    """Ĝ = G / mean(G) per matrix, G the OBS saliency on open-domain text (param layout)."""
-    G = score(model, "sparsegpt", general_calibration, include=include, exclude=exclude, batch_size=batch_size)
-    return {k: normalized(v) for k, v in G.items()}
 
 
 def apply_mask(model: nn.Module, mask: Mask) -> None:
@@ -207,99 +94,106 @@ def prune(
     *,
     granularity: str | None = None,
     pattern: str | None = None,
-    include: tuple[str, ...] = ("*",),
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
-    batch_size: int = 8,
-    propagation: str = "pruned",
+    targets: Targets = DEFAULT_TARGETS,
+    calib: Calibration = DEFAULT_CALIBRATION,
     general_calibration: torch.Tensor | None = None,
     lam: float = 1.0,
     lr: float = 0.0,
     importance: ImportanceMap | None = None,
     reconstruct_with: torch.Tensor | None = None,
-    calib_dtype: torch.dtype | None = None,
 ) -> PruneResult:
-    """Prune the decoder Linear layers in place.
+    """Prune the targeted decoder Linear layers in place.
 
-    Layer-wise methods run block by block.  `propagation="pruned"` (the papers' sequential
+    Layer-wise methods run block by block.  `calib.propagation="pruned"` (the papers' sequential
     propagation) calibrates each block on the outputs of the already-pruned blocks before it: two
     passes per block.  `"dense"` calibrates every block on the dense model's activations: one
     pass per block, faster, usually a little less accurate.  `"fused"` goes further than
     `"pruned"` in one pass: a single forward of all calibration blocks at once, each Linear pruned
     as its input arrives, so later Linears of the same block see it pruned too (GPTQ's "true
     sequential" order); every matmul runs once, but one block's activations for the whole
-    calibration set are held at once.  `calib_dtype` (e.g. bfloat16 for a float32 model) runs the
+    calibration set are held at once.  `calib.dtype` (e.g. bfloat16 for a float32 model) runs the
     calibration forwards under autocast in it; statistics, scoring and pruning stay in float32 and
     the weights in the model's dtype (see carve.engines.layerwise).  `granularity` defaults to the
     method's paper ("row" for Wanda, "matrix" for magnitude and SparseGPT); "global" ranks all
     layers together (scored on the dense model, then pruned at once).
 
     Score-then-mask methods (gradient methods such as taylor, fisher, dual; any method at global
-    granularity) score the dense model, select the mask, then either zero the removed weights or,
-    with `reconstruct_with` (calibration blocks, e.g. a domain/general mix), keep that mask and
-    update the kept weights by OBS compensation block by block (SparseGPT's update with a fixed
-    mask).  Sweep methods (`dual-obs`) score the dense model on `calibration`, then choose the mask
-    inside SparseGPT's sweep with Hessians from `reconstruct_with` (default `calibration`), `lam`
-    weighing the OBS error against the importance (guided_sparsegpt).  `importance` reuses a saved
-    ImportanceMap instead of scoring again."""
+    granularity) score the dense model (carve.importance.score), select the mask, then either zero
+    the removed weights or, with `reconstruct_with` (calibration blocks, e.g. a domain/general
+    mix), keep that mask and update the kept weights by OBS compensation block by block
+    (SparseGPT's update with a fixed mask).  Sweep methods (`dual-obs`) score the dense model on
+    `calibration`, then choose the mask inside SparseGPT's sweep with Hessians from
+    `reconstruct_with` (default `calibration`), `lam` weighing the OBS error against the
+    importance (guided_sparsegpt).  `importance` reuses a saved ImportanceMap instead of scoring."""
     scorer = get_scorer(method)
     nm = parse_pattern(pattern)
     sparsity = check_sparsity(sparsity, nm)
     granularity = granularity or scorer.granularity
     if granularity not in GRANULARITIES:
         raise UsageError(f"granularity {granularity!r} is not one of {', '.join(GRANULARITIES)}")
-    check_propagation(propagation)
+    check_propagation(calib.propagation)
     global_ = granularity == "global" and nm is None
     check_method_options(scorer, global_, reconstruct_with is not None)
-    score_first = scores_first(scorer, global_, importance is not None, reconstruct_with is not None)
-    data = None if importance is not None else _needs_data(scorer, calibration)
-    if score_first:
-        if importance is None:
-            importance = score(
-                model,
-                method,
-                data,
-                include=include,
-                exclude=exclude,
-                batch_size=batch_size,
-                general_calibration=general_calibration,
-                lam=lam,
-                lr=lr,
-                calib_dtype=calib_dtype,
-            )
-        if scorer.sweep:
-            sweep_data = reconstruct_with if reconstruct_with is not None else calibration
-            if sweep_data is None:
-                raise UsageError(f"method {method!r} needs calibration text for its OBS sweep")
-            return guided_sparsegpt(
-                model,
-                sweep_data,
-                importance,
-                sparsity,
-                pattern=pattern,
-                granularity=granularity,
-                lam=lam,
-                include=include,
-                exclude=exclude,
-                batch_size=batch_size,
-                propagation=propagation,
-                calib_dtype=calib_dtype,
-            )
-        mask = select_mask(importance, sparsity, granularity, pattern)
-        if reconstruct_with is None:
-            apply_mask(model, mask)
-            return PruneResult(mask, importance=importance)
-        notes = reconstruct(
-            model,
-            mask,
-            reconstruct_with,
-            include=include,
-            exclude=exclude,
-            batch_size=batch_size,
-            propagation=propagation,
-            calib_dtype=calib_dtype,
-        )
-        return PruneResult(mask, notes, importance=importance)
+    result = _prune(model, scorer, sparsity, granularity, pattern, nm, global_, calibration, targets, calib,
+                    general_calibration, lam, lr, importance, reconstruct_with)  # fmt: skip
+    return replace(result, sparsity=sparsity)
 
+
+def _prune(
+    model: nn.Module,
+    scorer: Scorer,
+    sparsity: float,
+    granularity: str,
+    pattern: str | None,
+    nm: tuple[int, int] | None,
+    global_: bool,
+    calibration: torch.Tensor | None,
+    targets: Targets,
+    calib: Calibration,
+    general_calibration: torch.Tensor | None,
+    lam: float,
+    lr: float,
+    importance: ImportanceMap | None,
+    reconstruct_with: torch.Tensor | None,
+) -> PruneResult:
+    method = scorer.name
+    if not scores_first(scorer, global_, importance is not None, reconstruct_with is not None):
+        return _prune_blockwise(
+            model, scorer, sparsity, granularity, nm, needs_data(scorer, calibration), targets, calib
+        )
+    if importance is None:
+        importance = score(
+            model, method, calibration, targets=targets, calib=calib,
+            general_calibration=general_calibration, lam=lam, lr=lr,
+        )  # fmt: skip
+    if scorer.sweep:
+        sweep_data = reconstruct_with if reconstruct_with is not None else calibration
+        if sweep_data is None:
+            raise UsageError(f"method {method!r} needs calibration text for its OBS sweep")
+        return guided_sparsegpt(
+            model, sweep_data, importance, sparsity, pattern=pattern, granularity=granularity, lam=lam,
+            targets=targets, calib=calib,
+        )  # fmt: skip
+    mask = select_mask(importance, sparsity, granularity, pattern)
+    if reconstruct_with is None:
+        apply_mask(model, mask)
+        return PruneResult(mask, importance=importance)
+    notes = reconstruct(model, mask, reconstruct_with, targets=targets, calib=calib)
+    return PruneResult(mask, notes, importance=importance)
+
+
+def _prune_blockwise(
+    model: nn.Module,
+    scorer: Scorer,
+    sparsity: float,
+    granularity: str,
+    nm: tuple[int, int] | None,
+    data: torch.Tensor | None,
+    targets: Targets,
+    calib: Calibration,
+) -> PruneResult:
+    """Methods that choose each Linear's mask as they prune it (Wanda, SparseGPT, magnitude per
+    row or matrix), block by block through the layer-wise engine (no data: at once)."""
     keep: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
 
@@ -314,22 +208,12 @@ def prune(
 
     if data is None:
         with torch.no_grad():
-            prune_linears(all_prunable_linears(model, include, exclude), {})
+            prune_linears(targets.linears(model), {})
     else:
-        layerwise(
-            model,
-            data,
-            lambda _i, linears, stats: prune_linears(linears, stats),
-            scorer.statistic,
-            include,
-            exclude,
-            batch_size,
-            f"pruning ({method})",
-            propagation=propagation,
-            calib_dtype=calib_dtype,
-        )
+        on_block = lambda _i, linears, stats: prune_linears(linears, stats)  # noqa: E731
+        layerwise(model, data, on_block, scorer.statistic, targets, calib, f"pruning ({scorer.name})")
     if not keep:
-        raise UsageError(f"no Linear layers matched include={list(include)} exclude={list(exclude)}")
+        raise UsageError(f"no Linear layers matched include={list(targets.include)} exclude={list(targets.exclude)}")
     return PruneResult(Mask(keep), info)
 
 
@@ -338,27 +222,21 @@ def reconstruct(
     mask: Mask,
     calibration: torch.Tensor,
     *,
-    include: tuple[str, ...] = ("*",),
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
-    batch_size: int = 8,
-    propagation: str = "pruned",
-    calib_dtype: torch.dtype | None = None,
+    targets: Targets = DEFAULT_TARGETS,
+    calib: Calibration = DEFAULT_CALIBRATION,
 ) -> dict[str, dict[str, Any]]:
     """Impose `mask` and update the kept weights by OBS compensation (SparseGPT's column sweep
-    with the mask fixed), block by block (`propagation` as in `prune`), Hessians from
-    `calibration` (`calib_dtype` as in `prune`).  Returns per-Linear notes (damping retries)."""
-    check_propagation(propagation)
+    with the mask fixed), block by block (`calib` as in `prune`), Hessians from `calibration`.
+    Returns per-Linear notes (damping retries)."""
+    check_propagation(calib.propagation)
     return _obs_sweep(
         model,
         calibration,
-        include,
-        exclude,
-        batch_size,
+        targets,
+        calib,
         lambda pname, lin, W, factor: {
             "keep": as_param_layout(lin, mask[pname]).to(W.device) if pname in mask else None  # back to [out, in]
         },
-        propagation=propagation,
-        calib_dtype=calib_dtype,
     )
 
 
@@ -371,13 +249,10 @@ def guided_sparsegpt(
     pattern: str | None = None,
     granularity: str = "matrix",
     lam: float = 1.0,
-    include: tuple[str, ...] = ("*",),
-    exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
-    batch_size: int = 8,
-    propagation: str = "pruned",
-    calib_dtype: torch.dtype | None = None,
+    targets: Targets = DEFAULT_TARGETS,
+    calib: Calibration = DEFAULT_CALIBRATION,
 ) -> PruneResult:
-    """SparseGPT (Hessians from `calibration`, `propagation` and `calib_dtype` as in `prune`) whose mask is chosen by
+    """SparseGPT (Hessians from `calibration`, `calib` as in `prune`) whose mask is chosen by
     the weight's end-to-end error plus λ times its layer OBS error: w²·(a/U_jj² + C), where
     C = I/θ₀² comes from an importance I = C·θ₀² of the dense weights θ₀ (for `fisher`/`dual-obs`,
     C = ½·E[g²]) and a = λ · mean(I) / mean(θ₀²/U_jj²) per matrix, so that λ = 1 gives both terms
@@ -401,26 +276,22 @@ def guided_sparsegpt(
     def done(pname: str, lin: nn.Module, k: torch.Tensor) -> None:
         keep[pname] = as_param_layout(lin, k).cpu()
 
-    label = "pruning (OBS sweep, guided)"
-    info = _obs_sweep(model, calibration, include, exclude, batch_size, args, done, label, propagation, calib_dtype)
+    info = _obs_sweep(model, calibration, targets, calib, args, done, "pruning (OBS sweep, guided)")
     if not keep:
-        raise UsageError(f"no Linear layers matched include={list(include)} exclude={list(exclude)}")
+        raise UsageError(f"no Linear layers matched include={list(targets.include)} exclude={list(targets.exclude)}")
     return PruneResult(Mask(keep), info, importance=guide)
 
 
 def _obs_sweep(
     model: nn.Module,
     calibration: torch.Tensor,
-    include: tuple[str, ...],
-    exclude: tuple[str, ...],
-    batch_size: int,
+    targets: Targets,
+    calib: Calibration,
     args: Callable[[str, nn.Module, torch.Tensor, Any], dict[str, Any]],
     done: Callable[[str, nn.Module, torch.Tensor], None] | None = None,
     label: str = "reconstructing (OBS)",
-    propagation: str = "pruned",
-    calib_dtype: torch.dtype | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """SparseGPT's column sweep over every matched Linear, block by block (`propagation` as in
+    """SparseGPT's column sweep over every targeted Linear, block by block (`calib` as in
     `prune`); `args(pname, lin, W, factor)` gives each Linear's keyword arguments (a
     fixed `keep`, or a `guide` with sparsity/pattern; `{"keep": None}` leaves the Linear alone);
     `done(pname, lin, keep)` receives each Linear's mask."""
@@ -442,7 +313,7 @@ def _obs_sweep(
             if notes:
                 info[pname] = notes
 
-    layerwise(model, calibration, on_block, Hessian, include, exclude, batch_size, label, propagation, calib_dtype)
+    layerwise(model, calibration, on_block, Hessian, targets, calib, label)
     return info
 
 

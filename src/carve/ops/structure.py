@@ -18,8 +18,9 @@ loss least (slower, much better on the embedded default: bench/depth_rules.py).
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,11 +28,12 @@ from torch import nn
 
 from carve.engines.blocks import block_distances, calibration_loss, greedy_drop_order, input_means
 from carve.errors import UsageError
+from carve.masks.mask import ImportanceMap
 from carve.models.anatomy import ATTENTION, MLP, anatomy, compensable, text_config
 from carve.ops.plan import (
-    DEFAULT_DROP_RULE,
     Plan,
     Shape,
+    ShapeTarget,
     candidate_shapes,
     check_drop_rule,
     decoder_params,
@@ -194,68 +196,69 @@ def search_plan(
 
 @dataclass
 class StructureResult:
+    """The Outcome of structured extraction (see ops.outcome)."""
+
     plan: Plan
-    importance: Any  # the ImportanceMap the units were ranked by
+    importance: ImportanceMap | None  # the scores the units were ranked by
     distances: torch.Tensor | None  # block distances, when dropping blocks by the distance rule was considered
     drop_order: list[int] | None = None  # the blocks in the order the drop rule removes them
     greedy_losses: list[float] | None = None  # the greedy rule's calibration loss after each removal
 
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        config = text_config(model)
+        keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+        distances = None if self.distances is None else [round(x, 5) for x in self.distances.tolist()]
+        return {
+            "structure": {
+                **self.plan.describe(),
+                "config": {k: getattr(config, k, None) for k in keys},
+                "block_distances": distances,
+                "drop_order": self.drop_order,
+                "greedy_losses": self.greedy_losses,
+            }
+        }
+
+    def save(self, directory: Path) -> None:
+        """The kept units are in the manifest and the sliced model itself: no file of its own."""
+
 
 def structure(
     model: nn.Module,
-    method: str,
+    importance: ImportanceMap | Callable[[], ImportanceMap],
     calibration: torch.Tensor,
+    target: ShapeTarget,
     *,
-    keep: float | None = None,
-    mlp_keep: float | None = None,
-    heads_keep: float | None = None,
-    drop_blocks: int | None = None,
-    drop_rule: str = DEFAULT_DROP_RULE,
-    general_calibration: torch.Tensor | None = None,
-    lam: float = 1.0,
-    lr: float = 0.0,
-    importance: Any = None,
     batch_size: int = 8,
     search_blocks: int = 8,
     distance_blocks: int = 16,
     greedy_blocks: int = 2,
-    bias_compensation: bool = False,
 ) -> StructureResult:
-    """Score the weights with `method`, rank channels / key-value groups / blocks, choose the
-    split (the candidate shapes within `keep` with the lowest loss on `search_blocks`
+    """Rank channels / key-value groups by `importance` (a map, or a function computing one,
+    called once the model and target have been checked) and blocks by the drop rule, choose the
+    split (the candidate shapes within `target.keep` with the lowest loss on `search_blocks`
     calibration blocks, explicit targets held), and slice `model` in place; with
-    `bias_compensation`, removed units' mean contributions become biases (FLAP).  Blocks are
-    dropped by `drop_rule`: "distance" (least-changing first, on `distance_blocks` calibration
-    blocks) or "greedy" (`greedy_drop_order` on `greedy_blocks`)."""
-    from carve.ops.prune import score
-
+    `target.bias_compensation`, removed units' mean contributions become biases (FLAP).  Blocks
+    are dropped by `target.drop_rule`: "distance" (least-changing first, on `distance_blocks`
+    calibration blocks) or "greedy" (`greedy_drop_order` on `greedy_blocks`)."""
     anat = anatomy(model)  # refuses an unsupported architecture before any long work
-    if bias_compensation and not compensable(model):
+    if target.bias_compensation and not compensable(model):
         raise UsageError(
             f"{type(model).__name__}'s config has neither mlp_bias nor attention_bias: the removed units' "
             "contribution cannot be kept as a bias (bias compensation works for Llama, and Gemma3 attention)"
         )
-    check_drop_rule(drop_rule)
-    shapes = candidate_shapes(anat, keep, mlp_keep, heads_keep, drop_blocks)
-    if importance is None:
-        importance = score(
-            model,
-            method,
-            calibration,
-            batch_size=batch_size,
-            general_calibration=general_calibration,
-            lam=lam,
-            lr=lr,
-        )
-    groups, channels = unit_importance(importance, anat)
+    check_drop_rule(target.drop_rule)
+    shapes = candidate_shapes(anat, target.keep, target.mlp_keep, target.heads_keep, target.drop_blocks)
+    scores = importance() if callable(importance) else importance
+    groups, channels = unit_importance(scores, anat)
     distances, order, losses = None, None, None
     most = max(s.drop_blocks for s in shapes)
-    if most and drop_rule == "greedy":
+    if most and target.drop_rule == "greedy":
         order, losses = greedy_drop_order(model, evenly_spaced(calibration, greedy_blocks), most)
     elif most:
         distances = block_distances(model, evenly_spaced(calibration, distance_blocks), batch_size)
         order = distances.argsort().tolist()
-    means = input_means(model, evenly_spaced(calibration, distance_blocks), batch_size) if bias_compensation else None
+    spread = evenly_spaced(calibration, distance_blocks)
+    means = input_means(model, spread, batch_size) if target.bias_compensation else None
     plan = search_plan(model, shapes, groups, channels, order, evenly_spaced(calibration, search_blocks), means)
     apply_plan(model, plan, means)
-    return StructureResult(plan, importance, distances, order, losses)
+    return StructureResult(plan, scores, distances, order, losses)

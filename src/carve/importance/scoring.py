@@ -1,0 +1,144 @@
+"""The importance a pruning method scores (carve.scorers' registry) as an ImportanceMap: the
+importance layer's entry point for every extraction method, kept apart from the pruning op.
+
+One function per kind of scorer, each feeding the scorer's pure maths from one engine:
+- weight scorers (magnitude): the weights alone;
+- activation scorers (wanda, sparsegpt): the layer-wise engine's statistics of each Linear's
+  inputs, on the dense model (`propagation="dense"`);
+- gradient scorers (taylor, fisher, dual-obs): the gradient engine's per-weight statistics of
+  the next-token loss;
+- dual (D-Pruner): the general importance Ĝ (SparseGPT's OBS saliency on open-domain text,
+  normalized per matrix) first, then the domain gradient statistics, with SGD steps under the
+  refined loss's penalty 2λĜ(θ − θ₀) when `lr > 0`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from carve.engines.gradient import STATISTICS, accumulate_gradients
+from carve.engines.layerwise import layerwise
+from carve.errors import UsageError
+from carve.masks.mask import ImportanceMap
+from carve.models.arch import as_param_layout, weight_matrix
+from carve.scorers.gradient import normalized
+from carve.scorers.registry import Scorer, get_scorer
+from carve.settings import DEFAULT_CALIBRATION, DEFAULT_TARGETS, Calibration, Targets
+
+
+def needs_data(scorer: Scorer, calibration: torch.Tensor | None) -> torch.Tensor | None:
+    """The calibration blocks a scorer needs (None for weight scorers), or a clear error."""
+    if scorer.kind == "weight":
+        return None
+    if calibration is None or calibration.numel() == 0:
+        raise UsageError(f"method {scorer.name!r} needs calibration text")
+    return calibration
+
+
+def score(
+    model: nn.Module,
+    method: str,
+    calibration: torch.Tensor | None = None,
+    *,
+    targets: Targets = DEFAULT_TARGETS,
+    calib: Calibration = DEFAULT_CALIBRATION,
+    general_calibration: torch.Tensor | None = None,
+    lam: float = 1.0,
+    lr: float = 0.0,
+) -> ImportanceMap:
+    """Importance of every targeted weight under `method`, on the dense model (no pruning).
+
+    `dual` also needs `general_calibration` (open-domain text) and takes `lam` (λ, the weight of
+    general importance) and `lr` (SGD steps while accumulating).  `calib.dtype` runs the
+    layer-wise passes' forwards under autocast (see carve.engines.layerwise); the gradient engine
+    computes in the model's dtype."""
+    scorer = get_scorer(method)
+    data = needs_data(scorer, calibration)
+    linears = targets.linears(model)
+    meta: dict[str, Any] = {"scorer": method}
+    if data is None:
+        scores = weight_scores(scorer, linears)
+    elif scorer.needs_general:
+        if general_calibration is None or general_calibration.numel() == 0:
+            raise UsageError(f"method {scorer.name!r} needs general (open-domain) calibration text")
+        general = general_importance(model, general_calibration, targets, calib)
+        scores = gradient_scores(model, scorer, linears, data, general=general, lam=lam, lr=lr)
+        meta.update(lam=lam, lr=lr)
+    elif scorer.gradient is not None:
+        scores = gradient_scores(model, scorer, linears, data)
+    else:
+        scores = activation_scores(model, scorer, data, targets, calib)
+    meta["transposed"] = [f"{n}.weight" for n, lin in linears.items() if not isinstance(lin, nn.Linear)]
+    return ImportanceMap(scores, meta)
+
+
+def weight_scores(scorer: Scorer, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    return {f"{n}.weight": as_param_layout(lin, scorer.score(weight_matrix(lin), None)).cpu()
+            for n, lin in linears.items()}  # fmt: skip
+
+
+def activation_scores(
+    model: nn.Module, scorer: Scorer, data: torch.Tensor, targets: Targets, calib: Calibration
+) -> dict[str, torch.Tensor]:
+    """Scores from each Linear's input statistics, on the dense model's activations."""
+    scores: dict[str, torch.Tensor] = {}
+
+    def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
+        for name, lin in linears.items():
+            scores[f"{name}.weight"] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats[name])).cpu()
+
+    dense = Calibration(calib.batch_size, "dense", calib.dtype)
+    layerwise(model, data, on_block, scorer.statistic, targets, dense, f"scoring ({scorer.name})")
+    return scores
+
+
+def general_importance(
+    model: nn.Module, general: torch.Tensor, targets: Targets, calib: Calibration
+) -> dict[str, torch.Tensor]:
+    """Ĝ = G / mean(G) per matrix, G SparseGPT's OBS saliency on open-domain text (D-Pruner's
+    general importance), in each parameter's layout."""
+    G = activation_scores(model, get_scorer("sparsegpt"), general, targets, calib)
+    return {k: normalized(v) for k, v in G.items()}
+
+
+def gradient_scores(
+    model: nn.Module,
+    scorer: Scorer,
+    linears: dict[str, nn.Module],
+    data: torch.Tensor,
+    *,
+    general: dict[str, torch.Tensor] | None = None,
+    lam: float = 1.0,
+    lr: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """Scores from the gradient engine's statistics of the next-token loss on `data`; with
+    `general` (dual), each score also gets Ĝ and λ, and steps (`lr > 0`) take the refined loss's
+    penalty gradient 2λĜ(θ − θ₀)."""
+    assert scorer.gradient is not None
+    wanted = scorer.gradient
+    general = general or {}
+
+    def penalty(name: str, w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+        return 2 * lam * general[name].to(w.device) * (w - w0)
+
+    grads = accumulate_gradients(
+        model,
+        data,
+        [f"{n}.weight" for n in linears],
+        {s: STATISTICS[s] for s in wanted},
+        lr=lr,
+        penalty=penalty if general else None,
+        desc=f"gradients ({scorer.name})",
+    )
+    scores = {}
+    for name, lin in linears.items():
+        pname = f"{name}.weight"
+        # statistics and Ĝ are popped as each score is written: memory stays one set of maps
+        stats: dict[str, Any] = {s: as_param_layout(lin, grads.stats[s].pop(pname)) for s in wanted}
+        if pname in general:
+            stats.update(general=as_param_layout(lin, general.pop(pname)), **{"lambda": lam})
+        scores[pname] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats)).cpu()
+    return scores
