@@ -115,12 +115,12 @@ def test_overwrite_replaces_atomically(tmp_path: Path, model_dir: Path, small_co
 
 
 def test_interrupt_leaves_nothing(tmp_path: Path, model_dir: Path, small_corpus: Path, monkeypatch) -> None:
-    import carve.pipeline
+    import carve.job
 
     def interrupted(*_a: object, **_k: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(carve.pipeline, "write_json", interrupted)  # dies mid-save
+    monkeypatch.setattr(carve.job, "write_json", interrupted)  # dies mid-save
     out = tmp_path / "out"
     assert _extract(model_dir, small_corpus, out, "--method", "magnitude") == 130
     assert _nothing_written(tmp_path, out)

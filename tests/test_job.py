@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import carve
+import carve.job
 import carve.output
 import carve.pipeline
 from carve.corpora import Corpus
@@ -112,7 +113,7 @@ def test_extract_crashing_at_each_write_leaves_the_old_output_whole(
         (carve.pipeline, "save_model_files"),
         (carve.ImportanceMap, "save"),
         (carve.Mask, "save"),
-        (carve.pipeline, "write_json"),
+        (carve.job, "write_json"),
         (carve.output, "replace_path"),
     ]
     target, name = writes[crash_at]

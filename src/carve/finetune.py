@@ -22,20 +22,20 @@ from carve.engines.gradient import bound_heap_retention, next_token_loss
 from carve.errors import UsageError
 from carve.job import (
     Stages,
-    calibration_data,
+    describe_blocks,
     evaluate_source,
     held_out_data,
     manifest_head,
     metrics_of,
-    peak_rss_mb,
     save_model_files,
-    tensor_fingerprint,
+    training_blocks,
+    write_output,
 )
 from carve.models import LoadedModel, count_parameters, load_model
 from carve.models.arch import DEFAULT_EXCLUDE
 from carve.ops.finetune import Trainable, add_lora, lora_rank_for, sparse_delta, trainable_mask
-from carve.ops.train import Schedule, check_checkpoint, remove_checkpoint, train
-from carve.output import atomic_output_dir, check_output, write_json
+from carve.ops.train import Schedule, check_checkpoint, remove_checkpoint, train, trainable_parameters
+from carve.output import check_output
 from carve.settings import flag
 
 # peak learning rates by what is trained: a sparse subset takes larger steps than the whole
@@ -119,8 +119,7 @@ def _what_to_train(
     if spec.kind == "lora":
         rank = lora_rank_for(lm.model, recipe.density, targets)
         model = add_lora(lm.model, rank, targets)
-        trainable = {n: None for n, p in model.named_parameters() if p.requires_grad}
-        return model, trainable, {"kind": "lora", "lora_rank": rank}
+        return model, trainable_parameters(model), {"kind": "lora", "lora_rank": rank}
     mask = trainable_mask(
         lm.model, spec, recipe.density, targets, rank=recipe.rank, seed=recipe.seed, model_fingerprint=lm.fingerprint
     )
@@ -151,9 +150,7 @@ def finetune(
         lm = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
     with stage("tokenize"):
         n = recipe.steps * recipe.batch_size
-        train_blocks = calibration_data(lm.tokenizer, domain, general, n, recipe.block_len, recipe.mix, recipe.seed)
-        order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(recipe.seed))
-        train_blocks = train_blocks[order]
+        train_blocks = training_blocks(lm.tokenizer, domain, general, n, recipe.block_len, recipe.mix, recipe.seed)
         held_out = held_out_data(
             lm.tokenizer, domain, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items
         )
@@ -180,38 +177,22 @@ def finetune(
         "data": {
             "domain": domain.describe(),
             "general": general.describe(),
-            "train": {
-                "blocks": len(train_blocks),
-                "general_blocks": round(recipe.mix * n),
-                "block_len": recipe.block_len,
-                "tokens": int(train_blocks.numel()),
-                "fingerprint": tensor_fingerprint(train_blocks),
-            },
+            "train": describe_blocks(train_blocks, recipe.mix),
             "eval": held_out.describe(),
         },
         "trainable": {**info, "parameters": result.trained_entries},
-        "training": {
-            "steps": recipe.steps,
-            "lr": schedule.lr,
-            "tokens": recipe.steps * recipe.batch_size * recipe.block_len,
-            "optimizer_state_mb": result.optimizer_state_mb,
-            "resumed_from_step": result.resumed_from_step,
-            "loss_first": result.losses[0] if result.losses else None,
-            "loss_last": result.losses[-1] if result.losses else None,
-            "losses": result.losses,
-        },
+        "training": result.describe(schedule, recipe.block_len),
         "metrics": {"before": before, "after": after, "before_from_cache": cached},
         "size": {"parameters": count_parameters(model)},
     }
-    with atomic_output_dir(out, overwrite) as tmp:
-        with stage("save"):
-            if recipe.save_delta:
-                _save_delta(tmp, model, base, lm, manifest)
-            else:
-                save_model_files(tmp, model, lm.tokenizer, manifest)
-        manifest["timings_s"] = stage.seconds
-        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        write_json(tmp / "carve.json", manifest)
+
+    def files(tmp: Path) -> None:
+        if recipe.save_delta:
+            _save_delta(tmp, model, base, lm, manifest)
+        else:
+            save_model_files(tmp, model, lm.tokenizer, manifest)
+
+    write_output(out, overwrite, manifest, stage, files)
     remove_checkpoint(ckpt)
     return manifest
 

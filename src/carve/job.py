@@ -16,7 +16,7 @@ import os
 import platform
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +28,7 @@ from carve.corpora import Corpus
 from carve.errors import UsageError
 from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
 from carve.models import LoadedModel
-from carve.output import write_json
+from carve.output import atomic_output_dir, write_json
 
 
 def peak_rss_mb() -> float:
@@ -162,6 +162,38 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
+
+
+def training_blocks(
+    tokenizer: Any, domain: Corpus, general: Corpus, n: int, length: int, mix: float, seed: int
+) -> torch.Tensor:
+    """`n` training blocks of `length` tokens (round(mix·n) general), in an order shuffled with `seed`."""
+    blocks = calibration_data(tokenizer, domain, general, n, length, mix, seed)
+    return blocks[torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))]
+
+
+def describe_blocks(blocks: torch.Tensor, mix: float) -> dict[str, Any]:
+    """A manifest's record of a set of token blocks: enough to rebuild and check them."""
+    return {
+        "blocks": len(blocks),
+        "general_blocks": round(mix * len(blocks)),
+        "block_len": blocks.shape[1],
+        "tokens": int(blocks.numel()),
+        "fingerprint": tensor_fingerprint(blocks),
+    }
+
+
+def write_output(
+    out: str | Path, overwrite: bool, manifest: dict[str, Any], stage: Stages, files: Callable[[Path], None]
+) -> None:
+    """The one writer of every job's output: `files(tmp)` and carve.json into a temporary
+    directory, published by one rename (a crash leaves the old output or the new one)."""
+    with atomic_output_dir(out, overwrite) as tmp:
+        with stage("save"):
+            files(tmp)
+        manifest["timings_s"] = stage.seconds
+        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        write_json(tmp / "carve.json", manifest)
 
 
 def cache_dir() -> Path:

@@ -29,6 +29,7 @@ from carve.job import (  # noqa: F401  - the shared job skeleton (re-exported fo
     save_model_files,
     tensor_fingerprint,
     versions,
+    write_output,
 )
 from carve.masks.mask import ImportanceMap
 from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
@@ -39,7 +40,7 @@ from carve.ops.outcome import Outcome
 from carve.ops.plan import DEFAULT_DROP_RULE, DROP_RULES, ShapeTarget, check_drop_rule
 from carve.ops.prune import PROPAGATIONS, PruneResult, check_method_options, check_propagation, prune, scores_first
 from carve.ops.structure import structure
-from carve.output import atomic_file, atomic_output_dir, check_output, write_json
+from carve.output import atomic_file, check_output
 from carve.scorers import SCORERS, get_scorer
 from carve.settings import Calibration, Targets, flag
 
@@ -433,12 +434,11 @@ def _write_output(
     out: str | Path, overwrite: bool, lm: LoadedModel, outcome: Outcome, manifest: dict[str, Any], stage: Stages
 ) -> None:
     """Model, tokenizer, the outcome's files, importance and carve.json, published by one rename."""
-    with atomic_output_dir(out, overwrite) as tmp:
-        with stage("save"):
-            save_model_files(tmp, lm.model, lm.tokenizer, manifest)
-            outcome.save(tmp)
-            if outcome.importance is not None:
-                outcome.importance.save(tmp / "importance.safetensors")
-        manifest["timings_s"] = stage.seconds
-        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        write_json(tmp / "carve.json", manifest)
+
+    def files(tmp: Path) -> None:
+        save_model_files(tmp, lm.model, lm.tokenizer, manifest)
+        outcome.save(tmp)
+        if outcome.importance is not None:
+            outcome.importance.save(tmp / "importance.safetensors")
+
+    write_output(out, overwrite, manifest, stage, files)

@@ -25,22 +25,22 @@ from torch import nn
 
 from carve.corpora import Corpus
 from carve.errors import UsageError
-from carve.models import LoadedModel, count_parameters, load_model
-from carve.ops.distill import distill_loss, reapply_masks, sparsity_masks
-from carve.ops.finetune import add_lora
-from carve.ops.train import Schedule, check_checkpoint, remove_checkpoint, train
-from carve.output import atomic_output_dir, check_output, write_json
-from carve.pipeline import (
+from carve.job import (
     Stages,
-    calibration_data,
+    describe_blocks,
     evaluate_source,
     held_out_data,
     manifest_head,
     metrics_of,
-    peak_rss_mb,
     save_model_files,
-    tensor_fingerprint,
+    training_blocks,
+    write_output,
 )
+from carve.models import LoadedModel, count_parameters, load_model
+from carve.ops.distill import distill_loss, reapply_masks, sparsity_masks
+from carve.ops.finetune import add_lora
+from carve.ops.train import Schedule, check_checkpoint, remove_checkpoint, train, trainable_parameters
+from carve.output import check_output
 from carve.settings import flag
 
 
@@ -146,9 +146,7 @@ def recover(
     tok = student.tokenizer
     with stage("tokenize"):
         n = recipe.steps * recipe.batch_size
-        train_blocks = calibration_data(tok, domain, general, n, recipe.block_len, recipe.mix, recipe.seed)
-        order = torch.randperm(len(train_blocks), generator=torch.Generator().manual_seed(recipe.seed))
-        train_blocks = train_blocks[order]
+        train_blocks = training_blocks(tok, domain, general, n, recipe.block_len, recipe.mix, recipe.seed)
         held_out = held_out_data(tok, evaluated, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items)
     with stage("evaluate_before"):
         before, cached = evaluate_source(student, held_out, cache=cache)
@@ -156,7 +154,7 @@ def recover(
     masks = sparsity_masks(model)
     if recipe.lora:
         model = add_lora(model, recipe.lora)
-        trainable: dict[str, torch.Tensor | None] = {n: None for n, p in model.named_parameters() if p.requires_grad}
+        trainable = trainable_parameters(model)
     else:  # every parameter, the pruned matrices only where they are not zero: zeros stay zeros
         trainable = {n: masks.get(n) for n, _ in model.named_parameters()}
     assert recipe.lr is not None
@@ -181,7 +179,6 @@ def recover(
             model, train_blocks, loss_fn, trainable, schedule,
             checkpoint=ckpt, resume=resume, on_step=on_step, desc="distillation",
         )  # fmt: skip
-    losses = result.losses
     model.eval()
     if recipe.lora:
         model = model.merge_and_unload()  # type: ignore[operator]
@@ -195,26 +192,8 @@ def recover(
     manifest: dict[str, Any] = {
         **manifest_head("recover", student, recipe),
         "teacher": {"model": teacher.source, "fingerprint": teacher.fingerprint},
-        "data": {
-            "train": {
-                "blocks": len(train_blocks),
-                "general_blocks": round(recipe.mix * n),
-                "block_len": recipe.block_len,
-                "tokens": int(train_blocks.numel()),
-                "fingerprint": tensor_fingerprint(train_blocks),
-            },
-            "eval": held_out.describe(),
-        },
-        "training": {
-            "steps": recipe.steps,
-            "tokens": recipe.steps * recipe.batch_size * recipe.block_len,
-            "trainable_parameters": result.trained_entries,
-            "optimizer_state_mb": result.optimizer_state_mb,
-            "resumed_from_step": result.resumed_from_step,
-            "loss_first": losses[0] if losses else None,
-            "loss_last": losses[-1] if losses else None,
-            "losses": losses,
-        },
+        "data": {"train": describe_blocks(train_blocks, recipe.mix), "eval": held_out.describe()},
+        "training": result.describe(schedule, recipe.block_len),
         "sparsity": {
             "masked_weights": len(masks),  # pruned matrices trained with masked updates
             "zero_share_before": round(sum(int((~m).sum()) for m in masks.values()) / masked, 6) if masks else 0.0,
@@ -224,11 +203,6 @@ def recover(
         "metrics": {"dense": dense, "before": before, "after": after, "before_from_cache": cached},
         "size": {"parameters": count_parameters(model)},
     }
-    with atomic_output_dir(out, overwrite) as tmp:
-        with stage("save"):
-            save_model_files(tmp, student.model, tok, manifest)
-        manifest["timings_s"] = stage.seconds
-        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
-        write_json(tmp / "carve.json", manifest)
+    write_output(out, overwrite, manifest, stage, lambda tmp: save_model_files(tmp, student.model, tok, manifest))
     remove_checkpoint(ckpt)
     return manifest

@@ -198,6 +198,25 @@ class TrainResult:
     resumed_from_step: int | None = None
     grad_norms: list[float] = field(default_factory=list)
 
+    def describe(self, schedule: Schedule, block_len: int) -> dict[str, Any]:
+        """The manifest's `training` section."""
+        return {
+            "steps": schedule.steps,
+            "lr": schedule.lr,
+            "tokens": schedule.steps * schedule.batch_size * block_len,
+            "trainable_parameters": self.trained_entries,
+            "optimizer_state_mb": self.optimizer_state_mb,
+            "resumed_from_step": self.resumed_from_step,
+            "loss_first": self.losses[0] if self.losses else None,
+            "loss_last": self.losses[-1] if self.losses else None,
+            "losses": self.losses,
+        }
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Every parameter that requires a gradient, trained whole (e.g. a PEFT model's adapters)."""
+    return {n: None for n, p in model.named_parameters() if p.requires_grad}
+
 
 def _save_checkpoint(path: Path, opt: MaskedAdamW, step: int, losses: list[float]) -> None:
     from safetensors.torch import save_file
