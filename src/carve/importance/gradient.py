@@ -18,6 +18,7 @@ from torch import nn
 from carve.engines.gradient import accumulate_gradients, next_token_loss
 from carve.errors import UsageError
 from carve.importance.registry import importance_source
+from carve.scorers.gradient import fisher_score
 
 OBJECTIVES = ("lm", "kl")
 
@@ -35,12 +36,7 @@ def kl_to(teacher: nn.Module) -> Any:
     return loss
 
 
-@importance_source(
-    "fisher",
-    paper="LeCun et al., Optimal Brain Damage (1990), with the empirical Fisher as Hessian diagonal",
-    url="https://proceedings.neurips.cc/paper/1989/hash/6c9882bbac1c7093bd25041881277658-Abstract.html",
-    needs=("data",),
-)
+@importance_source("fisher", scorer="fisher", needs=("data",))
 def fisher(
     model: nn.Module,
     linears: dict[str, nn.Module],
@@ -60,7 +56,7 @@ def fisher(
     params = dict(model.named_parameters())
     ref = dict(reference.named_parameters()) if reference is not None else {}
     out = {}
-    for n in names:
+    for n in names:  # the fisher scorer's maths, on the distance to the reference point
         delta = params[n].detach().float() - (ref[n].detach().float() if n in ref else 0.0)
-        out[n] = (0.5 * stats.stats["grad_sq"][n] * delta.square()).cpu()
+        out[n] = fisher_score(delta, {"grad_sq": stats.stats["grad_sq"][n]}).cpu()
     return out

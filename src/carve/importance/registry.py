@@ -38,9 +38,14 @@ SOURCES: dict[str, Source] = {}
 
 
 def importance_source(
-    name: str, *, paper: str, url: str, needs: tuple[str, ...] = ()
+    name: str, *, paper: str = "", url: str = "", needs: tuple[str, ...] = (), scorer: str | None = None
 ) -> Callable[[SourceFn], SourceFn]:
-    """Register `fn` as the importance source `name`."""
+    """Register `fn` as the importance source `name`; `scorer`: a pruning scorer whose maths the
+    source shares, and so its paper and URL (one citation, one place)."""
+    if scorer is not None:
+        from carve.scorers import get_scorer
+
+        paper, url = get_scorer(scorer).paper, get_scorer(scorer).url
 
     def deco(fn: SourceFn) -> SourceFn:
         SOURCES[name] = Source(name, paper, url, fn, needs)

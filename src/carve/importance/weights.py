@@ -7,6 +7,7 @@ from torch import nn
 
 from carve.errors import UsageError
 from carve.importance.registry import importance_source
+from carve.scorers.magnitude import magnitude_score
 
 
 def _weight(lin: nn.Module) -> torch.Tensor:
@@ -15,14 +16,10 @@ def _weight(lin: nn.Module) -> torch.Tensor:
     return w.detach()
 
 
-@importance_source(
-    "magnitude",
-    paper="Han et al., Learning both Weights and Connections for Efficient Neural Networks (2015)",
-    url="https://arxiv.org/abs/1506.02626",
-)
+@importance_source("magnitude", scorer="magnitude")
 def magnitude(model: nn.Module, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """|θ|."""
-    return {f"{n}.weight": _weight(lin).abs().float().cpu() for n, lin in linears.items()}
+    """|θ| (the magnitude scorer's maths)."""
+    return {f"{n}.weight": magnitude_score(_weight(lin), None).cpu() for n, lin in linears.items()}
 
 
 @importance_source("random", paper="uniform random scores (the control of every masking paper)", url="")

@@ -1,9 +1,32 @@
-"""Scoring and unstructured / N:M pruning of a model's decoder Linear layers."""
+"""Unstructured / N:M pruning of a model's decoder Linear layers, from masks chosen by a
+method's scores (carve.importance) or inside SparseGPT's OBS sweep.
+
+Kinds of method:
+- block-wise (Wanda, SparseGPT, magnitude per row or matrix): each Linear's mask is chosen as
+  it is pruned, block by block through the layer-wise engine;
+- score-then-mask (gradient methods such as taylor, fisher, dual; any method at global
+  granularity; any reused importance map): the dense model is scored, the mask selected, then
+  the removed weights zeroed, or with a reconstruction the kept ones updated by OBS compensation
+  (SparseGPT's update with the mask fixed);
+- sweep (dual-obs): the dense model is scored, then the mask chosen inside SparseGPT's sweep by
+  the importance plus λ times the layer's OBS error (guided_sparsegpt).
+
+Calibration (`carve.settings.Calibration`): `propagation="pruned"` (the papers' sequential
+propagation) calibrates each block on the outputs of the already-pruned blocks before it: two
+passes per block.  `"dense"` calibrates every block on the dense model's activations: one pass
+per block, faster, usually a little less accurate.  `"fused"` goes further than `"pruned"` in one
+pass: a single forward of all calibration blocks at once, each Linear pruned as its input
+arrives, so later Linears of the same block see it pruned too (GPTQ's "true sequential" order);
+every matmul runs once, but one block's activations for the whole calibration set are held at
+once.  `dtype` (e.g. bfloat16 for a float32 model) runs the calibration forwards under autocast
+in it; statistics, scoring and pruning stay in float32 and the weights in the model's dtype (see
+carve.engines.layerwise).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,29 +125,14 @@ def prune(
     importance: ImportanceMap | None = None,
     reconstruct_with: torch.Tensor | None = None,
 ) -> PruneResult:
-    """Prune the targeted decoder Linear layers in place.
-
-    Layer-wise methods run block by block.  `calib.propagation="pruned"` (the papers' sequential
-    propagation) calibrates each block on the outputs of the already-pruned blocks before it: two
-    passes per block.  `"dense"` calibrates every block on the dense model's activations: one
-    pass per block, faster, usually a little less accurate.  `"fused"` goes further than
-    `"pruned"` in one pass: a single forward of all calibration blocks at once, each Linear pruned
-    as its input arrives, so later Linears of the same block see it pruned too (GPTQ's "true
-    sequential" order); every matmul runs once, but one block's activations for the whole
-    calibration set are held at once.  `calib.dtype` (e.g. bfloat16 for a float32 model) runs the
-    calibration forwards under autocast in it; statistics, scoring and pruning stay in float32 and
-    the weights in the model's dtype (see carve.engines.layerwise).  `granularity` defaults to the
-    method's paper ("row" for Wanda, "matrix" for magnitude and SparseGPT); "global" ranks all
-    layers together (scored on the dense model, then pruned at once).
-
-    Score-then-mask methods (gradient methods such as taylor, fisher, dual; any method at global
-    granularity) score the dense model (carve.importance.score), select the mask, then either zero
-    the removed weights or, with `reconstruct_with` (calibration blocks, e.g. a domain/general
-    mix), keep that mask and update the kept weights by OBS compensation block by block
-    (SparseGPT's update with a fixed mask).  Sweep methods (`dual-obs`) score the dense model on
-    `calibration`, then choose the mask inside SparseGPT's sweep with Hessians from
-    `reconstruct_with` (default `calibration`), `lam` weighing the OBS error against the
-    importance (guided_sparsegpt).  `importance` reuses a saved ImportanceMap instead of scoring."""
+    """Prune the targeted decoder Linear layers in place (`calib` and the kinds of method: see
+    the module docstring).  `granularity` defaults to the method's paper ("row" for Wanda,
+    "matrix" for magnitude and SparseGPT); "global" ranks all layers together (scored on the
+    dense model, then pruned at once).  `reconstruct_with`: calibration blocks (e.g. a
+    domain/general mix) whose Hessians update the kept weights of a score-then-mask method by
+    OBS compensation, or feed a sweep method's sweep (default `calibration`); `lam` weighs a
+    sweep's OBS error against the importance; `importance` reuses a saved ImportanceMap;
+    `general_calibration`, `lam` and `lr` are dual's (carve.importance.score)."""
     scorer = get_scorer(method)
     nm = parse_pattern(pattern)
     sparsity = check_sparsity(sparsity, nm)
@@ -134,33 +142,9 @@ def prune(
     check_propagation(calib.propagation)
     global_ = granularity == "global" and nm is None
     check_method_options(scorer, global_, reconstruct_with is not None)
-    result = _prune(model, scorer, sparsity, granularity, pattern, nm, global_, calibration, targets, calib,
-                    general_calibration, lam, lr, importance, reconstruct_with)  # fmt: skip
-    return replace(result, sparsity=sparsity)
-
-
-def _prune(
-    model: nn.Module,
-    scorer: Scorer,
-    sparsity: float,
-    granularity: str,
-    pattern: str | None,
-    nm: tuple[int, int] | None,
-    global_: bool,
-    calibration: torch.Tensor | None,
-    targets: Targets,
-    calib: Calibration,
-    general_calibration: torch.Tensor | None,
-    lam: float,
-    lr: float,
-    importance: ImportanceMap | None,
-    reconstruct_with: torch.Tensor | None,
-) -> PruneResult:
-    method = scorer.name
     if not scores_first(scorer, global_, importance is not None, reconstruct_with is not None):
-        return _prune_blockwise(
-            model, scorer, sparsity, granularity, nm, needs_data(scorer, calibration), targets, calib
-        )
+        data = needs_data(scorer, calibration)
+        return _prune_blockwise(model, scorer, sparsity, granularity, nm, data, targets, calib)
     if importance is None:
         importance = score(
             model, method, calibration, targets=targets, calib=calib,
@@ -177,9 +161,9 @@ def _prune(
     mask = select_mask(importance, sparsity, granularity, pattern)
     if reconstruct_with is None:
         apply_mask(model, mask)
-        return PruneResult(mask, importance=importance)
+        return PruneResult(mask, importance=importance, sparsity=sparsity)
     notes = reconstruct(model, mask, reconstruct_with, targets=targets, calib=calib)
-    return PruneResult(mask, notes, importance=importance)
+    return PruneResult(mask, notes, importance=importance, sparsity=sparsity)
 
 
 def _prune_blockwise(
@@ -212,9 +196,7 @@ def _prune_blockwise(
     else:
         on_block = lambda _i, linears, stats: prune_linears(linears, stats)  # noqa: E731
         layerwise(model, data, on_block, scorer.statistic, targets, calib, f"pruning ({scorer.name})")
-    if not keep:
-        raise UsageError(f"no Linear layers matched include={list(targets.include)} exclude={list(targets.exclude)}")
-    return PruneResult(Mask(keep), info)
+    return PruneResult(_matched(keep, targets), info, sparsity=sparsity)
 
 
 def reconstruct(
@@ -277,9 +259,13 @@ def guided_sparsegpt(
         keep[pname] = as_param_layout(lin, k).cpu()
 
     info = _obs_sweep(model, calibration, targets, calib, args, done, "pruning (OBS sweep, guided)")
+    return PruneResult(_matched(keep, targets), info, importance=guide, sparsity=sparsity)
+
+
+def _matched(keep: dict[str, torch.Tensor], targets: Targets) -> Mask:
     if not keep:
         raise UsageError(f"no Linear layers matched include={list(targets.include)} exclude={list(targets.exclude)}")
-    return PruneResult(Mask(keep), info, importance=guide)
+    return Mask(keep)
 
 
 def _obs_sweep(
