@@ -12,8 +12,9 @@ from safetensors.torch import load_file
 
 import carve
 from carve.cli.main import main
-from carve.finetune import DELTA_FILE, FinetuneRecipe, finetune, load_delta
-from carve.ops.finetune import apply_delta, lora_rank_for
+from carve.finetune import FinetuneRecipe, finetune
+from carve.models.delta import DELTA_FILE, apply_delta, load_delta
+from carve.ops.finetune import lora_rank_for
 from carve.settings import Targets
 from tests.conftest import tiny_model
 
@@ -103,6 +104,9 @@ def test_save_delta_round_trips_bit_for_bit(tmp_path: Path, model_dir: Path, sma
     for n, p in base.state_dict().items():
         if n in want:
             assert torch.equal(p, want[n]), n
+    # carve loads the update as a model (its base, named by its carve.json, with the update applied)
+    loaded = carve.load_model(str(tmp_path / "delta")).model.state_dict()
+    assert all(torch.equal(loaded[n], want[n]) for n in want)
     # the update is small: well under a tenth of the model file
     assert (tmp_path / "delta" / DELTA_FILE).stat().st_size < 0.1 * (
         tmp_path / "whole" / "model.safetensors"

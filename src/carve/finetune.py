@@ -33,7 +33,8 @@ from carve.job import (
 )
 from carve.models import LoadedModel, count_parameters, load_model
 from carve.models.arch import DEFAULT_EXCLUDE
-from carve.ops.finetune import Trainable, add_lora, lora_rank_for, sparse_delta, trainable_mask
+from carve.models.delta import DELTA_FILE, save_delta
+from carve.ops.finetune import Trainable, add_lora, lora_rank_for, trainable_mask
 from carve.ops.train import Schedule, check_checkpoint, remove_checkpoint, train, trainable_parameters
 from carve.output import check_output
 from carve.settings import flag
@@ -104,6 +105,15 @@ class FinetuneRecipe:
             weight_decay=self.weight_decay,
             checkpoint_every=self.checkpoint_every,
         )
+
+
+def _save_delta(tmp: Path, model: nn.Module, base: dict[str, torch.Tensor], lm: LoadedModel, manifest: dict) -> None:
+    """The update alone (models.delta's format), the tokenizer, and its size into the manifest."""
+    entries = save_delta(tmp / DELTA_FILE, model, base)
+    lm.tokenizer.save_pretrained(tmp)
+    manifest.setdefault("size", {}).update(
+        delta_mb=round((tmp / DELTA_FILE).stat().st_size / 2**20, 3), delta_entries=entries
+    )
 
 
 def _what_to_train(
@@ -195,42 +205,3 @@ def finetune(
     write_output(out, overwrite, manifest, stage, files)
     remove_checkpoint(ckpt)
     return manifest
-
-
-DELTA_FILE = "delta.safetensors"
-
-
-def _save_delta(tmp: Path, model: nn.Module, base: dict[str, torch.Tensor], lm: LoadedModel, manifest: dict) -> None:
-    """The update alone: `delta.safetensors` holds, per changed parameter, its bit-packed mask
-    (`mask/NAME`) and the changed entries' values (`value/NAME`); the base is the manifest's source."""
-    from safetensors.torch import save_file
-
-    from carve.masks.mask import pack_bits
-
-    mask, values = sparse_delta(model, base)
-    tensors = {f"mask/{k}": pack_bits(v) for k, v in mask.items()}
-    tensors.update({f"value/{k}": v for k, v in values.items()})
-    shapes = {k: list(v.shape) for k, v in mask.items()}
-    import json
-
-    save_file(tensors, str(tmp / DELTA_FILE), metadata={"carve_mask_shapes": json.dumps(shapes)})
-    lm.tokenizer.save_pretrained(tmp)
-    changed = sum(int(v.numel()) for v in values.values())
-    manifest.setdefault("size", {}).update(
-        delta_mb=round((tmp / DELTA_FILE).stat().st_size / 2**20, 3), delta_entries=changed
-    )
-
-
-def load_delta(path: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
-    """(Mask, values) of a saved update (see `_save_delta`); apply with ops.finetune.apply_delta."""
-    import json
-
-    from safetensors import safe_open
-
-    from carve.masks.mask import Mask, unpack_bits
-
-    with safe_open(str(path), framework="pt") as f:
-        shapes = json.loads((f.metadata() or {})["carve_mask_shapes"])
-        keep = {k: unpack_bits(f.get_tensor(f"mask/{k}"), shapes[k]) for k in shapes}
-        values = {k: f.get_tensor(f"value/{k}") for k in shapes}
-    return Mask(keep), values

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from carve.errors import UsageError
+from carve.models.delta import DELTA_FILE
 from carve.progress import library_bars
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -139,11 +140,29 @@ def _check_safetensors(directory: Path) -> None:
             raise UsageError(f"weights file {f} is truncated or not safetensors ({exc})") from None
 
 
+def _load_delta_output(path: Path, dtype: str | None, device: str | None) -> LoadedModel:
+    """A `--save-delta` output: its base (named by its carve.json) with the update applied."""
+    from carve.models.delta import apply_delta, load_delta
+
+    try:
+        base_source = json.loads((path / "carve.json").read_text())["source"]["model"]
+    except (OSError, ValueError, KeyError):
+        raise UsageError(
+            f"{str(path)!r} holds an update (delta.safetensors) but no carve.json naming its base"
+        ) from None
+    base = load_model(base_source, dtype=dtype, device=device)
+    apply_delta(base.model, *load_delta(path / DELTA_FILE))
+    fingerprint = _file_fingerprint([path / DELTA_FILE])
+    return LoadedModel(base.model, base.tokenizer, str(path), fingerprint)
+
+
 def load_model(source: str | None = None, *, dtype: str | None = None, device: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     `source`: None or "default" for the embedded SmolLM2-135M-Instruct; a local Hugging Face
-    directory; a .gguf file (dequantized to float by transformers); or a hub id (needs network).
+    directory; a carve output holding only an update (`carve finetune --save-delta`: its base
+    with the update applied); a .gguf file (dequantized to float by transformers); or a hub id
+    (needs network).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -173,6 +192,8 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
                 del model.config.quantization_config
             model.hf_quantizer = None
             model.is_quantized = False
+        elif path.is_dir() and (path / DELTA_FILE).is_file() and not (path / "config.json").is_file():
+            return _load_delta_output(path, dtype, device)
         elif path.is_dir():
             if not (path / "config.json").is_file():
                 raise UsageError(f"model directory {str(path)!r} has no config.json")

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from carve.errors import UsageError
@@ -119,32 +118,3 @@ def add_lora(model: nn.Module, rank: int, targets: Targets = DEFAULT_TARGETS) ->
     names = sorted(targets.linears(model))
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names)
     return get_peft_model(model, config)
-
-
-def sparse_delta(model: nn.Module, base: dict[str, torch.Tensor]) -> tuple[Mask, dict[str, torch.Tensor]]:
-    """The update of every parameter that changed from `base`: where it changed (a Mask) and the
-    changed entries' new values (flat, in mask order; values, not differences, so applying them
-    to θ₀ gives the fine-tuned weights bit for bit; the task vector is θ − θ₀ at those entries)."""
-    keep: dict[str, torch.Tensor] = {}
-    values: dict[str, torch.Tensor] = {}
-    for name, p in model.named_parameters():
-        b = base.get(name)
-        if b is None or b.shape != p.shape:
-            continue
-        diff = p.detach().cpu() - b
-        changed = diff != 0
-        if bool(changed.any()):
-            keep[name] = changed
-            values[name] = p.detach().cpu()[changed].contiguous()
-    return Mask(keep), values
-
-
-def apply_delta(model: nn.Module, mask: Mask, values: dict[str, torch.Tensor]) -> None:
-    """Write a saved update's values into the base model, in place."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, keep in mask.items():
-            p = params[name]
-            flat = p.data.view(-1)
-            idx = keep.reshape(-1).nonzero().squeeze(1).to(p.device)
-            flat.index_copy_(0, idx, values[name].to(p.device, p.dtype))
