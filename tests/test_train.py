@@ -129,3 +129,30 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
     assert got.resumed_from_step == 2 and got.losses == pytest.approx(want.losses, abs=1e-6)
     for (n, x), (_, y) in zip(straight.named_parameters(), resumed.named_parameters(), strict=True):
         assert torch.equal(x, y), n
+
+
+def test_a_crash_while_checkpointing_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """Killed while writing the second checkpoint: the first is still whole and resumes."""
+    import carve.ops.train as train_module
+
+    batches = _batches()
+    model = tiny_model("llama")
+    trainable = {n: _mask(p.shape, 0.2, i) for i, (n, p) in enumerate(model.named_parameters()) if p.dim() == 2}
+    s = Schedule(steps=6, lr=1e-2, warmup=1, checkpoint_every=2)
+    want = train(tiny_model("llama"), batches, next_token_loss, trainable, s)
+    ckpt = tmp_path / "ckpt"
+    real, calls = train_module.write_json, []
+
+    def dies_on_second(path, data):  # type: ignore[no-untyped-def]
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(train_module, "write_json", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, batches, next_token_loss, trainable, s, checkpoint=ckpt)
+    monkeypatch.undo()
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary left beside it
+    got = train(tiny_model("llama"), batches, next_token_loss, trainable, s, checkpoint=ckpt, resume=True)
+    assert got.resumed_from_step == 2 and got.losses == pytest.approx(want.losses, abs=1e-6)

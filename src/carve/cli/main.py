@@ -12,6 +12,7 @@ import carve
 from carve.cli.flags import add_recipe_flags, recipe_from
 from carve.corpora import builtin_corpora
 from carve.finetune import FinetuneRecipe, finetune
+from carve.output import write_json
 from carve.progress import set_quiet
 from carve.recover import RecoverRecipe, recover
 from carve.scorers import SCORERS
@@ -259,9 +260,7 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             data = json.loads(manifest.read_text())
             data["tasks"] = {**(data.get("tasks") or {}), **tasks}
             data["tasks_settings"] = {"limit": args.limit, "include_path": args.include_path, "harness": "lm-eval"}
-            tmp = manifest.with_suffix(".json.carve-tmp")
-            tmp.write_text(json.dumps(data, indent=2) + "\n")
-            tmp.replace(manifest)
+            write_json(manifest, data)  # atomic: the old manifest or the new one
     return summary
 
 
