@@ -47,7 +47,6 @@ from carve.settings import Calibration, Targets, flag
 SWEEP_MIX = 0.3  # dual-obs: share of general blocks in its sweep's Hessians (as SparseGPT's default mix)
 # extract's default method: measured best in bench/RESULTS.md (dual section); wanda for --structure
 DEFAULT_METHOD, DEFAULT_STRUCTURE_METHOD = "dual-obs", "wanda"
-SCORER_NAMES = ("dual-obs", "sparsegpt", "wanda", "magnitude", "dual", "taylor", "fisher")
 STRUCTURED = "structured extraction (a smaller dense model)"  # the CLI's group of these flags
 
 
@@ -59,7 +58,7 @@ class Recipe:
     model: str | None = flag("'default' (embedded SmolLM2-135M-Instruct), a directory, a .gguf or a hub id")
     domain: str = flag("builtin corpus name or path", "legal")
     general: str = flag("open-domain corpus: builtin name or path", "general", aliases=("--general-corpus",))
-    method: str | None = flag(f"scorer: {', '.join(SCORER_NAMES)} (default: dual-obs; wanda with --structure)")
+    method: str | None = flag(f"scorer: {', '.join(sorted(SCORERS))} (default: dual-obs; wanda with --structure)")
     sparsity: float | None = flag("share of Linear weights to remove (default 0.5)")
     pattern: str | None = flag("N:M semi-structured pattern, e.g. 2:4 (keep N of every M)")
     granularity: str | None = flag("comparison group (default: the method's paper)", choices=GRANULARITIES)

@@ -115,6 +115,18 @@ def _dense_metrics(source_manifest: Path, evaluation: dict[str, Any]) -> dict[st
     return dict(dense)
 
 
+def _sparsity_kept(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The manifest's check that training kept the pruned matrices' zeros."""
+    kept = {n: p for n, p in model.named_parameters() if n in masks}
+    masked = sum(int(m.numel()) for m in masks.values())
+    return {
+        "masked_weights": len(masks),  # pruned matrices trained with masked updates
+        "zero_share_before": round(sum(int((~m).sum()) for m in masks.values()) / masked, 6) if masks else 0.0,
+        "zero_share_after": round(sum(int((kept[n] == 0).sum()) for n in masks) / masked, 6) if masks else 0.0,
+        "zeros_kept": all(bool((kept[n][~m] == 0).all()) for n, m in masks.items()),
+    }
+
+
 def recover(
     recipe: RecoverRecipe,
     out: str | Path,
@@ -186,20 +198,13 @@ def recover(
     student.model = model
     with stage("evaluate_after"):
         after = metrics_of(model, held_out)
-    kept = {n: p for n, p in model.named_parameters() if n in masks}
-    masked = sum(int(m.numel()) for m in masks.values())
     dense = _dense_metrics(Path(recipe.model).expanduser() / "carve.json", held_out.describe())
     manifest: dict[str, Any] = {
         **manifest_head("recover", student, recipe),
         "teacher": {"model": teacher.source, "fingerprint": teacher.fingerprint},
         "data": {"train": describe_blocks(train_blocks, recipe.mix), "eval": held_out.describe()},
         "training": result.describe(schedule, recipe.block_len),
-        "sparsity": {
-            "masked_weights": len(masks),  # pruned matrices trained with masked updates
-            "zero_share_before": round(sum(int((~m).sum()) for m in masks.values()) / masked, 6) if masks else 0.0,
-            "zero_share_after": round(sum(int((kept[n] == 0).sum()) for n in masks) / masked, 6) if masks else 0.0,
-            "zeros_kept": all(bool((kept[n][~m] == 0).all()) for n, m in masks.items()),
-        },
+        "sparsity": _sparsity_kept(model, masks),
         "metrics": {"dense": dense, "before": before, "after": after, "before_from_cache": cached},
         "size": {"parameters": count_parameters(model)},
     }
