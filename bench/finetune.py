@@ -47,12 +47,12 @@ def _importance_map(domain: str) -> Path:
     return path
 
 
-def run_row(domain: str, row: str, steps: int) -> dict[str, Any]:
-    out = OUT / f"finetune-{domain}-{row}-{steps}"
+def run_row(domain: str, row: str, steps: int, lr: float | None = None) -> dict[str, Any]:
+    out = OUT / f"finetune-{domain}-{row}-{steps}" if lr is None else OUT / f"finetune-{domain}-{row}-lr{lr:g}-{steps}"
     trainable = f"importance:{_importance_map(domain)}" if row == "importance" else row
     cmd = [CARVE, "finetune", str(MODEL_DIR), "--domain", domain, "--trainable", trainable,
            "--density", str(DENSITY), "--steps", str(steps), *EVAL, "--out", str(out), "--overwrite",
-           "--quiet", "--json"]  # fmt: skip
+           "--quiet", "--json", *(["--lr", str(lr)] if lr is not None else [])]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -96,7 +96,7 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], steps: int)
     for domain in domains:
         mine = [r for r in rows.values() if r.get("domain") == domain and r.get("steps") == steps and "metrics" in r]
         base = mine[0]["metrics"]["before"] if mine else None
-        got = {r["row"]: r for r in mine}
+        got = {r["row"]: r for r in mine if not r.get("lr")}  # the rows at the kind's default lr
         lines += [f"### {domain}", "",
                   "| row | domain ppl | general ppl | Δ general ppl | domain cloze acc | trainable params | "
                   "optimizer state MB | peak RSS MB | train s | wall s | gain share of full |",
@@ -105,15 +105,18 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], steps: int)
             cloze = _fmt(base.get("domain_cloze", {}).get("accuracy"))
             lines.append(f"| base | {base['domain_ppl']:.3f} | {base['general_ppl']:.3f} | - | {cloze} |" + " - |" * 6)
         full = got.get("full")
-        for row in ROWS:
-            r = rows.get(f"{domain}/{row}/{steps}")
+        extra = sorted(k for k in rows if k.startswith(f"{domain}/") and "@" in k and k.endswith(f"/{steps}"))
+        for rid in [f"{domain}/{row}/{steps}" for row in ROWS] + extra:
+            r = rows.get(rid)
             if r and "error" in r:
-                lines.append(f"| {row} | error: {r['error']} |")
+                lines.append(f"| {rid} | error: {r['error']} |")
             if not r or "metrics" not in r or base is None:
                 continue
             a = r["metrics"]["after"]
             share = _gain(base, a) / _gain(base, full["metrics"]["after"]) if full else None
+            row = r["row"]
             label = row + (f" (rank {r['trainable']['lora_rank']})" if row == "lora" else "")
+            label += f", lr {r['lr']:g}" if r.get("lr") else ""
             lines.append(
                 f"| {label} | {a['domain_ppl']:.3f} | {a['general_ppl']:.3f} | "
                 f"{a['general_ppl'] - base['general_ppl']:+.3f} | {_fmt(a.get('domain_cloze', {}).get('accuracy'))} | "
@@ -166,17 +169,20 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rerun", nargs="*", default=[], help="row ids (domain/row/steps) to measure again")
+    ap.add_argument(
+        "--lr", type=float, default=None, help="a peak learning rate other than the kind's default (extra rows)"
+    )
     args = ap.parse_args()
     ensure_model()
     rows = load_results(RESULTS)
     for domain in args.domains:
         for row in args.rows:
-            rid = f"{domain}/{row}/{args.steps}"
+            rid = f"{domain}/{row}/{args.steps}" if args.lr is None else f"{domain}/{row}@{args.lr:g}/{args.steps}"
             if rid in rows and "error" not in rows[rid] and rid not in args.rerun:
                 continue
             print(f"running {rid} ...", flush=True)
-            result = {"id": rid, "domain": domain, "row": row, "steps": args.steps, "commit": commit(),
-                      "date": time.strftime("%Y-%m-%d %H:%M"), **run_row(domain, row, args.steps)}  # fmt: skip
+            result = {"id": rid, "domain": domain, "row": row, "steps": args.steps, "lr": args.lr, "commit": commit(),
+                      "date": time.strftime("%Y-%m-%d %H:%M"), **run_row(domain, row, args.steps, args.lr)}  # fmt: skip
             save_result(RESULTS, result)
             rows[rid] = result
             table = write_table(rows, args.domains, args.steps)
