@@ -106,3 +106,33 @@ def test_a_new_source_is_one_registered_function() -> None:
         SOURCES.pop("test-rows")
     with pytest.raises(UsageError, match="unknown importance source"):
         compute_importance("test-rows", tiny_model("llama"))
+
+
+def test_activation_sources_against_direct_statistics() -> None:
+    """wanda: |W|·‖X_j‖₂/√n (Wanda's ranking; the root mean square keeps it free of the token count)
+    with X the n tokens' inputs to the Linear on the dense model; obs:
+    w²/[H⁻¹]²_jj with H = 2/n·XXᵀ, damped as SparseGPT damps it."""
+    from carve.scorers.sparsegpt import inverse_hessian_cholesky
+
+    model = tiny_model("llama")
+    data = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(0))
+    inputs: dict[str, list[torch.Tensor]] = {}
+    linears = Targets().linears(model)
+    hooks = [lin.register_forward_pre_hook(lambda _m, a, n=n: inputs.setdefault(n, []).append(a[0].detach()))
+             for n, lin in linears.items()]  # fmt: skip
+    with torch.no_grad():
+        model(input_ids=data)
+    for h in hooks:
+        h.remove()
+    wanda = compute_importance("wanda", model, data=data)
+    obs = compute_importance("obs", model, data=data)
+    for n, lin in linears.items():
+        X = torch.cat(inputs[n]).reshape(-1, lin.in_features).double()
+        W = lin.weight.detach().double()
+        torch.testing.assert_close(
+            wanda[f"{n}.weight"].double(), W.abs() * X.norm(dim=0) / len(X) ** 0.5, rtol=1e-4, atol=1e-6
+        )
+        H = 2 / len(X) * X.T @ X
+        U, _ = inverse_hessian_cholesky(H.float())
+        want = W.square() / torch.diag(U).double().square()
+        torch.testing.assert_close(obs[f"{n}.weight"].double(), want, rtol=1e-3, atol=1e-6)

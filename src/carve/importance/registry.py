@@ -80,6 +80,8 @@ def compute_importance(
     linears = targets.linears(model)
     accepts = inspect.signature(source.fn).parameters
     extra: dict[str, Any] = {}
+    if "targets" in accepts:  # sources that run an engine over the targeted modules themselves
+        extra["targets"] = targets
     for key, value in (("data", data), ("reference", reference)):
         if value is not None:
             if key not in accepts:
