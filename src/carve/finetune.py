@@ -37,7 +37,7 @@ from carve.models.delta import DELTA_FILE, save_delta
 from carve.ops.finetune import Trainable, add_lora, lora_rank_for, trainable_mask
 from carve.ops.train import Schedule, check_checkpoint, remove_checkpoint, train, trainable_parameters
 from carve.output import check_output
-from carve.settings import flag
+from carve.settings import Targets, flag
 
 # peak learning rates by what is trained: a sparse subset takes larger steps than the whole
 # model (LIFT's practice); LoRA's usual 1e-3 (set on the embedded default: bench/finetune.py)
@@ -120,8 +120,6 @@ def _what_to_train(
     lm: LoadedModel, recipe: FinetuneRecipe, spec: Trainable
 ) -> tuple[nn.Module, dict[str, torch.Tensor | None], dict[str, Any]]:
     """The model to train (LoRA-wrapped for lora), its trainable entries, and their description."""
-    from carve.settings import Targets
-
     targets = Targets.of(recipe.include, recipe.exclude)
     if spec.kind == "full":
         trainable: dict[str, torch.Tensor | None] = {n: None for n, _ in lm.model.named_parameters()}
