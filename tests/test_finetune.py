@@ -29,7 +29,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-@pytest.mark.parametrize("kind", ["lift", "magnitude", "random", "full", "lora"])
+@pytest.mark.parametrize("kind", ["lift", "fisher", "magnitude", "random", "full", "lora"])
 def test_each_trainable_kind(tmp_path: Path, model_dir: Path, small_corpus: Path, kind: str) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -165,3 +165,20 @@ def test_an_importance_map_of_another_model_is_refused(
     wrong.save(tmp_path / "m.safetensors")
     assert _run(model_dir, small_corpus, tmp_path / "o", "--trainable", f"mask:{tmp_path / 'm.safetensors'}") == 2
     assert "does not have in that shape" in capsys.readouterr().err
+
+
+def test_fisher_trains_the_top_of_the_domain_fisher_on_the_training_blocks(
+    tmp_path: Path, model_dir: Path, small_corpus: Path
+) -> None:
+    from carve.importance import compute_importance
+    from carve.job import training_blocks
+
+    m = finetune(FinetuneRecipe(model=str(model_dir), domain=str(small_corpus), trainable="fisher", density=0.1,
+                                steps=2, block_len=32, eval_blocks=2, cloze_items=0), tmp_path / "f")  # fmt: skip
+    lm = carve.load_model(str(model_dir))
+    blocks = training_blocks(lm.tokenizer, carve.Corpus(str(small_corpus)), carve.Corpus("general"), 2, 32, 0.0, 0)
+    chosen = carve.select_mask(compute_importance("fisher", lm.model, data=blocks), 0.9, "matrix")
+    before, after = _weights(model_dir), _weights(tmp_path / "f")
+    for k, keep in chosen.items():
+        assert torch.equal(after[k][~keep], before[k][~keep]) and not torch.equal(after[k][keep], before[k][keep]), k
+    assert m["trainable"]["kind"] == "fisher"

@@ -54,8 +54,9 @@ class FinetuneRecipe:
     domain: str = flag("builtin corpus name or path", default="legal")
     general: str = flag("open-domain corpus: builtin name or path", default="general")
     trainable: str = flag(
-        "what is trained: lift, magnitude, random, importance:FILE, mask:FILE (a top-density share of each "
-        "matrix), full (every parameter) or lora (adapters with the same trainable count)",
+        "what is trained: lift, fisher (the domain's Fisher importance on the training blocks), magnitude, "
+        "random, importance:FILE, mask:FILE (a top-density share of each matrix), full (every parameter) or "
+        "lora (adapters with the same trainable count)",
         default="lift",
     )
     density: float = flag("share of each targeted matrix trained (and LoRA's trainable count)", default=0.05)
@@ -117,7 +118,7 @@ def _save_delta(tmp: Path, model: nn.Module, base: dict[str, torch.Tensor], lm: 
 
 
 def _what_to_train(
-    lm: LoadedModel, recipe: FinetuneRecipe, spec: Trainable
+    lm: LoadedModel, recipe: FinetuneRecipe, spec: Trainable, blocks: torch.Tensor
 ) -> tuple[nn.Module, dict[str, torch.Tensor | None], dict[str, Any]]:
     """The model to train (LoRA-wrapped for lora), its trainable entries, and their description."""
     targets = Targets.of(recipe.include, recipe.exclude)
@@ -129,8 +130,9 @@ def _what_to_train(
         model = add_lora(lm.model, rank, targets)
         return model, trainable_parameters(model), {"kind": "lora", "lora_rank": rank}
     mask = trainable_mask(
-        lm.model, spec, recipe.density, targets, rank=recipe.rank, seed=recipe.seed, model_fingerprint=lm.fingerprint
-    )
+        lm.model, spec, recipe.density, targets, rank=recipe.rank, seed=recipe.seed,
+        model_fingerprint=lm.fingerprint, data=blocks,
+    )  # fmt: skip
     info = {"kind": spec.kind, "file": spec.path, "density": round(1 - mask.sparsity(), 6), "matrices": len(mask)}
     if spec.kind == "lift":
         info["rank"] = recipe.rank
@@ -166,7 +168,7 @@ def finetune(
         before, cached = evaluate_source(lm, held_out, cache=cache)
     base = {n: p.detach().cpu().clone() for n, p in lm.model.named_parameters()} if recipe.save_delta else {}
     with stage("select"):
-        model, trainable, info = _what_to_train(lm, recipe, spec)
+        model, trainable, info = _what_to_train(lm, recipe, spec, train_blocks)
     bound_heap_retention()
     schedule = recipe.schedule(spec)
     with stage("train"):

@@ -5,6 +5,8 @@ Sparse kinds keep the top `density` share of each targeted matrix by its score
 (`select_mask(scores, 1 - density, "matrix")`, as LIFT selects per matrix):
 - `lift`: |W_r|, the rank-r approximation's magnitudes (principal weights, arXiv 2506.00772);
 - `magnitude`: |W|;  `random`: seeded uniform scores;
+- `fisher`: the domain's empirical-Fisher importance ½·E[g²]·θ², computed on (up to 64 of) the
+  training blocks themselves: fine-tuning where the domain lives, in one command;
 - `importance:FILE`: an ImportanceMap (e.g. `carve extract --method fisher --save-importance`),
   fine-tuning where the domain lives;
 - `mask:FILE`: a saved Mask, as it is.
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from carve.errors import UsageError
@@ -24,7 +27,8 @@ from carve.masks.mask import ImportanceMap, Mask, select_mask
 from carve.models.arch import weight_matrix
 from carve.settings import DEFAULT_TARGETS, Targets
 
-SPARSE_KINDS = ("lift", "magnitude", "random")
+SPARSE_KINDS = ("lift", "fisher", "magnitude", "random")
+FISHER_BLOCKS = 64  # training blocks the `fisher` kind's gradient pass reads
 KINDS = (*SPARSE_KINDS, "importance:FILE", "mask:FILE", "full", "lora")
 
 
@@ -32,7 +36,7 @@ KINDS = (*SPARSE_KINDS, "importance:FILE", "mask:FILE", "full", "lora")
 class Trainable:
     """A parsed `--trainable` value."""
 
-    kind: str  # one of lift, magnitude, random, importance, mask, full, lora
+    kind: str  # one of lift, fisher, magnitude, random, importance, mask, full, lora
     path: str | None = None
 
     @classmethod
@@ -62,6 +66,7 @@ def trainable_mask(
     rank: float = 128,
     seed: int = 0,
     model_fingerprint: str | None = None,
+    data: torch.Tensor | None = None,
 ) -> Mask:
     """The entries a sparse fine-tune trains (True), over `targets`' Linear weights."""
     if spec.kind == "mask":
@@ -77,9 +82,12 @@ def trainable_mask(
             )
         _checked(scores, model, spec.path)
     else:
-        params: dict[str, Any] = (
-            {"rank": rank} if spec.kind == "lift" else {"seed": seed} if spec.kind == "random" else {}
-        )
+        by_kind: dict[str, dict[str, Any]] = {
+            "lift": {"rank": rank},
+            "random": {"seed": seed},
+            "fisher": {"data": None if data is None else data[:FISHER_BLOCKS]},
+        }
+        params = by_kind.get(spec.kind, {})
         scores = compute_importance(spec.kind, model, targets, **params)
     return select_mask(scores, 1 - density, "matrix")
 
