@@ -85,7 +85,7 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], steps: int)
         "",
         f"bench/finetune.py: {steps} AdamW steps of one 512-token block of the domain's train split (no general",
         "text, seed 0, the same blocks for every row: each row's train fingerprint is in results/finetune.jsonl),",
-        "peak learning rate the CLI's default for the kind (full 5e-5, LoRA 1e-3, sparse masks 5e-4; 10 warm-up steps,",
+        "peak lr the CLI's default for the kind unless a row says (full 5e-5, LoRA 1e-3, sparse 5e-4; 10 warm-up steps,",
         "cosine to 10%). Perplexity on the first 16 held-out 512-token blocks per corpus, 100 domain cloze items.",
         "Sparse rows train 5% of each decoder Linear weight matrix; LoRA's rank gives the same trainable count.",
         "Optimizer state: AdamW moments (and int32 indices of the trained entries). One run (seed 0) per row.",
@@ -123,13 +123,15 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], steps: int)
                 f"{r['trainable']['parameters']:,} | {r['training']['optimizer_state_mb']:.1f} | "
                 f"{r['peak_rss_mb']:.0f} | {r['timings_s']['train']:.0f} | {r['wall_s']:.0f} | {_fmt(share, '.3f')} |"
             )
-        lines += ["", *_verdicts(base, got), ""]
+        lines += ["", *_verdicts(base, got, [r for r in mine if r["row"] in ("lift", "importance")]), ""]
     commits = sorted({r.get("commit", "?") for r in rows.values()})
     lines.append(f"Rows measured at carve commit(s) {', '.join(commits)}.")
     return "\n".join(lines)
 
 
-def _verdicts(base: dict[str, Any] | None, got: dict[str, dict[str, Any]]) -> list[str]:
+def _verdicts(
+    base: dict[str, Any] | None, got: dict[str, dict[str, Any]], candidates: list[dict[str, Any]]
+) -> list[str]:
     """Issue 19's bar, row by row: ≥ 95% of full fine-tuning's domain log-ppl gain, general perplexity
     raised at most 80% as much as full fine-tuning raises it, domain ppl below LoRA's, optimizer state at
     most 10% of full's, peak RSS at most LoRA's."""
@@ -138,10 +140,9 @@ def _verdicts(base: dict[str, Any] | None, got: dict[str, dict[str, Any]]) -> li
     full, lora = got["full"], got["lora"]
     full_rise = full["metrics"]["after"]["general_ppl"] - base["general_ppl"]
     out = []
-    for row in ("lift", "importance"):
-        if row not in got:
-            continue
-        r, a = got[row], got[row]["metrics"]["after"]
+    for r in candidates:
+        a = r["metrics"]["after"]
+        row = r["row"] + (f" (lr {r['lr']:g})" if r.get("lr") else "")
         share = _gain(base, a) / _gain(base, full["metrics"]["after"])
         rise = a["general_ppl"] - base["general_ppl"]
         state, rss = r["training"]["optimizer_state_mb"], r["peak_rss_mb"]
