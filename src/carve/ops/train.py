@@ -101,11 +101,11 @@ class MaskedAdamW:
         moments = sum(t.numel() * t.element_size() for buf in (self.m, self.v) for t in buf.values())
         return moments + sum(t.numel() * t.element_size() for t in self.idx.values() if t is not None)
 
-    def gather(self, name: str, grad: torch.Tensor, scale: float = 1.0) -> None:
+    def gather(self, name: str, grad: torch.Tensor) -> None:
         """Fold a parameter's dense gradient into its trained entries (called from backward)."""
         flat = grad.detach().reshape(-1)
         idx = self.idx[name]
-        self.g[name].add_((flat if idx is None else flat[idx.long()]).float(), alpha=scale)
+        self.g[name].add_((flat if idx is None else flat[idx.long()]).float())
 
     def hooks(self) -> list[Any]:
         def fold(name: str) -> Callable[[torch.Tensor], None]:
