@@ -47,12 +47,17 @@ def _importance_map(domain: str) -> Path:
     return path
 
 
-def run_row(domain: str, row: str, steps: int, lr: float | None = None) -> dict[str, Any]:
-    out = OUT / f"finetune-{domain}-{row}-{steps}" if lr is None else OUT / f"finetune-{domain}-{row}-lr{lr:g}-{steps}"
+def row_id(domain: str, row: str, steps: int, lr: float | None, seed: int) -> str:
+    """`domain/row/steps`, `domain/row@lr/steps` for another learning rate, `/sN` after it for a seed other than 0."""
+    return f"{domain}/{row}{'' if lr is None else f'@{lr:g}'}/{steps}{f'/s{seed}' if seed else ''}"
+
+
+def run_row(domain: str, row: str, steps: int, lr: float | None = None, seed: int = 0) -> dict[str, Any]:
+    out = OUT / ("finetune-" + row_id(domain, row, steps, lr, seed).replace("/", "-"))
     trainable = f"importance:{_importance_map(domain)}" if row == "importance" else row
     cmd = [CARVE, "finetune", str(MODEL_DIR), "--domain", domain, "--trainable", trainable,
            "--density", str(DENSITY), "--steps", str(steps), *EVAL, "--out", str(out), "--overwrite",
-           "--quiet", "--json", *(["--lr", str(lr)] if lr is not None else [])]  # fmt: skip
+           "--quiet", "--json", "--seed", str(seed), *(["--lr", str(lr)] if lr is not None else [])]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -94,7 +99,8 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], steps: int)
         "",
     ]
     for domain in domains:
-        mine = [r for r in rows.values() if r.get("domain") == domain and r.get("steps") == steps and "metrics" in r]
+        mine = [r for r in rows.values() if r.get("domain") == domain and r.get("steps") == steps and not r.get("seed")]
+        mine = [r for r in mine if "metrics" in r]
         base = mine[0]["metrics"]["before"] if mine else None
         got = {r["row"]: r for r in mine if not r.get("lr")}  # the rows at the kind's default lr
         lines += [f"### {domain}", "",
@@ -164,6 +170,55 @@ def _verdicts(
     return out
 
 
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+
+def write_seeds(rows: dict[str, dict[str, Any]], domains: list[str], steps: int) -> str:
+    """Rows measured under several seeds (data order, LoRA initialisation): mean ± sample standard
+    deviation, and the bar checked on the means."""
+    lines = [
+        "## Sparse fine-tuning over seeds",
+        "",
+        f"bench/finetune.py --seed N: the rows above ({steps} steps) repeated with `carve finetune --seed N`, which",
+        "changes the order of the training blocks and LoRA's initialisation (the evaluation data stay the same).",
+        "Mean ± sample standard deviation over the seeds; the bar is checked on the means.",
+        "",
+    ]
+    for domain in domains:
+        groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+        for r in rows.values():
+            if r.get("domain") == domain and r.get("steps") == steps and "metrics" in r:
+                groups.setdefault((r["row"], r.get("lr")), []).append(r)
+        groups = {k: v for k, v in groups.items() if len(v) > 1}
+        if not groups:
+            continue
+        lines += [f"### {domain}", "", "| row | seeds | domain ppl | general ppl | domain cloze acc |"]
+        lines.append("|---|---|---|---|---|")
+        means: dict[tuple[str, Any], dict[str, Any]] = {}
+        for (row, lr), rs in sorted(groups.items(), key=lambda kv: (ROWS.index(kv[0][0]), kv[0][1] or 0)):
+            cols = {}
+            for key in ("domain_ppl", "general_ppl"):
+                cols[key] = _mean_sd([r["metrics"]["after"][key] for r in rs])
+            cloze = _mean_sd([r["metrics"]["after"]["domain_cloze"]["accuracy"] for r in rs])
+            seeds = ",".join(str(r.get("seed", 0)) for r in sorted(rs, key=lambda r: r.get("seed", 0)))
+            label = row + (f", lr {lr:g}" if lr else "")
+            lines.append(
+                f"| {label} | {seeds} | {cols['domain_ppl'][0]:.3f} ± {cols['domain_ppl'][1]:.3f} | "
+                f"{cols['general_ppl'][0]:.3f} ± {cols['general_ppl'][1]:.3f} | {cloze[0]:.3f} ± {cloze[1]:.3f} |"
+            )
+            first = rs[0]
+            means[(row, lr)] = {**first, "metrics": {**first["metrics"], "after": {k: v[0] for k, v in cols.items()}},
+                                "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}  # fmt: skip
+        base = rs[0]["metrics"]["before"]
+        got = {row: r for (row, lr), r in means.items() if lr is None}
+        candidates = [r for (row, _), r in means.items() if row in ("lift", "importance")]
+        lines += ["", *_verdicts(base, got, candidates), ""]
+    lines.append("Peak RSS in the checks: the largest over a row's seeds.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--domains", nargs="+", default=["legal", "code"])
@@ -173,23 +228,27 @@ def main() -> None:
     ap.add_argument(
         "--lr", type=float, default=None, help="a peak learning rate other than the kind's default (extra rows)"
     )
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="carve finetune --seed values (extra rows)")
     args = ap.parse_args()
     ensure_model()
     rows = load_results(RESULTS)
     for domain in args.domains:
         for row in args.rows:
-            rid = f"{domain}/{row}/{args.steps}" if args.lr is None else f"{domain}/{row}@{args.lr:g}/{args.steps}"
-            if rid in rows and "error" not in rows[rid] and rid not in args.rerun:
-                continue
-            print(f"running {rid} ...", flush=True)
-            result = {"id": rid, "domain": domain, "row": row, "steps": args.steps, "lr": args.lr, "commit": commit(),
-                      "date": time.strftime("%Y-%m-%d %H:%M"), **run_row(domain, row, args.steps, args.lr)}  # fmt: skip
-            save_result(RESULTS, result)
-            rows[rid] = result
-            table = write_table(rows, args.domains, args.steps)
-            write_section("finetune", table)
-            print(table.splitlines()[-3] if "error" not in result else result["error"], flush=True)
+            for seed in args.seeds:
+                rid = row_id(domain, row, args.steps, args.lr, seed)
+                if rid in rows and "error" not in rows[rid] and rid not in args.rerun:
+                    continue
+                print(f"running {rid} ...", flush=True)
+                result = {"id": rid, "domain": domain, "row": row, "steps": args.steps, "lr": args.lr, "seed": seed,
+                          "commit": commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                          **run_row(domain, row, args.steps, args.lr, seed)}  # fmt: skip
+                save_result(RESULTS, result)
+                rows[rid] = result
+                write_section("finetune", write_table(rows, args.domains, args.steps))
+                write_section("finetune-seeds", write_seeds(rows, args.domains, args.steps))
+                print(result.get("error") or json.dumps(result["metrics"]["after"]), flush=True)
     print(write_table(rows, args.domains, args.steps))
+    print(write_seeds(rows, args.domains, args.steps))
 
 
 if __name__ == "__main__":

@@ -72,7 +72,7 @@ class FinetuneRecipe:
     checkpoint_every: int = flag("steps between checkpoints", default=50)
     eval_blocks: int = flag("held-out blocks per corpus for perplexity", default=32)
     cloze_items: int = flag("held-out domain cloze items (0: skip the cloze task)", default=100)
-    seed: int = flag("data order and random masks", default=0)
+    seed: int = flag("data order, random masks and LoRA initialisation", default=0)
     include: list[str] = flag("glob patterns of Linear modules to train", factory=lambda: ["*"])
     exclude: list[str] = flag("glob patterns left frozen", factory=lambda: list(DEFAULT_EXCLUDE))
     text_field: str = flag("text field of .jsonl / .parquet / datasets corpora", default="text")
@@ -127,7 +127,7 @@ def _what_to_train(
         return lm.model, trainable, {"kind": "full"}
     if spec.kind == "lora":
         rank = lora_rank_for(lm.model, recipe.density, targets)
-        model = add_lora(lm.model, rank, targets)
+        model = add_lora(lm.model, rank, targets, seed=recipe.seed)
         return model, trainable_parameters(model), {"kind": "lora", "lora_rank": rank}
     mask = trainable_mask(
         lm.model, spec, recipe.density, targets, rank=recipe.rank, seed=recipe.seed,

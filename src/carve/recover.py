@@ -66,7 +66,7 @@ class RecoverRecipe:
     checkpoint_every: int = flag("steps between checkpoints", 50)
     eval_blocks: int = flag("held-out blocks per corpus for perplexity", 32)
     cloze_items: int = flag("held-out domain cloze items (0: skip the cloze task)", 100)
-    seed: int = flag("data order", 0)
+    seed: int = flag("data order and LoRA initialisation", 0)
     text_field: str = flag("text field of .jsonl / .parquet / datasets corpora", "text")
     dtype: str | None = flag("default: float32 on CPU, bfloat16 on CUDA", choices=("float32", "bfloat16", "float16"))
     device: str | None = flag("cpu, cuda, cuda:N (default: cuda when available)")
@@ -165,7 +165,7 @@ def recover(
     model: nn.Module = student.model
     masks = sparsity_masks(model)
     if recipe.lora:
-        model = add_lora(model, recipe.lora)
+        model = add_lora(model, recipe.lora, seed=recipe.seed)
         trainable = trainable_parameters(model)
     else:  # every parameter, the pruned matrices only where they are not zero: zeros stay zeros
         trainable = {n: masks.get(n) for n, _ in model.named_parameters()}

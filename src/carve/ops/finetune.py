@@ -117,12 +117,15 @@ def lora_rank_for(model: nn.Module, density: float, targets: Targets = DEFAULT_T
     return max(1, round(density * weights / per_rank))
 
 
-def add_lora(model: nn.Module, rank: int, targets: Targets = DEFAULT_TARGETS) -> nn.Module:
-    """LoRA adapters (PEFT, α = 2r, no dropout) on `targets`' Linear modules."""
+def add_lora(model: nn.Module, rank: int, targets: Targets = DEFAULT_TARGETS, seed: int = 0) -> nn.Module:
+    """LoRA adapters (PEFT, α = 2r, no dropout) on `targets`' Linear modules, their random
+    initialisation drawn from `seed` (not torch's global generator, so a rerun is the same run)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UsageError("LoRA needs PEFT: pip install 'carve[recover]' (or pip install peft)") from None
     names = sorted(targets.linears(model))
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names)
-    return get_peft_model(model, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return get_peft_model(model, config)
