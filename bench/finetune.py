@@ -244,8 +244,9 @@ def main() -> None:
                           **run_row(domain, row, args.steps, args.lr, seed)}  # fmt: skip
                 save_result(RESULTS, result)
                 rows[rid] = result
-                write_section("finetune", write_table(rows, args.domains, args.steps))
-                write_section("finetune-seeds", write_seeds(rows, args.domains, args.steps))
+                shown = list(dict.fromkeys(r["domain"] for r in rows.values() if "domain" in r))  # all measured
+                write_section("finetune", write_table(rows, shown, args.steps))
+                write_section("finetune-seeds", write_seeds(rows, shown, args.steps))
                 print(result.get("error") or json.dumps(result["metrics"]["after"]), flush=True)
     print(write_table(rows, args.domains, args.steps))
     print(write_seeds(rows, args.domains, args.steps))
