@@ -27,20 +27,22 @@ from carve.job import (
     held_out_data,
     manifest_head,
     metrics_of,
+    run_identity,
     save_model_files,
     training_blocks,
+    training_output,
     write_output,
 )
 from carve.models import LoadedModel, count_parameters, load_model
 from carve.models.arch import DEFAULT_EXCLUDE
 from carve.models.delta import DELTA_FILE, save_delta
 from carve.ops.finetune import Trainable, add_lora, lora_rank_for, trainable_mask
-from carve.ops.train import Schedule, check_checkpoint, remove_checkpoint, train, trainable_parameters
-from carve.output import check_output
+from carve.ops.train import Schedule, train, trainable_parameters
 from carve.settings import Targets, flag
 
 # peak learning rates by what is trained: a sparse subset takes larger steps than the whole
 # model (LIFT's practice); LoRA's usual 1e-3 (set on the embedded default: bench/finetune.py)
+RESUME_FREE = ("eval_blocks", "cloze_items", "checkpoint_every", "save_delta", "device")  # a resume may change these
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "sparse": 5e-4}
 
 
@@ -150,8 +152,14 @@ def finetune(
 ) -> dict[str, Any]:
     """Run the fine-tune; write the model (or its update), tokenizer and carve.json to `out`."""
     spec = recipe.validate()
-    check_output(out, overwrite)
-    ckpt = check_checkpoint(out, resume, overwrite)
+    with training_output(out, overwrite, resume) as ckpt:
+        return _finetune(recipe, spec, out, ckpt, overwrite, resume, cache, on_step)
+
+
+def _finetune(
+    recipe: FinetuneRecipe, spec: Trainable, out: str | Path, ckpt: Path, overwrite: bool, resume: bool,
+    cache: bool, on_step: Any,
+) -> dict[str, Any]:  # fmt: skip
     stage = Stages()
     with stage("load_data"):
         domain = Corpus(recipe.domain, recipe.text_field)
@@ -174,7 +182,8 @@ def finetune(
     with stage("train"):
         result = train(
             model, train_blocks, next_token_loss, trainable, schedule,
-            checkpoint=ckpt, resume=resume, on_step=on_step, desc=f"fine-tuning ({spec.kind})",
+            checkpoint=ckpt, resume=resume, run=run_identity(recipe, lm, train_blocks, RESUME_FREE), on_step=on_step,
+            desc=f"fine-tuning ({spec.kind})",
         )  # fmt: skip
     model.eval()
     if spec.kind == "lora":
@@ -203,5 +212,4 @@ def finetune(
             save_model_files(tmp, model, lm.tokenizer, manifest)
 
     write_output(out, overwrite, manifest, stage, files)
-    remove_checkpoint(ckpt)
     return manifest

@@ -5,7 +5,6 @@ carve.json, mask.safetensors, importance.safetensors) or a mask / importance fil
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +13,10 @@ from typing import Any
 import torch
 
 from carve.errors import UsageError
+from carve.manifest import read_manifest
 from carve.masks.mask import ImportanceMap, Mask
 
-MASK_FILE, IMPORTANCE_FILE, MANIFEST_FILE = "mask.safetensors", "importance.safetensors", "carve.json"
+MASK_FILE, IMPORTANCE_FILE = "mask.safetensors", "importance.safetensors"
 
 
 def layer_and_type(param: str) -> tuple[int | None, str]:
@@ -52,10 +52,7 @@ def _is_mask(path: Path) -> bool:
 def load_run(target: str | Path) -> Run:
     path = Path(target).expanduser()
     if path.is_dir():
-        manifest_path = path / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise UsageError(f"{str(path)!r} is not a carve output: it has no {MANIFEST_FILE}")
-        run = Run(path.name, manifest=json.loads(manifest_path.read_text()))
+        run = Run(path.name, manifest=read_manifest(path))
         if (path / MASK_FILE).is_file():
             run.mask = Mask.load(path / MASK_FILE)
         if (path / IMPORTANCE_FILE).is_file():

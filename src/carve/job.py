@@ -28,7 +28,7 @@ from carve.corpora import Corpus
 from carve.errors import UsageError
 from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
 from carve.models import LoadedModel
-from carve.output import atomic_output_dir, write_json
+from carve.output import atomic_output_dir, check_output, claim, write_json
 
 
 def peak_rss_mb() -> float:
@@ -194,6 +194,27 @@ def write_output(
         manifest["timings_s"] = stage.seconds
         manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
         write_json(tmp / "carve.json", manifest)
+
+
+@contextmanager
+def training_output(out: str | Path, overwrite: bool, resume: bool) -> Iterator[Path]:
+    """A training job's hold on its output and checkpoint for the whole run (`output.claim`:
+    checked, locked, an interrupted run's leftovers removed); yields the checkpoint directory,
+    which is removed once the block completes (the output is then written)."""
+    from carve.ops.train import check_checkpoint, checkpoint_dir, remove_checkpoint
+
+    with claim(out, checkpoint_dir(out)):
+        check_output(out, overwrite)
+        ckpt = check_checkpoint(out, resume, overwrite)
+        yield ckpt
+        remove_checkpoint(ckpt)
+
+
+def run_identity(recipe: Any, lm: LoadedModel, blocks: torch.Tensor, free: tuple[str, ...]) -> dict[str, Any]:
+    """What a resumed training run must share with the run that wrote the checkpoint: the recipe
+    (but the fields in `free`, which do not change the training), the model and the training data."""
+    fields = {k: v for k, v in asdict(recipe).items() if k not in free}
+    return {**fields, "model_fingerprint": lm.fingerprint, "train_fingerprint": tensor_fingerprint(blocks)}
 
 
 def cache_dir() -> Path:

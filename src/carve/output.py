@@ -6,19 +6,33 @@ crash leaves the old version or the new one, never half of one.
 - `atomic_output_dir(out)`: the same for a whole output directory (model files, carve.json ...).
   Replacing an existing directory takes two renames (old away, new in); a crash between them leaves
   the old one under `.NAME.carve-old-PID`, which `recover_replaced` puts back.
+- `claim(path, ...)`: held for a whole run. Checks before any work that each output can be
+  written (its parent is or can be made a directory we may write, its name leaves room for the
+  temporary names), takes an exclusive lock on it (`.NAME.carve-lock`, released by the kernel if
+  the process dies) so a second run on the same output fails at once, and then removes what an
+  interrupted run left: temporaries `.NAME.carve-tmp-PID`, an old version not yet removed.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from carve.errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks here; runs on one output are not serialized
+    fcntl = None  # type: ignore[assignment]
+
+_LONGEST_SIBLING = len(".checkpoint.carve-lock-tmp-4194304") + 1  # the longest name carve derives from NAME
 
 
 def check_output(out: str | Path, overwrite: bool) -> Path:
@@ -36,14 +50,133 @@ def _sibling(path: Path, what: str) -> Path:
     return path.parent / f".{path.name}.carve-{what}-{os.getpid()}"
 
 
+def _leftovers(path: Path, what: str) -> list[Path]:
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.carve-{what}-*"), key=lambda p: p.stat().st_mtime)
+
+
 def recover_replaced(path: Path) -> None:
     """If a replacement of `path` was interrupted between its two renames (the old version moved
     aside, the new one not yet in place), put the old version back."""
     if path.exists() or not path.parent.is_dir():
         return
-    olds = sorted(path.parent.glob(f".{path.name}.carve-old-*"), key=lambda p: p.stat().st_mtime)
+    olds = _leftovers(path, "old")
     if olds:
         olds[-1].rename(path)
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if not path.is_dir() else [p for p in path.rglob("*") if p.is_file()]
+    return sum(p.stat().st_size for p in files) / 2**20
+
+
+def remove_leftovers(path: Path) -> list[str]:
+    """What interrupted runs left beside `path`, removed (call it holding `path`'s lock, so none
+    belongs to a live run): its old version put back if the new one never arrived, temporaries
+    and old versions deleted. Returns one line per removal, for the user."""
+    recover_replaced(path)
+    gone = _leftovers(path, "tmp") + (_leftovers(path, "old") if path.exists() else [])
+    notes = []
+    for p in gone:
+        notes.append(f"removed {p.name} ({_size_mb(p):.1f} MB), left by an interrupted run")
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    return notes
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, an output that could not be written at the end: a name too long
+    once carve adds its temporary suffix, a parent that is a file, a directory we may not write."""
+    limit = 255
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir():
+        try:
+            limit = os.pathconf(existing, "PC_NAME_MAX")
+        except (OSError, ValueError, AttributeError):
+            pass
+    for part in path.parts[len(existing.parts) : -1]:
+        if len(os.fsencode(part)) > limit:
+            raise UsageError(f"cannot write {str(path)!r}: the directory name {part[:40]!r}... is too long")
+    if len(os.fsencode(path.name)) + _LONGEST_SIBLING > limit:
+        raise UsageError(
+            f"cannot write {str(path)!r}: its name is {len(os.fsencode(path.name))} bytes; carve needs "
+            f"{_LONGEST_SIBLING} more for its temporary names and this file system allows {limit}"
+        )
+    if not existing.is_dir():
+        raise UsageError(f"cannot write {str(path)!r}: {str(existing)!r} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {str(path)!r}: no permission to write in {str(existing)!r}")
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create `path`'s missing parent directories; returns those created, deepest first."""
+    made = []
+    for d in reversed(path.parents):
+        if not d.exists():
+            try:
+                d.mkdir()
+            except OSError as exc:
+                raise UsageError(f"cannot create the directory {str(d)!r} for {str(path)!r} ({exc.strerror})") from None
+            made.append(d)
+    return made[::-1]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` for this process (flock on `.NAME.carve-lock`)."""
+    lock = path.parent / f".{path.name}.carve-lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise UsageError(
+                f"{str(path)!r} is being written by another carve run (pid {holder}): wait for it to finish "
+                "or choose another output"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not a lock file its last holder just removed
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # removed while held: a waiting opener sees a new inode and retries
+        os.close(fd)
+
+
+@contextmanager
+def claim(*paths: str | Path | None) -> Iterator[None]:
+    """Hold every given output of a run (None: not written) for the whole run: checked writable,
+    locked against a second run, cleared of an interrupted run's leftovers (each removal said on
+    stderr). Directories created for an output are removed again if the run leaves them empty."""
+    outs = list(dict.fromkeys(Path(p).expanduser().absolute() for p in paths if p is not None))
+    for p in outs:
+        check_writable(p)
+    made: list[Path] = []
+    try:
+        with ExitStack() as stack:
+            for p in outs:
+                made += _make_parents(p)
+                if fcntl is not None:
+                    stack.enter_context(_locked(p))
+            for p in outs:
+                for note in remove_leftovers(p):
+                    print(f"carve: {note}", file=sys.stderr)
+            yield
+    finally:
+        for d in made:
+            try:
+                d.rmdir()  # only if the run left it empty
+            except OSError:
+                pass
 
 
 def replace_path(tmp: Path, path: Path) -> None:

@@ -40,7 +40,7 @@ from carve.ops.outcome import Outcome
 from carve.ops.plan import DEFAULT_DROP_RULE, DROP_RULES, ShapeTarget, check_drop_rule
 from carve.ops.prune import PROPAGATIONS, PruneResult, check_method_options, check_propagation, prune, scores_first
 from carve.ops.structure import structure
-from carve.output import atomic_file, check_output
+from carve.output import atomic_file, check_output, claim
 from carve.scorers import SCORERS, get_scorer
 from carve.settings import Calibration, Targets, flag
 
@@ -357,7 +357,15 @@ def extract(
     (to compare domains without saving models).  `cache=False` measures the source model anew
     instead of reusing its cached "before" metrics.  Returns the manifest."""
     r = recipe.resolved()
-    _check_outputs(r, out, overwrite, save_mask, save_importance)
+    with claim(out, save_mask, save_importance):
+        _check_outputs(r, out, overwrite, save_mask, save_importance)
+        return _extract(r, out, overwrite, model, save_mask, save_importance, cache)
+
+
+def _extract(
+    r: Recipe, out: str | Path | None, overwrite: bool, model: LoadedModel | None, save_mask: str | Path | None,
+    save_importance: str | Path | None, cache: bool,
+) -> dict[str, Any]:  # fmt: skip
     stage = Stages()
     with stage("load_data"):
         domain, general = Corpus(r.domain, r.text_field), Corpus(r.general, r.text_field)

@@ -14,7 +14,6 @@ with AdamW, or LoRA adapters through PEFT, merged at the end) → evaluate after
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,16 +31,20 @@ from carve.job import (
     held_out_data,
     manifest_head,
     metrics_of,
+    run_identity,
     save_model_files,
     training_blocks,
+    training_output,
     write_output,
 )
+from carve.manifest import MANIFEST_FILE, read_manifest
 from carve.models import LoadedModel, count_parameters, load_model
 from carve.ops.distill import distill_loss, reapply_masks, sparsity_masks
 from carve.ops.finetune import add_lora
-from carve.ops.train import Schedule, check_checkpoint, remove_checkpoint, train, trainable_parameters
-from carve.output import check_output
+from carve.ops.train import Schedule, train, trainable_parameters
 from carve.settings import flag
+
+RESUME_FREE = ("eval_blocks", "cloze_items", "checkpoint_every", "device", "eval_domain")  # a resume may change these
 
 
 @dataclass
@@ -88,9 +91,9 @@ class RecoverRecipe:
 def _teacher_source(recipe: RecoverRecipe, student: LoadedModel) -> str:
     if recipe.teacher:
         return recipe.teacher
-    manifest = Path(recipe.model).expanduser() / "carve.json"
-    if manifest.is_file():
-        source = str(json.loads(manifest.read_text())["source"]["model"])
+    manifest = Path(recipe.model).expanduser() / MANIFEST_FILE
+    source = read_manifest(manifest).get("source", {}).get("model") if manifest.is_file() else None
+    if source is not None:
         if Path(source).is_absolute() and not Path(source).exists():  # moved or deleted since
             raise UsageError(
                 f"{recipe.model!r} was carved from {source!r} (its carve.json says), which is no longer there: "
@@ -105,9 +108,9 @@ def _dense_metrics(source_manifest: Path, evaluation: dict[str, Any]) -> dict[st
     held-out data: an extraction's `before`, or the `dense` an earlier recovery carried along."""
     if not source_manifest.is_file():
         return None
-    m = json.loads(source_manifest.read_text())
-    measured = m.get("data", {}).get("eval", {})
-    dense = m["metrics"].get("dense" if m.get("job") == "recover" else "before")
+    m = read_manifest(source_manifest)
+    measured = m.get("data", {}).get("eval") or {}
+    dense = m.get("metrics", {}).get("dense" if m.get("job") == "recover" else "before")
     if not dense or any(measured.get(k) != evaluation.get(k) for k in ("domain", "general")):
         return None
     if measured.get("domain_cloze") != evaluation.get("domain_cloze"):  # other items, or none
@@ -140,8 +143,14 @@ def recover(
     called after every optimizer step (after any checkpoint of that step).  Training is ops.train's
     masked loop: the pruned matrices' zeros are frozen entries (never updated)."""
     recipe = recipe.resolved()
-    check_output(out, overwrite)
-    ckpt = check_checkpoint(out, resume, overwrite)
+    with training_output(out, overwrite, resume) as ckpt:
+        return _recover(recipe, out, ckpt, overwrite, resume, on_step, cache)
+
+
+def _recover(
+    recipe: RecoverRecipe, out: str | Path, ckpt: Path, overwrite: bool, resume: bool,
+    on_step: Callable[[int], None] | None, cache: bool,
+) -> dict[str, Any]:  # fmt: skip
     stage = Stages()
     with stage("load_data"):
         domain = Corpus(recipe.domain, recipe.text_field)
@@ -189,7 +198,8 @@ def recover(
     with stage("train"):
         result = train(
             model, train_blocks, loss_fn, trainable, schedule,
-            checkpoint=ckpt, resume=resume, on_step=on_step, desc="distillation",
+            checkpoint=ckpt, resume=resume, run=run_identity(recipe, student, train_blocks, RESUME_FREE),
+            on_step=on_step, desc="distillation",
         )  # fmt: skip
     model.eval()
     if recipe.lora:
@@ -198,7 +208,7 @@ def recover(
     student.model = model
     with stage("evaluate_after"):
         after = metrics_of(model, held_out)
-    dense = _dense_metrics(Path(recipe.model).expanduser() / "carve.json", held_out.describe())
+    dense = _dense_metrics(Path(recipe.model).expanduser() / MANIFEST_FILE, held_out.describe())
     manifest: dict[str, Any] = {
         **manifest_head("recover", student, recipe),
         "teacher": {"model": teacher.source, "fingerprint": teacher.fingerprint},
@@ -209,5 +219,4 @@ def recover(
         "size": {"parameters": count_parameters(model)},
     }
     write_output(out, overwrite, manifest, stage, lambda tmp: save_model_files(tmp, student.model, tok, manifest))
-    remove_checkpoint(ckpt)
     return manifest

@@ -13,6 +13,7 @@ from typing import Any
 
 from carve.errors import UsageError
 from carve.inspect import Run, importance_by_type, layer_and_type, load_run, per_layer_overlap
+from carve.output import atomic_file, claim
 
 
 def _fmt(x: Any, spec: str = ".3f") -> str:
@@ -174,10 +175,24 @@ def _cells(row: dict[str, Any]) -> list[str]:
     return [str(row[k]) if spec is None and row[k] is not None else _fmt(row[k], spec or "") for k, _, spec in COLUMNS]
 
 
-def write_report(targets: list[str | Path], html_path: str | Path, md_path: str | Path | None = None) -> dict[str, Any]:
-    """Write the HTML report (and the Markdown summary); returns the table rows and overlap facts."""
+def write_report(
+    targets: list[str | Path], html_path: str | Path, md_path: str | Path | None = None, overwrite: bool = False
+) -> dict[str, Any]:
+    """Write the HTML report (and the Markdown summary), each atomically; an existing file is
+    replaced only with `overwrite`.  Returns the table rows and overlap facts."""
     if not targets:
         raise UsageError("give at least one carve output directory, mask or importance file")
+    outs = [Path(p).expanduser() for p in (html_path, md_path) if p is not None]
+    for p in outs:
+        if p.is_dir():
+            raise UsageError(f"{str(p)!r} is a directory; give a file path for the report")
+        if p.exists() and not overwrite:
+            raise UsageError(f"{str(p)!r} already exists: choose another --out or pass --overwrite")
+    with claim(*outs):
+        return _write_report(targets, html_path, md_path)
+
+
+def _write_report(targets: list[str | Path], html_path: str | Path, md_path: str | Path | None) -> dict[str, Any]:
     runs = [load_run(t) for t in targets]
     rows = [run_row(r) for r in runs]
     task_names = sorted({t for r in rows for t in r["tasks"]})
@@ -222,8 +237,8 @@ def write_report(targets: list[str | Path], html_path: str | Path, md_path: str 
         )
     parts.append("</body></html>")
     out = Path(html_path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(parts))
+    with atomic_file(out) as tmp:
+        tmp.write_text("\n".join(parts))
     if md_path is not None:
         md = ["# carve report", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         md += ["| " + " | ".join(row) + " |" for row in body]
@@ -235,5 +250,6 @@ def write_report(targets: list[str | Path], html_path: str | Path, md_path: str 
                 for r in overlap["per_layer"]
             ]
         md += ["", f"Plots: {out.name}"]
-        Path(md_path).expanduser().write_text("\n".join(md) + "\n")
+        with atomic_file(Path(md_path).expanduser()) as tmp:
+            tmp.write_text("\n".join(md) + "\n")
     return {"rows": rows, "overlap": overlap, "plots": sorted(plots)}

@@ -12,7 +12,8 @@ import carve
 from carve.cli.flags import add_recipe_flags, recipe_from
 from carve.corpora import builtin_corpora
 from carve.finetune import FinetuneRecipe, finetune
-from carve.output import write_json
+from carve.manifest import MANIFEST_FILE, read_manifest
+from carve.output import claim, write_json
 from carve.progress import set_quiet
 from carve.recover import RecoverRecipe, recover
 from carve.scorers import SCORERS
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="an HTML page (and Markdown summary) comparing carve outputs")
     rp.add_argument("targets", nargs="+", help="carve output directories (and/or mask / importance files)")
     rp.add_argument("--out", default="carve-report.html", help="HTML file to write (default carve-report.html)")
+    rp.add_argument("--overwrite", action="store_true", help="replace existing report files")
     rp.add_argument("--json", action="store_true")
 
     co = sub.add_parser("corpora", help="list the builtin corpora")
@@ -222,6 +224,9 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     domain, general = carve.Corpus(args.domain, args.text_field), carve.Corpus(args.general, args.text_field)
+    manifest = Path(str(args.model or "")).expanduser() / MANIFEST_FILE
+    if args.tasks and manifest.is_file():
+        read_manifest(manifest)  # the task results go into it: a damaged one is refused before the work
     lm = carve.load_model(args.model, dtype=args.dtype, device=args.device)
     m = carve.evaluate(
         lm, domain, general, blocks=args.eval_blocks, block_len=args.block_len, cloze_items=args.cloze_items
@@ -255,12 +260,12 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
                 rest = ", ".join(f"{k} {v:.4g}" for k, v in t.items() if not k.startswith(("acc", "alias")))
                 rows.append([name, *acc, rest or "-"])
             print(_table(rows))
-        manifest = Path(str(args.model or "")).expanduser() / "carve.json"
         if manifest.is_file():  # a carve output: its manifest records the task results
-            data = json.loads(manifest.read_text())
-            data["tasks"] = {**(data.get("tasks") or {}), **tasks}
-            data["tasks_settings"] = {"limit": args.limit, "include_path": args.include_path, "harness": "lm-eval"}
-            write_json(manifest, data)  # atomic: the old manifest or the new one
+            with claim(manifest):  # one writer at a time; the old manifest or the new one
+                data = read_manifest(manifest)
+                data["tasks"] = {**(data.get("tasks") or {}), **tasks}
+                data["tasks_settings"] = {"limit": args.limit, "include_path": args.include_path, "harness": "lm-eval"}
+                write_json(manifest, data)
     return summary
 
 
@@ -366,7 +371,7 @@ def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     from carve.report import write_report
 
     html_path = Path(args.out)
-    facts = write_report(args.targets, html_path, html_path.with_suffix(".md"))
+    facts = write_report(args.targets, html_path, html_path.with_suffix(".md"), overwrite=args.overwrite)
     if not args.json:
         print(f"wrote {html_path} and {html_path.with_suffix('.md')} ({len(facts['rows'])} runs, plots: "
               f"{', '.join(facts['plots']) or 'none'})")  # fmt: skip

@@ -142,14 +142,12 @@ def _check_safetensors(directory: Path) -> None:
 
 def _load_delta_output(path: Path, dtype: str | None, device: str | None) -> LoadedModel:
     """A `--save-delta` output: its base (named by its carve.json) with the update applied."""
+    from carve.manifest import read_manifest
     from carve.models.delta import apply_delta, load_delta
 
-    try:
-        base_source = json.loads((path / "carve.json").read_text())["source"]["model"]
-    except (OSError, ValueError, KeyError):
-        raise UsageError(
-            f"{str(path)!r} holds an update (delta.safetensors) but no carve.json naming its base"
-        ) from None
+    base_source = read_manifest(path).get("source", {}).get("model")
+    if base_source is None:
+        raise UsageError(f"{str(path)!r} holds an update (delta.safetensors) but its carve.json names no base")
     base = load_model(base_source, dtype=dtype, device=device)
     apply_delta(base.model, *load_delta(path / DELTA_FILE))
     fingerprint = _file_fingerprint([path / DELTA_FILE])

@@ -218,30 +218,50 @@ def trainable_parameters(model: nn.Module) -> dict[str, torch.Tensor | None]:
     return {n: None for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(path: Path, opt: MaskedAdamW, step: int, losses: list[float]) -> None:
+def _save_checkpoint(path: Path, opt: MaskedAdamW, step: int, losses: list[float], run: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
     tensors = opt.state_tensors()
     tensors["rng/cpu"] = torch.get_rng_state()
     with atomic_output_dir(path, overwrite=True) as tmp:
         save_file(tensors, str(tmp / "state.safetensors"), metadata={"optimizer_step": str(opt.step_count)})
-        write_json(tmp / "progress.json", {"step": step, "losses": losses})
+        write_json(tmp / "progress.json", {"step": step, "losses": losses, "run": run})
 
 
-def _load_checkpoint(path: Path, opt: MaskedAdamW) -> tuple[int, list[float]]:
+def _check_same_run(path: Path, saved: Any, run: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint with other settings: the manifest would describe a run that
+    never happened."""
+    run = json.loads(json.dumps(run))  # as the checkpoint holds it (tuples as lists)
+    if not isinstance(saved, dict):
+        raise UsageError(f"checkpoint {str(path)!r} does not record its run's settings; start over with --overwrite")
+    changed = [f"{k} {saved.get(k)!r} -> {run.get(k)!r}" for k in sorted({*saved, *run}) if saved.get(k) != run.get(k)]
+    if changed:
+        raise UsageError(
+            f"checkpoint {str(path)!r} was written by a run with other settings ({'; '.join(changed)}): resume with "
+            "the same settings, or pass --overwrite to start over"
+        )
+
+
+def _load_checkpoint(path: Path, opt: MaskedAdamW, run: dict[str, Any]) -> tuple[int, list[float]]:
     from safetensors.torch import load_file
 
+    damaged = f"checkpoint {str(path)!r} is incomplete or damaged"
+    try:
+        info = json.loads((path / "progress.json").read_text())
+        step, losses = int(info["step"]), [float(x) for x in info["losses"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"{damaged} ({type(exc).__name__}: {exc}); start over with --overwrite") from None
+    _check_same_run(path, info.get("run"), run)
     try:
         saved = load_file(str(path / "state.safetensors"))
-        info = json.loads((path / "progress.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise UsageError(
-            f"checkpoint {str(path)!r} is incomplete or damaged ({exc}); start over with --overwrite"
-        ) from None
+    except Exception as exc:  # safetensors' own error type for a damaged file
+        raise UsageError(f"{damaged} ({type(exc).__name__}: {exc}); start over with --overwrite") from None
+    if "rng/cpu" not in saved or not 0 <= step <= opt.s.steps:
+        raise UsageError(f"{damaged} (its step or random state is missing); start over with --overwrite")
     opt.load_state_tensors(saved, str(path))
-    opt.step_count = int(info["step"])
+    opt.step_count = step
     torch.set_rng_state(saved["rng/cpu"])
-    return int(info["step"]), [float(x) for x in info["losses"]]
+    return step, losses
 
 
 def has_checkpoint(path: Path) -> bool:
@@ -277,11 +297,13 @@ def train(
     *,
     checkpoint: Path | None = None,
     resume: bool = False,
+    run: dict[str, Any] | None = None,
     on_step: Callable[[int], None] | None = None,
     desc: str = "training",
 ) -> TrainResult:
     """Train the `trainable` entries of `model` in place on `batches` [n >= steps·batch_size, L]
-    (step i takes rows i·batch_size ...).  `on_step(done)` runs after each step (and its checkpoint)."""
+    (step i takes rows i·batch_size ...).  `on_step(done)` runs after each step (and its checkpoint).
+    `run`: the settings a checkpoint records and a resume must match (JSON values)."""
     params = dict(model.named_parameters())
     unknown = sorted(set(trainable) - set(params))
     if unknown:
@@ -292,7 +314,7 @@ def train(
     start, losses = 0, list[float]()
     if resume:
         assert checkpoint is not None
-        start, losses = _load_checkpoint(checkpoint, opt)
+        start, losses = _load_checkpoint(checkpoint, opt, run or {})
     before = {n: p.requires_grad for n, p in params.items()}
     for n, p in params.items():
         p.requires_grad_(n in trainable)
@@ -317,7 +339,7 @@ def train(
                 steps.set_postfix(loss=f"{total:.4f}")
             done = step + 1
             if checkpoint is not None and done % schedule.checkpoint_every == 0 and done < schedule.steps:
-                _save_checkpoint(checkpoint, opt, done, losses)
+                _save_checkpoint(checkpoint, opt, done, losses, run or {})
             if on_step is not None:
                 on_step(done)
     finally:
