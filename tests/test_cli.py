@@ -158,10 +158,10 @@ def _no_blocks(tmp_path: Path, model_dir: Path) -> Path:
 
 BAD = [
     # (label, args builder, expected message part)
-    ("unknown model", lambda t, m, c: ["--model", "no-such-model"], "unknown model 'no-such-model'"),
-    ("missing model dir", lambda t, m, c: ["--model", str(t / "nowhere/")], "unknown model"),
+    ("unknown model", lambda t, m, c: ["--model", "no-such-model"], "no model at 'no-such-model'"),
+    ("missing model dir", lambda t, m, c: ["--model", str(t / "nowhere/")], "no model at"),
     ("truncated weights", lambda t, m, c: ["--model", str(_truncated_model(t, m))], "truncated or not safetensors"),
-    ("not gguf", lambda t, m, c: ["--model", str(_not_weights(t, m))], "is not a GGUF file"),
+    ("not gguf", lambda t, m, c: ["--model", str(_not_weights(t, m))], "is not a complete GGUF file"),
     ("unknown corpus", lambda t, m, c: ["--model", str(m), "--domain", "astrology"], "unknown corpus 'astrology'"),
     (
         "short corpus",

@@ -36,9 +36,10 @@ from carve.job import (
 from carve.models import LoadedModel, count_parameters, load_model
 from carve.models.arch import DEFAULT_EXCLUDE
 from carve.models.delta import DELTA_FILE, save_delta
+from carve.models.load import check_source
 from carve.ops.finetune import Trainable, add_lora, lora_rank_for, trainable_mask
 from carve.ops.train import Schedule, train, trainable_parameters
-from carve.settings import Targets, flag
+from carve.settings import Targets, check_types, flag
 
 # peak learning rates by what is trained: a sparse subset takes larger steps than the whole
 # model (LIFT's practice); LoRA's usual 1e-3 (set on the embedded default: bench/finetune.py)
@@ -83,6 +84,8 @@ class FinetuneRecipe:
     save_delta: bool = flag("write only the update (bit-packed mask + changed values), not the model", default=False)
 
     def validate(self) -> Trainable:
+        check_types(self)
+        check_source(self.model)
         spec = Trainable.parse(self.trainable)
         for name in ("steps", "batch_size", "micro_batch", "block_len", "checkpoint_every", "eval_blocks"):
             if getattr(self, name) < 1:

@@ -14,7 +14,7 @@ import torch
 
 from carve.errors import UsageError
 from carve.manifest import read_manifest
-from carve.masks.mask import ImportanceMap, Mask
+from carve.masks.mask import ImportanceMap, Mask, reading_safetensors
 
 MASK_FILE, IMPORTANCE_FILE = "mask.safetensors", "importance.safetensors"
 
@@ -40,13 +40,8 @@ class Run:
 
 
 def _is_mask(path: Path) -> bool:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return "carve_mask_shapes" in (f.metadata() or {})
-    except Exception as exc:
-        raise UsageError(f"{str(path)!r} is not a safetensors file ({exc})") from None
+    with reading_safetensors(path, "a mask or importance map") as f:
+        return "carve_mask_shapes" in (f.metadata() or {})
 
 
 def load_run(target: str | Path) -> Run:

@@ -35,14 +35,14 @@ from carve.masks.mask import ImportanceMap
 from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, count_parameters
-from carve.models.load import check_calib_choice, resolve_calib_dtype
+from carve.models.load import check_calib_choice, check_source, resolve_calib_dtype
 from carve.ops.outcome import Outcome
 from carve.ops.plan import DEFAULT_DROP_RULE, DROP_RULES, ShapeTarget, check_drop_rule
 from carve.ops.prune import PROPAGATIONS, PruneResult, check_method_options, check_propagation, prune, scores_first
 from carve.ops.structure import structure
 from carve.output import atomic_file, check_output, claim
 from carve.scorers import SCORERS, get_scorer
-from carve.settings import Calibration, Targets, flag
+from carve.settings import Calibration, Targets, check_types, flag
 
 SWEEP_MIX = 0.3  # dual-obs: share of general blocks in its sweep's Hessians (as SparseGPT's default mix)
 # extract's default method: measured best in bench/RESULTS.md (dual section); wanda for --structure
@@ -161,6 +161,8 @@ class Recipe:
     def resolved(self) -> Recipe:
         """A copy with every default decided (method, sparsity, mix, sweep mix, structure
         targets) and every value checked; the recipe itself is left as given."""
+        check_types(self)
+        check_source(self.model)
         r = replace(self, include=list(self.include), exclude=list(self.exclude))
         shape = (r.keep, r.mlp_keep, r.heads_keep, r.drop_blocks)
         r.structure = r.structure or any(t is not None for t in shape) or r.bias_compensation or r.drop_rule is not None
@@ -238,10 +240,7 @@ def _importance_name(method: Any) -> Any:
 
 
 def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
-    try:
-        imp = ImportanceMap.load(Path(path).expanduser())
-    except Exception as exc:
-        raise UsageError(f"importance file {path!r} is not a carve importance map ({exc})") from None
+    imp = ImportanceMap.load(Path(path).expanduser())
     what = {"scorer": "method", "model_fingerprint": "model", "data_fingerprint": "calibration data and settings"}
     for field_name, label in what.items():
         saved, wanted = imp.meta.get(field_name), key[field_name]

@@ -39,10 +39,11 @@ from carve.job import (
 )
 from carve.manifest import MANIFEST_FILE, read_manifest
 from carve.models import LoadedModel, count_parameters, load_model
+from carve.models.load import check_source
 from carve.ops.distill import distill_loss, reapply_masks, sparsity_masks
 from carve.ops.finetune import add_lora
 from carve.ops.train import Schedule, train, trainable_parameters
-from carve.settings import flag
+from carve.settings import check_types, flag
 
 RESUME_FREE = ("eval_blocks", "cloze_items", "checkpoint_every", "device", "eval_domain")  # a resume may change these
 
@@ -76,6 +77,10 @@ class RecoverRecipe:
 
     def resolved(self) -> RecoverRecipe:
         """A copy with the learning rate decided and every value checked."""
+        check_types(self)
+        for source in (self.model, self.teacher):
+            if source is not None:
+                check_source(source)
         for name in ("steps", "batch_size", "block_len", "checkpoint_every", "eval_blocks"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be a positive whole number, not {getattr(self, name)}")

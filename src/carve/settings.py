@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
 from torch import nn
 
+from carve.errors import UsageError
 from carve.models.arch import DEFAULT_EXCLUDE, all_prunable_linears
 
 
@@ -63,3 +67,45 @@ def flag(
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether `value` has the type `hint` (str, int, float, bool, list[X], X | None) exactly as a
+    recipe field needs: no bool for a number, no string for a list, finite numbers only."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if typing.get_origin(hint) in (list, tuple):
+        (item, *_) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list | tuple) and all(_accepts(item, v) for v in value)
+    return True  # a type carve does not check here
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, tuple):
+        item = typing.get_args(hint)[0]
+        return "a list of " + {str: "strings", int: "whole numbers", float: "finite numbers"}.get(item, str(item))
+    names = {type(None): "null", bool: "true or false", int: "a whole number", float: "a finite number"}
+    return names.get(hint, "a string" if hint is str else str(hint))
+
+
+def check_types(settings: Any) -> None:
+    """Refuse a dataclass of settings (a recipe) holding a value of the wrong type for any field:
+    `include: "*mlp*"` (a string, not a list), `speed: "no"`, a string sparsity, `nan`."""
+    hints = typing.get_type_hints(type(settings))
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if f.name in hints and not _accepts(hints[f.name], value):
+            name = f.name.replace("_", "-")
+            raise UsageError(f"{name} must be {_describe(hints[f.name])}, not {value!r:.60}")

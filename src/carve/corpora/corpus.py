@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -67,6 +68,14 @@ def _load_documents(spec: str, text_field: str) -> tuple[list[str], str]:
             f"unknown corpus {spec!r}: give a builtin name ({', '.join(BUILTIN)}) or a path to "
             ".txt, .jsonl, .parquet, a directory of text files or a datasets.save_to_disk folder"
         )
+    try:
+        return _read_path(path, spec, text_field)
+    except (OSError, EOFError, ValueError, RecursionError, zlib.error) as exc:  # unreadable or not what it says
+        what = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise UsageError(f"corpus {spec!r} cannot be read ({type(exc).__name__}: {what})") from None
+
+
+def _read_path(path: Path, spec: str, text_field: str) -> tuple[list[str], str]:
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             return _load_hf_dataset(path, text_field), "datasets"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,11 +45,16 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
 
     @classmethod
     def load(cls, path: str | Path) -> ImportanceMap:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        """An importance map file; a UsageError naming the file when it is not one."""
+        with reading_safetensors(path, "an importance map") as f:
             meta = json.loads((f.metadata() or {}).get("carve", "{}"))
-            return cls({k: f.get_tensor(k) for k in f.keys()}, meta)
+            if not isinstance(meta, dict):
+                raise ValueError("its carve metadata is not a mapping")
+            scores = {k: f.get_tensor(k) for k in f.keys()}
+        for k, v in scores.items():
+            if not v.is_floating_point():
+                raise UsageError(f"{str(path)!r} is not an importance map: {k} holds {v.dtype}, not scores")
+        return cls(scores, meta)
 
 
 @dataclass
@@ -67,8 +74,12 @@ class Mask(Mapping[str, torch.Tensor]):
 
     def _zip(self, other: Mask) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         if self.keep.keys() != other.keep.keys():
-            raise ValueError("masks cover different parameters")
+            raise UsageError("the two masks cover different parameters (masks of different models?)")
         for k, v in self.keep.items():
+            if v.shape != other.keep[k].shape:
+                raise UsageError(
+                    f"the two masks differ in shape at {k} ({tuple(v.shape)} vs {tuple(other.keep[k].shape)})"
+                )
             yield k, v, other.keep[k]
 
     def __and__(self, other: Mask) -> Mask:
@@ -110,12 +121,39 @@ class Mask(Mapping[str, torch.Tensor]):
 
     @classmethod
     def load(cls, path: str | Path) -> Mask:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        """A bit-packed mask file; a UsageError naming the file when it is not a complete one."""
+        with reading_safetensors(path, "a carve mask") as f:
             shapes = json.loads((f.metadata() or {})["carve_mask_shapes"])
-            keep = {k: unpack_bits(f.get_tensor(k), shapes[k]) for k in f.keys()}
+            ok = isinstance(shapes, dict) and set(shapes) == set(f.keys())
+            if not ok or not all(_is_shape(v) for v in shapes.values()):
+                raise ValueError("its shapes do not match its tensors")
+            keep = {}
+            for k in f.keys():
+                packed = f.get_tensor(k)
+                if packed.dtype != torch.uint8 or packed.dim() != 1 or len(packed) != -(-math.prod(shapes[k]) // 8):
+                    raise ValueError(f"{k} holds {tuple(packed.shape)} {packed.dtype}, not the bits of {shapes[k]}")
+                keep[k] = unpack_bits(packed, shapes[k])
         return cls(keep)
+
+
+def _is_shape(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= 8 and all(type(d) is int and 0 <= d < 2**40 for d in v)
+
+
+@contextmanager
+def reading_safetensors(path: str | Path, what: str) -> Iterator[Any]:
+    """A safetensors file opened for reading; any damage becomes one UsageError naming the file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except UsageError:
+        raise
+    except FileNotFoundError:
+        raise UsageError(f"{str(path)!r} does not exist") from None
+    except Exception as exc:  # safetensors' SafetensorError, JSON and shape errors of a damaged file
+        raise UsageError(f"{str(path)!r} is not {what} ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def pack_bits(keep: torch.Tensor) -> torch.Tensor:

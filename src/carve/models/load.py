@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib.util
 import json
 import os
+import pickle
+import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ import torch
 
 from carve.errors import UsageError
 from carve.models.delta import DELTA_FILE
+from carve.models.gguf_header import read_gguf_header
 from carve.progress import library_bars
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -115,11 +120,15 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def _check_gguf(path: Path) -> None:
-    with open(path, "rb") as fh:
-        magic = fh.read(4)
-    if magic != b"GGUF":
-        raise UsageError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+def _end_of(name: str, entry: Any) -> int:
+    """Where a safetensors header entry says its tensor's bytes end."""
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int and x >= 0 for x in offsets)):
+        raise ValueError(f"tensor {name!r} has no valid data_offsets")
+    start, end = offsets
+    if start > end:
+        raise ValueError(f"tensor {name!r} ends before it starts")
+    return int(end)
 
 
 def _check_safetensors(directory: Path) -> None:
@@ -133,10 +142,12 @@ def _check_safetensors(directory: Path) -> None:
                 if n > size:
                     raise ValueError("header length exceeds the file")
                 header = json.loads(fh.read(n))
-            ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+            if not isinstance(header, dict):
+                raise ValueError(f"the header is a {type(header).__name__}, not a mapping")
+            ends = [_end_of(k, v) for k, v in header.items() if k != "__metadata__"]
             if 8 + n + max(ends, default=0) > size:
                 raise ValueError("the file is shorter than its header says")
-        except (ValueError, KeyError, TypeError, struct.error) as exc:
+        except (ValueError, RecursionError, struct.error) as exc:
             raise UsageError(f"weights file {f} is truncated or not safetensors ({exc})") from None
 
 
@@ -154,6 +165,88 @@ def _load_delta_output(path: Path, dtype: str | None, device: str | None) -> Loa
     return LoadedModel(base.model, base.tokenizer, str(path), fingerprint)
 
 
+HUB_TIMEOUT_S = 5.0
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _is_hub_id(source: str | None) -> bool:
+    return bool(source) and _HUB_ID.fullmatch(str(source)) is not None and not str(source).endswith(".gguf")
+
+
+def _local_hint(path: Path) -> bool:
+    """Whether `path` reads as a local path: its first directory exists here (`out/legal-5`)."""
+    return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+
+
+def _not_found(source: str, path: Path) -> str:
+    parent = path.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    near: list[str] = []
+    if parent.is_dir() and parent == path.parent:
+        near = difflib.get_close_matches(path.name, [p.name for p in parent.iterdir()], n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(str(parent / n)) for n in near)}?" if near else ""
+    return (
+        f"no model at {source!r}: no such file or directory{hint} (give 'default', a local model directory, "
+        "a .gguf file or a hub id org/name)"
+    )
+
+
+def check_source(source: str | None) -> None:
+    """Refuse at once, before any other work, a model source that is neither the default, a local
+    path nor a hub id (a mistyped local path: its directory exists here)."""
+    if source in _DEFAULT_ALIASES:
+        return
+    path = Path(str(source)).expanduser()
+    if not path.exists() and not (_is_hub_id(source) and not _local_hint(path)):
+        raise UsageError(_not_found(str(source), path))
+
+
+def _hub_reachable(source: str) -> str | None:
+    """None when the hub answers for `source` within HUB_TIMEOUT_S; else why not, in a few words."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return "HF_HUB_OFFLINE is set"
+    answer: list[str | None] = []
+
+    def probe() -> None:
+        from huggingface_hub import model_info
+
+        try:
+            model_info(source, timeout=HUB_TIMEOUT_S)
+            answer.append(None)
+        except Exception as exc:
+            answer.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_TIMEOUT_S + 1)
+    return answer[0] if answer else f"no answer within {HUB_TIMEOUT_S:g} s"
+
+
+def _from_hub(source: str, kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
+    """A hub id: from the local hub cache without any request when it is there; otherwise only
+    after the hub answered for it within seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def load(**extra: Any) -> tuple[Any, Any]:
+        return AutoTokenizer.from_pretrained(source, **extra), AutoModelForCausalLM.from_pretrained(
+            source, **kwargs, **extra
+        )
+
+    try:
+        tok, model = load(local_files_only=True)
+    except OSError:
+        why = _hub_reachable(source)
+        if why is not None:
+            raise UsageError(f"no local path {source!r}, and no hub model of that id could be loaded ({why})") from None
+        try:
+            tok, model = load()
+        except OSError as exc:
+            raise UsageError(f"could not load model {source!r} from the hub ({exc})") from None
+    digest = hashlib.sha256(f"{source}:{getattr(model.config, '_commit_hash', '')}".encode()).hexdigest()
+    return tok, model, digest[:16]
+
+
 def load_model(source: str | None = None, *, dtype: str | None = None, device: str | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -166,7 +259,7 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "weights_only": True}  # a .bin is unpickled as tensors only
     model: Any
     tok: Any
     if source in _DEFAULT_ALIASES:
@@ -178,7 +271,7 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
         name = source
     try:
         if path.is_file():
-            _check_gguf(path)
+            read_gguf_header(path)  # a cut or foreign file: one clear error before transformers parses it
             fingerprint = _file_fingerprint([path])
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             with library_bars("transformers.modeling_gguf_pytorch_utils"):
@@ -202,24 +295,20 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
             fingerprint = _file_fingerprint(weights)
             tok = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        elif source and "/" in source and not source.startswith((".", "/", "~")):
-            try:
-                tok = AutoTokenizer.from_pretrained(source)
-                model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-            except OSError as exc:
-                raise UsageError(f"could not load model {source!r} from the hub ({exc})") from None
-            fingerprint = hashlib.sha256(f"{source}:{getattr(model.config, '_commit_hash', '')}".encode()).hexdigest()[
-                :16
-            ]
+        elif _is_hub_id(source) and not _local_hint(path):
+            tok, model, fingerprint = _from_hub(str(source), kwargs)
         else:
-            raise UsageError(
-                f"unknown model {source!r}: give 'default', a local model directory, a .gguf file "
-                "or a hub id (org/name)"
-            )
+            raise UsageError(_not_found(str(source), path))
     except UsageError:
         raise
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise UsageError(f"could not load model {name!r}: {str(exc).splitlines()[0]}") from None
+    except pickle.UnpicklingError as exc:
+        raise UsageError(
+            f"refused to load {name!r}: its pytorch_model.bin holds more than tensors, and carve unpickles weights "
+            f"only ({str(exc).splitlines()[0][:120]}); convert a trusted copy to safetensors"
+        ) from None
+    except (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError, EOFError, struct.error) as exc:
+        what = str(exc).splitlines()[0][:300] if str(exc) else ""
+        raise UsageError(f"could not load model {name!r} ({type(exc).__name__}: {what})") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.to(dev)

@@ -71,10 +71,10 @@ def trainable_mask(
     """The entries a sparse fine-tune trains (True), over `targets`' Linear weights."""
     if spec.kind == "mask":
         assert spec.path is not None
-        return _checked(_load(Mask.load, spec.path, "mask"), model, spec.path)
+        return _checked(Mask.load(Path(spec.path).expanduser()), model, spec.path)
     if spec.kind == "importance":
         assert spec.path is not None
-        scores = _load(ImportanceMap.load, spec.path, "importance map")
+        scores = ImportanceMap.load(Path(spec.path).expanduser())
         saved_for = scores.meta.get("model_fingerprint")
         if model_fingerprint and saved_for and saved_for != model_fingerprint:
             raise UsageError(
@@ -90,13 +90,6 @@ def trainable_mask(
         params = by_kind.get(spec.kind, {})
         scores = compute_importance(spec.kind, model, targets, **params)
     return select_mask(scores, 1 - density, "matrix")
-
-
-def _load(loader: Any, path: str, what: str) -> Any:
-    try:
-        return loader(Path(path).expanduser())
-    except Exception as exc:
-        raise UsageError(f"{path!r} is not a carve {what} ({str(exc).splitlines()[0]})") from None
 
 
 def _checked(named: Any, model: nn.Module, path: str) -> Any:
