@@ -39,7 +39,9 @@ def test_unreachable_hub_id_is_a_usage_error(monkeypatch) -> None:
         raise OSError(f"We couldn't connect to the hub to load {name}")
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", offline)
-    with pytest.raises(carve.UsageError, match="no local path 'org/missing', and no hub model of that id could be loaded"):
+    with pytest.raises(
+        carve.UsageError, match="no local path 'org/missing', and no hub model of that id could be loaded"
+    ):
         carve.load_model("org/missing")
 
 

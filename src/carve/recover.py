@@ -38,7 +38,7 @@ from carve.job import (
     write_output,
 )
 from carve.manifest import MANIFEST_FILE, read_manifest
-from carve.models import LoadedModel, count_parameters, load_model
+from carve.models import count_parameters, load_model
 from carve.models.load import check_source
 from carve.ops.distill import distill_loss, reapply_masks, sparsity_masks
 from carve.ops.finetune import add_lora
@@ -93,11 +93,12 @@ class RecoverRecipe:
         return replace(self, lr=self.lr or (1e-3 if self.lora else 1e-4))
 
 
-def _teacher_source(recipe: RecoverRecipe, student: LoadedModel) -> str:
-    if recipe.teacher:
-        return recipe.teacher
+def _teacher_source(recipe: RecoverRecipe) -> str:
+    """--teacher, else the model the student's manifest names (read, and so checked, either way)."""
     manifest = Path(recipe.model).expanduser() / MANIFEST_FILE
     source = read_manifest(manifest).get("source", {}).get("model") if manifest.is_file() else None
+    if recipe.teacher:
+        return recipe.teacher
     if source is not None:
         if Path(source).is_absolute() and not Path(source).exists():  # moved or deleted since
             raise UsageError(
@@ -148,12 +149,13 @@ def recover(
     called after every optimizer step (after any checkpoint of that step).  Training is ops.train's
     masked loop: the pruned matrices' zeros are frozen entries (never updated)."""
     recipe = recipe.resolved()
+    teacher = _teacher_source(recipe)  # the student's manifest read (and checked) before any work
     with training_output(out, overwrite, resume) as ckpt:
-        return _recover(recipe, out, ckpt, overwrite, resume, on_step, cache)
+        return _recover(recipe, teacher, out, ckpt, overwrite, resume, on_step, cache)
 
 
 def _recover(
-    recipe: RecoverRecipe, out: str | Path, ckpt: Path, overwrite: bool, resume: bool,
+    recipe: RecoverRecipe, teacher_source: str, out: str | Path, ckpt: Path, overwrite: bool, resume: bool,
     on_step: Callable[[int], None] | None, cache: bool,
 ) -> dict[str, Any]:  # fmt: skip
     stage = Stages()
@@ -163,7 +165,7 @@ def _recover(
         evaluated = Corpus(recipe.eval_domain, recipe.text_field) if recipe.eval_domain else domain
     with stage("load_model"):
         student = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
-        teacher = load_model(_teacher_source(recipe, student), dtype=recipe.dtype, device=recipe.device)
+        teacher = load_model(teacher_source, dtype=recipe.dtype, device=recipe.device)
         if len(teacher.tokenizer) != len(student.tokenizer):
             raise UsageError(
                 f"teacher {teacher.source!r} and student {student.source!r} have different tokenizers "

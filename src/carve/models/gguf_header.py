@@ -11,6 +11,7 @@ of `general.alignment` (32 by default)."""
 
 from __future__ import annotations
 
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -72,6 +73,16 @@ class _Reader:
         return []
 
 
+def _nbytes(name: str, shape: list[int], kind: int) -> int:
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+    except (ValueError, KeyError):
+        raise _Damaged(f"tensor {name!r} has an unknown ggml type {kind}") from None
+    return math.prod(shape) // block * size
+
+
 def read_gguf_header(path: Path) -> dict[str, Any]:
     """The metadata of the GGUF file `path` (numeric arrays left out) after checking that its
     header and tensor table are complete and consistent; a UsageError otherwise."""
@@ -103,19 +114,18 @@ def _parse(r: _Reader) -> dict[str, Any]:
         align = meta.get("general.alignment", 32)
         if not isinstance(align, int) or align <= 0 or align & (align - 1):
             raise _Damaged(f"general.alignment {align!r} is not a power of two")
-        offsets = []
+        tensors = []
         for _ in range(n_tensors):
             name, dims = r.string(), r.take("<I")
             if dims > _MAX_DIMS:
                 raise _Damaged(f"tensor {name!r} claims {dims} dimensions")
-            for _ in range(dims):
-                r.take("<Q")
-            r.take("<I")
-            offsets.append((r.take("<Q"), name))
+            shape = [r.take("<Q") for _ in range(dims)]
+            kind = r.take("<I")
+            tensors.append((name, shape, kind, r.take("<Q")))
         data_start = -(-r.pos // align) * align
-        for offset, name in offsets:
-            if data_start + offset > len(r.buf):
-                raise _Damaged(f"tensor {name!r} starts past the end of the file (the file is cut short)")
+        for name, shape, kind, offset in tensors:
+            if data_start + offset + _nbytes(name, shape, kind) > len(r.buf):
+                raise _Damaged(f"tensor {name!r} ends past the end of the file (the file is cut short)")
         return meta
     finally:
         r.buf.release()
