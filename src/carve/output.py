@@ -15,6 +15,7 @@ crash leaves the old version or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -179,10 +180,44 @@ def claim(*paths: str | Path | None) -> Iterator[None]:
                 pass
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the system
+    or file system cannot, and then nothing was changed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or directory so that a crash leaves it whole or gone: renamed to a temporary
+    name first (which the next claim of `path` clears), then deleted."""
+    if not path.exists() and not path.is_symlink():
+        return
+    doomed = _sibling(path, "tmp")
+    path.rename(doomed)
+    shutil.rmtree(doomed) if doomed.is_dir() and not doomed.is_symlink() else doomed.unlink()
+
+
 def replace_path(tmp: Path, path: Path) -> None:
-    """Move the complete `tmp` to `path`, replacing what is there (a file: one atomic rename; a
-    directory: old aside, new in, old removed)."""
+    """Move the complete `tmp` to `path`, replacing what is there. A file: one atomic rename. A
+    directory: swapped with the old one in one atomic step where the system can (the old one then
+    removed), else old aside, new in, old removed (a crash between the two renames leaves the old
+    one aside, which `recover_replaced` puts back)."""
     if path.is_dir() and not path.is_symlink():
+        if _exchange(tmp, path):  # `tmp` now holds the old version
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
         old = _sibling(path, "old")
         path.rename(old)
         tmp.rename(path)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 from torch import nn
 
 from carve.errors import UsageError
-from carve.output import atomic_output_dir, recover_replaced, write_json
+from carve.output import atomic_output_dir, recover_replaced, remove_path, write_json
 from carve.progress import progress
 
 LossFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -355,4 +354,4 @@ def train(
 
 
 def remove_checkpoint(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    remove_path(path)  # whole or gone, never half a checkpoint
