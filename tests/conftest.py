@@ -103,3 +103,15 @@ def small_corpus(tmp_path: Path) -> Path:
 def _private_cache(tmp_path_factory, monkeypatch) -> None:
     """Cached evaluations go to a directory of each test, never the user's cache."""
     monkeypatch.setenv("CARVE_CACHE_DIR", str(tmp_path_factory.mktemp("carve-cache")))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """How many examples each fuzzed reader ran (tests/test_fuzz_readers.py)."""
+    import sys
+
+    fuzz = sys.modules.get("tests.test_fuzz_readers")
+    counts = getattr(fuzz, "FUZZ_COUNTS", None)
+    if counts:
+        terminalreporter.write_sep("-", "fuzzed readers: examples run")
+        for name, n in sorted(counts.items()):
+            terminalreporter.write_line(f"{name}: {n}")

@@ -28,9 +28,11 @@ def run_row(run: Run) -> dict[str, Any]:
     after, before = metrics.get("after") or {}, metrics.get("before") or {}
     size = m.get("size", {})
     if m.get("job") == "recover":
-        what = f"recover ({m['training']['steps']} steps{', LoRA ' + str(r['lora']) if r.get('lora') else ''})"
+        steps = (m.get("training") or {}).get("steps")
+        what = f"recover ({steps} steps{', LoRA ' + str(r['lora']) if r.get('lora') else ''})"
     elif m.get("structure"):
-        c = m["structure"]["config"]
+        c = {k: "?" for k in ("num_key_value_heads", "intermediate_size", "num_hidden_layers")}
+        c |= m["structure"].get("config") or {}
         what = (
             f"{r.get('method')} structured: {c['num_key_value_heads']} kv groups, "
             f"{c['intermediate_size']} MLP, {c['num_hidden_layers']} blocks"
