@@ -88,3 +88,17 @@ def test_interrupted_swap_is_put_back(tmp_path: Path, model_dir: Path, small_cor
     out.rename(tmp_path / ".out.carve-old-999999")
     assert main(_argv(model_dir, small_corpus, out)) == 2  # the old output is back: it exists
     assert (out / "carve.json").is_file()
+
+
+def test_dead_temporaries_in_the_eval_cache_are_removed(
+    tmp_path: Path, model_dir: Path, small_corpus: Path, monkeypatch
+) -> None:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CARVE_CACHE_DIR", str(cache))
+    (cache / "eval").mkdir(parents=True)
+    dead = cache / "eval" / ".abc.json.carve-tmp-999999"
+    live = cache / "eval" / f".def.json.carve-tmp-{os.getpid()}"
+    dead.write_text("{")
+    live.write_text("{")
+    assert main(_argv(model_dir, small_corpus, tmp_path / "out")) == 0
+    assert not dead.exists() and live.exists()

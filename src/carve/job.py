@@ -28,7 +28,7 @@ from carve.corpora import Corpus
 from carve.errors import UsageError
 from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
 from carve.models import LoadedModel
-from carve.output import atomic_output_dir, check_output, claim, write_json
+from carve.output import atomic_output_dir, check_output, claim, remove_dead_temporaries, write_json
 
 
 def peak_rss_mb() -> float:
@@ -247,6 +247,8 @@ def evaluate_source(lm: LoadedModel, data: EvalData, cache: bool = True) -> tupl
     metrics = metrics_of(lm.model, data)
     if cache:
         try:
+            if path.parent.is_dir():
+                remove_dead_temporaries(path.parent)  # entries a killed job was writing
             write_json(path, {"source": lm.source, "fingerprint": lm.fingerprint, "metrics": metrics})
         except OSError:  # a read-only cache directory costs the next job a re-evaluation, no more
             pass

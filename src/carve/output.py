@@ -83,6 +83,25 @@ def remove_leftovers(path: Path) -> list[str]:
     return notes
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def remove_dead_temporaries(directory: Path) -> None:
+    """Temporaries in `directory` whose process is gone (a shared directory such as the cache, where
+    no output lock is held: a live process's temporaries are left alone)."""
+    for p in directory.glob(".*.carve-tmp-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 def check_writable(path: Path) -> None:
     """Refuse, before any work, an output that could not be written at the end: a name too long
     once carve adds its temporary suffix, a parent that is a file, a directory we may not write."""
