@@ -21,12 +21,15 @@ from carve.corpora import Corpus
 from carve.engines.gradient import bound_heap_retention, next_token_loss
 from carve.errors import UsageError
 from carve.job import (
+    SAVE_DTYPE_HELP,
+    SAVE_DTYPES,
     Stages,
     describe_blocks,
     evaluate_source,
     held_out_data,
     manifest_head,
     metrics_of,
+    round_to_saved,
     run_identity,
     save_model_files,
     training_blocks,
@@ -82,6 +85,7 @@ class FinetuneRecipe:
     dtype: str | None = flag("float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)", default=None)
     device: str | None = flag("cpu, cuda, cuda:N (default: cuda when available)", default=None)
     save_delta: bool = flag("write only the update (bit-packed mask + changed values), not the model", default=False)
+    save_dtype: str | None = flag(SAVE_DTYPE_HELP + "; not with --save-delta", choices=SAVE_DTYPES)
 
     def validate(self) -> Trainable:
         check_types(self)
@@ -96,6 +100,8 @@ class FinetuneRecipe:
             raise UsageError(f"mix {self.mix} is outside [0, 1]: it is the share of general training blocks")
         if self.batch_size % self.micro_batch:
             raise UsageError(f"batch-size {self.batch_size} is not a multiple of micro-batch {self.micro_batch}")
+        if self.save_delta and self.save_dtype is not None:
+            raise UsageError("--save-dtype is for whole models; --save-delta stores the update in the run's dtype")
         if (self.lr is not None and self.lr <= 0) or self.warmup < 0 or self.weight_decay < 0 or self.rank <= 0:
             raise UsageError("lr and rank must be positive, warmup and weight-decay not negative")
         return spec
@@ -192,6 +198,10 @@ def _finetune(
     if spec.kind == "lora":
         model = model.merge_and_unload()  # type: ignore[operator]
     lm.model = model
+    # the "after" metrics are the saved model's; an update (--save-delta) keeps the run's dtype
+    saved: dict[str, Any] = {"dtype": None, "delta": True}
+    if not recipe.save_delta:
+        saved = round_to_saved(lm, recipe.save_dtype)
     with stage("evaluate_after"):
         after = metrics_of(model, held_out)
     manifest: dict[str, Any] = {
@@ -206,13 +216,14 @@ def _finetune(
         "training": result.describe(schedule, recipe.block_len),
         "metrics": {"before": before, "after": after, "before_from_cache": cached},
         "size": {"parameters": count_parameters(model)},
+        "saved": saved,
     }
 
     def files(tmp: Path) -> None:
         if recipe.save_delta:
             _save_delta(tmp, model, base, lm, manifest)
         else:
-            save_model_files(tmp, model, lm.tokenizer, manifest)
+            save_model_files(tmp, model, lm.tokenizer, manifest, saved["dtype"])
 
     write_output(out, overwrite, manifest, stage, files)
     return manifest

@@ -143,9 +143,43 @@ def manifest_head(job: str, lm: LoadedModel, recipe: Any) -> dict[str, Any]:
     }
 
 
-def save_model_files(tmp: Path, model: Any, tokenizer: Any, manifest: dict[str, Any]) -> None:
-    """Model (safetensors) and tokenizer into an output being written; its size into the manifest."""
-    model.save_pretrained(tmp, safe_serialization=True)
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+SAVE_DTYPE_HELP = "dtype of the saved weights (default: the source's own precision; bfloat16 for a quantized GGUF)"
+
+
+def round_to_saved(lm: LoadedModel, choice: str | None) -> dict[str, Any]:
+    """Decide the saved dtype (`choice`, else the source's precision) and round the model's weights
+    to it in place, kept in the dtype they compute in, so the metrics measured next are the saved
+    model's.  Returns the manifest's `saved` section."""
+    name = choice or lm.source_dtype
+    target = getattr(torch, name)
+    compute = next(lm.model.parameters()).dtype
+    if target not in (compute, torch.float32):  # to float32 saving is exact: nothing to round
+        with torch.no_grad():
+            for p in lm.model.parameters():
+                if p.is_floating_point():
+                    p.data = p.data.to(target).to(compute)
+    how = f"on the weights as saved ({name}), computed in {str(compute).removeprefix('torch.')}"
+    return {"dtype": name, "metrics_measured": how}
+
+
+def save_model_files(
+    tmp: Path, model: Any, tokenizer: Any, manifest: dict[str, Any], dtype: str | None = None, sparse: bool = False
+) -> None:
+    """Model and tokenizer into an output being written, the weights in `dtype` (None: as they are):
+    plain safetensors, or carve's sparse format (models/sparse.py); its size into the manifest."""
+    compute = next(model.parameters()).dtype
+    target = getattr(torch, dtype) if dtype else compute
+    if sparse:
+        from carve.models.sparse import save_sparse_model
+
+        manifest.setdefault("size", {})["sparse"] = save_sparse_model(tmp, model, target)
+    else:
+        model.to(target)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            model.to(compute)  # the caller's model as it was (a rounded model casts back exactly)
     tokenizer.save_pretrained(tmp)
     size = sum(f.stat().st_size for f in tmp.glob("model*.safetensors"))
     manifest.setdefault("size", {})["file_mb"] = round(size / 2**20, 2)

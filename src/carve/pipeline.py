@@ -17,6 +17,8 @@ from carve.errors import UsageError
 from carve.evaluation.speed import measure_speed, speedup
 from carve.importance.scoring import score
 from carve.job import (  # noqa: F401  - the shared job skeleton (re-exported for callers of the pipeline)
+    SAVE_DTYPE_HELP,
+    SAVE_DTYPES,
     EvalData,
     Stages,
     calibration_data,
@@ -26,6 +28,7 @@ from carve.job import (  # noqa: F401  - the shared job skeleton (re-exported fo
     manifest_head,
     metrics_of,
     peak_rss_mb,
+    round_to_saved,
     save_model_files,
     tensor_fingerprint,
     versions,
@@ -134,6 +137,13 @@ class Recipe:
     dtype: str | None = flag("default: float32 on CPU, bfloat16 on CUDA", choices=("float32", "bfloat16", "float16"))
     device: str | None = flag("cpu, cuda, cuda:N (default: cuda when available)")
     batch_size: int = flag("calibration blocks per forward pass", 8)
+    save_dtype: str | None = flag(SAVE_DTYPE_HELP, choices=SAVE_DTYPES)
+    save_format: str = flag(
+        "dense: plain safetensors for from_pretrained; sparse: the kept values and a bit-packed mask "
+        "(unstructured and N:M; carve.load_model reads it, carve densify makes it dense)",
+        "dense",
+        choices=("dense", "sparse"),
+    )
 
     @classmethod
     def load(cls, path: str | Path) -> Recipe:
@@ -178,6 +188,8 @@ class Recipe:
                 r.reconstruct_mix = SWEEP_MIX
             nm = parse_pattern(r.pattern)
             r.sparsity = check_sparsity(0.5 if r.sparsity is None and nm is None else r.sparsity, nm)
+        if r.structure and r.save_format == "sparse":
+            raise UsageError("--save-format sparse is for unstructured and N:M outputs; a structured one is dense")
         check_propagation(r.propagation)
         check_calib_choice(r.calib_dtype)
         if r.reconstruct_mix is not None and not 0 <= r.reconstruct_mix <= 1:
@@ -384,6 +396,7 @@ def _extract(
     params_before = count_parameters(lm.model)
     with stage("prune"):
         outcome = _operate(r, lm, data, calib)
+    saved = round_to_saved(lm, r.save_dtype)  # the "after" metrics are the saved model's
     with stage("evaluate_after"):
         after = metrics_of(lm.model, data.held_out)
     calib_dtype = None if r.structure else str(calib.dtype or next(lm.model.parameters()).dtype).removeprefix("torch.")
@@ -397,6 +410,7 @@ def _extract(
         },
         "metrics": {"before": before, "after": after, "before_from_cache": cached},
         "size": {"parameters_before": params_before, "parameters_after": count_parameters(lm.model)},
+        "saved": {**saved, "format": r.save_format},
         **outcome.describe(lm.model),
     }
     if r.speed:
@@ -409,7 +423,7 @@ def _extract(
         "file": "importance.safetensors", "reused_from": r.importance, **data.importance_key}  # fmt: skip
     manifest["timings_s"], manifest["peak_rss_mb"] = stage.seconds, round(peak_rss_mb(), 1)
     if out is not None:
-        _write_output(out, overwrite, lm, outcome, manifest, stage)
+        _write_output(out, overwrite, lm, outcome, manifest, stage, r)
     if save_mask is not None:
         assert isinstance(outcome, PruneResult)  # a structured extract's --save-mask was refused
         _atomic_save(outcome.mask.save, save_mask)
@@ -437,12 +451,19 @@ def _check_outputs(
 
 
 def _write_output(
-    out: str | Path, overwrite: bool, lm: LoadedModel, outcome: Outcome, manifest: dict[str, Any], stage: Stages
+    out: str | Path,
+    overwrite: bool,
+    lm: LoadedModel,
+    outcome: Outcome,
+    manifest: dict[str, Any],
+    stage: Stages,
+    r: Recipe,
 ) -> None:
     """Model, tokenizer, the outcome's files, importance and carve.json, published by one rename."""
 
     def files(tmp: Path) -> None:
-        save_model_files(tmp, lm.model, lm.tokenizer, manifest)
+        dtype = manifest["saved"]["dtype"]
+        save_model_files(tmp, lm.model, lm.tokenizer, manifest, dtype, sparse=r.save_format == "sparse")
         outcome.save(tmp)
         if outcome.importance is not None:
             outcome.importance.save(tmp / "importance.safetensors")

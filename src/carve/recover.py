@@ -25,12 +25,15 @@ from torch import nn
 from carve.corpora import Corpus
 from carve.errors import UsageError
 from carve.job import (
+    SAVE_DTYPE_HELP,
+    SAVE_DTYPES,
     Stages,
     describe_blocks,
     evaluate_source,
     held_out_data,
     manifest_head,
     metrics_of,
+    round_to_saved,
     run_identity,
     save_model_files,
     training_blocks,
@@ -74,6 +77,7 @@ class RecoverRecipe:
     text_field: str = flag("text field of .jsonl / .parquet / datasets corpora", "text")
     dtype: str | None = flag("default: float32 on CPU, bfloat16 on CUDA", choices=("float32", "bfloat16", "float16"))
     device: str | None = flag("cpu, cuda, cuda:N (default: cuda when available)")
+    save_dtype: str | None = flag(SAVE_DTYPE_HELP, choices=SAVE_DTYPES)
 
     def resolved(self) -> RecoverRecipe:
         """A copy with the learning rate decided and every value checked."""
@@ -213,6 +217,7 @@ def _recover(
         model = model.merge_and_unload()  # type: ignore[operator]
         reapply_masks(model, masks)  # the merged update is masked too: zeros stay zeros
     student.model = model
+    saved = round_to_saved(student, recipe.save_dtype)  # the "after" metrics are the saved model's
     with stage("evaluate_after"):
         after = metrics_of(model, held_out)
     dense = _dense_metrics(Path(recipe.model).expanduser() / MANIFEST_FILE, held_out.describe())
@@ -224,6 +229,11 @@ def _recover(
         "sparsity": _sparsity_kept(model, masks),
         "metrics": {"dense": dense, "before": before, "after": after, "before_from_cache": cached},
         "size": {"parameters": count_parameters(model)},
+        "saved": saved,
     }
-    write_output(out, overwrite, manifest, stage, lambda tmp: save_model_files(tmp, student.model, tok, manifest))
+
+    def files(tmp: Path) -> None:
+        save_model_files(tmp, student.model, tok, manifest, saved["dtype"])
+
+    write_output(out, overwrite, manifest, stage, files)
     return manifest

@@ -106,6 +106,9 @@ def check_types(settings: Any) -> None:
     hints = typing.get_type_hints(type(settings))
     for f in fields(settings):
         value = getattr(settings, f.name)
+        name = f.name.replace("_", "-")
         if f.name in hints and not _accepts(hints[f.name], value):
-            name = f.name.replace("_", "-")
             raise UsageError(f"{name} must be {_describe(hints[f.name])}, not {value!r:.60}")
+        choices = f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            raise UsageError(f"{name} must be one of {', '.join(choices)}, not {value!r:.60}")

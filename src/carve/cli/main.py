@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--overwrite", action="store_true", help="replace existing report files")
     rp.add_argument("--json", action="store_true")
 
+    dn = sub.add_parser("densify", help="a sparse-format output as plain weights for stock from_pretrained")
+    dn.add_argument("source", help="a carve output written with --save-format sparse")
+    dn.add_argument("--out", required=True, help="output directory (written atomically)")
+    dn.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    dn.add_argument("--json", action="store_true")
+
     co = sub.add_parser("corpora", help="list the builtin corpora")
     co.add_argument("--json", action="store_true")
     me = sub.add_parser("methods", help="list the registered scorers")
@@ -378,6 +384,15 @@ def _cmd_report(args: argparse.Namespace) -> dict[str, Any]:
     return {"html": str(html_path), "markdown": str(html_path.with_suffix(".md")), **facts}
 
 
+def _cmd_densify(args: argparse.Namespace) -> dict[str, Any]:
+    from carve.models.sparse import densify_output
+
+    manifest = densify_output(args.source, args.out, overwrite=args.overwrite)
+    if not args.json:
+        print(f"{args.source} -> {args.out}: {manifest['size']['file_mb']:.1f} MB of plain safetensors")
+    return {"out": args.out, "size": manifest.get("size")}
+
+
 def _cmd_corpora(args: argparse.Namespace) -> Any:
     rows = builtin_corpora()
     if not args.json:
@@ -411,6 +426,7 @@ COMMANDS = {
     "inspect": _cmd_inspect,
     "report": _cmd_report,
     "eval": _cmd_eval,
+    "densify": _cmd_densify,
     "corpora": _cmd_corpora,
     "methods": _cmd_methods,
 }

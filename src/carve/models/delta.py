@@ -4,21 +4,20 @@ by the output's carve.json.  What `carve finetune --save-delta` writes: a 5%-den
 the embedded default is ~1/10 of the full model file, and ready for merging (the task vector
 θ − θ₀ at the changed entries).
 
-Layout: for each changed parameter NAME, `mask/NAME` (uint8, np.packbits of the row-major bool
-mask of changed entries) and `value/NAME` (the changed entries' new values, in mask order, the
-parameter's dtype); metadata `carve_mask_shapes` (JSON: NAME -> shape).  Values, not differences,
-so applying an update to its base gives the fine-tuned weights bit for bit.
+Layout: models/sparse.py's mask + values entries, one per changed parameter (the mask marks the
+changed entries).  Values, not differences, so applying an update to its base gives the
+fine-tuned weights bit for bit.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from carve.masks.mask import Mask, pack_bits, unpack_bits
+from carve.masks.mask import Mask
+from carve.models.sparse import read_entries, write_entries
 
 DELTA_FILE = "delta.safetensors"
 
@@ -41,25 +40,15 @@ def sparse_delta(model: nn.Module, base: dict[str, torch.Tensor]) -> tuple[Mask,
 
 def save_delta(path: Path, model: nn.Module, base: dict[str, torch.Tensor]) -> int:
     """Write `model`'s update over `base` to `path`; returns the number of changed entries."""
-    from safetensors.torch import save_file
-
     mask, values = sparse_delta(model, base)
-    tensors = {f"mask/{k}": pack_bits(v) for k, v in mask.items()}
-    tensors.update({f"value/{k}": v for k, v in values.items()})
-    shapes = {k: list(v.shape) for k, v in mask.items()}
-    save_file(tensors, str(path), metadata={"carve_mask_shapes": json.dumps(shapes)})
+    write_entries(path, {k: (m, values[k]) for k, m in mask.items()})
     return sum(int(v.numel()) for v in values.values())
 
 
 def load_delta(path: str | Path) -> tuple[Mask, dict[str, torch.Tensor]]:
-    """(Mask, values) of a saved update."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        shapes = json.loads((f.metadata() or {})["carve_mask_shapes"])
-        keep = {k: unpack_bits(f.get_tensor(f"mask/{k}"), shapes[k]) for k in shapes}
-        values = {k: f.get_tensor(f"value/{k}") for k in shapes}
-    return Mask(keep), values
+    """(Mask, values) of a saved update; a UsageError when the file is damaged."""
+    masked, _, _ = read_entries(Path(path), "a carve update (delta)")
+    return Mask({k: m for k, (m, _) in masked.items()}), {k: v for k, (_, v) in masked.items()}
 
 
 def apply_delta(model: nn.Module, mask: Mask, values: dict[str, torch.Tensor]) -> None:

@@ -84,8 +84,9 @@ def _nbytes(name: str, shape: list[int], kind: int) -> int:
 
 
 def read_gguf_header(path: Path) -> dict[str, Any]:
-    """The metadata of the GGUF file `path` (numeric arrays left out) after checking that its
-    header and tensor table are complete and consistent; a UsageError otherwise."""
+    """The metadata of the GGUF file `path` (numeric arrays left out; "carve.tensor_types": the ggml
+    type ids of its tensors) after checking that its header and tensor table are complete and
+    consistent; a UsageError otherwise."""
     try:
         with open(path, "rb") as fh:
             if path.stat().st_size < 24:
@@ -126,6 +127,17 @@ def _parse(r: _Reader) -> dict[str, Any]:
         for name, shape, kind, offset in tensors:
             if data_start + offset + _nbytes(name, shape, kind) > len(r.buf):
                 raise _Damaged(f"tensor {name!r} ends past the end of the file (the file is cut short)")
+        meta["carve.tensor_types"] = sorted({kind for _, _, kind, _ in tensors})  # ggml type ids present
         return meta
     finally:
         r.buf.release()
+
+
+def precision_class(tensor_types: list[int]) -> str:
+    """The torch dtype name a GGUF's weights correspond to: F32, F16 or BF16 when those are all it
+    holds (the most compact of them), bfloat16 when any tensor is quantized."""
+    floats = {0: "float32", 1: "float16", 30: "bfloat16"}
+    if any(t not in floats for t in tensor_types):
+        return "bfloat16"
+    present = [floats[t] for t in tensor_types]
+    return next((name for name in ("float16", "bfloat16") if name in present), "float32")

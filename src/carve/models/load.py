@@ -19,7 +19,7 @@ import torch
 
 from carve.errors import UsageError
 from carve.models.delta import DELTA_FILE
-from carve.models.gguf_header import read_gguf_header
+from carve.models.gguf_header import precision_class, read_gguf_header
 from carve.progress import library_bars
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -36,6 +36,7 @@ class LoadedModel:
     tokenizer: Any
     source: str
     fingerprint: str
+    source_dtype: str = "float32"  # the precision its weights came in (bfloat16 for a quantized GGUF)
 
     @property
     def device(self) -> torch.device:
@@ -149,6 +150,50 @@ def _check_safetensors(directory: Path) -> None:
                 raise ValueError("the file is shorter than its header says")
         except (ValueError, RecursionError, struct.error) as exc:
             raise UsageError(f"weights file {f} is truncated or not safetensors ({exc})") from None
+
+
+def _config_dtype(config: Path | None) -> str:
+    """The precision a Hugging Face config says its weights are stored in (float32 when unsaid)."""
+    try:
+        data = json.loads(config.read_text()) if config is not None else {}
+    except (OSError, ValueError):
+        data = {}
+    stored = data.get("dtype") or data.get("torch_dtype") if isinstance(data, dict) else None
+    return stored if stored in _DTYPES else "float32"
+
+
+def _cached_config(source: str) -> Path | None:
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(source, "config.json", local_files_only=True)
+    except OSError:
+        return None
+    return Path(found) if found else None
+
+
+def _from_directory(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
+    """A local Hugging Face directory (safetensors or .bin weights) or a carve sparse model."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from carve.models.sparse import SPARSE_FILE, read_sparse_state
+
+    if not (path / "config.json").is_file():
+        raise UsageError(f"model directory {str(path)!r} has no config.json")
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    if not weights:
+        raise UsageError(f"model directory {str(path)!r} has no .safetensors or .bin weights")
+    fingerprint = _file_fingerprint(weights)
+    tok = AutoTokenizer.from_pretrained(path)
+    if (path / SPARSE_FILE).is_file() and not (path / "model.safetensors").is_file():
+        state, aliases = read_sparse_state(path)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=kwargs["dtype"])
+        for name, stored in aliases.items():
+            state[name] = state[stored]
+        model.load_state_dict({k: v.to(kwargs["dtype"]) if v.is_floating_point() else v for k, v in state.items()})
+        return tok, model, fingerprint
+    _check_safetensors(path)
+    return tok, AutoModelForCausalLM.from_pretrained(path, **kwargs), fingerprint
 
 
 def _load_delta_output(path: Path, dtype: str | None, device: str | None) -> LoadedModel:
@@ -271,7 +316,8 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
         name = source
     try:
         if path.is_file():
-            read_gguf_header(path)  # a cut or foreign file: one clear error before transformers parses it
+            header = read_gguf_header(path)  # a cut or foreign file: one clear error before transformers parses it
+            source_dtype = precision_class(header["carve.tensor_types"])
             fingerprint = _file_fingerprint([path])
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             with library_bars("transformers.modeling_gguf_pytorch_utils"):
@@ -286,17 +332,11 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
         elif path.is_dir() and (path / DELTA_FILE).is_file() and not (path / "config.json").is_file():
             return _load_delta_output(path, dtype, device)
         elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise UsageError(f"model directory {str(path)!r} has no config.json")
-            weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
-            if not weights:
-                raise UsageError(f"model directory {str(path)!r} has no .safetensors or .bin weights")
-            _check_safetensors(path)
-            fingerprint = _file_fingerprint(weights)
-            tok = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            tok, model, fingerprint = _from_directory(path, kwargs)
+            source_dtype = _config_dtype(path / "config.json")
         elif _is_hub_id(source) and not _local_hint(path):
             tok, model, fingerprint = _from_hub(str(source), kwargs)
+            source_dtype = _config_dtype(_cached_config(str(source)))
         else:
             raise UsageError(_not_found(str(source), path))
     except UsageError:
@@ -313,4 +353,4 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
         tok.pad_token = tok.eos_token
     model.to(dev)
     model.eval()
-    return LoadedModel(model=model, tokenizer=tok, source=name, fingerprint=fingerprint)
+    return LoadedModel(model=model, tokenizer=tok, source=name, fingerprint=fingerprint, source_dtype=source_dtype)

@@ -58,4 +58,4 @@ def sparsity_masks(model: nn.Module, min_zero_share: float = 0.01) -> dict[str, 
 def reapply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
     for name, keep in masks.items():
-        params[name].mul_(keep)
+        params[name].masked_fill_(~keep.to(params[name].device, torch.bool), 0)

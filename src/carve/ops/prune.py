@@ -106,7 +106,7 @@ def apply_mask(model: nn.Module, mask: Mask) -> None:
     with torch.no_grad():
         for pname, keep in mask.items():
             W = modules[pname.removesuffix(".weight")].weight
-            W.mul_(keep.to(W.device, W.dtype))
+            W.masked_fill_(~keep.to(W.device), 0)  # +0.0 (multiplying gives -0.0 for negative weights)
 
 
 def prune(

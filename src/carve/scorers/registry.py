@@ -60,7 +60,7 @@ class Scorer:
         if self.prune is not None:
             return self.prune(W, stat, sparsity, granularity, nm)
         keep = keep_mask(self.score(W, stat), sparsity, granularity, nm)
-        return W * keep, keep, {}
+        return W.masked_fill(~keep, 0), keep, {}  # +0.0 where removed (W * keep gives -0.0 for W < 0)
 
 
 SCORERS: dict[str, Scorer] = {}

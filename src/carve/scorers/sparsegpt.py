@@ -145,7 +145,8 @@ def sparsegpt_prune(
         Wt[i1:i2] = W1
         keep_t[i1:i2] = keep1
         Wt[i2:].sub_(U[i1:i2, i2:].t() @ Err1)
-    return Wt.t().to(out_dtype), keep_t.t(), info
+    keep = keep_t.t()
+    return Wt.t().to(out_dtype).masked_fill_(~keep.bool(), 0), keep, info  # +0.0, not -0.0, where removed
 
 
 def _t(C: torch.Tensor | None, rows: slice = slice(None)) -> torch.Tensor | None:

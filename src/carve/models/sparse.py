@@ -1,0 +1,186 @@
+"""Tensors stored as a bit-packed mask plus the values at its set bits, in safetensors: the one
+layout of carve's sparse model files and of fine-tuning updates (models/delta.py).
+
+Layout of a file: for each masked tensor NAME, `mask/NAME` (uint8: np.packbits of the row-major
+bool mask) and `value/NAME` (the entries at the set bits, in row-major order, in the tensor's
+dtype); metadata `carve_mask_shapes` (JSON: NAME -> shape).  A sparse model file
+(`model.sparse.safetensors`) also holds each tensor that is not worth masking under its own name,
+and in its metadata `carve_format` = "sparse-1" and `carve_aliases` (JSON: tied name -> the name
+stored).  A weight is masked where that is smaller: where fewer than 1 − 1/(8·bytes per entry) of
+its entries are non-zero (15/16 in bfloat16).  The mask marks entries whose bits are not all
+zero, so -0.0 is a stored value and decoding gives back every tensor bit for bit.
+
+`carve densify` turns a sparse model into plain `model.safetensors` for stock `from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carve.errors import UsageError
+from carve.masks.mask import pack_bits, reading_safetensors, unpack_bits
+
+SPARSE_FILE = "model.sparse.safetensors"
+FORMAT = "sparse-1"
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def nonzero_bits(t: torch.Tensor) -> torch.Tensor:
+    """Entries whose bit pattern is not all zeros (so -0.0 counts as a value)."""
+    return t.contiguous().view(_INT_VIEW[t.element_size()]) != 0 if t.is_floating_point() else t != 0
+
+
+def write_entries(
+    path: Path,
+    masked: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    dense: dict[str, torch.Tensor] | None = None,
+    meta: dict[str, str] | None = None,
+) -> None:
+    """`masked`: NAME -> (bool mask, values at its set bits); `dense`: tensors stored as they are."""
+    from safetensors.torch import save_file
+
+    tensors = {f"mask/{k}": pack_bits(m) for k, (m, _) in masked.items()}
+    tensors.update({f"value/{k}": v.contiguous().cpu() for k, (_, v) in masked.items()})
+    tensors.update({k: v.contiguous().cpu() for k, v in (dense or {}).items()})
+    shapes = {k: list(m.shape) for k, (m, _) in masked.items()}
+    save_file(tensors, str(path), metadata={"carve_mask_shapes": json.dumps(shapes), **(meta or {})})
+
+
+def _shape_ok(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= 8 and all(type(d) is int and 0 <= d < 2**40 for d in v)
+
+
+def read_entries(
+    path: Path, what: str
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], dict[str, str]]:
+    """(masked, dense, metadata) of a file `write_entries` wrote; a UsageError naming the file when
+    it is damaged (its masks and values checked against the shapes it records)."""
+    with reading_safetensors(path, what) as f:
+        meta = dict(f.metadata() or {})
+        shapes = json.loads(meta.get("carve_mask_shapes", "null"))
+        if not isinstance(shapes, dict) or not all(_shape_ok(s) for s in shapes.values()):
+            raise ValueError("its carve_mask_shapes metadata is missing or not shapes")
+        keys = set(f.keys())
+        masked = {}
+        for name, shape in shapes.items():
+            if f"mask/{name}" not in keys or f"value/{name}" not in keys:
+                raise ValueError(f"{name} has no mask or no values")
+            bits, values = f.get_tensor(f"mask/{name}"), f.get_tensor(f"value/{name}")
+            if bits.dtype != torch.uint8 or bits.dim() != 1 or len(bits) != -(-math.prod(shape) // 8):
+                raise ValueError(f"the mask of {name} does not hold {shape}'s bits")
+            keep = unpack_bits(bits, shape)
+            if values.dim() != 1 or len(values) != int(keep.sum()):
+                raise ValueError(f"{name} holds {tuple(values.shape)} values for {int(keep.sum())} set bits")
+            masked[name] = (keep, values)
+        dense = {k: f.get_tensor(k) for k in keys if not k.startswith(("mask/", "value/"))}
+    return masked, dense, meta
+
+
+def _encoded(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(mask, values) when masking `t` stores it in fewer bytes, else None."""
+    if t.dim() < 2 or not t.is_floating_point():
+        return None
+    keep = nonzero_bits(t)
+    if int(keep.sum()) * t.element_size() * 8 + t.numel() >= t.numel() * t.element_size() * 8:
+        return None
+    return keep, t[keep]
+
+
+def save_sparse_model(directory: Path, model: Any, dtype: torch.dtype) -> dict[str, Any]:
+    """The model's weights in `dtype` as `SPARSE_FILE` (config and generation config beside it);
+    returns what the manifest records: tensors masked, bytes of the file and of the dense one."""
+    state: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, t in model.state_dict().items():
+        where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if where in first:  # tied weights: stored once
+            aliases[name] = first[where]
+            continue
+        first[where] = name
+        state[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype)
+    masked, dense = {}, {}
+    for name, t in state.items():
+        enc = _encoded(t)
+        if enc is None:
+            dense[name] = t
+        else:
+            masked[name] = enc
+    meta = {"carve_format": FORMAT, "carve_aliases": json.dumps(aliases), "format": "pt"}
+    write_entries(directory / SPARSE_FILE, masked, dense, meta)
+    config = model.config
+    config.dtype = dtype
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    return {
+        "format": FORMAT,
+        "masked_tensors": len(masked),
+        "dense_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+        "file_bytes": (directory / SPARSE_FILE).stat().st_size,
+    }
+
+
+def read_sparse_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The dense state dict a sparse model file holds (tied names as in its aliases), bit for bit."""
+    path = directory / SPARSE_FILE
+    masked, dense, meta = read_entries(path, "a carve sparse model")
+    if meta.get("carve_format") != FORMAT:
+        raise UsageError(f"{str(path)!r} is not a carve sparse model (format {meta.get('carve_format')!r})")
+    try:
+        aliases = json.loads(meta.get("carve_aliases", "{}"))
+        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+            raise ValueError
+    except ValueError:
+        raise UsageError(f"{str(path)!r} is damaged: its carve_aliases are not a mapping of names") from None
+    state = dict(dense)
+    for name, (keep, values) in masked.items():
+        t = torch.zeros(keep.shape, dtype=values.dtype)
+        t[keep] = values
+        state[name] = t
+    missing = sorted(v for v in aliases.values() if v not in state)
+    if missing:
+        raise UsageError(f"{str(path)!r} is damaged: tied names point at {missing[:3]}, which it does not hold")
+    return state, aliases
+
+
+def densify(src: Path, out: Path) -> dict[str, Any]:
+    """`src`'s sparse model written to `out` (a directory being written) as plain model.safetensors
+    beside copies of its other files: what stock `from_pretrained` loads."""
+    from safetensors.torch import save_file
+
+    state, _ = read_sparse_state(src)  # tied names stay dropped, as save_pretrained drops them
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in src.iterdir():
+        if f.is_file() and f.name != SPARSE_FILE:
+            shutil.copy2(f, out / f.name)
+    return {"tensors": len(state), "file_bytes": (out / "model.safetensors").stat().st_size}
+
+
+def densify_output(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """`carve densify`: a carve output in the sparse format written to `out` as plain weights
+    (stock `from_pretrained` loads it), its manifest saying so.  Returns that manifest."""
+    from carve.manifest import read_manifest
+    from carve.output import atomic_output_dir, claim, write_json
+
+    source = Path(src).expanduser()
+    if not (source / SPARSE_FILE).is_file():
+        raise UsageError(f"{str(source)!r} holds no {SPARSE_FILE}: it is not a carve output in the sparse format")
+    manifest = read_manifest(source) if (source / "carve.json").is_file() else {}
+    with claim(out), atomic_output_dir(out, overwrite) as tmp:
+        info = densify(source, tmp)
+        saved = manifest.get("saved")
+        manifest["saved"] = {
+            **(saved if isinstance(saved, dict) else {}),
+            "format": "dense",
+            "densified_from": str(source),
+        }
+        manifest.setdefault("size", {})["file_mb"] = round(info["file_bytes"] / 2**20, 2)
+        write_json(tmp / "carve.json", manifest)
+    return manifest

@@ -1,0 +1,162 @@
+"""carve's sparse model format and the saved precision (issue 21): kept values plus a bit-packed
+mask, bit for bit, on every architecture, unstructured and N:M; `carve densify` gives plain weights
+for stock from_pretrained; `--save-dtype` is honoured, recorded, and the metrics are the saved
+model's; damaged files are one clear error."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import carve
+from carve.cli.main import main
+from carve.models.sparse import SPARSE_FILE, read_sparse_state, save_sparse_model
+from tests.conftest import tiny_model
+
+FAST = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--quiet", "--no-speed", "--cloze-items", "0"]
+ARCHS = ["llama", "qwen2", "mistral", "gemma3", "gpt2", "opt"]
+
+
+def _pruned(arch: str, pattern: str | None) -> torch.nn.Module:
+    """A tiny model with its decoder Linear weights half zero (by magnitude; N:M when given)."""
+    model = tiny_model(arch)
+    scores = carve.score(model, "magnitude")
+    carve.apply_mask(model, carve.select_mask(scores, None if pattern else 0.5, "row", pattern))
+    return model
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("pattern", [None, "2:4"])
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_round_trip_bit_for_bit(arch: str, pattern: str | None, dtype: torch.dtype, tmp_path: Path) -> None:
+    model = _pruned(arch, pattern)
+    with torch.no_grad():  # a negative zero is a value: kept bit for bit
+        next(p for p in model.parameters() if p.dim() == 2).view(-1)[0] = -0.0
+    info = save_sparse_model(tmp_path, model, dtype)
+    state, aliases = read_sparse_state(tmp_path)
+    expected = model.state_dict()
+    for name, t in expected.items():
+        got = state[aliases.get(name, name)]
+        want = t.to(dtype) if t.is_floating_point() else t
+        assert got.dtype == want.dtype and torch.equal(_bits(got), _bits(want)), name
+    assert info["masked_tensors"] > 0
+    # what carve.load_model builds from it is the same model
+    for f in ("config.json",):
+        assert (tmp_path / f).is_file()
+
+
+def test_half_sparse_bfloat16_is_smaller(tmp_path: Path) -> None:
+    """Masked matrices at 50% in bfloat16: 1 bit of mask + half the values = 9/16 of dense."""
+    model = _pruned("llama", None)
+    info = save_sparse_model(tmp_path, model, torch.bfloat16)
+    masked_dense = masked_file = 0
+    with safe_open(str(tmp_path / SPARSE_FILE), framework="pt") as f:
+        for k in f.keys():
+            if k.startswith(("mask/", "value/")):
+                t = f.get_tensor(k)
+                masked_file += t.numel() * t.element_size()
+        shapes = json.loads(f.metadata()["carve_mask_shapes"])
+    masked_dense = sum(2 * torch.Size(s).numel() for s in shapes.values())
+    assert masked_file <= 0.6 * masked_dense
+    assert info["file_bytes"] < info["dense_bytes"]
+
+
+def test_extract_sparse_load_and_densify(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out, dense = tmp_path / "out", tmp_path / "dense"
+    assert main(["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--general", str(small_corpus),
+                 "--method", "magnitude", "--out", str(out), "--save-format", "sparse", "--save-dtype", "bfloat16",
+                 *FAST]) == 0  # fmt: skip
+    assert (out / SPARSE_FILE).is_file() and not (out / "model.safetensors").exists()
+    manifest = json.loads((out / "carve.json").read_text())
+    assert manifest["saved"]["dtype"] == "bfloat16" and manifest["saved"]["format"] == "sparse"
+    loaded = carve.load_model(str(out), dtype="bfloat16")
+    assert main(["densify", str(out), "--out", str(dense)]) == 0
+    stock = AutoModelForCausalLM.from_pretrained(dense)  # stock transformers, no carve
+    assert stock.dtype == torch.bfloat16
+    ref = dict(loaded.model.named_parameters())
+    for name, p in stock.named_parameters():
+        assert torch.equal(_bits(p.data), _bits(ref[name].data)), name
+    assert json.loads((dense / "carve.json").read_text())["saved"]["format"] == "dense"
+    assert main(["densify", str(dense), "--out", str(tmp_path / "again")]) == 2  # not a sparse output
+
+
+def test_save_dtype_is_honoured_and_the_metrics_are_the_saved_models(
+    tmp_path: Path, model_dir: Path, small_corpus: Path
+) -> None:
+    out = tmp_path / "out"
+    argv = ["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--general", str(small_corpus),
+            "--method", "magnitude", "--out", str(out), *FAST]  # fmt: skip
+    assert main([*argv, "--save-dtype", "float16"]) == 0
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    manifest = json.loads((out / "carve.json").read_text())
+    assert manifest["saved"]["dtype"] == "float16" and "float16" in manifest["saved"]["metrics_measured"]
+    # the "after" perplexity is the saved model's: evaluating the saved file (in float32) gives it back
+    reloaded = carve.load_model(str(out))
+    corpus = carve.Corpus(str(small_corpus))
+    m = carve.evaluate(reloaded, corpus, corpus, blocks=2, block_len=32, cloze_items=0)
+    assert m["domain_ppl"] == pytest.approx(manifest["metrics"]["after"]["domain_ppl"], rel=1e-5)
+    # the source's precision by default: the tiny model is float32
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((out / "carve.json").read_text())["saved"]["dtype"] == "float32"
+
+
+def test_finetune_and_recover_record_the_saved_dtype(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+    train = ["--domain", str(small_corpus), "--general", str(small_corpus), "--steps", "2", "--block-len", "32",
+             "--eval-blocks", "2", "--cloze-items", "0", "--quiet", "--save-dtype", "bfloat16"]  # fmt: skip
+    assert main(["finetune", str(model_dir), "--trainable", "random", "--out", str(tmp_path / "ft"), *train]) == 0
+    assert main(["recover", str(model_dir), "--teacher", str(model_dir), "--out", str(tmp_path / "rc"), *train]) == 0
+    for d in ("ft", "rc"):
+        assert json.loads((tmp_path / d / "carve.json").read_text())["saved"]["dtype"] == "bfloat16"
+        with safe_open(str(tmp_path / d / "model.safetensors"), framework="pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_precision_class_of_gguf_tensor_types() -> None:
+    from carve.models.gguf_header import precision_class
+
+    assert precision_class([0]) == "float32"
+    assert precision_class([0, 1]) == "float16"
+    assert precision_class([0, 30]) == "bfloat16"
+    assert precision_class([0, 3]) == "bfloat16"  # Q4_1, as the embedded default: quantized
+    assert precision_class([2, 8]) == "bfloat16"
+
+
+DAMAGE = [
+    ("truncated", lambda b: b[: len(b) // 2]),
+    ("not safetensors", lambda b: b"garbage" * 10),
+]
+
+
+@pytest.mark.parametrize(("label", "damage"), DAMAGE, ids=[d[0] for d in DAMAGE])
+def test_damaged_sparse_file_is_one_clear_error(label, damage, tmp_path: Path, capsys) -> None:
+    model = _pruned("llama", None)
+    save_sparse_model(tmp_path, model, torch.bfloat16)
+    path = tmp_path / SPARSE_FILE
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(carve.UsageError, match=r"is not a carve sparse model|damaged"):
+        read_sparse_state(tmp_path)
+
+
+def test_sparse_file_with_values_of_the_wrong_count(tmp_path: Path) -> None:
+    from carve.models.sparse import read_entries, write_entries
+
+    model = _pruned("llama", None)
+    save_sparse_model(tmp_path, model, torch.bfloat16)
+    masked, dense, meta = read_entries(tmp_path / SPARSE_FILE, "x")
+    name = next(iter(masked))
+    keep, values = masked[name]
+    masked[name] = (keep, values[:-1])
+    write_entries(tmp_path / SPARSE_FILE, masked, dense, meta)
+    with pytest.raises(carve.UsageError, match=f"{name} holds"):
+        read_sparse_state(tmp_path)
