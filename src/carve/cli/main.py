@@ -123,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     dn.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     dn.add_argument("--json", action="store_true")
 
+    xp = sub.add_parser("export", help="a carve output as a GGUF file for llama.cpp, ollama, LM Studio")
+    xp.add_argument("source", help="a carve output directory (dense, sparse, structured, an update) or a model")
+    xp.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write (atomically)")
+    xp.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0", "q4_0"], help="tensor type (default f16)")
+    xp.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    xp.add_argument("--json", action="store_true")
+
     co = sub.add_parser("corpora", help="list the builtin corpora")
     co.add_argument("--json", action="store_true")
     me = sub.add_parser("methods", help="list the registered scorers")
@@ -393,6 +400,17 @@ def _cmd_densify(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out, "size": manifest.get("size")}
 
 
+def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from carve.export import export
+
+    info = export(args.source, args.gguf, args.type, overwrite=args.overwrite)
+    if not args.json:
+        print(
+            f"{args.source} -> {args.gguf}: {args.type}, {info['file_bytes'] / 2**20:.1f} MB, {info['tensors']} tensors"
+        )
+    return info
+
+
 def _cmd_corpora(args: argparse.Namespace) -> Any:
     rows = builtin_corpora()
     if not args.json:
@@ -427,6 +445,7 @@ COMMANDS = {
     "report": _cmd_report,
     "eval": _cmd_eval,
     "densify": _cmd_densify,
+    "export": _cmd_export,
     "corpora": _cmd_corpora,
     "methods": _cmd_methods,
 }

@@ -1,0 +1,225 @@
+"""`carve export DIR --gguf OUT.gguf --type f16|bf16|q8_0|q4_0`: any carve output (dense, sparse,
+structured, a fine-tuning update over its base) as a GGUF file llama.cpp runs.
+
+The model is loaded as carve loads any source (`load_model`), then written with the `gguf`
+package's writer under llama.cpp's tensor names and metadata keys for its architecture (what
+llama.cpp's own convert_hf_to_gguf.py writes): Llama-style models (`llama`, and Mistral, SmolLM,
+TinyLlama ... which share it) as `llama`.  Q and K projections are permuted from Hugging Face's
+rotate-half layout to GGML's interleaved one.  One-dimensional tensors (norms) stay float32, as in
+llama.cpp's conversions; a matrix whose rows are not a whole number of quantization blocks is
+stored as f16.  The tokenizer goes in as GGUF metadata: a byte-level BPE tokenizer (tokens, types,
+merges, special ids, chat template); its pre-tokenizer name is copied from the source GGUF when
+the model came from one (the embedded default), else `default`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from carve.errors import UsageError
+
+TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+_FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+LLAMA_STYLE = ("llama", "mistral")
+_LLAMA_NAMES = [
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blk.{}.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "blk.{}.attn_q.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "blk.{}.attn_k.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "blk.{}.attn_v.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "blk.{}.attn_output.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
+]
+
+
+def gguf_name(name: str) -> str:
+    """llama.cpp's name of a Llama-style Hugging Face parameter; a UsageError for one it has none for."""
+    for pattern, target in _LLAMA_NAMES:
+        m = re.fullmatch(pattern, name)
+        if m:
+            return target.format(*m.groups())
+    raise UsageError(f"llama.cpp's llama architecture has no tensor for {name!r}: this layout cannot be exported")
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face's rotate-half Q/K rows to GGML's interleaved rope layout (convert_hf_to_gguf's permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The per-layer widths llama.cpp needs, after refusing what its llama architecture cannot hold."""
+    if config.model_type not in LLAMA_STYLE:
+        raise UsageError(
+            f"GGUF export supports Llama-style models ({', '.join(LLAMA_STYLE)}) so far; this is {config.model_type!r}"
+        )
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        raise UsageError("llama.cpp's llama architecture holds no attention or MLP biases; this model has them")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n_layers = config.num_hidden_layers
+    ffn, kv = [], []
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        q, k = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
+        if q.shape[0] != config.num_attention_heads * head_dim or k.shape[0] % head_dim:
+            raise UsageError(
+                f"block {i}'s attention shapes {tuple(q.shape)}, {tuple(k.shape)} do not fit llama.cpp's heads"
+            )
+        kv.append(k.shape[0] // head_dim)
+        ffn.append(state[p + "mlp.gate_proj.weight"].shape[0])
+    return {"head_dim": head_dim, "ffn": ffn, "kv": kv}
+
+
+def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None) -> None:
+    """A byte-level BPE tokenizer as GGUF metadata (what llama.cpp's `gpt2` tokenizer model reads)."""
+    import gguf
+
+    data = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback"):
+        raise UsageError("GGUF export supports byte-level BPE tokenizers so far; this one is not")
+    n = len(tokenizer)
+    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+    special = set(tokenizer.all_special_ids)
+    added = set(tokenizer.get_added_vocab().values())
+    types = [
+        gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL
+        for i in range(n)
+    ]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_source_pre_tokenizer(source_gguf) or "default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None:
+            getattr(writer, f"add_{kind}_token_id")(int(token_id))
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _source_pre_tokenizer(source_gguf: Path | None) -> str | None:
+    if source_gguf is None:
+        return None
+    from carve.models.gguf_header import read_gguf_header
+
+    pre = read_gguf_header(source_gguf).get("tokenizer.ggml.pre")
+    return pre if isinstance(pre, str) else None
+
+
+def _tensor(w: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
+    """(data, raw ggml type or None) of one tensor in the export type; vectors stay float32."""
+    import gguf
+
+    data = w.detach().float().cpu().numpy()
+    if data.ndim == 1:
+        return data, None
+    qtype = gguf.GGMLQuantizationType[TYPES[kind]]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if data.shape[-1] % block:
+        qtype = gguf.GGMLQuantizationType.F16  # rows not a whole number of blocks, as llama.cpp's convert does
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return data.astype(np.float16), None
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) -> dict[str, Any]:
+    """Write the loaded model `lm` to `path` as GGUF of `kind`; returns what the export records."""
+    import gguf
+
+    if kind not in TYPES:
+        raise UsageError(f"unknown GGUF type {kind!r}: use one of {', '.join(TYPES)}")
+    config = lm.model.config
+    state = {k: v for k, v in lm.model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:
+        state.pop("lm_head.weight", None)
+    shape = _check_layout(config, state)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(str(getattr(config, "_name_or_path", "") or "carve output"))
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    uniform_ffn, uniform_kv = len(set(shape["ffn"])) <= 1, len(set(shape["kv"])) <= 1
+    writer.add_feed_forward_length(shape["ffn"][0] if uniform_ffn and shape["ffn"] else shape["ffn"])
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(shape["kv"][0] if uniform_kv and shape["kv"] else shape["kv"])
+    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or _rope_theta(config)))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_rope_dimension_count(shape["head_dim"])
+    writer.add_key_length(shape["head_dim"])
+    writer.add_value_length(shape["head_dim"])
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[kind]]))
+    _tokenizer_metadata(writer, lm.tokenizer, source_gguf)
+    for name, w in state.items():
+        target = gguf_name(name)
+        if ".attn_q." in target:
+            w = torch.from_numpy(_permute(w.detach().float().cpu().numpy(), config.num_attention_heads))
+        elif ".attn_k." in target:
+            w = torch.from_numpy(_permute(w.detach().float().cpu().numpy(), w.shape[0] // shape["head_dim"]))
+        data, raw = _tensor(w, kind)
+        writer.add_tensor(target, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"type": kind, "architecture": "llama", "tensors": len(state), "file_bytes": path.stat().st_size,
+            "feed_forward_length": shape["ffn"], "head_count_kv": shape["kv"]}  # fmt: skip
+
+
+def _rope_theta(config: Any) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", 10000.0)) if isinstance(params, dict) else 10000.0
+
+
+def export(src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite: bool = False) -> dict[str, Any]:
+    """`carve export`: the carve output (or any model source) `src` as a GGUF file, written atomically."""
+    from carve.manifest import read_manifest
+    from carve.models import load_model
+    from carve.output import atomic_file, claim
+
+    if kind not in TYPES:
+        raise UsageError(f"unknown GGUF type {kind!r}: use one of {', '.join(TYPES)}")
+    out = Path(gguf_path).expanduser()
+    if out.suffix != ".gguf":
+        raise UsageError(f"{str(out)!r}: give a file name ending in .gguf")
+    if out.is_dir() or (out.exists() and not overwrite):
+        raise UsageError(f"{str(out)!r} already exists: choose another path or pass --overwrite")
+    source = Path(src).expanduser()
+    manifest = read_manifest(source) if (source / "carve.json").is_file() else {}
+    if (source / "config.json").is_file():  # refused before loading: an architecture llama.cpp's llama cannot hold
+        model_type = json.loads((source / "config.json").read_text()).get("model_type")
+        if model_type not in LLAMA_STYLE:
+            raise UsageError(
+                f"GGUF export supports Llama-style models ({', '.join(LLAMA_STYLE)}) so far; this is {model_type!r}"
+            )
+    with claim(out):
+        lm = load_model(str(src), dtype="float32", device="cpu")
+        base = str((manifest.get("source") or {}).get("model") or src)
+        origin = _gguf_origin(base)
+        with atomic_file(out) as tmp:
+            info = write_gguf(lm, tmp, kind, origin)
+    return {**info, "file_bytes": out.stat().st_size, "source": str(src)}
+
+
+def _gguf_origin(source: str) -> Path | None:
+    """The GGUF a model came from (its tokenizer's pre-tokenizer name is copied), if it came from one."""
+    from carve.models.load import _DEFAULT_ALIASES, default_gguf
+
+    if source in _DEFAULT_ALIASES:
+        return default_gguf()
+    p = Path(source).expanduser()
+    return p if p.suffix == ".gguf" and p.is_file() else None

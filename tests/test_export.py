@@ -1,0 +1,95 @@
+"""`carve export --gguf` (issue 21): carve outputs of tiny Llama-style models written as GGUF reload
+through transformers' own GGUF loader with logits equal to the source's within the type's
+tolerance: dense, sparse-format, structured (narrower MLP and attention, dropped blocks)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import carve
+from carve.cli.main import main
+from tests.conftest import tiny_model
+
+FAST = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--quiet", "--no-speed", "--cloze-items", "0"]
+# largest |logit difference| as a share of the largest |logit|, by type (tiny random models)
+TOLERANCE = {"f16": 5e-3, "bf16": 2e-2, "q8_0": 5e-2, "q4_0": 0.3}
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def _reloaded(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+def _check(source: Path | str, gguf: Path, kind: str) -> None:
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    want = _logits(carve.load_model(str(source)).model, ids)
+    got = _logits(_reloaded(gguf), ids)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= TOLERANCE[kind] * want.abs().max(), kind
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0", "q4_0"])
+def test_dense_model_every_type(kind: str, tmp_path: Path, model_dir: Path) -> None:
+    gguf = tmp_path / f"m-{kind}.gguf"
+    assert main(["export", str(model_dir), "--gguf", str(gguf), "--type", kind, "--json"]) == 0
+    _check(model_dir, gguf, kind)
+
+
+def test_tokenizer_and_metadata(tmp_path: Path, model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from carve.models.gguf_header import read_gguf_header
+
+    gguf = tmp_path / "m.gguf"
+    assert main(["export", str(model_dir), "--gguf", str(gguf)]) == 0
+    meta = read_gguf_header(gguf)
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["llama.block_count"] == 2 and meta["llama.attention.head_count_kv"] == 2
+    src = AutoTokenizer.from_pretrained(model_dir)
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
+    text = "The parties agree that the licence is granted."
+    assert back(text)["input_ids"] == src(text)["input_ids"]
+
+
+def test_sparse_and_structured_outputs(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+    data = ["--model", str(model_dir), "--domain", str(small_corpus), "--general", str(small_corpus), *FAST]
+    outs = {
+        "sparse": ["--method", "magnitude", "--save-format", "sparse"],
+        "structured": ["--structure", "--keep", "0.5"],
+        "dropped": ["--structure", "--drop-blocks", "1", "--mlp-keep", "1.0", "--heads-keep", "1.0"],
+    }
+    for name, extra in outs.items():
+        out = tmp_path / name
+        assert main(["extract", *data, "--out", str(out), *extra]) == 0, name
+        gguf = tmp_path / f"{name}.gguf"
+        assert main(["export", str(out), "--gguf", str(gguf), "--type", "f16"]) == 0, name
+        _check(out, gguf, "f16")
+
+
+def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
+    gpt2 = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(gpt2)
+    for f in model_dir.glob("tokenizer*"):
+        (gpt2 / f.name).write_bytes(f.read_bytes())
+    cases = [
+        (["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")], "supports Llama-style models"),
+        (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
+    ]
+    (tmp_path / "exists.gguf").write_bytes(b"mine")
+    capsys.readouterr()
+    cases.append((["export", str(model_dir), "--gguf", str(tmp_path / "exists.gguf")], "already exists"))
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert (tmp_path / "exists.gguf").read_bytes() == b"mine"
+    assert not (tmp_path / "g.gguf").exists()
