@@ -57,12 +57,15 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _check_architecture(model_type: Any) -> None:
+    if model_type not in LLAMA_STYLE:
+        styles = ", ".join(LLAMA_STYLE)
+        raise UsageError(f"GGUF export supports Llama-style models ({styles}) so far; this is {model_type!r}")
+
+
 def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The per-layer widths llama.cpp needs, after refusing what its llama architecture cannot hold."""
-    if config.model_type not in LLAMA_STYLE:
-        raise UsageError(
-            f"GGUF export supports Llama-style models ({', '.join(LLAMA_STYLE)}) so far; this is {config.model_type!r}"
-        )
+    _check_architecture(config.model_type)
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UsageError("llama.cpp's llama architecture holds no attention or MLP biases; this model has them")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -201,11 +204,7 @@ def export(src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite:
     source = Path(src).expanduser()
     manifest = read_manifest(source) if (source / "carve.json").is_file() else {}
     if (source / "config.json").is_file():  # refused before loading: an architecture llama.cpp's llama cannot hold
-        model_type = json.loads((source / "config.json").read_text()).get("model_type")
-        if model_type not in LLAMA_STYLE:
-            raise UsageError(
-                f"GGUF export supports Llama-style models ({', '.join(LLAMA_STYLE)}) so far; this is {model_type!r}"
-            )
+        _check_architecture(json.loads((source / "config.json").read_text()).get("model_type"))
     with claim(out):
         lm = load_model(str(src), dtype="float32", device="cpu")
         base = str((manifest.get("source") or {}).get("model") or src)
