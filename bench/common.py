@@ -86,3 +86,20 @@ def write_section(name: str, text: str, path: Path = RESULTS_MD) -> None:
     else:
         new = (old.rstrip() + "\n\n" if old.strip() else "") + block
     path.write_text(new)
+
+
+def ensure_venv(venv: Path, packages: list[str], env: dict[str, str] | None = None) -> Path:
+    """A comparison tool's own virtual environment under bench/ (git-ignored), built once with
+    `packages`; returns its python.  A failed build leaves no half environment behind."""
+    import shutil
+
+    python = venv / "bin" / "python"
+    if not python.exists():
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+            cmd = [str(python), "-m", "pip", "install", "-q", *packages]
+            subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
+        except BaseException:
+            shutil.rmtree(venv, ignore_errors=True)
+            raise
+    return python

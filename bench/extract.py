@@ -40,6 +40,7 @@ from common import (
     carve_worker,
     commit,
     ensure_model,
+    ensure_venv,
     load_results,
     peak_rss_mb,
     run_json,
@@ -137,13 +138,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _ensure_llmc() -> Path:
-    python = LLMC_VENV / "bin" / "python"
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(LLMC_VENV)], check=True)
-        subprocess.run(
-            [str(python), "-m", "pip", "install", "-q", "torch==2.13.0", "llmcompressor==0.14.0.1"], check=True
-        )
-    return python
+    return ensure_venv(LLMC_VENV, ["torch==2.13.0", "llmcompressor==0.14.0.1"])
 
 
 def configurations(domains: list[str]) -> list[dict[str, Any]]:
