@@ -4,8 +4,9 @@ crash leaves the old version or the new one, never half of one.
 
 - `atomic_file(path)`: yields a temporary path to write; renamed over `path` on success.
 - `atomic_output_dir(out)`: the same for a whole output directory (model files, carve.json ...).
-  Replacing an existing directory takes two renames (old away, new in); a crash between them leaves
-  the old one under `.NAME.carve-old-PID`, which `recover_replaced` puts back.
+  An existing directory is replaced by one atomic exchange where Linux allows (renameat2), else by
+  two renames (old away, new in); a crash between them leaves the old one under
+  `.NAME.carve-old-PID`, which `recover_replaced` puts back.
 - `claim(path, ...)`: held for a whole run. Checks before any work that each output can be
   written (its parent is or can be made a directory we may write, its name leaves room for the
   temporary names), takes an exclusive lock on it (`.NAME.carve-lock`, released by the kernel if
@@ -79,8 +80,12 @@ def remove_leftovers(path: Path) -> list[str]:
     notes = []
     for p in gone:
         notes.append(f"removed {p.name} ({_size_mb(p):.1f} MB), left by an interrupted run")
-        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        _delete(p)
     return notes
+
+
+def _delete(p: Path) -> None:
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
@@ -99,7 +104,7 @@ def remove_dead_temporaries(directory: Path) -> None:
     for p in directory.glob(".*.carve-tmp-*"):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            _delete(p)
 
 
 def check_writable(path: Path) -> None:
@@ -130,12 +135,14 @@ def check_writable(path: Path) -> None:
 
 def _make_parents(path: Path) -> list[Path]:
     """Create `path`'s missing parent directories; returns those created, deepest first."""
-    made = []
+    made: list[Path] = []
     for d in reversed(path.parents):
         if not d.exists():
             try:
                 d.mkdir()
             except OSError as exc:
+                for m in reversed(made):  # nothing left behind
+                    m.rmdir()
                 raise UsageError(f"cannot create the directory {str(d)!r} for {str(path)!r} ({exc.strerror})") from None
             made.append(d)
     return made[::-1]
@@ -225,7 +232,7 @@ def remove_path(path: Path) -> None:
         return
     doomed = _sibling(path, "tmp")
     path.rename(doomed)
-    shutil.rmtree(doomed) if doomed.is_dir() and not doomed.is_symlink() else doomed.unlink()
+    _delete(doomed)
 
 
 def replace_path(tmp: Path, path: Path) -> None:
