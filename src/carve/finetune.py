@@ -46,7 +46,7 @@ from carve.settings import Targets, check_types, flag
 
 # peak learning rates by what is trained: a sparse subset takes larger steps than the whole
 # model (LIFT's practice); LoRA's usual 1e-3 (set on the embedded default: bench/finetune.py)
-RESUME_FREE = ("eval_blocks", "cloze_items", "checkpoint_every", "save_delta", "device")  # a resume may change these
+RESUME_FREE = ("eval_blocks", "cloze_items", "checkpoint_every", "save_delta", "save_dtype", "device")  # may change
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "sparse": 5e-4}
 
 

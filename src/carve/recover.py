@@ -48,7 +48,7 @@ from carve.ops.finetune import add_lora
 from carve.ops.train import Schedule, train, trainable_parameters
 from carve.settings import check_types, flag
 
-RESUME_FREE = ("eval_blocks", "cloze_items", "checkpoint_every", "device", "eval_domain")  # a resume may change these
+RESUME_FREE = ("eval_blocks", "cloze_items", "checkpoint_every", "device", "eval_domain", "save_dtype")  # may change
 
 
 @dataclass
