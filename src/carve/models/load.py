@@ -207,7 +207,7 @@ def _load_delta_output(path: Path, dtype: str | None, device: str | None) -> Loa
     base = load_model(base_source, dtype=dtype, device=device)
     apply_delta(base.model, *load_delta(path / DELTA_FILE))
     fingerprint = _file_fingerprint([path / DELTA_FILE])
-    return LoadedModel(base.model, base.tokenizer, str(path), fingerprint)
+    return LoadedModel(base.model, base.tokenizer, str(path), fingerprint, base.source_dtype)
 
 
 HUB_TIMEOUT_S = 5.0
