@@ -66,6 +66,9 @@ def _check_architecture(model_type: Any) -> None:
 def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The per-layer widths llama.cpp needs, after refusing what its llama architecture cannot hold."""
     _check_architecture(config.model_type)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if isinstance(rope, dict) and rope.get("rope_type", "default") not in ("default", None):
+        raise UsageError(f"GGUF export writes plain RoPE so far; this model scales it ({rope.get('rope_type')!r})")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
         raise UsageError("llama.cpp's llama architecture holds no attention or MLP biases; this model has them")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
