@@ -90,16 +90,15 @@ def write_section(name: str, text: str, path: Path = RESULTS_MD) -> None:
 
 def ensure_venv(venv: Path, packages: list[str], env: dict[str, str] | None = None) -> Path:
     """A comparison tool's own virtual environment under bench/ (git-ignored), built once with
-    `packages`; returns its python.  A failed build leaves no half environment behind."""
+    `packages`; returns its python.  Complete only once its marker file is written: a build that
+    failed or was killed is started over."""
     import shutil
 
-    python = venv / "bin" / "python"
-    if not python.exists():
-        try:
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-            cmd = [str(python), "-m", "pip", "install", "-q", *packages]
-            subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
-        except BaseException:
-            shutil.rmtree(venv, ignore_errors=True)
-            raise
+    python, done = venv / "bin" / "python", venv / ".carve-complete"
+    if not done.exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        cmd = [str(python), "-m", "pip", "install", "-q", *packages]
+        subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
+        done.write_text(" ".join(packages) + "\n")
     return python
