@@ -122,7 +122,7 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], steps: int)
             share = _gain(base, a) / _gain(base, full["metrics"]["after"]) if full else None
             row = r["row"]
             label = row + (f" (rank {r['trainable']['lora_rank']})" if row == "lora" else "")
-            label += f", lr {r['lr']:g}" if r.get("lr") else ""
+            label += f", lr {r['training']['lr']:g}"  # the peak lr the run used (the manifest's)
             lines.append(
                 f"| {label} | {a['domain_ppl']:.3f} | {a['general_ppl']:.3f} | "
                 f"{a['general_ppl'] - base['general_ppl']:+.3f} | {_fmt(a.get('domain_cloze', {}).get('accuracy'))} | "
@@ -148,7 +148,7 @@ def _verdicts(
     out = []
     for r in candidates:
         a = r["metrics"]["after"]
-        row = r["row"] + (f" (lr {r['lr']:g})" if r.get("lr") else "")
+        row = r["row"] + f" (lr {r['training']['lr']:g})"
         share = _gain(base, a) / _gain(base, full["metrics"]["after"])
         rise = a["general_ppl"] - base["general_ppl"]
         state, rss = r["training"]["optimizer_state_mb"], r["peak_rss_mb"]
@@ -190,7 +190,7 @@ def write_seeds(rows: dict[str, dict[str, Any]], domains: list[str], steps: int)
         groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
         for r in rows.values():
             if r.get("domain") == domain and r.get("steps") == steps and "metrics" in r:
-                groups.setdefault((r["row"], r.get("lr")), []).append(r)
+                groups.setdefault((r["row"], r["training"]["lr"]), []).append(r)
         groups = {k: v for k, v in groups.items() if len(v) > 1}
         if not groups:
             continue
@@ -203,7 +203,7 @@ def write_seeds(rows: dict[str, dict[str, Any]], domains: list[str], steps: int)
                 cols[key] = _mean_sd([r["metrics"]["after"][key] for r in rs])
             cloze = _mean_sd([r["metrics"]["after"]["domain_cloze"]["accuracy"] for r in rs])
             seeds = ",".join(str(r.get("seed", 0)) for r in sorted(rs, key=lambda r: r.get("seed", 0)))
-            label = row + (f", lr {lr:g}" if lr else "")
+            label = f"{row}, lr {lr:g}"
             lines.append(
                 f"| {label} | {seeds} | {cols['domain_ppl'][0]:.3f} ± {cols['domain_ppl'][1]:.3f} | "
                 f"{cols['general_ppl'][0]:.3f} ± {cols['general_ppl'][1]:.3f} | {cloze[0]:.3f} ± {cloze[1]:.3f} |"
@@ -212,7 +212,7 @@ def write_seeds(rows: dict[str, dict[str, Any]], domains: list[str], steps: int)
             means[(row, lr)] = {**first, "metrics": {**first["metrics"], "after": {k: v[0] for k, v in cols.items()}},
                                 "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}  # fmt: skip
         base = rs[0]["metrics"]["before"]
-        got = {row: r for (row, lr), r in means.items() if lr is None}
+        got = {row: r for (row, _), r in means.items() if row in ("full", "lora")}
         candidates = [r for (row, _), r in means.items() if row in ("lift", "importance")]
         lines += ["", *_verdicts(base, got, candidates), ""]
     lines.append("Peak RSS in the checks: the largest over a row's seeds.")

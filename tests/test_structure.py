@@ -290,7 +290,9 @@ def test_structure_drops_the_greedy_rules_blocks() -> None:
         structure(three_block_model("llama"), never_scored, calib, ShapeTarget(drop_blocks=1, drop_rule="best"))
     from carve.pipeline import Recipe
 
-    with pytest.raises(UsageError, match="drop rule 'best'"):  # refused before any model is loaded
+    with pytest.raises(
+        UsageError, match="drop-rule must be one of distance, greedy, not 'best'"
+    ):  # refused before any model is loaded
         Recipe(drop_blocks=1, drop_rule="best").resolved()
 
 
