@@ -90,7 +90,7 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], steps: int)
         "",
         f"bench/finetune.py: {steps} AdamW steps of one 512-token block of the domain's train split (no general",
         "text, seed 0, the same blocks for every row: each row's train fingerprint is in results/finetune.jsonl),",
-        "peak lr: the CLI's default for the kind unless a row says (full 5e-5, LoRA 1e-3, sparse 5e-4; 10 warm-up",
+        "peak lr: each row says its own (the CLI defaults: full 5e-5, LoRA 1e-3, sparse 5e-4; 10 warm-up",
         "steps, cosine to 10%). Perplexity: the first 16 held-out 512-token blocks per corpus; 100 domain cloze items.",
         "Sparse rows train 5% of each decoder Linear weight matrix; LoRA's rank gives the same trainable count.",
         "Optimizer state: AdamW moments (and int32 indices of the trained entries). One run (seed 0) per row.",
