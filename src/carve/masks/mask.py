@@ -125,19 +125,25 @@ class Mask(Mapping[str, torch.Tensor]):
         with reading_safetensors(path, "a carve mask") as f:
             shapes = json.loads((f.metadata() or {})["carve_mask_shapes"])
             ok = isinstance(shapes, dict) and set(shapes) == set(f.keys())
-            if not ok or not all(_is_shape(v) for v in shapes.values()):
+            if not ok or not all(is_shape(v) for v in shapes.values()):
                 raise ValueError("its shapes do not match its tensors")
             keep = {}
             for k in f.keys():
                 packed = f.get_tensor(k)
-                if packed.dtype != torch.uint8 or packed.dim() != 1 or len(packed) != -(-math.prod(shapes[k]) // 8):
+                if not holds_bits_of(packed, shapes[k]):
                     raise ValueError(f"{k} holds {tuple(packed.shape)} {packed.dtype}, not the bits of {shapes[k]}")
                 keep[k] = unpack_bits(packed, shapes[k])
         return cls(keep)
 
 
-def _is_shape(v: Any) -> bool:
+def is_shape(v: Any) -> bool:
+    """Whether a shape read from a file's metadata is one (a short list of sane whole numbers)."""
     return isinstance(v, list) and len(v) <= 8 and all(type(d) is int and 0 <= d < 2**40 for d in v)
+
+
+def holds_bits_of(packed: torch.Tensor, shape: list[int]) -> bool:
+    """Whether `packed` is `pack_bits`' output for a mask of `shape`."""
+    return packed.dtype == torch.uint8 and packed.dim() == 1 and len(packed) == -(-math.prod(shape) // 8)
 
 
 @contextmanager

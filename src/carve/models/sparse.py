@@ -16,7 +16,6 @@ zero, so -0.0 is a stored value and decoding gives back every tensor bit for bit
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 
 from carve.errors import UsageError
-from carve.masks.mask import pack_bits, reading_safetensors, unpack_bits
+from carve.masks.mask import holds_bits_of, is_shape, pack_bits, reading_safetensors, unpack_bits
 
 SPARSE_FILE = "model.sparse.safetensors"
 FORMAT = "sparse-1"
@@ -52,10 +51,6 @@ def write_entries(
     save_file(tensors, str(path), metadata={"carve_mask_shapes": json.dumps(shapes), **(meta or {})})
 
 
-def _shape_ok(v: Any) -> bool:
-    return isinstance(v, list) and len(v) <= 8 and all(type(d) is int and 0 <= d < 2**40 for d in v)
-
-
 def read_entries(
     path: Path, what: str
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, torch.Tensor], dict[str, str]]:
@@ -64,7 +59,7 @@ def read_entries(
     with reading_safetensors(path, what) as f:
         meta = dict(f.metadata() or {})
         shapes = json.loads(meta.get("carve_mask_shapes", "null"))
-        if not isinstance(shapes, dict) or not all(_shape_ok(s) for s in shapes.values()):
+        if not isinstance(shapes, dict) or not all(is_shape(s) for s in shapes.values()):
             raise ValueError("its carve_mask_shapes metadata is missing or not shapes")
         keys = set(f.keys())
         masked = {}
@@ -72,7 +67,7 @@ def read_entries(
             if f"mask/{name}" not in keys or f"value/{name}" not in keys:
                 raise ValueError(f"{name} has no mask or no values")
             bits, values = f.get_tensor(f"mask/{name}"), f.get_tensor(f"value/{name}")
-            if bits.dtype != torch.uint8 or bits.dim() != 1 or len(bits) != -(-math.prod(shape) // 8):
+            if not holds_bits_of(bits, shape):
                 raise ValueError(f"the mask of {name} does not hold {shape}'s bits")
             keep = unpack_bits(bits, shape)
             if values.dim() != 1 or len(values) != int(keep.sum()):
