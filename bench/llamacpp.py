@@ -25,11 +25,14 @@ def ensure_llamacpp() -> Path:
     return ensure_venv(VENV, PACKAGES, env={"CMAKE_ARGS": "-DGGML_NATIVE=ON", "CMAKE_BUILD_PARALLEL_LEVEL": "2"})
 
 
-def run_gguf(gguf: Path, blocks: list[list[int]], threads: int = 2, decode_tokens: int = 64) -> dict[str, Any]:
+def run_gguf(
+    gguf: Path, blocks: list[list[int]], threads: int = 2, decode_tokens: int = 64, quality: bool = True
+) -> dict[str, Any]:
     """llamacpp_worker.py's measures of `gguf` on the token `blocks` (see there)."""
     python = ensure_llamacpp()
+    spec = {"gguf": str(gguf), "blocks": blocks, "threads": threads, "decode_tokens": decode_tokens, "quality": quality}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump({"gguf": str(gguf), "blocks": blocks, "threads": threads, "decode_tokens": decode_tokens}, f)
+        json.dump(spec, f)
     proc = subprocess.run([str(python), str(HERE / "llamacpp_worker.py"), f.name], capture_output=True, text=True)
     Path(f.name).unlink(missing_ok=True)
     if proc.returncode != 0:

@@ -3,11 +3,13 @@ llama.cpp itself.
 
     python llamacpp_worker.py SPEC.json   -> prints one JSON object
 
-SPEC: {"gguf": PATH, "blocks": [[token ids] ...], "threads": 2, "decode_tokens": 64}.
-Per block: llama.cpp's logits at every position (its own tokenization is not used: the blocks are
-the token ids carve evaluates), the top-1 next token per position, and the summed negative log
-likelihood of each next token.  Speed: prefill tokens/s over each whole block, decode tokens/s of
-`decode_tokens` greedy single-token steps after the first block.
+SPEC: {"gguf": PATH, "blocks": [[token ids] ...], "threads": 2, "decode_tokens": 64, "quality": true}.
+With "quality" (the default), per block: llama.cpp's logits at every position (its own
+tokenization is not used: the blocks are the token ids carve evaluates), the top-1 next token per
+position, and the summed negative log likelihood of each next token; without it llama.cpp computes
+the last position's logits only (as in generation) and only the speed is measured.  Speed: prefill
+tokens/s over each whole block, decode tokens/s of `decode_tokens` greedy single-token steps after
+the first block.
 """
 
 from __future__ import annotations
@@ -23,15 +25,18 @@ from llama_cpp import Llama
 def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
     blocks = spec["blocks"]
+    quality = spec.get("quality", True)
     n_ctx = max(len(b) for b in blocks) + spec.get("decode_tokens", 64) + 8
     llm = Llama(model_path=spec["gguf"], n_ctx=n_ctx, n_threads=spec.get("threads", 2), n_batch=n_ctx,
-                logits_all=True, verbose=False)  # fmt: skip
+                logits_all=quality, verbose=False)  # fmt: skip
     top1, nll, tokens, prefill_s = [], 0.0, 0, 0.0
     for block in blocks:
         llm.reset()
         t = time.perf_counter()
         llm.eval(block)
         prefill_s += time.perf_counter() - t
+        if not quality:
+            continue
         logits = np.asarray(llm.scores[: len(block)], dtype=np.float64)
         top1.append(logits.argmax(-1).tolist())
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
@@ -48,7 +53,7 @@ def main() -> None:
         "top1": top1,
         "nll": nll,
         "tokens": tokens,
-        "ppl": float(np.exp(nll / tokens)),
+        "ppl": float(np.exp(nll / tokens)) if tokens else None,
         "prefill_tokens_per_s": sum(len(b) for b in blocks) / prefill_s,
         "decode_tokens_per_s": steps / decode_s,
     }))  # fmt: skip

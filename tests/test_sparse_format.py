@@ -90,6 +90,26 @@ def test_extract_sparse_load_and_densify(tmp_path: Path, model_dir: Path, small_
     assert main(["densify", str(dense), "--out", str(tmp_path / "again")]) == 2  # not a sparse output
 
 
+def test_convert_between_precisions_and_formats(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--general", str(small_corpus),
+                 "--method", "magnitude", "--out", str(out), "--save-dtype", "float32", *FAST]) == 0  # fmt: skip
+    f32 = carve.load_model(str(out))
+    bf16, sparse = tmp_path / "bf16", tmp_path / "sparse"
+    assert main(["convert", str(out), "--out", str(bf16), "--save-dtype", "bfloat16", "--quiet"]) == 0
+    assert main(["convert", str(bf16), "--out", str(sparse), "--save-format", "sparse", "--quiet"]) == 0
+    manifest = json.loads((sparse / "carve.json").read_text())
+    assert manifest["saved"]["dtype"] == "bfloat16" and manifest["saved"]["format"] == "sparse"
+    assert manifest["saved"]["metrics_measured"].startswith("before conversion")  # the metrics are float32's
+    assert manifest["recipe"]["method"] == "magnitude" and (sparse / "mask.safetensors").is_file()
+    assert (sparse / SPARSE_FILE).is_file() and not (sparse / "model.safetensors").exists()
+    back = carve.load_model(str(sparse))
+    ref = dict(f32.model.named_parameters())
+    for name, p in back.model.named_parameters():  # float32 -> bfloat16 once, then lossless
+        assert torch.equal(p.data, ref[name].data.to(torch.bfloat16).float()), name
+    assert main(["convert", str(out), "--out", str(out), "--quiet"]) == 2  # onto itself: refused
+
+
 def test_save_dtype_is_honoured_and_the_metrics_are_the_saved_models(
     tmp_path: Path, model_dir: Path, small_corpus: Path
 ) -> None:

@@ -12,6 +12,7 @@ import carve
 from carve.cli.flags import add_recipe_flags, recipe_from
 from carve.corpora import builtin_corpora
 from carve.finetune import FinetuneRecipe, finetune
+from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES
 from carve.manifest import MANIFEST_FILE, read_manifest
 from carve.output import claim, write_json
 from carve.progress import set_quiet
@@ -122,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     dn.add_argument("--out", required=True, help="output directory (written atomically)")
     dn.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     dn.add_argument("--json", action="store_true")
+
+    cv = sub.add_parser("convert", help="a carve output (or a model) saved again in another precision or format")
+    cv.add_argument("source", help="a carve output directory (dense, sparse, an update) or a model")
+    cv.add_argument("--out", required=True, help="output directory (written atomically)")
+    cv.add_argument("--save-dtype", choices=list(SAVE_DTYPES), default=None, help=SAVE_DTYPE_HELP)
+    cv.add_argument(
+        "--save-format",
+        choices=["dense", "sparse"],
+        default="dense",
+        help="dense: plain safetensors for from_pretrained (default); sparse: kept values + bit-packed mask",
+    )
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    cv.add_argument("--quiet", action="store_true", help="no progress bars")
+    cv.add_argument("--json", action="store_true")
 
     xp = sub.add_parser("export", help="a carve output as a GGUF file for llama.cpp, ollama, LM Studio")
     xp.add_argument("source", help="a carve output directory (dense, sparse, structured, an update) or a model")
@@ -400,6 +415,16 @@ def _cmd_densify(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out, "size": manifest.get("size")}
 
 
+def _cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
+    from carve.convert import convert
+
+    manifest = convert(args.source, args.out, args.save_dtype, args.save_format, overwrite=args.overwrite)
+    saved = manifest["saved"]
+    if not args.json:
+        print(f"{args.source} -> {args.out}: {saved['format']}, {saved['dtype']}, {manifest['size']['file_mb']:.1f} MB")
+    return {"out": args.out, "saved": saved, "size": manifest.get("size")}
+
+
 def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from carve.export import export
 
@@ -445,6 +470,7 @@ COMMANDS = {
     "report": _cmd_report,
     "eval": _cmd_eval,
     "densify": _cmd_densify,
+    "convert": _cmd_convert,
     "export": _cmd_export,
     "corpora": _cmd_corpora,
     "methods": _cmd_methods,

@@ -16,7 +16,6 @@ zero, so -0.0 is a stored value and decoding gives back every tensor bit for bit
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -145,37 +144,12 @@ def read_sparse_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[st
     return state, aliases
 
 
-def densify(src: Path, out: Path) -> dict[str, Any]:
-    """`src`'s sparse model written to `out` (a directory being written) as plain model.safetensors
-    beside copies of its other files: what stock `from_pretrained` loads."""
-    from safetensors.torch import save_file
-
-    state, _ = read_sparse_state(src)  # tied names stay dropped, as save_pretrained drops them
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-    for f in src.iterdir():
-        if f.is_file() and f.name != SPARSE_FILE:
-            shutil.copy2(f, out / f.name)
-    return {"tensors": len(state), "file_bytes": (out / "model.safetensors").stat().st_size}
-
-
 def densify_output(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """`carve densify`: a carve output in the sparse format written to `out` as plain weights
-    (stock `from_pretrained` loads it), its manifest saying so.  Returns that manifest."""
-    from carve.manifest import read_manifest
-    from carve.output import atomic_output_dir, claim, write_json
+    """`carve densify`: a carve output in the sparse format written to `out` as plain weights in
+    their own precision (stock `from_pretrained` loads it), its manifest saying so."""
+    from carve.convert import convert
 
     source = Path(src).expanduser()
     if not (source / SPARSE_FILE).is_file():
         raise UsageError(f"{str(source)!r} holds no {SPARSE_FILE}: it is not a carve output in the sparse format")
-    manifest = read_manifest(source) if (source / "carve.json").is_file() else {}
-    with claim(out), atomic_output_dir(out, overwrite) as tmp:
-        info = densify(source, tmp)
-        saved = manifest.get("saved")
-        manifest["saved"] = {
-            **(saved if isinstance(saved, dict) else {}),
-            "format": "dense",
-            "densified_from": str(source),
-        }
-        manifest.setdefault("size", {})["file_mb"] = round(info["file_bytes"] / 2**20, 2)
-        write_json(tmp / "carve.json", manifest)
-    return manifest
+    return convert(source, out, None, "dense", overwrite)
