@@ -1,4 +1,4 @@
-"""`carve export --gguf` (issue 21): carve outputs of tiny Llama-style models written as GGUF reload
+"""`carve export --gguf` (issue 21): carve outputs of tiny Llama-style and Qwen2 models written as GGUF reload
 through transformers' own GGUF loader with logits equal to the source's within the type's
 tolerance: dense, sparse-format, structured (narrower MLP and attention, dropped blocks)."""
 
@@ -44,6 +44,25 @@ def test_dense_model_every_type(kind: str, tmp_path: Path, model_dir: Path) -> N
     _check(model_dir, gguf, kind)
 
 
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_qwen2_as_llama_cpp_qwen2(kind: str, tmp_path: Path, tokenizer) -> None:
+    from carve.models.gguf_header import read_gguf_header
+
+    src = tmp_path / "tiny-qwen2"
+    model = tiny_model("qwen2")
+    with torch.no_grad():  # random biases, so that a bias lost or misplaced shows in the logits
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    gguf = tmp_path / f"q-{kind}.gguf"
+    assert main(["export", str(src), "--gguf", str(gguf), "--type", kind]) == 0
+    meta = read_gguf_header(gguf)
+    assert meta["general.architecture"] == "qwen2" and meta["tokenizer.ggml.pre"] == "qwen2"
+    _check(src, gguf, kind)
+
+
 def test_tokenizer_and_metadata(tmp_path: Path, model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -81,7 +100,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     for f in model_dir.glob("tokenizer*"):
         (gpt2 / f.name).write_bytes(f.read_bytes())
     cases = [
-        (["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")], "supports Llama-style models"),
+        (["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")], "supports Llama-style and Qwen2 models"),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]
     (tmp_path / "exists.gguf").write_bytes(b"mine")

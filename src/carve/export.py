@@ -4,18 +4,20 @@ structured, a fine-tuning update over its base) as a GGUF file llama.cpp runs.
 The model is loaded as carve loads any source (`load_model`), then written with the `gguf`
 package's writer under llama.cpp's tensor names and metadata keys for its architecture (what
 llama.cpp's own convert_hf_to_gguf.py writes): Llama-style models (`llama`, and Mistral, SmolLM,
-TinyLlama ... which share it) as `llama`.  Q and K projections are permuted from Hugging Face's
-rotate-half layout to GGML's interleaved one.  One-dimensional tensors (norms) stay float32, as in
+TinyLlama ... which share it) as `llama`, whose Q and K projections are permuted from Hugging
+Face's rotate-half layout to GGML's interleaved one; Qwen2 as `qwen2` (rotate-half rope in llama.cpp
+too, so no permutation; its Q/K/V biases kept).  One-dimensional tensors (norms) stay float32, as in
 llama.cpp's conversions; a matrix whose rows are not a whole number of quantization blocks is
 stored as f16.  The tokenizer goes in as GGUF metadata: a byte-level BPE tokenizer (tokens, types,
 merges, special ids, chat template); its pre-tokenizer name is copied from the source GGUF when
-the model came from one (the embedded default), else `default`.
+the model came from one (the embedded default), else the architecture's (`default`, `qwen2`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,27 @@ from carve.errors import UsageError
 
 TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 _FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
-LLAMA_STYLE = ("llama", "mistral")
-_LLAMA_NAMES = [
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What llama.cpp calls a Hugging Face model type and how its tensors go in."""
+
+    gguf: str  # llama.cpp's architecture name (the metadata keys' prefix)
+    permute_qk: bool  # rotate-half Q/K rows to GGML's interleaved rope layout (llama.cpp's LLAMA rope type)
+    biases: tuple[str, ...]  # projections whose biases llama.cpp's architecture holds
+    pre: str  # tokenizer pre-tokenizer name when the source GGUF does not give one
+
+
+ARCHITECTURES = {
+    "llama": Architecture("llama", True, (), "default"),
+    "mistral": Architecture("llama", True, (), "default"),
+    "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2"),
+}
+_NAMES = [
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "blk.{}.attn_q.bias"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "blk.{}.attn_k.bias"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "blk.{}.attn_v.bias"),
     (r"model\.embed_tokens\.weight", "token_embd.weight"),
     (r"model\.norm\.weight", "output_norm.weight"),
     (r"lm_head\.weight", "output.weight"),
@@ -44,12 +65,12 @@ _LLAMA_NAMES = [
 
 
 def gguf_name(name: str) -> str:
-    """llama.cpp's name of a Llama-style Hugging Face parameter; a UsageError for one it has none for."""
-    for pattern, target in _LLAMA_NAMES:
+    """llama.cpp's name of a Hugging Face parameter; a UsageError for one it has none for."""
+    for pattern, target in _NAMES:
         m = re.fullmatch(pattern, name)
         if m:
             return target.format(*m.groups())
-    raise UsageError(f"llama.cpp's llama architecture has no tensor for {name!r}: this layout cannot be exported")
+    raise UsageError(f"llama.cpp has no tensor for {name!r} in this architecture: this layout cannot be exported")
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -57,20 +78,24 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _check_architecture(model_type: Any) -> None:
-    if model_type not in LLAMA_STYLE:
-        styles = ", ".join(LLAMA_STYLE)
-        raise UsageError(f"GGUF export supports Llama-style models ({styles}) so far; this is {model_type!r}")
+def architecture(model_type: Any) -> Architecture:
+    if model_type not in ARCHITECTURES:
+        names = ", ".join(ARCHITECTURES)
+        raise UsageError(f"GGUF export supports Llama-style and Qwen2 models ({names}) so far; this is {model_type!r}")
+    return ARCHITECTURES[model_type]
 
 
 def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The per-layer widths llama.cpp needs, after refusing what its llama architecture cannot hold."""
-    _check_architecture(config.model_type)
+    """The per-layer widths llama.cpp needs, after refusing what its architecture cannot hold."""
+    arch = architecture(config.model_type)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     if isinstance(rope, dict) and rope.get("rope_type", "default") not in ("default", None):
         raise UsageError(f"GGUF export writes plain RoPE so far; this model scales it ({rope.get('rope_type')!r})")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise UsageError("llama.cpp's llama architecture holds no attention or MLP biases; this model has them")
+    if getattr(config, "use_sliding_window", False):
+        raise UsageError("GGUF export writes full attention; this model uses a sliding window")
+    extra = sorted(k for k in state if k.endswith(".bias") and k.split(".")[-2] not in arch.biases)
+    if extra:
+        raise UsageError(f"llama.cpp's {arch.gguf} architecture holds no bias {extra[0]!r}: this model has one")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     n_layers = config.num_hidden_layers
     ffn, kv = [], []
@@ -86,7 +111,7 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]
     return {"head_dim": head_dim, "ffn": ffn, "kv": kv}
 
 
-def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None) -> None:
+def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str) -> None:
     """A byte-level BPE tokenizer as GGUF metadata (what llama.cpp's `gpt2` tokenizer model reads)."""
     import gguf
 
@@ -104,7 +129,7 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None) -
     ]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_source_pre_tokenizer(source_gguf) or "default")
+    writer.add_tokenizer_pre(_source_pre_tokenizer(source_gguf) or pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
@@ -125,11 +150,23 @@ def _source_pre_tokenizer(source_gguf: Path | None) -> str | None:
     return pre if isinstance(pre, str) else None
 
 
-def _tensor(w: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
-    """(data, raw ggml type or None) of one tensor in the export type; vectors stay float32."""
+def _heads(target: str, w: torch.Tensor, config: Any, shape: dict[str, Any]) -> int | None:
+    """The heads a Q or K tensor's rows are permuted by (None: not one of them)."""
+    if ".attn_q." in target:
+        return int(config.num_attention_heads)
+    if ".attn_k." in target:
+        return int(w.shape[0] // shape["head_dim"])
+    return None
+
+
+def _tensor(w: torch.Tensor, kind: str, permute_heads: int | None = None) -> tuple[np.ndarray, Any]:
+    """(data, raw ggml type or None) of one tensor in the export type, its rows permuted over
+    `permute_heads` heads when given; vectors stay float32."""
     import gguf
 
     data = w.detach().float().cpu().numpy()
+    if permute_heads:
+        data = _permute(data, permute_heads)
     if data.ndim == 1:
         return data, None
     qtype = gguf.GGMLQuantizationType[TYPES[kind]]
@@ -153,7 +190,8 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     if tied:
         state.pop("lm_head.weight", None)
     shape = _check_layout(config, state)
-    writer = gguf.GGUFWriter(str(path), "llama")
+    arch = ARCHITECTURES[config.model_type]
+    writer = gguf.GGUFWriter(str(path), arch.gguf)
     writer.add_name(str(getattr(config, "_name_or_path", "") or "carve output"))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -169,20 +207,16 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     writer.add_value_length(shape["head_dim"])
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[kind]]))
-    _tokenizer_metadata(writer, lm.tokenizer, source_gguf)
+    _tokenizer_metadata(writer, lm.tokenizer, source_gguf, arch.pre)
     for name, w in state.items():
         target = gguf_name(name)
-        if ".attn_q." in target:
-            w = torch.from_numpy(_permute(w.detach().float().cpu().numpy(), config.num_attention_heads))
-        elif ".attn_k." in target:
-            w = torch.from_numpy(_permute(w.detach().float().cpu().numpy(), w.shape[0] // shape["head_dim"]))
-        data, raw = _tensor(w, kind)
+        data, raw = _tensor(w, kind, _heads(target, w, config, shape) if arch.permute_qk else None)
         writer.add_tensor(target, data, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return {"type": kind, "architecture": "llama", "tensors": len(state), "file_bytes": path.stat().st_size,
+    return {"type": kind, "architecture": arch.gguf, "tensors": len(state), "file_bytes": path.stat().st_size,
             "feed_forward_length": shape["ffn"], "head_count_kv": shape["kv"]}  # fmt: skip
 
 
@@ -206,8 +240,8 @@ def export(src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite:
         raise UsageError(f"{str(out)!r} already exists: choose another path or pass --overwrite")
     source = Path(src).expanduser()
     manifest = read_manifest(source) if (source / "carve.json").is_file() else {}
-    if (source / "config.json").is_file():  # refused before loading: an architecture llama.cpp's llama cannot hold
-        _check_architecture(json.loads((source / "config.json").read_text()).get("model_type"))
+    if (source / "config.json").is_file():  # refused before loading: an architecture not exported
+        architecture(json.loads((source / "config.json").read_text()).get("model_type"))
     with claim(out):
         lm = load_model(str(src), dtype="float32", device="cpu")
         base = str((manifest.get("source") or {}).get("model") or src)
