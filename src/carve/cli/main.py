@@ -14,6 +14,7 @@ from carve.corpora import builtin_corpora
 from carve.finetune import FinetuneRecipe, finetune
 from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES
 from carve.manifest import MANIFEST_FILE, read_manifest
+from carve.merge import MergeRecipe
 from carve.output import claim, write_json
 from carve.progress import set_quiet
 from carve.recover import RecoverRecipe, recover
@@ -144,6 +145,18 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0", "q4_0"], help="tensor type (default f16)")
     xp.add_argument("--overwrite", action="store_true", help="replace an existing file")
     xp.add_argument("--json", action="store_true")
+
+    mg = sub.add_parser("merge", help="task models merged into one: TIES, DARE, Breadcrumbs, task arithmetic ...")
+    mg.add_argument("config", nargs="?", default=None, help="a mergekit YAML config (instead of --base/--expert ...)")
+    add_recipe_flags(mg, MergeRecipe, skip=("experts", "importance", "origin"), unset=True)
+    mg.add_argument("--expert", action="append", dest="experts", metavar="NAME=DIR", default=argparse.SUPPRESS,
+                    help="an expert fine-tuned from the base; NAME: its domain (builtin corpus or path)")  # fmt: skip
+    mg.add_argument("--importance", action="append", dest="importance", metavar="NAME=FILE", default=argparse.SUPPRESS,
+                    help="an expert's importance map (--method importance)")  # fmt: skip
+    mg.add_argument("--out", required=True, help="output directory (written atomically)")
+    mg.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    mg.add_argument("--quiet", action="store_true", help="no progress bars")
+    mg.add_argument("--json", action="store_true")
 
     co = sub.add_parser("corpora", help="list the builtin corpora")
     co.add_argument("--json", action="store_true")
@@ -415,6 +428,25 @@ def _cmd_densify(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out, "size": manifest.get("size")}
 
 
+def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
+    from carve.merge import from_mergekit, merge
+
+    base = from_mergekit(args.config) if args.config else None
+    manifest = merge(recipe_from(args, MergeRecipe, base=base), args.out, overwrite=args.overwrite)
+    tasks = manifest.get("tasks")
+    if not args.json:
+        print(f"merged {len(manifest['experts'])} experts ({manifest['method']['name']}) -> {args.out}: "
+              f"{manifest['size']['file_mb']:.1f} MB, {manifest['timings_s']['merge']:.1f} s")  # fmt: skip
+        if tasks:
+            rows = [["task", "base ppl", "expert ppl", "merged ppl", "normalized gain"]]
+            for name, t in tasks["per_task"].items():
+                rows.append([name, *(f"{t[k]['domain_ppl']:.3f}" for k in ("base", "expert", "merged")),
+                             f"{t['normalized_gain']:.3f}" if t["normalized_gain"] is not None else "-"])  # fmt: skip
+            print(_table(rows))
+            print(f"mean normalized gain {tasks['mean_normalized_gain']}")
+    return {"out": args.out, **{k: manifest[k] for k in ("method", "size", "timings_s", "peak_rss_mb")}, "tasks": tasks}
+
+
 def _cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
     from carve.convert import convert
 
@@ -471,6 +503,7 @@ COMMANDS = {
     "eval": _cmd_eval,
     "densify": _cmd_densify,
     "convert": _cmd_convert,
+    "merge": _cmd_merge,
     "export": _cmd_export,
     "corpora": _cmd_corpora,
     "methods": _cmd_methods,

@@ -1,0 +1,353 @@
+"""`carve merge`: task models (experts fine-tuned from one base) merged into one model, streamed
+tensor by tensor (models/stream.py) with the methods of ops/merge.py; a mergekit YAML config is
+read as the same recipe.  The output is a Hugging Face directory (the base's config and tokenizer,
+the merged weights) with a carve.json that records the inputs' fingerprints, the method, its
+parameters and, unless `--eval-blocks 0`, each task's perplexity before (base, expert) and after.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carve.errors import UsageError
+from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, peak_rss_mb, versions
+from carve.models.stream import StreamWriter, TensorSource
+from carve.ops.merge import METHODS, Method, combine, sparsified
+from carve.settings import check_types, flag
+
+RESCALES = ("inverse", "l1", "none")
+# the tokenizer and config files copied from the base into the merged model
+_BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
+               "chat_template.jinja")  # fmt: skip
+
+
+@dataclass
+class MergeRecipe:
+    """Everything that decides a merge; one field per `carve merge` flag."""
+
+    base: str | None = flag("the base model the experts were fine-tuned from (a directory)", default=None)
+    experts: list[str] = flag("NAME=DIR, one per expert (NAME: its domain, a builtin corpus or a path)", factory=list)
+    method: str = flag("how the task vectors are merged", default="ties", choices=tuple(METHODS))
+    density: list[float] = flag(
+        "share of each task vector kept (one value, or one per expert); TIES top-k, DARE 1 - drop rate",
+        factory=lambda: [0.2],
+    )
+    weights: list[float] = flag(
+        "weight of each expert's task vector (one value, or one per expert)", factory=lambda: [1.0]
+    )
+    lam: float = flag("λ: the merged task vector's scale", default=1.0, name="--lambda")
+    gamma: float = flag("breadcrumbs: share of the largest entries dropped as outliers", default=0.01)
+    rescale: str | None = flag(
+        "rescale what a sparsification kept: by 1/density (inverse), to τ's L1 norm (l1, mergekit's), or none "
+        "(default: inverse for DARE, none otherwise)",
+        default=None,
+        choices=RESCALES,
+    )
+    normalize: bool | None = flag(
+        "divide by the summed weights of the entries kept (default: the method's)", default=None
+    )
+    importance: list[str] = flag("NAME=FILE: an expert's importance map (the importance method)", factory=list)
+    seed: int = flag("DARE's random drop", default=0)
+    save_dtype: str | None = flag(SAVE_DTYPE_HELP, choices=SAVE_DTYPES)
+    eval_blocks: int = flag("held-out blocks per domain for the per-task perplexities (0: no evaluation)", default=16)
+    block_len: int = flag("tokens per eval block", default=512)
+    general: str = flag("open-domain corpus for general perplexity", default="general")
+    origin: dict[str, Any] = field(default_factory=dict)  # where the recipe came from (a mergekit config)
+
+    def expert_dirs(self) -> dict[str, Path]:
+        return _named(self.experts, "--expert", "legal=out/legal-ft")
+
+    def resolved(self) -> MergeRecipe:
+        """The recipe checked, one density and weight per expert; a UsageError before any work."""
+        check_types(self)
+        if self.base is None:
+            raise UsageError("--base is needed: the model the experts were fine-tuned from")
+        experts = self.expert_dirs()
+        if not experts:
+            raise UsageError("no experts: give --expert NAME=DIR once per expert")
+        for name, d in [("base", Path(self.base).expanduser()), *experts.items()]:
+            if not d.is_dir():
+                raise UsageError(f"{name} {str(d)!r} is not a model directory")
+        n = len(experts)
+        density, weights = _per_expert(self.density, n, "density"), _per_expert(self.weights, n, "weights")
+        bad = [d for d in density if not 0 < d <= 1 or not math.isfinite(d)]
+        if bad:
+            raise UsageError(f"density {bad[0]} is outside (0, 1]: the share of each task vector kept")
+        if self.method == "importance" and set(_named(self.importance, "--importance", "legal=imp.safetensors")) != set(
+            experts
+        ):
+            raise UsageError("the importance method needs --importance NAME=FILE for every expert, and only for them")
+        if self.eval_blocks < 0 or self.block_len < 1:
+            raise UsageError("eval-blocks must be 0 or more and block-len positive")
+        if self.eval_blocks:  # each expert's name is the domain it is evaluated on
+            from carve.corpora import Corpus
+
+            for name in [*experts, self.general]:
+                Corpus(name)
+        rescale = self.rescale or ("inverse" if METHODS[self.method].rescale else "none")
+        return replace(self, density=density, weights=weights, rescale=rescale)
+
+
+def _named(items: list[str], flag_name: str, example: str) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UsageError(f"{flag_name} takes NAME=PATH (e.g. {example}), not {item!r}")
+        if name in out:
+            raise UsageError(f"{flag_name} names {name!r} twice")
+        out[name] = Path(path).expanduser()
+    return out
+
+
+def _per_expert(values: list[float], n: int, what: str) -> list[float]:
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise UsageError(f"{what}: give one value or one per expert ({n}), not {len(values)}")
+    return list(values)
+
+
+def _check_inputs(base: TensorSource, experts: dict[str, TensorSource]) -> list[str]:
+    """The tensors to merge (the base's), after refusing an expert that lacks one or differs in shape."""
+    names = base.names()
+    for label, src in experts.items():
+        missing = [n for n in names if n not in src]
+        if missing:
+            raise UsageError(
+                f"expert {label!r} has no tensor {missing[0]!r}: it is not a model of the base's architecture"
+            )
+        for n in names:
+            if src.shape(n) != base.shape(n):
+                raise UsageError(f"expert {label!r} differs from the base in shape at {n}: "
+                                 f"{tuple(src.shape(n))} vs {tuple(base.shape(n))}")  # fmt: skip
+    return names
+
+
+def merge_tensor(
+    base: torch.Tensor, experts: list[torch.Tensor], r: MergeRecipe, method: Method, name: str, extras: dict[str, Any]
+) -> torch.Tensor:
+    """One merged tensor (float32): θ₀ + λ·combine(sparsified τ_t)."""
+    if not base.is_floating_point():
+        return base
+    b = base.float()
+    deltas = []
+    for i, e in enumerate(experts):
+        imp = extras["importance"][i].get(name) if extras.get("importance") else None
+        m = method if method.sparsify != "importance" or imp is not None else replace(method, sparsify="magnitude")
+        deltas.append(sparsified(e.float() - b, m, r.density[i], gamma=r.gamma, generator=extras.get("generator"),
+                                 importance=imp, rescale=r.rescale or "none"))  # fmt: skip
+    return b + combine(deltas, r.weights, method, r.lam, r.normalize)
+
+
+def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+    """Run `carve merge`: the merged model written to `out` (atomically); returns its manifest."""
+    from carve.output import atomic_output_dir, claim, write_json
+
+    r = recipe.resolved()
+    started = time.perf_counter()
+    with claim(out), atomic_output_dir(out, overwrite) as tmp:
+        manifest = _stream_merge(r, tmp)
+        manifest["timings_s"] = {"merge": round(time.perf_counter() - started, 2)}
+        if r.eval_blocks:
+            manifest["tasks"] = _evaluate(r, tmp)
+            manifest["timings_s"]["evaluation"] = round(
+                time.perf_counter() - started - manifest["timings_s"]["merge"], 2
+            )
+        manifest["peak_rss_mb"] = peak_rss_mb()
+        write_json(tmp / "carve.json", manifest)
+    return manifest
+
+
+def _stream_merge(r: MergeRecipe, tmp: Path) -> dict[str, Any]:
+    from contextlib import ExitStack
+
+    from carve.models.load import _file_fingerprint
+    from carve.progress import progress
+
+    method = METHODS[r.method]
+    with ExitStack() as stack:
+        base = stack.enter_context(TensorSource(r.base or ""))
+        experts = {k: stack.enter_context(TensorSource(d)) for k, d in r.expert_dirs().items()}
+        names = _check_inputs(base, experts)
+        extras: dict[str, Any] = {"generator": torch.Generator().manual_seed(r.seed)}
+        if method.sparsify == "importance":
+            maps = _named(r.importance, "--importance", "")
+            extras["importance"] = [_lazy_map(stack, maps[k]) for k in experts]
+        out_dtype = getattr(torch, r.save_dtype) if r.save_dtype else None
+        specs = [(n, _saved_dtype(base.dtype(n), out_dtype), base.shape(n)) for n in names]
+        writer = StreamWriter(tmp, specs)
+        try:
+            for n in progress(names, desc=f"merge ({r.method})"):
+                writer.write(n, merge_tensor(base.get(n), [e.get(n) for e in experts.values()], r, method, n, extras))
+        finally:
+            writer.close()
+        fingerprints = {
+            "base": _file_fingerprint(base.files),
+            **{k: _file_fingerprint(e.files) for k, e in experts.items()},
+        }
+    base_dir = Path(r.base or "").expanduser()
+    for f in _BASE_FILES:
+        if (base_dir / f).is_file():
+            shutil.copy2(base_dir / f, tmp / f)
+    if r.save_dtype:
+        _set_config_dtype(tmp / "config.json", r.save_dtype)
+    return {
+        "carve_manifest": 1,
+        "job": "merge",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "source": {"model": str(r.base), "fingerprint": fingerprints["base"]},
+        "experts": {k: {"model": str(d), "fingerprint": fingerprints[k]} for k, d in r.expert_dirs().items()},
+        "recipe": asdict(r),
+        "method": {
+            "name": r.method,
+            "paper": method.paper,
+            "normalize": _normalize(r, method),
+        },
+        "saved": {"dtype": r.save_dtype or "as the base", "format": "dense", "tensors": len(names)},
+        "size": {"file_mb": round(sum(f.stat().st_size for f in tmp.glob("model*.safetensors")) / 2**20, 2)},
+    }
+
+
+def _saved_dtype(dtype: torch.dtype, out: torch.dtype | None) -> torch.dtype:
+    """A float tensor in the asked dtype (else the base's); others as they are."""
+    return out if out is not None and dtype.is_floating_point else dtype
+
+
+def _normalize(r: MergeRecipe, method: Method) -> bool:
+    return method.normalize if r.normalize is None else r.normalize
+
+
+def _lazy_map(stack: Any, path: Path) -> Any:
+    """An importance map read one tensor at a time: .get(name) gives its scores or None."""
+    from carve.masks.mask import reading_safetensors
+
+    handle = stack.enter_context(reading_safetensors(path, "an importance map"))
+    keys = set(handle.keys())
+
+    class _Map:
+        def get(self, name: str) -> torch.Tensor | None:
+            return handle.get_tensor(name) if name in keys else None
+
+    return _Map()
+
+
+def _set_config_dtype(path: Path, dtype: str) -> None:
+    import json
+
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config["dtype"] = dtype
+        config.pop("torch_dtype", None)
+        path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _evaluate(r: MergeRecipe, merged: Path) -> dict[str, Any]:
+    """Each task's domain perplexity (and general) for the base, its expert and the merge, one
+    model in memory at a time."""
+    from carve.corpora import Corpus
+    from carve.job import held_out_data, metrics_of
+    from carve.models.load import load_model
+
+    experts = r.expert_dirs()
+    general = Corpus(r.general)
+    tok = load_model(str(merged)).tokenizer
+    data = {t: held_out_data(tok, Corpus(t), general, r.eval_blocks, r.block_len, cloze_items=0) for t in experts}
+    runs = [("base", str(r.base), list(experts)), ("merged", str(merged), list(experts))]
+    runs += [("expert", str(d), [t]) for t, d in experts.items()]
+    rows: dict[str, dict[str, Any]] = {t: {} for t in experts}
+    for label, path, tasks in runs:
+        model = load_model(path).model
+        for t in tasks:
+            rows[t][label] = metrics_of(model, data[t])
+        del model
+    for row in rows.values():
+        base, expert, after = (math.log(row[k]["domain_ppl"]) for k in ("base", "expert", "merged"))
+        row["normalized_gain"] = round((base - after) / (base - expert), 4) if base != expert else None
+    gains = [row["normalized_gain"] for row in rows.values() if row["normalized_gain"] is not None]
+    return {"per_task": rows, "mean_normalized_gain": round(sum(gains) / len(gains), 4) if gains else None}
+
+
+# mergekit's config keys carve reads, and what each of its methods' parameters means here
+_MERGEKIT_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype"}
+_MERGEKIT_GLOBAL = {"normalize", "lambda", "rescale", "int8_mask", "gamma", "density", "weight"}
+_MERGEKIT_MODEL = {"weight", "density", "gamma"}
+
+
+def from_mergekit(path: str | Path) -> MergeRecipe:
+    """A mergekit YAML config as a recipe (mergekit's defaults: density 1, DARE rescaled to the L1
+    norm); an option carve does not support is refused by name."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).expanduser().read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read the mergekit config {str(path)!r}: {exc}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{str(path)!r} is not a mergekit config (a mapping with merge_method, models ...)")
+    unknown = sorted(set(config) - _MERGEKIT_TOP)
+    if unknown:
+        raise UsageError(f"mergekit option {unknown[0]!r} is not supported by carve merge")
+    method = config.get("merge_method")
+    if method not in METHODS or method == "importance":
+        names = ", ".join(m for m in METHODS if m != "importance")
+        raise UsageError(f"mergekit merge_method {method!r} is not supported by carve merge (it has {names})")
+    params = _scalars(config.get("parameters") or {}, _MERGEKIT_GLOBAL, "parameters")
+    models = config.get("models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, dict) and "model" in m for m in models):
+        raise UsageError("mergekit config: `models` must list entries with `model:` (the experts)")
+    base = config.get("base_model")
+    if not isinstance(base, str):
+        raise UsageError("mergekit config: `base_model` (the model the experts were fine-tuned from) is needed")
+    experts, density, weights, gamma = [], [], [], []
+    for m in models:
+        if m["model"] == base:
+            continue  # mergekit lets the base appear among the models
+        extra = sorted(set(m) - {"model", "parameters"})
+        if extra:
+            raise UsageError(f"mergekit option {extra[0]!r} of a model is not supported by carve merge")
+        p = {**params, **_scalars(m.get("parameters") or {}, _MERGEKIT_MODEL, f"{m['model']}'s parameters")}
+        if "weight" not in p:
+            raise UsageError(f"mergekit config: {m['model']} has no weight (mergekit requires one)")
+        experts.append(f"{Path(str(m['model'])).name}={m['model']}")
+        density.append(float(p.get("density", 1.0)))
+        weights.append(float(p["weight"]))
+        gamma.append(float(p.get("gamma", 0.01)))
+    if len(set(gamma)) > 1:
+        raise UsageError("mergekit config: carve merge takes one gamma for all models")
+    dtype = config.get("out_dtype") or config.get("dtype")
+    if dtype is not None and dtype not in SAVE_DTYPES:
+        raise UsageError(f"mergekit dtype {dtype!r} is not one of {', '.join(SAVE_DTYPES)}")
+    return MergeRecipe(
+        base=base, experts=experts, method=method, density=density, weights=weights,
+        lam=float(params.get("lambda", 1.0)), gamma=gamma[0] if gamma else 0.01,
+        rescale=_mergekit_rescale(params, METHODS[method]),
+        normalize=params.get("normalize"), save_dtype=dtype, origin={"mergekit_config": str(path)},
+    )  # fmt: skip
+
+
+def _mergekit_rescale(params: dict[str, Any], method: Method) -> str:
+    """mergekit's `rescale` (default: on for DARE) is to the L1 norm."""
+    return "l1" if params.get("rescale", method.rescale) else "none"
+
+
+def _scalars(params: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(params, dict):
+        raise UsageError(f"mergekit config: {where} must be a mapping")
+    for k, v in params.items():
+        if k not in allowed:
+            raise UsageError(f"mergekit parameter {k!r} ({where}) is not supported by carve merge")
+        if isinstance(v, bool) or isinstance(v, (int, float)):
+            continue
+        raise UsageError(f"mergekit parameter {k!r} ({where}): carve merge takes one number, not {v!r} "
+                         "(per-layer gradients and filters are not supported)")  # fmt: skip
+    return dict(params)

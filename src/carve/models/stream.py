@@ -1,0 +1,263 @@
+"""Models read one tensor at a time and safetensors written one tensor at a time: what `carve merge`
+streams through, so that its peak memory is a few tensors per model, never a whole model.
+
+`TensorSource(DIR)` reads a model directory lazily: plain safetensors (one file or shards with
+their index), carve's sparse format (models/sparse.py) and a `--save-delta` update over its base
+(models/delta.py), each tensor decoded when asked for.  `StreamWriter` writes the safetensors
+header first, from the tensors' names, dtypes and shapes known in advance, then each tensor's bytes
+at its place as soon as it is computed; past `max_shard_bytes` it starts another shard and writes
+the index transformers reads.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from carve.errors import UsageError
+from carve.masks.mask import holds_bits_of, is_shape, reading_safetensors, unpack_bits
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+class TensorSource:
+    """A model directory's tensors by name, each read from disk only when asked for."""
+
+    def __init__(self, directory: str | Path) -> None:
+        from carve.models.delta import DELTA_FILE
+        from carve.models.sparse import SPARSE_FILE
+
+        self.directory = Path(directory).expanduser()
+        self._stack = ExitStack()
+        self._where: dict[str, tuple[Any, str]] = {}  # name -> (open file, key in it)
+        self._masked: dict[str, tuple[Any, list[int]]] = {}  # name -> (open file, shape) of mask/value entries
+        self._aliases: dict[str, str] = {}
+        self._base: TensorSource | None = None
+        self.files: list[Path] = []  # the weight files read (the model's fingerprint is of them)
+        d = self.directory
+        if not d.is_dir():
+            raise UsageError(f"{str(d)!r} is not a model directory")
+        if (d / SPARSE_FILE).is_file():
+            self._open_entries(d / SPARSE_FILE, "a carve sparse model")
+        elif (d / DELTA_FILE).is_file():
+            self._base = TensorSource(_delta_base(d))
+            self._open_entries(d / DELTA_FILE, "a carve update (delta)")
+        else:
+            files = _shards(d)
+            for f in files:
+                handle = self._open(f, "a model weights file")
+                for k in handle.keys():
+                    self._where[k] = (handle, k)
+
+    def _open(self, path: Path, what: str) -> Any:
+        self.files.append(path)
+        return self._stack.enter_context(reading_safetensors(path, what))
+
+    def _open_entries(self, path: Path, what: str) -> None:
+        handle = self._open(path, what)
+        meta = dict(handle.metadata() or {})
+        try:
+            shapes = json.loads(meta.get("carve_mask_shapes", "null"))
+            aliases = json.loads(meta.get("carve_aliases", "{}"))
+        except ValueError:
+            shapes = aliases = None
+        if not isinstance(shapes, dict) or not all(is_shape(s) for s in shapes.values()):
+            raise UsageError(f"{str(path)!r} is damaged: its carve_mask_shapes metadata is missing or not shapes")
+        if not isinstance(aliases, dict):
+            raise UsageError(f"{str(path)!r} is damaged: its carve_aliases are not a mapping of names")
+        for name, shape in shapes.items():
+            self._masked[name] = (handle, shape)
+        for k in handle.keys():
+            if not k.startswith(("mask/", "value/")):
+                self._where[k] = (handle, k)
+        self._aliases = {str(k): str(v) for k, v in aliases.items()}
+
+    def names(self) -> list[str]:
+        own = [*self._where, *self._masked, *self._aliases]
+        if self._base is None:
+            return own
+        return list(dict.fromkeys([*self._base.names(), *own]))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where or name in self._masked or name in self._aliases or (
+            self._base is not None and name in self._base
+        )  # fmt: skip
+
+    def shape(self, name: str) -> list[int]:
+        name = self._aliases.get(name, name)
+        if name in self._masked:
+            return list(self._masked[name][1])
+        if name in self._where:
+            handle, key = self._where[name]
+            return list(handle.get_slice(key).get_shape())
+        if self._base is not None:
+            return self._base.shape(name)
+        raise KeyError(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        name = self._aliases.get(name, name)
+        if name in self._masked:
+            handle, _ = self._masked[name]
+            return _DTYPES[handle.get_slice(f"value/{name}").get_dtype()]
+        if name in self._where:
+            handle, key = self._where[name]
+            return _DTYPES[handle.get_slice(key).get_dtype()]
+        if self._base is not None:
+            return self._base.dtype(name)
+        raise KeyError(name)
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor `name`, read (and decoded) now."""
+        name = self._aliases.get(name, name)
+        if name in self._where:
+            handle, key = self._where[name]
+            return handle.get_tensor(key)
+        if name in self._masked:
+            handle, shape = self._masked[name]
+            bits, values = handle.get_tensor(f"mask/{name}"), handle.get_tensor(f"value/{name}")
+            if not holds_bits_of(bits, shape):
+                raise UsageError(f"{str(self.directory)!r} is damaged: the mask of {name} does not hold {shape}'s bits")
+            keep = unpack_bits(bits, shape)
+            if values.dim() != 1 or len(values) != int(keep.sum()):
+                raise UsageError(f"{str(self.directory)!r} is damaged: {name}'s values do not match its mask")
+            t = (
+                self._base.get(name).to(values.dtype)
+                if self._base is not None
+                else torch.zeros(shape, dtype=values.dtype)
+            )
+            t[keep] = values
+            return t
+        if self._base is not None:
+            return self._base.get(name)
+        raise KeyError(name)
+
+    def close(self) -> None:
+        self._stack.close()
+        if self._base is not None:
+            self._base.close()
+
+    def __enter__(self) -> TensorSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _shards(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({d / str(f) for f in weight_map.values()})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{str(index)!r} is damaged: no weight_map of tensor names to files") from None
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UsageError(f"{str(d)!r} is missing the shard(s) its index names: {', '.join(missing[:3])}")
+        return files
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    raise UsageError(
+        f"{str(d)!r} holds no safetensors weights (model.safetensors, an index with shards, carve's sparse format "
+        "or an update): merging reads safetensors only; convert other weights with `carve convert`"
+    )
+
+
+def _delta_base(d: Path) -> Path:
+    from carve.manifest import read_manifest
+
+    base = (read_manifest(d).get("source") or {}).get("model")
+    if not isinstance(base, str) or not Path(base).expanduser().is_dir():
+        raise UsageError(f"{str(d)!r} holds an update whose base {base!r} is not a model directory here")
+    return Path(base).expanduser()
+
+
+class StreamWriter:
+    """Safetensors files written tensor by tensor: `specs` (name, dtype, shape) fix the layout and
+    the header up front; `write(name, tensor)` puts each one's bytes in place.  The files are
+    `model.safetensors`, or `model-0000i-of-0000n.safetensors` shards of at most `max_shard_bytes`
+    (a tensor larger than that has a shard of its own) with `model.safetensors.index.json`."""
+
+    def __init__(
+        self,
+        directory: Path,
+        specs: list[tuple[str, torch.dtype, list[int]]],
+        metadata: dict[str, str] | None = None,
+        max_shard_bytes: int = 5 * 2**30,
+    ) -> None:
+        groups: list[list[tuple[str, torch.dtype, list[int]]]] = [[]]
+        size = 0
+        for spec in specs:
+            nbytes = _nbytes(spec)
+            if groups[-1] and size + nbytes > max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(spec)
+            size += nbytes
+        n = len(groups)
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.files = [directory / name for name in names]
+        self._place: dict[str, tuple[int, int, torch.dtype, list[int]]] = {}  # name -> (file, offset, dtype, shape)
+        self._written: set[str] = set()
+        for i, (path, group) in enumerate(zip(self.files, groups, strict=True)):
+            header: dict[str, Any] = {"__metadata__": {"format": "pt", **(metadata or {})}}
+            offset = 0
+            for name, dtype, shape in group:
+                end = offset + _nbytes((name, dtype, shape))
+                header[name] = {"dtype": _CODES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+                offset = end
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)
+            with path.open("wb") as fh:
+                fh.write(struct.pack("<Q", len(raw)) + raw)
+                fh.truncate(8 + len(raw) + offset)
+            for name, dtype, shape in group:
+                self._place[name] = (i, 8 + len(raw) + header[name]["data_offsets"][0], dtype, shape)
+        if n > 1:
+            total = sum(_nbytes(s) for s in specs)
+            weight_map = {name: names[i] for name, (i, *_) in self._place.items()}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        self._handles = [path.open("r+b") for path in self.files]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        i, offset, dtype, shape = self._place[name]
+        if list(tensor.shape) != list(shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)} is not the announced {tuple(shape)}")
+        data = tensor.detach().to("cpu", dtype).contiguous()
+        fh = self._handles[i]
+        fh.seek(offset)
+        fh.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        self._written.add(name)
+
+    def close(self) -> None:
+        for fh in self._handles:
+            fh.close()
+        missing = sorted(set(self._place) - self._written)
+        if missing:
+            raise ValueError(f"tensors announced but never written: {missing[:3]}")
+
+
+def _nbytes(spec: tuple[str, torch.dtype, list[int]]) -> int:
+    _, dtype, shape = spec
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n * torch.empty((), dtype=dtype).element_size()

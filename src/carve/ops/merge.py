@@ -1,0 +1,155 @@
+"""Merging task vectors τ_t = θ_t − θ₀, one tensor at a time (docs/methods.md, "carve merge").
+
+Every method is: sparsify each τ_t (keep a share `density` of its entries: by magnitude — TIES;
+at random, rescaled — DARE; between the top-γ outliers and the bottom — Breadcrumbs; by the
+expert's domain importance — carve's importance-guided merge), weight it by w_t, optionally elect a
+sign per entry and keep only the agreeing entries (TIES), sum (optionally dividing by the summed
+weights of the entries kept), scale by λ and add to θ₀.  TALL masks and Consensus merging then
+localize the merged vector per task.  The arithmetic follows mergekit's generalized task
+arithmetic (float32, the same order of operations), so the methods both tools have agree to float
+rounding; deviations are listed in docs/methods.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from carve.errors import UsageError
+
+SPARSIFIERS = ("magnitude", "random", "outliers", "importance")
+
+
+@dataclass(frozen=True)
+class Method:
+    """How a merge method treats the task vectors (mergekit's names where it has the method)."""
+
+    sparsify: str | None  # one of SPARSIFIERS, or None: the whole task vector
+    consensus: bool  # TIES sign election: keep the entries whose sign agrees with the weighted sum's
+    normalize: bool  # divide by the summed weights of the entries kept (mergekit's `normalize`)
+    rescale: bool  # rescale what the sparsification kept by default (DARE)
+    paper: str
+
+
+METHODS: dict[str, Method] = {
+    "task_arithmetic": Method(None, False, False, False, "Ilharco et al. 2023, arXiv 2212.04089"),
+    "ties": Method("magnitude", True, True, False, "Yadav et al. 2023, arXiv 2306.01708"),
+    "dare_linear": Method("random", False, False, True, "Yu et al. 2024, arXiv 2311.03099"),
+    "dare_ties": Method("random", True, False, True, "Yu et al. 2024, arXiv 2311.03099"),
+    "breadcrumbs": Method("outliers", False, False, False, "Davari & Belilovsky 2024, arXiv 2312.06795"),
+    "breadcrumbs_ties": Method("outliers", True, False, False, "Davari & Belilovsky 2024, arXiv 2312.06795"),
+    "importance": Method("importance", True, True, False, "carve: TIES with the expert's domain importance"),
+}
+
+
+def top_share(scores: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep-mask of the int(density·n) largest `scores` (mergekit's magnitude rule: a descending
+    argsort, so ties fall by sort order)."""
+    if density >= 1:
+        return torch.ones_like(scores, dtype=torch.bool)
+    k = int(density * scores.numel())
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[torch.argsort(scores.reshape(-1).float(), descending=True)[:k]] = True
+    return keep.reshape(scores.shape)
+
+
+def between_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Breadcrumbs' keep-mask: drop the int(γ·n) largest |τ| and then the smallest, keeping int(density·n)."""
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    n = delta.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:  # fewer outliers dropped so the density is reached
+        n_top, n_bot = n_top + n_bot, 0
+    order = torch.sort(delta.reshape(-1).abs().float()).indices
+    keep = torch.zeros(n, dtype=torch.bool)
+    keep[order[n_bot : n - n_top]] = True
+    return keep.reshape(delta.shape)
+
+
+def random_keep(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE's keep-mask: each entry kept with probability `density` (drop rate p = 1 − density)."""
+    if density >= 1:
+        return torch.ones_like(delta, dtype=torch.bool)
+    return torch.rand(delta.shape, generator=generator) < density
+
+
+def rescaled(delta: torch.Tensor, keep: torch.Tensor, rule: str, density: float) -> torch.Tensor:
+    """τ ⊙ m rescaled: by 1/density (DARE's paper, `inverse`), to τ's L1 norm (mergekit's `l1`) or not (`none`)."""
+    masked = delta * keep
+    if rule == "none":
+        return masked
+    if rule == "inverse":
+        return masked / density if density < 1 else masked
+    before, after = delta.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked * (before / after)
+
+
+def elect(weighted: torch.Tensor) -> torch.Tensor:
+    """TIES' sign election over stacked weighted task vectors: the entries whose sign is the sign
+    of their sum (a zero sum elects +)."""
+    majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
+    return weighted.sign() == majority
+
+
+def combine(
+    deltas: list[torch.Tensor], weights: list[float], method: Method, lam: float = 1.0, normalize: bool | None = None
+) -> torch.Tensor:
+    """The merged task vector of already-sparsified `deltas` with `weights`: (sign election,) sum,
+    (normalization,) λ."""
+    stacked = torch.stack(deltas, dim=0)
+    w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
+    weighted = stacked * w
+    if method.consensus:
+        agree = elect(weighted).to(stacked.dtype)
+        mixed = (weighted * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = weighted.sum(dim=0)
+        divisor = w.sum(dim=0).expand_as(mixed).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if method.normalize if normalize is None else normalize:
+        mixed = mixed / divisor
+    return mixed * lam if lam != 1 else mixed
+
+
+def sparsified(
+    delta: torch.Tensor,
+    method: Method,
+    density: float,
+    *,
+    gamma: float = 0.01,
+    generator: torch.Generator | None = None,
+    importance: torch.Tensor | None = None,
+    rescale: str = "none",
+) -> torch.Tensor:
+    """One task vector after the method's sparsification."""
+    if method.sparsify is None or density >= 1:
+        return delta
+    if method.sparsify == "magnitude":
+        keep = top_share(delta.abs(), density)
+    elif method.sparsify == "outliers":
+        keep = between_outliers(delta, density, gamma)
+    elif method.sparsify == "importance":
+        if importance is None:
+            raise UsageError("the importance-guided merge needs each expert's importance map (--importance)")
+        keep = top_share(importance, density)
+    else:
+        assert generator is not None
+        keep = random_keep(delta, density, generator)
+    return rescaled(delta, keep, rescale, density)
+
+
+def tall_mask(task: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
+    """TALL's mask of one task (Wang et al. 2024, arXiv 2405.07813): m_t = 1{|τ_t| ≥ λ_t·|τ_MTL − τ_t|}."""
+    return task.abs() >= lam * (merged - task).abs()
+
+
+def consensus_mask(masks: list[torch.Tensor], at_least: int) -> torch.Tensor:
+    """Consensus merging: the entries at least `at_least` of the tasks' TALL masks select."""
+    return torch.stack(masks).sum(dim=0) >= at_least

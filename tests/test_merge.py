@@ -1,0 +1,270 @@
+"""`carve merge` (issue 22): each method against a direct formula on tiny tensors, mergekit YAML
+parsing and its refusals, the streamed merge against an in-memory one bit for bit, lazily read
+sparse and delta experts, and bad inputs refused with nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from carve.cli.main import main
+from carve.merge import MergeRecipe, from_mergekit, merge_tensor
+from carve.ops.merge import METHODS, between_outliers, combine, consensus_mask, sparsified, tall_mask, top_share
+from tests.conftest import tiny_model
+
+G = torch.Generator().manual_seed(0)
+BASE = torch.randn(6, 8, generator=G)
+TAUS = [torch.randn(6, 8, generator=G) for _ in range(3)]
+W = [1.0, 0.5, 2.0]
+
+
+def _recipe(method: str, density: float = 0.25, **kw) -> MergeRecipe:
+    r = MergeRecipe(method=method, density=[density] * 3, weights=W, **kw)
+    rescale = r.rescale or ("inverse" if METHODS[method].rescale else "none")
+    return MergeRecipe(**{**r.__dict__, "rescale": rescale})
+
+
+def _merged(method: str, **kw) -> torch.Tensor:
+    r = _recipe(method, **kw)
+    extras = {"generator": torch.Generator().manual_seed(3)}
+    return merge_tensor(BASE, [BASE + t for t in TAUS], r, METHODS[method], "w", extras)
+
+
+def _top_k(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Direct: the k largest |t| by a full sort, as a 0/1 tensor."""
+    flat = t.abs().reshape(-1).tolist()
+    chosen = sorted(range(len(flat)), key=lambda i: -flat[i])[:k]
+    keep = torch.zeros(len(flat))
+    keep[chosen] = 1
+    return keep.reshape(t.shape)
+
+
+def test_task_arithmetic_is_the_weighted_sum() -> None:
+    want = BASE + 0.7 * sum(w * t for w, t in zip(W, TAUS, strict=True))
+    assert torch.allclose(_merged("task_arithmetic", lam=0.7), want, atol=1e-6)
+
+
+def test_ties_trims_elects_and_takes_the_disjoint_mean() -> None:
+    k = int(0.25 * 48)
+    trimmed = [w * t * _top_k(t, k) for w, t in zip(W, TAUS, strict=True)]
+    want = BASE.clone()
+    for i in range(6):
+        for j in range(8):
+            vals = [float(x[i, j]) for x in trimmed]
+            sign = 1.0 if sum(vals) >= 0 else -1.0
+            agree = [(v, w) for v, w in zip(vals, W, strict=True) if v != 0 and (v > 0) == (sign > 0)]
+            if agree:
+                want[i, j] += sum(v for v, _ in agree) / sum(w for _, w in agree)
+    assert torch.allclose(_merged("ties"), want, atol=1e-6)
+
+
+def test_dare_drops_at_random_and_rescales_by_the_kept_share() -> None:
+    g = torch.Generator().manual_seed(3)
+    kept = [(torch.rand(6, 8, generator=g) < 0.25).float() for _ in TAUS]
+    want = BASE + sum(w * t * m / 0.25 for w, t, m in zip(W, TAUS, kept, strict=True))
+    assert torch.allclose(_merged("dare_linear"), want, atol=1e-5)
+    l1 = [t * m * (t.abs().sum() / (t * m).abs().sum()) for t, m in zip(TAUS, kept, strict=True)]
+    want_l1 = BASE + sum(w * x for w, x in zip(W, l1, strict=True))
+    assert torch.allclose(_merged("dare_linear", rescale="l1"), want_l1, atol=1e-5)
+
+
+def test_breadcrumbs_drops_the_outliers_and_the_smallest() -> None:
+    t = TAUS[0]
+    order = sorted(range(48), key=lambda i: abs(float(t.reshape(-1)[i])))
+    n_top, target = int(0.05 * 48), int(0.5 * 48)
+    keep = torch.zeros(48, dtype=torch.bool)
+    keep[order[48 - n_top - target : 48 - n_top]] = True
+    assert torch.equal(between_outliers(t, 0.5, 0.05), keep.reshape(6, 8))
+    assert int(between_outliers(t, 0.99, 0.05).sum()) == int(0.99 * 48)  # outliers given up to reach the density
+
+
+def test_importance_guided_keeps_where_the_importance_is() -> None:
+    imp = torch.rand(6, 8, generator=torch.Generator().manual_seed(5))
+    kept = sparsified(TAUS[0], METHODS["importance"], 0.25, importance=imp)
+    assert torch.equal(kept, TAUS[0] * _top_k(imp, 12))
+    assert torch.equal(top_share(imp, 1.0), torch.ones(6, 8, dtype=torch.bool))
+
+
+def test_tall_and_consensus_masks() -> None:
+    merged = combine(TAUS, [1.0] * 3, METHODS["task_arithmetic"])
+    m = tall_mask(TAUS[1], merged, 0.4)
+    assert torch.equal(m, TAUS[1].abs() >= 0.4 * (merged - TAUS[1]).abs())
+    masks = [tall_mask(t, merged, 0.4) for t in TAUS]
+    votes = sum(x.int() for x in masks)
+    assert torch.equal(consensus_mask(masks, 2), votes >= 2)
+
+
+# ---- the job: streamed over files, against an in-memory merge ------------------------------------
+
+
+@pytest.fixture
+def experts(tmp_path: Path, model_dir: Path) -> dict[str, Path]:
+    """Three 'fine-tunes' of the tiny Llama: the base with a sparse random update."""
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for i, name in enumerate(["legal", "code", "general"]):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02 * (torch.rand(p.shape, generator=g) < 0.3))
+        out[name] = tmp_path / f"expert-{name}"
+        model.save_pretrained(out[name])
+        for f in model_dir.glob("tokenizer*"):
+            (out[name] / f.name).write_bytes(f.read_bytes())
+    return out
+
+
+def _in_memory(base: Path, experts: dict[str, Path], r: MergeRecipe) -> dict[str, torch.Tensor]:
+    b = load_file(str(base / "model.safetensors"))
+    es = [load_file(str(d / "model.safetensors")) for d in experts.values()]
+    extras = {"generator": torch.Generator().manual_seed(r.seed)}
+    return {n: merge_tensor(b[n], [e[n] for e in es], r, METHODS[r.method], n, extras) for n in b}
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "task_arithmetic"])
+def test_streamed_merge_equals_the_in_memory_merge(method: str, tmp_path: Path, model_dir: Path, experts) -> None:
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in experts.items()],
+            "--method", method, "--density", "0.3", "--eval-blocks", "0", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    r = MergeRecipe(base=str(model_dir), experts=[f"{k}={d}" for k, d in experts.items()], method=method,
+                    density=[0.3], eval_blocks=0).resolved()  # fmt: skip
+    want = _in_memory(model_dir, experts, r)
+    got = load_file(str(out / "model.safetensors"))
+    assert got.keys() == want.keys()
+    for n in want:
+        assert torch.equal(got[n], want[n].to(got[n].dtype)), n
+    manifest = json.loads((out / "carve.json").read_text())
+    assert manifest["job"] == "merge" and set(manifest["experts"]) == set(experts)
+    assert all(len(e["fingerprint"]) == 16 for e in manifest["experts"].values())
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)  # stock transformers loads it
+
+
+def test_sharded_output_and_lazily_read_sparse_and_delta_experts(
+    tmp_path: Path, model_dir: Path, experts, small_corpus: Path
+) -> None:
+    import carve
+    from carve.models.stream import StreamWriter, TensorSource
+
+    names = load_file(str(experts["legal"] / "model.safetensors"))
+    shards = tmp_path / "sharded"
+    shards.mkdir()
+    writer = StreamWriter(shards, [(n, t.dtype, list(t.shape)) for n, t in names.items()], max_shard_bytes=20_000)
+    for n, t in reversed(list(names.items())):  # any order
+        writer.write(n, t)
+    writer.close()
+    assert len(list(shards.glob("model-*.safetensors"))) > 1
+    with TensorSource(shards) as src:
+        for n, t in names.items():
+            assert torch.equal(src.get(n), t), n
+    # a carve sparse-format copy of an expert reads back the same tensors
+    assert main(["convert", str(experts["legal"]), "--out", str(tmp_path / "sparse"), "--save-format", "sparse",
+                 "--quiet"]) == 0  # fmt: skip
+    with TensorSource(tmp_path / "sparse") as src:
+        for n, t in names.items():
+            assert torch.equal(src.get(n), t), n
+    # a `carve finetune --save-delta` expert reads as its base with the update applied
+    delta = tmp_path / "delta"
+    assert main(["finetune", str(model_dir), "--domain", str(small_corpus), "--general", str(small_corpus),
+                 "--trainable", "magnitude", "--steps", "2", "--block-len", "32", "--eval-blocks", "2",
+                 "--cloze-items", "0", "--save-delta", "--out", str(delta), "--quiet"]) == 0  # fmt: skip
+    want = carve.load_model(str(delta)).model.state_dict()
+    with TensorSource(delta) as src:
+        assert set(src.names()) >= set(load_file(str(model_dir / "model.safetensors")))
+        changed = 0
+        for n in load_file(str(model_dir / "model.safetensors")):
+            assert torch.equal(src.get(n), want[n]), n
+            changed += n in src._masked
+        assert changed > 0
+
+
+def test_mergekit_yaml(tmp_path: Path, model_dir: Path, experts) -> None:
+    cfg = tmp_path / "ties.yml"
+    cfg.write_text(
+        f"merge_method: ties\nbase_model: {model_dir}\ndtype: float32\nparameters:\n  normalize: true\n  int8_mask: true\n"
+        "models:\n"
+        + "".join(f"  - model: {d}\n    parameters: {{weight: 0.5, density: 0.4}}\n" for d in experts.values())
+    )
+    r = from_mergekit(cfg)
+    assert r.method == "ties" and r.density == [0.4] * 3 and r.weights == [0.5] * 3 and r.save_dtype == "float32"
+    assert r.normalize is True and r.base == str(model_dir)
+    dare = tmp_path / "dare.yml"
+    dare.write_text(f"merge_method: dare_linear\nbase_model: {model_dir}\nmodels:\n  - model: {experts['code']}\n"
+                    "    parameters: {weight: 1.0}\n")  # fmt: skip
+    d = from_mergekit(dare)
+    assert d.rescale == "l1" and d.density == [1.0]  # mergekit's defaults
+    out = tmp_path / "merged"
+    assert main(["merge", str(cfg), "--eval-blocks", "0", "--out", str(out), "--quiet"]) == 0
+    assert json.loads((out / "carve.json").read_text())["recipe"]["origin"]["mergekit_config"] == str(cfg)
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("merge_method: slerp\nbase_model: B\nmodels: [{model: A, parameters: {weight: 1}}]\n", "'slerp' is not supported"),
+        ("merge_method: ties\nbase_model: B\nslices: []\nmodels: []\n", "option 'slices' is not supported"),
+        ("merge_method: ties\nbase_model: B\nmodels: [{model: A, parameters: {weight: 1, epsilon: 0.1}}]\n",
+         "parameter 'epsilon'"),
+        ("merge_method: ties\nbase_model: B\nmodels: [{model: A, parameters: {weight: [0, 1]}}]\n", "one number"),
+        ("merge_method: ties\nbase_model: B\nmodels: [{model: A}]\n", "has no weight"),
+        ("- just a list\n", "not a mergekit config"),
+    ],
+)  # fmt: skip
+def test_mergekit_refusals(yaml_text: str, message: str, tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml_text)
+    assert main(["merge", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_inputs_write_nothing(tmp_path: Path, model_dir: Path, experts, capsys) -> None:
+    other = tmp_path / "other"
+    model = tiny_model("llama", seed=1)
+    model.config.intermediate_size = 64
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(model.config).save_pretrained(other)
+    legal = f"legal={experts['legal']}"
+    capsys.readouterr()
+    cases = [
+        ([legal, f"code={other}"], [], "differs from the base in shape"),
+        ([legal, f"code={tmp_path / 'missing'}"], [], "is not a model directory"),
+        ([legal], ["--density", "1.5"], "outside (0, 1]"),
+        ([legal], ["--density", "0.2", "0.3"], "one value or one per expert"),
+        (["legal"], [], "takes NAME=PATH"),
+        ([legal], ["--method", "importance"], "needs --importance"),
+    ]
+    for exp, extra, message in cases:
+        out = tmp_path / "out"
+        argv = ["merge", "--base", str(model_dir), *[f"--expert={e}" for e in exp], *extra, "--eval-blocks", "0",
+                "--out", str(out)]  # fmt: skip
+        assert main(argv) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not out.exists() and not list(tmp_path.glob(".out.*")), message
+
+
+def test_per_task_metrics_in_the_manifest(tmp_path: Path, model_dir: Path, experts) -> None:
+    import math
+
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in experts.items()],
+            "--eval-blocks", "2", "--block-len", "32", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    tasks = json.loads((out / "carve.json").read_text())["tasks"]
+    assert set(tasks["per_task"]) == set(experts)
+    for t in tasks["per_task"].values():
+        b, e, m = (math.log(t[k]["domain_ppl"]) for k in ("base", "expert", "merged"))
+        assert t["normalized_gain"] == pytest.approx((b - m) / (b - e), abs=1e-3)
+    gains = [t["normalized_gain"] for t in tasks["per_task"].values()]
+    assert tasks["mean_normalized_gain"] == pytest.approx(sum(gains) / 3, abs=1e-3)
