@@ -261,10 +261,81 @@ def test_per_task_metrics_in_the_manifest(tmp_path: Path, model_dir: Path, exper
     argv = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in experts.items()],
             "--eval-blocks", "2", "--block-len", "32", "--out", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
-    tasks = json.loads((out / "carve.json").read_text())["tasks"]
+    tasks = json.loads((out / "carve.json").read_text())["merge_metrics"]
     assert set(tasks["per_task"]) == set(experts)
     for t in tasks["per_task"].values():
         b, e, m = (math.log(t[k]["domain_ppl"]) for k in ("base", "expert", "merged"))
         assert t["normalized_gain"] == pytest.approx((b - m) / (b - e), abs=1e-3)
     gains = [t["normalized_gain"] for t in tasks["per_task"].values()]
     assert tasks["mean_normalized_gain"] == pytest.approx(sum(gains) / 3, abs=1e-3)
+
+
+def _tall_args(model_dir: Path, experts: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in experts.items()],
+            "--method", "task_arithmetic", "--eval-blocks", "2", "--block-len", "32", *extra, "--out", str(out),
+            "--quiet"]  # fmt: skip
+
+
+def test_tall_masks_and_reconstruction(tmp_path: Path, model_dir: Path, experts) -> None:
+    from carve.tall import GRID, TALL_FILE, load_masks
+
+    out = tmp_path / "tall"
+    assert main(_tall_args(model_dir, experts, out, "--tall")) == 0
+    manifest = json.loads((out / "carve.json").read_text())
+    masks, lambdas = load_masks(out / TALL_FILE)
+    assert set(masks) == set(experts) and all(lambdas[t] in GRID for t in experts)
+    assert lambdas == {t: manifest["tall"]["per_task"][t]["lambda"] for t in experts}
+    base, merged = load_file(str(model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    legal = load_file(str(experts["legal"] / "model.safetensors"))
+    for n in base:  # the mask is TALL's formula at the chosen λ
+        want = (legal[n] - base[n]).abs() >= lambdas["legal"] * ((merged[n] - base[n]) - (legal[n] - base[n])).abs()
+        assert torch.equal(masks["legal"][n], want), n
+    assert all(t["tall_retained_gain"] is not None for t in manifest["merge_metrics"]["per_task"].values())
+    rebuilt = tmp_path / "legal-rebuilt"
+    assert main(["merge", "--reconstruct", "legal", "--merged", str(out), "--out", str(rebuilt), "--quiet"]) == 0
+    got = load_file(str(rebuilt / "model.safetensors"))
+    for n in base:  # the merged weights where the mask keeps, the base's elsewhere
+        assert torch.equal(got[n], torch.where(masks["legal"][n], merged[n], base[n])), n
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(rebuilt)
+
+
+def test_consensus_keeps_what_enough_tasks_select(tmp_path: Path, model_dir: Path, experts) -> None:
+    from carve.ops.merge import tall_mask
+
+    out = tmp_path / "consensus"
+    assert main(_tall_args(model_dir, experts, out, "--consensus", "2")) == 0
+    manifest = json.loads((out / "carve.json").read_text())
+    lambdas = {t: v["lambda"] for t, v in manifest["tall"]["per_task"].items()}
+    r = MergeRecipe(base=str(model_dir), experts=[f"{k}={d}" for k, d in experts.items()], method="task_arithmetic",
+                    eval_blocks=0).resolved()  # fmt: skip
+    ta = _in_memory(model_dir, experts, r)
+    base = load_file(str(model_dir / "model.safetensors"))
+    got = load_file(str(out / "model.safetensors"))
+    for n in base:
+        votes = sum(tall_mask(load_file(str(d / "model.safetensors"))[n] - base[n], ta[n] - base[n], lambdas[t]).int()
+                    for t, d in experts.items())  # fmt: skip
+        assert torch.equal(got[n], torch.where(votes >= 2, ta[n], base[n])), n
+    assert 0 < manifest["tall"]["consensus"]["kept_share"] < 1
+
+
+def test_tall_refusals(tmp_path: Path, model_dir: Path, experts, capsys) -> None:
+    one = {"legal": experts["legal"]}
+    cases = [
+        (_tall_args(model_dir, one, tmp_path / "o", "--tall"), "at least two experts"),
+        (_tall_args(model_dir, experts, tmp_path / "o", "--tall", "--eval-blocks", "0"), "--eval-blocks > 0"),
+        (_tall_args(model_dir, experts, tmp_path / "o", "--consensus", "4"), "not between 1 and the number"),
+        (_tall_args(model_dir, experts, tmp_path / "o", "--tall", "--consensus", "2"), "choose one"),
+        (["merge", "--reconstruct", "legal", "--out", str(tmp_path / "o")], "--merged DIR"),
+        (
+            ["merge", "--reconstruct", "legal", "--merged", str(model_dir), "--out", str(tmp_path / "o")],
+            "merge with --tall",
+        ),
+    ]
+    capsys.readouterr()
+    for argv, message in cases:
+        assert main(argv) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "o").exists()

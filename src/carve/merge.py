@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from carve.errors import UsageError
-from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, peak_rss_mb, versions
+from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, Stages, peak_rss_mb, versions
 from carve.models.stream import StreamWriter, TensorSource
 from carve.ops.merge import METHODS, Method, combine, sparsified
 from carve.settings import check_types, flag
@@ -56,6 +56,10 @@ class MergeRecipe:
     )
     importance: list[str] = flag("NAME=FILE: an expert's importance map (the importance method)", factory=list)
     seed: int = flag("DARE's random drop", default=0)
+    tall: bool = flag(
+        "also write TALL masks (one bit per weight per task, λ_t chosen on held-out blocks)", default=False
+    )
+    consensus: int = flag("Consensus merging: keep only what at least K tasks' TALL masks select (0: off)", default=0)
     save_dtype: str | None = flag(SAVE_DTYPE_HELP, choices=SAVE_DTYPES)
     eval_blocks: int = flag("held-out blocks per domain for the per-task perplexities (0: no evaluation)", default=16)
     block_len: int = flag("tokens per eval block", default=512)
@@ -87,6 +91,13 @@ class MergeRecipe:
             raise UsageError("the importance method needs --importance NAME=FILE for every expert, and only for them")
         if self.eval_blocks < 0 or self.block_len < 1:
             raise UsageError("eval-blocks must be 0 or more and block-len positive")
+        if (self.tall or self.consensus) and (not self.eval_blocks or n < 2):
+            raise UsageError("TALL masks and Consensus merging choose λ_t on held-out blocks of two or more experts' "
+                             "domains: give --eval-blocks > 0 and at least two experts")  # fmt: skip
+        if self.tall and self.consensus:
+            raise UsageError("--tall stores the masks of the merged model; --consensus changes it: choose one")
+        if not 0 <= self.consensus <= n:
+            raise UsageError(f"consensus {self.consensus} is not between 1 and the number of experts ({n})")
         if self.eval_blocks:  # each expert's name is the domain it is evaluated on
             from carve.corpora import Corpus
 
@@ -153,18 +164,42 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False) -> dict
     from carve.output import atomic_output_dir, claim, write_json
 
     r = recipe.resolved()
-    started = time.perf_counter()
+    stage = Stages()
     with claim(out), atomic_output_dir(out, overwrite) as tmp:
-        manifest = _stream_merge(r, tmp)
-        manifest["timings_s"] = {"merge": round(time.perf_counter() - started, 2)}
+        with stage("merge"):
+            manifest = _stream_merge(r, tmp)
         if r.eval_blocks:
-            manifest["tasks"] = _evaluate(r, tmp)
-            manifest["timings_s"]["evaluation"] = round(
-                time.perf_counter() - started - manifest["timings_s"]["merge"], 2
-            )
+            data = _eval_data(r)
+            if r.tall or r.consensus:
+                with stage("tall"):
+                    manifest["tall"] = _localize(r, tmp, data)
+            with stage("evaluation"):
+                manifest["merge_metrics"] = _evaluate(r, tmp, data, manifest.get("tall"))
+        manifest["timings_s"] = stage.seconds
         manifest["peak_rss_mb"] = peak_rss_mb()
         write_json(tmp / "carve.json", manifest)
     return manifest
+
+
+def _localize(r: MergeRecipe, tmp: Path, data: dict[str, Any]) -> dict[str, Any]:
+    """TALL masks chosen per task; saved (`--tall`) or used to keep the consensus (`--consensus K`)."""
+    from carve import tall
+
+    base = Path(r.base or "").expanduser()
+    masks, report = tall.choose(base, tmp, r.expert_dirs(), data)
+    if r.tall:
+        tall.save_masks(tmp / tall.TALL_FILE, masks, {t: report[t]["lambda"] for t in masks})
+        size = (tmp / tall.TALL_FILE).stat().st_size
+        return {"per_task": report, "masks_mb": round(size / 2**20, 3)}
+    staged = tmp / ".consensus"
+    staged.mkdir()
+    kept = tall.apply_consensus(base, tmp, masks, r.consensus, staged)
+    for f in tmp.glob("model*.safetensors*"):
+        f.unlink()
+    for f in staged.iterdir():
+        f.rename(tmp / f.name)
+    staged.rmdir()
+    return {"per_task": report, "consensus": {"at_least": r.consensus, "kept_share": round(kept, 5)}}
 
 
 def _stream_merge(r: MergeRecipe, tmp: Path) -> dict[str, Any]:
@@ -251,17 +286,28 @@ def _set_config_dtype(path: Path, dtype: str) -> None:
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _evaluate(r: MergeRecipe, merged: Path) -> dict[str, Any]:
-    """Each task's domain perplexity (and general) for the base, its expert and the merge, one
-    model in memory at a time."""
+def _eval_data(r: MergeRecipe) -> dict[str, Any]:
+    """Each task's held-out blocks (its domain and the general corpus), tokenized by the base's tokenizer."""
+    from transformers import AutoTokenizer
+
     from carve.corpora import Corpus
-    from carve.job import held_out_data, metrics_of
+    from carve.job import held_out_data
+
+    tok = AutoTokenizer.from_pretrained(Path(r.base or "").expanduser())
+    general = Corpus(r.general)
+    return {
+        t: held_out_data(tok, Corpus(t), general, r.eval_blocks, r.block_len, cloze_items=0) for t in r.expert_dirs()
+    }
+
+
+def _evaluate(r: MergeRecipe, merged: Path, data: dict[str, Any], localized: dict[str, Any] | None) -> dict[str, Any]:
+    """Each task's domain perplexity (and general) for the base, its expert and the merge (and its
+    TALL-rebuilt expert), one model in memory at a time."""
+    from carve.job import metrics_of
     from carve.models.load import load_model
+    from carve.tall import retained_gain
 
     experts = r.expert_dirs()
-    general = Corpus(r.general)
-    tok = load_model(str(merged)).tokenizer
-    data = {t: held_out_data(tok, Corpus(t), general, r.eval_blocks, r.block_len, cloze_items=0) for t in experts}
     runs = [("base", str(r.base), list(experts)), ("merged", str(merged), list(experts))]
     runs += [("expert", str(d), [t]) for t, d in experts.items()]
     rows: dict[str, dict[str, Any]] = {t: {} for t in experts}
@@ -270,9 +316,12 @@ def _evaluate(r: MergeRecipe, merged: Path) -> dict[str, Any]:
         for t in tasks:
             rows[t][label] = metrics_of(model, data[t])
         del model
-    for row in rows.values():
-        base, expert, after = (math.log(row[k]["domain_ppl"]) for k in ("base", "expert", "merged"))
-        row["normalized_gain"] = round((base - after) / (base - expert), 4) if base != expert else None
+    for t, row in rows.items():
+        ppl = {k: row[k]["domain_ppl"] for k in ("base", "expert", "merged")}
+        row["normalized_gain"] = retained_gain(ppl["base"], ppl["expert"], ppl["merged"])
+        if localized and "consensus" not in localized:
+            rebuilt = localized["per_task"][t]["rebuilt"]["domain_ppl"]
+            row["tall_retained_gain"] = retained_gain(ppl["base"], ppl["expert"], rebuilt)
     gains = [row["normalized_gain"] for row in rows.values() if row["normalized_gain"] is not None]
     return {"per_task": rows, "mean_normalized_gain": round(sum(gains) / len(gains), 4) if gains else None}
 

@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="an expert fine-tuned from the base; NAME: its domain (builtin corpus or path)")  # fmt: skip
     mg.add_argument("--importance", action="append", dest="importance", metavar="NAME=FILE", default=argparse.SUPPRESS,
                     help="an expert's importance map (--method importance)")  # fmt: skip
+    mg.add_argument("--reconstruct", metavar="TASK", default=None,
+                    help="rebuild TASK's expert from a --tall output (--merged DIR) instead of merging")  # fmt: skip
+    mg.add_argument("--merged", metavar="DIR", default=None, help="the --tall output --reconstruct reads")
     mg.add_argument("--out", required=True, help="output directory (written atomically)")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     mg.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -431,9 +434,18 @@ def _cmd_densify(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     from carve.merge import from_mergekit, merge
 
+    if args.reconstruct:
+        from carve.tall import reconstruct
+
+        if not args.merged:
+            raise carve.UsageError("--reconstruct TASK reads a --tall output: give it with --merged DIR")
+        rebuilt = reconstruct(args.merged, args.reconstruct, args.out, overwrite=args.overwrite)
+        if not args.json:
+            print(f"{args.reconstruct}'s expert rebuilt from {args.merged} -> {args.out}")
+        return {"out": args.out, **rebuilt["reconstructed"]}
     base = from_mergekit(args.config) if args.config else None
     manifest = merge(recipe_from(args, MergeRecipe, base=base), args.out, overwrite=args.overwrite)
-    tasks = manifest.get("tasks")
+    tasks = manifest.get("merge_metrics")
     if not args.json:
         print(f"merged {len(manifest['experts'])} experts ({manifest['method']['name']}) -> {args.out}: "
               f"{manifest['size']['file_mb']:.1f} MB, {manifest['timings_s']['merge']:.1f} s")  # fmt: skip
