@@ -44,11 +44,11 @@ METHODS: dict[str, Method] = {
 
 
 def top_share(scores: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep-mask of the int(density·n) largest `scores` (mergekit's magnitude rule: a descending
-    argsort, so ties fall by sort order)."""
+    """Keep-mask of the max(1, int(density·n)) largest `scores` (mergekit's magnitude rule: a
+    descending argsort, so ties fall by sort order)."""
     if density >= 1:
         return torch.ones_like(scores, dtype=torch.bool)
-    k = int(density * scores.numel())
+    k = max(1, int(density * scores.numel()))
     keep = torch.zeros(scores.numel(), dtype=torch.bool)
     keep[torch.argsort(scores.reshape(-1).float(), descending=True)[:k]] = True
     return keep.reshape(scores.shape)
