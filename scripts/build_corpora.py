@@ -8,8 +8,13 @@ under src/carve/corpora/data/ with SOURCES.md.  Sources:
 - legal: licence texts in /usr/share/common-licenses and the copyright files in /usr/share/doc
   of a Debian system.
 - code: Python standard-library modules of the interpreter running this script.
+- scripture: the King James Version of the Bible (1611, public domain) from Debian's
+  `bible-kjv-text` package, read with its `bible` program (package `bible-kjv`): every sixth
+  chapter, one document per chapter, verses one per line with their numbers.
 
-Usage: python scripts/build_corpora.py GENSIM_WHEEL OUT_DIR
+Usage: python scripts/build_corpora.py GENSIM_WHEEL OUT_DIR [--kjv ROOT] [--only NAME ...]
+(ROOT: a directory the two Debian packages were unpacked into with `dpkg-deb -x`, e.g. after
+`apt-get download bible-kjv bible-kjv-text`.)
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import gzip
 import hashlib
 import json
 import re
+import subprocess
 import sys
 import sysconfig
 import zipfile
@@ -128,10 +134,42 @@ def code() -> list[dict[str, str]]:
     return _dedup(docs, TARGET_BYTES)
 
 
+def scripture(root: Path) -> list[dict[str, str]]:
+    """Every sixth chapter of the KJV, as the `bible` program prints it (heading, numbered verses)."""
+    text = subprocess.run(
+        [str(root / "usr/bin/bible"), "-p", str(root / "usr/lib"), "-d", "bible.data", "-l0", "Gen1:1-Rev22:21"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    chapters = [c.strip() for c in re.split(r"\n(?=[1-3 A-Za-z]+ \d+\n)", text) if c.strip()]
+    docs = []
+    for i, chapter in enumerate(chapters):
+        if i % 6 == 0:
+            heading, _, verses = chapter.partition("\n")
+            body = "\n".join(line.strip() for line in verses.strip().splitlines())
+            docs.append({"text": f"{heading}\n\n{body}", "source": f"KJV (Debian bible-kjv-text 4.38) {heading}"})
+    return _dedup(docs, TARGET_BYTES)
+
+
 def main() -> None:
-    wheel, out = Path(sys.argv[1]), Path(sys.argv[2])
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("wheel", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--kjv", type=Path, default=None)
+    ap.add_argument("--only", nargs="+", default=None)
+    args = ap.parse_args()
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    for name, docs in (("general", general(wheel)), ("legal", legal()), ("code", code())):
+    builders = {"general": lambda: general(args.wheel), "legal": legal, "code": code}
+    if args.kjv is not None:
+        builders["scripture"] = lambda: scripture(args.kjv)
+    for name, build in builders.items():
+        if args.only and name not in args.only:
+            continue
+        docs = build()
         with gzip.GzipFile(out / f"{name}.jsonl.gz", "wb", mtime=0) as fh:
             for d in docs:
                 fh.write((json.dumps(d, ensure_ascii=False) + "\n").encode())

@@ -98,7 +98,7 @@ def test_json_summary_and_eval(tmp_path: Path, model_dir: Path, small_corpus: Pa
 def test_corpora_and_methods_listings(capsys) -> None:
     assert main(["corpora", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["name"] for r in rows} == {"general", "legal", "code"}
+    assert {r["name"] for r in rows} == {"general", "legal", "code", "scripture"}
     assert all(r["kilobytes"] >= 300 and r["licence"] and r["source"] for r in rows)
     assert main(["methods"]) == 0
     printed = capsys.readouterr().out
