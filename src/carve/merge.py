@@ -159,7 +159,7 @@ def merge_tensor(
     return b + combine(deltas, r.weights, method, r.lam, r.normalize)
 
 
-def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
+def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: bool = True) -> dict[str, Any]:
     """Run `carve merge`: the merged model written to `out` (atomically); returns its manifest."""
     from carve.output import atomic_output_dir, claim, write_json
 
@@ -174,7 +174,7 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False) -> dict
                 with stage("tall"):
                     manifest["tall"] = _localize(r, tmp, data)
             with stage("evaluation"):
-                manifest["merge_metrics"] = _evaluate(r, tmp, data, manifest.get("tall"))
+                manifest["merge_metrics"] = _evaluate(r, tmp, data, manifest.get("tall"), cache)
         manifest["timings_s"] = stage.seconds
         manifest["peak_rss_mb"] = peak_rss_mb()
         write_json(tmp / "carve.json", manifest)
@@ -300,10 +300,12 @@ def _eval_data(r: MergeRecipe) -> dict[str, Any]:
     }
 
 
-def _evaluate(r: MergeRecipe, merged: Path, data: dict[str, Any], localized: dict[str, Any] | None) -> dict[str, Any]:
+def _evaluate(
+    r: MergeRecipe, merged: Path, data: dict[str, Any], localized: dict[str, Any] | None, cache: bool = True
+) -> dict[str, Any]:
     """Each task's domain perplexity (and general) for the base, its expert and the merge (and its
     TALL-rebuilt expert), one model in memory at a time."""
-    from carve.job import metrics_of
+    from carve.job import evaluate_source, metrics_of
     from carve.models.load import load_model
     from carve.tall import retained_gain
 
@@ -312,10 +314,12 @@ def _evaluate(r: MergeRecipe, merged: Path, data: dict[str, Any], localized: dic
     runs += [("expert", str(d), [t]) for t, d in experts.items()]
     rows: dict[str, dict[str, Any]] = {t: {} for t in experts}
     for label, path, tasks in runs:
-        model = load_model(path).model
-        for t in tasks:
-            rows[t][label] = metrics_of(model, data[t])
-        del model
+        lm = load_model(path)
+        for t in tasks:  # the inputs' metrics come from the evaluation cache when they were measured before
+            rows[t][label] = (
+                metrics_of(lm.model, data[t]) if label == "merged" else evaluate_source(lm, data[t], cache)[0]
+            )
+        del lm
     for t, row in rows.items():
         ppl = {k: row[k]["domain_ppl"] for k in ("base", "expert", "merged")}
         row["normalized_gain"] = retained_gain(ppl["base"], ppl["expert"], ppl["merged"])

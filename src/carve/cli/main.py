@@ -158,8 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--merged", metavar="DIR", default=None, help="the --tall output --reconstruct reads")
     mg.add_argument("--out", required=True, help="output directory (written atomically)")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    mg.add_argument("--quiet", action="store_true", help="no progress bars")
-    mg.add_argument("--json", action="store_true")
+    _job_flags(mg)
 
     co = sub.add_parser("corpora", help="list the builtin corpora")
     co.add_argument("--json", action="store_true")
@@ -444,7 +443,7 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
             print(f"{args.reconstruct}'s expert rebuilt from {args.merged} -> {args.out}")
         return {"out": args.out, **rebuilt["reconstructed"]}
     base = from_mergekit(args.config) if args.config else None
-    manifest = merge(recipe_from(args, MergeRecipe, base=base), args.out, overwrite=args.overwrite)
+    manifest = merge(recipe_from(args, MergeRecipe, base=base), args.out, overwrite=args.overwrite, cache=args.cache)
     tasks = manifest.get("merge_metrics")
     if not args.json:
         print(f"merged {len(manifest['experts'])} experts ({manifest['method']['name']}) -> {args.out}: "
