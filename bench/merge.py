@@ -1,0 +1,267 @@
+"""Benchmark `carve merge` on the embedded default, against mergekit 0.1.5 on the same experts.
+
+    .venv/bin/python bench/merge.py [--rows ROW ...] [--seeds 5] [--rerun ID ...] [--table-only]
+
+Experts: `carve finetune --trainable full` (100 AdamW steps of one 512-token block, lr 5e-5, seed 0,
+domain text only), one per domain: legal, code and scripture (the builtin KJV corpus); the legal and
+code experts are bench/finetune.py's `full` rows (bench/out/finetune-D-full-100).
+Every method at density 0.2 (task arithmetic: dense), weight 1 per expert, λ 1, `normalize: true`
+(the merged task vector is the mean of the kept entries), written as a mergekit config that both
+tools run: `carve merge CONFIG.yml` and mergekit's `mergekit-yaml CONFIG.yml` (bench/.venv-mergekit).
+carve-only rows: the importance-guided merge (each expert's task vector kept where the base
+model's Fisher importance on its domain is highest: bench/out/finetune-fisher-D.safetensors, from
+`carve extract --method fisher --save-importance`), Consensus TIES (`--consensus 2`) and TALL masks
+(`--tall` over task arithmetic).
+
+Per row: each domain's perplexity and the general perplexity (first 16 held-out 512-token blocks),
+the normalized gain per task (the share of the expert's log-perplexity gain over the base that the
+merge keeps) and its mean, from the merge job's manifest; wall time and peak RSS of a merge-only run
+(`--eval-blocks 0`) of each tool, in its own process, one after the other; the largest absolute
+difference between the two tools' merged tensors.  DARE draws its masks from each tool's own random
+generator, so DARE rows compare the tools' quality over `--seeds` seeds (mergekit's `--random-seed`).
+Results accumulate in bench/results/merge.jsonl; the table goes to the `merge` section of
+bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, load_results, save_result, write_section
+from mergekit_env import VENV, ensure_mergekit
+
+RESULTS = HERE / "results" / "merge.jsonl"
+CARVE = str(ROOT / ".venv" / "bin" / "carve")
+DOMAINS = ["legal", "code", "scripture"]
+DENSITY = 0.2
+EVAL = ["--eval-blocks", "16", "--block-len", "512"]
+SHARED = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"]
+ROWS = [*SHARED, "importance", "consensus_ties", "tall"]
+
+
+def expert(domain: str) -> Path:
+    """The domain's full fine-tune (bench/finetune.py's `full` row), made when missing."""
+    out = OUT / f"finetune-{domain}-full-100"
+    if not (out / "carve.json").exists():
+        cmd = [CARVE, "finetune", str(MODEL_DIR), "--domain", domain, "--trainable", "full", "--steps", "100",
+               "--eval-blocks", "16", "--cloze-items", "100", "--block-len", "512", "--out", str(out), "--overwrite",
+               "--quiet", "--seed", "0"]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+def importance_map(domain: str) -> Path:
+    path = OUT / f"finetune-fisher-{domain}.safetensors"
+    if not path.exists():
+        cmd = [CARVE, "extract", "--model", str(MODEL_DIR), "--domain", domain, "--method", "fisher", "--sparsity",
+               "0.5", "--no-speed", "--quiet", "--save-importance", str(path), "--eval-blocks", "16",
+               "--cloze-items", "100", "--block-len", "512"]  # fmt: skip
+        subprocess.run(cmd, check=True, capture_output=True)
+    return path
+
+
+def config(method: str) -> Path:
+    """The mergekit config both tools run for `method`."""
+    path = OUT / f"merge-{method}.yml"
+    models = "".join(f"  - model: {expert(d)}\n    parameters: {{weight: 1.0, density: {DENSITY}}}\n" for d in DOMAINS)
+    path.write_text(f"merge_method: {method}\nbase_model: {MODEL_DIR}\ndtype: float32\n"
+                    f"parameters: {{normalize: true, lambda: 1.0}}\nmodels:\n{models}")  # fmt: skip
+    return path
+
+
+_MEASURE = (
+    "import json, resource, subprocess, sys, time; t = time.perf_counter(); "
+    "p = subprocess.run(sys.argv[2:], capture_output=True, text=True); "
+    "json.dump({'rc': p.returncode, 'err': p.stderr[-2000:], 'wall': time.perf_counter() - t, "
+    "'rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, open(sys.argv[1], 'w'))"
+)
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `cmd` under a fresh python that has no other child: wall seconds and the command's
+    peak RSS (MB, of its largest process)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        report = Path(f.name)
+    subprocess.run([sys.executable, "-c", _MEASURE, str(report), *cmd], env=env, check=True)
+    r = json.loads(report.read_text())
+    report.unlink()
+    if r["rc"] != 0:
+        raise RuntimeError((r["err"].strip().splitlines() or ["no output"])[-1][:300])
+    return {"wall_s": round(r["wall"], 2), "peak_rss_mb": round(r["rss_kb"] / 1024, 1)}
+
+
+def carve_args(row: str, seed: int) -> list[str]:
+    if row in SHARED:
+        return [str(config(row)), "--seed", str(seed)]
+    experts = [f"--expert={d}={expert(d)}" for d in DOMAINS]
+    common = ["--base", str(MODEL_DIR), *experts, "--density", str(DENSITY), "--normalize"]
+    if row == "importance":
+        return [*common, "--method", "importance", *[f"--importance={d}={importance_map(d)}" for d in DOMAINS]]
+    if row == "consensus_ties":
+        return [*common, "--method", "ties", "--consensus", "2"]
+    return [*common, "--method", "task_arithmetic", "--tall"]
+
+
+def run_carve(row: str, seed: int) -> dict[str, Any]:
+    """The merge with its evaluation (quality), then a merge-only run (time, RSS)."""
+    out = OUT / f"merge-carve-{row}-s{seed}"
+    args = carve_args(row, seed)
+    timed([CARVE, "merge", *args, *EVAL, "--out", str(out), "--overwrite", "--quiet"])
+    manifest = json.loads((out / "carve.json").read_text())
+    speed = timed(
+        [CARVE, "merge", *args, "--eval-blocks", "0", "--out", str(out) + "-timing", "--overwrite", "--quiet"]
+    )
+    return {"metrics": manifest["merge_metrics"], "tall": manifest.get("tall"), "size": manifest["size"],
+            "inputs": {"base": manifest["source"], "experts": manifest["experts"]}, "merge_only": speed}  # fmt: skip
+
+
+def run_mergekit(row: str, seed: int) -> dict[str, Any]:
+    """mergekit-yaml on the same config (CPU, lazy unpickling), then its output evaluated by carve."""
+    out = OUT / f"merge-mergekit-{row}-s{seed}"
+    tool = VENV / "bin" / "mergekit-yaml"
+    ensure_mergekit()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    speed = timed([str(tool), str(config(row)), str(out), "--random-seed", str(seed), "--lazy-unpickle",
+                   "--copy-tokenizer"], env)  # fmt: skip
+    theirs = _tensors(out)
+    ours = _tensors(OUT / f"merge-carve-{row}-s{seed}")
+    common = sorted(set(theirs) & set(ours))
+    diff = max(float((theirs[n].float() - ours[n].float()).abs().max()) for n in common)
+    metrics = {}
+    for d in DOMAINS:
+        ev = subprocess.run([CARVE, "eval", str(out), "--domain", d, *EVAL, "--cloze-items", "0", "--json", "--quiet"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+        metrics[d] = json.loads(ev.stdout[ev.stdout.index("{") :])["metrics"]
+    only = {"only_in_mergekit": sorted(set(theirs) - set(ours)), "only_in_carve": sorted(set(ours) - set(theirs))}
+    return {"merge_only": speed, "max_abs_diff": diff, "tensors_compared": len(common), "metrics": metrics, **only}
+
+
+def _tensors(d: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        if f.name.startswith("model") or f.name.startswith("pytorch"):
+            out.update(load_file(str(f)))
+    return out
+
+
+def _gain(rows: dict[str, Any], metrics: dict[str, Any], domain: str) -> float | None:
+    """Normalized gain of a merged model's domain perplexity (mergekit's outputs, evaluated by carve)."""
+    ref = rows.get("ties/carve/s0", {}).get("metrics", {}).get("per_task", {}).get(domain)
+    if not ref:
+        return None
+    b, e = math.log(ref["base"]["domain_ppl"]), math.log(ref["expert"]["domain_ppl"])
+    return (b - math.log(metrics["domain_ppl"])) / (b - e)
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def write_table(rows: dict[str, dict[str, Any]], seeds: int) -> str:
+    head = "| row | tool | " + " | ".join(f"{d} ppl (gain)" for d in DOMAINS)
+    lines = [
+        "## Merging (`carve merge`) against mergekit 0.1.5, embedded default",
+        "",
+        __doc__.split("Experts:", 1)[1].split("Results accumulate", 1)[0].strip().replace("\n", " "),
+        "",
+        head + " | general ppl | mean gain | merge s | peak RSS MB | max abs diff vs carve |",
+        "|---|---|" + "---|" * (len(DOMAINS) + 5),
+    ]
+    base = rows.get("ties/carve/s0", {}).get("metrics", {}).get("per_task", {})
+    if base:
+        cells = [f"{base[d]['base']['domain_ppl']:.3f}" for d in DOMAINS]
+        lines.append(f"| base | - | {' | '.join(cells)} | {base[DOMAINS[0]]['base']['general_ppl']:.3f} | 0 | | | |")
+        cells = [f"{base[d]['expert']['domain_ppl']:.3f} (1)" for d in DOMAINS]
+        lines.append(f"| each domain's expert | - | {' | '.join(cells)} | | 1 | | | |")
+    checks: list[str] = []
+    for row in ROWS:
+        for tool in ("carve", "mergekit"):
+            for seed in range(seeds if row.startswith("dare") else 1):
+                r = rows.get(f"{row}/{tool}/s{seed}")
+                if r is None or (tool == "mergekit" and row not in SHARED):
+                    continue
+                label = f"{row}{f' (seed {seed})' if row.startswith('dare') else ''}"
+                lines.append(_line(label, tool, r, rows))
+        checks += _checks(row, rows, seeds)
+    commits = sorted({r["commit"] for r in rows.values() if "commit" in r})
+    return "\n".join([*lines, "", *checks, "", f"Rows measured at carve commit(s) {', '.join(commits)}."])
+
+
+def _line(label: str, tool: str, r: dict[str, Any], rows: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"| {label} | {tool} | {r['error']} |"
+    if tool == "carve":
+        per = r["metrics"]["per_task"]
+        cells = [f"{per[d]['merged']['domain_ppl']:.3f} ({_fmt(per[d]['normalized_gain'])})" for d in DOMAINS]
+        general, mean = per[DOMAINS[0]]["merged"]["general_ppl"], r["metrics"]["mean_normalized_gain"]
+        diff = "-"
+    else:
+        gains = [_gain(rows, r["metrics"][d], d) for d in DOMAINS]
+        cells = [f"{r['metrics'][d]['domain_ppl']:.3f} ({_fmt(g)})" for d, g in zip(DOMAINS, gains, strict=True)]
+        general = r["metrics"][DOMAINS[0]]["general_ppl"]
+        mean = statistics.mean(g for g in gains if g is not None) if all(g is not None for g in gains) else None
+        diff = f"{r['max_abs_diff']:.2e}"
+    sp = r["merge_only"]
+    return (f"| {label} | {tool} | {' | '.join(cells)} | {general:.3f} | {_fmt(mean)} | {sp['wall_s']:.1f} | "
+            f"{_fmt(sp['peak_rss_mb'], '.0f')} | {diff} |")  # fmt: skip
+
+
+def _checks(row: str, rows: dict[str, Any], seeds: int) -> list[str]:
+    ours, theirs = rows.get(f"{row}/carve/s0"), rows.get(f"{row}/mergekit/s0")
+    out = []
+    if ours and theirs and "error" not in ours and "error" not in theirs:
+        t, m = ours["merge_only"], theirs["merge_only"]
+        ratio = t["wall_s"] / m["wall_s"]
+        rss = f"{t['peak_rss_mb']} vs {m['peak_rss_mb']} MB"
+        if not row.startswith("dare"):
+            out.append(f"- {row}: max |carve − mergekit| = {theirs['max_abs_diff']:.2e} (bar <= 1e-5: "
+                       f"{'met' if theirs['max_abs_diff'] <= 1e-5 else 'NOT met'})")  # fmt: skip
+        out.append(f"- {row}: carve's merge took {ratio:.2f}x mergekit's wall time (bar <= 0.5x: "
+                   f"{'met' if ratio <= 0.5 else 'NOT met'}), peak RSS {rss}")  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--seeds", type=int, default=5, help="DARE rows: seeds per tool")
+    ap.add_argument("--rerun", nargs="*", default=[])
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    ensure_model()
+    rows = {k: v for k, v in load_results(RESULTS).items() if k not in args.rerun}
+    if not args.table_only:
+        for row in args.rows:
+            for seed in range(args.seeds if row.startswith("dare") else 1):
+                for tool, fn in (("carve", run_carve), ("mergekit", run_mergekit)):
+                    rid = f"{row}/{tool}/s{seed}"
+                    if (tool == "mergekit" and row not in SHARED) or (rid in rows and "error" not in rows[rid]):
+                        continue
+                    print(f"running {rid} ...", flush=True)
+                    try:
+                        result = {"id": rid, **fn(row, seed), "commit": commit()}
+                    except (RuntimeError, subprocess.CalledProcessError, ValueError) as exc:
+                        result = {"id": rid, "error": str(exc)[:300]}
+                    rows[rid] = result
+                    save_result(RESULTS, result)
+                    write_section("merge", write_table(rows, args.seeds))
+    text = write_table(rows, args.seeds)
+    print(text)
+    write_section("merge", text)
+
+
+if __name__ == "__main__":
+    main()
