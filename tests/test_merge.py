@@ -291,6 +291,21 @@ def test_tall_masks_and_reconstruction(tmp_path: Path, model_dir: Path, experts)
         want = (legal[n] - base[n]).abs() >= lambdas["legal"] * ((merged[n] - base[n]) - (legal[n] - base[n])).abs()
         assert torch.equal(masks["legal"][n], want), n
     assert all(t["tall_retained_gain"] is not None for t in manifest["merge_metrics"]["per_task"].values())
+    from carve.inspect import load_run, tall_categories
+    from carve.report import write_report
+
+    cats = tall_categories(load_run(out).tall or {})
+    total = cats[-1]
+    votes = {n: sum(masks[t][n].int() for t in experts) for n in base}
+    n_all = sum(v.numel() for v in votes.values())
+    assert total["layer"] == "all" and total["shared"] == pytest.approx(
+        sum(int((v >= 2).sum()) for v in votes.values()) / n_all
+    )
+    assert total["catastrophic"] == pytest.approx(sum(int((v == 0).sum()) for v in votes.values()) / n_all)
+    assert all(abs(c["shared"] + c["selfish"] + c["catastrophic"] - 1) < 1e-9 for c in cats)
+    assert main(["inspect", str(out), "--json"]) == 0
+    facts = write_report([out], tmp_path / "r.html", tmp_path / "r.md")
+    assert "tall" in facts and "catastrophic" in (tmp_path / "r.md").read_text()
     rebuilt = tmp_path / "legal-rebuilt"
     assert main(["merge", "--reconstruct", "legal", "--merged", str(out), "--out", str(rebuilt), "--quiet"]) == 0
     got = load_file(str(rebuilt / "model.safetensors"))

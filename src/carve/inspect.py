@@ -37,6 +37,7 @@ class Run:
     manifest: dict[str, Any] | None = None
     mask: Mask | None = None
     importance: ImportanceMap | None = None
+    tall: dict[str, Mask] | None = None  # a merge's TALL masks, by task
 
 
 def _is_mask(path: Path) -> bool:
@@ -52,6 +53,10 @@ def load_run(target: str | Path) -> Run:
             run.mask = Mask.load(path / MASK_FILE)
         if (path / IMPORTANCE_FILE).is_file():
             run.importance = ImportanceMap.load(path / IMPORTANCE_FILE)
+        from carve.tall import TALL_FILE, load_masks
+
+        if (path / TALL_FILE).is_file():
+            run.tall = {t: Mask(m) for t, m in load_masks(path / TALL_FILE)[0].items()}
         return run
     if path.is_file():
         if _is_mask(path):
@@ -67,6 +72,27 @@ def per_layer_sparsity(mask: Mask) -> dict[int | None, dict[str, float]]:
         layer, kind = layer_and_type(name)
         out.setdefault(layer, {})[kind] = 1 - keep.float().mean().item()
     return dict(sorted(out.items(), key=lambda kv: -1 if kv[0] is None else kv[0]))
+
+
+def tall_categories(masks: dict[str, Mask]) -> list[dict[str, Any]]:
+    """Per block (and overall, layer "all"), the TALL paper's categories of weights: shared (kept
+    by two or more tasks' masks), selfish (by exactly one), catastrophic (by none), and each task's
+    kept share."""
+    tasks = list(masks)
+    acc: dict[Any, dict[str, float]] = {}
+    for name in masks[tasks[0]]:
+        votes = torch.stack([masks[t][name] for t in tasks]).sum(dim=0)
+        layer, _ = layer_and_type(name)
+        for key in (layer, "all"):
+            a = acc.setdefault(key, {"n": 0, "shared": 0, "selfish": 0, "catastrophic": 0, **{t: 0 for t in tasks}})
+            a["n"] += votes.numel()
+            a["shared"] += int((votes >= 2).sum())
+            a["selfish"] += int((votes == 1).sum())
+            a["catastrophic"] += int((votes == 0).sum())
+            for t in tasks:
+                a[t] += int(masks[t][name].sum())
+    order = sorted((k for k in acc if k != "all"), key=lambda k: -1 if k is None else k)
+    return [{"layer": k, **{c: v / acc[k]["n"] for c, v in acc[k].items() if c != "n"}} for k in [*order, "all"]]
 
 
 def per_layer_overlap(a: Mask, b: Mask) -> list[dict[str, Any]]:

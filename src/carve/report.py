@@ -237,6 +237,10 @@ def _write_report(targets: list[str | Path], html_path: str | Path, md_path: str
             f"<p>Jaccard of the kept weights, {esc(overlap['a'])} vs {esc(overlap['b'])}: "
             f"{overlap['jaccard']:.4f} overall.</p>"
         )
+    tall = _tall_sections(runs)
+    for name, cats in tall.items():
+        parts.append(f"<h2>TALL masks of {esc(name)}: shared, selfish and catastrophic weights</h2>")
+        parts.append(_html_table(_tall_rows(cats)))
     parts.append("</body></html>")
     out = Path(html_path).expanduser()
     with atomic_file(out) as tmp:
@@ -251,7 +255,32 @@ def _write_report(targets: list[str | Path], html_path: str | Path, md_path: str
                 f"| {r['layer']} | {r['jaccard']:.4f} | {r['both']:.3f} | {r['only_a']:.3f} | {r['only_b']:.3f} |"
                 for r in overlap["per_layer"]
             ]
+        for name, cats in tall.items():
+            rows_t = _tall_rows(cats)
+            md += ["", f"TALL masks of {name} (shares of weights per block):", ""]
+            md += ["| " + " | ".join(rows_t[0]) + " |", "|" + "---|" * len(rows_t[0])]
+            md += ["| " + " | ".join(r) + " |" for r in rows_t[1:]]
         md += ["", f"Plots: {out.name}"]
         with atomic_file(Path(md_path).expanduser()) as tmp:
             tmp.write_text("\n".join(md) + "\n")
-    return {"rows": rows, "overlap": overlap, "plots": sorted(plots)}
+    return {"rows": rows, "overlap": overlap, "plots": sorted(plots), "tall": tall}
+
+
+def _tall_sections(runs: list[Run]) -> dict[str, list[dict[str, Any]]]:
+    from carve.inspect import tall_categories
+
+    return {r.name: tall_categories(r.tall) for r in runs if r.tall}
+
+
+def _tall_rows(cats: list[dict[str, Any]]) -> list[list[str]]:
+    tasks = [k for k in cats[0] if k not in ("layer", "shared", "selfish", "catastrophic")]
+    head = ["block", "shared (2+ tasks)", "selfish (1)", "catastrophic (0)", *(f"kept: {t}" for t in tasks)]
+    return [head] + [[str(c["layer"]), *(f"{c[k]:.4f}" for k in ("shared", "selfish", "catastrophic", *tasks))]
+                     for c in cats]  # fmt: skip
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"

@@ -380,6 +380,10 @@ def _cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
         }
     if run.importance is not None:
         facts["top_modules"] = top_modules(run.importance, args.top)
+    if run.tall is not None:
+        from carve.inspect import tall_categories
+
+        facts["tall"] = {"tasks": list(run.tall), "per_layer": tall_categories(run.tall)}
     if not any(k in facts for k in ("sparsity", "top_modules", "summary")):
         raise carve.UsageError(f"{args.target!r} holds neither a manifest, a mask nor an importance map")
     if args.json:
@@ -390,6 +394,13 @@ def _cmd_inspect(args: argparse.Namespace) -> dict[str, Any]:
         print(f"\nsparsity per block and module (overall {facts['sparsity']['overall']:.4f})")
         rows = [["block", *kinds]]
         rows += [[str(layer), *(_fmt(v.get(k)) for k in kinds)] for layer, v in per.items()]
+        print(_table(rows))
+    if "tall" in facts:
+        tasks = facts["tall"]["tasks"]
+        print("\nTALL masks per block: shares of weights kept by 2+ tasks (shared), 1 (selfish), none (catastrophic)")
+        rows = [["block", "shared", "selfish", "catastrophic", *(f"kept: {t}" for t in tasks)]]
+        rows += [[str(r["layer"]), *(f"{r[k]:.4f}" for k in ("shared", "selfish", "catastrophic", *tasks))]
+                 for r in facts["tall"]["per_layer"]]  # fmt: skip
         print(_table(rows))
     if "overlap" in facts:
         o = facts["overlap"]
