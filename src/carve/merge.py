@@ -77,17 +77,21 @@ class MergeRecipe:
         experts = self.expert_dirs()
         if not experts:
             raise UsageError("no experts: give --expert NAME=DIR once per expert")
-        for name, d in [("base", Path(self.base).expanduser()), *experts.items()]:
+        if not Path(self.base).expanduser().is_dir():
+            raise UsageError(f"base {self.base!r} is not a model directory (the embedded default: write it as one "
+                             "with `carve convert default --out DIR --save-dtype float32`)")  # fmt: skip
+        for name, d in experts.items():
             if not d.is_dir():
                 raise UsageError(f"{name} {str(d)!r} is not a model directory")
+        if not 0 <= self.gamma < 1:
+            raise UsageError(f"gamma {self.gamma} is outside [0, 1): the share of outliers Breadcrumbs drops")
         n = len(experts)
         density, weights = _per_expert(self.density, n, "density"), _per_expert(self.weights, n, "weights")
         bad = [d for d in density if not 0 < d <= 1 or not math.isfinite(d)]
         if bad:
             raise UsageError(f"density {bad[0]} is outside (0, 1]: the share of each task vector kept")
-        if self.method == "importance" and set(_named(self.importance, "--importance", "legal=imp.safetensors")) != set(
-            experts
-        ):
+        maps = _named(self.importance, "--importance", "legal=importance.safetensors")
+        if self.method == "importance" and set(maps) != set(experts):
             raise UsageError("the importance method needs --importance NAME=FILE for every expert, and only for them")
         if self.eval_blocks < 0 or self.block_len < 1:
             raise UsageError("eval-blocks must be 0 or more and block-len positive")
