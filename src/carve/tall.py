@@ -115,27 +115,36 @@ def load_masks(path: Path, task: str | None = None) -> tuple[dict[str, dict[str,
     return out, {str(k): float(v) for k, v in lambdas.items()}
 
 
-def apply_consensus(
-    base_dir: Path, merged_path: Path, masks: dict[str, dict[str, torch.Tensor]], at_least: int, out_dir: Path
-) -> float:
-    """The merged model kept only where at least `at_least` tasks' masks select (θ₀ elsewhere),
-    streamed into `out_dir`; returns the share of entries kept."""
-    tasks = list(masks)
+def _select(base_dir: Path, merged_dir: Path, keep_of: Any, out_dir: Path) -> float:
+    """The merged weights where `keep_of(name)` (a mask, or None: all of it) is set and the base's
+    elsewhere, streamed into `out_dir`; returns the share of masked entries kept."""
     kept = total = 0
-    with TensorSource(base_dir) as base, TensorSource(merged_path) as merged:
+    with TensorSource(base_dir) as base, TensorSource(merged_dir) as merged:
         names = merged.names()
         writer = StreamWriter(out_dir, [(n, merged.dtype(n), merged.shape(n)) for n in names])
         try:
             for n in names:
-                m = merged.get(n)
-                if n in masks[tasks[0]]:
-                    keep = consensus_mask([masks[t][n] for t in tasks], at_least)
+                m, keep = merged.get(n), keep_of(n)
+                if keep is not None:
                     m = torch.where(keep, m, base.get(n).to(m.dtype))
                     kept, total = kept + int(keep.sum()), total + keep.numel()
                 writer.write(n, m)
         finally:
             writer.close()
     return kept / total if total else 1.0
+
+
+def apply_consensus(
+    base_dir: Path, merged_dir: Path, masks: dict[str, dict[str, torch.Tensor]], at_least: int, out_dir: Path
+) -> float:
+    """The merged model kept only where at least `at_least` tasks' masks select (θ₀ elsewhere),
+    streamed into `out_dir`; returns the share of entries kept."""
+    tasks = list(masks)
+
+    def keep_of(n: str) -> torch.Tensor | None:
+        return consensus_mask([masks[t][n] for t in tasks], at_least) if n in masks[tasks[0]] else None
+
+    return _select(base_dir, merged_dir, keep_of, out_dir)
 
 
 def reconstruct(merged_dir: str | Path, task: str, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -155,15 +164,7 @@ def reconstruct(merged_dir: str | Path, task: str, out: str | Path, overwrite: b
         )
     masks, lambdas = load_masks(merged_dir / TALL_FILE, task)
     with claim(out), atomic_output_dir(out, overwrite) as tmp:
-        with TensorSource(base_dir) as base, TensorSource(merged_dir) as merged:
-            names = merged.names()
-            writer = StreamWriter(tmp, [(n, merged.dtype(n), merged.shape(n)) for n in names])
-            try:
-                for n in names:
-                    m = merged.get(n)
-                    writer.write(n, torch.where(masks[task][n], m, base.get(n).to(m.dtype)) if n in masks[task] else m)
-            finally:
-                writer.close()
+        _select(base_dir, merged_dir, masks[task].get, tmp)
         for f in merged_dir.iterdir():
             if f.is_file() and not f.name.startswith(("model", "carve.json", TALL_FILE.split(".")[0])):
                 shutil.copy2(f, tmp / f.name)

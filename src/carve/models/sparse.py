@@ -65,15 +65,20 @@ def read_entries(
         for name, shape in shapes.items():
             if f"mask/{name}" not in keys or f"value/{name}" not in keys:
                 raise ValueError(f"{name} has no mask or no values")
-            bits, values = f.get_tensor(f"mask/{name}"), f.get_tensor(f"value/{name}")
-            if not holds_bits_of(bits, shape):
-                raise ValueError(f"the mask of {name} does not hold {shape}'s bits")
-            keep = unpack_bits(bits, shape)
-            if values.dim() != 1 or len(values) != int(keep.sum()):
-                raise ValueError(f"{name} holds {tuple(values.shape)} values for {int(keep.sum())} set bits")
-            masked[name] = (keep, values)
+            masked[name] = read_entry(f, name, shape)
         dense = {k: f.get_tensor(k) for k in keys if not k.startswith(("mask/", "value/"))}
     return masked, dense, meta
+
+
+def read_entry(handle: Any, name: str, shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, values) of one masked tensor of an open file; a ValueError when they do not fit `shape`."""
+    bits, values = handle.get_tensor(f"mask/{name}"), handle.get_tensor(f"value/{name}")
+    if not holds_bits_of(bits, shape):
+        raise ValueError(f"the mask of {name} does not hold {shape}'s bits")
+    keep = unpack_bits(bits, shape)
+    if values.dim() != 1 or len(values) != int(keep.sum()):
+        raise ValueError(f"{name} holds {tuple(values.shape)} values for {int(keep.sum())} set bits")
+    return keep, values
 
 
 def _encoded(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

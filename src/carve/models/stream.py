@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from carve.errors import UsageError
-from carve.masks.mask import holds_bits_of, is_shape, reading_safetensors, unpack_bits
+from carve.masks.mask import is_shape, reading_safetensors
+from carve.models.sparse import read_entry
 
 _DTYPES = {
     "F64": torch.float64,
@@ -131,12 +132,10 @@ class TensorSource:
             return handle.get_tensor(key)
         if name in self._masked:
             handle, shape = self._masked[name]
-            bits, values = handle.get_tensor(f"mask/{name}"), handle.get_tensor(f"value/{name}")
-            if not holds_bits_of(bits, shape):
-                raise UsageError(f"{str(self.directory)!r} is damaged: the mask of {name} does not hold {shape}'s bits")
-            keep = unpack_bits(bits, shape)
-            if values.dim() != 1 or len(values) != int(keep.sum()):
-                raise UsageError(f"{str(self.directory)!r} is damaged: {name}'s values do not match its mask")
+            try:
+                keep, values = read_entry(handle, name, shape)
+            except ValueError as exc:
+                raise UsageError(f"{str(self.directory)!r} is damaged: {exc}") from None
             t = (
                 self._base.get(name).to(values.dtype)
                 if self._base is not None
