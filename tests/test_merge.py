@@ -354,3 +354,17 @@ def test_tall_refusals(tmp_path: Path, model_dir: Path, experts, capsys) -> None
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ranked_selection_equals_a_full_sort(seed: int) -> None:
+    from carve.ops.merge import ranked
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 6, (40,), generator=g).float()  # many ties
+    lo = int(torch.randint(0, 40, (1,), generator=g))
+    hi = int(torch.randint(lo, 41, (1,), generator=g))
+    keep = ranked(x, lo, hi)
+    assert int(keep.sum()) == hi - lo
+    ordered = torch.sort(x, stable=True).values
+    assert torch.equal(torch.sort(x[keep]).values, ordered[lo:hi])  # the same values as ranks lo..hi of a sort

@@ -43,15 +43,32 @@ METHODS: dict[str, Method] = {
 }
 
 
+def ranked(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Keep-mask of the entries at ascending ranks [lo, hi) of `values`, by two selections
+    (`torch.kthvalue`, linear time) instead of a full sort; entries tied at a boundary value are
+    taken in position order (a sort's order among ties is unspecified)."""
+    flat = values.reshape(-1).float()
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    if hi <= lo:
+        return keep.reshape(values.shape)
+    a, b = torch.kthvalue(flat, lo + 1).values, torch.kthvalue(flat, hi).values
+    ties_a, below_a = (flat == a).nonzero().squeeze(1), int((flat < a).sum())
+    if a == b:
+        keep[ties_a[lo - below_a : hi - below_a]] = True
+        return keep.reshape(values.shape)
+    keep |= (flat > a) & (flat < b)
+    ties_b, below_b = (flat == b).nonzero().squeeze(1), int((flat < b).sum())
+    keep[ties_a[lo - below_a :]] = True
+    keep[ties_b[: hi - below_b]] = True
+    return keep.reshape(values.shape)
+
+
 def top_share(scores: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep-mask of the max(1, int(density·n)) largest `scores` (mergekit's magnitude rule: a
-    descending argsort, so ties fall by sort order)."""
+    """Keep-mask of the max(1, int(density·n)) largest `scores` (mergekit's magnitude rule)."""
     if density >= 1:
         return torch.ones_like(scores, dtype=torch.bool)
-    k = max(1, int(density * scores.numel()))
-    keep = torch.zeros(scores.numel(), dtype=torch.bool)
-    keep[torch.argsort(scores.reshape(-1).float(), descending=True)[:k]] = True
-    return keep.reshape(scores.shape)
+    n = scores.numel()
+    return ranked(scores, n - max(1, int(density * n)), n)
 
 
 def between_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -60,13 +77,8 @@ def between_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch
         return torch.ones_like(delta, dtype=torch.bool)
     n = delta.numel()
     target, n_top = int(density * n), int(gamma * n)
-    n_bot = n - target - n_top
-    if n_bot < 0:  # fewer outliers dropped so the density is reached
-        n_top, n_bot = n_top + n_bot, 0
-    order = torch.sort(delta.reshape(-1).abs().float()).indices
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[order[n_bot : n - n_top]] = True
-    return keep.reshape(delta.shape)
+    n_bot = max(0, n - target - n_top)  # fewer outliers dropped when the density needs them
+    return ranked(delta.abs(), n_bot, n_bot + target)
 
 
 def random_keep(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
