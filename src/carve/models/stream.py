@@ -243,7 +243,7 @@ class StreamWriter:
         data = tensor.detach().to("cpu", dtype).contiguous()
         fh = self._handles[i]
         fh.seek(offset)
-        fh.write(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        fh.write(data.reshape(-1).view(torch.uint8).numpy().data)
         self._written.add(name)
 
     def close(self) -> None:
