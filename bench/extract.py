@@ -227,6 +227,8 @@ def quickstart(manifest_path: Path | None = None) -> dict[str, Any]:
         "metrics": manifest["metrics"],
         "linear_sparsity": manifest["sparsity"]["linear"],
         "wall_total_s": wall,
+        "output_bytes": {f.name: f.stat().st_size for f in manifest_path.parent.iterdir() if f.is_file()},
+        "saved": manifest.get("saved"),
         "commit": commit(),
     }
 
@@ -338,6 +340,16 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
             f"| {m['before']['general_ppl']:.3f} -> {m['after']['general_ppl']:.3f} |",
             "",
         ]
+        if q.get("output_bytes"):
+            files = q["output_bytes"]
+            total = sum(files.values()) / 1e6
+            parts = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sorted(files.items(), key=lambda kv: -kv[1])[:4])
+            lines += [
+                f"Output directory: {total:.1f} MB ({parts} MB ...), weights saved as "
+                f"{(q.get('saved') or {}).get('dtype', '?')}; before `--save-dtype` (issue 21) it was 541 MB "
+                f"(float32): {total / 541:.1%} of that (issue 21's bar: at most 50%).",
+                "",
+            ]
     return "\n".join(lines) + "\n"
 
 
