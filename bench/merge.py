@@ -1,6 +1,6 @@
 """Benchmark `carve merge` on the embedded default, against mergekit 0.1.5 on the same experts.
 
-    .venv/bin/python bench/merge.py [--rows ROW ...] [--seeds 5] [--rerun ID ...] [--table-only]
+    .venv/bin/python bench/merge.py [--rows ROW ...] [--seeds 5] [--rerun ID ...] [--table-only] [--prepare]
 
 Experts: `carve finetune --trainable full` (100 AdamW steps of one 512-token block, lr 5e-5, seed 0,
 domain text only), one per domain: legal, code and scripture (the builtin KJV corpus); the legal and
@@ -240,8 +240,14 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5, help="DARE rows: seeds per tool")
     ap.add_argument("--rerun", nargs="*", default=[])
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--prepare", action="store_true", help="only make the experts and importance maps")
     args = ap.parse_args()
     ensure_model()
+    if args.prepare:
+        for d in DOMAINS:
+            print(expert(d), importance_map(d), flush=True)
+        ensure_mergekit()
+        return
     rows = {k: v for k, v in load_results(RESULTS).items() if k not in args.rerun}
     if not args.table_only:
         for row in args.rows:
