@@ -108,6 +108,14 @@ def test_convert_between_precisions_and_formats(tmp_path: Path, model_dir: Path,
     for name, p in back.model.named_parameters():  # float32 -> bfloat16 once, then lossless
         assert torch.equal(p.data, ref[name].data.to(torch.bfloat16).float()), name
     assert main(["convert", str(out), "--out", str(out), "--quiet"]) == 2  # onto itself: refused
+    plain = tmp_path / "plain"
+    assert main(["convert", str(model_dir), "--out", str(plain), "--save-dtype", "bfloat16", "--quiet"]) == 0
+    head = json.loads((plain / "carve.json").read_text())  # a model that was no carve output gets a manifest
+    assert (
+        head["job"] == "convert"
+        and head["source"]["model"] == str(model_dir)
+        and len(head["source"]["fingerprint"]) == 16
+    )
 
 
 def test_save_dtype_is_honoured_and_the_metrics_are_the_saved_models(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from carve.errors import UsageError
-from carve.job import SAVE_DTYPES, save_model_files
+from carve.job import SAVE_DTYPES, manifest_start, save_model_files
 from carve.manifest import MANIFEST_FILE, read_manifest
 from carve.models.load import check_source, load_model
 from carve.output import atomic_output_dir, claim, write_json
@@ -35,6 +35,8 @@ def convert(
     with claim(out):
         lm = load_model(str(src))
         dtype = save_dtype or lm.source_dtype
+        if not manifest:  # a model that is no carve output: a manifest saying where it came from
+            manifest = manifest_start("convert", lm.source, lm.fingerprint)
         with atomic_output_dir(out, overwrite) as tmp:
             save_model_files(tmp, lm.model, lm.tokenizer, manifest, dtype, sparse=save_format == "sparse")
             for name in CARRIED:

@@ -131,16 +131,20 @@ def evaluate(
     return metrics_of(model.model, held_out_data(model.tokenizer, dom, gen, blocks, block_len, cloze_items))
 
 
-def manifest_head(job: str, lm: LoadedModel, recipe: Any) -> dict[str, Any]:
+def manifest_start(job: str, source: str, fingerprint: str) -> dict[str, Any]:
     """The first entries of every carve.json: what job, when, with which versions, on what."""
     return {
         "carve_manifest": 1,
         "job": job,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
-        "source": {"model": lm.source, "fingerprint": lm.fingerprint},
-        "recipe": asdict(recipe),
+        "source": {"model": source, "fingerprint": fingerprint},
     }
+
+
+def manifest_head(job: str, lm: LoadedModel, recipe: Any) -> dict[str, Any]:
+    """`manifest_start` of a job on a loaded model, with its recipe."""
+    return {**manifest_start(job, lm.source, lm.fingerprint), "recipe": asdict(recipe)}
 
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")

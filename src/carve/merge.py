@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 
 from carve.errors import UsageError
-from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, Stages, peak_rss_mb, versions
+from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, Stages, manifest_start, peak_rss_mb
 from carve.models.stream import StreamWriter, TensorSource
 from carve.ops.merge import METHODS, Method, combine, sparsified
 from carve.settings import check_types, flag
@@ -240,11 +239,7 @@ def _stream_merge(r: MergeRecipe, tmp: Path) -> dict[str, Any]:
     if r.save_dtype:
         _set_config_dtype(tmp / "config.json", r.save_dtype)
     return {
-        "carve_manifest": 1,
-        "job": "merge",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "versions": versions(),
-        "source": {"model": str(r.base), "fingerprint": fingerprints["base"]},
+        **manifest_start("merge", str(r.base), fingerprints["base"]),
         "experts": {k: {"model": str(d), "fingerprint": fingerprints[k]} for k, d in r.expert_dirs().items()},
         "recipe": asdict(r),
         "method": {
