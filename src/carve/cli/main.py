@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     dn.add_argument("source", help="a carve output written with --save-format sparse")
     dn.add_argument("--out", required=True, help="output directory (written atomically)")
     dn.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    dn.add_argument("--quiet", action="store_true", help="no progress bars")
     dn.add_argument("--json", action="store_true")
 
     cv = sub.add_parser("convert", help="a carve output (or a model) saved again in another precision or format")
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write (atomically)")
     xp.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0", "q4_0"], help="tensor type (default f16)")
     xp.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    xp.add_argument("--quiet", action="store_true", help="no progress bars")
     xp.add_argument("--json", action="store_true")
 
     mg = sub.add_parser("merge", help="task models merged into one: TIES, DARE, Breadcrumbs, task arithmetic ...")
