@@ -9,7 +9,7 @@ tokenization is not used: the blocks are the token ids carve evaluates), the top
 position, and the summed negative log likelihood of each next token; without it llama.cpp computes
 the last position's logits only (as in generation) and only the speed is measured.  Speed: prefill
 tokens/s over each whole block, decode tokens/s of `decode_tokens` greedy single-token steps after
-the first block.
+the first block.  Runs without llama.cpp's extra CPU buffer types (see `_plain_buffers`).
 """
 
 from __future__ import annotations
@@ -18,8 +18,23 @@ import json
 import sys
 import time
 
+import llama_cpp.llama_cpp as _lib
 import numpy as np
 from llama_cpp import Llama
+
+_defaults = _lib.llama_model_default_params
+
+
+def _plain_buffers() -> object:
+    """llama.cpp's default model parameters without its extra CPU buffer types (weight repacking,
+    AMX): in this VM the AMX path crashes on any quantized batch (SIGSEGV; the embedded default's
+    own Q4_1 GGUF as well), so every run here uses the plain CPU kernels."""
+    params = _defaults()
+    params.use_extra_bufts = False
+    return params
+
+
+_lib.llama_model_default_params = _plain_buffers
 
 
 def main() -> None:
