@@ -103,7 +103,7 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
 
 def carve_args(row: str, seed: int) -> list[str]:
     if row in SHARED:
-        return [str(config(row)), "--seed", str(seed)]
+        return [str(config(row)), "--seed", str(seed), "--domains", *DOMAINS]
     experts = [f"--expert={d}={expert(d)}" for d in DOMAINS]
     common = ["--base", str(MODEL_DIR), *experts, "--density", str(DENSITY), "--normalize"]
     if row == "importance":

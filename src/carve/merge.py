@@ -60,6 +60,8 @@ class MergeRecipe:
     )
     consensus: int = flag("Consensus merging: keep only what at least K tasks' TALL masks select (0: off)", default=0)
     save_dtype: str | None = flag(SAVE_DTYPE_HELP, choices=SAVE_DTYPES)
+    domains: list[str] = flag("the domain each expert is evaluated on, one per expert (default: the experts' names)",
+                              factory=list)  # fmt: skip
     eval_blocks: int = flag("held-out blocks per domain for the per-task perplexities (0: no evaluation)", default=16)
     block_len: int = flag("tokens per eval block", default=512)
     general: str = flag("open-domain corpus for general perplexity", default="general")
@@ -67,6 +69,11 @@ class MergeRecipe:
 
     def expert_dirs(self) -> dict[str, Path]:
         return _named(self.experts, "--expert", "legal=out/legal-ft")
+
+    def domain_of(self) -> dict[str, str]:
+        """Each expert's evaluation domain: `--domains` in expert order, else its name."""
+        names = list(self.expert_dirs())
+        return dict(zip(names, self.domains or names, strict=True))
 
     def resolved(self) -> MergeRecipe:
         """The recipe checked, one density and weight per expert; a UsageError before any work."""
@@ -101,11 +108,17 @@ class MergeRecipe:
             raise UsageError("--tall stores the masks of the merged model; --consensus changes it: choose one")
         if not 0 <= self.consensus <= n:
             raise UsageError(f"consensus {self.consensus} is not between 1 and the number of experts ({n})")
-        if self.eval_blocks:  # each expert's name is the domain it is evaluated on
+        if self.domains and len(self.domains) != n:
+            raise UsageError(f"--domains: give one per expert ({n}), not {len(self.domains)}")
+        if self.eval_blocks:  # each expert is evaluated on its domain: --domains, else its name
             from carve.corpora import Corpus
 
-            for name in [*experts, self.general]:
-                Corpus(name)
+            for name in [*(self.domains or experts), self.general]:
+                try:
+                    Corpus(name)
+                except UsageError as exc:
+                    raise UsageError(f"{exc} (an expert is evaluated on the corpus its name or --domains gives; "
+                                     "--eval-blocks 0 skips the evaluation)") from None  # fmt: skip
         rescale = self.rescale or ("inverse" if METHODS[self.method].rescale else "none")
         return replace(self, density=density, weights=weights, rescale=rescale)
 
@@ -294,9 +307,8 @@ def _eval_data(r: MergeRecipe) -> dict[str, Any]:
 
     tok = AutoTokenizer.from_pretrained(Path(r.base or "").expanduser())
     general = Corpus(r.general)
-    return {
-        t: held_out_data(tok, Corpus(t), general, r.eval_blocks, r.block_len, cloze_items=0) for t in r.expert_dirs()
-    }
+    n, length = r.eval_blocks, r.block_len
+    return {t: held_out_data(tok, Corpus(d), general, n, length, cloze_items=0) for t, d in r.domain_of().items()}
 
 
 def _evaluate(
