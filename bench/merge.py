@@ -159,11 +159,18 @@ def _tensors(d: Path) -> dict[str, Any]:
 
 def _gain(rows: dict[str, Any], metrics: dict[str, Any], domain: str) -> float | None:
     """Normalized gain of a merged model's domain perplexity (mergekit's outputs, evaluated by carve)."""
-    ref = rows.get("ties/carve/s0", {}).get("metrics", {}).get("per_task", {}).get(domain)
-    if not ref:
+    ties = rows.get("ties/carve/s0", {})
+    if "metrics" not in ties:
         return None
+    ref = _per_domain(ties)[domain]
     b, e = math.log(ref["base"]["domain_ppl"]), math.log(ref["expert"]["domain_ppl"])
     return (b - math.log(metrics["domain_ppl"])) / (b - e)
+
+
+def _per_domain(r: dict[str, Any]) -> dict[str, Any]:
+    """A carve row's per-task metrics by domain (a mergekit config names each expert by its directory)."""
+    per = r["metrics"]["per_task"]
+    return {d: next(v for k, v in per.items() if k == d or f"-{d}-" in k) for d in DOMAINS}
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -180,7 +187,7 @@ def write_table(rows: dict[str, dict[str, Any]], seeds: int) -> str:
         head + " | general ppl | mean gain | merge s | peak RSS MB | max abs diff vs carve |",
         "|---|---|" + "---|" * (len(DOMAINS) + 5),
     ]
-    base = rows.get("ties/carve/s0", {}).get("metrics", {}).get("per_task", {})
+    base = _per_domain(rows["ties/carve/s0"]) if "metrics" in rows.get("ties/carve/s0", {}) else {}
     if base:
         cells = [f"{base[d]['base']['domain_ppl']:.3f}" for d in DOMAINS]
         lines.append(f"| base | - | {' | '.join(cells)} | {base[DOMAINS[0]]['base']['general_ppl']:.3f} | 0 | | | |")
@@ -204,7 +211,7 @@ def _line(label: str, tool: str, r: dict[str, Any], rows: dict[str, Any]) -> str
     if "error" in r:
         return f"| {label} | {tool} | {r['error']} |"
     if tool == "carve":
-        per = r["metrics"]["per_task"]
+        per = _per_domain(r)
         cells = [f"{per[d]['merged']['domain_ppl']:.3f} ({_fmt(per[d]['normalized_gain'])})" for d in DOMAINS]
         general, mean = per[DOMAINS[0]]["merged"]["general_ppl"], r["metrics"]["mean_normalized_gain"]
         diff = "-"
