@@ -43,42 +43,55 @@ METHODS: dict[str, Method] = {
 }
 
 
-def ranked(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Keep-mask of the entries at ascending ranks [lo, hi) of `values`, by two selections
-    (`torch.kthvalue`, linear time) instead of a full sort; entries tied at a boundary value are
-    taken in position order (a sort's order among ties is unspecified)."""
+def ranked(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:
+    """Keep-mask of the entries at ascending ranks [lo, hi) of `values`, by two linear-time
+    selections (`torch.kthvalue`) instead of a full sort; None when entries tied at a boundary value
+    straddle it (then which of them a sort keeps depends on the sort: the callers sort as mergekit does)."""
     flat = values.reshape(-1).float()
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
     if hi <= lo:
         return keep.reshape(values.shape)
-    a, b = torch.kthvalue(flat, lo + 1).values, torch.kthvalue(flat, hi).values
-    ties_a, below_a = (flat == a).nonzero().squeeze(1), int((flat < a).sum())
-    if a == b:
-        keep[ties_a[lo - below_a : hi - below_a]] = True
-        return keep.reshape(values.shape)
-    keep |= (flat > a) & (flat < b)
-    ties_b, below_b = (flat == b).nonzero().squeeze(1), int((flat < b).sum())
-    keep[ties_a[lo - below_a :]] = True
-    keep[ties_b[: hi - below_b]] = True
+    for rank in {lo, hi} - {0, flat.numel()}:  # a boundary inside the tensor: the values on its two sides
+        below = torch.kthvalue(flat, rank).values
+        above = torch.kthvalue(flat, rank + 1).values
+        if below == above:
+            return None
+    if lo > 0:
+        keep |= flat >= torch.kthvalue(flat, lo + 1).values
+    else:
+        keep[:] = True
+    if hi < flat.numel():
+        keep &= flat <= torch.kthvalue(flat, hi).values
     return keep.reshape(values.shape)
 
 
 def top_share(scores: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep-mask of the max(1, int(density·n)) largest `scores` (mergekit's magnitude rule)."""
+    """Keep-mask of the max(1, int(density·n)) largest `scores` (mergekit's magnitude rule; on ties
+    at the boundary, its descending argsort)."""
     if density >= 1:
         return torch.ones_like(scores, dtype=torch.bool)
     n = scores.numel()
-    return ranked(scores, n - max(1, int(density * n)), n)
+    k = max(1, int(density * n))
+    keep = ranked(scores, n - k, n)
+    if keep is None:
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.argsort(scores.reshape(-1).float(), descending=True)[:k]] = True
+    return keep.reshape(scores.shape)
 
 
 def between_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs' keep-mask: drop the int(γ·n) largest |τ| and then the smallest, keeping int(density·n)."""
+    """Breadcrumbs' keep-mask: drop the int(γ·n) largest |τ| and then the smallest, keeping int(density·n)
+    (on ties at a boundary, mergekit's ascending sort)."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     n = delta.numel()
     target, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - target - n_top)  # fewer outliers dropped when the density needs them
-    return ranked(delta.abs(), n_bot, n_bot + target)
+    keep = ranked(delta.abs(), n_bot, n_bot + target)
+    if keep is None:
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[torch.sort(delta.abs().reshape(-1).float(), descending=False).indices[n_bot : n_bot + target]] = True
+    return keep.reshape(delta.shape)
 
 
 def random_keep(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
