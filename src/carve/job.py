@@ -263,7 +263,7 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "carve"
 
 
-def evaluation_key(lm: LoadedModel, data: EvalData) -> str:
+def evaluation_key(lm: LoadedModel, data: Any) -> str:
     """What the source model's metrics depend on: the weights, the held-out data, the dtype and
     device they were computed in, and carve's version (the metric code)."""
     from carve import __version__
@@ -273,16 +273,20 @@ def evaluation_key(lm: LoadedModel, data: EvalData) -> str:
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def evaluate_source(lm: LoadedModel, data: EvalData, cache: bool = True) -> tuple[dict[str, Any], bool]:
+def evaluate_source(
+    lm: LoadedModel, data: Any, cache: bool = True, measure: Callable[[Any], dict[str, Any]] | None = None
+) -> tuple[dict[str, Any], bool]:
     """The metrics of the freshly loaded source model on `data`, and whether they came from the
-    cache.  A cached entry is used only when its key matches; an unreadable one is measured anew."""
+    cache.  A cached entry is used only when its key matches; an unreadable one is measured anew.
+    `measure(model)`: a job's own measures (default `metrics_of` on `data`, an EvalData); `data`
+    is whatever they read, its `describe()` part of the cache key."""
     path = cache_dir() / "eval" / f"{evaluation_key(lm, data)}.json"
     if cache and path.is_file():
         try:
             return dict(json.loads(path.read_text())["metrics"]), True
         except (ValueError, KeyError, OSError):
             pass
-    metrics = metrics_of(lm.model, data)
+    metrics = measure(lm.model) if measure is not None else metrics_of(lm.model, data)
     if cache:
         try:
             if path.parent.is_dir():

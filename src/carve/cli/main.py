@@ -18,7 +18,9 @@ from carve.merge import MergeRecipe
 from carve.output import claim, write_json
 from carve.progress import set_quiet
 from carve.recover import RecoverRecipe, recover
+from carve.scenario import ScenarioRecipe, build_scenario
 from carve.scorers import SCORERS
+from carve.unlearn import UnlearnRecipe, unlearn
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -161,6 +163,22 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("--out", required=True, help="output directory (written atomically)")
     mg.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     _job_flags(mg)
+
+    ul = sub.add_parser("unlearn", help="make a model forget a corpus, changing only the weights that carry it")
+    ul.add_argument("model", help="the model to unlearn from: a directory, a .gguf, a hub id or 'default'")
+    add_recipe_flags(ul, UnlearnRecipe, skip=("model",))
+    ul.add_argument("--out", required=True, help="output directory (written atomically)")
+    ul.add_argument("--overwrite", action="store_true", help="replace an existing output (and its checkpoint)")
+    ul.add_argument("--resume", action="store_true", help="continue an interrupted run from OUT.checkpoint")
+    _job_flags(ul)
+
+    us = sub.add_parser("unlearn-scenario", help="build the builtin unlearning scenario: forget/retain/holdout "
+                        "text, a target and a retain model")  # fmt: skip
+    add_recipe_flags(us, ScenarioRecipe)
+    us.add_argument("--out", required=True, help="scenario directory (reused when built with the same settings)")
+    us.add_argument("--overwrite", action="store_true", help="rebuild a scenario built with other settings")
+    us.add_argument("--quiet", action="store_true", help="no progress bars")
+    us.add_argument("--json", action="store_true", help="print a machine-readable JSON summary")
 
     co = sub.add_parser("corpora", help="list the builtin corpora")
     co.add_argument("--json", action="store_true")
@@ -471,6 +489,46 @@ def _cmd_merge(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out, **{k: manifest[k] for k in ("method", "size", "timings_s", "peak_rss_mb")}, "tasks": tasks}
 
 
+UNLEARN_COLUMNS = (("forget_ppl", "forget ppl", ".3f"), ("verbatim_rougeL", "verbatim ROUGE-L", ".3f"),
+                   ("mia_auc", "MIA AUC", ".3f"), ("privleak", "PrivLeak", "+.3f"), ("retain_ppl", "retain ppl", ".3f"),
+                   ("general_ppl", "general ppl", ".3f"))  # fmt: skip
+
+
+def _unlearn_table(rows: dict[str, dict[str, Any] | None]) -> str:
+    table = [["", *(label for _, label, _ in UNLEARN_COLUMNS), "retain cloze"]]
+    for name, m in rows.items():
+        if m:
+            cells = [format(m[k], spec) if k in m else "-" for k, _, spec in UNLEARN_COLUMNS]
+            table.append([name, *cells, _cloze({"domain_cloze": m["retain_cloze"]}) if "retain_cloze" in m else "-"])
+    return _table(table)
+
+
+def _cmd_unlearn(args: argparse.Namespace) -> dict[str, Any]:
+    manifest = unlearn(
+        recipe_from(args, UnlearnRecipe), args.out, overwrite=args.overwrite, resume=args.resume, cache=args.cache
+    )
+    m, t = manifest["metrics"], manifest["training"]
+    if not args.json:
+        print(f"\n{manifest['source']['model']} -> {args.out}  ({args.objective}, mask {manifest['mask']['kind']}: "
+              f"{manifest['mask']['updatable_parameters']:,} weights may change)")  # fmt: skip
+        print(_unlearn_table({"reference": m["reference"], "before": m["before"], "after": m["after"]}))
+        print(f"{t['steps']} steps, loss {t['loss_first']:.4f} -> {t['loss_last']:.4f}; "
+              f"train {manifest['timings_s']['train']:.0f} s; peak RSS {manifest['peak_rss_mb']:.0f} MB")  # fmt: skip
+    return {k: manifest[k] for k in ("metrics", "mask", "timings_s", "peak_rss_mb")} | {
+        "out": args.out,
+        "training": {k: v for k, v in t.items() if k != "losses"},
+    }
+
+
+def _cmd_unlearn_scenario(args: argparse.Namespace) -> dict[str, Any]:
+    result = build_scenario(recipe_from(args, ScenarioRecipe), args.out, overwrite=args.overwrite)
+    if not args.json:
+        split = ", ".join(f"{k} {v['documents']} documents" for k, v in result["split"].items())
+        print(f"scenario in {args.out}: {split}; models: target/, retain-model/")
+        print(_unlearn_table(result["measures"]))
+    return {"out": args.out, **result}
+
+
 def _cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
     from carve.convert import convert
 
@@ -528,6 +586,8 @@ COMMANDS = {
     "densify": _cmd_densify,
     "convert": _cmd_convert,
     "merge": _cmd_merge,
+    "unlearn": _cmd_unlearn,
+    "unlearn-scenario": _cmd_unlearn_scenario,
     "export": _cmd_export,
     "corpora": _cmd_corpora,
     "methods": _cmd_methods,

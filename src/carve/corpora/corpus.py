@@ -184,7 +184,8 @@ class Corpus:
             "fingerprint": self.fingerprint,
         }
 
-    def _tokens(self, docs: list[str], tokenizer: Any) -> torch.Tensor:
+    def tokens(self, docs: list[str], tokenizer: Any) -> torch.Tensor:
+        """`docs` tokenized and concatenated, each followed by the end-of-text token."""
         eos = tokenizer.eos_token_id
         ids: list[int] = []
         for d in docs:
@@ -197,7 +198,7 @@ class Corpus:
         """`n` windows of `length` tokens at seeded random offsets in the train split: [n, length]."""
         if n <= 0:
             return torch.empty(0, length, dtype=torch.long)
-        ids = self._tokens(self.train, tokenizer)
+        ids = self.tokens(self.train, tokenizer)
         if ids.numel() <= length:
             raise UsageError(
                 f"corpus {self.spec!r} has {ids.numel()} training tokens, too few for one "
@@ -215,7 +216,7 @@ class Corpus:
                 f"corpus {self.spec!r} has no held-out text: it needs several documents "
                 f"(about {self.eval_share:.0%} are held out by hash)"
             )
-        ids = self._tokens(docs, tokenizer)
+        ids = self.tokens(docs, tokenizer)
         count = min(n, ids.numel() // length)
         if count == 0:
             raise UsageError(

@@ -60,3 +60,49 @@ def fisher(
         delta = params[n].detach().float() - (ref[n].detach().float() if n in ref else 0.0)
         out[n] = fisher_score(delta, {"grad_sq": stats.stats["grad_sq"][n]}).cpu()
     return out
+
+
+def _mean_gradients(model: nn.Module, names: list[str], data: torch.Tensor, desc: str) -> dict[str, torch.Tensor]:
+    """The mean next-token-loss gradient per block of `data` for the named parameters (float32)."""
+    return accumulate_gradients(model, data, names, ("grad",), desc=desc).stats["grad"]
+
+
+@importance_source(
+    "salun",
+    paper="SalUn: Empowering Machine Unlearning via Gradient-based Weight Saliency (Fan et al., ICLR 2024)",
+    url="https://arxiv.org/abs/2310.12508",
+    needs=("data",),
+)
+def salun(model: nn.Module, linears: dict[str, nn.Module], data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Weight saliency |∇θ ℓ_f|: the magnitude of the forget loss's gradient, `data` the forget
+    blocks (the next-token loss; gradient ascent's gradient differs only in sign)."""
+    names = [f"{n}.weight" for n in linears]
+    return {n: g.abs().cpu() for n, g in _mean_gradients(model, names, data, "gradients (forget)").items()}
+
+
+@importance_source(
+    "wagle",
+    paper="WAGLE: Strategic Weight Attribution for Effective and Modular Unlearning in LLMs (Jia et al., NeurIPS 2024)",
+    url="https://arxiv.org/abs/2410.17509",
+    needs=("data",),
+)
+def wagle(
+    model: nn.Module,
+    linears: dict[str, nn.Module],
+    data: torch.Tensor,
+    retain: torch.Tensor | None = None,
+    mu: float = 1e-6,
+) -> dict[str, torch.Tensor]:
+    """Weight attribution |(θ − ∇θ ℓ_r / μ) ⊙ ∇θ ℓ_f|: the first-order change of the forget loss
+    when a weight is attributed away, with the retain loss's optimality condition folded in
+    through the Hessian-diagonal constant μ (the paper's 1/γ; its released code's default 1e-6).
+    `data`: the forget blocks; `retain`: the retain blocks."""
+    if retain is None or not retain.numel():
+        raise UsageError("importance source 'wagle' needs retain blocks (retain=...)")
+    if mu <= 0:
+        raise UsageError(f"wagle's mu must be positive, not {mu}")
+    names = [f"{n}.weight" for n in linears]
+    forget = _mean_gradients(model, names, data, "gradients (forget)")
+    kept = _mean_gradients(model, names, retain, "gradients (retain)")
+    params = dict(model.named_parameters())
+    return {n: ((params[n].detach().float() - kept[n] / mu) * forget[n]).abs().cpu() for n in names}
