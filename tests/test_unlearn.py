@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from carve.cli.main import main
 from carve.evaluation.unlearning import min_k_scores, privleak, roc_auc, rouge_l_f1, words
 from carve.importance import compute_importance
-from carve.importance.gradient import kl_to
 from carve.ops.unlearn import MaskSpec, Objective, pack_rows, unlearn_mask
 from carve.settings import Targets
 from tests.conftest import tiny_model
@@ -183,8 +182,20 @@ def test_unlearning_raises_forget_loss_and_leaves_weights_outside_the_mask_bitwi
     tmp_path: Path, model_dir: Path, split_corpora: dict[str, Path], objective: str, mask: str
 ) -> None:
     out = tmp_path / "out"
-    flags = ["--objective", objective, "--mask", mask, "--density", "0.3", "--lr", "3e-3", "--alpha", "0.1",
-             "--reference", str(model_dir)]
+    flags = [
+        "--objective",
+        objective,
+        "--mask",
+        mask,
+        "--density",
+        "0.3",
+        "--lr",
+        "3e-3",
+        "--alpha",
+        "0.1",
+        "--reference",
+        str(model_dir),
+    ]
     assert _unlearn(model_dir, split_corpora, out, *flags) == 0
     manifest = json.loads((out / "carve.json").read_text())
     m = manifest["metrics"]
