@@ -177,7 +177,9 @@ def _unlearn(model_dir: Path, c: dict[str, Path], out: Path, *extra: str) -> int
                  "--holdout", str(c["holdout"]), *FAST, "--out", str(out), *extra])  # fmt: skip
 
 
-@pytest.mark.parametrize(("objective", "mask"), [("ga", "salun"), ("npo", "wagle"), ("graddiff", "random")])
+@pytest.mark.parametrize(
+    ("objective", "mask"), [("ga", "salun"), ("npo", "wagle"), ("graddiff", "random"), ("graddiff", "fisher")]
+)
 def test_unlearning_raises_forget_loss_and_leaves_weights_outside_the_mask_bitwise_unchanged(
     tmp_path: Path, model_dir: Path, split_corpora: dict[str, Path], objective: str, mask: str
 ) -> None:

@@ -65,9 +65,10 @@ class UnlearnRecipe:
                             choices=RETAIN_LOSSES)  # fmt: skip
     alpha: float = flag("weight of the retain term", default=1.0)
     beta: float = flag("npo's inverse temperature β", default=0.1)
-    mask: str = flag("which weights change: salun, wagle, random, none (every targeted weight) or importance:FILE",
+    mask: str = flag("which weights change: salun, wagle, fisher (carve's forget-set importance), random, none "
+                     "(every targeted weight) or importance:FILE",
                      default="salun")  # fmt: skip
-    density: float = flag("share of the targeted weights updated (salun, wagle, random, importance)", default=0.5)
+    density: float = flag("share of the targeted weights updated (every mask but none)", default=0.5)
     mu: float = flag("wagle: the Hessian-diagonal constant μ of the retain term", default=1e-6)
     mask_blocks: int = flag("forget (and, for wagle, retain) blocks of the saliency gradient pass", default=32)
     steps: int = flag("optimizer steps", default=30)

@@ -16,10 +16,11 @@ S(x) its sum over the block's predicted tokens:
 
 As OpenUnlearning's GradDiff and NPO (forget weight 1, retain weight α).
 
-Masks: `none` trains every targeted weight; `salun`, `wagle`, `random` and `importance:FILE` keep
-the top `density` share of the targeted weights over all matrices at once (the papers select
-globally) by their importance source's scores (importance/gradient.py: SalUn |∇ℓ_f|, WAGLE's
-attribution; seeded uniform scores; a saved ImportanceMap).
+Masks: `none` trains every targeted weight; `salun`, `wagle`, `fisher`, `random` and
+`importance:FILE` keep the top `density` share of the targeted weights over all matrices at once
+(the papers select globally) by their importance source's scores (importance/gradient.py: SalUn
+|∇ℓ_f|, WAGLE's attribution, carve's empirical-Fisher importance ½·E[g²]·θ² of the forget blocks;
+seeded uniform scores; a saved ImportanceMap).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from carve.settings import Targets
 
 OBJECTIVES = ("ga", "graddiff", "npo")
 RETAIN_LOSSES = ("nll", "kl")
-MASKS = ("salun", "wagle", "random", "none", "importance:FILE")
+MASKS = ("salun", "wagle", "fisher", "random", "none", "importance:FILE")
 
 
 def pack_rows(forget: torch.Tensor, retain: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -121,7 +122,7 @@ class MaskSpec:
             if not Path(path).expanduser().is_file():
                 raise UsageError(f"importance file {path!r} does not exist")
             return cls(kind, path)
-        if kind not in ("salun", "wagle", "random", "none") or path:
+        if kind not in ("salun", "wagle", "fisher", "random", "none") or path:
             raise UsageError(f"--mask {spec!r} is not one of {', '.join(MASKS)}")
         return cls(kind)
 
@@ -160,8 +161,8 @@ def unlearn_mask(
         scores = ImportanceMap({n: scores[n] for n in names}, scores.meta)
     elif spec.kind == "wagle":
         scores = compute_importance("wagle", model, targets, data=forget, retain=retain, mu=mu)
-    elif spec.kind == "salun":
-        scores = compute_importance("salun", model, targets, data=forget)
+    elif spec.kind in ("salun", "fisher"):
+        scores = compute_importance(spec.kind, model, targets, data=forget)
     else:
         scores = compute_importance("random", model, targets, seed=seed)
     if density >= 1:

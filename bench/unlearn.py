@@ -1,0 +1,187 @@
+"""Benchmark `carve unlearn` on the builtin scenario (`carve unlearn-scenario`, its defaults).
+
+    .venv/bin/python bench/unlearn.py [--objectives ga graddiff npo] [--masks none random salun wagle fisher]
+        [--seeds 3] [--rerun ROW_ID ...] [--table-only] [--extra FLAG ...]
+
+The scenario: 30 King James chapters of the builtin `scripture` corpus drawn with seed 0; 3 to
+forget, 3 held out, 24 to retain; the embedded default fine-tuned (every parameter, 4 epochs of
+256-token blocks, lr 1e-4) on forget + retain (the target) and on retain alone (the retain model).
+Rows: the target and the retain model (the measures of every run's manifest: `before` and
+`reference`), then each objective with each mask, `carve unlearn` at its defaults (30 steps of 2
+rows, lr 2e-5, density 0.5, 256-token blocks) with `--seed` 0, 1, 2 (data order; the random
+mask), each one process.  Columns, mean ± sd over seeds: forget perplexity, verbatim ROUGE-L
+(32 forget prompts of 32 tokens, greedy 32-token continuations), min-k% MIA AUC (forget against
+holdout 128-token passages) and PrivLeak against the retain model, retain perplexity (the first 16
+retain blocks) and cloze accuracy, general perplexity, the run's wall time and peak RSS.
+Results accumulate in bench/results/unlearn.jsonl (with each run's data fingerprints); the table
+goes to the `unlearn` section of bench/RESULTS.md and the plot to bench/unlearn.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, load_results, save_result, write_section
+
+RESULTS = HERE / "results" / "unlearn.jsonl"
+PLOT = HERE / "unlearn.png"
+CARVE = str(ROOT / ".venv" / "bin" / "carve")
+SCENARIO = OUT / "unlearn-scenario"
+OBJECTIVES = ["ga", "graddiff", "npo"]
+MASKS = ["none", "random", "salun", "wagle", "fisher"]
+COLUMNS = [("forget_ppl", "forget ppl", ".2f"), ("verbatim_rougeL", "verbatim ROUGE-L", ".3f"),
+           ("mia_auc", "MIA AUC", ".3f"), ("privleak", "PrivLeak", "+.3f"), ("retain_ppl", "retain ppl", ".3f"),
+           ("retain_cloze", "retain cloze", ".3f"), ("general_ppl", "general ppl", ".3f")]  # fmt: skip
+
+
+def scenario() -> dict[str, Any]:
+    t = time.perf_counter()
+    cmd = [CARVE, "unlearn-scenario", "--model", str(MODEL_DIR), "--out", str(SCENARIO), "--quiet", "--json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    result = json.loads(out[out.index("{") :])
+    result["wall_s"] = round(time.perf_counter() - t, 1)
+    return dict(result)
+
+
+def run(objective: str, mask: str, seed: int, extra: list[str]) -> dict[str, Any]:
+    out = OUT / f"unlearn-{objective}-{mask}-s{seed}"
+    parts = {k: str(SCENARIO / f"{k}.jsonl") for k in ("forget", "retain", "holdout")}
+    cmd = [CARVE, "unlearn", str(SCENARIO / "target"), "--forget", parts["forget"], "--retain", parts["retain"],
+           "--holdout", parts["holdout"], "--reference", str(SCENARIO / "retain-model"), "--objective", objective,
+           "--mask", mask, "--seed", str(seed), *extra, "--out", str(out), "--overwrite", "--quiet"]  # fmt: skip
+    t = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - t
+    manifest = json.loads((out / "carve.json").read_text())
+    return {
+        "metrics": manifest["metrics"],
+        "mask": manifest["mask"],
+        "training": {k: v for k, v in manifest["training"].items() if k != "losses"},
+        "data": manifest["data"]["blocks"],
+        "source": manifest["source"],
+        "wall_s": round(wall, 1),
+        "peak_rss_mb": manifest["peak_rss_mb"],
+        "timings_s": manifest["timings_s"],
+        "extra": extra,
+    }
+
+
+def _value(m: dict[str, Any], key: str) -> float | None:
+    v = m.get(key)
+    if isinstance(v, dict):  # the cloze task: its accuracy
+        v = v.get("accuracy")
+    return None if v is None else float(v)
+
+
+def _cell(xs: list[float], spec: str) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return format(xs[0], spec)
+    return f"{format(statistics.mean(xs), spec)} ± {statistics.stdev(xs):.3f}"
+
+
+def write_table(rows: dict[str, dict[str, Any]], objectives: list[str], masks: list[str], seeds: int) -> str:
+    runs = [r for r in rows.values() if "metrics" in r]
+    lines = ["| row | seeds | " + " | ".join(label for _, label, _ in COLUMNS) + " | wall s | peak RSS MB |",
+             "|---|---|" + "---|" * (len(COLUMNS) + 2)]  # fmt: skip
+    if runs:
+        m = runs[0]["metrics"]
+        for name, ms in (("target (before unlearning)", m["before"]), ("retain model (the goal)", m["reference"])):
+            cells = [_cell([x] if (x := _value(ms, k)) is not None else [], spec) for k, _, spec in COLUMNS]
+            lines.append(f"| {name} | - | " + " | ".join(cells) + " | - | - |")
+    for objective in objectives:
+        for mask in masks:
+            done = [rows[i] for s in range(seeds) if "metrics" in rows.get(i := f"{objective}/{mask}/s{s}", {})]
+            if not done:
+                continue
+            cells = []
+            for k, _, spec in COLUMNS:
+                xs = [x for r in done if (x := _value(r["metrics"]["after"], k)) is not None]
+                cells.append(_cell(xs, spec))
+            wall = _cell([r["wall_s"] for r in done], ".0f")
+            rss = _cell([r["peak_rss_mb"] for r in done], ".0f")
+            lines.append(f"| {objective} + {mask} | {len(done)} | " + " | ".join(cells) + f" | {wall} | {rss} |")
+    failed = [f"- {k}: {r['error']}" for k, r in rows.items() if "error" in r]
+    return "\n".join(lines + (["", *failed] if failed else []))
+
+
+def plot(rows: dict[str, dict[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(k, r) for k, r in rows.items() if "metrics" in r]
+    if not runs:
+        return
+    fig, ax = plt.subplots(figsize=(7, 5))
+    marks = {"none": "o", "random": "x", "salun": "s", "wagle": "^", "fisher": "D"}
+    colours = {"ga": "tab:red", "graddiff": "tab:blue", "npo": "tab:green"}
+    for key, r in runs:
+        objective, mask, _ = key.split("/")
+        a = r["metrics"]["after"]
+        ax.scatter(a["verbatim_rougeL"], a["retain_ppl"], marker=marks.get(mask, "."), color=colours.get(objective))
+    ref, before = runs[0][1]["metrics"]["reference"], runs[0][1]["metrics"]["before"]
+    ax.scatter(ref["verbatim_rougeL"], ref["retain_ppl"], marker="*", s=200, color="black", label="retain model")
+    ax.scatter(before["verbatim_rougeL"], before["retain_ppl"], marker="P", s=120, color="grey", label="target")
+    for name, c in colours.items():
+        ax.scatter([], [], color=c, label=name)
+    for name, m in marks.items():
+        ax.scatter([], [], marker=m, color="k", label=f"mask {name}")
+    ax.set_xlabel("verbatim ROUGE-L on the forget set (lower: more forgotten)")
+    ax.set_ylabel("retain perplexity (lower: more utility kept)")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("carve unlearn on the builtin scenario: utility against forgetting")
+    fig.tight_layout()
+    fig.savefig(PLOT, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--objectives", nargs="+", default=OBJECTIVES, choices=OBJECTIVES)
+    ap.add_argument("--masks", nargs="+", default=MASKS, choices=MASKS)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--rerun", nargs="*", default=[])
+    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--extra", nargs="*", default=[], help="flags passed to every carve unlearn run")
+    args = ap.parse_args()
+    rows = {k: v for k, v in load_results(RESULTS).items() if k not in args.rerun}
+    if not args.table_only:
+        ensure_model()
+        if "scenario" not in rows:
+            print("building the scenario ...", flush=True)
+            rows["scenario"] = {"id": "scenario", **scenario(), "commit": commit()}
+            save_result(RESULTS, rows["scenario"])
+        for seed in range(args.seeds):
+            for objective in args.objectives:
+                for mask in args.masks:
+                    rid = f"{objective}/{mask}/s{seed}"
+                    if rid in rows and "error" not in rows[rid]:
+                        continue
+                    print(f"running {rid} ...", flush=True)
+                    try:
+                        result = {"id": rid, **run(objective, mask, seed, args.extra), "commit": commit()}
+                    except subprocess.CalledProcessError as exc:
+                        result = {"id": rid, "error": ((exc.stderr or "").strip().splitlines() or ["failed"])[-1][:300]}
+                    rows[rid] = result
+                    save_result(RESULTS, result)
+                    write_section("unlearn", write_table(rows, args.objectives, args.masks, args.seeds))
+    runs = {k: v for k, v in rows.items() if k != "scenario"}
+    text = write_table(runs, args.objectives, args.masks, args.seeds)
+    print(text)
+    write_section("unlearn", text)
+    plot(runs)
+
+
+if __name__ == "__main__":
+    main()
