@@ -86,6 +86,8 @@ class FinetuneRecipe:
     include: list[str] = flag("glob patterns of Linear modules to train", factory=lambda: ["*"])
     exclude: list[str] = flag("glob patterns left frozen", factory=lambda: list(DEFAULT_EXCLUDE))
     text_field: str = flag("text field of .jsonl / .parquet / datasets corpora", default="text")
+    pool: list[str] = flag("with --domain select:TARGET, the pool the domain text is chosen from (DSIR)",
+                           factory=list)  # fmt: skip
     dtype: str | None = flag("float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)", default=None)
     device: str | None = flag("cpu, cuda, cuda:N (default: cuda when available)", default=None)
     save_delta: bool = flag("write only the update (bit-packed mask + changed values), not the model", default=False)
@@ -175,7 +177,7 @@ def _finetune(
 ) -> dict[str, Any]:  # fmt: skip
     stage = Stages()
     with stage("load_data"):
-        domain = Corpus(recipe.domain, recipe.text_field)
+        domain = Corpus(recipe.domain, recipe.text_field, pool=tuple(recipe.pool))
         general = Corpus(recipe.general, recipe.text_field)
     with stage("load_model"):
         lm = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)

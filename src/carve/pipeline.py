@@ -134,6 +134,8 @@ class Recipe:
     include: list[str] = flag("glob patterns of Linear modules to prune", factory=lambda: ["*"])
     exclude: list[str] = flag("glob patterns to leave dense", factory=lambda: list(DEFAULT_EXCLUDE))
     text_field: str = flag("text field of .jsonl / .parquet / datasets corpora", "text")
+    pool: list[str] = flag("with --domain select:TARGET, the pool the domain text is chosen from (DSIR)",
+                           factory=list)  # fmt: skip
     dtype: str | None = flag("default: float32 on CPU, bfloat16 on CUDA", choices=("float32", "bfloat16", "float16"))
     device: str | None = flag("cpu, cuda, cuda:N (default: cuda when available)")
     batch_size: int = flag("calibration blocks per forward pass", 8)
@@ -379,7 +381,7 @@ def _extract(
 ) -> dict[str, Any]:  # fmt: skip
     stage = Stages()
     with stage("load_data"):
-        domain, general = Corpus(r.domain, r.text_field), Corpus(r.general, r.text_field)
+        domain, general = Corpus(r.domain, r.text_field, pool=tuple(r.pool)), Corpus(r.general, r.text_field)
     with stage("load_model"):
         lm = model or load_model(r.model, dtype=r.dtype, device=r.device)
         r.targets().linears(lm.model)  # checked before any long work: there are Linear layers to prune

@@ -75,6 +75,8 @@ class RecoverRecipe:
     cloze_items: int = flag("held-out domain cloze items (0: skip the cloze task)", 100)
     seed: int = flag("data order and LoRA initialisation", 0)
     text_field: str = flag("text field of .jsonl / .parquet / datasets corpora", "text")
+    pool: list[str] = flag("with --domain select:TARGET, the pool the domain text is chosen from (DSIR)",
+                           factory=list)  # fmt: skip
     dtype: str | None = flag("default: float32 on CPU, bfloat16 on CUDA", choices=("float32", "bfloat16", "float16"))
     device: str | None = flag("cpu, cuda, cuda:N (default: cuda when available)")
     save_dtype: str | None = flag(SAVE_DTYPE_HELP, choices=SAVE_DTYPES)
@@ -164,7 +166,7 @@ def _recover(
 ) -> dict[str, Any]:  # fmt: skip
     stage = Stages()
     with stage("load_data"):
-        domain = Corpus(recipe.domain, recipe.text_field)
+        domain = Corpus(recipe.domain, recipe.text_field, pool=tuple(recipe.pool))
         general = Corpus(recipe.general, recipe.text_field)
         evaluated = Corpus(recipe.eval_domain, recipe.text_field) if recipe.eval_domain else domain
     with stage("load_model"):

@@ -20,6 +20,7 @@ from carve.progress import set_quiet
 from carve.recover import RecoverRecipe, recover
 from carve.scenario import ScenarioRecipe, build_scenario
 from carve.scorers import SCORERS
+from carve.selection import SelectRecipe, select
 from carve.unlearn import UnlearnRecipe, unlearn
 
 
@@ -179,6 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     us.add_argument("--overwrite", action="store_true", help="rebuild a scenario built with other settings")
     us.add_argument("--quiet", action="store_true", help="no progress bars")
     us.add_argument("--json", action="store_true", help="print a machine-readable JSON summary")
+
+    se = sub.add_parser("select", help="choose the pool text most like a target (DSIR, ZIP-FIT) for calibration "
+                        "or fine-tuning")  # fmt: skip
+    add_recipe_flags(se, SelectRecipe)
+    se.add_argument("--out", required=True, metavar="FILE.jsonl", help="the chosen chunks (a manifest goes beside)")
+    se.add_argument("--overwrite", action="store_true", help="replace an existing selection")
+    se.add_argument("--quiet", action="store_true", help="no progress bars")
+    se.add_argument("--json", action="store_true", help="print a machine-readable JSON summary")
 
     co = sub.add_parser("corpora", help="list the builtin corpora")
     co.add_argument("--json", action="store_true")
@@ -529,6 +538,16 @@ def _cmd_unlearn_scenario(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": args.out, **result}
 
 
+def _cmd_select(args: argparse.Namespace) -> dict[str, Any]:
+    manifest = select(recipe_from(args, SelectRecipe), args.out, overwrite=args.overwrite)
+    chosen = manifest["chosen"]
+    if not args.json:
+        shares = ", ".join(f"{k} {v}" for k, v in sorted(chosen["by_source"].items(), key=lambda kv: -kv[1]))
+        print(f"{args.method}: {chosen['chunks']:,} of {manifest['pool_chunks']:,} chunks ({chosen['words']:,} words) "
+              f"-> {args.out} in {manifest['seconds']:.1f} s; by source: {shares}")  # fmt: skip
+    return {"out": args.out, **{k: manifest[k] for k in ("chosen", "pool_chunks", "eligible_chunks", "seconds")}}
+
+
 def _cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
     from carve.convert import convert
 
@@ -588,6 +607,7 @@ COMMANDS = {
     "merge": _cmd_merge,
     "unlearn": _cmd_unlearn,
     "unlearn-scenario": _cmd_unlearn_scenario,
+    "select": _cmd_select,
     "export": _cmd_export,
     "corpora": _cmd_corpora,
     "methods": _cmd_methods,

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -61,37 +62,70 @@ def _split_paragraph_docs(text: str, min_chars: int = 2000) -> list[str]:
     return [d for d in docs if d.strip()]
 
 
-def _load_documents(spec: str, text_field: str) -> tuple[list[str], str]:
-    """Return (documents, kind) for a builtin name or a path."""
+def _unknown(spec: str) -> UsageError:
+    return UsageError(
+        f"unknown corpus {spec!r}: give a builtin name ({', '.join(BUILTIN)}) or a path to "
+        ".txt, .jsonl, .parquet, a directory of text files or a datasets.save_to_disk folder"
+    )
+
+
+def corpus_kind(spec: str) -> str:
+    """builtin, datasets, directory, jsonl, parquet or text; a clear error for anything else."""
     if spec in BUILTIN:
-        data = resources.files("carve.corpora").joinpath("data", f"{spec}.jsonl.gz")
-        with data.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as fh:
-            return [json.loads(line)["text"] for line in fh if line.strip()], "builtin"
+        return "builtin"
     path = Path(spec).expanduser()
     if not path.exists():
-        raise UsageError(
-            f"unknown corpus {spec!r}: give a builtin name ({', '.join(BUILTIN)}) or a path to "
-            ".txt, .jsonl, .parquet, a directory of text files or a datasets.save_to_disk folder"
-        )
+        raise _unknown(spec)
+    if path.is_dir():
+        return "datasets" if (path / "dataset_info.json").exists() or (path / "state.json").exists() else "directory"
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
+        return "jsonl"
+    if suffix == ".parquet":
+        return "parquet"
+    if suffix in {".txt", ".md", ".text", ""}:
+        return "text"
+    raise UsageError(
+        f"corpus {spec!r} has an unsupported type {suffix!r}: use .txt, .jsonl, .parquet, "
+        "a directory of text files or a datasets.save_to_disk folder"
+    )
+
+
+def iter_documents(spec: str, text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """(where, text) for each document of a builtin name or a path, read lazily (one document,
+    one Parquet batch or one file at a time), so a pool larger than memory can be streamed.
+    Unreadable input raises one UsageError naming the corpus."""
+    kind = corpus_kind(spec)
     try:
-        return _read_path(path, spec, text_field)
-    except (OSError, EOFError, ValueError, RecursionError, zlib.error) as exc:  # unreadable or not what it says
+        yield from _iter_kind(kind, spec, text_field)
+    except (OSError, EOFError, ValueError, RecursionError, zlib.error, UnicodeDecodeError) as exc:
         what = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise UsageError(f"corpus {spec!r} cannot be read ({type(exc).__name__}: {what})") from None
 
 
-def _read_path(path: Path, spec: str, text_field: str) -> tuple[list[str], str]:
-    if path.is_dir():
-        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
-            return _load_hf_dataset(path, text_field), "datasets"
+def _iter_kind(kind: str, spec: str, text_field: str) -> Iterator[tuple[str, str]]:
+    path = Path(spec).expanduser()
+    if kind == "builtin":
+        data = resources.files("carve.corpora").joinpath("data", f"{spec}.jsonl.gz")
+        with data.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield spec, json.loads(line)["text"]
+    elif kind == "datasets":
+        for text in _iter_hf_dataset(path, text_field):
+            yield spec, text
+    elif kind == "directory":
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
             raise UsageError(f"corpus directory {spec!r} contains no files")
-        return [t for t in (_read_text(p) for p in files) if t.strip()], "directory"
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
+        for p in files:  # .jsonl / .parquet files by their records, any other file as one text
+            structured = p.name.endswith((".jsonl", ".jsonl.gz")) or p.suffix.lower() == ".parquet"
+            if structured:
+                yield from ((str(p), t) for _, t in _iter_kind(corpus_kind(str(p)), str(p), text_field))
+            else:
+                yield str(p), _read_text(p)
+    elif kind == "jsonl":
         opener: Any = gzip.open if path.name.endswith(".gz") else open
-        docs = []
         with opener(path, "rt", encoding="utf-8") as fh:
             for i, line in enumerate(fh, 1):
                 if not line.strip():
@@ -102,24 +136,28 @@ def _read_path(path: Path, spec: str, text_field: str) -> tuple[list[str], str]:
                     raise UsageError(f"corpus {spec!r} line {i} is not valid JSON") from None
                 if not isinstance(row, dict) or text_field not in row:
                     raise UsageError(f"corpus {spec!r} line {i} has no {text_field!r} field (set --text-field)")
-                docs.append(str(row[text_field]))
-        return docs, "jsonl"
-    if suffix == ".parquet":
+                yield spec, str(row[text_field])
+    elif kind == "parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
-        if text_field not in table.column_names:
-            raise UsageError(f"corpus {spec!r} has no column {text_field!r}; columns are {table.column_names}")
-        return [str(t) for t in table.column(text_field).to_pylist() if t], "parquet"
-    if suffix in {".txt", ".md", ".text", ""}:
-        return _split_paragraph_docs(_read_text(path)), "text"
-    raise UsageError(
-        f"corpus {spec!r} has an unsupported type {suffix!r}: use .txt, .jsonl, .parquet, "
-        "a directory of text files or a datasets.save_to_disk folder"
-    )
+        pf = pq.ParquetFile(path)
+        if text_field not in pf.schema_arrow.names:
+            raise UsageError(f"corpus {spec!r} has no column {text_field!r}; columns are {pf.schema_arrow.names}")
+        for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+            for t in batch.column(0).to_pylist():
+                if t:
+                    yield spec, str(t)
+    else:
+        for doc in _split_paragraph_docs(_read_text(path)):
+            yield spec, doc
 
 
-def _load_hf_dataset(path: Path, text_field: str) -> list[str]:
+def _load_documents(spec: str, text_field: str) -> tuple[list[str], str]:
+    """Return (documents, kind) for a builtin name or a path."""
+    return [text for _, text in iter_documents(spec, text_field)], corpus_kind(spec)
+
+
+def _iter_hf_dataset(path: Path, text_field: str) -> Iterator[str]:
     try:
         import datasets
     except ImportError:
@@ -131,7 +169,9 @@ def _load_hf_dataset(path: Path, text_field: str) -> list[str]:
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     if text_field not in ds.column_names:
         raise UsageError(f"corpus {str(path)!r} has no column {text_field!r}; columns are {ds.column_names}")
-    return [str(t) for t in ds[text_field] if t]
+    for row in ds.select_columns([text_field]):
+        if row[text_field]:
+            yield str(row[text_field])
 
 
 def _doc_is_eval(doc: str, share: float) -> bool:
@@ -146,11 +186,23 @@ class Corpus:
     spec: str
     text_field: str = "text"
     eval_share: float = EVAL_SHARE
+    pool: tuple[str, ...] = ()  # with spec "select:TARGET": the pool the domain text is chosen from
     documents: list[str] = field(init=False, repr=False)
     kind: str = field(init=False)
+    selection: dict[str, Any] | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
-        docs, self.kind = _load_documents(str(self.spec), self.text_field)
+        from carve.selection import read_selection, selected_from_pool
+
+        source = str(self.spec)
+        if source.startswith("select:"):
+            source = str(selected_from_pool(source.removeprefix("select:"), list(self.pool), self.text_field))
+        elif self.pool:
+            raise UsageError(f"a pool is given but the domain {self.spec!r} is not select:TARGET")
+        docs, self.kind = _load_documents(source, self.text_field)
+        if Path(source).suffix == ".jsonl" and Path(source).exists():
+            self.selection = read_selection(source)
+            self.kind = "selection" if self.selection else self.kind
         self.documents = [d for d in docs if d.strip()]
         if not self.documents:
             raise UsageError(f"corpus {self.spec!r} contains no text")
@@ -182,6 +234,7 @@ class Corpus:
             "train_documents": len(self.train),
             "eval_documents": len(self.eval),
             "fingerprint": self.fingerprint,
+            **({"selection": _selection_summary(self.selection)} if self.selection else {}),
         }
 
     def tokens(self, docs: list[str], tokenizer: Any) -> torch.Tensor:
@@ -224,6 +277,19 @@ class Corpus:
                 f"evaluation block of {length} tokens"
             )
         return ids[: count * length].view(count, length)
+
+
+def _selection_summary(m: dict[str, Any]) -> dict[str, Any]:
+    """What a manifest records of the selection a corpus came from (`carve select`'s manifest)."""
+    r = m.get("recipe", {})
+    return {
+        "method": r.get("method"),
+        "target": r.get("target"),
+        "inputs": m.get("inputs"),
+        "parameters": {k: v for k, v in r.items() if k not in ("target", "pool", "method")},
+        "chosen": m.get("chosen"),
+        "pool_chunks": m.get("pool_chunks"),
+    }
 
 
 def builtin_corpora() -> list[dict[str, Any]]:
