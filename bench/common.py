@@ -102,3 +102,26 @@ def ensure_venv(venv: Path, packages: list[str], env: dict[str, str] | None = No
         subprocess.run(cmd, check=True, env={**os.environ, **(env or {})})
         done.write_text(" ".join(packages) + "\n")
     return python
+
+
+_MEASURE = (
+    "import json, resource, subprocess, sys, time; t = time.perf_counter(); "
+    "p = subprocess.run(sys.argv[2:], capture_output=True, text=True); "
+    "json.dump({'rc': p.returncode, 'err': p.stderr[-2000:], 'wall': time.perf_counter() - t, "
+    "'rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, open(sys.argv[1], 'w'))"
+)
+
+
+def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run `cmd` under a fresh python that has no other child: wall seconds and the command's
+    peak RSS (MB, of its largest process)."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        report = Path(f.name)
+    subprocess.run([sys.executable, "-c", _MEASURE, str(report), *cmd], env=env, check=True)
+    r = json.loads(report.read_text())
+    report.unlink()
+    if r["rc"] != 0:
+        raise RuntimeError((r["err"].strip().splitlines() or ["no output"])[-1][:300])
+    return {"wall_s": round(r["wall"], 2), "peak_rss_mb": round(r["rss_kb"] / 1024, 1)}

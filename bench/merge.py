@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, load_results, save_result, write_section
+from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, load_results, save_result, timed, write_section
 from mergekit_env import VENV, ensure_mergekit
 
 RESULTS = HERE / "results" / "merge.jsonl"
@@ -78,29 +78,6 @@ def config(method: str) -> Path:
     return path
 
 
-_MEASURE = (
-    "import json, resource, subprocess, sys, time; t = time.perf_counter(); "
-    "p = subprocess.run(sys.argv[2:], capture_output=True, text=True); "
-    "json.dump({'rc': p.returncode, 'err': p.stderr[-2000:], 'wall': time.perf_counter() - t, "
-    "'rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}, open(sys.argv[1], 'w'))"
-)
-
-
-def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run `cmd` under a fresh python that has no other child: wall seconds and the command's
-    peak RSS (MB, of its largest process)."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        report = Path(f.name)
-    subprocess.run([sys.executable, "-c", _MEASURE, str(report), *cmd], env=env, check=True)
-    r = json.loads(report.read_text())
-    report.unlink()
-    if r["rc"] != 0:
-        raise RuntimeError((r["err"].strip().splitlines() or ["no output"])[-1][:300])
-    return {"wall_s": round(r["wall"], 2), "peak_rss_mb": round(r["rss_kb"] / 1024, 1)}
-
-
 def carve_args(row: str, seed: int) -> list[str]:
     if row in SHARED:
         return [str(config(row)), "--seed", str(seed), "--domains", *DOMAINS]
@@ -117,10 +94,16 @@ def run_carve(row: str, seed: int) -> dict[str, Any]:
     """The merge with its evaluation (quality), then a merge-only run (time, RSS)."""
     out = OUT / f"merge-carve-{row}-s{seed}"
     args = carve_args(row, seed)
-    timed([CARVE, "merge", *args, *EVAL, "--out", str(out), "--overwrite", "--quiet"])
+    whole = timed([CARVE, "merge", *args, *EVAL, "--out", str(out), "--overwrite", "--quiet"])
     manifest = json.loads((out / "carve.json").read_text())
-    speed = timed(
-        [CARVE, "merge", *args, "--eval-blocks", "0", "--out", str(out) + "-timing", "--overwrite", "--quiet"]
+    # TALL and Consensus choose λ_t on the held-out blocks: their merge cannot run without them, so
+    # their time is the whole job's (λ search and the per-task evaluation included)
+    speed = (
+        whole
+        if row in ("tall", "consensus_ties")
+        else timed(
+            [CARVE, "merge", *args, "--eval-blocks", "0", "--out", str(out) + "-timing", "--overwrite", "--quiet"]
+        )
     )
     return {"metrics": manifest["merge_metrics"], "tall": manifest.get("tall"), "size": manifest["size"],
             "inputs": {"base": manifest["source"], "experts": manifest["experts"]}, "merge_only": speed}  # fmt: skip

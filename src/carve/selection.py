@@ -67,7 +67,7 @@ class SelectRecipe:
     buckets: int = flag("dsir: hashed n-gram buckets", default=10000)
     top_k: bool = flag("dsir: the k highest weights instead of Gumbel top-k sampling", default=False)
     level: int = flag("zipfit: gzip compression level (1-9)", default=9)
-    target_samples: int = flag("zipfit: target examples compared with each chunk (seeded draw)", default=64)
+    target_samples: int = flag("zipfit: target examples compared with each chunk (seeded draw)", default=32)
     workers: int = flag("zipfit: scoring processes (0: one per CPU core)", default=0)
     seed: int = flag("Gumbel noise, target sample and the random method", default=0)
     text_field: str = flag("text field of .jsonl / .parquet / datasets inputs", default="text")
