@@ -163,7 +163,9 @@ def test_selected_text_feeds_a_job_and_its_manifest_records_the_selection(tmp_pa
         main(["select", "--target", str(target), "--pool", str(pool), "--k", "20", "--out", str(sel), "--quiet"]) == 0
     )
     out2 = tmp_path / "ft2"
+    flags += ["--eval-domain", "legal"]  # trained on the selection, measured on the builtin held-out split
     assert main(["finetune", str(model_dir), "--domain", str(sel), *flags, "--out", str(out2)]) == 0
-    assert json.loads((out2 / "carve.json").read_text())["data"]["domain"]["selection"]["chosen"]["chunks"] == 20
+    data = json.loads((out2 / "carve.json").read_text())["data"]
+    assert data["domain"]["selection"]["chosen"]["chunks"] == 20 and data["eval_domain"]["spec"] == "legal"
     assert main(["finetune", str(model_dir), "--domain", "legal", "--pool", str(pool), *flags, "--out",
                  str(tmp_path / "ft3")]) == 2  # fmt: skip

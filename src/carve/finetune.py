@@ -48,7 +48,15 @@ from carve.settings import Targets, check_types, flag
 # model (LIFT's practice); LoRA's usual 1e-3. LIFT's 2e-3 was measured on the embedded default
 # (bench/finetune.py, 3 seeds on legal and code); other sparse masks keep 5e-4 (Fisher importance
 # at 2e-3 raised general perplexity by 2.2 on legal)
-RESUME_FREE = ("eval_blocks", "cloze_items", "checkpoint_every", "save_delta", "save_dtype", "device")  # may change
+RESUME_FREE = (
+    "eval_blocks",
+    "cloze_items",
+    "checkpoint_every",
+    "save_delta",
+    "save_dtype",
+    "device",
+    "eval_domain",
+)  # may change
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "lift": 2e-3, "sparse": 5e-4}
 
 
@@ -60,6 +68,7 @@ class FinetuneRecipe:
         "'default' (embedded SmolLM2-135M-Instruct), a directory, a .gguf or a hub id", default=None
     )
     domain: str = flag("builtin corpus name or path", default="legal")
+    eval_domain: str | None = flag("corpus whose held-out split measures the domain (default: --domain's own)")
     general: str = flag("open-domain corpus: builtin name or path", default="general")
     trainable: str = flag(
         "what is trained: lift, fisher (the domain's Fisher importance on the training blocks), magnitude, "
@@ -179,13 +188,14 @@ def _finetune(
     with stage("load_data"):
         domain = Corpus(recipe.domain, recipe.text_field, pool=tuple(recipe.pool))
         general = Corpus(recipe.general, recipe.text_field)
+        evaluated = Corpus(recipe.eval_domain, recipe.text_field) if recipe.eval_domain else domain
     with stage("load_model"):
         lm = load_model(recipe.model, dtype=recipe.dtype, device=recipe.device)
     with stage("tokenize"):
         n = recipe.steps * recipe.batch_size
         train_blocks = training_blocks(lm.tokenizer, domain, general, n, recipe.block_len, recipe.mix, recipe.seed)
         held_out = held_out_data(
-            lm.tokenizer, domain, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items
+            lm.tokenizer, evaluated, general, recipe.eval_blocks, recipe.block_len, recipe.cloze_items
         )
     with stage("evaluate_before"):
         before, cached = evaluate_source(lm, held_out, cache=cache)
@@ -214,6 +224,7 @@ def _finetune(
         **manifest_head("finetune", lm, recipe),
         "data": {
             "domain": domain.describe(),
+            **({"eval_domain": evaluated.describe()} if recipe.eval_domain else {}),
             "general": general.describe(),
             "train": describe_blocks(train_blocks, recipe.mix),
             "eval": held_out.describe(),

@@ -60,6 +60,7 @@ class Recipe:
 
     model: str | None = flag("'default' (embedded SmolLM2-135M-Instruct), a directory, a .gguf or a hub id")
     domain: str = flag("builtin corpus name or path", "legal")
+    eval_domain: str | None = flag("corpus whose held-out split measures the domain (default: --domain's own)")
     general: str = flag("open-domain corpus: builtin name or path", "general", aliases=("--general-corpus",))
     method: str | None = flag(f"scorer: {', '.join(sorted(SCORERS))} (default: dual-obs; wanda with --structure)")
     sparsity: float | None = flag("share of Linear weights to remove (default 0.5)")
@@ -314,7 +315,7 @@ class ExtractData:
         }
 
 
-def _tokenize(r: Recipe, lm: LoadedModel, domain: Corpus, general: Corpus) -> ExtractData:
+def _tokenize(r: Recipe, lm: LoadedModel, domain: Corpus, general: Corpus, evaluated: Corpus) -> ExtractData:
     tok = lm.tokenizer
     calib = calibration_data(tok, domain, general, r.calib_blocks, r.block_len, r.mix or 0.0, r.seed)
     general_calib = None
@@ -324,7 +325,7 @@ def _tokenize(r: Recipe, lm: LoadedModel, domain: Corpus, general: Corpus) -> Ex
     rebuild = calib if r.reconstruct_mix == r.mix else None
     if r.reconstruct_mix is not None and rebuild is None:
         rebuild = calibration_data(tok, domain, general, r.calib_blocks, r.block_len, r.reconstruct_mix, r.seed)
-    held_out = held_out_data(tok, domain, general, r.eval_blocks, r.block_len, r.cloze_items)
+    held_out = held_out_data(tok, evaluated, general, r.eval_blocks, r.block_len, r.cloze_items)
     return ExtractData(
         calib, general_calib, rebuild, held_out, _importance_key(r, lm.fingerprint, calib, general_calib)
     )
@@ -382,12 +383,13 @@ def _extract(
     stage = Stages()
     with stage("load_data"):
         domain, general = Corpus(r.domain, r.text_field, pool=tuple(r.pool)), Corpus(r.general, r.text_field)
+        evaluated = Corpus(r.eval_domain, r.text_field) if r.eval_domain else domain
     with stage("load_model"):
         lm = model or load_model(r.model, dtype=r.dtype, device=r.device)
         r.targets().linears(lm.model)  # checked before any long work: there are Linear layers to prune
         calib = _calibration(r, lm)
     with stage("tokenize"):
-        data = _tokenize(r, lm, domain, general)
+        data = _tokenize(r, lm, domain, general, evaluated)
     with stage("evaluate_before"):
         # cached only for a model carve loaded itself (one handed in may have changed since)
         before, cached = evaluate_source(lm, data.held_out, cache=cache and model is None)
@@ -406,6 +408,7 @@ def _extract(
         **manifest_head("extract", lm, r),
         "data": {
             "domain": domain.describe(),
+            **({"eval_domain": evaluated.describe()} if r.eval_domain else {}),
             "general": general.describe(),
             "calibration": data.describe(r, calib_dtype),
             "eval": data.held_out.describe(),
