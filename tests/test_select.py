@@ -167,5 +167,10 @@ def test_selected_text_feeds_a_job_and_its_manifest_records_the_selection(tmp_pa
     assert main(["finetune", str(model_dir), "--domain", str(sel), *flags, "--out", str(out2)]) == 0
     data = json.loads((out2 / "carve.json").read_text())["data"]
     assert data["domain"]["selection"]["chosen"]["chunks"] == 20 and data["eval_domain"]["spec"] == "legal"
+    # carve report shows what was selected: chunks per source and the score histogram
+    page = tmp_path / "report.html"
+    assert main(["report", str(sel), str(out), "--out", str(page)]) == 0
+    text = page.read_text()
+    assert text.count("selected</h2>") == 2 and "alt='selection scores'" in text and str(pool) in text
     assert main(["finetune", str(model_dir), "--domain", "legal", "--pool", str(pool), *flags, "--out",
                  str(tmp_path / "ft3")]) == 2  # fmt: skip

@@ -38,6 +38,7 @@ class Run:
     mask: Mask | None = None
     importance: ImportanceMap | None = None
     tall: dict[str, Mask] | None = None  # a merge's TALL masks, by task
+    selection: dict[str, Any] | None = None  # a `carve select` manifest (its output, or a job's domain's)
 
 
 def _is_mask(path: Path) -> bool:
@@ -57,7 +58,15 @@ def load_run(target: str | Path) -> Run:
 
         if (path / TALL_FILE).is_file():
             run.tall = {t: Mask(m) for t, m in load_masks(path / TALL_FILE)[0].items()}
+        run.selection = (((run.manifest or {}).get("data") or {}).get("domain") or {}).get("selection")
         return run
+    if path.is_file() and path.suffix == ".jsonl":
+        from carve.selection import read_selection
+
+        selection = read_selection(path)
+        if selection is None:
+            raise UsageError(f"{str(target)!r} is no carve select output (its .carve.json is missing)")
+        return Run(path.stem, selection=selection)
     if path.is_file():
         if _is_mask(path):
             return Run(path.stem, mask=Mask.load(path))

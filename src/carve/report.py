@@ -39,6 +39,8 @@ def run_row(run: Run) -> dict[str, Any]:
         )
     elif r:
         what = f"{r.get('method')} {r.get('pattern') or _fmt(r.get('sparsity'), 'g')}, mix {_fmt(r.get('mix'), 'g')}"
+    elif run.selection is not None:
+        what = f"selection ({(run.selection.get('recipe') or {}).get('method', run.selection.get('method'))})"
     else:
         what = "mask / importance file"
     cloze = after.get("domain_cloze") or {}
@@ -241,6 +243,13 @@ def _write_report(targets: list[str | Path], html_path: str | Path, md_path: str
     for name, cats in tall.items():
         parts.append(f"<h2>TALL masks of {esc(name)}: shared, selfish and catastrophic weights</h2>")
         parts.append(_html_table(_tall_rows(cats)))
+    selections = {r.name: r.selection for r in runs if r.selection}
+    for name, sel in selections.items():
+        parts.append(f"<h2>What {esc(name)} selected</h2>")
+        parts.append(_html_table(_selection_rows(sel)))
+        hist = _selection_histogram(sel)
+        if hist:
+            parts.append(f"<img alt='selection scores' src='data:image/png;base64,{hist}'>")
     parts.append("</body></html>")
     out = Path(html_path).expanduser()
     with atomic_file(out) as tmp:
@@ -255,6 +264,11 @@ def _write_report(targets: list[str | Path], html_path: str | Path, md_path: str
                 f"| {r['layer']} | {r['jaccard']:.4f} | {r['both']:.3f} | {r['only_a']:.3f} | {r['only_b']:.3f} |"
                 for r in overlap["per_layer"]
             ]
+        for name, sel in selections.items():
+            rows_s = _selection_rows(sel)
+            md += ["", f"What {name} selected ({(sel.get('recipe') or {}).get('method', sel.get('method'))}):", ""]
+            md += ["| " + " | ".join(rows_s[0]) + " |", "|" + "---|" * len(rows_s[0])]
+            md += ["| " + " | ".join(r) + " |" for r in rows_s[1:]]
         for name, cats in tall.items():
             rows_t = _tall_rows(cats)
             md += ["", f"TALL masks of {name} (shares of weights per block):", ""]
@@ -263,7 +277,41 @@ def _write_report(targets: list[str | Path], html_path: str | Path, md_path: str
         md += ["", f"Plots: {out.name}"]
         with atomic_file(Path(md_path).expanduser()) as tmp:
             tmp.write_text("\n".join(md) + "\n")
-    return {"rows": rows, "overlap": overlap, "plots": sorted(plots), "tall": tall}
+    return {"rows": rows, "overlap": overlap, "plots": sorted(plots), "tall": tall, "selections": selections}
+
+
+def _selection_rows(sel: dict[str, Any]) -> list[list[str]]:
+    """Chosen chunks per source and their share, against each source's share of the pool."""
+    chosen = (sel.get("chosen") or {}).get("by_source") or {}
+    pool = {k: v.get("chunks", 0) for k, v in ((sel.get("inputs") or {}).get("pool") or {}).items()}
+    total_c, total_p = max(1, sum(chosen.values())), max(1, sum(pool.values()))
+    rows = [["source", "chosen chunks", "share of chosen", "share of pool"]]
+    for src in sorted(set(chosen) | set(pool), key=lambda s: -chosen.get(s, 0)):
+        rows.append(
+            [src, str(chosen.get(src, 0)), f"{chosen.get(src, 0) / total_c:.3f}", f"{pool.get(src, 0) / total_p:.3f}"]
+        )
+    return rows
+
+
+def _selection_histogram(sel: dict[str, Any]) -> str | None:
+    hist = sel.get("score_histogram") or {}
+    if not (hist.get("pool") or {}).get("counts"):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for key, colour in (("pool", "#999"), ("chosen", "#c33")):
+        h = hist.get(key) or {}
+        if h.get("counts"):
+            edges = h["edges"]
+            ax.stairs(h["counts"], edges, fill=True, alpha=0.5, color=colour, label=key)
+    ax.set_xlabel("score (DSIR: log importance weight; ZIP-FIT: alignment)")
+    ax.set_ylabel("chunks")
+    ax.legend()
+    return _png(fig)
 
 
 def _tall_sections(runs: list[Run]) -> dict[str, list[dict[str, Any]]]:
