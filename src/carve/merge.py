@@ -166,13 +166,33 @@ def merge_tensor(
     if not base.is_floating_point():
         return base
     b = base.float()
-    deltas = []
-    for i, e in enumerate(experts):
+
+    def one(i: int) -> torch.Tensor:
         imp = extras["importance"][i].get(name) if extras.get("importance") else None
         m = method if method.sparsify != "importance" or imp is not None else replace(method, sparsify="magnitude")
-        deltas.append(sparsified(e.float() - b, m, r.density[i], gamma=r.gamma, generator=extras.get("generator"),
-                                 importance=imp, rescale=r.rescale or "none"))  # fmt: skip
+        return sparsified(experts[i].float() - b, m, r.density[i], gamma=r.gamma, generator=extras.get("generator"),
+                          importance=imp, rescale=r.rescale or "none")  # fmt: skip
+
+    # the experts' selections (sorts, k-th values) are single-threaded in torch: run them side by side,
+    # but for DARE, whose masks must come from its one generator in expert order, and for tensors so
+    # large that two experts' sort buffers at once would raise the peak memory
+    sequential = method.sparsify in (None, "random") or b.numel() > PARALLEL_MAX or len(experts) < 2
+    deltas = [one(i) for i in range(len(experts))] if sequential else list(_executor().map(one, range(len(experts))))
     return b + combine(deltas, r.weights, method, r.lam, r.normalize)
+
+
+PARALLEL_MAX = 8_000_000  # entries: above this an expert's selection runs alone
+_EXECUTOR: Any = None
+
+
+def _executor() -> Any:
+    global _EXECUTOR
+    if _EXECUTOR is None:
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        _EXECUTOR = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
+    return _EXECUTOR
 
 
 def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: bool = True) -> dict[str, Any]:
