@@ -1,8 +1,8 @@
-# ruff: noqa: E402  (the module path is set before the imports: see below)
-"""Benchmark `carve select` (DSIR, ZIP-FIT, random) on a mixed pool of offline text, against
+"""Benchmark `carve select` (DSIR, ZIP-FIT, random; this file is not bench/select.py: that name would
+shadow the standard library's `select` module for every bench script) on a mixed pool of offline text, against
 `data-selection` 1.0.3 (DSIR) and `zip-fit` 1.0.9, each in its own virtual environment.
 
-    .venv/bin/python bench/select.py [--domains legal code] [--k 500] [--rerun ID ...] [--table-only]
+    .venv/bin/python bench/selection.py [--domains legal code] [--k 500] [--rerun ID ...] [--table-only]
 
 The pool (bench/out/select-pool/, built once; chunks of at most 256 words, one JSON line each, so
 every tool sees the same examples), one file per source, the file naming the source:
@@ -27,12 +27,6 @@ bench/results/select.jsonl; the table: the `select` section of bench/RESULTS.md.
 
 from __future__ import annotations
 
-import sys
-
-# this file's name is the standard library's `select` module's: take its folder off the front of
-# the module path before anything imports `select` (subprocess does), and look for `common` last
-sys.path[:] = [p for p in sys.path if p not in ("", __import__("os").path.dirname(__file__))]
-
 import argparse
 import gzip
 import hashlib
@@ -40,11 +34,12 @@ import json
 import random
 import re
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
-sys.path.append(str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HERE, OUT, ROOT, commit, load_results, save_result, timed, write_section
 from select_env import ensure_dsir, ensure_zipfit
 
