@@ -52,7 +52,7 @@ def scenario() -> dict[str, Any]:
 
 
 def run(objective: str, mask: str, seed: int, extra: list[str]) -> dict[str, Any]:
-    out = OUT / f"unlearn-{objective}-{mask}-s{seed}"
+    out = OUT / f"unlearn-{objective}-{mask}-s{seed}{tag_of(extra).replace('=', '').replace(',', '-')}"
     parts = {k: str(SCENARIO / f"{k}.jsonl") for k in ("forget", "retain", "holdout")}
     cmd = [CARVE, "unlearn", str(SCENARIO / "target"), "--forget", parts["forget"], "--retain", parts["retain"],
            "--holdout", parts["holdout"], "--reference", str(SCENARIO / "retain-model"), "--objective", objective,
@@ -89,6 +89,12 @@ def _cell(xs: list[float], spec: str) -> str:
     return f"{format(statistics.mean(xs), spec)} ± {statistics.stdev(xs):.3f}"
 
 
+def tag_of(extra: list[str]) -> str:
+    """The row-id suffix of runs with extra flags (e.g. `--lr 1e-4` -> `@lr=1e-4`)."""
+    pairs = [f"{a.lstrip('-')}={b}" for a, b in zip(extra[::2], extra[1::2], strict=False)]
+    return "@" + ",".join(pairs) if pairs else ""
+
+
 def write_table(rows: dict[str, dict[str, Any]], objectives: list[str], masks: list[str], seeds: int) -> str:
     runs = [r for r in rows.values() if "metrics" in r]
     lines = ["| row | seeds | " + " | ".join(label for _, label, _ in COLUMNS) + " | wall s | peak RSS MB |",
@@ -98,20 +104,26 @@ def write_table(rows: dict[str, dict[str, Any]], objectives: list[str], masks: l
         for name, ms in (("target (before unlearning)", m["before"]), ("retain model (the goal)", m["reference"])):
             cells = [_cell([x] if (x := _value(ms, k)) is not None else [], spec) for k, _, spec in COLUMNS]
             lines.append(f"| {name} | - | " + " | ".join(cells) + " | - | - |")
-    for objective in objectives:
-        for mask in masks:
-            done = [rows[i] for s in range(seeds) if "metrics" in rows.get(i := f"{objective}/{mask}/s{s}", {})]
-            if not done:
-                continue
-            cells = []
-            for k, _, spec in COLUMNS:
-                xs = [x for r in done if (x := _value(r["metrics"]["after"], k)) is not None]
-                cells.append(_cell(xs, spec))
-            wall = _cell([r["wall_s"] for r in done], ".0f")
-            rss = _cell([r["peak_rss_mb"] for r in done], ".0f")
-            lines.append(f"| {objective} + {mask} | {len(done)} | " + " | ".join(cells) + f" | {wall} | {rss} |")
+    tags = sorted({r.get("tag", "") for r in runs})
+    for tag in tags:
+        for objective in objectives:
+            for mask in masks:
+                ids = [f"{objective}/{mask}/s{s}{tag}" for s in range(seeds)]
+                done = [rows[i] for i in ids if "metrics" in rows.get(i, {})]
+                if done:
+                    lines.append(_row(f"{objective} + {mask}{(' ' + tag) if tag else ''}", done))
     failed = [f"- {k}: {r['error']}" for k, r in rows.items() if "error" in r]
     return "\n".join(lines + (["", *failed] if failed else []))
+
+
+def _row(name: str, done: list[dict[str, Any]]) -> str:
+    cells = []
+    for k, _, spec in COLUMNS:
+        xs = [x for r in done if (x := _value(r["metrics"]["after"], k)) is not None]
+        cells.append(_cell(xs, spec))
+    wall = _cell([r["wall_s"] for r in done], ".0f")
+    rss = _cell([r["peak_rss_mb"] for r in done], ".0f")
+    return f"| {name} | {len(done)} | " + " | ".join(cells) + f" | {wall} | {rss} |"
 
 
 def plot(rows: dict[str, dict[str, Any]]) -> None:
@@ -127,7 +139,7 @@ def plot(rows: dict[str, dict[str, Any]]) -> None:
     marks = {"none": "o", "random": "x", "salun": "s", "wagle": "^", "fisher": "D"}
     colours = {"ga": "tab:red", "graddiff": "tab:blue", "npo": "tab:green"}
     for key, r in runs:
-        objective, mask, _ = key.split("/")
+        objective, mask = key.split("/")[:2]
         a = r["metrics"]["after"]
         ax.scatter(a["verbatim_rougeL"], a["retain_ppl"], marker=marks.get(mask, "."), color=colours.get(objective))
     ref, before = runs[0][1]["metrics"]["reference"], runs[0][1]["metrics"]["before"]
@@ -165,12 +177,17 @@ def main() -> None:
         for seed in range(args.seeds):
             for objective in args.objectives:
                 for mask in args.masks:
-                    rid = f"{objective}/{mask}/s{seed}"
+                    rid = f"{objective}/{mask}/s{seed}{tag_of(args.extra)}"
                     if rid in rows and "error" not in rows[rid]:
                         continue
                     print(f"running {rid} ...", flush=True)
                     try:
-                        result = {"id": rid, **run(objective, mask, seed, args.extra), "commit": commit()}
+                        result = {
+                            "id": rid,
+                            "tag": tag_of(args.extra),
+                            **run(objective, mask, seed, args.extra),
+                            "commit": commit(),
+                        }
                     except subprocess.CalledProcessError as exc:
                         result = {"id": rid, "error": ((exc.stderr or "").strip().splitlines() or ["failed"])[-1][:300]}
                     rows[rid] = result
