@@ -175,7 +175,7 @@ ZIPFIT(source, target, k, output_file=out, compression_algorithm='gzip', compres
 
 def _merged_pool(pool: Path) -> Path:
     """The pool as one .jsonl (zip-fit reads one source file), with each chunk's source beside."""
-    one = pool / "all.jsonl.single"
+    one = OUT / f"{pool.name}-all.jsonl"  # beside the pool, not in it (the pool is every .jsonl there)
     if not one.exists():
         one.write_text("".join(Path(f).read_text() for f in pool_files(pool)))
     return one
@@ -197,10 +197,7 @@ def run_dsir_package(target: Path, pool: Path, k: int, tag: str) -> dict[str, An
 
 def run_zipfit_package(target: Path, pool: Path, k: int, tag: str) -> dict[str, Any]:
     python = ensure_zipfit()
-    single = _merged_pool(pool)
-    src = single.with_suffix(".jsonl")  # zip-fit wants the .jsonl suffix
-    if not src.exists():
-        src.symlink_to(single.name)
+    src = _merged_pool(pool)
     out = OUT / f"select-{tag}-zip-fit.jsonl"
     speed = timed([str(python), "-c", ZIPFIT_DRIVER, str(src), str(target), str(out), str(k)])
     return {"speed": speed, "texts": [json.loads(line)["text"] for line in out.read_text().splitlines()]}

@@ -68,7 +68,7 @@ class SelectRecipe:
     top_k: bool = flag("dsir: the k highest weights instead of Gumbel top-k sampling", default=False)
     level: int = flag("zipfit: gzip compression level (1-9)", default=9)
     target_samples: int = flag("zipfit: target examples compared with each chunk (seeded draw)", default=32)
-    workers: int = flag("zipfit: scoring processes (0: one per CPU core)", default=0)
+    workers: int = flag("scoring processes (0: one per CPU core)", default=0)
     seed: int = flag("Gumbel noise, target sample and the random method", default=0)
     text_field: str = flag("text field of .jsonl / .parquet / datasets inputs", default="text")
 
@@ -222,17 +222,56 @@ class TargetCompressor:
         return total / len(self.states)
 
 
-_WORKER: TargetCompressor | None = None
+_WORKER: Any = None  # the worker process's scorer: a Hasher (dsir) or a TargetCompressor (zipfit)
 
 
-def _init_worker(examples: list[bytes], level: int) -> None:
+def _init_zipfit(examples: list[bytes], level: int) -> None:
     global _WORKER
     _WORKER = TargetCompressor(examples, level)
 
 
-def _score_batch(texts: list[str]) -> list[float]:
-    assert _WORKER is not None
-    return [_WORKER.alignment(t.encode("utf-8")) for t in texts]
+def _zipfit_batch(texts: list[str]) -> list[tuple[float, int]]:
+    return [(_WORKER.alignment(t.encode("utf-8")), len(words(t))) for t in texts]
+
+
+def _init_dsir(buckets: int) -> None:
+    global _WORKER
+    _WORKER = Hasher(buckets)
+
+
+def _dsir_batch(texts: list[str]) -> list[tuple[bytes, int]]:
+    """Each text's n-gram buckets (uint32 bytes, in ngram_buckets' order) and word count."""
+    out = []
+    for t in texts:
+        ids, n = ngram_buckets(t, _WORKER)
+        out.append((np.asarray(ids, dtype=np.uint32).tobytes(), n))
+    return out
+
+
+def _in_workers(
+    recipe: SelectRecipe, chunks: Iterator[Chunk], init: Any, initargs: tuple[Any, ...], fn: Any
+) -> Iterator[Any]:
+    """fn's result for every chunk, in order, computed in `recipe.workers` processes over batches
+    of 64 chunks; at most 4 batches per process in flight, so memory stays bounded."""
+    import multiprocessing as mp
+    import os
+
+    procs = recipe.workers or os.cpu_count() or 1
+    ctx = mp.get_context("spawn" if os.name == "nt" else "fork")
+    with ctx.Pool(procs, initializer=init, initargs=initargs) as pool:
+        pending: list[Any] = []
+        batch: list[str] = []
+        for c in chunks:
+            batch.append(c.text)
+            if len(batch) == 64:
+                pending.append(pool.apply_async(fn, (batch,)))
+                batch = []
+                while len(pending) > 4 * procs:
+                    yield from pending.pop(0).get()
+        if batch:
+            pending.append(pool.apply_async(fn, (batch,)))
+        for p in pending:
+            yield from p.get()
 
 
 # ---------------------------------------------------------------- selection
@@ -296,51 +335,48 @@ def _target_texts(recipe: SelectRecipe, tally: Tally) -> list[str]:
 
 def _scores(recipe: SelectRecipe, target: list[str], tally: Tally) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """One score, one word count per pool chunk, and what the method fitted."""
-    hasher = Hasher(recipe.buckets)
     lengths: list[int] = []
     if recipe.method == "dsir":
-        raw = np.zeros(recipe.buckets, dtype=np.int64)
-        for c in _stream(recipe, "dsir: pool n-grams", tally):
-            ids, n = ngram_buckets(c.text, hasher)
-            raw += np.bincount(ids, minlength=recipe.buckets)
-            lengths.append(n)
-        diff = log_ratio(ngram_counts(target, hasher), raw)
-        scores = [float(diff[ngram_buckets(c.text, hasher)[0]].sum()) for c in _stream(recipe, "dsir: weights")]
-        w = np.asarray(scores)
-        if not recipe.top_k:
-            w = w + gumbel_keys(len(w), recipe.seed)
-        return w, np.asarray(lengths), {"raw_ngrams": int(raw.sum()), "log_weights": scores}
+        return _dsir_scores(recipe, target, tally)
     if recipe.method == "random":
         lengths = [len(words(c.text)) for c in _stream(recipe, "random: pool", tally)]
         return np.random.default_rng(recipe.seed).random(len(lengths)), np.asarray(lengths), {}
     sample = random.Random(recipe.seed).sample(target, min(recipe.target_samples, len(target)))
     examples = [t.encode("utf-8") for t in sample]
-    scores_z: list[float] = []
-    batch: list[str] = []
-    import multiprocessing as mp
-    import os
+    scored = _in_workers(recipe, _stream(recipe, "zipfit: alignment", tally), _init_zipfit, (examples, recipe.level),
+                         _zipfit_batch)  # fmt: skip
+    scores = []
+    for score, n in scored:
+        scores.append(score)
+        lengths.append(n)
+    return np.asarray(scores), np.asarray(lengths), {"target_examples": len(examples), "level": recipe.level}
 
-    procs = recipe.workers or os.cpu_count() or 1
-    ctx = mp.get_context("spawn" if os.name == "nt" else "fork")
-    with ctx.Pool(procs, initializer=_init_worker, initargs=(examples, recipe.level)) as pool:
-        pending = []
 
-        def flush() -> None:
-            pending.append(pool.apply_async(_score_batch, (list(batch),)))
-            batch.clear()
-            while len(pending) > 4 * procs:  # bounded: scores are collected as they finish, in order
-                scores_z.extend(pending.pop(0).get())
+def _dsir_scores(
+    recipe: SelectRecipe, target: list[str], tally: Tally
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """One pass over the pool in worker processes: each chunk's n-gram buckets counted into p_raw
+    and spilled to a temporary file (4 bytes an n-gram), then the weights from the spill: the pool
+    is tokenized and hashed once, and memory holds three numbers per chunk."""
+    import tempfile
 
-        for c in _stream(recipe, "zipfit: alignment", tally):
-            batch.append(c.text)
-            lengths.append(len(words(c.text)))
-            if len(batch) == 64:
-                flush()
-        if batch:
-            flush()
-        for p in pending:
-            scores_z.extend(p.get())
-    return np.asarray(scores_z), np.asarray(lengths), {"target_examples": len(examples), "level": recipe.level}
+    raw = np.zeros(recipe.buckets, dtype=np.int64)
+    sizes, lengths = [], []
+    with tempfile.TemporaryFile() as spill:
+        chunks = _stream(recipe, "dsir: pool n-grams", tally)
+        for ids, n in _in_workers(recipe, chunks, _init_dsir, (recipe.buckets,), _dsir_batch):
+            arr = np.frombuffer(ids, dtype=np.uint32)
+            raw += np.bincount(arr, minlength=recipe.buckets)
+            spill.write(ids)
+            sizes.append(arr.size)
+            lengths.append(n)
+        diff = log_ratio(ngram_counts(target, Hasher(recipe.buckets)), raw)
+        spill.seek(0)
+        scores = [float(diff[np.frombuffer(spill.read(4 * size), dtype=np.uint32)].sum()) for size in sizes]
+    w = np.asarray(scores)
+    if not recipe.top_k:
+        w = w + gumbel_keys(len(w), recipe.seed)
+    return w, np.asarray(lengths), {"raw_ngrams": int(raw.sum()), "log_weights": scores}
 
 
 def histogram(values: np.ndarray, bins: int = 20) -> dict[str, list[float]]:
