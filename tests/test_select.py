@@ -174,3 +174,11 @@ def test_selected_text_feeds_a_job_and_its_manifest_records_the_selection(tmp_pa
     assert text.count("selected</h2>") == 2 and "alt='selection scores'" in text and str(pool) in text
     assert main(["finetune", str(model_dir), "--domain", "legal", "--pool", str(pool), *flags, "--out",
                  str(tmp_path / "ft3")]) == 2  # fmt: skip
+
+
+def test_chunks_keep_the_text_as_written() -> None:
+    code = "def f(x):\n    return x + 1\n\n\nclass A:\n    pass  # done\n"
+    pieces = list(selection.chunks_of(code, 4))
+    assert pieces[0] == "def f(x):\n    return x" and "\n\n\nclass" in pieces[1]
+    assert " ".join(" ".join(p.split()) for p in pieces) == " ".join(code.split())
+    assert list(selection.chunks_of(code, 0)) == [code]

@@ -65,6 +65,11 @@ class SelectRecipe:
     chunk: int = flag("words per chunk (documents are cut into chunks of at most this many; 0: whole)", default=256)
     min_words: int = flag("shortest chunk that may be chosen, in words", default=100)
     buckets: int = flag("dsir: hashed n-gram buckets", default=10000)
+    smoothing: float = flag(
+        "dsir: pseudo-count added to every target bucket (data-selection's target_laplace_smoothing; "
+        "0 as its default; more helps a small target)",
+        default=0.0,
+    )
     top_k: bool = flag("dsir: the k highest weights instead of Gumbel top-k sampling", default=False)
     level: int = flag("zipfit: gzip compression level (1-9)", default=9)
     target_samples: int = flag("zipfit: target examples compared with each chunk (seeded draw)", default=32)
@@ -82,6 +87,8 @@ class SelectRecipe:
             raise UsageError("give exactly one of --k (chunks) and --tokens (words)")
         if (self.k is not None and self.k < 1) or (self.tokens is not None and self.tokens < 1):
             raise UsageError("--k and --tokens must be positive")
+        if self.smoothing < 0:
+            raise UsageError(f"--smoothing {self.smoothing} is negative")
         if self.chunk < 0 or self.min_words < 0 or self.buckets < 1 or self.target_samples < 1 or self.workers < 0:
             raise UsageError("chunk, min-words and workers must not be negative; buckets, target-samples positive")
         if not 1 <= self.level <= 9:
@@ -99,15 +106,21 @@ def words(text: str) -> list[str]:
     return WORD.findall(text.lower())
 
 
+SPACE = re.compile(r"\S+")
+
+
 def chunks_of(text: str, size: int) -> Iterator[str]:
-    """`text` cut at whitespace into pieces of at most `size` words (0: the whole text)."""
+    """`text` cut before every `size`-th whitespace-separated word (0: the whole text), each piece
+    as written (newlines and indentation kept: code stays code), stripped at its ends."""
     if size <= 0:
         if text.strip():
             yield text
         return
-    parts = text.split()
-    for i in range(0, len(parts), size):
-        yield " ".join(parts[i : i + size])
+    starts = [m.start() for i, m in enumerate(SPACE.finditer(text)) if i % size == 0]
+    for a, b in itertools.pairwise([*starts, len(text)]):
+        piece = text[a:b].strip()
+        if piece:
+            yield piece
 
 
 def iter_chunks(specs: list[str], chunk: int, text_field: str) -> Iterator[Chunk]:
@@ -179,9 +192,11 @@ def ngram_counts(texts: Iterator[str] | list[str], hasher: Hasher) -> np.ndarray
     return counts
 
 
-def log_ratio(target: np.ndarray, raw: np.ndarray) -> np.ndarray:
-    """log(p_target + 1e-8) − log(p_raw + 1e-8), data-selection's importance estimator."""
-    pt, pr = target / max(target.sum(), 1), raw / max(raw.sum(), 1)
+def log_ratio(target: np.ndarray, raw: np.ndarray, smoothing: float = 0.0) -> np.ndarray:
+    """log(p_target + 1e-8) − log(p_raw + 1e-8), data-selection's importance estimator (p_target
+    from the counts plus `smoothing` each)."""
+    t = target + smoothing
+    pt, pr = t / max(t.sum(), 1), raw / max(raw.sum(), 1)
     return np.log(pt + 1e-8) - np.log(pr + 1e-8)
 
 
@@ -370,7 +385,7 @@ def _dsir_scores(
             spill.write(ids)
             sizes.append(arr.size)
             lengths.append(n)
-        diff = log_ratio(ngram_counts(target, Hasher(recipe.buckets)), raw)
+        diff = log_ratio(ngram_counts(target, Hasher(recipe.buckets)), raw, recipe.smoothing)
         spill.seek(0)
         scores = [float(diff[np.frombuffer(spill.read(4 * size), dtype=np.uint32)].sum()) for size in sizes]
     w = np.asarray(scores)
