@@ -11,7 +11,7 @@ tools run: `carve merge CONFIG.yml` and mergekit's `mergekit-yaml CONFIG.yml` (b
 carve-only rows: the importance-guided merge (each expert's task vector kept where the base
 model's Fisher importance on its domain is highest: bench/out/finetune-fisher-D.safetensors, from
 `carve extract --method fisher --save-importance`), Consensus TIES (`--consensus 2`) and TALL masks
-(`--tall` over task arithmetic).
+(`--tall` over task arithmetic's plain sum, not the mean).
 
 Per row: each domain's perplexity and the general perplexity (first 16 held-out 512-token blocks),
 the normalized gain per task (the share of the expert's log-perplexity gain over the base that the
@@ -87,7 +87,9 @@ def carve_args(row: str, seed: int) -> list[str]:
         return [*common, "--method", "importance", *[f"--importance={d}={importance_map(d)}" for d in DOMAINS]]
     if row == "consensus_ties":
         return [*common, "--method", "ties", "--consensus", "2"]
-    return [*common, "--method", "task_arithmetic", "--tall"]
+    # TALL over the plain sum τ_MTL = Σ τ_t (the paper's task arithmetic, λ 1): with the mean, an entry
+    # only one task moved holds a third of that task's change, and no mask can rebuild the expert
+    return [*[a for a in common if a != "--normalize"], "--method", "task_arithmetic", "--tall"]
 
 
 def run_carve(row: str, seed: int) -> dict[str, Any]:
