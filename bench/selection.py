@@ -222,6 +222,8 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
 
 def write_table(rows: dict[str, dict[str, Any]], counts: dict[str, int], k: int) -> str:
     lines = [
+        "## Data selection (`carve select`) against data-selection 1.0.3 and zip-fit 1.0.9",
+        "",
         f"Pool: {sum(counts.values()):,} chunks of at most {WORDS} words ("
         + ", ".join(f"{n} {c:,}" for n, c in counts.items())
         + f"); k = {k} per selection.",

@@ -97,7 +97,8 @@ def tag_of(extra: list[str]) -> str:
 
 def write_table(rows: dict[str, dict[str, Any]], objectives: list[str], masks: list[str], seeds: int) -> str:
     runs = [r for r in rows.values() if "metrics" in r]
-    lines = ["| row | seeds | " + " | ".join(label for _, label, _ in COLUMNS) + " | wall s | peak RSS MB |",
+    lines = ["## Unlearning (`carve unlearn`) on the builtin scenario, embedded default", "",
+             "| row | seeds | " + " | ".join(label for _, label, _ in COLUMNS) + " | wall s | peak RSS MB |",
              "|---|---|" + "---|" * (len(COLUMNS) + 2)]  # fmt: skip
     if runs:
         m = runs[0]["metrics"]
