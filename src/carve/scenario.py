@@ -170,10 +170,12 @@ def _measure(recipe: ScenarioRecipe, root: Path, files: dict[str, Path]) -> dict
 
     probe = UnlearnRecipe(forget=str(files["forget"]), retain=str(files["retain"]), holdout=str(files["holdout"]))
     out: dict[str, Any] = {}
+    data = None  # the three models share the base's tokenizer: the probe data is made once
     for name, source in (("base", recipe.model), ("target", str(root / "target")),
                          ("retain_model", str(root / "retain-model"))):  # fmt: skip
         lm = load_model(source, dtype=recipe.dtype, device=recipe.device)
-        data, _ = unlearn_data(lm.tokenizer, probe)
+        if data is None:
+            data, _ = unlearn_data(lm.tokenizer, probe)
         out[name] = unlearn_metrics(lm.model, lm.tokenizer, data)
         del lm
     ref = out["retain_model"]["mia_auc"]
