@@ -1,7 +1,7 @@
 """Benchmark `carve unlearn` on the builtin scenario (`carve unlearn-scenario`, its defaults).
 
     .venv/bin/python bench/unlearn.py [--objectives ga graddiff npo] [--masks none random salun wagle fisher]
-        [--seeds 3] [--rerun ROW_ID ...] [--table-only] [--extra FLAG ...]
+        [--seeds 3] [--rerun ROW_ID ...] [--table-only] [--extra "--lr 1e-4"]
 
 The scenario: 30 King James chapters of the builtin `scripture` corpus drawn with seed 0; 3 to
 forget, 3 held out, 24 to retain; the embedded default fine-tuned (every parameter, 4 epochs of
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -166,8 +167,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--rerun", nargs="*", default=[])
     ap.add_argument("--table-only", action="store_true")
-    ap.add_argument("--extra", nargs="*", default=[], help="flags passed to every carve unlearn run")
+    ap.add_argument("--extra", default="", help='flags for every carve unlearn run, one string: --extra "--lr 1e-4"')
     args = ap.parse_args()
+    args.extra = shlex.split(args.extra)
     rows = {k: v for k, v in load_results(RESULTS).items() if k not in args.rerun}
     if not args.table_only:
         ensure_model()
