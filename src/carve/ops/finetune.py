@@ -74,13 +74,7 @@ def trainable_mask(
         return _checked(Mask.load(Path(spec.path).expanduser()), model, spec.path)
     if spec.kind == "importance":
         assert spec.path is not None
-        scores = ImportanceMap.load(Path(spec.path).expanduser())
-        saved_for = scores.meta.get("model_fingerprint")
-        if model_fingerprint and saved_for and saved_for != model_fingerprint:
-            raise UsageError(
-                f"importance map {spec.path!r} was computed on another model ({saved_for} != {model_fingerprint})"
-            )
-        _checked(scores, model, spec.path)
+        scores = load_importance(spec.path, model, model_fingerprint)
     else:
         by_kind: dict[str, dict[str, Any]] = {
             "lift": {"rank": rank},
@@ -90,6 +84,16 @@ def trainable_mask(
         params = by_kind.get(spec.kind, {})
         scores = compute_importance(spec.kind, model, targets, **params)
     return select_mask(scores, 1 - density, "matrix")
+
+
+def load_importance(path: str, model: nn.Module, model_fingerprint: str | None) -> ImportanceMap:
+    """A saved ImportanceMap, refused when it was computed on another model or names a weight this
+    model does not have in that shape."""
+    scores = ImportanceMap.load(Path(path).expanduser())
+    saved_for = scores.meta.get("model_fingerprint")
+    if model_fingerprint and saved_for and saved_for != model_fingerprint:
+        raise UsageError(f"importance map {path!r} was computed on another model ({saved_for} != {model_fingerprint})")
+    return _checked(scores, model, path)
 
 
 def _checked(named: Any, model: nn.Module, path: str) -> Any:

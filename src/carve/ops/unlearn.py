@@ -37,6 +37,7 @@ from carve.errors import UsageError
 from carve.importance import compute_importance
 from carve.importance.gradient import kl_to
 from carve.masks.mask import ImportanceMap, select_mask
+from carve.ops.finetune import load_importance
 from carve.settings import Targets
 
 OBJECTIVES = ("ga", "graddiff", "npo")
@@ -145,19 +146,10 @@ def unlearn_mask(
         return dict.fromkeys(names)
     if spec.kind == "importance":
         assert spec.path is not None
-        scores = ImportanceMap.load(Path(spec.path).expanduser())
-        saved_for = scores.meta.get("model_fingerprint")
-        if model_fingerprint and saved_for and saved_for != model_fingerprint:
-            raise UsageError(f"importance map {spec.path!r} was computed on another model")
+        scores = load_importance(spec.path, model, model_fingerprint)
         missing = sorted(set(names) - set(scores))
         if missing:
-            raise UsageError(
-                f"importance map {spec.path!r} has no scores for {missing[0]} (and {len(missing) - 1} more)"
-            )
-        params = dict(model.named_parameters())
-        wrong = [n for n in names if tuple(scores[n].shape) != tuple(params[n].shape)]
-        if wrong:
-            raise UsageError(f"importance map {spec.path!r} scores {wrong[0]} in another shape than this model's")
+            raise UsageError(f"importance map {spec.path!r} has no scores for {missing[0]} ({len(missing)} missing)")
         scores = ImportanceMap({n: scores[n] for n in names}, scores.meta)
     elif spec.kind == "wagle":
         scores = compute_importance("wagle", model, targets, data=forget, retain=retain, mu=mu)
