@@ -198,10 +198,10 @@ def test_gemma3_gets_a_different_mask_per_layer_type() -> None:
     replay each block's own call, not block 0's."""
     model = tiny_model("gemma3")
     calib = _calib(n=2, length=24)
-    from carve.engines.layerwise import _capture
+    from carve.engines.layerwise import capture_inputs
 
     _, blocks = find_blocks(model)
-    _, calls = _capture(model, blocks, [calib])
+    _, calls = capture_inputs(model, blocks, [calib])
     (per_block,) = calls.values()
     masks = [c[1].get("attention_mask") for c in per_block]
     assert masks[0] is not None  # the sliding-window layer gets an explicit banded mask
@@ -312,7 +312,7 @@ def test_auto_calibration_dtype_follows_the_device(monkeypatch: pytest.MonkeyPat
 def test_recording_block_calls_runs_no_block_but_the_first(arch: str) -> None:
     """The calls are recorded with blocks 1.. passing their input through (their maths is not
     needed), then every block's own forward is back."""
-    from carve.engines.layerwise import _capture
+    from carve.engines.layerwise import capture_inputs
 
     model = tiny_model(arch)
     _prefix, blocks = find_blocks(model)
@@ -322,7 +322,7 @@ def test_recording_block_calls_runs_no_block_but_the_first(arch: str) -> None:
         for name, lin in all_prunable_linears(model).items()
     ]
     calib = _calib()
-    _hidden, calls = _capture(model, blocks, list(calib.split(2)))
+    _hidden, calls = capture_inputs(model, blocks, list(calib.split(2)))
     for h in handles:
         h.remove()
     assert ran and all(".0." in name for name in ran)

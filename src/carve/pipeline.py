@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
@@ -38,14 +39,25 @@ from carve.masks.mask import ImportanceMap
 from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE, count_parameters
-from carve.models.load import check_calib_choice, check_source, resolve_calib_dtype
+from carve.models.load import (
+    check_calib_choice,
+    check_source,
+    config_dtype,
+    directory_fingerprint,
+    resolve_calib_dtype,
+    resolve_device,
+    resolve_dtype,
+)
+from carve.models.skeleton import SkeletonModel
+from carve.models.stream import StreamWriter
 from carve.ops.outcome import Outcome
 from carve.ops.plan import DEFAULT_DROP_RULE, DROP_RULES, ShapeTarget, check_drop_rule
 from carve.ops.prune import PROPAGATIONS, PruneResult, check_method_options, check_propagation, prune, scores_first
 from carve.ops.structure import structure
-from carve.output import atomic_file, check_output, claim
+from carve.output import atomic_file, atomic_output_dir, check_output, claim, write_json
 from carve.scorers import SCORERS, get_scorer
 from carve.settings import Calibration, Targets, check_types, flag
+from carve.streamed import BlockStream, check_streamable, copy_side_files, metrics, streaming_reason
 
 SWEEP_MIX = 0.3  # dual-obs: share of general blocks in its sweep's Hessians (as SparseGPT's default mix)
 # extract's default method: measured best in bench/RESULTS.md (dual section); wanda for --structure
@@ -140,6 +152,12 @@ class Recipe:
     dtype: str | None = flag("default: float32 on CPU, bfloat16 on CUDA", choices=("float32", "bfloat16", "float16"))
     device: str | None = flag("cpu, cuda, cuda:N (default: cuda when available)")
     batch_size: int = flag("calibration blocks per forward pass", 8)
+    stream: bool = flag(
+        "read, prune and write one decoder block at a time, for models larger than memory (a local safetensors "
+        "directory; block-wise methods: magnitude, wanda, sparsegpt); on by itself when the weights would take "
+        "more than half the memory available",
+        False,
+    )
     save_dtype: str | None = flag(SAVE_DTYPE_HELP, choices=SAVE_DTYPES)
     save_format: str = flag(
         "dense: plain safetensors for from_pretrained; sparse: the kept values and a bit-packed mask "
@@ -207,6 +225,11 @@ class Recipe:
         for name in ("calib_blocks", "block_len", "eval_blocks", "batch_size"):
             if getattr(r, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be a positive whole number, not {getattr(r, name)}")
+        if r.stream:
+            why = _not_streamable(r)
+            if why:
+                raise UsageError(f"--stream: {why}")
+            check_streamable(r.model)
         return r
 
     def _resolve_structure(self) -> None:
@@ -267,6 +290,20 @@ def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
                 f"({imp.meta.get(field_name)} != {key[field_name]}); rerun without --importance"
             )
     return imp
+
+
+def _not_streamable(r: Recipe) -> str | None:
+    """Why a resolved recipe cannot stream (None: it can)."""
+    if r.structure:
+        return "structured extraction plans over the whole model; it does not stream yet"
+    if _scores_first(r):
+        return (f"{r.method} scores the whole dense model first (gradients or a global ranking); streaming "
+                "works with block-wise methods: magnitude, wanda, sparsegpt at row or matrix granularity")  # fmt: skip
+    if r.propagation == "fused":
+        return "fused propagation runs the whole model at once; use --propagation pruned or dense"
+    if r.save_format != "dense":
+        return "the sparse format is written from the whole model; stream to dense, then compress"
+    return None
 
 
 def _scores_first(recipe: Recipe) -> bool:
@@ -384,6 +421,12 @@ def _extract(
     with stage("load_data"):
         domain, general = Corpus(r.domain, r.text_field, pool=tuple(r.pool)), Corpus(r.general, r.text_field)
         evaluated = Corpus(r.eval_domain, r.text_field) if r.eval_domain else domain
+    if model is None:
+        reason = streaming_reason(r.model, resolve_dtype(r.dtype, resolve_device(r.device)), r.stream)
+        if reason is not None and _not_streamable(r) is None:
+            return _extract_streamed(r, out, overwrite, save_mask, stage, (domain, general, evaluated), reason)
+    elif r.stream:
+        raise UsageError("--stream reads the model from disk; it cannot stream a model handed in already loaded")
     with stage("load_model"):
         lm = model or load_model(r.model, dtype=r.dtype, device=r.device)
         r.targets().linears(lm.model)  # checked before any long work: there are Linear layers to prune
@@ -436,6 +479,93 @@ def _extract(
         assert importance is not None
         _atomic_save(importance.save, save_importance)
     return manifest
+
+
+def _extract_streamed(
+    r: Recipe, out: str | Path | None, overwrite: bool, save_mask: str | Path | None, stage: Stages,
+    corpora: tuple[Corpus, Corpus, Corpus], reason: str,
+) -> dict[str, Any]:  # fmt: skip
+    """The extraction one block at a time (carve.streamed): read, calibrate, prune, write, free;
+    before and after perplexity from the same pass.  No cloze and no speed (both need the whole
+    model in memory); the manifest says so."""
+    from transformers import AutoTokenizer
+
+    domain, general, evaluated = corpora
+    path = check_streamable(r.model)
+    device = resolve_device(r.device)
+    with stage("load_model"):
+        try:
+            tok = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise UsageError(
+                f"could not load the tokenizer of {str(path)!r} ({str(exc).splitlines()[0][:200]})"
+            ) from None
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        skeleton = SkeletonModel(path, resolve_dtype(r.dtype, device), device)
+        source_dtype = config_dtype(path / "config.json")
+        lm = LoadedModel(skeleton.model, tok, str(r.model), directory_fingerprint(path), source_dtype)
+        r.targets().linears(lm.model)
+        calib = _calibration(r, lm)
+    streamed_r = replace(r, cloze_items=0, speed=False)
+    with stage("tokenize"):
+        data = _tokenize(streamed_r, lm, domain, general, evaluated)
+    save_name = r.save_dtype or source_dtype
+    with skeleton, atomic_output_dir(out, overwrite) if out is not None else nullcontext(None) as tmp:
+        specs = [(stored, getattr(torch, save_name) if skeleton.source.dtype(stored).is_floating_point
+                  else skeleton.source.dtype(stored), shape) for stored, shape in skeleton.stored_specs()]  # fmt: skip
+        writer = StreamWriter(tmp, specs) if tmp is not None else None
+        stream = BlockStream(skeleton, writer, data.held_out, getattr(torch, save_name))
+        with stage("prune"):
+            stream.start()
+            outcome = _operate(r, lm, data, replace(calib, stream=stream))
+        with stage("evaluate"):
+            before = metrics(stream.perplexities(stream.before, "perplexity (before)"), data.held_out)
+            after = metrics(stream.perplexities(stream.after, "perplexity (after)"), data.held_out)
+        calib_dtype = str(calib.dtype or next(lm.model.parameters()).dtype).removeprefix("torch.")
+        compute = str(skeleton.dtype).removeprefix("torch.")
+        manifest: dict[str, Any] = {
+            **manifest_head("extract", lm, streamed_r),
+            "streamed": {"why": reason, "cloze": "not measured (needs the whole model)", "speed": "not measured"},
+            "data": {
+                "domain": domain.describe(),
+                **({"eval_domain": evaluated.describe()} if r.eval_domain else {}),
+                "general": general.describe(),
+                "calibration": data.describe(r, calib_dtype),
+                "eval": data.held_out.describe(),
+            },
+            "metrics": {"before": before, "after": after, "before_from_cache": False},
+            "size": {"parameters_before": sum(n for _, n in stream.zeros.values())},
+            "saved": {"dtype": save_name, "format": "dense", "metrics_measured": (
+                f"computed in {compute}" + ("" if save_name in (compute, "float32") else
+                f"; the decoder blocks' weights are saved in {save_name}, the metrics are of the {compute} weights"))},
+            **_pruned(outcome).describe(lm.model, stream.zeros),
+            "importance": None,
+        }  # fmt: skip
+        manifest["size"]["parameters_after"] = manifest["size"]["parameters_before"]
+        if tmp is not None:
+            assert writer is not None
+            with stage("save"):
+                writer.close()
+                lm.model.config.dtype = getattr(torch, save_name)
+                lm.model.config.save_pretrained(tmp)
+                copy_side_files(path, tmp)
+                tok.save_pretrained(tmp)
+                outcome.save(tmp)
+                manifest["size"]["file_mb"] = round(
+                    sum(f.stat().st_size for f in tmp.glob("model*.safetensors")) / 2**20, 2
+                )
+            manifest["timings_s"], manifest["peak_rss_mb"] = stage.seconds, round(peak_rss_mb(), 1)
+            write_json(tmp / "carve.json", manifest)
+        manifest["timings_s"], manifest["peak_rss_mb"] = stage.seconds, round(peak_rss_mb(), 1)
+    if save_mask is not None:
+        _atomic_save(_pruned(outcome).mask.save, save_mask)
+    return manifest
+
+
+def _pruned(outcome: Outcome) -> PruneResult:
+    assert isinstance(outcome, PruneResult)  # a streamed extraction is unstructured or N:M
+    return outcome
 
 
 def _check_outputs(

@@ -44,6 +44,9 @@ class Calibration:
     batch_size: int = 8  # blocks per forward
     propagation: str = "pruned"  # "pruned" | "dense" | "fused" (see ops.prune.prune)
     dtype: torch.dtype | None = None  # autocast dtype of the forwards (None: the model's)
+    # streamed extraction: an object whose enter(i) / leave(i) the layer-wise engine calls before
+    # block i is calibrated and after it is pruned (reads it from disk, writes and frees it: carve.streamed)
+    stream: Any = None
 
 
 DEFAULT_CALIBRATION = Calibration()

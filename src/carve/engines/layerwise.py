@@ -8,6 +8,9 @@
    calibration batches, hand (linears, statistics) to the caller (which scores and/or prunes),
    then re-run the block so the next block sees the outputs of this (possibly pruned) block.
 
+Streamed (`calib.stream`, carve.streamed): `stream.enter(i)` before block i is calibrated and
+`stream.leave(i)` after it is pruned (and re-run), which read it from disk, write it and free it.
+
 Memory: the model, the hidden states of the calibration set for one block boundary (input and
 output), and one block's activations.  The engine never imports a method.
 
@@ -55,7 +58,7 @@ def split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.T
     return args[0], (args[1:], dict(kwargs), False)
 
 
-def _call_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+def call_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
     args, kwargs, as_kwarg = call
     out = block(*args, hidden_states=hidden, **kwargs) if as_kwarg else block(hidden, *args, **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
@@ -74,7 +77,7 @@ def _forward_until_stop(model: nn.Module, ids: torch.Tensor, handles: list[Any])
 
 
 @torch.no_grad()
-def _capture(
+def capture_inputs(
     model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]
 ) -> tuple[list[torch.Tensor], dict[tuple[int, ...], list[BlockCall]]]:
     hidden: list[torch.Tensor] = []
@@ -254,6 +257,9 @@ def layerwise(
     Linear as its input arrives, in one forward of the model with `calib.batch_size` ignored.
     `calib.dtype`: see the module docstring.  `targets`: the Linear modules handed over."""
     include, exclude, propagation = targets.include, targets.exclude, calib.propagation
+    stream = calib.stream
+    if stream is not None and propagation == "fused":
+        raise UsageError("a streamed extraction calibrates one block at a time: use --propagation pruned or dense")
     param = next(model.parameters())
     device = param.device
     autocast = check_calib_dtype(param.dtype, calib.dtype)
@@ -265,10 +271,12 @@ def layerwise(
     rerun = propagation == "pruned"
     batches = [b.to(device) for b in calibration.split(calib.batch_size)]
     with _computing(device, autocast):
-        hidden, calls = _capture(model, blocks, batches)
+        hidden, calls = capture_inputs(model, blocks, batches)
     shapes = [tuple(b.shape) for b in batches]
 
     for i in progress(range(len(blocks)), desc, total=len(blocks)):
+        if stream is not None:
+            stream.enter(i)
         block = blocks[i]
         last = i == len(blocks) - 1
         linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
@@ -278,7 +286,7 @@ def layerwise(
             for j, h in enumerate(hidden):
                 try:
                     with _computing(device, autocast):
-                        outputs.append(_call_block(block, h, calls[shapes[j]][i]))
+                        outputs.append(call_block(block, h, calls[shapes[j]][i]))
                 except _Stop:
                     pass
                 if collector is not None:
@@ -289,8 +297,10 @@ def layerwise(
         on_block(i, linears, {} if collector is None else collector.stats)
         if rerun and not last:
             with _computing(device, autocast):
-                outputs = [_call_block(block, h, calls[shapes[j]][i]) for j, h in enumerate(hidden)]
+                outputs = [call_block(block, h, calls[shapes[j]][i]) for j, h in enumerate(hidden)]
         hidden = outputs
+        if stream is not None:
+            stream.leave(i)
 
 
 def _fused(

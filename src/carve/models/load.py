@@ -72,6 +72,14 @@ def _file_fingerprint(paths: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+def directory_fingerprint(path: Path) -> str:
+    """The fingerprint of a model directory's weight files (`_file_fingerprint`)."""
+    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
+    if not weights:
+        raise UsageError(f"model directory {str(path)!r} has no .safetensors or .bin weights")
+    return _file_fingerprint(weights)
+
+
 def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
     if dtype is None:
         return torch.float32 if device == "cpu" else torch.bfloat16
@@ -152,7 +160,7 @@ def _check_safetensors(directory: Path) -> None:
             raise UsageError(f"weights file {f} is truncated or not safetensors ({exc})") from None
 
 
-def _config_dtype(config: Path | None) -> str:
+def config_dtype(config: Path | None) -> str:
     """The precision a Hugging Face config says its weights are stored in (float32 when unsaid)."""
     try:
         data = json.loads(config.read_text()) if config is not None else {}
@@ -180,10 +188,7 @@ def _from_directory(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
 
     if not (path / "config.json").is_file():
         raise UsageError(f"model directory {str(path)!r} has no config.json")
-    weights = list(path.glob("*.safetensors")) + list(path.glob("*.bin"))
-    if not weights:
-        raise UsageError(f"model directory {str(path)!r} has no .safetensors or .bin weights")
-    fingerprint = _file_fingerprint(weights)
+    fingerprint = directory_fingerprint(path)
     tok = AutoTokenizer.from_pretrained(path)
     if (path / SPARSE_FILE).is_file() and not (path / "model.safetensors").is_file():
         state, aliases = read_sparse_state(path)
@@ -333,10 +338,10 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
             return _load_delta_output(path, dtype, device)
         elif path.is_dir():
             tok, model, fingerprint = _from_directory(path, kwargs)
-            source_dtype = _config_dtype(path / "config.json")
+            source_dtype = config_dtype(path / "config.json")
         elif _is_hub_id(source) and not _local_hint(path):
             tok, model, fingerprint = _from_hub(str(source), kwargs)
-            source_dtype = _config_dtype(_cached_config(str(source)))
+            source_dtype = config_dtype(_cached_config(str(source)))
         else:
             raise UsageError(_not_found(str(source), path))
     except UsageError:

@@ -38,7 +38,8 @@ from carve.errors import UsageError
 from carve.importance.scoring import needs_data, score
 from carve.masks.mask import ImportanceMap, Mask, select_mask
 from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
-from carve.models.arch import as_param_layout, weight_matrix
+from carve.models.arch import as_param_layout, find_blocks, prunable_linears, weight_matrix
+from carve.progress import progress
 from carve.scorers.registry import Scorer, get_scorer
 from carve.scorers.sparsegpt import factor_of, obs_saliency, sparsegpt_prune
 from carve.scorers.stats import Hessian
@@ -79,8 +80,8 @@ class PruneResult:
     importance: ImportanceMap | None = None  # the scores the mask was selected from, if any
     sparsity: float | None = None  # the target
 
-    def describe(self, model: nn.Module) -> dict[str, Any]:
-        achieved = model_sparsity(model, self.mask)
+    def describe(self, model: nn.Module, zeros: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
+        achieved = model_sparsity(model, self.mask, zeros)
         retries = {k: v for k, v in self.info.items() if v.get("damp_retries")}
         return {
             "sparsity": {
@@ -190,7 +191,14 @@ def _prune_blockwise(
             if notes:
                 info[_param_name(name)] = notes
 
-    if data is None:
+    if data is None and calib.stream is not None:  # streamed: block by block, each read, pruned, written
+        prefix, blocks = find_blocks(model)
+        with torch.no_grad():
+            for i in progress(range(len(blocks)), f"pruning ({scorer.name})", total=len(blocks)):
+                calib.stream.enter(i)
+                prune_linears(prunable_linears(blocks[i], f"{prefix}.{i}", targets.include, targets.exclude), {})
+                calib.stream.leave(i)
+    elif data is None:
         with torch.no_grad():
             prune_linears(targets.linears(model), {})
     else:
@@ -303,15 +311,19 @@ def _obs_sweep(
     return info
 
 
-def model_sparsity(model: nn.Module, pruned: Mask | Iterable[str]) -> dict[str, float]:
+def model_sparsity(
+    model: nn.Module, pruned: Mask | Iterable[str], zeros: dict[str, tuple[int, int]] | None = None
+) -> dict[str, float]:
     """Share of zeros over the pruned weights (a mask's parameters, or any parameter names) and
-    over all parameters."""
-    params = dict(model.named_parameters())
+    over all parameters; `zeros` (parameter -> (zeros, entries)) when the weights were counted as
+    they were written (a streamed extraction's, no longer in memory)."""
+    if zeros is None:
+        zeros = {k: (int((p == 0).sum()), p.numel()) for k, p in model.named_parameters()}
     names = list(pruned)
-    pruned_total = sum(params[k].numel() for k in names)
-    pruned_zeros = sum(int((params[k] == 0).sum()) for k in names)
-    all_total = sum(p.numel() for p in model.parameters())
-    all_zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    pruned_total = sum(zeros[k][1] for k in names)
+    pruned_zeros = sum(zeros[k][0] for k in names)
+    all_total = sum(n for _, n in zeros.values())
+    all_zeros = sum(z for z, _ in zeros.values())
     return {
         "linear": pruned_zeros / pruned_total if pruned_total else 0.0,
         "all_parameters": all_zeros / all_total if all_total else 0.0,

@@ -1,0 +1,188 @@
+"""Streamed extraction: a model larger than memory pruned one decoder block at a time.
+
+The model is a skeleton (models/skeleton.py): parameters on the meta device, the tensors outside
+the blocks read at once, each block read from the safetensors shards when the layer-wise engine
+reaches it.  `BlockStream` is the engine's hook pair (`Calibration.stream`):
+
+- `enter(i)`: block i is read; the held-out evaluation's hidden states pass through it as it is
+  (the "before" model);
+- the engine calibrates and prunes it;
+- `leave(i)`: the "after" hidden states pass through the pruned block, its tensors are written to
+  the output's shards (models/stream.StreamWriter) in the saved dtype, and it is freed.
+
+Both perplexities come from this one pass: after the last block, each set's final hidden states go
+through the model's own final norm and head (every block's forward replaced by one that returns
+them), exactly as a full forward would compute them.  The output is a plain (sharded) safetensors
+checkpoint with its index, written like the source, so `from_pretrained` loads it.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from carve.engines.layerwise import call_block, capture_inputs
+from carve.errors import UsageError
+from carve.job import EvalData
+from carve.models.patch import replaced_forwards
+from carve.models.skeleton import SkeletonModel
+from carve.models.stream import StreamWriter
+from carve.progress import progress
+
+EVAL_BATCH = 2  # as carve.evaluation.perplexity, so the sums are the same
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def weights_bytes(directory: Path, dtype: torch.dtype) -> int:
+    """The size a checkpoint's weights take in memory in `dtype` (from the safetensors headers)."""
+    from carve.models.stream import TensorSource
+
+    with TensorSource(directory) as src:
+        n = 0
+        for name in src.names():
+            count = math.prod(src.shape(name))
+            n += count * (torch.empty((), dtype=dtype).element_size() if src.dtype(name).is_floating_point else 1)
+    return n
+
+
+class BlockStream:
+    """The layer-wise engine's hooks for a streamed extraction (see the module docstring)."""
+
+    def __init__(self, skeleton: SkeletonModel, writer: StreamWriter | None, held_out: EvalData,
+                 save_dtype: torch.dtype) -> None:  # fmt: skip
+        self.sk = skeleton
+        self.writer = writer
+        self.save_dtype = save_dtype
+        self.batches = [(key, b) for key, (_, blocks) in held_out.blocks.items() for b in blocks.split(EVAL_BATCH)]
+        self.sets = {key: name for key, (name, _) in held_out.blocks.items()}
+        self.zeros: dict[str, tuple[int, int]] = {}  # parameter -> (zeros, entries), as written
+        self.entered: set[int] = set()
+        self.before: list[torch.Tensor] = []
+        self.after: list[torch.Tensor] = []
+        self._calls: dict[tuple[int, ...], Any] = {}
+        self._tuple = False
+
+    def start(self) -> None:
+        """Write the tensors outside the blocks; capture the held-out hidden states entering block 0."""
+        for name in self.sk.other_names():
+            self._write(name)
+        self.sk.load_block(0)
+        ids = [b.to(self.sk.device) for _, b in self.batches]
+        hidden, self._calls = capture_inputs(self.sk.model, self.sk.blocks, ids)
+        self.before, self.after = list(hidden), list(hidden)
+        if ids:  # how block outputs are shaped (a tensor, or a tuple led by it)
+            out = self._block(0, ids[0], hidden[0], raw=True)
+            self._tuple = isinstance(out, (tuple, list))
+
+    def _block(self, i: int, ids: torch.Tensor, h: torch.Tensor, raw: bool = False) -> Any:
+        call = self._calls[tuple(ids.shape)][i]
+        if raw:
+            args, kwargs, as_kwarg = call
+            block = self.sk.blocks[i]
+            return block(*args, hidden_states=h, **kwargs) if as_kwarg else block(h, *args, **kwargs)
+        return call_block(self.sk.blocks[i], h, call)
+
+    @torch.no_grad()
+    def enter(self, i: int) -> None:
+        if i in self.entered:
+            return
+        self.entered.add(i)
+        self.sk.load_block(i)
+        self.before = [self._block(i, b, h) for (_, b), h in zip(self.batches, self.before, strict=True)]
+
+    @torch.no_grad()
+    def leave(self, i: int) -> None:
+        self.after = [self._block(i, b, h) for (_, b), h in zip(self.batches, self.after, strict=True)]
+        for name in self.sk.block_names(i):
+            self._write(name)
+        self.sk.free_block(i)
+
+    def _write(self, name: str) -> None:
+        t = self.sk.parameter(name).detach()
+        self.zeros[name] = (int((t == 0).sum()), t.numel())
+        if self.writer is not None:
+            self.writer.write(self.sk.specs[name][0], t.to(self.save_dtype) if t.is_floating_point() else t)
+
+    @torch.no_grad()
+    def perplexities(self, hidden: list[torch.Tensor], desc: str) -> dict[str, float]:
+        """Per held-out set, exp of the mean next-token NLL, from the final hidden states."""
+        nll: dict[str, float] = {}
+        count: dict[str, int] = {}
+        for (key, ids), h in progress(list(zip(self.batches, hidden, strict=True)), desc):
+            ids = ids.to(self.sk.device)
+            out: Any = (h,) if self._tuple else h
+
+            def final(_m: Any, _f: Any, out: Any = out) -> Any:
+                return lambda *_a, **_k: out  # every block returns the final hidden states
+
+            with replaced_forwards(list(self.sk.blocks), final):
+                logits = self.sk.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+            nll[key] = nll.get(key, 0.0) + loss.item()
+            count[key] = count.get(key, 0) + ids[:, 1:].numel()
+        return {key: math.exp(nll[key] / count[key]) for key in nll}
+
+
+def metrics(ppl: dict[str, float], held_out: EvalData) -> dict[str, Any]:
+    """The metrics a streamed pass measured, in `job.metrics_of`'s layout (no cloze: it is not
+    streamed)."""
+    out: dict[str, Any] = {}
+    for key, (_, blocks) in held_out.blocks.items():
+        out[f"{key}_ppl"] = round(ppl[key], 4)
+        out[f"{key}_eval_blocks"] = len(blocks)
+        out["block_len"] = blocks.shape[1]
+    return out
+
+
+def copy_side_files(source: Path, tmp: Path) -> None:
+    """The source's generation config (the config and tokenizer are saved by the job)."""
+    for name in ("generation_config.json",):
+        if (source / name).is_file():
+            shutil.copyfile(source / name, tmp / name)
+
+
+def streaming_reason(model: str | None, dtype: torch.dtype, forced: bool) -> str | None:
+    """Why this extraction streams (None: it does not): --stream, or a local checkpoint whose
+    weights would take more than half the memory available."""
+    if forced:
+        return "--stream"
+    if model is None or not Path(model).expanduser().is_dir():
+        return None
+    path = Path(model).expanduser()
+    if not any(path.glob("*.safetensors")) or not (path / "config.json").is_file():
+        return None
+    free = available_memory()
+    if free is None:
+        return None
+    need = weights_bytes(path, dtype)
+    if need * 2 <= free:
+        return None
+    return f"the weights take {need / 2**30:.1f} GiB, more than half the {free / 2**30:.1f} GiB available"
+
+
+def check_streamable(model: str | None) -> Path:
+    """The local safetensors directory a streamed extraction reads, or a clear error."""
+    path = Path(str(model)).expanduser()
+    if model is None or not path.is_dir() or not (path / "config.json").is_file():
+        raise UsageError(
+            "--stream reads a local model directory with config.json and safetensors weights "
+            f"(not {model or 'the embedded GGUF default'!r}); convert it first with `carve convert`"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise UsageError(f"--stream reads safetensors weights; {str(path)!r} has none")
+    return path

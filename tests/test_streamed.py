@@ -1,0 +1,128 @@
+"""Streamed extraction (`--stream`): one decoder block in memory at a time, the same result as the
+in-memory engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from carve.errors import UsageError
+from carve.pipeline import Recipe, extract
+from tests.conftest import ARCHS, tiny_model
+
+
+def _recipe(model: Path, corpus: Path, method: str, stream: bool, **kw) -> Recipe:
+    return Recipe(
+        model=str(model), domain=str(corpus), general=str(corpus), method=method, calib_blocks=4, block_len=32,
+        eval_blocks=2, cloze_items=0, speed=False, batch_size=2, stream=stream, **{"sparsity": 0.5, **kw},
+    )  # fmt: skip
+
+
+def _saved(tmp_path: Path, arch: str, tokenizer, shard: str | None = None) -> Path:
+    out = tmp_path / f"src-{arch}"
+    model = tiny_model(arch)
+    model.save_pretrained(out, **({"max_shard_size": shard} if shard else {}))
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(directory.glob("model*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+def test_streamed_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path, arch: str, method: str) -> None:
+    src = _saved(tmp_path, arch, tokenizer)
+    mem = extract(_recipe(src, small_corpus, method, False), tmp_path / "mem")
+    streamed = extract(_recipe(src, small_corpus, method, True), tmp_path / "stream")
+    assert streamed["streamed"]["why"] == "--stream" and "streamed" not in mem
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit
+    ma, mb = load_file(tmp_path / "mem" / "mask.safetensors"), load_file(tmp_path / "stream" / "mask.safetensors")
+    assert sorted(ma) == sorted(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
+    for when in ("before", "after"):
+        for key in ("domain_ppl", "general_ppl"):
+            assert streamed["metrics"][when][key] == pytest.approx(mem["metrics"][when][key], rel=1e-4)
+    assert streamed["sparsity"]["linear"] == mem["sparsity"]["linear"]
+    assert streamed["sparsity"]["all_parameters"] == mem["sparsity"]["all_parameters"]
+
+
+def test_streamed_reads_shards_one_block_at_a_time(
+    tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from carve.models.skeleton import SkeletonModel
+
+    src = _saved(tmp_path, "llama", tokenizer, shard="60KB")
+    assert len(list(src.glob("model-*.safetensors"))) > 2  # a sharded source
+    most = []
+    load = SkeletonModel.load_block
+
+    def counting(self: SkeletonModel, i: int) -> None:
+        load(self, i)
+        real = sum(any(p.device.type != "meta" for p in b.parameters()) for b in self.blocks)
+        most.append(real)
+
+    monkeypatch.setattr(SkeletonModel, "load_block", counting)
+    manifest = extract(_recipe(src, small_corpus, "sparsegpt", True), tmp_path / "out")
+    assert most and max(most) == 1  # never two decoder blocks in memory
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # stock loading of the output
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert manifest["sparsity"]["linear"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_streamed_save_dtype(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    src = _saved(tmp_path, "qwen2", tokenizer)
+    m = extract(_recipe(src, small_corpus, "sparsegpt", True, save_dtype="bfloat16"), tmp_path / "out")
+    assert m["saved"]["dtype"] == "bfloat16"
+    assert {t.dtype for t in _weights(tmp_path / "out").values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        ({"method": "dual-obs"}, "block-wise"),
+        ({"method": "sparsegpt", "propagation": "fused"}, "fused"),
+        ({"method": "wanda", "structure": True, "sparsity": None}, "structured"),
+        ({"method": "sparsegpt", "save_format": "sparse"}, "sparse format"),
+    ],
+)
+def test_streamed_refusals(tmp_path: Path, tokenizer, small_corpus: Path, kw: dict, words: str) -> None:
+    src = _saved(tmp_path, "llama", tokenizer)
+    kw = dict(kw)
+    method = kw.pop("method")
+    with pytest.raises(UsageError, match=words):
+        extract(_recipe(src, small_corpus, method, True, **kw), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_stream_needs_a_safetensors_directory(tmp_path: Path, small_corpus: Path) -> None:
+    with pytest.raises(UsageError, match="local model directory"):
+        Recipe(model="default", domain=str(small_corpus), method="sparsegpt", stream=True).resolved()
+
+
+def test_streams_by_itself_when_the_model_would_not_fit(
+    tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import carve.streamed
+
+    src = _saved(tmp_path, "llama", tokenizer)
+    monkeypatch.setattr(carve.streamed, "available_memory", lambda: 100_000)  # bytes: less than the tiny model
+    m = extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "auto")
+    assert "more than half" in m["streamed"]["why"]
+    # a method that cannot stream still runs in memory, as before
+    m = extract(_recipe(src, small_corpus, "fisher", False), tmp_path / "mem")
+    assert "streamed" not in m
+    monkeypatch.setattr(carve.streamed, "available_memory", lambda: 1 << 40)
+    assert "streamed" not in extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "fits")
