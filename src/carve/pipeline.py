@@ -538,7 +538,8 @@ def _extract_streamed(
             "size": {"parameters_before": sum(n for _, n in stream.zeros.values())},
             "saved": {"dtype": save_name, "format": "dense", "metrics_measured": (
                 f"computed in {compute}" + ("" if save_name in (compute, "float32") else
-                f"; the decoder blocks' weights are saved in {save_name}, the metrics are of the {compute} weights"))},
+                f"; the metrics are of the decoder blocks as saved ({save_name}) and of the tensors outside them "
+                f"in {compute}"))},
             **_pruned(outcome).describe(lm.model, stream.zeros),
             "importance": None,
         }  # fmt: skip

@@ -107,6 +107,11 @@ class BlockStream:
 
     @torch.no_grad()
     def leave(self, i: int) -> None:
+        if self.save_dtype not in (self.sk.dtype, torch.float32):  # measured as saved, as job.round_to_saved
+            for name in self.sk.block_names(i):
+                p = self.sk.parameter(name)
+                if p.is_floating_point():
+                    p.data = p.data.to(self.save_dtype).to(p.dtype)
         self.after = [self._block(i, b, h) for (_, b), h in zip(self.batches, self.after, strict=True)]
         for name in self.sk.block_names(i):
             self._write(name)
