@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from carve import distributed
 from carve.corpora import Corpus
 from carve.engines.layerwise import check_calib_dtype
 from carve.errors import UsageError
@@ -408,6 +409,8 @@ def extract(
     (to compare domains without saving models).  `cache=False` measures the source model anew
     instead of reusing its cached "before" metrics.  Returns the manifest."""
     r = recipe.resolved()
+    if not distributed.writes():  # under torch.distributed rank 0 alone writes; the others compute alike
+        out = save_mask = save_importance = None
     with claim(out, save_mask, save_importance):
         _check_outputs(r, out, overwrite, save_mask, save_importance)
         return _extract(r, out, overwrite, model, save_mask, save_importance, cache)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import carve
+from carve import distributed
 from carve.cli.flags import add_recipe_flags, recipe_from
 from carve.corpora import builtin_corpora
 from carve.finetune import FinetuneRecipe, finetune
@@ -616,6 +618,10 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if distributed.init_from_environment() and not distributed.writes():
+        args.quiet = True  # under torchrun one progress display and one summary: rank 0's
+        args.json = False
+        sys.stdout = open(os.devnull, "w")  # for the rest of this process
     set_quiet(getattr(args, "quiet", False) or (getattr(args, "json", False) and not sys.stderr.isatty()))
     try:
         summary = COMMANDS[args.command](args)

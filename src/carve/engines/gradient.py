@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from carve import distributed
 from carve.models.arch import find_blocks
 from carve.models.patch import replaced_forwards
 from carve.progress import progress
@@ -191,6 +192,8 @@ def accumulate_gradients(
         return fold
 
     batches = list(calibration.split(micro_batch))
+    if lr == 0:  # steps between micro-batches are sequential: those runs are not sharded
+        batches = distributed.shard(batches, "gradient micro-batches")
     losses: list[float] = []
     was_training = model.training
     model.eval()  # no dropout: statistics of the model as it is used
@@ -209,10 +212,13 @@ def accumulate_gradients(
         with torch.no_grad():
             for n, w0 in original.items():
                 named[n].copy_(w0.to(named[n].dtype))
+    total = len(batches)
     for per in acc.values():
-        for t in per.values():
-            t.div_(len(batches))
-    return GradientStats(acc, len(batches), losses)
+        for name in sorted(per):
+            per[name].div_(len(batches))
+            if lr == 0:
+                total = distributed.merge_mean(per[name], len(batches))  # every rank's micro-batches
+    return GradientStats(acc, total, losses)
 
 
 @contextmanager

@@ -11,6 +11,9 @@
 Streamed (`calib.stream`, carve.streamed): `stream.enter(i)` before block i is calibrated and
 `stream.leave(i)` after it is pruned (and re-run), which read it from disk, write it and free it.
 
+Under torch.distributed (carve.distributed) each rank takes its share of the calibration batches;
+each block's statistics are all-reduced before `on_block`, so every rank prunes alike.
+
 Memory: the model, the hidden states of the calibration set for one block boundary (input and
 output), and one block's activations.  The engine never imports a method.
 
@@ -36,10 +39,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from carve import distributed
 from carve.errors import UsageError
 from carve.models.arch import find_blocks, prunable_linears
 from carve.models.patch import replaced_forwards
 from carve.progress import bar, progress
+from carve.scorers.stats import merge_statistics
 from carve.settings import DEFAULT_CALIBRATION, DEFAULT_TARGETS, Calibration, Targets
 
 
@@ -260,6 +265,10 @@ def layerwise(
     stream = calib.stream
     if stream is not None and propagation == "fused":
         raise UsageError("a streamed extraction calibrates one block at a time: use --propagation pruned or dense")
+    if distributed.active() and propagation == "fused":
+        raise UsageError(
+            "under torch.distributed calibration is sharded block by block: use --propagation pruned or dense"
+        )
     param = next(model.parameters())
     device = param.device
     autocast = check_calib_dtype(param.dtype, calib.dtype)
@@ -269,7 +278,7 @@ def layerwise(
             _fused(model, calibration.to(device), blocks, prefix, on_block, statistic, include, exclude, desc)
         return
     rerun = propagation == "pruned"
-    batches = [b.to(device) for b in calibration.split(calib.batch_size)]
+    batches = distributed.shard([b.to(device) for b in calibration.split(calib.batch_size)])
     with _computing(device, autocast):
         hidden, calls = capture_inputs(model, blocks, batches)
     shapes = [tuple(b.shape) for b in batches]
@@ -294,6 +303,8 @@ def layerwise(
         finally:
             if collector is not None:
                 collector.remove()
+        if collector is not None:
+            merge_statistics(collector.stats)  # over every rank's share of the calibration (one process: as is)
         on_block(i, linears, {} if collector is None else collector.stats)
         if rerun and not last:
             with _computing(device, autocast):

@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from carve.distributed import merge_mean
+
 
 class RowNorms:
     """Wanda's per-input-feature scale: mean over tokens of x_j², so ||X_j||₂ = sqrt(n·mean)."""
@@ -23,6 +25,10 @@ class RowNorms:
     @property
     def norms(self) -> torch.Tensor:
         return self.sq.sqrt()
+
+    def merge_ranks(self) -> None:
+        """The mean over every rank's tokens (carve.distributed; nothing changes with one process)."""
+        self.n = merge_mean(self.sq, self.n)
 
 
 class Hessian:
@@ -63,3 +69,22 @@ class Hessian:
             self._H = torch.triu(self._H) + torch.triu(self._H, 1).t()
             self._symmetric = True
         return self._H
+
+    def merge_ranks(self) -> None:
+        """The mean over every rank's tokens (carve.distributed; nothing changes with one process)."""
+        H = self.H
+        n = merge_mean(H, self.n)
+        if n != self.n:
+            self._H, self.n = H, n
+            self.cache.clear()
+
+
+def merge_statistics(stats: dict[str, Any]) -> None:
+    """Each distinct statistic of a block made the mean over every rank's calibration tokens, in
+    one order on every rank (Linears that share an input share one statistic)."""
+    seen: set[int] = set()
+    for name in sorted(stats):
+        stat = stats[name]
+        if id(stat) not in seen and hasattr(stat, "merge_ranks"):
+            seen.add(id(stat))
+            stat.merge_ranks()

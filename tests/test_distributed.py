@@ -1,0 +1,108 @@
+"""torch.distributed: two gloo processes (spawned here) compute the same statistics (within float
+tolerance: the sums are taken in another order) and the same masks as one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from carve.settings import Calibration
+from tests.conftest import VOCAB, tiny_model
+
+
+def _worker(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from carve.engines.layerwise import layerwise
+    from carve.importance.scoring import score
+    from carve.ops.prune import prune
+    from carve.scorers.stats import Hessian, RowNorms
+
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        calib = torch.randint(0, VOCAB, (8, 32), generator=torch.Generator().manual_seed(0))
+        settings = Calibration(batch_size=2)
+        found: dict[str, torch.Tensor] = {}
+
+        def keep(kind: str):
+            def on_block(_i: int, _linears: dict, stats: dict) -> None:
+                for k, s in stats.items():
+                    found[f"{kind}:{k}"] = (s.H if kind == "H" else s.sq).clone()
+
+            return on_block
+
+        layerwise(tiny_model("llama"), calib, keep("H"), Hessian, calib=settings)
+        layerwise(tiny_model("llama"), calib, keep("rows"), RowNorms, calib=settings)
+        for method in ("sparsegpt", "wanda"):
+            result = prune(tiny_model("llama"), method, 0.5, calib, calib=settings)
+            found.update({f"{method}:{k}": v for k, v in result.mask.items()})
+        fisher = score(tiny_model("llama"), "fisher", calib, calib=settings)
+        found.update({f"fisher:{k}": v for k, v in fisher.scores.items()})
+        if rank == 0:
+            save_file({k: v.contiguous() for k, v in found.items()}, out)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def test_two_processes_equal_one(tmp_path: Path) -> None:
+    import torch.multiprocessing as mp
+
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    _worker(0, 1, "", str(one))
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(two)), nprocs=2, join=True)
+    a, b = load_file(one), load_file(two)
+    assert sorted(a) == sorted(b) and any(k.startswith("H:") for k in a) and any(k.startswith("fisher:") for k in a)
+    for k in a:
+        if a[k].dtype == torch.bool:
+            assert torch.equal(a[k], b[k]), k  # the same masks
+        else:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)  # statistics
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_torchrun_extract_writes_once_and_equals_one_process(
+    tmp_path: Path, model_dir: Path, small_corpus: Path
+) -> None:
+    flags = ["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--general", str(small_corpus),
+             "--method", "sparsegpt", "--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2",
+             "--cloze-items", "0", "--no-speed", "--batch-size", "2", "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "carve", *flags, "--out", str(tmp_path / "one")], check=True, env=env)
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "carve", *flags, "--out", str(tmp_path / "two")]  # fmt: skip
+    proc = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, "\n".join(ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln)[
+        :3000
+    ]
+    assert proc.stdout.count("linear sparsity") == 1  # one summary: rank 0's
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]  # one writer
+    a, b = load_file(tmp_path / "one" / "mask.safetensors"), load_file(tmp_path / "two" / "mask.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_shard_needs_a_batch_per_rank(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from carve import distributed
+    from carve.errors import UsageError
+
+    monkeypatch.setattr(distributed, "world", lambda: 4)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    if n < 4:
+        with pytest.raises(UsageError, match="cannot be shared by 4 processes"):
+            distributed.shard(list(range(n)))
+    assert distributed.shard(list(range(9))) == [1, 5]
