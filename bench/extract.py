@@ -56,6 +56,7 @@ F32 = "carve --calib-dtype float32"  # calibration forwards in float32 (carve's 
 PROPAGATION = {FAST: "dense", FUSED: "fused"}
 CALIB_DTYPE = {F32: "float32"}  # every other carve row: "auto", carve extract's default
 CARVE_TOOLS = ("carve", F32, FAST, FUSED)
+LLMC_BF16 = "llm-compressor bfloat16"  # the model loaded and pruned in bfloat16: its fastest CPU path
 
 
 # --------------------------------------------------------------------------- worker side
@@ -149,6 +150,7 @@ def configurations(domains: list[str]) -> list[dict[str, Any]]:
         for method in ("sparsegpt", "wanda"):
             for tool in ("carve", "llm-compressor"):
                 out.append({"domain": d, "tool": tool, "method": method, "pattern": "50%", "calibration": "domain"})
+        out.append({"domain": d, "tool": LLMC_BF16, "method": "sparsegpt", "pattern": "50%", "calibration": "domain"})
         for tool in CARVE_TOOLS[1:]:
             out.append({"domain": d, "tool": tool, "method": "sparsegpt", "pattern": "50%", "calibration": "domain"})
         out.append({"domain": d, "tool": "carve", "method": "sparsegpt", "pattern": "2:4", "calibration": "domain"})
@@ -192,7 +194,16 @@ def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     res = run_json(
-        [str(python), str(HERE / "llmc_worker.py"), str(MODEL_DIR), str(calib), cfg["method"], pattern, str(pruned)],
+        [
+            str(python),
+            str(HERE / "llmc_worker.py"),
+            str(MODEL_DIR),
+            str(calib),
+            cfg["method"],
+            pattern,
+            str(pruned),
+            "bfloat16" if cfg["tool"] == LLMC_BF16 else "float32",
+        ],
         env,
     )
     if "error" in res:
@@ -249,7 +260,8 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
         "and over all parameters (all). Calib dtype: what carve's calibration forwards computed in "
         "(`--calib-dtype`, default auto: bfloat16 on this AVX512-BF16 CPU; statistics, Hessian products included, "
         "and pruning run in float32, the saved weights are float32); rows measured before that option existed "
-        "computed in float32 and say so; llm-compressor runs the float32 model as loaded. "
+        "computed in float32 and say so; llm-compressor runs the float32 model as loaded (`llm-compressor bfloat16`: "
+        "the model loaded, pruned and saved in bfloat16, evaluated in float32 from those weights). "
         "Time: wall seconds of scoring + pruning (for llm-compressor: its "
         "`oneshot` call), each configuration in its own process on 2 CPU cores; peak RSS of that process "
         "(for carve: load + prune + evaluate).",
@@ -298,6 +310,14 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
                 )
         b = rows.get(f"{d}/llm-compressor/sparsegpt/50%/domain")
         c = rows.get(f"{d}/carve/sparsegpt/50%/domain")
+        h = rows.get(f"{d}/{LLMC_BF16}/sparsegpt/50%/domain")
+        if c and h and "error" not in c and "error" not in h:
+            comp.append(
+                f"- `carve` (bfloat16 calibration forwards, float32 weights) against {LLMC_BF16} (the model loaded, "
+                f"pruned and saved in bfloat16) SparseGPT 50%: wall time {c['seconds'] / h['seconds']:.2f}x, "
+                f"domain ppl {c['domain_ppl'] / h['domain_ppl']:.4f}x, peak RSS {c['peak_rss_mb']:.0f} vs "
+                f"{h['peak_rss_mb']:.0f} MB" + ("" if c.get("run") == h.get("run") else " (rows of different runs)")
+            )
         for tool in CARVE_TOOLS:
             a = rows.get(f"{d}/{tool}/sparsegpt/50%/domain")
             if a and b and "error" not in a and "error" not in b:

@@ -2,7 +2,9 @@
 
 Runs inside the separate virtual environment bench/extract.py creates (llm-compressor pins an
 older transformers).  Prints one JSON line: wall time of oneshot, peak RSS, achieved sparsity,
-or the failure.  Usage: python llmc_worker.py MODEL_DIR CALIB.pt METHOD PATTERN OUT_DIR"""
+or the failure.  Usage: python llmc_worker.py MODEL_DIR CALIB.pt METHOD PATTERN OUT_DIR [DTYPE]
+(DTYPE: the precision the model is loaded and pruned in, float32 by default; bfloat16 is its
+fastest CPU path)."""
 
 import json
 import resource
@@ -15,6 +17,7 @@ import torch
 
 def main() -> None:
     model_dir, calib_path, method, pattern, out_dir = sys.argv[1:6]
+    dtype = getattr(torch, sys.argv[6]) if len(sys.argv) > 6 else torch.float32  # the precision oneshot runs in
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import MagnitudePruningModifier, WandaPruningModifier
@@ -23,7 +26,7 @@ def main() -> None:
 
     calib = torch.load(calib_path)
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     tok = AutoTokenizer.from_pretrained(model_dir)
     # SparseGPT/Wanda spell unstructured "0:0"; the magnitude modifier spells it "unstructured"
     structure = "0:0" if pattern == "unstructured" else pattern
