@@ -126,3 +126,19 @@ def test_streams_by_itself_when_the_model_would_not_fit(
     assert "streamed" not in m
     monkeypatch.setattr(carve.streamed, "available_memory", lambda: 1 << 40)
     assert "streamed" not in extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "fits")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_chunked_perplexity_equals_full_logits(arch: str) -> None:
+    """Perplexity with the head and cross-entropy over chunks of positions equals the one from the
+    full logits (the memory fix for large vocabularies)."""
+    import torch.nn.functional as F
+
+    from carve.evaluation.perplexity import nll_sum
+
+    model = tiny_model(arch)
+    ids = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        full = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
+    assert nll_sum(model, ids, chunk=16) == pytest.approx(full, rel=1e-5)

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from carve.engines.layerwise import call_block, capture_inputs
 from carve.errors import UsageError
+from carve.evaluation.perplexity import nll_sum
 from carve.job import EvalData
 from carve.models.patch import replaced_forwards
 from carve.models.skeleton import SkeletonModel
@@ -136,9 +136,8 @@ class BlockStream:
                 return lambda *_a, **_k: out  # every block returns the final hidden states
 
             with replaced_forwards(list(self.sk.blocks), final):
-                logits = self.sk.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
-            nll[key] = nll.get(key, 0.0) + loss.item()
+                loss = nll_sum(self.sk.model, ids)
+            nll[key] = nll.get(key, 0.0) + loss
             count[key] = count.get(key, 0) + ids[:, 1:].numel()
         return {key: math.exp(nll[key] / count[key]) for key in nll}
 

@@ -59,7 +59,7 @@ class GradientStats:
 POST_HEAD_TRANSFORMS = ("final_logit_softcapping", "logit_scale")
 
 
-def _plain_output_head(model: nn.Module) -> nn.Module | None:
+def plain_output_head(model: nn.Module) -> nn.Module | None:
     """The output head when the model's logits are exactly head(final hidden states)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -69,7 +69,7 @@ def _plain_output_head(model: nn.Module) -> nn.Module | None:
     return head
 
 
-def _head_as_identity(head: nn.Module) -> Any:
+def head_as_identity(head: nn.Module) -> Any:
     """The model returns its final hidden states in place of logits while this is active."""
     return replaced_forwards([head], lambda _m, _fwd: lambda hidden: hidden)
 
@@ -88,11 +88,11 @@ def next_token_loss(model: nn.Module, ids: torch.Tensor, chunk: int = 128) -> to
     copy saved.  Models with a transform after the head (see POST_HEAD_TRANSFORMS) or without a
     findable head get the loss from their full logits."""
     targets = _shifted_targets(ids)
-    head = _plain_output_head(model)
+    head = plain_output_head(model)
     if head is None or ids.shape[1] <= chunk:
         logits = model(input_ids=ids, use_cache=False).logits.float()
         return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-    with _head_as_identity(head):
+    with head_as_identity(head):
         hidden = model(input_ids=ids, use_cache=False).logits
 
     def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
