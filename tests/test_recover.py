@@ -174,3 +174,26 @@ def test_recover_cli_and_bad_input(
     err = capsys.readouterr().err
     assert "gone-dense" in err and "no longer there" in err and "--teacher" in err
     assert not any((tmp_path / n).exists() for n in ("x", "y", "z"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("temperature, kd, lm", [(1.0, 1.0, 0.0), (2.0, 0.5, 0.3)])
+def test_chunked_distillation_equals_full_logits(arch: str, temperature: float, kd: float, lm: float) -> None:
+    """The distillation loss over chunks of positions (no whole-block full-vocabulary logits)
+    equals the loss from the full logits, and so do the student's gradients."""
+    from carve.ops.distill import model_distill_loss
+    from tests.conftest import tiny_model
+
+    student, teacher = tiny_model(arch, seed=1), tiny_model(arch, seed=2)
+    ids = torch.randint(0, 384, (2, 50), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        t_logits = teacher(input_ids=ids).logits
+    full = distill_loss(student(input_ids=ids).logits, t_logits, ids, temperature, kd, lm)
+    full.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    chunked = model_distill_loss(student, teacher, ids, temperature, kd, lm, chunk=16)
+    chunked.backward()
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-6)
+    for n, g in grads.items():
+        torch.testing.assert_close(dict(student.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6, msg=n)

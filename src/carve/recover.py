@@ -43,7 +43,7 @@ from carve.job import (
 from carve.manifest import MANIFEST_FILE, read_manifest
 from carve.models import count_parameters, load_model
 from carve.models.load import check_source
-from carve.ops.distill import distill_loss, reapply_masks, sparsity_masks
+from carve.ops.distill import model_distill_loss, reapply_masks, sparsity_masks
 from carve.ops.finetune import add_lora
 from carve.ops.train import Schedule, train, trainable_parameters
 from carve.settings import check_types, flag
@@ -203,10 +203,7 @@ def _recover(
     teacher.model.eval()
 
     def loss_fn(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            t_logits = teacher.model(input_ids=ids, use_cache=False).logits
-        s_logits = m(input_ids=ids, use_cache=False).logits
-        return distill_loss(s_logits, t_logits, ids, recipe.temperature, recipe.kd_weight, recipe.lm_weight)
+        return model_distill_loss(m, teacher.model, ids, recipe.temperature, recipe.kd_weight, recipe.lm_weight)
 
     with stage("train"):
         result = train(
