@@ -1,5 +1,6 @@
 """torch.distributed: two gloo processes (spawned here) compute the same statistics (within float
-tolerance: the sums are taken in another order) and the same masks as one process."""
+tolerance: the sums are taken in another order), the same masks, and train (data parallel) to the
+same weights as one process."""
 
 from __future__ import annotations
 
@@ -20,9 +21,11 @@ from tests.conftest import VOCAB, tiny_model
 def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
 
+    from carve.engines.gradient import next_token_loss
     from carve.engines.layerwise import layerwise
     from carve.importance.scoring import score
     from carve.ops.prune import prune
+    from carve.ops.train import Schedule, train
     from carve.scorers.stats import Hessian, RowNorms
 
     torch.set_num_threads(1)
@@ -33,20 +36,30 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         settings = Calibration(batch_size=2)
         found: dict[str, torch.Tensor] = {}
 
-        def keep(kind: str):
+        def keeping(kind: str):
             def on_block(_i: int, _linears: dict, stats: dict) -> None:
                 for k, s in stats.items():
                     found[f"{kind}:{k}"] = (s.H if kind == "H" else s.sq).clone()
 
             return on_block
 
-        layerwise(tiny_model("llama"), calib, keep("H"), Hessian, calib=settings)
-        layerwise(tiny_model("llama"), calib, keep("rows"), RowNorms, calib=settings)
+        layerwise(tiny_model("llama"), calib, keeping("H"), Hessian, calib=settings)
+        layerwise(tiny_model("llama"), calib, keeping("rows"), RowNorms, calib=settings)
         for method in ("sparsegpt", "wanda"):
             result = prune(tiny_model("llama"), method, 0.5, calib, calib=settings)
             found.update({f"{method}:{k}": v for k, v in result.mask.items()})
         fisher = score(tiny_model("llama"), "fisher", calib, calib=settings)
         found.update({f"fisher:{k}": v for k, v in fisher.scores.items()})
+        # the masked training loop, data parallel: 4 micro-batches a step, 2 on each rank
+        model = tiny_model("llama")
+        keep = {
+            "model.layers.0.mlp.up_proj.weight": torch.rand(128, 64, generator=torch.Generator().manual_seed(1)) < 0.3
+        }
+        trainable = {**keep, "model.layers.1.self_attn.q_proj.weight": None}
+        schedule = Schedule(steps=2, lr=1e-3, batch_size=4, micro_batch=1, warmup=0)
+        result = train(model, calib, next_token_loss, trainable, schedule)
+        found.update({f"train:{k}": p.detach().clone() for k, p in model.named_parameters() if k in trainable})
+        found["train:losses"] = torch.tensor(result.losses)
         if rank == 0:
             save_file({k: v.contiguous() for k, v in found.items()}, out)
     finally:

@@ -11,6 +11,9 @@ engines run exactly as before.
   and the gradient engine's per-weight means use it, so every rank holds the same statistic (an
   all-reduce gives every rank the same bits) and its pruning step chooses the same mask.
 - `writes()`: whether this process writes outputs (rank 0).
+- The masked training loop (ops/train.py) shares each step's micro-batches out the same way and
+  sums the gathered gradients over the ranks before the optimizer step (data parallel, as DDP):
+  every rank then takes the same step.
 """
 
 from __future__ import annotations
@@ -72,6 +75,21 @@ def merge_mean(tensor: torch.Tensor, n: int) -> int:
     total = int(count.item())
     tensor.div_(total)
     return total
+
+
+def sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` summed over the ranks, in place (one process: as is)."""
+    if active():
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def sum_float(x: float) -> float:
+    if not active():
+        return x
+    return float(sum_(torch.tensor([x], dtype=torch.float64)).item())
 
 
 def init_from_environment() -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from carve import distributed
 from carve.corpora import Corpus
 from carve.errors import UsageError
 from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
@@ -225,7 +226,10 @@ def write_output(
     out: str | Path, overwrite: bool, manifest: dict[str, Any], stage: Stages, files: Callable[[Path], None]
 ) -> None:
     """The one writer of every job's output: `files(tmp)` and carve.json into a temporary
-    directory, published by one rename (a crash leaves the old output or the new one)."""
+    directory, published by one rename (a crash leaves the old output or the new one).  Under
+    torch.distributed rank 0 alone writes."""
+    if not distributed.writes():
+        return
     with atomic_output_dir(out, overwrite) as tmp:
         with stage("save"):
             files(tmp)
@@ -241,6 +245,9 @@ def training_output(out: str | Path, overwrite: bool, resume: bool) -> Iterator[
     which is removed once the block completes (the output is then written)."""
     from carve.ops.train import check_checkpoint, checkpoint_dir, remove_checkpoint
 
+    if not distributed.writes():  # under torch.distributed rank 0 alone claims, checks and writes
+        yield checkpoint_dir(out)
+        return
     with claim(out, checkpoint_dir(out)):
         check_output(out, overwrite)
         ckpt = check_checkpoint(out, resume, overwrite)

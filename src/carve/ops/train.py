@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from carve import distributed
 from carve.errors import UsageError
 from carve.output import atomic_output_dir, recover_replaced, remove_path, write_json
 from carve.progress import progress
@@ -116,6 +117,13 @@ class MaskedAdamW:
             return hook
 
         return [p.register_post_accumulate_grad_hook(fold(n)) for n, p in self.params.items()]
+
+    @torch.no_grad()
+    def sum_over_ranks(self) -> None:
+        """Under torch.distributed, each rank's gathered gradients become their sum over the ranks
+        (each micro-batch's loss is already scaled by its share of the step); one process: nothing."""
+        for name in sorted(self.g):
+            distributed.sum_(self.g[name])
 
     @torch.no_grad()
     def step(self, lr: float) -> float:
@@ -327,17 +335,21 @@ def train(
         for step in steps:
             rows = batches[step * schedule.batch_size : (step + 1) * schedule.batch_size]
             total = 0.0
-            micro = rows.split(schedule.micro_batch)
+            # data parallel: this rank's share of the step's micro-batches (one process: all)
+            micro = distributed.shard(list(rows.split(schedule.micro_batch)), "micro-batches of a training step")
             for ids in micro:
                 loss = loss_fn(model, ids.to(device))
                 (loss * (len(ids) / len(rows))).backward()
                 total += loss.item() * len(ids) / len(rows)
+            total = distributed.sum_float(total)
+            opt.sum_over_ranks()
             norms.append(opt.step(schedule.lr_at(step)))
             losses.append(round(total, 5))
             if hasattr(steps, "set_postfix"):
                 steps.set_postfix(loss=f"{total:.4f}")
             done = step + 1
-            if checkpoint is not None and done % schedule.checkpoint_every == 0 and done < schedule.steps:
+            due = done % schedule.checkpoint_every == 0 and done < schedule.steps
+            if checkpoint is not None and due and distributed.writes():
                 _save_checkpoint(checkpoint, opt, done, losses, run or {})
             if on_step is not None:
                 on_step(done)
