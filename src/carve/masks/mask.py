@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,11 +57,35 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
         return cls(scores, meta)
 
 
+class PackedKeep(MutableMapping[str, torch.Tensor]):
+    """Keep-masks held bit-packed (one bit per weight, an eighth of a bool tensor), each unpacked when
+    read: what a streamed extraction accumulates, so a large model's mask fits its memory budget."""
+
+    def __init__(self) -> None:
+        self._packed: dict[str, tuple[torch.Tensor, list[int]]] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        packed, shape = self._packed[key]
+        return unpack_bits(packed, shape)
+
+    def __setitem__(self, key: str, keep: torch.Tensor) -> None:
+        self._packed[key] = (pack_bits(keep), list(keep.shape))
+
+    def __delitem__(self, key: str) -> None:
+        del self._packed[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+
 @dataclass
 class Mask(Mapping[str, torch.Tensor]):
     """Keep-masks per parameter, with algebra, statistics and bit-packed storage."""
 
-    keep: dict[str, torch.Tensor]
+    keep: MutableMapping[str, torch.Tensor]  # a dict of bool tensors, or a PackedKeep
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.keep[key]

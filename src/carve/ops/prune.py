@@ -25,7 +25,7 @@ carve.engines.layerwise).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from torch import nn
 from carve.engines.layerwise import layerwise
 from carve.errors import UsageError
 from carve.importance.scoring import needs_data, score
-from carve.masks.mask import ImportanceMap, Mask, select_mask
+from carve.masks.mask import ImportanceMap, Mask, PackedKeep, select_mask
 from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models.arch import as_param_layout, find_blocks, prunable_linears, weight_matrix
 from carve.progress import progress
@@ -179,7 +179,8 @@ def _prune_blockwise(
 ) -> PruneResult:
     """Methods that choose each Linear's mask as they prune it (Wanda, SparseGPT, magnitude per
     row or matrix), block by block through the layer-wise engine (no data: at once)."""
-    keep: dict[str, torch.Tensor] = {}
+    # streamed: each block's masks bit-packed as they come (a bool per weight would not fit)
+    keep: MutableMapping[str, torch.Tensor] = PackedKeep() if calib.stream is not None else {}
     info: dict[str, dict[str, Any]] = {}
 
     def prune_linears(linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
@@ -270,7 +271,7 @@ def guided_sparsegpt(
     return PruneResult(_matched(keep, targets), info, importance=guide, sparsity=sparsity)
 
 
-def _matched(keep: dict[str, torch.Tensor], targets: Targets) -> Mask:
+def _matched(keep: MutableMapping[str, torch.Tensor], targets: Targets) -> Mask:
     if not keep:
         raise UsageError(f"no Linear layers matched include={list(targets.include)} exclude={list(targets.exclude)}")
     return Mask(keep)
