@@ -142,3 +142,25 @@ def test_chunked_perplexity_equals_full_logits(arch: str) -> None:
         logits = model(input_ids=ids).logits[:, :-1].float()
         full = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
     assert nll_sum(model, ids, chunk=16) == pytest.approx(full, rel=1e-5)
+
+
+def test_interrupted_streamed_run_leaves_nothing(
+    tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted after the first block was written: no output, no temporary directory, no shard."""
+    from carve.streamed import BlockStream
+
+    src = _saved(tmp_path, "llama", tokenizer)
+    leave = BlockStream.leave
+
+    def interrupted(self: BlockStream, i: int) -> None:
+        leave(self, i)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(BlockStream, "leave", interrupted)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(KeyboardInterrupt):
+        extract(_recipe(src, small_corpus, "sparsegpt", True), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written beside the source
+    assert not list(tmp_path.rglob("*.safetensors.index.json")) and not (tmp_path / "out").exists()
