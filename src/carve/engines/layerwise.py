@@ -33,6 +33,7 @@ computes in the model's dtype.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -250,8 +251,10 @@ def layerwise(
     targets: Targets = DEFAULT_TARGETS,
     calib: Calibration = DEFAULT_CALIBRATION,
     desc: str = "calibrating",
-) -> None:
-    """Run `calibration` [N, L] block by block.
+) -> dict[str, float]:
+    """Run `calibration` [N, L] block by block; returns the seconds spent in each part: `statistics`
+    (the calibration forwards that feed the statistics, and their all-reduce), `method` (the
+    `on_block` calls), `propagate` (re-running pruned blocks), `stream` (reading and writing blocks).
 
     For block i, `statistic(in_features, device)` is built for its Linear layers and fed their
     inputs; then `on_block(i, linears, stats)` is called.  With `propagation="pruned"`
@@ -273,19 +276,32 @@ def layerwise(
     device = param.device
     autocast = check_calib_dtype(param.dtype, calib.dtype)
     prefix, blocks = find_blocks(model)
+    seconds = dict.fromkeys(("statistics", "method", "propagate", "stream"), 0.0)
     if propagation == "fused" and statistic is not None:
+        start = time.perf_counter()
         with _computing(device, autocast):
             _fused(model, calibration.to(device), blocks, prefix, on_block, statistic, include, exclude, desc)
-        return
+        seconds["statistics"] = time.perf_counter() - start  # one pass: the methods run inside it
+        return seconds
     rerun = propagation == "pruned"
     batches = distributed.shard([b.to(device) for b in calibration.split(calib.batch_size)])
     with _computing(device, autocast):
         hidden, calls = capture_inputs(model, blocks, batches)
     shapes = [tuple(b.shape) for b in batches]
 
+    clock = time.perf_counter()
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[part] += now - clock
+        clock = now
+
     for i in progress(range(len(blocks)), desc, total=len(blocks)):
+        lap("statistics")  # the capture, before the first block
         if stream is not None:
             stream.enter(i)
+            lap("stream")
         block = blocks[i]
         last = i == len(blocks) - 1
         linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
@@ -305,13 +321,18 @@ def layerwise(
                 collector.remove()
         if collector is not None:
             merge_statistics(collector.stats)  # over every rank's share of the calibration (one process: as is)
+        lap("statistics")
         on_block(i, linears, {} if collector is None else collector.stats)
+        lap("method")
         if rerun and not last:
             with _computing(device, autocast):
                 outputs = [call_block(block, h, calls[shapes[j]][i]) for j, h in enumerate(hidden)]
+            lap("propagate")
         hidden = outputs
         if stream is not None:
             stream.leave(i)
+            lap("stream")
+    return {k: round(v, 3) for k, v in seconds.items()}
 
 
 def _fused(

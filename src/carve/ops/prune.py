@@ -79,6 +79,7 @@ class PruneResult:
     info: dict[str, dict[str, Any]] = field(default_factory=dict)
     importance: ImportanceMap | None = None  # the scores the mask was selected from, if any
     sparsity: float | None = None  # the target
+    engine_seconds: dict[str, float] | None = None  # the layer-wise engine's parts (block-wise methods)
 
     def describe(self, model: nn.Module, zeros: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
         achieved = model_sparsity(model, self.mask, zeros)
@@ -91,6 +92,7 @@ class PruneResult:
                 "per_module": {k: round(v, 6) for k, v in self.mask.sparsity_per_param().items()},
             },
             "method_notes": {"hessian_damping_retries": retries},
+            **({"engine_seconds": self.engine_seconds} if self.engine_seconds else {}),
         }
 
     def save(self, directory: Path) -> None:
@@ -204,7 +206,8 @@ def _prune_blockwise(
             prune_linears(targets.linears(model), {})
     else:
         on_block = lambda _i, linears, stats: prune_linears(linears, stats)  # noqa: E731
-        layerwise(model, data, on_block, scorer.statistic, targets, calib, f"pruning ({scorer.name})")
+        seconds = layerwise(model, data, on_block, scorer.statistic, targets, calib, f"pruning ({scorer.name})")
+        return PruneResult(_matched(keep, targets), info, sparsity=sparsity, engine_seconds=seconds)
     return PruneResult(_matched(keep, targets), info, sparsity=sparsity)
 
 
