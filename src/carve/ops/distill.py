@@ -21,6 +21,24 @@ from carve.engines.gradient import head_as_identity, plain_output_head
 from carve.models.arch import all_prunable_linears
 
 
+def _loss_sum(
+    s: torch.Tensor, t: torch.Tensor | None, target: torch.Tensor, temperature: float, kd_weight: float,
+    lm_weight: float,
+) -> torch.Tensor:  # fmt: skip
+    """The loss above summed over positions: `s`, `t` student and teacher float logits [positions,
+    vocab] (`t` unused without the KD term), `target` the next tokens."""
+    total = torch.zeros((), device=s.device)
+    if kd_weight:
+        assert t is not None
+        kl = F.kl_div(
+            F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="sum"
+        )
+        total = total + kd_weight * temperature**2 * kl
+    if lm_weight:
+        total = total + lm_weight * F.cross_entropy(s, target.reshape(-1), reduction="sum")
+    return total
+
+
 def distill_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -32,16 +50,8 @@ def distill_loss(
     """The loss above for [batch, length, vocab] logits of `ids` [batch, length]; the last
     position of each row (no next token) is left out of both terms."""
     s = student_logits[:, :-1].float().flatten(0, 1)
-    loss = torch.zeros((), device=s.device)
-    if kd_weight:
-        t = teacher_logits[:, :-1].float().flatten(0, 1)
-        kl = F.kl_div(
-            F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True, reduction="none"
-        )
-        loss = loss + kd_weight * temperature**2 * kl.sum(-1).mean()
-    if lm_weight:
-        loss = loss + lm_weight * F.cross_entropy(s, ids[:, 1:].reshape(-1))
-    return loss
+    t = teacher_logits[:, :-1].float().flatten(0, 1) if kd_weight else None
+    return _loss_sum(s, t, ids[:, 1:], temperature, kd_weight, lm_weight) / s.shape[0]
 
 
 def model_distill_loss(
@@ -70,19 +80,9 @@ def model_distill_loss(
     targets = ids[:, 1:]
 
     def part(h_s: torch.Tensor, h_t: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        s = s_head(h_s).float().flatten(0, 1)
-        total = torch.zeros((), device=s.device)
-        if kd_weight:
-            with torch.no_grad():
-                t = t_head(h_t).float().flatten(0, 1)
-            kl = F.kl_div(
-                F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1), log_target=True,
-                reduction="sum",
-            )  # fmt: skip
-            total = total + kd_weight * temperature**2 * kl
-        if lm_weight:
-            total = total + lm_weight * F.cross_entropy(s, target.reshape(-1), reduction="sum")
-        return total
+        with torch.no_grad():
+            t = t_head(h_t).float().flatten(0, 1) if kd_weight else None
+        return _loss_sum(s_head(h_s).float().flatten(0, 1), t, target, temperature, kd_weight, lm_weight)
 
     parts = zip(s_hidden.split(chunk, 1), t_hidden.split(chunk, 1), targets.split(chunk, 1), strict=True)
     loss = sum(checkpoint(part, a, b, c, use_reentrant=False) for a, b, c in parts)
