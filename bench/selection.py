@@ -246,7 +246,7 @@ def precision(texts: list[str], sources: dict[str, str], domain: str) -> float:
     return sum(sources.get(t) == SOURCE_OF[domain] for t in texts) / max(1, len(texts))
 
 
-DOWNSTREAM = ("builtin", "random", "zipfit", "dsir")  # calibration / training text per downstream row
+DOWNSTREAM = ("builtin", "random", "zipfit", "dsir", "dsir-smooth")  # calibration / training text per row
 FINETUNE_STEPS = 50
 
 
@@ -301,8 +301,9 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
         "Downstream: `carve extract --sparsity 0.5` (64 calibration blocks of 512 tokens; SparseGPT mixes 30% "
         f"general text in, as by default) and `carve finetune --trainable full --steps {FINETUNE_STEPS}` (one "
         "512-token block a step), each on the builtin domain corpus, on random pool text, or on carve's ZIP-FIT / "
-        "DSIR picks (the k chunks above), measured with `--eval-domain` on the builtin domain's held-out split "
-        "(16 blocks of 512 tokens). Pool chunks sharing a 13-word n-gram with any builtin corpus's held-out split "
+        "DSIR / DSIR `--smoothing 1` picks from the decontaminated pool (the k chunks above), measured with "
+        "`--eval-domain` on the builtin domain's held-out split (the jobs' default 32 blocks of 512 tokens, or as "
+        "many as the split holds). Pool chunks sharing a 13-word n-gram with any builtin corpus's held-out split "
         "were dropped when the pool was built. Recovered: (ppl_random - ppl_selected) / (ppl_random - ppl_builtin).",
         "",
         "| domain | job | method | text | seeds | domain ppl | general ppl | recovered | wall s |",
@@ -321,7 +322,7 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
             if not rs:
                 continue
             share = "-"
-            if source in ("zipfit", "dsir") and "random" in by and "builtin" in by:
+            if source not in ("builtin", "random") and "random" in by and "builtin" in by:
                 rnd, bi = mean(ppl(by["random"], "domain_ppl")), mean(ppl(by["builtin"], "domain_ppl"))
                 share = f"{(rnd - mean(ppl(rs, 'domain_ppl'))) / (rnd - bi):.2f}" if rnd != bi else "-"
             wall = mean([r["speed"]["wall_s"] for r in rs])
