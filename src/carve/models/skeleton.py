@@ -50,7 +50,7 @@ class SkeletonModel:
 
         self.directory = Path(directory).expanduser()
         self.dtype, self.device = dtype, torch.device(device)
-        self.source = TensorSource(self.directory)
+        self.source = TensorSource(self.directory, mmap=False)  # pages read do not stay resident
         config = AutoConfig.from_pretrained(self.directory)
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)

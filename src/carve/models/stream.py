@@ -41,7 +41,10 @@ _CODES = {v: k for k, v in _DTYPES.items()}
 class TensorSource:
     """A model directory's tensors by name, each read from disk only when asked for."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, mmap: bool = True) -> None:
+        """`mmap=False`: plain tensors are read with file reads into fresh memory instead of from a
+        memory map, so the pages read do not stay in the process's resident set (a streamed
+        extraction reads every shard once and must stay within its budget)."""
         from carve.models.delta import DELTA_FILE
         from carve.models.sparse import SPARSE_FILE
 
@@ -52,6 +55,7 @@ class TensorSource:
         self._aliases: dict[str, str] = {}
         self._base: TensorSource | None = None
         self.files: list[Path] = []  # the weight files read (the model's fingerprint is of them)
+        self._spans: dict[str, tuple[Path, int, int]] = {}  # with mmap=False: name -> (file, offset, bytes)
         d = self.directory
         if not d.is_dir():
             raise UsageError(f"{str(d)!r} is not a model directory")
@@ -66,6 +70,8 @@ class TensorSource:
                 handle = self._open(f, "a model weights file")
                 for k in handle.keys():
                     self._where[k] = (handle, k)
+                if not mmap:
+                    self._spans.update(_spans(f))
 
     def _open(self, path: Path, what: str) -> Any:
         self.files.append(path)
@@ -127,6 +133,18 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name`, read (and decoded) now."""
         name = self._aliases.get(name, name)
+        if name in self._spans:
+            path, offset, size = self._spans[name]
+            buf = bytearray(size)
+            with path.open("rb") as fh:
+                fh.seek(offset)
+                if fh.readinto(buf) != size:
+                    raise UsageError(f"{str(path)!r} is cut short: {name} ends past the end of the file")
+            return (
+                torch.frombuffer(buf, dtype=self.dtype(name)).reshape(self.shape(name))
+                if size
+                else torch.empty(self.shape(name), dtype=self.dtype(name))
+            )
         if name in self._where:
             handle, key = self._where[name]
             return handle.get_tensor(key)
@@ -157,6 +175,19 @@ class TensorSource:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _spans(path: Path) -> dict[str, tuple[Path, int, int]]:
+    """Where each tensor of a safetensors file lies: (file, byte offset, byte count)."""
+    with path.open("rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    out = {}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            start, end = entry["data_offsets"]
+            out[name] = (path, 8 + n + int(start), int(end) - int(start))
+    return out
 
 
 def _shards(d: Path) -> list[Path]:
