@@ -14,6 +14,7 @@ import torch
 
 from carve import distributed
 from carve.corpora import Corpus
+from carve.engines.gradient import bound_heap_retention
 from carve.engines.layerwise import check_calib_dtype
 from carve.errors import UsageError
 from carve.evaluation.speed import measure_speed, speedup
@@ -495,6 +496,7 @@ def _extract_streamed(
 
     domain, general, evaluated = corpora
     path = check_streamable(r.model)
+    bound_heap_retention()  # each block's freed buffers go back to the OS, not into a growing heap
     device = resolve_device(r.device)
     with stage("load_model"):
         try:
