@@ -87,9 +87,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import carve
+    from carve.engines.layerwise import check_calib_dtype
     from carve.models.load import resolve_calib_dtype
     from carve.pipeline import calibration_data
     from carve.progress import set_quiet
+    from carve.settings import Calibration
 
     set_quiet(True)
     torch.manual_seed(0)
@@ -115,9 +117,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             None if pattern else 0.5,
             calib,
             pattern=pattern,
-            propagation=spec.get("propagation", "pruned"),
-            calib_dtype=calib_dtype,
-        )
+            calib=Calibration(propagation=spec.get("propagation", "pruned"), dtype=check_calib_dtype(
+                next(lm.model.parameters()).dtype, calib_dtype)),
+        )  # fmt: skip
         result["seconds"] = round(time.perf_counter() - t, 2)
         sparsity = carve.ops.model_sparsity(lm.model, res.mask)
         result["linear_sparsity"] = sparsity["linear"]
