@@ -109,6 +109,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
         calib_dtype = resolve_calib_dtype(spec.get("calib_dtype", "auto"), lm.model)
         result["calib_dtype"] = str(calib_dtype).removeprefix("torch.")
+        if spec.get("forward"):  # issue 25's yardstick: one plain bfloat16 forward over the same tokens
+            t = time.perf_counter()
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                for ids in calib.split(8):
+                    lm.model(input_ids=ids, use_cache=False)
+            result["forward_bf16_s"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
         pattern = None if spec["pattern"] == "50%" else spec["pattern"]
         res = carve.prune(
@@ -121,6 +127,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 next(lm.model.parameters()).dtype, calib_dtype)),
         )  # fmt: skip
         result["seconds"] = round(time.perf_counter() - t, 2)
+        result["peak_rss_prune_mb"] = peak_rss_mb()  # load + prune, before the evaluation
         sparsity = carve.ops.model_sparsity(lm.model, res.mask)
         result["linear_sparsity"] = sparsity["linear"]
         result["all_sparsity"] = sparsity["all_parameters"]
@@ -183,6 +190,7 @@ def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
         spec = {**base, "kind": "prune", "method": method, "pattern": cfg["pattern"], "calibration": cfg["calibration"]}
         tool = cfg["tool"]
         spec.update(propagation=PROPAGATION.get(tool, "pruned"), calib_dtype=CALIB_DTYPE.get(tool, "auto"))
+        spec["forward"] = tool == "carve" and cfg["method"] == "sparsegpt" and cfg["pattern"] == "50%"
         return carve_worker(__file__, spec)
     # llm-compressor: same calibration blocks, its own process and venv, evaluated by carve
     python = _ensure_llmc()
@@ -313,6 +321,12 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
         b = rows.get(f"{d}/llm-compressor/sparsegpt/50%/domain")
         c = rows.get(f"{d}/carve/sparsegpt/50%/domain")
         h = rows.get(f"{d}/{LLMC_BF16}/sparsegpt/50%/domain")
+        if c and "forward_bf16_s" in c:
+            comp.append(
+                f"- `carve` SparseGPT 50%: prune {c['seconds']:.1f} s = {c['seconds'] / c['forward_bf16_s']:.2f}x one "
+                f"plain bfloat16 forward over the same tokens ({c['forward_bf16_s']:.1f} s, same process); peak RSS "
+                f"after load + prune {c.get('peak_rss_prune_mb', 0):.0f} MB (with evaluation {c['peak_rss_mb']:.0f})"
+            )
         if c and h and "error" not in c and "error" not in h:
             comp.append(
                 f"- `carve` (bfloat16 calibration forwards, float32 weights) against {LLMC_BF16} (the model loaded, "
