@@ -69,7 +69,6 @@ class BlockStream:
         self.writer = writer
         self.save_dtype = save_dtype
         self.batches = [(key, b) for key, (_, blocks) in held_out.blocks.items() for b in blocks.split(EVAL_BATCH)]
-        self.sets = {key: name for key, (name, _) in held_out.blocks.items()}
         self.zeros: dict[str, tuple[int, int]] = {}  # parameter -> (zeros, entries), as written
         self.entered: set[int] = set()
         self.before: list[torch.Tensor] = []
@@ -173,7 +172,10 @@ def streaming_reason(model: str | None, dtype: torch.dtype, forced: bool) -> str
     free = available_memory()
     if free is None:
         return None
-    need = weights_bytes(path, dtype)
+    try:
+        need = weights_bytes(path, dtype)
+    except UsageError:
+        return None  # a damaged checkpoint: the loader reports it in its own words
     if need * 2 <= free:
         return None
     return f"the weights take {need / 2**30:.1f} GiB, more than half the {free / 2**30:.1f} GiB available"
