@@ -84,17 +84,15 @@ class BlockStream:
         ids = [b.to(self.sk.device) for _, b in self.batches]
         hidden, self._calls = capture_inputs(self.sk.model, self.sk.blocks, ids)
         self.before, self.after = list(hidden), list(hidden)
-        if ids:  # how block outputs are shaped (a tensor, or a tuple led by it)
-            out = self._block(0, ids[0], hidden[0], raw=True)
-            self._tuple = isinstance(out, (tuple, list))
 
-    def _block(self, i: int, ids: torch.Tensor, h: torch.Tensor, raw: bool = False) -> Any:
-        call = self._calls[tuple(ids.shape)][i]
-        if raw:
-            args, kwargs, as_kwarg = call
-            block = self.sk.blocks[i]
-            return block(*args, hidden_states=h, **kwargs) if as_kwarg else block(h, *args, **kwargs)
-        return call_block(self.sk.blocks[i], h, call)
+        def shape_of(_m: Any, _a: Any, out: Any) -> None:  # block outputs: a tensor, or a tuple led by it
+            self._tuple = isinstance(out, (tuple, list))
+            handle.remove()
+
+        handle = self.sk.blocks[0].register_forward_hook(shape_of)  # read off enter(0)'s first call
+
+    def _block(self, i: int, ids: torch.Tensor, h: torch.Tensor) -> Any:
+        return call_block(self.sk.blocks[i], h, self._calls[tuple(ids.shape)][i])
 
     @torch.no_grad()
     def enter(self, i: int) -> None:
