@@ -9,7 +9,7 @@ with 1 thread each (torchrun's default), 1 process with the default threads (2).
 seconds, the largest process's peak RSS, the layer-wise engine's seconds per part from the
 manifest (`engine_seconds`: statistics = the calibration forwards and their all-reduce, method =
 the OBS sweeps, repeated on every rank, propagate = re-running pruned blocks), and whether the
-mask equals the 1-process, 1-thread row's bit for bit.  Results: bench/results/distributed.jsonl;
+mask and the saved weights equal the 1-process, 1-thread row's bit for bit.  Results: bench/results/distributed.jsonl;
 the table: the `distributed` section of bench/RESULTS.md.
 """
 
@@ -52,8 +52,12 @@ def run(method: str, procs: int, threads: int, rid: str) -> dict[str, Any]:
     speed = timed(launch + flags, env)
     manifest = json.loads((out / "carve.json").read_text())
     mask = hashlib.sha256((out / "mask.safetensors").read_bytes()).hexdigest()[:16]
+    weights = hashlib.sha256()
+    for f in sorted(out.glob("model*.safetensors")):
+        weights.update(f.read_bytes())
     return {"speed": speed, "engine_seconds": manifest.get("engine_seconds"), "timings_s": manifest["timings_s"],
             "metrics": manifest["metrics"], "data": manifest["data"], "mask_digest": mask,
+            "weights_digest": weights.hexdigest()[:16],
             "source_fingerprint": manifest["source"]["fingerprint"]}  # fmt: skip
 
 
@@ -65,8 +69,8 @@ def table(rows: dict[str, dict[str, Any]], method: str) -> str:
         "2 CPU cores (bench/distributed.py). Engine parts from the manifest's `engine_seconds`.",
         "",
         "| processes x threads | wall s | peak RSS MB (largest process) | statistics s | method s | propagate s | "
-        "prune stage s | domain ppl after | mask equals 1x1 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "prune stage s | domain ppl after | mask equals 1x1 | weights equal 1x1 |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = rows.get(f"{method}/1x1", {})
     for rid, r in rows.items():
@@ -74,10 +78,12 @@ def table(rows: dict[str, dict[str, Any]], method: str) -> str:
             continue
         e = r.get("engine_seconds") or {}
         same = "yes" if r["mask_digest"] == base.get("mask_digest") else "NO"
+        same_w = "yes" if r.get("weights_digest") == base.get("weights_digest") else "NO"
+        same_w = same_w if "weights_digest" in r else "-"
         lines.append(
             f"| {rid.split('/')[1]} | {r['speed']['wall_s']:.1f} | {r['speed']['peak_rss_mb']:.0f} | "
             f"{e.get('statistics', 0):.1f} | {e.get('method', 0):.1f} | {e.get('propagate', 0):.1f} | "
-            f"{r['timings_s'].get('prune', 0):.1f} | {r['metrics']['after']['domain_ppl']:.3f} | {same} |"
+            f"{r['timings_s'].get('prune', 0):.1f} | {r['metrics']['after']['domain_ppl']:.3f} | {same} | {same_w} |"
         )
     failed = [f"- {k}: {r['error']}" for k, r in rows.items() if "error" in r]
     return "\n".join(lines + (["", *failed] if failed else []))

@@ -56,6 +56,55 @@ def test_hessian_from_upper_chunks_is_full_and_symmetric() -> None:
     assert torch.equal(h.H, h.H.t())
 
 
+def test_statistics_do_not_depend_on_how_batches_are_ordered_or_shared() -> None:
+    """Float64 sums of per-batch products: batches in another order, or summed in two shares and
+    then added (two ranks), give one process's float32 statistic bit for bit.  A float32 running
+    mean, as before, differed in the last bits (and SparseGPT's mask with them, on the real model)."""
+    batches = list(torch.randn(8, 512, 600, generator=torch.Generator().manual_seed(5)).unbind(0))
+
+    def stats(order: list[int]) -> tuple[Hessian, RowNorms]:
+        h, r = Hessian(600), RowNorms(600)
+        for i in order:
+            h.update(batches[i])
+            r.update(batches[i])
+        return h, r
+
+    h1, r1 = stats(list(range(8)))
+    h2, r2 = stats([7, 3, 5, 1, 6, 2, 4, 0])
+    a, ra = stats([0, 2, 4, 6])
+    b, rb = stats([1, 3, 5, 7])
+    assert a._sum is not None and b._sum is not None
+    a._sum += b._sum  # what the all-reduce of two ranks does
+    a.n += b.n
+    ra._sum += rb._sum
+    ra.n += rb.n
+    for h, r in ((h2, r2), (a, ra)):
+        assert torch.equal(h.H, h1.H)
+        assert torch.equal(r.sq, r1.sq)
+
+
+def test_hessian_factor_and_sweep_are_the_same_for_any_thread_count() -> None:
+    """The per-batch float32 products do not depend on the thread count (MKL_CBWR=AUTO,STRICT,
+    which `import carve` sets): before, 1 and 2 threads gave Hessians apart in the last bits."""
+    if not torch.backends.mkl.is_available():
+        pytest.skip("the thread-count guarantee is MKL's (this torch build has no MKL)")
+    x = torch.randn(4096, 600, generator=torch.Generator().manual_seed(6)) * torch.linspace(0.1, 3, 600)
+    W = torch.randn(300, 600, generator=torch.Generator().manual_seed(7))
+    threads = torch.get_num_threads()
+    found = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            h = Hessian(600)
+            h.update(x)
+            U, _ = inverse_hessian_cholesky(h.H)  # LAPACK: on one thread whatever the setting
+            found.append((h.H, U, sparsegpt_prune(W, h.H, 0.5, factor=(U, {}))[0]))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*found, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_hessian_of_bfloat16_inputs_multiplies_in_float32() -> None:
     """A bfloat16 input (an autocast forward's) is multiplied in float32: one bfloat16 product per
     update would round H by up to 2^-9 relative, enough to make a damped H indefinite."""

@@ -6,10 +6,13 @@ With one process (no process group, or a world of one) every function here is th
 engines run exactly as before.
 
 - `shard(items)`: this rank's share of the calibration batches (rank r takes items r, r+N, ...).
-- `merge_mean(tensor, n)`: a running mean over n items on each rank made the mean over all ranks'
-  items, in place; returns the total count.  The layer-wise statistics (Hessians, Wanda's row norms)
-  and the gradient engine's per-weight means use it, so every rank holds the same statistic (an
-  all-reduce gives every rank the same bits) and its pruning step chooses the same mask.
+- `sum_(tensor)`: summed over the ranks in place.  The layer-wise statistics (Hessians, Wanda's row
+  norms) are float64 sums over tokens (carve.scorers.stats), so the statistic of N ranks equals one
+  process's up to float64 rounding, hidden by the cast to float32: the same mask.  An all-reduce
+  gives every rank the same bits, so every rank's pruning step chooses the same mask.
+- `merge_mean(tensor, n)`: a mean over n items on each rank made the mean over all ranks' items, in
+  place; returns the total count (the gradient engine's per-weight means: float32, so equal to one
+  process's within float tolerance, not bit for bit).
 - `writes()`: whether this process writes outputs (rank 0).
 - The masked training loop (ops/train.py) shares each step's micro-batches out the same way and
   sums the gathered gradients over the ranks before the optimizer step (data parallel, as DDP):

@@ -15,6 +15,8 @@ plus an end-to-end error C·w² of the same weight, both for its current (compen
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,9 +31,27 @@ PERCDAMP = 0.01
 MAX_DAMP_RETRIES = 6
 
 
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """LAPACK's factorizations on one CPU thread: their float sums, and the sweep's choices after
+    them, then do not depend on the thread count (MKL's strict reproducibility mode covers the
+    matrix products, not the factorizations).  Measured on the embedded default: no time lost."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = PERCDAMP) -> tuple[torch.Tensor, dict[str, Any]]:
     """Upper Cholesky factor of (H + λI)⁻¹.  If H + λI is not positive definite (rank-deficient
     calibration, fp noise), λ grows ×10 per retry rather than crashing; the info says so."""
+    with _one_thread() if H.device.type == "cpu" else contextlib.nullcontext():
+        return _inverse_hessian_cholesky(H, percdamp)
+
+
+def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, dict[str, Any]]:
     H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
