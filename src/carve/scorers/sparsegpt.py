@@ -52,18 +52,23 @@ def inverse_hessian_cholesky(H: torch.Tensor, percdamp: float = PERCDAMP) -> tup
 
 
 def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, dict[str, Any]]:
-    H = H.float().clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    scale = torch.mean(torch.diag(H)).abs().item()
+    # at most two [in, in] float32 matrices besides H at any time (for a 6912-wide down_proj each is
+    # 191 MB): the damped copy, then each factor replacing the one it came from
+    diag = torch.diag(H).float()
+    dead = diag == 0
+    diag[dead] = 1.0
+    scale = torch.mean(diag).abs().item()
     damp = percdamp * scale
-    idx = torch.arange(H.shape[0], device=H.device)
     for attempt in range(MAX_DAMP_RETRIES + 1):
-        Hd = H.clone()
-        Hd[idx, idx] += damp
+        Hd = H.float().clone()
+        Hd.diagonal().copy_(diag + damp)
         L, err = torch.linalg.cholesky_ex(Hd)
+        del Hd
         if err.item() == 0:
-            U, err = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, err = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if err.item() == 0 and torch.isfinite(U).all():
                 return U, {"damp": damp, "damp_retries": attempt, "dead_inputs": int(dead.sum())}
         damp = max(damp * 10.0, 1e-6 * scale)
