@@ -132,3 +132,12 @@ def test_model_sparsity_counts_zeros_of_the_named_weights_and_of_all_parameters(
     assert by_names["linear"] == pytest.approx(8 / 24)
     assert by_mask["linear"] == pytest.approx(8 / 16)
     assert by_names["all_parameters"] == by_mask["all_parameters"] == pytest.approx(12 / 30)
+
+
+def test_count_zeros_counts_zeros_and_false_entries() -> None:
+    from carve.models.arch import count_zeros
+
+    t = torch.tensor([0.0, -0.0, 1.0, float("nan"), 2.0])
+    assert count_zeros(t) == 2  # -0.0 is a zero, NaN is not
+    assert count_zeros(torch.tensor([True, False, False])) == 2
+    assert count_zeros(torch.zeros(0)) == 0

@@ -42,6 +42,7 @@ from carve.job import (
 )
 from carve.manifest import MANIFEST_FILE, read_manifest
 from carve.models import count_parameters, load_model
+from carve.models.arch import count_zeros
 from carve.models.load import check_source
 from carve.ops.distill import model_distill_loss, reapply_masks, sparsity_masks
 from carve.ops.finetune import add_lora
@@ -136,8 +137,8 @@ def _sparsity_kept(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str
     masked = sum(int(m.numel()) for m in masks.values())
     return {
         "masked_weights": len(masks),  # pruned matrices trained with masked updates
-        "zero_share_before": round(sum(int((~m).sum()) for m in masks.values()) / masked, 6) if masks else 0.0,
-        "zero_share_after": round(sum(int((kept[n] == 0).sum()) for n in masks) / masked, 6) if masks else 0.0,
+        "zero_share_before": round(sum(count_zeros(m) for m in masks.values()) / masked, 6) if masks else 0.0,
+        "zero_share_after": round(sum(count_zeros(kept[n]) for n in masks) / masked, 6) if masks else 0.0,
         "zeros_kept": all(bool((kept[n][~m] == 0).all()) for n, m in masks.items()),
     }
 

@@ -29,6 +29,7 @@ from carve.engines.layerwise import call_block, capture_inputs
 from carve.errors import UsageError
 from carve.evaluation.perplexity import nll_sum
 from carve.job import EvalData
+from carve.models.arch import count_zeros
 from carve.models.patch import replaced_forwards
 from carve.models.skeleton import SkeletonModel
 from carve.models.stream import StreamWriter
@@ -116,7 +117,7 @@ class BlockStream:
 
     def _write(self, name: str) -> None:
         t = self.sk.parameter(name).detach()
-        self.zeros[name] = (int((t == 0).sum()), t.numel())
+        self.zeros[name] = (count_zeros(t), t.numel())
         if self.writer is not None:
             self.writer.write(self.sk.specs[name][0], t.to(self.save_dtype) if t.is_floating_point() else t)
 

@@ -123,7 +123,7 @@ class Mask(Mapping[str, torch.Tensor]):
 
     def sparsity(self) -> float:
         total = sum(v.numel() for v in self.keep.values())
-        kept = sum(int(v.sum()) for v in self.keep.values())
+        kept = sum(int(torch.count_nonzero(v)) for v in self.keep.values())
         return 1 - kept / total if total else 0.0
 
     def sparsity_per_param(self) -> dict[str, float]:
@@ -131,8 +131,8 @@ class Mask(Mapping[str, torch.Tensor]):
 
     def jaccard(self, other: Mask) -> float:
         """|A ∩ B| / |A ∪ B| over the kept weights of all parameters."""
-        inter = sum(int((a & b).sum()) for _, a, b in self._zip(other))
-        union = sum(int((a | b).sum()) for _, a, b in self._zip(other))
+        inter = sum(int(torch.count_nonzero(a & b)) for _, a, b in self._zip(other))
+        union = sum(int(torch.count_nonzero(a | b)) for _, a, b in self._zip(other))
         return inter / union if union else 1.0
 
     def save(self, path: str | Path) -> None:

@@ -38,7 +38,7 @@ from carve.errors import UsageError
 from carve.importance.scoring import needs_data, score
 from carve.masks.mask import ImportanceMap, Mask, PackedKeep, select_mask
 from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
-from carve.models.arch import as_param_layout, find_blocks, prunable_linears, weight_matrix
+from carve.models.arch import as_param_layout, count_zeros, find_blocks, prunable_linears, weight_matrix
 from carve.progress import progress
 from carve.scorers.registry import Scorer, get_scorer
 from carve.scorers.sparsegpt import factor_of, obs_saliency, sparsegpt_prune
@@ -322,7 +322,7 @@ def model_sparsity(
     over all parameters; `zeros` (parameter -> (zeros, entries)) when the weights were counted as
     they were written (a streamed extraction's, no longer in memory)."""
     if zeros is None:
-        zeros = {k: (int((p == 0).sum()), p.numel()) for k, p in model.named_parameters()}
+        zeros = {k: (count_zeros(p), p.numel()) for k, p in model.named_parameters()}
     names = list(pruned)
     pruned_total = sum(zeros[k][1] for k in names)
     pruned_zeros = sum(zeros[k][0] for k in names)
