@@ -1,6 +1,6 @@
-"""torch.distributed: two gloo processes (spawned here) compute the same statistics (within float
-tolerance: the sums are taken in another order), the same masks, and train (data parallel) to the
-same weights as one process."""
+"""torch.distributed: two gloo processes (spawned here) compute the same layer-wise statistics, masks
+and pruned weights bit for bit as one process, share the OBS sweeps out, compute the gradient
+statistics within float tolerance, and train (data parallel) to the same weights."""
 
 from __future__ import annotations
 
@@ -45,9 +45,20 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 
         layerwise(tiny_model("llama"), calib, keeping("H"), Hessian, calib=settings)
         layerwise(tiny_model("llama"), calib, keeping("rows"), RowNorms, calib=settings)
-        for method in ("sparsegpt", "wanda"):
-            result = prune(tiny_model("llama"), method, 0.5, calib, calib=settings)
-            found.update({f"{method}:{k}": v for k, v in result.mask.items()})
+        import carve.scorers.sparsegpt as sg
+
+        sweeps = []
+        real_sweep = sg.sparsegpt_prune
+        sg.sparsegpt_prune = lambda W, *a, **kw: sweeps.append(1) or real_sweep(W, *a, **kw)
+        try:
+            for method in ("sparsegpt", "wanda"):
+                pruned = tiny_model("llama")
+                result = prune(pruned, method, 0.5, calib, calib=settings)
+                found.update({f"{method}:{k}": v for k, v in result.mask.items()})
+                found.update({f"{method}-weights:{k}": pruned.get_parameter(k).detach().clone() for k in result.mask})
+        finally:
+            sg.sparsegpt_prune = real_sweep
+        Path(f"{out}.sweeps{rank}").write_text(str(len(sweeps)))  # each rank's share of the OBS sweeps
         fisher = score(tiny_model("llama"), "fisher", calib, calib=settings)
         found.update({f"fisher:{k}": v for k, v in fisher.scores.items()})
         # the masked training loop, data parallel: 4 micro-batches a step, 2 on each rank
@@ -76,10 +87,14 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     a, b = load_file(one), load_file(two)
     assert sorted(a) == sorted(b) and any(k.startswith("H:") for k in a) and any(k.startswith("fisher:") for k in a)
     for k in a:
-        if a[k].dtype == torch.bool:
-            assert torch.equal(a[k], b[k]), k  # the same masks
+        if k.startswith(("H:", "rows:")) or a[k].dtype == torch.bool or "-weights:" in k:
+            # float64 sums of the layer-wise statistics: the same bits; so the same masks and weights
+            assert torch.equal(a[k], b[k]), k
         else:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)  # statistics
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)  # float32 gradient means
+    # the sweeps were shared out, not repeated: every one done once, by one of the two ranks
+    alone, shares = int(Path(f"{one}.sweeps0").read_text()), [int(Path(f"{two}.sweeps{r}").read_text()) for r in (0, 1)]
+    assert sum(shares) == alone and min(shares) > 0
 
 
 def _free_port() -> int:

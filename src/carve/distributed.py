@@ -13,6 +13,10 @@ engines run exactly as before.
 - `merge_mean(tensor, n)`: a mean over n items on each rank made the mean over all ranks' items, in
   place; returns the total count (the gradient engine's per-weight means: float32, so equal to one
   process's within float tolerance, not bit for bit).
+- `owners(costs)`, `broadcast_(tensor, src)`, `broadcast_json(obj, src)`: the per-Linear OBS sweeps
+  of a block are shared out (each Linear to one rank, by cost) and their results (weights, masks,
+  notes) broadcast from the rank that computed them, so every rank ends each block with the same
+  bits (ops/prune.py's `_spread`).
 - `writes()`: whether this process writes outputs (rank 0).
 - The masked training loop (ops/train.py) shares each step's micro-batches out the same way and
   sums the gathered gradients over the ranks before the optimizer step (data parallel, as DDP):
@@ -21,8 +25,9 @@ engines run exactly as before.
 
 from __future__ import annotations
 
+import json
 import os
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -63,6 +68,39 @@ def shard(items: list[T], what: str = "calibration batches") -> list[T]:
     if len(items) < n:
         raise UsageError(f"{len(items)} {what} cannot be shared by {n} processes: use at least {n}")
     return items[rank() :: n]
+
+
+def owners(costs: dict[str, float]) -> dict[str, int]:
+    """Which rank does each item: largest cost first (ties by name) onto the least-loaded rank
+    (lowest rank on ties).  The same answer on every rank; one process: all rank 0."""
+    load = [0.0] * world()
+    out: dict[str, int] = {}
+    for name in sorted(costs, key=lambda k: (-costs[k], k)):
+        r = min(range(len(load)), key=lambda i: (load[i], i))
+        out[name] = r
+        load[r] += costs[name]
+    return out
+
+
+def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """`tensor` (contiguous) overwritten in place on every rank by rank `src`'s bits (one process:
+    as is).  Sent as raw bytes, so any dtype (bfloat16, bool) goes through any backend."""
+    if active():
+        import torch.distributed as dist
+
+        dist.broadcast(tensor.view(torch.uint8), src=src)
+    return tensor
+
+
+def broadcast_json(obj: Any, src: int) -> Any:
+    """A JSON-serializable object as rank `src` has it (one process: as is): small per-Linear notes.
+    Sent as JSON text, never pickled."""
+    if not active():
+        return obj
+    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8) if rank() == src else None
+    size = broadcast_(torch.tensor([0 if data is None else data.numel()], dtype=torch.int64), src)
+    buf = data if data is not None else torch.empty(int(size.item()), dtype=torch.uint8)
+    return json.loads(bytes(broadcast_(buf, src).tolist()).decode())
 
 
 def merge_mean(tensor: torch.Tensor, n: int) -> int:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from carve import distributed
 from carve.engines.layerwise import layerwise
 from carve.errors import UsageError
 from carve.importance.scoring import needs_data, score
@@ -185,14 +186,19 @@ def _prune_blockwise(
     keep: MutableMapping[str, torch.Tensor] = PackedKeep() if calib.stream is not None else {}
     info: dict[str, dict[str, Any]] = {}
 
+    def prune_one(name: str, lin: nn.Module, stats: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        W = weight_matrix(lin)
+        new, k, notes = scorer.prune_weight(W, stats.get(name), sparsity, granularity, nm)
+        W.copy_(new)
+        return k, notes
+
+    def record(name: str, lin: nn.Module, k: torch.Tensor, notes: dict[str, Any]) -> None:
+        keep[_param_name(name)] = as_param_layout(lin, k).cpu()
+        if notes:
+            info[_param_name(name)] = notes
+
     def prune_linears(linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
-        for name, lin in linears.items():
-            W = weight_matrix(lin)
-            new, k, notes = scorer.prune_weight(W, stats.get(name), sparsity, granularity, nm)
-            W.copy_(new)
-            keep[_param_name(name)] = as_param_layout(lin, k).cpu()
-            if notes:
-                info[_param_name(name)] = notes
+        _spread(linears, lambda name, lin: prune_one(name, lin, stats), record)
 
     if data is None and calib.stream is not None:  # streamed: block by block, each read, pruned, written
         prefix, blocks = find_blocks(model)
@@ -295,24 +301,63 @@ def _obs_sweep(
     `done(pname, lin, keep)` receives each Linear's mask."""
     info: dict[str, dict[str, Any]] = {}
 
+    def sweep_one(name: str, lin: nn.Module, stats: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]] | None:
+        W = weight_matrix(lin)
+        factor = factor_of(stats[name])
+        kw = args(_param_name(name), lin, W, factor)
+        if "keep" in kw and kw["keep"] is None:
+            return None
+        kw.setdefault("sparsity", 0.5)
+        new, k, notes = sparsegpt_prune(W, stats[name].H, factor=factor, **kw)
+        W.copy_(new)
+        return k, notes
+
+    def record(name: str, lin: nn.Module, k: torch.Tensor, notes: dict[str, Any]) -> None:
+        if done is not None:
+            done(_param_name(name), lin, k)
+        if notes:
+            info[_param_name(name)] = notes
+
     def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
-        for name, lin in linears.items():
-            pname = _param_name(name)
-            W = weight_matrix(lin)
-            factor = factor_of(stats[name])
-            kw = args(pname, lin, W, factor)
-            if "keep" in kw and kw["keep"] is None:
-                continue
-            kw.setdefault("sparsity", 0.5)
-            new, k, notes = sparsegpt_prune(W, stats[name].H, factor=factor, **kw)
-            W.copy_(new)
-            if done is not None:
-                done(pname, lin, k)
-            if notes:
-                info[pname] = notes
+        _spread(linears, lambda name, lin: sweep_one(name, lin, stats), record)
 
     layerwise(model, calibration, on_block, Hessian, targets, calib, label)
     return info
+
+
+Result = tuple[torch.Tensor, dict[str, Any]]  # a Linear's [out, in] keep mask and its method notes
+
+
+def _spread(
+    linears: dict[str, nn.Module],
+    work: Callable[[str, nn.Module], Result | None],
+    record: Callable[[str, nn.Module, torch.Tensor, dict[str, Any]], None],
+) -> None:
+    """`work(name, lin)` for each Linear of a block (it prunes the weight in place and returns the
+    mask and notes, or None to leave the Linear alone), then `record` of each result in name order.
+
+    Under torch.distributed each Linear is worked on by one rank (carve.distributed.owners: cost
+    out·in², SparseGPT's sweep) and its weight, mask and notes are broadcast from that rank, so the
+    sweeps are shared out and every rank ends the block with the same bits.  One process: every
+    Linear here, nothing sent."""
+    owner = distributed.owners(
+        {n: float(weight_matrix(lin).shape[0]) * float(weight_matrix(lin).shape[1]) ** 2 for n, lin in linears.items()}
+    )
+    mine = {name: work(name, lin) for name, lin in sorted(linears.items()) if owner[name] == distributed.rank()}
+    for name in sorted(linears):
+        lin, src = linears[name], owner[name]
+        result = mine.get(name)
+        if distributed.active():
+            sent = distributed.broadcast_json(None if result is None else {"notes": result[1]}, src)
+            if sent is not None:
+                weight = lin.get_parameter("weight")
+                distributed.broadcast_(weight.data, src)
+                shape, device = weight_matrix(lin).shape, weight.device
+                k = torch.empty(shape, dtype=torch.bool, device=device) if result is None else result[0].to(device)
+                k = k.contiguous()
+                result = (distributed.broadcast_(k, src), sent["notes"])
+        if result is not None:
+            record(name, lin, *result)
 
 
 def model_sparsity(
