@@ -23,6 +23,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
 
     from carve.engines.gradient import next_token_loss
     from carve.engines.layerwise import layerwise
+    from carve.evaluation.perplexity import perplexity
     from carve.importance.scoring import score
     from carve.ops.prune import prune
     from carve.ops.train import Schedule, train
@@ -59,6 +60,7 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         finally:
             sg.sparsegpt_prune = real_sweep
         Path(f"{out}.sweeps{rank}").write_text(str(len(sweeps)))  # each rank's share of the OBS sweeps
+        found["ppl"] = torch.tensor([perplexity(tiny_model("llama"), calib[:5], batch_size=2)], dtype=torch.float64)
         fisher = score(tiny_model("llama"), "fisher", calib, calib=settings)
         found.update({f"fisher:{k}": v for k, v in fisher.scores.items()})
         # the masked training loop, data parallel: 4 micro-batches a step, 2 on each rank

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carve import distributed
 from carve.engines.gradient import head_as_identity, plain_output_head
 from carve.progress import progress
 
@@ -40,11 +41,13 @@ def nll_sum(model: nn.Module, ids: torch.Tensor, chunk: int = CHUNK) -> float:
 
 def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 2, desc: str = "perplexity") -> float:
     """exp of the mean next-token NLL over all predicted tokens of `blocks` [n, L]
-    (each block scored on its own: L-1 predictions per block)."""
+    (each block scored on its own: L-1 predictions per block).  Under torch.distributed each rank
+    scores batches rank, rank+N, ... and the sums are all-reduced (float64)."""
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
-    for batch in progress(blocks.split(batch_size), desc, total=math.ceil(len(blocks) / batch_size)):
+    batches = list(blocks.split(batch_size))[distributed.rank() :: distributed.world()]
+    for batch in progress(batches, desc, total=len(batches)):
         ids = batch.to(device)
         total_nll += nll_sum(model, ids)
         total_tokens += ids[:, 1:].numel()
-    return math.exp(total_nll / total_tokens)
+    return math.exp(distributed.sum_float(total_nll) / distributed.sum_float(float(total_tokens)))
