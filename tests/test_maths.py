@@ -73,8 +73,9 @@ def test_statistics_do_not_depend_on_how_batches_are_ordered_or_shared() -> None
     h2, r2 = stats([7, 3, 5, 1, 6, 2, 4, 0])
     a, ra = stats([0, 2, 4, 6])
     b, rb = stats([1, 3, 5, 7])
-    assert a._sum is not None and b._sum is not None
-    a._sum += b._sum  # what the all-reduce of two ranks does
+    assert a._rows is not None and b._rows is not None
+    for x, y in zip(a._rows, b._rows, strict=True):
+        x += y  # what the all-reduce of two ranks does
     a.n += b.n
     ra._sum += rb._sum
     ra.n += rb.n

@@ -164,3 +164,77 @@ def test_interrupted_streamed_run_leaves_nothing(
         extract(_recipe(src, small_corpus, "sparsegpt", True), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing half-written beside the source
     assert not list(tmp_path.rglob("*.safetensors.index.json")) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batches", [0, 1.5])  # everything spilled; some batches in memory, the rest spilled
+def test_spilled_activations_give_the_same_result(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, batches: float
+) -> None:
+    """Calibration activations past --max-memory go to a temporary file and come back bit for bit:
+    the same masks and weights as with no limit; the files are gone afterwards."""
+    import tempfile
+
+    from carve.ops.prune import prune
+    from carve.settings import Calibration
+    from tests.conftest import VOCAB
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    calib = torch.randint(0, VOCAB, (6, 16), generator=torch.Generator().manual_seed(0))
+    runs = []
+    model = tiny_model("llama")
+    budget = int(batches * 2 * 16 * model.config.hidden_size * torch.finfo(dtype).bits // 8)  # batch: 2 x 16 tokens
+    for limit in (None, budget):
+        model = tiny_model("llama").to(dtype)
+        result = prune(model, "sparsegpt", 0.5, calib, calib=Calibration(batch_size=2, max_memory=limit))
+        runs.append((result, {k: v.clone() for k, v in model.state_dict().items()}))
+    (free, free_weights), (spilled, spilled_weights) = runs
+    assert spilled.engine_seconds is not None and spilled.engine_seconds["spilled_mb"] > 0
+    assert "spilled_mb" not in (free.engine_seconds or {})
+    assert all(torch.equal(free.mask[k], spilled.mask[k]) for k in free.mask.keys())
+    assert all(torch.equal(free_weights[k], spilled_weights[k]) for k in free_weights)
+    assert not list(tmp_path.glob("carve-activations-*"))
+
+
+def test_activations_budget_counts_every_live_list() -> None:
+    from carve.engines.activations import Budget
+
+    budget = Budget(limit=3 * 4 * 10)  # three float32 [10] tensors
+    a, b = budget.new(), budget.new()
+    for _ in range(2):
+        a.append(torch.ones(10))
+        b.append(torch.ones(10))
+    assert budget.used == 3 * 40 and budget.spilled == 40  # the fourth went to a file
+    assert [t.sum().item() for t in b] == [10.0, 10.0]
+    a.release()
+    assert budget.used == 40
+    b.append(torch.ones(10))  # room again
+    assert budget.spilled == 40
+    budget.close()
+
+
+@pytest.mark.parametrize(
+    "text, size", [("4GB", 4 * 10**9), ("512MiB", 512 * 2**20), ("1.5 gb", 1_500_000_000), ("0", 0), ("2kib", 2048)]
+)
+def test_parse_size(text: str, size: int) -> None:
+    from carve.engines.activations import parse_size
+
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "-1GB", "4XB", "nan", "inf"])
+def test_parse_size_refuses(text: str) -> None:
+    from carve.engines.activations import parse_size
+
+    with pytest.raises(UsageError, match="--max-memory"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "kw, words", [({"max_memory": "lots"}, "give a size"), ({"max_memory": "1GB", "propagation": "fused"}, "fused")]
+)
+def test_max_memory_refusals_write_nothing(tmp_path: Path, tokenizer, small_corpus: Path, kw: dict, words: str) -> None:
+    src = _saved(tmp_path, "llama", tokenizer)
+    with pytest.raises(UsageError, match=words):
+        extract(_recipe(src, small_corpus, "sparsegpt", False, **kw), out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ import torch
 
 from carve import distributed
 from carve.corpora import Corpus
+from carve.engines.activations import parse_size
 from carve.engines.gradient import bound_heap_retention
 from carve.engines.layerwise import check_calib_dtype
 from carve.errors import UsageError
@@ -160,6 +161,11 @@ class Recipe:
         "more than half the memory available",
         False,
     )
+    max_memory: str | None = flag(
+        "calibration activations the layer-wise passes keep in memory (e.g. 4GB, 512MiB); the rest go to a "
+        "temporary file ($TMPDIR) and are read back block by block (default: no limit)",
+        metavar="SIZE",
+    )
     save_dtype: str | None = flag(SAVE_DTYPE_HELP, choices=SAVE_DTYPES)
     save_format: str = flag(
         "dense: plain safetensors for from_pretrained; sparse: the kept values and a bit-packed mask "
@@ -227,6 +233,13 @@ class Recipe:
         for name in ("calib_blocks", "block_len", "eval_blocks", "batch_size"):
             if getattr(r, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be a positive whole number, not {getattr(r, name)}")
+        if r.max_memory is not None:
+            parse_size(r.max_memory)
+            if r.propagation == "fused":
+                raise UsageError(
+                    "--max-memory bounds the activations carried block to block; fused propagation holds the "
+                    "whole calibration set at once: use --propagation pruned or dense"
+                )
         if r.stream:
             why = _not_streamable(r)
             if why:
@@ -375,7 +388,8 @@ def _calibration(r: Recipe, lm: LoadedModel) -> Calibration:
     model's own; --structure calibrates in the model's dtype)."""
     model_dtype = next(lm.model.parameters()).dtype
     asked = None if r.structure else resolve_calib_dtype(r.calib_dtype, lm.model)
-    return Calibration(r.batch_size, r.propagation, check_calib_dtype(model_dtype, asked))
+    budget = None if r.max_memory is None else parse_size(r.max_memory)
+    return Calibration(r.batch_size, r.propagation, check_calib_dtype(model_dtype, asked), max_memory=budget)
 
 
 def _operate(r: Recipe, lm: LoadedModel, data: ExtractData, calib: Calibration) -> Outcome:

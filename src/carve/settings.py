@@ -47,6 +47,9 @@ class Calibration:
     # streamed extraction: an object whose enter(i) / leave(i) the layer-wise engine calls before
     # block i is calibrated and after it is pruned (reads it from disk, writes and frees it: carve.streamed)
     stream: Any = None
+    # bytes of calibration activations the layer-wise engine keeps in memory (None: no limit); the
+    # rest goes to a temporary file (carve.engines.activations)
+    max_memory: int | None = None
 
 
 DEFAULT_CALIBRATION = Calibration()

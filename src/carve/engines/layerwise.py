@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from carve import distributed
+from carve.engines.activations import Activations, Budget
 from carve.errors import UsageError
 from carve.models.arch import find_blocks, prunable_linears
 from carve.models.patch import replaced_forwards
@@ -84,9 +85,11 @@ def _forward_until_stop(model: nn.Module, ids: torch.Tensor, handles: list[Any])
 
 @torch.no_grad()
 def capture_inputs(
-    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor]
-) -> tuple[list[torch.Tensor], dict[tuple[int, ...], list[BlockCall]]]:
-    hidden: list[torch.Tensor] = []
+    model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], into: Activations | None = None
+) -> tuple[Activations, dict[tuple[int, ...], list[BlockCall]]]:
+    """Each batch's input to block 0 (appended to `into`, or to a list without a memory budget), and
+    the arguments each block is called with, per batch shape."""
+    hidden = Budget(None).new() if into is None else into
     calls: dict[tuple[int, ...], list[BlockCall]] = {}
 
     def stop_at_first(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -285,53 +288,62 @@ def layerwise(
         return seconds
     rerun = propagation == "pruned"
     batches = distributed.shard([b.to(device) for b in calibration.split(calib.batch_size)])
-    with _computing(device, autocast):
-        hidden, calls = capture_inputs(model, blocks, batches)
-    shapes = [tuple(b.shape) for b in batches]
+    budget = Budget(calib.max_memory)  # activations past it go to a temporary file
+    try:
+        with _computing(device, autocast):
+            hidden, calls = capture_inputs(model, blocks, batches, budget.new())
+        shapes = [tuple(b.shape) for b in batches]
+        clock = time.perf_counter()
 
-    clock = time.perf_counter()
+        def lap(part: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            seconds[part] += now - clock
+            clock = now
 
-    def lap(part: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[part] += now - clock
-        clock = now
-
-    for i in progress(range(len(blocks)), desc, total=len(blocks)):
-        lap("statistics")  # the capture, before the first block
-        if stream is not None:
-            stream.enter(i)
-            lap("stream")
-        block = blocks[i]
-        last = i == len(blocks) - 1
-        linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
-        collector = None if statistic is None else _BlockStatistics(linears, statistic, device, rerun)
-        outputs = []
-        try:
-            for j, h in enumerate(hidden):
-                try:
-                    with _computing(device, autocast):
-                        outputs.append(call_block(block, h, calls[shapes[j]][i]))
-                except _Stop:
-                    pass
+        for i in progress(range(len(blocks)), desc, total=len(blocks)):
+            lap("statistics")  # the capture, before the first block
+            if stream is not None:
+                stream.enter(i)
+                lap("stream")
+            block = blocks[i]
+            last = i == len(blocks) - 1
+            linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
+            collector = None if statistic is None else _BlockStatistics(linears, statistic, device, rerun)
+            outputs = budget.new()
+            try:
+                for j, h in enumerate(hidden):
+                    try:
+                        with _computing(device, autocast):
+                            outputs.append(call_block(block, h, calls[shapes[j]][i]))
+                    except _Stop:
+                        pass
+                    if collector is not None:
+                        collector.batch_done()
+            finally:
                 if collector is not None:
-                    collector.batch_done()
-        finally:
+                    collector.remove()
             if collector is not None:
-                collector.remove()
-        if collector is not None:
-            merge_statistics(collector.stats)  # over every rank's share of the calibration (one process: as is)
-        lap("statistics")
-        on_block(i, linears, {} if collector is None else collector.stats)
-        lap("method")
-        if rerun and not last:
-            with _computing(device, autocast):
-                outputs = [call_block(block, h, calls[shapes[j]][i]) for j, h in enumerate(hidden)]
-            lap("propagate")
-        hidden = outputs
-        if stream is not None:
-            stream.leave(i)
-            lap("stream")
+                merge_statistics(collector.stats)  # over every rank's share of the calibration (one process: as is)
+            lap("statistics")
+            on_block(i, linears, {} if collector is None else collector.stats)
+            lap("method")
+            if rerun and not last:
+                outputs.release()
+                outputs = budget.new()
+                with _computing(device, autocast):
+                    for j, h in enumerate(hidden):
+                        outputs.append(call_block(block, h, calls[shapes[j]][i]))
+                lap("propagate")
+            hidden.release()
+            hidden = outputs
+            if stream is not None:
+                stream.leave(i)
+                lap("stream")
+    finally:
+        budget.close()
+    if calib.max_memory is not None:
+        seconds["spilled_mb"] = budget.spilled / 2**20
     return {k: round(v, 3) for k, v in seconds.items()}
 
 

@@ -46,15 +46,22 @@ class Hessian:
     """H = 2/n · Σ x xᵀ over the n calibration tokens (SparseGPT eq. for the layer-wise squared
     error), summed in float64 and read as float32.
 
-    H is symmetric: each update computes only the row-chunks of the upper triangle (about 60% of
-    the products for a 1536-wide input) and `H` mirrors it when first read.  Once `H` is read, the
-    accumulation's float64 sum is freed (a later update rebuilds it from H, to float32 precision)."""
+    H is symmetric: the sum is kept as the row-chunks of its upper triangle only ([256, in − a] for
+    the chunk starting at row a: about half the matrix, so the float64 sum takes about the memory of
+    a full float32 H), each update computes only those products (about 60% of XᵀX for a 1536-wide
+    input), and `H` assembles and mirrors the full float32 matrix when first read, freeing each chunk
+    as it goes.  A later update rebuilds the sum from H (to float32 precision)."""
 
     CHUNK = 256
     ROWS = 8192  # tokens per product: a float32 copy of a 16-bit input is made this many at a time
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
-        self._sum: torch.Tensor | None = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.d = in_features
+        self._starts = list(range(0, in_features, self.CHUNK))
+        self._rows: list[torch.Tensor] | None = [
+            torch.zeros(min(self.CHUNK, in_features - a), in_features - a, dtype=torch.float64, device=device)
+            for a in self._starts
+        ]
         self._H: torch.Tensor | None = None
         self.n = 0
         # quantities derived from the final H (SparseGPT's inverse Cholesky factor), computed
@@ -62,38 +69,43 @@ class Hessian:
         self.cache: dict[str, Any] = {}
 
     def update(self, x: torch.Tensor) -> None:
-        if self._sum is None:  # read before: go on from H
+        if self._rows is None:  # read before: go on from H
             assert self._H is not None
-            self._sum, self._H = self._H.double().mul_(self.n / 2.0), None
+            half_n = self.n / 2.0
+            self._rows = [self._H[a : a + self.CHUNK, a:].double().mul_(half_n) for a in self._starts]
+            self._H = None
             self.cache.clear()
         for rows in x.reshape(-1, x.shape[-1]).split(self.ROWS):
             self._add(rows.float())
 
     def _add(self, x: torch.Tensor) -> None:
-        assert self._sum is not None
-        d = x.shape[1]
+        assert self._rows is not None
         self.n += x.shape[0]
-        for a in range(0, d, self.CHUNK):  # one float32 product per chunk, added in float64
-            b = min(a + self.CHUNK, d)
-            self._sum[a:b, a:] += x[:, a:b].t() @ x[:, a:]
+        for chunk, a in zip(self._rows, self._starts, strict=True):  # a float32 product, added in float64
+            chunk += x[:, a : a + self.CHUNK].t() @ x[:, a:]
 
     @property
     def H(self) -> torch.Tensor:
         if self._H is None:
-            assert self._sum is not None
-            H = self._sum.mul_(2.0 / max(self.n, 1)).float()
-            self._sum = None
-            d = H.shape[0]
-            for a in range(self.CHUNK, d, self.CHUNK):  # the lower chunks from the upper ones
+            assert self._rows is not None
+            rows, self._rows = self._rows, None
+            H = torch.empty(self.d, self.d, dtype=torch.float32, device=rows[0].device)
+            scale = 2.0 / max(self.n, 1)
+            for k, a in enumerate(self._starts):
+                H[a : a + self.CHUNK, a:] = rows[k].mul_(scale)
+                rows[k] = rows[k].new_empty(0)  # freed as it goes
+            for a in self._starts[1:]:  # the lower chunks from the upper ones
                 H[a : a + self.CHUNK, :a] = H[:a, a : a + self.CHUNK].t()
             self._H = H
         return self._H
 
     def merge_ranks(self) -> None:
         """The sums over every rank's tokens (carve.distributed; nothing changes with one process)."""
-        if self._sum is None:
+        if self._rows is None:
             raise RuntimeError("a Hessian's ranks are merged before it is read")
-        self.n = _merge_sum(self._sum, self.n)
+        n = self.n
+        for chunk in self._rows:
+            self.n = _merge_sum(chunk, n)
 
 
 def _merge_sum(total: torch.Tensor, n: int) -> int:
