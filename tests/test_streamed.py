@@ -238,3 +238,27 @@ def test_max_memory_refusals_write_nothing(tmp_path: Path, tokenizer, small_corp
     with pytest.raises(UsageError, match=words):
         extract(_recipe(src, small_corpus, "sparsegpt", False, **kw), out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_streamed_eval_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path, capsys, arch: str) -> None:
+    """`carve eval --stream` reads one block at a time (sharded source) and gives the in-memory
+    evaluation's perplexities; lm-eval tasks need the whole model and are refused."""
+    import json
+
+    from carve.cli.main import main
+
+    src = _saved(tmp_path, arch, tokenizer, shard="200KB")
+    flags = ["eval", str(src), "--domain", str(small_corpus), "--block-len", "32", "--eval-blocks", "3", "--json",
+             "--quiet", "--cloze-items", "0"]  # fmt: skip
+    found = []
+    for extra in ([], ["--stream"]):
+        assert main([*flags, *extra]) == 0
+        found.append(json.loads(capsys.readouterr().out))
+    memory, streamed = found
+    assert streamed["metrics"]["streamed"]["why"] == "--stream" and "streamed" not in memory["metrics"]
+    assert streamed["fingerprint"] == memory["fingerprint"]
+    for key in ("domain_ppl", "general_ppl"):
+        assert streamed["metrics"][key] == pytest.approx(memory["metrics"][key], rel=1e-4)
+    assert main([*flags, "--stream", "--tasks", "carve_cloze_legal"]) == 2
+    assert "--tasks" in capsys.readouterr().err

@@ -60,7 +60,14 @@ from carve.ops.structure import structure
 from carve.output import atomic_file, atomic_output_dir, check_output, claim, write_json
 from carve.scorers import SCORERS, get_scorer
 from carve.settings import Calibration, Targets, check_types, flag
-from carve.streamed import BlockStream, check_streamable, copy_side_files, metrics, streaming_reason
+from carve.streamed import (
+    BlockStream,
+    check_streamable,
+    copy_side_files,
+    load_tokenizer,
+    metrics,
+    streaming_reason,
+)
 
 SWEEP_MIX = 0.3  # dual-obs: share of general blocks in its sweep's Hessians (as SparseGPT's default mix)
 # extract's default method: measured best in bench/RESULTS.md (dual section); wanda for --structure
@@ -506,21 +513,12 @@ def _extract_streamed(
     """The extraction one block at a time (carve.streamed): read, calibrate, prune, write, free;
     before and after perplexity from the same pass.  No cloze and no speed (both need the whole
     model in memory); the manifest says so."""
-    from transformers import AutoTokenizer
-
     domain, general, evaluated = corpora
     path = check_streamable(r.model)
     bound_heap_retention()  # each block's freed buffers go back to the OS, not into a growing heap
     device = resolve_device(r.device)
     with stage("load_model"):
-        try:
-            tok = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise UsageError(
-                f"could not load the tokenizer of {str(path)!r} ({str(exc).splitlines()[0][:200]})"
-            ) from None
-        if tok.pad_token_id is None:
-            tok.pad_token = tok.eos_token
+        tok = load_tokenizer(path)
         skeleton = SkeletonModel(path, resolve_dtype(r.dtype, device), device)
         source_dtype = config_dtype(path / "config.json")
         lm = LoadedModel(skeleton.model, tok, str(r.model), directory_fingerprint(path), source_dtype)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,43 @@ def streaming_reason(model: str | None, dtype: torch.dtype, forced: bool) -> str
     if need * 2 <= free:
         return None
     return f"the weights take {need / 2**30:.1f} GiB, more than half the {free / 2**30:.1f} GiB available"
+
+
+def load_tokenizer(path: Path) -> Any:
+    """A streamed job's tokenizer (from the model directory), with a pad token."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"could not load the tokenizer of {str(path)!r} ({str(exc).splitlines()[0][:200]})") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def evaluate_streamed(
+    model: str, held_out: Callable[[Any], EvalData], dtype: str | None = None, device: str | None = None
+) -> tuple[dict[str, Any], str]:
+    """Held-out perplexity of a local safetensors model one decoder block at a time (`carve eval
+    --stream`): each block is read, the held-out hidden states passed through it, and freed; the
+    final hidden states go through the model's own norm and head.  `held_out(tokenizer)` gives the
+    evaluation data.  Returns the metrics (no cloze: it needs the whole model) and the fingerprint."""
+    from carve.engines.gradient import bound_heap_retention
+    from carve.models.load import directory_fingerprint, resolve_device, resolve_dtype
+
+    path = check_streamable(model)
+    bound_heap_retention()
+    data = held_out(load_tokenizer(path))
+    dev = resolve_device(device)
+    with SkeletonModel(path, resolve_dtype(dtype, dev), dev) as skeleton:
+        stream = BlockStream(skeleton, None, data, skeleton.dtype)
+        stream.start()
+        for i in progress(range(len(skeleton.blocks)), "evaluating (streamed)", total=len(skeleton.blocks)):
+            stream.enter(i)
+            skeleton.free_block(i)
+        ppl = stream.perplexities(stream.before, "perplexity")
+    return metrics(ppl, data), directory_fingerprint(path)
 
 
 def check_streamable(model: str | None) -> Path:

@@ -13,16 +13,19 @@ import carve
 from carve import distributed
 from carve.cli.flags import add_recipe_flags, recipe_from
 from carve.corpora import builtin_corpora
+from carve.errors import UsageError
 from carve.finetune import FinetuneRecipe, finetune
-from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES
+from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, held_out_data
 from carve.manifest import MANIFEST_FILE, read_manifest
 from carve.merge import MergeRecipe
+from carve.models.load import resolve_device, resolve_dtype
 from carve.output import claim, write_json
 from carve.progress import set_quiet
 from carve.recover import RecoverRecipe, recover
 from carve.scenario import ScenarioRecipe, build_scenario
 from carve.scorers import SCORERS
 from carve.selection import SelectRecipe, select
+from carve.streamed import evaluate_streamed, streaming_reason
 from carve.unlearn import UnlearnRecipe, unlearn
 
 
@@ -95,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--include-path", default=None, help="folder of extra lm-eval task YAMLs (e.g. a local JSONL set)")
     ev.add_argument("--limit", type=int, default=None, help="lm-eval: first N documents of each task only")
+    ev.add_argument(
+        "--stream",
+        action="store_true",
+        help="read one decoder block at a time, for models larger than memory (a local safetensors directory; "
+        "perplexity only); on by itself when the weights would take more than half the memory available",
+    )
     _common(ev)
 
     rc = sub.add_parser("recover", help="distil a pruned model back towards its dense teacher")
@@ -301,16 +310,30 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     manifest = Path(str(args.model or "")).expanduser() / MANIFEST_FILE
     if args.tasks and manifest.is_file():
         read_manifest(manifest)  # the task results go into it: a damaged one is refused before the work
-    lm = carve.load_model(args.model, dtype=args.dtype, device=args.device)
-    m = carve.evaluate(
-        lm, domain, general, blocks=args.eval_blocks, block_len=args.block_len, cloze_items=args.cloze_items
-    )
+    reason = streaming_reason(args.model, resolve_dtype(args.dtype, resolve_device(args.device)), args.stream)
+    if reason is not None:
+        if args.tasks:
+            raise UsageError(f"--tasks runs lm-eval on the whole model in memory; this evaluation streams ({reason})")
+        m, fingerprint = evaluate_streamed(
+            str(args.model),
+            lambda tok: held_out_data(tok, domain, general, args.eval_blocks, args.block_len, 0),
+            args.dtype,
+            args.device,
+        )
+        m["streamed"] = {"why": reason, "cloze": "not measured (needs the whole model)"}
+        source, lm = str(args.model), None
+    else:
+        lm = carve.load_model(args.model, dtype=args.dtype, device=args.device)
+        m = carve.evaluate(
+            lm, domain, general, blocks=args.eval_blocks, block_len=args.block_len, cloze_items=args.cloze_items
+        )
+        source, fingerprint = lm.source, lm.fingerprint
     if not args.json:
         print(
             _table(
                 [
                     ["model", f"domain ppl ({args.domain})", f"general ppl ({args.general})", "domain cloze acc"],
-                    [lm.source, f"{m['domain_ppl']:.3f}", f"{m['general_ppl']:.3f}", _cloze(m)],
+                    [source, f"{m['domain_ppl']:.3f}", f"{m['general_ppl']:.3f}", _cloze(m)],
                 ]
             )
         )
@@ -318,8 +341,9 @@ def _cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             f"perplexity over {m['domain_eval_blocks']} / {m['general_eval_blocks']} held-out blocks "
             f"of {m['block_len']} tokens"
         )
-    summary: dict[str, Any] = {"model": lm.source, "fingerprint": lm.fingerprint, "metrics": m}
+    summary: dict[str, Any] = {"model": source, "fingerprint": fingerprint, "metrics": m}
     if args.tasks:
+        assert lm is not None
         from carve.evaluation.lm_eval_bridge import run_tasks
 
         tasks = run_tasks(lm.model, lm.tokenizer, args.tasks, include_path=args.include_path, limit=args.limit)
