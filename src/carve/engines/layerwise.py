@@ -8,8 +8,10 @@
    calibration batches, hand (linears, statistics) to the caller (which scores and/or prunes),
    then re-run the block so the next block sees the outputs of this (possibly pruned) block.
 
-Streamed (`calib.stream`, carve.streamed): `stream.enter(i)` before block i is calibrated and
-`stream.leave(i)` after it is pruned (and re-run), which read it from disk, write it and free it.
+Streamed (`calib.stream`, carve.streamed): `stream.captured()` once the calibration's inputs to
+block 0 are captured (the tensors outside the blocks may go), `stream.enter(i)` before block i is
+calibrated and `stream.leave(i)` after it is pruned (and re-run), which read it from disk, write it
+and free it.
 
 Under torch.distributed (carve.distributed) each rank takes its share of the calibration batches;
 each block's statistics are all-reduced before `on_block`, so every rank prunes alike.
@@ -292,6 +294,8 @@ def layerwise(
     try:
         with _computing(device, autocast):
             hidden, calls = capture_inputs(model, blocks, batches, budget.new())
+        if stream is not None:
+            stream.captured()  # only blocks run from here on
         shapes = [tuple(b.shape) for b in batches]
         clock = time.perf_counter()
 

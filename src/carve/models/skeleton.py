@@ -124,7 +124,20 @@ class SkeletonModel:
                 self._load(name)
 
     def free_block(self, i: int) -> None:
-        for name in self.block_names(i):
+        self._free(self.block_names(i))
+
+    def free_others(self) -> None:
+        """The tensors outside the blocks (embeddings, final norm, head) back on the meta device:
+        the block-by-block passes do not read them."""
+        self._free(self.other_names())
+
+    def load_others(self) -> None:
+        for name in self.other_names():
+            if self.parameter(name).device.type == "meta":
+                self._load(name)
+
+    def _free(self, names: list[str]) -> None:
+        for name in names:
             p = self.parameter(name)
             self._set(name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
 
