@@ -105,12 +105,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.parametrize("extra", [[], ["--stream"]])
 def test_torchrun_extract_writes_once_and_equals_one_process(
-    tmp_path: Path, model_dir: Path, small_corpus: Path
+    tmp_path: Path, model_dir: Path, small_corpus: Path, extra: list[str]
 ) -> None:
     flags = ["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--general", str(small_corpus),
              "--method", "sparsegpt", "--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2",
-             "--cloze-items", "0", "--no-speed", "--batch-size", "2", "--quiet"]  # fmt: skip
+             "--cloze-items", "0", "--no-speed", "--batch-size", "2", "--quiet", *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "carve", *flags, "--out", str(tmp_path / "one")], check=True, env=env)
     run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -121,8 +122,9 @@ def test_torchrun_extract_writes_once_and_equals_one_process(
     ]
     assert proc.stdout.count("linear sparsity") == 1  # one summary: rank 0's
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]  # one writer
-    a, b = load_file(tmp_path / "one" / "mask.safetensors"), load_file(tmp_path / "two" / "mask.safetensors")
-    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("mask.safetensors", "model.safetensors"):  # the same mask and weights as one process
+        a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.parametrize("n", [1, 3])
