@@ -71,7 +71,7 @@ class _OnDisk:
         self.path, self.shape, self.dtype, self.device = path, tuple(t.shape), t.dtype, t.device
         data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
         with open(path, "wb") as f:
-            f.write(data.numpy().tobytes())
+            data.numpy().tofile(f)
         self.nbytes = data.numel()
 
     def load(self) -> torch.Tensor:

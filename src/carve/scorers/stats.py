@@ -39,7 +39,7 @@ class RowNorms:
 
     def merge_ranks(self) -> None:
         """The sums over every rank's tokens (carve.distributed; nothing changes with one process)."""
-        self.n = _merge_sum(self._sum, self.n)
+        self.n = _merge_sums([self._sum], self.n)
 
 
 class Hessian:
@@ -103,16 +103,15 @@ class Hessian:
         """The sums over every rank's tokens (carve.distributed; nothing changes with one process)."""
         if self._rows is None:
             raise RuntimeError("a Hessian's ranks are merged before it is read")
-        n = self.n
-        for chunk in self._rows:
-            self.n = _merge_sum(chunk, n)
+        self.n = _merge_sums(self._rows, self.n)
 
 
-def _merge_sum(total: torch.Tensor, n: int) -> int:
-    """`total` (a sum over `n` tokens on this rank) and `n` summed over the ranks, in place."""
+def _merge_sums(sums: list[torch.Tensor], n: int) -> int:
+    """`sums` (each a sum over this rank's `n` tokens) summed over the ranks in place; the total n."""
     if not distributed.active():
         return n
-    distributed.sum_(total)
+    for total in sums:
+        distributed.sum_(total)
     return int(distributed.sum_float(float(n)))
 
 
