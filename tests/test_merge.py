@@ -268,6 +268,11 @@ def test_per_task_metrics_in_the_manifest(tmp_path: Path, model_dir: Path, exper
         assert t["normalized_gain"] == pytest.approx((b - m) / (b - e), abs=1e-3)
     gains = [t["normalized_gain"] for t in tasks["per_task"].values()]
     assert tasks["mean_normalized_gain"] == pytest.approx(sum(gains) / 3, abs=1e-3)
+    # the merge's general perplexity, measured once for all tasks, is the merged model's own
+    import carve
+
+    want = carve.evaluate(carve.load_model(str(out)), "general", "general", blocks=2, block_len=32, cloze_items=0)
+    assert {t["merged"]["general_ppl"] for t in tasks["per_task"].values()} == {want["general_ppl"]}
 
 
 def _tall_args(model_dir: Path, experts: dict[str, Path], out: Path, *extra: str) -> list[str]:

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from carve.corpora import Corpus
-from carve.engines.gradient import bound_heap_retention, next_token_loss
+from carve.engines.activations import bound_heap_retention
+from carve.engines.gradient import next_token_loss
 from carve.errors import UsageError
 from carve.job import (
     SAVE_DTYPE_HELP,

@@ -336,7 +336,7 @@ def _evaluate(
 ) -> dict[str, Any]:
     """Each task's domain perplexity (and general) for the base, its expert and the merge (and its
     TALL-rebuilt expert), one model in memory at a time."""
-    from carve.job import evaluate_source, metrics_of
+    from carve.job import EvalData, evaluate_source, metrics_of
     from carve.models.load import load_model
     from carve.tall import retained_gain
 
@@ -346,10 +346,13 @@ def _evaluate(
     rows: dict[str, dict[str, Any]] = {t: {} for t in experts}
     for label, path, tasks in runs:
         lm = load_model(path)
+        general: dict[str, Any] = {}  # the merge's general perplexity: the same blocks for every task
         for t in tasks:  # the inputs' metrics come from the evaluation cache when they were measured before
-            rows[t][label] = (
-                metrics_of(lm.model, data[t]) if label == "merged" else evaluate_source(lm, data[t], cache)[0]
-            )
+            if label != "merged":
+                rows[t][label] = evaluate_source(lm, data[t], cache)[0]
+                continue
+            general = general or metrics_of(lm.model, EvalData({"general": data[t].blocks["general"]}))
+            rows[t][label] = {**metrics_of(lm.model, EvalData({"domain": data[t].blocks["domain"]})), **general}
         del lm
     for t, row in rows.items():
         ppl = {k: row[k]["domain_ppl"] for k in ("base", "expert", "merged")}

@@ -14,8 +14,7 @@ import torch
 
 from carve import distributed
 from carve.corpora import Corpus
-from carve.engines.activations import parse_size
-from carve.engines.gradient import bound_heap_retention
+from carve.engines.activations import bound_heap_retention, parse_size
 from carve.engines.layerwise import check_calib_dtype
 from carve.errors import UsageError
 from carve.evaluation.speed import measure_speed, speedup

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from carve.corpora import Corpus
-from carve.engines.gradient import bound_heap_retention, next_token_loss
+from carve.engines.activations import bound_heap_retention
+from carve.engines.gradient import next_token_loss
 from carve.errors import UsageError
 from carve.job import Stages, manifest_head, save_model_files, tensor_fingerprint, write_output
 from carve.models import load_model

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from carve.corpora import Corpus
-from carve.engines.gradient import bound_heap_retention
+from carve.engines.activations import bound_heap_retention
 from carve.errors import UsageError
 from carve.evaluation import build_cloze, cloze_accuracy, perplexity
 from carve.evaluation.unlearning import MIN_K, mia_auc, privleak, verbatim_rouge

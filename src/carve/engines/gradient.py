@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from carve import distributed
+from carve.engines.activations import bound_heap_retention
 from carve.models.arch import find_blocks
 from carve.models.patch import replaced_forwards
 from carve.progress import progress
@@ -104,26 +105,6 @@ def next_token_loss(model: nn.Module, ids: torch.Tensor, chunk: int = 128) -> to
         for h, t in zip(hidden.split(chunk, dim=1), targets.split(chunk, dim=1), strict=True)
     )
     return total / (targets != -100).sum()
-
-
-MMAP_THRESHOLD = 4 << 20  # bytes
-
-
-def bound_heap_retention(threshold: int = MMAP_THRESHOLD) -> bool:
-    """On glibc, serve allocations of `threshold` bytes or more by mmap, so a freed large buffer
-    (a logits chunk, an attention score matrix, a gradient) goes back to the OS at once.  glibc's
-    default raises this threshold dynamically after the first large free (up to 32 MiB), after
-    which freed buffers stay in the heap: the same live tensors then cost ~1.3-1.5x the peak RSS
-    (measured on a SmolLM2-shaped model).  Process-wide and idempotent; returns False where
-    there is no glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # -3 = M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        return False
 
 
 def checkpointed_blocks(model: nn.Module) -> Any:
