@@ -8,9 +8,11 @@ code experts are bench/finetune.py's `full` rows (bench/out/finetune-D-full-100)
 Every method at density 0.2 (task arithmetic: dense), weight 1 per expert, λ 1, `normalize: true`
 (the merged task vector is the mean of the kept entries), written as a mergekit config that both
 tools run: `carve merge CONFIG.yml` and mergekit's `mergekit-yaml CONFIG.yml` (bench/.venv-mergekit).
-carve-only rows: the importance-guided merge (each expert's task vector kept where the base
-model's Fisher importance on its domain is highest: bench/out/finetune-fisher-D.safetensors, from
-`carve extract --method fisher --save-importance`), Consensus TIES (`--consensus 2`) and TALL masks
+carve-only rows: the importance-guided merge (`importance`: each expert's task vector kept where
+the Fisher error of reverting it, ½·E[g²]·τ² with g at the expert on 32 blocks of its domain, is
+highest, computed in the job; `importance_base_fisher`: kept where the base model's Fisher pruning
+score on the domain is highest, bench/out/finetune-fisher-D.safetensors from `carve extract --method
+fisher --save-importance`, given as --importance files), Consensus TIES (`--consensus 2`) and TALL masks
 (`--tall` over task arithmetic's plain sum, not the mean).
 
 Per row: each domain's perplexity and the general perplexity (first 16 held-out 512-token blocks),
@@ -45,7 +47,7 @@ DOMAINS = ["legal", "code", "scripture"]
 DENSITY = 0.2
 EVAL = ["--eval-blocks", "16", "--block-len", "512"]
 SHARED = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"]
-ROWS = [*SHARED, "importance", "consensus_ties", "tall"]
+ROWS = [*SHARED, "importance", "importance_base_fisher", "consensus_ties", "tall"]
 
 
 def expert(domain: str) -> Path:
@@ -83,7 +85,9 @@ def carve_args(row: str, seed: int) -> list[str]:
         return [str(config(row)), "--seed", str(seed), "--domains", *DOMAINS]
     experts = [f"--expert={d}={expert(d)}" for d in DOMAINS]
     common = ["--base", str(MODEL_DIR), *experts, "--density", str(DENSITY), "--normalize"]
-    if row == "importance":
+    if row == "importance":  # the maps computed in the job (its default)
+        return [*common, "--method", "importance", "--importance-blocks", "32"]
+    if row == "importance_base_fisher":
         return [*common, "--method", "importance", *[f"--importance={d}={importance_map(d)}" for d in DOMAINS]]
     if row == "consensus_ties":
         return [*common, "--method", "ties", "--consensus", "2"]
@@ -99,10 +103,11 @@ def run_carve(row: str, seed: int) -> dict[str, Any]:
     whole = timed([CARVE, "merge", *args, *EVAL, "--out", str(out), "--overwrite", "--quiet"])
     manifest = json.loads((out / "carve.json").read_text())
     # TALL and Consensus choose λ_t on the held-out blocks: their merge cannot run without them, so
-    # their time is the whole job's (λ search and the per-task evaluation included)
+    # their time is the whole job's (λ search and the per-task evaluation included); so is the
+    # importance row's (its maps' gradient passes, then the merge and the evaluation)
     speed = (
         whole
-        if row in ("tall", "consensus_ties")
+        if row in ("tall", "consensus_ties", "importance")
         else timed(
             [CARVE, "merge", *args, "--eval-blocks", "0", "--out", str(out) + "-timing", "--overwrite", "--quiet"]
         )

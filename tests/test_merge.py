@@ -242,7 +242,14 @@ def test_bad_inputs_write_nothing(tmp_path: Path, model_dir: Path, experts, caps
         ([legal], ["--density", "1.5"], "outside (0, 1]"),
         ([legal], ["--density", "0.2", "0.3"], "one value or one per expert"),
         (["legal"], [], "takes NAME=PATH"),
-        ([legal], ["--method", "importance"], "needs --importance"),
+        (
+            [legal, f"code={experts['code']}"],
+            ["--method", "importance", f"--importance=legal={other}"],
+            "for every expert, or for none",
+        ),
+        ([legal], [f"--importance=legal={other}"], "is for the importance method"),
+        ([f"nodomain={experts['legal']}"], ["--method", "importance"], "its importance computed"),
+        ([legal], ["--method", "importance", "--importance-blocks", "0"], "--importance-blocks"),
     ]
     for exp, extra, message in cases:
         out = tmp_path / "out"
@@ -380,3 +387,41 @@ def test_selection_equals_a_sort_and_its_tie_order(seed: int) -> None:
     want = torch.zeros(400, dtype=torch.bool)
     want[torch.sort(x).indices[n_bot : n_bot + 200]] = True
     assert torch.equal(between_outliers(x, 0.5, 0.05), want)
+
+
+def test_importance_maps_computed_in_the_job(tmp_path: Path, model_dir: Path, experts) -> None:
+    """Without --importance files, each expert's map is ½·E[g²]·τ² at the expert on its domain:
+    the same merge as with those maps computed here and given as files."""
+    from carve.corpora import Corpus
+    from carve.engines.gradient import accumulate_gradients
+    from carve.job import calibration_data
+    from carve.masks.mask import ImportanceMap
+    from carve.models.load import load_model
+
+    two = {k: experts[k] for k in ("legal", "code")}
+    args = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in two.items()], "--method",
+            "importance", "--density", "0.3", "--eval-blocks", "0", "--block-len", "32", "--seed", "3", "--quiet"]  # fmt: skip
+    computed = tmp_path / "computed"
+    assert main([*args, "--importance-blocks", "2", "--out", str(computed)]) == 0
+    manifest = json.loads((computed / "carve.json").read_text())
+    assert manifest["recipe"]["importance"] == [] and set(manifest["importance"]["per_expert"]) == set(two)
+    base = load_file(str(model_dir / "model.safetensors"))
+    given = []
+    for name, d in two.items():
+        lm = load_model(str(d))
+        data = calibration_data(lm.tokenizer, Corpus(name), Corpus(name), 2, 32, 0.0, 3)
+        names = [n for n, p in lm.model.named_parameters() if n.endswith("proj.weight")]
+        g2 = accumulate_gradients(lm.model, data, names, ("grad_sq",)).stats["grad_sq"]
+        params = dict(lm.model.named_parameters())
+        scores = {n: 0.5 * g2[n] * (params[n].detach() - base[n]) ** 2 for n in names}
+        ImportanceMap(scores).save(tmp_path / f"{name}.safetensors")
+        given.append(f"--importance={name}={tmp_path / f'{name}.safetensors'}")
+    files = tmp_path / "files"
+    assert main([*args, *given, "--out", str(files)]) == 0
+    a, b = load_file(str(computed / "model.safetensors")), load_file(str(files / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    # the maps decided: a merge trimmed by magnitude instead differs
+    ties = tmp_path / "ties"
+    assert main([*[x if x != "importance" else "ties" for x in args], "--out", str(ties)]) == 0
+    t = load_file(str(ties / "model.safetensors"))
+    assert any(not torch.equal(a[n], t[n]) for n in a if n.endswith("proj.weight"))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,7 +55,14 @@ class MergeRecipe:
     normalize: bool | None = flag(
         "divide by the summed weights of the entries kept (default: the method's)", default=None
     )
-    importance: list[str] = flag("NAME=FILE: an expert's importance map (the importance method)", factory=list)
+    importance: list[str] = flag(
+        "NAME=FILE: an expert's importance map for the importance method (default: carve computes each expert's "
+        "Fisher error of reverting its task vector on its domain)",
+        factory=list,
+    )
+    importance_blocks: int = flag(
+        "the importance method's computed maps: blocks (of --block-len tokens) of each expert's domain", default=32
+    )
     seed: int = flag("DARE's random drop", default=0)
     tall: bool = flag(
         "also write TALL masks (one bit per weight per task, λ_t chosen on held-out blocks)", default=False
@@ -97,8 +106,12 @@ class MergeRecipe:
         if bad:
             raise UsageError(f"density {bad[0]} is outside (0, 1]: the share of each task vector kept")
         maps = _named(self.importance, "--importance", "legal=importance.safetensors")
-        if self.method == "importance" and set(maps) != set(experts):
-            raise UsageError("the importance method needs --importance NAME=FILE for every expert, and only for them")
+        if maps and (self.method != "importance" or set(maps) != set(experts)):
+            raise UsageError("--importance NAME=FILE is for the importance method: give it for every expert, or for "
+                             "none (carve then computes each expert's map on its domain)")  # fmt: skip
+        computes_maps = self.method == "importance" and not maps
+        if computes_maps and self.importance_blocks < 1:
+            raise UsageError("--importance-blocks must be at least 1")
         if self.eval_blocks < 0 or self.block_len < 1:
             raise UsageError("eval-blocks must be 0 or more and block-len positive")
         if (self.tall or self.consensus) and (not self.eval_blocks or n < 2):
@@ -110,15 +123,17 @@ class MergeRecipe:
             raise UsageError(f"consensus {self.consensus} is not between 1 and the number of experts ({n})")
         if self.domains and len(self.domains) != n:
             raise UsageError(f"--domains: give one per expert ({n}), not {len(self.domains)}")
-        if self.eval_blocks:  # each expert is evaluated on its domain: --domains, else its name
+        if self.eval_blocks or computes_maps:  # each expert's domain: --domains, else its name
             from carve.corpora import Corpus
 
             for name in [*(self.domains or experts), self.general]:
                 try:
                     Corpus(name)
                 except UsageError as exc:
-                    raise UsageError(f"{exc} (an expert is evaluated on the corpus its name or --domains gives; "
-                                     "--eval-blocks 0 skips the evaluation)") from None  # fmt: skip
+                    hint = (
+                        "an expert is evaluated, and its importance computed, on the corpus its name or --domains gives"
+                    )
+                    raise UsageError(f"{exc} ({hint}; --eval-blocks 0 skips the evaluation)") from None
         rescale = self.rescale or ("inverse" if METHODS[self.method].rescale else "none")
         return replace(self, density=density, weights=weights, rescale=rescale)
 
@@ -201,9 +216,15 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: 
 
     r = recipe.resolved()
     stage = Stages()
-    with claim(out), atomic_output_dir(out, overwrite) as tmp:
+    with claim(out), atomic_output_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
+        computed, given = None, r
+        if r.method == "importance" and not r.importance:
+            with stage("importance"):
+                r, computed = _fisher_maps(r, Path(scratch))
         with stage("merge"):
             manifest = _stream_merge(r, tmp)
+        if computed is not None:  # the recipe as given (the maps were temporary), and how they were made
+            manifest["recipe"], manifest["importance"] = asdict(given), computed
         if r.eval_blocks:
             data = _eval_data(r)
             if r.tall or r.consensus:
@@ -215,6 +236,56 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: 
         manifest["peak_rss_mb"] = peak_rss_mb()
         write_json(tmp / "carve.json", manifest)
     return manifest
+
+
+def _fisher_maps(r: MergeRecipe, directory: Path) -> tuple[MergeRecipe, dict[str, Any]]:
+    """The importance method's maps when none are given: for each expert, ½·E[g²]·τ² per Linear
+    weight (the `fisher` source at the expert with the base as reference point: the Fisher error of
+    reverting that entry of its task vector), g the next-token-loss gradient at the expert on
+    `importance_blocks` blocks of its domain's train split.  One expert in memory at a time, the
+    base's tensors read one at a time; the maps go to `directory`.  Returns the recipe pointing at
+    them (the recorded recipe keeps none) and what the manifest says of them."""
+    from carve.corpora import Corpus
+    from carve.importance.registry import compute_importance
+    from carve.job import calibration_data, tensor_fingerprint
+    from carve.models.load import load_model
+
+    paths, said = {}, {}
+    with TensorSource(r.base or "") as base:
+        reference = _Tensors(base)
+        for name, d in r.expert_dirs().items():
+            lm = load_model(str(d))
+            domain = Corpus(r.domain_of()[name])
+            data = calibration_data(lm.tokenizer, domain, domain, r.importance_blocks, r.block_len, 0.0, r.seed)
+            scores = compute_importance("fisher", lm.model, data=data, reference=reference)
+            paths[name] = directory / f"{name}.safetensors"
+            scores.save(paths[name])
+            said[name] = {"domain": domain.name, "blocks": len(data), "block_len": r.block_len,
+                          "data_fingerprint": tensor_fingerprint(data)}  # fmt: skip
+            del lm, scores
+    score = "½·E[g²]·(θ_expert − θ_base)², g at the expert on its domain (the fisher source)"
+    return replace(r, importance=[f"{k}={p}" for k, p in paths.items()]), {"score": score, "per_expert": said}
+
+
+class _Tensors(Mapping[str, torch.Tensor]):
+    """A TensorSource as a read-only mapping: each tensor read when asked for."""
+
+    def __init__(self, source: TensorSource) -> None:
+        self.source = source
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.source:
+            raise KeyError(name)
+        return self.source.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name in self.source
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.source.names())
+
+    def __len__(self) -> int:
+        return len(self.source.names())
 
 
 def _localize(r: MergeRecipe, tmp: Path, data: dict[str, Any]) -> dict[str, Any]:

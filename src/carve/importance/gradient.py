@@ -9,6 +9,7 @@ point (`at_reference=True`: the error of reverting a task vector).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -43,9 +44,10 @@ def fisher(
     data: torch.Tensor,
     objective: str = "lm",
     teacher: nn.Module | None = None,
-    reference: nn.Module | None = None,
+    reference: nn.Module | Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """½ · E[g²] · (θ − θ_ref)², g the gradient of `objective` per block of `data`."""
+    """½ · E[g²] · (θ − θ_ref)², g the gradient of `objective` per block of `data`; `reference`:
+    a model, or its tensors by parameter name (read one at a time: e.g. a lazy file reader)."""
     if objective not in OBJECTIVES:
         raise UsageError(f"objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if objective == "kl" and teacher is None:
@@ -54,10 +56,10 @@ def fisher(
     names = [f"{n}.weight" for n in linears]
     stats = accumulate_gradients(model, data, names, ("grad_sq",), loss_fn=loss_fn, desc=f"gradients ({objective})")
     params = dict(model.named_parameters())
-    ref = dict(reference.named_parameters()) if reference is not None else {}
+    ref = dict(reference.named_parameters()) if isinstance(reference, nn.Module) else reference or {}
     out = {}
     for n in names:  # the fisher scorer's maths, on the distance to the reference point
-        delta = params[n].detach().float() - (ref[n].detach().float() if n in ref else 0.0)
+        delta = params[n].detach().float() - (ref[n].detach().float().to(params[n].device) if n in ref else 0.0)
         out[n] = fisher_score(delta, {"grad_sq": stats.stats["grad_sq"][n]}).cpu()
     return out
 

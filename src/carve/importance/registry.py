@@ -11,7 +11,7 @@ merge).  Every source owns its dtype (scores are float32 whatever the model's) a
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,7 +68,7 @@ def compute_importance(
     targets: Targets = DEFAULT_TARGETS,
     *,
     data: torch.Tensor | None = None,
-    reference: nn.Module | None = None,
+    reference: nn.Module | Mapping[str, torch.Tensor] | None = None,
     **params: Any,
 ) -> ImportanceMap:
     """The importance map of source `name` over `targets`' Linear weights of `model`."""
