@@ -127,14 +127,21 @@ def _in_memory(base: Path, experts: dict[str, Path], r: MergeRecipe) -> dict[str
     return {n: merge_tensor(b[n], [e[n] for e in es], r, METHODS[r.method], n, extras) for n in b}
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "breadcrumbs", "task_arithmetic"])
-def test_streamed_merge_equals_the_in_memory_merge(method: str, tmp_path: Path, model_dir: Path, experts) -> None:
+@pytest.mark.parametrize(
+    "method, switch, normalize",
+    [("ties", [], None), ("ties", ["--no-normalize"], False), ("dare_ties", [], None),
+     ("breadcrumbs", ["--normalize"], True), ("task_arithmetic", [], None)],
+)  # fmt: skip
+def test_streamed_merge_equals_the_in_memory_merge(
+    method: str, switch: list[str], normalize: bool | None, tmp_path: Path, model_dir: Path, experts
+) -> None:
     out = tmp_path / "merged"
     argv = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in experts.items()],
-            "--method", method, "--density", "0.3", "--eval-blocks", "0", "--out", str(out), "--quiet"]  # fmt: skip
+            "--method", method, "--density", "0.3", "--eval-blocks", "0", *switch, "--out", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     r = MergeRecipe(base=str(model_dir), experts=[f"{k}={d}" for k, d in experts.items()], method=method,
-                    density=[0.3], eval_blocks=0).resolved()  # fmt: skip
+                    density=[0.3], eval_blocks=0, normalize=normalize).resolved()  # fmt: skip
+    assert json.loads((out / "carve.json").read_text())["recipe"]["normalize"] is normalize
     want = _in_memory(model_dir, experts, r)
     got = load_file(str(out / "model.safetensors"))
     assert got.keys() == want.keys()

@@ -42,6 +42,9 @@ def add_recipe_flags(
         kw: dict[str, Any] = {"dest": f.name}
         if unset:
             kw["default"] = argparse.SUPPRESS
+        if kind is bool and default is None:  # unset means "the method's own choice": both switches
+            where.add_argument(name, action=argparse.BooleanOptionalAction, help=help_text, **({"default": None} | kw))
+            continue
         if kind is bool:
             switch = name if not default else "--no-" + name.removeprefix("--")
             where.add_argument(switch, action="store_false" if default else "store_true", help=help_text, **kw)
