@@ -12,7 +12,8 @@ carve-only rows: the importance-guided merge (`importance`: each expert's task v
 the Fisher error of reverting it, ½·E[g²]·τ² with g at the expert on 32 blocks of its domain, is
 highest, computed in the job; `importance_base_fisher`: kept where the base model's Fisher pruning
 score on the domain is highest, bench/out/finetune-fisher-D.safetensors from `carve extract --method
-fisher --save-importance`, given as --importance files), Consensus TIES (`--consensus 2`) and TALL masks
+fisher --save-importance`, given as --importance files), TIES with the agreeing entries summed
+instead of averaged (`ties_sum`: `--no-normalize`), Consensus TIES (`--consensus 2`) and TALL masks
 (`--tall` over task arithmetic's plain sum, not the mean).
 
 Per row: each domain's perplexity and the general perplexity (first 16 held-out 512-token blocks),
@@ -47,7 +48,7 @@ DOMAINS = ["legal", "code", "scripture"]
 DENSITY = 0.2
 EVAL = ["--eval-blocks", "16", "--block-len", "512"]
 SHARED = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"]
-ROWS = [*SHARED, "importance", "importance_base_fisher", "consensus_ties", "tall"]
+ROWS = [*SHARED, "ties_sum", "importance", "importance_base_fisher", "consensus_ties", "tall"]
 
 
 def expert(domain: str) -> Path:
@@ -85,6 +86,8 @@ def carve_args(row: str, seed: int) -> list[str]:
         return [str(config(row)), "--seed", str(seed), "--domains", *DOMAINS]
     experts = [f"--expert={d}={expert(d)}" for d in DOMAINS]
     common = ["--base", str(MODEL_DIR), *experts, "--density", str(DENSITY), "--normalize"]
+    if row == "ties_sum":  # TIES' trim and sign election, the agreeing entries summed (no disjoint mean)
+        return [*[a for a in common if a != "--normalize"], "--method", "ties", "--no-normalize"]
     if row == "importance":  # the maps computed in the job (its default)
         return [*common, "--method", "importance", "--importance-blocks", "32"]
     if row == "importance_base_fisher":
