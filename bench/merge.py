@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,6 +116,7 @@ def run_carve(row: str, seed: int) -> dict[str, Any]:
             [CARVE, "merge", *args, "--eval-blocks", "0", "--out", str(out) + "-timing", "--overwrite", "--quiet"]
         )
     )
+    shutil.rmtree(str(out) + "-timing", ignore_errors=True)  # 0.5 GB a copy: only its time is kept
     return {"metrics": manifest["merge_metrics"], "tall": manifest.get("tall"), "size": manifest["size"],
             "inputs": {"base": manifest["source"], "experts": manifest["experts"]}, "merge_only": speed}  # fmt: skip
 
@@ -137,6 +139,9 @@ def run_mergekit(row: str, seed: int) -> dict[str, Any]:
                             capture_output=True, text=True, check=True)  # fmt: skip
         metrics[d] = json.loads(ev.stdout[ev.stdout.index("{") :])["metrics"]
     only = {"only_in_mergekit": sorted(set(theirs) - set(ours)), "only_in_carve": sorted(set(ours) - set(theirs))}
+    shutil.rmtree(out, ignore_errors=True)  # compared and evaluated: the numbers are kept, not the copy
+    if seed > 0:  # carve's output of this seed served only this comparison
+        shutil.rmtree(OUT / f"merge-carve-{row}-s{seed}", ignore_errors=True)
     return {"merge_only": speed, "max_abs_diff": diff, "tensors_compared": len(common), "metrics": metrics, **only}
 
 
@@ -206,20 +211,54 @@ def _line(label: str, tool: str, r: dict[str, Any], rows: dict[str, Any]) -> str
     if tool == "carve":
         per = _per_domain(r)
         cells = [f"{per[d]['merged']['domain_ppl']:.3f} ({_fmt(per[d]['normalized_gain'])})" for d in DOMAINS]
-        general, mean = per[DOMAINS[0]]["merged"]["general_ppl"], r["metrics"]["mean_normalized_gain"]
+        general = per[DOMAINS[0]]["merged"]["general_ppl"]
         diff = "-"
     else:
         gains = [_gain(rows, r["metrics"][d], d) for d in DOMAINS]
         cells = [f"{r['metrics'][d]['domain_ppl']:.3f} ({_fmt(g)})" for d, g in zip(DOMAINS, gains, strict=True)]
         general = r["metrics"][DOMAINS[0]]["general_ppl"]
-        mean = statistics.mean(g for g in gains if g is not None) if all(g is not None for g in gains) else None
         diff = f"{r['max_abs_diff']:.2e}"
-    sp = r["merge_only"]
+    mean, sp = _mean_gain(tool, r, rows), r["merge_only"]
     return (f"| {label} | {tool} | {' | '.join(cells)} | {general:.3f} | {_fmt(mean)} | {sp['wall_s']:.1f} | "
             f"{_fmt(sp['peak_rss_mb'], '.0f')} | {diff} |")  # fmt: skip
 
 
+def _mean_gain(tool: str, r: dict[str, Any], rows: dict[str, Any]) -> float | None:
+    if tool == "carve":
+        return r["metrics"]["mean_normalized_gain"]
+    gains = [_gain(rows, r["metrics"][d], d) for d in DOMAINS]
+    return statistics.mean(g for g in gains if g is not None) if all(g is not None for g in gains) else None
+
+
+def _dare_checks(row: str, rows: dict[str, Any], seeds: int) -> list[str]:
+    """DARE's masks come from each tool's own generator: mean gain ± sd over the seeds, and the
+    median merge-only time ratio."""
+    per: dict[str, list[float]] = {}
+    times: dict[str, list[float]] = {}
+    for tool in ("carve", "mergekit"):
+        runs = [rows.get(f"{row}/{tool}/s{s}") for s in range(seeds)]
+        done = [r for r in runs if r is not None and "error" not in r]
+        per[tool] = [g for g in (_mean_gain(tool, r, rows) for r in done) if g is not None]
+        times[tool] = [r["merge_only"]["wall_s"] for r in done]
+    if min(len(v) for v in per.values()) < 2:
+        return []
+    (mc, sc), (mm, sm) = ((statistics.mean(v), statistics.stdev(v)) for v in (per["carve"], per["mergekit"]))
+    same = abs(mc - mm) <= max(sc, sm)
+    ratio = statistics.median(times["carve"]) / statistics.median(times["mergekit"])
+    return [
+        f"- {row}: mean gain over seeds, carve {mc:.4f} ± {sc:.4f} ({len(per['carve'])} seeds), mergekit {mm:.4f} "
+        f"± {sm:.4f} ({len(per['mergekit'])}): difference {abs(mc - mm):.4f} "
+        f"{'within' if same else 'OUTSIDE'} the larger spread (bar: the same mean quality within its spread: "
+        f"{'met' if same else 'NOT met'})",
+        f"- {row}: median merge-only wall time over seeds, carve {statistics.median(times['carve']):.1f} s vs "
+        f"mergekit {statistics.median(times['mergekit']):.1f} s: {ratio:.2f}x (bar <= 0.5x: "
+        f"{'met' if ratio <= 0.5 else 'NOT met'})",
+    ]
+
+
 def _checks(row: str, rows: dict[str, Any], seeds: int) -> list[str]:
+    if row.startswith("dare"):
+        return _dare_checks(row, rows, seeds)
     ours, theirs = rows.get(f"{row}/carve/s0"), rows.get(f"{row}/mergekit/s0")
     out = []
     if ours and theirs and "error" not in ours and "error" not in theirs:
