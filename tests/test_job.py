@@ -143,3 +143,17 @@ def test_include_and_exclude_are_refused_with_structure(tmp_path: Path, model_di
         with pytest.raises(UsageError, match=f"--{next(iter(extra))}"):
             carve.extract(recipe, tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+def test_quiet_before_transformers_is_imported_still_silences_its_bars() -> None:
+    """set_quiet does not import transformers (a merge never needs it), yet its bars stay off."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from carve.progress import set_quiet; set_quiet(True); "
+        "assert 'transformers' not in sys.modules; "
+        "from transformers.utils import logging; assert not logging.is_progress_bar_enabled(); "
+        "set_quiet(False); assert logging.is_progress_bar_enabled()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

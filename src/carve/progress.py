@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -18,9 +19,15 @@ def set_quiet(quiet: bool) -> None:
     """Silence carve's bars and those transformers draws while loading and saving."""
     global _QUIET
     _QUIET = quiet
-    from transformers.utils import logging as hf_logging
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is None:  # transformers reads huggingface_hub's switch when it is imported: a job that
+        from huggingface_hub import utils as hub  # never loads a model does not pay for importing it
 
-    if quiet:
+        if quiet:
+            hub.disable_progress_bars()
+        else:
+            hub.enable_progress_bars()
+    elif quiet:
         hf_logging.disable_progress_bar()
     else:
         hf_logging.enable_progress_bar()

@@ -128,18 +128,20 @@ def combine(
     (normalization,) λ."""
     stacked = torch.stack(deltas, dim=0)
     w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
-    weighted = stacked * w
+    weighted = stacked if all(x == 1 for x in weights) else stacked * w  # (x·1 is x: the same bits)
+    normalizing = method.normalize if normalize is None else normalize
     if method.consensus:
         agree = elect(weighted).to(stacked.dtype)
         mixed = (weighted * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor[divisor == 0] = 1
+        if normalizing:
+            divisor = (w * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
+            mixed = mixed / divisor
     else:
         mixed = weighted.sum(dim=0)
-        divisor = w.sum(dim=0).expand_as(mixed).clone()
-        divisor[divisor.abs() < 1e-8] = 1
-    if method.normalize if normalize is None else normalize:
-        mixed = mixed / divisor
+        if normalizing:
+            total = float(w.sum())  # the same for every entry
+            mixed = mixed / (total if abs(total) >= 1e-8 else 1.0)
     return mixed * lam if lam != 1 else mixed
 
 
