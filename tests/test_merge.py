@@ -432,3 +432,27 @@ def test_importance_maps_computed_in_the_job(tmp_path: Path, model_dir: Path, ex
     assert main([*[x if x != "importance" else "ties" for x in args], "--out", str(ties)]) == 0
     t = load_file(str(ties / "model.safetensors"))
     assert any(not torch.equal(a[n], t[n]) for n in a if n.endswith("proj.weight"))
+
+
+def test_dare_masks_drawn_ahead_are_the_masks_drawn_in_turn(tmp_path: Path, model_dir: Path, experts) -> None:
+    """The streamed merge draws DARE's masks in a thread ahead of the arithmetic; an expert at
+    density 1 draws none: the output equals drawing each mask in turn from the one generator."""
+    out = tmp_path / "merged"
+    argv = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in experts.items()],
+            "--method", "dare_ties", "--density", "0.3", "1", "0.5", "--seed", "7", "--eval-blocks", "0",
+            "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    r = MergeRecipe(base=str(model_dir), experts=[f"{k}={d}" for k, d in experts.items()], method="dare_ties",
+                    density=[0.3, 1.0, 0.5], seed=7, eval_blocks=0).resolved()  # fmt: skip
+    want = _in_memory(model_dir, experts, r)
+    got = load_file(str(out / "model.safetensors"))
+    assert all(torch.equal(got[n], want[n].to(got[n].dtype)) for n in want)
+
+
+def test_a_failed_draw_is_raised_by_the_merge() -> None:
+    from carve.merge import _DrawnAhead
+
+    with _DrawnAhead([("a", [2, 2]), ("b", [-1])], [0.5], torch.Generator().manual_seed(0)) as drawn:
+        assert drawn.take("a", 0) is not None
+        with pytest.raises(RuntimeError):
+            drawn.take("b", 0)

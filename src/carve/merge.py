@@ -20,7 +20,7 @@ import torch
 from carve.errors import UsageError
 from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, Stages, manifest_start, peak_rss_mb
 from carve.models.stream import StreamWriter, TensorSource
-from carve.ops.merge import METHODS, Method, combine, sparsified
+from carve.ops.merge import METHODS, Method, combine, random_keep, sparsified
 from carve.settings import check_types, flag
 
 RESCALES = ("inverse", "l1", "none")
@@ -185,8 +185,9 @@ def merge_tensor(
     def one(i: int) -> torch.Tensor:
         imp = extras["importance"][i].get(name) if extras.get("importance") else None
         m = method if method.sparsify != "importance" or imp is not None else replace(method, sparsify="magnitude")
+        drawn = extras["drawn"].take(name, i) if extras.get("drawn") else None
         return sparsified(experts[i].float() - b, m, r.density[i], gamma=r.gamma, generator=extras.get("generator"),
-                          importance=imp, rescale=r.rescale or "none")  # fmt: skip
+                          importance=imp, rescale=r.rescale or "none", drawn=drawn)  # fmt: skip
 
     # the experts' selections (sorts, k-th values) are single-threaded in torch: run them side by side,
     # but for DARE, whose masks must come from its one generator in expert order, and for tensors so
@@ -194,6 +195,59 @@ def merge_tensor(
     sequential = method.sparsify in (None, "random") or b.numel() > PARALLEL_MAX or len(experts) < 2
     deltas = [one(i) for i in range(len(experts))] if sequential else list(_executor().map(one, range(len(experts))))
     return b + combine(deltas, r.weights, method, r.lam, r.normalize)
+
+
+class _DrawnAhead:
+    """DARE's keep-masks drawn in a thread, in the order the merge takes them (each floating tensor,
+    then each expert) from the one seeded generator: the same masks as drawing each in turn (the
+    generator is used by this thread alone), while the caller does the arithmetic.  At most `ahead`
+    tensors' masks wait in memory."""
+
+    def __init__(self, order: list[tuple[str, list[int]]], densities: list[float], generator: torch.Generator,
+                 ahead: int = 2) -> None:  # fmt: skip
+        import queue
+        import threading
+
+        self._queue: Any = queue.Queue(maxsize=max(1, ahead * len(densities)))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._draw, args=(order, densities, generator), daemon=True)
+        self._thread.start()
+
+    def _draw(self, order: list[tuple[str, list[int]]], densities: list[float], generator: torch.Generator) -> None:
+        try:
+            for n, shape in order:
+                for i, d in enumerate(densities):
+                    if not self._put((n, i, None if d >= 1 else random_keep(shape, d, generator))):
+                        return
+        except BaseException as exc:  # handed to the caller, raised where it takes the next mask
+            self._put((None, None, exc))
+
+    def _put(self, item: tuple[Any, Any, Any]) -> bool:
+        """Queue `item` unless the merge has stopped (then False)."""
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def take(self, name: str, i: int) -> torch.Tensor | None:
+        got_name, got_i, value = self._queue.get()
+        if isinstance(value, BaseException):
+            raise value
+        if (got_name, got_i) != (name, i):
+            raise RuntimeError(f"DARE masks out of order: expected {name}[{i}], drawn {got_name}[{got_i}]")
+        return value
+
+    def __enter__(self) -> _DrawnAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 PARALLEL_MAX = 8_000_000  # entries: above this an expert's selection runs alone (measured: no gain above)
@@ -324,6 +378,9 @@ def _stream_merge(r: MergeRecipe, tmp: Path) -> dict[str, Any]:
         if method.sparsify == "importance":
             maps = _named(r.importance, "--importance", "")
             extras["importance"] = [_lazy_map(stack, maps[k]) for k in experts]
+        if method.sparsify == "random":  # DARE: its masks drawn ahead, beside the arithmetic
+            floats = [(n, base.shape(n)) for n in names if base.dtype(n).is_floating_point]
+            extras["drawn"] = stack.enter_context(_DrawnAhead(floats, r.density, extras["generator"]))
         out_dtype = getattr(torch, r.save_dtype) if r.save_dtype else None
         specs = [(n, _saved_dtype(base.dtype(n), out_dtype), base.shape(n)) for n in names]
         writer = StreamWriter(tmp, specs)

@@ -94,11 +94,11 @@ def between_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch
     return keep.reshape(delta.shape)
 
 
-def random_keep(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+def random_keep(shape: torch.Size | list[int], density: float, generator: torch.Generator) -> torch.Tensor:
     """DARE's keep-mask: each entry kept with probability `density` (drop rate p = 1 − density)."""
     if density >= 1:
-        return torch.ones_like(delta, dtype=torch.bool)
-    return torch.rand(delta.shape, generator=generator) < density
+        return torch.ones(shape, dtype=torch.bool)
+    return torch.rand(shape, generator=generator) < density
 
 
 def rescaled(delta: torch.Tensor, keep: torch.Tensor, rule: str, density: float) -> torch.Tensor:
@@ -154,8 +154,10 @@ def sparsified(
     generator: torch.Generator | None = None,
     importance: torch.Tensor | None = None,
     rescale: str = "none",
+    drawn: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One task vector after the method's sparsification."""
+    """One task vector after the method's sparsification (`drawn`: DARE's keep-mask, drawn ahead
+    from `generator` in the same order; else it is drawn here)."""
     if method.sparsify is None or density >= 1:
         return delta
     if method.sparsify == "magnitude":
@@ -166,9 +168,11 @@ def sparsified(
         if importance is None:
             raise UsageError("the importance-guided merge needs each expert's importance map (--importance)")
         keep = top_share(importance, density)
+    elif drawn is not None:
+        keep = drawn
     else:
         assert generator is not None
-        keep = random_keep(delta, density, generator)
+        keep = random_keep(delta.shape, density, generator)
     return rescaled(delta, keep, rescale, density)
 
 
