@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from carve import distributed
-from carve.engines.activations import Activations, Budget, bound_heap_retention
+from carve.engines.activations import Activations, Budget
 from carve.errors import UsageError
 from carve.models.arch import find_blocks, prunable_linears
 from carve.models.patch import replaced_forwards
@@ -271,7 +271,6 @@ def layerwise(
     `calib.dtype`: see the module docstring.  `targets`: the Linear modules handed over."""
     include, exclude, propagation = targets.include, targets.exclude, calib.propagation
     stream = calib.stream
-    bound_heap_retention()  # each block's freed buffers go back to the OS, not into a growing heap
     if stream is not None and propagation == "fused":
         raise UsageError("a streamed extraction calibrates one block at a time: use --propagation pruned or dense")
     if distributed.active() and propagation == "fused":
