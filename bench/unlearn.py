@@ -12,7 +12,11 @@ rows, lr 2e-5, density 0.5, 256-token blocks) with `--seed` 0, 1, 2 (data order;
 mask), each one process.  Columns, mean ± sd over seeds: forget perplexity, verbatim ROUGE-L
 (32 forget prompts of 32 tokens, greedy 32-token continuations), min-k% MIA AUC (forget against
 holdout 128-token passages) and PrivLeak against the retain model, retain perplexity (the first 16
-retain blocks) and cloze accuracy, general perplexity, the run's wall time and peak RSS.
+retain blocks) and cloze accuracy, general perplexity, the run's wall time and peak RSS.  Every run
+also measures forget / retain / general perplexity and PrivLeak every 5 steps (`--eval-every 5`):
+the second table reads utility at equal forgetting off these curves (where PrivLeak reaches the
+retain model's, 0), and the plot draws them.  Each run's weights are deleted once measured (its
+carve.json stays).
 Results accumulate in bench/results/unlearn.jsonl (with each run's data fingerprints); the table
 goes to the `unlearn` section of bench/RESULTS.md and the plot to bench/unlearn.png.
 """
@@ -20,8 +24,10 @@ goes to the `unlearn` section of bench/RESULTS.md and the plot to bench/unlearn.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +44,7 @@ CARVE = str(ROOT / ".venv" / "bin" / "carve")
 SCENARIO = OUT / "unlearn-scenario"
 OBJECTIVES = ["ga", "graddiff", "npo"]
 MASKS = ["none", "random", "salun", "wagle", "fisher"]
+EVAL_EVERY = 5  # steps between the measures along training (`carve unlearn --eval-every`)
 COLUMNS = [("forget_ppl", "forget ppl", ".2f"), ("verbatim_rougeL", "verbatim ROUGE-L", ".3f"),
            ("mia_auc", "MIA AUC", ".3f"), ("privleak", "PrivLeak", "+.3f"), ("retain_ppl", "retain ppl", ".3f"),
            ("retain_cloze", "retain cloze", ".3f"), ("general_ppl", "general ppl", ".3f")]  # fmt: skip
@@ -57,11 +64,15 @@ def run(objective: str, mask: str, seed: int, extra: list[str]) -> dict[str, Any
     parts = {k: str(SCENARIO / f"{k}.jsonl") for k in ("forget", "retain", "holdout")}
     cmd = [CARVE, "unlearn", str(SCENARIO / "target"), "--forget", parts["forget"], "--retain", parts["retain"],
            "--holdout", parts["holdout"], "--reference", str(SCENARIO / "retain-model"), "--objective", objective,
-           "--mask", mask, "--seed", str(seed), *extra, "--out", str(out), "--overwrite", "--quiet"]  # fmt: skip
+           "--mask", mask, "--seed", str(seed), "--eval-every", str(EVAL_EVERY), *extra, "--out", str(out),
+           "--overwrite", "--quiet"]  # fmt: skip
     t = time.perf_counter()
     subprocess.run(cmd, capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t
     manifest = json.loads((out / "carve.json").read_text())
+    for f in out.iterdir():  # measured: keep the manifest, not 0.5 GB of weights per run (45 runs)
+        if f.name != "carve.json":
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
     return {
         "metrics": manifest["metrics"],
         "mask": manifest["mask"],
@@ -128,7 +139,53 @@ def _row(name: str, done: list[dict[str, Any]]) -> str:
     return f"| {name} | {len(done)} | " + " | ".join(cells) + f" | {wall} | {rss} |"
 
 
+def _curve(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's measures along training, from the target's (step 0) to its own after-measures."""
+    m = r["metrics"]
+    return [{"step": 0, **m["before"]}, *(m.get("trajectory") or [])]
+
+
+def crossing(points: list[dict[str, Any]], level: float = 0.0) -> dict[str, float] | None:
+    """Where a run's PrivLeak first comes down to `level` (the retain model's is 0): every measure
+    of the curve linearly interpolated between the two points around it; None if it never does."""
+    for a, b in itertools.pairwise(points):
+        if a["privleak"] > level >= b["privleak"]:
+            t = (a["privleak"] - level) / (a["privleak"] - b["privleak"])
+            return {k: a[k] + t * (b[k] - a[k]) for k in ("step", "forget_ppl", "retain_ppl", "general_ppl")}
+    return None
+
+
+def equal_forgetting_table(rows: dict[str, dict[str, Any]], objectives: list[str], masks: list[str]) -> str:
+    """Utility at equal forgetting: each run's retain and general perplexity where its PrivLeak
+    reaches the retain model's (0), read off its curve (`--eval-every`), mean ± sd over seeds."""
+    runs = {k: r for k, r in rows.items() if "metrics" in r and r["metrics"].get("trajectory")}
+    if not runs:
+        return ""
+    target = next(iter(runs.values()))["metrics"]["before"]
+    lines = ["### Utility at equal forgetting: where PrivLeak reaches the retain model's (0)", "",
+             f"Each run measured every {EVAL_EVERY} steps (`--eval-every {EVAL_EVERY}`); the values linearly "
+             "interpolated between the two measures around the crossing. Target: retain ppl "
+             f"{target['retain_ppl']:.3f}, general ppl {target['general_ppl']:.3f} (the bar: within 5%, "
+             f"{1.05 * target['retain_ppl']:.3f} / {1.05 * target['general_ppl']:.3f}).", "",
+             "| row | seeds that reach it | step | forget ppl | retain ppl | general ppl |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for tag in sorted({r.get("tag", "") for r in runs.values()}):
+        for objective in objectives:
+            for mask in masks:
+                done = [r for k, r in runs.items() if k.startswith(f"{objective}/{mask}/s") and r.get("tag", "") == tag]
+                if not done:
+                    continue
+                hits = [c for r in done if (c := crossing(_curve(r))) is not None]
+                specs = (("step", ".1f"), ("forget_ppl", ".2f"), ("retain_ppl", ".3f"), ("general_ppl", ".3f"))
+                cells = [_cell([c[k] for c in hits], spec) for k, spec in specs]
+                name = f"{objective} + {mask}{(' ' + tag) if tag else ''}"
+                lines.append(f"| {name} | {len(hits)} of {len(done)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: dict[str, dict[str, Any]]) -> None:
+    """Left: each run's curve along training (PrivLeak against retain perplexity, from the target);
+    right: each run's end point (verbatim ROUGE-L against retain perplexity)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -137,25 +194,37 @@ def plot(rows: dict[str, dict[str, Any]]) -> None:
     runs = [(k, r) for k, r in rows.items() if "metrics" in r]
     if not runs:
         return
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     marks = {"none": "o", "random": "x", "salun": "s", "wagle": "^", "fisher": "D"}
-    colours = {"ga": "tab:red", "graddiff": "tab:blue", "npo": "tab:green"}
+    colours = {"none": "tab:grey", "random": "tab:orange", "salun": "tab:blue", "wagle": "tab:green",
+               "fisher": "tab:purple"}  # fmt: skip
+    styles = {"ga": ":", "graddiff": "--", "npo": "-"}
     for key, r in runs:
         objective, mask = key.split("/")[:2]
+        curve = _curve(r)
+        if len(curve) > 1:
+            left.plot([p["privleak"] for p in curve], [p["retain_ppl"] for p in curve], styles.get(objective, "-"),
+                      color=colours.get(mask), marker=marks.get(mask), markersize=3, linewidth=1)  # fmt: skip
         a = r["metrics"]["after"]
-        ax.scatter(a["verbatim_rougeL"], a["retain_ppl"], marker=marks.get(mask, "."), color=colours.get(objective))
+        right.scatter(a["verbatim_rougeL"], a["retain_ppl"], marker=marks.get(mask, "."), color=colours.get(mask))
     ref, before = runs[0][1]["metrics"]["reference"], runs[0][1]["metrics"]["before"]
-    ax.scatter(ref["verbatim_rougeL"], ref["retain_ppl"], marker="*", s=200, color="black", label="retain model")
-    ax.scatter(before["verbatim_rougeL"], before["retain_ppl"], marker="P", s=120, color="grey", label="target")
+    for ax, x in ((left, "privleak"), (right, "verbatim_rougeL")):
+        ax.scatter(ref[x], ref["retain_ppl"], marker="*", s=200, color="black", label="retain model", zorder=5)
+        ax.scatter(before[x], before["retain_ppl"], marker="P", s=120, color="grey", label="target", zorder=5)
+        ax.set_ylabel("retain perplexity (lower: more utility kept)")
+        ax.set_yscale("log")
     for name, c in colours.items():
-        ax.scatter([], [], color=c, label=name)
-    for name, m in marks.items():
-        ax.scatter([], [], marker=m, color="k", label=f"mask {name}")
-    ax.set_xlabel("verbatim ROUGE-L on the forget set (lower: more forgotten)")
-    ax.set_ylabel("retain perplexity (lower: more utility kept)")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7)
-    ax.set_title("carve unlearn on the builtin scenario: utility against forgetting")
+        right.scatter([], [], color=c, marker=marks[name], label=f"mask {name}")
+    for name, ls in styles.items():
+        left.plot([], [], ls, color="k", label=name)
+    left.axvline(0, color="black", linewidth=0.5)
+    left.set_xlabel(f"PrivLeak (0: the retain model's), measured every {EVAL_EVERY} steps")
+    right.set_xlabel("verbatim ROUGE-L on the forget set after the run (lower: more forgotten)")
+    left.legend(fontsize=7)
+    right.legend(fontsize=7)
+    left.set_title("along training (colour: mask, line: objective)")
+    right.set_title("after the run")
+    fig.suptitle("carve unlearn on the builtin scenario: utility against forgetting")
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
 
@@ -198,8 +267,11 @@ def main() -> None:
                     write_section("unlearn", write_table(rows, args.objectives, args.masks, args.seeds))
     runs = {k: v for k, v in rows.items() if k != "scenario"}
     text = write_table(runs, args.objectives, args.masks, args.seeds)
-    print(text)
+    equal = equal_forgetting_table(runs, args.objectives, args.masks)
+    print(text + "\n\n" + equal)
     write_section("unlearn", text)
+    if equal:
+        write_section("unlearn-equal", equal)
     plot(runs)
 
 

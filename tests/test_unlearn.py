@@ -273,3 +273,22 @@ def test_scenario_is_built_once_and_reused(tmp_path: Path, model_dir: Path, smal
     assert main(["unlearn-scenario", *flags, "--out", str(out)]) == 0
     assert (out / "target" / "model.safetensors").stat().st_mtime_ns == stamp
     assert main(["unlearn-scenario", *flags[:-4], "--epochs", "2", "--quiet", "--out", str(out)]) == 2
+
+
+def test_eval_every_records_the_curve_and_leaves_the_run_unchanged(
+    tmp_path: Path, model_dir: Path, split_corpora: dict[str, Path]
+) -> None:
+    flags = ["--objective", "npo", "--mask", "salun", "--lr", "3e-3", "--reference", str(model_dir)]
+    plain, curve = tmp_path / "plain", tmp_path / "curve"
+    assert _unlearn(model_dir, split_corpora, plain, *flags) == 0
+    assert _unlearn(model_dir, split_corpora, curve, *flags, "--eval-every", "1") == 0
+    a, b = load_file(str(plain / "model.safetensors")), load_file(str(curve / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # measuring changed nothing
+    m = json.loads((curve / "carve.json").read_text())["metrics"]
+    assert json.loads((plain / "carve.json").read_text())["metrics"]["trajectory"] is None
+    points = m["trajectory"]
+    assert [p["step"] for p in points] == [1, 2, 3]
+    keys = {"forget_ppl", "retain_ppl", "general_ppl", "mia_auc", "privleak"}
+    assert {k: points[-1][k] for k in keys} == {k: m["after"][k] for k in keys}
+    assert all(set(p) == {"step", *keys} for p in points)
+    assert points[0]["forget_ppl"] != points[1]["forget_ppl"]  # measured at each step, not copied

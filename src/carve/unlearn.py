@@ -47,7 +47,8 @@ from carve.ops.train import Schedule, train
 from carve.ops.unlearn import OBJECTIVES, RETAIN_LOSSES, MaskSpec, Objective, pack_rows, summed_nll, unlearn_mask
 from carve.settings import Targets, check_types, flag
 
-RESUME_FREE = ("eval_blocks", "cloze_items", "verbatim_items", "checkpoint_every", "save_dtype", "device", "reference")
+RESUME_FREE = ("eval_blocks", "cloze_items", "verbatim_items", "checkpoint_every", "save_dtype", "device", "reference",
+               "eval_every")  # fmt: skip
 
 
 @dataclass
@@ -84,6 +85,8 @@ class UnlearnRecipe:
     prompt_len: int = flag("verbatim: prompt tokens (the continuation is as long)", default=32)
     eval_blocks: int = flag("blocks for retain and general perplexity", default=16)
     cloze_items: int = flag("retain cloze items (0: skip)", default=100)
+    eval_every: int = flag("measure forget, retain and general perplexity and the MIA AUC every N steps, to see "
+                           "where to stop (0: before and after only)", default=0)  # fmt: skip
     seed: int = flag("data order and the random mask", default=0)
     include: list[str] = flag("glob patterns of Linear modules that may change", factory=lambda: ["*"])
     exclude: list[str] = flag("glob patterns left frozen", factory=lambda: list(DEFAULT_EXCLUDE))
@@ -110,8 +113,8 @@ class UnlearnRecipe:
             raise UsageError(f"batch-size {self.batch_size} is not a multiple of micro-batch {self.micro_batch}")
         if self.lr <= 0 or self.beta <= 0 or self.mu <= 0 or self.alpha < 0 or self.warmup < 0:
             raise UsageError("lr, beta and mu must be positive, alpha and warmup not negative")
-        if self.verbatim_items < 0 or self.cloze_items < 0:
-            raise UsageError("verbatim-items and cloze-items must not be negative")
+        if self.verbatim_items < 0 or self.cloze_items < 0 or self.eval_every < 0:
+            raise UsageError("verbatim-items, cloze-items and eval-every must not be negative")
         return spec
 
     def schedule(self) -> Schedule:
@@ -192,18 +195,29 @@ def unlearn_data(tokenizer: Any, recipe: UnlearnRecipe) -> tuple[UnlearnData, di
     return data, corpora
 
 
-def unlearn_metrics(model: Any, tokenizer: Any, data: UnlearnData) -> dict[str, Any]:
-    """Every measure of the module docstring on `model` (PrivLeak is added once a reference AUC is known)."""
+TRAJECTORY = ("forget_ppl", "retain_ppl", "general_ppl", "mia_auc", "privleak")
+
+
+def trajectory_metrics(model: Any, data: UnlearnData) -> dict[str, Any]:
+    """The measures taken along training (`eval_every`): forget, retain and general perplexity and the
+    MIA AUC, the cheap ones (no generation, no cloze)."""
     out: dict[str, Any] = {
         "forget_ppl": round(perplexity(model, data.forget, desc="perplexity (forget)"), 4),
         "retain_ppl": round(perplexity(model, data.retain[: data.eval_blocks], desc="perplexity (retain)"), 4),
         "general_ppl": round(perplexity(model, data.general, desc="perplexity (general)"), 4),
     }
+    if data.holdout_passages is not None:
+        out["mia_auc"] = round(mia_auc(model, data.forget_passages, data.holdout_passages, data.min_k), 4)
+    return out
+
+
+def unlearn_metrics(model: Any, tokenizer: Any, data: UnlearnData) -> dict[str, Any]:
+    """Every measure of the module docstring on `model` (PrivLeak is added once a reference AUC is known)."""
+    out = trajectory_metrics(model, data)
     if len(data.verbatim):
         out["verbatim_rougeL"] = round(verbatim_rouge(model, tokenizer, data.verbatim, data.prompt_len), 4)
     if data.holdout_passages is not None:
         out["holdout_ppl"] = round(perplexity(model, data.holdout_passages, desc="perplexity (holdout)"), 4)
-        out["mia_auc"] = round(mia_auc(model, data.forget_passages, data.holdout_passages, data.min_k), 4)
     if data.cloze is not None:
         out["retain_cloze"] = cloze_accuracy(model, data.cloze)
     return out
@@ -263,16 +277,30 @@ def _unlearn(
     objective = _objective(recipe, lm, data)
     rows = pack_rows(data.forget, data.retain, recipe.steps * recipe.batch_size, recipe.seed)
     schedule = recipe.schedule()
+    trajectory: list[dict[str, Any]] = []
+
+    def after_step(done: int) -> None:
+        if recipe.eval_every and done % recipe.eval_every == 0 and done < recipe.steps:
+            lm.model.eval()  # the training loop's mode is restored below; no randomness is drawn
+            trajectory.append({"step": done, **_with_privleak(trajectory_metrics(lm.model, data), reference)})
+            lm.model.train()
+        if on_step is not None:
+            on_step(done)
+
     with stage("train"):
         result = train(
             lm.model, rows, objective, trainable, schedule, checkpoint=ckpt, resume=resume,
-            run=run_identity(recipe, lm, rows, RESUME_FREE), on_step=on_step, desc=f"unlearning ({recipe.objective})",
+            run=run_identity(recipe, lm, rows, RESUME_FREE), on_step=after_step,
+            desc=f"unlearning ({recipe.objective})",
         )  # fmt: skip
     objective.reference = None
     lm.model.eval()
     saved = round_to_saved(lm, recipe.save_dtype)
     with stage("evaluate_after"):
         after = unlearn_metrics(lm.model, lm.tokenizer, data)
+    if recipe.eval_every:  # the curve ends at the run's own after-measures
+        last = _with_privleak(after, reference)
+        trajectory.append({"step": recipe.steps, **{k: last[k] for k in TRAJECTORY if k in last}})
     updated = sum(p.numel() if k is None else int(k.sum()) for p, k in _masked(lm, trainable))
     manifest: dict[str, Any] = {
         **manifest_head("unlearn", lm, recipe),
@@ -291,6 +319,7 @@ def _unlearn(
             "reference": _with_privleak(reference, reference) if reference else None,
             "reference_model": recipe.reference,
             "before_from_cache": cached,
+            "trajectory": trajectory if recipe.eval_every else None,
         },
         "saved": saved,
     }
