@@ -9,6 +9,7 @@ import torch
 
 from carve import Mask, UsageError, select_mask
 from carve.masks import check_sparsity, keep_mask, parse_pattern
+from carve.masks.mask import PackedKeep
 
 
 def test_row_granularity_removes_lowest_of_each_row() -> None:
@@ -87,6 +88,12 @@ def test_bitpacked_round_trip(tmp_path: Path) -> None:
     back = Mask.load(tmp_path / "m.safetensors")
     assert all(torch.equal(m[k], back[k]) for k in m)
     assert (tmp_path / "m.safetensors").stat().st_size < (130 * 70 + 5) / 6  # ~one bit per weight
+    packed = PackedKeep()  # what the layer-wise pruners hold: the same mask, the same file
+    for k in m:
+        packed[k] = m[k]
+    assert all(torch.equal(packed[k], m[k]) for k in m) and list(packed) == list(m)
+    Mask(packed).save(tmp_path / "p.safetensors")
+    assert (tmp_path / "p.safetensors").read_bytes() == (tmp_path / "m.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,10 @@ class PackedKeep(MutableMapping[str, torch.Tensor]):
     def __delitem__(self, key: str) -> None:
         del self._packed[key]
 
+    def packed(self, key: str) -> tuple[torch.Tensor, list[int]]:
+        """The stored bits and shape of `key`, as `Mask.save` writes them (no unpacking)."""
+        return self._packed[key]
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._packed)
 
@@ -139,9 +143,15 @@ class Mask(Mapping[str, torch.Tensor]):
         """Bit-packed: one bit per weight, shapes in the metadata."""
         from safetensors.torch import save_file
 
-        packed = {k: pack_bits(v) for k, v in self.keep.items()}
-        shapes = {k: list(v.shape) for k, v in self.keep.items()}
-        save_file(packed, str(path), metadata={"carve_mask_shapes": json.dumps(shapes)})
+        bits = {k: self._bits(k) for k in self.keep}
+        shapes = {k: shape for k, (_, shape) in bits.items()}
+        save_file({k: b for k, (b, _) in bits.items()}, str(path), metadata={"carve_mask_shapes": json.dumps(shapes)})
+
+    def _bits(self, key: str) -> tuple[torch.Tensor, list[int]]:
+        if isinstance(self.keep, PackedKeep):  # already packed: no round trip through bools
+            return self.keep.packed(key)
+        v = self.keep[key]
+        return pack_bits(v), list(v.shape)
 
     @classmethod
     def load(cls, path: str | Path) -> Mask:
