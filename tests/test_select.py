@@ -18,7 +18,16 @@ import pytest
 import carve
 from carve import selection
 from carve.cli.main import main
-from carve.selection import Hasher, SelectRecipe, TargetCompressor, ncd, ngram_buckets, select
+from carve.selection import (
+    Hasher,
+    SelectRecipe,
+    TargetCompressor,
+    iter_chunks,
+    joined_examples,
+    ncd,
+    ngram_buckets,
+    select,
+)
 
 
 def _direct_buckets(text: str, buckets: int = 10000) -> list[int]:
@@ -182,3 +191,27 @@ def test_chunks_keep_the_text_as_written() -> None:
     assert pieces[0] == "def f(x):\n    return x" and "\n\n\nclass" in pieces[1]
     assert " ".join(" ".join(p.split()) for p in pieces) == " ".join(code.split())
     assert list(selection.chunks_of(code, 0)) == [code]
+
+
+def test_joined_examples_reach_the_chunk_length_in_order() -> None:
+    texts = ["a b c", "d e", "f g h i", "j", "k l"]
+    pieces = joined_examples(texts, 4)
+    assert pieces == ["a b c\n\nd e", "f g h i\n\nj\n\nk l"]  # the short tail ("j", "k l" < 4 words) joins the last
+    assert joined_examples(["x y"], 4) == ["x y"]  # too short to reach the length: one piece
+    assert all(len(p.split()) >= 4 for p in joined_examples(texts * 3, 4))
+
+
+@pytest.mark.parametrize("match", [True, False])
+def test_zipfit_scores_are_the_alignment_to_the_joined_or_plain_examples(tmp_path: Path, match: bool) -> None:
+    pool, target = _pool(tmp_path, n_per=3)
+    recipe = SelectRecipe(target=[str(target)], pool=[str(pool)], method="zipfit", k=6, workers=1, chunk=40,
+                          min_words=1, match_length=match, target_samples=1000)  # fmt: skip
+    select(recipe, tmp_path / "z.jsonl")
+    examples = [c.text for c in iter_chunks([str(target)], 40, "text") if c.text.strip()]
+    joined = joined_examples(examples, 40)
+    assert len(joined) < len(examples)  # the documents' short tails were joined: the two cases differ
+    examples = joined if match else examples
+    for row in map(json.loads, (tmp_path / "z.jsonl").read_text().splitlines()):
+        x = row["text"].encode()
+        expected = sum(1 - ncd(x, t.encode()) for t in examples) / len(examples)
+        assert row["score"] == pytest.approx(expected, abs=1e-12)
