@@ -201,16 +201,20 @@ def test_joined_examples_reach_the_chunk_length_in_order() -> None:
     assert all(len(p.split()) >= 4 for p in joined_examples(texts * 3, 4))
 
 
-@pytest.mark.parametrize("match", [True, False])
-def test_zipfit_scores_are_the_alignment_to_the_joined_or_plain_examples(tmp_path: Path, match: bool) -> None:
+@pytest.mark.parametrize(("chunk", "match", "joined_words"), [(40, None, 40), (40, 0, 0), (0, None, 256), (40, 90, 90)])
+def test_zipfit_scores_are_the_alignment_to_the_joined_or_plain_examples(
+    tmp_path: Path, chunk: int, match: int | None, joined_words: int
+) -> None:
     pool, target = _pool(tmp_path, n_per=3)
-    recipe = SelectRecipe(target=[str(target)], pool=[str(pool)], method="zipfit", k=6, workers=1, chunk=40,
+    recipe = SelectRecipe(target=[str(target)], pool=[str(pool)], method="zipfit", k=6, workers=1, chunk=chunk,
                           min_words=1, match_length=match, target_samples=1000)  # fmt: skip
-    select(recipe, tmp_path / "z.jsonl")
-    examples = [c.text for c in iter_chunks([str(target)], 40, "text") if c.text.strip()]
-    joined = joined_examples(examples, 40)
-    assert len(joined) < len(examples)  # the documents' short tails were joined: the two cases differ
-    examples = joined if match else examples
+    manifest = select(recipe, tmp_path / "z.jsonl")
+    assert manifest["fitted"]["joined_words"] == joined_words
+    examples = [c.text for c in iter_chunks([str(target)], chunk, "text") if c.text.strip()]
+    if joined_words:
+        joined = joined_examples(examples, joined_words)
+        assert len(joined) < len(examples)  # examples were joined: the cases differ
+        examples = joined
     for row in map(json.loads, (tmp_path / "z.jsonl").read_text().splitlines()):
         x = row["text"].encode()
         expected = sum(1 - ncd(x, t.encode()) for t in examples) / len(examples)

@@ -21,11 +21,12 @@ The chosen chunks are written in pool order by a last pass.
   target example is compressed once and its compressor state kept, so C(tx) costs only x's bytes
   (the state copied, x fed, flushed: the same bytes gzip writes for t + x); at most
   `target_samples` target examples (seeded draw) take part; candidates are scored in `workers`
-  processes.  The k chunks of highest alignment are chosen.  Deviation (`match_length`, on by
-  default): consecutive target examples are first joined into pieces of at least `chunk` words, so
-  each NCD compares texts of like length; NCD otherwise favours chunks near the examples' own length
-  (32 HumanEval problems of 20-114 words against a pool cut into 100-256-word chunks: 0.498 of the
-  top 500 code; joined: 1.000, bench/RESULTS.md).
+  processes.  The k chunks of highest alignment are chosen.  Deviation (`match_length`): consecutive
+  target examples are first joined into pieces of at least `match_length` words (default `chunk`, or
+  256 for whole documents; 0: the paper's examples as they are), so each NCD compares texts of like
+  length; NCD otherwise favours chunks near the examples' own length (32 HumanEval problems of
+  20-114 words against a pool cut into 100-256-word chunks: 0.498 of the top 500 code; joined:
+  1.000, bench/RESULTS.md).
 - random: k chunks uniformly (seeded), the baseline.
 
 `--tokens N` in place of `--k`: the best chunks until their words (DSIR's word count) reach N.
@@ -77,10 +78,10 @@ class SelectRecipe:
     top_k: bool = flag("dsir: the k highest weights instead of Gumbel top-k sampling", default=False)
     level: int = flag("zipfit: gzip compression level (1-9)", default=9)
     target_samples: int = flag("zipfit: target examples compared with each chunk (seeded draw)", default=32)
-    match_length: bool = flag(
-        "zipfit: join consecutive target examples into pieces of at least --chunk words, so both sides of every "
-        "NCD are alike in length (NCD favours chunks of the examples' own length otherwise)",
-        default=True,
+    match_length: int | None = flag(
+        "zipfit: join consecutive target examples into pieces of at least this many words, so both sides of every "
+        "NCD are alike in length (default: --chunk, or 256 when --chunk is 0; 0: each example alone, as the paper)",
+        default=None,
     )
     workers: int = flag("scoring processes (0: one per CPU core)", default=0)
     seed: int = flag("Gumbel noise, target sample and the random method", default=0)
@@ -102,6 +103,14 @@ class SelectRecipe:
             raise UsageError("chunk, min-words and workers must not be negative; buckets, target-samples positive")
         if not 1 <= self.level <= 9:
             raise UsageError(f"--level {self.level} is not a gzip level (1-9)")
+        if self.match_length is not None and self.match_length < 0:
+            raise UsageError(f"--match-length {self.match_length} is negative")
+
+    def joined_length(self) -> int:
+        """ZIP-FIT's target pieces' least length in words (0: the examples as they are)."""
+        if self.match_length is not None:
+            return self.match_length
+        return self.chunk or 256
 
 
 @dataclass
@@ -365,8 +374,8 @@ def _scores(recipe: SelectRecipe, target: list[str], tally: Tally) -> tuple[np.n
     if recipe.method == "random":
         lengths = [len(words(c.text)) for c in _stream(recipe, "random: pool", tally)]
         return np.random.default_rng(recipe.seed).random(len(lengths)), np.asarray(lengths), {}
-    if recipe.match_length and recipe.chunk:
-        target = joined_examples(target, recipe.chunk)
+    if recipe.joined_length():
+        target = joined_examples(target, recipe.joined_length())
     sample = random.Random(recipe.seed).sample(target, min(recipe.target_samples, len(target)))
     examples = [t.encode("utf-8") for t in sample]
     scored = _in_workers(recipe, _stream(recipe, "zipfit: alignment", tally), _init_zipfit, (examples, recipe.level),
@@ -375,7 +384,7 @@ def _scores(recipe: SelectRecipe, target: list[str], tally: Tally) -> tuple[np.n
     for score, n in scored:
         scores.append(score)
         lengths.append(n)
-    fitted = {"target_examples": len(examples), "level": recipe.level, "match_length": recipe.match_length}
+    fitted = {"target_examples": len(examples), "level": recipe.level, "joined_words": recipe.joined_length()}
     return np.asarray(scores), np.asarray(lengths), fitted
 
 
