@@ -399,6 +399,7 @@ def main() -> None:
     )
     ap.add_argument("--seeds", type=int, default=1, help="seeds per downstream row")
     ap.add_argument("--methods", nargs="+", default=["sparsegpt", "dual-obs"], help="extract methods downstream")
+    ap.add_argument("--sources", nargs="+", default=list(DOWNSTREAM), choices=DOWNSTREAM, help="downstream texts")
     args = ap.parse_args()
     counts = build_pool(POOL, code_files=3000, man_pages=2500, cap=7000)
     full = build_pool(FULL, code_files=3000, man_pages=2500, cap=7000, clean=False)
@@ -443,7 +444,7 @@ def main() -> None:
             for d in args.domains:
                 for m in args.methods if job == "extract" else ["full"]:
                     for seed in range(args.seeds):
-                        for src in DOWNSTREAM:
+                        for src in args.sources:
                             rid = f"downstream/{d}/{job}/{m}/{src}/s{seed}"
                             jobs.append(
                                 (rid, lambda j=job, d=d, src=src, m=m, sd=seed: run_downstream(j, d, src, m, sd))
