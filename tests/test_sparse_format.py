@@ -185,6 +185,71 @@ def test_sparse_file_with_values_of_the_wrong_count(tmp_path: Path) -> None:
     name = next(iter(masked))
     keep, values = masked[name]
     masked[name] = (keep, values[:-1])
-    write_entries(tmp_path / SPARSE_FILE, masked, dense, meta)
+    write_entries(tmp_path / SPARSE_FILE, masked, dense, meta, planes=True)
     with pytest.raises(carve.UsageError, match=f"{name} holds"):
+        read_sparse_state(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_byte_planes_give_back_every_bit(dtype: torch.dtype) -> None:
+    from carve.models.sparse import from_planes, to_planes
+
+    t = (torch.randn(37, 53) * 0.02).to(dtype)
+    t[0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, 0.0]).to(dtype)
+    blob, info = to_planes(t)
+    back = from_planes(blob, json.loads(json.dumps(info)))  # as the metadata holds it
+    assert back.dtype == dtype and back.shape == t.shape
+    assert torch.equal(_bits(back), _bits(t))
+    assert blob.numel() < t.numel() * t.element_size()  # the top bytes of trained-like weights compress
+
+
+def test_sparse_2_is_smaller_than_sparse_1_and_both_load_bit_for_bit(tmp_path: Path) -> None:
+    from carve.models.sparse import read_entries, write_entries
+
+    model = _pruned("llama", None)
+    save_sparse_model(tmp_path, model, torch.bfloat16)
+    new_state, _ = read_sparse_state(tmp_path)
+    masked, dense, meta = read_entries(tmp_path / SPARSE_FILE, "x")
+    assert json.loads(meta["carve_planes"])  # byte planes were written
+    old = tmp_path / "old"
+    old.mkdir()
+    write_entries(old / SPARSE_FILE, masked, dense, {**meta, "carve_format": "sparse-1", "carve_planes": "{}"})
+    old_state, _ = read_sparse_state(old)
+    assert (tmp_path / SPARSE_FILE).stat().st_size < (old / SPARSE_FILE).stat().st_size
+    assert new_state.keys() == old_state.keys()
+    for k, v in new_state.items():
+        assert v.dtype == old_state[k].dtype and torch.equal(_bits(v), _bits(old_state[k]))
+    from carve.models.stream import TensorSource
+
+    with TensorSource(tmp_path) as src:  # the lazy reader (merge, streamed extraction) decodes alike
+        for k, v in new_state.items():
+            assert src.dtype(k) == v.dtype and src.shape(k) == list(v.shape) and torch.equal(src.get(k), v)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(ints[t.element_size()]) if t.is_floating_point() else t
+
+
+@pytest.mark.parametrize("damage", ["stream", "length"])
+def test_damaged_byte_planes_are_one_clear_error(tmp_path: Path, damage: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    model = _pruned("llama", None)
+    save_sparse_model(tmp_path, model, torch.bfloat16)
+    path = tmp_path / SPARSE_FILE
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    planes = json.loads(meta["carve_planes"])
+    key = next(iter(planes))
+    blob = tensors[key].clone()
+    if damage == "stream":
+        blob[2:12] ^= 0x5A  # inside the deflate stream
+    else:
+        planes[key][2] += 1
+        meta["carve_planes"] = json.dumps(planes)
+    tensors[key] = blob
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(carve.UsageError, match=r"damaged|is not a carve sparse model"):
         read_sparse_state(tmp_path)

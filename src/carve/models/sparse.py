@@ -5,10 +5,18 @@ Layout of a file: for each masked tensor NAME, `mask/NAME` (uint8: np.packbits o
 bool mask) and `value/NAME` (the entries at the set bits, in row-major order, in the tensor's
 dtype); metadata `carve_mask_shapes` (JSON: NAME -> shape).  A sparse model file
 (`model.sparse.safetensors`) also holds each tensor that is not worth masking under its own name,
-and in its metadata `carve_format` = "sparse-1" and `carve_aliases` (JSON: tied name -> the name
-stored).  A weight is masked where that is smaller: where fewer than 1 − 1/(8·bytes per entry) of
-its entries are non-zero (15/16 in bfloat16).  The mask marks entries whose bits are not all
-zero, so -0.0 is a stored value and decoding gives back every tensor bit for bit.
+and in its metadata `carve_format` and `carve_aliases` (JSON: tied name -> the name stored).  A
+weight is masked where that is smaller: where fewer than 1 − 1/(8·bytes per entry) of its entries
+are non-zero (15/16 in bfloat16).  The mask marks entries whose bits are not all zero, so -0.0 is a
+stored value and decoding gives back every tensor bit for bit.
+
+Format "sparse-2" (what carve writes; "sparse-1" files, the same without it, are still read):
+every floating-point value tensor and dense tensor of at least `PLANE_MIN` entries and 2+ bytes an
+entry is stored as byte planes — its most significant byte of each entry (sign and exponent bits,
+few distinct values in trained weights) deflate-compressed (zlib, level 1), the other bytes as
+they are — in one uint8 tensor under the same name: [compressed top bytes | low bytes].  Metadata
+`carve_planes` (JSON: name -> [dtype, shape, compressed length]) says how to decode it.  Lossless:
+the same bits come back (tested).
 
 `carve densify` turns a sparse model into plain `model.safetensors` for stock `from_pretrained`.
 """
@@ -16,6 +24,8 @@ zero, so -0.0 is a stored value and decoding gives back every tensor bit for bit
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +35,47 @@ from carve.errors import UsageError
 from carve.masks.mask import holds_bits_of, is_shape, pack_bits, reading_safetensors, unpack_bits
 
 SPARSE_FILE = "model.sparse.safetensors"
-FORMAT = "sparse-1"
+FORMAT = "sparse-2"
+FORMATS = ("sparse-1", FORMAT)  # every format carve reads
+PLANE_MIN = 1024  # entries: smaller tensors are stored as they are
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+PLANE_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
+
+
+def to_planes(t: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+    """`t` as one uint8 tensor [deflated top byte of each entry | the entries' other bytes] and
+    what `from_planes` needs: [dtype, shape, compressed length]."""
+    size = t.element_size()
+    b = t.detach().contiguous().cpu().view(torch.uint8).reshape(-1, size).numpy()
+    top = zlib.compress(b[:, size - 1].tobytes(), 1)  # little-endian: the last byte is the top one
+    low = b[:, : size - 1].tobytes()
+    blob = torch.frombuffer(bytearray(top + low), dtype=torch.uint8)
+    return blob, [str(t.dtype).removeprefix("torch."), list(t.shape), len(top)]
+
+
+def from_planes(blob: torch.Tensor, info: Any) -> torch.Tensor:
+    """The tensor `to_planes` stored, bit for bit; a ValueError when `blob` or `info` is damaged."""
+    import numpy as np
+
+    if not (isinstance(info, list) and len(info) == 3 and info[0] in PLANE_DTYPES and is_shape(info[1])):
+        raise ValueError(f"its carve_planes entry {str(info)[:80]} is not [dtype, shape, length]")
+    dtype, shape, cut = PLANE_DTYPES[info[0]], info[1], info[2]
+    size, n = torch.empty((), dtype=dtype).element_size(), math.prod(shape)
+    data = blob.numpy().tobytes()
+    if type(cut) is not int or not 0 < cut <= len(data) or len(data) - cut != n * (size - 1):
+        raise ValueError(f"its byte planes do not hold {n} entries of {info[0]}")
+    unzip = zlib.decompressobj()
+    top = unzip.decompress(data[:cut], n)  # at most n bytes: a damaged stream cannot balloon
+    if len(top) != n or unzip.unconsumed_tail or not unzip.eof:
+        raise ValueError(f"its compressed top bytes do not hold {n} entries")
+    b = np.empty((n, size), dtype=np.uint8)
+    b[:, size - 1] = np.frombuffer(top, dtype=np.uint8)
+    b[:, : size - 1] = np.frombuffer(data[cut:], dtype=np.uint8).reshape(n, size - 1)
+    return torch.from_numpy(b).view(dtype).reshape(shape)
+
+
+def _planed(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.element_size() >= 2 and t.numel() >= PLANE_MIN
 
 
 def nonzero_bits(t: torch.Tensor) -> torch.Tensor:
@@ -39,15 +88,24 @@ def write_entries(
     masked: dict[str, tuple[torch.Tensor, torch.Tensor]],
     dense: dict[str, torch.Tensor] | None = None,
     meta: dict[str, str] | None = None,
+    planes: bool = False,
 ) -> None:
-    """`masked`: NAME -> (bool mask, values at its set bits); `dense`: tensors stored as they are."""
+    """`masked`: NAME -> (bool mask, values at its set bits); `dense`: tensors stored as they are
+    (with `planes`, floating-point values and dense tensors as byte planes: the module docstring)."""
     from safetensors.torch import save_file
 
     tensors = {f"mask/{k}": pack_bits(m) for k, (m, _) in masked.items()}
     tensors.update({f"value/{k}": v.contiguous().cpu() for k, (_, v) in masked.items()})
     tensors.update({k: v.contiguous().cpu() for k, v in (dense or {}).items()})
     shapes = {k: list(m.shape) for k, (m, _) in masked.items()}
-    save_file(tensors, str(path), metadata={"carve_mask_shapes": json.dumps(shapes), **(meta or {})})
+    extra = dict(meta or {})
+    if planes:
+        coded = {}
+        for k, t in tensors.items():
+            if not k.startswith("mask/") and _planed(t):
+                tensors[k], coded[k] = to_planes(t)
+        extra["carve_planes"] = json.dumps(coded)
+    save_file(tensors, str(path), metadata={"carve_mask_shapes": json.dumps(shapes), **extra})
 
 
 def read_entries(
@@ -60,19 +118,26 @@ def read_entries(
         shapes = json.loads(meta.get("carve_mask_shapes", "null"))
         if not isinstance(shapes, dict) or not all(is_shape(s) for s in shapes.values()):
             raise ValueError("its carve_mask_shapes metadata is missing or not shapes")
+        planes = json.loads(meta.get("carve_planes", "{}"))
+        if not isinstance(planes, dict):
+            raise ValueError("its carve_planes metadata is not a mapping")
         keys = set(f.keys())
+        if not set(planes) <= keys:
+            raise ValueError("its carve_planes name tensors it does not hold")
+        get = lambda k: from_planes(f.get_tensor(k), planes[k]) if k in planes else f.get_tensor(k)  # noqa: E731
         masked = {}
         for name, shape in shapes.items():
             if f"mask/{name}" not in keys or f"value/{name}" not in keys:
                 raise ValueError(f"{name} has no mask or no values")
-            masked[name] = read_entry(f, name, shape)
-        dense = {k: f.get_tensor(k) for k in keys if not k.startswith(("mask/", "value/"))}
+            masked[name] = read_entry(f, name, shape, get)
+        dense = {k: get(k) for k in keys if not k.startswith(("mask/", "value/"))}
     return masked, dense, meta
 
 
-def read_entry(handle: Any, name: str, shape: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask, values) of one masked tensor of an open file; a ValueError when they do not fit `shape`."""
-    bits, values = handle.get_tensor(f"mask/{name}"), handle.get_tensor(f"value/{name}")
+def read_entry(handle: Any, name: str, shape: list[int], get: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask, values) of one masked tensor of an open file (`get(key)`: how a tensor is read, by
+    default as stored); a ValueError when they do not fit `shape`."""
+    bits, values = handle.get_tensor(f"mask/{name}"), (get or handle.get_tensor)(f"value/{name}")
     if not holds_bits_of(bits, shape):
         raise ValueError(f"the mask of {name} does not hold {shape}'s bits")
     keep = unpack_bits(bits, shape)
@@ -112,7 +177,7 @@ def save_sparse_model(directory: Path, model: Any, dtype: torch.dtype) -> dict[s
         else:
             masked[name] = enc
     meta = {"carve_format": FORMAT, "carve_aliases": json.dumps(aliases), "format": "pt"}
-    write_entries(directory / SPARSE_FILE, masked, dense, meta)
+    write_entries(directory / SPARSE_FILE, masked, dense, meta, planes=True)
     config = model.config
     config.dtype = dtype
     config.save_pretrained(directory)
@@ -130,7 +195,7 @@ def read_sparse_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[st
     """The dense state dict a sparse model file holds (tied names as in its aliases), bit for bit."""
     path = directory / SPARSE_FILE
     masked, dense, meta = read_entries(path, "a carve sparse model")
-    if meta.get("carve_format") != FORMAT:
+    if meta.get("carve_format") not in FORMATS:
         raise UsageError(f"{str(path)!r} is not a carve sparse model (format {meta.get('carve_format')!r})")
     try:
         aliases = json.loads(meta.get("carve_aliases", "{}"))

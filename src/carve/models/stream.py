@@ -21,7 +21,7 @@ import torch
 
 from carve.errors import UsageError
 from carve.masks.mask import is_shape, reading_safetensors
-from carve.models.sparse import read_entry
+from carve.models.sparse import PLANE_DTYPES, from_planes, read_entry
 
 _DTYPES = {
     "F64": torch.float64,
@@ -53,6 +53,7 @@ class TensorSource:
         self._where: dict[str, tuple[Any, str]] = {}  # name -> (open file, key in it)
         self._masked: dict[str, tuple[Any, list[int]]] = {}  # name -> (open file, shape) of mask/value entries
         self._aliases: dict[str, str] = {}
+        self._planes: dict[str, Any] = {}  # key -> [dtype, shape, length] of tensors stored as byte planes
         self._base: TensorSource | None = None
         self.files: list[Path] = []  # the weight files read (the model's fingerprint is of them)
         self._spans: dict[str, tuple[Path, int, int]] = {}  # with mmap=False: name -> (file, offset, bytes)
@@ -83,12 +84,17 @@ class TensorSource:
         try:
             shapes = json.loads(meta.get("carve_mask_shapes", "null"))
             aliases = json.loads(meta.get("carve_aliases", "{}"))
+            planes = json.loads(meta.get("carve_planes", "{}"))
         except ValueError:
-            shapes = aliases = None
+            shapes = aliases = planes = None
         if not isinstance(shapes, dict) or not all(is_shape(s) for s in shapes.values()):
             raise UsageError(f"{str(path)!r} is damaged: its carve_mask_shapes metadata is missing or not shapes")
         if not isinstance(aliases, dict):
             raise UsageError(f"{str(path)!r} is damaged: its carve_aliases are not a mapping of names")
+        ok = isinstance(planes, dict) and set(planes) <= set(handle.keys())
+        if not ok or not all(isinstance(v, list) and len(v) == 3 and is_shape(v[1]) for v in planes.values()):
+            raise UsageError(f"{str(path)!r} is damaged: its carve_planes metadata does not describe its tensors")
+        self._planes = planes
         for name, shape in shapes.items():
             self._masked[name] = (handle, shape)
         for k in handle.keys():
@@ -113,7 +119,7 @@ class TensorSource:
             return list(self._masked[name][1])
         if name in self._where:
             handle, key = self._where[name]
-            return list(handle.get_slice(key).get_shape())
+            return list(self._planes[key][1]) if key in self._planes else list(handle.get_slice(key).get_shape())
         if self._base is not None:
             return self._base.shape(name)
         raise KeyError(name)
@@ -122,10 +128,9 @@ class TensorSource:
         name = self._aliases.get(name, name)
         if name in self._masked:
             handle, _ = self._masked[name]
-            return _DTYPES[handle.get_slice(f"value/{name}").get_dtype()]
+            return self._stored_dtype(handle, f"value/{name}")
         if name in self._where:
-            handle, key = self._where[name]
-            return _DTYPES[handle.get_slice(key).get_dtype()]
+            return self._stored_dtype(*self._where[name])
         if self._base is not None:
             return self._base.dtype(name)
         raise KeyError(name)
@@ -145,15 +150,15 @@ class TensorSource:
                 if size
                 else torch.empty(self.shape(name), dtype=self.dtype(name))
             )
-        if name in self._where:
-            handle, key = self._where[name]
-            return handle.get_tensor(key)
+        try:
+            if name in self._where:
+                return self._read(*self._where[name])
+            if name in self._masked:
+                handle, shape = self._masked[name]
+                keep, values = read_entry(handle, name, shape, lambda key: self._read(handle, key))
+        except ValueError as exc:
+            raise UsageError(f"{str(self.directory)!r} is damaged: {exc}") from None
         if name in self._masked:
-            handle, shape = self._masked[name]
-            try:
-                keep, values = read_entry(handle, name, shape)
-            except ValueError as exc:
-                raise UsageError(f"{str(self.directory)!r} is damaged: {exc}") from None
             t = (
                 self._base.get(name).to(values.dtype)
                 if self._base is not None
@@ -164,6 +169,17 @@ class TensorSource:
         if self._base is not None:
             return self._base.get(name)
         raise KeyError(name)
+
+    def _read(self, handle: Any, key: str) -> torch.Tensor:
+        """A stored tensor, decoded from byte planes where it was stored so."""
+        return from_planes(handle.get_tensor(key), self._planes[key]) if key in self._planes else handle.get_tensor(key)
+
+    def _stored_dtype(self, handle: Any, key: str) -> torch.dtype:
+        if key in self._planes:
+            if self._planes[key][0] not in PLANE_DTYPES:
+                raise UsageError(f"{str(self.directory)!r} is damaged: {key} is stored as {self._planes[key][0]!r}")
+            return PLANE_DTYPES[self._planes[key][0]]
+        return _DTYPES[handle.get_slice(key).get_dtype()]
 
     def close(self) -> None:
         self._stack.close()
