@@ -231,7 +231,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(ints[t.element_size()]) if t.is_floating_point() else t
 
 
-@pytest.mark.parametrize("damage", ["stream", "length"])
+@pytest.mark.parametrize("damage", ["stream", "length", "metadata"])
 def test_damaged_byte_planes_are_one_clear_error(tmp_path: Path, damage: str) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -246,10 +246,18 @@ def test_damaged_byte_planes_are_one_clear_error(tmp_path: Path, damage: str) ->
     blob = tensors[key].clone()
     if damage == "stream":
         blob[2:12] ^= 0x5A  # inside the deflate stream
-    else:
+    elif damage == "length":
         planes[key][2] += 1
-        meta["carve_planes"] = json.dumps(planes)
+    else:
+        planes[key] = ["bfloat16", "not a shape", 3]
+    meta["carve_planes"] = json.dumps(planes)
     tensors[key] = blob
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(carve.UsageError, match=r"damaged|is not a carve sparse model"):
         read_sparse_state(tmp_path)
+    from carve.models.stream import TensorSource
+
+    with pytest.raises(carve.UsageError, match="damaged"):  # the lazy reader: at open or at the read
+        with TensorSource(tmp_path) as src:
+            for name in src.names():
+                src.get(name)

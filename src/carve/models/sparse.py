@@ -57,21 +57,39 @@ def from_planes(blob: torch.Tensor, info: Any) -> torch.Tensor:
     """The tensor `to_planes` stored, bit for bit; a ValueError when `blob` or `info` is damaged."""
     import numpy as np
 
-    if not (isinstance(info, list) and len(info) == 3 and info[0] in PLANE_DTYPES and is_shape(info[1])):
+    if not _plane_info(info):
         raise ValueError(f"its carve_planes entry {str(info)[:80]} is not [dtype, shape, length]")
     dtype, shape, cut = PLANE_DTYPES[info[0]], info[1], info[2]
     size, n = torch.empty((), dtype=dtype).element_size(), math.prod(shape)
     data = blob.numpy().tobytes()
-    if type(cut) is not int or not 0 < cut <= len(data) or len(data) - cut != n * (size - 1):
+    if not 0 < cut <= len(data) or len(data) - cut != n * (size - 1):
         raise ValueError(f"its byte planes do not hold {n} entries of {info[0]}")
     unzip = zlib.decompressobj()
-    top = unzip.decompress(data[:cut], n)  # at most n bytes: a damaged stream cannot balloon
+    try:
+        top = unzip.decompress(data[:cut], n)  # at most n bytes: a damaged stream cannot balloon
+    except zlib.error as exc:
+        raise ValueError(f"its compressed top bytes are damaged ({exc})") from None
     if len(top) != n or unzip.unconsumed_tail or not unzip.eof:
         raise ValueError(f"its compressed top bytes do not hold {n} entries")
     b = np.empty((n, size), dtype=np.uint8)
     b[:, size - 1] = np.frombuffer(top, dtype=np.uint8)
     b[:, : size - 1] = np.frombuffer(data[cut:], dtype=np.uint8).reshape(n, size - 1)
     return torch.from_numpy(b).view(dtype).reshape(shape)
+
+
+def planes_of(meta: dict[str, str], keys: set[str]) -> dict[str, Any]:
+    """A file's `carve_planes` metadata (entry -> [dtype, shape, length]); a ValueError when it is
+    not one or names entries the file does not hold."""
+    planes = json.loads(meta.get("carve_planes", "{}"))
+    if not isinstance(planes, dict) or not set(planes) <= keys or not all(map(_plane_info, planes.values())):
+        raise ValueError("its carve_planes metadata does not describe its tensors")
+    return planes
+
+
+def _plane_info(info: Any) -> bool:
+    return isinstance(info, list) and len(info) == 3 and info[0] in PLANE_DTYPES and is_shape(info[1]) and (
+        type(info[2]) is int
+    )  # fmt: skip
 
 
 def _planed(t: torch.Tensor) -> bool:
@@ -118,12 +136,8 @@ def read_entries(
         shapes = json.loads(meta.get("carve_mask_shapes", "null"))
         if not isinstance(shapes, dict) or not all(is_shape(s) for s in shapes.values()):
             raise ValueError("its carve_mask_shapes metadata is missing or not shapes")
-        planes = json.loads(meta.get("carve_planes", "{}"))
-        if not isinstance(planes, dict):
-            raise ValueError("its carve_planes metadata is not a mapping")
         keys = set(f.keys())
-        if not set(planes) <= keys:
-            raise ValueError("its carve_planes name tensors it does not hold")
+        planes = planes_of(meta, keys)
         get = lambda k: from_planes(f.get_tensor(k), planes[k]) if k in planes else f.get_tensor(k)  # noqa: E731
         masked = {}
         for name, shape in shapes.items():

@@ -21,7 +21,7 @@ import torch
 
 from carve.errors import UsageError
 from carve.masks.mask import is_shape, reading_safetensors
-from carve.models.sparse import PLANE_DTYPES, from_planes, read_entry
+from carve.models.sparse import PLANE_DTYPES, from_planes, planes_of, read_entry
 
 _DTYPES = {
     "F64": torch.float64,
@@ -84,17 +84,16 @@ class TensorSource:
         try:
             shapes = json.loads(meta.get("carve_mask_shapes", "null"))
             aliases = json.loads(meta.get("carve_aliases", "{}"))
-            planes = json.loads(meta.get("carve_planes", "{}"))
         except ValueError:
-            shapes = aliases = planes = None
+            shapes = aliases = None
         if not isinstance(shapes, dict) or not all(is_shape(s) for s in shapes.values()):
             raise UsageError(f"{str(path)!r} is damaged: its carve_mask_shapes metadata is missing or not shapes")
         if not isinstance(aliases, dict):
             raise UsageError(f"{str(path)!r} is damaged: its carve_aliases are not a mapping of names")
-        ok = isinstance(planes, dict) and set(planes) <= set(handle.keys())
-        if not ok or not all(isinstance(v, list) and len(v) == 3 and is_shape(v[1]) for v in planes.values()):
-            raise UsageError(f"{str(path)!r} is damaged: its carve_planes metadata does not describe its tensors")
-        self._planes = planes
+        try:
+            self._planes = planes_of(meta, set(handle.keys()))
+        except ValueError as exc:
+            raise UsageError(f"{str(path)!r} is damaged: {exc}") from None
         for name, shape in shapes.items():
             self._masked[name] = (handle, shape)
         for k in handle.keys():
@@ -175,9 +174,7 @@ class TensorSource:
         return from_planes(handle.get_tensor(key), self._planes[key]) if key in self._planes else handle.get_tensor(key)
 
     def _stored_dtype(self, handle: Any, key: str) -> torch.dtype:
-        if key in self._planes:
-            if self._planes[key][0] not in PLANE_DTYPES:
-                raise UsageError(f"{str(self.directory)!r} is damaged: {key} is stored as {self._planes[key][0]!r}")
+        if key in self._planes:  # checked when the file was opened
             return PLANE_DTYPES[self._planes[key][0]]
         return _DTYPES[handle.get_slice(key).get_dtype()]
 
