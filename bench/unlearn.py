@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import shlex
 import shutil
 import statistics
@@ -146,12 +147,17 @@ def _curve(r: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def crossing(points: list[dict[str, Any]], level: float = 0.0) -> dict[str, float] | None:
-    """Where a run's PrivLeak first comes down to `level` (the retain model's is 0): every measure
-    of the curve linearly interpolated between the two points around it; None if it never does."""
+    """Where a run's PrivLeak first comes down to `level` (the retain model's is 0), between the two
+    measures around it: at the share t of the way that PrivLeak falls to `level`, the step linearly
+    and each perplexity geometrically (linear in log-perplexity: perplexities move by factors);
+    None if it never does."""
     for a, b in itertools.pairwise(points):
         if a["privleak"] > level >= b["privleak"]:
             t = (a["privleak"] - level) / (a["privleak"] - b["privleak"])
-            return {k: a[k] + t * (b[k] - a[k]) for k in ("step", "forget_ppl", "retain_ppl", "general_ppl")}
+            out = {"step": a["step"] + t * (b["step"] - a["step"])}
+            for k in ("forget_ppl", "retain_ppl", "general_ppl"):
+                out[k] = math.exp(math.log(a[k]) + t * (math.log(b[k]) - math.log(a[k])))
+            return out
     return None
 
 
@@ -163,8 +169,9 @@ def equal_forgetting_table(rows: dict[str, dict[str, Any]], objectives: list[str
         return ""
     target = next(iter(runs.values()))["metrics"]["before"]
     lines = ["### Utility at equal forgetting: where PrivLeak reaches the retain model's (0)", "",
-             f"Each run measured every {EVAL_EVERY} steps (`--eval-every {EVAL_EVERY}`); the values linearly "
-             "interpolated between the two measures around the crossing. Target: retain ppl "
+             f"Each run measured every {EVAL_EVERY} steps (`--eval-every {EVAL_EVERY}`); between the two "
+             "measures around the crossing, the step interpolated linearly and each perplexity geometrically "
+             "(linear in its log). Target: retain ppl "
              f"{target['retain_ppl']:.3f}, general ppl {target['general_ppl']:.3f} (the bar: within 5%, "
              f"{1.05 * target['retain_ppl']:.3f} / {1.05 * target['general_ppl']:.3f}).", "",
              "| row | seeds that reach it | step | forget ppl | retain ppl | general ppl |",
