@@ -190,7 +190,7 @@ def equal_forgetting_table(rows: dict[str, dict[str, Any]], objectives: list[str
     return "\n".join(lines)
 
 
-def plot(rows: dict[str, dict[str, Any]]) -> None:
+def plot(rows: dict[str, dict[str, Any]], tag: str = "") -> None:
     """Left: each run's curve along training (PrivLeak against retain perplexity, from the target);
     right: each run's end point (verbatim ROUGE-L against retain perplexity)."""
     import matplotlib
@@ -231,7 +231,7 @@ def plot(rows: dict[str, dict[str, Any]]) -> None:
     right.legend(fontsize=7)
     left.set_title("along training (colour: mask, line: objective)")
     right.set_title("after the run")
-    fig.suptitle("carve unlearn on the builtin scenario: utility against forgetting")
+    fig.suptitle(f"carve unlearn on the builtin scenario{(' ' + tag) if tag else ''}: utility against forgetting")
     fig.tight_layout()
     fig.savefig(PLOT, dpi=110)
 
@@ -279,7 +279,8 @@ def main() -> None:
     write_section("unlearn", text)
     if equal:
         write_section("unlearn-equal", equal)
-    plot(runs)
+    tag = tag_of(args.extra)  # the plot: this grid's runs only (not other settings' rows)
+    plot({k: v for k, v in runs.items() if v.get("tag", "") == tag}, tag)
 
 
 if __name__ == "__main__":
