@@ -1,6 +1,6 @@
 """torch.distributed: two gloo processes (spawned here) compute the same layer-wise statistics, masks
 and pruned weights bit for bit as one process, share the OBS sweeps out, compute the gradient
-statistics within float tolerance, and train (data parallel) to the same weights."""
+statistics within float tolerance (in memory and streamed), and train (data parallel) to the same weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,11 +27,14 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
     from carve.engines.layerwise import layerwise
     from carve.evaluation.perplexity import perplexity
     from carve.importance.scoring import score
+    from carve.models.skeleton import SkeletonModel
     from carve.ops.prune import prune
     from carve.ops.train import Schedule, train
     from carve.scorers.stats import Hessian, RowNorms
 
     torch.set_num_threads(1)
+    saved = Path(f"{out}.model{rank}")  # saved before the process group: transformers saves on rank 0 only
+    tiny_model("llama").save_pretrained(saved)
     if world > 1:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -63,6 +68,10 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         found["ppl"] = torch.tensor([perplexity(tiny_model("llama"), calib[:5], batch_size=2)], dtype=torch.float64)
         fisher = score(tiny_model("llama"), "fisher", calib, calib=settings)
         found.update({f"fisher:{k}": v for k, v in fisher.scores.items()})
+        # the streamed gradient pass (a model read block by block from disk): each rank its share too
+        with SkeletonModel(saved, torch.float32, "cpu") as sk:
+            streamed = score(sk.model, "fisher", calib, calib=replace(settings, stream=SimpleNamespace(sk=sk)))
+            found.update({f"fisher-streamed:{k}": v for k, v in streamed.scores.items()})
         # the masked training loop, data parallel: 4 micro-batches a step, 2 on each rank
         model = tiny_model("llama")
         keep = {
@@ -88,6 +97,8 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(two)), nprocs=2, join=True)
     a, b = load_file(one), load_file(two)
     assert sorted(a) == sorted(b) and any(k.startswith("H:") for k in a) and any(k.startswith("fisher:") for k in a)
+    for k in (k for k in a if k.startswith("fisher-streamed:")):  # one process: streamed = in memory, bit for bit
+        assert torch.equal(a[k], a[k.replace("-streamed", "")]), k
     for k in a:
         if k.startswith(("H:", "rows:")) or a[k].dtype == torch.bool or "-weights:" in k:
             # float64 sums of the layer-wise statistics: the same bits; so the same masks and weights

@@ -37,7 +37,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude", "dual-obs"])
 def test_streamed_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path, arch: str, method: str) -> None:
     src = _saved(tmp_path, arch, tokenizer)
     mem = extract(_recipe(src, small_corpus, method, False), tmp_path / "mem")
@@ -92,7 +92,9 @@ def test_streamed_save_dtype(tmp_path: Path, tokenizer, small_corpus: Path) -> N
 @pytest.mark.parametrize(
     "kw, words",
     [
-        ({"method": "dual-obs"}, "block-wise"),
+        ({"method": "fisher"}, "mask applied at once"),
+        ({"method": "dual", "sparsity": 0.5}, "general importance"),
+        ({"method": "dual-obs", "granularity": "global"}, "row or matrix"),
         ({"method": "sparsegpt", "propagation": "fused"}, "fused"),
         ({"method": "wanda", "structure": True, "sparsity": None}, "structured"),
         ({"method": "sparsegpt", "save_format": "sparse"}, "sparse format"),
@@ -105,6 +107,13 @@ def test_streamed_refusals(tmp_path: Path, tokenizer, small_corpus: Path, kw: di
     with pytest.raises(UsageError, match=words):
         extract(_recipe(src, small_corpus, method, True, **kw), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_streamed_dual_obs_refuses_save_importance(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    src = _saved(tmp_path, "llama", tokenizer)
+    with pytest.raises(UsageError, match="--save-importance"):
+        extract(_recipe(src, small_corpus, "dual-obs", True), tmp_path / "out", save_importance=tmp_path / "imp")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "imp").exists()
 
 
 def test_stream_needs_a_safetensors_directory(tmp_path: Path, small_corpus: Path) -> None:
@@ -262,3 +271,54 @@ def test_streamed_eval_equals_in_memory(tmp_path: Path, tokenizer, small_corpus:
         assert streamed["metrics"][key] == pytest.approx(memory["metrics"][key], rel=1e-4)
     assert main([*flags, "--stream", "--tasks", "carve_cloze_legal"]) == 2
     assert "--tasks" in capsys.readouterr().err
+
+
+def test_streamed_dual_obs_within_a_memory_budget(
+    tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """dual-obs streamed with every block input, gradient and score spilled to temporary files
+    (--max-memory 0): the in-memory result bit for bit, and no temporary file left afterwards."""
+    import gc
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    from carve.engines import activations
+
+    src = _saved(tmp_path, "qwen2", tokenizer)
+    extract(_recipe(src, small_corpus, "dual-obs", False), tmp_path / "mem")
+    written = []
+    on_disk = activations._OnDisk.__init__
+
+    def counted(self, path: Path, t: torch.Tensor) -> None:
+        written.append(path.parent.name)
+        on_disk(self, path, t)
+
+    monkeypatch.setattr(activations._OnDisk, "__init__", counted)
+    m = extract(_recipe(src, small_corpus, "dual-obs", True, max_memory="0"), tmp_path / "stream")
+    assert len(written) > 10  # the gradient pass's block inputs and gradients, the scores, the sweep's inputs
+    assert m["streamed"]["why"] == "--stream"
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    gc.collect()
+    assert not list(scratch.glob("carve-*"))
+
+
+def test_spilled_tensors_mapping(tmp_path: Path) -> None:
+    import gc
+
+    from carve.engines.activations import SpilledTensors
+
+    m = SpilledTensors(tmp_path)
+    m["a"], m["b"] = torch.arange(6.0).reshape(2, 3), torch.ones(2, dtype=torch.bfloat16)
+    m["a"] = torch.full((2, 3), 7.0)  # replaced: the old file goes
+    assert sorted(m) == ["a", "b"] and len(m) == 2
+    assert torch.equal(m["a"], torch.full((2, 3), 7.0)) and m["b"].dtype == torch.bfloat16
+    (directory,) = tmp_path.iterdir()
+    assert len(list(directory.iterdir())) == 2
+    del m["b"]
+    assert len(list(directory.iterdir())) == 1 and "b" not in m
+    del m
+    gc.collect()
+    assert not directory.exists()

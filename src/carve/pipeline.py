@@ -61,6 +61,7 @@ from carve.scorers import SCORERS, get_scorer
 from carve.settings import Calibration, Targets, check_types, flag
 from carve.streamed import (
     BlockStream,
+    available_memory,
     check_streamable,
     copy_side_files,
     load_tokenizer,
@@ -317,14 +318,22 @@ def _not_streamable(r: Recipe) -> str | None:
     """Why a resolved recipe cannot stream (None: it can)."""
     if r.structure:
         return "structured extraction plans over the whole model; it does not stream yet"
-    if _scores_first(r):
-        return (f"{r.method} scores the whole dense model first (gradients or a global ranking); streaming "
-                "works with block-wise methods: magnitude, wanda, sparsegpt at row or matrix granularity")  # fmt: skip
+    if _scores_first(r) and not _streamed_sweep(r):
+        return (f"{r.method} scores the whole dense model first (a global ranking, general importance, a reused "
+                "map or a mask applied at once); streaming works with dual-obs and the block-wise methods "
+                "magnitude, wanda and sparsegpt, at row or matrix granularity")  # fmt: skip
     if r.propagation == "fused":
         return "fused propagation runs the whole model at once; use --propagation pruned or dense"
     if r.save_format != "dense":
         return "the sparse format is written from the whole model; stream to dense, then compress"
     return None
+
+
+def _streamed_sweep(r: Recipe) -> bool:
+    """A sweep method (dual-obs) scored by the streamed gradient pass: per-block gradients, the mask
+    chosen inside the block-by-block OBS sweep."""
+    scorer = get_scorer(r.method or DEFAULT_METHOD)
+    return scorer.sweep and scorer.gradient is not None and not scorer.needs_general and r.importance is None
 
 
 def _scores_first(recipe: Recipe) -> bool:
@@ -448,6 +457,11 @@ def _extract(
     if model is None:
         reason = streaming_reason(r.model, resolve_dtype(r.dtype, resolve_device(r.device)), r.stream)
         if reason is not None and _not_streamable(r) is None:
+            if save_importance is not None:
+                raise UsageError(
+                    f"--save-importance holds the whole importance map; this extraction streams ({reason}): "
+                    "leave it out, or run where the model fits in memory"
+                )
             return _extract_streamed(r, out, overwrite, save_mask, stage, (domain, general, evaluated), reason)
     elif r.stream:
         raise UsageError("--stream reads the model from disk; it cannot stream a model handed in already loaded")
@@ -523,6 +537,10 @@ def _extract_streamed(
         lm = LoadedModel(skeleton.model, tok, str(r.model), directory_fingerprint(path), source_dtype)
         r.targets().linears(lm.model)
         calib = _calibration(r, lm)
+        if calib.max_memory is None and (free := available_memory()) is not None:
+            # the blocks' kept inputs (a streamed dual-obs keeps every block's) spill past a quarter of
+            # what is free; the bits are the same either way
+            calib = replace(calib, max_memory=free // 4)
     streamed_r = replace(r, cloze_items=0, speed=False)
     with stage("tokenize"):
         data = _tokenize(streamed_r, lm, domain, general, evaluated)
@@ -542,7 +560,10 @@ def _extract_streamed(
         compute = str(skeleton.dtype).removeprefix("torch.")
         manifest: dict[str, Any] = {
             **manifest_head("extract", lm, streamed_r),
-            "streamed": {"why": reason, "cloze": "not measured (needs the whole model)", "speed": "not measured"},
+            "streamed": {
+                "why": reason, "cloze": "not measured (needs the whole model)", "speed": "not measured",
+                "activations_in_memory_mb": None if calib.max_memory is None else round(calib.max_memory / 2**20),
+            },
             "data": {
                 "domain": domain.describe(),
                 **({"eval_domain": evaluated.describe()} if r.eval_domain else {}),

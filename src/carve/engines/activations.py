@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 
 import torch
@@ -123,6 +124,34 @@ class Activations:
                 item.path.unlink(missing_ok=True)
         self._budget.used -= self._in_memory
         self._items, self._in_memory = [], 0
+
+
+class SpilledTensors(MutableMapping[str, torch.Tensor]):
+    """Named tensors each kept in a file of a temporary directory and read back when asked for:
+    what a streamed job holds per weight of the whole model (a float32 importance map takes
+    twice a bfloat16 model).  The directory goes when the mapping does."""
+
+    def __init__(self, directory: str | Path | None = None) -> None:
+        self._budget = Budget(0, directory)
+        self._items: dict[str, _OnDisk] = {}
+        weakref.finalize(self, self._budget.close)
+
+    def __setitem__(self, key: str, t: torch.Tensor) -> None:
+        if key in self._items:
+            del self[key]
+        self._items[key] = _OnDisk(self._budget._file(), t)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._items[key].load()
+
+    def __delitem__(self, key: str) -> None:
+        self._items.pop(key).path.unlink(missing_ok=True)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 MMAP_THRESHOLD = 4 << 20  # bytes

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +28,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from carve import distributed
-from carve.engines.activations import bound_heap_retention
+from carve.engines.activations import Budget, bound_heap_retention
+from carve.engines.layerwise import block_output, call_block, capture_inputs
+from carve.errors import UsageError
 from carve.models.arch import find_blocks
 from carve.models.patch import replaced_forwards
 from carve.progress import progress
@@ -164,8 +166,7 @@ def accumulate_gradients(
                 w = p.detach().float()
                 if penalty is not None and lr > 0:
                     g = g + penalty(name, w, original[name])
-                for s, f in fns.items():
-                    acc[s][name].add_(f(g, w))
+                _fold(acc, fns, name, g, w)
                 if lr > 0:
                     p.sub_((lr * g).to(p.dtype))
             p.grad = None
@@ -202,6 +203,159 @@ def accumulate_gradients(
     return GradientStats(acc, total, losses)
 
 
+def _fold(acc: dict[str, dict[str, torch.Tensor]], fns: dict[str, StatFn], name: str, g: torch.Tensor,
+          w: torch.Tensor) -> None:  # fmt: skip
+    for s, f in fns.items():
+        acc[s][name].add_(f(g, w))
+
+
+def _folding(
+    acc: dict[str, dict[str, torch.Tensor]], fns: dict[str, StatFn], name: str
+) -> Callable[[torch.Tensor], None]:
+    """A post-accumulate-grad hook folding the parameter's gradient into `acc`, then freeing it."""
+
+    def fold(p: torch.Tensor) -> None:
+        assert p.grad is not None
+        with torch.no_grad():
+            _fold(acc, fns, name, p.grad.float(), p.detach().float())
+        p.grad = None
+
+    return fold
+
+
+def _returning(out: Any) -> Callable[[nn.Module, Callable[..., Any]], Callable[..., Any]]:
+    """For replaced_forwards: every block returns `out` (the final hidden states)."""
+    return lambda _m, _fwd: lambda *_a, **_k: out
+
+
 @contextmanager
 def _null() -> Iterator[None]:
     yield
+
+
+class BlockSource(Protocol):
+    """A model whose decoder blocks are read from disk when needed (carve.models.skeleton)."""
+
+    model: nn.Module
+    blocks: nn.ModuleList
+    device: torch.device
+
+    def block_names(self, i: int) -> list[str]: ...
+    def parameter(self, name: str) -> torch.Tensor: ...
+    def load_block(self, i: int) -> None: ...
+    def free_block(self, i: int) -> None: ...
+    def load_others(self) -> None: ...
+    def free_others(self) -> None: ...
+
+
+def streamed_gradients(
+    source: BlockSource,
+    calibration: torch.Tensor,
+    params: list[str],
+    statistics: dict[str, StatFn],
+    on_block: Callable[[int, dict[str, dict[str, torch.Tensor]]], None],
+    *,
+    micro_batch: int = 1,
+    max_memory: int | None = None,
+    loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] = next_token_loss,
+    desc: str = "gradients",
+) -> GradientStats:
+    """`accumulate_gradients` (without steps) for a model whose decoder blocks live on disk, one
+    block in memory at a time: the same per-parameter statistics, bit for bit on the same device.
+
+    1. Forward, block by block: each micro-batch's input to every block is kept (in memory up to
+       `max_memory` bytes, the rest in a temporary file: carve.engines.activations).
+    2. The loss: the tensors outside the blocks are read, each micro-batch's final hidden states
+       go through the model's own norm and head (`loss_fn`, every block's forward replaced by one
+       that returns them) and the loss's gradient with respect to them is kept.
+    3. Backward, last block first: each block is read again, re-run on its kept inputs with
+       gradients on (what activation checkpointing does in memory), and back-propagated from the
+       gradient of its output; its parameters' statistics are folded per micro-batch exactly as in
+       memory, and the gradient of its input goes on to the block before.
+
+    `on_block(i, {param: {statistic: mean}})` gets block i's statistics while the block is still
+    in memory (its weights readable through the model), then the block is freed.  Every asked
+    parameter must be in a decoder block.  The source is left with the tensors outside the blocks
+    read, and block 0 read if it was.  Memory: one block, the tensors outside the blocks, and the
+    blocks' inputs (blocks x calibration tokens x hidden size) within `max_memory`."""
+    bound_heap_retention()
+    model, blocks, device = source.model, source.blocks, source.device
+    by_block = [[n for n in source.block_names(i) if n in set(params)] for i in range(len(blocks))]
+    outside = set(params) - {n for names in by_block for n in names}
+    if outside:
+        raise UsageError(f"a streamed gradient pass scores decoder-block parameters only, not {sorted(outside)[:3]}")
+    lowest = next((i for i, names in enumerate(by_block) if names), None)
+    batches = distributed.shard(list(calibration.split(micro_batch)), "gradient micro-batches")
+    block0_read = all(source.parameter(n).device.type != "meta" for n in source.block_names(0))
+    model.eval()
+    budget = Budget(max_memory)
+    losses: list[float] = []
+    total = len(batches)
+    try:
+        source.load_block(0)
+        hidden, calls = capture_inputs(model, blocks, [b.to(device) for b in batches], budget.new())
+        shapes = [tuple(b.shape) for b in batches]
+        source.free_others()
+        inputs = []
+        tuple_out = False
+        with torch.no_grad():
+            for i in progress(range(len(blocks)), f"{desc}: forward", total=len(blocks)):
+                source.load_block(i)
+                out = budget.new()
+                for j, h in enumerate(hidden):
+                    y = block_output(blocks[i], h, calls[shapes[j]][i])
+                    tuple_out = isinstance(y, (tuple, list))
+                    out.append(y[0] if tuple_out else y)
+                inputs.append(hidden)
+                hidden = out
+                if i > 0 or not block0_read:
+                    source.free_block(i)
+        source.load_others()
+        grads = budget.new()
+        for ids, h in progress(list(zip(batches, hidden, strict=True)), f"{desc}: loss"):
+            leaf = h.detach().requires_grad_(True)
+            with replaced_forwards(list(blocks), _returning((leaf,) if tuple_out else leaf)), torch.enable_grad():
+                loss = loss_fn(model, ids.to(device))
+                loss.backward()
+            assert leaf.grad is not None
+            grads.append(leaf.grad)
+            losses.append(loss.item())
+        hidden.release()
+        source.free_others()
+        for i in progress(range(len(blocks) - 1, -1, -1), f"{desc}: backward", total=len(blocks)):
+            if lowest is None or i < lowest:
+                break
+            source.load_block(i)
+            named = {n: source.parameter(n) for n in by_block[i]}
+            acc = {s: {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in named.items()}
+                   for s in statistics}  # fmt: skip
+            for p in named.values():
+                p.requires_grad_(True)
+            handles = [p.register_post_accumulate_grad_hook(_folding(acc, statistics, n)) for n, p in named.items()]
+            upstream = budget.new()
+            try:
+                with torch.enable_grad():
+                    for j, h in enumerate(inputs[i]):
+                        x = h.detach().requires_grad_(i > lowest)
+                        torch.autograd.backward(call_block(blocks[i], x, calls[shapes[j]][i]), grads[j])
+                        if x.grad is not None:
+                            upstream.append(x.grad)
+            finally:
+                for handle in handles:
+                    handle.remove()
+                for p in named.values():
+                    p.requires_grad_(False)
+            grads.release()
+            grads = upstream
+            inputs[i].release()
+            for per in acc.values():
+                for name in sorted(per):
+                    per[name].div_(len(batches))
+                    total = distributed.merge_mean(per[name], len(batches))
+            on_block(i, {n: {s: acc[s][n] for s in acc} for n in named})
+            if i > 0 or not block0_read:
+                source.free_block(i)
+    finally:
+        budget.close()
+    source.load_others()
+    return GradientStats({}, total, losses)

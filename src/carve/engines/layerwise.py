@@ -67,9 +67,14 @@ def split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.T
     return args[0], (args[1:], dict(kwargs), False)
 
 
-def call_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+def block_output(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> Any:
+    """What the block returns for `hidden` in its recorded call (a tensor, or a tuple led by one)."""
     args, kwargs, as_kwarg = call
-    out = block(*args, hidden_states=hidden, **kwargs) if as_kwarg else block(hidden, *args, **kwargs)
+    return block(*args, hidden_states=hidden, **kwargs) if as_kwarg else block(hidden, *args, **kwargs)
+
+
+def call_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
+    out = block_output(block, hidden, call)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 

@@ -14,12 +14,14 @@ One function per kind of scorer, each feeding the scorer's pure maths from one e
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from carve.engines.gradient import STATISTICS, accumulate_gradients
+from carve.engines.activations import SpilledTensors
+from carve.engines.gradient import STATISTICS, accumulate_gradients, streamed_gradients
 from carve.engines.layerwise import layerwise
 from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap
@@ -58,17 +60,20 @@ def score(
     scorer = get_scorer(method)
     data = needs_data(scorer, calibration)
     linears = targets.linears(model)
+    if calib.stream is not None and (scorer.gradient is None or scorer.needs_general):
+        raise UsageError(f"{method} scores the whole model at once; of the scoring methods only gradient ones stream")
     meta: dict[str, Any] = {"scorer": method}
+    scores: MutableMapping[str, torch.Tensor]
     if data is None:
         scores = weight_scores(scorer, linears)
     elif scorer.needs_general:
         if general_calibration is None or general_calibration.numel() == 0:
             raise UsageError(f"method {scorer.name!r} needs general (open-domain) calibration text")
         general = general_importance(model, general_calibration, targets, calib)
-        scores = gradient_scores(model, scorer, linears, data, general=general, lam=lam, lr=lr)
+        scores = gradient_scores(model, scorer, linears, data, general=general, lam=lam, lr=lr, calib=calib)
         meta.update(lam=lam, lr=lr)
     elif scorer.gradient is not None:
-        scores = gradient_scores(model, scorer, linears, data)
+        scores = gradient_scores(model, scorer, linears, data, calib=calib)
     else:
         scores = activation_scores(model, scorer, data, targets, calib)
     meta["transposed"] = [f"{n}.weight" for n, lin in linears.items() if not isinstance(lin, nn.Linear)]
@@ -113,32 +118,44 @@ def gradient_scores(
     general: dict[str, torch.Tensor] | None = None,
     lam: float = 1.0,
     lr: float = 0.0,
-) -> dict[str, torch.Tensor]:
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> MutableMapping[str, torch.Tensor]:
     """Scores from the gradient engine's statistics of the next-token loss on `data`; with
     `general` (dual), each score also gets Ĝ and λ, and steps (`lr > 0`) take the refined loss's
-    penalty gradient 2λĜ(θ − θ₀)."""
+    penalty gradient 2λĜ(θ − θ₀).  Streamed (`calib.stream`): the statistics come block by block
+    from the streamed gradient pass and each block's scores go to a temporary file as they come."""
     assert scorer.gradient is not None
     wanted = scorer.gradient
     general = general or {}
+    fns = {s: STATISTICS[s] for s in wanted}
+    by_param = {f"{n}.weight": lin for n, lin in linears.items()}
+
+    def score_of(pname: str, grad_stats: dict[str, torch.Tensor]) -> torch.Tensor:
+        lin = by_param[pname]
+        stats: dict[str, Any] = {s: as_param_layout(lin, grad_stats[s]) for s in wanted}
+        if pname in general:  # Ĝ popped as each score is written: memory stays one set of maps
+            stats.update(general=as_param_layout(lin, general.pop(pname)), **{"lambda": lam})
+        return as_param_layout(lin, scorer.score(weight_matrix(lin), stats)).cpu()
+
+    if calib.stream is not None:
+        if general or lr > 0:
+            raise UsageError(f"{scorer.name} needs the whole model (general importance, steps): it does not stream")
+        spilled = SpilledTensors()
+
+        def on_block(_i: int, block_stats: dict[str, dict[str, torch.Tensor]]) -> None:
+            for pname in sorted(block_stats):
+                spilled[pname] = score_of(pname, block_stats[pname])
+
+        streamed_gradients(calib.stream.sk, data, list(by_param), fns, on_block, max_memory=calib.max_memory,
+                           desc=f"gradients ({scorer.name})")  # fmt: skip
+        return spilled
 
     def penalty(name: str, w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
         return 2 * lam * general[name].to(w.device) * (w - w0)
 
     grads = accumulate_gradients(
-        model,
-        data,
-        [f"{n}.weight" for n in linears],
-        {s: STATISTICS[s] for s in wanted},
-        lr=lr,
-        penalty=penalty if general else None,
+        model, data, list(by_param), fns, lr=lr, penalty=penalty if general else None,
         desc=f"gradients ({scorer.name})",
-    )
-    scores = {}
-    for name, lin in linears.items():
-        pname = f"{name}.weight"
-        # statistics and Ĝ are popped as each score is written: memory stays one set of maps
-        stats: dict[str, Any] = {s: as_param_layout(lin, grads.stats[s].pop(pname)) for s in wanted}
-        if pname in general:
-            stats.update(general=as_param_layout(lin, general.pop(pname)), **{"lambda": lam})
-        scores[pname] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats)).cpu()
-    return scores
+    )  # fmt: skip
+    # statistics are popped as each score is written: memory stays one set of maps
+    return {p: score_of(p, {s: grads.stats[s].pop(p) for s in wanted}) for p in by_param}

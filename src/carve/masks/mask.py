@@ -22,7 +22,7 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
     """Scores of the same shape as each parameter, with how they were made.  `meta["transposed"]`
     lists parameters stored [in, out] (GPT-2's Conv1D), so row selection uses output rows."""
 
-    scores: dict[str, torch.Tensor]
+    scores: MutableMapping[str, torch.Tensor]  # a dict, or a streamed job's SpilledTensors
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, key: str) -> torch.Tensor:

@@ -73,7 +73,7 @@ class SkeletonModel:
         self.prefix, self.blocks = find_blocks(model)
         self.specs = {name: (self._stored_name(name), self._shape(name)) for name in self.groups}
         for name in self.groups:
-            if not self._in_block(name):
+            if self._in_block(name) is None:
                 self._load(name)
 
     def _in_block(self, name: str) -> int | None:

@@ -219,7 +219,7 @@ def _shards(d: Path) -> list[Path]:
         return [d / "model.safetensors"]
     raise UsageError(
         f"{str(d)!r} holds no safetensors weights (model.safetensors, an index with shards, carve's sparse format "
-        "or an update): merging reads safetensors only; convert other weights with `carve convert`"
+        "or an update): this reads safetensors only; convert other weights with `carve convert`"
     )
 
 
