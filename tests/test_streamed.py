@@ -37,7 +37,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude", "dual-obs"])
+@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude", "dual-obs", "fisher"])
 def test_streamed_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path, arch: str, method: str) -> None:
     src = _saved(tmp_path, arch, tokenizer)
     mem = extract(_recipe(src, small_corpus, method, False), tmp_path / "mem")
@@ -54,6 +54,21 @@ def test_streamed_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path
             assert streamed["metrics"][when][key] == pytest.approx(mem["metrics"][when][key], rel=1e-4)
     assert streamed["sparsity"]["linear"] == mem["sparsity"]["linear"]
     assert streamed["sparsity"]["all_parameters"] == mem["sparsity"]["all_parameters"]
+
+
+@pytest.mark.parametrize("kw", [{"method": "taylor", "reconstruct_mix": 0.3}, {"method": "fisher", "pattern": "2:4"}])
+def test_streamed_score_then_mask_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path, kw: dict) -> None:
+    """A gradient method's mask chosen from its streamed scores, with the kept weights updated through
+    the streamed OBS sweep, or as N:M: the in-memory result bit for bit."""
+    src = _saved(tmp_path, "mistral", tokenizer)
+    kw = dict(kw)
+    method = kw.pop("method")
+    extract(_recipe(src, small_corpus, method, False, **kw), tmp_path / "mem")
+    m = extract(_recipe(src, small_corpus, method, True, **kw), tmp_path / "stream")
+    assert m["streamed"]["why"] == "--stream"
+    for name in ("model.safetensors", "mask.safetensors"):
+        a, b = load_file(tmp_path / "mem" / name), load_file(tmp_path / "stream" / name)
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_streamed_reads_shards_one_block_at_a_time(
@@ -92,8 +107,8 @@ def test_streamed_save_dtype(tmp_path: Path, tokenizer, small_corpus: Path) -> N
 @pytest.mark.parametrize(
     "kw, words",
     [
-        ({"method": "fisher"}, "mask applied at once"),
         ({"method": "dual", "sparsity": 0.5}, "general importance"),
+        ({"method": "taylor", "granularity": "global"}, "global ranking"),
         ({"method": "dual-obs", "granularity": "global"}, "row or matrix"),
         ({"method": "sparsegpt", "propagation": "fused"}, "fused"),
         ({"method": "wanda", "structure": True, "sparsity": None}, "structured"),
@@ -131,7 +146,7 @@ def test_streams_by_itself_when_the_model_would_not_fit(
     m = extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "auto")
     assert "more than half" in m["streamed"]["why"]
     # a method that cannot stream still runs in memory, as before
-    m = extract(_recipe(src, small_corpus, "fisher", False), tmp_path / "mem")
+    m = extract(_recipe(src, small_corpus, "dual", False), tmp_path / "mem")
     assert "streamed" not in m
     monkeypatch.setattr(carve.streamed, "available_memory", lambda: 1 << 40)
     assert "streamed" not in extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "fits")

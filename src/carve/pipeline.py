@@ -164,7 +164,7 @@ class Recipe:
     batch_size: int = flag("calibration blocks per forward pass", 8)
     stream: bool = flag(
         "read, prune and write one decoder block at a time, for models larger than memory (a local safetensors "
-        "directory; block-wise methods: magnitude, wanda, sparsegpt); on by itself when the weights would take "
+        "directory; dual-obs, fisher, taylor, magnitude, wanda, sparsegpt); on by itself when the weights would take "
         "more than half the memory available",
         False,
     )
@@ -318,9 +318,9 @@ def _not_streamable(r: Recipe) -> str | None:
     """Why a resolved recipe cannot stream (None: it can)."""
     if r.structure:
         return "structured extraction plans over the whole model; it does not stream yet"
-    if _scores_first(r) and not _streamed_sweep(r):
-        return (f"{r.method} scores the whole dense model first (a global ranking, general importance, a reused "
-                "map or a mask applied at once); streaming works with dual-obs and the block-wise methods "
+    if _scores_first(r) and not _streamed_scores(r):
+        return (f"{r.method} scores the whole dense model first (a global ranking, general importance or a reused "
+                "map); streaming works with the gradient methods dual-obs, fisher and taylor and the block-wise "
                 "magnitude, wanda and sparsegpt, at row or matrix granularity")  # fmt: skip
     if r.propagation == "fused":
         return "fused propagation runs the whole model at once; use --propagation pruned or dense"
@@ -329,11 +329,12 @@ def _not_streamable(r: Recipe) -> str | None:
     return None
 
 
-def _streamed_sweep(r: Recipe) -> bool:
-    """A sweep method (dual-obs) scored by the streamed gradient pass: per-block gradients, the mask
-    chosen inside the block-by-block OBS sweep."""
+def _streamed_scores(r: Recipe) -> bool:
+    """A gradient method scored by the streamed gradient pass (per-block gradients), its mask chosen
+    per row or matrix (or inside the block-by-block OBS sweep: dual-obs) as each block is read."""
     scorer = get_scorer(r.method or DEFAULT_METHOD)
-    return scorer.sweep and scorer.gradient is not None and not scorer.needs_general and r.importance is None
+    global_ = (r.granularity or "") == "global" and r.pattern is None
+    return scorer.gradient is not None and not scorer.needs_general and r.importance is None and not global_
 
 
 def _scores_first(recipe: Recipe) -> bool:

@@ -212,9 +212,12 @@ def select_mask(
     sparsity: float | None = None,
     granularity: str = "row",
     pattern: str | None = None,
+    *,
+    packed: bool = False,
 ) -> Mask:
     """Remove the lowest-scoring `sparsity` share: per output row, per matrix, over all
-    matrices at once ("global"), or as N:M along the input dimension (`pattern="2:4"`)."""
+    matrices at once ("global"), or as N:M along the input dimension (`pattern="2:4"`).  `packed`
+    keeps each matrix's mask bit-packed as it is chosen (PackedKeep: a streamed job's masks)."""
     nm = parse_pattern(pattern)
     sparsity = check_sparsity(sparsity, nm)
     if granularity == "global" and nm is None:
@@ -233,10 +236,10 @@ def select_mask(
     # scores are in each parameter's layout; GPT-2's Conv1D stores [in, out], so rows and N:M
     # groups are taken on the transpose for the parameters an ImportanceMap marks as such
     transposed = set(scores.meta.get("transposed", [])) if isinstance(scores, ImportanceMap) else set()
-    out = {}
+    chosen: MutableMapping[str, torch.Tensor] = PackedKeep() if packed else {}
     for name, v in scores.items():
         if name in transposed:
-            out[name] = keep_mask(v.float().t(), sparsity, granularity, nm).t().contiguous()
+            chosen[name] = keep_mask(v.float().t(), sparsity, granularity, nm).t().contiguous()
         else:
-            out[name] = keep_mask(v.float(), sparsity, granularity, nm)
-    return Mask(out)
+            chosen[name] = keep_mask(v.float(), sparsity, granularity, nm)
+    return Mask(chosen)

@@ -154,6 +154,8 @@ def prune(
             model, method, calibration, targets=targets, calib=calib,
             general_calibration=general_calibration, lam=lam, lr=lr,
         )  # fmt: skip
+    if calib.stream is not None and not scorer.sweep:  # streamed: the model's blocks are read one at a time
+        return _mask_streamed(model, importance, sparsity, granularity, pattern, reconstruct_with, targets, calib)
     if scorer.sweep:
         sweep_data = reconstruct_with if reconstruct_with is not None else calibration
         if sweep_data is None:
@@ -168,6 +170,44 @@ def prune(
         return PruneResult(mask, importance=importance, sparsity=sparsity)
     notes = reconstruct(model, mask, reconstruct_with, targets=targets, calib=calib)
     return PruneResult(mask, notes, importance=importance, sparsity=sparsity)
+
+
+def _mask_streamed(
+    model: nn.Module,
+    importance: ImportanceMap,
+    sparsity: float,
+    granularity: str,
+    pattern: str | None,
+    reconstruct_with: torch.Tensor | None,
+    targets: Targets,
+    calib: Calibration,
+) -> PruneResult:
+    """Score-then-mask on a streamed model (per row or matrix): each matrix's mask chosen from its
+    scores (read back from their temporary file) and kept bit-packed, then imposed block by block
+    as each is read, or with a reconstruction through the streamed OBS sweep."""
+    mask = select_mask(importance, sparsity, granularity, pattern, packed=True)
+    if reconstruct_with is not None:
+        notes = reconstruct(model, mask, reconstruct_with, targets=targets, calib=calib)
+        return PruneResult(mask, notes, importance=importance, sparsity=sparsity)
+
+    def impose(linears: dict[str, nn.Module]) -> None:
+        apply_mask(model, Mask({_param_name(n): mask[_param_name(n)] for n in linears}))
+
+    _each_block_streamed(model, targets, calib.stream, "pruning (mask)", impose)
+    return PruneResult(mask, importance=importance, sparsity=sparsity)
+
+
+def _each_block_streamed(
+    model: nn.Module, targets: Targets, stream: Any, desc: str, fn: Callable[[dict[str, nn.Module]], None]
+) -> None:
+    """`fn(targeted linears)` on each decoder block in turn, the block read before and written and
+    freed after (`stream.enter` / `stream.leave`), without calibration data."""
+    prefix, blocks = find_blocks(model)
+    with torch.no_grad():
+        for i in progress(range(len(blocks)), desc, total=len(blocks)):
+            stream.enter(i)
+            fn(prunable_linears(blocks[i], f"{prefix}.{i}", targets.include, targets.exclude))
+            stream.leave(i)
 
 
 def _prune_blockwise(
@@ -202,12 +242,7 @@ def _prune_blockwise(
         _spread(linears, lambda name, lin: prune_one(name, lin, stats), record)
 
     if data is None and calib.stream is not None:  # streamed: block by block, each read, pruned, written
-        prefix, blocks = find_blocks(model)
-        with torch.no_grad():
-            for i in progress(range(len(blocks)), f"pruning ({scorer.name})", total=len(blocks)):
-                calib.stream.enter(i)
-                prune_linears(prunable_linears(blocks[i], f"{prefix}.{i}", targets.include, targets.exclude), {})
-                calib.stream.leave(i)
+        _each_block_streamed(model, targets, calib.stream, f"pruning ({scorer.name})", lambda ls: prune_linears(ls, {}))
     elif data is None:
         with torch.no_grad():
             prune_linears(targets.linears(model), {})
