@@ -14,6 +14,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 VOCAB = 384
 ARCHS = ["llama", "qwen2", "mistral", "gemma3", "gpt2", "opt"]
+MORE_ARCHS = ["qwen3", "gemma2", "granite", "cohere", "smollm3"]  # further Llama-style families
 
 
 def tiny_config(arch: str):
@@ -41,6 +42,12 @@ def tiny_config(arch: str):
             layer_types=["sliding_attention", "full_attention"],
             **common,
         )
+    # more Llama-style families (not in ARCHS: the structured tests and a few others take them)
+    more = {"qwen3": tf.Qwen3Config, "gemma2": tf.Gemma2Config, "granite": tf.GraniteConfig, "cohere": tf.CohereConfig,
+            "smollm3": tf.SmolLM3Config, "olmo2": tf.Olmo2Config, "stablelm": tf.StableLmConfig}  # fmt: skip
+    if arch in more:
+        extra = {"head_dim": 16, "sliding_window": 8} if arch in ("qwen3", "gemma2") else {}
+        return more[arch](**sizes, **extra, **common, pad_token_id=None, bos_token_id=None, eos_token_id=None)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256)
     if arch == "opt":

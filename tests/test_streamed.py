@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from carve.errors import UsageError
 from carve.pipeline import Recipe, extract
-from tests.conftest import ARCHS, tiny_model
+from tests.conftest import ARCHS, MORE_ARCHS, tiny_model
 
 
 def _recipe(model: Path, corpus: Path, method: str, stream: bool, **kw) -> Recipe:
@@ -36,8 +36,11 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude", "dual-obs", "fisher"])
+@pytest.mark.parametrize(
+    "arch, method",
+    [(a, m) for a in ARCHS for m in ("sparsegpt", "wanda", "magnitude", "dual-obs", "fisher")]
+    + [(a, "dual-obs") for a in MORE_ARCHS],
+)
 def test_streamed_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path, arch: str, method: str) -> None:
     src = _saved(tmp_path, arch, tokenizer)
     mem = extract(_recipe(src, small_corpus, method, False), tmp_path / "mem")

@@ -18,9 +18,9 @@ from carve.models import all_prunable_linears
 from carve.models.anatomy import anatomy
 from carve.ops.plan import Shape, ShapeTarget, candidate_shapes, decoder_params, make_plan, unit_importance
 from carve.ops.structure import apply_plan, search_plan, shared_copy, zero_plan
-from tests.conftest import VOCAB, tiny_config
+from tests.conftest import MORE_ARCHS, VOCAB, tiny_config
 
-STRUCTURED = ["llama", "qwen2", "mistral", "gemma3"]
+STRUCTURED = ["llama", "qwen2", "mistral", "gemma3", *MORE_ARCHS]
 
 
 def three_block_model(arch: str, seed: int = 0) -> torch.nn.Module:
@@ -30,6 +30,8 @@ def three_block_model(arch: str, seed: int = 0) -> torch.nn.Module:
         config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
     elif getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:1] * 3
+    if arch == "smollm3":  # the middle block without rotary embeddings: its flag must follow the kept blocks
+        config.no_rope_layers = [1, 0, 1]
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 
@@ -186,6 +188,12 @@ def test_unsupported_architecture_is_refused_clearly() -> None:
 
     with pytest.raises(UsageError, match="Llama-style blocks"):
         anatomy(tiny_model("gpt2"))
+    # Llama-style names, but heads that cannot be sliced out: norms over the whole projection
+    # (OLMo-2), head counts kept on the module (StableLM)
+    with pytest.raises(UsageError, match=r"q_norm\.weight, k_norm\.weight spanning every head"):
+        anatomy(tiny_model("olmo2"))
+    with pytest.raises(UsageError, match="keeps num_heads, num_key_value_heads, hidden_size"):
+        anatomy(tiny_model("stablelm"))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])
@@ -252,6 +260,8 @@ def test_greedy_drop_order_equals_slicing_every_candidate(arch: str) -> None:
         config.sliding_window = 4
     elif getattr(config, "layer_types", None):
         config.layer_types = config.layer_types[:1] * 5
+    if arch == "smollm3":
+        config.no_rope_layers = [1, 0, 1, 1, 0]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     anat = anatomy(model)

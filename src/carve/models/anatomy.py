@@ -86,7 +86,33 @@ def anatomy(model: nn.Module) -> Anatomy:
             f"{type(model).__name__}: q_proj has {first.linear('q_proj').out_features} outputs, not "
             f"{heads} heads x {head_dim}; carve cannot tell its heads apart"
         )
+    _check_sliceable(model, first, head_dim, heads * head_dim, kv_heads * head_dim)
     return Anatomy(prefix, blocks, parts, heads, kv_heads, head_dim, intermediate)
+
+
+# attention-module attributes that hold head counts or widths: slicing heads cannot update them
+# (StableLM reshapes its output to `hidden_size`), so a block that has them is refused
+HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_key_value_heads", "num_attention_heads", "hidden_size")
+
+
+def _check_sliceable(model: nn.Module, parts: Parts, head_dim: int, q_width: int, kv_width: int) -> None:
+    """Refuse attention the slicing would leave inconsistent: head counts kept as attributes, or
+    parameters spanning all heads besides the projections (OLMo-2's q_norm / k_norm normalize the
+    whole projection, so removing heads would change every kept head's normalization)."""
+    att = parts.attention
+    stored = [a for a in HEAD_COUNT_ATTRIBUTES if isinstance(getattr(att, a, None), int)]
+    spanning = [
+        n
+        for n, p in att.named_parameters()
+        if n.split(".")[0] not in ATTENTION and p.dim() >= 1 and p.shape[0] in {q_width, kv_width} - {head_dim}
+    ]  # per-head parameters (Qwen3's and Gemma3's q_norm / k_norm: head_dim wide) are shared by every head: fine
+    if stored or spanning:
+        what = (f"keeps {', '.join(stored)} as attributes" if stored else
+                f"has {', '.join(spanning)} spanning every head")  # fmt: skip
+        raise UsageError(
+            f"structured extraction cannot remove heads of {type(model).__name__}: its attention {what}; "
+            "unstructured and N:M extraction work on it"
+        )
 
 
 def compensable(model: nn.Module) -> list[str]:

@@ -127,10 +127,16 @@ def apply_plan(model: nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]
     config.num_key_value_heads = plan.shape.kv_groups
     config.num_attention_heads = plan.shape.kv_groups * rep
     config.intermediate_size = plan.shape.mlp_channels
+    for key, value in per_layer_lists(config, len(anat.blocks)).items():  # layer_types, no_rope_layers, ...
+        setattr(config, key, [value[i] for i in kept])
     config.num_hidden_layers = len(kept)
-    if isinstance(getattr(config, "layer_types", None), list):
-        config.layer_types = [config.layer_types[i] for i in kept]
     return model
+
+
+def per_layer_lists(config: Any, layers: int) -> dict[str, list[Any]]:
+    """The config's per-block lists (one entry per decoder block: Gemma's and Qwen's `layer_types`,
+    SmolLM3's `no_rope_layers`), which follow the blocks a plan keeps."""
+    return {k: v for k, v in vars(config).items() if isinstance(v, list) and len(v) == layers and layers > 1}
 
 
 def zero_plan(model: nn.Module, plan: Plan) -> nn.Module:
