@@ -63,6 +63,34 @@ def test_qwen2_as_llama_cpp_qwen2(kind: str, tmp_path: Path, tokenizer) -> None:
     _check(src, gguf, kind)
 
 
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_qwen3_as_llama_cpp_qwen3(kind: str, tmp_path: Path, tokenizer) -> None:
+    """Qwen3: head_dim apart from hidden / heads, per-head Q and K norms (random, so that a norm lost
+    or swapped shows in the logits).  head_dim 128 as in every released Qwen3: transformers' GGUF
+    loader reads no key length for qwen3 and assumes 128 (llama.cpp reads the key length written)."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.models.gguf_header import read_gguf_header
+    from tests.conftest import tiny_config
+
+    src = tmp_path / "tiny-qwen3"
+    config = tiny_config("qwen3")
+    config.head_dim = 128
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.normal_(1, 0.5)
+            layer.self_attn.k_norm.weight.normal_(1, 0.5)
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    gguf = tmp_path / f"q3-{kind}.gguf"
+    assert main(["export", str(src), "--gguf", str(gguf), "--type", kind]) == 0
+    meta = read_gguf_header(gguf)
+    assert meta["general.architecture"] == "qwen3" and meta["qwen3.attention.key_length"] == 128
+    _check(src, gguf, kind)
+
+
 def test_tokenizer_and_metadata(tmp_path: Path, model_dir: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -6,11 +6,13 @@ package's writer under llama.cpp's tensor names and metadata keys for its archit
 llama.cpp's own convert_hf_to_gguf.py writes): Llama-style models (`llama`, and Mistral, SmolLM,
 TinyLlama ... which share it) as `llama`, whose Q and K projections are permuted from Hugging
 Face's rotate-half layout to GGML's interleaved one; Qwen2 as `qwen2` (rotate-half rope in llama.cpp
-too, so no permutation; its Q/K/V biases kept).  One-dimensional tensors (norms) stay float32, as in
+too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no biases, its
+per-head Q and K norms as `attn_q_norm` / `attn_k_norm`).  One-dimensional tensors (norms) stay float32, as in
 llama.cpp's conversions; a matrix whose rows are not a whole number of quantization blocks is
 stored as f16.  The tokenizer goes in as GGUF metadata: a byte-level BPE tokenizer (tokens, types,
 merges, special ids, chat template); its pre-tokenizer name is copied from the source GGUF when
-the model came from one (the embedded default), else the architecture's (`default`, `qwen2`).
+the model came from one (the embedded default), else the architecture's (`default`, `qwen2` for
+both Qwen generations).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
     "mistral": Architecture("llama", True, (), "default"),
     "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2"),
+    "qwen3": Architecture("qwen3", False, (), "qwen2"),
 }
 _NAMES = [
     (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "blk.{}.attn_q.bias"),
@@ -58,6 +61,8 @@ _NAMES = [
     (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "blk.{}.attn_k.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "blk.{}.attn_v.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "blk.{}.attn_output.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "blk.{}.attn_q_norm.weight"),  # Qwen3: per head
+    (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "blk.{}.attn_k_norm.weight"),
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
@@ -81,7 +86,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
 def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
-        raise UsageError(f"GGUF export supports Llama-style and Qwen2 models ({names}) so far; this is {model_type!r}")
+        raise UsageError(
+            f"GGUF export supports Llama-style, Qwen2 and Qwen3 models ({names}) so far; this is {model_type!r}"
+        )
     return ARCHITECTURES[model_type]
 
 
