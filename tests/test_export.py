@@ -1,4 +1,4 @@
-"""`carve export --gguf` (issue 21): carve outputs of tiny Llama-style and Qwen2 models written as GGUF reload
+"""`carve export --gguf` (issue 21): carve outputs of tiny Llama-style, Qwen2 and Qwen3 models written as GGUF reload
 through transformers' own GGUF loader with logits equal to the source's within the type's
 tolerance: dense, sparse-format, structured (narrower MLP and attention, dropped blocks)."""
 
@@ -128,7 +128,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     for f in model_dir.glob("tokenizer*"):
         (gpt2 / f.name).write_bytes(f.read_bytes())
     cases = [
-        (["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")], "supports Llama-style and Qwen2 models"),
+        (["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")], "supports Llama-style, Qwen2 and Qwen3 models"),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]
     (tmp_path / "exists.gguf").write_bytes(b"mine")
