@@ -55,7 +55,9 @@ FUSED = "carve --propagation fused"  # one forward of all blocks, each Linear pr
 F32 = "carve --calib-dtype float32"  # calibration forwards in float32 (carve's default before --calib-dtype)
 PROPAGATION = {FAST: "dense", FUSED: "fused"}
 CALIB_DTYPE = {F32: "float32"}  # every other carve row: "auto", carve extract's default
-CARVE_TOOLS = ("carve", F32, FAST, FUSED)
+BF16 = "carve --dtype bfloat16"  # weights loaded, pruned and kept in bfloat16, as llm-compressor bfloat16
+WEIGHTS_DTYPE = {BF16: "bfloat16"}  # every other carve row: the float32 weights of MODEL_DIR
+CARVE_TOOLS = ("carve", F32, FAST, FUSED, BF16)
 LLMC_BF16 = "llm-compressor bfloat16"  # the model loaded and pruned in bfloat16: its fastest CPU path
 
 
@@ -96,7 +98,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     set_quiet(True)
     torch.manual_seed(0)
     _register_reference()
-    lm = carve.load_model(spec.get("model_dir", str(MODEL_DIR)))
+    lm = carve.load_model(spec.get("model_dir", str(MODEL_DIR)), dtype=spec.get("dtype"))
     domain, general = carve.Corpus(spec["domain"]), carve.Corpus("general")
     result: dict[str, Any] = {}
     if spec["kind"] == "calib":  # write the calibration blocks for llm-compressor
@@ -128,6 +130,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 for ids in calib.split(8):  # the same time)
                     lm.model(input_ids=ids, use_cache=False)
             result["forward_bf16_s"] = round(time.perf_counter() - t, 2)
+        if spec.get("dtype"):  # evaluated in float32 from the weights as pruned, as llm-compressor's rows
+            lm.model.float()
         sparsity = carve.ops.model_sparsity(lm.model, res.mask)
         result["linear_sparsity"] = sparsity["linear"]
         result["all_sparsity"] = sparsity["all_parameters"]
@@ -190,7 +194,8 @@ def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
         spec = {**base, "kind": "prune", "method": method, "pattern": cfg["pattern"], "calibration": cfg["calibration"]}
         tool = cfg["tool"]
         spec.update(propagation=PROPAGATION.get(tool, "pruned"), calib_dtype=CALIB_DTYPE.get(tool, "auto"))
-        spec["forward"] = tool == "carve" and cfg["method"] == "sparsegpt" and cfg["pattern"] == "50%"
+        spec.update(dtype=WEIGHTS_DTYPE.get(tool))
+        spec["forward"] = tool in ("carve", BF16) and cfg["method"] == "sparsegpt" and cfg["pattern"] == "50%"
         return carve_worker(__file__, spec)
     # llm-compressor: same calibration blocks, its own process and venv, evaluated by carve
     python = _ensure_llmc()
@@ -334,6 +339,16 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
                 f"pruned and saved in bfloat16) SparseGPT 50%: wall time {c['seconds'] / h['seconds']:.2f}x, "
                 f"domain ppl {c['domain_ppl'] / h['domain_ppl']:.4f}x, peak RSS {c['peak_rss_mb']:.0f} vs "
                 f"{h['peak_rss_mb']:.0f} MB" + ("" if c.get("run") == h.get("run") else " (rows of different runs)")
+            )
+        w = rows.get(f"{d}/{BF16}/sparsegpt/50%/domain")
+        if w and h and "error" not in w and "error" not in h and "forward_bf16_s" in w:
+            comp.append(
+                f"- `{BF16}` (weights in bfloat16, as {LLMC_BF16}) SparseGPT 50%: wall time "
+                f"{w['seconds'] / h['seconds']:.2f}x {LLMC_BF16}'s, "
+                f"domain ppl {w['domain_ppl'] / h['domain_ppl']:.4f}x, "
+                f"peak RSS of load + prune {w.get('peak_rss_prune_mb', 0):.0f} vs {h['peak_rss_mb']:.0f} MB; prune "
+                f"{w['seconds'] / w['forward_bf16_s']:.2f}x one plain bfloat16 forward ({w['forward_bf16_s']:.1f} s)"
+                + ("" if w.get("run") == h.get("run") else " (rows of different runs)")
             )
         for tool in CARVE_TOOLS:
             a = rows.get(f"{d}/{tool}/sparsegpt/50%/domain")
