@@ -149,3 +149,36 @@ def test_shard_needs_a_batch_per_rank(n: int, monkeypatch: pytest.MonkeyPatch) -
         with pytest.raises(UsageError, match="cannot be shared by 4 processes"):
             distributed.shard(list(range(n)))
     assert distributed.shard(list(range(9))) == [1, 5]
+
+
+def test_torchrun_unlearn_measures_along_training_like_one_process(
+    tmp_path: Path, model_dir: Path, small_corpus: Path
+) -> None:
+    """`carve unlearn --eval-every` data parallel over 2 gloo ranks: one output, and its curve (every
+    rank measures the same held-out text on the same weights) equals one process's within float
+    tolerance."""
+    import json
+
+    import carve
+
+    docs = carve.Corpus("legal").documents[:24]
+    parts = {"forget": docs[:4], "retain": docs[4:20], "holdout": docs[20:24]}
+    for name, ds in parts.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d[:2500]}) + "\n" for d in ds))
+    flags = ["unlearn", str(model_dir), *(f for n in parts for f in (f"--{n}", str(tmp_path / f"{n}.jsonl"))),
+             "--objective", "npo", "--mask", "salun", "--lr", "3e-3", "--steps", "2", "--batch-size", "2",
+             "--block-len", "48", "--mia-len", "32", "--prompt-len", "8", "--verbatim-items", "4", "--eval-blocks",
+             "2", "--cloze-items", "8", "--mask-blocks", "4", "--eval-every", "1", "--reference", str(model_dir),
+             "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "carve", *flags, "--out", str(tmp_path / "one")], check=True, env=env)
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "carve", *flags, "--out", str(tmp_path / "two")]  # fmt: skip
+    proc = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]  # one writer
+    one, two = (json.loads((tmp_path / d / "carve.json").read_text())["metrics"]["trajectory"] for d in ("one", "two"))
+    assert [p["step"] for p in one] == [p["step"] for p in two] == [1, 2]
+    for a, b in zip(one, two, strict=True):
+        for k in ("forget_ppl", "retain_ppl", "general_ppl", "mia_auc", "privleak"):
+            assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-3), k

@@ -227,8 +227,9 @@ def write_output(
 ) -> None:
     """The one writer of every job's output: `files(tmp)` and carve.json into a temporary
     directory, published by one rename (a crash leaves the old output or the new one).  Under
-    torch.distributed rank 0 alone writes."""
+    torch.distributed rank 0 alone writes; every rank's manifest gets its timings and peak RSS."""
     if not distributed.writes():
+        manifest["timings_s"], manifest["peak_rss_mb"] = stage.seconds, round(peak_rss_mb(), 1)
         return
     with atomic_output_dir(out, overwrite) as tmp:
         with stage("save"):
