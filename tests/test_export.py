@@ -91,6 +91,49 @@ def test_qwen3_as_llama_cpp_qwen3(kind: str, tmp_path: Path, tokenizer) -> None:
     _check(src, gguf, kind)
 
 
+def test_llama3_rope_scaling_as_rope_freqs(tmp_path: Path, tokenizer) -> None:
+    """Llama 3's RoPE scaling: `rope_freqs.weight` holds llama.cpp's per-frequency factors, here
+    against llama.cpp's own formula (convert_hf_to_gguf's), and every other tensor is the plain
+    export's (transformers' GGUF loader reads no RoPE scaling: the reload is compared with the same
+    weights under plain RoPE)."""
+    import math
+
+    import numpy as np
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # fmt: skip
+    config = tiny_config("llama")
+    config.rope_parameters = {**scaling, "rope_theta": 10000.0}
+    torch.manual_seed(0)
+    src = tmp_path / "tiny-llama3"
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    gguf = tmp_path / "l3.gguf"
+    assert main(["export", str(src), "--gguf", str(gguf), "--type", "f16"]) == 0
+    tensors = {t.name: np.array(t.data) for t in GGUFReader(str(gguf)).tensors}
+    want = []
+    for i in range(0, 16, 2):  # head_dim 16
+        wavelen = 2 * math.pi * 10000.0 ** (i / 16)
+        if wavelen < 64 / 4.0:
+            want.append(1.0)
+        elif wavelen > 64 / 1.0:
+            want.append(8.0)
+        else:
+            smooth = (64 / wavelen - 1.0) / (4.0 - 1.0)
+            want.append(1 / ((1 - smooth) / 8.0 + smooth))
+    assert np.allclose(tensors["rope_freqs.weight"], want, rtol=1e-6) and len(set(want)) > 2  # all three regimes
+    plain = tmp_path / "plain"
+    model = AutoModelForCausalLM.from_pretrained(src)
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    model.save_pretrained(plain)
+    tokenizer.save_pretrained(plain)
+    _check(plain, gguf, "f16")
+
+
 def test_tokenizer_and_metadata(tmp_path: Path, model_dir: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -4,8 +4,9 @@ structured, a fine-tuning update over its base) as a GGUF file llama.cpp runs.
 The model is loaded as carve loads any source (`load_model`), then written with the `gguf`
 package's writer under llama.cpp's tensor names and metadata keys for its architecture (what
 llama.cpp's own convert_hf_to_gguf.py writes): Llama-style models (`llama`, and Mistral, SmolLM,
-TinyLlama ... which share it) as `llama`, whose Q and K projections are permuted from Hugging
-Face's rotate-half layout to GGML's interleaved one; Qwen2 as `qwen2` (rotate-half rope in llama.cpp
+TinyLlama, Llama 3.x ... which share it) as `llama`, whose Q and K projections are permuted from
+Hugging Face's rotate-half layout to GGML's interleaved one, and whose Llama 3 RoPE scaling goes in
+as llama.cpp's `rope_freqs.weight` (per-frequency factors); Qwen2 as `qwen2` (rotate-half rope in llama.cpp
 too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no biases, its
 per-head Q and K norms as `attn_q_norm` / `attn_k_norm`).  One-dimensional tensors (norms) stay float32, as in
 llama.cpp's conversions; a matrix whose rows are not a whole number of quantization blocks is
@@ -95,9 +96,9 @@ def architecture(model_type: Any) -> Architecture:
 def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The per-layer widths llama.cpp needs, after refusing what its architecture cannot hold."""
     arch = architecture(config.model_type)
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if isinstance(rope, dict) and rope.get("rope_type", "default") not in ("default", None):
-        raise UsageError(f"GGUF export writes plain RoPE so far; this model scales it ({rope.get('rope_type')!r})")
+    kind = rope_type(config)
+    if kind not in ("default", "llama3") or (kind == "llama3" and arch.gguf != "llama"):
+        raise UsageError(f"GGUF export writes plain RoPE and Llama 3's scaling so far; this model scales it ({kind!r})")
     if getattr(config, "use_sliding_window", False):
         raise UsageError("GGUF export writes full attention; this model uses a sliding window")
     extra = sorted(k for k in state if k.endswith(".bias") and k.split(".")[-2] not in arch.biases)
@@ -116,6 +117,22 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]
         kv.append(k.shape[0] // head_dim)
         ffn.append(state[p + "mlp.gate_proj.weight"].shape[0])
     return {"head_dim": head_dim, "ffn": ffn, "kv": kv}
+
+
+def rope_type(config: Any) -> str:
+    """The config's RoPE variant ("default" when it scales nothing)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
+    return str(kind or "default")
+
+
+def rope_freq_factors(model: Any, head_dim: int, base: float) -> np.ndarray:
+    """Llama 3's RoPE scaling as llama.cpp takes it: `rope_freqs.weight`, per rotary frequency the
+    factor its angle is divided by, here the plain frequency over the one the model itself uses
+    (its rotary embedding's `inv_freq`, from transformers' Llama 3 rule)."""
+    used = next(m.inv_freq for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "rope_type"))
+    plain = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return (plain / used.double().cpu()).float().numpy()
 
 
 def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str) -> None:
@@ -207,7 +224,8 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     writer.add_feed_forward_length(shape["ffn"][0] if uniform_ffn and shape["ffn"] else shape["ffn"])
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(shape["kv"][0] if uniform_kv and shape["kv"] else shape["kv"])
-    writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or _rope_theta(config)))
+    theta = float(getattr(config, "rope_theta", None) or _rope_theta(config))
+    writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(shape["head_dim"])
     writer.add_key_length(shape["head_dim"])
@@ -215,6 +233,8 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[kind]]))
     _tokenizer_metadata(writer, lm.tokenizer, source_gguf, arch.pre)
+    if rope_type(config) == "llama3":  # llama.cpp reads the scaled frequencies from this tensor
+        writer.add_tensor("rope_freqs.weight", rope_freq_factors(lm.model, shape["head_dim"], theta))
     for name, w in state.items():
         target = gguf_name(name)
         data, raw = _tensor(w, kind, _heads(target, w, config, shape) if arch.permute_qk else None)
