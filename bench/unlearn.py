@@ -14,9 +14,9 @@ mask), each one process.  Columns, mean ± sd over seeds: forget perplexity, ver
 holdout 128-token passages) and PrivLeak against the retain model, retain perplexity (the first 16
 retain blocks) and cloze accuracy, general perplexity, the run's wall time and peak RSS.  Every run
 also measures forget / retain / general perplexity and PrivLeak every 5 steps (`--eval-every 5`):
-the second table reads utility at equal forgetting off these curves (where PrivLeak reaches the
-retain model's, 0), and the plot draws them.  Each run's weights are deleted once measured (its
-carve.json stays).
+the second table reads utility at equal forgetting off these curves (where PrivLeak comes down to
++0.05, the edge of the bar's band, and to the retain model's 0), and the plot draws them.  Each
+run's weights are deleted once measured (its carve.json stays).
 Results accumulate in bench/results/unlearn.jsonl (with each run's data fingerprints); the table
 goes to the `unlearn` section of bench/RESULTS.md and the plot to bench/unlearn.png.
 """
@@ -161,32 +161,38 @@ def crossing(points: list[dict[str, Any]], level: float = 0.0) -> dict[str, floa
     return None
 
 
+LEVELS = (0.05, 0.0)  # PrivLeak levels read off the curves: the edge of the bar's band (±0.05) and the retain model's
+
+
 def equal_forgetting_table(rows: dict[str, dict[str, Any]], objectives: list[str], masks: list[str]) -> str:
-    """Utility at equal forgetting: each run's retain and general perplexity where its PrivLeak
-    reaches the retain model's (0), read off its curve (`--eval-every`), mean ± sd over seeds."""
+    """Utility at equal forgetting: each run's retain and general perplexity where its PrivLeak first
+    comes down to each of LEVELS (+0.05: it enters the bar's band around the retain model's 0; 0: the
+    retain model's), read off its curve (`--eval-every`), mean ± sd over the seeds that reach it."""
     runs = {k: r for k, r in rows.items() if "metrics" in r and r["metrics"].get("trajectory")}
     if not runs:
         return ""
     target = next(iter(runs.values()))["metrics"]["before"]
-    lines = ["### Utility at equal forgetting: where PrivLeak reaches the retain model's (0)", "",
+    lines = ["### Utility at equal forgetting: where PrivLeak comes down to +0.05 and to 0 (the retain model's)", "",
              f"Each run measured every {EVAL_EVERY} steps (`--eval-every {EVAL_EVERY}`); between the two "
              "measures around the crossing, the step interpolated linearly and each perplexity geometrically "
-             "(linear in its log). Target: retain ppl "
+             "(linear in its log). +0.05 is where a run enters the bar's band (PrivLeak within ±0.05 of the "
+             "retain model's); a run that settles inside the band above 0 never reaches 0. Target: retain ppl "
              f"{target['retain_ppl']:.3f}, general ppl {target['general_ppl']:.3f} (the bar: within 5%, "
              f"{1.05 * target['retain_ppl']:.3f} / {1.05 * target['general_ppl']:.3f}).", "",
-             "| row | seeds that reach it | step | forget ppl | retain ppl | general ppl |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+             "| row | PrivLeak level | seeds that reach it | step | forget ppl | retain ppl | general ppl |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for tag in sorted({r.get("tag", "") for r in runs.values()}):
         for objective in objectives:
             for mask in masks:
                 done = [r for k, r in runs.items() if k.startswith(f"{objective}/{mask}/s") and r.get("tag", "") == tag]
                 if not done:
                     continue
-                hits = [c for r in done if (c := crossing(_curve(r))) is not None]
-                specs = (("step", ".1f"), ("forget_ppl", ".2f"), ("retain_ppl", ".3f"), ("general_ppl", ".3f"))
-                cells = [_cell([c[k] for c in hits], spec) for k, spec in specs]
-                name = f"{objective} + {mask}{(' ' + tag) if tag else ''}"
-                lines.append(f"| {name} | {len(hits)} of {len(done)} | " + " | ".join(cells) + " |")
+                for level in LEVELS:
+                    hits = [c for r in done if (c := crossing(_curve(r), level)) is not None]
+                    specs = (("step", ".1f"), ("forget_ppl", ".2f"), ("retain_ppl", ".3f"), ("general_ppl", ".3f"))
+                    cells = [_cell([c[k] for c in hits], spec) for k, spec in specs]
+                    name = f"{objective} + {mask}{(' ' + tag) if tag else ''}"
+                    lines.append(f"| {name} | {level:+.2f} | {len(hits)} of {len(done)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
