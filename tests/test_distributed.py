@@ -182,3 +182,34 @@ def test_torchrun_unlearn_measures_along_training_like_one_process(
     for a, b in zip(one, two, strict=True):
         for k in ("forget_ppl", "retain_ppl", "general_ppl", "mia_auc", "privleak"):
             assert b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-3), k
+
+
+def test_torchrun_recover_shares_its_micro_batches(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+    """`carve recover --micro-batch`: a step's blocks shared by 2 gloo ranks (without it, one
+    micro-batch a step could not be shared: refused by name); the weights equal one process's within
+    float tolerance, written once."""
+    import carve
+    from carve.errors import UsageError
+    from carve.recover import RecoverRecipe
+
+    pruned = tmp_path / "pruned"
+    carve.extract(carve.Recipe(model=str(model_dir), domain=str(small_corpus), general=str(small_corpus),
+                               method="magnitude", sparsity=0.5, eval_blocks=2, block_len=32, cloze_items=0,
+                               speed=False), pruned)  # fmt: skip
+    with pytest.raises(UsageError, match="micro-batch 3 must be positive and divide batch-size 2"):
+        RecoverRecipe(model=str(pruned), batch_size=2, micro_batch=3).resolved()
+    flags = ["recover", str(pruned), "--teacher", str(model_dir), "--domain", str(small_corpus), "--general",
+             str(small_corpus), "--steps", "2", "--batch-size", "2", "--micro-batch", "1", "--block-len", "32",
+             "--eval-blocks", "2", "--cloze-items", "0", "--lm-weight", "1", "--lr", "1e-2", "--quiet"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "carve", *flags, "--out", str(tmp_path / "one")], check=True, env=env)
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "carve", *flags, "--out", str(tmp_path / "two")]  # fmt: skip
+    proc = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert sorted(a) == sorted(b)
+    moved = load_file(pruned / "model.safetensors")
+    assert any(not torch.equal(a[k], moved[k]) for k in a)  # the run trained
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -579,7 +579,7 @@ def _extract_streamed(
                 f"; the metrics are of the decoder blocks as saved ({save_name}) and of the tensors outside them "
                 f"in {compute}"))},
             **_pruned(outcome).describe(lm.model, stream.zeros),
-            "importance": None,
+            "importance": None,  # a gradient method's map stays in temporary files: it is not saved when streaming
         }  # fmt: skip
         manifest["size"]["parameters_after"] = manifest["size"]["parameters_before"]
         if tmp is not None:

@@ -64,6 +64,8 @@ class RecoverRecipe:
     mix: float = flag("share of training blocks from the general corpus", 0.5)
     steps: int = flag("optimizer steps", 200)
     batch_size: int = flag("blocks per step", 1)
+    micro_batch: int | None = flag("blocks per forward/backward (gradient accumulation; default: --batch-size, one "
+                                   "forward a step; under torchrun at least one micro-batch per process)")  # fmt: skip
     block_len: int = flag("tokens per training and eval block", 512)
     lr: float | None = flag("peak learning rate (default 1e-4; 1e-3 with --lora)")
     warmup: int = flag("linear warm-up steps, then cosine decay to 10% of lr", 10)
@@ -91,6 +93,8 @@ class RecoverRecipe:
         for name in ("steps", "batch_size", "block_len", "checkpoint_every", "eval_blocks"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name.replace('_', '-')} must be a positive whole number, not {getattr(self, name)}")
+        if self.micro_batch is not None and (self.micro_batch < 1 or self.batch_size % self.micro_batch):
+            raise UsageError(f"micro-batch {self.micro_batch} must be positive and divide batch-size {self.batch_size}")
         if not 0 <= self.mix <= 1:
             raise UsageError(f"mix {self.mix} is outside [0, 1]: it is the share of general training blocks")
         if self.temperature <= 0 or self.kd_weight < 0 or self.lm_weight < 0 or self.kd_weight + self.lm_weight == 0:
@@ -197,7 +201,7 @@ def _recover(
         steps=recipe.steps,
         lr=recipe.lr,
         batch_size=recipe.batch_size,
-        micro_batch=recipe.batch_size,
+        micro_batch=recipe.micro_batch or recipe.batch_size,
         warmup=recipe.warmup,
         checkpoint_every=recipe.checkpoint_every,
     )

@@ -276,11 +276,13 @@ def streamed_gradients(
     `on_block(i, {param: {statistic: mean}})` gets block i's statistics while the block is still
     in memory (its weights readable through the model), then the block is freed.  Every asked
     parameter must be in a decoder block.  The source is left with the tensors outside the blocks
-    read, and block 0 read if it was.  Memory: one block, the tensors outside the blocks, and the
-    blocks' inputs (blocks x calibration tokens x hidden size) within `max_memory`."""
+    read, and block 0 read if it was.  Returns the micro-batch count and losses (the statistics
+    went to `on_block`).  Memory: one block, the tensors outside the blocks, and the blocks' inputs
+    (blocks x calibration tokens x hidden size) within `max_memory`."""
     bound_heap_retention()
     model, blocks, device = source.model, source.blocks, source.device
-    by_block = [[n for n in source.block_names(i) if n in set(params)] for i in range(len(blocks))]
+    asked = set(params)
+    by_block = [[n for n in source.block_names(i) if n in asked] for i in range(len(blocks))]
     outside = set(params) - {n for names in by_block for n in names}
     if outside:
         raise UsageError(f"a streamed gradient pass scores decoder-block parameters only, not {sorted(outside)[:3]}")

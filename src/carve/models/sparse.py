@@ -45,12 +45,16 @@ PLANE_DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float16, torch.
 def to_planes(t: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
     """`t` as one uint8 tensor [deflated top byte of each entry | the entries' other bytes] and
     what `from_planes` needs: [dtype, shape, compressed length]."""
+    import numpy as np
+
     size = t.element_size()
     b = t.detach().contiguous().cpu().view(torch.uint8).reshape(-1, size).numpy()
-    top = zlib.compress(b[:, size - 1].tobytes(), 1)  # little-endian: the last byte is the top one
-    low = b[:, : size - 1].tobytes()
-    blob = torch.frombuffer(bytearray(top + low), dtype=torch.uint8)
-    return blob, [str(t.dtype).removeprefix("torch."), list(t.shape), len(top)]
+    # little-endian: the last byte of each entry is its top one (sign and exponent)
+    top = zlib.compress(np.ascontiguousarray(b[:, size - 1]).data, 1)
+    out = np.empty(len(top) + b.shape[0] * (size - 1), dtype=np.uint8)  # written in place: no copy of copies
+    out[: len(top)] = np.frombuffer(top, dtype=np.uint8)
+    out[len(top) :].reshape(-1, size - 1)[:] = b[:, : size - 1]
+    return torch.from_numpy(out), [str(t.dtype).removeprefix("torch."), list(t.shape), len(top)]
 
 
 def from_planes(blob: torch.Tensor, info: Any) -> torch.Tensor:
@@ -61,19 +65,19 @@ def from_planes(blob: torch.Tensor, info: Any) -> torch.Tensor:
         raise ValueError(f"its carve_planes entry {str(info)[:80]} is not [dtype, shape, length]")
     dtype, shape, cut = PLANE_DTYPES[info[0]], info[1], info[2]
     size, n = torch.empty((), dtype=dtype).element_size(), math.prod(shape)
-    data = blob.numpy().tobytes()
+    data = blob.contiguous().numpy().reshape(-1)  # read in place, not copied
     if not 0 < cut <= len(data) or len(data) - cut != n * (size - 1):
         raise ValueError(f"its byte planes do not hold {n} entries of {info[0]}")
     unzip = zlib.decompressobj()
     try:
-        top = unzip.decompress(data[:cut], n)  # at most n bytes: a damaged stream cannot balloon
+        top = unzip.decompress(data[:cut].data, n)  # at most n bytes: a damaged stream cannot balloon
     except zlib.error as exc:
         raise ValueError(f"its compressed top bytes are damaged ({exc})") from None
     if len(top) != n or unzip.unconsumed_tail or not unzip.eof:
         raise ValueError(f"its compressed top bytes do not hold {n} entries")
     b = np.empty((n, size), dtype=np.uint8)
     b[:, size - 1] = np.frombuffer(top, dtype=np.uint8)
-    b[:, : size - 1] = np.frombuffer(data[cut:], dtype=np.uint8).reshape(n, size - 1)
+    b[:, : size - 1] = data[cut:].reshape(n, size - 1)
     return torch.from_numpy(b).view(dtype).reshape(shape)
 
 

@@ -336,7 +336,8 @@ def train(
             rows = batches[step * schedule.batch_size : (step + 1) * schedule.batch_size]
             total = 0.0
             # data parallel: this rank's share of the step's micro-batches (one process: all)
-            micro = distributed.shard(list(rows.split(schedule.micro_batch)), "micro-batches of a training step")
+            micro = distributed.shard(list(rows.split(schedule.micro_batch)),
+                                      "micro-batches of a training step (--batch-size / --micro-batch)")  # fmt: skip
             for ids in micro:
                 loss = loss_fn(model, ids.to(device))
                 (loss * (len(ids) / len(rows))).backward()
