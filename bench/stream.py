@@ -1,7 +1,7 @@
 """Benchmark streamed extraction (`carve extract --stream`) against the in-memory engine on the
 embedded default, de-quantized to a float32 safetensors directory (bench/out/smollm2-f32).
 
-    .venv/bin/python bench/stream.py [--methods sparsegpt wanda] [--shard-mb 100] [--rerun ID ...]
+    .venv/bin/python bench/stream.py [--methods sparsegpt wanda dual-obs] [--shard-mb 100] [--rerun ID ...]
 
 The source is re-saved in shards of at most `--shard-mb` MB (bench/out/smollm2-f32-shards, the
 way large checkpoints come), so streaming reads each block from whichever shard holds it.  Per
@@ -54,6 +54,8 @@ def digests(directory: Path) -> dict[str, str]:
 
     out = {}
     for f in sorted(directory.glob("*.safetensors")):
+        if f.name.startswith("importance"):  # an in-memory gradient method's map: a streamed run keeps none
+            continue
         with safe_open(f, "pt") as fh:
             for k in fh.keys():
                 t = fh.get_tensor(k).contiguous()
@@ -109,7 +111,7 @@ def table(rows: dict[str, dict[str, Any]], shard_mb: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda"])
+    ap.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda", "dual-obs"])
     ap.add_argument("--shard-mb", type=int, default=100)
     ap.add_argument("--rerun", nargs="*", default=[])
     args = ap.parse_args()
