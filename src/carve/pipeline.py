@@ -69,6 +69,7 @@ from carve.streamed import (
     streaming_reason,
 )
 
+STREAM_ACTIVATIONS = 512 * 2**20  # bytes of calibration activations a streamed job keeps in memory by default
 SWEEP_MIX = 0.3  # dual-obs: share of general blocks in its sweep's Hessians (as SparseGPT's default mix)
 # extract's default method: measured best in bench/RESULTS.md (dual section); wanda for --structure
 DEFAULT_METHOD, DEFAULT_STRUCTURE_METHOD = "dual-obs", "wanda"
@@ -538,10 +539,12 @@ def _extract_streamed(
         lm = LoadedModel(skeleton.model, tok, str(r.model), directory_fingerprint(path), source_dtype)
         r.targets().linears(lm.model)
         calib = _calibration(r, lm)
-        if calib.max_memory is None and (free := available_memory()) is not None:
-            # the blocks' kept inputs (a streamed dual-obs keeps every block's) spill past a quarter of
-            # what is free; the bits are the same either way
-            calib = replace(calib, max_memory=free // 4)
+        if calib.max_memory is None:
+            # streaming is for bounded memory: the blocks' kept inputs (a streamed gradient pass keeps
+            # every block's: 2.3 GB on the embedded default) spill past STREAM_ACTIVATIONS, or past a
+            # quarter of what is free if that is less; the bits are the same either way
+            free = available_memory()
+            calib = replace(calib, max_memory=min(STREAM_ACTIVATIONS, free // 4 if free else STREAM_ACTIVATIONS))
     streamed_r = replace(r, cloze_items=0, speed=False)
     with stage("tokenize"):
         data = _tokenize(streamed_r, lm, domain, general, evaluated)
