@@ -110,6 +110,19 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     assert sum(shares) == alone and min(shares) > 0
 
 
+def _one_and_two(tmp_path: Path, flags: list[str]) -> subprocess.CompletedProcess[str]:
+    """`carve FLAGS` in one process (--out one), then under torchrun on 2 gloo ranks (--out two): both
+    succeed and the ranks write one output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "carve", *flags, "--out", str(tmp_path / "one")], check=True, env=env)
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "carve", *flags, "--out", str(tmp_path / "two")]  # fmt: skip
+    proc = subprocess.run(run, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]  # one writer
+    return proc
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,16 +136,8 @@ def test_torchrun_extract_writes_once_and_equals_one_process(
     flags = ["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--general", str(small_corpus),
              "--method", "sparsegpt", "--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2",
              "--cloze-items", "0", "--no-speed", "--batch-size", "2", "--quiet", *extra]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "carve", *flags, "--out", str(tmp_path / "one")], check=True, env=env)
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "carve", *flags, "--out", str(tmp_path / "two")]  # fmt: skip
-    proc = subprocess.run(run, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, "\n".join(ln for ln in proc.stderr.splitlines() if "Error" in ln or "error" in ln)[
-        :3000
-    ]
+    proc = _one_and_two(tmp_path, flags)
     assert proc.stdout.count("linear sparsity") == 1  # one summary: rank 0's
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]  # one writer
     for name in ("mask.safetensors", "model.safetensors"):  # the same mask and weights as one process
         a, b = load_file(tmp_path / "one" / name), load_file(tmp_path / "two" / name)
         assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a), name
@@ -170,13 +175,7 @@ def test_torchrun_unlearn_measures_along_training_like_one_process(
              "--block-len", "48", "--mia-len", "32", "--prompt-len", "8", "--verbatim-items", "4", "--eval-blocks",
              "2", "--cloze-items", "8", "--mask-blocks", "4", "--eval-every", "1", "--reference", str(model_dir),
              "--quiet"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "carve", *flags, "--out", str(tmp_path / "one")], check=True, env=env)
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "carve", *flags, "--out", str(tmp_path / "two")]  # fmt: skip
-    proc = subprocess.run(run, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("two")) == ["two"]  # one writer
+    _one_and_two(tmp_path, flags)
     one, two = (json.loads((tmp_path / d / "carve.json").read_text())["metrics"]["trajectory"] for d in ("one", "two"))
     assert [p["step"] for p in one] == [p["step"] for p in two] == [1, 2]
     for a, b in zip(one, two, strict=True):
@@ -201,12 +200,7 @@ def test_torchrun_recover_shares_its_micro_batches(tmp_path: Path, model_dir: Pa
     flags = ["recover", str(pruned), "--teacher", str(model_dir), "--domain", str(small_corpus), "--general",
              str(small_corpus), "--steps", "2", "--batch-size", "2", "--micro-batch", "1", "--block-len", "32",
              "--eval-blocks", "2", "--cloze-items", "0", "--lm-weight", "1", "--lr", "1e-2", "--quiet"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "carve", *flags, "--out", str(tmp_path / "one")], check=True, env=env)
-    run = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "carve", *flags, "--out", str(tmp_path / "two")]  # fmt: skip
-    proc = subprocess.run(run, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _one_and_two(tmp_path, flags)
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     assert sorted(a) == sorted(b)
     moved = load_file(pruned / "model.safetensors")
