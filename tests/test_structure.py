@@ -194,6 +194,10 @@ def test_unsupported_architecture_is_refused_clearly() -> None:
         anatomy(tiny_model("olmo2"))
     with pytest.raises(UsageError, match="keeps num_heads, num_key_value_heads, hidden_size"):
         anatomy(tiny_model("stablelm"))
+    cohere = tiny_config("cohere")
+    cohere.use_qk_norm = True  # one norm row per head
+    with pytest.raises(UsageError, match=r"q_norm\.weight, k_norm\.weight spanning every head"):
+        anatomy(AutoModelForCausalLM.from_config(cohere))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

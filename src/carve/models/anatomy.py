@@ -97,15 +97,19 @@ HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_key_value_heads", "num_attention_head
 
 def _check_sliceable(model: nn.Module, parts: Parts, head_dim: int, q_width: int, kv_width: int) -> None:
     """Refuse attention the slicing would leave inconsistent: head counts kept as attributes, or
-    parameters spanning all heads besides the projections (OLMo-2's q_norm / k_norm normalize the
-    whole projection, so removing heads would change every kept head's normalization)."""
+    parameters spanning the heads besides the projections: OLMo-2's q_norm / k_norm normalize the
+    whole projection (removing heads would change every kept head's normalization), Cohere's with
+    `use_qk_norm` hold one row per head (they would keep the removed heads' rows)."""
     att = parts.attention
+    heads, kv_heads = q_width // head_dim, kv_width // head_dim
     stored = [a for a in HEAD_COUNT_ATTRIBUTES if isinstance(getattr(att, a, None), int)]
     spanning = [
         n
         for n, p in att.named_parameters()
-        if n.split(".")[0] not in ATTENTION and p.dim() >= 1 and p.shape[0] in {q_width, kv_width} - {head_dim}
-    ]  # per-head parameters (Qwen3's and Gemma3's q_norm / k_norm: head_dim wide) are shared by every head: fine
+        if n.split(".")[0] not in ATTENTION
+        and p.dim() >= 1
+        and (p.shape[0] in {q_width, kv_width} - {head_dim} or (p.dim() >= 2 and p.shape[0] in {heads, kv_heads}))
+    ]  # per-head parameters shared by every head (Qwen3's and Gemma3's q_norm / k_norm: head_dim wide) are fine
     if stored or spanning:
         what = (f"keeps {', '.join(stored)} as attributes" if stored else
                 f"has {', '.join(spanning)} spanning every head")  # fmt: skip
