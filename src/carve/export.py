@@ -6,14 +6,14 @@ package's writer under llama.cpp's tensor names and metadata keys for its archit
 llama.cpp's own convert_hf_to_gguf.py writes): Llama-style models (`llama`, and Mistral, SmolLM,
 TinyLlama, Llama 3.x ... which share it) as `llama`, whose Q and K projections are permuted from
 Hugging Face's rotate-half layout to GGML's interleaved one, and whose Llama 3 RoPE scaling goes in
-as llama.cpp's `rope_freqs.weight` (per-frequency factors); Qwen2 as `qwen2` (rotate-half rope in llama.cpp
-too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no biases, its
-per-head Q and K norms as `attn_q_norm` / `attn_k_norm`).  One-dimensional tensors (norms) stay float32, as in
-llama.cpp's conversions; a matrix whose rows are not a whole number of quantization blocks is
-stored as f16.  The tokenizer goes in as GGUF metadata: a byte-level BPE tokenizer (tokens, types,
-merges, special ids, chat template); its pre-tokenizer name is copied from the source GGUF when
-the model came from one (the embedded default), else the architecture's (`default`, `qwen2` for
-both Qwen generations).
+as llama.cpp's `rope_freqs.weight` (per-frequency factors); Qwen2 as `qwen2` (rotate-half rope in
+llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
+biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`).  One-dimensional tensors
+(norms) stay float32, as in llama.cpp's conversions; a matrix whose rows are not a whole number of
+quantization blocks is stored as f16.  The tokenizer goes in as GGUF metadata: a byte-level BPE
+tokenizer (tokens, types, merges, special ids, chat template); its pre-tokenizer name is copied from
+the source GGUF when the model came from one (the embedded default), else the architecture's
+(`default`, `qwen2` for both Qwen generations).
 """
 
 from __future__ import annotations
@@ -130,7 +130,9 @@ def rope_freq_factors(model: Any, head_dim: int, base: float) -> np.ndarray:
     """Llama 3's RoPE scaling as llama.cpp takes it: `rope_freqs.weight`, per rotary frequency the
     factor its angle is divided by, here the plain frequency over the one the model itself uses
     (its rotary embedding's `inv_freq`, from transformers' Llama 3 rule)."""
-    used = next(m.inv_freq for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "rope_type"))
+    used = next((m.inv_freq for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "rope_type")), None)
+    if used is None:
+        raise UsageError("the model declares Llama 3 RoPE scaling but has no rotary embedding module to read it from")
     plain = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     return (plain / used.double().cpu()).float().numpy()
 

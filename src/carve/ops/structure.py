@@ -135,8 +135,12 @@ def apply_plan(model: nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]
 
 def per_layer_lists(config: Any, layers: int) -> dict[str, list[Any]]:
     """The config's per-block lists (one entry per decoder block: Gemma's and Qwen's `layer_types`,
-    SmolLM3's `no_rope_layers`), which follow the blocks a plan keeps."""
-    return {k: v for k, v in vars(config).items() if isinstance(v, list) and len(v) == layers and layers > 1}
+    SmolLM3's `no_rope_layers`), which follow the blocks a plan keeps; token-id lists (Llama 3's
+    three `eos_token_id`s) and `architectures` are not per block, whatever their length."""
+    return {
+        k: v for k, v in vars(config).items()
+        if isinstance(v, list) and len(v) == layers > 1 and k != "architectures" and not k.endswith(("_id", "_ids"))
+    }  # fmt: skip
 
 
 def zero_plan(model: nn.Module, plan: Plan) -> nn.Module:
