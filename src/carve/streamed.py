@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from carve.engines.gradient import returning
 from carve.engines.layerwise import call_block, capture_inputs
 from carve.errors import UsageError
 from carve.evaluation.perplexity import nll_sum
@@ -138,10 +139,7 @@ class BlockStream:
             ids = ids.to(self.sk.device)
             out: Any = (h,) if self._tuple else h
 
-            def final(_m: Any, _f: Any, out: Any = out) -> Any:
-                return lambda *_a, **_k: out  # every block returns the final hidden states
-
-            with replaced_forwards(list(self.sk.blocks), final):
+            with replaced_forwards(list(self.sk.blocks), returning(out)):  # every block returns the final states
                 loss = nll_sum(self.sk.model, ids)
             nll[key] = nll.get(key, 0.0) + loss
             count[key] = count.get(key, 0) + ids[:, 1:].numel()

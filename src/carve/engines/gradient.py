@@ -223,7 +223,7 @@ def _folding(
     return fold
 
 
-def _returning(out: Any) -> Callable[[nn.Module, Callable[..., Any]], Callable[..., Any]]:
+def returning(out: Any) -> Callable[[nn.Module, Callable[..., Any]], Callable[..., Any]]:
     """For replaced_forwards: every block returns `out` (the final hidden states)."""
     return lambda _m, _fwd: lambda *_a, **_k: out
 
@@ -316,7 +316,7 @@ def streamed_gradients(
         grads = budget.new()
         for ids, h in progress(list(zip(batches, hidden, strict=True)), f"{desc}: loss"):
             leaf = h.detach().requires_grad_(True)
-            with replaced_forwards(list(blocks), _returning((leaf,) if tuple_out else leaf)), torch.enable_grad():
+            with replaced_forwards(list(blocks), returning((leaf,) if tuple_out else leaf)), torch.enable_grad():
                 loss = loss_fn(model, ids.to(device))
                 loss.backward()
             assert leaf.grad is not None
