@@ -70,6 +70,29 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def gemma_style_tokenizer(size: int = 512):
+    """A Gemma-style SentencePiece BPE tokenizer (byte fallback, spaces as "▁", no prefix space)
+    trained on builtin legal text: transformers' own GemmaTokenizer pipeline over the trained
+    vocabulary and merges, special tokens first and the 256 byte tokens after them, as in Gemma."""
+    import json
+
+    from tokenizers import Tokenizer, models, normalizers, trainers
+    from transformers import GemmaTokenizer
+
+    import carve
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.BpeTrainer(
+        vocab_size=size, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)], show_progress=False
+    )
+    tok.train_from_iterator([d[:2000] for d in carve.Corpus("legal").documents[:20]], trainer)
+    model = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    return GemmaTokenizer(vocab=model["vocab"], merges=merges)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers

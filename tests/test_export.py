@@ -1,9 +1,10 @@
-"""`carve export --gguf` (issue 21): carve outputs of tiny Llama-style, Qwen2 and Qwen3 models written as GGUF reload
+"""`carve export --gguf` (issue 21): carve outputs of tiny Llama-style, Qwen2, Qwen3 and Gemma 3 models written as GGUF reload
 through transformers' own GGUF loader with logits equal to the source's within the type's
 tolerance: dense, sparse-format, structured (narrower MLP and attention, dropped blocks)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import carve
 from carve.cli.main import main
-from tests.conftest import tiny_model
+from tests.conftest import gemma_style_tokenizer, tiny_model
 
 FAST = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--quiet", "--no-speed", "--cloze-items", "0"]
 # largest |logit difference| as a share of the largest |logit|, by type (tiny random models)
@@ -89,6 +90,143 @@ def test_qwen3_as_llama_cpp_qwen3(kind: str, tmp_path: Path, tokenizer) -> None:
     meta = read_gguf_header(gguf)
     assert meta["general.architecture"] == "qwen3" and meta["qwen3.attention.key_length"] == 128
     _check(src, gguf, kind)
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16"])  # quantized types: the same writer as the Llama tests'
+def test_gemma3_as_llama_cpp_gemma3(kind: str, tmp_path: Path, tokenizer) -> None:
+    """Gemma 3: four norms per block and per-head Q/K norms (random, so that a lost or swapped norm or
+    a missing 1 + w shows in the logits), embeddings scaled by sqrt(hidden), tied head.  head_dim 256
+    as in every released Gemma 3: transformers' GGUF loader reads no query_pre_attn_scalar and keeps
+    the config's default (256), which llama.cpp's 1/sqrt(head_dim) then matches.  The sequence is
+    longer than the sliding window, so a layer's kind matters; transformers' loader derives the kinds
+    from its default pattern (every sixth layer global), so the model follows it here, and the per-layer
+    pattern llama.cpp reads is checked in the metadata."""
+    import transformers as tf
+    from gguf import GGUFReader
+
+    from carve.models.gguf_header import read_gguf_header
+
+    src = tmp_path / "tiny-gemma3"
+    config = tf.Gemma3TextConfig(vocab_size=512, max_position_embeddings=256, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                                 sliding_window=8)  # fmt: skip
+    assert config.layer_types[:2] == ["sliding_attention"] * 2 and config.layer_types[5] == "full_attention"
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    gguf = tmp_path / f"g3-{kind}.gguf"
+    assert main(["export", str(src), "--gguf", str(gguf), "--type", kind]) == 0
+    meta = read_gguf_header(gguf)
+    assert meta["general.architecture"] == "gemma3" and meta["gemma3.attention.sliding_window"] == 8
+    field = GGUFReader(gguf).fields["gemma3.attention.sliding_window_pattern"]  # numeric: not in carve's header
+    assert [bool(field.parts[i][0]) for i in field.data] == [True] * 5 + [False]
+    assert meta["gemma3.rope.freq_base"] == 1_000_000.0 and meta["gemma3.rope.freq_base_swa"] == 10_000.0
+    _check(src, gguf, kind)
+
+
+def test_gemma3_structured_keeps_layer_kinds(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """A structured Gemma 3 output (a block dropped, MLPs narrowed) exports with the per-layer sliding
+    pattern of the blocks it kept, and reloads with the output's weights.  transformers' loader
+    derives the layer kinds from its default pattern (here: all sliding) and not from the file, and
+    the kinds differ in RoPE base, so the reload is compared with the output's weights under those
+    kinds (the kinds themselves: the metadata check here, and llama.cpp in bench/export_archs.py)."""
+    import transformers as tf
+    from gguf import GGUFReader
+
+    src = tmp_path / "tiny-gemma3"
+    config = tf.Gemma3TextConfig(vocab_size=512, max_position_embeddings=256, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                                 sliding_window=32, layer_types=["sliding_attention", "full_attention", "sliding_attention"])  # fmt: skip
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = tmp_path / "structured"
+    data = ["--model", str(src), "--domain", str(small_corpus), "--general", str(small_corpus), *FAST]
+    assert main(["extract", *data, "--out", str(out), "--structure", "--drop-blocks", "1", "--mlp-keep", "0.5",
+                 "--heads-keep", "1.0"]) == 0  # fmt: skip
+    kinds = json.loads((out / "config.json").read_text())["layer_types"]
+    assert len(kinds) == 2
+    gguf = tmp_path / "structured.gguf"
+    assert main(["export", str(out), "--gguf", str(gguf), "--type", "f16"]) == 0
+    field = GGUFReader(gguf).fields["gemma3.attention.sliding_window_pattern"]
+    assert [bool(field.parts[i][0]) for i in field.data] == [k == "sliding_attention" for k in kinds]
+    as_loaded = tmp_path / "as-loaded"
+    model = tf.AutoModelForCausalLM.from_pretrained(out)
+    model.config.layer_types = ["sliding_attention"] * len(kinds)
+    model.save_pretrained(as_loaded)
+    tokenizer.save_pretrained(as_loaded)
+    _check(as_loaded, gguf, "f16")
+
+
+def test_sentencepiece_tokenizer_as_llama_vocab(tmp_path: Path) -> None:
+    """A SentencePiece-style BPE tokenizer goes in as llama.cpp's `llama` model: byte tokens typed
+    BYTE, no prefix space (Gemma), merge order as scores (a token's score is minus the rank of the
+    merge that makes it), and read back by transformers' GGUF loader it encodes text, bytes outside
+    the vocabulary included, to the same ids."""
+    import transformers as tf
+    from gguf import GGUFReader, TokenType
+
+    tok = gemma_style_tokenizer()
+    src = tmp_path / "tiny-gemma3"
+    config = tf.Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=256)  # fmt: skip
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    gguf = tmp_path / "g.gguf"
+    assert main(["export", str(src), "--gguf", str(gguf)]) == 0
+    fields = GGUFReader(gguf).fields
+
+    def values(key: str) -> list:
+        f = fields[key]
+        return [f.parts[i][0] if len(f.parts[i]) == 1 else bytes(f.parts[i]).decode() for i in f.data]
+
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    assert not bool(fields["tokenizer.ggml.add_space_prefix"].parts[-1][0])
+    tokens, types, scores = (
+        values("tokenizer.ggml.tokens"),
+        values("tokenizer.ggml.token_type"),
+        values("tokenizer.ggml.scores"),
+    )
+    assert [t for t, k in zip(tokens, types, strict=True) if k == TokenType.BYTE] == [
+        f"<0x{i:02X}>" for i in range(256)
+    ]
+    merges = values("tokenizer.ggml.merges")
+    first = {}
+    for r, m in enumerate(merges):
+        first.setdefault(m.replace(" ", ""), r)
+    assert all(scores[tokens.index(t)] == -r for t, r in list(first.items())[:50])
+    back = tf.AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
+    for text in ["The parties agree that the licence is granted.", "  two spaces,  and é ü ∑ 😀 outside it"]:
+        assert back(text)["input_ids"] == tok(text)["input_ids"], text
+
+
+def test_gemma3_refusals(tmp_path: Path, tokenizer, capsys) -> None:
+    """What llama.cpp's gemma3 graph computes otherwise is refused by name, with nothing written."""
+    import transformers as tf
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}  # fmt: skip
+    cases = {
+        "query_pre_attn_scalar": ({"query_pre_attn_scalar": 64}, "scales attention by 1/sqrt(32)"),
+        "softcap": ({"attn_logit_softcapping": 50.0}, "soft-capping"),
+        "activation": ({"hidden_activation": "silu"}, "tanh-approximated GELU"),
+    }
+    for name, (extra, message) in cases.items():
+        src = tmp_path / name
+        tf.AutoModelForCausalLM.from_config(
+            tf.Gemma3TextConfig(**{"query_pre_attn_scalar": 32, **sizes, **extra})
+        ).save_pretrained(src)
+        tokenizer.save_pretrained(src)
+        capsys.readouterr()
+        assert main(["export", str(src), "--gguf", str(tmp_path / f"{name}.gguf")]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / f"{name}.gguf").exists()
 
 
 def test_llama3_rope_scaling_as_rope_freqs(tmp_path: Path, tokenizer) -> None:
@@ -171,7 +309,10 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     for f in model_dir.glob("tokenizer*"):
         (gpt2 / f.name).write_bytes(f.read_bytes())
     cases = [
-        (["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")], "supports Llama-style, Qwen2 and Qwen3 models"),
+        (
+            ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
+            "supports Llama-style, Qwen2, Qwen3 and Gemma 3 text models",
+        ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]
     (tmp_path / "exists.gguf").write_bytes(b"mine")

@@ -8,12 +8,18 @@ TinyLlama, Llama 3.x ... which share it) as `llama`, whose Q and K projections a
 Hugging Face's rotate-half layout to GGML's interleaved one, and whose Llama 3 RoPE scaling goes in
 as llama.cpp's `rope_freqs.weight` (per-frequency factors); Qwen2 as `qwen2` (rotate-half rope in
 llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
-biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`).  One-dimensional tensors
+biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma 3 (text) as `gemma3`
+(four norms per block under llama.cpp's Gemma names, every norm weight written as 1 + w since
+Gemma's RMSNorm scales by 1 + w and llama.cpp's by w, the sliding-window layers as a per-layer
+pattern so that a structured output's kept blocks keep their own kinds, the local RoPE base
+beside the global one).  One-dimensional tensors
 (norms) stay float32, as in llama.cpp's conversions; a matrix whose rows are not a whole number of
 quantization blocks is stored as f16.  The tokenizer goes in as GGUF metadata: a byte-level BPE
-tokenizer (tokens, types, merges, special ids, chat template); its pre-tokenizer name is copied from
-the source GGUF when the model came from one (the embedded default), else the architecture's
-(`default`, `qwen2` for both Qwen generations).
+tokenizer (tokens, types, merges, special ids, chat template) as llama.cpp's `gpt2` model, its
+pre-tokenizer name copied from the source GGUF when the model came from one (the embedded default),
+else the architecture's (`default`, `qwen2` for both Qwen generations); a SentencePiece-style BPE
+tokenizer (byte fallback: Gemma, Llama 2) as llama.cpp's `llama` model, whose merge order goes in
+as scores.
 """
 
 from __future__ import annotations
@@ -41,13 +47,21 @@ class Architecture:
     permute_qk: bool  # rotate-half Q/K rows to GGML's interleaved rope layout (llama.cpp's LLAMA rope type)
     biases: tuple[str, ...]  # projections whose biases llama.cpp's architecture holds
     pre: str  # tokenizer pre-tokenizer name when the source GGUF does not give one
+    norm_offset: float = 0.0  # added to every norm weight (Gemma's RMSNorm scales by 1 + w, llama.cpp's by w)
+    names: tuple[tuple[str, str], ...] = ()  # tensor names of this architecture, tried before the common ones
 
 
+_GEMMA_NAMES = (
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
+)
 ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
     "mistral": Architecture("llama", True, (), "default"),
     "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2"),
     "qwen3": Architecture("qwen3", False, (), "qwen2"),
+    "gemma3_text": Architecture("gemma3", False, (), "default", norm_offset=1.0, names=_GEMMA_NAMES),
 }
 _NAMES = [
     (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "blk.{}.attn_q.bias"),
@@ -70,9 +84,9 @@ _NAMES = [
 ]
 
 
-def gguf_name(name: str) -> str:
+def gguf_name(name: str, arch: Architecture | None = None) -> str:
     """llama.cpp's name of a Hugging Face parameter; a UsageError for one it has none for."""
-    for pattern, target in _NAMES:
+    for pattern, target in (*(arch.names if arch else ()), *_NAMES):
         m = re.fullmatch(pattern, name)
         if m:
             return target.format(*m.groups())
@@ -88,19 +102,28 @@ def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
-            f"GGUF export supports Llama-style, Qwen2 and Qwen3 models ({names}) so far; this is {model_type!r}"
+            f"GGUF export supports Llama-style, Qwen2, Qwen3 and Gemma 3 text models ({names}) so far; "
+            f"this is {model_type!r}"
         )
     return ARCHITECTURES[model_type]
 
 
-def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The per-layer widths llama.cpp needs, after refusing what its architecture cannot hold."""
+def check_config(config: Any) -> Architecture:
+    """The config's architecture, after refusing what llama.cpp's graph for it computes differently."""
     arch = architecture(config.model_type)
     kind = rope_type(config)
-    if kind not in ("default", "llama3") or (kind == "llama3" and arch.gguf != "llama"):
+    if arch.gguf == "gemma3":
+        _check_gemma3(config)
+    elif kind not in ("default", "llama3") or (kind == "llama3" and arch.gguf != "llama"):
         raise UsageError(f"GGUF export writes plain RoPE and Llama 3's scaling so far; this model scales it ({kind!r})")
     if getattr(config, "use_sliding_window", False):
         raise UsageError("GGUF export writes full attention; this model uses a sliding window")
+    return arch
+
+
+def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The per-layer widths llama.cpp needs, after refusing what its architecture cannot hold."""
+    arch = check_config(config)
     extra = sorted(k for k in state if k.endswith(".bias") and k.split(".")[-2] not in arch.biases)
     if extra:
         raise UsageError(f"llama.cpp's {arch.gguf} architecture holds no bias {extra[0]!r}: this model has one")
@@ -119,11 +142,61 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]
     return {"head_dim": head_dim, "ffn": ffn, "kv": kv}
 
 
-def rope_type(config: Any) -> str:
-    """The config's RoPE variant ("default" when it scales nothing)."""
+def _rope(config: Any, layers: str = "full_attention") -> dict[str, Any]:
+    """The config's RoPE parameters (of one kind of layer where they are given per kind, as Gemma 3's)."""
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = rope.get("rope_type", rope.get("type")) if isinstance(rope, dict) else None
-    return str(kind or "default")
+    if not isinstance(rope, dict):
+        return {}
+    return dict(rope.get(layers) or {}) if any(isinstance(v, dict) for v in rope.values()) else rope
+
+
+def rope_type(config: Any, layers: str = "full_attention") -> str:
+    """The config's RoPE variant ("default" when it scales nothing)."""
+    rope = _rope(config, layers)
+    return str(rope.get("rope_type", rope.get("type")) or "default")
+
+
+def _check_gemma3(config: Any) -> None:
+    """Refuse what llama.cpp's gemma3 graph computes differently from transformers' Gemma 3."""
+    if rope_type(config) not in ("default", "linear") or rope_type(config, "sliding_attention") != "default":
+        raise UsageError(
+            "GGUF export writes Gemma 3's plain or linearly scaled global RoPE; this model scales it otherwise"
+        )
+    if getattr(config, "attn_logit_softcapping", None) is not None or getattr(
+        config, "use_bidirectional_attention", False
+    ):
+        raise UsageError(
+            "llama.cpp's gemma3 has no attention-logit soft-capping or bidirectional attention: this model uses one"
+        )
+    if getattr(config, "hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu"):
+        raise UsageError(
+            f"llama.cpp's gemma3 uses tanh-approximated GELU; this model uses {config.hidden_activation!r}"
+        )
+    # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden / heads) when the model has 62 blocks (27B)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    scalar = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else head_dim
+    if float(getattr(config, "query_pre_attn_scalar", scalar)) != float(scalar):
+        raise UsageError(
+            f"llama.cpp's gemma3 scales attention by 1/sqrt({scalar}) for {config.num_hidden_layers} blocks; "
+            f"this model's query_pre_attn_scalar is {config.query_pre_attn_scalar}"
+        )
+
+
+def _gemma3_metadata(writer: Any, config: Any) -> None:
+    """Gemma 3's keys beyond the common ones: sliding window and its per-layer pattern, the local
+    RoPE base, linear RoPE scaling of the global layers, final-logit soft-capping."""
+    import gguf
+
+    kinds = list(getattr(config, "layer_types", None) or [])
+    if getattr(config, "sliding_window", None) and "sliding_attention" in kinds:
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
+        writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention").get("rope_theta", 10000.0)))
+    if rope_type(config) == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(_rope(config)["factor"]))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 def rope_freq_factors(model: Any, head_dim: int, base: float) -> np.ndarray:
@@ -138,33 +211,68 @@ def rope_freq_factors(model: Any, head_dim: int, base: float) -> np.ndarray:
 
 
 def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str) -> None:
-    """A byte-level BPE tokenizer as GGUF metadata (what llama.cpp's `gpt2` tokenizer model reads)."""
-    import gguf
-
+    """The tokenizer as GGUF metadata: a byte-level BPE one as llama.cpp's `gpt2` tokenizer model, a
+    SentencePiece-style BPE one (byte fallback: Llama 2, Mistral 7B v0.1, Gemma) as its `llama` one."""
     data = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
     model = data.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise UsageError("GGUF export supports byte-level BPE tokenizers so far; this one is not")
+    if model.get("type") != "BPE":
+        raise UsageError(
+            "GGUF export supports BPE tokenizers (byte-level or with byte fallback) so far; this one is not"
+        )
     n = len(tokenizer)
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     special = set(tokenizer.all_special_ids)
     added = set(tokenizer.get_added_vocab().values())
-    types = [
-        gguf.TokenType.CONTROL if i in special else gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL
-        for i in range(n)
-    ]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_source_pre_tokenizer(source_gguf) or pre)
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    merges = [" ".join(m) for m in pairs]
+    spm = bool(model.get("byte_fallback"))
+    types = [_token_type(i, t, special, added, spm) for i, t in enumerate(tokens)]
+    writer.add_tokenizer_model("llama" if spm else "gpt2")
+    if spm:  # llama.cpp's SentencePiece tokenizer merges by score, not by a merge list
+        writer.add_token_scores(_merge_scores(tokens, pairs))
+        writer.add_add_space_prefix(_prepends_space(data))
+    else:
+        writer.add_tokenizer_pre(_source_pre_tokenizer(source_gguf) or pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    writer.add_token_merges(merges)  # transformers' GGUF loader rebuilds the BPE model from them
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
         if token_id is not None:
             getattr(writer, f"add_{kind}_token_id")(int(token_id))
+    if spm:
+        writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", True)))
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def _token_type(i: int, token: str, special: set[int], added: set[int], spm: bool) -> int:
+    import gguf
+
+    if i in special:
+        return int(gguf.TokenType.CONTROL)
+    if i in added:
+        return int(gguf.TokenType.USER_DEFINED)
+    if spm and re.fullmatch(r"<0x[0-9A-F]{2}>", token):  # byte-fallback tokens
+        return int(gguf.TokenType.BYTE)
+    return int(gguf.TokenType.NORMAL)
+
+
+def _merge_scores(tokens: list[str], merges: list[tuple[str, ...]]) -> list[float]:
+    """Scores under which llama.cpp's SentencePiece tokenizer (always merge the adjacent pair whose
+    joined token scores highest) merges in the BPE merge list's order: a token made by merge r
+    scores -r (its first merge, when several make it); tokens no merge makes score below all."""
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(merges):
+        rank.setdefault("".join(merge), r)
+    floor = -float(len(merges) + 1)
+    return [-float(rank[t]) if t in rank else floor for t in tokens]
+
+
+def _prepends_space(data: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts "▁" before the text (Llama 2's Prepend or Metaspace; not Gemma's)."""
+    text = json.dumps([data.get("normalizer"), data.get("pre_tokenizer")])
+    return '"Prepend"' in text or bool(re.search(r'"prepend_scheme": "(first|always)"', text))
 
 
 def _source_pre_tokenizer(source_gguf: Path | None) -> str | None:
@@ -226,7 +334,7 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     writer.add_feed_forward_length(shape["ffn"][0] if uniform_ffn and shape["ffn"] else shape["ffn"])
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(shape["kv"][0] if uniform_kv and shape["kv"] else shape["kv"])
-    theta = float(getattr(config, "rope_theta", None) or _rope_theta(config))
+    theta = float(getattr(config, "rope_theta", None) or _rope(config).get("rope_theta", 10000.0))
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_rope_dimension_count(shape["head_dim"])
@@ -234,11 +342,15 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     writer.add_value_length(shape["head_dim"])
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[kind]]))
+    if arch.gguf == "gemma3":
+        _gemma3_metadata(writer, config)
     _tokenizer_metadata(writer, lm.tokenizer, source_gguf, arch.pre)
     if rope_type(config) == "llama3":  # llama.cpp reads the scaled frequencies from this tensor
         writer.add_tensor("rope_freqs.weight", rope_freq_factors(lm.model, shape["head_dim"], theta))
     for name, w in state.items():
-        target = gguf_name(name)
+        target = gguf_name(name, arch)
+        if arch.norm_offset and target.endswith("norm.weight"):
+            w = w.float() + arch.norm_offset
         data, raw = _tensor(w, kind, _heads(target, w, config, shape) if arch.permute_qk else None)
         writer.add_tensor(target, data, raw_dtype=raw)
     writer.write_header_to_file()
@@ -247,11 +359,6 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     writer.close()
     return {"type": kind, "architecture": arch.gguf, "tensors": len(state), "file_bytes": path.stat().st_size,
             "feed_forward_length": shape["ffn"], "head_count_kv": shape["kv"]}  # fmt: skip
-
-
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", 10000.0)) if isinstance(params, dict) else 10000.0
 
 
 def export(src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite: bool = False) -> dict[str, Any]:
@@ -269,8 +376,11 @@ def export(src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite:
         raise UsageError(f"{str(out)!r} already exists: choose another path or pass --overwrite")
     source = Path(src).expanduser()
     manifest = read_manifest(source) if (source / "carve.json").is_file() else {}
-    if (source / "config.json").is_file():  # refused before loading: an architecture not exported
+    if (source / "config.json").is_file():  # refused before loading: a layout not exported
+        from transformers import AutoConfig
+
         architecture(json.loads((source / "config.json").read_text()).get("model_type"))
+        check_config(AutoConfig.from_pretrained(source))
     with claim(out):
         lm = load_model(str(src), dtype="float32", device="cpu")
         base = str((manifest.get("source") or {}).get("model") or src)
