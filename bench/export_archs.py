@@ -1,5 +1,6 @@
 """`carve export --gguf` in llama.cpp itself for the layouts the embedded default does not have:
-Qwen3 (per-head Q/K norms, head_dim apart from hidden / heads) and Llama 3's RoPE scaling.
+Qwen3 (per-head Q/K norms, head_dim apart from hidden / heads), Llama 3's RoPE scaling, and Gemma 3
+with a SentencePiece-style tokenizer.
 
     .venv/bin/python bench/export_archs.py
 
@@ -10,7 +11,14 @@ transformers and by llama.cpp (bench/llamacpp.py: llama-cpp-python built from it
 summed next-token NLL and top-1 agreement.  Qwen3: head_dim 128, Q/K norm weights drawn from
 N(1, 0.5) so that a lost or swapped norm shows.  Llama 3 RoPE: original context 64, factor 8, low /
 high frequency factors 1 / 4, Q and K weights scaled by 8 so that positions matter; the same block
-is also scored by transformers with the scaling removed, which llama.cpp must not match.
+is also scored by transformers with the scaling removed, which llama.cpp must not match.  Gemma 3:
+3 blocks of kinds sliding / full / sliding (not llama.cpp's default every-sixth pattern), window
+16 (the block is 200 tokens), head_dim 256, every norm weight from N(0, 0.5) (Gemma scales by
+1 + w), and a Gemma-style SentencePiece BPE tokenizer (byte fallback, 2000 entries) trained on 20
+builtin legal documents (tests/conftest.py's `gemma_style_tokenizer`); the same block is also scored
+by transformers with every layer global (what llama.cpp would compute if the pattern were lost), and
+held-out texts (legal documents 20-39 and code documents 0-9, 400 characters each, and one line of
+accented, mathematical and emoji characters) are tokenized by llama.cpp and by transformers.
 Results: bench/results/export_archs.jsonl; the table: the `export-archs` section of bench/RESULTS.md.
 """
 
@@ -25,8 +33,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import carve
 from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, save_result, write_section
 from llamacpp import run_gguf
+
+sys.path.insert(0, str(ROOT))
+from tests.conftest import gemma_style_tokenizer
 
 RESULTS = HERE / "results" / "export_archs.jsonl"
 CARVE = str(ROOT / ".venv" / "bin" / "carve")
@@ -40,6 +52,16 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
     import transformers as tf
 
     torch.manual_seed(0)
+    if kind == "gemma3":
+        sizes = {**SIZES, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1}
+        kinds = ["sliding_attention", "full_attention", "sliding_attention"]
+        config = tf.Gemma3TextConfig(**sizes, head_dim=256, sliding_window=16, vocab_size=vocab, layer_types=kinds)
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0, 0.5)
+        return model.eval()
     if kind == "qwen3":
         model = tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(**SIZES, head_dim=128, vocab_size=vocab))
         with torch.no_grad():
@@ -68,7 +90,7 @@ def row(kind: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure_model()
-    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    tok = gemma_style_tokenizer(2000) if kind == "gemma3" else AutoTokenizer.from_pretrained(MODEL_DIR)
     src, gguf = OUT / f"export-archs-{kind}", OUT / f"export-archs-{kind}.f16.gguf"
     model = tiny(kind, len(tok))
     model.save_pretrained(src)
@@ -78,13 +100,24 @@ def row(kind: str) -> dict[str, Any]:
     exported = json.loads(out[out.index("{") :])
     ids = torch.randint(0, len(tok), (1, 200), generator=torch.Generator().manual_seed(1))
     nll, top = scored(model, ids)
-    cpp = run_gguf(gguf, [ids[0].tolist()], decode_tokens=4)
+    texts = [d[:400] for d in carve.Corpus("legal").documents[20:40] + carve.Corpus("code").documents[:10]]
+    texts.append("Café naïve façade — ∑ x² ≤ ∞, 東京 😀 and\ttabs  and   spaces")
+    cpp = run_gguf(gguf, [ids[0].tolist()], decode_tokens=4, texts=texts if kind == "gemma3" else None)
     cpp_top = cpp["top1"][0][: len(top)]  # llama.cpp's top-1 at every position but the last, as `top`
     r: dict[str, Any] = {
         "id": kind, "architecture": exported["architecture"], "tensors": exported["tensors"],
         "llamacpp_nll": round(cpp["nll"], 4), "transformers_nll": round(nll, 4),
         "top1_agree": sum(a == b for a, b in zip(cpp_top, top, strict=True)), "positions": len(top),
     }  # fmt: skip
+    if kind == "gemma3":  # every layer global: what llama.cpp must not match; and its tokenizer
+        model.config.layer_types = ["full_attention"] * 3
+        model.save_pretrained(OUT / "export-archs-global")
+        plain_nll, plain_top = scored(AutoModelForCausalLM.from_pretrained(OUT / "export-archs-global").eval(), ids)
+        want = [tok(t)["input_ids"] for t in texts]
+        r.update(plain_nll=round(plain_nll, 4),
+                 plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)),
+                 texts=len(texts), texts_same=sum(a == b for a, b in zip(cpp["tokenized"], want, strict=True)),
+                 text_tokens=sum(map(len, want)))  # fmt: skip
     if kind == "llama3-rope":  # the same weights under plain RoPE: what llama.cpp must not match
         model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         model.save_pretrained(OUT / "export-archs-plain")
@@ -96,29 +129,33 @@ def row(kind: str) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "## GGUF export in llama.cpp: Qwen3 and Llama 3 RoPE scaling (tiny random models)",
+        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3 (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
+        "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
         "tokenizer), `carve export --type f16`, one random 200-token block scored by transformers and by "
-        "llama.cpp (llama-cpp-python 0.3.36 built from source). Llama 3 RoPE: the same block also scored by "
-        "transformers with the scaling removed.",
+        "llama.cpp (llama-cpp-python 0.3.36 built from source). Contrast: the same block scored by "
+        "transformers with the layout's feature removed (Llama 3: no RoPE scaling; Gemma 3: every layer "
+        "global), which llama.cpp must not match. Tokenization: held-out texts tokenized by llama.cpp and by "
+        "transformers (Gemma 3 row).",
         "",
         "| layout | llama.cpp arch | tensors | llama.cpp NLL | transformers NLL | top-1 agreement "
-        "| transformers NLL without the RoPE scaling | top-1 agreement with it |",
-        "|---|---|---|---|---|---|---|---|",
+        "| contrast: transformers NLL without the feature | top-1 agreement with it | texts tokenized the same |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         plain = f"{r['plain_nll']:.4f} | {r['plain_top1_agree']} / {r['positions']}" if "plain_nll" in r else "- | -"
+        texts = f"{r['texts_same']} / {r['texts']} ({r['text_tokens']} tokens)" if "texts" in r else "-"
         lines.append(
             f"| {r['id']} | {r['architecture']} | {r['tensors']} | {r['llamacpp_nll']:.4f} "
-            f"| {r['transformers_nll']:.4f} | {r['top1_agree']} / {r['positions']} | {plain} |"
+            f"| {r['transformers_nll']:.4f} | {r['top1_agree']} / {r['positions']} | {plain} | {texts} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     rows = []
-    for kind in ("qwen3", "llama3-rope"):
+    for kind in ("qwen3", "llama3-rope", "gemma3"):
         print(f"running {kind} ...", flush=True)
         r = row(kind)
         save_result(RESULTS, r)

@@ -26,11 +26,18 @@ def ensure_llamacpp() -> Path:
 
 
 def run_gguf(
-    gguf: Path, blocks: list[list[int]], threads: int = 2, decode_tokens: int = 64, quality: bool = True
+    gguf: Path,
+    blocks: list[list[int]],
+    threads: int = 2,
+    decode_tokens: int = 64,
+    quality: bool = True,
+    texts: list[str] | None = None,
 ) -> dict[str, Any]:
-    """llamacpp_worker.py's measures of `gguf` on the token `blocks` (see there)."""
+    """llamacpp_worker.py's measures of `gguf` on the token `blocks` (see there); `texts` are also
+    tokenized by llama.cpp's own tokenizer."""
     python = ensure_llamacpp()
-    spec = {"gguf": str(gguf), "blocks": blocks, "threads": threads, "decode_tokens": decode_tokens, "quality": quality}
+    spec = {"gguf": str(gguf), "blocks": blocks, "threads": threads, "decode_tokens": decode_tokens,
+            "quality": quality, "texts": texts or []}  # fmt: skip
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     proc = subprocess.run([str(python), str(HERE / "llamacpp_worker.py"), f.name], capture_output=True, text=True)

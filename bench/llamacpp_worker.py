@@ -3,7 +3,9 @@ llama.cpp itself.
 
     python llamacpp_worker.py SPEC.json   -> prints one JSON object
 
-SPEC: {"gguf": PATH, "blocks": [[token ids] ...], "threads": 2, "decode_tokens": 64, "quality": true}.
+SPEC: {"gguf": PATH, "blocks": [[token ids] ...], "threads": 2, "decode_tokens": 64, "quality": true,
+"texts": [str ...]} ("texts", optional: each tokenized by llama.cpp's own tokenizer, BOS added as
+the vocabulary says, returned as "tokenized").
 With "quality" (the default), per block: llama.cpp's logits at every position (its own
 tokenization is not used: the blocks are the token ids carve evaluates), the top-1 next token per
 position, and the summed negative log likelihood of each next token; without it llama.cpp computes
@@ -57,6 +59,7 @@ def main() -> None:
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         nll += float((logz[:-1] - logits[np.arange(len(block) - 1), block[1:]]).sum())
         tokens += len(block) - 1
+    tokenized = [llm.tokenize(t.encode("utf-8"), add_bos=True, special=False) for t in spec.get("texts", [])]
     llm.reset()
     llm.eval(blocks[0])
     steps = spec.get("decode_tokens", 64)
@@ -71,6 +74,7 @@ def main() -> None:
         "ppl": float(np.exp(nll / tokens)) if tokens else None,
         "prefill_tokens_per_s": sum(len(b) for b in blocks) / prefill_s,
         "decode_tokens_per_s": steps / decode_s,
+        "tokenized": tokenized,
     }))  # fmt: skip
 
 

@@ -114,7 +114,8 @@ def test_streamed_save_dtype(tmp_path: Path, tokenizer, small_corpus: Path) -> N
         ({"method": "taylor", "granularity": "global"}, "global ranking"),
         ({"method": "dual-obs", "granularity": "global"}, "row or matrix"),
         ({"method": "sparsegpt", "propagation": "fused"}, "fused"),
-        ({"method": "wanda", "structure": True, "sparsity": None}, "structured"),
+        ({"method": "wanda", "structure": True, "sparsity": None, "keep": 0.5, "drop_rule": "greedy"}, "greedy"),
+        ({"method": "fisher", "structure": True, "sparsity": None, "keep": 0.5}, "activation or weight methods"),
         ({"method": "sparsegpt", "save_format": "sparse"}, "sparse format"),
     ],
 )
@@ -340,3 +341,41 @@ def test_spilled_tensors_mapping(tmp_path: Path) -> None:
     del m
     gc.collect()
     assert not directory.exists()
+
+
+STRUCTURED_STREAMS = [("llama", {"keep": 0.5}), ("gemma3", {"keep": 0.5}),
+                      ("qwen2", {"drop_blocks": 1, "mlp_keep": 0.5, "heads_keep": 1.0}),
+                      ("llama", {"keep": 0.6, "bias_compensation": True}),
+                      ("gemma3", {"mlp_keep": 0.5, "heads_keep": 0.5, "bias_compensation": True}),
+                      ("mistral", {"keep": 0.5, "method": "magnitude"})] + [(a, {"keep": 0.5}) for a in MORE_ARCHS]  # fmt: skip
+
+
+@pytest.mark.parametrize("arch, kw", STRUCTURED_STREAMS)
+def test_streamed_structured_equals_in_memory(
+    tmp_path: Path, tokenizer, small_corpus: Path, arch: str, kw: dict
+) -> None:
+    """A streamed structured extraction (unit importance block by block, block distances, mean inputs
+    and every candidate split's loss in streamed passes, each kept block sliced as it is written):
+    the in-memory plan, config and weights bit for bit, and the same perplexities."""
+    import json
+
+    src = _saved(tmp_path, arch, tokenizer)
+    kw = {"method": "wanda", **kw}
+    method = kw.pop("method")
+    mem = extract(_recipe(src, small_corpus, method, False, structure=True, sparsity=None, **kw), tmp_path / "mem")
+    streamed = extract(
+        _recipe(src, small_corpus, method, True, structure=True, sparsity=None, **kw), tmp_path / "stream"
+    )
+    assert streamed["streamed"]["why"] == "--stream"
+    assert streamed["structure"] == mem["structure"]
+    assert streamed["size"]["parameters_after"] == mem["size"]["parameters_after"] < mem["size"]["parameters_before"]
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit
+    ca, cb = (json.loads((tmp_path / d / "config.json").read_text()) for d in ("mem", "stream"))
+    assert {k: v for k, v in ca.items() if k != "transformers_version"} == {
+        k: v for k, v in cb.items() if k != "transformers_version"}  # fmt: skip
+    for when in ("before", "after"):
+        for key in ("domain_ppl", "general_ppl"):
+            assert streamed["metrics"][when][key] == pytest.approx(mem["metrics"][when][key], rel=1e-4)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -18,7 +20,7 @@ from carve.engines.activations import bound_heap_retention, parse_size
 from carve.engines.layerwise import check_calib_dtype
 from carve.errors import UsageError
 from carve.evaluation.speed import measure_speed, speedup
-from carve.importance.scoring import score
+from carve.importance.scoring import score, streamed_unit_importance
 from carve.job import (  # noqa: F401  - the shared job skeleton (re-exported for callers of the pipeline)
     SAVE_DTYPE_HELP,
     SAVE_DTYPES,
@@ -40,6 +42,7 @@ from carve.job import (  # noqa: F401  - the shared job skeleton (re-exported fo
 from carve.masks.mask import ImportanceMap
 from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
+from carve.models.anatomy import anatomy
 from carve.models.arch import DEFAULT_EXCLUDE, count_parameters
 from carve.models.load import (
     check_calib_choice,
@@ -55,12 +58,14 @@ from carve.models.stream import StreamWriter
 from carve.ops.outcome import Outcome
 from carve.ops.plan import DEFAULT_DROP_RULE, DROP_RULES, ShapeTarget, check_drop_rule
 from carve.ops.prune import PROPAGATIONS, PruneResult, check_method_options, check_propagation, prune, scores_first
-from carve.ops.structure import structure
+from carve.ops.structure import StructureResult, compensated_roles, plan_config, sliced_copy, structure
 from carve.output import atomic_file, atomic_output_dir, check_output, claim, write_json
+from carve.progress import progress
 from carve.scorers import SCORERS, get_scorer
 from carve.settings import Calibration, Targets, check_types, flag
 from carve.streamed import (
     BlockStream,
+    Reshaped,
     available_memory,
     check_streamable,
     copy_side_files,
@@ -165,8 +170,8 @@ class Recipe:
     batch_size: int = flag("calibration blocks per forward pass", 8)
     stream: bool = flag(
         "read, prune and write one decoder block at a time, for models larger than memory (a local safetensors "
-        "directory; dual-obs, fisher, taylor, magnitude, wanda, sparsegpt); on by itself when the weights would take "
-        "more than half the memory available",
+        "directory; dual-obs, fisher, taylor, magnitude, wanda, sparsegpt; --structure with wanda, magnitude or "
+        "sparsegpt); on by itself when the weights would take more than half the memory available",
         False,
     )
     max_memory: str | None = flag(
@@ -318,7 +323,15 @@ def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
 def _not_streamable(r: Recipe) -> str | None:
     """Why a resolved recipe cannot stream (None: it can)."""
     if r.structure:
-        return "structured extraction plans over the whole model; it does not stream yet"
+        scorer = get_scorer(r.method or DEFAULT_STRUCTURE_METHOD)
+        if scorer.gradient is not None or scorer.needs_general:
+            return (f"a streamed structured extraction scores with activation or weight methods (wanda, the default, "
+                    f"magnitude, sparsegpt); {r.method} needs the whole model's gradients first")  # fmt: skip
+        if (r.drop_rule or DEFAULT_DROP_RULE) == "greedy":
+            return "the greedy drop rule re-runs the whole model per candidate block; stream with --drop-rule distance"
+        if r.importance is not None:
+            return "a reused importance map is the whole model's; a streamed structured extraction scores blockwise"
+        return None
     if _scores_first(r) and not _streamed_scores(r):
         return (f"{r.method} scores the whole dense model first (a global ranking, general importance or a reused "
                 "map); streaming works with the gradient methods dual-obs, fisher and taylor and the block-wise "
@@ -552,11 +565,28 @@ def _extract_streamed(
     with skeleton, atomic_output_dir(out, overwrite) if out is not None else nullcontext(None) as tmp:
         specs = [(stored, getattr(torch, save_name) if skeleton.source.dtype(stored).is_floating_point
                   else skeleton.source.dtype(stored), shape) for stored, shape in skeleton.stored_specs()]  # fmt: skip
+        config, reshaped, structured = lm.model.config, None, None
+        if r.structure:  # planned first (passes of their own), then sliced block by block as it is written
+            with stage("plan"):
+                assert r.method is not None
+                units = partial(streamed_unit_importance, skeleton, r.method, data.calib, calib=calib)
+                structured = structure(lm.model, units, data.calib, r.shape_target(), batch_size=r.batch_size,
+                                       source=skeleton)  # fmt: skip
+                reshaped, specs, config = _reshaped(skeleton, structured, getattr(torch, save_name))
+                structured.config = config
+            skeleton.load_others()
         writer = StreamWriter(tmp, specs) if tmp is not None else None
-        stream = BlockStream(skeleton, writer, data.held_out, getattr(torch, save_name))
+        stream = BlockStream(skeleton, writer, data.held_out, getattr(torch, save_name), reshaped)
         with stage("prune"):
             stream.start()
-            outcome = _operate(r, lm, data, replace(calib, stream=stream))
+            if structured is None:
+                outcome: Outcome = _operate(r, lm, data, replace(calib, stream=stream))
+            else:
+                outcome = structured
+                stream.captured()
+                for i in progress(range(len(skeleton.blocks)), "slicing and writing (streamed)"):
+                    stream.enter(i)
+                    stream.leave(i)
         with stage("evaluate"):
             before = metrics(stream.perplexities(stream.before, "perplexity (before)"), data.held_out)
             after = metrics(stream.perplexities(stream.after, "perplexity (after)"), data.held_out)
@@ -576,21 +606,21 @@ def _extract_streamed(
                 "eval": data.held_out.describe(),
             },
             "metrics": {"before": before, "after": after, "before_from_cache": False},
-            "size": {"parameters_before": sum(n for _, n in stream.zeros.values())},
+            "size": {"parameters_before": sum(math.prod(shape) for _, shape in skeleton.stored_specs()),
+                     "parameters_after": sum(n for _, n in stream.zeros.values())},
             "saved": {"dtype": save_name, "format": "dense", "metrics_measured": (
                 f"computed in {compute}" + ("" if save_name in (compute, "float32") else
                 f"; the metrics are of the decoder blocks as saved ({save_name}) and of the tensors outside them "
                 f"in {compute}"))},
-            **_pruned(outcome).describe(lm.model, stream.zeros),
+            **(outcome.describe(lm.model) if structured else _pruned(outcome).describe(lm.model, stream.zeros)),
             "importance": None,  # a gradient method's map stays in temporary files: it is not saved when streaming
         }  # fmt: skip
-        manifest["size"]["parameters_after"] = manifest["size"]["parameters_before"]
         if tmp is not None:
             assert writer is not None
             with stage("save"):
                 writer.close()
-                lm.model.config.dtype = getattr(torch, save_name)
-                lm.model.config.save_pretrained(tmp)
+                config.dtype = getattr(torch, save_name)
+                config.save_pretrained(tmp)
                 copy_side_files(path, tmp)
                 tok.save_pretrained(tmp)
                 outcome.save(tmp)
@@ -605,8 +635,38 @@ def _extract_streamed(
     return manifest
 
 
+def _reshaped(
+    skeleton: SkeletonModel, result: StructureResult, dtype: torch.dtype
+) -> tuple[Reshaped, list[tuple[str, torch.dtype, list[int]]], Any]:
+    """How a streamed structured extraction writes its plan: each kept block sliced (and renumbered),
+    the output's tensor layout (from the blocks sliced on the meta device, before any is read),
+    and the output's config."""
+    anat = anatomy(skeleton.model)
+    plan = result.plan
+    roles = compensated_roles(skeleton.model, plan, result.means)
+    index = {i: k for k, i in enumerate(i for i in range(len(anat.blocks)) if i not in plan.drop)}
+
+    def block(i: int) -> torch.nn.Module:
+        return sliced_copy(anat, plan, i, roles, None if result.means is None else result.means[i])
+
+    specs: list[tuple[str, torch.dtype, list[int]]] = []
+    seen: set[int] = set()
+    for name, (stored, shape) in skeleton.specs.items():
+        i = skeleton.block_of(name)
+        if i is None:
+            kind = skeleton.source.dtype(stored)
+            specs.append((stored, dtype if kind.is_floating_point else kind, shape))
+        elif i not in seen and i in index:  # the sliced block's tensors, in its own order
+            seen.add(i)
+            specs += [(f"{skeleton.prefix}.{index[i]}.{n}", dtype if p.is_floating_point() else p.dtype, list(p.shape))
+                      for n, p in block(i).named_parameters()]  # fmt: skip
+    config = copy.deepcopy(skeleton.model.config)
+    plan_config(config.get_text_config() if hasattr(config, "get_text_config") else config, anat, plan, roles)
+    return Reshaped(block, index), specs, config
+
+
 def _pruned(outcome: Outcome) -> PruneResult:
-    assert isinstance(outcome, PruneResult)  # a streamed extraction is unstructured or N:M
+    assert isinstance(outcome, PruneResult)  # the unstructured and N:M jobs
     return outcome
 
 

@@ -10,6 +10,11 @@ reaches it.  `BlockStream` is the engine's hook pair (`Calibration.stream`):
 - `leave(i)`: the "after" hidden states pass through the pruned block, its tensors are written to
   the output's shards (models/stream.StreamWriter) in the saved dtype, and it is freed.
 
+A structured extraction streams in passes (ops.structure with a `source`): unit importance block
+by block, block distances and mean inputs, one pass per candidate split, then the writing pass, in
+which `leave(i)` writes the block sliced to the plan (`Reshaped`) under its new index, or nothing
+for a dropped block.
+
 Both perplexities come from this one pass: after the last block, each set's final hidden states go
 through the model's own final norm and head (every block's forward replaced by one that returns
 them), exactly as a full forward would compute them.  The output is a plain (sharded) safetensors
@@ -21,10 +26,12 @@ from __future__ import annotations
 import math
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from carve.engines.gradient import returning
 from carve.engines.layerwise import call_block, capture_inputs
@@ -63,14 +70,25 @@ def weights_bytes(directory: Path, dtype: torch.dtype) -> int:
     return n
 
 
+@dataclass
+class Reshaped:
+    """What a streamed structured extraction writes for block i: `block(i)`, the read block sliced
+    to the plan (a copy sharing its parameters), as block `index[i]`; nothing for a block not in
+    `index` (dropped)."""
+
+    block: Callable[[int], nn.Module]
+    index: dict[int, int]
+
+
 class BlockStream:
     """The layer-wise engine's hooks for a streamed extraction (see the module docstring)."""
 
     def __init__(self, skeleton: SkeletonModel, writer: StreamWriter | None, held_out: EvalData,
-                 save_dtype: torch.dtype) -> None:  # fmt: skip
+                 save_dtype: torch.dtype, reshaped: Reshaped | None = None) -> None:  # fmt: skip
         self.sk = skeleton
         self.writer = writer
         self.save_dtype = save_dtype
+        self.reshaped = reshaped
         self.batches = [(key, b) for key, (_, blocks) in held_out.blocks.items() for b in blocks.split(EVAL_BATCH)]
         self.zeros: dict[str, tuple[int, int]] = {}  # parameter -> (zeros, entries), as written
         self.entered: set[int] = set()
@@ -113,21 +131,33 @@ class BlockStream:
 
     @torch.no_grad()
     def leave(self, i: int) -> None:
+        if self.reshaped is not None and i not in self.reshaped.index:  # dropped: nothing runs, nothing is written
+            self.sk.free_block(i)
+            return
+        block = self.sk.blocks[i] if self.reshaped is None else self.reshaped.block(i)
+        named = (  # (parameter name, name in the checkpoint, tensor), in the output model
+            [(name, self.sk.specs[name][0], self.sk.parameter(name)) for name in self.sk.block_names(i)]
+            if self.reshaped is None
+            else [(f"{self.sk.prefix}.{self.reshaped.index[i]}.{n}",) * 2 + (p,) for n, p in block.named_parameters()]
+        )
         if self.save_dtype not in (self.sk.dtype, torch.float32):  # measured as saved, as job.round_to_saved
-            for name in self.sk.block_names(i):
-                p = self.sk.parameter(name)
+            for _, _, p in named:
                 if p.is_floating_point():
                     p.data = p.data.to(self.save_dtype).to(p.dtype)
-        self.after = [self._block(i, b, h) for (_, b), h in zip(self.batches, self.after, strict=True)]
-        for name in self.sk.block_names(i):
-            self._write(name)
+        calls, pairs = self._calls, zip(self.batches, self.after, strict=True)
+        self.after = [call_block(block, h, calls[tuple(b.shape)][i]) for (_, b), h in pairs]
+        for name, stored, p in named:
+            self._write_tensor(name, stored, p)
         self.sk.free_block(i)
 
     def _write(self, name: str) -> None:
-        t = self.sk.parameter(name).detach()
+        self._write_tensor(name, self.sk.specs[name][0], self.sk.parameter(name))
+
+    def _write_tensor(self, name: str, stored: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach()
         self.zeros[name] = (count_zeros(t), t.numel())
         if self.writer is not None:
-            self.writer.write(self.sk.specs[name][0], t.to(self.save_dtype) if t.is_floating_point() else t)
+            self.writer.write(stored, t.to(self.save_dtype) if t.is_floating_point() else t)
 
     @torch.no_grad()
     def perplexities(self, hidden: list[torch.Tensor], desc: str) -> dict[str, float]:

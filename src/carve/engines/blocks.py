@@ -1,14 +1,19 @@
 """Calibration passes over whole decoder blocks, for structured extraction: how much each block
 changes its input (ShortGPT's angular distance), the mean inputs of the output projections
 (FLAP's bias compensation), the greedy order of block removal by calibration loss, and the
-calibration loss itself.  Blocks are stood in for by pass-through forwards (models.patch)."""
+calibration loss itself.  Blocks are stood in for by pass-through forwards (models.patch).
+
+Streamed (a `BlockSource`, carve.models.skeleton): the same passes run one block at a time, each
+read from disk, run on every batch and freed, from the hidden states recorded entering block 0;
+the hooks see the same tensors as in the whole-model forward (`blockwise`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -20,6 +25,9 @@ from carve.models.arch import find_blocks, last_logits
 from carve.models.patch import replaced_forwards
 from carve.progress import bar, progress
 
+if TYPE_CHECKING:
+    from carve.engines.gradient import BlockSource
+
 
 def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """arccos(cos(a, b))/π per position (last dimension compared): 0 = same direction, 1 = opposite."""
@@ -28,7 +36,9 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def block_distances(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+def block_distances(
+    model: nn.Module, calibration: torch.Tensor, batch_size: int = 8, source: BlockSource | None = None
+) -> torch.Tensor:
     """Mean angular distance arccos(cos(x_in, x_out))/π of each decoder block over every
     calibration token: 0 = the block leaves its input's direction unchanged."""
     _, blocks = find_blocks(model)
@@ -43,12 +53,14 @@ def block_distances(model: nn.Module, calibration: torch.Tensor, batch_size: int
         return record
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    count = run_hooked(model, calibration, handles, batch_size, "block distances")
+    count = run_hooked(model, calibration, handles, batch_size, "block distances", source)
     return (total / count).float()
 
 
 @torch.no_grad()
-def input_means(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+def input_means(
+    model: nn.Module, calibration: torch.Tensor, batch_size: int = 8, source: BlockSource | None = None
+) -> list[dict[str, torch.Tensor]]:
     """Per block, the mean over calibration tokens of the inputs of o_proj and down_proj (what
     FLAP's bias compensation adds back for the removed columns)."""
     anat = anatomy(model)
@@ -66,16 +78,27 @@ def input_means(model: nn.Module, calibration: torch.Tensor, batch_size: int = 8
         for i, p in enumerate(anat.parts)
         for role in ("o_proj", "down_proj")
     ]
-    count = run_hooked(model, calibration, handles, batch_size, "input means")
+    count = run_hooked(model, calibration, handles, batch_size, "input means", source)
     return [{r: (t / count).float() for r, t in block.items()} for block in sums]
 
 
-def run_hooked(model: nn.Module, calibration: torch.Tensor, handles: list[Any], batch_size: int, label: str) -> int:
+def run_hooked(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    handles: list[Any],
+    batch_size: int,
+    label: str,
+    source: BlockSource | None = None,
+) -> int:
     """Run the calibration blocks through the model (the hooks record what they need), remove the
-    hooks, and return the number of tokens seen."""
-    device = next(model.parameters()).device
+    hooks, and return the number of tokens seen; with `source`, one decoder block at a time."""
     count = 0
     try:
+        if source is not None:
+            batches = list(calibration.split(batch_size))
+            blockwise(source, batches, label)
+            return sum(ids.numel() for ids in batches)
+        device = next(model.parameters()).device
         for ids in progress(list(calibration.split(batch_size)), label):
             model(input_ids=ids.to(device), use_cache=False)
             count += ids.numel()
@@ -83,6 +106,71 @@ def run_hooked(model: nn.Module, calibration: torch.Tensor, handles: list[Any], 
         for h in handles:
             h.remove()
     return count
+
+
+@contextmanager
+def _hooks_held(module: nn.Module) -> Iterator[None]:
+    """Within, the forward hooks of `module` and its submodules are held back (hooks registered
+    within are kept apart and removed by their own handles)."""
+    saved = [(m, m._forward_hooks, m._forward_pre_hooks) for m in module.modules()]
+    for m, _, _ in saved:
+        m._forward_hooks, m._forward_pre_hooks = OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        for m, post, pre in saved:
+            m._forward_hooks, m._forward_pre_hooks = post, pre
+
+
+@torch.no_grad()
+def blockwise(
+    source: BlockSource,
+    batches: list[torch.Tensor],
+    label: str,
+    skip: frozenset[int] = frozenset(),
+    stand_in: Callable[[int], nn.Module] | None = None,
+) -> tuple[list[torch.Tensor], bool]:
+    """The decoder blocks of `source` run on `batches` one at a time (each read, run, freed): the
+    blocks in `skip` not at all (as dropped), block i replaced by `stand_in(i)` (called once it is
+    read) where given.  Returns the final hidden states, one per batch, and whether the blocks
+    return tuples."""
+    from carve.engines.layerwise import block_output, capture_inputs
+
+    batches = [ids.to(source.device) for ids in batches]
+    source.load_others()
+    source.load_block(0)
+    with _hooks_held(source.blocks):  # the capture runs block 0 once per shape: not a pass the hooks count
+        captured, calls = capture_inputs(source.model, source.blocks, batches)
+    hidden, tuple_out = list(captured), False
+    source.free_others()  # only blocks run from here on
+    for i in progress(range(len(source.blocks)), label):
+        if i in skip:
+            continue
+        source.load_block(i)
+        block = source.blocks[i] if stand_in is None else stand_in(i)
+        outs = [block_output(block, h, calls[tuple(ids.shape)][i]) for ids, h in zip(batches, hidden, strict=True)]
+        tuple_out = isinstance(outs[0], (tuple, list))
+        hidden = [o[0] if tuple_out else o for o in outs]
+        del block, outs
+        source.free_block(i)
+    return hidden, tuple_out
+
+
+@torch.no_grad()
+def final_losses(
+    source: BlockSource, seqs: list[torch.Tensor], hidden: list[torch.Tensor], tuple_out: bool
+) -> list[float]:
+    """The next-token loss of each of `seqs` whose final hidden states (the last block's output)
+    are in `hidden`: the model's own final norm, head and loss, its blocks standing in."""
+    from carve.engines.gradient import next_token_loss, returning
+
+    source.load_others()
+    losses = []
+    for ids, h in zip(seqs, hidden, strict=True):
+        with replaced_forwards(list(source.blocks), returning((h,) if tuple_out else h)):
+            losses.append(float(next_token_loss(source.model, ids.to(source.device)).item()))
+    source.free_others()
+    return losses
 
 
 @contextmanager

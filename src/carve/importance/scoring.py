@@ -15,7 +15,7 @@ One function per kind of scorer, each feeding the scorer's pure maths from one e
 from __future__ import annotations
 
 from collections.abc import MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,10 +25,16 @@ from carve.engines.gradient import STATISTICS, accumulate_gradients, streamed_gr
 from carve.engines.layerwise import layerwise
 from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap
-from carve.models.arch import as_param_layout, weight_matrix
+from carve.models.anatomy import anatomy
+from carve.models.arch import as_param_layout, prunable_linears, weight_matrix
+from carve.ops.plan import UnitImportance, block_unit_importance
+from carve.progress import progress
 from carve.scorers.gradient import normalized
 from carve.scorers.registry import Scorer, get_scorer
 from carve.settings import DEFAULT_CALIBRATION, DEFAULT_TARGETS, Calibration, Targets
+
+if TYPE_CHECKING:
+    from carve.engines.gradient import BlockSource
 
 
 def needs_data(scorer: Scorer, calibration: torch.Tensor | None) -> torch.Tensor | None:
@@ -159,3 +165,62 @@ def gradient_scores(
     )  # fmt: skip
     # statistics are popped as each score is written: memory stays one set of maps
     return {p: score_of(p, {s: grads.stats[s].pop(p) for s in wanted}) for p in by_param}
+
+
+class _Visit:
+    """The layer-wise engine's stream hooks for a read-only pass: each block read before it is
+    calibrated and freed after (nothing written)."""
+
+    def __init__(self, source: BlockSource) -> None:
+        self.source = source
+
+    def captured(self) -> None:
+        self.source.free_others()
+
+    def enter(self, i: int) -> None:
+        self.source.load_block(i)
+
+    def leave(self, i: int) -> None:
+        self.source.free_block(i)
+
+
+def streamed_unit_importance(
+    source: BlockSource,
+    method: str,
+    calibration: torch.Tensor | None,
+    *,
+    targets: Targets = DEFAULT_TARGETS,
+    calib: Calibration = DEFAULT_CALIBRATION,
+) -> UnitImportance:
+    """`unit_importance` of `score(...)` for a streamed structured extraction: each block scored
+    under `method` on the dense model exactly as `score` scores it (the same statistics, in the
+    same order), then reduced to its key/value groups' and MLP channels' importance at once, so
+    the whole map is never held.  Activation and weight scorers only (a gradient method's
+    structured scores would need the streamed gradient pass's whole-model backward first)."""
+    scorer = get_scorer(method)
+    if scorer.gradient is not None or scorer.needs_general:
+        raise UsageError(
+            f"a streamed structured extraction scores with activation or weight methods (wanda, magnitude, "
+            f"sparsegpt ...); {method} does not stream with --structure yet"
+        )
+    anat = anatomy(source.model)
+    groups = torch.zeros(len(anat.parts), anat.kv_heads)
+    channels = torch.zeros(len(anat.parts), anat.intermediate)
+
+    def on_block(i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
+        scores = {f"{name}.weight": as_param_layout(lin, scorer.score(weight_matrix(lin), stats.get(name))).cpu()
+                  for name, lin in linears.items()}  # fmt: skip
+        groups[i], channels[i] = block_unit_importance(scores, anat.parts[i], anat)
+
+    data = needs_data(scorer, calibration)
+    if data is None:
+        for i in progress(range(len(source.blocks)), f"scoring ({scorer.name})"):
+            source.load_block(i)
+            on_block(i, prunable_linears(source.blocks[i], f"{anat.prefix}.{i}", targets.include, targets.exclude), {})
+            source.free_block(i)
+    else:
+        source.load_others()
+        source.load_block(0)
+        dense = Calibration(calib.batch_size, "dense", calib.dtype, stream=_Visit(source), max_memory=calib.max_memory)
+        layerwise(source.model, data, on_block, scorer.statistic, targets, dense, f"scoring ({scorer.name})")
+    return UnitImportance(groups, channels)

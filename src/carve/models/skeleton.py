@@ -76,6 +76,10 @@ class SkeletonModel:
             if self._in_block(name) is None:
                 self._load(name)
 
+    def block_of(self, name: str) -> int | None:
+        """The decoder block parameter `name` belongs to (None: outside the blocks)."""
+        return self._in_block(name)
+
     def _in_block(self, name: str) -> int | None:
         rest = name.removeprefix(self.prefix + ".") if name.startswith(self.prefix + ".") else None
         return None if rest is None else int(rest.split(".", 1)[0])

@@ -52,19 +52,36 @@ def unit_importance(scores: Mapping[str, torch.Tensor], anat: Anatomy) -> tuple[
     groups = torch.zeros(len(anat.parts), anat.kv_heads)
     channels = torch.zeros(len(anat.parts), anat.intermediate)
     for i, p in enumerate(anat.parts):
-
-        def s(role: str, p: Parts = p) -> torch.Tensor:
-            key = f"{p.names[role]}.weight"
-            if key not in scores:
-                raise UsageError(f"the importance map has no scores for {key}; score the attention and MLP weights")
-            return scores[key]
-
-        groups[i] = _rows(s("k_proj"), anat.kv_heads) + _rows(s("v_proj"), anat.kv_heads)
-        groups[i] += _rows(s("q_proj"), anat.kv_heads) + _cols(s("o_proj"), anat.kv_heads)
-        channels[i] = _rows(s("up_proj"), anat.intermediate) + _cols(s("down_proj"), anat.intermediate)
-        if "gate_proj" in p.names:
-            channels[i] += _rows(s("gate_proj"), anat.intermediate)
+        groups[i], channels[i] = block_unit_importance(scores, p, anat)
     return groups, channels
+
+
+def block_unit_importance(
+    scores: Mapping[str, torch.Tensor], p: Parts, anat: Anatomy
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One block's row of `unit_importance`: its key/value groups' and MLP channels' importance."""
+
+    def s(role: str) -> torch.Tensor:
+        key = f"{p.names[role]}.weight"
+        if key not in scores:
+            raise UsageError(f"the importance map has no scores for {key}; score the attention and MLP weights")
+        return scores[key]
+
+    groups = _rows(s("k_proj"), anat.kv_heads) + _rows(s("v_proj"), anat.kv_heads)
+    groups += _rows(s("q_proj"), anat.kv_heads) + _cols(s("o_proj"), anat.kv_heads)
+    channels = _rows(s("up_proj"), anat.intermediate) + _cols(s("down_proj"), anat.intermediate)
+    if "gate_proj" in p.names:
+        channels += _rows(s("gate_proj"), anat.intermediate)
+    return groups, channels
+
+
+@dataclass
+class UnitImportance:
+    """`unit_importance`'s result, for a caller that reduced the scores block by block (a streamed
+    extraction, which never holds the whole importance map)."""
+
+    groups: torch.Tensor  # [blocks, kv_heads]
+    channels: torch.Tensor  # [blocks, intermediate]
 
 
 @dataclass(frozen=True)

@@ -21,19 +21,27 @@ import copy
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from carve.engines.blocks import block_distances, calibration_loss, greedy_drop_order, input_means
+from carve.engines.blocks import (
+    block_distances,
+    blockwise,
+    calibration_loss,
+    final_losses,
+    greedy_drop_order,
+    input_means,
+)
 from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap
-from carve.models.anatomy import ATTENTION, MLP, anatomy, compensable, text_config
+from carve.models.anatomy import ATTENTION, MLP, Anatomy, Parts, anatomy, compensable, text_config
 from carve.ops.plan import (
     Plan,
     Shape,
     ShapeTarget,
+    UnitImportance,
     candidate_shapes,
     check_drop_rule,
     decoder_params,
@@ -42,6 +50,9 @@ from carve.ops.plan import (
     unit_importance,
 )
 from carve.progress import progress
+
+if TYPE_CHECKING:
+    from carve.engines.gradient import BlockSource
 
 
 def _sliced(lin: nn.Linear, rows: list[int] | None = None, cols: list[int] | None = None) -> nn.Linear:
@@ -73,47 +84,74 @@ def _with_bias(lin: nn.Linear, delta: torch.Tensor | None = None) -> None:
             lin.bias.add_(delta.to(lin.bias.dtype).to(lin.bias.device))
 
 
-def apply_plan(model: nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]] | None = None) -> nn.Module:
-    """Slice `model` in place to the plan's units and rewrite its config; returns it.  With
-    `means` (from `input_means`), the removed heads' and channels' mean contributions are
-    compensated by biases where the config can carry them (see `compensable`)."""
+def compensated_roles(model: nn.Module, plan: Plan, means: Any) -> list[str]:
+    """The projections ("o_proj", "down_proj") whose removed inputs become biases under `plan`:
+    none without `means`, and only where the plan removes heads or channels and the config can
+    carry a bias (see `compensable`)."""
     anat = anatomy(model)
-    hd, rep = anat.head_dim, anat.group_size
     roles = compensable(model) if means is not None else []
     if plan.shape.kv_groups == anat.kv_heads and "o_proj" in roles:
         roles.remove("o_proj")  # no head removed: nothing to compensate
     if plan.shape.mlp_channels == anat.intermediate and "down_proj" in roles:
         roles.remove("down_proj")
-    config = text_config(model)
-    for i, p in enumerate(anat.parts):
-        if i in plan.drop:
-            continue
-        kv = _head_rows(plan.groups[i], hd)
-        q = _head_rows([h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)], hd)
-        removed = {
-            "o_proj": sorted(set(range(p.linear("o_proj").in_features)) - set(q)),
-            "down_proj": sorted(set(range(p.linear("down_proj").in_features)) - set(plan.channels[i])),
-        }
-        deltas = {}
-        for role in roles:
-            assert means is not None
-            lin = p.linear(role)
-            cols = removed[role]
-            deltas[role] = lin.weight.detach()[:, cols].float() @ means[i][role][cols].to(lin.weight.device)
-        for role, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-            setattr(p.attention, role, _sliced(p.linear(role), rows=rows))
-        p.attention.o_proj = _sliced(p.linear("o_proj"), cols=q)
-        ch = plan.channels[i]
-        for role in ("gate_proj", "up_proj"):
-            if role in p.names:
-                setattr(p.mlp, role, _sliced(p.linear(role), rows=ch))
-        p.mlp.down_proj = _sliced(p.linear("down_proj"), cols=ch)
-        for role, delta in deltas.items():
-            for r in ATTENTION if role == "o_proj" else MLP:
-                if r in p.names:  # the config's flag gives every projection it governs a bias
-                    _with_bias(p.linear(r), delta if r == role else None)
+    return roles
+
+
+def slice_block(p: Parts, anat: Anatomy, plan: Plan, i: int, roles: list[str],
+                means: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
+    """Slice block `i` (its `Parts`) in place to the plan's units: its projections replaced by
+    sliced copies, never written into; with `roles`, the removed units' mean inputs (`means`, the
+    block's entry of `input_means`) folded into biases."""
+    hd, rep = anat.head_dim, anat.group_size
+    kv = _head_rows(plan.groups[i], hd)
+    q = _head_rows([h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)], hd)
+    removed = {
+        "o_proj": sorted(set(range(p.linear("o_proj").in_features)) - set(q)),
+        "down_proj": sorted(set(range(p.linear("down_proj").in_features)) - set(plan.channels[i])),
+    }
+    deltas = {}
+    for role in roles:
+        assert means is not None
+        lin = p.linear(role)
+        cols = removed[role]
+        deltas[role] = lin.weight.detach()[:, cols].float() @ means[role][cols].to(lin.weight.device)
+    for role, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+        setattr(p.attention, role, _sliced(p.linear(role), rows=rows))
+    p.attention.o_proj = _sliced(p.linear("o_proj"), cols=q)
+    ch = plan.channels[i]
+    for role in ("gate_proj", "up_proj"):
+        if role in p.names:
+            setattr(p.mlp, role, _sliced(p.linear(role), rows=ch))
+    p.mlp.down_proj = _sliced(p.linear("down_proj"), cols=ch)
+    for role, delta in deltas.items():
+        for r in ATTENTION if role == "o_proj" else MLP:
+            if r in p.names:  # the config's flag gives every projection it governs a bias
+                _with_bias(p.linear(r), delta if r == role else None)
+
+
+def plan_config(config: Any, anat: Anatomy, plan: Plan, roles: list[str]) -> None:
+    """Rewrite `config` (the text config) in place to the sliced model's shape."""
     for role in roles:
         setattr(config, "attention_bias" if role == "o_proj" else "mlp_bias", True)
+    kept = [i for i in range(len(anat.blocks)) if i not in plan.drop]
+    config.head_dim = anat.head_dim  # explicit: most configs derive it from hidden_size / heads otherwise
+    config.num_key_value_heads = plan.shape.kv_groups
+    config.num_attention_heads = plan.shape.kv_groups * anat.group_size
+    config.intermediate_size = plan.shape.mlp_channels
+    for key, value in per_layer_lists(config, len(anat.blocks)).items():  # layer_types, no_rope_layers, ...
+        setattr(config, key, [value[i] for i in kept])
+    config.num_hidden_layers = len(kept)
+
+
+def apply_plan(model: nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]] | None = None) -> nn.Module:
+    """Slice `model` in place to the plan's units and rewrite its config; returns it.  With
+    `means` (from `input_means`), the removed heads' and channels' mean contributions are
+    compensated by biases where the config can carry them (see `compensable`)."""
+    anat = anatomy(model)
+    roles = compensated_roles(model, plan, means)
+    for i, p in enumerate(anat.parts):
+        if i not in plan.drop:
+            slice_block(p, anat, plan, i, roles, None if means is None else means[i])
     kept = [i for i in range(len(anat.blocks)) if i not in plan.drop]
     if plan.drop:
         new_list = nn.ModuleList([anat.blocks[i] for i in kept])
@@ -123,13 +161,7 @@ def apply_plan(model: nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]
                     mod.layer_idx = new_i  # type: ignore[assignment]  # the KV cache is indexed by it
         parent = model.get_submodule(anat.prefix.rsplit(".", 1)[0]) if "." in anat.prefix else model
         setattr(parent, anat.prefix.rsplit(".", 1)[-1], new_list)
-    config.head_dim = hd  # explicit: most configs derive it from hidden_size / heads otherwise
-    config.num_key_value_heads = plan.shape.kv_groups
-    config.num_attention_heads = plan.shape.kv_groups * rep
-    config.intermediate_size = plan.shape.mlp_channels
-    for key, value in per_layer_lists(config, len(anat.blocks)).items():  # layer_types, no_rope_layers, ...
-        setattr(config, key, [value[i] for i in kept])
-    config.num_hidden_layers = len(kept)
+    plan_config(text_config(model), anat, plan, roles)
     return model
 
 
@@ -174,6 +206,27 @@ def shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def sliced_copy(anat: Anatomy, plan: Plan, i: int, roles: list[str],
+                means: dict[str, torch.Tensor] | None = None) -> nn.Module:  # fmt: skip
+    """Block `i` sliced to the plan (as `apply_plan` slices it) in a `shared_copy` of the block: the
+    block itself, and its parameters, stay as they are."""
+    twin = shared_copy(anat.blocks[i])
+    p = anat.parts[i]
+    holder = lambda role: p.names[role].removeprefix(f"{anat.prefix}.{i}.").rpartition(".")[0]  # noqa: E731
+    slice_block(Parts(twin.get_submodule(holder("q_proj")), twin.get_submodule(holder("up_proj")), p.names),
+                anat, plan, i, roles, means)  # fmt: skip
+    return twin
+
+
+def _plan_loss(source: BlockSource, anat: Anatomy, plan: Plan, roles: list[str],
+               means: list[dict[str, torch.Tensor]] | None, blocks: torch.Tensor) -> float:  # fmt: skip
+    """`calibration_loss` of the model sliced to `plan`, one block at a time from `source`."""
+    stand_in = lambda i: sliced_copy(anat, plan, i, roles, None if means is None else means[i])  # noqa: E731
+    seqs = [b[None] for b in blocks]  # one sequence at a time, as calibration_loss runs them
+    hidden, tuple_out = blockwise(source, seqs, "candidate", frozenset(plan.drop), stand_in)
+    return float(sum(final_losses(source, seqs, hidden, tuple_out)) / len(blocks))
+
+
 def search_plan(
     model: nn.Module,
     shapes: list[Shape],
@@ -182,10 +235,12 @@ def search_plan(
     drop_order: Sequence[int] | None,
     blocks: torch.Tensor,
     means: list[dict[str, torch.Tensor]] | None = None,
+    source: BlockSource | None = None,
 ) -> Plan:
     """The plan among `shapes` whose sliced model (bias-compensated with `means`, if given) has
     the lowest loss on `blocks` (each candidate is sliced from a `shared_copy` of the model,
-    measured, and freed: a candidate costs only its sliced weights, not a second model)."""
+    measured, and freed: a candidate costs only its sliced weights, not a second model; with
+    `source`, one sliced block at a time)."""
     if len(shapes) == 1:
         return make_plan(shapes[0], groups, channels, drop_order)
     anat = anatomy(model)
@@ -193,9 +248,12 @@ def search_plan(
     weighed = []
     for shape in progress(shapes, "split search"):
         plan = make_plan(shape, groups, channels, drop_order)
-        trial = apply_plan(shared_copy(model), plan, means)
-        loss = calibration_loss(trial, blocks)
-        del trial
+        if source is not None:
+            loss = _plan_loss(source, anat, plan, compensated_roles(model, plan, means), means, blocks)
+        else:
+            trial = apply_plan(shared_copy(model), plan, means)
+            loss = calibration_loss(trial, blocks)
+            del trial
         weighed.append({**asdict(shape), "decoder_params": decoder_params(anat, shape), "loss": round(loss, 5)})
         if best is None or loss < best[0]:
             best = (loss, plan)
@@ -213,9 +271,12 @@ class StructureResult:
     distances: torch.Tensor | None  # block distances, when dropping blocks by the distance rule was considered
     drop_order: list[int] | None = None  # the blocks in the order the drop rule removes them
     greedy_losses: list[float] | None = None  # the greedy rule's calibration loss after each removal
+    means: list[dict[str, torch.Tensor]] | None = None  # the mean inputs folded into biases, if any
+    config: Any = None  # the output's config where the model itself was not sliced (a streamed extraction)
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
-        config = text_config(model)
+        config = text_config(model) if self.config is None else self.config
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
         keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
         distances = None if self.distances is None else [round(x, 5) for x in self.distances.tolist()]
         return {
@@ -234,7 +295,7 @@ class StructureResult:
 
 def structure(
     model: nn.Module,
-    importance: ImportanceMap | Callable[[], ImportanceMap],
+    importance: ImportanceMap | Callable[[], ImportanceMap | UnitImportance],
     calibration: torch.Tensor,
     target: ShapeTarget,
     *,
@@ -242,14 +303,18 @@ def structure(
     search_blocks: int = 8,
     distance_blocks: int = 16,
     greedy_blocks: int = 2,
+    source: BlockSource | None = None,
 ) -> StructureResult:
-    """Rank channels / key-value groups by `importance` (a map, or a function computing one,
-    called once the model and target have been checked) and blocks by the drop rule, choose the
-    split (the candidate shapes within `target.keep` with the lowest loss on `search_blocks`
-    calibration blocks, explicit targets held), and slice `model` in place; with
+    """Rank channels / key-value groups by `importance` (a map, or a function computing one or the
+    units' importance directly, called once the model and target have been checked) and blocks by
+    the drop rule, choose the split (the candidate shapes within `target.keep` with the lowest loss
+    on `search_blocks` calibration blocks, explicit targets held), and slice `model` in place; with
     `target.bias_compensation`, removed units' mean contributions become biases (FLAP).  Blocks
     are dropped by `target.drop_rule`: "distance" (least-changing first, on `distance_blocks`
-    calibration blocks) or "greedy" (`greedy_drop_order` on `greedy_blocks`)."""
+    calibration blocks) or "greedy" (`greedy_drop_order` on `greedy_blocks`).
+
+    With `source` (a streamed extraction: `model` is its skeleton) every pass runs one block at a
+    time and `model` is not sliced: the plan is returned for the writer to slice block by block."""
     anat = anatomy(model)  # refuses an unsupported architecture before any long work
     if target.bias_compensation and not compensable(model):
         raise UsageError(
@@ -257,18 +322,25 @@ def structure(
             "contribution cannot be kept as a bias (bias compensation works for Llama, and Gemma3 attention)"
         )
     check_drop_rule(target.drop_rule)
+    if source is not None and target.drop_rule == "greedy":
+        raise UsageError("--drop-rule greedy does not stream yet (it re-runs the whole model per candidate block)")
     shapes = candidate_shapes(anat, target.keep, target.mlp_keep, target.heads_keep, target.drop_blocks)
     scores = importance() if callable(importance) else importance
-    groups, channels = unit_importance(scores, anat)
+    if isinstance(scores, UnitImportance):
+        groups, channels, kept_scores = scores.groups, scores.channels, None
+    else:
+        (groups, channels), kept_scores = unit_importance(scores, anat), scores
     distances, order, losses = None, None, None
     most = max(s.drop_blocks for s in shapes)
     if most and target.drop_rule == "greedy":
         order, losses = greedy_drop_order(model, evenly_spaced(calibration, greedy_blocks), most)
     elif most:
-        distances = block_distances(model, evenly_spaced(calibration, distance_blocks), batch_size)
+        distances = block_distances(model, evenly_spaced(calibration, distance_blocks), batch_size, source)
         order = distances.argsort().tolist()
     spread = evenly_spaced(calibration, distance_blocks)
-    means = input_means(model, spread, batch_size) if target.bias_compensation else None
-    plan = search_plan(model, shapes, groups, channels, order, evenly_spaced(calibration, search_blocks), means)
-    apply_plan(model, plan, means)
-    return StructureResult(plan, scores, distances, order, losses)
+    means = input_means(model, spread, batch_size, source) if target.bias_compensation else None
+    search = evenly_spaced(calibration, search_blocks)
+    plan = search_plan(model, shapes, groups, channels, order, search, means, source)
+    if source is None:
+        apply_plan(model, plan, means)
+    return StructureResult(plan, kept_scores, distances, order, losses, means)
