@@ -1,7 +1,7 @@
 """Benchmark a model larger than the memory it is given: streamed extraction (`carve extract
 --stream`) of a synthetic ~2.5B-parameter Llama checkpoint under a hard 2 GiB memory limit.
 
-    .venv/bin/python bench/scale.py [--methods wanda sparsegpt] [--limit-gb 2] [--rerun ID ...]
+    .venv/bin/python bench/scale.py [--methods wanda sparsegpt structured] [--limit-gb 2] [--rerun ID ...]
 
 The checkpoint (bench/out/scale-llama-2.5b, built once, git-ignored): a LlamaConfig with hidden
 2560, MLP 6912, 32 blocks, 20 query heads in 4 key/value groups, vocabulary 49,152 (the embedded
@@ -99,8 +99,10 @@ def loads(out: Path) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([[1, 300, 4000, 20, 7]])).logits
-    w = model.model.layers[16].mlp.down_proj.weight
-    result = {"finite": bool(torch.isfinite(logits).all()), "down_proj_16_sparsity": float((w == 0).float().mean())}
+    layers = model.model.layers
+    w = layers[min(16, len(layers) - 1)].mlp.down_proj.weight
+    result = {"finite": bool(torch.isfinite(logits).all()), "down_proj_16_sparsity": float((w == 0).float().mean()),
+              "parameters": sum(p.numel() for p in model.parameters()), "blocks": len(layers)}  # fmt: skip
     del model
     return result
 
@@ -108,8 +110,9 @@ def loads(out: Path) -> dict[str, Any]:
 def run(method: str, limit: int) -> dict[str, Any]:
     out = OUT / f"scale-{method}"
     cg = _cgroup(limit)
-    cmd = [CARVE, "extract", "--model", str(MODEL), "--stream", "--dtype", "bfloat16", "--method", method,
-           "--sparsity", "0.5", "--domain", "legal", *CALIB, "--out", str(out), "--overwrite", "--quiet"]  # fmt: skip
+    how = ["--structure", "--keep", "0.5"] if method == "structured" else ["--method", method, "--sparsity", "0.5"]
+    cmd = [CARVE, "extract", "--model", str(MODEL), "--stream", "--dtype", "bfloat16", *how,
+           "--domain", "legal", *CALIB, "--out", str(out), "--overwrite", "--quiet"]  # fmt: skip
     inside = ["sh", "-c", f'echo $$ > {cg / "cgroup.procs"} && exec "$@"', "sh", *cmd]
     speed = timed(inside)
     manifest = json.loads((out / "carve.json").read_text())
@@ -118,7 +121,9 @@ def run(method: str, limit: int) -> dict[str, Any]:
         "cgroup_peak_mb": round(int((cg / "memory.max_usage_in_bytes").read_text()) / 2**20, 1),
         "limit_hits": int((cg / "memory.failcnt").read_text()),
         "limit_mb": limit // 2**20,
-        "metrics": manifest["metrics"], "sparsity": manifest["sparsity"]["linear"],
+        "metrics": manifest["metrics"], "sparsity": manifest.get("sparsity", {}).get("linear"),
+        "kept": round(manifest["size"]["parameters_after"] / manifest["size"]["parameters_before"], 4),
+        "structure": manifest.get("structure"),
         "timings_s": manifest["timings_s"], "data": manifest["data"], "streamed": manifest["streamed"],
         "source_fingerprint": manifest["source"]["fingerprint"], "file_mb": manifest["size"]["file_mb"],
         "shards": len(list(out.glob("model*.safetensors"))),
@@ -127,18 +132,27 @@ def run(method: str, limit: int) -> dict[str, Any]:
     return row
 
 
+def _pruned(r: dict[str, Any]) -> str:
+    if r.get("structure") is None:
+        return f"{r['loads']['down_proj_16_sparsity']:.3f}"
+    shape, weighed = r["structure"]["shape"], len(r["structure"]["candidates"])
+    return (f"{r['kept']:.3f} of the parameters kept: {r['loads']['blocks']} blocks, MLP {shape['mlp_channels']}, "
+            f"{shape['kv_groups']} kv groups ({weighed} candidate splits weighed)")  # fmt: skip
+
+
 def table(rows: dict[str, dict[str, Any]], parameters: int, source_mb: float) -> str:
     lines = [
         "## A model larger than its memory (`carve extract --stream` under a hard limit)",
         "",
         f"Synthetic Llama checkpoint (bench/scale.py): {parameters / 1e9:.2f}B parameters, random weights, "
         f"bfloat16 safetensors in 1 GiB shards ({source_mb:,.0f} MB). `carve extract --stream --dtype bfloat16 "
-        "--method M --sparsity 0.5 --domain legal " + " ".join(CALIB) + "` (16 x 256 = 4,096 calibration tokens: "
+        "--method M --sparsity 0.5 --domain legal " + " ".join(CALIB) + "` (structured: `--structure --keep 0.5` "
+        "in place of `--method M --sparsity 0.5`; 16 x 256 = 4,096 calibration tokens: "
         "fewer than the default 64 x 512) in a cgroup-v1 memory cgroup with the limit below (memory+swap too: "
         "over it is an OOM kill), 2 CPU cores.",
         "",
         "| method | limit MB | wall s | peak RSS MB | cgroup peak MB (with page cache) | limit hits | prune s | "
-        "output MB | loads with from_pretrained | pruned share (layer 16 down_proj) |",
+        "output MB | loads with from_pretrained | pruned share (layer 16 down_proj); structured: the kept shape |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rid, r in rows.items():
@@ -148,8 +162,7 @@ def table(rows: dict[str, dict[str, Any]], parameters: int, source_mb: float) ->
         lines.append(
             f"| {rid} | {r['limit_mb']} | {r['speed']['wall_s']:.0f} | {r['speed']['peak_rss_mb']:.0f} | "
             f"{r['cgroup_peak_mb']:.0f} | {r['limit_hits']} | {r['timings_s'].get('prune', 0):.0f} | "
-            f"{r['file_mb']:.0f} | {'yes, finite logits' if ok['finite'] else 'NO'} | "
-            f"{ok['down_proj_16_sparsity']:.3f} |"
+            f"{r['file_mb']:.0f} | {'yes, finite logits' if ok['finite'] else 'NO'} | {_pruned(r)} |"
         )
     failed = [f"- {k}: {r['error']}" for k, r in rows.items() if "error" in r]
     return "\n".join(lines + (["", *failed] if failed else []))

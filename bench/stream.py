@@ -1,14 +1,16 @@
 """Benchmark streamed extraction (`carve extract --stream`) against the in-memory engine on the
 embedded default, de-quantized to a float32 safetensors directory (bench/out/smollm2-f32).
 
-    .venv/bin/python bench/stream.py [--methods sparsegpt wanda dual-obs] [--shard-mb 100] [--rerun ID ...]
+    .venv/bin/python bench/stream.py [--methods sparsegpt wanda dual-obs structured] [--shard-mb 100] [--rerun ID ...]
 
 The source is re-saved in shards of at most `--shard-mb` MB (bench/out/smollm2-f32-shards, the
 way large checkpoints come), so streaming reads each block from whichever shard holds it.  Per
 method, two rows, one after the other, each `carve extract --model SHARDS --method M --sparsity 0.5
 --domain legal --no-speed --cloze-items 0 --eval-blocks 16` in its own process: in memory, and with
-`--stream`.  Columns: wall seconds and peak RSS of the process, domain and general perplexity
-before and after (from the manifest), and whether the two outputs' weights and masks are the same
+`--stream` ("structured": `--structure --keep 0.5` in place of `--method M --sparsity 0.5`: wanda
+scores, the distance drop rule, the split search over the candidate shapes).  Columns: wall
+seconds and peak RSS of the process, domain and general perplexity before and after (from the
+manifest), the share of parameters kept, and whether the two outputs' weights and masks are the same
 bit for bit (sha256 of every tensor's bytes).  Results: bench/results/stream.jsonl; the table: the
 `stream` section of bench/RESULTS.md.
 """
@@ -66,7 +68,8 @@ def digests(directory: Path) -> dict[str, str]:
 
 def run(method: str, stream: bool, source: Path) -> dict[str, Any]:
     out = OUT / f"stream-{method}-{'stream' if stream else 'memory'}"
-    cmd = [CARVE, "extract", "--model", str(source), "--method", method, "--sparsity", "0.5", "--domain", "legal",
+    how = ["--structure", "--keep", "0.5"] if method == "structured" else ["--method", method, "--sparsity", "0.5"]
+    cmd = [CARVE, "extract", "--model", str(source), *how, "--domain", "legal",
            "--no-speed", "--cloze-items", "0", "--eval-blocks", "16", "--out", str(out), "--overwrite", "--quiet",
            *(["--stream"] if stream else [])]  # fmt: skip
     speed = timed(cmd)
@@ -74,7 +77,10 @@ def run(method: str, stream: bool, source: Path) -> dict[str, Any]:
     d = digests(out)
     return {
         "speed": speed, "metrics": manifest["metrics"], "data": manifest["data"],
-        "source_fingerprint": manifest["source"]["fingerprint"], "sparsity": manifest["sparsity"]["linear"],
+        "source_fingerprint": manifest["source"]["fingerprint"],
+        "sparsity": manifest["sparsity"]["linear"] if "sparsity" in manifest else None,
+        "kept": round(manifest["size"]["parameters_after"] / manifest["size"]["parameters_before"], 4),
+        "structure": manifest.get("structure", {}).get("shape"),
         "streamed": manifest.get("streamed"), "shards": len(list(out.glob("model*.safetensors"))),
         "digest": hashlib.sha256(json.dumps(sorted(d.items())).encode()).hexdigest()[:16], "tensors": len(d),
     }  # fmt: skip
@@ -86,12 +92,13 @@ def table(rows: dict[str, dict[str, Any]], shard_mb: int) -> str:
         "",
         f"Source: the embedded default de-quantized to float32 (538 MB) and saved in {shard_mb} MB shards. "
         "`carve extract --method M --sparsity 0.5 --domain legal --no-speed --cloze-items 0 --eval-blocks 16` "
-        "(64 x 512 calibration blocks), each row its own process on 2 CPU cores, one after the other. "
+        "(64 x 512 calibration blocks; structured: `--structure --keep 0.5`), each row its own process on 2 CPU "
+        "cores, one after the other. "
         "Same output: the sha256 of every saved tensor (weights and mask) equal to the in-memory row's.",
         "",
         "| method | engine | wall s | peak RSS MB | domain ppl before / after | general ppl before / after | "
-        "linear sparsity | same output as in memory |",
-        "|---|---|---|---|---|---|---|---|",
+        "linear sparsity | parameters kept | same output as in memory |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for rid, r in rows.items():
         if "speed" not in r:
@@ -103,7 +110,7 @@ def table(rows: dict[str, dict[str, Any]], shard_mb: int) -> str:
         lines.append(
             f"| {method} | {engine} | {r['speed']['wall_s']:.1f} | {r['speed']['peak_rss_mb']:.0f} | "
             f"{b['domain_ppl']:.3f} / {a['domain_ppl']:.3f} | {b['general_ppl']:.3f} / {a['general_ppl']:.3f} | "
-            f"{r['sparsity']:.4f} | {same} |"
+            f"{'-' if r['sparsity'] is None else format(r['sparsity'], '.4f')} | {r.get('kept', '-')} | {same} |"
         )
     failed = [f"- {k}: {r['error']}" for k, r in rows.items() if "error" in r]
     return "\n".join(lines + (["", *failed] if failed else []))
