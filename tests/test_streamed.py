@@ -115,7 +115,7 @@ def test_streamed_save_dtype(tmp_path: Path, tokenizer, small_corpus: Path) -> N
         ({"method": "dual-obs", "granularity": "global"}, "row or matrix"),
         ({"method": "sparsegpt", "propagation": "fused"}, "fused"),
         ({"method": "wanda", "structure": True, "sparsity": None, "keep": 0.5, "drop_rule": "greedy"}, "greedy"),
-        ({"method": "fisher", "structure": True, "sparsity": None, "keep": 0.5}, "activation or weight methods"),
+        ({"method": "dual", "structure": True, "sparsity": None, "keep": 0.5}, "general importance"),
         ({"method": "sparsegpt", "save_format": "sparse"}, "sparse format"),
     ],
 )
@@ -347,7 +347,8 @@ STRUCTURED_STREAMS = [("llama", {"keep": 0.5}), ("gemma3", {"keep": 0.5}),
                       ("qwen2", {"drop_blocks": 1, "mlp_keep": 0.5, "heads_keep": 1.0}),
                       ("llama", {"keep": 0.6, "bias_compensation": True}),
                       ("gemma3", {"mlp_keep": 0.5, "heads_keep": 0.5, "bias_compensation": True}),
-                      ("mistral", {"keep": 0.5, "method": "magnitude"})] + [(a, {"keep": 0.5}) for a in MORE_ARCHS]  # fmt: skip
+                      ("mistral", {"keep": 0.5, "method": "magnitude"}), ("llama", {"keep": 0.5, "method": "fisher"}),
+                      ("gemma3", {"keep": 0.5, "method": "dual-obs"})] + [(a, {"keep": 0.5}) for a in MORE_ARCHS]  # fmt: skip
 
 
 @pytest.mark.parametrize("arch, kw", STRUCTURED_STREAMS)

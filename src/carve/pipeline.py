@@ -170,8 +170,8 @@ class Recipe:
     batch_size: int = flag("calibration blocks per forward pass", 8)
     stream: bool = flag(
         "read, prune and write one decoder block at a time, for models larger than memory (a local safetensors "
-        "directory; dual-obs, fisher, taylor, magnitude, wanda, sparsegpt; --structure with wanda, magnitude or "
-        "sparsegpt); on by itself when the weights would take more than half the memory available",
+        "directory; dual-obs, fisher, taylor, magnitude, wanda, sparsegpt, with or without --structure); on by itself "
+        "when the weights would take more than half the memory available",
         False,
     )
     max_memory: str | None = flag(
@@ -323,10 +323,8 @@ def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
 def _not_streamable(r: Recipe) -> str | None:
     """Why a resolved recipe cannot stream (None: it can)."""
     if r.structure:
-        scorer = get_scorer(r.method or DEFAULT_STRUCTURE_METHOD)
-        if scorer.gradient is not None or scorer.needs_general:
-            return (f"a streamed structured extraction scores with activation or weight methods (wanda, the default, "
-                    f"magnitude, sparsegpt); {r.method} needs the whole model's gradients first")  # fmt: skip
+        if get_scorer(r.method or DEFAULT_STRUCTURE_METHOD).needs_general:
+            return f"{r.method} needs general importance over the whole model first; it does not stream yet"
         if (r.drop_rule or DEFAULT_DROP_RULE) == "greedy":
             return "the greedy drop rule re-runs the whole model per candidate block; stream with --drop-rule distance"
         if r.importance is not None:

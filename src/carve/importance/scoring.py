@@ -27,7 +27,7 @@ from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap
 from carve.models.anatomy import anatomy
 from carve.models.arch import as_param_layout, prunable_linears, weight_matrix
-from carve.ops.plan import UnitImportance, block_unit_importance
+from carve.ops.plan import UnitImportance, block_unit_importance, unit_importance
 from carve.progress import progress
 from carve.scorers.gradient import normalized
 from carve.scorers.registry import Scorer, get_scorer
@@ -172,7 +172,7 @@ class _Visit:
     calibrated and freed after (nothing written)."""
 
     def __init__(self, source: BlockSource) -> None:
-        self.source = source
+        self.source = self.sk = source  # `sk`: what the streamed gradient pass reads blocks from
 
     def captured(self) -> None:
         self.source.free_others()
@@ -195,15 +195,20 @@ def streamed_unit_importance(
     """`unit_importance` of `score(...)` for a streamed structured extraction: each block scored
     under `method` on the dense model exactly as `score` scores it (the same statistics, in the
     same order), then reduced to its key/value groups' and MLP channels' importance at once, so
-    the whole map is never held.  Activation and weight scorers only (a gradient method's
-    structured scores would need the streamed gradient pass's whole-model backward first)."""
+    the whole map is never held.  A gradient method's scores come from the streamed gradient pass,
+    held in temporary files until they are reduced; methods that need general importance (dual)
+    do not stream."""
     scorer = get_scorer(method)
-    if scorer.gradient is not None or scorer.needs_general:
-        raise UsageError(
-            f"a streamed structured extraction scores with activation or weight methods (wanda, magnitude, "
-            f"sparsegpt ...); {method} does not stream with --structure yet"
-        )
+    if scorer.needs_general:
+        raise UsageError(f"{method} needs general importance over the whole model: it does not stream yet")
     anat = anatomy(source.model)
+    if scorer.gradient is not None:
+        data = needs_data(scorer, calibration)
+        assert data is not None
+        visit = Calibration(calib.batch_size, calib.propagation, calib.dtype, stream=_Visit(source),
+                            max_memory=calib.max_memory)  # fmt: skip
+        spilled = gradient_scores(source.model, scorer, targets.linears(source.model), data, calib=visit)
+        return UnitImportance(*unit_importance(spilled, anat))
     groups = torch.zeros(len(anat.parts), anat.kv_heads)
     channels = torch.zeros(len(anat.parts), anat.intermediate)
 
