@@ -114,7 +114,6 @@ def test_streamed_save_dtype(tmp_path: Path, tokenizer, small_corpus: Path) -> N
         ({"method": "taylor", "granularity": "global"}, "global ranking"),
         ({"method": "dual-obs", "granularity": "global"}, "row or matrix"),
         ({"method": "sparsegpt", "propagation": "fused"}, "fused"),
-        ({"method": "wanda", "structure": True, "sparsity": None, "keep": 0.5, "drop_rule": "greedy"}, "greedy"),
         ({"method": "dual", "structure": True, "sparsity": None, "keep": 0.5}, "general importance"),
         ({"method": "sparsegpt", "save_format": "sparse"}, "sparse format"),
     ],
@@ -348,7 +347,8 @@ STRUCTURED_STREAMS = [("llama", {"keep": 0.5}), ("gemma3", {"keep": 0.5}),
                       ("llama", {"keep": 0.6, "bias_compensation": True}),
                       ("gemma3", {"mlp_keep": 0.5, "heads_keep": 0.5, "bias_compensation": True}),
                       ("mistral", {"keep": 0.5, "method": "magnitude"}), ("llama", {"keep": 0.5, "method": "fisher"}),
-                      ("gemma3", {"keep": 0.5, "method": "dual-obs"})] + [(a, {"keep": 0.5}) for a in MORE_ARCHS]  # fmt: skip
+                      ("gemma3", {"keep": 0.5, "method": "dual-obs"}), ("llama", {"keep": 0.5, "drop_rule": "greedy"}),
+                      ("gemma3", {"drop_blocks": 1, "mlp_keep": 1.0, "heads_keep": 1.0, "drop_rule": "greedy"})] + [(a, {"keep": 0.5}) for a in MORE_ARCHS]  # fmt: skip
 
 
 @pytest.mark.parametrize("arch, kw", STRUCTURED_STREAMS)

@@ -325,8 +325,6 @@ def _not_streamable(r: Recipe) -> str | None:
     if r.structure:
         if get_scorer(r.method or DEFAULT_STRUCTURE_METHOD).needs_general:
             return f"{r.method} needs general importance over the whole model first; it does not stream yet"
-        if (r.drop_rule or DEFAULT_DROP_RULE) == "greedy":
-            return "the greedy drop rule re-runs the whole model per candidate block; stream with --drop-rule distance"
         if r.importance is not None:
             return "a reused importance map is the whole model's; a streamed structured extraction scores blockwise"
         return None

@@ -226,23 +226,32 @@ def _block_inputs(
 
 
 @torch.no_grad()
-def greedy_drop_order(model: nn.Module, calibration: torch.Tensor, n: int) -> tuple[list[int], list[float]]:
+def greedy_drop_order(
+    model: nn.Module, calibration: torch.Tensor, n: int, source: BlockSource | None = None
+) -> tuple[list[int], list[float]]:
     """The first `n` blocks to drop, one at a time: each time the block whose removal (on top of
     those already chosen) gives the lowest next-token loss on the calibration blocks.  Returns the
     order and the loss after each removal.
 
     Exact and cheaper than slicing a trial model per candidate: per step, one forward of the
     current model records the hidden state entering every block; a candidate's forward then
-    starts from the state entering it, so only the blocks after it run."""
+    starts from the state entering it, so only the blocks after it run.  With `source` (streamed),
+    each step reads every block once and carries every candidate's hidden states through it."""
     from carve.engines.gradient import next_token_loss
 
     _, blocks = find_blocks(model)
     if not 0 <= n < len(blocks):
         raise UsageError(f"cannot drop {n} of the model's {len(blocks)} blocks; keep at least one")
-    device = next(model.parameters()).device
-    seqs = [b[None].to(device) for b in calibration]
     order: list[int] = []
     losses: list[float] = []
+    if source is not None:
+        for _ in range(n):
+            loss, i = min((loss, i) for i, loss in _streamed_candidates(source, list(calibration), order))
+            order.append(i)
+            losses.append(round(loss, 5))
+        return order, losses
+    device = next(model.parameters()).device
+    seqs = [b[None].to(device) for b in calibration]
     tuple_out = False
     ticks = bar("greedy block search", sum(len(blocks) - k for k in range(n)))
     for _ in range(n):
@@ -264,6 +273,43 @@ def greedy_drop_order(model: nn.Module, calibration: torch.Tensor, n: int) -> tu
         losses.append(round(best[0], 5))
     ticks.close()
     return order, losses
+
+
+@torch.no_grad()
+def _streamed_candidates(
+    source: BlockSource, calibration: list[torch.Tensor], order: list[int]
+) -> list[tuple[int, float]]:
+    """One step of the greedy search, streamed: (block, loss of the model without `order` and it)
+    for every block not in `order`.  Each block is read once: the current model's hidden states and
+    every candidate's (from the state entering the candidate, which skips it) pass through it."""
+    from carve.engines.layerwise import block_output, capture_inputs
+
+    seqs = [b[None].to(source.device) for b in calibration]
+    source.load_others()
+    source.load_block(0)
+    with _hooks_held(source.blocks):
+        captured, calls = capture_inputs(source.model, source.blocks, seqs)
+    source.free_others()
+    current, tuple_out = list(captured), False
+    candidates: dict[int, list[torch.Tensor]] = {}
+
+    def through(j: int, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        nonlocal tuple_out
+        pairs = zip(seqs, states, strict=True)
+        outs = [block_output(source.blocks[j], h, calls[tuple(ids.shape)][j]) for ids, h in pairs]
+        tuple_out = isinstance(outs[0], (tuple, list))
+        return [o[0] if tuple_out else o for o in outs]
+
+    for j in progress(range(len(source.blocks)), "greedy block search (streamed)"):
+        if j in order:
+            continue
+        source.load_block(j)
+        for i in candidates:
+            candidates[i] = through(j, candidates[i])
+        candidates[j] = current  # the candidate dropping block j: the state entering it, carried on
+        current = through(j, current)
+        source.free_block(j)
+    return [(i, sum(final_losses(source, seqs, states, tuple_out)) / len(seqs)) for i, states in candidates.items()]
 
 
 @torch.no_grad()

@@ -322,8 +322,6 @@ def structure(
             "contribution cannot be kept as a bias (bias compensation works for Llama, and Gemma3 attention)"
         )
     check_drop_rule(target.drop_rule)
-    if source is not None and target.drop_rule == "greedy":
-        raise UsageError("--drop-rule greedy does not stream yet (it re-runs the whole model per candidate block)")
     shapes = candidate_shapes(anat, target.keep, target.mlp_keep, target.heads_keep, target.drop_blocks)
     scores = importance() if callable(importance) else importance
     if isinstance(scores, UnitImportance):
@@ -333,7 +331,7 @@ def structure(
     distances, order, losses = None, None, None
     most = max(s.drop_blocks for s in shapes)
     if most and target.drop_rule == "greedy":
-        order, losses = greedy_drop_order(model, evenly_spaced(calibration, greedy_blocks), most)
+        order, losses = greedy_drop_order(model, evenly_spaced(calibration, greedy_blocks), most, source)
     elif most:
         distances = block_distances(model, evenly_spaced(calibration, distance_blocks), batch_size, source)
         order = distances.argsort().tolist()
