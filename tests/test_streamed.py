@@ -39,7 +39,8 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "arch, method",
     [(a, m) for a in ARCHS for m in ("sparsegpt", "wanda", "magnitude", "dual-obs", "fisher")]
-    + [(a, "dual-obs") for a in MORE_ARCHS],
+    + [(a, "dual-obs") for a in MORE_ARCHS]
+    + [("llama", "dual"), ("gemma3", "dual")],
 )
 def test_streamed_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path, arch: str, method: str) -> None:
     src = _saved(tmp_path, arch, tokenizer)
@@ -110,11 +111,11 @@ def test_streamed_save_dtype(tmp_path: Path, tokenizer, small_corpus: Path) -> N
 @pytest.mark.parametrize(
     "kw, words",
     [
-        ({"method": "dual", "sparsity": 0.5}, "general importance"),
+        ({"method": "dual", "sparsity": 0.5, "lr": 1e-4}, "grad-lr"),
         ({"method": "taylor", "granularity": "global"}, "global ranking"),
         ({"method": "dual-obs", "granularity": "global"}, "row or matrix"),
         ({"method": "sparsegpt", "propagation": "fused"}, "fused"),
-        ({"method": "dual", "structure": True, "sparsity": None, "keep": 0.5}, "general importance"),
+        ({"method": "dual", "structure": True, "sparsity": None, "keep": 0.5, "lr": 1e-4}, "grad-lr"),
         ({"method": "sparsegpt", "save_format": "sparse"}, "sparse format"),
     ],
 )
@@ -347,7 +348,7 @@ STRUCTURED_STREAMS = [("llama", {"keep": 0.5}), ("gemma3", {"keep": 0.5}),
                       ("llama", {"keep": 0.6, "bias_compensation": True}),
                       ("gemma3", {"mlp_keep": 0.5, "heads_keep": 0.5, "bias_compensation": True}),
                       ("mistral", {"keep": 0.5, "method": "magnitude"}), ("llama", {"keep": 0.5, "method": "fisher"}),
-                      ("gemma3", {"keep": 0.5, "method": "dual-obs"}), ("llama", {"keep": 0.5, "drop_rule": "greedy"}),
+                      ("gemma3", {"keep": 0.5, "method": "dual-obs"}), ("qwen2", {"keep": 0.5, "method": "dual"}), ("llama", {"keep": 0.5, "drop_rule": "greedy"}),
                       ("gemma3", {"drop_blocks": 1, "mlp_keep": 1.0, "heads_keep": 1.0, "drop_rule": "greedy"})] + [(a, {"keep": 0.5}) for a in MORE_ARCHS]  # fmt: skip
 
 

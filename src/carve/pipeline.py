@@ -170,7 +170,7 @@ class Recipe:
     batch_size: int = flag("calibration blocks per forward pass", 8)
     stream: bool = flag(
         "read, prune and write one decoder block at a time, for models larger than memory (a local safetensors "
-        "directory; dual-obs, fisher, taylor, magnitude, wanda, sparsegpt, with or without --structure); on by itself "
+        "directory; every method but dual with --grad-lr, with or without --structure); on by itself "
         "when the weights would take more than half the memory available",
         False,
     )
@@ -323,15 +323,15 @@ def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
 def _not_streamable(r: Recipe) -> str | None:
     """Why a resolved recipe cannot stream (None: it can)."""
     if r.structure:
-        if get_scorer(r.method or DEFAULT_STRUCTURE_METHOD).needs_general:
-            return f"{r.method} needs general importance over the whole model first; it does not stream yet"
+        if get_scorer(r.method or DEFAULT_STRUCTURE_METHOD).needs_general and r.lr:
+            return f"{r.method} with --grad-lr takes steps on the whole model; it streams with --grad-lr 0"
         if r.importance is not None:
             return "a reused importance map is the whole model's; a streamed structured extraction scores blockwise"
         return None
     if _scores_first(r) and not _streamed_scores(r):
-        return (f"{r.method} scores the whole dense model first (a global ranking, general importance or a reused "
-                "map); streaming works with the gradient methods dual-obs, fisher and taylor and the block-wise "
-                "magnitude, wanda and sparsegpt, at row or matrix granularity")  # fmt: skip
+        return (f"{r.method} scores the whole dense model first (a global ranking, --grad-lr steps or a reused "
+                "map); streaming works with the gradient methods dual-obs, fisher, taylor and dual (--grad-lr 0) and "
+                "the block-wise magnitude, wanda and sparsegpt, at row or matrix granularity")  # fmt: skip
     if r.propagation == "fused":
         return "fused propagation runs the whole model at once; use --propagation pruned or dense"
     if r.save_format != "dense":
@@ -344,7 +344,8 @@ def _streamed_scores(r: Recipe) -> bool:
     per row or matrix (or inside the block-by-block OBS sweep: dual-obs) as each block is read."""
     scorer = get_scorer(r.method or DEFAULT_METHOD)
     global_ = (r.granularity or "") == "global" and r.pattern is None
-    return scorer.gradient is not None and not scorer.needs_general and r.importance is None and not global_
+    steps = scorer.needs_general and bool(r.lr)  # dual's refined loss steps the whole model
+    return scorer.gradient is not None and not steps and r.importance is None and not global_
 
 
 def _scores_first(recipe: Recipe) -> bool:
@@ -565,7 +566,8 @@ def _extract_streamed(
         if r.structure:  # planned first (passes of their own), then sliced block by block as it is written
             with stage("plan"):
                 assert r.method is not None
-                units = partial(streamed_unit_importance, skeleton, r.method, data.calib, calib=calib)
+                units = partial(streamed_unit_importance, skeleton, r.method, data.calib, calib=calib,
+                                general_calibration=data.general_calib, lam=r.lam, lr=r.lr)  # fmt: skip
                 structured = structure(lm.model, units, data.calib, r.shape_target(), batch_size=r.batch_size,
                                        source=skeleton)  # fmt: skip
                 reshaped, specs, config = _reshaped(skeleton, structured, getattr(torch, save_name))

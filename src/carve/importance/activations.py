@@ -19,7 +19,7 @@ def wanda(
     calib: Calibration = DEFAULT_CALIBRATION,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """|W_ij| · ‖X_j‖₂/√n over the n calibration tokens (Wanda, eq. 1, up to the constant √n)."""
-    return activation_scores(model, get_scorer("wanda"), data, targets, calib)
+    return dict(activation_scores(model, get_scorer("wanda"), data, targets, calib))
 
 
 @importance_source("obs", scorer="sparsegpt", needs=("data",))
@@ -28,4 +28,4 @@ def obs(
     calib: Calibration = DEFAULT_CALIBRATION,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """The OBS error of removing each weight alone, w²/[H⁻¹]²_jj, H = 2/n·XXᵀ (SparseGPT's saliency)."""
-    return activation_scores(model, get_scorer("sparsegpt"), data, targets, calib)
+    return dict(activation_scores(model, get_scorer("sparsegpt"), data, targets, calib))

@@ -14,7 +14,7 @@ One function per kind of scorer, each feeding the scorer's pure maths from one e
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,7 +66,7 @@ def score(
     scorer = get_scorer(method)
     data = needs_data(scorer, calibration)
     linears = targets.linears(model)
-    if calib.stream is not None and (scorer.gradient is None or scorer.needs_general):
+    if calib.stream is not None and scorer.gradient is None:
         raise UsageError(f"{method} scores the whole model at once; of the scoring methods only gradient ones stream")
     meta: dict[str, Any] = {"scorer": method}
     scores: MutableMapping[str, torch.Tensor]
@@ -92,27 +92,42 @@ def weight_scores(scorer: Scorer, linears: dict[str, nn.Module]) -> dict[str, to
 
 
 def activation_scores(
-    model: nn.Module, scorer: Scorer, data: torch.Tensor, targets: Targets, calib: Calibration
-) -> dict[str, torch.Tensor]:
-    """Scores from each Linear's input statistics, on the dense model's activations."""
-    scores: dict[str, torch.Tensor] = {}
+    model: nn.Module,
+    scorer: Scorer,
+    data: torch.Tensor,
+    targets: Targets,
+    calib: Calibration,
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> MutableMapping[str, torch.Tensor]:
+    """Scores from each Linear's input statistics, on the dense model's activations (each passed
+    through `transform` when given).  Streamed (`calib.stream`): each block read, scored and freed,
+    its scores to a temporary file."""
+    scores: MutableMapping[str, torch.Tensor] = {} if calib.stream is None else SpilledTensors()
 
     def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
         for name, lin in linears.items():
-            scores[f"{name}.weight"] = as_param_layout(lin, scorer.score(weight_matrix(lin), stats[name])).cpu()
+            t = as_param_layout(lin, scorer.score(weight_matrix(lin), stats[name])).cpu()
+            scores[f"{name}.weight"] = t if transform is None else transform(t)
 
-    dense = Calibration(calib.batch_size, "dense", calib.dtype)
+    stream = None
+    if calib.stream is not None:
+        stream = _Visit(calib.stream.sk)
+        stream.sk.load_others()
+        stream.sk.load_block(0)
+    dense = Calibration(calib.batch_size, "dense", calib.dtype, stream=stream, max_memory=calib.max_memory)
     layerwise(model, data, on_block, scorer.statistic, targets, dense, f"scoring ({scorer.name})")
+    if stream is not None:  # as the pass found them: the tensors outside the blocks and block 0 read
+        stream.sk.load_others()
+        stream.sk.load_block(0)
     return scores
 
 
 def general_importance(
     model: nn.Module, general: torch.Tensor, targets: Targets, calib: Calibration
-) -> dict[str, torch.Tensor]:
+) -> MutableMapping[str, torch.Tensor]:
     """Ĝ = G / mean(G) per matrix, G SparseGPT's OBS saliency on open-domain text (D-Pruner's
     general importance), in each parameter's layout."""
-    G = activation_scores(model, get_scorer("sparsegpt"), general, targets, calib)
-    return {k: normalized(v) for k, v in G.items()}
+    return activation_scores(model, get_scorer("sparsegpt"), general, targets, calib, normalized)
 
 
 def gradient_scores(
@@ -121,7 +136,7 @@ def gradient_scores(
     linears: dict[str, nn.Module],
     data: torch.Tensor,
     *,
-    general: dict[str, torch.Tensor] | None = None,
+    general: MutableMapping[str, torch.Tensor] | None = None,
     lam: float = 1.0,
     lr: float = 0.0,
     calib: Calibration = DEFAULT_CALIBRATION,
@@ -132,7 +147,7 @@ def gradient_scores(
     from the streamed gradient pass and each block's scores go to a temporary file as they come."""
     assert scorer.gradient is not None
     wanted = scorer.gradient
-    general = general or {}
+    general = {} if general is None else general
     fns = {s: STATISTICS[s] for s in wanted}
     by_param = {f"{n}.weight": lin for n, lin in linears.items()}
 
@@ -144,8 +159,8 @@ def gradient_scores(
         return as_param_layout(lin, scorer.score(weight_matrix(lin), stats)).cpu()
 
     if calib.stream is not None:
-        if general or lr > 0:
-            raise UsageError(f"{scorer.name} needs the whole model (general importance, steps): it does not stream")
+        if lr > 0:
+            raise UsageError(f"{scorer.name} with --grad-lr steps the whole model: it does not stream")
         spilled = SpilledTensors()
 
         def on_block(_i: int, block_stats: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -191,24 +206,24 @@ def streamed_unit_importance(
     *,
     targets: Targets = DEFAULT_TARGETS,
     calib: Calibration = DEFAULT_CALIBRATION,
+    general_calibration: torch.Tensor | None = None,
+    lam: float = 1.0,
+    lr: float = 0.0,
 ) -> UnitImportance:
     """`unit_importance` of `score(...)` for a streamed structured extraction: each block scored
     under `method` on the dense model exactly as `score` scores it (the same statistics, in the
     same order), then reduced to its key/value groups' and MLP channels' importance at once, so
-    the whole map is never held.  A gradient method's scores come from the streamed gradient pass,
-    held in temporary files until they are reduced; methods that need general importance (dual)
-    do not stream."""
+    the whole map is never held.  A gradient method's scores (dual's with its general importance,
+    also streamed) come from the streamed gradient pass, held in temporary files until reduced."""
     scorer = get_scorer(method)
-    if scorer.needs_general:
-        raise UsageError(f"{method} needs general importance over the whole model: it does not stream yet")
     anat = anatomy(source.model)
     if scorer.gradient is not None:
-        data = needs_data(scorer, calibration)
-        assert data is not None
         visit = Calibration(calib.batch_size, calib.propagation, calib.dtype, stream=_Visit(source),
                             max_memory=calib.max_memory)  # fmt: skip
-        spilled = gradient_scores(source.model, scorer, targets.linears(source.model), data, calib=visit)
-        return UnitImportance(*unit_importance(spilled, anat))
+        source.load_others()
+        spilled = score(source.model, method, calibration, targets=targets, calib=visit,
+                        general_calibration=general_calibration, lam=lam, lr=lr)  # fmt: skip
+        return UnitImportance(*unit_importance(spilled.scores, anat))
     groups = torch.zeros(len(anat.parts), anat.kv_heads)
     channels = torch.zeros(len(anat.parts), anat.intermediate)
 
