@@ -184,9 +184,9 @@ def test_torchrun_unlearn_measures_along_training_like_one_process(
 
 
 def test_torchrun_recover_shares_its_micro_batches(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
-    """`carve recover --micro-batch`: a step's blocks shared by 2 gloo ranks (without it, one
-    micro-batch a step could not be shared: refused by name); the weights equal one process's within
-    float tolerance, written once."""
+    """`carve recover` under torchrun: by default a step's blocks are shared by the 2 gloo ranks (one
+    micro-batch each; one process runs the step as one forward); the weights equal one process's
+    within float tolerance, written once."""
     import carve
     from carve.errors import UsageError
     from carve.recover import RecoverRecipe
@@ -198,7 +198,7 @@ def test_torchrun_recover_shares_its_micro_batches(tmp_path: Path, model_dir: Pa
     with pytest.raises(UsageError, match="micro-batch 3 must be positive and divide batch-size 2"):
         RecoverRecipe(model=str(pruned), batch_size=2, micro_batch=3).resolved()
     flags = ["recover", str(pruned), "--teacher", str(model_dir), "--domain", str(small_corpus), "--general",
-             str(small_corpus), "--steps", "2", "--batch-size", "2", "--micro-batch", "1", "--block-len", "32",
+             str(small_corpus), "--steps", "2", "--batch-size", "2", "--block-len", "32",
              "--eval-blocks", "2", "--cloze-items", "0", "--lm-weight", "1", "--lr", "1e-2", "--quiet"]  # fmt: skip
     _one_and_two(tmp_path, flags)
     a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from carve import distributed
 from carve.corpora import Corpus
 from carve.errors import UsageError
 from carve.job import (
@@ -65,7 +66,7 @@ class RecoverRecipe:
     steps: int = flag("optimizer steps", 200)
     batch_size: int = flag("blocks per step", 1)
     micro_batch: int | None = flag("blocks per forward/backward (gradient accumulation; default: --batch-size, one "
-                                   "forward a step; under torchrun at least one micro-batch per process)")  # fmt: skip
+                                   "forward a step; under torchrun --batch-size shared by the processes)")  # fmt: skip
     block_len: int = flag("tokens per training and eval block", 512)
     lr: float | None = flag("peak learning rate (default 1e-4; 1e-3 with --lora)")
     warmup: int = flag("linear warm-up steps, then cosine decay to 10% of lr", 10)
@@ -147,6 +148,13 @@ def _sparsity_kept(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str
     }
 
 
+def _default_micro_batch(batch_size: int) -> int:
+    """One forward a step; under torchrun, the step's blocks shared evenly by the processes where
+    they divide (else the step as one micro-batch, which `distributed.shard` refuses by name)."""
+    n = distributed.world()
+    return batch_size // n if n > 1 and batch_size % n == 0 else batch_size
+
+
 def recover(
     recipe: RecoverRecipe,
     out: str | Path,
@@ -201,7 +209,7 @@ def _recover(
         steps=recipe.steps,
         lr=recipe.lr,
         batch_size=recipe.batch_size,
-        micro_batch=recipe.micro_batch or recipe.batch_size,
+        micro_batch=recipe.micro_batch or _default_micro_batch(recipe.batch_size),
         warmup=recipe.warmup,
         checkpoint_every=recipe.checkpoint_every,
     )
