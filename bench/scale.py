@@ -151,17 +151,19 @@ def table(rows: dict[str, dict[str, Any]], parameters: int, source_mb: float) ->
         "fewer than the default 64 x 512) in a cgroup-v1 memory cgroup with the limit below (memory+swap too: "
         "over it is an OOM kill), 2 CPU cores.",
         "",
-        "| method | limit MB | wall s | peak RSS MB | cgroup peak MB (with page cache) | limit hits | prune s (plan + write) | "
-        "output MB | loads with from_pretrained | pruned share (layer 16 down_proj); structured: the kept shape |",
+        "| method | limit MB | wall s | peak RSS MB | cgroup peak MB (with page cache) | limit hits | "
+        "prune s (plan + write) | output MB | loads with from_pretrained | "
+        "pruned share (layer 16 down_proj); structured: the kept shape |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for rid, r in rows.items():
         if "speed" not in r:
             continue
         ok = r["loads"]
+        prune = r["timings_s"].get("prune", 0) + r["timings_s"].get("plan", 0)
         lines.append(
             f"| {rid} | {r['limit_mb']} | {r['speed']['wall_s']:.0f} | {r['speed']['peak_rss_mb']:.0f} | "
-            f"{r['cgroup_peak_mb']:.0f} | {r['limit_hits']} | {r['timings_s'].get('prune', 0) + r['timings_s'].get('plan', 0):.0f} | "
+            f"{r['cgroup_peak_mb']:.0f} | {r['limit_hits']} | {prune:.0f} | "
             f"{r['file_mb']:.0f} | {'yes, finite logits' if ok['finite'] else 'NO'} | {_pruned(r)} |"
         )
     failed = [f"- {k}: {r['error']}" for k, r in rows.items() if "error" in r]
