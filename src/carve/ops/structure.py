@@ -13,6 +13,12 @@ one of two rules: "distance", the angular distance between a block's input and o
 states (ShortGPT's block influence, Gromov et al.), the blocks that change their input least
 dropped first; or "greedy", one block at a time, the one whose removal raises the calibration
 loss least (slower, much better on the embedded default: bench/depth_rules.py).
+
+Streamed (`structure(..., source=skeleton)`, a model larger than memory): every pass reads the
+blocks one at a time (engines.blocks with a `BlockSource`), the split search measures each
+candidate on blocks sliced one at a time (`sliced_copy`), and the model is not sliced here: the
+streamed job slices each kept block as it writes it (`slice_block`, `plan_config`: the pieces
+`apply_plan` is made of).
 """
 
 from __future__ import annotations
