@@ -103,8 +103,10 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
         if k.startswith(("H:", "rows:")) or a[k].dtype == torch.bool or "-weights:" in k:
             # float64 sums of the layer-wise statistics: the same bits; so the same masks and weights
             assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)  # float32 gradient means
+        else:  # float32 gradient means, summed in another order; trained weights: Adam divides by √v, so the
+            # rounding of a near-zero gradient moves a weight by up to ~1e-4 of a 1e-3 step (1.7e-7 seen on one
+            # machine); a wrong share of the micro-batches moves them by a whole step
+            torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6 if k.startswith("train:") else 1e-7, msg=k)
     # the sweeps were shared out, not repeated: every one done once, by one of the two ranks
     alone, shares = int(Path(f"{one}.sweeps0").read_text()), [int(Path(f"{two}.sweeps{r}").read_text()) for r in (0, 1)]
     assert sum(shares) == alone and min(shares) > 0
