@@ -86,7 +86,10 @@ def test_statistics_do_not_depend_on_how_batches_are_ordered_or_shared() -> None
 
 def test_hessian_factor_and_sweep_are_the_same_for_any_thread_count() -> None:
     """The per-batch float32 products do not depend on the thread count (MKL_CBWR=AUTO,STRICT,
-    which `import carve` sets): before, 1 and 2 threads gave Hessians apart in the last bits."""
+    which `import carve` sets): before, 1 and 2 threads gave Hessians apart in the last bits.  The
+    Hessian, its factor and the mask are the same bit for bit; the swept weights too on the Intel
+    machines this was shown on, while on an AMD EPYC (2026-11-30) 5 of 180,000 differed in the last
+    bits (a product strict mode does not cover there): checked to a few float32 steps of their size."""
     if not torch.backends.mkl.is_available():
         pytest.skip("the thread-count guarantee is MKL's (this torch build has no MKL)")
     x = torch.randn(4096, 600, generator=torch.Generator().manual_seed(6)) * torch.linspace(0.1, 3, 600)
@@ -102,8 +105,10 @@ def test_hessian_factor_and_sweep_are_the_same_for_any_thread_count() -> None:
             found.append((h.H, U, sparsegpt_prune(W, h.H, 0.5, factor=(U, {}))[0]))
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*found, strict=True):
-        assert torch.equal(a, b)
+    (h1, u1, w1), (h2, u2, w2) = found
+    assert torch.equal(h1, h2) and torch.equal(u1, u2)
+    assert torch.equal(w1 == 0, w2 == 0)  # the same mask
+    torch.testing.assert_close(w2, w1, rtol=2**-21, atol=0)  # a few float32 steps
 
 
 def test_hessian_of_bfloat16_inputs_multiplies_in_float32() -> None:
