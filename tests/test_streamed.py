@@ -150,7 +150,7 @@ def test_streams_by_itself_when_the_model_would_not_fit(
     m = extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "auto")
     assert "more than half" in m["streamed"]["why"]
     # a method that cannot stream still runs in memory, as before
-    m = extract(_recipe(src, small_corpus, "dual", False), tmp_path / "mem")
+    m = extract(_recipe(src, small_corpus, "wanda", False, granularity="global"), tmp_path / "mem")
     assert "streamed" not in m
     monkeypatch.setattr(carve.streamed, "available_memory", lambda: 1 << 40)
     assert "streamed" not in extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "fits")
