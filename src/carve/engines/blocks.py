@@ -122,6 +122,19 @@ def _hooks_held(module: nn.Module) -> Iterator[None]:
             m._forward_hooks, m._forward_pre_hooks = post, pre
 
 
+def _entering(source: BlockSource, batches: list[torch.Tensor]) -> tuple[list[torch.Tensor], dict[Any, Any]]:
+    """The hidden states entering block 0 for `batches` and every block's recorded call (see
+    `capture_inputs`); the tensors outside the blocks are freed after (only blocks run next)."""
+    from carve.engines.layerwise import capture_inputs
+
+    source.load_others()
+    source.load_block(0)
+    with _hooks_held(source.blocks):  # the capture runs block 0 once per shape: not a pass the hooks count
+        captured, calls = capture_inputs(source.model, source.blocks, batches)
+    source.free_others()
+    return list(captured), calls
+
+
 @torch.no_grad()
 def blockwise(
     source: BlockSource,
@@ -134,15 +147,11 @@ def blockwise(
     blocks in `skip` not at all (as dropped), block i replaced by `stand_in(i)` (called once it is
     read) where given.  Returns the final hidden states, one per batch, and whether the blocks
     return tuples."""
-    from carve.engines.layerwise import block_output, capture_inputs
+    from carve.engines.layerwise import block_output
 
     batches = [ids.to(source.device) for ids in batches]
-    source.load_others()
-    source.load_block(0)
-    with _hooks_held(source.blocks):  # the capture runs block 0 once per shape: not a pass the hooks count
-        captured, calls = capture_inputs(source.model, source.blocks, batches)
-    hidden, tuple_out = list(captured), False
-    source.free_others()  # only blocks run from here on
+    hidden, calls = _entering(source, batches)
+    tuple_out = False
     for i in progress(range(len(source.blocks)), label):
         if i in skip:
             continue
@@ -282,15 +291,11 @@ def _streamed_candidates(
     """One step of the greedy search, streamed: (block, loss of the model without `order` and it)
     for every block not in `order`.  Each block is read once: the current model's hidden states and
     every candidate's (from the state entering the candidate, which skips it) pass through it."""
-    from carve.engines.layerwise import block_output, capture_inputs
+    from carve.engines.layerwise import block_output
 
     seqs = [b[None].to(source.device) for b in calibration]
-    source.load_others()
-    source.load_block(0)
-    with _hooks_held(source.blocks):
-        captured, calls = capture_inputs(source.model, source.blocks, seqs)
-    source.free_others()
-    current, tuple_out = list(captured), False
+    current, calls = _entering(source, seqs)
+    tuple_out = False
     candidates: dict[int, list[torch.Tensor]] = {}
 
     def through(j: int, states: list[torch.Tensor]) -> list[torch.Tensor]:
