@@ -38,6 +38,17 @@ def _check(source: Path | str, gguf: Path, kind: str) -> None:
     assert (got - want).abs().max() <= TOLERANCE[kind] * want.abs().max(), kind
 
 
+def _exported(model: torch.nn.Module, tokenizer, src: Path, kind: str) -> tuple[Path, dict]:
+    """`model` saved with `tokenizer` as `src`, exported to `src`.gguf; the file and its header."""
+    from carve.models.gguf_header import read_gguf_header
+
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    gguf = src.with_name(f"{src.name}-{kind}.gguf")
+    assert main(["export", str(src), "--gguf", str(gguf), "--type", kind]) == 0
+    return gguf, read_gguf_header(gguf)
+
+
 @pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0", "q4_0"])
 def test_dense_model_every_type(kind: str, tmp_path: Path, model_dir: Path) -> None:
     gguf = tmp_path / f"m-{kind}.gguf"
@@ -47,7 +58,6 @@ def test_dense_model_every_type(kind: str, tmp_path: Path, model_dir: Path) -> N
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 def test_qwen2_as_llama_cpp_qwen2(kind: str, tmp_path: Path, tokenizer) -> None:
-    from carve.models.gguf_header import read_gguf_header
 
     src = tmp_path / "tiny-qwen2"
     model = tiny_model("qwen2")
@@ -55,11 +65,7 @@ def test_qwen2_as_llama_cpp_qwen2(kind: str, tmp_path: Path, tokenizer) -> None:
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.5)
-    model.save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    gguf = tmp_path / f"q-{kind}.gguf"
-    assert main(["export", str(src), "--gguf", str(gguf), "--type", kind]) == 0
-    meta = read_gguf_header(gguf)
+    gguf, meta = _exported(model, tokenizer, src, kind)
     assert meta["general.architecture"] == "qwen2" and meta["tokenizer.ggml.pre"] == "qwen2"
     _check(src, gguf, kind)
 
@@ -71,7 +77,6 @@ def test_qwen3_as_llama_cpp_qwen3(kind: str, tmp_path: Path, tokenizer) -> None:
     loader reads no key length for qwen3 and assumes 128 (llama.cpp reads the key length written)."""
     from transformers import AutoModelForCausalLM
 
-    from carve.models.gguf_header import read_gguf_header
     from tests.conftest import tiny_config
 
     src = tmp_path / "tiny-qwen3"
@@ -83,11 +88,7 @@ def test_qwen3_as_llama_cpp_qwen3(kind: str, tmp_path: Path, tokenizer) -> None:
         for layer in model.model.layers:
             layer.self_attn.q_norm.weight.normal_(1, 0.5)
             layer.self_attn.k_norm.weight.normal_(1, 0.5)
-    model.save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    gguf = tmp_path / f"q3-{kind}.gguf"
-    assert main(["export", str(src), "--gguf", str(gguf), "--type", kind]) == 0
-    meta = read_gguf_header(gguf)
+    gguf, meta = _exported(model, tokenizer, src, kind)
     assert meta["general.architecture"] == "qwen3" and meta["qwen3.attention.key_length"] == 128
     _check(src, gguf, kind)
 
@@ -104,8 +105,6 @@ def test_gemma3_as_llama_cpp_gemma3(kind: str, tmp_path: Path, tokenizer) -> Non
     import transformers as tf
     from gguf import GGUFReader
 
-    from carve.models.gguf_header import read_gguf_header
-
     src = tmp_path / "tiny-gemma3"
     config = tf.Gemma3TextConfig(vocab_size=512, max_position_embeddings=256, hidden_size=64, intermediate_size=128,
                                  num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
@@ -117,11 +116,7 @@ def test_gemma3_as_llama_cpp_gemma3(kind: str, tmp_path: Path, tokenizer) -> Non
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.normal_(0, 0.5)
-    model.save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    gguf = tmp_path / f"g3-{kind}.gguf"
-    assert main(["export", str(src), "--gguf", str(gguf), "--type", kind]) == 0
-    meta = read_gguf_header(gguf)
+    gguf, meta = _exported(model, tokenizer, src, kind)
     assert meta["general.architecture"] == "gemma3" and meta["gemma3.attention.sliding_window"] == 8
     field = GGUFReader(gguf).fields["gemma3.attention.sliding_window_pattern"]  # numeric: not in carve's header
     assert [bool(field.parts[i][0]) for i in field.data] == [True] * 5 + [False]
