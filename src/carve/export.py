@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,111 +50,8 @@ class Architecture:
     pre: str  # tokenizer pre-tokenizer name when the source GGUF does not give one
     norm_offset: float = 0.0  # added to every norm weight (Gemma's RMSNorm scales by 1 + w, llama.cpp's by w)
     names: tuple[tuple[str, str], ...] = ()  # tensor names of this architecture, tried before the common ones
-
-
-_GEMMA_NAMES = (
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
-    (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
-)
-ARCHITECTURES = {
-    "llama": Architecture("llama", True, (), "default"),
-    "mistral": Architecture("llama", True, (), "default"),
-    "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2"),
-    "qwen3": Architecture("qwen3", False, (), "qwen2"),
-    "gemma3_text": Architecture("gemma3", False, (), "default", norm_offset=1.0, names=_GEMMA_NAMES),
-}
-_NAMES = [
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "blk.{}.attn_q.bias"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "blk.{}.attn_k.bias"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "blk.{}.attn_v.bias"),
-    (r"model\.embed_tokens\.weight", "token_embd.weight"),
-    (r"model\.norm\.weight", "output_norm.weight"),
-    (r"lm_head\.weight", "output.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blk.{}.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.ffn_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "blk.{}.attn_q.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "blk.{}.attn_k.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "blk.{}.attn_v.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "blk.{}.attn_output.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "blk.{}.attn_q_norm.weight"),  # Qwen3: per head
-    (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "blk.{}.attn_k_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
-]
-
-
-def gguf_name(name: str, arch: Architecture | None = None) -> str:
-    """llama.cpp's name of a Hugging Face parameter; a UsageError for one it has none for."""
-    for pattern, target in (*(arch.names if arch else ()), *_NAMES):
-        m = re.fullmatch(pattern, name)
-        if m:
-            return target.format(*m.groups())
-    raise UsageError(f"llama.cpp has no tensor for {name!r} in this architecture: this layout cannot be exported")
-
-
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Hugging Face's rotate-half Q/K rows to GGML's interleaved rope layout (convert_hf_to_gguf's permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def architecture(model_type: Any) -> Architecture:
-    if model_type not in ARCHITECTURES:
-        names = ", ".join(ARCHITECTURES)
-        raise UsageError(
-            f"GGUF export supports Llama-style, Qwen2, Qwen3 and Gemma 3 text models ({names}) so far; "
-            f"this is {model_type!r}"
-        )
-    return ARCHITECTURES[model_type]
-
-
-def check_config(config: Any) -> Architecture:
-    """The config's architecture, after refusing what llama.cpp's graph for it computes differently."""
-    arch = architecture(config.model_type)
-    kind = rope_type(config)
-    if arch.gguf == "gemma3":
-        _check_gemma3(config)
-    elif kind not in ("default", "llama3") or (kind == "llama3" and arch.gguf != "llama"):
-        raise UsageError(f"GGUF export writes plain RoPE and Llama 3's scaling so far; this model scales it ({kind!r})")
-    if getattr(config, "use_sliding_window", False):
-        raise UsageError("GGUF export writes full attention; this model uses a sliding window")
-    return arch
-
-
-def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The per-layer widths llama.cpp needs, after refusing what its architecture cannot hold."""
-    arch = check_config(config)
-    extra = sorted(k for k in state if k.endswith(".bias") and k.split(".")[-2] not in arch.biases)
-    if extra:
-        raise UsageError(f"llama.cpp's {arch.gguf} architecture holds no bias {extra[0]!r}: this model has one")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    n_layers = config.num_hidden_layers
-    ffn, kv = [], []
-    for i in range(n_layers):
-        p = f"model.layers.{i}."
-        q, k = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
-        if q.shape[0] != config.num_attention_heads * head_dim or k.shape[0] % head_dim:
-            raise UsageError(
-                f"block {i}'s attention shapes {tuple(q.shape)}, {tuple(k.shape)} do not fit llama.cpp's heads"
-            )
-        kv.append(k.shape[0] // head_dim)
-        ffn.append(state[p + "mlp.gate_proj.weight"].shape[0])
-    return {"head_dim": head_dim, "ffn": ffn, "kv": kv}
-
-
-def _rope(config: Any, layers: str = "full_attention") -> dict[str, Any]:
-    """The config's RoPE parameters (of one kind of layer where they are given per kind, as Gemma 3's)."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict):
-        return {}
-    return dict(rope.get(layers) or {}) if any(isinstance(v, dict) for v in rope.values()) else rope
-
-
-def rope_type(config: Any, layers: str = "full_attention") -> str:
-    """The config's RoPE variant ("default" when it scales nothing)."""
-    rope = _rope(config, layers)
-    return str(rope.get("rope_type", rope.get("type")) or "default")
+    check: Callable[[Any], None] | None = None  # its own refusals (in place of the plain / Llama 3 RoPE check)
+    metadata: Callable[[Any, Any], None] | None = None  # its own keys, written from the config
 
 
 def _check_gemma3(config: Any) -> None:
@@ -208,6 +106,120 @@ def rope_freq_factors(model: Any, head_dim: int, base: float) -> np.ndarray:
         raise UsageError("the model declares Llama 3 RoPE scaling but has no rotary embedding module to read it from")
     plain = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     return (plain / used.double().cpu()).float().numpy()
+
+
+_GEMMA_NAMES = (
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
+)
+ARCHITECTURES = {
+    "llama": Architecture("llama", True, (), "default"),
+    "mistral": Architecture("llama", True, (), "default"),
+    "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2"),
+    "qwen3": Architecture("qwen3", False, (), "qwen2"),
+    "gemma3_text": Architecture(
+        "gemma3",
+        False,
+        (),
+        "default",
+        norm_offset=1.0,
+        names=_GEMMA_NAMES,
+        check=_check_gemma3,
+        metadata=_gemma3_metadata,
+    ),
+}
+_NAMES = [
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.bias", "blk.{}.attn_q.bias"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.bias", "blk.{}.attn_k.bias"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.bias", "blk.{}.attn_v.bias"),
+    (r"model\.embed_tokens\.weight", "token_embd.weight"),
+    (r"model\.norm\.weight", "output_norm.weight"),
+    (r"lm_head\.weight", "output.weight"),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", "blk.{}.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", "blk.{}.attn_q.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "blk.{}.attn_k.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "blk.{}.attn_v.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "blk.{}.attn_output.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "blk.{}.attn_q_norm.weight"),  # Qwen3: per head
+    (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "blk.{}.attn_k_norm.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
+]
+
+
+def gguf_name(name: str, arch: Architecture | None = None) -> str:
+    """llama.cpp's name of a Hugging Face parameter; a UsageError for one it has none for."""
+    for pattern, target in (*(arch.names if arch else ()), *_NAMES):
+        m = re.fullmatch(pattern, name)
+        if m:
+            return target.format(*m.groups())
+    raise UsageError(f"llama.cpp has no tensor for {name!r} in this architecture: this layout cannot be exported")
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Hugging Face's rotate-half Q/K rows to GGML's interleaved rope layout (convert_hf_to_gguf's permute)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def architecture(model_type: Any) -> Architecture:
+    if model_type not in ARCHITECTURES:
+        names = ", ".join(ARCHITECTURES)
+        raise UsageError(
+            f"GGUF export supports Llama-style, Qwen2, Qwen3 and Gemma 3 text models ({names}) so far; "
+            f"this is {model_type!r}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def check_config(config: Any) -> Architecture:
+    """The config's architecture, after refusing what llama.cpp's graph for it computes differently."""
+    arch = architecture(config.model_type)
+    kind = rope_type(config)
+    if arch.check is not None:
+        arch.check(config)
+    elif kind not in ("default", "llama3") or (kind == "llama3" and arch.gguf != "llama"):
+        raise UsageError(f"GGUF export writes plain RoPE and Llama 3's scaling so far; this model scales it ({kind!r})")
+    if getattr(config, "use_sliding_window", False):
+        raise UsageError("GGUF export writes full attention; this model uses a sliding window")
+    return arch
+
+
+def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The per-layer widths llama.cpp needs, after refusing what its architecture cannot hold."""
+    arch = check_config(config)
+    extra = sorted(k for k in state if k.endswith(".bias") and k.split(".")[-2] not in arch.biases)
+    if extra:
+        raise UsageError(f"llama.cpp's {arch.gguf} architecture holds no bias {extra[0]!r}: this model has one")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n_layers = config.num_hidden_layers
+    ffn, kv = [], []
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        q, k = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
+        if q.shape[0] != config.num_attention_heads * head_dim or k.shape[0] % head_dim:
+            raise UsageError(
+                f"block {i}'s attention shapes {tuple(q.shape)}, {tuple(k.shape)} do not fit llama.cpp's heads"
+            )
+        kv.append(k.shape[0] // head_dim)
+        ffn.append(state[p + "mlp.gate_proj.weight"].shape[0])
+    return {"head_dim": head_dim, "ffn": ffn, "kv": kv}
+
+
+def _rope(config: Any, layers: str = "full_attention") -> dict[str, Any]:
+    """The config's RoPE parameters (of one kind of layer where they are given per kind, as Gemma 3's)."""
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if not isinstance(rope, dict):
+        return {}
+    return dict(rope.get(layers) or {}) if any(isinstance(v, dict) for v in rope.values()) else rope
+
+
+def rope_type(config: Any, layers: str = "full_attention") -> str:
+    """The config's RoPE variant ("default" when it scales nothing)."""
+    rope = _rope(config, layers)
+    return str(rope.get("rope_type", rope.get("type")) or "default")
 
 
 def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str) -> None:
@@ -342,8 +354,8 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     writer.add_value_length(shape["head_dim"])
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[kind]]))
-    if arch.gguf == "gemma3":
-        _gemma3_metadata(writer, config)
+    if arch.metadata is not None:
+        arch.metadata(writer, config)
     _tokenizer_metadata(writer, lm.tokenizer, source_gguf, arch.pre)
     if rope_type(config) == "llama3":  # llama.cpp reads the scaled frequencies from this tensor
         writer.add_tensor("rope_freqs.weight", rope_freq_factors(lm.model, shape["head_dim"], theta))
