@@ -98,16 +98,23 @@ def activation_scores(
     targets: Targets,
     calib: Calibration,
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    per_block: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> MutableMapping[str, torch.Tensor]:
     """Scores from each Linear's input statistics, on the dense model's activations (each passed
     through `transform` when given).  Streamed (`calib.stream`): each block read, scored and freed,
-    its scores to a temporary file."""
-    scores: MutableMapping[str, torch.Tensor] = {} if calib.stream is None else SpilledTensors()
+    its scores to a temporary file.  With `per_block`, each block's scores go to it instead (the
+    map returned stays empty)."""
+    scores: MutableMapping[str, torch.Tensor] = {} if calib.stream is None or per_block else SpilledTensors()
 
-    def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
+    def on_block(i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
+        block: dict[str, torch.Tensor] = {}
         for name, lin in linears.items():
             t = as_param_layout(lin, scorer.score(weight_matrix(lin), stats[name])).cpu()
-            scores[f"{name}.weight"] = t if transform is None else transform(t)
+            block[f"{name}.weight"] = t if transform is None else transform(t)
+        if per_block is not None:
+            per_block(i, block)
+        else:
+            scores.update(block)
 
     stream = None
     if calib.stream is not None:
@@ -227,20 +234,17 @@ def streamed_unit_importance(
     groups = torch.zeros(len(anat.parts), anat.kv_heads)
     channels = torch.zeros(len(anat.parts), anat.intermediate)
 
-    def on_block(i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
-        scores = {f"{name}.weight": as_param_layout(lin, scorer.score(weight_matrix(lin), stats.get(name))).cpu()
-                  for name, lin in linears.items()}  # fmt: skip
+    def reduce(i: int, scores: dict[str, torch.Tensor]) -> None:
         groups[i], channels[i] = block_unit_importance(scores, anat.parts[i], anat)
 
     data = needs_data(scorer, calibration)
     if data is None:
         for i in progress(range(len(source.blocks)), f"scoring ({scorer.name})"):
             source.load_block(i)
-            on_block(i, prunable_linears(source.blocks[i], f"{anat.prefix}.{i}", targets.include, targets.exclude), {})
+            linears = prunable_linears(source.blocks[i], f"{anat.prefix}.{i}", targets.include, targets.exclude)
+            reduce(i, weight_scores(scorer, linears))
             source.free_block(i)
     else:
-        source.load_others()
-        source.load_block(0)
-        dense = Calibration(calib.batch_size, "dense", calib.dtype, stream=_Visit(source), max_memory=calib.max_memory)
-        layerwise(source.model, data, on_block, scorer.statistic, targets, dense, f"scoring ({scorer.name})")
+        visit = Calibration(calib.batch_size, "dense", calib.dtype, stream=_Visit(source), max_memory=calib.max_memory)
+        activation_scores(source.model, scorer, data, targets, visit, per_block=reduce)
     return UnitImportance(groups, channels)
