@@ -284,7 +284,8 @@ def main() -> None:
         return
     if not args.table_only:
         run(args.models, args.types, args.rounds, rows)
-    models = ["dense", *[m for m in args.models if m != "dense"]]
+    # every model measured so far, not only this run's: a rerun of some rows keeps the others in the table
+    models = [m for m in MODELS if m == "dense" or m in args.models or any(k.startswith(f"{m}/") for k in rows)]
     text = write_table(rows, models, args.types)
     print(text)
     write_section("export", text)
