@@ -13,7 +13,9 @@ the Fisher error of reverting it, ½·E[g²]·τ² with g at the expert on 32 bl
 highest, computed in the job; `importance_base_fisher`: kept where the base model's Fisher pruning
 score on the domain is highest, bench/out/finetune-fisher-D.safetensors from `carve extract --method
 fisher --save-importance`, given as --importance files), TIES with the agreeing entries summed
-instead of averaged (`ties_sum`: `--no-normalize`), Consensus TIES (`--consensus 2`) and TALL masks
+instead of averaged (`ties_sum`: `--no-normalize`), RegMean (`regmean`: every Linear of the blocks
+merged by the experts' input Gram matrices on 32 blocks of their domains, computed in the job;
+`regmean_a0.5`: the matrices' off-diagonal halved), Consensus TIES (`--consensus 2`) and TALL masks
 (`--tall` over task arithmetic's plain sum, not the mean).
 
 Per row: each domain's perplexity and the general perplexity (first 16 held-out 512-token blocks),
@@ -49,7 +51,8 @@ DOMAINS = ["legal", "code", "scripture"]
 DENSITY = 0.2
 EVAL = ["--eval-blocks", "16", "--block-len", "512"]
 SHARED = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"]
-ROWS = [*SHARED, "ties_sum", "importance", "importance_base_fisher", "consensus_ties", "tall"]
+ROWS = [*SHARED, "ties_sum", "importance", "importance_base_fisher", "regmean", "regmean_a0.5", "consensus_ties",
+        "tall"]  # fmt: skip
 
 
 def expert(domain: str) -> Path:
@@ -93,6 +96,9 @@ def carve_args(row: str, seed: int) -> list[str]:
         return [*common, "--method", "importance", "--importance-blocks", "32"]
     if row == "importance_base_fisher":
         return [*common, "--method", "importance", *[f"--importance={d}={importance_map(d)}" for d in DOMAINS]]
+    if row.startswith("regmean"):  # the Gram matrices computed in the job, on the same blocks as the importance maps
+        alpha = row.partition("_a")[2] or "1"
+        return [*common, "--method", "regmean", "--regmean-alpha", alpha, "--importance-blocks", "32"]
     if row == "consensus_ties":
         return [*common, "--method", "ties", "--consensus", "2"]
     # TALL over the plain sum τ_MTL = Σ τ_t (the paper's task arithmetic, λ 1): with the mean, an entry
@@ -111,7 +117,7 @@ def run_carve(row: str, seed: int) -> dict[str, Any]:
     # importance row's (its maps' gradient passes, then the merge and the evaluation)
     speed = (
         whole
-        if row in ("tall", "consensus_ties", "importance")
+        if row in ("tall", "consensus_ties", "importance") or row.startswith("regmean")
         else timed(
             [CARVE, "merge", *args, "--eval-blocks", "0", "--out", str(out) + "-timing", "--overwrite", "--quiet"]
         )

@@ -13,7 +13,16 @@ from safetensors.torch import load_file
 
 from carve.cli.main import main
 from carve.merge import MergeRecipe, from_mergekit, merge_tensor
-from carve.ops.merge import METHODS, between_outliers, combine, consensus_mask, sparsified, tall_mask, top_share
+from carve.ops.merge import (
+    METHODS,
+    between_outliers,
+    combine,
+    consensus_mask,
+    gram_mean,
+    sparsified,
+    tall_mask,
+    top_share,
+)
 from tests.conftest import tiny_model
 
 G = torch.Generator().manual_seed(0)
@@ -87,6 +96,45 @@ def test_importance_guided_keeps_where_the_importance_is() -> None:
     kept = sparsified(TAUS[0], METHODS["importance"], 0.25, importance=imp)
     assert torch.equal(kept, TAUS[0] * _top_k(imp, 12))
     assert torch.equal(top_share(imp, 1.0), torch.ones(6, 8, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.6])
+def test_regmean_is_the_least_squares_merge_of_the_layer_outputs(alpha: float) -> None:
+    """Δ = argmin Σ_t w_t·||X_t Δᵀ − X_t τ_tᵀ||² (with α: each Gram matrix's off-diagonal scaled),
+    against a direct least-squares solve of the stacked system."""
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(20 + 5 * t, 8, generator=g, dtype=torch.float64) for t in range(3)]
+    grams = [2 / len(x) * x.t() @ x for x in xs]
+    got = gram_mean([t.double() for t in TAUS], grams, W, alpha)
+    if alpha == 1:  # rows sqrt(w_t/n_t)·X_t: the objective, each Gram matrix a mean over its tokens
+        a = torch.cat([(2 * w / len(x)) ** 0.5 * x for x, w in zip(xs, W, strict=True)])
+        b = torch.cat([(2 * w / len(x)) ** 0.5 * x @ t.double().t() for x, w, t in zip(xs, W, TAUS, strict=True)])
+        direct = torch.linalg.lstsq(a, b).solution.t()
+    else:  # the normal equations with the reduced matrices, written out
+        red = [alpha * m + (1 - alpha) * torch.diag(torch.diagonal(m)) for m in grams]
+        lhs = sum(w * m for w, m in zip(W, red, strict=True))
+        rhs = sum(w * t.double() @ m for w, t, m in zip(W, TAUS, red, strict=True))
+        direct = rhs @ torch.linalg.inv(lhs)
+    assert torch.allclose(got, direct, atol=1e-10)
+    # one expert: its own task vector; a singular sum (an input no token used) still solves
+    assert torch.allclose(gram_mean([TAUS[0]], [grams[0].float()], [1.0]), TAUS[0], atol=1e-4)
+    dead = [m.clone() for m in grams]
+    for m in dead:
+        m[3, :] = m[:, 3] = 0
+    assert torch.isfinite(gram_mean([t.double() for t in TAUS], dead, W)).all()
+
+
+def test_regmean_embedding_rows_by_token_frequency() -> None:
+    """A lookup's Gram matrix is diagonal (token counts): each row the frequency-weighted mean of the
+    experts' rows, a row no expert's data used the plain weighted mean."""
+    freq = [torch.tensor([0.5, 0.0, 0.2, 0.0, 0.3, 0.0]), torch.tensor([0.0, 0.0, 0.6, 0.4, 0.0, 0.0]),
+            torch.tensor([0.1, 0.0, 0.1, 0.0, 0.1, 0.7])]  # fmt: skip
+    got = gram_mean(TAUS, freq, W)
+    for row in range(6):
+        f = [w * float(fr[row]) for w, fr in zip(W, freq, strict=True)]
+        expect = (sum(x * t[row] for x, t in zip(f, TAUS, strict=True)) / sum(f) if sum(f)
+                  else sum(w * t[row] for w, t in zip(W, TAUS, strict=True)) / sum(W))  # fmt: skip
+        assert torch.allclose(got[row], expect, atol=1e-6), row
 
 
 def test_tall_and_consensus_masks() -> None:
@@ -217,6 +265,7 @@ def test_mergekit_yaml(tmp_path: Path, model_dir: Path, experts) -> None:
     "yaml_text, message",
     [
         ("merge_method: slerp\nbase_model: B\nmodels: [{model: A, parameters: {weight: 1}}]\n", "'slerp' is not supported"),
+        ("merge_method: regmean\nbase_model: B\nmodels: [{model: A, parameters: {weight: 1}}]\n", "'regmean' is not supp"),
         ("merge_method: ties\nbase_model: B\nslices: []\nmodels: []\n", "option 'slices' is not supported"),
         ("merge_method: ties\nbase_model: B\nmodels: [{model: A, parameters: {weight: 1, epsilon: 0.1}}]\n",
          "parameter 'epsilon'"),
@@ -255,8 +304,10 @@ def test_bad_inputs_write_nothing(tmp_path: Path, model_dir: Path, experts, caps
             "for every expert, or for none",
         ),
         ([legal], [f"--importance=legal={other}"], "is for the importance method"),
-        ([f"nodomain={experts['legal']}"], ["--method", "importance"], "its importance computed"),
+        ([f"nodomain={experts['legal']}"], ["--method", "importance"], "its importance or Gram"),
         ([legal], ["--method", "importance", "--importance-blocks", "0"], "--importance-blocks"),
+        ([legal], ["--method", "regmean", "--regmean-alpha", "1.5"], "regmean-alpha 1.5 is outside"),
+        ([legal], ["--method", "regmean", "--no-normalize"], "--no-normalize does not apply"),
     ]
     for exp, extra, message in cases:
         out = tmp_path / "out"
@@ -432,6 +483,63 @@ def test_importance_maps_computed_in_the_job(tmp_path: Path, model_dir: Path, ex
     assert main([*[x if x != "importance" else "ties" for x in args], "--out", str(ties)]) == 0
     t = load_file(str(ties / "model.safetensors"))
     assert any(not torch.equal(a[n], t[n]) for n in a if n.endswith("proj.weight"))
+
+
+def _input_grams(model: torch.nn.Module, data: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Σ x xᵀ over the inputs of every projection in one plain forward (a sum, not a mean: the
+    experts here see the same number of tokens, so the scale cancels in RegMean)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).double()
+        seen[name] = seen.get(name, 0) + x.t() @ x
+
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a[0]))
+             for n, m in model.named_modules() if n.endswith("proj")]  # fmt: skip
+    with torch.no_grad():
+        model(data)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_regmean_grams_computed_in_the_job(tmp_path: Path, model_dir: Path, experts) -> None:
+    """`--method regmean`: each expert's input Gram matrices on its domain (captured here with hooks on
+    an ordinary forward of the expert), then every Linear of the blocks merged by them, the input
+    embedding by token frequency and the rest (norms) by the plain weighted mean."""
+    from carve.corpora import Corpus
+    from carve.job import calibration_data
+    from carve.models.load import load_model
+
+    two = {k: experts[k] for k in ("legal", "code")}
+    out = tmp_path / "regmean"
+    argv = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in two.items()], "--method",
+            "regmean", "--regmean-alpha", "0.9", "--weights", "1", "2", "--importance-blocks", "2", "--block-len",
+            "32", "--eval-blocks", "0", "--seed", "3", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((out / "carve.json").read_text())
+    assert set(manifest["grams"]["per_expert"]) == set(two) and manifest["grams"]["alpha"] == 0.9
+    merged, base = load_file(str(out / "model.safetensors")), load_file(str(model_dir / "model.safetensors"))
+    grams: list[dict[str, torch.Tensor]] = []
+    taus: list[dict[str, torch.Tensor]] = []
+    for name, d in two.items():
+        lm = load_model(str(d))
+        data = calibration_data(lm.tokenizer, Corpus(name), Corpus(name), 2, 32, 0.0, 3)
+        seen = _input_grams(lm.model, data)
+        emb = torch.bincount(data.reshape(-1), minlength=lm.model.config.vocab_size).double()
+        grams.append({**{f"{n}.weight": g for n, g in seen.items()}, "model.embed_tokens.weight": emb})
+        taus.append({n: p.detach() - base[n] for n, p in lm.model.named_parameters()})
+    linears = [n for n in merged if n.endswith("proj.weight")]
+    assert linears
+    for n in [*linears, "model.embed_tokens.weight"]:
+        expect = base[n] + gram_mean([t[n] for t in taus], [g[n] for g in grams], [1.0, 2.0], 0.9)
+        assert torch.allclose(merged[n], expect, atol=1e-5), n
+    norm = "model.norm.weight"
+    assert torch.allclose(merged[norm], base[norm] + (taus[0][norm] + 2 * taus[1][norm]) / 3, atol=1e-6)
+    # the Gram matrices decided: plain task arithmetic's weighted mean differs
+    assert not torch.allclose(
+        merged[linears[0]], base[linears[0]] + (taus[0][linears[0]] + 2 * taus[1][linears[0]]) / 3
+    )
 
 
 def test_dare_masks_drawn_ahead_are_the_masks_drawn_in_turn(tmp_path: Path, model_dir: Path, experts) -> None:

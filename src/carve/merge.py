@@ -20,7 +20,7 @@ import torch
 from carve.errors import UsageError
 from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, Stages, manifest_start, peak_rss_mb
 from carve.models.stream import StreamWriter, TensorSource
-from carve.ops.merge import METHODS, Method, combine, random_keep, sparsified
+from carve.ops.merge import METHODS, Method, combine, gram_mean, random_keep, sparsified
 from carve.settings import check_types, flag
 
 RESCALES = ("inverse", "l1", "none")
@@ -61,7 +61,12 @@ class MergeRecipe:
         factory=list,
     )
     importance_blocks: int = flag(
-        "the importance method's computed maps: blocks (of --block-len tokens) of each expert's domain", default=32
+        "the data-driven methods (importance's computed maps, regmean's Gram matrices): blocks (of --block-len "
+        "tokens) of each expert's domain",
+        default=32,
+    )
+    regmean_alpha: float = flag(
+        "regmean: the scale of the Gram matrices' off-diagonal entries (1: plain RegMean)", default=1.0
     )
     seed: int = flag("DARE's random drop", default=0)
     tall: bool = flag(
@@ -109,9 +114,13 @@ class MergeRecipe:
         if maps and (self.method != "importance" or set(maps) != set(experts)):
             raise UsageError("--importance NAME=FILE is for the importance method: give it for every expert, or for "
                              "none (carve then computes each expert's map on its domain)")  # fmt: skip
-        computes_maps = self.method == "importance" and not maps
+        computes_maps = (self.method == "importance" and not maps) or METHODS[self.method].gram
         if computes_maps and self.importance_blocks < 1:
             raise UsageError("--importance-blocks must be at least 1")
+        if not 0 <= self.regmean_alpha <= 1:
+            raise UsageError(f"regmean-alpha {self.regmean_alpha} is outside [0, 1]")
+        if METHODS[self.method].gram and self.normalize is False:
+            raise UsageError("regmean is a mean weighted by the experts' Gram matrices: --no-normalize does not apply")
         if self.eval_blocks < 0 or self.block_len < 1:
             raise UsageError("eval-blocks must be 0 or more and block-len positive")
         if (self.tall or self.consensus) and (not self.eval_blocks or n < 2):
@@ -130,9 +139,8 @@ class MergeRecipe:
                 try:
                     Corpus(name)
                 except UsageError as exc:
-                    hint = (
-                        "an expert is evaluated, and its importance computed, on the corpus its name or --domains gives"
-                    )
+                    hint = ("an expert is evaluated, and its importance or Gram matrices computed, on the corpus its "
+                            "name or --domains gives")  # fmt: skip
                     raise UsageError(f"{exc} ({hint}; --eval-blocks 0 skips the evaluation)") from None
         rescale = self.rescale or ("inverse" if METHODS[self.method].rescale else "none")
         return replace(self, density=density, weights=weights, rescale=rescale)
@@ -181,6 +189,10 @@ def merge_tensor(
     if not base.is_floating_point():
         return base
     b = base.float()
+    grams = [g.get(name) for g in extras["grams"]] if method.gram and extras.get("grams") else None
+    if grams is not None and all(g is not None for g in grams):
+        mixed = gram_mean([e.float() - b for e in experts], grams, r.weights, r.regmean_alpha)
+        return b + (mixed * r.lam if r.lam != 1 else mixed)  # elsewhere (norms, biases): the weighted mean
 
     def one(i: int) -> torch.Tensor:
         imp = extras["importance"][i].get(name) if extras.get("importance") else None
@@ -271,14 +283,18 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: 
     r = recipe.resolved()
     stage = Stages()
     with claim(out), atomic_output_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
-        computed, given = None, r
+        computed, given, grams = None, r, None
         if r.method == "importance" and not r.importance:
             with stage("importance"):
                 r, computed = _fisher_maps(r, Path(scratch))
+        if METHODS[r.method].gram:
+            with stage("grams"):
+                grams, computed = _gram_maps(r, Path(scratch))
         with stage("merge"):
-            manifest = _stream_merge(r, tmp)
+            manifest = _stream_merge(r, tmp, grams)
         if computed is not None:  # the recipe as given (the maps were temporary), and how they were made
-            manifest["recipe"], manifest["importance"] = asdict(given), computed
+            manifest["recipe"] = asdict(given)
+            manifest["grams" if grams is not None else "importance"] = computed
         if r.eval_blocks:
             data = _eval_data(r)
             if r.tall or r.consensus:
@@ -299,26 +315,79 @@ def _fisher_maps(r: MergeRecipe, directory: Path) -> tuple[MergeRecipe, dict[str
     `importance_blocks` blocks of its domain's train split.  One expert in memory at a time, the
     base's tensors read one at a time; the maps go to `directory`.  Returns the recipe pointing at
     them (the recorded recipe keeps none) and what the manifest says of them."""
-    from carve.corpora import Corpus
     from carve.importance.registry import compute_importance
-    from carve.job import calibration_data, tensor_fingerprint
-    from carve.models.load import load_model
 
     paths, said = {}, {}
     with TensorSource(r.base or "") as base:
         reference = _Tensors(base)
-        for name, d in r.expert_dirs().items():
-            lm = load_model(str(d))
-            domain = Corpus(r.domain_of()[name])
-            data = calibration_data(lm.tokenizer, domain, domain, r.importance_blocks, r.block_len, 0.0, r.seed)
+        for name, lm, data, said[name] in _experts_on_their_domains(r):
             scores = compute_importance("fisher", lm.model, data=data, reference=reference)
             paths[name] = directory / f"{name}.safetensors"
             scores.save(paths[name])
-            said[name] = {"domain": domain.name, "blocks": len(data), "block_len": r.block_len,
-                          "data_fingerprint": tensor_fingerprint(data)}  # fmt: skip
             del lm, scores
     score = "½·E[g²]·(θ_expert − θ_base)², g at the expert on its domain (the fisher source)"
     return replace(r, importance=[f"{k}={p}" for k, p in paths.items()]), {"score": score, "per_expert": said}
+
+
+def _experts_on_their_domains(r: MergeRecipe) -> Iterator[tuple[str, Any, torch.Tensor, dict[str, Any]]]:
+    """Each expert loaded in turn with `importance_blocks` blocks of its domain's train split:
+    (name, loaded model, blocks, what the manifest says of them)."""
+    from carve.corpora import Corpus
+    from carve.job import calibration_data, tensor_fingerprint
+    from carve.models.load import load_model
+
+    for name, d in r.expert_dirs().items():
+        lm = load_model(str(d))
+        domain = Corpus(r.domain_of()[name])
+        data = calibration_data(lm.tokenizer, domain, domain, r.importance_blocks, r.block_len, 0.0, r.seed)
+        yield name, lm, data, {"domain": domain.name, "blocks": len(data), "block_len": r.block_len,
+                               "data_fingerprint": tensor_fingerprint(data)}  # fmt: skip
+        del lm  # one expert in memory at a time (the caller drops its reference too)
+
+
+def _gram_maps(r: MergeRecipe, directory: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """RegMean's statistics, for each expert on `importance_blocks` blocks of its domain: the input
+    Gram matrix 2/n·Σ x xᵀ of every Linear in the decoder blocks (the layer-wise engine's SparseGPT
+    Hessian, at the expert, every block fed the expert's own dense outputs) and the input embedding's
+    token frequencies.  One expert in memory at a time; each block's matrices go to a file in the
+    expert's folder under `directory` (Linears fed one input share one matrix).  Returns the folders
+    and what the manifest says of them."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from carve.engines.layerwise import layerwise
+    from carve.scorers.stats import Hessian
+    from carve.settings import DEFAULT_TARGETS, Calibration
+
+    folders: dict[str, Path] = {}
+    said: dict[str, Any] = {}
+    for name, lm, data, said[name] in _experts_on_their_domains(r):
+        folder = folders[name] = directory / f"grams-{len(folders)}"
+        folder.mkdir()
+
+        def on_block(i: int, linears: dict[str, torch.nn.Module], stats: dict[str, Any], folder: Path = folder) -> None:
+            leaders: dict[int, str] = {}
+            tensors: dict[str, torch.Tensor] = {}
+            aliases = {}
+            for n in linears:
+                key = leaders.setdefault(id(stats[n]), f"{n}.weight")
+                tensors.setdefault(key, stats[n].H.contiguous())
+                aliases[f"{n}.weight"] = key
+            save_file(tensors, str(folder / f"block-{i:05d}.safetensors"), metadata={"aliases": json.dumps(aliases)})
+
+        calib = Calibration(propagation="dense")
+        layerwise(lm.model, data, on_block, Hessian, DEFAULT_TARGETS, calib, f"Gram matrices ({name})")
+        embedding = lm.model.get_input_embeddings().weight
+        key = next(n for n, p in lm.model.named_parameters() if p is embedding)
+        rows = torch.bincount(data.reshape(-1), minlength=embedding.shape[0]).double() / data.numel()
+        save_file(
+            {key: rows.float()}, str(folder / "embedding.safetensors"), metadata={"aliases": json.dumps({key: key})}
+        )
+        del lm
+    what = ("per Linear of the decoder blocks: its input Gram matrix 2/n·Σ x xᵀ at the expert on its domain; "
+            "the input embedding: its token frequencies there")  # fmt: skip
+    return folders, {"statistic": what, "alpha": r.regmean_alpha, "per_expert": said}
 
 
 class _Tensors(Mapping[str, torch.Tensor]):
@@ -363,7 +432,7 @@ def _localize(r: MergeRecipe, tmp: Path, data: dict[str, Any]) -> dict[str, Any]
     return {"per_task": report, "consensus": {"at_least": r.consensus, "kept_share": round(kept, 5)}}
 
 
-def _stream_merge(r: MergeRecipe, tmp: Path) -> dict[str, Any]:
+def _stream_merge(r: MergeRecipe, tmp: Path, grams: dict[str, Path] | None = None) -> dict[str, Any]:
     from contextlib import ExitStack
 
     from carve.models.load import _file_fingerprint
@@ -378,6 +447,8 @@ def _stream_merge(r: MergeRecipe, tmp: Path) -> dict[str, Any]:
         if method.sparsify == "importance":
             maps = _named(r.importance, "--importance", "")
             extras["importance"] = [_lazy_map(stack, maps[k]) for k in experts]
+        if grams is not None:
+            extras["grams"] = [_lazy_grams(stack, grams[k]) for k in experts]
         if method.sparsify == "random":  # DARE: its masks drawn ahead, beside the arithmetic
             floats = [(n, base.shape(n)) for n in names if base.dtype(n).is_floating_point]
             extras["drawn"] = stack.enter_context(_DrawnAhead(floats, r.density, extras["generator"]))
@@ -434,6 +505,27 @@ def _lazy_map(stack: Any, path: Path) -> Any:
             return handle.get_tensor(name) if name in keys else None
 
     return _Map()
+
+
+def _lazy_grams(stack: Any, folder: Path) -> Any:
+    """An expert's Gram matrices (`_gram_maps`) read one at a time: .get(name) gives the matrix
+    for a Linear weight, the token frequencies for the input embedding, else None."""
+    import json
+
+    from carve.masks.mask import reading_safetensors
+
+    where: dict[str, tuple[Any, str]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        handle = stack.enter_context(reading_safetensors(path, "Gram matrices"))
+        for name, key in json.loads((handle.metadata() or {})["aliases"]).items():
+            where[name] = (handle, key)
+
+    class _Grams:
+        def get(self, name: str) -> torch.Tensor | None:
+            found = where.get(name)
+            return None if found is None else found[0].get_tensor(found[1])
+
+    return _Grams()
 
 
 def _set_config_dtype(path: Path, dtype: str) -> None:
@@ -513,8 +605,8 @@ def from_mergekit(path: str | Path) -> MergeRecipe:
     if unknown:
         raise UsageError(f"mergekit option {unknown[0]!r} is not supported by carve merge")
     method = config.get("merge_method")
-    if method not in METHODS or method == "importance":
-        names = ", ".join(m for m in METHODS if m != "importance")
+    if method not in METHODS or not METHODS[method].mergekit:
+        names = ", ".join(m for m, k in METHODS.items() if k.mergekit)
         raise UsageError(f"mergekit merge_method {method!r} is not supported by carve merge (it has {names})")
     params = _scalars(config.get("parameters") or {}, _MERGEKIT_GLOBAL, "parameters")
     models = config.get("models")

@@ -1,13 +1,14 @@
 """Merging task vectors τ_t = θ_t − θ₀, one tensor at a time (docs/methods.md, "carve merge").
 
-Every method is: sparsify each τ_t (keep a share `density` of its entries: by magnitude — TIES;
+Every method but RegMean is: sparsify each τ_t (keep a share `density` of its entries: by magnitude — TIES;
 at random, rescaled — DARE; between the top-γ outliers and the bottom — Breadcrumbs; by the
 expert's domain importance — carve's importance-guided merge), weight it by w_t, optionally elect a
 sign per entry and keep only the agreeing entries (TIES), sum (optionally dividing by the summed
 weights of the entries kept), scale by λ and add to θ₀.  TALL masks and Consensus merging then
-localize the merged vector per task.  The arithmetic follows mergekit's generalized task
-arithmetic (float32, the same order of operations), so the methods both tools have agree to float
-rounding; deviations are listed in docs/methods.md.
+localize the merged vector per task.  RegMean (`gram_mean`) instead weights each τ_t by the
+expert's input Gram matrices: the least-squares merge of the experts' layer outputs.  The
+arithmetic follows mergekit's generalized task arithmetic (float32, the same order of operations),
+so the methods both tools have agree to float rounding; deviations are listed in docs/methods.md.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class Method:
     normalize: bool  # divide by the summed weights of the entries kept (mergekit's `normalize`)
     rescale: bool  # rescale what the sparsification kept by default (DARE)
     paper: str
+    # the mean weighted by each expert's input Gram matrices (RegMean; `gram_mean`) where they are known
+    gram: bool = False
+    mergekit: bool = True  # mergekit has it (a mergekit config may name it)
 
 
 METHODS: dict[str, Method] = {
@@ -39,7 +43,10 @@ METHODS: dict[str, Method] = {
     "dare_ties": Method("random", True, False, True, "Yu et al. 2024, arXiv 2311.03099"),
     "breadcrumbs": Method("outliers", False, False, False, "Davari & Belilovsky 2024, arXiv 2312.06795"),
     "breadcrumbs_ties": Method("outliers", True, False, False, "Davari & Belilovsky 2024, arXiv 2312.06795"),
-    "importance": Method("importance", True, True, False, "carve: TIES with the expert's domain importance"),
+    "importance": Method(
+        "importance", True, True, False, "carve: TIES with the expert's domain importance", mergekit=False
+    ),
+    "regmean": Method(None, False, True, False, "Jin et al. 2023, arXiv 2212.09849", gram=True, mergekit=False),
 }
 
 
@@ -143,6 +150,41 @@ def combine(
             total = float(w.sum())  # the same for every entry
             mixed = mixed / (total if abs(total) >= 1e-8 else 1.0)
     return mixed * lam if lam != 1 else mixed
+
+
+def gram_mean(
+    deltas: list[torch.Tensor], grams: list[torch.Tensor], weights: list[float], alpha: float = 1.0
+) -> torch.Tensor:
+    """RegMean's merged task vector (Jin et al. 2023, arXiv 2212.09849): the Δ that best reproduces
+    every expert's outputs on its own inputs, argmin Σ_t w_t·||X_t Δᵀ − X_t τ_tᵀ||².
+
+    For a Linear weight [out, in] with each expert's input Gram matrix G_t [in, in] (off-diagonal
+    entries scaled by `alpha`: G̃_t = α·G_t + (1 − α)·diag(G_t)): Δ = (Σ w_t τ_t G̃_t)(Σ w_t G̃_t)⁻¹,
+    solved in float64 (least squares where Σ w_t G̃_t is singular).  For an embedding [rows, dim]
+    with each expert's row (token) frequencies [rows] — a lookup's Gram matrix is diagonal — each row
+    is the frequency-weighted mean of the experts' rows, and a row no expert's data used is the plain
+    weighted mean."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    if grams[0].dim() == 1:
+        f = torch.stack([g.double() for g in grams]) * w[:, None]  # [tasks, rows]
+        taus = torch.stack([d.double() for d in deltas])  # [tasks, rows, dim]
+        seen = f.sum(0)
+        plain = (taus * w[:, None, None]).sum(0) / w.sum()
+        mixed = (taus * f[:, :, None]).sum(0) / seen.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+        return torch.where(seen[:, None] > 0, mixed, plain).to(deltas[0].dtype)
+    A = torch.zeros_like(grams[0], dtype=torch.float64)
+    B = torch.zeros_like(deltas[0], dtype=torch.float64)
+    for tau, g, wt in zip(deltas, grams, w.tolist(), strict=True):
+        g = g.double()
+        if alpha != 1:
+            g = alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g))
+        A += wt * g
+        B += wt * (tau.double() @ g)
+    try:
+        delta = torch.linalg.solve(A, B.t()).t()  # Δ·A = B, A symmetric
+    except torch.linalg.LinAlgError:
+        delta = torch.linalg.lstsq(A, B.t(), driver="gelsd").solution.t()
+    return delta.to(deltas[0].dtype)
 
 
 def sparsified(
