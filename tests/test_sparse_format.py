@@ -261,3 +261,43 @@ def test_damaged_byte_planes_are_one_clear_error(tmp_path: Path, damage: str) ->
         with TensorSource(tmp_path) as src:
             for name in src.names():
                 src.get(name)
+
+
+def test_sharded_sparse_model_round_trips(tmp_path: Path, tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past a shard's size the sparse format is numbered shards with an index: read back (eagerly,
+    lazily, by carve.load_model and after `carve densify`) bit for bit; a missing shard or a damaged
+    index is one clear error."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.models import sparse
+    from carve.models.stream import TensorSource
+
+    model = _pruned("llama", None)
+    monkeypatch.setattr(sparse, "SHARD_BYTES", 20_000)  # a shard every few tensors
+    src = tmp_path / "src"
+    tokenizer.save_pretrained(src)
+    info = save_sparse_model(src, model, torch.bfloat16)
+    shards = sorted(src.glob("model.sparse-*-of-*.safetensors"))
+    assert info["shards"] == len(shards) > 2 and not (src / SPARSE_FILE).exists()
+    assert not [f for f in src.iterdir() if "partial" in f.name]  # no half-written leftovers
+    assert info["file_bytes"] == sum(f.stat().st_size for f in shards)
+    state, aliases = read_sparse_state(src)
+    want = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    assert set(state) | set(aliases) == set(want)
+    for name, t in want.items():
+        assert torch.equal(_bits(state[aliases.get(name, name)]), _bits(t)), name
+    with TensorSource(src) as lazy:
+        assert sorted(lazy.names()) == sorted(want)
+        assert all(torch.equal(_bits(lazy.get(k)), _bits(t)) for k, t in want.items())
+    loaded = carve.load_model(str(src), dtype="bfloat16").model.state_dict()
+    assert all(torch.equal(_bits(loaded[k]), _bits(t)) for k, t in want.items())
+    assert main(["densify", str(src), "--out", str(tmp_path / "dense")]) == 0
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "dense").state_dict()
+    assert all(torch.equal(_bits(stock[k]), _bits(t)) for k, t in want.items())
+    index = src / sparse.SPARSE_INDEX
+    shards[1].rename(tmp_path / "away")
+    with pytest.raises(carve.UsageError, match="missing the sparse shard"):
+        read_sparse_state(src)
+    index.write_text("{not json")
+    with pytest.raises(carve.UsageError, match="is damaged: no weight_map"):
+        TensorSource(src)

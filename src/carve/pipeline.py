@@ -54,6 +54,7 @@ from carve.models.load import (
     resolve_dtype,
 )
 from carve.models.skeleton import SkeletonModel
+from carve.models.sparse import SparseWriter
 from carve.models.stream import StreamWriter
 from carve.ops.outcome import Outcome
 from carve.ops.plan import DEFAULT_DROP_RULE, DROP_RULES, ShapeTarget, check_drop_rule
@@ -334,8 +335,6 @@ def _not_streamable(r: Recipe) -> str | None:
                 "the block-wise magnitude, wanda and sparsegpt, at row or matrix granularity")  # fmt: skip
     if r.propagation == "fused":
         return "fused propagation runs the whole model at once; use --propagation pruned or dense"
-    if r.save_format != "dense":
-        return "the sparse format is written from the whole model; stream to dense, then compress"
     return None
 
 
@@ -573,7 +572,9 @@ def _extract_streamed(
                 reshaped, specs, config = _reshaped(skeleton, structured, getattr(torch, save_name))
                 structured.config = config
             skeleton.load_others()
-        writer = StreamWriter(tmp, specs) if tmp is not None else None
+        writer: StreamWriter | SparseWriter | None = None
+        if tmp is not None:  # the sparse format's files are laid out as the tensors come, the dense ones up front
+            writer = SparseWriter(tmp, skeleton.aliases()) if r.save_format == "sparse" else StreamWriter(tmp, specs)
         stream = BlockStream(skeleton, writer, data.held_out, getattr(torch, save_name), reshaped)
         with stage("prune"):
             stream.start()
@@ -606,7 +607,7 @@ def _extract_streamed(
             "metrics": {"before": before, "after": after, "before_from_cache": False},
             "size": {"parameters_before": sum(math.prod(shape) for _, shape in skeleton.stored_specs()),
                      "parameters_after": sum(n for _, n in stream.zeros.values())},
-            "saved": {"dtype": save_name, "format": "dense", "metrics_measured": (
+            "saved": {"dtype": save_name, "format": r.save_format, "metrics_measured": (
                 f"computed in {compute}" + ("" if save_name in (compute, "float32") else
                 f"; the metrics are of the decoder blocks as saved ({save_name}) and of the tensors outside them "
                 f"in {compute}"))},
@@ -616,7 +617,9 @@ def _extract_streamed(
         if tmp is not None:
             assert writer is not None
             with stage("save"):
-                writer.close()
+                written = writer.close()
+                if written is not None:
+                    manifest["size"]["sparse"] = written
                 config.dtype = getattr(torch, save_name)
                 config.save_pretrained(tmp)
                 copy_side_files(path, tmp)

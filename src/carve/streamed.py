@@ -41,6 +41,7 @@ from carve.job import EvalData
 from carve.models.arch import count_zeros
 from carve.models.patch import replaced_forwards
 from carve.models.skeleton import SkeletonModel
+from carve.models.sparse import SparseWriter
 from carve.models.stream import StreamWriter
 from carve.progress import progress
 
@@ -83,7 +84,7 @@ class Reshaped:
 class BlockStream:
     """The layer-wise engine's hooks for a streamed extraction (see the module docstring)."""
 
-    def __init__(self, skeleton: SkeletonModel, writer: StreamWriter | None, held_out: EvalData,
+    def __init__(self, skeleton: SkeletonModel, writer: StreamWriter | SparseWriter | None, held_out: EvalData,
                  save_dtype: torch.dtype, reshaped: Reshaped | None = None) -> None:  # fmt: skip
         self.sk = skeleton
         self.writer = writer

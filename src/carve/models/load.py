@@ -184,13 +184,13 @@ def _from_directory(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
     """A local Hugging Face directory (safetensors or .bin weights) or a carve sparse model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from carve.models.sparse import SPARSE_FILE, read_sparse_state
+    from carve.models.sparse import is_sparse_model, read_sparse_state
 
     if not (path / "config.json").is_file():
         raise UsageError(f"model directory {str(path)!r} has no config.json")
     fingerprint = directory_fingerprint(path)
     tok = AutoTokenizer.from_pretrained(path)
-    if (path / SPARSE_FILE).is_file() and not (path / "model.safetensors").is_file():
+    if is_sparse_model(path) and not (path / "model.safetensors").is_file():
         state, aliases = read_sparse_state(path)
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=kwargs["dtype"])
         for name, stored in aliases.items():

@@ -148,6 +148,12 @@ class SkeletonModel:
     def close(self) -> None:
         self.source.close()
 
+    def aliases(self) -> dict[str, str]:
+        """Every other name of a tied parameter -> the name it is stored under (a sparse model's
+        `carve_aliases`: its state dict has both)."""
+        return {full: stored for name, (stored, _) in self.specs.items() for _, _, full in self.groups[name]
+                if full != stored}  # fmt: skip
+
     def stored_specs(self) -> list[tuple[str, list[int]]]:
         """(name in the checkpoint, shape) of every parameter, in the model's order: what an output
         written like the source holds."""

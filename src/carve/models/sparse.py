@@ -18,6 +18,12 @@ they are — in one uint8 tensor under the same name: [compressed top bytes | lo
 `carve_planes` (JSON: name -> [dtype, shape, compressed length]) says how to decode it.  Lossless:
 the same bits come back (tested).
 
+A model too large for one file (or written block by block by a streamed extraction) is stored as
+shards `model.sparse-0000i-of-0000n.safetensors`, each a sparse file of the layout above holding
+its own tensors (its metadata: their shapes and planes, the format, every alias), and
+`model.sparse.safetensors.index.json` ({"metadata": {"carve_format"}, "weight_map": name -> shard},
+the names as a model's state dict has them).  `SparseWriter` writes them one tensor at a time.
+
 `carve densify` turns a sparse model into plain `model.safetensors` for stock `from_pretrained`.
 """
 
@@ -35,6 +41,8 @@ from carve.errors import UsageError
 from carve.masks.mask import holds_bits_of, is_shape, pack_bits, reading_safetensors, unpack_bits
 
 SPARSE_FILE = "model.sparse.safetensors"
+SPARSE_INDEX = "model.sparse.safetensors.index.json"
+SHARD_BYTES = 2 * 2**30  # a shard of the sparse format closes past this many bytes
 FORMAT = "sparse-2"
 FORMATS = ("sparse-1", FORMAT)  # every format carve reads
 PLANE_MIN = 1024  # entries: smaller tensors are stored as they are
@@ -175,61 +183,179 @@ def _encoded(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 
 def save_sparse_model(directory: Path, model: Any, dtype: torch.dtype) -> dict[str, Any]:
-    """The model's weights in `dtype` as `SPARSE_FILE` (config and generation config beside it);
-    returns what the manifest records: tensors masked, bytes of the file and of the dense one."""
-    state: dict[str, torch.Tensor] = {}
+    """The model's weights in `dtype` in the sparse format (config and generation config beside it);
+    returns what the manifest records: tensors masked, bytes of the files and of the dense ones."""
     aliases: dict[str, str] = {}
     first: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    for name, t in model.state_dict().items():
+    stored: list[str] = []
+    state = model.state_dict()
+    for name, t in state.items():
         where = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
         if where in first:  # tied weights: stored once
             aliases[name] = first[where]
-            continue
-        first[where] = name
-        state[name] = t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype)
-    masked, dense = {}, {}
-    for name, t in state.items():
-        enc = _encoded(t)
-        if enc is None:
-            dense[name] = t
         else:
-            masked[name] = enc
-    meta = {"carve_format": FORMAT, "carve_aliases": json.dumps(aliases), "format": "pt"}
-    write_entries(directory / SPARSE_FILE, masked, dense, meta, planes=True)
+            first[where] = name
+            stored.append(name)
+    writer = SparseWriter(directory, aliases)
+    for name in stored:
+        t = state[name]
+        writer.write(name, t.detach().to("cpu", dtype if t.is_floating_point() else t.dtype))
+    said = writer.close()
     config = model.config
     config.dtype = dtype
     config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
-    return {
-        "format": FORMAT,
-        "masked_tensors": len(masked),
-        "dense_bytes": sum(t.numel() * t.element_size() for t in state.values()),
-        "file_bytes": (directory / SPARSE_FILE).stat().st_size,
-    }
+    return said
+
+
+class SparseWriter:
+    """A sparse model written one tensor at a time (each masked where that is smaller, its values and
+    large dense tensors as byte planes), in memory a tensor at a time: each shard's bytes go to a
+    file as they come and its header is put in front when it closes (past `max_shard_bytes`).  One
+    shard is `SPARSE_FILE`; more are numbered shards with `SPARSE_INDEX`."""
+
+    def __init__(self, directory: Path, aliases: dict[str, str], max_shard_bytes: int | None = None) -> None:
+        self.directory, self.aliases = directory, dict(aliases)
+        self.max = SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
+        self._shards: list[Path] = []
+        self._where: dict[str, int] = {}  # name -> shard
+        self._open: _Appending | None = None
+        self._shapes: dict[str, list[int]] = {}
+        self._planes: dict[str, Any] = {}
+        self.masked = self.dense_bytes = 0
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        if self._open is None:
+            self._shards.append(self.directory / f".model.sparse-{len(self._shards) + 1:05d}.partial")
+            self._open = _Appending(self._shards[-1])
+        self.dense_bytes += t.numel() * t.element_size()
+        enc = _encoded(t)
+        parts = {name: t} if enc is None else {f"mask/{name}": pack_bits(enc[0]), f"value/{name}": enc[1]}
+        if enc is not None:
+            self._shapes[name] = list(t.shape)
+            self.masked += 1
+        for key, part in parts.items():
+            if not key.startswith("mask/") and _planed(part):
+                part, self._planes[key] = to_planes(part)
+            self._open.add(key, part)
+        self._where[name] = len(self._shards) - 1
+        if self._open.nbytes >= self.max:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        assert self._open is not None
+        meta = {"carve_format": FORMAT, "carve_aliases": json.dumps(self.aliases), "format": "pt",
+                "carve_mask_shapes": json.dumps(self._shapes), "carve_planes": json.dumps(self._planes)}  # fmt: skip
+        self._open.finish(meta)
+        self._open, self._shapes, self._planes = None, {}, {}
+
+    def close(self) -> dict[str, Any]:
+        """The shards given their final names (and the index when there are several); returns what
+        the manifest records."""
+        if self._open is not None or not self._shards:
+            if self._open is None:  # a model of no tensors: one empty file
+                self._shards.append(self.directory / ".model.sparse-00001.partial")
+                self._open = _Appending(self._shards[-1])
+            self._close_shard()
+        n = len(self._shards)
+        names = [SPARSE_FILE] if n == 1 else [f"model.sparse-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        for path, name in zip(self._shards, names, strict=True):
+            path.rename(self.directory / name)
+        if n > 1:
+            weight_map = {k: names[i] for k, i in self._where.items()} | {a: names[self._where[s]]
+                                                                         for a, s in self.aliases.items()}  # fmt: skip
+            index = {"metadata": {"carve_format": FORMAT}, "weight_map": weight_map}
+            (self.directory / SPARSE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return {
+            "format": FORMAT,
+            "masked_tensors": self.masked,
+            "dense_bytes": self.dense_bytes,
+            "file_bytes": sum((self.directory / name).stat().st_size for name in names),
+            **({"shards": n} if n > 1 else {}),
+        }
+
+
+class _Appending:
+    """One safetensors file written as its tensors come: their bytes to `path` + '.data' in order,
+    the header (with its metadata) put in front by `finish`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._data_path = path.with_name(path.name + ".data")
+        self._data = self._data_path.open("wb")
+        self._header: dict[str, Any] = {}
+        self.nbytes = 0
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        from carve.models.stream import dtype_code
+
+        data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        self._header[key] = {"dtype": dtype_code(t.dtype), "shape": list(t.shape),
+                             "data_offsets": [self.nbytes, self.nbytes + data.nbytes]}  # fmt: skip
+        self._data.write(data.data)
+        self.nbytes += data.nbytes
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        import shutil
+        import struct
+
+        self._data.close()
+        raw = json.dumps({"__metadata__": metadata, **self._header}, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with self.path.open("wb") as out, self._data_path.open("rb") as data:
+            out.write(struct.pack("<Q", len(raw)) + raw)
+            shutil.copyfileobj(data, out, 16 * 2**20)
+        self._data_path.unlink()
+
+
+def sparse_files(directory: Path) -> list[Path] | None:
+    """The sparse model files of a directory (one, or the shards its index names); None when it holds
+    none; a UsageError when its index is damaged or names a missing shard."""
+    index = directory / SPARSE_INDEX
+    if index.is_file():
+        try:
+            files = sorted({directory / str(f) for f in json.loads(index.read_text())["weight_map"].values()})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{str(index)!r} is damaged: no weight_map of tensor names to shards") from None
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise UsageError(f"{str(directory)!r} is missing the sparse shard(s) its index names: {missing[:3]}")
+        return files
+    return [directory / SPARSE_FILE] if (directory / SPARSE_FILE).is_file() else None
 
 
 def read_sparse_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The dense state dict a sparse model file holds (tied names as in its aliases), bit for bit."""
-    path = directory / SPARSE_FILE
-    masked, dense, meta = read_entries(path, "a carve sparse model")
-    if meta.get("carve_format") not in FORMATS:
-        raise UsageError(f"{str(path)!r} is not a carve sparse model (format {meta.get('carve_format')!r})")
-    try:
-        aliases = json.loads(meta.get("carve_aliases", "{}"))
-        if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
-            raise ValueError
-    except ValueError:
-        raise UsageError(f"{str(path)!r} is damaged: its carve_aliases are not a mapping of names") from None
-    state = dict(dense)
-    for name, (keep, values) in masked.items():
-        t = torch.zeros(keep.shape, dtype=values.dtype)
-        t[keep] = values
-        state[name] = t
+    """The dense state dict a sparse model (one file or shards) holds (tied names as in its
+    aliases), bit for bit."""
+    state: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for path in sparse_files(directory) or [directory / SPARSE_FILE]:
+        masked, dense, meta = read_entries(path, "a carve sparse model")
+        if meta.get("carve_format") not in FORMATS:
+            raise UsageError(f"{str(path)!r} is not a carve sparse model (format {meta.get('carve_format')!r})")
+        try:
+            named = json.loads(meta.get("carve_aliases", "{}"))
+            if not isinstance(named, dict) or not all(isinstance(v, str) for v in named.values()):
+                raise ValueError
+        except ValueError:
+            raise UsageError(f"{str(path)!r} is damaged: its carve_aliases are not a mapping of names") from None
+        aliases.update(named)
+        state.update(dense)
+        for name, (keep, values) in masked.items():
+            t = torch.zeros(keep.shape, dtype=values.dtype)
+            t[keep] = values
+            state[name] = t
     missing = sorted(v for v in aliases.values() if v not in state)
     if missing:
-        raise UsageError(f"{str(path)!r} is damaged: tied names point at {missing[:3]}, which it does not hold")
+        raise UsageError(
+            f"{str(directory)!r} is damaged: tied names point at {missing[:3]}, which its sparse files do not hold"
+        )
     return state, aliases
+
+
+def is_sparse_model(directory: Path) -> bool:
+    return (directory / SPARSE_FILE).is_file() or (directory / SPARSE_INDEX).is_file()
 
 
 def densify_output(src: str | Path, out: str | Path, overwrite: bool = False) -> dict[str, Any]:
@@ -238,6 +364,6 @@ def densify_output(src: str | Path, out: str | Path, overwrite: bool = False) ->
     from carve.convert import convert
 
     source = Path(src).expanduser()
-    if not (source / SPARSE_FILE).is_file():
+    if not is_sparse_model(source):
         raise UsageError(f"{str(source)!r} holds no {SPARSE_FILE}: it is not a carve output in the sparse format")
     return convert(source, out, None, "dense", overwrite)

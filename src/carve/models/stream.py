@@ -38,6 +38,11 @@ _DTYPES = {
 _CODES = {v: k for k, v in _DTYPES.items()}
 
 
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors header's name of a torch dtype."""
+    return _CODES[dtype]
+
+
 class TensorSource:
     """A model directory's tensors by name, each read from disk only when asked for."""
 
@@ -46,7 +51,7 @@ class TensorSource:
         memory map, so the pages read do not stay in the process's resident set (a streamed
         extraction reads every shard once and must stay within its budget)."""
         from carve.models.delta import DELTA_FILE
-        from carve.models.sparse import SPARSE_FILE
+        from carve.models.sparse import sparse_files
 
         self.directory = Path(directory).expanduser()
         self._stack = ExitStack()
@@ -60,8 +65,10 @@ class TensorSource:
         d = self.directory
         if not d.is_dir():
             raise UsageError(f"{str(d)!r} is not a model directory")
-        if (d / SPARSE_FILE).is_file():
-            self._open_entries(d / SPARSE_FILE, "a carve sparse model")
+        sparse = sparse_files(d)
+        if sparse is not None:
+            for f in sparse:
+                self._open_entries(f, "a carve sparse model")
         elif (d / DELTA_FILE).is_file():
             self._base = TensorSource(_delta_base(d))
             self._open_entries(d / DELTA_FILE, "a carve update (delta)")
@@ -91,15 +98,16 @@ class TensorSource:
         if not isinstance(aliases, dict):
             raise UsageError(f"{str(path)!r} is damaged: its carve_aliases are not a mapping of names")
         try:
-            self._planes = planes_of(meta, set(handle.keys()))
+            planes = planes_of(meta, set(handle.keys()))
         except ValueError as exc:
             raise UsageError(f"{str(path)!r} is damaged: {exc}") from None
+        self._planes.update(planes)  # keys are the tensors' own: each in one shard
         for name, shape in shapes.items():
             self._masked[name] = (handle, shape)
         for k in handle.keys():
             if not k.startswith(("mask/", "value/")):
                 self._where[k] = (handle, k)
-        self._aliases = {str(k): str(v) for k, v in aliases.items()}
+        self._aliases.update({str(k): str(v) for k, v in aliases.items()})
 
     def names(self) -> list[str]:
         own = [*self._where, *self._masked, *self._aliases]
