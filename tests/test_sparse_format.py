@@ -301,3 +301,46 @@ def test_sharded_sparse_model_round_trips(tmp_path: Path, tokenizer, monkeypatch
     index.write_text("{not json")
     with pytest.raises(carve.UsageError, match="is damaged: no weight_map"):
         TensorSource(src)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_convert_streams_and_equals_load_and_save(
+    arch: str, tmp_path: Path, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`carve convert` of a safetensors or sparse directory reads and writes one tensor at a time
+    (the model is never loaded), and writes what loading the model and saving it writes, bit for
+    bit: dense to bfloat16, dense to sparse, sparse back to dense."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from carve import convert as convert_module
+    from carve.job import save_model_files
+    from carve.models.load import load_model
+
+    src = tmp_path / "src"
+    _pruned(arch, None).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    expected = {}
+    for name, source, fmt in (("bf16", src, "dense"), ("sparse", src, "sparse")):
+        lm = load_model(str(source))
+        expected[name] = tmp_path / f"expected-{name}"
+        expected[name].mkdir()
+        save_model_files(expected[name], lm.model, lm.tokenizer, {}, "bfloat16", sparse=fmt == "sparse")
+
+    def no_loading(*a, **k):
+        raise AssertionError("convert loaded the whole model")
+
+    monkeypatch.setattr(convert_module, "load_model", no_loading)
+    assert main(["convert", str(src), "--out", str(tmp_path / "bf16"), "--save-dtype", "bfloat16", "--quiet"]) == 0
+    assert main(["convert", str(src), "--out", str(tmp_path / "sparse"), "--save-dtype", "bfloat16",
+                 "--save-format", "sparse", "--quiet"]) == 0  # fmt: skip
+    assert main(["densify", str(tmp_path / "sparse"), "--out", str(tmp_path / "back")]) == 0
+    a, b = load_file(tmp_path / "bf16" / "model.safetensors"), load_file(expected["bf16"] / "model.safetensors")
+    assert sorted(a) == sorted(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    c = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(c) == sorted(b) and all(torch.equal(c[k], b[k]) for k in b)
+    (s1, t1), (s2, t2) = read_sparse_state(tmp_path / "sparse"), read_sparse_state(expected["sparse"])
+    assert t1 == t2 and sorted(s1) == sorted(s2) and all(torch.equal(s1[k], s2[k]) for k in s1)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
+    assert stock.dtype == torch.bfloat16
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"

@@ -469,7 +469,7 @@ def _stream_merge(r: MergeRecipe, tmp: Path, grams: dict[str, Path] | None = Non
         if (base_dir / f).is_file():
             shutil.copy2(base_dir / f, tmp / f)
     if r.save_dtype:
-        _set_config_dtype(tmp / "config.json", r.save_dtype)
+        set_config_dtype(tmp / "config.json", r.save_dtype)
     return {
         **manifest_start("merge", str(r.base), fingerprints["base"]),
         "experts": {k: {"model": str(d), "fingerprint": fingerprints[k]} for k, d in r.expert_dirs().items()},
@@ -528,7 +528,8 @@ def _lazy_grams(stack: Any, folder: Path) -> Any:
     return _Grams()
 
 
-def _set_config_dtype(path: Path, dtype: str) -> None:
+def set_config_dtype(path: Path, dtype: str) -> None:
+    """A saved config.json rewritten to say its weights are in `dtype`."""
     import json
 
     if path.is_file():

@@ -42,6 +42,35 @@ def parameters_on_meta() -> Iterator[None]:
         nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
+def parameter_groups(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, str]]]:
+    """Every parameter with all the (module, attribute, full name) triples that hold it (tied ones
+    share), keyed by its first name."""
+    groups: dict[str, list[tuple[nn.Module, str, str]]] = {}
+    first: dict[int, str] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is None:
+                continue
+            full = f"{mname}.{attr}" if mname else attr
+            key = first.setdefault(id(p), full)
+            groups.setdefault(key, []).append((module, attr, full))
+    return groups
+
+
+def tied_aliases(directory: Path, stored: set[str]) -> dict[str, str]:
+    """For a checkpoint holding the tensors `stored`: every other name of a tied parameter (the
+    model its config builds, on the meta device) -> the name it is stored under."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    out = {}
+    for group in parameter_groups(model).values():
+        kept = [full for _, _, full in group if full in stored]
+        out.update({full: kept[0] for _, _, full in group if kept and full not in stored})
+    return out
+
+
 class SkeletonModel:
     """A causal LM from a safetensors directory, its decoder blocks read and freed one at a time."""
 
@@ -60,16 +89,7 @@ class SkeletonModel:
             for k, b in module._buffers.items():
                 if b is not None:
                     module._buffers[k] = b.to(self.device)
-        # every parameter with all the (module, attribute) pairs that hold it (tied ones share)
-        self.groups: dict[str, list[tuple[nn.Module, str, str]]] = {}
-        first: dict[int, str] = {}
-        for mname, module in model.named_modules(remove_duplicate=False):
-            for attr, p in module._parameters.items():
-                if p is None:
-                    continue
-                full = f"{mname}.{attr}" if mname else attr
-                key = first.setdefault(id(p), full)
-                self.groups.setdefault(key, []).append((module, attr, full))
+        self.groups = parameter_groups(model)
         self.prefix, self.blocks = find_blocks(model)
         self.specs = {name: (self._stored_name(name), self._shape(name)) for name in self.groups}
         for name in self.groups:

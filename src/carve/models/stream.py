@@ -109,6 +109,11 @@ class TensorSource:
                 self._where[k] = (handle, k)
         self._aliases.update({str(k): str(v) for k, v in aliases.items()})
 
+    @property
+    def aliases(self) -> dict[str, str]:
+        """A sparse model's tied names -> the name each is stored under."""
+        return dict(self._aliases)
+
     def names(self) -> list[str]:
         own = [*self._where, *self._masked, *self._aliases]
         if self._base is None:
