@@ -314,15 +314,21 @@ def sparse_files(directory: Path) -> list[Path] | None:
     none; a UsageError when its index is damaged or names a missing shard."""
     index = directory / SPARSE_INDEX
     if index.is_file():
-        try:
-            files = sorted({directory / str(f) for f in json.loads(index.read_text())["weight_map"].values()})
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise UsageError(f"{str(index)!r} is damaged: no weight_map of tensor names to shards") from None
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UsageError(f"{str(directory)!r} is missing the sparse shard(s) its index names: {missing[:3]}")
-        return files
+        return indexed_shards(index, "sparse shard")
     return [directory / SPARSE_FILE] if (directory / SPARSE_FILE).is_file() else None
+
+
+def indexed_shards(index: Path, what: str) -> list[Path]:
+    """The files a shard index (`weight_map`: tensor name -> file) names, beside it; a UsageError
+    when it is damaged or names a missing file."""
+    try:
+        files = sorted({index.parent / str(f) for f in json.loads(index.read_text())["weight_map"].values()})
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UsageError(f"{str(index)!r} is damaged: no weight_map of tensor names to files") from None
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise UsageError(f"{str(index.parent)!r} is missing the {what}(s) its index names: {', '.join(missing[:3])}")
+    return files
 
 
 def read_sparse_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -21,7 +21,7 @@ import torch
 
 from carve.errors import UsageError
 from carve.masks.mask import is_shape, reading_safetensors
-from carve.models.sparse import PLANE_DTYPES, from_planes, planes_of, read_entry
+from carve.models.sparse import PLANE_DTYPES, from_planes, indexed_shards, planes_of, read_entry
 
 _DTYPES = {
     "F64": torch.float64,
@@ -219,15 +219,7 @@ def _spans(path: Path) -> dict[str, tuple[Path, int, int]]:
 def _shards(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({d / str(f) for f in weight_map.values()})
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise UsageError(f"{str(index)!r} is damaged: no weight_map of tensor names to files") from None
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise UsageError(f"{str(d)!r} is missing the shard(s) its index names: {', '.join(missing[:3])}")
-        return files
+        return indexed_shards(index, "shard")
     if (d / "model.safetensors").is_file():
         return [d / "model.safetensors"]
     raise UsageError(
