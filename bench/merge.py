@@ -15,7 +15,8 @@ score on the domain is highest, bench/out/finetune-fisher-D.safetensors from `ca
 fisher --save-importance`, given as --importance files), TIES with the agreeing entries summed
 instead of averaged (`ties_sum`: `--no-normalize`), RegMean (`regmean`: every Linear of the blocks
 merged by the experts' input Gram matrices on 32 blocks of their domains, computed in the job;
-`regmean_a0.5`: the matrices' off-diagonal halved), Consensus TIES (`--consensus 2`) and TALL masks
+`regmean_a0.5`: the matrices' off-diagonal halved; `--data-seeds` draws of those blocks, `--seed`),
+TIES with nothing trimmed (`ties_d1`: density 1, RegMean's), Consensus TIES (`--consensus 2`) and TALL masks
 (`--tall` over task arithmetic's plain sum, not the mean).
 
 Per row: each domain's perplexity and the general perplexity (first 16 held-out 512-token blocks),
@@ -51,8 +52,13 @@ DOMAINS = ["legal", "code", "scripture"]
 DENSITY = 0.2
 EVAL = ["--eval-blocks", "16", "--block-len", "512"]
 SHARED = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"]
-ROWS = [*SHARED, "ties_sum", "importance", "importance_base_fisher", "regmean", "regmean_a0.5", "consensus_ties",
-        "tall"]  # fmt: skip
+ROWS = [*SHARED, "ties_sum", "ties_d1", "importance", "importance_base_fisher", "regmean", "regmean_a0.5",
+        "consensus_ties", "tall"]  # fmt: skip
+
+
+def seeds_of(row: str, seeds: int, data_seeds: int) -> int:
+    """DARE rows run `seeds` random drops; RegMean rows `data_seeds` draws of their Gram blocks."""
+    return seeds if row.startswith("dare") else data_seeds if row.startswith("regmean") else 1
 
 
 def expert(domain: str) -> Path:
@@ -92,13 +98,16 @@ def carve_args(row: str, seed: int) -> list[str]:
     common = ["--base", str(MODEL_DIR), *experts, "--density", str(DENSITY), "--normalize"]
     if row == "ties_sum":  # TIES' trim and sign election, the agreeing entries summed (no disjoint mean)
         return [*[a for a in common if a != "--normalize"], "--method", "ties", "--no-normalize"]
+    if row == "ties_d1":  # TIES with nothing trimmed: the sign election and disjoint mean at RegMean's density
+        return [*common[: common.index("--density")], "--density", "1", "--normalize", "--method", "ties"]
     if row == "importance":  # the maps computed in the job (its default)
         return [*common, "--method", "importance", "--importance-blocks", "32"]
     if row == "importance_base_fisher":
         return [*common, "--method", "importance", *[f"--importance={d}={importance_map(d)}" for d in DOMAINS]]
     if row.startswith("regmean"):  # the Gram matrices computed in the job, on the same blocks as the importance maps
         alpha = row.partition("_a")[2] or "1"
-        return [*common, "--method", "regmean", "--regmean-alpha", alpha, "--importance-blocks", "32"]
+        return [*common, "--method", "regmean", "--regmean-alpha", alpha, "--importance-blocks", "32", "--seed",
+                str(seed)]  # fmt: skip
     if row == "consensus_ties":
         return [*common, "--method", "ties", "--consensus", "2"]
     # TALL over the plain sum τ_MTL = Σ τ_t (the paper's task arithmetic, λ 1): with the mean, an entry
@@ -181,7 +190,7 @@ def _fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def write_table(rows: dict[str, dict[str, Any]], seeds: int) -> str:
+def write_table(rows: dict[str, dict[str, Any]], seeds: int, data_seeds: int) -> str:
     head = "| row | tool | " + " | ".join(f"{d} ppl (gain)" for d in DOMAINS)
     lines = [
         "## Merging (`carve merge`) against mergekit 0.1.5, embedded default",
@@ -200,13 +209,15 @@ def write_table(rows: dict[str, dict[str, Any]], seeds: int) -> str:
     checks: list[str] = []
     for row in ROWS:
         for tool in ("carve", "mergekit"):
-            for seed in range(seeds if row.startswith("dare") else 1):
+            n = seeds_of(row, seeds, data_seeds)
+            for seed in range(n):
                 r = rows.get(f"{row}/{tool}/s{seed}")
                 if r is None or (tool == "mergekit" and row not in SHARED):
                     continue
-                label = f"{row}{f' (seed {seed})' if row.startswith('dare') else ''}"
+                label = f"{row}{f' (seed {seed})' if n > 1 else ''}"
                 lines.append(_line(label, tool, r, rows))
         checks += _checks(row, rows, seeds)
+    checks += _best_single(rows, data_seeds)
     commits = sorted({r["commit"] for r in rows.values() if "commit" in r})
     return "\n".join([*lines, "", *checks, "", f"Rows measured at carve commit(s) {', '.join(commits)}."])
 
@@ -262,6 +273,21 @@ def _dare_checks(row: str, rows: dict[str, Any], seeds: int) -> list[str]:
     ]
 
 
+def _best_single(rows: dict[str, Any], data_seeds: int) -> list[str]:
+    """Issue 22's bar for the best single merged model: mean gain ≥ 0.9 over its seeds, beating TIES at
+    equal density (RegMean keeps every entry: TIES at density 1)."""
+    gains = [g for s in range(data_seeds) if "metrics" in rows.get(f"regmean/carve/s{s}", {})
+             for g in [_mean_gain("carve", rows[f"regmean/carve/s{s}"], rows)] if g is not None]  # fmt: skip
+    ties = rows.get("ties_d1/carve/s0", {})
+    if len(gains) < 2 or "metrics" not in ties:
+        return []
+    mean, sd, t = statistics.mean(gains), statistics.stdev(gains), _mean_gain("carve", ties, rows) or 0.0
+    bar = "met" if mean - sd >= 0.9 else "met on the mean only" if mean >= 0.9 else "NOT met"
+    return [f"- best single merged model, regmean: mean gain {mean:.4f} ± {sd:.4f} over {len(gains)} draws of its "
+            f"Gram blocks (bar >= 0.90: {bar}); TIES at equal density (1, nothing trimmed) {t:.4f} "
+            f"(beaten on every draw: {'yes' if min(gains) > t else 'NO'})"]  # fmt: skip
+
+
 def _checks(row: str, rows: dict[str, Any], seeds: int) -> list[str]:
     if row.startswith("dare"):
         return _dare_checks(row, rows, seeds)
@@ -283,6 +309,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     ap.add_argument("--seeds", type=int, default=5, help="DARE rows: seeds per tool")
+    ap.add_argument("--data-seeds", type=int, default=3, help="RegMean rows: draws of the Gram blocks")
     ap.add_argument("--rerun", nargs="*", default=[])
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--prepare", action="store_true", help="only make the experts and importance maps")
@@ -296,7 +323,7 @@ def main() -> None:
     rows = {k: v for k, v in load_results(RESULTS).items() if k not in args.rerun}
     if not args.table_only:
         for row in args.rows:
-            for seed in range(args.seeds if row.startswith("dare") else 1):
+            for seed in range(seeds_of(row, args.seeds, args.data_seeds)):
                 for tool, fn in (("carve", run_carve), ("mergekit", run_mergekit)):
                     rid = f"{row}/{tool}/s{seed}"
                     if (tool == "mergekit" and row not in SHARED) or (rid in rows and "error" not in rows[rid]):
@@ -308,8 +335,8 @@ def main() -> None:
                         result = {"id": rid, "error": str(exc)[:300]}
                     rows[rid] = result
                     save_result(RESULTS, result)
-                    write_section("merge", write_table(rows, args.seeds))
-    text = write_table(rows, args.seeds)
+                    write_section("merge", write_table(rows, args.seeds, args.data_seeds))
+    text = write_table(rows, args.seeds, args.data_seeds)
     print(text)
     write_section("merge", text)
 
