@@ -361,6 +361,7 @@ def read_sparse_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict[st
 
 
 def is_sparse_model(directory: Path) -> bool:
+    """Whether `directory` holds a model in the sparse format (one file, or an index of shards)."""
     return (directory / SPARSE_FILE).is_file() or (directory / SPARSE_INDEX).is_file()
 
 
