@@ -338,6 +338,12 @@ def test_per_task_metrics_in_the_manifest(tmp_path: Path, model_dir: Path, exper
 
     want = carve.evaluate(carve.load_model(str(out)), "general", "general", blocks=2, block_len=32, cloze_items=0)
     assert {t["merged"]["general_ppl"] for t in tasks["per_task"].values()} == {want["general_ppl"]}
+    # `carve report` shows the merge: its method, each task's kept gain, the merged general perplexity
+    from carve.report import write_report
+
+    row = write_report([out], tmp_path / "r.html", tmp_path / "r.md")["rows"][0]
+    assert row["what"].startswith("merge ties of 3 experts: mean gain") and row["domain"] == ", ".join(experts)
+    assert f"{tasks['mean_normalized_gain']:.3f}" in row["what"] and row["general_ppl"] == want["general_ppl"]
 
 
 def _tall_args(model_dir: Path, experts: dict[str, Path], out: Path, *extra: str) -> list[str]:

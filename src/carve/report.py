@@ -27,7 +27,16 @@ def run_row(run: Run) -> dict[str, Any]:
     metrics = m.get("metrics", {})
     after, before = metrics.get("after") or {}, metrics.get("before") or {}
     size = m.get("size", {})
-    if m.get("job") == "recover":
+    merged = m.get("merge_metrics") or {}
+    if m.get("job") == "merge":  # per task: its merged perplexity and kept share of the expert's gain
+        per = merged.get("per_task") or {}
+        gains = ", ".join(f"{t} {_fmt(v.get('normalized_gain'), '.3f')}" for t, v in per.items())
+        mean = _fmt(merged.get("mean_normalized_gain"), ".3f")
+        what = f"merge {(m.get('method') or {}).get('name', r.get('method'))} of {len(per) or '?'} experts"
+        what += f": mean gain {mean} ({gains})" if per else ""
+        general = next((v["merged"].get("general_ppl") for v in per.values() if v.get("merged")), None)
+        after = {"general_ppl": general} if general is not None else {}
+    elif m.get("job") == "recover":
         steps = (m.get("training") or {}).get("steps")
         what = f"recover ({steps} steps{', LoRA ' + str(r['lora']) if r.get('lora') else ''})"
     elif m.get("structure"):
@@ -48,7 +57,7 @@ def run_row(run: Run) -> dict[str, Any]:
     return {
         "run": run.name,
         "what": what,
-        "domain": Path(str(r["domain"])).name if r.get("domain") else None,
+        "domain": Path(str(r["domain"])).name if r.get("domain") else ", ".join(merged.get("per_task") or {}) or None,
         "parameters": size.get("parameters_after", size.get("parameters")),
         "file_mb": size.get("file_mb"),
         "domain_ppl_before": before.get("domain_ppl"),
