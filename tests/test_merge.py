@@ -501,7 +501,7 @@ def _input_grams(model: torch.nn.Module, data: torch.Tensor) -> dict[str, torch.
         seen[name] = seen.get(name, 0) + x.t() @ x
 
     hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: hook(n, a[0]))
-             for n, m in model.named_modules() if n.endswith("proj")]  # fmt: skip
+             for n, m in model.named_modules() if n.endswith("proj") or n == "lm_head"]  # fmt: skip
     with torch.no_grad():
         model(data)
     for h in hooks:
@@ -511,8 +511,9 @@ def _input_grams(model: torch.nn.Module, data: torch.Tensor) -> dict[str, torch.
 
 def test_regmean_grams_computed_in_the_job(tmp_path: Path, model_dir: Path, experts) -> None:
     """`--method regmean`: each expert's input Gram matrices on its domain (captured here with hooks on
-    an ordinary forward of the expert), then every Linear of the blocks merged by them, the input
-    embedding by token frequency and the rest (norms) by the plain weighted mean."""
+    an ordinary forward of the expert), then every Linear of the blocks and the untied output head
+    merged by them, the input embedding by token frequency and the rest (norms) by the plain
+    weighted mean."""
     from carve.corpora import Corpus
     from carve.job import calibration_data
     from carve.models.load import load_model
@@ -537,7 +538,8 @@ def test_regmean_grams_computed_in_the_job(tmp_path: Path, model_dir: Path, expe
         taus.append({n: p.detach() - base[n] for n, p in lm.model.named_parameters()})
     linears = [n for n in merged if n.endswith("proj.weight")]
     assert linears
-    for n in [*linears, "model.embed_tokens.weight"]:
+    assert not torch.equal(base["lm_head.weight"], base["model.embed_tokens.weight"])  # an untied head
+    for n in [*linears, "model.embed_tokens.weight", "lm_head.weight"]:
         expect = base[n] + gram_mean([t[n] for t in taus], [g[n] for g in grams], [1.0, 2.0], 0.9)
         assert torch.allclose(merged[n], expect, atol=1e-5), n
     norm = "model.norm.weight"

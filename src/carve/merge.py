@@ -384,9 +384,18 @@ def _gram_maps(r: MergeRecipe, directory: Path) -> tuple[dict[str, Path], dict[s
         save_file(
             {key: rows.float()}, str(folder / "embedding.safetensors"), metadata={"aliases": json.dumps({key: key})}
         )
+        head = lm.model.get_output_embeddings()
+        if isinstance(head, torch.nn.Linear) and head.weight is not embedding:  # untied: a Linear of its own
+            head_key = next(n for n, p in lm.model.named_parameters() if p is head.weight)
+            final = Hessian(head.in_features)  # its inputs: the final (normed) hidden states
+            with torch.no_grad():
+                for batch in data.split(calib.batch_size):
+                    final.update(lm.model.base_model(input_ids=batch).last_hidden_state)
+            save_file({head_key: final.H}, str(folder / "head.safetensors"),
+                      metadata={"aliases": json.dumps({head_key: head_key})})  # fmt: skip
         del lm
-    what = ("per Linear of the decoder blocks: its input Gram matrix 2/n·Σ x xᵀ at the expert on its domain; "
-            "the input embedding: its token frequencies there")  # fmt: skip
+    what = ("per Linear of the decoder blocks (and an untied output head): its input Gram matrix 2/n·Σ x xᵀ at "
+            "the expert on its domain; the input embedding: its token frequencies there")  # fmt: skip
     return folders, {"statistic": what, "alpha": r.regmean_alpha, "per_expert": said}
 
 
