@@ -127,6 +127,32 @@ def test_streamed_sparse_format_equals_in_memory(tmp_path: Path, tokenizer, smal
     assert all(torch.equal(loaded[k].to(a[k].dtype), a[k]) for k in a)
 
 
+@pytest.mark.parametrize("arch, method", [("llama", "dual-obs"), ("gpt2", "wanda"), ("qwen2", "fisher")])
+def test_streamed_with_a_reused_map_equals_in_memory(
+    tmp_path: Path, tokenizer, small_corpus: Path, arch: str, method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--importance FILE --stream`: the map's matrices read from the file as their blocks come (never
+    the whole map: a lazy map), the in-memory result with the same map bit for bit."""
+    from carve.masks.mask import ImportanceMap
+
+    src = _saved(tmp_path, arch, tokenizer)
+    saved = tmp_path / "map.safetensors"
+    first = {"granularity": "global"} if method == "wanda" else {}  # wanda keeps a map at global granularity
+    extract(_recipe(src, small_corpus, method, False, **first), tmp_path / "first", save_importance=saved)
+    mem = extract(_recipe(src, small_corpus, method, False, importance=str(saved)), tmp_path / "mem")
+    loads, load = [], ImportanceMap.load
+    monkeypatch.setattr(ImportanceMap, "load", lambda path, lazy=False: loads.append(lazy) or load(path, lazy))
+    streamed = extract(_recipe(src, small_corpus, method, True, importance=str(saved)), tmp_path / "stream")
+    assert loads == [True]  # the streamed job read the map lazily
+    assert streamed["importance"] == {"reused_from": str(saved)} and mem["importance"]["reused_from"] == str(saved)
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = load_file(tmp_path / "mem" / "mask.safetensors"), load_file(tmp_path / "stream" / "mask.safetensors")
+    assert sorted(ma) == sorted(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
+    lazy, eager = ImportanceMap.load(saved, lazy=True), ImportanceMap.load(saved)
+    assert list(lazy) == list(eager) and all(torch.equal(lazy[k], eager[k]) for k in eager)
+
+
 @pytest.mark.parametrize(
     "kw, words",
     [

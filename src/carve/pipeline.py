@@ -306,8 +306,8 @@ def _importance_name(method: Any) -> Any:
     return get_scorer(method).importance_name if method in SCORERS else method
 
 
-def _load_importance(path: str, key: dict[str, Any]) -> ImportanceMap:
-    imp = ImportanceMap.load(Path(path).expanduser())
+def _load_importance(path: str, key: dict[str, Any], lazy: bool = False) -> ImportanceMap:
+    imp = ImportanceMap.load(Path(path).expanduser(), lazy=lazy)
     what = {"scorer": "method", "model_fingerprint": "model", "data_fingerprint": "calibration data and settings"}
     for field_name, label in what.items():
         saved, wanted = imp.meta.get(field_name), key[field_name]
@@ -330,21 +330,25 @@ def _not_streamable(r: Recipe) -> str | None:
             return "a reused importance map is the whole model's; a streamed structured extraction scores blockwise"
         return None
     if _scores_first(r) and not _streamed_scores(r):
-        return (f"{r.method} scores the whole dense model first (a global ranking, --grad-lr steps or a reused "
-                "map); streaming works with the gradient methods dual-obs, fisher, taylor and dual (--grad-lr 0) and "
-                "the block-wise magnitude, wanda and sparsegpt, at row or matrix granularity")  # fmt: skip
+        return (f"{r.method} scores the whole dense model first (a global ranking or --grad-lr steps); streaming "
+                "works with the gradient methods dual-obs, fisher, taylor and dual (--grad-lr 0), a reused "
+                "--importance map and the block-wise magnitude, wanda and sparsegpt, at row or matrix "
+                "granularity")  # fmt: skip
     if r.propagation == "fused":
         return "fused propagation runs the whole model at once; use --propagation pruned or dense"
     return None
 
 
 def _streamed_scores(r: Recipe) -> bool:
-    """A gradient method scored by the streamed gradient pass (per-block gradients), its mask chosen
-    per row or matrix (or inside the block-by-block OBS sweep: dual-obs) as each block is read."""
+    """Scores a streamed extraction has block by block, its masks chosen per row or matrix (or inside
+    the block-by-block OBS sweep: dual-obs, sparsegpt) as each block is read: a gradient method's from
+    the streamed gradient pass, or a reused map's read from its file a matrix at a time."""
     scorer = get_scorer(r.method or DEFAULT_METHOD)
     global_ = (r.granularity or "") == "global" and r.pattern is None
+    if r.importance is not None:
+        return not global_
     steps = scorer.needs_general and bool(r.lr)  # dual's refined loss steps the whole model
-    return scorer.gradient is not None and not steps and r.importance is None and not global_
+    return scorer.gradient is not None and not steps and not global_
 
 
 def _scores_first(recipe: Recipe) -> bool:
@@ -421,7 +425,9 @@ def _calibration(r: Recipe, lm: LoadedModel) -> Calibration:
 def _operate(r: Recipe, lm: LoadedModel, data: ExtractData, calib: Calibration) -> Outcome:
     """The op the recipe asks for: structured slicing or unstructured / N:M pruning."""
     assert r.method is not None
-    reused = _load_importance(r.importance, data.importance_key) if r.importance else None
+    # streamed: the map's matrices read from its file as they are needed, never the whole map
+    lazy = calib.stream is not None
+    reused = _load_importance(r.importance, data.importance_key, lazy) if r.importance else None
     if r.structure:
         scores = reused or partial(
             score, lm.model, r.method, data.calib, calib=calib,
@@ -612,7 +618,8 @@ def _extract_streamed(
                 f"; the metrics are of the decoder blocks as saved ({save_name}) and of the tensors outside them "
                 f"in {compute}"))},
             **(outcome.describe(lm.model) if structured else _pruned(outcome).describe(lm.model, stream.zeros)),
-            "importance": None,  # a gradient method's map stays in temporary files: it is not saved when streaming
+            # a gradient method's map stays in temporary files: it is not saved when streaming
+            "importance": {"reused_from": r.importance} if r.importance else None,
         }  # fmt: skip
         if tmp is not None:
             assert writer is not None

@@ -44,17 +44,51 @@ class ImportanceMap(Mapping[str, torch.Tensor]):
         )
 
     @classmethod
-    def load(cls, path: str | Path) -> ImportanceMap:
-        """An importance map file; a UsageError naming the file when it is not one."""
+    def load(cls, path: str | Path, lazy: bool = False) -> ImportanceMap:
+        """An importance map file; a UsageError naming the file when it is not one.  `lazy`: each
+        matrix's scores read from the file when asked for (a streamed job's: never the whole map)."""
         with reading_safetensors(path, "an importance map") as f:
             meta = json.loads((f.metadata() or {}).get("carve", "{}"))
             if not isinstance(meta, dict):
                 raise ValueError("its carve metadata is not a mapping")
-            scores = {k: f.get_tensor(k) for k in f.keys()}
-        for k, v in scores.items():
-            if not v.is_floating_point():
-                raise UsageError(f"{str(path)!r} is not an importance map: {k} holds {v.dtype}, not scores")
+            kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+            scores: MutableMapping[str, torch.Tensor] = _FileScores(Path(path), list(kinds)) if lazy else {
+                k: f.get_tensor(k) for k in f.keys()}  # fmt: skip
+        for k, kind in kinds.items():
+            if kind not in ("F16", "BF16", "F32", "F64"):
+                raise UsageError(f"{str(path)!r} is not an importance map: {k} holds {kind}, not scores")
         return cls(scores, meta)
+
+
+class _FileScores(MutableMapping[str, torch.Tensor]):
+    """An importance map file's tensors, each read when asked for (an entry set later is held in memory)."""
+
+    def __init__(self, path: Path, names: list[str]) -> None:
+        self.path, self._names = path, names
+        self._set: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._set:
+            return self._set[key]
+        if key not in self._names:
+            raise KeyError(key)
+        with reading_safetensors(self.path, "an importance map") as f:
+            return f.get_tensor(key)
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self._set[key] = value
+        if key not in self._names:
+            self._names.append(key)
+
+    def __delitem__(self, key: str) -> None:
+        self._set.pop(key, None)
+        self._names.remove(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._names))
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class PackedKeep(MutableMapping[str, torch.Tensor]):
