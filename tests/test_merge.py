@@ -130,6 +130,7 @@ def test_regmean_embedding_rows_by_token_frequency() -> None:
     freq = [torch.tensor([0.5, 0.0, 0.2, 0.0, 0.3, 0.0]), torch.tensor([0.0, 0.0, 0.6, 0.4, 0.0, 0.0]),
             torch.tensor([0.1, 0.0, 0.1, 0.0, 0.1, 0.7])]  # fmt: skip
     got = gram_mean(TAUS, freq, W)
+    assert torch.equal(gram_mean(TAUS, freq, W, rows=4), got)  # in chunks of rows: the same
     for row in range(6):
         f = [w * float(fr[row]) for w, fr in zip(W, freq, strict=True)]
         expect = (sum(x * t[row] for x, t in zip(f, TAUS, strict=True)) / sum(f) if sum(f)

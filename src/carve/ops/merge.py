@@ -153,7 +153,7 @@ def combine(
 
 
 def gram_mean(
-    deltas: list[torch.Tensor], grams: list[torch.Tensor], weights: list[float], alpha: float = 1.0
+    deltas: list[torch.Tensor], grams: list[torch.Tensor], weights: list[float], alpha: float = 1.0, rows: int = 4096
 ) -> torch.Tensor:
     """RegMean's merged task vector (Jin et al. 2023, arXiv 2212.09849): the Δ that best reproduces
     every expert's outputs on its own inputs, argmin Σ_t w_t·||X_t Δᵀ − X_t τ_tᵀ||².
@@ -163,15 +163,18 @@ def gram_mean(
     solved in float64 (least squares where Σ w_t G̃_t is singular).  For an embedding [rows, dim]
     with each expert's row (token) frequencies [rows] — a lookup's Gram matrix is diagonal — each row
     is the frequency-weighted mean of the experts' rows, and a row no expert's data used is the plain
-    weighted mean."""
+    weighted mean (computed `rows` rows at a time: a large vocabulary's float64 copies stay small)."""
     w = torch.tensor(weights, dtype=torch.float64)
     if grams[0].dim() == 1:
-        f = torch.stack([g.double() for g in grams]) * w[:, None]  # [tasks, rows]
-        taus = torch.stack([d.double() for d in deltas])  # [tasks, rows, dim]
-        seen = f.sum(0)
-        plain = (taus * w[:, None, None]).sum(0) / w.sum()
-        mixed = (taus * f[:, :, None]).sum(0) / seen.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
-        return torch.where(seen[:, None] > 0, mixed, plain).to(deltas[0].dtype)
+        out = torch.empty_like(deltas[0])
+        for a in range(0, len(out), rows):
+            f = torch.stack([g[a : a + rows].double() for g in grams]) * w[:, None]  # [tasks, rows]
+            taus = torch.stack([d[a : a + rows].double() for d in deltas])  # [tasks, rows, dim]
+            seen = f.sum(0)
+            plain = (taus * w[:, None, None]).sum(0) / w.sum()
+            mixed = (taus * f[:, :, None]).sum(0) / seen.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
+            out[a : a + rows] = torch.where(seen[:, None] > 0, mixed, plain)
+        return out
     A = torch.zeros_like(grams[0], dtype=torch.float64)
     B = torch.zeros_like(deltas[0], dtype=torch.float64)
     for tau, g, wt in zip(deltas, grams, w.tolist(), strict=True):
