@@ -64,8 +64,13 @@ def tied_aliases(directory: Path, stored: set[str]) -> dict[str, str]:
 
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+    return group_aliases(parameter_groups(model), stored)
+
+
+def group_aliases(groups: dict[str, list[tuple[nn.Module, str, str]]], stored: set[str]) -> dict[str, str]:
+    """Every name of a parameter group that is not among `stored` -> the group's first stored name."""
     out = {}
-    for group in parameter_groups(model).values():
+    for group in groups.values():
         kept = [full for _, _, full in group if full in stored]
         out.update({full: kept[0] for _, _, full in group if kept and full not in stored})
     return out
@@ -171,8 +176,7 @@ class SkeletonModel:
     def aliases(self) -> dict[str, str]:
         """Every other name of a tied parameter -> the name it is stored under (a sparse model's
         `carve_aliases`: its state dict has both)."""
-        return {full: stored for name, (stored, _) in self.specs.items() for _, _, full in self.groups[name]
-                if full != stored}  # fmt: skip
+        return group_aliases(self.groups, {stored for stored, _ in self.specs.values()})
 
     def stored_specs(self) -> list[tuple[str, list[int]]]:
         """(name in the checkpoint, shape) of every parameter, in the model's order: what an output
