@@ -32,14 +32,28 @@ def test_nm_keeps_n_of_every_m_along_inputs() -> None:
     assert torch.equal(keep, ref.view(6, 16))
 
 
-def test_global_selection_matches_a_sort() -> None:
-    scores = {"a": torch.rand(5, 8), "b": torch.rand(3, 4) * 0.5}
-    mask = select_mask(scores, 0.4, "global")
+@pytest.mark.parametrize("ties", [False, True])
+def test_global_selection_removes_what_a_stable_sort_of_all_scores_would(ties: bool) -> None:
+    """Global granularity (an out-of-core radix selection): exactly floor(sparsity·N) removed over all
+    matrices, the ties at the threshold in position order (map order, each matrix flattened), as a
+    stable sort of the concatenated scores; -0.0 ties with 0.0, negative and huge scores rank
+    right, and the bit-packed masks (a streamed job's) are the same."""
+    g = torch.Generator().manual_seed(5)
+    scores = {"a": torch.randn(5, 80, generator=g) * 1e3, "b": torch.rand(3, 40, generator=g) * 1e-30,
+              "c": torch.randn(70, generator=g)}  # fmt: skip
+    if ties:  # few distinct values: many ties at any threshold, +0.0 and -0.0 among them
+        scores = {n: (v.sign() * (v.abs() * 7).clamp(max=3).floor()) for n, v in scores.items()}
+        scores["b"][0, :20] = -0.0
     flat = torch.cat([v.flatten() for v in scores.values()])
-    threshold = flat.sort().values[int(0.4 * flat.numel()) - 1]
-    for k, v in scores.items():
-        assert torch.equal(mask[k], v > threshold)
-    assert abs(mask.sparsity() - int(0.4 * flat.numel()) / flat.numel()) < 1e-9
+    for sparsity in (0.01, 0.3, 0.5, 0.97):
+        k = int(flat.numel() * sparsity)
+        want = torch.ones_like(flat, dtype=torch.bool)
+        want[torch.sort(flat, stable=True).indices[:k]] = False
+        mask, packed = select_mask(scores, sparsity, "global"), select_mask(scores, sparsity, "global", packed=True)
+        got = torch.cat([mask[n].flatten() for n in scores])
+        assert torch.equal(got, want), sparsity
+        assert all(torch.equal(packed[n], mask[n]) for n in scores)
+    assert select_mask({"a": torch.rand(3)}, 0.3, "global")["a"].all()  # floor(0.9) = 0 removed
 
 
 @pytest.mark.parametrize("ties", [False, True])

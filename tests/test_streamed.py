@@ -60,11 +60,27 @@ def test_streamed_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path
     assert streamed["sparsity"]["all_parameters"] == mem["sparsity"]["all_parameters"]
 
 
-@pytest.mark.parametrize("kw", [{"method": "taylor", "reconstruct_mix": 0.3}, {"method": "fisher", "pattern": "2:4"}])
-def test_streamed_score_then_mask_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path, kw: dict) -> None:
-    """A gradient method's mask chosen from its streamed scores, with the kept weights updated through
-    the streamed OBS sweep, or as N:M: the in-memory result bit for bit."""
-    src = _saved(tmp_path, "mistral", tokenizer)
+@pytest.mark.parametrize(
+    "arch, kw",
+    [
+        ("mistral", {"method": "taylor", "reconstruct_mix": 0.3}),
+        ("mistral", {"method": "fisher", "pattern": "2:4"}),
+        ("llama", {"method": "wanda", "granularity": "global"}),
+        ("gpt2", {"method": "magnitude", "granularity": "global"}),
+        ("gemma3", {"method": "fisher", "granularity": "global"}),
+        ("qwen2", {"method": "dual", "granularity": "global"}),
+        ("opt", {"method": "wanda", "granularity": "global", "reconstruct_mix": 0.5}),
+        ("llama", {"method": "wanda", "reconstruct_mix": 0.3}),
+    ],
+)
+def test_streamed_score_then_mask_equals_in_memory(
+    tmp_path: Path, tokenizer, small_corpus: Path, arch: str, kw: dict
+) -> None:
+    """A mask chosen from streamed scores (a gradient method's, an activation method's from the streamed
+    layer-wise pass, magnitude's block by block), per row or matrix, as N:M or over all matrices at
+    once (global: the out-of-core selection), with or without the kept weights updated through the
+    streamed OBS sweep: the in-memory result bit for bit."""
+    src = _saved(tmp_path, arch, tokenizer)
     kw = dict(kw)
     method = kw.pop("method")
     extract(_recipe(src, small_corpus, method, False, **kw), tmp_path / "mem")
@@ -157,7 +173,6 @@ def test_streamed_with_a_reused_map_equals_in_memory(
     "kw, words",
     [
         ({"method": "dual", "sparsity": 0.5, "lr": 1e-4}, "grad-lr"),
-        ({"method": "taylor", "granularity": "global"}, "global ranking"),
         ({"method": "dual-obs", "granularity": "global"}, "row or matrix"),
         ({"method": "sparsegpt", "propagation": "fused"}, "fused"),
         ({"method": "dual", "structure": True, "sparsity": None, "keep": 0.5, "lr": 1e-4}, "grad-lr"),
@@ -194,7 +209,7 @@ def test_streams_by_itself_when_the_model_would_not_fit(
     m = extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "auto")
     assert "more than half" in m["streamed"]["why"]
     # a method that cannot stream still runs in memory, as before
-    m = extract(_recipe(src, small_corpus, "wanda", False, granularity="global"), tmp_path / "mem")
+    m = extract(_recipe(src, small_corpus, "dual", False, lr=1e-4), tmp_path / "mem")
     assert "streamed" not in m
     monkeypatch.setattr(carve.streamed, "available_memory", lambda: 1 << 40)
     assert "streamed" not in extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "fits")
@@ -425,3 +440,24 @@ def test_streamed_structured_equals_in_memory(
     for when in ("before", "after"):
         for key in ("domain_ppl", "general_ppl"):
             assert streamed["metrics"][when][key] == pytest.approx(mem["metrics"][when][key], rel=1e-4)
+
+
+def test_streamed_structured_with_a_reused_map_equals_in_memory(
+    tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--structure --importance FILE --stream`: each block's units reduced from the map's matrices read
+    lazily, the in-memory plan and weights with the same map bit for bit."""
+    from carve.masks.mask import ImportanceMap
+
+    src = _saved(tmp_path, "llama", tokenizer)
+    saved = tmp_path / "map.safetensors"
+    kw = {"structure": True, "sparsity": None, "keep": 0.5}
+    extract(_recipe(src, small_corpus, "fisher", False, **kw), tmp_path / "first", save_importance=saved)
+    mem = extract(_recipe(src, small_corpus, "fisher", False, importance=str(saved), **kw), tmp_path / "mem")
+    loads, load = [], ImportanceMap.load
+    monkeypatch.setattr(ImportanceMap, "load", lambda path, lazy=False: loads.append(lazy) or load(path, lazy))
+    streamed = extract(_recipe(src, small_corpus, "fisher", True, importance=str(saved), **kw), tmp_path / "stream")
+    assert loads == [True] and streamed["importance"] == {"reused_from": str(saved)}
+    assert streamed["structure"] == mem["structure"]
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)

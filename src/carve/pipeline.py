@@ -6,6 +6,7 @@ import copy
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 from functools import partial
@@ -57,7 +58,7 @@ from carve.models.skeleton import SkeletonModel
 from carve.models.sparse import SparseWriter
 from carve.models.stream import StreamWriter
 from carve.ops.outcome import Outcome
-from carve.ops.plan import DEFAULT_DROP_RULE, DROP_RULES, ShapeTarget, check_drop_rule
+from carve.ops.plan import DEFAULT_DROP_RULE, DROP_RULES, ShapeTarget, UnitImportance, check_drop_rule, unit_importance
 from carve.ops.prune import PROPAGATIONS, PruneResult, check_method_options, check_propagation, prune, scores_first
 from carve.ops.structure import StructureResult, compensated_roles, plan_config, sliced_copy, structure
 from carve.output import atomic_file, atomic_output_dir, check_output, claim, write_json
@@ -326,29 +327,22 @@ def _not_streamable(r: Recipe) -> str | None:
     if r.structure:
         if get_scorer(r.method or DEFAULT_STRUCTURE_METHOD).needs_general and r.lr:
             return f"{r.method} with --grad-lr takes steps on the whole model; it streams with --grad-lr 0"
-        if r.importance is not None:
-            return "a reused importance map is the whole model's; a streamed structured extraction scores blockwise"
         return None
     if _scores_first(r) and not _streamed_scores(r):
-        return (f"{r.method} scores the whole dense model first (a global ranking or --grad-lr steps); streaming "
-                "works with the gradient methods dual-obs, fisher, taylor and dual (--grad-lr 0), a reused "
-                "--importance map and the block-wise magnitude, wanda and sparsegpt, at row or matrix "
-                "granularity")  # fmt: skip
+        return f"{r.method} with --grad-lr takes steps on the whole model; it streams with --grad-lr 0"
     if r.propagation == "fused":
         return "fused propagation runs the whole model at once; use --propagation pruned or dense"
     return None
 
 
 def _streamed_scores(r: Recipe) -> bool:
-    """Scores a streamed extraction has block by block, its masks chosen per row or matrix (or inside
-    the block-by-block OBS sweep: dual-obs, sparsegpt) as each block is read: a gradient method's from
-    the streamed gradient pass, or a reused map's read from its file a matrix at a time."""
+    """Whether a score-then-mask extraction has its scores block by block: a reused map's read from its
+    file a matrix at a time, a gradient method's from the streamed gradient pass, an activation
+    method's from the streamed layer-wise pass, a weight method's from each block as it is read.  The
+    masks are then chosen per row or matrix, or over all matrices at once by an out-of-core selection
+    (global granularity).  Only dual's refined loss (--grad-lr) steps the whole model."""
     scorer = get_scorer(r.method or DEFAULT_METHOD)
-    global_ = (r.granularity or "") == "global" and r.pattern is None
-    if r.importance is not None:
-        return not global_
-    steps = scorer.needs_general and bool(r.lr)  # dual's refined loss steps the whole model
-    return scorer.gradient is not None and not steps and not global_
+    return r.importance is not None or not (scorer.needs_general and bool(r.lr))
 
 
 def _scores_first(recipe: Recipe) -> bool:
@@ -571,8 +565,13 @@ def _extract_streamed(
         if r.structure:  # planned first (passes of their own), then sliced block by block as it is written
             with stage("plan"):
                 assert r.method is not None
-                units = partial(streamed_unit_importance, skeleton, r.method, data.calib, calib=calib,
-                                general_calibration=data.general_calib, lam=r.lam, lr=r.lr)  # fmt: skip
+                units: Callable[[], UnitImportance] = partial(
+                    streamed_unit_importance, skeleton, r.method, data.calib, calib=calib,
+                    general_calibration=data.general_calib, lam=r.lam, lr=r.lr,
+                )  # fmt: skip
+                if r.importance:  # a reused map: each block's units reduced from its matrices, read one at a time
+                    reused = _load_importance(r.importance, data.importance_key, lazy=True)
+                    units = lambda: UnitImportance(*unit_importance(reused, anatomy(lm.model)))  # noqa: E731
                 structured = structure(lm.model, units, data.calib, r.shape_target(), batch_size=r.batch_size,
                                        source=skeleton)  # fmt: skip
                 reshaped, specs, config = _reshaped(skeleton, structured, getattr(torch, save_name))

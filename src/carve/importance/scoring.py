@@ -26,7 +26,7 @@ from carve.engines.layerwise import layerwise
 from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap
 from carve.models.anatomy import anatomy
-from carve.models.arch import as_param_layout, prunable_linears, weight_matrix
+from carve.models.arch import as_param_layout, find_blocks, prunable_linears, weight_matrix
 from carve.ops.plan import UnitImportance, block_unit_importance, unit_importance
 from carve.progress import progress
 from carve.scorers.gradient import normalized
@@ -66,11 +66,13 @@ def score(
     scorer = get_scorer(method)
     data = needs_data(scorer, calibration)
     linears = targets.linears(model)
-    if calib.stream is not None and scorer.gradient is None:
-        raise UsageError(f"{method} scores the whole model at once; of the scoring methods only gradient ones stream")
     meta: dict[str, Any] = {"scorer": method}
     scores: MutableMapping[str, torch.Tensor]
-    if data is None:
+    if data is None and calib.stream is not None:  # each block read, scored, freed; its scores to a file
+        scores = SpilledTensors()
+        streamed_weight_scores(calib.stream.sk, scorer, targets, lambda _i, block: scores.update(block))
+        calib.stream.sk.load_block(0)  # as the pass found it (the streamed activation pass does the same)
+    elif data is None:
         scores = weight_scores(scorer, linears)
     elif scorer.needs_general:
         if general_calibration is None or general_calibration.numel() == 0:
@@ -89,6 +91,19 @@ def score(
 def weight_scores(scorer: Scorer, linears: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     return {f"{n}.weight": as_param_layout(lin, scorer.score(weight_matrix(lin), None)).cpu()
             for n, lin in linears.items()}  # fmt: skip
+
+
+def streamed_weight_scores(
+    source: BlockSource, scorer: Scorer, targets: Targets, per_block: Callable[[int, dict[str, torch.Tensor]], None]
+) -> None:
+    """A weight scorer's scores (magnitude) one decoder block at a time: each block read, its
+    targeted Linears scored, the scores handed to `per_block(i, scores)`, the block freed."""
+    prefix, _ = find_blocks(source.model)
+    for i in progress(range(len(source.blocks)), f"scoring ({scorer.name})"):
+        source.load_block(i)
+        per_block(i, weight_scores(scorer, prunable_linears(source.blocks[i], f"{prefix}.{i}", targets.include,
+                                                            targets.exclude)))  # fmt: skip
+        source.free_block(i)
 
 
 def activation_scores(
@@ -239,11 +254,7 @@ def streamed_unit_importance(
 
     data = needs_data(scorer, calibration)
     if data is None:
-        for i in progress(range(len(source.blocks)), f"scoring ({scorer.name})"):
-            source.load_block(i)
-            linears = prunable_linears(source.blocks[i], f"{anat.prefix}.{i}", targets.include, targets.exclude)
-            reduce(i, weight_scores(scorer, linears))
-            source.free_block(i)
+        streamed_weight_scores(source, scorer, targets, reduce)
     else:
         visit = Calibration(calib.batch_size, "dense", calib.dtype, stream=_Visit(source), max_memory=calib.max_memory)
         activation_scores(source.model, scorer, data, targets, visit, per_block=reduce)

@@ -250,21 +250,15 @@ def select_mask(
     packed: bool = False,
 ) -> Mask:
     """Remove the lowest-scoring `sparsity` share: per output row, per matrix, over all
-    matrices at once ("global"), or as N:M along the input dimension (`pattern="2:4"`).  `packed`
-    keeps each matrix's mask bit-packed as it is chosen (PackedKeep: a streamed job's masks)."""
+    matrices at once ("global", ties at the threshold removed in position order: the matrices in
+    the map's order, each flattened in its own layout), or as N:M along the input dimension
+    (`pattern="2:4"`).  `packed` keeps each matrix's mask bit-packed as it is chosen (PackedKeep: a
+    streamed job's masks); a global selection reads each matrix three times and never holds more
+    than one (a streamed job's scores stay in their temporary files)."""
     nm = parse_pattern(pattern)
     sparsity = check_sparsity(sparsity, nm)
     if granularity == "global" and nm is None:
-        flat = torch.cat([v.detach().float().reshape(-1).cpu() for v in scores.values()])
-        k = int(flat.numel() * sparsity)
-        keep_flat = torch.ones_like(flat, dtype=torch.bool)
-        if k:
-            keep_flat[torch.topk(flat, k, largest=False).indices] = False
-        out, start = {}, 0
-        for name, v in scores.items():
-            out[name] = keep_flat[start : start + v.numel()].view(v.shape).to(v.device)
-            start += v.numel()
-        return Mask(out)
+        return Mask(_select_global(scores, sparsity, packed))
     if granularity not in ("row", "matrix", "global"):
         raise UsageError(f"granularity {granularity!r} is not one of row, matrix, global")
     # scores are in each parameter's layout; GPT-2's Conv1D stores [in, out], so rows and N:M
@@ -277,3 +271,55 @@ def select_mask(
         else:
             chosen[name] = keep_mask(v.float(), sparsity, granularity, nm)
     return Mask(chosen)
+
+
+def _sortable(v: torch.Tensor) -> torch.Tensor:
+    """Flat int32 keys in the order of the float32 values: -0.0 equal to +0.0, NaN above +inf (as
+    torch.topk ranks it).  Negative floats' bits are flipped so larger magnitudes sort lower."""
+    x = v.detach().reshape(-1).to("cpu", torch.float32) + 0.0  # -0.0 + 0.0 = +0.0
+    x = torch.where(torch.isnan(x), float("nan"), x)  # every NaN the positive one
+    bits = x.view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+def _below(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The first bin whose cumulative count reaches k, and the count in the bins before it."""
+    cum = hist.cumsum(0)
+    b = int(torch.searchsorted(cum, torch.tensor([k], dtype=cum.dtype)).item())
+    return b, int(cum[b - 1]) if b else 0
+
+
+def _select_global(
+    scores: Mapping[str, torch.Tensor], sparsity: float, packed: bool
+) -> MutableMapping[str, torch.Tensor]:
+    """Keep-masks removing the floor(sparsity·N) lowest of all N scores at once, out of core: the
+    threshold is found by a two-pass radix selection on the scores' sortable 32-bit keys (a
+    histogram of the high 16 bits over every matrix, then of the low 16 bits inside the bin that
+    holds the k-th), and the ties at it are removed in position order, as a stable sort of the
+    concatenated scores would (what `_prune_smallest` does inside one matrix)."""
+    total = sum(scores[n].numel() for n in scores)
+    k = int(total * sparsity)
+    chosen: MutableMapping[str, torch.Tensor] = PackedKeep() if packed else {}
+    if not k:
+        for name in scores:
+            chosen[name] = torch.ones_like(scores[name], dtype=torch.bool)
+        return chosen
+    high = torch.zeros(1 << 16, dtype=torch.int64)
+    for name in scores:
+        high += torch.bincount((_sortable(scores[name]) >> 16) + 32768, minlength=1 << 16)
+    top, before = _below(high, k)
+    low = torch.zeros(1 << 16, dtype=torch.int64)
+    for name in scores:
+        key = _sortable(scores[name])
+        low += torch.bincount(key[(key >> 16) + 32768 == top] & 0xFFFF, minlength=1 << 16)
+    bottom, within = _below(low, k - before)
+    threshold = (top - 32768) * 65536 + bottom
+    ties_out = k - before - within  # how many of the scores equal to the threshold go
+    for name in scores:
+        v = scores[name]
+        key = _sortable(v)
+        tie = key == threshold
+        removed = (key < threshold) | (tie & (tie.cumsum(0) <= ties_out))
+        ties_out -= int(tie.sum())
+        chosen[name] = (~removed).view(v.shape).to(v.device)
+    return chosen
