@@ -288,9 +288,31 @@ def _best_single(rows: dict[str, Any], data_seeds: int) -> list[str]:
             f"(beaten on every draw: {'yes' if min(gains) > t else 'NO'})"]  # fmt: skip
 
 
+def _tall_checks(row: str, rows: dict[str, Any]) -> list[str]:
+    """Issue 22's TALL bar: each rebuilt expert keeps >= 99% of its expert's domain log-perplexity gain."""
+    r = rows.get(f"{row}/carve/s0", {})
+    if "metrics" not in r or not r.get("tall"):
+        return []
+    kept = {d: _per_domain(r)[d].get("tall_retained_gain") for d in DOMAINS}
+    if any(v is None for v in kept.values()):
+        return []
+    size = f"{r['size']['file_mb']:.0f} MB merged + {r['tall']['masks_mb']:.0f} MB of masks"
+    ok = min(kept.values()) >= 0.99
+    return [f"- {row}: the rebuilt experts keep {', '.join(f'{d} {v:.4f}' for d, v in kept.items())} of their "
+            f"gain (bar >= 0.99 each: {'met' if ok else 'NOT met'}), at λ_t "
+            f"{' / '.join(str(r['tall']['per_task'][d]['lambda']) for d in _tall_keys(r))}; {size}"]  # fmt: skip
+
+
+def _tall_keys(r: dict[str, Any]) -> list[str]:
+    per = r["tall"]["per_task"]
+    return [next(k for k in per if k == d or f"-{d}-" in k) for d in DOMAINS]
+
+
 def _checks(row: str, rows: dict[str, Any], seeds: int) -> list[str]:
     if row.startswith("dare"):
         return _dare_checks(row, rows, seeds)
+    if row.startswith("tall"):
+        return _tall_checks(row, rows)
     ours, theirs = rows.get(f"{row}/carve/s0"), rows.get(f"{row}/mergekit/s0")
     out = []
     if ours and theirs and "error" not in ours and "error" not in theirs:
