@@ -48,6 +48,11 @@ def tiny_config(arch: str):
     if arch in more:
         extra = {"head_dim": 16, "sliding_window": 8} if arch in ("qwen3", "gemma2") else {}
         return more[arch](**sizes, **extra, **common, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    if arch == "gpt_neox":  # its checkpoint names the head `embed_out` (transformers renames it on load)
+        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                **common)  # fmt: skip
+    if arch == "mixtral":  # its checkpoint's per-expert matrices are fused into one tensor on load
+        return tf.MixtralConfig(**sizes, num_local_experts=4, num_experts_per_tok=2, **common)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256)
     if arch == "opt":

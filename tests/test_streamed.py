@@ -40,7 +40,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     "arch, method",
     [(a, m) for a in ARCHS for m in ("sparsegpt", "wanda", "magnitude", "dual-obs", "fisher")]
     + [(a, "dual-obs") for a in MORE_ARCHS]
-    + [("llama", "dual"), ("gemma3", "dual")],
+    + [("llama", "dual"), ("gemma3", "dual"), ("gpt_neox", "sparsegpt"), ("gpt_neox", "dual-obs")],
 )
 def test_streamed_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path, arch: str, method: str) -> None:
     src = _saved(tmp_path, arch, tokenizer)
@@ -184,6 +184,17 @@ def test_streamed_refusals(tmp_path: Path, tokenizer, small_corpus: Path, kw: di
     method = kw.pop("method")
     with pytest.raises(UsageError, match=words):
         extract(_recipe(src, small_corpus, method, True, **kw), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_streamed_refuses_a_checkpoint_transformers_converts_on_load(
+    tmp_path: Path, tokenizer, small_corpus: Path
+) -> None:
+    """Mixtral's checkpoint holds each expert's matrices; transformers fuses them into one tensor on load.
+    A streamed job reads tensors one to one, so it says so before any work and writes nothing."""
+    src = _saved(tmp_path, "mixtral", tokenizer)
+    with pytest.raises(UsageError, match=r"rebuilds .* on load from other tensors.*without --stream"):
+        extract(_recipe(src, small_corpus, "sparsegpt", True), tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -57,6 +57,30 @@ def parameter_groups(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, s
     return groups
 
 
+def checkpoint_names(model: nn.Module, stored: list[str]) -> tuple[dict[str, str], list[str]]:
+    """The model's name -> the checkpoint's, for the tensors transformers renames on load (its
+    WeightRenaming rules: GPT-NeoX stores the head as `embed_out`), and the checkpoint tensors it
+    instead converts into others (WeightConverter: Mixtral's per-expert matrices fused), which a
+    streamed job cannot read one to one.  Empty where transformers has no such rules."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # a transformers without conversion rules loads names as stored
+        return {}, []
+    rules = get_model_conversion_mapping(model)  # type: ignore[arg-type]  # a PreTrainedModel
+    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+    converters = [r for r in rules if isinstance(r, WeightConverter)]
+    renamed: dict[str, str] = {}
+    converted: list[str] = []
+    for key in stored:
+        new, converter = rename_source_key(key, renamings, converters)
+        if converter is not None:
+            converted.append(key)
+        elif new != key:
+            renamed[new] = key
+    return renamed, converted
+
+
 def tied_aliases(directory: Path, stored: set[str]) -> dict[str, str]:
     """For a checkpoint holding the tensors `stored`: every other name of a tied parameter (the
     model its config builds, on the meta device) -> the name it is stored under."""
@@ -96,6 +120,7 @@ class SkeletonModel:
                     module._buffers[k] = b.to(self.device)
         self.groups = parameter_groups(model)
         self.prefix, self.blocks = find_blocks(model)
+        self._renamed, self._converted = checkpoint_names(model, self.source.names())
         self.specs = {name: (self._stored_name(name), self._shape(name)) for name in self.groups}
         for name in self.groups:
             if self._in_block(name) is None:
@@ -113,6 +138,14 @@ class SkeletonModel:
         for _, _, full in self.groups[name]:
             if full in self.source:
                 return full
+            if full in self._renamed:  # a name transformers renames on load (GPT-NeoX's embed_out -> lm_head)
+                return self._renamed[full]
+        if self._converted:
+            raise UsageError(
+                f"transformers rebuilds {name!r} of {str(self.directory)!r} on load from other tensors (for "
+                f"example {', '.join(self._converted[:3])}: MoE experts fused into one tensor); streaming reads "
+                "the checkpoint's tensors one to one: run without --stream"
+            )
         raise UsageError(
             f"{str(self.directory)!r} has no tensor {name!r}: streaming reads checkpoints whose tensor names are "
             "the model's own (save it with save_pretrained, or load it without --stream)"
