@@ -328,3 +328,25 @@ def test_recording_block_calls_runs_no_block_but_the_first(arch: str) -> None:
     assert ran and all(".0." in name for name in ran)
     assert len(calls[(2, calib.shape[1])]) == len(blocks)
     assert all("forward" not in b.__dict__ for b in blocks)
+
+
+def test_the_manifest_names_the_block_weights_left_dense() -> None:
+    """Weight matrices of the blocks that are not pruned, by name and share of the blocks' parameters:
+    a transformers MoE's experts (3-D tensors, not Linear layers) and what the targets leave out."""
+    from carve.models.arch import DEFAULT_EXCLUDE
+    from carve.settings import Targets
+
+    moe = tiny_model("mixtral")
+    dense = carve.prune(moe, "magnitude", 0.5).describe(moe)["sparsity"]["not_pruned_in_blocks"]
+    assert {"model.layers.*.mlp.experts.gate_up_proj", "model.layers.*.mlp.experts.down_proj"} <= set(dense)
+    experts = sum(p.numel() for n, p in moe.named_parameters() if ".experts." in n)
+    blocks = sum(p.numel() for n, p in moe.named_parameters() if n.startswith("model.layers."))
+    share = dense["model.layers.*.mlp.experts.gate_up_proj"] + dense["model.layers.*.mlp.experts.down_proj"]
+    assert share == pytest.approx(experts / blocks, abs=2e-4)
+    llama = tiny_model("llama")
+    assert carve.prune(llama, "magnitude", 0.5).describe(llama)["sparsity"]["not_pruned_in_blocks"] == {}
+    targets = Targets(exclude=(*DEFAULT_EXCLUDE, "*o_proj*"))
+    left = carve.prune(llama, "magnitude", 0.5, targets=targets).describe(llama)["sparsity"]["not_pruned_in_blocks"]
+    o_proj = sum(p.numel() for n, p in llama.named_parameters() if "o_proj" in n)
+    in_blocks = sum(p.numel() for n, p in llama.named_parameters() if n.startswith("model.layers."))
+    assert left == {"model.layers.*.self_attn.o_proj.weight": round(o_proj / in_blocks, 4)}

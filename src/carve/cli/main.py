@@ -251,6 +251,12 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
     else:
         what = f"{r['method']}, sparsity {r['sparsity']:g}{', ' + r['pattern'] if r['pattern'] else ''}"
         last = f"linear sparsity {manifest['sparsity']['linear']:.4f}"
+    dense = (manifest.get("sparsity") or {}).get("not_pruned_in_blocks") or {}
+    if dense and not args.json:
+        share = sum(dense.values())
+        print(f"carve: note: {share:.0%} of the decoder blocks' parameters are weight matrices left dense, not "
+              f"targeted or not Linear layers: {', '.join(sorted(dense, key=lambda k: -dense[k])[:4])}",
+              file=sys.stderr)  # fmt: skip
     if not args.json:
         dest = args.out or ", ".join(x for x in (args.save_mask, args.save_importance) if x)
         sweep = f", OBS mix {r['reconstruct_mix']:g}" if r.get("reconstruct_mix") is not None else ""

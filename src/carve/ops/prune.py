@@ -91,6 +91,7 @@ class PruneResult:
                 "linear": round(achieved["linear"], 6),
                 "all_parameters": round(achieved["all_parameters"], 6),
                 "per_module": {k: round(v, 6) for k, v in self.mask.sparsity_per_param().items()},
+                "not_pruned_in_blocks": unpruned_block_weights(model, self.mask),
             },
             "method_notes": {"hessian_damping_retries": retries},
             **({"engine_seconds": self.engine_seconds} if self.engine_seconds else {}),
@@ -394,6 +395,22 @@ def _spread(
                 result = (distributed.broadcast_(k, src), sent["notes"])
         if result is not None:
             record(name, lin, *result)
+
+
+def unpruned_block_weights(model: nn.Module, pruned: Iterable[str]) -> dict[str, float]:
+    """The decoder blocks' weight matrices (2-D and up) left dense, by name with the block index as
+    `*`, each as its share of the blocks' parameters: those the targets leave out, and those carve
+    cannot prune, not being Linear layers (a transformers MoE's experts, fused in 3-D tensors)."""
+    prefix, blocks = find_blocks(model)
+    kept, total = set(pruned), 0
+    out: dict[str, float] = {}
+    for i, block in enumerate(blocks):
+        for name, p in block.named_parameters():
+            total += p.numel()
+            if p.dim() >= 2 and f"{prefix}.{i}.{name}" not in kept:
+                key = f"{prefix}.*.{name}"
+                out[key] = out.get(key, 0) + p.numel()
+    return {k: round(n / total, 4) for k, n in out.items()} if total else {}
 
 
 def model_sparsity(
