@@ -1,8 +1,8 @@
 """`carve export --gguf` in llama.cpp itself for the layouts the embedded default does not have:
-Qwen3 (per-head Q/K norms, head_dim apart from hidden / heads), Llama 3's RoPE scaling, and Gemma 3
-with a SentencePiece-style tokenizer.
+Qwen3 (per-head Q/K norms, head_dim apart from hidden / heads), Llama 3's RoPE scaling, Gemma 3
+with a SentencePiece-style tokenizer, and Phi-3 (fused qkv and gate/up projections, a sliding window).
 
-    .venv/bin/python bench/export_archs.py
+    .venv/bin/python bench/export_archs.py [--kinds qwen3 llama3-rope gemma3 phi3]
 
 Each row: a tiny random model (hidden 64, 2 blocks, 4 query heads in 2 key/value groups, the
 embedded default's tokenizer and vocabulary; seed 0) saved with save_pretrained, exported with
@@ -18,7 +18,9 @@ is also scored by transformers with the scaling removed, which llama.cpp must no
 builtin legal documents (tests/conftest.py's `gemma_style_tokenizer`); the same block is also scored
 by transformers with every layer global (what llama.cpp would compute if the pattern were lost), and
 held-out texts (legal documents 20-39 and code documents 0-9, 400 characters each, and one line of
-accented, mathematical and emoji characters) are tokenized by llama.cpp and by transformers.
+accented, mathematical and emoji characters) are tokenized by llama.cpp and by transformers.  Phi-3:
+fused qkv_proj and gate_up_proj, every layer attending within a sliding window of 16 tokens; the
+same block is also scored by transformers without the window, which llama.cpp must not match.
 Results: bench/results/export_archs.jsonl; the table: the `export-archs` section of bench/RESULTS.md.
 """
 
@@ -34,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import carve
-from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, save_result, write_section
+from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, load_results, save_result, write_section
 from llamacpp import run_gguf
 
 sys.path.insert(0, str(ROOT))
@@ -62,6 +64,10 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
         return model.eval()
+    if kind == "phi3":  # fused qkv and gate_up; every layer sliding, window 16 (the block is 200 tokens)
+        config = tf.Phi3Config(**SIZES, sliding_window=16, vocab_size=vocab, pad_token_id=None, bos_token_id=None,
+                               eos_token_id=None)  # fmt: skip
+        return tf.AutoModelForCausalLM.from_config(config).eval()
     if kind == "qwen3":
         model = tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(**SIZES, head_dim=128, vocab_size=vocab))
         with torch.no_grad():
@@ -91,7 +97,10 @@ def row(kind: str) -> dict[str, Any]:
 
     ensure_model()
     tok = gemma_style_tokenizer(2000) if kind == "gemma3" else AutoTokenizer.from_pretrained(MODEL_DIR)
-    src, gguf = OUT / f"export-archs-{kind}", OUT / f"export-archs-{kind}.f16.gguf"
+    # llama.cpp gives Phi-3's own special tokens (<s>, </s>, <unk>) attributes when the model's name holds
+    # "phi3" and fails to load a vocabulary without them (this one is the embedded default's): not in the name
+    name = "fused-qkv" if kind == "phi3" else kind
+    src, gguf = OUT / f"export-archs-{name}", OUT / f"export-archs-{name}.f16.gguf"
     model = tiny(kind, len(tok))
     model.save_pretrained(src)
     tok.save_pretrained(src)
@@ -118,6 +127,12 @@ def row(kind: str) -> dict[str, Any]:
                  plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)),
                  texts=len(texts), texts_same=sum(a == b for a, b in zip(cpp["tokenized"], want, strict=True)),
                  text_tokens=sum(map(len, want)))  # fmt: skip
+    if kind == "phi3":  # the same weights without the sliding window: what llama.cpp must not match
+        model.config.sliding_window = None
+        model.save_pretrained(OUT / "export-archs-fused-full")
+        plain_nll, plain_top = scored(AutoModelForCausalLM.from_pretrained(OUT / "export-archs-fused-full").eval(), ids)
+        r.update(plain_nll=round(plain_nll, 4),
+                 plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)))  # fmt: skip
     if kind == "llama3-rope":  # the same weights under plain RoPE: what llama.cpp must not match
         model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         model.save_pretrained(OUT / "export-archs-plain")
@@ -129,15 +144,16 @@ def row(kind: str) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3 (tiny random models)",
+        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Phi-3 (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
-        "tokenizer), `carve export --type f16`, one random 200-token block scored by transformers and by "
-        "llama.cpp (llama-cpp-python 0.3.36 built from source). Contrast: the same block scored by "
-        "transformers with the layout's feature removed (Llama 3: no RoPE scaling; Gemma 3: every layer "
-        "global), which llama.cpp must not match. Tokenization: held-out texts tokenized by llama.cpp and by "
-        "transformers (Gemma 3 row).",
+        "tokenizer; Phi-3: fused qkv and gate/up, every layer sliding, window 16), `carve export --type f16`, "
+        "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
+        "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
+        "RoPE scaling; Gemma 3: every layer global; Phi-3: no sliding window), which llama.cpp must not match "
+        "(Phi-3: it does, llama.cpp disables Phi-3's window; see below). Tokenization: held-out texts tokenized "
+        "by llama.cpp and by transformers (Gemma 3 row).",
         "",
         "| layout | llama.cpp arch | tensors | llama.cpp NLL | transformers NLL | top-1 agreement "
         "| contrast: transformers NLL without the feature | top-1 agreement with it | texts tokenized the same |",
@@ -153,16 +169,25 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+KINDS = ("qwen3", "llama3-rope", "gemma3", "phi3")
+
+
 def main() -> None:
-    rows = []
-    for kind in ("qwen3", "llama3-rope", "gemma3"):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS, help="rows to (re)run; the others are kept")
+    args = ap.parse_args()
+    rows = load_results(RESULTS)
+    for kind in args.kinds:
         print(f"running {kind} ...", flush=True)
         r = row(kind)
         save_result(RESULTS, r)
-        rows.append(r)
+        rows[kind] = r
         print(json.dumps(r), flush=True)
-    write_section("export-archs", table(rows))
-    print(table(rows))
+    text = table([rows[k] for k in KINDS if k in rows])
+    write_section("export-archs", text)
+    print(text)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ def tiny_config(arch: str):
     if arch in more:
         extra = {"head_dim": 16, "sliding_window": 8} if arch in ("qwen3", "gemma2") else {}
         return more[arch](**sizes, **extra, **common, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    if arch == "phi3":  # fused qkv_proj and gate_up_proj
+        return tf.Phi3Config(**sizes, **common, pad_token_id=None, bos_token_id=None, eos_token_id=None)
     if arch == "gpt_neox":  # its checkpoint names the head `embed_out` (transformers renames it on load)
         return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                 **common)  # fmt: skip

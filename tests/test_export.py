@@ -1,4 +1,4 @@
-"""`carve export --gguf` (issue 21): carve outputs of tiny Llama-style, Qwen2, Qwen3 and Gemma 3 models written as GGUF reload
+"""`carve export --gguf` (issue 21): carve outputs of tiny Llama-style, Qwen2, Qwen3, Gemma 3 and Phi-3 models written as GGUF reload
 through transformers' own GGUF loader with logits equal to the source's within the type's
 tolerance: dense, sparse-format, structured (narrower MLP and attention, dropped blocks)."""
 
@@ -122,6 +122,55 @@ def test_gemma3_as_llama_cpp_gemma3(kind: str, tmp_path: Path, tokenizer) -> Non
     assert [bool(field.parts[i][0]) for i in field.data] == [True] * 5 + [False]
     assert meta["gemma3.rope.freq_base"] == 1_000_000.0 and meta["gemma3.rope.freq_base_swa"] == 10_000.0
     _check(src, gguf, kind)
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_phi3_as_llama_cpp_phi3(kind: str, tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """Phi-3: one fused qkv_proj (llama.cpp's attn_qkv) and one fused gate_up_proj (its ffn_up, gate rows
+    first), rotate-half RoPE (no permutation), no biases; a dense model and a 50% sparse extraction."""
+    src = tmp_path / "tiny-phi3"
+    gguf, meta = _exported(tiny_model("phi3"), tokenizer, src, kind)
+    assert meta["general.architecture"] == "phi3" and meta["phi3.feed_forward_length"] == 128
+    assert meta["phi3.attention.head_count_kv"] == 2 and meta["phi3.rope.dimension_count"] == 16
+    _check(src, gguf, kind)
+    out = tmp_path / "sparse"
+    assert main(["extract", "--model", str(src), "--domain", str(small_corpus), "--general", str(small_corpus),
+                 "--method", "sparsegpt", "--sparsity", "0.5", "--out", str(out), *FAST]) == 0  # fmt: skip
+    assert main(["export", str(out), "--gguf", str(tmp_path / "sparse.gguf"), "--type", kind]) == 0
+    _check(out, tmp_path / "sparse.gguf", kind)
+
+
+def test_phi3_sliding_window_noted(tmp_path: Path, tokenizer, capsys) -> None:
+    """llama.cpp's phi3 disables Phi-3's sliding window (bench/RESULTS.md, export-archs: it matches
+    transformers without the window): the export writes the window, says so, and goes on."""
+    from tests.conftest import tiny_config
+
+    config = tiny_config("phi3")
+    config.sliding_window = 16
+    from transformers import AutoModelForCausalLM
+
+    src = tmp_path / "phi3-window"
+    capsys.readouterr()
+    _, meta = _exported(AutoModelForCausalLM.from_config(config), tokenizer, src, "f16")
+    assert meta["phi3.attention.sliding_window"] == 16
+    assert "full attention" in capsys.readouterr().err
+
+
+def test_phi3_longrope_refused(tmp_path: Path, tokenizer, capsys) -> None:
+    from tests.conftest import tiny_config
+
+    config = tiny_config("phi3")
+    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
+                              "long_factor": [2.0] * 8, "original_max_position_embeddings": 64, "factor": 4.0,
+                              "partial_rotary_factor": 1.0}  # fmt: skip
+    src = tmp_path / "phi3-long"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    capsys.readouterr()
+    assert main(["export", str(src), "--gguf", str(tmp_path / "p.gguf")]) == 2
+    assert "LongRoPE" in capsys.readouterr().err and not (tmp_path / "p.gguf").exists()
 
 
 def test_gemma3_structured_keeps_layer_kinds(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
@@ -306,7 +355,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     cases = [
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
-            "supports Llama-style, Qwen2, Qwen3 and Gemma 3 text models",
+            "supports Llama-style, Qwen2, Qwen3, Gemma 3 text and Phi-3 models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

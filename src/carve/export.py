@@ -52,6 +52,8 @@ class Architecture:
     names: tuple[tuple[str, str], ...] = ()  # tensor names of this architecture, tried before the common ones
     check: Callable[[Any], None] | None = None  # its own refusals (in place of the plain / Llama 3 RoPE check)
     metadata: Callable[[Any, Any], None] | None = None  # its own keys, written from the config
+    fused: bool = False  # one qkv_proj and one gate_up_proj per block (Phi-3), as llama.cpp holds them
+    caveats: Callable[[Any], list[str]] | None = None  # where llama.cpp computes otherwise, said, not refused
 
 
 def _check_gemma3(config: Any) -> None:
@@ -108,6 +110,35 @@ def rope_freq_factors(model: Any, head_dim: int, base: float) -> np.ndarray:
     return (plain / used.double().cpu()).float().numpy()
 
 
+def _check_phi3(config: Any) -> None:
+    """Refuse the Phi-3 variants whose RoPE llama.cpp's phi3 graph takes in another form."""
+    if rope_type(config) != "default":
+        raise UsageError(
+            f"GGUF export writes Phi-3's plain RoPE so far; this model scales it ({rope_type(config)!r}: the "
+            "128k Phi-3, Phi-3.5 and Phi-4-mini use LongRoPE)"
+        )
+
+
+def _phi3_metadata(writer: Any, config: Any) -> None:
+    """Phi-3's keys beyond the common ones: its sliding window (every layer), its rotated share of
+    each head (Phi-4-mini rotates three quarters)."""
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
+
+
+def _phi3_caveats(config: Any) -> list[str]:
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return []
+    return [f"llama.cpp runs Phi-3 with full attention (it disables the sliding window, llama.cpp PR 13676): past "
+            f"{window} tokens of context it computes otherwise than transformers, as after llama.cpp's own "
+            "conversion"]  # fmt: skip
+
+
+_PHI3_NAMES = (
+    (r"model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight", "blk.{}.attn_qkv.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", "blk.{}.ffn_up.weight"),  # gate rows first, then up
+)
 _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
     (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
@@ -127,6 +158,17 @@ ARCHITECTURES = {
         names=_GEMMA_NAMES,
         check=_check_gemma3,
         metadata=_gemma3_metadata,
+    ),
+    "phi3": Architecture(
+        "phi3",
+        False,
+        (),
+        "default",
+        names=_PHI3_NAMES,
+        check=_check_phi3,
+        metadata=_phi3_metadata,
+        fused=True,
+        caveats=_phi3_caveats,
     ),
 }
 _NAMES = [
@@ -168,7 +210,7 @@ def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
-            f"GGUF export supports Llama-style, Qwen2, Qwen3 and Gemma 3 text models ({names}) so far; "
+            f"GGUF export supports Llama-style, Qwen2, Qwen3, Gemma 3 text and Phi-3 models ({names}) so far; "
             f"this is {model_type!r}"
         )
     return ARCHITECTURES[model_type]
@@ -198,13 +240,17 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]
     ffn, kv = [], []
     for i in range(n_layers):
         p = f"model.layers.{i}."
-        q, k = state[p + "self_attn.q_proj.weight"], state[p + "self_attn.k_proj.weight"]
-        if q.shape[0] != config.num_attention_heads * head_dim or k.shape[0] % head_dim:
-            raise UsageError(
-                f"block {i}'s attention shapes {tuple(q.shape)}, {tuple(k.shape)} do not fit llama.cpp's heads"
-            )
-        kv.append(k.shape[0] // head_dim)
-        ffn.append(state[p + "mlp.gate_proj.weight"].shape[0])
+        if arch.fused:  # Phi-3: the query rows, then the key rows, then as many value rows
+            qkv = state[p + "self_attn.qkv_proj.weight"].shape[0]
+            q_rows, k_rows = config.num_attention_heads * head_dim, (qkv - config.num_attention_heads * head_dim) // 2
+            ffn.append(state[p + "mlp.gate_up_proj.weight"].shape[0] // 2)
+        else:
+            q_rows = state[p + "self_attn.q_proj.weight"].shape[0]
+            k_rows = state[p + "self_attn.k_proj.weight"].shape[0]
+            ffn.append(state[p + "mlp.gate_proj.weight"].shape[0])
+        if q_rows != config.num_attention_heads * head_dim or k_rows % head_dim or k_rows <= 0:
+            raise UsageError(f"block {i}'s attention shapes ({q_rows}, {k_rows} rows) do not fit llama.cpp's heads")
+        kv.append(k_rows // head_dim)
     return {"head_dim": head_dim, "ffn": ffn, "kv": kv}
 
 
@@ -349,7 +395,8 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     theta = float(getattr(config, "rope_theta", None) or _rope(config).get("rope_theta", 10000.0))
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    writer.add_rope_dimension_count(shape["head_dim"])
+    rotated = getattr(config, "partial_rotary_factor", None) or _rope(config).get("partial_rotary_factor") or 1.0
+    writer.add_rope_dimension_count(int(shape["head_dim"] * float(rotated)))  # Phi-4-mini rotates 3/4 of a head
     writer.add_key_length(shape["head_dim"])
     writer.add_value_length(shape["head_dim"])
     writer.add_vocab_size(config.vocab_size)
@@ -370,7 +417,8 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     writer.write_tensors_to_file()
     writer.close()
     return {"type": kind, "architecture": arch.gguf, "tensors": len(state), "file_bytes": path.stat().st_size,
-            "feed_forward_length": shape["ffn"], "head_count_kv": shape["kv"]}  # fmt: skip
+            "feed_forward_length": shape["ffn"], "head_count_kv": shape["kv"],
+            "notes": arch.caveats(config) if arch.caveats else []}  # fmt: skip
 
 
 def export(src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite: bool = False) -> dict[str, Any]:

@@ -594,6 +594,8 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from carve.export import export
 
     info = export(args.source, args.gguf, args.type, overwrite=args.overwrite)
+    for note in info["notes"]:
+        print(f"carve: note: {note}", file=sys.stderr)
     if not args.json:
         print(
             f"{args.source} -> {args.gguf}: {args.type}, {info['file_bytes'] / 2**20:.1f} MB, {info['tensors']} tensors"
