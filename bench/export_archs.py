@@ -21,6 +21,10 @@ held-out texts (legal documents 20-39 and code documents 0-9, 400 characters eac
 accented, mathematical and emoji characters) are tokenized by llama.cpp and by transformers.  Phi-3:
 fused qkv_proj and gate_up_proj, every layer attending within a sliding window of 16 tokens; the
 same block is also scored by transformers without the window, which llama.cpp must not match.
+llama3-tokenizer: a plain tiny Llama with a byte-level BPE tokenizer (2000 entries, trained on 20
+builtin legal documents) that splits text by Llama 3's rule; the held-out texts (plus one line of
+phone numbers, dates and long numbers) tokenized by llama.cpp and by transformers, from carve's
+export and from the same model exported with the architecture's pre-tokenizer name ("default").
 Results: bench/results/export_archs.jsonl; the table: the `export-archs` section of bench/RESULTS.md.
 """
 
@@ -40,7 +44,7 @@ from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, load_result
 from llamacpp import run_gguf
 
 sys.path.insert(0, str(ROOT))
-from tests.conftest import gemma_style_tokenizer
+from tests.conftest import byte_level_tokenizer, gemma_style_tokenizer
 
 RESULTS = HERE / "results" / "export_archs.jsonl"
 CARVE = str(ROOT / ".venv" / "bin" / "carve")
@@ -96,7 +100,14 @@ def row(kind: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure_model()
-    tok = gemma_style_tokenizer(2000) if kind == "gemma3" else AutoTokenizer.from_pretrained(MODEL_DIR)
+    if kind == "gemma3":
+        tok = gemma_style_tokenizer(2000)
+    elif kind == "llama3-tokenizer":  # byte-level BPE split first by Llama 3's rule
+        from carve.export import _PRE_SPLITS
+
+        tok = byte_level_tokenizer(next(k for k, v in _PRE_SPLITS.items() if v == "llama-bpe"), size=2000)
+    else:
+        tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     # llama.cpp gives Phi-3's own special tokens (<s>, </s>, <unk>) attributes when the model's name holds
     # "phi3" and fails to load a vocabulary without them (this one is the embedded default's): not in the name
     name = "fused-qkv" if kind == "phi3" else kind
@@ -111,22 +122,37 @@ def row(kind: str) -> dict[str, Any]:
     nll, top = scored(model, ids)
     texts = [d[:400] for d in carve.Corpus("legal").documents[20:40] + carve.Corpus("code").documents[:10]]
     texts.append("Café naïve façade — ∑ x² ≤ ∞, 東京 😀 and\ttabs  and   spaces")
-    cpp = run_gguf(gguf, [ids[0].tolist()], decode_tokens=4, texts=texts if kind == "gemma3" else None)
+    texts.append("Call 555-0123 or +1 (800) 1234567890 by 2024-12-31; pi is 3.14159265, 10^23 ~ 1" + "0" * 23 + ".")
+    tokenized = kind in ("gemma3", "llama3-tokenizer")
+    cpp = run_gguf(gguf, [ids[0].tolist()], decode_tokens=4, texts=texts if tokenized else None)
     cpp_top = cpp["top1"][0][: len(top)]  # llama.cpp's top-1 at every position but the last, as `top`
     r: dict[str, Any] = {
         "id": kind, "architecture": exported["architecture"], "tensors": exported["tensors"],
         "llamacpp_nll": round(cpp["nll"], 4), "transformers_nll": round(nll, 4),
         "top1_agree": sum(a == b for a, b in zip(cpp_top, top, strict=True)), "positions": len(top),
     }  # fmt: skip
-    if kind == "gemma3":  # every layer global: what llama.cpp must not match; and its tokenizer
+    if tokenized:  # llama.cpp's own tokenizer against transformers'
+        want = [tok(t)["input_ids"] for t in texts]
+        r.update(texts=len(texts), texts_same=sum(a == b for a, b in zip(cpp["tokenized"], want, strict=True)),
+                 text_tokens=sum(map(len, want)))  # fmt: skip
+    if kind == "llama3-tokenizer":  # contrast: the pre-tokenizer carve wrote before it read the split rule
+        from carve import export as exporting
+
+        old = OUT / f"export-archs-{name}.arch-pre.gguf"
+        read = exporting.pre_tokenizer_name
+        exporting.pre_tokenizer_name = lambda _data: None  # the architecture's name ("default")
+        try:
+            exporting.export(src, old, "f16", overwrite=True)
+        finally:
+            exporting.pre_tokenizer_name = read
+        before = run_gguf(old, [ids[0].tolist()], decode_tokens=4, texts=texts)
+        r.update(arch_pre_texts_same=sum(a == b for a, b in zip(before["tokenized"], want, strict=True)))
+    if kind == "gemma3":  # every layer global: what llama.cpp must not match
         model.config.layer_types = ["full_attention"] * 3
         model.save_pretrained(OUT / "export-archs-global")
         plain_nll, plain_top = scored(AutoModelForCausalLM.from_pretrained(OUT / "export-archs-global").eval(), ids)
-        want = [tok(t)["input_ids"] for t in texts]
         r.update(plain_nll=round(plain_nll, 4),
-                 plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)),
-                 texts=len(texts), texts_same=sum(a == b for a, b in zip(cpp["tokenized"], want, strict=True)),
-                 text_tokens=sum(map(len, want)))  # fmt: skip
+                 plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)))  # fmt: skip
     if kind == "phi3":  # the same weights without the sliding window: what llama.cpp must not match
         model.config.sliding_window = None
         model.save_pretrained(OUT / "export-archs-fused-full")
@@ -153,7 +179,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
         "RoPE scaling; Gemma 3: every layer global; Phi-3: no sliding window), which llama.cpp must not match "
         "(Phi-3: it does, llama.cpp disables Phi-3's window; see below). Tokenization: held-out texts tokenized "
-        "by llama.cpp and by transformers (Gemma 3 row).",
+        "by llama.cpp and by transformers (Gemma 3 row; llama3-tokenizer row: a byte-level BPE tokenizer split "
+        "by Llama 3's rule, and the same model exported with the architecture's pre-tokenizer name, what carve "
+        "wrote before it read the rule off the tokenizer).",
         "",
         "| layout | llama.cpp arch | tensors | llama.cpp NLL | transformers NLL | top-1 agreement "
         "| contrast: transformers NLL without the feature | top-1 agreement with it | texts tokenized the same |",
@@ -162,6 +190,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         plain = f"{r['plain_nll']:.4f} | {r['plain_top1_agree']} / {r['positions']}" if "plain_nll" in r else "- | -"
         texts = f"{r['texts_same']} / {r['texts']} ({r['text_tokens']} tokens)" if "texts" in r else "-"
+        if "arch_pre_texts_same" in r:
+            texts += f"; with the architecture's pre-tokenizer name: {r['arch_pre_texts_same']} / {r['texts']}"
         lines.append(
             f"| {r['id']} | {r['architecture']} | {r['tensors']} | {r['llamacpp_nll']:.4f} "
             f"| {r['transformers_nll']:.4f} | {r['top1_agree']} / {r['positions']} | {plain} | {texts} |"
@@ -169,7 +199,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-KINDS = ("qwen3", "llama3-rope", "gemma3", "phi3")
+KINDS = ("qwen3", "llama3-rope", "gemma3", "phi3", "llama3-tokenizer")
 
 
 def main() -> None:

@@ -77,6 +77,26 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def byte_level_tokenizer(split: str | None, digits: bool = False, size: int = 400):
+    """A byte-level BPE tokenizer trained on builtin legal text, splitting first by the regex `split`
+    (as Llama 3's and Qwen2's do), or by single digits (SmolLM's), else by GPT-2's rule."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import carve
+
+    tok = Tokenizer(models.BPE())
+    level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
+    first = [pre_tokenizers.Split(Regex(split), behavior="isolated")] if split else []
+    first += [pre_tokenizers.Digits(individual_digits=True)] if digits else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence([*first, level]) if first else level
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=size, special_tokens=["<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(carve.Corpus("legal").documents[:20], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+
+
 def gemma_style_tokenizer(size: int = 512):
     """A Gemma-style SentencePiece BPE tokenizer (byte fallback, spaces as "▁", no prefix space)
     trained on builtin legal text: transformers' own GemmaTokenizer pipeline over the trained

@@ -66,6 +66,7 @@ def test_qwen2_as_llama_cpp_qwen2(kind: str, tmp_path: Path, tokenizer) -> None:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 proj.bias.normal_(0, 0.5)
     gguf, meta = _exported(model, tokenizer, src, kind)
+    # transformers builds a Qwen2 directory's tokenizer as Qwen2Tokenizer, with Qwen2's split rule
     assert meta["general.architecture"] == "qwen2" and meta["tokenizer.ggml.pre"] == "qwen2"
     _check(src, gguf, kind)
 
@@ -330,6 +331,28 @@ def test_tokenizer_and_metadata(tmp_path: Path, model_dir: Path) -> None:
     back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
     text = "The parties agree that the licence is granted."
     assert back(text)["input_ids"] == src(text)["input_ids"]
+
+
+def test_pre_tokenizer_named_from_the_split_rule(tmp_path: Path, capsys) -> None:
+    """llama.cpp splits text before BPE by a rule named in `tokenizer.ggml.pre`; carve reads the rule
+    off the tokenizer (Llama 3's regex, Qwen2's, SmolLM's single digits, GPT-2's) rather than the
+    architecture, and says so when it knows no name for it."""
+    from carve.export import _PRE_SPLITS
+    from carve.models.gguf_header import read_gguf_header
+    from tests.conftest import byte_level_tokenizer
+
+    by_name = {v: k for k, v in _PRE_SPLITS.items()}
+    cases = [(by_name["llama-bpe"], False, "llama-bpe"), (by_name["qwen2"], False, "qwen2"), (None, True, "smollm"),
+             (None, False, "gpt-2"), (r"\d+|\D+", False, "default")]  # fmt: skip
+    for i, (split, digits, want) in enumerate(cases):
+        tok = byte_level_tokenizer(split, digits)
+        src = tmp_path / f"m{i}"
+        tiny_model("llama").save_pretrained(src)
+        tok.save_pretrained(src)
+        capsys.readouterr()
+        assert main(["export", str(src), "--gguf", str(tmp_path / f"m{i}.gguf")]) == 0
+        assert read_gguf_header(tmp_path / f"m{i}.gguf")["tokenizer.ggml.pre"] == want, want
+        assert ("knows no llama.cpp pre-tokenizer" in capsys.readouterr().err) == (want == "default")
 
 
 def test_sparse_and_structured_outputs(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:

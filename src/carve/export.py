@@ -268,9 +268,41 @@ def rope_type(config: Any, layers: str = "full_attention") -> str:
     return str(rope.get("rope_type", rope.get("type")) or "default")
 
 
-def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str) -> None:
+# the split rule of a byte-level BPE tokenizer.json (its Split pre-tokenizer's regex, as Hugging Face
+# writes it) -> llama.cpp's name for the pre-tokenizer that splits text the same way (llama-vocab.cpp)
+_PRE_SPLITS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "llama-bpe",  # Llama 3
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "qwen2",  # Qwen2, Qwen2.5, Qwen3
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "gpt-4o",  # o200k: Phi-4-mini
+}
+
+
+def pre_tokenizer_name(data: dict[str, Any]) -> str | None:
+    """llama.cpp's name for the pre-tokenizer of a byte-level BPE tokenizer.json (`data`), read off its
+    split rule: a known Split regex, SmolLM's single digits before GPT-2's rule, or GPT-2's rule alone;
+    None for a rule carve does not know."""
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    splits = [(step.get("pattern") or {}).get("Regex") for step in steps if step.get("type") == "Split"]
+    if len(splits) == 1 and splits[0] in _PRE_SPLITS and kinds[-1] == "ByteLevel" and len(kinds) == 2:
+        return _PRE_SPLITS[splits[0]]
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    return None
+
+
+def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str) -> list[str]:
     """The tokenizer as GGUF metadata: a byte-level BPE one as llama.cpp's `gpt2` tokenizer model, a
-    SentencePiece-style BPE one (byte fallback: Llama 2, Mistral 7B v0.1, Gemma) as its `llama` one."""
+    SentencePiece-style BPE one (byte fallback: Llama 2, Mistral 7B v0.1, Gemma) as its `llama` one.
+    Returns notes on what llama.cpp may do otherwise (a split rule carve has no llama.cpp name for)."""
+    notes: list[str] = []
     data = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
     model = data.get("model") or {}
     if model.get("type") != "BPE":
@@ -290,7 +322,12 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
         writer.add_token_scores(_merge_scores(tokens, pairs))
         writer.add_add_space_prefix(_prepends_space(data))
     else:
-        writer.add_tokenizer_pre(_source_pre_tokenizer(source_gguf) or pre)
+        known = _source_pre_tokenizer(source_gguf) or pre_tokenizer_name(data)
+        if known is None:
+            notes.append(f"carve knows no llama.cpp pre-tokenizer splitting text as this tokenizer does; it wrote "
+                         f"{pre!r} (the architecture's): llama.cpp may tokenize some text otherwise than "
+                         "transformers")  # fmt: skip
+        writer.add_tokenizer_pre(known or pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)  # transformers' GGUF loader rebuilds the BPE model from them
@@ -298,10 +335,18 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
         if token_id is not None:
             getattr(writer, f"add_{kind}_token_id")(int(token_id))
-    if spm:
-        writer.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", True)))
+    # whether a BOS goes before the text, as the tokenizer does it (llama.cpp's defaults differ by
+    # pre-tokenizer: Llama 3's adds one, and a vocabulary without BOS would get token 11 as one)
+    writer.add_add_bos_token(_adds_bos(tokenizer))
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+    return notes
+
+
+def _adds_bos(tokenizer: Any) -> bool:
+    bos = getattr(tokenizer, "bos_token_id", None)
+    ids = tokenizer("a")["input_ids"] if bos is not None else []
+    return bool(ids) and ids[0] == bos
 
 
 def _token_type(i: int, token: str, special: set[int], added: set[int], spm: bool) -> int:
@@ -403,7 +448,8 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[kind]]))
     if arch.metadata is not None:
         arch.metadata(writer, config)
-    _tokenizer_metadata(writer, lm.tokenizer, source_gguf, arch.pre)
+    notes = [*(arch.caveats(config) if arch.caveats else []), *_tokenizer_metadata(writer, lm.tokenizer, source_gguf,
+                                                                                   arch.pre)]  # fmt: skip
     if rope_type(config) == "llama3":  # llama.cpp reads the scaled frequencies from this tensor
         writer.add_tensor("rope_freqs.weight", rope_freq_factors(lm.model, shape["head_dim"], theta))
     for name, w in state.items():
@@ -418,7 +464,7 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
     writer.close()
     return {"type": kind, "architecture": arch.gguf, "tensors": len(state), "file_bytes": path.stat().st_size,
             "feed_forward_length": shape["ffn"], "head_count_kv": shape["kv"],
-            "notes": arch.caveats(config) if arch.caveats else []}  # fmt: skip
+            "notes": notes}  # fmt: skip
 
 
 def export(src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite: bool = False) -> dict[str, Any]:
