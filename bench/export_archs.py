@@ -103,9 +103,9 @@ def row(kind: str) -> dict[str, Any]:
     if kind == "gemma3":
         tok = gemma_style_tokenizer(2000)
     elif kind == "llama3-tokenizer":  # byte-level BPE split first by Llama 3's rule
-        from carve.export import _PRE_SPLITS
+        from carve.models.pretokenize import SPLITS
 
-        tok = byte_level_tokenizer(next(k for k, v in _PRE_SPLITS.items() if v == "llama-bpe"), size=2000)
+        tok = byte_level_tokenizer(next(k for k, v in SPLITS.items() if v == "llama-bpe"), size=2000)
     else:
         tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     # llama.cpp gives Phi-3's own special tokens (<s>, </s>, <unk>) attributes when the model's name holds
@@ -136,15 +136,16 @@ def row(kind: str) -> dict[str, Any]:
         r.update(texts=len(texts), texts_same=sum(a == b for a, b in zip(cpp["tokenized"], want, strict=True)),
                  text_tokens=sum(map(len, want)))  # fmt: skip
     if kind == "llama3-tokenizer":  # contrast: the pre-tokenizer carve wrote before it read the split rule
-        from carve import export as exporting
+        from carve.export import export as export_gguf
+        from carve.models import pretokenize
 
         old = OUT / f"export-archs-{name}.arch-pre.gguf"
-        read = exporting.pre_tokenizer_name
-        exporting.pre_tokenizer_name = lambda _data: None  # the architecture's name ("default")
+        read = pretokenize.name_of
+        pretokenize.name_of = lambda _data: None  # the architecture's name ("default")
         try:
-            exporting.export(src, old, "f16", overwrite=True)
+            export_gguf(src, old, "f16", overwrite=True)
         finally:
-            exporting.pre_tokenizer_name = read
+            pretokenize.name_of = read
         before = run_gguf(old, [ids[0].tolist()], decode_tokens=4, texts=texts)
         r.update(arch_pre_texts_same=sum(a == b for a, b in zip(before["tokenized"], want, strict=True)))
     if kind == "gemma3":  # every layer global: what llama.cpp must not match

@@ -337,11 +337,11 @@ def test_pre_tokenizer_named_from_the_split_rule(tmp_path: Path, capsys) -> None
     """llama.cpp splits text before BPE by a rule named in `tokenizer.ggml.pre`; carve reads the rule
     off the tokenizer (Llama 3's regex, Qwen2's, SmolLM's single digits, GPT-2's) rather than the
     architecture, and says so when it knows no name for it."""
-    from carve.export import _PRE_SPLITS
     from carve.models.gguf_header import read_gguf_header
+    from carve.models.pretokenize import SPLITS
     from tests.conftest import byte_level_tokenizer
 
-    by_name = {v: k for k, v in _PRE_SPLITS.items()}
+    by_name = {v: k for k, v in SPLITS.items()}
     cases = [(by_name["llama-bpe"], False, "llama-bpe"), (by_name["qwen2"], False, "qwen2"), (None, True, "smollm"),
              (None, False, "gpt-2"), (r"\d+|\D+", False, "default")]  # fmt: skip
     for i, (split, digits, want) in enumerate(cases):

@@ -94,3 +94,21 @@ def test_finetune_on_the_embedded_default(tmp_path: Path, capsys) -> None:
     assert main(["finetune", *fast, "--trainable", "magnitude", "--save-delta", "--out", str(delta)]) == 0
     capsys.readouterr()
     assert (delta / "delta.safetensors").stat().st_size < 0.1 * (out / "model.safetensors").stat().st_size
+
+
+def test_the_embedded_default_splits_digits_as_it_was_trained(tmp_path: Path) -> None:
+    """SmolLM2 splits text into single digits before GPT-2's rule (its GGUF says `smollm`); transformers'
+    GGUF loader leaves that out, so the whitespace before a number was split otherwise than by llama.cpp
+    and the original tokenizer (9 of 31 held-out texts differed from llama.cpp's ids). carve restores the
+    rule: every digit its own token, and the rule kept in an output's saved tokenizer."""
+    from transformers import AutoTokenizer
+
+    from carve.models import load_model, pretokenize
+
+    tok = load_model("default").tokenizer
+    pieces = tok.convert_ids_to_tokens(tok("Copyright:\n 2020-2024 and 1234567")["input_ids"])
+    assert all(len(p) == 1 for p in pieces if any(c.isdigit() for c in p)), pieces
+    assert pieces[:4] == ["Copyright", ":", "ĊĠ", "2"]  # llama.cpp's split of this GGUF (bench/export_archs.py)
+    tok.save_pretrained(tmp_path)
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    assert pretokenize.name_of(json.loads(back.backend_tokenizer.to_str())) == "smollm"

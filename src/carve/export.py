@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from carve.errors import UsageError
+from carve.models import pretokenize
 
 TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 _FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
@@ -120,8 +121,8 @@ def _check_phi3(config: Any) -> None:
 
 
 def _phi3_metadata(writer: Any, config: Any) -> None:
-    """Phi-3's keys beyond the common ones: its sliding window (every layer), its rotated share of
-    each head (Phi-4-mini rotates three quarters)."""
+    """Phi-3's key beyond the common ones: its sliding window (every layer; llama.cpp reads it and
+    then disables it, `_phi3_caveats`)."""
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(int(config.sliding_window))
 
@@ -268,36 +269,6 @@ def rope_type(config: Any, layers: str = "full_attention") -> str:
     return str(rope.get("rope_type", rope.get("type")) or "default")
 
 
-# the split rule of a byte-level BPE tokenizer.json (its Split pre-tokenizer's regex, as Hugging Face
-# writes it) -> llama.cpp's name for the pre-tokenizer that splits text the same way (llama-vocab.cpp)
-_PRE_SPLITS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+": "llama-bpe",  # Llama 3
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-    r"|\s+(?!\S)|\s+": "qwen2",  # Qwen2, Qwen2.5, Qwen3
-    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "gpt-4o",  # o200k: Phi-4-mini
-}
-
-
-def pre_tokenizer_name(data: dict[str, Any]) -> str | None:
-    """llama.cpp's name for the pre-tokenizer of a byte-level BPE tokenizer.json (`data`), read off its
-    split rule: a known Split regex, SmolLM's single digits before GPT-2's rule, or GPT-2's rule alone;
-    None for a rule carve does not know."""
-    pre = data.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
-    kinds = [step.get("type") for step in steps]
-    splits = [(step.get("pattern") or {}).get("Regex") for step in steps if step.get("type") == "Split"]
-    if len(splits) == 1 and splits[0] in _PRE_SPLITS and kinds[-1] == "ByteLevel" and len(kinds) == 2:
-        return _PRE_SPLITS[splits[0]]
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt-2"
-    return None
-
-
 def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str) -> list[str]:
     """The tokenizer as GGUF metadata: a byte-level BPE one as llama.cpp's `gpt2` tokenizer model, a
     SentencePiece-style BPE one (byte fallback: Llama 2, Mistral 7B v0.1, Gemma) as its `llama` one.
@@ -322,7 +293,7 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
         writer.add_token_scores(_merge_scores(tokens, pairs))
         writer.add_add_space_prefix(_prepends_space(data))
     else:
-        known = _source_pre_tokenizer(source_gguf) or pre_tokenizer_name(data)
+        known = _source_pre_tokenizer(source_gguf) or pretokenize.name_of(data)
         if known is None:
             notes.append(f"carve knows no llama.cpp pre-tokenizer splitting text as this tokenizer does; it wrote "
                          f"{pre!r} (the architecture's): llama.cpp may tokenize some text otherwise than "

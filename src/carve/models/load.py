@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from carve.errors import UsageError
+from carve.models import pretokenize
 from carve.models.delta import DELTA_FILE
 from carve.models.gguf_header import precision_class, read_gguf_header
 from carve.progress import library_bars
@@ -325,6 +326,7 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
             source_dtype = precision_class(header["carve.tensor_types"])
             fingerprint = _file_fingerprint([path])
             tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            pretokenize.restore(tok, header.get("tokenizer.ggml.pre"))  # as the model was trained: SmolLM's digits
             with library_bars("transformers.modeling_gguf_pytorch_utils"):
                 model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
             # the weights are now plain floats: detach the GGUF quantizer as transformers' own

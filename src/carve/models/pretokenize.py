@@ -1,0 +1,50 @@
+"""llama.cpp's pre-tokenizers (the rule text is split by before BPE, named in a GGUF's
+`tokenizer.ggml.pre`) and Hugging Face's: the name of a tokenizer.json's rule for `carve export`,
+and the rule transformers' GGUF loader leaves out restored when carve loads a GGUF."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# the split rule of a byte-level BPE tokenizer.json (its Split pre-tokenizer's regex, as Hugging Face
+# writes it) -> llama.cpp's name for the pre-tokenizer that splits text the same way (llama-vocab.cpp)
+SPLITS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "llama-bpe",  # Llama 3
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+": "qwen2",  # Qwen2, Qwen2.5, Qwen3
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "gpt-4o",  # o200k: Phi-4-mini
+}
+
+
+def name_of(data: dict[str, Any]) -> str | None:
+    """llama.cpp's name for the pre-tokenizer of a byte-level BPE tokenizer.json (`data`), read off its
+    split rule: a known Split regex, SmolLM's single digits before GPT-2's rule, or GPT-2's rule alone;
+    None for a rule carve does not know."""
+    pre = data.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
+    kinds = [step.get("type") for step in steps]
+    splits = [(step.get("pattern") or {}).get("Regex") for step in steps if step.get("type") == "Split"]
+    if len(splits) == 1 and splits[0] in SPLITS and kinds[-1] == "ByteLevel" and len(kinds) == 2:
+        return SPLITS[splits[0]]
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    return None
+
+
+def restore(tokenizer: Any, name: object) -> None:
+    """Give a tokenizer transformers built from a GGUF the split rule its `tokenizer.ggml.pre` names where
+    transformers leaves it out: SmolLM's single digits before GPT-2's rule (`smollm`, the embedded
+    default's; transformers restores the regex rules of Llama 3, Qwen2 and o200k itself)."""
+    if name != "smollm" or not hasattr(tokenizer, "backend_tokenizer"):
+        return
+    from tokenizers import pre_tokenizers
+
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]
+    )  # fmt: skip
