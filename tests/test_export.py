@@ -391,3 +391,13 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
         assert message in err and err.count("\n") == 1, err
     assert (tmp_path / "exists.gguf").read_bytes() == b"mine"
     assert not (tmp_path / "g.gguf").exists()
+
+
+def test_pre_tokenizer_rules_are_the_ones_transformers_restores_from_a_gguf() -> None:
+    """carve's split rules are transformers' own for the same llama.cpp names, so a GGUF carve writes
+    and transformers reads back splits text as the source did (a rule mistyped here fails)."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+
+    from carve.models.pretokenize import SPLITS
+
+    assert {name: GGUF_PRE_TOKENIZER_SPLITS[name] for name in SPLITS.values()} == {v: k for k, v in SPLITS.items()}
