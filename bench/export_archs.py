@@ -25,6 +25,8 @@ llama3-tokenizer: a plain tiny Llama with a byte-level BPE tokenizer (2000 entri
 builtin legal documents) that splits text by Llama 3's rule; the held-out texts (plus one line of
 phone numbers, dates and long numbers) tokenized by llama.cpp and by transformers, from carve's
 export and from the same model exported with the architecture's pre-tokenizer name ("default").
+default-tokenizer: no export; the embedded default's own GGUF tokenizes the held-out texts in
+llama.cpp, against carve's tokenizer of it and transformers' GGUF tokenizer as it comes.
 Results: bench/results/export_archs.jsonl; the table: the `export-archs` section of bench/RESULTS.md.
 """
 
@@ -120,9 +122,7 @@ def row(kind: str) -> dict[str, Any]:
     exported = json.loads(out[out.index("{") :])
     ids = torch.randint(0, len(tok), (1, 200), generator=torch.Generator().manual_seed(1))
     nll, top = scored(model, ids)
-    texts = [d[:400] for d in carve.Corpus("legal").documents[20:40] + carve.Corpus("code").documents[:10]]
-    texts.append("Café naïve façade — ∑ x² ≤ ∞, 東京 😀 and\ttabs  and   spaces")
-    texts.append("Call 555-0123 or +1 (800) 1234567890 by 2024-12-31; pi is 3.14159265, 10^23 ~ 1" + "0" * 23 + ".")
+    texts = held_out_texts()
     tokenized = kind in ("gemma3", "llama3-tokenizer")
     cpp = run_gguf(gguf, [ids[0].tolist()], decode_tokens=4, texts=texts if tokenized else None)
     cpp_top = cpp["top1"][0][: len(top)]  # llama.cpp's top-1 at every position but the last, as `top`
@@ -200,7 +200,34 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-KINDS = ("qwen3", "llama3-rope", "gemma3", "phi3", "llama3-tokenizer")
+def held_out_texts() -> list[str]:
+    """Legal documents 20-39 and code documents 0-9 (400 characters each), a line of accented, CJK,
+    mathematical and emoji characters, and a line of phone numbers, dates and long numbers."""
+    texts = [d[:400] for d in carve.Corpus("legal").documents[20:40] + carve.Corpus("code").documents[:10]]
+    texts.append("Café naïve façade — ∑ x² ≤ ∞, 東京 😀 and\ttabs  and   spaces")
+    texts.append("Call 555-0123 or +1 (800) 1234567890 by 2024-12-31; pi is 3.14159265, 10^23 ~ 1" + "0" * 23 + ".")
+    return texts
+
+
+def default_tokenizer_row() -> dict[str, Any]:
+    """The embedded default's own GGUF tokenized by llama.cpp against the tokenizer carve loads from it
+    (its `smollm` rule restored) and against transformers' GGUF tokenizer as it comes (no digit rule)."""
+    from transformers import AutoTokenizer
+
+    from carve.models.load import default_gguf, load_model
+
+    gguf, texts = default_gguf(), held_out_texts()
+    cpp = run_gguf(gguf, [[1, 2, 3]], decode_tokens=1, texts=texts)["tokenized"]
+    ours, plain = load_model("default").tokenizer, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    def same(tok: Any) -> int:
+        return sum(tok(t)["input_ids"] == c for t, c in zip(texts, cpp, strict=True))
+
+    return {"id": "default-tokenizer", "texts": len(texts), "carve_same": same(ours),
+            "transformers_gguf_same": same(plain), "commit": commit()}  # fmt: skip
+
+
+KINDS = ("qwen3", "llama3-rope", "gemma3", "phi3", "llama3-tokenizer", "default-tokenizer")
 
 
 def main() -> None:
@@ -212,11 +239,17 @@ def main() -> None:
     rows = load_results(RESULTS)
     for kind in args.kinds:
         print(f"running {kind} ...", flush=True)
-        r = row(kind)
+        r = default_tokenizer_row() if kind == "default-tokenizer" else row(kind)
         save_result(RESULTS, r)
         rows[kind] = r
         print(json.dumps(r), flush=True)
-    text = table([rows[k] for k in KINDS if k in rows])
+    text = table([rows[k] for k in KINDS if k in rows and k != "default-tokenizer"])
+    if "default-tokenizer" in rows:
+        r = rows["default-tokenizer"]
+        text += (f"\nThe embedded default's GGUF tokenized by llama.cpp against carve's tokenizer of it (SmolLM2's "
+                 f"single-digit rule restored): {r['carve_same']} / {r['texts']} held-out texts the same; against "
+                 f"transformers' GGUF tokenizer as it comes: {r['transformers_gguf_same']} / {r['texts']} "
+                 f"(commit {r['commit']}).\n")  # fmt: skip
     write_section("export-archs", text)
     print(text)
 
