@@ -100,8 +100,7 @@ def test_the_embedded_default_splits_digits_as_it_was_trained(tmp_path: Path) ->
     """SmolLM2 splits text into single digits before GPT-2's rule (its GGUF says `smollm`); transformers'
     GGUF loader leaves that out, so the whitespace before a number was split otherwise than by llama.cpp
     and the original tokenizer (9 of 32 held-out texts differed from llama.cpp's ids, bench/export_archs.py).
-    carve restores the
-    rule: every digit its own token, and the rule kept in an output's saved tokenizer."""
+    carve restores the rule: every digit its own token, and the rule kept in an output's saved tokenizer."""
     from transformers import AutoTokenizer
 
     from carve.models import load_model, pretokenize
