@@ -284,10 +284,11 @@ def main() -> None:
                         result = {"id": rid, "error": ((exc.stderr or "").strip().splitlines() or ["failed"])[-1][:300]}
                     rows[rid] = result
                     save_result(RESULTS, result)
-                    write_section("unlearn", write_table(rows, args.objectives, args.masks, args.seeds))
+                    write_section("unlearn", write_table(rows, OBJECTIVES, MASKS, args.seeds))
+    # the tables hold every objective and mask measured: --objectives / --masks choose what runs
     runs = {k: v for k, v in rows.items() if not k.startswith("scenario")}
-    text = write_table(runs, args.objectives, args.masks, args.seeds)
-    equal = equal_forgetting_table(runs, args.objectives, args.masks)
+    text = write_table(runs, OBJECTIVES, MASKS, args.seeds)
+    equal = equal_forgetting_table(runs, OBJECTIVES, MASKS)
     print(text + "\n\n" + equal)
     write_section("unlearn", text)
     if equal:
