@@ -326,6 +326,7 @@ def test_tokenizer_and_metadata(tmp_path: Path, model_dir: Path) -> None:
     assert main(["export", str(model_dir), "--gguf", str(gguf)]) == 0
     meta = read_gguf_header(gguf)
     assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.model"] == "gpt2"
+    assert meta["general.name"] == model_dir.name  # the directory's name, not its local path
     assert meta["llama.block_count"] == 2 and meta["llama.attention.head_count_kv"] == 2
     src = AutoTokenizer.from_pretrained(model_dir)
     back = AutoTokenizer.from_pretrained(tmp_path, gguf_file=gguf.name)
