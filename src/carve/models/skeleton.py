@@ -144,7 +144,8 @@ class SkeletonModel:
             raise UsageError(
                 f"transformers rebuilds {name!r} of {str(self.directory)!r} on load from other tensors (for "
                 f"example {', '.join(self._converted[:3])}, as it fuses a Mixtral's experts into one tensor); "
-                "streaming reads the checkpoint's tensors one to one: run without --stream"
+                "streaming reads the checkpoint's tensors one to one, so it loads in memory only (without --stream, "
+                "given the memory to hold it)"
             )
         raise UsageError(
             f"{str(self.directory)!r} has no tensor {name!r}: streaming reads checkpoints whose tensor names are "
