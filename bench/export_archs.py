@@ -91,6 +91,14 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
     return model.eval()
 
 
+# per layout: where the contrast model is saved, and the config change that removes the feature
+CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "gemma3": ("export-archs-global", {"layer_types": ["full_attention"] * 3}),  # every layer global
+    "phi3": ("export-archs-fused-full", {"sliding_window": None}),  # no sliding window
+    "llama3-rope": ("export-archs-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+}
+
+
 def scored(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, list[int]]:
     with torch.no_grad():
         logits = model(input_ids=ids).logits[0].float()
@@ -148,22 +156,12 @@ def row(kind: str) -> dict[str, Any]:
             pretokenize.name_of = read
         before = run_gguf(old, [ids[0].tolist()], decode_tokens=4, texts=texts)
         r.update(arch_pre_texts_same=sum(a == b for a, b in zip(before["tokenized"], want, strict=True)))
-    if kind == "gemma3":  # every layer global: what llama.cpp must not match
-        model.config.layer_types = ["full_attention"] * 3
-        model.save_pretrained(OUT / "export-archs-global")
-        plain_nll, plain_top = scored(AutoModelForCausalLM.from_pretrained(OUT / "export-archs-global").eval(), ids)
-        r.update(plain_nll=round(plain_nll, 4),
-                 plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)))  # fmt: skip
-    if kind == "phi3":  # the same weights without the sliding window: what llama.cpp must not match
-        model.config.sliding_window = None
-        model.save_pretrained(OUT / "export-archs-fused-full")
-        plain_nll, plain_top = scored(AutoModelForCausalLM.from_pretrained(OUT / "export-archs-fused-full").eval(), ids)
-        r.update(plain_nll=round(plain_nll, 4),
-                 plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)))  # fmt: skip
-    if kind == "llama3-rope":  # the same weights under plain RoPE: what llama.cpp must not match
-        model.config.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
-        model.save_pretrained(OUT / "export-archs-plain")
-        plain_nll, plain_top = scored(AutoModelForCausalLM.from_pretrained(OUT / "export-archs-plain").eval(), ids)
+    if kind in CONTRASTS:  # the same weights without the layout's feature: what llama.cpp must not match
+        directory, change = CONTRASTS[kind]
+        for key, value in change.items():
+            setattr(model.config, key, value)
+        model.save_pretrained(OUT / directory)
+        plain_nll, plain_top = scored(AutoModelForCausalLM.from_pretrained(OUT / directory).eval(), ids)
         r.update(plain_nll=round(plain_nll, 4),
                  plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)))  # fmt: skip
     return {**r, "commit": commit()}
