@@ -89,61 +89,65 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import carve
-    from carve.engines.layerwise import check_calib_dtype
-    from carve.models.load import resolve_calib_dtype
-    from carve.pipeline import calibration_data
+    from carve.job import calibration_data, tensor_fingerprint
     from carve.progress import set_quiet
-    from carve.settings import Calibration
 
     set_quiet(True)
     torch.manual_seed(0)
     _register_reference()
-    lm = carve.load_model(spec.get("model_dir", str(MODEL_DIR)), dtype=spec.get("dtype"))
+    model_dir = spec.get("model_dir", str(MODEL_DIR))
     domain, general = carve.Corpus(spec["domain"]), carve.Corpus("general")
-    result: dict[str, Any] = {}
+    mix = 1.0 if spec.get("calibration") == "general" else 0.0
     if spec["kind"] == "calib":  # write the calibration blocks for llm-compressor
-        mix = 1.0 if spec["calibration"] == "general" else 0.0
+        lm = carve.load_model(model_dir)
         blocks = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
         torch.save(blocks, spec["path"])
         return {"blocks": len(blocks)}
-    if spec["kind"] == "prune":
-        mix = 1.0 if spec["calibration"] == "general" else 0.0
-        calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
-        calib_dtype = resolve_calib_dtype(spec.get("calib_dtype", "auto"), lm.model)
-        result["calib_dtype"] = str(calib_dtype).removeprefix("torch.")
-        t = time.perf_counter()
+    if spec["kind"] == "prune":  # carve's own job: `carve extract` through its Python API
         pattern = None if spec["pattern"] == "50%" else spec["pattern"]
-        res = carve.prune(
-            lm.model,
-            spec["method"],
-            None if pattern else 0.5,
-            calib,
-            pattern=pattern,
-            calib=Calibration(propagation=spec.get("propagation", "pruned"), dtype=check_calib_dtype(
-                next(lm.model.parameters()).dtype, calib_dtype)),
+        recipe = carve.Recipe(
+            model=model_dir, domain=spec["domain"], method=spec["method"], sparsity=None if pattern else 0.5,
+            pattern=pattern, mix=mix, propagation=spec.get("propagation", "pruned"),
+            calib_dtype=spec.get("calib_dtype", "auto"), dtype=spec.get("dtype"), calib_blocks=CALIB_BLOCKS,
+            block_len=BLOCK_LEN, eval_blocks=spec["eval_blocks"], seed=SEED, cloze_items=0, speed=False,
         )  # fmt: skip
-        result["seconds"] = round(time.perf_counter() - t, 2)
-        result["peak_rss_prune_mb"] = peak_rss_mb()  # load + prune, before the evaluation
-        if spec.get("forward"):  # issue 25's yardstick: one plain bfloat16 forward over the same tokens
-            t = time.perf_counter()  # (after the RSS reading: its logits would raise the peak; zeros or
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # not, dense kernels take
-                for ids in calib.split(8):  # the same time)
+        # loaded here and handed to the job, to time a plain forward of the pruned model after it
+        lm = carve.load_model(model_dir, dtype=spec.get("dtype"))
+        out = spec.get("out")
+        m = carve.extract(recipe, out, overwrite=True, model=lm)
+        result = {
+            "job": "carve.extract",
+            "seconds": m["timings_s"]["prune"],
+            "timings_s": m["timings_s"],
+            "peak_rss_prune_mb": m["peak_rss_after_stage_mb"]["prune"],  # load + evaluate before + prune
+            "peak_rss_mb": m["peak_rss_mb"],
+            "calib_dtype": m["data"]["calibration"]["dtype"],
+            "domain_ppl": m["metrics"]["after"]["domain_ppl"],
+            "general_ppl": m["metrics"]["after"]["general_ppl"],
+            "eval_blocks": m["metrics"]["after"]["domain_eval_blocks"],
+            "linear_sparsity": m["sparsity"]["linear"],
+            "all_sparsity": m["sparsity"]["all_parameters"],
+            "damp_retries": sum(v["damp_retries"] for v in m["method_notes"]["hessian_damping_retries"].values()),
+            "data": m["data"],
+            "source_fingerprint": m["source"]["fingerprint"],
+        }
+        if spec.get("forward"):  # issue 25's yardstick: one plain bfloat16 forward over the calibration tokens
+            calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
+            assert tensor_fingerprint(calib) == m["data"]["calibration"]["fingerprint"]
+            t = time.perf_counter()  # (zeros or not, dense kernels take the same time)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                for ids in calib.split(8):
                     lm.model(input_ids=ids, use_cache=False)
             result["forward_bf16_s"] = round(time.perf_counter() - t, 2)
-        if spec.get("dtype"):  # evaluated in float32 from the weights as pruned, as llm-compressor's rows
-            lm.model.float()
-        sparsity = carve.ops.model_sparsity(lm.model, res.mask)
-        result["linear_sparsity"] = sparsity["linear"]
-        result["all_sparsity"] = sparsity["all_parameters"]
-        result["damp_retries"] = sum(v.get("damp_retries", 0) for v in res.info.values())
+        return result
+    # kind "eval": a model as saved (dense source, llm-compressor's output, or carve's saved output)
+    lm = carve.load_model(model_dir)
     m = carve.evaluate(lm, domain, general, blocks=spec["eval_blocks"], block_len=BLOCK_LEN)
-    result.update(domain_ppl=m["domain_ppl"], general_ppl=m["general_ppl"], eval_blocks=m["domain_eval_blocks"])
-    if spec["kind"] == "eval" and "linear_sparsity" not in result:
-        # a model pruned elsewhere (llm-compressor): the decoder blocks' weight matrices
-        lin = [n for n, p in lm.model.named_parameters() if p.dim() == 2 and ".layers." in n]
-        sparsity = carve.ops.model_sparsity(lm.model, lin)
-        result["linear_sparsity"] = sparsity["linear"]
-        result["all_sparsity"] = sparsity["all_parameters"]
+    result = {"domain_ppl": m["domain_ppl"], "general_ppl": m["general_ppl"], "eval_blocks": m["domain_eval_blocks"]}
+    # the decoder blocks' weight matrices
+    lin = [n for n, p in lm.model.named_parameters() if p.dim() == 2 and ".layers." in n]
+    sparsity = carve.ops.model_sparsity(lm.model, lin)
+    result.update(linear_sparsity=sparsity["linear"], all_sparsity=sparsity["all_parameters"])
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 
@@ -196,7 +200,16 @@ def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
         spec.update(propagation=PROPAGATION.get(tool, "pruned"), calib_dtype=CALIB_DTYPE.get(tool, "auto"))
         spec.update(dtype=WEIGHTS_DTYPE.get(tool))
         spec["forward"] = tool in ("carve", BF16) and cfg["method"] == "sparsegpt" and cfg["pattern"] == "50%"
-        return carve_worker(__file__, spec)
+        if tool != BF16:
+            return carve_worker(__file__, spec)
+        # bfloat16 weights: the output as saved, evaluated in float32 as llm-compressor bfloat16's is
+        saved = OUT / ("extract-" + cfg["id"].replace("/", "-").replace(":", "-").replace("%", "").replace(" ", ""))
+        res = carve_worker(__file__, {**spec, "out": str(saved)})
+        if "error" in res:
+            return res
+        evaluated = carve_worker(__file__, {**base, "kind": "eval", "model_dir": str(saved)})
+        job_ppl = {f"job_{k}": res[k] for k in ("domain_ppl", "general_ppl")}  # the job's own, in bfloat16
+        return {**res, **job_ppl, **{k: evaluated[k] for k in ("domain_ppl", "general_ppl")}}
     # llm-compressor: same calibration blocks, its own process and venv, evaluated by carve
     python = _ensure_llmc()
     calib = OUT / f"calib-{cfg['domain']}-{cfg['calibration']}.pt"
@@ -259,6 +272,11 @@ def quickstart(manifest_path: Path | None = None) -> dict[str, Any]:
     }
 
 
+def _upto_prune(row: dict[str, Any]) -> str:
+    """What a row's `peak_rss_prune_mb` covers: the job evaluates the source before it prunes."""
+    return "load + evaluate + prune" if row.get("job") else "load + prune"
+
+
 def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks: int) -> str:
     def f(v: Any, fmt: str) -> str:
         return "" if v is None else format(v, fmt)
@@ -277,9 +295,15 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
         "and pruning run in float32, the saved weights are float32); rows measured before that option existed "
         "computed in float32 and say so; llm-compressor runs the float32 model as loaded (`llm-compressor bfloat16`: "
         "the model loaded, pruned and saved in bfloat16, evaluated in float32 from those weights). "
-        "Time: wall seconds of scoring + pruning (for llm-compressor: its "
+        "carve rows run carve's extraction job, `carve.extract(Recipe(...))` (what `carve extract` runs; "
+        "the worker loads the model and hands it in, to time a plain forward after the job), with "
+        "`--mix 0` (domain) or `1` (general), `--cloze-items 0 --no-speed`; their data fingerprints are kept in "
+        "bench/results/extract.jsonl. Rows whose note says `carve.prune` were measured before the bench ran the "
+        "job (the scoring and pruning call alone, same settings). "
+        "Time: wall seconds of scoring + pruning (the job's `prune` stage; for llm-compressor: its "
         "`oneshot` call), each configuration in its own process on 2 CPU cores; peak RSS of that process "
-        "(for carve: load + prune + evaluate).",
+        "(for carve: load + evaluate + prune + evaluate). `carve --dtype bfloat16` is evaluated as "
+        "`llm-compressor bfloat16` is: its saved output loaded in float32.",
         "",
     ]
     for d in domains:
@@ -299,6 +323,8 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
                 )
                 continue
             note = r.get("error", "") + r.get("note", "")  # a note: what the row's process ran beside
+            if cfg["tool"] in ("reference", *CARVE_TOOLS) and cfg["method"] != "dense" and not r.get("job"):
+                note += " carve.prune, before the bench ran the job"
             if r.get("damp_retries"):
                 note += f" {r['damp_retries']} Hessian damping retries"
             ours = cfg["tool"] in ("reference", *CARVE_TOOLS) and cfg["calibration"] != "-"
@@ -330,8 +356,8 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
             comp.append(
                 f"- `carve` SparseGPT 50%: prune {c['seconds']:.1f} s = {c['seconds'] / c['forward_bf16_s']:.2f}x one "
                 f"plain bfloat16 forward over the same tokens ({c['forward_bf16_s']:.1f} s, same process, after the "
-                f"prune); peak RSS "
-                f"after load + prune {c.get('peak_rss_prune_mb', 0):.0f} MB (with evaluation {c['peak_rss_mb']:.0f})"
+                f"prune); peak RSS after {_upto_prune(c)} {c.get('peak_rss_prune_mb', 0):.0f} MB "
+                f"(with evaluation {c['peak_rss_mb']:.0f})"
             )
         if c and h and "error" not in c and "error" not in h:
             comp.append(
@@ -346,7 +372,7 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
                 f"- `{BF16}` (weights in bfloat16, as {LLMC_BF16}) SparseGPT 50%: wall time "
                 f"{w['seconds'] / h['seconds']:.2f}x {LLMC_BF16}'s, "
                 f"domain ppl {w['domain_ppl'] / h['domain_ppl']:.4f}x, "
-                f"peak RSS of load + prune {w.get('peak_rss_prune_mb', 0):.0f} vs {h['peak_rss_mb']:.0f} MB; prune "
+                f"peak RSS of {_upto_prune(w)} {w.get('peak_rss_prune_mb', 0):.0f} vs {h['peak_rss_mb']:.0f} MB; prune "
                 f"{w['seconds'] / w['forward_bf16_s']:.2f}x one plain bfloat16 forward ({w['forward_bf16_s']:.1f} s)"
                 + ("" if w.get("run") == h.get("run") else " (rows of different runs)")
             )

@@ -62,6 +62,11 @@ def test_extract_end_to_end(tmp_path: Path, model_dir: Path, small_corpus: Path,
     assert manifest["sparsity"]["linear"] == pytest.approx(0.5, abs=1e-3)
     assert 0 < manifest["sparsity"]["all_parameters"] < 0.5
     assert {"prune", "evaluate_before", "evaluate_after", "save"} <= manifest["timings_s"].keys()
+    # the peak RSS so far at the end of every stage: never falling, never above the job's peak
+    rss = manifest["peak_rss_after_stage_mb"]
+    assert rss.keys() == manifest["timings_s"].keys()
+    order = [rss[k] for k in manifest["timings_s"]]
+    assert order == sorted(order) and 0 < order[-1] <= manifest["peak_rss_mb"]
     # stock transformers loads it, zeros and all
     model = AutoModelForCausalLM.from_pretrained(out)
     AutoTokenizer.from_pretrained(out)

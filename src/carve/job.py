@@ -37,16 +37,24 @@ def peak_rss_mb() -> float:
 
 
 class Stages:
-    """Wall time per named stage."""
+    """Wall time per named stage, and the process's peak RSS when each stage ended (the peak so
+    far: a stage's own peak is the first to reach the value)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.rss_mb: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         t = time.perf_counter()
         yield
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t, 3)
+        self.rss_mb[name] = round(peak_rss_mb(), 1)
+
+    def record(self, manifest: dict[str, Any]) -> None:
+        """The timings and memory sections of a manifest, as of now."""
+        manifest["timings_s"], manifest["peak_rss_mb"] = dict(self.seconds), round(peak_rss_mb(), 1)
+        manifest["peak_rss_after_stage_mb"] = dict(self.rss_mb)
 
 
 def tensor_fingerprint(t: torch.Tensor) -> str:
@@ -229,13 +237,12 @@ def write_output(
     directory, published by one rename (a crash leaves the old output or the new one).  Under
     torch.distributed rank 0 alone writes; every rank's manifest gets its timings and peak RSS."""
     if not distributed.writes():
-        manifest["timings_s"], manifest["peak_rss_mb"] = stage.seconds, round(peak_rss_mb(), 1)
+        stage.record(manifest)
         return
     with atomic_output_dir(out, overwrite) as tmp:
         with stage("save"):
             files(tmp)
-        manifest["timings_s"] = stage.seconds
-        manifest["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        stage.record(manifest)
         write_json(tmp / "carve.json", manifest)
 
 

@@ -52,6 +52,8 @@ SHAPE: dict[str, Any] = {
     "timings_s": dict,
     "timings_s.*": _NUM,
     "peak_rss_mb": _NUM,
+    "peak_rss_after_stage_mb": dict,
+    "peak_rss_after_stage_mb.*": _NUM,
     "tasks": _OPT_DICT,
     "tasks.*": dict,
     "tasks.*.acc": _NUM,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from carve.errors import UsageError
-from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, Stages, manifest_start, peak_rss_mb
+from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, Stages, manifest_start
 from carve.models.stream import StreamWriter, TensorSource
 from carve.ops.merge import METHODS, Method, combine, gram_mean, random_keep, sparsified
 from carve.settings import check_types, flag
@@ -302,8 +302,7 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: 
                     manifest["tall"] = _localize(r, tmp, data)
             with stage("evaluation"):
                 manifest["merge_metrics"] = _evaluate(r, tmp, data, manifest.get("tall"), cache)
-        manifest["timings_s"] = stage.seconds
-        manifest["peak_rss_mb"] = peak_rss_mb()
+        stage.record(manifest)
         write_json(tmp / "carve.json", manifest)
     return manifest
 

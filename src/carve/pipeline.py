@@ -518,7 +518,7 @@ def _extract(
         importance.meta.update(data.importance_key)
     manifest["importance"] = None if importance is None else {
         "file": "importance.safetensors", "reused_from": r.importance, **data.importance_key}  # fmt: skip
-    manifest["timings_s"], manifest["peak_rss_mb"] = stage.seconds, round(peak_rss_mb(), 1)
+    stage.record(manifest)
     if out is not None:
         _write_output(out, overwrite, lm, outcome, manifest, stage, r)
     if save_mask is not None:
@@ -634,9 +634,9 @@ def _extract_streamed(
                 manifest["size"]["file_mb"] = round(
                     sum(f.stat().st_size for f in tmp.glob("model*.safetensors")) / 2**20, 2
                 )
-            manifest["timings_s"], manifest["peak_rss_mb"] = stage.seconds, round(peak_rss_mb(), 1)
+            stage.record(manifest)
             write_json(tmp / "carve.json", manifest)
-        manifest["timings_s"], manifest["peak_rss_mb"] = stage.seconds, round(peak_rss_mb(), 1)
+        stage.record(manifest)
     if save_mask is not None:
         _atomic_save(_pruned(outcome).mask.save, save_mask)
     return manifest
