@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 import carve
 from carve.cli.main import main
 from carve.finetune import FinetuneRecipe, finetune
+from carve.inspect import load_run
 from carve.models.delta import DELTA_FILE, apply_delta, load_delta
 from carve.ops.finetune import lora_rank_for
+from carve.report import run_row
 from carve.settings import Targets
 from tests.conftest import tiny_model
 
@@ -51,6 +53,10 @@ def test_each_trainable_kind(tmp_path: Path, model_dir: Path, small_corpus: Path
         assert all(torch.equal(after[k], before[k]) for k in before if k not in linear)
     if kind == "lora":
         assert manifest["trainable"]["lora_rank"] == lora_rank_for(tiny_model("llama"), 0.1)
+    # inspect and report say what the run was
+    row = run_row(load_run(out))
+    assert row["what"].startswith(f"finetune {kind}") and row["what"].endswith(", 2 steps")
+    assert row["domain"] == small_corpus.name and row["domain_ppl"] == manifest["metrics"]["after"]["domain_ppl"]
 
 
 def test_lora_rank_matches_the_trainable_count() -> None:

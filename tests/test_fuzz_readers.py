@@ -105,12 +105,12 @@ def test_finetune_and_recover_recipes(ft: dict[str, Any], rc: dict[str, Any]) ->
 
 def _manifests() -> st.SearchStrategy[Any]:
     metrics = st.dictionaries(
-        st.sampled_from(["domain_ppl", "general_ppl", "domain_cloze", "block_len"]),
+        st.sampled_from(["domain_ppl", "general_ppl", "domain_cloze", "block_len", "forget_ppl", "privleak"]),
         json_values | st.floats(0, 100) | st.fixed_dictionaries({"accuracy": json_values}),
         max_size=4,
     )
     sections = {
-        "job": json_values | st.sampled_from(["extract", "recover", "finetune"]),
+        "job": json_values | st.sampled_from(["extract", "recover", "finetune", "unlearn", "merge"]),
         "recipe": json_values | _recipe_dicts(carve.Recipe),
         "source": json_values | st.fixed_dictionaries({"model": json_values}),
         "metrics": json_values | st.dictionaries(st.sampled_from(["before", "after", "dense"]), metrics | json_values),
@@ -118,6 +118,8 @@ def _manifests() -> st.SearchStrategy[Any]:
         | st.dictionaries(st.sampled_from(["parameters", "parameters_after", "file_mb"]), json_values),
         "structure": json_values | st.fixed_dictionaries({"config": json_values}),
         "training": json_values | st.fixed_dictionaries({"steps": json_values}),
+        "trainable": json_values | st.dictionaries(st.sampled_from(["kind", "density", "lora_rank"]), json_values),
+        "mask": json_values | st.dictionaries(st.sampled_from(["kind", "density"]), json_values),
         "timings_s": json_values,
         "tasks": json_values | st.dictionaries(st.text(max_size=5), st.fixed_dictionaries({"acc": json_values})),
         "speed": json_values,

@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from carve.cli.main import main
 from carve.evaluation.unlearning import min_k_scores, privleak, roc_auc, rouge_l_f1, words
 from carve.importance import compute_importance
+from carve.inspect import load_run
 from carve.ops.unlearn import MaskSpec, Objective, pack_rows, unlearn_mask
+from carve.report import run_row
 from carve.settings import Targets
 from tests.conftest import tiny_model
 
@@ -224,6 +226,10 @@ def test_unlearning_raises_forget_loss_and_leaves_weights_outside_the_mask_bitwi
             assert not bool((moved & ~k).any()), f"{name} changed outside its mask"
             changed += int(moved.sum())
     assert 0 < changed <= manifest["mask"]["updatable_parameters"]
+    # inspect and report say what the run was
+    row = run_row(load_run(out))
+    assert row["what"].startswith(f"unlearn {objective}, mask {mask}") and "PrivLeak 0.000 -> " in row["what"]
+    assert row["domain"] == split_corpora["forget"].name and row["general_ppl"] == m["after"]["general_ppl"]
     assert manifest["mask"]["updatable_parameters"] == sum(int(k.sum()) for k in keep.values())  # type: ignore[union-attr]
 
 

@@ -19,7 +19,7 @@ MANIFEST_FILE = "carve.json"
 
 _NUM = (int, float)
 _OPT_DICT = (dict, type(None))
-_METRICS = {"domain_ppl": _NUM, "general_ppl": _NUM, "domain_cloze": _OPT_DICT}
+_METRICS = {"domain_ppl": _NUM, "general_ppl": _NUM, "domain_cloze": _OPT_DICT, "forget_ppl": _NUM, "privleak": _NUM}
 # dotted path -> accepted types; "*" stands for every key of a mapping
 SHAPE: dict[str, Any] = {
     "job": str,
@@ -45,6 +45,13 @@ SHAPE: dict[str, Any] = {
     "structure": _OPT_DICT,
     "structure.config": dict,
     **{f"structure.config.{k}": int for k in ("num_key_value_heads", "intermediate_size", "num_hidden_layers")},
+    "trainable": _OPT_DICT,
+    "trainable.kind": str,
+    "trainable.density": _NUM,
+    "trainable.lora_rank": int,
+    "mask": _OPT_DICT,
+    "mask.kind": str,
+    "mask.density": _NUM,
     "training": _OPT_DICT,
     "training.steps": int,
     "speed": _OPT_DICT,

@@ -36,6 +36,20 @@ def run_row(run: Run) -> dict[str, Any]:
         what += f": mean gain {mean} ({gains})" if per else ""
         general = next((v["merged"].get("general_ppl") for v in per.values() if v.get("merged")), None)
         after = {"general_ppl": general} if general is not None else {}
+    elif m.get("job") == "finetune":
+        t, steps = m.get("trainable") or {}, (m.get("training") or {}).get("steps")
+        detail = {"lora": f" rank {t.get('lora_rank')}", "full": ""}.get(
+            str(t.get("kind")), f" {_fmt(t.get('density'), '.3g')} of the weights"
+        )
+        what = f"finetune {t.get('kind', '?')}{detail}, {steps} steps"
+    elif m.get("job") == "unlearn":
+        k, steps = m.get("mask") or {}, (m.get("training") or {}).get("steps")
+        kept = "" if k.get("kind") in (None, "none") else f" {_fmt(k.get('density'), 'g')}"
+        what = f"unlearn {r.get('objective')}, mask {k.get('kind', '?')}{kept}, {steps} steps"
+        forget = (before.get("forget_ppl"), after.get("forget_ppl"))
+        leak = (before.get("privleak"), after.get("privleak"))
+        what += f": forget ppl {_fmt(forget[0], '.4g')} -> {_fmt(forget[1], '.4g')}"
+        what += f", PrivLeak {_fmt(leak[0], '.3f')} -> {_fmt(leak[1], '.3f')}"
     elif m.get("job") == "recover":
         steps = (m.get("training") or {}).get("steps")
         what = f"recover ({steps} steps{', LoRA ' + str(r['lora']) if r.get('lora') else ''})"
@@ -57,7 +71,7 @@ def run_row(run: Run) -> dict[str, Any]:
     return {
         "run": run.name,
         "what": what,
-        "domain": Path(str(r["domain"])).name if r.get("domain") else ", ".join(merged.get("per_task") or {}) or None,
+        "domain": _domain(r, merged),
         "parameters": size.get("parameters_after", size.get("parameters")),
         "file_mb": size.get("file_mb"),
         "domain_ppl_before": before.get("domain_ppl"),
@@ -71,6 +85,15 @@ def run_row(run: Run) -> dict[str, Any]:
         "peak_rss_mb": m.get("peak_rss_mb"),
         "sparsity": (m.get("sparsity") or {}).get("linear"),
     }
+
+
+def _domain(recipe: dict[str, Any], merged: dict[str, Any]) -> str | None:
+    """The text a run is about: its domain, a merge's tasks, or what an unlearning run forgot."""
+    if recipe.get("domain"):
+        return Path(str(recipe["domain"])).name
+    if recipe.get("forget"):
+        return Path(str(recipe["forget"])).name
+    return ", ".join(merged.get("per_task") or {}) or None
 
 
 def _png(fig: Any) -> str:
