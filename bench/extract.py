@@ -111,15 +111,14 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             calib_dtype=spec.get("calib_dtype", "auto"), dtype=spec.get("dtype"), calib_blocks=CALIB_BLOCKS,
             block_len=BLOCK_LEN, eval_blocks=spec["eval_blocks"], seed=SEED, cloze_items=0, speed=False,
         )  # fmt: skip
-        # loaded here and handed to the job, to time a plain forward of the pruned model after it
-        lm = carve.load_model(model_dir, dtype=spec.get("dtype"))
-        out = spec.get("out")
-        m = carve.extract(recipe, out, overwrite=True, model=lm)
+        m = carve.extract(recipe, spec.get("out"), overwrite=True)
         result = {
             "job": "carve.extract",
             "seconds": m["timings_s"]["prune"],
             "timings_s": m["timings_s"],
-            "peak_rss_prune_mb": m["peak_rss_after_stage_mb"]["prune"],  # load + evaluate before + prune
+            # load + prune (+ the source's evaluation, unless its metrics came from carve's cache)
+            "peak_rss_prune_mb": m["peak_rss_after_stage_mb"]["prune"],
+            "before_from_cache": m["metrics"]["before_from_cache"],
             "peak_rss_mb": m["peak_rss_mb"],
             "calib_dtype": m["data"]["calibration"]["dtype"],
             "domain_ppl": m["metrics"]["after"]["domain_ppl"],
@@ -131,15 +130,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             "data": m["data"],
             "source_fingerprint": m["source"]["fingerprint"],
         }
-        if spec.get("forward"):  # issue 25's yardstick: one plain bfloat16 forward over the calibration tokens
-            calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
-            assert tensor_fingerprint(calib) == m["data"]["calibration"]["fingerprint"]
-            t = time.perf_counter()  # (zeros or not, dense kernels take the same time)
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                for ids in calib.split(8):
-                    lm.model(input_ids=ids, use_cache=False)
-            result["forward_bf16_s"] = round(time.perf_counter() - t, 2)
         return result
+    if spec["kind"] == "forward":  # issue 25's yardstick: one plain bfloat16 forward over the calibration tokens
+        lm = carve.load_model(model_dir)  # the dense model (zeros or not, dense kernels take the same time)
+        calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
+        t = time.perf_counter()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for ids in calib.split(8):
+                lm.model(input_ids=ids, use_cache=False)
+        return {"forward_bf16_s": round(time.perf_counter() - t, 2), "fingerprint": tensor_fingerprint(calib)}
     # kind "eval": a model as saved (dense source, llm-compressor's output, or carve's saved output)
     lm = carve.load_model(model_dir)
     m = carve.evaluate(lm, domain, general, blocks=spec["eval_blocks"], block_len=BLOCK_LEN)
@@ -199,17 +198,20 @@ def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
         tool = cfg["tool"]
         spec.update(propagation=PROPAGATION.get(tool, "pruned"), calib_dtype=CALIB_DTYPE.get(tool, "auto"))
         spec.update(dtype=WEIGHTS_DTYPE.get(tool))
-        spec["forward"] = tool in ("carve", BF16) and cfg["method"] == "sparsegpt" and cfg["pattern"] == "50%"
-        if tool != BF16:
-            return carve_worker(__file__, spec)
-        # bfloat16 weights: the output as saved, evaluated in float32 as llm-compressor bfloat16's is
-        saved = OUT / ("extract-" + cfg["id"].replace("/", "-").replace(":", "-").replace("%", "").replace(" ", ""))
-        res = carve_worker(__file__, {**spec, "out": str(saved)})
-        if "error" in res:
-            return res
-        evaluated = carve_worker(__file__, {**base, "kind": "eval", "model_dir": str(saved)})
-        job_ppl = {f"job_{k}": res[k] for k in ("domain_ppl", "general_ppl")}  # the job's own, in bfloat16
-        return {**res, **job_ppl, **{k: evaluated[k] for k in ("domain_ppl", "general_ppl")}}
+        if tool == BF16:  # its output as saved, evaluated in float32 as llm-compressor bfloat16's is
+            saved = OUT / ("extract-" + cfg["id"].translate(str.maketrans("/:", "--", "% ")))
+            res = carve_worker(__file__, {**spec, "out": str(saved)})
+            if "error" not in res:
+                evaluated = carve_worker(__file__, {**base, "kind": "eval", "model_dir": str(saved)})
+                res |= {f"job_{k}": res[k] for k in ("domain_ppl", "general_ppl")}  # the job's own, in bfloat16
+                res |= {k: evaluated[k] for k in ("domain_ppl", "general_ppl")}
+        else:
+            res = carve_worker(__file__, spec)
+        if tool in ("carve", BF16) and cfg["method"] == "sparsegpt" and cfg["pattern"] == "50%" and "error" not in res:
+            fwd = carve_worker(__file__, {**base, "kind": "forward", "calibration": cfg["calibration"]})
+            assert fwd["fingerprint"] == res["data"]["calibration"]["fingerprint"], "not the job's tokens"
+            res["forward_bf16_s"] = fwd["forward_bf16_s"]
+        return res
     # llm-compressor: same calibration blocks, its own process and venv, evaluated by carve
     python = _ensure_llmc()
     calib = OUT / f"calib-{cfg['domain']}-{cfg['calibration']}.pt"
@@ -273,8 +275,13 @@ def quickstart(manifest_path: Path | None = None) -> dict[str, Any]:
 
 
 def _upto_prune(row: dict[str, Any]) -> str:
-    """What a row's `peak_rss_prune_mb` covers: the job evaluates the source before it prunes."""
-    return "load + evaluate + prune" if row.get("job") else "load + prune"
+    """What a row's `peak_rss_prune_mb` covers: the job evaluates the source before it prunes,
+    unless carve's cache holds that evaluation."""
+    return "load + evaluate + prune" if row.get("job") and not row.get("before_from_cache") else "load + prune"
+
+
+def _forward_where(row: dict[str, Any]) -> str:
+    return "the dense model, its own process" if row.get("job") else "same process, after the prune"
 
 
 def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks: int) -> str:
@@ -295,8 +302,7 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
         "and pruning run in float32, the saved weights are float32); rows measured before that option existed "
         "computed in float32 and say so; llm-compressor runs the float32 model as loaded (`llm-compressor bfloat16`: "
         "the model loaded, pruned and saved in bfloat16, evaluated in float32 from those weights). "
-        "carve rows run carve's extraction job, `carve.extract(Recipe(...))` (what `carve extract` runs; "
-        "the worker loads the model and hands it in, to time a plain forward after the job), with "
+        "carve rows run carve's extraction job, `carve.extract(Recipe(...))` (what `carve extract` runs), with "
         "`--mix 0` (domain) or `1` (general), `--cloze-items 0 --no-speed`; their data fingerprints are kept in "
         "bench/results/extract.jsonl. Rows whose note says `carve.prune` were measured before the bench ran the "
         "job (the scoring and pruning call alone, same settings). "
@@ -355,8 +361,8 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
         if c and "forward_bf16_s" in c:
             comp.append(
                 f"- `carve` SparseGPT 50%: prune {c['seconds']:.1f} s = {c['seconds'] / c['forward_bf16_s']:.2f}x one "
-                f"plain bfloat16 forward over the same tokens ({c['forward_bf16_s']:.1f} s, same process, after the "
-                f"prune); peak RSS after {_upto_prune(c)} {c.get('peak_rss_prune_mb', 0):.0f} MB "
+                f"plain bfloat16 forward over the same tokens ({c['forward_bf16_s']:.1f} s, {_forward_where(c)}); "
+                f"peak RSS after {_upto_prune(c)} {c.get('peak_rss_prune_mb', 0):.0f} MB "
                 f"(with evaluation {c['peak_rss_mb']:.0f})"
             )
         if c and h and "error" not in c and "error" not in h:
