@@ -1,6 +1,7 @@
 """Benchmark dual importance (D-Pruner) against SparseGPT / Wanda at several calibration mixes.
 
     .venv/bin/python bench/dual.py [--domains legal code] [--patterns 50% 2:4] [--only ID_SUBSTRING]
+        [--rerun ID_SUBSTRING ...]
 
 On SmolLM2-135M-Instruct (the embedded default, de-quantized once to bench/out/smollm2-f32), for
 each domain and pattern: dense; magnitude; SparseGPT and Wanda calibrated with a share of general
@@ -98,7 +99,7 @@ def importance_file(spec: dict[str, Any]) -> Path:
     """Where a dual / dual-obs configuration's importance map is kept for the other rows of its
     domain (dual-obs's scores, the domain Fisher term, do not depend on λ)."""
     lam = "" if spec["method"] == "dual-obs" else f"-lam{spec.get('lam')}"
-    return MODEL_DIR.parent / f"importance-{spec['method']}-{spec['domain']}{lam}.safetensors"
+    return MODEL_DIR.parent / f"importance-job-{spec['method']}-{spec['domain']}{lam}.safetensors"
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -107,50 +108,52 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import carve
-    from carve.pipeline import calibration_data
     from carve.progress import set_quiet
 
     set_quiet(True)
     torch.manual_seed(0)
-    lm = carve.load_model(str(MODEL_DIR))
-    domain, general = carve.Corpus(spec["domain"]), carve.Corpus("general")
-    result: dict[str, Any] = {}
-    if spec["method"] != "dense":
-        calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, spec["mix"] or 0.0, SEED)
-        kwargs: dict[str, Any] = {}
-        cached = importance_file(spec)
-        if spec["method"] in SCORED:
-            if spec["method"] == "dual":
-                general_calib = general.calibration_blocks(lm.tokenizer, CALIB_BLOCKS, BLOCK_LEN, SEED + 1)
-                kwargs["general_calibration"] = general_calib
-            kwargs["lam"] = spec["lam"]
-            if cached.is_file():  # same model, data and λ: the scores do not depend on sparsity or pattern
-                kwargs["importance"] = carve.ImportanceMap.load(cached)
-                result["importance_reused"] = cached.name
-            if spec.get("reconstruct") is not None:
-                kwargs["reconstruct_with"] = calibration_data(
-                    lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, spec["reconstruct"], SEED
-                )
-        pattern = None if spec["pattern"] == "50%" else spec["pattern"]
-        t = time.perf_counter()
-        res = carve.prune(lm.model, spec["method"], None if pattern else 0.5, calib, pattern=pattern, **kwargs)
-        result["seconds"] = round(time.perf_counter() - t, 2)
-        if spec["method"] in SCORED and "importance" not in kwargs and res.importance is not None:
-            res.importance.meta["scoring_s"] = result["seconds"]
-            res.importance.save(cached)
-        elif "importance" in kwargs:
-            result["scoring_s"] = kwargs["importance"].meta.get("scoring_s")
-        result["linear_sparsity"] = carve.ops.model_sparsity(lm.model, res.mask)["linear"]
-        result["peak_rss_prune_mb"] = peak_rss_mb()
-    m = carve.evaluate(lm, domain, general, blocks=EVAL_BLOCKS, block_len=BLOCK_LEN, cloze_items=CLOZE_ITEMS)
-    result.update(
-        domain_ppl=m["domain_ppl"],
-        general_ppl=m["general_ppl"],
-        cloze=m["domain_cloze"]["accuracy"],
-        cloze_ci95=m["domain_cloze"]["ci95"],
-        peak_rss_mb=peak_rss_mb(),
-    )
+    domain = spec["domain"]
+    if spec["method"] == "dense":
+        lm = carve.load_model(str(MODEL_DIR))
+        m = carve.evaluate(lm, carve.Corpus(domain), carve.Corpus("general"), blocks=EVAL_BLOCKS,
+                           block_len=BLOCK_LEN, cloze_items=CLOZE_ITEMS)  # fmt: skip
+        return _metrics(m) | {"peak_rss_mb": peak_rss_mb()}
+    # carve's own job, `carve extract` through its Python API; dual's and dual-obs's map computed by
+    # the first row of its domain (--save-importance) and reused by the others (--importance)
+    pattern = None if spec["pattern"] == "50%" else spec["pattern"]
+    cached = importance_file(spec) if spec["method"] in SCORED else None
+    reuse = cached is not None and cached.is_file()
+    recipe = carve.Recipe(
+        model=str(MODEL_DIR), domain=domain, method=spec["method"], sparsity=None if pattern else 0.5,
+        pattern=pattern, mix=spec["mix"] or 0.0, reconstruct_mix=spec.get("reconstruct"),
+        lam=spec.get("lam", 1.0), importance=str(cached) if reuse else None, calib_blocks=CALIB_BLOCKS,
+        block_len=BLOCK_LEN, seed=SEED, eval_blocks=EVAL_BLOCKS, cloze_items=CLOZE_ITEMS, speed=False,
+    )  # fmt: skip
+    save = cached if cached is not None and not reuse else None
+    m = carve.extract(recipe, save_importance=save)
+    result = {
+        "job": "carve.extract",
+        "seconds": m["timings_s"]["prune"],
+        "timings_s": m["timings_s"],
+        "linear_sparsity": m["sparsity"]["linear"],
+        "peak_rss_prune_mb": m["peak_rss_after_stage_mb"]["prune"],
+        "peak_rss_mb": m["peak_rss_mb"],
+        "data": m["data"],
+        "source_fingerprint": m["source"]["fingerprint"],
+        **_metrics(m["metrics"]["after"]),
+    }
+    if reuse:
+        result["importance_reused"] = cached.name
+        result["scoring_s"] = json.loads(cached.with_suffix(".json").read_text())["scoring_s"]
+    elif save is not None:  # how long the scores took, for the rows that reuse them
+        save.with_suffix(".json").write_text(json.dumps({"scoring_s": result["seconds"]}))
     return result
+
+
+def _metrics(m: dict[str, Any]) -> dict[str, Any]:
+    cloze = m["domain_cloze"]
+    return {"domain_ppl": m["domain_ppl"], "general_ppl": m["general_ppl"], "cloze": cloze["accuracy"],
+            "cloze_ci95": cloze["ci95"]}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- driver side
@@ -222,8 +225,12 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], patterns: l
         "(gradients on the 64 domain blocks) plus λ times the layer's OBS error, the mask chosen inside SparseGPT's "
         "sweep, whose Hessians come from a 0.3 or 0.5 mix (docs/methods.md). Perplexity: first "
         f"{EVAL_BLOCKS} held-out 512-token blocks; cloze: {CLOZE_ITEMS} held-out domain items, 4 choices (chance "
-        "0.25), 95% Wilson interval. Time: scoring + pruning; peak RSS of the whole process (load, prune, "
-        "evaluate). Plot: `bench/dual.png`.",
+        "0.25), 95% Wilson interval. Rows run carve's extraction job, `carve.extract(Recipe(...))` (what "
+        "`carve extract` runs, with `--mix`, `--lambda`, `--reconstruct` and `--importance` as in the row; data "
+        "fingerprints kept in bench/results/dual.jsonl); rows marked `†` were measured before the bench ran the "
+        "job, through the scoring and pruning call alone (carve.prune), same settings. Time: scoring + pruning "
+        "(the job's `prune` stage); peak RSS of the whole process (load, evaluate, prune, evaluate). "
+        "Plot: `bench/dual.png`.",
         "",
     ]
     for d in domains:
@@ -249,8 +256,9 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], patterns: l
                 seconds = f"{r.get('seconds', 0):.1f}"
                 if r.get("importance_reused"):
                     seconds += f" (scores reused; scoring took {r.get('scoring_s') or 0:.0f})"
+                mark = "" if r.get("job") or c["method"] == "dense" else " †"
                 lines.append(
-                    f"| {label(c)} | {r['domain_ppl']:.3f} | {r['general_ppl']:.3f} | {r['cloze']:.2f} "
+                    f"| {label(c)}{mark} | {r['domain_ppl']:.3f} | {r['general_ppl']:.3f} | {r['cloze']:.2f} "
                     f"[{ci[0]:.2f}, {ci[1]:.2f}] | {seconds} | {r['peak_rss_mb']:.0f} |"
                 )
             lines.append("")
@@ -356,6 +364,7 @@ def main() -> None:
     p.add_argument("--domains", nargs="+", default=["legal", "code"])
     p.add_argument("--patterns", nargs="+", default=["50%", "2:4"])
     p.add_argument("--only", default="")
+    p.add_argument("--rerun", nargs="*", default=[], help="run again the cached rows whose id contains one of these")
     p.add_argument("--table-only", action="store_true")
     p.add_argument("--memory", action="store_true", help="measure the gradient engine's memory instead")
     p.add_argument(
@@ -396,7 +405,8 @@ def main() -> None:
     if not args.table_only:
         ensure_model()
         for cfg in configurations(args.domains, args.patterns):
-            if cfg["id"] in rows or args.only not in cfg["id"]:
+            again = any(r in cfg["id"] for r in args.rerun)
+            if (cfg["id"] in rows and not again) or args.only not in cfg["id"]:
                 continue
             print(f"running {cfg['id']} ...", flush=True)
             t = time.perf_counter()
