@@ -70,6 +70,29 @@ def peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
+def extract_row(m: dict[str, Any]) -> dict[str, Any]:
+    """A bench row's facts from the manifest of carve's extraction job (`carve.extract`): the
+    prune stage's time, the peak RSS when it ended (load + prune, and the source's evaluation
+    unless carve's cache held it) and at the end, the perplexities after, and the data fingerprints
+    that let the row be rebuilt and checked."""
+    after = m["metrics"]["after"]
+    return {
+        "job": "carve.extract",
+        "seconds": m["timings_s"]["prune"],
+        "timings_s": m["timings_s"],
+        "peak_rss_prune_mb": m["peak_rss_after_stage_mb"]["prune"],
+        "before_from_cache": m["metrics"]["before_from_cache"],
+        "peak_rss_mb": m["peak_rss_mb"],
+        "domain_ppl": after["domain_ppl"],
+        "general_ppl": after["general_ppl"],
+        "eval_blocks": after["domain_eval_blocks"],
+        "linear_sparsity": m["sparsity"]["linear"],
+        "all_sparsity": m["sparsity"]["all_parameters"],
+        "data": m["data"],
+        "source_fingerprint": m["source"]["fingerprint"],
+    }
+
+
 RESULTS_MD = HERE / "RESULTS.md"
 
 

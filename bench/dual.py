@@ -38,6 +38,7 @@ from common import (
     carve_worker,
     commit,
     ensure_model,
+    extract_row,
     load_results,
     peak_rss_mb,
     save_result,
@@ -131,17 +132,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     )  # fmt: skip
     save = cached if cached is not None and not reuse else None
     m = carve.extract(recipe, save_importance=save)
-    result = {
-        "job": "carve.extract",
-        "seconds": m["timings_s"]["prune"],
-        "timings_s": m["timings_s"],
-        "linear_sparsity": m["sparsity"]["linear"],
-        "peak_rss_prune_mb": m["peak_rss_after_stage_mb"]["prune"],
-        "peak_rss_mb": m["peak_rss_mb"],
-        "data": m["data"],
-        "source_fingerprint": m["source"]["fingerprint"],
-        **_metrics(m["metrics"]["after"]),
-    }
+    result = {**extract_row(m), **_metrics(m["metrics"]["after"])}
     if reuse:
         result["importance_reused"] = cached.name
         result["scoring_s"] = json.loads(cached.with_suffix(".json").read_text())["scoring_s"]

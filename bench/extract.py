@@ -41,6 +41,7 @@ from common import (
     commit,
     ensure_model,
     ensure_venv,
+    extract_row,
     load_results,
     peak_rss_mb,
     run_json,
@@ -112,25 +113,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             block_len=BLOCK_LEN, eval_blocks=spec["eval_blocks"], seed=SEED, cloze_items=0, speed=False,
         )  # fmt: skip
         m = carve.extract(recipe, spec.get("out"), overwrite=True)
-        result = {
-            "job": "carve.extract",
-            "seconds": m["timings_s"]["prune"],
-            "timings_s": m["timings_s"],
-            # load + prune (+ the source's evaluation, unless its metrics came from carve's cache)
-            "peak_rss_prune_mb": m["peak_rss_after_stage_mb"]["prune"],
-            "before_from_cache": m["metrics"]["before_from_cache"],
-            "peak_rss_mb": m["peak_rss_mb"],
-            "calib_dtype": m["data"]["calibration"]["dtype"],
-            "domain_ppl": m["metrics"]["after"]["domain_ppl"],
-            "general_ppl": m["metrics"]["after"]["general_ppl"],
-            "eval_blocks": m["metrics"]["after"]["domain_eval_blocks"],
-            "linear_sparsity": m["sparsity"]["linear"],
-            "all_sparsity": m["sparsity"]["all_parameters"],
-            "damp_retries": sum(v["damp_retries"] for v in m["method_notes"]["hessian_damping_retries"].values()),
-            "data": m["data"],
-            "source_fingerprint": m["source"]["fingerprint"],
-        }
-        return result
+        retries = m["method_notes"]["hessian_damping_retries"].values()
+        return {**extract_row(m), "calib_dtype": m["data"]["calibration"]["dtype"],
+                "damp_retries": sum(v["damp_retries"] for v in retries)}  # fmt: skip
     if spec["kind"] == "forward":  # issue 25's yardstick: one plain bfloat16 forward over the calibration tokens
         lm = carve.load_model(model_dir)  # the dense model (zeros or not, dense kernels take the same time)
         calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
