@@ -246,13 +246,56 @@ def precision(texts: list[str], sources: dict[str, str], domain: str) -> float:
     return sum(sources.get(t) == SOURCE_OF[domain] for t in texts) / max(1, len(texts))
 
 
-DOWNSTREAM = ("builtin", "random", "zipfit", "dsir", "dsir-smooth")  # calibration / training text per row
+# calibration / training text per row; builtin-clean: the builtin corpus's train split decontaminated by
+# the pool's rule (legal's train split shares licence boilerplate with its held-out split; code's does not)
+DOWNSTREAM = ("builtin", "builtin-clean", "random", "zipfit", "dsir", "dsir-smooth")
 FINETUNE_STEPS = 50
 
 
 def _text_of(domain: str, source: str) -> str:
-    """`--domain` for a downstream row: the builtin corpus, or a `carve select` output of the bench."""
+    """`--domain` for a downstream row: the builtin corpus, or a `carve select` output of the bench (or
+    the builtin corpus's decontaminated train split, `builtin_clean`)."""
     return domain if source == "builtin" else str(OUT / f"select-{domain}-{source}.jsonl")
+
+
+def builtin_clean(domain: str) -> dict[str, Any]:
+    """The builtin corpus's train split (what `--domain DOMAIN` calibrates and trains on) in chunks, less
+    every chunk sharing a 13-word n-gram with a builtin corpus's held-out split: the rule the pool
+    passed, so the builtin reference faces it too.  Written once; its counts."""
+    import carve
+
+    path = Path(_text_of(domain, "builtin-clean"))
+    chunks = [c for d in carve.Corpus(domain).train for c in _chunks(d)]
+    words = sum(len(c.split()) for c in chunks)
+    if not path.exists():
+        _write(path, carve.Corpus(domain).train, held_out_ngrams())
+    kept = [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
+    return {"chunks": len(chunks), "kept": len(kept), "words": words, "kept_words": sum(len(c.split()) for c in kept)}
+
+
+# a downstream text's selection: its row in the table, `carve select`'s method and extra options
+PICKS = {"random": ("random", ()), "zipfit": ("zipfit", ()), "dsir": ("dsir", ()),
+         "dsir-smooth": ("dsir+smoothing", ("--smoothing", "1"))}  # fmt: skip
+
+
+def ensure_picks(domain: str, source: str, rows: dict[str, dict[str, Any]], k: int) -> dict[str, Any]:
+    """The selection file a downstream row calibrates or trains on, rebuilt by the table's `carve select`
+    run when missing (a fresh machine); its picks' fingerprint and whether it is the selection row's.
+    The pool's code and changelog samples come from the machine's files (the venv's modules, Debian's
+    changelogs), so a rebuilt pool, and the picks from it, can differ: such rows are marked."""
+    if source == "builtin":
+        return {}
+    if source == "builtin-clean":
+        return {"builtin_clean": builtin_clean(domain)}
+    path = Path(_text_of(domain, source))
+    name, extra = PICKS[source]
+    row = rows.get(f"{domain}/carve/{name}", {})
+    if not path.exists():
+        target = build_targets()[domain]
+        run_carve(name.split("+")[0], target, POOL, k, path.stem.removeprefix("select-"), extra)
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    got = hashlib.sha256("\n".join(sorted(texts)).encode()).hexdigest()[:16]
+    return {"picked_fingerprint": got, "picks_as_table": row.get("picked_fingerprint") == got}
 
 
 def run_downstream(job: str, domain: str, source: str, method: str, seed: int) -> dict[str, Any]:
@@ -276,6 +319,13 @@ def run_downstream(job: str, domain: str, source: str, method: str, seed: int) -
     shutil.rmtree(out)
     return {"speed": speed, "metrics": manifest["metrics"], "data": manifest["data"],
             "source_fingerprint": manifest["source"]["fingerprint"]}  # fmt: skip
+
+
+def downstream_row(job: str, domain: str, source: str, method: str, seed: int, rows: dict[str, Any], k: int
+                   ) -> dict[str, Any]:  # fmt: skip
+    """A downstream row, its text made first (and compared with the table's selection row)."""
+    picks = ensure_picks(domain, source, rows, k)
+    return {**run_downstream(job, domain, source, method, seed), **picks}
 
 
 def _mean_spread(xs: list[float]) -> str:
@@ -304,10 +354,15 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
         "DSIR / DSIR `--smoothing 1` picks from the decontaminated pool (the k chunks above), measured with "
         "`--eval-domain` on the builtin domain's held-out split (the jobs' default 32 blocks of 512 tokens, or as "
         "many as the split holds). Pool chunks sharing a 13-word n-gram with any builtin corpus's held-out split "
-        "were dropped when the pool was built. Recovered: (ppl_random - ppl_selected) / (ppl_random - ppl_builtin).",
+        "were dropped when the pool was built. `builtin-clean`: the builtin corpus's train split, less every chunk "
+        "sharing such an n-gram (the pool's rule; the legal train split shares licence boilerplate with its held-out "
+        "split). Recovered: (ppl_random - ppl_selected) / (ppl_random - ppl_builtin); (clean): the same against "
+        "builtin-clean. ‡: some of the row's seeds selected from the pool as rebuilt on another machine, whose "
+        "changelog or code sample (the machine's own files) differs, so their picks differ from the selection "
+        "table's (each row keeps its picks' fingerprint).",
         "",
-        "| domain | job | method | text | seeds | domain ppl | general ppl | recovered | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| domain | job | method | text | seeds | domain ppl | general ppl | recovered | recovered (clean) | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ppl(rs: list[dict[str, Any]], key: str) -> list[float]:
@@ -321,15 +376,18 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
             rs = by.get(source)
             if not rs:
                 continue
-            share = "-"
-            if source not in ("builtin", "random") and "random" in by and "builtin" in by:
-                rnd, bi = mean(ppl(by["random"], "domain_ppl")), mean(ppl(by["builtin"], "domain_ppl"))
-                share = f"{(rnd - mean(ppl(rs, 'domain_ppl'))) / (rnd - bi):.2f}" if rnd != bi else "-"
+            shares = []
+            for reference in ("builtin", "builtin-clean"):
+                share = "-"
+                if source not in ("builtin", "builtin-clean", "random") and "random" in by and reference in by:
+                    rnd, bi = mean(ppl(by["random"], "domain_ppl")), mean(ppl(by[reference], "domain_ppl"))
+                    share = f"{(rnd - mean(ppl(rs, 'domain_ppl'))) / (rnd - bi):.2f}" if rnd != bi else "-"
+                shares.append(share)
             wall = mean([r["speed"]["wall_s"] for r in rs])
             dom, gen = _mean_spread(ppl(rs, "domain_ppl")), _mean_spread(ppl(rs, "general_ppl"))
-            lines.append(
-                f"| {domain} | {job} | {method} | {source} | {len(rs)} | {dom} | {gen} | {share} | {wall:.0f} |"
-            )
+            mark = "‡" if any(r.get("picks_as_table") is False for r in rs) else ""
+            lines.append(f"| {domain} | {job} | {method} | {source}{mark} | {len(rs)} | {dom} | {gen} | {shares[0]} | "
+                         f"{shares[1]} | {wall:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -446,9 +504,8 @@ def main() -> None:
                     for seed in range(args.seeds):
                         for src in args.sources:
                             rid = f"downstream/{d}/{job}/{m}/{src}/s{seed}"
-                            jobs.append(
-                                (rid, lambda j=job, d=d, src=src, m=m, sd=seed: run_downstream(j, d, src, m, sd))
-                            )
+                            jobs.append((rid, lambda j=job, d=d, src=src, m=m, sd=seed: downstream_row(
+                                j, d, src, m, sd, rows, args.k)))  # fmt: skip
         for rid, fn in jobs:
             if rid in rows and "error" not in rows[rid]:
                 continue
