@@ -265,12 +265,18 @@ def builtin_clean(domain: str) -> dict[str, Any]:
     import carve
 
     path = Path(_text_of(domain, "builtin-clean"))
-    chunks = [c for d in carve.Corpus(domain).train for c in _chunks(d)]
+    train = carve.Corpus(domain).train
+    chunks = [c for d in train for c in _chunks(d)]
     words = sum(len(c.split()) for c in chunks)
     if not path.exists():
-        _write(path, carve.Corpus(domain).train, held_out_ngrams())
+        _write(path, train, held_out_ngrams())
     kept = [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
     return {"chunks": len(chunks), "kept": len(kept), "words": words, "kept_words": sum(len(c.split()) for c in kept)}
+
+
+def picked_fingerprint(texts: list[str]) -> str:
+    """A selection's fingerprint: of its chosen texts, whatever their order."""
+    return hashlib.sha256("\n".join(sorted(texts)).encode()).hexdigest()[:16]
 
 
 # a downstream text's selection: its row in the table, `carve select`'s method and extra options
@@ -294,7 +300,7 @@ def ensure_picks(domain: str, source: str, rows: dict[str, dict[str, Any]], k: i
         target = build_targets()[domain]
         run_carve(name.split("+")[0], target, POOL, k, path.stem.removeprefix("select-"), extra)
     texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
-    got = hashlib.sha256("\n".join(sorted(texts)).encode()).hexdigest()[:16]
+    got = picked_fingerprint(texts)
     return {"picked_fingerprint": got, "picks_as_table": row.get("picked_fingerprint") == got}
 
 
@@ -526,7 +532,7 @@ def main() -> None:
             domain = rid.removeprefix(prefix).split("/")[0]
             if domain in SOURCE_OF:
                 r["precision"] = round(precision(texts, sources, domain), 4)
-            r["picked_fingerprint"] = hashlib.sha256("\n".join(sorted(texts)).encode()).hexdigest()[:16]
+            r["picked_fingerprint"] = picked_fingerprint(texts)
             r["picked"] = [hashlib.sha256(t.encode()).hexdigest()[:12] for t in texts]
             rows[rid] = {"id": rid, **r, "commit": commit()}
             ref = rows.get(f"{prefix}{domain}/data-selection/dsir", {})
