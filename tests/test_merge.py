@@ -435,15 +435,9 @@ def test_tall_refusals(tmp_path: Path, model_dir: Path, experts, capsys) -> None
 
 @pytest.mark.parametrize("seed", range(20))
 def test_selection_equals_a_sort_and_its_tie_order(seed: int) -> None:
-    from carve.ops.merge import ranked
-
+    """TIES and Breadcrumbs keep what mergekit's sorts keep, ties at the boundaries included."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 6 if seed % 2 else 10_000, (400,), generator=g).float()  # many ties, or few
-    lo = int(torch.randint(0, 400, (1,), generator=g))
-    hi = int(torch.randint(lo, 401, (1,), generator=g))
-    keep = ranked(x, lo, hi)
-    if keep is not None:  # no tie straddles a boundary: exactly the ranks lo..hi of any sort
-        assert torch.equal(keep, torch.isin(torch.arange(400), torch.sort(x).indices[lo:hi]))
     k = max(1, int(0.3 * 400))  # top-k: mergekit's own descending argsort wherever ties decide
     want = torch.zeros(400, dtype=torch.bool)
     want[torch.argsort(x, descending=True)[:k]] = True
@@ -452,6 +446,34 @@ def test_selection_equals_a_sort_and_its_tie_order(seed: int) -> None:
     want = torch.zeros(400, dtype=torch.bool)
     want[torch.sort(x).indices[n_bot : n_bot + 200]] = True
     assert torch.equal(between_outliers(x, 0.5, 0.05), want)
+
+
+@pytest.mark.parametrize("block", [1 << 14, 7])
+def test_sort_slice_holds_what_the_sort_slice_holds(block: int, monkeypatch) -> None:
+    """sort_slice against torch.sort itself: tie-heavy and tie-free draws, both orders, sizes on both
+    sides of the insertion-sort threshold, negative values and signed zeros, any slice (a small
+    counting block puts the partition's crossing and stoppers in other blocks than the first)."""
+    from carve.ops import sortslice
+
+    monkeypatch.setattr(sortslice, "BLOCK", block)
+    assert sortslice.agrees_with_torch()
+    g = torch.Generator().manual_seed(block)
+    for trial in range(300):
+        n = [1, 2, 16, 17, 40, 333, 2000, 40_000][trial % 8]
+        levels = [1, 2, 3, 50, 1 << 30][trial % 5]
+        x = torch.randint(0, levels, (n,), generator=g).float() * 0.25
+        if trial % 3 == 0:
+            x = x - float(levels // 2) * 0.25  # negatives; zeros of both signs
+            x[torch.rand(n, generator=g) < 0.1] = -0.0
+        lo, hi = sorted(int(v) for v in torch.randint(0, n + 1, (2,), generator=g))
+        descending = bool(trial % 2)
+        want = torch.zeros(n, dtype=torch.bool)
+        want[torch.sort(x, descending=descending).indices[lo:hi]] = True
+        got = sortslice.sort_slice(x, lo, hi, descending)
+        assert got is not None and torch.equal(got, want), (n, levels, lo, hi, descending)
+    assert sortslice.sort_slice(torch.tensor([1.0, float("nan"), 2.0]), 0, 1, True) is None  # the caller sorts
+    with pytest.raises(ValueError):
+        sortslice.sort_slice(torch.zeros(3), 2, 5, True)
 
 
 def test_importance_maps_computed_in_the_job(tmp_path: Path, model_dir: Path, experts) -> None:

@@ -201,9 +201,9 @@ def merge_tensor(
         return sparsified(experts[i].float() - b, m, r.density[i], gamma=r.gamma, generator=extras.get("generator"),
                           importance=imp, rescale=r.rescale or "none", drawn=drawn)  # fmt: skip
 
-    # the experts' selections (sorts, k-th values) are single-threaded in torch: run them side by side,
+    # the experts' selections (sort_slice's numpy passes) are single-threaded: run them side by side,
     # but for DARE, whose masks must come from its one generator in expert order, and for tensors so
-    # large that two experts' sort buffers at once would raise the peak memory
+    # large that two experts' selection buffers at once would raise the peak memory
     sequential = method.sparsify in (None, "random") or b.numel() > PARALLEL_MAX or len(experts) < 2
     deltas = [one(i) for i in range(len(experts))] if sequential else list(_executor().map(one, range(len(experts))))
     return b + combine(deltas, r.weights, method, r.lam, r.normalize)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from carve.errors import UsageError
+from carve.ops.sortslice import sort_slice
 
 SPARSIFIERS = ("magnitude", "random", "outliers", "importance")
 
@@ -50,55 +51,33 @@ METHODS: dict[str, Method] = {
 }
 
 
-def ranked(values: torch.Tensor, lo: int, hi: int) -> torch.Tensor | None:
-    """Keep-mask of the entries at ascending ranks [lo, hi) of `values`, by two linear-time
-    selections (`torch.kthvalue`) instead of a full sort; None when entries tied at a boundary value
-    straddle it (then which of them a sort keeps depends on the sort: the callers sort as mergekit does)."""
-    flat = values.reshape(-1).float()
-    keep = torch.zeros(flat.numel(), dtype=torch.bool)
-    if hi <= lo:
-        return keep.reshape(values.shape)
-    for rank in {lo, hi} - {0, flat.numel()}:  # a boundary inside the tensor: the values on its two sides
-        below = torch.kthvalue(flat, rank).values
-        above = torch.kthvalue(flat, rank + 1).values
-        if below == above:
-            return None
-    if lo > 0:
-        keep |= flat >= torch.kthvalue(flat, lo + 1).values
-    else:
-        keep[:] = True
-    if hi < flat.numel():
-        keep &= flat <= torch.kthvalue(flat, hi).values
-    return keep.reshape(values.shape)
-
-
 def top_share(scores: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep-mask of the max(1, int(density·n)) largest `scores` (mergekit's magnitude rule; on ties
-    at the boundary, its descending argsort)."""
+    """Keep-mask of the max(1, int(density·n)) largest `scores`: mergekit's magnitude rule, the first k of
+    its descending argsort (so the same entries where ties straddle the boundary; `sort_slice`)."""
     if density >= 1:
         return torch.ones_like(scores, dtype=torch.bool)
-    n = scores.numel()
-    k = max(1, int(density * n))
-    keep = ranked(scores, n - k, n)
-    if keep is None:
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[torch.argsort(scores.reshape(-1).float(), descending=True)[:k]] = True
-    return keep.reshape(scores.shape)
+    return _sort_slice(scores, 0, max(1, int(density * scores.numel())), descending=True)
 
 
 def between_outliers(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Breadcrumbs' keep-mask: drop the int(γ·n) largest |τ| and then the smallest, keeping int(density·n)
-    (on ties at a boundary, mergekit's ascending sort)."""
+    (positions [n_bot, n_bot + target) of mergekit's ascending sort, as it slices them; `sort_slice`)."""
     if density >= 1:
         return torch.ones_like(delta, dtype=torch.bool)
     n = delta.numel()
     target, n_top = int(density * n), int(gamma * n)
     n_bot = max(0, n - target - n_top)  # fewer outliers dropped when the density needs them
-    keep = ranked(delta.abs(), n_bot, n_bot + target)
-    if keep is None:
-        keep = torch.zeros(n, dtype=torch.bool)
-        keep[torch.sort(delta.abs().reshape(-1).float(), descending=False).indices[n_bot : n_bot + target]] = True
-    return keep.reshape(delta.shape)
+    return _sort_slice(delta.abs(), n_bot, n_bot + target, descending=False)
+
+
+def _sort_slice(values: torch.Tensor, lo: int, hi: int, descending: bool) -> torch.Tensor:
+    """The entries at positions [lo, hi) of torch's sort of `values` (float32, not stable)."""
+    keep = sort_slice(values, lo, hi, descending)
+    if keep is None:  # sort_slice cannot follow this sort: the sort itself
+        flat = values.reshape(-1).float()
+        keep = torch.zeros(flat.numel(), dtype=torch.bool)
+        keep[torch.sort(flat, descending=descending).indices[lo:hi]] = True
+    return keep.reshape(values.shape)
 
 
 def random_keep(shape: torch.Size | list[int], density: float, generator: torch.Generator) -> torch.Tensor:
