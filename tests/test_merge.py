@@ -71,6 +71,37 @@ def test_ties_trims_elects_and_takes_the_disjoint_mean() -> None:
     assert torch.allclose(_merged("ties"), want, atol=1e-6)
 
 
+@pytest.mark.parametrize("consensus", [False, True])
+def test_combine_has_the_bits_of_mergekits_stacked_arithmetic(consensus: bool) -> None:
+    """carve sums the task vectors one at a time (no stacked copy) and masks with `where`; mergekit
+    stacks them, multiplies by weights and the 0/1 agreement and sums over the stack.  The same bits,
+    signed zeros, non-unit weights and normalization included (mergekit 0.1.5's generalized task
+    arithmetic, written out here)."""
+    from carve.ops.merge import Method, total
+
+    g = torch.Generator().manual_seed(11)
+    deltas = [torch.randn(300, 7, generator=g) * (torch.rand(300, 7, generator=g) < 0.4) for _ in range(3)]
+    for d in deltas:
+        d[torch.rand(300, 7, generator=g) < 0.2] = -0.0
+    assert torch.equal(total(deltas).view(torch.int32), torch.stack(deltas).sum(0).view(torch.int32))
+    method = Method("magnitude", consensus, True, False, "")
+    for weights in ([1.0, 1.0, 1.0], [0.3, 1.7, 0.45]):
+        stacked = torch.stack(deltas)
+        w = torch.tensor(weights).reshape(-1, 1, 1)
+        weighted = stacked * w
+        if consensus:
+            majority = (weighted.sum(dim=0) >= 0).float() * 2 - 1
+            agree = (weighted.sign() == majority).float()
+            want = (weighted * agree).sum(dim=0)
+            divisor = (w * agree).sum(dim=0)
+            divisor[divisor == 0] = 1
+            want = want / divisor
+        else:
+            want = weighted.sum(dim=0) / w.sum()
+        got = combine(deltas, weights, method, normalize=True)
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), weights
+
+
 def test_dare_drops_at_random_and_rescales_by_the_kept_share() -> None:
     g = torch.Generator().manual_seed(3)
     kept = [(torch.rand(6, 8, generator=g) < 0.25).float() for _ in TAUS]

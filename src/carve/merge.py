@@ -199,7 +199,7 @@ def merge_tensor(
         m = method if method.sparsify != "importance" or imp is not None else replace(method, sparsify="magnitude")
         drawn = extras["drawn"].take(name, i) if extras.get("drawn") else None
         return sparsified(experts[i].float() - b, m, r.density[i], gamma=r.gamma, generator=extras.get("generator"),
-                          importance=imp, rescale=r.rescale or "none", drawn=drawn)  # fmt: skip
+                          importance=imp, rescale=r.rescale or "none", drawn=drawn, inplace=True)  # fmt: skip
 
     # the experts' selections (sort_slice's numpy passes) are single-threaded: run them side by side,
     # but for DARE, whose masks must come from its one generator in expert order, and for tensors so

@@ -81,53 +81,72 @@ def _sort_slice(values: torch.Tensor, lo: int, hi: int, descending: bool) -> tor
 
 
 def random_keep(shape: torch.Size | list[int], density: float, generator: torch.Generator) -> torch.Tensor:
-    """DARE's keep-mask: each entry kept with probability `density` (drop rate p = 1 − density)."""
+    """DARE's keep-mask: each entry kept with probability `density` (drop rate p = 1 − density), as
+    float32 ones and zeros (the uniforms compared in place: a float factor multiplies twice as fast as a
+    bool one, to the same bits)."""
     if density >= 1:
-        return torch.ones(shape, dtype=torch.bool)
-    return torch.rand(shape, generator=generator) < density
+        return torch.ones(shape)
+    return torch.rand(shape, generator=generator).lt_(density)
 
 
-def rescaled(delta: torch.Tensor, keep: torch.Tensor, rule: str, density: float) -> torch.Tensor:
-    """τ ⊙ m rescaled: by 1/density (DARE's paper, `inverse`), to τ's L1 norm (mergekit's `l1`) or not (`none`)."""
-    masked = delta * keep
+def rescaled(delta: torch.Tensor, keep: torch.Tensor, rule: str, density: float, inplace: bool = False) -> torch.Tensor:
+    """τ ⊙ m rescaled: by 1/density (DARE's paper, `inverse`), to τ's L1 norm (mergekit's `l1`) or not
+    (`none`).  `inplace`: τ is the caller's temporary, masked and scaled in place (the same bits)."""
+    if rule not in ("none", "inverse"):  # l1: Σ|τ| and Σ|τ ⊙ m| = Σ|τ|·m (m is 0 or 1: the same values)
+        magnitude = delta.abs()
+        before = magnitude.sum()
+        after = magnitude.mul_(keep).sum()
+        del magnitude
+    masked = delta.mul_(keep) if inplace else delta * keep
     if rule == "none":
         return masked
     if rule == "inverse":
-        return masked / density if density < 1 else masked
-    before, after = delta.abs().sum(), masked.abs().sum()
+        return masked.div_(density) if density < 1 else masked
     if before < 1e-7 or after < 1e-7:
         return masked
-    return masked * (before / after)
+    return masked.mul_(before / after)
 
 
-def elect(weighted: torch.Tensor) -> torch.Tensor:
-    """TIES' sign election over stacked weighted task vectors: the entries whose sign is the sign
+def total(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Σ tensors, bit for bit as `torch.stack(tensors).sum(0)` (mergekit's) computes it — a zero, then
+    each in order (tests/test_merge.py checks the bits) — without the stacked copy."""
+    acc = tensors[0] + 0.0  # 0 + x: as the reduction starts (-0.0 becomes +0.0)
+    for t in tensors[1:]:
+        acc += t
+    return acc
+
+
+def elect(weighted: list[torch.Tensor]) -> list[torch.Tensor]:
+    """TIES' sign election over weighted task vectors: per vector, the entries whose sign is the sign
     of their sum (a zero sum elects +)."""
-    majority = (weighted.sum(dim=0) >= 0).to(weighted.dtype) * 2 - 1
-    return weighted.sign() == majority
+    majority = torch.where(total(weighted) >= 0, 1.0, -1.0).to(weighted[0].dtype)
+    return [w.sign() == majority for w in weighted]
 
 
 def combine(
     deltas: list[torch.Tensor], weights: list[float], method: Method, lam: float = 1.0, normalize: bool | None = None
 ) -> torch.Tensor:
     """The merged task vector of already-sparsified `deltas` with `weights`: (sign election,) sum,
-    (normalization,) λ."""
-    stacked = torch.stack(deltas, dim=0)
-    w = torch.tensor(weights, dtype=stacked.dtype).reshape(-1, *([1] * (stacked.dim() - 1)))
-    weighted = stacked if all(x == 1 for x in weights) else stacked * w  # (x·1 is x: the same bits)
+    (normalization,) λ — mergekit's arithmetic on its stacked vectors, one vector at a time."""
+    dtype = deltas[0].dtype
+    w = [torch.tensor(x, dtype=dtype) for x in weights]
+    # (x·1 is x: the same bits)
+    weighted = deltas if all(x == 1 for x in weights) else [d * wt for d, wt in zip(deltas, w, strict=True)]
     normalizing = method.normalize if normalize is None else normalize
     if method.consensus:
-        agree = elect(weighted).to(stacked.dtype)
-        mixed = (weighted * agree).sum(dim=0)
+        # mergekit multiplies by the 0/1 agreement; `where` differs from that only in zeros' signs,
+        # which the sum, starting from +0, drops
+        agree = elect(weighted)
+        mixed = total([torch.where(a, x, 0.0) for x, a in zip(weighted, agree, strict=True)])
         if normalizing:
-            divisor = (w * agree).sum(dim=0)
+            divisor = total([torch.where(a, wt, 0.0) for wt, a in zip(w, agree, strict=True)])
             divisor[divisor == 0] = 1
             mixed = mixed / divisor
     else:
-        mixed = weighted.sum(dim=0)
+        mixed = total(weighted)
         if normalizing:
-            total = float(w.sum())  # the same for every entry
-            mixed = mixed / (total if abs(total) >= 1e-8 else 1.0)
+            whole = float(torch.tensor(weights, dtype=dtype).sum())  # the same for every entry
+            mixed = mixed / (whole if abs(whole) >= 1e-8 else 1.0)
     return mixed * lam if lam != 1 else mixed
 
 
@@ -179,9 +198,11 @@ def sparsified(
     importance: torch.Tensor | None = None,
     rescale: str = "none",
     drawn: torch.Tensor | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """One task vector after the method's sparsification (`drawn`: DARE's keep-mask, drawn ahead
-    from `generator` in the same order; else it is drawn here)."""
+    from `generator` in the same order; else it is drawn here; `inplace`: `delta` is the caller's
+    temporary and may be overwritten)."""
     if method.sparsify is None or density >= 1:
         return delta
     if method.sparsify == "magnitude":
@@ -197,7 +218,7 @@ def sparsified(
     else:
         assert generator is not None
         keep = random_keep(delta.shape, density, generator)
-    return rescaled(delta, keep, rescale, density)
+    return rescaled(delta, keep, rescale, density, inplace)
 
 
 def tall_mask(task: torch.Tensor, merged: torch.Tensor, lam: float) -> torch.Tensor:
