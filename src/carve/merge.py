@@ -20,7 +20,7 @@ import torch
 from carve.errors import UsageError
 from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, Stages, manifest_start
 from carve.models.stream import StreamWriter, TensorSource
-from carve.ops.merge import METHODS, Method, blended, gram_mean, random_keep, sparsified
+from carve.ops.merge import METHODS, Method, combine, gram_mean, random_keep, sparsified
 from carve.settings import check_types, flag
 
 RESCALES = ("inverse", "l1", "none")
@@ -206,7 +206,7 @@ def merge_tensor(
     # large that two experts' selection buffers at once would raise the peak memory
     sequential = method.sparsify in (None, "random") or b.numel() > PARALLEL_MAX or len(experts) < 2
     deltas = [one(i) for i in range(len(experts))] if sequential else list(_executor().map(one, range(len(experts))))
-    return blended(b, deltas, r.weights, method, r.lam, r.normalize)
+    return b + combine(deltas, r.weights, method, r.lam, r.normalize)
 
 
 class _DrawnAhead:

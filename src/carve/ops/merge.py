@@ -150,30 +150,6 @@ def combine(
     return mixed * lam if lam != 1 else mixed
 
 
-CHUNK = 1 << 16  # entries per step of `blended` (a few such slices of each operand stay in a core's cache)
-
-
-def blended(
-    base: torch.Tensor,
-    deltas: list[torch.Tensor],
-    weights: list[float],
-    method: Method,
-    lam: float = 1.0,
-    normalize: bool | None = None,
-    chunk: int = CHUNK,
-) -> torch.Tensor:
-    """θ₀ + `combine`(deltas), `chunk` entries at a time.  Every step of `combine` is elementwise, so
-    the bits are those of the whole tensors at once; but its dozen temporaries per entry are made and
-    read again while still in cache, where whole-tensor passes go to memory each time."""
-    out = torch.empty_like(base)
-    flat_out, flat_base = out.view(-1), base.reshape(-1)
-    flat = [d.reshape(-1) for d in deltas]
-    for a in range(0, flat_out.numel(), chunk):
-        mixed = combine([d[a : a + chunk] for d in flat], weights, method, lam, normalize)
-        torch.add(flat_base[a : a + chunk], mixed, out=flat_out[a : a + chunk])
-    return out
-
-
 def gram_mean(
     deltas: list[torch.Tensor], grams: list[torch.Tensor], weights: list[float], alpha: float = 1.0, rows: int = 4096
 ) -> torch.Tensor:
