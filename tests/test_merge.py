@@ -74,16 +74,18 @@ def test_ties_trims_elects_and_takes_the_disjoint_mean() -> None:
 
 @pytest.mark.parametrize("consensus", [False, True])
 def test_combine_has_the_bits_of_mergekits_stacked_arithmetic(consensus: bool) -> None:
-    """carve sums the task vectors one at a time (no stacked copy) and masks with `where`; mergekit
-    stacks them, multiplies by weights and the 0/1 agreement and sums over the stack.  The same bits,
-    signed zeros, non-unit weights and normalization included (mergekit 0.1.5's generalized task
-    arithmetic, written out here)."""
+    """carve sums the task vectors one at a time (no stacked copy), each multiplied by its agreement;
+    mergekit stacks them, multiplies by weights and the 0/1 agreement and sums over the stack.  The
+    same bits, signed zeros, infinities, NaN, non-unit weights and normalization included (mergekit
+    0.1.5's generalized task arithmetic, written out here)."""
     from carve.ops.merge import Method, total
 
     g = torch.Generator().manual_seed(11)
     deltas = [torch.randn(300, 7, generator=g) * (torch.rand(300, 7, generator=g) < 0.4) for _ in range(3)]
     for d in deltas:
         d[torch.rand(300, 7, generator=g) < 0.2] = -0.0
+    deltas[1][0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    deltas[2][1, 0] = float("inf")
     assert torch.equal(total(deltas).view(torch.int32), torch.stack(deltas).sum(0).view(torch.int32))
     method = Method("magnitude", consensus, True, False, "")
     for weights in ([1.0, 1.0, 1.0], [0.3, 1.7, 0.45]):
