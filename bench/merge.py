@@ -16,8 +16,10 @@ fisher --save-importance`, given as --importance files), TIES with the agreeing 
 instead of averaged (`ties_sum`: `--no-normalize`), RegMean (`regmean`: every Linear of the blocks
 merged by the experts' input Gram matrices on 32 blocks of their domains, computed in the job;
 `regmean_a0.5`: the matrices' off-diagonal halved; `--data-seeds` draws of those blocks, `--seed`),
-TIES with nothing trimmed (`ties_d1`: density 1, RegMean's), Consensus TIES (`--consensus 2`) and TALL masks
-(`--tall` over task arithmetic's plain sum, not the mean).
+Fisher merging (`fisher`: every tensor the mean of the task vectors weighted entry by entry by each
+expert's diagonal empirical Fisher E[g²] on 32 blocks of its domain, computed in the job; `--data-seeds`
+draws, as RegMean's), TIES with nothing trimmed (`ties_d1`: density 1, RegMean's), Consensus TIES
+(`--consensus 2`) and TALL masks (`--tall` over task arithmetic's plain sum, not the mean).
 
 Per row: each domain's perplexity and the general perplexity (first 16 held-out 512-token blocks),
 the normalized gain per task (the share of the expert's log-perplexity gain over the base that the
@@ -53,12 +55,13 @@ DENSITY = 0.2
 EVAL = ["--eval-blocks", "16", "--block-len", "512"]
 SHARED = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties", "dare_ties", "dare_linear"]
 ROWS = [*SHARED, "ties_sum", "ties_d1", "importance", "importance_base_fisher", "regmean", "regmean_a0.5",
-        "consensus_ties", "tall"]  # fmt: skip
+        "fisher", "consensus_ties", "tall"]  # fmt: skip
+DATA_DRIVEN = ("regmean", "fisher")  # rows whose statistics come from blocks drawn by --seed
 
 
 def seeds_of(row: str, seeds: int, data_seeds: int) -> int:
-    """DARE rows run `seeds` random drops; RegMean rows `data_seeds` draws of their Gram blocks."""
-    return seeds if row.startswith("dare") else data_seeds if row.startswith("regmean") else 1
+    """DARE rows run `seeds` random drops; RegMean and Fisher rows `data_seeds` draws of their blocks."""
+    return seeds if row.startswith("dare") else data_seeds if row.startswith(DATA_DRIVEN) else 1
 
 
 def expert(domain: str) -> Path:
@@ -108,6 +111,8 @@ def carve_args(row: str, seed: int) -> list[str]:
         alpha = row.partition("_a")[2] or "1"
         return [*common, "--method", "regmean", "--regmean-alpha", alpha, "--importance-blocks", "32", "--seed",
                 str(seed)]  # fmt: skip
+    if row == "fisher":  # the Fisher diagonals computed in the job, on the same blocks as RegMean's matrices
+        return [*common, "--method", "fisher", "--importance-blocks", "32", "--seed", str(seed)]
     if row == "consensus_ties":
         return [*common, "--method", "ties", "--consensus", "2"]
     # TALL over the plain sum τ_MTL = Σ τ_t (the paper's task arithmetic, λ 1): with the mean, an entry
@@ -126,7 +131,7 @@ def run_carve(row: str, seed: int) -> dict[str, Any]:
     # importance row's (its maps' gradient passes, then the merge and the evaluation)
     speed = (
         whole
-        if row in ("tall", "consensus_ties", "importance") or row.startswith("regmean")
+        if row in ("tall", "consensus_ties", "importance") or row.startswith(DATA_DRIVEN)
         else timed(
             [CARVE, "merge", *args, "--eval-blocks", "0", "--out", str(out) + "-timing", "--overwrite", "--quiet"]
         )
@@ -277,17 +282,20 @@ def _dare_checks(row: str, rows: dict[str, Any], seeds: int) -> list[str]:
 
 def _best_single(rows: dict[str, Any], data_seeds: int) -> list[str]:
     """Issue 22's bar for the best single merged model: mean gain ≥ 0.9 over its seeds, beating TIES at
-    equal density (RegMean keeps every entry: TIES at density 1)."""
-    gains = [g for s in range(data_seeds) if "metrics" in rows.get(f"regmean/carve/s{s}", {})
-             for g in [_mean_gain("carve", rows[f"regmean/carve/s{s}"], rows)] if g is not None]  # fmt: skip
+    equal density (RegMean and Fisher merging keep every entry: TIES at density 1)."""
     ties = rows.get("ties_d1/carve/s0", {})
-    if len(gains) < 2 or "metrics" not in ties:
-        return []
-    mean, sd, t = statistics.mean(gains), statistics.stdev(gains), _mean_gain("carve", ties, rows) or 0.0
-    bar = "met" if mean - sd >= 0.9 else "met on the mean only" if mean >= 0.9 else "NOT met"
-    return [f"- best single merged model, regmean: mean gain {mean:.4f} ± {sd:.4f} over {len(gains)} draws of its "
-            f"Gram blocks (bar >= 0.90: {bar}); TIES at equal density (1, nothing trimmed) {t:.4f} "
-            f"(beaten on every draw: {'yes' if min(gains) > t else 'NO'})"]  # fmt: skip
+    out = []
+    for row in DATA_DRIVEN:
+        gains = [g for s in range(data_seeds) if "metrics" in rows.get(f"{row}/carve/s{s}", {})
+                 for g in [_mean_gain("carve", rows[f"{row}/carve/s{s}"], rows)] if g is not None]  # fmt: skip
+        if len(gains) < 2 or "metrics" not in ties:
+            continue
+        mean, sd, t = statistics.mean(gains), statistics.stdev(gains), _mean_gain("carve", ties, rows) or 0.0
+        bar = "met" if mean - sd >= 0.9 else "met on the mean only" if mean >= 0.9 else "NOT met"
+        out.append(f"- best single merged model, {row}: mean gain {mean:.4f} ± {sd:.4f} over {len(gains)} draws of "
+                   f"its data blocks (bar >= 0.90: {bar}); TIES at equal density (1, nothing trimmed) {t:.4f} "
+                   f"(beaten on every draw: {'yes' if min(gains) > t else 'NO'})")  # fmt: skip
+    return out
 
 
 def _tall_checks(row: str, rows: dict[str, Any]) -> list[str]:

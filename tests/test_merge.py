@@ -21,6 +21,7 @@ from carve.ops.merge import (
     consensus_mask,
     gram_mean,
     sparsified,
+    statistic_mean,
     tall_mask,
     top_share,
 )
@@ -170,6 +171,28 @@ def test_regmean_embedding_rows_by_token_frequency() -> None:
         expect = (sum(x * t[row] for x, t in zip(f, TAUS, strict=True)) / sum(f) if sum(f)
                   else sum(w * t[row] for w, t in zip(W, TAUS, strict=True)) / sum(W))  # fmt: skip
         assert torch.allclose(got[row], expect, atol=1e-6), row
+
+
+def test_fisher_merge_is_the_fisher_weighted_mean_entry_by_entry() -> None:
+    """Fisher merging (Matena & Raffel 2022): Σ_t w_t·F_t·τ_t / Σ_t w_t·F_t at every entry, the plain
+    weighted mean where no expert's Fisher is positive; in chunks of rows the same bits."""
+    g = torch.Generator().manual_seed(5)
+    fishers = [torch.rand(6, 8, generator=g) * (torch.rand(6, 8, generator=g) < 0.6) for _ in range(3)]
+    fishers[0][2, 3] = fishers[1][2, 3] = fishers[2][2, 3] = 0.0  # an entry no expert's data reached
+    got = statistic_mean(TAUS, fishers, W)
+    assert torch.equal(statistic_mean(TAUS, fishers, W, rows=4), got)
+    for i in range(6):
+        for j in range(8):
+            f = [w * float(fi[i, j]) for w, fi in zip(W, fishers, strict=True)]
+            taus = [float(t[i, j]) for t in TAUS]
+            expect = (sum(a * b for a, b in zip(f, taus, strict=True)) / sum(f) if sum(f)
+                      else sum(w * b for w, b in zip(W, taus, strict=True)) / sum(W))  # fmt: skip
+            assert math.isclose(float(got[i, j]), expect, rel_tol=1e-5, abs_tol=1e-6), (i, j)
+    # one expert's Fisher alone at an entry: that expert's task vector there
+    only = [torch.zeros(6, 8), torch.ones(6, 8), torch.zeros(6, 8)]
+    assert torch.equal(statistic_mean(TAUS, only, W), TAUS[1])
+    # 1-D tensors (norms) too
+    assert torch.allclose(statistic_mean([t[0] for t in TAUS], [f[0] for f in fishers], W), got[0])
 
 
 def test_tall_and_consensus_masks() -> None:
@@ -680,6 +703,45 @@ def test_regmean_grams_computed_in_the_job(tmp_path: Path, model_dir: Path, expe
     assert not torch.allclose(
         merged[linears[0]], base[linears[0]] + (taus[0][linears[0]] + 2 * taus[1][linears[0]]) / 3
     )
+
+
+def test_fisher_diagonals_computed_in_the_job(tmp_path: Path, model_dir: Path, experts) -> None:
+    """`--method fisher`: each expert's diagonal empirical Fisher E[g²] of every parameter on its
+    domain (computed here with the gradient engine, as a direct reference), then every tensor the
+    Fisher-weighted mean of the task vectors."""
+    from carve.corpora import Corpus
+    from carve.engines.gradient import accumulate_gradients
+    from carve.job import calibration_data
+    from carve.models.load import load_model
+
+    two = {k: experts[k] for k in ("legal", "code")}
+    out = tmp_path / "fisher"
+    argv = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in two.items()], "--method",
+            "fisher", "--weights", "1", "2", "--importance-blocks", "2", "--block-len", "32", "--eval-blocks", "0",
+            "--seed", "3", "--out", str(out), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((out / "carve.json").read_text())
+    assert set(manifest["fisher"]["per_expert"]) == set(two) and manifest["method"]["name"] == "fisher"
+    merged, base = load_file(str(out / "model.safetensors")), load_file(str(model_dir / "model.safetensors"))
+    fishers, taus = [], []
+    for name, d in two.items():
+        lm = load_model(str(d))
+        data = calibration_data(lm.tokenizer, Corpus(name), Corpus(name), 2, 32, 0.0, 3)
+        names = [n for n, _ in lm.model.named_parameters()]
+        fishers.append(accumulate_gradients(lm.model, data, names, ("grad_sq",)).stats["grad_sq"])
+        taus.append({n: p.detach() - base[n] for n, p in lm.model.named_parameters()})
+    assert set(merged) == set(base) == set(taus[0])
+    for n in merged:
+        f = [fishers[0][n].double(), 2 * fishers[1][n].double()]
+        seen = f[0] + f[1]
+        mixed = (f[0] * taus[0][n] + f[1] * taus[1][n]) / seen.clamp_min(1e-300)
+        expect = base[n] + torch.where(seen > 0, mixed, (taus[0][n] + 2 * taus[1][n]) / 3).float()
+        assert torch.allclose(merged[n], expect, atol=1e-6), n
+    w = "model.layers.0.mlp.down_proj.weight"  # the Fisher decided: the plain weighted mean differs
+    assert not torch.allclose(merged[w], base[w] + (taus[0][w] + 2 * taus[1][w]) / 3, atol=1e-5)
+    # a mean weighted by the Fisher: --no-normalize is refused, nothing written
+    assert main([*argv[:-3], "--no-normalize", "--out", str(tmp_path / "no"), "--quiet"]) == 2
+    assert not (tmp_path / "no").exists()
 
 
 def test_dare_masks_drawn_ahead_are_the_masks_drawn_in_turn(tmp_path: Path, model_dir: Path, experts) -> None:

@@ -20,7 +20,7 @@ import torch
 from carve.errors import UsageError
 from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, Stages, manifest_start
 from carve.models.stream import StreamWriter, TensorSource
-from carve.ops.merge import METHODS, Method, combine, gram_mean, random_keep, sparsified
+from carve.ops.merge import METHODS, Method, combine, gram_mean, random_keep, sparsified, statistic_mean
 from carve.settings import check_types, flag
 
 RESCALES = ("inverse", "l1", "none")
@@ -61,7 +61,8 @@ class MergeRecipe:
         factory=list,
     )
     importance_blocks: int = flag(
-        "the data-driven methods (importance's computed maps, regmean's Gram matrices): blocks (of --block-len "
+        "the data-driven methods (importance's computed maps, regmean's Gram matrices, fisher's diagonals): blocks "
+        "(of --block-len "
         "tokens) of each expert's domain",
         default=32,
     )
@@ -114,13 +115,15 @@ class MergeRecipe:
         if maps and (self.method != "importance" or set(maps) != set(experts)):
             raise UsageError("--importance NAME=FILE is for the importance method: give it for every expert, or for "
                              "none (carve then computes each expert's map on its domain)")  # fmt: skip
-        computes_maps = (self.method == "importance" and not maps) or METHODS[self.method].gram
+        statistic = METHODS[self.method].statistic
+        computes_maps = (self.method == "importance" and not maps) or statistic is not None
         if computes_maps and self.importance_blocks < 1:
             raise UsageError("--importance-blocks must be at least 1")
         if not 0 <= self.regmean_alpha <= 1:
             raise UsageError(f"regmean-alpha {self.regmean_alpha} is outside [0, 1]")
-        if METHODS[self.method].gram and self.normalize is False:
-            raise UsageError("regmean is a mean weighted by the experts' Gram matrices: --no-normalize does not apply")
+        if statistic is not None and self.normalize is False:
+            what = "Gram matrices" if statistic == "gram" else "Fisher diagonals"
+            raise UsageError(f"{self.method} is a mean weighted by the experts' {what}: --no-normalize does not apply")
         if self.eval_blocks < 0 or self.block_len < 1:
             raise UsageError("eval-blocks must be 0 or more and block-len positive")
         if (self.tall or self.consensus) and (not self.eval_blocks or n < 2):
@@ -189,9 +192,13 @@ def merge_tensor(
     if not base.is_floating_point():
         return base
     b = base.float()
-    grams = [g.get(name) for g in extras["grams"]] if method.gram and extras.get("grams") else None
-    if grams is not None and all(g is not None for g in grams):
-        mixed = gram_mean([e.float() - b for e in experts], grams, r.weights, r.regmean_alpha)
+    stats = [g.get(name) for g in extras["stats"]] if method.statistic and extras.get("stats") else None
+    if stats is not None and all(g is not None for g in stats):
+        deltas = [e.float() - b for e in experts]
+        if method.statistic == "gram":
+            mixed = gram_mean(deltas, stats, r.weights, r.regmean_alpha)
+        else:
+            mixed = statistic_mean(deltas, stats, r.weights)
         return b + (mixed * r.lam if r.lam != 1 else mixed)  # elsewhere (norms, biases): the weighted mean
 
     def one(i: int) -> torch.Tensor:
@@ -283,18 +290,24 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: 
     r = recipe.resolved()
     stage = Stages()
     with claim(out), atomic_output_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
-        computed, given, grams = None, r, None
+        computed, given, stats, said = None, r, None, "importance"
+        statistic = METHODS[r.method].statistic
         if r.method == "importance" and not r.importance:
             with stage("importance"):
                 r, computed = _fisher_maps(r, Path(scratch))
-        if METHODS[r.method].gram:
+        if statistic == "gram":
             with stage("grams"):
-                grams, computed = _gram_maps(r, Path(scratch))
+                stats, computed = _gram_maps(r, Path(scratch))
+            said = "grams"
+        if statistic == "fisher":
+            with stage("fisher"):
+                stats, computed = _fisher_diagonals(r, Path(scratch))
+            said = "fisher"
         with stage("merge"):
-            manifest = _stream_merge(r, tmp, grams)
+            manifest = _stream_merge(r, tmp, stats)
         if computed is not None:  # the recipe as given (the maps were temporary), and how they were made
             manifest["recipe"] = asdict(given)
-            manifest["grams" if grams is not None else "importance"] = computed
+            manifest[said] = computed
         if r.eval_blocks:
             data = _eval_data(r)
             if r.tall or r.consensus:
@@ -326,6 +339,27 @@ def _fisher_maps(r: MergeRecipe, directory: Path) -> tuple[MergeRecipe, dict[str
             del lm, scores
     score = "½·E[g²]·(θ_expert − θ_base)², g at the expert on its domain (the fisher source)"
     return replace(r, importance=[f"{k}={p}" for k, p in paths.items()]), {"score": score, "per_expert": said}
+
+
+def _fisher_diagonals(r: MergeRecipe, directory: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Fisher merging's statistics: for each expert, the diagonal empirical Fisher E[g²] of every
+    floating parameter (embeddings and norms included), g the next-token-loss gradient at the expert
+    on `importance_blocks` blocks of its domain's train split.  One expert in memory at a time; each
+    expert's diagonal goes to a file in `directory`.  Returns the files and what the manifest says."""
+    from safetensors.torch import save_file
+
+    from carve.engines.gradient import accumulate_gradients
+
+    files: dict[str, Path] = {}
+    said: dict[str, Any] = {}
+    for name, lm, data, said[name] in _experts_on_their_domains(r):
+        params = [n for n, p in lm.model.named_parameters() if p.is_floating_point()]
+        stats = accumulate_gradients(lm.model, data, params, ("grad_sq",), desc=f"Fisher diagonal ({name})")
+        files[name] = directory / f"fisher-{len(files)}.safetensors"
+        save_file({n: t.contiguous().cpu() for n, t in stats.stats["grad_sq"].items()}, str(files[name]))
+        del lm, stats
+    what = "E[g²] per parameter entry, g the next-token-loss gradient at the expert on its domain (empirical Fisher)"
+    return files, {"statistic": what, "per_expert": said}
 
 
 def _experts_on_their_domains(r: MergeRecipe) -> Iterator[tuple[str, Any, torch.Tensor, dict[str, Any]]]:
@@ -440,7 +474,7 @@ def _localize(r: MergeRecipe, tmp: Path, data: dict[str, Any]) -> dict[str, Any]
     return {"per_task": report, "consensus": {"at_least": r.consensus, "kept_share": round(kept, 5)}}
 
 
-def _stream_merge(r: MergeRecipe, tmp: Path, grams: dict[str, Path] | None = None) -> dict[str, Any]:
+def _stream_merge(r: MergeRecipe, tmp: Path, stats: dict[str, Path] | None = None) -> dict[str, Any]:
     from contextlib import ExitStack
 
     from carve.models.load import _file_fingerprint
@@ -455,8 +489,9 @@ def _stream_merge(r: MergeRecipe, tmp: Path, grams: dict[str, Path] | None = Non
         if method.sparsify == "importance":
             maps = _named(r.importance, "--importance", "")
             extras["importance"] = [_lazy_map(stack, maps[k]) for k in experts]
-        if grams is not None:
-            extras["grams"] = [_lazy_grams(stack, grams[k]) for k in experts]
+        if stats is not None:  # Gram matrices (a folder per expert) or Fisher diagonals (a file per expert)
+            lazy = _lazy_grams if method.statistic == "gram" else _lazy_map
+            extras["stats"] = [lazy(stack, stats[k]) for k in experts]
         if method.sparsify == "random":  # DARE: its masks drawn ahead, beside the arithmetic
             floats = [(n, base.shape(n)) for n in names if base.dtype(n).is_floating_point]
             extras["drawn"] = stack.enter_context(_DrawnAhead(floats, r.density, extras["generator"]))

@@ -6,7 +6,8 @@ expert's domain importance — carve's importance-guided merge), weight it by w_
 sign per entry and keep only the agreeing entries (TIES), sum (optionally dividing by the summed
 weights of the entries kept), scale by λ and add to θ₀.  TALL masks and Consensus merging then
 localize the merged vector per task.  RegMean (`gram_mean`) instead weights each τ_t by the
-expert's input Gram matrices: the least-squares merge of the experts' layer outputs.  The
+expert's input Gram matrices: the least-squares merge of the experts' layer outputs; Fisher merging
+(`statistic_mean`) by the expert's diagonal Fisher, entry by entry.  The
 arithmetic follows mergekit's generalized task arithmetic (float32, the same order of operations),
 so the methods both tools have agree to float rounding; deviations are listed in docs/methods.md.
 """
@@ -32,8 +33,9 @@ class Method:
     normalize: bool  # divide by the summed weights of the entries kept (mergekit's `normalize`)
     rescale: bool  # rescale what the sparsification kept by default (DARE)
     paper: str
-    # the mean weighted by each expert's input Gram matrices (RegMean; `gram_mean`) where they are known
-    gram: bool = False
+    # the mean weighted by a statistic of each expert where it is known: its Linears' input Gram
+    # matrices ("gram": RegMean, `gram_mean`) or its diagonal Fisher ("fisher": `statistic_mean`)
+    statistic: str | None = None
     mergekit: bool = True  # mergekit has it (a mergekit config may name it)
 
 
@@ -47,7 +49,10 @@ METHODS: dict[str, Method] = {
     "importance": Method(
         "importance", True, True, False, "carve: TIES with the expert's domain importance", mergekit=False
     ),
-    "regmean": Method(None, False, True, False, "Jin et al. 2023, arXiv 2212.09849", gram=True, mergekit=False),
+    "regmean": Method(None, False, True, False, "Jin et al. 2023, arXiv 2212.09849", statistic="gram", mergekit=False),
+    "fisher": Method(
+        None, False, True, False, "Matena & Raffel 2022, arXiv 2111.09832", statistic="fisher", mergekit=False
+    ),
 }
 
 
@@ -169,17 +174,9 @@ def gram_mean(
     with each expert's row (token) frequencies [rows] — a lookup's Gram matrix is diagonal — each row
     is the frequency-weighted mean of the experts' rows, and a row no expert's data used is the plain
     weighted mean (computed `rows` rows at a time: a large vocabulary's float64 copies stay small)."""
-    w = torch.tensor(weights, dtype=torch.float64)
     if grams[0].dim() == 1:
-        out = torch.empty_like(deltas[0])
-        for a in range(0, len(out), rows):
-            f = torch.stack([g[a : a + rows].double() for g in grams]) * w[:, None]  # [tasks, rows]
-            taus = torch.stack([d[a : a + rows].double() for d in deltas])  # [tasks, rows, dim]
-            seen = f.sum(0)
-            plain = (taus * w[:, None, None]).sum(0) / w.sum()
-            mixed = (taus * f[:, :, None]).sum(0) / seen.clamp_min(torch.finfo(torch.float64).tiny)[:, None]
-            out[a : a + rows] = torch.where(seen[:, None] > 0, mixed, plain)
-        return out
+        return statistic_mean(deltas, [g[:, None] for g in grams], weights, rows)
+    w = torch.tensor(weights, dtype=torch.float64)
     A = torch.zeros_like(grams[0], dtype=torch.float64)
     B = torch.zeros_like(deltas[0], dtype=torch.float64)
     for tau, g, wt in zip(deltas, grams, w.tolist(), strict=True):
@@ -193,6 +190,27 @@ def gram_mean(
     except torch.linalg.LinAlgError:
         delta = torch.linalg.lstsq(A, B.t(), driver="gelsd").solution.t()
     return delta.to(deltas[0].dtype)
+
+
+def statistic_mean(
+    deltas: list[torch.Tensor], stats: list[torch.Tensor], weights: list[float], rows: int = 4096
+) -> torch.Tensor:
+    """Σ_t w_t·F_t·τ_t / Σ_t w_t·F_t entry by entry, for per-expert statistics F_t ≥ 0 that
+    broadcast against the task vectors (the same shape: Fisher merging's diagonal Fisher; [rows, 1]:
+    RegMean's token frequencies of an embedding's rows); where Σ_t w_t·F_t is 0 (no expert's data
+    reached the entry), the plain weighted mean Σ_t w_t·τ_t / Σ_t w_t.  In float64, `rows` rows at a
+    time (a large vocabulary's float64 copies stay small)."""
+    w = torch.tensor(weights, dtype=torch.float64)
+    out = torch.empty_like(deltas[0])
+    for a in range(0, len(out), rows):
+        taus = torch.stack([d[a : a + rows].double() for d in deltas])  # [tasks, rows, ...]
+        wt = w.view(-1, *[1] * (taus.dim() - 1))
+        f = torch.stack([s[a : a + rows].double().expand_as(taus[0]) for s in stats]) * wt
+        seen = f.sum(0)
+        plain = (taus * wt).sum(0) / w.sum()
+        mixed = (taus * f).sum(0) / seen.clamp_min(torch.finfo(torch.float64).tiny)
+        out[a : a + rows] = torch.where(seen > 0, mixed, plain)
+    return out
 
 
 def sparsified(
