@@ -62,8 +62,7 @@ class MergeRecipe:
     )
     importance_blocks: int = flag(
         "the data-driven methods (importance's computed maps, regmean's Gram matrices, fisher's diagonals): blocks "
-        "(of --block-len "
-        "tokens) of each expert's domain",
+        "(of --block-len tokens) of each expert's domain",
         default=32,
     )
     regmean_alpha: float = flag(
@@ -290,7 +289,7 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: 
     r = recipe.resolved()
     stage = Stages()
     with claim(out), atomic_output_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
-        computed, given, stats, said = None, r, None, "importance"
+        computed, given, stats, section = None, r, None, "importance"
         statistic = METHODS[r.method].statistic
         if r.method == "importance" and not r.importance:
             with stage("importance"):
@@ -298,16 +297,16 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: 
         if statistic == "gram":
             with stage("grams"):
                 stats, computed = _gram_maps(r, Path(scratch))
-            said = "grams"
+            section = "grams"
         if statistic == "fisher":
             with stage("fisher"):
                 stats, computed = _fisher_diagonals(r, Path(scratch))
-            said = "fisher"
+            section = "fisher"
         with stage("merge"):
             manifest = _stream_merge(r, tmp, stats)
         if computed is not None:  # the recipe as given (the maps were temporary), and how they were made
             manifest["recipe"] = asdict(given)
-            manifest[said] = computed
+            manifest[section] = computed
         if r.eval_blocks:
             data = _eval_data(r)
             if r.tall or r.consensus:
