@@ -104,15 +104,15 @@ def carve_args(row: str, seed: int) -> list[str]:
     if row == "ties_d1":  # TIES with nothing trimmed: the sign election and disjoint mean at RegMean's density
         return [*common[: common.index("--density")], "--density", "1", "--normalize", "--method", "ties"]
     if row == "importance":  # the maps computed in the job (its default)
-        return [*common, "--method", "importance", "--importance-blocks", "32"]
+        return [*common, "--method", "importance", "--data-blocks", "32"]
     if row == "importance_base_fisher":
         return [*common, "--method", "importance", *[f"--importance={d}={importance_map(d)}" for d in DOMAINS]]
     if row.startswith("regmean"):  # the Gram matrices computed in the job, on the same blocks as the importance maps
         alpha = row.partition("_a")[2] or "1"
-        return [*common, "--method", "regmean", "--regmean-alpha", alpha, "--importance-blocks", "32", "--seed",
+        return [*common, "--method", "regmean", "--regmean-alpha", alpha, "--data-blocks", "32", "--seed",
                 str(seed)]  # fmt: skip
     if row == "fisher":  # the Fisher diagonals computed in the job, on the same blocks as RegMean's matrices
-        return [*common, "--method", "fisher", "--importance-blocks", "32", "--seed", str(seed)]
+        return [*common, "--method", "fisher", "--data-blocks", "32", "--seed", str(seed)]
     if row == "consensus_ties":
         return [*common, "--method", "ties", "--consensus", "2"]
     # TALL over the plain sum τ_MTL = Σ τ_t (the paper's task arithmetic, λ 1): with the mean, an entry

@@ -363,7 +363,7 @@ def test_bad_inputs_write_nothing(tmp_path: Path, model_dir: Path, experts, caps
         ),
         ([legal], [f"--importance=legal={other}"], "is for the importance method"),
         ([f"nodomain={experts['legal']}"], ["--method", "importance"], "its importance or Gram"),
-        ([legal], ["--method", "importance", "--importance-blocks", "0"], "--importance-blocks"),
+        ([legal], ["--method", "importance", "--data-blocks", "0"], "--data-blocks"),
         ([legal], ["--method", "regmean", "--regmean-alpha", "1.5"], "regmean-alpha 1.5 is outside"),
         ([legal], ["--method", "regmean", "--no-normalize"], "--no-normalize does not apply"),
     ]
@@ -621,9 +621,10 @@ def test_importance_maps_computed_in_the_job(tmp_path: Path, model_dir: Path, ex
     args = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in two.items()], "--method",
             "importance", "--density", "0.3", "--eval-blocks", "0", "--block-len", "32", "--seed", "3", "--quiet"]  # fmt: skip
     computed = tmp_path / "computed"
-    assert main([*args, "--importance-blocks", "2", "--out", str(computed)]) == 0
+    assert main([*args, "--importance-blocks", "2", "--out", str(computed)]) == 0  # --data-blocks' older name
     manifest = json.loads((computed / "carve.json").read_text())
     assert manifest["recipe"]["importance"] == [] and set(manifest["importance"]["per_expert"]) == set(two)
+    assert manifest["recipe"]["data_blocks"] == 2
     base = load_file(str(model_dir / "model.safetensors"))
     given = []
     for name, d in two.items():
@@ -676,7 +677,7 @@ def test_regmean_grams_computed_in_the_job(tmp_path: Path, model_dir: Path, expe
     two = {k: experts[k] for k in ("legal", "code")}
     out = tmp_path / "regmean"
     argv = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in two.items()], "--method",
-            "regmean", "--regmean-alpha", "0.9", "--weights", "1", "2", "--importance-blocks", "2", "--block-len",
+            "regmean", "--regmean-alpha", "0.9", "--weights", "1", "2", "--data-blocks", "2", "--block-len",
             "32", "--eval-blocks", "0", "--seed", "3", "--out", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     manifest = json.loads((out / "carve.json").read_text())
@@ -717,7 +718,7 @@ def test_fisher_diagonals_computed_in_the_job(tmp_path: Path, model_dir: Path, e
     two = {k: experts[k] for k in ("legal", "code")}
     out = tmp_path / "fisher"
     argv = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in two.items()], "--method",
-            "fisher", "--weights", "1", "2", "--importance-blocks", "2", "--block-len", "32", "--eval-blocks", "0",
+            "fisher", "--weights", "1", "2", "--data-blocks", "2", "--block-len", "32", "--eval-blocks", "0",
             "--seed", "3", "--out", str(out), "--quiet"]  # fmt: skip
     assert main(argv) == 0
     manifest = json.loads((out / "carve.json").read_text())

@@ -60,10 +60,11 @@ class MergeRecipe:
         "Fisher error of reverting its task vector on its domain)",
         factory=list,
     )
-    importance_blocks: int = flag(
+    data_blocks: int = flag(
         "the data-driven methods (importance's computed maps, regmean's Gram matrices, fisher's diagonals): blocks "
         "(of --block-len tokens) of each expert's domain",
         default=32,
+        aliases=("--importance-blocks",),
     )
     regmean_alpha: float = flag(
         "regmean: the scale of the Gram matrices' off-diagonal entries (1: plain RegMean)", default=1.0
@@ -116,8 +117,8 @@ class MergeRecipe:
                              "none (carve then computes each expert's map on its domain)")  # fmt: skip
         statistic = METHODS[self.method].statistic
         computes_maps = (self.method == "importance" and not maps) or statistic is not None
-        if computes_maps and self.importance_blocks < 1:
-            raise UsageError("--importance-blocks must be at least 1")
+        if computes_maps and self.data_blocks < 1:
+            raise UsageError("--data-blocks must be at least 1")
         if not 0 <= self.regmean_alpha <= 1:
             raise UsageError(f"regmean-alpha {self.regmean_alpha} is outside [0, 1]")
         if statistic is not None and self.normalize is False:
@@ -323,7 +324,7 @@ def _fisher_maps(r: MergeRecipe, directory: Path) -> tuple[MergeRecipe, dict[str
     """The importance method's maps when none are given: for each expert, ½·E[g²]·τ² per Linear
     weight (the `fisher` source at the expert with the base as reference point: the Fisher error of
     reverting that entry of its task vector), g the next-token-loss gradient at the expert on
-    `importance_blocks` blocks of its domain's train split.  One expert in memory at a time, the
+    `data_blocks` blocks of its domain's train split.  One expert in memory at a time, the
     base's tensors read one at a time; the maps go to `directory`.  Returns the recipe pointing at
     them (the recorded recipe keeps none) and what the manifest says of them."""
     from carve.importance.registry import compute_importance
@@ -343,7 +344,7 @@ def _fisher_maps(r: MergeRecipe, directory: Path) -> tuple[MergeRecipe, dict[str
 def _fisher_diagonals(r: MergeRecipe, directory: Path) -> tuple[dict[str, Path], dict[str, Any]]:
     """Fisher merging's statistics: for each expert, the diagonal empirical Fisher E[g²] of every
     floating parameter (embeddings and norms included), g the next-token-loss gradient at the expert
-    on `importance_blocks` blocks of its domain's train split.  One expert in memory at a time; each
+    on `data_blocks` blocks of its domain's train split.  One expert in memory at a time; each
     expert's diagonal goes to a file in `directory`.  Returns the files and what the manifest says."""
     from safetensors.torch import save_file
 
@@ -362,7 +363,7 @@ def _fisher_diagonals(r: MergeRecipe, directory: Path) -> tuple[dict[str, Path],
 
 
 def _experts_on_their_domains(r: MergeRecipe) -> Iterator[tuple[str, Any, torch.Tensor, dict[str, Any]]]:
-    """Each expert loaded in turn with `importance_blocks` blocks of its domain's train split:
+    """Each expert loaded in turn with `data_blocks` blocks of its domain's train split:
     (name, loaded model, blocks, what the manifest says of them)."""
     from carve.corpora import Corpus
     from carve.job import calibration_data, tensor_fingerprint
@@ -371,14 +372,14 @@ def _experts_on_their_domains(r: MergeRecipe) -> Iterator[tuple[str, Any, torch.
     for name, d in r.expert_dirs().items():
         lm = load_model(str(d))
         domain = Corpus(r.domain_of()[name])
-        data = calibration_data(lm.tokenizer, domain, domain, r.importance_blocks, r.block_len, 0.0, r.seed)
+        data = calibration_data(lm.tokenizer, domain, domain, r.data_blocks, r.block_len, 0.0, r.seed)
         yield name, lm, data, {"domain": domain.name, "blocks": len(data), "block_len": r.block_len,
                                "data_fingerprint": tensor_fingerprint(data)}  # fmt: skip
         del lm  # one expert in memory at a time (the caller drops its reference too)
 
 
 def _gram_maps(r: MergeRecipe, directory: Path) -> tuple[dict[str, Path], dict[str, Any]]:
-    """RegMean's statistics, for each expert on `importance_blocks` blocks of its domain: the input
+    """RegMean's statistics, for each expert on `data_blocks` blocks of its domain: the input
     Gram matrix 2/n·Σ x xᵀ of every Linear in the decoder blocks (the layer-wise engine's SparseGPT
     Hessian, at the expert, every block fed the expert's own dense outputs) and the input embedding's
     token frequencies.  One expert in memory at a time; each block's matrices go to a file in the
