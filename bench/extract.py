@@ -58,7 +58,10 @@ PROPAGATION = {FAST: "dense", FUSED: "fused"}
 CALIB_DTYPE = {F32: "float32"}  # every other carve row: "auto", carve extract's default
 BF16 = "carve --dtype bfloat16"  # weights loaded, pruned and kept in bfloat16, as llm-compressor bfloat16
 WEIGHTS_DTYPE = {BF16: "bfloat16"}  # every other carve row: the float32 weights of MODEL_DIR
-CARVE_TOOLS = ("carve", F32, FAST, FUSED, BF16)
+HCALIB = "carve --hessian-dtype calib"  # Hessian products in the calibration forwards' dtype (bfloat16)
+HESSIAN_DTYPE = {HCALIB: "calib"}  # every other carve row: float32 products
+CARVE_TOOLS = ("carve", F32, FAST, FUSED, BF16, HCALIB)
+TIMED = ("carve", HCALIB)  # the tools timed against one plain forward over several calibration seeds (--seeds)
 LLMC_BF16 = "llm-compressor bfloat16"  # the model loaded and pruned in bfloat16: its fastest CPU path
 
 
@@ -101,7 +104,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     mix = 1.0 if spec.get("calibration") == "general" else 0.0
     if spec["kind"] == "calib":  # write the calibration blocks for llm-compressor
         lm = carve.load_model(model_dir)
-        blocks = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
+        blocks = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, spec.get("seed", SEED))
         torch.save(blocks, spec["path"])
         return {"blocks": len(blocks)}
     if spec["kind"] == "prune":  # carve's own job: `carve extract` through its Python API
@@ -110,7 +113,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             model=model_dir, domain=spec["domain"], method=spec["method"], sparsity=None if pattern else 0.5,
             pattern=pattern, mix=mix, propagation=spec.get("propagation", "pruned"),
             calib_dtype=spec.get("calib_dtype", "auto"), dtype=spec.get("dtype"), calib_blocks=CALIB_BLOCKS,
-            block_len=BLOCK_LEN, eval_blocks=spec["eval_blocks"], seed=SEED, cloze_items=0, speed=False,
+            hessian_dtype=spec.get("hessian_dtype", "float32"), block_len=BLOCK_LEN, eval_blocks=spec["eval_blocks"],
+            seed=spec.get("seed", SEED), cloze_items=0, speed=False,
         )  # fmt: skip
         m = carve.extract(recipe, spec.get("out"), overwrite=True)
         retries = m["method_notes"]["hessian_damping_retries"].values()
@@ -118,7 +122,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
                 "damp_retries": sum(v["damp_retries"] for v in retries)}  # fmt: skip
     if spec["kind"] == "forward":  # issue 25's yardstick: one plain bfloat16 forward over the calibration tokens
         lm = carve.load_model(model_dir)  # the dense model (zeros or not, dense kernels take the same time)
-        calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, SEED)
+        calib = calibration_data(lm.tokenizer, domain, general, CALIB_BLOCKS, BLOCK_LEN, mix, spec.get("seed", SEED))
         t = time.perf_counter()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             for ids in calib.split(8):
@@ -143,8 +147,9 @@ def _ensure_llmc() -> Path:
     return ensure_venv(LLMC_VENV, ["torch==2.13.0", "llmcompressor==0.14.0.1"])
 
 
-def configurations(domains: list[str]) -> list[dict[str, Any]]:
-    """In priority order: the llm-compressor comparison first, then the grid."""
+def configurations(domains: list[str], seeds: int = 1) -> list[dict[str, Any]]:
+    """In priority order: the llm-compressor comparison first, then the grid; with `seeds` > 1, the
+    TIMED tools' SparseGPT 50% rows again on calibration seeds 1 .. seeds-1 (ids end /seedK)."""
     out: list[dict[str, Any]] = []
     for d in domains:
         out.append({"domain": d, "tool": "carve", "method": "dense", "pattern": "-", "calibration": "-"})
@@ -168,13 +173,24 @@ def configurations(domains: list[str]) -> list[dict[str, Any]]:
                 out.append(
                     {"domain": d, "tool": "carve", "method": method, "pattern": pattern, "calibration": "general"}
                 )
+    for d in domains:
+        for seed in range(1, seeds):
+            for tool in TIMED:
+                out.append({"domain": d, "tool": tool, "method": "sparsegpt", "pattern": "50%",
+                            "calibration": "domain", "seed": seed})  # fmt: skip
     for c in out:
-        c["id"] = "/".join([c["domain"], c["tool"], c["method"], c["pattern"], c["calibration"]])
+        parts = [c["domain"], c["tool"], c["method"], c["pattern"], c["calibration"]]
+        c["id"] = "/".join(parts + ([f"seed{c['seed']}"] if "seed" in c else []))
     return out
 
 
 def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
-    base = {"domain": cfg["domain"], "eval_blocks": eval_blocks, "model_dir": str(MODEL_DIR)}
+    base = {
+        "domain": cfg["domain"],
+        "eval_blocks": eval_blocks,
+        "model_dir": str(MODEL_DIR),
+        "seed": cfg.get("seed", SEED),
+    }
     if cfg["method"] == "dense":
         return carve_worker(__file__, {**base, "kind": "eval"})
     if cfg["tool"] in ("reference", *CARVE_TOOLS):
@@ -182,7 +198,7 @@ def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
         spec = {**base, "kind": "prune", "method": method, "pattern": cfg["pattern"], "calibration": cfg["calibration"]}
         tool = cfg["tool"]
         spec.update(propagation=PROPAGATION.get(tool, "pruned"), calib_dtype=CALIB_DTYPE.get(tool, "auto"))
-        spec.update(dtype=WEIGHTS_DTYPE.get(tool))
+        spec.update(dtype=WEIGHTS_DTYPE.get(tool), hessian_dtype=HESSIAN_DTYPE.get(tool, "float32"))
         if tool == BF16:  # its output as saved, evaluated in float32 as llm-compressor bfloat16's is
             saved = OUT / ("extract-" + cfg["id"].translate(str.maketrans("/:", "--", "% ")))
             res = carve_worker(__file__, {**spec, "out": str(saved)})
@@ -192,7 +208,7 @@ def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
                 res |= {k: evaluated[k] for k in ("domain_ppl", "general_ppl")}
         else:
             res = carve_worker(__file__, spec)
-        if tool in ("carve", BF16) and cfg["method"] == "sparsegpt" and cfg["pattern"] == "50%" and "error" not in res:
+        if tool in (*TIMED, BF16) and cfg["method"] == "sparsegpt" and cfg["pattern"] == "50%" and "error" not in res:
             fwd = carve_worker(__file__, {**base, "kind": "forward", "calibration": cfg["calibration"]})
             assert fwd["fingerprint"] == res["data"]["calibration"]["fingerprint"], "not the job's tokens"
             res["forward_bf16_s"] = fwd["forward_bf16_s"]
@@ -267,6 +283,41 @@ def _upto_prune(row: dict[str, Any]) -> str:
 
 def _forward_where(row: dict[str, Any]) -> str:
     return "the dense model, its own process" if row.get("job") else "same process, after the prune"
+
+
+def _mean_sd(values: list[float]) -> str:
+    import statistics
+
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def _seed_spread(rows: dict[str, dict[str, Any]], d: str) -> list[str]:
+    """Issue 25's prune time against one plain bfloat16 forward, per TIMED tool over its
+    calibration seeds (the table's row is seed 0; --seeds adds the others)."""
+    out, ppl = [], {}
+    for tool in TIMED:
+        base = f"{d}/{tool}/sparsegpt/50%/domain"
+        got = [rows.get(base)] + [rows.get(f"{base}/seed{k}") for k in range(1, 10)]
+        done = [r for r in got if r and "error" not in r and "forward_bf16_s" in r]
+        if len(done) < 2:
+            continue
+        ratios = [r["seconds"] / r["forward_bf16_s"] for r in done]
+        ppl[tool] = [r["domain_ppl"] for r in done]
+        runs = {r.get("run") for r in done}
+        out.append(
+            f"- `{tool}` SparseGPT 50% over {len(done)} calibration seeds: prune "
+            + " / ".join(f"{r['seconds']:.1f}" for r in done)
+            + " s against one plain bfloat16 forward over the same tokens "
+            + " / ".join(f"{r['forward_bf16_s']:.1f}" for r in done)
+            + f" s: **{_mean_sd(ratios)}x** (bar ≤ 2x: met on {sum(x <= 2 for x in ratios)} of {len(ratios)} "
+            + f"seeds); domain ppl {_mean_sd(ppl[tool])}"
+            + ("" if len(runs) == 1 else f" ({len(runs)} runs)")
+        )
+    if len(ppl) == 2:
+        a, b = (sum(v) / len(v) for v in (ppl[TIMED[1]], ppl[TIMED[0]]))
+        out.append(f"- `{TIMED[1]}` against `{TIMED[0]}`, mean domain ppl over the seeds: {a / b:.4f}x")
+    return out
 
 
 def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks: int) -> str:
@@ -386,6 +437,7 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
                     f"domain ppl {a['domain_ppl'] / c['domain_ppl']:.4f}x, "
                     f"peak RSS {a['peak_rss_mb']:.0f} vs {c['peak_rss_mb']:.0f} MB"
                 )
+        comp += _seed_spread(rows, d)
         if comp:
             head = "Ratios from the rows above (same blocks; rows of one run unless a line says otherwise):"
             lines += [head, "", *comp, ""]
@@ -431,6 +483,7 @@ def main() -> None:
         "--rerun", nargs="*", default=[], help="run again the cached rows whose id contains one of these (same run)"
     )
     p.add_argument("--eval-blocks", type=int, default=16)
+    p.add_argument("--seeds", type=int, default=1, help="time the TIMED tools' SparseGPT 50%% on this many seeds")
     p.add_argument(
         "--quickstart",
         nargs="?",
@@ -453,7 +506,7 @@ def main() -> None:
     ensure_model()
     rows = load_results(RESULTS)
     run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())  # rows of one invocation share it
-    for cfg in configurations(args.domains):
+    for cfg in configurations(args.domains, args.seeds):
         again = any(r in cfg["id"] for r in args.rerun)
         if (cfg["id"] in rows and not again) or args.only not in cfg["id"]:
             continue

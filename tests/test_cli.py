@@ -422,6 +422,26 @@ def test_structured_extract_is_smaller_reloads_and_reports_speed(
     assert {"speed_before", "speed_after"} <= m["timings_s"].keys()
 
 
+def test_hessian_products_in_the_calibration_dtype_are_used_and_recorded(
+    tmp_path: Path, model_dir: Path, small_corpus: Path
+) -> None:
+    """--hessian-dtype calib: SparseGPT's Hessians multiply in the calibration forwards' dtype
+    (bfloat16 here), which the manifest records and which changes the pruned weights; float32
+    products (the default) are recorded as such."""
+    from safetensors.torch import load_file
+
+    outs = {}
+    for choice in ("float32", "calib"):
+        outs[choice] = out = tmp_path / choice
+        flags = ("--method", "sparsegpt", "--calib-dtype", "bfloat16", "--hessian-dtype", choice, "--cloze-items", "0")
+        assert _extract(model_dir, small_corpus, out, *flags) == 0
+        m = json.loads((out / "carve.json").read_text())
+        assert m["recipe"]["hessian_dtype"] == choice and m["data"]["calibration"]["dtype"] == "bfloat16"
+        assert m["data"]["calibration"]["hessian_products"] == (None if choice == "float32" else "bfloat16")
+    a, b = (load_file(outs[c] / "model.safetensors") for c in ("float32", "calib"))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
 def test_structured_extract_with_the_greedy_drop_rule(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -439,6 +459,7 @@ def test_structured_extract_with_the_greedy_drop_rule(tmp_path: Path, model_dir:
     "flags, message",
     [
         (["--structure", "--sparsity", "0.5"], "--sparsity do not apply"),
+        (["--structure", "--hessian-dtype", "calib"], "--hessian-dtype do not apply"),
         (["--keep", "0.5", "--pattern", "2:4"], "--pattern do not apply"),
         (["--keep", "1.5"], "outside (0, 1)"),
         (["--heads-keep", "0.01"], "keep at least one"),

@@ -264,6 +264,22 @@ def test_bfloat16_calibration_feeds_what_the_model_computes_under_autocast(propa
 
 
 @pytest.mark.parametrize("propagation", ["pruned", "fused"])
+def test_hessians_multiply_in_the_calibration_s_products_dtype(propagation: str) -> None:
+    """Calibration.products reaches every Hessian the engine builds; a statistic without products
+    (Wanda's RowNorms) is built as before."""
+    from carve.scorers import Hessian
+
+    model, calib = tiny_model("llama"), _calib()
+    for products in (None, torch.bfloat16):
+        seen: set[torch.dtype] = set()
+        settings = Calibration(2, propagation, torch.bfloat16, products=products)
+        layerwise(model, calib, lambda _i, lin, st, seen=seen: seen.update(st[n].products for n in lin), Hessian,
+                  calib=settings)  # fmt: skip
+        assert seen == {products or torch.float32}
+        layerwise(model, calib, lambda _i, lin, st: None, RowNorms, calib=settings)
+
+
+@pytest.mark.parametrize("propagation", ["pruned", "fused"])
 def test_bfloat16_calibrated_sparsegpt_is_close_to_float32(propagation: str) -> None:
     """The bfloat16-calibrated SparseGPT model differs from the float32-calibrated one by much
     less than pruning changed the model, at the same exact sparsity, with float32 weights."""

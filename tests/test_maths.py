@@ -45,6 +45,23 @@ def test_hessian_is_two_over_n_xxt() -> None:
     torch.testing.assert_close(h.H, 2 / X.shape[0] * X.t() @ X, rtol=1e-4, atol=1e-4)
 
 
+def test_hessian_products_in_bfloat16_are_each_batch_s_rounded_product_summed_in_float64() -> None:
+    """products=bfloat16: each batch's XᵀX is multiplied from the bfloat16 inputs and rounded to
+    bfloat16, then summed in float64 (--hessian-dtype calib); it stays within bfloat16 rounding of
+    the float32 Hessian and is not that Hessian."""
+    X = torch.randn(3, 200, 600, generator=torch.Generator().manual_seed(4)).bfloat16()
+    h, exact = Hessian(600, products=torch.bfloat16), Hessian(600)
+    for x in X:
+        h.update(x)
+        exact.update(x)
+    direct = sum((x.t() @ x).double() for x in X)  # a bfloat16 product, rounded, summed in float64
+    assert isinstance(direct, torch.Tensor)
+    torch.testing.assert_close(h.H, (2 / 600 * direct).float(), rtol=1e-6, atol=1e-6)
+    assert not torch.equal(h.H, exact.H)
+    torch.testing.assert_close(h.H, exact.H, rtol=0, atol=2 * 2**-8 * exact.H.abs().max().item())
+    assert torch.equal(h.H, h.H.t())
+
+
 def test_hessian_from_upper_chunks_is_full_and_symmetric() -> None:
     X = torch.randn(256, 600, generator=torch.Generator().manual_seed(3))  # chunks 256, 256, 88
     h = Hessian(600)

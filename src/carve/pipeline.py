@@ -114,6 +114,13 @@ class Recipe:
         "auto",
         choices=("auto", "float32", "bfloat16", "float16"),
     )
+    hessian_dtype: str = flag(
+        "dtype of each calibration batch's Hessian product XᵀX (SparseGPT, dual-obs's sweep, --reconstruct), "
+        "summed in float64 either way. calib: the calibration forwards' dtype (with bfloat16 forwards: ~4x "
+        "faster products on an AVX512-BF16 CPU, each batch's product rounded to bfloat16)",
+        "float32",
+        choices=("float32", "calib"),
+    )
     lam: float = flag(
         "dual: weight of general importance against domain importance; dual-obs: weight of the layer's OBS "
         "error against the domain Fisher error",
@@ -236,6 +243,8 @@ class Recipe:
             raise UsageError("--save-format sparse is for unstructured and N:M outputs; a structured one is dense")
         check_propagation(r.propagation)
         check_calib_choice(r.calib_dtype)
+        if r.hessian_dtype not in ("float32", "calib"):
+            raise UsageError(f"unknown Hessian dtype {r.hessian_dtype!r}: use float32 or calib")
         if r.reconstruct_mix is not None and not 0 <= r.reconstruct_mix <= 1:
             raise UsageError(f"reconstruct mix {r.reconstruct_mix} is outside [0, 1]")
         if r.lam < 0 or r.lr < 0:
@@ -270,6 +279,7 @@ class Recipe:
             "reconstruct": self.reconstruct_mix,
             "propagation": None if self.propagation == "pruned" else self.propagation,
             "calib-dtype": None if self.calib_dtype == "auto" else self.calib_dtype,
+            "hessian-dtype": None if self.hessian_dtype == "float32" else self.hessian_dtype,
             # every block keeps the same units (a standard config), so no module can be left out
             "include": None if list(self.include) == ["*"] else self.include,
             "exclude": None if list(self.exclude) == list(DEFAULT_EXCLUDE) else self.exclude,
@@ -388,6 +398,8 @@ class ExtractData:
             "seed": r.seed,
             "fingerprint": tensor_fingerprint(self.calib),
             "dtype": calib_dtype,  # what the calibration forwards computed in (autocast); None for --structure
+            # what each batch's Hessian product XᵀX computed in (--hessian-dtype)
+            "hessian_products": None if calib_dtype is None or r.hessian_dtype == "float32" else calib_dtype,
         }
 
 
@@ -413,7 +425,9 @@ def _calibration(r: Recipe, lm: LoadedModel) -> Calibration:
     model_dtype = next(lm.model.parameters()).dtype
     asked = None if r.structure else resolve_calib_dtype(r.calib_dtype, lm.model)
     budget = None if r.max_memory is None else parse_size(r.max_memory)
-    return Calibration(r.batch_size, r.propagation, check_calib_dtype(model_dtype, asked), max_memory=budget)
+    dtype = check_calib_dtype(model_dtype, asked)
+    products = dtype if r.hessian_dtype == "calib" else None  # None: float32, or the model's own dtype
+    return Calibration(r.batch_size, r.propagation, dtype, max_memory=budget, products=products)
 
 
 def _operate(r: Recipe, lm: LoadedModel, data: ExtractData, calib: Calibration) -> Outcome:

@@ -35,6 +35,7 @@ computes in the model's dtype.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -273,7 +274,8 @@ def layerwise(
     (the block as it was before `on_block`) are propagated: one pass per block.  With `"fused"`
     (see the module docstring) `on_block(i, {name: linear}, {name: stat})` is called for each
     Linear as its input arrives, in one forward of the model with `calib.batch_size` ignored.
-    `calib.dtype`: see the module docstring.  `targets`: the Linear modules handed over."""
+    `calib.dtype`: see the module docstring; `calib.products`: the dtype of a Hessian's per-batch
+    products.  `targets`: the Linear modules handed over."""
     include, exclude, propagation = targets.include, targets.exclude, calib.propagation
     stream = calib.stream
     if stream is not None and propagation == "fused":
@@ -285,6 +287,9 @@ def layerwise(
     param = next(model.parameters())
     device = param.device
     autocast = check_calib_dtype(param.dtype, calib.dtype)
+    if calib.products is not None and getattr(statistic, "PRODUCTS", False):  # a Hessian's XᵀX dtype
+        with_products: Any = statistic
+        statistic = functools.partial(with_products, products=calib.products)
     prefix, blocks = find_blocks(model)
     seconds = dict.fromkeys(("statistics", "method", "propagate", "stream"), 0.0)
     if propagation == "fused" and statistic is not None:

@@ -15,6 +15,7 @@ One function per kind of scorer, each feeding the scorer's pure maths from one e
 from __future__ import annotations
 
 from collections.abc import Callable, MutableMapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -136,7 +137,7 @@ def activation_scores(
         stream = _Visit(calib.stream.sk)
         stream.sk.load_others()
         stream.sk.load_block(0)
-    dense = Calibration(calib.batch_size, "dense", calib.dtype, stream=stream, max_memory=calib.max_memory)
+    dense = replace(calib, propagation="dense", stream=stream)
     layerwise(model, data, on_block, scorer.statistic, targets, dense, f"scoring ({scorer.name})")
     if stream is not None:  # as the pass found them: the tensors outside the blocks and block 0 read
         stream.sk.load_others()

@@ -50,13 +50,22 @@ class Hessian:
     the chunk starting at row a: about half the matrix, so the float64 sum takes about the memory of
     a full float32 H), each update computes only those products (about 60% of XᵀX for a 1536-wide
     input), and `H` assembles and mirrors the full float32 matrix when first read, freeing each chunk
-    as it goes.  A later update rebuilds the sum from H (to float32 precision)."""
+    as it goes.  A later update rebuilds the sum from H (to float32 precision).
+
+    `products`: the dtype each batch's XᵀX is computed in (default float32).  A 16-bit dtype
+    multiplies the inputs as the calibration forwards produced them (bfloat16 products are ~4x
+    faster than float32 ones on an AVX512-BF16 CPU) but rounds each batch's product to that dtype
+    before the float64 sum: torch has no 16-bit-in, float32-out product on the CPU."""
 
     CHUNK = 256
-    ROWS = 8192  # tokens per product: a float32 copy of a 16-bit input is made this many at a time
+    ROWS = 8192  # tokens per product: a copy of the input in `products` is made this many at a time
+    PRODUCTS = True  # the layer-wise engine hands it Calibration.products
 
-    def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, in_features: int, device: torch.device | str = "cpu", products: torch.dtype | None = None
+    ) -> None:
         self.d = in_features
+        self.products = products or torch.float32
         self._starts = list(range(0, in_features, self.CHUNK))
         self._rows: list[torch.Tensor] | None = [
             torch.zeros(min(self.CHUNK, in_features - a), in_features - a, dtype=torch.float64, device=device)
@@ -76,12 +85,12 @@ class Hessian:
             self._H = None
             self.cache.clear()
         for rows in x.reshape(-1, x.shape[-1]).split(self.ROWS):
-            self._add(rows.float())
+            self._add(rows.to(self.products))
 
     def _add(self, x: torch.Tensor) -> None:
         assert self._rows is not None
         self.n += x.shape[0]
-        for chunk, a in zip(self._rows, self._starts, strict=True):  # a float32 product, added in float64
+        for chunk, a in zip(self._rows, self._starts, strict=True):  # a `products` product, added in float64
             chunk += x[:, a : a + self.CHUNK].t() @ x[:, a:]
 
     @property
