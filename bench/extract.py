@@ -401,13 +401,16 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
                 f"peak RSS after {_upto_prune(c)} {c.get('peak_rss_prune_mb', 0):.0f} MB "
                 f"(with evaluation {c['peak_rss_mb']:.0f})"
             )
-        if c and h and "error" not in c and "error" not in h:
-            comp.append(
-                f"- `carve` (bfloat16 calibration forwards, float32 weights) against {LLMC_BF16} (the model loaded, "
-                f"pruned and saved in bfloat16) SparseGPT 50%: wall time {c['seconds'] / h['seconds']:.2f}x, "
-                f"domain ppl {c['domain_ppl'] / h['domain_ppl']:.4f}x, peak RSS {c['peak_rss_mb']:.0f} vs "
-                f"{h['peak_rss_mb']:.0f} MB" + ("" if c.get("run") == h.get("run") else " (rows of different runs)")
-            )
+        for tool in TIMED:
+            t = rows.get(f"{d}/{tool}/sparsegpt/50%/domain")
+            if t and h and "error" not in t and "error" not in h:
+                comp.append(
+                    f"- `{tool}` (bfloat16 calibration forwards, float32 weights) against {LLMC_BF16} (the model "
+                    f"loaded, pruned and saved in bfloat16) SparseGPT 50%: "
+                    f"wall time {t['seconds'] / h['seconds']:.2f}x, "
+                    f"domain ppl {t['domain_ppl'] / h['domain_ppl']:.4f}x, peak RSS {t['peak_rss_mb']:.0f} vs "
+                    f"{h['peak_rss_mb']:.0f} MB" + ("" if t.get("run") == h.get("run") else " (rows of different runs)")
+                )
         w = rows.get(f"{d}/{BF16}/sparsegpt/50%/domain")
         if w and h and "error" not in w and "error" not in h and "forward_bf16_s" in w:
             comp.append(

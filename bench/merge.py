@@ -19,7 +19,8 @@ merged by the experts' input Gram matrices on 32 blocks of their domains, comput
 Fisher merging (`fisher`: every tensor the mean of the task vectors weighted entry by entry by each
 expert's diagonal empirical Fisher E[g²] on 32 blocks of its domain, computed in the job; `--data-seeds`
 draws, as RegMean's), TIES with nothing trimmed (`ties_d1`: density 1, RegMean's), Consensus TIES
-(`--consensus 2`) and TALL masks (`--tall` over task arithmetic's plain sum, not the mean).
+(`--consensus 2`) and TALL masks (`--tall` over task arithmetic's plain sum, not the mean); both
+choose λ_t on the held-out blocks after the evaluated ones (`--select-blocks 8`; code has 7).
 
 Per row: each domain's perplexity and the general perplexity (first 16 held-out 512-token blocks),
 the normalized gain per task (the share of the expert's log-perplexity gain over the base that the

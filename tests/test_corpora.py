@@ -63,6 +63,12 @@ def test_calibration_blocks_are_seeded_and_from_train(tokenizer) -> None:
     assert not a.equal(c.calibration_blocks(tokenizer, 4, 64, seed=2))
     e = c.eval_blocks(tokenizer, 3, 64)
     assert e.shape == (3, 64)
+    # skip: the held-out blocks after the first ones, up to the end of the split
+    assert c.eval_blocks(tokenizer, 2, 64, skip=1).equal(e[1:])
+    total = len(c.eval_blocks(tokenizer, 10**6, 64))
+    assert len(c.eval_blocks(tokenizer, 5, 64, skip=total - 2)) == 2
+    with pytest.raises(UsageError, match=f"{total} held-out blocks of 64 tokens, none after the first {total}"):
+        c.eval_blocks(tokenizer, 1, 64, skip=total)
 
 
 def test_too_short_corpus(tmp_path: Path, tokenizer) -> None:

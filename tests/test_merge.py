@@ -448,6 +448,22 @@ def test_tall_masks_and_reconstruction(tmp_path: Path, model_dir: Path, experts)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(rebuilt)
+    # λ_t was chosen on the held-out blocks after the 2 evaluated ones, and the rebuilt expert's
+    # reported perplexity is measured on those 2, not on the blocks that chose it
+    import carve
+    from carve.corpora import Corpus
+    from carve.evaluation import perplexity
+
+    lm, per = carve.load_model(str(rebuilt)), manifest["tall"]["per_task"]["legal"]
+    want = carve.evaluate(lm, "legal", "general", blocks=2, block_len=32, cloze_items=0)
+    assert per["rebuilt"]["domain_ppl"] == pytest.approx(want["domain_ppl"], rel=1e-6)
+    select = Corpus("legal").eval_blocks(lm.tokenizer, 8, 32, skip=2)
+    assert per["chosen_on_blocks"] == len(select) == 8
+    assert not torch.equal(select[:2], Corpus("legal").eval_blocks(lm.tokenizer, 2, 32))
+    chosen_on = per["tried"][str(lambdas["legal"])]
+    assert (
+        chosen_on == pytest.approx(perplexity(lm.model, select), rel=1e-4) and chosen_on != per["rebuilt"]["domain_ppl"]
+    )
 
 
 def test_consensus_keeps_what_enough_tasks_select(tmp_path: Path, model_dir: Path, experts) -> None:
@@ -476,6 +492,7 @@ def test_tall_refusals(tmp_path: Path, model_dir: Path, experts, capsys) -> None
         (_tall_args(model_dir, experts, tmp_path / "o", "--tall", "--eval-blocks", "0"), "--eval-blocks > 0"),
         (_tall_args(model_dir, experts, tmp_path / "o", "--consensus", "4"), "not between 1 and the number"),
         (_tall_args(model_dir, experts, tmp_path / "o", "--tall", "--consensus", "2"), "choose one"),
+        (_tall_args(model_dir, experts, tmp_path / "o", "--tall", "--select-blocks", "0"), "--select-blocks must"),
         (["merge", "--reconstruct", "legal", "--out", str(tmp_path / "o")], "--merged DIR"),
         (
             ["merge", "--reconstruct", "legal", "--merged", str(model_dir), "--out", str(tmp_path / "o")],

@@ -73,6 +73,11 @@ class MergeRecipe:
     tall: bool = flag(
         "also write TALL masks (one bit per weight per task, λ_t chosen on held-out blocks)", default=False
     )
+    select_blocks: int = flag(
+        "TALL / Consensus: held-out blocks per domain that choose λ_t, the ones after the --eval-blocks evaluated "
+        "(fewer where the split ends sooner), so no perplexity is measured on the blocks that chose λ_t",
+        default=8,
+    )
     consensus: int = flag("Consensus merging: keep only what at least K tasks' TALL masks select (0: off)", default=0)
     save_dtype: str | None = flag(SAVE_DTYPE_HELP, choices=SAVE_DTYPES)
     domains: list[str] = flag("the domain each expert is evaluated on, one per expert (default: the experts' names)",
@@ -129,6 +134,8 @@ class MergeRecipe:
         if (self.tall or self.consensus) and (not self.eval_blocks or n < 2):
             raise UsageError("TALL masks and Consensus merging choose λ_t on held-out blocks of two or more experts' "
                              "domains: give --eval-blocks > 0 and at least two experts")  # fmt: skip
+        if (self.tall or self.consensus) and self.select_blocks < 1:
+            raise UsageError("--select-blocks must be at least 1: λ_t is chosen on them")
         if self.tall and self.consensus:
             raise UsageError("--tall stores the masks of the merged model; --consensus changes it: choose one")
         if not 0 <= self.consensus <= n:
@@ -312,7 +319,7 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: 
             data = _eval_data(r)
             if r.tall or r.consensus:
                 with stage("tall"):
-                    manifest["tall"] = _localize(r, tmp, data)
+                    manifest["tall"] = _localize(r, tmp, _select_data(r), data)
             with stage("evaluation"):
                 manifest["merge_metrics"] = _evaluate(r, tmp, data, manifest.get("tall"), cache)
         stage.record(manifest)
@@ -453,12 +460,13 @@ class _Tensors(Mapping[str, torch.Tensor]):
         return len(self.source.names())
 
 
-def _localize(r: MergeRecipe, tmp: Path, data: dict[str, Any]) -> dict[str, Any]:
-    """TALL masks chosen per task; saved (`--tall`) or used to keep the consensus (`--consensus K`)."""
+def _localize(r: MergeRecipe, tmp: Path, select: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """TALL masks chosen per task on the `select` blocks; saved with each rebuilt expert measured on
+    the evaluation blocks `data` (`--tall`), or used to keep the consensus (`--consensus K`)."""
     from carve import tall
 
     base = Path(r.base or "").expanduser()
-    masks, report = tall.choose(base, tmp, r.expert_dirs(), data)
+    masks, report = tall.choose(base, tmp, r.expert_dirs(), select, data if r.tall else None)
     if r.tall:
         tall.save_masks(tmp / tall.TALL_FILE, masks, {t: report[t]["lambda"] for t in masks})
         size = (tmp / tall.TALL_FILE).stat().st_size
@@ -593,6 +601,21 @@ def _eval_data(r: MergeRecipe) -> dict[str, Any]:
     general = Corpus(r.general)
     n, length = r.eval_blocks, r.block_len
     return {t: held_out_data(tok, Corpus(d), general, n, length, cloze_items=0) for t, d in r.domain_of().items()}
+
+
+def _select_data(r: MergeRecipe) -> dict[str, Any]:
+    """Each task's λ_t-choosing blocks: up to --select-blocks of its domain's held-out split, after
+    the --eval-blocks that `_eval_data` evaluates on."""
+    from transformers import AutoTokenizer
+
+    from carve.corpora import Corpus
+    from carve.job import EvalData
+
+    tok = AutoTokenizer.from_pretrained(Path(r.base or "").expanduser())
+    return {
+        t: EvalData({"domain": (c.name, c.eval_blocks(tok, r.select_blocks, r.block_len, skip=r.eval_blocks))})
+        for t, c in ((t, Corpus(d)) for t, d in r.domain_of().items())
+    }
 
 
 def _evaluate(

@@ -4,7 +4,8 @@ weight per task, from which each task's expert is rebuilt.
 For task t, with τ_t = θ_t − θ₀ and τ_MTL = θ_merged − θ₀ (the merge's task vector, as saved):
 m_t = 1{|τ_t| ≥ λ_t·|τ_MTL − τ_t|}; the rebuilt expert is θ₀ where m_t is 0 and θ_merged where it
 is 1 (θ₀ + m_t ⊙ τ_MTL, taken from the stored tensors so no rounding enters).  λ_t is chosen per
-task from a grid by the rebuilt expert's perplexity on the task's held-out blocks.  Consensus
+task from a grid by the rebuilt expert's perplexity on held-out blocks of the task's domain that the
+evaluation does not use (`carve merge --select-blocks`, after its `--eval-blocks`).  Consensus
 merging keeps τ_MTL only where at least k tasks' masks select it.
 
 `tall_masks.safetensors`: for each task and tensor, `TASK/NAME` (uint8, np.packbits of the mask);
@@ -52,9 +53,16 @@ def _rebuild_into(
 
 
 def choose(
-    base_dir: Path, merged_dir: Path, experts: dict[str, Path], data: dict[str, Any], grid: tuple[float, ...] = GRID
+    base_dir: Path,
+    merged_dir: Path,
+    experts: dict[str, Path],
+    select: dict[str, Any],
+    held_out: dict[str, Any] | None = None,
+    grid: tuple[float, ...] = GRID,
 ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """Each task's mask at its best λ_t on its held-out `data`, and what was measured."""
+    """Each task's mask at its best λ_t by the rebuilt expert's domain perplexity on its `select`
+    blocks, and what was measured: every λ_t tried (`tried`, on `select`), and, with `held_out`
+    (blocks disjoint from `select`), the chosen rebuilt expert's metrics on them (`rebuilt`)."""
     from carve.job import metrics_of
     from carve.models.load import load_model
     from carve.progress import progress
@@ -68,11 +76,15 @@ def choose(
                 tried = {}
                 for lam in progress(grid, desc=f"TALL λ ({task})"):
                     _rebuild_into(model, base, merged, _masks(base, expert, merged, lam))
-                    tried[lam] = metrics_of(model, data[task])
+                    tried[lam] = metrics_of(model, select[task])
                 best = min(tried, key=lambda lam: tried[lam]["domain_ppl"])
                 chosen[task] = _masks(base, expert, merged, best)
                 report[task] = {"lambda": best, "tried": {str(k): v["domain_ppl"] for k, v in tried.items()},
-                                "rebuilt": tried[best], "mask_density": _density(chosen[task])}  # fmt: skip
+                                "chosen_on_blocks": tried[best]["domain_eval_blocks"],
+                                "mask_density": _density(chosen[task])}  # fmt: skip
+                if held_out is not None:
+                    _rebuild_into(model, base, merged, chosen[task])
+                    report[task]["rebuilt"] = metrics_of(model, held_out[task])
     return chosen, report
 
 

@@ -261,8 +261,9 @@ class Corpus:
         starts = torch.randint(0, ids.numel() - length, (n,), generator=gen)
         return torch.stack([ids[s : s + length] for s in starts.tolist()])
 
-    def eval_blocks(self, tokenizer: Any, n: int, length: int) -> torch.Tensor:
-        """The first `n` non-overlapping `length`-token blocks of the held-out split: [<=n, length]."""
+    def eval_blocks(self, tokenizer: Any, n: int, length: int, skip: int = 0) -> torch.Tensor:
+        """The first `n` non-overlapping `length`-token blocks of the held-out split: [<=n, length];
+        with `skip`, those after its first `skip` blocks."""
         docs = self.eval
         if not docs:
             raise UsageError(
@@ -270,13 +271,18 @@ class Corpus:
                 f"(about {self.eval_share:.0%} are held out by hash)"
             )
         ids = self.tokens(docs, tokenizer)
-        count = min(n, ids.numel() // length)
-        if count == 0:
+        count = min(n, ids.numel() // length - skip)
+        if count <= 0 and skip:
+            raise UsageError(
+                f"corpus {self.spec!r} has {ids.numel() // length} held-out blocks of {length} tokens, "
+                f"none after the first {skip}"
+            )
+        if count <= 0:
             raise UsageError(
                 f"corpus {self.spec!r} has {ids.numel()} held-out tokens, fewer than one "
                 f"evaluation block of {length} tokens"
             )
-        return ids[: count * length].view(count, length)
+        return ids[skip * length : (skip + count) * length].view(count, length)
 
 
 def _selection_summary(m: dict[str, Any]) -> dict[str, Any]:
