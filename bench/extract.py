@@ -310,8 +310,8 @@ def _seed_spread(rows: dict[str, dict[str, Any]], d: str) -> list[str]:
             + " / ".join(f"{r['seconds']:.1f}" for r in done)
             + " s against one plain bfloat16 forward over the same tokens "
             + " / ".join(f"{r['forward_bf16_s']:.1f}" for r in done)
-            + f" s: **{_mean_sd(ratios)}x** (bar ≤ 2x: met on {sum(x <= 2 for x in ratios)} of {len(ratios)} "
-            + f"seeds); domain ppl {_mean_sd(ppl[tool])}"
+            + f" s: **{_mean_sd(ratios)}x** (mean ± sd; bar ≤ 2x: met on {sum(x <= 2 for x in ratios)} "
+            + f"of {len(ratios)} seeds); domain ppl {_mean_sd(ppl[tool])}"
             + ("" if len(runs) == 1 else f" ({len(runs)} runs)")
         )
     if len(ppl) == 2:
