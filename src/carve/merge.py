@@ -316,10 +316,13 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: 
             manifest["recipe"] = asdict(given)
             manifest[section] = computed
         if r.eval_blocks:
-            data = _eval_data(r)
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(Path(r.base or "").expanduser())
+            data = _eval_data(r, tok)
             if r.tall or r.consensus:
                 with stage("tall"):
-                    manifest["tall"] = _localize(r, tmp, _select_data(r), data)
+                    manifest["tall"] = _localize(r, tmp, _select_data(r, tok), data)
             with stage("evaluation"):
                 manifest["merge_metrics"] = _evaluate(r, tmp, data, manifest.get("tall"), cache)
         stage.record(manifest)
@@ -590,28 +593,22 @@ def set_config_dtype(path: Path, dtype: str) -> None:
         path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _eval_data(r: MergeRecipe) -> dict[str, Any]:
+def _eval_data(r: MergeRecipe, tok: Any) -> dict[str, Any]:
     """Each task's held-out blocks (its domain and the general corpus), tokenized by the base's tokenizer."""
-    from transformers import AutoTokenizer
-
     from carve.corpora import Corpus
     from carve.job import held_out_data
 
-    tok = AutoTokenizer.from_pretrained(Path(r.base or "").expanduser())
     general = Corpus(r.general)
     n, length = r.eval_blocks, r.block_len
     return {t: held_out_data(tok, Corpus(d), general, n, length, cloze_items=0) for t, d in r.domain_of().items()}
 
 
-def _select_data(r: MergeRecipe) -> dict[str, Any]:
+def _select_data(r: MergeRecipe, tok: Any) -> dict[str, Any]:
     """Each task's λ_t-choosing blocks: up to --select-blocks of its domain's held-out split, after
     the --eval-blocks that `_eval_data` evaluates on."""
-    from transformers import AutoTokenizer
-
     from carve.corpora import Corpus
     from carve.job import EvalData
 
-    tok = AutoTokenizer.from_pretrained(Path(r.base or "").expanduser())
     return {
         t: EvalData({"domain": (c.name, c.eval_blocks(tok, r.select_blocks, r.block_len, skip=r.eval_blocks))})
         for t, c in ((t, Corpus(d)) for t, d in r.domain_of().items())
