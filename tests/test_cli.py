@@ -336,9 +336,14 @@ def test_dual_extract_saves_importance_and_a_second_extract_reuses_it(
     for k in imp:
         assert torch.equal(reloaded[k], imp[k])
 
-    # other data or settings: refused before any work, nothing written
+    # other data or settings (the calibration forwards' dtype among them): refused before any work, nothing written
     capsys.readouterr()
-    for extra, what in ((["--lambda", "2"], "calibration data and settings"), (["--method", "taylor"], "method")):
+    other_dtype = "float32" if manifest["data"]["calibration"]["dtype"] == "bfloat16" else "bfloat16"
+    for extra, what in (
+        (["--lambda", "2"], "calibration data and settings"),
+        (["--calib-dtype", other_dtype], "calibration data and settings"),
+        (["--method", "taylor"], "method"),
+    ):
         out = tmp_path / "refused"
         args = ["--method", "dual", "--lambda", "0.5", *extra, "--importance", imp_path]
         assert _extract(model_dir, small_corpus, out, *args) == 2

@@ -507,6 +507,24 @@ def test_tall_refusals(tmp_path: Path, model_dir: Path, experts, capsys) -> None
         assert not (tmp_path / "o").exists()
 
 
+def test_tall_without_blocks_left_to_choose_on_is_refused_before_merging(
+    tmp_path: Path, model_dir: Path, experts, monkeypatch, capsys
+) -> None:
+    """Every held-out block taken by --eval-blocks: refused by name before any tensor is merged."""
+    import carve.merge
+
+    def never(*_a: object, **_k: object) -> None:
+        raise AssertionError("the merge ran before the corpora were checked")
+
+    monkeypatch.setattr(carve.merge, "_stream_merge", never)
+    out = tmp_path / "o"
+    capsys.readouterr()
+    assert main(_tall_args(model_dir, experts, out, "--tall", "--eval-blocks", "100000")) == 2
+    err = capsys.readouterr().err
+    assert "none after the first 100000" in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_selection_equals_a_sort_and_its_tie_order(seed: int) -> None:
     """TIES and Breadcrumbs keep what mergekit's sorts keep, ties at the boundaries included."""

@@ -299,6 +299,14 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: 
     with claim(out), atomic_output_dir(out, overwrite) as tmp, tempfile.TemporaryDirectory() as scratch:
         computed, given, stats, section = None, r, None, "importance"
         statistic = METHODS[r.method].statistic
+        data, select = None, None
+        if r.eval_blocks:  # tokenized first: a corpus too short for the blocks asked is refused before any merging
+            from transformers import AutoTokenizer
+
+            with stage("tokenize"):
+                tok = AutoTokenizer.from_pretrained(Path(r.base or "").expanduser())
+                data = _eval_data(r, tok)
+                select = _select_data(r, tok) if r.tall or r.consensus else None
         if r.method == "importance" and not r.importance:
             with stage("importance"):
                 r, computed = _fisher_maps(r, Path(scratch))
@@ -315,14 +323,10 @@ def merge(recipe: MergeRecipe, out: str | Path, overwrite: bool = False, cache: 
         if computed is not None:  # the recipe as given (the maps were temporary), and how they were made
             manifest["recipe"] = asdict(given)
             manifest[section] = computed
-        if r.eval_blocks:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(Path(r.base or "").expanduser())
-            data = _eval_data(r, tok)
-            if r.tall or r.consensus:
+        if data is not None:
+            if select is not None:
                 with stage("tall"):
-                    manifest["tall"] = _localize(r, tmp, _select_data(r, tok), data)
+                    manifest["tall"] = _localize(r, tmp, select, data)
             with stage("evaluation"):
                 manifest["merge_metrics"] = _evaluate(r, tmp, data, manifest.get("tall"), cache)
         stage.record(manifest)

@@ -302,14 +302,20 @@ class Recipe:
 
 
 def _importance_key(
-    recipe: Recipe, model_fingerprint: str, calib: torch.Tensor, general_calib: torch.Tensor | None
+    recipe: Recipe,
+    model_fingerprint: str,
+    calib: torch.Tensor,
+    general_calib: torch.Tensor | None,
+    settings: Calibration,
 ) -> dict[str, Any]:
-    """What an importance map depends on: reusing one needs all of it to match."""
+    """What an importance map depends on: reusing one needs all of it to match (the calibration
+    forwards' dtype and the Hessian products' too: a map scored in bfloat16 is not the float32 one)."""
     data = hashlib.sha256(tensor_fingerprint(calib).encode())
     if general_calib is not None:
         data.update(tensor_fingerprint(general_calib).encode())
     lam = recipe.lam if get_scorer(recipe.method or DEFAULT_METHOD).needs_general else None  # only dual's use λ
-    data.update(json.dumps([lam, recipe.lr, recipe.include, recipe.exclude]).encode())
+    dtypes = [str(settings.dtype), str(settings.products)]
+    data.update(json.dumps([lam, recipe.lr, recipe.include, recipe.exclude, *dtypes]).encode())
     return {"scorer": recipe.method, "model_fingerprint": model_fingerprint, "data_fingerprint": data.hexdigest()[:16]}
 
 
@@ -403,7 +409,9 @@ class ExtractData:
         }
 
 
-def _tokenize(r: Recipe, lm: LoadedModel, domain: Corpus, general: Corpus, evaluated: Corpus) -> ExtractData:
+def _tokenize(
+    r: Recipe, lm: LoadedModel, calib_settings: Calibration, domain: Corpus, general: Corpus, evaluated: Corpus
+) -> ExtractData:
     tok = lm.tokenizer
     calib = calibration_data(tok, domain, general, r.calib_blocks, r.block_len, r.mix or 0.0, r.seed)
     general_calib = None
@@ -415,8 +423,9 @@ def _tokenize(r: Recipe, lm: LoadedModel, domain: Corpus, general: Corpus, evalu
         rebuild = calibration_data(tok, domain, general, r.calib_blocks, r.block_len, r.reconstruct_mix, r.seed)
     held_out = held_out_data(tok, evaluated, general, r.eval_blocks, r.block_len, r.cloze_items)
     return ExtractData(
-        calib, general_calib, rebuild, held_out, _importance_key(r, lm.fingerprint, calib, general_calib)
-    )
+        calib, general_calib, rebuild, held_out,
+        _importance_key(r, lm.fingerprint, calib, general_calib, calib_settings),
+    )  # fmt: skip
 
 
 def _calibration(r: Recipe, lm: LoadedModel) -> Calibration:
@@ -495,7 +504,7 @@ def _extract(
         r.targets().linears(lm.model)  # checked before any long work: there are Linear layers to prune
         calib = _calibration(r, lm)
     with stage("tokenize"):
-        data = _tokenize(r, lm, domain, general, evaluated)
+        data = _tokenize(r, lm, calib, domain, general, evaluated)
     with stage("evaluate_before"):
         # cached only for a model carve loaded itself (one handed in may have changed since)
         before, cached = evaluate_source(lm, data.held_out, cache=cache and model is None)
@@ -570,7 +579,7 @@ def _extract_streamed(
             calib = replace(calib, max_memory=min(STREAM_ACTIVATIONS, free // 4 if free else STREAM_ACTIVATIONS))
     streamed_r = replace(r, cloze_items=0, speed=False)
     with stage("tokenize"):
-        data = _tokenize(streamed_r, lm, domain, general, evaluated)
+        data = _tokenize(streamed_r, lm, calib, domain, general, evaluated)
     save_name = r.save_dtype or source_dtype
     with skeleton, atomic_output_dir(out, overwrite) if out is not None else nullcontext(None) as tmp:
         specs = [(stored, getattr(torch, save_name) if skeleton.source.dtype(stored).is_floating_point

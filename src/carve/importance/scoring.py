@@ -241,8 +241,7 @@ def streamed_unit_importance(
     scorer = get_scorer(method)
     anat = anatomy(source.model)
     if scorer.gradient is not None:
-        visit = Calibration(calib.batch_size, calib.propagation, calib.dtype, stream=_Visit(source),
-                            max_memory=calib.max_memory)  # fmt: skip
+        visit = replace(calib, stream=_Visit(source))
         source.load_others()
         spilled = score(source.model, method, calibration, targets=targets, calib=visit,
                         general_calibration=general_calibration, lam=lam, lr=lr)  # fmt: skip
@@ -257,6 +256,6 @@ def streamed_unit_importance(
     if data is None:
         streamed_weight_scores(source, scorer, targets, reduce)
     else:
-        visit = Calibration(calib.batch_size, "dense", calib.dtype, stream=_Visit(source), max_memory=calib.max_memory)
+        visit = replace(calib, propagation="dense", stream=_Visit(source))
         activation_scores(source.model, scorer, data, targets, visit, per_block=reduce)
     return UnitImportance(groups, channels)

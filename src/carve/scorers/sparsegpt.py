@@ -152,9 +152,9 @@ def sparsegpt_prune(
         else:
             keep1 = torch.ones_like(W1, dtype=torch.bool)
         # per column i: err = (w - q) / U_ii with q = w·keep, i.e. w · (1 - keep) / U_ii; the
-        # later columns of the block get −U_i,j · err (one rank-1 update), and column i itself
-        # becomes q (zeros exact).  `scale` and `keepf` hold (1 - keep) / U_ii and keep per
-        # weight, so each column costs three kernels instead of about ten.
+        # later columns of the block get −U_i,j · err (one rank-1 update).  `scale` holds
+        # (1 - keep) / U_ii per weight, so each column costs two kernels.  Column i is not read or
+        # written after its own step, so it becomes q (zeros exact) for the whole block at once.
         keepf = keep1.to(W1.dtype)
         scale = (1 - keepf) / d1.unsqueeze(1)
         rows, errs, us = W1.unbind(0), Err1.unbind(0), U1.unbind(0)
@@ -166,8 +166,7 @@ def sparsegpt_prune(
                 scale[g] = (1 - keepf[g]) / d1[g].unsqueeze(1)
             torch.mul(rows[i], scale[i], out=errs[i])
             W1[i + 1 :].addr_(us[i][i + 1 :], errs[i], alpha=-1)
-            rows[i].mul_(keepf[i])
-        Wt[i1:i2] = W1
+        Wt[i1:i2] = W1.mul_(keepf)
         keep_t[i1:i2] = keep1
         Wt[i2:].sub_(U[i1:i2, i2:].t() @ Err1)
     keep = keep_t.t()
