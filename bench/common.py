@@ -80,6 +80,7 @@ def extract_row(m: dict[str, Any]) -> dict[str, Any]:
         "job": "carve.extract",
         "seconds": m["timings_s"]["prune"],
         "timings_s": m["timings_s"],
+        **({"engine_seconds": m["engine_seconds"]} if "engine_seconds" in m else {}),  # the layer-wise engine's parts
         "peak_rss_prune_mb": m["peak_rss_after_stage_mb"]["prune"],
         "before_from_cache": m["metrics"]["before_from_cache"],
         "peak_rss_mb": m["peak_rss_mb"],

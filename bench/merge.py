@@ -5,7 +5,7 @@
 Experts: `carve finetune --trainable full` (100 AdamW steps of one 512-token block, lr 5e-5, seed 0,
 domain text only), one per domain: legal, code and scripture (the builtin KJV corpus); the legal and
 code experts are bench/finetune.py's `full` rows (bench/out/finetune-D-full-100).
-Every method at density 0.2 (task arithmetic: dense), weight 1 per expert, λ 1, `normalize: true`
+Every method at density 0.2 (task arithmetic, RegMean and Fisher merging: dense), weight 1 per expert, λ 1, `normalize: true`
 (the merged task vector is the mean of the kept entries), written as a mergekit config that both
 tools run: `carve merge CONFIG.yml` and mergekit's `mergekit-yaml CONFIG.yml` (bench/.venv-mergekit).
 carve-only rows: the importance-guided merge (`importance`: each expert's task vector kept where
@@ -108,12 +108,13 @@ def carve_args(row: str, seed: int) -> list[str]:
         return [*common, "--method", "importance", "--data-blocks", "32"]
     if row == "importance_base_fisher":
         return [*common, "--method", "importance", *[f"--importance={d}={importance_map(d)}" for d in DOMAINS]]
+    dense = [a for a in common if a not in ("--density", str(DENSITY))]  # regmean and fisher weigh every entry
     if row.startswith("regmean"):  # the Gram matrices computed in the job, on the same blocks as the importance maps
         alpha = row.partition("_a")[2] or "1"
-        return [*common, "--method", "regmean", "--regmean-alpha", alpha, "--data-blocks", "32", "--seed",
+        return [*dense, "--method", "regmean", "--regmean-alpha", alpha, "--data-blocks", "32", "--seed",
                 str(seed)]  # fmt: skip
     if row == "fisher":  # the Fisher diagonals computed in the job, on the same blocks as RegMean's matrices
-        return [*common, "--method", "fisher", "--data-blocks", "32", "--seed", str(seed)]
+        return [*dense, "--method", "fisher", "--data-blocks", "32", "--seed", str(seed)]
     if row == "consensus_ties":
         return [*common, "--method", "ties", "--consensus", "2"]
     # TALL over the plain sum τ_MTL = Σ τ_t (the paper's task arithmetic, λ 1): with the mean, an entry

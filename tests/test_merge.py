@@ -366,6 +366,8 @@ def test_bad_inputs_write_nothing(tmp_path: Path, model_dir: Path, experts, caps
         ([legal], ["--method", "importance", "--data-blocks", "0"], "--data-blocks"),
         ([legal], ["--method", "regmean", "--regmean-alpha", "1.5"], "regmean-alpha 1.5 is outside"),
         ([legal], ["--method", "regmean", "--no-normalize"], "--no-normalize does not apply"),
+        ([legal], ["--method", "regmean", "--density", "0.2"], "--density does not apply"),
+        ([legal], ["--method", "fisher", "--density", "1", "0.5"], "--density does not apply"),
     ]
     for exp, extra, message in cases:
         out = tmp_path / "out"

@@ -24,6 +24,7 @@ from carve.ops.merge import METHODS, Method, combine, gram_mean, random_keep, sp
 from carve.settings import check_types, flag
 
 RESCALES = ("inverse", "l1", "none")
+DEFAULT_DENSITY = 0.2  # the share of each task vector the sparsifying methods keep unless told
 # the tokenizer and config files copied from the base into the merged model
 _BASE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model",
@@ -38,8 +39,9 @@ class MergeRecipe:
     experts: list[str] = flag("NAME=DIR, one per expert (NAME: its domain, a builtin corpus or a path)", factory=list)
     method: str = flag("how the task vectors are merged", default="ties", choices=tuple(METHODS))
     density: list[float] = flag(
-        "share of each task vector kept (one value, or one per expert); TIES top-k, DARE 1 - drop rate",
-        factory=lambda: [0.2],
+        "share of each task vector kept (one value, or one per expert); TIES top-k, DARE 1 - drop rate; "
+        f"default {DEFAULT_DENSITY} (regmean and fisher weigh every entry: 1, and no other value)",
+        factory=list,
     )
     weights: list[float] = flag(
         "weight of each expert's task vector (one value, or one per expert)", factory=lambda: [1.0]
@@ -112,7 +114,13 @@ class MergeRecipe:
         if not 0 <= self.gamma < 1:
             raise UsageError(f"gamma {self.gamma} is outside [0, 1): the share of outliers Breadcrumbs drops")
         n = len(experts)
-        density, weights = _per_expert(self.density, n, "density"), _per_expert(self.weights, n, "weights")
+        statistic = METHODS[self.method].statistic
+        if statistic is not None and any(d != 1 for d in self.density):
+            what = "Gram matrices" if statistic == "gram" else "Fisher diagonals"
+            raise UsageError(f"{self.method} merges every entry of the task vectors, weighted by the experts' {what}: "
+                             "--density does not apply")  # fmt: skip
+        given = self.density or [1.0 if statistic is not None else DEFAULT_DENSITY]
+        density, weights = _per_expert(given, n, "density"), _per_expert(self.weights, n, "weights")
         bad = [d for d in density if not 0 < d <= 1 or not math.isfinite(d)]
         if bad:
             raise UsageError(f"density {bad[0]} is outside (0, 1]: the share of each task vector kept")
@@ -120,7 +128,6 @@ class MergeRecipe:
         if maps and (self.method != "importance" or set(maps) != set(experts)):
             raise UsageError("--importance NAME=FILE is for the importance method: give it for every expert, or for "
                              "none (carve then computes each expert's map on its domain)")  # fmt: skip
-        statistic = METHODS[self.method].statistic
         computes_maps = (self.method == "importance" and not maps) or statistic is not None
         if computes_maps and self.data_blocks < 1:
             raise UsageError("--data-blocks must be at least 1")
