@@ -431,20 +431,23 @@ def test_hessian_products_in_the_calibration_dtype_are_used_and_recorded(
     tmp_path: Path, model_dir: Path, small_corpus: Path
 ) -> None:
     """--hessian-dtype calib: SparseGPT's Hessians multiply in the calibration forwards' dtype
-    (bfloat16 here), which the manifest records and which changes the pruned weights; float32
-    products (the default) are recorded as such."""
+    (bfloat16 here: autocast over float32 weights, or the weights' own with --dtype bfloat16), which
+    the manifest records and which changes the pruned weights; float32 products (the default) are
+    recorded as such."""
     from safetensors.torch import load_file
 
-    outs = {}
-    for choice in ("float32", "calib"):
-        outs[choice] = out = tmp_path / choice
-        flags = ("--method", "sparsegpt", "--calib-dtype", "bfloat16", "--hessian-dtype", choice, "--cloze-items", "0")
-        assert _extract(model_dir, small_corpus, out, *flags) == 0
-        m = json.loads((out / "carve.json").read_text())
-        assert m["recipe"]["hessian_dtype"] == choice and m["data"]["calibration"]["dtype"] == "bfloat16"
-        assert m["data"]["calibration"]["hessian_products"] == (None if choice == "float32" else "bfloat16")
-    a, b = (load_file(outs[c] / "model.safetensors") for c in ("float32", "calib"))
-    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    for weights in ((), ("--dtype", "bfloat16")):
+        outs = {}
+        for choice in ("float32", "calib"):
+            outs[choice] = out = tmp_path / f"{choice}{len(weights)}"
+            flags = ("--method", "sparsegpt", "--hessian-dtype", choice, "--cloze-items", "0", *weights)
+            calib = () if weights else ("--calib-dtype", "bfloat16")  # autocast over float32 weights
+            assert _extract(model_dir, small_corpus, out, *flags, *calib) == 0
+            m = json.loads((out / "carve.json").read_text())
+            assert m["recipe"]["hessian_dtype"] == choice and m["data"]["calibration"]["dtype"] == "bfloat16"
+            assert m["data"]["calibration"]["hessian_products"] == (None if choice == "float32" else "bfloat16")
+        a, b = (load_file(outs[c] / "model.safetensors") for c in ("float32", "calib"))
+        assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a), weights
 
 
 def test_structured_extract_with_the_greedy_drop_rule(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:

@@ -435,7 +435,8 @@ def _calibration(r: Recipe, lm: LoadedModel) -> Calibration:
     asked = None if r.structure else resolve_calib_dtype(r.calib_dtype, lm.model)
     budget = None if r.max_memory is None else parse_size(r.max_memory)
     dtype = check_calib_dtype(model_dtype, asked)
-    products = dtype if r.hessian_dtype == "calib" else None  # None: float32, or the model's own dtype
+    # None: float32 products.  A 16-bit model computes in its own dtype (dtype None), so "calib" is that dtype
+    products = (dtype or model_dtype) if r.hessian_dtype == "calib" else None
     return Calibration(r.batch_size, r.propagation, dtype, max_memory=budget, products=products)
 
 
