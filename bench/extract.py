@@ -1,14 +1,16 @@
 """Benchmark `carve extract` on the embedded default against llm-compressor's oneshot.
 
     .venv/bin/python bench/extract.py [--domains legal code] [--only ID_SUBSTRING] [--rerun ID_SUBSTRING ...]
-        [--eval-blocks 16]
+        [--eval-blocks 16] [--seeds 3]
 
 On SmolLM2-135M-Instruct (the embedded default, dequantized once to bench/out/smollm2-f32),
 domains legal and code, 64 calibration blocks x 512 tokens (seed 0): magnitude / Wanda /
 SparseGPT at 50% unstructured and 2:4, each calibrated on the domain and on general text.  In
 the same run, the same job through llm-compressor 0.14 (`oneshot` with its Wanda and SparseGPT
 modifiers, in bench/.venv-llmc which this script creates: it pins an older transformers), and
-SparseGPT 2:4 through a textbook reference (`sparsegpt-reference` below).
+SparseGPT 2:4 through a textbook reference (`sparsegpt-reference` below).  `--seeds K` runs the
+SEEDED tools' SparseGPT 50% rows again on calibration seeds 1 .. K-1 (issue 25's timing bars: each
+carve row beside one plain bfloat16 forward, llm-compressor bfloat16 on every seed).
 
 Every configuration runs in its own process, so wall time and peak RSS are its own; every
 model is evaluated by the same carve code on the same held-out blocks.  Results accumulate in
@@ -59,10 +61,15 @@ CALIB_DTYPE = {F32: "float32"}  # every other carve row: "auto", carve extract's
 BF16 = "carve --dtype bfloat16"  # weights loaded, pruned and kept in bfloat16, as llm-compressor bfloat16
 WEIGHTS_DTYPE = {BF16: "bfloat16"}  # every other carve row: the float32 weights of MODEL_DIR
 HCALIB = "carve --hessian-dtype calib"  # Hessian products in the calibration forwards' dtype (bfloat16)
-HESSIAN_DTYPE = {HCALIB: "calib"}  # every other carve row: float32 products
-CARVE_TOOLS = ("carve", F32, FAST, FUSED, BF16, HCALIB)
-TIMED = ("carve", HCALIB)  # the tools timed against one plain forward over several calibration seeds (--seeds)
+BF16H = "carve --dtype bfloat16 --hessian-dtype calib"  # both: bfloat16 weights and bfloat16 Hessian products
+WEIGHTS_DTYPE[BF16H] = "bfloat16"
+HESSIAN_DTYPE = {HCALIB: "calib", BF16H: "calib"}  # every other carve row: float32 products
+CARVE_TOOLS = ("carve", F32, FAST, FUSED, BF16, HCALIB, BF16H)
 LLMC_BF16 = "llm-compressor bfloat16"  # the model loaded and pruned in bfloat16: its fastest CPU path
+# the tools run again on calibration seeds 1 .. --seeds-1: carve's against one plain forward, llm-compressor's
+# bfloat16 row so that every seed's time ratio has its own llm-compressor run
+TIMED = ("carve", HCALIB, BF16, BF16H)
+SEEDED = (*TIMED, LLMC_BF16)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -149,7 +156,7 @@ def _ensure_llmc() -> Path:
 
 def configurations(domains: list[str], seeds: int = 1) -> list[dict[str, Any]]:
     """In priority order: the llm-compressor comparison first, then the grid; with `seeds` > 1, the
-    TIMED tools' SparseGPT 50% rows again on calibration seeds 1 .. seeds-1 (ids end /seedK)."""
+    SEEDED tools' SparseGPT 50% rows again on calibration seeds 1 .. seeds-1 (ids end /seedK)."""
     out: list[dict[str, Any]] = []
     for d in domains:
         out.append({"domain": d, "tool": "carve", "method": "dense", "pattern": "-", "calibration": "-"})
@@ -175,7 +182,7 @@ def configurations(domains: list[str], seeds: int = 1) -> list[dict[str, Any]]:
                 )
     for d in domains:
         for seed in range(1, seeds):
-            for tool in TIMED:
+            for tool in SEEDED:
                 out.append({"domain": d, "tool": tool, "method": "sparsegpt", "pattern": "50%",
                             "calibration": "domain", "seed": seed})  # fmt: skip
     for c in out:
@@ -199,7 +206,7 @@ def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
         tool = cfg["tool"]
         spec.update(propagation=PROPAGATION.get(tool, "pruned"), calib_dtype=CALIB_DTYPE.get(tool, "auto"))
         spec.update(dtype=WEIGHTS_DTYPE.get(tool), hessian_dtype=HESSIAN_DTYPE.get(tool, "float32"))
-        if tool == BF16:  # its output as saved, evaluated in float32 as llm-compressor bfloat16's is
+        if tool in WEIGHTS_DTYPE:  # its output as saved, evaluated in float32 as llm-compressor bfloat16's is
             saved = OUT / ("extract-" + cfg["id"].translate(str.maketrans("/:", "--", "% ")))
             res = carve_worker(__file__, {**spec, "out": str(saved)})
             if "error" not in res:
@@ -208,14 +215,15 @@ def run_one(cfg: dict[str, Any], eval_blocks: int) -> dict[str, Any]:
                 res |= {k: evaluated[k] for k in ("domain_ppl", "general_ppl")}
         else:
             res = carve_worker(__file__, spec)
-        if tool in (*TIMED, BF16) and cfg["method"] == "sparsegpt" and cfg["pattern"] == "50%" and "error" not in res:
+        if tool in TIMED and cfg["method"] == "sparsegpt" and cfg["pattern"] == "50%" and "error" not in res:
             fwd = carve_worker(__file__, {**base, "kind": "forward", "calibration": cfg["calibration"]})
             assert fwd["fingerprint"] == res["data"]["calibration"]["fingerprint"], "not the job's tokens"
             res["forward_bf16_s"] = fwd["forward_bf16_s"]
         return res
     # llm-compressor: same calibration blocks, its own process and venv, evaluated by carve
     python = _ensure_llmc()
-    calib = OUT / f"calib-{cfg['domain']}-{cfg['calibration']}.pt"
+    seed = f"-seed{cfg['seed']}" if "seed" in cfg else ""
+    calib = OUT / f"calib-{cfg['domain']}-{cfg['calibration']}{seed}.pt"
     if cfg["calibration"] != "-" and not calib.exists():
         carve_worker(__file__, {**base, "kind": "calib", "calibration": cfg["calibration"], "path": str(calib)})
     if not calib.exists():
@@ -292,31 +300,57 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
+def _seeded(rows: dict[str, dict[str, Any]], d: str, tool: str) -> dict[int, dict[str, Any]]:
+    """A SEEDED tool's finished SparseGPT 50% rows by calibration seed (the table's row is seed 0)."""
+    base = f"{d}/{tool}/sparsegpt/50%/domain"
+    got = {0: rows.get(base)} | {k: rows.get(f"{base}/seed{k}") for k in range(1, 10)}
+    return {k: r for k, r in got.items() if r and "error" not in r}
+
+
 def _seed_spread(rows: dict[str, dict[str, Any]], d: str) -> list[str]:
-    """Issue 25's prune time against one plain bfloat16 forward, per TIMED tool over its
-    calibration seeds (the table's row is seed 0; --seeds adds the others)."""
+    """Issue 25's bars per TIMED tool over its calibration seeds: prune time against one plain
+    bfloat16 forward and against llm-compressor bfloat16 on the same seed, peak RSS of load + prune
+    against llm-compressor's, domain ppl against llm-compressor's (--seeds adds the seeds)."""
     out, ppl = [], {}
+    h = _seeded(rows, d, LLMC_BF16)
     for tool in TIMED:
-        base = f"{d}/{tool}/sparsegpt/50%/domain"
-        got = [rows.get(base)] + [rows.get(f"{base}/seed{k}") for k in range(1, 10)]
-        done = [r for r in got if r and "error" not in r and "forward_bf16_s" in r]
+        done = {k: r for k, r in _seeded(rows, d, tool).items() if "forward_bf16_s" in r}
         if len(done) < 2:
             continue
-        ratios = [r["seconds"] / r["forward_bf16_s"] for r in done]
-        ppl[tool] = [r["domain_ppl"] for r in done]
-        runs = {r.get("run") for r in done}
+        rs = list(done.values())
+        ratios = [r["seconds"] / r["forward_bf16_s"] for r in rs]
+        ppl[tool] = [r["domain_ppl"] for r in rs]
+        runs = {r.get("run") for r in rs}
         out.append(
-            f"- `{tool}` SparseGPT 50% over {len(done)} calibration seeds: prune "
-            + " / ".join(f"{r['seconds']:.1f}" for r in done)
+            f"- `{tool}` SparseGPT 50% over {len(rs)} calibration seeds: prune "
+            + " / ".join(f"{r['seconds']:.1f}" for r in rs)
             + " s against one plain bfloat16 forward over the same tokens "
-            + " / ".join(f"{r['forward_bf16_s']:.1f}" for r in done)
+            + " / ".join(f"{r['forward_bf16_s']:.1f}" for r in rs)
             + f" s: **{_mean_sd(ratios)}x** (mean ± sd; bar ≤ 2x: met on {sum(x <= 2 for x in ratios)} "
             + f"of {len(ratios)} seeds); domain ppl {_mean_sd(ppl[tool])}"
             + ("" if len(runs) == 1 else f" ({len(runs)} runs)")
         )
-    if len(ppl) == 2:
-        a, b = (sum(v) / len(v) for v in (ppl[TIMED[1]], ppl[TIMED[0]]))
-        out.append(f"- `{TIMED[1]}` against `{TIMED[0]}`, mean domain ppl over the seeds: {a / b:.4f}x")
+        pairs = [(done[k], h[k]) for k in sorted(done) if k in h]
+        if len(pairs) < 2:
+            continue
+        apart = sum(a.get("run") != b.get("run") for a, b in pairs)
+        t = [a["seconds"] / b["seconds"] for a, b in pairs]
+        q = [a["domain_ppl"] / b["domain_ppl"] for a, b in pairs]
+        rss = [(a.get("peak_rss_prune_mb", 0), b["peak_rss_mb"]) for a, b in pairs]
+        out.append(
+            f"  - against `{LLMC_BF16}` on the same {len(pairs)} seeds "
+            + ("(each pair in one run)" if not apart else f"({apart} of the pairs from different runs)")
+            + ": wall time "
+            f"**{_mean_sd(t)}x** (bar ≤ 0.45x: met on {sum(x <= 0.45 for x in t)} of {len(t)}); domain ppl "
+            f"{_mean_sd(q)}x (within 2%: met on {sum(x <= 1.02 for x in q)} of {len(q)}); peak RSS of "
+            f"{_upto_prune(pairs[0][0])} "
+            + " / ".join(f"{x:.0f} vs {y:.0f}" for x, y in rss)
+            + f" MB (bar ≤ llm-compressor's: met on {sum(x <= y for x, y in rss)} of {len(rss)})"
+        )
+    for tool in TIMED[1:]:
+        if tool in ppl and TIMED[0] in ppl:
+            a, b = (sum(v) / len(v) for v in (ppl[tool], ppl[TIMED[0]]))
+            out.append(f"- `{tool}` against `{TIMED[0]}`, mean domain ppl over the seeds: {a / b:.4f}x")
     return out
 
 
@@ -402,7 +436,7 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
                 f"peak RSS after {_upto_prune(c)} {c.get('peak_rss_prune_mb', 0):.0f} MB "
                 f"(with evaluation {c['peak_rss_mb']:.0f})"
             )
-        for tool in TIMED:
+        for tool in (t for t in TIMED if t not in WEIGHTS_DTYPE):
             t = rows.get(f"{d}/{tool}/sparsegpt/50%/domain")
             if t and h and "error" not in t and "error" not in h:
                 comp.append(
@@ -412,15 +446,17 @@ def write_table(rows: dict[str, dict[str, Any]], domains: list[str], eval_blocks
                     f"domain ppl {t['domain_ppl'] / h['domain_ppl']:.4f}x, peak RSS {t['peak_rss_mb']:.0f} vs "
                     f"{h['peak_rss_mb']:.0f} MB" + ("" if t.get("run") == h.get("run") else " (rows of different runs)")
                 )
-        w = rows.get(f"{d}/{BF16}/sparsegpt/50%/domain")
-        if w and h and "error" not in w and "error" not in h and "forward_bf16_s" in w:
+        for wt in WEIGHTS_DTYPE:
+            w = rows.get(f"{d}/{wt}/sparsegpt/50%/domain")
+            if not (w and h and "error" not in w and "error" not in h and "forward_bf16_s" in w):
+                continue
             comp.append(
-                f"- `{BF16}` (weights in bfloat16, as {LLMC_BF16}) SparseGPT 50%: wall time "
+                f"- `{wt}` (weights in bfloat16, as {LLMC_BF16}) SparseGPT 50%: wall time "
                 f"{w['seconds'] / h['seconds']:.2f}x {LLMC_BF16}'s, "
                 f"domain ppl {w['domain_ppl'] / h['domain_ppl']:.4f}x, "
-                f"peak RSS of {_upto_prune(w)} {w.get('peak_rss_prune_mb', 0):.0f} vs {h['peak_rss_mb']:.0f} MB; prune "
-                f"{w['seconds'] / w['forward_bf16_s']:.2f}x one plain bfloat16 forward ({w['forward_bf16_s']:.1f} s)"
-                + ("" if w.get("run") == h.get("run") else " (rows of different runs)")
+                f"peak RSS of {_upto_prune(w)} {w.get('peak_rss_prune_mb', 0):.0f} vs {h['peak_rss_mb']:.0f} MB; "
+                f"prune {w['seconds'] / w['forward_bf16_s']:.2f}x one plain bfloat16 forward "
+                f"({w['forward_bf16_s']:.1f} s)" + ("" if w.get("run") == h.get("run") else " (rows of different runs)")
             )
         for tool in CARVE_TOOLS:
             a = rows.get(f"{d}/{tool}/sparsegpt/50%/domain")
