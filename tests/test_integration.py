@@ -35,8 +35,8 @@ def test_extract_on_the_embedded_default(tmp_path: Path, capsys) -> None:
             "128",
             "--eval-blocks",
             "2",
-            # 10 cloze items and no decode-speed measurement: the defaults (100, on) took ~170 of this
-            # test's ~385 s on a 2-core machine; both are tested at full size on tiny models
+            # 10 cloze items and no decode-speed measurement: with the defaults (100 items, speed on)
+            # this test took 385 s on a 2-core machine, 55 s without; both are tested on tiny models
             "--cloze-items",
             "10",
             "--no-speed",
