@@ -33,11 +33,28 @@ def carve_worker(script: str, spec: dict[str, Any]) -> dict[str, Any]:
     return run_json([sys.executable, script, "--worker", json.dumps(spec)], env)
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True).stdout.strip()
+
+
+def _src_state() -> tuple[str, str, bool]:
+    """HEAD's short hash, its src/ tree and whether src/ has uncommitted changes."""
+    dirty = bool(_git("status", "--porcelain", "src"))
+    return _git("rev-parse", "--short", "HEAD"), _git("rev-parse", "HEAD:src"), dirty
+
+
+_STARTED = _src_state()  # when this bench process started: its rows ran code from here on
+
+
 def commit() -> str:
-    """The carve commit the workers import (the checkout this script lives in)."""
-    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True, text=True)
-    return proc.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    """The carve commit the workers import (the checkout this script lives in), called as a row
+    ends.  If src/ changed since this bench process started (a commit or an edit mid-run), the row
+    may have run either code: its label says so, START→NOW."""
+    head, tree, dirty = now = _src_state()
+    label = head + ("+dirty" if dirty else "")
+    if now == _STARTED or (tree == _STARTED[1] and not dirty and not _STARTED[2]):
+        return label  # the same src/ throughout (a commit outside src/ changes nothing the workers run)
+    return f"{_STARTED[0]}{'+dirty' if _STARTED[2] else ''}→{label}"
 
 
 def ensure_model() -> None:
