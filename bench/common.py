@@ -50,9 +50,9 @@ def commit() -> str:
     """The carve commit the workers import (the checkout this script lives in), called as a row
     ends.  If src/ changed since this bench process started (a commit or an edit mid-run), the row
     may have run either code: its label says so, START→NOW."""
-    head, tree, dirty = now = _src_state()
+    head, tree, dirty = _src_state()
     label = head + ("+dirty" if dirty else "")
-    if now == _STARTED or (tree == _STARTED[1] and not dirty and not _STARTED[2]):
+    if (tree, dirty) == _STARTED[1:]:
         return label  # the same src/ throughout (a commit outside src/ changes nothing the workers run)
     return f"{_STARTED[0]}{'+dirty' if _STARTED[2] else ''}→{label}"
 

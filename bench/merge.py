@@ -5,9 +5,10 @@
 Experts: `carve finetune --trainable full` (100 AdamW steps of one 512-token block, lr 5e-5, seed 0,
 domain text only), one per domain: legal, code and scripture (the builtin KJV corpus); the legal and
 code experts are bench/finetune.py's `full` rows (bench/out/finetune-D-full-100).
-Every method at density 0.2 (task arithmetic, RegMean and Fisher merging: dense), weight 1 per expert,
-λ 1, `normalize: true` (the merged task vector is the mean of the kept entries), written as a mergekit config that both
-tools run: `carve merge CONFIG.yml` and mergekit's `mergekit-yaml CONFIG.yml` (bench/.venv-mergekit).
+Every method at density 0.2 (task arithmetic, RegMean and Fisher merging: dense), weight 1 per
+expert, λ 1, `normalize: true` (the merged task vector is the mean of the kept entries), written as
+a mergekit config that both tools run: `carve merge CONFIG.yml` and mergekit's
+`mergekit-yaml CONFIG.yml` (bench/.venv-mergekit).
 carve-only rows: the importance-guided merge (`importance`: each expert's task vector kept where
 the Fisher error of reverting it, ½·E[g²]·τ² with g at the expert on 32 blocks of its domain, is
 highest, computed in the job; `importance_base_fisher`: kept where the base model's Fisher pruning
