@@ -75,8 +75,32 @@ def load_results(path: Path) -> dict[str, dict[str, Any]]:
     return {r["id"]: r for r in rows}
 
 
-def save_result(path: Path, row: dict[str, Any]) -> None:
+_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides bfloat16 speed on a CPU
+
+
+def machine() -> dict[str, Any]:
+    """The machine a row ran on: CPU model, cores and the instruction-set flags that decide
+    bfloat16 speed (without AVX512-BF16 a bfloat16 matmul is several times slower), so rows from
+    different machines are not read as one."""
+    info: dict[str, Any] = {"cores": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    fields = dict(ln.split(":", 1) for ln in text.split("\n\n")[0].splitlines() if ":" in ln)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    info["cpu"] = fields.get("model name", "")
+    info["flags"] = [f for f in _FLAGS if f in flags]
+    return info
+
+
+def save_result(path: Path, row: dict[str, Any], ran_here: bool = True) -> None:
+    """Append a row to a results file, with the machine it ran on unless it says (`ran_here`
+    False: an older row saved again with a derived field, whose machine is not known)."""
     path.parent.mkdir(exist_ok=True)
+    if ran_here:
+        row.setdefault("machine", machine())
     with path.open("a") as fh:
         fh.write(json.dumps(row) + "\n")
 

@@ -566,7 +566,7 @@ def main() -> None:
             save_result(RESULTS, rows[rid])
             if "picked" in ref and "picked" in ours and "overlap" not in ours:
                 ours["overlap"] = round(len(set(ref["picked"]) & set(ours["picked"])) / max(1, len(ref["picked"])), 4)
-                save_result(RESULTS, ours)
+                save_result(RESULTS, ours, ran_here=False)
             write_section("select", write_table(rows, counts, args.k, full))
     text = write_table(rows, counts, args.k, full)
     print(text)
