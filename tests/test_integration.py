@@ -14,6 +14,20 @@ from carve.cli.main import main
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module")
+def _shared_models(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(autouse=True)
+def _models_once(_private_cache, _shared_models: Path) -> None:
+    """The default's de-quantized copy is shared by this module's tests (each still has its own
+    evaluation cache): the first test reads the GGUF, the others the cached copy."""
+    from carve.output import cache_dir
+
+    (cache_dir() / "models").symlink_to(_shared_models, target_is_directory=True)
+
+
 def test_extract_on_the_embedded_default(tmp_path: Path, capsys) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -42,7 +42,7 @@ def test_cached_source_evaluation_equals_a_fresh_one_and_follows_its_key(
     assert not evaluate_source(carve.load_model(str(model_dir), dtype="bfloat16"), data)[1]
     assert not evaluate_source(lm, data, cache=False)[1]
     # a damaged entry is measured anew, not trusted
-    for f in (Path(carve.job.cache_dir()) / "eval").glob("*.json"):
+    for f in (carve.output.cache_dir() / "eval").glob("*.json"):
         f.write_text("{half")
     assert evaluate_source(lm, data) == (first, False)
 

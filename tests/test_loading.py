@@ -56,3 +56,50 @@ def test_bad_device_and_dtype(model_dir: Path) -> None:
         carve.load_model(str(model_dir), dtype="int3")
     with pytest.raises(carve.UsageError, match="unknown device"):
         carve.load_model(str(model_dir), device="tpu")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_gguf_is_dequantized_once_then_read_from_the_cache(
+    monkeypatch, tmp_path: Path, model_dir: Path, dtype: str
+) -> None:
+    """The second load of a .gguf file reads carve's cached copy: the same weights bit for bit,
+    fingerprint, source precision, tokens and config; a damaged copy is read from the GGUF anew."""
+    import torch
+
+    from carve.cli.main import main
+    from carve.models import load
+    from carve.output import cache_dir
+
+    gguf = tmp_path / "m.gguf"
+    assert main(["export", str(model_dir), "--gguf", str(gguf), "--type", "q8_0"]) == 0
+    reads: list[Path] = []
+    read = load._read_gguf
+
+    def counted(path: Path, *args):
+        reads.append(path)
+        return read(path, *args)
+
+    monkeypatch.setattr(load, "_read_gguf", counted)
+    first = carve.load_model(str(gguf), dtype=dtype)
+    second = carve.load_model(str(gguf), dtype=dtype)
+    assert len(reads) == 1
+    entries = [p for p in (cache_dir() / "models").iterdir() if not p.name.startswith(".")]
+    assert len(entries) == 1 and dtype in entries[0].name
+    a, b = first.model.state_dict(), second.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype == getattr(torch, dtype) and torch.equal(a[k], b[k]), k
+    assert (first.fingerprint, first.source_dtype) == (second.fingerprint, second.source_dtype)
+    text = "Section 12(b) of the 2019 Act, as amended: 345 days."
+    assert first.tokenizer(text).input_ids == second.tokenizer(text).input_ids
+    assert first.tokenizer.eos_token_id == second.tokenizer.eos_token_id
+    skip = {"_name_or_path", "transformers_version"}
+    assert {k: v for k, v in first.model.config.to_dict().items() if k not in skip} == {
+        k: v for k, v in second.model.config.to_dict().items() if k not in skip
+    }
+    # a damaged cached file: the GGUF is read again and the entry rewritten
+    weights = entries[0] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    third = carve.load_model(str(gguf), dtype=dtype)
+    assert len(reads) == 2 and torch.equal(third.model.lm_head.weight, first.model.lm_head.weight)
+    assert weights.stat().st_size > 0 and carve.load_model(str(gguf), dtype=dtype) and len(reads) == 2

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
 import resource
 import time
@@ -29,7 +28,7 @@ from carve.corpora import Corpus
 from carve.errors import UsageError
 from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
 from carve.models import LoadedModel
-from carve.output import atomic_output_dir, check_output, claim, remove_dead_temporaries, write_json
+from carve.output import atomic_output_dir, cache_dir, check_output, claim, remove_dead_temporaries, write_json
 
 
 def peak_rss_mb() -> float:
@@ -268,14 +267,6 @@ def run_identity(recipe: Any, lm: LoadedModel, blocks: torch.Tensor, free: tuple
     (but the fields in `free`, which do not change the training), the model and the training data."""
     fields = {k: v for k, v in asdict(recipe).items() if k not in free}
     return {**fields, "model_fingerprint": lm.fingerprint, "train_fingerprint": tensor_fingerprint(blocks)}
-
-
-def cache_dir() -> Path:
-    """$CARVE_CACHE_DIR, else $XDG_CACHE_HOME/carve, else ~/.cache/carve."""
-    if os.environ.get("CARVE_CACHE_DIR"):
-        return Path(os.environ["CARVE_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "carve"
 
 
 def evaluation_key(lm: LoadedModel, data: Any) -> str:

@@ -37,6 +37,14 @@ except ImportError:  # Windows: no advisory locks here; runs on one output are n
 _LONGEST_SIBLING = len(".checkpoint.carve-lock-tmp-4194304") + 1  # the longest name carve derives from NAME
 
 
+def cache_dir() -> Path:
+    """$CARVE_CACHE_DIR, else $XDG_CACHE_HOME/carve, else ~/.cache/carve."""
+    if os.environ.get("CARVE_CACHE_DIR"):
+        return Path(os.environ["CARVE_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "carve"
+
+
 def check_output(out: str | Path, overwrite: bool) -> Path:
     """Refuse an existing output before any work is done."""
     path = Path(out).expanduser()

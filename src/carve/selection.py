@@ -523,7 +523,7 @@ def selected_from_pool(target: str, pool: list[str], text_field: str = "text") -
     cached under carve's cache directory by the inputs (paths, sizes, modification times) and
     carve's version; a changed input selects anew."""
     from carve import __version__
-    from carve.job import cache_dir
+    from carve.output import cache_dir
 
     if not target:
         raise UsageError("--domain select:TARGET needs the target after the colon, e.g. select:examples/")

@@ -9,7 +9,9 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +204,87 @@ def _from_directory(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
     return tok, AutoModelForCausalLM.from_pretrained(path, **kwargs), fingerprint
 
 
+GGUF_CACHE_MAX_BYTES = 4 << 30  # de-quantized weights up to this size are kept in the cache
+_GGUF_CACHE_INFO = "carve-gguf.json"
+
+
+def _gguf_cache(fingerprint: str, dtype: torch.dtype) -> Path:
+    """Where the de-quantized weights of a GGUF file are cached: by its fingerprint, the dtype
+    and the versions of the two libraries that turn it into a model."""
+    from importlib.metadata import version
+
+    from carve.output import cache_dir
+
+    name = f"{fingerprint}-{str(dtype).removeprefix('torch.')}-tf{version('transformers')}-gguf{version('gguf')}"
+    return cache_dir() / "models" / name
+
+
+def _read_gguf(path: Path, header: dict[str, Any], kwargs: dict[str, Any]) -> tuple[Any, Any]:
+    """A GGUF file through transformers: its tokenizer as the model was trained, its weights
+    de-quantized to plain floats."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    pretokenize.restore(tok, header.get("tokenizer.ggml.pre"))  # as the model was trained: SmolLM's digits
+    with library_bars("transformers.modeling_gguf_pytorch_utils"):
+        model: Any = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
+    # the weights are now plain floats: detach the GGUF quantizer as transformers' own
+    # HfQuantizer.remove_quantization_config does (save_pretrained refuses a model carrying
+    # the non-serializable GGUF quantizer; PEFT and Trainer treat `is_quantized` as frozen)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    return tok, model
+
+
+def _write_cache_entry(entry: Path, tok: Any, model: Any, info: dict[str, Any]) -> None:
+    """The model and tokenizer saved as a Hugging Face directory, made visible in one rename (a
+    crash leaves no half entry; two processes writing the same entry: the first rename wins)."""
+    from carve.output import remove_dead_temporaries
+
+    size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    if size > GGUF_CACHE_MAX_BYTES:
+        return
+    tmp = entry.parent / f".{entry.name}.carve-tmp-{os.getpid()}"
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        remove_dead_temporaries(entry.parent)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / _GGUF_CACHE_INFO).write_text(json.dumps(info) + "\n")
+        tmp.rename(entry)
+    except OSError as exc:
+        print(f"carve: the de-quantized model was not cached in {entry.parent} ({exc})", file=sys.stderr)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _from_gguf(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str, str]:
+    """A .gguf file: from carve's cache of de-quantized models when an entry for it is there
+    (seconds instead of de-quantizing anew); else read, then cached."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    header = read_gguf_header(path)  # a cut or foreign file: one clear error before transformers parses it
+    source_dtype = precision_class(header["carve.tensor_types"])
+    fingerprint = _file_fingerprint([path])
+    entry = _gguf_cache(fingerprint, kwargs["dtype"])
+    if (entry / _GGUF_CACHE_INFO).is_file():
+        try:
+            _check_safetensors(entry)
+            tok = AutoTokenizer.from_pretrained(entry)
+            model = AutoModelForCausalLM.from_pretrained(entry, **kwargs)
+            return tok, model, fingerprint, source_dtype
+        except (UsageError, OSError, ValueError, RuntimeError, KeyError) as exc:
+            print(f"carve: the cached copy of {path.name} is unreadable ({exc}); reading the GGUF file again",
+                  file=sys.stderr)  # fmt: skip
+            shutil.rmtree(entry, ignore_errors=True)
+    tok, model = _read_gguf(path, header, kwargs)
+    _write_cache_entry(entry, tok, model, {"gguf": str(path), "fingerprint": fingerprint})
+    return tok, model, fingerprint, source_dtype
+
+
 def _load_delta_output(path: Path, dtype: str | None, device: str | None) -> LoadedModel:
     """A `--save-delta` output: its base (named by its carve.json) with the update applied."""
     from carve.manifest import read_manifest
@@ -303,11 +386,13 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
 
     `source`: None or "default" for the embedded SmolLM2-135M-Instruct; a local Hugging Face
     directory; a carve output holding only an update (`carve finetune --save-delta`: its base
-    with the update applied); a .gguf file (dequantized to float by transformers); or a hub id
+    with the update applied); a .gguf file (de-quantized to float by transformers); or a hub id
     (needs network).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    A .gguf file's de-quantized weights (up to 4 GiB) and tokenizer are kept under carve's cache
+    directory (`$CARVE_CACHE_DIR/models`, by the file's fingerprint, the dtype and the library
+    versions), so later loads read them in seconds; delete that folder to free the space.
+    """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "weights_only": True}  # a .bin is unpickled as tensors only
@@ -322,20 +407,7 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
         name = source
     try:
         if path.is_file():
-            header = read_gguf_header(path)  # a cut or foreign file: one clear error before transformers parses it
-            source_dtype = precision_class(header["carve.tensor_types"])
-            fingerprint = _file_fingerprint([path])
-            tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            pretokenize.restore(tok, header.get("tokenizer.ggml.pre"))  # as the model was trained: SmolLM's digits
-            with library_bars("transformers.modeling_gguf_pytorch_utils"):
-                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-            # the weights are now plain floats: detach the GGUF quantizer as transformers' own
-            # HfQuantizer.remove_quantization_config does (save_pretrained refuses a model carrying
-            # the non-serializable GGUF quantizer; PEFT and Trainer treat `is_quantized` as frozen)
-            if hasattr(model.config, "quantization_config"):
-                del model.config.quantization_config
-            model.hf_quantizer = None
-            model.is_quantized = False
+            tok, model, fingerprint, source_dtype = _from_gguf(path, kwargs)
         elif path.is_dir() and (path / DELTA_FILE).is_file() and not (path / "config.json").is_file():
             return _load_delta_output(path, dtype, device)
         elif path.is_dir():
