@@ -103,3 +103,11 @@ def test_a_gguf_is_dequantized_once_then_read_from_the_cache(
     third = carve.load_model(str(gguf), dtype=dtype)
     assert len(reads) == 2 and torch.equal(third.model.lm_head.weight, first.model.lm_head.weight)
     assert weights.stat().st_size > 0 and carve.load_model(str(gguf), dtype=dtype) and len(reads) == 2
+    # carve's reading of a GGUF changed (its pre-tokenizer rules): the file is read anew
+    from carve.models import pretokenize
+
+    changed = tmp_path / "pretokenize.py"
+    changed.write_bytes(Path(pretokenize.__file__).read_bytes() + b"\n# a rule changed\n")
+    monkeypatch.setattr(pretokenize, "__file__", str(changed))
+    carve.load_model(str(gguf), dtype=dtype)
+    assert len(reads) == 3 and len([p for p in (cache_dir() / "models").iterdir() if not p.name.startswith(".")]) == 2

@@ -209,14 +209,17 @@ _GGUF_CACHE_INFO = "carve-gguf.json"
 
 
 def _gguf_cache(fingerprint: str, dtype: torch.dtype) -> Path:
-    """Where the de-quantized weights of a GGUF file are cached: by its fingerprint, the dtype
-    and the versions of the two libraries that turn it into a model."""
+    """Where the de-quantized weights of a GGUF file are cached: by its fingerprint, the dtype,
+    the versions of the two libraries that turn it into a model, and carve's own reading of it
+    (its version and the pre-tokenizer rules it restores: a change to either reads the file anew)."""
     from importlib.metadata import version
 
+    from carve import __version__
     from carve.output import cache_dir
 
-    name = f"{fingerprint}-{str(dtype).removeprefix('torch.')}-tf{version('transformers')}-gguf{version('gguf')}"
-    return cache_dir() / "models" / name
+    reading = hashlib.sha256(f"{__version__}:".encode() + Path(pretokenize.__file__).read_bytes()).hexdigest()[:8]
+    libraries = f"tf{version('transformers')}-gguf{version('gguf')}"
+    return cache_dir() / "models" / f"{fingerprint}-{str(dtype).removeprefix('torch.')}-{libraries}-carve{reading}"
 
 
 def _read_gguf(path: Path, header: dict[str, Any], kwargs: dict[str, Any]) -> tuple[Any, Any]:
