@@ -503,3 +503,28 @@ def test_structured_with_bias_compensation(tmp_path: Path, model_dir: Path, smal
     if shape["mlp_channels"] < 128:
         assert model.config.mlp_bias and model.model.layers[0].mlp.down_proj.bias.abs().sum() > 0
     assert sum(p.numel() for p in model.parameters()) == m["size"]["parameters_after"]
+
+
+def test_cache_lists_and_clears_what_carve_cached(tmp_path: Path, model_dir: Path, capsys) -> None:
+    """`carve cache` shows each kind's entries and size; `--clear KIND` removes only that kind,
+    `--clear` all; an unknown kind is refused."""
+    import carve
+    from carve.output import cache_dir
+
+    gguf = tmp_path / "m.gguf"
+    assert main(["export", str(model_dir), "--gguf", str(gguf), "--type", "q8_0"]) == 0
+    carve.load_model(str(gguf))  # de-quantized once, kept under models/
+    (cache_dir() / "eval").mkdir(parents=True)
+    (cache_dir() / "eval" / "k.json").write_text("{}")
+    capsys.readouterr()
+    assert main(["cache", "--json"]) == 0
+    kinds = {r["kind"]: r for r in json.loads(capsys.readouterr().out)["kinds"]}
+    assert kinds["models"]["entries"] == 1 and kinds["models"]["mb"] > 0.1
+    assert kinds["eval"]["entries"] == 1 and kinds["select"]["entries"] == 0
+    assert main(["cache", "--clear", "models"]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert not (cache_dir() / "models").exists() and (cache_dir() / "eval" / "k.json").is_file()
+    assert main(["cache", "--clear"]) == 0 and not (cache_dir() / "eval").exists()
+    with pytest.raises(SystemExit):
+        main(["cache", "--clear", "weights"])
+    assert main(["cache"]) == 0 and str(cache_dir()) in capsys.readouterr().out

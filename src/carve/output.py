@@ -45,6 +45,36 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "carve"
 
 
+CACHE_KINDS = {
+    "eval": "source models' before-metrics",
+    "models": "de-quantized GGUF models",
+    "select": "inline selections (--domain select:)",
+}
+
+
+def cache_usage() -> list[dict[str, Any]]:
+    """What carve's cache holds, per kind: entries and megabytes."""
+    rows = []
+    for kind, what in CACHE_KINDS.items():
+        folder = cache_dir() / kind
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+        mb = _size_mb(folder) if folder.is_dir() else 0.0
+        rows.append({"kind": kind, "holds": what, "entries": len(entries), "mb": round(mb, 1), "path": str(folder)})
+    return rows
+
+
+def clear_cache(kinds: list[str]) -> list[dict[str, Any]]:
+    """Remove the cache's folders of `kinds` (each renamed aside, then deleted: a job reading an
+    entry keeps its open files); returns what each held."""
+    unknown = sorted(set(kinds) - set(CACHE_KINDS))
+    if unknown:
+        raise UsageError(f"unknown cache kind {unknown[0]!r}: use {', '.join(CACHE_KINDS)}")
+    gone = [r for r in cache_usage() if r["kind"] in kinds and Path(r["path"]).exists()]
+    for r in gone:
+        remove_path(Path(r["path"]))
+    return gone
+
+
 def check_output(out: str | Path, overwrite: bool) -> Path:
     """Refuse an existing output before any work is done."""
     path = Path(out).expanduser()

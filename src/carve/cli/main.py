@@ -19,7 +19,7 @@ from carve.job import SAVE_DTYPE_HELP, SAVE_DTYPES, held_out_data
 from carve.manifest import MANIFEST_FILE, read_manifest
 from carve.merge import MergeRecipe
 from carve.models.load import resolve_device, resolve_dtype
-from carve.output import claim, write_json
+from carve.output import CACHE_KINDS, cache_dir, cache_usage, claim, clear_cache, write_json
 from carve.progress import set_quiet
 from carve.recover import RecoverRecipe, recover
 from carve.scenario import ScenarioRecipe, build_scenario
@@ -200,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--quiet", action="store_true", help="no progress bars")
     se.add_argument("--json", action="store_true", help="print a machine-readable JSON summary")
 
+    ca = sub.add_parser("cache", help="what carve's cache holds (evaluations, de-quantized GGUF models, "
+                        "selections), or clear it")  # fmt: skip
+    ca.add_argument("--clear", nargs="*", metavar="KIND", choices=list(CACHE_KINDS), default=None,
+                    help=f"remove these kinds ({', '.join(CACHE_KINDS)}; all when none is named)")  # fmt: skip
+    ca.add_argument("--json", action="store_true")
     co = sub.add_parser("corpora", help="list the builtin corpora")
     co.add_argument("--json", action="store_true")
     me = sub.add_parser("methods", help="list the registered scorers")
@@ -603,6 +608,21 @@ def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     return info
 
 
+def _cmd_cache(args: argparse.Namespace) -> Any:
+    if args.clear is not None:
+        gone = clear_cache(args.clear or list(CACHE_KINDS))
+        if not args.json:
+            for r in gone:
+                print(f"removed {r['path']}: {r['entries']} entries, {r['mb']:.1f} MB")
+        return {"removed": gone}
+    rows = cache_usage()
+    if not args.json:
+        print(f"carve's cache: {cache_dir()} (set $CARVE_CACHE_DIR to move it; carve cache --clear empties it)")
+        print(_table([["kind", "entries", "MB", "holds"]]
+                     + [[r["kind"], str(r["entries"]), f"{r['mb']:.1f}", r["holds"]] for r in rows]))  # fmt: skip
+    return {"path": str(cache_dir()), "kinds": rows}
+
+
 def _cmd_corpora(args: argparse.Namespace) -> Any:
     rows = builtin_corpora()
     if not args.json:
@@ -643,6 +663,7 @@ COMMANDS = {
     "unlearn-scenario": _cmd_unlearn_scenario,
     "select": _cmd_select,
     "export": _cmd_export,
+    "cache": _cmd_cache,
     "corpora": _cmd_corpora,
     "methods": _cmd_methods,
 }

@@ -394,7 +394,7 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
 
     A .gguf file's de-quantized weights (up to 4 GiB) and tokenizer are kept under carve's cache
     directory (`$CARVE_CACHE_DIR/models`, by the file's fingerprint, the dtype and the library
-    versions), so later loads read them in seconds; delete that folder to free the space.
+    versions), so later loads read them in seconds; `carve cache --clear models` frees the space.
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
