@@ -257,7 +257,7 @@ def _write_cache_entry(entry: Path, tok: Any, model: Any, info: dict[str, Any]) 
         tok.save_pretrained(tmp)
         (tmp / _GGUF_CACHE_INFO).write_text(json.dumps(info) + "\n")
         tmp.rename(entry)
-    except OSError as exc:
+    except Exception as exc:  # the cache only saves time: a model it cannot hold still loads
         print(f"carve: the de-quantized model was not cached in {entry.parent} ({exc})", file=sys.stderr)
     finally:
         if tmp.exists():
