@@ -528,3 +528,18 @@ def test_cache_lists_and_clears_what_carve_cached(tmp_path: Path, model_dir: Pat
     with pytest.raises(SystemExit):
         main(["cache", "--clear", "weights"])
     assert main(["cache"]) == 0 and str(cache_dir()) in capsys.readouterr().out
+
+
+def test_a_reader_that_leaves_early_ends_carve_quietly() -> None:
+    """`carve methods --json | head -0`: the pipe is closed before carve writes; carve stops with
+    141 (as Unix tools killed by SIGPIPE report) and no traceback."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "carve", "methods", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the child has imported carve and written anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err, err

@@ -678,14 +678,18 @@ def main(argv: list[str] | None = None) -> int:
     set_quiet(getattr(args, "quiet", False) or (getattr(args, "json", False) and not sys.stderr.isatty()))
     try:
         summary = COMMANDS[args.command](args)
+        if getattr(args, "json", False):
+            print(json.dumps(summary, indent=2))
+        sys.stdout.flush()
     except carve.UsageError as exc:
         print(f"carve: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("carve: interrupted; nothing was written", file=sys.stderr)
         return 130
-    if getattr(args, "json", False):
-        print(json.dumps(summary, indent=2))
+    except BrokenPipeError:  # `carve ... | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     return 0
 
 
