@@ -414,7 +414,7 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
                 share = "-"
                 if source not in ("builtin", "builtin-clean", "random") and "random" in by and reference in by:
                     rnd, bi = mean(ppl(by["random"], "domain_ppl")), mean(ppl(by[reference], "domain_ppl"))
-                    share = f"{(rnd - mean(ppl(rs, 'domain_ppl'))) / (rnd - bi):.2f}" if rnd != bi else "-"
+                    share = f"{(rnd - mean(ppl(rs, 'domain_ppl'))) / (rnd - bi):.3f}" if rnd != bi else "-"
                 shares.append(share)
             wall = mean([r["speed"]["wall_s"] for r in rs])
             dom, gen = _mean_spread(ppl(rs, "domain_ppl")), _mean_spread(ppl(rs, "general_ppl"))
