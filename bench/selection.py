@@ -362,14 +362,15 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
     """Per domain and job: domain and general perplexity after, per calibration text (mean ± half the
     range over seeds), and the share of the builtin corpus's domain-perplexity advantage over random
     pool text that selected text recovers: (ppl_random - ppl_selected) / (ppl_random - ppl_builtin)."""
-    groups: dict[tuple[str, str, str, str], dict[str, list[dict[str, Any]]]] = {}
+    groups: dict[tuple[str, str, str, str], dict[str, dict[int, list[dict[str, Any]]]]] = {}
     latest: dict[str, str] = {}  # per domain, the held-out blocks of its newest row
     for rid, r in rows.items():
         if rid.startswith("downstream/") and "metrics" in r:
             _, domain, job, method, source, _seed = rid.split("/")
             tokens = r.get("data", {}).get("eval", {}).get("domain", {}).get("fingerprint", "?")
             latest[domain] = tokens
-            groups.setdefault((domain, job, method, tokens), {}).setdefault(source, []).append(r)
+            pool = r.get("data", {}).get("domain", {}).get("selection", {}).get("pool_chunks", 0)
+            groups.setdefault((domain, job, method, tokens), {}).setdefault(source, {}).setdefault(pool, []).append(r)
     if not groups:
         return ""
     lines = [
@@ -389,10 +390,12 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
         "table's (each row keeps its picks' fingerprint). †: measured on held-out blocks tokenized before carve "
         "restored the embedded default's digit splitting (commit 807c70c; domain perplexity before 7.467 against "
         "7.427 on legal, 9.855 against 9.862 on code): rows are averaged and compared only with rows on the same "
-        "tokens.",
+        "tokens. pool: the chunks of the decontaminated pool the text was picked from (it differs by machine); "
+        "selected text is compared only with random text from the same pool.",
         "",
-        "| domain | job | method | text | seeds | domain ppl | general ppl | recovered | recovered (clean) | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| domain | job | method | text | pool | seeds | domain ppl | general ppl | recovered | recovered (clean) "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def ppl(rs: list[dict[str, Any]], key: str) -> list[float]:
@@ -405,22 +408,22 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
         groups.items(), key=lambda g: (g[0][:3], g[0][3] != latest[g[0][0]])
     ):
         old = "†" if tokens != latest[domain] else ""
+        refs = {k: [r for rs in by[k].values() for r in rs] for k in ("builtin", "builtin-clean") if k in by}
         for source in DOWNSTREAM:
-            rs = by.get(source)
-            if not rs:
-                continue
-            shares = []
-            for reference in ("builtin", "builtin-clean"):
-                share = "-"
-                if source not in ("builtin", "builtin-clean", "random") and "random" in by and reference in by:
-                    rnd, bi = mean(ppl(by["random"], "domain_ppl")), mean(ppl(by[reference], "domain_ppl"))
-                    share = f"{(rnd - mean(ppl(rs, 'domain_ppl'))) / (rnd - bi):.3f}" if rnd != bi else "-"
-                shares.append(share)
-            wall = mean([r["speed"]["wall_s"] for r in rs])
-            dom, gen = _mean_spread(ppl(rs, "domain_ppl")), _mean_spread(ppl(rs, "general_ppl"))
-            mark = "‡" if any(r.get("picks_as_table") is False for r in rs) else ""
-            lines.append(f"| {domain} | {job} | {method}{old} | {source}{mark} | {len(rs)} | {dom} | {gen} | "
-                         f"{shares[0]} | {shares[1]} | {wall:.0f} |")  # fmt: skip
+            for pool, rs in sorted(by.get(source, {}).items()):
+                shares = []
+                randoms = by.get("random", {}).get(pool)
+                for reference in ("builtin", "builtin-clean"):
+                    share = "-"
+                    if source not in ("builtin", "builtin-clean", "random") and randoms and reference in refs:
+                        rnd, bi = mean(ppl(randoms, "domain_ppl")), mean(ppl(refs[reference], "domain_ppl"))
+                        share = f"{(rnd - mean(ppl(rs, 'domain_ppl'))) / (rnd - bi):.3f}" if rnd != bi else "-"
+                    shares.append(share)
+                wall = mean([r["speed"]["wall_s"] for r in rs])
+                dom, gen = _mean_spread(ppl(rs, "domain_ppl")), _mean_spread(ppl(rs, "general_ppl"))
+                mark = "‡" if any(r.get("picks_as_table") is False for r in rs) else ""
+                lines.append(f"| {domain} | {job} | {method}{old} | {source}{mark} | {f'{pool:,}' if pool else '-'} | "
+                             f"{len(rs)} | {dom} | {gen} | {shares[0]} | {shares[1]} | {wall:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 
