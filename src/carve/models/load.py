@@ -269,6 +269,8 @@ def _from_gguf(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str, str]:
     (seconds instead of de-quantizing anew); else read, then cached."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from carve.output import remove_path
+
     header = read_gguf_header(path)  # a cut or foreign file: one clear error before transformers parses it
     source_dtype = precision_class(header["carve.tensor_types"])
     fingerprint = _file_fingerprint([path])
@@ -282,7 +284,7 @@ def _from_gguf(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str, str]:
         except (UsageError, OSError, ValueError, RuntimeError, KeyError) as exc:
             print(f"carve: the cached copy of {path.name} is unreadable ({exc}); reading the GGUF file again",
                   file=sys.stderr)  # fmt: skip
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_path(entry)  # renamed aside first: a process reading it keeps its open files
     tok, model = _read_gguf(path, header, kwargs)
     _write_cache_entry(entry, tok, model, {"gguf": str(path), "fingerprint": fingerprint})
     return tok, model, fingerprint, source_dtype
