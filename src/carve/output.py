@@ -86,7 +86,9 @@ def check_output(out: str | Path, overwrite: bool) -> Path:
     return path
 
 
-def _sibling(path: Path, what: str) -> Path:
+def temporary_path(path: Path, what: str) -> Path:
+    """A hidden name beside `path` for a temporary (`what`: "tmp" or "old") owned by this process:
+    the one rule `remove_dead_temporaries` and `recover_replaced` know."""
     return path.parent / f".{path.name}.carve-{what}-{os.getpid()}"
 
 
@@ -268,7 +270,7 @@ def remove_path(path: Path) -> None:
     name first (which the next claim of `path` clears), then deleted."""
     if not path.exists() and not path.is_symlink():
         return
-    doomed = _sibling(path, "tmp")
+    doomed = temporary_path(path, "tmp")
     path.rename(doomed)
     _delete(doomed)
 
@@ -282,7 +284,7 @@ def replace_path(tmp: Path, path: Path) -> None:
         if _exchange(tmp, path):  # `tmp` now holds the old version
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        old = _sibling(path, "old")
+        old = temporary_path(path, "old")
         path.rename(old)
         tmp.rename(path)
         shutil.rmtree(old, ignore_errors=True)
@@ -295,7 +297,7 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block completes it replaces `path`."""
     p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(p, "tmp")
+    tmp = temporary_path(p, "tmp")
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # on disk before the rename makes it visible
@@ -310,7 +312,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     """Yield a temporary directory; when the block completes it becomes `out`."""
     path = check_output(out, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _sibling(path, "tmp")
+    tmp = temporary_path(path, "tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
