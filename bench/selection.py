@@ -358,18 +358,56 @@ def _mean_spread(xs: list[float]) -> str:
     return f"{m:.3f}" + (f" ± {(max(xs) - min(xs)) / 2:.3f}" if len(xs) > 1 else "")
 
 
+def _pool_of(row: dict[str, Any]) -> tuple[int, str]:
+    """The pool a downstream row's text was picked from: its chunks and a fingerprint of its files'
+    fingerprints, as the selection's manifest recorded them ((0, "") for builtin text).  Two machines'
+    pools can hold the same number of chunks and differ."""
+    sel = row.get("data", {}).get("domain", {}).get("selection", {})
+    if not sel:
+        return 0, ""
+    files = sorted((Path(f).name, v["fingerprint"]) for f, v in sel["inputs"]["pool"].items())
+    return sel["pool_chunks"], hashlib.sha256(json.dumps(files).encode()).hexdigest()[:6]
+
+
+def _recovered(random_ppl: list[float], reference_ppl: list[float], selected_ppl: list[float]) -> str:
+    """(random - selected) / (random - reference) of the seeds' means, and, when every text has at least
+    two seeds, a 90% bootstrap interval (each text's seeds resampled on their own, 2,000 draws, seeded):
+    with 3-5 seeds a reading near a bar is only as sure as that interval."""
+
+    def share(r: list[float], b: list[float], s: list[float]) -> float | None:
+        rnd, ref = sum(r) / len(r), sum(b) / len(b)
+        return None if rnd == ref else (rnd - sum(s) / len(s)) / (rnd - ref)
+
+    point = share(random_ppl, reference_ppl, selected_ppl)
+    if point is None:
+        return "-"
+    if min(len(random_ppl), len(reference_ppl), len(selected_ppl)) < 2:
+        return f"{point:.3f}"
+    rng = random.Random(0)
+    draws = sorted(
+        x
+        for x in (
+            share(*(rng.choices(xs, k=len(xs)) for xs in (random_ppl, reference_ppl, selected_ppl)))
+            for _ in range(2000)
+        )
+        if x is not None
+    )
+    lo, hi = draws[int(0.05 * len(draws))], draws[int(0.95 * len(draws)) - 1]
+    return f"{point:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
 def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
     """Per domain and job: domain and general perplexity after, per calibration text (mean ± half the
     range over seeds), and the share of the builtin corpus's domain-perplexity advantage over random
     pool text that selected text recovers: (ppl_random - ppl_selected) / (ppl_random - ppl_builtin)."""
-    groups: dict[tuple[str, str, str, str], dict[str, dict[int, list[dict[str, Any]]]]] = {}
+    groups: dict[tuple[str, str, str, str], dict[str, dict[tuple[int, str], list[dict[str, Any]]]]] = {}
     latest: dict[str, str] = {}  # per domain, the held-out blocks of its newest row
     for rid, r in rows.items():
         if rid.startswith("downstream/") and "metrics" in r:
             _, domain, job, method, source, _seed = rid.split("/")
             tokens = r.get("data", {}).get("eval", {}).get("domain", {}).get("fingerprint", "?")
             latest[domain] = tokens
-            pool = r.get("data", {}).get("domain", {}).get("selection", {}).get("pool_chunks", 0)
+            pool = _pool_of(r)
             groups.setdefault((domain, job, method, tokens), {}).setdefault(source, {}).setdefault(pool, []).append(r)
     if not groups:
         return ""
@@ -390,8 +428,10 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
         "table's (each row keeps its picks' fingerprint). †: measured on held-out blocks tokenized before carve "
         "restored the embedded default's digit splitting (commit 807c70c; domain perplexity before 7.467 against "
         "7.427 on legal, 9.855 against 9.862 on code): rows are averaged and compared only with rows on the same "
-        "tokens. pool: the chunks of the decontaminated pool the text was picked from (it differs by machine); "
-        "selected text is compared only with random text from the same pool.",
+        "tokens. pool: the chunks of the decontaminated pool the text was picked from and a fingerprint of its "
+        "files (the pool differs by machine); selected text is compared only with random text from the same pool. "
+        "[a, b]: a 90% bootstrap interval of the recovered share over the seeds (each text's seeds resampled on "
+        "their own), given when every text has at least two seeds.",
         "",
         "| domain | job | method | text | pool | seeds | domain ppl | general ppl | recovered | recovered (clean) "
         "| wall s |",
@@ -416,13 +456,15 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
                 for reference in ("builtin", "builtin-clean"):
                     share = "-"
                     if source not in ("builtin", "builtin-clean", "random") and randoms and reference in refs:
-                        rnd, bi = mean(ppl(randoms, "domain_ppl")), mean(ppl(refs[reference], "domain_ppl"))
-                        share = f"{(rnd - mean(ppl(rs, 'domain_ppl'))) / (rnd - bi):.3f}" if rnd != bi else "-"
+                        share = _recovered(ppl(randoms, "domain_ppl"), ppl(refs[reference], "domain_ppl"),
+                                           ppl(rs, "domain_ppl"))  # fmt: skip
                     shares.append(share)
                 wall = mean([r["speed"]["wall_s"] for r in rs])
                 dom, gen = _mean_spread(ppl(rs, "domain_ppl")), _mean_spread(ppl(rs, "general_ppl"))
                 mark = "‡" if any(r.get("picks_as_table") is False for r in rs) else ""
-                lines.append(f"| {domain} | {job} | {method}{old} | {source}{mark} | {f'{pool:,}' if pool else '-'} | "
+                chunks, fp = pool
+                lines.append(f"| {domain} | {job} | {method}{old} | {source}{mark} | "
+                             f"{f'{chunks:,} ({fp})' if chunks else '-'} | "
                              f"{len(rs)} | {dom} | {gen} | {shares[0]} | {shares[1]} | {wall:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
