@@ -431,7 +431,8 @@ def downstream_table(rows: dict[str, dict[str, Any]]) -> str:
         "tokens. pool: the chunks of the decontaminated pool the text was picked from and a fingerprint of its "
         "files (the pool differs by machine); selected text is compared only with random text from the same pool. "
         "[a, b]: a 90% bootstrap interval of the recovered share over the seeds (each text's seeds resampled on "
-        "their own), given when every text has at least two seeds.",
+        "their own), given when every text has at least two seeds: a rough guide, since a bootstrap over 3-5 seeds "
+        "understates the spread.",
         "",
         "| domain | job | method | text | pool | seeds | domain ppl | general ppl | recovered | recovered (clean) "
         "| wall s |",
