@@ -244,7 +244,7 @@ def _read_gguf(path: Path, header: dict[str, Any], kwargs: dict[str, Any]) -> tu
 def _write_cache_entry(entry: Path, tok: Any, model: Any, info: dict[str, Any]) -> None:
     """The model and tokenizer saved as a Hugging Face directory, made visible in one rename (a
     crash leaves no half entry; two processes writing the same entry: the first rename wins)."""
-    from carve.output import temporary_path, remove_dead_temporaries
+    from carve.output import remove_dead_temporaries, temporary_path
 
     size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
     if size > GGUF_CACHE_MAX_BYTES:
