@@ -372,7 +372,7 @@ def _pool_of(row: dict[str, Any]) -> tuple[int, str]:
 def _recovered(random_ppl: list[float], reference_ppl: list[float], selected_ppl: list[float]) -> str:
     """(random - selected) / (random - reference) of the seeds' means, and, when every text has at least
     two seeds, a 90% bootstrap interval (each text's seeds resampled on their own, 2,000 draws, seeded):
-    with 3-5 seeds a reading near a bar is only as sure as that interval."""
+    with 3-5 seeds it understates the spread, so a reading near a bar is at best as sure as it."""
 
     def share(r: list[float], b: list[float], s: list[float]) -> float | None:
         rnd, ref = sum(r) / len(r), sum(b) / len(b)
