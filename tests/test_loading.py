@@ -16,6 +16,42 @@ def test_local_directory_loads_with_fingerprint(model_dir: Path) -> None:
     assert lm.model.dtype.is_floating_point and lm.tokenizer.pad_token_id is not None
 
 
+def test_fingerprint_reads_every_byte_and_remembers_large_files(monkeypatch, tmp_path: Path) -> None:
+    """Two weight files equal in name, size and their first and last MiB but one byte apart in the
+    middle (a fine-tune that left the embeddings and the last block frozen) get different
+    fingerprints; a large file's hash is remembered by its path, size and time once the file is
+    over 2 s old, and read anew once the file changes."""
+    import hashlib
+    import os
+
+    from carve.models import load
+    from carve.output import cache_dir
+
+    data = bytearray(os.urandom(6 << 20))
+    a, b = tmp_path / "a" / "model.safetensors", tmp_path / "b" / "model.safetensors"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(bytes(data))
+    assert load.file_fingerprint([a]) == load.file_fingerprint([b])
+    data[3 << 20] ^= 1
+    b.write_bytes(bytes(data))
+    assert load.file_fingerprint([a]) != load.file_fingerprint([b])
+    assert load.content_hash(b) == hashlib.sha256(bytes(data)).hexdigest()
+    assert not (cache_dir() / "hashes").exists()  # 6 MiB: read every time, nothing remembered
+
+    monkeypatch.setattr(load, "_MEMO_FROM_BYTES", 1 << 20)
+    assert load.content_hash(a) and not (cache_dir() / "hashes").exists()  # written just now: not yet
+    old = a.stat().st_mtime_ns - 10**10
+    os.utime(a, ns=(old, old))
+    truth = load.content_hash(a)
+    (memo,) = (cache_dir() / "hashes").glob("*.json")
+    forged = memo.read_text().replace(truth, "f" * 64)
+    memo.write_text(forged)
+    assert load.content_hash(a) == "f" * 64  # the remembered hash is what a second call returns
+    os.utime(a, ns=(old + 1, old + 1))
+    assert load.content_hash(a) == truth  # a changed time is another version: read again
+
+
 def test_hub_id_goes_to_from_pretrained(monkeypatch, model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -499,7 +499,7 @@ def _localize(r: MergeRecipe, tmp: Path, select: dict[str, Any], data: dict[str,
 def _stream_merge(r: MergeRecipe, tmp: Path, stats: dict[str, Path] | None = None) -> dict[str, Any]:
     from contextlib import ExitStack
 
-    from carve.models.load import _file_fingerprint
+    from carve.models.load import file_fingerprint
     from carve.progress import progress
 
     method = METHODS[r.method]
@@ -526,8 +526,8 @@ def _stream_merge(r: MergeRecipe, tmp: Path, stats: dict[str, Path] | None = Non
         finally:
             writer.close()
         fingerprints = {
-            "base": _file_fingerprint(base.files),
-            **{k: _file_fingerprint(e.files) for k, e in experts.items()},
+            "base": file_fingerprint(base.files),
+            **{k: file_fingerprint(e.files) for k, e in experts.items()},
         }
     base_dir = Path(r.base or "").expanduser()
     for f in _BASE_FILES:

@@ -49,6 +49,7 @@ CACHE_KINDS = {
     "eval": "source models' before-metrics",
     "models": "de-quantized GGUF models",
     "select": "inline selections (--domain select:)",
+    "hashes": "content hashes of weight files of 64 MiB or more",
 }
 
 
