@@ -348,15 +348,21 @@ def test_recording_block_calls_runs_no_block_but_the_first(arch: str) -> None:
 
 def test_the_manifest_names_the_block_weights_left_dense() -> None:
     """Weight matrices of the blocks that are not pruned, by name and share of the blocks' parameters:
-    a transformers MoE's experts (3-D tensors, not Linear layers) and what the targets leave out."""
+    an MoE's router (not a Linear layer; its experts are pruned one by one, tests/test_moe.py) and
+    what the targets leave out, its fused 3-D experts too."""
     from carve.models.arch import DEFAULT_EXCLUDE
     from carve.settings import Targets
 
     moe = tiny_model("mixtral")
+    blocks = sum(p.numel() for n, p in moe.named_parameters() if n.startswith("model.layers."))
+    router = sum(p.numel() for n, p in moe.named_parameters() if n.endswith("mlp.gate.weight"))
     dense = carve.prune(moe, "magnitude", 0.5).describe(moe)["sparsity"]["not_pruned_in_blocks"]
+    assert dense == {"model.layers.*.mlp.gate.weight": round(router / blocks, 4)}
+    moe = tiny_model("mixtral")
+    no_experts = Targets(exclude=(*DEFAULT_EXCLUDE, "*experts*"))
+    dense = carve.prune(moe, "magnitude", 0.5, targets=no_experts).describe(moe)["sparsity"]["not_pruned_in_blocks"]
     assert {"model.layers.*.mlp.experts.gate_up_proj", "model.layers.*.mlp.experts.down_proj"} <= set(dense)
     experts = sum(p.numel() for n, p in moe.named_parameters() if ".experts." in n)
-    blocks = sum(p.numel() for n, p in moe.named_parameters() if n.startswith("model.layers."))
     share = dense["model.layers.*.mlp.experts.gate_up_proj"] + dense["model.layers.*.mlp.experts.down_proj"]
     assert share == pytest.approx(experts / blocks, abs=2e-4)
     llama = tiny_model("llama")

@@ -45,6 +45,7 @@ from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
 from carve.models.anatomy import anatomy
 from carve.models.arch import DEFAULT_EXCLUDE, count_parameters
+from carve.models.experts import unfused
 from carve.models.load import (
     check_calib_choice,
     check_source,
@@ -502,7 +503,8 @@ def _extract(
         raise UsageError("--stream reads the model from disk; it cannot stream a model handed in already loaded")
     with stage("load_model"):
         lm = model or load_model(r.model, dtype=r.dtype, device=r.device)
-        r.targets().linears(lm.model)  # checked before any long work: there are Linear layers to prune
+        with unfused(lm.model):  # checked before any long work: there are Linear layers to prune
+            r.targets().linears(lm.model)
         calib = _calibration(r, lm)
     with stage("tokenize"):
         data = _tokenize(r, lm, calib, domain, general, evaluated)

@@ -28,6 +28,7 @@ from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap
 from carve.models.anatomy import anatomy
 from carve.models.arch import as_param_layout, find_blocks, prunable_linears, weight_matrix
+from carve.models.experts import unfused
 from carve.ops.plan import UnitImportance, block_unit_importance, unit_importance
 from carve.progress import progress
 from carve.scorers.gradient import normalized
@@ -63,7 +64,23 @@ def score(
     `dual` also needs `general_calibration` (open-domain text) and takes `lam` (λ, the weight of
     general importance) and `lr` (SGD steps while accumulating).  `calib.dtype` runs the
     layer-wise passes' forwards under autocast (see carve.engines.layerwise); the gradient engine
-    computes in the model's dtype."""
+    computes in the model's dtype.  An MoE's fused experts are scored as one Linear per expert and
+    their scores returned as one tensor per fused parameter (carve.models.experts)."""
+    with unfused(model, calib.stream is None) as experts:  # MoE experts as one Linear each
+        imp = _score(model, method, calibration, targets, calib, general_calibration, lam, lr)
+    return experts.fold_map(imp)
+
+
+def _score(
+    model: nn.Module,
+    method: str,
+    calibration: torch.Tensor | None,
+    targets: Targets,
+    calib: Calibration,
+    general_calibration: torch.Tensor | None,
+    lam: float,
+    lr: float,
+) -> ImportanceMap:
     scorer = get_scorer(method)
     data = needs_data(scorer, calibration)
     linears = targets.linears(model)

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from carve.engines.gradient import head_as_identity, plain_output_head
 from carve.models.arch import all_prunable_linears
+from carve.models.experts import expert_weights
 
 
 def _loss_sum(
@@ -90,15 +91,16 @@ def model_distill_loss(
 
 
 def sparsity_masks(model: nn.Module, min_zero_share: float = 0.01) -> dict[str, torch.Tensor]:
-    """Keep-masks (weight != 0) of the decoder Linear weights that are pruned (at least
-    `min_zero_share` exact zeros); updates multiplied by them keep the model's sparsity."""
+    """Keep-masks (weight != 0) of the decoder Linear weights, and an MoE's fused 3-D expert weights,
+    that are pruned (at least `min_zero_share` exact zeros); updates multiplied by them keep the
+    model's sparsity."""
     out = {}
-    for name, lin in all_prunable_linears(model).items():
-        w = lin.weight
+    weights = {f"{name}.weight": lin.weight for name, lin in all_prunable_linears(model).items()}
+    for name, w in (weights | expert_weights(model)).items():
         assert isinstance(w, torch.Tensor)
         keep = w.detach() != 0
         if 1 - keep.float().mean().item() >= min_zero_share:
-            out[f"{name}.weight"] = keep
+            out[name] = keep
     return out
 
 

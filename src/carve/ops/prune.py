@@ -40,6 +40,7 @@ from carve.importance.scoring import needs_data, score
 from carve.masks.mask import ImportanceMap, Mask, PackedKeep, select_mask
 from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models.arch import as_param_layout, count_zeros, find_blocks, prunable_linears, weight_matrix
+from carve.models.experts import Unfused, unfused
 from carve.progress import progress
 from carve.scorers.registry import Scorer, get_scorer
 from carve.scorers.sparsegpt import factor_of, obs_saliency, sparsegpt_prune
@@ -81,6 +82,8 @@ class PruneResult:
     importance: ImportanceMap | None = None  # the scores the mask was selected from, if any
     sparsity: float | None = None  # the target
     engine_seconds: dict[str, float] | None = None  # the layer-wise engine's parts (block-wise methods)
+    # MoE: the fused experts modules pruned expert by expert, and the experts given no calibration token
+    experts: dict[str, list[str]] | None = None
 
     def describe(self, model: nn.Module, zeros: dict[str, tuple[int, int]] | None = None) -> dict[str, Any]:
         achieved = model_sparsity(model, self.mask, zeros)
@@ -94,6 +97,7 @@ class PruneResult:
                 "not_pruned_in_blocks": unpruned_block_weights(model, self.mask),
             },
             "method_notes": {"hessian_damping_retries": retries},
+            **({"experts": self.experts} if self.experts else {}),
             **({"engine_seconds": self.engine_seconds} if self.engine_seconds else {}),
         }
 
@@ -107,10 +111,9 @@ def _param_name(module_name: str) -> str:
 
 def apply_mask(model: nn.Module, mask: Mask) -> None:
     """Zero the weights the mask removes (masks are in each parameter's own layout)."""
-    modules = dict(model.named_modules())
     with torch.no_grad():
         for pname, keep in mask.items():
-            W = modules[pname.removesuffix(".weight")].weight
+            W = model.get_parameter(pname)  # a Linear's weight, or an MoE's fused 3-D experts
             W.masked_fill_(~keep.to(W.device), 0)  # +0.0 (multiplying gives -0.0 for negative weights)
 
 
@@ -130,14 +133,49 @@ def prune(
     importance: ImportanceMap | None = None,
     reconstruct_with: torch.Tensor | None = None,
 ) -> PruneResult:
-    """Prune the targeted decoder Linear layers in place (`calib` and the kinds of method: see
-    the module docstring).  `granularity` defaults to the method's paper ("row" for Wanda,
-    "matrix" for magnitude and SparseGPT); "global" ranks all layers together (scored on the
-    dense model, then pruned at once).  `reconstruct_with`: calibration blocks (e.g. a
-    domain/general mix) whose Hessians update the kept weights of a score-then-mask method by
-    OBS compensation, or feed a sweep method's sweep (default `calibration`); `lam` weighs a
-    sweep's OBS error against the importance; `importance` reuses a saved ImportanceMap;
-    `general_calibration`, `lam` and `lr` are dual's (carve.importance.score)."""
+    """Prune the targeted decoder Linear layers in place (an MoE's fused experts as one Linear per
+    expert, carve.models.experts; `calib` and the kinds of method: see the module docstring).
+    `granularity` defaults to the method's paper ("row" for Wanda, "matrix" for magnitude and
+    SparseGPT); "global" ranks all layers together (scored on the dense model, then pruned at
+    once).  `reconstruct_with`: calibration blocks (e.g. a domain/general mix) whose Hessians update
+    the kept weights of a score-then-mask method by OBS compensation, or feed a sweep method's sweep
+    (default `calibration`); `lam` weighs a sweep's OBS error against the importance; `importance`
+    reuses a saved ImportanceMap; `general_calibration`, `lam` and `lr` are dual's
+    (carve.importance.score)."""
+    with unfused(model, calib.stream is None) as experts:  # MoE experts as one Linear each
+        result = _prune(
+            model, method, sparsity, calibration, granularity, pattern, targets, calib, general_calibration, lam, lr,
+            None if importance is None else experts.unfold_map(importance), reconstruct_with,
+        )  # fmt: skip
+    return _folded(result, experts)
+
+
+def _folded(result: PruneResult, experts: Unfused) -> PruneResult:
+    """`result` keyed by the model's own parameters: a fused experts tensor's per-expert masks and
+    scores as one (nothing changes without MoE experts)."""
+    if not experts.modules:
+        return result
+    result.mask = experts.fold_mask(result.mask)
+    result.importance = None if result.importance is None else experts.fold_map(result.importance)
+    result.experts = {"unfused": sorted(experts.modules), "without_calibration_tokens": experts.unrouted()}
+    return result
+
+
+def _prune(
+    model: nn.Module,
+    method: str,
+    sparsity: float | None,
+    calibration: torch.Tensor | None,
+    granularity: str | None,
+    pattern: str | None,
+    targets: Targets,
+    calib: Calibration,
+    general_calibration: torch.Tensor | None,
+    lam: float,
+    lr: float,
+    importance: ImportanceMap | None,
+    reconstruct_with: torch.Tensor | None,
+) -> PruneResult:
     scorer = get_scorer(method)
     nm = parse_pattern(pattern)
     sparsity = check_sparsity(sparsity, nm)
@@ -400,14 +438,15 @@ def _spread(
 def unpruned_block_weights(model: nn.Module, pruned: Iterable[str]) -> dict[str, float]:
     """The decoder blocks' weight matrices (2-D and up) left dense, by name with the block index as
     `*`, each as its share of the blocks' parameters: those the targets leave out, and those carve
-    cannot prune, not being Linear layers (a transformers MoE's experts, fused in 3-D tensors)."""
+    cannot prune, not being Linear layers (an MoE's router; its experts' biases, stacked [E, out],
+    are not matrices)."""
     prefix, blocks = find_blocks(model)
     kept, total = set(pruned), 0
     out: dict[str, float] = {}
     for i, block in enumerate(blocks):
         for name, p in block.named_parameters():
             total += p.numel()
-            if p.dim() >= 2 and f"{prefix}.{i}.{name}" not in kept:
+            if p.dim() >= 2 and not name.endswith("bias") and f"{prefix}.{i}.{name}" not in kept:
                 key = f"{prefix}.*.{name}"
                 out[key] = out.get(key, 0) + p.numel()
     return {k: round(n / total, 4) for k, n in out.items()} if total else {}

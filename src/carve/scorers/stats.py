@@ -30,8 +30,11 @@ class RowNorms:
 
     @property
     def sq(self) -> torch.Tensor:
-        """The mean of x_j² over the tokens seen (float32)."""
-        return (self._sum / max(self.n, 1)).float()
+        """The mean of x_j² over the tokens seen (float32); ones when none was seen (an MoE expert the
+        calibration never routed to: every input alike, so Wanda keeps the largest weights)."""
+        if self.n == 0:
+            return torch.ones_like(self._sum, dtype=torch.float32)
+        return (self._sum / self.n).float()
 
     @property
     def norms(self) -> torch.Tensor:
@@ -95,6 +98,14 @@ class Hessian:
 
     @property
     def H(self) -> torch.Tensor:
+        """H as float32; the identity when no token was seen (an MoE expert the calibration never
+        routed to: no input outweighs another, and SparseGPT prunes by magnitude, instead of taking
+        every input for dead and zeroing the whole matrix)."""
+        if self._H is None and self.n == 0:
+            assert self._rows is not None
+            device = self._rows[0].device
+            self._rows = None
+            self._H = torch.eye(self.d, dtype=torch.float32, device=device)
         if self._H is None:
             assert self._rows is not None
             rows, self._rows = self._rows, None

@@ -1,0 +1,201 @@
+"""Mixture-of-experts layers whose experts are fused in 3-D tensors, seen as one Linear per expert.
+
+transformers keeps the experts of an MoE block (Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss, DeepSeek …)
+as 3-D parameters, `gate_up_proj` (or `up_proj`) [E, out, in] and `down_proj` [E, out, in], or
+[E, in, out] where the module says `is_transposed`, with flags its experts interface
+(transformers.integrations.moe) sets on the module: `has_gate`, `has_bias`, `is_transposed`.  None
+of them is a Linear, so carve's Linear-wise methods (the layer-wise engine's input statistics,
+Wanda, SparseGPT, the OBS sweep, per-matrix masks) would not see them: most of an MoE block.
+
+`unfused(model)` swaps each such module for an `ExpertLinears` module, for the duration of a job:
+expert e's projections become `nn.Linear`s named `<experts>.<e>.gate_up_proj` and
+`<experts>.<e>.down_proj` whose weights are *views* of the 3-D parameters ([out, in]; a transposed
+view where the layout is [in, out]), so pruning them in place prunes the model, and the gradient
+engine's gradients reach them.  Its forward is the experts' own computation (transformers' eager
+loop), calling every expert's Linears on the tokens routed to it, so the layer-wise engine's
+pre-hooks receive each expert's own inputs, weighted neither by the router nor by its top-k rank,
+as SparseGPT's Hessian of that expert's matrix on those tokens.  Every expert is called on every
+batch, with no tokens when none was routed to it, so each has a statistic; one that saw no token
+over the whole calibration reads as the identity (carve.scorers.stats: pruned by magnitude).
+
+Masks and importance maps leave a job keyed by the model's own parameters (`fold`: a 3-D mask per
+fused tensor, in its layout) and come in unfolded (`unfold`), so a saved mask or map belongs to the
+model as transformers loads it, and `carve recover` or the sparse format read it like any other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from carve.masks.mask import ImportanceMap, Mask
+
+FLAGS = ("has_gate", "is_transposed", "has_bias")
+
+
+def _projections(module: nn.Module) -> tuple[str, ...]:
+    return ("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj", "down_proj")
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """A transformers experts module (its experts interface's flags set) with 3-D expert weights."""
+    if isinstance(module, ExpertLinears) or not all(hasattr(module, f) for f in FLAGS):
+        return False
+    params = dict(module.named_parameters(recurse=False))
+    return all(p in params and params[p].dim() == 3 for p in _projections(module))
+
+
+def fused_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> fused experts module."""
+    return {name: m for name, m in model.named_modules() if is_fused_experts(m)}
+
+
+def expert_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameter name -> each fused experts module's 3-D weights (gate_up / up and down)."""
+    return {f"{n}.{p}": getattr(m, p) for n, m in fused_experts(model).items() for p in _projections(m)}
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, grad: bool) -> nn.Linear:
+    """An nn.Linear over `weight` [out, in] (and `bias`) without copying: its parameters share the
+    tensors' storage."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=grad)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=grad)
+    return lin
+
+
+class ExpertLinears(nn.Module):
+    """A fused experts module as one pair of Linears per expert (`experts.<e>.<projection>`), views
+    of its 3-D parameters; the same forward."""
+
+    fused: Any  # the transformers module (its gate, activation and flags), kept outside the module tree
+
+    def __init__(self, fused: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "fused", fused)  # not a submodule: its parameters are the views'
+        self.transposed = bool(fused.is_transposed)
+        self.projections = _projections(fused)
+        params = dict(fused.named_parameters(recurse=False))
+        # children named by expert index, as transformers' per-expert checkpoints name them; not a
+        # ModuleList, which carve.models.arch.find_blocks could take for the decoder blocks
+        self.experts: list[nn.Module] = []
+        for e in range(params[self.projections[0]].shape[0]):
+            one = nn.Module()
+            for p in self.projections:
+                w = params[p].data[e]
+                b = params[f"{p}_bias"].data[e] if fused.has_bias else None
+                one.add_module(p, _linear(w.t() if self.transposed else w, b, params[p].requires_grad))
+            self.add_module(str(e), one)
+            self.experts.append(one)
+        self.routed = torch.zeros(len(self.experts), dtype=torch.long)  # tokens each expert was given
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # (hidden, top_k_index, top_k_weights), by position or by the model's own argument names
+        index, weights = [*args, *kwargs.values()][:2]
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        out = torch.zeros_like(x)
+        fused = self.fused
+        for e, expert in enumerate(self.experts):
+            token, rank = torch.where(index == e)
+            self.routed[e] += token.numel()
+            up, down = (getattr(expert, p) for p in self.projections)
+            h = up(x[token])
+            h = fused._apply_gate(h) if fused.has_gate else fused.act_fn(h)
+            y = down(h)
+            if getattr(fused, "has_post_expert_norm", False):
+                y = fused.post_expert_norm(y)
+            out.index_add_(0, token, (y * weights[token, rank, None]).to(out.dtype))
+        return out.reshape(shape)
+
+
+_EXPERT_KEY = re.compile(r"^(?P<module>.+)\.(?P<e>\d+)\.(?P<proj>[a-z_]+)\.weight$")
+
+
+@dataclass
+class Unfused:
+    """The fused experts modules a job unfused (name -> ExpertLinears), and the translation of masks
+    and importance maps between their per-expert Linears and the model's 3-D parameters."""
+
+    modules: dict[str, ExpertLinears]
+
+    def fold(self, per_linear: Mapping[str, torch.Tensor], fill: bool | float) -> dict[str, torch.Tensor]:
+        """Per-expert entries (`<experts>.<e>.<proj>.weight`, [out, in]) stacked into each fused
+        parameter (`<experts>.<proj>`, in its layout); experts a job left out are `fill` (True for a
+        mask: kept).  Other entries as they are."""
+        out: dict[str, torch.Tensor] = {}
+        stacks: dict[str, dict[int, torch.Tensor]] = {}
+        for key, value in per_linear.items():
+            m = _EXPERT_KEY.match(key)
+            if m is None or m["module"] not in self.modules or m["proj"] not in self.modules[m["module"]].projections:
+                out[key] = value
+                continue
+            stacks.setdefault(f"{m['module']}.{m['proj']}", {})[int(m["e"])] = value
+        for name, experts in stacks.items():
+            module, proj = name.rsplit(".", 1)
+            unf = self.modules[module]
+            rows = []
+            for e, expert in enumerate(unf.experts):
+                v = experts.get(e)
+                if v is None:
+                    w = getattr(expert, proj).weight
+                    v = torch.full(w.shape, fill, dtype=next(iter(experts.values())).dtype)
+                rows.append(v.t() if unf.transposed else v)
+            out[name] = torch.stack(rows)
+        return out
+
+    def unfold(self, per_param: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of `fold`: each fused parameter's entry as one per expert, [out, in]."""
+        out: dict[str, torch.Tensor] = {}
+        for key in per_param:
+            module, _, proj = key.rpartition(".")
+            unf = self.modules.get(module)
+            if unf is None or proj not in unf.projections:
+                out[key] = per_param[key]
+                continue
+            for e, v in enumerate(per_param[key].unbind(0)):
+                out[f"{module}.{e}.{proj}.weight"] = v.t() if unf.transposed else v
+        return out
+
+    def fold_mask(self, mask: Mask) -> Mask:
+        return Mask(self.fold(mask, True)) if self.modules else mask
+
+    def fold_map(self, imp: ImportanceMap) -> ImportanceMap:
+        """Per-expert scores as one tensor per fused parameter (experts not scored: +inf, kept)."""
+        return ImportanceMap(self.fold(imp, float("inf")), dict(imp.meta)) if self.modules else imp
+
+    def unfold_map(self, imp: ImportanceMap) -> ImportanceMap:
+        return ImportanceMap(self.unfold(imp), dict(imp.meta)) if self.modules else imp
+
+    def unrouted(self) -> list[str]:
+        """The experts (`<experts>.<e>`) given no calibration token while unfused (none when no
+        calibration ran through them)."""
+        if not any(int(m.routed.sum()) for m in self.modules.values()):
+            return []
+        return [f"{n}.{e}" for n, m in self.modules.items() for e in range(len(m.experts)) if m.routed[e] == 0]
+
+
+@contextmanager
+def unfused(model: nn.Module, enabled: bool = True) -> Iterator[Unfused]:
+    """Each fused experts module of `model` replaced by its ExpertLinears while inside (see the
+    module docstring); nothing changes for a model without any, one already unfused, or when not
+    `enabled` (a streamed extraction's skeleton, whose blocks are read from disk as they come)."""
+    found = fused_experts(model) if enabled else {}
+    swapped: dict[str, ExpertLinears] = {}
+    try:
+        for name, module in found.items():
+            parent, _, child = name.rpartition(".")
+            swapped[name] = ExpertLinears(module)
+            model.get_submodule(parent).register_module(child, swapped[name])
+        yield Unfused(swapped)
+    finally:
+        for name, unf in swapped.items():
+            parent, _, child = name.rpartition(".")
+            model.get_submodule(parent).register_module(child, unf.fused)  # as it was

@@ -1,0 +1,190 @@
+"""Mixture-of-experts models whose experts transformers fuses into 3-D tensors: each expert pruned as
+its own Linear, on the tokens routed to it (carve.models.experts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import carve
+from carve.models.experts import fused_experts, unfused
+
+MOE = {  # transformers class, config class, MoE settings; gpt-oss: [E, in, out] with biases, gate/up interleaved
+    "mixtral": ("MixtralForCausalLM", "MixtralConfig", {"num_local_experts": 4}),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3MoeConfig", {"num_experts": 4, "moe_intermediate_size": 32}),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2MoeConfig",
+                  {"num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}),
+    "gpt_oss": ("GptOssForCausalLM", "GptOssConfig", {"num_local_experts": 4}),
+}  # fmt: skip
+
+
+def moe_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    import transformers
+
+    cls, config, extra = MOE[arch]
+    cfg = getattr(transformers, config)(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, pad_token_id=None, bos_token_id=None,
+        eos_token_id=None, **extra,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(cfg).eval()
+    with torch.no_grad():  # weights large enough that routing and pruning matter
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def _ids(n: int = 4, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (n, 16), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_unfused_experts_compute_as_the_model_and_share_its_weights(arch: str) -> None:
+    model = moe_model(arch)
+    names = [n for n, _ in model.named_parameters()]
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        with unfused(model) as experts:
+            assert len(experts.modules) == 2 and not fused_experts(model)  # one per block
+            inside = model(ids).logits
+            for e in range(4):  # views: written into the 3-D tensor
+                model.get_submodule(f"model.layers.1.mlp.experts.{e}.down_proj").weight[0, 3] = 7.0
+        after = model(ids).logits
+    torch.testing.assert_close(inside, before, atol=1e-6, rtol=0)
+    assert [n for n, _ in model.named_parameters()] == names  # the model as it was
+    fused = model.get_submodule("model.layers.1.mlp.experts")
+    row, col = (3, 0) if fused.is_transposed else (0, 3)
+    assert fused.down_proj[2, row, col].item() == 7.0
+    assert not torch.equal(after, before)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_fold_is_the_inverse_of_unfold(arch: str) -> None:
+    model = moe_model(arch)
+    with unfused(model) as experts:
+        per_param = {n: torch.randn(p.shape) for n, p in model.get_submodule("model.layers.0.mlp.experts").fused
+                     .named_parameters(prefix="model.layers.0.mlp.experts") if not n.endswith("bias")}  # fmt: skip
+        per_linear = experts.unfold(per_param)
+        w = model.get_submodule("model.layers.0.mlp.experts.1.gate_up_proj").weight
+        assert per_linear["model.layers.0.mlp.experts.1.gate_up_proj.weight"].shape == w.shape  # [out, in]
+        back = experts.fold(per_linear, True)
+    assert back.keys() == per_param.keys()
+    assert all(torch.equal(back[k], per_param[k]) for k in per_param)
+
+
+def test_each_expert_is_calibrated_on_the_tokens_routed_to_it() -> None:
+    """Wanda's masks of block 0's experts against a direct computation: |W|·‖X_j‖ over the tokens the
+    router sent to that expert (gate_up: the block's MoE input; down: act(gate)·up of those tokens)."""
+    model = moe_model("mixtral")
+    ids = _ids()
+    fused = model.get_submodule("model.layers.0.mlp.experts")
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = fused.register_forward_pre_hook(lambda _m, args: seen.append((args[0].detach(), args[1].detach())))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    x, index = seen[0]
+    gate_up, down = fused.gate_up_proj.detach().clone(), fused.down_proj.detach().clone()
+    result = carve.prune(model, "wanda", 0.5, ids)
+    for e in range(4):
+        xe = x[(index == e).any(-1)]
+        assert 0 < len(xe) < len(x)
+        h = xe @ gate_up[e].t()
+        g, u = h.chunk(2, dim=-1)
+        for name, W, inputs in (("gate_up_proj", gate_up[e], xe), ("down_proj", down[e], fused.act_fn(g) * u)):
+            score = W.abs() * inputs.pow(2).sum(0).sqrt()
+            keep = torch.zeros_like(W, dtype=torch.bool).scatter_(1, score.topk(W.shape[1] // 2, dim=1).indices, True)
+            assert torch.equal(result.mask[f"model.layers.0.mlp.experts.{name}"][e], keep), (e, name)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "dual-obs"])
+def test_every_method_prunes_each_expert(arch: str, method: str) -> None:
+    model = moe_model(arch)
+    extra = {"general_calibration": _ids(seed=2)} if method == "dual-obs" else {}
+    result = carve.prune(model, method, 0.5, _ids(), **extra)
+    for i in range(2):
+        fused = model.get_submodule(f"model.layers.{i}.mlp.experts")
+        for proj in ("gate_up_proj", "down_proj"):
+            name = f"model.layers.{i}.mlp.experts.{proj}"
+            W = getattr(fused, proj)
+            assert result.mask[name].shape == W.shape  # keyed and shaped as the model's own parameter
+            assert torch.equal(~result.mask[name], W == 0)
+            for e in range(4):
+                assert (W[e] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), (name, e)
+    left = result.describe(model)["sparsity"]["not_pruned_in_blocks"]
+    assert set(left) == {f"model.layers.*.mlp.{'router' if arch == 'gpt_oss' else 'gate'}.weight"}  # the router
+    assert result.experts is not None and result.experts["unfused"] == [f"model.layers.{i}.mlp.experts" for i in (0, 1)]
+
+
+def test_n_m_runs_along_each_experts_input_dimension() -> None:
+    """2:4 in the [E, in, out] layout of gpt-oss: every 4 consecutive inputs of an output keep 2."""
+    model = moe_model("gpt_oss")
+    result = carve.prune(model, "sparsegpt", None, _ids(), pattern="2:4")
+    keep = result.mask["model.layers.0.mlp.experts.gate_up_proj"]  # [E, in, out]
+    groups = keep.transpose(1, 2).reshape(4, keep.shape[2], -1, 4)
+    assert (groups.sum(-1) == 2).all()
+
+
+def test_an_expert_given_no_token_is_pruned_by_magnitude() -> None:
+    """An expert the router never picks has no inputs to weigh its weights by: its statistic reads as
+    the identity, so SparseGPT keeps its largest weights unchanged (without it: every input 'dead',
+    the whole expert zeroed), and the manifest names it."""
+    model = moe_model("gpt_oss")
+    with torch.no_grad():
+        for i in range(2):
+            model.get_submodule(f"model.layers.{i}.mlp.router").bias[3] = -1e4
+    W = model.get_submodule("model.layers.1.mlp.experts").down_proj[3].detach().clone()  # [in, out]
+    result = carve.prune(model, "sparsegpt", 0.5, _ids())
+    after = model.get_submodule("model.layers.1.mlp.experts").down_proj[3]
+    keep = after != 0
+    assert keep.float().mean().item() == pytest.approx(0.5, abs=0.02)
+    assert torch.equal(after[keep], W[keep])  # no compensation: nothing to compensate with
+    assert W[keep].abs().min() >= W[~keep].abs().max()  # the largest kept
+    assert result.experts is not None
+    assert result.experts["without_calibration_tokens"] == [f"model.layers.{i}.mlp.experts.3" for i in (0, 1)]
+
+
+def test_the_statistics_of_no_tokens_read_as_the_identity() -> None:
+    from carve.scorers.stats import Hessian, RowNorms
+
+    h, r = Hessian(5), RowNorms(5)
+    h.update(torch.zeros(0, 5))
+    r.update(torch.zeros(0, 5))
+    assert torch.equal(h.H, torch.eye(5)) and torch.equal(r.sq, torch.ones(5))
+
+
+def test_extract_and_recover_an_moe_from_the_command_line(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """`carve extract` on a saved Mixtral: the output loads with stock from_pretrained with each expert
+    half zeros, its mask keyed by the fused tensors; `carve recover` trains it and keeps those zeros."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.cli.main import main
+    from tests.conftest import tiny_model
+
+    src = tmp_path / "moe"
+    tiny_model("mixtral").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    fast = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--quiet", "--no-speed"]
+    out = tmp_path / "out"
+    assert main(["extract", "--model", str(src), "--domain", str(small_corpus), "--general", "general",
+                 "--method", "sparsegpt", "--sparsity", "0.5", "--out", str(out), *fast]) == 0  # fmt: skip
+    manifest = json.loads((out / "carve.json").read_text())
+    assert manifest["sparsity"]["linear"] == pytest.approx(0.5, abs=1e-3)
+    assert set(manifest["sparsity"]["not_pruned_in_blocks"]) == {"model.layers.*.mlp.gate.weight"}
+    assert manifest["experts"]["unfused"] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    experts = loaded.get_submodule("model.layers.0.mlp.experts").gate_up_proj
+    assert all((experts[e] == 0).float().mean().item() == pytest.approx(0.5, abs=0.01) for e in range(4))
+    mask = carve.Mask.load(out / "mask.safetensors")
+    assert torch.equal(~mask["model.layers.0.mlp.experts.gate_up_proj"], experts == 0)
+    rec = tmp_path / "rec"
+    assert main(["recover", str(out), "--domain", str(small_corpus), "--steps", "2", "--block-len", "32",
+                 "--eval-blocks", "2", "--lr", "1e-3", "--out", str(rec), "--quiet"]) == 0  # fmt: skip
+    trained = AutoModelForCausalLM.from_pretrained(rec).get_submodule("model.layers.0.mlp.experts").gate_up_proj
+    assert torch.equal(trained == 0, experts == 0) and not torch.equal(trained, experts)
