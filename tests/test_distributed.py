@@ -64,6 +64,15 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
                 found.update({f"{method}-weights:{k}": pruned.get_parameter(k).detach().clone() for k in result.mask})
         finally:
             sg.sparsegpt_prune = real_sweep
+        # an MoE's experts (gpt-oss: [E, in, out], so each expert's weight is a transposed view)
+        from tests.test_moe import moe_model
+
+        moe = moe_model("gpt_oss")
+        moe_ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+        result = prune(moe, "sparsegpt", 0.5, moe_ids, calib=settings)
+        assert result.experts is not None and len(result.experts["unfused"]) == 2
+        found.update({f"moe:{k}": v for k, v in result.mask.items()})
+        found.update({f"moe-weights:{k}": moe.get_parameter(k).detach().clone() for k in result.mask})
         Path(f"{out}.sweeps{rank}").write_text(str(len(sweeps)))  # each rank's share of the OBS sweeps
         found["ppl"] = torch.tensor([perplexity(tiny_model("llama"), calib[:5], batch_size=2)], dtype=torch.float64)
         fisher = score(tiny_model("llama"), "fisher", calib, calib=settings)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from carve import distributed
 from carve.masks.mask import ImportanceMap, Mask
 
 FLAGS = ("has_gate", "is_transposed", "has_bias")
@@ -177,6 +178,8 @@ class Unfused:
     def unrouted(self) -> list[str]:
         """The experts (`<experts>.<e>`) given no calibration token while unfused (none when no
         calibration ran through them)."""
+        for m in self.modules.values():  # under torch.distributed: every rank's share of the calibration
+            distributed.sum_(m.routed)
         if not any(int(m.routed.sum()) for m in self.modules.values()):
             return []
         return [f"{n}.{e}" for n, m in self.modules.items() for e in range(len(m.experts)) if m.routed[e] == 0]

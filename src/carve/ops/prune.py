@@ -425,8 +425,12 @@ def _spread(
         if distributed.active():
             sent = distributed.broadcast_json(None if result is None else {"notes": result[1]}, src)
             if sent is not None:
-                weight = lin.get_parameter("weight")
-                distributed.broadcast_(weight.data, src)
+                weight = lin.get_parameter("weight").data
+                # an MoE expert's weight in an [E, in, out] tensor is a transposed view: sent contiguous
+                sent_w = weight if weight.is_contiguous() else weight.contiguous()
+                distributed.broadcast_(sent_w, src)
+                if sent_w is not weight:
+                    weight.copy_(sent_w)
                 shape, device = weight_matrix(lin).shape, weight.device
                 k = torch.empty(shape, dtype=torch.bool, device=device) if result is None else result[0].to(device)
                 k = k.contiguous()
