@@ -131,6 +131,29 @@ def test_n_m_runs_along_each_experts_input_dimension() -> None:
     assert (groups.sum(-1) == 2).all()
 
 
+def test_a_saved_importance_map_selects_each_expert_and_is_reused(tmp_path: Path) -> None:
+    """A map saved from an MoE is keyed by the fused [E, in, out] tensors of gpt-oss: `select_mask` on
+    it keeps half of each expert's output rows (not half of the stacked tensor, nor along its stored
+    rows), and pruning with it reused gives that mask."""
+    imp = carve.score(moe_model("gpt_oss"), "wanda", _ids())
+    imp.save(tmp_path / "importance.safetensors")
+    loaded = carve.ImportanceMap.load(tmp_path / "importance.safetensors")
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert loaded[name].dim() == 3 and name in loaded.meta["transposed"]
+    for granularity in ("row", "matrix"):
+        keep = carve.select_mask(loaded, 0.5, granularity)[name]  # [E, in, out]
+        per_expert = keep.float().mean(dim=(1, 2))
+        assert torch.equal(per_expert, torch.full((4,), 0.5)), granularity
+        if granularity == "row":
+            assert (keep.sum(1) == keep.shape[1] // 2).all()  # each output's inputs halved
+    pattern = carve.select_mask(loaded, None, pattern="2:4")[name]
+    assert (pattern.transpose(1, 2).reshape(4, pattern.shape[2], -1, 4).sum(-1) == 2).all()
+    model = moe_model("gpt_oss")
+    result = carve.prune(model, "wanda", 0.5, _ids(), importance=loaded)
+    assert torch.equal(result.mask[name], carve.select_mask(loaded, 0.5)[name])  # the same choice per expert
+    assert torch.equal(~result.mask[name], model.get_submodule("model.layers.0.mlp.experts").gate_up_proj == 0)
+
+
 def test_an_expert_given_no_token_is_pruned_by_magnitude() -> None:
     """An expert the router never picks has no inputs to weigh its weights by: its statistic reads as
     the identity, so SparseGPT keeps its largest weights unchanged (without it: every input 'dead',

@@ -266,11 +266,21 @@ def select_mask(
     transposed = set(scores.meta.get("transposed", [])) if isinstance(scores, ImportanceMap) else set()
     chosen: MutableMapping[str, torch.Tensor] = PackedKeep() if packed else {}
     for name, v in scores.items():
-        if name in transposed:
-            chosen[name] = keep_mask(v.float().t(), sparsity, granularity, nm).t().contiguous()
-        else:
-            chosen[name] = keep_mask(v.float(), sparsity, granularity, nm)
+        chosen[name] = _keep(v.float(), name in transposed, sparsity, granularity, nm)
     return Mask(chosen)
+
+
+def _keep(
+    v: torch.Tensor, transposed: bool, sparsity: float, granularity: str, nm: tuple[int, int] | None
+) -> torch.Tensor:
+    """One parameter's keep-mask in its own layout.  A 3-D entry holds an MoE block's experts
+    ([E, out, in], or [E, in, out] when transposed: carve.models.experts): each expert is a matrix of
+    its own, as when its Linear was scored, so "matrix" and N:M never reach across experts."""
+    if v.dim() == 3:
+        return torch.stack([_keep(one, transposed, sparsity, granularity, nm) for one in v.unbind(0)])
+    if transposed:
+        return keep_mask(v.t(), sparsity, granularity, nm).t().contiguous()
+    return keep_mask(v, sparsity, granularity, nm)
 
 
 def _sortable(v: torch.Tensor) -> torch.Tensor:

@@ -170,7 +170,13 @@ class Unfused:
 
     def fold_map(self, imp: ImportanceMap) -> ImportanceMap:
         """Per-expert scores as one tensor per fused parameter (experts not scored: +inf, kept)."""
-        return ImportanceMap(self.fold(imp, float("inf")), dict(imp.meta)) if self.modules else imp
+        if not self.modules:
+            return imp
+        meta = dict(imp.meta)
+        flipped = [f"{n}.{p}" for n, m in self.modules.items() if m.transposed for p in m.projections]
+        if flipped:  # [E, in, out] (gpt-oss): rows and N:M groups taken on each expert's transpose
+            meta["transposed"] = sorted({*meta.get("transposed", []), *flipped})
+        return ImportanceMap(self.fold(imp, float("inf")), meta)
 
     def unfold_map(self, imp: ImportanceMap) -> ImportanceMap:
         return ImportanceMap(self.unfold(imp), dict(imp.meta)) if self.modules else imp
