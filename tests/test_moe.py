@@ -211,3 +211,67 @@ def test_extract_and_recover_an_moe_from_the_command_line(tmp_path: Path, tokeni
                  "--eval-blocks", "2", "--lr", "1e-3", "--out", str(rec), "--quiet"]) == 0  # fmt: skip
     trained = AutoModelForCausalLM.from_pretrained(rec).get_submodule("model.layers.0.mlp.experts").gate_up_proj
     assert torch.equal(trained == 0, experts == 0) and not torch.equal(trained, experts)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+def test_importance_sources_score_each_expert_and_read_a_reference_per_expert(arch: str) -> None:
+    """The registry's sources (what finetune, unlearn and merge select with) see each expert as a
+    Linear: a task vector against a reference model is |Δ| of the fused tensors, in their layout."""
+    from carve.importance import compute_importance, low_rank
+
+    base, tuned = moe_model(arch, seed=0), moe_model(arch, seed=0)
+    with torch.no_grad():
+        tuned.get_submodule("model.layers.1.mlp.experts").down_proj[2].add_(1.0)
+    tv = compute_importance("task-vector", tuned, reference=base)
+    name = "model.layers.1.mlp.experts.down_proj"
+    delta = (tuned.get_parameter(name) - base.get_parameter(name)).abs()
+    assert torch.equal(tv[name], delta) and tv[name][[0, 1, 3]].max() == 0.0
+    torch.testing.assert_close(tv[name][2], torch.ones_like(tv[name][2]))  # only expert 2 moved
+    lift = compute_importance("lift", tuned, rank=2)  # each expert's own rank-2 approximation
+    W = tuned.get_parameter(name)[0]
+    W = W.t() if arch == "gpt_oss" else W
+    expected = low_rank(W.detach(), 2).abs()
+    torch.testing.assert_close(lift[name][0], expected.t() if arch == "gpt_oss" else expected)
+
+
+def test_finetune_and_unlearn_update_the_experts_inside_their_masks(
+    tmp_path: Path, tokenizer, small_corpus: Path
+) -> None:
+    """A sparse fine-tune (Fisher, 10%) and a masked unlearning run (SalUn, 10%) on a saved Mixtral
+    train entries of every expert and leave every entry outside their masks bitwise unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.cli.main import main
+    from tests.conftest import tiny_model
+
+    src = tmp_path / "moe"
+    tiny_model("mixtral").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    fast = ["--steps", "2", "--block-len", "32", "--eval-blocks", "2", "--cloze-items", "0", "--quiet"]
+    assert main(["finetune", str(src), "--domain", str(small_corpus), "--trainable", "fisher", "--density", "0.1",
+                 "--lr", "1e-3", "--out", str(tmp_path / "ft"), *fast]) == 0  # fmt: skip
+
+    def fused(path: Path) -> torch.Tensor:
+        return AutoModelForCausalLM.from_pretrained(path).get_submodule("model.layers.0.mlp.experts").gate_up_proj
+
+    before, after = fused(src), fused(tmp_path / "ft")
+    moved = after != before
+    for e in range(4):  # every expert trained, on at most its own 10%
+        assert 0 < moved[e].float().mean().item() <= 0.1 + 1e-3, e
+    was, now = (AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (src, tmp_path / "ft"))
+    untargeted = [k for k in was if not k.endswith("proj.weight") and not k.endswith(("gate_up_proj", "down_proj"))]
+    assert any(k.endswith("mlp.gate.weight") for k in untargeted)  # the router among them
+    assert all(torch.equal(was[k], now[k]) for k in untargeted)
+    manifest = json.loads((tmp_path / "ft" / "carve.json").read_text())
+    assert manifest["trainable"]["matrices"] == 2 * 6  # per block: q, k, v, o and the 2 fused expert tensors
+    docs = carve.Corpus("legal").documents[:24]
+    parts = {"forget": docs[:4], "retain": docs[4:20], "holdout": docs[20:24]}
+    for name, ds in parts.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d[:2500]}) + "\n" for d in ds))
+    assert main(["unlearn", str(src), *(x for n in parts for x in (f"--{n}", str(tmp_path / f"{n}.jsonl"))),
+                 "--mask", "salun", "--density", "0.1", "--lr", "3e-3", "--steps", "2", "--batch-size", "1",
+                 "--block-len", "48", "--mia-len", "32", "--prompt-len", "8", "--verbatim-items", "4",
+                 "--eval-blocks", "2", "--cloze-items", "0", "--mask-blocks", "4", "--out", str(tmp_path / "un"),
+                 "--quiet"]) == 0  # fmt: skip
+    moved = fused(tmp_path / "un") != before
+    assert moved.any() and moved.float().mean().item() <= 0.1 + 1e-3  # SalUn's 10%, global over the matrices

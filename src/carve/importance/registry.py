@@ -71,24 +71,31 @@ def compute_importance(
     reference: nn.Module | Mapping[str, torch.Tensor] | None = None,
     **params: Any,
 ) -> ImportanceMap:
-    """The importance map of source `name` over `targets`' Linear weights of `model`."""
+    """The importance map of source `name` over `targets`' Linear weights of `model`.  An MoE's
+    fused experts are scored as one Linear per expert and come back as one tensor per fused
+    parameter (carve.models.experts), a reference model's read as the same per-expert slices."""
+    from carve.models.experts import unfused
+
     source = get_source(name)
     given = {"data": data is not None and data.numel() > 0, "reference": reference is not None}
     missing = [n for n in source.needs if not given[n]]
     if missing:
         raise UsageError(f"importance source {name!r} needs {' and '.join(missing)}")
-    linears = targets.linears(model)
     accepts = inspect.signature(source.fn).parameters
     extra: dict[str, Any] = {}
     if "targets" in accepts:  # sources that run an engine over the targeted modules themselves
         extra["targets"] = targets
     for key, value in (("data", data), ("reference", reference)):
-        if value is not None:
-            if key not in accepts:
-                raise UsageError(f"importance source {name!r} takes no {key}")
-            extra[key] = value
-    scores = source.fn(model, linears, **extra, **params)
+        if value is not None and key not in accepts:
+            raise UsageError(f"importance source {name!r} takes no {key}")
+    with unfused(model) as experts:
+        linears = targets.linears(model)
+        if data is not None:
+            extra["data"] = data
+        if reference is not None:
+            extra["reference"] = experts.reference(reference) if experts.modules else reference
+        scores = source.fn(model, linears, **extra, **params)
     transposed = [f"{n}.weight" for n, lin in linears.items() if not isinstance(lin, nn.Linear)]
     plain = {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool, type(None)))}
     meta = {"scorer": name, "source": name, "params": plain, "transposed": transposed}
-    return ImportanceMap(scores, meta)
+    return experts.fold_map(ImportanceMap(scores, meta))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -64,9 +66,12 @@ def lift(model: nn.Module, linears: dict[str, nn.Module], rank: float = 128) -> 
     url="https://arxiv.org/abs/2212.04089",
     needs=("reference",),
 )
-def task_vector(model: nn.Module, linears: dict[str, nn.Module], reference: nn.Module) -> dict[str, torch.Tensor]:
-    """|θ − θ₀|: how far fine-tuning moved each weight from the reference (base) model."""
-    ref = dict(reference.named_parameters())
+def task_vector(
+    model: nn.Module, linears: dict[str, nn.Module], reference: nn.Module | Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """|θ − θ₀|: how far fine-tuning moved each weight from the reference (base) model, or from its
+    tensors by parameter name."""
+    ref = dict(reference.named_parameters()) if isinstance(reference, nn.Module) else reference
     out = {}
     for n, lin in linears.items():
         base = ref.get(f"{n}.weight")

@@ -36,6 +36,7 @@ from torch import nn
 
 from carve import distributed
 from carve.masks.mask import ImportanceMap, Mask
+from carve.settings import Targets
 
 FLAGS = ("has_gate", "is_transposed", "has_bias")
 
@@ -127,6 +128,22 @@ class Unfused:
 
     modules: dict[str, ExpertLinears]
 
+    def _expert(self, key: str) -> tuple[str, int] | None:
+        """(`<experts>.<proj>`, e) for an unfused expert's weight `<experts>.<e>.<proj>.weight`."""
+        m = _EXPERT_KEY.match(key)
+        if m is None or m["module"] not in self.modules or m["proj"] not in self.modules[m["module"]].projections:
+            return None
+        return f"{m['module']}.{m['proj']}", int(m["e"])
+
+    def fold_names(self, names: list[str]) -> list[str]:
+        """Weight names with each unfused expert's replaced by its fused parameter's (once, in order)."""
+        return list(dict.fromkeys(e[0] if (e := self._expert(n)) else n for n in names))
+
+    def reference(self, ref: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """Another model's tensors by name (a model, or a mapping such as a lazy file reader) as this
+        job's names read them: an unfused expert's weight is its slice of the fused tensor, [out, in]."""
+        return _PerExpert(self, dict(ref.named_parameters()) if isinstance(ref, nn.Module) else ref)
+
     def fold(self, per_linear: Mapping[str, torch.Tensor], fill: bool | float) -> dict[str, torch.Tensor]:
         """Per-expert entries (`<experts>.<e>.<proj>.weight`, [out, in]) stacked into each fused
         parameter (`<experts>.<proj>`, in its layout); experts a job left out are `fill` (True for a
@@ -134,11 +151,11 @@ class Unfused:
         out: dict[str, torch.Tensor] = {}
         stacks: dict[str, dict[int, torch.Tensor]] = {}
         for key, value in per_linear.items():
-            m = _EXPERT_KEY.match(key)
-            if m is None or m["module"] not in self.modules or m["proj"] not in self.modules[m["module"]].projections:
+            expert = self._expert(key)
+            if expert is None:
                 out[key] = value
                 continue
-            stacks.setdefault(f"{m['module']}.{m['proj']}", {})[int(m["e"])] = value
+            stacks.setdefault(expert[0], {})[expert[1]] = value
         for name, experts in stacks.items():
             module, proj = name.rsplit(".", 1)
             unf = self.modules[module]
@@ -191,6 +208,37 @@ class Unfused:
         return [f"{n}.{e}" for n, m in self.modules.items() for e in range(len(m.experts)) if m.routed[e] == 0]
 
 
+class _PerExpert(Mapping[str, torch.Tensor]):
+    """`Unfused.reference`: a model's tensors under an unfused job's names."""
+
+    def __init__(self, unf: Unfused, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.unf, self.tensors = unf, tensors
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        expert = self.unf._expert(key)
+        if expert is None:
+            return self.tensors[key]
+        name, e = expert
+        one = self.tensors[name][e]
+        return one.t() if self.unf.modules[name.rpartition(".")[0]].transposed else one
+
+    def __contains__(self, key: object) -> bool:
+        expert = self.unf._expert(key) if isinstance(key, str) else None
+        return (expert[0] if expert else key) in self.tensors
+
+    def __iter__(self) -> Iterator[str]:
+        for key in self.tensors:
+            module, _, proj = key.rpartition(".")
+            unf = self.unf.modules.get(module)
+            if unf is None or proj not in unf.projections:
+                yield key
+            else:
+                yield from (f"{module}.{e}.{proj}.weight" for e in range(len(unf.experts)))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 @contextmanager
 def unfused(model: nn.Module, enabled: bool = True) -> Iterator[Unfused]:
     """Each fused experts module of `model` replaced by its ExpertLinears while inside (see the
@@ -208,3 +256,10 @@ def unfused(model: nn.Module, enabled: bool = True) -> Iterator[Unfused]:
         for name, unf in swapped.items():
             parent, _, child = name.rpartition(".")
             model.get_submodule(parent).register_module(child, unf.fused)  # as it was
+
+
+def target_weights(model: nn.Module, targets: Targets) -> list[str]:
+    """The weight names `targets` selects in `model`, an MoE's fused expert parameters among them
+    (named once each, as the model names them)."""
+    with unfused(model) as experts:
+        return experts.fold_names([f"{n}.weight" for n in targets.linears(model)])

@@ -37,6 +37,7 @@ from carve.errors import UsageError
 from carve.importance import compute_importance
 from carve.importance.gradient import kl_to
 from carve.masks.mask import ImportanceMap, select_mask
+from carve.models.experts import target_weights
 from carve.ops.finetune import load_importance
 from carve.settings import Targets
 
@@ -141,7 +142,7 @@ def unlearn_mask(
     model_fingerprint: str | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """Parameter name -> keep-tensor (True: updated) or None (updated whole) over `targets`."""
-    names = [f"{n}.weight" for n in targets.linears(model)]
+    names = target_weights(model, targets)
     if spec.kind == "none":
         return dict.fromkeys(names)
     if spec.kind == "importance":
