@@ -1,6 +1,7 @@
 """`carve export --gguf` in llama.cpp itself for the layouts the embedded default does not have:
 Qwen3 (per-head Q/K norms, head_dim apart from hidden / heads), Llama 3's RoPE scaling, Gemma 3
-with a SentencePiece-style tokenizer, and Phi-3 (fused qkv and gate/up projections, a sliding window).
+with a SentencePiece-style tokenizer, Phi-3 (fused qkv and gate/up projections, a sliding window),
+and the mixture-of-experts Mixtral and Qwen3-MoE (fused experts split into llama.cpp's tensors).
 
     .venv/bin/python bench/export_archs.py [--kinds qwen3 llama3-rope gemma3 phi3]
 
@@ -21,6 +22,9 @@ held-out texts (legal documents 20-39 and code documents 0-9, 400 characters eac
 accented, mathematical and emoji characters) are tokenized by llama.cpp and by transformers.  Phi-3:
 fused qkv_proj and gate_up_proj, every layer attending within a sliding window of 16 tokens; the
 same block is also scored by transformers without the window, which llama.cpp must not match.
+Mixtral / Qwen3-MoE: 4 experts, top-2 routing, expert and router weights from N(0, 0.2) so that
+tokens spread over the experts and the mixture matters; contrast: the same weights with top-1
+routing, which llama.cpp must not match.
 llama3-tokenizer: a plain tiny Llama with a byte-level BPE tokenizer (2000 entries, trained on 20
 builtin legal documents) that splits text by Llama 3's rule; the held-out texts (plus one line of
 phone numbers, dates and long numbers) tokenized by llama.cpp and by transformers, from carve's
@@ -81,6 +85,19 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 layer.self_attn.q_norm.weight.normal_(1, 0.5)
                 layer.self_attn.k_norm.weight.normal_(1, 0.5)
         return model.eval()
+    if kind in ("mixtral", "qwen3-moe"):  # 4 experts, top-2; weights that make the routing matter
+        moe: Any = (
+            tf.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2, vocab_size=vocab)
+            if kind == "mixtral"
+            else tf.Qwen3MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
+                                   norm_topk_prob=True, head_dim=16, vocab_size=vocab)
+        )  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(moe)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "experts" in name or name.endswith("mlp.gate.weight"):
+                    p.normal_(0, 0.2)
+        return model.eval()
     config = tf.LlamaConfig(**SIZES, vocab_size=vocab)
     config.rope_parameters = dict(LLAMA3)
     model = tf.AutoModelForCausalLM.from_config(config)
@@ -96,6 +113,8 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("export-archs-global", {"layer_types": ["full_attention"] * 3}),  # every layer global
     "phi3": ("export-archs-fused-full", {"sliding_window": None}),  # no sliding window
     "llama3-rope": ("export-archs-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "mixtral": ("export-archs-mixtral-top1", {"num_experts_per_tok": 1}),  # one expert a token
+    "qwen3-moe": ("export-archs-qwen3-moe-top1", {"num_experts_per_tok": 1}),
 }
 
 
@@ -169,14 +188,17 @@ def row(kind: str) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Phi-3 (tiny random models)",
+        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Phi-3, Mixtral, Qwen3-MoE (tiny random "
+        "models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
-        "tokenizer; Phi-3: fused qkv and gate/up, every layer sliding, window 16), `carve export --type f16`, "
+        "tokenizer; Phi-3: fused qkv and gate/up, every layer sliding, window 16; Mixtral and Qwen3-MoE: 4 experts, "
+        "top-2, expert and router weights from N(0, 0.2)), `carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
-        "RoPE scaling; Gemma 3: every layer global; Phi-3: no sliding window), which llama.cpp must not match "
+        "RoPE scaling; Gemma 3: every layer global; Phi-3: no sliding window; the MoEs: top-1 routing), which "
+        "llama.cpp must not match "
         "(Phi-3: it does, llama.cpp disables Phi-3's window; see below). Tokenization: held-out texts tokenized "
         "by llama.cpp and by transformers (Gemma 3 row; llama3-tokenizer row: a byte-level BPE tokenizer split "
         "by Llama 3's rule, and the same model exported with the architecture's pre-tokenizer name, what carve "
@@ -225,7 +247,7 @@ def default_tokenizer_row() -> dict[str, Any]:
             "transformers_gguf_same": same(plain), "commit": commit()}  # fmt: skip
 
 
-KINDS = ("qwen3", "llama3-rope", "gemma3", "phi3", "llama3-tokenizer", "default-tokenizer")
+KINDS = ("qwen3", "llama3-rope", "gemma3", "phi3", "mixtral", "qwen3-moe", "llama3-tokenizer", "default-tokenizer")
 
 
 def main() -> None:

@@ -371,6 +371,106 @@ def test_sparse_and_structured_outputs(tmp_path: Path, model_dir: Path, small_co
         _check(out, gguf, "f16")
 
 
+def _qwen3_moe(**extra: object) -> torch.nn.Module:
+    """A tiny Qwen3-MoE whose routing matters: weights large enough to spread tokens over the experts."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    settings = {"norm_topk_prob": True, **extra}
+    config = Qwen3MoeConfig(
+        vocab_size=384, max_position_embeddings=256, hidden_size=64, intermediate_size=32, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4,
+        num_experts_per_tok=2, pad_token_id=None, bos_token_id=None, eos_token_id=None, **settings,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "experts" in name or name.endswith("mlp.gate.weight"):
+                p.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_qwen3_moe_as_llama_cpp_qwen3moe(kind: str, tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """Qwen3-MoE, pruned per expert by `carve extract`: each fused gate/up tensor goes in as llama.cpp's
+    ffn_gate_exps and ffn_up_exps, the router float32 whatever the type.  transformers' GGUF loader
+    reads no expert width (its qwen3_moe mapping has no expert_feed_forward_length), so the reload is
+    given the source's config; the header is checked for the keys llama.cpp reads."""
+    import gguf as gguf_py
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = tmp_path / "tiny-qwen3-moe"
+    _qwen3_moe().save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = tmp_path / "pruned"
+    assert main(["extract", "--model", str(src), "--domain", str(small_corpus), "--general", "general",
+                 "--method", "wanda", "--sparsity", "0.5", "--out", str(out), *FAST]) == 0  # fmt: skip
+    gguf = tmp_path / f"moe-{kind}.gguf"
+    assert main(["export", str(out), "--gguf", str(gguf), "--type", kind]) == 0
+    from carve.models.gguf_header import read_gguf_header
+
+    meta = read_gguf_header(gguf)
+    assert meta["general.architecture"] == "qwen3moe"
+    assert (meta["qwen3moe.expert_count"], meta["qwen3moe.expert_used_count"]) == (4, 2)
+    assert meta["qwen3moe.expert_feed_forward_length"] == 32
+    tensors = {t.name: t for t in gguf_py.GGUFReader(gguf).tensors}
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == gguf_py.GGMLQuantizationType.F32
+    assert [int(d) for d in tensors["blk.0.ffn_gate_exps.weight"].shape] == [64, 32, 4]  # ggml order: in, out, E
+    assert [int(d) for d in tensors["blk.1.ffn_down_exps.weight"].shape] == [32, 64, 4]
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    want = _logits(carve.load_model(str(out)).model, ids)
+    config = AutoConfig.from_pretrained(out)
+    got = _logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, config=config).eval(), ids)
+    assert (got - want).abs().max() <= TOLERANCE[kind] * want.abs().max(), kind
+
+
+def test_mixtral_as_llama_cpp_llama_with_experts(tmp_path: Path, tokenizer) -> None:
+    """Mixtral goes in as llama.cpp's `llama` with experts (as llama.cpp's own conversion writes it),
+    which transformers' GGUF loader cannot read back: each tensor is read back from the file and
+    compared with the source's (Q and K un-permuted, gate and up joined)."""
+    import gguf as gguf_py
+
+    from carve.export import _permute
+
+    model = tiny_model("mixtral")
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-mixtral", "f16")
+    assert meta["general.architecture"] == "llama" and meta["llama.expert_count"] == 4
+    assert meta["llama.expert_used_count"] == 2 and meta["llama.feed_forward_length"] == 128
+    tensors = {t.name: torch.from_numpy(t.data.astype("float32")) for t in gguf_py.GGUFReader(gguf).tensors}
+    state = model.state_dict()
+    for i in range(2):
+        experts = state[f"model.layers.{i}.mlp.experts.gate_up_proj"]
+        joined = torch.cat([tensors[f"blk.{i}.ffn_gate_exps.weight"], tensors[f"blk.{i}.ffn_up_exps.weight"]], dim=1)
+        torch.testing.assert_close(joined, experts, atol=2e-3, rtol=2e-3)
+        torch.testing.assert_close(tensors[f"blk.{i}.ffn_down_exps.weight"], state[f"model.layers.{i}.mlp.experts.down_proj"],
+                                   atol=2e-3, rtol=2e-3)  # fmt: skip
+        assert torch.equal(tensors[f"blk.{i}.ffn_gate_inp.weight"], state[f"model.layers.{i}.mlp.gate.weight"])
+        q = torch.from_numpy(_permute(state[f"model.layers.{i}.self_attn.q_proj.weight"].numpy(), 4))
+        torch.testing.assert_close(tensors[f"blk.{i}.attn_q.weight"], q, atol=2e-3, rtol=2e-3)
+
+
+def test_moe_refusals(tmp_path: Path, tokenizer, capsys) -> None:
+    """What llama.cpp's MoE graphs compute otherwise is refused by name, before anything is written."""
+    from transformers import MixtralConfig
+
+    cases = {
+        "norm_topk_prob false": _qwen3_moe(norm_topk_prob=False),
+        "dense MLP layers among them": _qwen3_moe(mlp_only_layers=[1]),
+    }
+    windowed = tiny_model("mixtral")
+    windowed.config = MixtralConfig(**{**windowed.config.to_dict(), "sliding_window": 16})
+    cases["has a sliding window (16)"] = windowed
+    for i, (message, model) in enumerate(cases.items()):
+        src = tmp_path / f"m{i}"
+        model.save_pretrained(src)
+        tokenizer.save_pretrained(src)
+        capsys.readouterr()
+        assert main(["export", str(src), "--gguf", str(tmp_path / f"m{i}.gguf")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / f"m{i}.gguf").exists()
+
+
 def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     gpt2 = tmp_path / "gpt2"
     tiny_model("gpt2").save_pretrained(gpt2)
@@ -379,7 +479,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     cases = [
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
-            "supports Llama-style, Qwen2, Qwen3, Gemma 3 text and Phi-3 models",
+            "supports Llama-style, Qwen2, Qwen3, Gemma 3 text, Phi-3, Mixtral and Qwen3-MoE models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -136,6 +136,47 @@ def _phi3_caveats(config: Any) -> list[str]:
             "conversion"]  # fmt: skip
 
 
+def _check_plain_rope(config: Any, gguf_arch: str) -> None:
+    kind = rope_type(config)
+    if kind not in ("default", "llama3") or (kind == "llama3" and gguf_arch != "llama"):
+        raise UsageError(f"GGUF export writes plain RoPE and Llama 3's scaling so far; this model scales it ({kind!r})")
+
+
+def _n_experts(config: Any) -> int:
+    return int(getattr(config, "num_local_experts", None) or config.num_experts)
+
+
+def _check_mixtral(config: Any) -> None:
+    """Mixtral goes in as llama.cpp's `llama` with experts: softmax routing, top-k renormalized, as
+    transformers' Mixtral computes; llama.cpp's llama graph has no sliding window."""
+    _check_plain_rope(config, "llama")
+    if getattr(config, "sliding_window", None):
+        raise UsageError(
+            f"llama.cpp's llama architecture attends to the whole context; this Mixtral has a sliding window "
+            f"({config.sliding_window})"
+        )
+
+
+def _check_qwen3_moe(config: Any) -> None:
+    """Refuse the Qwen3-MoE variants llama.cpp's qwen3moe graph computes otherwise: it renormalizes
+    the top-k routing weights and has an MoE block in every layer."""
+    _check_plain_rope(config, "qwen3moe")
+    if not getattr(config, "norm_topk_prob", False):
+        raise UsageError(
+            "llama.cpp's qwen3moe renormalizes the top-k routing weights; this model does not (norm_topk_prob false)"
+        )
+    if list(getattr(config, "mlp_only_layers", None) or []) or int(getattr(config, "decoder_sparse_step", 1)) != 1:
+        raise UsageError("llama.cpp's qwen3moe has experts in every layer; this model has dense MLP layers among them")
+
+
+def _moe_metadata(writer: Any, config: Any) -> None:
+    """An MoE's keys: how many experts, how many each token uses, and (qwen3moe) each one's width."""
+    writer.add_expert_count(_n_experts(config))
+    writer.add_expert_used_count(int(config.num_experts_per_tok))
+    if getattr(config, "moe_intermediate_size", None):
+        writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+
+
 _PHI3_NAMES = (
     (r"model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight", "blk.{}.attn_qkv.weight"),
     (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", "blk.{}.ffn_up.weight"),  # gate rows first, then up
@@ -160,6 +201,8 @@ ARCHITECTURES = {
         check=_check_gemma3,
         metadata=_gemma3_metadata,
     ),
+    "mixtral": Architecture("llama", True, (), "default", check=_check_mixtral, metadata=_moe_metadata),
+    "qwen3_moe": Architecture("qwen3moe", False, (), "qwen2", check=_check_qwen3_moe, metadata=_moe_metadata),
     "phi3": Architecture(
         "phi3",
         False,
@@ -190,7 +233,12 @@ _NAMES = [
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.weight", "blk.{}.ffn_gate_inp.weight"),  # an MoE's router
+    (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj", "blk.{}.ffn_down_exps.weight"),  # [E, hidden, ff]
 ]
+# an MoE's fused experts' gate and up rows ([E, 2·ff, hidden], gate first), as llama.cpp's two tensors
+_EXPERTS_GATE_UP = r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj"
+_ROUTER = "ffn_gate_inp.weight"  # kept float32, as llama.cpp's conversion keeps it: it chooses the experts
 
 
 def gguf_name(name: str, arch: Architecture | None = None) -> str:
@@ -211,7 +259,8 @@ def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
-            f"GGUF export supports Llama-style, Qwen2, Qwen3, Gemma 3 text and Phi-3 models ({names}) so far; "
+            f"GGUF export supports Llama-style, Qwen2, Qwen3, Gemma 3 text, Phi-3, Mixtral and Qwen3-MoE models "
+            f"({names}) so far; "
             f"this is {model_type!r}"
         )
     return ARCHITECTURES[model_type]
@@ -220,11 +269,10 @@ def architecture(model_type: Any) -> Architecture:
 def check_config(config: Any) -> Architecture:
     """The config's architecture, after refusing what llama.cpp's graph for it computes differently."""
     arch = architecture(config.model_type)
-    kind = rope_type(config)
     if arch.check is not None:
         arch.check(config)
-    elif kind not in ("default", "llama3") or (kind == "llama3" and arch.gguf != "llama"):
-        raise UsageError(f"GGUF export writes plain RoPE and Llama 3's scaling so far; this model scales it ({kind!r})")
+    else:
+        _check_plain_rope(config, arch.gguf)
     if getattr(config, "use_sliding_window", False):
         raise UsageError("GGUF export writes full attention; this model uses a sliding window")
     return arch
@@ -248,7 +296,8 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]
         else:
             q_rows = state[p + "self_attn.q_proj.weight"].shape[0]
             k_rows = state[p + "self_attn.k_proj.weight"].shape[0]
-            ffn.append(state[p + "mlp.gate_proj.weight"].shape[0])
+            experts = state.get(p + "mlp.experts.gate_up_proj")  # an MoE: each expert's width
+            ffn.append(experts.shape[1] // 2 if experts is not None else state[p + "mlp.gate_proj.weight"].shape[0])
         if q_rows != config.num_attention_heads * head_dim or k_rows % head_dim or k_rows <= 0:
             raise UsageError(f"block {i}'s attention shapes ({q_rows}, {k_rows} rows) do not fit llama.cpp's heads")
         kv.append(k_rows // head_dim)
@@ -367,15 +416,17 @@ def _heads(target: str, w: torch.Tensor, config: Any, shape: dict[str, Any]) -> 
     return None
 
 
-def _tensor(w: torch.Tensor, kind: str, permute_heads: int | None = None) -> tuple[np.ndarray, Any]:
+def _tensor(
+    w: torch.Tensor, kind: str, permute_heads: int | None = None, keep_f32: bool = False
+) -> tuple[np.ndarray, Any]:
     """(data, raw ggml type or None) of one tensor in the export type, its rows permuted over
-    `permute_heads` heads when given; vectors stay float32."""
+    `permute_heads` heads when given; vectors (and `keep_f32` ones) stay float32."""
     import gguf
 
     data = w.detach().float().cpu().numpy()
     if permute_heads:
         data = _permute(data, permute_heads)
-    if data.ndim == 1:
+    if data.ndim == 1 or keep_f32:
         return data, None
     qtype = gguf.GGMLQuantizationType[TYPES[kind]]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
@@ -384,6 +435,19 @@ def _tensor(w: torch.Tensor, kind: str, permute_heads: int | None = None) -> tup
     if qtype == gguf.GGMLQuantizationType.F16:
         return data.astype(np.float16), None
     return gguf.quants.quantize(data, qtype), qtype
+
+
+def _gguf_tensors(state: dict[str, torch.Tensor], arch: Architecture) -> Any:
+    """(llama.cpp name, tensor) of every tensor written: an MoE's fused gate/up
+    experts as llama.cpp's two tensors, each [E, ff, hidden]."""
+    for name, w in state.items():
+        m = re.fullmatch(_EXPERTS_GATE_UP, name)
+        if m is None:
+            yield gguf_name(name, arch), w
+            continue
+        gate, up = w.chunk(2, dim=1)
+        yield f"blk.{m[1]}.ffn_gate_exps.weight", gate
+        yield f"blk.{m[1]}.ffn_up_exps.weight", up
 
 
 def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) -> dict[str, Any]:
@@ -424,11 +488,11 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
                                                                                    arch.pre)]  # fmt: skip
     if rope_type(config) == "llama3":  # llama.cpp reads the scaled frequencies from this tensor
         writer.add_tensor("rope_freqs.weight", rope_freq_factors(lm.model, shape["head_dim"], theta))
-    for name, w in state.items():
-        target = gguf_name(name, arch)
+    for target, w in _gguf_tensors(state, arch):
         if arch.norm_offset and target.endswith("norm.weight"):
             w = w.float() + arch.norm_offset
-        data, raw = _tensor(w, kind, _heads(target, w, config, shape) if arch.permute_qk else None)
+        heads = _heads(target, w, config, shape) if arch.permute_qk else None
+        data, raw = _tensor(w, kind, heads, keep_f32=target.endswith(_ROUTER))
         writer.add_tensor(target, data, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
