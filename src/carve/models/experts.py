@@ -151,11 +151,11 @@ class Unfused:
         out: dict[str, torch.Tensor] = {}
         stacks: dict[str, dict[int, torch.Tensor]] = {}
         for key, value in per_linear.items():
-            expert = self._expert(key)
-            if expert is None:
+            found = self._expert(key)
+            if found is None:
                 out[key] = value
                 continue
-            stacks.setdefault(expert[0], {})[expert[1]] = value
+            stacks.setdefault(found[0], {})[found[1]] = value
         for name, experts in stacks.items():
             module, proj = name.rsplit(".", 1)
             unf = self.modules[module]
