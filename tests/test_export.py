@@ -157,6 +157,15 @@ def test_phi3_sliding_window_noted(tmp_path: Path, tokenizer, capsys) -> None:
     assert "full attention" in capsys.readouterr().err
 
 
+def test_mistral_sliding_window_noted(tmp_path: Path, tokenizer, capsys) -> None:
+    """Mistral goes in as llama.cpp's llama, which attends to the whole context: the export says so."""
+    model = tiny_model("mistral")
+    model.config.sliding_window = 16
+    capsys.readouterr()
+    _, meta = _exported(model, tokenizer, tmp_path / "mistral-window", "f16")
+    assert meta["general.architecture"] == "llama" and "past 16 tokens" in capsys.readouterr().err
+
+
 def test_phi3_longrope_refused(tmp_path: Path, tokenizer, capsys) -> None:
     from tests.conftest import tiny_config
 
@@ -424,7 +433,7 @@ def test_qwen3_moe_as_llama_cpp_qwen3moe(kind: str, tmp_path: Path, tokenizer, s
     assert (got - want).abs().max() <= TOLERANCE[kind] * want.abs().max(), kind
 
 
-def test_mixtral_as_llama_cpp_llama_with_experts(tmp_path: Path, tokenizer) -> None:
+def test_mixtral_as_llama_cpp_llama_with_experts(tmp_path: Path, tokenizer, capsys) -> None:
     """Mixtral goes in as llama.cpp's `llama` with experts (as llama.cpp's own conversion writes it),
     which transformers' GGUF loader cannot read back: each tensor is read back from the file and
     compared with the source's (Q and K un-permuted, gate and up joined)."""
@@ -433,7 +442,10 @@ def test_mixtral_as_llama_cpp_llama_with_experts(tmp_path: Path, tokenizer) -> N
     from carve.export import _permute
 
     model = tiny_model("mixtral")
+    model.config.sliding_window = 16  # llama.cpp's llama attends to the whole context: said, not refused
+    capsys.readouterr()
     gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-mixtral", "f16")
+    assert "past 16 tokens" in capsys.readouterr().err
     assert meta["general.architecture"] == "llama" and meta["llama.expert_count"] == 4
     assert meta["llama.expert_used_count"] == 2 and meta["llama.feed_forward_length"] == 128
     tensors = {t.name: torch.from_numpy(t.data.astype("float32")) for t in gguf_py.GGUFReader(gguf).tensors}
@@ -451,15 +463,10 @@ def test_mixtral_as_llama_cpp_llama_with_experts(tmp_path: Path, tokenizer) -> N
 
 def test_moe_refusals(tmp_path: Path, tokenizer, capsys) -> None:
     """What llama.cpp's MoE graphs compute otherwise is refused by name, before anything is written."""
-    from transformers import MixtralConfig
-
     cases = {
         "norm_topk_prob false": _qwen3_moe(norm_topk_prob=False),
         "dense MLP layers among them": _qwen3_moe(mlp_only_layers=[1]),
     }
-    windowed = tiny_model("mixtral")
-    windowed.config = MixtralConfig(**{**windowed.config.to_dict(), "sliding_window": 16})
-    cases["has a sliding window (16)"] = windowed
     for i, (message, model) in enumerate(cases.items()):
         src = tmp_path / f"m{i}"
         model.save_pretrained(src)

@@ -146,15 +146,14 @@ def _n_experts(config: Any) -> int:
     return int(getattr(config, "num_local_experts", None) or config.num_experts)
 
 
-def _check_mixtral(config: Any) -> None:
-    """Mixtral goes in as llama.cpp's `llama` with experts: softmax routing, top-k renormalized, as
-    transformers' Mixtral computes; llama.cpp's llama graph has no sliding window."""
-    _check_plain_rope(config, "llama")
-    if getattr(config, "sliding_window", None):
-        raise UsageError(
-            f"llama.cpp's llama architecture attends to the whole context; this Mixtral has a sliding window "
-            f"({config.sliding_window})"
-        )
+def _window_caveats(config: Any) -> list[str]:
+    """Mistral and Mixtral go in as llama.cpp's `llama`, which has no sliding window (as after
+    llama.cpp's own conversion of them): said, not refused."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return []
+    return [f"llama.cpp's llama architecture attends to the whole context: past {window} tokens this model's "
+            "sliding window makes transformers compute otherwise, as after llama.cpp's own conversion"]  # fmt: skip
 
 
 def _check_qwen3_moe(config: Any) -> None:
@@ -188,7 +187,7 @@ _GEMMA_NAMES = (
 )
 ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
-    "mistral": Architecture("llama", True, (), "default"),
+    "mistral": Architecture("llama", True, (), "default", caveats=_window_caveats),
     "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2"),
     "qwen3": Architecture("qwen3", False, (), "qwen2"),
     "gemma3_text": Architecture(
@@ -201,7 +200,8 @@ ARCHITECTURES = {
         check=_check_gemma3,
         metadata=_gemma3_metadata,
     ),
-    "mixtral": Architecture("llama", True, (), "default", check=_check_mixtral, metadata=_moe_metadata),
+    # softmax routing with the top-k weights renormalized in llama.cpp's llama graph, as in transformers' Mixtral
+    "mixtral": Architecture("llama", True, (), "default", metadata=_moe_metadata, caveats=_window_caveats),
     "qwen3_moe": Architecture("qwen3moe", False, (), "qwen2", check=_check_qwen3_moe, metadata=_moe_metadata),
     "phi3": Architecture(
         "phi3",
