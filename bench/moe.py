@@ -9,18 +9,33 @@ agree), so its "before" is the dense model's and pruning is what tells the two a
 pruned on the tokens its router sends it, and the four copies of an MLP come out pruned differently.
 
     .venv/bin/python bench/moe.py [--rerun ID ...] [--table-only]
+    .venv/bin/python bench/moe.py --gguf      # the MoE specialist in llama.cpp (section moe-gguf)
+    .venv/bin/python bench/moe.py --memory [--rerun memory/moe]   # where the job's memory goes (moe-memory)
 
 Rows, each one `carve extract` (the CLI) on the legal corpus at 50%, seeds as listed; the output's
 weights are deleted, its manifest's metrics and data fingerprints kept (bench/results/moe.jsonl):
 - dense SmolLM2 and the MoE, SparseGPT (seeds 0-2), Wanda and dual-obs (seed 0);
 - the MoE with `--exclude '*experts*'` added: what carve did before its experts were pruned (only
   the attention pruned; the experts, most of the blocks' weights, dense).
+
+`--gguf` (section moe-gguf; needs bench/llamacpp.py's llama.cpp build): the SparseGPT seed-0
+specialist of the MoE and of the dense model (the same `carve extract` as the first rows, output
+kept), each `carve export`ed to GGUF f16 and q8_0 (the MoE as llama.cpp's `llama` with experts) and
+run in llama.cpp on the first 16 held-out legal blocks: perplexity and top-1 next-token agreement
+against transformers on the same blocks, and decode tokens/s of the MoE against the dense
+specialist's GGUF of the same type, alternately in the same run, best of 3.
+
+`--memory` (section moe-memory): the SparseGPT seed-0 job of each model once more, its process's
+anonymous and file-backed resident memory (/proc/PID/status RssAnon, RssFile) sampled every 0.2 s,
+with the manifest's peak RSS after each stage: file-backed pages (a checkpoint's mapped pages) are
+clean and the kernel can drop them under pressure, anonymous ones are what the job needs.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +46,7 @@ from common import (
     MODEL_DIR,
     OUT,
     ROOT,
+    carve_worker,
     commit,
     ensure_model,
     extract_row,
@@ -142,6 +158,12 @@ def _mean_spread(xs: list[float], digits: int = 3) -> str:
     return f"{m:.{digits}f}" + (f" ± {(max(xs) - min(xs)) / 2:.{digits}f}" if len(xs) > 1 else "")
 
 
+def _eval_blocks(rows: dict[str, dict[str, Any]]) -> str:
+    """The held-out blocks the table's rows were evaluated on (their manifests')."""
+    counts = sorted({r["eval_blocks"] for r in rows.values() if "eval_blocks" in r})
+    return " / ".join(map(str, counts)) or "?"
+
+
 def table(rows: dict[str, dict[str, Any]], facts: dict[str, Any]) -> str:
     lines = [
         "## Mixture-of-experts: each expert pruned (`carve extract` on an upcycled SmolLM2), legal, 50%",
@@ -151,7 +173,8 @@ def table(rows: dict[str, dict[str, Any]], facts: dict[str, Any]) -> str:
         f"({facts['parameters']:,} parameters against {facts['dense_parameters']:,}; its logits equal the dense "
         f"model's within {facts['max_logit_diff_vs_dense']:.1e}). Each row is one `carve extract --sparsity 0.5 "
         "--domain legal` with the method's defaults (64 calibration blocks of 512 tokens; SparseGPT and Wanda mix "
-        "30% general text in), perplexity on the first 16 held-out 512-token blocks; mean ± half the range over the "
+        f"30% general text in), perplexity on the first {_eval_blocks(rows)} held-out 512-token blocks; mean ± half "
+        "the range over the "
         "seeds. Sparsity: of the pruned weights (linear) and of all parameters. Experts dense: the MoE with "
         "`--exclude '*experts*'` added (what carve did before its experts were pruned). Time: the job's prune "
         "stage; RSS: the job process's peak.",
@@ -181,11 +204,222 @@ def table(rows: dict[str, dict[str, Any]], facts: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+GGUF_TYPES = ("f16", "q8_0")
+EVAL_BLOCKS, BLOCK_LEN = 16, 512
+
+
+def kept(model: str) -> Path:
+    """`model`'s SparseGPT seed-0 specialist (the command of its table row), kept for export."""
+    out = OUT / f"moe-gguf-{model}-sparsegpt"
+    if not (out / "carve.json").exists():
+        src = MODEL_DIR if model == "dense" else MOE_DIR
+        subprocess.run([CARVE, "extract", "--model", str(src), "--method", "sparsegpt", "--sparsity", "0.5",
+                        "--domain", "legal", "--seed", "0", "--no-speed", "--quiet", "--out", str(out), "--overwrite"],
+                       check=True)  # fmt: skip
+    return out
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """In carve's environment: the first held-out legal blocks, and transformers' top-1 next tokens
+    and perplexity on them."""
+    import math
+
+    import torch
+
+    import carve
+
+    lm = carve.load_model(spec["model"])
+    blocks = carve.Corpus("legal").eval_blocks(lm.tokenizer, EVAL_BLOCKS, BLOCK_LEN)
+    top1, nll, n = [], 0.0, 0
+    with torch.no_grad():
+        for b in blocks:
+            logits = lm.model(b[None]).logits[0].float()
+            top1.append(logits.argmax(-1).tolist())
+            nll += torch.nn.functional.cross_entropy(logits[:-1], b[1:], reduction="sum").item()
+            n += len(b) - 1
+    return {"blocks": blocks.tolist(), "top1": top1, "ppl": math.exp(nll / n)}
+
+
+def gguf_row(model: str, kind: str, ref: dict[str, Any]) -> dict[str, Any]:
+    """`carve export` of the kept specialist, run in llama.cpp on the reference blocks."""
+    from llamacpp import run_gguf
+
+    gguf = OUT / f"moe-gguf-{model}.{kind}.gguf"
+    proc = subprocess.run([CARVE, "export", str(kept(model)), "--gguf", str(gguf), "--type", kind, "--overwrite",
+                           "--json", "--quiet"], capture_output=True, text=True, check=True)  # fmt: skip
+    exported = json.loads(proc.stdout[proc.stdout.index("{") :])
+    r = run_gguf(gguf, ref["blocks"], decode_tokens=1)
+    pairs = zip(r["top1"], ref["top1"], strict=True)
+    same = sum(a == b for x, y in pairs for a, b in zip(x[:-1], y[:-1], strict=True))
+    total = sum(len(x) - 1 for x in r["top1"])
+    return {"architecture": exported["architecture"], "file_mb": round(gguf.stat().st_size / 1e6, 1),
+            "llamacpp_ppl": round(r["ppl"], 4), "transformers_ppl": round(ref["ppl"], 4),
+            "top1_agreement": round(same / total, 5), "positions": total}  # fmt: skip
+
+
+def speed_row(kind: str, block: list[int], rounds: int = 3) -> dict[str, Any]:
+    """Decode and prefill tokens/s of the two specialists' GGUFs, alternately, best of `rounds`."""
+    from llamacpp import run_gguf
+
+    runs: dict[str, list[dict[str, Any]]] = {"dense": [], "moe": []}
+    for _ in range(rounds):
+        for name in runs:
+            runs[name].append(run_gguf(OUT / f"moe-gguf-{name}.{kind}.gguf", [block], decode_tokens=64, quality=False))
+    keys = ("prefill_tokens_per_s", "decode_tokens_per_s")
+    return {n: {k: round(max(r[k] for r in rs), 1) for k in keys} for n, rs in runs.items()} | {"rounds": rounds}
+
+
+def gguf_table(rows: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "## The MoE specialist in llama.cpp (`carve export` of the upcycled SmolLM2 MoE, 50% SparseGPT)",
+        "",
+        "bench/moe.py --gguf. The SparseGPT seed-0 specialists of the MoE (each expert pruned) and of the dense "
+        "model (the commands of the `moe` table's first rows, outputs kept), each exported by `carve export` and run "
+        "in llama.cpp (llama-cpp-python 0.3.36 built from source, 2 threads) on the first 16 held-out legal blocks "
+        "of 512 tokens: perplexity there and in transformers (float32, the saved specialist) on the same blocks, "
+        "and the share of positions where llama.cpp's top-1 next token is transformers'. Speed: tokens/s in "
+        "llama.cpp, the two GGUFs of a type alternately in the same run, best of 3 (64 decoded tokens after a "
+        "512-token prompt).",
+        "",
+        "| specialist | type | llama.cpp arch | file MB | llama.cpp ppl | transformers ppl | top-1 agreement "
+        "| prefill tok/s | decode tok/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    commits = set()
+    for kind in GGUF_TYPES:
+        speed = rows.get(f"gguf/{kind}/speed", {})
+        for model in ("dense", "moe"):
+            r = rows.get(f"gguf/{model}/{kind}")
+            if r is None:
+                continue
+            commits.add(r["commit"])
+            sp = speed.get(model, {})
+            lines.append(
+                f"| {model} | {kind} | {r['architecture']} | {r['file_mb']} | {r['llamacpp_ppl']:.3f} "
+                f"| {r['transformers_ppl']:.3f} | {r['top1_agreement']:.4f} "
+                f"| {sp.get('prefill_tokens_per_s', '-')} | {sp.get('decode_tokens_per_s', '-')} |"
+            )
+    lines += ["", f"Rows measured at carve commit(s) {', '.join(sorted(commits))}."]
+    return "\n".join(lines) + "\n"
+
+
+def run_gguf_rows(rows: dict[str, dict[str, Any]]) -> None:
+    refs = {}
+    for model in ("dense", "moe"):
+        rid = f"gguf/{model}/reference"
+        if rid not in rows:
+            rows[rid] = {"id": rid, **carve_worker(__file__, {"model": str(kept(model))}), "commit": commit()}
+            save_result(RESULTS, rows[rid])
+        refs[model] = rows[rid]
+    for kind in GGUF_TYPES:
+        for model in ("dense", "moe"):
+            rid = f"gguf/{model}/{kind}"
+            if rid not in rows:
+                print(f"running {rid}", flush=True)
+                rows[rid] = {"id": rid, **gguf_row(model, kind, refs[model]), "commit": commit()}
+                save_result(RESULTS, rows[rid])
+        rid = f"gguf/{kind}/speed"
+        if rid not in rows:
+            print(f"running {rid}", flush=True)
+            rows[rid] = {"id": rid, **speed_row(kind, refs["dense"]["blocks"][0]), "commit": commit()}
+            save_result(RESULTS, rows[rid])
+        write_section("moe-gguf", gguf_table(rows))
+
+
+_SAMPLER = """
+import json, subprocess, sys, time
+keys = ("VmRSS", "RssAnon", "RssFile")
+proc = subprocess.Popen(sys.argv[2:], stdout=subprocess.DEVNULL)
+peak, at_peak = dict.fromkeys(keys, 0), {}
+while proc.poll() is None:
+    try:
+        now = {ln.split(":")[0]: int(ln.split()[1]) // 1024 for ln in open(f"/proc/{proc.pid}/status")
+               if ln.startswith(keys)}
+    except (OSError, ValueError):
+        now = {}
+    for k in keys:
+        if now.get(k, 0) > peak[k]:
+            peak[k] = now[k]
+            if k == "VmRSS":
+                at_peak = now
+    time.sleep(0.2)
+json.dump({"rc": proc.returncode, "peak": peak, "at_peak": at_peak}, open(sys.argv[1], "w"))
+"""
+
+
+def memory_row(model: str) -> dict[str, Any]:
+    """The SparseGPT seed-0 job of `model` with its memory sampled (anonymous and file-backed)."""
+    import tempfile
+
+    src = MODEL_DIR if model == "dense" else MOE_DIR
+    out = OUT / f"moe-memory-{model}"
+    cmd = [CARVE, "extract", "--model", str(src), "--method", "sparsegpt", "--sparsity", "0.5", "--domain", "legal",
+           "--seed", "0", "--no-speed", "--quiet", "--out", str(out), "--overwrite"]  # fmt: skip
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        report = Path(f.name)
+    subprocess.run([sys.executable, "-c", _SAMPLER, str(report), *cmd], check=True)
+    r = json.loads(report.read_text())
+    report.unlink()
+    if r["rc"] != 0:
+        raise RuntimeError(f"carve extract failed on {model}")
+    manifest = json.loads((out / "carve.json").read_text())
+    shutil.rmtree(out)
+    weights = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    return {"weights_mb": round(weights / 2**20), "peak": r["peak"], "at_peak": r["at_peak"],
+            "stages": manifest["peak_rss_after_stage_mb"], "data": manifest["data"],
+            "source_fingerprint": manifest["source"].get("fingerprint")}  # fmt: skip
+
+
+def memory_table(rows: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "## Where the MoE job's memory goes (`carve extract`, SparseGPT 50%, seed 0)",
+        "",
+        "bench/moe.py --memory. The job of the `moe` table's first rows, its process's resident memory sampled every "
+        "0.2 s from /proc/PID/status: anonymous (RssAnon: what the job needs) and file-backed (RssFile: mapped "
+        "checkpoint pages, clean, which the kernel drops under pressure), and the manifest's peak RSS after each "
+        "stage (the peak so far). Weights: the float32 checkpoint's size on disk.",
+        "",
+        "| model | weights MB | peak RSS MB | of it anonymous / file-backed | peak anonymous MB | after load | "
+        "after prune | after evaluation | after save |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    commits = set()
+    for model in ("dense", "moe"):
+        r = rows.get(f"memory/{model}")
+        if r is None:
+            continue
+        commits.add(r["commit"])
+        st = r["stages"]
+        lines.append(
+            f"| {model} | {r['weights_mb']} | {r['peak']['VmRSS']} | {r['at_peak'].get('RssAnon')} / "
+            f"{r['at_peak'].get('RssFile')} | {r['peak']['RssAnon']} | {st['load_model']:.0f} | {st['prune']:.0f} | "
+            f"{st['evaluate_after']:.0f} | {st['save']:.0f} |"
+        )
+    lines += ["", f"Rows measured at carve commit(s) {', '.join(sorted(commits))}."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    if "--worker" in sys.argv:
+        print(json.dumps(worker(json.loads(sys.argv[sys.argv.index("--worker") + 1]))))
+        return
     rows = load_results(RESULTS)
     facts = ensure_moe()
+    if "--gguf" in sys.argv:
+        run_gguf_rows(rows)
+        print(gguf_table(rows))
+        return
+    rerun = set(sys.argv[sys.argv.index("--rerun") + 1 :]) if "--rerun" in sys.argv else set()
+    if "--memory" in sys.argv:
+        for model in ("dense", "moe"):
+            if f"memory/{model}" not in rows or f"memory/{model}" in rerun:
+                print(f"running memory/{model}", flush=True)
+                rows[f"memory/{model}"] = {"id": f"memory/{model}", **memory_row(model), "commit": commit()}
+                save_result(RESULTS, rows[f"memory/{model}"])
+        write_section("moe-memory", memory_table(rows))
+        print(memory_table(rows))
+        return
     if "--table-only" not in sys.argv:
-        rerun = set(sys.argv[sys.argv.index("--rerun") + 1 :]) if "--rerun" in sys.argv else set()
         for model, method, seed, extra in ROWS:
             rid = row_id(model, method, seed)
             if rid in rows and rid not in rerun:
