@@ -154,6 +154,19 @@ def test_a_saved_importance_map_selects_each_expert_and_is_reused(tmp_path: Path
     assert torch.equal(~result.mask[name], model.get_submodule("model.layers.0.mlp.experts").gate_up_proj == 0)
 
 
+def test_a_layerwise_mask_stays_bit_packed_when_folded() -> None:
+    """SparseGPT's and Wanda's masks are kept bit-packed as they come (PackedKeep); folding the
+    experts' into 3-D tensors keeps them packed, with the same bits as an unpacked fold."""
+    from carve.masks.mask import PackedKeep
+
+    model = moe_model("mixtral")
+    result = carve.prune(model, "sparsegpt", 0.5, _ids())
+    assert isinstance(result.mask.keep, PackedKeep)
+    for name, keep in result.mask.items():
+        W = model.get_parameter(name)
+        assert keep.shape == W.shape and torch.equal(~keep, W == 0), name
+
+
 def test_an_expert_given_no_token_is_pruned_by_magnitude() -> None:
     """An expert the router never picks has no inputs to weigh its weights by: its statistic reads as
     the identity, so SparseGPT keeps its largest weights unchanged (without it: every input 'dead',

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from carve import distributed
-from carve.masks.mask import ImportanceMap, Mask
+from carve.masks.mask import ImportanceMap, Mask, PackedKeep
 from carve.settings import Targets
 
 FLAGS = ("has_gate", "is_transposed", "has_bias")
@@ -148,26 +148,30 @@ class Unfused:
         """Per-expert entries (`<experts>.<e>.<proj>.weight`, [out, in]) stacked into each fused
         parameter (`<experts>.<proj>`, in its layout); experts a job left out are `fill` (True for a
         mask: kept).  Other entries as they are."""
-        out: dict[str, torch.Tensor] = {}
-        stacks: dict[str, dict[int, torch.Tensor]] = {}
-        for key, value in per_linear.items():
+        return dict(self._folded(per_linear, fill))
+
+    def _folded(self, per_linear: Mapping[str, torch.Tensor], fill: bool | float) -> Iterator[tuple[str, torch.Tensor]]:
+        """`fold`'s entries one at a time, each entry of `per_linear` read when its own is built (a
+        bit-packed mask is unpacked one fused tensor at a time)."""
+        stacks: dict[str, dict[int, str]] = {}
+        for key in per_linear:
             found = self._expert(key)
             if found is None:
-                out[key] = value
-                continue
-            stacks.setdefault(found[0], {})[found[1]] = value
+                yield key, per_linear[key]
+            else:
+                stacks.setdefault(found[0], {})[found[1]] = key
         for name, experts in stacks.items():
             module, proj = name.rsplit(".", 1)
             unf = self.modules[module]
+            given = {e: per_linear[key] for e, key in experts.items()}
+            dtype = next(iter(given.values())).dtype
             rows = []
             for e, expert in enumerate(unf.experts):
-                v = experts.get(e)
+                v = given.pop(e, None)
                 if v is None:
-                    w = getattr(expert, proj).weight
-                    v = torch.full(w.shape, fill, dtype=next(iter(experts.values())).dtype)
+                    v = torch.full(getattr(expert, proj).weight.shape, fill, dtype=dtype)
                 rows.append(v.t() if unf.transposed else v)
-            out[name] = torch.stack(rows)
-        return out
+            yield name, torch.stack(rows)
 
     def unfold(self, per_param: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The inverse of `fold`: each fused parameter's entry as one per expert, [out, in]."""
@@ -183,7 +187,16 @@ class Unfused:
         return out
 
     def fold_mask(self, mask: Mask) -> Mask:
-        return Mask(self.fold(mask, True)) if self.modules else mask
+        """The mask keyed by the model's parameters; a bit-packed one (the layer-wise methods') stays
+        packed, unpacked one fused tensor at a time (an MoE's experts are most of its weights)."""
+        if not self.modules:
+            return mask
+        if not isinstance(mask.keep, PackedKeep):
+            return Mask(self.fold(mask, True))
+        keep = PackedKeep()
+        for name, v in self._folded(mask, True):
+            keep[name] = v
+        return Mask(keep)
 
     def fold_map(self, imp: ImportanceMap) -> ImportanceMap:
         """Per-expert scores as one tensor per fused parameter (experts not scored: +inf, kept)."""
