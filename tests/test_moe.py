@@ -288,3 +288,31 @@ def test_finetune_and_unlearn_update_the_experts_inside_their_masks(
                  "--quiet"]) == 0  # fmt: skip
     moved = fused(tmp_path / "un") != before
     assert moved.any() and moved.float().mean().item() <= 0.1 + 1e-3  # SalUn's 10%, global over the matrices
+
+
+def test_a_lazy_reference_reads_each_fused_tensor_once() -> None:
+    """A reference given as a lazy reader (the merge's base model, read from its file) is read once
+    per fused expert tensor, not once per expert."""
+    from collections.abc import Iterator, Mapping
+
+    from carve.importance import compute_importance
+
+    base, tuned = moe_model("mixtral", seed=0), moe_model("mixtral", seed=1)
+    tensors = {n: p.detach() for n, p in base.named_parameters()}
+    reads: dict[str, int] = {}
+
+    class Reader(Mapping[str, torch.Tensor]):
+        def __getitem__(self, key: str) -> torch.Tensor:
+            reads[key] = reads.get(key, 0) + 1
+            return tensors[key]
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(tensors)
+
+        def __len__(self) -> int:
+            return len(tensors)
+
+    tv = compute_importance("task-vector", tuned, reference=Reader())
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert torch.equal(tv[name], (tuned.get_parameter(name) - base.get_parameter(name)).abs())
+    assert reads[name] == 1 and reads["model.layers.1.mlp.experts.down_proj"] == 1

@@ -222,18 +222,26 @@ class Unfused:
 
 
 class _PerExpert(Mapping[str, torch.Tensor]):
-    """`Unfused.reference`: a model's tensors under an unfused job's names."""
+    """`Unfused.reference`: a model's tensors under an unfused job's names.  The fused tensors of the
+    experts module last read are held, so a lazy reader (a file) reads each once for all its experts,
+    not once per expert (the Linears come expert by expert, their projections alternating)."""
 
     def __init__(self, unf: Unfused, tensors: Mapping[str, torch.Tensor]) -> None:
         self.unf, self.tensors = unf, tensors
+        self._held: dict[str, torch.Tensor] = {}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         expert = self.unf._expert(key)
         if expert is None:
             return self.tensors[key]
         name, e = expert
-        one = self.tensors[name][e]
-        return one.t() if self.unf.modules[name.rpartition(".")[0]].transposed else one
+        module = name.rpartition(".")[0]
+        if name not in self._held:
+            if any(not held.startswith(f"{module}.") for held in self._held):
+                self._held.clear()  # another module's: let them go
+            self._held[name] = self.tensors[name]
+        one = self._held[name][e]
+        return one.t() if self.unf.modules[module].transposed else one
 
     def __contains__(self, key: object) -> bool:
         expert = self.unf._expert(key) if isinstance(key, str) else None
