@@ -316,3 +316,38 @@ def test_a_lazy_reference_reads_each_fused_tensor_once() -> None:
     name = "model.layers.0.mlp.experts.gate_up_proj"
     assert torch.equal(tv[name], (tuned.get_parameter(name) - base.get_parameter(name)).abs())
     assert reads[name] == 1 and reads["model.layers.1.mlp.experts.down_proj"] == 1
+
+
+def test_lora_adapts_the_experts_at_a_matched_count(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """`--trainable lora` on an MoE puts a rank-r pair on each expert's matrices (PEFT's
+    target_parameters), counted by lora_rank_for as a matrix each, and merges them into the fused
+    tensors: the saved experts move, the router does not."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.cli.main import main
+    from carve.ops.finetune import add_lora, lora_rank_for
+    from tests.conftest import tiny_model
+
+    model = tiny_model("mixtral")
+    rank = lora_rank_for(model, 0.1)
+    per_block = 4 * (256 * 64 + 64 * 128) + 64 * 64 * 2 + 64 * 32 * 2  # experts, then q/o and k/v
+    per_rank = 4 * (256 + 64 + 64 + 128) + 2 * (64 + 64) + 2 * (64 + 32)
+    assert rank == round(0.1 * per_block / per_rank)
+    lora = add_lora(tiny_model("mixtral"), rank)
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert trainable == 2 * rank * per_rank  # 2 blocks
+
+    src = tmp_path / "moe"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    assert main(["finetune", str(src), "--domain", str(small_corpus), "--trainable", "lora", "--density", "0.1",
+                 "--steps", "2", "--block-len", "32", "--eval-blocks", "2", "--cloze-items", "0", "--lr", "1e-2",
+                 "--out", str(tmp_path / "ft"), "--quiet"]) == 0  # fmt: skip
+    before = AutoModelForCausalLM.from_pretrained(src).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(tmp_path / "ft").state_dict()
+    assert not any("lora" in k for k in after)
+    for e in range(4):
+        assert not torch.equal(
+            after["model.layers.0.mlp.experts.gate_up_proj"][e], before["model.layers.0.mlp.experts.gate_up_proj"][e]
+        )
+    assert torch.equal(after["model.layers.0.mlp.gate.weight"], before["model.layers.0.mlp.gate.weight"])

@@ -25,6 +25,7 @@ from carve.errors import UsageError
 from carve.importance import compute_importance
 from carve.masks.mask import ImportanceMap, Mask, select_mask
 from carve.models.arch import weight_matrix
+from carve.models.experts import expert_weights, target_weights, unfused
 from carve.settings import DEFAULT_TARGETS, Targets
 
 SPARSE_KINDS = ("lift", "fisher", "magnitude", "random")
@@ -105,24 +106,32 @@ def _checked(named: Any, model: nn.Module, path: str) -> Any:
 
 
 def lora_rank_for(model: nn.Module, density: float, targets: Targets = DEFAULT_TARGETS) -> int:
-    """The LoRA rank whose adapters (r·(in + out) per targeted matrix) hold about `density` of
-    the targeted weights: the baseline at an equal trainable count."""
-    linears = targets.linears(model)
-    shapes = [weight_matrix(lin).shape for lin in linears.values()]
+    """The LoRA rank whose adapters (r·(in + out) per targeted matrix, an MoE's experts each a
+    matrix of their own) hold about `density` of the targeted weights: the baseline at an equal
+    trainable count."""
+    with unfused(model):
+        shapes = [weight_matrix(lin).shape for lin in targets.linears(model).values()]
     weights = sum(out * inp for out, inp in shapes)
     per_rank = sum(out + inp for out, inp in shapes)
     return max(1, round(density * weights / per_rank))
 
 
 def add_lora(model: nn.Module, rank: int, targets: Targets = DEFAULT_TARGETS, seed: int = 0) -> nn.Module:
-    """LoRA adapters (PEFT, α = 2r, no dropout) on `targets`' Linear modules, their random
-    initialisation drawn from `seed` (not torch's global generator, so a rerun is the same run)."""
+    """LoRA adapters (PEFT, α = 2r, no dropout) on `targets`' Linear modules, and on an MoE's fused
+    expert tensors that `targets` selects (PEFT's `target_parameters`: a rank-r pair per expert),
+    their random initialisation drawn from `seed` (not torch's global generator, so a rerun is the
+    same run)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UsageError("LoRA needs PEFT: pip install 'carve[recover]' (or pip install peft)") from None
-    names = sorted(targets.linears(model))
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names)
+    fused = expert_weights(model)
+    chosen = target_weights(model, targets)
+    names = sorted(n.removesuffix(".weight") for n in chosen if n not in fused)
+    params = sorted(n for n in chosen if n in fused)
+    config = LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names, target_parameters=params or None
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, config)
