@@ -351,3 +351,41 @@ def test_lora_adapts_the_experts_at_a_matched_count(tmp_path: Path, tokenizer, s
             after["model.layers.0.mlp.experts.gate_up_proj"][e], before["model.layers.0.mlp.experts.gate_up_proj"][e]
         )
     assert torch.equal(after["model.layers.0.mlp.gate.weight"], before["model.layers.0.mlp.gate.weight"])
+
+
+def test_the_importance_merge_reads_an_moe_map_under_the_checkpoint_names(tmp_path: Path, tokenizer) -> None:
+    """A saved Mixtral's checkpoint holds each expert's w1 / w3 / w2; an importance map holds the fused
+    tensors. The streamed merge reads the map's experts under the checkpoint names (transformers'
+    reverse conversion), so each expert's task vector is trimmed by its importance, not by magnitude:
+    two copies of one expert with one map merge to base + τ ⊙ top_50%(I) in every tensor."""
+    from safetensors.torch import load_file
+
+    from carve.cli.main import main
+    from carve.masks.mask import ImportanceMap
+    from tests.conftest import tiny_model
+
+    base, tuned = tiny_model("mixtral"), tiny_model("mixtral")
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for p in tuned.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    for name, m in (("base", base), ("a", tuned), ("b", tuned)):
+        m.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    # importance the reverse of |τ|, so that trimming by it and by magnitude keep opposite halves
+    scores = {n: -(p.detach() - base.get_parameter(n).detach()).abs() for n, p in tuned.named_parameters()
+              if n.endswith(("proj", "proj.weight"))}  # fmt: skip
+    ImportanceMap(scores, {}).save(tmp_path / "imp.safetensors")
+    imp = str(tmp_path / "imp.safetensors")
+    assert main(["merge", "--base", str(tmp_path / "base"), "--expert", f"a={tmp_path / 'a'}", "--expert",
+                 f"b={tmp_path / 'b'}", "--method", "importance", "--density", "0.5", "--importance", f"a={imp}",
+                 "--importance", f"b={imp}", "--out", str(tmp_path / "m"), "--eval-blocks", "0", "--quiet"]) == 0  # fmt: skip
+    b0, t0, merged = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("base", "a", "m"))
+    w1 = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
+    assert w1 in merged  # the checkpoint's own names
+    for name in (w1, "model.layers.1.block_sparse_moe.experts.2.w2.weight", "model.layers.0.self_attn.q_proj.weight"):
+        tau = t0[name] - b0[name]
+        keep = torch.zeros(tau.numel(), dtype=torch.bool)
+        keep[(-tau.abs()).reshape(-1).topk(tau.numel() // 2).indices] = True  # top half of I = -|τ|
+        want = b0[name] + tau * keep.view_as(tau)
+        torch.testing.assert_close(merged[name], want, atol=1e-6, rtol=0)

@@ -510,7 +510,7 @@ def _stream_merge(r: MergeRecipe, tmp: Path, stats: dict[str, Path] | None = Non
         extras: dict[str, Any] = {"generator": torch.Generator().manual_seed(r.seed)}
         if method.sparsify == "importance":
             maps = _named(r.importance, "--importance", "")
-            extras["importance"] = [_lazy_map(stack, maps[k]) for k in experts]
+            extras["importance"] = [_lazy_map(stack, maps[k], r.base) for k in experts]
         if stats is not None:  # Gram matrices (a folder per expert) or Fisher diagonals (a file per expert)
             lazy = _lazy_grams if method.statistic == "gram" else _lazy_map
             extras["stats"] = [lazy(stack, stats[k]) for k in experts]
@@ -558,18 +558,37 @@ def _normalize(r: MergeRecipe, method: Method) -> bool:
     return method.normalize if r.normalize is None else r.normalize
 
 
-def _lazy_map(stack: Any, path: Path) -> Any:
-    """An importance map read one tensor at a time: .get(name) gives its scores or None."""
+def _lazy_map(stack: Any, path: Path, base: str | None = None) -> Any:
+    """An importance map read one tensor at a time: .get(name) gives its scores or None.  With the
+    `base` model's directory, an MoE map's fused expert entries are read under the checkpoint's
+    per-expert tensor names too (carve.models.experts.CheckpointNames), so the experts are trimmed
+    by their importance, not by magnitude."""
     from carve.masks.mask import reading_safetensors
 
     handle = stack.enter_context(reading_safetensors(path, "an importance map"))
     keys = set(handle.keys())
+    names = _checkpoint_names(base, {k: handle.get_slice(k).get_shape() for k in keys}) if base else None
 
     class _Map:
         def get(self, name: str) -> torch.Tensor | None:
-            return handle.get_tensor(name) if name in keys else None
+            if name in keys:
+                return handle.get_tensor(name)
+            return names.get(name, handle.get_tensor) if names is not None else None
 
     return _Map()
+
+
+def _checkpoint_names(base: str, shapes: dict[str, list[int]]) -> Any:
+    """The translation of an MoE map's fused entries to `base`'s checkpoint names (None: no MoE)."""
+    from carve.models.experts import CheckpointNames
+
+    config_file = Path(base).expanduser() / "config.json"
+    if not config_file.is_file() or "experts" not in "".join(shapes):
+        return None
+    from transformers import AutoConfig
+
+    names = CheckpointNames(AutoConfig.from_pretrained(config_file.parent), shapes)
+    return names if names.source else None
 
 
 def _lazy_grams(stack: Any, folder: Path) -> Any:

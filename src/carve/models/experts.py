@@ -284,3 +284,37 @@ def target_weights(model: nn.Module, targets: Targets) -> list[str]:
     (named once each, as the model names them)."""
     with unfused(model) as experts:
         return experts.fold_names([f"{n}.weight" for n in targets.linears(model)])
+
+
+class CheckpointNames:
+    """Entries keyed by a model's parameters (an MoE's fused expert tensors: an importance map)
+    read under its checkpoint's tensor names, which a streamed merge reads tensor by tensor: a
+    Mixtral checkpoint holds `block_sparse_moe.experts.<e>.w1 / w3 / w2`, transformers fuses them on
+    load and splits them again on save.  The split is transformers' own reverse conversion
+    (`revert_weight_conversion`), run on a meta-device model built from `config`: first on the
+    entries' shapes, to learn which fused entry holds each checkpoint name, then on one fused
+    entry's values at a time, held while its experts are read."""
+
+    def __init__(self, config: Any, shapes: dict[str, list[int]]) -> None:
+        from transformers import AutoModelForCausalLM
+        from transformers.core_model_loading import revert_weight_conversion
+
+        self._revert = revert_weight_conversion
+        with torch.device("meta"):
+            self._model = AutoModelForCausalLM.from_config(config)
+        fused = set(expert_weights(self._model))
+        self.source: dict[str, str] = {}  # checkpoint name -> the entry that holds it
+        for key in fused & set(shapes):
+            for name in revert_weight_conversion(self._model, {key: torch.empty(shapes[key], device="meta")}):
+                self.source[name] = key
+        self._held: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def get(self, name: str, read: Any) -> torch.Tensor | None:
+        """The checkpoint tensor `name`'s entry, `read(key)` giving an entry by its own key (None:
+        no entry holds `name`)."""
+        key = self.source.get(name)
+        if key is None:
+            return None
+        if self._held is None or self._held[0] != key:
+            self._held = (key, self._revert(self._model, {key: read(key)}))
+        return self._held[1][name]
