@@ -380,6 +380,9 @@ def test_the_importance_merge_reads_an_moe_map_under_the_checkpoint_names(tmp_pa
     assert main(["merge", "--base", str(tmp_path / "base"), "--expert", f"a={tmp_path / 'a'}", "--expert",
                  f"b={tmp_path / 'b'}", "--method", "importance", "--density", "0.5", "--importance", f"a={imp}",
                  "--importance", f"b={imp}", "--out", str(tmp_path / "m"), "--eval-blocks", "0", "--quiet"]) == 0  # fmt: skip
+    trimmed = json.loads((tmp_path / "m" / "carve.json").read_text())["method"]["trimmed_by_magnitude"]
+    assert "model.layers.*.block_sparse_moe.gate.weight" in trimmed  # the router: in no map
+    assert not any("experts" in n or "self_attn" in n for n in trimmed)
     b0, t0, merged = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("base", "a", "m"))
     w1 = "model.layers.1.block_sparse_moe.experts.2.w1.weight"
     assert w1 in merged  # the checkpoint's own names

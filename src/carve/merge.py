@@ -8,6 +8,7 @@ parameters and, unless `--eval-blocks 0`, each task's perplexity before (base, e
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -217,7 +218,10 @@ def merge_tensor(
 
     def one(i: int) -> torch.Tensor:
         imp = extras["importance"][i].get(name) if extras.get("importance") else None
-        m = method if method.sparsify != "importance" or imp is not None else replace(method, sparsify="magnitude")
+        m = method
+        if method.sparsify == "importance" and imp is None:  # a tensor the map lacks: by magnitude, recorded
+            m = replace(method, sparsify="magnitude")
+            extras.setdefault("by_magnitude", set()).add(re.sub(r"\.\d+\.", ".*.", name))
         drawn = extras["drawn"].take(name, i) if extras.get("drawn") else None
         return sparsified(experts[i].float() - b, m, r.density[i], gamma=r.gamma, generator=extras.get("generator"),
                           importance=imp, rescale=r.rescale or "none", drawn=drawn, inplace=True)  # fmt: skip
@@ -535,15 +539,14 @@ def _stream_merge(r: MergeRecipe, tmp: Path, stats: dict[str, Path] | None = Non
             shutil.copy2(base_dir / f, tmp / f)
     if r.save_dtype:
         set_config_dtype(tmp / "config.json", r.save_dtype)
+    described: dict[str, Any] = {"name": r.method, "paper": method.paper, "normalize": _normalize(r, method)}
+    if method.sparsify == "importance":  # the tensors no map covers, trimmed by magnitude (block index as *)
+        described["trimmed_by_magnitude"] = sorted(extras.get("by_magnitude", ()))
     return {
         **manifest_start("merge", str(r.base), fingerprints["base"]),
         "experts": {k: {"model": str(d), "fingerprint": fingerprints[k]} for k, d in r.expert_dirs().items()},
         "recipe": asdict(r),
-        "method": {
-            "name": r.method,
-            "paper": method.paper,
-            "normalize": _normalize(r, method),
-        },
+        "method": described,
         "saved": {"dtype": r.save_dtype or "as the base", "format": "dense", "tensors": len(names)},
         "size": {"file_mb": round(sum(f.stat().st_size for f in tmp.glob("model*.safetensors")) / 2**20, 2)},
     }
