@@ -392,3 +392,29 @@ def test_the_importance_merge_reads_an_moe_map_under_the_checkpoint_names(tmp_pa
         keep[(-tau.abs()).reshape(-1).topk(tau.numel() // 2).indices] = True  # top half of I = -|τ|
         want = b0[name] + tau * keep.view_as(tau)
         torch.testing.assert_close(merged[name], want, atol=1e-6, rtol=0)
+
+
+def test_a_map_is_read_under_the_checkpoint_names(tmp_path: Path) -> None:
+    """A merge reads an importance map or Fisher diagonals (keyed by the loaded model's parameters)
+    under the checkpoint's names: a Mixtral's fused experts split per expert, its router renamed."""
+    from contextlib import ExitStack
+
+    from carve.masks.mask import ImportanceMap
+    from carve.merge import _lazy_map
+    from tests.conftest import tiny_model
+
+    model = tiny_model("mixtral")
+    model.save_pretrained(tmp_path / "base")
+    entries = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+               for i, (n, p) in enumerate(model.named_parameters())}  # fmt: skip
+    ImportanceMap(entries, {}).save(tmp_path / "map.safetensors")
+    with ExitStack() as stack:
+        lazy = _lazy_map(stack, tmp_path / "map.safetensors", str(tmp_path / "base"))
+        fused = entries["model.layers.1.mlp.experts.gate_up_proj"]
+        assert torch.equal(lazy.get("model.layers.1.block_sparse_moe.experts.3.w1.weight"), fused[3, :128])
+        assert torch.equal(lazy.get("model.layers.1.block_sparse_moe.experts.3.w3.weight"), fused[3, 128:])
+        down = entries["model.layers.0.mlp.experts.down_proj"]
+        assert torch.equal(lazy.get("model.layers.0.block_sparse_moe.experts.1.w2.weight"), down[1])
+        router = entries["model.layers.0.mlp.gate.weight"]
+        assert torch.equal(lazy.get("model.layers.0.block_sparse_moe.gate.weight"), router)
+        assert lazy.get("model.layers.0.block_sparse_moe.experts.9.w1.weight") is None

@@ -219,7 +219,7 @@ def merge_tensor(
     def one(i: int) -> torch.Tensor:
         imp = extras["importance"][i].get(name) if extras.get("importance") else None
         m = method
-        if method.sparsify == "importance" and imp is None:  # a tensor the map lacks: by magnitude, recorded
+        if method.sparsify == "importance" and imp is None and r.density[i] < 1:  # not in the map: by magnitude
             m = replace(method, sparsify="magnitude")
             extras.setdefault("by_magnitude", set()).add(re.sub(r"\.\d+\.", ".*.", name))
         drawn = extras["drawn"].take(name, i) if extras.get("drawn") else None
@@ -516,8 +516,10 @@ def _stream_merge(r: MergeRecipe, tmp: Path, stats: dict[str, Path] | None = Non
             maps = _named(r.importance, "--importance", "")
             extras["importance"] = [_lazy_map(stack, maps[k], r.base) for k in experts]
         if stats is not None:  # Gram matrices (a folder per expert) or Fisher diagonals (a file per expert)
-            lazy = _lazy_grams if method.statistic == "gram" else _lazy_map
-            extras["stats"] = [lazy(stack, stats[k]) for k in experts]
+            if method.statistic == "gram":
+                extras["stats"] = [_lazy_grams(stack, stats[k]) for k in experts]
+            else:  # keyed by the loaded model's parameters: read under the checkpoint's names too
+                extras["stats"] = [_lazy_map(stack, stats[k], r.base) for k in experts]
         if method.sparsify == "random":  # DARE: its masks drawn ahead, beside the arithmetic
             floats = [(n, base.shape(n)) for n in names if base.dtype(n).is_floating_point]
             extras["drawn"] = stack.enter_context(_DrawnAhead(floats, r.density, extras["generator"]))
@@ -562,10 +564,10 @@ def _normalize(r: MergeRecipe, method: Method) -> bool:
 
 
 def _lazy_map(stack: Any, path: Path, base: str | None = None) -> Any:
-    """An importance map read one tensor at a time: .get(name) gives its scores or None.  With the
-    `base` model's directory, an MoE map's fused expert entries are read under the checkpoint's
-    per-expert tensor names too (carve.models.experts.CheckpointNames), so the experts are trimmed
-    by their importance, not by magnitude."""
+    """An importance map (or Fisher diagonals) read one tensor at a time: .get(name) gives its
+    entry or None.  With the `base` model's directory, entries keyed by the loaded model's names are
+    read under the checkpoint's tensor names too (an MoE's fused experts and renamed router:
+    carve.models.experts.CheckpointNames), so every expert is merged by its own statistics."""
     from carve.masks.mask import reading_safetensors
 
     handle = stack.enter_context(reading_safetensors(path, "an importance map"))
@@ -582,11 +584,11 @@ def _lazy_map(stack: Any, path: Path, base: str | None = None) -> Any:
 
 
 def _checkpoint_names(base: str, shapes: dict[str, list[int]]) -> Any:
-    """The translation of an MoE map's fused entries to `base`'s checkpoint names (None: no MoE)."""
+    """The translation of a map's entries to `base`'s checkpoint names (None: none differs)."""
     from carve.models.experts import CheckpointNames
 
     config_file = Path(base).expanduser() / "config.json"
-    if not config_file.is_file() or "experts" not in "".join(shapes):
+    if not config_file.is_file():
         return None
     from transformers import AutoConfig
 

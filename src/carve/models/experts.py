@@ -287,13 +287,14 @@ def target_weights(model: nn.Module, targets: Targets) -> list[str]:
 
 
 class CheckpointNames:
-    """Entries keyed by a model's parameters (an MoE's fused expert tensors: an importance map)
-    read under its checkpoint's tensor names, which a streamed merge reads tensor by tensor: a
-    Mixtral checkpoint holds `block_sparse_moe.experts.<e>.w1 / w3 / w2`, transformers fuses them on
-    load and splits them again on save.  The split is transformers' own reverse conversion
+    """Entries keyed by a model's parameters (an importance map, Fisher diagonals) read under its
+    checkpoint's tensor names, which a streamed merge reads tensor by tensor: a Mixtral checkpoint
+    holds `block_sparse_moe.experts.<e>.w1 / w3 / w2` and `block_sparse_moe.gate`, which
+    transformers fuses and renames on load (`mlp.experts.gate_up_proj`, `mlp.gate`) and splits and
+    renames again on save.  The translation is transformers' own reverse conversion
     (`revert_weight_conversion`), run on a meta-device model built from `config`: first on the
-    entries' shapes, to learn which fused entry holds each checkpoint name, then on one fused
-    entry's values at a time, held while its experts are read."""
+    entries' shapes, to learn which entry holds each checkpoint name, then on one entry's values at
+    a time, held while its experts are read."""
 
     def __init__(self, config: Any, shapes: dict[str, list[int]]) -> None:
         from transformers import AutoModelForCausalLM
@@ -302,11 +303,11 @@ class CheckpointNames:
         self._revert = revert_weight_conversion
         with torch.device("meta"):
             self._model = AutoModelForCausalLM.from_config(config)
-        fused = set(expert_weights(self._model))
-        self.source: dict[str, str] = {}  # checkpoint name -> the entry that holds it
-        for key in fused & set(shapes):
-            for name in revert_weight_conversion(self._model, {key: torch.empty(shapes[key], device="meta")}):
-                self.source[name] = key
+        self.source: dict[str, str] = {}  # checkpoint name -> the entry that holds it, where they differ
+        for key, shape in shapes.items():
+            for name in revert_weight_conversion(self._model, {key: torch.empty(shape, device="meta")}):
+                if name != key:
+                    self.source[name] = key
         self._held: tuple[str, dict[str, torch.Tensor]] | None = None
 
     def get(self, name: str, read: Any) -> torch.Tensor | None:
