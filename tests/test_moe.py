@@ -401,6 +401,7 @@ def test_a_map_is_read_under_the_checkpoint_names(tmp_path: Path) -> None:
 
     from carve.masks.mask import ImportanceMap
     from carve.merge import _lazy_map
+    from carve.models.stream import TensorSource
     from tests.conftest import tiny_model
 
     model = tiny_model("mixtral")
@@ -409,7 +410,9 @@ def test_a_map_is_read_under_the_checkpoint_names(tmp_path: Path) -> None:
                for i, (n, p) in enumerate(model.named_parameters())}  # fmt: skip
     ImportanceMap(entries, {}).save(tmp_path / "map.safetensors")
     with ExitStack() as stack:
-        lazy = _lazy_map(stack, tmp_path / "map.safetensors", str(tmp_path / "base"))
+        with TensorSource(str(tmp_path / "base")) as checkpoint:
+            held = checkpoint.names()
+        lazy = _lazy_map(stack, tmp_path / "map.safetensors", str(tmp_path / "base"), held)
         fused = entries["model.layers.1.mlp.experts.gate_up_proj"]
         assert torch.equal(lazy.get("model.layers.1.block_sparse_moe.experts.3.w1.weight"), fused[3, :128])
         assert torch.equal(lazy.get("model.layers.1.block_sparse_moe.experts.3.w3.weight"), fused[3, 128:])

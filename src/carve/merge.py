@@ -514,12 +514,12 @@ def _stream_merge(r: MergeRecipe, tmp: Path, stats: dict[str, Path] | None = Non
         extras: dict[str, Any] = {"generator": torch.Generator().manual_seed(r.seed)}
         if method.sparsify == "importance":
             maps = _named(r.importance, "--importance", "")
-            extras["importance"] = [_lazy_map(stack, maps[k], r.base) for k in experts]
+            extras["importance"] = [_lazy_map(stack, maps[k], r.base, names) for k in experts]
         if stats is not None:  # Gram matrices (a folder per expert) or Fisher diagonals (a file per expert)
             if method.statistic == "gram":
                 extras["stats"] = [_lazy_grams(stack, stats[k]) for k in experts]
             else:  # keyed by the loaded model's parameters: read under the checkpoint's names too
-                extras["stats"] = [_lazy_map(stack, stats[k], r.base) for k in experts]
+                extras["stats"] = [_lazy_map(stack, stats[k], r.base, names) for k in experts]
         if method.sparsify == "random":  # DARE: its masks drawn ahead, beside the arithmetic
             floats = [(n, base.shape(n)) for n in names if base.dtype(n).is_floating_point]
             extras["drawn"] = stack.enter_context(_DrawnAhead(floats, r.density, extras["generator"]))
@@ -563,16 +563,18 @@ def _normalize(r: MergeRecipe, method: Method) -> bool:
     return method.normalize if r.normalize is None else r.normalize
 
 
-def _lazy_map(stack: Any, path: Path, base: str | None = None) -> Any:
+def _lazy_map(stack: Any, path: Path, base: str | None = None, checkpoint: list[str] | None = None) -> Any:
     """An importance map (or Fisher diagonals) read one tensor at a time: .get(name) gives its
-    entry or None.  With the `base` model's directory, entries keyed by the loaded model's names are
-    read under the checkpoint's tensor names too (an MoE's fused experts and renamed router:
+    entry or None.  Where its entries are not all among the `base` checkpoint's tensor names
+    (`checkpoint`), they are read under those names too (an MoE's fused experts and renamed router:
     carve.models.experts.CheckpointNames), so every expert is merged by its own statistics."""
     from carve.masks.mask import reading_safetensors
 
     handle = stack.enter_context(reading_safetensors(path, "an importance map"))
     keys = set(handle.keys())
-    names = _checkpoint_names(base, {k: handle.get_slice(k).get_shape() for k in keys}) if base else None
+    names = None
+    if base and checkpoint is not None and not keys <= set(checkpoint):
+        names = _checkpoint_names(base, {k: handle.get_slice(k).get_shape() for k in keys})
 
     class _Map:
         def get(self, name: str) -> torch.Tensor | None:
