@@ -86,14 +86,14 @@ def compute_importance(
     if "targets" in accepts:  # sources that run an engine over the targeted modules themselves
         extra["targets"] = targets
     for key, value in (("data", data), ("reference", reference)):
-        if value is not None and key not in accepts:
-            raise UsageError(f"importance source {name!r} takes no {key}")
+        if value is not None:
+            if key not in accepts:
+                raise UsageError(f"importance source {name!r} takes no {key}")
+            extra[key] = value
     with unfused(model) as experts:
         linears = targets.linears(model)
-        if data is not None:
-            extra["data"] = data
-        if reference is not None:
-            extra["reference"] = experts.reference(reference) if experts.modules else reference
+        if reference is not None and experts.modules:  # read per expert, as the job's Linears are named
+            extra["reference"] = experts.reference(reference)
         scores = source.fn(model, linears, **extra, **params)
     transposed = [f"{n}.weight" for n, lin in linears.items() if not isinstance(lin, nn.Linear)]
     plain = {k: v for k, v in params.items() if isinstance(v, (int, float, str, bool, type(None)))}

@@ -26,7 +26,7 @@ model as transformers loads it, and `carve recover` or the sparse format read it
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -191,9 +191,7 @@ class Unfused:
         packed, unpacked one fused tensor at a time (an MoE's experts are most of its weights)."""
         if not self.modules:
             return mask
-        if not isinstance(mask.keep, PackedKeep):
-            return Mask(self.fold(mask, True))
-        keep = PackedKeep()
+        keep: MutableMapping[str, torch.Tensor] = PackedKeep() if isinstance(mask.keep, PackedKeep) else {}
         for name, v in self._folded(mask, True):
             keep[name] = v
         return Mask(keep)
