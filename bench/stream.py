@@ -13,6 +13,13 @@ seconds and peak RSS of the process, domain and general perplexity before and af
 manifest), the share of parameters kept, and whether the two outputs' weights and masks are the same
 bit for bit (sha256 of every tensor's bytes).  Results: bench/results/stream.jsonl; the table: the
 `stream` section of bench/RESULTS.md.
+
+    .venv/bin/python bench/stream.py --moe [--methods sparsegpt] [--rerun ID ...]
+
+`--moe` (section stream-moe): the same two rows per method on bench/moe.py's upcycled SmolLM2 MoE
+(a Mixtral checkpoint with 4 experts per block, saved by transformers: each expert's w1/w2/w3 its own
+tensor, fused into 3-D tensors on load), row ids `moe-METHOD/ENGINE`.  Streamed, each block's fused
+experts are built from the checkpoint's tensors with transformers' conversion and written back split.
 """
 
 from __future__ import annotations
@@ -66,12 +73,13 @@ def digests(directory: Path) -> dict[str, str]:
     return out
 
 
-def run(method: str, stream: bool, source: Path) -> dict[str, Any]:
-    out = OUT / f"stream-{method}-{'stream' if stream else 'memory'}"
+def run(method: str, stream: bool, source: Path, tag: str = "") -> dict[str, Any]:
+    out = OUT / f"stream-{tag}{method}-{'stream' if stream else 'memory'}"
     how = ["--structure", "--keep", "0.5"] if method == "structured" else ["--method", method, "--sparsity", "0.5"]
+    # the MoE rows with --no-cache: both engines measure "before" alike
     cmd = [CARVE, "extract", "--model", str(source), *how, "--domain", "legal",
            "--no-speed", "--cloze-items", "0", "--eval-blocks", "16", "--out", str(out), "--overwrite", "--quiet",
-           *(["--stream"] if stream else [])]  # fmt: skip
+           *(["--stream"] if stream else []), *(["--no-cache"] if tag else [])]  # fmt: skip
     speed = timed(cmd)
     manifest = json.loads((out / "carve.json").read_text())
     d = digests(out)
@@ -83,15 +91,30 @@ def run(method: str, stream: bool, source: Path) -> dict[str, Any]:
         "structure": manifest.get("structure", {}).get("shape"),
         "streamed": manifest.get("streamed"), "shards": len(list(out.glob("model*.safetensors"))),
         "digest": hashlib.sha256(json.dumps(sorted(d.items())).encode()).hexdigest()[:16], "tensors": len(d),
+        "experts": manifest.get("experts"), "stages_peak_rss_mb": manifest.get("peak_rss_after_stage_mb"),
     }  # fmt: skip
 
 
-def table(rows: dict[str, dict[str, Any]], shard_mb: int) -> str:
-    lines = [
-        "## Streamed extraction (`carve extract --stream`) against the in-memory engine",
-        "",
+MOE_SOURCE = (
+    "bench/moe.py's upcycled MoE: the embedded default as a Mixtral with 4 experts per block, float32 "
+    "({mb} MB), saved by transformers (each expert's w1/w2/w3 its own tensor); both rows with `--no-cache` "
+    "(each measures the source's perplexity itself). "
+)
+
+
+def table(rows: dict[str, dict[str, Any]], shard_mb: int, moe_mb: int | None = None) -> str:
+    """The dense rows' table, or with `moe_mb` the MoE rows' (ids `moe-METHOD/ENGINE`)."""
+    rows = {k: v for k, v in rows.items() if k.startswith("moe-") == (moe_mb is not None)}
+    source = (
         f"Source: the embedded default de-quantized to float32 (538 MB) and saved in {shard_mb} MB shards. "
-        "`carve extract --method M --sparsity 0.5 --domain legal --no-speed --cloze-items 0 --eval-blocks 16` "
+        if moe_mb is None
+        else "Source: " + MOE_SOURCE.format(mb=moe_mb)
+    )
+    lines = [
+        "## Streamed extraction (`carve extract --stream`) against the in-memory engine"
+        + ("" if moe_mb is None else ": a mixture of experts"),
+        "",
+        source + "`carve extract --method M --sparsity 0.5 --domain legal --no-speed --cloze-items 0 --eval-blocks 16` "
         "(64 x 512 calibration blocks; structured: `--structure --keep 0.5`), each row its own process on 2 CPU "
         "cores, one after the other. "
         "Same output: the sha256 of every saved tensor (weights and mask) equal to the in-memory row's.",
@@ -121,24 +144,33 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=["sparsegpt", "wanda", "dual-obs"])
     ap.add_argument("--shard-mb", type=int, default=100)
     ap.add_argument("--rerun", nargs="*", default=[])
+    ap.add_argument("--moe", action="store_true", help="the upcycled MoE of bench/moe.py as the source")
     args = ap.parse_args()
-    source = ensure_shards(args.shard_mb)
+    moe_mb = None
+    if args.moe:
+        from moe import MOE_DIR, ensure_moe
+
+        ensure_moe()
+        source, tag, section = MOE_DIR, "moe-", "stream-moe"
+        moe_mb = round(sum(f.stat().st_size for f in MOE_DIR.glob("*.safetensors")) / 2**20)
+    else:
+        source, tag, section = ensure_shards(args.shard_mb), "", "stream"
     rows = {k: v for k, v in load_results(RESULTS).items() if k not in args.rerun}
     for method in args.methods:
         for stream in (False, True):
-            rid = f"{method}/{'stream' if stream else 'memory'}"
+            rid = f"{tag}{method}/{'stream' if stream else 'memory'}"
             if rid in rows and "error" not in rows[rid]:
                 continue
             print(f"running {rid} ...", flush=True)
             try:
-                rows[rid] = {"id": rid, **run(method, stream, source), "commit": commit()}
+                rows[rid] = {"id": rid, **run(method, stream, source, tag), "commit": commit()}
             except (RuntimeError, OSError, ValueError) as exc:
                 rows[rid] = {"id": rid, "error": str(exc)[:300]}
             save_result(RESULTS, rows[rid])
-            write_section("stream", table(rows, args.shard_mb))
-    text = table(rows, args.shard_mb)
+            write_section(section, table(rows, args.shard_mb, moe_mb))
+    text = table(rows, args.shard_mb, moe_mb)
     print(text)
-    write_section("stream", text)
+    write_section(section, text)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,16 @@ def tiny_config(arch: str):
                                 **common)  # fmt: skip
     if arch == "mixtral":  # its checkpoint's per-expert matrices are fused into one tensor on load
         return tf.MixtralConfig(**sizes, num_local_experts=4, num_experts_per_tok=2, **common)
+    moe = {  # more MoE families: Qwen's per-expert checkpoints (fused on load); gpt-oss's stored fused, [E, in, out]
+        "qwen3_moe": (tf.Qwen3MoeConfig, {"num_experts": 4, "moe_intermediate_size": 32, "head_dim": 16}),
+        "qwen2_moe": (tf.Qwen2MoeConfig, {"num_experts": 4, "moe_intermediate_size": 32,
+                                          "shared_expert_intermediate_size": 32}),
+        "gpt_oss": (tf.GptOssConfig, {"num_local_experts": 4, "head_dim": 16, "sliding_window": 8}),
+    }  # fmt: skip
+    if arch in moe:
+        cls, extra = moe[arch]
+        return cls(**sizes, **extra, num_experts_per_tok=2, **common, pad_token_id=None, bos_token_id=None,
+                   eos_token_id=None)  # fmt: skip
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256)
     if arch == "opt":

@@ -4,6 +4,7 @@ its own Linear, on the tokens routed to it (carve.models.experts)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -421,3 +422,37 @@ def test_a_map_is_read_under_the_checkpoint_names(tmp_path: Path) -> None:
         router = entries["model.layers.0.mlp.gate.weight"]
         assert torch.equal(lazy.get("model.layers.0.block_sparse_moe.gate.weight"), router)
         assert lazy.get("model.layers.0.block_sparse_moe.experts.9.w1.weight") is None
+
+
+def test_evaluation_through_unfused_experts_is_not_counted_as_calibration() -> None:
+    """A streamed job's held-out evaluation runs through the unfused experts: the tokens it routes are
+    not counted, so an expert that saw no calibration token is still named."""
+    from carve.models.experts import uncounted
+
+    model = moe_model("mixtral")
+    with unfused(model) as experts, torch.no_grad():
+        with uncounted(model):
+            model(_ids())
+        assert all(int(m.routed.sum()) == 0 for m in experts.modules.values())
+        model(_ids())
+        assert all(int(m.routed.sum()) == 4 * 16 * 2 for m in experts.modules.values())  # tokens x top-2
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_structured_extraction_refuses_an_moe(tmp_path: Path, tokenizer, small_corpus: Path, arch: str) -> None:
+    """Structured extraction slices one dense MLP per block; an MoE's block (Qwen2-MoE's shared expert
+    beside its routed ones among them) is refused before any work, with nothing written."""
+    from carve.errors import UsageError
+    from carve.pipeline import Recipe, extract
+    from tests.conftest import tiny_model
+
+    src = tmp_path / "moe"
+    tiny_model(arch).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    recipe = Recipe(model=str(src), domain=str(small_corpus), general=str(small_corpus), method="magnitude",
+                    structure=True, keep=0.5, calib_blocks=4, block_len=32, eval_blocks=2, cloze_items=0,
+                    speed=False)  # fmt: skip
+    for stream in (False, True):
+        with pytest.raises(UsageError, match="mixture of experts"):
+            extract(replace(recipe, stream=stream), tmp_path / "out")
+        assert not (tmp_path / "out").exists()

@@ -124,10 +124,11 @@ def test_streamed_save_dtype(tmp_path: Path, tokenizer, small_corpus: Path) -> N
     assert {t.dtype for t in _weights(tmp_path / "out").values()} == {torch.bfloat16}
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "gpt_neox"])  # gpt_neox: its head stored as `embed_out`
 def test_streamed_sparse_format_equals_in_memory(tmp_path: Path, tokenizer, small_corpus: Path, arch: str) -> None:
     """`--stream --save-format sparse`: the sparse model written tensor by tensor as the blocks leave
-    holds the in-memory extraction's weights bit for bit (tied names too), and carve loads it."""
+    holds the in-memory extraction's weights bit for bit under the model's own names (tied ones
+    too; a tensor the checkpoint stores under another name as well), and carve loads it."""
     from carve.models.load import load_model
     from carve.models.sparse import read_sparse_state
 
@@ -187,15 +188,92 @@ def test_streamed_refusals(tmp_path: Path, tokenizer, small_corpus: Path, kw: di
     assert not (tmp_path / "out").exists()
 
 
-def test_streamed_refuses_a_checkpoint_transformers_converts_on_load(
-    tmp_path: Path, tokenizer, small_corpus: Path
+MOE_ARCHS = ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss"]
+
+
+@pytest.mark.parametrize(
+    "arch, method, kw",
+    [(a, m, {}) for a in MOE_ARCHS for m in ("sparsegpt", "dual-obs")]
+    + [("mixtral", m, {}) for m in ("wanda", "magnitude", "fisher")]
+    + [("qwen3_moe", "fisher", {"pattern": "2:4"}), ("gpt_oss", "wanda", {"granularity": "global"})],
+)
+def test_streamed_moe_equals_in_memory(
+    tmp_path: Path, tokenizer, small_corpus: Path, arch: str, method: str, kw: dict
 ) -> None:
-    """Mixtral's checkpoint holds each expert's matrices; transformers fuses them into one tensor on load.
-    A streamed job reads tensors one to one, so it says so before any work and writes nothing."""
-    src = _saved(tmp_path, "mixtral", tokenizer)
-    with pytest.raises(UsageError, match=r"rebuilds .* on load from other tensors.*without --stream"):
-        extract(_recipe(src, small_corpus, "sparsegpt", True), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    """An MoE whose checkpoint holds each expert's matrices (Mixtral, Qwen-MoE; transformers fuses them
+    into one 3-D tensor on load) or the fused tensors (gpt-oss), streamed: each block's fused tensors
+    built with transformers' conversion, each expert pruned as its own Linear on its routed tokens,
+    and the block written back split as save_pretrained writes it; the in-memory result bit for bit,
+    under the source checkpoint's tensor names."""
+    src = _saved(tmp_path, arch, tokenizer)
+    mem = extract(_recipe(src, small_corpus, method, False, **kw), tmp_path / "mem")
+    streamed = extract(_recipe(src, small_corpus, method, True, **kw), tmp_path / "stream")
+    assert streamed["streamed"]["why"] == "--stream"
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(b) == sorted(_weights(src))  # the source's own layout (per-expert names where it had them)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = load_file(tmp_path / "mem" / "mask.safetensors"), load_file(tmp_path / "stream" / "mask.safetensors")
+    assert sorted(ma) == sorted(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert "model.layers.1.mlp.experts.down_proj" in mb  # the experts pruned, each as its own matrix
+    assert streamed["experts"] == mem["experts"] and len(mem["experts"]["unfused"]) == 2
+    assert streamed["sparsity"]["linear"] == mem["sparsity"]["linear"]
+    for when in ("before", "after"):
+        assert streamed["metrics"][when]["domain_ppl"] == pytest.approx(mem["metrics"][when]["domain_ppl"], rel=1e-4)
+
+
+def test_streamed_moe_reads_one_block_at_a_time_and_writes_the_sparse_format(
+    tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sharded Mixtral streamed: never two blocks read, each expert's views freed with its block;
+    the sparse format (bfloat16: the experts re-bound to the rounded tensors) holds the fused
+    tensors as a model's state dict does, bit for bit the in-memory sparse output's."""
+    from carve.models.load import load_model
+    from carve.models.skeleton import SkeletonModel
+    from carve.models.sparse import read_sparse_state
+
+    src = _saved(tmp_path, "mixtral", tokenizer, shard="100KB")
+    assert len(list(src.glob("model-*.safetensors"))) > 2
+    kw = {"save_format": "sparse", "save_dtype": "bfloat16", "method": "sparsegpt"}
+    extract(Recipe(**{**_recipe(src, small_corpus, "x", False).__dict__, **kw}), tmp_path / "mem")
+    most = []
+    load = SkeletonModel.load_block
+
+    def counting(self: SkeletonModel, i: int) -> None:
+        load(self, i)
+        most.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in self.blocks))
+
+    monkeypatch.setattr(SkeletonModel, "load_block", counting)
+    extract(Recipe(**{**_recipe(src, small_corpus, "x", True).__dict__, **kw}), tmp_path / "stream")
+    assert most and max(most) == 1  # the unfused experts' views count: freed blocks hold nothing
+    (a, tied_a), (b, tied_b) = read_sparse_state(tmp_path / "mem"), read_sparse_state(tmp_path / "stream")
+    assert "model.layers.0.mlp.experts.gate_up_proj" in b
+    assert sorted(a) == sorted(b) and tied_a == tied_b
+    assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+    loaded = load_model(str(tmp_path / "stream")).model.state_dict()
+    assert all(torch.equal(loaded[k].to(a[k].dtype), a[k]) for k in a)
+
+
+def test_streamed_moe_with_a_reused_map_and_eval(tmp_path: Path, tokenizer, small_corpus: Path, capsys) -> None:
+    """A Qwen3-MoE map saved in memory (keyed by the fused tensors) reused by a streamed job gives the
+    in-memory result; `carve eval --stream` on the MoE gives the in-memory perplexities."""
+    import json
+
+    from carve.cli.main import main
+
+    src = _saved(tmp_path, "qwen3_moe", tokenizer)
+    saved = tmp_path / "map.safetensors"
+    extract(_recipe(src, small_corpus, "dual-obs", False), tmp_path / "first", save_importance=saved)
+    extract(_recipe(src, small_corpus, "dual-obs", False, importance=str(saved)), tmp_path / "mem")
+    extract(_recipe(src, small_corpus, "dual-obs", True, importance=str(saved)), tmp_path / "stream")
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    flags = ["eval", str(src), "--domain", str(small_corpus), "--block-len", "32", "--eval-blocks", "3", "--json",
+             "--quiet", "--cloze-items", "0"]  # fmt: skip
+    found = []
+    for extra in ([], ["--stream"]):
+        assert main([*flags, *extra]) == 0
+        found.append(json.loads(capsys.readouterr().out)["metrics"])
+    assert found[1]["domain_ppl"] == pytest.approx(found[0]["domain_ppl"], rel=1e-4)
 
 
 def test_streamed_dual_obs_refuses_save_importance(tmp_path: Path, tokenizer, small_corpus: Path) -> None:

@@ -39,6 +39,7 @@ from carve.errors import UsageError
 from carve.evaluation.perplexity import nll_sum
 from carve.job import EvalData
 from carve.models.arch import count_zeros
+from carve.models.experts import uncounted
 from carve.models.patch import replaced_forwards
 from carve.models.skeleton import SkeletonModel
 from carve.models.sparse import SparseWriter
@@ -101,7 +102,7 @@ class BlockStream:
     def start(self) -> None:
         """Write the tensors outside the blocks; capture the held-out hidden states entering block 0."""
         for name in self.sk.other_names():
-            self._write(name)
+            self._write(name, self.sk.parameter(name))
         self.sk.load_block(0)
         ids = [b.to(self.sk.device) for _, b in self.batches]
         hidden, self._calls = capture_inputs(self.sk.model, self.sk.blocks, ids)
@@ -122,7 +123,8 @@ class BlockStream:
             return
         self.entered.add(i)
         self.sk.load_block(i)
-        self.before = [self._block(i, b, h) for (_, b), h in zip(self.batches, self.before, strict=True)]
+        with uncounted(self.sk.blocks[i]):
+            self.before = [self._block(i, b, h) for (_, b), h in zip(self.batches, self.before, strict=True)]
 
     def captured(self) -> None:
         """The calibration's inputs to block 0 are captured: until the evaluation at the end only
@@ -136,29 +138,36 @@ class BlockStream:
             self.sk.free_block(i)
             return
         block = self.sk.blocks[i] if self.reshaped is None else self.reshaped.block(i)
-        named = (  # (parameter name, name in the checkpoint, tensor), in the output model
-            [(name, self.sk.specs[name][0], self.sk.parameter(name)) for name in self.sk.block_names(i)]
+        named = (  # (parameter name, tensor), in the output model
+            [(name, self.sk.parameter(name)) for name in self.sk.block_names(i)]
             if self.reshaped is None
-            else [(f"{self.sk.prefix}.{self.reshaped.index[i]}.{n}",) * 2 + (p,) for n, p in block.named_parameters()]
+            else [(f"{self.sk.prefix}.{self.reshaped.index[i]}.{n}", p) for n, p in block.named_parameters()]
         )
         if self.save_dtype not in (self.sk.dtype, torch.float32):  # measured as saved, as job.round_to_saved
-            for _, _, p in named:
+            for _, p in named:
                 if p.is_floating_point():
                     p.data = p.data.to(self.save_dtype).to(p.dtype)
+            self.sk.bind_experts(i)  # an MoE's unfused experts: views of the rounded tensors
         calls, pairs = self._calls, zip(self.batches, self.after, strict=True)
-        self.after = [call_block(block, h, calls[tuple(b.shape)][i]) for (_, b), h in pairs]
-        for name, stored, p in named:
-            self._write_tensor(name, stored, p)
+        with uncounted(block):
+            self.after = [call_block(block, h, calls[tuple(b.shape)][i]) for (_, b), h in pairs]
+        for name, p in named:
+            self._write(name, p, as_source=self.reshaped is None)
         self.sk.free_block(i)
 
-    def _write(self, name: str) -> None:
-        self._write_tensor(name, self.sk.specs[name][0], self.sk.parameter(name))
-
-    def _write_tensor(self, name: str, stored: str, tensor: torch.Tensor) -> None:
+    def _write(self, name: str, tensor: torch.Tensor, as_source: bool = True) -> None:
+        """`tensor` (parameter `name`) counted and written in the saved dtype: in plain safetensors
+        under the source checkpoint's names (`as_source`: an MoE's fused experts split back per
+        expert, a renamed tensor under its stored name); in the sparse format, and for a sliced
+        block's renumbered tensors, under the model's own name, as its state dict has it."""
         t = tensor.detach()
         self.zeros[name] = (count_zeros(t), t.numel())
-        if self.writer is not None:
-            self.writer.write(stored, t.to(self.save_dtype) if t.is_floating_point() else t)
+        if self.writer is None:
+            return
+        t = t.to(self.save_dtype) if t.is_floating_point() else t
+        as_source = as_source and not isinstance(self.writer, SparseWriter)
+        for stored, part in self.sk.checkpoint_tensors(name, t) if as_source else [(name, t)]:
+            self.writer.write(stored, part)
 
     @torch.no_grad()
     def perplexities(self, hidden: list[torch.Tensor], desc: str) -> dict[str, float]:

@@ -282,7 +282,14 @@ def streamed_gradients(
     bound_heap_retention()
     model, blocks, device = source.model, source.blocks, source.device
     asked = set(params)
-    by_block = [[n for n in source.block_names(i) if n in asked] for i in range(len(blocks))]
+    prefix, _ = find_blocks(model)
+
+    def block_params(i: int) -> dict[str, torch.Tensor]:
+        """Block i's asked parameters by name, as its modules hold them now (an MoE's unfused experts
+        are views of the fused tensors read: carve.models.experts)."""
+        return {n: p for n, p in blocks[i].named_parameters(prefix=f"{prefix}.{i}") if n in asked}
+
+    by_block = [list(block_params(i)) for i in range(len(blocks))]
     outside = set(params) - {n for names in by_block for n in names}
     if outside:
         raise UsageError(f"a streamed gradient pass scores decoder-block parameters only, not {sorted(outside)[:3]}")
@@ -328,7 +335,7 @@ def streamed_gradients(
             if lowest is None or i < lowest:
                 break
             source.load_block(i)
-            named = {n: source.parameter(n) for n in by_block[i]}
+            named = block_params(i)
             acc = {s: {n: torch.zeros(p.shape, dtype=torch.float32, device=device) for n, p in named.items()}
                    for s in statistics}  # fmt: skip
             for p in named.values():

@@ -66,7 +66,7 @@ def score(
     layer-wise passes' forwards under autocast (see carve.engines.layerwise); the gradient engine
     computes in the model's dtype.  An MoE's fused experts are scored as one Linear per expert and
     their scores returned as one tensor per fused parameter (carve.models.experts)."""
-    with unfused(model, calib.stream is None) as experts:  # MoE experts as one Linear each
+    with unfused(model) as experts:  # MoE experts as one Linear each
         imp = _score(model, method, calibration, targets, calib, general_calibration, lam, lr)
     return experts.fold_map(imp)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from carve.errors import UsageError
 from carve.models.arch import find_blocks
+from carve.models.experts import ExpertLinears, is_fused_experts
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -66,6 +67,13 @@ def anatomy(model: nn.Module) -> Anatomy:
                 if isinstance(lin, nn.Linear) and role not in names:
                     holders[role] = mod
                     names[role] = f"{prefix}.{i}.{name}.{role}" if name else f"{prefix}.{i}.{role}"
+        mlps = sum(isinstance(getattr(mod, "up_proj", None), nn.Linear) for mod in block.modules())
+        if mlps > 1 or any(is_fused_experts(mod) or isinstance(mod, ExpertLinears) for mod in block.modules()):
+            raise UsageError(
+                f"structured extraction slices one dense MLP per block; {type(model).__name__} block {i} routes "
+                "tokens through experts (a mixture of experts): use unstructured or N:M extraction, which prune "
+                "each expert"
+            )
         missing = [r for r in ATTENTION + MLP[1:] if r not in names]
         if missing:
             raise UsageError(

@@ -63,16 +63,6 @@ def expert_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     return {f"{n}.{p}": getattr(m, p) for n, m in fused_experts(model).items() for p in _projections(m)}
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, grad: bool) -> nn.Linear:
-    """An nn.Linear over `weight` [out, in] (and `bias`) without copying: its parameters share the
-    tensors' storage."""
-    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    lin.weight = nn.Parameter(weight, requires_grad=grad)
-    if bias is not None:
-        lin.bias = nn.Parameter(bias, requires_grad=grad)
-    return lin
-
-
 class ExpertLinears(nn.Module):
     """A fused experts module as one pair of Linears per expert (`experts.<e>.<projection>`), views
     of its 3-D parameters; the same forward."""
@@ -91,12 +81,27 @@ class ExpertLinears(nn.Module):
         for e in range(params[self.projections[0]].shape[0]):
             one = nn.Module()
             for p in self.projections:
-                w = params[p].data[e]
-                b = params[f"{p}_bias"].data[e] if fused.has_bias else None
-                one.add_module(p, _linear(w.t() if self.transposed else w, b, params[p].requires_grad))
+                rows, cols = params[p].shape[1:]
+                out, inp = (cols, rows) if self.transposed else (rows, cols)
+                one.add_module(p, nn.Linear(inp, out, bias=bool(fused.has_bias), device="meta"))
             self.add_module(str(e), one)
             self.experts.append(one)
+        self.bind()
         self.routed = torch.zeros(len(self.experts), dtype=torch.long)  # tokens each expert was given
+        self.counting = True  # forwards count their routed tokens (not an evaluation's: see `uncounted`)
+
+    def bind(self) -> None:
+        """Each expert's Linears made views of the fused module's parameters as they are now: a
+        streamed job (models/skeleton) reads a block's fused tensors and frees them (to the meta
+        device) one block at a time, and the views must follow, or hold what was freed.  They share
+        the fused tensors' storage: pruning them in place prunes the model."""
+        params = dict(self.fused.named_parameters(recurse=False))
+        for e, expert in enumerate(self.experts):
+            for p in self.projections:
+                lin, w = getattr(expert, p), params[p].data[e]
+                lin.weight = nn.Parameter(w.t() if self.transposed else w, requires_grad=params[p].requires_grad)
+                if self.fused.has_bias:
+                    lin.bias = nn.Parameter(params[f"{p}_bias"].data[e], requires_grad=params[p].requires_grad)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         # (hidden, top_k_index, top_k_weights), by position or by the model's own argument names
@@ -107,7 +112,8 @@ class ExpertLinears(nn.Module):
         fused = self.fused
         for e, expert in enumerate(self.experts):
             token, rank = torch.where(index == e)
-            self.routed[e] += token.numel()
+            if self.counting:
+                self.routed[e] += token.numel()
             up, down = (getattr(expert, p) for p in self.projections)
             h = up(x[token])
             h = fused._apply_gate(h) if fused.has_gate else fused.act_fn(h)
@@ -259,11 +265,26 @@ class _PerExpert(Mapping[str, torch.Tensor]):
 
 
 @contextmanager
-def unfused(model: nn.Module, enabled: bool = True) -> Iterator[Unfused]:
+def uncounted(module: nn.Module) -> Iterator[None]:
+    """Forwards of `module` that are not calibration (a streamed job's held-out evaluation runs
+    through the unfused experts): the tokens routed to its experts are not counted."""
+    found = [m for m in module.modules() if isinstance(m, ExpertLinears)]
+    for m in found:
+        m.counting = False
+    try:
+        yield
+    finally:
+        for m in found:
+            m.counting = True
+
+
+@contextmanager
+def unfused(model: nn.Module) -> Iterator[Unfused]:
     """Each fused experts module of `model` replaced by its ExpertLinears while inside (see the
-    module docstring); nothing changes for a model without any, one already unfused, or when not
-    `enabled` (a streamed extraction's skeleton, whose blocks are read from disk as they come)."""
-    found = fused_experts(model) if enabled else {}
+    module docstring); nothing changes for a model without any, or one already unfused.  On a
+    streamed job's skeleton, whose fused tensors are read and freed block by block, the skeleton
+    re-binds the views as it does (ExpertLinears.bind)."""
+    found = fused_experts(model)
     swapped: dict[str, ExpertLinears] = {}
     try:
         for name, module in found.items():

@@ -7,12 +7,17 @@ outside the decoder blocks (embeddings, final norm, head) from the checkpoint's 
 any shard), `free_block(i)` puts them back on the meta device.  Tied parameters (a head tied to
 the embeddings) stay one parameter.  Peak memory: the tensors outside the blocks, one block, and
 whatever the caller keeps (calibration hidden states).
+
+A parameter transformers builds on load from several checkpoint tensors (an MoE's per-expert
+matrices fused into one 3-D tensor: `Conversions`) is read with transformers' own conversion and
+written back split as `save_pretrained` would.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,7 @@ from torch import nn
 
 from carve.errors import UsageError
 from carve.models.arch import find_blocks
+from carve.models.experts import ExpertLinears
 from carve.models.stream import TensorSource
 
 
@@ -57,28 +63,66 @@ def parameter_groups(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, s
     return groups
 
 
-def checkpoint_names(model: nn.Module, stored: list[str]) -> tuple[dict[str, str], list[str]]:
-    """The model's name -> the checkpoint's, for the tensors transformers renames on load (its
-    WeightRenaming rules: GPT-NeoX stores the head as `embed_out`), and the checkpoint tensors it
-    instead converts into others (WeightConverter: Mixtral's per-expert matrices fused), which a
-    streamed job cannot read one to one.  Empty where transformers has no such rules."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:  # a transformers without conversion rules loads names as stored
-        return {}, []
-    rules = get_model_conversion_mapping(model)  # type: ignore[arg-type]  # a PreTrainedModel
-    renamings = [r for r in rules if isinstance(r, WeightRenaming)]
-    converters = [r for r in rules if isinstance(r, WeightConverter)]
-    renamed: dict[str, str] = {}
-    converted: list[str] = []
-    for key in stored:
-        new, converter = rename_source_key(key, renamings, converters)
-        if converter is not None:
-            converted.append(key)
-        elif new != key:
-            renamed[new] = key
-    return renamed, converted
+class Conversions:
+    """transformers' load-time rules for a checkpoint's tensor names (its conversion mapping) applied
+    one model parameter at a time, as a streamed job reads and writes them:
+
+    - `renamed`: the model's name -> the checkpoint's, for a tensor transformers renames on load
+      (its WeightRenaming rules: GPT-NeoX stores the head as `embed_out`; Mixtral its router as
+      `block_sparse_moe.gate`);
+    - `fused`: a parameter transformers builds from several checkpoint tensors (WeightConverter: a
+      Mixtral's or Qwen-MoE's per-expert matrices stacked into one 3-D tensor) -> those tensors
+      (name, the rule's source pattern), in the order transformers stacks them.  `read` builds
+      such a parameter with transformers' own converter, `checkpoint_tensors` splits it back with
+      its reverse (what `save_pretrained` writes).
+
+    Empty where transformers has no such rules (or none of them)."""
+
+    def __init__(self, model: nn.Module, stored: list[str]) -> None:
+        self.model = model
+        self.renamed: dict[str, str] = {}
+        self.fused: dict[str, list[tuple[str, str]]] = {}
+        self._converters: dict[str, Any] = {}  # source pattern -> its WeightConverter (copied for each use)
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import (
+                WeightConverter,
+                WeightRenaming,
+                dot_natural_key,
+                rename_source_key,
+            )
+        except ImportError:  # a transformers without conversion rules loads names as stored
+            return
+        rules = get_model_conversion_mapping(model)  # type: ignore[arg-type]  # a PreTrainedModel
+        renamings = [r for r in rules if isinstance(r, WeightRenaming)]
+        converters = [r for r in rules if isinstance(r, WeightConverter)]
+        self._converters = {pattern: c for c in converters for pattern in c.source_patterns}
+        for key in sorted(stored, key=dot_natural_key):  # transformers' order: expert 2 before expert 10
+            new, pattern = rename_source_key(key, renamings, converters)
+            if pattern is not None:
+                self.fused.setdefault(new, []).append((key, pattern))
+            elif new != key:
+                self.renamed[new] = key
+
+    def read(self, name: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """Fused parameter `name` built from its checkpoint tensors (`get(stored name)`)."""
+        import copy
+
+        sources = self.fused[name]
+        converter = copy.deepcopy(self._converters[sources[0][1]])
+        for key, pattern in sources:
+            converter.add_tensor(name, key, pattern, functools.partial(get, key))  # read when converted
+        out = converter.convert(name, model=self.model, config=self.model.config)
+        if list(out) != [name]:
+            raise UsageError(f"transformers' conversion of {name!r} gave {sorted(out)[:3]}, not the one tensor")
+        return out[name]
+
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Fused parameter `name`'s value as the checkpoint's tensors (views where the reverse
+        conversion splits; a meta tensor gives their names and shapes)."""
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return revert_weight_conversion(self.model, {name: tensor})  # type: ignore[arg-type]
 
 
 def tied_aliases(directory: Path, stored: set[str]) -> dict[str, str]:
@@ -120,7 +164,9 @@ class SkeletonModel:
                     module._buffers[k] = b.to(self.device)
         self.groups = parameter_groups(model)
         self.prefix, self.blocks = find_blocks(model)
-        self._renamed, self._converted = checkpoint_names(model, self.source.names())
+        self.conversions = Conversions(model, self.source.names())
+        # name -> (the checkpoint's name, shape); a fused parameter's "name" is its own (it is read
+        # from several tensors: `conversions`), as carve's sparse format stores it
         self.specs = {name: (self._stored_name(name), self._shape(name)) for name in self.groups}
         for name in self.groups:
             if self._in_block(name) is None:
@@ -138,26 +184,34 @@ class SkeletonModel:
         for _, _, full in self.groups[name]:
             if full in self.source:
                 return full
-            if full in self._renamed:  # a name transformers renames on load (GPT-NeoX's embed_out -> lm_head)
-                return self._renamed[full]
-        if self._converted:
-            raise UsageError(
-                f"transformers rebuilds {name!r} of {str(self.directory)!r} on load from other tensors (for "
-                f"example {', '.join(self._converted[:3])}, as it fuses a Mixtral's experts into one tensor); "
-                "streaming reads the checkpoint's tensors one to one, so it loads in memory only (without --stream, "
-                "given the memory to hold it)"
-            )
+            if full in self.conversions.renamed:  # renamed on load (GPT-NeoX's embed_out -> lm_head)
+                return self.conversions.renamed[full]
+            if full in self.conversions.fused:  # built on load from several (an MoE's per-expert matrices)
+                return full
         raise UsageError(
             f"{str(self.directory)!r} has no tensor {name!r}: streaming reads checkpoints whose tensor names are "
-            "the model's own (save it with save_pretrained, or load it without --stream)"
+            "the model's own or transformers' (save it with save_pretrained, or load it without --stream)"
         )
 
     def _shape(self, name: str) -> list[int]:
         module, attr, _ = self.groups[name][0]
         want = list(module._parameters[attr].shape)  # type: ignore[union-attr]
-        stored = self.source.shape(self._stored_name(name))
-        if list(stored) != want:
-            raise UsageError(f"tensor {name!r} in {str(self.directory)!r} has shape {stored}, the config says {want}")
+        stored = self._stored_name(name)
+        expect = {stored: want}
+        if stored in self.conversions.fused:  # each tensor it is read from, as the reverse conversion lays it out
+            parts = self.conversions.checkpoint_tensors(stored, torch.empty(want, device="meta"))
+            expect = {k: list(t.shape) for k, t in parts.items()}
+            if set(expect) != {k for k, _ in self.conversions.fused[stored]}:
+                raise UsageError(
+                    f"{name!r} of {str(self.directory)!r} would not be saved to the tensors it is read from "
+                    f"({', '.join(sorted(expect)[:2])}…): streaming could not write it back; load it without --stream"
+                )
+        for key, shape in expect.items():
+            if list(self.source.shape(key)) != shape:
+                raise UsageError(
+                    f"tensor {key!r} in {str(self.directory)!r} has shape {self.source.shape(key)}, the config says "
+                    f"{shape}"
+                )
         return want
 
     def _set(self, name: str, tensor: torch.Tensor) -> None:
@@ -166,8 +220,18 @@ class SkeletonModel:
             module._parameters[attr] = param
 
     def _load(self, name: str) -> None:
-        t = self.source.get(self.specs[name][0])
+        stored = self.specs[name][0]
+        fused = stored in self.conversions.fused
+        t = self.conversions.read(stored, self.source.get) if fused else self.source.get(stored)
         self._set(name, t.to(self.device, self.dtype if t.is_floating_point() else t.dtype))
+
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Parameter `name`'s value as the checkpoint holds it: (name in the checkpoint, tensor),
+        several for a parameter transformers fuses on load (as `save_pretrained` writes them)."""
+        stored = self.specs[name][0]
+        if stored not in self.conversions.fused:
+            return [(stored, tensor)]
+        return list(self.conversions.checkpoint_tensors(stored, tensor).items())
 
     def block_names(self, i: int) -> list[str]:
         return [n for n in self.groups if self._in_block(n) == i]
@@ -185,9 +249,18 @@ class SkeletonModel:
         for name in self.block_names(i):
             if self.parameter(name).device.type == "meta":
                 self._load(name)
+        self.bind_experts(i)
 
     def free_block(self, i: int) -> None:
         self._free(self.block_names(i))
+        self.bind_experts(i)
+
+    def bind_experts(self, i: int) -> None:
+        """Block i's experts, where a job unfused them (models/experts), as views of what is now
+        read (or of nothing: freed)."""
+        for module in self.blocks[i].modules():
+            if isinstance(module, ExpertLinears):
+                module.bind()
 
     def free_others(self) -> None:
         """The tensors outside the blocks (embeddings, final norm, head) back on the meta device:
@@ -208,14 +281,15 @@ class SkeletonModel:
         self.source.close()
 
     def aliases(self) -> dict[str, str]:
-        """Every other name of a tied parameter -> the name it is stored under (a sparse model's
-        `carve_aliases`: its state dict has both)."""
-        return group_aliases(self.groups, {stored for stored, _ in self.specs.values()})
+        """Every other name of a tied parameter -> its first, the one a sparse model stores it under
+        (its `carve_aliases`: the model's state dict has both)."""
+        return group_aliases(self.groups, set(self.groups))
 
     def stored_specs(self) -> list[tuple[str, list[int]]]:
-        """(name in the checkpoint, shape) of every parameter, in the model's order: what an output
-        written like the source holds."""
-        return [(stored, shape) for stored, shape in self.specs.values()]
+        """(name in the checkpoint, shape) of every tensor the checkpoint holds, in the model's order:
+        what an output written like the source holds."""
+        return [(stored, list(t.shape)) for name, (_, shape) in self.specs.items()
+                for stored, t in self.checkpoint_tensors(name, torch.empty(shape, device="meta"))]  # fmt: skip
 
     def __enter__(self) -> SkeletonModel:
         return self

@@ -142,7 +142,7 @@ def prune(
     (default `calibration`); `lam` weighs a sweep's OBS error against the importance; `importance`
     reuses a saved ImportanceMap; `general_calibration`, `lam` and `lr` are dual's
     (carve.importance.score)."""
-    with unfused(model, calib.stream is None) as experts:  # MoE experts as one Linear each
+    with unfused(model) as experts:  # MoE experts as one Linear each
         result = _prune(
             model, method, sparsity, calibration, granularity, pattern, targets, calib, general_calibration, lam, lr,
             None if importance is None else experts.unfold_map(importance), reconstruct_with,
