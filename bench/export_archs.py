@@ -1,7 +1,8 @@
 """`carve export --gguf` in llama.cpp itself for the layouts the embedded default does not have:
 Qwen3 (per-head Q/K norms, head_dim apart from hidden / heads), Llama 3's RoPE scaling, Gemma 3
 with a SentencePiece-style tokenizer, Phi-3 (fused qkv and gate/up projections, a sliding window),
-and the mixture-of-experts Mixtral and Qwen3-MoE (fused experts split into llama.cpp's tensors).
+and the mixture-of-experts Mixtral, Qwen3-MoE and Qwen2-MoE (fused experts split into llama.cpp's
+tensors; Qwen2-MoE's shared expert beside them).
 
     .venv/bin/python bench/export_archs.py [--kinds qwen3 llama3-rope gemma3 phi3]
 
@@ -22,9 +23,9 @@ held-out texts (legal documents 20-39 and code documents 0-9, 400 characters eac
 accented, mathematical and emoji characters) are tokenized by llama.cpp and by transformers.  Phi-3:
 fused qkv_proj and gate_up_proj, every layer attending within a sliding window of 16 tokens; the
 same block is also scored by transformers without the window, which llama.cpp must not match.
-Mixtral / Qwen3-MoE: 4 experts, top-2 routing, expert and router weights from N(0, 0.2) so that
-tokens spread over the experts and the mixture matters; contrast: the same weights with top-1
-routing, which llama.cpp must not match.
+Mixtral / Qwen3-MoE / Qwen2-MoE: 4 experts, top-2 routing, expert and router weights (and Qwen2-MoE's
+shared expert and its gate) from N(0, 0.2) so that tokens spread over the experts and the mixture
+matters; contrast: the same weights with top-1 routing, which llama.cpp must not match.
 llama3-tokenizer: a plain tiny Llama with a byte-level BPE tokenizer (2000 entries, trained on 20
 builtin legal documents) that splits text by Llama 3's rule; the held-out texts (plus one line of
 phone numbers, dates and long numbers) tokenized by llama.cpp and by transformers, from carve's
@@ -85,17 +86,20 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 layer.self_attn.q_norm.weight.normal_(1, 0.5)
                 layer.self_attn.k_norm.weight.normal_(1, 0.5)
         return model.eval()
-    if kind in ("mixtral", "qwen3-moe"):  # 4 experts, top-2; weights that make the routing matter
-        moe: Any = (
-            tf.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2, vocab_size=vocab)
-            if kind == "mixtral"
-            else tf.Qwen3MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4, num_experts_per_tok=2,
-                                   norm_topk_prob=True, head_dim=16, vocab_size=vocab)
-        )  # fmt: skip
+    if kind in ("mixtral", "qwen3-moe", "qwen2-moe"):  # 4 experts, top-2; weights that make the routing matter
+        moe: Any = {
+            "mixtral": lambda: tf.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2, vocab_size=vocab),
+            "qwen3-moe": lambda: tf.Qwen3MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4,
+                                                   num_experts_per_tok=2, norm_topk_prob=True, head_dim=16,
+                                                   vocab_size=vocab),
+            "qwen2-moe": lambda: tf.Qwen2MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4,
+                                                   shared_expert_intermediate_size=64, num_experts_per_tok=2,
+                                                   vocab_size=vocab),
+        }[kind]()  # fmt: skip
         model = tf.AutoModelForCausalLM.from_config(moe)
-        with torch.no_grad():
+        with torch.no_grad():  # Qwen2-MoE: its shared expert's gate too
             for name, p in model.named_parameters():
-                if "experts" in name or name.endswith("mlp.gate.weight"):
+                if "experts" in name or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
                     p.normal_(0, 0.2)
         return model.eval()
     config = tf.LlamaConfig(**SIZES, vocab_size=vocab)
@@ -115,6 +119,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama3-rope": ("export-archs-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "mixtral": ("export-archs-mixtral-top1", {"num_experts_per_tok": 1}),  # one expert a token
     "qwen3-moe": ("export-archs-qwen3-moe-top1", {"num_experts_per_tok": 1}),
+    "qwen2-moe": ("export-archs-qwen2-moe-top1", {"num_experts_per_tok": 1}),
 }
 
 
@@ -247,7 +252,17 @@ def default_tokenizer_row() -> dict[str, Any]:
             "transformers_gguf_same": same(plain), "commit": commit()}  # fmt: skip
 
 
-KINDS = ("qwen3", "llama3-rope", "gemma3", "phi3", "mixtral", "qwen3-moe", "llama3-tokenizer", "default-tokenizer")
+KINDS = (
+    "qwen3",
+    "llama3-rope",
+    "gemma3",
+    "phi3",
+    "mixtral",
+    "qwen3-moe",
+    "qwen2-moe",
+    "llama3-tokenizer",
+    "default-tokenizer",
+)
 
 
 def main() -> None:

@@ -433,6 +433,52 @@ def test_qwen3_moe_as_llama_cpp_qwen3moe(kind: str, tmp_path: Path, tokenizer, s
     assert (got - want).abs().max() <= TOLERANCE[kind] * want.abs().max(), kind
 
 
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_qwen2_moe_as_llama_cpp_qwen2moe(kind: str, tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """Qwen2-MoE, pruned per expert by `carve extract` (its shared expert as a dense MLP): the routed
+    experts as llama.cpp's *_exps tensors, the shared expert as *_shexp and its gate as the one row
+    ffn_gate_inp_shexp (float32, as the router), Q/K/V biases kept; the reload (given the source's
+    config: transformers' qwen2_moe GGUF mapping reads no expert widths) computes the source's logits."""
+    import gguf as gguf_py
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from carve.models.gguf_header import read_gguf_header
+
+    src = tmp_path / "tiny-qwen2-moe"
+    model = tiny_model("qwen2_moe")
+    with torch.no_grad():  # routing and the shared expert's gate that matter
+        for name, p in model.named_parameters():
+            if "experts" in name or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+                p.normal_(0, 0.2)
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = tmp_path / "pruned"
+    assert main(["extract", "--model", str(src), "--domain", str(small_corpus), "--general", "general",
+                 "--method", "wanda", "--sparsity", "0.5", "--out", str(out), *FAST]) == 0  # fmt: skip
+    gguf = tmp_path / f"moe-{kind}.gguf"
+    assert main(["export", str(out), "--gguf", str(gguf), "--type", kind]) == 0
+    meta = read_gguf_header(gguf)
+    assert meta["general.architecture"] == "qwen2moe"
+    assert (meta["qwen2moe.expert_count"], meta["qwen2moe.expert_used_count"]) == (4, 2)
+    assert meta["qwen2moe.expert_feed_forward_length"] == 32
+    assert meta["qwen2moe.expert_shared_feed_forward_length"] == 32
+    tensors = {t.name: t for t in gguf_py.GGUFReader(gguf).tensors}
+    for name in ("blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_inp_shexp.weight"):
+        assert tensors[name].tensor_type == gguf_py.GGMLQuantizationType.F32, name
+    assert [int(d) for d in tensors["blk.0.ffn_gate_inp_shexp.weight"].shape] == [64]  # llama.cpp's {n_embd}
+    assert [int(d) for d in tensors["blk.1.ffn_up_shexp.weight"].shape] == [64, 32]
+    assert [int(d) for d in tensors["blk.1.ffn_down_exps.weight"].shape] == [32, 64, 4]
+    assert "blk.0.attn_q.bias" in tensors
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    want = _logits(carve.load_model(str(out)).model, ids)
+    config = AutoConfig.from_pretrained(out)
+    got = _logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, config=config).eval(), ids)
+    within = (got - want).abs().amax(-1) <= TOLERANCE[kind] * want.abs().max()
+    # f16: every position; q8_0: a token whose router logits nearly tie can take another expert when the
+    # hidden states move by quantization (3 of 48 positions here, each otherwise at a typical 1% error)
+    assert within.all() if kind == "f16" else within.float().mean() >= 0.9, kind
+
+
 def test_mixtral_as_llama_cpp_llama_with_experts(tmp_path: Path, tokenizer, capsys) -> None:
     """Mixtral goes in as llama.cpp's `llama` with experts (as llama.cpp's own conversion writes it),
     which transformers' GGUF loader cannot read back: each tensor is read back from the file and
@@ -463,9 +509,16 @@ def test_mixtral_as_llama_cpp_llama_with_experts(tmp_path: Path, tokenizer, caps
 
 def test_moe_refusals(tmp_path: Path, tokenizer, capsys) -> None:
     """What llama.cpp's MoE graphs compute otherwise is refused by name, before anything is written."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    qwen2_moe = tiny_config("qwen2_moe")
+    qwen2_moe.norm_topk_prob = True
     cases = {
         "norm_topk_prob false": _qwen3_moe(norm_topk_prob=False),
         "dense MLP layers among them": _qwen3_moe(mlp_only_layers=[1]),
+        "norm_topk_prob true": AutoModelForCausalLM.from_config(qwen2_moe),
     }
     for i, (message, model) in enumerate(cases.items()):
         src = tmp_path / f"m{i}"
@@ -486,7 +539,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     cases = [
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
-            "supports Llama-style, Qwen2, Qwen3, Gemma 3 text, Phi-3, Mixtral and Qwen3-MoE models",
+            "supports Llama-style, Qwen2, Qwen3, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -164,21 +164,47 @@ def _check_qwen3_moe(config: Any) -> None:
         raise UsageError(
             "llama.cpp's qwen3moe renormalizes the top-k routing weights; this model does not (norm_topk_prob false)"
         )
+    _check_every_layer_moe(config, "qwen3moe")
+
+
+def _check_qwen2_moe(config: Any) -> None:
+    """Refuse the Qwen2-MoE variants llama.cpp's qwen2moe graph computes otherwise: it takes the top-k
+    routing weights as the softmax gives them (not renormalized) and has an MoE block in every layer."""
+    _check_plain_rope(config, "qwen2moe")
+    if getattr(config, "norm_topk_prob", False):
+        raise UsageError(
+            "llama.cpp's qwen2moe does not renormalize the top-k routing weights; this model does (norm_topk_prob true)"
+        )
+    _check_every_layer_moe(config, "qwen2moe")
+
+
+def _check_every_layer_moe(config: Any, gguf_arch: str) -> None:
     if list(getattr(config, "mlp_only_layers", None) or []) or int(getattr(config, "decoder_sparse_step", 1)) != 1:
-        raise UsageError("llama.cpp's qwen3moe has experts in every layer; this model has dense MLP layers among them")
+        raise UsageError(
+            f"llama.cpp's {gguf_arch} has experts in every layer; this model has dense MLP layers among them"
+        )
 
 
 def _moe_metadata(writer: Any, config: Any) -> None:
-    """An MoE's keys: how many experts, how many each token uses, and (qwen3moe) each one's width."""
+    """An MoE's keys: how many experts, how many each token uses, and (qwen2moe, qwen3moe) each one's
+    width and (qwen2moe) the shared expert's."""
     writer.add_expert_count(_n_experts(config))
     writer.add_expert_used_count(int(config.num_experts_per_tok))
     if getattr(config, "moe_intermediate_size", None):
         writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+    if getattr(config, "shared_expert_intermediate_size", None):
+        writer.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
 
 
 _PHI3_NAMES = (
     (r"model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight", "blk.{}.attn_qkv.weight"),
     (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", "blk.{}.ffn_up.weight"),  # gate rows first, then up
+)
+_QWEN2_MOE_NAMES = (  # the shared expert beside the routed ones, and its sigmoid gate ([1, hidden])
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert\.gate_proj\.weight", "blk.{}.ffn_gate_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert\.up_proj\.weight", "blk.{}.ffn_up_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert\.down_proj\.weight", "blk.{}.ffn_down_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight", "blk.{}.ffn_gate_inp_shexp.weight"),
 )
 _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
@@ -203,6 +229,15 @@ ARCHITECTURES = {
     # softmax routing with the top-k weights renormalized in llama.cpp's llama graph, as in transformers' Mixtral
     "mixtral": Architecture("llama", True, (), "default", metadata=_moe_metadata, caveats=_window_caveats),
     "qwen3_moe": Architecture("qwen3moe", False, (), "qwen2", check=_check_qwen3_moe, metadata=_moe_metadata),
+    "qwen2_moe": Architecture(
+        "qwen2moe",
+        False,
+        ("q_proj", "k_proj", "v_proj"),
+        "qwen2",
+        names=_QWEN2_MOE_NAMES,
+        check=_check_qwen2_moe,
+        metadata=_moe_metadata,
+    ),
     "phi3": Architecture(
         "phi3",
         False,
@@ -239,6 +274,7 @@ _NAMES = [
 # an MoE's fused experts' gate and up rows ([E, 2·ff, hidden], gate first), as llama.cpp's two tensors
 _EXPERTS_GATE_UP = r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj"
 _ROUTER = "ffn_gate_inp.weight"  # kept float32, as llama.cpp's conversion keeps it: it chooses the experts
+_SHARED_GATE = "ffn_gate_inp_shexp.weight"  # Qwen2-MoE's shared expert gate: one row, written 1-D (float32)
 
 
 def gguf_name(name: str, arch: Architecture | None = None) -> str:
@@ -259,7 +295,8 @@ def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
-            f"GGUF export supports Llama-style, Qwen2, Qwen3, Gemma 3 text, Phi-3, Mixtral and Qwen3-MoE models "
+            f"GGUF export supports Llama-style, Qwen2, Qwen3, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE "
+            "models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -443,7 +480,10 @@ def _gguf_tensors(state: dict[str, torch.Tensor], arch: Architecture) -> Any:
     for name, w in state.items():
         m = re.fullmatch(_EXPERTS_GATE_UP, name)
         if m is None:
-            yield gguf_name(name, arch), w
+            target = gguf_name(name, arch)
+            # [1, hidden] as llama.cpp's {hidden}: 1-D, so float32 as a norm (llama.cpp's convert keeps
+            # it float32 too) and read back by transformers' GGUF loader as the row it expects
+            yield target, (w.reshape(-1) if target.endswith(_SHARED_GATE) else w)
             continue
         gate, up = w.chunk(2, dim=1)
         yield f"blk.{m[1]}.ffn_gate_exps.weight", gate
