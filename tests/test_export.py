@@ -562,3 +562,49 @@ def test_pre_tokenizer_rules_are_the_ones_transformers_restores_from_a_gguf() ->
     from carve.models.pretokenize import SPLITS
 
     assert {name: GGUF_PRE_TOKENIZER_SPLITS[name] for name in SPLITS.values()} == {v: k for k, v in SPLITS.items()}
+
+
+@pytest.mark.parametrize("arch, kind", [("llama", "q8_0"), ("qwen2", "f16"), ("mistral", "bf16"), ("qwen3", "q4_0"),
+                                        ("mixtral", "f16"), ("qwen2_moe", "q8_0"), ("qwen3_moe", "f16")])  # fmt: skip
+def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Path, tokenizer) -> None:
+    """`carve export --stream`: the header first, then each decoder block read when its tensors are
+    written and freed (a sharded source; a Mixtral's or Qwen-MoE's per-expert checkpoint tensors fused
+    on reading, as transformers does) — the in-memory export's file byte for byte."""
+    from carve.models.skeleton import SkeletonModel
+
+    src = tmp_path / "src"
+    model = _qwen3_moe() if arch == "qwen3_moe" else tiny_model(arch)  # qwen3moe: top-k renormalized
+    model.save_pretrained(src, max_shard_size="100KB")
+    tokenizer.save_pretrained(src)
+    assert main(["export", str(src), "--gguf", str(tmp_path / "mem.gguf"), "--type", kind, "--quiet"]) == 0
+    most: list[int] = []
+    load = SkeletonModel.load_block
+
+    def counting(self: SkeletonModel, i: int) -> None:
+        load(self, i)
+        most.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in self.blocks))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SkeletonModel, "load_block", counting)
+        assert main(["export", str(src), "--gguf", str(tmp_path / "st.gguf"), "--type", kind, "--stream",
+                     "--quiet"]) == 0  # fmt: skip
+    assert most and max(most) == 1  # never two blocks in memory
+    assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+
+
+def test_streamed_export_of_sparse_and_structured_outputs(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+    """A sparse-format output (read through its masks) and a structured one (narrower, fewer blocks)
+    export streamed to the in-memory export's bytes; a source that is not a local safetensors
+    directory is refused by name with nothing written."""
+    outs = {"sparse": ["--method", "sparsegpt", "--sparsity", "0.5", "--save-format", "sparse"],
+            "structured": ["--structure", "--keep", "0.5", "--method", "magnitude"]}  # fmt: skip
+    for name, flags in outs.items():
+        out = tmp_path / name
+        assert main(["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--general", "general",
+                     *flags, "--out", str(out), *FAST]) == 0  # fmt: skip
+        files = [tmp_path / f"{name}-{how}.gguf" for how in ("mem", "st")]
+        assert main(["export", str(out), "--gguf", str(files[0]), "--quiet"]) == 0
+        assert main(["export", str(out), "--gguf", str(files[1]), "--stream", "--quiet"]) == 0
+        assert files[0].read_bytes() == files[1].read_bytes(), name
+    assert main(["export", "default", "--gguf", str(tmp_path / "d.gguf"), "--stream", "--quiet"]) == 2
+    assert not (tmp_path / "d.gguf").exists()

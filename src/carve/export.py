@@ -25,8 +25,9 @@ as scores.
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 
 from carve.errors import UsageError
 from carve.models import pretokenize
+from carve.progress import progress
 
 TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 _FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
@@ -453,31 +455,49 @@ def _heads(target: str, w: torch.Tensor, config: Any, shape: dict[str, Any]) -> 
     return None
 
 
+def _ggml_type(shape: tuple[int, ...], kind: str, keep_f32: bool = False) -> Any:
+    """The ggml type a tensor of `shape` is written in: F32 for vectors (and `keep_f32` ones), else
+    the export type, or F16 where its rows are not a whole number of quantization blocks (as
+    llama.cpp's convert does)."""
+    import gguf
+
+    if len(shape) == 1 or keep_f32:
+        return gguf.GGMLQuantizationType.F32
+    qtype = gguf.GGMLQuantizationType[TYPES[kind]]
+    if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+        return gguf.GGMLQuantizationType.F16
+    return qtype
+
+
+def _nbytes(shape: tuple[int, ...], qtype: Any) -> int:
+    """Bytes a tensor of `shape` takes in the GGUF as `qtype` (known before its data is computed)."""
+    import gguf
+
+    return math.prod(gguf.quant_shape_to_byte_shape(shape, qtype))
+
+
 def _tensor(
     w: torch.Tensor, kind: str, permute_heads: int | None = None, keep_f32: bool = False
 ) -> tuple[np.ndarray, Any]:
-    """(data, raw ggml type or None) of one tensor in the export type, its rows permuted over
-    `permute_heads` heads when given; vectors (and `keep_f32` ones) stay float32."""
+    """(data, ggml type) of one tensor in the export type (`_ggml_type`), its rows permuted over
+    `permute_heads` heads when given."""
     import gguf
 
     data = w.detach().float().cpu().numpy()
     if permute_heads:
         data = _permute(data, permute_heads)
-    if data.ndim == 1 or keep_f32:
-        return data, None
-    qtype = gguf.GGMLQuantizationType[TYPES[kind]]
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if data.shape[-1] % block:
-        qtype = gguf.GGMLQuantizationType.F16  # rows not a whole number of blocks, as llama.cpp's convert does
+    qtype = _ggml_type(data.shape, kind, keep_f32)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return data, qtype
     if qtype == gguf.GGMLQuantizationType.F16:
-        return data.astype(np.float16), None
+        return data.astype(np.float16), qtype
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def _gguf_tensors(state: dict[str, torch.Tensor], arch: Architecture) -> Any:
-    """(llama.cpp name, tensor) of every tensor written: an MoE's fused gate/up
-    experts as llama.cpp's two tensors, each [E, ff, hidden]."""
-    for name, w in state.items():
+def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture) -> Any:
+    """(llama.cpp name, tensor) of every tensor written, from the model's (name, tensor) in its state
+    dict's order: an MoE's fused gate/up experts as llama.cpp's two tensors, each [E, ff, hidden]."""
+    for name, w in items:
         m = re.fullmatch(_EXPERTS_GATE_UP, name)
         if m is None:
             target = gguf_name(name, arch)
@@ -490,8 +510,19 @@ def _gguf_tensors(state: dict[str, torch.Tensor], arch: Architecture) -> Any:
         yield f"blk.{m[1]}.ffn_up_exps.weight", up
 
 
-def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) -> dict[str, Any]:
-    """Write the loaded model `lm` to `path` as GGUF of `kind`; returns what the export records."""
+def write_gguf(
+    lm: Any,
+    path: Path,
+    kind: str,
+    source_gguf: Path | None = None,
+    items: Callable[[], Iterator[tuple[str, torch.Tensor]]] | None = None,
+) -> dict[str, Any]:
+    """Write the loaded model `lm` to `path` as GGUF of `kind`; returns what the export records.
+
+    The tensors' names, shapes and types go in the header first (from the state dict's shapes),
+    then each tensor's data as it is computed, one at a time: `items()` gives them in the state
+    dict's order (a streamed export: `lm.model` a skeleton whose state dict is on the meta device,
+    each decoder block read when its tensors come; default: the state dict itself)."""
     import gguf
 
     if kind not in TYPES:
@@ -526,28 +557,49 @@ def write_gguf(lm: Any, path: Path, kind: str, source_gguf: Path | None = None) 
         arch.metadata(writer, config)
     notes = [*(arch.caveats(config) if arch.caveats else []), *_tokenizer_metadata(writer, lm.tokenizer, source_gguf,
                                                                                    arch.pre)]  # fmt: skip
+    freqs = None
     if rope_type(config) == "llama3":  # llama.cpp reads the scaled frequencies from this tensor
-        writer.add_tensor("rope_freqs.weight", rope_freq_factors(lm.model, shape["head_dim"], theta))
-    for target, w in _gguf_tensors(state, arch):
+        freqs = rope_freq_factors(lm.model, shape["head_dim"], theta)
+        writer.add_tensor_info("rope_freqs.weight", freqs.shape, freqs.dtype, freqs.nbytes)
+    planned = []
+    for target, w in _gguf_tensors(state.items(), arch):
+        qtype = _ggml_type(tuple(w.shape), kind, keep_f32=target.endswith(_ROUTER))
+        writer.add_tensor_info(
+            target, tuple(w.shape), np.dtype(np.float32), _nbytes(tuple(w.shape), qtype), raw_dtype=qtype
+        )
+        planned.append((target, qtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    if freqs is not None:
+        writer.write_tensor_data(freqs)
+    data = (item for item in (items() if items is not None else iter(state.items())) if item[0] in state)
+    written = progress(_gguf_tensors(data, arch), "writing GGUF", total=len(planned))
+    for (target, w), (want, qtype) in zip(written, planned, strict=True):
         if arch.norm_offset and target.endswith("norm.weight"):
             w = w.float() + arch.norm_offset
         heads = _heads(target, w, config, shape) if arch.permute_qk else None
-        data, raw = _tensor(w, kind, heads, keep_f32=target.endswith(_ROUTER))
-        writer.add_tensor(target, data, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+        array, got = _tensor(w, kind, heads, keep_f32=target.endswith(_ROUTER))
+        if (target, got) != (want, qtype):
+            raise RuntimeError(f"GGUF tensor {target} ({got}) came where the header says {want} ({qtype})")
+        writer.write_tensor_data(array)
     writer.close()
     return {"type": kind, "architecture": arch.gguf, "tensors": len(state), "file_bytes": path.stat().st_size,
             "feed_forward_length": shape["ffn"], "head_count_kv": shape["kv"],
             "notes": notes}  # fmt: skip
 
 
-def export(src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite: bool = False) -> dict[str, Any]:
-    """`carve export`: the carve output (or any model source) `src` as a GGUF file, written atomically."""
+def export(
+    src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite: bool = False, stream: bool = False
+) -> dict[str, Any]:
+    """`carve export`: the carve output (or any model source) `src` as a GGUF file, written atomically.
+    Streamed (`stream`, or by itself when a local checkpoint's weights would take more than half the
+    memory available, as `carve extract`): the model is a skeleton (models/skeleton) and each
+    decoder block is read when its tensors are written, then freed; the same file byte for byte."""
     from carve.manifest import read_manifest
     from carve.models import load_model
     from carve.output import atomic_file, claim
+    from carve.streamed import check_streamable, streaming_reason
 
     if kind not in TYPES:
         raise UsageError(f"unknown GGUF type {kind!r}: use one of {', '.join(TYPES)}")
@@ -563,13 +615,33 @@ def export(src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite:
 
         architecture(json.loads((source / "config.json").read_text()).get("model_type"))
         check_config(AutoConfig.from_pretrained(source))
+    reason = streaming_reason(str(src), torch.float32, stream)
+    if reason is not None:
+        check_streamable(str(src))
+    base = str((manifest.get("source") or {}).get("model") or src)
+    origin = _gguf_origin(base)
     with claim(out):
-        lm = load_model(str(src), dtype="float32", device="cpu")
-        base = str((manifest.get("source") or {}).get("model") or src)
-        origin = _gguf_origin(base)
-        with atomic_file(out) as tmp:
-            info = write_gguf(lm, tmp, kind, origin)
+        if reason is None:
+            lm = load_model(str(src), dtype="float32", device="cpu")
+            with atomic_file(out) as tmp:
+                info = write_gguf(lm, tmp, kind, origin)
+        else:
+            info = _export_streamed(source, out, kind, origin)
+            info["streamed"] = reason
     return {**info, "file_bytes": out.stat().st_size, "source": str(src)}
+
+
+def _export_streamed(source: Path, out: Path, kind: str, origin: Path | None) -> dict[str, Any]:
+    """`write_gguf` on a skeleton of `source`: one decoder block in memory at a time (float32)."""
+    from carve.models.load import LoadedModel
+    from carve.models.skeleton import SkeletonModel
+    from carve.output import atomic_file
+    from carve.streamed import load_tokenizer
+
+    tok = load_tokenizer(source)
+    with SkeletonModel(source, torch.float32, "cpu") as skeleton, atomic_file(out) as tmp:
+        lm = LoadedModel(skeleton.model, tok, str(source), "", "float32")
+        return write_gguf(lm, tmp, kind, origin, items=skeleton.state_items)
 
 
 def _gguf_origin(source: str) -> Path | None:

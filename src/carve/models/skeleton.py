@@ -291,6 +291,26 @@ class SkeletonModel:
         return [(stored, list(t.shape)) for name, (_, shape) in self.specs.items()
                 for stored, t in self.checkpoint_tensors(name, torch.empty(shape, device="meta"))]  # fmt: skip
 
+    def state_items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model's state dict, entry by entry in its order (tied names too), each decoder block
+        read when its first entry comes and freed after its last: a streamed GGUF export's tensors."""
+        alias = self.aliases()
+        held: int | None = None
+        for name, t in self.model.state_dict().items():  # parameters on the meta device: names and order
+            key = alias.get(name, name)
+            if key in self.groups:
+                i = self.block_of(key)
+                if i != held:
+                    if held is not None:
+                        self.free_block(held)
+                    if i is not None:
+                        self.load_block(i)
+                    held = i
+                t = self.parameter(key)
+            yield name, t
+        if held is not None:
+            self.free_block(held)
+
     def __enter__(self) -> SkeletonModel:
         return self
 
