@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0", "q4_0"], help="tensor type (default f16)")
     xp.add_argument("--overwrite", action="store_true", help="replace an existing file")
     xp.add_argument("--stream", action="store_true",
-                    help="one decoder block in memory at a time (on by itself when the model would not fit)")  # fmt: skip
+                    help="one decoder block in memory at a time (on by itself if the model would not fit)")  # fmt: skip
     xp.add_argument("--quiet", action="store_true", help="no progress bars")
     xp.add_argument("--json", action="store_true")
 
