@@ -16,6 +16,9 @@ bit for bit (sha256 of every tensor's bytes).  Results: bench/results/stream.jso
 
     .venv/bin/python bench/stream.py --moe [--methods sparsegpt] [--rerun ID ...]
 
+Method `export-KIND` (e.g. `export-q8_0`): `carve export SOURCE --gguf F --type KIND` of the source
+itself, in memory and `--stream`, the GGUF file's sha256 compared.
+
 `--moe` (section stream-moe): the same two rows per method on bench/moe.py's upcycled SmolLM2 MoE
 (a Mixtral checkpoint with 4 experts per block, saved by transformers: each expert's w1/w2/w3 its own
 tensor, fused into 3-D tensors on load), row ids `moe-METHOD/ENGINE`.  Streamed, each block's fused
@@ -73,7 +76,24 @@ def digests(directory: Path) -> dict[str, str]:
     return out
 
 
+def run_export(kind: str, stream: bool, source: Path, tag: str) -> dict[str, Any]:
+    """`carve export SOURCE --gguf F --type KIND` in memory or `--stream`: time, peak RSS, the file's sha256."""
+    out = OUT / f"stream-{tag}export-{kind}-{'stream' if stream else 'memory'}.gguf"
+    cmd = [CARVE, "export", str(source), "--gguf", str(out), "--type", kind, "--overwrite", "--quiet",
+           *(["--stream"] if stream else [])]  # fmt: skip
+    speed = timed(cmd)
+    h = hashlib.sha256()
+    with out.open("rb") as f:
+        for piece in iter(lambda: f.read(1 << 24), b""):
+            h.update(piece)
+    size = out.stat().st_size
+    out.unlink()
+    return {"speed": speed, "digest": h.hexdigest()[:16], "file_mb": round(size / 2**20, 1), "sparsity": None}
+
+
 def run(method: str, stream: bool, source: Path, tag: str = "") -> dict[str, Any]:
+    if method.startswith("export-"):  # export-q8_0: `carve export` of the source itself
+        return run_export(method.removeprefix("export-"), stream, source, tag)
     out = OUT / f"stream-{tag}{method}-{'stream' if stream else 'memory'}"
     how = ["--structure", "--keep", "0.5"] if method == "structured" else ["--method", method, "--sparsity", "0.5"]
     # the MoE rows with --no-cache: both engines measure "before" alike
@@ -117,7 +137,8 @@ def table(rows: dict[str, dict[str, Any]], shard_mb: int, moe_mb: int | None = N
         source + "`carve extract --method M --sparsity 0.5 --domain legal --no-speed --cloze-items 0 --eval-blocks 16` "
         "(64 x 512 calibration blocks; structured: `--structure --keep 0.5`), each row its own process on 2 CPU "
         "cores, one after the other. "
-        "Same output: the sha256 of every saved tensor (weights and mask) equal to the in-memory row's.",
+        "Same output: the sha256 of every saved tensor (weights and mask) equal to the in-memory row's "
+        "(export-KIND rows: `carve export SOURCE --gguf F --type KIND`, the GGUF file's sha256).",
         "",
         "| method | engine | wall s | peak RSS MB | domain ppl before / after | general ppl before / after | "
         "linear sparsity | parameters kept | same output as in memory |",
@@ -129,10 +150,13 @@ def table(rows: dict[str, dict[str, Any]], shard_mb: int, moe_mb: int | None = N
         method, engine = rid.split("/")
         mem = rows.get(f"{method}/memory", {})
         same = "-" if engine == "memory" or "digest" not in mem else ("yes" if mem["digest"] == r["digest"] else "NO")
-        b, a = r["metrics"]["before"], r["metrics"]["after"]
+        if "metrics" in r:
+            b, a = r["metrics"]["before"], r["metrics"]["after"]
+            ppl = f"{b['domain_ppl']:.3f} / {a['domain_ppl']:.3f} | {b['general_ppl']:.3f} / {a['general_ppl']:.3f}"
+        else:  # an export row: the GGUF file, the same or not
+            ppl = f"- ({r['file_mb']} MB GGUF) | -"
         lines.append(
-            f"| {method} | {engine} | {r['speed']['wall_s']:.1f} | {r['speed']['peak_rss_mb']:.0f} | "
-            f"{b['domain_ppl']:.3f} / {a['domain_ppl']:.3f} | {b['general_ppl']:.3f} / {a['general_ppl']:.3f} | "
+            f"| {method} | {engine} | {r['speed']['wall_s']:.1f} | {r['speed']['peak_rss_mb']:.0f} | {ppl} | "
             f"{'-' if r['sparsity'] is None else format(r['sparsity'], '.4f')} | {r.get('kept', '-')} | {same} |"
         )
     failed = [f"- {k}: {r['error']}" for k, r in rows.items() if "error" in r]
