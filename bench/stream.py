@@ -157,7 +157,8 @@ def table(rows: dict[str, dict[str, Any]], shard_mb: int, moe_mb: int | None = N
             ppl = f"- ({r['file_mb']} MB GGUF) | -"
         lines.append(
             f"| {method} | {engine} | {r['speed']['wall_s']:.1f} | {r['speed']['peak_rss_mb']:.0f} | {ppl} | "
-            f"{'-' if r['sparsity'] is None else format(r['sparsity'], '.4f')} | {r.get('kept', '-')} | {same} |"
+            f"{'-' if r['sparsity'] is None else format(r['sparsity'], '.4f')} | "
+            f"{r.get('kept', '-') if r.get('structure') else '-'} | {same} |"
         )
     failed = [f"- {k}: {r['error']}" for k, r in rows.items() if "error" in r]
     return "\n".join(lines + (["", *failed] if failed else []))
