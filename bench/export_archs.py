@@ -193,13 +193,14 @@ def row(kind: str) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Phi-3, Mixtral, Qwen3-MoE (tiny random "
-        "models)",
+        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Phi-3, Mixtral, Qwen3-MoE, Qwen2-MoE "
+        "(tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
-        "tokenizer; Phi-3: fused qkv and gate/up, every layer sliding, window 16; Mixtral and Qwen3-MoE: 4 experts, "
-        "top-2, expert and router weights from N(0, 0.2)), `carve export --type f16`, "
+        "tokenizer; Phi-3: fused qkv and gate/up, every layer sliding, window 16; Mixtral, Qwen3-MoE and Qwen2-MoE: 4 "
+        "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
+        "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
         "RoPE scaling; Gemma 3: every layer global; Phi-3: no sliding window; the MoEs: top-1 routing), which "
@@ -270,9 +271,10 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", nargs="+", default=KINDS, choices=KINDS, help="rows to (re)run; the others are kept")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from the saved rows")
     args = ap.parse_args()
     rows = load_results(RESULTS)
-    for kind in args.kinds:
+    for kind in [] if args.table_only else args.kinds:
         print(f"running {kind} ...", flush=True)
         r = default_tokenizer_row() if kind == "default-tokenizer" else row(kind)
         save_result(RESULTS, r)
