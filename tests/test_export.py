@@ -399,25 +399,42 @@ def _qwen3_moe(**extra: object) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("kind", ["f16", "q8_0"])
-def test_qwen3_moe_as_llama_cpp_qwen3moe(kind: str, tmp_path: Path, tokenizer, small_corpus: Path) -> None:
-    """Qwen3-MoE, pruned per expert by `carve extract`: each fused gate/up tensor goes in as llama.cpp's
-    ffn_gate_exps and ffn_up_exps, the router float32 whatever the type.  transformers' GGUF loader
-    reads no expert width (its qwen3_moe mapping has no expert_feed_forward_length), so the reload is
-    given the source's config; the header is checked for the keys llama.cpp reads."""
-    import gguf as gguf_py
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    src = tmp_path / "tiny-qwen3-moe"
-    _qwen3_moe().save_pretrained(src)
+def _pruned_export(model: torch.nn.Module, tokenizer, corpus: Path, tmp_path: Path, kind: str) -> tuple[Path, Path]:
+    """`model` saved, pruned per expert by `carve extract` (Wanda, 50%) and exported as `kind`: the
+    output and the GGUF."""
+    src = tmp_path / "tiny-moe"
+    model.save_pretrained(src)
     tokenizer.save_pretrained(src)
     out = tmp_path / "pruned"
-    assert main(["extract", "--model", str(src), "--domain", str(small_corpus), "--general", "general",
+    assert main(["extract", "--model", str(src), "--domain", str(corpus), "--general", "general",
                  "--method", "wanda", "--sparsity", "0.5", "--out", str(out), *FAST]) == 0  # fmt: skip
     gguf = tmp_path / f"moe-{kind}.gguf"
     assert main(["export", str(out), "--gguf", str(gguf), "--type", kind]) == 0
+    return out, gguf
+
+
+def _reload_within(out: Path, gguf: Path, kind: str) -> torch.Tensor:
+    """Per position, whether the GGUF reloaded by transformers, given the output's config (its MoE GGUF
+    mappings read no expert widths), gives the output's logits within the type's tolerance."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    want = _logits(carve.load_model(str(out)).model, ids)
+    config = AutoConfig.from_pretrained(out)
+    got = _logits(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, config=config).eval(), ids)
+    return (got - want).abs().amax(-1) <= TOLERANCE[kind] * want.abs().max()
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_qwen3_moe_as_llama_cpp_qwen3moe(kind: str, tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """Qwen3-MoE, pruned per expert by `carve extract`: each fused gate/up tensor goes in as llama.cpp's
+    ffn_gate_exps and ffn_up_exps, the router float32 whatever the type; the reload computes the
+    source's logits, and the header has the keys llama.cpp reads."""
+    import gguf as gguf_py
+
     from carve.models.gguf_header import read_gguf_header
 
+    out, gguf = _pruned_export(_qwen3_moe(), tokenizer, small_corpus, tmp_path, kind)
     meta = read_gguf_header(gguf)
     assert meta["general.architecture"] == "qwen3moe"
     assert (meta["qwen3moe.expert_count"], meta["qwen3moe.expert_used_count"]) == (4, 2)
@@ -426,37 +443,25 @@ def test_qwen3_moe_as_llama_cpp_qwen3moe(kind: str, tmp_path: Path, tokenizer, s
     assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type == gguf_py.GGMLQuantizationType.F32
     assert [int(d) for d in tensors["blk.0.ffn_gate_exps.weight"].shape] == [64, 32, 4]  # ggml order: in, out, E
     assert [int(d) for d in tensors["blk.1.ffn_down_exps.weight"].shape] == [32, 64, 4]
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    want = _logits(carve.load_model(str(out)).model, ids)
-    config = AutoConfig.from_pretrained(out)
-    got = _logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, config=config).eval(), ids)
-    assert (got - want).abs().max() <= TOLERANCE[kind] * want.abs().max(), kind
+    assert _reload_within(out, gguf, kind).all(), kind
 
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])
 def test_qwen2_moe_as_llama_cpp_qwen2moe(kind: str, tmp_path: Path, tokenizer, small_corpus: Path) -> None:
     """Qwen2-MoE, pruned per expert by `carve extract` (its shared expert as a dense MLP): the routed
     experts as llama.cpp's *_exps tensors, the shared expert as *_shexp and its gate as the one row
-    ffn_gate_inp_shexp (float32, as the router), Q/K/V biases kept; the reload (given the source's
-    config: transformers' qwen2_moe GGUF mapping reads no expert widths) computes the source's logits."""
+    ffn_gate_inp_shexp (float32, as the router), Q/K/V biases kept; the reload computes the source's
+    logits."""
     import gguf as gguf_py
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from carve.models.gguf_header import read_gguf_header
 
-    src = tmp_path / "tiny-qwen2-moe"
     model = tiny_model("qwen2_moe")
     with torch.no_grad():  # routing and the shared expert's gate that matter
         for name, p in model.named_parameters():
             if "experts" in name or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
                 p.normal_(0, 0.2)
-    model.save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    out = tmp_path / "pruned"
-    assert main(["extract", "--model", str(src), "--domain", str(small_corpus), "--general", "general",
-                 "--method", "wanda", "--sparsity", "0.5", "--out", str(out), *FAST]) == 0  # fmt: skip
-    gguf = tmp_path / f"moe-{kind}.gguf"
-    assert main(["export", str(out), "--gguf", str(gguf), "--type", kind]) == 0
+    out, gguf = _pruned_export(model, tokenizer, small_corpus, tmp_path, kind)
     meta = read_gguf_header(gguf)
     assert meta["general.architecture"] == "qwen2moe"
     assert (meta["qwen2moe.expert_count"], meta["qwen2moe.expert_used_count"]) == (4, 2)
@@ -469,11 +474,7 @@ def test_qwen2_moe_as_llama_cpp_qwen2moe(kind: str, tmp_path: Path, tokenizer, s
     assert [int(d) for d in tensors["blk.1.ffn_up_shexp.weight"].shape] == [64, 32]
     assert [int(d) for d in tensors["blk.1.ffn_down_exps.weight"].shape] == [32, 64, 4]
     assert "blk.0.attn_q.bias" in tensors
-    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
-    want = _logits(carve.load_model(str(out)).model, ids)
-    config = AutoConfig.from_pretrained(out)
-    got = _logits(AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf.name, config=config).eval(), ids)
-    within = (got - want).abs().amax(-1) <= TOLERANCE[kind] * want.abs().max()
+    within = _reload_within(out, gguf, kind)
     # f16: every position; q8_0: a token whose router logits nearly tie can take another expert when the
     # hidden states move by quantization (3 of 48 positions here, each otherwise at a typical 1% error)
     assert within.all() if kind == "f16" else within.float().mean() >= 0.9, kind
