@@ -593,7 +593,9 @@ def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Pa
     assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
 
 
-def test_streamed_export_of_sparse_and_structured_outputs(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+def test_streamed_export_of_sparse_and_structured_outputs(
+    tmp_path: Path, model_dir: Path, small_corpus: Path, capsys
+) -> None:
     """A sparse-format output (read through its masks) and a structured one (narrower, fewer blocks)
     export streamed to the in-memory export's bytes; a source that is not a local safetensors
     directory is refused by name with nothing written."""
@@ -605,7 +607,9 @@ def test_streamed_export_of_sparse_and_structured_outputs(tmp_path: Path, model_
                      *flags, "--out", str(out), *FAST]) == 0  # fmt: skip
         files = [tmp_path / f"{name}-{how}.gguf" for how in ("mem", "st")]
         assert main(["export", str(out), "--gguf", str(files[0]), "--quiet"]) == 0
+        capsys.readouterr()
         assert main(["export", str(out), "--gguf", str(files[1]), "--stream", "--quiet"]) == 0
+        assert "one decoder block at a time (--stream)" in capsys.readouterr().err
         assert files[0].read_bytes() == files[1].read_bytes(), name
     assert main(["export", "default", "--gguf", str(tmp_path / "d.gguf"), "--stream", "--quiet"]) == 2
     assert not (tmp_path / "d.gguf").exists()

@@ -628,6 +628,7 @@ def export(
         else:
             info = _export_streamed(source, out, kind, origin)
             info["streamed"] = reason
+            info["notes"].append(f"exported one decoder block at a time ({reason})")
     return {**info, "file_bytes": out.stat().st_size, "source": str(src)}
 
 
