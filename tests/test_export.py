@@ -577,7 +577,9 @@ def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Pa
     model = _qwen3_moe() if arch == "qwen3_moe" else tiny_model(arch)  # qwen3moe: top-k renormalized
     model.save_pretrained(src, max_shard_size="100KB")
     tokenizer.save_pretrained(src)
-    assert main(["export", str(src), "--gguf", str(tmp_path / "mem.gguf"), "--type", kind, "--quiet"]) == 0
+    from carve.export import export
+
+    assert "streamed" not in export(src, tmp_path / "mem.gguf", kind, stream=False)  # the whole model loaded
     most: list[int] = []
     load = SkeletonModel.load_block
 
@@ -591,25 +593,38 @@ def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Pa
                      "--quiet"]) == 0  # fmt: skip
     assert most and max(most) == 1  # never two blocks in memory
     assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+    auto = export(src, tmp_path / "auto.gguf", kind)  # a local safetensors directory streams by default
+    assert auto["streamed"] == "a local safetensors directory"
+    assert not any("decoder block at a time" in note for note in auto["notes"])  # not worth a note
+    assert (tmp_path / "auto.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
 
 
 def test_streamed_export_of_sparse_and_structured_outputs(
     tmp_path: Path, model_dir: Path, small_corpus: Path, capsys
 ) -> None:
     """A sparse-format output (read through its masks) and a structured one (narrower, fewer blocks)
-    export streamed to the in-memory export's bytes; a source that is not a local safetensors
-    directory is refused by name with nothing written."""
+    export streamed to the in-memory export's bytes; a fine-tuning update over its base (no config of
+    its own) is loaded whole by default; a source that is not a local safetensors directory is
+    refused by `--stream` with nothing written."""
+    from carve.export import export
+
     outs = {"sparse": ["--method", "sparsegpt", "--sparsity", "0.5", "--save-format", "sparse"],
-            "structured": ["--structure", "--keep", "0.5", "--method", "magnitude"]}  # fmt: skip
+            "structured": ["--structure", "--keep", "0.5", "--method", "magnitude"],
+            "delta": ["--trainable", "magnitude", "--save-delta", "--steps", "2"]}  # fmt: skip
     for name, flags in outs.items():
         out = tmp_path / name
-        assert main(["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--general", "general",
-                     *flags, "--out", str(out), *FAST]) == 0  # fmt: skip
+        job = ["finetune", str(model_dir), "--domain", str(small_corpus), "--block-len", "32",
+               "--eval-blocks", "2", "--cloze-items", "0", "--quiet"] if name == "delta" else \
+              ["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--general", "general", *FAST]  # fmt: skip
+        assert main([*job, *flags, "--out", str(out)]) == 0
         files = [tmp_path / f"{name}-{how}.gguf" for how in ("mem", "st")]
-        assert main(["export", str(out), "--gguf", str(files[0]), "--quiet"]) == 0
+        export(out, files[0], stream=False)
         capsys.readouterr()
-        assert main(["export", str(out), "--gguf", str(files[1]), "--stream", "--quiet"]) == 0
-        assert "one decoder block at a time (--stream)" in capsys.readouterr().err
+        if name == "delta":  # an update names its base and has no config of its own: loaded whole by default
+            assert "streamed" not in export(out, files[1])
+        else:
+            assert main(["export", str(out), "--gguf", str(files[1]), "--stream", "--quiet"]) == 0
+            assert "one decoder block at a time (--stream)" in capsys.readouterr().err
         assert files[0].read_bytes() == files[1].read_bytes(), name
     assert main(["export", "default", "--gguf", str(tmp_path / "d.gguf"), "--stream", "--quiet"]) == 2
     assert not (tmp_path / "d.gguf").exists()

@@ -590,12 +590,15 @@ def write_gguf(
 
 
 def export(
-    src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite: bool = False, stream: bool = False
+    src: str | Path, gguf_path: str | Path, kind: str = "f16", overwrite: bool = False, stream: bool | None = None
 ) -> dict[str, Any]:
     """`carve export`: the carve output (or any model source) `src` as a GGUF file, written atomically.
-    Streamed (`stream`, or by itself when a local checkpoint's weights would take more than half the
-    memory available, as `carve extract`): the model is a skeleton (models/skeleton) and each
-    decoder block is read when its tensors are written, then freed; the same file byte for byte."""
+    Streamed, the model is a skeleton (models/skeleton) and each decoder block is read when its
+    tensors are written, then freed: the same file byte for byte in a fraction of the memory.
+    `stream=None` (the default) streams a local safetensors directory (dense, sparse, an update) and
+    loads anything else whole, as it does a directory whose tensors the skeleton cannot read one at a
+    time; True streams or refuses; False loads the model whole.  A streamed export that was asked
+    for, or that a model too large for the memory available forced, says so in a note."""
     from carve.manifest import read_manifest
     from carve.models import load_model
     from carve.output import atomic_file, claim
@@ -615,21 +618,39 @@ def export(
 
         architecture(json.loads((source / "config.json").read_text()).get("model_type"))
         check_config(AutoConfig.from_pretrained(source))
-    reason = streaming_reason(str(src), torch.float32, stream)
+    reason = None if stream is False else streaming_reason(str(src), torch.float32, bool(stream))
     if reason is not None:
         check_streamable(str(src))
+    auto = stream is None and reason is None and _streamable(source)
     base = str((manifest.get("source") or {}).get("model") or src)
     origin = _gguf_origin(base)
     with claim(out):
-        if reason is None:
+        info: dict[str, Any] | None = None
+        if reason is not None or auto:
+            try:
+                info = _export_streamed(source, out, kind, origin)
+            except UsageError:
+                if not auto:
+                    raise
+            if info is not None:
+                info["streamed"] = reason or "a local safetensors directory"
+                if reason is not None:
+                    info["notes"].append(f"exported one decoder block at a time ({reason})")
+        if info is None:
             lm = load_model(str(src), dtype="float32", device="cpu")
             with atomic_file(out) as tmp:
                 info = write_gguf(lm, tmp, kind, origin)
-        else:
-            info = _export_streamed(source, out, kind, origin)
-            info["streamed"] = reason
-            info["notes"].append(f"exported one decoder block at a time ({reason})")
     return {**info, "file_bytes": out.stat().st_size, "source": str(src)}
+
+
+def _streamable(source: Path) -> bool:
+    from carve.streamed import check_streamable
+
+    try:
+        check_streamable(str(source))
+    except UsageError:
+        return False
+    return True
 
 
 def _export_streamed(source: Path, out: Path, kind: str, origin: Path | None) -> dict[str, Any]:
