@@ -17,7 +17,8 @@ bit for bit (sha256 of every tensor's bytes).  Results: bench/results/stream.jso
     .venv/bin/python bench/stream.py --moe [--methods sparsegpt] [--rerun ID ...]
 
 Method `export-KIND` (e.g. `export-q8_0`): `carve export SOURCE --gguf F --type KIND` of the source
-itself, in memory and `--stream`, the GGUF file's sha256 compared.
+itself, `--no-stream` (the whole model loaded) and `--stream`, the GGUF file's sha256 compared (the
+rows measured before `--no-stream` existed ran without either flag, which then loaded the model whole).
 
 `--moe` (section stream-moe): the same two rows per method on bench/moe.py's upcycled SmolLM2 MoE
 (a Mixtral checkpoint with 4 experts per block, saved by transformers: each expert's w1/w2/w3 its own
@@ -80,7 +81,7 @@ def run_export(kind: str, stream: bool, source: Path, tag: str) -> dict[str, Any
     """`carve export SOURCE --gguf F --type KIND` in memory or `--stream`: time, peak RSS, the file's sha256."""
     out = OUT / f"stream-{tag}export-{kind}-{'stream' if stream else 'memory'}.gguf"
     cmd = [CARVE, "export", str(source), "--gguf", str(out), "--type", kind, "--overwrite", "--quiet",
-           *(["--stream"] if stream else [])]  # fmt: skip
+           "--stream" if stream else "--no-stream"]  # fmt: skip
     speed = timed(cmd)
     h = hashlib.sha256()
     with out.open("rb") as f:

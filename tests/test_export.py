@@ -618,7 +618,7 @@ def test_streamed_export_of_sparse_and_structured_outputs(
               ["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--general", "general", *FAST]  # fmt: skip
         assert main([*job, *flags, "--out", str(out)]) == 0
         files = [tmp_path / f"{name}-{how}.gguf" for how in ("mem", "st")]
-        export(out, files[0], stream=False)
+        assert main(["export", str(out), "--gguf", str(files[0]), "--no-stream", "--quiet"]) == 0
         capsys.readouterr()
         if name == "delta":  # an update names its base and has no config of its own: loaded whole by default
             assert "streamed" not in export(out, files[1])

@@ -159,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write (atomically)")
     xp.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0", "q4_0"], help="tensor type (default f16)")
     xp.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    xp.add_argument("--stream", action="store_true",
-                    help="one decoder block in memory at a time, or refuse (by default for a local "
-                         "safetensors directory)")  # fmt: skip
+    xp.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                    help="one decoder block in memory at a time, or refuse (the default for a local safetensors "
+                         "directory); --no-stream loads the whole model")  # fmt: skip
     xp.add_argument("--quiet", action="store_true", help="no progress bars")
     xp.add_argument("--json", action="store_true")
 
@@ -601,7 +601,7 @@ def _cmd_convert(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     from carve.export import export
 
-    info = export(args.source, args.gguf, args.type, overwrite=args.overwrite, stream=args.stream or None)
+    info = export(args.source, args.gguf, args.type, overwrite=args.overwrite, stream=args.stream)
     for note in info["notes"]:
         print(f"carve: note: {note}", file=sys.stderr)
     if not args.json:
