@@ -17,7 +17,7 @@ import torch
 
 from carve import distributed
 from carve.corpora import Corpus
-from carve.engines.activations import bound_heap_retention, parse_size
+from carve.engines.activations import parse_size
 from carve.engines.layerwise import check_calib_dtype
 from carve.errors import UsageError
 from carve.evaluation.speed import measure_speed, speedup
@@ -565,7 +565,6 @@ def _extract_streamed(
     model in memory); the manifest says so."""
     domain, general, evaluated = corpora
     path = check_streamable(r.model)
-    bound_heap_retention()  # each block's freed buffers go back to the OS, not into a growing heap
     device = resolve_device(r.device)
     with stage("load_model"):
         tok = load_tokenizer(path)

@@ -246,11 +246,9 @@ def evaluate_streamed(
     --stream`): each block is read, the held-out hidden states passed through it, and freed; the
     final hidden states go through the model's own norm and head.  `held_out(tokenizer)` gives the
     evaluation data.  Returns the metrics (no cloze: it needs the whole model) and the fingerprint."""
-    from carve.engines.activations import bound_heap_retention
     from carve.models.load import directory_fingerprint, resolve_device, resolve_dtype
 
     path = check_streamable(model)
-    bound_heap_retention()
     data = held_out(load_tokenizer(path))
     dev = resolve_device(device)
     with SkeletonModel(path, resolve_dtype(dtype, dev), dev) as skeleton:

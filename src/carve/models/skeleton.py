@@ -150,6 +150,12 @@ class SkeletonModel:
     def __init__(self, directory: str | Path, dtype: torch.dtype, device: str | torch.device) -> None:
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from carve.engines.activations import bound_heap_retention
+
+        # each block's freed buffers go back to the OS, not into a growing heap: without it, reading
+        # and freeing the upcycled MoE's blocks (an MoE's per-expert tensors, stacked) grew the
+        # process by about a block each time (bench/RESULTS.md, stream-moe notes)
+        bound_heap_retention()
         self.directory = Path(directory).expanduser()
         self.dtype, self.device = dtype, torch.device(device)
         self.source = TensorSource(self.directory, mmap=False)  # pages read do not stay resident
