@@ -233,8 +233,8 @@ def test_streamed_moe_reads_one_block_at_a_time_and_writes_the_sparse_format(
 
     src = _saved(tmp_path, "mixtral", tokenizer, shard="100KB")
     assert len(list(src.glob("model-*.safetensors"))) > 2
-    kw = {"save_format": "sparse", "save_dtype": "bfloat16", "method": "sparsegpt"}
-    extract(Recipe(**{**_recipe(src, small_corpus, "x", False).__dict__, **kw}), tmp_path / "mem")
+    kw = {"save_format": "sparse", "save_dtype": "bfloat16"}
+    extract(_recipe(src, small_corpus, "sparsegpt", False, **kw), tmp_path / "mem")
     most = []
     load = SkeletonModel.load_block
 
@@ -243,7 +243,7 @@ def test_streamed_moe_reads_one_block_at_a_time_and_writes_the_sparse_format(
         most.append(sum(any(p.device.type != "meta" for p in b.parameters()) for b in self.blocks))
 
     monkeypatch.setattr(SkeletonModel, "load_block", counting)
-    extract(Recipe(**{**_recipe(src, small_corpus, "x", True).__dict__, **kw}), tmp_path / "stream")
+    extract(_recipe(src, small_corpus, "sparsegpt", True, **kw), tmp_path / "stream")
     assert most and max(most) == 1  # the unfused experts' views count: freed blocks hold nothing
     (a, tied_a), (b, tied_b) = read_sparse_state(tmp_path / "mem"), read_sparse_state(tmp_path / "stream")
     assert "model.layers.0.mlp.experts.gate_up_proj" in b
@@ -251,6 +251,20 @@ def test_streamed_moe_reads_one_block_at_a_time_and_writes_the_sparse_format(
     assert all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
     loaded = load_model(str(tmp_path / "stream")).model.state_dict()
     assert all(torch.equal(loaded[k].to(a[k].dtype), a[k]) for k in a)
+
+
+def test_streamed_moe_refuses_a_checkpoint_missing_an_expert(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """A Mixtral checkpoint without one expert's w1: the fused tensor could not be written back as it
+    was read, so the streamed job says so before any work and writes nothing."""
+    from safetensors.torch import save_file
+
+    src = _saved(tmp_path, "mixtral", tokenizer)
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.0.block_sparse_moe.experts.3.w1.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UsageError, match="would not be saved to the tensors it is read from"):
+        extract(_recipe(src, small_corpus, "sparsegpt", True), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_streamed_moe_with_a_reused_map_and_eval(tmp_path: Path, tokenizer, small_corpus: Path, capsys) -> None:
