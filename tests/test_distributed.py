@@ -73,6 +73,10 @@ def _worker(rank: int, world: int, init_file: str, out: str) -> None:
         assert result.experts is not None and len(result.experts["unfused"]) == 2
         found.update({f"moe:{k}": v for k, v in result.mask.items()})
         found.update({f"moe-weights:{k}": moe.get_parameter(k).detach().clone() for k in result.mask})
+        moe = moe_model("gpt_oss")  # the same, each block calibrated in rounds (rank 0's plan on every rank)
+        result = prune(moe, "sparsegpt", 0.5, moe_ids, calib=replace(settings, statistics_memory=0))
+        found.update({f"moe-rounds:{k}": v for k, v in result.mask.items()})
+        found.update({f"moe-rounds-weights:{k}": moe.get_parameter(k).detach().clone() for k in result.mask})
         Path(f"{out}.sweeps{rank}").write_text(str(len(sweeps)))  # each rank's share of the OBS sweeps
         found["ppl"] = torch.tensor([perplexity(tiny_model("llama"), calib[:5], batch_size=2)], dtype=torch.float64)
         fisher = score(tiny_model("llama"), "fisher", calib, calib=settings)
@@ -108,6 +112,8 @@ def test_two_processes_equal_one(tmp_path: Path) -> None:
     assert sorted(a) == sorted(b) and any(k.startswith("H:") for k in a) and any(k.startswith("fisher:") for k in a)
     for k in (k for k in a if k.startswith("fisher-streamed:")):  # one process: streamed = in memory, bit for bit
         assert torch.equal(a[k], a[k.replace("-streamed", "")]), k
+    for k in (k for k in a if k.startswith("moe-rounds")):  # in rounds = at once, bit for bit
+        assert torch.equal(a[k], a[k.replace("-rounds", "")]) and torch.equal(b[k], b[k.replace("-rounds", "")]), k
     for k in a:
         if k.startswith(("H:", "rows:")) or a[k].dtype == torch.bool or "-weights:" in k:
             # float64 sums of the layer-wise statistics: the same bits; so the same masks and weights

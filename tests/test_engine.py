@@ -372,3 +372,69 @@ def test_the_manifest_names_the_block_weights_left_dense() -> None:
     o_proj = sum(p.numel() for n, p in llama.named_parameters() if "o_proj" in n)
     in_blocks = sum(p.numel() for n, p in llama.named_parameters() if n.startswith("model.layers."))
     assert left == {"model.layers.*.self_attn.o_proj.weight": round(o_proj / in_blocks, 4)}
+
+
+def test_rounds_take_the_linears_last_called_first_within_the_budget() -> None:
+    """A block's Linears parted into rounds in the reverse of their call order, those that share an
+    input together, each round's statistics within the budget; everything at once when it fits."""
+    from carve.engines.layerwise import capture_inputs, rounds
+    from carve.models import prunable_linears
+    from carve.scorers import Hessian
+
+    model = tiny_model("llama")
+    prefix, blocks = find_blocks(model)
+    hidden, calls = capture_inputs(model, blocks, [_calib(2)])
+    linears = prunable_linears(blocks[0], f"{prefix}.0", ("*",), ())
+    call = calls[(2, 24)][0]
+    short = lambda parts: [sorted(n.split(".")[-1] for n in p) for p in parts]  # noqa: E731
+    assert short(rounds(blocks[0], linears, hidden, call, Hessian.nbytes, 0)) == [
+        ["down_proj"], ["gate_proj", "up_proj"], ["o_proj"], ["k_proj", "q_proj", "v_proj"]]  # fmt: skip
+    h, i = model.config.hidden_size, model.config.intermediate_size
+    two = Hessian.nbytes(h) * 2  # room for two of the hidden-wide statistics
+    assert short(rounds(blocks[0], linears, hidden, call, Hessian.nbytes, Hessian.nbytes(i) + two)) == [
+        ["down_proj", "gate_proj", "o_proj", "up_proj"], ["k_proj", "q_proj", "v_proj"]]  # fmt: skip
+    everything = Hessian.nbytes(i) + 6 * Hessian.nbytes(h)  # without sharing: no pass needed to see it fits
+    assert rounds(blocks[0], linears, hidden, call, Hessian.nbytes, everything)[0] is linears
+
+
+def _pruned(model: nn.Module, method: str, calib: torch.Tensor, settings: Calibration):
+    result = carve.prune(model, method, 0.5, calib, calib=settings)
+    return result, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "arch, method, propagation",
+    [("llama", "sparsegpt", "pruned"), ("llama", "sparsegpt", "dense"), ("gpt2", "sparsegpt", "pruned"),
+     ("gemma3", "wanda", "pruned"), ("mixtral", "sparsegpt", "pruned"), ("qwen2_moe", "sparsegpt", "dense"),
+     ("gpt_oss", "sparsegpt", "pruned")],
+)  # fmt: skip
+def test_calibrating_in_rounds_gives_the_same_masks_and_weights(
+    arch: str, method: str, propagation: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statistics budget so small that every Linear group is a round of its own (an MoE block: one
+    round per expert matrix): each block is calibrated again per round, and the masks and weights
+    are the one-round run's bit for bit."""
+    import importlib
+
+    from tests.test_moe import MOE, moe_model
+
+    engine = importlib.import_module("carve.engines.layerwise")
+    make = (lambda: moe_model(arch)) if arch in MOE else (lambda: tiny_model(arch))
+    vocab = 128 if arch in MOE else VOCAB
+    calib = torch.randint(0, vocab, (6, 16), generator=torch.Generator().manual_seed(0))
+    seen: list[int] = []
+    real = engine.rounds
+
+    def counted(*args: Any) -> Any:
+        parts = real(*args)
+        seen.append(len(parts))
+        return parts
+
+    one, one_weights = _pruned(make(), method, calib, Calibration(2, propagation))
+    monkeypatch.setattr(engine, "rounds", counted)
+    parted, parted_weights = _pruned(make(), method, calib, Calibration(2, propagation, statistics_memory=0))
+    assert parted.engine_seconds is not None and parted.engine_seconds["most_rounds"] == max(seen) >= 4
+    assert "most_rounds" not in (one.engine_seconds or {})
+    assert sorted(one.mask.keys()) == sorted(parted.mask.keys())
+    assert all(torch.equal(one.mask[k], parted.mask[k]) for k in one.mask.keys())
+    assert all(torch.equal(one_weights[k], parted_weights[k]) for k in one_weights)

@@ -564,3 +564,34 @@ def test_streamed_structured_with_a_reused_map_equals_in_memory(
     assert streamed["structure"] == mem["structure"]
     a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    "arch, method, kw",
+    [("mixtral", "sparsegpt", {}), ("qwen3_moe", "dual-obs", {}),
+     ("llama", "sparsegpt", {"structure": True, "sparsity": None, "keep": 0.5})],
+)  # fmt: skip
+def test_streamed_in_rounds_equals_in_memory(
+    tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch: pytest.MonkeyPatch, arch: str, method: str, kw: dict
+) -> None:
+    """`--stream --max-memory 0`: activations spilled and every block calibrated in rounds, one
+    Linear group each (an MoE's: one per expert matrix; a structured plan's unit importance gathered
+    over a block's rounds): the weights of the in-memory run without a budget, bit for bit."""
+    import importlib
+
+    engine = importlib.import_module("carve.engines.layerwise")
+    src = _saved(tmp_path, arch, tokenizer)
+    mem = extract(_recipe(src, small_corpus, method, False, **kw), tmp_path / "mem")
+    parts: list[int] = []
+    real = engine.rounds
+    monkeypatch.setattr(engine, "rounds", lambda *a: parts.append(len(found := real(*a))) or found)
+    streamed = extract(_recipe(src, small_corpus, method, True, max_memory="0", **kw), tmp_path / "stream")
+    assert streamed["streamed"]["statistics_in_memory_mb"] == 0 and min(parts) >= 4  # each block in rounds
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    if not kw:
+        assert streamed["engine_seconds"]["most_rounds"] == max(parts) and "most_rounds" not in mem["engine_seconds"]
+        ma, mb = (load_file(tmp_path / d / "mask.safetensors") for d in ("mem", "stream"))
+        assert sorted(ma) == sorted(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
+    else:
+        assert streamed["structure"] == mem["structure"]

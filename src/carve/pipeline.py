@@ -185,8 +185,9 @@ class Recipe:
         False,
     )
     max_memory: str | None = flag(
-        "calibration activations the layer-wise passes keep in memory (e.g. 4GB, 512MiB); the rest go to a "
-        "temporary file ($TMPDIR) and are read back block by block (default: no limit)",
+        "calibration memory (e.g. 4GB, 512MiB): activations past it go to a temporary file ($TMPDIR) and are "
+        "read back block by block, and a block whose Hessians would take more is calibrated in rounds, its "
+        "Linears a few at a time (same result; default: no limit)",
         metavar="SIZE",
     )
     save_dtype: str | None = flag(SAVE_DTYPE_HELP, choices=SAVE_DTYPES)
@@ -438,7 +439,9 @@ def _calibration(r: Recipe, lm: LoadedModel) -> Calibration:
     dtype = check_calib_dtype(model_dtype, asked)
     # None: float32 products.  A 16-bit model computes in its own dtype (dtype None), so "calib" is that dtype
     products = (dtype or model_dtype) if r.hessian_dtype == "calib" else None
-    return Calibration(r.batch_size, r.propagation, dtype, max_memory=budget, products=products)
+    return Calibration(
+        r.batch_size, r.propagation, dtype, max_memory=budget, statistics_memory=budget, products=products
+    )
 
 
 def _operate(r: Recipe, lm: LoadedModel, data: ExtractData, calib: Calibration) -> Outcome:
@@ -576,9 +579,11 @@ def _extract_streamed(
         if calib.max_memory is None:
             # streaming is for bounded memory: the blocks' kept inputs (a streamed gradient pass keeps
             # every block's: 2.3 GB on the embedded default) spill past STREAM_ACTIVATIONS, or past a
-            # quarter of what is free if that is less; the bits are the same either way
+            # quarter of what is free if that is less, and a block whose Hessians would take more than
+            # half of what is free is calibrated in rounds; the bits are the same either way
             free = available_memory()
-            calib = replace(calib, max_memory=min(STREAM_ACTIVATIONS, free // 4 if free else STREAM_ACTIVATIONS))
+            calib = replace(calib, max_memory=min(STREAM_ACTIVATIONS, free // 4 if free else STREAM_ACTIVATIONS),
+                            statistics_memory=free // 2 if free else None)  # fmt: skip
     streamed_r = replace(r, cloze_items=0, speed=False)
     with stage("tokenize"):
         data = _tokenize(streamed_r, lm, calib, domain, general, evaluated)
@@ -626,6 +631,9 @@ def _extract_streamed(
             "streamed": {
                 "why": reason, "cloze": "not measured (needs the whole model)", "speed": "not measured",
                 "activations_in_memory_mb": None if calib.max_memory is None else round(calib.max_memory / 2**20),
+                "statistics_in_memory_mb": (
+                    None if calib.statistics_memory is None else round(calib.statistics_memory / 2**20)
+                ),
             },
             "data": {
                 "domain": domain.describe(),

@@ -50,6 +50,9 @@ class Calibration:
     # bytes of calibration activations the layer-wise engine keeps in memory (None: no limit); the
     # rest goes to a temporary file (carve.engines.activations)
     max_memory: int | None = None
+    # bytes one block's statistics (Hessians) may take at once (None: no limit); past it the block's
+    # Linears are calibrated in rounds, the last-called first (carve.engines.layerwise.rounds)
+    statistics_memory: int | None = None
     # dtype of a Hessian's per-batch products XᵀX (None: float32); summed in float64 either way
     products: torch.dtype | None = None
 

@@ -17,7 +17,11 @@ Under torch.distributed (carve.distributed) each rank takes its share of the cal
 each block's statistics are all-reduced before `on_block`, so every rank prunes alike.
 
 Memory: the model, the hidden states of the calibration set for one block boundary (input and
-output), and one block's activations.  The engine never imports a method.
+output), one block's activations, and one block's statistics.  Past `calib.max_memory` the hidden
+states go to a temporary file; past `calib.statistics_memory` (an MoE block's Hessians: ~7 GB in
+Mixtral-8x7B's) the block is calibrated in rounds, each a few of its Linears, the last-called first
+so that pruning one round changes no input of the next (`rounds`): the same statistics, for one
+more pass over the calibration per round.  The engine never imports a method.
 
 `propagation="fused"` is the one-pass variant: a single forward of the whole calibration set
 as one batch, in which every Linear is handed to the caller the moment its input arrives, so
@@ -46,7 +50,7 @@ from torch import nn
 from carve import distributed
 from carve.engines.activations import Activations, Budget
 from carve.errors import UsageError
-from carve.models.arch import find_blocks, prunable_linears
+from carve.models.arch import find_blocks, prunable_linears, weight_matrix
 from carve.models.patch import replaced_forwards
 from carve.progress import bar, progress
 from carve.scorers.stats import merge_statistics
@@ -250,7 +254,110 @@ class _BlockStatistics:
         self._live = None
 
 
+# on_block(i, linears, stats): block i's Linears and their statistics.  With
+# `calib.statistics_memory` a block may come in several calls (rounds), each a disjoint part of it
 OnBlock = Callable[[int, dict[str, nn.Module], dict[str, Any]], None]
+
+
+def _calibrate(
+    block: nn.Module,
+    linears: dict[str, nn.Module],
+    hidden: Activations,
+    calls: list[BlockCall],
+    statistic: Callable[[int, Any], Any] | None,
+    device: torch.device,
+    autocast: torch.dtype | None,
+    stop_early: bool,
+    outputs: Activations | None,
+) -> dict[str, Any]:
+    """Run every batch of `hidden` through `block` (batch j in its recorded call `calls[j]`), each
+    of `linears` feeding its statistic, the block's outputs appended to `outputs` (when given; a
+    batch stopped early gives none); the statistics summed over the ranks."""
+    collector = None if statistic is None else _BlockStatistics(linears, statistic, device, stop_early)
+    try:
+        for j, h in enumerate(hidden):
+            try:
+                with _computing(device, autocast):
+                    out = call_block(block, h, calls[j])
+                if outputs is not None:
+                    outputs.append(out)
+            except _Stop:
+                pass
+            if collector is not None:
+                collector.batch_done()
+    finally:
+        if collector is not None:
+            collector.remove()
+    if collector is None:
+        return {}
+    merge_statistics(collector.stats)  # over every rank's share of the calibration (one process: as is)
+    return collector.stats
+
+
+@torch.no_grad()
+def rounds(
+    block: nn.Module,
+    linears: dict[str, nn.Module],
+    hidden: Activations,
+    call: BlockCall,
+    size: Callable[[int], int],
+    budget: int,
+) -> list[dict[str, nn.Module]]:
+    """`linears` parted into rounds whose statistics take at most `budget` bytes together
+    (`size(in_features)` each; Linears fed the same input share one, and go together), in the
+    *reverse* of the order the block calls them, as the first batch of `hidden` shows: a Linear's input is
+    computed before it is called, so pruning the Linears of a round changes no input of a later
+    round's, and the rounds give the statistics one round would.  One round when everything fits,
+    or when a Linear is called twice in a forward (no such order then).  Linears the batch never
+    called (carve's unfused experts are all called, token or not; a module may skip one) go in the
+    first round, calibrated before anything of the block is pruned.  Under torch.distributed rank
+    0's plan is every rank's."""
+    width = {n: int(weight_matrix(lin).shape[1]) for n, lin in linears.items()}
+    if sum(size(w) for w in width.values()) <= budget:
+        plan = [sorted(linears)]
+    else:
+        order: list[str] = []
+        leader: dict[str, str] = {}
+        called: dict[str, int] = dict.fromkeys(linears, 0)
+        live: list[Any] = [None, None]  # the latest new input and the Linear it came to first
+
+        def seen(name: str, x: torch.Tensor) -> None:
+            called[name] += 1
+            if name not in leader:
+                leader[name] = live[1] if live[0] is x else name
+                if leader[name] == name:
+                    live[:] = [x, name]
+                order.append(name)
+
+        handles = [
+            lin.register_forward_pre_hook(lambda _m, args, name=name: seen(name, args[0]))
+            for name, lin in linears.items()
+        ]
+        try:
+            call_block(block, hidden[0], call)
+        finally:
+            for h in handles:
+                h.remove()
+        live.clear()
+        if any(c > 1 for c in called.values()):
+            plan = [sorted(linears)]
+        else:
+            groups: dict[str, list[str]] = {}
+            for name in order:
+                groups.setdefault(leader[name], []).append(name)
+            unseen = [n for n in sorted(linears) if not called[n]]
+            plan, used = [unseen], sum(size(width[n]) for n in unseen)
+            for lead in reversed(list(groups)):
+                cost = size(width[lead])
+                if plan[-1] and used + cost > budget:
+                    plan.append([])
+                    used = 0
+                plan[-1] += groups[lead]
+                used += cost
+    plan = distributed.broadcast_json(plan, 0)
+    if len(plan) == 1:
+        return [linears]
+    return [{n: lin for n, lin in linears.items() if n in part} for part in map(set, plan)]
 
 
 @torch.no_grad()
@@ -265,7 +372,9 @@ def layerwise(
 ) -> dict[str, float]:
     """Run `calibration` [N, L] block by block; returns the seconds spent in each part: `statistics`
     (the calibration forwards that feed the statistics, and their all-reduce), `method` (the
-    `on_block` calls), `propagate` (re-running pruned blocks), `stream` (reading and writing blocks).
+    `on_block` calls), `propagate` (re-running pruned blocks), `stream` (reading and writing blocks);
+    with a memory budget also the activations spilled (`spilled_mb`) and the most rounds a block
+    took (`most_rounds`).
 
     For block i, `statistic(in_features, device)` is built for its Linear layers and fed their
     inputs; then `on_block(i, linears, stats)` is called.  With `propagation="pruned"`
@@ -274,6 +383,8 @@ def layerwise(
     (the block as it was before `on_block`) are propagated: one pass per block.  With `"fused"`
     (see the module docstring) `on_block(i, {name: linear}, {name: stat})` is called for each
     Linear as its input arrives, in one forward of the model with `calib.batch_size` ignored.
+    `calib.statistics_memory`: a block whose statistics would take more is calibrated in rounds
+    (`rounds`), `on_block` called once per round; "fused" ignores it.
     `calib.dtype`: see the module docstring; `calib.products`: the dtype of a Hessian's per-batch
     products.  `targets`: the Linear modules handed over."""
     include, exclude, propagation = targets.include, targets.exclude, calib.propagation
@@ -287,6 +398,7 @@ def layerwise(
     param = next(model.parameters())
     device = param.device
     autocast = check_calib_dtype(param.dtype, calib.dtype)
+    size = getattr(statistic, "nbytes", None)  # a statistic's bytes for an input width: rounds need it
     if calib.products is not None and getattr(statistic, "PRODUCTS", False):  # a Hessian's XᵀX dtype
         with_products: Any = statistic
         statistic = functools.partial(with_products, products=calib.products)
@@ -307,6 +419,7 @@ def layerwise(
         if stream is not None:
             stream.captured()  # only blocks run from here on
         shapes = [tuple(b.shape) for b in batches]
+        most_rounds = 1
         clock = time.perf_counter()
 
         def lap(part: str) -> None:
@@ -323,25 +436,22 @@ def layerwise(
             block = blocks[i]
             last = i == len(blocks) - 1
             linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
-            collector = None if statistic is None else _BlockStatistics(linears, statistic, device, rerun)
+            parts = [linears]
+            if size is not None and calib.statistics_memory is not None:
+                with _computing(device, autocast):
+                    parts = rounds(block, linears, hidden, calls[shapes[0]][i], size, calib.statistics_memory)
+            most_rounds = max(most_rounds, len(parts))
             outputs = budget.new()
-            try:
-                for j, h in enumerate(hidden):
-                    try:
-                        with _computing(device, autocast):
-                            outputs.append(call_block(block, h, calls[shapes[j]][i]))
-                    except _Stop:
-                        pass
-                    if collector is not None:
-                        collector.batch_done()
-            finally:
-                if collector is not None:
-                    collector.remove()
-            if collector is not None:
-                merge_statistics(collector.stats)  # over every rank's share of the calibration (one process: as is)
-            lap("statistics")
-            on_block(i, linears, {} if collector is None else collector.stats)
-            lap("method")
+            for r, part in enumerate(parts):
+                # a later round's Linears are all called before an earlier round's, so pruning
+                # those changes none of their inputs; only the first round's outputs are the
+                # block's as it was (propagated with "dense"), later rounds stop once fed
+                stats = _calibrate(block, part, hidden, [calls[s][i] for s in shapes], statistic, device,
+                                   autocast, rerun or r > 0, outputs if r == 0 else None)  # fmt: skip
+                lap("statistics")
+                on_block(i, part, stats)
+                del stats
+                lap("method")
             if rerun and not last:
                 outputs.release()
                 outputs = budget.new()
@@ -358,6 +468,8 @@ def layerwise(
         budget.close()
     if calib.max_memory is not None:
         seconds["spilled_mb"] = budget.spilled / 2**20
+    if calib.statistics_memory is not None:
+        seconds["most_rounds"] = most_rounds  # of any block (1: every block's statistics at once)
     return {k: round(v, 3) for k, v in seconds.items()}
 
 

@@ -139,13 +139,21 @@ def activation_scores(
     map returned stays empty)."""
     scores: MutableMapping[str, torch.Tensor] = {} if calib.stream is None or per_block else SpilledTensors()
 
+    pending: dict[int, dict[str, torch.Tensor]] = {}  # with per_block: scores of a block not yet whole
+
+    def hand_over(before: int | None) -> None:  # the blocks the engine has left (all, with None)
+        assert per_block is not None
+        for j in [j for j in pending if before is None or j < before]:
+            per_block(j, pending.pop(j))
+
     def on_block(i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
         block: dict[str, torch.Tensor] = {}
         for name, lin in linears.items():
             t = as_param_layout(lin, scorer.score(weight_matrix(lin), stats[name])).cpu()
             block[f"{name}.weight"] = t if transform is None else transform(t)
-        if per_block is not None:
-            per_block(i, block)
+        if per_block is not None:  # a block may come in rounds (carve.engines.layerwise.rounds)
+            hand_over(i)
+            pending.setdefault(i, {}).update(block)
         else:
             scores.update(block)
 
@@ -156,6 +164,8 @@ def activation_scores(
         stream.sk.load_block(0)
     dense = replace(calib, propagation="dense", stream=stream)
     layerwise(model, data, on_block, scorer.statistic, targets, dense, f"scoring ({scorer.name})")
+    if per_block is not None:
+        hand_over(None)
     if stream is not None:  # as the pass found them: the tensors outside the blocks and block 0 read
         stream.sk.load_others()
         stream.sk.load_block(0)

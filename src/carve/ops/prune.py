@@ -207,8 +207,8 @@ def _prune(
     if reconstruct_with is None:
         apply_mask(model, mask)
         return PruneResult(mask, importance=importance, sparsity=sparsity)
-    notes = reconstruct(model, mask, reconstruct_with, targets=targets, calib=calib)
-    return PruneResult(mask, notes, importance=importance, sparsity=sparsity)
+    notes, seconds = _reconstruct(model, mask, reconstruct_with, targets, calib)
+    return PruneResult(mask, notes, importance=importance, sparsity=sparsity, engine_seconds=seconds)
 
 
 def _mask_streamed(
@@ -226,8 +226,8 @@ def _mask_streamed(
     as each is read, or with a reconstruction through the streamed OBS sweep."""
     mask = select_mask(importance, sparsity, granularity, pattern, packed=True)
     if reconstruct_with is not None:
-        notes = reconstruct(model, mask, reconstruct_with, targets=targets, calib=calib)
-        return PruneResult(mask, notes, importance=importance, sparsity=sparsity)
+        notes, seconds = _reconstruct(model, mask, reconstruct_with, targets, calib)
+        return PruneResult(mask, notes, importance=importance, sparsity=sparsity, engine_seconds=seconds)
 
     def impose(linears: dict[str, nn.Module]) -> None:
         apply_mask(model, Mask({_param_name(n): mask[_param_name(n)] for n in linears}))
@@ -303,6 +303,13 @@ def reconstruct(
     """Impose `mask` and update the kept weights by OBS compensation (SparseGPT's column sweep
     with the mask fixed), block by block (`calib` as in `prune`), Hessians from `calibration`.
     Returns per-Linear notes (damping retries)."""
+    return _reconstruct(model, mask, calibration, targets, calib)[0]
+
+
+def _reconstruct(
+    model: nn.Module, mask: Mask, calibration: torch.Tensor, targets: Targets, calib: Calibration
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """`reconstruct`, with the engine's parts."""
     check_propagation(calib.propagation)
     return _obs_sweep(
         model,
@@ -351,8 +358,8 @@ def guided_sparsegpt(
     def done(pname: str, lin: nn.Module, k: torch.Tensor) -> None:
         keep[pname] = as_param_layout(lin, k).cpu()
 
-    info = _obs_sweep(model, calibration, targets, calib, args, done, "pruning (OBS sweep, guided)")
-    return PruneResult(_matched(keep, targets), info, importance=guide, sparsity=sparsity)
+    info, seconds = _obs_sweep(model, calibration, targets, calib, args, done, "pruning (OBS sweep, guided)")
+    return PruneResult(_matched(keep, targets), info, importance=guide, sparsity=sparsity, engine_seconds=seconds)
 
 
 def _matched(keep: MutableMapping[str, torch.Tensor], targets: Targets) -> Mask:
@@ -369,11 +376,12 @@ def _obs_sweep(
     args: Callable[[str, nn.Module, torch.Tensor, Any], dict[str, Any]],
     done: Callable[[str, nn.Module, torch.Tensor], None] | None = None,
     label: str = "reconstructing (OBS)",
-) -> dict[str, dict[str, Any]]:
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
     """SparseGPT's column sweep over every targeted Linear, block by block (`calib` as in
     `prune`); `args(pname, lin, W, factor)` gives each Linear's keyword arguments (a
     fixed `keep`, or a `guide` with sparsity/pattern; `{"keep": None}` leaves the Linear alone);
-    `done(pname, lin, keep)` receives each Linear's mask."""
+    `done(pname, lin, keep)` receives each Linear's mask.  Returns per-Linear notes and the
+    engine's parts (carve.engines.layerwise.layerwise)."""
     info: dict[str, dict[str, Any]] = {}
 
     def sweep_one(name: str, lin: nn.Module, stats: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]] | None:
@@ -396,8 +404,8 @@ def _obs_sweep(
     def on_block(_i: int, linears: dict[str, nn.Module], stats: dict[str, Any]) -> None:
         _spread(linears, lambda name, lin: sweep_one(name, lin, stats), record)
 
-    layerwise(model, calibration, on_block, Hessian, targets, calib, label)
-    return info
+    seconds = layerwise(model, calibration, on_block, Hessian, targets, calib, label)
+    return info, seconds
 
 
 Result = tuple[torch.Tensor, dict[str, Any]]  # a Linear's [out, in] keep mask and its method notes

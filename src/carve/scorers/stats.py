@@ -28,6 +28,11 @@ class RowNorms:
         self._sum += (x * x).sum(0)
         self.n += x.shape[0]
 
+    @staticmethod
+    def nbytes(in_features: int) -> int:
+        """What one takes: its float64 sum."""
+        return 8 * in_features
+
     @property
     def sq(self) -> torch.Tensor:
         """The mean of x_j² over the tokens seen (float32); ones when none was seen (an MoE expert the
@@ -79,6 +84,12 @@ class Hessian:
         # quantities derived from the final H (SparseGPT's inverse Cholesky factor), computed
         # once for all the Linears that share this Hessian
         self.cache: dict[str, Any] = {}
+
+    @staticmethod
+    def nbytes(in_features: int) -> int:
+        """What one takes at most, about: its float64 half-sum, then H and an inverse factor of H
+        (SparseGPT's), each a float32 [in, in] matrix."""
+        return 8 * in_features * in_features
 
     def update(self, x: torch.Tensor) -> None:
         if self._rows is None:  # read before: go on from H
