@@ -146,10 +146,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.parametrize("extra", [[], ["--stream"]])
+@pytest.mark.parametrize(
+    "arch, extra", [("llama", []), ("llama", ["--stream"]), ("mixtral", ["--stream", "--max-memory", "0"])]
+)
 def test_torchrun_extract_writes_once_and_equals_one_process(
-    tmp_path: Path, model_dir: Path, small_corpus: Path, extra: list[str]
+    tmp_path: Path, tokenizer, small_corpus: Path, arch: str, extra: list[str]
 ) -> None:
+    """Also a streamed MoE (each block's experts built from the checkpoint's per-expert tensors) with
+    its activations spilled and every block calibrated in rounds."""
+    model_dir = tmp_path / f"tiny-{arch}"
+    tiny_model(arch).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
     flags = ["extract", "--model", str(model_dir), "--domain", str(small_corpus), "--general", str(small_corpus),
              "--method", "sparsegpt", "--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2",
              "--cloze-items", "0", "--no-speed", "--batch-size", "2", "--quiet", *extra]  # fmt: skip

@@ -209,7 +209,8 @@ class _BlockStatistics:
         self.pending = set(linears)  # with `ready`: the Linears not handed over yet
         self._ready = ready
         self._statistic, self._device, self._count = statistic, device, len(linears)
-        self._leader: dict[str, str] = {}
+        self.leader: dict[str, str] = {}  # Linear -> the one whose statistic it shares, in call order
+        self.calls = dict.fromkeys(linears, 0)  # how many times each was called
         self._live: tuple[torch.Tensor, str] | None = None  # the latest input and its leader
         self._last: str | None = None
         self._stop_early = stop_early
@@ -225,18 +226,19 @@ class _BlockStatistics:
             self._record(name, x)
 
     def _record(self, name: str, x: torch.Tensor) -> None:
-        if name not in self._leader:
+        self.calls[name] += 1
+        if name not in self.leader:
             same = self._live[1] if self._live is not None and self._live[0] is x else None
-            self._leader[name] = same or name
+            self.leader[name] = same or name
             if same is not None:
                 self.stats[name] = self.stats[same]
             else:
                 self._live = (x, name)
                 self.stats[name] = self._statistic(x.shape[-1], self._device)
-            if len(self._leader) == self._count:
+            if len(self.leader) == self._count:
                 self._live = None  # grouping complete: release the first batch's input
                 self._last = name
-        if self._leader[name] == name:
+        if self.leader[name] == name:
             self.stats[name].update(x)
         if self._ready is not None and name in self.pending:
             # one batch holds the whole calibration set: the statistic is complete
@@ -252,6 +254,13 @@ class _BlockStatistics:
         for h in self._handles:
             h.remove()
         self._live = None
+
+
+class _Nothing:
+    """A statistic that keeps nothing (a block's calls watched, not measured)."""
+
+    def update(self, _x: torch.Tensor) -> None:
+        pass
 
 
 # on_block(i, linears, stats): block i's Linears and their statistics.  With
@@ -305,9 +314,9 @@ def rounds(
 ) -> list[dict[str, nn.Module]]:
     """`linears` parted into rounds whose statistics take at most `budget` bytes together
     (`size(in_features)` each; Linears fed the same input share one, and go together), in the
-    *reverse* of the order the block calls them, as the first batch of `hidden` shows: a Linear's input is
-    computed before it is called, so pruning the Linears of a round changes no input of a later
-    round's, and the rounds give the statistics one round would.  One round when everything fits,
+    *reverse* of the order the block calls them, as the first batch of `hidden` shows: a Linear's
+    input is computed before it is called, so pruning the Linears of a round changes no input of a
+    later round's, and the rounds give the statistics one round would.  One round when everything fits,
     or when a Linear is called twice in a forward (no such order then).  Linears the batch never
     called (carve's unfused experts are all called, token or not; a module may skip one) go in the
     first round, calibrated before anything of the block is pruned.  Under torch.distributed rank
@@ -316,34 +325,18 @@ def rounds(
     if sum(size(w) for w in width.values()) <= budget:
         plan = [sorted(linears)]
     else:
-        order: list[str] = []
-        leader: dict[str, str] = {}
-        called: dict[str, int] = dict.fromkeys(linears, 0)
-        live: list[Any] = [None, None]  # the latest new input and the Linear it came to first
-
-        def seen(name: str, x: torch.Tensor) -> None:
-            called[name] += 1
-            if name not in leader:
-                leader[name] = live[1] if live[0] is x else name
-                if leader[name] == name:
-                    live[:] = [x, name]
-                order.append(name)
-
-        handles = [
-            lin.register_forward_pre_hook(lambda _m, args, name=name: seen(name, args[0]))
-            for name, lin in linears.items()
-        ]
+        first = hidden[0]
+        seen = _BlockStatistics(linears, lambda _d, _device: _Nothing(), first.device, False)
         try:
-            call_block(block, hidden[0], call)
+            call_block(block, first, call)
         finally:
-            for h in handles:
-                h.remove()
-        live.clear()
+            seen.remove()
+        leader, called = seen.leader, seen.calls
         if any(c > 1 for c in called.values()):
             plan = [sorted(linears)]
         else:
             groups: dict[str, list[str]] = {}
-            for name in order:
+            for name in leader:  # in the order of their first calls
                 groups.setdefault(leader[name], []).append(name)
             unseen = [n for n in sorted(linears) if not called[n]]
             plan, used = [unseen], sum(size(width[n]) for n in unseen)
