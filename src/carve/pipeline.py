@@ -187,7 +187,8 @@ class Recipe:
     max_memory: str | None = flag(
         "calibration memory (e.g. 4GB, 512MiB): activations past it go to a temporary file ($TMPDIR) and are "
         "read back block by block, and a block whose Hessians would take more is calibrated in rounds, its "
-        "Linears a few at a time (same result; default: no limit)",
+        "Linears a few at a time (same result; default: activations kept, 512 MiB streamed; Hessians within "
+        "half the memory free)",
         metavar="SIZE",
     )
     save_dtype: str | None = flag(SAVE_DTYPE_HELP, choices=SAVE_DTYPES)
@@ -439,8 +440,12 @@ def _calibration(r: Recipe, lm: LoadedModel) -> Calibration:
     dtype = check_calib_dtype(model_dtype, asked)
     # None: float32 products.  A 16-bit model computes in its own dtype (dtype None), so "calib" is that dtype
     products = (dtype or model_dtype) if r.hessian_dtype == "calib" else None
+    # a block's Hessians within the budget, or half the memory free now (the model loaded): past it the
+    # block is calibrated in rounds, the same bits (carve.engines.layerwise.rounds)
+    free = available_memory() if budget is None else None
+    statistics = budget if budget is not None else (free // 2 if free else None)
     return Calibration(
-        r.batch_size, r.propagation, dtype, max_memory=budget, statistics_memory=budget, products=products
+        r.batch_size, r.propagation, dtype, max_memory=budget, statistics_memory=statistics, products=products
     )
 
 
@@ -579,11 +584,9 @@ def _extract_streamed(
         if calib.max_memory is None:
             # streaming is for bounded memory: the blocks' kept inputs (a streamed gradient pass keeps
             # every block's: 2.3 GB on the embedded default) spill past STREAM_ACTIVATIONS, or past a
-            # quarter of what is free if that is less, and a block whose Hessians would take more than
-            # half of what is free is calibrated in rounds; the bits are the same either way
+            # quarter of what is free if that is less; the bits are the same either way
             free = available_memory()
-            calib = replace(calib, max_memory=min(STREAM_ACTIVATIONS, free // 4 if free else STREAM_ACTIVATIONS),
-                            statistics_memory=free // 2 if free else None)  # fmt: skip
+            calib = replace(calib, max_memory=min(STREAM_ACTIVATIONS, free // 4 if free else STREAM_ACTIVATIONS))
     streamed_r = replace(r, cloze_items=0, speed=False)
     with stage("tokenize"):
         data = _tokenize(streamed_r, lm, calib, domain, general, evaluated)

@@ -63,6 +63,14 @@ def parameter_groups(model: nn.Module) -> dict[str, list[tuple[nn.Module, str, s
     return groups
 
 
+class _Viewing(torch.Tensor):
+    """A tensor whose `contiguous()` is itself, so that transformers' reverse conversion, which makes
+    each split piece contiguous for saving, hands back views of the tensor instead of copies."""
+
+    def contiguous(self, *_args: Any, **_kwargs: Any) -> torch.Tensor:
+        return self
+
+
 class Conversions:
     """transformers' load-time rules for a checkpoint's tensor names (its conversion mapping) applied
     one model parameter at a time, as a streamed job reads and writes them:
@@ -123,6 +131,33 @@ class Conversions:
         from transformers.core_model_loading import revert_weight_conversion
 
         return revert_weight_conversion(self.model, {name: tensor})  # type: ignore[arg-type]
+
+    def read_into(self, name: str, out: torch.Tensor, get: Callable[[str], torch.Tensor]) -> bool:
+        """Fill `out` (fused parameter `name`'s shape) with its checkpoint tensors one at a time, each
+        copied into the view of `out` the reverse conversion gives it (taken before it is made
+        contiguous): no stacked copies, one tensor read at a time beside `out`.  Only where those
+        views tile `out` exactly (each contiguous, none overlapping, all of it covered: what stacking
+        and concatenating undo); False, `out` untouched, where they do not (`read` then builds it
+        with transformers' converter)."""
+        views = self.checkpoint_tensors(name, out.as_subclass(_Viewing))
+        parts = {k: v.as_subclass(torch.Tensor) for k, v in views.items()}
+        if set(parts) != {k for k, _ in self.fused[name]}:
+            return False
+        spans = []
+        for view in parts.values():
+            if not view.is_contiguous() or view.untyped_storage().data_ptr() != out.untyped_storage().data_ptr():
+                return False
+            spans.append((view.storage_offset(), view.numel()))
+        at = out.storage_offset()
+        for offset, n in sorted(spans):
+            if offset != at:
+                return False
+            at += n
+        if at != out.storage_offset() + out.numel():
+            return False
+        for key, view in parts.items():
+            view.copy_(get(key))
+        return True
 
 
 def tied_aliases(directory: Path, stored: set[str]) -> dict[str, str]:
@@ -226,9 +261,19 @@ class SkeletonModel:
             module._parameters[attr] = param
 
     def _load(self, name: str) -> None:
-        stored = self.specs[name][0]
-        fused = stored in self.conversions.fused
-        t = self.conversions.read(stored, self.source.get) if fused else self.source.get(stored)
+        stored, shape = self.specs[name]
+        if stored in self.conversions.fused:
+            # the checkpoint tensors copied one by one into the parameter where transformers' reverse
+            # conversion shows how (a Mixtral's experts: 1x the fused tensor, where stacking them took 2x)
+            kind = self.source.dtype(self.conversions.fused[stored][0][0])
+            t = torch.empty(shape, dtype=self.dtype if kind.is_floating_point else kind, device=self.device)
+            if self.conversions.read_into(stored, t, self.source.get):
+                self._set(name, t)
+                return
+            del t
+            t = self.conversions.read(stored, self.source.get)
+        else:
+            t = self.source.get(stored)
         self._set(name, t.to(self.device, self.dtype if t.is_floating_point() else t.dtype))
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
