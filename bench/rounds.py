@@ -140,8 +140,8 @@ def table(rows: dict[str, dict[str, Any]], facts: dict[str, Any], budget: str) -
         "Same output: the sha256 of every saved tensor equal to the in-memory row's.",
         "",
         "| engine | --max-memory | most rounds a block took | wall s | prune s | peak RSS MB "
-        "| domain ppl before / after | linear sparsity | same output as in memory |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| domain ppl before / after | linear sparsity | same output as in memory | commit |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     ref = rows.get("memory", {}).get("digest")
     for rid, _stream, rounds in ROWS:
@@ -154,7 +154,7 @@ def table(rows: dict[str, dict[str, Any]], facts: dict[str, Any], budget: str) -
         lines.append(
             f"| {rid.split('-')[0]} | {budget if rounds else '-'} | {most} | {r['speed']['wall_s']:.1f} | "
             f"{r['timings_s']['prune']:.1f} | {r['speed']['peak_rss_mb']:.0f} | {b['domain_ppl']:.2f} / "
-            f"{a['domain_ppl']:.2f} | {r['sparsity']:.4f} | {same} |"
+            f"{a['domain_ppl']:.2f} | {r['sparsity']:.4f} | {same} | {r['commit']} |"
         )
     failed = [f"- {k}: {r['error']}" for k, r in rows.items() if "error" in r]
     return "\n".join(lines + (["", *failed] if failed else []))
