@@ -70,25 +70,22 @@ ROWS = [
 ]
 
 
-def ensure_moe() -> dict[str, Any]:
-    """The upcycled MoE (built once): its facts, with the largest logit difference from the dense model."""
-    facts = MOE_DIR / "upcycled.json"
-    if facts.exists():
-        return dict(json.loads(facts.read_text()))
+def upcycle(dense: Any, experts: int, top_k: int, widen: int = 1) -> Any:
+    """A Mixtral computing what `dense` (a Llama-style model, float32) does: each block's MLP copied into
+    `experts` experts, each widened `widen` times (the gate/up rows tiled, the down columns tiled and
+    divided by `widen`: the same function), top-k routing by a router seeded at 0, N(0, 1/hidden)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+    from transformers import MixtralConfig, MixtralForCausalLM
 
-    ensure_model()
-    dense = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
     c = dense.config
     cfg = MixtralConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size * widen,
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
         max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
         rope_parameters=dict(c.rope_parameters), tie_word_embeddings=True, bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, num_local_experts=EXPERTS,
-        num_experts_per_tok=TOP_K, sliding_window=None, router_jitter_noise=0.0, dtype="float32",
+        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, num_local_experts=experts,
+        num_experts_per_tok=top_k, sliding_window=None, router_jitter_noise=0.0, dtype="float32",
     )  # fmt: skip
     moe = MixtralForCausalLM(cfg).eval()
     src = dense.state_dict()
@@ -99,13 +96,29 @@ def ensure_moe() -> dict[str, Any]:
                 p.copy_(src[name])
             elif name.endswith("mlp.gate.weight"):  # the router
                 p.copy_(torch.randn(p.shape, generator=gen) / c.hidden_size**0.5)
-            elif name.endswith("experts.gate_up_proj"):
+            elif name.endswith("experts.gate_up_proj"):  # [E, 2I, H]: the gate rows, then the up rows
                 mlp = name.removesuffix("experts.gate_up_proj")
-                p.copy_(torch.cat([src[mlp + "gate_proj.weight"], src[mlp + "up_proj.weight"]]).expand_as(p))
-            elif name.endswith("experts.down_proj"):
-                p.copy_(src[name.removesuffix("experts.down_proj") + "down_proj.weight"].expand_as(p))
+                gate, up = (src[mlp + f"{k}_proj.weight"].repeat(widen, 1) for k in ("gate", "up"))
+                p.copy_(torch.cat([gate, up]).expand_as(p))
+            elif name.endswith("experts.down_proj"):  # [E, H, I]
+                down = src[name.removesuffix("experts.down_proj") + "down_proj.weight"]
+                p.copy_((down.repeat(1, widen) / widen).expand_as(p))
             else:
                 raise RuntimeError(f"nothing to upcycle {name} from")
+    return moe
+
+
+def ensure_moe() -> dict[str, Any]:
+    """The upcycled MoE (built once): its facts, with the largest logit difference from the dense model."""
+    facts = MOE_DIR / "upcycled.json"
+    if facts.exists():
+        return dict(json.loads(facts.read_text()))
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ensure_model()
+    dense = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
+    moe = upcycle(dense, EXPERTS, TOP_K)
     import carve
 
     ids = carve.Corpus("legal").eval_blocks(AutoTokenizer.from_pretrained(MODEL_DIR), 1, 512)

@@ -34,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, load_results, save_result, timed, write_section
+from moe import upcycle
 from stream import digests
 
 RESULTS = HERE / "results" / "rounds.jsonl"
@@ -55,40 +56,13 @@ def ensure_wide() -> dict[str, Any]:
     if facts.exists():
         return dict(json.loads(facts.read_text()))
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, MixtralConfig, MixtralForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure_model()
     dense = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32).eval()
     dense.model.layers = dense.model.layers[:BLOCKS]
     dense.config.num_hidden_layers = BLOCKS
-    c = dense.config
-    cfg = MixtralConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size * WIDEN,
-        num_hidden_layers=BLOCKS, num_attention_heads=c.num_attention_heads,
-        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, hidden_act=c.hidden_act,
-        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters=dict(c.rope_parameters), tie_word_embeddings=True, bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id, num_local_experts=EXPERTS,
-        num_experts_per_tok=TOP_K, sliding_window=None, router_jitter_noise=0.0, dtype="float32",
-    )  # fmt: skip
-    moe = MixtralForCausalLM(cfg).eval()
-    src = dense.state_dict()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in moe.named_parameters():
-            if name in src:
-                p.copy_(src[name])
-            elif name.endswith("mlp.gate.weight"):  # the router
-                p.copy_(torch.randn(p.shape, generator=gen) / c.hidden_size**0.5)
-            elif name.endswith("experts.gate_up_proj"):  # [E, 2I', H]: the gate rows tiled, then the up rows
-                mlp = name.removesuffix("experts.gate_up_proj")
-                gate, up = src[mlp + "gate_proj.weight"].repeat(WIDEN, 1), src[mlp + "up_proj.weight"].repeat(WIDEN, 1)
-                p.copy_(torch.cat([gate, up]).expand_as(p))
-            elif name.endswith("experts.down_proj"):  # [E, H, I']: the columns tiled, each copy a WIDEN-th
-                down = src[name.removesuffix("experts.down_proj") + "down_proj.weight"]
-                p.copy_((down.repeat(1, WIDEN) / WIDEN).expand_as(p))
-            else:
-                raise RuntimeError(f"nothing to build {name} from")
+    moe = upcycle(dense, EXPERTS, TOP_K, WIDEN)
     import carve
 
     tok = AutoTokenizer.from_pretrained(MODEL_DIR)
@@ -99,7 +73,7 @@ def ensure_wide() -> dict[str, Any]:
     moe.save_pretrained(WIDE_DIR)
     tok.save_pretrained(WIDE_DIR)
     out = {
-        "blocks": BLOCKS, "experts": EXPERTS, "top_k": TOP_K, "expert_channels": cfg.intermediate_size,
+        "blocks": BLOCKS, "experts": EXPERTS, "top_k": TOP_K, "expert_channels": moe.config.intermediate_size,
         "parameters": sum(p.numel() for p in moe.parameters()),
         "mb": round(sum(f.stat().st_size for f in WIDE_DIR.glob("*.safetensors")) / 2**20),
         "max_logit_diff_from_the_cut_dense_model": diff,
