@@ -207,3 +207,19 @@ def test_sparsegpt_zeroes_dead_inputs() -> None:
     H = 2 / 200 * X.t() @ X
     new, _, info = sparsegpt_prune(torch.randn(4, 8), H, 0.25)
     assert (new[:, 3] == 0).all() and info["dead_inputs"] == 1
+
+
+@pytest.mark.parametrize("given, kept", [(None, "64"), ("7", "7")])
+def test_import_bounds_onednn_primitive_cache_unless_the_environment_does(given: str | None, kept: str) -> None:
+    """`import carve` sets oneDNN's primitive cache capacity (an MoE's bfloat16 expert matmuls have a
+    new shape almost every call) before oneDNN's first primitive; a value in the environment stays."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    if given is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = given
+    code = "import os, carve; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == kept
