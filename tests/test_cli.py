@@ -74,6 +74,21 @@ def test_extract_end_to_end(tmp_path: Path, model_dir: Path, small_corpus: Path,
     assert (w == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
 
 
+def test_extract_takes_the_model_as_the_other_jobs_do(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:
+    """`carve extract MODEL` as `carve finetune MODEL`: the same recipe as `--model MODEL` (given
+    twice, it must be the same model); neither: the recipe's default."""
+    import carve
+    from carve.cli.main import _recipe, build_parser
+
+    parse = build_parser().parse_args
+    assert _recipe(parse(["extract", str(model_dir), "--out", "o"])).model == str(model_dir)
+    assert _recipe(parse(["extract", "--model", str(model_dir), str(model_dir), "--out", "o"])).model == str(model_dir)
+    assert _recipe(parse(["extract", "--out", "o"])).model == carve.Recipe().model
+    out = tmp_path / "out"
+    assert main(["extract", str(model_dir), "--domain", str(small_corpus), "--out", str(out), *FAST]) == 0
+    assert json.loads((out / "carve.json").read_text())["recipe"]["model"] == str(model_dir)
+
+
 def test_json_summary_and_eval(tmp_path: Path, model_dir: Path, small_corpus: Path, capsys) -> None:
     out = tmp_path / "out"
     assert _extract(model_dir, small_corpus, out, "--method", "wanda", "--pattern", "2:4", "--json") == 0
@@ -168,6 +183,7 @@ BAD = [
     ("truncated weights", lambda t, m, c: ["--model", str(_truncated_model(t, m))], "truncated or not safetensors"),
     ("not gguf", lambda t, m, c: ["--model", str(_not_weights(t, m))], "is not a complete GGUF file"),
     ("unknown corpus", lambda t, m, c: ["--model", str(m), "--domain", "astrology"], "unknown corpus 'astrology'"),
+    ("two models", lambda t, m, c: [str(t / "other"), "--model", str(m)], "two models given"),
     (
         "short corpus",
         lambda t, m, c: ["--model", str(m), "--domain", str(_short(t))],

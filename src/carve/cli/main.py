@@ -73,6 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ex = sub.add_parser("extract", help="prune a model into a domain specialist")
+    ex.add_argument(
+        "source",
+        nargs="?",
+        default=argparse.SUPPRESS,
+        metavar="model",
+        help="the model, as the other jobs take it (the same as --model)",
+    )
     add_recipe_flags(ex, carve.Recipe, unset=True)
     ex.add_argument("--recipe", help="YAML/JSON recipe (or a carve.json manifest) to start from; flags override it")
     ex.add_argument("--out", default=None, help="output directory (written atomically)")
@@ -216,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args: argparse.Namespace) -> carve.Recipe:
+    if hasattr(args, "source"):  # `carve extract MODEL`, as finetune, recover and eval take it
+        if getattr(args, "model", args.source) != args.source:
+            raise carve.UsageError(f"two models given: {args.source!r} and --model {args.model!r}; give one")
+        args.model = args.source
     base = carve.Recipe.load(args.recipe) if args.recipe else None
     return recipe_from(args, carve.Recipe, base)
 
