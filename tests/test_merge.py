@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -741,6 +742,27 @@ def test_regmean_grams_computed_in_the_job(tmp_path: Path, model_dir: Path, expe
     assert not torch.allclose(
         merged[linears[0]], base[linears[0]] + (taus[0][linears[0]] + 2 * taus[1][linears[0]]) / 3
     )
+
+
+def test_regmean_grams_in_rounds_are_the_same(tmp_path: Path, model_dir: Path, experts, monkeypatch) -> None:
+    """An expert whose block's Gram matrices would pass the budget is calibrated in rounds (one file
+    per round): the merge is the one-round merge bit for bit, and the manifest says how many rounds."""
+    two = {k: experts[k] for k in ("legal", "code")}
+
+    def merged(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        argv = ["merge", "--base", str(model_dir), *[f"--expert={k}={d}" for k, d in two.items()], "--method",
+                "regmean", "--data-blocks", "2", "--block-len", "32", "--eval-blocks", "0", "--out", str(out),
+                "--quiet"]  # fmt: skip
+        assert main(argv) == 0
+        return load_file(str(out / "model.safetensors")), json.loads((out / "carve.json").read_text())
+
+    whole, manifest = merged(tmp_path / "whole")
+    assert {e["most_rounds"] for e in manifest["grams"]["per_expert"].values()} == {1}
+    monkeypatch.setattr("carve.streamed.statistics_budget", lambda budget: 0)  # every group in a round of its own
+    rounds, manifest = merged(tmp_path / "rounds")
+    assert all(e["most_rounds"] > 1 for e in manifest["grams"]["per_expert"].values())
+    assert rounds.keys() == whole.keys()
+    assert all(torch.equal(rounds[n], whole[n]) for n in whole)
 
 
 def test_fisher_diagonals_computed_in_the_job(tmp_path: Path, model_dir: Path, experts) -> None:

@@ -11,6 +11,7 @@ import math
 import re
 import shutil
 import tempfile
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -417,14 +418,18 @@ def _gram_maps(r: MergeRecipe, directory: Path) -> tuple[dict[str, Path], dict[s
     from carve.engines.layerwise import layerwise
     from carve.scorers.stats import Hessian
     from carve.settings import DEFAULT_TARGETS, Calibration
+    from carve.streamed import statistics_budget
 
     folders: dict[str, Path] = {}
     said: dict[str, Any] = {}
     for name, lm, data, said[name] in _experts_on_their_domains(r):
         folder = folders[name] = directory / f"grams-{len(folders)}"
         folder.mkdir()
+        parts: Counter[int] = Counter()  # a block calibrated in rounds comes in parts: a file each
 
-        def on_block(i: int, linears: dict[str, torch.nn.Module], stats: dict[str, Any], folder: Path = folder) -> None:
+        def on_block(
+            i: int, linears: dict[str, torch.nn.Module], stats: dict[str, Any], folder: Path = folder, parts=parts
+        ) -> None:
             leaders: dict[int, str] = {}
             tensors: dict[str, torch.Tensor] = {}
             aliases = {}
@@ -432,10 +437,14 @@ def _gram_maps(r: MergeRecipe, directory: Path) -> tuple[dict[str, Path], dict[s
                 key = leaders.setdefault(id(stats[n]), f"{n}.weight")
                 tensors.setdefault(key, stats[n].H.contiguous())
                 aliases[f"{n}.weight"] = key
-            save_file(tensors, str(folder / f"block-{i:05d}.safetensors"), metadata={"aliases": json.dumps(aliases)})
+            path = folder / f"block-{i:05d}-{parts[i]:02d}.safetensors"
+            parts[i] += 1
+            save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
 
-        calib = Calibration(propagation="dense")
-        layerwise(lm.model, data, on_block, Hessian, DEFAULT_TARGETS, calib, f"Gram matrices ({name})")
+        # a block's matrices within half the memory free (the expert loaded), else in rounds: the same bits
+        calib = Calibration(propagation="dense", statistics_memory=statistics_budget(None))
+        seconds = layerwise(lm.model, data, on_block, Hessian, DEFAULT_TARGETS, calib, f"Gram matrices ({name})")
+        said[name]["most_rounds"] = seconds.get("most_rounds", 1)
         embedding = lm.model.get_input_embeddings().weight
         key = next(n for n, p in lm.model.named_parameters() if p is embedding)
         rows = torch.bincount(data.reshape(-1), minlength=embedding.shape[0]).double() / data.numel()

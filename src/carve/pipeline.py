@@ -74,6 +74,7 @@ from carve.streamed import (
     copy_side_files,
     load_tokenizer,
     metrics,
+    statistics_budget,
     streaming_reason,
 )
 
@@ -442,8 +443,7 @@ def _calibration(r: Recipe, lm: LoadedModel) -> Calibration:
     products = (dtype or model_dtype) if r.hessian_dtype == "calib" else None
     # a block's Hessians within the budget, or half the memory free now (the model loaded): past it the
     # block is calibrated in rounds, the same bits (carve.engines.layerwise.rounds)
-    free = available_memory() if budget is None else None
-    statistics = budget if budget is not None else (free // 2 if free else None)
+    statistics = statistics_budget(budget)
     return Calibration(
         r.batch_size, r.propagation, dtype, max_memory=budget, statistics_memory=statistics, products=products
     )

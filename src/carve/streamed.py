@@ -60,6 +60,16 @@ def available_memory() -> int | None:
     return None
 
 
+def statistics_budget(budget: int | None) -> int | None:
+    """The bytes a layer-wise calibration may give one block's statistics (`Calibration.
+    statistics_memory`; past it the block is calibrated in rounds, the same bits): `budget` when
+    given (`--max-memory`), else half the memory available now (once the model is loaded)."""
+    if budget is not None:
+        return budget
+    free = available_memory()
+    return free // 2 if free else None
+
+
 def weights_bytes(directory: Path, dtype: torch.dtype) -> int:
     """The size a checkpoint's weights take in memory in `dtype` (from the safetensors headers)."""
     from carve.models.stream import TensorSource
