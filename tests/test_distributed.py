@@ -231,3 +231,20 @@ def test_torchrun_recover_shares_its_micro_batches(tmp_path: Path, model_dir: Pa
     assert any(not torch.equal(a[k], moved[k]) for k in a)  # the run trained
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_collectives_go_where_the_backend_carries_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A group initialized with NCCL alone carries no CPU tensor: carve's CPU counts and notes go
+    through the current CUDA device there; a group with a CPU backend (gloo, or torchrun's
+    "cpu:gloo,cuda:nccl") takes them where they are; a device no backend carries is refused."""
+    from carve.distributed import wire_device
+    from carve.errors import UsageError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert wire_device(cpu, "cpu:gloo,cuda:gloo") == cpu
+    assert wire_device(cpu, "cpu:gloo,cuda:nccl") == cpu
+    assert wire_device(cuda, "cpu:gloo,cuda:nccl") == cuda
+    assert wire_device(cpu, "cuda:nccl") == torch.device("cuda", 1)
+    with pytest.raises(UsageError, match="cannot carry cuda tensors"):
+        wire_device(cuda, "cpu:gloo")

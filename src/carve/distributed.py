@@ -82,13 +82,43 @@ def owners(costs: dict[str, float]) -> dict[str, int]:
     return out
 
 
+def wire_device(device: torch.device, config: str | None = None) -> torch.device:
+    """Where a tensor on `device` goes for a collective of the process group whose backend config
+    is `config` (`torch.distributed.get_backend_config()`: "cpu:gloo,cuda:nccl", "cuda:nccl", ...):
+    its own device when the group has a backend for that device type, else the current CUDA device
+    when the group has one for CUDA (a group initialized with "nccl" alone carries no CPU tensor:
+    carve's small CPU counts, notes and statistics go through the GPU there)."""
+    if config is None:
+        import torch.distributed as dist
+
+        config = dist.get_backend_config()
+    kinds = {part.split(":")[0].strip() for part in config.split(",") if ":" in part}
+    if not kinds or device.type in kinds:
+        return device
+    if "cuda" in kinds:
+        return torch.device("cuda", torch.cuda.current_device())
+    raise UsageError(f"the process group's backends ({config}) cannot carry {device.type} tensors")
+
+
+def _collective(tensor: torch.Tensor, op: Any) -> torch.Tensor:
+    """`op(t)` on `tensor`, or on a copy on the device the group's backend needs, copied back."""
+    device = wire_device(tensor.device)
+    if device == tensor.device:
+        op(tensor)
+        return tensor
+    moved = tensor.to(device)
+    op(moved)
+    tensor.copy_(moved)
+    return tensor
+
+
 def broadcast_(tensor: torch.Tensor, src: int) -> torch.Tensor:
     """`tensor` (contiguous) overwritten in place on every rank by rank `src`'s bits (one process:
     as is).  Sent as raw bytes, so any dtype (bfloat16, bool) goes through any backend."""
     if active():
         import torch.distributed as dist
 
-        dist.broadcast(tensor.view(torch.uint8), src=src)
+        _collective(tensor.view(torch.uint8), lambda t: dist.broadcast(t, src=src))
     return tensor
 
 
@@ -110,9 +140,9 @@ def merge_mean(tensor: torch.Tensor, n: int) -> int:
     import torch.distributed as dist
 
     count = torch.tensor([float(n)], dtype=torch.float64, device=tensor.device)
-    dist.all_reduce(count)
+    _collective(count, dist.all_reduce)
     tensor.mul_(n)
-    dist.all_reduce(tensor)
+    _collective(tensor, dist.all_reduce)
     total = int(count.item())
     tensor.div_(total)
     return total
@@ -123,7 +153,7 @@ def sum_(tensor: torch.Tensor) -> torch.Tensor:
     if active():
         import torch.distributed as dist
 
-        dist.all_reduce(tensor)
+        _collective(tensor, dist.all_reduce)
     return tensor
 
 
@@ -135,14 +165,15 @@ def sum_float(x: float) -> float:
 
 def init_from_environment() -> bool:
     """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment): NCCL on
-    CUDA, gloo on CPU.  Returns whether a group is (now) initialized."""
+    CUDA (with gloo for CPU tensors), gloo on CPU.  Returns whether a group is (now) initialized."""
     import torch.distributed as dist
 
     if not dist.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return dist.is_available() and dist.is_initialized()
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        if backend == "nccl":
+        # with CUDA, NCCL for the GPU's tensors and gloo beside it for the CPU's (counts, notes)
+        cuda = torch.cuda.is_available()
+        if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     return True
