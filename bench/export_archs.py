@@ -1,8 +1,9 @@
 """`carve export --gguf` in llama.cpp itself for the layouts the embedded default does not have:
 Qwen3 (per-head Q/K norms, head_dim apart from hidden / heads), Llama 3's RoPE scaling, Gemma 3
-with a SentencePiece-style tokenizer, Phi-3 (fused qkv and gate/up projections, a sliding window),
-and the mixture-of-experts Mixtral, Qwen3-MoE and Qwen2-MoE (fused experts split into llama.cpp's
-tensors; Qwen2-MoE's shared expert beside them).
+with a SentencePiece-style tokenizer, Phi-3 (fused qkv and gate/up projections, a sliding window;
+and with LongRoPE, as the 128k Phi-3, Phi-3.5 and Phi-4-mini), and the mixture-of-experts
+Mixtral, Qwen3-MoE and Qwen2-MoE (fused experts split into llama.cpp's tensors; Qwen2-MoE's shared
+expert beside them).
 
     .venv/bin/python bench/export_archs.py [--kinds qwen3 llama3-rope gemma3 phi3]
 
@@ -23,6 +24,10 @@ held-out texts (legal documents 20-39 and code documents 0-9, 400 characters eac
 accented, mathematical and emoji characters) are tokenized by llama.cpp and by transformers.  Phi-3:
 fused qkv_proj and gate_up_proj, every layer attending within a sliding window of 16 tokens; the
 same block is also scored by transformers without the window, which llama.cpp must not match.
+Phi-3 LongRoPE (`phi3-longrope`, `phi3-longrope-short`): no window, 3/4 of each head rotated,
+original context 64 of 512, 6 long and 6 short factors, query and key rows scaled by 8; scored on
+200 tokens (both take the long factors) and on 50 (llama.cpp's context then 62, within the original
+64: both take the short ones); contrast: plain RoPE over the same channels.
 Mixtral / Qwen3-MoE / Qwen2-MoE: 4 experts, top-2 routing, expert and router weights (and Qwen2-MoE's
 shared expert and its gate) from N(0, 0.2) so that tokens spread over the experts and the mixture
 matters; contrast: the same weights with top-1 routing, which llama.cpp must not match.
@@ -61,6 +66,14 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 64, "rope_theta": 10000.0}  # fmt: skip
 
 
+# LongRoPE as the 128k Phi-3, Phi-3.5 and Phi-4-mini have it, in small: original context 64 of 512 (the
+# attention factor sqrt(1 + ln 8 / ln 64)), 3/4 of each 16-channel head rotated: 6 factors of each kind
+LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "original_max_position_embeddings": 64, "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+            "long_factor": [1.5, 3.0, 6.0, 12.0, 24.0, 48.0]}  # fmt: skip
+BLOCK = {"phi3-longrope-short": 50}  # tokens scored (default 200): within the original context, short factors
+
+
 def tiny(kind: str, vocab: int) -> torch.nn.Module:
     import transformers as tf
 
@@ -79,6 +92,15 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         config = tf.Phi3Config(**SIZES, sliding_window=16, vocab_size=vocab, pad_token_id=None, bos_token_id=None,
                                eos_token_id=None)  # fmt: skip
         return tf.AutoModelForCausalLM.from_config(config).eval()
+    if kind.startswith("phi3-longrope"):  # Phi-4-mini's RoPE in small: 3/4 of a head rotated, LongRoPE
+        config = tf.Phi3Config(**SIZES, vocab_size=vocab, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                               original_max_position_embeddings=64)  # fmt: skip
+        config.rope_parameters = dict(LONGROPE)
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # positions matter: the query and key rows (4 + 2 heads of 16) scaled by 8
+            for layer in model.model.layers:
+                layer.self_attn.qkv_proj.weight[: 6 * 16].mul_(8)
+        return model.eval()
     if kind == "qwen3":
         model = tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(**SIZES, head_dim=128, vocab_size=vocab))
         with torch.no_grad():
@@ -116,6 +138,15 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
 CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("export-archs-global", {"layer_types": ["full_attention"] * 3}),  # every layer global
     "phi3": ("export-archs-fused-full", {"sliding_window": None}),  # no sliding window
+    # plain RoPE over the same 3/4 of each head: no factors, no attention factor
+    "phi3-longrope": (
+        "export-archs-fused-plain-rope",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}},
+    ),
+    "phi3-longrope-short": (
+        "export-archs-fused-plain-rope-short",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}},
+    ),
     "llama3-rope": ("export-archs-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "mixtral": ("export-archs-mixtral-top1", {"num_experts_per_tok": 1}),  # one expert a token
     "qwen3-moe": ("export-archs-qwen3-moe-top1", {"num_experts_per_tok": 1}),
@@ -144,7 +175,7 @@ def row(kind: str) -> dict[str, Any]:
         tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     # llama.cpp gives Phi-3's own special tokens (<s>, </s>, <unk>) attributes when the model's name holds
     # "phi3" and fails to load a vocabulary without them (this one is the embedded default's): not in the name
-    name = "fused-qkv" if kind == "phi3" else kind
+    name = kind.replace("phi3", "fused-qkv")
     src, gguf = OUT / f"export-archs-{name}", OUT / f"export-archs-{name}.f16.gguf"
     model = tiny(kind, len(tok))
     model.save_pretrained(src)
@@ -152,7 +183,7 @@ def row(kind: str) -> dict[str, Any]:
     out = subprocess.run([CARVE, "export", str(src), "--gguf", str(gguf), "--type", "f16", "--overwrite", "--json",
                           "--quiet"], capture_output=True, text=True, check=True).stdout  # fmt: skip
     exported = json.loads(out[out.index("{") :])
-    ids = torch.randint(0, len(tok), (1, 200), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, len(tok), (1, BLOCK.get(kind, 200)), generator=torch.Generator().manual_seed(1))
     nll, top = scored(model, ids)
     texts = held_out_texts()
     tokenized = kind in ("gemma3", "llama3-tokenizer")
@@ -198,12 +229,16 @@ def table(rows: list[dict[str, Any]]) -> str:
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
-        "tokenizer; Phi-3: fused qkv and gate/up, every layer sliding, window 16; Mixtral, Qwen3-MoE and Qwen2-MoE: 4 "
+        "tokenizer; Phi-3: fused qkv and gate/up, every layer sliding, window 16; Phi-3 LongRoPE (Phi-4-mini's RoPE "
+        "in small: 3/4 of each head rotated, original context 64 of 512, 6 long and 6 short factors, query and key "
+        "rows scaled by 8), scored on 200 tokens (long factors) and on 50 (`-short`: llama.cpp's context 62, "
+        "within the original 64, so both take the short factors); Mixtral, Qwen3-MoE and Qwen2-MoE: 4 "
         "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
-        "RoPE scaling; Gemma 3: every layer global; Phi-3: no sliding window; the MoEs: top-1 routing), which "
+        "RoPE scaling; Gemma 3: every layer global; Phi-3: no sliding window; Phi-3 LongRoPE: plain RoPE over the "
+        "same channels; the MoEs: top-1 routing), which "
         "llama.cpp must not match "
         "(Phi-3: it does, llama.cpp disables Phi-3's window; see below). Tokenization: held-out texts tokenized "
         "by llama.cpp and by transformers (Gemma 3 row; llama3-tokenizer row: a byte-level BPE tokenizer split "
@@ -258,6 +293,8 @@ KINDS = (
     "llama3-rope",
     "gemma3",
     "phi3",
+    "phi3-longrope",
+    "phi3-longrope-short",
     "mixtral",
     "qwen3-moe",
     "qwen2-moe",

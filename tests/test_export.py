@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -166,21 +167,76 @@ def test_mistral_sliding_window_noted(tmp_path: Path, tokenizer, capsys) -> None
     assert meta["general.architecture"] == "llama" and "past 16 tokens" in capsys.readouterr().err
 
 
-def test_phi3_longrope_refused(tmp_path: Path, tokenizer, capsys) -> None:
-    from tests.conftest import tiny_config
-
-    config = tiny_config("phi3")
-    config.rope_parameters = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 8,
-                              "long_factor": [2.0] * 8, "original_max_position_embeddings": 64, "factor": 4.0,
-                              "partial_rotary_factor": 1.0}  # fmt: skip
-    src = tmp_path / "phi3-long"
+def _phi3_longrope(rope: dict[str, Any]) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_config(config).save_pretrained(src)
-    tokenizer.save_pretrained(src)
+    from tests.conftest import tiny_config
+
+    config = tiny_config("phi3")  # head_dim 16, context 256
+    config.original_max_position_embeddings = rope.get("original_max_position_embeddings", 256)  # Phi-3 keeps both
+    config.rope_parameters = {"rope_theta": 10000.0, "partial_rotary_factor": 0.75, **rope}
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def test_phi3_longrope_as_rope_factors(tmp_path: Path, tokenizer, capsys) -> None:
+    """LongRoPE (the 128k Phi-3, Phi-3.5, Phi-4-mini) as llama.cpp's phi3 takes it (its
+    convert_hf_to_gguf's keys): the config's long and short factors as `rope_factors_long.weight` and
+    `rope_factors_short.weight`, one per rotated frequency (here 3/4 of a head rotated, as Phi-4-mini),
+    the original context, and the attention factor transformers scales cos and sin by; every other
+    tensor and key as the same weights' plain-RoPE export.  (transformers' GGUF loader reads no RoPE
+    scaling; the logits in llama.cpp itself: bench/export_archs.py, phi3-longrope rows.)"""
+    import math
+
+    import numpy as np
+    from gguf import GGUFReader
+
+    long, short = [1.5, 2.0, 4.0, 8.0, 12.0, 16.0], [1.0, 1.1, 1.3, 1.6, 2.0, 2.5]
+    model = _phi3_longrope({"rope_type": "longrope", "long_factor": long, "short_factor": short,
+                            "original_max_position_embeddings": 64})  # fmt: skip
+    assert model.model.rotary_emb.attention_scaling == pytest.approx(math.sqrt(1 + math.log(256 / 64) / math.log(64)))
     capsys.readouterr()
-    assert main(["export", str(src), "--gguf", str(tmp_path / "p.gguf")]) == 2
-    assert "LongRoPE" in capsys.readouterr().err and not (tmp_path / "p.gguf").exists()
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-phi3-long", "f16")
+    assert "n_ctx 64 or less" in capsys.readouterr().err
+    assert meta["phi3.rope.dimension_count"] == 12 and meta["phi3.rope.scaling.original_context_length"] == 64
+    assert meta["phi3.rope.scaling.attn_factor"] == pytest.approx(model.model.rotary_emb.attention_scaling, rel=1e-6)
+    plain_model = _phi3_longrope({"rope_type": "default"})
+    plain_model.load_state_dict(model.state_dict())
+    plain, plain_meta = _exported(plain_model, tokenizer, tmp_path / "tiny-phi3-plain", "f16")
+    rope_keys = {"phi3.rope.scaling.original_context_length", "phi3.rope.scaling.attn_factor"}
+    other = {"carve.tensor_types", "general.name"}  # the directory's name; the file's tensors: below
+    assert {k: v for k, v in meta.items() if k not in rope_keys | other} == {
+        k: v for k, v in plain_meta.items() if k not in other
+    }
+    tensors = {t.name: np.array(t.data) for t in GGUFReader(str(gguf)).tensors}
+    plain_tensors = {t.name: np.array(t.data) for t in GGUFReader(str(plain)).tensors}
+    assert np.array_equal(tensors.pop("rope_factors_long.weight"), np.float32(long))
+    assert np.array_equal(tensors.pop("rope_factors_short.weight"), np.float32(short))
+    assert tensors.keys() == plain_tensors.keys()
+    assert all(np.array_equal(tensors[k], plain_tensors[k]) for k in tensors)
+
+
+@pytest.mark.parametrize(
+    ("rope", "message"),
+    [
+        ({"rope_type": "longrope", "long_factor": [2.0] * 8, "short_factor": [1.0] * 6,
+          "original_max_position_embeddings": 64}, "6 long and short factors"),
+        ({"rope_type": "longrope", "long_factor": [2.0] * 6, "short_factor": [1.0] * 6}, "original_max_position"),
+        ({"rope_type": "linear", "factor": 4.0}, "scales it as 'linear'"),
+    ],
+)  # fmt: skip
+def test_phi3_rope_llama_cpp_cannot_take_refused(rope: dict[str, Any], message: str) -> None:
+    """carve's own check of a Phi-3's RoPE before any work (transformers' Phi3Config refuses these
+    too, so a model directory never gets this far; a config from elsewhere might)."""
+    from types import SimpleNamespace
+
+    from carve.errors import UsageError
+    from carve.export import check_config
+
+    config = SimpleNamespace(model_type="phi3", hidden_size=64, num_attention_heads=4,
+                             rope_parameters={"rope_theta": 1e4, "partial_rotary_factor": 0.75, **rope})  # fmt: skip
+    with pytest.raises(UsageError, match=message):
+        check_config(config)
 
 
 def test_gemma3_structured_keeps_layer_kinds(tmp_path: Path, tokenizer, small_corpus: Path) -> None:

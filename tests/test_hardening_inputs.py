@@ -222,6 +222,26 @@ def test_corrupt_model_files(label, make, message, work: Path, model_dir: Path, 
     assert not (work / "PWNED").exists()
 
 
+CONFIGS: list[tuple[str, Callable[[dict], None], str]] = [
+    ("rope parameters transformers rejects", lambda c: c.update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}),
+     "transformers refuses its config.json"),
+    ("unknown model type", lambda c: c.update(model_type="no-such-arch"), "transformers refuses its config.json"),
+    ("config not JSON", lambda c: c.update(_raw=True), "is not a valid JSON file"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("label", "change", "message"), CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_config_transformers_refuses(label, change, message, work: Path, model_dir: Path, small_corpus: Path,
+                                     capsys) -> None:  # fmt: skip
+    """A config.json transformers' own loading refuses: one clear line from carve, nothing written."""
+    bad = work / "badconfig"
+    shutil.copytree(model_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    change(config)
+    (bad / "config.json").write_text("{not json" if config.pop("_raw", False) else json.dumps(config))
+    _refused(_extract(bad, small_corpus, work / "out"), work, capsys, message)
+
+
 @pytest.mark.parametrize("cut", [4, 23, 64, 4096, 0.5, 0.999, -1])
 def test_gguf_cut_short(cut: float, work: Path, small_corpus: Path, capsys) -> None:
     from carve.models.load import default_gguf

@@ -113,29 +113,75 @@ def rope_freq_factors(model: Any, head_dim: int, base: float) -> np.ndarray:
     return (plain / used.double().cpu()).float().numpy()
 
 
+def _rotary_dims(config: Any, head_dim: int) -> int:
+    """How many of a head's channels RoPE rotates (Phi-4-mini: 3/4 of them)."""
+    rotated = getattr(config, "partial_rotary_factor", None) or _rope(config).get("partial_rotary_factor") or 1.0
+    return int(head_dim * float(rotated))
+
+
 def _check_phi3(config: Any) -> None:
-    """Refuse the Phi-3 variants whose RoPE llama.cpp's phi3 graph takes in another form."""
-    if rope_type(config) != "default":
-        raise UsageError(
-            f"GGUF export writes Phi-3's plain RoPE so far; this model scales it ({rope_type(config)!r}: the "
-            "128k Phi-3, Phi-3.5 and Phi-4-mini use LongRoPE)"
-        )
+    """Refuse the Phi-3 variants whose RoPE llama.cpp's phi3 graph does not take: plain RoPE and
+    LongRoPE (the 128k Phi-3, Phi-3.5, Phi-4-mini) go, with one long and one short factor per
+    rotated frequency."""
+    kind = rope_type(config)
+    if kind == "longrope":
+        rope = _rope(config)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        half = _rotary_dims(config, head_dim) // 2
+        bad = [k for k in ("long_factor", "short_factor") if len(rope.get(k) or []) != half]
+        if bad or not rope.get("original_max_position_embeddings"):
+            raise UsageError(
+                f"this Phi-3's LongRoPE parameters are incomplete: llama.cpp needs original_max_position_embeddings "
+                f"and {half} long and short factors (one per rotated frequency){'; ' + ', '.join(bad) if bad else ''}"
+            )
+    elif kind != "default":
+        raise UsageError(f"GGUF export writes Phi-3's plain RoPE and LongRoPE; this model scales it as {kind!r}")
 
 
 def _phi3_metadata(writer: Any, config: Any) -> None:
-    """Phi-3's key beyond the common ones: its sliding window (every layer; llama.cpp reads it and
-    then disables it, `_phi3_caveats`)."""
+    """Phi-3's keys beyond the common ones: its sliding window (every layer; llama.cpp reads it and
+    then disables it, `_phi3_caveats`), and with LongRoPE the context its short factors serve (the
+    factors and the attention factor: `_rope_tensors`)."""
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(int(config.sliding_window))
+    if rope_type(config) == "longrope":
+        writer.add_rope_scaling_orig_ctx_len(int(_rope(config)["original_max_position_embeddings"]))
 
 
 def _phi3_caveats(config: Any) -> list[str]:
+    notes = []
     window = getattr(config, "sliding_window", None)
-    if not window:
-        return []
-    return [f"llama.cpp runs Phi-3 with full attention (it disables the sliding window, llama.cpp PR 13676): past "
-            f"{window} tokens of context it computes otherwise than transformers, as after llama.cpp's own "
-            "conversion"]  # fmt: skip
+    if window:
+        notes.append(f"llama.cpp runs Phi-3 with full attention (it disables the sliding window, llama.cpp PR "
+                     f"13676): past {window} tokens of context it computes otherwise than transformers, as after "
+                     "llama.cpp's own conversion")  # fmt: skip
+    if rope_type(config) == "longrope":
+        orig = int(_rope(config)["original_max_position_embeddings"])
+        notes.append(f"llama.cpp takes LongRoPE's long factors when its context (n_ctx) is above {orig} tokens, "
+                     f"transformers when the sequence is: run it with n_ctx {orig} or less to compute short "
+                     "sequences as transformers does, as after llama.cpp's own conversion")  # fmt: skip
+    return notes
+
+
+def _rope_tensors(model: Any, config: Any, head_dim: int, theta: float) -> tuple[list[tuple[str, np.ndarray]], Any]:
+    """The RoPE scaling llama.cpp reads from tensors: Llama 3's `rope_freqs.weight`; LongRoPE's
+    `rope_factors_long.weight` and `rope_factors_short.weight` (the config's factors, float32) with
+    the attention factor transformers scales cos and sin by (its rotary embedding's
+    `attention_scaling`: the config's, or sqrt(1 + ln s / ln L) for s = context / original L).
+    Returns the tensors and that factor (None without LongRoPE)."""
+    kind = rope_type(config)
+    if kind == "llama3":  # llama.cpp reads the scaled frequencies from this tensor
+        return [("rope_freqs.weight", rope_freq_factors(model, head_dim, theta))], None
+    if kind != "longrope":
+        return [], None
+    rope = _rope(config)
+    rotary = next((m for m in model.modules() if hasattr(m, "attention_scaling") and hasattr(m, "rope_type")), None)
+    if rotary is None:
+        raise UsageError("the model declares LongRoPE but has no rotary embedding module to read it from")
+    factors = [
+        (f"rope_factors_{k}.weight", np.asarray(rope[f"{k}_factor"], dtype=np.float32)) for k in ("long", "short")
+    ]
+    return factors, float(rotary.attention_scaling)
 
 
 def _check_plain_rope(config: Any, gguf_arch: str) -> None:
@@ -547,8 +593,7 @@ def write_gguf(
     theta = float(getattr(config, "rope_theta", None) or _rope(config).get("rope_theta", 10000.0))
     writer.add_rope_freq_base(theta)
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    rotated = getattr(config, "partial_rotary_factor", None) or _rope(config).get("partial_rotary_factor") or 1.0
-    writer.add_rope_dimension_count(int(shape["head_dim"] * float(rotated)))  # Phi-4-mini rotates 3/4 of a head
+    writer.add_rope_dimension_count(_rotary_dims(config, shape["head_dim"]))  # Phi-4-mini rotates 3/4 of a head
     writer.add_key_length(shape["head_dim"])
     writer.add_value_length(shape["head_dim"])
     writer.add_vocab_size(config.vocab_size)
@@ -557,10 +602,11 @@ def write_gguf(
         arch.metadata(writer, config)
     notes = [*(arch.caveats(config) if arch.caveats else []), *_tokenizer_metadata(writer, lm.tokenizer, source_gguf,
                                                                                    arch.pre)]  # fmt: skip
-    freqs = None
-    if rope_type(config) == "llama3":  # llama.cpp reads the scaled frequencies from this tensor
-        freqs = rope_freq_factors(lm.model, shape["head_dim"], theta)
-        writer.add_tensor_info("rope_freqs.weight", freqs.shape, freqs.dtype, freqs.nbytes)
+    rope_tensors, attn_factor = _rope_tensors(lm.model, config, shape["head_dim"], theta)
+    if attn_factor is not None:
+        writer.add_rope_scaling_attn_factors(attn_factor)
+    for name, values in rope_tensors:
+        writer.add_tensor_info(name, values.shape, values.dtype, values.nbytes)
     planned = []
     for target, w in _gguf_tensors(state.items(), arch):
         qtype = _ggml_type(tuple(w.shape), kind, keep_f32=target.endswith(_ROUTER))
@@ -571,8 +617,8 @@ def write_gguf(
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    if freqs is not None:
-        writer.write_tensor_data(freqs)
+    for _, values in rope_tensors:
+        writer.write_tensor_data(values)
     data = (item for item in (items() if items is not None else iter(state.items())) if item[0] in state)
     written = progress(_gguf_tensors(data, arch), "writing GGUF", total=len(planned))
     for (target, w), (want, qtype) in zip(written, planned, strict=True):
@@ -614,10 +660,10 @@ def export(
     source = Path(src).expanduser()
     manifest = read_manifest(source) if (source / "carve.json").is_file() else {}
     if (source / "config.json").is_file():  # refused before loading: a layout not exported
-        from transformers import AutoConfig
+        from carve.models.load import read_config
 
         architecture(json.loads((source / "config.json").read_text()).get("model_type"))
-        check_config(AutoConfig.from_pretrained(source))
+        check_config(read_config(source))
     reason = None if stream is False else streaming_reason(str(src), torch.float32, bool(stream))
     if reason is not None:
         check_streamable(str(src))

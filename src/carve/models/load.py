@@ -220,19 +220,33 @@ def _cached_config(source: str) -> Path | None:
     return Path(found) if found else None
 
 
+def read_config(directory: str | Path) -> Any:
+    """A model directory's config as transformers reads it, or one clear error when transformers
+    refuses its config.json (unparsable, an unknown model type, parameters its own checks reject)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(directory)
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as exc:
+        said = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        raise UsageError(f"{str(directory)!r}: transformers refuses its config.json ({said[:300]})") from exc
+
+
 def _from_directory(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
     """A local Hugging Face directory (safetensors or .bin weights) or a carve sparse model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from carve.models.sparse import is_sparse_model, read_sparse_state
 
     if not (path / "config.json").is_file():
         raise UsageError(f"model directory {str(path)!r} has no config.json")
+    config = read_config(path)
     fingerprint = directory_fingerprint(path)
     tok = AutoTokenizer.from_pretrained(path)
     if is_sparse_model(path) and not (path / "model.safetensors").is_file():
         state, aliases = read_sparse_state(path)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=kwargs["dtype"])
+        model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"])
         for name, stored in aliases.items():
             state[name] = state[stored]
         model.load_state_dict({k: v.to(kwargs["dtype"]) if v.is_floating_point() else v for k, v in state.items()})

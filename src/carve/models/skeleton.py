@@ -183,9 +183,10 @@ class SkeletonModel:
     """A causal LM from a safetensors directory, its decoder blocks read and freed one at a time."""
 
     def __init__(self, directory: str | Path, dtype: torch.dtype, device: str | torch.device) -> None:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         from carve.engines.activations import bound_heap_retention
+        from carve.models.load import read_config
 
         # each block's freed buffers go back to the OS, not into a growing heap: without it, reading
         # and freeing the upcycled MoE's blocks (an MoE's per-expert tensors, stacked) grew the
@@ -194,7 +195,7 @@ class SkeletonModel:
         self.directory = Path(directory).expanduser()
         self.dtype, self.device = dtype, torch.device(device)
         self.source = TensorSource(self.directory, mmap=False)  # pages read do not stay resident
-        config = AutoConfig.from_pretrained(self.directory)
+        config = read_config(self.directory)
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()
