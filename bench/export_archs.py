@@ -25,9 +25,10 @@ accented, mathematical and emoji characters) are tokenized by llama.cpp and by t
 fused qkv_proj and gate_up_proj, every layer attending within a sliding window of 16 tokens; the
 same block is also scored by transformers without the window, which llama.cpp must not match.
 Phi-3 LongRoPE (`phi3-longrope`, `phi3-longrope-short`): no window, 3/4 of each head rotated,
-original context 64 of 512, 6 long and 6 short factors, query and key rows scaled by 8; scored on
-200 tokens (both take the long factors) and on 50 (llama.cpp's context then 62, within the original
-64: both take the short ones); contrast: plain RoPE over the same channels.
+original context 256 of 2048, 6 long and 6 short factors, query and key rows scaled by 8; scored on
+300 tokens (both take the long factors) and on 200 (llama.cpp's context then 212, which it rounds up
+to 256, within the original 256: both take the short ones); contrast: plain RoPE over the same
+channels.
 Mixtral / Qwen3-MoE / Qwen2-MoE: 4 experts, top-2 routing, expert and router weights (and Qwen2-MoE's
 shared expert and its gate) from N(0, 0.2) so that tokens spread over the experts and the mixture
 matters; contrast: the same weights with top-1 routing, which llama.cpp must not match.
@@ -66,12 +67,15 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
           "original_max_position_embeddings": 64, "rope_theta": 10000.0}  # fmt: skip
 
 
-# LongRoPE as the 128k Phi-3, Phi-3.5 and Phi-4-mini have it, in small: original context 64 of 512 (the
-# attention factor sqrt(1 + ln 8 / ln 64)), 3/4 of each 16-channel head rotated: 6 factors of each kind
+# LongRoPE as the 128k Phi-3, Phi-3.5 and Phi-4-mini have it, in small: original context 256 of 2048 (the
+# attention factor sqrt(1 + ln 8 / ln 256)), 3/4 of each 16-channel head rotated: 6 factors of each kind.
+# 256, not less: llama.cpp rounds its context up to a multiple of 256, and takes the long factors past it
 LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
-            "original_max_position_embeddings": 64, "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+            "original_max_position_embeddings": 256, "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
             "long_factor": [1.5, 3.0, 6.0, 12.0, 24.0, 48.0]}  # fmt: skip
-BLOCK = {"phi3-longrope-short": 50}  # tokens scored (default 200): within the original context, short factors
+# tokens scored (default 200): past the original context (long factors), and within it with llama.cpp's
+# context at 212, rounded to 256 (short factors)
+BLOCK = {"phi3-longrope": 300, "phi3-longrope-short": 200}
 
 
 def tiny(kind: str, vocab: int) -> torch.nn.Module:
@@ -93,8 +97,9 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                eos_token_id=None)  # fmt: skip
         return tf.AutoModelForCausalLM.from_config(config).eval()
     if kind.startswith("phi3-longrope"):  # Phi-4-mini's RoPE in small: 3/4 of a head rotated, LongRoPE
-        config = tf.Phi3Config(**SIZES, vocab_size=vocab, pad_token_id=None, bos_token_id=None, eos_token_id=None,
-                               original_max_position_embeddings=64)  # fmt: skip
+        sizes = {**SIZES, "max_position_embeddings": 2048}
+        config = tf.Phi3Config(**sizes, vocab_size=vocab, pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                               original_max_position_embeddings=256)  # fmt: skip
         config.rope_parameters = dict(LONGROPE)
         model = tf.AutoModelForCausalLM.from_config(config)
         with torch.no_grad():  # positions matter: the query and key rows (4 + 2 heads of 16) scaled by 8
@@ -230,9 +235,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
         "tokenizer; Phi-3: fused qkv and gate/up, every layer sliding, window 16; Phi-3 LongRoPE (Phi-4-mini's RoPE "
-        "in small: 3/4 of each head rotated, original context 64 of 512, 6 long and 6 short factors, query and key "
-        "rows scaled by 8), scored on 200 tokens (long factors) and on 50 (`-short`: llama.cpp's context 62, "
-        "within the original 64, so both take the short factors); Mixtral, Qwen3-MoE and Qwen2-MoE: 4 "
+        "in small: 3/4 of each head rotated, original context 256 of 2048, 6 long and 6 short factors, query and "
+        "key rows scaled by 8), scored on 300 tokens (long factors) and on 200 (`-short`: llama.cpp's context 212, "
+        "rounded up to 256, within the original 256, so both take the short factors); Mixtral, Qwen3-MoE and "
+        "Qwen2-MoE: 4 "
         "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "

@@ -197,7 +197,7 @@ def test_phi3_longrope_as_rope_factors(tmp_path: Path, tokenizer, capsys) -> Non
     assert model.model.rotary_emb.attention_scaling == pytest.approx(math.sqrt(1 + math.log(256 / 64) / math.log(64)))
     capsys.readouterr()
     gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-phi3-long", "f16")
-    assert "n_ctx 64 or less" in capsys.readouterr().err
+    assert "run it with n_ctx 64 or less" in capsys.readouterr().err
     assert meta["phi3.rope.dimension_count"] == 12 and meta["phi3.rope.scaling.original_context_length"] == 64
     assert meta["phi3.rope.scaling.attn_factor"] == pytest.approx(model.model.rotary_emb.attention_scaling, rel=1e-6)
     plain_model = _phi3_longrope({"rope_type": "default"})

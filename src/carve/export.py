@@ -157,9 +157,10 @@ def _phi3_caveats(config: Any) -> list[str]:
                      "llama.cpp's own conversion")  # fmt: skip
     if rope_type(config) == "longrope":
         orig = int(_rope(config)["original_max_position_embeddings"])
-        notes.append(f"llama.cpp takes LongRoPE's long factors when its context (n_ctx) is above {orig} tokens, "
-                     f"transformers when the sequence is: run it with n_ctx {orig} or less to compute short "
-                     "sequences as transformers does, as after llama.cpp's own conversion")  # fmt: skip
+        notes.append(f"llama.cpp takes LongRoPE's long factors when its context (n_ctx, rounded up to a multiple of "
+                     f"256) is above {orig} tokens, transformers when the sequence is: run it with n_ctx {orig} or "
+                     "less to compute shorter sequences as transformers does, as after llama.cpp's own "
+                     "conversion")  # fmt: skip
     return notes
 
 
