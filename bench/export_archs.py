@@ -24,6 +24,9 @@ held-out texts (legal documents 20-39 and code documents 0-9, 400 characters eac
 accented, mathematical and emoji characters) are tokenized by llama.cpp and by transformers.  Phi-3:
 fused qkv_proj and gate_up_proj, every layer attending within a sliding window of 16 tokens; the
 same block is also scored by transformers without the window, which llama.cpp must not match.
+Gemma 2: 4 blocks alternating sliding / global (llama.cpp's fixed pattern), window 16, attention
+and final soft-capping at 5 and 3 (query and key weights scaled by 8 so that the caps bite), norm
+weights from N(0, 0.5), the Gemma-style tokenizer; contrast: every layer global and nothing capped.
 Phi-3 LongRoPE (`phi3-longrope`, `phi3-longrope-short`): no window, 3/4 of each head rotated,
 original context 256 of 2048, 6 long and 6 short factors, query and key rows scaled by 8; scored on
 300 tokens (both take the long factors) and on 200 (llama.cpp's context then 212, which it rounds up
@@ -92,6 +95,18 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
         return model.eval()
+    if kind == "gemma2":  # 4 blocks alternating sliding / global, window 16; soft-capping that bites
+        sizes = {**SIZES, "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1}
+        config = tf.Gemma2Config(**sizes, head_dim=256, sliding_window=16, vocab_size=vocab,
+                                 attn_logit_softcapping=5.0, final_logit_softcapping=3.0)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0, 0.5)
+                if name.endswith(("q_proj.weight", "k_proj.weight")):  # attention logits past the cap of 5
+                    p.mul_(8)
+        return model.eval()
     if kind == "phi3":  # fused qkv and gate_up; every layer sliding, window 16 (the block is 200 tokens)
         config = tf.Phi3Config(**SIZES, sliding_window=16, vocab_size=vocab, pad_token_id=None, bos_token_id=None,
                                eos_token_id=None)  # fmt: skip
@@ -142,6 +157,11 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
 # per layout: where the contrast model is saved, and the config change that removes the feature
 CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("export-archs-global", {"layer_types": ["full_attention"] * 3}),  # every layer global
+    # every layer global and nothing soft-capped
+    "gemma2": (
+        "export-archs-gemma2-plain",
+        {"layer_types": ["full_attention"] * 4, "attn_logit_softcapping": None, "final_logit_softcapping": None},
+    ),
     "phi3": ("export-archs-fused-full", {"sliding_window": None}),  # no sliding window
     # plain RoPE over the same 3/4 of each head: no factors, no attention factor
     "phi3-longrope": (
@@ -170,7 +190,7 @@ def row(kind: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure_model()
-    if kind == "gemma3":
+    if kind in ("gemma2", "gemma3"):
         tok = gemma_style_tokenizer(2000)
     elif kind == "llama3-tokenizer":  # byte-level BPE split first by Llama 3's rule
         from carve.models.pretokenize import SPLITS
@@ -234,7 +254,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
-        "tokenizer; Phi-3: fused qkv and gate/up, every layer sliding, window 16; Phi-3 LongRoPE (Phi-4-mini's RoPE "
+        "tokenizer; Gemma 2: 4 blocks alternating sliding / global, window 16, attention and final soft-capping at "
+        "5 and 3 with query and key weights scaled by 8 so that the caps bite, the Gemma-style tokenizer; Phi-3: "
+        "fused qkv and gate/up, every layer sliding, window 16; Phi-3 LongRoPE (Phi-4-mini's RoPE "
         "in small: 3/4 of each head rotated, original context 256 of 2048, 6 long and 6 short factors, query and "
         "key rows scaled by 8), scored on 300 tokens (long factors) and on 200 (`-short`: llama.cpp's context 212, "
         "rounded up to 256, within the original 256, so both take the short factors); Mixtral, Qwen3-MoE and "
@@ -243,7 +265,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
-        "RoPE scaling; Gemma 3: every layer global; Phi-3: no sliding window; Phi-3 LongRoPE: plain RoPE over the "
+        "RoPE scaling; Gemma 3: every layer global; Gemma 2: every layer global, nothing soft-capped; Phi-3: no "
+        "sliding window; Phi-3 LongRoPE: plain RoPE over the "
         "same channels; the MoEs: top-1 routing), which "
         "llama.cpp must not match "
         "(Phi-3: it does, llama.cpp disables Phi-3's window; see below). Tokenization: held-out texts tokenized "
@@ -298,6 +321,7 @@ KINDS = (
     "qwen3",
     "llama3-rope",
     "gemma3",
+    "gemma2",
     "phi3",
     "phi3-longrope",
     "phi3-longrope-short",

@@ -315,6 +315,55 @@ def test_sentencepiece_tokenizer_as_llama_vocab(tmp_path: Path) -> None:
         assert back(text)["input_ids"] == tok(text)["input_ids"], text
 
 
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_gemma2_as_llama_cpp_gemma2(kind: str, tmp_path: Path, tokenizer) -> None:
+    """Gemma 2: four norms per block (random, so that a lost norm or a missing 1 + w shows), embeddings
+    scaled by sqrt(hidden), tied head, attention and final soft-capping (transformers' defaults, 50 and
+    30, which its GGUF loader keeps, as it keeps query_pre_attn_scalar 256: head_dim 256 here), layers
+    alternating sliding and global from the first, a sequence longer than the window."""
+    import transformers as tf
+
+    config = tf.Gemma2Config(vocab_size=512, max_position_embeddings=256, hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
+                             sliding_window=8)  # fmt: skip
+    assert config.layer_types == ["sliding_attention", "full_attention"] * 2
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.5)
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-gemma2", kind)
+    assert meta["general.architecture"] == "gemma2" and meta["gemma2.attention.sliding_window"] == 8
+    assert meta["gemma2.attn_logit_softcapping"] == 50.0 and meta["gemma2.final_logit_softcapping"] == 30.0
+    _check(tmp_path / "tiny-gemma2", gguf, kind)
+
+
+def test_gemma2_refusals(tmp_path: Path, tokenizer, capsys) -> None:
+    """A Gemma 2 llama.cpp's gemma2 computes otherwise: refused by name, with nothing written.  A
+    structured output that dropped one block breaks llama.cpp's fixed sliding / global alternation."""
+    import transformers as tf
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32, "query_pre_attn_scalar": 32,
+             "sliding_window": 8}  # fmt: skip
+    cases = {
+        "dropped block": ({"layer_types": ["sliding_attention", "sliding_attention", "full_attention"]},
+                          "every even layer sliding"),
+        "query_pre_attn_scalar": ({"query_pre_attn_scalar": 64}, "scales attention by 1/sqrt(32)"),
+        "activation": ({"hidden_activation": "silu"}, "tanh-approximated GELU"),
+    }  # fmt: skip
+    for name, (extra, message) in cases.items():
+        src = tmp_path / name.replace(" ", "-")
+        tf.AutoModelForCausalLM.from_config(tf.Gemma2Config(**{**sizes, **extra})).save_pretrained(src)
+        tokenizer.save_pretrained(src)
+        capsys.readouterr()
+        assert main(["export", str(src), "--gguf", str(tmp_path / "out.gguf")]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out.gguf").exists()
+
+
 def test_gemma3_refusals(tmp_path: Path, tokenizer, capsys) -> None:
     """What llama.cpp's gemma3 graph computes otherwise is refused by name, with nothing written."""
     import transformers as tf

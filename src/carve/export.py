@@ -8,7 +8,9 @@ TinyLlama, Llama 3.x ... which share it) as `llama`, whose Q and K projections a
 Hugging Face's rotate-half layout to GGML's interleaved one, and whose Llama 3 RoPE scaling goes in
 as llama.cpp's `rope_freqs.weight` (per-frequency factors); Qwen2 as `qwen2` (rotate-half rope in
 llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
-biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma 3 (text) as `gemma3`
+biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma 2 as `gemma2` (its
+norms and tokenizer as Gemma 3's below, both soft-cappings, llama.cpp's fixed alternation of sliding
+and global layers); Gemma 3 (text) as `gemma3`
 (four norms per block under llama.cpp's Gemma names, every norm weight written as 1 + w since
 Gemma's RMSNorm scales by 1 + w and llama.cpp's by w, the sliding-window layers as a per-layer
 pattern so that a structured output's kept blocks keep their own kinds, the local RoPE base
@@ -59,6 +61,22 @@ class Architecture:
     caveats: Callable[[Any], list[str]] | None = None  # where llama.cpp computes otherwise, said, not refused
 
 
+def _check_gemma_common(config: Any, arch: str, blocks_27b: int) -> None:
+    """What llama.cpp's gemma2 and gemma3 graphs share: tanh-approximated GELU, and queries scaled by
+    1/sqrt(head_dim), or by 1/sqrt(hidden / heads) for the 27B (told apart by its block count)."""
+    if getattr(config, "hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu"):
+        raise UsageError(
+            f"llama.cpp's {arch} uses tanh-approximated GELU; this model uses {config.hidden_activation!r}"
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    scalar = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == blocks_27b else head_dim
+    if float(getattr(config, "query_pre_attn_scalar", scalar)) != float(scalar):
+        raise UsageError(
+            f"llama.cpp's {arch} scales attention by 1/sqrt({scalar}) for {config.num_hidden_layers} blocks; "
+            f"this model's query_pre_attn_scalar is {config.query_pre_attn_scalar}"
+        )
+
+
 def _check_gemma3(config: Any) -> None:
     """Refuse what llama.cpp's gemma3 graph computes differently from transformers' Gemma 3."""
     if rope_type(config) not in ("default", "linear") or rope_type(config, "sliding_attention") != "default":
@@ -71,18 +89,35 @@ def _check_gemma3(config: Any) -> None:
         raise UsageError(
             "llama.cpp's gemma3 has no attention-logit soft-capping or bidirectional attention: this model uses one"
         )
-    if getattr(config, "hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu"):
+    _check_gemma_common(config, "gemma3", 62)
+
+
+def _check_gemma2(config: Any) -> None:
+    """Refuse what llama.cpp's gemma2 graph computes differently from transformers' Gemma 2: its
+    layers alternate sliding and global from the first (a fixed pattern, not read from the file), so
+    an output whose kept blocks break the alternation (a dropped block) is refused."""
+    if rope_type(config) != "default":
+        raise UsageError(f"GGUF export writes Gemma 2's plain RoPE; this model scales it as {rope_type(config)!r}")
+    kinds = list(getattr(config, "layer_types", None) or [])
+    fixed = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(kinds))]
+    if getattr(config, "sliding_window", None) and kinds != fixed:
         raise UsageError(
-            f"llama.cpp's gemma3 uses tanh-approximated GELU; this model uses {config.hidden_activation!r}"
+            "llama.cpp's gemma2 makes every even layer sliding and every odd one global; this model's layers are "
+            f"{', '.join(k.split('_')[0] for k in kinds)} (a structured output that dropped blocks): drop them in "
+            "pairs, or export the model before dropping"
         )
-    # llama.cpp scales queries by 1/sqrt(head_dim), or by 1/sqrt(hidden / heads) when the model has 62 blocks (27B)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    scalar = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else head_dim
-    if float(getattr(config, "query_pre_attn_scalar", scalar)) != float(scalar):
-        raise UsageError(
-            f"llama.cpp's gemma3 scales attention by 1/sqrt({scalar}) for {config.num_hidden_layers} blocks; "
-            f"this model's query_pre_attn_scalar is {config.query_pre_attn_scalar}"
-        )
+    _check_gemma_common(config, "gemma2", 46)
+
+
+def _gemma2_metadata(writer: Any, config: Any) -> None:
+    """Gemma 2's keys beyond the common ones: the sliding window (llama.cpp's pattern is fixed:
+    `_check_gemma2`) and both soft-cappings."""
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(int(config.sliding_window))
+    if getattr(config, "attn_logit_softcapping", None):
+        writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 def _gemma3_metadata(writer: Any, config: Any) -> None:
@@ -265,6 +300,16 @@ ARCHITECTURES = {
     "mistral": Architecture("llama", True, (), "default", caveats=_window_caveats),
     "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2"),
     "qwen3": Architecture("qwen3", False, (), "qwen2"),
+    "gemma2": Architecture(
+        "gemma2",
+        False,
+        (),
+        "default",
+        norm_offset=1.0,
+        names=_GEMMA_NAMES,
+        check=_check_gemma2,
+        metadata=_gemma2_metadata,
+    ),
     "gemma3_text": Architecture(
         "gemma3",
         False,
@@ -344,8 +389,8 @@ def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
-            f"GGUF export supports Llama-style, Qwen2, Qwen3, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE "
-            "models "
+            f"GGUF export supports Llama-style, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and "
+            "Qwen3-MoE models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
