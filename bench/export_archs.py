@@ -249,7 +249,8 @@ def row(kind: str) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Phi-3, Mixtral, Qwen3-MoE, Qwen2-MoE "
+        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, Phi-3 (also LongRoPE), Mixtral, "
+        "Qwen3-MoE, Qwen2-MoE "
         "(tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "

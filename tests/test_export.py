@@ -645,7 +645,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     cases = [
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
-            "supports Llama-style, Qwen2, Qwen3, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
+            "supports Llama-style, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]
