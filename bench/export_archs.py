@@ -27,6 +27,10 @@ same block is also scored by transformers without the window, which llama.cpp mu
 Gemma 2: 4 blocks alternating sliding / global (llama.cpp's fixed pattern), window 16, attention
 and final soft-capping at 5 and 3 (query and key weights scaled by 8 so that the caps bite), norm
 weights from N(0, 0.5), the Gemma-style tokenizer; contrast: every layer global and nothing capped.
+SmolLM3 and Granite: 4 Llama-style blocks, query and key weights scaled by 8; SmolLM3 without RoPE
+in layer 3 (its rule: every fourth layer), contrast: RoPE in every layer; Granite with multipliers
+of the order of Granite 3's (attention 1/64, embedding 12, residual 0.22, logits divided by 8),
+contrast: every multiplier 1.
 Phi-3 LongRoPE (`phi3-longrope`, `phi3-longrope-short`): no window, 3/4 of each head rotated,
 original context 256 of 2048, 6 long and 6 short factors, query and key rows scaled by 8; scored on
 300 tokens (both take the long factors) and on 200 (llama.cpp's context then 212, which it rounds up
@@ -81,6 +85,12 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_fact
 BLOCK = {"phi3-longrope": 300, "phi3-longrope-short": 200}
 
 
+# Granite's multipliers, of the order of Granite 3's (attention 1/64 in place of 1/sqrt(16), embedding 12,
+# residual 0.22, logits divided by 8)
+GRANITE = {"attention_multiplier": 0.015625, "embedding_multiplier": 12.0, "residual_multiplier": 0.22,
+           "logits_scaling": 8.0}  # fmt: skip
+
+
 def tiny(kind: str, vocab: int) -> torch.nn.Module:
     import transformers as tf
 
@@ -106,6 +116,18 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                     p.normal_(0, 0.5)
                 if name.endswith(("q_proj.weight", "k_proj.weight")):  # attention logits past the cap of 5
                     p.mul_(8)
+        return model.eval()
+    if kind in ("smollm3", "granite"):  # Llama's tensors; SmolLM3 skips RoPE in layer 3, Granite scales
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        if kind == "smollm3":
+            config: Any = tf.SmolLM3Config(**sizes, vocab_size=vocab)
+        else:
+            config = tf.GraniteConfig(**sizes, vocab_size=vocab, **GRANITE)
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # positions matter
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(8)
+                layer.self_attn.k_proj.weight.mul_(8)
         return model.eval()
     if kind == "phi3":  # fused qkv and gate_up; every layer sliding, window 16 (the block is 200 tokens)
         config = tf.Phi3Config(**SIZES, sliding_window=16, vocab_size=vocab, pad_token_id=None, bos_token_id=None,
@@ -157,6 +179,8 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
 # per layout: where the contrast model is saved, and the config change that removes the feature
 CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("export-archs-global", {"layer_types": ["full_attention"] * 3}),  # every layer global
+    "smollm3": ("export-archs-smollm3-rope", {"no_rope_layers": [1, 1, 1, 1]}),  # RoPE in every layer
+    "granite": ("export-archs-granite-plain", {k: 1.0 for k in GRANITE}),  # no multiplier
     # every layer global and nothing soft-capped
     "gemma2": (
         "export-archs-gemma2-plain",
@@ -249,14 +273,17 @@ def row(kind: str) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, Phi-3 (also LongRoPE), Mixtral, "
+        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, SmolLM3, Granite, Phi-3 (also "
+        "LongRoPE), Mixtral, "
         "Qwen3-MoE, Qwen2-MoE "
         "(tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
         "tokenizer; Gemma 2: 4 blocks alternating sliding / global, window 16, attention and final soft-capping at "
-        "5 and 3 with query and key weights scaled by 8 so that the caps bite, the Gemma-style tokenizer; Phi-3: "
+        "5 and 3 with query and key weights scaled by 8 so that the caps bite, the Gemma-style tokenizer; SmolLM3 "
+        "and Granite: 4 Llama-style blocks, query and key weights scaled by 8, SmolLM3 without RoPE in layer 3, "
+        "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; Phi-3: "
         "fused qkv and gate/up, every layer sliding, window 16; Phi-3 LongRoPE (Phi-4-mini's RoPE "
         "in small: 3/4 of each head rotated, original context 256 of 2048, 6 long and 6 short factors, query and "
         "key rows scaled by 8), scored on 300 tokens (long factors) and on 200 (`-short`: llama.cpp's context 212, "
@@ -267,8 +294,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
         "RoPE scaling; Gemma 3: every layer global; Gemma 2: every layer global, nothing soft-capped; Phi-3: no "
-        "sliding window; Phi-3 LongRoPE: plain RoPE over the "
-        "same channels; the MoEs: top-1 routing), which "
+        "sliding window; SmolLM3: RoPE in every layer; Granite: every multiplier 1; Phi-3 LongRoPE: plain RoPE "
+        "over the same channels; the MoEs: top-1 routing), which "
         "llama.cpp must not match "
         "(Phi-3: it does, llama.cpp disables Phi-3's window; see below). Tokenization: held-out texts tokenized "
         "by llama.cpp and by transformers (Gemma 3 row; llama3-tokenizer row: a byte-level BPE tokenizer split "
@@ -323,6 +350,8 @@ KINDS = (
     "llama3-rope",
     "gemma3",
     "gemma2",
+    "smollm3",
+    "granite",
     "phi3",
     "phi3-longrope",
     "phi3-longrope-short",

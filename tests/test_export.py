@@ -364,6 +364,63 @@ def test_gemma2_refusals(tmp_path: Path, tokenizer, capsys) -> None:
         assert not (tmp_path / "out.gguf").exists()
 
 
+def _gguf_tensors(path: Path) -> dict[str, Any]:
+    import numpy as np
+    from gguf import GGUFReader
+
+    return {t.name: np.array(t.data) for t in GGUFReader(str(path)).tensors}
+
+
+@pytest.mark.parametrize("arch", ["smollm3", "granite"])
+def test_llama_family_with_own_keys(arch: str, tmp_path: Path, tokenizer) -> None:
+    """SmolLM3 and Granite go in as llama.cpp's `smollm3` and `granite`: Llama's tensors (Q/K permuted)
+    byte for byte as the same weights exported as a Llama, under their own architecture with their
+    own keys (Granite's four multipliers).  transformers' GGUF loader reads neither; their logits in
+    llama.cpp itself: bench/export_archs.py, rows smollm3 and granite."""
+    import numpy as np
+    import transformers as tf
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+             "tie_word_embeddings": True, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+    extra = {"granite": {"attention_multiplier": 0.05, "embedding_multiplier": 12.0, "residual_multiplier": 0.25,
+                         "logits_scaling": 8.0}}.get(arch, {})  # fmt: skip
+    config = {"smollm3": tf.SmolLM3Config, "granite": tf.GraniteConfig}[arch](**sizes, **extra)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    gguf, meta = _exported(model, tokenizer, tmp_path / f"tiny-{arch}", "f16")
+    llama = tf.AutoModelForCausalLM.from_config(
+        tf.LlamaConfig(**sizes, rope_theta=config.rope_parameters["rope_theta"])
+    )
+    llama.load_state_dict(model.state_dict())
+    plain, plain_meta = _exported(llama, tokenizer, tmp_path / "tiny-llama", "f16")
+    assert meta["general.architecture"] == arch and plain_meta["general.architecture"] == "llama"
+    assert meta[f"{arch}.rope.freq_base"] == plain_meta["llama.rope.freq_base"]
+    if arch == "granite":
+        assert [meta[f"granite.{k}"] for k in ("attention.scale", "embedding_scale", "residual_scale", "logit_scale")] \
+            == pytest.approx([0.05, 12.0, 0.25, 8.0])  # fmt: skip
+    tensors, plain_tensors = _gguf_tensors(gguf), _gguf_tensors(plain)
+    assert tensors.keys() == plain_tensors.keys()
+    assert all(np.array_equal(tensors[k], plain_tensors[k]) for k in tensors)
+
+
+def test_smollm3_structured_without_its_rope_rule_refused(tmp_path: Path, tokenizer, capsys) -> None:
+    """llama.cpp's smollm3 skips RoPE in layers 3, 7, ... whatever the file says: an output whose kept
+    blocks break that rule (one dropped block) is refused by name, with nothing written."""
+    import transformers as tf
+
+    config = tf.SmolLM3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, no_rope_layers=[1, 1, 0, 1],
+                              pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    src = tmp_path / "smollm3-dropped"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    capsys.readouterr()
+    assert main(["export", str(src), "--gguf", str(tmp_path / "s.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert "skips RoPE in every fourth layer" in err and "[2]" in err and not (tmp_path / "s.gguf").exists()
+
+
 def test_gemma3_refusals(tmp_path: Path, tokenizer, capsys) -> None:
     """What llama.cpp's gemma3 graph computes otherwise is refused by name, with nothing written."""
     import transformers as tf
@@ -645,7 +702,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     cases = [
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
-            "supports Llama-style, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
+            "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -6,7 +6,8 @@ package's writer under llama.cpp's tensor names and metadata keys for its archit
 llama.cpp's own convert_hf_to_gguf.py writes): Llama-style models (`llama`, and Mistral, SmolLM,
 TinyLlama, Llama 3.x ... which share it) as `llama`, whose Q and K projections are permuted from
 Hugging Face's rotate-half layout to GGML's interleaved one, and whose Llama 3 RoPE scaling goes in
-as llama.cpp's `rope_freqs.weight` (per-frequency factors); Qwen2 as `qwen2` (rotate-half rope in
+as llama.cpp's `rope_freqs.weight` (per-frequency factors); SmolLM3 and Granite as llama.cpp's
+`smollm3` and `granite`, Llama's tensors with their own keys; Qwen2 as `qwen2` (rotate-half rope in
 llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
 biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma 2 as `gemma2` (its
 norms and tokenizer as Gemma 3's below, both soft-cappings, llama.cpp's fixed alternation of sliding
@@ -118,6 +119,31 @@ def _gemma2_metadata(writer: Any, config: Any) -> None:
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
     if getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+
+
+def _check_smollm3(config: Any) -> None:
+    """Refuse what llama.cpp's smollm3 graph computes otherwise: it skips RoPE in every fourth layer
+    (3, 7, ...) whatever the file says, as transformers' SmolLM3 does by default, so an output whose
+    kept blocks break that rule (dropped blocks) is refused; it has no RoPE scaling (a sliding window:
+    `check_config`)."""
+    if rope_type(config) != "default":
+        raise UsageError(f"GGUF export writes SmolLM3's plain RoPE; this model scales it as {rope_type(config)!r}")
+    fixed = [int((i + 1) % 4 != 0) for i in range(config.num_hidden_layers)]
+    if list(getattr(config, "no_rope_layers", fixed)) != fixed:
+        raise UsageError(
+            "llama.cpp's smollm3 skips RoPE in every fourth layer (3, 7, ...); this model's layers without RoPE are "
+            f"{[i for i, r in enumerate(config.no_rope_layers) if not r]} (a structured output that dropped blocks): "
+            "drop them in fours, or export the model before dropping"
+        )
+
+
+def _granite_metadata(writer: Any, config: Any) -> None:
+    """Granite's four multipliers, under llama.cpp's names: the attention scale (in place of
+    1/sqrt(head_dim)), the embedding and residual scales, and the logit scale (logits divided by it)."""
+    writer.add_attention_scale(float(config.attention_multiplier))
+    writer.add_embedding_scale(float(config.embedding_multiplier))
+    writer.add_residual_scale(float(config.residual_multiplier))
+    writer.add_logit_scale(float(config.logits_scaling))
 
 
 def _gemma3_metadata(writer: Any, config: Any) -> None:
@@ -298,6 +324,8 @@ _GEMMA_NAMES = (
 ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
     "mistral": Architecture("llama", True, (), "default", caveats=_window_caveats),
+    "smollm3": Architecture("smollm3", True, (), "default", check=_check_smollm3),
+    "granite": Architecture("granite", True, (), "default", metadata=_granite_metadata),
     "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2"),
     "qwen3": Architecture("qwen3", False, (), "qwen2"),
     "gemma2": Architecture(
@@ -389,8 +417,8 @@ def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
-            f"GGUF export supports Llama-style, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and "
-            "Qwen3-MoE models "
+            f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, "
+            "Mixtral, Qwen2-MoE and Qwen3-MoE models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
