@@ -27,6 +27,9 @@ same block is also scored by transformers without the window, which llama.cpp mu
 Gemma 2: 4 blocks alternating sliding / global (llama.cpp's fixed pattern), window 16, attention
 and final soft-capping at 5 and 3 (query and key weights scaled by 8 so that the caps bite), norm
 weights from N(0, 0.5), the Gemma-style tokenizer; contrast: every layer global and nothing capped.
+OLMo 2 and 3: 4 blocks, norm weights from N(1, 0.5), query and key weights scaled by 8; OLMo 3
+with its default pattern (three sliding layers, then a global one), window 16; contrast (OLMo 3):
+every layer global.
 SmolLM3 and Granite: 4 Llama-style blocks, query and key weights scaled by 8; SmolLM3 without RoPE
 in layer 3 (its rule: every fourth layer), contrast: RoPE in every layer; Granite with multipliers
 of the order of Granite 3's (attention 1/64, embedding 12, residual 0.22, logits divided by 8),
@@ -117,6 +120,18 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith(("q_proj.weight", "k_proj.weight")):  # attention logits past the cap of 5
                     p.mul_(8)
         return model.eval()
+    if kind in ("olmo2", "olmo3"):  # norms after the sublayers, whole-projection Q/K norms; OLMo 3: window 16
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        olmo = tf.Olmo2Config(**sizes, vocab_size=vocab) if kind == "olmo2" else tf.Olmo3Config(
+            **sizes, vocab_size=vocab, sliding_window=16)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(olmo)
+        with torch.no_grad():  # norm weights that matter, positions that matter
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(1, 0.5)
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p.mul_(8)
+        return model.eval()
     if kind in ("smollm3", "granite"):  # Llama's tensors; SmolLM3 skips RoPE in layer 3, Granite scales
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         if kind == "smollm3":
@@ -179,6 +194,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
 # per layout: where the contrast model is saved, and the config change that removes the feature
 CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("export-archs-global", {"layer_types": ["full_attention"] * 3}),  # every layer global
+    "olmo3": ("export-archs-olmo3-global", {"layer_types": ["full_attention"] * 4}),  # every layer global
     "smollm3": ("export-archs-smollm3-rope", {"no_rope_layers": [1, 1, 1, 1]}),  # RoPE in every layer
     "granite": ("export-archs-granite-plain", {k: 1.0 for k in GRANITE}),  # no multiplier
     # every layer global and nothing soft-capped
@@ -273,8 +289,8 @@ def row(kind: str) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, SmolLM3, Granite, Phi-3 (also "
-        "LongRoPE), Mixtral, "
+        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, SmolLM3, Granite, OLMo 2 and 3, "
+        "Phi-3 (also LongRoPE), Mixtral, "
         "Qwen3-MoE, Qwen2-MoE "
         "(tiny random models)",
         "",
@@ -283,7 +299,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "tokenizer; Gemma 2: 4 blocks alternating sliding / global, window 16, attention and final soft-capping at "
         "5 and 3 with query and key weights scaled by 8 so that the caps bite, the Gemma-style tokenizer; SmolLM3 "
         "and Granite: 4 Llama-style blocks, query and key weights scaled by 8, SmolLM3 without RoPE in layer 3, "
-        "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; Phi-3: "
+        "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; OLMo 2 and 3: 4 blocks, "
+        "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "
+        "one, window 16; Phi-3: "
         "fused qkv and gate/up, every layer sliding, window 16; Phi-3 LongRoPE (Phi-4-mini's RoPE "
         "in small: 3/4 of each head rotated, original context 256 of 2048, 6 long and 6 short factors, query and "
         "key rows scaled by 8), scored on 300 tokens (long factors) and on 200 (`-short`: llama.cpp's context 212, "
@@ -294,7 +312,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
         "RoPE scaling; Gemma 3: every layer global; Gemma 2: every layer global, nothing soft-capped; Phi-3: no "
-        "sliding window; SmolLM3: RoPE in every layer; Granite: every multiplier 1; Phi-3 LongRoPE: plain RoPE "
+        "sliding window; SmolLM3: RoPE in every layer; Granite: every multiplier 1; OLMo 3: every layer global; "
+        "Phi-3 LongRoPE: plain RoPE "
         "over the same channels; the MoEs: top-1 routing), which "
         "llama.cpp must not match "
         "(Phi-3: it does, llama.cpp disables Phi-3's window; see below). Tokenization: held-out texts tokenized "
@@ -352,6 +371,8 @@ KINDS = (
     "gemma2",
     "smollm3",
     "granite",
+    "olmo2",
+    "olmo3",
     "phi3",
     "phi3-longrope",
     "phi3-longrope-short",

@@ -404,6 +404,45 @@ def test_llama_family_with_own_keys(arch: str, tmp_path: Path, tokenizer) -> Non
     assert all(np.array_equal(tensors[k], plain_tensors[k]) for k in tensors)
 
 
+@pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
+def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
+    """OLMo 2 and 3 as llama.cpp's `olmo2`: each Hugging Face tensor under llama.cpp's name, unpermuted
+    (rotate-half RoPE), the norms after attention and after the MLP as `post_attention_norm` and
+    `post_ffw_norm`, the whole-projection Q/K norms as `attn_q_norm` / `attn_k_norm`; OLMo 3's sliding
+    window and per-layer pattern.  transformers' GGUF loader reads neither; their logits in
+    llama.cpp itself: bench/export_archs.py, rows olmo2 and olmo3."""
+    import numpy as np
+    import transformers as tf
+    from gguf import GGUFReader
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+    config = tf.Olmo2Config(**sizes) if arch == "olmo2" else tf.Olmo3Config(**sizes, sliding_window=16)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    gguf, meta = _exported(model, tokenizer, tmp_path / f"tiny-{arch}", "f16")
+    assert meta["general.architecture"] == "olmo2"
+    if arch == "olmo3":
+        assert meta["olmo2.attention.sliding_window"] == 16
+        field = GGUFReader(gguf).fields["olmo2.attention.sliding_window_pattern"]
+        assert [bool(field.parts[i][0]) for i in field.data] == [True, True, True, False]
+    tensors = _gguf_tensors(gguf)
+    names = {
+        "model.layers.0.post_attention_layernorm.weight": "blk.0.post_attention_norm.weight",
+        "model.layers.0.post_feedforward_layernorm.weight": "blk.0.post_ffw_norm.weight",
+        "model.layers.0.self_attn.q_norm.weight": "blk.0.attn_q_norm.weight",
+        "model.layers.0.self_attn.q_proj.weight": "blk.0.attn_q.weight",
+        "model.layers.0.self_attn.k_proj.weight": "blk.0.attn_k.weight",
+    }
+    for hf, name in names.items():
+        w = model.state_dict()[hf]
+        want = w.numpy() if w.dim() == 1 else w.half().numpy()  # norms stay float32
+        assert np.array_equal(tensors[name].reshape(want.shape), want), name
+    assert len(tensors) == len([n for n in model.state_dict() if "rotary" not in n])
+    assert not any(k.endswith(("attn_norm.weight", "ffn_norm.weight")) for k in tensors)
+
+
 def test_smollm3_structured_without_its_rope_rule_refused(tmp_path: Path, tokenizer, capsys) -> None:
     """llama.cpp's smollm3 skips RoPE in layers 3, 7, ... whatever the file says: an output whose kept
     blocks break that rule (one dropped block) is refused by name, with nothing written."""
@@ -702,7 +741,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     cases = [
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
-            "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
+            "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -7,7 +7,9 @@ llama.cpp's own convert_hf_to_gguf.py writes): Llama-style models (`llama`, and 
 TinyLlama, Llama 3.x ... which share it) as `llama`, whose Q and K projections are permuted from
 Hugging Face's rotate-half layout to GGML's interleaved one, and whose Llama 3 RoPE scaling goes in
 as llama.cpp's `rope_freqs.weight` (per-frequency factors); SmolLM3 and Granite as llama.cpp's
-`smollm3` and `granite`, Llama's tensors with their own keys; Qwen2 as `qwen2` (rotate-half rope in
+`smollm3` and `granite`, Llama's tensors with their own keys; OLMo 2 and 3 as llama.cpp's `olmo2`
+(a norm after attention and after the MLP instead of before, Q and K norms over the whole
+projection, OLMo 3's sliding-window pattern); Qwen2 as `qwen2` (rotate-half rope in
 llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
 biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma 2 as `gemma2` (its
 norms and tokenizer as Gemma 3's below, both soft-cappings, llama.cpp's fixed alternation of sliding
@@ -144,6 +146,26 @@ def _granite_metadata(writer: Any, config: Any) -> None:
     writer.add_embedding_scale(float(config.embedding_multiplier))
     writer.add_residual_scale(float(config.residual_multiplier))
     writer.add_logit_scale(float(config.logits_scaling))
+
+
+def _check_olmo(config: Any) -> None:
+    """Refuse what llama.cpp's olmo2 graph (OLMo 2 and OLMo 3) computes otherwise: RoPE scaling, or
+    another RoPE base in the sliding layers than in the global ones (it has one base)."""
+    kinds = ("full_attention", "sliding_attention")
+    if any(rope_type(config, k) != "default" for k in kinds):
+        raise UsageError(f"GGUF export writes OLMo's plain RoPE; this model scales it as {rope_type(config)!r}")
+    bases = {_rope(config, k).get("rope_theta") for k in kinds} - {None}
+    if len(bases) > 1:
+        raise UsageError(f"llama.cpp's olmo2 has one RoPE base; this model's layers use {sorted(bases)}")
+
+
+def _olmo_metadata(writer: Any, config: Any) -> None:
+    """OLMo 3's sliding window and its per-layer pattern (OLMo 2 has none), as llama.cpp's converter
+    writes them."""
+    kinds = list(getattr(config, "layer_types", None) or [])
+    if getattr(config, "sliding_window", None) and "sliding_attention" in kinds:
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
 
 
 def _gemma3_metadata(writer: Any, config: Any) -> None:
@@ -321,6 +343,10 @@ _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
     (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
 )
+_OLMO_NAMES = (  # no norm before attention or MLP: one after each, on the sublayer's output
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
+)
 ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
     "mistral": Architecture("llama", True, (), "default", caveats=_window_caveats),
@@ -328,6 +354,9 @@ ARCHITECTURES = {
     "granite": Architecture("granite", True, (), "default", metadata=_granite_metadata),
     "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2"),
     "qwen3": Architecture("qwen3", False, (), "qwen2"),
+    # OLMo 2 and 3: rotate-half RoPE (no permutation), Q and K norms over the whole projection
+    "olmo2": Architecture("olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_olmo_metadata),
+    "olmo3": Architecture("olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_olmo_metadata),
     "gemma2": Architecture(
         "gemma2",
         False,
@@ -417,8 +446,8 @@ def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
-            f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, Gemma 2, Gemma 3 text, Phi-3, "
-            "Mixtral, Qwen2-MoE and Qwen3-MoE models "
+            f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, Gemma 2, Gemma 3 text, "
+            "Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
