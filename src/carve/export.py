@@ -154,7 +154,7 @@ def _check_olmo(config: Any) -> None:
     kinds = ("full_attention", "sliding_attention")
     if any(rope_type(config, k) != "default" for k in kinds):
         raise UsageError(f"GGUF export writes OLMo's plain RoPE; this model scales it as {rope_type(config)!r}")
-    bases = {_rope(config, k).get("rope_theta") for k in kinds} - {None}
+    bases = {float(theta) for k in kinds if (theta := _rope(config, k).get("rope_theta")) is not None}
     if len(bases) > 1:
         raise UsageError(f"llama.cpp's olmo2 has one RoPE base; this model's layers use {sorted(bases)}")
 
