@@ -30,6 +30,8 @@ weights from N(0, 0.5), the Gemma-style tokenizer; contrast: every layer global 
 OLMo 2 and 3: 4 blocks, norm weights from N(1, 0.5), query and key weights scaled by 8; OLMo 3
 with its default pattern (three sliding layers, then a global one), window 16; contrast (OLMo 3):
 every layer global.
+StableLM: 4 blocks with Q/K/V biases (StableLM 2 3B, Zephyr), LayerNorm weights and biases and the
+Q/K/V biases random, query and key weights scaled by 8, RoPE over a quarter of each head.
 SmolLM3 and Granite: 4 Llama-style blocks, query and key weights scaled by 8; SmolLM3 without RoPE
 in layer 3 (its rule: every fourth layer), contrast: RoPE in every layer; Granite with multipliers
 of the order of Granite 3's (attention 1/64, embedding 12, residual 0.22, logits divided by 8),
@@ -118,6 +120,16 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
                 if name.endswith(("q_proj.weight", "k_proj.weight")):  # attention logits past the cap of 5
+                    p.mul_(8)
+        return model.eval()
+    if kind == "stablelm":  # LayerNorms with random weights and biases, Q/K/V biases, RoPE over a quarter head
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        model = tf.AutoModelForCausalLM.from_config(tf.StableLmConfig(**sizes, vocab_size=vocab, use_qkv_bias=True))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "layernorm" in name or name.startswith("model.norm") or name.endswith("proj.bias"):
+                    p.normal_(1 if name.endswith("weight") else 0, 0.5)
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
                     p.mul_(8)
         return model.eval()
     if kind in ("olmo2", "olmo3"):  # norms after the sublayers, whole-projection Q/K norms; OLMo 3: window 16
@@ -290,6 +302,7 @@ def row(kind: str) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, SmolLM3, Granite, OLMo 2 and 3, "
+        "StableLM, "
         "Phi-3 (also LongRoPE), Mixtral, "
         "Qwen3-MoE, Qwen2-MoE "
         "(tiny random models)",
@@ -301,7 +314,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "and Granite: 4 Llama-style blocks, query and key weights scaled by 8, SmolLM3 without RoPE in layer 3, "
         "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; OLMo 2 and 3: 4 blocks, "
         "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "
-        "one, window 16; Phi-3: "
+        "one, window 16; StableLM: 4 blocks with Q/K/V biases, random LayerNorm weights and biases, query and key "
+        "weights scaled by 8; Phi-3: "
         "fused qkv and gate/up, every layer sliding, window 16; Phi-3 LongRoPE (Phi-4-mini's RoPE "
         "in small: 3/4 of each head rotated, original context 256 of 2048, 6 long and 6 short factors, query and "
         "key rows scaled by 8), scored on 300 tokens (long factors) and on 200 (`-short`: llama.cpp's context 212, "
@@ -373,6 +387,7 @@ KINDS = (
     "granite",
     "olmo2",
     "olmo3",
+    "stablelm",
     "phi3",
     "phi3-longrope",
     "phi3-longrope-short",

@@ -443,6 +443,56 @@ def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     assert not any(k.endswith(("attn_norm.weight", "ffn_norm.weight")) for k in tensors)
 
 
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_stablelm_as_llama_cpp_stablelm(qkv_bias: bool, tmp_path: Path, tokenizer) -> None:
+    """StableLM 2 (1.6B: no Q/K/V biases; 3B and Zephyr: with them) as llama.cpp's `stablelm`:
+    LayerNorms with their biases (random here, so that a lost one shows), RoPE over a quarter of each
+    head (rotate-half, no permutation), the sequential residual said; reloaded through transformers'
+    GGUF loader with the source's logits."""
+    import transformers as tf
+
+    config = tf.StableLmConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               use_qkv_bias=qkv_bias)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.startswith("model.norm") or name.endswith("proj.bias"):
+                p.normal_(1 if name.endswith("weight") else 0, 0.5)
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-stablelm", "f16")
+    assert meta["general.architecture"] == "stablelm" and meta["stablelm.rope.dimension_count"] == 4
+    assert meta["stablelm.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
+    assert meta["stablelm.use_parallel_residual"] is False
+    assert ("blk.0.attn_q.bias" in _gguf_tensors(gguf)) == qkv_bias
+    _check(tmp_path / "tiny-stablelm", gguf, "f16")
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"model_type": "stablelm", "qk_layernorm": True}, "per-head Q/K norms"),
+        ({"model_type": "stablelm", "use_parallel_residual": True}, "a parallel residual"),
+        ({"model_type": "olmo3", "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 5e5},
+                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+         "one RoPE base"),
+        ({"model_type": "olmo3", "rope_parameters": {"full_attention": {"rope_type": "yarn", "rope_theta": 5e5},
+                                                     "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}},
+         "plain RoPE"),
+    ],
+)  # fmt: skip
+def test_llama_cpp_cannot_take_refused(config: dict[str, Any], message: str) -> None:
+    """carve's own checks of what llama.cpp's stablelm and olmo2 graphs compute otherwise."""
+    from types import SimpleNamespace
+
+    from carve.errors import UsageError
+    from carve.export import check_config
+
+    base = {"qk_layernorm": False, "use_parallel_residual": False, "rope_parameters": {"rope_type": "default"}}
+    with pytest.raises(UsageError, match=message):
+        check_config(SimpleNamespace(**{**base, **config}))
+
+
 def test_smollm3_structured_without_its_rope_rule_refused(tmp_path: Path, tokenizer, capsys) -> None:
     """llama.cpp's smollm3 skips RoPE in layers 3, 7, ... whatever the file says: an output whose kept
     blocks break that rule (one dropped block) is refused by name, with nothing written."""
@@ -741,7 +791,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     cases = [
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
-            "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
+            "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -9,7 +9,8 @@ Hugging Face's rotate-half layout to GGML's interleaved one, and whose Llama 3 R
 as llama.cpp's `rope_freqs.weight` (per-frequency factors); SmolLM3 and Granite as llama.cpp's
 `smollm3` and `granite`, Llama's tensors with their own keys; OLMo 2 and 3 as llama.cpp's `olmo2`
 (a norm after attention and after the MLP instead of before, Q and K norms over the whole
-projection, OLMo 3's sliding-window pattern); Qwen2 as `qwen2` (rotate-half rope in
+projection, OLMo 3's sliding-window pattern); StableLM as `stablelm` (LayerNorms with biases, RoPE
+over a quarter of each head); Qwen2 as `qwen2` (rotate-half rope in
 llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
 biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma 2 as `gemma2` (its
 norms and tokenizer as Gemma 3's below, both soft-cappings, llama.cpp's fixed alternation of sliding
@@ -166,6 +167,22 @@ def _olmo_metadata(writer: Any, config: Any) -> None:
     if getattr(config, "sliding_window", None) and "sliding_attention" in kinds:
         writer.add_sliding_window(int(config.sliding_window))
         writer.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
+
+
+def _check_stablelm(config: Any) -> None:
+    """Refuse the StableLM variants llama.cpp's stablelm graph takes in another form: per-head Q/K
+    LayerNorms (StableLM 2 12B) and the parallel residual; plain RoPE only."""
+    _check_plain_rope(config, "stablelm")
+    if getattr(config, "qk_layernorm", False) or getattr(config, "use_parallel_residual", False):
+        raise UsageError(
+            "GGUF export writes StableLM's sequential blocks without Q/K norms (StableLM 2 1.6B, 3B, Zephyr); "
+            "this model has " + ("per-head Q/K norms" if config.qk_layernorm else "a parallel residual")
+        )
+
+
+def _stablelm_metadata(writer: Any, config: Any) -> None:
+    """StableLM's sequential residual, said (llama.cpp's stablelm reads it, its default is parallel)."""
+    writer.add_parallel_residual(False)
 
 
 def _gemma3_metadata(writer: Any, config: Any) -> None:
@@ -347,6 +364,11 @@ _OLMO_NAMES = (  # no norm before attention or MLP: one after each, on the subla
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
     (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
 )
+_STABLELM_NAMES = (  # LayerNorms: a bias beside each weight
+    (r"model\.layers\.(\d+)\.input_layernorm\.bias", "blk.{}.attn_norm.bias"),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.bias", "blk.{}.ffn_norm.bias"),
+    (r"model\.norm\.bias", "output_norm.bias"),
+)
 ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
     "mistral": Architecture("llama", True, (), "default", caveats=_window_caveats),
@@ -357,6 +379,16 @@ ARCHITECTURES = {
     # OLMo 2 and 3: rotate-half RoPE (no permutation), Q and K norms over the whole projection
     "olmo2": Architecture("olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_olmo_metadata),
     "olmo3": Architecture("olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_olmo_metadata),
+    # StableLM (2): rotate-half RoPE over a quarter of each head, LayerNorms with biases, Q/K/V biases (3B)
+    "stablelm": Architecture(
+        "stablelm",
+        False,
+        ("q_proj", "k_proj", "v_proj", "input_layernorm", "post_attention_layernorm", "norm"),
+        "default",
+        names=_STABLELM_NAMES,
+        check=_check_stablelm,
+        metadata=_stablelm_metadata,
+    ),
     "gemma2": Architecture(
         "gemma2",
         False,
@@ -446,8 +478,8 @@ def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
-            f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, Gemma 2, Gemma 3 text, "
-            "Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models "
+            f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Gemma 2, "
+            "Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -695,7 +727,10 @@ def write_gguf(
     writer.add_head_count_kv(shape["kv"][0] if uniform_kv and shape["kv"] else shape["kv"])
     theta = float(getattr(config, "rope_theta", None) or _rope(config).get("rope_theta", 10000.0))
     writer.add_rope_freq_base(theta)
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if hasattr(config, "rms_norm_eps"):
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    else:  # LayerNorm (StableLM)
+        writer.add_layer_norm_eps(float(config.layer_norm_eps))
     writer.add_rope_dimension_count(_rotary_dims(config, shape["head_dim"]))  # Phi-4-mini rotates 3/4 of a head
     writer.add_key_length(shape["head_dim"])
     writer.add_value_length(shape["head_dim"])
