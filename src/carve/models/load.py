@@ -223,9 +223,12 @@ def _cached_config(source: str) -> Path | None:
 def read_config(directory: str | Path) -> Any:
     """A model directory's config as transformers reads it, or one clear error when transformers
     refuses its config.json (unparsable, an unknown model type, parameters its own checks reject)."""
-    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
+    try:  # transformers 5 validates configs as huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: no such checks
+        StrictDataclassError = ValueError  # type: ignore[misc,assignment]
     try:
         return AutoConfig.from_pretrained(directory)
     except (ValueError, KeyError, TypeError, StrictDataclassError) as exc:
