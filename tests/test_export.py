@@ -95,6 +95,20 @@ def test_qwen3_as_llama_cpp_qwen3(kind: str, tmp_path: Path, tokenizer) -> None:
     _check(src, gguf, kind)
 
 
+def _gemma_with_random_norms(config: Any) -> torch.nn.Module:
+    """A Gemma model (seed 0) whose norm weights are drawn from N(0, 0.5): Gemma scales by 1 + w, so a
+    lost norm or a missing 1 + w shows in the logits."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.5)
+    return model
+
+
 @pytest.mark.parametrize("kind", ["f16", "bf16"])  # quantized types: the same writer as the Llama tests'
 def test_gemma3_as_llama_cpp_gemma3(kind: str, tmp_path: Path, tokenizer) -> None:
     """Gemma 3: four norms per block and per-head Q/K norms (random, so that a lost or swapped norm or
@@ -112,12 +126,7 @@ def test_gemma3_as_llama_cpp_gemma3(kind: str, tmp_path: Path, tokenizer) -> Non
                                  num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
                                  sliding_window=8)  # fmt: skip
     assert config.layer_types[:2] == ["sliding_attention"] * 2 and config.layer_types[5] == "full_attention"
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(0, 0.5)
+    model = _gemma_with_random_norms(config)
     gguf, meta = _exported(model, tokenizer, src, kind)
     assert meta["general.architecture"] == "gemma3" and meta["gemma3.attention.sliding_window"] == 8
     field = GGUFReader(gguf).fields["gemma3.attention.sliding_window_pattern"]  # numeric: not in carve's header
@@ -327,12 +336,7 @@ def test_gemma2_as_llama_cpp_gemma2(kind: str, tmp_path: Path, tokenizer) -> Non
                              num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=256,
                              sliding_window=8)  # fmt: skip
     assert config.layer_types == ["sliding_attention", "full_attention"] * 2
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(0, 0.5)
+    model = _gemma_with_random_norms(config)
     gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-gemma2", kind)
     assert meta["general.architecture"] == "gemma2" and meta["gemma2.attention.sliding_window"] == 8
     assert meta["gemma2.attn_logit_softcapping"] == 50.0 and meta["gemma2.final_logit_softcapping"] == 30.0
