@@ -99,7 +99,8 @@ def test_a_gguf_is_dequantized_once_then_read_from_the_cache(
     monkeypatch, tmp_path: Path, model_dir: Path, dtype: str
 ) -> None:
     """The second load of a .gguf file reads carve's cached copy: the same weights bit for bit,
-    fingerprint, source precision, tokens and config; a damaged copy is read from the GGUF anew."""
+        fingerprint, source precision, tokens and config; a damaged copy (a bit flipped: its checksum; cut
+    short) is read from the GGUF anew."""
     import torch
 
     from carve.cli.main import main
@@ -133,12 +134,19 @@ def test_a_gguf_is_dequantized_once_then_read_from_the_cache(
     assert {k: v for k, v in first.model.config.to_dict().items() if k not in skip} == {
         k: v for k, v in second.model.config.to_dict().items() if k not in skip
     }
-    # a damaged cached file: the GGUF is read again and the entry rewritten
+    # one bit of the cached weights flipped (size and header intact): its checksum sends the load back to
+    # the GGUF, which rewrites the entry
     weights = entries[0] / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    flipped = carve.load_model(str(gguf), dtype=dtype)
+    assert len(reads) == 2 and all(torch.equal(v, a[k]) for k, v in flipped.model.state_dict().items())
+    # a damaged cached file: the GGUF is read again and the entry rewritten
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     third = carve.load_model(str(gguf), dtype=dtype)
-    assert len(reads) == 2 and torch.equal(third.model.lm_head.weight, first.model.lm_head.weight)
-    assert weights.stat().st_size > 0 and carve.load_model(str(gguf), dtype=dtype) and len(reads) == 2
+    assert len(reads) == 3 and torch.equal(third.model.lm_head.weight, first.model.lm_head.weight)
+    assert weights.stat().st_size > 0 and carve.load_model(str(gguf), dtype=dtype) and len(reads) == 3
     # carve's reading of a GGUF changed (its pre-tokenizer rules): the file is read anew
     from carve.models import pretokenize
 
@@ -146,4 +154,4 @@ def test_a_gguf_is_dequantized_once_then_read_from_the_cache(
     changed.write_bytes(Path(pretokenize.__file__).read_bytes() + b"\n# a rule changed\n")
     monkeypatch.setattr(pretokenize, "__file__", str(changed))
     carve.load_model(str(gguf), dtype=dtype)
-    assert len(reads) == 3 and len([p for p in (cache_dir() / "models").iterdir() if not p.name.startswith(".")]) == 2
+    assert len(reads) == 4 and len([p for p in (cache_dir() / "models").iterdir() if not p.name.startswith(".")]) == 2

@@ -295,6 +295,19 @@ def _read_gguf(path: Path, header: dict[str, Any], kwargs: dict[str, Any]) -> tu
     return tok, model
 
 
+def _cache_digests(entry: Path) -> dict[str, str]:
+    """sha256 of each weights file of a cache entry: a copy changed after it was written (a flipped
+    bit, an edit) is read from the GGUF anew, not trusted under the GGUF's fingerprint."""
+    digests = {}
+    for path in sorted(entry.glob("*.safetensors")):
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            for piece in iter(lambda: f.read(1 << 24), b""):
+                h.update(piece)
+        digests[path.name] = h.hexdigest()
+    return digests
+
+
 def _write_cache_entry(entry: Path, tok: Any, model: Any, info: dict[str, Any]) -> None:
     """The model and tokenizer saved as a Hugging Face directory, made visible in one rename (a
     crash leaves no half entry; two processes writing the same entry: the first rename wins)."""
@@ -309,7 +322,7 @@ def _write_cache_entry(entry: Path, tok: Any, model: Any, info: dict[str, Any]) 
         remove_dead_temporaries(entry.parent)
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / _GGUF_CACHE_INFO).write_text(json.dumps(info) + "\n")
+        (tmp / _GGUF_CACHE_INFO).write_text(json.dumps({**info, "sha256": _cache_digests(tmp)}) + "\n")
         tmp.rename(entry)
     except Exception as exc:  # the cache only saves time: a model it cannot hold still loads
         print(f"carve: the de-quantized model was not cached in {entry.parent} ({exc})", file=sys.stderr)
@@ -332,6 +345,8 @@ def _from_gguf(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str, str]:
     if (entry / _GGUF_CACHE_INFO).is_file():
         try:
             _check_safetensors(entry)
+            if json.loads((entry / _GGUF_CACHE_INFO).read_text()).get("sha256") != _cache_digests(entry):
+                raise UsageError("its weights are not the ones cached (or were cached without a checksum)")
             tok = AutoTokenizer.from_pretrained(entry)
             model = AutoModelForCausalLM.from_pretrained(entry, **kwargs)
             return tok, model, fingerprint, source_dtype
@@ -450,7 +465,8 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
 
     A .gguf file's de-quantized weights (up to 4 GiB) and tokenizer are kept under carve's cache
     directory (`$CARVE_CACHE_DIR/models`, by the file's fingerprint, the dtype and the library
-    versions), so later loads read them in seconds; `carve cache --clear models` frees the space.
+    versions), checked against their sha256 on each load, so later loads read them in about a second;
+    `carve cache --clear models` frees the space.
     """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
