@@ -369,6 +369,8 @@ _STABLELM_NAMES = (  # LayerNorms: a bias beside each weight
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.bias", "blk.{}.ffn_norm.bias"),
     (r"model\.norm\.bias", "output_norm.bias"),
 )
+# OLMo 2 and 3, one llama.cpp architecture: rotate-half RoPE (no permutation), Q and K norms over the whole projection
+_OLMO = Architecture("olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_olmo_metadata)
 ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
     "mistral": Architecture("llama", True, (), "default", caveats=_window_caveats),
@@ -376,9 +378,8 @@ ARCHITECTURES = {
     "granite": Architecture("granite", True, (), "default", metadata=_granite_metadata),
     "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2"),
     "qwen3": Architecture("qwen3", False, (), "qwen2"),
-    # OLMo 2 and 3: rotate-half RoPE (no permutation), Q and K norms over the whole projection
-    "olmo2": Architecture("olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_olmo_metadata),
-    "olmo3": Architecture("olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_olmo_metadata),
+    "olmo2": _OLMO,
+    "olmo3": _OLMO,
     # StableLM (2): rotate-half RoPE over a quarter of each head, LayerNorms with biases, Q/K/V biases (3B)
     "stablelm": Architecture(
         "stablelm",
