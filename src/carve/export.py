@@ -107,8 +107,8 @@ def _check_gemma2(config: Any) -> None:
     if getattr(config, "sliding_window", None) and kinds != fixed:
         raise UsageError(
             "llama.cpp's gemma2 makes every even layer sliding and every odd one global; this model's layers are "
-            f"{', '.join(k.split('_')[0] for k in kinds)} (a structured output that dropped blocks): drop them in "
-            "pairs, or export the model before dropping"
+            f"{', '.join(k.split('_')[0] for k in kinds)} (a structured output that dropped blocks): drop adjacent "
+            "pairs of blocks, or export the model before dropping"
         )
     _check_gemma_common(config, "gemma2", 46)
 
@@ -136,7 +136,7 @@ def _check_smollm3(config: Any) -> None:
         raise UsageError(
             "llama.cpp's smollm3 skips RoPE in every fourth layer (3, 7, ...); this model's layers without RoPE are "
             f"{[i for i, r in enumerate(config.no_rope_layers) if not r]} (a structured output that dropped blocks): "
-            "drop them in fours, or export the model before dropping"
+            "drop four consecutive blocks at a time, or export the model before dropping"
         )
 
 
