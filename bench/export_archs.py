@@ -32,6 +32,8 @@ with its default pattern (three sliding layers, then a global one), window 16; c
 every layer global.
 StableLM: 4 blocks with Q/K/V biases (StableLM 2 3B, Zephyr), LayerNorm weights and biases and the
 Q/K/V biases random, query and key weights scaled by 8, RoPE over a quarter of each head.
+Cohere: 4 blocks (attention and MLP side by side on one LayerNorm, weights from N(1, 0.5)), query
+and key weights scaled by 8, logits scaled by 1/16 (Command R's); contrast: logits not scaled.
 SmolLM3 and Granite: 4 Llama-style blocks, query and key weights scaled by 8; SmolLM3 without RoPE
 in layer 3 (its rule: every fourth layer), contrast: RoPE in every layer; Granite with multipliers
 of the order of Granite 3's (attention 1/64, embedding 12, residual 0.22, logits divided by 8),
@@ -144,6 +146,16 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith(("q_proj.weight", "k_proj.weight")):
                     p.mul_(8)
         return model.eval()
+    if kind == "cohere":  # attention and MLP side by side on one LayerNorm, logits scaled by 1/16
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        model = tf.AutoModelForCausalLM.from_config(tf.CohereConfig(**sizes, vocab_size=vocab, logit_scale=0.0625))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("layernorm.weight"):
+                    p.normal_(1, 0.5)
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p.mul_(8)
+        return model.eval()
     if kind in ("smollm3", "granite"):  # Llama's tensors; SmolLM3 skips RoPE in layer 3, Granite scales
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         if kind == "smollm3":
@@ -209,6 +221,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "olmo3": ("export-archs-olmo3-global", {"layer_types": ["full_attention"] * 4}),  # every layer global
     "smollm3": ("export-archs-smollm3-rope", {"no_rope_layers": [1, 1, 1, 1]}),  # RoPE in every layer
     "granite": ("export-archs-granite-plain", {k: 1.0 for k in GRANITE}),  # no multiplier
+    "cohere": ("export-archs-cohere-unscaled", {"logit_scale": 1.0}),  # logits not scaled
     # every layer global and nothing soft-capped
     "gemma2": (
         "export-archs-gemma2-plain",
@@ -302,7 +315,7 @@ def row(kind: str) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, SmolLM3, Granite, OLMo 2 and 3, "
-        "StableLM, "
+        "StableLM, Cohere, "
         "Phi-3 (also LongRoPE), Mixtral, "
         "Qwen3-MoE, Qwen2-MoE "
         "(tiny random models)",
@@ -315,7 +328,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; OLMo 2 and 3: 4 blocks, "
         "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "
         "one, window 16; StableLM: 4 blocks with Q/K/V biases, random LayerNorm weights and biases, query and key "
-        "weights scaled by 8; Phi-3: "
+        "weights scaled by 8; Cohere: 4 blocks, attention and MLP side by side on one LayerNorm, query and key "
+        "weights scaled by 8, logits scaled by 1/16; Phi-3: "
         "fused qkv and gate/up, every layer sliding, window 16; Phi-3 LongRoPE (Phi-4-mini's RoPE "
         "in small: 3/4 of each head rotated, original context 256 of 2048, 6 long and 6 short factors, query and "
         "key rows scaled by 8), scored on 300 tokens (long factors) and on 200 (`-short`: llama.cpp's context 212, "
@@ -327,6 +341,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
         "RoPE scaling; Gemma 3: every layer global; Gemma 2: every layer global, nothing soft-capped; Phi-3: no "
         "sliding window; SmolLM3: RoPE in every layer; Granite: every multiplier 1; OLMo 3: every layer global; "
+        "Cohere: logits not scaled; "
         "Phi-3 LongRoPE: plain RoPE "
         "over the same channels; the MoEs: top-1 routing), which "
         "llama.cpp must not match "
@@ -388,6 +403,7 @@ KINDS = (
     "olmo2",
     "olmo3",
     "stablelm",
+    "cohere",
     "phi3",
     "phi3-longrope",
     "phi3-longrope-short",

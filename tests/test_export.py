@@ -497,6 +497,36 @@ def test_llama_cpp_cannot_take_refused(config: dict[str, Any], message: str) -> 
         check_config(SimpleNamespace(**{**base, **config}))
 
 
+def test_cohere_as_llama_cpp_command_r(tmp_path: Path, tokenizer) -> None:
+    """Cohere (Command R, Aya) as llama.cpp's `command-r`: each tensor under llama.cpp's name and
+    unpermuted (both libraries rotate adjacent pairs), one norm a block (`attn_norm`, no `ffn_norm`),
+    the logit scale; Q/K norms refused.  transformers' GGUF loader reads no Cohere; its logits in
+    llama.cpp itself: bench/export_archs.py, row cohere."""
+    import numpy as np
+    import transformers as tf
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.CohereConfig(**sizes, logit_scale=0.25))
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-cohere", "f16")
+    assert meta["general.architecture"] == "command-r" and meta["command-r.logit_scale"] == 0.25
+    tensors = _gguf_tensors(gguf)
+    for hf, name in (("model.layers.1.self_attn.q_proj.weight", "blk.1.attn_q.weight"),
+                     ("model.layers.1.self_attn.k_proj.weight", "blk.1.attn_k.weight"),
+                     ("model.layers.1.input_layernorm.weight", "blk.1.attn_norm.weight")):  # fmt: skip
+        w = model.state_dict()[hf]
+        want = w.numpy() if w.dim() == 1 else w.half().numpy()
+        assert np.array_equal(tensors[name].reshape(want.shape), want), name
+    assert not any("ffn_norm" in k for k in tensors) and "output.weight" not in tensors  # the head is tied
+    assert len(tensors) == len(model.state_dict()) - 1
+    src = tmp_path / "cohere-qk-norm"
+    tf.AutoModelForCausalLM.from_config(tf.CohereConfig(**sizes, use_qk_norm=True)).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    assert main(["export", str(src), "--gguf", str(tmp_path / "q.gguf")]) == 2 and not (tmp_path / "q.gguf").exists()
+
+
 def test_smollm3_structured_without_its_rope_rule_refused(tmp_path: Path, tokenizer, capsys) -> None:
     """llama.cpp's smollm3 skips RoPE in layers 3, 7, ... whatever the file says: an output whose kept
     blocks break that rule (one dropped block) is refused by name, with nothing written."""
@@ -795,7 +825,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     cases = [
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
-            "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
+            "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

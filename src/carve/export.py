@@ -10,7 +10,8 @@ as llama.cpp's `rope_freqs.weight` (per-frequency factors); SmolLM3 and Granite 
 `smollm3` and `granite`, Llama's tensors with their own keys; OLMo 2 and 3 as llama.cpp's `olmo2`
 (a norm after attention and after the MLP instead of before, Q and K norms over the whole
 projection, OLMo 3's sliding-window pattern); StableLM as `stablelm` (LayerNorms with biases, RoPE
-over a quarter of each head); Qwen2 as `qwen2` (rotate-half rope in
+over a quarter of each head); Cohere (Command R, Aya) as `command-r` (one LayerNorm feeding
+attention and MLP side by side, interleaved RoPE, the logit scale); Qwen2 as `qwen2` (rotate-half rope in
 llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
 biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma 2 as `gemma2` (its
 norms and tokenizer as Gemma 3's below, both soft-cappings, llama.cpp's fixed alternation of sliding
@@ -183,6 +184,22 @@ def _check_stablelm(config: Any) -> None:
 def _stablelm_metadata(writer: Any, config: Any) -> None:
     """StableLM's sequential residual, said (llama.cpp's stablelm reads it, its default is parallel)."""
     writer.add_parallel_residual(False)
+
+
+def _check_cohere(config: Any) -> None:
+    """Refuse the Cohere variants llama.cpp's command-r graph takes in another form: per-head Q/K
+    LayerNorms (`use_qk_norm`); plain RoPE only."""
+    _check_plain_rope(config, "command-r")
+    if getattr(config, "use_qk_norm", False):
+        raise UsageError("GGUF export writes Cohere (Command R, Aya) without Q/K norms; this model has them")
+
+
+def _cohere_metadata(writer: Any, config: Any) -> None:
+    """Cohere's logit scale (logits multiplied by it), as llama.cpp's converter writes it."""
+    import gguf
+
+    writer.add_logit_scale(float(config.logit_scale))
+    writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
 
 
 def _gemma3_metadata(writer: Any, config: Any) -> None:
@@ -390,6 +407,9 @@ ARCHITECTURES = {
         check=_check_stablelm,
         metadata=_stablelm_metadata,
     ),
+    # Cohere (Command R, Aya): attention and MLP side by side on one LayerNorm (no bias), interleaved
+    # RoPE in both libraries (no permutation), logits scaled
+    "cohere": Architecture("command-r", False, (), "default", check=_check_cohere, metadata=_cohere_metadata),
     "gemma2": Architecture(
         "gemma2",
         False,
@@ -479,8 +499,8 @@ def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
-            f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Gemma 2, "
-            "Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models "
+            f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, "
+            "Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
