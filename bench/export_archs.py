@@ -98,6 +98,18 @@ GRANITE = {"attention_multiplier": 0.015625, "embedding_multiplier": 12.0, "resi
            "logits_scaling": 8.0}  # fmt: skip
 
 
+def _perturbed(model: torch.nn.Module, norms: tuple[str, ...], mean: float) -> torch.nn.Module:
+    """`model` with the weights named by `norms` (suffixes) drawn from N(mean, 0.5), so that a lost or
+    misplaced norm shows, and the query and key weights scaled by 8, so that positions matter."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(norms):
+                p.normal_(mean, 0.5)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8)
+    return model.eval()
+
+
 def tiny(kind: str, vocab: int) -> torch.nn.Module:
     import transformers as tf
 
@@ -116,14 +128,8 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         sizes = {**SIZES, "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1}
         config = tf.Gemma2Config(**sizes, head_dim=256, sliding_window=16, vocab_size=vocab,
                                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0)  # fmt: skip
-        model = tf.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.normal_(0, 0.5)
-                if name.endswith(("q_proj.weight", "k_proj.weight")):  # attention logits past the cap of 5
-                    p.mul_(8)
-        return model.eval()
+        # query and key scaled: attention logits past the cap of 5
+        return _perturbed(tf.AutoModelForCausalLM.from_config(config), ("norm.weight",), 0.0)
     if kind == "stablelm":  # LayerNorms with random weights and biases, Q/K/V biases, RoPE over a quarter head
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         model = tf.AutoModelForCausalLM.from_config(tf.StableLmConfig(**sizes, vocab_size=vocab, use_qkv_bias=True))
@@ -138,24 +144,11 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         olmo = tf.Olmo2Config(**sizes, vocab_size=vocab) if kind == "olmo2" else tf.Olmo3Config(
             **sizes, vocab_size=vocab, sliding_window=16)  # fmt: skip
-        model = tf.AutoModelForCausalLM.from_config(olmo)
-        with torch.no_grad():  # norm weights that matter, positions that matter
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.normal_(1, 0.5)
-                if name.endswith(("q_proj.weight", "k_proj.weight")):
-                    p.mul_(8)
-        return model.eval()
+        return _perturbed(tf.AutoModelForCausalLM.from_config(olmo), ("norm.weight",), 1.0)
     if kind == "cohere":  # attention and MLP side by side on one LayerNorm, logits scaled by 1/16
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         model = tf.AutoModelForCausalLM.from_config(tf.CohereConfig(**sizes, vocab_size=vocab, logit_scale=0.0625))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("layernorm.weight"):
-                    p.normal_(1, 0.5)
-                if name.endswith(("q_proj.weight", "k_proj.weight")):
-                    p.mul_(8)
-        return model.eval()
+        return _perturbed(model, ("layernorm.weight",), 1.0)
     if kind in ("smollm3", "granite"):  # Llama's tensors; SmolLM3 skips RoPE in layer 3, Granite scales
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         if kind == "smollm3":
