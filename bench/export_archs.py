@@ -43,6 +43,10 @@ original context 256 of 2048, 6 long and 6 short factors, query and key rows sca
 300 tokens (both take the long factors) and on 200 (llama.cpp's context then 212, which it rounds up
 to 256, within the original 256: both take the short ones); contrast: plain RoPE over the same
 channels.
+Phi-3 structured (`phi3-structured`): 4 blocks, query and key rows scaled by 8, no window, cut by
+`carve extract --domain legal --heads-keep 0.5 --mlp-keep 0.5 --drop-blocks 1` (3 blocks of 2 query
+heads in 1 key/value group of 16 channels, head_dim apart from hidden / heads, and 64 MLP channels,
+each sliced out of the fused projections) before the export; contrast: the unsliced source.
 Mixtral / Qwen3-MoE / Qwen2-MoE: 4 experts, top-2 routing, expert and router weights (and Qwen2-MoE's
 shared expert and its gate) from N(0, 0.2) so that tokens spread over the experts and the mixture
 matters; contrast: the same weights with top-1 routing, which llama.cpp must not match.
@@ -110,6 +114,15 @@ def _perturbed(model: torch.nn.Module, norms: tuple[str, ...], mean: float) -> t
     return model.eval()
 
 
+def _fused_qk_scaled(model: torch.nn.Module) -> torch.nn.Module:
+    """A Phi-3 `model` with the query and key rows of its fused qkv_proj (4 + 2 heads of 16) scaled by 8,
+    so that positions matter."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.qkv_proj.weight[: 6 * 16].mul_(8)
+    return model.eval()
+
+
 def tiny(kind: str, vocab: int) -> torch.nn.Module:
     import transformers as tf
 
@@ -165,16 +178,16 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         config = tf.Phi3Config(**SIZES, sliding_window=16, vocab_size=vocab, pad_token_id=None, bos_token_id=None,
                                eos_token_id=None)  # fmt: skip
         return tf.AutoModelForCausalLM.from_config(config).eval()
+    if kind == "phi3-structured":  # 4 blocks, positions that matter, no window
+        sizes = {**SIZES, "num_hidden_layers": 4}
+        config = tf.Phi3Config(**sizes, vocab_size=vocab, pad_token_id=None, bos_token_id=None, eos_token_id=None)
+        return _fused_qk_scaled(tf.AutoModelForCausalLM.from_config(config))
     if kind.startswith("phi3-longrope"):  # Phi-4-mini's RoPE in small: 3/4 of a head rotated, LongRoPE
         sizes = {**SIZES, "max_position_embeddings": 2048}
         config = tf.Phi3Config(**sizes, vocab_size=vocab, pad_token_id=None, bos_token_id=None, eos_token_id=None,
                                original_max_position_embeddings=256)  # fmt: skip
         config.rope_parameters = dict(LONGROPE)
-        model = tf.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():  # positions matter: the query and key rows (4 + 2 heads of 16) scaled by 8
-            for layer in model.model.layers:
-                layer.self_attn.qkv_proj.weight[: 6 * 16].mul_(8)
-        return model.eval()
+        return _fused_qk_scaled(tf.AutoModelForCausalLM.from_config(config))
     if kind == "qwen3":
         model = tf.AutoModelForCausalLM.from_config(tf.Qwen3Config(**SIZES, head_dim=128, vocab_size=vocab))
         with torch.no_grad():
@@ -206,6 +219,11 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
             layer.self_attn.q_proj.weight.mul_(8)
             layer.self_attn.k_proj.weight.mul_(8)
     return model.eval()
+
+
+# layouts exported after `carve extract --structure` (its options): head_dim then differs from hidden / heads
+STRUCTURED = {"phi3-structured": ["--calib-blocks", "8", "--eval-blocks", "4", "--block-len", "128",
+                                  "--heads-keep", "0.5", "--mlp-keep", "0.5", "--drop-blocks", "1"]}  # fmt: skip
 
 
 # per layout: where the contrast model is saved, and the config change that removes the feature
@@ -263,6 +281,13 @@ def row(kind: str) -> dict[str, Any]:
     model = tiny(kind, len(tok))
     model.save_pretrained(src)
     tok.save_pretrained(src)
+    source = None
+    if kind in STRUCTURED:  # carve's structured extraction of it is what goes to llama.cpp; contrast: the source
+        source, src = model, OUT / f"export-archs-{name}-extracted"
+        subprocess.run([CARVE, "extract", str(OUT / f"export-archs-{name}"), "--domain", "legal", *STRUCTURED[kind],
+                        "--out", str(src), "--overwrite", "--quiet", "--no-speed", "--cloze-items", "0"],
+                       check=True, capture_output=True)  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(src).eval()
     out = subprocess.run([CARVE, "export", str(src), "--gguf", str(gguf), "--type", "f16", "--overwrite", "--json",
                           "--quiet"], capture_output=True, text=True, check=True).stdout  # fmt: skip
     exported = json.loads(out[out.index("{") :])
@@ -294,6 +319,13 @@ def row(kind: str) -> dict[str, Any]:
             pretokenize.name_of = read
         before = run_gguf(old, [ids[0].tolist()], decode_tokens=4, texts=texts)
         r.update(arch_pre_texts_same=sum(a == b for a, b in zip(before["tokenized"], want, strict=True)))
+    if source is not None:  # the unsliced source: what llama.cpp must not match
+        plain_nll, plain_top = scored(source, ids)
+        r.update(plain_nll=round(plain_nll, 4),
+                 plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)))  # fmt: skip
+        shape = json.loads((src / "config.json").read_text())
+        r["shape"] = {k: shape[k] for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                            "head_dim", "intermediate_size")}  # fmt: skip
     if kind in CONTRASTS:  # the same weights without the layout's feature: what llama.cpp must not match
         directory, change = CONTRASTS[kind]
         for key, value in change.items():
@@ -309,7 +341,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, SmolLM3, Granite, OLMo 2 and 3, "
         "StableLM, Cohere, "
-        "Phi-3 (also LongRoPE), Mixtral, "
+        "Phi-3 (also LongRoPE and structured), Mixtral, "
         "Qwen3-MoE, Qwen2-MoE "
         "(tiny random models)",
         "",
@@ -326,7 +358,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "fused qkv and gate/up, every layer sliding, window 16; Phi-3 LongRoPE (Phi-4-mini's RoPE "
         "in small: 3/4 of each head rotated, original context 256 of 2048, 6 long and 6 short factors, query and "
         "key rows scaled by 8), scored on 300 tokens (long factors) and on 200 (`-short`: llama.cpp's context 212, "
-        "rounded up to 256, within the original 256, so both take the short factors); Mixtral, Qwen3-MoE and "
+        "rounded up to 256, within the original 256, so both take the short factors); Phi-3 structured: 4 "
+        "blocks cut by `carve extract --domain legal --heads-keep 0.5 --mlp-keep 0.5 --drop-blocks 1` before the "
+        "export (head_dim apart from hidden / heads; contrast: the unsliced source); Mixtral, Qwen3-MoE and "
         "Qwen2-MoE: 4 "
         "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
         "`carve export --type f16`, "
@@ -400,6 +434,7 @@ KINDS = (
     "phi3",
     "phi3-longrope",
     "phi3-longrope-short",
+    "phi3-structured",
     "mixtral",
     "qwen3-moe",
     "qwen2-moe",

@@ -25,16 +25,18 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits.float()
 
 
-def _reloaded(path: Path) -> torch.nn.Module:
+def _reloaded(path: Path, **kw: Any) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **kw).eval()
 
 
-def _check(source: Path | str, gguf: Path, kind: str) -> None:
+def _check(source: Path | str, gguf: Path, kind: str, **kw: Any) -> None:
+    """`gguf` reloaded through transformers' GGUF loader (`kw`: its from_pretrained options) gives
+    `source`'s logits within the type's tolerance."""
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     want = _logits(carve.load_model(str(source)).model, ids)
-    got = _logits(_reloaded(gguf), ids)
+    got = _logits(_reloaded(gguf, **kw), ids)
     assert got.shape == want.shape
     assert (got - want).abs().max() <= TOLERANCE[kind] * want.abs().max(), kind
 
@@ -149,6 +151,23 @@ def test_phi3_as_llama_cpp_phi3(kind: str, tmp_path: Path, tokenizer, small_corp
                  "--method", "sparsegpt", "--sparsity", "0.5", "--out", str(out), *FAST]) == 0  # fmt: skip
     assert main(["export", str(out), "--gguf", str(tmp_path / "sparse.gguf"), "--type", kind]) == 0
     _check(out, tmp_path / "sparse.gguf", kind)
+    # structured: half the key/value groups and MLP channels, the fused rows sliced role by role
+    out = tmp_path / "structured"
+    assert main(["extract", str(src), "--domain", str(small_corpus), "--general", str(small_corpus), *FAST,
+                 "--structure", "--heads-keep", "0.5", "--mlp-keep", "0.5", "--drop-blocks", "0",
+                 "--out", str(out)]) == 0  # fmt: skip
+    gguf = tmp_path / "structured.gguf"
+    assert main(["export", str(out), "--gguf", str(gguf), "--type", kind]) == 0
+    from transformers import AutoConfig
+
+    from carve.models.gguf_header import read_gguf_header
+
+    meta = read_gguf_header(gguf)
+    assert (meta["phi3.attention.head_count"], meta["phi3.attention.head_count_kv"]) == (2, 1)
+    assert (meta["phi3.attention.key_length"], meta["phi3.feed_forward_length"]) == (16, 64)
+    # transformers' GGUF loader derives Phi-3's head_dim from hidden / heads (it reads no key_length),
+    # so it reloads the tensors under the output's config; llama.cpp reads key_length (export-archs)
+    _check(out, gguf, kind, config=AutoConfig.from_pretrained(out))
 
 
 def test_phi3_sliding_window_noted(tmp_path: Path, tokenizer, capsys) -> None:

@@ -20,7 +20,7 @@ from carve.ops.plan import Shape, ShapeTarget, candidate_shapes, decoder_params,
 from carve.ops.structure import apply_plan, search_plan, shared_copy, zero_plan
 from tests.conftest import MORE_ARCHS, VOCAB, tiny_config
 
-STRUCTURED = ["llama", "qwen2", "mistral", "gemma3", *MORE_ARCHS]
+STRUCTURED = ["llama", "qwen2", "mistral", "gemma3", *MORE_ARCHS, "phi3"]  # phi3: fused qkv_proj, gate_up_proj
 
 
 def three_block_model(arch: str, seed: int = 0) -> torch.nn.Module:
@@ -95,6 +95,52 @@ def test_unit_importance_against_a_direct_sum() -> None:
         for c in (0, 17, anat.intermediate - 1):
             want = s["gate_proj"][c].sum() + s["up_proj"][c].sum() + s["down_proj"][:, c].sum()
             torch.testing.assert_close(channels[i, c], want)
+
+
+def test_fused_projections_unit_importance_and_slices_against_the_unfused_model() -> None:
+    """Phi-3's fused qkv_proj and gate_up_proj: each role is its span of the fused rows. A Llama
+    model holding the same weights unfused gives the same unit importance, and the same logits
+    after slicing to the same plan (so the fused rows kept are each role's kept rows)."""
+    phi = three_block_model("phi3")
+    config = tiny_config("llama")
+    config.num_hidden_layers, config.rms_norm_eps = 3, phi.config.rms_norm_eps
+    llama = AutoModelForCausalLM.from_config(config).eval()
+    pa, la = anatomy(phi), anatomy(llama)
+    assert (pa.heads, pa.kv_heads, pa.head_dim, pa.intermediate) == (
+        la.heads,
+        la.kv_heads,
+        la.head_dim,
+        la.intermediate,
+    )
+    q, kv, inter = pa.heads * pa.head_dim, pa.kv_heads * pa.head_dim, pa.intermediate
+    spans = {"qkv_proj": {"q_proj": (0, q), "k_proj": (q, q + kv), "v_proj": (q + kv, q + 2 * kv)},
+             "gate_up_proj": {"gate_proj": (0, inter), "up_proj": (inter, 2 * inter)}}  # fmt: skip
+
+    def unfused(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, t in tensors.items():
+            fused = next((f for f in spans if f".{f}." in name), None)
+            for role, (a, b) in spans[fused].items() if fused else ():
+                out[name.replace(fused, role)] = t[a:b]
+            if fused is None:
+                out[name] = t
+        return out
+
+    llama.load_state_dict(unfused(phi.state_dict()))
+    ids = _ids()
+    with torch.no_grad():
+        torch.testing.assert_close(llama(input_ids=ids).logits, phi(input_ids=ids).logits)
+    scores = random_scores(phi)
+    split = ImportanceMap(unfused(dict(scores.scores)))
+    pg, pc = unit_importance(scores, pa)
+    lg, lc = unit_importance(split, la)
+    torch.testing.assert_close(pg, lg)
+    torch.testing.assert_close(pc, lc)
+    plan = make_plan(Shape(kv_groups=1, mlp_channels=24, drop_blocks=0), pg, pc, [])
+    with torch.no_grad():
+        torch.testing.assert_close(apply_plan(phi, plan)(input_ids=ids).logits,
+                                   apply_plan(llama, plan)(input_ids=ids).logits)  # fmt: skip
+    assert phi.model.layers[0].self_attn.num_key_value_heads == 1  # Phi-3 splits qkv by it
 
 
 def test_candidate_shapes_fit_the_budget_and_fixed_targets_hold() -> None:
@@ -192,7 +238,7 @@ def test_unsupported_architecture_is_refused_clearly() -> None:
     # (OLMo-2), head counts kept on the module (StableLM)
     with pytest.raises(UsageError, match=r"q_norm\.weight, k_norm\.weight spanning every head"):
         anatomy(tiny_model("olmo2"))
-    with pytest.raises(UsageError, match="keeps num_heads, num_key_value_heads, hidden_size"):
+    with pytest.raises(UsageError, match="keeps hidden_size as attributes"):
         anatomy(tiny_model("stablelm"))
     cohere = tiny_config("cohere")
     cohere.use_qk_norm = True  # one norm row per head

@@ -1,12 +1,13 @@
 """The anatomy of a decoder block for structured extraction: its attention and MLP projections,
 found by module names (q/k/v/o_proj attention, optional gate_proj, up_proj, down_proj MLP:
-Llama, Mistral, Qwen2, Gemma/Gemma2/Gemma3), not by model class; the head layout
+Llama, Mistral, Qwen2, Gemma/Gemma2/Gemma3; or Phi-3's fused qkv_proj and gate_up_proj, each
+role a span of the fused projection's rows), not by model class; the head layout
 (grouped-query attention: query head h reads key/value head h // (heads / kv_heads)); and what
 a block's parameters cost per key/value group and per MLP channel."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -17,6 +18,8 @@ from carve.models.experts import ExpertLinears, is_fused_experts
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+# fused projections (Phi-3): the roles whose rows they stack, in order
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 @dataclass
@@ -25,13 +28,27 @@ class Parts:
 
     attention: nn.Module  # the module holding q/k/v/o_proj
     mlp: nn.Module  # the module holding gate/up/down_proj
-    names: dict[str, str]  # role ("q_proj", ...) -> full module name
+    names: dict[str, str]  # role ("q_proj", ...) -> full name of the module holding its rows
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # role -> its rows of a fused projection
+
+    def attribute(self, role: str) -> str:
+        """The holder's attribute that holds `role`'s rows ("qkv_proj" for Phi-3's "k_proj")."""
+        return self.names[role].rpartition(".")[2]
 
     def linear(self, role: str) -> nn.Linear:
+        """The projection holding `role`'s rows: its own, or the fused one it is a span of."""
         holder = self.attention if role in ATTENTION else self.mlp
-        lin = getattr(holder, role)
+        lin = getattr(holder, self.attribute(role))
         assert isinstance(lin, nn.Linear)
         return lin
+
+    def offset(self, role: str) -> int:
+        return self.spans[role][0] if role in self.spans else 0
+
+    def width(self, role: str) -> int:
+        """`role`'s output rows."""
+        start, stop = self.spans.get(role, (0, self.linear(role).out_features))
+        return stop - start
 
 
 @dataclass
@@ -62,11 +79,12 @@ def anatomy(model: nn.Module) -> Anatomy:
         holders: dict[str, nn.Module] = {}
         names: dict[str, str] = {}
         for name, mod in block.named_modules():
-            for role in ATTENTION + MLP:
-                lin = getattr(mod, role, None)
-                if isinstance(lin, nn.Linear) and role not in names:
-                    holders[role] = mod
-                    names[role] = f"{prefix}.{i}.{name}.{role}" if name else f"{prefix}.{i}.{role}"
+            for attr in (*ATTENTION, *MLP, *FUSED):
+                lin = getattr(mod, attr, None)
+                for role in FUSED.get(attr, (attr,)):
+                    if isinstance(lin, nn.Linear) and role not in names:
+                        holders[role] = mod
+                        names[role] = f"{prefix}.{i}.{name}.{attr}" if name else f"{prefix}.{i}.{attr}"
         mlps = sum(isinstance(getattr(mod, "up_proj", None), nn.Linear) for mod in block.modules())
         if mlps > 1 or any(is_fused_experts(mod) or isinstance(mod, ExpertLinears) for mod in block.modules()):
             raise UsageError(
@@ -77,8 +95,9 @@ def anatomy(model: nn.Module) -> Anatomy:
         missing = [r for r in ATTENTION + MLP[1:] if r not in names]
         if missing:
             raise UsageError(
-                f"structured extraction needs Llama-style blocks (q/k/v/o_proj attention, gate/up/down_proj "
-                f"MLP); {type(model).__name__} block {i} has no {', '.join(missing)}"
+                f"structured extraction needs Llama-style blocks (q/k/v/o_proj or qkv_proj/o_proj attention, "
+                f"gate/up/down_proj or gate_up_proj/down_proj MLP); {type(model).__name__} block {i} has no "
+                f"{', '.join(missing)}"
             )
         parts.append(Parts(holders["q_proj"], holders["up_proj"], names))
     config = text_config(model)
@@ -86,21 +105,41 @@ def anatomy(model: nn.Module) -> Anatomy:
         config.num_attention_heads,
         getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
     )
+    for p in parts:
+        _fused_spans(p, heads, kv_heads)
     first = parts[0]
-    head_dim = first.linear("k_proj").out_features // kv_heads
-    intermediate = first.linear("up_proj").out_features
-    if first.linear("q_proj").out_features != heads * head_dim or heads % kv_heads:
+    head_dim = first.width("k_proj") // kv_heads
+    intermediate = first.width("up_proj")
+    if first.width("q_proj") != heads * head_dim or heads % kv_heads:
         raise UsageError(
-            f"{type(model).__name__}: q_proj has {first.linear('q_proj').out_features} outputs, not "
+            f"{type(model).__name__}: q_proj has {first.width('q_proj')} outputs, not "
             f"{heads} heads x {head_dim}; carve cannot tell its heads apart"
         )
     _check_sliceable(model, first, head_dim, heads * head_dim, kv_heads * head_dim)
     return Anatomy(prefix, blocks, parts, heads, kv_heads, head_dim, intermediate)
 
 
-# attention-module attributes that hold head counts or widths: slicing heads cannot update them
-# (StableLM reshapes its output to `hidden_size`), so a block that has them is refused
-HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_key_value_heads", "num_attention_heads", "hidden_size")
+def _fused_spans(p: Parts, heads: int, kv_heads: int) -> None:
+    """Each fused role's rows: qkv_proj stacks `heads` query heads and `kv_heads` key and value
+    heads of one width; gate_up_proj the gate's rows, then the up projection's (Phi-3's order)."""
+    for attr, roles in FUSED.items():
+        if p.attribute(roles[0]) != attr:
+            continue
+        rows = p.linear(roles[0]).out_features
+        per = [heads, kv_heads, kv_heads] if attr == "qkv_proj" else [1, 1]
+        if rows % sum(per):
+            raise UsageError(f"{p.names[roles[0]]} has {rows} outputs, which do not split into {'/'.join(roles)}")
+        start = 0
+        for role, n in zip(roles, per, strict=True):
+            p.spans[role] = (start, start + n * rows // sum(per))
+            start = p.spans[role][1]
+
+
+# attention-module attributes that hold head counts: slicing updates them (Phi-3 splits its fused
+# projection by `num_key_value_heads`); one that holds a width slicing cannot change (StableLM
+# reshapes its output to `hidden_size`) is refused
+HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_key_value_heads", "num_attention_heads")
+FIXED_WIDTH_ATTRIBUTES = ("hidden_size",)
 
 
 def _check_sliceable(model: nn.Module, parts: Parts, head_dim: int, q_width: int, kv_width: int) -> None:
@@ -110,11 +149,12 @@ def _check_sliceable(model: nn.Module, parts: Parts, head_dim: int, q_width: int
     `use_qk_norm` hold one row per head (they would keep the removed heads' rows)."""
     att = parts.attention
     heads, kv_heads = q_width // head_dim, kv_width // head_dim
-    stored = [a for a in HEAD_COUNT_ATTRIBUTES if isinstance(getattr(att, a, None), int)]
+    stored = [a for a in FIXED_WIDTH_ATTRIBUTES if isinstance(getattr(att, a, None), int)]
+    projections = {parts.attribute(r) for r in ATTENTION}
     spanning = [
         n
         for n, p in att.named_parameters()
-        if n.split(".")[0] not in ATTENTION
+        if n.split(".")[0] not in projections
         and p.dim() >= 1
         and (p.shape[0] in {q_width, kv_width} - {head_dim} or (p.dim() >= 2 and p.shape[0] in {heads, kv_heads}))
     ]  # per-head parameters shared by every head (Qwen3's and Gemma3's q_norm / k_norm: head_dim wide) are fine
@@ -141,7 +181,7 @@ def block_param_counts(anat: Anatomy) -> tuple[int, int, int]:
     per_group = 0
     for role in ("q_proj", "k_proj", "v_proj"):
         lin = p.linear(role)
-        per_group += lin.out_features // anat.kv_heads * (lin.in_features + (lin.bias is not None))
+        per_group += p.width(role) // anat.kv_heads * (lin.in_features + (lin.bias is not None))
     o = p.linear("o_proj")
     per_group += o.out_features * (o.in_features // anat.kv_heads)
     per_channel = 0

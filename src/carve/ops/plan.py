@@ -65,7 +65,7 @@ def block_unit_importance(
         key = f"{p.names[role]}.weight"
         if key not in scores:
             raise UsageError(f"the importance map has no scores for {key}; score the attention and MLP weights")
-        return scores[key]
+        return scores[key][p.offset(role) : p.offset(role) + p.width(role)]  # a fused projection: its span
 
     groups = _rows(s("k_proj"), anat.kv_heads) + _rows(s("v_proj"), anat.kv_heads)
     groups += _rows(s("q_proj"), anat.kv_heads) + _cols(s("o_proj"), anat.kv_heads)

@@ -42,7 +42,16 @@ from carve.engines.blocks import (
 )
 from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap
-from carve.models.anatomy import ATTENTION, MLP, Anatomy, Parts, anatomy, compensable, text_config
+from carve.models.anatomy import (
+    ATTENTION,
+    HEAD_COUNT_ATTRIBUTES,
+    MLP,
+    Anatomy,
+    Parts,
+    anatomy,
+    compensable,
+    text_config,
+)
 from carve.ops.plan import (
     Plan,
     Shape,
@@ -121,13 +130,13 @@ def slice_block(p: Parts, anat: Anatomy, plan: Plan, i: int, roles: list[str],
         lin = p.linear(role)
         cols = removed[role]
         deltas[role] = lin.weight.detach()[:, cols].float() @ means[role][cols].to(lin.weight.device)
-    for role, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-        setattr(p.attention, role, _sliced(p.linear(role), rows=rows))
+    _slice_rows(p, p.attention, {"q_proj": q, "k_proj": kv, "v_proj": kv})
     p.attention.o_proj = _sliced(p.linear("o_proj"), cols=q)
+    for attr in HEAD_COUNT_ATTRIBUTES:
+        if isinstance(getattr(p.attention, attr, None), int):
+            setattr(p.attention, attr, len(kv if attr == "num_key_value_heads" else q) // hd)
     ch = plan.channels[i]
-    for role in ("gate_proj", "up_proj"):
-        if role in p.names:
-            setattr(p.mlp, role, _sliced(p.linear(role), rows=ch))
+    _slice_rows(p, p.mlp, {"gate_proj": ch, "up_proj": ch})
     p.mlp.down_proj = _sliced(p.linear("down_proj"), cols=ch)
     for role, delta in deltas.items():
         for r in ATTENTION if role == "o_proj" else MLP:
@@ -135,15 +144,31 @@ def slice_block(p: Parts, anat: Anatomy, plan: Plan, i: int, roles: list[str],
                 _with_bias(p.linear(r), delta if r == role else None)
 
 
+def _slice_rows(p: Parts, holder: nn.Module, rows: dict[str, list[int]]) -> None:
+    """Replace each projection holding the roles' rows by a copy of the kept rows: a role's own
+    projection, or a fused one (Phi-3's qkv_proj, gate_up_proj) keeping each role's rows of its span."""
+    kept: dict[str, list[int]] = {}
+    for role, r in rows.items():
+        if role in p.names:
+            kept.setdefault(p.attribute(role), []).extend(p.offset(role) + j for j in r)
+    for attr, r in kept.items():
+        setattr(holder, attr, _sliced(getattr(holder, attr), rows=r))
+
+
+def shape_config(config: Any, anat: Anatomy, shape: Shape) -> None:
+    """Rewrite the widths of `config` in place to what every kept block of `shape` holds."""
+    config.head_dim = anat.head_dim  # explicit: most configs derive it from hidden_size / heads otherwise
+    config.num_key_value_heads = shape.kv_groups
+    config.num_attention_heads = shape.kv_groups * anat.group_size
+    config.intermediate_size = shape.mlp_channels
+
+
 def plan_config(config: Any, anat: Anatomy, plan: Plan, roles: list[str]) -> None:
     """Rewrite `config` (the text config) in place to the sliced model's shape."""
     for role in roles:
         setattr(config, "attention_bias" if role == "o_proj" else "mlp_bias", True)
     kept = [i for i in range(len(anat.blocks)) if i not in plan.drop]
-    config.head_dim = anat.head_dim  # explicit: most configs derive it from hidden_size / heads otherwise
-    config.num_key_value_heads = plan.shape.kv_groups
-    config.num_attention_heads = plan.shape.kv_groups * anat.group_size
-    config.intermediate_size = plan.shape.mlp_channels
+    shape_config(config, anat, plan.shape)
     for key, value in per_layer_lists(config, len(anat.blocks)).items():  # layer_types, no_rope_layers, ...
         setattr(config, key, [value[i] for i in kept])
     config.num_hidden_layers = len(kept)
@@ -219,8 +244,11 @@ def sliced_copy(anat: Anatomy, plan: Plan, i: int, roles: list[str],
     twin = shared_copy(anat.blocks[i])
     p = anat.parts[i]
     holder = lambda role: p.names[role].removeprefix(f"{anat.prefix}.{i}.").rpartition(".")[0]  # noqa: E731
-    slice_block(Parts(twin.get_submodule(holder("q_proj")), twin.get_submodule(holder("up_proj")), p.names),
+    slice_block(Parts(twin.get_submodule(holder("q_proj")), twin.get_submodule(holder("up_proj")), p.names, p.spans),
                 anat, plan, i, roles, means)  # fmt: skip
+    for config in {id(c): c for m in twin.modules() if hasattr(c := getattr(m, "config", None), "num_attention_heads")
+                   }.values():  # fmt: skip
+        shape_config(config, anat, plan.shape)  # the twin's own copy (Phi-3's attention splits qkv by it)
     return twin
 
 
