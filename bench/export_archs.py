@@ -44,9 +44,10 @@ original context 256 of 2048, 6 long and 6 short factors, query and key rows sca
 to 256, within the original 256: both take the short ones); contrast: plain RoPE over the same
 channels.
 Phi-3 structured (`phi3-structured`): 4 blocks, query and key rows scaled by 8, no window, cut by
-`carve extract --domain legal --heads-keep 0.5 --mlp-keep 0.5 --drop-blocks 1` (3 blocks of 2 query
-heads in 1 key/value group of 16 channels, head_dim apart from hidden / heads, and 64 MLP channels,
-each sliced out of the fused projections) before the export; contrast: the unsliced source.
+`carve extract --domain legal --heads-keep 1.0 --mlp-keep 0.5 --drop-blocks 1` (3 blocks of 64 MLP
+channels sliced out of the fused gate_up_proj; every head kept: llama.cpp's phi3 sizes the query rows
+by the hidden size, so an output without some heads is refused by the export) before the export;
+contrast: the unsliced source.
 Mixtral / Qwen3-MoE / Qwen2-MoE: 4 experts, top-2 routing, expert and router weights (and Qwen2-MoE's
 shared expert and its gate) from N(0, 0.2) so that tokens spread over the experts and the mixture
 matters; contrast: the same weights with top-1 routing, which llama.cpp must not match.
@@ -221,9 +222,10 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
     return model.eval()
 
 
-# layouts exported after `carve extract --structure` (its options): head_dim then differs from hidden / heads
+# layouts exported after `carve extract --structure` (its options; every head kept: llama.cpp's phi3 takes
+# query rows as wide as the hidden size only, and fails to load a file with fewer)
 STRUCTURED = {"phi3-structured": ["--calib-blocks", "8", "--eval-blocks", "4", "--block-len", "128",
-                                  "--heads-keep", "0.5", "--mlp-keep", "0.5", "--drop-blocks", "1"]}  # fmt: skip
+                                  "--heads-keep", "1.0", "--mlp-keep", "0.5", "--drop-blocks", "1"]}  # fmt: skip
 
 
 # per layout: where the contrast model is saved, and the config change that removes the feature
@@ -359,8 +361,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "in small: 3/4 of each head rotated, original context 256 of 2048, 6 long and 6 short factors, query and "
         "key rows scaled by 8), scored on 300 tokens (long factors) and on 200 (`-short`: llama.cpp's context 212, "
         "rounded up to 256, within the original 256, so both take the short factors); Phi-3 structured: 4 "
-        "blocks cut by `carve extract --domain legal --heads-keep 0.5 --mlp-keep 0.5 --drop-blocks 1` before the "
-        "export (head_dim apart from hidden / heads; contrast: the unsliced source); Mixtral, Qwen3-MoE and "
+        "blocks cut by `carve extract --domain legal --heads-keep 1.0 --mlp-keep 0.5 --drop-blocks 1` before the "
+        "export (contrast: the unsliced source); Mixtral, Qwen3-MoE and "
         "Qwen2-MoE: 4 "
         "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
         "`carve export --type f16`, "

@@ -545,6 +545,38 @@ def test_streamed_structured_equals_in_memory(
             assert streamed["metrics"][when][key] == pytest.approx(mem["metrics"][when][key], rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    "arch, layers, kw",
+    [("gemma2", 6, {"drop_blocks": 2, "drop_run": 2, "drop_rule": "greedy"}),
+     ("smollm3", 8, {"drop_blocks": 4, "drop_run": 4})],
+)  # fmt: skip
+def test_streamed_runs_equal_in_memory(
+    tmp_path: Path, tokenizer, small_corpus: Path, arch: str, layers: int, kw: dict
+) -> None:
+    """`--drop-run`: blocks dropped in runs of consecutive blocks (greedy and distance), streamed as in
+    memory, bit for bit; the kept blocks keep the model's layer pattern, so the output exports to GGUF
+    (Gemma 2 alternating sliding and global, SmolLM3 without RoPE in every fourth layer)."""
+    import json
+
+    from carve.cli.main import main
+    from tests.test_structure import deep_model
+
+    src = tmp_path / f"src-{arch}"
+    deep_model(arch, layers).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    kw = {"structure": True, "sparsity": None, "mlp_keep": 1.0, "heads_keep": 1.0, **kw}
+    mem = extract(_recipe(src, small_corpus, "wanda", False, **kw), tmp_path / "mem")
+    streamed = extract(_recipe(src, small_corpus, "wanda", True, **kw), tmp_path / "stream")
+    assert streamed["structure"] == mem["structure"]
+    dropped = mem["structure"]["dropped_blocks"]
+    assert len(dropped) == kw["drop_blocks"] and dropped == list(range(dropped[0], dropped[0] + kw["drop_run"]))
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    config = json.loads((tmp_path / "mem" / "config.json").read_text())
+    assert config["num_hidden_layers"] == layers - kw["drop_blocks"]
+    assert main(["export", str(tmp_path / "mem"), "--gguf", str(tmp_path / "out.gguf"), "--quiet"]) == 0
+
+
 def test_streamed_structured_with_a_reused_map_equals_in_memory(
     tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -177,6 +177,85 @@ def test_block_distance_of_an_identity_block_is_zero_and_it_is_dropped_first() -
     assert make_plan(Shape(2, 128, 1), groups, channels, d.argsort().tolist()).drop == [2]
 
 
+def deep_model(arch: str, layers: int) -> torch.nn.Module:
+    """A tiny `arch` model of `layers` blocks, its per-layer pattern continued (Gemma 2 alternating
+    sliding and global, SmolLM3 without RoPE in every fourth layer)."""
+    config = tiny_config(arch)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i % len(config.layer_types)] for i in range(layers)]
+    if arch == "smollm3":
+        config.no_rope_layers = [int((i + 1) % 4 != 0) for i in range(layers)]
+    if arch == "gemma2":  # as llama.cpp scales a small Gemma 2's attention: by 1/sqrt(head_dim)
+        config.query_pre_attn_scalar = config.head_dim
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_run_distances_against_the_hidden_states_and_the_order_takes_disjoint_runs() -> None:
+    """`--drop-run 2` with the distance rule: each run's distance is the angular distance between the
+    hidden state entering its first block and the one leaving its last (read here off forward hooks,
+    one forward); the order takes runs by ascending distance, none overlapping one taken before."""
+    from carve.engines.blocks import angular_distance, run_order
+
+    model = deep_model("llama", 5)
+    ids = _ids(4, 16)
+    ins, outs = {}, {}
+
+    def keep(i: int):
+        def hook(_m, args, kwargs, out) -> None:
+            ins[i] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            outs[i] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
+    hooks = [b.register_forward_hook(keep(i), with_kwargs=True) for i, b in enumerate(anatomy(model).blocks)]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    d = block_distances(model, ids, batch_size=2, run=2)
+    assert d.shape == (4,)
+    for i in range(4):
+        torch.testing.assert_close(d[i], angular_distance(ins[i], outs[i + 1]).mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(block_distances(model, ids, run=1)[:2], block_distances(model, ids)[:2])
+    assert run_order(torch.tensor([0.5, 0.1, 0.2, 0.9]), 2) == [1, 2, 3, 4]  # run 2-3 overlaps 1-2, 0-1 too
+    assert run_order(torch.tensor([0.5, 0.1, 0.2]), 1) == [1, 2, 0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_greedy_runs_equal_slicing_every_candidate_run(arch: str) -> None:
+    """`--drop-run 2` with the greedy rule: each step drops the two consecutive kept blocks whose
+    removal gives the lowest loss, as slicing a trial model per candidate pair gives; the kept
+    blocks of Gemma 2 still alternate sliding and global."""
+    model = deep_model(arch, 6)
+    anat = anatomy(model)
+    calib = _ids(3, 16)
+    order, losses = greedy_drop_order(model, calib, 4, run=2)
+    units = unit_importance(random_scores(model), anat)
+
+    def dropped(drop: list[int]) -> float:
+        plan = make_plan(Shape(anat.kv_heads, anat.intermediate, len(drop)), *units, drop)
+        return calibration_loss(apply_plan(shared_copy(model), plan), calib)
+
+    chosen: list[int] = []
+    for k in range(2):
+        kept = [i for i in range(6) if i not in chosen]
+        trials = {i: dropped([*chosen, *kept[i : i + 2]]) for i in range(len(kept) - 1)}
+        best = min(trials, key=lambda i: trials[i])
+        chosen += kept[best : best + 2]
+        assert losses[k] == pytest.approx(trials[best], abs=1e-4)
+    assert order == chosen and len(losses) == 2
+    plan = make_plan(Shape(anat.kv_heads, anat.intermediate, 4), *units, order)
+    if arch == "gemma2":
+        assert apply_plan(shared_copy(model), plan).config.layer_types == ["sliding_attention", "full_attention"]
+    with pytest.raises(UsageError, match="whole runs"):
+        greedy_drop_order(model, calib, 3, run=2)
+    with pytest.raises(UsageError, match="not a whole number of runs"):
+        candidate_shapes(anat, None, drop_blocks=3, drop_run=2)
+    assert {s.drop_blocks for s in candidate_shapes(anat, 0.5, drop_run=2)} <= {0, 2, 4}
+
+
 def test_search_picks_the_candidate_with_the_lowest_loss() -> None:
     model = three_block_model("llama")
     anat = anatomy(model)

@@ -108,8 +108,8 @@ def _check_gemma2(config: Any) -> None:
     if getattr(config, "sliding_window", None) and kinds != fixed:
         raise UsageError(
             "llama.cpp's gemma2 makes every even layer sliding and every odd one global; this model's layers are "
-            f"{', '.join(k.split('_')[0] for k in kinds)} (a structured output that dropped blocks): drop adjacent "
-            "pairs of blocks, or export the model before dropping"
+            f"{', '.join(k.split('_')[0] for k in kinds)} (a structured output that dropped blocks): extract with "
+            "--drop-run 2 (adjacent pairs of blocks dropped), or export the model before dropping"
         )
     _check_gemma_common(config, "gemma2", 46)
 
@@ -137,7 +137,7 @@ def _check_smollm3(config: Any) -> None:
         raise UsageError(
             "llama.cpp's smollm3 skips RoPE in every fourth layer (3, 7, ...); this model's layers without RoPE are "
             f"{[i for i, r in enumerate(config.no_rope_layers) if not r]} (a structured output that dropped blocks): "
-            "drop four consecutive blocks at a time, or export the model before dropping"
+            "extract with --drop-run 4 (four consecutive blocks dropped at a time), or export the model before dropping"
         )
 
 
@@ -239,11 +239,19 @@ def _rotary_dims(config: Any, head_dim: int) -> int:
 def _check_phi3(config: Any) -> None:
     """Refuse the Phi-3 variants whose RoPE llama.cpp's phi3 graph does not take: plain RoPE and
     LongRoPE (the 128k Phi-3, Phi-3.5, Phi-4-mini) go, with one long and one short factor per
-    rotated frequency."""
+    rotated frequency.  llama.cpp sizes the fused qkv's query rows by the hidden size, so a model
+    whose query heads make another width (a structured output that removed heads) is refused."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if config.num_attention_heads * head_dim != config.hidden_size:
+        raise UsageError(
+            f"llama.cpp's phi3 takes query heads as wide as the hidden size ({config.hidden_size}); this model's "
+            f"{config.num_attention_heads} heads of {head_dim} are {config.num_attention_heads * head_dim} wide (a "
+            "structured output that removed heads): extract with --heads-keep 1.0 (MLP width and depth only) for "
+            "a GGUF, or export the model before extracting"
+        )
     kind = rope_type(config)
     if kind == "longrope":
         rope = _rope(config)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         half = _rotary_dims(config, head_dim) // 2
         bad = [k for k in ("long_factor", "short_factor") if len(rope.get(k) or []) != half]
         if bad or not rope.get("original_max_position_embeddings"):

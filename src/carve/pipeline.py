@@ -159,6 +159,12 @@ class Recipe:
         choices=DROP_RULES,
         group=STRUCTURED,
     )
+    drop_run: int | None = flag(
+        "drop blocks in runs of N consecutive blocks (default 1). A run as long as a model's fixed layer pattern "
+        "keeps the pattern, which llama.cpp needs for GGUF: 2 for Gemma 2 (sliding and global layers alternate), "
+        "4 for SmolLM3 (no RoPE in every fourth layer)",
+        group=STRUCTURED,
+    )
     bias_compensation: bool = flag(
         "keep the removed heads' and channels' mean contribution as a bias (FLAP; configs with mlp_bias / "
         "attention_bias, e.g. Llama)",
@@ -230,7 +236,8 @@ class Recipe:
         check_source(self.model)
         r = replace(self, include=list(self.include), exclude=list(self.exclude))
         shape = (r.keep, r.mlp_keep, r.heads_keep, r.drop_blocks)
-        r.structure = r.structure or any(t is not None for t in shape) or r.bias_compensation or r.drop_rule is not None
+        r.structure = (r.structure or any(t is not None for t in shape) or r.bias_compensation
+                       or r.drop_rule is not None or r.drop_run is not None)  # fmt: skip
         if r.structure:
             r._resolve_structure()
         r.method = r.method or (DEFAULT_STRUCTURE_METHOD if r.structure else DEFAULT_METHOD)
@@ -294,6 +301,8 @@ class Recipe:
         if all(t is None for t in (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)):
             self.keep = 0.5
         self.drop_rule = check_drop_rule(self.drop_rule or DEFAULT_DROP_RULE)
+        if self.drop_run is not None and self.drop_run < 1:
+            raise UsageError(f"--drop-run {self.drop_run}: blocks are dropped in runs of at least 1")
 
     def targets(self) -> Targets:
         return Targets.of(self.include, self.exclude)
@@ -301,7 +310,7 @@ class Recipe:
     def shape_target(self) -> ShapeTarget:
         return ShapeTarget(
             self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks,
-            self.drop_rule or DEFAULT_DROP_RULE, self.bias_compensation,
+            self.drop_rule or DEFAULT_DROP_RULE, self.bias_compensation, self.drop_run or 1,
         )  # fmt: skip
 
 

@@ -37,24 +37,39 @@ def angular_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def block_distances(
-    model: nn.Module, calibration: torch.Tensor, batch_size: int = 8, source: BlockSource | None = None
+    model: nn.Module, calibration: torch.Tensor, batch_size: int = 8, source: BlockSource | None = None, run: int = 1
 ) -> torch.Tensor:
-    """Mean angular distance arccos(cos(x_in, x_out))/π of each decoder block over every
-    calibration token: 0 = the block leaves its input's direction unchanged."""
+    """Mean angular distance arccos(cos(x_in, x_out))/π of each run of `run` consecutive decoder
+    blocks (x_in entering block i, x_out leaving block i + run - 1; one entry per first block i)
+    over every calibration token: 0 = the run leaves its input's direction unchanged."""
     _, blocks = find_blocks(model)
-    total = torch.zeros(len(blocks), dtype=torch.float64)
+    total = torch.zeros(len(blocks) - run + 1, dtype=torch.float64)
+    entering: list[list[torch.Tensor]] = [[] for _ in blocks]  # per block, its batches' inputs not yet used
 
     def hook(i: int) -> Any:
         def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
             x_in, _ = split_hidden(args, kwargs)
-            x_out = out[0] if isinstance(out, (tuple, list)) else out
-            total[i] += angular_distance(x_in, x_out).sum().double().cpu()
+            if i < len(total):
+                entering[i].append(x_in)
+            if i >= run - 1:  # batches reach a block in the order they reached the run's first block
+                x_out = out[0] if isinstance(out, (tuple, list)) else out
+                total[i - run + 1] += angular_distance(entering[i - run + 1].pop(0), x_out).sum().double().cpu()
 
         return record
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
     count = run_hooked(model, calibration, handles, batch_size, "block distances", source)
     return (total / count).float()
+
+
+def run_order(distances: torch.Tensor, run: int = 1) -> list[int]:
+    """Blocks in the order the distance rule drops them: runs of `run` blocks by ascending distance
+    (`block_distances`, one entry per first block), each run that overlaps none taken before."""
+    order: list[int] = []
+    for i in distances.argsort().tolist():
+        if not set(range(i, i + run)) & set(order):
+            order += range(i, i + run)
+    return order
 
 
 @torch.no_grad()
@@ -234,51 +249,60 @@ def _block_inputs(
     return states, kinds[0]
 
 
+def _runs(n_blocks: int, order: list[int], run: int) -> list[list[int]]:
+    """The candidate runs of one greedy step: every `run` consecutive blocks not yet dropped."""
+    kept = [i for i in range(n_blocks) if i not in order]
+    return [kept[k : k + run] for k in range(len(kept) - run + 1)]
+
+
 @torch.no_grad()
 def greedy_drop_order(
-    model: nn.Module, calibration: torch.Tensor, n: int, source: BlockSource | None = None
+    model: nn.Module, calibration: torch.Tensor, n: int, source: BlockSource | None = None, run: int = 1
 ) -> tuple[list[int], list[float]]:
-    """The first `n` blocks to drop, one at a time: each time the block whose removal (on top of
-    those already chosen) gives the lowest next-token loss on the calibration blocks.  Returns the
-    order and the loss after each removal.
+    """The first `n` blocks to drop, a run of `run` consecutive kept blocks at a time (one block by
+    default): each time the run whose removal (on top of those already chosen) gives the lowest
+    next-token loss on the calibration blocks.  Returns the order and the loss after each removal
+    (one per run).
 
     Exact and cheaper than slicing a trial model per candidate: per step, one forward of the
     current model records the hidden state entering every block; a candidate's forward then
-    starts from the state entering it, so only the blocks after it run.  With `source` (streamed),
-    each step reads every block once and carries every candidate's hidden states through it."""
+    starts from the state entering its first block, so only the blocks after the run run.  With
+    `source` (streamed), each step reads every block once and carries every candidate's hidden
+    states through it."""
     from carve.engines.gradient import next_token_loss
 
     _, blocks = find_blocks(model)
-    if not 0 <= n < len(blocks):
-        raise UsageError(f"cannot drop {n} of the model's {len(blocks)} blocks; keep at least one")
+    if not 0 <= n < len(blocks) or n % run:
+        raise UsageError(
+            f"cannot drop {n} of the model's {len(blocks)} blocks in runs of {run}; keep at least one, drop whole runs"
+        )
     order: list[int] = []
     losses: list[float] = []
     if source is not None:
-        for _ in range(n):
-            loss, i = min((loss, i) for i, loss in _streamed_candidates(source, list(calibration), order))
-            order.append(i)
+        for _ in range(n // run):
+            loss, first = min((loss, r[0]) for r, loss in _streamed_candidates(source, list(calibration), order, run))
+            order += next(r for r in _runs(len(blocks), order, run) if r[0] == first)
             losses.append(round(loss, 5))
         return order, losses
     device = next(model.parameters()).device
     seqs = [b[None].to(device) for b in calibration]
     tuple_out = False
-    ticks = bar("greedy block search", sum(len(blocks) - k for k in range(n)))
-    for _ in range(n):
+    ticks = bar("greedy block search", sum(len(blocks) - k - run + 1 for k in range(0, n, run)))
+    for _ in range(n // run):
         states, tuple_out = _block_inputs(model, blocks, seqs, order, tuple_out)
-        best: tuple[float, int] | None = None
-        for i in range(len(blocks)):
-            if i in order:
-                continue
+        best: tuple[float, list[int]] | None = None
+        for candidate in _runs(len(blocks), order, run):
+            i = candidate[0]
             total = 0.0
             for s, ids in enumerate(seqs):
-                with _bypassed(blocks, {*order, i}, tuple_out, resume=(i, states[i][s])):
+                with _bypassed(blocks, {*order, *candidate}, tuple_out, resume=(i, states[i][s])):
                     total += next_token_loss(model, ids).item()
             loss = total / len(seqs)
             if best is None or loss < best[0]:
-                best = (loss, i)
+                best = (loss, candidate)
             ticks.update()
         assert best is not None
-        order.append(best[1])
+        order += best[1]
         losses.append(round(best[0], 5))
     ticks.close()
     return order, losses
@@ -286,11 +310,12 @@ def greedy_drop_order(
 
 @torch.no_grad()
 def _streamed_candidates(
-    source: BlockSource, calibration: list[torch.Tensor], order: list[int]
-) -> list[tuple[int, float]]:
-    """One step of the greedy search, streamed: (block, loss of the model without `order` and it)
-    for every block not in `order`.  Each block is read once: the current model's hidden states and
-    every candidate's (from the state entering the candidate, which skips it) pass through it."""
+    source: BlockSource, calibration: list[torch.Tensor], order: list[int], run: int = 1
+) -> list[tuple[list[int], float]]:
+    """One step of the greedy search, streamed: (run, loss of the model without `order` and it)
+    for every run of `run` consecutive blocks not in `order`.  Each block is read once: the current
+    model's hidden states and every candidate's (from the state entering the run's first block,
+    which skips the run) pass through it."""
     from carve.engines.layerwise import block_output
 
     seqs = [b[None].to(source.device) for b in calibration]
@@ -305,16 +330,20 @@ def _streamed_candidates(
         tuple_out = isinstance(outs[0], (tuple, list))
         return [o[0] if tuple_out else o for o in outs]
 
+    runs = {r[0]: r for r in _runs(len(source.blocks), order, run)}
     for j in progress(range(len(source.blocks)), "greedy block search (streamed)"):
         if j in order:
             continue
         source.load_block(j)
         for i in candidates:
-            candidates[i] = through(j, candidates[i])
-        candidates[j] = current  # the candidate dropping block j: the state entering it, carried on
+            if j not in runs[i]:
+                candidates[i] = through(j, candidates[i])
+        if j in runs:
+            candidates[j] = current  # the candidate dropping the run from block j: the state entering it, carried on
         current = through(j, current)
         source.free_block(j)
-    return [(i, sum(final_losses(source, seqs, states, tuple_out)) / len(seqs)) for i, states in candidates.items()]
+    return [(runs[i], sum(final_losses(source, seqs, states, tuple_out)) / len(seqs))
+            for i, states in candidates.items()]  # fmt: skip
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ class ShapeTarget:
     drop_blocks: int | None = None
     drop_rule: str = DEFAULT_DROP_RULE
     bias_compensation: bool = False
+    drop_run: int = 1  # blocks are dropped in runs of this many consecutive kept blocks
 
 
 def _rows(t: torch.Tensor, groups: int) -> torch.Tensor:
@@ -121,11 +122,17 @@ def candidate_shapes(
     heads_keep: float | None = None,
     drop_blocks: int | None = None,
     multiple: int = 32,
+    drop_run: int = 1,
 ) -> list[Shape]:
     """The shapes within the parameter budget `keep` (share of decoder-block parameters), with
     the dimensions the user fixed held; for each (groups, dropped blocks) the widest MLP that fits
-    (a multiple of `multiple` channels).  Without `keep`, the single shape the user asked for."""
+    (a multiple of `multiple` channels).  Without `keep`, the single shape the user asked for.
+    Dropped blocks come in whole runs of `drop_run`."""
     n_blocks = len(anat.blocks)
+    if drop_run < 1 or drop_run >= n_blocks:
+        raise UsageError(f"--drop-run {drop_run}: runs of 1 to {n_blocks - 1} blocks (the model has {n_blocks})")
+    if drop_blocks is not None and drop_blocks % drop_run:
+        raise UsageError(f"--drop-blocks {drop_blocks} is not a whole number of runs of --drop-run {drop_run}")
     if heads_keep is not None:
         g = round(heads_keep * anat.kv_heads)
         if not 1 <= g <= anat.kv_heads:
@@ -141,7 +148,9 @@ def candidate_shapes(
         drop_options = [drop_blocks]
     else:
         drop_options = (
-            sorted({round(n_blocks * f) for f in (0, 1 / 8, 1 / 4, 3 / 8, 1 / 2)}) if keep is not None else [0]
+            sorted({round(n_blocks * f / drop_run) * drop_run for f in (0, 1 / 8, 1 / 4, 3 / 8, 1 / 2)})
+            if keep is not None
+            else [0]
         )
     multiple = max(1, min(multiple, anat.intermediate // 8))
     fixed_m: int | None = None

@@ -39,6 +39,7 @@ from carve.engines.blocks import (
     final_losses,
     greedy_drop_order,
     input_means,
+    run_order,
 )
 from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap
@@ -356,7 +357,8 @@ def structure(
             "contribution cannot be kept as a bias (bias compensation works for Llama, and Gemma3 attention)"
         )
     check_drop_rule(target.drop_rule)
-    shapes = candidate_shapes(anat, target.keep, target.mlp_keep, target.heads_keep, target.drop_blocks)
+    shapes = candidate_shapes(anat, target.keep, target.mlp_keep, target.heads_keep, target.drop_blocks,
+                              drop_run=target.drop_run)  # fmt: skip
     scores = importance() if callable(importance) else importance
     if isinstance(scores, UnitImportance):
         groups, channels, kept_scores = scores.groups, scores.channels, None
@@ -364,11 +366,12 @@ def structure(
         (groups, channels), kept_scores = unit_importance(scores, anat), scores
     distances, order, losses = None, None, None
     most = max(s.drop_blocks for s in shapes)
+    run = target.drop_run
     if most and target.drop_rule == "greedy":
-        order, losses = greedy_drop_order(model, evenly_spaced(calibration, greedy_blocks), most, source)
+        order, losses = greedy_drop_order(model, evenly_spaced(calibration, greedy_blocks), most, source, run)
     elif most:
-        distances = block_distances(model, evenly_spaced(calibration, distance_blocks), batch_size, source)
-        order = distances.argsort().tolist()
+        distances = block_distances(model, evenly_spaced(calibration, distance_blocks), batch_size, source, run)
+        order = run_order(distances, run)
     spread = evenly_spaced(calibration, distance_blocks)
     means = input_means(model, spread, batch_size, source) if target.bias_compensation else None
     search = evenly_spaced(calibration, search_blocks)
