@@ -11,6 +11,7 @@ pruned on the tokens its router sends it, and the four copies of an MLP come out
     .venv/bin/python bench/moe.py [--rerun ID ...] [--table-only]
     .venv/bin/python bench/moe.py --gguf      # the MoE specialist in llama.cpp (section moe-gguf)
     .venv/bin/python bench/moe.py --memory [--rerun memory/moe]   # where the job's memory goes (moe-memory)
+    .venv/bin/python bench/moe.py --experts [--rerun experts/moe/0.5]   # whole experts removed (moe-experts)
 
 Rows, each one `carve extract` (the CLI) on the legal corpus at 50%, seeds as listed; the output's
 weights are deleted, its manifest's metrics and data fingerprints kept (bench/results/moe.jsonl):
@@ -24,6 +25,12 @@ kept), each `carve export`ed to GGUF f16 and q8_0 (the MoE as llama.cpp's `llama
 run in llama.cpp on the first 16 held-out legal blocks: perplexity and top-1 next-token agreement
 against transformers on the same blocks, and decode tokens/s of the MoE against the dense
 specialist's GGUF of the same type, alternately in the same run, best of 3.
+
+`--experts` (section moe-experts): whole experts removed, `carve extract SRC --experts-keep F --domain
+legal` (speed measured), from the upcycled MoE itself (its experts are copies: whichever are kept, the
+model computes what it did, so the row checks the surgery at real size and measures the size and
+speed gained) and from its SparseGPT seed-0 specialist (the `--gguf` one: each expert pruned on its
+own tokens, so the experts differ and which are kept matters), keeping 2 or 3 of 4.
 
 `--memory` (section moe-memory): the SparseGPT seed-0 job of each model once more, its process's
 anonymous and file-backed resident memory (/proc/PID/status RssAnon, RssFile) sampled every 0.2 s,
@@ -339,6 +346,64 @@ def run_gguf_rows(rows: dict[str, dict[str, Any]]) -> None:
         write_section("moe-gguf", gguf_table(rows))
 
 
+# `--experts`: (source, share of experts kept); source "moe" is the upcycled MoE, "moe-sparsegpt" its
+# SparseGPT seed-0 specialist (`kept("moe")`)
+EXPERT_ROWS = [("moe", 0.5), ("moe-sparsegpt", 0.5), ("moe-sparsegpt", 0.75)]
+
+
+def experts_row(source: str, keep: float) -> dict[str, Any]:
+    """`carve extract SRC --experts-keep KEEP --domain legal` (speed measured); the output deleted."""
+    src = MOE_DIR if source == "moe" else kept("moe")
+    out = OUT / f"moe-experts-{source}-{keep}"
+    cmd = [CARVE, "extract", str(src), "--experts-keep", str(keep), "--domain", "legal", "--quiet", "--out",
+           str(out), "--overwrite"]  # fmt: skip
+    speed = timed(cmd)
+    m = json.loads((out / "carve.json").read_text())
+    shutil.rmtree(out)
+    before, after = m["metrics"]["before"], m["metrics"]["after"]
+    return {
+        "job": "carve.extract", "source": source, "keep": keep, "experts_kept": m["experts_kept"],
+        "parameters_before": m["size"]["parameters_before"], "parameters_after": m["size"]["parameters_after"],
+        "domain_ppl_before": before["domain_ppl"], "domain_ppl": after["domain_ppl"],
+        "general_ppl_before": before["general_ppl"], "general_ppl": after["general_ppl"],
+        "eval_blocks": after["domain_eval_blocks"], "speed": m.get("speed"), "seconds": m["timings_s"]["prune"],
+        "wall_s": speed["wall_s"], "process_peak_rss_mb": speed["peak_rss_mb"], "data": m["data"],
+        "source_fingerprint": m["source"]["fingerprint"],
+    }  # fmt: skip
+
+
+def experts_table(rows: dict[str, dict[str, Any]]) -> str:
+    lines = [
+        "## Whole experts removed from an MoE (`carve extract --experts-keep`, upcycled SmolLM2), legal",
+        "",
+        "bench/moe.py --experts. Each row one `carve extract SRC --experts-keep F --domain legal` (every MoE block "
+        "keeps its heaviest experts by routing mass on the calibration blocks; 64 of 512 tokens, 30% general), "
+        "perplexity on the first 32 held-out 512-token blocks before (the source) and after, the job's own speed "
+        "measure (decode and prefill of the output against the source, float32, 2 threads), the routing stage's "
+        "time (`prune`) and the job process's peak RSS. Sources: the upcycled MoE (4 identical experts a block: "
+        "any choice computes the same) and its SparseGPT seed-0 specialist (each expert pruned on its own tokens).",
+        "",
+        "| source | experts kept | parameters | domain ppl before | domain ppl | general ppl before | general ppl "
+        "| decode speedup | prefill speedup | routing s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    commits = set()
+    for source, keep in EXPERT_ROWS:
+        r = rows.get(f"experts/{source}/{keep}")
+        if r is None:
+            continue
+        commits.add(r["commit"])
+        e, sp = r["experts_kept"], r.get("speed") or {}
+        lines.append(
+            f"| {source} | {e['kept']} of {e['of']} | {r['parameters_after']:,} of {r['parameters_before']:,} "
+            f"| {r['domain_ppl_before']:.3f} | {r['domain_ppl']:.3f} | {r['general_ppl_before']:.3f} "
+            f"| {r['general_ppl']:.3f} | {sp.get('decode_speedup', '-')} | {sp.get('prefill_speedup', '-')} "
+            f"| {r['seconds']:.1f} | {r['process_peak_rss_mb']:.0f} |"
+        )
+    lines += ["", f"Rows measured at carve commit(s) {', '.join(sorted(commits))}."]
+    return "\n".join(lines) + "\n"
+
+
 _SAMPLER = """
 import json, subprocess, sys, time
 keys = ("VmRSS", "RssAnon", "RssFile")
@@ -423,6 +488,17 @@ def main() -> None:
         print(gguf_table(rows))
         return
     rerun = set(sys.argv[sys.argv.index("--rerun") + 1 :]) if "--rerun" in sys.argv else set()
+    if "--experts" in sys.argv:
+        for source, keep in EXPERT_ROWS:
+            rid = f"experts/{source}/{keep}"
+            if rid not in rows or rid in rerun:
+                print(f"running {rid}", flush=True)
+                rows[rid] = {"id": rid, **experts_row(source, keep), "commit": commit()}
+                save_result(RESULTS, rows[rid])
+                write_section("moe-experts", experts_table(rows))
+        write_section("moe-experts", experts_table(rows))
+        print(experts_table(rows))
+        return
     if "--memory" in sys.argv:
         for model in ("dense", "moe"):
             if f"memory/{model}" not in rows or f"memory/{model}" in rerun:

@@ -456,3 +456,110 @@ def test_structured_extraction_refuses_an_moe(tmp_path: Path, tokenizer, small_c
         with pytest.raises(UsageError, match="mixture of experts"):
             extract(replace(recipe, stream=stream), tmp_path / "out")
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_dropping_experts_slices_the_router_and_the_experts(arch: str, tmp_path: Path) -> None:
+    """`--experts-keep`: every MoE block keeps its heaviest experts by routing mass (the routing weights
+    its router gave them, read here off the router's own output); the sliced router's logits are the
+    kept rows of the original's, the sliced experts compute what the original's kept experts do, the
+    config says how many remain and stock from_pretrained reloads the model."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from carve.ops.expert_drop import drop_experts, moe_blocks
+
+    model = moe_model(arch)
+    original = copy.deepcopy(model)
+    blocks = moe_blocks(original)
+    ids = _ids(6)
+    mass = torch.zeros(len(blocks), 4, dtype=torch.float64)
+
+    def seen(i: int):
+        def hook(_m, _args, out) -> None:
+            scores, index = out[1], out[2]  # (logits, top-k weights, top-k indices)
+            mass[i].index_add_(0, index.reshape(-1), scores.reshape(-1).double())
+
+        return hook
+
+    hooks = [b.router.register_forward_hook(seen(i)) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        original(ids)
+    for h in hooks:
+        h.remove()
+    result = drop_experts(model, ids, 0.5, batch_size=2)
+    torch.testing.assert_close(result.mass, mass)
+    x = torch.randn(10, 32, generator=torch.Generator().manual_seed(5))
+    for block, old, kept, m in zip(moe_blocks(model), blocks, result.kept, mass, strict=True):
+        assert kept == sorted(m.sort(descending=True, stable=True).indices[:2].tolist())
+        with torch.no_grad():
+            logits, weights, index = block.router(x)
+            torch.testing.assert_close(logits, old.router(x)[0][:, kept])
+            torch.testing.assert_close(block.experts(x, index, weights),
+                                       old.experts(x, torch.tensor(kept)[index], weights))  # fmt: skip
+    config = model.config
+    assert getattr(config, "num_local_experts", None) == 2 or getattr(config, "num_experts", None) == 2
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in original.parameters())
+
+
+def test_experts_no_token_reaches_are_dropped_and_nothing_changes() -> None:
+    """gpt-oss's router has a bias: at -1e4 two experts are never among a token's top-2 and have no
+    routing mass, so they are the ones dropped, and the model computes what it did."""
+    from carve.ops.expert_drop import drop_experts
+
+    model = moe_model("gpt_oss")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.router.bias[[0, 2]] = -1e4
+    ids = _ids(6)
+    with torch.no_grad():
+        before = model(ids).logits
+    result = drop_experts(model, ids, 0.5, batch_size=2)
+    assert result.kept == [[1, 3], [1, 3]] and result.mass[:, [0, 2]].abs().max() == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_drop_experts_from_the_command_line(tmp_path: Path, tokenizer, small_corpus: Path, capsys) -> None:
+    """`carve extract --experts-keep 0.5` on a saved Mixtral: half the experts of every block go, the
+    output loads with stock from_pretrained and exports to GGUF; bad requests are refused with one
+    line and nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.cli.main import main
+    from tests.conftest import tiny_model
+
+    src = tmp_path / "moe"
+    tiny_model("mixtral").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    data = [str(src), "--domain", str(small_corpus), "--general", "general", "--calib-blocks", "4",
+            "--block-len", "32", "--eval-blocks", "2", "--quiet", "--no-speed", "--cloze-items", "0"]  # fmt: skip
+    out = tmp_path / "out"
+    assert main(["extract", *data, "--experts-keep", "0.5", "--out", str(out)]) == 0
+    manifest = json.loads((out / "carve.json").read_text())
+    kept = manifest["experts_kept"]
+    assert (kept["kept"], kept["of"]) == (2, 4) and len(kept["blocks"]) == 2
+    assert manifest["size"]["parameters_after"] < manifest["size"]["parameters_before"]
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.num_local_experts == 2
+    assert loaded.get_submodule("model.layers.0.mlp.experts").gate_up_proj.shape[0] == 2
+    assert main(["export", str(out), "--gguf", str(tmp_path / "out.gguf"), "--quiet"]) == 0
+    dense = tmp_path / "dense"
+    tiny_model("llama").save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    for args, message in [
+        (["--experts-keep", "0.25"], "keeps 1 of 4 experts; every token is routed to 2"),
+        (["--experts-keep", "0.5", "--keep", "0.5"], "--keep do not apply"),
+        (["--experts-keep", "1.5"], "outside"),
+        (["--experts-keep", "0.5", "--stream"], "in memory"),
+    ]:
+        capsys.readouterr()
+        assert main(["extract", *data, *args, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    capsys.readouterr()
+    assert main(["extract", str(dense), *data[1:], "--experts-keep", "0.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "has none" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -58,6 +58,7 @@ from carve.models.load import (
 from carve.models.skeleton import SkeletonModel
 from carve.models.sparse import SparseWriter
 from carve.models.stream import StreamWriter
+from carve.ops.expert_drop import drop_experts
 from carve.ops.outcome import Outcome
 from carve.ops.plan import DEFAULT_DROP_RULE, DROP_RULES, ShapeTarget, UnitImportance, check_drop_rule, unit_importance
 from carve.ops.prune import PROPAGATIONS, PruneResult, check_method_options, check_propagation, prune, scores_first
@@ -159,6 +160,11 @@ class Recipe:
         choices=DROP_RULES,
         group=STRUCTURED,
     )
+    experts_keep: float | None = flag(
+        "mixture-of-experts models: share of each MoE block's experts kept, the heaviest by routing mass on the "
+        "calibration data (implies --structure)",
+        group=STRUCTURED,
+    )
     drop_run: int | None = flag(
         "drop blocks in runs of N consecutive blocks (default 1). A run as long as a model's fixed layer pattern "
         "keeps the pattern, which llama.cpp needs for GGUF: 2 for Gemma 2 (sliding and global layers alternate), "
@@ -237,7 +243,7 @@ class Recipe:
         r = replace(self, include=list(self.include), exclude=list(self.exclude))
         shape = (r.keep, r.mlp_keep, r.heads_keep, r.drop_blocks)
         r.structure = (r.structure or any(t is not None for t in shape) or r.bias_compensation
-                       or r.drop_rule is not None or r.drop_run is not None)  # fmt: skip
+                       or r.drop_rule is not None or r.drop_run is not None or r.experts_keep is not None)  # fmt: skip
         if r.structure:
             r._resolve_structure()
         r.method = r.method or (DEFAULT_STRUCTURE_METHOD if r.structure else DEFAULT_METHOD)
@@ -298,6 +304,19 @@ class Recipe:
         given = [f"--{k}" for k, v in unstructured.items() if v is not None]
         if given:
             raise UsageError(f"--structure removes whole channels, heads and blocks: {', '.join(given)} do not apply")
+        shape = {"keep": self.keep, "mlp-keep": self.mlp_keep, "heads-keep": self.heads_keep,
+                 "drop-blocks": self.drop_blocks, "drop-rule": self.drop_rule, "drop-run": self.drop_run,
+                 "bias-compensation": self.bias_compensation or None, "method": self.method,
+                 "importance": self.importance}  # fmt: skip
+        if self.experts_keep is not None:
+            given = [f"--{k}" for k, v in shape.items() if v is not None]
+            if given:
+                raise UsageError(
+                    f"--experts-keep removes whole experts, ranked by routing mass: {', '.join(given)} do not apply"
+                )
+            if not 0 < self.experts_keep <= 1:
+                raise UsageError(f"--experts-keep {self.experts_keep} is outside (0, 1]")
+            return
         if all(t is None for t in (self.keep, self.mlp_keep, self.heads_keep, self.drop_blocks)):
             self.keep = 0.5
         self.drop_rule = check_drop_rule(self.drop_rule or DEFAULT_DROP_RULE)
@@ -353,6 +372,8 @@ def _load_importance(path: str, key: dict[str, Any], lazy: bool = False) -> Impo
 
 def _not_streamable(r: Recipe) -> str | None:
     """Why a resolved recipe cannot stream (None: it can)."""
+    if r.experts_keep is not None:
+        return "dropping experts runs the model in memory for now"
     if r.structure:
         if get_scorer(r.method or DEFAULT_STRUCTURE_METHOD).needs_general and r.lr:
             return f"{r.method} with --grad-lr takes steps on the whole model; it streams with --grad-lr 0"
@@ -464,6 +485,8 @@ def _operate(r: Recipe, lm: LoadedModel, data: ExtractData, calib: Calibration) 
     # streamed: the map's matrices read from its file as they are needed, never the whole map
     lazy = calib.stream is not None
     reused = _load_importance(r.importance, data.importance_key, lazy) if r.importance else None
+    if r.experts_keep is not None:
+        return drop_experts(lm.model, data.calib, r.experts_keep, r.batch_size)
     if r.structure:
         scores = reused or partial(
             score, lm.model, r.method, data.calib, calib=calib,

@@ -53,6 +53,8 @@ def run_row(run: Run) -> dict[str, Any]:
     elif m.get("job") == "recover":
         steps = (m.get("training") or {}).get("steps")
         what = f"recover ({steps} steps{', LoRA ' + str(r['lora']) if r.get('lora') else ''})"
+    elif m.get("experts_kept"):
+        what = f"experts dropped: {m['experts_kept']['kept']} of {m['experts_kept']['of']} kept per MoE block"
     elif m.get("structure"):
         c = {k: "?" for k in ("num_key_value_heads", "intermediate_size", "num_hidden_layers")}
         c |= m["structure"].get("config") or {}

@@ -259,8 +259,11 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
     before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
     r = manifest["recipe"]
     size, speed = manifest["size"], manifest.get("speed")
-    structured = manifest.get("structure")
-    if structured:
+    structured, experts = manifest.get("structure"), manifest.get("experts_kept")
+    if experts:
+        what = f"{experts['kept']} of {experts['of']} experts kept in each MoE block (by routing mass)"
+        last = f"{size['parameters_after'] / size['parameters_before']:.3f} of the parameters"
+    elif structured:
         shape = structured["shape"]
         what = (
             f"structured by {r['method']}: {shape['kv_groups']} key/value groups, {shape['mlp_channels']} MLP "

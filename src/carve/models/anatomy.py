@@ -89,8 +89,8 @@ def anatomy(model: nn.Module) -> Anatomy:
         if mlps > 1 or any(is_fused_experts(mod) or isinstance(mod, ExpertLinears) for mod in block.modules()):
             raise UsageError(
                 f"structured extraction slices one dense MLP per block; {type(model).__name__} block {i} routes "
-                "tokens through experts (a mixture of experts): use unstructured or N:M extraction, which prune "
-                "each expert"
+                "tokens through experts (a mixture of experts): --experts-keep F removes whole experts; "
+                "unstructured and N:M extraction prune each expert"
             )
         missing = [r for r in ATTENTION + MLP[1:] if r not in names]
         if missing:

@@ -1,0 +1,163 @@
+"""Structured extraction of a mixture of experts: whole experts removed from every MoE block,
+leaving a smaller model whose config is still standard (`carve extract --experts-keep F`).
+
+An MoE block (Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss: transformers' experts interface) holds its
+experts fused in 3-D parameters (carve.models.experts) beside a router whose weight (and bias, if
+any) has one row per expert.  Experts are ranked per block by their routing mass over the
+calibration tokens: the sum of the routing weights the router gave each expert where it was among a
+token's top-k (the soft count of SEER-MoE, Muzio et al. 2024, arXiv 2404.05089).  Every MoE block
+keeps the same number of experts (its own heaviest ones), so the config stays standard: the expert
+count (`num_local_experts` / `num_experts`) is rewritten, everything else is untouched.  Removing
+expert e is what its router row at −∞ computes: no token is routed to it, and the softmax, before or
+after the top-k, runs over the kept experts only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from carve.engines.blocks import run_hooked
+from carve.errors import UsageError
+from carve.masks.mask import ImportanceMap
+from carve.models.anatomy import text_config
+from carve.models.experts import fused_experts
+
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # the config's expert count
+
+
+@dataclass
+class MoeBlock:
+    """One MoE block's experts (the fused module) and its router."""
+
+    name: str  # the experts module's qualified name
+    experts: nn.Module
+    router: nn.Module
+
+    @property
+    def count(self) -> int:
+        weight: Any = self.router.weight
+        return int(weight.shape[0])
+
+
+def moe_blocks(model: nn.Module) -> list[MoeBlock]:
+    """Every MoE block's experts and router (the sibling whose weight has one row per expert), or
+    say why not."""
+    blocks = []
+    for name, experts in fused_experts(model).items():
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        count = next(p.shape[0] for p in experts.parameters(recurse=False))
+        routers = [
+            m for m in parent.children()
+            if m is not experts and isinstance(w := getattr(m, "weight", None), torch.Tensor)
+            and w.dim() == 2 and w.shape[0] == count
+        ]  # fmt: skip
+        if len(routers) != 1:
+            raise UsageError(f"carve cannot tell the router of {name} ({count} experts) among its siblings")
+        blocks.append(MoeBlock(name, experts, routers[0]))
+    if not blocks:
+        raise UsageError(
+            f"--experts-keep removes whole experts of a mixture of experts; {type(model).__name__} has none"
+        )
+    return blocks
+
+
+def kept_count(blocks: list[MoeBlock], config: Any, keep: float) -> int:
+    """Experts every block keeps under `keep`, checked against the experts each token is routed to."""
+    if not 0 < keep <= 1:
+        raise UsageError(f"--experts-keep {keep} is outside (0, 1]: it is the share of each MoE block's experts kept")
+    count = blocks[0].count
+    if any(b.count != count for b in blocks):
+        raise UsageError("the MoE blocks differ in their number of experts; carve keeps the same number in each")
+    n = round(keep * count)
+    top_k = int(getattr(config, "num_experts_per_tok", None) or getattr(blocks[0].router, "top_k", None) or 1)
+    if n < top_k:
+        raise UsageError(
+            f"--experts-keep {keep} keeps {n} of {count} experts; every token is routed to {top_k}: keep at least that"
+        )
+    return n
+
+
+@torch.no_grad()
+def routing_mass(model: nn.Module, blocks: list[MoeBlock], calibration: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """[MoE blocks, experts]: the routing weights each expert received over the calibration tokens
+    (the weights the experts module is called with: zero where an expert was not in a token's top-k)."""
+    mass = torch.zeros(len(blocks), blocks[0].count, dtype=torch.float64)
+
+    def hook(i: int) -> Any:
+        def record(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            given = [*args[1:], *kwargs.values()]  # (top-k indices, top-k weights) after the hidden states
+            index, weight = given[0].reshape(-1), given[1].reshape(-1)
+            routed = index < mass.shape[1]  # an index past the experts stands for none
+            mass[i].index_add_(0, index[routed].cpu(), weight[routed].double().cpu())
+
+        return record
+
+    handles = [b.experts.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    run_hooked(model, calibration, handles, batch_size, "routing mass")
+    return mass
+
+
+def slice_experts(block: MoeBlock, kept: list[int]) -> None:
+    """Keep `kept` experts of `block`: every per-expert parameter of the experts module and the router
+    replaced by a copy of the kept rows (never written into), their expert counts rewritten."""
+    rows = torch.tensor(kept, dtype=torch.long)
+    count = block.count
+    for module in (block.experts, block.router):
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.shape[0] == count:
+                setattr(
+                    module, name, nn.Parameter(p.detach()[rows.to(p.device)].clone(), requires_grad=p.requires_grad)
+                )
+        if isinstance(getattr(module, "num_experts", None), int):
+            setattr(module, "num_experts", len(kept))  # noqa: B010  (an int attribute; mypy types it a Module)
+
+
+@dataclass
+class ExpertsResult:
+    """The Outcome of dropping experts (see ops.outcome)."""
+
+    names: list[str]  # the experts modules
+    kept: list[list[int]]  # per MoE block, the experts kept (original indices)
+    mass: torch.Tensor  # [blocks, experts]: the routing mass they were ranked by
+    count: int  # experts per block before
+    importance: ImportanceMap | None = None  # experts are ranked by routing, not by weight scores
+
+    def describe(self, model: nn.Module) -> dict[str, Any]:
+        share = self.mass / self.mass.sum(1, keepdim=True).clamp_min(1e-12)
+        return {
+            "experts_kept": {
+                "rule": "routing mass (soft count) on the calibration blocks",
+                "kept": len(self.kept[0]),
+                "of": self.count,
+                "blocks": {
+                    n: {"kept": k, "routing_share": [round(x, 5) for x in s.tolist()]}
+                    for n, k, s in zip(self.names, self.kept, share, strict=True)
+                },
+            }
+        }
+
+    def save(self, directory: Path) -> None:
+        """The kept experts are in the manifest and the sliced model itself: no file of its own."""
+
+
+def drop_experts(model: nn.Module, calibration: torch.Tensor, keep: float, batch_size: int = 8) -> ExpertsResult:
+    """Keep the `keep` share of every MoE block's experts, the heaviest by routing mass over
+    `calibration`; slice `model` in place and rewrite its config's expert count."""
+    blocks = moe_blocks(model)
+    config = text_config(model)
+    n = kept_count(blocks, config, keep)
+    mass = routing_mass(model, blocks, calibration, batch_size)
+    count = blocks[0].count
+    # the heaviest n of each block; ties (experts no token reached) to the lower index
+    kept = [sorted(m.sort(descending=True, stable=True).indices[:n].tolist()) for m in mass]
+    for block, k in zip(blocks, kept, strict=True):
+        slice_experts(block, k)
+    for key in EXPERT_COUNT_KEYS:
+        if getattr(config, key, None) == count:
+            setattr(config, key, n)
+    return ExpertsResult([b.name for b in blocks], kept, mass, count)
