@@ -58,11 +58,11 @@ from carve.models.load import (
 from carve.models.skeleton import SkeletonModel
 from carve.models.sparse import SparseWriter
 from carve.models.stream import StreamWriter
-from carve.ops.expert_drop import drop_experts
+from carve.ops.expert_drop import ExpertsResult, apply_experts, drop_experts, experts_config, plan_experts
 from carve.ops.outcome import Outcome
 from carve.ops.plan import DEFAULT_DROP_RULE, DROP_RULES, ShapeTarget, UnitImportance, check_drop_rule, unit_importance
 from carve.ops.prune import PROPAGATIONS, PruneResult, check_method_options, check_propagation, prune, scores_first
-from carve.ops.structure import StructureResult, compensated_roles, plan_config, sliced_copy, structure
+from carve.ops.structure import StructureResult, compensated_roles, plan_config, shared_copy, sliced_copy, structure
 from carve.output import atomic_file, atomic_output_dir, check_output, claim, write_json
 from carve.progress import progress
 from carve.scorers import SCORERS, get_scorer
@@ -372,8 +372,6 @@ def _load_importance(path: str, key: dict[str, Any], lazy: bool = False) -> Impo
 
 def _not_streamable(r: Recipe) -> str | None:
     """Why a resolved recipe cannot stream (None: it can)."""
-    if r.experts_keep is not None:
-        return "dropping experts runs the model in memory for now"
     if r.structure:
         if get_scorer(r.method or DEFAULT_STRUCTURE_METHOD).needs_general and r.lr:
             return f"{r.method} with --grad-lr takes steps on the whole model; it streams with --grad-lr 0"
@@ -626,7 +624,8 @@ def _extract_streamed(
     with skeleton, atomic_output_dir(out, overwrite) if out is not None else nullcontext(None) as tmp:
         specs = [(stored, getattr(torch, save_name) if skeleton.source.dtype(stored).is_floating_point
                   else skeleton.source.dtype(stored), shape) for stored, shape in skeleton.stored_specs()]  # fmt: skip
-        config, reshaped, structured = lm.model.config, None, None
+        config, reshaped = lm.model.config, None
+        structured: StructureResult | ExpertsResult | None = None
         if r.structure:  # planned first (passes of their own), then sliced block by block as it is written
             with stage("plan"):
                 assert r.method is not None
@@ -637,10 +636,14 @@ def _extract_streamed(
                 if r.importance:  # a reused map: each block's units reduced from its matrices, read one at a time
                     reused = _load_importance(r.importance, data.importance_key, lazy=True)
                     units = lambda: UnitImportance(*unit_importance(reused, anatomy(lm.model)))  # noqa: E731
-                structured = structure(lm.model, units, data.calib, r.shape_target(), batch_size=r.batch_size,
-                                       source=skeleton)  # fmt: skip
-                reshaped, specs, config = _reshaped(skeleton, structured, getattr(torch, save_name))
-                structured.config = config
+                if r.experts_keep is not None:
+                    structured = plan_experts(lm.model, data.calib, r.experts_keep, r.batch_size, source=skeleton)
+                    reshaped, specs, config = _reshaped_experts(skeleton, structured, getattr(torch, save_name))
+                else:
+                    structured = structure(lm.model, units, data.calib, r.shape_target(), batch_size=r.batch_size,
+                                           source=skeleton)  # fmt: skip
+                    reshaped, specs, config = _reshaped(skeleton, structured, getattr(torch, save_name))
+                    structured.config = config
             skeleton.load_others()
         writer: StreamWriter | SparseWriter | None = None
         if tmp is not None:  # the sparse format's files are laid out as the tensors come, the dense ones up front
@@ -724,6 +727,32 @@ def _reshaped(
     def block(i: int) -> torch.nn.Module:
         return sliced_copy(anat, plan, i, roles, None if result.means is None else result.means[i])
 
+    config = copy.deepcopy(skeleton.model.config)
+    plan_config(config.get_text_config() if hasattr(config, "get_text_config") else config, anat, plan, roles)
+    return _reshaped_as(skeleton, block, index, config, dtype)
+
+
+def _reshaped_experts(
+    skeleton: SkeletonModel, result: ExpertsResult, dtype: torch.dtype
+) -> tuple[Reshaped, list[tuple[str, torch.dtype, list[int]]], Any]:
+    """How a streamed extraction writes dropped experts: each block's MoE sliced to the kept experts."""
+
+    def block(i: int) -> torch.nn.Module:
+        twin = shared_copy(skeleton.blocks[i])
+        apply_experts(twin, result, f"{skeleton.prefix}.{i}.")
+        return twin
+
+    config = copy.deepcopy(skeleton.model.config)
+    experts_config(config.get_text_config() if hasattr(config, "get_text_config") else config, result)
+    return _reshaped_as(skeleton, block, {i: i for i in range(len(skeleton.blocks))}, config, dtype)
+
+
+def _reshaped_as(
+    skeleton: SkeletonModel, block: Callable[[int], torch.nn.Module], index: dict[int, int], config: Any,
+    dtype: torch.dtype,
+) -> tuple[Reshaped, list[tuple[str, torch.dtype, list[int]]], Any]:  # fmt: skip
+    """The Reshaped writer of `block(i)` as block `index[i]` and the output's tensor layout: the
+    tensors outside the blocks as stored, each kept block's as its reshaped copy holds them."""
     specs: list[tuple[str, torch.dtype, list[int]]] = []
     seen: set[int] = set()
     for name, (stored, shape) in skeleton.specs.items():
@@ -735,8 +764,6 @@ def _reshaped(
             seen.add(i)
             specs += [(f"{skeleton.prefix}.{index[i]}.{n}", dtype if p.is_floating_point() else p.dtype, list(p.shape))
                       for n, p in block(i).named_parameters()]  # fmt: skip
-    config = copy.deepcopy(skeleton.model.config)
-    plan_config(config.get_text_config() if hasattr(config, "get_text_config") else config, anat, plan, roles)
     return Reshaped(block, index), specs, config
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap
 from carve.models.anatomy import text_config
 from carve.models.experts import fused_experts
+
+if TYPE_CHECKING:
+    from carve.engines.gradient import BlockSource
 
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")  # the config's expert count
 
@@ -44,9 +47,9 @@ class MoeBlock:
         return int(weight.shape[0])
 
 
-def moe_blocks(model: nn.Module) -> list[MoeBlock]:
+def moe_blocks(model: nn.Module, within: bool = False) -> list[MoeBlock]:
     """Every MoE block's experts and router (the sibling whose weight has one row per expert), or
-    say why not."""
+    say why not (`within`: a part of a model, which may hold none)."""
     blocks = []
     for name, experts in fused_experts(model).items():
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
@@ -59,7 +62,7 @@ def moe_blocks(model: nn.Module) -> list[MoeBlock]:
         if len(routers) != 1:
             raise UsageError(f"carve cannot tell the router of {name} ({count} experts) among its siblings")
         blocks.append(MoeBlock(name, experts, routers[0]))
-    if not blocks:
+    if not blocks and not within:
         raise UsageError(
             f"--experts-keep removes whole experts of a mixture of experts; {type(model).__name__} has none"
         )
@@ -83,9 +86,13 @@ def kept_count(blocks: list[MoeBlock], config: Any, keep: float) -> int:
 
 
 @torch.no_grad()
-def routing_mass(model: nn.Module, blocks: list[MoeBlock], calibration: torch.Tensor, batch_size: int) -> torch.Tensor:
+def routing_mass(
+    model: nn.Module, blocks: list[MoeBlock], calibration: torch.Tensor, batch_size: int,
+    source: BlockSource | None = None,
+) -> torch.Tensor:  # fmt: skip
     """[MoE blocks, experts]: the routing weights each expert received over the calibration tokens
-    (the weights the experts module is called with: zero where an expert was not in a token's top-k)."""
+    (the weights the experts module is called with: zero where an expert was not in a token's top-k);
+    with `source` (streamed), the decoder blocks read and run one at a time."""
     mass = torch.zeros(len(blocks), blocks[0].count, dtype=torch.float64)
 
     def hook(i: int) -> Any:
@@ -98,7 +105,7 @@ def routing_mass(model: nn.Module, blocks: list[MoeBlock], calibration: torch.Te
         return record
 
     handles = [b.experts.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    run_hooked(model, calibration, handles, batch_size, "routing mass")
+    run_hooked(model, calibration, handles, batch_size, "routing mass", source)
     return mass
 
 
@@ -145,19 +152,38 @@ class ExpertsResult:
         """The kept experts are in the manifest and the sliced model itself: no file of its own."""
 
 
+def plan_experts(
+    model: nn.Module, calibration: torch.Tensor, keep: float, batch_size: int = 8, source: BlockSource | None = None
+) -> ExpertsResult:
+    """Which experts every MoE block keeps under `keep`: the heaviest by routing mass over
+    `calibration` (the model is not changed)."""
+    blocks = moe_blocks(model)
+    n = kept_count(blocks, text_config(model), keep)
+    mass = routing_mass(model, blocks, calibration, batch_size, source)
+    # the heaviest n of each block; ties (experts no token reached) to the lower index
+    kept = [sorted(m.sort(descending=True, stable=True).indices[:n].tolist()) for m in mass]
+    return ExpertsResult([b.name for b in blocks], kept, mass, blocks[0].count)
+
+
+def apply_experts(module: nn.Module, result: ExpertsResult, prefix: str = "") -> None:
+    """Slice the MoE blocks inside `module` (the model, or one decoder block whose qualified name is
+    `prefix`) to `result`'s kept experts."""
+    kept = dict(zip(result.names, result.kept, strict=True))
+    for block in moe_blocks(module, within=True):
+        slice_experts(block, kept[prefix + block.name])
+
+
+def experts_config(config: Any, result: ExpertsResult) -> None:
+    """Rewrite the expert count of `config` (the text config) in place to `result`'s."""
+    for key in EXPERT_COUNT_KEYS:
+        if getattr(config, key, None) == result.count:
+            setattr(config, key, len(result.kept[0]))
+
+
 def drop_experts(model: nn.Module, calibration: torch.Tensor, keep: float, batch_size: int = 8) -> ExpertsResult:
     """Keep the `keep` share of every MoE block's experts, the heaviest by routing mass over
     `calibration`; slice `model` in place and rewrite its config's expert count."""
-    blocks = moe_blocks(model)
-    config = text_config(model)
-    n = kept_count(blocks, config, keep)
-    mass = routing_mass(model, blocks, calibration, batch_size)
-    count = blocks[0].count
-    # the heaviest n of each block; ties (experts no token reached) to the lower index
-    kept = [sorted(m.sort(descending=True, stable=True).indices[:n].tolist()) for m in mass]
-    for block, k in zip(blocks, kept, strict=True):
-        slice_experts(block, k)
-    for key in EXPERT_COUNT_KEYS:
-        if getattr(config, key, None) == count:
-            setattr(config, key, n)
-    return ExpertsResult([b.name for b in blocks], kept, mass, count)
+    result = plan_experts(model, calibration, keep, batch_size)
+    apply_experts(model, result)
+    experts_config(text_config(model), result)
+    return result
