@@ -177,6 +177,30 @@ def test_block_distance_of_an_identity_block_is_zero_and_it_is_dropped_first() -
     assert make_plan(Shape(2, 128, 1), groups, channels, d.argsort().tolist()).drop == [2]
 
 
+def sliced_greedy(
+    model: torch.nn.Module, calib: torch.Tensor, steps: int, run: int = 1
+) -> tuple[list[int], list[float]]:
+    """The greedy drop order computed the slow way: each step slices a trial model per candidate run
+    of `run` consecutive kept blocks and drops the run with the lowest calibration loss; the order
+    and the loss after each step."""
+    anat = anatomy(model)
+    units = unit_importance(random_scores(model), anat)
+
+    def dropped(drop: list[int]) -> float:
+        plan = make_plan(Shape(anat.kv_heads, anat.intermediate, len(drop)), *units, drop)
+        return calibration_loss(apply_plan(shared_copy(model), plan), calib)
+
+    chosen: list[int] = []
+    losses: list[float] = []
+    for _ in range(steps):
+        kept = [i for i in range(len(anat.blocks)) if i not in chosen]
+        trials = {k: dropped([*chosen, *kept[k : k + run]]) for k in range(len(kept) - run + 1)}
+        best = min(trials, key=lambda k: trials[k])
+        chosen += kept[best : best + run]
+        losses.append(trials[best])
+    return chosen, losses
+
+
 def deep_model(arch: str, layers: int) -> torch.nn.Module:
     """A tiny `arch` model of `layers` blocks, its per-layer pattern continued (Gemma 2 alternating
     sliding and global, SmolLM3 without RoPE in every fourth layer)."""
@@ -232,20 +256,9 @@ def test_greedy_runs_equal_slicing_every_candidate_run(arch: str) -> None:
     anat = anatomy(model)
     calib = _ids(3, 16)
     order, losses = greedy_drop_order(model, calib, 4, run=2)
+    chosen, trials = sliced_greedy(model, calib, 2, run=2)
+    assert order == chosen and losses == pytest.approx(trials, abs=1e-4)
     units = unit_importance(random_scores(model), anat)
-
-    def dropped(drop: list[int]) -> float:
-        plan = make_plan(Shape(anat.kv_heads, anat.intermediate, len(drop)), *units, drop)
-        return calibration_loss(apply_plan(shared_copy(model), plan), calib)
-
-    chosen: list[int] = []
-    for k in range(2):
-        kept = [i for i in range(6) if i not in chosen]
-        trials = {i: dropped([*chosen, *kept[i : i + 2]]) for i in range(len(kept) - 1)}
-        best = min(trials, key=lambda i: trials[i])
-        chosen += kept[best : best + 2]
-        assert losses[k] == pytest.approx(trials[best], abs=1e-4)
-    assert order == chosen and len(losses) == 2
     plan = make_plan(Shape(anat.kv_heads, anat.intermediate, 4), *units, order)
     if arch == "gemma2":
         assert apply_plan(shared_copy(model), plan).config.layer_types == ["sliding_attention", "full_attention"]
@@ -397,18 +410,8 @@ def test_greedy_drop_order_equals_slicing_every_candidate(arch: str) -> None:
     n = len(anat.blocks)
     calib = _ids(3, 16)
     order, losses = greedy_drop_order(model, calib, 2)
-    units = unit_importance(random_scores(model), anat)
-
-    def dropped(drop: list[int]) -> float:
-        plan = make_plan(Shape(anat.kv_heads, anat.intermediate, len(drop)), *units, drop)
-        return calibration_loss(apply_plan(shared_copy(model), plan), calib)
-
-    chosen: list[int] = []
-    for k in range(2):
-        trials = {i: dropped([*chosen, i]) for i in range(n) if i not in chosen}
-        chosen.append(min(trials, key=lambda i: trials[i]))
-        assert losses[k] == pytest.approx(trials[chosen[-1]], abs=1e-4)
-    assert order == chosen
+    chosen, trials = sliced_greedy(model, calib, 2)
+    assert order == chosen and losses == pytest.approx(trials, abs=1e-4)
     # the model is left as it was: no block's forward is still replaced
     assert all("forward" not in b.__dict__ for b in anat.blocks)
     with pytest.raises(UsageError, match="keep at least one"):
