@@ -47,7 +47,12 @@ Phi-3 structured (`phi3-structured`): 4 blocks, query and key rows scaled by 8, 
 `carve extract --domain legal --heads-keep 1.0 --mlp-keep 0.5 --drop-blocks 1` (3 blocks of 64 MLP
 channels sliced out of the fused gate_up_proj; every head kept: llama.cpp's phi3 sizes the query rows
 by the hidden size, so an output without some heads is refused by the export) before the export;
-contrast: the unsliced source.
+contrast: the unsliced source. Qwen2 and Llama structured (`qwen2-structured`, `llama-structured`): 4
+blocks (Qwen2 with random Q/K/V biases), query and key weights scaled by 8, cut the same way; Llama
+with half its heads too (`--heads-keep 0.5`: 2 heads of 16 channels beside a hidden size of 64).
+Mixtral and Qwen2-MoE with experts removed (`mixtral-experts`, `qwen2-moe-experts`): the MoE rows' models
+cut by `carve extract --domain legal --experts-keep 0.75` (3 of 4 experts kept in every block, top-2
+routing) before the export; contrast: the source.
 Mixtral / Qwen3-MoE / Qwen2-MoE: 4 experts, top-2 routing, expert and router weights (and Qwen2-MoE's
 shared expert and its gate) from N(0, 0.2) so that tokens spread over the experts and the mixture
 matters; contrast: the same weights with top-1 routing, which llama.cpp must not match.
@@ -179,6 +184,18 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         config = tf.Phi3Config(**SIZES, sliding_window=16, vocab_size=vocab, pad_token_id=None, bos_token_id=None,
                                eos_token_id=None)  # fmt: skip
         return tf.AutoModelForCausalLM.from_config(config).eval()
+    if kind in ("llama-structured", "qwen2-structured"):  # 4 blocks, positions that matter; Qwen2's Q/K/V biases
+        sizes = {**SIZES, "num_hidden_layers": 4}
+        config = tf.LlamaConfig(**sizes, vocab_size=vocab) if kind == "llama-structured" else tf.Qwen2Config(
+            **sizes, vocab_size=vocab)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p.mul_(8)
+                if name.endswith("proj.bias"):
+                    p.normal_(0, 0.5)
+        return model.eval()
     if kind == "phi3-structured":  # 4 blocks, positions that matter, no window
         sizes = {**SIZES, "num_hidden_layers": 4}
         config = tf.Phi3Config(**sizes, vocab_size=vocab, pad_token_id=None, bos_token_id=None, eos_token_id=None)
@@ -196,7 +213,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 layer.self_attn.q_norm.weight.normal_(1, 0.5)
                 layer.self_attn.k_norm.weight.normal_(1, 0.5)
         return model.eval()
-    if kind in ("mixtral", "qwen3-moe", "qwen2-moe"):  # 4 experts, top-2; weights that make the routing matter
+    if kind.removesuffix("-experts") in ("mixtral", "qwen3-moe", "qwen2-moe"):  # 4 experts, top-2; routing matters
         moe: Any = {
             "mixtral": lambda: tf.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2, vocab_size=vocab),
             "qwen3-moe": lambda: tf.Qwen3MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4,
@@ -205,7 +222,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
             "qwen2-moe": lambda: tf.Qwen2MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4,
                                                    shared_expert_intermediate_size=64, num_experts_per_tok=2,
                                                    vocab_size=vocab),
-        }[kind]()  # fmt: skip
+        }[kind.removesuffix("-experts")]()  # fmt: skip
         model = tf.AutoModelForCausalLM.from_config(moe)
         with torch.no_grad():  # Qwen2-MoE: its shared expert's gate too
             for name, p in model.named_parameters():
@@ -222,10 +239,15 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
     return model.eval()
 
 
-# layouts exported after `carve extract --structure` (its options; every head kept: llama.cpp's phi3 takes
-# query rows as wide as the hidden size only, and fails to load a file with fewer)
-STRUCTURED = {"phi3-structured": ["--calib-blocks", "8", "--eval-blocks", "4", "--block-len", "128",
-                                  "--heads-keep", "1.0", "--mlp-keep", "0.5", "--drop-blocks", "1"]}  # fmt: skip
+# layouts exported after `carve extract --structure` (its options; every head kept for phi3 and qwen2: their
+# llama.cpp graphs take query rows as wide as the hidden size only, and fail to load a file with fewer; half
+# the heads for llama, whose graph sizes them by heads x head_dim)
+_CUT = ["--calib-blocks", "8", "--eval-blocks", "4", "--block-len", "128", "--mlp-keep", "0.5", "--drop-blocks", "1"]
+STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structured": [*_CUT, "--heads-keep", "1.0"],
+              "llama-structured": [*_CUT, "--heads-keep", "0.5"],
+              # whole experts removed: 3 of 4 kept, each token still routed to 2
+              "mixtral-experts": [*_CUT[:6], "--experts-keep", "0.75"],
+              "qwen2-moe-experts": [*_CUT[:6], "--experts-keep", "0.75"]}  # fmt: skip
 
 
 # per layout: where the contrast model is saved, and the config change that removes the feature
@@ -343,7 +365,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, SmolLM3, Granite, OLMo 2 and 3, "
         "StableLM, Cohere, "
-        "Phi-3 (also LongRoPE and structured), Mixtral, "
+        "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE "
         "(tiny random models)",
         "",
@@ -362,7 +384,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         "key rows scaled by 8), scored on 300 tokens (long factors) and on 200 (`-short`: llama.cpp's context 212, "
         "rounded up to 256, within the original 256, so both take the short factors); Phi-3 structured: 4 "
         "blocks cut by `carve extract --domain legal --heads-keep 1.0 --mlp-keep 0.5 --drop-blocks 1` before the "
-        "export (contrast: the unsliced source); Mixtral, Qwen3-MoE and "
+        "export (contrast: the unsliced source); Qwen2 and Llama structured: the same cut of 4-block models (Qwen2 "
+        "with random Q/K/V biases), Llama with half its heads too (head_dim apart from hidden / heads); Mixtral and "
+        "Qwen2-MoE with experts removed: the MoE rows' models cut by `carve extract --experts-keep 0.75` (3 of 4 "
+        "experts kept) before the export (contrast: the source); Mixtral, "
+        "Qwen3-MoE and "
         "Qwen2-MoE: 4 "
         "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
         "`carve export --type f16`, "
@@ -437,9 +463,13 @@ KINDS = (
     "phi3-longrope",
     "phi3-longrope-short",
     "phi3-structured",
+    "qwen2-structured",
+    "llama-structured",
     "mixtral",
     "qwen3-moe",
     "qwen2-moe",
+    "mixtral-experts",
+    "qwen2-moe-experts",
     "llama3-tokenizer",
     "default-tokenizer",
 )

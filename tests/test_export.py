@@ -13,6 +13,7 @@ import torch
 
 import carve
 from carve.cli.main import main
+from carve.errors import UsageError
 from carve.models.gguf_header import read_gguf_header
 from tests.conftest import gemma_style_tokenizer, tiny_model
 
@@ -71,6 +72,47 @@ def test_qwen2_as_llama_cpp_qwen2(kind: str, tmp_path: Path, tokenizer) -> None:
     # transformers builds a Qwen2 directory's tokenizer as Qwen2Tokenizer, with Qwen2's split rule
     assert meta["general.architecture"] == "qwen2" and meta["tokenizer.ggml.pre"] == "qwen2"
     _check(src, gguf, kind)
+
+
+@pytest.mark.parametrize(
+    "model_type, gguf",
+    [("qwen2", "qwen2"), ("qwen2_moe", "qwen2moe"), ("cohere", "command-r"), ("phi3", "phi3"), ("olmo2", "olmo2"),
+     ("stablelm", "stablelm")],
+)  # fmt: skip
+def test_query_heads_narrower_than_the_hidden_size_refused(model_type: str, gguf: str) -> None:
+    """llama.cpp's qwen2, qwen2moe, command-r, olmo2, stablelm and phi3 size the query rows and the
+    output projection by the hidden size (a structured Qwen2 with half its heads exported, then failed to
+    load in llama.cpp: "attn_q.weight has wrong shape"): such a config is refused before anything is
+    written; llama, qwen3 and gemma take it (head_dim apart from hidden / heads)."""
+    from types import SimpleNamespace
+
+    from carve.export import check_config
+
+    base = {"qk_layernorm": False, "use_parallel_residual": False, "use_qk_norm": False, "logit_scale": 0.0625,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "hidden_size": 64,
+            "num_attention_heads": 2, "head_dim": 16, "num_hidden_layers": 2}  # fmt: skip
+    with pytest.raises(UsageError, match=f"llama.cpp's {gguf} takes query heads as wide as the hidden size"):
+        check_config(SimpleNamespace(model_type=model_type, **base))
+    check_config(SimpleNamespace(model_type=model_type, **{**base, "head_dim": 32}))  # 2 x 32 = 64: taken
+    for taken in ("llama", "qwen3"):
+        check_config(SimpleNamespace(model_type=taken, **base))
+
+
+def test_structured_qwen2_exports_with_every_head(tmp_path: Path, tokenizer, small_corpus: Path, capsys) -> None:
+    """A structured Qwen2 with narrower MLPs and a block dropped exports and reloads; with half its heads
+    the export is refused by name and writes nothing."""
+    src = tmp_path / "tiny-qwen2"
+    tiny_model("qwen2").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    data = [str(src), "--domain", str(small_corpus), "--general", str(small_corpus), *FAST, "--mlp-keep", "0.5"]
+    out, narrow = tmp_path / "structured", tmp_path / "narrow"
+    assert main(["extract", *data, "--heads-keep", "1.0", "--drop-blocks", "1", "--out", str(out)]) == 0
+    assert main(["export", str(out), "--gguf", str(tmp_path / "s.gguf"), "--type", "f16"]) == 0
+    _check(out, tmp_path / "s.gguf", "f16")
+    assert main(["extract", *data, "--heads-keep", "0.5", "--drop-blocks", "0", "--out", str(narrow)]) == 0
+    capsys.readouterr()
+    assert main(["export", str(narrow), "--gguf", str(tmp_path / "n.gguf")]) == 2
+    assert "--heads-keep 1.0" in capsys.readouterr().err and not (tmp_path / "n.gguf").exists()
 
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])

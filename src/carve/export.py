@@ -64,6 +64,9 @@ class Architecture:
     metadata: Callable[[Any, Any], None] | None = None  # its own keys, written from the config
     fused: bool = False  # one qkv_proj and one gate_up_proj per block (Phi-3), as llama.cpp holds them
     caveats: Callable[[Any], list[str]] | None = None  # where llama.cpp computes otherwise, said, not refused
+    # llama.cpp sizes the query rows and the output projection by the hidden size (its qwen2, qwen2moe,
+    # command-r, olmo2, stablelm and phi3 graphs), not by heads x head_dim: fewer heads cannot load
+    query_is_hidden: bool = False
 
 
 def _check_gemma_common(config: Any, arch: str, blocks_27b: int) -> None:
@@ -239,19 +242,11 @@ def _rotary_dims(config: Any, head_dim: int) -> int:
 def _check_phi3(config: Any) -> None:
     """Refuse the Phi-3 variants whose RoPE llama.cpp's phi3 graph does not take: plain RoPE and
     LongRoPE (the 128k Phi-3, Phi-3.5, Phi-4-mini) go, with one long and one short factor per
-    rotated frequency.  llama.cpp sizes the fused qkv's query rows by the hidden size, so a model
-    whose query heads make another width (a structured output that removed heads) is refused."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if config.num_attention_heads * head_dim != config.hidden_size:
-        raise UsageError(
-            f"llama.cpp's phi3 takes query heads as wide as the hidden size ({config.hidden_size}); this model's "
-            f"{config.num_attention_heads} heads of {head_dim} are {config.num_attention_heads * head_dim} wide (a "
-            "structured output that removed heads): extract with --heads-keep 1.0 (MLP width and depth only) for "
-            "a GGUF, or export the model before extracting"
-        )
+    rotated frequency."""
     kind = rope_type(config)
     if kind == "longrope":
         rope = _rope(config)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         half = _rotary_dims(config, head_dim) // 2
         bad = [k for k in ("long_factor", "short_factor") if len(rope.get(k) or []) != half]
         if bad or not rope.get("original_max_position_embeddings"):
@@ -395,13 +390,15 @@ _STABLELM_NAMES = (  # LayerNorms: a bias beside each weight
     (r"model\.norm\.bias", "output_norm.bias"),
 )
 # OLMo 2 and 3, one llama.cpp architecture: rotate-half RoPE (no permutation), Q and K norms over the whole projection
-_OLMO = Architecture("olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_olmo_metadata)
+_OLMO = Architecture(
+    "olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_olmo_metadata, query_is_hidden=True
+)
 ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
     "mistral": Architecture("llama", True, (), "default", caveats=_window_caveats),
     "smollm3": Architecture("smollm3", True, (), "default", check=_check_smollm3),
     "granite": Architecture("granite", True, (), "default", metadata=_granite_metadata),
-    "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2"),
+    "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2", query_is_hidden=True),
     "qwen3": Architecture("qwen3", False, (), "qwen2"),
     "olmo2": _OLMO,
     "olmo3": _OLMO,
@@ -414,10 +411,13 @@ ARCHITECTURES = {
         names=_STABLELM_NAMES,
         check=_check_stablelm,
         metadata=_stablelm_metadata,
+        query_is_hidden=True,
     ),
     # Cohere (Command R, Aya): attention and MLP side by side on one LayerNorm (no bias), interleaved
     # RoPE in both libraries (no permutation), logits scaled
-    "cohere": Architecture("command-r", False, (), "default", check=_check_cohere, metadata=_cohere_metadata),
+    "cohere": Architecture(
+        "command-r", False, (), "default", check=_check_cohere, metadata=_cohere_metadata, query_is_hidden=True
+    ),
     "gemma2": Architecture(
         "gemma2",
         False,
@@ -449,6 +449,7 @@ ARCHITECTURES = {
         names=_QWEN2_MOE_NAMES,
         check=_check_qwen2_moe,
         metadata=_moe_metadata,
+        query_is_hidden=True,
     ),
     "phi3": Architecture(
         "phi3",
@@ -460,6 +461,7 @@ ARCHITECTURES = {
         metadata=_phi3_metadata,
         fused=True,
         caveats=_phi3_caveats,
+        query_is_hidden=True,
     ),
 }
 _NAMES = [
@@ -524,7 +526,22 @@ def check_config(config: Any) -> Architecture:
         _check_plain_rope(config, arch.gguf)
     if getattr(config, "use_sliding_window", False):
         raise UsageError("GGUF export writes full attention; this model uses a sliding window")
+    if arch.query_is_hidden:
+        _check_query_width(config, arch.gguf)
     return arch
+
+
+def _check_query_width(config: Any, gguf: str) -> None:
+    """Refuse query heads narrower or wider than the hidden size where llama.cpp's graph sizes them by it
+    (`Architecture.query_is_hidden`)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if config.num_attention_heads * head_dim != config.hidden_size:
+        raise UsageError(
+            f"llama.cpp's {gguf} takes query heads as wide as the hidden size ({config.hidden_size}); this "
+            f"model's {config.num_attention_heads} heads of {head_dim} are {config.num_attention_heads * head_dim} "
+            "wide (a structured output that removed heads): extract with --heads-keep 1.0 (MLP width and depth "
+            "only) for a GGUF, or export the model before extracting"
+        )
 
 
 def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
