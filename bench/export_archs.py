@@ -348,8 +348,9 @@ def row(kind: str) -> dict[str, Any]:
         r.update(plain_nll=round(plain_nll, 4),
                  plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)))  # fmt: skip
         shape = json.loads((src / "config.json").read_text())
-        r["shape"] = {k: shape[k] for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                            "head_dim", "intermediate_size")}  # fmt: skip
+        keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+                "num_local_experts", "num_experts")  # fmt: skip
+        r["shape"] = {k: shape[k] for k in keys if shape.get(k) is not None}
     if kind in CONTRASTS:  # the same weights without the layout's feature: what llama.cpp must not match
         directory, change = CONTRASTS[kind]
         for key, value in change.items():
