@@ -50,6 +50,12 @@ by the hidden size, so an output without some heads is refused by the export) be
 contrast: the unsliced source. Qwen2 and Llama structured (`qwen2-structured`, `llama-structured`): 4
 blocks (Qwen2 with random Q/K/V biases), query and key weights scaled by 8, cut the same way; Llama
 with half its heads too (`--heads-keep 0.5`: 2 heads of 16 channels beside a hidden size of 64).
+Cohere 2 (`cohere2`): 4 blocks (sliding, global, sliding, sliding: not llama.cpp's default pattern of a
+global layer every fourth, so llama.cpp must read the file's; window 16 and RoPE in the sliding layers
+only), LayerNorm
+weights from N(1, 0.5), query and key weights scaled by 8, logits scaled by 1/16; contrast: every layer
+sliding (RoPE and the window everywhere). `cohere2-structured`: the same model cut like the other
+structured rows (every head kept): the pattern of the kept blocks, which llama.cpp reads from the file.
 Mixtral and Qwen2-MoE with experts removed (`mixtral-experts`, `qwen2-moe-experts`): the MoE rows' models
 cut by `carve extract --domain legal --experts-keep 0.75` (3 of 4 experts kept in every block, top-2
 routing) before the export; contrast: the source.
@@ -168,6 +174,11 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         model = tf.AutoModelForCausalLM.from_config(tf.CohereConfig(**sizes, vocab_size=vocab, logit_scale=0.0625))
         return _perturbed(model, ("layernorm.weight",), 1.0)
+    if kind.startswith("cohere2"):  # Cohere's block; sliding layers with RoPE, a global one without (layer 1)
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        kinds = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
+        config = tf.Cohere2Config(**sizes, vocab_size=vocab, logit_scale=0.0625, sliding_window=16, layer_types=kinds)
+        return _perturbed(tf.AutoModelForCausalLM.from_config(config), ("layernorm.weight",), 1.0)
     if kind in ("smollm3", "granite"):  # Llama's tensors; SmolLM3 skips RoPE in layer 3, Granite scales
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         if kind == "smollm3":
@@ -244,7 +255,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
 # the heads for llama, whose graph sizes them by heads x head_dim)
 _CUT = ["--calib-blocks", "8", "--eval-blocks", "4", "--block-len", "128", "--mlp-keep", "0.5", "--drop-blocks", "1"]
 STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structured": [*_CUT, "--heads-keep", "1.0"],
-              "llama-structured": [*_CUT, "--heads-keep", "0.5"],
+              "llama-structured": [*_CUT, "--heads-keep", "0.5"], "cohere2-structured": [*_CUT, "--heads-keep", "1.0"],
               # whole experts removed: 3 of 4 kept, each token still routed to 2
               "mixtral-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "qwen2-moe-experts": [*_CUT[:6], "--experts-keep", "0.75"]}  # fmt: skip
@@ -257,6 +268,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "smollm3": ("export-archs-smollm3-rope", {"no_rope_layers": [1, 1, 1, 1]}),  # RoPE in every layer
     "granite": ("export-archs-granite-plain", {k: 1.0 for k in GRANITE}),  # no multiplier
     "cohere": ("export-archs-cohere-unscaled", {"logit_scale": 1.0}),  # logits not scaled
+    "cohere2": ("export-archs-cohere2-sliding", {"layer_types": ["sliding_attention"] * 4}),  # RoPE, window everywhere
     # every layer global and nothing soft-capped
     "gemma2": (
         "export-archs-gemma2-plain",
@@ -349,7 +361,7 @@ def row(kind: str) -> dict[str, Any]:
                  plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)))  # fmt: skip
         shape = json.loads((src / "config.json").read_text())
         keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-                "num_local_experts", "num_experts")  # fmt: skip
+                "num_local_experts", "num_experts", "layer_types")  # fmt: skip
         r["shape"] = {k: shape[k] for k in keys if shape.get(k) is not None}
     if kind in CONTRASTS:  # the same weights without the layout's feature: what llama.cpp must not match
         directory, change = CONTRASTS[kind]
@@ -365,7 +377,7 @@ def row(kind: str) -> dict[str, Any]:
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, SmolLM3, Granite, OLMo 2 and 3, "
-        "StableLM, Cohere, "
+        "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE "
         "(tiny random models)",
@@ -379,7 +391,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "
         "one, window 16; StableLM: 4 blocks with Q/K/V biases, random LayerNorm weights and biases, query and key "
         "weights scaled by 8; Cohere: 4 blocks, attention and MLP side by side on one LayerNorm, query and key "
-        "weights scaled by 8, logits scaled by 1/16; Phi-3: "
+        "weights scaled by 8, logits scaled by 1/16; Cohere 2: the same block, layers sliding (window 16, RoPE), "
+        "global (no RoPE), sliding, sliding (not llama.cpp's default pattern), and cut like the structured rows "
+        "(`-structured`); Phi-3: "
         "fused qkv and gate/up, every layer sliding, window 16; Phi-3 LongRoPE (Phi-4-mini's RoPE "
         "in small: 3/4 of each head rotated, original context 256 of 2048, 6 long and 6 short factors, query and "
         "key rows scaled by 8), scored on 300 tokens (long factors) and on 200 (`-short`: llama.cpp's context 212, "
@@ -397,7 +411,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
         "RoPE scaling; Gemma 3: every layer global; Gemma 2: every layer global, nothing soft-capped; Phi-3: no "
         "sliding window; SmolLM3: RoPE in every layer; Granite: every multiplier 1; OLMo 3: every layer global; "
-        "Cohere: logits not scaled; "
+        "Cohere: logits not scaled; Cohere 2: every layer sliding; "
         "Phi-3 LongRoPE: plain RoPE "
         "over the same channels; the MoEs: top-1 routing), which "
         "llama.cpp must not match "
@@ -460,6 +474,8 @@ KINDS = (
     "olmo3",
     "stablelm",
     "cohere",
+    "cohere2",
+    "cohere2-structured",
     "phi3",
     "phi3-longrope",
     "phi3-longrope-short",

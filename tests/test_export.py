@@ -589,6 +589,47 @@ def test_cohere_as_llama_cpp_command_r(tmp_path: Path, tokenizer) -> None:
     assert main(["export", str(src), "--gguf", str(tmp_path / "q.gguf")]) == 2 and not (tmp_path / "q.gguf").exists()
 
 
+def test_cohere2_as_llama_cpp_cohere2(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """Cohere 2 (Command R7B) as llama.cpp's `cohere2`: Cohere's tensors (unpermuted, one norm a block),
+    the logit scale, the sliding window and the per-layer pattern llama.cpp reads (RoPE in the sliding
+    layers only, in both libraries); a structured output that dropped a block exports with the pattern
+    of the blocks it kept; a model without sliding layers is refused.  Its logits in llama.cpp itself:
+    bench/export_archs.py, row cohere2."""
+    import numpy as np
+    import transformers as tf
+    from gguf import GGUFReader
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.Cohere2Config(**sizes, logit_scale=0.25, sliding_window=8))
+    assert model.config.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-cohere2", "f16")
+    assert meta["general.architecture"] == "cohere2" and meta["cohere2.logit_scale"] == 0.25
+    assert meta["cohere2.attention.sliding_window"] == 8
+    field = GGUFReader(gguf).fields["cohere2.attention.sliding_window_pattern"]
+    assert [bool(field.parts[i][0]) for i in field.data] == [True, True, True, False]
+    tensors = _gguf_tensors(gguf)
+    w = model.state_dict()["model.layers.2.self_attn.k_proj.weight"].half().numpy()
+    assert np.array_equal(tensors["blk.2.attn_k.weight"].reshape(w.shape), w)  # unpermuted
+    assert not any("ffn_norm" in k for k in tensors) and len(tensors) == len(model.state_dict()) - 1
+    src, out = tmp_path / "tiny-cohere2", tmp_path / "structured"
+    assert main(["extract", str(src), "--domain", str(small_corpus), "--general", str(small_corpus), *FAST,
+                 "--drop-blocks", "1", "--mlp-keep", "0.5", "--heads-keep", "1.0", "--out", str(out)]) == 0  # fmt: skip
+    kinds = json.loads((out / "config.json").read_text())["layer_types"]
+    assert main(["export", str(out), "--gguf", str(tmp_path / "s.gguf")]) == 0
+    field = GGUFReader(tmp_path / "s.gguf").fields["cohere2.attention.sliding_window_pattern"]
+    assert len(kinds) == 3 and [bool(field.parts[i][0]) for i in field.data] == [
+        k == "sliding_attention" for k in kinds
+    ]
+    full = tmp_path / "cohere2-full"
+    tf.AutoModelForCausalLM.from_config(tf.Cohere2Config(**sizes, layer_types=["full_attention"] * 4)).save_pretrained(
+        full)  # fmt: skip
+    tokenizer.save_pretrained(full)
+    assert main(["export", str(full), "--gguf", str(tmp_path / "f.gguf")]) == 2 and not (tmp_path / "f.gguf").exists()
+
+
 def test_smollm3_structured_without_its_rope_rule_refused(tmp_path: Path, tokenizer, capsys) -> None:
     """llama.cpp's smollm3 skips RoPE in layers 3, 7, ... whatever the file says: an output whose kept
     blocks break that rule (one dropped block) is refused by name, with nothing written."""

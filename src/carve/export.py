@@ -61,7 +61,7 @@ class Architecture:
     norm_offset: float = 0.0  # added to every norm weight (Gemma's RMSNorm scales by 1 + w, llama.cpp's by w)
     names: tuple[tuple[str, str], ...] = ()  # tensor names of this architecture, tried before the common ones
     check: Callable[[Any], None] | None = None  # its own refusals (in place of the plain / Llama 3 RoPE check)
-    metadata: Callable[[Any, Any], None] | None = None  # its own keys, written from the config
+    metadata: Callable[[Any, Any], object] | None = None  # its own keys, written from the config
     fused: bool = False  # one qkv_proj and one gate_up_proj per block (Phi-3), as llama.cpp holds them
     caveats: Callable[[Any], list[str]] | None = None  # where llama.cpp computes otherwise, said, not refused
     # llama.cpp sizes the query rows and the output projection by the hidden size (its qwen2, qwen2moe,
@@ -164,13 +164,16 @@ def _check_olmo(config: Any) -> None:
         raise UsageError(f"llama.cpp's olmo2 has one RoPE base; this model's layers use {sorted(bases)}")
 
 
-def _olmo_metadata(writer: Any, config: Any) -> None:
-    """OLMo 3's sliding window and its per-layer pattern (OLMo 2 has none), as llama.cpp's converter
-    writes them."""
+def _window_metadata(writer: Any, config: Any) -> bool:
+    """The sliding window and its per-layer pattern from `layer_types` (llama.cpp reads the pattern
+    array and so follows the blocks a structured output kept), when the model has sliding layers;
+    whether it has (OLMo 3's, Gemma 3's and Cohere 2's; OLMo 2 has none)."""
     kinds = list(getattr(config, "layer_types", None) or [])
     if getattr(config, "sliding_window", None) and "sliding_attention" in kinds:
         writer.add_sliding_window(int(config.sliding_window))
         writer.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
+        return True
+    return False
 
 
 def _check_stablelm(config: Any) -> None:
@@ -205,15 +208,29 @@ def _cohere_metadata(writer: Any, config: Any) -> None:
     writer.add_rope_scaling_type(gguf.RopeScalingType.NONE)
 
 
+def _check_cohere2(config: Any) -> None:
+    """Refuse the Cohere 2 variants llama.cpp's cohere2 graph computes otherwise: it rotates queries
+    and keys in the sliding layers only, as transformers does, by the per-layer pattern it reads, so a
+    model without sliding layers (no pattern to read) is refused; plain RoPE only."""
+    _check_plain_rope(config, "cohere2")
+    kinds = list(getattr(config, "layer_types", None) or [])
+    if not getattr(config, "sliding_window", None) or "sliding_attention" not in kinds:
+        raise UsageError("GGUF export writes Cohere 2 (Command R7B) with its sliding layers; this model has none")
+
+
+def _cohere2_metadata(writer: Any, config: Any) -> None:
+    """Cohere 2's keys: Cohere's logit scale and, always, the sliding window and its per-layer pattern
+    (llama.cpp rotates queries and keys in the sliding layers only, as transformers does)."""
+    _cohere_metadata(writer, config)
+    _window_metadata(writer, config)
+
+
 def _gemma3_metadata(writer: Any, config: Any) -> None:
     """Gemma 3's keys beyond the common ones: sliding window and its per-layer pattern, the local
     RoPE base, linear RoPE scaling of the global layers, final-logit soft-capping."""
     import gguf
 
-    kinds = list(getattr(config, "layer_types", None) or [])
-    if getattr(config, "sliding_window", None) and "sliding_attention" in kinds:
-        writer.add_sliding_window(int(config.sliding_window))
-        writer.add_sliding_window_pattern([k == "sliding_attention" for k in kinds])
+    if _window_metadata(writer, config):
         writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention").get("rope_theta", 10000.0)))
     if rope_type(config) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -391,7 +408,7 @@ _STABLELM_NAMES = (  # LayerNorms: a bias beside each weight
 )
 # OLMo 2 and 3, one llama.cpp architecture: rotate-half RoPE (no permutation), Q and K norms over the whole projection
 _OLMO = Architecture(
-    "olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_olmo_metadata, query_is_hidden=True
+    "olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_window_metadata, query_is_hidden=True
 )
 ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
@@ -417,6 +434,10 @@ ARCHITECTURES = {
     # RoPE in both libraries (no permutation), logits scaled
     "cohere": Architecture(
         "command-r", False, (), "default", check=_check_cohere, metadata=_cohere_metadata, query_is_hidden=True
+    ),
+    # Cohere 2 (Command R7B): Cohere's tensors, sliding layers with RoPE, global layers without
+    "cohere2": Architecture(
+        "cohere2", False, (), "default", check=_check_cohere2, metadata=_cohere2_metadata, query_is_hidden=True
     ),
     "gemma2": Architecture(
         "gemma2",
