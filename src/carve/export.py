@@ -65,7 +65,7 @@ class Architecture:
     fused: bool = False  # one qkv_proj and one gate_up_proj per block (Phi-3), as llama.cpp holds them
     caveats: Callable[[Any], list[str]] | None = None  # where llama.cpp computes otherwise, said, not refused
     # llama.cpp sizes the query rows and the output projection by the hidden size (its qwen2, qwen2moe,
-    # command-r, olmo2, stablelm and phi3 graphs), not by heads x head_dim: fewer heads cannot load
+    # command-r, cohere2, olmo2, stablelm and phi3 graphs), not by heads x head_dim: fewer heads cannot load
     query_is_hidden: bool = False
 
 
