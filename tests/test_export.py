@@ -76,11 +76,11 @@ def test_qwen2_as_llama_cpp_qwen2(kind: str, tmp_path: Path, tokenizer) -> None:
 
 @pytest.mark.parametrize(
     "model_type, gguf",
-    [("qwen2", "qwen2"), ("qwen2_moe", "qwen2moe"), ("cohere", "command-r"), ("phi3", "phi3"), ("olmo2", "olmo2"),
-     ("stablelm", "stablelm")],
+    [("qwen2", "qwen2"), ("qwen2_moe", "qwen2moe"), ("cohere", "command-r"), ("cohere2", "cohere2"), ("phi3", "phi3"),
+     ("olmo2", "olmo2"), ("stablelm", "stablelm")],
 )  # fmt: skip
 def test_query_heads_narrower_than_the_hidden_size_refused(model_type: str, gguf: str) -> None:
-    """llama.cpp's qwen2, qwen2moe, command-r, olmo2, stablelm and phi3 size the query rows and the
+    """llama.cpp's qwen2, qwen2moe, command-r, cohere2, olmo2, stablelm and phi3 size the query rows and the
     output projection by the hidden size (a structured Qwen2 with half its heads exported, then failed to
     load in llama.cpp: "attn_q.weight has wrong shape"): such a config is refused before anything is
     written; llama, qwen3 and gemma take it (head_dim apart from hidden / heads)."""
@@ -90,7 +90,8 @@ def test_query_heads_narrower_than_the_hidden_size_refused(model_type: str, gguf
 
     base = {"qk_layernorm": False, "use_parallel_residual": False, "use_qk_norm": False, "logit_scale": 0.0625,
             "rope_parameters": {"rope_type": "default", "rope_theta": 1e4}, "hidden_size": 64,
-            "num_attention_heads": 2, "head_dim": 16, "num_hidden_layers": 2}  # fmt: skip
+            "num_attention_heads": 2, "head_dim": 16, "num_hidden_layers": 2, "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"]}  # fmt: skip
     with pytest.raises(UsageError, match=f"llama.cpp's {gguf} takes query heads as wide as the hidden size"):
         check_config(SimpleNamespace(model_type=model_type, **base))
     check_config(SimpleNamespace(model_type=model_type, **{**base, "head_dim": 32}))  # 2 x 32 = 64: taken
