@@ -348,25 +348,32 @@ def run_gguf_rows(rows: dict[str, dict[str, Any]]) -> None:
 
 # `--experts`: (source, share of experts kept); source "moe" is the upcycled MoE, "moe-sparsegpt" its
 # SparseGPT seed-0 specialist (`kept("moe")`)
-EXPERT_ROWS = [("moe", 0.5), ("moe-sparsegpt", 0.5), ("moe-sparsegpt", 0.75)]
+# (and "stream": the same job with `--stream`, one decoder block in memory at a time)
+EXPERT_ROWS = [("moe", 0.5, ""), ("moe-sparsegpt", 0.5, ""), ("moe-sparsegpt", 0.75, ""), ("moe", 0.5, "stream")]
 
 
-def experts_row(source: str, keep: float) -> dict[str, Any]:
-    """`carve extract SRC --experts-keep KEEP --domain legal` (speed measured); the output deleted."""
+def experts_id(source: str, keep: float, mode: str) -> str:
+    return f"experts/{source}/{keep}" + (f"/{mode}" if mode else "")
+
+
+def experts_row(source: str, keep: float, mode: str) -> dict[str, Any]:
+    """`carve extract SRC --experts-keep KEEP --domain legal` (speed measured; `--stream` where `mode`
+    says so, which measures none); the output deleted."""
     src = MOE_DIR if source == "moe" else kept("moe")
     out = OUT / f"moe-experts-{source}-{keep}"
     cmd = [CARVE, "extract", str(src), "--experts-keep", str(keep), "--domain", "legal", "--quiet", "--out",
-           str(out), "--overwrite"]  # fmt: skip
+           str(out), "--overwrite", *(["--stream"] if mode == "stream" else [])]  # fmt: skip
     speed = timed(cmd)
     m = json.loads((out / "carve.json").read_text())
     shutil.rmtree(out)
     before, after = m["metrics"]["before"], m["metrics"]["after"]
     return {
-        "job": "carve.extract", "source": source, "keep": keep, "experts_kept": m["experts_kept"],
+        "job": "carve.extract", "source": source, "keep": keep, "mode": mode, "experts_kept": m["experts_kept"],
         "parameters_before": m["size"]["parameters_before"], "parameters_after": m["size"]["parameters_after"],
         "domain_ppl_before": before["domain_ppl"], "domain_ppl": after["domain_ppl"],
         "general_ppl_before": before["general_ppl"], "general_ppl": after["general_ppl"],
-        "eval_blocks": after["domain_eval_blocks"], "speed": m.get("speed"), "seconds": m["timings_s"]["prune"],
+        "eval_blocks": after["domain_eval_blocks"], "speed": m.get("speed"),
+        "seconds": m["timings_s"].get("plan", m["timings_s"]["prune"]),  # the routing pass (streamed: the plan)
         "wall_s": speed["wall_s"], "process_peak_rss_mb": speed["peak_rss_mb"], "data": m["data"],
         "source_fingerprint": m["source"]["fingerprint"],
     }  # fmt: skip
@@ -380,22 +387,24 @@ def experts_table(rows: dict[str, dict[str, Any]]) -> str:
         "keeps its heaviest experts by routing mass on the calibration blocks; 64 of 512 tokens, 30% general), "
         "perplexity on the first 32 held-out 512-token blocks before (the source) and after, the job's own speed "
         "measure (decode and prefill of the output against the source, float32, 2 threads), the routing stage's "
-        "time (`prune`) and the job process's peak RSS. Sources: the upcycled MoE (4 identical experts a block: "
+        "time (`prune`; streamed: the plan stage's) and the job process's peak RSS; `--stream`: the same job one "
+        "decoder block in memory at a time (no speed measure). Sources: the upcycled MoE (4 identical experts a block: "
         "any choice computes the same) and its SparseGPT seed-0 specialist (each expert pruned on its own tokens).",
         "",
-        "| source | experts kept | parameters | domain ppl before | domain ppl | general ppl before | general ppl "
-        "| decode speedup | prefill speedup | routing s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| source | job | experts kept | parameters | domain ppl before | domain ppl | general ppl before "
+        "| general ppl | decode speedup | prefill speedup | routing s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     commits = set()
-    for source, keep in EXPERT_ROWS:
-        r = rows.get(f"experts/{source}/{keep}")
+    for source, keep, mode in EXPERT_ROWS:
+        r = rows.get(experts_id(source, keep, mode))
         if r is None:
             continue
         commits.add(r["commit"])
         e, sp = r["experts_kept"], r.get("speed") or {}
         lines.append(
-            f"| {source} | {e['kept']} of {e['of']} | {r['parameters_after']:,} of {r['parameters_before']:,} "
+            f"| {source} | {'--stream' if mode else 'in memory'} | {e['kept']} of {e['of']} "
+            f"| {r['parameters_after']:,} of {r['parameters_before']:,} "
             f"| {r['domain_ppl_before']:.3f} | {r['domain_ppl']:.3f} | {r['general_ppl_before']:.3f} "
             f"| {r['general_ppl']:.3f} | {sp.get('decode_speedup', '-')} | {sp.get('prefill_speedup', '-')} "
             f"| {r['seconds']:.1f} | {r['process_peak_rss_mb']:.0f} |"
@@ -489,11 +498,11 @@ def main() -> None:
         return
     rerun = set(sys.argv[sys.argv.index("--rerun") + 1 :]) if "--rerun" in sys.argv else set()
     if "--experts" in sys.argv:
-        for source, keep in EXPERT_ROWS:
-            rid = f"experts/{source}/{keep}"
+        for source, keep, mode in EXPERT_ROWS:
+            rid = experts_id(source, keep, mode)
             if rid not in rows or rid in rerun:
                 print(f"running {rid}", flush=True)
-                rows[rid] = {"id": rid, **experts_row(source, keep), "commit": commit()}
+                rows[rid] = {"id": rid, **experts_row(source, keep, mode), "commit": commit()}
                 save_result(RESULTS, rows[rid])
                 write_section("moe-experts", experts_table(rows))
         write_section("moe-experts", experts_table(rows))
