@@ -1,32 +1,33 @@
 """`carve export DIR --gguf OUT.gguf --type f16|bf16|q8_0|q4_0`: any carve output (dense, sparse,
 structured, a fine-tuning update over its base) as a GGUF file llama.cpp runs.
 
-The model is loaded as carve loads any source (`load_model`), then written with the `gguf`
-package's writer under llama.cpp's tensor names and metadata keys for its architecture (what
-llama.cpp's own convert_hf_to_gguf.py writes): Llama-style models (`llama`, and Mistral, SmolLM,
-TinyLlama, Llama 3.x ... which share it) as `llama`, whose Q and K projections are permuted from
-Hugging Face's rotate-half layout to GGML's interleaved one, and whose Llama 3 RoPE scaling goes in
-as llama.cpp's `rope_freqs.weight` (per-frequency factors); SmolLM3 and Granite as llama.cpp's
-`smollm3` and `granite`, Llama's tensors with their own keys; OLMo 2 and 3 as llama.cpp's `olmo2`
-(a norm after attention and after the MLP instead of before, Q and K norms over the whole
-projection, OLMo 3's sliding-window pattern); StableLM as `stablelm` (LayerNorms with biases, RoPE
-over a quarter of each head); Cohere (Command R, Aya) as `command-r` (one LayerNorm feeding
-attention and MLP side by side, interleaved RoPE, the logit scale); Qwen2 as `qwen2` (rotate-half rope in
+The model is loaded as carve loads any source (`load_model`), then written with the `gguf` package's
+writer under llama.cpp's tensor names and metadata keys for its architecture (what llama.cpp's own
+convert_hf_to_gguf.py writes): Llama-style models (`llama`, and Mistral, SmolLM, TinyLlama, Llama
+3.x ... which share it) as `llama`, whose Q and K projections are permuted from Hugging Face's
+rotate-half layout to GGML's interleaved one, and whose Llama 3 RoPE scaling goes in as llama.cpp's
+`rope_freqs.weight` (per-frequency factors); SmolLM3 and Granite as llama.cpp's `smollm3` and
+`granite`, Llama's tensors with their own keys; OLMo 2 and 3 as llama.cpp's `olmo2` (a norm after
+attention and after the MLP instead of before, Q and K norms over the whole projection, OLMo 3's
+sliding-window pattern); StableLM as `stablelm` (LayerNorms with biases, RoPE over a quarter of each
+head); Cohere (Command R, Aya) as `command-r` (one LayerNorm feeding attention and MLP side by side,
+interleaved RoPE, the logit scale) and Cohere 2 (Command R7B) as `cohere2` (the same, with the
+per-layer sliding pattern that decides where RoPE applies); Qwen2 as `qwen2` (rotate-half rope in
 llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
-biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma 2 as `gemma2` (its
-norms and tokenizer as Gemma 3's below, both soft-cappings, llama.cpp's fixed alternation of sliding
-and global layers); Gemma 3 (text) as `gemma3`
-(four norms per block under llama.cpp's Gemma names, every norm weight written as 1 + w since
-Gemma's RMSNorm scales by 1 + w and llama.cpp's by w, the sliding-window layers as a per-layer
-pattern so that a structured output's kept blocks keep their own kinds, the local RoPE base
-beside the global one).  One-dimensional tensors
-(norms) stay float32, as in llama.cpp's conversions; a matrix whose rows are not a whole number of
-quantization blocks is stored as f16.  The tokenizer goes in as GGUF metadata: a byte-level BPE
-tokenizer (tokens, types, merges, special ids, chat template) as llama.cpp's `gpt2` model, its
-pre-tokenizer name copied from the source GGUF when the model came from one (the embedded default),
-else the architecture's (`default`, `qwen2` for both Qwen generations); a SentencePiece-style BPE
-tokenizer (byte fallback: Gemma, Llama 2) as llama.cpp's `llama` model, whose merge order goes in
-as scores.
+biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma 2 as `gemma2` (its norms
+and tokenizer as Gemma 3's below, both soft-cappings, llama.cpp's fixed alternation of sliding and
+global layers); Gemma 3 (text) as `gemma3` (four norms per block under llama.cpp's Gemma names,
+every norm weight written as 1 + w since Gemma's RMSNorm scales by 1 + w and llama.cpp's by w, the
+sliding-window layers as a per-layer pattern so that a structured output's kept blocks keep their
+own kinds, the local RoPE base beside the global one). Where llama.cpp's graph sizes the query rows
+by the hidden size (qwen2, qwen2moe, command-r, cohere2, olmo2, stablelm, phi3), an output with
+fewer heads is refused. One-dimensional tensors (norms) stay float32, as in llama.cpp's conversions;
+a matrix whose rows are not a whole number of quantization blocks is stored as f16. The tokenizer
+goes in as GGUF metadata: a byte-level BPE tokenizer (tokens, types, merges, special ids, chat
+template) as llama.cpp's `gpt2` model, its pre-tokenizer name copied from the source GGUF when the
+model came from one (the embedded default), else the architecture's (`default`, `qwen2` for both
+Qwen generations); a SentencePiece-style BPE tokenizer (byte fallback: Gemma, Llama 2) as
+llama.cpp's `llama` model, whose merge order goes in as scores.
 """
 
 from __future__ import annotations
