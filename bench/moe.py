@@ -173,6 +173,11 @@ def run(model: str, method: str, seed: int, extra: tuple[str, ...]) -> dict[str,
     }
 
 
+def _closed(lines: list[str], commits: set[str]) -> str:
+    """A table's lines, then the commits its rows were measured at."""
+    return "\n".join([*lines, "", f"Rows measured at carve commit(s) {', '.join(sorted(commits))}."]) + "\n"
+
+
 def _mean_spread(xs: list[float], digits: int = 3) -> str:
     m = sum(xs) / len(xs)
     return f"{m:.{digits}f}" + (f" ± {(max(xs) - min(xs)) / 2:.{digits}f}" if len(xs) > 1 else "")
@@ -220,8 +225,7 @@ def table(rows: dict[str, dict[str, Any]], facts: dict[str, Any]) -> str:
             f"{_mean_spread([r['seconds'] for r in rs], 1)} | "
             f"{_mean_spread([r['process_peak_rss_mb'] for r in rs], 0)} |"
         )
-    lines += ["", f"Rows measured at carve commit(s) {', '.join(sorted(commits))}."]
-    return "\n".join(lines) + "\n"
+    return _closed(lines, commits)
 
 
 GGUF_TYPES = ("f16", "q8_0")
@@ -319,8 +323,7 @@ def gguf_table(rows: dict[str, dict[str, Any]]) -> str:
                 f"| {r['transformers_ppl']:.3f} | {r['top1_agreement']:.4f} "
                 f"| {sp.get('prefill_tokens_per_s', '-')} | {sp.get('decode_tokens_per_s', '-')} |"
             )
-    lines += ["", f"Rows measured at carve commit(s) {', '.join(sorted(commits))}."]
-    return "\n".join(lines) + "\n"
+    return _closed(lines, commits)
 
 
 def run_gguf_rows(rows: dict[str, dict[str, Any]]) -> None:
@@ -409,8 +412,7 @@ def experts_table(rows: dict[str, dict[str, Any]]) -> str:
             f"| {r['general_ppl']:.3f} | {sp.get('decode_speedup', '-')} | {sp.get('prefill_speedup', '-')} "
             f"| {r['seconds']:.1f} | {r['process_peak_rss_mb']:.0f} |"
         )
-    lines += ["", f"Rows measured at carve commit(s) {', '.join(sorted(commits))}."]
-    return "\n".join(lines) + "\n"
+    return _closed(lines, commits)
 
 
 _SAMPLER = """
@@ -482,8 +484,7 @@ def memory_table(rows: dict[str, dict[str, Any]]) -> str:
             f"{r['at_peak'].get('RssFile')} | {r['peak']['RssAnon']} | {st['load_model']:.0f} | {st['prune']:.0f} | "
             f"{st['evaluate_after']:.0f} | {st['save']:.0f} |"
         )
-    lines += ["", f"Rows measured at carve commit(s) {', '.join(sorted(commits))}."]
-    return "\n".join(lines) + "\n"
+    return _closed(lines, commits)
 
 
 def main() -> None:

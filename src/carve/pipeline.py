@@ -304,11 +304,11 @@ class Recipe:
         given = [f"--{k}" for k, v in unstructured.items() if v is not None]
         if given:
             raise UsageError(f"--structure removes whole channels, heads and blocks: {', '.join(given)} do not apply")
-        shape = {"keep": self.keep, "mlp-keep": self.mlp_keep, "heads-keep": self.heads_keep,
-                 "drop-blocks": self.drop_blocks, "drop-rule": self.drop_rule, "drop-run": self.drop_run,
-                 "bias-compensation": self.bias_compensation or None, "method": self.method,
-                 "importance": self.importance}  # fmt: skip
         if self.experts_keep is not None:
+            shape = {"keep": self.keep, "mlp-keep": self.mlp_keep, "heads-keep": self.heads_keep,
+                     "drop-blocks": self.drop_blocks, "drop-rule": self.drop_rule, "drop-run": self.drop_run,
+                     "bias-compensation": self.bias_compensation or None, "method": self.method,
+                     "importance": self.importance}  # fmt: skip
             given = [f"--{k}" for k, v in shape.items() if v is not None]
             if given:
                 raise UsageError(
