@@ -247,9 +247,9 @@ def sliced_copy(anat: Anatomy, plan: Plan, i: int, roles: list[str],
     holder = lambda role: p.names[role].removeprefix(f"{anat.prefix}.{i}.").rpartition(".")[0]  # noqa: E731
     slice_block(Parts(twin.get_submodule(holder("q_proj")), twin.get_submodule(holder("up_proj")), p.names, p.spans),
                 anat, plan, i, roles, means)  # fmt: skip
-    for config in {id(c): c for m in twin.modules() if hasattr(c := getattr(m, "config", None), "num_attention_heads")
-                   }.values():  # fmt: skip
-        shape_config(config, anat, plan.shape)  # the twin's own copy (Phi-3's attention splits qkv by it)
+    for m in twin.modules():  # the twin's own config copy, shared by its modules (Phi-3 splits qkv by it)
+        if hasattr(config := getattr(m, "config", None), "num_attention_heads"):
+            shape_config(config, anat, plan.shape)  # the same values each time
     return twin
 
 
