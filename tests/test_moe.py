@@ -526,7 +526,7 @@ def test_experts_no_token_reaches_are_dropped_and_nothing_changes() -> None:
 
 def test_drop_experts_from_the_command_line(tmp_path: Path, tokenizer, small_corpus: Path, capsys) -> None:
     """`carve extract --experts-keep 0.5` on a saved Mixtral: half the experts of every block go, the
-    output loads with stock from_pretrained and exports to GGUF; bad requests are refused with one
+    output loads with stock from_pretrained, exports to GGUF and replays from its manifest; bad requests are refused with one
     line and nothing written."""
     from transformers import AutoModelForCausalLM
 
@@ -548,6 +548,11 @@ def test_drop_experts_from_the_command_line(tmp_path: Path, tokenizer, small_cor
     assert loaded.config.num_local_experts == 2
     assert loaded.get_submodule("model.layers.0.mlp.experts").gate_up_proj.shape[0] == 2
     assert main(["export", str(out), "--gguf", str(tmp_path / "out.gguf"), "--quiet"]) == 0
+    # the manifest names no scorer (the experts are ranked by routing mass) and replays as recorded
+    assert manifest["recipe"]["method"] is None
+    again = tmp_path / "again"
+    assert main(["extract", "--recipe", str(out / "carve.json"), "--out", str(again), "--quiet"]) == 0
+    assert json.loads((again / "carve.json").read_text())["experts_kept"] == kept
     dense = tmp_path / "dense"
     tiny_model("llama").save_pretrained(dense)
     tokenizer.save_pretrained(dense)

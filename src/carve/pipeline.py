@@ -323,6 +323,11 @@ class Recipe:
         if self.drop_run is not None and self.drop_run < 1:
             raise UsageError(f"--drop-run {self.drop_run}: blocks are dropped in runs of at least 1")
 
+    def recorded(self) -> Recipe:
+        """The resolved recipe as a manifest records it, so that it replays (`--recipe carve.json`): an
+        expert job ranks experts by routing mass and names no scorer (--method is refused with it)."""
+        return replace(self, method=None) if self.experts_keep is not None else self
+
     def targets(self) -> Targets:
         return Targets.of(self.include, self.exclude)
 
@@ -561,7 +566,7 @@ def _extract(
         after = metrics_of(lm.model, data.held_out)
     calib_dtype = None if r.structure else str(calib.dtype or next(lm.model.parameters()).dtype).removeprefix("torch.")
     manifest: dict[str, Any] = {
-        **manifest_head("extract", lm, r),
+        **manifest_head("extract", lm, r.recorded()),
         "data": {
             "domain": domain.describe(),
             **({"eval_domain": evaluated.describe()} if r.eval_domain else {}),
@@ -665,7 +670,7 @@ def _extract_streamed(
         calib_dtype = str(calib.dtype or next(lm.model.parameters()).dtype).removeprefix("torch.")
         compute = str(skeleton.dtype).removeprefix("torch.")
         manifest: dict[str, Any] = {
-            **manifest_head("extract", lm, streamed_r),
+            **manifest_head("extract", lm, streamed_r.recorded()),
             "streamed": {
                 "why": reason, "cloze": "not measured (needs the whole model)", "speed": "not measured",
                 "activations_in_memory_mb": None if calib.max_memory is None else round(calib.max_memory / 2**20),
