@@ -49,7 +49,9 @@ channels sliced out of the fused gate_up_proj; every head kept: llama.cpp's phi3
 by the hidden size, so an output without some heads is refused by the export) before the export;
 contrast: the unsliced source. Qwen2 and Llama structured (`qwen2-structured`, `llama-structured`): 4
 blocks (Qwen2 with random Q/K/V biases), query and key weights scaled by 8, cut the same way; Llama
-with half its heads too (`--heads-keep 0.5`: 2 heads of 16 channels beside a hidden size of 64).
+with half its heads too (`--heads-keep 0.5`: 2 heads of 16 channels beside a hidden size of 64), and
+Qwen2 with half its heads (`qwen2-structured-heads`), which the export writes as llama.cpp's `llama`
+(Q and K rows and biases permuted): llama.cpp's qwen2 takes query rows as wide as the hidden size only.
 Cohere 2 (`cohere2`): 4 blocks (sliding, global, sliding, sliding: not llama.cpp's default pattern of a
 global layer every fourth, so llama.cpp must read the file's; window 16 and RoPE in the sliding layers
 only), LayerNorm
@@ -195,7 +197,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         config = tf.Phi3Config(**SIZES, sliding_window=16, vocab_size=vocab, pad_token_id=None, bos_token_id=None,
                                eos_token_id=None)  # fmt: skip
         return tf.AutoModelForCausalLM.from_config(config).eval()
-    if kind in ("llama-structured", "qwen2-structured"):  # 4 blocks, positions that matter; Qwen2's Q/K/V biases
+    if kind in ("llama-structured", "qwen2-structured", "qwen2-structured-heads"):  # positions matter; Qwen2's biases
         sizes = {**SIZES, "num_hidden_layers": 4}
         config = tf.LlamaConfig(**sizes, vocab_size=vocab) if kind == "llama-structured" else tf.Qwen2Config(
             **sizes, vocab_size=vocab)  # fmt: skip
@@ -252,10 +254,12 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
 
 # layouts exported after `carve extract --structure` (its options; every head kept for phi3 and qwen2: their
 # llama.cpp graphs take query rows as wide as the hidden size only, and fail to load a file with fewer; half
-# the heads for llama, whose graph sizes them by heads x head_dim)
+# the heads for llama, whose graph sizes them by heads x head_dim, and for qwen2-structured-heads, which the
+# export writes as llama.cpp's llama)
 _CUT = ["--calib-blocks", "8", "--eval-blocks", "4", "--block-len", "128", "--mlp-keep", "0.5", "--drop-blocks", "1"]
 STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structured": [*_CUT, "--heads-keep", "1.0"],
               "llama-structured": [*_CUT, "--heads-keep", "0.5"], "cohere2-structured": [*_CUT, "--heads-keep", "1.0"],
+              "qwen2-structured-heads": [*_CUT, "--heads-keep", "0.5"],
               # whole experts removed: 3 of 4 kept, each token still routed to 2
               "mixtral-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "qwen2-moe-experts": [*_CUT[:6], "--experts-keep", "0.75"]}  # fmt: skip
@@ -400,7 +404,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "rounded up to 256, within the original 256, so both take the short factors); Phi-3 structured: 4 "
         "blocks cut by `carve extract --domain legal --heads-keep 1.0 --mlp-keep 0.5 --drop-blocks 1` before the "
         "export (contrast: the unsliced source); Qwen2 and Llama structured: the same cut of 4-block models (Qwen2 "
-        "with random Q/K/V biases), Llama with half its heads too (head_dim apart from hidden / heads); Mixtral and "
+        "with random Q/K/V biases), Llama with half its heads too (head_dim apart from hidden / heads), Qwen2 "
+        "with half its heads as llama.cpp's `llama` (`-heads`); Mixtral and "
         "Qwen2-MoE with experts removed: the MoE rows' models cut by `carve extract --experts-keep 0.75` (3 of 4 "
         "experts kept) before the export (contrast: the source); Mixtral, "
         "Qwen3-MoE and "
@@ -481,6 +486,7 @@ KINDS = (
     "phi3-longrope-short",
     "phi3-structured",
     "qwen2-structured",
+    "qwen2-structured-heads",
     "llama-structured",
     "mixtral",
     "qwen3-moe",

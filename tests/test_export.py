@@ -76,14 +76,15 @@ def test_qwen2_as_llama_cpp_qwen2(kind: str, tmp_path: Path, tokenizer) -> None:
 
 @pytest.mark.parametrize(
     "model_type, gguf",
-    [("qwen2", "qwen2"), ("qwen2_moe", "qwen2moe"), ("cohere", "command-r"), ("cohere2", "cohere2"), ("phi3", "phi3"),
+    [("qwen2_moe", "qwen2moe"), ("cohere", "command-r"), ("cohere2", "cohere2"), ("phi3", "phi3"),
      ("olmo2", "olmo2"), ("stablelm", "stablelm")],
 )  # fmt: skip
 def test_query_heads_narrower_than_the_hidden_size_refused(model_type: str, gguf: str) -> None:
     """llama.cpp's qwen2, qwen2moe, command-r, cohere2, olmo2, stablelm and phi3 size the query rows and the
     output projection by the hidden size (a structured Qwen2 with half its heads exported, then failed to
     load in llama.cpp: "attn_q.weight has wrong shape"): such a config is refused before anything is
-    written; llama, qwen3 and gemma take it (head_dim apart from hidden / heads)."""
+    written; llama, qwen3 and gemma take it (head_dim apart from hidden / heads), and a Qwen2 goes in as
+    llama.cpp's llama."""
     from types import SimpleNamespace
 
     from carve.export import check_config
@@ -97,23 +98,50 @@ def test_query_heads_narrower_than_the_hidden_size_refused(model_type: str, gguf
     check_config(SimpleNamespace(model_type=model_type, **{**base, "head_dim": 32}))  # 2 x 32 = 64: taken
     for taken in ("llama", "qwen3"):
         check_config(SimpleNamespace(model_type=taken, **base))
+    qwen2 = SimpleNamespace(model_type="qwen2", **base)
+    assert check_config(qwen2).gguf == "llama" and check_config(qwen2).permute_qk
+    assert check_config(SimpleNamespace(model_type="qwen2", **{**base, "head_dim": 32})).gguf == "qwen2"
 
 
-def test_structured_qwen2_exports_with_every_head(tmp_path: Path, tokenizer, small_corpus: Path, capsys) -> None:
-    """A structured Qwen2 with narrower MLPs and a block dropped exports and reloads; with half its heads
-    the export is refused by name and writes nothing."""
+def test_structured_qwen2_exports(tmp_path: Path, tokenizer, small_corpus: Path, capsys) -> None:
+    """A structured Qwen2 with narrower MLPs and a block dropped exports as llama.cpp's qwen2 and
+    reloads; with half its heads it goes in as llama.cpp's llama (its qwen2 graph takes query heads as
+    wide as the hidden size), Q and K rows and biases permuted to interleaved RoPE, said in a note, and
+    reloads as a Llama with Q/K/V biases to the same logits (transformers undoes the permutation)."""
     src = tmp_path / "tiny-qwen2"
-    tiny_model("qwen2").save_pretrained(src)
+    model = tiny_model("qwen2")
+    with torch.no_grad():  # random biases, so that a bias lost or left unpermuted shows in the logits
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    model.save_pretrained(src)
     tokenizer.save_pretrained(src)
     data = [str(src), "--domain", str(small_corpus), "--general", str(small_corpus), *FAST, "--mlp-keep", "0.5"]
     out, narrow = tmp_path / "structured", tmp_path / "narrow"
     assert main(["extract", *data, "--heads-keep", "1.0", "--drop-blocks", "1", "--out", str(out)]) == 0
     assert main(["export", str(out), "--gguf", str(tmp_path / "s.gguf"), "--type", "f16"]) == 0
+    assert read_gguf_header(tmp_path / "s.gguf")["general.architecture"] == "qwen2"
     _check(out, tmp_path / "s.gguf", "f16")
     assert main(["extract", *data, "--heads-keep", "0.5", "--drop-blocks", "0", "--out", str(narrow)]) == 0
+    config = json.loads((narrow / "config.json").read_text())
+    assert config["num_attention_heads"] * config["head_dim"] < config["hidden_size"]
     capsys.readouterr()
-    assert main(["export", str(narrow), "--gguf", str(tmp_path / "n.gguf")]) == 2
-    assert "--heads-keep 1.0" in capsys.readouterr().err and not (tmp_path / "n.gguf").exists()
+    assert main(["export", str(narrow), "--gguf", str(tmp_path / "n.gguf"), "--type", "f16"]) == 0
+    assert "written as llama.cpp's llama, not qwen2" in capsys.readouterr().err
+    meta = read_gguf_header(tmp_path / "n.gguf")
+    assert meta["general.architecture"] == "llama" and meta["tokenizer.ggml.pre"] == "qwen2"
+    assert meta["llama.attention.head_count"] == config["num_attention_heads"]
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    want = _logits(carve.load_model(str(narrow)).model, ids)
+    # transformers' GGUF loader reads no attention_bias for llama: asked for, o_proj's bias is zero
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file="n.gguf", dtype=torch.float32, attention_bias=True
+    ).eval()
+    assert reloaded.model.layers[0].self_attn.q_proj.bias.abs().max() > 0
+    got = _logits(reloaded, ids)
+    assert (got - want).abs().max() <= TOLERANCE["f16"] * want.abs().max()
 
 
 @pytest.mark.parametrize("kind", ["f16", "q8_0"])

@@ -21,13 +21,15 @@ every norm weight written as 1 + w since Gemma's RMSNorm scales by 1 + w and lla
 sliding-window layers as a per-layer pattern so that a structured output's kept blocks keep their
 own kinds, the local RoPE base beside the global one). Where llama.cpp's graph sizes the query rows
 by the hidden size (qwen2, qwen2moe, command-r, cohere2, olmo2, stablelm, phi3), an output with
-fewer heads is refused. One-dimensional tensors (norms) stay float32, as in llama.cpp's conversions;
-a matrix whose rows are not a whole number of quantization blocks is stored as f16. The tokenizer
-goes in as GGUF metadata: a byte-level BPE tokenizer (tokens, types, merges, special ids, chat
-template) as llama.cpp's `gpt2` model, its pre-tokenizer name copied from the source GGUF when the
-model came from one (the embedded default), else the architecture's (`default`, `qwen2` for both
-Qwen generations); a SentencePiece-style BPE tokenizer (byte fallback: Gemma, Llama 2) as
-llama.cpp's `llama` model, whose merge order goes in as scores.
+fewer heads is refused, except a Qwen2's: it goes in as `llama` (whose graph sizes the query rows by
+the heads and takes Q/K/V biases), its Q and K rows and biases permuted. One-dimensional tensors
+(norms) stay float32, as in llama.cpp's conversions; a matrix whose rows are not a whole number of
+quantization blocks is stored as f16. The tokenizer goes in as GGUF metadata: a byte-level BPE
+tokenizer (tokens, types, merges, special ids, chat template) as llama.cpp's `gpt2` model, its
+pre-tokenizer name copied from the source GGUF when the model came from one (the embedded default),
+else the architecture's (`default`, `qwen2` for both Qwen generations); a SentencePiece-style BPE
+tokenizer (byte fallback: Gemma, Llama 2) as llama.cpp's `llama` model, whose merge order goes in as
+scores.
 """
 
 from __future__ import annotations
@@ -68,6 +70,9 @@ class Architecture:
     # llama.cpp sizes the query rows and the output projection by the hidden size (its qwen2, qwen2moe,
     # command-r, cohere2, olmo2, stablelm and phi3 graphs), not by heads x head_dim: fewer heads cannot load
     query_is_hidden: bool = False
+    # where query_is_hidden refuses: the llama.cpp architecture that computes the same with any number
+    # of heads (a structured Qwen2 with heads removed, as llama.cpp's `llama`)
+    narrow: Architecture | None = None
 
 
 def _check_gemma_common(config: Any, arch: str, blocks_27b: int) -> None:
@@ -411,12 +416,27 @@ _STABLELM_NAMES = (  # LayerNorms: a bias beside each weight
 _OLMO = Architecture(
     "olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_window_metadata, query_is_hidden=True
 )
+
+
+def _as_llama_caveats(config: Any) -> list[str]:
+    return [
+        f"written as llama.cpp's llama, not qwen2: its qwen2 graph takes query heads as wide as the hidden size, and "
+        f"these {config.num_attention_heads} heads are narrower (the same computation: Q and K rows permuted to "
+        "llama's interleaved RoPE, their biases with them)"
+    ]
+
+
+# Qwen2 with fewer query heads than the hidden size holds: llama.cpp's llama graph sizes the query rows by
+# the heads and takes optional Q/K/V biases; its interleaved RoPE needs the Q and K rows (and biases) permuted
+_QWEN2_AS_LLAMA = Architecture("llama", True, ("q_proj", "k_proj", "v_proj"), "qwen2", caveats=_as_llama_caveats)
 ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
     "mistral": Architecture("llama", True, (), "default", caveats=_window_caveats),
     "smollm3": Architecture("smollm3", True, (), "default", check=_check_smollm3),
     "granite": Architecture("granite", True, (), "default", metadata=_granite_metadata),
-    "qwen2": Architecture("qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2", query_is_hidden=True),
+    "qwen2": Architecture(
+        "qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2", query_is_hidden=True, narrow=_QWEN2_AS_LLAMA
+    ),
     "qwen3": Architecture("qwen3", False, (), "qwen2"),
     "olmo2": _OLMO,
     "olmo3": _OLMO,
@@ -540,7 +560,8 @@ def architecture(model_type: Any) -> Architecture:
 
 
 def check_config(config: Any) -> Architecture:
-    """The config's architecture, after refusing what llama.cpp's graph for it computes differently."""
+    """The config's architecture, after refusing what llama.cpp's graph for it computes differently:
+    `Architecture.narrow` in place of one that cannot hold the config's query heads."""
     arch = architecture(config.model_type)
     if arch.check is not None:
         arch.check(config)
@@ -548,26 +569,33 @@ def check_config(config: Any) -> Architecture:
         _check_plain_rope(config, arch.gguf)
     if getattr(config, "use_sliding_window", False):
         raise UsageError("GGUF export writes full attention; this model uses a sliding window")
-    if arch.query_is_hidden:
-        _check_query_width(config, arch.gguf)
+    if arch.query_is_hidden and not _query_is_hidden(config):
+        if arch.narrow is None:
+            raise _query_width_error(config, arch.gguf)
+        return arch.narrow
     return arch
 
 
-def _check_query_width(config: Any, gguf: str) -> None:
-    """Refuse query heads narrower or wider than the hidden size where llama.cpp's graph sizes them by it
-    (`Architecture.query_is_hidden`)."""
+def _query_is_hidden(config: Any) -> bool:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if config.num_attention_heads * head_dim != config.hidden_size:
-        raise UsageError(
-            f"llama.cpp's {gguf} takes query heads as wide as the hidden size ({config.hidden_size}); this "
-            f"model's {config.num_attention_heads} heads of {head_dim} are {config.num_attention_heads * head_dim} "
-            "wide (a structured output that removed heads): extract with --heads-keep 1.0 (MLP width and depth "
-            "only) for a GGUF, or export the model before extracting"
-        )
+    return bool(config.num_attention_heads * head_dim == config.hidden_size)
 
 
-def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The per-layer widths llama.cpp needs, after refusing what its architecture cannot hold."""
+def _query_width_error(config: Any, gguf: str) -> UsageError:
+    """The refusal of query heads narrower or wider than the hidden size where llama.cpp's graph sizes them by it
+    (`Architecture.query_is_hidden`) and no other architecture of llama.cpp's computes the same."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return UsageError(
+        f"llama.cpp's {gguf} takes query heads as wide as the hidden size ({config.hidden_size}); this "
+        f"model's {config.num_attention_heads} heads of {head_dim} are {config.num_attention_heads * head_dim} "
+        "wide (a structured output that removed heads): extract with --heads-keep 1.0 (MLP width and depth "
+        "only) for a GGUF, or export the model before extracting"
+    )
+
+
+def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architecture, dict[str, Any]]:
+    """The architecture written and the per-layer widths llama.cpp needs, after refusing what its
+    architecture cannot hold."""
     arch = check_config(config)
     extra = sorted(k for k in state if k.endswith(".bias") and k.split(".")[-2] not in arch.biases)
     if extra:
@@ -589,7 +617,7 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> dict[str, Any]
         if q_rows != config.num_attention_heads * head_dim or k_rows % head_dim or k_rows <= 0:
             raise UsageError(f"block {i}'s attention shapes ({q_rows}, {k_rows} rows) do not fit llama.cpp's heads")
         kv.append(k_rows // head_dim)
-    return {"head_dim": head_dim, "ffn": ffn, "kv": kv}
+    return arch, {"head_dim": head_dim, "ffn": ffn, "kv": kv}
 
 
 def _rope(config: Any, layers: str = "full_attention") -> dict[str, Any]:
@@ -781,8 +809,7 @@ def write_gguf(
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if tied:
         state.pop("lm_head.weight", None)
-    shape = _check_layout(config, state)
-    arch = ARCHITECTURES[config.model_type]
+    arch, shape = _check_layout(config, state)
     writer = gguf.GGUFWriter(str(path), arch.gguf)
     # the source's directory name, not its path (a GGUF carries no local paths)
     writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "")).name or "carve output")
