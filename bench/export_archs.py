@@ -52,6 +52,9 @@ blocks (Qwen2 with random Q/K/V biases), query and key weights scaled by 8, cut 
 with half its heads too (`--heads-keep 0.5`: 2 heads of 16 channels beside a hidden size of 64), and
 Qwen2 with half its heads (`qwen2-structured-heads`), which the export writes as llama.cpp's `llama`
 (Q and K rows and biases permuted): llama.cpp's qwen2 takes query rows as wide as the hidden size only.
+OLMo 2 and StableLM structured (`olmo2-structured`, `stablelm-structured`): the OLMo 2 and StableLM rows'
+models cut by `--mlp-keep 0.5 --drop-blocks 1` (every head kept: structured extraction cannot remove
+heads of either).
 Cohere 2 (`cohere2`): 4 blocks (sliding, global, sliding, sliding: not llama.cpp's default pattern of a
 global layer every fourth, so llama.cpp must read the file's; window 16 and RoPE in the sliding layers
 only), LayerNorm
@@ -157,7 +160,9 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                  attn_logit_softcapping=5.0, final_logit_softcapping=3.0)  # fmt: skip
         # query and key scaled: attention logits past the cap of 5
         return _perturbed(tf.AutoModelForCausalLM.from_config(config), ("norm.weight",), 0.0)
-    if kind == "stablelm":  # LayerNorms with random weights and biases, Q/K/V biases, RoPE over a quarter head
+    if (
+        kind.removesuffix("-structured") == "stablelm"
+    ):  # LayerNorms with random weights and biases, Q/K/V biases, RoPE over a quarter head
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         model = tf.AutoModelForCausalLM.from_config(tf.StableLmConfig(**sizes, vocab_size=vocab, use_qkv_bias=True))
         with torch.no_grad():
@@ -167,9 +172,9 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith(("q_proj.weight", "k_proj.weight")):
                     p.mul_(8)
         return model.eval()
-    if kind in ("olmo2", "olmo3"):  # norms after the sublayers, whole-projection Q/K norms; OLMo 3: window 16
+    if kind.removesuffix("-structured") in ("olmo2", "olmo3"):  # post-norms, whole-projection Q/K norms; OLMo 3: window
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
-        olmo = tf.Olmo2Config(**sizes, vocab_size=vocab) if kind == "olmo2" else tf.Olmo3Config(
+        olmo = tf.Olmo2Config(**sizes, vocab_size=vocab) if kind.startswith("olmo2") else tf.Olmo3Config(
             **sizes, vocab_size=vocab, sliding_window=16)  # fmt: skip
         return _perturbed(tf.AutoModelForCausalLM.from_config(olmo), ("norm.weight",), 1.0)
     if kind == "cohere":  # attention and MLP side by side on one LayerNorm, logits scaled by 1/16
@@ -260,6 +265,9 @@ _CUT = ["--calib-blocks", "8", "--eval-blocks", "4", "--block-len", "128", "--ml
 STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structured": [*_CUT, "--heads-keep", "1.0"],
               "llama-structured": [*_CUT, "--heads-keep", "0.5"], "cohere2-structured": [*_CUT, "--heads-keep", "1.0"],
               "qwen2-structured-heads": [*_CUT, "--heads-keep", "0.5"],
+              # heads structured extraction cannot remove (whole-projection Q/K norms; a width attribute): every
+              # head kept without being asked
+              "olmo2-structured": _CUT, "stablelm-structured": _CUT,
               # whole experts removed: 3 of 4 kept, each token still routed to 2
               "mixtral-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "qwen2-moe-experts": [*_CUT[:6], "--experts-keep", "0.75"]}  # fmt: skip
@@ -405,7 +413,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "blocks cut by `carve extract --domain legal --heads-keep 1.0 --mlp-keep 0.5 --drop-blocks 1` before the "
         "export (contrast: the unsliced source); Qwen2 and Llama structured: the same cut of 4-block models (Qwen2 "
         "with random Q/K/V biases), Llama with half its heads too (head_dim apart from hidden / heads), Qwen2 "
-        "with half its heads as llama.cpp's `llama` (`-heads`); Mixtral and "
+        "with half its heads as llama.cpp's `llama` (`-heads`); OLMo 2 and StableLM structured: their rows' models "
+        "cut by `--mlp-keep 0.5 --drop-blocks 1` (every head kept); Mixtral and "
         "Qwen2-MoE with experts removed: the MoE rows' models cut by `carve extract --experts-keep 0.75` (3 of 4 "
         "experts kept) before the export (contrast: the source); Mixtral, "
         "Qwen3-MoE and "
@@ -477,7 +486,9 @@ KINDS = (
     "granite",
     "olmo2",
     "olmo3",
+    "olmo2-structured",
     "stablelm",
+    "stablelm-structured",
     "cohere",
     "cohere2",
     "cohere2-structured",

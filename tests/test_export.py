@@ -538,6 +538,23 @@ def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     assert not any(k.endswith(("attn_norm.weight", "ffn_norm.weight")) for k in tensors)
 
 
+def test_structured_stablelm_exports(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """A StableLM, whose heads structured extraction cannot remove (its attention keeps the hidden size),
+    cut in MLP width and depth by `carve extract --keep 0.5`, exports and reloads with the output's logits."""
+    src = tmp_path / "tiny-stablelm"
+    tiny_model("stablelm").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = tmp_path / "structured"
+    assert main(["extract", str(src), "--domain", str(small_corpus), "--general", str(small_corpus), *FAST,
+                 "--keep", "0.5", "--out", str(out)]) == 0  # fmt: skip
+    manifest = json.loads((out / "carve.json").read_text())
+    assert manifest["size"]["parameters_after"] < manifest["size"]["parameters_before"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_attention_heads"] * config["head_dim"] == config["hidden_size"]  # every head kept
+    assert main(["export", str(out), "--gguf", str(tmp_path / "s.gguf"), "--type", "f16"]) == 0
+    _check(out, tmp_path / "s.gguf", "f16")
+
+
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_stablelm_as_llama_cpp_stablelm(qkv_bias: bool, tmp_path: Path, tokenizer) -> None:
     """StableLM 2 (1.6B: no Q/K/V biases; 3B and Zephyr: with them) as llama.cpp's `stablelm`:

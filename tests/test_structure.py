@@ -4,6 +4,7 @@ from_pretrained, parameter arithmetic, unit importance against a direct computat
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -321,21 +322,62 @@ def test_slicing_a_shared_copy_leaves_the_model_and_equals_slicing_a_full_copy(a
     assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
 
 
+def _fixed_heads_model(arch: str) -> torch.nn.Module:
+    """A 3-block model whose heads cannot be sliced out: norms over the whole projection (OLMo-2),
+    the hidden size kept on the attention module (StableLM), one norm row per head (Cohere with
+    use_qk_norm)."""
+    if arch != "cohere-qk-norm":
+        return three_block_model(arch)
+    config = tiny_config("cohere")
+    config.num_hidden_layers, config.use_qk_norm = 3, True
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
 def test_unsupported_architecture_is_refused_clearly() -> None:
     from tests.conftest import tiny_model
 
     with pytest.raises(UsageError, match="Llama-style blocks"):
         anatomy(tiny_model("gpt2"))
-    # Llama-style names, but heads that cannot be sliced out: norms over the whole projection
-    # (OLMo-2), head counts kept on the module (StableLM)
-    with pytest.raises(UsageError, match=r"q_norm\.weight, k_norm\.weight spanning every head"):
-        anatomy(tiny_model("olmo2"))
-    with pytest.raises(UsageError, match="keeps hidden_size as attributes"):
-        anatomy(tiny_model("stablelm"))
-    cohere = tiny_config("cohere")
-    cohere.use_qk_norm = True  # one norm row per head
-    with pytest.raises(UsageError, match=r"q_norm\.weight, k_norm\.weight spanning every head"):
-        anatomy(AutoModelForCausalLM.from_config(cohere))
+    # Llama-style names, but heads that cannot be sliced out: every head is kept, by name when asked otherwise
+    for arch, why in [("olmo2", r"q_norm\.weight, k_norm\.weight spanning every head"),
+                      ("stablelm", "keeps hidden_size as attributes"),
+                      ("cohere-qk-norm", r"q_norm\.weight, k_norm\.weight spanning every head")]:  # fmt: skip
+        model = _fixed_heads_model(arch)
+        anat = anatomy(model)
+        assert anat.fixed_heads is not None and re.search(why, anat.fixed_heads)
+        with pytest.raises(UsageError, match=why + ".*--heads-keep 1.0"):
+            candidate_shapes(anat, None, heads_keep=0.5)
+        # --keep searches MLP width and depth only
+        shapes = candidate_shapes(anat, 0.6)
+        assert len(shapes) > 1 and {s.kv_groups for s in shapes} == {anat.kv_heads}
+        groups, channels = unit_importance(random_scores(model), anat)
+        with pytest.raises(UsageError, match=why):  # a plan made by hand that removes heads
+            apply_plan(model, make_plan(Shape(1, 40, 0), groups, channels, [0, 1, 2]))
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "stablelm", "cohere-qk-norm"])
+def test_fixed_heads_models_lose_mlp_channels_and_blocks(arch: str, tmp_path: Path) -> None:
+    """A model whose heads cannot be removed is sliced in MLP width and depth: the sliced model
+    equals the zeroed one and reloads with stock from_pretrained."""
+    model = _fixed_heads_model(arch)
+    anat = anatomy(model)
+    groups, channels = unit_importance(random_scores(model), anat)
+    plan = make_plan(Shape(anat.kv_heads, 40, 1), groups, channels, [1, 2, 0])
+    sliced = apply_plan(copy.deepcopy(model), plan)
+    zeroed = zero_plan(copy.deepcopy(model), plan)
+    ids = _ids()
+    with torch.no_grad():
+        want = zeroed(input_ids=ids).logits
+        torch.testing.assert_close(sliced(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+    sliced.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    c = reloaded.config
+    assert (c.num_hidden_layers, c.num_key_value_heads, c.intermediate_size) == (2, anat.kv_heads, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+    blocks = sum(p.numel() for b in anatomy(reloaded).blocks for p in b.parameters())
+    assert blocks == decoder_params(anat, plan.shape)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3"])

@@ -60,6 +60,8 @@ class Anatomy:
     kv_heads: int
     head_dim: int
     intermediate: int
+    # why its heads cannot be removed (None: they can); MLP channels and whole blocks still can
+    fixed_heads: str | None = None
 
     @property
     def group_size(self) -> int:
@@ -115,8 +117,8 @@ def anatomy(model: nn.Module) -> Anatomy:
             f"{type(model).__name__}: q_proj has {first.width('q_proj')} outputs, not "
             f"{heads} heads x {head_dim}; carve cannot tell its heads apart"
         )
-    _check_sliceable(model, first, head_dim, heads * head_dim, kv_heads * head_dim)
-    return Anatomy(prefix, blocks, parts, heads, kv_heads, head_dim, intermediate)
+    fixed = _fixed_heads(model, first, head_dim, heads * head_dim, kv_heads * head_dim)
+    return Anatomy(prefix, blocks, parts, heads, kv_heads, head_dim, intermediate, fixed)
 
 
 def _fused_spans(p: Parts, heads: int, kv_heads: int) -> None:
@@ -142,11 +144,12 @@ HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_key_value_heads", "num_attention_head
 FIXED_WIDTH_ATTRIBUTES = ("hidden_size",)
 
 
-def _check_sliceable(model: nn.Module, parts: Parts, head_dim: int, q_width: int, kv_width: int) -> None:
-    """Refuse attention the slicing would leave inconsistent: head counts kept as attributes, or
-    parameters spanning the heads besides the projections: OLMo-2's q_norm / k_norm normalize the
-    whole projection (removing heads would change every kept head's normalization), Cohere's with
-    `use_qk_norm` hold one row per head (they would keep the removed heads' rows)."""
+def _fixed_heads(model: nn.Module, parts: Parts, head_dim: int, q_width: int, kv_width: int) -> str | None:
+    """Why removing heads would leave the attention inconsistent (None: it would not): a width kept as
+    an attribute (StableLM's `hidden_size`), or parameters spanning the heads besides the projections:
+    OLMo-2's q_norm / k_norm normalize the whole projection (removing heads would change every kept
+    head's normalization), Cohere's with `use_qk_norm` hold one row per head (they would keep the
+    removed heads' rows).  Such a model keeps every head; its MLP channels and blocks can go."""
     att = parts.attention
     heads, kv_heads = q_width // head_dim, kv_width // head_dim
     stored = [a for a in FIXED_WIDTH_ATTRIBUTES if isinstance(getattr(att, a, None), int)]
@@ -158,13 +161,11 @@ def _check_sliceable(model: nn.Module, parts: Parts, head_dim: int, q_width: int
         and p.dim() >= 1
         and (p.shape[0] in {q_width, kv_width} - {head_dim} or (p.dim() >= 2 and p.shape[0] in {heads, kv_heads}))
     ]  # per-head parameters shared by every head (Qwen3's and Gemma3's q_norm / k_norm: head_dim wide) are fine
-    if stored or spanning:
-        what = (f"keeps {', '.join(stored)} as attributes" if stored else
-                f"has {', '.join(spanning)} spanning every head")  # fmt: skip
-        raise UsageError(
-            f"structured extraction cannot remove heads of {type(model).__name__}: its attention {what}; "
-            "unstructured and N:M extraction work on it"
-        )
+    if not (stored or spanning):
+        return None
+    what = (f"keeps {', '.join(stored)} as attributes" if stored else
+            f"has {', '.join(spanning)} spanning every head")  # fmt: skip
+    return f"structured extraction cannot remove heads of {type(model).__name__}: its attention {what}"
 
 
 def compensable(model: nn.Module) -> list[str]:

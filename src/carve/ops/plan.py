@@ -139,9 +139,12 @@ def candidate_shapes(
             raise UsageError(
                 f"--heads-keep {heads_keep} keeps {g} of {anat.kv_heads} key/value groups; keep at least one"
             )
+        if anat.fixed_heads and g < anat.kv_heads:
+            raise UsageError(f"{anat.fixed_heads}: extract with --heads-keep 1.0 (MLP width and depth only)")
         group_options = [g]
-    else:
-        group_options = list(range(anat.kv_heads, 0, -1)) if keep is not None else [anat.kv_heads]
+    else:  # --keep searches the number of groups too, where heads can go
+        search = keep is not None and not anat.fixed_heads
+        group_options = list(range(anat.kv_heads, 0, -1)) if search else [anat.kv_heads]
     if drop_blocks is not None:
         if not 0 <= drop_blocks < n_blocks:
             raise UsageError(f"--drop-blocks {drop_blocks}: the model has {n_blocks} blocks; keep at least one")
