@@ -64,6 +64,10 @@ structured rows (every head kept): the pattern of the kept blocks, which llama.c
 Mixtral and Qwen2-MoE with experts removed (`mixtral-experts`, `qwen2-moe-experts`): the MoE rows' models
 cut by `carve extract --domain legal --experts-keep 0.75` (3 of 4 experts kept in every block, top-2
 routing) before the export; contrast: the source.
+gpt-oss (`gpt-oss`, `gpt-oss-experts`): 4 experts, top-2, attention sinks, biases everywhere, gpt-oss's
+YaRN (factor 32 over an original 4096, truncate false), layers sliding / global with window 16; expert
+and router weights from N(0, 0.2), every other bias and the sinks from N(0, 0.5), query and key weights
+scaled by 8; contrast: top-1 routing; `-experts`: cut by `--experts-keep 0.75` as the other MoEs.
 Mixtral / Qwen3-MoE / Qwen2-MoE: 4 experts, top-2 routing, expert and router weights (and Qwen2-MoE's
 shared expert and its gate) from N(0, 0.2) so that tokens spread over the experts and the mixture
 matters; contrast: the same weights with top-1 routing, which llama.cpp must not match.
@@ -231,6 +235,18 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 layer.self_attn.q_norm.weight.normal_(1, 0.5)
                 layer.self_attn.k_norm.weight.normal_(1, 0.5)
         return model.eval()
+    if kind.removesuffix("-experts") == "gpt-oss":  # sinks, biases, clamped SwiGLU, YaRN (gpt-oss's), window 16
+        config = tf.GptOssConfig(**{**SIZES, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,
+                                 head_dim=16, sliding_window=16, vocab_size=vocab, pad_token_id=None,
+                                 bos_token_id=None, eos_token_id=None)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # experts, router, every bias and the sinks drawn so that each matters
+            for name, p in model.named_parameters():
+                if ".mlp." in name or name.endswith(("bias", "sinks")):
+                    p.normal_(0, 0.2 if ".mlp." in name else 0.5)
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p.mul_(8)
+        return model.eval()
     if kind.removesuffix("-experts") in ("mixtral", "qwen3-moe", "qwen2-moe"):  # 4 experts, top-2; routing matters
         moe: Any = {
             "mixtral": lambda: tf.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2, vocab_size=vocab),
@@ -270,7 +286,8 @@ STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structur
               "olmo2-structured": _CUT, "stablelm-structured": _CUT,
               # whole experts removed: 3 of 4 kept, each token still routed to 2
               "mixtral-experts": [*_CUT[:6], "--experts-keep", "0.75"],
-              "qwen2-moe-experts": [*_CUT[:6], "--experts-keep", "0.75"]}  # fmt: skip
+              "qwen2-moe-experts": [*_CUT[:6], "--experts-keep", "0.75"],
+              "gpt-oss-experts": [*_CUT[:6], "--experts-keep", "0.75"]}  # fmt: skip
 
 
 # per layout: where the contrast model is saved, and the config change that removes the feature
@@ -300,6 +317,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("export-archs-mixtral-top1", {"num_experts_per_tok": 1}),  # one expert a token
     "qwen3-moe": ("export-archs-qwen3-moe-top1", {"num_experts_per_tok": 1}),
     "qwen2-moe": ("export-archs-qwen2-moe-top1", {"num_experts_per_tok": 1}),
+    "gpt-oss": ("export-archs-gpt-oss-top1", {"num_experts_per_tok": 1}),
 }
 
 
@@ -391,7 +409,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, SmolLM3, Granite, OLMo 2 and 3, "
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
-        "Qwen3-MoE, Qwen2-MoE "
+        "Qwen3-MoE, Qwen2-MoE, gpt-oss "
         "(tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -416,7 +434,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "with half its heads as llama.cpp's `llama` (`-heads`); OLMo 2 and StableLM structured: their rows' models "
         "cut by `--mlp-keep 0.5 --drop-blocks 1` (every head kept); Mixtral and "
         "Qwen2-MoE with experts removed: the MoE rows' models cut by `carve extract --experts-keep 0.75` (3 of 4 "
-        "experts kept) before the export (contrast: the source); Mixtral, "
+        "experts kept) before the export (contrast: the source); gpt-oss: 4 experts, top-2, attention sinks, "
+        "biases, gpt-oss's YaRN, layers sliding / global (window 16), cut the same way for `-experts`; Mixtral, "
         "Qwen3-MoE and "
         "Qwen2-MoE: 4 "
         "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
@@ -504,6 +523,8 @@ KINDS = (
     "qwen2-moe",
     "mixtral-experts",
     "qwen2-moe-experts",
+    "gpt-oss",
+    "gpt-oss-experts",
     "llama3-tokenizer",
     "default-tokenizer",
 )

@@ -942,6 +942,99 @@ def test_mixtral_as_llama_cpp_llama_with_experts(tmp_path: Path, tokenizer, caps
         torch.testing.assert_close(tensors[f"blk.{i}.attn_q.weight"], q, atol=2e-3, rtol=2e-3)
 
 
+def _tiny_gpt_oss(**extra: Any) -> torch.nn.Module:
+    import transformers as tf
+
+    config = tf.GptOssConfig(vocab_size=512, hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                             num_experts_per_tok=2, sliding_window=16, max_position_embeddings=1024,
+                             pad_token_id=None, bos_token_id=None, eos_token_id=None, **extra)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # biases and sinks random too, so that a lost or misplaced one shows
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+def test_gpt_oss_as_llama_cpp_gpt_oss(tmp_path: Path, tokenizer, capsys) -> None:
+    """gpt-oss as llama.cpp's `gpt-oss` (as its own conversion writes it; transformers' GGUF loader
+    cannot read it back): the interleaved gate/up experts [E, hidden, 2·ff] taken apart into
+    [E, ff, hidden] gate and up tensors with their biases, the down experts transposed, attention
+    sinks, the router's bias, biases kept float32; the sliding pattern and YaRN as keys, and
+    llama.cpp's rounding of YaRN's range said.  Logits in llama.cpp: bench/export_archs.py, row gpt-oss."""
+    import gguf as gguf_py
+
+    model = _tiny_gpt_oss()
+    capsys.readouterr()
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-gpt-oss", "q8_0")
+    assert "truncate: false" in capsys.readouterr().err
+    assert meta["general.architecture"] == "gpt-oss"
+    assert (meta["gpt-oss.expert_count"], meta["gpt-oss.expert_used_count"]) == (4, 2)
+    assert meta["gpt-oss.expert_feed_forward_length"] == 32 and meta["gpt-oss.attention.sliding_window"] == 16
+    assert meta["gpt-oss.rope.scaling.type"] == "yarn" and meta["gpt-oss.rope.scaling.factor"] == 32
+    assert meta["gpt-oss.rope.scaling.original_context_length"] == 4096
+    reader = gguf_py.GGUFReader(gguf)
+    field = reader.fields["gpt-oss.attention.sliding_window_pattern"]
+    assert [bool(field.parts[i][0]) for i in field.data] == [True, False]  # sliding, full
+    read = {t.name: t for t in reader.tensors}
+    tensors = {k: torch.from_numpy(gguf_py.quants.dequantize(t.data, t.tensor_type).astype("float32"))
+               for k, t in read.items()}  # fmt: skip
+    state = model.state_dict()
+    for i in range(2):
+        p = f"model.layers.{i}."
+        gate_up, gate_up_bias = state[p + "mlp.experts.gate_up_proj"], state[p + "mlp.experts.gate_up_proj_bias"]
+        want = {
+            "ffn_gate_exps.weight": gate_up[:, :, 0::2].transpose(1, 2), "ffn_up_exps.weight": gate_up[:, :, 1::2].transpose(1, 2),
+            "ffn_down_exps.weight": state[p + "mlp.experts.down_proj"].transpose(1, 2),
+            "ffn_gate_exps.bias": gate_up_bias[:, 0::2], "ffn_up_exps.bias": gate_up_bias[:, 1::2],
+            "ffn_down_exps.bias": state[p + "mlp.experts.down_proj_bias"],
+            "ffn_gate_inp.weight": state[p + "mlp.router.weight"], "ffn_gate_inp.bias": state[p + "mlp.router.bias"],
+            "attn_sinks.weight": state[p + "self_attn.sinks"], "attn_output.bias": state[p + "self_attn.o_proj.bias"],
+            "post_attention_norm.weight": state[p + "post_attention_layernorm.weight"],
+        }  # fmt: skip
+        for name, w in want.items():
+            t = tensors[f"blk.{i}.{name}"].reshape(w.shape)
+            if name.endswith("bias") or name.startswith(("ffn_gate_inp", "attn_sinks", "post_")):  # float32, exact
+                assert read[f"blk.{i}.{name}"].tensor_type == gguf_py.GGMLQuantizationType.F32, name
+                assert torch.equal(t, w), name
+            else:
+                torch.testing.assert_close(t, w, atol=0.02, rtol=0.02)
+
+
+def test_gpt_oss_with_experts_removed_exports(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """`carve extract --experts-keep 0.5` on a gpt-oss, then `carve export`: the kept experts' count
+    and each kept expert's tensors (as the cut model holds them) in the file."""
+    import gguf as gguf_py
+    from transformers import AutoModelForCausalLM
+
+    src, out = tmp_path / "tiny-gpt-oss", tmp_path / "cut"
+    _tiny_gpt_oss().save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    assert main(["extract", str(src), "--domain", str(small_corpus), "--general", str(small_corpus), *FAST,
+                 "--experts-keep", "0.5", "--out", str(out)]) == 0  # fmt: skip
+    assert main(["export", str(out), "--gguf", str(tmp_path / "cut.gguf"), "--type", "f16"]) == 0
+    meta = read_gguf_header(tmp_path / "cut.gguf")
+    assert (meta["gpt-oss.expert_count"], meta["gpt-oss.expert_used_count"]) == (2, 2)
+    tensors = {t.name: t for t in gguf_py.GGUFReader(tmp_path / "cut.gguf").tensors}
+    cut = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    down = torch.from_numpy(tensors["blk.1.ffn_down_exps.weight"].data.astype("float32"))
+    want = cut["model.layers.1.mlp.experts.down_proj"].transpose(1, 2)
+    torch.testing.assert_close(down.reshape(want.shape), want, atol=2e-3, rtol=2e-3)
+    bias = torch.from_numpy(tensors["blk.1.ffn_gate_inp.bias"].data.copy())
+    assert torch.equal(bias, cut["model.layers.1.mlp.router.bias"])
+
+
+def test_gpt_oss_refusals() -> None:
+    """What llama.cpp's gpt-oss fixes or needs is refused by name."""
+    from carve.export import check_config
+
+    for extra, message in [({"swiglu_limit": 5.0}, "limit 7"), ({"attention_bias": False}, "attention biases"),
+                           ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "'linear'")]:  # fmt: skip
+        with pytest.raises(UsageError, match=message):
+            check_config(_tiny_gpt_oss(**extra).config)
+
+
 def test_moe_refusals(tmp_path: Path, tokenizer, capsys) -> None:
     """What llama.cpp's MoE graphs compute otherwise is refused by name, before anything is written."""
     from transformers import AutoModelForCausalLM
@@ -1000,7 +1093,8 @@ def test_pre_tokenizer_rules_are_the_ones_transformers_restores_from_a_gguf() ->
 
 
 @pytest.mark.parametrize("arch, kind", [("llama", "q8_0"), ("qwen2", "f16"), ("mistral", "bf16"), ("qwen3", "q4_0"),
-                                        ("mixtral", "f16"), ("qwen2_moe", "q8_0"), ("qwen3_moe", "f16")])  # fmt: skip
+                                        ("mixtral", "f16"), ("qwen2_moe", "q8_0"), ("qwen3_moe", "f16"),
+                                        ("gpt_oss", "q8_0")])  # fmt: skip
 def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Path, tokenizer) -> None:
     """`carve export --stream`: the header first, then each decoder block read when its tensors are
     written and freed (a sharded source; a Mixtral's or Qwen-MoE's per-expert checkpoint tensors fused
@@ -1008,7 +1102,8 @@ def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Pa
     from carve.models.skeleton import SkeletonModel
 
     src = tmp_path / "src"
-    model = _qwen3_moe() if arch == "qwen3_moe" else tiny_model(arch)  # qwen3moe: top-k renormalized
+    # qwen3moe: top-k renormalized; gpt-oss: its experts interleaved, stored fused in the file
+    model = {"qwen3_moe": _qwen3_moe, "gpt_oss": _tiny_gpt_oss}.get(arch, lambda: tiny_model(arch))()
     model.save_pretrained(src, max_shard_size="100KB")
     tokenizer.save_pretrained(src)
     from carve.export import export

@@ -29,7 +29,8 @@ tokenizer (tokens, types, merges, special ids, chat template) as llama.cpp's `gp
 pre-tokenizer name copied from the source GGUF when the model came from one (the embedded default),
 else the architecture's (`default`, `qwen2` for both Qwen generations); a SentencePiece-style BPE
 tokenizer (byte fallback: Gemma, Llama 2) as llama.cpp's `llama` model, whose merge order goes in as
-scores.
+scores. gpt-oss goes in as `gpt-oss`: its interleaved gate/up experts taken apart, attention sinks,
+biases everywhere, YaRN and the sliding pattern as keys.
 """
 
 from __future__ import annotations
@@ -73,6 +74,9 @@ class Architecture:
     # where query_is_hidden refuses: the llama.cpp architecture that computes the same with any number
     # of heads (a structured Qwen2 with heads removed, as llama.cpp's `llama`)
     narrow: Architecture | None = None
+    # the experts stored [E, in, out] with gate and up columns interleaved and a bias per matrix (gpt-oss),
+    # written as llama.cpp's [E, out, in] tensors with their biases
+    interleaved_experts: bool = False
 
 
 def _check_gemma_common(config: Any, arch: str, blocks_27b: int) -> None:
@@ -388,6 +392,61 @@ def _moe_metadata(writer: Any, config: Any) -> None:
         writer.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
 
 
+def _check_gpt_oss(config: Any) -> None:
+    """Refuse the gpt-oss variants llama.cpp's gpt-oss graph computes otherwise: it fixes the clamped
+    SwiGLU's constants (α 1.702, limit 7), needs the attention biases and the sliding window, and
+    takes plain or YaRN RoPE."""
+    kind = rope_type(config)
+    if kind not in ("default", "yarn"):
+        raise UsageError(f"GGUF export writes gpt-oss's plain or YaRN RoPE; this model scales it as {kind!r}")
+    alpha, limit = float(getattr(config, "swiglu_alpha", 1.702)), float(getattr(config, "swiglu_limit", 7.0))
+    if (round(alpha, 6), limit) != (1.702, 7.0):
+        raise UsageError(
+            f"llama.cpp's gpt-oss fixes the SwiGLU at alpha 1.702 and limit 7; this model's are {alpha} and {limit}"
+        )
+    if not getattr(config, "attention_bias", True) or not getattr(config, "sliding_window", None):
+        raise UsageError("llama.cpp's gpt-oss needs attention biases and a sliding window; this model lacks one")
+
+
+def _gpt_oss_metadata(writer: Any, config: Any) -> None:
+    """gpt-oss's keys: the experts (each one's width is the config's intermediate size), the sliding
+    window with its per-layer pattern, and YaRN (llama.cpp scales cos and sin by 0.1 ln s + 1 itself,
+    as transformers does by default)."""
+    import gguf
+
+    _moe_metadata(writer, config)
+    writer.add_expert_feed_forward_length(int(config.intermediate_size))
+    writer.add_sliding_window(int(config.sliding_window))
+    writer.add_sliding_window_pattern([k == "sliding_attention" for k in config.layer_types])
+    if rope_type(config) == "yarn":
+        rope = _rope(config)
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+        for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):  # fmt: skip
+            if rope.get(key) is not None:
+                add(float(rope[key]))
+
+
+def _gpt_oss_caveats(config: Any) -> list[str]:
+    """Where llama.cpp's YaRN computes otherwise: it rounds the correction range to whole dimensions,
+    which transformers does only with `truncate` true (gpt-oss says false)."""
+    rope = _rope(config)
+    if rope_type(config) != "yarn" or rope.get("truncate", True):
+        return []
+    return ["llama.cpp rounds YaRN's correction range to whole dimensions; this model's RoPE does not (truncate: "
+            "false), so its rotations differ slightly in the dimensions at the range's edges, as after llama.cpp's "
+            "own conversion"]  # fmt: skip
+
+
+_GPT_OSS_NAMES = (
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.bias", "blk.{}.attn_output.bias"),
+    (r"model\.layers\.(\d+)\.self_attn\.sinks", "blk.{}.attn_sinks.weight"),  # one logit a head
+    (r"model\.layers\.(\d+)\.mlp\.router\.weight", "blk.{}.ffn_gate_inp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.router\.bias", "blk.{}.ffn_gate_inp.bias"),
+)
 _PHI3_NAMES = (
     (r"model\.layers\.(\d+)\.self_attn\.qkv_proj\.weight", "blk.{}.attn_qkv.weight"),
     (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", "blk.{}.ffn_up.weight"),  # gate rows first, then up
@@ -483,6 +542,18 @@ ARCHITECTURES = {
     # softmax routing with the top-k weights renormalized in llama.cpp's llama graph, as in transformers' Mixtral
     "mixtral": Architecture("llama", True, (), "default", metadata=_moe_metadata, caveats=_window_caveats),
     "qwen3_moe": Architecture("qwen3moe", False, (), "qwen2", check=_check_qwen3_moe, metadata=_moe_metadata),
+    # attention sinks, biases everywhere, a clamped SwiGLU over interleaved gate/up experts, YaRN
+    "gpt_oss": Architecture(
+        "gpt-oss",
+        False,
+        ("q_proj", "k_proj", "v_proj", "o_proj", "router"),
+        "default",
+        names=_GPT_OSS_NAMES,
+        check=_check_gpt_oss,
+        metadata=_gpt_oss_metadata,
+        caveats=_gpt_oss_caveats,
+        interleaved_experts=True,
+    ),
     "qwen2_moe": Architecture(
         "qwen2moe",
         False,
@@ -530,6 +601,13 @@ _NAMES = [
 # an MoE's fused experts' gate and up rows ([E, 2·ff, hidden], gate first), as llama.cpp's two tensors
 _EXPERTS_GATE_UP = r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj"
 _ROUTER = "ffn_gate_inp.weight"  # kept float32, as llama.cpp's conversion keeps it: it chooses the experts
+
+
+def _keep_f32(target: str) -> bool:
+    """Written float32 whatever the type: the router, and biases (gpt-oss's experts' are [E, ff])."""
+    return target.endswith((_ROUTER, ".bias"))
+
+
 _SHARED_GATE = "ffn_gate_inp_shexp.weight"  # Qwen2-MoE's shared expert gate: one row, written 1-D (float32)
 
 
@@ -552,7 +630,7 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, "
-            "Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models "
+            "Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -613,7 +691,10 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
             q_rows = state[p + "self_attn.q_proj.weight"].shape[0]
             k_rows = state[p + "self_attn.k_proj.weight"].shape[0]
             experts = state.get(p + "mlp.experts.gate_up_proj")  # an MoE: each expert's width
-            ffn.append(experts.shape[1] // 2 if experts is not None else state[p + "mlp.gate_proj.weight"].shape[0])
+            if experts is not None:
+                ffn.append(experts.shape[2 if arch.interleaved_experts else 1] // 2)
+            else:
+                ffn.append(state[p + "mlp.gate_proj.weight"].shape[0])
         if q_rows != config.num_attention_heads * head_dim or k_rows % head_dim or k_rows <= 0:
             raise UsageError(f"block {i}'s attention shapes ({q_rows}, {k_rows} rows) do not fit llama.cpp's heads")
         kv.append(k_rows // head_dim)
@@ -773,8 +854,13 @@ def _tensor(
 
 def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture) -> Any:
     """(llama.cpp name, tensor) of every tensor written, from the model's (name, tensor) in its state
-    dict's order: an MoE's fused gate/up experts as llama.cpp's two tensors, each [E, ff, hidden]."""
+    dict's order: an MoE's fused gate/up experts as llama.cpp's two tensors, each [E, ff, hidden]
+    (gpt-oss's interleaved [E, hidden, 2·ff] ones and their biases taken apart, its down experts
+    transposed)."""
     for name, w in items:
+        if arch.interleaved_experts and ".mlp.experts." in name:
+            yield from _interleaved_experts(name, w)
+            continue
         m = re.fullmatch(_EXPERTS_GATE_UP, name)
         if m is None:
             target = gguf_name(name, arch)
@@ -785,6 +871,22 @@ def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture)
         gate, up = w.chunk(2, dim=1)
         yield f"blk.{m[1]}.ffn_gate_exps.weight", gate
         yield f"blk.{m[1]}.ffn_up_exps.weight", up
+
+
+def _interleaved_experts(name: str, w: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """gpt-oss's experts as llama.cpp holds them: gate_up_proj [E, hidden, 2·ff] (gate and up columns
+    alternating) as ffn_gate_exps and ffn_up_exps [E, ff, hidden]; down_proj [E, ff, hidden] as
+    ffn_down_exps [E, hidden, ff]; the biases alongside ([E, ff] and [E, hidden])."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?", name)
+    if m is None:
+        raise UsageError(f"llama.cpp has no tensor for {name!r} in gpt-oss: this layout cannot be exported")
+    blk, what, bias = m[1], m[2], "bias" if m[3] else "weight"
+    if what == "down_proj":
+        yield f"blk.{blk}.ffn_down_exps.{bias}", w if m[3] else w.transpose(1, 2)
+        return
+    w = w if m[3] else w.transpose(1, 2)  # [E, 2·ff, hidden] (weights) or [E, 2·ff] (biases)
+    yield f"blk.{blk}.ffn_gate_exps.{bias}", w[:, 0::2]
+    yield f"blk.{blk}.ffn_up_exps.{bias}", w[:, 1::2]
 
 
 def write_gguf(
@@ -842,7 +944,7 @@ def write_gguf(
         writer.add_tensor_info(name, values.shape, values.dtype, values.nbytes)
     planned = []
     for target, w in _gguf_tensors(state.items(), arch):
-        qtype = _ggml_type(tuple(w.shape), kind, keep_f32=target.endswith(_ROUTER))
+        qtype = _ggml_type(tuple(w.shape), kind, keep_f32=_keep_f32(target))
         writer.add_tensor_info(
             target, tuple(w.shape), np.dtype(np.float32), _nbytes(tuple(w.shape), qtype), raw_dtype=qtype
         )
@@ -858,7 +960,7 @@ def write_gguf(
         if arch.norm_offset and target.endswith("norm.weight"):
             w = w.float() + arch.norm_offset
         heads = _heads(target, w, config, shape) if arch.permute_qk else None
-        array, got = _tensor(w, kind, heads, keep_f32=target.endswith(_ROUTER))
+        array, got = _tensor(w, kind, heads, keep_f32=_keep_f32(target))
         if (target, got) != (want, qtype):
             raise RuntimeError(f"GGUF tensor {target} ({got}) came where the header says {want} ({qtype})")
         writer.write_tensor_data(array)
