@@ -1067,7 +1067,8 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     cases = [
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
-            "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE and Qwen3-MoE models",
+            "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, Gemma 2, Gemma 3 text, "
+            "Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]
