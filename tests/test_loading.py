@@ -155,3 +155,79 @@ def test_a_gguf_is_dequantized_once_then_read_from_the_cache(
     monkeypatch.setattr(pretokenize, "__file__", str(changed))
     carve.load_model(str(gguf), dtype=dtype)
     assert len(reads) == 4 and len([p for p in (cache_dir() / "models").iterdir() if not p.name.startswith(".")]) == 2
+
+
+def _mxfp4_gpt_oss(directory: Path, tokenizer) -> None:
+    """A tiny gpt-oss checkpoint as OpenAI ships gpt-oss: its experts in MXFP4 (`*_blocks`: 4-bit
+    values two to a byte, 32 to a block; `*_scales`: one power-of-two exponent a block), the rest in
+    bfloat16, and a `quantization_config` saying so."""
+    import json
+
+    import torch
+    import transformers as tf
+    from safetensors.torch import save_file
+
+    from tests.conftest import VOCAB
+
+    config = tf.GptOssConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                             num_experts_per_tok=2, sliding_window=16, max_position_embeddings=256,
+                             pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, w in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):  # [E, in, out] stored [E, out, in/32, 16]
+            e, n_in, n_out = w.shape
+            state[name + "_blocks"] = torch.randint(0, 256, (e, n_out, n_in // 32, 16), dtype=torch.uint8, generator=g)
+            state[name + "_scales"] = torch.randint(122, 127, (e, n_out, n_in // 32), dtype=torch.uint8, generator=g)
+        else:
+            state[name] = w.to(torch.bfloat16).contiguous()
+    directory.mkdir()
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    saved = {**config.to_dict(), "architectures": ["GptOssForCausalLM"], "dtype": "bfloat16",
+             "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": [
+                 "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}}  # fmt: skip
+    (directory / "config.json").write_text(json.dumps(saved))
+    tokenizer.save_pretrained(directory)
+
+
+def test_a_quantized_checkpoint_is_extracted_as_plain_floats(tmp_path: Path, tokenizer, small_corpus: Path,
+                                                            capsys) -> None:  # fmt: skip
+    """A quantized checkpoint transformers de-quantizes on load (gpt-oss's MXFP4 experts, on CPU) is
+    extracted as a float model, and saved under the model's own parameter names: stock
+    from_pretrained reads back the de-quantized experts with the mask applied (transformers itself
+    would save them as `gate_up_proj_blocks`, which loads as missing experts, randomly initialized).
+    Streaming refuses it with one line, writing nothing."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from carve.cli.main import main
+
+    src, out = tmp_path / "gpt-oss-mxfp4", tmp_path / "out"
+    _mxfp4_gpt_oss(src, tokenizer)
+    data = [str(src), "--domain", str(small_corpus), "--general", str(small_corpus), "--calib-blocks", "4",
+            "--block-len", "32", "--eval-blocks", "2", "--quiet", "--no-speed", "--cloze-items", "0"]  # fmt: skip
+    assert main(["extract", *data, "--method", "magnitude", "--out", str(out)]) == 0
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert not any(k.endswith(("_blocks", "_scales")) for k in f.keys())
+    reloaded = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        for i in range(2):
+            p = f"model.layers.{i}.mlp.experts."
+            for proj in ("gate_up_proj", "down_proj"):
+                want = convert_moe_packed_tensors(
+                    f.get_tensor(p + proj + "_blocks"), f.get_tensor(p + proj + "_scales")
+                )
+                got = reloaded[p + proj]
+                kept = got != 0
+                assert 0.4 < kept.float().mean() < 0.6  # pruned, and not left random
+                assert torch.equal(got[kept].float(), want[kept].float())
+    assert main(["export", str(src), "--gguf", str(tmp_path / "src.gguf"), "--quiet"]) == 0  # whole, not streamed
+    capsys.readouterr()
+    assert main(["extract", *data, "--method", "magnitude", "--stream", "--out", str(tmp_path / "st")]) == 2
+    err = capsys.readouterr().err
+    assert "is quantized (mxfp4)" in err and err.count("\n") == 1 and not (tmp_path / "st").exists()

@@ -23,6 +23,7 @@ checkpoint with its index, written like the source, so `from_pretrained` loads i
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections.abc import Callable
@@ -224,6 +225,8 @@ def streaming_reason(model: str | None, dtype: torch.dtype, forced: bool) -> str
     path = Path(model).expanduser()
     if not any(path.glob("*.safetensors")) or not (path / "config.json").is_file():
         return None
+    if quantization_method(path) is not None:
+        return None  # streaming reads float checkpoints only; transformers de-quantizes this one on load
     free = available_memory()
     if free is None:
         return None
@@ -282,4 +285,19 @@ def check_streamable(model: str | None) -> Path:
         )
     if not any(path.glob("*.safetensors")):
         raise UsageError(f"--stream reads safetensors weights; {str(path)!r} has none")
+    method = quantization_method(path)
+    if method is not None:
+        raise UsageError(
+            f"--stream reads float checkpoints; {str(path)!r} is quantized ({method}): extract it without "
+            "--stream (transformers de-quantizes it on load), or from a de-quantized copy"
+        )
     return path
+
+
+def quantization_method(path: Path) -> str | None:
+    """The quantization a checkpoint's config.json declares (gpt-oss's "mxfp4", "fp8" ...), or None."""
+    try:
+        quantized = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(quantized.get("quant_method", "unnamed")) if isinstance(quantized, dict) else None

@@ -255,7 +255,42 @@ def _from_directory(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
         model.load_state_dict({k: v.to(kwargs["dtype"]) if v.is_floating_point() else v for k, v in state.items()})
         return tok, model, fingerprint
     _check_safetensors(path)
-    return tok, AutoModelForCausalLM.from_pretrained(path, **kwargs), fingerprint
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "quantization_config" in json.loads((path / "config.json").read_text()):
+        _plain_floats(model, f"{str(path)!r} is quantized")
+    return tok, model, fingerprint
+
+
+# transformers' conversion ops that turn a quantized checkpoint's tensors into float weights on load
+# (MXFP4's, FP8's, compressed-tensors', GGUF's): reversed on save, they would write the float weights
+# back under the quantized tensors' names (a de-quantized gpt-oss saved its experts as
+# `gate_up_proj_blocks`, which no loader reads back as weights)
+_DEQUANTIZING_OPS = ("Dequantize",)
+
+
+def _plain_floats(model: Any, what: str) -> None:
+    """Make a model whose weights were de-quantized on load (a GGUF file, or a quantized checkpoint
+    transformers de-quantizes where its kernels are missing: MXFP4 on CPU) a plain float model:
+    the quantizer detached, as transformers' own HfQuantizer.remove_quantization_config does
+    (save_pretrained refuses a model carrying the non-serializable GGUF quantizer; PEFT and Trainer
+    treat `is_quantized` as frozen), and the de-quantizing conversions dropped, so that it saves
+    under its own parameter names.  A model transformers kept quantized (integer weights) is refused."""
+    kept = [(n, p.dtype) for n, p in model.named_parameters() if not p.is_floating_point()]
+    if kept:
+        raise UsageError(
+            f"{what} and transformers kept it so ({kept[0][0]} is {kept[0][1]}): carve prunes float weights; "
+            "use the model's float checkpoint"
+        )
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [
+            c for c in conversions
+            if not any(type(op).__name__.endswith(_DEQUANTIZING_OPS) for op in getattr(c, "operations", []))
+        ]  # fmt: skip
 
 
 GGUF_CACHE_MAX_BYTES = 4 << 30  # de-quantized weights up to this size are kept in the cache
@@ -285,13 +320,7 @@ def _read_gguf(path: Path, header: dict[str, Any], kwargs: dict[str, Any]) -> tu
     pretokenize.restore(tok, header.get("tokenizer.ggml.pre"))  # as the model was trained: SmolLM's digits
     with library_bars("transformers.modeling_gguf_pytorch_utils"):
         model: Any = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
-    # the weights are now plain floats: detach the GGUF quantizer as transformers' own
-    # HfQuantizer.remove_quantization_config does (save_pretrained refuses a model carrying
-    # the non-serializable GGUF quantizer; PEFT and Trainer treat `is_quantized` as frozen)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
+    _plain_floats(model, f"{str(path)!r} is a GGUF file")  # its weights are plain floats now
     return tok, model
 
 
