@@ -199,7 +199,10 @@ def test_a_quantized_checkpoint_is_extracted_as_plain_floats(tmp_path: Path, tok
     extracted as a float model, and saved under the model's own parameter names: stock
     from_pretrained reads back the de-quantized experts with the mask applied (transformers itself
     would save them as `gate_up_proj_blocks`, which loads as missing experts, randomly initialized).
-    Streaming refuses it with one line, writing nothing."""
+    Streamed, each MXFP4 pair is de-quantized as its block is read: the same weights and masks bit for
+    bit, and the same GGUF export.  Another quantization is refused by --stream with one line."""
+    import json
+
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -226,8 +229,44 @@ def test_a_quantized_checkpoint_is_extracted_as_plain_floats(tmp_path: Path, tok
                 kept = got != 0
                 assert 0.4 < kept.float().mean() < 0.6  # pruned, and not left random
                 assert torch.equal(got[kept].float(), want[kept].float())
-    assert main(["export", str(src), "--gguf", str(tmp_path / "src.gguf"), "--quiet"]) == 0  # whole, not streamed
+    from carve.export import export
+
+    whole = export(src, tmp_path / "whole.gguf", "q8_0", stream=False)
+    assert "streamed" not in whole
+    assert export(src, tmp_path / "st.gguf", "q8_0", stream=True)["streamed"] == "--stream"
+    assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+    st = tmp_path / "st"
+    assert main(["extract", *data, "--method", "magnitude", "--stream", "--out", str(st)]) == 0
+    assert "quantization_config" not in json.loads((st / "config.json").read_text())
+    for weights in ("model.safetensors", "mask.safetensors"):
+        with safe_open(str(out / weights), "pt") as a, safe_open(str(st / weights), "pt") as b:
+            assert sorted(a.keys()) == sorted(b.keys())
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"]["quant_method"] = "fp8"
+    (src / "config.json").write_text(json.dumps(config))
     capsys.readouterr()
-    assert main(["extract", *data, "--method", "magnitude", "--stream", "--out", str(tmp_path / "st")]) == 2
+    assert main(["extract", *data, "--method", "magnitude", "--stream", "--out", str(tmp_path / "fp8")]) == 2
     err = capsys.readouterr().err
-    assert "is quantized (mxfp4)" in err and err.count("\n") == 1 and not (tmp_path / "st").exists()
+    assert "is quantized (fp8)" in err and err.count("\n") == 1 and not (tmp_path / "fp8").exists()
+
+
+def test_mxfp4_values_against_transformers_and_by_hand() -> None:
+    """MXFP4 de-quantization: each byte's low nibble, then its high one, as e2m1 values times the
+    block's power of two, laid out [..., in, out]; the same bits as transformers' own de-quantizer."""
+    import torch
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from carve.models.stream import FP4_VALUES, mxfp4_values
+
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 5, 2, 16), dtype=torch.uint8, generator=g)  # 3 experts, 5 out, 64 in
+    scales = torch.randint(120, 135, (3, 5, 2), dtype=torch.uint8, generator=g)
+    got = mxfp4_values(blocks, scales)
+    assert got.shape == (3, 64, 5) and got.dtype == torch.bfloat16
+    assert torch.equal(got, convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16))
+    e, o, i = 2, 4, 37  # input 37: block 1, byte 2, high nibble
+    byte, scale = int(blocks[e, o, 1, 2]), int(scales[e, o, 1])
+    assert got[e, i, o].item() == FP4_VALUES[byte >> 4] * 2.0 ** (scale - 127)
+    with pytest.raises(carve.UsageError, match="do not pair up"):
+        mxfp4_values(blocks, scales[:, :, :1])

@@ -225,8 +225,8 @@ def streaming_reason(model: str | None, dtype: torch.dtype, forced: bool) -> str
     path = Path(model).expanduser()
     if not any(path.glob("*.safetensors")) or not (path / "config.json").is_file():
         return None
-    if quantization_method(path) is not None:
-        return None  # streaming reads float checkpoints only; transformers de-quantizes this one on load
+    if quantization_method(path) not in (None, *STREAMED_QUANTIZATIONS):
+        return None  # streaming cannot read it; transformers de-quantizes it on load
     free = available_memory()
     if free is None:
         return None
@@ -286,12 +286,15 @@ def check_streamable(model: str | None) -> Path:
     if not any(path.glob("*.safetensors")):
         raise UsageError(f"--stream reads safetensors weights; {str(path)!r} has none")
     method = quantization_method(path)
-    if method is not None:
+    if method not in (None, *STREAMED_QUANTIZATIONS):
         raise UsageError(
-            f"--stream reads float checkpoints; {str(path)!r} is quantized ({method}): extract it without "
-            "--stream (transformers de-quantizes it on load), or from a de-quantized copy"
+            f"--stream reads float and MXFP4 checkpoints; {str(path)!r} is quantized ({method}): extract it "
+            "without --stream (transformers de-quantizes it on load), or from a de-quantized copy"
         )
     return path
+
+
+STREAMED_QUANTIZATIONS = ("mxfp4",)  # de-quantized as they are read (models/stream.TensorSource)
 
 
 def quantization_method(path: Path) -> str | None:

@@ -196,6 +196,8 @@ class SkeletonModel:
         self.dtype, self.device = dtype, torch.device(device)
         self.source = TensorSource(self.directory, mmap=False)  # pages read do not stay resident
         config = read_config(self.directory)
+        if self.source.dequantizes:  # read as floats (an MXFP4 gpt-oss): the output is a float model
+            del config.quantization_config
         with parameters_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.eval()

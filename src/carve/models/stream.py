@@ -3,7 +3,9 @@ streams through, so that its peak memory is a few tensors per model, never a who
 
 `TensorSource(DIR)` reads a model directory lazily: plain safetensors (one file or shards with
 their index), carve's sparse format (models/sparse.py) and a `--save-delta` update over its base
-(models/delta.py), each tensor decoded when asked for.  `StreamWriter` writes the safetensors
+(models/delta.py), each tensor decoded when asked for; a checkpoint whose config declares MXFP4
+(gpt-oss as OpenAI ships it) shows each MXFP4 pair (`X_blocks`, `X_scales`) as the float tensor `X`
+the model holds, de-quantized when read.  `StreamWriter` writes the safetensors
 header first, from the tensors' names, dtypes and shapes known in advance, then each tensor's bytes
 at its place as soon as it is computed; past `max_shard_bytes` it starts another shard and writes
 the index transformers reads.
@@ -37,6 +39,38 @@ _DTYPES = {
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 
+# MXFP4 (the OCP microscaling format; gpt-oss's experts): 4-bit e2m1 values, two to a byte (low
+# nibble first), 32 to a block sharing one power-of-two scale stored as a biased exponent (127 = 2^0)
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+MXFP4_DTYPE = torch.bfloat16  # what transformers de-quantizes gpt-oss's experts to; every value is exact in it
+
+
+def mxfp4_values(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = MXFP4_DTYPE) -> torch.Tensor:
+    """The float tensor [..., in, out] that MXFP4 `blocks` [..., out, in/32, 16] (uint8) and `scales`
+    [..., out, in/32] (uint8) hold, as gpt-oss's experts are laid out in the model (the checkpoint
+    stores each expert's transpose); one leading index (expert) at a time, so the 4-byte
+    intermediate is one expert's, not the whole tensor's."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise UsageError(f"MXFP4 blocks {list(blocks.shape)} and scales {list(scales.shape)} do not pair up")
+    lut = torch.tensor(FP4_VALUES)
+    lead = blocks.shape[:-3]
+    flat_b, flat_s = blocks.reshape(-1, *blocks.shape[-3:]), scales.reshape(-1, *scales.shape[-2:])
+    out = torch.empty(flat_b.shape[0], flat_b.shape[-2] * 32, flat_b.shape[-3], dtype=dtype)
+    for e in range(flat_b.shape[0]):
+        b = flat_b[e].long()
+        values = torch.stack((lut[b & 0x0F], lut[b >> 4]), dim=-1).flatten(-2)  # [out, G, 32]
+        values = torch.ldexp(values, (flat_s[e].int() - 127)[..., None].float())
+        out[e] = values.flatten(-2).t().to(dtype)
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def _declares_mxfp4(directory: Path) -> bool:
+    try:
+        quantized = json.loads((directory / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(quantized, dict) and quantized.get("quant_method") == "mxfp4"
+
 
 def dtype_code(dtype: torch.dtype) -> str:
     """The safetensors header's name of a torch dtype."""
@@ -60,6 +94,7 @@ class TensorSource:
         self._aliases: dict[str, str] = {}
         self._planes: dict[str, Any] = {}  # key -> [dtype, shape, length] of tensors stored as byte planes
         self._base: TensorSource | None = None
+        self._mxfp4: dict[str, tuple[str, str]] = {}  # name -> its (blocks, scales) tensors (MXFP4 checkpoints)
         self.files: list[Path] = []  # the weight files read (the model's fingerprint is of them)
         self._spans: dict[str, tuple[Path, int, int]] = {}  # with mmap=False: name -> (file, offset, bytes)
         d = self.directory
@@ -80,6 +115,9 @@ class TensorSource:
                     self._where[k] = (handle, k)
                 if not mmap:
                     self._spans.update(_spans(f))
+            if _declares_mxfp4(d):
+                pairs = {k.removesuffix("_blocks") for k in self._where if k.endswith("_blocks")}
+                self._mxfp4 = {k: (f"{k}_blocks", f"{k}_scales") for k in pairs if f"{k}_scales" in self._where}
 
     def _open(self, path: Path, what: str) -> Any:
         self.files.append(path)
@@ -110,23 +148,32 @@ class TensorSource:
         self._aliases.update({str(k): str(v) for k, v in aliases.items()})
 
     @property
+    def dequantizes(self) -> bool:
+        """Whether some tensors are de-quantized as they are read (an MXFP4 checkpoint)."""
+        return bool(self._mxfp4)
+
+    @property
     def aliases(self) -> dict[str, str]:
         """A sparse model's tied names -> the name each is stored under."""
         return dict(self._aliases)
 
     def names(self) -> list[str]:
-        own = [*self._where, *self._masked, *self._aliases]
+        packed = {part for pair in self._mxfp4.values() for part in pair}
+        own = [*(k for k in self._where if k not in packed), *self._mxfp4, *self._masked, *self._aliases]
         if self._base is None:
             return own
         return list(dict.fromkeys([*self._base.names(), *own]))
 
     def __contains__(self, name: str) -> bool:
-        return name in self._where or name in self._masked or name in self._aliases or (
+        return name in self._where or name in self._mxfp4 or name in self._masked or name in self._aliases or (
             self._base is not None and name in self._base
         )  # fmt: skip
 
     def shape(self, name: str) -> list[int]:
         name = self._aliases.get(name, name)
+        if name in self._mxfp4:
+            blocks = self.shape(self._mxfp4[name][0])  # [..., out, in/32, 16]
+            return [*blocks[:-3], blocks[-2] * 32, blocks[-3]]
         if name in self._masked:
             return list(self._masked[name][1])
         if name in self._where:
@@ -138,6 +185,8 @@ class TensorSource:
 
     def dtype(self, name: str) -> torch.dtype:
         name = self._aliases.get(name, name)
+        if name in self._mxfp4:
+            return MXFP4_DTYPE
         if name in self._masked:
             handle, _ = self._masked[name]
             return self._stored_dtype(handle, f"value/{name}")
@@ -150,6 +199,9 @@ class TensorSource:
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name`, read (and decoded) now."""
         name = self._aliases.get(name, name)
+        if name in self._mxfp4:
+            blocks, scales = self._mxfp4[name]
+            return mxfp4_values(self.get(blocks), self.get(scales))
         if name in self._spans:
             path, offset, size = self._spans[name]
             buf = bytearray(size)
