@@ -345,7 +345,7 @@ def test_unsupported_architecture_is_refused_clearly() -> None:
                       ("cohere-qk-norm", r"q_norm\.weight, k_norm\.weight spanning every head")]:  # fmt: skip
         model = _fixed_heads_model(arch)
         anat = anatomy(model)
-        assert anat.fixed_heads is not None and re.search(why, anat.fixed_heads)
+        assert re.search(why, anat.fixed["heads"]) and set(anat.fixed) == {"heads"}
         with pytest.raises(UsageError, match=why + ".*--heads-keep 1.0"):
             candidate_shapes(anat, None, heads_keep=0.5)
         # --keep searches MLP width and depth only
@@ -483,3 +483,67 @@ def test_structure_drops_the_greedy_rules_blocks() -> None:
 def never_scored() -> carve.ImportanceMap:
     """The importance of a structured extraction that must be refused before any scoring."""
     raise AssertionError("scored before the model and target were checked")
+
+
+def _gemma3n(sparsity: float = 0.95) -> torch.nn.Module:
+    """A 3-block Gemma 3n: per-layer input embeddings (sized by the block count), and activation
+    sparsity in its first block's MLP, as the released models have in their first ten."""
+    import transformers as tf
+
+    config = tf.Gemma3nTextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                  sliding_window=16, altup_num_inputs=2, laurel_rank=8, hidden_size_per_layer_input=8,
+                                  vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=0,
+                                  activation_sparsity_pattern=[sparsity, 0.0, 0.0], max_position_embeddings=256,
+                                  pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_gemma3n_keeps_its_depth_and_its_sparse_mlps(tmp_path: Path) -> None:
+    """Gemma 3n's per-layer input embeddings are sized by the block count, and its activation-sparse
+    MLPs keep activations by statistics over all their channels: no block and no MLP channel can go
+    (asked for, refused by name; --keep searches heads only), while heads can: slicing them equals
+    zeroing them and reloads with stock from_pretrained."""
+    model = _gemma3n()
+    anat = anatomy(model)
+    assert set(anat.fixed) == {"mlp", "depth"}
+    with pytest.raises(UsageError, match=r"per-layer input embeddings.*--drop-blocks 0"):
+        candidate_shapes(anat, None, drop_blocks=1)
+    with pytest.raises(UsageError, match=r"activation sparsity.*--mlp-keep 1\.0"):
+        candidate_shapes(anat, None, mlp_keep=0.5)
+    assert candidate_shapes(anat, 0.9) == [Shape(1, anat.intermediate, 0)]  # heads are all that can go
+    with pytest.raises(UsageError, match="held by the model: mlp, depth"):
+        candidate_shapes(anat, 0.5)
+    assert "activation sparsity" not in str(anatomy(_gemma3n(0.0)).fixed)  # no sparsity: MLP channels can go
+    groups, channels = unit_importance(random_scores(model), anat)
+    plan = make_plan(Shape(1, anat.intermediate, 0), groups, channels, [0, 1, 2])
+    sliced, zeroed = apply_plan(copy.deepcopy(model), plan), zero_plan(copy.deepcopy(model), plan)
+    ids = _ids()
+    with torch.no_grad():
+        want = zeroed(input_ids=ids).logits
+        torch.testing.assert_close(sliced(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+    sliced.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.num_key_value_heads == 1
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
+    for dropping in (make_plan(Shape(2, anat.intermediate, 1), groups, channels, [1, 0, 2]),
+                     make_plan(Shape(2, 64, 0), groups, channels, [0, 1, 2])):  # fmt: skip
+        with pytest.raises(UsageError, match=r"cannot (drop blocks|remove MLP channels)"):
+            apply_plan(copy.deepcopy(model), dropping)
+
+
+def test_blocks_of_different_shapes_refused() -> None:
+    """Gemma 4's global layers have wider heads than its sliding ones: structured extraction keeps one
+    width per kind across blocks, so it refuses by name (unstructured extraction works on it)."""
+    import transformers as tf
+
+    config = tf.Gemma4TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+                                 layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
+                                 pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UsageError, match="block 1's q_proj is not block 0's shape"):
+        anatomy(model)

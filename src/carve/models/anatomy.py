@@ -60,8 +60,9 @@ class Anatomy:
     kv_heads: int
     head_dim: int
     intermediate: int
-    # why its heads cannot be removed (None: they can); MLP channels and whole blocks still can
-    fixed_heads: str | None = None
+    # the dimensions structured extraction must leave whole ("heads", "mlp", "depth") -> why; the
+    # others can still be cut (a model with Q/K norms over the whole projection keeps its heads)
+    fixed: dict[str, str] = field(default_factory=dict)
 
     @property
     def group_size(self) -> int:
@@ -117,8 +118,48 @@ def anatomy(model: nn.Module) -> Anatomy:
             f"{type(model).__name__}: q_proj has {first.width('q_proj')} outputs, not "
             f"{heads} heads x {head_dim}; carve cannot tell its heads apart"
         )
-    fixed = _fixed_heads(model, first, head_dim, heads * head_dim, kv_heads * head_dim)
+    roles = [r for r in (*ATTENTION, *MLP) if r in first.names]
+    for i, p in enumerate(parts[1:], 1):  # one config width per kind: every block as block 0
+        odd = [r for r in roles if r not in p.names or p.width(r) != first.width(r)
+               or p.linear(r).in_features != first.linear(r).in_features]  # fmt: skip
+        if odd:
+            raise UsageError(
+                f"structured extraction slices blocks of one shape; {type(model).__name__} block {i}'s "
+                f"{odd[0]} is not block 0's shape (layers of different kinds); unstructured and N:M extraction "
+                "work on it"
+            )
+    reasons = {
+        "heads": _fixed_heads(first, head_dim, heads * head_dim, kv_heads * head_dim),
+        "mlp": _fixed_mlp(config),
+        "depth": _fixed_depth(config),
+    }
+    what = {"heads": "remove heads of", "mlp": "remove MLP channels of", "depth": "drop blocks of"}
+    fixed = {
+        dim: f"structured extraction cannot {what[dim]} {type(model).__name__}: {why}"
+        for dim, why in reasons.items()
+        if why is not None
+    }
     return Anatomy(prefix, blocks, parts, heads, kv_heads, head_dim, intermediate, fixed)
+
+
+def _fixed_depth(config: Any) -> str | None:
+    """Why no block can be dropped (None: blocks can go): per-layer input embeddings sized by the block
+    count (Gemma 3n's and Gemma 4's `hidden_size_per_layer_input`), or later layers reading earlier
+    layers' keys and values (`num_kv_shared_layers`)."""
+    if getattr(config, "hidden_size_per_layer_input", None):
+        return "it has per-layer input embeddings sized by the block count"
+    if getattr(config, "num_kv_shared_layers", 0):
+        return "it has layers that reuse earlier layers' keys and values"
+    return None
+
+
+def _fixed_mlp(config: Any) -> str | None:
+    """Why no MLP channel can go (None: they can): activation sparsity (Gemma 3n) keeps each token's
+    activations above a threshold from their mean and spread over all the MLP's channels, so a
+    channel removed changes which of the others are kept."""
+    if any(float(s) > 0 for s in getattr(config, "activation_sparsity_pattern", None) or []):
+        return "its MLP keeps activations by statistics over all its channels (activation sparsity)"
+    return None
 
 
 def _fused_spans(p: Parts, heads: int, kv_heads: int) -> None:
@@ -144,7 +185,7 @@ HEAD_COUNT_ATTRIBUTES = ("num_heads", "num_key_value_heads", "num_attention_head
 FIXED_WIDTH_ATTRIBUTES = ("hidden_size",)
 
 
-def _fixed_heads(model: nn.Module, parts: Parts, head_dim: int, q_width: int, kv_width: int) -> str | None:
+def _fixed_heads(parts: Parts, head_dim: int, q_width: int, kv_width: int) -> str | None:
     """Why removing heads would leave the attention inconsistent (None: it would not): a width kept as
     an attribute (StableLM's `hidden_size`), or parameters spanning the heads besides the projections:
     OLMo-2's q_norm / k_norm normalize the whole projection (removing heads would change every kept
@@ -165,7 +206,7 @@ def _fixed_heads(model: nn.Module, parts: Parts, head_dim: int, q_width: int, kv
         return None
     what = (f"keeps {', '.join(stored)} as attributes" if stored else
             f"has {', '.join(spanning)} spanning every head")  # fmt: skip
-    return f"structured extraction cannot remove heads of {type(model).__name__}: its attention {what}"
+    return f"its attention {what}"
 
 
 def compensable(model: nn.Module) -> list[str]:

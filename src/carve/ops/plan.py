@@ -139,20 +139,22 @@ def candidate_shapes(
             raise UsageError(
                 f"--heads-keep {heads_keep} keeps {g} of {anat.kv_heads} key/value groups; keep at least one"
             )
-        if anat.fixed_heads and g < anat.kv_heads:
-            raise UsageError(f"{anat.fixed_heads}: extract with --heads-keep 1.0 (MLP width and depth only)")
+        if "heads" in anat.fixed and g < anat.kv_heads:
+            raise UsageError(f"{anat.fixed['heads']}: extract with --heads-keep 1.0")
         group_options = [g]
     else:  # --keep searches the number of groups too, where heads can go
-        search = keep is not None and not anat.fixed_heads
+        search = keep is not None and "heads" not in anat.fixed
         group_options = list(range(anat.kv_heads, 0, -1)) if search else [anat.kv_heads]
     if drop_blocks is not None:
         if not 0 <= drop_blocks < n_blocks:
             raise UsageError(f"--drop-blocks {drop_blocks}: the model has {n_blocks} blocks; keep at least one")
+        if "depth" in anat.fixed and drop_blocks:
+            raise UsageError(f"{anat.fixed['depth']}: extract with --drop-blocks 0")
         drop_options = [drop_blocks]
-    else:
+    else:  # --keep searches the number of blocks dropped too, where blocks can go
         drop_options = (
             sorted({round(n_blocks * f / drop_run) * drop_run for f in (0, 1 / 8, 1 / 4, 3 / 8, 1 / 2)})
-            if keep is not None
+            if keep is not None and "depth" not in anat.fixed
             else [0]
         )
     multiple = max(1, min(multiple, anat.intermediate // 8))
@@ -161,6 +163,10 @@ def candidate_shapes(
         if not 0 < mlp_keep <= 1:
             raise UsageError(f"--mlp-keep {mlp_keep} is outside (0, 1]")
         fixed_m = max(1, round(mlp_keep * anat.intermediate))
+        if "mlp" in anat.fixed and fixed_m < anat.intermediate:
+            raise UsageError(f"{anat.fixed['mlp']}: extract with --mlp-keep 1.0")
+    elif "mlp" in anat.fixed:  # --keep cuts heads and depth only
+        fixed_m = anat.intermediate
     if keep is None:
         return [Shape(group_options[0], fixed_m or anat.intermediate, drop_options[0])]
     if not 0 < keep < 1:
@@ -181,9 +187,10 @@ def candidate_shapes(
             if m >= multiple:
                 shapes.append(Shape(g, m, d))
     if not shapes:
+        held = f" (held by the model: {', '.join(anat.fixed)})" if anat.fixed else ""
         raise UsageError(
             f"no choice of heads, MLP width and blocks keeps {keep:.0%} of the decoder parameters with the "
-            "dimensions you fixed; loosen --keep or the explicit targets"
+            f"dimensions fixed{held}; loosen --keep or the explicit targets"
         )
     return shapes
 

@@ -118,8 +118,10 @@ def slice_block(p: Parts, anat: Anatomy, plan: Plan, i: int, roles: list[str],
     """Slice block `i` (its `Parts`) in place to the plan's units: its projections replaced by
     sliced copies, never written into; with `roles`, the removed units' mean inputs (`means`, the
     block's entry of `input_means`) folded into biases."""
-    if anat.fixed_heads and len(plan.groups[i]) < anat.kv_heads:
-        raise UsageError(anat.fixed_heads)
+    cut = {"heads": len(plan.groups[i]) < anat.kv_heads, "mlp": len(plan.channels[i]) < anat.intermediate,
+           "depth": bool(plan.drop)}  # fmt: skip
+    for dim in (d for d, c in cut.items() if c and d in anat.fixed):
+        raise UsageError(anat.fixed[dim])
     hd, rep = anat.head_dim, anat.group_size
     kv = _head_rows(plan.groups[i], hd)
     q = _head_rows([h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)], hd)
