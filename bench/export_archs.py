@@ -68,6 +68,8 @@ gpt-oss (`gpt-oss`, `gpt-oss-experts`): 4 experts, top-2, attention sinks, biase
 YaRN (factor 32 over an original 4096, truncate false), layers sliding / global with window 16; expert
 and router weights from N(0, 0.2), every other bias and the sinks from N(0, 0.5), query and key weights
 scaled by 8; contrast: top-1 routing; `-experts`: cut by `--experts-keep 0.75` as the other MoEs.
+ERNIE 4.5 (`ernie4_5`): 4 Llama-style blocks with RoPE on interleaved pairs (no permutation), query
+and key weights scaled by 8.
 Mixtral / Qwen3-MoE / Qwen2-MoE: 4 experts, top-2 routing, expert and router weights (and Qwen2-MoE's
 shared expert and its gate) from N(0, 0.2) so that tokens spread over the experts and the mixture
 matters; contrast: the same weights with top-1 routing, which llama.cpp must not match.
@@ -234,6 +236,14 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
             for layer in model.model.layers:
                 layer.self_attn.q_norm.weight.normal_(1, 0.5)
                 layer.self_attn.k_norm.weight.normal_(1, 0.5)
+        return model.eval()
+    if kind == "ernie4_5":  # RoPE on interleaved pairs (no permutation), Q/K/V/O biases; positions matter
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        model = tf.AutoModelForCausalLM.from_config(tf.Ernie4_5Config(**sizes, vocab_size=vocab, use_bias=False))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p.mul_(8)
         return model.eval()
     if kind.removesuffix("-experts") == "gpt-oss":  # sinks, biases, clamped SwiGLU, YaRN (gpt-oss's), window 16
         config = tf.GptOssConfig(**{**SIZES, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,
@@ -511,6 +521,7 @@ KINDS = (
     "cohere",
     "cohere2",
     "cohere2-structured",
+    "ernie4_5",
     "phi3",
     "phi3-longrope",
     "phi3-longrope-short",

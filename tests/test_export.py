@@ -942,6 +942,35 @@ def test_mixtral_as_llama_cpp_llama_with_experts(tmp_path: Path, tokenizer, caps
         torch.testing.assert_close(tensors[f"blk.{i}.attn_q.weight"], q, atol=2e-3, rtol=2e-3)
 
 
+def test_ernie_as_llama_cpp_ernie4_5(tmp_path: Path, tokenizer) -> None:
+    """ERNIE 4.5 as llama.cpp's `ernie4_5`: Llama's tensor names, Q and K not permuted (both libraries
+    rotate interleaved pairs), heads narrower than hidden / heads kept (head_dim 128 beside a hidden
+    size of 64); MLP biases, which llama.cpp's graph has not, refused by name.  Logits in llama.cpp:
+    bench/export_archs.py, row ernie4_5."""
+    import numpy as np
+    import transformers as tf
+
+    config = tf.Ernie4_5Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                               pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-ernie", "f16")
+    assert meta["general.architecture"] == "ernie4_5" and meta["ernie4_5.attention.key_length"] == 128
+    tensors = _gguf_tensors(gguf)
+    for hf, name in [("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("mlp.gate_proj", "ffn_gate")]:
+        w = model.state_dict()[f"model.layers.1.{hf}.weight"].half().numpy()
+        assert np.array_equal(tensors[f"blk.1.{name}.weight"].reshape(w.shape), w), name
+    biased = tf.AutoModelForCausalLM.from_config(tf.Ernie4_5Config(**{**config.to_dict(), "use_bias": True}))
+    biased.save_pretrained(tmp_path / "biased")
+    tokenizer.save_pretrained(tmp_path / "biased")
+    from carve.export import export
+
+    with pytest.raises(UsageError, match=r"holds no bias 'model\.layers\.0\.mlp\.down_proj\.bias'"):
+        export(tmp_path / "biased", tmp_path / "biased.gguf")
+    assert not (tmp_path / "biased.gguf").exists()
+
+
 def _tiny_gpt_oss(**extra: Any) -> torch.nn.Module:
     import transformers as tf
 
@@ -1068,7 +1097,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, Gemma 2, Gemma 3 text, "
-            "Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
+            "Phi-3, ERNIE 4.5, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

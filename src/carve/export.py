@@ -29,7 +29,8 @@ tokenizer (tokens, types, merges, special ids, chat template) as llama.cpp's `gp
 pre-tokenizer name copied from the source GGUF when the model came from one (the embedded default),
 else the architecture's (`default`, `qwen2` for both Qwen generations); a SentencePiece-style BPE
 tokenizer (byte fallback: Gemma, Llama 2) as llama.cpp's `llama` model, whose merge order goes in as
-scores. gpt-oss goes in as `gpt-oss`: its interleaved gate/up experts taken apart, attention sinks,
+scores. ERNIE 4.5 goes in as `ernie4_5` (interleaved RoPE in both libraries: no permutation). gpt-oss
+goes in as `gpt-oss`: its interleaved gate/up experts taken apart, attention sinks,
 biases everywhere, YaRN and the sliding pattern as keys.
 """
 
@@ -442,7 +443,6 @@ def _gpt_oss_caveats(config: Any) -> list[str]:
 
 _GPT_OSS_NAMES = (
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.bias", "blk.{}.attn_output.bias"),
     (r"model\.layers\.(\d+)\.self_attn\.sinks", "blk.{}.attn_sinks.weight"),  # one logit a head
     (r"model\.layers\.(\d+)\.mlp\.router\.weight", "blk.{}.ffn_gate_inp.weight"),
     (r"model\.layers\.(\d+)\.mlp\.router\.bias", "blk.{}.ffn_gate_inp.bias"),
@@ -497,6 +497,9 @@ ARCHITECTURES = {
         "qwen2", False, ("q_proj", "k_proj", "v_proj"), "qwen2", query_is_hidden=True, narrow=_QWEN2_AS_LLAMA
     ),
     "qwen3": Architecture("qwen3", False, (), "qwen2"),
+    # ERNIE 4.5 (dense): Llama's blocks with RoPE on interleaved pairs in both libraries (no permutation),
+    # Q/K/V/O biases when the config has them (`use_bias`; llama.cpp holds no MLP bias)
+    "ernie4_5": Architecture("ernie4_5", False, ("q_proj", "k_proj", "v_proj", "o_proj"), "default"),
     "olmo2": _OLMO,
     "olmo3": _OLMO,
     # StableLM (2): rotate-half RoPE over a quarter of each head, LayerNorms with biases, Q/K/V biases (3B)
@@ -590,6 +593,7 @@ _NAMES = [
     (r"model\.layers\.(\d+)\.self_attn\.k_proj\.weight", "blk.{}.attn_k.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.v_proj\.weight", "blk.{}.attn_v.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight", "blk.{}.attn_output.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.o_proj\.bias", "blk.{}.attn_output.bias"),
     (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "blk.{}.attn_q_norm.weight"),  # Qwen3: per head
     (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "blk.{}.attn_k_norm.weight"),
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
@@ -630,7 +634,7 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, "
-            "Gemma 2, Gemma 3 text, Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models "
+            "Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
