@@ -68,6 +68,9 @@ gpt-oss (`gpt-oss`, `gpt-oss-experts`): 4 experts, top-2, attention sinks, biase
 YaRN (factor 32 over an original 4096, truncate false), layers sliding / global with window 16; expert
 and router weights from N(0, 0.2), every other bias and the sinks from N(0, 0.5), query and key weights
 scaled by 8; contrast: top-1 routing; `-experts`: cut by `--experts-keep 0.75` as the other MoEs.
+EXAONE 4 (`exaone4`): 4 blocks, norms after attention and MLP and per-head Q/K norms from N(1, 0.5),
+query and key weights scaled by 8, Llama 3's RoPE scaling as in the `llama3-rope` row (EXAONE 4.0
+1.2B scales its RoPE so); contrast: RoPE not scaled.
 ERNIE 4.5 (`ernie4_5`): 4 Llama-style blocks with RoPE on interleaved pairs (no permutation), query
 and key weights scaled by 8.
 Mixtral / Qwen3-MoE / Qwen2-MoE: 4 experts, top-2 routing, expert and router weights (and Qwen2-MoE's
@@ -237,6 +240,12 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 layer.self_attn.q_norm.weight.normal_(1, 0.5)
                 layer.self_attn.k_norm.weight.normal_(1, 0.5)
         return model.eval()
+    if kind == "exaone4":  # norms after the sublayers, per-head Q/K norms, Llama 3 RoPE (EXAONE 4.0 1.2B's)
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.Exaone4Config(**sizes, vocab_size=vocab, sliding_window=None, sliding_window_pattern=None,
+                                  layer_types=["full_attention"] * 4)  # fmt: skip
+        config.rope_parameters = dict(LLAMA3)
+        return _perturbed(tf.AutoModelForCausalLM.from_config(config), ("norm.weight",), 1.0)
     if kind == "ernie4_5":  # RoPE on interleaved pairs (no permutation), Q/K/V/O biases; positions matter
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         model = tf.AutoModelForCausalLM.from_config(tf.Ernie4_5Config(**sizes, vocab_size=vocab, use_bias=False))
@@ -324,6 +333,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.75}},
     ),
     "llama3-rope": ("export-archs-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "exaone4": ("export-archs-exaone4-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "mixtral": ("export-archs-mixtral-top1", {"num_experts_per_tok": 1}),  # one expert a token
     "qwen3-moe": ("export-archs-qwen3-moe-top1", {"num_experts_per_tok": 1}),
     "qwen2-moe": ("export-archs-qwen2-moe-top1", {"num_experts_per_tok": 1}),
@@ -522,6 +532,7 @@ KINDS = (
     "cohere2",
     "cohere2-structured",
     "ernie4_5",
+    "exaone4",
     "phi3",
     "phi3-longrope",
     "phi3-longrope-short",

@@ -942,6 +942,39 @@ def test_mixtral_as_llama_cpp_llama_with_experts(tmp_path: Path, tokenizer, caps
         torch.testing.assert_close(tensors[f"blk.{i}.attn_q.weight"], q, atol=2e-3, rtol=2e-3)
 
 
+def test_exaone4_as_llama_cpp_exaone4(tmp_path: Path, tokenizer) -> None:
+    """EXAONE 4 as llama.cpp's `exaone4`: the norms after attention and MLP under OLMo 2's names, per-head
+    Q/K norms, Q and K not permuted (rotate-half in both), Llama 3's RoPE scaling as `rope_freqs.weight`
+    (EXAONE 4.0 1.2B's); a sliding window (which llama.cpp follows only in 64 blocks) refused by name.
+    Logits in llama.cpp: bench/export_archs.py, row exaone4."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.export import check_config
+
+    config = tf.Exaone4Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                              sliding_window=None, sliding_window_pattern=None, layer_types=["full_attention"] * 2,
+                              pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    config.rope_parameters = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 64, "rope_theta": 10000.0}  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-exaone4", "f16")
+    assert meta["general.architecture"] == "exaone4"
+    tensors = _gguf_tensors(gguf)
+    assert "rope_freqs.weight" in tensors and not any(k.endswith(".attn_norm.weight") for k in tensors)
+    state = model.state_dict()
+    for hf, name in [("post_attention_layernorm", "post_attention_norm"), ("post_feedforward_layernorm", "post_ffw_norm"),
+                     ("self_attn.q_norm", "attn_q_norm")]:  # fmt: skip
+        assert np.array_equal(tensors[f"blk.1.{name}.weight"], state[f"model.layers.1.{hf}.weight"].numpy()), name
+    q = state["model.layers.1.self_attn.q_proj.weight"].half().numpy()
+    assert np.array_equal(tensors["blk.1.attn_q.weight"].reshape(q.shape), q)
+    windowed = tf.Exaone4Config(**{**config.to_dict(), "sliding_window": 16})
+    with pytest.raises(UsageError, match="sets a sliding window"):
+        check_config(windowed)
+
+
 def test_ernie_as_llama_cpp_ernie4_5(tmp_path: Path, tokenizer) -> None:
     """ERNIE 4.5 as llama.cpp's `ernie4_5`: Llama's tensor names, Q and K not permuted (both libraries
     rotate interleaved pairs), heads narrower than hidden / heads kept (head_dim 128 beside a hidden
@@ -1097,7 +1130,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, Gemma 2, Gemma 3 text, "
-            "Phi-3, ERNIE 4.5, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
+            "Phi-3, ERNIE 4.5, EXAONE 4, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

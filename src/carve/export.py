@@ -20,7 +20,7 @@ global layers); Gemma 3 (text) as `gemma3` (four norms per block under llama.cpp
 every norm weight written as 1 + w since Gemma's RMSNorm scales by 1 + w and llama.cpp's by w, the
 sliding-window layers as a per-layer pattern so that a structured output's kept blocks keep their
 own kinds, the local RoPE base beside the global one). Where llama.cpp's graph sizes the query rows
-by the hidden size (qwen2, qwen2moe, command-r, cohere2, olmo2, stablelm, phi3), an output with
+by the hidden size (qwen2, qwen2moe, command-r, cohere2, olmo2, stablelm, exaone4, phi3), an output with
 fewer heads is refused, except a Qwen2's: it goes in as `llama` (whose graph sizes the query rows by
 the heads and takes Q/K/V biases), its Q and K rows and biases permuted. One-dimensional tensors
 (norms) stay float32, as in llama.cpp's conversions; a matrix whose rows are not a whole number of
@@ -29,7 +29,8 @@ tokenizer (tokens, types, merges, special ids, chat template) as llama.cpp's `gp
 pre-tokenizer name copied from the source GGUF when the model came from one (the embedded default),
 else the architecture's (`default`, `qwen2` for both Qwen generations); a SentencePiece-style BPE
 tokenizer (byte fallback: Gemma, Llama 2) as llama.cpp's `llama` model, whose merge order goes in as
-scores. ERNIE 4.5 goes in as `ernie4_5` (interleaved RoPE in both libraries: no permutation). gpt-oss
+scores. EXAONE 4 goes in as `exaone4` (OLMo 2's post-norms, per-head Q/K norms, Llama 3 RoPE as
+`rope_freqs`). ERNIE 4.5 goes in as `ernie4_5` (interleaved RoPE in both libraries: no permutation). gpt-oss
 goes in as `gpt-oss`: its interleaved gate/up experts taken apart, attention sinks,
 biases everywhere, YaRN and the sliding pattern as keys.
 """
@@ -70,7 +71,7 @@ class Architecture:
     fused: bool = False  # one qkv_proj and one gate_up_proj per block (Phi-3), as llama.cpp holds them
     caveats: Callable[[Any], list[str]] | None = None  # where llama.cpp computes otherwise, said, not refused
     # llama.cpp sizes the query rows and the output projection by the hidden size (its qwen2, qwen2moe,
-    # command-r, cohere2, olmo2, stablelm and phi3 graphs), not by heads x head_dim: fewer heads cannot load
+    # command-r, cohere2, olmo2, stablelm, exaone4 and phi3 graphs), not by heads x head_dim: fewer heads cannot load
     query_is_hidden: bool = False
     # where query_is_hidden refuses: the llama.cpp architecture that computes the same with any number
     # of heads (a structured Qwen2 with heads removed, as llama.cpp's `llama`)
@@ -78,6 +79,19 @@ class Architecture:
     # the experts stored [E, in, out] with gate and up columns interleaved and a bias per matrix (gpt-oss),
     # written as llama.cpp's [E, out, in] tensors with their biases
     interleaved_experts: bool = False
+
+
+def _check_exaone4(config: Any) -> None:
+    """Refuse the EXAONE 4 variants llama.cpp's exaone4 graph computes otherwise: it windows attention
+    (and leaves out RoPE in the global layers) only in a 64-block model with its fixed pattern, where
+    transformers does so wherever the config sets a sliding window: such a config is refused; plain or
+    Llama 3 RoPE (EXAONE 4.0 1.2B's)."""
+    _check_plain_rope(config, "exaone4")
+    if getattr(config, "sliding_window", None) is not None:
+        raise UsageError(
+            "GGUF export writes EXAONE 4 with global attention and RoPE in every layer (EXAONE 4.0 1.2B); this "
+            "model sets a sliding window (its global layers have no RoPE), which llama.cpp follows only in 64 blocks"
+        )
 
 
 def _check_gemma_common(config: Any, arch: str, blocks_27b: int) -> None:
@@ -333,9 +347,12 @@ def _rope_tensors(model: Any, config: Any, head_dim: int, theta: float) -> tuple
     return factors, float(rotary.attention_scaling)
 
 
+_ROPE_FREQS_ARCHS = ("llama", "exaone4")  # llama.cpp graphs that read Llama 3's scaling from `rope_freqs.weight`
+
+
 def _check_plain_rope(config: Any, gguf_arch: str) -> None:
     kind = rope_type(config)
-    if kind not in ("default", "llama3") or (kind == "llama3" and gguf_arch != "llama"):
+    if kind not in ("default", "llama3") or (kind == "llama3" and gguf_arch not in _ROPE_FREQS_ARCHS):
         raise UsageError(f"GGUF export writes plain RoPE and Llama 3's scaling so far; this model scales it ({kind!r})")
 
 
@@ -501,6 +518,10 @@ ARCHITECTURES = {
     # Q/K/V/O biases when the config has them (`use_bias`; llama.cpp holds no MLP bias)
     "ernie4_5": Architecture("ernie4_5", False, ("q_proj", "k_proj", "v_proj", "o_proj"), "default"),
     "olmo2": _OLMO,
+    # EXAONE 4: OLMo 2's norms after attention and MLP, per-head Q/K norms, rotate-half RoPE (no permutation)
+    "exaone4": Architecture(
+        "exaone4", False, (), "default", names=_OLMO_NAMES, check=_check_exaone4, query_is_hidden=True
+    ),
     "olmo3": _OLMO,
     # StableLM (2): rotate-half RoPE over a quarter of each head, LayerNorms with biases, Q/K/V biases (3B)
     "stablelm": Architecture(
@@ -634,7 +655,7 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, "
-            "Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models "
+            "Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
