@@ -68,6 +68,9 @@ gpt-oss (`gpt-oss`, `gpt-oss-experts`): 4 experts, top-2, attention sinks, biase
 YaRN (factor 32 over an original 4096, truncate false), layers sliding / global with window 16; expert
 and router weights from N(0, 0.2), every other bias and the sinks from N(0, 0.5), query and key weights
 scaled by 8; contrast: top-1 routing; `-experts`: cut by `--experts-keep 0.75` as the other MoEs.
+Ministral 3 (`ministral3`): 4 Llama-style blocks with Ministral 3's RoPE as released (YaRN factor 16,
+both mscales 1, Llama 4's attention temperature β 0.1) over an original context of 64, so that the
+temperature acts past position 64; query and key weights scaled by 8; contrast: the temperature removed.
 EXAONE 4 (`exaone4`): 4 blocks, norms after attention and MLP and per-head Q/K norms from N(1, 0.5),
 query and key weights scaled by 8, Llama 3's RoPE scaling as in the `llama3-rope` row (EXAONE 4.0
 1.2B scales its RoPE so); contrast: RoPE not scaled.
@@ -119,6 +122,11 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_fact
             "long_factor": [1.5, 3.0, 6.0, 12.0, 24.0, 48.0]}  # fmt: skip
 # tokens scored (default 200): past the original context (long factors), and within it with llama.cpp's
 # context at 212, rounded to 256 (short factors)
+# Ministral 3's RoPE as released (YaRN factor 16, both mscales 1, Llama 4's temperature β 0.1) over an
+# original context of 64, so that YaRN's interpolation and the temperature (past position 64) both act
+MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 64,
+                   "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                   "llama_4_scaling_beta": 0.1}  # fmt: skip
 BLOCK = {"phi3-longrope": 300, "phi3-longrope-short": 200}
 
 
@@ -240,6 +248,11 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 layer.self_attn.q_norm.weight.normal_(1, 0.5)
                 layer.self_attn.k_norm.weight.normal_(1, 0.5)
         return model.eval()
+    if kind == "ministral3":  # Llama's blocks, YaRN over an original 64 and Llama 4's attention temperature
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.Ministral3Config(**sizes, vocab_size=vocab, head_dim=16)
+        config.rope_parameters = dict(MINISTRAL3_ROPE)
+        return _perturbed(tf.AutoModelForCausalLM.from_config(config), (), 1.0)
     if kind == "exaone4":  # norms after the sublayers, per-head Q/K norms, Llama 3 RoPE (EXAONE 4.0 1.2B's)
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.Exaone4Config(**sizes, vocab_size=vocab, sliding_window=None, sliding_window_pattern=None,
@@ -334,6 +347,11 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "llama3-rope": ("export-archs-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "exaone4": ("export-archs-exaone4-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+    # YaRN kept, the temperature removed: llama.cpp must not match
+    "ministral3": (
+        "export-archs-ministral3-no-temp",
+        {"rope_parameters": {**MINISTRAL3_ROPE, "llama_4_scaling_beta": 0.0}},
+    ),
     "mixtral": ("export-archs-mixtral-top1", {"num_experts_per_tok": 1}),  # one expert a token
     "qwen3-moe": ("export-archs-qwen3-moe-top1", {"num_experts_per_tok": 1}),
     "qwen2-moe": ("export-archs-qwen2-moe-top1", {"num_experts_per_tok": 1}),
@@ -533,6 +551,7 @@ KINDS = (
     "cohere2-structured",
     "ernie4_5",
     "exaone4",
+    "ministral3",
     "phi3",
     "phi3-longrope",
     "phi3-longrope-short",

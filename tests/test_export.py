@@ -942,6 +942,35 @@ def test_mixtral_as_llama_cpp_llama_with_experts(tmp_path: Path, tokenizer, caps
         torch.testing.assert_close(tensors[f"blk.{i}.attn_q.weight"], q, atol=2e-3, rtol=2e-3)
 
 
+def test_ministral3_as_llama_cpp_mistral3(tmp_path: Path, tokenizer) -> None:
+    """Ministral 3 as llama.cpp's `mistral3`: Llama's tensors (Q and K permuted), YaRN as keys with its
+    `mscale_all_dim` as llama.cpp's log multiplier, Llama 4's attention temperature β; an mscale other
+    than 1 refused by name.  Logits in llama.cpp: bench/export_archs.py, row ministral3."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.export import _permute, check_config
+
+    config = tf.Ministral3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                 pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    config.rope_parameters = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 16.0, "original_max_position_embeddings": 64,
+                              "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+                              "llama_4_scaling_beta": 0.1}  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-ministral3", "f16")
+    assert meta["general.architecture"] == "mistral3" and meta["mistral3.rope.scaling.type"] == "yarn"
+    assert meta["mistral3.rope.scaling.factor"] == 16 and meta["mistral3.rope.scaling.original_context_length"] == 64
+    assert meta["mistral3.rope.scaling.yarn_log_multiplier"] == 1
+    assert meta["mistral3.attention.temperature_scale"] == pytest.approx(0.1)
+    q = _permute(model.state_dict()["model.layers.1.self_attn.q_proj.weight"].numpy(), 4).astype(np.float16)
+    assert np.array_equal(_gguf_tensors(gguf)["blk.1.attn_q.weight"].reshape(q.shape), q)
+    config.rope_parameters = {**config.rope_parameters, "mscale": 0.5}
+    with pytest.raises(UsageError, match="mscale as 1"):
+        check_config(config)
+
+
 def test_exaone4_as_llama_cpp_exaone4(tmp_path: Path, tokenizer) -> None:
     """EXAONE 4 as llama.cpp's `exaone4`: the norms after attention and MLP under OLMo 2's names, per-head
     Q/K norms, Q and K not permuted (rotate-half in both), Llama 3's RoPE scaling as `rope_freqs.weight`
@@ -1130,7 +1159,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, Gemma 2, Gemma 3 text, "
-            "Phi-3, ERNIE 4.5, EXAONE 4, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
+            "Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

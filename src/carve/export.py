@@ -29,7 +29,8 @@ tokenizer (tokens, types, merges, special ids, chat template) as llama.cpp's `gp
 pre-tokenizer name copied from the source GGUF when the model came from one (the embedded default),
 else the architecture's (`default`, `qwen2` for both Qwen generations); a SentencePiece-style BPE
 tokenizer (byte fallback: Gemma, Llama 2) as llama.cpp's `llama` model, whose merge order goes in as
-scores. EXAONE 4 goes in as `exaone4` (OLMo 2's post-norms, per-head Q/K norms, Llama 3 RoPE as
+scores. Ministral 3 goes in as `mistral3` (YaRN, Llama 4's attention temperature). EXAONE 4 goes in
+as `exaone4` (OLMo 2's post-norms, per-head Q/K norms, Llama 3 RoPE as
 `rope_freqs`). ERNIE 4.5 goes in as `ernie4_5` (interleaved RoPE in both libraries: no permutation). gpt-oss
 goes in as `gpt-oss`: its interleaved gate/up experts taken apart, attention sinks,
 biases everywhere, YaRN and the sliding pattern as keys.
@@ -430,21 +431,52 @@ def _gpt_oss_metadata(writer: Any, config: Any) -> None:
     """gpt-oss's keys: the experts (each one's width is the config's intermediate size), the sliding
     window with its per-layer pattern, and YaRN (llama.cpp scales cos and sin by 0.1 ln s + 1 itself,
     as transformers does by default)."""
-    import gguf
 
     _moe_metadata(writer, config)
     writer.add_expert_feed_forward_length(int(config.intermediate_size))
     writer.add_sliding_window(int(config.sliding_window))
     writer.add_sliding_window_pattern([k == "sliding_attention" for k in config.layer_types])
-    if rope_type(config) == "yarn":
-        rope = _rope(config)
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-        for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
-                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):  # fmt: skip
-            if rope.get(key) is not None:
-                add(float(rope[key]))
+    _yarn_metadata(writer, config)
+
+
+def _yarn_metadata(writer: Any, config: Any) -> None:
+    """YaRN's keys, when the config scales RoPE so: the factor, the original context, β fast / slow."""
+    import gguf
+
+    if rope_type(config) != "yarn":
+        return
+    rope = _rope(config)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    for key, add in (("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                     ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):  # fmt: skip
+        if rope.get(key) is not None:
+            add(float(rope[key]))
+
+
+def _check_ministral3(config: Any) -> None:
+    """Refuse the Ministral 3 variants llama.cpp's mistral3 graph computes otherwise: it takes plain or
+    YaRN RoPE, and YaRN's attention factor as the ratio of its two mscales with the first one 1."""
+    kind = rope_type(config)
+    if kind not in ("default", "yarn"):
+        raise UsageError(f"GGUF export writes Ministral 3's plain or YaRN RoPE; this model scales it as {kind!r}")
+    rope = _rope(config)
+    if kind == "yarn" and (float(rope.get("mscale") or 1.0) != 1.0 or rope.get("attention_factor") is not None):
+        raise UsageError("llama.cpp's mistral3 takes YaRN's mscale as 1 and no attention factor; this model sets one")
+    if getattr(config, "sliding_window", None):
+        raise UsageError("GGUF export writes Ministral 3 with full attention; this model uses a sliding window")
+
+
+def _ministral3_metadata(writer: Any, config: Any) -> None:
+    """Ministral 3's keys: YaRN with its `mscale_all_dim` (llama.cpp's log multiplier), and Llama 4's
+    attention temperature (queries scaled by 1 + β·ln(1 + ⌊position / original context⌋))."""
+    _yarn_metadata(writer, config)
+    rope = _rope(config)
+    if rope_type(config) == "yarn" and rope.get("mscale_all_dim") is not None:
+        writer.add_rope_scaling_yarn_log_mul(float(rope["mscale_all_dim"]))
+    if rope.get("llama_4_scaling_beta"):
+        writer.add_attn_temperature_scale(float(rope["llama_4_scaling_beta"]))
 
 
 def _gpt_oss_caveats(config: Any) -> list[str]:
@@ -508,6 +540,8 @@ _QWEN2_AS_LLAMA = Architecture("llama", True, ("q_proj", "k_proj", "v_proj"), "q
 ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
     "mistral": Architecture("llama", True, (), "default", caveats=_window_caveats),
+    # Ministral 3: Llama's blocks (Q/K permuted), YaRN, Llama 4's attention temperature
+    "ministral3": Architecture("mistral3", True, (), "default", check=_check_ministral3, metadata=_ministral3_metadata),
     "smollm3": Architecture("smollm3", True, (), "default", check=_check_smollm3),
     "granite": Architecture("granite", True, (), "default", metadata=_granite_metadata),
     "qwen2": Architecture(
@@ -655,7 +689,8 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, "
-            "Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models "
+            "Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, Mixtral, Qwen2-MoE, Qwen3-MoE and "
+            "gpt-oss models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
