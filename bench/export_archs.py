@@ -76,6 +76,8 @@ query and key weights scaled by 8, Llama 3's RoPE scaling as in the `llama3-rope
 1.2B scales its RoPE so); contrast: RoPE not scaled.
 ERNIE 4.5 (`ernie4_5`): 4 Llama-style blocks with RoPE on interleaved pairs (no permutation), query
 and key weights scaled by 8.
+Mixtral structured (`mixtral-structured`): the Mixtral row's model cut by `--heads-keep 0.5
+--drop-blocks 1` (an MoE's heads and depth; its experts are left as they are).
 Mixtral / Qwen3-MoE / Qwen2-MoE: 4 experts, top-2 routing, expert and router weights (and Qwen2-MoE's
 shared expert and its gate) from N(0, 0.2) so that tokens spread over the experts and the mixture
 matters; contrast: the same weights with top-1 routing, which llama.cpp must not match.
@@ -279,7 +281,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith(("q_proj.weight", "k_proj.weight")):
                     p.mul_(8)
         return model.eval()
-    if kind.removesuffix("-experts") in ("mixtral", "qwen3-moe", "qwen2-moe"):  # 4 experts, top-2; routing matters
+    if kind.removesuffix("-experts").removesuffix("-structured") in ("mixtral", "qwen3-moe", "qwen2-moe"):  # top-2
         moe: Any = {
             "mixtral": lambda: tf.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2, vocab_size=vocab),
             "qwen3-moe": lambda: tf.Qwen3MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4,
@@ -288,7 +290,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
             "qwen2-moe": lambda: tf.Qwen2MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4,
                                                    shared_expert_intermediate_size=64, num_experts_per_tok=2,
                                                    vocab_size=vocab),
-        }[kind.removesuffix("-experts")]()  # fmt: skip
+        }[kind.removesuffix("-experts").removesuffix("-structured")]()  # fmt: skip
         model = tf.AutoModelForCausalLM.from_config(moe)
         with torch.no_grad():  # Qwen2-MoE: its shared expert's gate too
             for name, p in model.named_parameters():
@@ -319,7 +321,9 @@ STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structur
               # whole experts removed: 3 of 4 kept, each token still routed to 2
               "mixtral-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "qwen2-moe-experts": [*_CUT[:6], "--experts-keep", "0.75"],
-              "gpt-oss-experts": [*_CUT[:6], "--experts-keep", "0.75"]}  # fmt: skip
+              "gpt-oss-experts": [*_CUT[:6], "--experts-keep", "0.75"],
+              # an MoE's heads and depth (its experts untouched: no dense MLP to narrow)
+              "mixtral-structured": [*_CUT[:6], "--heads-keep", "0.5", "--drop-blocks", "1"]}  # fmt: skip
 
 
 # per layout: where the contrast model is saved, and the config change that removes the feature
@@ -563,6 +567,7 @@ KINDS = (
     "qwen3-moe",
     "qwen2-moe",
     "mixtral-experts",
+    "mixtral-structured",
     "qwen2-moe-experts",
     "gpt-oss",
     "gpt-oss-experts",

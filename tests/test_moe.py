@@ -439,23 +439,41 @@ def test_evaluation_through_unfused_experts_is_not_counted_as_calibration() -> N
 
 
 @pytest.mark.parametrize("arch", sorted(MOE))
-def test_structured_extraction_refuses_an_moe(tmp_path: Path, tokenizer, small_corpus: Path, arch: str) -> None:
-    """Structured extraction slices one dense MLP per block; an MoE's block (Qwen2-MoE's shared expert
-    beside its routed ones among them) is refused before any work, with nothing written."""
+def test_structured_extraction_of_an_moe_cuts_heads_and_depth(
+    tmp_path: Path, tokenizer, small_corpus: Path, arch: str
+) -> None:
+    """An MoE's blocks have no dense MLP to narrow (Qwen2-MoE's shared expert beside its routed ones
+    included): structured extraction cuts its heads (gpt-oss's attention sinks keep them all) and drops
+    whole blocks, leaving the experts as they are; slicing equals zeroing, and the job gives the same
+    output streamed as in memory.  --mlp-keep is refused by name, pointing to --experts-keep."""
     from carve.errors import UsageError
+    from carve.models.anatomy import anatomy
+    from carve.ops.plan import Shape
     from carve.pipeline import Recipe, extract
     from tests.conftest import tiny_model
+    from tests.test_structure import sliced_as_zeroed
 
+    model = moe_model(arch)
+    anat = anatomy(model)
+    assert "--experts-keep" in anat.fixed["mlp"] and ("heads" in anat.fixed) == (arch == "gpt_oss")
+    kv = anat.kv_heads if arch == "gpt_oss" else 1
+    sliced_as_zeroed(model, Shape(kv, 0, 1), [1, 0], tmp_path / "sliced")
     src = tmp_path / "moe"
     tiny_model(arch).save_pretrained(src)
     tokenizer.save_pretrained(src)
     recipe = Recipe(model=str(src), domain=str(small_corpus), general=str(small_corpus), method="magnitude",
-                    structure=True, keep=0.5, calib_blocks=4, block_len=32, eval_blocks=2, cloze_items=0,
-                    speed=False)  # fmt: skip
-    for stream in (False, True):
-        with pytest.raises(UsageError, match="mixture of experts"):
-            extract(replace(recipe, stream=stream), tmp_path / "out")
-        assert not (tmp_path / "out").exists()
+                    structure=True, heads_keep=1.0, drop_blocks=1, calib_blocks=4, block_len=32, eval_blocks=2,
+                    cloze_items=0, speed=False)  # fmt: skip
+    mem = extract(recipe, tmp_path / "mem")
+    streamed = extract(replace(recipe, stream=True), tmp_path / "stream")
+    assert streamed["structure"] == mem["structure"] and mem["structure"]["config"]["num_hidden_layers"] == 1
+    from transformers import AutoModelForCausalLM
+
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("mem", "stream"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(UsageError, match="--experts-keep F removes whole experts"):
+        extract(replace(recipe, drop_blocks=None, heads_keep=None, mlp_keep=0.5), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("arch", sorted(MOE))

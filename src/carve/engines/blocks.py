@@ -79,8 +79,9 @@ def input_means(
     """Per block, the mean over calibration tokens of the inputs of o_proj and down_proj (what
     FLAP's bias compensation adds back for the removed columns)."""
     anat = anatomy(model)
-    sums = [{r: torch.zeros(p.linear(r).in_features, dtype=torch.float64) for r in ("o_proj", "down_proj")}
-            for p in anat.parts]  # fmt: skip
+    roles: tuple[str, ...] = ("o_proj", "down_proj")
+    sums = [{r: torch.zeros(p.linear(r).in_features, dtype=torch.float64) for r in roles if r in p.names}
+            for p in anat.parts]  # fmt: skip  # an MoE block: no dense down_proj
 
     def hook(i: int, role: str) -> Any:
         def record(_m: nn.Module, args: tuple[Any, ...]) -> None:
@@ -89,9 +90,7 @@ def input_means(
         return record
 
     handles = [
-        p.linear(role).register_forward_pre_hook(hook(i, role))
-        for i, p in enumerate(anat.parts)
-        for role in ("o_proj", "down_proj")
+        p.linear(role).register_forward_pre_hook(hook(i, role)) for i, p in enumerate(anat.parts) for role in sums[i]
     ]
     count = run_hooked(model, calibration, handles, batch_size, "input means", source)
     return [{r: (t / count).float() for r, t in block.items()} for block in sums]

@@ -27,7 +27,7 @@ class Parts:
     """The structural handles of one decoder block."""
 
     attention: nn.Module  # the module holding q/k/v/o_proj
-    mlp: nn.Module  # the module holding gate/up/down_proj
+    mlp: nn.Module  # the module holding gate/up/down_proj (an MoE block: the block; it has no dense MLP roles)
     names: dict[str, str]  # role ("q_proj", ...) -> full name of the module holding its rows
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # role -> its rows of a fused projection
 
@@ -75,9 +75,12 @@ def text_config(model: nn.Module) -> Any:
 
 
 def anatomy(model: nn.Module) -> Anatomy:
-    """Find the attention and MLP projections of every decoder block, or say why not."""
+    """Find the attention and MLP projections of every decoder block, or say why not.  In a mixture of
+    experts every block routes tokens through experts: its attention is found, no dense MLP (the
+    `intermediate` width is 0 and "mlp" is among the fixed dimensions: --experts-keep removes experts)."""
     prefix, blocks = find_blocks(model)
     parts: list[Parts] = []
+    moe: list[bool] = []
     for i, block in enumerate(blocks):
         holders: dict[str, nn.Module] = {}
         names: dict[str, str] = {}
@@ -89,20 +92,22 @@ def anatomy(model: nn.Module) -> Anatomy:
                         holders[role] = mod
                         names[role] = f"{prefix}.{i}.{name}.{attr}" if name else f"{prefix}.{i}.{attr}"
         mlps = sum(isinstance(getattr(mod, "up_proj", None), nn.Linear) for mod in block.modules())
-        if mlps > 1 or any(is_fused_experts(mod) or isinstance(mod, ExpertLinears) for mod in block.modules()):
-            raise UsageError(
-                f"structured extraction slices one dense MLP per block; {type(model).__name__} block {i} routes "
-                "tokens through experts (a mixture of experts): --experts-keep F removes whole experts; "
-                "unstructured and N:M extraction prune each expert"
-            )
-        missing = [r for r in ATTENTION + MLP[1:] if r not in names]
+        moe.append(mlps > 1 or any(is_fused_experts(m) or isinstance(m, ExpertLinears) for m in block.modules()))
+        if moe[-1]:  # the experts' (and a shared expert's) projections are not a dense MLP's
+            names = {r: n for r, n in names.items() if r in ATTENTION}
+        missing = [r for r in ATTENTION + ((), MLP[1:])[not moe[-1]] if r not in names]
         if missing:
             raise UsageError(
                 f"structured extraction needs Llama-style blocks (q/k/v/o_proj or qkv_proj/o_proj attention, "
-                f"gate/up/down_proj or gate_up_proj/down_proj MLP); {type(model).__name__} block {i} has no "
-                f"{', '.join(missing)}"
+                f"gate/up/down_proj or gate_up_proj/down_proj MLP or experts); {type(model).__name__} block {i} "
+                f"has no {', '.join(missing)}"
             )
-        parts.append(Parts(holders["q_proj"], holders["up_proj"], names))
+        parts.append(Parts(holders["q_proj"], block if moe[-1] else holders["up_proj"], names))
+    if len(set(moe)) > 1:
+        raise UsageError(
+            f"structured extraction slices blocks of one kind; {type(model).__name__} mixes dense MLP blocks with "
+            "expert blocks; unstructured and N:M extraction work on it"
+        )
     config = text_config(model)
     heads, kv_heads = (
         config.num_attention_heads,
@@ -112,7 +117,7 @@ def anatomy(model: nn.Module) -> Anatomy:
         _fused_spans(p, heads, kv_heads)
     first = parts[0]
     head_dim = first.width("k_proj") // kv_heads
-    intermediate = first.width("up_proj")
+    intermediate = 0 if moe[0] else first.width("up_proj")
     if first.width("q_proj") != heads * head_dim or heads % kv_heads:
         raise UsageError(
             f"{type(model).__name__}: q_proj has {first.width('q_proj')} outputs, not "
@@ -128,9 +133,10 @@ def anatomy(model: nn.Module) -> Anatomy:
                 f"{odd[0]} is not block 0's shape (layers of different kinds); unstructured and N:M extraction "
                 "work on it"
             )
+    experts = "its blocks route tokens through experts, not one dense MLP: --experts-keep F removes whole experts"
     reasons = {
         "heads": _fixed_heads(first, head_dim, heads * head_dim, kv_heads * head_dim),
-        "mlp": _fixed_mlp(config),
+        "mlp": experts if moe[0] else _fixed_mlp(config),
         "depth": _fixed_depth(config),
     }
     what = {"heads": "remove heads of", "mlp": "remove MLP channels of", "depth": "drop blocks of"}
@@ -166,7 +172,7 @@ def _fused_spans(p: Parts, heads: int, kv_heads: int) -> None:
     """Each fused role's rows: qkv_proj stacks `heads` query heads and `kv_heads` key and value
     heads of one width; gate_up_proj the gate's rows, then the up projection's (Phi-3's order)."""
     for attr, roles in FUSED.items():
-        if p.attribute(roles[0]) != attr:
+        if roles[0] not in p.names or p.attribute(roles[0]) != attr:
             continue
         rows = p.linear(roles[0]).out_features
         per = [heads, kv_heads, kv_heads] if attr == "qkv_proj" else [1, 1]
@@ -200,8 +206,10 @@ def _fixed_heads(parts: Parts, head_dim: int, q_width: int, kv_width: int) -> st
         for n, p in att.named_parameters()
         if n.split(".")[0] not in projections
         and p.dim() >= 1
-        and (p.shape[0] in {q_width, kv_width} - {head_dim} or (p.dim() >= 2 and p.shape[0] in {heads, kv_heads}))
-    ]  # per-head parameters shared by every head (Qwen3's and Gemma3's q_norm / k_norm: head_dim wide) are fine
+        and (p.shape[0] in {q_width, kv_width} - {head_dim} or p.shape[0] in {heads, kv_heads} - {head_dim})
+    ]  # per-head parameters shared by every head (Qwen3's and Gemma3's q_norm / k_norm: head_dim wide) are fine;
+    # one value or row per head (Cohere's Q/K norms, gpt-oss's attention sinks) would keep the removed heads'
+
     if not (stored or spanning):
         return None
     what = (f"keeps {', '.join(stored)} as attributes" if stored else
@@ -231,6 +239,7 @@ def block_param_counts(anat: Anatomy) -> tuple[int, int, int]:
         if role in p.names:
             lin = p.linear(role)
             per_channel += lin.in_features + (lin.bias is not None)
-    per_channel += p.linear("down_proj").out_features
+    if "down_proj" in p.names:  # an MoE block has no dense MLP: no channel to count
+        per_channel += p.linear("down_proj").out_features
     whole = sum(t.numel() for t in anat.blocks[0].parameters())
     return whole - anat.kv_heads * per_group - anat.intermediate * per_channel, per_group, per_channel

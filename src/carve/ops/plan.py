@@ -70,6 +70,8 @@ def block_unit_importance(
 
     groups = _rows(s("k_proj"), anat.kv_heads) + _rows(s("v_proj"), anat.kv_heads)
     groups += _rows(s("q_proj"), anat.kv_heads) + _cols(s("o_proj"), anat.kv_heads)
+    if not anat.intermediate:  # an MoE block: no dense MLP channels
+        return groups, torch.zeros(0)
     channels = _rows(s("up_proj"), anat.intermediate) + _cols(s("down_proj"), anat.intermediate)
     if "gate_proj" in p.names:
         channels += _rows(s("gate_proj"), anat.intermediate)
@@ -140,7 +142,7 @@ def candidate_shapes(
                 f"--heads-keep {heads_keep} keeps {g} of {anat.kv_heads} key/value groups; keep at least one"
             )
         if "heads" in anat.fixed and g < anat.kv_heads:
-            raise UsageError(f"{anat.fixed['heads']}: extract with --heads-keep 1.0")
+            raise UsageError(f"{anat.fixed['heads']}; extract with --heads-keep 1.0")
         group_options = [g]
     else:  # --keep searches the number of groups too, where heads can go
         search = keep is not None and "heads" not in anat.fixed
@@ -149,7 +151,7 @@ def candidate_shapes(
         if not 0 <= drop_blocks < n_blocks:
             raise UsageError(f"--drop-blocks {drop_blocks}: the model has {n_blocks} blocks; keep at least one")
         if "depth" in anat.fixed and drop_blocks:
-            raise UsageError(f"{anat.fixed['depth']}: extract with --drop-blocks 0")
+            raise UsageError(f"{anat.fixed['depth']}; extract with --drop-blocks 0")
         drop_options = [drop_blocks]
     else:  # --keep searches the number of blocks dropped too, where blocks can go
         drop_options = (
@@ -163,12 +165,12 @@ def candidate_shapes(
         if not 0 < mlp_keep <= 1:
             raise UsageError(f"--mlp-keep {mlp_keep} is outside (0, 1]")
         fixed_m = max(1, round(mlp_keep * anat.intermediate))
-        if "mlp" in anat.fixed and fixed_m < anat.intermediate:
-            raise UsageError(f"{anat.fixed['mlp']}: extract with --mlp-keep 1.0")
-    elif "mlp" in anat.fixed:  # --keep cuts heads and depth only
+        if "mlp" in anat.fixed and mlp_keep < 1:
+            raise UsageError(f"{anat.fixed['mlp']}; extract with --mlp-keep 1.0")
+    if "mlp" in anat.fixed:  # --keep cuts heads and depth only (an MoE: no dense MLP, width 0)
         fixed_m = anat.intermediate
     if keep is None:
-        return [Shape(group_options[0], fixed_m or anat.intermediate, drop_options[0])]
+        return [Shape(group_options[0], anat.intermediate if fixed_m is None else fixed_m, drop_options[0])]
     if not 0 < keep < 1:
         raise UsageError(f"--keep {keep} is outside (0, 1): it is the share of decoder-block parameters kept")
     if None not in (mlp_keep, heads_keep, drop_blocks):

@@ -125,10 +125,9 @@ def slice_block(p: Parts, anat: Anatomy, plan: Plan, i: int, roles: list[str],
     hd, rep = anat.head_dim, anat.group_size
     kv = _head_rows(plan.groups[i], hd)
     q = _head_rows([h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)], hd)
-    removed = {
-        "o_proj": sorted(set(range(p.linear("o_proj").in_features)) - set(q)),
-        "down_proj": sorted(set(range(p.linear("down_proj").in_features)) - set(plan.channels[i])),
-    }
+    removed = {"o_proj": sorted(set(range(p.linear("o_proj").in_features)) - set(q))}
+    if "down_proj" in p.names:
+        removed["down_proj"] = sorted(set(range(p.linear("down_proj").in_features)) - set(plan.channels[i]))
     deltas = {}
     for role in roles:
         assert means is not None
@@ -141,8 +140,9 @@ def slice_block(p: Parts, anat: Anatomy, plan: Plan, i: int, roles: list[str],
         if isinstance(getattr(p.attention, attr, None), int):
             setattr(p.attention, attr, len(kv if attr == "num_key_value_heads" else q) // hd)
     ch = plan.channels[i]
-    _slice_rows(p, p.mlp, {"gate_proj": ch, "up_proj": ch})
-    p.mlp.down_proj = _sliced(p.linear("down_proj"), cols=ch)
+    if "down_proj" in p.names:  # a dense MLP (an MoE block's experts stay as they are)
+        _slice_rows(p, p.mlp, {"gate_proj": ch, "up_proj": ch})
+        p.mlp.down_proj = _sliced(p.linear("down_proj"), cols=ch)
     for role, delta in deltas.items():
         for r in ATTENTION if role == "o_proj" else MLP:
             if r in p.names:  # the config's flag gives every projection it governs a bias
@@ -165,7 +165,8 @@ def shape_config(config: Any, anat: Anatomy, shape: Shape) -> None:
     config.head_dim = anat.head_dim  # explicit: most configs derive it from hidden_size / heads otherwise
     config.num_key_value_heads = shape.kv_groups
     config.num_attention_heads = shape.kv_groups * anat.group_size
-    config.intermediate_size = shape.mlp_channels
+    if anat.intermediate:  # an MoE's intermediate_size (Mixtral: each expert's width) is left as it is
+        config.intermediate_size = shape.mlp_channels
 
 
 def plan_config(config: Any, anat: Anatomy, plan: Plan, roles: list[str]) -> None:
@@ -213,24 +214,24 @@ def per_layer_lists(config: Any, layers: int) -> dict[str, list[Any]]:
 
 def zero_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """The masked equivalent of `apply_plan`: same sizes, the removed units' outputs zeroed (o_proj
-    columns of removed heads, down_proj columns of removed channels, and all of o_proj and
-    down_proj with their biases in dropped blocks, which makes a pre- or sandwich-norm block the
-    identity).  For tests: the sliced model's logits equal this model's."""
+    columns of removed heads, down_proj columns of removed channels, and in dropped blocks every
+    o_proj and down_proj weight and bias (an MoE's experts' and shared expert's too), which makes a
+    pre- or sandwich-norm block the identity).  For tests: the sliced model's logits equal this model's."""
     anat = anatomy(model)
     hd, rep = anat.head_dim, anat.group_size
     with torch.no_grad():
         for i, p in enumerate(anat.parts):
-            o, down = p.linear("o_proj"), p.linear("down_proj")
             if i in plan.drop:
-                for lin in (o, down):
-                    lin.weight.zero_()
-                    if lin.bias is not None:
-                        lin.bias.zero_()
+                for name, prm in anat.blocks[i].named_parameters():
+                    if "o_proj" in name or "down_proj" in name:
+                        prm.zero_()
                 continue
+            o = p.linear("o_proj")
             kept_q = set(_head_rows([h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)], hd))
             o.weight[:, [c for c in range(o.in_features) if c not in kept_q]] = 0
-            kept_ch = set(plan.channels[i])
-            down.weight[:, [c for c in range(down.in_features) if c not in kept_ch]] = 0
+            if "down_proj" in p.names:
+                down, kept_ch = p.linear("down_proj"), set(plan.channels[i])
+                down.weight[:, [c for c in range(down.in_features) if c not in kept_ch]] = 0
     return model
 
 
@@ -249,8 +250,8 @@ def sliced_copy(anat: Anatomy, plan: Plan, i: int, roles: list[str],
     twin = shared_copy(anat.blocks[i])
     p = anat.parts[i]
     holder = lambda role: p.names[role].removeprefix(f"{anat.prefix}.{i}.").rpartition(".")[0]  # noqa: E731
-    slice_block(Parts(twin.get_submodule(holder("q_proj")), twin.get_submodule(holder("up_proj")), p.names, p.spans),
-                anat, plan, i, roles, means)  # fmt: skip
+    mlp = twin.get_submodule(holder("up_proj")) if "up_proj" in p.names else twin  # an MoE block: the block
+    slice_block(Parts(twin.get_submodule(holder("q_proj")), mlp, p.names, p.spans), anat, plan, i, roles, means)
     for m in twin.modules():  # the twin's own config copy, shared by its modules (Phi-3 splits qkv by it)
         if hasattr(config := getattr(m, "config", None), "num_attention_heads"):
             shape_config(config, anat, plan.shape)  # the same values each time
