@@ -195,8 +195,9 @@ def _fixed_heads(parts: Parts, head_dim: int, q_width: int, kv_width: int) -> st
     """Why removing heads would leave the attention inconsistent (None: it would not): a width kept as
     an attribute (StableLM's `hidden_size`), or parameters spanning the heads besides the projections:
     OLMo-2's q_norm / k_norm normalize the whole projection (removing heads would change every kept
-    head's normalization), Cohere's with `use_qk_norm` hold one row per head (they would keep the
-    removed heads' rows).  Such a model keeps every head; its MLP channels and blocks can go."""
+    head's normalization), Cohere's with `use_qk_norm` hold one row per head and gpt-oss's attention
+    sinks one logit per head (they would keep the removed heads' ones).  Such a model keeps every
+    head; its MLP channels and blocks can go."""
     att = parts.attention
     heads, kv_heads = q_width // head_dim, kv_width // head_dim
     stored = [a for a in FIXED_WIDTH_ATTRIBUTES if isinstance(getattr(att, a, None), int)]
@@ -208,8 +209,7 @@ def _fixed_heads(parts: Parts, head_dim: int, q_width: int, kv_width: int) -> st
         and p.dim() >= 1
         and (p.shape[0] in {q_width, kv_width} - {head_dim} or p.shape[0] in {heads, kv_heads} - {head_dim})
     ]  # per-head parameters shared by every head (Qwen3's and Gemma3's q_norm / k_norm: head_dim wide) are fine;
-    # one value or row per head (Cohere's Q/K norms, gpt-oss's attention sinks) would keep the removed heads'
-
+    # one value or row per head (Cohere's Q/K norms, gpt-oss's attention sinks) would keep the removed heads' ones
     if not (stored or spanning):
         return None
     what = (f"keeps {', '.join(stored)} as attributes" if stored else
