@@ -23,7 +23,6 @@ checkpoint with its index, written like the source, so `from_pretrained` loads i
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Callable
@@ -44,7 +43,7 @@ from carve.models.experts import uncounted
 from carve.models.patch import replaced_forwards
 from carve.models.skeleton import SkeletonModel
 from carve.models.sparse import SparseWriter
-from carve.models.stream import StreamWriter
+from carve.models.stream import StreamWriter, quantization_method
 from carve.progress import progress
 
 EVAL_BATCH = 2  # as carve.evaluation.perplexity, so the sums are the same
@@ -295,12 +294,3 @@ def check_streamable(model: str | None) -> Path:
 
 
 STREAMED_QUANTIZATIONS = ("mxfp4",)  # de-quantized as they are read (models/stream.TensorSource)
-
-
-def quantization_method(path: Path) -> str | None:
-    """The quantization a checkpoint's config.json declares (gpt-oss's "mxfp4", "fp8" ...), or None."""
-    try:
-        quantized = json.loads((path / "config.json").read_text()).get("quantization_config")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return str(quantized.get("quant_method", "unnamed")) if isinstance(quantized, dict) else None

@@ -24,6 +24,7 @@ from carve.errors import UsageError
 from carve.models import pretokenize
 from carve.models.delta import DELTA_FILE
 from carve.models.gguf_header import precision_class, read_gguf_header
+from carve.models.stream import quantization_method
 from carve.progress import bar, library_bars
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -256,7 +257,7 @@ def _from_directory(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
         return tok, model, fingerprint
     _check_safetensors(path)
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if "quantization_config" in json.loads((path / "config.json").read_text()):
+    if quantization_method(path) is not None:
         _plain_floats(model, f"{str(path)!r} is quantized")
     return tok, model, fingerprint
 

@@ -64,12 +64,13 @@ def mxfp4_values(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype 
     return out.reshape(*lead, *out.shape[1:])
 
 
-def _declares_mxfp4(directory: Path) -> bool:
+def quantization_method(directory: Path) -> str | None:
+    """The quantization a checkpoint's config.json declares (gpt-oss's "mxfp4", "fp8" ...), or None."""
     try:
         quantized = json.loads((directory / "config.json").read_text()).get("quantization_config")
     except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(quantized, dict) and quantized.get("quant_method") == "mxfp4"
+        return None
+    return str(quantized.get("quant_method", "unnamed")) if isinstance(quantized, dict) else None
 
 
 def dtype_code(dtype: torch.dtype) -> str:
@@ -115,7 +116,7 @@ class TensorSource:
                     self._where[k] = (handle, k)
                 if not mmap:
                     self._spans.update(_spans(f))
-            if _declares_mxfp4(d):
+            if quantization_method(d) == "mxfp4":
                 pairs = {k.removesuffix("_blocks") for k in self._where if k.endswith("_blocks")}
                 self._mxfp4 = {k: (f"{k}_blocks", f"{k}_scales") for k in pairs if f"{k}_scales" in self._where}
 
