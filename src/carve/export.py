@@ -431,7 +431,6 @@ def _gpt_oss_metadata(writer: Any, config: Any) -> None:
     """gpt-oss's keys: the experts (each one's width is the config's intermediate size), the sliding
     window with its per-layer pattern, and YaRN (llama.cpp scales cos and sin by 0.1 ln s + 1 itself,
     as transformers does by default)."""
-
     _moe_metadata(writer, config)
     writer.add_expert_feed_forward_length(int(config.intermediate_size))
     writer.add_sliding_window(int(config.sliding_window))
