@@ -261,7 +261,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                   layer_types=["full_attention"] * 4)  # fmt: skip
         config.rope_parameters = dict(LLAMA3)
         return _perturbed(tf.AutoModelForCausalLM.from_config(config), ("norm.weight",), 1.0)
-    if kind == "ernie4_5":  # RoPE on interleaved pairs (no permutation), Q/K/V/O biases; positions matter
+    if kind == "ernie4_5":  # RoPE on interleaved pairs (no permutation), head_dim 128; positions matter
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         model = tf.AutoModelForCausalLM.from_config(tf.Ernie4_5Config(**sizes, vocab_size=vocab, use_bias=False))
         with torch.no_grad():
