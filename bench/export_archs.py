@@ -67,7 +67,9 @@ routing) before the export; contrast: the source.
 gpt-oss (`gpt-oss`, `gpt-oss-experts`): 4 experts, top-2, attention sinks, biases everywhere, gpt-oss's
 YaRN (factor 32 over an original 4096, truncate false), layers sliding / global with window 16; expert
 and router weights from N(0, 0.2), every other bias and the sinks from N(0, 0.5), query and key weights
-scaled by 8; contrast: top-1 routing; `-experts`: cut by `--experts-keep 0.75` as the other MoEs.
+scaled by 8; contrast: top-1 routing; `-experts`: cut by `--experts-keep 0.75` as the other MoEs;
+`-mxfp4`: the same model exported with `--type mxfp4` (its experts in MXFP4, the other matrices q8_0),
+no contrast (the agreement measures what MXFP4 costs).
 Ministral 3 (`ministral3`): 4 Llama-style blocks with Ministral 3's RoPE as released (YaRN factor 16,
 both mscales 1, Llama 4's attention temperature β 0.1) over an original context of 64, so that the
 temperature acts past position 64; query and key weights scaled by 8; contrast: the temperature removed.
@@ -129,6 +131,7 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_fact
 MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 64,
                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                    "llama_4_scaling_beta": 0.1}  # fmt: skip
+TYPE = {"gpt-oss-mxfp4": "mxfp4"}  # rows exported in a type other than f16
 BLOCK = {"phi3-longrope": 300, "phi3-longrope-short": 200}
 
 
@@ -269,7 +272,9 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith(("q_proj.weight", "k_proj.weight")):
                     p.mul_(8)
         return model.eval()
-    if kind.removesuffix("-experts") == "gpt-oss":  # sinks, biases, clamped SwiGLU, YaRN (gpt-oss's), window 16
+    if (
+        kind.removesuffix("-experts").removesuffix("-mxfp4") == "gpt-oss"
+    ):  # sinks, biases, clamped SwiGLU, YaRN (gpt-oss's), window 16
         config = tf.GptOssConfig(**{**SIZES, "intermediate_size": 64}, num_local_experts=4, num_experts_per_tok=2,
                                  head_dim=16, sliding_window=16, vocab_size=vocab, pad_token_id=None,
                                  bos_token_id=None, eos_token_id=None)  # fmt: skip
@@ -385,7 +390,8 @@ def row(kind: str) -> dict[str, Any]:
     # llama.cpp gives Phi-3's own special tokens (<s>, </s>, <unk>) attributes when the model's name holds
     # "phi3" and fails to load a vocabulary without them (this one is the embedded default's): not in the name
     name = kind.replace("phi3", "fused-qkv")
-    src, gguf = OUT / f"export-archs-{name}", OUT / f"export-archs-{name}.f16.gguf"
+    kind_type = TYPE.get(kind, "f16")
+    src, gguf = OUT / f"export-archs-{name}", OUT / f"export-archs-{name}.{kind_type}.gguf"
     model = tiny(kind, len(tok))
     model.save_pretrained(src)
     tok.save_pretrained(src)
@@ -396,7 +402,7 @@ def row(kind: str) -> dict[str, Any]:
                         "--out", str(src), "--overwrite", "--quiet", "--no-speed", "--cloze-items", "0"],
                        check=True, capture_output=True)  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(src).eval()
-    out = subprocess.run([CARVE, "export", str(src), "--gguf", str(gguf), "--type", "f16", "--overwrite", "--json",
+    out = subprocess.run([CARVE, "export", str(src), "--gguf", str(gguf), "--type", kind_type, "--overwrite", "--json",
                           "--quiet"], capture_output=True, text=True, check=True).stdout  # fmt: skip
     exported = json.loads(out[out.index("{") :])
     ids = torch.randint(0, len(tok), (1, BLOCK.get(kind, 200)), generator=torch.Generator().manual_seed(1))
@@ -571,6 +577,7 @@ KINDS = (
     "qwen2-moe-experts",
     "gpt-oss",
     "gpt-oss-experts",
+    "gpt-oss-mxfp4",
     "llama3-tokenizer",
     "default-tokenizer",
 )

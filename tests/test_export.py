@@ -1116,6 +1116,31 @@ def test_gpt_oss_with_experts_removed_exports(tmp_path: Path, tokenizer, small_c
     assert torch.equal(bias, cut["model.layers.1.mlp.router.bias"])
 
 
+def test_mxfp4_type_writes_the_experts_in_mxfp4(tmp_path: Path, tokenizer, model_dir: Path) -> None:
+    """`--type mxfp4` (llama.cpp's MXFP4_MOE, as gpt-oss ships): the experts in MXFP4, within MXFP4's
+    error of the source's; other matrices Q8_0, vectors and biases F32; a dense model refused by name,
+    with nothing written."""
+    import gguf as gguf_py
+
+    model = _tiny_gpt_oss()
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-gpt-oss", "mxfp4")
+    assert meta["general.file_type"] == int(gguf_py.LlamaFileType.MOSTLY_MXFP4_MOE)
+    read = {t.name: t for t in gguf_py.GGUFReader(gguf).tensors}
+    kinds = {name: t.tensor_type.name for name, t in read.items()}
+    assert kinds["blk.0.ffn_gate_exps.weight"] == kinds["blk.1.ffn_down_exps.weight"] == "MXFP4"
+    assert kinds["blk.0.attn_q.weight"] == kinds["token_embd.weight"] == "Q8_0"
+    assert kinds["blk.0.ffn_gate_exps.bias"] == kinds["blk.0.ffn_gate_inp.weight"] == "F32"
+    t = read["blk.1.ffn_down_exps.weight"]
+    got = torch.from_numpy(gguf_py.quants.dequantize(t.data, t.tensor_type).astype("float32"))
+    want = model.state_dict()["model.layers.1.mlp.experts.down_proj"].transpose(1, 2)
+    # MXFP4: 4-bit values sharing a power-of-two scale per 32: each value within a quarter of its block's max
+    blocks = want.reshape(-1, 32)
+    err = (got.reshape(-1, 32) - blocks).abs()
+    assert (err <= 0.25 * blocks.abs().amax(dim=1, keepdim=True) + 1e-6).all()
+    assert main(["export", str(model_dir), "--gguf", str(tmp_path / "dense.gguf"), "--type", "mxfp4"]) == 2
+    assert not (tmp_path / "dense.gguf").exists()
+
+
 def test_gpt_oss_refusals() -> None:
     """What llama.cpp's gpt-oss fixes or needs is refused by name."""
     from carve.export import check_config

@@ -53,8 +53,12 @@ from carve.errors import UsageError
 from carve.models import pretokenize
 from carve.progress import progress
 
-TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0"}
-_FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0"}
+TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "mxfp4": "MXFP4"}
+_FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
+               "mxfp4": "MOSTLY_MXFP4_MOE"}  # fmt: skip
+# `mxfp4` (llama.cpp's MXFP4_MOE, the format gpt-oss ships in): an MoE's 3-D expert tensors in MXFP4,
+# every other matrix in this type
+_MXFP4_OTHERS = "Q8_0"
 
 
 @dataclass(frozen=True)
@@ -874,13 +878,14 @@ def _heads(target: str, w: torch.Tensor, config: Any, shape: dict[str, Any]) -> 
 
 def _ggml_type(shape: tuple[int, ...], kind: str, keep_f32: bool = False) -> Any:
     """The ggml type a tensor of `shape` is written in: F32 for vectors (and `keep_f32` ones), else
-    the export type, or F16 where its rows are not a whole number of quantization blocks (as
-    llama.cpp's convert does)."""
+    the export type (`mxfp4`: MXFP4 for an MoE's 3-D experts, Q8_0 for other matrices), or F16 where
+    its rows are not a whole number of quantization blocks (as llama.cpp's convert does)."""
     import gguf
 
     if len(shape) == 1 or keep_f32:
         return gguf.GGMLQuantizationType.F32
-    qtype = gguf.GGMLQuantizationType[TYPES[kind]]
+    name = _MXFP4_OTHERS if kind == "mxfp4" and len(shape) != 3 else TYPES[kind]
+    qtype = gguf.GGMLQuantizationType[name]
     if shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
         return gguf.GGMLQuantizationType.F16
     return qtype
@@ -971,6 +976,9 @@ def write_gguf(
     if tied:
         state.pop("lm_head.weight", None)
     arch, shape = _check_layout(config, state)
+    if kind == "mxfp4" and not any(w.dim() == 3 for w in state.values()):
+        raise UsageError("--type mxfp4 writes an MoE's experts in MXFP4 (as gpt-oss ships); this model has no "
+                         "experts: use q8_0 or q4_0")  # fmt: skip
     writer = gguf.GGUFWriter(str(path), arch.gguf)
     # the source's directory name, not its path (a GGUF carries no local paths)
     writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "")).name or "carve output")

@@ -164,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     xp = sub.add_parser("export", help="a carve output as a GGUF file for llama.cpp, ollama, LM Studio")
     xp.add_argument("source", help="a carve output directory (dense, sparse, structured, an update) or a model")
     xp.add_argument("--gguf", required=True, metavar="OUT.gguf", help="the GGUF file to write (atomically)")
-    xp.add_argument("--type", default="f16", choices=["f16", "bf16", "q8_0", "q4_0"], help="tensor type (default f16)")
+    xp.add_argument(
+        "--type",
+        default="f16",
+        choices=["f16", "bf16", "q8_0", "q4_0", "mxfp4"],
+        help="tensor type (default f16; mxfp4: an MoE's experts in MXFP4, the other matrices q8_0)",
+    )
     xp.add_argument("--overwrite", action="store_true", help="replace an existing file")
     xp.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                     help="one decoder block in memory at a time, or refuse (the default for a local safetensors "
