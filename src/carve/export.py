@@ -1,4 +1,4 @@
-"""`carve export DIR --gguf OUT.gguf --type f16|bf16|q8_0|q4_0`: any carve output (dense, sparse,
+"""`carve export DIR --gguf OUT.gguf --type f16|bf16|q8_0|q4_0|mxfp4`: any carve output (dense, sparse,
 structured, a fine-tuning update over its base) as a GGUF file llama.cpp runs.
 
 The model is loaded as carve loads any source (`load_model`), then written with the `gguf` package's
