@@ -99,6 +99,11 @@ def _check_exaone4(config: Any) -> None:
         )
 
 
+def _head_dim(config: Any) -> int:
+    """A head's width: the config's `head_dim`, else hidden size / heads."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 def _check_gemma_common(config: Any, arch: str, blocks_27b: int) -> None:
     """What llama.cpp's gemma2 and gemma3 graphs share: tanh-approximated GELU, and queries scaled by
     1/sqrt(head_dim), or by 1/sqrt(hidden / heads) for the 27B (told apart by its block count)."""
@@ -106,7 +111,7 @@ def _check_gemma_common(config: Any, arch: str, blocks_27b: int) -> None:
         raise UsageError(
             f"llama.cpp's {arch} uses tanh-approximated GELU; this model uses {config.hidden_activation!r}"
         )
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     scalar = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == blocks_27b else head_dim
     if float(getattr(config, "query_pre_attn_scalar", scalar)) != float(scalar):
         raise UsageError(
@@ -293,7 +298,7 @@ def _check_phi3(config: Any) -> None:
     kind = rope_type(config)
     if kind == "longrope":
         rope = _rope(config)
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = _head_dim(config)
         half = _rotary_dims(config, head_dim) // 2
         bad = [k for k in ("long_factor", "short_factor") if len(rope.get(k) or []) != half]
         if bad or not rope.get("original_max_position_embeddings"):
@@ -718,14 +723,14 @@ def check_config(config: Any) -> Architecture:
 
 
 def _query_is_hidden(config: Any) -> bool:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     return bool(config.num_attention_heads * head_dim == config.hidden_size)
 
 
 def _query_width_error(config: Any, gguf: str) -> UsageError:
     """The refusal of query heads narrower or wider than the hidden size where llama.cpp's graph sizes them by it
     (`Architecture.query_is_hidden`) and no other architecture of llama.cpp's computes the same."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     return UsageError(
         f"llama.cpp's {gguf} takes query heads as wide as the hidden size ({config.hidden_size}); this "
         f"model's {config.num_attention_heads} heads of {head_dim} are {config.num_attention_heads * head_dim} "
@@ -741,7 +746,7 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
     extra = sorted(k for k in state if k.endswith(".bias") and k.split(".")[-2] not in arch.biases)
     if extra:
         raise UsageError(f"llama.cpp's {arch.gguf} architecture holds no bias {extra[0]!r}: this model has one")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = _head_dim(config)
     n_layers = config.num_hidden_layers
     ffn, kv = [], []
     for i in range(n_layers):

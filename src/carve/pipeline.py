@@ -43,7 +43,7 @@ from carve.job import (  # noqa: F401  - the shared job skeleton (re-exported fo
 from carve.masks.mask import ImportanceMap
 from carve.masks.select import GRANULARITIES, check_sparsity, parse_pattern
 from carve.models import LoadedModel, load_model
-from carve.models.anatomy import anatomy
+from carve.models.anatomy import anatomy, text_part
 from carve.models.arch import DEFAULT_EXCLUDE, count_parameters
 from carve.models.experts import unfused
 from carve.models.load import (
@@ -733,7 +733,7 @@ def _reshaped(
         return sliced_copy(anat, plan, i, roles, None if result.means is None else result.means[i])
 
     config = copy.deepcopy(skeleton.model.config)
-    plan_config(config.get_text_config() if hasattr(config, "get_text_config") else config, anat, plan, roles)
+    plan_config(text_part(config), anat, plan, roles)
     return _reshaped_as(skeleton, block, index, config, dtype)
 
 
@@ -748,7 +748,7 @@ def _reshaped_experts(
         return twin
 
     config = copy.deepcopy(skeleton.model.config)
-    experts_config(config.get_text_config() if hasattr(config, "get_text_config") else config, result)
+    experts_config(text_part(config), result)
     return _reshaped_as(skeleton, block, {i: i for i in range(len(skeleton.blocks))}, config, dtype)
 
 

@@ -70,7 +70,11 @@ class Anatomy:
 
 
 def text_config(model: nn.Module) -> Any:
-    config: Any = model.config
+    return text_part(model.config)
+
+
+def text_part(config: Any) -> Any:
+    """The text model's part of a config (a multimodal one's text config; a text model's itself)."""
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 

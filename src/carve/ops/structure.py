@@ -52,6 +52,7 @@ from carve.models.anatomy import (
     anatomy,
     compensable,
     text_config,
+    text_part,
 )
 from carve.ops.plan import (
     Plan,
@@ -316,7 +317,7 @@ class StructureResult:
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         config = text_config(model) if self.config is None else self.config
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        config = text_part(config)
         keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
         distances = None if self.distances is None else [round(x, 5) for x in self.distances.tolist()]
         return {
