@@ -79,6 +79,22 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
+def any_tiny_config(model_type: str, layers: int = 3):
+    """A tiny config of any transformers model type: the Llama family's generic sizes (hidden 64,
+    MLP 96, 4 query heads in 2 key/value groups of 16, 4 experts with top-1 routing), each passed
+    only where the config's constructor takes it; what else the config needs is its default."""
+    import inspect
+
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    sizes = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": layers, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB, "max_position_embeddings": 256,
+             "num_local_experts": 4, "num_experts_per_tok": 1, "pad_token_id": 0, "bos_token_id": 1,
+             "eos_token_id": 2}  # fmt: skip
+    cls = CONFIG_MAPPING[model_type]
+    return cls(**{k: v for k, v in sizes.items() if k in inspect.signature(cls.__init__).parameters})
+
+
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 

@@ -431,6 +431,7 @@ def test_structured_extract_is_smaller_reloads_and_reports_speed(
     size, shape = m["size"], m["structure"]["shape"]
     assert size["parameters_after"] < size["parameters_before"] and size["file_mb"] > 0
     assert len(m["structure"]["candidates"]) > 1  # the split was searched
+    assert m["structure"]["held"] == {}  # a Llama holds no dimension whole
     model = AutoModelForCausalLM.from_pretrained(out)
     assert sum(p.numel() for p in model.parameters()) == size["parameters_after"]
     assert model.config.intermediate_size == shape["mlp_channels"] == m["structure"]["config"]["intermediate_size"]

@@ -17,10 +17,10 @@ from carve.engines.blocks import block_distances, calibration_loss, greedy_drop_
 from carve.errors import UsageError
 from carve.masks import ImportanceMap
 from carve.models import all_prunable_linears
-from carve.models.anatomy import anatomy
+from carve.models.anatomy import anatomy, compensable
 from carve.ops.plan import Shape, ShapeTarget, candidate_shapes, decoder_params, make_plan, unit_importance
-from carve.ops.structure import apply_plan, search_plan, shared_copy, zero_plan
-from tests.conftest import MORE_ARCHS, VOCAB, tiny_config
+from carve.ops.structure import apply_plan, held_by_config, search_plan, shared_copy, structure, zero_plan
+from tests.conftest import MORE_ARCHS, VOCAB, any_tiny_config, tiny_config
 
 STRUCTURED = ["llama", "qwen2", "mistral", "gemma3", *MORE_ARCHS, "phi3"]  # phi3: fused qkv_proj, gate_up_proj
 
@@ -307,7 +307,6 @@ def test_slicing_a_shared_copy_leaves_the_model_and_equals_slicing_a_full_copy(a
     weights, config and outputs stay as they were, and the candidate equals one sliced from a deep
     copy (bias compensation and dropped blocks included)."""
     from carve.engines.blocks import input_means
-    from carve.models.anatomy import compensable
 
     model = three_block_model(arch)
     model.config.attention_bias = True  # let the compensation write biases, also into projections that had none
@@ -315,8 +314,9 @@ def test_slicing_a_shared_copy_leaves_the_model_and_equals_slicing_a_full_copy(a
     calib = _ids(4, 16)
     groups, channels = unit_importance(random_scores(model), anat)
     plan = make_plan(Shape(1, 40, 1), groups, channels, block_distances(model, calib).argsort().tolist())
-    means = input_means(model, calib, batch_size=2)
-    assert "o_proj" in compensable(model)
+    # Qwen2's config has neither attention_bias nor mlp_bias: nothing to compensate
+    assert compensable(model) == (["o_proj", "down_proj"] if arch == "llama" else [])
+    means = input_means(model, calib, batch_size=2) if compensable(model) else None
     state = {k: v.clone() for k, v in model.state_dict().items()}
     config = model.config.to_dict()
     with torch.no_grad():
@@ -383,7 +383,6 @@ def test_bias_compensation_keeps_the_mean_output_and_reloads(arch: str, tmp_path
     0's o_proj (and down_proj, where the config allows an MLP bias) over the calibration tokens
     equals the dense model's; the biases and the config flags survive save / from_pretrained."""
     from carve.engines.blocks import input_means
-    from carve.models.anatomy import compensable
 
     model = three_block_model(arch)
     anat = anatomy(model)
@@ -422,7 +421,6 @@ def test_bias_compensation_keeps_the_mean_output_and_reloads(arch: str, tmp_path
 
 
 def test_bias_compensation_refused_without_a_bias_flag() -> None:
-    from carve.ops.structure import structure
     from tests.conftest import tiny_model
 
     with pytest.raises(UsageError, match="neither mlp_bias nor attention_bias"):
@@ -458,7 +456,6 @@ def test_greedy_drop_order_equals_slicing_every_candidate(arch: str) -> None:
 
 
 def test_structure_drops_the_greedy_rules_blocks() -> None:
-    from carve.ops.structure import structure
 
     model = three_block_model("llama")
     calib = _ids(4, 16)
@@ -534,3 +531,64 @@ def test_blocks_of_different_shapes_refused() -> None:
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UsageError, match="block 1's q_proj is not block 0's shape"):
         anatomy(model)
+
+
+def _odd_model(model_type: str) -> torch.nn.Module:
+    """A 3-block tiny model of a transformers architecture with Llama-style names whose config or
+    blocks limit what structured extraction can cut."""
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(any_tiny_config(model_type)).eval()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "held", "why"),
+    [
+        ("helium", {"heads"}, r"config builds model\.layers\.0\.self_attn\.o_proj\.weight as \[64, 64\]"),
+        (
+            "llama4_text",
+            {"mlp"},
+            r"config builds model\.layers\.0\.feed_forward\.experts\.gate_up_proj as \[4, 64, 190\]",
+        ),
+        ("bitnet", {"heads", "mlp"}, r"ffn_sub_norm\.weight spanning every channel"),
+        ("diffllama", {"heads", "depth"}, r"differential attention"),
+        ("falcon_h1", set(), ""),
+    ],
+)
+def test_what_the_config_or_the_blocks_hold_is_kept_and_the_rest_slices(
+    model_type: str, held: set[str], why: str, tmp_path: Path
+) -> None:
+    """Found on transformers' causal LMs with Llama-style names (bench/structured_archs.py): Helium's
+    o_proj is as wide as the hidden size whatever the heads, and Llama 4's shared expert has its
+    routed experts' width, so their configs cannot describe a cut there (found by slicing a meta-device copy:
+    `held_by_config`); BitNet's sub-norms span every head and channel; DiffLlama pairs heads and computes
+    each block's λ from its index.  Those dimensions are held, the others slice to the zeroed model and
+    reload with stock from_pretrained; Llama 4's `moe_layers` (block indices) follow the kept blocks, and a
+    dropped Falcon-H1 block takes its Mamba branch with it."""
+    model = _odd_model(model_type)
+    anat = anatomy(model)
+    anat.fixed.update(held_by_config(model, anat))
+    assert set(anat.fixed) == held
+    assert not held or re.search(why, " ".join(anat.fixed.values()))
+    kept = Shape(
+        anat.kv_heads if "heads" in held else 1, anat.intermediate if "mlp" in held else 40, 0 if "depth" in held else 1
+    )
+    reloaded, _ = sliced_as_zeroed(model, kept, [1, 2, 0], tmp_path)
+    if model_type == "llama4_text":
+        assert reloaded.config.moe_layers == [0, 1]
+    if model_type == "helium":
+        assert compensable(model) == ["down_proj"]  # its config has attention_bias; its o_proj never has a bias
+        # the job searches the dimensions that can go, and the result (the manifest) names what was held
+        res = structure(copy.deepcopy(model), random_scores(model), _ids(4, 16), ShapeTarget(keep=0.8))
+        assert set(res.held) == {"heads"} and res.plan.shape.kv_groups == anat.kv_heads
+        assert res.describe(model)["structure"]["held"] == res.held
+        # a plan made by hand that cuts what the config holds
+        groups, channels = unit_importance(random_scores(model), anat)
+        with pytest.raises(UsageError, match=r"cannot slice HeliumForCausalLM to this plan: its config builds"):
+            apply_plan(copy.deepcopy(model), make_plan(Shape(1, 96, 0), groups, channels, [0, 1, 2]))
+
+
+def test_a_config_that_does_not_count_the_blocks_is_refused() -> None:
+    """HRM's config counts its recurrent cycles in num_hidden_layers, not its ModuleList's blocks:
+    rewriting that count would break it, so structured extraction refuses it by name."""
+    with pytest.raises(UsageError, match=r"num_hidden_layers \(\d+\) does not count the blocks"):
+        anatomy(_odd_model("hrm_text"))

@@ -7,9 +7,11 @@ a block's parameters cost per key/value group and per MLP channel."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from carve.errors import UsageError
@@ -88,13 +90,15 @@ def anatomy(model: nn.Module) -> Anatomy:
     for i, block in enumerate(blocks):
         holders: dict[str, nn.Module] = {}
         names: dict[str, str] = {}
-        for name, mod in block.named_modules():
-            for attr in (*ATTENTION, *MLP, *FUSED):
-                lin = getattr(mod, attr, None)
-                for role in FUSED.get(attr, (attr,)):
-                    if isinstance(lin, nn.Linear) and role not in names:
-                        holders[role] = mod
-                        names[role] = f"{prefix}.{i}.{name}.{attr}" if name else f"{prefix}.{i}.{attr}"
+        # each role from the first module holding its kind's anchor (q_proj, up_proj; or the fused
+        # projection holding it): an attention's own output gate (HRM's gate_proj) is not the MLP's
+        found = [(name, mod, attr, role) for name, mod in block.named_modules() for attr in (*ATTENTION, *MLP, *FUSED)
+                 if isinstance(getattr(mod, attr, None), nn.Linear) for role in FUSED.get(attr, (attr,))]  # fmt: skip
+        anchors = {r: next((m for _, m, _, role in found if role == r), None) for r in ("q_proj", "up_proj")}
+        for name, mod, attr, role in found:
+            if role not in names and anchors["q_proj" if role in ATTENTION else "up_proj"] in (mod, None):
+                holders[role] = mod
+                names[role] = f"{prefix}.{i}.{name}.{attr}" if name else f"{prefix}.{i}.{attr}"
         mlps = sum(isinstance(getattr(mod, "up_proj", None), nn.Linear) for mod in block.modules())
         moe.append(mlps > 1 or any(is_fused_experts(m) or isinstance(m, ExpertLinears) for m in block.modules()))
         if moe[-1]:  # the experts' (and a shared expert's) projections are not a dense MLP's
@@ -113,6 +117,12 @@ def anatomy(model: nn.Module) -> Anatomy:
             "expert blocks; unstructured and N:M extraction work on it"
         )
     config = text_config(model)
+    if getattr(config, "num_hidden_layers", len(blocks)) != len(blocks):
+        raise UsageError(
+            f"structured extraction rewrites the config's block count; {type(model).__name__}'s "
+            f"num_hidden_layers ({config.num_hidden_layers}) does not count the blocks of {prefix} ({len(blocks)}); "
+            "unstructured and N:M extraction work on it"
+        )
     heads, kv_heads = (
         config.num_attention_heads,
         getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
@@ -140,8 +150,8 @@ def anatomy(model: nn.Module) -> Anatomy:
     experts = "its blocks route tokens through experts, not one dense MLP: --experts-keep F removes whole experts"
     reasons = {
         "heads": _fixed_heads(first, head_dim, heads * head_dim, kv_heads * head_dim),
-        "mlp": experts if moe[0] else _fixed_mlp(config),
-        "depth": _fixed_depth(config),
+        "mlp": experts if moe[0] else _fixed_mlp(config, first, intermediate),
+        "depth": _fixed_depth(config, first),
     }
     what = {"heads": "remove heads of", "mlp": "remove MLP channels of", "depth": "drop blocks of"}
     fixed = {
@@ -152,23 +162,35 @@ def anatomy(model: nn.Module) -> Anatomy:
     return Anatomy(prefix, blocks, parts, heads, kv_heads, head_dim, intermediate, fixed)
 
 
-def _fixed_depth(config: Any) -> str | None:
+def _fixed_depth(config: Any, parts: Parts) -> str | None:
     """Why no block can be dropped (None: blocks can go): per-layer input embeddings sized by the block
-    count (Gemma 3n's and Gemma 4's `hidden_size_per_layer_input`), or later layers reading earlier
-    layers' keys and values (`num_kv_shared_layers`)."""
+    count (Gemma 3n's and Gemma 4's `hidden_size_per_layer_input`), later layers reading earlier
+    layers' keys and values (`num_kv_shared_layers`), or an attention computed from its block's index
+    (DiffLlama's λ_init = 0.8 − 0.6·exp(−0.3·index): a renumbered block would get another)."""
     if getattr(config, "hidden_size_per_layer_input", None):
         return "it has per-layer input embeddings sized by the block count"
     if getattr(config, "num_kv_shared_layers", 0):
         return "it has layers that reuse earlier layers' keys and values"
+    if hasattr(parts.attention, "lambda_init"):
+        return "its attention is computed from each block's index (differential attention's lambda_init)"
     return None
 
 
-def _fixed_mlp(config: Any) -> str | None:
+def _fixed_mlp(config: Any, parts: Parts, intermediate: int) -> str | None:
     """Why no MLP channel can go (None: they can): activation sparsity (Gemma 3n) keeps each token's
     activations above a threshold from their mean and spread over all the MLP's channels, so a
-    channel removed changes which of the others are kept."""
+    channel removed changes which of the others are kept; a parameter besides the projections that
+    spans every channel (BitNet's `ffn_sub_norm`, an RMSNorm over the whole intermediate width)
+    normalizes each kept channel by the removed ones too."""
     if any(float(s) > 0 for s in getattr(config, "activation_sparsity_pattern", None) or []):
         return "its MLP keeps activations by statistics over all its channels (activation sparsity)"
+    projections = {parts.attribute(r) for r in MLP if r in parts.names}
+    spanning = [
+        n for n, p in parts.mlp.named_parameters()
+        if n.split(".")[0] not in projections and p.dim() >= 1 and p.shape[0] == intermediate
+    ]  # fmt: skip
+    if spanning:
+        return f"its MLP has {', '.join(spanning)} spanning every channel"
     return None
 
 
@@ -200,8 +222,9 @@ def _fixed_heads(parts: Parts, head_dim: int, q_width: int, kv_width: int) -> st
     an attribute (StableLM's `hidden_size`), or parameters spanning the heads besides the projections:
     OLMo-2's q_norm / k_norm normalize the whole projection (removing heads would change every kept
     head's normalization), Cohere's with `use_qk_norm` hold one row per head and gpt-oss's attention
-    sinks one logit per head (they would keep the removed heads' ones).  Such a model keeps every
-    head; its MLP channels and blocks can go."""
+    sinks one logit per head (they would keep the removed heads' ones); differential attention
+    (DiffLlama) subtracts one half of the heads from the other.  Such a model keeps every head;
+    its MLP channels and blocks can go."""
     att = parts.attention
     heads, kv_heads = q_width // head_dim, kv_width // head_dim
     stored = [a for a in FIXED_WIDTH_ATTRIBUTES if isinstance(getattr(att, a, None), int)]
@@ -214,6 +237,8 @@ def _fixed_heads(parts: Parts, head_dim: int, q_width: int, kv_width: int) -> st
         and (p.shape[0] in {q_width, kv_width} - {head_dim} or p.shape[0] in {heads, kv_heads} - {head_dim})
     ]  # per-head parameters shared by every head (Qwen3's and Gemma3's q_norm / k_norm: head_dim wide) are fine;
     # one value or row per head (Cohere's Q/K norms, gpt-oss's attention sinks) would keep the removed heads' ones
+    if hasattr(att, "lambda_init"):  # DiffLlama: head h's output is differenced with head h + heads/2's
+        return "its attention pairs heads (differential attention)"
     if not (stored or spanning):
         return None
     what = (f"keeps {', '.join(stored)} as attributes" if stored else
@@ -223,9 +248,21 @@ def _fixed_heads(parts: Parts, head_dim: int, q_width: int, kv_width: int) -> st
 
 def compensable(model: nn.Module) -> list[str]:
     """The projections whose removed inputs can be compensated by a bias the config can carry:
-    "down_proj" when the config has `mlp_bias`, "o_proj" when it has `attention_bias`."""
-    config = text_config(model)
-    return [role for role, flag in (("o_proj", "attention_bias"), ("down_proj", "mlp_bias")) if hasattr(config, flag)]
+    "down_proj" when the config has `mlp_bias`, "o_proj" when it has `attention_bias`, and the
+    model's class builds that projection with a bias when the flag is set (checked on the meta
+    device: Helium's, Seed-OSS's and Solar Open's o_proj have none whatever their configs say)."""
+    roles = []
+    for role, flag in (("o_proj", "attention_bias"), ("down_proj", "mlp_bias")):
+        if not hasattr(text_config(model), flag):
+            continue
+        config = copy.deepcopy(model.config)
+        setattr(text_part(config), flag, True)
+        with torch.device("meta"):
+            built = type(model)(config)
+        parts = anatomy(built).parts[0]
+        if role in parts.names and parts.linear(role).bias is not None:
+            roles.append(role)
+    return roles
 
 
 def block_param_counts(anat: Anatomy) -> tuple[int, int, int]:

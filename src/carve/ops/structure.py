@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,7 @@ from carve.models.anatomy import (
     text_config,
     text_part,
 )
+from carve.models.experts import ExpertLinears, is_fused_experts
 from carve.ops.plan import (
     Plan,
     Shape,
@@ -167,7 +168,8 @@ def shape_config(config: Any, anat: Anatomy, shape: Shape) -> None:
     config.num_key_value_heads = shape.kv_groups
     config.num_attention_heads = shape.kv_groups * anat.group_size
     if anat.intermediate:  # an MoE's intermediate_size (Mixtral: each expert's width) is left as it is
-        config.intermediate_size = shape.mlp_channels
+        width = config.intermediate_size  # Gemma 3n: one per block
+        config.intermediate_size = [shape.mlp_channels] * len(width) if isinstance(width, list) else shape.mlp_channels
 
 
 def plan_config(config: Any, anat: Anatomy, plan: Plan, roles: list[str]) -> None:
@@ -178,7 +180,15 @@ def plan_config(config: Any, anat: Anatomy, plan: Plan, roles: list[str]) -> Non
     shape_config(config, anat, plan.shape)
     for key, value in per_layer_lists(config, len(anat.blocks)).items():  # layer_types, no_rope_layers, ...
         setattr(config, key, [value[i] for i in kept])
+    for key in INDEX_LISTS:
+        if isinstance(getattr(config, key, None), list):
+            setattr(config, key, [kept.index(i) for i in getattr(config, key) if i in kept])
     config.num_hidden_layers = len(kept)
+
+
+# config lists of block indices (Llama 4's `moe_layers`, Qwen-MoE's `mlp_only_layers`): a plan that
+# drops blocks renumbers them to the kept blocks
+INDEX_LISTS = ("moe_layers", "mlp_only_layers")
 
 
 def apply_plan(model: nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]] | None = None) -> nn.Module:
@@ -200,31 +210,94 @@ def apply_plan(model: nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]
         parent = model.get_submodule(anat.prefix.rsplit(".", 1)[0]) if "." in anat.prefix else model
         setattr(parent, anat.prefix.rsplit(".", 1)[-1], new_list)
     plan_config(text_config(model), anat, plan, roles)
+    why = config_mismatch(model)
+    if why is not None:
+        raise UsageError(f"structured extraction cannot slice {type(model).__name__} to this plan: {why}")
     return model
+
+
+def config_mismatch(model: nn.Module) -> str | None:
+    """Where `model` differs from what its class builds from its config (on the meta device: no
+    memory), which is what stock from_pretrained would load it into: a parameter of another shape,
+    one the config would not build, or one it would build and the model lacks; None where they agree.
+    An MoE's experts seen as Linears for a job (`ExpertLinears`) are left out on both sides."""
+    try:
+        saved: Any = model.config
+        config = type(saved).from_dict(saved.to_dict())  # as saved and read back
+        with torch.device("meta"):
+            built = type(model)(config)
+    except Exception as e:  # the stock class refuses the rewritten config
+        return f"its rewritten config is refused ({type(e).__name__}: {e})"
+
+    def shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
+        experts = [f"{n}." for n, mod in m.named_modules() if isinstance(mod, ExpertLinears) or is_fused_experts(mod)]
+        return {n: tuple(p.shape) for n, p in m.named_parameters() if not n.startswith(tuple(experts))}
+
+    have, want = shapes(model), shapes(built)
+    for name in [*have, *(n for n in want if n not in have)]:  # the first in the model's order
+        if have.get(name) != want.get(name):
+            built_as = f"as {list(want[name])}" if name in want else "not at all"
+            return f"its config builds {name} {built_as}" + (
+                f", not {list(have[name])}" if name in have else ", which the sliced model has not"
+            )
+    return None
+
+
+def held_by_config(model: nn.Module, anat: Anatomy) -> dict[str, str]:
+    """The dimensions ("heads", "mlp", "depth") a config cannot describe once cut, though the blocks
+    could be sliced (Helium's o_proj is as wide as the hidden size whatever the heads; Llama 4's
+    `intermediate_size` is its shared expert's width and its routed experts' too): found by slicing one unit of each
+    from a meta-device copy of `model` (no memory) and comparing it with what its config builds."""
+    n = len(anat.blocks)
+    cuts = {
+        "heads": Shape(anat.kv_heads - 1, anat.intermediate, 0),
+        "mlp": Shape(anat.kv_heads, anat.intermediate - 1, 0),
+        "depth": Shape(anat.kv_heads, anat.intermediate, 1),
+    }
+    room = {"heads": anat.kv_heads > 1, "mlp": anat.intermediate > 1, "depth": n > 1}
+    what = {"heads": "remove heads of", "mlp": "remove MLP channels of", "depth": "drop blocks of"}
+    held: dict[str, str] = {}
+    for dim, shape in cuts.items():
+        if dim in anat.fixed or not room[dim]:
+            continue
+        with torch.device("meta"):
+            skeleton = type(model)(copy.deepcopy(model.config))
+        plan = make_plan(shape, torch.zeros(n, anat.kv_heads), torch.zeros(n, anat.intermediate), [n - 1])
+        why = None
+        try:
+            apply_plan(skeleton, plan)
+        except UsageError as e:
+            why = str(e).partition(": ")[2] or str(e)
+        if why is not None:
+            held[dim] = f"structured extraction cannot {what[dim]} {type(model).__name__}: {why}"
+    return held
 
 
 def per_layer_lists(config: Any, layers: int) -> dict[str, list[Any]]:
     """The config's per-block lists (one entry per decoder block: Gemma's and Qwen's `layer_types`,
     SmolLM3's `no_rope_layers`), which follow the blocks a plan keeps; token-id lists (Llama 3's
-    three `eos_token_id`s) and `architectures` are not per block, whatever their length."""
+    three `eos_token_id`s), `architectures` and lists of block indices (`INDEX_LISTS`) are not per
+    block, whatever their length."""
     return {
         k: v for k, v in vars(config).items()
-        if isinstance(v, list) and len(v) == layers > 1 and k != "architectures" and not k.endswith(("_id", "_ids"))
+        if isinstance(v, list) and len(v) == layers > 1 and k not in ("architectures", *INDEX_LISTS)
+        and not k.endswith(("_id", "_ids"))
     }  # fmt: skip
 
 
 def zero_plan(model: nn.Module, plan: Plan) -> nn.Module:
     """The masked equivalent of `apply_plan`: same sizes, the removed units' outputs zeroed (o_proj
     columns of removed heads, down_proj columns of removed channels, and in dropped blocks every
-    o_proj and down_proj weight and bias (an MoE's experts' and shared expert's too), which makes a
-    pre- or sandwich-norm block the identity).  For tests: the sliced model's logits equal this model's."""
+    o_proj, down_proj and out_proj weight and bias (an MoE's experts' and shared expert's too; a
+    hybrid's Mamba branch), which makes a pre- or sandwich-norm block the identity).  For tests: the
+    sliced model's logits equal this model's."""
     anat = anatomy(model)
     hd, rep = anat.head_dim, anat.group_size
     with torch.no_grad():
         for i, p in enumerate(anat.parts):
             if i in plan.drop:
                 for name, prm in anat.blocks[i].named_parameters():
-                    if "o_proj" in name or "down_proj" in name:
+                    if any(out in name for out in ("o_proj", "down_proj", "out_proj")):  # out_proj: a Mamba branch's
                         prm.zero_()
                 continue
             o = p.linear("o_proj")
@@ -314,6 +387,7 @@ class StructureResult:
     greedy_losses: list[float] | None = None  # the greedy rule's calibration loss after each removal
     means: list[dict[str, torch.Tensor]] | None = None  # the mean inputs folded into biases, if any
     config: Any = None  # the output's config where the model itself was not sliced (a streamed extraction)
+    held: dict[str, str] = field(default_factory=dict)  # the dimensions the model holds whole -> why (Anatomy.fixed)
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         config = text_config(model) if self.config is None else self.config
@@ -327,6 +401,7 @@ class StructureResult:
                 "block_distances": distances,
                 "drop_order": self.drop_order,
                 "greedy_losses": self.greedy_losses,
+                "held": self.held,
             }
         }
 
@@ -357,6 +432,7 @@ def structure(
     With `source` (a streamed extraction: `model` is its skeleton) every pass runs one block at a
     time and `model` is not sliced: the plan is returned for the writer to slice block by block."""
     anat = anatomy(model)  # refuses an unsupported architecture before any long work
+    anat.fixed.update(held_by_config(model, anat))  # and a cut its config could not describe
     if target.bias_compensation and not compensable(model):
         raise UsageError(
             f"{type(model).__name__}'s config has neither mlp_bias nor attention_bias: the removed units' "
@@ -384,4 +460,4 @@ def structure(
     plan = search_plan(model, shapes, groups, channels, order, search, means, source)
     if source is None:
         apply_plan(model, plan, means)
-    return StructureResult(plan, kept_scores, distances, order, losses, means)
+    return StructureResult(plan, kept_scores, distances, order, losses, means, held=dict(anat.fixed))
