@@ -1,0 +1,258 @@
+"""`carve extract --structure` across every causal-LM architecture of the installed transformers.
+
+    .venv/bin/python bench/structured_archs.py [--kinds llama helium ...] [--table-only]
+
+Each row, in its own process (address space limited to 20 GiB: it holds the source, the reload and a
+zeroed copy; the CLI's own to 12 GiB; 10 minutes): a tiny random model of
+one `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` type (tests/conftest.py's `any_tiny_config`: hidden 64, 3
+blocks, 4 query heads in 2 key/value groups of 16 channels, MLP 96, 4 experts with top-1 routing where
+the config has experts, vocabulary 384; seed 0; the generic sizes are passed only where the config
+takes them) saved with save_pretrained beside a byte-level BPE tokenizer trained on builtin legal
+text.  carve's API says which dimensions the model holds whole (`anatomy`, `held_by_config`: meta
+device, no calibration), and the CLI then cuts every other one:
+
+    carve extract --model SRC --domain legal --out OUT [--heads-keep 0.5] [--mlp-keep 0.5]
+        [--drop-blocks 1] --calib-blocks 4 --block-len 32 --eval-blocks 2 --cloze-items 0 --no-speed
+
+(all three on a model that `anatomy` refuses: the CLI must refuse it too).  The output is reloaded
+with stock `AutoModelForCausalLM.from_pretrained` (loading info: no missing, unexpected or
+mismatched weights), its kept heads and channels are read back by matching its o_proj and down_proj
+columns to the source's, and its logits on 2 × 24 random tokens (seed 1) are compared with the
+source's with the removed units' outputs zeroed (`structure.zero_plan`, which makes a dropped
+block the identity): a correct slice agrees to float rounding.
+
+Outcomes: `sliced` (exact, reloads clean), `held+sliced` (the same, with dimensions held whole),
+`refused` (exit 2 with a one-line reason), `not built` (the generic tiny config does not make a
+model that builds and runs a forward: the row says why; no carve code ran), and `WRONG` /
+`crashed` (a silent corruption or an unexpected error: a bug).  Results:
+bench/results/structured_archs.jsonl; the table: the `structured-archs` section of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import HERE, ROOT, commit, load_results, save_result, write_section
+
+RESULTS = HERE / "results" / "structured_archs.jsonl"
+CARVE = str(ROOT / ".venv" / "bin" / "carve")
+FAST = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--cloze-items", "0", "--no-speed"]
+LIMIT_BYTES, WORKER_BYTES, TIMEOUT_S = 12 << 30, 20 << 30, 600
+
+
+def kinds() -> list[str]:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def _limit(size: int = LIMIT_BYTES) -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
+
+def _one_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return (lines[-1] if lines else "no output")[:300]
+
+
+def _kept_plan(source: Any, sliced: Any, manifest: dict[str, Any]) -> Any:
+    """The plan the output was sliced to, read back from its weights: each kept block's query heads
+    are the source heads whose o_proj columns it holds, its channels those of its down_proj columns."""
+    import torch
+
+    from carve.models.anatomy import anatomy
+    from carve.ops.plan import Plan, Shape
+
+    src, out = anatomy(source), anatomy(sliced)
+    drop = manifest["structure"]["dropped_blocks"]
+    kept = [i for i in range(len(src.blocks)) if i not in drop]
+    hd, rep = src.head_dim, src.group_size
+
+    def columns(a: torch.Tensor, b: torch.Tensor, width: int) -> list[int]:
+        """For each `width`-column slice of `a`, the index of the slice of `b` equal to it."""
+        pa, pb = a.T.reshape(-1, width * a.shape[0]), b.T.reshape(-1, width * b.shape[0])
+        equal = (pa[:, None, :] == pb[None, :, :]).all(-1)
+        if not bool(equal.any(1).all()):
+            raise AssertionError("an output column is none of the source's")
+        return equal.int().argmax(1).tolist()
+
+    groups: list[list[int]] = [[] for _ in src.blocks]
+    channels: list[list[int]] = [[] for _ in src.blocks]
+    with torch.no_grad():
+        for j, i in enumerate(kept):
+            heads = columns(out.parts[j].linear("o_proj").weight, src.parts[i].linear("o_proj").weight, hd)
+            groups[i] = sorted({h // rep for h in heads})
+            if "down_proj" in src.parts[i].names:
+                channels[i] = columns(
+                    out.parts[j].linear("down_proj").weight, src.parts[i].linear("down_proj").weight, 1
+                )
+    return Plan(Shape(**manifest["structure"]["shape"]), groups, channels, drop)
+
+
+def worker(model_type: str) -> dict[str, Any]:
+    import tempfile
+
+    import torch
+    from tests.conftest import VOCAB, any_tiny_config, byte_level_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from carve.errors import UsageError
+    from carve.models.anatomy import anatomy
+    from carve.ops.structure import held_by_config, zero_plan
+
+    r: dict[str, Any] = {"id": model_type}
+    try:
+        config = any_tiny_config(model_type, layers=3)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            model(torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1)))
+    except Exception as e:  # the generic sizes do not make a model that runs: nothing of carve's ran
+        return {**r, "outcome": "not built", "why": f"{type(e).__name__}: {_one_line(str(e))}"}
+    r["class"] = type(model).__name__
+    try:
+        anat = anatomy(model)
+        held = {**anat.fixed, **held_by_config(model, anat)}
+        refused = None
+    except UsageError as e:
+        held, refused = {}, str(e)
+    r["held"] = sorted(held)
+    flags = {"heads": ["--heads-keep", "0.5"], "mlp": ["--mlp-keep", "0.5"], "depth": ["--drop-blocks", "1"]}
+    cut = [f for dim, f in flags.items() if dim not in held]
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "src", Path(tmp) / "out"
+        try:
+            model.save_pretrained(src)
+            byte_level_tokenizer(None, size=VOCAB).save_pretrained(src)
+        except Exception as e:
+            return {**r, "outcome": "not built", "why": f"save_pretrained: {type(e).__name__}: {_one_line(str(e))}"}
+        cmd = [CARVE, "extract", "--model", str(src), "--domain", "legal", "--out", str(out), "--quiet",
+               *[a for f in cut for a in f], *FAST]  # fmt: skip
+        r["flags"] = " ".join(a for f in cut for a in f)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, preexec_fn=_limit)
+        r["seconds"] = round(time.perf_counter() - start, 1)
+        if proc.returncode == 2:
+            return {**r, "outcome": "refused", "why": _one_line(proc.stderr)}
+        if proc.returncode != 0:
+            return {**r, "outcome": "crashed", "why": f"exit {proc.returncode}: {_one_line(proc.stderr)}"}
+        if refused is not None:
+            return {**r, "outcome": "WRONG", "why": f"the CLI wrote an output that anatomy refuses: {refused}"}
+        m = json.loads((out / "carve.json").read_text())
+        r["shape"] = m["structure"]["shape"]
+        r["source_fingerprint"] = m["source"]["fingerprint"]
+        r["data_fingerprints"] = {k: v.get("fingerprint") for k, v in m.get("data", {}).items() if isinstance(v, dict)}
+        try:
+            reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        except Exception as e:  # what a user would meet
+            return {**r, "outcome": "WRONG", "why": f"from_pretrained fails: {type(e).__name__}: {_one_line(str(e))}"}
+        bad = {k: v for k, v in info.items() if v and k != "error_msgs"}
+        if set(m["structure"]["held"]) != set(held):
+            return {**r, "outcome": "WRONG", "why": f"manifest holds {sorted(m['structure']['held'])}"}
+        zeroed = zero_plan(copy.deepcopy(model), _kept_plan(model, reloaded.eval(), m))
+        ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            diff = (reloaded.eval()(ids).logits - zeroed(ids).logits).abs().max().item()
+        r["max_abs_logit_diff"] = diff
+        scale = zeroed(ids).logits.abs().max().item() if diff == diff else 1.0
+        if bad or not diff <= 1e-4 * max(1.0, scale):
+            return {**r, "outcome": "WRONG", "why": f"loading info {bad}" if bad else f"logits differ by {diff:.3g}"}
+        return {**r, "outcome": "held+sliced" if held else "sliced"}
+
+
+def row(model_type: str) -> dict[str, Any]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+    cmd = [sys.executable, __file__, "--worker", model_type]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=2 * TIMEOUT_S,
+                              preexec_fn=lambda: _limit(WORKER_BYTES))  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"id": model_type, "outcome": "crashed", "why": "timed out", "commit": commit()}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        result = {
+            "id": model_type,
+            "outcome": "crashed",
+            "why": f"worker exit {proc.returncode}: {_one_line(proc.stderr)}",
+        }
+    else:
+        result = json.loads(lines[-1])
+    return {**result, "commit": commit()}
+
+
+ORDER = ["WRONG", "crashed", "held+sliced", "sliced", "refused", "not built"]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    import collections
+
+    counts = collections.Counter(r["outcome"] for r in rows)
+    commits = sorted({r["commit"] for r in rows})
+    lines = [
+        "## Structured extraction across transformers' causal-LM architectures (bench/structured_archs.py)",
+        "",
+        f"{len(rows)} model types of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`; commit(s) {', '.join(commits)}. "
+        + ", ".join(f"{counts[o]} {o}" for o in ORDER if counts[o])
+        + ". A tiny random model of each, cut by "
+        "`carve extract` in every dimension carve does not hold, reloaded with stock from_pretrained and "
+        "compared with the source with the removed units zeroed (the script's docstring says how).",
+        "",
+        "| model type | class | outcome | held whole | flags | max abs logit diff | seconds | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (ORDER.index(r["outcome"]), r["id"])):
+        if r["outcome"] in ("refused", "not built"):
+            continue
+        diff = r.get("max_abs_logit_diff")
+        lines.append(
+            f"| {r['id']} | {r.get('class', '')} | {r['outcome']} | {', '.join(r.get('held', [])) or '-'} | "
+            f"{r.get('flags', '')} | {'' if diff is None else f'{diff:.1e}'} | {r.get('seconds', '')} | "
+            f"{r.get('why', '')} |"
+        )
+    for outcome in ("refused", "not built"):
+        reasons: dict[str, list[str]] = collections.defaultdict(list)
+        for r in rows:
+            if r["outcome"] == outcome:
+                reasons[r["why"].replace(r.get("class", "\0"), "{class}")].append(r["id"])
+        if reasons:
+            lines += ["", f"{outcome.capitalize()} ({counts[outcome]}), by reason:", ""]
+            lines += [
+                f"- {', '.join(sorted(ks))}: {why}" for why, ks in sorted(reasons.items(), key=lambda x: -len(x[1]))
+            ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    import argparse
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2])), flush=True)
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kinds", nargs="+", help="model types to (re)run (default: every one); the others are kept")
+    ap.add_argument("--table-only", action="store_true", help="rewrite the table from the saved rows")
+    args = ap.parse_args()
+    rows = load_results(RESULTS)
+    for kind in [] if args.table_only else (args.kinds or kinds()):
+        print(f"running {kind} ...", flush=True)
+        r = row(kind)
+        save_result(RESULTS, r)
+        rows[kind] = r
+        print(json.dumps(r), flush=True)
+    text = table([rows[k] for k in kinds() if k in rows])
+    write_section("structured-archs", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
