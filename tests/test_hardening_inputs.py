@@ -242,6 +242,17 @@ def test_config_transformers_refuses(label, change, message, work: Path, model_d
     _refused(_extract(bad, small_corpus, work / "out"), work, capsys, message)
 
 
+def test_model_too_big_for_memory(work: Path, model_dir: Path, small_corpus: Path, capsys, monkeypatch) -> None:
+    """Weights the machine cannot map (safetensors raises MemoryError): one line naming --stream, no traceback."""
+    import carve.models.load
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Cannot allocate memory (os error 12)")
+
+    monkeypatch.setattr(carve.models.load, "_from_directory", no_memory)
+    _refused(_extract(model_dir, small_corpus, work / "out"), work, capsys, "not enough memory")
+
+
 @pytest.mark.parametrize("cut", [4, 23, 64, 4096, 0.5, 0.999, -1])
 def test_gguf_cut_short(cut: float, work: Path, small_corpus: Path, capsys) -> None:
     from carve.models.load import default_gguf

@@ -530,6 +530,11 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
             f"refused to load {name!r}: its pytorch_model.bin holds more than tensors, and carve unpickles weights "
             f"only ({str(exc).splitlines()[0][:120]}); convert a trusted copy to safetensors"
         ) from None
+    except MemoryError as exc:  # safetensors' reader raises it when the weights cannot be mapped
+        raise UsageError(
+            f"not enough memory to load model {name!r} ({str(exc)[:120] or 'MemoryError'}); `carve extract --stream` "
+            "holds one decoder block of a local safetensors model at a time"
+        ) from None
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError, EOFError, struct.error) as exc:
         what = str(exc).splitlines()[0][:300] if str(exc) else ""
         raise UsageError(f"could not load model {name!r} ({type(exc).__name__}: {what})") from None
