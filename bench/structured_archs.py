@@ -1,6 +1,6 @@
 """`carve extract --structure` across every causal-LM architecture of the installed transformers.
 
-    .venv/bin/python bench/structured_archs.py [--kinds llama helium ...] [--table-only]
+    .venv/bin/python bench/structured_archs.py [--unstructured] [--kinds llama helium ...] [--table-only]
 
 Each row, in its own process (address space limited to 20 GiB: it holds the source, the reload and a
 zeroed copy; the CLI's own to 12 GiB; 10 minutes): a tiny random model of
@@ -26,6 +26,14 @@ Outcomes: `sliced` (exact, reloads clean), `held+sliced` (the same, with dimensi
 model that builds and runs a forward: the row says why; no carve code ran), and `WRONG` /
 `crashed` (a silent corruption or an unexpected error: a bug).  Results:
 bench/results/structured_archs.jsonl; the table: the `structured-archs` section of bench/RESULTS.md.
+
+`--unstructured` sweeps the same models through `carve extract --sparsity 0.5 --method magnitude
+--save-format dense` instead (`unstructured_worker`): the output reloads clean with stock
+from_pretrained, every weight matrix in the blocks (fused experts too; embeddings, norms, biases and
+MoE routers, which carve keeps dense, left out) loses at least 40% of its entries, and every kept
+entry and every other parameter equals the source's.  Outcomes `pruned`, `partly dense` (the row
+names the matrices left dense: an expert layout carve does not see), `WRONG`, `refused`, `crashed`,
+`not built`; results bench/results/unstructured_archs.jsonl, section `unstructured-archs`.
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HERE, ROOT, commit, load_results, save_result, write_section
 
 RESULTS = HERE / "results" / "structured_archs.jsonl"
+RESULTS_UNSTRUCTURED = HERE / "results" / "unstructured_archs.jsonl"
 CARVE = str(ROOT / ".venv" / "bin" / "carve")
 FAST = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--cloze-items", "0", "--no-speed"]
 LIMIT_BYTES, WORKER_BYTES, TIMEOUT_S = 12 << 30, 20 << 30, 600
@@ -99,11 +108,54 @@ def _kept_plan(source: Any, sliced: Any, manifest: dict[str, Any]) -> Any:
     return Plan(Shape(**manifest["structure"]["shape"]), groups, channels, drop)
 
 
+def build(model_type: str) -> Any:
+    """The tiny random model of `model_type` (seed 0), checked to run a forward; or the reason it
+    is not built (a str: the generic sizes do not make a model that runs, nothing of carve's ran)."""
+    import torch
+    from tests.conftest import VOCAB, any_tiny_config
+    from transformers import AutoModelForCausalLM
+
+    try:
+        config = any_tiny_config(model_type, layers=3)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            model(torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1)))
+    except Exception as e:
+        return f"{type(e).__name__}: {_one_line(str(e))}"
+    return model
+
+
+def _save_source(model: Any, src: Path) -> str | None:
+    """`model` saved with a byte-level tokenizer at `src`; the reason it cannot be (None: saved)."""
+    from tests.conftest import VOCAB, byte_level_tokenizer
+
+    try:
+        model.save_pretrained(src)
+        byte_level_tokenizer(None, size=VOCAB).save_pretrained(src)
+    except Exception as e:
+        return f"save_pretrained: {type(e).__name__}: {_one_line(str(e))}"
+    return None
+
+
+def _run_cli(r: dict[str, Any], cmd: list[str]) -> dict[str, Any] | None:
+    """Run `carve extract` under the CLI's memory limit, timed into `r`; the finished row when it
+    refused (exit 2) or crashed, None when it wrote its output."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, preexec_fn=_limit)
+    r["seconds"] = round(time.perf_counter() - start, 1)
+    if proc.returncode == 2:
+        return {**r, "outcome": "refused", "why": _one_line(proc.stderr)}
+    if proc.returncode != 0:
+        return {**r, "outcome": "crashed", "why": f"exit {proc.returncode}: {_one_line(proc.stderr)}"}
+    return None
+
+
 def worker(model_type: str) -> dict[str, Any]:
     import tempfile
 
     import torch
-    from tests.conftest import VOCAB, any_tiny_config, byte_level_tokenizer
+    from tests.conftest import VOCAB
     from transformers import AutoModelForCausalLM
 
     from carve.errors import UsageError
@@ -111,14 +163,9 @@ def worker(model_type: str) -> dict[str, Any]:
     from carve.ops.structure import held_by_config, zero_plan
 
     r: dict[str, Any] = {"id": model_type}
-    try:
-        config = any_tiny_config(model_type, layers=3)
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).eval()
-        with torch.no_grad():
-            model(torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1)))
-    except Exception as e:  # the generic sizes do not make a model that runs: nothing of carve's ran
-        return {**r, "outcome": "not built", "why": f"{type(e).__name__}: {_one_line(str(e))}"}
+    model = build(model_type)
+    if isinstance(model, str):
+        return {**r, "outcome": "not built", "why": model}
     r["class"] = type(model).__name__
     try:
         anat = anatomy(model)
@@ -131,21 +178,15 @@ def worker(model_type: str) -> dict[str, Any]:
     cut = [f for dim, f in flags.items() if dim not in held]
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "src", Path(tmp) / "out"
-        try:
-            model.save_pretrained(src)
-            byte_level_tokenizer(None, size=VOCAB).save_pretrained(src)
-        except Exception as e:
-            return {**r, "outcome": "not built", "why": f"save_pretrained: {type(e).__name__}: {_one_line(str(e))}"}
+        unsaved = _save_source(model, src)
+        if unsaved:
+            return {**r, "outcome": "not built", "why": unsaved}
         cmd = [CARVE, "extract", "--model", str(src), "--domain", "legal", "--out", str(out), "--quiet",
                *[a for f in cut for a in f], *FAST]  # fmt: skip
         r["flags"] = " ".join(a for f in cut for a in f)
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, preexec_fn=_limit)
-        r["seconds"] = round(time.perf_counter() - start, 1)
-        if proc.returncode == 2:
-            return {**r, "outcome": "refused", "why": _one_line(proc.stderr)}
-        if proc.returncode != 0:
-            return {**r, "outcome": "crashed", "why": f"exit {proc.returncode}: {_one_line(proc.stderr)}"}
+        ended = _run_cli(r, cmd)
+        if ended is not None:
+            return ended
         if refused is not None:
             return {**r, "outcome": "WRONG", "why": f"the CLI wrote an output that anatomy refuses: {refused}"}
         m = json.loads((out / "carve.json").read_text())
@@ -170,9 +211,70 @@ def worker(model_type: str) -> dict[str, Any]:
         return {**r, "outcome": "held+sliced" if held else "sliced"}
 
 
-def row(model_type: str) -> dict[str, Any]:
+EXCLUDED = ("embed", "lm_head", "norm", "wte", "wpe")  # carve's default --exclude patterns
+
+
+def unstructured_worker(model_type: str) -> dict[str, Any]:
+    """`carve extract --sparsity 0.5 --method magnitude` on the tiny model: every weight matrix (2-D
+    or more, an MoE's fused experts too; not biases, not an MoE's router, which carve keeps dense)
+    outside the default exclusions should lose about half its entries, and every entry it keeps, and
+    every other parameter, is the source's bit for bit."""
+    import re
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    r: dict[str, Any] = {"id": model_type}
+    model = build(model_type)
+    if isinstance(model, str):
+        return {**r, "outcome": "not built", "why": model}
+    r["class"] = type(model).__name__
+    r["flags"] = "--sparsity 0.5 --method magnitude --save-format dense"
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "src", Path(tmp) / "out"
+        unsaved = _save_source(model, src)
+        if unsaved:
+            return {**r, "outcome": "not built", "why": unsaved}
+        cmd = [CARVE, "extract", "--model", str(src), "--domain", "legal", "--out", str(out), "--quiet",
+               *r["flags"].split(), *FAST]  # fmt: skip
+        ended = _run_cli(r, cmd)
+        if ended is not None:
+            return ended
+        m = json.loads((out / "carve.json").read_text())
+        r["source_fingerprint"] = m["source"]["fingerprint"]
+        r["data_fingerprints"] = {k: v.get("fingerprint") for k, v in m.get("data", {}).items() if isinstance(v, dict)}
+        try:
+            reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+        except Exception as e:
+            return {**r, "outcome": "WRONG", "why": f"from_pretrained fails: {type(e).__name__}: {_one_line(str(e))}"}
+    bad = {k: v for k, v in info.items() if v and k != "error_msgs"}
+    if bad:
+        return {**r, "outcome": "WRONG", "why": f"loading info {bad}"}
+    after = dict(reloaded.named_parameters())
+    removed = total = 0
+    dense: set[str] = set()
+    for name, p in model.named_parameters():
+        q, kept = after[name], after[name] != 0
+        module, leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1], name.rsplit(".", 1)[-1]
+        router = module in ("gate", "router") or "router" in module  # stays dense by design (docs/methods.md)
+        target = p.dim() >= 2 and "bias" not in leaf and not router and not any(e in name for e in EXCLUDED)
+        if not (torch.equal(q[kept], p[kept]) if target else torch.equal(q, p)):
+            return {**r, "outcome": "WRONG", "why": f"{name}: {'kept entries' if target else 'values'} changed"}
+        if not target:
+            continue
+        gone = int((~kept & (p != 0)).sum())
+        removed, total = removed + gone, total + p.numel()
+        if gone < 0.4 * p.numel():
+            dense.add(re.sub(r"\.\d+\.", ".N.", name))
+    r["sparsity"] = round(removed / max(total, 1), 4)
+    r["left_dense"] = sorted(dense)
+    return {**r, "outcome": "partly dense" if dense else "pruned"}
+
+
+def row(model_type: str, unstructured: bool = False) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
-    cmd = [sys.executable, __file__, "--worker", model_type]
+    cmd = [sys.executable, __file__, "--unstructured-worker" if unstructured else "--worker", model_type]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=2 * TIMEOUT_S,
                               preexec_fn=lambda: _limit(WORKER_BYTES))  # fmt: skip
@@ -190,33 +292,46 @@ def row(model_type: str) -> dict[str, Any]:
     return {**result, "commit": commit()}
 
 
-ORDER = ["WRONG", "crashed", "held+sliced", "sliced", "refused", "not built"]
+ORDER = ["WRONG", "crashed", "partly dense", "held+sliced", "sliced", "pruned", "refused", "not built"]
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], unstructured: bool = False) -> str:
     import collections
 
     counts = collections.Counter(r["outcome"] for r in rows)
     commits = sorted({r["commit"] for r in rows})
+    what = (
+        "pruned by `carve extract --sparsity 0.5 --method magnitude`, reloaded with stock from_pretrained: "
+        "the share of weight-matrix entries removed (embeddings, heads, norms, biases and routers excluded), "
+        "the matrices left with under 40% removed, and every kept entry and other parameter compared with the source's"
+        if unstructured
+        else "cut by `carve extract` in every dimension carve does not hold, reloaded with stock "
+        "from_pretrained and compared with the source with the removed units zeroed"
+    )
     lines = [
-        "## Structured extraction across transformers' causal-LM architectures (bench/structured_archs.py)",
+        f"## {'Unstructured' if unstructured else 'Structured'} extraction across transformers' causal-LM "
+        "architectures (bench/structured_archs.py" + (" --unstructured)" if unstructured else ")"),
         "",
         f"{len(rows)} model types of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`; commit(s) {', '.join(commits)}. "
         + ", ".join(f"{counts[o]} {o}" for o in ORDER if counts[o])
-        + ". A tiny random model of each, cut by "
-        "`carve extract` in every dimension carve does not hold, reloaded with stock from_pretrained and "
-        "compared with the source with the removed units zeroed (the script's docstring says how).",
+        + f". A tiny random model of each, {what} (the script's docstring says how).",
         "",
-        "| model type | class | outcome | held whole | flags | max abs logit diff | seconds | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model type | class | outcome | "
+        + ("sparsity | left dense" if unstructured else "held whole | flags | max abs logit diff")
+        + " | seconds | note |",
+        "|---|---|---|---|---|" + ("" if unstructured else "---|") + "---|---|",
     ]
     for r in sorted(rows, key=lambda r: (ORDER.index(r["outcome"]), r["id"])):
         if r["outcome"] in ("refused", "not built"):
             continue
-        diff = r.get("max_abs_logit_diff")
+        diff = "" if r.get("max_abs_logit_diff") is None else f"{r['max_abs_logit_diff']:.1e}"
+        middle = (
+            f"{r.get('sparsity', '')} | {', '.join(r.get('left_dense', [])) or '-'}"
+            if unstructured
+            else f"{', '.join(r.get('held', [])) or '-'} | {r.get('flags', '')} | {diff}"
+        )
         lines.append(
-            f"| {r['id']} | {r.get('class', '')} | {r['outcome']} | {', '.join(r.get('held', [])) or '-'} | "
-            f"{r.get('flags', '')} | {'' if diff is None else f'{diff:.1e}'} | {r.get('seconds', '')} | "
+            f"| {r['id']} | {r.get('class', '')} | {r['outcome']} | {middle} | {r.get('seconds', '')} | "
             f"{r.get('why', '')} |"
         )
     for outcome in ("refused", "not built"):
@@ -235,22 +350,25 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     import argparse
 
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        print(json.dumps(worker(sys.argv[2])), flush=True)
+    if len(sys.argv) == 3 and sys.argv[1] in ("--worker", "--unstructured-worker"):
+        job = worker if sys.argv[1] == "--worker" else unstructured_worker
+        print(json.dumps(job(sys.argv[2])), flush=True)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", nargs="+", help="model types to (re)run (default: every one); the others are kept")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the saved rows")
+    ap.add_argument("--unstructured", action="store_true", help="the unstructured sweep (50%% magnitude) instead")
     args = ap.parse_args()
-    rows = load_results(RESULTS)
+    path = RESULTS_UNSTRUCTURED if args.unstructured else RESULTS
+    rows = load_results(path)
     for kind in [] if args.table_only else (args.kinds or kinds()):
         print(f"running {kind} ...", flush=True)
-        r = row(kind)
-        save_result(RESULTS, r)
+        r = row(kind, args.unstructured)
+        save_result(path, r)
         rows[kind] = r
         print(json.dumps(r), flush=True)
-    text = table([rows[k] for k in kinds() if k in rows])
-    write_section("structured-archs", text)
+    text = table([rows[k] for k in kinds() if k in rows], args.unstructured)
+    write_section("unstructured-archs" if args.unstructured else "structured-archs", text)
     print(text)
 
 
