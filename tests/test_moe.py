@@ -123,6 +123,28 @@ def test_every_method_prunes_each_expert(arch: str, method: str) -> None:
     assert result.experts is not None and result.experts["unfused"] == [f"model.layers.{i}.mlp.experts" for i in (0, 1)]
 
 
+@pytest.mark.parametrize("arch", ["phimoe", "llama4_text"])
+def test_a_router_that_is_a_linear_stays_dense(arch: str) -> None:
+    """PhiMoE's and Llama 4's routers subclass nn.Linear: carve keeps them dense as it keeps every
+    MoE's router (pruning one reroutes tokens), while the other Linears are pruned."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.models.arch import find_blocks, routers
+    from tests.conftest import any_tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(any_tiny_config(arch, layers=2)).eval()
+    name = {"phimoe": "mlp.router", "llama4_text": "feed_forward.router"}[arch]
+    before = {i: model.get_submodule(f"model.layers.{i}.{name}").weight.clone() for i in (0, 1)}
+    _, blocks = find_blocks(model)
+    assert [n for n, m in blocks[0].named_modules() if id(m) in routers(blocks[0])] == [name]
+    carve.prune(model, "magnitude", 0.5, torch.randint(3, 100, (2, 16)))
+    for i in (0, 1):
+        assert torch.equal(model.get_submodule(f"model.layers.{i}.{name}").weight, before[i])
+        q = model.get_submodule(f"model.layers.{i}.self_attn.q_proj").weight
+        assert (q == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
+
+
 def test_n_m_runs_along_each_experts_input_dimension() -> None:
     """2:4 in the [E, in, out] layout of gpt-oss: every 4 consecutive inputs of an output keep 2."""
     model = moe_model("gpt_oss")

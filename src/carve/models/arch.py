@@ -59,11 +59,13 @@ def prunable_linears(
     include: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
 ) -> dict[str, nn.Module]:
-    """Linear modules of one block, by full module name, filtered by glob patterns."""
+    """Linear modules of one block, by full module name, filtered by glob patterns; an MoE's router
+    is never one (`routers`)."""
     out = {}
+    skip = routers(block)
     for name, mod in block.named_modules():
         full = f"{prefix}.{name}" if name else prefix
-        if not is_linear(mod):
+        if not is_linear(mod) or id(mod) in skip:
             continue
         if not any(fnmatch.fnmatch(full, p) for p in include):
             continue
@@ -71,6 +73,32 @@ def prunable_linears(
             continue
         out[full] = mod
     return out
+
+
+def routers(block: nn.Module) -> set[int]:
+    """The ids of a block's MoE router Linears, which carve keeps dense: in each module holding
+    `experts`, the Linears outside the experts with one output per expert (Llama 4's `Llama4Router`
+    and PhiMoE's `PhimoeTopKRouter` subclass nn.Linear; AFMoE's `gate`, HunYuan's `wg`, DBRX's
+    `router.layer` are plain ones).  The expert count is the length of the `experts` list (a
+    ModuleList, carve's ExpertLinears) or the `num_experts` transformers sets on the experts or the block."""
+    found: set[int] = set()
+    for moe in block.modules():
+        experts = getattr(moe, "experts", None)
+        if not isinstance(experts, (list, nn.Module)):
+            continue
+        count = len(experts) if isinstance(experts, (list, nn.ModuleList)) else None
+        inner = getattr(experts, "experts", None)  # carve's ExpertLinears in place of the fused module
+        count = count or (len(inner) if isinstance(inner, list) else None)
+        count = count or getattr(experts, "num_experts", None) or getattr(moe, "num_experts", None)
+        if not isinstance(count, int) or count < 2:
+            continue
+        members = experts if isinstance(experts, list) else [experts]
+        inside = {id(m) for e in members for m in e.modules()}
+        found |= {
+            id(m) for m in moe.modules()
+            if isinstance(m, nn.Linear) and id(m) not in inside and m.out_features == count
+        }  # fmt: skip
+    return found
 
 
 def all_prunable_linears(
