@@ -29,8 +29,8 @@ bench/results/structured_archs.jsonl; the table: the `structured-archs` section 
 
 `--unstructured` sweeps the same models through `carve extract --sparsity 0.5 --method magnitude
 --save-format dense` instead (`unstructured_worker`): the output reloads clean with stock
-from_pretrained, every weight matrix in the blocks (fused experts too; embeddings, norms, biases and
-MoE routers, which carve keeps dense, left out) loses at least 40% of its entries, and every kept
+from_pretrained, every weight matrix in the decoder blocks (fused experts too; embeddings, norms,
+biases and MoE routers, which carve keeps dense, left out) loses at least 40% of its entries, and every kept
 entry and every other parameter equals the source's.  Outcomes `pruned`, `partly dense` (the row
 names the matrices left dense: an expert layout carve does not see), `WRONG`, `refused`, `crashed`,
 `not built`; results bench/results/unstructured_archs.jsonl, section `unstructured-archs`.
@@ -215,8 +215,8 @@ EXCLUDED = ("embed", "lm_head", "norm", "wte", "wpe")  # carve's default --exclu
 
 
 def unstructured_worker(model_type: str) -> dict[str, Any]:
-    """`carve extract --sparsity 0.5 --method magnitude` on the tiny model: every weight matrix (2-D
-    or more, an MoE's fused experts too; not biases, not an MoE's router, which carve keeps dense)
+    """`carve extract --sparsity 0.5 --method magnitude` on the tiny model: every weight matrix of the
+    decoder blocks (2-D or more, an MoE's fused experts too; not biases, not an MoE's router, which carve keeps dense)
     outside the default exclusions should lose about half its entries, and every entry it keeps, and
     every other parameter, is the source's bit for bit."""
     import re
@@ -224,6 +224,8 @@ def unstructured_worker(model_type: str) -> dict[str, Any]:
 
     import torch
     from transformers import AutoModelForCausalLM
+
+    from carve.models.arch import find_blocks
 
     r: dict[str, Any] = {"id": model_type}
     model = build(model_type)
@@ -251,6 +253,7 @@ def unstructured_worker(model_type: str) -> dict[str, Any]:
     bad = {k: v for k, v in info.items() if v and k != "error_msgs"}
     if bad:
         return {**r, "outcome": "WRONG", "why": f"loading info {bad}"}
+    prefix, _ = find_blocks(model)
     after = dict(reloaded.named_parameters())
     removed = total = 0
     dense: set[str] = set()
@@ -258,7 +261,10 @@ def unstructured_worker(model_type: str) -> dict[str, Any]:
         q, kept = after[name], after[name] != 0
         module, leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1], name.rsplit(".", 1)[-1]
         router = module in ("gate", "router") or "router" in module  # stays dense by design (docs/methods.md)
-        target = p.dim() >= 2 and "bias" not in leaf and not router and not any(e in name for e in EXCLUDED)
+        target = (
+            name.startswith(f"{prefix}.")  # carve prunes inside the decoder blocks (not BERT's head transform)
+            and p.dim() >= 2 and "bias" not in leaf and not router and not any(e in name for e in EXCLUDED)
+        )  # fmt: skip
         if not (torch.equal(q[kept], p[kept]) if target else torch.equal(q, p)):
             return {**r, "outcome": "WRONG", "why": f"{name}: {'kept entries' if target else 'values'} changed"}
         if not target:
