@@ -32,7 +32,8 @@ bench/results/structured_archs.jsonl; the table: the `structured-archs` section 
 from_pretrained, every weight matrix in the decoder blocks (fused experts too; embeddings, norms,
 biases and MoE routers, which carve keeps dense, left out) loses at least 40% of its entries, and every kept
 entry and every other parameter equals the source's.  Outcomes `pruned`, `partly dense` (the row
-names the matrices left dense: an expert layout carve does not see), `WRONG`, `refused`, `crashed`,
+names the matrices left dense: a convolution or state-space parameter, which carve does not prune,
+or an expert layout carve does not see), `WRONG`, `refused`, `crashed`,
 `not built`; results bench/results/unstructured_archs.jsonl, section `unstructured-archs`.
 """
 
