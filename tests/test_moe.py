@@ -145,6 +145,20 @@ def test_a_router_that_is_a_linear_stays_dense(arch: str) -> None:
         assert (q == 0).float().mean().item() == pytest.approx(0.5, abs=0.02)
 
 
+def test_a_shared_experts_projection_as_wide_as_the_expert_count_is_no_router() -> None:
+    """GLM-4-MoE-Lite's tiny config has 64 experts and hidden size 64: its shared expert's down_proj
+    has one output per expert, yet it sits among other Linears, so it is pruned, not kept as a router."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.models.arch import all_prunable_linears, find_blocks, routers
+    from tests.conftest import any_tiny_config
+
+    model = AutoModelForCausalLM.from_config(any_tiny_config("glm4_moe_lite", layers=2))
+    _, blocks = find_blocks(model)
+    assert not routers(blocks[1])
+    assert "model.layers.1.mlp.shared_experts.down_proj" in all_prunable_linears(model)
+
+
 def test_n_m_runs_along_each_experts_input_dimension() -> None:
     """2:4 in the [E, in, out] layout of gpt-oss: every 4 consecutive inputs of an output keep 2."""
     model = moe_model("gpt_oss")

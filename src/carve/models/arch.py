@@ -94,10 +94,11 @@ def routers(block: nn.Module) -> set[int]:
             continue
         members = experts if isinstance(experts, list) else [experts]
         inside = {id(m) for e in members for m in e.modules()}
-        found |= {
-            id(m) for m in moe.modules()
-            if isinstance(m, nn.Linear) and id(m) not in inside and m.out_features == count
-        }  # fmt: skip
+        for name, m in moe.named_modules():
+            parent = moe.get_submodule(name.rpartition(".")[0]) if "." in name else moe
+            alone = parent is moe or sum(isinstance(x, nn.Linear) for x in parent.modules()) == 1
+            if isinstance(m, nn.Linear) and id(m) not in inside and m.out_features == count and alone:
+                found.add(id(m))  # a shared expert's projections (a module of several Linears) are not
     return found
 
 
