@@ -319,7 +319,9 @@ def table(rows: list[dict[str, Any]], unstructured: bool = False) -> str:
         f"## {'Unstructured' if unstructured else 'Structured'} extraction across transformers' causal-LM "
         "architectures (bench/structured_archs.py" + (" --unstructured)" if unstructured else ")"),
         "",
-        f"{len(rows)} model types of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`; commit(s) {', '.join(commits)}. "
+        f"{len(rows)} model types of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`"
+        + (f" (partial: {len(kinds()) - len(rows)} of {len(kinds())} not run yet)" if len(rows) < len(kinds()) else "")
+        + f"; commit(s) {', '.join(commits)}. "
         + ", ".join(f"{counts[o]} {o}" for o in ORDER if counts[o])
         + f". A tiny random model of each, {what} (the script's docstring says how).",
         "",
