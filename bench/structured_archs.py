@@ -127,21 +127,20 @@ def build(model_type: str) -> Any:
     return model
 
 
-def _save_source(model: Any, src: Path) -> str | None:
-    """`model` saved with a byte-level tokenizer at `src`; the reason it cannot be (None: saved)."""
+def _extract(r: dict[str, Any], model: Any, tmp: Path) -> dict[str, Any] | None:
+    """`model` saved with a byte-level tokenizer at tmp/src, then `carve extract ... r["flags"]`
+    into tmp/out under the CLI's memory limit, timed into `r`: the finished row when the model
+    cannot be saved, or the CLI refused (exit 2) or crashed; None when it wrote its output."""
     from tests.conftest import VOCAB, byte_level_tokenizer
 
+    src, out = tmp / "src", tmp / "out"
     try:
         model.save_pretrained(src)
         byte_level_tokenizer(None, size=VOCAB).save_pretrained(src)
     except Exception as e:
-        return f"save_pretrained: {type(e).__name__}: {_one_line(str(e))}"
-    return None
-
-
-def _run_cli(r: dict[str, Any], cmd: list[str]) -> dict[str, Any] | None:
-    """Run `carve extract` under the CLI's memory limit, timed into `r`; the finished row when it
-    refused (exit 2) or crashed, None when it wrote its output."""
+        return {**r, "outcome": "not built", "why": f"save_pretrained: {type(e).__name__}: {_one_line(str(e))}"}
+    cmd = [CARVE, "extract", "--model", str(src), "--domain", "legal", "--out", str(out), "--quiet",
+           *r["flags"].split(), *FAST]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, preexec_fn=_limit)
     r["seconds"] = round(time.perf_counter() - start, 1)
@@ -178,14 +177,9 @@ def worker(model_type: str) -> dict[str, Any]:
     flags = {"heads": ["--heads-keep", "0.5"], "mlp": ["--mlp-keep", "0.5"], "depth": ["--drop-blocks", "1"]}
     cut = [f for dim, f in flags.items() if dim not in held]
     with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp) / "src", Path(tmp) / "out"
-        unsaved = _save_source(model, src)
-        if unsaved:
-            return {**r, "outcome": "not built", "why": unsaved}
-        cmd = [CARVE, "extract", "--model", str(src), "--domain", "legal", "--out", str(out), "--quiet",
-               *[a for f in cut for a in f], *FAST]  # fmt: skip
+        out = Path(tmp) / "out"
         r["flags"] = " ".join(a for f in cut for a in f)
-        ended = _run_cli(r, cmd)
+        ended = _extract(r, model, Path(tmp))
         if ended is not None:
             return ended
         if refused is not None:
@@ -235,13 +229,8 @@ def unstructured_worker(model_type: str) -> dict[str, Any]:
     r["class"] = type(model).__name__
     r["flags"] = "--sparsity 0.5 --method magnitude --save-format dense"
     with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp) / "src", Path(tmp) / "out"
-        unsaved = _save_source(model, src)
-        if unsaved:
-            return {**r, "outcome": "not built", "why": unsaved}
-        cmd = [CARVE, "extract", "--model", str(src), "--domain", "legal", "--out", str(out), "--quiet",
-               *r["flags"].split(), *FAST]  # fmt: skip
-        ended = _run_cli(r, cmd)
+        out = Path(tmp) / "out"
+        ended = _extract(r, model, Path(tmp))
         if ended is not None:
             return ended
         m = json.loads((out / "carve.json").read_text())
