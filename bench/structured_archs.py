@@ -206,21 +206,19 @@ def worker(model_type: str) -> dict[str, Any]:
         return {**r, "outcome": "held+sliced" if held else "sliced"}
 
 
-EXCLUDED = ("embed", "lm_head", "norm", "wte", "wpe")  # carve's default --exclude patterns
-
-
 def unstructured_worker(model_type: str) -> dict[str, Any]:
     """`carve extract --sparsity 0.5 --method magnitude` on the tiny model: every weight matrix of the
     decoder blocks (2-D or more, an MoE's fused experts too; not biases, not an MoE's router, which carve keeps dense)
     outside the default exclusions should lose about half its entries, and every entry it keeps, and
     every other parameter, is the source's bit for bit."""
+    import fnmatch
     import re
     import tempfile
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from carve.models.arch import find_blocks
+    from carve.models.arch import DEFAULT_EXCLUDE, find_blocks
 
     r: dict[str, Any] = {"id": model_type}
     model = build(model_type)
@@ -253,7 +251,8 @@ def unstructured_worker(model_type: str) -> dict[str, Any]:
         router = module in ("gate", "router") or "router" in module  # stays dense by design (docs/methods.md)
         target = (
             name.startswith(f"{prefix}.")  # carve prunes inside the decoder blocks (not BERT's head transform)
-            and p.dim() >= 2 and "bias" not in leaf and not router and not any(e in name for e in EXCLUDED)
+            and p.dim() >= 2 and "bias" not in leaf and not router
+            and not any(fnmatch.fnmatch(name, e) for e in DEFAULT_EXCLUDE)
         )  # fmt: skip
         if not (torch.equal(q[kept], p[kept]) if target else torch.equal(q, p)):
             return {**r, "outcome": "WRONG", "why": f"{name}: {'kept entries' if target else 'values'} changed"}

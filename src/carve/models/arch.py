@@ -95,9 +95,10 @@ def routers(block: nn.Module) -> set[int]:
         members = experts if isinstance(experts, list) else [experts]
         inside = {id(m) for e in members for m in e.modules()}
         for name, m in moe.named_modules():
+            if not isinstance(m, nn.Linear) or id(m) in inside or m.out_features != count:
+                continue
             parent = moe.get_submodule(name.rpartition(".")[0]) if "." in name else moe
-            alone = parent is moe or sum(isinstance(x, nn.Linear) for x in parent.modules()) == 1
-            if isinstance(m, nn.Linear) and id(m) not in inside and m.out_features == count and alone:
+            if parent is moe or sum(isinstance(x, nn.Linear) for x in parent.modules()) == 1:
                 found.add(id(m))  # a shared expert's projections (a module of several Linears) are not
     return found
 
