@@ -7,9 +7,11 @@ zeroed copy; the CLI's own to 12 GiB; 10 minutes): a tiny random model of
 one `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` type (tests/conftest.py's `any_tiny_config`: hidden 64, 3
 blocks, 4 query heads in 2 key/value groups of 16 channels, MLP 96, 4 experts with top-1 routing where
 the config has experts, vocabulary 384; seed 0; the generic sizes are passed only where the config
-takes them) saved with save_pretrained beside a byte-level BPE tokenizer trained on builtin legal
-text.  carve's API says which dimensions the model holds whole (`anatomy`, `held_by_config`: meta
-device, no calibration), and the CLI then cuts every other one:
+takes them, with `TINY_FIXES` where they alone build no model that runs: multi-head latent attention's
+ranks, a full-attention block among linear-attention ones) saved with save_pretrained beside a
+byte-level BPE tokenizer trained on builtin legal text.  carve's API says which dimensions the
+model holds whole (`anatomy`, `held_by_config`: meta device, no calibration), and the CLI then cuts
+every other one:
 
     carve extract --model SRC --domain legal --out OUT [--heads-keep 0.5] [--mlp-keep 0.5]
         [--drop-blocks 1] --calib-blocks 4 --block-len 32 --eval-blocks 2 --cloze-items 0 --no-speed

@@ -60,6 +60,9 @@ def tiny_config(arch: str):
         "qwen2_moe": (tf.Qwen2MoeConfig, {"num_experts": 4, "moe_intermediate_size": 32,
                                           "shared_expert_intermediate_size": 32}),
         "gpt_oss": (tf.GptOssConfig, {"num_local_experts": 4, "head_dim": 16, "sliding_window": 8}),
+        # Llama 4: [E, in, out] experts called on tokens already routed, outside the experts interface
+        "llama4_text": (tf.Llama4TextConfig, {"num_local_experts": 4, "head_dim": 16,
+                                              "intermediate_size_mlp": 64, "interleave_moe_layer_step": 1}),
     }  # fmt: skip
     if arch in moe:
         cls, extra = moe[arch]
@@ -79,10 +82,36 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
+# multi-head latent attention (DeepSeek-V2/V3 and kin): keys and values per query head, small latent ranks
+_MLA = {"num_key_value_heads": 4, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "kv_lora_rank": 32,
+        "q_lora_rank": 48, "head_dim": 8, "n_routed_experts": 4, "moe_intermediate_size": 32, "n_group": 1,
+        "topk_group": 1}  # fmt: skip
+# linear-attention hybrids: the last of 3 blocks full attention (a cache needs one), small linear heads and experts
+_HYBRID = {"layer_types": ["linear_attention", "linear_attention", "full_attention"], "linear_key_head_dim": 16,
+           "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_head_dim": 16,
+           "linear_num_heads": 4, "num_experts": 4, "moe_intermediate_size": 32,
+           "shared_expert_intermediate_size": 32}  # fmt: skip
+# what the generic sizes do not make a model that builds and runs a forward (found by bench/structured_archs.py)
+TINY_FIXES: dict[str, dict] = {
+    **dict.fromkeys(["deepseek_v2", "deepseek_v3", "deepseek_v32", "minicpm3", "youtu", "axk1", "axk2", "glm_moe_dsa"],
+                    _MLA),
+    **dict.fromkeys(["granitemoehybrid", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_next"], _HYBRID),
+    **dict.fromkeys(["bailing_hybrid", "kimi_linear"], _HYBRID | _MLA),
+    "jamba": {"attn_layer_period": 3, "attn_layer_offset": 2},
+    "bamba": {"attn_layer_indices": [2]},
+    "mamba2": {"num_heads": 8, "n_groups": 1},
+    "dots3_note_text": _MLA | {"shared_experts_intermediate_size": 32},
+    "gemma3n_text": {"layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+                     "num_kv_shared_layers": 0, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
+    "lfm2_moe": {"layer_types": ["conv", "conv", "full_attention"], "num_experts": 4, "moe_intermediate_size": 32},
+}  # fmt: skip
+
+
 def any_tiny_config(model_type: str, layers: int = 3):
     """A tiny config of any transformers model type: the Llama family's generic sizes (hidden 64,
-    MLP 96, 4 query heads in 2 key/value groups of 16, 4 experts with top-1 routing), each passed
-    only where the config's constructor takes it; what else the config needs is its default."""
+    MLP 96, 4 query heads in 2 key/value groups of 16, 4 experts with top-1 routing) and the type's
+    `TINY_FIXES` (3 blocks), each passed only where the config's constructor takes it; what else the
+    config needs is its default."""
     import inspect
 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -91,8 +120,10 @@ def any_tiny_config(model_type: str, layers: int = 3):
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB, "max_position_embeddings": 256,
              "num_local_experts": 4, "num_experts_per_tok": 1, "pad_token_id": 0, "bos_token_id": 1,
              "eos_token_id": 2}  # fmt: skip
+    fixes = TINY_FIXES.get(model_type, {}) if layers == 3 else {}
     cls = CONFIG_MAPPING[model_type]
-    return cls(**{k: v for k, v in sizes.items() if k in inspect.signature(cls.__init__).parameters})
+    takes = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in {**sizes, **fixes}.items() if k in takes})
 
 
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:

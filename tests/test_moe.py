@@ -4,6 +4,7 @@ its own Linear, on the tokens routed to it (carve.models.experts)."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,12 +21,15 @@ MOE = {  # transformers class, config class, MoE settings; gpt-oss: [E, in, out]
                   {"num_experts": 4, "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32}),
     "gpt_oss": ("GptOssForCausalLM", "GptOssConfig", {"num_local_experts": 4}),
 }  # fmt: skip
+# Llama 4: [E, in, out] experts outside transformers' experts interface, called on tokens already routed
+LLAMA4 = ("Llama4ForCausalLM", "Llama4TextConfig", {"num_local_experts": 4, "intermediate_size_mlp": 64,
+                                                    "interleave_moe_layer_step": 1})  # fmt: skip
 
 
 def moe_model(arch: str, seed: int = 0) -> torch.nn.Module:
     import transformers
 
-    cls, config, extra = MOE[arch]
+    cls, config, extra = {**MOE, "llama4_text": LLAMA4}[arch]
     cfg = getattr(transformers, config)(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_experts_per_tok=2, pad_token_id=None, bos_token_id=None,
@@ -103,24 +107,59 @@ def test_each_expert_is_calibrated_on_the_tokens_routed_to_it() -> None:
             assert torch.equal(result.mask[f"model.layers.0.mlp.experts.{name}"][e], keep), (e, name)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "gpt_oss", "llama4_text"])
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt", "dual-obs"])
 def test_every_method_prunes_each_expert(arch: str, method: str) -> None:
     model = moe_model(arch)
     extra = {"general_calibration": _ids(seed=2)} if method == "dual-obs" else {}
     result = carve.prune(model, method, 0.5, _ids(), **extra)
+    moe = "feed_forward" if arch == "llama4_text" else "mlp"
     for i in range(2):
-        fused = model.get_submodule(f"model.layers.{i}.mlp.experts")
+        fused = model.get_submodule(f"model.layers.{i}.{moe}.experts")
         for proj in ("gate_up_proj", "down_proj"):
-            name = f"model.layers.{i}.mlp.experts.{proj}"
+            name = f"model.layers.{i}.{moe}.experts.{proj}"
             W = getattr(fused, proj)
             assert result.mask[name].shape == W.shape  # keyed and shaped as the model's own parameter
             assert torch.equal(~result.mask[name], W == 0)
             for e in range(4):
                 assert (W[e] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), (name, e)
     left = result.describe(model)["sparsity"]["not_pruned_in_blocks"]
-    assert set(left) == {f"model.layers.*.mlp.{'router' if arch == 'gpt_oss' else 'gate'}.weight"}  # the router
-    assert result.experts is not None and result.experts["unfused"] == [f"model.layers.{i}.mlp.experts" for i in (0, 1)]
+    assert set(left) == {f"model.layers.*.{moe}.{'gate' if arch == 'mixtral' else 'router'}.weight"}  # the router
+    assert result.experts is not None
+    assert result.experts["unfused"] == [f"model.layers.{i}.{moe}.experts" for i in (0, 1)]
+
+
+def test_llama4_experts_are_called_on_the_tokens_routed_to_them() -> None:
+    """Llama 4's experts module takes every token once per expert, scaled by that expert's routing
+    weight (zero outside its top-k): unfused, each expert's Linears are called on its rows that are
+    not zero, the model computes what it did, and the Linears are views of the [E, in, out] tensors."""
+    model = moe_model("llama4_text")
+    ids = _ids()
+    fused = model.get_submodule("model.layers.0.feed_forward.experts")
+    given: list[torch.Tensor] = []
+    hook = fused.register_forward_pre_hook(lambda _m, args: given.append(args[0].detach()))
+    with torch.no_grad():
+        before = model(ids).logits
+    hook.remove()
+    routed = given[0].view(4, -1, 32)  # [experts, tokens, hidden]
+    with torch.no_grad(), unfused(model) as experts:
+        assert list(experts.modules) == [f"model.layers.{i}.feed_forward.experts" for i in (0, 1)]
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [
+            model.get_submodule(f"model.layers.0.feed_forward.experts.{e}.gate_up_proj").register_forward_pre_hook(
+                lambda _m, args, e=e: seen.setdefault(e, args[0])
+            )
+            for e in range(4)
+        ]
+        inside = model(ids).logits
+        for h in hooks:
+            h.remove()
+        model.get_submodule("model.layers.1.feed_forward.experts.2.down_proj").weight[0, 3] = 7.0  # [out, in]
+    torch.testing.assert_close(inside, before, atol=1e-6, rtol=0)
+    for e in range(4):
+        rows = routed[e][routed[e].ne(0).any(-1)]
+        assert 0 < len(rows) < routed.shape[1] and torch.equal(seen[e], rows), e
+    assert model.get_submodule("model.layers.1.feed_forward.experts").down_proj[2, 3, 0].item() == 7.0  # [in, out]
 
 
 @pytest.mark.parametrize("arch", ["phimoe", "llama4_text"])
@@ -560,6 +599,74 @@ def test_dropping_experts_slices_the_router_and_the_experts(arch: str, tmp_path:
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in original.parameters())
 
 
+def test_dropping_llama4_experts_ranks_them_by_the_routers_scores(tmp_path: Path) -> None:
+    """Llama 4's experts take tokens already routed, so their routing mass is read off the router's
+    output (sigmoid scores, zero outside the top-k); the sliced model computes what the original does
+    with the dropped experts' router rows at -inf, and reloads with stock from_pretrained."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from carve.ops.expert_drop import drop_experts, moe_blocks
+
+    model = moe_model("llama4_text")
+    original = copy.deepcopy(model)
+    blocks = moe_blocks(original)
+    ids = _ids(6)
+    mass = torch.zeros(len(blocks), 4, dtype=torch.float64)
+
+    def seen(i: int):
+        def hook(_m, _args, out) -> None:
+            mass[i] += out[0].double().sum(0)  # (scores, logits)
+
+        return hook
+
+    hooks = [b.router.register_forward_hook(seen(i)) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        original(ids)
+    for h in hooks:
+        h.remove()
+    result = drop_experts(model, ids, 0.5, batch_size=2)
+    torch.testing.assert_close(result.mass, mass)
+    assert result.kept == [sorted(m.sort(descending=True, stable=True).indices[:2].tolist()) for m in mass]
+
+    def without(dropped: list[int]):
+        def hook(m, _args, out):  # Llama4Router's own computation with the dropped experts' logits at -inf
+            logits = out[1].masked_fill(torch.isin(torch.arange(4), torch.tensor(dropped)), float("-inf"))
+            top, index = logits.topk(m.top_k, dim=1)
+            return torch.full_like(logits, float("-inf")).scatter_(1, index, top).sigmoid(), logits
+
+        return hook
+
+    for b, kept in zip(blocks, result.kept, strict=True):
+        b.router.register_forward_hook(without([e for e in range(4) if e not in kept]))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, atol=1e-5, rtol=1e-5)
+    assert model.config.num_local_experts == 2
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+
+
+def test_expert_weights_carve_cannot_see_stay_dense_and_are_named() -> None:
+    """JetMoE's `JetMoeParallelExperts` holds its experts in one 3-D weight called with per-expert
+    token counts: no Linear, no experts layout carve knows.  A job leaves them as they were and names
+    them among the blocks' matrices left dense (which the CLI prints)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import any_tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(any_tiny_config("jetmoe", layers=2)).eval()
+    assert not fused_experts(model)
+    unseen = {n: p.clone() for n, p in model.named_parameters() if p.dim() == 3}
+    assert len(unseen) == 8
+    result = carve.prune(model, "wanda", 0.5, torch.randint(3, 100, (2, 16)))
+    assert all(torch.equal(p, unseen[n]) for n, p in model.named_parameters() if n in unseen)
+    left = result.describe(model)["sparsity"]["not_pruned_in_blocks"]
+    assert {re.sub(r"\.\d+\.", ".*.", n, count=1) for n in unseen} <= set(left)
+
+
 def test_experts_no_token_reaches_are_dropped_and_nothing_changes() -> None:
     """gpt-oss's router has a bias: at -1e4 two experts are never among a token's top-2 and have no
     routing mass, so they are the ones dropped, and the model computes what it did."""
@@ -623,7 +730,7 @@ def test_drop_experts_from_the_command_line(tmp_path: Path, tokenizer, small_cor
     assert "has none" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe", "qwen2_moe", "gpt_oss", "llama4_text"])
 def test_streamed_expert_dropping_equals_in_memory(arch: str, tmp_path: Path, tokenizer, small_corpus: Path) -> None:
     """`--experts-keep --stream`: the routing mass from a pass that reads one block at a time, each block's
     MoE sliced as it is written: the in-memory job's experts, weights (bit for bit, as stock from_pretrained

@@ -18,6 +18,14 @@ as SparseGPT's Hessian of that expert's matrix on those tokens.  Every expert is
 batch, with no tokens when none was routed to it, so each has a statistic; one that saw no token
 over the whole calibration reads as the identity (carve.scorers.stats: pruned by magnitude).
 
+Llama 4's `Llama4TextExperts` is outside that interface (`LAYOUTS`): [E, in, out] weights called on
+the hidden states alone, already routed (each token repeated for every expert and scaled by that
+expert's routing weight, zero where it is not among the token's top-k).  Its ExpertLinears calls
+each expert on its rows that are not zero, so there its experts' statistics are routing-weighted.
+A weight of 3 or more dimensions that is none of these (JetMoE's `JetMoeParallelExperts`) stays
+dense, as every matrix of the blocks that is not a Linear: the manifest lists it among
+`sparsity.not_pruned_in_blocks` and the CLI names it.
+
 Masks and importance maps leave a job keyed by the model's own parameters (`fold`: a 3-D mask per
 fused tensor, in its layout) and come in unfolded (`unfold`), so a saved mask or map belongs to the
 model as transformers loads it, and `carve recover` or the sparse format read it like any other.
@@ -41,16 +49,44 @@ from carve.settings import Targets
 FLAGS = ("has_gate", "is_transposed", "has_bias")
 
 
-def _projections(module: nn.Module) -> tuple[str, ...]:
-    return ("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj", "down_proj")
+@dataclass(frozen=True)
+class Layout:
+    """How a fused experts module holds its experts' weights and is called."""
+
+    gated: bool  # `gate_up_proj` (gate half, then up half), else `up_proj`
+    transposed: bool  # [E, in, out], else [E, out, in]
+    bias: bool  # `<projection>_bias` [E, out] beside each weight
+    # called on the hidden states alone, [E × tokens, hidden]: expert e's block of rows is every
+    # token scaled by its routing weight, zero where e is not among the token's top-k (Llama 4);
+    # else with (hidden states, top-k indices, top-k weights), transformers' experts interface
+    pre_routed: bool = False
+
+    @property
+    def projections(self) -> tuple[str, str]:
+        return ("gate_up_proj" if self.gated else "up_proj", "down_proj")
+
+
+# fused experts modules outside transformers' experts interface (no flags), by class name
+LAYOUTS = {"Llama4TextExperts": Layout(gated=True, transposed=True, bias=False, pre_routed=True)}
+
+
+def layout(module: nn.Module) -> Layout | None:
+    """The layout of a fused experts module with 3-D expert weights: one of transformers' experts
+    interface (its flags set on the module) or of `LAYOUTS`; None for any other module."""
+    if isinstance(module, ExpertLinears):
+        return None
+    found = LAYOUTS.get(type(module).__name__)
+    if found is None and all(hasattr(module, f) for f in FLAGS):
+        found = Layout(bool(module.has_gate), bool(module.is_transposed), bool(module.has_bias))
+    if found is None:
+        return None
+    params = dict(module.named_parameters(recurse=False))
+    return found if all(p in params and params[p].dim() == 3 for p in found.projections) else None
 
 
 def is_fused_experts(module: nn.Module) -> bool:
-    """A transformers experts module (its experts interface's flags set) with 3-D expert weights."""
-    if isinstance(module, ExpertLinears) or not all(hasattr(module, f) for f in FLAGS):
-        return False
-    params = dict(module.named_parameters(recurse=False))
-    return all(p in params and params[p].dim() == 3 for p in _projections(module))
+    """A fused experts module carve sees as Linears (`layout`)."""
+    return layout(module) is not None
 
 
 def fused_experts(model: nn.Module) -> dict[str, nn.Module]:
@@ -60,7 +96,14 @@ def fused_experts(model: nn.Module) -> dict[str, nn.Module]:
 
 def expert_weights(model: nn.Module) -> dict[str, nn.Parameter]:
     """Parameter name -> each fused experts module's 3-D weights (gate_up / up and down)."""
-    return {f"{n}.{p}": getattr(m, p) for n, m in fused_experts(model).items() for p in _projections(m)}
+    found = fused_experts(model)
+    return {f"{n}.{p}": getattr(m, p) for n, m in found.items() for p in _layout(m).projections}
+
+
+def _layout(module: nn.Module) -> Layout:
+    found = layout(module)
+    assert found is not None, type(module).__name__
+    return found
 
 
 class ExpertLinears(nn.Module):
@@ -72,8 +115,9 @@ class ExpertLinears(nn.Module):
     def __init__(self, fused: nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "fused", fused)  # not a submodule: its parameters are the views'
-        self.transposed = bool(fused.is_transposed)
-        self.projections = _projections(fused)
+        self.layout = _layout(fused)
+        self.transposed = self.layout.transposed
+        self.projections = self.layout.projections
         params = dict(fused.named_parameters(recurse=False))
         # children named by expert index, as transformers' per-expert checkpoints name them; not a
         # ModuleList, which carve.models.arch.find_blocks could take for the decoder blocks
@@ -83,7 +127,7 @@ class ExpertLinears(nn.Module):
             for p in self.projections:
                 rows, cols = params[p].shape[1:]
                 out, inp = (cols, rows) if self.transposed else (rows, cols)
-                one.add_module(p, nn.Linear(inp, out, bias=bool(fused.has_bias), device="meta"))
+                one.add_module(p, nn.Linear(inp, out, bias=self.layout.bias, device="meta"))
             self.add_module(str(e), one)
             self.experts.append(one)
         self.bind()
@@ -100,28 +144,52 @@ class ExpertLinears(nn.Module):
             for p in self.projections:
                 lin, w = getattr(expert, p), params[p].data[e]
                 lin.weight = nn.Parameter(w.t() if self.transposed else w, requires_grad=params[p].requires_grad)
-                if self.fused.has_bias:
+                if self.layout.bias:
                     lin.bias = nn.Parameter(params[f"{p}_bias"].data[e], requires_grad=params[p].requires_grad)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.layout.pre_routed:
+            return self._pre_routed(hidden_states)
         # (hidden, top_k_index, top_k_weights), by position or by the model's own argument names
         index, weights = [*args, *kwargs.values()][:2]
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
         out = torch.zeros_like(x)
-        fused = self.fused
-        for e, expert in enumerate(self.experts):
+        for e in range(len(self.experts)):
             token, rank = torch.where(index == e)
-            if self.counting:
-                self.routed[e] += token.numel()
-            up, down = (getattr(expert, p) for p in self.projections)
-            h = up(x[token])
-            h = fused._apply_gate(h) if fused.has_gate else fused.act_fn(h)
-            y = down(h)
-            if getattr(fused, "has_post_expert_norm", False):
-                y = fused.post_expert_norm(y)
+            y = self._expert(e, x[token])
             out.index_add_(0, token, (y * weights[token, rank, None]).to(out.dtype))
         return out.reshape(shape)
+
+    def _pre_routed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[E × tokens, hidden], expert e's rows scaled by its routing weights: each expert called on
+        its rows that are not zero (the tokens routed to it; a zero row's output is zero, as a bias-free
+        expert computes it), so its Linears' statistics are of those tokens, routing-weighted."""
+        x = hidden_states.view(len(self.experts), -1, hidden_states.shape[-1])
+        out = torch.zeros_like(x)
+        for e in range(len(self.experts)):
+            token = torch.where(x[e].ne(0).any(-1))[0]
+            out[e, token] = self._expert(e, x[e, token]).to(out.dtype)
+        return out.view(-1, x.shape[-1])
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's output on the tokens `x` routed to it (counted, outside an evaluation)."""
+        if self.counting:
+            self.routed[e] += x.shape[0]
+        fused, expert = self.fused, self.experts[e]
+        up, down = (getattr(expert, p) for p in self.projections)
+        h = up(x)
+        if not self.layout.gated:
+            h = fused.act_fn(h)
+        elif hasattr(fused, "_apply_gate"):
+            h = fused._apply_gate(h)
+        else:  # the experts interface's default gate: the first half gates the second
+            gate, lin = h.chunk(2, dim=-1)
+            h = fused.act_fn(gate) * lin
+        y = down(h)
+        if getattr(fused, "has_post_expert_norm", False):
+            y = fused.post_expert_norm(y)
+        return y
 
 
 _EXPERT_KEY = re.compile(r"^(?P<module>.+)\.(?P<e>\d+)\.(?P<proj>[a-z_]+)\.weight$")

@@ -1,11 +1,13 @@
 """Structured extraction of a mixture of experts: whole experts removed from every MoE block,
 leaving a smaller model whose config is still standard (`carve extract --experts-keep F`).
 
-An MoE block (Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss: transformers' experts interface) holds its
+An MoE block (Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss: transformers' experts interface; Llama 4) holds its
 experts fused in 3-D parameters (carve.models.experts) beside a router whose weight (and bias, if
 any) has one row per expert.  Experts are ranked per block by their routing mass over the
 calibration tokens: the sum of the routing weights the router gave each expert where it was among a
-token's top-k (the soft count of SEER-MoE, Muzio et al. 2024, arXiv 2404.05089).  Every MoE block
+token's top-k (the soft count of SEER-MoE, Muzio et al. 2024, arXiv 2404.05089), read from the
+experts module's arguments, or from the router's output where the experts take the tokens already
+routed (Llama 4: its sigmoid scores, zero outside the top-k).  Every MoE block
 keeps the same number of experts (its own heaviest ones), so the config stays standard: the expert
 count (`num_local_experts` / `num_experts`) is rewritten, everything else is untouched.  Removing
 expert e is what its router row at −∞ computes: no token is routed to it, and the softmax, before or
@@ -25,7 +27,7 @@ from carve.engines.blocks import run_hooked
 from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap
 from carve.models.anatomy import text_config
-from carve.models.experts import fused_experts
+from carve.models.experts import fused_experts, layout
 
 if TYPE_CHECKING:
     from carve.engines.gradient import BlockSource
@@ -104,9 +106,26 @@ def routing_mass(
 
         return record
 
-    handles = [b.experts.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    def scores(i: int) -> Any:
+        def record(_m: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
+            weight = out[0] if isinstance(out, tuple) else out  # [tokens, experts], zero outside the top-k
+            mass[i] += weight.reshape(-1, mass.shape[1]).double().sum(0).cpu()
+
+        return record
+
+    handles = [
+        # experts called on tokens already routed (Llama 4): the weights are the router's output
+        b.router.register_forward_hook(scores(i)) if pre_routed(b.experts)
+        else b.experts.register_forward_pre_hook(hook(i), with_kwargs=True)
+        for i, b in enumerate(blocks)
+    ]  # fmt: skip
     run_hooked(model, calibration, handles, batch_size, "routing mass", source)
     return mass
+
+
+def pre_routed(experts: nn.Module) -> bool:
+    found = layout(experts)
+    return found is not None and found.pre_routed
 
 
 def slice_experts(block: MoeBlock, kept: list[int]) -> None:

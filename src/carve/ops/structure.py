@@ -245,9 +245,9 @@ def config_mismatch(model: nn.Module) -> str | None:
 
 def held_by_config(model: nn.Module, anat: Anatomy) -> dict[str, str]:
     """The dimensions ("heads", "mlp", "depth") a config cannot describe once cut, though the blocks
-    could be sliced (Helium's o_proj is as wide as the hidden size whatever the heads; Llama 4's
-    `intermediate_size` is its shared expert's width and its routed experts' too): found by slicing one unit of each
-    from a meta-device copy of `model` (no memory) and comparing it with what its config builds."""
+    could be sliced (Helium's o_proj is as wide as the hidden size whatever the heads): found by
+    slicing one unit of each from a meta-device copy of `model` (no memory) and comparing it with
+    what its config builds."""
     n = len(anat.blocks)
     cuts = {
         "heads": Shape(anat.kv_heads - 1, anat.intermediate, 0),
