@@ -438,3 +438,57 @@ def test_calibrating_in_rounds_gives_the_same_masks_and_weights(
     assert sorted(one.mask.keys()) == sorted(parted.mask.keys())
     assert all(torch.equal(one.mask[k], parted.mask[k]) for k in one.mask.keys())
     assert all(torch.equal(one_weights[k], parted_weights[k]) for k in one_weights)
+
+
+@pytest.mark.parametrize("model_type", ["jamba", "olmo_hybrid"])
+def test_a_hybrid_whose_layers_are_of_two_classes_is_pruned_block_by_block(model_type: str) -> None:
+    """Jamba's attention and Mamba layers, OLMo-Hybrid's attention and gated-delta-net layers, are
+    two decoder-layer classes in one ModuleList: they are the blocks (the config counts them), and
+    the block-by-block engine calls each with its own recorded arguments, so Wanda on dense
+    propagation selects exactly the mask scored on the whole model in one go."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import any_tiny_config
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(any_tiny_config(model_type)).eval()
+
+    prefix, blocks = find_blocks(model())
+    assert prefix == "model.layers" and len(blocks) == 3 and len({type(b) for b in blocks}) == 2
+    calib = _calib(n=4)
+    result = carve.prune(model(), "wanda", 0.5, calib, calib=Calibration(2, "dense"))
+    whole = carve.select_mask(carve.score(model(), "wanda", calib), 0.5, "row")
+    assert set(result.mask) == set(whole) and {k.split(".")[2] for k in whole} == {"0", "1", "2"}
+    assert all(torch.equal(result.mask[k], whole[k]) for k in whole)
+    # Jamba's Mamba layers read dt_proj's weight without calling it: no input reaches its statistic,
+    # which reads as the identity (pruned by magnitude, by SparseGPT too), and the manifest says so
+    never = [f"model.layers.{i}.mamba.dt_proj.weight" for i in (0, 1)] if model_type == "jamba" else []
+    for method in ("wanda", "sparsegpt"):
+        m = model()
+        result = carve.prune(m, method, 0.5, calib)
+        assert result.describe(m)["method_notes"]["without_calibration_input"] == never
+        for name in never:  # the larger half kept unchanged: of each row (Wanda), of the matrix (SparseGPT's
+            # selection over a block of columns, here all of them)
+            W, orig = m.get_parameter(name).detach(), model().get_parameter(name).detach()
+            kept = W != 0
+            assert torch.equal(W[kept], orig[kept]) and kept.sum() == W.numel() // 2
+            dim = 1 if method == "wanda" else None
+            small = orig.abs().masked_fill(~kept, float("inf")).amin(dim)
+            assert (small >= orig.abs().masked_fill(kept, 0).amax(dim)).all(), (method, name)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "prefix"),
+    [("phi4_multimodal", "model.layers"), ("git", "git.encoder.layer"), ("llama", "model.layers")],
+)
+def test_the_blocks_are_the_list_the_config_counts_not_a_deeper_tower(model_type: str, prefix: str) -> None:
+    """A tiny Phi-4-multimodal's vision tower (27 layers) and GIT's image encoder (12) are longer than
+    the 3-block text model: the blocks are the list `num_hidden_layers` counts, not the longest."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import any_tiny_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(any_tiny_config(model_type))
+    assert find_blocks(model)[0] == prefix

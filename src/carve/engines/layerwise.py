@@ -297,8 +297,11 @@ def _calibrate(
     finally:
         if collector is not None:
             collector.remove()
-    if collector is None:
+    if collector is None or statistic is None:
         return {}
+    for name, lin in linears.items():  # never called: its weight read directly (Jamba's dt_proj)
+        if name not in collector.stats:
+            collector.stats[name] = statistic(weight_matrix(lin).shape[1], device)  # empty: the identity
     merge_statistics(collector.stats)  # over every rank's share of the calibration (one process: as is)
     return collector.stats
 
@@ -492,14 +495,15 @@ def _fused(
             collectors.append(_BlockStatistics(linears, statistic, device, False, ready))
 
             def finished(_m: nn.Module, _args: Any, _out: Any, i: int = i) -> None:
-                # Linears the forward never called are handed over without a statistic, as the
-                # block-by-block passes do
+                # Linears the forward never called are handed over with an empty statistic, as
+                # the block-by-block passes do
                 c = collectors[i]
                 if c.pending:
                     names = sorted(c.pending)
                     c.pending.clear()
+                    empty = {n: statistic(weight_matrix(c.linears[n]).shape[1], device) for n in names}
                     with torch.autocast(device.type, enabled=False):
-                        on_block(i, {n: c.linears[n] for n in names}, {})
+                        on_block(i, {n: c.linears[n] for n in names}, empty)
                 c.remove()
                 shown.update(1)
                 if i == len(blocks) - 1:

@@ -1,12 +1,13 @@
 """Find the decoder blocks and the Linear layers of any Hugging Face causal LM, without
-per-architecture code: the blocks are the longest ModuleList of same-class modules that
-contain Linear layers (model.layers for Llama/Qwen2/Gemma, transformer.h for GPT-2,
-model.decoder.layers for OPT, gpt_neox.layers …)."""
+per-architecture code: the blocks are the ModuleList of layers holding Linear layers that the
+config's `num_hidden_layers` counts (model.layers for Llama/Qwen2/Gemma, transformer.h for GPT-2,
+model.decoder.layers for OPT, gpt_neox.layers …; `find_blocks`)."""
 
 from __future__ import annotations
 
 import fnmatch
 import inspect
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,22 +33,29 @@ def as_param_layout(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
-            continue
-        if len({type(m) for m in mod}) != 1:
-            continue
-        if not any(is_linear(m) for m in mod[0].modules()):
-            continue
-        if best is None or len(mod) > len(best[1]):
-            best = (name, mod)
-    if best is None:
+    """The decoder blocks (qualified name, ModuleList): of the ModuleLists whose every layer holds a
+    Linear, the one as long as the config's `num_hidden_layers` (the text config's, for a model with
+    other towers), the shortest-named if several are (a vision or audio tower as deep, an experts
+    list as long, sit deeper); where none is, the longest list of one layer class.  The layers may be
+    of several classes (a hybrid's attention and Mamba or linear-attention layers: Jamba, OLMo-Hybrid)."""
+    lists = [
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0
+        and all(any(is_linear(m) for m in layer.modules()) for layer in mod)
+    ]  # fmt: skip
+    config: Any = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    depth = getattr(text, "num_hidden_layers", None)
+    deep = [(name, mod) for name, mod in lists if len(mod) == depth]
+    if deep:
+        return min(deep, key=lambda nm: nm[0].count("."))
+    uniform = [(name, mod) for name, mod in lists if len({type(m) for m in mod}) == 1]
+    if not uniform:
         raise UsageError(
             f"no decoder blocks found in {type(model).__name__}: carve needs a causal LM whose "
             "blocks are a ModuleList of layers containing Linear modules"
         )
-    return best
+    return max(uniform, key=lambda nm: len(nm[1]))
 
 
 DEFAULT_EXCLUDE = ("*embed*", "*lm_head*", "*norm*", "*wte*", "*wpe*")

@@ -96,13 +96,24 @@ class PruneResult:
                 "per_module": {k: round(v, 6) for k, v in self.mask.sparsity_per_param().items()},
                 "not_pruned_in_blocks": unpruned_block_weights(model, self.mask),
             },
-            "method_notes": {"hessian_damping_retries": retries},
+            "method_notes": {
+                "hessian_damping_retries": retries,
+                # pruned by magnitude: the calibration never reached them
+                "without_calibration_input": sorted(k for k, v in self.info.items() if v.get("no_calibration_input")),
+            },
             **({"experts": self.experts} if self.experts else {}),
             **({"engine_seconds": self.engine_seconds} if self.engine_seconds else {}),
         }
 
     def save(self, directory: Path) -> None:
         self.mask.save(directory / "mask.safetensors")
+
+
+def _uncalibrated(stat: Any) -> dict[str, bool]:
+    """The note on a Linear whose statistic saw no input (an MoE expert no token was routed to, a
+    Linear whose weight the model reads without calling it: Jamba's dt_proj): it read as the
+    identity, so the Linear was pruned by magnitude."""
+    return {"no_calibration_input": True} if stat is not None and getattr(stat, "n", None) == 0 else {}
 
 
 def _param_name(module_name: str) -> str:
@@ -270,7 +281,7 @@ def _prune_blockwise(
         W = weight_matrix(lin)
         new, k, notes = scorer.prune_weight(W, stats.get(name), sparsity, granularity, nm)
         W.copy_(new)
-        return k, notes
+        return k, {**notes, **_uncalibrated(stats.get(name))}
 
     def record(name: str, lin: nn.Module, k: torch.Tensor, notes: dict[str, Any]) -> None:
         keep[_param_name(name)] = as_param_layout(lin, k).cpu()
@@ -393,7 +404,7 @@ def _obs_sweep(
         kw.setdefault("sparsity", 0.5)
         new, k, notes = sparsegpt_prune(W, stats[name].H, factor=factor, **kw)
         W.copy_(new)
-        return k, notes
+        return k, {**notes, **_uncalibrated(stats[name])}
 
     def record(name: str, lin: nn.Module, k: torch.Tensor, notes: dict[str, Any]) -> None:
         if done is not None:
