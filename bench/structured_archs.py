@@ -247,10 +247,15 @@ def unstructured_worker(model_type: str) -> dict[str, Any]:
     after = dict(reloaded.named_parameters())
     removed = total = 0
     dense: set[str] = set()
+    moe = {n for n, m in model.named_modules() if hasattr(m, "experts")}  # modules holding an MoE's experts
     for name, p in model.named_parameters():
         q, kept = after[name], after[name] != 0
-        module, leaf = name.rsplit(".", 1)[0].rsplit(".", 1)[-1], name.rsplit(".", 1)[-1]
-        router = module in ("gate", "router") or "router" in module  # stays dense by design (docs/methods.md)
+        parent, module = name.rsplit(".", 1)[0].rpartition(".")[::2]
+        leaf = name.rsplit(".", 1)[-1]
+        # an MoE's router stays dense by design (docs/methods.md); other Linears named so (Gemma 3n's
+        # AltUp `modality_router`) are pruned like any
+        near = parent in moe or parent.rpartition(".")[0] in moe  # beside the experts (AFMoE: mlp.router.gate)
+        router = (module in ("gate", "router") or "router" in module) and near
         target = (
             name.startswith(f"{prefix}.")  # carve prunes inside the decoder blocks (not BERT's head transform)
             and p.dim() >= 2 and "bias" not in leaf and not router

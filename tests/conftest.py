@@ -104,14 +104,24 @@ TINY_FIXES: dict[str, dict] = {
     "gemma3n_text": {"layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
                      "num_kv_shared_layers": 0, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
     "lfm2_moe": {"layer_types": ["conv", "conv", "full_attention"], "num_experts": 4, "moe_intermediate_size": 32},
+    "gemma4_text": {"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
 }  # fmt: skip
+
+
+# composite models (a text model beside vision / audio towers) whose towers at their default sizes
+# exceed the sweep's memory: each sub-config tiny too (the text one as its own type's, the others
+# with `_TOWER` sizes)
+COMPOSITES = {"gemma3", "gemma4", "llama4", "mllama", "qwen3_5", "qwen3_5_moe"}
+_TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+          "num_key_value_heads": 2, "head_dim": 16, "depth": 2, "num_heads": 2, "vision_output_dim": 32,
+          "out_hidden_size": 64, "projector_input_dim": 32, "projector_output_dim": 64, "num_global_layers": 1}  # fmt: skip
 
 
 def any_tiny_config(model_type: str, layers: int = 3):
     """A tiny config of any transformers model type: the Llama family's generic sizes (hidden 64,
     MLP 96, 4 query heads in 2 key/value groups of 16, 4 experts with top-1 routing) and the type's
     `TINY_FIXES` (3 blocks), each passed only where the config's constructor takes it; what else the
-    config needs is its default."""
+    config needs is its default.  One of `COMPOSITES` gets its sub-configs the same way."""
     import inspect
 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -123,6 +133,18 @@ def any_tiny_config(model_type: str, layers: int = 3):
     fixes = TINY_FIXES.get(model_type, {}) if layers == 3 else {}
     cls = CONFIG_MAPPING[model_type]
     takes = inspect.signature(cls.__init__).parameters
+    if model_type in COMPOSITES:
+        default = cls()
+        for name in cls.sub_configs:
+            sub = getattr(default, name, None)
+            if name == "text_config":
+                fixes = {**fixes, name: any_tiny_config(sub.model_type, layers).to_dict()}
+            elif sub is not None:
+                tower = inspect.signature(CONFIG_MAPPING[sub.model_type].__init__).parameters
+                fixes = {
+                    **fixes,
+                    name: {"model_type": sub.model_type, **{k: v for k, v in _TOWER.items() if k in tower}},
+                }
     return cls(**{k: v for k, v in {**sizes, **fixes}.items() if k in takes})
 
 

@@ -59,14 +59,16 @@ def sliced_as_zeroed(model: torch.nn.Module, shape: Shape, order: list[int], tmp
     plan = make_plan(shape, groups, channels, order)
     assert len(plan.drop) == shape.drop_blocks
     sliced, zeroed = apply_plan(copy.deepcopy(model), plan), zero_plan(copy.deepcopy(model), plan)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(
+        0, model.config.get_text_config().vocab_size, (2, 12), generator=torch.Generator().manual_seed(3)
+    )
     with torch.no_grad():
         want = zeroed(input_ids=ids).logits
         torch.testing.assert_close(sliced(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
     # the config says what the weights are, and stock from_pretrained loads it with no custom code
     sliced.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    c = reloaded.config
+    c = reloaded.config.get_text_config()  # a multimodal model's text model's
     assert (c.num_hidden_layers, c.num_key_value_heads) == (len(anat.blocks) - shape.drop_blocks, shape.kv_groups)
     assert c.num_attention_heads == shape.kv_groups * anat.group_size
     widths = c.intermediate_size if isinstance(c.intermediate_size, list) else [c.intermediate_size]  # Gemma 3n: a list
@@ -588,3 +590,36 @@ def test_a_config_that_does_not_count_the_blocks_is_refused() -> None:
     rewriting that count would break it, so structured extraction refuses it by name."""
     with pytest.raises(UsageError, match=r"num_hidden_layers \(\d+\) does not count the blocks"):
         anatomy(_odd_model("hrm_text"))
+
+
+def test_a_multimodal_gemma3_is_carved_in_its_text_model(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """Gemma 3 from 4B up is `Gemma3ForConditionalGeneration` (a SigLIP tower beside the text model),
+    the class AutoModelForCausalLM loads for it: its text blocks are the blocks (the vision tower is
+    deeper here), slicing them equals zeroing and reloads, and `carve extract` prunes the text
+    model alone: the vision tower, projector, embeddings and norms are the source's bit for bit, and
+    stock from_pretrained reloads the output."""
+    from carve.cli.main import main
+
+    config = any_tiny_config("gemma3")
+    config.vision_config.num_hidden_layers = 4  # deeper than the 3-block text model
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    assert anatomy(model).prefix == "model.language_model.layers"
+    sliced_as_zeroed(model, Shape(1, 40, 1), [1, 2, 0], tmp_path / "sliced")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    args = ["extract", str(src), "--domain", str(small_corpus), "--general", str(small_corpus), "--method",
+            "sparsegpt", "--sparsity", "0.5", "--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2",
+            "--cloze-items", "0", "--no-speed", "--quiet", "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(args) == 0
+    before, after = model.state_dict(), AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert sorted(before) == sorted(after)
+    blocks = [k for k in before if k.startswith("model.language_model.layers.") and k.endswith("proj.weight")]
+    assert len(blocks) == 3 * 7
+    for k in before:
+        if k in blocks:
+            assert (after[k] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), k
+        else:
+            assert torch.equal(after[k], before[k]), k
