@@ -1,6 +1,6 @@
 """`carve extract --structure` across every causal-LM architecture of the installed transformers.
 
-    .venv/bin/python bench/structured_archs.py [--unstructured] [--kinds llama helium ...] [--table-only]
+    .venv/bin/python bench/structured_archs.py [--unstructured [--method M]] [--kinds llama helium ...] [--table-only]
 
 Each row, in its own process (address space limited to 20 GiB: it holds the source, the reload and a
 zeroed copy; the CLI's own to 12 GiB; 10 minutes): a tiny random model of
@@ -30,13 +30,16 @@ model that builds and runs a forward: the row says why; no carve code ran), and 
 bench/results/structured_archs.jsonl; the table: the `structured-archs` section of bench/RESULTS.md.
 
 `--unstructured` sweeps the same models through `carve extract --sparsity 0.5 --method magnitude
---save-format dense` instead (`unstructured_worker`): the output reloads clean with stock
-from_pretrained, every weight matrix in the decoder blocks (fused experts too; embeddings, norms,
-biases and MoE routers, which carve keeps dense, left out) loses at least 40% of its entries, and every kept
-entry and every other parameter equals the source's.  Outcomes `pruned`, `partly dense` (the row
-names the matrices left dense: a convolution or state-space parameter, which carve does not prune,
-or an expert layout carve does not see), `WRONG`, `refused`, `crashed`,
-`not built`; results bench/results/unstructured_archs.jsonl, section `unstructured-archs`.
+--save-format dense` instead (`unstructured_worker`; `--method M` another method, which runs the
+calibration engines on each architecture: rows in unstructured_<M>_archs.jsonl, section
+`unstructured-<M>-archs`): the output reloads clean with stock from_pretrained with finite logits,
+every weight matrix in the decoder blocks (fused experts too; embeddings, norms, biases and MoE
+routers, which carve keeps dense, left out) loses at least 40% of its entries, and every other
+parameter equals the source's, as does every kept entry for a method that does not update
+weights.  Outcomes `pruned`, `partly dense` (the row names the matrices left dense: a convolution
+or state-space parameter, which carve does not prune, or an expert layout carve does not see),
+`WRONG`, `refused`, `crashed`, `not built`; magnitude's results in
+bench/results/unstructured_archs.jsonl, section `unstructured-archs`.
 """
 
 from __future__ import annotations
@@ -54,7 +57,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HERE, ROOT, commit, load_results, save_result, write_section
 
 RESULTS = HERE / "results" / "structured_archs.jsonl"
-RESULTS_UNSTRUCTURED = HERE / "results" / "unstructured_archs.jsonl"
 CARVE = str(ROOT / ".venv" / "bin" / "carve")
 FAST = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--cloze-items", "0", "--no-speed"]
 LIMIT_BYTES, WORKER_BYTES, TIMEOUT_S = 12 << 30, 20 << 30, 600
@@ -208,16 +210,19 @@ def worker(model_type: str) -> dict[str, Any]:
         return {**r, "outcome": "held+sliced" if held else "sliced"}
 
 
-def unstructured_worker(model_type: str) -> dict[str, Any]:
-    """`carve extract --sparsity 0.5 --method magnitude` on the tiny model: every weight matrix of the
-    decoder blocks (2-D or more, an MoE's fused experts too; not biases, not an MoE's router, which carve keeps dense)
-    outside the default exclusions should lose about half its entries, and every entry it keeps, and
-    every other parameter, is the source's bit for bit."""
+def unstructured_worker(model_type: str, method: str = "magnitude") -> dict[str, Any]:
+    """`carve extract --sparsity 0.5 --method METHOD` on the tiny model: every weight matrix of the
+    decoder blocks (2-D or more, an MoE's fused experts too; not biases, not an MoE's router, which
+    carve keeps dense) outside the default exclusions should lose about half its entries, every
+    other parameter is the source's bit for bit, and so is every entry it keeps where the method
+    does not update weights (magnitude, Wanda; SparseGPT's and dual-obs's sweeps do); the reloaded
+    model's logits are finite."""
     import fnmatch
     import re
     import tempfile
 
     import torch
+    from tests.conftest import VOCAB
     from transformers import AutoModelForCausalLM
 
     from carve.models.arch import DEFAULT_EXCLUDE, find_blocks
@@ -227,7 +232,8 @@ def unstructured_worker(model_type: str) -> dict[str, Any]:
     if isinstance(model, str):
         return {**r, "outcome": "not built", "why": model}
     r["class"] = type(model).__name__
-    r["flags"] = "--sparsity 0.5 --method magnitude --save-format dense"
+    r["flags"] = f"--sparsity 0.5 --method {method} --save-format dense"
+    updates = method not in ("magnitude", "wanda")  # the OBS sweep changes the weights it keeps
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         ended = _extract(r, model, Path(tmp))
@@ -243,6 +249,10 @@ def unstructured_worker(model_type: str) -> dict[str, Any]:
     bad = {k: v for k, v in info.items() if v and k != "error_msgs"}
     if bad:
         return {**r, "outcome": "WRONG", "why": f"loading info {bad}"}
+    ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        if not torch.isfinite(reloaded.eval()(input_ids=ids).logits).all():
+            return {**r, "outcome": "WRONG", "why": "the pruned model's logits are not finite"}
     prefix, _ = find_blocks(model)
     after = dict(reloaded.named_parameters())
     removed = total = 0
@@ -261,7 +271,7 @@ def unstructured_worker(model_type: str) -> dict[str, Any]:
             and p.dim() >= 2 and "bias" not in leaf and not router
             and not any(fnmatch.fnmatch(name, e) for e in DEFAULT_EXCLUDE)
         )  # fmt: skip
-        if not (torch.equal(q[kept], p[kept]) if target else torch.equal(q, p)):
+        if not ((updates or torch.equal(q[kept], p[kept])) if target else torch.equal(q, p)):
             return {**r, "outcome": "WRONG", "why": f"{name}: {'kept entries' if target else 'values'} changed"}
         if not target:
             continue
@@ -274,9 +284,10 @@ def unstructured_worker(model_type: str) -> dict[str, Any]:
     return {**r, "outcome": "partly dense" if dense else "pruned"}
 
 
-def row(model_type: str, unstructured: bool = False) -> dict[str, Any]:
+def row(model_type: str, method: str | None = None) -> dict[str, Any]:
+    """One row in its own process: the structured sweep's, or with `method` the unstructured one's."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
-    cmd = [sys.executable, __file__, "--unstructured-worker" if unstructured else "--worker", model_type]
+    cmd = [sys.executable, __file__, *(["--unstructured-worker", method] if method else ["--worker"]), model_type]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=2 * TIMEOUT_S,
                               preexec_fn=lambda: _limit(WORKER_BYTES))  # fmt: skip
@@ -297,22 +308,27 @@ def row(model_type: str, unstructured: bool = False) -> dict[str, Any]:
 ORDER = ["WRONG", "crashed", "partly dense", "held+sliced", "sliced", "pruned", "refused", "not built"]
 
 
-def table(rows: list[dict[str, Any]], unstructured: bool = False) -> str:
+def table(rows: list[dict[str, Any]], method: str | None = None) -> str:
+    """The section's text: the structured sweep's, or with `method` the unstructured one's."""
     import collections
+
+    unstructured = method is not None
 
     counts = collections.Counter(r["outcome"] for r in rows)
     commits = sorted({r["commit"] for r in rows})
     what = (
-        "pruned by `carve extract --sparsity 0.5 --method magnitude`, reloaded with stock from_pretrained: "
+        f"pruned by `carve extract --sparsity 0.5 --method {method}`, reloaded with stock from_pretrained: "
         "the share of weight-matrix entries removed (embeddings, heads, norms, biases and routers excluded), "
-        "the matrices left with under 40% removed, and every kept entry and other parameter compared with the source's"
+        "the matrices left with under 40% removed, every other parameter (and, for a method that does not "
+        "update weights, every kept entry) compared with the source's, and the logits checked finite"
         if unstructured
         else "cut by `carve extract` in every dimension carve does not hold, reloaded with stock "
         "from_pretrained and compared with the source with the removed units zeroed"
     )
     lines = [
         f"## {'Unstructured' if unstructured else 'Structured'} extraction across transformers' causal-LM "
-        "architectures (bench/structured_archs.py" + (" --unstructured)" if unstructured else ")"),
+        "architectures (bench/structured_archs.py"
+        + (f" --unstructured{'' if method == 'magnitude' else f' --method {method}'})" if unstructured else ")"),
         "",
         f"{len(rows)} model types of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`"
         + (f" (partial: {len(kinds()) - len(rows)} of {len(kinds())} not run yet)" if len(rows) < len(kinds()) else "")
@@ -354,25 +370,35 @@ def table(rows: list[dict[str, Any]], unstructured: bool = False) -> str:
 def main() -> None:
     import argparse
 
-    if len(sys.argv) == 3 and sys.argv[1] in ("--worker", "--unstructured-worker"):
-        job = worker if sys.argv[1] == "--worker" else unstructured_worker
-        print(json.dumps(job(sys.argv[2])), flush=True)
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2])), flush=True)
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "--unstructured-worker":
+        print(json.dumps(unstructured_worker(sys.argv[3], sys.argv[2])), flush=True)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", nargs="+", help="model types to (re)run (default: every one); the others are kept")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the saved rows")
-    ap.add_argument("--unstructured", action="store_true", help="the unstructured sweep (50%% magnitude) instead")
+    ap.add_argument("--unstructured", action="store_true", help="the unstructured sweep (50%% sparsity) instead")
+    ap.add_argument("--method", default="magnitude", help="the unstructured sweep's method (default: magnitude)")
     args = ap.parse_args()
-    path = RESULTS_UNSTRUCTURED if args.unstructured else RESULTS
+    method = args.method if args.unstructured else None
+    path, section = RESULTS, "structured-archs"
+    if method:  # magnitude's rows in unstructured_archs.jsonl, another method's in unstructured_<method>_archs.jsonl
+        tag = "" if method == "magnitude" else f"{method.replace('-', '_')}_"
+        path, section = (
+            HERE / "results" / f"unstructured_{tag}archs.jsonl",
+            f"unstructured-{tag.replace('_', '-')}archs",
+        )
     rows = load_results(path)
     for kind in [] if args.table_only else (args.kinds or kinds()):
         print(f"running {kind} ...", flush=True)
-        r = row(kind, args.unstructured)
+        r = row(kind, method)
         save_result(path, r)
         rows[kind] = r
         print(json.dumps(r), flush=True)
-    text = table([rows[k] for k in kinds() if k in rows], args.unstructured)
-    write_section("unstructured-archs" if args.unstructured else "structured-archs", text)
+    text = table([rows[k] for k in kinds() if k in rows], method)
+    write_section(section, text)
     print(text)
 
 
