@@ -623,3 +623,25 @@ def test_a_multimodal_gemma3_is_carved_in_its_text_model(tmp_path: Path, tokeniz
             assert (after[k] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), k
         else:
             assert torch.equal(after[k], before[k]), k
+
+
+def test_a_streamed_plan_the_config_cannot_describe_is_refused_before_writing(
+    tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A streamed structured extraction slices each block as it writes it, with no whole model to
+    check at the end: the chosen plan is applied first to a meta-device copy, whose config must
+    describe it.  Here `held_by_config` is made to miss Helium's heads (its o_proj is as wide as the
+    hidden size whatever the heads): the job refuses with one line and writes nothing."""
+    from carve.ops import structure as structure_module
+    from carve.pipeline import Recipe, extract
+
+    src = tmp_path / "helium"
+    _odd_model("helium").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    monkeypatch.setattr(structure_module, "held_by_config", lambda _model, _anat: {})
+    recipe = Recipe(model=str(src), domain=str(small_corpus), general=str(small_corpus), method="magnitude",
+                    structure=True, heads_keep=0.5, calib_blocks=4, block_len=32, eval_blocks=2, cloze_items=0,
+                    speed=False, stream=True)  # fmt: skip
+    with pytest.raises(UsageError, match=r"cannot slice HeliumForCausalLM to this plan: its config builds"):
+        extract(recipe, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -243,6 +243,12 @@ def config_mismatch(model: nn.Module) -> str | None:
     return None
 
 
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A copy of `model` as its class builds it from its config, on the meta device (no memory)."""
+    with torch.device("meta"):
+        return type(model)(copy.deepcopy(model.config))
+
+
 def held_by_config(model: nn.Module, anat: Anatomy) -> dict[str, str]:
     """The dimensions ("heads", "mlp", "depth") a config cannot describe once cut, though the blocks
     could be sliced (Helium's o_proj is as wide as the hidden size whatever the heads): found by
@@ -260,8 +266,7 @@ def held_by_config(model: nn.Module, anat: Anatomy) -> dict[str, str]:
     for dim, shape in cuts.items():
         if dim in anat.fixed or not room[dim]:
             continue
-        with torch.device("meta"):
-            skeleton = type(model)(copy.deepcopy(model.config))
+        skeleton = meta_twin(model)
         plan = make_plan(shape, torch.zeros(n, anat.kv_heads), torch.zeros(n, anat.intermediate), [n - 1])
         why = None
         try:
@@ -460,4 +465,6 @@ def structure(
     plan = search_plan(model, shapes, groups, channels, order, search, means, source)
     if source is None:
         apply_plan(model, plan, means)
+    else:  # streamed: the blocks are sliced as they are written; the whole plan is checked first, on a
+        apply_plan(meta_twin(model), plan)  # no-memory copy (its config must describe every cut)
     return StructureResult(plan, kept_scores, distances, order, losses, means, held=dict(anat.fixed))
