@@ -551,6 +551,25 @@ def test_structured_extraction_of_an_moe_cuts_heads_and_depth(
     assert not (tmp_path / "bad").exists()
 
 
+def _router_mass(model: torch.nn.Module, blocks: list, ids: torch.Tensor, read) -> torch.Tensor:
+    """[MoE blocks, 4 experts]: `read(router output)` (each expert's routing weights, float64) summed
+    over a forward of `ids`: the routing mass computed directly from the routers' outputs."""
+    mass = torch.zeros(len(blocks), 4, dtype=torch.float64)
+
+    def seen(i: int):
+        def hook(_m, _args, out) -> None:
+            mass[i] += read(out)
+
+        return hook
+
+    hooks = [b.router.register_forward_hook(seen(i)) for i, b in enumerate(blocks)]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return mass
+
+
 @pytest.mark.parametrize("arch", sorted(MOE))
 def test_dropping_experts_slices_the_router_and_the_experts(arch: str, tmp_path: Path) -> None:
     """`--experts-keep`: every MoE block keeps its heaviest experts by routing mass (the routing weights
@@ -567,20 +586,11 @@ def test_dropping_experts_slices_the_router_and_the_experts(arch: str, tmp_path:
     original = copy.deepcopy(model)
     blocks = moe_blocks(original)
     ids = _ids(6)
-    mass = torch.zeros(len(blocks), 4, dtype=torch.float64)
 
-    def seen(i: int):
-        def hook(_m, _args, out) -> None:
-            scores, index = out[1], out[2]  # (logits, top-k weights, top-k indices)
-            mass[i].index_add_(0, index.reshape(-1), scores.reshape(-1).double())
+    def read(out) -> torch.Tensor:  # (logits, top-k weights, top-k indices)
+        return torch.zeros(4, dtype=torch.float64).index_add_(0, out[2].reshape(-1), out[1].reshape(-1).double())
 
-        return hook
-
-    hooks = [b.router.register_forward_hook(seen(i)) for i, b in enumerate(blocks)]
-    with torch.no_grad():
-        original(ids)
-    for h in hooks:
-        h.remove()
+    mass = _router_mass(original, blocks, ids, read)
     result = drop_experts(model, ids, 0.5, batch_size=2)
     torch.testing.assert_close(result.mass, mass)
     x = torch.randn(10, 32, generator=torch.Generator().manual_seed(5))
@@ -613,19 +623,7 @@ def test_dropping_llama4_experts_ranks_them_by_the_routers_scores(tmp_path: Path
     original = copy.deepcopy(model)
     blocks = moe_blocks(original)
     ids = _ids(6)
-    mass = torch.zeros(len(blocks), 4, dtype=torch.float64)
-
-    def seen(i: int):
-        def hook(_m, _args, out) -> None:
-            mass[i] += out[0].double().sum(0)  # (scores, logits)
-
-        return hook
-
-    hooks = [b.router.register_forward_hook(seen(i)) for i, b in enumerate(blocks)]
-    with torch.no_grad():
-        original(ids)
-    for h in hooks:
-        h.remove()
+    mass = _router_mass(original, blocks, ids, lambda out: out[0].double().sum(0))  # (scores, logits)
     result = drop_experts(model, ids, 0.5, batch_size=2)
     torch.testing.assert_close(result.mass, mass)
     assert result.kept == [sorted(m.sort(descending=True, stable=True).indices[:2].tolist()) for m in mass]
