@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -492,3 +494,27 @@ def test_the_blocks_are_the_list_the_config_counts_not_a_deeper_tower(model_type
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(any_tiny_config(model_type))
     assert find_blocks(model)[0] == prefix
+
+
+def test_the_cli_names_the_matrices_no_calibration_input_reached(
+    tmp_path: Path, tokenizer, small_corpus: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`carve extract` on a saved Jamba: its Mamba layers' dt_proj, whose weight they read without
+    calling it, is pruned by magnitude; the manifest lists it and the CLI says so on stderr."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.cli.main import main
+    from tests.conftest import any_tiny_config
+
+    src, out = tmp_path / "jamba", tmp_path / "out"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(any_tiny_config("jamba")).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    args = ["extract", str(src), "--domain", str(small_corpus), "--general", str(small_corpus), "--method",
+            "sparsegpt", "--sparsity", "0.5", "--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2",
+            "--cloze-items", "0", "--no-speed", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    notes = json.loads((out / "carve.json").read_text())["method_notes"]
+    assert notes["without_calibration_input"] == [f"model.layers.{i}.mamba.dt_proj.weight" for i in (0, 1)]
+    err = capsys.readouterr().err
+    assert "no calibration input reached" in err and "model.layers.N.mamba.dt_proj.weight" in err

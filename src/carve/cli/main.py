@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,12 @@ def _cmd_extract(args: argparse.Namespace) -> dict[str, Any]:
         print(f"carve: note: {share:.0%} of the decoder blocks' parameters are weight matrices left dense, not "
               f"targeted or not Linear layers: {', '.join(sorted(dense, key=lambda k: -dense[k])[:4])}",
               file=sys.stderr)  # fmt: skip
+    blind = sorted({re.sub(r"\.\d+\.", ".N.", k) for k in (manifest.get("method_notes") or {}).get(
+        "without_calibration_input", [])})  # fmt: skip
+    if blind and not args.json:
+        print(f"carve: note: weight matrices no calibration input reached (never called by their block, or an MoE "
+              f"expert no token was routed to) were pruned by magnitude: {', '.join(blind[:4])}"
+              + (f" and {len(blind) - 4} more" if len(blind) > 4 else ""), file=sys.stderr)  # fmt: skip
     if not args.json:
         dest = args.out or ", ".join(x for x in (args.save_mask, args.save_importance) if x)
         sweep = f", OBS mix {r['reconstruct_mix']:g}" if r.get("reconstruct_mix") is not None else ""
