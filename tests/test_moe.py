@@ -753,3 +753,50 @@ def test_streamed_expert_dropping_equals_in_memory(arch: str, tmp_path: Path, to
     for when in ("before", "after"):
         for key in ("domain_ppl", "general_ppl"):
             assert streamed["metrics"][when][key] == pytest.approx(mem["metrics"][when][key], rel=1e-4)
+
+
+@pytest.mark.parametrize(("model_type", "bias"), [("deepseek_v3", "gate.e_score_correction_bias"),
+                                                  ("lfm2_moe", "expert_bias")])  # fmt: skip
+def test_dropping_experts_slices_their_routing_biases(
+    model_type: str, bias: str, tmp_path: Path, tokenizer, small_corpus: Path
+) -> None:
+    """DeepSeek-V3's router and LFM2-MoE's MoE block hold a per-expert bias (a buffer) that steers the
+    top-k choice: at -1e4 for experts 0 and 2 no token is routed to them, so --experts-keep 0.5 drops
+    them, the biases are sliced with the experts, and the model computes what it did, in memory and
+    streamed alike; a config routing within groups of experts (n_group > 1) is refused by name."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.ops.expert_drop import drop_experts, moe_blocks
+    from carve.pipeline import Recipe, extract
+    from tests.conftest import any_tiny_config
+
+    config = any_tiny_config(model_type)
+    config.first_k_dense_replace = 1  # DeepSeek-V3: MoE from block 1 on (its default: 3 dense blocks)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for b in moe_blocks(model):
+            b.holder.get_buffer(bias)[[0, 2]] = -1e4
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    ids = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    result = drop_experts(model, ids, 0.5, batch_size=2)
+    assert all(k == [1, 3] for k in result.kept) and result.mass[:, [0, 2]].abs().max() == 0
+    assert all(tuple(b.holder.get_buffer(bias).shape) == (2,) for b in moe_blocks(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, before, atol=1e-5, rtol=1e-5)
+    recipe = Recipe(model=str(src), domain=str(small_corpus), general=str(small_corpus), experts_keep=0.5,
+                    calib_blocks=4, block_len=32, eval_blocks=2, cloze_items=0, speed=False, batch_size=2)  # fmt: skip
+    extract(recipe, tmp_path / "mem")
+    extract(replace(recipe, stream=True), tmp_path / "stream")
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d).eval() for d in ("mem", "stream"))
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, before, atol=1e-5, rtol=1e-5)
+    config.n_group, config.topk_group = 2, 1
+    with pytest.raises(carve.UsageError, match=r"routes within 2 groups of experts"):
+        drop_experts(AutoModelForCausalLM.from_config(config), ids, 0.5)

@@ -666,3 +666,36 @@ def test_fused_experts_are_read_into_place(
         monkeypatch.setattr(sk.conversions, "checkpoint_tensors", overlapping)
         out = torch.zeros_like(wanted[fused[0]])
         assert not sk.conversions.read_into(fused[0], out, sk.source.get) and not out.any()
+
+
+@pytest.mark.parametrize("save_format", ["dense", "sparse"])
+def test_a_streamed_model_keeps_the_persistent_buffers_its_checkpoint_holds(
+    tmp_path: Path, tokenizer, small_corpus: Path, save_format: str
+) -> None:
+    """DeepSeek-V3's routers hold a per-expert `e_score_correction_bias`, a persistent buffer its
+    checkpoint stores: streamed, it is read with its block (not left at the zeros the config builds:
+    routing, so the perplexities, would differ) and written back, so the output is the in-memory
+    job's bit for bit.  Until 2026-12-04 a streamed output lacked it (reloaded as zeros)."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.models.load import load_model
+    from tests.conftest import any_tiny_config
+
+    config = any_tiny_config("deepseek_v3")
+    config.first_k_dense_replace = 1  # MoE blocks from block 1 on
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for i in (1, 2):
+            model.model.layers[i].mlp.gate.e_score_correction_bias.copy_(torch.tensor([0.5, -0.5, 0.3, -0.2]))
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    kw = {"save_format": save_format}
+    mem = extract(_recipe(src, small_corpus, "sparsegpt", False, **kw), tmp_path / "mem")
+    streamed = extract(_recipe(src, small_corpus, "sparsegpt", True, **kw), tmp_path / "stream")
+    for when in ("before", "after"):
+        assert streamed["metrics"][when]["domain_ppl"] == pytest.approx(mem["metrics"][when]["domain_ppl"], rel=1e-4)
+    a, b = (load_model(str(tmp_path / d)).model.state_dict() for d in ("mem", "stream"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert b["model.layers.1.mlp.gate.e_score_correction_bias"].tolist() == pytest.approx([0.5, -0.5, 0.3, -0.2])

@@ -686,7 +686,8 @@ def _extract_streamed(
                 "eval": data.held_out.describe(),
             },
             "metrics": {"before": before, "after": after, "before_from_cache": False},
-            "size": {"parameters_before": sum(math.prod(shape) for _, shape in skeleton.stored_specs()),
+            "size": {"parameters_before": sum(math.prod(shape) for name, shape in skeleton.stored_specs()
+                                              if name not in skeleton.stored_buffers),
                      "parameters_after": sum(n for _, n in stream.zeros.values())},
             "saved": {"dtype": save_name, "format": r.save_format, "metrics_measured": (
                 f"computed in {compute}" + ("" if save_name in (compute, "float32") else
@@ -767,8 +768,12 @@ def _reshaped_as(
             specs.append((stored, dtype if kind.is_floating_point else kind, shape))
         elif i not in seen and i in index:  # the sliced block's tensors, in its own order
             seen.add(i)
+            twin = block(i)
             specs += [(f"{skeleton.prefix}.{index[i]}.{n}", dtype if p.is_floating_point() else p.dtype, list(p.shape))
-                      for n, p in block(i).named_parameters()]  # fmt: skip
+                      for n, p in twin.named_parameters()]  # fmt: skip
+            specs += [(f"{skeleton.prefix}.{index[i]}.{n}", dtype if b.is_floating_point() else b.dtype, list(b.shape))
+                      for n, b in skeleton.stored_buffers_in(i, twin)]  # fmt: skip
+    specs += [(n, dtype if b.is_floating_point() else b.dtype, list(b.shape)) for n, b in skeleton.buffers_of(None)]
     return Reshaped(block, index), specs, config
 
 

@@ -113,6 +113,8 @@ class BlockStream:
         """Write the tensors outside the blocks; capture the held-out hidden states entering block 0."""
         for name in self.sk.other_names():
             self._write(name, self.sk.parameter(name))
+        for name, buf in self.sk.buffers_of(None):
+            self._write_buffer(name, buf)
         self.sk.load_block(0)
         ids = [b.to(self.sk.device) for _, b in self.batches]
         hidden, self._calls = capture_inputs(self.sk.model, self.sk.blocks, ids)
@@ -163,7 +165,17 @@ class BlockStream:
             self.after = [call_block(block, h, calls[tuple(b.shape)][i]) for (_, b), h in pairs]
         for name, p in named:
             self._write(name, p, as_source=self.reshaped is None)
+        at = i if self.reshaped is None else self.reshaped.index[i]
+        for name, buf in self.sk.stored_buffers_in(i, block):  # of the block as written (sliced experts' too)
+            self._write_buffer(f"{self.sk.prefix}.{at}.{name}", buf)
         self.sk.free_block(i)
+
+    def _write_buffer(self, name: str, buf: torch.Tensor) -> None:
+        """A persistent buffer the source checkpoint holds, in the saved dtype (as save_pretrained
+        writes a model cast to it), not counted among the weights."""
+        if self.writer is not None:
+            t = buf.detach()
+            self.writer.write(name, t.to(self.save_dtype) if t.is_floating_point() else t)
 
     def _write(self, name: str, tensor: torch.Tensor, as_source: bool = True) -> None:
         """`tensor` (parameter `name`) counted and written in the saved dtype: in plain safetensors

@@ -215,6 +215,16 @@ class SkeletonModel:
         for name in self.groups:
             if self._in_block(name) is None:
                 self._load(name)
+        # persistent buffers the checkpoint holds (DeepSeek-V3's per-expert `e_score_correction_bias`,
+        # LFM2-MoE's `expert_bias`: small) read now, in the dtype the model made them, kept, and
+        # written back with their block: name -> its block (None: outside the blocks)
+        self.stored_buffers: dict[str, int | None] = {}
+        for mname, module in model.named_modules():
+            for attr, buf in module._buffers.items():
+                full = f"{mname}.{attr}" if mname else attr
+                if buf is not None and attr not in module._non_persistent_buffers_set and full in self.source:
+                    module._buffers[attr] = self.source.get(full).to(self.device, buf.dtype)
+                    self.stored_buffers[full] = self._in_block(full)
 
     def block_of(self, name: str) -> int | None:
         """The decoder block parameter `name` belongs to (None: outside the blocks)."""
@@ -343,7 +353,18 @@ class SkeletonModel:
         """(name in the checkpoint, shape) of every tensor the checkpoint holds, in the model's order:
         what an output written like the source holds."""
         return [(stored, list(t.shape)) for name, (_, shape) in self.specs.items()
-                for stored, t in self.checkpoint_tensors(name, torch.empty(shape, device="meta"))]  # fmt: skip
+                for stored, t in self.checkpoint_tensors(name, torch.empty(shape, device="meta"))] + [
+            (name, list(self.model.get_buffer(name).shape)) for name in self.stored_buffers]  # fmt: skip
+
+    def buffers_of(self, i: int | None) -> list[tuple[str, torch.Tensor]]:
+        """The stored persistent buffers of block i (None: outside the blocks), by name."""
+        return [(name, self.model.get_buffer(name)) for name, block in self.stored_buffers.items() if block == i]
+
+    def stored_buffers_in(self, i: int, block: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        """The buffers of `block` (block i, or a sliced copy of it) that the checkpoint holds for
+        block i, by their names within the block."""
+        stored = {name.removeprefix(f"{self.prefix}.{i}.") for name, _ in self.buffers_of(i)}
+        return [(name, buf) for name, buf in block.named_buffers() if name in stored]
 
     def state_items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The model's state dict, entry by entry in its order (tied names too), each decoder block

@@ -42,6 +42,7 @@ class MoeBlock:
     name: str  # the experts module's qualified name
     experts: nn.Module
     router: nn.Module
+    holder: nn.Module  # the module holding both (LFM2-MoE keeps its per-expert routing bias there)
 
     @property
     def count(self) -> int:
@@ -63,7 +64,7 @@ def moe_blocks(model: nn.Module, within: bool = False) -> list[MoeBlock]:
         ]  # fmt: skip
         if len(routers) != 1:
             raise UsageError(f"carve cannot tell the router of {name} ({count} experts) among its siblings")
-        blocks.append(MoeBlock(name, experts, routers[0]))
+        blocks.append(MoeBlock(name, experts, routers[0], parent))
     if not blocks and not within:
         raise UsageError(
             f"--experts-keep removes whole experts of a mixture of experts; {type(model).__name__} has none"
@@ -78,6 +79,12 @@ def kept_count(blocks: list[MoeBlock], config: Any, keep: float) -> int:
     count = blocks[0].count
     if any(b.count != count for b in blocks):
         raise UsageError("the MoE blocks differ in their number of experts; carve keeps the same number in each")
+    groups = getattr(config, "n_group", None)
+    if isinstance(groups, int) and groups > 1:
+        raise UsageError(
+            f"--experts-keep: this MoE routes within {groups} groups of experts (n_group, DeepSeek-V3 style); "
+            "removing experts would regroup the others and change every token's routing"
+        )
     n = round(keep * count)
     top_k = int(getattr(config, "num_experts_per_tok", None) or getattr(blocks[0].router, "top_k", None) or 1)
     if n < top_k:
@@ -129,17 +136,23 @@ def pre_routed(experts: nn.Module) -> bool:
 
 
 def slice_experts(block: MoeBlock, kept: list[int]) -> None:
-    """Keep `kept` experts of `block`: every per-expert parameter of the experts module and the router
-    replaced by a copy of the kept rows (never written into), their expert counts rewritten."""
+    """Keep `kept` experts of `block`: every per-expert parameter and buffer of the experts module and
+    the router (DeepSeek-V3's `e_score_correction_bias`), and every per-expert buffer of the module
+    holding them (LFM2-MoE's `expert_bias`), replaced by a copy of the kept rows (never written
+    into), their expert counts rewritten."""
     rows = torch.tensor(kept, dtype=torch.long)
     count = block.count
-    for module in (block.experts, block.router):
+    for module in (block.experts, block.router, block.holder):
         for name, p in list(module.named_parameters(recurse=False)):
-            if p.shape[0] == count:
+            if p.shape[0] == count and module is not block.holder:
                 setattr(
                     module, name, nn.Parameter(p.detach()[rows.to(p.device)].clone(), requires_grad=p.requires_grad)
                 )
-        if isinstance(getattr(module, "num_experts", None), int):
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.dim() > 0 and b.shape[0] == count:
+                persistent = name not in module._non_persistent_buffers_set
+                module.register_buffer(name, b[rows.to(b.device)].clone(), persistent=persistent)
+        if getattr(module, "num_experts", None) == count:
             setattr(module, "num_experts", len(kept))  # noqa: B010  (an int attribute; mypy types it a Module)
 
 
