@@ -210,13 +210,14 @@ def worker(model_type: str) -> dict[str, Any]:
         return {**r, "outcome": "held+sliced" if held else "sliced"}
 
 
-def unstructured_worker(model_type: str, method: str = "magnitude") -> dict[str, Any]:
+def unstructured_worker(model_type: str, method: str = "magnitude", stream: bool = False) -> dict[str, Any]:
     """`carve extract --sparsity 0.5 --method METHOD` on the tiny model: every weight matrix of the
     decoder blocks (2-D or more, an MoE's fused experts too; not biases, not an MoE's router, which
     carve keeps dense) outside the default exclusions should lose about half its entries, every
     other parameter is the source's bit for bit, and so is every entry it keeps where the method
     does not update weights (magnitude, Wanda; SparseGPT's and dual-obs's sweeps do); the reloaded
-    model's logits are finite."""
+    model's logits are finite.  With `stream`, the job is run again with --stream: its output must be
+    the in-memory one's tensor for tensor, bit for bit, and its perplexities equal to 1e-4."""
     import fnmatch
     import re
     import tempfile
@@ -242,6 +243,10 @@ def unstructured_worker(model_type: str, method: str = "magnitude") -> dict[str,
         m = json.loads((out / "carve.json").read_text())
         r["source_fingerprint"] = m["source"]["fingerprint"]
         r["data_fingerprints"] = {k: v.get("fingerprint") for k, v in m.get("data", {}).items() if isinstance(v, dict)}
+        if stream:
+            differs = _streamed_differs(r, model, Path(tmp), m)
+            if differs is not None:
+                return differs
         try:
             reloaded, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
         except Exception as e:
@@ -284,10 +289,37 @@ def unstructured_worker(model_type: str, method: str = "magnitude") -> dict[str,
     return {**r, "outcome": "partly dense" if dense else "pruned"}
 
 
-def row(model_type: str, method: str | None = None) -> dict[str, Any]:
+def _streamed_differs(r: dict[str, Any], model: Any, tmp: Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The job of row `r` run again with --stream into tmp/streamed: the finished row where it was
+    refused, crashed, or wrote anything but the in-memory output (tmp/out) bit for bit; None if equal."""
+    import torch
+    from safetensors.torch import load_file
+
+    again = {**r, "flags": r["flags"] + " --stream"}
+    ended = _extract(again, model, tmp / "streamed")
+    if ended is not None:
+        return {**ended, "flags": r["flags"], "why": f"--stream: {ended.get('why', '')}"}
+    r["stream_seconds"] = again["seconds"]
+    a, b = ({k: v for f in sorted((d / "out").glob("model*.safetensors")) for k, v in load_file(f).items()}
+            for d in (tmp, tmp / "streamed"))  # fmt: skip
+    if sorted(a) != sorted(b):
+        return {**r, "outcome": "WRONG", "why": f"--stream writes other tensors: {sorted(set(a) ^ set(b))[:3]}"}
+    for k in a:
+        if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k]):
+            return {**r, "outcome": "WRONG", "why": f"--stream writes {k} otherwise"}
+    streamed = json.loads((tmp / "streamed" / "out" / "carve.json").read_text())
+    for when in ("before", "after"):
+        x, y = manifest["metrics"][when]["domain_ppl"], streamed["metrics"][when]["domain_ppl"]
+        if not abs(x - y) <= 1e-4 * abs(x):
+            return {**r, "outcome": "WRONG", "why": f"--stream's {when} perplexity {y:.6g}, in memory {x:.6g}"}
+    return None
+
+
+def row(model_type: str, method: str | None = None, stream: bool = False) -> dict[str, Any]:
     """One row in its own process: the structured sweep's, or with `method` the unstructured one's."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
-    cmd = [sys.executable, __file__, *(["--unstructured-worker", method] if method else ["--worker"]), model_type]
+    unstructured = ["--unstructured-worker", method, "1" if stream else "0"] if method else ["--worker"]
+    cmd = [sys.executable, __file__, *unstructured, model_type]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=2 * TIMEOUT_S,
                               preexec_fn=lambda: _limit(WORKER_BYTES))  # fmt: skip
@@ -308,8 +340,9 @@ def row(model_type: str, method: str | None = None) -> dict[str, Any]:
 ORDER = ["WRONG", "crashed", "partly dense", "held+sliced", "sliced", "pruned", "refused", "not built"]
 
 
-def table(rows: list[dict[str, Any]], method: str | None = None) -> str:
-    """The section's text: the structured sweep's, or with `method` the unstructured one's."""
+def table(rows: list[dict[str, Any]], method: str | None = None, stream: bool = False) -> str:
+    """The section's text: the structured sweep's, or with `method` the unstructured one's (`stream`:
+    each job also streamed, its output compared with the in-memory one's)."""
     import collections
 
     unstructured = method is not None
@@ -321,6 +354,11 @@ def table(rows: list[dict[str, Any]], method: str | None = None) -> str:
         "the share of weight-matrix entries removed (embeddings, heads, norms, biases and routers excluded), "
         "the matrices left with under 40% removed, every other parameter (and, for a method that does not "
         "update weights, every kept entry) compared with the source's, and the logits checked finite"
+        + (
+            "; each job run again with --stream, its output compared with the in-memory one tensor for tensor"
+            if stream
+            else ""
+        )
         if unstructured
         else "cut by `carve extract` in every dimension carve does not hold, reloaded with stock "
         "from_pretrained and compared with the source with the removed units zeroed"
@@ -328,7 +366,11 @@ def table(rows: list[dict[str, Any]], method: str | None = None) -> str:
     lines = [
         f"## {'Unstructured' if unstructured else 'Structured'} extraction across transformers' causal-LM "
         "architectures (bench/structured_archs.py"
-        + (f" --unstructured{'' if method == 'magnitude' else f' --method {method}'})" if unstructured else ")"),
+        + (
+            f" --unstructured{'' if method == 'magnitude' else f' --method {method}'}{' --stream' if stream else ''})"
+            if unstructured
+            else ")"
+        ),
         "",
         f"{len(rows)} model types of `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES`"
         + (f" (partial: {len(kinds()) - len(rows)} of {len(kinds())} not run yet)" if len(rows) < len(kinds()) else "")
@@ -373,19 +415,20 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         print(json.dumps(worker(sys.argv[2])), flush=True)
         return
-    if len(sys.argv) == 4 and sys.argv[1] == "--unstructured-worker":
-        print(json.dumps(unstructured_worker(sys.argv[3], sys.argv[2])), flush=True)
+    if len(sys.argv) == 5 and sys.argv[1] == "--unstructured-worker":
+        print(json.dumps(unstructured_worker(sys.argv[4], sys.argv[2], sys.argv[3] == "1")), flush=True)
         return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kinds", nargs="+", help="model types to (re)run (default: every one); the others are kept")
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the saved rows")
     ap.add_argument("--unstructured", action="store_true", help="the unstructured sweep (50%% sparsity) instead")
     ap.add_argument("--method", default="magnitude", help="the unstructured sweep's method (default: magnitude)")
+    ap.add_argument("--stream", action="store_true", help="the unstructured sweep also streamed: outputs must match")
     args = ap.parse_args()
     method = args.method if args.unstructured else None
     path, section = RESULTS, "structured-archs"
     if method:  # magnitude's rows in unstructured_archs.jsonl, another method's in unstructured_<method>_archs.jsonl
-        tag = "" if method == "magnitude" else f"{method.replace('-', '_')}_"
+        tag = ("" if method == "magnitude" else f"{method.replace('-', '_')}_") + ("stream_" if args.stream else "")
         path, section = (
             HERE / "results" / f"unstructured_{tag}archs.jsonl",
             f"unstructured-{tag.replace('_', '-')}archs",
@@ -393,11 +436,11 @@ def main() -> None:
     rows = load_results(path)
     for kind in [] if args.table_only else (args.kinds or kinds()):
         print(f"running {kind} ...", flush=True)
-        r = row(kind, method)
+        r = row(kind, method, args.stream)
         save_result(path, r)
         rows[kind] = r
         print(json.dumps(r), flush=True)
-    text = table([rows[k] for k in kinds() if k in rows], method)
+    text = table([rows[k] for k in kinds() if k in rows], method, args.stream)
     write_section(section, text)
     print(text)
 

@@ -82,10 +82,11 @@ def tiny_config(arch: str):
     raise ValueError(arch)
 
 
-# multi-head latent attention (DeepSeek-V2/V3 and kin): keys and values per query head, small latent ranks
+# multi-head latent attention (DeepSeek-V2/V3 and kin): keys and values per query head, small latent
+# ranks, 4 experts in one group, MoE blocks from block 1 on
 _MLA = {"num_key_value_heads": 4, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16, "v_head_dim": 16, "kv_lora_rank": 32,
         "q_lora_rank": 48, "head_dim": 8, "n_routed_experts": 4, "moe_intermediate_size": 32, "n_group": 1,
-        "topk_group": 1}  # fmt: skip
+        "topk_group": 1, "first_k_dense_replace": 1}  # fmt: skip
 # linear-attention hybrids: the last of 3 blocks full attention (a cache needs one), small linear heads and experts
 _HYBRID = {"layer_types": ["linear_attention", "linear_attention", "full_attention"], "linear_key_head_dim": 16,
            "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_head_dim": 16,

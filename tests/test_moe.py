@@ -771,7 +771,6 @@ def test_dropping_experts_slices_their_routing_biases(
     from tests.conftest import any_tiny_config
 
     config = any_tiny_config(model_type)
-    config.first_k_dense_replace = 1  # DeepSeek-V3: MoE from block 1 on (its default: 3 dense blocks)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():

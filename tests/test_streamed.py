@@ -682,7 +682,6 @@ def test_a_streamed_model_keeps_the_persistent_buffers_its_checkpoint_holds(
     from tests.conftest import any_tiny_config
 
     config = any_tiny_config("deepseek_v3")
-    config.first_k_dense_replace = 1  # MoE blocks from block 1 on
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
