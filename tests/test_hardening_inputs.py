@@ -421,3 +421,24 @@ def test_hub_id_gives_up_quickly_and_names_both(work: Path, small_corpus: Path, 
     monkeypatch.setattr(load, "_hub_reachable", lambda source: asked.append(source) or "no answer within 5 s")
     _refused(_extract("someorg/somemodel", small_corpus, work / "o"), work, capsys, "no local path 'someorg/somemodel'")
     assert asked == ["someorg/somemodel"]
+
+
+def test_out_of_memory_mid_job(work: Path, model_dir: Path, small_corpus: Path, capsys, monkeypatch) -> None:
+    """torch's CPU allocator failing in the middle of a job (a RuntimeError, as the sweep of
+    bench/structured_archs.py met on a 1.3B model under its limit): one line naming --stream,
+    exit 1, and the output directory not left behind."""
+    import carve.pipeline
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+            "to allocate 67108864 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr(carve.pipeline, "_operate", no_memory)
+    before = _tree(work)
+    rc = main(_extract(model_dir, small_corpus, work / "out"))
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("carve: error: out of memory (") and err.count("\n") == 1, err
+    assert "carve extract --stream" in err and "Traceback" not in err
+    assert _tree(work) == before and not (work / "out").exists()

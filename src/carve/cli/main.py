@@ -698,6 +698,18 @@ COMMANDS = {
 }
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation that failed: MemoryError, torch's CUDA OutOfMemoryError (a RuntimeError), or
+    the CPU allocator's RuntimeError ("can't allocate memory")."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if distributed.init_from_environment() and not distributed.writes():
@@ -713,6 +725,13 @@ def main(argv: list[str] | None = None) -> int:
     except carve.UsageError as exc:
         print(f"carve: error: {exc}", file=sys.stderr)
         return 2
+    except (MemoryError, RuntimeError) as exc:  # torch's allocators: CPU RuntimeError, CUDA OutOfMemoryError
+        if not _out_of_memory(exc):
+            raise
+        print(f"carve: error: out of memory ({_first_line(exc)}); nothing was written. A model larger than memory: "
+              "`carve extract --stream` reads it a block at a time; else lower --batch-size, or run where more "
+              "memory is free", file=sys.stderr)  # fmt: skip
+        return 1
     except KeyboardInterrupt:
         print("carve: interrupted; nothing was written", file=sys.stderr)
         return 130
