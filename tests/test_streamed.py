@@ -668,20 +668,23 @@ def test_fused_experts_are_read_into_place(
         assert not sk.conversions.read_into(fused[0], out, sk.source.get) and not out.any()
 
 
-@pytest.mark.parametrize("save_format", ["dense", "sparse"])
+@pytest.mark.parametrize(
+    ("model_type", "save_format"), [("deepseek_v3", "dense"), ("deepseek_v3", "sparse"), ("kimi_linear", "dense")]
+)
 def test_a_streamed_model_keeps_the_persistent_buffers_its_checkpoint_holds(
-    tmp_path: Path, tokenizer, small_corpus: Path, save_format: str
+    tmp_path: Path, tokenizer, small_corpus: Path, model_type: str, save_format: str
 ) -> None:
     """DeepSeek-V3's routers hold a per-expert `e_score_correction_bias`, a persistent buffer its
-    checkpoint stores: streamed, it is read with its block (not left at the zeros the config builds:
-    routing, so the perplexities, would differ) and written back, so the output is the in-memory
-    job's bit for bit.  Until 2026-12-04 a streamed output lacked it (reloaded as zeros)."""
+    checkpoint stores (Kimi-Linear's under `block_sparse_moe`, which transformers renames `mlp` on
+    load): streamed, it is read with its block (not left at the zeros the config builds: routing, so
+    the perplexities, would differ) and written back under its stored name, so the output is the
+    in-memory job's bit for bit.  Until 2026-12-04 a streamed output lacked it (reloaded as zeros)."""
     from transformers import AutoModelForCausalLM
 
     from carve.models.load import load_model
     from tests.conftest import any_tiny_config
 
-    config = any_tiny_config("deepseek_v3")
+    config = any_tiny_config(model_type)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
@@ -697,4 +700,27 @@ def test_a_streamed_model_keeps_the_persistent_buffers_its_checkpoint_holds(
         assert streamed["metrics"][when]["domain_ppl"] == pytest.approx(mem["metrics"][when]["domain_ppl"], rel=1e-4)
     a, b = (load_model(str(tmp_path / d)).model.state_dict() for d in ("mem", "stream"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    if save_format == "dense":  # the same tensors under the same (stored) names
+        assert sorted(_weights(tmp_path / "mem")) == sorted(_weights(tmp_path / "stream"))
     assert b["model.layers.1.mlp.gate.e_score_correction_bias"].tolist() == pytest.approx([0.5, -0.5, 0.3, -0.2])
+
+
+def test_blocks_returning_more_than_the_hidden_states_stream(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """GLM-MoE-DSA's blocks return (hidden states, top-k indices), the model unpacking both: where
+    carve stands in for the blocks (streamed perplexities, final losses) it returns that structure
+    (`layerwise.as_block_output`), so the streamed job runs and equals the in-memory one (it stopped
+    on "not enough values to unpack" before)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import any_tiny_config
+
+    torch.manual_seed(0)
+    src = tmp_path / "src"
+    AutoModelForCausalLM.from_config(any_tiny_config("glm_moe_dsa")).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    mem = extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "mem")
+    streamed = extract(_recipe(src, small_corpus, "sparsegpt", True), tmp_path / "stream")
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for when in ("before", "after"):
+        assert streamed["metrics"][when]["domain_ppl"] == pytest.approx(mem["metrics"][when]["domain_ppl"], rel=1e-4)

@@ -687,7 +687,7 @@ def _extract_streamed(
             },
             "metrics": {"before": before, "after": after, "before_from_cache": False},
             "size": {"parameters_before": sum(math.prod(shape) for name, shape in skeleton.stored_specs()
-                                              if name not in skeleton.stored_buffers),
+                                              if name not in skeleton.buffer_names.values()),
                      "parameters_after": sum(n for _, n in stream.zeros.values())},
             "saved": {"dtype": save_name, "format": r.save_format, "metrics_measured": (
                 f"computed in {compute}" + ("" if save_name in (compute, "float32") else
@@ -773,7 +773,8 @@ def _reshaped_as(
                       for n, p in twin.named_parameters()]  # fmt: skip
             specs += [(f"{skeleton.prefix}.{index[i]}.{n}", dtype if b.is_floating_point() else b.dtype, list(b.shape))
                       for n, b in skeleton.stored_buffers_in(i, twin)]  # fmt: skip
-    specs += [(n, dtype if b.is_floating_point() else b.dtype, list(b.shape)) for n, b in skeleton.buffers_of(None)]
+    specs += [(skeleton.buffer_names[n], dtype if b.is_floating_point() else b.dtype, list(b.shape))
+              for n, b in skeleton.buffers_of(None)]  # fmt: skip
     return Reshaped(block, index), specs, config
 
 

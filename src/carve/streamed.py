@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from carve.engines.gradient import returning
-from carve.engines.layerwise import call_block, capture_inputs
+from carve.engines.layerwise import arity, as_block_output, call_block, capture_inputs
 from carve.errors import UsageError
 from carve.evaluation.perplexity import nll_sum
 from carve.job import EvalData
@@ -107,21 +107,21 @@ class BlockStream:
         self.before: list[torch.Tensor] = []
         self.after: list[torch.Tensor] = []
         self._calls: dict[tuple[int, ...], Any] = {}
-        self._tuple = False
+        self._arity = 0  # how the blocks return (layerwise.arity)
 
     def start(self) -> None:
         """Write the tensors outside the blocks; capture the held-out hidden states entering block 0."""
         for name in self.sk.other_names():
             self._write(name, self.sk.parameter(name))
         for name, buf in self.sk.buffers_of(None):
-            self._write_buffer(name, buf)
+            self._write_buffer(self.sk.buffer_names[name], buf)
         self.sk.load_block(0)
         ids = [b.to(self.sk.device) for _, b in self.batches]
         hidden, self._calls = capture_inputs(self.sk.model, self.sk.blocks, ids)
         self.before, self.after = list(hidden), list(hidden)
 
         def shape_of(_m: Any, _a: Any, out: Any) -> None:  # block outputs: a tensor, or a tuple led by it
-            self._tuple = isinstance(out, (tuple, list))
+            self._arity = arity(out)
             handle.remove()
 
         handle = self.sk.blocks[0].register_forward_hook(shape_of)  # read off enter(0)'s first call
@@ -165,9 +165,10 @@ class BlockStream:
             self.after = [call_block(block, h, calls[tuple(b.shape)][i]) for (_, b), h in pairs]
         for name, p in named:
             self._write(name, p, as_source=self.reshaped is None)
-        at = i if self.reshaped is None else self.reshaped.index[i]
         for name, buf in self.sk.stored_buffers_in(i, block):  # of the block as written (sliced experts' too)
-            self._write_buffer(f"{self.sk.prefix}.{at}.{name}", buf)
+            full = f"{self.sk.prefix}.{i}.{name}"  # as the source holds it, or renumbered, as the model names it
+            self._write_buffer(self.sk.buffer_names[full] if self.reshaped is None else
+                               f"{self.sk.prefix}.{self.reshaped.index[i]}.{name}", buf)  # fmt: skip
         self.sk.free_block(i)
 
     def _write_buffer(self, name: str, buf: torch.Tensor) -> None:
@@ -199,7 +200,7 @@ class BlockStream:
         count: dict[str, int] = {}
         for (key, ids), h in progress(list(zip(self.batches, hidden, strict=True)), desc):
             ids = ids.to(self.sk.device)
-            out: Any = (h,) if self._tuple else h
+            out: Any = as_block_output(h, self._arity)
 
             with replaced_forwards(list(self.sk.blocks), returning(out)):  # every block returns the final states
                 loss = nll_sum(self.sk.model, ids)

@@ -156,23 +156,23 @@ def blockwise(
     label: str,
     skip: frozenset[int] = frozenset(),
     stand_in: Callable[[int], nn.Module] | None = None,
-) -> tuple[list[torch.Tensor], bool]:
+) -> tuple[list[torch.Tensor], int]:
     """The decoder blocks of `source` run on `batches` one at a time (each read, run, freed): the
     blocks in `skip` not at all (as dropped), block i replaced by `stand_in(i)` (called once it is
-    read) where given.  Returns the final hidden states, one per batch, and whether the blocks
-    return tuples."""
-    from carve.engines.layerwise import block_output
+    read) where given.  Returns the final hidden states, one per batch, and how the blocks return
+    (`layerwise.arity`)."""
+    from carve.engines.layerwise import arity, block_output
 
     batches = [ids.to(source.device) for ids in batches]
     hidden, calls = _entering(source, batches)
-    tuple_out = False
+    tuple_out = 0
     for i in progress(range(len(source.blocks)), label):
         if i in skip:
             continue
         source.load_block(i)
         block = source.blocks[i] if stand_in is None else stand_in(i)
         outs = [block_output(block, h, calls[tuple(ids.shape)][i]) for ids, h in zip(batches, hidden, strict=True)]
-        tuple_out = isinstance(outs[0], (tuple, list))
+        tuple_out = arity(outs[0])
         hidden = [o[0] if tuple_out else o for o in outs]
         del block, outs
         source.free_block(i)
@@ -181,16 +181,18 @@ def blockwise(
 
 @torch.no_grad()
 def final_losses(
-    source: BlockSource, seqs: list[torch.Tensor], hidden: list[torch.Tensor], tuple_out: bool
+    source: BlockSource, seqs: list[torch.Tensor], hidden: list[torch.Tensor], tuple_out: int
 ) -> list[float]:
     """The next-token loss of each of `seqs` whose final hidden states (the last block's output)
-    are in `hidden`: the model's own final norm, head and loss, its blocks standing in."""
+    are in `hidden`: the model's own final norm, head and loss, its blocks standing in (returning
+    as `tuple_out`, `layerwise.arity`, says)."""
     from carve.engines.gradient import next_token_loss, returning
+    from carve.engines.layerwise import as_block_output
 
     source.load_others()
     losses = []
     for ids, h in zip(seqs, hidden, strict=True):
-        with replaced_forwards(list(source.blocks), returning((h,) if tuple_out else h)):
+        with replaced_forwards(list(source.blocks), returning(as_block_output(h, tuple_out))):
             losses.append(float(next_token_loss(source.model, ids.to(source.device)).item()))
     source.free_others()
     return losses
@@ -198,11 +200,14 @@ def final_losses(
 
 @contextmanager
 def _bypassed(
-    blocks: nn.ModuleList, skip: set[int], tuple_out: bool, resume: tuple[int, torch.Tensor] | None = None
+    blocks: nn.ModuleList, skip: set[int], tuple_out: int, resume: tuple[int, torch.Tensor] | None = None
 ) -> Iterator[None]:
     """Within, the blocks in `skip` return their input unchanged (what dropping them computes:
     see `zero_plan`), and with `resume=(i, h)` blocks 0..i are not run either, block i returning
-    `h` (so a forward starts from a cached hidden state).  `tuple_out`: the blocks return tuples."""
+    `h` (so a forward starts from a cached hidden state).  `tuple_out`: how the blocks return
+    (`layerwise.arity`)."""
+    from carve.engines.layerwise import as_block_output
+
     stubs: dict[int, torch.Tensor | None] = {j: None for j in skip}
     if resume is not None:
         stubs.update({j: None for j in range(resume[0])})
@@ -212,7 +217,7 @@ def _bypassed(
     def stub(out: torch.Tensor | None) -> Any:
         def forward(*args: Any, **kwargs: Any) -> Any:
             h = out if out is not None else split_hidden(args, kwargs)[0]
-            return (h,) if tuple_out else h
+            return as_block_output(h, tuple_out)
 
         return forward
 
@@ -221,13 +226,15 @@ def _bypassed(
 
 
 def _block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, seqs: list[torch.Tensor], dropped: list[int], tuple_out: bool
-) -> tuple[list[list[torch.Tensor]], bool]:
-    """The hidden state entering each block (per sequence) of the model without `dropped`, and
-    whether its blocks return tuples (`tuple_out`: what they were seen to return before; with
+    model: nn.Module, blocks: nn.ModuleList, seqs: list[torch.Tensor], dropped: list[int], tuple_out: int
+) -> tuple[list[list[torch.Tensor]], int]:
+    """The hidden state entering each block (per sequence) of the model without `dropped`, and how
+    its blocks return (`layerwise.arity`; `tuple_out`: what they were seen to return before; with
     nothing dropped, it is not needed)."""
+    from carve.engines.layerwise import arity
+
     states: list[list[torch.Tensor]] = [[] for _ in blocks]
-    kinds: list[bool] = []
+    kinds: list[int] = []
 
     def record(i: int) -> Any:
         def f(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -237,7 +244,7 @@ def _block_inputs(
 
     kept = next(j for j in range(len(blocks)) if j not in dropped)
     handles = [b.register_forward_pre_hook(record(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    handles.append(blocks[kept].register_forward_hook(lambda _m, _a, out: kinds.append(isinstance(out, (tuple, list)))))
+    handles.append(blocks[kept].register_forward_hook(lambda _m, _a, out: kinds.append(arity(out))))
     try:
         with _bypassed(blocks, set(dropped), tuple_out):
             for ids in seqs:
@@ -285,7 +292,7 @@ def greedy_drop_order(
         return order, losses
     device = next(model.parameters()).device
     seqs = [b[None].to(device) for b in calibration]
-    tuple_out = False
+    tuple_out = 0
     ticks = bar("greedy block search", sum(len(blocks) - k - run + 1 for k in range(0, n, run)))
     for _ in range(n // run):
         states, tuple_out = _block_inputs(model, blocks, seqs, order, tuple_out)
@@ -315,18 +322,18 @@ def _streamed_candidates(
     for every run of `run` consecutive blocks not in `order`.  Each block is read once: the current
     model's hidden states and every candidate's (from the state entering the run's first block,
     which skips the run) pass through it."""
-    from carve.engines.layerwise import block_output
+    from carve.engines.layerwise import arity, block_output
 
     seqs = [b[None].to(source.device) for b in calibration]
     current, calls = _entering(source, seqs)
-    tuple_out = False
+    tuple_out = 0
     candidates: dict[int, list[torch.Tensor]] = {}
 
     def through(j: int, states: list[torch.Tensor]) -> list[torch.Tensor]:
         nonlocal tuple_out
         pairs = zip(seqs, states, strict=True)
         outs = [block_output(source.blocks[j], h, calls[tuple(ids.shape)][j]) for ids, h in pairs]
-        tuple_out = isinstance(outs[0], (tuple, list))
+        tuple_out = arity(outs[0])
         return [o[0] if tuple_out else o for o in outs]
 
     runs = {r[0]: r for r in _runs(len(source.blocks), order, run)}

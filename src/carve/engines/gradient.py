@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from carve import distributed
 from carve.engines.activations import Budget, bound_heap_retention
-from carve.engines.layerwise import block_output, call_block, capture_inputs
+from carve.engines.layerwise import arity, as_block_output, block_output, call_block, capture_inputs
 from carve.errors import UsageError
 from carve.models.arch import find_blocks
 from carve.models.patch import replaced_forwards
@@ -306,14 +306,14 @@ def streamed_gradients(
         shapes = [tuple(b.shape) for b in batches]
         source.free_others()
         inputs = []
-        tuple_out = False
+        tuple_out = 0
         with torch.no_grad():
             for i in progress(range(len(blocks)), f"{desc}: forward", total=len(blocks)):
                 source.load_block(i)
                 out = budget.new()
                 for j, h in enumerate(hidden):
                     y = block_output(blocks[i], h, calls[shapes[j]][i])
-                    tuple_out = isinstance(y, (tuple, list))
+                    tuple_out = arity(y)
                     out.append(y[0] if tuple_out else y)
                 inputs.append(hidden)
                 hidden = out
@@ -323,7 +323,7 @@ def streamed_gradients(
         grads = budget.new()
         for ids, h in progress(list(zip(batches, hidden, strict=True)), f"{desc}: loss"):
             leaf = h.detach().requires_grad_(True)
-            with replaced_forwards(list(blocks), returning((leaf,) if tuple_out else leaf)), torch.enable_grad():
+            with replaced_forwards(list(blocks), returning(as_block_output(leaf, tuple_out))), torch.enable_grad():
                 loss = loss_fn(model, ids.to(device))
                 loss.backward()
             assert leaf.grad is not None

@@ -78,6 +78,18 @@ def block_output(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> Any
     return block(*args, hidden_states=hidden, **kwargs) if as_kwarg else block(hidden, *args, **kwargs)
 
 
+def arity(out: Any) -> int:
+    """How a block returns: 0 for a tensor, else the length of the tuple it returns."""
+    return len(out) if isinstance(out, (tuple, list)) else 0
+
+
+def as_block_output(h: torch.Tensor, arity: int) -> Any:
+    """`h` in a block's output structure (`arity`): the tensor, or a tuple led by it, the rest None
+    (what follows in a block's tuple, GLM-MoE-DSA's top-k indices for the next block, is read only
+    by the blocks, which stand in wherever this is returned)."""
+    return (h, *([None] * (arity - 1))) if arity else h
+
+
 def call_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
     out = block_output(block, hidden, call)
     return out[0] if isinstance(out, (tuple, list)) else out

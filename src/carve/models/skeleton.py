@@ -217,14 +217,18 @@ class SkeletonModel:
                 self._load(name)
         # persistent buffers the checkpoint holds (DeepSeek-V3's per-expert `e_score_correction_bias`,
         # LFM2-MoE's `expert_bias`: small) read now, in the dtype the model made them, kept, and
-        # written back with their block: name -> its block (None: outside the blocks)
+        # written back with their block: name -> its block (None: outside the blocks), and the name
+        # the checkpoint holds it under (Kimi-Linear's `block_sparse_moe`, renamed `mlp` on load)
         self.stored_buffers: dict[str, int | None] = {}
+        self.buffer_names: dict[str, str] = {}
         for mname, module in model.named_modules():
             for attr, buf in module._buffers.items():
                 full = f"{mname}.{attr}" if mname else attr
-                if buf is not None and attr not in module._non_persistent_buffers_set and full in self.source:
-                    module._buffers[attr] = self.source.get(full).to(self.device, buf.dtype)
+                stored = full if full in self.source else self.conversions.renamed.get(full)
+                if buf is not None and attr not in module._non_persistent_buffers_set and stored is not None:
+                    module._buffers[attr] = self.source.get(stored).to(self.device, buf.dtype)
                     self.stored_buffers[full] = self._in_block(full)
+                    self.buffer_names[full] = stored
 
     def block_of(self, name: str) -> int | None:
         """The decoder block parameter `name` belongs to (None: outside the blocks)."""
@@ -352,9 +356,9 @@ class SkeletonModel:
     def stored_specs(self) -> list[tuple[str, list[int]]]:
         """(name in the checkpoint, shape) of every tensor the checkpoint holds, in the model's order:
         what an output written like the source holds."""
-        return [(stored, list(t.shape)) for name, (_, shape) in self.specs.items()
-                for stored, t in self.checkpoint_tensors(name, torch.empty(shape, device="meta"))] + [
-            (name, list(self.model.get_buffer(name).shape)) for name in self.stored_buffers]  # fmt: skip
+        params = [(stored, list(t.shape)) for name, (_, shape) in self.specs.items()
+                  for stored, t in self.checkpoint_tensors(name, torch.empty(shape, device="meta"))]  # fmt: skip
+        return params + [(self.buffer_names[n], list(self.model.get_buffer(n).shape)) for n in self.stored_buffers]
 
     def buffers_of(self, i: int | None) -> list[tuple[str, torch.Tensor]]:
         """The stored persistent buffers of block i (None: outside the blocks), by name."""
