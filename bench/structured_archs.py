@@ -233,7 +233,8 @@ def unstructured_worker(model_type: str, method: str = "magnitude", stream: bool
     if isinstance(model, str):
         return {**r, "outcome": "not built", "why": model}
     r["class"] = type(model).__name__
-    r["flags"] = f"--sparsity 0.5 --method {method} --save-format dense"
+    # compared with a streamed run: the source's metrics computed, not read from carve's cache
+    r["flags"] = f"--sparsity 0.5 --method {method} --save-format dense" + (" --no-cache" if stream else "")
     updates = method not in ("magnitude", "wanda")  # the OBS sweep changes the weights it keeps
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
