@@ -116,8 +116,6 @@ class ExpertLinears(nn.Module):
         super().__init__()
         object.__setattr__(self, "fused", fused)  # not a submodule: its parameters are the views'
         self.layout = _layout(fused)
-        self.transposed = self.layout.transposed
-        self.projections = self.layout.projections
         params = dict(fused.named_parameters(recurse=False))
         # children named by expert index, as transformers' per-expert checkpoints name them; not a
         # ModuleList, which carve.models.arch.find_blocks could take for the decoder blocks
@@ -133,6 +131,14 @@ class ExpertLinears(nn.Module):
         self.bind()
         self.routed = torch.zeros(len(self.experts), dtype=torch.long)  # tokens each expert was given
         self.counting = True  # forwards count their routed tokens (not an evaluation's: see `uncounted`)
+
+    @property
+    def transposed(self) -> bool:
+        return self.layout.transposed
+
+    @property
+    def projections(self) -> tuple[str, str]:
+        return self.layout.projections
 
     def bind(self) -> None:
         """Each expert's Linears made views of the fused module's parameters as they are now: a

@@ -217,9 +217,8 @@ class SkeletonModel:
                 self._load(name)
         # persistent buffers the checkpoint holds (DeepSeek-V3's per-expert `e_score_correction_bias`,
         # LFM2-MoE's `expert_bias`: small) read now, in the dtype the model made them, kept, and
-        # written back with their block: name -> its block (None: outside the blocks), and the name
-        # the checkpoint holds it under (Kimi-Linear's `block_sparse_moe`, renamed `mlp` on load)
-        self.stored_buffers: dict[str, int | None] = {}
+        # written back with their block: name -> the name the checkpoint holds it under (Kimi-Linear's
+        # `block_sparse_moe`, renamed `mlp` on load)
         self.buffer_names: dict[str, str] = {}
         for mname, module in model.named_modules():
             for attr, buf in module._buffers.items():
@@ -227,7 +226,6 @@ class SkeletonModel:
                 stored = full if full in self.source else self.conversions.renamed.get(full)
                 if buf is not None and attr not in module._non_persistent_buffers_set and stored is not None:
                     module._buffers[attr] = self.source.get(stored).to(self.device, buf.dtype)
-                    self.stored_buffers[full] = self._in_block(full)
                     self.buffer_names[full] = stored
 
     def block_of(self, name: str) -> int | None:
@@ -358,11 +356,11 @@ class SkeletonModel:
         what an output written like the source holds."""
         params = [(stored, list(t.shape)) for name, (_, shape) in self.specs.items()
                   for stored, t in self.checkpoint_tensors(name, torch.empty(shape, device="meta"))]  # fmt: skip
-        return params + [(self.buffer_names[n], list(self.model.get_buffer(n).shape)) for n in self.stored_buffers]
+        return params + [(self.buffer_names[n], list(self.model.get_buffer(n).shape)) for n in self.buffer_names]
 
     def buffers_of(self, i: int | None) -> list[tuple[str, torch.Tensor]]:
         """The stored persistent buffers of block i (None: outside the blocks), by name."""
-        return [(name, self.model.get_buffer(name)) for name, block in self.stored_buffers.items() if block == i]
+        return [(name, self.model.get_buffer(name)) for name in self.buffer_names if self._in_block(name) == i]
 
     def stored_buffers_in(self, i: int, block: nn.Module) -> list[tuple[str, torch.Tensor]]:
         """The buffers of `block` (block i, or a sliced copy of it) that the checkpoint holds for
