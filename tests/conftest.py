@@ -105,6 +105,10 @@ TINY_FIXES: dict[str, dict] = {
     "gemma3n_text": {"layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
                      "num_kv_shared_layers": 0, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
     "lfm2_moe": {"layer_types": ["conv", "conv", "full_attention"], "num_experts": 4, "moe_intermediate_size": 32},
+    "gpt_neo": {"attention_types": [[["global", "local", "global"], 1]]},
+    "longcat_flash": _MLA | {"expert_ffn_hidden_size": 32, "zero_expert_num": 2},
+    "plbart": {"decoder_attention_heads": 4},
+    "whisper": {"decoder_attention_heads": 4},
     "gemma4_text": {"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
 }  # fmt: skip
 
@@ -121,8 +125,8 @@ _TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "n
 def any_tiny_config(model_type: str, layers: int = 3):
     """A tiny config of any transformers model type: the Llama family's generic sizes (hidden 64,
     MLP 96, 4 query heads in 2 key/value groups of 16, 4 experts with top-1 routing) and the type's
-    `TINY_FIXES` (3 blocks), each passed only where the config's constructor takes it; what else the
-    config needs is its default.  One of `COMPOSITES` gets its sub-configs the same way."""
+    `TINY_FIXES` (3 blocks), each passed only where the config's constructor takes it, under its own
+    name or the one the config's `attribute_map` gives; what else the config needs is its default.  One of `COMPOSITES` gets its sub-configs the same way."""
     import inspect
 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -146,7 +150,15 @@ def any_tiny_config(model_type: str, layers: int = 3):
                     **fixes,
                     name: {"model_type": sub.model_type, **{k: v for k, v in _TOWER.items() if k in tower}},
                 }
-    return cls(**{k: v for k, v in {**sizes, **fixes}.items() if k in takes})
+    given = {**sizes, **fixes}
+    # a config that names a size otherwise (GPT-2's `n_embd`, BART's `d_model`, DeepSeek's
+    # `n_routed_experts`) takes it under the name its `attribute_map` gives, unless that name is given
+    aliases = getattr(cls, "attribute_map", {})
+    for generic, size in sizes.items():
+        own = aliases.get(generic)
+        if generic not in takes and own in takes and own not in given:
+            given[own] = size
+    return cls(**{k: v for k, v in given.items() if k in takes})
 
 
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
