@@ -21,7 +21,7 @@ FAST = {"calib_blocks": 2, "block_len": 32, "eval_blocks": 2, "cloze_items": 0, 
 
 
 def test_cached_source_evaluation_equals_a_fresh_one_and_follows_its_key(
-    tmp_path: Path, model_dir: Path, small_corpus: Path, tokenizer
+    tmp_path: Path, model_dir: Path, small_corpus: Path, tokenizer, monkeypatch
 ) -> None:
     from tests.conftest import tiny_model
 
@@ -41,10 +41,34 @@ def test_cached_source_evaluation_equals_a_fresh_one_and_follows_its_key(
     assert not hit and m_other != first
     assert not evaluate_source(carve.load_model(str(model_dir), dtype="bfloat16"), data)[1]
     assert not evaluate_source(lm, data, cache=False)[1]
+    # other code under the same version string: measured anew
+    monkeypatch.setattr(carve.job, "source_digest", lambda: "0" * 12)
+    assert not evaluate_source(lm, data)[1]
+    assert evaluate_source(lm, data)[1]
+    monkeypatch.undo()
+    assert evaluate_source(lm, data) == (first, True)
     # a damaged entry is measured anew, not trusted
     for f in (carve.output.cache_dir() / "eval").glob("*.json"):
         f.write_text("{half")
     assert evaluate_source(lm, data) == (first, False)
+
+
+def test_the_source_digest_follows_every_source_file_and_records_in_manifests(tmp_path: Path) -> None:
+    import shutil
+
+    from carve.job import versions
+
+    copy = tmp_path / "carve"
+    shutil.copytree(Path(carve.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    assert carve.output.source_digest(copy) == carve.output.source_digest() == versions()["carve_source"]
+    deep = sorted(copy.rglob("*.py"))[-1]
+    deep.write_bytes(deep.read_bytes() + b"\n")
+    carve.output.source_digest.cache_clear()  # one digest per process: carve's files do not change under it
+    changed = carve.output.source_digest(copy)
+    assert changed != carve.output.source_digest()
+    deep.rename(deep.with_name("renamed.py"))
+    carve.output.source_digest.cache_clear()
+    assert carve.output.source_digest(copy) not in (changed, carve.output.source_digest())
 
 
 def test_a_second_extract_reuses_the_source_evaluation(tmp_path: Path, model_dir: Path, small_corpus: Path) -> None:

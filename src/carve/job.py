@@ -28,7 +28,15 @@ from carve.corpora import Corpus
 from carve.errors import UsageError
 from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
 from carve.models import LoadedModel
-from carve.output import atomic_output_dir, cache_dir, check_output, claim, remove_dead_temporaries, write_json
+from carve.output import (
+    atomic_output_dir,
+    cache_dir,
+    check_output,
+    claim,
+    remove_dead_temporaries,
+    source_digest,
+    write_json,
+)
 
 
 def peak_rss_mb() -> float:
@@ -204,6 +212,7 @@ def versions() -> dict[str, str]:
 
     return {
         "carve": __version__,
+        "carve_source": source_digest(),  # a digest of its .py files: code that differs, same version
         "torch": torch.__version__,
         "transformers": version("transformers"),  # its metadata: importing it takes ~0.5 s
         "python": platform.python_version(),
@@ -271,11 +280,10 @@ def run_identity(recipe: Any, lm: LoadedModel, blocks: torch.Tensor, free: tuple
 
 def evaluation_key(lm: LoadedModel, data: Any) -> str:
     """What the source model's metrics depend on: the weights, the held-out data, the dtype and
-    device they were computed in, and carve's version (the metric code)."""
-    from carve import __version__
-
+    device they were computed in, and the code (`versions`: carve's source, not only its version
+    string, torch's and transformers')."""
     param = next(lm.model.parameters())
-    what = [lm.fingerprint, data.describe(), str(param.dtype), param.device.type, __version__]
+    what = [lm.fingerprint, data.describe(), str(param.dtype), param.device.type, versions()]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -17,7 +17,9 @@ crash leaves the old version or the new one, never half of one.
 from __future__ import annotations
 
 import errno
+import functools
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -43,6 +45,18 @@ def cache_dir() -> Path:
         return Path(os.environ["CARVE_CACHE_DIR"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "carve"
+
+
+@functools.cache
+def source_digest(root: Path = Path(__file__).parent) -> str:
+    """A digest of carve's own source files (the .py files under `root`, by relative path): with its
+    version, what keys a result that carve's code computes and caches (source metrics, inline
+    selections), so a result cached by other code, even under the same version string, is computed
+    anew; manifests record it too."""
+    digest = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        digest.update(f"{f.relative_to(root).as_posix()}\0".encode() + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 CACHE_KINDS = {

@@ -521,16 +521,18 @@ def _stat(spec: str) -> list[Any]:
 def selected_from_pool(target: str, pool: list[str], text_field: str = "text") -> Path:
     """`--domain select:TARGET --pool P ...`: DSIR's choice of up to INLINE_K chunks from the pool,
     cached under carve's cache directory by the inputs (paths, sizes, modification times) and
-    carve's version; a changed input selects anew."""
+    carve's code (its version and `source_digest`); a changed input or code selects anew."""
     from carve import __version__
-    from carve.output import cache_dir
+    from carve.output import cache_dir, source_digest
 
     if not target:
         raise UsageError("--domain select:TARGET needs the target after the colon, e.g. select:examples/")
     if not pool:
         raise UsageError("--domain select:TARGET needs --pool: the files or corpora to choose the domain text from")
     key = hashlib.sha256(
-        json.dumps([_stat(target), [_stat(p) for p in pool], text_field, INLINE_K, __version__]).encode()
+        json.dumps(
+            [_stat(target), [_stat(p) for p in pool], text_field, INLINE_K, __version__, source_digest()]
+        ).encode()
     ).hexdigest()[:24]
     out = cache_dir() / "select" / f"{key}.jsonl"
     if out.is_file() and out.with_name(out.name + MANIFEST_SUFFIX).is_file():
