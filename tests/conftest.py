@@ -106,9 +106,11 @@ TINY_FIXES: dict[str, dict] = {
                      "num_kv_shared_layers": 0, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
     "lfm2_moe": {"layer_types": ["conv", "conv", "full_attention"], "num_experts": 4, "moe_intermediate_size": 32},
     "gpt_neo": {"attention_types": [[["global", "local", "global"], 1]]},
+    "dots1": {"n_shared_experts": 1, "moe_intermediate_size": 32, "first_k_dense_replace": 1},
+    "zamba2": {"layers_block_type": ["linear_attention", "hybrid", "linear_attention"]},
+    "reformer": {"is_decoder": True, "axial_pos_embds_dim": [32, 32], "axial_pos_shape": [16, 16],
+                 "attn_layers": ["local", "local", "local"], "attention_head_size": 16},
     "longcat_flash": _MLA | {"expert_ffn_hidden_size": 32, "zero_expert_num": 2},
-    "plbart": {"decoder_attention_heads": 4},
-    "whisper": {"decoder_attention_heads": 4},
     "gemma4_text": {"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
 }  # fmt: skip
 
@@ -116,7 +118,7 @@ TINY_FIXES: dict[str, dict] = {
 # composite models (a text model beside vision / audio towers) whose towers at their default sizes
 # exceed the sweep's memory: each sub-config tiny too (the text one as its own type's, the others
 # with `_TOWER` sizes)
-COMPOSITES = {"gemma3", "gemma4", "llama4", "mllama", "qwen3_5", "qwen3_5_moe"}
+COMPOSITES = {"emu3", "fuyu", "gemma3", "gemma4", "llama4", "mllama", "qwen3_5", "qwen3_5_moe"}
 _TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
           "num_key_value_heads": 2, "head_dim": 16, "depth": 2, "num_heads": 2, "vision_output_dim": 32,
           "out_hidden_size": 64, "projector_input_dim": 32, "projector_output_dim": 64, "num_global_layers": 1}  # fmt: skip
@@ -124,9 +126,11 @@ _TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "n
 
 def any_tiny_config(model_type: str, layers: int = 3):
     """A tiny config of any transformers model type: the Llama family's generic sizes (hidden 64,
-    MLP 96, 4 query heads in 2 key/value groups of 16, 4 experts with top-1 routing) and the type's
-    `TINY_FIXES` (3 blocks), each passed only where the config's constructor takes it, under its own
-    name or the one the config's `attribute_map` gives; what else the config needs is its default.  One of `COMPOSITES` gets its sub-configs the same way."""
+    MLP 96, 4 query heads in 2 key/value groups of 16, 4 experts with top-1 routing; an encoder-decoder's
+    decoder the same; rotary dimension 8 where it is a size of its own) and the type's `TINY_FIXES`
+    (3 blocks), each passed only where the config's constructor takes it, under its own name or the
+    one the config's `attribute_map` gives; what else the config needs is its default.  One of
+    `COMPOSITES` gets its sub-configs the same way."""
     import inspect
 
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
@@ -134,7 +138,8 @@ def any_tiny_config(model_type: str, layers: int = 3):
     sizes = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": layers, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB, "max_position_embeddings": 256,
              "num_local_experts": 4, "num_experts_per_tok": 1, "pad_token_id": 0, "bos_token_id": 1,
-             "eos_token_id": 2}  # fmt: skip
+             "eos_token_id": 2, "decoder_layers": layers, "decoder_attention_heads": 4, "decoder_ffn_dim": 96,
+             "encoder_ffn_dim": 96, "rotary_dim": 8}  # fmt: skip
     fixes = TINY_FIXES.get(model_type, {}) if layers == 3 else {}
     cls = CONFIG_MAPPING[model_type]
     takes = inspect.signature(cls.__init__).parameters
