@@ -94,7 +94,8 @@ _HYBRID = {"layer_types": ["linear_attention", "linear_attention", "full_attenti
            "shared_expert_intermediate_size": 32}  # fmt: skip
 # what the generic sizes do not make a model that builds and runs a forward (found by bench/structured_archs.py)
 TINY_FIXES: dict[str, dict] = {
-    **dict.fromkeys(["deepseek_v2", "deepseek_v3", "deepseek_v32", "minicpm3", "youtu", "axk1", "axk2", "glm_moe_dsa"],
+    **dict.fromkeys(["deepseek_v2", "deepseek_v3", "deepseek_v32", "minicpm3", "youtu", "axk1", "axk2", "glm_moe_dsa",
+                     "glm4_moe_lite"],
                     _MLA),
     **dict.fromkeys(["granitemoehybrid", "qwen3_5_moe_text", "qwen3_5_text", "qwen3_next"], _HYBRID),
     **dict.fromkeys(["bailing_hybrid", "kimi_linear"], _HYBRID | _MLA),
