@@ -111,7 +111,7 @@ TINY_FIXES: dict[str, dict] = {
     "zamba2": {"layers_block_type": ["linear_attention", "hybrid", "linear_attention"]},
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [32, 32], "axial_pos_shape": [16, 16],
                  "attn_layers": ["local", "local", "local"], "attention_head_size": 16},
-    "longcat_flash": _MLA | {"expert_ffn_hidden_size": 32, "zero_expert_num": 2},
+    "longcat_flash": _MLA | {"expert_ffn_hidden_size": 32, "zero_expert_num": 2, "num_layers": 3, "moe_topk": 2},
     "gemma4_text": {"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
 }  # fmt: skip
 
