@@ -42,10 +42,10 @@ def test_cached_source_evaluation_equals_a_fresh_one_and_follows_its_key(
     assert not evaluate_source(carve.load_model(str(model_dir), dtype="bfloat16"), data)[1]
     assert not evaluate_source(lm, data, cache=False)[1]
     # other code under the same version string: measured anew
-    monkeypatch.setattr(carve.job, "source_digest", lambda: "0" * 12)
-    assert not evaluate_source(lm, data)[1]
-    assert evaluate_source(lm, data)[1]
-    monkeypatch.undo()
+    with monkeypatch.context() as patched:
+        patched.setattr(carve.job, "source_digest", lambda: "0" * 12)
+        assert not evaluate_source(lm, data)[1]
+        assert evaluate_source(lm, data)[1]
     assert evaluate_source(lm, data) == (first, True)
     # a damaged entry is measured anew, not trusted
     for f in (carve.output.cache_dir() / "eval").glob("*.json"):
