@@ -763,7 +763,7 @@ def test_dropping_experts_slices_their_routing_biases(
     """DeepSeek-V3's router and LFM2-MoE's MoE block hold a per-expert bias (a buffer) that steers the
     top-k choice: at -1e4 for experts 0 and 2 no token is routed to them, so --experts-keep 0.5 drops
     them, the biases are sliced with the experts, and the model computes what it did, in memory and
-    streamed alike; a config routing within groups of experts (n_group > 1) is refused by name."""
+    streamed alike."""
     from transformers import AutoModelForCausalLM
 
     from carve.ops.expert_drop import drop_experts, moe_blocks
@@ -796,6 +796,44 @@ def test_dropping_experts_slices_their_routing_biases(
     assert sorted(sa) == sorted(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
     with torch.no_grad():
         torch.testing.assert_close(a(ids).logits, before, atol=1e-5, rtol=1e-5)
-    config.n_group, config.topk_group = 2, 1
-    with pytest.raises(carve.UsageError, match=r"routes within 2 groups of experts"):
-        drop_experts(AutoModelForCausalLM.from_config(config), ids, 0.5)
+
+
+def test_dropping_experts_under_group_limited_routing_keeps_each_groups_heaviest(tmp_path: Path) -> None:
+    """DeepSeek-V3 routing within groups (2 groups of 4 experts; a token's 2 experts from its best
+    group, groups ranked by their two best experts): --experts-keep 0.5 keeps the 2 heaviest of each
+    group, and the sliced model computes what the original does with the dropped experts' choice
+    scores at -inf (their correction bias), after a stock from_pretrained too; fewer than 2 per group
+    is refused by name."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from carve.ops.expert_drop import drop_experts, moe_blocks
+    from tests.conftest import any_tiny_config
+
+    config = any_tiny_config("deepseek_v3")
+    config.n_routed_experts, config.n_group, config.topk_group, config.num_experts_per_tok = 8, 2, 1, 2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    original, fresh = copy.deepcopy(model), copy.deepcopy(model)
+    ids = torch.randint(3, 300, (4, 24), generator=torch.Generator().manual_seed(1))
+    result = drop_experts(model, ids, 0.5, batch_size=2)
+    assert result.groups == 2 and len(result.kept) == 2
+    for kept, mass in zip(result.kept, result.mass, strict=True):
+        by_group = [sorted(range(g * 4, g * 4 + 4), key=lambda e: (-mass[e].item(), e))[:2] for g in (0, 1)]
+        assert kept == sorted(by_group[0] + by_group[1])
+    assert any(k != sorted(m.sort(descending=True, stable=True).indices[:4].tolist())
+               for k, m in zip(result.kept, result.mass, strict=True))  # not the blocks' heaviest 4 overall  # fmt: skip
+    with torch.no_grad():
+        for block, kept in zip(moe_blocks(original), result.kept, strict=True):
+            bias = block.holder.get_buffer("gate.e_score_correction_bias")
+            bias[[e for e in range(8) if e not in kept]] = float("-inf")
+        reference = original(ids).logits
+        torch.testing.assert_close(model(ids).logits, reference)
+    assert (model.config.n_routed_experts, model.config.n_group) == (4, 2)
+    assert "2 expert groups" in result.describe(model)["experts_kept"]["rule"]
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, reference)
+    with pytest.raises(carve.UsageError, match=r"keeps 1 of each group's 4 experts.*keep at least 2 per group"):
+        drop_experts(fresh, ids, 0.25)

@@ -11,7 +11,9 @@ routed (Llama 4: its sigmoid scores, zero outside the top-k).  Every MoE block
 keeps the same number of experts (its own heaviest ones), so the config stays standard: the expert
 count (`num_local_experts` / `num_experts`) is rewritten, everything else is untouched.  Removing
 expert e is what its router row at −∞ computes: no token is routed to it, and the softmax, before or
-after the top-k, runs over the kept experts only.
+after the top-k, runs over the kept experts only.  Under group-limited routing (DeepSeek-V3's
+`n_group` groups, each ranked by its two best experts) every group keeps the same number, at least
+two, so the groups stay as they were and each is ranked by its kept experts as before.
 """
 
 from __future__ import annotations
@@ -72,26 +74,40 @@ def moe_blocks(model: nn.Module, within: bool = False) -> list[MoeBlock]:
     return blocks
 
 
+def expert_groups(config: Any) -> int:
+    """The groups a token's experts are chosen within (DeepSeek-V3's `n_group`: its router first
+    picks `topk_group` groups by their two best experts' scores, then the top-k among those), or 1."""
+    groups = getattr(config, "n_group", None)
+    return groups if isinstance(groups, int) and groups > 1 else 1
+
+
 def kept_count(blocks: list[MoeBlock], config: Any, keep: float) -> int:
-    """Experts every block keeps under `keep`, checked against the experts each token is routed to."""
+    """Experts every block keeps under `keep`, checked against the experts each token is routed to;
+    under group-limited routing, the same number in each group (`expert_groups`)."""
     if not 0 < keep <= 1:
         raise UsageError(f"--experts-keep {keep} is outside (0, 1]: it is the share of each MoE block's experts kept")
     count = blocks[0].count
     if any(b.count != count for b in blocks):
         raise UsageError("the MoE blocks differ in their number of experts; carve keeps the same number in each")
-    groups = getattr(config, "n_group", None)
-    if isinstance(groups, int) and groups > 1:
-        raise UsageError(
-            f"--experts-keep: this MoE routes within {groups} groups of experts (n_group, DeepSeek-V3 style); "
-            "removing experts would regroup the others and change every token's routing"
-        )
-    n = round(keep * count)
     top_k = int(getattr(config, "num_experts_per_tok", None) or getattr(blocks[0].router, "top_k", None) or 1)
-    if n < top_k:
+    groups = expert_groups(config)
+    if groups == 1:
+        n = round(keep * count)
+        if n < top_k:
+            raise UsageError(f"--experts-keep {keep} keeps {n} of {count} experts; "
+                             f"every token is routed to {top_k}: keep at least that")  # fmt: skip
+        return n
+    size = count // groups
+    per = round(keep * size)
+    chosen = int(getattr(config, "topk_group", None) or groups)
+    if per < 2 or per * chosen < top_k:
+        least = max(2, -(-top_k // chosen))
         raise UsageError(
-            f"--experts-keep {keep} keeps {n} of {count} experts; every token is routed to {top_k}: keep at least that"
+            f"--experts-keep {keep} keeps {per} of each group's {size} experts; this MoE routes within {groups} "
+            f"groups (n_group), ranks each group by its two best experts and routes a token to {top_k} in "
+            f"{chosen} groups: keep at least {least} per group ({least / size:.3g})"
         )
-    return n
+    return per * groups
 
 
 @torch.no_grad()
@@ -164,13 +180,15 @@ class ExpertsResult:
     kept: list[list[int]]  # per MoE block, the experts kept (original indices)
     mass: torch.Tensor  # [blocks, experts]: the routing mass they were ranked by
     count: int  # experts per block before
+    groups: int = 1  # the routing's expert groups, each keeping the same number (`expert_groups`)
     importance: ImportanceMap | None = None  # experts are ranked by routing, not by weight scores
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         share = self.mass / self.mass.sum(1, keepdim=True).clamp_min(1e-12)
         return {
             "experts_kept": {
-                "rule": "routing mass (soft count) on the calibration blocks",
+                "rule": "routing mass (soft count) on the calibration blocks"
+                + (f", the same number in each of the {self.groups} expert groups" if self.groups > 1 else ""),
                 "kept": len(self.kept[0]),
                 "of": self.count,
                 "blocks": {
@@ -190,11 +208,22 @@ def plan_experts(
     """Which experts every MoE block keeps under `keep`: the heaviest by routing mass over
     `calibration` (the model is not changed)."""
     blocks = moe_blocks(model)
-    n = kept_count(blocks, text_config(model), keep)
+    config = text_config(model)
+    n, groups = kept_count(blocks, config, keep), expert_groups(config)
     mass = routing_mass(model, blocks, calibration, batch_size, source)
-    # the heaviest n of each block; ties (experts no token reached) to the lower index
-    kept = [sorted(m.sort(descending=True, stable=True).indices[:n].tolist()) for m in mass]
-    return ExpertsResult([b.name for b in blocks], kept, mass, blocks[0].count)
+    kept = [heaviest(m, n, groups) for m in mass]
+    return ExpertsResult([b.name for b in blocks], kept, mass, blocks[0].count, groups)
+
+
+def heaviest(mass: torch.Tensor, n: int, groups: int = 1) -> list[int]:
+    """The `n` experts of heaviest routing `mass`, n / groups in each of `groups` equal runs of
+    experts (ties, experts no token reached, to the lower index), in index order."""
+    size, per = mass.numel() // groups, n // groups
+    return sorted(
+        g * size + i
+        for g, part in enumerate(mass.view(groups, size))
+        for i in part.sort(descending=True, stable=True).indices[:per].tolist()
+    )
 
 
 def apply_experts(module: nn.Module, result: ExpertsResult, prefix: str = "") -> None:
