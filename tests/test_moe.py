@@ -732,7 +732,9 @@ def test_drop_experts_from_the_command_line(tmp_path: Path, tokenizer, small_cor
 def test_streamed_expert_dropping_equals_in_memory(arch: str, tmp_path: Path, tokenizer, small_corpus: Path) -> None:
     """`--experts-keep --stream`: the routing mass from a pass that reads one block at a time, each block's
     MoE sliced as it is written: the in-memory job's experts, weights (bit for bit, as stock from_pretrained
-    loads each output) and perplexities."""
+    loads each output), files (the tensors' names and shapes as save_pretrained writes them: the kept
+    experts one by one, as the source holds them) and perplexities."""
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from carve.pipeline import Recipe, extract
@@ -750,6 +752,18 @@ def test_streamed_expert_dropping_equals_in_memory(arch: str, tmp_path: Path, to
     assert streamed["size"]["parameters_after"] == mem["size"]["parameters_after"] < mem["size"]["parameters_before"]
     a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("mem", "stream"))
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    def files(out: Path) -> dict[str, list[int]]:
+        shapes = {}
+        for f in sorted(out.glob("model*.safetensors")):
+            with safe_open(f, "pt") as st:
+                shapes |= {k: st.get_slice(k).get_shape() for k in st.keys()}
+        return shapes
+
+    with safe_open(src / "model.safetensors", "pt") as st:
+        source = set(st.keys())
+    written = files(tmp_path / "stream")
+    assert written == files(tmp_path / "mem") and set(written) <= source
     for when in ("before", "after"):
         for key in ("domain_ppl", "general_ppl"):
             assert streamed["metrics"][when][key] == pytest.approx(mem["metrics"][when][key], rel=1e-4)

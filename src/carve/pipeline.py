@@ -758,7 +758,8 @@ def _reshaped_as(
     dtype: torch.dtype,
 ) -> tuple[Reshaped, list[tuple[str, torch.dtype, list[int]]], Any]:  # fmt: skip
     """The Reshaped writer of `block(i)` as block `index[i]` and the output's tensor layout: the
-    tensors outside the blocks as stored, each kept block's as its reshaped copy holds them."""
+    tensors outside the blocks as stored, each kept block's its reshaped copy's tensors under the
+    names the source gives block `index[i]`'s (an MoE's sliced fused experts split per expert)."""
     specs: list[tuple[str, torch.dtype, list[int]]] = []
     seen: set[int] = set()
     for name, (stored, shape) in skeleton.specs.items():
@@ -768,10 +769,11 @@ def _reshaped_as(
             specs.append((stored, dtype if kind.is_floating_point else kind, shape))
         elif i not in seen and i in index:  # the sliced block's tensors, in its own order
             seen.add(i)
-            twin = block(i)
-            specs += [(f"{skeleton.prefix}.{index[i]}.{n}", dtype if p.is_floating_point() else p.dtype, list(p.shape))
-                      for n, p in twin.named_parameters()]  # fmt: skip
-            specs += [(f"{skeleton.prefix}.{index[i]}.{n}", dtype if b.is_floating_point() else b.dtype, list(b.shape))
+            twin, at = block(i), f"{skeleton.prefix}.{index[i]}."
+            specs += [(stored, dtype if p.is_floating_point() else p.dtype, list(part.shape))
+                      for n, p in twin.named_parameters()
+                      for stored, part in skeleton.checkpoint_tensors(at + n, p.detach())]  # fmt: skip
+            specs += [(skeleton.buffer_names[at + n], dtype if b.is_floating_point() else b.dtype, list(b.shape))
                       for n, b in skeleton.stored_buffers_in(i, twin)]  # fmt: skip
     specs += [(skeleton.buffer_names[n], dtype if b.is_floating_point() else b.dtype, list(b.shape))
               for n, b in skeleton.buffers_of(None)]  # fmt: skip

@@ -164,11 +164,10 @@ class BlockStream:
         with uncounted(block):
             self.after = [call_block(block, h, calls[tuple(b.shape)][i]) for (_, b), h in pairs]
         for name, p in named:
-            self._write(name, p, as_source=self.reshaped is None)
+            self._write(name, p)
+        at = i if self.reshaped is None else self.reshaped.index[i]  # the block's number in the output
         for name, buf in self.sk.stored_buffers_in(i, block):  # of the block as written (sliced experts' too)
-            full = f"{self.sk.prefix}.{i}.{name}"  # as the source holds it, or renumbered, as the model names it
-            self._write_buffer(self.sk.buffer_names[full] if self.reshaped is None else
-                               f"{self.sk.prefix}.{self.reshaped.index[i]}.{name}", buf)  # fmt: skip
+            self._write_buffer(self.sk.buffer_names[f"{self.sk.prefix}.{at}.{name}"], buf)  # as the source names it
         self.sk.free_block(i)
 
     def _write_buffer(self, name: str, buf: torch.Tensor) -> None:
@@ -178,17 +177,18 @@ class BlockStream:
             t = buf.detach()
             self.writer.write(name, t.to(self.save_dtype) if t.is_floating_point() else t)
 
-    def _write(self, name: str, tensor: torch.Tensor, as_source: bool = True) -> None:
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
         """`tensor` (parameter `name`) counted and written in the saved dtype: in plain safetensors
-        under the source checkpoint's names (`as_source`: an MoE's fused experts split back per
-        expert, a renamed tensor under its stored name); in the sparse format, and for a sliced
-        block's renumbered tensors, under the model's own name, as its state dict has it."""
+        under the source checkpoint's names (an MoE's fused experts split back per expert, as many as
+        a sliced block keeps; a renamed tensor under its stored name; a renumbered block's as the
+        source names that number's), as `save_pretrained` writes them; in the sparse format under the
+        model's own name, as its state dict has it."""
         t = tensor.detach()
         self.zeros[name] = (count_zeros(t), t.numel())
         if self.writer is None:
             return
         t = t.to(self.save_dtype) if t.is_floating_point() else t
-        as_source = as_source and not isinstance(self.writer, SparseWriter)
+        as_source = not isinstance(self.writer, SparseWriter)
         for stored, part in self.sk.checkpoint_tensors(name, t) if as_source else [(name, t)]:
             self.writer.write(stored, part)
 
