@@ -44,7 +44,9 @@ def tiny_config(arch: str):
         )
     # more Llama-style families (not in ARCHS: the structured tests and a few others take them)
     more = {"qwen3": tf.Qwen3Config, "gemma2": tf.Gemma2Config, "granite": tf.GraniteConfig, "cohere": tf.CohereConfig,
-            "smollm3": tf.SmolLM3Config, "olmo2": tf.Olmo2Config, "stablelm": tf.StableLmConfig}  # fmt: skip
+            "smollm3": tf.SmolLM3Config, "olmo2": tf.Olmo2Config, "stablelm": tf.StableLmConfig,
+            # their projections under other names: Phi's dense and fc1/fc2, StarCoder2's c_fc/c_proj
+            "phi": tf.PhiConfig, "starcoder2": tf.Starcoder2Config}  # fmt: skip
     if arch in more:
         extra = {"head_dim": 16, "sliding_window": 8} if arch in ("qwen3", "gemma2") else {}
         return more[arch](**sizes, **extra, **common, pad_token_id=None, bos_token_id=None, eos_token_id=None)
@@ -139,7 +141,7 @@ def any_tiny_config(model_type: str, layers: int = 3):
     sizes = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": layers, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB, "max_position_embeddings": 256,
              "num_local_experts": 4, "num_experts_per_tok": 1, "pad_token_id": 0, "bos_token_id": 1,
-             "eos_token_id": 2, "decoder_layers": layers, "decoder_attention_heads": 4, "decoder_ffn_dim": 96,
+             "eos_token_id": 2, "ffn_dim": 96, "decoder_layers": layers, "decoder_attention_heads": 4, "decoder_ffn_dim": 96,
              "encoder_ffn_dim": 96, "rotary_dim": 8}  # fmt: skip
     fixes = TINY_FIXES.get(model_type, {}) if layers == 3 else {}
     cls = CONFIG_MAPPING[model_type]

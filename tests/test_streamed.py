@@ -514,7 +514,8 @@ STRUCTURED_STREAMS = [("llama", {"keep": 0.5}), ("gemma3", {"keep": 0.5}),
                       ("mistral", {"keep": 0.5, "method": "magnitude"}), ("llama", {"keep": 0.5, "method": "fisher"}),
                       ("gemma3", {"keep": 0.5, "method": "dual-obs"}), ("qwen2", {"keep": 0.5, "method": "dual"}), ("llama", {"keep": 0.5, "drop_rule": "greedy"}),
                       ("gemma3", {"drop_blocks": 1, "mlp_keep": 1.0, "heads_keep": 1.0, "drop_rule": "greedy"})] + [(a, {"keep": 0.5}) for a in MORE_ARCHS] + [("phi3", {"keep": 0.5, "drop_rule": "greedy", "method": "dual-obs"})] + [
-    (a, {"keep": 0.5}) for a in ("olmo2", "stablelm")]  # fmt: skip  # every head kept: MLP width and depth
+    (a, {"keep": 0.5}) for a in ("olmo2", "stablelm")] + [("phi", {"keep": 0.5}),
+    ("starcoder2", {"keep": 0.5, "method": "dual-obs"})]  # fmt: skip  # olmo2, stablelm: every head kept
 
 
 @pytest.mark.parametrize("arch, kw", STRUCTURED_STREAMS)

@@ -22,7 +22,8 @@ from carve.ops.plan import Shape, ShapeTarget, candidate_shapes, decoder_params,
 from carve.ops.structure import apply_plan, held_by_config, search_plan, shared_copy, structure, zero_plan
 from tests.conftest import MORE_ARCHS, VOCAB, any_tiny_config, tiny_config
 
-STRUCTURED = ["llama", "qwen2", "mistral", "gemma3", *MORE_ARCHS, "phi3"]  # phi3: fused qkv_proj, gate_up_proj
+# phi3: fused qkv_proj, gate_up_proj; phi, starcoder2: a role's projection under another name (anatomy.ALIASES)
+STRUCTURED = ["llama", "qwen2", "mistral", "gemma3", *MORE_ARCHS, "phi3", "phi", "starcoder2"]
 
 
 def three_block_model(arch: str, seed: int = 0) -> torch.nn.Module:

@@ -1,7 +1,8 @@
 """The anatomy of a decoder block for structured extraction: its attention and MLP projections,
 found by module names (q/k/v/o_proj attention, optional gate_proj, up_proj, down_proj MLP:
 Llama, Mistral, Qwen2, Gemma/Gemma2/Gemma3; or Phi-3's fused qkv_proj and gate_up_proj, each
-role a span of the fused projection's rows), not by model class; the head layout
+role a span of the fused projection's rows; or another family's name for a role, `ALIASES`: Phi's
+dense and fc1/fc2, StarCoder2's c_fc/c_proj), not by model class; the head layout
 (grouped-query attention: query head h reads key/value head h // (heads / kv_heads)); and what
 a block's parameters cost per key/value group and per MLP channel."""
 
@@ -22,6 +23,11 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 # fused projections (Phi-3): the roles whose rows they stack, in order
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# other families' names for a role's projection beside q/k/v_proj (Phi: dense, fc1/fc2; OPT, BioGPT,
+# XGLM: out_proj, fc1/fc2; StarCoder2: c_fc/c_proj)
+ALIASES = {"out_proj": "o_proj", "dense": "o_proj", "fc1": "up_proj", "fc2": "down_proj", "c_fc": "up_proj",
+           "c_proj": "down_proj"}  # fmt: skip
+UP = tuple(a for a in ("up_proj", *ALIASES) if ALIASES.get(a, a) == "up_proj")
 
 
 @dataclass
@@ -71,6 +77,17 @@ class Anatomy:
         return self.heads // self.kv_heads
 
 
+WIDTH_KEYS = ("intermediate_size", "ffn_dim")  # a config's name for the dense MLP's width (OPT, XGLM: ffn_dim)
+
+
+def width_key(config: Any) -> str:
+    """The config's name for the dense MLP's width (`WIDTH_KEYS`), or say it has none."""
+    key = next((k for k in WIDTH_KEYS if hasattr(config, k)), None)
+    if key is None:
+        raise UsageError(f"{type(config).__name__} names no MLP width (intermediate_size or ffn_dim) to rewrite")
+    return key
+
+
 def text_config(model: nn.Module) -> Any:
     return text_part(model.config)
 
@@ -92,14 +109,15 @@ def anatomy(model: nn.Module) -> Anatomy:
         names: dict[str, str] = {}
         # each role from the first module holding its kind's anchor (q_proj, up_proj; or the fused
         # projection holding it): an attention's own output gate (HRM's gate_proj) is not the MLP's
-        found = [(name, mod, attr, role) for name, mod in block.named_modules() for attr in (*ATTENTION, *MLP, *FUSED)
-                 if isinstance(getattr(mod, attr, None), nn.Linear) for role in FUSED.get(attr, (attr,))]  # fmt: skip
+        found = [(name, mod, attr, role) for name, mod in block.named_modules()
+                 for attr in (*ATTENTION, *MLP, *FUSED, *ALIASES) if isinstance(getattr(mod, attr, None), nn.Linear)
+                 for role in FUSED.get(attr, (ALIASES.get(attr, attr),))]  # fmt: skip
         anchors = {r: next((m for _, m, _, role in found if role == r), None) for r in ("q_proj", "up_proj")}
         for name, mod, attr, role in found:
             if role not in names and anchors["q_proj" if role in ATTENTION else "up_proj"] in (mod, None):
                 holders[role] = mod
                 names[role] = f"{prefix}.{i}.{name}.{attr}" if name else f"{prefix}.{i}.{attr}"
-        mlps = sum(isinstance(getattr(mod, "up_proj", None), nn.Linear) for mod in block.modules())
+        mlps = sum(any(isinstance(getattr(mod, a, None), nn.Linear) for a in UP) for mod in block.modules())
         moe.append(mlps > 1 or any(is_fused_experts(m) or isinstance(m, ExpertLinears) for m in block.modules()))
         if moe[-1]:  # the experts' (and a shared expert's) projections are not a dense MLP's
             names = {r: n for r, n in names.items() if r in ATTENTION}
@@ -107,7 +125,8 @@ def anatomy(model: nn.Module) -> Anatomy:
         if missing:
             raise UsageError(
                 f"structured extraction needs Llama-style blocks (q/k/v/o_proj or qkv_proj/o_proj attention, "
-                f"gate/up/down_proj or gate_up_proj/down_proj MLP or experts); {type(model).__name__} block {i} "
+                f"gate/up/down_proj or gate_up_proj/down_proj MLP or experts; or their names in Phi, OPT and "
+                f"StarCoder2: dense or out_proj, fc1/fc2 or c_fc/c_proj); {type(model).__name__} block {i} "
                 f"has no {', '.join(missing)}"
             )
         parts.append(Parts(holders["q_proj"], block if moe[-1] else holders["up_proj"], names))

@@ -47,12 +47,14 @@ from carve.models.anatomy import (
     ATTENTION,
     HEAD_COUNT_ATTRIBUTES,
     MLP,
+    WIDTH_KEYS,
     Anatomy,
     Parts,
     anatomy,
     compensable,
     text_config,
     text_part,
+    width_key,
 )
 from carve.models.experts import ExpertLinears, is_fused_experts
 from carve.ops.plan import (
@@ -137,14 +139,14 @@ def slice_block(p: Parts, anat: Anatomy, plan: Plan, i: int, roles: list[str],
         cols = removed[role]
         deltas[role] = lin.weight.detach()[:, cols].float() @ means[role][cols].to(lin.weight.device)
     _slice_rows(p, p.attention, {"q_proj": q, "k_proj": kv, "v_proj": kv})
-    p.attention.o_proj = _sliced(p.linear("o_proj"), cols=q)
+    setattr(p.attention, p.attribute("o_proj"), _sliced(p.linear("o_proj"), cols=q))
     for attr in HEAD_COUNT_ATTRIBUTES:
         if isinstance(getattr(p.attention, attr, None), int):
             setattr(p.attention, attr, len(kv if attr == "num_key_value_heads" else q) // hd)
     ch = plan.channels[i]
     if "down_proj" in p.names:  # a dense MLP (an MoE block's experts stay as they are)
         _slice_rows(p, p.mlp, {"gate_proj": ch, "up_proj": ch})
-        p.mlp.down_proj = _sliced(p.linear("down_proj"), cols=ch)
+        setattr(p.mlp, p.attribute("down_proj"), _sliced(p.linear("down_proj"), cols=ch))
     for role, delta in deltas.items():
         for r in ATTENTION if role == "o_proj" else MLP:
             if r in p.names:  # the config's flag gives every projection it governs a bias
@@ -168,8 +170,9 @@ def shape_config(config: Any, anat: Anatomy, shape: Shape) -> None:
     config.num_key_value_heads = shape.kv_groups
     config.num_attention_heads = shape.kv_groups * anat.group_size
     if anat.intermediate:  # an MoE's intermediate_size (Mixtral: each expert's width) is left as it is
-        width = config.intermediate_size  # Gemma 3n: one per block
-        config.intermediate_size = [shape.mlp_channels] * len(width) if isinstance(width, list) else shape.mlp_channels
+        key = width_key(config)
+        width = getattr(config, key)  # Gemma 3n: one per block
+        setattr(config, key, [shape.mlp_channels] * len(width) if isinstance(width, list) else shape.mlp_channels)
 
 
 def plan_config(config: Any, anat: Anatomy, plan: Plan, roles: list[str]) -> None:
@@ -301,9 +304,10 @@ def zero_plan(model: nn.Module, plan: Plan) -> nn.Module:
     with torch.no_grad():
         for i, p in enumerate(anat.parts):
             if i in plan.drop:
+                outputs = {id(t) for r in ("o_proj", "down_proj") if r in p.names for t in p.linear(r).parameters()}
                 for name, prm in anat.blocks[i].named_parameters():
-                    if any(out in name for out in ("o_proj", "down_proj", "out_proj")):  # out_proj: a Mamba branch's
-                        prm.zero_()
+                    if id(prm) in outputs or any(out in name for out in ("o_proj", "down_proj", "out_proj")):
+                        prm.zero_()  # out_proj by name: a Mamba branch's; o_proj, down_proj: experts' too
                 continue
             o = p.linear("o_proj")
             kept_q = set(_head_rows([h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)], hd))
@@ -397,7 +401,8 @@ class StructureResult:
     def describe(self, model: nn.Module) -> dict[str, Any]:
         config = text_config(model) if self.config is None else self.config
         config = text_part(config)
-        keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+        width = [k for k in WIDTH_KEYS if hasattr(config, k)][:1]  # an MoE's config may have none
+        keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", *width)
         distances = None if self.distances is None else [round(x, 5) for x in self.distances.tolist()]
         return {
             "structure": {
