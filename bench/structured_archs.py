@@ -179,7 +179,7 @@ def worker(model_type: str) -> dict[str, Any]:
         held, refused = {}, str(e)
     r["held"] = sorted(held)
     flags = {"heads": ["--heads-keep", "0.5"], "mlp": ["--mlp-keep", "0.5"], "depth": ["--drop-blocks", "1"]}
-    cut = [f for dim, f in flags.items() if dim not in held]
+    cut = [f for dim, f in flags.items() if dim not in held] or list(flags.values())  # all held: must be refused
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         r["flags"] = " ".join(a for f in cut for a in f)
