@@ -271,7 +271,8 @@ def unstructured_worker(model_type: str, method: str = "magnitude", stream: bool
         # an MoE's router stays dense by design (docs/methods.md); other Linears named so (Gemma 3n's
         # AltUp `modality_router`) are pruned like any
         near = parent in moe or parent.rpartition(".")[0] in moe  # beside the experts (AFMoE: mlp.router.gate)
-        router = (module in ("gate", "router") or "router" in module) and near
+        named = module in ("gate", "router") or "router" in module or parent.rpartition(".")[2] in ("gate", "router")
+        router = named and near  # HunYuan's in a module of its own: mlp.gate.wg
         target = (
             name.startswith(f"{prefix}.")  # carve prunes inside the decoder blocks (not BERT's head transform)
             and p.dim() >= 2 and "bias" not in leaf and not router
