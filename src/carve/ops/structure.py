@@ -169,7 +169,8 @@ def shape_config(config: Any, anat: Anatomy, shape: Shape) -> None:
     config.head_dim = anat.head_dim  # explicit: most configs derive it from hidden_size / heads otherwise
     config.num_key_value_heads = shape.kv_groups
     config.num_attention_heads = shape.kv_groups * anat.group_size
-    if anat.intermediate:  # an MoE's intermediate_size (Mixtral: each expert's width) is left as it is
+    # an MoE's intermediate_size (Mixtral: each expert's width) is left as it is, and a width not cut
+    if anat.intermediate and shape.mlp_channels != anat.intermediate:
         key = width_key(config)
         width = getattr(config, key)  # Gemma 3n: one per block
         setattr(config, key, [shape.mlp_channels] * len(width) if isinstance(width, list) else shape.mlp_channels)
