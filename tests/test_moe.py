@@ -851,3 +851,22 @@ def test_dropping_experts_under_group_limited_routing_keeps_each_groups_heaviest
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, reference)
     with pytest.raises(carve.UsageError, match=r"keeps 1 of each group's 4 experts.*keep at least 2 per group"):
         drop_experts(fresh, ids, 0.25)
+
+
+def test_a_router_scoring_zero_compute_experts_too_stays_dense() -> None:
+    """LongCat-Flash's router scores its routed experts and its zero-compute (identity) ones: its
+    width is the leading size of the experts' fused gate_up_proj, not the routed count, and it is
+    kept dense like every router; its experts (a layout carve does not see) stay dense and are named."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import any_tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(any_tiny_config("longcat_flash")).eval()
+    routers = {n: p.detach().clone() for n, p in model.named_parameters() if "router.classifier" in n}
+    assert routers and all(p.shape[0] == 6 for p in routers.values())  # 4 routed + 2 zero-compute experts
+    dense = carve.prune(model, "magnitude", 0.5).describe(model)["sparsity"]["not_pruned_in_blocks"]
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in routers.items())
+    assert "model.layers.*.mlp.router.classifier.weight" in dense
+    assert any(".experts." in n for n in dense)

@@ -88,7 +88,8 @@ def routers(block: nn.Module) -> set[int]:
     `experts`, the Linears outside the experts with one output per expert (Llama 4's `Llama4Router`
     and PhiMoE's `PhimoeTopKRouter` subclass nn.Linear; AFMoE's `gate`, HunYuan's `wg`, DBRX's
     `router.layer` are plain ones).  The expert count is the length of the `experts` list (a
-    ModuleList, carve's ExpertLinears) or the `num_experts` transformers sets on the experts or the block."""
+    ModuleList, carve's ExpertLinears), the `num_experts` transformers sets on the experts or the block,
+    or the leading sizes of the experts' own 3-D weights."""
     found: set[int] = set()
     for moe in block.modules():
         experts = getattr(moe, "experts", None)
@@ -98,12 +99,18 @@ def routers(block: nn.Module) -> set[int]:
         inner = getattr(experts, "experts", None)  # carve's ExpertLinears in place of the fused module
         count = count or (len(inner) if isinstance(inner, list) else None)
         count = count or getattr(experts, "num_experts", None) or getattr(moe, "num_experts", None)
-        if not isinstance(count, int) or count < 2:
+        # or the leading size of a fused experts module's 3-D weights (LongCat-Flash's gate_up_proj
+        # holds its routed and zero-compute experts: its router scores both)
+        counts = {count} if isinstance(count, int) else set()
+        if isinstance(experts, nn.Module):
+            counts |= {p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3}
+        counts = {c for c in counts if c >= 2}
+        if not counts:
             continue
         members = experts if isinstance(experts, list) else [experts]
         inside = {id(m) for e in members for m in e.modules()}
         for name, m in moe.named_modules():
-            if not isinstance(m, nn.Linear) or id(m) in inside or m.out_features != count:
+            if not isinstance(m, nn.Linear) or id(m) in inside or m.out_features not in counts:
                 continue
             parent = moe.get_submodule(name.rpartition(".")[0]) if "." in name else moe
             if parent is moe or sum(isinstance(x, nn.Linear) for x in parent.modules()) == 1:
