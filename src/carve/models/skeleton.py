@@ -294,7 +294,7 @@ class SkeletonModel:
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Parameter `name`'s value as the checkpoint holds it: (name in the checkpoint, tensor),
         several for a parameter transformers fuses on load (as `save_pretrained` writes them); one
-        the source does not hold (a bias bias compensation adds) under the model's name."""
+        the source does not hold (a bias that bias compensation adds) under the model's name."""
         if name not in self.specs:
             return [(name, tensor)]
         stored = self.specs[name][0]
