@@ -725,3 +725,30 @@ def test_blocks_returning_more_than_the_hidden_states_stream(tmp_path: Path, tok
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     for when in ("before", "after"):
         assert streamed["metrics"][when]["domain_ppl"] == pytest.approx(mem["metrics"][when]["domain_ppl"], rel=1e-4)
+
+
+def test_a_tokenizer_larger_than_the_embedding_is_refused_in_one_line(
+    tmp_path: Path, tokenizer, small_corpus: Path, capsys
+) -> None:
+    """A tokenizer with more ordinary tokens than the model has embedding rows (another model's):
+    in memory, streamed and in a streamed evaluation, one line naming both counts, nothing written
+    (before: an IndexError deep in the embedding's forward)."""
+    from carve.cli.main import main
+    from carve.models.load import load_model
+    from tests.conftest import byte_level_tokenizer
+
+    src = _saved(tmp_path, "llama", tokenizer)
+    rows = tiny_model("llama").get_input_embeddings().num_embeddings
+    byte_level_tokenizer(None, size=rows + 40).save_pretrained(src)
+    said = rf"gives token ids up to {rows + 39} but the model embeds only {rows} tokens"
+    with pytest.raises(UsageError, match=said):
+        load_model(str(src))
+    for stream in (False, True):
+        with pytest.raises(UsageError, match=said):
+            extract(_recipe(src, small_corpus, "sparsegpt", stream), tmp_path / f"out{stream}")
+        assert not (tmp_path / f"out{stream}").exists()
+    flags = ["eval", str(src), "--domain", str(small_corpus), "--block-len", "32", "--eval-blocks", "2", "--stream"]
+    capsys.readouterr()
+    assert main(flags) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "embeds only" in err[0], err

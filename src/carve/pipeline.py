@@ -49,6 +49,7 @@ from carve.models.experts import unfused
 from carve.models.load import (
     check_calib_choice,
     check_source,
+    check_vocabulary,
     config_dtype,
     directory_fingerprint,
     resolve_calib_dtype,
@@ -612,6 +613,7 @@ def _extract_streamed(
     with stage("load_model"):
         tok = load_tokenizer(path)
         skeleton = SkeletonModel(path, resolve_dtype(r.dtype, device), device)
+        check_vocabulary(tok, skeleton.model, str(r.model))
         source_dtype = config_dtype(path / "config.json")
         lm = LoadedModel(skeleton.model, tok, str(r.model), directory_fingerprint(path), source_dtype)
         r.targets().linears(lm.model)

@@ -271,12 +271,14 @@ def evaluate_streamed(
     --stream`): each block is read, the held-out hidden states passed through it, and freed; the
     final hidden states go through the model's own norm and head.  `held_out(tokenizer)` gives the
     evaluation data.  Returns the metrics (no cloze: it needs the whole model) and the fingerprint."""
-    from carve.models.load import directory_fingerprint, resolve_device, resolve_dtype
+    from carve.models.load import check_vocabulary, directory_fingerprint, resolve_device, resolve_dtype
 
     path = check_streamable(model)
-    data = held_out(load_tokenizer(path))
+    tok = load_tokenizer(path)
+    data = held_out(tok)
     dev = resolve_device(device)
     with SkeletonModel(path, resolve_dtype(dtype, dev), dev) as skeleton:
+        check_vocabulary(tok, skeleton.model, model)
         stream = BlockStream(skeleton, None, data, skeleton.dtype)
         stream.start()
         stream.captured()

