@@ -7,7 +7,7 @@ import torch
 
 from carve.engines import accumulate_gradients, next_token_loss
 from carve.models import all_prunable_linears
-from tests.conftest import VOCAB, tiny_model
+from tests.conftest import VOCAB, any_tiny_config, tiny_model
 
 
 def _calib(n: int = 6, length: int = 20) -> torch.Tensor:
@@ -45,6 +45,24 @@ def test_mean_gradient_equals_full_batch_autograd(arch: str) -> None:
     # nothing left behind: weights unchanged, no .grad, requires_grad restored
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n]) and p.grad is None and p.requires_grad
+
+
+def test_a_cache_the_model_builds_anyway_is_not_filled_twice() -> None:
+    """XLM builds a key/value cache whatever use_cache says and hands it to its attention blocks;
+    under checkpointing the blocks' recompute appended their keys a second time ("expanded size
+    of the tensor (64) must match the existing size (32)").  The engine's gradients equal plain
+    autograd's on the whole model."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(any_tiny_config("xlm")).eval()
+    calib = torch.randint(3, 64, (4, 16), generator=torch.Generator().manual_seed(1))
+    names = _weights(model)
+    got = accumulate_gradients(model, calib, names, ("grad",), micro_batch=4)
+    params = dict(model.named_parameters())
+    want = torch.autograd.grad(next_token_loss(model, calib), [params[n] for n in names])
+    for n, g in zip(names, want, strict=True):
+        torch.testing.assert_close(got.stats["grad"][n], g, rtol=1e-4, atol=1e-6)
 
 
 def test_sgd_steps_with_a_penalty_and_weights_restored() -> None:

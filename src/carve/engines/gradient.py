@@ -32,7 +32,7 @@ from carve.engines.activations import Budget, bound_heap_retention
 from carve.engines.layerwise import arity, as_block_output, block_output, call_block, capture_inputs
 from carve.errors import UsageError
 from carve.models.arch import find_blocks
-from carve.models.patch import replaced_forwards
+from carve.models.patch import replaced_forwards, without_caches
 from carve.progress import progress
 
 # f(g, θ) -> the per-micro-batch quantity whose mean is kept
@@ -111,11 +111,16 @@ def next_token_loss(model: nn.Module, ids: torch.Tensor, chunk: int = 128) -> to
 
 def checkpointed_blocks(model: nn.Module) -> Any:
     """Wrap every decoder block's forward in activation checkpointing (architecture-agnostic:
-    the blocks are found as in the layer-wise engine, no model-specific flag is needed)."""
+    the blocks are found as in the layer-wise engine, no model-specific flag is needed); a cache
+    handed to a block is withheld (`without_caches`: the recompute would fill it twice)."""
     _, blocks = find_blocks(model)
 
     def make(_block: nn.Module, fwd: Callable[..., Any]) -> Callable[..., Any]:
-        return lambda *args, **kwargs: checkpoint(fwd, *args, use_reentrant=False, **kwargs)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = without_caches(args, kwargs)
+            return checkpoint(fwd, *args, use_reentrant=False, **kwargs)
+
+        return run
 
     return replaced_forwards(list(blocks), make)
 

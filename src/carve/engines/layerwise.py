@@ -51,7 +51,7 @@ from carve import distributed
 from carve.engines.activations import Activations, Budget
 from carve.errors import UsageError
 from carve.models.arch import find_blocks, prunable_linears, weight_matrix
-from carve.models.patch import replaced_forwards
+from carve.models.patch import replaced_forwards, without_caches
 from carve.progress import bar, progress
 from carve.scorers.stats import merge_statistics
 from carve.settings import DEFAULT_CALIBRATION, DEFAULT_TARGETS, Calibration, Targets
@@ -65,6 +65,8 @@ BlockCall = tuple[tuple[Any, ...], dict[str, Any], bool]  # other args, kwargs, 
 
 
 def split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, BlockCall]:
+    """A block call's hidden states and the rest of the call, to be replayed (caches withheld)."""
+    args, kwargs = without_caches(args, kwargs)
     if "hidden_states" in kwargs:
         kw = dict(kwargs)
         hidden = kw.pop("hidden_states")

@@ -33,3 +33,19 @@ def replaced_forwards(modules: Sequence[nn.Module], make: Callable[[nn.Module, F
                 m.__dict__.pop("forward", None)
             else:
                 m.forward = old
+
+
+def without_caches(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A block's call with every key/value cache withheld (None in its place).
+
+    carve runs models with use_cache=False, but a few build a cache all the same and hand it to
+    their blocks (XLM).  Whoever calls a block again with its recorded arguments (the layer-wise
+    engine's replays, a checkpointed block's recompute) would append its keys to that cache a
+    second time.  Within one forward a block's slot of the cache is empty when the block runs,
+    so the block computes the same without it."""
+    from transformers.cache_utils import Cache
+
+    return (
+        tuple(None if isinstance(a, Cache) else a for a in args),
+        {k: None if isinstance(v, Cache) else v for k, v in kwargs.items()},
+    )
