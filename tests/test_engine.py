@@ -15,7 +15,7 @@ from carve.engines import layerwise
 from carve.models import all_prunable_linears, find_blocks
 from carve.scorers import RowNorms
 from carve.settings import Calibration
-from tests.conftest import ARCHS, VOCAB, tiny_model
+from tests.conftest import ARCHS, VOCAB, any_tiny_config, tiny_model
 
 
 def _calib(n: int = 6, length: int = 24, seed: int = 0) -> torch.Tensor:
@@ -45,7 +45,28 @@ def test_engine_feeds_each_linear_what_the_full_model_does(arch: str, propagatio
     """With "pruned", later batches stop each block after its last Linear's input; "fused" runs
     the model once with every Linear handed over from its pre-hook: the statistics must not
     change."""
-    model = tiny_model(arch)
+    _feeds_what_the_model_does(tiny_model(arch), propagation)
+
+
+@pytest.mark.parametrize("propagation", ["dense", "pruned", "fused"])
+def test_blocks_the_model_computes_between_are_not_run_one_at_a_time(propagation: str) -> None:
+    """XLM's blocks are its attention layers' list; its layer norms and feed-forward layers run in
+    the model's own loop between them (and it hands them a key/value cache under use_cache=False).
+    Fed from block 0's input one block at a time, block i got block i-1's output (before: wrong
+    statistics from block 1 on, silently); now that is refused in one line naming --propagation
+    fused, which runs the whole model and feeds every Linear what the model does."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(any_tiny_config("xlm")).eval()
+    if propagation == "fused":
+        _feeds_what_the_model_does(model, propagation)
+    else:
+        with pytest.raises(carve.UsageError, match=r"blocks \(transformer.attentions\) do not chain.*fused"):
+            layerwise(model, _calib(), lambda *_: None, RowNorms, calib=Calibration(2, propagation))
+
+
+def _feeds_what_the_model_does(model: nn.Module, propagation: str) -> None:
     calib = _calib()
     ref = _reference_norms(model, calib)
     got: dict[str, torch.Tensor] = {}

@@ -142,19 +142,48 @@ def capture_inputs(
         if shape in calls:
             continue
         recorded: list[BlockCall] = []
+        leaving: list[torch.Tensor] = []  # what the block called last returned (passed through: its input)
 
         def record(
-            _m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], into: list[BlockCall] = recorded
+            _m: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            into: list[BlockCall] = recorded,
+            last: list[torch.Tensor] = leaving,
         ) -> None:
-            into.append(split_hidden(args, kwargs)[1])
+            h, call = split_hidden(args, kwargs)
+            if last and not _same(last[0], h):
+                _refuse_unchained(model, blocks, len(into))
+            into.append(call)
+            last[:] = [h]
             if len(into) == len(blocks):
                 raise _Stop
 
+        def first_out(_m: nn.Module, _a: Any, out: Any, last: list[torch.Tensor] = leaving) -> None:
+            last[:] = [out[0] if isinstance(out, (tuple, list)) else out]
+
         handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
+        handles.append(blocks[0].register_forward_hook(first_out))
         with _passing_through(blocks):
             _forward_until_stop(model, ids, handles)
         calls[shape] = recorded
     return hidden, calls
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.to(b.device, b.dtype), b)
+
+
+def _refuse_unchained(model: nn.Module, blocks: nn.ModuleList, i: int) -> None:
+    """Blocks the model computes between (XLM: its attention blocks' list, with the layer norms
+    and feed-forward layers in the model's own loop) cannot be run one at a time from block 0's
+    input: every later block would be fed what the previous one returned, not what it is given."""
+    prefix, _ = find_blocks(model)
+    raise UsageError(
+        f"{type(model).__name__}'s blocks ({prefix}) do not chain: the model computes between them "
+        f"(block {i} is not given what block {i - 1} returns), so carve cannot run them one block at a "
+        "time; use --propagation fused (one forward of the whole model; not streamed)"
+    )
 
 
 @contextlib.contextmanager
