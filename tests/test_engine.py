@@ -66,6 +66,26 @@ def test_blocks_the_model_computes_between_are_not_run_one_at_a_time(propagation
             layerwise(model, _calib(), lambda *_: None, RowNorms, calib=Calibration(2, propagation))
 
 
+def test_a_model_that_reads_its_blocks_own_output_type_is_refused_in_one_line() -> None:
+    """Reformer's reversible blocks pass a second stream and the model reads it off each block's
+    own output type, so carve's stand-in blocks break its forward (before: an AttributeError
+    traceback), and its blocks run inside its own autograd function, whose backward needs training
+    mode (before: "element 0 of tensors does not require grad").  Both refused in one line; fused
+    propagation feeds every Linear what the model does."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.engines import accumulate_gradients
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(any_tiny_config("reformer")).eval()
+    with pytest.raises(carve.UsageError, match=r"does not take its blocks run one at a time.*--propagation fused"):
+        layerwise(model, _calib(), lambda *_: None, RowNorms, calib=Calibration(2, "pruned"))
+    names = [f"{n}.weight" for n in all_prunable_linears(model)]
+    with pytest.raises(carve.UsageError, match=r"does not reach its weights through autograd.*sparsegpt"):
+        accumulate_gradients(model, _calib(2), names, ("grad",))
+    _feeds_what_the_model_does(model, "fused")
+
+
 def _feeds_what_the_model_does(model: nn.Module, propagation: str) -> None:
     calib = _calib()
     ref = _reference_norms(model, calib)

@@ -190,6 +190,11 @@ def accumulate_gradients(
         with _only_these_require_grad(model, set(params)), ckpt, torch.enable_grad():
             for ids in progress(batches, desc):
                 loss = loss_fn(model, ids.to(device))
+                if not loss.requires_grad:  # Reformer: its blocks run inside its own autograd function
+                    raise UsageError(
+                        f"{type(model).__name__}'s loss does not reach its weights through autograd, so carve cannot "
+                        "take its gradients; use a method without them (sparsegpt, wanda or magnitude)"
+                    )
                 loss.backward()
                 losses.append(loss.item())
     finally:
@@ -330,6 +335,11 @@ def streamed_gradients(
             leaf = h.detach().requires_grad_(True)
             with replaced_forwards(list(blocks), returning(as_block_output(leaf, tuple_out))), torch.enable_grad():
                 loss = loss_fn(model, ids.to(device))
+                if not loss.requires_grad:  # Reformer: its blocks run inside its own autograd function
+                    raise UsageError(
+                        f"{type(model).__name__}'s loss does not reach its weights through autograd, so carve cannot "
+                        "take its gradients; use a method without them (sparsegpt, wanda or magnitude)"
+                    )
                 loss.backward()
             assert leaf.grad is not None
             grads.append(leaf.grad)

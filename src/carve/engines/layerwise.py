@@ -164,8 +164,18 @@ def capture_inputs(
 
         handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
         handles.append(blocks[0].register_forward_hook(first_out))
-        with _passing_through(blocks):
-            _forward_until_stop(model, ids, handles)
+        try:
+            with _passing_through(blocks):
+                _forward_until_stop(model, ids, handles)
+        except (AttributeError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            # Reformer reads fields of its own output type off each block's output
+            said = str(exc).splitlines()[0][:160] if str(exc) else ""
+            raise UsageError(
+                f"{type(model).__name__}'s forward does not take its blocks run one at a time ({type(exc).__name__}: "
+                f"{said}); use --propagation fused (one forward of the whole model; not streamed)"
+            ) from None
         calls[shape] = recorded
     return hidden, calls
 
