@@ -580,6 +580,32 @@ def test_stablelm_as_llama_cpp_stablelm(qkv_bias: bool, tmp_path: Path, tokenize
     _check(tmp_path / "tiny-stablelm", gguf, "f16")
 
 
+def test_starcoder2_as_llama_cpp_starcoder2(tmp_path: Path, tokenizer, small_corpus: Path, capsys) -> None:
+    """StarCoder2 as llama.cpp's `starcoder2`: LayerNorms and every Linear with biases (random here,
+    so that a lost one shows), the two-Linear GELU MLP as ffn_up / ffn_down, rotate-half RoPE (no
+    permutation), the sliding window said; reloaded through transformers' GGUF loader with the
+    source's logits.  A structured output (MLP width cut) exports the same way."""
+    model = tiny_model("starcoder2")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.startswith("model.norm") or name.endswith(".bias"):
+                p.normal_(1 if name.endswith("weight") else 0, 0.5)
+    model.config.sliding_window = 512  # past the test's context: said, not computed otherwise here
+    capsys.readouterr()
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-starcoder2", "f16")
+    assert meta["general.architecture"] == "starcoder2" and "past 512 tokens" in capsys.readouterr().err
+    assert meta["starcoder2.attention.layer_norm_epsilon"] == pytest.approx(model.config.norm_epsilon)
+    names = _gguf_tensors(gguf)
+    assert {"blk.0.ffn_up.bias", "blk.0.ffn_down.bias", "blk.0.attn_output.bias", "output_norm.bias"} <= set(names)
+    _check(tmp_path / "tiny-starcoder2", gguf, "f16")
+    out = tmp_path / "structured"
+    assert main(["extract", str(tmp_path / "tiny-starcoder2"), "--domain", str(small_corpus), "--general",
+                 str(small_corpus), *FAST, "--mlp-keep", "0.5", "--out", str(out)]) == 0  # fmt: skip
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] < model.config.intermediate_size
+    assert main(["export", str(out), "--gguf", str(tmp_path / "s.gguf"), "--type", "q8_0"]) == 0
+    _check(out, tmp_path / "s.gguf", "q8_0")
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
@@ -1184,7 +1210,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, Gemma 2, Gemma 3 text, "
-            "Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
+            "Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

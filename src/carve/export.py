@@ -10,7 +10,9 @@ rotate-half layout to GGML's interleaved one, and whose Llama 3 RoPE scaling goe
 `granite`, Llama's tensors with their own keys; OLMo 2 and 3 as llama.cpp's `olmo2` (a norm after
 attention and after the MLP instead of before, Q and K norms over the whole projection, OLMo 3's
 sliding-window pattern); StableLM as `stablelm` (LayerNorms with biases, RoPE over a quarter of each
-head); Cohere (Command R, Aya) as `command-r` (one LayerNorm feeding attention and MLP side by side,
+head); StarCoder2 as `starcoder2` (the same LayerNorms, biases on every Linear, a two-Linear GELU
+MLP; its sliding window said, as llama.cpp's graph has none); Cohere (Command R, Aya) as
+`command-r` (one LayerNorm feeding attention and MLP side by side,
 interleaved RoPE, the logit scale) and Cohere 2 (Command R7B) as `cohere2` (the same, with the
 per-layer sliding pattern that decides where RoPE applies); Qwen2 as `qwen2` (rotate-half rope in
 llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
@@ -371,13 +373,25 @@ def _n_experts(config: Any) -> int:
 
 
 def _window_caveats(config: Any) -> list[str]:
-    """Mistral and Mixtral go in as llama.cpp's `llama`, which has no sliding window (as after
-    llama.cpp's own conversion of them): said, not refused."""
+    """Mistral and Mixtral go in as llama.cpp's `llama`, StarCoder2 as its `starcoder2`, neither of
+    which has a sliding window (as after llama.cpp's own conversion of them): said, not refused."""
     window = getattr(config, "sliding_window", None)
     if not window:
         return []
-    return [f"llama.cpp's llama architecture attends to the whole context: past {window} tokens this model's "
+    gguf = ARCHITECTURES[config.model_type].gguf
+    return [f"llama.cpp's {gguf} architecture attends to the whole context: past {window} tokens this model's "
             "sliding window makes transformers compute otherwise, as after llama.cpp's own conversion"]  # fmt: skip
+
+
+def _check_starcoder2(config: Any) -> None:
+    """Refuse the StarCoder2 variants llama.cpp's starcoder2 graph computes otherwise: it takes the
+    biases of every projection and LayerNorm, a tanh-approximated GELU MLP, plain RoPE."""
+    _check_plain_rope(config, "starcoder2")
+    if not getattr(config, "use_bias", True):
+        raise UsageError("llama.cpp's starcoder2 needs the projections' biases; this model has none")
+    if config.hidden_act not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise UsageError(f"llama.cpp's starcoder2 computes a tanh-approximated GELU; this model's MLP uses "
+                         f"{config.hidden_act!r}")  # fmt: skip
 
 
 def _check_qwen3_moe(config: Any) -> None:
@@ -528,6 +542,11 @@ _STABLELM_NAMES = (  # LayerNorms: a bias beside each weight
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.bias", "blk.{}.ffn_norm.bias"),
     (r"model\.norm\.bias", "output_norm.bias"),
 )
+_STARCODER2_NAMES = (  # StableLM's LayerNorm biases, and an MLP of two Linears with biases
+    *_STABLELM_NAMES,
+    (r"model\.layers\.(\d+)\.mlp\.c_fc\.(weight|bias)", "blk.{}.ffn_up.{}"),
+    (r"model\.layers\.(\d+)\.mlp\.c_proj\.(weight|bias)", "blk.{}.ffn_down.{}"),
+)
 # OLMo 2 and 3, one llama.cpp architecture: rotate-half RoPE (no permutation), Q and K norms over the whole projection
 _OLMO = Architecture(
     "olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_window_metadata, query_is_hidden=True
@@ -574,6 +593,27 @@ ARCHITECTURES = {
         names=_STABLELM_NAMES,
         check=_check_stablelm,
         metadata=_stablelm_metadata,
+        query_is_hidden=True,
+    ),
+    # StarCoder2: rotate-half RoPE in llama.cpp too (no permutation), LayerNorms and every Linear with biases
+    "starcoder2": Architecture(
+        "starcoder2",
+        False,
+        (
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
+            "norm",
+            "c_fc",
+            "c_proj",
+        ),
+        "default",
+        names=_STARCODER2_NAMES,
+        check=_check_starcoder2,
+        caveats=_window_caveats,
         query_is_hidden=True,
     ),
     # Cohere (Command R, Aya): attention and MLP side by side on one LayerNorm (no bias), interleaved
@@ -697,8 +737,8 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, "
-            "Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, Mixtral, Qwen2-MoE, Qwen3-MoE and "
-            "gpt-oss models "
+            "Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Mixtral, Qwen2-MoE, "
+            "Qwen3-MoE and gpt-oss models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -761,8 +801,12 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
             experts = state.get(p + "mlp.experts.gate_up_proj")  # an MoE: each expert's width
             if experts is not None:
                 ffn.append(experts.shape[2 if arch.interleaved_experts else 1] // 2)
-            else:
-                ffn.append(state[p + "mlp.gate_proj.weight"].shape[0])
+            else:  # a gated MLP's gate rows, or a plain one's first Linear (StarCoder2's c_fc)
+                ffn.append(
+                    next(
+                        state[p + f"mlp.{n}.weight"] for n in ("gate_proj", "c_fc") if p + f"mlp.{n}.weight" in state
+                    ).shape[0]
+                )
         if q_rows != config.num_attention_heads * head_dim or k_rows % head_dim or k_rows <= 0:
             raise UsageError(f"block {i}'s attention shapes ({q_rows}, {k_rows} rows) do not fit llama.cpp's heads")
         kv.append(k_rows // head_dim)
@@ -998,8 +1042,8 @@ def write_gguf(
     writer.add_rope_freq_base(theta)
     if hasattr(config, "rms_norm_eps"):
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    else:  # LayerNorm (StableLM)
-        writer.add_layer_norm_eps(float(config.layer_norm_eps))
+    else:  # LayerNorm (StableLM's layer_norm_eps, StarCoder2's norm_epsilon)
+        writer.add_layer_norm_eps(float(getattr(config, "layer_norm_eps", None) or config.norm_epsilon))
     writer.add_rope_dimension_count(_rotary_dims(config, shape["head_dim"]))  # Phi-4-mini rotates 3/4 of a head
     writer.add_key_length(shape["head_dim"])
     writer.add_value_length(shape["head_dim"])
