@@ -169,6 +169,22 @@ def any_tiny_config(model_type: str, layers: int = 3):
     return cls(**{k: v for k, v in given.items() if k in takes})
 
 
+def dsa_shared_model() -> torch.nn.Module:
+    """A tiny GLM-MoE-DSA whose "shared" indexer layers reuse the top-k tokens of the last layer
+    that computed them, passed from block to block beside the hidden states: 4 blocks, full /
+    shared / full / shared, each query attending to 4 of its tokens (so the indices matter)."""
+    import transformers as tf
+
+    given = any_tiny_config("glm_moe_dsa").to_dict()
+    for key in ("model_type", "transformers_version", "architectures", "indexer_types", "mlp_layer_types"):
+        given.pop(key, None)
+    config = tf.GlmMoeDsaConfig(**{**given, "num_hidden_layers": 4, "layer_types": ["indexed_attention"] * 4})
+    config.mlp_layer_types = ["dense", "sparse", "sparse", "sparse"]
+    config.indexer_types, config.index_topk = ["full", "shared", "full", "shared"], 4
+    torch.manual_seed(0)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
 def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 

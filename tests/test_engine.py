@@ -15,7 +15,7 @@ from carve.engines import layerwise
 from carve.models import all_prunable_linears, find_blocks
 from carve.scorers import RowNorms
 from carve.settings import Calibration
-from tests.conftest import ARCHS, VOCAB, any_tiny_config, tiny_model
+from tests.conftest import ARCHS, VOCAB, any_tiny_config, dsa_shared_model, tiny_model
 
 
 def _calib(n: int = 6, length: int = 24, seed: int = 0) -> torch.Tensor:
@@ -84,6 +84,26 @@ def test_a_model_that_reads_its_blocks_own_output_type_is_refused_in_one_line() 
     with pytest.raises(carve.UsageError, match=r"does not reach its weights through autograd.*sparsegpt"):
         accumulate_gradients(model, _calib(2), names, ("grad",))
     _feeds_what_the_model_does(model, "fused")
+
+
+@pytest.mark.parametrize("propagation", ["dense", "pruned", "fused"])
+def test_what_blocks_pass_each_other_besides_the_hidden_states_is_passed_on(propagation: str) -> None:
+    """GLM-MoE-DSA's shared layers take the top-k indices of the last full layer, handed from block
+    to block in the blocks' outputs.  Replayed from the recording, block 3 got block 0's indices,
+    not block 2's (before: its Linears' statistics wrong); the engine now passes them on."""
+    _feeds_what_the_model_does(dsa_shared_model(), propagation)
+
+
+@pytest.mark.parametrize("model_type", ["openai-gpt", "hy_v4"])
+@pytest.mark.parametrize("propagation", ["dense", "pruned"])
+def test_blocks_returning_a_list_or_passing_indices_on(model_type: str, propagation: str) -> None:
+    """OpenAI GPT's blocks return a list: the recording pass's stand-in blocks returned the bare
+    tensor, which the model then indexed (a batch row for the hidden states: taken for blocks that
+    do not chain); HunYuan v4 passes top-k indices on as GLM-MoE-DSA does."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    _feeds_what_the_model_does(AutoModelForCausalLM.from_config(any_tiny_config(model_type)).eval(), propagation)
 
 
 def _feeds_what_the_model_does(model: nn.Module, propagation: str) -> None:

@@ -3,6 +3,7 @@ in-memory engine."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -752,3 +753,31 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_in_one_line(
     assert main(flags) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "embeds only" in err[0], err
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "dual-obs"])
+def test_streamed_passes_on_what_blocks_hand_each_other(tmp_path: Path, tokenizer, small_corpus: Path, method: str,
+                                                        capsys) -> None:  # fmt: skip
+    """GLM-MoE-DSA's shared layers take the top-k indices the last full layer computed, handed on in
+    the blocks' outputs: streamed (calibration, gradient pass, before / after perplexities) they are
+    passed on as in the whole model, so the output equals the in-memory one bit for bit, and a
+    streamed evaluation gives the in-memory perplexity (before: the recorded indices of block 0)."""
+    from carve.cli.main import main
+    from tests.conftest import dsa_shared_model
+
+    src = tmp_path / "src-dsa"
+    dsa_shared_model().save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    mem = extract(_recipe(src, small_corpus, method, False), tmp_path / "mem")
+    streamed = extract(_recipe(src, small_corpus, method, True), tmp_path / "stream")
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for when in ("before", "after"):
+        assert streamed["metrics"][when]["domain_ppl"] == pytest.approx(mem["metrics"][when]["domain_ppl"], rel=1e-4)
+    flags = ["eval", str(src), "--domain", str(small_corpus), "--block-len", "32", "--eval-blocks", "3", "--json",
+             "--quiet", "--cloze-items", "0"]  # fmt: skip
+    found = []
+    for extra in ([], ["--stream"]):
+        assert main([*flags, *extra]) == 0
+        found.append(json.loads(capsys.readouterr().out)["metrics"])
+    assert found[1]["domain_ppl"] == pytest.approx(found[0]["domain_ppl"], rel=1e-4)

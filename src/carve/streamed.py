@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from carve.engines.gradient import returning
-from carve.engines.layerwise import arity, as_block_output, call_block, capture_inputs
+from carve.engines.layerwise import Relay, arity, as_block_output, capture_inputs
 from carve.errors import UsageError
 from carve.evaluation.perplexity import nll_sum
 from carve.job import EvalData
@@ -108,6 +108,7 @@ class BlockStream:
         self.after: list[torch.Tensor] = []
         self._calls: dict[tuple[int, ...], Any] = {}
         self._arity = 0  # how the blocks return (layerwise.arity)
+        self._relays = Relay({}), Relay({})
 
     def start(self) -> None:
         """Write the tensors outside the blocks; capture the held-out hidden states entering block 0."""
@@ -119,6 +120,7 @@ class BlockStream:
         ids = [b.to(self.sk.device) for _, b in self.batches]
         hidden, self._calls = capture_inputs(self.sk.model, self.sk.blocks, ids)
         self.before, self.after = list(hidden), list(hidden)
+        self._relays = Relay(self._calls), Relay(self._calls)  # what blocks pass on, before and after pruning
 
         def shape_of(_m: Any, _a: Any, out: Any) -> None:  # block outputs: a tensor, or a tuple led by it
             self._arity = arity(out)
@@ -126,17 +128,19 @@ class BlockStream:
 
         handle = self.sk.blocks[0].register_forward_hook(shape_of)  # read off enter(0)'s first call
 
-    def _block(self, i: int, ids: torch.Tensor, h: torch.Tensor) -> Any:
-        return call_block(self.sk.blocks[i], h, self._calls[tuple(ids.shape)][i])
-
     @torch.no_grad()
     def enter(self, i: int) -> None:
         if i in self.entered:
             return
         self.entered.add(i)
         self.sk.load_block(i)
+        relay, calls = self._relays[0], self._calls
         with uncounted(self.sk.blocks[i]):
-            self.before = [self._block(i, b, h) for (_, b), h in zip(self.batches, self.before, strict=True)]
+            self.before = [
+                relay.call(self.sk.blocks[i], h, calls[tuple(b.shape)][i], j)
+                for j, ((_, b), h) in enumerate(zip(self.batches, self.before, strict=True))
+            ]
+        relay.advance()
 
     def captured(self) -> None:
         """The calibration's inputs to block 0 are captured: until the evaluation at the end only
@@ -160,9 +164,10 @@ class BlockStream:
                 if p.is_floating_point():
                     p.data = p.data.to(self.save_dtype).to(p.dtype)
             self.sk.bind_experts(i)  # an MoE's unfused experts: views of the rounded tensors
-        calls, pairs = self._calls, zip(self.batches, self.after, strict=True)
+        calls, pairs, relay = self._calls, zip(self.batches, self.after, strict=True), self._relays[1]
         with uncounted(block):
-            self.after = [call_block(block, h, calls[tuple(b.shape)][i]) for (_, b), h in pairs]
+            self.after = [relay.call(block, h, calls[tuple(b.shape)][i], j) for j, ((_, b), h) in enumerate(pairs)]
+        relay.advance()
         for name, p in named:
             self._write(name, p)
         at = i if self.reshaped is None else self.reshaped.index[i]  # the block's number in the output

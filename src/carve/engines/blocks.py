@@ -161,17 +161,20 @@ def blockwise(
     blocks in `skip` not at all (as dropped), block i replaced by `stand_in(i)` (called once it is
     read) where given.  Returns the final hidden states, one per batch, and how the blocks return
     (`layerwise.arity`)."""
-    from carve.engines.layerwise import arity, block_output
+    from carve.engines.layerwise import Relay, arity
 
     batches = [ids.to(source.device) for ids in batches]
     hidden, calls = _entering(source, batches)
+    relay = Relay(calls)
     tuple_out = 0
     for i in progress(range(len(source.blocks)), label):
         if i in skip:
             continue
         source.load_block(i)
         block = source.blocks[i] if stand_in is None else stand_in(i)
-        outs = [block_output(block, h, calls[tuple(ids.shape)][i]) for ids, h in zip(batches, hidden, strict=True)]
+        pairs = enumerate(zip(batches, hidden, strict=True))
+        outs = [relay.output(block, h, calls[tuple(ids.shape)][i], j) for j, (ids, h) in pairs]
+        relay.advance()
         tuple_out = arity(outs[0])
         hidden = [o[0] if tuple_out else o for o in outs]
         del block, outs
@@ -322,17 +325,19 @@ def _streamed_candidates(
     for every run of `run` consecutive blocks not in `order`.  Each block is read once: the current
     model's hidden states and every candidate's (from the state entering the run's first block,
     which skips the run) pass through it."""
-    from carve.engines.layerwise import arity, block_output
+    from carve.engines.layerwise import Relay, arity
 
     seqs = [b[None].to(source.device) for b in calibration]
     current, calls = _entering(source, seqs)
+    relay = Relay(calls)  # the current model's; each candidate forks its own
     tuple_out = 0
-    candidates: dict[int, list[torch.Tensor]] = {}
+    candidates: dict[int, tuple[list[torch.Tensor], Relay]] = {}
 
-    def through(j: int, states: list[torch.Tensor]) -> list[torch.Tensor]:
+    def through(j: int, states: list[torch.Tensor], passing: Relay) -> list[torch.Tensor]:
         nonlocal tuple_out
-        pairs = zip(seqs, states, strict=True)
-        outs = [block_output(source.blocks[j], h, calls[tuple(ids.shape)][j]) for ids, h in pairs]
+        pairs = enumerate(zip(seqs, states, strict=True))
+        outs = [passing.output(source.blocks[j], h, calls[tuple(ids.shape)][j], s) for s, (ids, h) in pairs]
+        passing.advance()
         tuple_out = arity(outs[0])
         return [o[0] if tuple_out else o for o in outs]
 
@@ -341,15 +346,15 @@ def _streamed_candidates(
         if j in order:
             continue
         source.load_block(j)
-        for i in candidates:
+        for i, (states, passing) in candidates.items():
             if j not in runs[i]:
-                candidates[i] = through(j, candidates[i])
-        if j in runs:
-            candidates[j] = current  # the candidate dropping the run from block j: the state entering it, carried on
-        current = through(j, current)
+                candidates[i] = (through(j, states, passing), passing)
+        if j in runs:  # the candidate dropping the run from block j: the state entering it, carried on
+            candidates[j] = (current, relay.fork())
+        current = through(j, current, relay)
         source.free_block(j)
     return [(runs[i], sum(final_losses(source, seqs, states, tuple_out)) / len(seqs))
-            for i, states in candidates.items()]  # fmt: skip
+            for i, (states, _) in candidates.items()]  # fmt: skip
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from carve import distributed
 from carve.engines.activations import Budget, bound_heap_retention
-from carve.engines.layerwise import arity, as_block_output, block_output, call_block, capture_inputs
+from carve.engines.layerwise import Relay, arity, as_block_output, call_block, capture_inputs
 from carve.errors import UsageError
 from carve.models.arch import find_blocks
 from carve.models.patch import replaced_forwards, without_caches
@@ -315,17 +315,19 @@ def streamed_gradients(
         hidden, calls = capture_inputs(model, blocks, [b.to(device) for b in batches], budget.new())
         shapes = [tuple(b.shape) for b in batches]
         source.free_others()
-        inputs = []
+        inputs, given = [], []  # per block: its hidden inputs, and what the block before passed it
         tuple_out = 0
+        relay = Relay(calls)
         with torch.no_grad():
             for i in progress(range(len(blocks)), f"{desc}: forward", total=len(blocks)):
                 source.load_block(i)
                 out = budget.new()
                 for j, h in enumerate(hidden):
-                    y = block_output(blocks[i], h, calls[shapes[j]][i])
+                    y = relay.output(blocks[i], h, calls[shapes[j]][i], j)
                     tuple_out = arity(y)
                     out.append(y[0] if tuple_out else y)
                 inputs.append(hidden)
+                given.append(relay.advance())
                 hidden = out
                 if i > 0 or not block0_read:
                     source.free_block(i)
@@ -361,7 +363,8 @@ def streamed_gradients(
                 with torch.enable_grad():
                     for j, h in enumerate(inputs[i]):
                         x = h.detach().requires_grad_(i > lowest)
-                        torch.autograd.backward(call_block(blocks[i], x, calls[shapes[j]][i]), grads[j])
+                        y = call_block(blocks[i], x, calls[shapes[j]][i], given[i].get(j))
+                        torch.autograd.backward(y, grads[j])
                         if x.grad is not None:
                             upstream.append(x.grad)
             finally:

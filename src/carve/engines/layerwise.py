@@ -61,7 +61,9 @@ class _Stop(Exception):
     pass
 
 
-BlockCall = tuple[tuple[Any, ...], dict[str, Any], bool]  # other args, kwargs, hidden-as-kwarg
+# other args, kwargs, hidden-as-kwarg, and the arguments the previous block's output gives: (where, k)
+# pairs, `where` an index into the other args or a kwarg's name, k an index into that output's tuple
+BlockCall = tuple[tuple[Any, ...], dict[str, Any], bool, tuple[tuple[int | str, int], ...]]
 
 
 def split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.Tensor, BlockCall]:
@@ -70,14 +72,60 @@ def split_hidden(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[torch.T
     if "hidden_states" in kwargs:
         kw = dict(kwargs)
         hidden = kw.pop("hidden_states")
-        return hidden, (args, kw, True)
-    return args[0], (args[1:], dict(kwargs), False)
+        return hidden, (args, kw, True, ())
+    return args[0], (args[1:], dict(kwargs), False, ())
 
 
-def block_output(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> Any:
-    """What the block returns for `hidden` in its recorded call (a tensor, or a tuple led by one)."""
-    args, kwargs, as_kwarg = call
+def block_output(block: nn.Module, hidden: torch.Tensor, call: BlockCall, previous: Any = None) -> Any:
+    """What the block returns for `hidden` in its recorded call (a tensor, or a tuple led by one);
+    with `previous`, the previous block's output for the same batch, the arguments it gives
+    (`BlockCall`'s last part) taken from it, not from the recording."""
+    args, kwargs, as_kwarg, carried = call
+    if carried and previous is not None:
+        given, kwargs = list(args), dict(kwargs)
+        for where, k in carried:
+            if isinstance(where, int):
+                given[where] = previous[k]
+            else:
+                kwargs[where] = previous[k]
+        args = tuple(given)
     return block(*args, hidden_states=hidden, **kwargs) if as_kwarg else block(hidden, *args, **kwargs)
+
+
+class Relay:
+    """What consecutive blocks pass each other besides the hidden states (GLM-MoE-DSA's shared
+    layers take the top-k indices of the last layer that computed them), per batch, for engines
+    that run the blocks one at a time: `output(block, h, call, j)` runs a block on batch j with
+    what the previous block returned for it, and keeps what this one returns; `advance()` moves
+    on to the next block.  Inactive (nothing is passed: every other model) it keeps nothing."""
+
+    def __init__(self, calls: dict[tuple[int, ...], list[BlockCall]]) -> None:
+        self.active = any(c[3] for per_shape in calls.values() for c in per_shape)
+        self.previous: dict[int, Any] = {}  # batch -> the previous block's output
+        self.current: dict[int, Any] = {}
+
+    def output(self, block: nn.Module, hidden: torch.Tensor, call: BlockCall, j: int) -> Any:
+        out = block_output(block, hidden, call, self.previous.get(j))
+        if self.active and isinstance(out, (tuple, list)):
+            self.current[j] = (None, *out[1:])  # not the hidden states: those the engine keeps
+        return out
+
+    def call(self, block: nn.Module, hidden: torch.Tensor, call: BlockCall, j: int) -> torch.Tensor:
+        out = self.output(block, hidden, call, j)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def fork(self) -> Relay:
+        """A relay for a second stream from here on (a candidate that skips blocks), given what
+        this one's next block is given."""
+        twin = Relay({})
+        twin.active, twin.previous = self.active, dict(self.previous)
+        return twin
+
+    def advance(self) -> dict[int, Any]:
+        """Done with a block: its outputs become what the next block is given; returns what this
+        block was given (a streamed backward replays it)."""
+        given, self.previous, self.current = self.previous, self.current, {}
+        return given
 
 
 def arity(out: Any) -> int:
@@ -92,8 +140,8 @@ def as_block_output(h: torch.Tensor, arity: int) -> Any:
     return (h, *([None] * (arity - 1))) if arity else h
 
 
-def call_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
-    out = block_output(block, hidden, call)
+def call_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall, previous: Any = None) -> torch.Tensor:
+    out = block_output(block, hidden, call, previous)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -143,6 +191,7 @@ def capture_inputs(
             continue
         recorded: list[BlockCall] = []
         leaving: list[torch.Tensor] = []  # what the block called last returned (passed through: its input)
+        extras: list[Any] = []  # block 0's output after its hidden states (passed-through blocks return it too)
 
         def record(
             _m: nn.Module,
@@ -150,17 +199,23 @@ def capture_inputs(
             kwargs: dict[str, Any],
             into: list[BlockCall] = recorded,
             last: list[torch.Tensor] = leaving,
+            given: list[Any] = extras,
         ) -> None:
             h, call = split_hidden(args, kwargs)
             if last and not _same(last[0], h):
                 _refuse_unchained(model, blocks, len(into))
+            if into:  # which of its arguments the previous block's output gives (the same objects)
+                call = (*call[:3], _carried(call, given))
             into.append(call)
             last[:] = [h]
             if len(into) == len(blocks):
                 raise _Stop
 
-        def first_out(_m: nn.Module, _a: Any, out: Any, last: list[torch.Tensor] = leaving) -> None:
+        def first_out(
+            _m: nn.Module, _a: Any, out: Any, last: list[torch.Tensor] = leaving, given: list[Any] = extras
+        ) -> None:
             last[:] = [out[0] if isinstance(out, (tuple, list)) else out]
+            given[:] = list(out) if isinstance(out, (tuple, list)) else [out]
 
         handles = [b.register_forward_pre_hook(record, with_kwargs=True) for b in blocks]
         handles.append(blocks[0].register_forward_hook(first_out))
@@ -178,6 +233,19 @@ def capture_inputs(
             ) from None
         calls[shape] = recorded
     return hidden, calls
+
+
+def _carried(call: BlockCall, previous: list[Any]) -> tuple[tuple[int | str, int], ...]:
+    """The arguments of `call` that are elements (after the first) of the previous block's output."""
+    args, kwargs, _, _ = call
+    places: list[tuple[int | str, Any]] = [*enumerate(args), *kwargs.items()]
+    return tuple(
+        (where, k)
+        for where, value in places
+        if isinstance(value, torch.Tensor)
+        for k in range(1, len(previous))
+        if value is previous[k]
+    )
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -205,6 +273,8 @@ def _passing_through(blocks: nn.ModuleList) -> Iterator[None]:
     def passthrough(*args: Any, **kwargs: Any) -> Any:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         out = first[0] if first else None
+        if isinstance(out, list):  # OpenAI GPT's blocks return a list
+            return [hidden, *out[1:]]
         return (hidden, *out[1:]) if isinstance(out, tuple) else hidden
 
     handle = blocks[0].register_forward_hook(lambda _m, _a, out: first.append(out))
@@ -331,16 +401,18 @@ def _calibrate(
     autocast: torch.dtype | None,
     stop_early: bool,
     outputs: Activations | None,
+    relay: Relay,
 ) -> dict[str, Any]:
-    """Run every batch of `hidden` through `block` (batch j in its recorded call `calls[j]`), each
-    of `linears` feeding its statistic, the block's outputs appended to `outputs` (when given; a
-    batch stopped early gives none); the statistics summed over the ranks."""
+    """Run every batch of `hidden` through `block` (batch j in its recorded call `calls[j]`, with
+    what the previous block passed it through `relay`), each of `linears` feeding its statistic, the
+    block's outputs appended to `outputs` (when given; a batch stopped early gives none); the
+    statistics summed over the ranks."""
     collector = None if statistic is None else _BlockStatistics(linears, statistic, device, stop_early)
     try:
         for j, h in enumerate(hidden):
             try:
                 with _computing(device, autocast):
-                    out = call_block(block, h, calls[j])
+                    out = relay.call(block, h, calls[j], j)
                 if outputs is not None:
                     outputs.append(out)
             except _Stop:
@@ -468,6 +540,7 @@ def layerwise(
         if stream is not None:
             stream.captured()  # only blocks run from here on
         shapes = [tuple(b.shape) for b in batches]
+        relay = Relay(calls)
         most_rounds = 1
         clock = time.perf_counter()
 
@@ -496,7 +569,7 @@ def layerwise(
                 # those changes none of their inputs; only the first round's outputs are the
                 # block's as it was (propagated with "dense"), later rounds stop once fed
                 stats = _calibrate(block, part, hidden, [calls[s][i] for s in shapes], statistic, device,
-                                   autocast, rerun or r > 0, outputs if r == 0 else None)  # fmt: skip
+                                   autocast, rerun or r > 0, outputs if r == 0 else None, relay)  # fmt: skip
                 lap("statistics")
                 on_block(i, part, stats)
                 del stats
@@ -506,8 +579,9 @@ def layerwise(
                 outputs = budget.new()
                 with _computing(device, autocast):
                     for j, h in enumerate(hidden):
-                        outputs.append(call_block(block, h, calls[shapes[j]][i]))
+                        outputs.append(relay.call(block, h, calls[shapes[j]][i], j))
                 lap("propagate")
+            relay.advance()  # with "pruned", what the pruned block passes on
             hidden.release()
             hidden = outputs
             if stream is not None:
