@@ -32,6 +32,8 @@ with its default pattern (three sliding layers, then a global one), window 16; c
 every layer global.
 StableLM: 4 blocks with Q/K/V biases (StableLM 2 3B, Zephyr), LayerNorm weights and biases and the
 Q/K/V biases random, query and key weights scaled by 8, RoPE over a quarter of each head.
+StarCoder2: 4 blocks, LayerNorm weights and biases and every Linear's bias random, query and key
+weights scaled by 8, no sliding window (llama.cpp's starcoder2 has none; the export says so).
 Cohere: 4 blocks (attention and MLP side by side on one LayerNorm, weights from N(1, 0.5)), query
 and key weights scaled by 8, logits scaled by 1/16 (Command R's); contrast: logits not scaled.
 SmolLM3 and Granite: 4 Llama-style blocks, query and key weights scaled by 8; SmolLM3 without RoPE
@@ -194,6 +196,17 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith(("q_proj.weight", "k_proj.weight")):
                     p.mul_(8)
         return model.eval()
+    if kind.removesuffix("-structured") == "starcoder2":  # LayerNorm and Linear biases random, no window
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.Starcoder2Config(**sizes, sliding_window=None, vocab_size=vocab)
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "layernorm" in name or name.startswith("model.norm") or name.endswith(".bias"):
+                    p.normal_(1 if name.endswith("weight") else 0, 0.5)
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p.mul_(8)
+        return model.eval()
     if kind.removesuffix("-structured") in ("olmo2", "olmo3"):  # post-norms, whole-projection Q/K norms; OLMo 3: window
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         olmo = tf.Olmo2Config(**sizes, vocab_size=vocab) if kind.startswith("olmo2") else tf.Olmo3Config(
@@ -323,6 +336,7 @@ STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structur
               # heads structured extraction cannot remove (whole-projection Q/K norms; a width attribute): every
               # head kept without being asked
               "olmo2-structured": _CUT, "stablelm-structured": _CUT,
+              "starcoder2-structured": [*_CUT, "--heads-keep", "1.0"],
               # whole experts removed: 3 of 4 kept, each token still routed to 2
               "mixtral-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "qwen2-moe-experts": [*_CUT[:6], "--experts-keep", "0.75"],
@@ -556,6 +570,8 @@ KINDS = (
     "olmo2-structured",
     "stablelm",
     "stablelm-structured",
+    "starcoder2",
+    "starcoder2-structured",
     "cohere",
     "cohere2",
     "cohere2-structured",
