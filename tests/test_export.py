@@ -606,6 +606,46 @@ def test_starcoder2_as_llama_cpp_starcoder2(tmp_path: Path, tokenizer, small_cor
     _check(out, tmp_path / "s.gguf", "q8_0")
 
 
+def test_phi2_as_llama_cpp_phi2(tmp_path: Path, tokenizer, capsys) -> None:
+    """Phi-1/1.5/2 as llama.cpp's `phi2`: one LayerNorm a block (weight and bias), Q/K/V, the
+    attention's `dense` and the MLP's fc1 / fc2 with their biases, the final LayerNorm and the
+    head's bias; RoPE over part of each head.  transformers' GGUF loader has no phi2, so every
+    tensor is read back from the file and compared with the source's (llama.cpp runs it: bench
+    row phi2); per-head Q/K LayerNorms are refused."""
+    import transformers as tf
+
+    model = tiny_model("phi")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.endswith(".bias"):
+                p.normal_(1 if name.endswith("weight") else 0, 0.5)
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-phi", "f16")
+    assert meta["general.architecture"] == "phi2"
+    assert meta["phi2.rope.dimension_count"] == int(16 * model.config.rope_parameters["partial_rotary_factor"])
+    written = _gguf_tensors(gguf)
+    want = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+            "lm_head.bias": "output.bias", "model.final_layernorm.bias": "output_norm.bias"}  # fmt: skip
+    for i in range(model.config.num_hidden_layers):
+        for hf, cpp in (("input_layernorm", "attn_norm"), ("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"),
+                        ("self_attn.v_proj", "attn_v"), ("self_attn.dense", "attn_output"), ("mlp.fc1", "ffn_up"),
+                        ("mlp.fc2", "ffn_down")):  # fmt: skip
+            for kind in ("weight", "bias"):
+                want[f"model.layers.{i}.{hf}.{kind}"] = f"blk.{i}.{cpp}.{kind}"
+    state = model.state_dict()
+    assert len(written) == len(state) and set(want.values()) <= set(written)
+    for hf, cpp in want.items():
+        got = torch.from_numpy(written[cpp].astype("float32")).reshape(state[hf].shape)
+        torch.testing.assert_close(got, state[hf].float(), rtol=1e-3, atol=1e-3)
+    config = tiny_model("phi").config
+    config.qk_layernorm = True
+    src = tmp_path / "qk-norm"
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    capsys.readouterr()
+    assert main(["export", str(src), "--gguf", str(tmp_path / "x.gguf")]) != 0
+    assert "Q/K LayerNorms" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
@@ -1210,7 +1250,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, Gemma 2, Gemma 3 text, "
-            "Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
+            "Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

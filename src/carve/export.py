@@ -11,7 +11,9 @@ rotate-half layout to GGML's interleaved one, and whose Llama 3 RoPE scaling goe
 attention and after the MLP instead of before, Q and K norms over the whole projection, OLMo 3's
 sliding-window pattern); StableLM as `stablelm` (LayerNorms with biases, RoPE over a quarter of each
 head); StarCoder2 as `starcoder2` (the same LayerNorms, biases on every Linear, a two-Linear GELU
-MLP; its sliding window said, as llama.cpp's graph has none); Cohere (Command R, Aya) as
+MLP; its sliding window said, as llama.cpp's graph has none); Phi-1, 1.5 and 2 as `phi2` (one
+LayerNorm feeding attention and MLP side by side, biases everywhere, the head's too, RoPE over part
+of each head); Cohere (Command R, Aya) as
 `command-r` (one LayerNorm feeding attention and MLP side by side,
 interleaved RoPE, the logit scale) and Cohere 2 (Command R7B) as `cohere2` (the same, with the
 per-layer sliding pattern that decides where RoPE applies); Qwen2 as `qwen2` (rotate-half rope in
@@ -383,6 +385,18 @@ def _window_caveats(config: Any) -> list[str]:
             "sliding window makes transformers compute otherwise, as after llama.cpp's own conversion"]  # fmt: skip
 
 
+def _check_phi2(config: Any) -> None:
+    """Refuse the Phi (1, 1.5, 2) variants llama.cpp's phi2 graph computes otherwise: per-head Q/K
+    LayerNorms (`qk_layernorm`), an MLP other than a tanh-approximated GELU; plain RoPE."""
+    _check_plain_rope(config, "phi2")
+    if getattr(config, "qk_layernorm", False):
+        raise UsageError("GGUF export writes Phi without Q/K LayerNorms; this model has them (qk_layernorm)")
+    if config.hidden_act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UsageError(
+            f"llama.cpp's phi2 computes a tanh-approximated GELU; this model's MLP uses {config.hidden_act!r}"
+        )
+
+
 def _check_starcoder2(config: Any) -> None:
     """Refuse the StarCoder2 variants llama.cpp's starcoder2 graph computes otherwise: it takes the
     biases of every projection and LayerNorm, a tanh-approximated GELU MLP, plain RoPE."""
@@ -547,6 +561,14 @@ _STARCODER2_NAMES = (  # StableLM's LayerNorm biases, and an MLP of two Linears 
     (r"model\.layers\.(\d+)\.mlp\.c_fc\.(weight|bias)", "blk.{}.ffn_up.{}"),
     (r"model\.layers\.(\d+)\.mlp\.c_proj\.(weight|bias)", "blk.{}.ffn_down.{}"),
 )
+_PHI2_NAMES = (  # Phi-1/1.5/2: one LayerNorm a block, attention and MLP side by side, biases everywhere
+    (r"model\.layers\.(\d+)\.input_layernorm\.(weight|bias)", "blk.{}.attn_norm.{}"),
+    (r"model\.layers\.(\d+)\.self_attn\.dense\.(weight|bias)", "blk.{}.attn_output.{}"),
+    (r"model\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", "blk.{}.ffn_up.{}"),
+    (r"model\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", "blk.{}.ffn_down.{}"),
+    (r"model\.final_layernorm\.(weight|bias)", "output_norm.{}"),
+    (r"lm_head\.bias", "output.bias"),
+)
 # OLMo 2 and 3, one llama.cpp architecture: rotate-half RoPE (no permutation), Q and K norms over the whole projection
 _OLMO = Architecture(
     "olmo2", False, (), "default", names=_OLMO_NAMES, check=_check_olmo, metadata=_window_metadata, query_is_hidden=True
@@ -614,6 +636,16 @@ ARCHITECTURES = {
         names=_STARCODER2_NAMES,
         check=_check_starcoder2,
         caveats=_window_caveats,
+        query_is_hidden=True,
+    ),
+    # Phi-1, 1.5 and 2: rotate-half RoPE over part of each head in llama.cpp too (no permutation)
+    "phi": Architecture(
+        "phi2",
+        False,
+        ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2", "input_layernorm", "final_layernorm", "lm_head"),
+        "default",
+        names=_PHI2_NAMES,
+        check=_check_phi2,
         query_is_hidden=True,
     ),
     # Cohere (Command R, Aya): attention and MLP side by side on one LayerNorm (no bias), interleaved
@@ -737,7 +769,8 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, "
-            "Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Mixtral, Qwen2-MoE, "
+            "Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
+            "Qwen2-MoE, "
             "Qwen3-MoE and gpt-oss models "
             f"({names}) so far; "
             f"this is {model_type!r}"
@@ -801,10 +834,12 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
             experts = state.get(p + "mlp.experts.gate_up_proj")  # an MoE: each expert's width
             if experts is not None:
                 ffn.append(experts.shape[2 if arch.interleaved_experts else 1] // 2)
-            else:  # a gated MLP's gate rows, or a plain one's first Linear (StarCoder2's c_fc)
+            else:  # a gated MLP's gate rows, or a plain one's first Linear (StarCoder2's c_fc, Phi's fc1)
                 ffn.append(
                     next(
-                        state[p + f"mlp.{n}.weight"] for n in ("gate_proj", "c_fc") if p + f"mlp.{n}.weight" in state
+                        state[p + f"mlp.{n}.weight"]
+                        for n in ("gate_proj", "c_fc", "fc1")
+                        if p + f"mlp.{n}.weight" in state
                     ).shape[0]
                 )
         if q_rows != config.num_attention_heads * head_dim or k_rows % head_dim or k_rows <= 0:
