@@ -34,6 +34,8 @@ StableLM: 4 blocks with Q/K/V biases (StableLM 2 3B, Zephyr), LayerNorm weights 
 Q/K/V biases random, query and key weights scaled by 8, RoPE over a quarter of each head.
 StarCoder2: 4 blocks, LayerNorm weights and biases and every Linear's bias random, query and key
 weights scaled by 8, no sliding window (llama.cpp's starcoder2 has none; the export says so).
+Phi-2 (`phi`, llama.cpp's phi2): 4 blocks, the LayerNorms' weights and biases and every bias (the
+head's too) random, query and key weights scaled by 8, RoPE over half of each head.
 Cohere: 4 blocks (attention and MLP side by side on one LayerNorm, weights from N(1, 0.5)), query
 and key weights scaled by 8, logits scaled by 1/16 (Command R's); contrast: logits not scaled.
 SmolLM3 and Granite: 4 Llama-style blocks, query and key weights scaled by 8; SmolLM3 without RoPE
@@ -192,6 +194,17 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "layernorm" in name or name.startswith("model.norm") or name.endswith("proj.bias"):
+                    p.normal_(1 if name.endswith("weight") else 0, 0.5)
+                if name.endswith(("q_proj.weight", "k_proj.weight")):
+                    p.mul_(8)
+        return model.eval()
+    if kind == "phi2":  # one LayerNorm, attention and MLP side by side, biases everywhere; RoPE over half a head
+        sizes = {**SIZES, "num_hidden_layers": 4, "num_key_value_heads": 4, "pad_token_id": None,
+                 "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(tf.PhiConfig(**sizes, vocab_size=vocab))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "layernorm" in name or name.endswith(".bias"):
                     p.normal_(1 if name.endswith("weight") else 0, 0.5)
                 if name.endswith(("q_proj.weight", "k_proj.weight")):
                     p.mul_(8)
@@ -572,6 +585,7 @@ KINDS = (
     "stablelm-structured",
     "starcoder2",
     "starcoder2-structured",
+    "phi2",
     "cohere",
     "cohere2",
     "cohere2-structured",
