@@ -273,6 +273,8 @@ def unstructured_worker(model_type: str, method: str = "magnitude", stream: bool
         near = parent in moe or parent.rpartition(".")[0] in moe  # beside the experts (AFMoE: mlp.router.gate)
         named = module in ("gate", "router") or "router" in module or parent.rpartition(".")[2] in ("gate", "router")
         router = named and near  # HunYuan's in a module of its own: mlp.gate.wg
+        # or anywhere within a module named so beside the experts (ZAYA's router network: mlp.gate.router_mlp.fc1)
+        router = router or any(name.startswith(f"{m}.{r}.") for m in moe for r in ("gate", "router"))
         target = (
             name.startswith(f"{prefix}.")  # carve prunes inside the decoder blocks (not BERT's head transform)
             and p.dim() >= 2 and "bias" not in leaf and not router

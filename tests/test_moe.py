@@ -870,3 +870,24 @@ def test_a_router_scoring_zero_compute_experts_too_stays_dense() -> None:
     assert all(torch.equal(after[n], p) for n, p in routers.items())
     assert "model.layers.*.mlp.router.classifier.weight" in dense
     assert any(".experts." in n for n in dense)
+
+
+def test_a_router_that_is_a_network_stays_dense_whole() -> None:
+    """ZAYA's router is a projection, a two-layer MLP and a last Linear scoring the 16 experts and a
+    skip one (17 outputs): carve keeps all of it dense, as it keeps every router (before: its four
+    Linears were pruned like any), while the other matrices are pruned; a module that returns to
+    its input width stays a shared expert (GLM-4-MoE-Lite's, tested above)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import any_tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(any_tiny_config("zaya")).eval()
+    router = {n: p.detach().clone() for n, p in model.named_parameters() if ".mlp.gate." in n}
+    names = {n.split(".mlp.gate.")[1] for n in router if ".layers.0." in n}
+    assert {"down_proj.weight", "router_mlp.fc1.weight", "router_mlp.fc2.weight", "router_mlp.out_proj.weight"} <= names
+    carve.prune(model, "magnitude", 0.5)
+    after = dict(model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in router.items())
+    pruned = [n for n, p in after.items() if p.dim() >= 2 and (p == 0).float().mean() > 0.4]
+    assert any(".experts." in n for n in pruned) and any(".self_attn." in n for n in pruned)

@@ -89,7 +89,10 @@ def routers(block: nn.Module) -> set[int]:
     and PhiMoE's `PhimoeTopKRouter` subclass nn.Linear; AFMoE's `gate`, HunYuan's `wg`, DBRX's
     `router.layer` are plain ones).  The expert count is the length of the `experts` list (a
     ModuleList, carve's ExpertLinears), the `num_experts` transformers sets on the experts or the block,
-    or the leading sizes of the experts' own 3-D weights."""
+    or the leading sizes of the experts' own 3-D weights.  A router that is a network of Linears
+    (ZAYA's: a projection, an MLP, and a last Linear scoring the experts and a skip one, count + 1)
+    is kept whole: a module beside the experts whose Linears score them and never return to the
+    width they read (a shared expert's down projection returns to the hidden size)."""
     found: set[int] = set()
     for moe in block.modules():
         experts = getattr(moe, "experts", None)
@@ -115,6 +118,13 @@ def routers(block: nn.Module) -> set[int]:
             parent = moe.get_submodule(name.rpartition(".")[0]) if "." in name else moe
             if parent is moe or sum(isinstance(x, nn.Linear) for x in parent.modules()) == 1:
                 found.add(id(m))  # a shared expert's projections (a module of several Linears) are not
+        for child in moe.children():  # a router that is a small network (ZAYA's: its last Linear
+            linears = [x for x in child.modules() if isinstance(x, nn.Linear)]  # scores the experts and a skip one)
+            if child is experts or len(linears) < 2 or any(id(x) in inside for x in linears):
+                continue
+            scores = any(x.out_features in counts or x.out_features - 1 in counts for x in linears)
+            if scores and all(x.out_features != linears[0].in_features for x in linears):  # none back to its input
+                found |= {id(x) for x in linears}  # width: a shared expert's down projection returns to it
     return found
 
 
