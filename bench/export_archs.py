@@ -166,6 +166,18 @@ def _fused_qk_scaled(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
+def _layernorms_and_biases_drawn(model: torch.nn.Module, biases: str = ".bias") -> torch.nn.Module:
+    """LayerNorm weights from N(1, 0.5), the biases named `*biases` from N(0, 0.5) (so that a lost or
+    swapped one shows), query and key weights scaled by 8 (so that positions matter)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layernorm" in name or name.startswith("model.norm") or name.endswith(biases):
+                p.normal_(1 if name.endswith("weight") else 0, 0.5)
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(8)
+    return model.eval()
+
+
 def tiny(kind: str, vocab: int) -> torch.nn.Module:
     import transformers as tf
 
@@ -191,35 +203,17 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
     ):  # LayerNorms with random weights and biases, Q/K/V biases, RoPE over a quarter head
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         model = tf.AutoModelForCausalLM.from_config(tf.StableLmConfig(**sizes, vocab_size=vocab, use_qkv_bias=True))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "layernorm" in name or name.startswith("model.norm") or name.endswith("proj.bias"):
-                    p.normal_(1 if name.endswith("weight") else 0, 0.5)
-                if name.endswith(("q_proj.weight", "k_proj.weight")):
-                    p.mul_(8)
-        return model.eval()
+        return _layernorms_and_biases_drawn(model, "proj.bias")
     if kind == "phi2":  # one LayerNorm, attention and MLP side by side, biases everywhere; RoPE over half a head
         sizes = {**SIZES, "num_hidden_layers": 4, "num_key_value_heads": 4, "pad_token_id": None,
                  "bos_token_id": None, "eos_token_id": None}  # fmt: skip
-        model = tf.AutoModelForCausalLM.from_config(tf.PhiConfig(**sizes, vocab_size=vocab))
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "layernorm" in name or name.endswith(".bias"):
-                    p.normal_(1 if name.endswith("weight") else 0, 0.5)
-                if name.endswith(("q_proj.weight", "k_proj.weight")):
-                    p.mul_(8)
-        return model.eval()
+        return _layernorms_and_biases_drawn(
+            tf.AutoModelForCausalLM.from_config(tf.PhiConfig(**sizes, vocab_size=vocab))
+        )
     if kind.removesuffix("-structured") == "starcoder2":  # LayerNorm and Linear biases random, no window
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.Starcoder2Config(**sizes, sliding_window=None, vocab_size=vocab)
-        model = tf.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "layernorm" in name or name.startswith("model.norm") or name.endswith(".bias"):
-                    p.normal_(1 if name.endswith("weight") else 0, 0.5)
-                if name.endswith(("q_proj.weight", "k_proj.weight")):
-                    p.mul_(8)
-        return model.eval()
+        return _layernorms_and_biases_drawn(tf.AutoModelForCausalLM.from_config(config))
     if kind.removesuffix("-structured") in ("olmo2", "olmo3"):  # post-norms, whole-projection Q/K norms; OLMo 3: window
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         olmo = tf.Olmo2Config(**sizes, vocab_size=vocab) if kind.startswith("olmo2") else tf.Olmo3Config(

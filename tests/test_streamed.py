@@ -273,9 +273,6 @@ def test_streamed_moe_refuses_a_checkpoint_missing_an_expert(tmp_path: Path, tok
 def test_streamed_moe_with_a_reused_map_and_eval(tmp_path: Path, tokenizer, small_corpus: Path, capsys) -> None:
     """A Qwen3-MoE map saved in memory (keyed by the fused tensors) reused by a streamed job gives the
     in-memory result; `carve eval --stream` on the MoE gives the in-memory perplexities."""
-    import json
-
-    from carve.cli.main import main
 
     src = _saved(tmp_path, "qwen3_moe", tokenizer)
     saved = tmp_path / "map.safetensors"
@@ -284,13 +281,7 @@ def test_streamed_moe_with_a_reused_map_and_eval(tmp_path: Path, tokenizer, smal
     extract(_recipe(src, small_corpus, "dual-obs", True, importance=str(saved)), tmp_path / "stream")
     a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-    flags = ["eval", str(src), "--domain", str(small_corpus), "--block-len", "32", "--eval-blocks", "3", "--json",
-             "--quiet", "--cloze-items", "0"]  # fmt: skip
-    found = []
-    for extra in ([], ["--stream"]):
-        assert main([*flags, *extra]) == 0
-        found.append(json.loads(capsys.readouterr().out)["metrics"])
-    assert found[1]["domain_ppl"] == pytest.approx(found[0]["domain_ppl"], rel=1e-4)
+    _streamed_eval_equals_in_memory(src, small_corpus, capsys)
 
 
 def test_streamed_dual_obs_refuses_save_importance(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
@@ -762,7 +753,6 @@ def test_streamed_passes_on_what_blocks_hand_each_other(tmp_path: Path, tokenize
     the blocks' outputs: streamed (calibration, gradient pass, before / after perplexities) they are
     passed on as in the whole model, so the output equals the in-memory one bit for bit, and a
     streamed evaluation gives the in-memory perplexity (before: the recorded indices of block 0)."""
-    from carve.cli.main import main
     from tests.conftest import dsa_shared_model
 
     src = tmp_path / "src-dsa"
@@ -774,7 +764,14 @@ def test_streamed_passes_on_what_blocks_hand_each_other(tmp_path: Path, tokenize
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     for when in ("before", "after"):
         assert streamed["metrics"][when]["domain_ppl"] == pytest.approx(mem["metrics"][when]["domain_ppl"], rel=1e-4)
-    flags = ["eval", str(src), "--domain", str(small_corpus), "--block-len", "32", "--eval-blocks", "3", "--json",
+    _streamed_eval_equals_in_memory(src, small_corpus, capsys)
+
+
+def _streamed_eval_equals_in_memory(src: Path, corpus: Path, capsys) -> None:
+    """`carve eval` of `src` in memory and with --stream: the same held-out perplexity."""
+    from carve.cli.main import main
+
+    flags = ["eval", str(src), "--domain", str(corpus), "--block-len", "32", "--eval-blocks", "3", "--json",
              "--quiet", "--cloze-items", "0"]  # fmt: skip
     found = []
     for extra in ([], ["--stream"]):
