@@ -778,3 +778,24 @@ def _streamed_eval_equals_in_memory(src: Path, corpus: Path, capsys) -> None:
         assert main([*flags, *extra]) == 0
         found.append(json.loads(capsys.readouterr().out)["metrics"])
     assert found[1]["domain_ppl"] == pytest.approx(found[0]["domain_ppl"], rel=1e-4)
+
+
+def test_streamed_gradients_flow_back_through_what_blocks_hand_each_other(tmp_path: Path, tokenizer,
+                                                                         small_corpus: Path) -> None:  # fmt: skip
+    """ZAYA's blocks hand the next one floating router states that the next block computes with:
+    the streamed gradient pass takes the loss's gradient back through them too, as the whole
+    model's backward does, so Fisher (and dual-obs) streamed equals the in-memory run."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import any_tiny_config
+
+    torch.manual_seed(0)
+    src = tmp_path / "src-zaya"
+    AutoModelForCausalLM.from_config(any_tiny_config("zaya")).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    extract(_recipe(src, small_corpus, "fisher", False), tmp_path / "mem")
+    extract(_recipe(src, small_corpus, "fisher", True), tmp_path / "stream")
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b)
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, differ

@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from carve import distributed
 from carve.engines.activations import Budget, bound_heap_retention
-from carve.engines.layerwise import Relay, arity, as_block_output, call_block, capture_inputs
+from carve.engines.layerwise import Relay, arity, as_block_output, block_output, capture_inputs
 from carve.errors import UsageError
 from carve.models.arch import find_blocks
 from carve.models.patch import replaced_forwards, without_caches
@@ -219,6 +219,17 @@ def _fold(acc: dict[str, dict[str, torch.Tensor]], fns: dict[str, StatFn], name:
         acc[s][name].add_(f(g, w))
 
 
+def _carried_leaves(previous: Any, wanted: bool) -> tuple[Any, dict[int, torch.Tensor]]:
+    """What the block before handed on (its output tuple, hidden states left out: `Relay`), with
+    each floating tensor in it a leaf that takes a gradient when `wanted` (ZAYA's router states:
+    the next block computes with them, so the loss reaches the block before through them too)."""
+    if not wanted or not isinstance(previous, (tuple, list)):
+        return previous, {}
+    leaves = {k: v.detach().requires_grad_(True) for k, v in enumerate(previous)
+              if isinstance(v, torch.Tensor) and v.is_floating_point()}  # fmt: skip
+    return tuple(leaves.get(k, v) for k, v in enumerate(previous)), leaves
+
+
 def _folding(
     acc: dict[str, dict[str, torch.Tensor]], fns: dict[str, StatFn], name: str
 ) -> Callable[[torch.Tensor], None]:
@@ -348,6 +359,7 @@ def streamed_gradients(
             losses.append(loss.item())
         hidden.release()
         source.free_others()
+        passed: dict[int, dict[int, torch.Tensor]] = {}  # batch -> gradients of what block i handed on, by place
         for i in progress(range(len(blocks) - 1, -1, -1), f"{desc}: backward", total=len(blocks)):
             if lowest is None or i < lowest:
                 break
@@ -358,22 +370,26 @@ def streamed_gradients(
             for p in named.values():
                 p.requires_grad_(True)
             handles = [p.register_post_accumulate_grad_hook(_folding(acc, statistics, n)) for n, p in named.items()]
-            upstream = budget.new()
+            upstream, passed_up = budget.new(), {}
             try:
                 with torch.enable_grad():
                     for j, h in enumerate(inputs[i]):
                         x = h.detach().requires_grad_(i > lowest)
-                        y = call_block(blocks[i], x, calls[shapes[j]][i], given[i].get(j))
-                        torch.autograd.backward(y, grads[j])
+                        previous, leaves = _carried_leaves(given[i].get(j), i > lowest)
+                        out = block_output(blocks[i], x, calls[shapes[j]][i], previous)
+                        roots = [(out[0] if arity(out) else out, grads[j])]
+                        roots += [(out[k], g) for k, g in passed.get(j, {}).items()]
+                        torch.autograd.backward([r for r, _ in roots], [g for _, g in roots])
                         if x.grad is not None:
                             upstream.append(x.grad)
+                        passed_up[j] = {k: t.grad for k, t in leaves.items() if t.grad is not None}
             finally:
                 for handle in handles:
                     handle.remove()
                 for p in named.values():
                     p.requires_grad_(False)
             grads.release()
-            grads = upstream
+            grads, passed = upstream, passed_up
             inputs[i].release()
             for per in acc.values():
                 for name in sorted(per):
