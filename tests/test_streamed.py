@@ -746,6 +746,39 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_in_one_line(
     assert len(err) == 1 and "embeds only" in err[0], err
 
 
+def test_text_spelling_out_an_added_token_the_model_does_not_embed_is_refused_in_one_line(
+    tmp_path: Path, tokenizer, small_corpus: Path, capsys
+) -> None:
+    """A tokenizer may add a token past the embedding rows (transformers' GGUF reader adds an
+    <|endoftext|> that way): loading works, but a corpus that spells it out is refused in one line
+    naming the token, in memory, streamed and in a streamed evaluation, nothing written (before:
+    an IndexError deep in the embedding's forward)."""
+    import json
+
+    from carve.cli.main import main
+    from carve.models.load import load_model
+
+    src = _saved(tmp_path, "llama", tokenizer)
+    rows = tiny_model("llama").get_input_embeddings().num_embeddings
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>"]})
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") >= rows
+    tokenizer.save_pretrained(src)
+    load_model(str(src))  # the added token alone is let be
+    spelled = tmp_path / "spelled.jsonl"
+    docs = [json.loads(line)["text"] for line in small_corpus.read_text().splitlines()]
+    spelled.write_text("".join(json.dumps({"text": d + " <|endoftext|>"}) + "\n" for d in docs))
+    said = rf"spells out '<\|endoftext\|>', token id {rows}, which the tokenizer adds but the model does not embed"
+    for stream in (False, True):
+        with pytest.raises(UsageError, match=said):
+            extract(_recipe(src, spelled, "sparsegpt", stream), tmp_path / f"out{stream}")
+        assert not (tmp_path / f"out{stream}").exists()
+    flags = ["eval", str(src), "--domain", str(spelled), "--block-len", "32", "--eval-blocks", "2", "--stream"]
+    capsys.readouterr()
+    assert main(flags) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not embed" in err[0], err
+
+
 @pytest.mark.parametrize("method", ["sparsegpt", "dual-obs"])
 def test_streamed_passes_on_what_blocks_hand_each_other(tmp_path: Path, tokenizer, small_corpus: Path, method: str,
                                                         capsys) -> None:  # fmt: skip

@@ -280,10 +280,10 @@ def evaluate_streamed(
 
     path = check_streamable(model)
     tok = load_tokenizer(path)
-    data = held_out(tok)
     dev = resolve_device(device)
     with SkeletonModel(path, resolve_dtype(dtype, dev), dev) as skeleton:
         check_vocabulary(tok, skeleton.model, model)
+        data = held_out(tok)
         stream = BlockStream(skeleton, None, data, skeleton.dtype)
         stream.start()
         stream.captured()

@@ -179,6 +179,21 @@ def _doc_is_eval(doc: str, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < share
 
 
+def embedded_ids(tokenizer: Any, text: str, where: str) -> list[int]:
+    """`text`'s token ids (no special tokens added), refused in one line if it spells out a token the
+    tokenizer added past the model's embedding rows (`carve.models.load.check_vocabulary` notes the
+    rows): the model's forward would stop on an index error."""
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    rows = getattr(tokenizer, "carve_embedded_rows", None)
+    past = [i for i in ids if rows is not None and i >= rows]
+    if past:
+        raise UsageError(
+            f"{where} spells out {tokenizer.convert_ids_to_tokens(past[0])!r}, token id {past[0]}, which the tokenizer "
+            f"adds but the model does not embed ({rows} rows): remove it from the text"
+        )
+    return ids
+
+
 @dataclass
 class Corpus:
     """Documents from a builtin name or a path, split train/eval by a stable per-document hash."""
@@ -242,7 +257,7 @@ class Corpus:
         eos = tokenizer.eos_token_id
         ids: list[int] = []
         for d in docs:
-            ids.extend(tokenizer(d, add_special_tokens=False)["input_ids"])
+            ids.extend(embedded_ids(tokenizer, d, f"corpus {self.spec!r}"))
             if eos is not None:
                 ids.append(int(eos))
         return torch.tensor(ids, dtype=torch.long)

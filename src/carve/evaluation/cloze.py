@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carve.corpora import Corpus
+from carve.corpora.corpus import embedded_ids
 from carve.errors import UsageError
 from carve.models.arch import last_logits
 from carve.progress import progress
@@ -51,7 +52,7 @@ def build_cloze(
     span = context + continuation
     windows: list[tuple[int, torch.Tensor]] = []  # (document index, tokens of one window)
     for i, doc in enumerate(docs):
-        ids = torch.tensor(tokenizer(doc, add_special_tokens=False)["input_ids"], dtype=torch.long)
+        ids = torch.tensor(embedded_ids(tokenizer, doc, f"corpus {corpus.spec!r}"), dtype=torch.long)
         for start in range(0, ids.numel() - span + 1, span):
             windows.append((i, ids[start : start + span]))
     if len({d for d, _ in windows}) < CHOICES:

@@ -52,7 +52,8 @@ def check_vocabulary(tokenizer: Any, model: Any, name: str) -> None:
     """Refuse a tokenizer whose ordinary vocabulary, end-of-text or padding token reaches past the
     model's embedding rows (a tokenizer from another model): every forward would stop on an index
     error deep in the model.  Added tokens past the rows are let be (transformers' GGUF reader adds
-    an <|endoftext|> that way); text reaches them only by spelling them out."""
+    an <|endoftext|> that way); text reaches them only by spelling them out, and such text is refused
+    when it is tokenized (`carve.corpora.corpus.embedded_ids`)."""
     try:
         rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
     except (AttributeError, NotImplementedError):  # no single input embedding to compare with
@@ -64,6 +65,8 @@ def check_vocabulary(tokenizer: Any, model: Any, name: str) -> None:
             f"the tokenizer of {name!r} gives token ids up to {top} but the model embeds only {rows} tokens: "
             "they do not belong together (use the model's own tokenizer, or resize its token embeddings)"
         )
+    if isinstance(rows, int) and any(i >= rows for i in tokenizer.get_added_vocab().values()):
+        tokenizer.carve_embedded_rows = rows  # text that spells such a token out is refused (Corpus.tokens)
 
 
 def default_gguf() -> Path:
