@@ -68,7 +68,9 @@ def prunable_linears(
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
 ) -> dict[str, nn.Module]:
     """Linear modules of one block, by full module name, filtered by glob patterns; an MoE's router
-    is never one (`routers`)."""
+    is never one (`routers`).  The default exclusions are matched against the name within the block
+    (they name modules' roles: a model named for its norm, RoBERTa-PreLayerNorm, whose every module
+    sits under `roberta_prelayernorm.`, is not excluded whole); other patterns, the full name."""
     out = {}
     skip = routers(block)
     for name, mod in block.named_modules():
@@ -77,7 +79,7 @@ def prunable_linears(
             continue
         if not any(fnmatch.fnmatch(full, p) for p in include):
             continue
-        if any(fnmatch.fnmatch(full, p) for p in exclude):
+        if any(fnmatch.fnmatch(name if p in DEFAULT_EXCLUDE else full, p) for p in exclude):
             continue
         out[full] = mod
     return out
