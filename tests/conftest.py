@@ -121,7 +121,7 @@ TINY_FIXES: dict[str, dict] = {
 # composite models (a text model beside vision / audio towers) whose towers at their default sizes
 # exceed the sweep's memory: each sub-config tiny too (the text one as its own type's, the others
 # with `_TOWER` sizes)
-COMPOSITES = {"emu3", "fuyu", "gemma3", "gemma4", "llama4", "mllama", "qwen3_5", "qwen3_5_moe"}
+COMPOSITES = {"emu3", "fuyu", "gemma3", "gemma4", "gemma4_unified", "llama4", "mllama", "qwen3_5", "qwen3_5_moe"}
 _TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
           "num_key_value_heads": 2, "head_dim": 16, "depth": 2, "num_heads": 2, "vision_output_dim": 32,
           "out_hidden_size": 64, "projector_input_dim": 32, "projector_output_dim": 64, "num_global_layers": 1}  # fmt: skip
