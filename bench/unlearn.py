@@ -18,7 +18,8 @@ the second table reads utility at equal forgetting off these curves (where PrivL
 +0.05, the edge of the bar's band, and to the retain model's 0), and the plot draws them.  Each
 run's weights are deleted once measured (its carve.json stays).
 Results accumulate in bench/results/unlearn.jsonl (with each run's data fingerprints); the table
-goes to the `unlearn` section of bench/RESULTS.md and the plot to bench/unlearn.png.
+goes to the `unlearn` section of bench/RESULTS.md and a plot per setting to bench/unlearn.png
+(default settings) and bench/unlearn-<setting>.png (rows run with --extra: unlearn-lr-9e-5.png).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import itertools
 import json
 import math
+import re
 import shlex
 import shutil
 import statistics
@@ -40,7 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, load_results, save_result, write_section
 
 RESULTS = HERE / "results" / "unlearn.jsonl"
-PLOT = HERE / "unlearn.png"
+
+
+def plot_path(tag: str) -> Path:
+    """bench/unlearn.png for the default settings' runs, bench/unlearn-<tag>.png for others'."""
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", tag).strip("-")
+    return HERE / (f"unlearn-{slug}.png" if slug else "unlearn.png")
+
+
 CARVE = str(ROOT / ".venv" / "bin" / "carve")
 SCENARIO = OUT / "unlearn-scenario"
 OBJECTIVES = ["ga", "graddiff", "npo"]
@@ -239,7 +248,8 @@ def plot(rows: dict[str, dict[str, Any]], tag: str = "") -> None:
     right.set_title("after the run")
     fig.suptitle(f"carve unlearn on the builtin scenario{(' ' + tag) if tag else ''}: utility against forgetting")
     fig.tight_layout()
-    fig.savefig(PLOT, dpi=110)
+    fig.savefig(plot_path(tag), dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -293,8 +303,8 @@ def main() -> None:
     write_section("unlearn", text)
     if equal:
         write_section("unlearn-equal", equal)
-    tag = tag_of(args.extra)  # the plot: this grid's runs only (not other settings' rows)
-    plot({k: v for k, v in runs.items() if v.get("tag", "") == tag}, tag)
+    for tag in sorted({v.get("tag", "") for v in runs.values()}):  # a plot per setting (its runs only)
+        plot({k: v for k, v in runs.items() if v.get("tag", "") == tag}, tag)
 
 
 if __name__ == "__main__":
