@@ -725,7 +725,6 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_in_one_line(
     """A tokenizer with more ordinary tokens than the model has embedding rows (another model's):
     in memory, streamed and in a streamed evaluation, one line naming both counts, nothing written
     (before: an IndexError deep in the embedding's forward)."""
-    from carve.cli.main import main
     from carve.models.load import load_model
     from tests.conftest import byte_level_tokenizer
 
@@ -735,15 +734,7 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused_in_one_line(
     said = rf"gives token ids up to {rows + 39} but the model embeds only {rows} tokens"
     with pytest.raises(UsageError, match=said):
         load_model(str(src))
-    for stream in (False, True):
-        with pytest.raises(UsageError, match=said):
-            extract(_recipe(src, small_corpus, "sparsegpt", stream), tmp_path / f"out{stream}")
-        assert not (tmp_path / f"out{stream}").exists()
-    flags = ["eval", str(src), "--domain", str(small_corpus), "--block-len", "32", "--eval-blocks", "2", "--stream"]
-    capsys.readouterr()
-    assert main(flags) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "embeds only" in err[0], err
+    _refused_everywhere(src, small_corpus, said, tmp_path, capsys)
 
 
 def test_text_spelling_out_an_added_token_the_model_does_not_embed_is_refused_in_one_line(
@@ -755,7 +746,6 @@ def test_text_spelling_out_an_added_token_the_model_does_not_embed_is_refused_in
     an IndexError deep in the embedding's forward)."""
     import json
 
-    from carve.cli.main import main
     from carve.models.load import load_model
 
     src = _saved(tmp_path, "llama", tokenizer)
@@ -768,15 +758,25 @@ def test_text_spelling_out_an_added_token_the_model_does_not_embed_is_refused_in
     docs = [json.loads(line)["text"] for line in small_corpus.read_text().splitlines()]
     spelled.write_text("".join(json.dumps({"text": d + " <|endoftext|>"}) + "\n" for d in docs))
     said = rf"spells out '<\|endoftext\|>', token id {rows}, which the tokenizer adds but the model does not embed"
+    _refused_everywhere(src, spelled, said, tmp_path, capsys)
+
+
+def _refused_everywhere(src: Path, corpus: Path, said: str, tmp_path: Path, capsys) -> None:
+    """Extraction in memory and streamed raises UsageError matching `said`, writing nothing, and a
+    streamed `carve eval` exits with that one line."""
+    import re
+
+    from carve.cli.main import main
+
     for stream in (False, True):
         with pytest.raises(UsageError, match=said):
-            extract(_recipe(src, spelled, "sparsegpt", stream), tmp_path / f"out{stream}")
+            extract(_recipe(src, corpus, "sparsegpt", stream), tmp_path / f"out{stream}")
         assert not (tmp_path / f"out{stream}").exists()
-    flags = ["eval", str(src), "--domain", str(spelled), "--block-len", "32", "--eval-blocks", "2", "--stream"]
+    flags = ["eval", str(src), "--domain", str(corpus), "--block-len", "32", "--eval-blocks", "2", "--stream"]
     capsys.readouterr()
     assert main(flags) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not embed" in err[0], err
+    assert len(err) == 1 and re.search(said, err[0]), err
 
 
 @pytest.mark.parametrize("method", ["sparsegpt", "dual-obs"])
