@@ -66,7 +66,7 @@ def check_vocabulary(tokenizer: Any, model: Any, name: str) -> None:
             "they do not belong together (use the model's own tokenizer, or resize its token embeddings)"
         )
     if isinstance(rows, int) and any(i >= rows for i in tokenizer.get_added_vocab().values()):
-        tokenizer.carve_embedded_rows = rows  # text that spells such a token out is refused (Corpus.tokens)
+        tokenizer.carve_embedded_rows = rows  # text spelling such a token out is refused (corpus.embedded_ids)
 
 
 def default_gguf() -> Path:
