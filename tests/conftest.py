@@ -115,13 +115,29 @@ TINY_FIXES: dict[str, dict] = {
                  "attn_layers": ["local", "local", "local"], "attention_head_size": 16},
     "longcat_flash": _MLA | {"expert_ffn_hidden_size": 32, "zero_expert_num": 2, "num_layers": 3, "moe_topk": 2},
     "gemma4_text": {"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
+    "cpmant": {"dim_ff": 96, "dim_head": 16},
+    "qwen4_exp_text": _HYBRID | {"layer_types": ["linear_attention", "linear_attention", "indexed_attention"],
+                                 "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
+                                 "indexer_budget": 8, "indexer_compress_ratio": 4, "ngram_vocab_size_base": 1000,
+                                 "split_ngram_parts": 1, "ple_layer_ids": [1], "ple_embed_dim": 32},
 }  # fmt: skip
 
 
 # composite models (a text model beside vision / audio towers) whose towers at their default sizes
 # exceed the sweep's memory: each sub-config tiny too (the text one as its own type's, the others
 # with `_TOWER` sizes)
-COMPOSITES = {"emu3", "fuyu", "gemma3", "gemma4", "gemma4_unified", "llama4", "mllama", "qwen3_5", "qwen3_5_moe"}
+COMPOSITES = {
+    "emu3",
+    "fuyu",
+    "gemma3",
+    "gemma4",
+    "gemma4_unified",
+    "llama4",
+    "mllama",
+    "qwen3_5",
+    "qwen3_5_moe",
+    "qwen4_exp",
+}
 _TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
           "num_key_value_heads": 2, "head_dim": 16, "depth": 2, "num_heads": 2, "vision_output_dim": 32,
           "out_hidden_size": 64, "projector_input_dim": 32, "projector_output_dim": 64, "num_global_layers": 1}  # fmt: skip

@@ -813,22 +813,42 @@ def _streamed_eval_equals_in_memory(src: Path, corpus: Path, capsys) -> None:
     assert found[1]["domain_ppl"] == pytest.approx(found[0]["domain_ppl"], rel=1e-4)
 
 
-def test_streamed_gradients_flow_back_through_what_blocks_hand_each_other(tmp_path: Path, tokenizer,
-                                                                         small_corpus: Path) -> None:  # fmt: skip
-    """ZAYA's blocks hand the next one floating router states that the next block computes with:
-    the streamed gradient pass takes the loss's gradient back through them too, as the whole
-    model's backward does, so Fisher (and dual-obs) streamed equals the in-memory run."""
+def _streamed_against_in_memory(tmp_path: Path, tokenizer, corpus: Path, kind: str, method: str) -> tuple[dict, list]:
+    """A tiny model of any transformers `kind` extracted with `method` in memory and streamed: the
+    streamed manifest and the weights that differ between the two outputs."""
     from transformers import AutoModelForCausalLM
 
     from tests.conftest import any_tiny_config
 
     torch.manual_seed(0)
-    src = tmp_path / "src-zaya"
-    AutoModelForCausalLM.from_config(any_tiny_config("zaya")).save_pretrained(src)
+    src = tmp_path / f"src-{kind}"
+    AutoModelForCausalLM.from_config(any_tiny_config(kind)).save_pretrained(src)
     tokenizer.save_pretrained(src)
-    extract(_recipe(src, small_corpus, "fisher", False), tmp_path / "mem")
-    extract(_recipe(src, small_corpus, "fisher", True), tmp_path / "stream")
+    mem = extract(_recipe(src, corpus, method, False), tmp_path / "mem")
+    streamed = extract(_recipe(src, corpus, method, True), tmp_path / "stream")
+    assert streamed["data"]["calibration"] == mem["data"]["calibration"]
     a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
     assert sorted(a) == sorted(b)
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    return streamed, [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_streamed_gradients_flow_back_through_what_blocks_hand_each_other(tmp_path: Path, tokenizer,
+                                                                         small_corpus: Path) -> None:  # fmt: skip
+    """ZAYA's blocks hand the next one floating router states that the next block computes with:
+    the streamed gradient pass takes the loss's gradient back through them too, as the whole
+    model's backward does, so Fisher (and dual-obs) streamed equals the in-memory run."""
+    _, differ = _streamed_against_in_memory(tmp_path, tokenizer, small_corpus, "zaya", "fisher")
+    assert not differ, differ
+
+
+def test_streamed_calibration_dtype_is_read_off_a_loaded_parameter(
+    tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch
+) -> None:
+    """CPM-Ant lists a block's parameters before its embeddings, so a streamed skeleton's first
+    parameter is on the meta device: `--calib-dtype auto` read there calibrated in float32 streamed
+    and in bfloat16 in memory.  It is read off the first loaded parameter (bfloat16 made native here
+    so the test means the same on any CPU)."""
+    monkeypatch.setattr("carve.models.load.native_bfloat16", lambda device: torch.device(device).type == "cpu")
+    streamed, differ = _streamed_against_in_memory(tmp_path, tokenizer, small_corpus, "cpmant", "sparsegpt")
+    assert streamed["data"]["calibration"]["dtype"] == "bfloat16"
     assert not differ, differ

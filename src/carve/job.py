@@ -28,6 +28,7 @@ from carve.corpora import Corpus
 from carve.errors import UsageError
 from carve.evaluation import ClozeTask, build_cloze, cloze_accuracy, perplexity
 from carve.models import LoadedModel
+from carve.models.load import first_parameter
 from carve.output import (
     atomic_output_dir,
     cache_dir,
@@ -173,7 +174,7 @@ def round_to_saved(lm: LoadedModel, choice: str | None) -> dict[str, Any]:
     model's.  Returns the manifest's `saved` section."""
     name = choice or lm.source_dtype
     target = getattr(torch, name)
-    compute = next(lm.model.parameters()).dtype
+    compute = first_parameter(lm.model).dtype
     if target not in (compute, torch.float32):  # to float32 saving is exact: nothing to round
         with torch.no_grad():
             for p in lm.model.parameters():
@@ -188,7 +189,7 @@ def save_model_files(
 ) -> None:
     """Model and tokenizer into an output being written, the weights in `dtype` (None: as they are):
     plain safetensors, or carve's sparse format (models/sparse.py); its size into the manifest."""
-    compute = next(model.parameters()).dtype
+    compute = first_parameter(model).dtype
     target = getattr(torch, dtype) if dtype else compute
     if sparse:
         from carve.models.sparse import save_sparse_model
@@ -282,7 +283,7 @@ def evaluation_key(lm: LoadedModel, data: Any) -> str:
     """What the source model's metrics depend on: the weights, the held-out data, the dtype and
     device they were computed in, and the code (`versions`: carve's source, not only its version
     string, torch's and transformers')."""
-    param = next(lm.model.parameters())
+    param = first_parameter(lm.model)
     what = [lm.fingerprint, data.describe(), str(param.dtype), param.device.type, versions()]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 

@@ -52,6 +52,7 @@ from carve.models.load import (
     check_vocabulary,
     config_dtype,
     directory_fingerprint,
+    first_parameter,
     resolve_calib_dtype,
     resolve_device,
     resolve_dtype,
@@ -469,7 +470,7 @@ def _tokenize(
 def _calibration(r: Recipe, lm: LoadedModel) -> Calibration:
     """The calibration settings, with the autocast dtype checked against the model's (None: the
     model's own; --structure calibrates in the model's dtype)."""
-    model_dtype = next(lm.model.parameters()).dtype
+    model_dtype = first_parameter(lm.model).dtype
     asked = None if r.structure else resolve_calib_dtype(r.calib_dtype, lm.model)
     budget = None if r.max_memory is None else parse_size(r.max_memory)
     dtype = check_calib_dtype(model_dtype, asked)
@@ -565,7 +566,7 @@ def _extract(
     saved = round_to_saved(lm, r.save_dtype)  # the "after" metrics are the saved model's
     with stage("evaluate_after"):
         after = metrics_of(lm.model, data.held_out)
-    calib_dtype = None if r.structure else str(calib.dtype or next(lm.model.parameters()).dtype).removeprefix("torch.")
+    calib_dtype = None if r.structure else str(calib.dtype or first_parameter(lm.model).dtype).removeprefix("torch.")
     manifest: dict[str, Any] = {
         **manifest_head("extract", lm, r.recorded()),
         "data": {
@@ -669,7 +670,7 @@ def _extract_streamed(
         with stage("evaluate"):
             before = metrics(stream.perplexities(stream.before, "perplexity (before)"), data.held_out)
             after = metrics(stream.perplexities(stream.after, "perplexity (after)"), data.held_out)
-        calib_dtype = str(calib.dtype or next(lm.model.parameters()).dtype).removeprefix("torch.")
+        calib_dtype = str(calib.dtype or first_parameter(lm.model).dtype).removeprefix("torch.")
         compute = str(skeleton.dtype).removeprefix("torch.")
         manifest: dict[str, Any] = {
             **manifest_head("extract", lm, streamed_r.recorded()),

@@ -42,7 +42,7 @@ from carve.job import (
 )
 from carve.models import LoadedModel, load_model
 from carve.models.arch import DEFAULT_EXCLUDE
-from carve.models.load import check_source
+from carve.models.load import check_source, first_parameter
 from carve.ops.train import Schedule, train
 from carve.ops.unlearn import OBJECTIVES, RETAIN_LOSSES, MaskSpec, Objective, pack_rows, summed_nll, unlearn_mask
 from carve.settings import Targets, check_types, flag
@@ -337,7 +337,7 @@ def _objective(recipe: UnlearnRecipe, lm: LoadedModel, data: UnlearnData) -> Obj
     reference_nll = None
     if recipe.objective == "npo":
         with torch.no_grad():
-            reference_nll = summed_nll(lm.model, data.forget.to(next(lm.model.parameters()).device)).detach().cpu()
+            reference_nll = summed_nll(lm.model, data.forget.to(first_parameter(lm.model).device)).detach().cpu()
     teacher = None
     if recipe.objective != "ga" and recipe.retain_loss == "kl":
         import copy

@@ -22,6 +22,7 @@ from carve.engines.layerwise import split_hidden
 from carve.errors import UsageError
 from carve.models.anatomy import anatomy
 from carve.models.arch import find_blocks, last_logits
+from carve.models.load import first_parameter
 from carve.models.patch import replaced_forwards
 from carve.progress import bar, progress
 
@@ -112,7 +113,7 @@ def run_hooked(
             batches = list(calibration.split(batch_size))
             blockwise(source, batches, label)
             return sum(ids.numel() for ids in batches)
-        device = next(model.parameters()).device
+        device = first_parameter(model).device
         for ids in progress(list(calibration.split(batch_size)), label):
             model(input_ids=ids.to(device), use_cache=False)
             count += ids.numel()
@@ -293,7 +294,7 @@ def greedy_drop_order(
             order += next(r for r in _runs(len(blocks), order, run) if r[0] == first)
             losses.append(round(loss, 5))
         return order, losses
-    device = next(model.parameters()).device
+    device = first_parameter(model).device
     seqs = [b[None].to(device) for b in calibration]
     tuple_out = 0
     ticks = bar("greedy block search", sum(len(blocks) - k - run + 1 for k in range(0, n, run)))
@@ -362,5 +363,5 @@ def calibration_loss(model: nn.Module, blocks: torch.Tensor) -> float:
     """Mean next-token loss over `blocks` (one forward each)."""
     from carve.engines.gradient import next_token_loss
 
-    device = next(model.parameters()).device
+    device = first_parameter(model).device
     return float(sum(next_token_loss(model, b[None].to(device)).item() for b in blocks) / len(blocks))

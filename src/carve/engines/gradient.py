@@ -32,6 +32,7 @@ from carve.engines.activations import Budget, bound_heap_retention
 from carve.engines.layerwise import Relay, arity, as_block_output, block_output, capture_inputs
 from carve.errors import UsageError
 from carve.models.arch import find_blocks
+from carve.models.load import first_parameter
 from carve.models.patch import replaced_forwards, without_caches
 from carve.progress import progress
 
@@ -159,7 +160,7 @@ def accumulate_gradients(
     bound_heap_retention()
     fns = statistics if isinstance(statistics, dict) else {s: STATISTICS[s] for s in statistics}
     named = dict(model.named_parameters())
-    device = next(model.parameters()).device
+    device = first_parameter(model).device
     acc = {s: {n: torch.zeros(named[n].shape, dtype=torch.float32, device=device) for n in params} for s in fns}
     original = {n: named[n].detach().float().clone() for n in params} if lr > 0 else {}
 

@@ -51,6 +51,7 @@ from carve import distributed
 from carve.engines.activations import Activations, Budget
 from carve.errors import UsageError
 from carve.models.arch import find_blocks, prunable_linears, weight_matrix
+from carve.models.load import first_parameter
 from carve.models.patch import replaced_forwards, without_caches
 from carve.progress import bar, progress
 from carve.scorers.stats import merge_statistics
@@ -516,7 +517,7 @@ def layerwise(
         raise UsageError(
             "under torch.distributed calibration is sharded block by block: use --propagation pruned or dense"
         )
-    param = next(model.parameters())
+    param = first_parameter(model)
     device = param.device
     autocast = check_calib_dtype(param.dtype, calib.dtype)
     size = getattr(statistic, "nbytes", None)  # a statistic's bytes for an input width: rounds need it

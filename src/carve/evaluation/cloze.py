@@ -24,6 +24,7 @@ from carve.corpora import Corpus
 from carve.corpora.corpus import embedded_ids
 from carve.errors import UsageError
 from carve.models.arch import last_logits
+from carve.models.load import first_parameter
 from carve.progress import progress
 
 CHOICES = 4
@@ -89,7 +90,7 @@ def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, f
 @torch.no_grad()
 def choice_loglik(model: nn.Module, task: ClozeTask, batch_items: int = 4, desc: str = "cloze") -> torch.Tensor:
     """Mean log-probability per continuation token of every candidate: [n, CHOICES]."""
-    device = next(model.parameters()).device
+    device = first_parameter(model).device
     n, k, cont = task.choices.shape
     out = torch.empty(n, k)
     for s in progress(range(0, n, batch_items), desc, total=math.ceil(n / batch_items)):

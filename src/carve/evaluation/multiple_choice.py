@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from carve.errors import UsageError
+from carve.models.load import first_parameter
 from carve.progress import progress
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -69,7 +70,7 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 def choice_logliks(
     model: nn.Module, tokenizer: Any, items: list[MCItem], desc: str = "multiple choice"
 ) -> list[list[float]]:
-    device = next(model.parameters()).device
+    device = first_parameter(model).device
     out = []
     for item in progress(items, desc):
         row = []

@@ -16,6 +16,7 @@ from torch import nn
 
 from carve import distributed
 from carve.engines.gradient import head_as_identity, plain_output_head
+from carve.models.load import first_parameter
 from carve.progress import progress
 
 CHUNK = 128  # positions per head + cross-entropy
@@ -43,7 +44,7 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, batch_size: int = 2, desc
     """exp of the mean next-token NLL over all predicted tokens of `blocks` [n, L]
     (each block scored on its own: L-1 predictions per block).  Under torch.distributed each rank
     scores batches rank, rank+N, ... and the sums are all-reduced (float64)."""
-    device = next(model.parameters()).device
+    device = first_parameter(model).device
     total_nll, total_tokens = 0.0, 0
     batches = list(blocks.split(batch_size))[distributed.rank() :: distributed.world()]
     for batch in progress(batches, desc, total=len(batches)):

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from carve.models.arch import last_logits
+from carve.models.load import first_parameter
 from carve.progress import progress
 
 
@@ -33,7 +34,7 @@ def _best_seconds(fn: Any, repeats: int) -> float:
 @torch.no_grad()
 def measure_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 128, repeats: int = 3) -> dict[str, Any]:
     """Prefill and decode tokens/s of `model` for a [1, P] `prompt` (see the module docstring)."""
-    device = next(model.parameters()).device
+    device = first_parameter(model).device
     ids = prompt.reshape(1, -1).to(device)
     was_training = model.training
     model.eval()

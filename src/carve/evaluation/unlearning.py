@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carve.models.load import first_parameter
 from carve.progress import progress
 
 MIN_K = 0.4
@@ -32,7 +33,7 @@ def token_logprobs(
     model: nn.Module, blocks: torch.Tensor, batch_size: int = 4, desc: str = "log-probs"
 ) -> torch.Tensor:
     """log p(x_t | x_<t) for every predicted token of each block: [n, L-1], float32 on the CPU."""
-    device = next(model.parameters()).device
+    device = first_parameter(model).device
     out = []
     for batch in progress(blocks.split(batch_size), desc, total=math.ceil(len(blocks) / batch_size)):
         ids = batch.to(device)
@@ -86,7 +87,7 @@ def rouge_l_f1(candidate: str, reference: str) -> float:
 @torch.no_grad()
 def greedy_continuations(model: nn.Module, prompts: torch.Tensor, new_tokens: int, batch_size: int = 8) -> torch.Tensor:
     """`new_tokens` greedy tokens after each prompt [n, P] (equal lengths, no padding): [n, new_tokens]."""
-    device = next(model.parameters()).device
+    device = first_parameter(model).device
     out = []
     for batch in progress(
         prompts.split(batch_size), "greedy continuations", total=math.ceil(len(prompts) / batch_size)

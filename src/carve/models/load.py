@@ -45,7 +45,22 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return first_parameter(self.model).device
+
+
+def first_parameter(model: torch.nn.Module) -> torch.nn.Parameter:
+    """The model's first parameter that holds values: in a streamed skeleton the blocks' are on the
+    meta device until their turn, and a model may list a block's parameters first (CPM-Ant), so the
+    first one alone would report the meta device."""
+    first = None
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p
+        if first is None:
+            first = p
+    if first is None:
+        raise ValueError("the model has no parameters")
+    return first
 
 
 def check_vocabulary(tokenizer: Any, model: Any, name: str) -> None:
@@ -173,7 +188,7 @@ def check_calib_choice(choice: str) -> None:
 def resolve_calib_dtype(choice: str, model: torch.nn.Module) -> torch.dtype:
     """The dtype of the calibration forwards for `model`: "auto" is bfloat16 for a float32
     model on a device that multiplies bfloat16 natively, else the model's own dtype."""
-    param = next(model.parameters())
+    param = first_parameter(model)
     if choice == "auto":
         fast = param.dtype == torch.float32 and native_bfloat16(param.device)
         return torch.bfloat16 if fast else param.dtype

@@ -40,6 +40,7 @@ from torch import nn
 
 from carve import distributed
 from carve.errors import UsageError
+from carve.models.load import first_parameter
 from carve.output import atomic_output_dir, recover_replaced, remove_path, write_json
 from carve.progress import progress
 
@@ -326,7 +327,7 @@ def train(
     for n, p in params.items():
         p.requires_grad_(n in trainable)
     handles = opt.hooks()
-    device = next(model.parameters()).device
+    device = first_parameter(model).device
     norms: list[float] = []
     was_training = model.training
     model.train()
