@@ -116,6 +116,11 @@ TINY_FIXES: dict[str, dict] = {
     "longcat_flash": _MLA | {"expert_ffn_hidden_size": 32, "zero_expert_num": 2, "num_layers": 3, "moe_topk": 2},
     "gemma4_text": {"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
     "cpmant": {"dim_ff": 96, "dim_head": 16},
+    # DBRX's attention config lacks the rope_theta its attention reads, and clamps by clip_qkv
+    "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
+             "ffn_config": {"ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 1, "hidden_size": 64}},
+    "zamba": {"layers_block_type": ["hybrid", "linear_attention", "hybrid"]},  # its shared block tied: two hybrids
+    "xlstm": {"qk_dim_factor": 1.0},  # transformers' cache of an xLSTM with other q/k than v widths fails
     "qwen4_exp_text": _HYBRID | {"layer_types": ["linear_attention", "linear_attention", "indexed_attention"],
                                  "indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
                                  "indexer_budget": 8, "indexer_compress_ratio": 4, "ngram_vocab_size_base": 1000,
