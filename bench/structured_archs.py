@@ -278,8 +278,9 @@ def unstructured_worker(model_type: str, method: str = "magnitude", stream: bool
         target = (
             name.startswith(f"{prefix}.")  # carve prunes inside the decoder blocks (not BERT's head transform)
             and p.dim() >= 2 and "bias" not in leaf and not router
-            # the default exclusions name roles within a block (RoBERTa-PreLayerNorm's prefix has "norm")
-            and not any(fnmatch.fnmatch(name[len(prefix) + 1 :].partition(".")[2], e) for e in DEFAULT_EXCLUDE)
+            # the default exclusions name what a module is, by its own name (RoBERTa-PreLayerNorm's
+            # prefix and DBRX's norm_attn_norm, which holds the attention, have "norm")
+            and not any(fnmatch.fnmatch(module, e) for e in DEFAULT_EXCLUDE)
         )  # fmt: skip
         if not ((updates or torch.equal(q[kept], p[kept])) if target else torch.equal(q, p)):
             return {**r, "outcome": "WRONG", "why": f"{name}: {'kept entries' if target else 'values'} changed"}

@@ -271,23 +271,26 @@ def test_gemma3_gets_a_different_mask_per_layer_type() -> None:
     assert masks[1] is None or not torch.equal(masks[0], masks[1])
 
 
-def test_default_exclusions_name_roles_within_blocks_not_the_model() -> None:
-    """RoBERTa-PreLayerNorm's every module sits under `roberta_prelayernorm.`: the default `*norm*`
-    exclusion (norms are never pruned) is matched within the blocks, so its Linears are pruned
-    (before: "no Linear layers to prune"); a pattern the user gives still matches full names."""
+@pytest.mark.parametrize("kind, linears", [("roberta-prelayernorm", 6), ("dbrx", 2)])
+def test_default_exclusions_name_what_a_linear_is_not_where_it_sits(kind: str, linears: int) -> None:
+    """The default `*norm*` exclusion (norms are never pruned) is matched against a Linear's own
+    name: RoBERTa-PreLayerNorm's every module sits under `roberta_prelayernorm.`, DBRX's attention
+    under `norm_attn_norm.attn` (a module holding both norms and the attention), and their Linears
+    are pruned (before: "no Linear layers to prune"); a pattern the user gives still matches full
+    names."""
     from transformers import AutoModelForCausalLM
 
     from carve.settings import Targets
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(any_tiny_config("roberta-prelayernorm")).eval()
+    model = AutoModelForCausalLM.from_config(any_tiny_config(kind)).eval()
     prefix, blocks = find_blocks(model)
-    assert prefix.startswith("roberta_prelayernorm.")
     found = all_prunable_linears(model)
-    assert len(found) == 6 * len(blocks) and all(n.startswith(prefix) for n in found)
-    assert not all_prunable_linears(model, exclude=("*.attention.*",)).keys() & {n for n in found if ".attention." in n}
+    assert len(found) == linears * len(blocks) and all(n.startswith(prefix) for n in found)
+    assert any("norm" in n.removeprefix(prefix) or "norm" in prefix for n in found)
+    everything = f"{prefix.split('.')[0]}.*"
     with pytest.raises(carve.UsageError, match="no Linear layers"):
-        all_prunable_linears(model, exclude=("roberta_prelayernorm.*",))
+        all_prunable_linears(model, exclude=(everything,))
     carve.prune(model, "magnitude", 0.5, targets=Targets())
     assert all((m.weight == 0).float().mean() == 0.5 for m in found.values())
 

@@ -68,9 +68,10 @@ def prunable_linears(
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
 ) -> dict[str, nn.Module]:
     """Linear modules of one block, by full module name, filtered by glob patterns; an MoE's router
-    is never one (`routers`).  The default exclusions are matched against the name within the block
-    (they name modules' roles: a model named for its norm, RoBERTa-PreLayerNorm, whose every module
-    sits under `roberta_prelayernorm.`, is not excluded whole); other patterns, the full name."""
+    is never one (`routers`).  The default exclusions are matched against the Linear's own name, the
+    last part: they name what a Linear is, not where it sits (RoBERTa-PreLayerNorm's every module
+    sits under `roberta_prelayernorm.`, DBRX's attention under `norm_attn_norm.attn`); other
+    patterns, the full name."""
     out = {}
     skip = routers(block)
     for name, mod in block.named_modules():
@@ -79,7 +80,8 @@ def prunable_linears(
             continue
         if not any(fnmatch.fnmatch(full, p) for p in include):
             continue
-        if any(fnmatch.fnmatch(name if p in DEFAULT_EXCLUDE else full, p) for p in exclude):
+        own = name.rpartition(".")[2]
+        if any(fnmatch.fnmatch(own if p in DEFAULT_EXCLUDE else full, p) for p in exclude):
             continue
         out[full] = mod
     return out
