@@ -852,3 +852,17 @@ def test_streamed_calibration_dtype_is_read_off_a_loaded_parameter(
     streamed, differ = _streamed_against_in_memory(tmp_path, tokenizer, small_corpus, "cpmant", "sparsegpt")
     assert streamed["data"]["calibration"]["dtype"] == "bfloat16"
     assert not differ, differ
+
+
+def test_weights_tied_across_blocks_are_pruned_once(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """Zamba's shared transformer is one set of weights tied into several blocks: its Linears are
+    pruned once, in the first block holding them (before: pruned again at each depth, and the
+    manifest's count stopped on a KeyError), streamed as in memory."""
+    streamed, differ = _streamed_against_in_memory(tmp_path, tokenizer, small_corpus, "zamba", "sparsegpt")
+    assert not differ, differ
+    mask = load_file(tmp_path / "mem" / "mask.safetensors")
+    assert any(".0.shared_transf." in k for k in mask) and not any(".2.shared_transf." in k for k in mask)
+    weights = _weights(tmp_path / "mem")
+    shared = [k for k in weights if ".0.shared_transf." in k and k.endswith("proj.weight")]
+    assert shared and all((weights[k] == 0).float().mean() == 0.5 for k in shared)
+    assert streamed["sparsity"]["linear"] == pytest.approx(0.5)

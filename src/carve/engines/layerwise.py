@@ -558,7 +558,7 @@ def layerwise(
                 lap("stream")
             block = blocks[i]
             last = i == len(blocks) - 1
-            linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
+            linears = prunable_linears(block, f"{prefix}.{i}", include, exclude, blocks[:i])
             parts = [linears]
             if size is not None and calib.statistics_memory is not None:
                 with _computing(device, autocast):
@@ -615,7 +615,7 @@ def _fused(
     handles = []
     with bar(desc, len(blocks)) as shown:
         for i, block in enumerate(blocks):
-            linears = prunable_linears(block, f"{prefix}.{i}", include, exclude)
+            linears = prunable_linears(block, f"{prefix}.{i}", include, exclude, blocks[:i])
 
             def ready(name: str, stat: Any, i: int = i, linears: dict[str, nn.Module] = linears) -> None:
                 on_block(i, {name: linears[name]}, {name: stat})

@@ -120,7 +120,7 @@ def streamed_weight_scores(
     for i in progress(range(len(source.blocks)), f"scoring ({scorer.name})"):
         source.load_block(i)
         per_block(i, weight_scores(scorer, prunable_linears(source.blocks[i], f"{prefix}.{i}", targets.include,
-                                                            targets.exclude)))  # fmt: skip
+                                                            targets.exclude, source.blocks[:i])))  # fmt: skip
         source.free_block(i)
 
 

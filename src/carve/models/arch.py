@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -66,17 +67,21 @@ def prunable_linears(
     prefix: str,
     include: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE,
+    earlier: Iterable[nn.Module] = (),
 ) -> dict[str, nn.Module]:
     """Linear modules of one block, by full module name, filtered by glob patterns; an MoE's router
-    is never one (`routers`).  The default exclusions are matched against the Linear's own name, the
-    last part: they name what a Linear is, not where it sits (RoBERTa-PreLayerNorm's every module
-    sits under `roberta_prelayernorm.`, DBRX's attention under `norm_attn_norm.attn`); other
-    patterns, the full name."""
+    is never one (`routers`), nor a Linear whose weight one of the `earlier` blocks holds too (Zamba's
+    shared transformer, its weights tied across depths: pruned once, in the first block holding them).
+    The default exclusions are matched against the Linear's own name, the last part: they name what
+    a Linear is, not where it sits (RoBERTa-PreLayerNorm's every module sits under
+    `roberta_prelayernorm.`, DBRX's attention under `norm_attn_norm.attn`); other patterns, the full
+    name."""
     out = {}
     skip = routers(block)
+    held = {id(p) for b in earlier for p in b.parameters()}
     for name, mod in block.named_modules():
         full = f"{prefix}.{name}" if name else prefix
-        if not is_linear(mod) or id(mod) in skip:
+        if not is_linear(mod) or id(mod) in skip or id(mod.weight) in held:
             continue
         if not any(fnmatch.fnmatch(full, p) for p in include):
             continue
@@ -140,7 +145,7 @@ def all_prunable_linears(
     prefix, blocks = find_blocks(model)
     out: dict[str, nn.Module] = {}
     for i, block in enumerate(blocks):
-        out.update(prunable_linears(block, f"{prefix}.{i}", include, exclude))
+        out.update(prunable_linears(block, f"{prefix}.{i}", include, exclude, blocks[:i]))
     if not out:
         raise UsageError(
             f"no Linear layers to prune in {type(model).__name__} with include={list(include)} exclude={list(exclude)}"

@@ -208,6 +208,7 @@ class SkeletonModel:
                     module._buffers[k] = b.to(self.device)
         self.groups = parameter_groups(model)
         self.prefix, self.blocks = find_blocks(model)
+        self.held = {name: self._held_by(name) for name in self.groups}  # the blocks holding each parameter
         self.conversions = Conversions(model, self.source.names())
         # name -> (the checkpoint's name, shape); a fused parameter's "name" is its own (it is read
         # from several tensors: `conversions`), as carve's sparse format stores it
@@ -303,7 +304,14 @@ class SkeletonModel:
         return list(self.conversions.checkpoint_tensors(stored, tensor).items())
 
     def block_names(self, i: int) -> list[str]:
+        """The parameters block i owns (writes): those whose first name is in it."""
         return [n for n in self.groups if self._in_block(n) == i]
+
+    def _held_by(self, name: str) -> list[int]:
+        """The blocks that hold parameter `name`: one, or several for weights tied across blocks
+        (Zamba's shared transformer), which stay read from the first of them to the last."""
+        found = {self._in_block(full) for _, _, full in self.groups[name]}
+        return sorted(i for i in found if i is not None)
 
     def other_names(self) -> list[str]:
         return [n for n in self.groups if self._in_block(n) is None]
@@ -315,13 +323,13 @@ class SkeletonModel:
         return p
 
     def load_block(self, i: int) -> None:
-        for name in self.block_names(i):
-            if self.parameter(name).device.type == "meta":
+        for name in self.groups:
+            if i in self.held[name] and self.parameter(name).device.type == "meta":
                 self._load(name)
         self.bind_experts(i)
 
     def free_block(self, i: int) -> None:
-        self._free(self.block_names(i))
+        self._free([n for n, held in self.held.items() if held and held[-1] == i])
         self.bind_experts(i)
 
     def bind_experts(self, i: int) -> None:

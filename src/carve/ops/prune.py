@@ -256,7 +256,7 @@ def _each_block_streamed(
     with torch.no_grad():
         for i in progress(range(len(blocks)), desc, total=len(blocks)):
             stream.enter(i)
-            fn(prunable_linears(blocks[i], f"{prefix}.{i}", targets.include, targets.exclude))
+            fn(prunable_linears(blocks[i], f"{prefix}.{i}", targets.include, targets.exclude, blocks[:i]))
             stream.leave(i)
 
 
