@@ -120,11 +120,18 @@ def build(model_type: str) -> Any:
     from tests.conftest import VOCAB, any_tiny_config
     from transformers import AutoModelForCausalLM
 
+    from carve.models.arch import is_linear
+
     try:
         config = any_tiny_config(model_type, layers=3)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config).eval()
         with torch.no_grad():
+            # a Linear the model initializes to zeros (xLSTM's gates, AFMoE's router) drawn, so that
+            # the sweep sees whether carve prunes it or keeps it
+            for module in model.modules():
+                if is_linear(module) and not module.weight.any():
+                    module.weight.normal_(0, 0.02)
             model(torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(1)))
     except Exception as e:
         return f"{type(e).__name__}: {_one_line(str(e))}"
