@@ -866,3 +866,24 @@ def test_weights_tied_across_blocks_are_pruned_once(tmp_path: Path, tokenizer, s
     shared = [k for k in weights if ".0.shared_transf." in k and k.endswith("proj.weight")]
     assert shared and all((weights[k] == 0).float().mean() == 0.5 for k in shared)
     assert streamed["sparsity"]["linear"] == pytest.approx(0.5)
+
+
+def test_a_forward_that_fails_under_16_bit_autocast_names_float32_calibration(
+    tmp_path: Path, tokenizer, small_corpus: Path
+) -> None:
+    """transformers' DBRX experts add their bfloat16 outputs into a float32 buffer, so its forward
+    stops under bfloat16 autocast: the one-line refusal names `--calib-dtype float32` (nothing
+    written), and with it the job runs."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import any_tiny_config
+
+    torch.manual_seed(0)
+    src = tmp_path / "src-dbrx"
+    AutoModelForCausalLM.from_config(any_tiny_config("dbrx")).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    with pytest.raises(UsageError, match=r"scalar type.*try --calib-dtype float32"):
+        extract(_recipe(src, small_corpus, "sparsegpt", False, calib_dtype="bfloat16"), tmp_path / "bf16")
+    assert not (tmp_path / "bf16").exists()
+    done = extract(_recipe(src, small_corpus, "sparsegpt", False, calib_dtype="float32"), tmp_path / "f32")
+    assert done["sparsity"]["linear"] == pytest.approx(0.5)

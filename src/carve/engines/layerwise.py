@@ -226,11 +226,14 @@ def capture_inputs(
         except (AttributeError, TypeError, ValueError, IndexError, RuntimeError) as exc:
             if isinstance(exc, torch.OutOfMemoryError):
                 raise
-            # Reformer reads fields of its own output type off each block's output
+            # Reformer reads fields of its own output type off each block's output; DBRX's experts
+            # add bfloat16 outputs into a float32 buffer under autocast
             said = str(exc).splitlines()[0][:160] if str(exc) else ""
+            autocast = torch.is_autocast_enabled(ids.device.type)
             raise UsageError(
                 f"{type(model).__name__}'s forward does not take its blocks run one at a time ({type(exc).__name__}: "
-                f"{said}); use --propagation fused (one forward of the whole model; not streamed)"
+                f"{said}); {'if it was 16-bit autocast (try --calib-dtype float32), else ' if autocast else ''}"
+                "use --propagation fused (one forward of the whole model; not streamed)"
             ) from None
         calls[shape] = recorded
     return hidden, calls
