@@ -329,7 +329,8 @@ class SkeletonModel:
         self.bind_experts(i)
 
     def free_block(self, i: int) -> None:
-        self._free([n for n, held in self.held.items() if held and held[-1] == i])
+        # what block i owns, or holds last of several (a tensor outside the blocks stays: free_others)
+        self._free([n for n, held in self.held.items() if held and held[-1] == i and self._in_block(n) is not None])
         self.bind_experts(i)
 
     def bind_experts(self, i: int) -> None:
