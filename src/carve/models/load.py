@@ -187,13 +187,43 @@ def check_calib_choice(choice: str) -> None:
 
 def resolve_calib_dtype(choice: str, model: torch.nn.Module) -> torch.dtype:
     """The dtype of the calibration forwards for `model`: "auto" is bfloat16 for a float32
-    model on a device that multiplies bfloat16 natively, else the model's own dtype."""
+    model on a device that multiplies bfloat16 natively and whose forward runs under bfloat16
+    autocast (tried on 8 tokens where the model is in memory), else the model's own dtype."""
     param = first_parameter(model)
     if choice == "auto":
         fast = param.dtype == torch.float32 and native_bfloat16(param.device)
+        if fast and not _runs_under_autocast(model, torch.bfloat16):
+            print(
+                "carve: note: the model's forward stops under bfloat16 autocast: calibrating in float32",
+                file=sys.stderr,
+            )
+            fast = False
         return torch.bfloat16 if fast else param.dtype
     check_calib_choice(choice)
     return _DTYPES[choice]
+
+
+def _runs_under_autocast(model: torch.nn.Module, dtype: torch.dtype) -> bool:
+    """False where the model's forward on 8 tokens stops under `dtype` autocast and runs without it
+    (transformers' DBRX experts add bfloat16 outputs into a float32 buffer).  True otherwise, and
+    for a streamed skeleton, whose blocks are not read yet: there the block capture's refusal names
+    --calib-dtype float32."""
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return True
+    device = first_parameter(model).device
+    ids = torch.zeros((1, 8), dtype=torch.long, device=device)
+
+    def runs(enabled: bool) -> bool:
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
+                model(input_ids=ids, use_cache=False)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception:
+            return False
+        return True
+
+    return runs(True) or not runs(False)
 
 
 def resolve_device(device: str | None) -> str:
