@@ -854,10 +854,11 @@ def test_streamed_calibration_dtype_is_read_off_a_loaded_parameter(
     assert not differ, differ
 
 
-def test_weights_tied_across_blocks_are_pruned_once(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+def test_weights_tied_across_blocks_are_pruned_once(tmp_path: Path, tokenizer, small_corpus: Path, capsys) -> None:
     """Zamba's shared transformer is one set of weights tied into several blocks: its Linears are
     pruned once, in the first block holding them (before: pruned again at each depth, and the
-    manifest's count stopped on a KeyError), streamed as in memory."""
+    manifest's count stopped on a KeyError), streamed as in memory; a streamed evaluation of the
+    output reads the tied weights for every block holding them."""
     streamed, differ = _streamed_against_in_memory(tmp_path, tokenizer, small_corpus, "zamba", "sparsegpt")
     assert not differ, differ
     mask = load_file(tmp_path / "mem" / "mask.safetensors")
@@ -866,6 +867,7 @@ def test_weights_tied_across_blocks_are_pruned_once(tmp_path: Path, tokenizer, s
     shared = [k for k in weights if ".0.shared_transf." in k and k.endswith("proj.weight")]
     assert shared and all((weights[k] == 0).float().mean() == 0.5 for k in shared)
     assert streamed["sparsity"]["linear"] == pytest.approx(0.5)
+    _streamed_eval_equals_in_memory(tmp_path / "mem", small_corpus, capsys)
 
 
 def test_a_forward_that_fails_under_16_bit_autocast_calibrates_in_float32(
