@@ -30,6 +30,20 @@ def _saved(tmp_path: Path, arch: str, tokenizer, shard: str | None = None) -> Pa
     return out
 
 
+def _any_saved(tmp_path: Path, kind: str, tokenizer) -> Path:
+    """A tiny model of any transformers `kind` (conftest's any_tiny_config, seed 0) saved with the
+    tokenizer at tmp_path/src-<kind>."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import any_tiny_config
+
+    torch.manual_seed(0)
+    src = tmp_path / f"src-{kind}"
+    AutoModelForCausalLM.from_config(any_tiny_config(kind)).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    return src
+
+
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(directory.glob("model*.safetensors")):
@@ -703,14 +717,7 @@ def test_blocks_returning_more_than_the_hidden_states_stream(tmp_path: Path, tok
     carve stands in for the blocks (streamed perplexities, final losses) it returns that structure
     (`layerwise.as_block_output`), so the streamed job runs and equals the in-memory one (it stopped
     on "not enough values to unpack" before)."""
-    from transformers import AutoModelForCausalLM
-
-    from tests.conftest import any_tiny_config
-
-    torch.manual_seed(0)
-    src = tmp_path / "src"
-    AutoModelForCausalLM.from_config(any_tiny_config("glm_moe_dsa")).save_pretrained(src)
-    tokenizer.save_pretrained(src)
+    src = _any_saved(tmp_path, "glm_moe_dsa", tokenizer)
     mem = extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "mem")
     streamed = extract(_recipe(src, small_corpus, "sparsegpt", True), tmp_path / "stream")
     a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
@@ -816,14 +823,7 @@ def _streamed_eval_equals_in_memory(src: Path, corpus: Path, capsys) -> None:
 def _streamed_against_in_memory(tmp_path: Path, tokenizer, corpus: Path, kind: str, method: str) -> tuple[dict, list]:
     """A tiny model of any transformers `kind` extracted with `method` in memory and streamed: the
     streamed manifest and the weights that differ between the two outputs."""
-    from transformers import AutoModelForCausalLM
-
-    from tests.conftest import any_tiny_config
-
-    torch.manual_seed(0)
-    src = tmp_path / f"src-{kind}"
-    AutoModelForCausalLM.from_config(any_tiny_config(kind)).save_pretrained(src)
-    tokenizer.save_pretrained(src)
+    src = _any_saved(tmp_path, kind, tokenizer)
     mem = extract(_recipe(src, corpus, method, False), tmp_path / "mem")
     streamed = extract(_recipe(src, corpus, method, True), tmp_path / "stream")
     assert streamed["data"]["calibration"] == mem["data"]["calibration"]
@@ -878,15 +878,8 @@ def test_a_forward_that_fails_under_16_bit_autocast_calibrates_in_float32(
     (said on stderr, recorded in the manifest) where a model that runs under it gets bfloat16; an
     explicit bfloat16 is refused in one line naming float32, nothing written (bfloat16 made native
     here so the test means the same on any CPU)."""
-    from transformers import AutoModelForCausalLM
-
-    from tests.conftest import any_tiny_config
-
     monkeypatch.setattr("carve.models.load.native_bfloat16", lambda device: torch.device(device).type == "cpu")
-    torch.manual_seed(0)
-    src = tmp_path / "src-dbrx"
-    AutoModelForCausalLM.from_config(any_tiny_config("dbrx")).save_pretrained(src)
-    tokenizer.save_pretrained(src)
+    src = _any_saved(tmp_path, "dbrx", tokenizer)
     with pytest.raises(UsageError, match=r"scalar type.*try --calib-dtype float32"):
         extract(_recipe(src, small_corpus, "sparsegpt", False, calib_dtype="bfloat16"), tmp_path / "bf16")
     assert not (tmp_path / "bf16").exists()
