@@ -891,3 +891,116 @@ def test_a_router_that_is_a_network_stays_dense_whole() -> None:
     assert all(torch.equal(after[n], p) for n, p in router.items())
     pruned = [n for n, p in after.items() if p.dim() >= 2 and (p == 0).float().mean() > 0.4]
     assert any(".experts." in n for n in pruned) and any(".self_attn." in n for n in pruned)
+
+
+def dbrx_model(seed: int = 0) -> torch.nn.Module:
+    """A tiny DBRX (conftest's any_tiny_config: 4 experts of width 96, top-1): its experts' matrices
+    stacked along the rows of 2-D weights, w1 (gate) and v1 (up) [E·96, 64], w2 down's transpose."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import any_tiny_config
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(any_tiny_config("dbrx")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
+
+
+DBRX = "transformer.blocks.{}.ffn.experts"
+
+
+def test_experts_stacked_in_2d_weights_compute_as_the_model_and_fold_back() -> None:
+    """DBRX's experts, outside transformers' experts interface: unfused, each expert is three Linears
+    (w1, v1: its rows of the stacked weight; w2: the transpose of its rows), views that write into the
+    model's weights, computing what the model computes; fold is the inverse of unfold."""
+    model = dbrx_model()
+    ids = _ids()
+    with torch.no_grad():
+        before = model(ids).logits
+        with unfused(model) as experts:
+            assert sorted(experts.modules) == [DBRX.format(i) for i in range(3)]
+            inside = model(ids).logits
+            down = model.get_submodule(DBRX.format(1) + ".2.w2")
+            assert down.weight.shape == (64, 96)  # [out, in]: the hidden size out
+            down.weight[0, 3] = 7.0
+            per_param = {f"{DBRX.format(0)}.mlp.{p}": torch.randn(384, 64) for p in ("w1", "v1", "w2")}
+            per_linear = experts.unfold(per_param)
+            assert torch.equal(
+                per_linear[DBRX.format(0) + ".1.v1.weight"], per_param[DBRX.format(0) + ".mlp.v1"][96:192]
+            )
+            assert torch.equal(
+                per_linear[DBRX.format(0) + ".1.w2.weight"], per_param[DBRX.format(0) + ".mlp.w2"][96:192].t()
+            )
+            back = experts.fold(per_linear, True)
+    torch.testing.assert_close(inside, before, atol=1e-6, rtol=0)
+    assert model.get_submodule(DBRX.format(1)).mlp.w2[2 * 96 + 3, 0].item() == 7.0
+    assert back.keys() == per_param.keys() and all(torch.equal(back[k], per_param[k]) for k in per_param)
+
+
+def test_each_stacked_expert_is_calibrated_on_its_tokens_and_pruned_as_its_own_matrix() -> None:
+    """Wanda's masks of DBRX's block-0 experts against a direct computation: gate (w1) and up (v1)
+    score |W|·‖X_j‖ over the tokens routed to the expert, down (w2ᵀ) over act(x·w1ᵀ)·(x·v1ᵀ) of those
+    tokens, each keeping half of every output row of its own matrix."""
+    model = dbrx_model()
+    ids = _ids()
+    fused = model.get_submodule(DBRX.format(0))
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    hook = fused.register_forward_pre_hook(lambda _m, args: seen.append((args[0].detach(), args[1].detach())))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    x, index = seen[0][0].reshape(-1, 64), seen[0][1]
+    w1, v1, w2 = (getattr(fused.mlp, p).detach().clone().view(4, 96, 64) for p in ("w1", "v1", "w2"))
+    result = carve.prune(model, "wanda", 0.5, ids)
+
+    def wanda(W: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        score = W.abs() * inputs.pow(2).sum(0).sqrt()
+        return torch.zeros_like(W, dtype=torch.bool).scatter_(1, score.topk(W.shape[1] // 2, dim=1).indices, True)
+
+    masks = {p: result.mask[f"{DBRX.format(0)}.mlp.{p}"].view(4, 96, 64) for p in ("w1", "v1", "w2")}
+    routed = 0
+    for e in range(4):
+        xe = x[(index == e).any(-1)]
+        routed += int(len(xe) > 0)
+        if not len(xe):
+            continue
+        h = fused.mlp.activation_fn(xe @ w1[e].t()) * (xe @ v1[e].t())
+        assert torch.equal(masks["w1"][e], wanda(w1[e], xe)), e
+        assert torch.equal(masks["v1"][e], wanda(v1[e], xe)), e
+        assert torch.equal(masks["w2"][e].t(), wanda(w2[e].t(), h)), e
+    assert routed >= 2
+    for p in ("w1", "v1", "w2"):  # the model's own weights, zero where the mask removes
+        assert torch.equal(~result.mask[f"{DBRX.format(0)}.mlp.{p}"], getattr(fused.mlp, p) == 0)
+    assert set(result.describe(model)["sparsity"]["not_pruned_in_blocks"]) == {
+        "transformer.blocks.*.ffn.router.layer.weight"
+    }
+
+
+def test_a_map_of_stacked_experts_selects_each_expert_as_its_own_matrix(tmp_path: Path) -> None:
+    """A DBRX importance map, saved and read back, says which weights stack experts: a matrix-wide
+    selection from it keeps half of each expert, even where one expert's scores are all the highest
+    (read as one matrix, that expert would be kept whole); pruning with it reused makes that choice."""
+    from carve.masks.mask import ImportanceMap, select_mask
+
+    imp = carve.score(dbrx_model(), "wanda", _ids())
+    name = f"{DBRX.format(0)}.mlp.w1"
+    assert imp.meta["experts"][name] == 4
+    imp.scores[name][:96] += 1e3  # expert 0 above every other
+    imp.save(tmp_path / "map.safetensors")
+    back = ImportanceMap.load(tmp_path / "map.safetensors")
+    keep = select_mask(back, 0.5, "matrix")[name].view(4, 96, 64)
+    assert all(keep[e].float().mean().item() == 0.5 for e in range(4))
+    assert select_mask(ImportanceMap(dict(back.scores), {}), 0.5, "matrix")[name][:96].all()  # no meta: one matrix
+    result = carve.prune(dbrx_model(), "wanda", 0.5, _ids(), importance=back)  # reused: the same choice per expert
+    assert torch.equal(result.mask[name], select_mask(back, 0.5)[name])
+
+
+def test_experts_stacked_in_2d_weights_are_not_dropped_whole() -> None:
+    from carve.errors import UsageError
+    from carve.ops.expert_drop import drop_experts
+
+    model = dbrx_model()
+    with pytest.raises(UsageError, match=r"cannot slice transformer\.blocks\.0\.ffn\.experts: its experts are stacked"):
+        drop_experts(model, _ids(), 0.5)

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from carve.errors import UsageError
+from carve.masks.mask import Mask
 from carve.pipeline import Recipe, extract
 from tests.conftest import ARCHS, MORE_ARCHS, tiny_model
 
@@ -236,6 +237,24 @@ def test_streamed_moe_equals_in_memory(
     assert streamed["sparsity"]["linear"] == mem["sparsity"]["linear"]
     for when in ("before", "after"):
         assert streamed["metrics"][when]["domain_ppl"] == pytest.approx(mem["metrics"][when]["domain_ppl"], rel=1e-4)
+
+
+def test_streamed_experts_stacked_in_2d_weights_equal_in_memory(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+    """DBRX's experts (stacked along the rows of 2-D weights) streamed: each block's experts re-bound
+    as views when it is read, each pruned as its own matrix; the in-memory result bit for bit (float32
+    calibration: DBRX's experts add bfloat16 into float32, so a streamed `auto` job is refused)."""
+    src = _any_saved(tmp_path, "dbrx", tokenizer)
+    kw = {"calib_dtype": "float32"}
+    mem = extract(_recipe(src, small_corpus, "sparsegpt", False, **kw), tmp_path / "mem")
+    streamed = extract(_recipe(src, small_corpus, "sparsegpt", True, **kw), tmp_path / "stream")
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = load_file(tmp_path / "mem" / "mask.safetensors"), load_file(tmp_path / "stream" / "mask.safetensors")
+    assert sorted(ma) == sorted(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
+    w2 = Mask.load(tmp_path / "stream" / "mask.safetensors")["transformer.blocks.2.ffn.experts.mlp.w2"].view(4, 96, 64)
+    assert all(w2[e].float().mean().item() == 0.5 for e in range(4))  # each expert's own matrix halved
+    assert streamed["experts"] == mem["experts"] and len(mem["experts"]["unfused"]) == 3
+    assert streamed["sparsity"]["linear"] == mem["sparsity"]["linear"]
 
 
 def test_streamed_moe_reads_one_block_at_a_time_and_writes_the_sparse_format(

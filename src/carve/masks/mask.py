@@ -20,7 +20,9 @@ from carve.masks.select import check_sparsity, keep_mask, parse_pattern
 @dataclass
 class ImportanceMap(Mapping[str, torch.Tensor]):
     """Scores of the same shape as each parameter, with how they were made.  `meta["transposed"]`
-    lists parameters stored [in, out] (GPT-2's Conv1D), so row selection uses output rows."""
+    lists parameters stored [in, out] (GPT-2's Conv1D), so row selection uses output rows;
+    `meta["experts"]` (name -> E) the 2-D parameters stacking E experts' matrices along their rows
+    (DBRX's, carve.models.experts), each selected as a matrix of its own."""
 
     scores: MutableMapping[str, torch.Tensor]  # a dict, or a streamed job's SpilledTensors
     meta: dict[str, Any] = field(default_factory=dict)
@@ -263,10 +265,17 @@ def select_mask(
         raise UsageError(f"granularity {granularity!r} is not one of row, matrix, global")
     # scores are in each parameter's layout; GPT-2's Conv1D stores [in, out], so rows and N:M
     # groups are taken on the transpose for the parameters an ImportanceMap marks as such
-    transposed = set(scores.meta.get("transposed", [])) if isinstance(scores, ImportanceMap) else set()
+    meta = scores.meta if isinstance(scores, ImportanceMap) else {}
+    transposed, stacked = set(meta.get("transposed", [])), dict(meta.get("experts", {}))
     chosen: MutableMapping[str, torch.Tensor] = PackedKeep() if packed else {}
     for name, v in scores.items():
-        chosen[name] = _keep(v.float(), name in transposed, sparsity, granularity, nm)
+        if name in stacked:  # [E·rows, cols]: each expert's rows as in a 3-D [E, rows, cols]
+            one = _keep(
+                v.float().view(int(stacked[name]), -1, v.shape[-1]), name in transposed, sparsity, granularity, nm
+            )
+            chosen[name] = one.reshape(v.shape)
+        else:
+            chosen[name] = _keep(v.float(), name in transposed, sparsity, granularity, nm)
     return Mask(chosen)
 
 

@@ -33,6 +33,7 @@ model as transformers loads it, and `carve recover` or the sparse format read it
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
@@ -50,38 +51,86 @@ FLAGS = ("has_gate", "is_transposed", "has_bias")
 
 
 @dataclass(frozen=True)
+class Projection:
+    """One of an expert's matrices, as the fused module holds every expert's."""
+
+    param: str  # the parameter, relative to the experts module ("gate_up_proj", DBRX's "mlp.w1")
+    transposed: bool = False  # an expert's slice is [in, out]: its Linear's weight is the transpose
+
+    @property
+    def name(self) -> str:
+        """The per-expert Linear's name, `<experts>.<e>.<name>`."""
+        return self.param.rpartition(".")[2]
+
+
+@dataclass(frozen=True)
 class Layout:
     """How a fused experts module holds its experts' weights and is called."""
 
-    gated: bool  # `gate_up_proj` (gate half, then up half), else `up_proj`
-    transposed: bool  # [E, in, out], else [E, out, in]
+    projections: tuple[Projection, ...]  # in the order an expert applies them, the down projection last
+    # "fused": the first projection's output is the gate half, then the up half (`gate_up_proj`);
+    # "split": the first two are the gate and the up projection (DBRX's w1, v1); "none": act(up)
+    gate: str
     bias: bool  # `<projection>_bias` [E, out] beside each weight
     # called on the hidden states alone, [E × tokens, hidden]: expert e's block of rows is every
     # token scaled by its routing weight, zero where e is not among the token's top-k (Llama 4);
     # else with (hidden states, top-k indices, top-k weights), transformers' experts interface
     pre_routed: bool = False
+    act: str = "act_fn"  # the activation: the fused module's attribute (a dotted path)
+    # 2-D weights holding the experts stacked along their rows, [E·rows, cols] (DBRX), the count
+    # being this attribute of the module; None: 3-D, [E, rows, cols]
+    count: str | None = None
 
-    @property
-    def projections(self) -> tuple[str, str]:
-        return ("gate_up_proj" if self.gated else "up_proj", "down_proj")
+
+def interface_layout(module: nn.Module) -> Layout:
+    """The layout transformers' experts interface states by its flags on the module."""
+    t = bool(module.is_transposed)
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    return Layout((Projection(first, t), Projection("down_proj", t)), "fused" if module.has_gate else "none",
+                  bool(module.has_bias))  # fmt: skip
 
 
 # fused experts modules outside transformers' experts interface (no flags), by class name
-LAYOUTS = {"Llama4TextExperts": Layout(gated=True, transposed=True, bias=False, pre_routed=True)}
+LAYOUTS = {
+    "Llama4TextExperts": Layout(
+        (Projection("gate_up_proj", True), Projection("down_proj", True)), "fused", bias=False, pre_routed=True
+    ),
+    # w1 (gate) and v1 (up) [E·ffn, hidden] as Linears hold them; w2 [E·ffn, hidden] is down's transpose
+    "DbrxExperts": Layout(
+        (Projection("mlp.w1"), Projection("mlp.v1"), Projection("mlp.w2", True)),
+        "split",
+        bias=False,
+        act="mlp.activation_fn",
+        count="num_experts",
+    ),
+}
+
+
+def _parameter(module: nn.Module, path: str) -> nn.Parameter | None:
+    try:
+        return module.get_parameter(path)
+    except AttributeError:
+        return None
 
 
 def layout(module: nn.Module) -> Layout | None:
-    """The layout of a fused experts module with 3-D expert weights: one of transformers' experts
-    interface (its flags set on the module) or of `LAYOUTS`; None for any other module."""
+    """The layout of a fused experts module: one of transformers' experts interface (its flags set on
+    the module) or of `LAYOUTS`; None for any other module, or one whose weights are not as stated."""
     if isinstance(module, ExpertLinears):
         return None
     found = LAYOUTS.get(type(module).__name__)
     if found is None and all(hasattr(module, f) for f in FLAGS):
-        found = Layout(bool(module.has_gate), bool(module.is_transposed), bool(module.has_bias))
+        found = interface_layout(module)
     if found is None:
         return None
-    params = dict(module.named_parameters(recurse=False))
-    return found if all(p in params and params[p].dim() == 3 for p in found.projections) else None
+    count = getattr(module, found.count, None) if found.count else None
+    for p in found.projections:
+        w = _parameter(module, p.param)
+        if w is None or w.dim() != (2 if found.count else 3):
+            return None
+        if found.count and not (isinstance(count, int) and count > 0 and w.shape[0] % count == 0):
+            return None
+    return found
 
 
 def is_fused_experts(module: nn.Module) -> bool:
@@ -94,38 +143,47 @@ def fused_experts(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if is_fused_experts(m)}
 
 
+def expert_count(module: nn.Module) -> int:
+    """The number of experts a fused experts module holds."""
+    found = layout_of(module)
+    if found.count:
+        return int(getattr(module, found.count))
+    return int(module.get_parameter(found.projections[0].param).shape[0])
+
+
 def expert_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameter name -> each fused experts module's 3-D weights (gate_up / up and down)."""
+    """Parameter name -> each fused experts module's expert weights (gate_up / up and down, …)."""
     found = fused_experts(model)
-    return {f"{n}.{p}": getattr(m, p) for n, m in found.items() for p in _layout(m).projections}
+    return {f"{n}.{p.param}": m.get_parameter(p.param) for n, m in found.items() for p in layout_of(m).projections}
 
 
-def _layout(module: nn.Module) -> Layout:
+def layout_of(module: nn.Module) -> Layout:
+    """The layout of a module `is_fused_experts` holds true of."""
     found = layout(module)
     assert found is not None, type(module).__name__
     return found
 
 
 class ExpertLinears(nn.Module):
-    """A fused experts module as one pair of Linears per expert (`experts.<e>.<projection>`), views
-    of its 3-D parameters; the same forward."""
+    """A fused experts module as one set of Linears per expert (`experts.<e>.<projection>`), views of
+    its parameters; the same forward."""
 
     fused: Any  # the transformers module (its gate, activation and flags), kept outside the module tree
 
     def __init__(self, fused: nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "fused", fused)  # not a submodule: its parameters are the views'
-        self.layout = _layout(fused)
-        params = dict(fused.named_parameters(recurse=False))
+        self.layout = layout_of(fused)
+        self.count = expert_count(fused)
         # children named by expert index, as transformers' per-expert checkpoints name them; not a
         # ModuleList, which carve.models.arch.find_blocks could take for the decoder blocks
         self.experts: list[nn.Module] = []
-        for e in range(params[self.projections[0]].shape[0]):
+        for e in range(self.count):
             one = nn.Module()
             for p in self.projections:
-                rows, cols = params[p].shape[1:]
-                out, inp = (cols, rows) if self.transposed else (rows, cols)
-                one.add_module(p, nn.Linear(inp, out, bias=self.layout.bias, device="meta"))
+                rows, cols = self.split(fused.get_parameter(p.param)).shape[1:]
+                out, inp = (cols, rows) if p.transposed else (rows, cols)
+                one.add_module(p.name, nn.Linear(inp, out, bias=self.layout.bias, device="meta"))
             self.add_module(str(e), one)
             self.experts.append(one)
         self.bind()
@@ -133,25 +191,35 @@ class ExpertLinears(nn.Module):
         self.counting = True  # forwards count their routed tokens (not an evaluation's: see `uncounted`)
 
     @property
-    def transposed(self) -> bool:
-        return self.layout.transposed
-
-    @property
-    def projections(self) -> tuple[str, str]:
+    def projections(self) -> tuple[Projection, ...]:
         return self.layout.projections
+
+    def projection(self, name: str) -> Projection | None:
+        """The projection whose per-expert Linears are named `name`."""
+        return next((p for p in self.projections if p.name == name), None)
+
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor shaped as one of the fused weights, seen per expert: [E, rows, cols] (a view)."""
+        return t.view(self.count, -1, t.shape[-1]) if self.layout.count else t
+
+    def stack(self, per_expert: list[torch.Tensor]) -> torch.Tensor:
+        """The inverse of `split`: per-expert slices (in the fused layout) as one fused tensor."""
+        t = torch.stack(per_expert)
+        return t.reshape(-1, t.shape[-1]) if self.layout.count else t
 
     def bind(self) -> None:
         """Each expert's Linears made views of the fused module's parameters as they are now: a
         streamed job (models/skeleton) reads a block's fused tensors and frees them (to the meta
         device) one block at a time, and the views must follow, or hold what was freed.  They share
         the fused tensors' storage: pruning them in place prunes the model."""
-        params = dict(self.fused.named_parameters(recurse=False))
-        for e, expert in enumerate(self.experts):
-            for p in self.projections:
-                lin, w = getattr(expert, p), params[p].data[e]
-                lin.weight = nn.Parameter(w.t() if self.transposed else w, requires_grad=params[p].requires_grad)
-                if self.layout.bias:
-                    lin.bias = nn.Parameter(params[f"{p}_bias"].data[e], requires_grad=params[p].requires_grad)
+        for p in self.projections:
+            param = self.fused.get_parameter(p.param)
+            bias = self.fused.get_parameter(f"{p.param}_bias") if self.layout.bias else None
+            for e, w in enumerate(self.split(param.data).unbind(0)):
+                lin = getattr(self.experts[e], p.name)
+                lin.weight = nn.Parameter(w.t() if p.transposed else w, requires_grad=param.requires_grad)
+                if bias is not None:
+                    lin.bias = nn.Parameter(bias.data[e], requires_grad=param.requires_grad)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.layout.pre_routed:
@@ -178,42 +246,55 @@ class ExpertLinears(nn.Module):
             out[e, token] = self._expert(e, x[e, token]).to(out.dtype)
         return out.view(-1, x.shape[-1])
 
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts' activation (read where called: gpt-oss's gate has its own, and no act_fn)."""
+        act: Any = functools.reduce(getattr, self.layout.act.split("."), self.fused)
+        return act(x)
+
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's output on the tokens `x` routed to it (counted, outside an evaluation)."""
         if self.counting:
             self.routed[e] += x.shape[0]
         fused, expert = self.fused, self.experts[e]
-        up, down = (getattr(expert, p) for p in self.projections)
-        h = up(x)
-        if not self.layout.gated:
-            h = fused.act_fn(h)
+        lins = [getattr(expert, p.name) for p in self.projections]
+        act = self._act
+        if self.layout.gate == "split":
+            h = act(lins[0](x)) * lins[1](x)
+        elif self.layout.gate == "none":
+            h = act(lins[0](x))
         elif hasattr(fused, "_apply_gate"):
-            h = fused._apply_gate(h)
+            h = fused._apply_gate(lins[0](x))
         else:  # the experts interface's default gate: the first half gates the second
-            gate, lin = h.chunk(2, dim=-1)
-            h = fused.act_fn(gate) * lin
-        y = down(h)
+            gate, lin = lins[0](x).chunk(2, dim=-1)
+            h = act(gate) * lin
+        y = lins[-1](h)
         if getattr(fused, "has_post_expert_norm", False):
             y = fused.post_expert_norm(y)
         return y
 
 
-_EXPERT_KEY = re.compile(r"^(?P<module>.+)\.(?P<e>\d+)\.(?P<proj>[a-z_]+)\.weight$")
+_EXPERT_KEY = re.compile(r"^(?P<module>.+)\.(?P<e>\d+)\.(?P<proj>\w+)\.weight$")
 
 
 @dataclass
 class Unfused:
     """The fused experts modules a job unfused (name -> ExpertLinears), and the translation of masks
-    and importance maps between their per-expert Linears and the model's 3-D parameters."""
+    and importance maps between their per-expert Linears and the model's fused parameters."""
 
     modules: dict[str, ExpertLinears]
 
+    def __post_init__(self) -> None:
+        # each fused parameter (`<experts>.<param>`) -> its experts module's name and projection
+        self.params = {f"{n}.{p.param}": (n, p) for n, m in self.modules.items() for p in m.projections}
+
     def _expert(self, key: str) -> tuple[str, int] | None:
-        """(`<experts>.<proj>`, e) for an unfused expert's weight `<experts>.<e>.<proj>.weight`."""
+        """(`<experts>.<param>`, e) for an unfused expert's weight `<experts>.<e>.<proj>.weight`."""
         m = _EXPERT_KEY.match(key)
-        if m is None or m["module"] not in self.modules or m["proj"] not in self.modules[m["module"]].projections:
+        unf = self.modules.get(m["module"]) if m else None
+        proj = unf.projection(m["proj"]) if unf is not None and m else None
+        if proj is None or m is None:
             return None
-        return f"{m['module']}.{m['proj']}", int(m["e"])
+        return f"{m['module']}.{proj.param}", int(m["e"])
 
     def fold_names(self, names: list[str]) -> list[str]:
         """Weight names with each unfused expert's replaced by its fused parameter's (once, in order)."""
@@ -226,7 +307,7 @@ class Unfused:
 
     def fold(self, per_linear: Mapping[str, torch.Tensor], fill: bool | float) -> dict[str, torch.Tensor]:
         """Per-expert entries (`<experts>.<e>.<proj>.weight`, [out, in]) stacked into each fused
-        parameter (`<experts>.<proj>`, in its layout); experts a job left out are `fill` (True for a
+        parameter (`<experts>.<param>`, in its layout); experts a job left out are `fill` (True for a
         mask: kept).  Other entries as they are."""
         return dict(self._folded(per_linear, fill))
 
@@ -241,7 +322,7 @@ class Unfused:
             else:
                 stacks.setdefault(found[0], {})[found[1]] = key
         for name, experts in stacks.items():
-            module, proj = name.rsplit(".", 1)
+            module, proj = self.params[name]
             unf = self.modules[module]
             given = {e: per_linear[key] for e, key in experts.items()}
             dtype = next(iter(given.values())).dtype
@@ -249,21 +330,20 @@ class Unfused:
             for e, expert in enumerate(unf.experts):
                 v = given.pop(e, None)
                 if v is None:
-                    v = torch.full(getattr(expert, proj).weight.shape, fill, dtype=dtype)
-                rows.append(v.t() if unf.transposed else v)
-            yield name, torch.stack(rows)
+                    v = torch.full(getattr(expert, proj.name).weight.shape, fill, dtype=dtype)
+                rows.append(v.t() if proj.transposed else v)
+            yield name, unf.stack(rows)
 
     def unfold(self, per_param: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The inverse of `fold`: each fused parameter's entry as one per expert, [out, in]."""
         out: dict[str, torch.Tensor] = {}
         for key in per_param:
-            module, _, proj = key.rpartition(".")
-            unf = self.modules.get(module)
-            if unf is None or proj not in unf.projections:
+            if key not in self.params:
                 out[key] = per_param[key]
                 continue
-            for e, v in enumerate(per_param[key].unbind(0)):
-                out[f"{module}.{e}.{proj}.weight"] = v.t() if unf.transposed else v
+            module, proj = self.params[key]
+            for e, v in enumerate(self.modules[module].split(per_param[key]).unbind(0)):
+                out[f"{module}.{e}.{proj.name}.weight"] = v.t() if proj.transposed else v
         return out
 
     def fold_mask(self, mask: Mask) -> Mask:
@@ -281,9 +361,12 @@ class Unfused:
         if not self.modules:
             return imp
         meta = dict(imp.meta)
-        flipped = [f"{n}.{p}" for n, m in self.modules.items() if m.transposed for p in m.projections]
+        flipped = [name for name, (_, p) in self.params.items() if p.transposed]
         if flipped:  # [E, in, out] (gpt-oss): rows and N:M groups taken on each expert's transpose
             meta["transposed"] = sorted({*meta.get("transposed", []), *flipped})
+        stacked = {name: self.modules[m].count for name, (m, _) in self.params.items() if self.modules[m].layout.count}
+        if stacked:  # [E·rows, cols] (DBRX): each expert's block of rows a matrix of its own
+            meta["experts"] = {**meta.get("experts", {}), **stacked}
         return ImportanceMap(self.fold(imp, float("inf")), meta)
 
     def unfold_map(self, imp: ImportanceMap) -> ImportanceMap:
@@ -313,13 +396,13 @@ class _PerExpert(Mapping[str, torch.Tensor]):
         if expert is None:
             return self.tensors[key]
         name, e = expert
-        module = name.rpartition(".")[0]
+        module, proj = self.unf.params[name]
         if name not in self._held:
             if any(not held.startswith(f"{module}.") for held in self._held):
                 self._held.clear()  # another module's: let them go
             self._held[name] = self.tensors[name]
-        one = self._held[name][e]
-        return one.t() if self.unf.modules[module].transposed else one
+        one = self.unf.modules[module].split(self._held[name])[e]
+        return one.t() if proj.transposed else one
 
     def __contains__(self, key: object) -> bool:
         expert = self.unf._expert(key) if isinstance(key, str) else None
@@ -327,12 +410,11 @@ class _PerExpert(Mapping[str, torch.Tensor]):
 
     def __iter__(self) -> Iterator[str]:
         for key in self.tensors:
-            module, _, proj = key.rpartition(".")
-            unf = self.unf.modules.get(module)
-            if unf is None or proj not in unf.projections:
+            if key not in self.unf.params:
                 yield key
             else:
-                yield from (f"{module}.{e}.{proj}.weight" for e in range(len(unf.experts)))
+                module, proj = self.unf.params[key]
+                yield from (f"{module}.{e}.{proj.name}.weight" for e in range(self.unf.modules[module].count))
 
     def __len__(self) -> int:
         return sum(1 for _ in self)

@@ -29,7 +29,7 @@ from carve.engines.blocks import run_hooked
 from carve.errors import UsageError
 from carve.masks.mask import ImportanceMap
 from carve.models.anatomy import text_config
-from carve.models.experts import fused_experts, layout
+from carve.models.experts import expert_count, fused_experts, layout_of
 
 if TYPE_CHECKING:
     from carve.engines.gradient import BlockSource
@@ -58,7 +58,10 @@ def moe_blocks(model: nn.Module, within: bool = False) -> list[MoeBlock]:
     blocks = []
     for name, experts in fused_experts(model).items():
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        count = next(p.shape[0] for p in experts.parameters(recurse=False))
+        if layout_of(experts).count:
+            raise UsageError(f"--experts-keep cannot slice {name}: its experts are stacked along the rows of 2-D "
+                             f"weights ({type(experts).__name__}), which carve prunes but does not remove")  # fmt: skip
+        count = expert_count(experts)
         routers = [
             m for m in parent.children()
             if m is not experts and isinstance(w := getattr(m, "weight", None), torch.Tensor)
@@ -147,8 +150,7 @@ def routing_mass(
 
 
 def pre_routed(experts: nn.Module) -> bool:
-    found = layout(experts)
-    return found is not None and found.pre_routed
+    return layout_of(experts).pre_routed
 
 
 def slice_experts(block: MoeBlock, kept: list[int]) -> None:
