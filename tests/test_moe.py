@@ -646,14 +646,15 @@ def test_dropping_llama4_experts_ranks_them_by_the_routers_scores(tmp_path: Path
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
 
 
-def test_expert_weights_carve_cannot_see_stay_dense_and_are_named() -> None:
-    """JetMoE's `JetMoeParallelExperts` holds its experts in one 3-D weight called with per-expert
-    token counts: no Linear, no experts layout carve knows.  A job leaves them as they were and names
-    them among the blocks' matrices left dense (which the CLI prints)."""
+def test_expert_weights_carve_cannot_see_stay_dense_and_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 3-D experts weight of no layout carve knows (JetMoE's banks, with their layout taken out of
+    `LAYOUTS`) is left as it was and named among the blocks' matrices left dense (which the CLI prints)."""
     from transformers import AutoModelForCausalLM
 
+    from carve.models import experts
     from tests.conftest import any_tiny_config
 
+    monkeypatch.delitem(experts.LAYOUTS, "JetMoeParallelExperts")
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(any_tiny_config("jetmoe", layers=2)).eval()
     assert not fused_experts(model)
@@ -855,8 +856,8 @@ def test_dropping_experts_under_group_limited_routing_keeps_each_groups_heaviest
 
 def test_a_router_scoring_zero_compute_experts_too_stays_dense() -> None:
     """LongCat-Flash's router scores its routed experts and its zero-compute (identity) ones: its
-    width is the leading size of the experts' fused gate_up_proj, not the routed count, and it is
-    kept dense like every router; its experts (a layout carve does not see) stay dense and are named."""
+    width is the count of all it routes to (the leading size of the experts' gate_up_proj), not the
+    routed count, and it is kept dense like every router, while its experts are pruned."""
     from transformers import AutoModelForCausalLM
 
     from tests.conftest import any_tiny_config
@@ -869,7 +870,7 @@ def test_a_router_scoring_zero_compute_experts_too_stays_dense() -> None:
     after = dict(model.named_parameters())
     assert all(torch.equal(after[n], p) for n, p in routers.items())
     assert "model.layers.*.mlp.router.classifier.weight" in dense
-    assert any(".experts." in n for n in dense)
+    assert not any(".experts." in n for n in dense)
 
 
 def test_a_router_that_is_a_network_stays_dense_whole() -> None:
@@ -1002,5 +1003,57 @@ def test_experts_stacked_in_2d_weights_are_not_dropped_whole() -> None:
     from carve.ops.expert_drop import drop_experts
 
     model = dbrx_model()
-    with pytest.raises(UsageError, match=r"cannot slice transformer\.blocks\.0\.ffn\.experts: its experts are stacked"):
+    with pytest.raises(UsageError, match=r"cannot slice transformer\.blocks\.0\.ffn\.experts \(DbrxExperts: stacked"):
         drop_experts(model, _ids(), 0.5)
+
+
+@pytest.mark.parametrize(
+    ("kind", "routers"),
+    [
+        ("longcat_flash", {"model.layers.*.mlp.router.classifier.weight"}),  # scores 4 routed and 2 identity experts
+        ("jetmoe", {"model.layers.*.mlp.router.layer.weight", "model.layers.*.self_attention.experts.router.layer.weight"}),
+        ("inkling_text", {"model.layers.*.mlp.gate.weight"}),
+    ],
+)  # fmt: skip
+def test_experts_outside_the_interface_compute_as_the_model_and_are_pruned_each(kind: str, routers: set[str]) -> None:
+    """LongCat-Flash (identity experts past the ones with weights, whose gate_up_proj holds unused
+    slots for them), JetMoE (banks of Linears called on runs of rows sorted by expert, in its MLP and
+    its mixture of attention) and Inkling's shared experts (every token to every expert, weighted):
+    unfused, the model computes what it did; each expert's matrices are pruned to half, an unused
+    slot stays as it was, and the routers stay dense."""
+    from transformers import AutoModelForCausalLM
+
+    from carve.models.experts import expert_count, layout_of
+    from tests.conftest import any_tiny_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(any_tiny_config(kind)).eval()
+    ids = torch.randint(3, 384, (4, 16), generator=torch.Generator().manual_seed(1))
+    fused = fused_experts(model)
+    assert fused
+    params = {f"{n}.{p.param}": (m.get_parameter(p.param).detach().clone(), expert_count(m)) for n, m in fused.items()
+              for p in layout_of(m).projections}  # fmt: skip
+    given: list[torch.Tensor] = []
+    if kind == "longcat_flash":  # the identity experts are reached, so their path is compared
+        m = model.get_submodule("model.layers.0.mlp.experts")
+        m.register_forward_pre_hook(lambda _m, args: given.append(args[1]))
+    with torch.no_grad():
+        before = model(ids).logits
+        with unfused(model) as experts:
+            assert sorted(experts.modules) == sorted(fused)
+            inside = model(ids).logits
+    torch.testing.assert_close(inside, before, atol=1e-5, rtol=1e-5)
+    if kind == "longcat_flash":
+        assert (given[0] >= 4).any() and (given[0] < 4).any()
+    result = carve.prune(model, "wanda", 0.5, ids)
+    assert {n for _, n in params.values()} == ({4, 2} if kind == "inkling_text" else {4})  # Inkling's 2 shared too
+    assert kind != "inkling_text" or "model.layers.0.mlp.shared_experts.down_proj" in params
+    for name, (old, n) in params.items():
+        w = model.get_parameter(name)
+        assert result.mask[name].shape == w.shape
+        per_expert = (w[:n] == 0).float().mean(dim=(1, 2))
+        assert torch.allclose(per_expert, torch.full_like(per_expert, 0.5), atol=0.02), name
+        assert torch.equal(w[n:], old[n:]) and result.mask[name][n:].all(), name  # LongCat's identity slots
+    if kind == "longcat_flash":
+        assert params["model.layers.0.mlp.experts.gate_up_proj"][0].shape[0] == 6
+    assert set(result.describe(model)["sparsity"]["not_pruned_in_blocks"]) & {*routers, *params} == routers

@@ -239,14 +239,23 @@ def test_streamed_moe_equals_in_memory(
         assert streamed["metrics"][when]["domain_ppl"] == pytest.approx(mem["metrics"][when]["domain_ppl"], rel=1e-4)
 
 
-def test_streamed_experts_stacked_in_2d_weights_equal_in_memory(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
+@pytest.mark.parametrize("dtype", ["auto", "float32"])
+def test_streamed_experts_stacked_in_2d_weights_equal_in_memory(
+    tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch, dtype: str
+) -> None:
     """DBRX's experts (stacked along the rows of 2-D weights) streamed: each block's experts re-bound
-    as views when it is read, each pruned as its own matrix; the in-memory result bit for bit (float32
-    calibration: DBRX's experts add bfloat16 into float32, so a streamed `auto` job is refused)."""
+    as views when it is read, each pruned as its own matrix; the in-memory result bit for bit.  Under
+    `auto` both calibrate in bfloat16 (made native here): transformers' DBRX experts stop under
+    bfloat16 autocast (they add bfloat16 into float32), carve's unfused ones cast, and the in-memory
+    job's trial forward runs them as calibration does (it once ran the model's own: float32 in
+    memory, bfloat16 streamed)."""
+    monkeypatch.setattr("carve.models.load.native_bfloat16", lambda device: torch.device(device).type == "cpu")
     src = _any_saved(tmp_path, "dbrx", tokenizer)
-    kw = {"calib_dtype": "float32"}
+    kw = {"calib_dtype": dtype}
     mem = extract(_recipe(src, small_corpus, "sparsegpt", False, **kw), tmp_path / "mem")
     streamed = extract(_recipe(src, small_corpus, "sparsegpt", True, **kw), tmp_path / "stream")
+    want = "bfloat16" if dtype == "auto" else "float32"
+    assert mem["data"]["calibration"]["dtype"] == streamed["data"]["calibration"]["dtype"] == want
     a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     ma, mb = load_file(tmp_path / "mem" / "mask.safetensors"), load_file(tmp_path / "stream" / "mask.safetensors")
@@ -892,13 +901,24 @@ def test_weights_tied_across_blocks_are_pruned_once(tmp_path: Path, tokenizer, s
 def test_a_forward_that_fails_under_16_bit_autocast_calibrates_in_float32(
     tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch, capsys
 ) -> None:
-    """transformers' DBRX experts add their bfloat16 outputs into a float32 buffer, so its forward
-    stops under bfloat16 autocast: `--calib-dtype auto` tries the forward and calibrates in float32
-    (said on stderr, recorded in the manifest) where a model that runs under it gets bfloat16; an
-    explicit bfloat16 is refused in one line naming float32, nothing written (bfloat16 made native
-    here so the test means the same on any CPU)."""
+    """A model whose forward adds a bfloat16 output into a float32 buffer (here a Llama MLP made to,
+    as transformers' DBRX experts do) stops under bfloat16 autocast: `--calib-dtype auto` tries the
+    forward and calibrates in float32 (said on stderr, recorded in the manifest) where a model that
+    runs under it gets bfloat16; an explicit bfloat16 is refused in one line naming float32, nothing
+    written (bfloat16 made native here so the test means the same on any CPU)."""
+    from transformers.models.llama import modeling_llama
+
     monkeypatch.setattr("carve.models.load.native_bfloat16", lambda device: torch.device(device).type == "cpu")
-    src = _any_saved(tmp_path, "dbrx", tokenizer)
+    src = _saved(tmp_path, "llama", tokenizer)
+    assert extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "llama")["data"]["calibration"][
+        "dtype"] == "bfloat16"  # fmt: skip
+    forward = modeling_llama.LlamaMLP.forward
+
+    def into_float32(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        y = forward(self, x)
+        return torch.zeros(x.shape, dtype=torch.float32).index_add_(0, torch.arange(x.shape[0]), y)
+
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", into_float32)
     with pytest.raises(UsageError, match=r"scalar type.*try --calib-dtype float32"):
         extract(_recipe(src, small_corpus, "sparsegpt", False, calib_dtype="bfloat16"), tmp_path / "bf16")
     assert not (tmp_path / "bf16").exists()
@@ -906,8 +926,3 @@ def test_a_forward_that_fails_under_16_bit_autocast_calibrates_in_float32(
     done = extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "auto")
     assert "stops under bfloat16 autocast" in capsys.readouterr().err
     assert done["data"]["calibration"]["dtype"] == "float32" and done["sparsity"]["linear"] == pytest.approx(0.5)
-    llama = _saved(tmp_path, "llama", tokenizer)
-    assert (
-        extract(_recipe(llama, small_corpus, "sparsegpt", False), tmp_path / "llama")["data"]["calibration"]["dtype"]
-        == "bfloat16"
-    )

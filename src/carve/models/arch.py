@@ -97,29 +97,36 @@ def routers(block: nn.Module) -> set[int]:
     `experts`, the Linears outside the experts with one output per expert (Llama 4's `Llama4Router`
     and PhiMoE's `PhimoeTopKRouter` subclass nn.Linear; AFMoE's `gate`, HunYuan's `wg`, DBRX's
     `router.layer` are plain ones).  The expert count is the length of the `experts` list (a
-    ModuleList, carve's ExpertLinears), the `num_experts` transformers sets on the experts or the block,
-    or the leading sizes of the experts' own 3-D weights.  A router that is a network of Linears
+    ModuleList), the `num_experts` transformers sets on the experts or the block, a fused experts
+    module's count (carve.models.experts.expert_counts, with the identity experts LongCat-Flash's router
+    scores too), or the leading sizes of the experts' own 3-D weights; where a module holds no
+    `experts`, its fused expert banks (JetMoE's) are its experts.  A router that is a network of Linears
     (ZAYA's: a projection, an MLP, and a last Linear scoring the experts and a skip one, count + 1)
     is kept whole: a module beside the experts whose Linears score them and never return to the
     width they read (a shared expert's down projection returns to the hidden size)."""
+    from carve.models.experts import expert_counts
+
     found: set[int] = set()
     for moe in block.modules():
         experts = getattr(moe, "experts", None)
-        if not isinstance(experts, (list, nn.Module)):
-            continue
-        count = len(experts) if isinstance(experts, (list, nn.ModuleList)) else None
-        inner = getattr(experts, "experts", None)  # carve's ExpertLinears in place of the fused module
-        count = count or (len(inner) if isinstance(inner, list) else None)
-        count = count or getattr(experts, "num_experts", None) or getattr(moe, "num_experts", None)
-        # or the leading size of a fused experts module's 3-D weights (LongCat-Flash's gate_up_proj
-        # holds its routed and zero-compute experts: its router scores both)
-        counts = {count} if isinstance(count, int) else set()
-        if isinstance(experts, nn.Module):
-            counts |= {p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3}
+        members: list[nn.Module]
+        if isinstance(experts, (list, nn.Module)):
+            count = len(experts) if isinstance(experts, (list, nn.ModuleList)) else None
+            count = count or getattr(experts, "num_experts", None) or getattr(moe, "num_experts", None)
+            counts = {count} if isinstance(count, int) else set()
+            if isinstance(experts, nn.Module):  # a fused experts module (or carve's ExpertLinears for
+                # it), with identity experts its router scores too (LongCat-Flash); or the leading
+                # sizes of another module's 3-D weights
+                counts |= expert_counts(experts) or {
+                    p.shape[0] for p in experts.parameters(recurse=False) if p.dim() == 3
+                }
+            members = list(experts) if isinstance(experts, list) else [experts]
+        else:  # experts in banks beside the router (JetMoE's input_linear / output_linear)
+            members = [c for c in moe.children() if expert_counts(c)]
+            counts = set().union(*(expert_counts(c) for c in members))
         counts = {c for c in counts if c >= 2}
         if not counts:
             continue
-        members = experts if isinstance(experts, list) else [experts]
         inside = {id(m) for e in members for m in e.modules()}
         for name, m in moe.named_modules():
             if not isinstance(m, nn.Linear) or id(m) in inside or m.out_features not in counts:

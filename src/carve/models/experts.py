@@ -1,4 +1,4 @@
-"""Mixture-of-experts layers whose experts are fused in 3-D tensors, seen as one Linear per expert.
+"""Mixture-of-experts layers whose experts are fused in 3-D (or stacked 2-D) tensors, seen as one Linear per expert.
 
 transformers keeps the experts of an MoE block (Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss, DeepSeek …)
 as 3-D parameters, `gate_up_proj` (or `up_proj`) [E, out, in] and `down_proj` [E, out, in], or
@@ -18,15 +18,20 @@ as SparseGPT's Hessian of that expert's matrix on those tokens.  Every expert is
 batch, with no tokens when none was routed to it, so each has a statistic; one that saw no token
 over the whole calibration reads as the identity (carve.scorers.stats: pruned by magnitude).
 
-Llama 4's `Llama4TextExperts` is outside that interface (`LAYOUTS`): [E, in, out] weights called on
-the hidden states alone, already routed (each token repeated for every expert and scaled by that
-expert's routing weight, zero where it is not among the token's top-k).  Its ExpertLinears calls
-each expert on its rows that are not zero, so there its experts' statistics are routing-weighted.
-A weight of 3 or more dimensions that is none of these (JetMoE's `JetMoeParallelExperts`) stays
+Modules outside that interface are known by class name (`LAYOUTS`), each `Layout` stating its
+projections (parameter, transposition), gate, call and weight shapes.  Llama 4's
+`Llama4TextExperts`: [E, in, out] weights called on the hidden states alone, already routed (each
+token repeated for every expert and scaled by that expert's routing weight, zero where it is not
+among the token's top-k); its ExpertLinears calls each expert on its rows that are not zero, so
+there its experts' statistics are routing-weighted.  DBRX's `DbrxExperts`: 2-D weights stacking
+the experts along their rows, separate gate (w1) and up (v1), down (w2) transposed.  LongCat-Flash's
+`LongcatFlashExperts`: identity experts past the routed ones.  JetMoE's `JetMoeParallelExperts`:
+banks of one Linear per expert, called on runs of rows.  Inkling's `InklingSharedExperts`: every
+token to every expert, weighted.  A weight of 3 or more dimensions that is none of these stays
 dense, as every matrix of the blocks that is not a Linear: the manifest lists it among
 `sparsity.not_pruned_in_blocks` and the CLI names it.
 
-Masks and importance maps leave a job keyed by the model's own parameters (`fold`: a 3-D mask per
+Masks and importance maps leave a job keyed by the model's own parameters (`fold`: a mask per
 fused tensor, in its layout) and come in unfolded (`unfold`), so a saved mask or map belongs to the
 model as transformers loads it, and `carve recover` or the sparse format read it like any other.
 """
@@ -69,17 +74,25 @@ class Layout:
 
     projections: tuple[Projection, ...]  # in the order an expert applies them, the down projection last
     # "fused": the first projection's output is the gate half, then the up half (`gate_up_proj`);
-    # "split": the first two are the gate and the up projection (DBRX's w1, v1); "none": act(up)
+    # "split": the first two are the gate and the up projection (DBRX's w1, v1); "none": act(up);
+    # "linear": one projection and nothing else, a bank of Linears (JetMoE's parallel experts)
     gate: str
     bias: bool  # `<projection>_bias` [E, out] beside each weight
-    # called on the hidden states alone, [E × tokens, hidden]: expert e's block of rows is every
-    # token scaled by its routing weight, zero where e is not among the token's top-k (Llama 4);
-    # else with (hidden states, top-k indices, top-k weights), transformers' experts interface
-    pre_routed: bool = False
+    # how the module is called: "routed", transformers' experts interface, (hidden states, top-k
+    # indices, top-k weights); "pre_routed", the hidden states alone, [E × tokens, hidden], expert
+    # e's block of rows every token scaled by its routing weight, zero where e is not among the
+    # token's top-k (Llama 4); "weighted", (hidden states, weights [tokens, E]): every token to
+    # every expert (Inkling's shared experts); "sized", (inputs sorted by expert, each expert's
+    # count): expert e takes its run of rows (JetMoE's banks, weighted and summed by their caller)
+    call: str = "routed"
     act: str = "act_fn"  # the activation: the fused module's attribute (a dotted path)
     # 2-D weights holding the experts stacked along their rows, [E·rows, cols] (DBRX), the count
     # being this attribute of the module; None: 3-D, [E, rows, cols]
     count: str | None = None
+    # this attribute of the module counts the experts a token may be routed to, past the ones whose
+    # weights it holds: those are identity ("zero-compute") experts, returning the token as it came
+    # (LongCat-Flash: its gate_up_proj has a slot for each, unused, its down_proj none)
+    routable: str | None = None
 
 
 def interface_layout(module: nn.Module) -> Layout:
@@ -93,7 +106,7 @@ def interface_layout(module: nn.Module) -> Layout:
 # fused experts modules outside transformers' experts interface (no flags), by class name
 LAYOUTS = {
     "Llama4TextExperts": Layout(
-        (Projection("gate_up_proj", True), Projection("down_proj", True)), "fused", bias=False, pre_routed=True
+        (Projection("gate_up_proj", True), Projection("down_proj", True)), "fused", bias=False, call="pre_routed"
     ),
     # w1 (gate) and v1 (up) [E·ffn, hidden] as Linears hold them; w2 [E·ffn, hidden] is down's transpose
     "DbrxExperts": Layout(
@@ -102,6 +115,13 @@ LAYOUTS = {
         bias=False,
         act="mlp.activation_fn",
         count="num_experts",
+    ),
+    "InklingSharedExperts": Layout(
+        (Projection("gate_proj"), Projection("up_proj"), Projection("down_proj")), "split", bias=False, call="weighted"
+    ),
+    "JetMoeParallelExperts": Layout((Projection("weight"),), "linear", bias=False, call="sized"),
+    "LongcatFlashExperts": Layout(
+        (Projection("gate_up_proj"), Projection("down_proj")), "fused", bias=False, routable="total_experts"
     ),
 }
 
@@ -148,7 +168,23 @@ def expert_count(module: nn.Module) -> int:
     found = layout_of(module)
     if found.count:
         return int(getattr(module, found.count))
-    return int(module.get_parameter(found.projections[0].param).shape[0])
+    # the least of the weights' leading sizes: LongCat-Flash's gate_up_proj also has (unused) slots
+    # for its identity experts
+    return min(int(module.get_parameter(p.param).shape[0]) for p in found.projections)
+
+
+def expert_counts(module: nn.Module) -> set[int]:
+    """The expert counts a router of `module`, a fused experts module or its ExpertLinears, may score:
+    its experts, and all it routes to where identity experts follow them (LongCat-Flash); none for
+    any other module."""
+    if isinstance(module, ExpertLinears):
+        fused, n = module.fused, module.count
+    elif is_fused_experts(module):
+        fused, n = module, expert_count(module)
+    else:
+        return set()
+    routable = layout_of(fused).routable
+    return {n} | ({int(getattr(fused, routable))} if routable else set())
 
 
 def expert_weights(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -202,9 +238,12 @@ class ExpertLinears(nn.Module):
         """A tensor shaped as one of the fused weights, seen per expert: [E, rows, cols] (a view)."""
         return t.view(self.count, -1, t.shape[-1]) if self.layout.count else t
 
-    def stack(self, per_expert: list[torch.Tensor]) -> torch.Tensor:
-        """The inverse of `split`: per-expert slices (in the fused layout) as one fused tensor."""
-        t = torch.stack(per_expert)
+    def stack(self, proj: Projection, per_expert: list[torch.Tensor], fill: bool | float) -> torch.Tensor:
+        """The inverse of `split`: the experts' slices of `proj` (in the fused layout) as one fused
+        tensor, any slot past them (an identity expert's, `Layout.routable`) `fill`."""
+        slots = self.split(self.fused.get_parameter(proj.param)).shape
+        rest = [torch.full(slots[1:], fill, dtype=per_expert[0].dtype)] * (slots[0] - len(per_expert))
+        t = torch.stack([*per_expert, *rest])
         return t.reshape(-1, t.shape[-1]) if self.layout.count else t
 
     def bind(self) -> None:
@@ -215,24 +254,35 @@ class ExpertLinears(nn.Module):
         for p in self.projections:
             param = self.fused.get_parameter(p.param)
             bias = self.fused.get_parameter(f"{p.param}_bias") if self.layout.bias else None
-            for e, w in enumerate(self.split(param.data).unbind(0)):
+            for e, w in enumerate(self.split(param.data).unbind(0)[: self.count]):
                 lin = getattr(self.experts[e], p.name)
                 lin.weight = nn.Parameter(w.t() if p.transposed else w, requires_grad=param.requires_grad)
                 if bias is not None:
                     lin.bias = nn.Parameter(bias.data[e], requires_grad=param.requires_grad)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.layout.pre_routed:
+        given = [*args, *kwargs.values()]  # after the hidden states, by position or by the model's names
+        call = self.layout.call
+        if call == "pre_routed":
             return self._pre_routed(hidden_states)
-        # (hidden, top_k_index, top_k_weights), by position or by the model's own argument names
-        index, weights = [*args, *kwargs.values()][:2]
+        if call == "sized":  # rows sorted by expert, each expert's count of them
+            runs = hidden_states.split([int(n) for n in given[0]], dim=0)
+            return torch.cat([self._expert(e, x) for e, x in enumerate(runs)], dim=0)
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
+        if call == "weighted":  # every token to every expert, summed in float32 as Inkling's do
+            weights = given[0].reshape(-1, self.count)
+            total = sum(self._expert(e, x).float() * weights[:, e, None].float() for e in range(self.count))
+            return torch.as_tensor(total).to(x.dtype).reshape(shape)
+        index, weights = given[:2]  # top-k indices and weights
         out = torch.zeros_like(x)
         for e in range(len(self.experts)):
             token, rank = torch.where(index == e)
             y = self._expert(e, x[token])
             out.index_add_(0, token, (y * weights[token, rank, None]).to(out.dtype))
+        if self.layout.routable:  # identity experts past the ones with weights: the tokens as they came
+            token, rank = torch.where((index >= self.count) & (index < getattr(self.fused, self.layout.routable)))
+            out.index_add_(0, token, (x[token] * weights[token, rank, None]).to(out.dtype))
         return out.reshape(shape)
 
     def _pre_routed(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -258,6 +308,8 @@ class ExpertLinears(nn.Module):
         fused, expert = self.fused, self.experts[e]
         lins = [getattr(expert, p.name) for p in self.projections]
         act = self._act
+        if self.layout.gate == "linear":
+            return lins[0](x)
         if self.layout.gate == "split":
             h = act(lins[0](x)) * lins[1](x)
         elif self.layout.gate == "none":
@@ -332,7 +384,7 @@ class Unfused:
                 if v is None:
                     v = torch.full(getattr(expert, proj.name).weight.shape, fill, dtype=dtype)
                 rows.append(v.t() if proj.transposed else v)
-            yield name, unf.stack(rows)
+            yield name, unf.stack(proj, rows, fill)
 
     def unfold(self, per_param: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The inverse of `fold`: each fused parameter's entry as one per expert, [out, in]."""
@@ -342,7 +394,8 @@ class Unfused:
                 out[key] = per_param[key]
                 continue
             module, proj = self.params[key]
-            for e, v in enumerate(self.modules[module].split(per_param[key]).unbind(0)):
+            unf = self.modules[module]
+            for e, v in enumerate(unf.split(per_param[key]).unbind(0)[: unf.count]):
                 out[f"{module}.{e}.{proj.name}.weight"] = v.t() if proj.transposed else v
         return out
 

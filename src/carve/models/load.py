@@ -204,10 +204,13 @@ def resolve_calib_dtype(choice: str, model: torch.nn.Module) -> torch.dtype:
 
 
 def _runs_under_autocast(model: torch.nn.Module, dtype: torch.dtype) -> bool:
-    """False where the model's forward on 8 tokens stops under `dtype` autocast and runs without it
-    (transformers' DBRX experts add bfloat16 outputs into a float32 buffer).  True otherwise, and
-    for a streamed skeleton, whose blocks are not read yet: there the block capture's refusal names
-    --calib-dtype float32."""
+    """False where the model's forward on 8 tokens stops under `dtype` autocast and runs without it,
+    as calibration runs it: an MoE's fused experts seen as Linears (carve.models.experts), whose
+    forward casts each expert's output to the buffer's dtype where a model's own may not.  True
+    otherwise, and for a streamed skeleton, whose blocks are not read yet: there the block capture's
+    refusal names --calib-dtype float32."""
+    from carve.models.experts import unfused
+
     if any(p.device.type == "meta" for p in model.parameters()):
         return True
     device = first_parameter(model).device
@@ -215,7 +218,7 @@ def _runs_under_autocast(model: torch.nn.Module, dtype: torch.dtype) -> bool:
 
     def runs(enabled: bool) -> bool:
         try:
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled):
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=enabled), unfused(model):
                 model(input_ids=ids, use_cache=False)
         except torch.OutOfMemoryError:
             raise

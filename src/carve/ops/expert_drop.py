@@ -58,9 +58,18 @@ def moe_blocks(model: nn.Module, within: bool = False) -> list[MoeBlock]:
     blocks = []
     for name, experts in fused_experts(model).items():
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        if layout_of(experts).count:
-            raise UsageError(f"--experts-keep cannot slice {name}: its experts are stacked along the rows of 2-D "
-                             f"weights ({type(experts).__name__}), which carve prunes but does not remove")  # fmt: skip
+        found = layout_of(experts)
+        if found.call == "weighted":
+            continue  # shared experts every token goes to (Inkling's): none is routed, none dropped
+        why = (
+            "stacked along the rows of 2-D weights" if found.count
+            else "beside identity experts it routes to" if found.routable
+            else "banks of Linears its caller routes to" if found.call == "sized"
+            else None
+        )  # fmt: skip
+        if why:
+            raise UsageError(f"--experts-keep cannot slice {name} ({type(experts).__name__}: {why}); "
+                             "carve prunes those experts but does not remove them")  # fmt: skip
         count = expert_count(experts)
         routers = [
             m for m in parent.children()
@@ -150,7 +159,7 @@ def routing_mass(
 
 
 def pre_routed(experts: nn.Module) -> bool:
-    return layout_of(experts).pre_routed
+    return layout_of(experts).call == "pre_routed"
 
 
 def slice_experts(block: MoeBlock, kept: list[int]) -> None:
