@@ -1057,3 +1057,24 @@ def test_experts_outside_the_interface_compute_as_the_model_and_are_pruned_each(
     if kind == "longcat_flash":
         assert params["model.layers.0.mlp.experts.gate_up_proj"][0].shape[0] == 6
     assert set(result.describe(model)["sparsity"]["not_pruned_in_blocks"]) & {*routers, *params} == routers
+
+
+def test_lora_leaves_the_experts_peft_cannot_wrap_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+    """DBRX's experts module reads w1, v1, w2 off its child `mlp`, which PEFT's target_parameters
+    would wrap and hide: LoRA adapts the other targets (its attention), says so on stderr, and the
+    matched rank counts only the matrices adapted."""
+    from carve.ops.finetune import add_lora, lora_rank_for
+
+    model = dbrx_model()
+    attention = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".attn." in n]
+    assert len(attention) == 6  # Wqkv and out_proj in 3 blocks
+    weights = sum(m.weight.numel() for m in attention)
+    per_rank = sum(sum(m.weight.shape) for m in attention)
+    rank = lora_rank_for(model, 0.1)
+    assert rank == round(0.1 * weights / per_rank)
+    lora = add_lora(model, rank)
+    assert "LoRA adapts no expert of DbrxForCausalLM" in capsys.readouterr().err
+    trainable = {n: p.numel() for n, p in lora.named_parameters() if p.requires_grad}
+    assert sum(trainable.values()) == rank * per_rank and not any(".experts." in n for n in trainable)
+    with torch.no_grad():
+        lora(_ids())

@@ -93,6 +93,10 @@ class Layout:
     # weights it holds: those are identity ("zero-compute") experts, returning the token as it came
     # (LongCat-Flash: its gate_up_proj has a slot for each, unused, its down_proj none)
     routable: str | None = None
+    # PEFT's LoRA (`target_parameters`) can adapt the weights: it wraps the module holding each one,
+    # which must be the module called with it (not DBRX's: its experts module reads w1, v1, w2 off
+    # its child `mlp`, and the wrapper hides them)
+    adaptable: bool = True
 
 
 def interface_layout(module: nn.Module) -> Layout:
@@ -115,6 +119,7 @@ LAYOUTS = {
         bias=False,
         act="mlp.activation_fn",
         count="num_experts",
+        adaptable=False,
     ),
     "InklingSharedExperts": Layout(
         (Projection("gate_proj"), Projection("up_proj"), Projection("down_proj")), "split", bias=False, call="weighted"
@@ -187,10 +192,15 @@ def expert_counts(module: nn.Module) -> set[int]:
     return {n} | ({int(getattr(fused, routable))} if routable else set())
 
 
-def expert_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Parameter name -> each fused experts module's expert weights (gate_up / up and down, …)."""
-    found = fused_experts(model)
-    return {f"{n}.{p.param}": m.get_parameter(p.param) for n, m in found.items() for p in layout_of(m).projections}
+def expert_weights(model: nn.Module, adaptable: bool | None = None) -> dict[str, nn.Parameter]:
+    """Parameter name -> each fused experts module's expert weights (gate_up / up and down, …);
+    `adaptable` True / False: only those PEFT's LoRA can / cannot adapt (`Layout.adaptable`)."""
+    return {
+        f"{n}.{p.param}": m.get_parameter(p.param)
+        for n, m in fused_experts(model).items()
+        if adaptable is None or layout_of(m).adaptable == adaptable
+        for p in layout_of(m).projections
+    }
 
 
 def layout_of(module: nn.Module) -> Layout:

@@ -14,6 +14,7 @@ Sparse kinds keep the top `density` share of each targeted matrix by its score
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,8 +110,12 @@ def lora_rank_for(model: nn.Module, density: float, targets: Targets = DEFAULT_T
     """The LoRA rank whose adapters (r·(in + out) per targeted matrix, an MoE's experts each a
     matrix of their own) hold about `density` of the targeted weights: the baseline at an equal
     trainable count."""
-    with unfused(model):
-        shapes = [weight_matrix(lin).shape for lin in targets.linears(model).values()]
+    skip = set(expert_weights(model, adaptable=False))  # experts PEFT cannot adapt get no adapters
+    with unfused(model) as experts:
+        linears = targets.linears(model)
+        shapes = [
+            weight_matrix(lin).shape for n, lin in linears.items() if experts.fold_names([f"{n}.weight"])[0] not in skip
+        ]
     weights = sum(out * inp for out, inp in shapes)
     per_rank = sum(out + inp for out, inp in shapes)
     return max(1, round(density * weights / per_rank))
@@ -118,17 +123,21 @@ def lora_rank_for(model: nn.Module, density: float, targets: Targets = DEFAULT_T
 
 def add_lora(model: nn.Module, rank: int, targets: Targets = DEFAULT_TARGETS, seed: int = 0) -> nn.Module:
     """LoRA adapters (PEFT, α = 2r, no dropout) on `targets`' Linear modules, and on an MoE's fused
-    expert tensors that `targets` selects (PEFT's `target_parameters`: a rank-r pair per expert),
+    expert tensors that `targets` selects (PEFT's `target_parameters`: a rank-r pair per expert;
+    none on experts PEFT cannot wrap, DBRX's: said on stderr),
     their random initialisation drawn from `seed` (not torch's global generator, so a rerun is the
     same run)."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise UsageError("LoRA needs PEFT: pip install 'carve[recover]' (or pip install peft)") from None
-    fused = expert_weights(model)
+    fused, skip = expert_weights(model), expert_weights(model, adaptable=False)
     chosen = target_weights(model, targets)
     names = sorted(n.removesuffix(".weight") for n in chosen if n not in fused)
-    params = sorted(n for n in chosen if n in fused)
+    params = sorted(n for n in chosen if n in fused and n not in skip)
+    if any(n in skip for n in chosen):
+        said = f"LoRA adapts no expert of {type(model).__name__}: PEFT wraps the module holding each expert weight, "
+        print(f"carve: note: {said}which its MoE reads directly (the other targets are adapted)", file=sys.stderr)
     config = LoraConfig(
         r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names, target_parameters=params or None
     )
