@@ -270,7 +270,12 @@ def unstructured_worker(model_type: str, method: str = "magnitude", stream: bool
     after = dict(reloaded.named_parameters())
     removed = total = 0
     dense: set[str] = set()
-    moe = {n for n, m in model.named_modules() if hasattr(m, "experts")}  # modules holding an MoE's experts
+
+    # modules holding an MoE's experts: as `experts`, or in banks, children with a 3-D weight (JetMoE's)
+    def bank(m: torch.nn.Module) -> bool:
+        return isinstance(w := getattr(m, "weight", None), torch.Tensor) and w.dim() == 3
+
+    moe = {n for n, m in model.named_modules() if hasattr(m, "experts") or any(bank(c) for c in m.children())}
     for name, p in model.named_parameters():
         q, kept = after[name], after[name] != 0
         parent, module = name.rsplit(".", 1)[0].rpartition(".")[::2]
