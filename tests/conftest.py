@@ -116,6 +116,8 @@ TINY_FIXES: dict[str, dict] = {
     "longcat_flash": _MLA | {"expert_ffn_hidden_size": 32, "zero_expert_num": 2, "num_layers": 3, "moe_topk": 2},
     "gemma4_text": {"vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8},
     "cpmant": {"dim_ff": 96, "dim_head": 16},
+    # CohereCompass reads RoPE parameters per layer type and has no default for them
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}},
     # DBRX's attention config lacks the rope_theta its attention reads, and clamps by clip_qkv
     "dbrx": {"attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},
              "ffn_config": {"ffn_hidden_size": 96, "moe_num_experts": 4, "moe_top_k": 1, "hidden_size": 64}},
