@@ -266,6 +266,29 @@ def test_streamed_experts_stacked_in_2d_weights_equal_in_memory(
     assert streamed["sparsity"]["linear"] == mem["sparsity"]["linear"]
 
 
+def test_streamed_parameters_cut_from_one_checkpoint_tensor_equal_in_memory(
+    tmp_path: Path, tokenizer, small_corpus: Path
+) -> None:
+    """HRM's checkpoint holds fused `attn.gqkv_proj` / `mlp.gate_up_proj` tensors that transformers
+    cuts into its attention's gate, q, k, v and its MLP's gate and up on load (a one-to-many
+    conversion): streamed, each is read once for all its parts and written back joined once all are
+    pruned; the in-memory output bit for bit, under the checkpoint's names."""
+    src = _any_saved(tmp_path, "hrm_text", tokenizer)
+    stored = _weights(src)
+    assert any(k.endswith("attn.gqkv_proj.weight") for k in stored) and any(
+        k.endswith("mlp.gate_up_proj.weight") for k in stored
+    )
+    mem = extract(_recipe(src, small_corpus, "sparsegpt", False), tmp_path / "mem")
+    streamed = extract(_recipe(src, small_corpus, "sparsegpt", True), tmp_path / "stream")
+    a, b = _weights(tmp_path / "mem"), _weights(tmp_path / "stream")
+    assert sorted(b) == sorted(stored) and sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ma, mb = load_file(tmp_path / "mem" / "mask.safetensors"), load_file(tmp_path / "stream" / "mask.safetensors")
+    assert sorted(ma) == sorted(mb) and all(torch.equal(ma[k], mb[k]) for k in ma)
+    assert streamed["sparsity"]["linear"] == mem["sparsity"]["linear"] == pytest.approx(0.5)
+    for when in ("before", "after"):
+        assert streamed["metrics"][when]["domain_ppl"] == pytest.approx(mem["metrics"][when]["domain_ppl"], rel=1e-4)
+
+
 def test_streamed_moe_reads_one_block_at_a_time_and_writes_the_sparse_format(
     tmp_path: Path, tokenizer, small_corpus: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -82,15 +82,23 @@ class Conversions:
       Mixtral's or Qwen-MoE's per-expert matrices stacked into one 3-D tensor) -> those tensors
       (name, the rule's source pattern), in the order transformers stacks them.  `read` builds
       such a parameter with transformers' own converter, `checkpoint_tensors` splits it back with
-      its reverse (what `save_pretrained` writes).
+      its reverse (what `save_pretrained` writes);
+    - `split`: a parameter transformers cuts out of one checkpoint tensor with others (a one-to-many
+      WeightConverter: HRM's `attn.gqkv_proj` chunked into its attention's gate, q, k and v) -> that
+      tensor, its rule's source pattern and every parameter cut from it, in order.  `read` cuts them
+      with transformers' converter (the tensor read once for all of them); `checkpoint_tensors` joins
+      them back once each has been given.
 
     Empty where transformers has no such rules (or none of them)."""
 
-    def __init__(self, model: nn.Module, stored: list[str]) -> None:
+    def __init__(self, model: nn.Module, stored: list[str], shape: Callable[[str], list[int]] | None = None) -> None:
         self.model = model
         self.renamed: dict[str, str] = {}
         self.fused: dict[str, list[tuple[str, str]]] = {}
+        self.split: dict[str, tuple[str, str, list[str]]] = {}
         self._converters: dict[str, Any] = {}  # source pattern -> its WeightConverter (copied for each use)
+        self._cut: tuple[str, dict[str, torch.Tensor]] | None = None  # the checkpoint tensor last cut, its parts
+        self._given: dict[str, dict[str, torch.Tensor]] = {}  # a split tensor's parts given so far, until all are
         try:
             from transformers.conversion_mapping import get_model_conversion_mapping
             from transformers.core_model_loading import (
@@ -107,30 +115,64 @@ class Conversions:
         self._converters = {pattern: c for c in converters for pattern in c.source_patterns}
         for key in sorted(stored, key=dot_natural_key):  # transformers' order: expert 2 before expert 10
             new, pattern = rename_source_key(key, renamings, converters)
-            if pattern is not None:
+            if pattern is None:
+                if new != key:
+                    self.renamed[new] = key
+                continue
+            rule = self._converters[pattern]
+            if shape is not None and len(rule.source_patterns) == 1 and len(rule.target_patterns) > 1:
+                # one tensor cut into several parameters: their names, from the rule run on its shape
+                parts = list(self._convert(new, [(key, pattern)], lambda k: torch.empty(shape(k), device="meta")))
+                self.split.update({part: (key, pattern, parts) for part in parts})
+            else:
                 self.fused.setdefault(new, []).append((key, pattern))
-            elif new != key:
-                self.renamed[new] = key
 
-    def read(self, name: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        """Fused parameter `name` built from its checkpoint tensors (`get(stored name)`)."""
+    def _convert(
+        self, name: str, sources: list[tuple[str, str]], get: Callable[[str], torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         import copy
 
-        sources = self.fused[name]
         converter = copy.deepcopy(self._converters[sources[0][1]])
         for key, pattern in sources:
             converter.add_tensor(name, key, pattern, functools.partial(get, key))  # read when converted
-        out = converter.convert(name, model=self.model, config=self.model.config)
+        return converter.convert(name, model=self.model, config=self.model.config)
+
+    def read(self, name: str, get: Callable[[str], torch.Tensor]) -> torch.Tensor:
+        """Parameter `name` as transformers builds it on load: fused from its checkpoint tensors, or
+        cut from its one (`get(stored name)`; read once for all the parameters cut from it)."""
+        if name in self.split:
+            key, pattern, parts = self.split[name]
+            if self._cut is None or self._cut[0] != key or name not in self._cut[1]:
+                self._cut = (key, self._convert(parts[0], [(key, pattern)], get))
+            part = self._cut[1].pop(name).clone()  # its own storage, not a view of the whole tensor
+            if not self._cut[1]:
+                self._cut = None
+            return part
+        out = self._convert(name, self.fused[name], get)
         if list(out) != [name]:
             raise UsageError(f"transformers' conversion of {name!r} gave {sorted(out)[:3]}, not the one tensor")
         return out[name]
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
         """Fused parameter `name`'s value as the checkpoint's tensors (views where the reverse
-        conversion splits; a meta tensor gives their names and shapes)."""
+        conversion splits; a meta tensor gives their names and shapes).  A parameter cut from one
+        checkpoint tensor gives nothing until every part of that tensor has been given, then the
+        tensor joined (as `save_pretrained` writes it)."""
+        if name in self.split:
+            key, _, parts = self.split[name]
+            given = self._given.setdefault(key, {})
+            given[name] = tensor
+            if len(given) < len(parts):
+                return {}
+            del self._given[key]
+            return self.joined({p: given[p] for p in parts})
+        return self.joined({name: tensor})
+
+    def joined(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Parameters by name as the checkpoint's tensors (transformers' reverse conversion)."""
         from transformers.core_model_loading import revert_weight_conversion
 
-        return revert_weight_conversion(self.model, {name: tensor})  # type: ignore[arg-type]
+        return revert_weight_conversion(self.model, params)  # type: ignore[arg-type]
 
     def read_into(self, name: str, out: torch.Tensor, get: Callable[[str], torch.Tensor]) -> bool:
         """Fill `out` (fused parameter `name`'s shape) with its checkpoint tensors one at a time, each
@@ -209,7 +251,7 @@ class SkeletonModel:
         self.groups = parameter_groups(model)
         self.prefix, self.blocks = find_blocks(model)
         self.held = {name: self._held_by(name) for name in self.groups}  # the blocks holding each parameter
-        self.conversions = Conversions(model, self.source.names())
+        self.conversions = Conversions(model, self.source.names(), self.source.shape)
         # name -> (the checkpoint's name, shape); a fused parameter's "name" is its own (it is read
         # from several tensors: `conversions`), as carve's sparse format stores it
         self.specs = {name: (self._stored_name(name), self._shape(name)) for name in self.groups}
@@ -243,8 +285,8 @@ class SkeletonModel:
                 return full
             if full in self.conversions.renamed:  # renamed on load (GPT-NeoX's embed_out -> lm_head)
                 return self.conversions.renamed[full]
-            if full in self.conversions.fused:  # built on load from several (an MoE's per-expert matrices)
-                return full
+            if full in self.conversions.fused or full in self.conversions.split:  # built on load from several
+                return full  # (an MoE's per-expert matrices), or cut from one with others (HRM's gqkv_proj)
         raise UsageError(
             f"{str(self.directory)!r} has no tensor {name!r}: streaming reads checkpoints whose tensor names are "
             "the model's own or transformers' (save it with save_pretrained, or load it without --stream)"
@@ -255,7 +297,13 @@ class SkeletonModel:
         want = list(module._parameters[attr].shape)  # type: ignore[union-attr]
         stored = self._stored_name(name)
         expect = {stored: want}
-        if stored in self.conversions.fused:  # each tensor it is read from, as the reverse conversion lays it out
+        if stored in self.conversions.split:  # the tensor it is cut from, as all its parts join back
+            parts = {
+                p: torch.empty(self.model.get_parameter(p).shape, device="meta")
+                for p in self.conversions.split[stored][2]
+            }
+            expect = {k: list(t.shape) for k, t in self.conversions.joined(parts).items()}
+        elif stored in self.conversions.fused:  # each tensor it is read from, as the reverse conversion lays it out
             parts = self.conversions.checkpoint_tensors(stored, torch.empty(want, device="meta"))
             expect = {k: list(t.shape) for k, t in parts.items()}
             if set(expect) != {k for k, _ in self.conversions.fused[stored]}:
@@ -288,6 +336,8 @@ class SkeletonModel:
                 return
             del t
             t = self.conversions.read(stored, self.source.get)
+        elif stored in self.conversions.split:
+            t = self.conversions.read(stored, self.source.get)
         else:
             t = self.source.get(stored)
         self._set(name, t.to(self.device, self.dtype if t.is_floating_point() else t.dtype))
@@ -299,7 +349,7 @@ class SkeletonModel:
         if name not in self.specs:
             return [(name, tensor)]
         stored = self.specs[name][0]
-        if stored not in self.conversions.fused:
+        if stored not in self.conversions.fused and stored not in self.conversions.split:
             return [(stored, tensor)]
         return list(self.conversions.checkpoint_tensors(stored, tensor).items())
 
