@@ -192,6 +192,10 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
         return model.eval()
+    if kind == "gemma":  # Gemma 1: 4 blocks, (1 + w) norms drawn, head_dim 256 apart from hidden / heads
+        sizes = {**SIZES, "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1}
+        config = tf.GemmaConfig(**sizes, head_dim=256, vocab_size=vocab)
+        return _perturbed(tf.AutoModelForCausalLM.from_config(config), ("norm.weight",), 0.0)
     if kind == "gemma2":  # 4 blocks alternating sliding / global, window 16; soft-capping that bites
         sizes = {**SIZES, "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1}
         config = tf.Gemma2Config(**sizes, head_dim=256, sliding_window=16, vocab_size=vocab,
@@ -400,7 +404,7 @@ def row(kind: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure_model()
-    if kind in ("gemma2", "gemma3"):
+    if kind in ("gemma", "gemma2", "gemma3"):
         tok = gemma_style_tokenizer(2000)
     elif kind == "llama3-tokenizer":  # byte-level BPE split first by Llama 3's rule
         from carve.models.pretokenize import SPLITS
@@ -475,7 +479,8 @@ def row(kind: str) -> dict[str, Any]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, SmolLM3, Granite, OLMo 2 and 3, "
+        "## GGUF export in llama.cpp: Qwen3, Llama 3 RoPE scaling, Gemma 3, Gemma 2, Gemma, SmolLM3, Granite, OLMo 2 "
+        "and 3, "
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, gpt-oss "
@@ -484,7 +489,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
         "tokenizer; Gemma 2: 4 blocks alternating sliding / global, window 16, attention and final soft-capping at "
-        "5 and 3 with query and key weights scaled by 8 so that the caps bite, the Gemma-style tokenizer; SmolLM3 "
+        "5 and 3 with query and key weights scaled by 8 so that the caps bite, the Gemma-style tokenizer; Gemma (1): "
+        "4 blocks, head_dim 256, norm weights from N(0, 0.5) (Gemma scales by 1 + w), query and key weights scaled "
+        "by 8, the Gemma-style tokenizer; SmolLM3 "
         "and Granite: 4 Llama-style blocks, query and key weights scaled by 8, SmolLM3 without RoPE in layer 3, "
         "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; OLMo 2 and 3: 4 blocks, "
         "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "
@@ -570,6 +577,7 @@ KINDS = (
     "llama3-rope",
     "gemma3",
     "gemma2",
+    "gemma",
     "smollm3",
     "granite",
     "olmo2",

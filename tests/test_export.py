@@ -499,6 +499,49 @@ def test_llama_family_with_own_keys(arch: str, tmp_path: Path, tokenizer) -> Non
     assert all(np.array_equal(tensors[k], plain_tensors[k]) for k in tensors)
 
 
+def test_gemma_as_llama_cpp_gemma(tmp_path: Path, tokenizer) -> None:
+    """Gemma 1 (CodeGemma) as llama.cpp's `gemma`: each tensor under Llama's GGUF name, Q and K
+    unpermuted (rotate-half RoPE), every norm weight written as 1 + w (Gemma's RMSNorm scales by 1 + w,
+    llama.cpp's by w), head_dim apart from hidden / heads as key and value lengths; exact GELU and
+    scaled RoPE refused.  transformers' GGUF loader does not read it; its logits in llama.cpp itself:
+    bench/export_archs.py, row gemma."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.errors import UsageError
+    from carve.export import architecture
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 256}  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.GemmaConfig(**sizes))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.5)
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-gemma", "f16")
+    assert meta["general.architecture"] == "gemma"
+    assert meta["gemma.attention.key_length"] == meta["gemma.attention.value_length"] == 256
+    tensors = _gguf_tensors(gguf)
+    state = model.state_dict()
+    for hf, name in {"model.layers.0.self_attn.q_proj.weight": "blk.0.attn_q.weight",
+                     "model.layers.1.self_attn.k_proj.weight": "blk.1.attn_k.weight",
+                     "model.layers.0.mlp.gate_proj.weight": "blk.0.ffn_gate.weight"}.items():  # fmt: skip
+        want = state[hf].half().numpy()
+        assert np.array_equal(tensors[name].reshape(want.shape), want), name
+    for hf, name in {"model.layers.0.input_layernorm.weight": "blk.0.attn_norm.weight",
+                     "model.layers.1.post_attention_layernorm.weight": "blk.1.ffn_norm.weight",
+                     "model.norm.weight": "output_norm.weight"}.items():  # fmt: skip
+        assert np.allclose(tensors[name], state[hf].numpy() + 1.0), name
+    assert "output.weight" not in tensors  # tied: llama.cpp reads the embeddings
+    check = architecture("gemma").check
+    assert check is not None
+    with pytest.raises(UsageError, match="tanh-approximated GELU"):
+        check(tf.GemmaConfig(**sizes, hidden_act="relu"))
+    with pytest.raises(UsageError, match="plain RoPE"):
+        check(tf.GemmaConfig(**sizes, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
+
+
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
 def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     """OLMo 2 and 3 as llama.cpp's `olmo2`: each Hugging Face tensor under llama.cpp's name, unpermuted

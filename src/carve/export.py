@@ -18,7 +18,9 @@ of each head); Cohere (Command R, Aya) as
 interleaved RoPE, the logit scale) and Cohere 2 (Command R7B) as `cohere2` (the same, with the
 per-layer sliding pattern that decides where RoPE applies); Qwen2 as `qwen2` (rotate-half rope in
 llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
-biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma 2 as `gemma2` (its norms
+biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma (1, CodeGemma) as
+`gemma` (Llama's tensor names, unpermuted, every norm weight written as 1 + w as below; llama.cpp
+scales the embeddings by sqrt(hidden) as transformers does); Gemma 2 as `gemma2` (its norms
 and tokenizer as Gemma 3's below, both soft-cappings, llama.cpp's fixed alternation of sliding and
 global layers); Gemma 3 (text) as `gemma3` (four norms per block under llama.cpp's Gemma names,
 every norm weight written as 1 + w since Gemma's RMSNorm scales by 1 + w and llama.cpp's by w, the
@@ -122,6 +124,16 @@ def _check_gemma_common(config: Any, arch: str, blocks_27b: int) -> None:
             f"llama.cpp's {arch} scales attention by 1/sqrt({scalar}) for {config.num_hidden_layers} blocks; "
             f"this model's query_pre_attn_scalar is {config.query_pre_attn_scalar}"
         )
+
+
+def _check_gemma(config: Any) -> None:
+    """Refuse what llama.cpp's gemma graph (Gemma 1, CodeGemma) computes differently from
+    transformers' Gemma: tanh-approximated GELU, queries scaled by 1/sqrt(head_dim), plain RoPE."""
+    if rope_type(config) != "default":
+        raise UsageError(f"GGUF export writes Gemma's plain RoPE; this model scales it as {rope_type(config)!r}")
+    act = getattr(config, "hidden_activation", None) or config.hidden_act
+    if act not in ("gelu_pytorch_tanh", "gelu"):
+        raise UsageError(f"llama.cpp's gemma uses tanh-approximated GELU; this model uses {act!r}")
 
 
 def _check_gemma3(config: Any) -> None:
@@ -657,6 +669,8 @@ ARCHITECTURES = {
     "cohere2": Architecture(
         "cohere2", False, (), "default", check=_check_cohere2, metadata=_cohere2_metadata, query_is_hidden=True
     ),
+    # Gemma 1 (and CodeGemma): Llama's tensors unpermuted, its norms scaled by 1 + w
+    "gemma": Architecture("gemma", False, (), "default", norm_offset=1.0, check=_check_gemma),
     "gemma2": Architecture(
         "gemma2",
         False,
@@ -769,7 +783,7 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, "
-            "Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
+            "Gemma, Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
             "Qwen2-MoE, "
             "Qwen3-MoE and gpt-oss models "
             f"({names}) so far; "
