@@ -192,9 +192,9 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
         return model.eval()
-    if kind == "gemma":  # Gemma 1: 4 blocks, (1 + w) norms drawn, head_dim 256 apart from hidden / heads
-        sizes = {**SIZES, "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1}
-        config = tf.GemmaConfig(**sizes, head_dim=256, vocab_size=vocab)
+    if kind.removesuffix("-structured") == "gemma":  # Gemma 1: 4 blocks, (1 + w) norms drawn, head_dim 256
+        sizes = {**SIZES, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32}
+        config = tf.GemmaConfig(**sizes, vocab_size=vocab)
         return _perturbed(tf.AutoModelForCausalLM.from_config(config), ("norm.weight",), 0.0)
     if kind == "gemma2":  # 4 blocks alternating sliding / global, window 16; soft-capping that bites
         sizes = {**SIZES, "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 1}
@@ -344,6 +344,7 @@ _CUT = ["--calib-blocks", "8", "--eval-blocks", "4", "--block-len", "128", "--ml
 STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structured": [*_CUT, "--heads-keep", "1.0"],
               "llama-structured": [*_CUT, "--heads-keep", "0.5"], "cohere2-structured": [*_CUT, "--heads-keep", "1.0"],
               "qwen2-structured-heads": [*_CUT, "--heads-keep", "0.5"],
+              "gemma-structured": [*_CUT, "--heads-keep", "0.5"],  # 4 of 8 query heads, 2 of 4 key/value heads
               # heads structured extraction cannot remove (whole-projection Q/K norms; a width attribute): every
               # head kept without being asked
               "olmo2-structured": _CUT, "stablelm-structured": _CUT,
@@ -404,7 +405,7 @@ def row(kind: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure_model()
-    if kind in ("gemma", "gemma2", "gemma3"):
+    if kind.removesuffix("-structured") in ("gemma", "gemma2", "gemma3"):
         tok = gemma_style_tokenizer(2000)
     elif kind == "llama3-tokenizer":  # byte-level BPE split first by Llama 3's rule
         from carve.models.pretokenize import SPLITS
@@ -490,8 +491,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
         "tokenizer; Gemma 2: 4 blocks alternating sliding / global, window 16, attention and final soft-capping at "
         "5 and 3 with query and key weights scaled by 8 so that the caps bite, the Gemma-style tokenizer; Gemma (1): "
-        "4 blocks, head_dim 256, norm weights from N(0, 0.5) (Gemma scales by 1 + w), query and key weights scaled "
-        "by 8, the Gemma-style tokenizer; SmolLM3 "
+        "4 blocks, 8 query heads of 32 in 4 key/value groups (heads x head_dim apart from hidden), norm weights "
+        "from N(0, 0.5) (Gemma scales by 1 + w), query and key weights scaled by 8, the Gemma-style tokenizer, and "
+        "cut by `--heads-keep 0.5 --mlp-keep 0.5 --drop-blocks 1` (`-structured`); SmolLM3 "
         "and Granite: 4 Llama-style blocks, query and key weights scaled by 8, SmolLM3 without RoPE in layer 3, "
         "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; OLMo 2 and 3: 4 blocks, "
         "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "
@@ -578,6 +580,7 @@ KINDS = (
     "gemma3",
     "gemma2",
     "gemma",
+    "gemma-structured",
     "smollm3",
     "granite",
     "olmo2",
