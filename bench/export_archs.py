@@ -2,8 +2,8 @@
 Qwen3 (per-head Q/K norms, head_dim apart from hidden / heads), Llama 3's RoPE scaling, Gemma 3
 with a SentencePiece-style tokenizer, Phi-3 (fused qkv and gate/up projections, a sliding window;
 and with LongRoPE, as the 128k Phi-3, Phi-3.5 and Phi-4-mini), and the mixture-of-experts
-Mixtral, Qwen3-MoE and Qwen2-MoE (fused experts split into llama.cpp's tensors; Qwen2-MoE's shared
-expert beside them).
+Mixtral, Qwen3-MoE, OLMoE and Qwen2-MoE (fused experts split into llama.cpp's tensors; Qwen2-MoE's
+shared expert beside them).
 
     .venv/bin/python bench/export_archs.py [--kinds qwen3 llama3-rope gemma3 phi3]
 
@@ -310,7 +310,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith(("q_proj.weight", "k_proj.weight")):
                     p.mul_(8)
         return model.eval()
-    if kind.removesuffix("-experts").removesuffix("-structured") in ("mixtral", "qwen3-moe", "qwen2-moe"):  # top-2
+    if kind.removesuffix("-experts").removesuffix("-structured") in ("mixtral", "qwen3-moe", "qwen2-moe", "olmoe"):
         moe: Any = {
             "mixtral": lambda: tf.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2, vocab_size=vocab),
             "qwen3-moe": lambda: tf.Qwen3MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4,
@@ -319,6 +319,8 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
             "qwen2-moe": lambda: tf.Qwen2MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4,
                                                    shared_expert_intermediate_size=64, num_experts_per_tok=2,
                                                    vocab_size=vocab),
+            # whole-projection Q/K norms, routing weights not renormalized
+            "olmoe": lambda: tf.OlmoeConfig(**SIZES, num_experts=4, num_experts_per_tok=2, vocab_size=vocab),
         }[kind.removesuffix("-experts").removesuffix("-structured")]()  # fmt: skip
         model = tf.AutoModelForCausalLM.from_config(moe)
         with torch.no_grad():  # Qwen2-MoE: its shared expert's gate too
@@ -389,6 +391,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "mixtral": ("export-archs-mixtral-top1", {"num_experts_per_tok": 1}),  # one expert a token
     "qwen3-moe": ("export-archs-qwen3-moe-top1", {"num_experts_per_tok": 1}),
+    "olmoe": ("export-archs-olmoe-top1", {"num_experts_per_tok": 1}),
     "qwen2-moe": ("export-archs-qwen2-moe-top1", {"num_experts_per_tok": 1}),
     "gpt-oss": ("export-archs-gpt-oss-top1", {"num_experts_per_tok": 1}),
 }
@@ -514,7 +517,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "Qwen2-MoE with experts removed: the MoE rows' models cut by `carve extract --experts-keep 0.75` (3 of 4 "
         "experts kept) before the export (contrast: the source); gpt-oss: 4 experts, top-2, attention sinks, "
         "biases, gpt-oss's YaRN, layers sliding / global (window 16), cut the same way for `-experts`; Mixtral, "
-        "Qwen3-MoE and "
+        "Qwen3-MoE, OLMoE (whole-projection Q/K norms, routing weights not renormalized) and "
         "Qwen2-MoE: 4 "
         "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
         "`carve export --type f16`, "
@@ -606,6 +609,7 @@ KINDS = (
     "llama-structured",
     "mixtral",
     "qwen3-moe",
+    "olmoe",
     "qwen2-moe",
     "mixtral-experts",
     "mixtral-structured",

@@ -442,6 +442,18 @@ def _check_qwen2_moe(config: Any) -> None:
     _check_every_layer_moe(config, "qwen2moe")
 
 
+def _check_olmoe(config: Any) -> None:
+    """Refuse the OLMoE variants llama.cpp's olmoe graph computes otherwise: it takes the top-k routing
+    weights as the softmax gives them (not renormalized) and does not clip Q, K and V."""
+    _check_plain_rope(config, "olmoe")
+    if getattr(config, "norm_topk_prob", False):
+        raise UsageError(
+            "llama.cpp's olmoe does not renormalize the top-k routing weights; this model does (norm_topk_prob true)"
+        )
+    if getattr(config, "clip_qkv", None):
+        raise UsageError(f"llama.cpp's olmoe does not clip Q, K and V; this model clips them at {config.clip_qkv}")
+
+
 def _check_every_layer_moe(config: Any, gguf_arch: str) -> None:
     if list(getattr(config, "mlp_only_layers", None) or []) or int(getattr(config, "decoder_sparse_step", 1)) != 1:
         raise UsageError(
@@ -694,6 +706,8 @@ ARCHITECTURES = {
     # softmax routing with the top-k weights renormalized in llama.cpp's llama graph, as in transformers' Mixtral
     "mixtral": Architecture("llama", True, (), "default", metadata=_moe_metadata, caveats=_window_caveats),
     "qwen3_moe": Architecture("qwen3moe", False, (), "qwen2", check=_check_qwen3_moe, metadata=_moe_metadata),
+    # OLMoE: Llama's norms, whole-projection Q/K norms (as OLMo 2's), softmax routing not renormalized
+    "olmoe": Architecture("olmoe", False, (), "default", check=_check_olmoe, metadata=_moe_metadata),
     # attention sinks, biases everywhere, a clamped SwiGLU over interleaved gate/up experts, YaRN
     "gpt_oss": Architecture(
         "gpt-oss",
@@ -785,7 +799,7 @@ def architecture(model_type: Any) -> Architecture:
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, "
             "Gemma, Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
             "Qwen2-MoE, "
-            "Qwen3-MoE and gpt-oss models "
+            "Qwen3-MoE, OLMoE and gpt-oss models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
