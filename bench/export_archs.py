@@ -320,7 +320,8 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                                    shared_expert_intermediate_size=64, num_experts_per_tok=2,
                                                    vocab_size=vocab),
             # whole-projection Q/K norms, routing weights not renormalized
-            "olmoe": lambda: tf.OlmoeConfig(**SIZES, num_experts=4, num_experts_per_tok=2, vocab_size=vocab),
+            "olmoe": lambda: tf.OlmoeConfig(**{**SIZES, "num_key_value_heads": 4}, num_experts=4, num_experts_per_tok=2,
+                                            vocab_size=vocab),  # as many key/value heads as query heads
         }[kind.removesuffix("-experts").removesuffix("-structured")]()  # fmt: skip
         model = tf.AutoModelForCausalLM.from_config(moe)
         with torch.no_grad():  # Qwen2-MoE: its shared expert's gate too

@@ -82,7 +82,8 @@ class Architecture:
     fused: bool = False  # one qkv_proj and one gate_up_proj per block (Phi-3), as llama.cpp holds them
     caveats: Callable[[Any], list[str]] | None = None  # where llama.cpp computes otherwise, said, not refused
     # llama.cpp sizes the query rows and the output projection by the hidden size (its qwen2, qwen2moe,
-    # command-r, cohere2, olmo2, stablelm, exaone4 and phi3 graphs), not by heads x head_dim: fewer heads cannot load
+    # command-r, cohere2, olmo2, olmoe, stablelm, exaone4 and phi3 graphs), not by heads x head_dim: fewer
+    # heads cannot load
     query_is_hidden: bool = False
     # where query_is_hidden refuses: the llama.cpp architecture that computes the same with any number
     # of heads (a structured Qwen2 with heads removed, as llama.cpp's `llama`)
@@ -444,8 +445,15 @@ def _check_qwen2_moe(config: Any) -> None:
 
 def _check_olmoe(config: Any) -> None:
     """Refuse the OLMoE variants llama.cpp's olmoe graph computes otherwise: it takes the top-k routing
-    weights as the softmax gives them (not renormalized) and does not clip Q, K and V."""
+    weights as the softmax gives them (not renormalized), does not clip Q, K and V, and sizes the K
+    norm by the hidden size (key/value heads as many as query heads, as OLMoE-1B-7B has)."""
     _check_plain_rope(config, "olmoe")
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if kv != config.num_attention_heads:
+        raise UsageError(
+            f"llama.cpp's olmoe sizes the K norm by the hidden size (as many key/value heads as query heads); this "
+            f"model has {kv} key/value heads for {config.num_attention_heads} query heads"
+        )
     if getattr(config, "norm_topk_prob", False):
         raise UsageError(
             "llama.cpp's olmoe does not renormalize the top-k routing weights; this model does (norm_topk_prob true)"
@@ -707,7 +715,9 @@ ARCHITECTURES = {
     "mixtral": Architecture("llama", True, (), "default", metadata=_moe_metadata, caveats=_window_caveats),
     "qwen3_moe": Architecture("qwen3moe", False, (), "qwen2", check=_check_qwen3_moe, metadata=_moe_metadata),
     # OLMoE: Llama's norms, whole-projection Q/K norms (as OLMo 2's), softmax routing not renormalized
-    "olmoe": Architecture("olmoe", False, (), "default", check=_check_olmoe, metadata=_moe_metadata),
+    "olmoe": Architecture(
+        "olmoe", False, (), "default", check=_check_olmoe, metadata=_moe_metadata, query_is_hidden=True
+    ),
     # attention sinks, biases everywhere, a clamped SwiGLU over interleaved gate/up experts, YaRN
     "gpt_oss": Architecture(
         "gpt-oss",
