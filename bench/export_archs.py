@@ -355,6 +355,7 @@ STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structur
               # whole experts removed: 3 of 4 kept, each token still routed to 2
               "mixtral-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "qwen2-moe-experts": [*_CUT[:6], "--experts-keep", "0.75"],
+              "olmoe-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "gpt-oss-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               # an MoE's heads and depth (its experts untouched: no dense MLP to narrow)
               "mixtral-structured": [*_CUT[:6], "--heads-keep", "0.5", "--drop-blocks", "1"]}  # fmt: skip
@@ -518,7 +519,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "Qwen2-MoE with experts removed: the MoE rows' models cut by `carve extract --experts-keep 0.75` (3 of 4 "
         "experts kept) before the export (contrast: the source); gpt-oss: 4 experts, top-2, attention sinks, "
         "biases, gpt-oss's YaRN, layers sliding / global (window 16), cut the same way for `-experts`; Mixtral, "
-        "Qwen3-MoE, OLMoE (whole-projection Q/K norms, routing weights not renormalized) and "
+        "Qwen3-MoE, OLMoE (whole-projection Q/K norms, routing weights not renormalized, 4 key/value heads; "
+        "`-experts`: cut by `--experts-keep 0.75`) and "
         "Qwen2-MoE: 4 "
         "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
         "`carve export --type f16`, "
@@ -615,6 +617,7 @@ KINDS = (
     "mixtral-experts",
     "mixtral-structured",
     "qwen2-moe-experts",
+    "olmoe-experts",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

@@ -542,6 +542,46 @@ def test_gemma_as_llama_cpp_gemma(tmp_path: Path, tokenizer) -> None:
         check(tf.GemmaConfig(**sizes, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}))
 
 
+def test_olmoe_as_llama_cpp_olmoe(tmp_path: Path, tokenizer) -> None:
+    """OLMoE as llama.cpp's `olmoe`: Llama's names unpermuted, the whole-projection Q/K norms, the
+    router and each expert's gate, up and down as llama.cpp's expert tensors, the expert counts; what
+    its graph computes otherwise refused (renormalized routing, clipped QKV, fewer key/value heads than
+    query heads: its K norm is sized by the hidden size).  Logits in llama.cpp itself:
+    bench/export_archs.py, rows olmoe and olmoe-experts."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.errors import UsageError
+    from carve.export import architecture
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
+             "max_position_embeddings": 256}  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.OlmoeConfig(**sizes))
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-olmoe", "f16")
+    assert meta["general.architecture"] == "olmoe"
+    assert meta["olmoe.expert_count"] == 4 and meta["olmoe.expert_used_count"] == 2
+    tensors = _gguf_tensors(gguf)
+    state = model.state_dict()
+    gate_up = state["model.layers.1.mlp.experts.gate_up_proj"]  # [E, 2·ff, hidden], gate rows first
+    for name, want in {"blk.1.attn_q.weight": state["model.layers.1.self_attn.q_proj.weight"],
+                       "blk.1.attn_k_norm.weight": state["model.layers.1.self_attn.k_norm.weight"],
+                       "blk.1.ffn_gate_exps.weight": gate_up[:, :32], "blk.1.ffn_up_exps.weight": gate_up[:, 32:],
+                       "blk.1.ffn_down_exps.weight": state["model.layers.1.mlp.experts.down_proj"]}.items():  # fmt: skip
+        w = want.numpy() if want.dim() == 1 else want.half().numpy()
+        assert np.array_equal(tensors[name].reshape(w.shape), w), name
+    assert np.array_equal(
+        tensors["blk.1.ffn_gate_inp.weight"].reshape(4, 64), state["model.layers.1.mlp.gate.weight"].numpy()
+    )
+    check = architecture("olmoe").check
+    assert check is not None
+    for change, words in (({"norm_topk_prob": True}, "does not renormalize"), ({"clip_qkv": 8.0}, "does not clip"),
+                          ({"num_key_value_heads": 2}, "sizes the K norm")):  # fmt: skip
+        with pytest.raises(UsageError, match=words):
+            check(tf.OlmoeConfig(**{**sizes, **change}))
+
+
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
 def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     """OLMo 2 and 3 as llama.cpp's `olmo2`: each Hugging Face tensor under llama.cpp's name, unpermuted
