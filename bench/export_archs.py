@@ -310,7 +310,8 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith(("q_proj.weight", "k_proj.weight")):
                     p.mul_(8)
         return model.eval()
-    if kind.removesuffix("-experts").removesuffix("-structured") in ("mixtral", "qwen3-moe", "qwen2-moe", "olmoe"):
+    if kind.removesuffix("-experts").removesuffix("-structured") in ("mixtral", "qwen3-moe", "qwen2-moe", "olmoe",
+                                                                     "granitemoe"):  # fmt: skip
         moe: Any = {
             "mixtral": lambda: tf.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2, vocab_size=vocab),
             "qwen3-moe": lambda: tf.Qwen3MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4,
@@ -322,11 +323,16 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
             # whole-projection Q/K norms, routing weights not renormalized
             "olmoe": lambda: tf.OlmoeConfig(**{**SIZES, "num_key_value_heads": 4}, num_experts=4, num_experts_per_tok=2,
                                             vocab_size=vocab),  # as many key/value heads as query heads
+            # Granite's multipliers (as the granite row's), the experts under `block_sparse_moe`
+            "granitemoe": lambda: tf.GraniteMoeConfig(**SIZES, **GRANITE, num_local_experts=4, num_experts_per_tok=2,
+                                                      vocab_size=vocab),
         }[kind.removesuffix("-experts").removesuffix("-structured")]()  # fmt: skip
         model = tf.AutoModelForCausalLM.from_config(moe)
         with torch.no_grad():  # Qwen2-MoE: its shared expert's gate too
             for name, p in model.named_parameters():
-                if "experts" in name or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
+                if "experts" in name or name.endswith(
+                    ("mlp.gate.weight", "shared_expert_gate.weight", "router.weight")
+                ):
                     p.normal_(0, 0.2)
         return model.eval()
     config = tf.LlamaConfig(**SIZES, vocab_size=vocab)
@@ -356,6 +362,7 @@ STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structur
               "mixtral-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "qwen2-moe-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "olmoe-experts": [*_CUT[:6], "--experts-keep", "0.75"],
+              "granitemoe-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "gpt-oss-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               # an MoE's heads and depth (its experts untouched: no dense MLP to narrow)
               "mixtral-structured": [*_CUT[:6], "--heads-keep", "0.5", "--drop-blocks", "1"]}  # fmt: skip
@@ -394,6 +401,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "mixtral": ("export-archs-mixtral-top1", {"num_experts_per_tok": 1}),  # one expert a token
     "qwen3-moe": ("export-archs-qwen3-moe-top1", {"num_experts_per_tok": 1}),
     "olmoe": ("export-archs-olmoe-top1", {"num_experts_per_tok": 1}),
+    "granitemoe": ("export-archs-granitemoe-top1", {"num_experts_per_tok": 1}),
     "qwen2-moe": ("export-archs-qwen2-moe-top1", {"num_experts_per_tok": 1}),
     "gpt-oss": ("export-archs-gpt-oss-top1", {"num_experts_per_tok": 1}),
 }
@@ -520,7 +528,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "experts kept) before the export (contrast: the source); gpt-oss: 4 experts, top-2, attention sinks, "
         "biases, gpt-oss's YaRN, layers sliding / global (window 16), cut the same way for `-experts`; Mixtral, "
         "Qwen3-MoE, OLMoE (whole-projection Q/K norms, routing weights not renormalized, 4 key/value heads; "
-        "`-experts`: cut by `--experts-keep 0.75`) and "
+        "`-experts`: cut by `--experts-keep 0.75`), Granite MoE (Granite's multipliers as the granite row's; "
+        "`-experts` the same cut) and "
         "Qwen2-MoE: 4 "
         "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
         "`carve export --type f16`, "
@@ -613,11 +622,13 @@ KINDS = (
     "mixtral",
     "qwen3-moe",
     "olmoe",
+    "granitemoe",
     "qwen2-moe",
     "mixtral-experts",
     "mixtral-structured",
     "qwen2-moe-experts",
     "olmoe-experts",
+    "granitemoe-experts",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

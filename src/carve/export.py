@@ -205,6 +205,12 @@ def _granite_metadata(writer: Any, config: Any) -> None:
     writer.add_logit_scale(float(config.logits_scaling))
 
 
+def _granitemoe_metadata(writer: Any, config: Any) -> None:
+    """Granite MoE's keys: Granite's multipliers and the expert counts."""
+    _granite_metadata(writer, config)
+    _moe_metadata(writer, config)
+
+
 def _check_olmo(config: Any) -> None:
     """Refuse what llama.cpp's olmo2 graph (OLMo 2 and OLMo 3) computes otherwise: RoPE scaling, or
     another RoPE base in the sliding layers than in the global ones (it has one base)."""
@@ -574,6 +580,10 @@ _QWEN2_MOE_NAMES = (  # the shared expert beside the routed ones, and its sigmoi
     (r"model\.layers\.(\d+)\.mlp\.shared_expert\.down_proj\.weight", "blk.{}.ffn_down_shexp.weight"),
     (r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight", "blk.{}.ffn_gate_inp_shexp.weight"),
 )
+_GRANITEMOE_NAMES = (  # Granite 3 MoE's router and experts, under `block_sparse_moe`
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.router\.weight", "blk.{}.ffn_gate_inp.weight"),
+    (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.down_proj", "blk.{}.ffn_down_exps.weight"),
+)
 _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
     (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
@@ -714,6 +724,11 @@ ARCHITECTURES = {
     # softmax routing with the top-k weights renormalized in llama.cpp's llama graph, as in transformers' Mixtral
     "mixtral": Architecture("llama", True, (), "default", metadata=_moe_metadata, caveats=_window_caveats),
     "qwen3_moe": Architecture("qwen3moe", False, (), "qwen2", check=_check_qwen3_moe, metadata=_moe_metadata),
+    # Granite 3 MoE: Granite's multipliers, its experts under `block_sparse_moe`, softmax over the
+    # top-k logits (the top-k weights renormalized, as llama.cpp's granitemoe computes)
+    "granitemoe": Architecture(
+        "granitemoe", True, (), "default", names=_GRANITEMOE_NAMES, metadata=_granitemoe_metadata
+    ),
     # OLMoE: Llama's norms, whole-projection Q/K norms (as OLMo 2's), softmax routing not renormalized
     "olmoe": Architecture(
         "olmoe", False, (), "default", check=_check_olmoe, metadata=_moe_metadata, query_is_hidden=True
@@ -776,7 +791,7 @@ _NAMES = [
     (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj", "blk.{}.ffn_down_exps.weight"),  # [E, hidden, ff]
 ]
 # an MoE's fused experts' gate and up rows ([E, 2·ff, hidden], gate first), as llama.cpp's two tensors
-_EXPERTS_GATE_UP = r"model\.layers\.(\d+)\.mlp\.experts\.gate_up_proj"
+_EXPERTS_GATE_UP = r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.gate_up_proj"
 _ROUTER = "ffn_gate_inp.weight"  # kept float32, as llama.cpp's conversion keeps it: it chooses the experts
 
 
@@ -809,7 +824,7 @@ def architecture(model_type: Any) -> Architecture:
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, "
             "Gemma, Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
             "Qwen2-MoE, "
-            "Qwen3-MoE, OLMoE and gpt-oss models "
+            "Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -869,7 +884,8 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
         else:
             q_rows = state[p + "self_attn.q_proj.weight"].shape[0]
             k_rows = state[p + "self_attn.k_proj.weight"].shape[0]
-            experts = state.get(p + "mlp.experts.gate_up_proj")  # an MoE: each expert's width
+            # an MoE: each expert's width (Granite 3 MoE's experts under `block_sparse_moe`)
+            experts = state.get(p + "mlp.experts.gate_up_proj", state.get(p + "block_sparse_moe.experts.gate_up_proj"))
             if experts is not None:
                 ffn.append(experts.shape[2 if arch.interleaved_experts else 1] // 2)
             else:  # a gated MLP's gate rows, or a plain one's first Linear (StarCoder2's c_fc, Phi's fc1)
