@@ -582,6 +582,37 @@ def test_olmoe_as_llama_cpp_olmoe(tmp_path: Path, tokenizer) -> None:
             check(tf.OlmoeConfig(**{**sizes, **change}))
 
 
+def test_granite_moe_as_llama_cpp_granitemoe(tmp_path: Path, tokenizer) -> None:
+    """Granite 3 MoE as llama.cpp's `granitemoe`: Granite's four multipliers, the expert counts, Q and K
+    permuted as Llama's, the router and experts under `block_sparse_moe` as llama.cpp's expert tensors.
+    Logits in llama.cpp itself: bench/export_archs.py, rows granitemoe and granitemoe-experts."""
+    import numpy as np
+    import transformers as tf
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
+             "max_position_embeddings": 256, "attention_multiplier": 0.05, "embedding_multiplier": 12.0,
+             "residual_multiplier": 0.25, "logits_scaling": 8.0}  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.GraniteMoeConfig(**sizes))
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-granitemoe", "f16")
+    assert meta["general.architecture"] == "granitemoe"
+    assert meta["granitemoe.expert_count"] == 4 and meta["granitemoe.expert_used_count"] == 2
+    assert [meta[f"granitemoe.{k}"] for k in ("attention.scale", "embedding_scale", "residual_scale", "logit_scale")] \
+        == pytest.approx([0.05, 12.0, 0.25, 8.0])  # fmt: skip
+    tensors = _gguf_tensors(gguf)
+    state = model.state_dict()
+    gate_up = state["model.layers.0.block_sparse_moe.experts.gate_up_proj"]
+    for name, want in {"blk.0.ffn_gate_exps.weight": gate_up[:, :32], "blk.0.ffn_up_exps.weight": gate_up[:, 32:],
+                       "blk.0.ffn_down_exps.weight": state["model.layers.0.block_sparse_moe.experts.down_proj"],
+                       "blk.0.attn_v.weight": state["model.layers.0.self_attn.v_proj.weight"]}.items():  # fmt: skip
+        assert np.array_equal(tensors[name].reshape(want.shape), want.half().numpy()), name
+    router = state["model.layers.0.block_sparse_moe.router.weight"].numpy()
+    assert np.array_equal(tensors["blk.0.ffn_gate_inp.weight"].reshape(router.shape), router)  # float32
+    q = tensors["blk.0.attn_q.weight"].reshape(64, 64)
+    assert not np.array_equal(q, state["model.layers.0.self_attn.q_proj.weight"].half().numpy())  # permuted
+
+
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
 def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     """OLMo 2 and 3 as llama.cpp's `olmo2`: each Hugging Face tensor under llama.cpp's name, unpermuted
