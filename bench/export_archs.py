@@ -192,6 +192,10 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
         return model.eval()
+    if kind == "glm4":  # 4 blocks: norms N(1, 0.5) (two more per block), Q/K/V biases, RoPE over half a head
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        model = tf.AutoModelForCausalLM.from_config(tf.Glm4Config(**sizes, vocab_size=vocab))
+        return _layernorms_and_biases_drawn(model, "proj.bias")
     if kind.removesuffix("-structured") == "gemma":  # Gemma 1: 4 blocks, (1 + w) norms drawn, head_dim 256
         sizes = {**SIZES, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32}
         config = tf.GemmaConfig(**sizes, vocab_size=vocab)
@@ -506,7 +510,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "5 and 3 with query and key weights scaled by 8 so that the caps bite, the Gemma-style tokenizer; Gemma (1): "
         "4 blocks, 8 query heads of 32 in 4 key/value groups (heads x head_dim apart from hidden), norm weights "
         "from N(0, 0.5) (Gemma scales by 1 + w), query and key weights scaled by 8, the Gemma-style tokenizer, and "
-        "cut by `--heads-keep 0.5 --mlp-keep 0.5 --drop-blocks 1` (`-structured`); SmolLM3 "
+        "cut by `--heads-keep 0.5 --mlp-keep 0.5 --drop-blocks 1` (`-structured`); GLM-4 (0414): 4 blocks, its "
+        "four norms per block from N(1, 0.5), random Q/K/V biases, query and key weights scaled by 8, GPT-J-style "
+        "RoPE over half of each head; SmolLM3 "
         "and Granite: 4 Llama-style blocks, query and key weights scaled by 8, SmolLM3 without RoPE in layer 3, "
         "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; OLMo 2 and 3: 4 blocks, "
         "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "
@@ -596,6 +602,7 @@ KINDS = (
     "gemma2",
     "gemma",
     "gemma-structured",
+    "glm4",
     "smollm3",
     "granite",
     "olmo2",

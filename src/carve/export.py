@@ -137,6 +137,15 @@ def _check_gemma(config: Any) -> None:
         raise UsageError(f"llama.cpp's gemma uses tanh-approximated GELU; this model uses {act!r}")
 
 
+def _check_glm4(config: Any) -> None:
+    """Refuse what llama.cpp's glm4 graph computes otherwise: RoPE scaling, an activation other than
+    SiLU."""
+    if rope_type(config) != "default":
+        raise UsageError(f"GGUF export writes GLM-4's plain RoPE; this model scales it as {rope_type(config)!r}")
+    if config.hidden_act != "silu":
+        raise UsageError(f"llama.cpp's glm4 gates its MLP with SiLU; this model uses {config.hidden_act!r}")
+
+
 def _check_gemma3(config: Any) -> None:
     """Refuse what llama.cpp's gemma3 graph computes differently from transformers' Gemma 3."""
     if rope_type(config) not in ("default", "linear") or rope_type(config, "sliding_attention") != "default":
@@ -584,6 +593,12 @@ _GRANITEMOE_NAMES = (  # Granite 3 MoE's router and experts, under `block_sparse
     (r"model\.layers\.(\d+)\.block_sparse_moe\.router\.weight", "blk.{}.ffn_gate_inp.weight"),
     (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.down_proj", "blk.{}.ffn_down_exps.weight"),
 )
+# GLM-4 (0414): gate and up fused, gate rows first (llama.cpp's SwiGLU halves); a norm after each sublayer
+_GLM4_NAMES = (
+    (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", "blk.{}.ffn_up.weight"),
+    (r"model\.layers\.(\d+)\.post_self_attn_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
+    (r"model\.layers\.(\d+)\.post_mlp_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
+)
 _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
     (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
@@ -698,6 +713,17 @@ ARCHITECTURES = {
     # Cohere 2 (Command R7B): Cohere's tensors, sliding layers with RoPE, global layers without
     "cohere2": Architecture(
         "cohere2", False, (), "default", check=_check_cohere2, metadata=_cohere2_metadata, query_is_hidden=True
+    ),
+    # GLM-4 (0414): Q/K/V biases, GPT-J-style RoPE over part of each head (llama.cpp's too: unpermuted),
+    # the MLP's gate and up fused, a norm after attention and after the MLP besides the usual two
+    "glm4": Architecture(
+        "glm4",
+        False,
+        ("q_proj", "k_proj", "v_proj"),
+        "default",
+        names=_GLM4_NAMES,
+        check=_check_glm4,
+        query_is_hidden=True,
     ),
     # Gemma 1 (and CodeGemma): Llama's tensors unpermuted, its norms scaled by 1 + w
     "gemma": Architecture("gemma", False, (), "default", norm_offset=1.0, check=_check_gemma),
@@ -821,7 +847,7 @@ def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
-            f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, "
+            f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, GLM-4, "
             "Gemma, Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
             "Qwen2-MoE, "
             "Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models "
@@ -888,6 +914,8 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
             experts = state.get(p + "mlp.experts.gate_up_proj", state.get(p + "block_sparse_moe.experts.gate_up_proj"))
             if experts is not None:
                 ffn.append(experts.shape[2 if arch.interleaved_experts else 1] // 2)
+            elif p + "mlp.gate_up_proj.weight" in state:  # gate and up fused (GLM-4): half its rows
+                ffn.append(state[p + "mlp.gate_up_proj.weight"].shape[0] // 2)
             else:  # a gated MLP's gate rows, or a plain one's first Linear (StarCoder2's c_fc, Phi's fc1)
                 ffn.append(
                     next(
