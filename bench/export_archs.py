@@ -194,7 +194,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         return model.eval()
     if kind == "glm4":  # 4 blocks: norms N(1, 0.5) (two more per block), Q/K/V biases, RoPE over half a head
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
-        model = tf.AutoModelForCausalLM.from_config(tf.Glm4Config(**sizes, vocab_size=vocab))
+        model = tf.AutoModelForCausalLM.from_config(tf.Glm4Config(**sizes, head_dim=16, vocab_size=vocab))
         return _layernorms_and_biases_drawn(model, "proj.bias")
     if kind.removesuffix("-structured") == "gemma":  # Gemma 1: 4 blocks, (1 + w) norms drawn, head_dim 256
         sizes = {**SIZES, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32}
