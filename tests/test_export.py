@@ -613,6 +613,47 @@ def test_granite_moe_as_llama_cpp_granitemoe(tmp_path: Path, tokenizer) -> None:
     assert not np.array_equal(q, state["model.layers.0.self_attn.q_proj.weight"].half().numpy())  # permuted
 
 
+def test_glm4_as_llama_cpp_glm4(tmp_path: Path, tokenizer) -> None:
+    """GLM-4 (0414) as llama.cpp's `glm4`: Q/K/V and their biases unpermuted (GPT-J-style RoPE in both),
+    the fused gate/up as `ffn_up` (gate rows first), the norms after attention and after the MLP as
+    `post_attention_norm` / `post_ffw_norm` beside `attn_norm` / `ffn_norm`, the rotary width half a
+    head; scaled RoPE and a non-SiLU MLP refused.  Logits in llama.cpp itself: bench/export_archs.py, row glm4."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.errors import UsageError
+    from carve.export import architecture
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.Glm4Config(**sizes))
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-glm4", "f16")
+    assert meta["general.architecture"] == "glm4" and meta["glm4.rope.dimension_count"] == 8
+    tensors = _gguf_tensors(gguf)
+    state = model.state_dict()
+    names = {"model.layers.1.self_attn.q_proj.weight": "blk.1.attn_q.weight",
+             "model.layers.1.self_attn.k_proj.bias": "blk.1.attn_k.bias",
+             "model.layers.1.mlp.gate_up_proj.weight": "blk.1.ffn_up.weight",
+             "model.layers.1.input_layernorm.weight": "blk.1.attn_norm.weight",
+             "model.layers.1.post_self_attn_layernorm.weight": "blk.1.post_attention_norm.weight",
+             "model.layers.1.post_attention_layernorm.weight": "blk.1.ffn_norm.weight",
+             "model.layers.1.post_mlp_layernorm.weight": "blk.1.post_ffw_norm.weight"}  # fmt: skip
+    for hf, name in names.items():
+        w = state[hf]
+        want = w.numpy() if w.dim() == 1 else w.half().numpy()  # norms and biases stay float32
+        assert np.array_equal(tensors[name].reshape(want.shape), want), name
+    assert len(tensors) == len([n for n in state if "rotary" not in n])
+    check = architecture("glm4").check
+    assert check is not None
+    with pytest.raises(UsageError, match="SiLU"):
+        check(tf.Glm4Config(**sizes, hidden_act="gelu"))
+    with pytest.raises(UsageError, match="plain RoPE"):
+        check(tf.Glm4Config(**sizes, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,
+                                                      "partial_rotary_factor": 0.5}))  # fmt: skip
+
+
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
 def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     """OLMo 2 and 3 as llama.cpp's `olmo2`: each Hugging Face tensor under llama.cpp's name, unpermuted
