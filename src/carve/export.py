@@ -39,7 +39,11 @@ scores. Ministral 3 goes in as `mistral3` (YaRN, Llama 4's attention temperature
 as `exaone4` (OLMo 2's post-norms, per-head Q/K norms, Llama 3 RoPE as
 `rope_freqs`). ERNIE 4.5 goes in as `ernie4_5` (interleaved RoPE in both libraries: no permutation). gpt-oss
 goes in as `gpt-oss`: its interleaved gate/up experts taken apart, attention sinks,
-biases everywhere, YaRN and the sliding pattern as keys.
+biases everywhere, YaRN and the sliding pattern as keys. GLM-4 (0414) goes in as `glm4`
+(GPT-J-style partial RoPE in both libraries: no permutation; the fused gate/up as `ffn_up`; a norm
+after attention and after the MLP too). OLMoE goes in as `olmoe` (OLMo 2's whole-projection Q/K
+norms, softmax routing not renormalized) and Granite 3 MoE as `granitemoe` (Granite's multipliers,
+its experts under `block_sparse_moe`).
 """
 
 from __future__ import annotations
