@@ -192,6 +192,10 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
         return model.eval()
+    if kind == "nemotron":  # 4 blocks: LayerNorm1P weights and biases N(0, 0.5), squared ReLU, RoPE over half a head
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        model = tf.AutoModelForCausalLM.from_config(tf.NemotronConfig(**sizes, head_dim=16, vocab_size=vocab))
+        return _perturbed(model, ("norm.weight", "norm.bias"), 0.0)
     if kind == "glm4":  # 4 blocks: norms N(1, 0.5) (two more per block), Q/K/V biases, RoPE over half a head
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         model = tf.AutoModelForCausalLM.from_config(tf.Glm4Config(**sizes, head_dim=16, vocab_size=vocab))
@@ -512,7 +516,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "from N(0, 0.5) (Gemma scales by 1 + w), query and key weights scaled by 8, the Gemma-style tokenizer, and "
         "cut by `--heads-keep 0.5 --mlp-keep 0.5 --drop-blocks 1` (`-structured`); GLM-4 (0414): 4 blocks, its "
         "four norms per block from N(1, 0.5), random Q/K/V biases, query and key weights scaled by 8, GPT-J-style "
-        "RoPE over half of each head; SmolLM3 "
+        "RoPE over half of each head; Nemotron: 4 blocks, LayerNorm weights (Nemotron scales by 1 + w) and "
+        "biases from N(0, 0.5), query and key weights scaled by 8, a squared-ReLU MLP, RoPE over half of each "
+        "head; SmolLM3 "
         "and Granite: 4 Llama-style blocks, query and key weights scaled by 8, SmolLM3 without RoPE in layer 3, "
         "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; OLMo 2 and 3: 4 blocks, "
         "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "
@@ -603,6 +609,7 @@ KINDS = (
     "gemma",
     "gemma-structured",
     "glm4",
+    "nemotron",
     "smollm3",
     "granite",
     "olmo2",

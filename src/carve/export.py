@@ -43,7 +43,8 @@ biases everywhere, YaRN and the sliding pattern as keys. GLM-4 (0414) goes in as
 (GPT-J-style partial RoPE in both libraries: no permutation; the fused gate/up as `ffn_up`; a norm
 after attention and after the MLP too). OLMoE goes in as `olmoe` (OLMo 2's whole-projection Q/K
 norms, softmax routing not renormalized) and Granite 3 MoE as `granitemoe` (Granite's multipliers,
-its experts under `block_sparse_moe`).
+its experts under `block_sparse_moe`). Nemotron-4 and Minitron go in as `nemotron` (LayerNorms with
+biases whose weights are written as 1 + w, a squared-ReLU MLP, partial rotate-half RoPE).
 """
 
 from __future__ import annotations
@@ -148,6 +149,15 @@ def _check_glm4(config: Any) -> None:
         raise UsageError(f"GGUF export writes GLM-4's plain RoPE; this model scales it as {rope_type(config)!r}")
     if config.hidden_act != "silu":
         raise UsageError(f"llama.cpp's glm4 gates its MLP with SiLU; this model uses {config.hidden_act!r}")
+
+
+def _check_nemotron(config: Any) -> None:
+    """Refuse what llama.cpp's nemotron graph (Nemotron-4, Minitron) computes otherwise: RoPE scaling,
+    an MLP other than squared ReLU."""
+    if rope_type(config) != "default":
+        raise UsageError(f"GGUF export writes Nemotron's plain RoPE; this model scales it as {rope_type(config)!r}")
+    if config.hidden_act != "relu2":
+        raise UsageError(f"llama.cpp's nemotron uses a squared-ReLU MLP; this model uses {config.hidden_act!r}")
 
 
 def _check_gemma3(config: Any) -> None:
@@ -729,6 +739,11 @@ ARCHITECTURES = {
         check=_check_glm4,
         query_is_hidden=True,
     ),
+    # Nemotron-4 and Minitron: LayerNorms with biases scaling by 1 + w (as Gemma's), a squared-ReLU MLP of
+    # two Linears, rotate-half RoPE over part of each head (llama.cpp's too: unpermuted)
+    "nemotron": Architecture(
+        "nemotron", False, (), "default", norm_offset=1.0, names=_STABLELM_NAMES, check=_check_nemotron
+    ),
     # Gemma 1 (and CodeGemma): Llama's tensors unpermuted, its norms scaled by 1 + w
     "gemma": Architecture("gemma", False, (), "default", norm_offset=1.0, check=_check_gemma),
     "gemma2": Architecture(
@@ -852,6 +867,7 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, GLM-4, "
+            "Nemotron, "
             "Gemma, Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
             "Qwen2-MoE, "
             "Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models "
@@ -920,11 +936,11 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
                 ffn.append(experts.shape[2 if arch.interleaved_experts else 1] // 2)
             elif p + "mlp.gate_up_proj.weight" in state:  # gate and up fused (GLM-4): half its rows
                 ffn.append(state[p + "mlp.gate_up_proj.weight"].shape[0] // 2)
-            else:  # a gated MLP's gate rows, or a plain one's first Linear (StarCoder2's c_fc, Phi's fc1)
-                ffn.append(
+            else:  # a gated MLP's gate rows, or a plain one's first Linear (StarCoder2's c_fc, Phi's fc1,
+                ffn.append(  # Nemotron's up_proj)
                     next(
                         state[p + f"mlp.{n}.weight"]
-                        for n in ("gate_proj", "c_fc", "fc1")
+                        for n in ("gate_proj", "c_fc", "fc1", "up_proj")
                         if p + f"mlp.{n}.weight" in state
                     ).shape[0]
                 )
@@ -1163,8 +1179,9 @@ def write_gguf(
     writer.add_rope_freq_base(theta)
     if hasattr(config, "rms_norm_eps"):
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    else:  # LayerNorm (StableLM's layer_norm_eps, StarCoder2's norm_epsilon)
-        writer.add_layer_norm_eps(float(getattr(config, "layer_norm_eps", None) or config.norm_epsilon))
+    else:  # LayerNorm (StableLM's layer_norm_eps, StarCoder2's norm_epsilon, Nemotron's norm_eps)
+        eps = getattr(config, "layer_norm_eps", None) or getattr(config, "norm_epsilon", None) or config.norm_eps
+        writer.add_layer_norm_eps(float(eps))
     writer.add_rope_dimension_count(_rotary_dims(config, shape["head_dim"]))  # Phi-4-mini rotates 3/4 of a head
     writer.add_key_length(shape["head_dim"])
     writer.add_value_length(shape["head_dim"])
