@@ -742,7 +742,13 @@ ARCHITECTURES = {
     # Nemotron-4 and Minitron: LayerNorms with biases scaling by 1 + w (as Gemma's), a squared-ReLU MLP of
     # two Linears, rotate-half RoPE over part of each head (llama.cpp's too: unpermuted)
     "nemotron": Architecture(
-        "nemotron", False, (), "default", norm_offset=1.0, names=_STABLELM_NAMES, check=_check_nemotron
+        "nemotron",
+        False,
+        ("input_layernorm", "post_attention_layernorm", "norm"),
+        "default",
+        norm_offset=1.0,
+        names=_STABLELM_NAMES,
+        check=_check_nemotron,
     ),
     # Gemma 1 (and CodeGemma): Llama's tensors unpermuted, its norms scaled by 1 + w
     "gemma": Architecture("gemma", False, (), "default", norm_offset=1.0, check=_check_gemma),
