@@ -654,6 +654,45 @@ def test_glm4_as_llama_cpp_glm4(tmp_path: Path, tokenizer) -> None:
                                                       "partial_rotary_factor": 0.5}))  # fmt: skip
 
 
+def test_nemotron_as_llama_cpp_nemotron(tmp_path: Path, tokenizer) -> None:
+    """Nemotron-4 / Minitron as llama.cpp's `nemotron`: LayerNorm weights written as 1 + w (its
+    LayerNorm1P), their biases as they are, the squared-ReLU MLP's up and down, Q and K unpermuted, the
+    rotary width half a head, the LayerNorm epsilon; scaled RoPE and other activations refused.
+    Logits in llama.cpp itself: bench/export_archs.py, row nemotron."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.errors import UsageError
+    from carve.export import architecture
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None, "norm_eps": 1e-4}  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.NemotronConfig(**sizes))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.5)
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-nemotron", "f16")
+    assert meta["general.architecture"] == "nemotron" and meta["nemotron.rope.dimension_count"] == 8
+    assert meta["nemotron.attention.layer_norm_epsilon"] == pytest.approx(1e-4)
+    tensors = _gguf_tensors(gguf)
+    state = model.state_dict()
+    assert np.allclose(tensors["blk.1.attn_norm.weight"], state["model.layers.1.input_layernorm.weight"].numpy() + 1)
+    assert np.array_equal(tensors["blk.1.ffn_norm.bias"], state["model.layers.1.post_attention_layernorm.bias"].numpy())
+    assert np.allclose(tensors["output_norm.weight"], state["model.norm.weight"].numpy() + 1)
+    for hf, name in {"model.layers.1.self_attn.k_proj.weight": "blk.1.attn_k.weight",
+                     "model.layers.1.mlp.up_proj.weight": "blk.1.ffn_up.weight"}.items():  # fmt: skip
+        want = state[hf].half().numpy()
+        assert np.array_equal(tensors[name].reshape(want.shape), want), name
+    assert len(tensors) == len([n for n in state if "rotary" not in n])
+    check = architecture("nemotron").check
+    assert check is not None
+    with pytest.raises(UsageError, match="squared-ReLU"):
+        check(tf.NemotronConfig(**sizes, hidden_act="silu"))
+
+
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
 def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     """OLMo 2 and 3 as llama.cpp's `olmo2`: each Hugging Face tensor under llama.cpp's name, unpermuted
