@@ -192,6 +192,11 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
         return model.eval()
+    if kind == "olmo":  # OLMo (1): 4 blocks, weightless LayerNorms, Q/K/V clipped at 2 (query and key weights x 8)
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        return _perturbed(
+            tf.AutoModelForCausalLM.from_config(tf.OlmoConfig(**sizes, clip_qkv=2.0, vocab_size=vocab)), (), 0
+        )
     if kind == "nemotron":  # 4 blocks: LayerNorm1P weights and biases N(0, 0.5), squared ReLU, RoPE over half a head
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         model = tf.AutoModelForCausalLM.from_config(tf.NemotronConfig(**sizes, head_dim=16, vocab_size=vocab))
@@ -382,6 +387,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "olmo3": ("export-archs-olmo3-global", {"layer_types": ["full_attention"] * 4}),  # every layer global
     "smollm3": ("export-archs-smollm3-rope", {"no_rope_layers": [1, 1, 1, 1]}),  # RoPE in every layer
     "granite": ("export-archs-granite-plain", {k: 1.0 for k in GRANITE}),  # no multiplier
+    "olmo": ("export-archs-olmo-unclipped", {"clip_qkv": None}),  # Q, K and V not clipped
     "cohere": ("export-archs-cohere-unscaled", {"logit_scale": 1.0}),  # logits not scaled
     "cohere2": ("export-archs-cohere2-sliding", {"layer_types": ["sliding_attention"] * 4}),  # RoPE, window everywhere
     # every layer global and nothing soft-capped
@@ -505,7 +511,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "and 3, "
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
-        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, GLM-4, Nemotron "
+        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, GLM-4, Nemotron, OLMo "
         "(tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -518,7 +524,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "four norms per block from N(1, 0.5), random Q/K/V biases, query and key weights scaled by 8, GPT-J-style "
         "RoPE over half of each head; Nemotron: 4 blocks, LayerNorm weights (Nemotron scales by 1 + w) and "
         "biases from N(0, 0.5), query and key weights scaled by 8, a squared-ReLU MLP, RoPE over half of each "
-        "head; SmolLM3 "
+        "head; OLMo (1): 4 blocks, LayerNorms without weights, Q, K and V clipped at 2 with query and key weights "
+        "scaled by 8 (contrast: not clipped); SmolLM3 "
         "and Granite: 4 Llama-style blocks, query and key weights scaled by 8, SmolLM3 without RoPE in layer 3, "
         "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; OLMo 2 and 3: 4 blocks, "
         "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "
@@ -610,6 +617,7 @@ KINDS = (
     "gemma-structured",
     "glm4",
     "nemotron",
+    "olmo",
     "smollm3",
     "granite",
     "olmo2",

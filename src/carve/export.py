@@ -151,6 +151,14 @@ def _check_glm4(config: Any) -> None:
         raise UsageError(f"llama.cpp's glm4 gates its MLP with SiLU; this model uses {config.hidden_act!r}")
 
 
+def _olmo1_metadata(writer: Any, config: Any) -> None:
+    """OLMo (1)'s keys: its LayerNorms' epsilon (fixed in transformers' OlmoLayerNorm, not in the
+    config) and its clipping of Q, K and V where set."""
+    writer.add_layer_norm_eps(1e-5)
+    if getattr(config, "clip_qkv", None):
+        writer.add_clamp_kqv(float(config.clip_qkv))
+
+
 def _check_nemotron(config: Any) -> None:
     """Refuse what llama.cpp's nemotron graph (Nemotron-4, Minitron) computes otherwise: RoPE scaling,
     an MLP other than squared ReLU."""
@@ -739,6 +747,8 @@ ARCHITECTURES = {
         check=_check_glm4,
         query_is_hidden=True,
     ),
+    # OLMo (1): LayerNorms without weights (no norm tensors), Llama's Q/K permutation, QKV clipping
+    "olmo": Architecture("olmo", True, (), "default", metadata=_olmo1_metadata),
     # Nemotron-4 and Minitron: LayerNorms with biases scaling by 1 + w (as Gemma's), a squared-ReLU MLP of
     # two Linears, rotate-half RoPE over part of each head (llama.cpp's too: unpermuted)
     "nemotron": Architecture(
@@ -873,7 +883,7 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, GLM-4, "
-            "Nemotron, "
+            "Nemotron, OLMo, "
             "Gemma, Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
             "Qwen2-MoE, "
             "Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models "
@@ -1185,9 +1195,12 @@ def write_gguf(
     writer.add_rope_freq_base(theta)
     if hasattr(config, "rms_norm_eps"):
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    else:  # LayerNorm (StableLM's layer_norm_eps, StarCoder2's norm_epsilon, Nemotron's norm_eps)
-        eps = getattr(config, "layer_norm_eps", None) or getattr(config, "norm_epsilon", None) or config.norm_eps
-        writer.add_layer_norm_eps(float(eps))
+    else:  # LayerNorm (StableLM's layer_norm_eps, StarCoder2's norm_epsilon, Nemotron's norm_eps; OLMo's
+        # fixed one: its metadata)
+        keys = ("layer_norm_eps", "norm_epsilon", "norm_eps")
+        eps = next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)
+        if eps is not None:
+            writer.add_layer_norm_eps(float(eps))
     writer.add_rope_dimension_count(_rotary_dims(config, shape["head_dim"]))  # Phi-4-mini rotates 3/4 of a head
     writer.add_key_length(shape["head_dim"])
     writer.add_value_length(shape["head_dim"])
