@@ -693,6 +693,34 @@ def test_nemotron_as_llama_cpp_nemotron(tmp_path: Path, tokenizer) -> None:
         check(tf.NemotronConfig(**sizes, hidden_act="silu"))
 
 
+def test_olmo1_as_llama_cpp_olmo(tmp_path: Path, tokenizer) -> None:
+    """OLMo (1) as llama.cpp's `olmo`: no norm tensors (its LayerNorms have no weights), Q and K
+    permuted as Llama's, the LayerNorm epsilon transformers fixes (1e-5) and the Q/K/V clipping as
+    `clamp_kqv`.  Logits in llama.cpp itself: bench/export_archs.py, row olmo (contrast: unclipped)."""
+    import numpy as np
+    import transformers as tf
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "clip_qkv": 3.0,
+             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(tf.OlmoConfig(**sizes))
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-olmo", "f16")
+    assert meta["general.architecture"] == "olmo"
+    assert meta["olmo.attention.clamp_kqv"] == pytest.approx(3.0)
+    assert meta["olmo.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
+    tensors = _gguf_tensors(gguf)
+    assert not any("norm" in k for k in tensors)
+    state = model.state_dict()
+    v = state["model.layers.0.self_attn.v_proj.weight"].half().numpy()
+    assert np.array_equal(tensors["blk.0.attn_v.weight"].reshape(v.shape), v)
+    q = state["model.layers.0.self_attn.q_proj.weight"].half().numpy()
+    assert not np.array_equal(tensors["blk.0.attn_q.weight"].reshape(q.shape), q)  # permuted
+    assert sorted(map(tuple, tensors["blk.0.attn_q.weight"].reshape(q.shape))) == sorted(
+        map(tuple, q)
+    )  # rows reordered
+
+
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
 def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     """OLMo 2 and 3 as llama.cpp's `olmo2`: each Hugging Face tensor under llama.cpp's name, unpermuted

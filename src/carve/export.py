@@ -44,7 +44,8 @@ biases everywhere, YaRN and the sliding pattern as keys. GLM-4 (0414) goes in as
 after attention and after the MLP too). OLMoE goes in as `olmoe` (OLMo 2's whole-projection Q/K
 norms, softmax routing not renormalized) and Granite 3 MoE as `granitemoe` (Granite's multipliers,
 its experts under `block_sparse_moe`). Nemotron-4 and Minitron go in as `nemotron` (LayerNorms with
-biases whose weights are written as 1 + w, a squared-ReLU MLP, partial rotate-half RoPE).
+biases whose weights are written as 1 + w, a squared-ReLU MLP, partial rotate-half RoPE). OLMo (1)
+goes in as `olmo` (no norm tensors: its LayerNorms have no weights; QKV clipping as `clamp_kqv`).
 """
 
 from __future__ import annotations
