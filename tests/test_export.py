@@ -459,6 +459,24 @@ def test_gemma2_refusals(tmp_path: Path, tokenizer, capsys) -> None:
         assert not (tmp_path / "out.gguf").exists()
 
 
+def _tiny_gguf(
+    config: Any, tokenizer, src: Path, norms: bool = False
+) -> tuple[dict[str, torch.Tensor], dict, dict[str, Any]]:
+    """A tiny model of `config` (seed 0; `norms`: its norm weights and biases drawn from N(0, 0.5), so
+    that an offset or a lost one shows) exported as f16 GGUF: its state dict, the file's metadata and
+    its tensors by llama.cpp's names."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if norms and "norm" in name:
+                p.normal_(0, 0.5)
+    gguf, meta = _exported(model, tokenizer, src, "f16")
+    return model.state_dict(), meta, _gguf_tensors(gguf)
+
+
 def _gguf_tensors(path: Path) -> dict[str, Any]:
     import numpy as np
     from gguf import GGUFReader
@@ -513,17 +531,9 @@ def test_gemma_as_llama_cpp_gemma(tmp_path: Path, tokenizer) -> None:
 
     sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256, "max_position_embeddings": 256}  # fmt: skip
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.GemmaConfig(**sizes))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.normal_(0, 0.5)
-    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-gemma", "f16")
+    state, meta, tensors = _tiny_gguf(tf.GemmaConfig(**sizes), tokenizer, tmp_path / "tiny-gemma", norms=True)
     assert meta["general.architecture"] == "gemma"
     assert meta["gemma.attention.key_length"] == meta["gemma.attention.value_length"] == 256
-    tensors = _gguf_tensors(gguf)
-    state = model.state_dict()
     for hf, name in {"model.layers.0.self_attn.q_proj.weight": "blk.0.attn_q.weight",
                      "model.layers.1.self_attn.k_proj.weight": "blk.1.attn_k.weight",
                      "model.layers.0.mlp.gate_proj.weight": "blk.0.ffn_gate.weight"}.items():  # fmt: skip
@@ -557,13 +567,9 @@ def test_olmoe_as_llama_cpp_olmoe(tmp_path: Path, tokenizer) -> None:
     sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
              "max_position_embeddings": 256}  # fmt: skip
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.OlmoeConfig(**sizes))
-    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-olmoe", "f16")
+    state, meta, tensors = _tiny_gguf(tf.OlmoeConfig(**sizes), tokenizer, tmp_path / "tiny-olmoe")
     assert meta["general.architecture"] == "olmoe"
     assert meta["olmoe.expert_count"] == 4 and meta["olmoe.expert_used_count"] == 2
-    tensors = _gguf_tensors(gguf)
-    state = model.state_dict()
     gate_up = state["model.layers.1.mlp.experts.gate_up_proj"]  # [E, 2·ff, hidden], gate rows first
     for name, want in {"blk.1.attn_q.weight": state["model.layers.1.self_attn.q_proj.weight"],
                        "blk.1.attn_k_norm.weight": state["model.layers.1.self_attn.k_norm.weight"],
@@ -593,15 +599,11 @@ def test_granite_moe_as_llama_cpp_granitemoe(tmp_path: Path, tokenizer) -> None:
              "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2,
              "max_position_embeddings": 256, "attention_multiplier": 0.05, "embedding_multiplier": 12.0,
              "residual_multiplier": 0.25, "logits_scaling": 8.0}  # fmt: skip
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.GraniteMoeConfig(**sizes))
-    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-granitemoe", "f16")
+    state, meta, tensors = _tiny_gguf(tf.GraniteMoeConfig(**sizes), tokenizer, tmp_path / "tiny-granitemoe")
     assert meta["general.architecture"] == "granitemoe"
     assert meta["granitemoe.expert_count"] == 4 and meta["granitemoe.expert_used_count"] == 2
     assert [meta[f"granitemoe.{k}"] for k in ("attention.scale", "embedding_scale", "residual_scale", "logit_scale")] \
         == pytest.approx([0.05, 12.0, 0.25, 8.0])  # fmt: skip
-    tensors = _gguf_tensors(gguf)
-    state = model.state_dict()
     gate_up = state["model.layers.0.block_sparse_moe.experts.gate_up_proj"]
     for name, want in {"blk.0.ffn_gate_exps.weight": gate_up[:, :32], "blk.0.ffn_up_exps.weight": gate_up[:, 32:],
                        "blk.0.ffn_down_exps.weight": state["model.layers.0.block_sparse_moe.experts.down_proj"],
@@ -627,12 +629,8 @@ def test_glm4_as_llama_cpp_glm4(tmp_path: Path, tokenizer) -> None:
     sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
              "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.Glm4Config(**sizes))
-    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-glm4", "f16")
+    state, meta, tensors = _tiny_gguf(tf.Glm4Config(**sizes), tokenizer, tmp_path / "tiny-glm4")
     assert meta["general.architecture"] == "glm4" and meta["glm4.rope.dimension_count"] == 8
-    tensors = _gguf_tensors(gguf)
-    state = model.state_dict()
     names = {"model.layers.1.self_attn.q_proj.weight": "blk.1.attn_q.weight",
              "model.layers.1.self_attn.k_proj.bias": "blk.1.attn_k.bias",
              "model.layers.1.mlp.gate_up_proj.weight": "blk.1.ffn_up.weight",
@@ -668,17 +666,9 @@ def test_nemotron_as_llama_cpp_nemotron(tmp_path: Path, tokenizer) -> None:
     sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
              "pad_token_id": None, "bos_token_id": None, "eos_token_id": None, "norm_eps": 1e-4}  # fmt: skip
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.NemotronConfig(**sizes))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.normal_(0, 0.5)
-    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-nemotron", "f16")
+    state, meta, tensors = _tiny_gguf(tf.NemotronConfig(**sizes), tokenizer, tmp_path / "tiny-nemotron", norms=True)
     assert meta["general.architecture"] == "nemotron" and meta["nemotron.rope.dimension_count"] == 8
     assert meta["nemotron.attention.layer_norm_epsilon"] == pytest.approx(1e-4)
-    tensors = _gguf_tensors(gguf)
-    state = model.state_dict()
     assert np.allclose(tensors["blk.1.attn_norm.weight"], state["model.layers.1.input_layernorm.weight"].numpy() + 1)
     assert np.array_equal(tensors["blk.1.ffn_norm.bias"], state["model.layers.1.post_attention_layernorm.bias"].numpy())
     assert np.allclose(tensors["output_norm.weight"], state["model.norm.weight"].numpy() + 1)
@@ -703,15 +693,11 @@ def test_olmo1_as_llama_cpp_olmo(tmp_path: Path, tokenizer) -> None:
     sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, "clip_qkv": 3.0,
              "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(tf.OlmoConfig(**sizes))
-    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-olmo", "f16")
+    state, meta, tensors = _tiny_gguf(tf.OlmoConfig(**sizes), tokenizer, tmp_path / "tiny-olmo")
     assert meta["general.architecture"] == "olmo"
     assert meta["olmo.attention.clamp_kqv"] == pytest.approx(3.0)
     assert meta["olmo.attention.layer_norm_epsilon"] == pytest.approx(1e-5)
-    tensors = _gguf_tensors(gguf)
     assert not any("norm" in k for k in tensors)
-    state = model.state_dict()
     v = state["model.layers.0.self_attn.v_proj.weight"].half().numpy()
     assert np.array_equal(tensors["blk.0.attn_v.weight"].reshape(v.shape), v)
     q = state["model.layers.0.self_attn.q_proj.weight"].half().numpy()
@@ -1471,8 +1457,9 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
     cases = [
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
-            "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, Gemma 2, Gemma 3 text, "
-            "Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE and gpt-oss models",
+            "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
+            "Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
+            "Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

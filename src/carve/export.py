@@ -136,8 +136,7 @@ def _check_gemma_common(config: Any, arch: str, blocks_27b: int) -> None:
 def _check_gemma(config: Any) -> None:
     """Refuse what llama.cpp's gemma graph (Gemma 1, CodeGemma) computes differently from
     transformers' Gemma: tanh-approximated GELU, queries scaled by 1/sqrt(head_dim), plain RoPE."""
-    if rope_type(config) != "default":
-        raise UsageError(f"GGUF export writes Gemma's plain RoPE; this model scales it as {rope_type(config)!r}")
+    _check_plain_rope(config, "gemma")
     act = getattr(config, "hidden_activation", None) or config.hidden_act
     if act not in ("gelu_pytorch_tanh", "gelu"):
         raise UsageError(f"llama.cpp's gemma uses tanh-approximated GELU; this model uses {act!r}")
@@ -146,8 +145,7 @@ def _check_gemma(config: Any) -> None:
 def _check_glm4(config: Any) -> None:
     """Refuse what llama.cpp's glm4 graph computes otherwise: RoPE scaling, an activation other than
     SiLU."""
-    if rope_type(config) != "default":
-        raise UsageError(f"GGUF export writes GLM-4's plain RoPE; this model scales it as {rope_type(config)!r}")
+    _check_plain_rope(config, "glm4")
     if config.hidden_act != "silu":
         raise UsageError(f"llama.cpp's glm4 gates its MLP with SiLU; this model uses {config.hidden_act!r}")
 
@@ -163,8 +161,7 @@ def _olmo1_metadata(writer: Any, config: Any) -> None:
 def _check_nemotron(config: Any) -> None:
     """Refuse what llama.cpp's nemotron graph (Nemotron-4, Minitron) computes otherwise: RoPE scaling,
     an MLP other than squared ReLU."""
-    if rope_type(config) != "default":
-        raise UsageError(f"GGUF export writes Nemotron's plain RoPE; this model scales it as {rope_type(config)!r}")
+    _check_plain_rope(config, "nemotron")
     if config.hidden_act != "relu2":
         raise UsageError(f"llama.cpp's nemotron uses a squared-ReLU MLP; this model uses {config.hidden_act!r}")
 
@@ -883,11 +880,9 @@ def architecture(model_type: Any) -> Architecture:
     if model_type not in ARCHITECTURES:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
-            f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 2 and 3, StableLM, Cohere, GLM-4, "
-            "Nemotron, OLMo, "
-            "Gemma, Gemma 2, Gemma 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
-            "Qwen2-MoE, "
-            "Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models "
+            f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
+            "GLM-4, Nemotron, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
+            "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
