@@ -192,6 +192,10 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
         return model.eval()
+    if kind == "seed_oss":  # 4 blocks: random Q/K/V biases, head_dim 32 (heads x head_dim apart from hidden)
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        model = tf.AutoModelForCausalLM.from_config(tf.SeedOssConfig(**sizes, head_dim=32, vocab_size=vocab))
+        return _layernorms_and_biases_drawn(model, "proj.bias")
     if kind == "olmo":  # OLMo (1): 4 blocks, weightless LayerNorms, Q/K/V clipped at 2 (query and key weights x 8)
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         return _perturbed(
@@ -618,6 +622,7 @@ KINDS = (
     "glm4",
     "nemotron",
     "olmo",
+    "seed_oss",
     "smollm3",
     "granite",
     "olmo2",

@@ -158,6 +158,14 @@ def _olmo1_metadata(writer: Any, config: Any) -> None:
         writer.add_clamp_kqv(float(config.clip_qkv))
 
 
+def _check_seed_oss(config: Any) -> None:
+    """Refuse what llama.cpp's seed_oss graph computes otherwise: RoPE scaling, an activation other
+    than SiLU (an output projection bias is refused as any bias llama.cpp does not hold)."""
+    _check_plain_rope(config, "seed_oss")
+    if config.hidden_act != "silu":
+        raise UsageError(f"llama.cpp's seed_oss gates its MLP with SiLU; this model uses {config.hidden_act!r}")
+
+
 def _check_nemotron(config: Any) -> None:
     """Refuse what llama.cpp's nemotron graph (Nemotron-4, Minitron) computes otherwise: RoPE scaling,
     an MLP other than squared ReLU."""
@@ -745,6 +753,8 @@ ARCHITECTURES = {
         check=_check_glm4,
         query_is_hidden=True,
     ),
+    # Seed-OSS: Llama's tensors with Q/K/V biases, rotate-half RoPE in llama.cpp too (unpermuted)
+    "seed_oss": Architecture("seed_oss", False, ("q_proj", "k_proj", "v_proj"), "default", check=_check_seed_oss),
     # OLMo (1): LayerNorms without weights (no norm tensors), Llama's Q/K permutation, QKV clipping
     "olmo": Architecture("olmo", True, (), "default", metadata=_olmo1_metadata),
     # Nemotron-4 and Minitron: LayerNorms with biases scaling by 1 + w (as Gemma's), a squared-ReLU MLP of
