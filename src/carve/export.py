@@ -627,6 +627,7 @@ _GLM4_NAMES = (
     (r"model\.layers\.(\d+)\.post_self_attn_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
     (r"model\.layers\.(\d+)\.post_mlp_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
 )
+_SEED_OSS_NAMES = ((r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),)
 _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
     (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
@@ -753,8 +754,11 @@ ARCHITECTURES = {
         check=_check_glm4,
         query_is_hidden=True,
     ),
-    # Seed-OSS: Llama's tensors with Q/K/V biases, rotate-half RoPE in llama.cpp too (unpermuted)
-    "seed_oss": Architecture("seed_oss", False, ("q_proj", "k_proj", "v_proj"), "default", check=_check_seed_oss),
+    # Seed-OSS: Llama's tensors with Q/K/V biases, rotate-half RoPE in llama.cpp too (unpermuted); the norm
+    # before its MLP under llama.cpp's `post_attention_norm` name
+    "seed_oss": Architecture(
+        "seed_oss", False, ("q_proj", "k_proj", "v_proj"), "default", names=_SEED_OSS_NAMES, check=_check_seed_oss
+    ),
     # OLMo (1): LayerNorms without weights (no norm tensors), Llama's Q/K permutation, QKV clipping
     "olmo": Architecture("olmo", True, (), "default", metadata=_olmo1_metadata),
     # Nemotron-4 and Minitron: LayerNorms with biases scaling by 1 + w (as Gemma's), a squared-ReLU MLP of
