@@ -515,7 +515,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "and 3, "
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
-        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, GLM-4, Nemotron, OLMo "
+        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, GLM-4, Nemotron, OLMo, Seed-OSS "
         "(tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -529,7 +529,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "RoPE over half of each head; Nemotron: 4 blocks, LayerNorm weights (Nemotron scales by 1 + w) and "
         "biases from N(0, 0.5), query and key weights scaled by 8, a squared-ReLU MLP, RoPE over half of each "
         "head; OLMo (1): 4 blocks, LayerNorms without weights, Q, K and V clipped at 2 with query and key weights "
-        "scaled by 8 (contrast: not clipped); SmolLM3 "
+        "scaled by 8 (contrast: not clipped); Seed-OSS: 4 blocks, random Q/K/V biases and norm weights, 4 query "
+        "heads of 32 (twice the hidden size); SmolLM3 "
         "and Granite: 4 Llama-style blocks, query and key weights scaled by 8, SmolLM3 without RoPE in layer 3, "
         "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; OLMo 2 and 3: 4 blocks, "
         "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "

@@ -707,6 +707,38 @@ def test_olmo1_as_llama_cpp_olmo(tmp_path: Path, tokenizer) -> None:
     )  # rows reordered
 
 
+def test_seed_oss_as_llama_cpp_seed_oss(tmp_path: Path, tokenizer, capsys: pytest.CaptureFixture[str]) -> None:
+    """Seed-OSS as llama.cpp's `seed_oss`: Llama's tensors unpermuted with their Q/K/V biases, the
+    norm before the MLP as `post_attention_norm` (llama.cpp's name for it there), heads x head_dim
+    apart from the hidden size; an output projection bias refused.  Logits in llama.cpp itself:
+    bench/export_archs.py, row seed_oss."""
+    import numpy as np
+    import transformers as tf
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 256,
+             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+    state, meta, tensors = _tiny_gguf(tf.SeedOssConfig(**sizes), tokenizer, tmp_path / "tiny-seed")
+    assert meta["general.architecture"] == "seed_oss" and meta["seed_oss.attention.key_length"] == 32
+    for hf, name in {"model.layers.1.self_attn.q_proj.weight": "blk.1.attn_q.weight",
+                     "model.layers.1.self_attn.v_proj.bias": "blk.1.attn_v.bias",
+                     "model.layers.1.post_attention_layernorm.weight": "blk.1.post_attention_norm.weight"}.items():  # fmt: skip
+        w = state[hf]
+        want = w.numpy() if w.dim() == 1 else w.half().numpy()
+        assert np.array_equal(tensors[name].reshape(want.shape), want), name
+    assert not any(k.endswith("ffn_norm.weight") for k in tensors)
+    src = tmp_path / "tiny-seed-bias"
+    tf.AutoModelForCausalLM.from_config(tf.SeedOssConfig(**sizes, attention_out_bias=True)).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    capsys.readouterr()
+    assert main(["export", str(src), "--gguf", str(tmp_path / "bias.gguf")]) == 2
+    assert (
+        "llama.cpp's seed_oss architecture holds no bias 'model.layers.0.self_attn.o_proj.bias'"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "bias.gguf").exists()
+
+
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
 def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     """OLMo 2 and 3 as llama.cpp's `olmo2`: each Hugging Face tensor under llama.cpp's name, unpermuted
@@ -1458,7 +1490,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
         (
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
-            "Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
+            "Seed-OSS, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, "
             "Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),

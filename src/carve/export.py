@@ -46,6 +46,7 @@ norms, softmax routing not renormalized) and Granite 3 MoE as `granitemoe` (Gran
 its experts under `block_sparse_moe`). Nemotron-4 and Minitron go in as `nemotron` (LayerNorms with
 biases whose weights are written as 1 + w, a squared-ReLU MLP, partial rotate-half RoPE). OLMo (1)
 goes in as `olmo` (no norm tensors: its LayerNorms have no weights; QKV clipping as `clamp_kqv`).
+Seed-OSS goes in as `seed_oss` (Llama's tensors with Q/K/V biases, unpermuted).
 """
 
 from __future__ import annotations
@@ -895,7 +896,7 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
-            "GLM-4, Nemotron, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
+            "GLM-4, Nemotron, Seed-OSS, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
             "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models "
             f"({names}) so far; "
             f"this is {model_type!r}"
