@@ -46,7 +46,8 @@ norms, softmax routing not renormalized) and Granite 3 MoE as `granitemoe` (Gran
 its experts under `block_sparse_moe`). Nemotron-4 and Minitron go in as `nemotron` (LayerNorms with
 biases whose weights are written as 1 + w, a squared-ReLU MLP, partial rotate-half RoPE). OLMo (1)
 goes in as `olmo` (no norm tensors: its LayerNorms have no weights; QKV clipping as `clamp_kqv`).
-Seed-OSS goes in as `seed_oss` (Llama's tensors with Q/K/V biases, unpermuted).
+Seed-OSS goes in as `seed_oss` (Llama's tensors with Q/K/V biases, unpermuted). Arcee (AFM-4.5B)
+goes in as `arcee` (Llama's tensors, a squared-ReLU MLP, YaRN as keys).
 """
 
 from __future__ import annotations
@@ -580,6 +581,20 @@ def _check_ministral3(config: Any) -> None:
         raise UsageError("GGUF export writes Ministral 3 with full attention; this model uses a sliding window")
 
 
+def _check_arcee(config: Any) -> None:
+    """Refuse what llama.cpp's arcee graph (AFM-4.5B) computes otherwise: RoPE other than plain or
+    YaRN (with YaRN's attention factor its default, 0.1·ln(factor) + 1, as llama.cpp computes it), an
+    MLP other than squared ReLU."""
+    kind = rope_type(config)
+    if kind not in ("default", "yarn"):
+        raise UsageError(f"GGUF export writes Arcee's plain or YaRN RoPE; this model scales it as {kind!r}")
+    rope = _rope(config)
+    if kind == "yarn" and any(rope.get(k) is not None for k in ("mscale", "mscale_all_dim", "attention_factor")):
+        raise UsageError("llama.cpp's arcee takes YaRN's default attention factor; this model sets its own")
+    if config.hidden_act != "relu2":
+        raise UsageError(f"llama.cpp's arcee uses a squared-ReLU MLP; this model uses {config.hidden_act!r}")
+
+
 def _ministral3_metadata(writer: Any, config: Any) -> None:
     """Ministral 3's keys: YaRN with its `mscale_all_dim` (llama.cpp's log multiplier), and Llama 4's
     attention temperature (queries scaled by 1 + β·ln(1 + ⌊position / original context⌋))."""
@@ -755,6 +770,8 @@ ARCHITECTURES = {
         check=_check_glm4,
         query_is_hidden=True,
     ),
+    # Arcee (AFM-4.5B): Llama's tensors, Q/K permuted, a squared-ReLU MLP of up/down, YaRN as keys
+    "arcee": Architecture("arcee", True, (), "default", check=_check_arcee, metadata=_yarn_metadata),
     # Seed-OSS: Llama's tensors with Q/K/V biases, rotate-half RoPE in llama.cpp too (unpermuted); the norm
     # before its MLP under llama.cpp's `post_attention_norm` name
     "seed_oss": Architecture(
@@ -896,8 +913,8 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
-            "GLM-4, Nemotron, Seed-OSS, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
-            "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models "
+            "GLM-4, Nemotron, Seed-OSS, Arcee, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, "
+            "StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models "
             f"({names}) so far; "
             f"this is {model_type!r}"
         )
