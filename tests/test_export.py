@@ -739,6 +739,37 @@ def test_seed_oss_as_llama_cpp_seed_oss(tmp_path: Path, tokenizer, capsys: pytes
     assert not (tmp_path / "bias.gguf").exists()
 
 
+def test_arcee_as_llama_cpp_arcee(tmp_path: Path, tokenizer) -> None:
+    """Arcee (AFM-4.5B) as llama.cpp's `arcee`: Llama's tensors with Q and K permuted, the
+    squared-ReLU MLP's up and down, YaRN's factor and original context as keys; YaRN with its own
+    attention factor, and another activation, refused.  Logits in llama.cpp itself:
+    bench/export_archs.py, row arcee (contrast: plain RoPE)."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.errors import UsageError
+    from carve.export import architecture
+
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+    state, meta, tensors = _tiny_gguf(tf.ArceeConfig(**sizes, rope_parameters=dict(yarn)), tokenizer, tmp_path / "tiny")
+    assert meta["general.architecture"] == "arcee" and meta["arcee.feed_forward_length"] == 128
+    assert meta["arcee.rope.scaling.factor"] == 4.0 and meta["arcee.rope.scaling.original_context_length"] == 64
+    up = state["model.layers.1.mlp.up_proj.weight"].half().numpy()
+    assert np.array_equal(tensors["blk.1.ffn_up.weight"].reshape(up.shape), up)
+    assert not any("ffn_gate" in k for k in tensors)
+    k = state["model.layers.1.self_attn.k_proj.weight"].half().numpy()
+    assert not np.array_equal(tensors["blk.1.attn_k.weight"].reshape(k.shape), k)  # permuted
+    check = architecture("arcee").check
+    assert check is not None
+    with pytest.raises(UsageError, match="default attention factor"):
+        check(tf.ArceeConfig(**sizes, rope_parameters={**yarn, "attention_factor": 2.0}))
+    with pytest.raises(UsageError, match="squared-ReLU"):
+        check(tf.ArceeConfig(**sizes, hidden_act="silu"))
+
+
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
 def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     """OLMo 2 and 3 as llama.cpp's `olmo2`: each Hugging Face tensor under llama.cpp's name, unpermuted
