@@ -135,6 +135,7 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_fact
 MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 64,
                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                    "llama_4_scaling_beta": 0.1}  # fmt: skip
+HUNYUAN_ROPE = {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0}
 ARCEE_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 TYPE = {"gpt-oss-mxfp4": "mxfp4"}  # rows exported in a type other than f16
 BLOCK = {"phi3-longrope": 300, "phi3-longrope-short": 200}
@@ -193,6 +194,10 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
         return model.eval()
+    if kind == "hunyuan":  # HunYuan dense: 4 blocks, per-head Q/K norms after RoPE drawn, NTK alpha 1000, q/k x 8
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.HunYuanDenseV1Config(**sizes, vocab_size=vocab, rope_parameters=dict(HUNYUAN_ROPE))
+        return _perturbed(tf.AutoModelForCausalLM.from_config(config), ("layernorm.weight",), 1.0)
     if kind == "arcee":  # 4 blocks: squared-ReLU MLP, YaRN (factor 4 over an original context of 64), q/k x 8
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
                  "max_position_embeddings": 256}  # fmt: skip
@@ -398,6 +403,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "smollm3": ("export-archs-smollm3-rope", {"no_rope_layers": [1, 1, 1, 1]}),  # RoPE in every layer
     "granite": ("export-archs-granite-plain", {k: 1.0 for k in GRANITE}),  # no multiplier
     "olmo": ("export-archs-olmo-unclipped", {"clip_qkv": None}),  # Q, K and V not clipped
+    "hunyuan": ("export-archs-hunyuan-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "arcee": ("export-archs-arcee-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "cohere": ("export-archs-cohere-unscaled", {"logit_scale": 1.0}),  # logits not scaled
     "cohere2": ("export-archs-cohere2-sliding", {"layer_types": ["sliding_attention"] * 4}),  # RoPE, window everywhere
@@ -522,7 +528,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "and 3, "
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
-        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, GLM-4, Nemotron, OLMo, Seed-OSS, Arcee "
+        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, GLM-4, Nemotron, OLMo, Seed-OSS, Arcee, HunYuan "
         "(tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -538,7 +544,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         "head; OLMo (1): 4 blocks, LayerNorms without weights, Q, K and V clipped at 2 with query and key weights "
         "scaled by 8 (contrast: not clipped); Seed-OSS: 4 blocks, random Q/K/V biases and norm weights, 4 query "
         "heads of 32 (twice the hidden size); Arcee: 4 blocks, squared-ReLU MLP, YaRN with factor 4 over an "
-        "original context of 64, query and key weights scaled by 8 (contrast: plain RoPE); SmolLM3 "
+        "original context of 64, query and key weights scaled by 8 (contrast: plain RoPE); HunYuan (dense): 4 "
+        "blocks, its norms (per-head Q/K norms after RoPE among them) from N(1, 0.5), NTK alpha 1000 (the RoPE "
+        "base stretched about 2.7x10^3-fold here, head_dim 16), query and key weights scaled by 8 (contrast: "
+        "plain RoPE); SmolLM3 "
         "and Granite: 4 Llama-style blocks, query and key weights scaled by 8, SmolLM3 without RoPE in layer 3, "
         "Granite's multipliers at attention 1/64, embedding 12, residual 0.22, logits / 8; OLMo 2 and 3: 4 blocks, "
         "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "
@@ -633,6 +642,7 @@ KINDS = (
     "olmo",
     "seed_oss",
     "arcee",
+    "hunyuan",
     "smollm3",
     "granite",
     "olmo2",

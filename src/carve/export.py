@@ -99,6 +99,9 @@ class Architecture:
     # the experts stored [E, in, out] with gate and up columns interleaved and a bias per matrix (gpt-oss),
     # written as llama.cpp's [E, out, in] tensors with their biases
     interleaved_experts: bool = False
+    # the RoPE base llama.cpp is to use, where the model derives it from the config's (HunYuan's NTK
+    # alpha stretches it); None: the config's rope_theta
+    theta: Callable[[Any], float] | None = None
 
 
 def _check_exaone4(config: Any) -> None:
@@ -166,6 +169,22 @@ def _check_seed_oss(config: Any) -> None:
     _check_plain_rope(config, "seed_oss")
     if config.hidden_act != "silu":
         raise UsageError(f"llama.cpp's seed_oss gates its MLP with SiLU; this model uses {config.hidden_act!r}")
+
+
+def _check_hunyuan_dense(config: Any) -> None:
+    """Refuse what llama.cpp's hunyuan-dense graph computes otherwise: RoPE other than plain or
+    HunYuan's fixed NTK alpha (`dynamic` with an `alpha`: a stretched base, `_hunyuan_theta`)."""
+    kind, rope = rope_type(config), _rope(config)
+    if kind != "default" and not (kind == "dynamic" and rope.get("alpha")):
+        raise UsageError(f"GGUF export writes HunYuan's plain or NTK-alpha RoPE; this model scales it as {kind!r}")
+
+
+def _hunyuan_theta(config: Any) -> float:
+    """HunYuan's RoPE base: the config's, stretched by its NTK alpha as base · alpha^(d / (d − 2))
+    (d the head's width; what transformers computes and llama.cpp's conversion writes)."""
+    rope, dim = _rope(config), _head_dim(config)
+    alpha = float(rope.get("alpha") or 1.0) if rope_type(config) == "dynamic" else 1.0
+    return float(rope.get("rope_theta", 10000.0)) * alpha ** (dim / (dim - 2))
 
 
 def _check_nemotron(config: Any) -> None:
@@ -643,6 +662,10 @@ _GLM4_NAMES = (
     (r"model\.layers\.(\d+)\.post_self_attn_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
     (r"model\.layers\.(\d+)\.post_mlp_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
 )
+_HUNYUAN_NAMES = (  # per-head Q/K norms, applied after RoPE in both libraries
+    (r"model\.layers\.(\d+)\.self_attn\.query_layernorm\.weight", "blk.{}.attn_q_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.key_layernorm\.weight", "blk.{}.attn_k_norm.weight"),
+)
 _SEED_OSS_NAMES = ((r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),)
 _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
@@ -769,6 +792,10 @@ ARCHITECTURES = {
         names=_GLM4_NAMES,
         check=_check_glm4,
         query_is_hidden=True,
+    ),
+    # HunYuan dense: Llama's tensors unpermuted, per-head Q/K norms after RoPE, an NTK-alpha RoPE base
+    "hunyuan_v1_dense": Architecture(
+        "hunyuan-dense", False, (), "default", names=_HUNYUAN_NAMES, check=_check_hunyuan_dense, theta=_hunyuan_theta
     ),
     # Arcee (AFM-4.5B): Llama's tensors, Q/K permuted, a squared-ReLU MLP of up/down, YaRN as keys
     "arcee": Architecture("arcee", True, (), "default", check=_check_arcee, metadata=_yarn_metadata),
@@ -913,9 +940,9 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
-            "GLM-4, Nemotron, Seed-OSS, Arcee, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, "
-            "StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE and gpt-oss models "
-            f"({names}) so far; "
+            "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
+            "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE and gpt-oss "
+            f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
     return ARCHITECTURES[model_type]
@@ -1219,7 +1246,11 @@ def write_gguf(
     writer.add_feed_forward_length(shape["ffn"][0] if uniform_ffn and shape["ffn"] else shape["ffn"])
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(shape["kv"][0] if uniform_kv and shape["kv"] else shape["kv"])
-    theta = float(getattr(config, "rope_theta", None) or _rope(config).get("rope_theta", 10000.0))
+    theta = (
+        arch.theta(config)
+        if arch.theta
+        else float(getattr(config, "rope_theta", None) or _rope(config).get("rope_theta", 10000.0))
+    )
     writer.add_rope_freq_base(theta)
     if hasattr(config, "rms_norm_eps"):
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
