@@ -196,7 +196,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         return model.eval()
     if kind == "hunyuan":  # HunYuan dense: 4 blocks, per-head Q/K norms after RoPE drawn, NTK alpha 1000, q/k x 8
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
-        config = tf.HunYuanDenseV1Config(**sizes, vocab_size=vocab, rope_parameters=dict(HUNYUAN_ROPE))
+        config = tf.HunYuanDenseV1Config(**sizes, head_dim=16, vocab_size=vocab, rope_parameters=dict(HUNYUAN_ROPE))
         return _perturbed(tf.AutoModelForCausalLM.from_config(config), ("layernorm.weight",), 1.0)
     if kind == "arcee":  # 4 blocks: squared-ReLU MLP, YaRN (factor 4 over an original context of 64), q/k x 8
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
