@@ -770,6 +770,37 @@ def test_arcee_as_llama_cpp_arcee(tmp_path: Path, tokenizer) -> None:
         check(tf.ArceeConfig(**sizes, hidden_act="silu"))
 
 
+def test_hunyuan_dense_as_llama_cpp_hunyuan_dense(tmp_path: Path, tokenizer) -> None:
+    """HunYuan dense as llama.cpp's `hunyuan-dense`: Llama's tensors unpermuted, the per-head Q/K
+    norms (after RoPE in both) as `attn_q_norm` / `attn_k_norm`, and the RoPE base its NTK alpha
+    stretches, base · alpha^(d / (d − 2)), as llama.cpp's freq base; true dynamic NTK refused.  Logits in
+    llama.cpp itself: bench/export_archs.py, row hunyuan (contrast: plain RoPE)."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.errors import UsageError
+    from carve.export import architecture
+
+    rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0}
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+             "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+    config = tf.HunYuanDenseV1Config(**sizes, rope_parameters=dict(rope))
+    state, meta, tensors = _tiny_gguf(config, tokenizer, tmp_path / "tiny-hunyuan", norms=True)
+    assert meta["general.architecture"] == "hunyuan-dense"
+    assert meta["hunyuan-dense.rope.freq_base"] == pytest.approx(10000.0 * 1000.0 ** (16 / 14), rel=1e-6)
+    for hf, name in {"model.layers.1.self_attn.query_layernorm.weight": "blk.1.attn_q_norm.weight",
+                     "model.layers.1.self_attn.key_layernorm.weight": "blk.1.attn_k_norm.weight"}.items():  # fmt: skip
+        assert np.array_equal(tensors[name], state[hf].numpy()), name
+    q = state["model.layers.1.self_attn.q_proj.weight"].half().numpy()
+    assert np.array_equal(tensors["blk.1.attn_q.weight"].reshape(q.shape), q)  # unpermuted
+    check = architecture("hunyuan_v1_dense").check
+    assert check is not None
+    with pytest.raises(UsageError, match="NTK-alpha"):
+        check(tf.HunYuanDenseV1Config(**sizes, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0,
+                                                                 "factor": 2.0}))  # fmt: skip
+
+
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3"])
 def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     """OLMo 2 and 3 as llama.cpp's `olmo2`: each Hugging Face tensor under llama.cpp's name, unpermuted

@@ -47,7 +47,8 @@ its experts under `block_sparse_moe`). Nemotron-4 and Minitron go in as `nemotro
 biases whose weights are written as 1 + w, a squared-ReLU MLP, partial rotate-half RoPE). OLMo (1)
 goes in as `olmo` (no norm tensors: its LayerNorms have no weights; QKV clipping as `clamp_kqv`).
 Seed-OSS goes in as `seed_oss` (Llama's tensors with Q/K/V biases, unpermuted). Arcee (AFM-4.5B)
-goes in as `arcee` (Llama's tensors, a squared-ReLU MLP, YaRN as keys).
+goes in as `arcee` (Llama's tensors, a squared-ReLU MLP, YaRN as keys). HunYuan dense goes in as
+`hunyuan-dense` (per-head Q/K norms after RoPE; its NTK-alpha RoPE as the stretched base).
 """
 
 from __future__ import annotations
