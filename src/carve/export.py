@@ -541,8 +541,12 @@ def _moe_metadata(writer: Any, config: Any) -> None:
     writer.add_expert_used_count(int(config.num_experts_per_tok))
     if getattr(config, "moe_intermediate_size", None):
         writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
-    if getattr(config, "shared_expert_intermediate_size", None):
-        writer.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
+    # the shared expert's width (Qwen2-MoE's; Granite MoE's `shared_intermediate_size`)
+    shared = getattr(config, "shared_expert_intermediate_size", None) or getattr(
+        config, "shared_intermediate_size", None
+    )
+    if shared:
+        writer.add_expert_shared_feed_forward_length(int(shared))
 
 
 def _check_gpt_oss(config: Any) -> None:
@@ -653,9 +657,10 @@ _QWEN2_MOE_NAMES = (  # the shared expert beside the routed ones, and its sigmoi
     (r"model\.layers\.(\d+)\.mlp\.shared_expert\.down_proj\.weight", "blk.{}.ffn_down_shexp.weight"),
     (r"model\.layers\.(\d+)\.mlp\.shared_expert_gate\.weight", "blk.{}.ffn_gate_inp_shexp.weight"),
 )
-_GRANITEMOE_NAMES = (  # Granite 3 MoE's router and experts, under `block_sparse_moe`
+_GRANITEMOE_NAMES = (  # Granite 3 MoE's router and experts, under `block_sparse_moe`; a shared expert's down
     (r"model\.layers\.(\d+)\.block_sparse_moe\.router\.weight", "blk.{}.ffn_gate_inp.weight"),
     (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.down_proj", "blk.{}.ffn_down_exps.weight"),
+    (r"model\.layers\.(\d+)\.shared_mlp\.output_linear\.weight", "blk.{}.ffn_down_shexp.weight"),
 )
 # GLM-4 (0414): gate and up fused, gate rows first (llama.cpp's SwiGLU halves); a norm after each sublayer
 _GLM4_NAMES = (
@@ -848,6 +853,10 @@ ARCHITECTURES = {
     "granitemoe": Architecture(
         "granitemoe", True, (), "default", names=_GRANITEMOE_NAMES, metadata=_granitemoe_metadata
     ),
+    # Granite MoE with a shared expert beside the routed ones (its gate and up fused, gate first)
+    "granitemoeshared": Architecture(
+        "granitemoe", True, (), "default", names=_GRANITEMOE_NAMES, metadata=_granitemoe_metadata
+    ),
     # OLMoE: Llama's norms, whole-projection Q/K norms (as OLMo 2's), softmax routing not renormalized
     "olmoe": Architecture(
         "olmoe", False, (), "default", check=_check_olmoe, metadata=_moe_metadata, query_is_hidden=True
@@ -909,8 +918,12 @@ _NAMES = [
     (r"model\.layers\.(\d+)\.mlp\.gate\.weight", "blk.{}.ffn_gate_inp.weight"),  # an MoE's router
     (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj", "blk.{}.ffn_down_exps.weight"),  # [E, hidden, ff]
 ]
-# an MoE's fused experts' gate and up rows ([E, 2·ff, hidden], gate first), as llama.cpp's two tensors
-_EXPERTS_GATE_UP = r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.gate_up_proj"
+# one tensor as two of llama.cpp's, its first and second halves along a dimension, gate first: an MoE's
+# fused experts' gate and up rows ([E, 2·ff, hidden]), and Granite MoE's shared expert's ([2·ff, hidden])
+_HALVES = (
+    (r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.gate_up_proj", 1, ("ffn_gate_exps", "ffn_up_exps")),
+    (r"model\.layers\.(\d+)\.shared_mlp\.input_linear\.weight", 0, ("ffn_gate_shexp", "ffn_up_shexp")),
+)
 _ROUTER = "ffn_gate_inp.weight"  # kept float32, as llama.cpp's conversion keeps it: it chooses the experts
 
 
@@ -942,7 +955,8 @@ def architecture(model_type: Any) -> Architecture:
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
-            "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE and gpt-oss "
+            "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared) and "
+            "gpt-oss "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -1183,16 +1197,16 @@ def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture)
         if arch.interleaved_experts and ".mlp.experts." in name:
             yield from _interleaved_experts(name, w)
             continue
-        m = re.fullmatch(_EXPERTS_GATE_UP, name)
-        if m is None:
+        halves = next(((m, dim, names) for pattern, dim, names in _HALVES if (m := re.fullmatch(pattern, name))), None)
+        if halves is None:
             target = gguf_name(name, arch)
             # [1, hidden] as llama.cpp's {hidden}: 1-D, so float32 as a norm (llama.cpp's convert keeps
             # it float32 too) and read back by transformers' GGUF loader as the row it expects
             yield target, (w.reshape(-1) if target.endswith(_SHARED_GATE) else w)
             continue
-        gate, up = w.chunk(2, dim=1)
-        yield f"blk.{m[1]}.ffn_gate_exps.weight", gate
-        yield f"blk.{m[1]}.ffn_up_exps.weight", up
+        m, dim, names = halves
+        for half, target in zip(w.chunk(2, dim=dim), names, strict=True):
+            yield f"blk.{m[1]}.{target}.weight", half
 
 
 def _interleaved_experts(name: str, w: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
