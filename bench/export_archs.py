@@ -339,7 +339,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                     p.mul_(8)
         return model.eval()
     if kind.removesuffix("-experts").removesuffix("-structured") in ("mixtral", "qwen3-moe", "qwen2-moe", "olmoe",
-                                                                     "granitemoe"):  # fmt: skip
+                                                                     "granitemoe", "granitemoe-shared"):  # fmt: skip
         moe: Any = {
             "mixtral": lambda: tf.MixtralConfig(**SIZES, num_local_experts=4, num_experts_per_tok=2, vocab_size=vocab),
             "qwen3-moe": lambda: tf.Qwen3MoeConfig(**SIZES, moe_intermediate_size=64, num_experts=4,
@@ -354,12 +354,18 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
             # Granite's multipliers (as the granite row's), the experts under `block_sparse_moe`
             "granitemoe": lambda: tf.GraniteMoeConfig(**SIZES, **GRANITE, num_local_experts=4, num_experts_per_tok=2,
                                                       vocab_size=vocab),
+            # and a shared expert beside the routed ones (its fused gate/up drawn too)
+            "granitemoe-shared": lambda: tf.GraniteMoeSharedConfig(**SIZES, **GRANITE, num_local_experts=4,
+                                                                   num_experts_per_tok=2, shared_intermediate_size=96,
+                                                                   vocab_size=vocab),
         }[kind.removesuffix("-experts").removesuffix("-structured")]()  # fmt: skip
         model = tf.AutoModelForCausalLM.from_config(moe)
         with torch.no_grad():  # Qwen2-MoE: its shared expert's gate too
             for name, p in model.named_parameters():
-                if "experts" in name or name.endswith(
-                    ("mlp.gate.weight", "shared_expert_gate.weight", "router.weight")
+                if (
+                    "experts" in name
+                    or "shared_mlp" in name
+                    or name.endswith(("mlp.gate.weight", "shared_expert_gate.weight", "router.weight"))
                 ):
                     p.normal_(0, 0.2)
         return model.eval()
@@ -570,7 +576,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "biases, gpt-oss's YaRN, layers sliding / global (window 16), cut the same way for `-experts`; Mixtral, "
         "Qwen3-MoE, OLMoE (whole-projection Q/K norms, routing weights not renormalized, 4 key/value heads; "
         "`-experts`: cut by `--experts-keep 0.75`), Granite MoE (Granite's multipliers as the granite row's; "
-        "`-experts` the same cut) and "
+        "`-experts` the same cut; `-shared`: a shared expert of width 96 beside them) and "
         "Qwen2-MoE: 4 "
         "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
         "`carve export --type f16`, "
@@ -670,6 +676,7 @@ KINDS = (
     "qwen3-moe",
     "olmoe",
     "granitemoe",
+    "granitemoe-shared",
     "qwen2-moe",
     "mixtral-experts",
     "mixtral-structured",
