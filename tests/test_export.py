@@ -590,8 +590,10 @@ def test_olmoe_as_llama_cpp_olmoe(tmp_path: Path, tokenizer) -> None:
 
 def test_granite_moe_as_llama_cpp_granitemoe(tmp_path: Path, tokenizer) -> None:
     """Granite 3 MoE as llama.cpp's `granitemoe`: Granite's four multipliers, the expert counts, Q and K
-    permuted as Llama's, the router and experts under `block_sparse_moe` as llama.cpp's expert tensors.
-    Logits in llama.cpp itself: bench/export_archs.py, rows granitemoe and granitemoe-experts."""
+    permuted as Llama's, the router and experts under `block_sparse_moe` as llama.cpp's expert tensors;
+    with a shared expert (GraniteMoeShared), its gate, up and down as llama.cpp's `*_shexp` and its
+    width.  Logits in llama.cpp itself: bench/export_archs.py, rows granitemoe, granitemoe-experts and
+    granitemoe-shared."""
     import numpy as np
     import transformers as tf
 
@@ -613,6 +615,14 @@ def test_granite_moe_as_llama_cpp_granitemoe(tmp_path: Path, tokenizer) -> None:
     assert np.array_equal(tensors["blk.0.ffn_gate_inp.weight"].reshape(router.shape), router)  # float32
     q = tensors["blk.0.attn_q.weight"].reshape(64, 64)
     assert not np.array_equal(q, state["model.layers.0.self_attn.q_proj.weight"].half().numpy())  # permuted
+    # with a shared expert beside the routed ones: its fused gate/up (gate rows first) as two tensors
+    state, meta, tensors = _tiny_gguf(tf.GraniteMoeSharedConfig(**sizes, shared_intermediate_size=48), tokenizer,
+                                      tmp_path / "tiny-granitemoe-shared")  # fmt: skip
+    assert meta["general.architecture"] == "granitemoe" and meta["granitemoe.expert_shared_feed_forward_length"] == 48
+    fused = state["model.layers.1.shared_mlp.input_linear.weight"]
+    for name, want in {"blk.1.ffn_gate_shexp.weight": fused[:48], "blk.1.ffn_up_shexp.weight": fused[48:],
+                       "blk.1.ffn_down_shexp.weight": state["model.layers.1.shared_mlp.output_linear.weight"]}.items():  # fmt: skip
+        assert np.array_equal(tensors[name].reshape(want.shape), want.half().numpy()), name
 
 
 def test_glm4_as_llama_cpp_glm4(tmp_path: Path, tokenizer) -> None:
