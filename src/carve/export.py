@@ -672,6 +672,7 @@ _HUNYUAN_NAMES = (  # per-head Q/K norms, applied after RoPE in both libraries
     (r"model\.layers\.(\d+)\.self_attn\.query_layernorm\.weight", "blk.{}.attn_q_norm.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.key_layernorm\.weight", "blk.{}.attn_k_norm.weight"),
 )
+_GRANITEMOE = Architecture("granitemoe", True, (), "default", names=_GRANITEMOE_NAMES, metadata=_granitemoe_metadata)
 _SEED_OSS_NAMES = ((r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),)
 _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
@@ -849,14 +850,10 @@ ARCHITECTURES = {
     "mixtral": Architecture("llama", True, (), "default", metadata=_moe_metadata, caveats=_window_caveats),
     "qwen3_moe": Architecture("qwen3moe", False, (), "qwen2", check=_check_qwen3_moe, metadata=_moe_metadata),
     # Granite 3 MoE: Granite's multipliers, its experts under `block_sparse_moe`, softmax over the
-    # top-k logits (the top-k weights renormalized, as llama.cpp's granitemoe computes)
-    "granitemoe": Architecture(
-        "granitemoe", True, (), "default", names=_GRANITEMOE_NAMES, metadata=_granitemoe_metadata
-    ),
-    # Granite MoE with a shared expert beside the routed ones (its gate and up fused, gate first)
-    "granitemoeshared": Architecture(
-        "granitemoe", True, (), "default", names=_GRANITEMOE_NAMES, metadata=_granitemoe_metadata
-    ),
+    # top-k logits (the top-k weights renormalized, as llama.cpp's granitemoe computes); the same with a
+    # shared expert beside the routed ones (its gate and up fused, gate first)
+    "granitemoe": _GRANITEMOE,
+    "granitemoeshared": _GRANITEMOE,
     # OLMoE: Llama's norms, whole-projection Q/K norms (as OLMo 2's), softmax routing not renormalized
     "olmoe": Architecture(
         "olmoe", False, (), "default", check=_check_olmoe, metadata=_moe_metadata, query_is_hidden=True
