@@ -123,13 +123,21 @@ def _head_dim(config: Any) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
+# transformers' names of a tanh-approximated GELU in Gemma's configs ("gelu" there means the approximation)
+_TANH_GELU = ("gelu_pytorch_tanh", "gelu")
+
+
+def _check_activation(config: Any, arch: str, allowed: tuple[str, ...], graph: str) -> None:
+    """Refuse an MLP activation llama.cpp's `arch` graph does not compute (`graph`: what it does)."""
+    act = getattr(config, "hidden_activation", None) or config.hidden_act
+    if act not in allowed:
+        raise UsageError(f"llama.cpp's {arch} {graph}; this model's MLP uses {act!r}")
+
+
 def _check_gemma_common(config: Any, arch: str, blocks_27b: int) -> None:
     """What llama.cpp's gemma2 and gemma3 graphs share: tanh-approximated GELU, and queries scaled by
     1/sqrt(head_dim), or by 1/sqrt(hidden / heads) for the 27B (told apart by its block count)."""
-    if getattr(config, "hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu"):
-        raise UsageError(
-            f"llama.cpp's {arch} uses tanh-approximated GELU; this model uses {config.hidden_activation!r}"
-        )
+    _check_activation(config, arch, _TANH_GELU, "uses tanh-approximated GELU")
     head_dim = _head_dim(config)
     scalar = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == blocks_27b else head_dim
     if float(getattr(config, "query_pre_attn_scalar", scalar)) != float(scalar):
@@ -143,17 +151,14 @@ def _check_gemma(config: Any) -> None:
     """Refuse what llama.cpp's gemma graph (Gemma 1, CodeGemma) computes differently from
     transformers' Gemma: tanh-approximated GELU, queries scaled by 1/sqrt(head_dim), plain RoPE."""
     _check_plain_rope(config, "gemma")
-    act = getattr(config, "hidden_activation", None) or config.hidden_act
-    if act not in ("gelu_pytorch_tanh", "gelu"):
-        raise UsageError(f"llama.cpp's gemma uses tanh-approximated GELU; this model uses {act!r}")
+    _check_activation(config, "gemma", _TANH_GELU, "uses tanh-approximated GELU")
 
 
 def _check_glm4(config: Any) -> None:
     """Refuse what llama.cpp's glm4 graph computes otherwise: RoPE scaling, an activation other than
     SiLU."""
     _check_plain_rope(config, "glm4")
-    if config.hidden_act != "silu":
-        raise UsageError(f"llama.cpp's glm4 gates its MLP with SiLU; this model uses {config.hidden_act!r}")
+    _check_activation(config, "glm4", ("silu",), "gates its MLP with SiLU")
 
 
 def _olmo1_metadata(writer: Any, config: Any) -> None:
@@ -168,8 +173,7 @@ def _check_seed_oss(config: Any) -> None:
     """Refuse what llama.cpp's seed_oss graph computes otherwise: RoPE scaling, an activation other
     than SiLU (an output projection bias is refused as any bias llama.cpp does not hold)."""
     _check_plain_rope(config, "seed_oss")
-    if config.hidden_act != "silu":
-        raise UsageError(f"llama.cpp's seed_oss gates its MLP with SiLU; this model uses {config.hidden_act!r}")
+    _check_activation(config, "seed_oss", ("silu",), "gates its MLP with SiLU")
 
 
 def _check_hunyuan_dense(config: Any) -> None:
@@ -192,8 +196,7 @@ def _check_nemotron(config: Any) -> None:
     """Refuse what llama.cpp's nemotron graph (Nemotron-4, Minitron) computes otherwise: RoPE scaling,
     an MLP other than squared ReLU."""
     _check_plain_rope(config, "nemotron")
-    if config.hidden_act != "relu2":
-        raise UsageError(f"llama.cpp's nemotron uses a squared-ReLU MLP; this model uses {config.hidden_act!r}")
+    _check_activation(config, "nemotron", ("relu2",), "uses a squared-ReLU MLP")
 
 
 def _check_gemma3(config: Any) -> None:
@@ -469,10 +472,7 @@ def _check_phi2(config: Any) -> None:
     _check_plain_rope(config, "phi2")
     if getattr(config, "qk_layernorm", False):
         raise UsageError("GGUF export writes Phi without Q/K LayerNorms; this model has them (qk_layernorm)")
-    if config.hidden_act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise UsageError(
-            f"llama.cpp's phi2 computes a tanh-approximated GELU; this model's MLP uses {config.hidden_act!r}"
-        )
+    _check_activation(config, "phi2", ("gelu_new", "gelu_pytorch_tanh"), "computes a tanh-approximated GELU")
 
 
 def _check_starcoder2(config: Any) -> None:
@@ -481,9 +481,7 @@ def _check_starcoder2(config: Any) -> None:
     _check_plain_rope(config, "starcoder2")
     if not getattr(config, "use_bias", True):
         raise UsageError("llama.cpp's starcoder2 needs the projections' biases; this model has none")
-    if config.hidden_act not in ("gelu_pytorch_tanh", "gelu_new"):
-        raise UsageError(f"llama.cpp's starcoder2 computes a tanh-approximated GELU; this model's MLP uses "
-                         f"{config.hidden_act!r}")  # fmt: skip
+    _check_activation(config, "starcoder2", ("gelu_pytorch_tanh", "gelu_new"), "computes a tanh-approximated GELU")
 
 
 def _check_qwen3_moe(config: Any) -> None:
@@ -615,8 +613,7 @@ def _check_arcee(config: Any) -> None:
     rope = _rope(config)
     if kind == "yarn" and any(rope.get(k) is not None for k in ("mscale", "mscale_all_dim", "attention_factor")):
         raise UsageError("llama.cpp's arcee takes YaRN's default attention factor; this model sets its own")
-    if config.hidden_act != "relu2":
-        raise UsageError(f"llama.cpp's arcee uses a squared-ReLU MLP; this model uses {config.hidden_act!r}")
+    _check_activation(config, "arcee", ("relu2",), "uses a squared-ReLU MLP")
 
 
 def _ministral3_metadata(writer: Any, config: Any) -> None:

@@ -353,10 +353,8 @@ class Unfused:
         """(`<experts>.<param>`, e) for an unfused expert's weight `<experts>.<e>.<proj>.weight`."""
         m = _EXPERT_KEY.match(key)
         unf = self.modules.get(m["module"]) if m else None
-        proj = unf.projection(m["proj"]) if unf is not None and m else None
-        if proj is None or m is None:
-            return None
-        return f"{m['module']}.{proj.param}", int(m["e"])
+        proj = unf.projection(m["proj"]) if m and unf is not None else None
+        return None if m is None or proj is None else (f"{m['module']}.{proj.param}", int(m["e"]))
 
     def fold_names(self, names: list[str]) -> list[str]:
         """Weight names with each unfused expert's replaced by its fused parameter's (once, in order)."""
