@@ -87,6 +87,14 @@ Mixtral structured (`mixtral-structured`): the Mixtral row's model cut by `--hea
 Mixtral / Qwen3-MoE / Qwen2-MoE: 4 experts, top-2 routing, expert and router weights (and Qwen2-MoE's
 shared expert and its gate) from N(0, 0.2) so that tokens spread over the experts and the mixture
 matters; contrast: the same weights with top-1 routing, which llama.cpp must not match.
+DeepSeek (`deepseek-v3`, `deepseek-v2`, `deepseek-v2-lite`): 4 blocks, the first dense, latent attention (query rank
+32, latent 32, 4 heads of 16 unrotated and 8 rotated key channels, 16 value channels; V2-Lite: one query
+projection), 8 experts of width 32, 2 per token, a shared expert, routing scaled by 2.5; V3: sigmoid scores
+with a random correction bias, renormalized, the best 1 of 2 groups (contrast: both groups open); V2: softmax,
+greedy (contrast: top-1); V2-Lite with its YaRN (factor 40 over an original 64, both mscales 0.707; contrast:
+plain RoPE); `deepseek-v3-yarn`: DeepSeek V3's YaRN (both mscales 1; contrast: plain RoPE);
+`deepseek-v3-experts`: cut by `--experts-keep 0.75` (3 of 4 in each group); expert, router and shared expert
+weights from N(0, 0.2), norm weights from N(1, 0.5), query and latent projections scaled by 4.
 llama3-tokenizer: a plain tiny Llama with a byte-level BPE tokenizer (2000 entries, trained on 20
 builtin legal documents) that splits text by Llama 3's rule; the held-out texts (plus one line of
 phone numbers, dates and long numbers) tokenized by llama.cpp and by transformers, from carve's
@@ -135,6 +143,8 @@ LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_fact
 MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0, "original_max_position_embeddings": 64,
                    "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
                    "llama_4_scaling_beta": 0.1}  # fmt: skip
+DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 64,
+                 "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
 HUNYUAN_ROPE = {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0}
 ARCEE_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 TYPE = {"gpt-oss-mxfp4": "mxfp4"}  # rows exported in a type other than f16
@@ -180,6 +190,44 @@ def _layernorms_and_biases_drawn(model: torch.nn.Module, biases: str = ".bias") 
     return model.eval()
 
 
+def _deepseek(kind: str, vocab: int) -> torch.nn.Module:
+    """DeepSeek V3 (V2): 4 blocks, the first dense, latent attention (query rank 32, latent 32, 4 heads of
+    16 unrotated + 8 rotated key channels and 16 value channels), 8 experts of width 32 in 2 groups
+    (V3: the best 1 group's experts, sigmoid scores with a random correction bias, renormalized; V2:
+    softmax, greedy), 2 per token, a shared expert, scaled by 2.5; expert, router and shared expert
+    weights from N(0, 0.2), norm weights from N(1, 0.5), query and latent weights scaled by 4."""
+    import transformers as tf
+
+    sizes = {**SIZES, "num_hidden_layers": 4, "num_key_value_heads": 4, "pad_token_id": None, "bos_token_id": None,
+             "eos_token_id": None}  # fmt: skip
+    mla = {"q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+           "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
+           "first_k_dense_replace": 1, "routed_scaling_factor": 2.5}  # fmt: skip
+    if kind.startswith("deepseek-v3"):
+        config: Any = tf.DeepseekV3Config(**sizes, **mla, n_group=2, topk_group=1, norm_topk_prob=True,
+                                          vocab_size=vocab)  # fmt: skip
+        if kind.startswith("deepseek-v3-yarn"):  # DeepSeek V3's YaRN (factor 40, both mscales 1) over 64 positions
+            config.rope_parameters = dict(DEEPSEEK_YARN)
+    else:  # V2-Lite: one query projection, no low-rank pair
+        lite = {"q_lora_rank": None} if kind.startswith("deepseek-v2-lite") else {}
+        config = tf.DeepseekV2Config(**sizes, **{**mla, **lite}, topk_method="greedy", vocab_size=vocab)
+        if lite:  # and V2-Lite's YaRN: both mscales 0.707
+            config.rope_parameters = {**DEEPSEEK_YARN, "mscale": 0.707, "mscale_all_dim": 0.707}
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp.experts." in name or ".mlp.gate." in name or ".shared_experts." in name:
+                p.normal_(0, 0.2)
+            if name.endswith("norm.weight"):
+                p.normal_(1, 0.5)
+            if name.endswith(("q_b_proj.weight", "q_proj.weight", "kv_a_proj_with_mqa.weight", "kv_b_proj.weight")):
+                p.mul_(4)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.2)
+    return model.eval()
+
+
 def tiny(kind: str, vocab: int) -> torch.nn.Module:
     import transformers as tf
 
@@ -194,6 +242,8 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
         return model.eval()
+    if kind.removesuffix("-experts") in ("deepseek-v3", "deepseek-v3-yarn", "deepseek-v2", "deepseek-v2-lite"):
+        return _deepseek(kind, vocab)
     if kind == "hunyuan":  # HunYuan dense: 4 blocks, per-head Q/K norms after RoPE drawn, NTK alpha 1000, q/k x 8
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.HunYuanDenseV1Config(**sizes, head_dim=16, vocab_size=vocab, rope_parameters=dict(HUNYUAN_ROPE))
@@ -398,6 +448,7 @@ STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structur
               "olmoe-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "granitemoe-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "gpt-oss-experts": [*_CUT[:6], "--experts-keep", "0.75"],
+              "deepseek-v3-experts": [*_CUT[:6], "--experts-keep", "0.75"],  # 3 of 4 in each of 2 groups
               # an MoE's heads and depth (its experts untouched: no dense MLP to narrow)
               "mixtral-structured": [*_CUT[:6], "--heads-keep", "0.5", "--drop-blocks", "1"]}  # fmt: skip
 
@@ -405,6 +456,16 @@ STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structur
 # per layout: where the contrast model is saved, and the config change that removes the feature
 CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("export-archs-global", {"layer_types": ["full_attention"] * 3}),  # every layer global
+    "deepseek-v3": ("export-archs-deepseek-v3-ungrouped", {"topk_group": 2}),  # every group's experts open
+    "deepseek-v2": ("export-archs-deepseek-v2-top1", {"num_experts_per_tok": 1}),
+    "deepseek-v2-lite": (
+        "export-archs-deepseek-v2-lite-plain",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    ),
+    "deepseek-v3-yarn": (
+        "export-archs-deepseek-v3-plain",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    ),
     "olmo3": ("export-archs-olmo3-global", {"layer_types": ["full_attention"] * 4}),  # every layer global
     "smollm3": ("export-archs-smollm3-rope", {"no_rope_layers": [1, 1, 1, 1]}),  # RoPE in every layer
     "granite": ("export-archs-granite-plain", {k: 1.0 for k in GRANITE}),  # no multiplier
@@ -515,7 +576,7 @@ def row(kind: str) -> dict[str, Any]:
                  plain_top1_agree=sum(a == b for a, b in zip(cpp_top, plain_top, strict=True)))  # fmt: skip
         shape = json.loads((src / "config.json").read_text())
         keys = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-                "num_local_experts", "num_experts", "layer_types")  # fmt: skip
+                "num_local_experts", "num_experts", "n_routed_experts", "layer_types")  # fmt: skip
         r["shape"] = {k: shape[k] for k in keys if shape.get(k) is not None}
     if kind in CONTRASTS:  # the same weights without the layout's feature: what llama.cpp must not match
         directory, change = CONTRASTS[kind]
@@ -534,8 +595,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "and 3, "
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
-        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, GLM-4, Nemotron, OLMo, Seed-OSS, Arcee, HunYuan "
-        "(tiny random models)",
+        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4, Nemotron, OLMo, Seed-OSS, "
+        "Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
@@ -578,7 +639,12 @@ def table(rows: list[dict[str, Any]]) -> str:
         "`-experts`: cut by `--experts-keep 0.75`), Granite MoE (Granite's multipliers as the granite row's; "
         "`-experts` the same cut; `-shared`: a shared expert of width 96 beside them) and "
         "Qwen2-MoE: 4 "
-        "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)), "
+        "experts, top-2, expert and router weights (Qwen2-MoE: its shared expert and its gate too) from N(0, 0.2)); "
+        "DeepSeek: 4 blocks, the first dense, latent attention (query rank 32, latent 32, 4 heads of 16 + 8 rotated "
+        "key channels), 8 experts, top-2, a shared expert; V3 sigmoid routing with a correction bias in the best 1 of "
+        "2 groups (contrast: both open), V2 softmax (contrast: top-1), V2-Lite one query projection and its YaRN "
+        "(mscales 0.707; contrast: plain RoPE), `-yarn` V3's YaRN (factor 40 over 64 positions; contrast: plain "
+        "RoPE), `-experts` cut by `--experts-keep 0.75`, "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -683,6 +749,11 @@ KINDS = (
     "qwen2-moe-experts",
     "olmoe-experts",
     "granitemoe-experts",
+    "deepseek-v3",
+    "deepseek-v3-yarn",
+    "deepseek-v3-experts",
+    "deepseek-v2",
+    "deepseek-v2-lite",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

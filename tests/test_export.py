@@ -625,6 +625,97 @@ def test_granite_moe_as_llama_cpp_granitemoe(tmp_path: Path, tokenizer) -> None:
         assert np.array_equal(tensors[name].reshape(want.shape), want.half().numpy()), name
 
 
+# DeepSeek in small: 3 blocks (the first dense), 4 heads of 16 + 8 rotated key channels and 12 value
+# channels from a latent of 24, queries through rank 32, 4 experts (2 per token) beside 2 shared ones
+_DEEPSEEK = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 256, "q_lora_rank": 32,
+             "kv_lora_rank": 24, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 12,
+             "moe_intermediate_size": 32, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 2,
+             "first_k_dense_replace": 1, "routed_scaling_factor": 2.5}  # fmt: skip
+
+
+def _deepseek_config(arch: str, **extra: Any) -> Any:
+    import transformers as tf
+
+    if arch == "deepseek_v3":
+        return tf.DeepseekV3Config(**{**_DEEPSEEK, "n_group": 2, "topk_group": 1, **extra})
+    return tf.DeepseekV2Config(**{**_DEEPSEEK, "topk_method": "greedy", **extra})
+
+
+def test_deepseek_as_llama_cpp_deepseek2(tmp_path: Path, tokenizer) -> None:
+    """DeepSeek V3 and V2-Lite as llama.cpp's `deepseek2`: the latent attention as one key/value head of
+    the latent's width (its per-head widths as the `_mla` keys), `kv_b_proj` as the absorbed pair
+    `attn_k_b` (each head's key rows transposed) and `attn_v_b`, V3's sigmoid routing with its
+    correction bias (float32), renormalized, scaled, in groups, YaRN's log multiplier as llama.cpp's
+    converter writes it (0.1·mscale_all_dim); V2-Lite's single query projection (`q_lora_rank` 0) and
+    softmax routing.  Logits in llama.cpp itself: bench/export_archs.py, rows deepseek-v3,
+    deepseek-v3-yarn, deepseek-v3-experts, deepseek-v2 and deepseek-v2-lite."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    yarn = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64,
+            "mscale": 0.707, "mscale_all_dim": 0.707}  # fmt: skip
+    config = _deepseek_config("deepseek_v3", norm_topk_prob=True, rope_parameters=yarn)
+    state, meta, tensors = _tiny_gguf(config, tokenizer, tmp_path / "tiny-deepseek-v3")
+    a = "deepseek2."
+    assert meta["general.architecture"] == "deepseek2"
+    assert {k: meta[a + k] for k in ("attention.head_count_kv", "attention.key_length", "attention.value_length",
+                                     "attention.key_length_mla", "attention.value_length_mla", "attention.q_lora_rank",
+                                     "attention.kv_lora_rank", "rope.dimension_count", "leading_dense_block_count",
+                                     "expert_count", "expert_used_count", "expert_shared_count",
+                                     "expert_feed_forward_length", "expert_gating_func", "expert_weights_norm",
+                                     "expert_group_count", "expert_group_used_count")} == {
+        "attention.head_count_kv": 1, "attention.key_length": 24 + 8, "attention.value_length": 24,
+        "attention.key_length_mla": 16 + 8, "attention.value_length_mla": 12, "attention.q_lora_rank": 32,
+        "attention.kv_lora_rank": 24, "rope.dimension_count": 8, "leading_dense_block_count": 1, "expert_count": 4,
+        "expert_used_count": 2, "expert_shared_count": 2, "expert_feed_forward_length": 32, "expert_gating_func": 2,
+        "expert_weights_norm": True, "expert_group_count": 2, "expert_group_used_count": 1}  # fmt: skip
+    ffn = GGUFReader(str(tmp_path / "tiny-deepseek-v3-f16.gguf")).fields[a + "feed_forward_length"].contents()
+    assert ffn == [96, 32, 32]  # the dense block's width, then the experts'
+    assert meta[a + "expert_weights_scale"] == pytest.approx(2.5)
+    assert meta[a + "rope.scaling.yarn_log_multiplier"] == pytest.approx(0.0707)
+    kv_b = state["model.layers.1.self_attn.kv_b_proj.weight"].reshape(4, 16 + 12, 24)  # per head: key rows, value rows
+    k_b, v_b = tensors["blk.1.attn_k_b.weight"].reshape(4, 24, 16), tensors["blk.1.attn_v_b.weight"].reshape(4, 12, 24)
+    assert np.array_equal(k_b, kv_b[:, :16].transpose(1, 2).half().numpy())
+    assert np.array_equal(v_b, kv_b[:, 16:].half().numpy())
+    assert not any("attn_kv_b" in name for name in tensors)
+    bias = state["model.layers.2.mlp.gate.e_score_correction_bias"].numpy()
+    assert tensors["blk.2.exp_probs_b.bias"].dtype == np.float32 and np.array_equal(tensors["blk.2.exp_probs_b.bias"],
+                                                                                    bias)  # fmt: skip
+    shared = state["model.layers.2.mlp.shared_experts.down_proj.weight"]  # two shared experts' width, as one MLP
+    assert np.array_equal(tensors["blk.2.ffn_down_shexp.weight"].reshape(shared.shape), shared.half().numpy())
+    assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_exps.weight" not in tensors  # the dense block
+    assert "blk.1.ffn_gate_exps.weight" in tensors and "blk.1.attn_q_b.weight" in tensors
+    # V2-Lite: one query projection, softmax routing not renormalized, no groups, no correction bias
+    lite = _deepseek_config("deepseek_v2", q_lora_rank=None)
+    state, meta, tensors = _tiny_gguf(lite, tokenizer, tmp_path / "tiny-deepseek-v2-lite")
+    assert meta[a + "attention.q_lora_rank"] == 0 and meta[a + "expert_gating_func"] == 1
+    assert meta[a + "expert_weights_norm"] is False and a + "expert_group_count" not in meta
+    q = state["model.layers.0.self_attn.q_proj.weight"]
+    assert np.array_equal(tensors["blk.0.attn_q.weight"].reshape(q.shape), q.half().numpy())
+    assert not any("exp_probs_b" in name or "attn_q_a" in name for name in tensors)
+
+
+@pytest.mark.parametrize(
+    ("arch", "change", "message"),
+    [
+        ("deepseek_v3", {"rope_interleave": False}, "rotates halves"),
+        ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 40.0,
+                                             "original_max_position_embeddings": 64, "mscale": 1.0,
+                                             "mscale_all_dim": 0.707}}, "mscale equal to mscale_all_dim"),
+        ("deepseek_v3", {"hidden_act": "gelu"}, "gates its MLPs with SiLU"),
+        ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "by their best one"),
+    ],
+)  # fmt: skip
+def test_deepseek_refusals(arch: str, change: dict[str, Any], message: str) -> None:
+    """What llama.cpp's deepseek2 computes otherwise is refused by name."""
+    from carve.errors import UsageError
+    from carve.export import check_config
+
+    with pytest.raises(UsageError, match=message):
+        check_config(_deepseek_config(arch, **change))
+
+
 def test_glm4_as_llama_cpp_glm4(tmp_path: Path, tokenizer) -> None:
     """GLM-4 (0414) as llama.cpp's `glm4`: Q/K/V and their biases unpermuted (GPT-J-style RoPE in both),
     the fused gate/up as `ffn_up` (gate rows first), the norms after attention and after the MLP as
@@ -1563,7 +1654,8 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
             "Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
-            "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared) and gpt-oss models",
+            "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss and DeepSeek V2/V3 "
+            "models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]
@@ -1590,7 +1682,7 @@ def test_pre_tokenizer_rules_are_the_ones_transformers_restores_from_a_gguf() ->
 
 @pytest.mark.parametrize("arch, kind", [("llama", "q8_0"), ("qwen2", "f16"), ("mistral", "bf16"), ("qwen3", "q4_0"),
                                         ("mixtral", "f16"), ("qwen2_moe", "q8_0"), ("qwen3_moe", "f16"),
-                                        ("gpt_oss", "q8_0")])  # fmt: skip
+                                        ("gpt_oss", "q8_0"), ("deepseek_v3", "f16")])  # fmt: skip
 def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Path, tokenizer) -> None:
     """`carve export --stream`: the header first, then each decoder block read when its tensors are
     written and freed (a sharded source; a Mixtral's or Qwen-MoE's per-expert checkpoint tensors fused
@@ -1599,7 +1691,13 @@ def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Pa
 
     src = tmp_path / "src"
     # qwen3moe: top-k renormalized; gpt-oss: its experts interleaved, stored fused in the file
-    model = {"qwen3_moe": _qwen3_moe, "gpt_oss": _tiny_gpt_oss}.get(arch, lambda: tiny_model(arch))()
+    # DeepSeek V3: the latent's up-projection split in two, the routing bias a buffer
+    if arch == "deepseek_v3":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(_deepseek_config(arch))
+    else:
+        model = {"qwen3_moe": _qwen3_moe, "gpt_oss": _tiny_gpt_oss}.get(arch, lambda: tiny_model(arch))()
     model.save_pretrained(src, max_shard_size="100KB")
     tokenizer.save_pretrained(src)
     from carve.export import export

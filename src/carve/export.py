@@ -48,7 +48,10 @@ biases whose weights are written as 1 + w, a squared-ReLU MLP, partial rotate-ha
 goes in as `olmo` (no norm tensors: its LayerNorms have no weights; QKV clipping as `clamp_kqv`).
 Seed-OSS goes in as `seed_oss` (Llama's tensors with Q/K/V biases, unpermuted). Arcee (AFM-4.5B)
 goes in as `arcee` (Llama's tensors, a squared-ReLU MLP, YaRN as keys). HunYuan dense goes in as
-`hunyuan-dense` (per-head Q/K norms after RoPE; its NTK-alpha RoPE as the stretched base).
+`hunyuan-dense` (per-head Q/K norms after RoPE; its NTK-alpha RoPE as the stretched base). DeepSeek
+V2 and V3 (Kimi K2, Moonlight) go in as `deepseek2`: the latent attention with its up-projection
+split into llama.cpp's absorbed `attn_k_b` / `attn_v_b`, leading dense blocks, shared experts, V3's
+sigmoid routing with its correction bias and expert groups.
 """
 
 from __future__ import annotations
@@ -103,6 +106,9 @@ class Architecture:
     # the RoPE base llama.cpp is to use, where the model derives it from the config's (HunYuan's NTK
     # alpha stretches it); None: the config's rope_theta
     theta: Callable[[Any], float] | None = None
+    # multi-head latent attention (DeepSeek V2 and V3): queries through a low-rank pair (or one q_proj),
+    # keys and values from one compressed latent shared by every head (`_mla_layout`, `_mla_split`)
+    mla: bool = False
 
 
 def _check_exaone4(config: Any) -> None:
@@ -638,6 +644,95 @@ def _gpt_oss_caveats(config: Any) -> list[str]:
             "own conversion"]  # fmt: skip
 
 
+def _check_deepseek(config: Any) -> None:
+    """Refuse what llama.cpp's deepseek2 graph (DeepSeek V2 and V3, Kimi K2, Moonlight) computes
+    otherwise: RoPE other than plain or YaRN with both mscales equal (cos and sin then unscaled, the
+    attention scale multiplied by (0.1·mscale·ln factor + 1)² in both libraries); RoPE on rotate-half
+    pairs (it rotates interleaved ones, as DeepSeek's `rope_interleave` and V2's complex rotation do);
+    an MLP other than SiLU-gated; V2's group-limited routing (it ranks groups by their best expert,
+    llama.cpp by their best two, V3's rule)."""
+    kind, rope = rope_type(config), _rope(config)
+    if kind not in ("default", "yarn"):
+        raise UsageError(f"GGUF export writes DeepSeek's plain or YaRN RoPE; this model scales it as {kind!r}")
+    if kind == "yarn" and (
+        not rope.get("mscale_all_dim") or rope.get("mscale") != rope["mscale_all_dim"] or rope.get("attention_factor")
+    ):
+        raise UsageError(
+            "llama.cpp's deepseek2 takes YaRN with mscale equal to mscale_all_dim (DeepSeek's, Kimi K2's); this "
+            f"model's are {rope.get('mscale')} and {rope.get('mscale_all_dim')}"
+        )
+    _check_activation(config, "deepseek2", ("silu",), "gates its MLPs with SiLU")
+    if config.model_type == "deepseek_v3" and not getattr(config, "rope_interleave", True):
+        raise UsageError("llama.cpp's deepseek2 rotates interleaved pairs; this model rotates halves (rope_interleave "
+                         "false)")  # fmt: skip
+    groups, used = int(getattr(config, "n_group", None) or 1), int(getattr(config, "topk_group", None) or 1)
+    if config.model_type == "deepseek_v2" and config.topk_method == "group_limited_greedy" and used < groups:
+        raise UsageError(
+            f"llama.cpp's deepseek2 ranks expert groups by their best two experts; this model routes to the best "
+            f"{used} of {groups} groups by their best one (DeepSeek V2's group_limited_greedy)"
+        )
+
+
+def _deepseek_metadata(writer: Any, config: Any) -> None:
+    """DeepSeek's keys: the latent attention's ranks and head widths (llama.cpp runs it as one key/value
+    head of the latent's width, `_mla_layout`), the leading dense blocks, and the routing: V3's sigmoid
+    scores with their correction bias (`exp_probs_b`), renormalized top-k and groups ranked by their
+    best two experts; V2's softmax, not renormalized; both scaled by `routed_scaling_factor`."""
+    import gguf
+
+    writer.add_leading_dense_block_count(int(config.first_k_dense_replace))
+    writer.add_q_lora_rank(int(config.q_lora_rank or 0))  # 0: one q_proj (V2-Lite)
+    writer.add_kv_lora_rank(int(config.kv_lora_rank))
+    writer.add_key_length_mla(int(config.qk_nope_head_dim + config.qk_rope_head_dim))
+    writer.add_value_length_mla(int(config.v_head_dim))
+    _moe_metadata(writer, config)
+    writer.add_expert_shared_count(int(config.n_shared_experts))
+    writer.add_expert_weights_scale(float(config.routed_scaling_factor))
+    v3 = config.model_type == "deepseek_v3"
+    writer.add_expert_weights_norm(bool(v3 and config.norm_topk_prob))
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX)
+    _yarn_metadata(writer, config)
+    if rope_type(config) == "yarn":  # the attention scale's (0.1·mscale·ln factor + 1)²
+        writer.add_rope_scaling_yarn_log_mul(0.1 * float(_rope(config)["mscale_all_dim"]))
+    groups = int(getattr(config, "n_group", None) or 1)
+    if v3 and groups > 1:
+        writer.add_expert_group_count(groups)
+        writer.add_expert_group_used_count(int(config.topk_group))
+
+
+def _mla_split(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
+    """The latent's up-projection `kv_b_proj` ([heads·(nope + v), latent]: per head its key rows, then
+    its value rows) as llama.cpp's absorbed pair: `attn_k_b` [heads, latent, nope] (each head's key
+    rows transposed) and `attn_v_b` [heads, v, latent]; None for any other tensor."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.kv_b_proj\.weight", name)
+    if m is None:
+        return None
+    nope, v = int(config.qk_nope_head_dim), int(config.v_head_dim)
+    k_b, v_b = w.reshape(-1, nope + v, w.shape[-1]).split([nope, v], dim=1)
+    return [(f"blk.{m[1]}.attn_k_b.weight", k_b.transpose(1, 2)), (f"blk.{m[1]}.attn_v_b.weight", v_b)]
+
+
+_DEEPSEEK_NAMES = (  # the latent attention's projections and norms; V3's routing bias; the shared experts
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_proj\.weight", "blk.{}.attn_q_a.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_a_layernorm\.weight", "blk.{}.attn_q_a_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.q_b_proj\.weight", "blk.{}.attn_q_b.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.weight", "blk.{}.attn_kv_a_mqa.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.kv_a_layernorm\.weight", "blk.{}.attn_kv_a_norm.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", "blk.{}.exp_probs_b.bias"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.gate_proj\.weight", "blk.{}.ffn_gate_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.up_proj\.weight", "blk.{}.ffn_up_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.down_proj\.weight", "blk.{}.ffn_down_shexp.weight"),
+)
+_DEEPSEEK = Architecture(
+    "deepseek2",
+    False,
+    (),
+    "default",
+    names=_DEEPSEEK_NAMES,
+    check=_check_deepseek,
+    metadata=_deepseek_metadata,
+    mla=True,
+)
 _GPT_OSS_NAMES = (
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.sinks", "blk.{}.attn_sinks.weight"),  # one logit a head
@@ -843,6 +938,9 @@ ARCHITECTURES = {
         check=_check_gemma3,
         metadata=_gemma3_metadata,
     ),
+    # DeepSeek V2 and V3 (Kimi K2, Moonlight): latent attention, leading dense blocks, shared experts
+    "deepseek_v2": _DEEPSEEK,
+    "deepseek_v3": _DEEPSEEK,
     # softmax routing with the top-k weights renormalized in llama.cpp's llama graph, as in transformers' Mixtral
     "mixtral": Architecture("llama", True, (), "default", metadata=_moe_metadata, caveats=_window_caveats),
     "qwen3_moe": Architecture("qwen3moe", False, (), "qwen2", check=_check_qwen3_moe, metadata=_moe_metadata),
@@ -949,8 +1047,8 @@ def architecture(model_type: Any) -> Architecture:
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
-            "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared) and "
-            "gpt-oss "
+            "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
+            "gpt-oss and DeepSeek V2/V3 "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -998,6 +1096,8 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
     extra = sorted(k for k in state if k.endswith(".bias") and k.split(".")[-2] not in arch.biases)
     if extra:
         raise UsageError(f"llama.cpp's {arch.gguf} architecture holds no bias {extra[0]!r}: this model has one")
+    if arch.mla:
+        return arch, _mla_layout(config, state, arch)
     head_dim = _head_dim(config)
     n_layers = config.num_hidden_layers
     ffn, kv = [], []
@@ -1010,24 +1110,47 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
         else:
             q_rows = state[p + "self_attn.q_proj.weight"].shape[0]
             k_rows = state[p + "self_attn.k_proj.weight"].shape[0]
-            # an MoE: each expert's width (Granite 3 MoE's experts under `block_sparse_moe`)
-            experts = state.get(p + "mlp.experts.gate_up_proj", state.get(p + "block_sparse_moe.experts.gate_up_proj"))
-            if experts is not None:
-                ffn.append(experts.shape[2 if arch.interleaved_experts else 1] // 2)
-            elif p + "mlp.gate_up_proj.weight" in state:  # gate and up fused (GLM-4): half its rows
-                ffn.append(state[p + "mlp.gate_up_proj.weight"].shape[0] // 2)
-            else:  # a gated MLP's gate rows, or a plain one's first Linear (StarCoder2's c_fc, Phi's fc1,
-                ffn.append(  # Nemotron's up_proj)
-                    next(
-                        state[p + f"mlp.{n}.weight"]
-                        for n in ("gate_proj", "c_fc", "fc1", "up_proj")
-                        if p + f"mlp.{n}.weight" in state
-                    ).shape[0]
-                )
+            ffn.append(_ffn_width(state, p, arch))
         if q_rows != config.num_attention_heads * head_dim or k_rows % head_dim or k_rows <= 0:
             raise UsageError(f"block {i}'s attention shapes ({q_rows}, {k_rows} rows) do not fit llama.cpp's heads")
         kv.append(k_rows // head_dim)
     return arch, {"head_dim": head_dim, "ffn": ffn, "kv": kv}
+
+
+def _ffn_width(state: dict[str, torch.Tensor], p: str, arch: Architecture) -> int:
+    """Block `p`'s MLP width: an MoE's expert width (Granite 3 MoE's experts under `block_sparse_moe`),
+    half a fused gate/up's rows (GLM-4), a gated MLP's gate rows, or a plain one's first Linear's
+    (StarCoder2's c_fc, Phi's fc1, Nemotron's up_proj)."""
+    experts = state.get(p + "mlp.experts.gate_up_proj", state.get(p + "block_sparse_moe.experts.gate_up_proj"))
+    if experts is not None:
+        return int(experts.shape[2 if arch.interleaved_experts else 1] // 2)
+    if p + "mlp.gate_up_proj.weight" in state:
+        return int(state[p + "mlp.gate_up_proj.weight"].shape[0] // 2)
+    names = ("gate_proj", "c_fc", "fc1", "up_proj")
+    return int(next(state[p + f"mlp.{n}.weight"] for n in names if p + f"mlp.{n}.weight" in state).shape[0])
+
+
+def _mla_layout(config: Any, state: dict[str, torch.Tensor], arch: Architecture) -> dict[str, Any]:
+    """The widths llama.cpp's deepseek2 needs: with the latent absorbed into the queries, one key/value
+    head a block, keys as wide as the latent plus the rotated channels and values as the latent (the
+    per-head widths as `key_length_mla` / `value_length_mla`: `_deepseek_metadata`); RoPE over the
+    rotated channels only; after checking each block's projections against the config's heads."""
+    heads, nope, rope, v = (int(config.num_attention_heads), int(config.qk_nope_head_dim),
+                            int(config.qk_rope_head_dim), int(config.v_head_dim))  # fmt: skip
+    latent, ffn = int(config.kv_lora_rank), []
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q = state.get(p + "self_attn.q_b_proj.weight", state.get(p + "self_attn.q_proj.weight"))
+        rows = (q.shape[0] if q is not None else 0, state[p + "self_attn.kv_b_proj.weight"].shape[0],
+                state[p + "self_attn.o_proj.weight"].shape[1])  # fmt: skip
+        if rows != (heads * (nope + rope), heads * (nope + v), heads * v):
+            raise UsageError(
+                f"block {i}'s latent attention shapes {rows} do not fit {heads} heads of the config's widths"
+            )
+        ffn.append(_ffn_width(state, p, arch))
+    n = config.num_hidden_layers
+    return {"head_dim": nope + rope, "key_length": latent + rope, "value_length": latent, "rope_dims": rope,
+            "kv": [1] * n, "ffn": ffn}  # fmt: skip
 
 
 def _rope(config: Any, layers: str = "full_attention") -> dict[str, Any]:
@@ -1182,7 +1305,7 @@ def _tensor(
     return gguf.quants.quantize(data, qtype), qtype
 
 
-def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture) -> Any:
+def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture, config: Any) -> Any:
     """(llama.cpp name, tensor) of every tensor written, from the model's (name, tensor) in its state
     dict's order: an MoE's fused gate/up experts as llama.cpp's two tensors, each [E, ff, hidden]
     (gpt-oss's interleaved [E, hidden, 2·ff] ones and their biases taken apart, its down experts
@@ -1190,6 +1313,10 @@ def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture)
     for name, w in items:
         if arch.interleaved_experts and ".mlp.experts." in name:
             yield from _interleaved_experts(name, w)
+            continue
+        split = _mla_split(name, w, config) if arch.mla else None
+        if split is not None:
+            yield from split
             continue
         halves = next(((m, dim, names) for pattern, dim, names in _HALVES if (m := re.fullmatch(pattern, name))), None)
         if halves is None:
@@ -1269,9 +1396,10 @@ def write_gguf(
         eps = next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)
         if eps is not None:
             writer.add_layer_norm_eps(float(eps))
-    writer.add_rope_dimension_count(_rotary_dims(config, shape["head_dim"]))  # Phi-4-mini rotates 3/4 of a head
-    writer.add_key_length(shape["head_dim"])
-    writer.add_value_length(shape["head_dim"])
+    # Phi-4-mini rotates 3/4 of a head; DeepSeek its rotated channels
+    writer.add_rope_dimension_count(shape.get("rope_dims") or _rotary_dims(config, shape["head_dim"]))
+    writer.add_key_length(shape.get("key_length", shape["head_dim"]))
+    writer.add_value_length(shape.get("value_length", shape["head_dim"]))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[kind]]))
     if arch.metadata is not None:
@@ -1284,7 +1412,7 @@ def write_gguf(
     for name, values in rope_tensors:
         writer.add_tensor_info(name, values.shape, values.dtype, values.nbytes)
     planned = []
-    for target, w in _gguf_tensors(state.items(), arch):
+    for target, w in _gguf_tensors(state.items(), arch, config):
         qtype = _ggml_type(tuple(w.shape), kind, keep_f32=_keep_f32(target))
         writer.add_tensor_info(
             target, tuple(w.shape), np.dtype(np.float32), _nbytes(tuple(w.shape), qtype), raw_dtype=qtype
@@ -1296,7 +1424,7 @@ def write_gguf(
     for _, values in rope_tensors:
         writer.write_tensor_data(values)
     data = (item for item in (items() if items is not None else iter(state.items())) if item[0] in state)
-    written = progress(_gguf_tensors(data, arch), "writing GGUF", total=len(planned))
+    written = progress(_gguf_tensors(data, arch, config), "writing GGUF", total=len(planned))
     for (target, w), (want, qtype) in zip(written, planned, strict=True):
         if arch.norm_offset and target.endswith("norm.weight"):
             w = w.float() + arch.norm_offset
