@@ -95,6 +95,9 @@ greedy (contrast: top-1); V2-Lite with its YaRN (factor 40 over an original 64, 
 plain RoPE); `deepseek-v3-yarn`: DeepSeek V3's YaRN (both mscales 1; contrast: plain RoPE);
 `deepseek-v3-experts`: cut by `--experts-keep 0.75` (3 of 4 in each group); expert, router and shared expert
 weights from N(0, 0.2), norm weights from N(1, 0.5), query and latent projections scaled by 4.
+GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
+and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
+of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
 llama3-tokenizer: a plain tiny Llama with a byte-level BPE tokenizer (2000 entries, trained on 20
 builtin legal documents) that splits text by Llama 3's rule; the held-out texts (plus one line of
 phone numbers, dates and long numbers) tokenized by llama.cpp and by transformers, from carve's
@@ -244,6 +247,23 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         return model.eval()
     if kind.removesuffix("-experts") in ("deepseek-v3", "deepseek-v3-yarn", "deepseek-v2", "deepseek-v2-lite"):
         return _deepseek(kind, vocab)
+    if kind == "glm4-moe":  # GLM-4.5 in small: DeepSeek V3's routing, Q/K/V biases, per-head Q/K norms
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.Glm4MoeConfig(**sizes, head_dim=32, attention_bias=True, use_qk_norm=True, moe_intermediate_size=32,
+                                  n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
+                                  topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                                  vocab_size=vocab)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".mlp.experts." in name or ".mlp.gate." in name or ".shared_experts." in name:
+                    p.normal_(0, 0.2)
+                if name.endswith(("q_norm.weight", "k_norm.weight")):
+                    p.normal_(1, 0.5)
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    b.normal_(0, 0.2)
+        return _layernorms_and_biases_drawn(model, "proj.bias")
     if kind == "hunyuan":  # HunYuan dense: 4 blocks, per-head Q/K norms after RoPE drawn, NTK alpha 1000, q/k x 8
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.HunYuanDenseV1Config(**sizes, head_dim=16, vocab_size=vocab, rope_parameters=dict(HUNYUAN_ROPE))
@@ -458,6 +478,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gemma3": ("export-archs-global", {"layer_types": ["full_attention"] * 3}),  # every layer global
     "deepseek-v3": ("export-archs-deepseek-v3-ungrouped", {"topk_group": 2}),  # every group's experts open
     "deepseek-v2": ("export-archs-deepseek-v2-top1", {"num_experts_per_tok": 1}),
+    "glm4-moe": ("export-archs-glm4-moe-ungrouped", {"topk_group": 2}),  # every group's experts open
     "deepseek-v2-lite": (
         "export-archs-deepseek-v2-lite-plain",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
@@ -595,8 +616,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "and 3, "
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
-        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4, Nemotron, OLMo, Seed-OSS, "
-        "Arcee, HunYuan (tiny random models)",
+        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, GLM-4, Nemotron, OLMo, "
+        "Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
@@ -644,7 +665,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "key channels), 8 experts, top-2, a shared expert; V3 sigmoid routing with a correction bias in the best 1 of "
         "2 groups (contrast: both open), V2 softmax (contrast: top-1), V2-Lite one query projection and its YaRN "
         "(mscales 0.707; contrast: plain RoPE), `-yarn` V3's YaRN (factor 40 over 64 positions; contrast: plain "
-        "RoPE), `-experts` cut by `--experts-keep 0.75`, "
+        "RoPE), `-experts` cut by `--experts-keep 0.75`; GLM-4.5: 4 blocks, the first dense, 4 heads of 32 with random "
+        "Q/K/V biases and per-head Q/K norms, V3's routing over 8 experts in 2 groups (contrast: both open), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -754,6 +776,7 @@ KINDS = (
     "deepseek-v3-experts",
     "deepseek-v2",
     "deepseek-v2-lite",
+    "glm4-moe",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

@@ -696,6 +696,40 @@ def test_deepseek_as_llama_cpp_deepseek2(tmp_path: Path, tokenizer) -> None:
     assert not any("exp_probs_b" in name or "attn_q_a" in name for name in tensors)
 
 
+def test_glm4_moe_as_llama_cpp_glm4moe(tmp_path: Path, tokenizer) -> None:
+    """GLM-4.5 as llama.cpp's `glm4moe`: Q/K/V with their biases unpermuted (rotate-half RoPE over half
+    of each head in both), the per-head Q/K norms, the norm before the MLP as `post_attention_norm`,
+    DeepSeek V3's routing (sigmoid with its correction bias, groups, renormalized, scaled), the leading
+    dense block and the shared expert.  Logits in llama.cpp itself: bench/export_archs.py, row glm4-moe."""
+    import numpy as np
+    import transformers as tf
+
+    config = tf.Glm4MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=32, attention_bias=True,
+                              use_qk_norm=True, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
+                              n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1,
+                              routed_scaling_factor=2.5, max_position_embeddings=256)  # fmt: skip
+    state, meta, tensors = _tiny_gguf(config, tokenizer, tmp_path / "tiny-glm4-moe", norms=True)
+    a = "glm4moe."
+    assert meta["general.architecture"] == "glm4moe"
+    assert {k: meta[a + k] for k in ("rope.dimension_count", "attention.key_length", "leading_dense_block_count",
+                                     "expert_count", "expert_shared_count", "expert_gating_func", "expert_weights_norm",
+                                     "expert_group_count", "expert_group_used_count")} == {
+        "rope.dimension_count": 16, "attention.key_length": 32, "leading_dense_block_count": 1, "expert_count": 4,
+        "expert_shared_count": 1, "expert_gating_func": 2, "expert_weights_norm": True, "expert_group_count": 2,
+        "expert_group_used_count": 1}  # fmt: skip
+    for name, want in {"blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
+                       "blk.0.attn_k.bias": "model.layers.0.self_attn.k_proj.bias",
+                       "blk.0.attn_q_norm.weight": "model.layers.0.self_attn.q_norm.weight",
+                       "blk.0.post_attention_norm.weight": "model.layers.0.post_attention_layernorm.weight",
+                       "blk.0.ffn_gate.weight": "model.layers.0.mlp.gate_proj.weight",
+                       "blk.1.exp_probs_b.bias": "model.layers.1.mlp.gate.e_score_correction_bias",
+                       "blk.1.ffn_up_shexp.weight": "model.layers.1.mlp.shared_experts.up_proj.weight"}.items():  # fmt: skip
+        w = state[want]
+        assert np.array_equal(tensors[name].reshape(w.shape), (w.half() if w.dim() == 2 else w).numpy()), name
+    assert "blk.1.ffn_gate_exps.weight" in tensors and "blk.0.ffn_norm.weight" not in tensors
+
+
 @pytest.mark.parametrize(
     ("arch", "change", "message"),
     [
@@ -1654,8 +1688,8 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
             "Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
-            "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss and DeepSeek V2/V3 "
-            "models",
+            "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss, DeepSeek V2/V3 and "
+            "GLM-4.5 models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -51,7 +51,8 @@ goes in as `arcee` (Llama's tensors, a squared-ReLU MLP, YaRN as keys). HunYuan 
 `hunyuan-dense` (per-head Q/K norms after RoPE; its NTK-alpha RoPE as the stretched base). DeepSeek
 V2 and V3 (Kimi K2, Moonlight) go in as `deepseek2`: the latent attention with its up-projection
 split into llama.cpp's absorbed `attn_k_b` / `attn_v_b`, leading dense blocks, shared experts, V3's
-sigmoid routing with its correction bias and expert groups.
+sigmoid routing with its correction bias and expert groups. GLM-4.5 goes in as `glm4moe` (Q/K/V biases,
+per-head Q/K norms, DeepSeek V3's routing).
 """
 
 from __future__ import annotations
@@ -678,26 +679,45 @@ def _deepseek_metadata(writer: Any, config: Any) -> None:
     head of the latent's width, `_mla_layout`), the leading dense blocks, and the routing: V3's sigmoid
     scores with their correction bias (`exp_probs_b`), renormalized top-k and groups ranked by their
     best two experts; V2's softmax, not renormalized; both scaled by `routed_scaling_factor`."""
-    import gguf
-
-    writer.add_leading_dense_block_count(int(config.first_k_dense_replace))
     writer.add_q_lora_rank(int(config.q_lora_rank or 0))  # 0: one q_proj (V2-Lite)
     writer.add_kv_lora_rank(int(config.kv_lora_rank))
     writer.add_key_length_mla(int(config.qk_nope_head_dim + config.qk_rope_head_dim))
     writer.add_value_length_mla(int(config.v_head_dim))
-    _moe_metadata(writer, config)
-    writer.add_expert_shared_count(int(config.n_shared_experts))
-    writer.add_expert_weights_scale(float(config.routed_scaling_factor))
-    v3 = config.model_type == "deepseek_v3"
-    writer.add_expert_weights_norm(bool(v3 and config.norm_topk_prob))
-    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if v3 else gguf.ExpertGatingFuncType.SOFTMAX)
+    _routing_metadata(writer, config, sigmoid=config.model_type == "deepseek_v3")
     _yarn_metadata(writer, config)
     if rope_type(config) == "yarn":  # the attention scale's (0.1·mscale·ln factor + 1)²
         writer.add_rope_scaling_yarn_log_mul(0.1 * float(_rope(config)["mscale_all_dim"]))
+
+
+def _routing_metadata(writer: Any, config: Any, sigmoid: bool) -> None:
+    """DeepSeek's routing, as DeepSeek V3 and GLM-4.5 share it (`sigmoid`): sigmoid scores with their
+    correction bias (`exp_probs_b`), the top-k renormalized where the config says so, groups ranked by
+    their best two experts; or V2's softmax, not renormalized. Both scaled by `routed_scaling_factor`,
+    beside `n_shared_experts` shared experts, after `first_k_dense_replace` dense blocks."""
+    import gguf
+
+    writer.add_leading_dense_block_count(int(config.first_k_dense_replace))
+    _moe_metadata(writer, config)
+    writer.add_expert_shared_count(int(config.n_shared_experts))
+    writer.add_expert_weights_scale(float(config.routed_scaling_factor))
+    writer.add_expert_weights_norm(bool(sigmoid and config.norm_topk_prob))
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
     groups = int(getattr(config, "n_group", None) or 1)
-    if v3 and groups > 1:
+    if sigmoid and groups > 1:
         writer.add_expert_group_count(groups)
         writer.add_expert_group_used_count(int(config.topk_group))
+
+
+def _glm4_moe_metadata(writer: Any, config: Any) -> None:
+    """GLM-4.5's keys: DeepSeek V3's routing (no MTP layers: transformers loads none)."""
+    _routing_metadata(writer, config, sigmoid=True)
+
+
+def _check_glm4_moe(config: Any) -> None:
+    """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
+    an MLP other than SiLU-gated."""
+    _check_plain_rope(config, "glm4moe")
+    _check_activation(config, "glm4moe", ("silu",), "gates its MLPs with SiLU")
 
 
 def _mla_split(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
@@ -712,16 +732,19 @@ def _mla_split(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch
     return [(f"blk.{m[1]}.attn_k_b.weight", k_b.transpose(1, 2)), (f"blk.{m[1]}.attn_v_b.weight", v_b)]
 
 
-_DEEPSEEK_NAMES = (  # the latent attention's projections and norms; V3's routing bias; the shared experts
+_ROUTED_NAMES = (  # DeepSeek's routing bias (V3, GLM-4.5) and shared experts
+    (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", "blk.{}.exp_probs_b.bias"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.gate_proj\.weight", "blk.{}.ffn_gate_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.up_proj\.weight", "blk.{}.ffn_up_shexp.weight"),
+    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.down_proj\.weight", "blk.{}.ffn_down_shexp.weight"),
+)
+_DEEPSEEK_NAMES = (  # the latent attention's projections and norms
     (r"model\.layers\.(\d+)\.self_attn\.q_a_proj\.weight", "blk.{}.attn_q_a.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.q_a_layernorm\.weight", "blk.{}.attn_q_a_norm.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.q_b_proj\.weight", "blk.{}.attn_q_b.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.kv_a_proj_with_mqa\.weight", "blk.{}.attn_kv_a_mqa.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.kv_a_layernorm\.weight", "blk.{}.attn_kv_a_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.gate\.e_score_correction_bias", "blk.{}.exp_probs_b.bias"),
-    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.gate_proj\.weight", "blk.{}.ffn_gate_shexp.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.up_proj\.weight", "blk.{}.ffn_up_shexp.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.shared_experts\.down_proj\.weight", "blk.{}.ffn_down_shexp.weight"),
+    *_ROUTED_NAMES,
 )
 _DEEPSEEK = Architecture(
     "deepseek2",
@@ -766,6 +789,8 @@ _HUNYUAN_NAMES = (  # per-head Q/K norms, applied after RoPE in both libraries
 )
 _GRANITEMOE = Architecture("granitemoe", True, (), "default", names=_GRANITEMOE_NAMES, metadata=_granitemoe_metadata)
 _SEED_OSS_NAMES = ((r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),)
+# GLM-4.5: the norm before the MLP under llama.cpp's `post_attention_norm` name too; DeepSeek's routing tensors
+_GLM4_MOE_NAMES = (*_SEED_OSS_NAMES, *_ROUTED_NAMES)
 _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
     (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
@@ -941,6 +966,17 @@ ARCHITECTURES = {
     # DeepSeek V2 and V3 (Kimi K2, Moonlight): latent attention, leading dense blocks, shared experts
     "deepseek_v2": _DEEPSEEK,
     "deepseek_v3": _DEEPSEEK,
+    # GLM-4.5 (and -Air): Llama-style attention with Q/K/V biases and optional per-head Q/K norms, rotate-half
+    # RoPE over half of each head (unpermuted), DeepSeek V3's routing, leading dense blocks, shared experts
+    "glm4_moe": Architecture(
+        "glm4moe",
+        False,
+        ("q_proj", "k_proj", "v_proj"),
+        "default",
+        names=_GLM4_MOE_NAMES,
+        check=_check_glm4_moe,
+        metadata=_glm4_moe_metadata,
+    ),
     # softmax routing with the top-k weights renormalized in llama.cpp's llama graph, as in transformers' Mixtral
     "mixtral": Architecture("llama", True, (), "default", metadata=_moe_metadata, caveats=_window_caveats),
     "qwen3_moe": Architecture("qwen3moe", False, (), "qwen2", check=_check_qwen3_moe, metadata=_moe_metadata),
@@ -1048,7 +1084,7 @@ def architecture(model_type: Any) -> Architecture:
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
-            "gpt-oss and DeepSeek V2/V3 "
+            "gpt-oss, DeepSeek V2/V3 and GLM-4.5 "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
