@@ -95,6 +95,8 @@ greedy (contrast: top-1); V2-Lite with its YaRN (factor 40 over an original 64, 
 plain RoPE); `deepseek-v3-yarn`: DeepSeek V3's YaRN (both mscales 1; contrast: plain RoPE);
 `deepseek-v3-experts`: cut by `--experts-keep 0.75` (3 of 4 in each group); expert, router and shared expert
 weights from N(0, 0.2), norm weights from N(1, 0.5), query and latent projections scaled by 4.
+GLM-4.7-Flash (`glm4-moe-lite`): the `deepseek-v3` row's model as a Glm4MoeLite (its dense block named in
+`mlp_layer_types`); contrast: both groups open.
 GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
 and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
 of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
@@ -206,9 +208,14 @@ def _deepseek(kind: str, vocab: int) -> torch.nn.Module:
     mla = {"q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
            "moe_intermediate_size": 32, "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 1,
            "first_k_dense_replace": 1, "routed_scaling_factor": 2.5}  # fmt: skip
-    if kind.startswith("deepseek-v3"):
-        config: Any = tf.DeepseekV3Config(**sizes, **mla, n_group=2, topk_group=1, norm_topk_prob=True,
-                                          vocab_size=vocab)  # fmt: skip
+    if kind == "glm4-moe-lite":  # GLM-4.7-Flash: DeepSeek V3's blocks, the dense one named in mlp_layer_types
+        mla = {k: v for k, v in mla.items() if k != "first_k_dense_replace"}
+        config: Any = tf.Glm4MoeLiteConfig(**sizes, **mla, n_group=2, topk_group=1, norm_topk_prob=True,
+                                           mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+                                           vocab_size=vocab)  # fmt: skip
+    elif kind.startswith("deepseek-v3"):
+        config = tf.DeepseekV3Config(**sizes, **mla, n_group=2, topk_group=1, norm_topk_prob=True,
+                                     vocab_size=vocab)  # fmt: skip
         if kind.startswith("deepseek-v3-yarn"):  # DeepSeek V3's YaRN (factor 40, both mscales 1) over 64 positions
             config.rope_parameters = dict(DEEPSEEK_YARN)
     else:  # V2-Lite: one query projection, no low-rank pair
@@ -245,7 +252,13 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("norm.weight"):
                     p.normal_(0, 0.5)
         return model.eval()
-    if kind.removesuffix("-experts") in ("deepseek-v3", "deepseek-v3-yarn", "deepseek-v2", "deepseek-v2-lite"):
+    if kind.removesuffix("-experts") in (
+        "deepseek-v3",
+        "deepseek-v3-yarn",
+        "deepseek-v2",
+        "deepseek-v2-lite",
+        "glm4-moe-lite",
+    ):
         return _deepseek(kind, vocab)
     if kind == "glm4-moe":  # GLM-4.5 in small: DeepSeek V3's routing, Q/K/V biases, per-head Q/K norms
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
@@ -479,6 +492,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "deepseek-v3": ("export-archs-deepseek-v3-ungrouped", {"topk_group": 2}),  # every group's experts open
     "deepseek-v2": ("export-archs-deepseek-v2-top1", {"num_experts_per_tok": 1}),
     "glm4-moe": ("export-archs-glm4-moe-ungrouped", {"topk_group": 2}),  # every group's experts open
+    "glm4-moe-lite": ("export-archs-glm4-moe-lite-ungrouped", {"topk_group": 2}),
     "deepseek-v2-lite": (
         "export-archs-deepseek-v2-lite-plain",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
@@ -666,7 +680,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "2 groups (contrast: both open), V2 softmax (contrast: top-1), V2-Lite one query projection and its YaRN "
         "(mscales 0.707; contrast: plain RoPE), `-yarn` V3's YaRN (factor 40 over 64 positions; contrast: plain "
         "RoPE), `-experts` cut by `--experts-keep 0.75`; GLM-4.5: 4 blocks, the first dense, 4 heads of 32 with random "
-        "Q/K/V biases and per-head Q/K norms, V3's routing over 8 experts in 2 groups (contrast: both open), "
+        "Q/K/V biases and per-head Q/K norms, V3's routing over 8 experts in 2 groups (contrast: both open); "
+        "GLM-4.7-Flash: the deepseek-v3 model as a Glm4MoeLite (contrast: both groups open), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -777,6 +792,7 @@ KINDS = (
     "deepseek-v2",
     "deepseek-v2-lite",
     "glm4-moe",
+    "glm4-moe-lite",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

@@ -639,6 +639,9 @@ def _deepseek_config(arch: str, **extra: Any) -> Any:
 
     if arch == "deepseek_v3":
         return tf.DeepseekV3Config(**{**_DEEPSEEK, "n_group": 2, "topk_group": 1, **extra})
+    if arch == "glm4_moe_lite":  # GLM-4.7-Flash: its dense blocks named in mlp_layer_types
+        sizes = {k: v for k, v in _DEEPSEEK.items() if k != "first_k_dense_replace"}
+        return tf.Glm4MoeLiteConfig(**{**sizes, "mlp_layer_types": ["dense", "sparse", "sparse"], **extra})
     return tf.DeepseekV2Config(**{**_DEEPSEEK, "topk_method": "greedy", **extra})
 
 
@@ -648,8 +651,9 @@ def test_deepseek_as_llama_cpp_deepseek2(tmp_path: Path, tokenizer) -> None:
     `attn_k_b` (each head's key rows transposed) and `attn_v_b`, V3's sigmoid routing with its
     correction bias (float32), renormalized, scaled, in groups, YaRN's log multiplier as llama.cpp's
     converter writes it (0.1·mscale_all_dim); V2-Lite's single query projection (`q_lora_rank` 0) and
-    softmax routing.  Logits in llama.cpp itself: bench/export_archs.py, rows deepseek-v3,
-    deepseek-v3-yarn, deepseek-v3-experts, deepseek-v2 and deepseek-v2-lite."""
+    softmax routing; GLM-4.7-Flash (DeepSeek V3's blocks).  Logits in llama.cpp itself:
+    bench/export_archs.py, rows deepseek-v3, deepseek-v3-yarn, deepseek-v3-experts, deepseek-v2,
+    deepseek-v2-lite and glm4-moe-lite."""
     import numpy as np
     from gguf import GGUFReader
 
@@ -694,6 +698,10 @@ def test_deepseek_as_llama_cpp_deepseek2(tmp_path: Path, tokenizer) -> None:
     q = state["model.layers.0.self_attn.q_proj.weight"]
     assert np.array_equal(tensors["blk.0.attn_q.weight"].reshape(q.shape), q.half().numpy())
     assert not any("exp_probs_b" in name or "attn_q_a" in name for name in tensors)
+    # GLM-4.7-Flash: DeepSeek V3's blocks, its leading dense block read off mlp_layer_types
+    state, meta, tensors = _tiny_gguf(_deepseek_config("glm4_moe_lite"), tokenizer, tmp_path / "tiny-glm4-moe-lite")
+    assert meta["general.architecture"] == "deepseek2" and meta[a + "leading_dense_block_count"] == 1
+    assert meta[a + "expert_gating_func"] == 2 and "blk.1.attn_k_b.weight" in tensors
 
 
 def test_glm4_moe_as_llama_cpp_glm4moe(tmp_path: Path, tokenizer) -> None:
@@ -739,6 +747,7 @@ def test_glm4_moe_as_llama_cpp_glm4moe(tmp_path: Path, tokenizer) -> None:
                                              "mscale_all_dim": 0.707}}, "mscale equal to mscale_all_dim"),
         ("deepseek_v3", {"hidden_act": "gelu"}, "gates its MLPs with SiLU"),
         ("deepseek_v2", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}, "by their best one"),
+        ("glm4_moe_lite", {"mlp_layer_types": ["dense", "sparse", "dense"]}, "dense MLP blocks only before"),
     ],
 )  # fmt: skip
 def test_deepseek_refusals(arch: str, change: dict[str, Any], message: str) -> None:
@@ -1688,8 +1697,8 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
             ["export", str(gpt2), "--gguf", str(tmp_path / "g.gguf")],
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
             "Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
-            "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss, DeepSeek V2/V3 and "
-            "GLM-4.5 models",
+            "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss, DeepSeek V2/V3, "
+            "GLM-4.5 and GLM-4.7-Flash models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -51,8 +51,8 @@ goes in as `arcee` (Llama's tensors, a squared-ReLU MLP, YaRN as keys). HunYuan 
 `hunyuan-dense` (per-head Q/K norms after RoPE; its NTK-alpha RoPE as the stretched base). DeepSeek
 V2 and V3 (Kimi K2, Moonlight) go in as `deepseek2`: the latent attention with its up-projection
 split into llama.cpp's absorbed `attn_k_b` / `attn_v_b`, leading dense blocks, shared experts, V3's
-sigmoid routing with its correction bias and expert groups. GLM-4.5 goes in as `glm4moe` (Q/K/V biases,
-per-head Q/K norms, DeepSeek V3's routing).
+sigmoid routing with its correction bias and expert groups; GLM-4.7-Flash the same. GLM-4.5 goes in
+as `glm4moe` (Q/K/V biases, per-head Q/K norms, DeepSeek V3's routing).
 """
 
 from __future__ import annotations
@@ -663,7 +663,8 @@ def _check_deepseek(config: Any) -> None:
             f"model's are {rope.get('mscale')} and {rope.get('mscale_all_dim')}"
         )
     _check_activation(config, "deepseek2", ("silu",), "gates its MLPs with SiLU")
-    if config.model_type == "deepseek_v3" and not getattr(config, "rope_interleave", True):
+    _leading_dense(config)
+    if config.model_type != "deepseek_v2" and not getattr(config, "rope_interleave", True):
         raise UsageError("llama.cpp's deepseek2 rotates interleaved pairs; this model rotates halves (rope_interleave "
                          "false)")  # fmt: skip
     groups, used = int(getattr(config, "n_group", None) or 1), int(getattr(config, "topk_group", None) or 1)
@@ -683,7 +684,7 @@ def _deepseek_metadata(writer: Any, config: Any) -> None:
     writer.add_kv_lora_rank(int(config.kv_lora_rank))
     writer.add_key_length_mla(int(config.qk_nope_head_dim + config.qk_rope_head_dim))
     writer.add_value_length_mla(int(config.v_head_dim))
-    _routing_metadata(writer, config, sigmoid=config.model_type == "deepseek_v3")
+    _routing_metadata(writer, config, sigmoid=config.model_type != "deepseek_v2")
     _yarn_metadata(writer, config)
     if rope_type(config) == "yarn":  # the attention scale's (0.1·mscale·ln factor + 1)²
         writer.add_rope_scaling_yarn_log_mul(0.1 * float(_rope(config)["mscale_all_dim"]))
@@ -696,7 +697,7 @@ def _routing_metadata(writer: Any, config: Any, sigmoid: bool) -> None:
     beside `n_shared_experts` shared experts, after `first_k_dense_replace` dense blocks."""
     import gguf
 
-    writer.add_leading_dense_block_count(int(config.first_k_dense_replace))
+    writer.add_leading_dense_block_count(_leading_dense(config))
     _moe_metadata(writer, config)
     writer.add_expert_shared_count(int(config.n_shared_experts))
     writer.add_expert_weights_scale(float(config.routed_scaling_factor))
@@ -713,11 +714,26 @@ def _glm4_moe_metadata(writer: Any, config: Any) -> None:
     _routing_metadata(writer, config, sigmoid=True)
 
 
+def _leading_dense(config: Any) -> int:
+    """How many blocks have a dense MLP before the MoE ones: `first_k_dense_replace`, or the leading
+    "dense" entries of `mlp_layer_types` (GLM-4.7-Flash), which llama.cpp can only hold first."""
+    kinds = getattr(config, "mlp_layer_types", None)
+    if not kinds:
+        return int(config.first_k_dense_replace or 0)
+    lead = next((i for i, k in enumerate(kinds) if k != "dense"), len(kinds))
+    if any(k == "dense" for k in kinds[lead:]):
+        raise UsageError(
+            f"llama.cpp holds dense MLP blocks only before the MoE ones; this model's are {', '.join(kinds)}"
+        )
+    return lead
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
     _check_plain_rope(config, "glm4moe")
     _check_activation(config, "glm4moe", ("silu",), "gates its MLPs with SiLU")
+    _leading_dense(config)
 
 
 def _mla_split(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
@@ -966,6 +982,7 @@ ARCHITECTURES = {
     # DeepSeek V2 and V3 (Kimi K2, Moonlight): latent attention, leading dense blocks, shared experts
     "deepseek_v2": _DEEPSEEK,
     "deepseek_v3": _DEEPSEEK,
+    "glm4_moe_lite": _DEEPSEEK,  # GLM-4.7-Flash: DeepSeek V3's blocks, its dense ones by `mlp_layer_types`
     # GLM-4.5 (and -Air): Llama-style attention with Q/K/V biases and optional per-head Q/K norms, rotate-half
     # RoPE over half of each head (unpermuted), DeepSeek V3's routing, leading dense blocks, shared experts
     "glm4_moe": Architecture(
@@ -1084,7 +1101,7 @@ def architecture(model_type: Any) -> Architecture:
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
-            "gpt-oss, DeepSeek V2/V3 and GLM-4.5 "
+            "gpt-oss, DeepSeek V2/V3, GLM-4.5 and GLM-4.7-Flash "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
