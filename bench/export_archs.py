@@ -97,6 +97,9 @@ plain RoPE); `deepseek-v3-yarn`: DeepSeek V3's YaRN (both mscales 1; contrast: p
 weights from N(0, 0.2), norm weights from N(1, 0.5), query and latent projections scaled by 4.
 GLM-4.7-Flash (`glm4-moe-lite`): the `deepseek-v3` row's model as a Glm4MoeLite (its dense block named in
 `mlp_layer_types`); contrast: both groups open.
+dots.llm1 (`dots1`): 4 blocks, the first dense, 4 query and 4 key/value heads of 32 with per-head Q/K norms from
+N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts in 2 groups (contrast: both
+open), 2 per token, a shared expert.
 GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
 and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
 of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
@@ -195,6 +198,21 @@ def _layernorms_and_biases_drawn(model: torch.nn.Module, biases: str = ".bias") 
     return model.eval()
 
 
+def _routing_drawn(model: torch.nn.Module) -> torch.nn.Module:
+    """DeepSeek V3's routing made to matter: expert, router and shared expert weights and the routing
+    correction bias from N(0, 0.2); per-head Q/K norm weights from N(1, 0.5)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".mlp.experts." in name or ".mlp.gate." in name or ".shared_experts." in name:
+                p.normal_(0, 0.2)
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.normal_(1, 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.2)
+    return model.eval()
+
+
 def _deepseek(kind: str, vocab: int) -> torch.nn.Module:
     """DeepSeek V3 (V2): 4 blocks, the first dense, latent attention (query rank 32, latent 32, 4 heads of
     16 unrotated + 8 rotated key channels and 16 value channels), 8 experts of width 32 in 2 groups
@@ -260,23 +278,21 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         "glm4-moe-lite",
     ):
         return _deepseek(kind, vocab)
+    if kind == "dots1":  # dots.llm1 in small: Qwen3's attention (per-head Q/K norms), DeepSeek V3's routing
+        sizes = {**SIZES, "num_hidden_layers": 4, "num_key_value_heads": 4, "pad_token_id": None, "bos_token_id": None,
+                 "eos_token_id": None}  # fmt: skip
+        config = tf.Dots1Config(**sizes, head_dim=32, moe_intermediate_size=32, n_routed_experts=8,
+                                num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
+                                first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+                                vocab_size=vocab)  # fmt: skip
+        return _perturbed(_routing_drawn(tf.AutoModelForCausalLM.from_config(config)), (), 0.0)  # q/k x 8
     if kind == "glm4-moe":  # GLM-4.5 in small: DeepSeek V3's routing, Q/K/V biases, per-head Q/K norms
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.Glm4MoeConfig(**sizes, head_dim=32, attention_bias=True, use_qk_norm=True, moe_intermediate_size=32,
                                   n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2,
                                   topk_group=1, first_k_dense_replace=1, routed_scaling_factor=2.5,
                                   vocab_size=vocab)  # fmt: skip
-        model = tf.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if ".mlp.experts." in name or ".mlp.gate." in name or ".shared_experts." in name:
-                    p.normal_(0, 0.2)
-                if name.endswith(("q_norm.weight", "k_norm.weight")):
-                    p.normal_(1, 0.5)
-            for name, b in model.named_buffers():
-                if name.endswith("e_score_correction_bias"):
-                    b.normal_(0, 0.2)
-        return _layernorms_and_biases_drawn(model, "proj.bias")
+        return _layernorms_and_biases_drawn(_routing_drawn(tf.AutoModelForCausalLM.from_config(config)), "proj.bias")
     if kind == "hunyuan":  # HunYuan dense: 4 blocks, per-head Q/K norms after RoPE drawn, NTK alpha 1000, q/k x 8
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.HunYuanDenseV1Config(**sizes, head_dim=16, vocab_size=vocab, rope_parameters=dict(HUNYUAN_ROPE))
@@ -493,6 +509,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "deepseek-v2": ("export-archs-deepseek-v2-top1", {"num_experts_per_tok": 1}),
     "glm4-moe": ("export-archs-glm4-moe-ungrouped", {"topk_group": 2}),  # every group's experts open
     "glm4-moe-lite": ("export-archs-glm4-moe-lite-ungrouped", {"topk_group": 2}),
+    "dots1": ("export-archs-dots1-ungrouped", {"topk_group": 2}),
     "deepseek-v2-lite": (
         "export-archs-deepseek-v2-lite-plain",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
@@ -630,8 +647,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "and 3, "
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
-        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, GLM-4, Nemotron, OLMo, "
-        "Seed-OSS, Arcee, HunYuan (tiny random models)",
+        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, GLM-4, Nemotron, "
+        "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
@@ -681,7 +698,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "(mscales 0.707; contrast: plain RoPE), `-yarn` V3's YaRN (factor 40 over 64 positions; contrast: plain "
         "RoPE), `-experts` cut by `--experts-keep 0.75`; GLM-4.5: 4 blocks, the first dense, 4 heads of 32 with random "
         "Q/K/V biases and per-head Q/K norms, V3's routing over 8 experts in 2 groups (contrast: both open); "
-        "GLM-4.7-Flash: the deepseek-v3 model as a Glm4MoeLite (contrast: both groups open), "
+        "GLM-4.7-Flash: the deepseek-v3 model as a Glm4MoeLite (contrast: both groups open); dots.llm1: 4 blocks, "
+        "4 heads of 32 with per-head Q/K norms, V3's routing in 2 groups (contrast: both open), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -793,6 +811,7 @@ KINDS = (
     "deepseek-v2-lite",
     "glm4-moe",
     "glm4-moe-lite",
+    "dots1",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

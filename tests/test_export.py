@@ -738,6 +738,35 @@ def test_glm4_moe_as_llama_cpp_glm4moe(tmp_path: Path, tokenizer) -> None:
     assert "blk.1.ffn_gate_exps.weight" in tensors and "blk.0.ffn_norm.weight" not in tensors
 
 
+def test_dots1_as_llama_cpp_dots1(tmp_path: Path, tokenizer) -> None:
+    """dots.llm1 as llama.cpp's `dots1`: Qwen3's attention (per-head Q/K norms, unpermuted), DeepSeek
+    V3's routing tensors and keys; fewer key/value heads than query heads (llama.cpp sizes K and V by
+    the query heads) and sliding layers refused.  Logits in llama.cpp itself: bench/export_archs.py,
+    row dots1."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.export import check_config
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 4, "head_dim": 16, "moe_intermediate_size": 32,
+             "n_routed_experts": 4, "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+             "routed_scaling_factor": 2.5, "max_position_embeddings": 256}  # fmt: skip
+    state, meta, tensors = _tiny_gguf(tf.Dots1Config(**sizes), tokenizer, tmp_path / "tiny-dots1", norms=True)
+    assert meta["general.architecture"] == "dots1" and meta["dots1.expert_gating_func"] == 2
+    assert meta["dots1.leading_dense_block_count"] == 1 and meta["dots1.expert_shared_count"] == 1
+    for name, want in {"blk.0.attn_k_norm.weight": "model.layers.0.self_attn.k_norm.weight",
+                       "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
+                       "blk.1.exp_probs_b.bias": "model.layers.1.mlp.gate.e_score_correction_bias",
+                       "blk.1.ffn_gate_shexp.weight": "model.layers.1.mlp.shared_experts.gate_proj.weight"}.items():  # fmt: skip
+        w = state[want]
+        assert np.array_equal(tensors[name].reshape(w.shape), (w.half() if w.dim() == 2 else w).numpy()), name
+    for change, message in (({"num_key_value_heads": 2}, "as many key/value heads"),
+                            ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window layers")):  # fmt: skip
+        with pytest.raises(UsageError, match=message):
+            check_config(tf.Dots1Config(**{**sizes, **change}))
+
+
 @pytest.mark.parametrize(
     ("arch", "change", "message"),
     [
@@ -1698,7 +1727,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
             "Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
             "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss, DeepSeek V2/V3, "
-            "GLM-4.5 and GLM-4.7-Flash models",
+            "GLM-4.5, GLM-4.7-Flash and dots.llm1 models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -52,7 +52,8 @@ goes in as `arcee` (Llama's tensors, a squared-ReLU MLP, YaRN as keys). HunYuan 
 V2 and V3 (Kimi K2, Moonlight) go in as `deepseek2`: the latent attention with its up-projection
 split into llama.cpp's absorbed `attn_k_b` / `attn_v_b`, leading dense blocks, shared experts, V3's
 sigmoid routing with its correction bias and expert groups; GLM-4.7-Flash the same. GLM-4.5 goes in
-as `glm4moe` (Q/K/V biases, per-head Q/K norms, DeepSeek V3's routing).
+as `glm4moe` (Q/K/V biases, per-head Q/K norms, DeepSeek V3's routing), dots.llm1 as `dots1` (Qwen3's
+attention, DeepSeek V3's routing).
 """
 
 from __future__ import annotations
@@ -709,9 +710,25 @@ def _routing_metadata(writer: Any, config: Any, sigmoid: bool) -> None:
         writer.add_expert_group_used_count(int(config.topk_group))
 
 
-def _glm4_moe_metadata(writer: Any, config: Any) -> None:
-    """GLM-4.5's keys: DeepSeek V3's routing (no MTP layers: transformers loads none)."""
+def _sigmoid_routing_metadata(writer: Any, config: Any) -> None:
+    """GLM-4.5's and dots.llm1's keys: DeepSeek V3's routing (GLM-4.5's MTP layers, which transformers
+    does not load, are not written)."""
     _routing_metadata(writer, config, sigmoid=True)
+
+
+def _check_dots1(config: Any) -> None:
+    """Refuse what llama.cpp's dots1 graph (dots.llm1) computes otherwise: RoPE scaling, sliding
+    layers (it has no window), fewer key/value heads than query heads (it sizes K and V by the query
+    heads, as dots.llm1 has them), an MLP other than SiLU-gated, dense blocks after MoE ones."""
+    _check_plain_rope(config, "dots1")
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if kv != config.num_attention_heads:
+        raise UsageError(f"llama.cpp's dots1 takes as many key/value heads as query heads; this model has {kv} "
+                         f"key/value heads for {config.num_attention_heads}")  # fmt: skip
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        raise UsageError("llama.cpp's dots1 attends to the whole context; this model has sliding-window layers")
+    _check_activation(config, "dots1", ("silu",), "gates its MLPs with SiLU")
+    _leading_dense(config)
 
 
 def _leading_dense(config: Any) -> int:
@@ -983,6 +1000,10 @@ ARCHITECTURES = {
     "deepseek_v2": _DEEPSEEK,
     "deepseek_v3": _DEEPSEEK,
     "glm4_moe_lite": _DEEPSEEK,  # GLM-4.7-Flash: DeepSeek V3's blocks, its dense ones by `mlp_layer_types`
+    # dots.llm1: Qwen3's attention (per-head Q/K norms, rotate-half RoPE), DeepSeek V3's routing and blocks
+    "dots1": Architecture(
+        "dots1", False, (), "qwen2", names=_ROUTED_NAMES, check=_check_dots1, metadata=_sigmoid_routing_metadata
+    ),
     # GLM-4.5 (and -Air): Llama-style attention with Q/K/V biases and optional per-head Q/K norms, rotate-half
     # RoPE over half of each head (unpermuted), DeepSeek V3's routing, leading dense blocks, shared experts
     "glm4_moe": Architecture(
@@ -992,7 +1013,7 @@ ARCHITECTURES = {
         "default",
         names=_GLM4_MOE_NAMES,
         check=_check_glm4_moe,
-        metadata=_glm4_moe_metadata,
+        metadata=_sigmoid_routing_metadata,
     ),
     # softmax routing with the top-k weights renormalized in llama.cpp's llama graph, as in transformers' Mixtral
     "mixtral": Architecture("llama", True, (), "default", metadata=_moe_metadata, caveats=_window_caveats),
@@ -1101,7 +1122,7 @@ def architecture(model_type: Any) -> Architecture:
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
-            "gpt-oss, DeepSeek V2/V3, GLM-4.5 and GLM-4.7-Flash "
+            "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash and dots.llm1 "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
