@@ -100,6 +100,8 @@ GLM-4.7-Flash (`glm4-moe-lite`): the `deepseek-v3` row's model as a Glm4MoeLite 
 dots.llm1 (`dots1`): 4 blocks, the first dense, 4 query and 4 key/value heads of 32 with per-head Q/K norms from
 N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts in 2 groups (contrast: both
 open), 2 per token, a shared expert.
+ERNIE 4.5 MoE (`ernie4_5-moe`): 4 blocks, the first dense, 8 experts of width 32 (2 per token) and a shared
+one, softmax routing with a correction bias from N(0, 0.2), query and key weights scaled by 8; contrast: top-1.
 GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
 and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
 of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
@@ -285,6 +287,12 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                 num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
                                 first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
                                 vocab_size=vocab)  # fmt: skip
+        return _perturbed(_routing_drawn(tf.AutoModelForCausalLM.from_config(config)), (), 0.0)  # q/k x 8
+    if kind == "ernie4_5-moe":  # ERNIE 4.5 MoE in small: softmax routing with a correction bias, a dense block first
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.Ernie4_5_MoeConfig(**sizes, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                       moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=3,
+                                       moe_layer_interval=1, use_bias=False, vocab_size=vocab)  # fmt: skip
         return _perturbed(_routing_drawn(tf.AutoModelForCausalLM.from_config(config)), (), 0.0)  # q/k x 8
     if kind == "glm4-moe":  # GLM-4.5 in small: DeepSeek V3's routing, Q/K/V biases, per-head Q/K norms
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
@@ -510,6 +518,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "glm4-moe": ("export-archs-glm4-moe-ungrouped", {"topk_group": 2}),  # every group's experts open
     "glm4-moe-lite": ("export-archs-glm4-moe-lite-ungrouped", {"topk_group": 2}),
     "dots1": ("export-archs-dots1-ungrouped", {"topk_group": 2}),
+    "ernie4_5-moe": ("export-archs-ernie4_5-moe-top1", {"num_experts_per_tok": 1}),
     "deepseek-v2-lite": (
         "export-archs-deepseek-v2-lite-plain",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
@@ -647,7 +656,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "and 3, "
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
-        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, GLM-4, Nemotron, "
+        "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
+        "GLM-4, Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -699,7 +709,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "RoPE), `-experts` cut by `--experts-keep 0.75`; GLM-4.5: 4 blocks, the first dense, 4 heads of 32 with random "
         "Q/K/V biases and per-head Q/K norms, V3's routing over 8 experts in 2 groups (contrast: both open); "
         "GLM-4.7-Flash: the deepseek-v3 model as a Glm4MoeLite (contrast: both groups open); dots.llm1: 4 blocks, "
-        "4 heads of 32 with per-head Q/K norms, V3's routing in 2 groups (contrast: both open), "
+        "4 heads of 32 with per-head Q/K norms, V3's routing in 2 groups (contrast: both open); ERNIE 4.5 MoE: 4 "
+        "blocks, the first dense, 8 experts, softmax routing with a correction bias (contrast: top-1), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -812,6 +823,7 @@ KINDS = (
     "glm4-moe",
     "glm4-moe-lite",
     "dots1",
+    "ernie4_5-moe",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

@@ -767,6 +767,39 @@ def test_dots1_as_llama_cpp_dots1(tmp_path: Path, tokenizer) -> None:
             check_config(tf.Dots1Config(**{**sizes, **change}))
 
 
+def test_ernie4_5_moe_as_llama_cpp_ernie4_5_moe(tmp_path: Path, tokenizer) -> None:
+    """ERNIE 4.5 MoE as llama.cpp's `ernie4_5-moe`: where its experts are (every `moe_layer_interval`-th
+    block from `moe_layer_start_index`), its routing correction bias ([1, E]) as the one-dimensional
+    float32 `exp_probs_b`, the shared experts' width; experts that stop before the last block refused.
+    Logits in llama.cpp itself: bench/export_archs.py, row ernie4_5-moe."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.export import check_config
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "moe_intermediate_size": 32, "num_experts": 4,
+             "num_experts_per_tok": 2, "moe_num_shared_experts": 2, "moe_layer_start_index": 1,
+             "moe_layer_end_index": 2, "moe_layer_interval": 1, "use_bias": False,
+             "max_position_embeddings": 256}  # fmt: skip
+    config = tf.Ernie4_5_MoeConfig(**sizes)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.moe_statics.e_score_correction_bias.normal_()
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-ernie-moe", "f16")
+    tensors, a = _gguf_tensors(gguf), "ernie4_5-moe."
+    assert meta["general.architecture"] == "ernie4_5-moe"
+    assert [meta[a + k] for k in ("leading_dense_block_count", "interleave_moe_layer_step",
+                                  "expert_shared_feed_forward_length", "expert_count")] == [1, 1, 64, 4]  # fmt: skip
+    bias = model.model.layers[1].mlp.gate.moe_statics.e_score_correction_bias.detach().reshape(-1).numpy()
+    assert tensors["blk.1.exp_probs_b.bias"].dtype == np.float32 and np.array_equal(tensors["blk.1.exp_probs_b.bias"],
+                                                                                    bias)  # fmt: skip
+    assert "blk.0.ffn_gate.weight" in tensors and "blk.2.ffn_up_shexp.weight" in tensors
+    with pytest.raises(UsageError, match="stop at block 1 of 2"):
+        check_config(tf.Ernie4_5_MoeConfig(**{**sizes, "moe_layer_end_index": 1}))
+
+
 @pytest.mark.parametrize(
     ("arch", "change", "message"),
     [
@@ -1727,7 +1760,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
             "Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
             "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss, DeepSeek V2/V3, "
-            "GLM-4.5, GLM-4.7-Flash and dots.llm1 models",
+            "GLM-4.5, GLM-4.7-Flash, dots.llm1 and ERNIE 4.5 MoE models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

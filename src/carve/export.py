@@ -53,7 +53,8 @@ V2 and V3 (Kimi K2, Moonlight) go in as `deepseek2`: the latent attention with i
 split into llama.cpp's absorbed `attn_k_b` / `attn_v_b`, leading dense blocks, shared experts, V3's
 sigmoid routing with its correction bias and expert groups; GLM-4.7-Flash the same. GLM-4.5 goes in
 as `glm4moe` (Q/K/V biases, per-head Q/K norms, DeepSeek V3's routing), dots.llm1 as `dots1` (Qwen3's
-attention, DeepSeek V3's routing).
+attention, DeepSeek V3's routing), ERNIE 4.5 MoE as `ernie4_5-moe` (softmax routing with a correction
+bias, experts every n-th block after the first ones).
 """
 
 from __future__ import annotations
@@ -745,6 +746,29 @@ def _leading_dense(config: Any) -> int:
     return lead
 
 
+def _check_ernie4_5_moe(config: Any) -> None:
+    """Refuse what llama.cpp's ernie4_5-moe graph computes otherwise: it puts experts in every
+    `moe_layer_interval`-th block from `moe_layer_start_index` to the last, so a model whose experts
+    stop earlier (`moe_layer_end_index`) is refused; plain RoPE, a SiLU-gated MLP."""
+    _check_plain_rope(config, "ernie4_5-moe")
+    _check_activation(config, "ernie4_5-moe", ("silu",), "gates its MLPs with SiLU")
+    last = config.num_hidden_layers - 1
+    if int(config.moe_layer_end_index) < last:
+        raise UsageError(f"llama.cpp's ernie4_5-moe has experts up to the last block; this model's stop at block "
+                         f"{config.moe_layer_end_index} of {last}")  # fmt: skip
+
+
+def _ernie4_5_moe_metadata(writer: Any, config: Any) -> None:
+    """ERNIE 4.5 MoE's keys: the experts (softmax routing, its correction bias choosing them, the top-k
+    renormalized: llama.cpp's fixed rule for this architecture), where they are (every
+    `moe_layer_interval`-th block from `moe_layer_start_index`), the shared experts' width."""
+    _moe_metadata(writer, config)
+    writer.add_leading_dense_block_count(int(config.moe_layer_start_index))
+    writer.add_interleave_moe_layer_step(int(config.moe_layer_interval))
+    if config.moe_num_shared_experts:
+        writer.add_expert_shared_feed_forward_length(int(config.moe_intermediate_size * config.moe_num_shared_experts))
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
@@ -1001,6 +1025,20 @@ ARCHITECTURES = {
     "deepseek_v3": _DEEPSEEK,
     "glm4_moe_lite": _DEEPSEEK,  # GLM-4.7-Flash: DeepSeek V3's blocks, its dense ones by `mlp_layer_types`
     # dots.llm1: Qwen3's attention (per-head Q/K norms, rotate-half RoPE), DeepSeek V3's routing and blocks
+    # ERNIE 4.5 MoE (21B-A3B, 300B-A47B): ERNIE 4.5's attention (interleaved RoPE, unpermuted), softmax
+    # routing with a correction bias choosing the experts, experts every n-th block after the first ones
+    "ernie4_5_moe": Architecture(
+        "ernie4_5-moe",
+        False,
+        ("q_proj", "k_proj", "v_proj"),
+        "default",
+        names=(
+            (r"model\.layers\.(\d+)\.mlp\.gate\.moe_statics\.e_score_correction_bias", "blk.{}.exp_probs_b.bias"),
+            *_ROUTED_NAMES,
+        ),
+        check=_check_ernie4_5_moe,
+        metadata=_ernie4_5_moe_metadata,
+    ),
     "dots1": Architecture(
         "dots1", False, (), "qwen2", names=_ROUTED_NAMES, check=_check_dots1, metadata=_sigmoid_routing_metadata
     ),
@@ -1098,7 +1136,8 @@ def _keep_f32(target: str) -> bool:
     return target.endswith((_ROUTER, ".bias"))
 
 
-_SHARED_GATE = "ffn_gate_inp_shexp.weight"  # Qwen2-MoE's shared expert gate: one row, written 1-D (float32)
+# one row written 1-D (float32): Qwen2-MoE's shared expert gate [1, hidden], ERNIE 4.5's routing bias [1, E]
+_ROWS = ("ffn_gate_inp_shexp.weight", "exp_probs_b.bias")
 
 
 def gguf_name(name: str, arch: Architecture | None = None) -> str:
@@ -1122,7 +1161,7 @@ def architecture(model_type: Any) -> Architecture:
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
-            "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash and dots.llm1 "
+            "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1 and ERNIE 4.5 MoE "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -1395,9 +1434,9 @@ def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture,
         halves = next(((m, dim, names) for pattern, dim, names in _HALVES if (m := re.fullmatch(pattern, name))), None)
         if halves is None:
             target = gguf_name(name, arch)
-            # [1, hidden] as llama.cpp's {hidden}: 1-D, so float32 as a norm (llama.cpp's convert keeps
-            # it float32 too) and read back by transformers' GGUF loader as the row it expects
-            yield target, (w.reshape(-1) if target.endswith(_SHARED_GATE) else w)
+            # [1, n] as llama.cpp's {n}: 1-D, so float32 as a norm (llama.cpp's convert keeps it float32
+            # too) and read back by transformers' GGUF loader as the row it expects
+            yield target, (w.reshape(-1) if target.endswith(_ROWS) else w)
             continue
         m, dim, names = halves
         for half, target in zip(w.chunk(2, dim=dim), names, strict=True):
