@@ -102,6 +102,9 @@ N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 exper
 open), 2 per token, a shared expert.
 ERNIE 4.5 MoE (`ernie4_5-moe`): 4 blocks, the first dense, 8 experts of width 32 (2 per token) and a shared
 one, softmax routing with a correction bias from N(0, 0.2), query and key weights scaled by 8; contrast: top-1.
+Hunyuan-A13B (`hunyuan-moe`): 4 blocks, HunYuan's attention as the hunyuan row's (NTK alpha 1000, Q/K norms
+from N(1, 0.5), query and key weights scaled by 8), a shared MLP of width 32 beside 8 experts as wide, 2 per
+token, every MLP weight from N(0, 0.2); contrast: top-1.
 GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
 and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
 of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
@@ -294,6 +297,17 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                        moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=3,
                                        moe_layer_interval=1, use_bias=False, vocab_size=vocab)  # fmt: skip
         return _perturbed(_routing_drawn(tf.AutoModelForCausalLM.from_config(config)), (), 0.0)  # q/k x 8
+    if kind == "hunyuan-moe":  # Hunyuan-A13B in small: HunYuan's attention and NTK alpha, a shared MLP, 8 experts
+        sizes = {**SIZES, "num_hidden_layers": 4, "intermediate_size": 32, "pad_token_id": None, "bos_token_id": None,
+                 "eos_token_id": None}  # fmt: skip
+        config = tf.HunYuanMoEV1Config(**sizes, head_dim=16, num_experts=8, moe_topk=2, vocab_size=vocab,
+                                       rope_parameters=dict(HUNYUAN_ROPE))  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".mlp." in name:
+                    p.normal_(0, 0.2)
+        return _perturbed(model, ("layernorm.weight",), 1.0)
     if kind == "glm4-moe":  # GLM-4.5 in small: DeepSeek V3's routing, Q/K/V biases, per-head Q/K norms
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.Glm4MoeConfig(**sizes, head_dim=32, attention_bias=True, use_qk_norm=True, moe_intermediate_size=32,
@@ -519,6 +533,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "glm4-moe-lite": ("export-archs-glm4-moe-lite-ungrouped", {"topk_group": 2}),
     "dots1": ("export-archs-dots1-ungrouped", {"topk_group": 2}),
     "ernie4_5-moe": ("export-archs-ernie4_5-moe-top1", {"num_experts_per_tok": 1}),
+    "hunyuan-moe": ("export-archs-hunyuan-moe-top1", {"moe_topk": 1}),
     "deepseek-v2-lite": (
         "export-archs-deepseek-v2-lite-plain",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
@@ -657,7 +672,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
-        "GLM-4, Nemotron, "
+        "Hunyuan-A13B, GLM-4, Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -710,7 +725,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "Q/K/V biases and per-head Q/K norms, V3's routing over 8 experts in 2 groups (contrast: both open); "
         "GLM-4.7-Flash: the deepseek-v3 model as a Glm4MoeLite (contrast: both groups open); dots.llm1: 4 blocks, "
         "4 heads of 32 with per-head Q/K norms, V3's routing in 2 groups (contrast: both open); ERNIE 4.5 MoE: 4 "
-        "blocks, the first dense, 8 experts, softmax routing with a correction bias (contrast: top-1), "
+        "blocks, the first dense, 8 experts, softmax routing with a correction bias (contrast: top-1); Hunyuan-A13B: "
+        "HunYuan's attention, a shared MLP beside 8 experts (contrast: top-1), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -824,6 +840,7 @@ KINDS = (
     "glm4-moe-lite",
     "dots1",
     "ernie4_5-moe",
+    "hunyuan-moe",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

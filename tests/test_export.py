@@ -800,6 +800,41 @@ def test_ernie4_5_moe_as_llama_cpp_ernie4_5_moe(tmp_path: Path, tokenizer) -> No
         check_config(tf.Ernie4_5_MoeConfig(**{**sizes, "moe_layer_end_index": 1}))
 
 
+def test_hunyuan_moe_as_llama_cpp_hunyuan_moe(tmp_path: Path, tokenizer) -> None:
+    """Hunyuan-A13B as llama.cpp's `hunyuan-moe`: HunYuan dense's attention (Q/K norms after RoPE, the
+    NTK-alpha base stretched), the router `gate.wg` (float32) and the shared MLP as `*_shexp`, each
+    expert as wide as it; per-block expert counts refused.  Logits in llama.cpp itself:
+    bench/export_archs.py, row hunyuan-moe."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.export import _hunyuan_theta, check_config
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_experts": 4, "moe_topk": 2,
+             "max_position_embeddings": 256,
+             "rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "alpha": 1000.0, "factor": 1.0}}  # fmt: skip
+    config = tf.HunYuanMoEV1Config(**sizes)
+    state, meta, tensors = _tiny_gguf(config, tokenizer, tmp_path / "tiny-hunyuan-moe", norms=True)
+    a = "hunyuan-moe."
+    assert meta["general.architecture"] == "hunyuan-moe"
+    assert [meta[a + k] for k in ("expert_count", "expert_used_count", "expert_feed_forward_length",
+                                  "expert_shared_feed_forward_length")] == [4, 2, 32, 32]  # fmt: skip
+    assert meta[a + "rope.freq_base"] == pytest.approx(_hunyuan_theta(config)) and _hunyuan_theta(config) > 1e6
+    router = state["model.layers.1.mlp.gate.wg.weight"].numpy()
+    assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"].reshape(router.shape), router)  # float32
+    for name, want in {"blk.1.ffn_down_shexp.weight": "model.layers.1.mlp.shared_mlp.down_proj.weight",
+                       "blk.1.attn_k_norm.weight": "model.layers.1.self_attn.key_layernorm.weight"}.items():  # fmt: skip
+        w = state[want]
+        assert np.array_equal(tensors[name].reshape(w.shape), (w.half() if w.dim() == 2 else w).numpy()), name
+    # a top-k per block (Hunyuan-A13B's config), the same in each: one count; differing: refused
+    state, meta, tensors = _tiny_gguf(tf.HunYuanMoEV1Config(**{**sizes, "moe_topk": [2, 2]}), tokenizer,
+                                      tmp_path / "tiny-hunyuan-moe-per-block")  # fmt: skip
+    assert meta[a + "expert_used_count"] == 2
+    with pytest.raises(UsageError, match=r"vary \(\[1, 2\]\)"):
+        check_config(tf.HunYuanMoEV1Config(**{**sizes, "moe_topk": [2, 1]}))
+
+
 @pytest.mark.parametrize(
     ("arch", "change", "message"),
     [
@@ -1760,7 +1795,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
             "Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
             "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss, DeepSeek V2/V3, "
-            "GLM-4.5, GLM-4.7-Flash, dots.llm1 and ERNIE 4.5 MoE models",
+            "GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE and Hunyuan-A13B models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -54,7 +54,8 @@ split into llama.cpp's absorbed `attn_k_b` / `attn_v_b`, leading dense blocks, s
 sigmoid routing with its correction bias and expert groups; GLM-4.7-Flash the same. GLM-4.5 goes in
 as `glm4moe` (Q/K/V biases, per-head Q/K norms, DeepSeek V3's routing), dots.llm1 as `dots1` (Qwen3's
 attention, DeepSeek V3's routing), ERNIE 4.5 MoE as `ernie4_5-moe` (softmax routing with a correction
-bias, experts every n-th block after the first ones).
+bias, experts every n-th block after the first ones), Hunyuan-A13B as `hunyuan-moe` (HunYuan's
+attention, a shared MLP beside the experts).
 """
 
 from __future__ import annotations
@@ -769,6 +770,34 @@ def _ernie4_5_moe_metadata(writer: Any, config: Any) -> None:
         writer.add_expert_shared_feed_forward_length(int(config.moe_intermediate_size * config.moe_num_shared_experts))
 
 
+def _check_hunyuan_moe(config: Any) -> None:
+    """Refuse what llama.cpp's hunyuan-moe graph (Hunyuan-A13B) computes otherwise: HunYuan dense's
+    RoPE rules (`_check_hunyuan_dense`), a top-k that varies by block (one count for all; Hunyuan-A13B
+    gives one per block, all the same)."""
+    _check_hunyuan_dense(config)
+    for value in (config.num_experts, config.moe_topk):
+        _one_for_all_blocks(value)
+
+
+def _one_for_all_blocks(value: Any) -> int:
+    """A count the config gives once or per block (Hunyuan-A13B's `moe_topk`), as one number; a
+    UsageError where it varies by block (llama.cpp takes one for all)."""
+    values = set(value) if isinstance(value, list | tuple) else {value}
+    if len(values) != 1:
+        raise UsageError(f"llama.cpp takes one expert count for every block; this model's vary ({sorted(values)})")
+    return int(values.pop())
+
+
+def _hunyuan_moe_metadata(writer: Any, config: Any) -> None:
+    """Hunyuan-A13B's keys: the experts (softmax routing, the top-k renormalized: llama.cpp's fixed rule
+    here), each one as wide as the shared MLP beside it (the config's intermediate size; transformers'
+    HunYuan reads no other width)."""
+    writer.add_expert_count(_one_for_all_blocks(config.num_experts))
+    writer.add_expert_used_count(_one_for_all_blocks(config.moe_topk))
+    writer.add_expert_feed_forward_length(int(config.intermediate_size))
+    writer.add_expert_shared_feed_forward_length(int(config.intermediate_size))
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
@@ -1039,6 +1068,22 @@ ARCHITECTURES = {
         check=_check_ernie4_5_moe,
         metadata=_ernie4_5_moe_metadata,
     ),
+    # Hunyuan-A13B: HunYuan dense's attention (Q/K norms after RoPE, NTK-alpha base), a shared MLP beside
+    # experts of its width, softmax routing renormalized
+    "hunyuan_v1_moe": Architecture(
+        "hunyuan-moe",
+        False,
+        (),
+        "default",
+        names=(
+            *_HUNYUAN_NAMES,
+            (r"model\.layers\.(\d+)\.mlp\.gate\.wg\.weight", "blk.{}.ffn_gate_inp.weight"),
+            (r"model\.layers\.(\d+)\.mlp\.shared_mlp\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}_shexp.weight"),
+        ),
+        check=_check_hunyuan_moe,
+        metadata=_hunyuan_moe_metadata,
+        theta=_hunyuan_theta,
+    ),
     "dots1": Architecture(
         "dots1", False, (), "qwen2", names=_ROUTED_NAMES, check=_check_dots1, metadata=_sigmoid_routing_metadata
     ),
@@ -1161,7 +1206,7 @@ def architecture(model_type: Any) -> Architecture:
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
-            "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1 and ERNIE 4.5 MoE "
+            "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE and Hunyuan-A13B "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
