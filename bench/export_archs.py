@@ -59,6 +59,8 @@ Qwen2 with half its heads (`qwen2-structured-heads`), which the export writes as
 OLMo 2 and StableLM structured (`olmo2-structured`, `stablelm-structured`): the OLMo 2 and StableLM rows'
 models cut by `--mlp-keep 0.5 --drop-blocks 1` (every head kept: structured extraction cannot remove
 heads of either).
+Cohere with per-head Q/K LayerNorms (`cohere-qk-norm`, Command R+'s): the cohere row's model with them (their
+weights from N(1, 0.5)) and 64 blocks (llama.cpp's command-r reads the norms only in models of 64 blocks or more).
 Cohere 2 (`cohere2`): 4 blocks (sliding, global, sliding, sliding: not llama.cpp's default pattern of a
 global layer every fourth, so llama.cpp must read the file's; window 16 and RoPE in the sliding layers
 only), LayerNorm
@@ -372,10 +374,12 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         olmo = tf.Olmo2Config(**sizes, vocab_size=vocab) if kind.startswith("olmo2") else tf.Olmo3Config(
             **sizes, vocab_size=vocab, sliding_window=16)  # fmt: skip
         return _perturbed(tf.AutoModelForCausalLM.from_config(olmo), ("norm.weight",), 1.0)
-    if kind == "cohere":  # attention and MLP side by side on one LayerNorm, logits scaled by 1/16
-        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
-        model = tf.AutoModelForCausalLM.from_config(tf.CohereConfig(**sizes, vocab_size=vocab, logit_scale=0.0625))
-        return _perturbed(model, ("layernorm.weight",), 1.0)
+    if kind in ("cohere", "cohere-qk-norm"):  # attention and MLP side by side on one LayerNorm, logits / 16
+        qk_norm = kind == "cohere-qk-norm"  # Command R+'s per-head Q/K LayerNorms, and its 64 blocks
+        sizes = {**SIZES, "num_hidden_layers": 64 if qk_norm else 4, "pad_token_id": None, "bos_token_id": None,
+                 "eos_token_id": None}  # fmt: skip
+        config = tf.CohereConfig(**sizes, vocab_size=vocab, logit_scale=0.0625, use_qk_norm=qk_norm)
+        return _perturbed(tf.AutoModelForCausalLM.from_config(config), ("layernorm.weight", "_norm.weight"), 1.0)
     if kind.startswith("cohere2"):  # Cohere's block; sliding layers with RoPE, a global one without (layer 1)
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         kinds = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"]
@@ -549,6 +553,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "hunyuan": ("export-archs-hunyuan-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "arcee": ("export-archs-arcee-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "cohere": ("export-archs-cohere-unscaled", {"logit_scale": 1.0}),  # logits not scaled
+    "cohere-qk-norm": ("export-archs-cohere-no-qk-norm", {"use_qk_norm": False}),  # the Q/K norms left out
     "cohere2": ("export-archs-cohere2-sliding", {"layer_types": ["sliding_attention"] * 4}),  # RoPE, window everywhere
     # every layer global and nothing soft-capped
     "gemma2": (
@@ -697,7 +702,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "norm weights from N(1, 0.5), query and key weights scaled by 8, OLMo 3 three sliding layers then a global "
         "one, window 16; StableLM: 4 blocks with Q/K/V biases, random LayerNorm weights and biases, query and key "
         "weights scaled by 8; Cohere: 4 blocks, attention and MLP side by side on one LayerNorm, query and key "
-        "weights scaled by 8, logits scaled by 1/16; Cohere 2: the same block, layers sliding (window 16, RoPE), "
+        "weights scaled by 8, logits scaled by 1/16, and with per-head Q/K LayerNorms and 64 blocks (`-qk-norm`, "
+        "Command R+'s); "
+        "Cohere 2: the same block, layers sliding (window 16, RoPE), "
         "global (no RoPE), sliding, sliding (not llama.cpp's default pattern), and cut like the structured rows "
         "(`-structured`); Phi-3: "
         "fused qkv and gate/up, every layer sliding, window 16; Phi-3 LongRoPE (Phi-4-mini's RoPE "
@@ -808,6 +815,7 @@ KINDS = (
     "starcoder2-structured",
     "phi2",
     "cohere",
+    "cohere-qk-norm",
     "cohere2",
     "cohere2-structured",
     "ernie4_5",

@@ -1217,8 +1217,10 @@ def test_llama_cpp_cannot_take_refused(config: dict[str, Any], message: str) -> 
 def test_cohere_as_llama_cpp_command_r(tmp_path: Path, tokenizer) -> None:
     """Cohere (Command R, Aya) as llama.cpp's `command-r`: each tensor under llama.cpp's name and
     unpermuted (both libraries rotate adjacent pairs), one norm a block (`attn_norm`, no `ffn_norm`),
-    the logit scale; Q/K norms refused.  transformers' GGUF loader reads no Cohere; its logits in
-    llama.cpp itself: bench/export_archs.py, row cohere."""
+    the logit scale; Command R+'s per-head Q/K LayerNorms ([heads, head_dim], float32) in a model of 64
+    blocks, refused in fewer (llama.cpp reads them only from 64 blocks on).  transformers' GGUF loader
+    reads no Cohere; its logits in llama.cpp itself: bench/export_archs.py, rows cohere and
+    cohere-qk-norm."""
     import numpy as np
     import transformers as tf
 
@@ -1242,6 +1244,13 @@ def test_cohere_as_llama_cpp_command_r(tmp_path: Path, tokenizer) -> None:
     tf.AutoModelForCausalLM.from_config(tf.CohereConfig(**sizes, use_qk_norm=True)).save_pretrained(src)
     tokenizer.save_pretrained(src)
     assert main(["export", str(src), "--gguf", str(tmp_path / "q.gguf")]) == 2 and not (tmp_path / "q.gguf").exists()
+    plus = tf.CohereConfig(**{**sizes, "num_hidden_layers": 64}, use_qk_norm=True)  # Command R+'s depth
+    state, meta, tensors = _tiny_gguf(plus, tokenizer, tmp_path / "tiny-cohere-plus", norms=True)
+    q_norm, k_norm = state["model.layers.63.self_attn.q_norm.weight"], state["model.layers.63.self_attn.k_norm.weight"]
+    assert q_norm.shape == (4, 16) and k_norm.shape == (2, 16)
+    assert tensors["blk.63.attn_q_norm.weight"].dtype == np.float32
+    assert np.array_equal(tensors["blk.63.attn_q_norm.weight"], q_norm.numpy())
+    assert np.array_equal(tensors["blk.63.attn_k_norm.weight"], k_norm.numpy())
 
 
 def test_cohere2_as_llama_cpp_cohere2(tmp_path: Path, tokenizer, small_corpus: Path) -> None:

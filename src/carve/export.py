@@ -15,7 +15,7 @@ MLP; its sliding window said, as llama.cpp's graph has none); Phi-1, 1.5 and 2 a
 LayerNorm feeding attention and MLP side by side, biases everywhere, the head's too, RoPE over part
 of each head); Cohere (Command R, Aya) as
 `command-r` (one LayerNorm feeding attention and MLP side by side,
-interleaved RoPE, the logit scale) and Cohere 2 (Command R7B) as `cohere2` (the same, with the
+interleaved RoPE, the logit scale; Command R+'s per-head Q/K LayerNorms) and Cohere 2 (Command R7B) as `cohere2` (the same, with the
 per-layer sliding pattern that decides where RoPE applies); Qwen2 as `qwen2` (rotate-half rope in
 llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
 biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma (1, CodeGemma) as
@@ -323,11 +323,18 @@ def _stablelm_metadata(writer: Any, config: Any) -> None:
 
 
 def _check_cohere(config: Any) -> None:
-    """Refuse the Cohere variants llama.cpp's command-r graph takes in another form: per-head Q/K
-    LayerNorms (`use_qk_norm`); plain RoPE only."""
+    """Refuse the Cohere variants llama.cpp's command-r graph computes otherwise: it reads per-head Q/K
+    LayerNorms (Command R+'s `use_qk_norm`) exactly when the model has 64 blocks or more (Command R+'s
+    64), so a model with them and fewer blocks (a structured Command R+ that dropped some), or without
+    them and as many, is refused; plain RoPE only."""
     _check_plain_rope(config, "command-r")
-    if getattr(config, "use_qk_norm", False):
-        raise UsageError("GGUF export writes Cohere (Command R, Aya) without Q/K norms; this model has them")
+    qk_norm, blocks = bool(getattr(config, "use_qk_norm", False)), int(config.num_hidden_layers)
+    if qk_norm != (blocks >= 64):
+        raise UsageError(
+            f"llama.cpp's command-r takes per-head Q/K norms exactly in models of 64 blocks or more (Command R+); "
+            f"this model has {blocks} blocks {'with' if qk_norm else 'without'} them: export the model before "
+            "dropping blocks"
+        )
 
 
 def _cohere_metadata(writer: Any, config: Any) -> None:
@@ -1177,8 +1184,9 @@ _ROUTER = "ffn_gate_inp.weight"  # kept float32, as llama.cpp's conversion keeps
 
 
 def _keep_f32(target: str) -> bool:
-    """Written float32 whatever the type: the router, and biases (gpt-oss's experts' are [E, ff])."""
-    return target.endswith((_ROUTER, ".bias"))
+    """Written float32 whatever the type: the router, biases (gpt-oss's experts' are [E, ff]) and norms
+    (Cohere's per-head Q/K norms are [heads, head_dim])."""
+    return target.endswith((_ROUTER, ".bias", "norm.weight"))
 
 
 # one row written 1-D (float32): Qwen2-MoE's shared expert gate [1, hidden], ERNIE 4.5's routing bias [1, E]
