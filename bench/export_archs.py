@@ -107,6 +107,9 @@ one, softmax routing with a correction bias from N(0, 0.2), query and key weight
 Hunyuan-A13B (`hunyuan-moe`): 4 blocks, HunYuan's attention as the hunyuan row's (NTK alpha 1000, Q/K norms
 from N(1, 0.5), query and key weights scaled by 8), a shared MLP of width 32 beside 8 experts as wide, 2 per
 token, every MLP weight from N(0, 0.2); contrast: top-1.
+MiniMax-M2 (`minimax-m2`): 4 blocks, whole-projection Q/K norms and the other norms from N(1, 0.5), RoPE over
+half of each head, 8 experts of width 32, 2 per token, sigmoid routing with a correction bias, routing weights
+from N(0, 0.2), query and key weights scaled by 8; contrast: top-1.
 GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
 and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
 of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
@@ -310,6 +313,12 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if ".mlp." in name:
                     p.normal_(0, 0.2)
         return _perturbed(model, ("layernorm.weight",), 1.0)
+    if kind == "minimax-m2":  # MiniMax-M2 in small: whole-projection Q/K norms, RoPE over half a head, 8 experts
+        sizes = {**SIZES, "num_hidden_layers": 4, "intermediate_size": 32, "pad_token_id": None, "bos_token_id": None,
+                 "eos_token_id": None}  # fmt: skip
+        config = tf.MiniMaxM2Config(**sizes, head_dim=16, rotary_dim=8, num_local_experts=8, num_experts_per_tok=2,
+                                    vocab_size=vocab)  # fmt: skip
+        return _perturbed(_routing_drawn(tf.AutoModelForCausalLM.from_config(config)), ("norm.weight",), 1.0)
     if kind == "glm4-moe":  # GLM-4.5 in small: DeepSeek V3's routing, Q/K/V biases, per-head Q/K norms
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.Glm4MoeConfig(**sizes, head_dim=32, attention_bias=True, use_qk_norm=True, moe_intermediate_size=32,
@@ -538,6 +547,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "dots1": ("export-archs-dots1-ungrouped", {"topk_group": 2}),
     "ernie4_5-moe": ("export-archs-ernie4_5-moe-top1", {"num_experts_per_tok": 1}),
     "hunyuan-moe": ("export-archs-hunyuan-moe-top1", {"moe_topk": 1}),
+    "minimax-m2": ("export-archs-minimax-m2-top1", {"num_experts_per_tok": 1}),
     "deepseek-v2-lite": (
         "export-archs-deepseek-v2-lite-plain",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
@@ -677,7 +687,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
-        "Hunyuan-A13B, GLM-4, Nemotron, "
+        "Hunyuan-A13B, MiniMax-M2, GLM-4, Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -733,7 +743,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "GLM-4.7-Flash: the deepseek-v3 model as a Glm4MoeLite (contrast: both groups open); dots.llm1: 4 blocks, "
         "4 heads of 32 with per-head Q/K norms, V3's routing in 2 groups (contrast: both open); ERNIE 4.5 MoE: 4 "
         "blocks, the first dense, 8 experts, softmax routing with a correction bias (contrast: top-1); Hunyuan-A13B: "
-        "HunYuan's attention, a shared MLP beside 8 experts (contrast: top-1), "
+        "HunYuan's attention, a shared MLP beside 8 experts (contrast: top-1); MiniMax-M2: whole-projection Q/K "
+        "norms, RoPE over half a head, sigmoid routing with a correction bias over 8 experts (contrast: top-1), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -849,6 +860,7 @@ KINDS = (
     "dots1",
     "ernie4_5-moe",
     "hunyuan-moe",
+    "minimax-m2",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

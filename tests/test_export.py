@@ -835,6 +835,34 @@ def test_hunyuan_moe_as_llama_cpp_hunyuan_moe(tmp_path: Path, tokenizer) -> None
         check_config(tf.HunYuanMoEV1Config(**{**sizes, "moe_topk": [2, 1]}))
 
 
+def test_minimax_m2_as_llama_cpp_minimax_m2(tmp_path: Path, tokenizer) -> None:
+    """MiniMax-M2 as llama.cpp's `minimax-m2`: Q/K norms over the whole projection, RoPE over the
+    rotated share of each head (unpermuted), the routing correction bias as `exp_probs_b`, sigmoid
+    gating, each expert's width; a tied output matrix refused (llama.cpp reads its own).  Logits in
+    llama.cpp itself: bench/export_archs.py, row minimax-m2."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.export import check_config
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rotary_dim": 8,
+             "num_local_experts": 4, "num_experts_per_tok": 2, "max_position_embeddings": 256,
+             "eos_token_id": None}  # fmt: skip
+    state, meta, tensors = _tiny_gguf(tf.MiniMaxM2Config(**sizes), tokenizer, tmp_path / "tiny-minimax-m2", norms=True)
+    a = "minimax-m2."
+    assert meta["general.architecture"] == "minimax-m2"
+    assert [meta[a + k] for k in ("rope.dimension_count", "expert_count", "expert_used_count",
+                                  "expert_feed_forward_length", "expert_gating_func")] == [8, 4, 2, 32, 2]  # fmt: skip
+    for name, want in {"blk.1.attn_q_norm.weight": "model.layers.1.self_attn.q_norm.weight",  # [heads x head_dim]
+                       "blk.1.attn_k_norm.weight": "model.layers.1.self_attn.k_norm.weight",
+                       "blk.1.exp_probs_b.bias": "model.layers.1.mlp.e_score_correction_bias"}.items():  # fmt: skip
+        assert np.array_equal(tensors[name], state[want].numpy()), name
+    assert tensors["blk.1.attn_q_norm.weight"].shape == (64,) and "output.weight" in tensors
+    with pytest.raises(UsageError, match="ties it to the embeddings"):
+        check_config(tf.MiniMaxM2Config(**sizes, tie_word_embeddings=True))
+
+
 @pytest.mark.parametrize(
     ("arch", "change", "message"),
     [
@@ -1804,7 +1832,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
             "Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
             "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss, DeepSeek V2/V3, "
-            "GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE and Hunyuan-A13B models",
+            "GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B and MiniMax-M2 models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -13,10 +13,10 @@ sliding-window pattern); StableLM as `stablelm` (LayerNorms with biases, RoPE ov
 head); StarCoder2 as `starcoder2` (the same LayerNorms, biases on every Linear, a two-Linear GELU
 MLP; its sliding window said, as llama.cpp's graph has none); Phi-1, 1.5 and 2 as `phi2` (one
 LayerNorm feeding attention and MLP side by side, biases everywhere, the head's too, RoPE over part
-of each head); Cohere (Command R, Aya) as
-`command-r` (one LayerNorm feeding attention and MLP side by side,
-interleaved RoPE, the logit scale; Command R+'s per-head Q/K LayerNorms) and Cohere 2 (Command R7B) as `cohere2` (the same, with the
-per-layer sliding pattern that decides where RoPE applies); Qwen2 as `qwen2` (rotate-half rope in
+of each head); Cohere (Command R, R+, Aya) as `command-r` (one LayerNorm feeding attention and MLP
+side by side, interleaved RoPE, the logit scale; Command R+'s per-head Q/K LayerNorms) and Cohere 2
+(Command R7B) as `cohere2` (the same, with the per-layer sliding pattern that decides where RoPE
+applies); Qwen2 as `qwen2` (rotate-half rope in
 llama.cpp too, so no permutation; its Q/K/V biases kept); Qwen3 as `qwen3` (the same rope, no
 biases, its per-head Q and K norms as `attn_q_norm` / `attn_k_norm`); Gemma (1, CodeGemma) as
 `gemma` (Llama's tensor names, unpermuted, every norm weight written as 1 + w as below; llama.cpp
@@ -55,7 +55,8 @@ sigmoid routing with its correction bias and expert groups; GLM-4.7-Flash the sa
 as `glm4moe` (Q/K/V biases, per-head Q/K norms, DeepSeek V3's routing), dots.llm1 as `dots1` (Qwen3's
 attention, DeepSeek V3's routing), ERNIE 4.5 MoE as `ernie4_5-moe` (softmax routing with a correction
 bias, experts every n-th block after the first ones), Hunyuan-A13B as `hunyuan-moe` (HunYuan's
-attention, a shared MLP beside the experts).
+attention, a shared MLP beside the experts), MiniMax-M2 as `minimax-m2` (whole-projection Q/K norms,
+sigmoid routing with a correction bias).
 """
 
 from __future__ import annotations
@@ -805,6 +806,29 @@ def _hunyuan_moe_metadata(writer: Any, config: Any) -> None:
     writer.add_expert_shared_feed_forward_length(int(config.intermediate_size))
 
 
+def _check_minimax_m2(config: Any) -> None:
+    """Refuse what llama.cpp's minimax-m2 graph computes otherwise: RoPE scaling, sliding layers, an
+    MLP other than SiLU-gated, an output matrix tied to the embeddings (it reads its own)."""
+    _check_plain_rope(config, "minimax-m2")
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        raise UsageError("llama.cpp's minimax-m2 attends to the whole context; this model has sliding-window layers")
+    _check_activation(config, "minimax-m2", ("silu",), "gates its MLPs with SiLU")
+    if getattr(config, "tie_word_embeddings", False):
+        raise UsageError(
+            "llama.cpp's minimax-m2 reads an output matrix of its own; this model ties it to the embeddings"
+        )
+
+
+def _minimax_m2_metadata(writer: Any, config: Any) -> None:
+    """MiniMax-M2's keys: the experts, each as wide as the config's intermediate size, and its routing
+    (sigmoid scores, a correction bias choosing the experts, the top-k renormalized, not scaled)."""
+    import gguf
+
+    _moe_metadata(writer, config)
+    writer.add_expert_feed_forward_length(int(config.intermediate_size))
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
@@ -1091,6 +1115,17 @@ ARCHITECTURES = {
         metadata=_hunyuan_moe_metadata,
         theta=_hunyuan_theta,
     ),
+    # MiniMax-M2: whole-projection Q/K norms (OLMo 2's), rotate-half RoPE over part of each head (unpermuted),
+    # sigmoid routing with a correction bias, no shared expert
+    "minimax_m2": Architecture(
+        "minimax-m2",
+        False,
+        (),
+        "default",
+        names=((r"model\.layers\.(\d+)\.mlp\.e_score_correction_bias", "blk.{}.exp_probs_b.bias"),),
+        check=_check_minimax_m2,
+        metadata=_minimax_m2_metadata,
+    ),
     "dots1": Architecture(
         "dots1", False, (), "qwen2", names=_ROUTED_NAMES, check=_check_dots1, metadata=_sigmoid_routing_metadata
     ),
@@ -1214,7 +1249,7 @@ def architecture(model_type: Any) -> Architecture:
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
-            "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE and Hunyuan-A13B "
+            "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B and MiniMax-M2 "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
