@@ -110,6 +110,11 @@ token, every MLP weight from N(0, 0.2); contrast: top-1.
 MiniMax-M2 (`minimax-m2`): 4 blocks, whole-projection Q/K norms and the other norms from N(1, 0.5), RoPE over
 half of each head, 8 experts of width 32, 2 per token, sigmoid routing with a correction bias, routing weights
 from N(0, 0.2), query and key weights scaled by 8; contrast: top-1.
+Llama 4 (`llama4`, `llama4-llama3-rope`): 4 blocks, dense and MoE alternating (Maverick's step 2), no RoPE in
+block 3, queries and keys L2-normalized in the others, 4 experts stored by columns and a shared one, top-1,
+expert, router and shared expert weights from N(0, 0.2), norm weights from N(1, 0.5), query and key weights
+scaled by 8; contrast: without the L2 norm; `-llama3-rope`: with the llama3-rope row's RoPE scaling (Scout's
+kind; contrast: plain RoPE).
 GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
 and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
 of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
@@ -319,6 +324,19 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         config = tf.MiniMaxM2Config(**sizes, head_dim=16, rotary_dim=8, num_local_experts=8, num_experts_per_tok=2,
                                     vocab_size=vocab)  # fmt: skip
         return _perturbed(_routing_drawn(tf.AutoModelForCausalLM.from_config(config)), ("norm.weight",), 1.0)
+    if kind.startswith("llama4"):  # Llama 4 in small: dense and MoE blocks alternating, no RoPE in block 3
+        sizes = {**SIZES, "num_hidden_layers": 4, "intermediate_size": 32, "pad_token_id": None, "bos_token_id": None,
+                 "eos_token_id": None}  # fmt: skip
+        config = tf.Llama4TextConfig(**sizes, intermediate_size_mlp=128, head_dim=16, num_local_experts=4,
+                                     num_experts_per_tok=1, interleave_moe_layer_step=2, vocab_size=vocab)  # fmt: skip
+        if kind == "llama4-llama3-rope":  # Scout's RoPE scaling (Llama 3's), as the llama3-rope row's
+            config.rope_parameters = dict(LLAMA3)
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".experts." in name or ".router." in name or ".shared_expert." in name:
+                    p.normal_(0, 0.2)
+        return _perturbed(model, ("norm.weight",), 1.0)
     if kind == "glm4-moe":  # GLM-4.5 in small: DeepSeek V3's routing, Q/K/V biases, per-head Q/K norms
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.Glm4MoeConfig(**sizes, head_dim=32, attention_bias=True, use_qk_norm=True, moe_intermediate_size=32,
@@ -548,6 +566,11 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "ernie4_5-moe": ("export-archs-ernie4_5-moe-top1", {"num_experts_per_tok": 1}),
     "hunyuan-moe": ("export-archs-hunyuan-moe-top1", {"moe_topk": 1}),
     "minimax-m2": ("export-archs-minimax-m2-top1", {"num_experts_per_tok": 1}),
+    "llama4": ("export-archs-llama4-no-l2", {"use_qk_norm": False}),  # queries and keys not L2-normalized
+    "llama4-llama3-rope": (
+        "export-archs-llama4-plain",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    ),
     "deepseek-v2-lite": (
         "export-archs-deepseek-v2-lite-plain",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
@@ -687,7 +710,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
-        "Hunyuan-A13B, MiniMax-M2, GLM-4, Nemotron, "
+        "Hunyuan-A13B, MiniMax-M2, Llama 4, GLM-4, Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -744,7 +767,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "4 heads of 32 with per-head Q/K norms, V3's routing in 2 groups (contrast: both open); ERNIE 4.5 MoE: 4 "
         "blocks, the first dense, 8 experts, softmax routing with a correction bias (contrast: top-1); Hunyuan-A13B: "
         "HunYuan's attention, a shared MLP beside 8 experts (contrast: top-1); MiniMax-M2: whole-projection Q/K "
-        "norms, RoPE over half a head, sigmoid routing with a correction bias over 8 experts (contrast: top-1), "
+        "norms, RoPE over half a head, sigmoid routing with a correction bias over 8 experts (contrast: top-1); "
+        "Llama 4: dense and MoE blocks alternating, no RoPE in block 3, 4 experts and a shared one, top-1 "
+        "(contrast: without the L2 norm; `-llama3-rope`: Llama 3 RoPE scaling, contrast plain RoPE), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -861,6 +886,8 @@ KINDS = (
     "ernie4_5-moe",
     "hunyuan-moe",
     "minimax-m2",
+    "llama4",
+    "llama4-llama3-rope",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

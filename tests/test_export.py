@@ -863,6 +863,47 @@ def test_minimax_m2_as_llama_cpp_minimax_m2(tmp_path: Path, tokenizer) -> None:
         check_config(tf.MiniMaxM2Config(**sizes, tie_word_embeddings=True))
 
 
+def test_llama4_as_llama_cpp_llama4(tmp_path: Path, tokenizer) -> None:
+    """Llama 4 (text) as llama.cpp's `llama4`: Q/K unpermuted (RoPE on interleaved pairs in both), the
+    experts stored by columns ([E, hidden, 2·ff]: gate columns, then up) written as llama.cpp's
+    [E, ff, hidden] halves and down transposed, the router (float32), the shared expert, the dense
+    blocks between MoE ones (`interleave_moe_layer_step`); what llama.cpp fixes (every fourth block
+    without RoPE, 8192-token chunks, the temperature, the L2 norm by expert count) refused otherwise.
+    Logits in llama.cpp itself: bench/export_archs.py, rows llama4 and llama4-llama3-rope."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.export import check_config
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 32, "intermediate_size_mlp": 96,
+             "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+             "num_local_experts": 4, "num_experts_per_tok": 1, "interleave_moe_layer_step": 2,
+             "max_position_embeddings": 256}  # fmt: skip
+    state, meta, tensors = _tiny_gguf(tf.Llama4TextConfig(**sizes), tokenizer, tmp_path / "tiny-llama4", norms=True)
+    a = "llama4."
+    assert meta["general.architecture"] == "llama4"
+    assert [meta[a + k] for k in ("interleave_moe_layer_step", "expert_count", "expert_used_count",
+                                  "expert_feed_forward_length")] == [2, 4, 1, 32]  # fmt: skip
+    gate_up, down = (
+        state["model.layers.1.feed_forward.experts.gate_up_proj"],
+        state["model.layers.1.feed_forward.experts.down_proj"],
+    )
+    for name, want in {"blk.1.ffn_gate_exps.weight": gate_up[:, :, :32].transpose(1, 2),
+                       "blk.1.ffn_up_exps.weight": gate_up[:, :, 32:].transpose(1, 2),
+                       "blk.1.ffn_down_exps.weight": down.transpose(1, 2),
+                       "blk.1.ffn_up_shexp.weight": state["model.layers.1.feed_forward.shared_expert.up_proj.weight"],
+                       "blk.0.ffn_gate.weight": state["model.layers.0.feed_forward.gate_proj.weight"],
+                       "blk.0.attn_q.weight": state["model.layers.0.self_attn.q_proj.weight"]}.items():  # fmt: skip
+        assert np.array_equal(tensors[name].reshape(want.shape), want.half().numpy()), name
+    router = state["model.layers.1.feed_forward.router.weight"].numpy()
+    assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"].reshape(router.shape), router)  # float32
+    for change, message in (({"no_rope_layers": [1, 1, 0, 1]}, "every fourth block"),
+                            ({"attention_chunk_size": 1024}, "chunks of 8192"),
+                            ({"num_local_experts": 128}, "exactly when a model does not have 128 experts")):  # fmt: skip
+        with pytest.raises(UsageError, match=message):
+            check_config(tf.Llama4TextConfig(**{**sizes, **change}))
+
+
 @pytest.mark.parametrize(
     ("arch", "change", "message"),
     [
@@ -1832,7 +1873,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
             "Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
             "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss, DeepSeek V2/V3, "
-            "GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B and MiniMax-M2 models",
+            "GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2 and Llama 4 (text) models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]
@@ -1859,7 +1900,7 @@ def test_pre_tokenizer_rules_are_the_ones_transformers_restores_from_a_gguf() ->
 
 @pytest.mark.parametrize("arch, kind", [("llama", "q8_0"), ("qwen2", "f16"), ("mistral", "bf16"), ("qwen3", "q4_0"),
                                         ("mixtral", "f16"), ("qwen2_moe", "q8_0"), ("qwen3_moe", "f16"),
-                                        ("gpt_oss", "q8_0"), ("deepseek_v3", "f16")])  # fmt: skip
+                                        ("gpt_oss", "q8_0"), ("deepseek_v3", "f16"), ("llama4_text", "q8_0")])  # fmt: skip
 def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Path, tokenizer) -> None:
     """`carve export --stream`: the header first, then each decoder block read when its tensors are
     written and freed (a sharded source; a Mixtral's or Qwen-MoE's per-expert checkpoint tensors fused
@@ -1868,11 +1909,16 @@ def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Pa
 
     src = tmp_path / "src"
     # qwen3moe: top-k renormalized; gpt-oss: its experts interleaved, stored fused in the file
-    # DeepSeek V3: the latent's up-projection split in two, the routing bias a buffer
-    if arch == "deepseek_v3":
-        from transformers import AutoModelForCausalLM
+    # DeepSeek V3: the latent's up-projection split in two, the routing bias a buffer; Llama 4: experts
+    # stored by columns, dense blocks between MoE ones
+    if arch in ("deepseek_v3", "llama4_text"):
+        import transformers as tf
 
-        model = AutoModelForCausalLM.from_config(_deepseek_config(arch))
+        config = _deepseek_config(arch) if arch == "deepseek_v3" else tf.Llama4TextConfig(
+            vocab_size=512, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+            interleave_moe_layer_step=2)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
     else:
         model = {"qwen3_moe": _qwen3_moe, "gpt_oss": _tiny_gpt_oss}.get(arch, lambda: tiny_model(arch))()
     model.save_pretrained(src, max_shard_size="100KB")

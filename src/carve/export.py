@@ -56,7 +56,8 @@ as `glm4moe` (Q/K/V biases, per-head Q/K norms, DeepSeek V3's routing), dots.llm
 attention, DeepSeek V3's routing), ERNIE 4.5 MoE as `ernie4_5-moe` (softmax routing with a correction
 bias, experts every n-th block after the first ones), Hunyuan-A13B as `hunyuan-moe` (HunYuan's
 attention, a shared MLP beside the experts), MiniMax-M2 as `minimax-m2` (whole-projection Q/K norms,
-sigmoid routing with a correction bias).
+sigmoid routing with a correction bias), Llama 4 (text) as `llama4` (experts stored by columns, a
+shared expert, llama.cpp's fixed chunking, NoPE blocks and temperature checked).
 """
 
 from __future__ import annotations
@@ -105,9 +106,11 @@ class Architecture:
     # where query_is_hidden refuses: the llama.cpp architecture that computes the same with any number
     # of heads (a structured Qwen2 with heads removed, as llama.cpp's `llama`)
     narrow: Architecture | None = None
-    # the experts stored [E, in, out] with gate and up columns interleaved and a bias per matrix (gpt-oss),
-    # written as llama.cpp's [E, out, in] tensors with their biases
-    interleaved_experts: bool = False
+    # how the fused experts are stored: "rows" [E, 2·ff, hidden], gate rows then up rows (transformers'
+    # usual, `_HALVES`); "columns" [E, hidden, 2·ff], gate columns then up columns, and down [E, ff, hidden]
+    # (Llama 4); "interleaved" the same with gate and up columns alternating and a bias per matrix
+    # (gpt-oss); the last two written transposed as llama.cpp's [E, out, in] tensors
+    experts: str = "rows"
     # the RoPE base llama.cpp is to use, where the model derives it from the config's (HunYuan's NTK
     # alpha stretches it); None: the config's rope_theta
     theta: Callable[[Any], float] | None = None
@@ -460,7 +463,11 @@ def _rope_tensors(model: Any, config: Any, head_dim: int, theta: float) -> tuple
     return factors, float(rotary.attention_scaling)
 
 
-_ROPE_FREQS_ARCHS = ("llama", "exaone4")  # llama.cpp graphs that read Llama 3's scaling from `rope_freqs.weight`
+_ROPE_FREQS_ARCHS = (
+    "llama",
+    "exaone4",
+    "llama4",
+)  # llama.cpp graphs that read Llama 3's scaling from `rope_freqs.weight`
 
 
 def _check_plain_rope(config: Any, gguf_arch: str) -> None:
@@ -829,6 +836,53 @@ def _minimax_m2_metadata(writer: Any, config: Any) -> None:
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
 
 
+def _check_llama4(config: Any) -> None:
+    """Refuse what llama.cpp's llama4 graph computes otherwise. It fixes what Llama 4 Scout and
+    Maverick set: attention in chunks of 8192 tokens in three blocks of four and global in every
+    fourth (3, 7, ...), which also has no RoPE and scales its queries by Llama 4's temperature (scale
+    0.1, floor 8192); the L2 norm of queries and keys in the RoPE blocks exactly when the model does not
+    have 128 experts (Scout's 16 have it, Maverick's 128 not). A model whose blocks break that pattern
+    (a structured output that dropped some) or set other values is refused; plain or Llama 3 RoPE."""
+    _check_plain_rope(config, "llama4")
+    n = int(config.num_hidden_layers)
+    fixed = [int((i + 1) % 4 != 0) for i in range(n)]
+    kinds = ["chunked_attention" if r else "full_attention" for r in fixed]
+    if list(config.no_rope_layers) != fixed or list(getattr(config, "layer_types", None) or kinds) != kinds:
+        raise UsageError(
+            "llama.cpp's llama4 leaves RoPE out and attends globally in every fourth block (3, 7, ...); this "
+            "model's blocks without RoPE are "
+            f"{[i for i, r in enumerate(config.no_rope_layers) if not r]} (a structured output that dropped blocks): "
+            "extract with --drop-run 4, or export the model before dropping"
+        )
+    values = {"attention_chunk_size": config.attention_chunk_size, "floor_scale": config.floor_scale,
+              "attn_scale": config.attn_scale, "attn_temperature_tuning": config.attn_temperature_tuning}  # fmt: skip
+    if values != {
+        "attention_chunk_size": 8192,
+        "floor_scale": 8192,
+        "attn_scale": 0.1,
+        "attn_temperature_tuning": True,
+    }:
+        raise UsageError(
+            "llama.cpp's llama4 fixes attention chunks of 8192 and the temperature's floor 8192 and scale 0.1 "
+            f"(Llama 4's); this model sets {values}"
+        )
+    if bool(config.use_qk_norm) != (_n_experts(config) != 128):
+        raise UsageError(
+            "llama.cpp's llama4 normalizes queries and keys exactly when a model does not have 128 experts "
+            f"(Scout: 16 with the norm, Maverick: 128 without); this model has {_n_experts(config)} experts "
+            f"{'with' if config.use_qk_norm else 'without'} it"
+        )
+
+
+def _llama4_metadata(writer: Any, config: Any) -> None:
+    """Llama 4's keys: the experts (each as wide as the config's intermediate size, as the shared expert
+    beside them) and every n-th block having them; chunked attention, its temperature and the L2 norm
+    are llama.cpp's own fixed rules (`_check_llama4`)."""
+    _moe_metadata(writer, config)
+    writer.add_expert_feed_forward_length(int(config.intermediate_size))
+    writer.add_interleave_moe_layer_step(int(config.interleave_moe_layer_step))
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
@@ -1126,6 +1180,25 @@ ARCHITECTURES = {
         check=_check_minimax_m2,
         metadata=_minimax_m2_metadata,
     ),
+    # Llama 4 (Scout, Maverick; text): Llama's attention with RoPE on interleaved pairs (unpermuted), a
+    # shared expert beside experts stored by columns, sigmoid top-k scores weighting each expert's input
+    "llama4_text": Architecture(
+        "llama4",
+        False,
+        (),
+        "default",
+        names=(
+            (r"model\.layers\.(\d+)\.feed_forward\.router\.weight", "blk.{}.ffn_gate_inp.weight"),
+            (r"model\.layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}.weight"),
+            (
+                r"model\.layers\.(\d+)\.feed_forward\.shared_expert\.(gate|up|down)_proj\.weight",
+                "blk.{}.ffn_{}_shexp.weight",
+            ),
+        ),
+        check=_check_llama4,
+        metadata=_llama4_metadata,
+        experts="columns",
+    ),
     "dots1": Architecture(
         "dots1", False, (), "qwen2", names=_ROUTED_NAMES, check=_check_dots1, metadata=_sigmoid_routing_metadata
     ),
@@ -1162,7 +1235,7 @@ ARCHITECTURES = {
         check=_check_gpt_oss,
         metadata=_gpt_oss_metadata,
         caveats=_gpt_oss_caveats,
-        interleaved_experts=True,
+        experts="interleaved",
     ),
     "qwen2_moe": Architecture(
         "qwen2moe",
@@ -1249,7 +1322,8 @@ def architecture(model_type: Any) -> Architecture:
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
-            "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B and MiniMax-M2 "
+            "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2 and "
+            "Llama 4 (text) "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -1319,16 +1393,19 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
 
 
 def _ffn_width(state: dict[str, torch.Tensor], p: str, arch: Architecture) -> int:
-    """Block `p`'s MLP width: an MoE's expert width (Granite 3 MoE's experts under `block_sparse_moe`),
-    half a fused gate/up's rows (GLM-4), a gated MLP's gate rows, or a plain one's first Linear's
-    (StarCoder2's c_fc, Phi's fc1, Nemotron's up_proj)."""
-    experts = state.get(p + "mlp.experts.gate_up_proj", state.get(p + "block_sparse_moe.experts.gate_up_proj"))
+    """Block `p`'s MLP width: an MoE's expert width, half a fused gate/up's rows (GLM-4), a gated MLP's
+    gate rows, or a plain one's first Linear's (StarCoder2's c_fc, Phi's fc1, Nemotron's up_proj)."""
+    experts = next((state[k] for m in _MLPS if (k := f"{p}{m}.experts.gate_up_proj") in state), None)
     if experts is not None:
-        return int(experts.shape[2 if arch.interleaved_experts else 1] // 2)
+        return int(experts.shape[1 if arch.experts == "rows" else 2] // 2)
     if p + "mlp.gate_up_proj.weight" in state:
         return int(state[p + "mlp.gate_up_proj.weight"].shape[0] // 2)
-    names = ("gate_proj", "c_fc", "fc1", "up_proj")
-    return int(next(state[p + f"mlp.{n}.weight"] for n in names if p + f"mlp.{n}.weight" in state).shape[0])
+    names = [f"{p}{m}.{n}.weight" for m in _MLPS for n in ("gate_proj", "c_fc", "fc1", "up_proj")]
+    return int(next(state[k] for k in names if k in state).shape[0])
+
+
+# a block's MLP module: `mlp`, Granite 3 MoE's `block_sparse_moe`, Llama 4's `feed_forward`
+_MLPS = ("mlp", "block_sparse_moe", "feed_forward")
 
 
 def _mla_layout(config: Any, state: dict[str, torch.Tensor], arch: Architecture) -> dict[str, Any]:
@@ -1512,8 +1589,8 @@ def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture,
     (gpt-oss's interleaved [E, hidden, 2·ff] ones and their biases taken apart, its down experts
     transposed)."""
     for name, w in items:
-        if arch.interleaved_experts and ".mlp.experts." in name:
-            yield from _interleaved_experts(name, w)
+        if arch.experts != "rows" and ".experts." in name:
+            yield from _column_experts(name, w, interleaved=arch.experts == "interleaved")
             continue
         split = _mla_split(name, w, config) if arch.mla else None
         if split is not None:
@@ -1531,20 +1608,22 @@ def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture,
             yield f"blk.{m[1]}.{target}.weight", half
 
 
-def _interleaved_experts(name: str, w: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """gpt-oss's experts as llama.cpp holds them: gate_up_proj [E, hidden, 2·ff] (gate and up columns
-    alternating) as ffn_gate_exps and ffn_up_exps [E, ff, hidden]; down_proj [E, ff, hidden] as
-    ffn_down_exps [E, hidden, ff]; the biases alongside ([E, ff] and [E, hidden])."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?", name)
+def _column_experts(name: str, w: torch.Tensor, interleaved: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """Experts stored by columns as llama.cpp holds them: gate_up_proj [E, hidden, 2·ff] (Llama 4: the
+    gate columns, then the up ones; gpt-oss: alternating) as ffn_gate_exps and ffn_up_exps
+    [E, ff, hidden]; down_proj [E, ff, hidden] as ffn_down_exps [E, hidden, ff]; gpt-oss's biases
+    alongside ([E, ff] and [E, hidden])."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(?:mlp|feed_forward)\.experts\.(gate_up_proj|down_proj)(_bias)?", name)
     if m is None:
-        raise UsageError(f"llama.cpp has no tensor for {name!r} in gpt-oss: this layout cannot be exported")
+        raise UsageError(f"llama.cpp has no tensor for {name!r} in this architecture: this layout cannot be exported")
     blk, what, bias = m[1], m[2], "bias" if m[3] else "weight"
     if what == "down_proj":
         yield f"blk.{blk}.ffn_down_exps.{bias}", w if m[3] else w.transpose(1, 2)
         return
     w = w if m[3] else w.transpose(1, 2)  # [E, 2·ff, hidden] (weights) or [E, 2·ff] (biases)
-    yield f"blk.{blk}.ffn_gate_exps.{bias}", w[:, 0::2]
-    yield f"blk.{blk}.ffn_up_exps.{bias}", w[:, 1::2]
+    gate, up = (w[:, 0::2], w[:, 1::2]) if interleaved else w.chunk(2, dim=1)
+    yield f"blk.{blk}.ffn_gate_exps.{bias}", gate
+    yield f"blk.{blk}.ffn_up_exps.{bias}", up
 
 
 def write_gguf(
