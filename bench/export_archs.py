@@ -115,6 +115,9 @@ block 3, queries and keys L2-normalized in the others, 4 experts stored by colum
 expert, router and shared expert weights from N(0, 0.2), norm weights from N(1, 0.5), query and key weights
 scaled by 8; contrast: without the L2 norm; `-llama3-rope`: with the llama3-rope row's RoPE scaling (Scout's
 kind; contrast: plain RoPE).
+LFM2 (`lfm2`): 4 blocks (convolution, convolution, attention, convolution), the convolutions' taps from N(0, 1)
+and their input projections scaled by 8 (so that earlier tokens matter), norm weights (per-head Q/K norms among
+them) from N(1, 0.5), query and key weights scaled by 8; no contrast row (by hand: see the notes).
 GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
 and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
 of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
@@ -336,6 +339,17 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
             for name, p in model.named_parameters():
                 if ".experts." in name or ".router." in name or ".shared_expert." in name:
                     p.normal_(0, 0.2)
+        return _perturbed(model, ("norm.weight",), 1.0)
+    if kind == "lfm2":  # LFM2 in small: short-convolution blocks around an attention block (per-head Q/K norms)
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.Lfm2Config(**sizes, layer_types=["conv", "conv", "full_attention", "conv"], vocab_size=vocab)
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # the convolutions' taps and gates large enough that earlier tokens matter
+            for name, p in model.named_parameters():
+                if name.endswith("conv.conv.weight"):
+                    p.normal_(0, 1.0)
+                if name.endswith("conv.in_proj.weight"):
+                    p.mul_(8)
         return _perturbed(model, ("norm.weight",), 1.0)
     if kind == "glm4-moe":  # GLM-4.5 in small: DeepSeek V3's routing, Q/K/V biases, per-head Q/K norms
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
@@ -710,7 +724,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
-        "Hunyuan-A13B, MiniMax-M2, Llama 4, GLM-4, Nemotron, "
+        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, GLM-4, Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -769,7 +783,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "HunYuan's attention, a shared MLP beside 8 experts (contrast: top-1); MiniMax-M2: whole-projection Q/K "
         "norms, RoPE over half a head, sigmoid routing with a correction bias over 8 experts (contrast: top-1); "
         "Llama 4: dense and MoE blocks alternating, no RoPE in block 3, 4 experts and a shared one, top-1 "
-        "(contrast: without the L2 norm; `-llama3-rope`: Llama 3 RoPE scaling, contrast plain RoPE), "
+        "(contrast: without the L2 norm; `-llama3-rope`: Llama 3 RoPE scaling, contrast plain RoPE); LFM2: 4 blocks, "
+        "3 of them gated short convolutions with large taps, 1 attention, "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -888,6 +903,7 @@ KINDS = (
     "minimax-m2",
     "llama4",
     "llama4-llama3-rope",
+    "lfm2",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

@@ -904,6 +904,39 @@ def test_llama4_as_llama_cpp_llama4(tmp_path: Path, tokenizer) -> None:
             check_config(tf.Llama4TextConfig(**{**sizes, **change}))
 
 
+def test_lfm2_as_llama_cpp_lfm2(tmp_path: Path, tokenizer) -> None:
+    """LFM2 as llama.cpp's `lfm2`: short-convolution blocks (no key/value heads: 0 in the per-block
+    `head_count_kv`) beside attention ones, the convolution's kernel [hidden, 1, L] as llama.cpp's
+    {L, hidden} in float32, its length as `shortconv.l_cache`, the final norm (`embedding_norm`) as
+    `token_embd_norm`, the RMSNorm epsilon from `norm_eps`; convolution biases refused.  Logits in
+    llama.cpp itself: bench/export_archs.py, row lfm2."""
+    import numpy as np
+    import transformers as tf
+    from gguf import GGUFReader
+
+    from carve.export import check_config
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+             "layer_types": ["conv", "full_attention", "conv"], "norm_eps": 1e-4}  # fmt: skip
+    state, meta, tensors = _tiny_gguf(tf.Lfm2Config(**sizes), tokenizer, tmp_path / "tiny-lfm2", norms=True)
+    assert meta["general.architecture"] == "lfm2" and meta["lfm2.shortconv.l_cache"] == 3
+    assert meta["lfm2.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-4)
+    fields = GGUFReader(str(tmp_path / "tiny-lfm2-f16.gguf")).fields
+    assert fields["lfm2.attention.head_count_kv"].contents() == [0, 2, 0]
+    kernel = state["model.layers.2.conv.conv.weight"]  # [hidden, 1, L]
+    assert tensors["blk.2.shortconv.conv.weight"].dtype == np.float32
+    assert np.array_equal(tensors["blk.2.shortconv.conv.weight"], kernel.reshape(64, 3).numpy())
+    for name, want in {"token_embd_norm.weight": "model.embedding_norm.weight",
+                       "blk.1.attn_q_norm.weight": "model.layers.1.self_attn.q_layernorm.weight",
+                       "blk.2.shortconv.in_proj.weight": "model.layers.2.conv.in_proj.weight",
+                       "blk.1.ffn_up.weight": "model.layers.1.feed_forward.w3.weight"}.items():  # fmt: skip
+        w = state[want]
+        assert np.array_equal(tensors[name].reshape(w.shape), (w.half() if w.dim() == 2 else w).numpy()), name
+    with pytest.raises(UsageError, match="without biases"):
+        check_config(tf.Lfm2Config(**sizes, conv_bias=True))
+
+
 @pytest.mark.parametrize(
     ("arch", "change", "message"),
     [
@@ -1873,7 +1906,8 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
             "Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
             "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss, DeepSeek V2/V3, "
-            "GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2 and Llama 4 (text) models",
+            "GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, Llama 4 (text) and LFM2 "
+            "models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -57,7 +57,8 @@ attention, DeepSeek V3's routing), ERNIE 4.5 MoE as `ernie4_5-moe` (softmax rout
 bias, experts every n-th block after the first ones), Hunyuan-A13B as `hunyuan-moe` (HunYuan's
 attention, a shared MLP beside the experts), MiniMax-M2 as `minimax-m2` (whole-projection Q/K norms,
 sigmoid routing with a correction bias), Llama 4 (text) as `llama4` (experts stored by columns, a
-shared expert, llama.cpp's fixed chunking, NoPE blocks and temperature checked).
+shared expert, llama.cpp's fixed chunking, NoPE blocks and temperature checked); LFM2 as `lfm2` (short
+convolution blocks beside attention ones).
 """
 
 from __future__ import annotations
@@ -114,6 +115,9 @@ class Architecture:
     # the RoPE base llama.cpp is to use, where the model derives it from the config's (HunYuan's NTK
     # alpha stretches it); None: the config's rope_theta
     theta: Callable[[Any], float] | None = None
+    # the state-dict name of a block's recurrent mixer in place of attention (LFM2's short convolution
+    # "conv"): such a block has no key/value heads (llama.cpp's head_count_kv 0 marks it)
+    recurrent: str | None = None
     # multi-head latent attention (DeepSeek V2 and V3): queries through a low-rank pair (or one q_proj),
     # keys and values from one compressed latent shared by every head (`_mla_layout`, `_mla_split`)
     mla: bool = False
@@ -883,6 +887,21 @@ def _llama4_metadata(writer: Any, config: Any) -> None:
     writer.add_interleave_moe_layer_step(int(config.interleave_moe_layer_step))
 
 
+def _check_lfm2(config: Any) -> None:
+    """Refuse what llama.cpp's lfm2 graph computes otherwise: RoPE scaling, biases in the short
+    convolution (its graph adds none)."""
+    _check_plain_rope(config, "lfm2")
+    if getattr(config, "conv_bias", False):
+        raise UsageError("llama.cpp's lfm2 takes its short convolutions without biases; this model's have them")
+
+
+def _lfm2_metadata(writer: Any, config: Any) -> None:
+    """LFM2's keys: the RMSNorm epsilon (its config's `norm_eps`) and the short convolution's length
+    (`conv_L_cache`); the per-block key/value heads, 0 in the convolution blocks, come with the shapes."""
+    writer.add_layer_norm_rms_eps(float(config.norm_eps))
+    writer.add_shortconv_l_cache(int(config.conv_L_cache))
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
@@ -1199,6 +1218,28 @@ ARCHITECTURES = {
         metadata=_llama4_metadata,
         experts="columns",
     ),
+    # LFM2 (Liquid): blocks of a gated short convolution or of attention (per-head Q/K norms, rotate-half
+    # RoPE: unpermuted), each with a SwiGLU MLP (w1, w3, w2); the final norm under `embedding_norm`
+    "lfm2": Architecture(
+        "lfm2",
+        False,
+        (),
+        "default",
+        names=(
+            (r"model\.embedding_norm\.weight", "token_embd_norm.weight"),
+            (r"model\.layers\.(\d+)\.operator_norm\.weight", "blk.{}.attn_norm.weight"),
+            (r"model\.layers\.(\d+)\.ffn_norm\.weight", "blk.{}.ffn_norm.weight"),
+            (r"model\.layers\.(\d+)\.conv\.(conv|in_proj|out_proj)\.weight", "blk.{}.shortconv.{}.weight"),
+            (r"model\.layers\.(\d+)\.self_attn\.out_proj\.weight", "blk.{}.attn_output.weight"),
+            (r"model\.layers\.(\d+)\.self_attn\.(q|k)_layernorm\.weight", "blk.{}.attn_{}_norm.weight"),
+            (r"model\.layers\.(\d+)\.feed_forward\.w1\.weight", "blk.{}.ffn_gate.weight"),
+            (r"model\.layers\.(\d+)\.feed_forward\.w3\.weight", "blk.{}.ffn_up.weight"),
+            (r"model\.layers\.(\d+)\.feed_forward\.w2\.weight", "blk.{}.ffn_down.weight"),
+        ),
+        check=_check_lfm2,
+        metadata=_lfm2_metadata,
+        recurrent="conv",
+    ),
     "dots1": Architecture(
         "dots1", False, (), "qwen2", names=_ROUTED_NAMES, check=_check_dots1, metadata=_sigmoid_routing_metadata
     ),
@@ -1292,13 +1333,15 @@ _ROUTER = "ffn_gate_inp.weight"  # kept float32, as llama.cpp's conversion keeps
 
 
 def _keep_f32(target: str) -> bool:
-    """Written float32 whatever the type: the router, biases (gpt-oss's experts' are [E, ff]) and norms
-    (Cohere's per-head Q/K norms are [heads, head_dim])."""
-    return target.endswith((_ROUTER, ".bias", "norm.weight"))
+    """Written float32 whatever the type: the router, biases (gpt-oss's experts' are [E, ff]), norms
+    (Cohere's per-head Q/K norms are [heads, head_dim]) and LFM2's convolution kernels (llama.cpp's
+    ssm_conv takes them in float32, as its converter writes them)."""
+    return target.endswith((_ROUTER, ".bias", "norm.weight", _CONV))
 
 
 # one row written 1-D (float32): Qwen2-MoE's shared expert gate [1, hidden], ERNIE 4.5's routing bias [1, E]
 _ROWS = ("ffn_gate_inp_shexp.weight", "exp_probs_b.bias")
+_CONV = "shortconv.conv.weight"  # LFM2's short convolution's kernel, one row of L taps a channel
 
 
 def gguf_name(name: str, arch: Architecture | None = None) -> str:
@@ -1322,8 +1365,8 @@ def architecture(model_type: Any) -> Architecture:
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
-            "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2 and "
-            "Llama 4 (text) "
+            "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
+            "Llama 4 (text) and LFM2 "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -1378,6 +1421,10 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
     ffn, kv = [], []
     for i in range(n_layers):
         p = f"model.layers.{i}."
+        if arch.recurrent and f"{p}{arch.recurrent}.in_proj.weight" in state:  # no attention in this block
+            ffn.append(_ffn_width(state, p, arch))
+            kv.append(0)
+            continue
         if arch.fused:  # Phi-3: the query rows, then the key rows, then as many value rows
             qkv = state[p + "self_attn.qkv_proj.weight"].shape[0]
             q_rows, k_rows = config.num_attention_heads * head_dim, (qkv - config.num_attention_heads * head_dim) // 2
@@ -1394,13 +1441,14 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
 
 def _ffn_width(state: dict[str, torch.Tensor], p: str, arch: Architecture) -> int:
     """Block `p`'s MLP width: an MoE's expert width, half a fused gate/up's rows (GLM-4), a gated MLP's
-    gate rows, or a plain one's first Linear's (StarCoder2's c_fc, Phi's fc1, Nemotron's up_proj)."""
+    gate rows (LFM2's w1), or a plain one's first Linear's (StarCoder2's c_fc, Phi's fc1, Nemotron's
+    up_proj)."""
     experts = next((state[k] for m in _MLPS if (k := f"{p}{m}.experts.gate_up_proj") in state), None)
     if experts is not None:
         return int(experts.shape[1 if arch.experts == "rows" else 2] // 2)
     if p + "mlp.gate_up_proj.weight" in state:
         return int(state[p + "mlp.gate_up_proj.weight"].shape[0] // 2)
-    names = [f"{p}{m}.{n}.weight" for m in _MLPS for n in ("gate_proj", "c_fc", "fc1", "up_proj")]
+    names = [f"{p}{m}.{n}.weight" for m in _MLPS for n in ("gate_proj", "c_fc", "fc1", "up_proj", "w1")]
     return int(next(state[k] for k in names if k in state).shape[0])
 
 
@@ -1600,8 +1648,13 @@ def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture,
         if halves is None:
             target = gguf_name(name, arch)
             # [1, n] as llama.cpp's {n}: 1-D, so float32 as a norm (llama.cpp's convert keeps it float32
-            # too) and read back by transformers' GGUF loader as the row it expects
-            yield target, (w.reshape(-1) if target.endswith(_ROWS) else w)
+            # too) and read back by transformers' GGUF loader as the row it expects; LFM2's depthwise
+            # convolution [hidden, 1, L] as llama.cpp's {L, hidden}
+            if target.endswith(_ROWS):
+                w = w.reshape(-1)
+            elif target.endswith(_CONV):
+                w = w.reshape(w.shape[0], w.shape[-1])
+            yield target, w
             continue
         m, dim, names = halves
         for half, target in zip(w.chunk(2, dim=dim), names, strict=True):
