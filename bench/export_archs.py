@@ -118,6 +118,8 @@ kind; contrast: plain RoPE).
 LFM2 (`lfm2`): 4 blocks (convolution, convolution, attention, convolution), the convolutions' taps from N(0, 1)
 and their input projections scaled by 8 (so that earlier tokens matter), norm weights (per-head Q/K norms among
 them) from N(1, 0.5), query and key weights scaled by 8; no contrast row (by hand: see the notes).
+LFM2-MoE (`lfm2-moe`): the same blocks, the first dense, then 8 experts of width 32, top-2, sigmoid routing with
+an expert bias, router, expert weights and bias from N(0, 0.2); contrast: top-1.
 GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
 and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
 of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
@@ -340,10 +342,23 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if ".experts." in name or ".router." in name or ".shared_expert." in name:
                     p.normal_(0, 0.2)
         return _perturbed(model, ("norm.weight",), 1.0)
-    if kind == "lfm2":  # LFM2 in small: short-convolution blocks around an attention block (per-head Q/K norms)
-        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
-        config = tf.Lfm2Config(**sizes, layer_types=["conv", "conv", "full_attention", "conv"], vocab_size=vocab)
+    if kind in ("lfm2", "lfm2-moe"):  # LFM2 in small: short-convolution blocks around an attention block
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None,
+                 "layer_types": ["conv", "conv", "full_attention", "conv"], "vocab_size": vocab}  # fmt: skip
+        if kind == "lfm2":
+            config: Any = tf.Lfm2Config(**sizes)
+        else:  # LFM2-8B-A1B's kind: the first block dense, then 8 experts, top-2, sigmoid routing with a bias
+            config = tf.Lfm2MoeConfig(**sizes, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                                      num_dense_layers=1)  # fmt: skip
         model = tf.AutoModelForCausalLM.from_config(config)
+        if kind == "lfm2-moe":
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if ".experts." in name or ".gate." in name:
+                        p.normal_(0, 0.2)
+                for name, b in model.named_buffers():
+                    if name.endswith("expert_bias"):
+                        b.normal_(0, 0.2)
         with torch.no_grad():  # the convolutions' taps and gates large enough that earlier tokens matter
             for name, p in model.named_parameters():
                 if name.endswith("conv.conv.weight"):
@@ -581,6 +596,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "hunyuan-moe": ("export-archs-hunyuan-moe-top1", {"moe_topk": 1}),
     "minimax-m2": ("export-archs-minimax-m2-top1", {"num_experts_per_tok": 1}),
     "llama4": ("export-archs-llama4-no-l2", {"use_qk_norm": False}),  # queries and keys not L2-normalized
+    "lfm2-moe": ("export-archs-lfm2-moe-top1", {"num_experts_per_tok": 1}),
     "llama4-llama3-rope": (
         "export-archs-llama4-plain",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
@@ -784,7 +800,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "norms, RoPE over half a head, sigmoid routing with a correction bias over 8 experts (contrast: top-1); "
         "Llama 4: dense and MoE blocks alternating, no RoPE in block 3, 4 experts and a shared one, top-1 "
         "(contrast: without the L2 norm; `-llama3-rope`: Llama 3 RoPE scaling, contrast plain RoPE); LFM2: 4 blocks, "
-        "3 of them gated short convolutions with large taps, 1 attention, "
+        "3 of them gated short convolutions with large taps, 1 attention, and with 8 experts after the first block "
+        "(`-moe`; contrast: top-1), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -904,6 +921,7 @@ KINDS = (
     "llama4",
     "llama4-llama3-rope",
     "lfm2",
+    "lfm2-moe",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

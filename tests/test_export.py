@@ -908,8 +908,9 @@ def test_lfm2_as_llama_cpp_lfm2(tmp_path: Path, tokenizer) -> None:
     """LFM2 as llama.cpp's `lfm2`: short-convolution blocks (no key/value heads: 0 in the per-block
     `head_count_kv`) beside attention ones, the convolution's kernel [hidden, 1, L] as llama.cpp's
     {L, hidden} in float32, its length as `shortconv.l_cache`, the final norm (`embedding_norm`) as
-    `token_embd_norm`, the RMSNorm epsilon from `norm_eps`; convolution biases refused.  Logits in
-    llama.cpp itself: bench/export_archs.py, row lfm2."""
+    `token_embd_norm`, the RMSNorm epsilon from `norm_eps`; convolution biases refused; LFM2-MoE as
+    `lfm2moe` (dense blocks first, experts with their routing bias).  Logits in llama.cpp itself:
+    bench/export_archs.py, rows lfm2 and lfm2-moe."""
     import numpy as np
     import transformers as tf
     from gguf import GGUFReader
@@ -935,6 +936,17 @@ def test_lfm2_as_llama_cpp_lfm2(tmp_path: Path, tokenizer) -> None:
         assert np.array_equal(tensors[name].reshape(w.shape), (w.half() if w.dim() == 2 else w).numpy()), name
     with pytest.raises(UsageError, match="without biases"):
         check_config(tf.Lfm2Config(**sizes, conv_bias=True))
+    # LFM2-MoE (LFM2-8B-A1B): the first block dense, then experts under `feed_forward`, their bias
+    moe = tf.Lfm2MoeConfig(**sizes, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_dense_layers=1)
+    state, meta, tensors = _tiny_gguf(moe, tokenizer, tmp_path / "tiny-lfm2-moe")
+    assert meta["general.architecture"] == "lfm2moe" and meta["lfm2moe.leading_dense_block_count"] == 1
+    assert [meta["lfm2moe." + k] for k in ("expert_count", "expert_used_count", "expert_gating_func")] == [4, 2, 2]
+    gate_up = state["model.layers.2.feed_forward.experts.gate_up_proj"]  # [E, 2·ff, hidden], gate rows first
+    assert np.array_equal(tensors["blk.2.ffn_up_exps.weight"].reshape(4, 32, 64), gate_up[:, 32:].half().numpy())
+    bias = state["model.layers.2.feed_forward.expert_bias"].numpy()
+    assert np.array_equal(tensors["blk.2.exp_probs_b.bias"], bias) and "blk.0.ffn_gate.weight" in tensors
+    with pytest.raises(UsageError, match="does not scale it"):
+        check_config(tf.Lfm2MoeConfig(**sizes, num_experts=4, routed_scaling_factor=2.0))
 
 
 @pytest.mark.parametrize(
@@ -1907,7 +1919,7 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
             "Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
             "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss, DeepSeek V2/V3, "
             "GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, Llama 4 (text) and LFM2 "
-            "models",
+            "(also MoE) models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

@@ -58,7 +58,7 @@ bias, experts every n-th block after the first ones), Hunyuan-A13B as `hunyuan-m
 attention, a shared MLP beside the experts), MiniMax-M2 as `minimax-m2` (whole-projection Q/K norms,
 sigmoid routing with a correction bias), Llama 4 (text) as `llama4` (experts stored by columns, a
 shared expert, llama.cpp's fixed chunking, NoPE blocks and temperature checked); LFM2 as `lfm2` (short
-convolution blocks beside attention ones).
+convolution blocks beside attention ones) and LFM2-MoE as `lfm2moe`.
 """
 
 from __future__ import annotations
@@ -902,6 +902,29 @@ def _lfm2_metadata(writer: Any, config: Any) -> None:
     writer.add_shortconv_l_cache(int(config.conv_L_cache))
 
 
+def _check_lfm2_moe(config: Any) -> None:
+    """Refuse what llama.cpp's lfm2moe graph computes otherwise: LFM2's rules (`_check_lfm2`), and its
+    routing fixed as LFM2-8B-A1B's: sigmoid scores with an expert bias choosing the experts, the top-k
+    renormalized, not scaled."""
+    _check_lfm2(config)
+    if not config.use_expert_bias or not config.norm_topk_prob or float(config.routed_scaling_factor) != 1.0:
+        raise UsageError(
+            "llama.cpp's lfm2moe routes with an expert bias, renormalizes the top-k and does not scale it "
+            f"(LFM2-8B-A1B's); this model's use_expert_bias, norm_topk_prob and routed_scaling_factor are "
+            f"{config.use_expert_bias}, {config.norm_topk_prob} and {config.routed_scaling_factor}"
+        )
+
+
+def _lfm2_moe_metadata(writer: Any, config: Any) -> None:
+    """LFM2-MoE's keys: LFM2's, the dense blocks first (`num_dense_layers`), the experts, sigmoid gating."""
+    import gguf
+
+    _lfm2_metadata(writer, config)
+    writer.add_leading_dense_block_count(int(config.num_dense_layers))
+    _moe_metadata(writer, config)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
@@ -964,7 +987,6 @@ _QWEN2_MOE_NAMES = (  # the shared expert beside the routed ones, and its sigmoi
 )
 _GRANITEMOE_NAMES = (  # Granite 3 MoE's router and experts, under `block_sparse_moe`; a shared expert's down
     (r"model\.layers\.(\d+)\.block_sparse_moe\.router\.weight", "blk.{}.ffn_gate_inp.weight"),
-    (r"model\.layers\.(\d+)\.block_sparse_moe\.experts\.down_proj", "blk.{}.ffn_down_exps.weight"),
     (r"model\.layers\.(\d+)\.shared_mlp\.output_linear\.weight", "blk.{}.ffn_down_shexp.weight"),
 )
 # GLM-4 (0414): gate and up fused, gate rows first (llama.cpp's SwiGLU halves); a norm after each sublayer
@@ -979,6 +1001,17 @@ _HUNYUAN_NAMES = (  # per-head Q/K norms, applied after RoPE in both libraries
 )
 _GRANITEMOE = Architecture("granitemoe", True, (), "default", names=_GRANITEMOE_NAMES, metadata=_granitemoe_metadata)
 _SEED_OSS_NAMES = ((r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),)
+_LFM2_NAMES = (  # LFM2's blocks: a short convolution or attention, a SwiGLU MLP (w1, w3, w2), the final norm
+    (r"model\.embedding_norm\.weight", "token_embd_norm.weight"),
+    (r"model\.layers\.(\d+)\.operator_norm\.weight", "blk.{}.attn_norm.weight"),
+    (r"model\.layers\.(\d+)\.ffn_norm\.weight", "blk.{}.ffn_norm.weight"),
+    (r"model\.layers\.(\d+)\.conv\.(conv|in_proj|out_proj)\.weight", "blk.{}.shortconv.{}.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.out_proj\.weight", "blk.{}.attn_output.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.(q|k)_layernorm\.weight", "blk.{}.attn_{}_norm.weight"),
+    (r"model\.layers\.(\d+)\.feed_forward\.w1\.weight", "blk.{}.ffn_gate.weight"),
+    (r"model\.layers\.(\d+)\.feed_forward\.w3\.weight", "blk.{}.ffn_up.weight"),
+    (r"model\.layers\.(\d+)\.feed_forward\.w2\.weight", "blk.{}.ffn_down.weight"),
+)
 # GLM-4.5: the norm before the MLP under llama.cpp's `post_attention_norm` name too; DeepSeek's routing tensors
 _GLM4_MOE_NAMES = (*_SEED_OSS_NAMES, *_ROUTED_NAMES)
 _GEMMA_NAMES = (
@@ -1221,23 +1254,21 @@ ARCHITECTURES = {
     # LFM2 (Liquid): blocks of a gated short convolution or of attention (per-head Q/K norms, rotate-half
     # RoPE: unpermuted), each with a SwiGLU MLP (w1, w3, w2); the final norm under `embedding_norm`
     "lfm2": Architecture(
-        "lfm2",
+        "lfm2", False, (), "default", names=_LFM2_NAMES, check=_check_lfm2, metadata=_lfm2_metadata, recurrent="conv"
+    ),
+    # LFM2-MoE (LFM2-8B-A1B): LFM2's blocks, experts after the first dense ones, sigmoid routing with a bias
+    "lfm2_moe": Architecture(
+        "lfm2moe",
         False,
         (),
         "default",
         names=(
-            (r"model\.embedding_norm\.weight", "token_embd_norm.weight"),
-            (r"model\.layers\.(\d+)\.operator_norm\.weight", "blk.{}.attn_norm.weight"),
-            (r"model\.layers\.(\d+)\.ffn_norm\.weight", "blk.{}.ffn_norm.weight"),
-            (r"model\.layers\.(\d+)\.conv\.(conv|in_proj|out_proj)\.weight", "blk.{}.shortconv.{}.weight"),
-            (r"model\.layers\.(\d+)\.self_attn\.out_proj\.weight", "blk.{}.attn_output.weight"),
-            (r"model\.layers\.(\d+)\.self_attn\.(q|k)_layernorm\.weight", "blk.{}.attn_{}_norm.weight"),
-            (r"model\.layers\.(\d+)\.feed_forward\.w1\.weight", "blk.{}.ffn_gate.weight"),
-            (r"model\.layers\.(\d+)\.feed_forward\.w3\.weight", "blk.{}.ffn_up.weight"),
-            (r"model\.layers\.(\d+)\.feed_forward\.w2\.weight", "blk.{}.ffn_down.weight"),
+            *_LFM2_NAMES,
+            (r"model\.layers\.(\d+)\.feed_forward\.gate\.weight", "blk.{}.ffn_gate_inp.weight"),
+            (r"model\.layers\.(\d+)\.feed_forward\.expert_bias", "blk.{}.exp_probs_b.bias"),
         ),
-        check=_check_lfm2,
-        metadata=_lfm2_metadata,
+        check=_check_lfm2_moe,
+        metadata=_lfm2_moe_metadata,
         recurrent="conv",
     ),
     "dots1": Architecture(
@@ -1321,12 +1352,17 @@ _NAMES = [
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
     (r"model\.layers\.(\d+)\.mlp\.gate\.weight", "blk.{}.ffn_gate_inp.weight"),  # an MoE's router
-    (r"model\.layers\.(\d+)\.mlp\.experts\.down_proj", "blk.{}.ffn_down_exps.weight"),  # [E, hidden, ff]
+    # [E, hidden, ff]; under `block_sparse_moe` (Granite 3 MoE) or `feed_forward` (LFM2-MoE) too
+    (r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\.down_proj", "blk.{}.ffn_down_exps.weight"),
 ]
 # one tensor as two of llama.cpp's, its first and second halves along a dimension, gate first: an MoE's
 # fused experts' gate and up rows ([E, 2·ff, hidden]), and Granite MoE's shared expert's ([2·ff, hidden])
 _HALVES = (
-    (r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.gate_up_proj", 1, ("ffn_gate_exps", "ffn_up_exps")),
+    (
+        r"model\.layers\.(\d+)\.(?:mlp|block_sparse_moe|feed_forward)\.experts\.gate_up_proj",
+        1,
+        ("ffn_gate_exps", "ffn_up_exps"),
+    ),
     (r"model\.layers\.(\d+)\.shared_mlp\.input_linear\.weight", 0, ("ffn_gate_shexp", "ffn_up_shexp")),
 )
 _ROUTER = "ffn_gate_inp.weight"  # kept float32, as llama.cpp's conversion keeps it: it chooses the experts
@@ -1366,7 +1402,7 @@ def architecture(model_type: Any) -> Architecture:
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
-            "Llama 4 (text) and LFM2 "
+            "Llama 4 (text) and LFM2 (also MoE) "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
