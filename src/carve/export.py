@@ -467,11 +467,8 @@ def _rope_tensors(model: Any, config: Any, head_dim: int, theta: float) -> tuple
     return factors, float(rotary.attention_scaling)
 
 
-_ROPE_FREQS_ARCHS = (
-    "llama",
-    "exaone4",
-    "llama4",
-)  # llama.cpp graphs that read Llama 3's scaling from `rope_freqs.weight`
+# llama.cpp graphs that read Llama 3's scaling from `rope_freqs.weight`
+_ROPE_FREQS_ARCHS = ("llama", "exaone4", "llama4")
 
 
 def _check_plain_rope(config: Any, gguf_arch: str) -> None:
@@ -858,14 +855,14 @@ def _check_llama4(config: Any) -> None:
             f"{[i for i, r in enumerate(config.no_rope_layers) if not r]} (a structured output that dropped blocks): "
             "extract with --drop-run 4, or export the model before dropping"
         )
-    values = {"attention_chunk_size": config.attention_chunk_size, "floor_scale": config.floor_scale,
-              "attn_scale": config.attn_scale, "attn_temperature_tuning": config.attn_temperature_tuning}  # fmt: skip
-    if values != {
+    fixed_values = {
         "attention_chunk_size": 8192,
         "floor_scale": 8192,
         "attn_scale": 0.1,
         "attn_temperature_tuning": True,
-    }:
+    }
+    values = {k: getattr(config, k, None) for k in fixed_values}
+    if values != fixed_values:
         raise UsageError(
             "llama.cpp's llama4 fixes attention chunks of 8192 and the temperature's floor 8192 and scale 0.1 "
             f"(Llama 4's); this model sets {values}"
@@ -1190,7 +1187,6 @@ ARCHITECTURES = {
     "deepseek_v2": _DEEPSEEK,
     "deepseek_v3": _DEEPSEEK,
     "glm4_moe_lite": _DEEPSEEK,  # GLM-4.7-Flash: DeepSeek V3's blocks, its dense ones by `mlp_layer_types`
-    # dots.llm1: Qwen3's attention (per-head Q/K norms, rotate-half RoPE), DeepSeek V3's routing and blocks
     # ERNIE 4.5 MoE (21B-A3B, 300B-A47B): ERNIE 4.5's attention (interleaved RoPE, unpermuted), softmax
     # routing with a correction bias choosing the experts, experts every n-th block after the first ones
     "ernie4_5_moe": Architecture(
@@ -1271,6 +1267,7 @@ ARCHITECTURES = {
         metadata=_lfm2_moe_metadata,
         recurrent="conv",
     ),
+    # dots.llm1: Qwen3's attention (per-head Q/K norms, rotate-half RoPE), DeepSeek V3's routing and blocks
     "dots1": Architecture(
         "dots1", False, (), "qwen2", names=_ROUTED_NAMES, check=_check_dots1, metadata=_sigmoid_routing_metadata
     ),
@@ -1670,8 +1667,9 @@ def _tensor(
 def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture, config: Any) -> Any:
     """(llama.cpp name, tensor) of every tensor written, from the model's (name, tensor) in its state
     dict's order: an MoE's fused gate/up experts as llama.cpp's two tensors, each [E, ff, hidden]
-    (gpt-oss's interleaved [E, hidden, 2·ff] ones and their biases taken apart, its down experts
-    transposed)."""
+    (Llama 4's and gpt-oss's stored by columns taken apart and transposed, `_column_experts`); DeepSeek's
+    latent up-projection as the absorbed pair (`_mla_split`); one-row tensors as vectors and LFM2's
+    convolution kernels as {L, hidden}."""
     for name, w in items:
         if arch.experts != "rows" and ".experts." in name:
             yield from _column_experts(name, w, interleaved=arch.experts == "interleaved")
