@@ -127,6 +127,9 @@ llama3-tokenizer: a plain tiny Llama with a byte-level BPE tokenizer (2000 entri
 builtin legal documents) that splits text by Llama 3's rule; the held-out texts (plus one line of
 phone numbers, dates and long numbers) tokenized by llama.cpp and by transformers, from carve's
 export and from the same model exported with the architecture's pre-tokenizer name ("default").
+deepseek-v3-tokenizer: the deepseek-v3 row's model with a byte-level BPE tokenizer (2000 entries, trained on the
+same legal documents) that splits text by DeepSeek V3's three rules in turn (digits in threes, CJK runs, words and
+punctuation); tokenized as the llama3-tokenizer row's texts, with the same contrast.
 default-tokenizer: no export; the embedded default's own GGUF tokenizes the held-out texts in
 llama.cpp, against carve's tokenizer of it and transformers' GGUF tokenizer as it comes.
 Results: bench/results/export_archs.jsonl; the table: the `export-archs` section of bench/RESULTS.md.
@@ -296,6 +299,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         "deepseek-v2",
         "deepseek-v2-lite",
         "glm4-moe-lite",
+        "deepseek-v3-tokenizer",
     ):
         return _deepseek(kind, vocab)
     if kind == "dots1":  # dots.llm1 in small: Qwen3's attention (per-head Q/K norms), DeepSeek V3's routing
@@ -666,6 +670,10 @@ def row(kind: str) -> dict[str, Any]:
         from carve.models.pretokenize import SPLITS
 
         tok = byte_level_tokenizer(next(k for k, v in SPLITS.items() if v == "llama-bpe"), size=2000)
+    elif kind == "deepseek-v3-tokenizer":  # byte-level BPE split by DeepSeek V3's three rules in turn
+        from carve.models.pretokenize import SEQUENCES
+
+        tok = byte_level_tokenizer(next(k for k, v in SEQUENCES.items() if v == "deepseek-v3"), size=2000)
     else:
         tok = AutoTokenizer.from_pretrained(MODEL_DIR)
     # llama.cpp gives Phi-3's own special tokens (<s>, </s>, <unk>) attributes when the model's name holds
@@ -689,7 +697,7 @@ def row(kind: str) -> dict[str, Any]:
     ids = torch.randint(0, len(tok), (1, BLOCK.get(kind, 200)), generator=torch.Generator().manual_seed(1))
     nll, top = scored(model, ids)
     texts = held_out_texts()
-    tokenized = kind in ("gemma3", "llama3-tokenizer")
+    tokenized = kind == "gemma3" or kind.endswith("-tokenizer")
     cpp = run_gguf(gguf, [ids[0].tolist()], decode_tokens=4, texts=texts if tokenized else None)
     cpp_top = cpp["top1"][0][: len(top)]  # llama.cpp's top-1 at every position but the last, as `top`
     r: dict[str, Any] = {
@@ -701,7 +709,7 @@ def row(kind: str) -> dict[str, Any]:
         want = [tok(t)["input_ids"] for t in texts]
         r.update(texts=len(texts), texts_same=sum(a == b for a, b in zip(cpp["tokenized"], want, strict=True)),
                  text_tokens=sum(map(len, want)))  # fmt: skip
-    if kind == "llama3-tokenizer":  # contrast: the pre-tokenizer carve wrote before it read the split rule
+    if kind.endswith("-tokenizer"):  # contrast: the pre-tokenizer carve wrote before it read the split rule
         from carve.export import export as export_gguf
         from carve.models import pretokenize
 
@@ -814,7 +822,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "(Phi-3: it does, llama.cpp disables Phi-3's window; see below). Tokenization: held-out texts tokenized "
         "by llama.cpp and by transformers (Gemma 3 row; llama3-tokenizer row: a byte-level BPE tokenizer split "
         "by Llama 3's rule, and the same model exported with the architecture's pre-tokenizer name, what carve "
-        "wrote before it read the rule off the tokenizer).",
+        "wrote before it read the rule off the tokenizer; deepseek-v3-tokenizer row: the deepseek-v3 model with a "
+        "tokenizer split by DeepSeek V3's three rules in turn, the same contrast).",
         "",
         "| layout | llama.cpp arch | tensors | llama.cpp NLL | transformers NLL | top-1 agreement "
         "| contrast: transformers NLL without the feature | top-1 agreement with it | texts tokenized the same |",
@@ -926,6 +935,7 @@ KINDS = (
     "gpt-oss-experts",
     "gpt-oss-mxfp4",
     "llama3-tokenizer",
+    "deepseek-v3-tokenizer",
     "default-tokenizer",
 )
 

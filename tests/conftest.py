@@ -216,9 +216,10 @@ def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def byte_level_tokenizer(split: str | None, digits: bool = False, size: int = 400):
+def byte_level_tokenizer(split: str | tuple[str, ...] | None, digits: bool = False, size: int = 400):
     """A byte-level BPE tokenizer trained on builtin legal text, splitting first by the regex `split`
-    (as Llama 3's and Qwen2's do), or by single digits (SmolLM's), else by GPT-2's rule."""
+    (as Llama 3's and Qwen2's do; several in turn, as DeepSeek V3's), or by single digits (SmolLM's),
+    else by GPT-2's rule."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -226,7 +227,8 @@ def byte_level_tokenizer(split: str | None, digits: bool = False, size: int = 40
 
     tok = Tokenizer(models.BPE())
     level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=split is None)
-    first = [pre_tokenizers.Split(Regex(split), behavior="isolated")] if split else []
+    splits = (split,) if isinstance(split, str) else split or ()
+    first = [pre_tokenizers.Split(Regex(one), behavior="isolated") for one in splits]
     first += [pre_tokenizers.Digits(individual_digits=True)] if digits else []
     tok.pre_tokenizer = pre_tokenizers.Sequence([*first, level]) if first else level
     tok.decoder = decoders.ByteLevel()

@@ -1511,15 +1511,17 @@ def test_tokenizer_and_metadata(tmp_path: Path, model_dir: Path) -> None:
 
 def test_pre_tokenizer_named_from_the_split_rule(tmp_path: Path, capsys) -> None:
     """llama.cpp splits text before BPE by a rule named in `tokenizer.ggml.pre`; carve reads the rule
-    off the tokenizer (Llama 3's regex, Qwen2's, SmolLM's single digits, GPT-2's) rather than the
-    architecture, and says so when it knows no name for it."""
+    off the tokenizer (Llama 3's regex, Qwen2's, DeepSeek V3's three in turn, SmolLM's single digits,
+    GPT-2's) rather than the architecture, and says so when it knows no name for it (as for DeepSeek
+    V3's rules in another order)."""
     from carve.models.gguf_header import read_gguf_header
-    from carve.models.pretokenize import SPLITS
+    from carve.models.pretokenize import SEQUENCES, SPLITS
     from tests.conftest import byte_level_tokenizer
 
-    by_name = {v: k for k, v in SPLITS.items()}
-    cases = [(by_name["llama-bpe"], False, "llama-bpe"), (by_name["qwen2"], False, "qwen2"), (None, True, "smollm"),
-             (None, False, "gpt-2"), (r"\d+|\D+", False, "default")]  # fmt: skip
+    by_name = {v: k for k, v in {**SPLITS, **SEQUENCES}.items()}
+    cases = [(by_name["llama-bpe"], False, "llama-bpe"), (by_name["qwen2"], False, "qwen2"),
+             (by_name["deepseek-v3"], False, "deepseek-v3"), (by_name["deepseek-v3"][::-1], False, "default"),
+             (None, True, "smollm"), (None, False, "gpt-2"), (r"\d+|\D+", False, "default")]  # fmt: skip
     for i, (split, digits, want) in enumerate(cases):
         tok = byte_level_tokenizer(split, digits)
         src = tmp_path / f"m{i}"

@@ -18,17 +18,32 @@ SPLITS = {
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+": "gpt-4o",  # o200k: Phi-4-mini
 }
 
+# several Split regexes applied in turn (each splitting what the one before left), then the byte-level
+# map -> llama.cpp's name for the pre-tokenizer that applies the same ones in the same order
+SEQUENCES: dict[tuple[str, ...], str] = {
+    (
+        r"\p{N}{1,3}",
+        "[一-龥぀-ゟ゠-ヿ]+",
+        # carriage return and line feed as characters, as the tokenizer.json's JSON escapes decode
+        "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+        "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+    ): "deepseek-v3",  # DeepSeek V3 and R1 (digits, then CJK runs, then words and punctuation)
+}
+
 
 def name_of(data: dict[str, Any]) -> str | None:
     """llama.cpp's name for the pre-tokenizer of a byte-level BPE tokenizer.json (`data`), read off its
-    split rule: a known Split regex, SmolLM's single digits before GPT-2's rule, or GPT-2's rule alone;
-    None for a rule carve does not know."""
+    split rule: a known Split regex, a known sequence of them (DeepSeek V3's), SmolLM's single digits
+    before GPT-2's rule, or GPT-2's rule alone; None for a rule carve does not know."""
     pre = data.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers") or [] if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
-    splits = [(step.get("pattern") or {}).get("Regex") for step in steps if step.get("type") == "Split"]
+    splits = [str((step.get("pattern") or {}).get("Regex")) for step in steps if step.get("type") == "Split"]
+    isolated = all(str(step.get("behavior", "Isolated")).lower() == "isolated" for step in steps[:-1])
     if len(splits) == 1 and splits[0] in SPLITS and kinds[-1] == "ByteLevel" and len(kinds) == 2:
         return SPLITS[splits[0]]
+    if kinds == ["Split"] * len(splits) + ["ByteLevel"] and isolated and tuple(splits) in SEQUENCES:
+        return SEQUENCES[tuple(splits)]
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
