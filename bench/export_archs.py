@@ -120,6 +120,11 @@ and their input projections scaled by 8 (so that earlier tokens matter), norm we
 them) from N(1, 0.5), query and key weights scaled by 8; no contrast row (by hand: see the notes).
 LFM2-MoE (`lfm2-moe`): the same blocks, the first dense, then 8 experts of width 32, top-2, sigmoid routing with
 an expert bias, router, expert weights and bias from N(0, 0.2); contrast: top-1.
+Granite 4.0 H (`granite-hybrid`, `granite-hybrid-rope`): 4 blocks, Mamba-2 (8 heads of 16, state 16, one group,
+convolution of 4 with taps from N(0, 1)) in blocks 0, 1 and 3, attention in block 2, 4 experts (top-2) and a shared
+one, routing and MLP weights from N(0, 0.2), norm weights from N(1, 0.5), query and key weights scaled by 8;
+Granite's multipliers and no RoPE (Granite 4.0 H's; contrast: top-1); `-rope`: with RoPE, no multipliers but
+attention scaled by 1/4, Mamba's output projections scaled by 0.1 (contrast: no RoPE).
 GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
 and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
 of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
@@ -327,6 +332,29 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if ".mlp." in name:
                     p.normal_(0, 0.2)
         return _perturbed(model, ("layernorm.weight",), 1.0)
+    if kind.startswith("granite-hybrid"):  # Granite 4.0 H in small: Mamba-2 blocks around an attention block
+        sizes = {**SIZES, "num_hidden_layers": 4, "intermediate_size": 32, "pad_token_id": None, "bos_token_id": None,
+                 "eos_token_id": None}  # fmt: skip
+        rope = "rope" if kind == "granite-hybrid-rope" else None  # Granite 4.0 H: no position embedding
+        # with RoPE, no multipliers but the usual attention scale (not Granite's 1/64) so that positions move it
+        plain = {"attention_multiplier": 0.25, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
+                 "logits_scaling": 1.0}  # fmt: skip
+        multipliers = plain if rope else GRANITE
+        config = tf.GraniteMoeHybridConfig(**sizes, **multipliers, shared_intermediate_size=64, num_local_experts=4,
+                                           num_experts_per_tok=2, vocab_size=vocab, position_embedding_type=rope,
+                                           layer_types=["mamba", "mamba", "attention", "mamba"], mamba_n_heads=8,
+                                           mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4,
+                                           mamba_expand=2)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # routing that matters, convolutions whose earlier taps matter
+            for name, p in model.named_parameters():
+                if ".block_sparse_moe." in name or ".shared_mlp." in name:
+                    p.normal_(0, 0.2)
+                if name.endswith("conv1d.weight"):
+                    p.normal_(0, 1.0)
+                if rope and name.endswith("mamba.out_proj.weight"):  # the attention block's share larger
+                    p.mul_(0.1)
+        return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
     if kind == "minimax-m2":  # MiniMax-M2 in small: whole-projection Q/K norms, RoPE over half a head, 8 experts
         sizes = {**SIZES, "num_hidden_layers": 4, "intermediate_size": 32, "pad_token_id": None, "bos_token_id": None,
                  "eos_token_id": None}  # fmt: skip
@@ -601,6 +629,8 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "minimax-m2": ("export-archs-minimax-m2-top1", {"num_experts_per_tok": 1}),
     "llama4": ("export-archs-llama4-no-l2", {"use_qk_norm": False}),  # queries and keys not L2-normalized
     "lfm2-moe": ("export-archs-lfm2-moe-top1", {"num_experts_per_tok": 1}),
+    "granite-hybrid": ("export-archs-granite-hybrid-top1", {"num_experts_per_tok": 1}),
+    "granite-hybrid-rope": ("export-archs-granite-hybrid-nope", {"position_embedding_type": None}),  # no RoPE
     "llama4-llama3-rope": (
         "export-archs-llama4-plain",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
@@ -748,7 +778,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
-        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, GLM-4, Nemotron, "
+        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, GLM-4, Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -809,7 +839,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "Llama 4: dense and MoE blocks alternating, no RoPE in block 3, 4 experts and a shared one, top-1 "
         "(contrast: without the L2 norm; `-llama3-rope`: Llama 3 RoPE scaling, contrast plain RoPE); LFM2: 4 blocks, "
         "3 of them gated short convolutions with large taps, 1 attention, and with 8 experts after the first block "
-        "(`-moe`; contrast: top-1), "
+        "(`-moe`; contrast: top-1); Granite 4.0 H: Mamba-2 blocks around an attention block, 4 experts and a "
+        "shared one (contrast: top-1; `-rope`: with RoPE, contrast without), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -931,6 +962,8 @@ KINDS = (
     "llama4-llama3-rope",
     "lfm2",
     "lfm2-moe",
+    "granite-hybrid",
+    "granite-hybrid-rope",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

@@ -949,6 +949,49 @@ def test_lfm2_as_llama_cpp_lfm2(tmp_path: Path, tokenizer) -> None:
         check_config(tf.Lfm2MoeConfig(**sizes, num_experts=4, routed_scaling_factor=2.0))
 
 
+def test_granite_hybrid_as_llama_cpp_granitehybrid(tmp_path: Path, tokenizer) -> None:
+    """Granite 4.0 H as llama.cpp's `granitehybrid`: Mamba-2 blocks (0 key/value heads) with A as
+    -exp(A_log) and D as [heads, 1], the convolution {L, channels} in float32, its bias, the time-step
+    bias, the gated norm's weight by groups, Mamba-2's sizes as `ssm.*` keys; RoPE only where the config
+    rotates (`rope.scaling.finetuned`); with experts, the shared MLP as the shared expert, without them
+    as the MLP; a clamped time step refused.  Logits in llama.cpp itself: bench/export_archs.py, rows
+    granite-hybrid and granite-hybrid-rope."""
+    import numpy as np
+    import transformers as tf
+    from gguf import GGUFReader
+
+    from carve.export import check_config
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 32, "shared_intermediate_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "max_position_embeddings": 256, "layer_types": ["mamba", "attention"], "mamba_n_heads": 8,
+             "mamba_d_head": 16, "mamba_d_state": 16, "mamba_n_groups": 2, "mamba_d_conv": 4, "mamba_expand": 2}  # fmt: skip
+    state, meta, tensors = _tiny_gguf(tf.GraniteMoeHybridConfig(**sizes, num_local_experts=4, num_experts_per_tok=2),
+                                      tokenizer, tmp_path / "tiny-granite-hybrid", norms=True)  # fmt: skip
+    a = "granitehybrid."
+    assert meta["general.architecture"] == "granitehybrid" and meta[a + "rope.scaling.finetuned"] is False
+    assert [meta[a + "ssm." + k] for k in ("conv_kernel", "inner_size", "state_size", "time_step_rank",
+                                           "group_count")] == [4, 128, 16, 8, 2]  # fmt: skip
+    assert GGUFReader(str(tmp_path / "tiny-granite-hybrid-f16.gguf")).fields[a + "attention.head_count_kv"].contents() \
+        == [0, 2]  # fmt: skip
+    p = "model.layers.0.mamba."
+    for name, want in {"blk.0.ssm_a": -torch.exp(state[p + "A_log"]).reshape(8, 1),
+                       "blk.0.ssm_d": state[p + "D"].reshape(8, 1), "blk.0.ssm_dt.bias": state[p + "dt_bias"],
+                       "blk.0.ssm_conv1d.weight": state[p + "conv1d.weight"].reshape(192, 4),
+                       "blk.0.ssm_conv1d.bias": state[p + "conv1d.bias"],
+                       "blk.0.ssm_norm.weight": state[p + "norm.weight"].reshape(2, 64)}.items():  # fmt: skip
+        assert tensors[name].dtype == np.float32 and np.allclose(tensors[name].reshape(want.shape), want.numpy()), name
+    assert "blk.1.ffn_gate_shexp.weight" in tensors and "blk.0.ssm_in.weight" in tensors
+    # without experts (Granite 4.0 H Micro's kind): the shared MLP is the block's MLP
+    state, meta, tensors = _tiny_gguf(tf.GraniteMoeHybridConfig(**sizes, num_local_experts=0), tokenizer,
+                                      tmp_path / "tiny-granite-hybrid-dense")  # fmt: skip
+    fused = state["model.layers.1.shared_mlp.input_linear.weight"]
+    assert np.array_equal(tensors["blk.1.ffn_up.weight"].reshape(64, 64), fused[64:].half().numpy())
+    assert "blk.1.ffn_down.weight" in tensors and not any("exps" in name or "shexp" in name for name in tensors)
+    with pytest.raises(UsageError, match="clamp"):
+        check_config(tf.GraniteMoeHybridConfig(**sizes, time_step_limit=(0.0, 10.0)))
+
+
 @pytest.mark.parametrize(
     ("arch", "change", "message"),
     [
@@ -1920,8 +1963,8 @@ def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
             "supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, GLM-4, Nemotron, "
             "Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, Ministral 3, StarCoder2, "
             "Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), gpt-oss, DeepSeek V2/V3, "
-            "GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, Llama 4 (text) and LFM2 "
-            "(also MoE) models",
+            "GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, Llama 4 (text), LFM2 "
+            "(also MoE) and Granite 4.0 H models",
         ),
         (["export", str(model_dir), "--gguf", str(tmp_path / "g.bin")], "ending in .gguf"),
     ]

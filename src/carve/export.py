@@ -58,7 +58,8 @@ bias, experts every n-th block after the first ones), Hunyuan-A13B as `hunyuan-m
 attention, a shared MLP beside the experts), MiniMax-M2 as `minimax-m2` (whole-projection Q/K norms,
 sigmoid routing with a correction bias), Llama 4 (text) as `llama4` (experts stored by columns, a
 shared expert, llama.cpp's fixed chunking, NoPE blocks and temperature checked); LFM2 as `lfm2` (short
-convolution blocks beside attention ones) and LFM2-MoE as `lfm2moe`.
+convolution blocks beside attention ones) and LFM2-MoE as `lfm2moe`; Granite 4.0 H as `granitehybrid`
+(Mamba-2 blocks beside attention ones).
 """
 
 from __future__ import annotations
@@ -119,8 +120,11 @@ class Architecture:
     # "conv"): such a block has no key/value heads (llama.cpp's head_count_kv 0 marks it)
     recurrent: str | None = None
     # multi-head latent attention (DeepSeek V2 and V3): queries through a low-rank pair (or one q_proj),
-    # keys and values from one compressed latent shared by every head (`_mla_layout`, `_mla_split`)
+    # keys and values from one compressed latent shared by every head (`_mla_layout`)
     mla: bool = False
+    # the architecture's own tensor rule, tried first: (name, tensor, config) -> the llama.cpp tensors it
+    # becomes, or None where the common rules apply (DeepSeek's latent split, Mamba-2's transforms)
+    tensors: Callable[[str, torch.Tensor, Any], list[tuple[str, torch.Tensor]] | None] | None = None
 
 
 def _check_exaone4(config: Any) -> None:
@@ -922,6 +926,71 @@ def _lfm2_moe_metadata(writer: Any, config: Any) -> None:
     writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
 
 
+def _check_granite_hybrid(config: Any) -> None:
+    """Refuse what llama.cpp's granitehybrid graph (Granite 4.0 H) computes otherwise: RoPE scaling (RoPE
+    itself only where `position_embedding_type` is "rope"; Granite 4.0 H has none), a clamped time step
+    (`time_step_limit` other than (0, inf)), convolution or projection biases beyond Mamba-2's conv
+    bias, an MLP other than SiLU-gated."""
+    _check_plain_rope(config, "granitehybrid")
+    limit = tuple(float(x) for x in (getattr(config, "time_step_limit", None) or (0.0, math.inf)))
+    if limit != (0.0, math.inf):
+        raise UsageError(
+            f"llama.cpp's granitehybrid does not clamp Mamba-2's time step; this model clamps it to {limit}"
+        )
+    if getattr(config, "mamba_proj_bias", False):
+        raise UsageError("llama.cpp's granitehybrid takes Mamba-2's projections without biases; this model's have them")
+    _check_activation(config, "granitehybrid", ("silu",), "gates its MLPs with SiLU")
+
+
+def _granite_hybrid_metadata(writer: Any, config: Any) -> None:
+    """Granite 4.0 H's keys: Granite's multipliers, the experts (when it has them) and the shared MLP's
+    width, Mamba-2's sizes (convolution length, inner width, state size, heads as the time-step rank,
+    groups), and whether the attention blocks rotate (`rope.scaling.finetuned`, which llama.cpp's
+    granitehybrid reads as "use RoPE")."""
+    _granite_metadata(writer, config)
+    if getattr(config, "num_local_experts", 0):
+        _moe_metadata(writer, config)
+    d_inner = int(config.mamba_expand * config.hidden_size)
+    writer.add_ssm_conv_kernel(int(config.mamba_d_conv))
+    writer.add_ssm_inner_size(d_inner)
+    writer.add_ssm_state_size(int(config.mamba_d_state))
+    writer.add_ssm_time_step_rank(int(config.mamba_n_heads))
+    writer.add_ssm_group_count(int(config.mamba_n_groups))
+    writer.add_rope_scaling_finetuned(getattr(config, "position_embedding_type", None) == "rope")
+
+
+def _mamba2_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
+    """Mamba-2's parameters as llama.cpp's converter writes them: A as -exp(A_log) and D as [heads, 1],
+    the time-step bias as `ssm_dt.bias`, the depthwise convolution [channels, 1, L] as {L, channels},
+    the gated norm's weight as [groups, inner / groups]; and a dense Granite 4.0 H's shared MLP (no
+    experts) as its plain MLP. None for any other tensor."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(mamba|shared_mlp)\.(\w+)(?:\.(weight|bias))?", name)
+    if m is None:
+        return None
+    blk, part, what, kind = f"blk.{m[1]}", m[2], m[3], m[4]
+    if part == "shared_mlp":
+        if getattr(config, "num_local_experts", 0):
+            return None  # beside experts: the shared expert (`_HALVES`, `_GRANITEMOE_NAMES`)
+        if what == "input_linear":
+            gate, up = w.chunk(2, dim=0)
+            return [(f"{blk}.ffn_gate.weight", gate), (f"{blk}.ffn_up.weight", up)]
+        return [(f"{blk}.ffn_down.weight", w)]
+    if what == "A_log":
+        return [(f"{blk}.ssm_a", -torch.exp(w.float()).reshape(-1, 1))]
+    if what == "D":
+        return [(f"{blk}.ssm_d", w.reshape(-1, 1))]
+    if what == "dt_bias":
+        return [(f"{blk}.ssm_dt.bias", w)]
+    if what == "conv1d":
+        return [(f"{blk}.ssm_conv1d.{kind}", w.reshape(w.shape[0], -1) if kind == "weight" else w)]
+    if what == "norm":
+        return [(f"{blk}.ssm_norm.weight", w.reshape(int(config.mamba_n_groups), -1))]
+    names = {"in_proj": "ssm_in", "out_proj": "ssm_out"}
+    if what in names:
+        return [(f"{blk}.{names[what]}.{kind}", w)]
+    raise UsageError(f"llama.cpp has no tensor for {name!r} in granitehybrid: this layout cannot be exported")
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
@@ -965,6 +1034,7 @@ _DEEPSEEK = Architecture(
     check=_check_deepseek,
     metadata=_deepseek_metadata,
     mla=True,
+    tensors=_mla_split,
 )
 _GPT_OSS_NAMES = (
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
@@ -1267,6 +1337,19 @@ ARCHITECTURES = {
         metadata=_lfm2_moe_metadata,
         recurrent="conv",
     ),
+    # Granite 4.0 H: Mamba-2 blocks beside attention ones (Granite's, NoPE unless the config rotates), experts
+    # and a shared expert (or, without experts, the shared MLP as the MLP), Granite's multipliers
+    "granitemoehybrid": Architecture(
+        "granitehybrid",
+        True,
+        ("conv1d",),
+        "default",
+        names=_GRANITEMOE_NAMES,
+        check=_check_granite_hybrid,
+        metadata=_granite_hybrid_metadata,
+        recurrent="mamba",
+        tensors=_mamba2_tensors,
+    ),
     # dots.llm1: Qwen3's attention (per-head Q/K norms, rotate-half RoPE), DeepSeek V3's routing and blocks
     "dots1": Architecture(
         "dots1", False, (), "qwen2", names=_ROUTED_NAMES, check=_check_dots1, metadata=_sigmoid_routing_metadata
@@ -1367,9 +1450,9 @@ _ROUTER = "ffn_gate_inp.weight"  # kept float32, as llama.cpp's conversion keeps
 
 def _keep_f32(target: str) -> bool:
     """Written float32 whatever the type: the router, biases (gpt-oss's experts' are [E, ff]), norms
-    (Cohere's per-head Q/K norms are [heads, head_dim]) and LFM2's convolution kernels (llama.cpp's
-    ssm_conv takes them in float32, as its converter writes them)."""
-    return target.endswith((_ROUTER, ".bias", "norm.weight", _CONV))
+    (Cohere's per-head Q/K norms are [heads, head_dim]), LFM2's and Mamba-2's convolution kernels and
+    Mamba-2's A and D (llama.cpp's ssm ops take them in float32, as its converter writes them)."""
+    return target.endswith((_ROUTER, ".bias", "norm.weight", _CONV, ".ssm_a", ".ssm_d", "ssm_conv1d.weight"))
 
 
 # one row written 1-D (float32): Qwen2-MoE's shared expert gate [1, hidden], ERNIE 4.5's routing bias [1, E]
@@ -1399,7 +1482,7 @@ def architecture(model_type: Any) -> Architecture:
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
-            "Llama 4 (text) and LFM2 (also MoE) "
+            "Llama 4 (text), LFM2 (also MoE) and Granite 4.0 H "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -1482,6 +1565,8 @@ def _ffn_width(state: dict[str, torch.Tensor], p: str, arch: Architecture) -> in
     if p + "mlp.gate_up_proj.weight" in state:
         return int(state[p + "mlp.gate_up_proj.weight"].shape[0] // 2)
     names = [f"{p}{m}.{n}.weight" for m in _MLPS for n in ("gate_proj", "c_fc", "fc1", "up_proj", "w1")]
+    if p + "shared_mlp.input_linear.weight" in state:  # Granite 4.0 H without experts: gate and up fused
+        return int(state[p + "shared_mlp.input_linear.weight"].shape[0] // 2)
     return int(next(state[k] for k in names if k in state).shape[0])
 
 
@@ -1668,15 +1753,16 @@ def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture,
     """(llama.cpp name, tensor) of every tensor written, from the model's (name, tensor) in its state
     dict's order: an MoE's fused gate/up experts as llama.cpp's two tensors, each [E, ff, hidden]
     (Llama 4's and gpt-oss's stored by columns taken apart and transposed, `_column_experts`); DeepSeek's
-    latent up-projection as the absorbed pair (`_mla_split`); one-row tensors as vectors and LFM2's
+    latent up-projection as the absorbed pair (`_mla_split`), Mamba-2's state-space parameters
+    (`_mamba2_tensors`): an architecture's own rule first; one-row tensors as vectors and LFM2's
     convolution kernels as {L, hidden}."""
     for name, w in items:
         if arch.experts != "rows" and ".experts." in name:
             yield from _column_experts(name, w, interleaved=arch.experts == "interleaved")
             continue
-        split = _mla_split(name, w, config) if arch.mla else None
-        if split is not None:
-            yield from split
+        own = arch.tensors(name, w, config) if arch.tensors else None
+        if own is not None:
+            yield from own
             continue
         halves = next(((m, dim, names) for pattern, dim, names in _HALVES if (m := re.fullmatch(pattern, name))), None)
         if halves is None:
