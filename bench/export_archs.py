@@ -125,6 +125,9 @@ convolution of 4 with taps from N(0, 1)) in blocks 0, 1 and 3, attention in bloc
 one, routing and MLP weights from N(0, 0.2), norm weights from N(1, 0.5), query and key weights scaled by 8;
 Granite's multipliers and no RoPE (Granite 4.0 H's; contrast: top-1); `-rope`: with RoPE, no multipliers but
 attention scaled by 1/4, Mamba's output projections scaled by 0.1 (contrast: no RoPE).
+Nemotron-H (`nemotron-h`): 4 blocks of one kind each (Mamba-2, attention, Mamba-2, squared-ReLU MLP), Mamba-2
+with 8 heads of 16, state 16, 2 groups, convolution taps from N(0, 1), norm weights from N(1, 0.5), query and key
+weights scaled by 8; no contrast row (by hand: see the notes).
 GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
 and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
 of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
@@ -355,6 +358,17 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if rope and name.endswith("mamba.out_proj.weight"):  # the attention block's share larger
                     p.mul_(0.1)
         return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
+    if kind == "nemotron-h":  # Nemotron-H in small: Mamba-2, attention, Mamba-2, MLP blocks (no RoPE)
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.NemotronHConfig(**sizes, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
+                                    n_groups=2, conv_kernel=4, expand=2, hybrid_override_pattern="M*M-",
+                                    vocab_size=vocab)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # convolutions whose earlier taps matter
+            for name, p in model.named_parameters():
+                if name.endswith("conv1d.weight"):
+                    p.normal_(0, 1.0)
+        return _perturbed(model, ("norm.weight",), 1.0)
     if kind == "minimax-m2":  # MiniMax-M2 in small: whole-projection Q/K norms, RoPE over half a head, 8 experts
         sizes = {**SIZES, "num_hidden_layers": 4, "intermediate_size": 32, "pad_token_id": None, "bos_token_id": None,
                  "eos_token_id": None}  # fmt: skip
@@ -778,7 +792,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
-        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, GLM-4, Nemotron, "
+        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Nemotron-H, GLM-4, Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -840,7 +854,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "(contrast: without the L2 norm; `-llama3-rope`: Llama 3 RoPE scaling, contrast plain RoPE); LFM2: 4 blocks, "
         "3 of them gated short convolutions with large taps, 1 attention, and with 8 experts after the first block "
         "(`-moe`; contrast: top-1); Granite 4.0 H: Mamba-2 blocks around an attention block, 4 experts and a "
-        "shared one (contrast: top-1; `-rope`: with RoPE, contrast without), "
+        "shared one (contrast: top-1; `-rope`: with RoPE, contrast without); Nemotron-H: Mamba-2, attention, "
+        "Mamba-2 and MLP blocks, "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -964,6 +979,7 @@ KINDS = (
     "lfm2-moe",
     "granite-hybrid",
     "granite-hybrid-rope",
+    "nemotron-h",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

@@ -59,7 +59,7 @@ attention, a shared MLP beside the experts), MiniMax-M2 as `minimax-m2` (whole-p
 sigmoid routing with a correction bias), Llama 4 (text) as `llama4` (experts stored by columns, a
 shared expert, llama.cpp's fixed chunking, NoPE blocks and temperature checked); LFM2 as `lfm2` (short
 convolution blocks beside attention ones) and LFM2-MoE as `lfm2moe`; Granite 4.0 H as `granitehybrid`
-(Mamba-2 blocks beside attention ones).
+(Mamba-2 blocks beside attention ones), Nemotron-H as `nemotron_h` (Mamba-2, attention and MLP blocks).
 """
 
 from __future__ import annotations
@@ -119,9 +119,10 @@ class Architecture:
     # the state-dict name of a block's recurrent mixer in place of attention (LFM2's short convolution
     # "conv"): such a block has no key/value heads (llama.cpp's head_count_kv 0 marks it)
     recurrent: str | None = None
-    # multi-head latent attention (DeepSeek V2 and V3): queries through a low-rank pair (or one q_proj),
-    # keys and values from one compressed latent shared by every head (`_mla_layout`)
-    mla: bool = False
+    # the architecture's own per-block shapes where its blocks are not one attention and one MLP each
+    # (DeepSeek's latent attention, `_mla_layout`; Nemotron-H's blocks of one kind each): (config, state,
+    # arch) -> the head width, key/value heads and MLP width per block, as `_check_layout` returns them
+    layout: Callable[[Any, dict[str, torch.Tensor], Any], dict[str, Any]] | None = None
     # the architecture's own tensor rule, tried first: (name, tensor, config) -> the llama.cpp tensors it
     # becomes, or None where the common rules apply (DeepSeek's latent split, Mamba-2's transforms)
     tensors: Callable[[str, torch.Tensor, Any], list[tuple[str, torch.Tensor]] | None] | None = None
@@ -932,14 +933,39 @@ def _check_granite_hybrid(config: Any) -> None:
     (`time_step_limit` other than (0, inf)), convolution or projection biases beyond Mamba-2's conv
     bias, an MLP other than SiLU-gated."""
     _check_plain_rope(config, "granitehybrid")
+    _check_mamba2(config, "granitehybrid")
+    _check_activation(config, "granitehybrid", ("silu",), "gates its MLPs with SiLU")
+
+
+def _mamba2_sizes(config: Any) -> dict[str, int]:
+    """Mamba-2's sizes under either config's names (Granite 4.0 H's `mamba_*`, Nemotron-H's)."""
+    if hasattr(config, "mamba_n_heads"):
+        return {"conv": int(config.mamba_d_conv), "inner": int(config.mamba_expand * config.hidden_size),
+                "state": int(config.mamba_d_state), "heads": int(config.mamba_n_heads),
+                "groups": int(config.mamba_n_groups)}  # fmt: skip
+    return {"conv": int(config.conv_kernel), "inner": int(config.mamba_num_heads * config.mamba_head_dim),
+            "state": int(config.ssm_state_size), "heads": int(config.mamba_num_heads),
+            "groups": int(config.n_groups)}  # fmt: skip
+
+
+def _mamba2_metadata(writer: Any, config: Any) -> None:
+    """Mamba-2's keys: convolution length, inner width, state size, heads (as the time-step rank), groups."""
+    sizes = _mamba2_sizes(config)
+    writer.add_ssm_conv_kernel(sizes["conv"])
+    writer.add_ssm_inner_size(sizes["inner"])
+    writer.add_ssm_state_size(sizes["state"])
+    writer.add_ssm_time_step_rank(sizes["heads"])
+    writer.add_ssm_group_count(sizes["groups"])
+
+
+def _check_mamba2(config: Any, arch: str) -> None:
+    """What llama.cpp's Mamba-2 layer computes otherwise: a clamped time step (`time_step_limit`
+    other than (0, inf)), biases in Mamba-2's projections."""
     limit = tuple(float(x) for x in (getattr(config, "time_step_limit", None) or (0.0, math.inf)))
     if limit != (0.0, math.inf):
-        raise UsageError(
-            f"llama.cpp's granitehybrid does not clamp Mamba-2's time step; this model clamps it to {limit}"
-        )
-    if getattr(config, "mamba_proj_bias", False):
-        raise UsageError("llama.cpp's granitehybrid takes Mamba-2's projections without biases; this model's have them")
-    _check_activation(config, "granitehybrid", ("silu",), "gates its MLPs with SiLU")
+        raise UsageError(f"llama.cpp's {arch} does not clamp Mamba-2's time step; this model clamps it to {limit}")
+    if getattr(config, "mamba_proj_bias", False) or getattr(config, "use_bias", False):
+        raise UsageError(f"llama.cpp's {arch} takes Mamba-2's projections without biases; this model's have them")
 
 
 def _granite_hybrid_metadata(writer: Any, config: Any) -> None:
@@ -950,13 +976,11 @@ def _granite_hybrid_metadata(writer: Any, config: Any) -> None:
     _granite_metadata(writer, config)
     if getattr(config, "num_local_experts", 0):
         _moe_metadata(writer, config)
-    d_inner = int(config.mamba_expand * config.hidden_size)
-    writer.add_ssm_conv_kernel(int(config.mamba_d_conv))
-    writer.add_ssm_inner_size(d_inner)
-    writer.add_ssm_state_size(int(config.mamba_d_state))
-    writer.add_ssm_time_step_rank(int(config.mamba_n_heads))
-    writer.add_ssm_group_count(int(config.mamba_n_groups))
+    _mamba2_metadata(writer, config)
     writer.add_rope_scaling_finetuned(getattr(config, "position_embedding_type", None) == "rope")
+
+
+_MAMBA2 = ("A_log", "D", "dt_bias", "conv1d", "norm", "in_proj", "out_proj")  # a Mamba-2 mixer's parameters
 
 
 def _mamba2_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
@@ -964,8 +988,8 @@ def _mamba2_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, 
     the time-step bias as `ssm_dt.bias`, the depthwise convolution [channels, 1, L] as {L, channels},
     the gated norm's weight as [groups, inner / groups]; and a dense Granite 4.0 H's shared MLP (no
     experts) as its plain MLP. None for any other tensor."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(mamba|shared_mlp)\.(\w+)(?:\.(weight|bias))?", name)
-    if m is None:
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(mamba|mixer|shared_mlp)\.(\w+)(?:\.(weight|bias))?", name)
+    if m is None or (m[2] == "mixer" and m[3] not in _MAMBA2):  # Nemotron-H's attention and MLP mixers
         return None
     blk, part, what, kind = f"blk.{m[1]}", m[2], m[3], m[4]
     if part == "shared_mlp":
@@ -984,11 +1008,50 @@ def _mamba2_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, 
     if what == "conv1d":
         return [(f"{blk}.ssm_conv1d.{kind}", w.reshape(w.shape[0], -1) if kind == "weight" else w)]
     if what == "norm":
-        return [(f"{blk}.ssm_norm.weight", w.reshape(int(config.mamba_n_groups), -1))]
+        return [(f"{blk}.ssm_norm.weight", w.reshape(_mamba2_sizes(config)["groups"], -1))]
     names = {"in_proj": "ssm_in", "out_proj": "ssm_out"}
     if what in names:
         return [(f"{blk}.{names[what]}.{kind}", w)]
-    raise UsageError(f"llama.cpp has no tensor for {name!r} in granitehybrid: this layout cannot be exported")
+    raise UsageError(f"llama.cpp has no tensor for {name!r} in this architecture: this layout cannot be exported")
+
+
+def _check_nemotron_h(config: Any) -> None:
+    """Refuse what llama.cpp's nemotron_h graph (Nemotron-H, Nemotron Nano 2) computes otherwise: expert
+    blocks (Nemotron 3's), an MLP other than squared ReLU, Mamba-2's rules (`_check_mamba2`); it has
+    no RoPE, as Nemotron-H."""
+    kinds = set(config.layer_types) - {"linear_attention", "full_attention", "mlp"}
+    if kinds:
+        raise UsageError(f"GGUF export writes Nemotron-H's Mamba-2, attention and MLP blocks; this model has "
+                         f"{sorted(kinds)} blocks")  # fmt: skip
+    if config.mlp_hidden_act != "relu2":
+        raise UsageError(f"llama.cpp's nemotron_h uses a squared-ReLU MLP; this model's uses {config.mlp_hidden_act!r}")
+    _check_mamba2(config, "nemotron_h")
+
+
+def _nemotron_h_metadata(writer: Any, config: Any) -> None:
+    """Nemotron-H's keys: the RMSNorm epsilon (its `layer_norm_epsilon`, under both of llama.cpp's
+    epsilon keys: its nemotron_h loader requires the LayerNorm one) and Mamba-2's sizes; which
+    block is which, llama.cpp reads off the per-block key/value heads and MLP widths (`_nemotron_h_layout`)."""
+    writer.add_layer_norm_rms_eps(float(config.layer_norm_epsilon))
+    writer.add_layer_norm_eps(float(config.layer_norm_epsilon))  # llama.cpp's nemotron_h reads this key too
+    _mamba2_metadata(writer, config)
+
+
+def _nemotron_h_layout(config: Any, state: dict[str, torch.Tensor], arch: Architecture) -> dict[str, Any]:
+    """Nemotron-H's blocks, one kind each, as llama.cpp tells them apart: a Mamba-2 block has no key/value
+    heads and no MLP width, an attention block its key/value heads and no MLP width, an MLP block its
+    width and no key/value heads."""
+    head_dim, kv, ffn = _head_dim(config), [], []
+    for i, kind in enumerate(config.layer_types):
+        p = f"model.layers.{i}.mixer."
+        k_rows = 0
+        if kind == "full_attention":
+            q_rows, k_rows = state[p + "q_proj.weight"].shape[0], state[p + "k_proj.weight"].shape[0]
+            if q_rows != config.num_attention_heads * head_dim or k_rows % head_dim:
+                raise UsageError(f"block {i}'s attention shapes ({q_rows}, {k_rows} rows) do not fit llama.cpp's heads")
+        kv.append(int(k_rows // head_dim))
+        ffn.append(int(state[p + "up_proj.weight"].shape[0]) if kind == "mlp" else 0)
+    return {"head_dim": head_dim, "kv": kv, "ffn": ffn}
 
 
 def _check_glm4_moe(config: Any) -> None:
@@ -1009,6 +1072,29 @@ def _mla_split(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch
     nope, v = int(config.qk_nope_head_dim), int(config.v_head_dim)
     k_b, v_b = w.reshape(-1, nope + v, w.shape[-1]).split([nope, v], dim=1)
     return [(f"blk.{m[1]}.attn_k_b.weight", k_b.transpose(1, 2)), (f"blk.{m[1]}.attn_v_b.weight", v_b)]
+
+
+def _mla_layout(config: Any, state: dict[str, torch.Tensor], arch: Architecture) -> dict[str, Any]:
+    """The widths llama.cpp's deepseek2 needs: with the latent absorbed into the queries, one key/value
+    head a block, keys as wide as the latent plus the rotated channels and values as the latent (the
+    per-head widths as `key_length_mla` / `value_length_mla`: `_deepseek_metadata`); RoPE over the
+    rotated channels only; after checking each block's projections against the config's heads."""
+    heads, nope, rope, v = (int(config.num_attention_heads), int(config.qk_nope_head_dim),
+                            int(config.qk_rope_head_dim), int(config.v_head_dim))  # fmt: skip
+    latent, ffn = int(config.kv_lora_rank), []
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        q = state.get(p + "self_attn.q_b_proj.weight", state.get(p + "self_attn.q_proj.weight"))
+        rows = (q.shape[0] if q is not None else 0, state[p + "self_attn.kv_b_proj.weight"].shape[0],
+                state[p + "self_attn.o_proj.weight"].shape[1])  # fmt: skip
+        if rows != (heads * (nope + rope), heads * (nope + v), heads * v):
+            raise UsageError(
+                f"block {i}'s latent attention shapes {rows} do not fit {heads} heads of the config's widths"
+            )
+        ffn.append(_ffn_width(state, p, arch))
+    n = config.num_hidden_layers
+    return {"head_dim": nope + rope, "key_length": latent + rope, "value_length": latent, "rope_dims": rope,
+            "kv": [1] * n, "ffn": ffn}  # fmt: skip
 
 
 _ROUTED_NAMES = (  # DeepSeek's routing bias (V3, GLM-4.5) and shared experts
@@ -1033,7 +1119,7 @@ _DEEPSEEK = Architecture(
     names=_DEEPSEEK_NAMES,
     check=_check_deepseek,
     metadata=_deepseek_metadata,
-    mla=True,
+    layout=_mla_layout,
     tensors=_mla_split,
 )
 _GPT_OSS_NAMES = (
@@ -1350,6 +1436,25 @@ ARCHITECTURES = {
         recurrent="mamba",
         tensors=_mamba2_tensors,
     ),
+    # Nemotron-H (Nemotron Nano 2): blocks of one kind each, Mamba-2, attention (no RoPE) or a squared-ReLU MLP
+    "nemotron_h": Architecture(
+        "nemotron_h",
+        False,
+        ("conv1d",),
+        "default",
+        names=(
+            (r"model\.embeddings\.weight", "token_embd.weight"),
+            (r"model\.norm_f\.weight", "output_norm.weight"),
+            (r"model\.layers\.(\d+)\.norm\.weight", "blk.{}.attn_norm.weight"),
+            (r"model\.layers\.(\d+)\.mixer\.(q|k|v)_proj\.weight", "blk.{}.attn_{}.weight"),
+            (r"model\.layers\.(\d+)\.mixer\.o_proj\.weight", "blk.{}.attn_output.weight"),
+            (r"model\.layers\.(\d+)\.mixer\.(up|down)_proj\.weight", "blk.{}.ffn_{}.weight"),
+        ),
+        check=_check_nemotron_h,
+        metadata=_nemotron_h_metadata,
+        tensors=_mamba2_tensors,
+        layout=_nemotron_h_layout,
+    ),
     # dots.llm1: Qwen3's attention (per-head Q/K norms, rotate-half RoPE), DeepSeek V3's routing and blocks
     "dots1": Architecture(
         "dots1", False, (), "qwen2", names=_ROUTED_NAMES, check=_check_dots1, metadata=_sigmoid_routing_metadata
@@ -1482,7 +1587,7 @@ def architecture(model_type: Any) -> Architecture:
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
-            "Llama 4 (text), LFM2 (also MoE) and Granite 4.0 H "
+            "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H and Nemotron-H "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -1530,8 +1635,8 @@ def _check_layout(config: Any, state: dict[str, torch.Tensor]) -> tuple[Architec
     extra = sorted(k for k in state if k.endswith(".bias") and k.split(".")[-2] not in arch.biases)
     if extra:
         raise UsageError(f"llama.cpp's {arch.gguf} architecture holds no bias {extra[0]!r}: this model has one")
-    if arch.mla:
-        return arch, _mla_layout(config, state, arch)
+    if arch.layout is not None:
+        return arch, arch.layout(config, state, arch)
     head_dim = _head_dim(config)
     n_layers = config.num_hidden_layers
     ffn, kv = [], []
@@ -1572,29 +1677,6 @@ def _ffn_width(state: dict[str, torch.Tensor], p: str, arch: Architecture) -> in
 
 # a block's MLP module: `mlp`, Granite 3 MoE's `block_sparse_moe`, Llama 4's `feed_forward`
 _MLPS = ("mlp", "block_sparse_moe", "feed_forward")
-
-
-def _mla_layout(config: Any, state: dict[str, torch.Tensor], arch: Architecture) -> dict[str, Any]:
-    """The widths llama.cpp's deepseek2 needs: with the latent absorbed into the queries, one key/value
-    head a block, keys as wide as the latent plus the rotated channels and values as the latent (the
-    per-head widths as `key_length_mla` / `value_length_mla`: `_deepseek_metadata`); RoPE over the
-    rotated channels only; after checking each block's projections against the config's heads."""
-    heads, nope, rope, v = (int(config.num_attention_heads), int(config.qk_nope_head_dim),
-                            int(config.qk_rope_head_dim), int(config.v_head_dim))  # fmt: skip
-    latent, ffn = int(config.kv_lora_rank), []
-    for i in range(config.num_hidden_layers):
-        p = f"model.layers.{i}."
-        q = state.get(p + "self_attn.q_b_proj.weight", state.get(p + "self_attn.q_proj.weight"))
-        rows = (q.shape[0] if q is not None else 0, state[p + "self_attn.kv_b_proj.weight"].shape[0],
-                state[p + "self_attn.o_proj.weight"].shape[1])  # fmt: skip
-        if rows != (heads * (nope + rope), heads * (nope + v), heads * v):
-            raise UsageError(
-                f"block {i}'s latent attention shapes {rows} do not fit {heads} heads of the config's widths"
-            )
-        ffn.append(_ffn_width(state, p, arch))
-    n = config.num_hidden_layers
-    return {"head_dim": nope + rope, "key_length": latent + rope, "value_length": latent, "rope_dims": rope,
-            "kv": [1] * n, "ffn": ffn}  # fmt: skip
 
 
 def _rope(config: Any, layers: str = "full_attention") -> dict[str, Any]:
@@ -1841,7 +1923,7 @@ def write_gguf(
         else float(getattr(config, "rope_theta", None) or _rope(config).get("rope_theta", 10000.0))
     )
     writer.add_rope_freq_base(theta)
-    if hasattr(config, "rms_norm_eps"):
+    if getattr(config, "rms_norm_eps", None) is not None:
         writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     else:  # LayerNorm (StableLM's layer_norm_eps, StarCoder2's norm_epsilon, Nemotron's norm_eps; OLMo's
         # fixed one: its metadata)
