@@ -128,6 +128,9 @@ attention scaled by 1/4, Mamba's output projections scaled by 0.1 (contrast: no 
 Nemotron-H (`nemotron-h`): 4 blocks of one kind each (Mamba-2, attention, Mamba-2, squared-ReLU MLP), Mamba-2
 with 8 heads of 16, state 16, 2 groups, convolution taps from N(0, 1), norm weights from N(1, 0.5), query and key
 weights scaled by 8; no contrast row (by hand: see the notes).
+Apertus (`apertus`): 4 blocks, per-head Q/K norms and the other norm weights from N(1, 0.5), Llama 3 RoPE scaling
+as the llama3-rope row's, each block's xIELU α_p and α_n (before softplus) from N(0, 1), query and key weights
+scaled by 8; contrast: plain RoPE.
 GLM-4.5 (`glm4-moe`): 4 blocks, the first dense, 4 heads of 32 (twice the hidden size) with random Q/K/V biases
 and per-head Q/K norms from N(1, 0.5), query and key weights scaled by 8, DeepSeek V3's routing over 8 experts
 of width 32 in 2 groups (the best 1 open; contrast: both open), 2 per token, a shared expert.
@@ -367,6 +370,15 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         with torch.no_grad():  # convolutions whose earlier taps matter
             for name, p in model.named_parameters():
                 if name.endswith("conv1d.weight"):
+                    p.normal_(0, 1.0)
+        return _perturbed(model, ("norm.weight",), 1.0)
+    if kind == "apertus":  # Apertus in small: per-head Q/K norms, Llama 3 RoPE, an xIELU MLP with its parameters drawn
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.ApertusConfig(**sizes, vocab_size=vocab, rope_parameters=dict(LLAMA3))
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # each block's own xIELU (α_p, α_n from N(0, 1) before softplus)
+            for name, p in model.named_parameters():
+                if name.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):
                     p.normal_(0, 1.0)
         return _perturbed(model, ("norm.weight",), 1.0)
     if kind == "minimax-m2":  # MiniMax-M2 in small: whole-projection Q/K norms, RoPE over half a head, 8 experts
@@ -644,6 +656,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama4": ("export-archs-llama4-no-l2", {"use_qk_norm": False}),  # queries and keys not L2-normalized
     "lfm2-moe": ("export-archs-lfm2-moe-top1", {"num_experts_per_tok": 1}),
     "granite-hybrid": ("export-archs-granite-hybrid-top1", {"num_experts_per_tok": 1}),
+    "apertus": ("export-archs-apertus-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "granite-hybrid-rope": ("export-archs-granite-hybrid-nope", {"position_embedding_type": None}),  # no RoPE
     "llama4-llama3-rope": (
         "export-archs-llama4-plain",
@@ -792,7 +805,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
-        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Nemotron-H, GLM-4, Nemotron, "
+        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Nemotron-H, Apertus, GLM-4, Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -855,7 +868,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "3 of them gated short convolutions with large taps, 1 attention, and with 8 experts after the first block "
         "(`-moe`; contrast: top-1); Granite 4.0 H: Mamba-2 blocks around an attention block, 4 experts and a "
         "shared one (contrast: top-1; `-rope`: with RoPE, contrast without); Nemotron-H: Mamba-2, attention, "
-        "Mamba-2 and MLP blocks, "
+        "Mamba-2 and MLP blocks; Apertus: per-head Q/K norms, Llama 3 RoPE, each block's xIELU drawn (contrast: plain "
+        "RoPE), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -980,6 +994,7 @@ KINDS = (
     "granite-hybrid",
     "granite-hybrid-rope",
     "nemotron-h",
+    "apertus",
     "gpt-oss",
     "gpt-oss-experts",
     "gpt-oss-mxfp4",

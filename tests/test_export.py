@@ -1025,6 +1025,37 @@ def test_nemotron_h_as_llama_cpp_nemotron_h(tmp_path: Path, tokenizer) -> None:
         check_config(tf.NemotronHConfig(**sizes, mlp_hidden_act="silu"))
 
 
+def test_apertus_as_llama_cpp_apertus(tmp_path: Path, tokenizer) -> None:
+    """Apertus as llama.cpp's `apertus`: Q and K unpermuted (rotate-half RoPE in both), per-head Q/K
+    norms, its norms under their Apertus names, the xIELU MLP's up and down, and each block's xIELU
+    parameters as keys, as the model stores them (llama.cpp applies the softplus itself), not as
+    tensors.  Logits in llama.cpp itself: bench/export_archs.py, row apertus."""
+    import numpy as np
+    import transformers as tf
+    from gguf import GGUFReader
+
+    config = tf.ApertusConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".act_fn." in name:
+                p.normal_()
+    gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-apertus", "f16")
+    assert meta["general.architecture"] == "apertus"
+    fields, state = GGUFReader(str(gguf)).fields, model.state_dict()
+    for key in ("alpha_p", "alpha_n", "beta", "eps"):
+        want = [float(state[f"model.layers.{i}.mlp.act_fn.{key}"].reshape(-1)[0]) for i in range(2)]
+        assert fields[f"xielu.{key}"].contents() == pytest.approx(want), key  # llama.cpp's keys: no prefix
+    tensors = _gguf_tensors(gguf)
+    assert not any("act_fn" in name or "alpha" in name for name in tensors)
+    q = state["model.layers.1.self_attn.q_proj.weight"]
+    assert np.array_equal(tensors["blk.1.attn_q.weight"].reshape(q.shape), q.half().numpy())  # unpermuted
+    assert "blk.1.attn_norm.weight" in tensors and "blk.1.ffn_norm.weight" in tensors
+    assert "blk.1.ffn_up.weight" in tensors and "blk.1.ffn_gate.weight" not in tensors
+
+
 @pytest.mark.parametrize(
     ("arch", "change", "message"),
     [
@@ -2020,7 +2051,8 @@ def test_pre_tokenizer_rules_are_the_ones_transformers_restores_from_a_gguf() ->
 
 @pytest.mark.parametrize("arch, kind", [("llama", "q8_0"), ("qwen2", "f16"), ("mistral", "bf16"), ("qwen3", "q4_0"),
                                         ("mixtral", "f16"), ("qwen2_moe", "q8_0"), ("qwen3_moe", "f16"),
-                                        ("gpt_oss", "q8_0"), ("deepseek_v3", "f16"), ("llama4_text", "q8_0")])  # fmt: skip
+                                        ("gpt_oss", "q8_0"), ("deepseek_v3", "f16"), ("llama4_text", "q8_0"),
+                                        ("apertus", "f16")])  # fmt: skip
 def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Path, tokenizer) -> None:
     """`carve export --stream`: the header first, then each decoder block read when its tensors are
     written and freed (a sharded source; a Mixtral's or Qwen-MoE's per-expert checkpoint tensors fused
@@ -2030,15 +2062,23 @@ def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Pa
     src = tmp_path / "src"
     # qwen3moe: top-k renormalized; gpt-oss: its experts interleaved, stored fused in the file
     # DeepSeek V3: the latent's up-projection split in two, the routing bias a buffer; Llama 4: experts
-    # stored by columns, dense blocks between MoE ones
-    if arch in ("deepseek_v3", "llama4_text"):
+    # stored by columns, dense blocks between MoE ones; Apertus: keys read from its weights (xIELU's, per block)
+    if arch in ("deepseek_v3", "llama4_text", "apertus"):
         import transformers as tf
 
-        config = _deepseek_config(arch) if arch == "deepseek_v3" else tf.Llama4TextConfig(
-            vocab_size=512, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
-            interleave_moe_layer_step=2)  # fmt: skip
+        sizes = {"vocab_size": 512, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
+        config = {
+            "deepseek_v3": lambda: _deepseek_config(arch),
+            "llama4_text": lambda: tf.Llama4TextConfig(**sizes, intermediate_size=32, intermediate_size_mlp=96,
+                                                       num_hidden_layers=4, head_dim=16, num_local_experts=4,
+                                                       interleave_moe_layer_step=2),
+            "apertus": lambda: tf.ApertusConfig(**sizes, intermediate_size=96, num_hidden_layers=2),
+        }[arch]()  # fmt: skip
         model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".act_fn." in name:
+                    p.normal_()
     else:
         model = {"qwen3_moe": _qwen3_moe, "gpt_oss": _tiny_gpt_oss}.get(arch, lambda: tiny_model(arch))()
     model.save_pretrained(src, max_shard_size="100KB")

@@ -59,7 +59,8 @@ attention, a shared MLP beside the experts), MiniMax-M2 as `minimax-m2` (whole-p
 sigmoid routing with a correction bias), Llama 4 (text) as `llama4` (experts stored by columns, a
 shared expert, llama.cpp's fixed chunking, NoPE blocks and temperature checked); LFM2 as `lfm2` (short
 convolution blocks beside attention ones) and LFM2-MoE as `lfm2moe`; Granite 4.0 H as `granitehybrid`
-(Mamba-2 blocks beside attention ones), Nemotron-H as `nemotron_h` (Mamba-2, attention and MLP blocks).
+(Mamba-2 blocks beside attention ones), Nemotron-H as `nemotron_h` (Mamba-2, attention and MLP blocks);
+Apertus as `apertus` (its xIELU parameters, read from the weights, as keys).
 """
 
 from __future__ import annotations
@@ -123,6 +124,9 @@ class Architecture:
     # (DeepSeek's latent attention, `_mla_layout`; Nemotron-H's blocks of one kind each): (config, state,
     # arch) -> the head width, key/value heads and MLP width per block, as `_check_layout` returns them
     layout: Callable[[Any, dict[str, torch.Tensor], Any], dict[str, Any]] | None = None
+    # keys read from the weights, not the config: (writer, config, value of a state-dict tensor by name)
+    # (Apertus's xIELU parameters, per block)
+    weight_metadata: Callable[[Any, Any, Callable[[str], torch.Tensor]], None] | None = None
     # the architecture's own tensor rule, tried first: (name, tensor, config) -> the llama.cpp tensors it
     # becomes, or None where the common rules apply (DeepSeek's latent split, Mamba-2's transforms)
     tensors: Callable[[str, torch.Tensor, Any], list[tuple[str, torch.Tensor]] | None] | None = None
@@ -473,7 +477,7 @@ def _rope_tensors(model: Any, config: Any, head_dim: int, theta: float) -> tuple
 
 
 # llama.cpp graphs that read Llama 3's scaling from `rope_freqs.weight`
-_ROPE_FREQS_ARCHS = ("llama", "exaone4", "llama4")
+_ROPE_FREQS_ARCHS = ("llama", "exaone4", "llama4", "apertus")
 
 
 def _check_plain_rope(config: Any, gguf_arch: str) -> None:
@@ -1054,6 +1058,28 @@ def _nemotron_h_layout(config: Any, state: dict[str, torch.Tensor], arch: Archit
     return {"head_dim": head_dim, "kv": kv, "ffn": ffn}
 
 
+def _check_apertus(config: Any) -> None:
+    """Refuse what llama.cpp's apertus graph computes otherwise: RoPE other than plain or Llama 3's, an
+    MLP other than xIELU."""
+    _check_plain_rope(config, "apertus")
+    _check_activation(config, "apertus", ("xielu",), "uses an xIELU MLP")
+
+
+def _apertus_weight_metadata(writer: Any, config: Any, value: Callable[[str], torch.Tensor]) -> None:
+    """Apertus's xIELU parameters, one of each per block, as the model stores them (α_p and α_n before
+    the softplus that transformers and llama.cpp's xIELU each apply: α_p = softplus(·), α_n = β +
+    softplus(·)), β and ε."""
+    act = [f"model.layers.{i}.mlp.act_fn." for i in range(config.num_hidden_layers)]
+    for key, add in (("alpha_p", writer.add_xielu_alpha_p), ("alpha_n", writer.add_xielu_alpha_n),
+                     ("beta", writer.add_xielu_beta), ("eps", writer.add_xielu_eps)):  # fmt: skip
+        add([float(value(a + key).float().reshape(-1)[0]) for a in act])
+
+
+def _apertus_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
+    """Apertus's xIELU parameters go in as keys (`_apertus_weight_metadata`), not tensors."""
+    return [] if ".mlp.act_fn." in name else None
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
@@ -1455,6 +1481,21 @@ ARCHITECTURES = {
         tensors=_mamba2_tensors,
         layout=_nemotron_h_layout,
     ),
+    # Apertus: Llama's attention with per-head Q/K norms, rotate-half RoPE in llama.cpp too (unpermuted), Llama 3
+    # RoPE scaling, an xIELU MLP of up and down whose parameters go in as keys
+    "apertus": Architecture(
+        "apertus",
+        False,
+        (),
+        "default",
+        names=(
+            (r"model\.layers\.(\d+)\.attention_layernorm\.weight", "blk.{}.attn_norm.weight"),
+            (r"model\.layers\.(\d+)\.feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+        ),
+        check=_check_apertus,
+        weight_metadata=_apertus_weight_metadata,
+        tensors=_apertus_tensors,
+    ),
     # dots.llm1: Qwen3's attention (per-head Q/K norms, rotate-half RoPE), DeepSeek V3's routing and blocks
     "dots1": Architecture(
         "dots1", False, (), "qwen2", names=_ROUTED_NAMES, check=_check_dots1, metadata=_sigmoid_routing_metadata
@@ -1587,7 +1628,7 @@ def architecture(model_type: Any) -> Architecture:
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
-            "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H and Nemotron-H "
+            "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Nemotron-H and Apertus "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -1887,13 +1928,15 @@ def write_gguf(
     kind: str,
     source_gguf: Path | None = None,
     items: Callable[[], Iterator[tuple[str, torch.Tensor]]] | None = None,
+    read: Callable[[str], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Write the loaded model `lm` to `path` as GGUF of `kind`; returns what the export records.
 
     The tensors' names, shapes and types go in the header first (from the state dict's shapes),
     then each tensor's data as it is computed, one at a time: `items()` gives them in the state
     dict's order (a streamed export: `lm.model` a skeleton whose state dict is on the meta device,
-    each decoder block read when its tensors come; default: the state dict itself)."""
+    each decoder block read when its tensors come; default: the state dict itself), and `read(name)`
+    one of them on its own (an architecture's keys read from its weights: Apertus's xIELU)."""
     import gguf
 
     if kind not in TYPES:
@@ -1939,6 +1982,13 @@ def write_gguf(
     writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[kind]]))
     if arch.metadata is not None:
         arch.metadata(writer, config)
+    if arch.weight_metadata is not None:
+
+        def value(name: str) -> torch.Tensor:
+            t = state[name]
+            return read(name) if t.device.type == "meta" and read is not None else t
+
+        arch.weight_metadata(writer, config, value)
     notes = [*(arch.caveats(config) if arch.caveats else []), *_tokenizer_metadata(writer, lm.tokenizer, source_gguf,
                                                                                    arch.pre)]  # fmt: skip
     rope_tensors, attn_factor = _rope_tensors(lm.model, config, shape["head_dim"], theta)
@@ -2048,7 +2098,9 @@ def _export_streamed(source: Path, out: Path, kind: str, origin: Path | None) ->
     tok = load_tokenizer(source)
     with SkeletonModel(source, torch.float32, "cpu") as skeleton, atomic_file(out) as tmp:
         lm = LoadedModel(skeleton.model, tok, str(source), "", "float32")
-        return write_gguf(lm, tmp, kind, origin, items=skeleton.state_items)
+        return write_gguf(
+            lm, tmp, kind, origin, items=skeleton.state_items, read=lambda n: skeleton.source.get(skeleton.specs[n][0])
+        )
 
 
 def _gguf_origin(source: str) -> Path | None:
