@@ -24,6 +24,8 @@ held-out texts (legal documents 20-39 and code documents 0-9, 400 characters eac
 accented, mathematical and emoji characters) are tokenized by llama.cpp and by transformers.  Phi-3:
 fused qkv_proj and gate_up_proj, every layer attending within a sliding window of 16 tokens; the
 same block is also scored by transformers without the window, which llama.cpp must not match.
+Gemma 3 image-text (`gemma3-multimodal`): the gemma3 row's text model inside a Gemma3ForConditionalGeneration with a
+tiny SigLIP tower (1 block of 32); carve exports the text model.
 Gemma 2: 4 blocks alternating sliding / global (llama.cpp's fixed pattern), window 16, attention
 and final soft-capping at 5 and 3 (query and key weights scaled by 8 so that the caps bite), norm
 weights from N(0, 0.5), the Gemma-style tokenizer; contrast: every layer global and nothing capped.
@@ -294,11 +296,16 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
     import transformers as tf
 
     torch.manual_seed(0)
-    if kind == "gemma3":
+    if kind in ("gemma3", "gemma3-multimodal"):
         sizes = {**SIZES, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1}
         kinds = ["sliding_attention", "full_attention", "sliding_attention"]
         config = tf.Gemma3TextConfig(**sizes, head_dim=256, sliding_window=16, vocab_size=vocab, layer_types=kinds)
-        model = tf.AutoModelForCausalLM.from_config(config)
+        if kind == "gemma3-multimodal":  # the same text model inside a Gemma 3 image-text checkpoint (tiny SigLIP)
+            vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
+            config = tf.Gemma3Config(text_config=config, vision_config=vision, mm_tokens_per_image=4)
+        model = tf.AutoModelForCausalLM.from_config(config) if kind == "gemma3" else tf.Gemma3ForConditionalGeneration(
+            config)  # fmt: skip
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
@@ -721,7 +728,7 @@ def row(kind: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure_model()
-    if kind.removesuffix("-structured") in ("gemma", "gemma2", "gemma3"):
+    if kind.removesuffix("-structured").removesuffix("-multimodal") in ("gemma", "gemma2", "gemma3"):
         tok = gemma_style_tokenizer(2000)
     elif kind == "llama3-tokenizer":  # byte-level BPE split first by Llama 3's rule
         from carve.models.pretokenize import SPLITS
@@ -810,7 +817,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
-        "tokenizer; Gemma 2: 4 blocks alternating sliding / global, window 16, attention and final soft-capping at "
+        "tokenizer; Gemma 3 image-text (`gemma3-multimodal`): the gemma3 row's text model inside a Gemma3ForConditionalGeneration with a
+tiny SigLIP tower (1 block of 32); carve exports the text model.
+Gemma 2: 4 blocks alternating sliding / global, window 16, attention and final soft-capping at "
         "5 and 3 with query and key weights scaled by 8 so that the caps bite, the Gemma-style tokenizer; Gemma (1): "
         "4 blocks, 8 query heads of 32 in 4 key/value groups (heads x head_dim apart from hidden), norm weights "
         "from N(0, 0.5) (Gemma scales by 1 + w), query and key weights scaled by 8, the Gemma-style tokenizer, and "
@@ -932,6 +941,7 @@ KINDS = (
     "qwen3",
     "llama3-rope",
     "gemma3",
+    "gemma3-multimodal",
     "gemma2",
     "gemma",
     "gemma-structured",

@@ -1056,6 +1056,39 @@ def test_apertus_as_llama_cpp_apertus(tmp_path: Path, tokenizer) -> None:
     assert "blk.1.ffn_up.weight" in tensors and "blk.1.ffn_gate.weight" not in tensors
 
 
+def test_text_model_of_a_multimodal_checkpoint(tmp_path: Path, tokenizer) -> None:
+    """A Gemma 3 image-text checkpoint (Gemma3ForConditionalGeneration: Gemma 3 4B, 12B, 27B) exports its
+    text model as llama.cpp's `gemma3`: the language model's tensors under the text-only names, the
+    vision tower and projector left out and said so in a note; streamed, the same file.  Logits in
+    llama.cpp itself: bench/export_archs.py, row gemma3-multimodal."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.export import export
+
+    text = tf.Gemma3TextConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                               sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                               max_position_embeddings=256)  # fmt: skip
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=32, patch_size=8)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(text_config=text, vision_config=vision,
+                                                              mm_tokens_per_image=4))  # fmt: skip
+    src = tmp_path / "gemma3-mm"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    info = export(src, tmp_path / "mem.gguf", "f16", stream=False)
+    assert info["architecture"] == "gemma3" and "mmproj" in info["notes"][-1]
+    tensors, state = _gguf_tensors(tmp_path / "mem.gguf"), model.state_dict()
+    assert not any("vision" in name or "mm_" in name for name in tensors)
+    q = state["model.language_model.layers.1.self_attn.q_proj.weight"]
+    assert np.array_equal(tensors["blk.1.attn_q.weight"].reshape(q.shape), q.half().numpy())
+    assert len(tensors) == sum(k.startswith("model.language_model.") for k in state)  # the head is tied
+    export(src, tmp_path / "st.gguf", "f16", stream=True)
+    assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+
+
 @pytest.mark.parametrize(
     ("arch", "change", "message"),
     [

@@ -60,7 +60,8 @@ sigmoid routing with a correction bias), Llama 4 (text) as `llama4` (experts sto
 shared expert, llama.cpp's fixed chunking, NoPE blocks and temperature checked); LFM2 as `lfm2` (short
 convolution blocks beside attention ones) and LFM2-MoE as `lfm2moe`; Granite 4.0 H as `granitehybrid`
 (Mamba-2 blocks beside attention ones), Nemotron-H as `nemotron_h` (Mamba-2, attention and MLP blocks);
-Apertus as `apertus` (its xIELU parameters, read from the weights, as keys).
+Apertus as `apertus` (its xIELU parameters, read from the weights, as keys). An image-text checkpoint
+whose text model is one of these (Gemma 3 4B-27B) goes in as its text model.
 """
 
 from __future__ import annotations
@@ -1922,6 +1923,32 @@ def _column_experts(name: str, w: torch.Tensor, interleaved: bool) -> Iterator[t
     yield f"blk.{blk}.ffn_up_exps.{bias}", up
 
 
+# where a multimodal checkpoint (Gemma 3's image-text models) holds its text model's tensors
+_TEXT_PREFIX = "model.language_model."
+
+
+def _text_config(config: Any) -> Any:
+    """The config of the text model GGUF export writes: a multimodal checkpoint's text config where it
+    has one whose architecture GGUF export takes (Gemma 3's `gemma3_text`), else the config itself."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return text if text is not config and text.model_type in ARCHITECTURES else config
+
+
+def _text_tensors(items: Iterable[tuple[str, torch.Tensor]], multimodal: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors GGUF export writes: a multimodal model's text model's under the text-only names
+    (`model.language_model.` as `model.`, the head as it is), the rest (vision tower, projector) left
+    out; every tensor of a text model; never a rotary embedding's computed `inv_freq`."""
+    for name, w in items:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if not multimodal:
+            yield name, w
+        elif name.startswith(_TEXT_PREFIX):
+            yield "model." + name[len(_TEXT_PREFIX) :], w
+        elif name == "lm_head.weight":
+            yield name, w
+
+
 def write_gguf(
     lm: Any,
     path: Path,
@@ -1941,9 +1968,10 @@ def write_gguf(
 
     if kind not in TYPES:
         raise UsageError(f"unknown GGUF type {kind!r}: use one of {', '.join(TYPES)}")
-    config = lm.model.config
-    state = {k: v for k, v in lm.model.state_dict().items() if not k.endswith("rotary_emb.inv_freq")}
-    tied = bool(getattr(config, "tie_word_embeddings", False))
+    full = lm.model.config
+    config = _text_config(full)
+    state = dict(_text_tensors(lm.model.state_dict().items(), config is not full))
+    tied = bool(getattr(config, "tie_word_embeddings", False) or getattr(full, "tie_word_embeddings", False))
     if tied:
         state.pop("lm_head.weight", None)
     arch, shape = _check_layout(config, state)
@@ -1952,7 +1980,7 @@ def write_gguf(
                          "experts: use q8_0 or q4_0")  # fmt: skip
     writer = gguf.GGUFWriter(str(path), arch.gguf)
     # the source's directory name, not its path (a GGUF carries no local paths)
-    writer.add_name(Path(str(getattr(config, "_name_or_path", "") or "")).name or "carve output")
+    writer.add_name(Path(str(getattr(full, "_name_or_path", "") or "")).name or "carve output")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -1991,6 +2019,10 @@ def write_gguf(
         arch.weight_metadata(writer, config, value)
     notes = [*(arch.caveats(config) if arch.caveats else []), *_tokenizer_metadata(writer, lm.tokenizer, source_gguf,
                                                                                    arch.pre)]  # fmt: skip
+    if config is not full:
+        notes.append(f"the text model of a {full.model_type} checkpoint: its other parts (a vision tower, a projector) "
+                     "are not written; llama.cpp reads them from a separate mmproj file, which carve does not "
+                     "write")  # fmt: skip
     rope_tensors, attn_factor = _rope_tensors(lm.model, config, shape["head_dim"], theta)
     if attn_factor is not None:
         writer.add_rope_scaling_attn_factors(attn_factor)
@@ -2008,7 +2040,8 @@ def write_gguf(
     writer.write_ti_data_to_file()
     for _, values in rope_tensors:
         writer.write_tensor_data(values)
-    data = (item for item in (items() if items is not None else iter(state.items())) if item[0] in state)
+    given = _text_tensors(items(), config is not full) if items is not None else iter(state.items())
+    data = (item for item in given if item[0] in state)
     written = progress(_gguf_tensors(data, arch, config), "writing GGUF", total=len(planned))
     for (target, w), (want, qtype) in zip(written, planned, strict=True):
         if arch.norm_offset and target.endswith("norm.weight"):
@@ -2051,8 +2084,11 @@ def export(
     if (source / "config.json").is_file():  # refused before loading: a layout not exported
         from carve.models.load import read_config
 
-        architecture(json.loads((source / "config.json").read_text()).get("model_type"))
-        check_config(read_config(source))
+        full = read_config(source)
+        text = _text_config(full)
+        architecture(text.model_type if text is not full else json.loads((source / "config.json").read_text()).get(
+            "model_type"))  # fmt: skip
+        check_config(text)
     reason = None if stream is False else streaming_reason(str(src), torch.float32, bool(stream))
     if reason is not None:
         check_streamable(str(src))
