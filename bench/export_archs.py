@@ -817,9 +817,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
         "tokenizer; Gemma 3: 3 blocks sliding / full / sliding, window 16, a trained Gemma-style SentencePiece "
-        "tokenizer; Gemma 3 image-text (`gemma3-multimodal`): the gemma3 row's text model inside a Gemma3ForConditionalGeneration with a
-tiny SigLIP tower (1 block of 32); carve exports the text model.
-Gemma 2: 4 blocks alternating sliding / global, window 16, attention and final soft-capping at "
+        "tokenizer (`-multimodal`: the same text model inside a Gemma 3 image-text checkpoint with a tiny SigLIP "
+        "tower, carve exporting the text model); Gemma 2: 4 blocks alternating sliding / global, window 16, attention "
+        "and final soft-capping at "
         "5 and 3 with query and key weights scaled by 8 so that the caps bite, the Gemma-style tokenizer; Gemma (1): "
         "4 blocks, 8 query heads of 32 in 4 key/value groups (heads x head_dim apart from hidden), norm weights "
         "from N(0, 0.5) (Gemma scales by 1 + w), query and key weights scaled by 8, the Gemma-style tokenizer, and "
