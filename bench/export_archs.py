@@ -127,6 +127,9 @@ convolution of 4 with taps from N(0, 1)) in blocks 0, 1 and 3, attention in bloc
 one, routing and MLP weights from N(0, 0.2), norm weights from N(1, 0.5), query and key weights scaled by 8;
 Granite's multipliers and no RoPE (Granite 4.0 H's; contrast: top-1); `-rope`: with RoPE, no multipliers but
 attention scaled by 1/4, Mamba's output projections scaled by 0.1 (contrast: no RoPE).
+Bamba (`bamba`): 4 blocks, Mamba-2 in 0, 1 and 3 (taps from N(0, 1), output projections scaled by 0.1), attention
+with RoPE over half of each head in block 2, norm weights from N(1, 0.5), query and key weights scaled by 8;
+contrast: no channel rotated.
 Nemotron-H (`nemotron-h`): 4 blocks of one kind each (Mamba-2, attention, Mamba-2, squared-ReLU MLP), Mamba-2
 with 8 heads of 16, state 16, 2 groups, convolution taps from N(0, 1), norm weights from N(1, 0.5), query and key
 weights scaled by 8; no contrast row (by hand: see the notes).
@@ -366,6 +369,18 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("conv1d.weight"):
                     p.normal_(0, 1.0)
                 if rope and name.endswith("mamba.out_proj.weight"):  # the attention block's share larger
+                    p.mul_(0.1)
+        return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
+    if kind == "bamba":  # Bamba in small: Mamba-2 blocks around an attention block with RoPE over half a head
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.BambaConfig(**sizes, attn_layer_indices=[2], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
+                                mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, vocab_size=vocab)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # convolutions whose earlier taps matter; Mamba's share smaller, so that RoPE shows
+            for name, p in model.named_parameters():
+                if name.endswith("conv1d.weight"):
+                    p.normal_(0, 1.0)
+                if name.endswith("mamba.out_proj.weight"):
                     p.mul_(0.1)
         return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
     if kind == "nemotron-h":  # Nemotron-H in small: Mamba-2, attention, Mamba-2, MLP blocks (no RoPE)
@@ -663,6 +678,10 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama4": ("export-archs-llama4-no-l2", {"use_qk_norm": False}),  # queries and keys not L2-normalized
     "lfm2-moe": ("export-archs-lfm2-moe-top1", {"num_experts_per_tok": 1}),
     "granite-hybrid": ("export-archs-granite-hybrid-top1", {"num_experts_per_tok": 1}),
+    "bamba": (
+        "export-archs-bamba-nope",
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.0}},
+    ),  # no channel rotated
     "apertus": ("export-archs-apertus-plain", {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
     "granite-hybrid-rope": ("export-archs-granite-hybrid-nope", {"position_embedding_type": None}),  # no RoPE
     "llama4-llama3-rope": (
@@ -812,7 +831,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
-        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Nemotron-H, Apertus, GLM-4, Nemotron, "
+        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Bamba, Nemotron-H, Apertus, GLM-4, Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -877,8 +896,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "3 of them gated short convolutions with large taps, 1 attention, and with 8 experts after the first block "
         "(`-moe`; contrast: top-1); Granite 4.0 H: Mamba-2 blocks around an attention block, 4 experts and a "
         "shared one (contrast: top-1; `-rope`: with RoPE, contrast without); Nemotron-H: Mamba-2, attention, "
-        "Mamba-2 and MLP blocks; Apertus: per-head Q/K norms, Llama 3 RoPE, each block's xIELU drawn (contrast: plain "
-        "RoPE), "
+        "Mamba-2 and MLP blocks; Bamba: Mamba-2 blocks around an attention block rotating half of each head "
+        "(contrast: none rotated); Apertus: per-head Q/K norms, Llama 3 RoPE, each block's xIELU drawn "
+        "(contrast: plain RoPE), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -1004,6 +1024,7 @@ KINDS = (
     "granite-hybrid",
     "granite-hybrid-rope",
     "nemotron-h",
+    "bamba",
     "apertus",
     "gpt-oss",
     "gpt-oss-experts",

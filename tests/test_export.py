@@ -992,6 +992,33 @@ def test_granite_hybrid_as_llama_cpp_granitehybrid(tmp_path: Path, tokenizer) ->
         check_config(tf.GraniteMoeHybridConfig(**sizes, time_step_limit=(0.0, 10.0)))
 
 
+def test_bamba_as_llama_cpp_granitehybrid(tmp_path: Path, tokenizer) -> None:
+    """Bamba as llama.cpp's `granitehybrid`: Granite 4.0 H's Mamba-2 blocks, RoPE always on over half of
+    each head, so Q and K rows permuted over the rotated half only (the other half as it is); its norms
+    and MLP under their Bamba names.  Logits in llama.cpp itself: bench/export_archs.py, row bamba."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.export import _permute
+
+    config = tf.BambaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8,
+                            mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2,
+                            max_position_embeddings=256)  # fmt: skip
+    state, meta, tensors = _tiny_gguf(config, tokenizer, tmp_path / "tiny-bamba", norms=True)
+    a = "granitehybrid."
+    assert meta["general.architecture"] == "granitehybrid" and meta[a + "rope.scaling.finetuned"] is True
+    assert meta[a + "rope.dimension_count"] == 8  # half of each 16-channel head
+    k = state["model.layers.1.self_attn.k_proj.weight"].numpy()  # 2 heads of 16
+    got = tensors["blk.1.attn_k.weight"].reshape(k.shape)
+    want = k.reshape(2, 16, 64).copy()
+    want[:, :8] = want[:, :8].reshape(2, 2, 4, 64).swapaxes(1, 2).reshape(2, 8, 64)  # the rotated half interleaved
+    assert np.array_equal(got, want.reshape(k.shape).astype(np.float16))
+    assert np.array_equal(_permute(k, 2), _permute(k, 2, 16))  # the whole head by default, as for Llama
+    for name in ("blk.0.ssm_in.weight", "blk.1.ffn_norm.weight", "output_norm.weight", "blk.0.ffn_gate.weight"):
+        assert name in tensors, name
+
+
 def test_nemotron_h_as_llama_cpp_nemotron_h(tmp_path: Path, tokenizer) -> None:
     """Nemotron-H as llama.cpp's `nemotron_h`: blocks of one kind each, told apart by llama.cpp from the
     per-block key/value heads and MLP widths (Mamba-2: 0 and 0; attention: its heads and 0; MLP: 0 and

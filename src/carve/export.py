@@ -59,7 +59,8 @@ attention, a shared MLP beside the experts), MiniMax-M2 as `minimax-m2` (whole-p
 sigmoid routing with a correction bias), Llama 4 (text) as `llama4` (experts stored by columns, a
 shared expert, llama.cpp's fixed chunking, NoPE blocks and temperature checked); LFM2 as `lfm2` (short
 convolution blocks beside attention ones) and LFM2-MoE as `lfm2moe`; Granite 4.0 H as `granitehybrid`
-(Mamba-2 blocks beside attention ones), Nemotron-H as `nemotron_h` (Mamba-2, attention and MLP blocks);
+(Mamba-2 blocks beside attention ones; Bamba the same, its Q and K permuted over the rotated half of each
+head), Nemotron-H as `nemotron_h` (Mamba-2, attention and MLP blocks);
 Apertus as `apertus` (its xIELU parameters, read from the weights, as keys). An image-text checkpoint
 whose text model is one of these (Gemma 3 4B-27B) goes in as its text model.
 """
@@ -1081,6 +1082,21 @@ def _apertus_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str,
     return [] if ".mlp.act_fn." in name else None
 
 
+def _check_bamba(config: Any) -> None:
+    """Refuse what llama.cpp's granitehybrid graph computes otherwise for Bamba: RoPE scaling, Mamba-2's
+    rules (`_check_mamba2`), an MLP other than SiLU-gated."""
+    _check_plain_rope(config, "granitehybrid")
+    _check_mamba2(config, "granitehybrid")
+    _check_activation(config, "granitehybrid", ("silu",), "gates its MLPs with SiLU")
+
+
+def _bamba_metadata(writer: Any, config: Any) -> None:
+    """Bamba's keys: Mamba-2's sizes and RoPE on (`rope.scaling.finetuned`: Bamba always rotates, over
+    part of each head); no multipliers (Granite's are 1 here)."""
+    _mamba2_metadata(writer, config)
+    writer.add_rope_scaling_finetuned(True)
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
@@ -1463,6 +1479,23 @@ ARCHITECTURES = {
         recurrent="mamba",
         tensors=_mamba2_tensors,
     ),
+    # Bamba: Granite 4.0 H's blocks without experts or multipliers (llama.cpp's granitehybrid), RoPE over half
+    # of each head (Q and K rows permuted over the rotated half)
+    "bamba": Architecture(
+        "granitehybrid",
+        True,
+        ("conv1d",),
+        "default",
+        names=(
+            (r"model\.layers\.(\d+)\.pre_ff_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+            (r"model\.layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}.weight"),
+            (r"model\.final_layernorm\.weight", "output_norm.weight"),
+        ),
+        check=_check_bamba,
+        metadata=_bamba_metadata,
+        recurrent="mamba",
+        tensors=_mamba2_tensors,
+    ),
     # Nemotron-H (Nemotron Nano 2): blocks of one kind each, Mamba-2, attention (no RoPE) or a squared-ReLU MLP
     "nemotron_h": Architecture(
         "nemotron_h",
@@ -1616,9 +1649,15 @@ def gguf_name(name: str, arch: Architecture | None = None) -> str:
     raise UsageError(f"llama.cpp has no tensor for {name!r} in this architecture: this layout cannot be exported")
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Hugging Face's rotate-half Q/K rows to GGML's interleaved rope layout (convert_hf_to_gguf's permute)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _permute(w: np.ndarray, n_head: int, rot: int | None = None) -> np.ndarray:
+    """Hugging Face's rotate-half Q/K rows to GGML's interleaved rope layout (convert_hf_to_gguf's permute),
+    over the first `rot` rows of each head (the rotated ones; all of them by default), the others as
+    they are."""
+    head = w.shape[0] // n_head
+    rot = rot or head
+    h = w.reshape(n_head, head, *w.shape[1:])
+    turned = h[:, :rot].reshape(n_head, 2, rot // 2, *w.shape[1:]).swapaxes(1, 2).reshape(n_head, rot, *w.shape[1:])
+    return np.concatenate([turned, h[:, rot:]], axis=1).reshape(w.shape)
 
 
 def architecture(model_type: Any) -> Architecture:
@@ -1629,7 +1668,7 @@ def architecture(model_type: Any) -> Architecture:
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
-            "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Nemotron-H and Apertus "
+            "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Nemotron-H and Apertus "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -1856,15 +1895,15 @@ def _nbytes(shape: tuple[int, ...], qtype: Any) -> int:
 
 
 def _tensor(
-    w: torch.Tensor, kind: str, permute_heads: int | None = None, keep_f32: bool = False
+    w: torch.Tensor, kind: str, permute_heads: int | None = None, keep_f32: bool = False, rot: int | None = None
 ) -> tuple[np.ndarray, Any]:
     """(data, ggml type) of one tensor in the export type (`_ggml_type`), its rows permuted over
-    `permute_heads` heads when given."""
+    `permute_heads` heads when given (the first `rot` rows of each)."""
     import gguf
 
     data = w.detach().float().cpu().numpy()
     if permute_heads:
-        data = _permute(data, permute_heads)
+        data = _permute(data, permute_heads, rot)
     qtype = _ggml_type(data.shape, kind, keep_f32)
     if qtype == gguf.GGMLQuantizationType.F32:
         return data, qtype
@@ -2002,8 +2041,9 @@ def write_gguf(
         eps = next((getattr(config, k) for k in keys if getattr(config, k, None) is not None), None)
         if eps is not None:
             writer.add_layer_norm_eps(float(eps))
-    # Phi-4-mini rotates 3/4 of a head; DeepSeek its rotated channels
-    writer.add_rope_dimension_count(shape.get("rope_dims") or _rotary_dims(config, shape["head_dim"]))
+    # Phi-4-mini rotates 3/4 of a head, Bamba half; DeepSeek its rotated channels
+    rotated = shape.get("rope_dims") or _rotary_dims(config, shape["head_dim"])
+    writer.add_rope_dimension_count(rotated)
     writer.add_key_length(shape.get("key_length", shape["head_dim"]))
     writer.add_value_length(shape.get("value_length", shape["head_dim"]))
     writer.add_vocab_size(config.vocab_size)
@@ -2047,7 +2087,7 @@ def write_gguf(
         if arch.norm_offset and target.endswith("norm.weight"):
             w = w.float() + arch.norm_offset
         heads = _heads(target, w, config, shape) if arch.permute_qk else None
-        array, got = _tensor(w, kind, heads, keep_f32=_keep_f32(target))
+        array, got = _tensor(w, kind, heads, keep_f32=_keep_f32(target), rot=rotated)
         if (target, got) != (want, qtype):
             raise RuntimeError(f"GGUF tensor {target} ({got}) came where the header says {want} ({qtype})")
         writer.write_tensor_data(array)
