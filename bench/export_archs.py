@@ -475,7 +475,9 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         model = tf.AutoModelForCausalLM.from_config(tf.NemotronConfig(**sizes, head_dim=16, vocab_size=vocab))
         return _perturbed(model, ("norm.weight", "norm.bias"), 0.0)
-    if kind == "glm4":  # 4 blocks: norms N(1, 0.5) (two more per block), Q/K/V biases, RoPE over half a head
+    if (
+        kind.removesuffix("-structured") == "glm4"
+    ):  # 4 blocks: norms N(1, 0.5) (two more per block), Q/K/V biases, RoPE over half a head
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         model = tf.AutoModelForCausalLM.from_config(tf.Glm4Config(**sizes, head_dim=16, vocab_size=vocab))
         return _layernorms_and_biases_drawn(model, "proj.bias")
@@ -649,6 +651,7 @@ STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structur
               "llama-structured": [*_CUT, "--heads-keep", "0.5"], "cohere2-structured": [*_CUT, "--heads-keep", "1.0"],
               "qwen2-structured-heads": [*_CUT, "--heads-keep", "0.5"],
               "gemma-structured": [*_CUT, "--heads-keep", "0.5"],  # 4 of 8 query heads, 2 of 4 key/value heads
+              "glm4-structured": [*_CUT, "--heads-keep", "0.5"],  # 2 of 4 query heads: 32 wide beside hidden 64
               # heads structured extraction cannot remove (whole-projection Q/K norms; a width attribute): every
               # head kept without being asked
               "olmo2-structured": _CUT, "stablelm-structured": _CUT,
@@ -844,9 +847,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         "from N(0, 0.5) (Gemma scales by 1 + w), query and key weights scaled by 8, the Gemma-style tokenizer, and "
         "cut by `--heads-keep 0.5 --mlp-keep 0.5 --drop-blocks 1` (`-structured`); GLM-4 (0414): 4 blocks, its "
         "four norms per block from N(1, 0.5), random Q/K/V biases, query and key weights scaled by 8, GPT-J-style "
-        "RoPE over half of each head; Nemotron: 4 blocks, LayerNorm weights (Nemotron scales by 1 + w) and "
-        "biases from N(0, 0.5), query and key weights scaled by 8, a squared-ReLU MLP, RoPE over half of each "
-        "head; OLMo (1): 4 blocks, LayerNorms without weights, Q, K and V clipped at 2 with query and key weights "
+        "RoPE over half of each head (`-structured`: cut by `--heads-keep 0.5 --mlp-keep 0.5 --drop-blocks 1`, 2 "
+        "query heads of 16 beside a hidden size of 64); Nemotron: 4 blocks, LayerNorm weights (Nemotron scales by "
+        "1 + w) and biases from N(0, 0.5), query and key weights scaled by 8, a squared-ReLU MLP, RoPE over half of "
+        "each head; OLMo (1): 4 blocks, LayerNorms without weights, Q, K and V clipped at 2 with query and key weights "
         "scaled by 8 (contrast: not clipped); Seed-OSS: 4 blocks, random Q/K/V biases and norm weights, 4 query "
         "heads of 32 (twice the hidden size); Arcee: 4 blocks, squared-ReLU MLP, YaRN with factor 4 over an "
         "original context of 64, query and key weights scaled by 8 (contrast: plain RoPE); HunYuan (dense): 4 "
@@ -966,6 +970,7 @@ KINDS = (
     "gemma",
     "gemma-structured",
     "glm4",
+    "glm4-structured",
     "nemotron",
     "olmo",
     "seed_oss",

@@ -1141,7 +1141,8 @@ def test_glm4_as_llama_cpp_glm4(tmp_path: Path, tokenizer) -> None:
     """GLM-4 (0414) as llama.cpp's `glm4`: Q/K/V and their biases unpermuted (GPT-J-style RoPE in both),
     the fused gate/up as `ffn_up` (gate rows first), the norms after attention and after the MLP as
     `post_attention_norm` / `post_ffw_norm` beside `attn_norm` / `ffn_norm`, the rotary width half a
-    head; scaled RoPE and a non-SiLU MLP refused.  Logits in llama.cpp itself: bench/export_archs.py, row glm4."""
+    head; scaled RoPE and a non-SiLU MLP refused; query heads narrower than the hidden size taken.  Logits in
+    llama.cpp itself: bench/export_archs.py, rows glm4 and glm4-structured."""
     import numpy as np
     import transformers as tf
 
@@ -1172,6 +1173,11 @@ def test_glm4_as_llama_cpp_glm4(tmp_path: Path, tokenizer) -> None:
     with pytest.raises(UsageError, match="plain RoPE"):
         check(tf.Glm4Config(**sizes, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0,
                                                       "partial_rotary_factor": 0.5}))  # fmt: skip
+    # query heads narrower than the hidden size (a structured GLM-4 with heads removed): llama.cpp's glm4 sizes
+    # them by heads x head_dim, so the export takes them (row glm4-structured)
+    from carve.export import check_config
+
+    assert check_config(tf.Glm4Config(**{**sizes, "num_attention_heads": 2, "num_key_value_heads": 1})).gguf == "glm4"
 
 
 def test_nemotron_as_llama_cpp_nemotron(tmp_path: Path, tokenizer) -> None:

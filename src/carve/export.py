@@ -1326,15 +1326,10 @@ ARCHITECTURES = {
         "cohere2", False, (), "default", check=_check_cohere2, metadata=_cohere2_metadata, query_is_hidden=True
     ),
     # GLM-4 (0414): Q/K/V biases, GPT-J-style RoPE over part of each head (llama.cpp's too: unpermuted),
-    # the MLP's gate and up fused, a norm after attention and after the MLP besides the usual two
+    # the MLP's gate and up fused, a norm after attention and after the MLP besides the usual two; query
+    # heads sized by heads x head_dim in llama.cpp's graph (narrower and wider than the hidden size load)
     "glm4": Architecture(
-        "glm4",
-        False,
-        ("q_proj", "k_proj", "v_proj"),
-        "default",
-        names=_GLM4_NAMES,
-        check=_check_glm4,
-        query_is_hidden=True,
+        "glm4", False, ("q_proj", "k_proj", "v_proj"), "default", names=_GLM4_NAMES, check=_check_glm4
     ),
     # HunYuan dense: Llama's tensors unpermuted, per-head Q/K norms after RoPE, an NTK-alpha RoPE base
     "hunyuan_v1_dense": Architecture(
