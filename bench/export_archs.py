@@ -127,6 +127,9 @@ convolution of 4 with taps from N(0, 1)) in blocks 0, 1 and 3, attention in bloc
 one, routing and MLP weights from N(0, 0.2), norm weights from N(1, 0.5), query and key weights scaled by 8;
 Granite's multipliers and no RoPE (Granite 4.0 H's; contrast: top-1); `-rope`: with RoPE, no multipliers but
 attention scaled by 1/4, Mamba's output projections scaled by 0.1 (contrast: no RoPE).
+Falcon-H1 (`falcon-h1`): 4 blocks of Mamba-2 (2 groups, its gated norm, taps from N(0, 1)) beside attention, then a
+SwiGLU MLP, every µP multiplier away from 1 (FALCON_H1_MUP), norm weights from N(1, 0.5), query and key weights
+scaled by 8; contrast: every multiplier 1.
 Bamba (`bamba`): 4 blocks, Mamba-2 in 0, 1 and 3 (taps from N(0, 1), output projections scaled by 0.1), attention
 with RoPE over half of each head in block 2, norm weights from N(1, 0.5), query and key weights scaled by 8;
 contrast: no channel rotated.
@@ -192,6 +195,10 @@ MINISTRAL3_ROPE = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
                    "llama_4_scaling_beta": 0.1}  # fmt: skip
 DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 64,
                  "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}  # fmt: skip
+# Falcon-H1's µP multipliers, each away from 1 so that one lost or misapplied shows
+FALCON_H1_MUP = {"key_multiplier": 0.5, "attention_in_multiplier": 0.8, "attention_out_multiplier": 1.25,
+                 "ssm_in_multiplier": 0.7, "ssm_out_multiplier": 1.3, "ssm_multipliers": [1.5, 0.5, 1.2, 0.8, 2.0],
+                 "mlp_multipliers": [1.4, 0.6], "embedding_multiplier": 2.0, "lm_head_multiplier": 0.5}  # fmt: skip
 HUNYUAN_ROPE = {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0}
 ARCEE_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 TYPE = {"gpt-oss-mxfp4": "mxfp4"}  # rows exported in a type other than f16
@@ -370,6 +377,18 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                     p.normal_(0, 1.0)
                 if rope and name.endswith("mamba.out_proj.weight"):  # the attention block's share larger
                     p.mul_(0.1)
+        return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
+    if kind == "falcon-h1":  # Falcon-H1 in small: Mamba-2 beside attention in every block, µP multipliers that matter
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.FalconH1Config(**sizes, head_dim=16, mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
+                                   mamba_n_groups=2, mamba_d_conv=4, mamba_expand=2, mamba_d_ssm=128,
+                                   mamba_rms_norm=True, mamba_norm_before_gate=False, vocab_size=vocab,
+                                   **FALCON_H1_MUP)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # convolutions whose earlier taps matter
+            for name, p in model.named_parameters():
+                if name.endswith("conv1d.weight"):
+                    p.normal_(0, 1.0)
         return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
     if kind == "bamba":  # Bamba in small: Mamba-2 blocks around an attention block with RoPE over half a head
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
@@ -681,6 +700,11 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama4": ("export-archs-llama4-no-l2", {"use_qk_norm": False}),  # queries and keys not L2-normalized
     "lfm2-moe": ("export-archs-lfm2-moe-top1", {"num_experts_per_tok": 1}),
     "granite-hybrid": ("export-archs-granite-hybrid-top1", {"num_experts_per_tok": 1}),
+    # every multiplier 1
+    "falcon-h1": (
+        "export-archs-falcon-h1-no-mup",
+        {**dict.fromkeys(FALCON_H1_MUP, 1.0), "ssm_multipliers": [1.0] * 5, "mlp_multipliers": [1.0, 1.0]},
+    ),
     "bamba": (
         "export-archs-bamba-nope",
         {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.0}},
@@ -834,7 +858,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
-        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Bamba, Nemotron-H, Apertus, GLM-4, Nemotron, "
+        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Bamba, Falcon-H1, Nemotron-H, Apertus, GLM-4, "
+        "Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
         "bench/export_archs.py: a tiny random model per layout (hidden 64, 2 blocks, the embedded default's "
@@ -901,7 +926,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "(`-moe`; contrast: top-1); Granite 4.0 H: Mamba-2 blocks around an attention block, 4 experts and a "
         "shared one (contrast: top-1; `-rope`: with RoPE, contrast without); Nemotron-H: Mamba-2, attention, "
         "Mamba-2 and MLP blocks; Bamba: Mamba-2 blocks around an attention block rotating half of each head "
-        "(contrast: none rotated); Apertus: per-head Q/K norms, Llama 3 RoPE, each block's xIELU drawn "
+        "(contrast: none rotated); Falcon-H1: Mamba-2 beside attention in every block, its µP multipliers away from 1 "
+        "(contrast: all 1); Apertus: per-head Q/K norms, Llama 3 RoPE, each block's xIELU drawn "
         "(contrast: plain RoPE), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
@@ -1030,6 +1056,7 @@ KINDS = (
     "granite-hybrid-rope",
     "nemotron-h",
     "bamba",
+    "falcon-h1",
     "apertus",
     "gpt-oss",
     "gpt-oss-experts",

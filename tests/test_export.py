@@ -1019,6 +1019,45 @@ def test_bamba_as_llama_cpp_granitehybrid(tmp_path: Path, tokenizer) -> None:
         assert name in tensors, name
 
 
+def test_falcon_h1_as_llama_cpp_falcon_h1(tmp_path: Path, tokenizer) -> None:
+    """Falcon-H1 as llama.cpp's `falcon-h1`, its µP multipliers folded into the weights they scale (llama.cpp's
+    graph has none, as after its converter): the embeddings, the head, Q/K/V by the attention input's (K by
+    the key's too), the output by the attention output's, the MLP's gate and down, Mamba-2's input rows by
+    `ssm_in_multiplier` and their section's multiplier (z, x, B, C, dt), its output; the MLP's norm under
+    llama.cpp's suffix-less name; Mamba's norm before its gate and a tied head refused.  Logits in
+    llama.cpp itself: bench/export_archs.py, row falcon-h1."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.export import check_config
+
+    mup = {"key_multiplier": 0.5, "attention_in_multiplier": 0.8, "attention_out_multiplier": 1.25,
+           "ssm_in_multiplier": 0.7, "ssm_out_multiplier": 1.3, "ssm_multipliers": [1.5, 0.5, 1.2, 0.8, 2.0],
+           "mlp_multipliers": [1.4, 0.6], "embedding_multiplier": 2.0, "lm_head_multiplier": 0.5}  # fmt: skip
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+             "mamba_n_heads": 8, "mamba_d_head": 16, "mamba_d_state": 16, "mamba_n_groups": 2, "mamba_d_conv": 4,
+             "mamba_expand": 2, "mamba_d_ssm": 128, "mamba_rms_norm": True, "mamba_norm_before_gate": False}  # fmt: skip
+    state, meta, tensors = _tiny_gguf(tf.FalconH1Config(**sizes, **mup), tokenizer, tmp_path / "tiny-falcon-h1")
+    assert meta["general.architecture"] == "falcon-h1" and meta["falcon-h1.ssm.inner_size"] == 128
+    p = "model.layers.1."
+    for name, want in {"blk.1.attn_k.weight": state[p + "self_attn.k_proj.weight"] * 0.8 * 0.5,
+                       "blk.1.attn_output.weight": state[p + "self_attn.o_proj.weight"] * 1.25,
+                       "blk.1.ffn_gate.weight": state[p + "feed_forward.gate_proj.weight"] * 1.4,
+                       "blk.1.ssm_out.weight": state[p + "mamba.out_proj.weight"] * 1.3,
+                       "token_embd.weight": state["model.embed_tokens.weight"] * 2.0,
+                       "output.weight": state["lm_head.weight"] * 0.5}.items():  # fmt: skip
+        assert np.array_equal(tensors[name].reshape(want.shape), want.half().numpy()), name
+    rows = state[p + "mamba.in_proj.weight"]  # z 128, x 128, B 32, C 32, dt 8
+    factor = torch.tensor([1.5] * 128 + [0.5] * 128 + [1.2] * 32 + [0.8] * 32 + [2.0] * 8).reshape(-1, 1) * 0.7
+    assert np.array_equal(tensors["blk.1.ssm_in.weight"].reshape(rows.shape), (rows * factor).half().numpy())
+    assert "blk.1.ffn_norm" in tensors and "blk.1.ssm_norm.weight" in tensors
+    for change, message in (({"mamba_norm_before_gate": True}, "norms it before"),
+                            ({"tie_word_embeddings": True}, "ties them")):  # fmt: skip
+        with pytest.raises(UsageError, match=message):
+            check_config(tf.FalconH1Config(**{**sizes, **mup, **change}))
+
+
 def test_nemotron_h_as_llama_cpp_nemotron_h(tmp_path: Path, tokenizer) -> None:
     """Nemotron-H as llama.cpp's `nemotron_h`: blocks of one kind each, told apart by llama.cpp from the
     per-block key/value heads and MLP widths (Mamba-2: 0 and 0; attention: its heads and 0; MLP: 0 and

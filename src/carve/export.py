@@ -60,7 +60,8 @@ sigmoid routing with a correction bias), Llama 4 (text) as `llama4` (experts sto
 shared expert, llama.cpp's fixed chunking, NoPE blocks and temperature checked); LFM2 as `lfm2` (short
 convolution blocks beside attention ones) and LFM2-MoE as `lfm2moe`; Granite 4.0 H as `granitehybrid`
 (Mamba-2 blocks beside attention ones; Bamba the same, its Q and K permuted over the rotated half of each
-head), Nemotron-H as `nemotron_h` (Mamba-2, attention and MLP blocks);
+head), Falcon-H1 as `falcon-h1` (Mamba-2 beside attention in every block, its µP multipliers folded into
+the weights), Nemotron-H as `nemotron_h` (Mamba-2, attention and MLP blocks);
 Apertus as `apertus` (its xIELU parameters, read from the weights, as keys). An image-text checkpoint
 whose text model is one of these (Gemma 3 4B-27B) goes in as its text model.
 """
@@ -945,8 +946,9 @@ def _check_granite_hybrid(config: Any) -> None:
 
 def _mamba2_sizes(config: Any) -> dict[str, int]:
     """Mamba-2's sizes under either config's names (Granite 4.0 H's `mamba_*`, Nemotron-H's)."""
-    if hasattr(config, "mamba_n_heads"):
-        return {"conv": int(config.mamba_d_conv), "inner": int(config.mamba_expand * config.hidden_size),
+    if hasattr(config, "mamba_n_heads"):  # Falcon-H1 may set the inner width apart (`mamba_d_ssm`)
+        inner = getattr(config, "mamba_d_ssm", None) or config.mamba_expand * config.hidden_size
+        return {"conv": int(config.mamba_d_conv), "inner": int(inner),
                 "state": int(config.mamba_d_state), "heads": int(config.mamba_n_heads),
                 "groups": int(config.mamba_n_groups)}  # fmt: skip
     return {"conv": int(config.conv_kernel), "inner": int(config.mamba_num_heads * config.mamba_head_dim),
@@ -1095,6 +1097,51 @@ def _bamba_metadata(writer: Any, config: Any) -> None:
     part of each head); no multipliers (Granite's are 1 here)."""
     _mamba2_metadata(writer, config)
     writer.add_rope_scaling_finetuned(True)
+
+
+def _check_falcon_h1(config: Any) -> None:
+    """Refuse what llama.cpp's falcon-h1 graph computes otherwise: Mamba-2's gated norm before the gate
+    (`mamba_norm_before_gate` with `mamba_rms_norm`: llama.cpp norms after it), an output tied to the
+    embeddings (their multipliers differ: the export writes both scaled), RoPE scaling, Mamba-2's rules,
+    an MLP other than SiLU-gated."""
+    _check_plain_rope(config, "falcon-h1")
+    _check_mamba2(config, "falcon-h1")
+    _check_activation(config, "falcon-h1", ("silu",), "gates its MLP with SiLU")
+    if getattr(config, "mamba_rms_norm", False) and getattr(config, "mamba_norm_before_gate", False):
+        raise UsageError("llama.cpp's falcon-h1 norms Mamba-2's output after its gate; this model norms it before")
+    if getattr(config, "tie_word_embeddings", False):
+        raise UsageError("GGUF export writes Falcon-H1's output matrix apart from its embeddings; this model ties them")
+
+
+def _falcon_h1_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
+    """Falcon-H1's µP multipliers folded into the weights they scale, as llama.cpp's converter does (its
+    graph has none): the embeddings, the head, attention's input (Q, K, V; K also by `key_multiplier`) and
+    output, the MLP's gate and down, Mamba-2's input (by `ssm_in_multiplier` and, per output row, the five
+    `ssm_multipliers` of z, x, B, C and dt) and output. Mamba-2's other parameters as Granite 4.0 H's."""
+    m = re.fullmatch(r"model\.layers\.\d+\.(self_attn|feed_forward|mamba)\.(\w+?)(?:_proj)?\.weight", name)
+    scale: float | torch.Tensor | None = None
+    if name == "model.embed_tokens.weight":
+        scale = float(config.embedding_multiplier)
+    elif name == "lm_head.weight":
+        scale = float(config.lm_head_multiplier)
+    elif m is not None and m[1] == "self_attn":
+        scale = {"q": config.attention_in_multiplier, "v": config.attention_in_multiplier,
+                 "k": config.attention_in_multiplier * config.key_multiplier,
+                 "o": config.attention_out_multiplier}[m[2]]  # fmt: skip
+    elif m is not None and m[1] == "feed_forward":
+        scale = {"gate": config.mlp_multipliers[0], "down": config.mlp_multipliers[1], "up": 1.0}[m[2]]
+    elif m is not None and m[2] == "in":
+        sizes = _mamba2_sizes(config)
+        inner, bc = sizes["inner"], sizes["groups"] * sizes["state"]
+        widths = (inner, inner, bc, bc, sizes["heads"])  # z, x, B, C, dt rows
+        scale = config.ssm_in_multiplier * torch.cat(
+            [torch.full((n,), float(f), device=w.device) for n, f in zip(widths, config.ssm_multipliers, strict=True)]
+        ).reshape(-1, 1)  # on the tensor's device: the meta one when a streamed export plans its tensors
+    elif m is not None and m[2] == "out":
+        scale = float(config.ssm_out_multiplier)
+    if scale is None:
+        return _mamba2_tensors(name, w, config)
+    return [(gguf_name(name, ARCHITECTURES["falcon_h1"]), w.float() * scale)]
 
 
 def _check_glm4_moe(config: Any) -> None:
@@ -1491,6 +1538,25 @@ ARCHITECTURES = {
         recurrent="mamba",
         tensors=_mamba2_tensors,
     ),
+    # Falcon-H1: Mamba-2 and attention side by side in every block on one norm, then a SwiGLU MLP; its µP
+    # multipliers folded into the weights (`_falcon_h1_tensors`)
+    "falcon_h1": Architecture(
+        "falcon-h1",
+        False,
+        ("conv1d",),
+        "default",
+        names=(
+            # llama.cpp's falcon-h1 reads the MLP's norm without the ".weight" suffix
+            (r"model\.layers\.(\d+)\.pre_ff_layernorm\.weight", "blk.{}.ffn_norm"),
+            (r"model\.layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}.weight"),
+            (r"model\.layers\.(\d+)\.mamba\.in_proj\.weight", "blk.{}.ssm_in.weight"),
+            (r"model\.layers\.(\d+)\.mamba\.out_proj\.weight", "blk.{}.ssm_out.weight"),
+            (r"model\.final_layernorm\.weight", "output_norm.weight"),
+        ),
+        check=_check_falcon_h1,
+        metadata=_mamba2_metadata,
+        tensors=_falcon_h1_tensors,
+    ),
     # Nemotron-H (Nemotron Nano 2): blocks of one kind each, Mamba-2, attention (no RoPE) or a squared-ReLU MLP
     "nemotron_h": Architecture(
         "nemotron_h",
@@ -1663,7 +1729,7 @@ def architecture(model_type: Any) -> Architecture:
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
-            "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Nemotron-H and Apertus "
+            "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Falcon-H1, Nemotron-H and Apertus "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
