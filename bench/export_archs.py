@@ -130,6 +130,9 @@ attention scaled by 1/4, Mamba's output projections scaled by 0.1 (contrast: no 
 Falcon-H1 (`falcon-h1`): 4 blocks of Mamba-2 (2 groups, its gated norm, taps from N(0, 1)) beside attention, then a
 SwiGLU MLP, every µP multiplier away from 1 (FALCON_H1_MUP), norm weights from N(1, 0.5), query and key weights
 scaled by 8; contrast: every multiplier 1.
+Jamba (`jamba`): 4 blocks, Mamba (1) in 0, 1 and 3 (state 16, convolution taps from N(0, 1)), attention in block 2,
+experts (4, top-2; routing weights from N(0, 0.2)) in blocks 1 and 3, norm weights from N(1, 0.5), query and key
+weights scaled by 8; contrast: top-1.
 Bamba (`bamba`): 4 blocks, Mamba-2 in 0, 1 and 3 (taps from N(0, 1), output projections scaled by 0.1), attention
 with RoPE over half of each head in block 2, norm weights from N(1, 0.5), query and key weights scaled by 8;
 contrast: no channel rotated.
@@ -390,6 +393,19 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 if name.endswith("conv1d.weight"):
                     p.normal_(0, 1.0)
         return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
+    if kind == "jamba":  # Jamba in small: Mamba (1) blocks around an attention block, experts every other block
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        config = tf.JambaConfig(**sizes, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
+                                expert_layer_offset=1, attn_layer_period=4, attn_layer_offset=2, mamba_d_state=16,
+                                mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8, vocab_size=vocab)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # routing that matters, convolutions whose earlier taps matter
+            for name, p in model.named_parameters():
+                if ".experts." in name or ".router." in name:
+                    p.normal_(0, 0.2)
+                if name.endswith("conv1d.weight"):
+                    p.normal_(0, 1.0)
+        return _perturbed(model, ("layernorm.weight",), 1.0)
     if kind == "bamba":  # Bamba in small: Mamba-2 blocks around an attention block with RoPE over half a head
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.BambaConfig(**sizes, attn_layer_indices=[2], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
@@ -700,6 +716,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama4": ("export-archs-llama4-no-l2", {"use_qk_norm": False}),  # queries and keys not L2-normalized
     "lfm2-moe": ("export-archs-lfm2-moe-top1", {"num_experts_per_tok": 1}),
     "granite-hybrid": ("export-archs-granite-hybrid-top1", {"num_experts_per_tok": 1}),
+    "jamba": ("export-archs-jamba-top1", {"num_experts_per_tok": 1}),
     # every multiplier 1
     "falcon-h1": (
         "export-archs-falcon-h1-no-mup",
@@ -858,7 +875,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "StableLM, Cohere, Cohere 2, "
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
-        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Bamba, Falcon-H1, Nemotron-H, Apertus, GLM-4, "
+        "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H, Apertus, GLM-4, "
         "Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
@@ -927,7 +944,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "shared one (contrast: top-1; `-rope`: with RoPE, contrast without); Nemotron-H: Mamba-2, attention, "
         "Mamba-2 and MLP blocks; Bamba: Mamba-2 blocks around an attention block rotating half of each head "
         "(contrast: none rotated); Falcon-H1: Mamba-2 beside attention in every block, its µP multipliers away from 1 "
-        "(contrast: all 1); Apertus: per-head Q/K norms, Llama 3 RoPE, each block's xIELU drawn "
+        "(contrast: all 1); Jamba: Mamba (1) blocks around an attention block, experts every other block (contrast: "
+        "top-1); Apertus: per-head Q/K norms, Llama 3 RoPE, each block's xIELU drawn "
         "(contrast: plain RoPE), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
@@ -1057,6 +1075,7 @@ KINDS = (
     "nemotron-h",
     "bamba",
     "falcon-h1",
+    "jamba",
     "apertus",
     "gpt-oss",
     "gpt-oss-experts",

@@ -1058,6 +1058,40 @@ def test_falcon_h1_as_llama_cpp_falcon_h1(tmp_path: Path, tokenizer) -> None:
             check_config(tf.FalconH1Config(**{**sizes, **mup, **change}))
 
 
+def test_jamba_as_llama_cpp_jamba(tmp_path: Path, tokenizer) -> None:
+    """Jamba as llama.cpp's `jamba`: Mamba (1) blocks (0 key/value heads) with A as -exp(A_log) [inner,
+    state] in float32, the convolution {L, channels}, the x and dt projections (the latter's bias) and the
+    dt / B / C norms under `ssm_*` names, Mamba's sizes as `ssm.*` keys; attention blocks without RoPE;
+    dense MLPs and experts (the router under `feed_forward`).  Logits in llama.cpp itself:
+    bench/export_archs.py, row jamba."""
+    import numpy as np
+    import transformers as tf
+    from gguf import GGUFReader
+
+    config = tf.JambaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                            expert_layer_period=2, expert_layer_offset=1, attn_layer_period=4, attn_layer_offset=2,
+                            mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8,
+                            max_position_embeddings=256)  # fmt: skip
+    state, meta, tensors = _tiny_gguf(config, tokenizer, tmp_path / "tiny-jamba", norms=True)
+    a = "jamba."
+    assert [meta[a + "ssm." + k] for k in ("conv_kernel", "inner_size", "state_size", "time_step_rank")] == [4, 128,
+                                                                                                           16, 8]  # fmt: skip
+    assert meta[a + "expert_count"] == 4
+    assert GGUFReader(str(tmp_path / "tiny-jamba-f16.gguf")).fields[a + "attention.head_count_kv"].contents() == [
+        0, 0, 2, 0]  # fmt: skip
+    p = "model.layers.1.mamba."
+    assert tensors["blk.1.ssm_a"].dtype == np.float32
+    assert np.allclose(tensors["blk.1.ssm_a"].reshape(128, 16), -torch.exp(state[p + "A_log"]).numpy())
+    for name, want in {"blk.1.ssm_dt.bias": p + "dt_proj.bias", "blk.1.ssm_b_norm.weight": p + "b_layernorm.weight",
+                       "blk.1.ssm_d": p + "D"}.items():  # fmt: skip
+        assert np.array_equal(tensors[name], state[want].numpy()), name
+    x = state[p + "x_proj.weight"]
+    assert np.array_equal(tensors["blk.1.ssm_x.weight"].reshape(x.shape), x.half().numpy())
+    assert "blk.1.ffn_gate_inp.weight" in tensors and "blk.0.ffn_gate.weight" in tensors
+    assert "blk.2.attn_q.weight" in tensors and "output_norm.weight" in tensors
+
+
 def test_nemotron_h_as_llama_cpp_nemotron_h(tmp_path: Path, tokenizer) -> None:
     """Nemotron-H as llama.cpp's `nemotron_h`: blocks of one kind each, told apart by llama.cpp from the
     per-block key/value heads and MLP widths (Mamba-2: 0 and 0; attention: its heads and 0; MLP: 0 and

@@ -61,7 +61,8 @@ shared expert, llama.cpp's fixed chunking, NoPE blocks and temperature checked);
 convolution blocks beside attention ones) and LFM2-MoE as `lfm2moe`; Granite 4.0 H as `granitehybrid`
 (Mamba-2 blocks beside attention ones; Bamba the same, its Q and K permuted over the rotated half of each
 head), Falcon-H1 as `falcon-h1` (Mamba-2 beside attention in every block, its µP multipliers folded into
-the weights), Nemotron-H as `nemotron_h` (Mamba-2, attention and MLP blocks);
+the weights), Jamba as `jamba` (Mamba (1) blocks beside attention ones), Nemotron-H as `nemotron_h`
+(Mamba-2, attention and MLP blocks);
 Apertus as `apertus` (its xIELU parameters, read from the weights, as keys). An image-text checkpoint
 whose text model is one of these (Gemma 3 4B-27B) goes in as its text model.
 """
@@ -1144,6 +1145,47 @@ def _falcon_h1_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[st
     return [(gguf_name(name, ARCHITECTURES["falcon_h1"]), w.float() * scale)]
 
 
+def _check_jamba(config: Any) -> None:
+    """Refuse what llama.cpp's jamba graph computes otherwise: biases in Mamba's input and output
+    projections, an MLP other than SiLU-gated (Jamba has no RoPE: nothing to scale)."""
+    if getattr(config, "mamba_proj_bias", False):
+        raise UsageError("llama.cpp's jamba takes Mamba's projections without biases; this model's have them")
+    _check_activation(config, "jamba", ("silu",), "gates its MLPs with SiLU")
+
+
+def _jamba_metadata(writer: Any, config: Any) -> None:
+    """Jamba's keys: Mamba's sizes (convolution length, inner width, state size, the time step's rank) and,
+    where it has experts, their counts (softmax routing, the top-k not renormalized, llama.cpp's rule
+    here, as transformers computes it)."""
+    writer.add_ssm_conv_kernel(int(config.mamba_d_conv))
+    writer.add_ssm_inner_size(int(config.mamba_expand * config.hidden_size))
+    writer.add_ssm_state_size(int(config.mamba_d_state))
+    writer.add_ssm_time_step_rank(int(config.mamba_dt_rank))
+    if int(config.num_experts) > 1:
+        _moe_metadata(writer, config)
+
+
+def _mamba1_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
+    """Jamba's Mamba (1) parameters as llama.cpp's converter writes them: A as -exp(A_log) [inner, state],
+    the depthwise convolution [channels, 1, L] as {L, channels}, the input, x, dt and output projections
+    and the dt / B / C norms under llama.cpp's `ssm_*` names. None for any other tensor."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.mamba\.(\w+?)(?:\.(weight|bias))?", name)
+    if m is None:
+        return None
+    blk, what, kind = f"blk.{m[1]}", m[2], m[3]
+    if what == "A_log":
+        return [(f"{blk}.ssm_a", -torch.exp(w.float()))]
+    if what == "D":
+        return [(f"{blk}.ssm_d", w)]
+    if what == "conv1d":
+        return [(f"{blk}.ssm_conv1d.{kind}", w.reshape(w.shape[0], -1) if kind == "weight" else w)]
+    names = {"in_proj": "ssm_in", "x_proj": "ssm_x", "dt_proj": "ssm_dt", "out_proj": "ssm_out",
+             "dt_layernorm": "ssm_dt_norm", "b_layernorm": "ssm_b_norm", "c_layernorm": "ssm_c_norm"}  # fmt: skip
+    if what in names:
+        return [(f"{blk}.{names[what]}.{kind}", w)]
+    raise UsageError(f"llama.cpp has no tensor for {name!r} in jamba: this layout cannot be exported")
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
@@ -1557,6 +1599,23 @@ ARCHITECTURES = {
         metadata=_mamba2_metadata,
         tensors=_falcon_h1_tensors,
     ),
+    # Jamba: Mamba (1) blocks and attention blocks (no RoPE), each with a dense MLP or experts
+    "jamba": Architecture(
+        "jamba",
+        False,
+        ("conv1d", "dt_proj"),
+        "default",
+        names=(
+            (r"model\.layers\.(\d+)\.pre_ff_layernorm\.weight", "blk.{}.ffn_norm.weight"),
+            (r"model\.layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}.weight"),
+            (r"model\.layers\.(\d+)\.feed_forward\.router\.weight", "blk.{}.ffn_gate_inp.weight"),
+            (r"model\.final_layernorm\.weight", "output_norm.weight"),
+        ),
+        check=_check_jamba,
+        metadata=_jamba_metadata,
+        recurrent="mamba",
+        tensors=_mamba1_tensors,
+    ),
     # Nemotron-H (Nemotron Nano 2): blocks of one kind each, Mamba-2, attention (no RoPE) or a squared-ReLU MLP
     "nemotron_h": Architecture(
         "nemotron_h",
@@ -1729,7 +1788,7 @@ def architecture(model_type: Any) -> Architecture:
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
-            "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Falcon-H1, Nemotron-H and Apertus "
+            "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H and Apertus "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
