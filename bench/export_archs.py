@@ -162,6 +162,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +246,24 @@ def _layernorms_and_biases_drawn(model: torch.nn.Module, biases: str = ".bias") 
             if name.endswith(("q_proj.weight", "k_proj.weight")):
                 p.mul_(8)
     return model.eval()
+
+
+Rule = tuple[Callable[[str], bool], Callable[[torch.Tensor], object]]
+
+
+def _drawn(model: torch.nn.Module, *rules: Rule) -> torch.nn.Module:
+    """`model` with each parameter a rule matches (by name) changed by it, parameter by parameter and rule by
+    rule in order, so that a row's random draws follow one sequence."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            for match, change in rules:
+                if match(name):
+                    change(p)
+    return model
+
+
+# a Mamba convolution's taps from N(0, 1): earlier tokens then matter
+TAPS: Rule = (lambda name: name.endswith("conv1d.weight"), lambda p: p.normal_(0, 1.0))
 
 
 def _routing_drawn(model: torch.nn.Module) -> torch.nn.Module:
@@ -371,15 +390,13 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                            layer_types=["mamba", "mamba", "attention", "mamba"], mamba_n_heads=8,
                                            mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1, mamba_d_conv=4,
                                            mamba_expand=2)  # fmt: skip
-        model = tf.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():  # routing that matters, convolutions whose earlier taps matter
-            for name, p in model.named_parameters():
-                if ".block_sparse_moe." in name or ".shared_mlp." in name:
-                    p.normal_(0, 0.2)
-                if name.endswith("conv1d.weight"):
-                    p.normal_(0, 1.0)
-                if rope and name.endswith("mamba.out_proj.weight"):  # the attention block's share larger
-                    p.mul_(0.1)
+        routing: Rule = (
+            lambda name: ".block_sparse_moe." in name or ".shared_mlp." in name,
+            lambda p: p.normal_(0, 0.2),
+        )
+        # with RoPE, the attention block's share larger
+        smaller: Rule = (lambda name: bool(rope) and name.endswith("mamba.out_proj.weight"), lambda p: p.mul_(0.1))
+        model = _drawn(tf.AutoModelForCausalLM.from_config(config), routing, TAPS, smaller)
         return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
     if kind == "falcon-h1":  # Falcon-H1 in small: Mamba-2 beside attention in every block, µP multipliers that matter
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
@@ -387,48 +404,30 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                    mamba_n_groups=2, mamba_d_conv=4, mamba_expand=2, mamba_d_ssm=128,
                                    mamba_rms_norm=True, mamba_norm_before_gate=False, vocab_size=vocab,
                                    **FALCON_H1_MUP)  # fmt: skip
-        model = tf.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():  # convolutions whose earlier taps matter
-            for name, p in model.named_parameters():
-                if name.endswith("conv1d.weight"):
-                    p.normal_(0, 1.0)
+        model = _drawn(tf.AutoModelForCausalLM.from_config(config), TAPS)
         return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
     if kind == "jamba":  # Jamba in small: Mamba (1) blocks around an attention block, experts every other block
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.JambaConfig(**sizes, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
                                 expert_layer_offset=1, attn_layer_period=4, attn_layer_offset=2, mamba_d_state=16,
                                 mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=8, vocab_size=vocab)  # fmt: skip
-        model = tf.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():  # routing that matters, convolutions whose earlier taps matter
-            for name, p in model.named_parameters():
-                if ".experts." in name or ".router." in name:
-                    p.normal_(0, 0.2)
-                if name.endswith("conv1d.weight"):
-                    p.normal_(0, 1.0)
-        return _perturbed(model, ("layernorm.weight",), 1.0)
+        routing = (lambda name: ".experts." in name or ".router." in name, lambda p: p.normal_(0, 0.2))
+        return _perturbed(
+            _drawn(tf.AutoModelForCausalLM.from_config(config), routing, TAPS), ("layernorm.weight",), 1.0
+        )
     if kind == "bamba":  # Bamba in small: Mamba-2 blocks around an attention block with RoPE over half a head
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.BambaConfig(**sizes, attn_layer_indices=[2], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
                                 mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, vocab_size=vocab)  # fmt: skip
-        model = tf.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():  # convolutions whose earlier taps matter; Mamba's share smaller, so that RoPE shows
-            for name, p in model.named_parameters():
-                if name.endswith("conv1d.weight"):
-                    p.normal_(0, 1.0)
-                if name.endswith("mamba.out_proj.weight"):
-                    p.mul_(0.1)
+        smaller = (lambda name: name.endswith("mamba.out_proj.weight"), lambda p: p.mul_(0.1))  # so that RoPE shows
+        model = _drawn(tf.AutoModelForCausalLM.from_config(config), TAPS, smaller)
         return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
     if kind == "nemotron-h":  # Nemotron-H in small: Mamba-2, attention, Mamba-2, MLP blocks (no RoPE)
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.NemotronHConfig(**sizes, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
                                     n_groups=2, conv_kernel=4, expand=2, hybrid_override_pattern="M*M-",
                                     vocab_size=vocab)  # fmt: skip
-        model = tf.AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():  # convolutions whose earlier taps matter
-            for name, p in model.named_parameters():
-                if name.endswith("conv1d.weight"):
-                    p.normal_(0, 1.0)
-        return _perturbed(model, ("norm.weight",), 1.0)
+        return _perturbed(_drawn(tf.AutoModelForCausalLM.from_config(config), TAPS), ("norm.weight",), 1.0)
     if kind == "apertus":  # Apertus in small: per-head Q/K norms, Llama 3 RoPE, an xIELU MLP with its parameters drawn
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.ApertusConfig(**sizes, vocab_size=vocab, rope_parameters=dict(LLAMA3))
@@ -474,13 +473,10 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 for name, b in model.named_buffers():
                     if name.endswith("expert_bias"):
                         b.normal_(0, 0.2)
-        with torch.no_grad():  # the convolutions' taps and gates large enough that earlier tokens matter
-            for name, p in model.named_parameters():
-                if name.endswith("conv.conv.weight"):
-                    p.normal_(0, 1.0)
-                if name.endswith("conv.in_proj.weight"):
-                    p.mul_(8)
-        return _perturbed(model, ("norm.weight",), 1.0)
+        # the convolutions' taps and gates large enough that earlier tokens matter
+        taps: Rule = (lambda name: name.endswith("conv.conv.weight"), lambda p: p.normal_(0, 1.0))
+        gates: Rule = (lambda name: name.endswith("conv.in_proj.weight"), lambda p: p.mul_(8))
+        return _perturbed(_drawn(model, taps, gates), ("norm.weight",), 1.0)
     if kind == "glm4-moe":  # GLM-4.5 in small: DeepSeek V3's routing, Q/K/V biases, per-head Q/K norms
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.Glm4MoeConfig(**sizes, head_dim=32, attention_bias=True, use_qk_norm=True, moe_intermediate_size=32,
