@@ -477,6 +477,17 @@ def _tiny_gguf(
     return model.state_dict(), meta, _gguf_tensors(gguf)
 
 
+def _assert_written(tensors: dict[str, Any], state: dict[str, torch.Tensor], names: dict[str, str]) -> None:
+    """Each llama.cpp tensor `tensors[name]` holds the model's `state[names[name]]` as an f16 export writes
+    it: matrices in f16, vectors (norms, biases) in float32."""
+    import numpy as np
+
+    for name, hf in names.items():
+        w = state[hf]
+        want = w.numpy() if w.dim() == 1 else w.half().numpy()
+        assert np.array_equal(tensors[name].reshape(want.shape), want), name
+
+
 def _gguf_tensors(path: Path) -> dict[str, Any]:
     import numpy as np
     from gguf import GGUFReader
@@ -709,7 +720,6 @@ def test_glm4_moe_as_llama_cpp_glm4moe(tmp_path: Path, tokenizer) -> None:
     of each head in both), the per-head Q/K norms, the norm before the MLP as `post_attention_norm`,
     DeepSeek V3's routing (sigmoid with its correction bias, groups, renormalized, scaled), the leading
     dense block and the shared expert.  Logits in llama.cpp itself: bench/export_archs.py, row glm4-moe."""
-    import numpy as np
     import transformers as tf
 
     config = tf.Glm4MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
@@ -726,15 +736,13 @@ def test_glm4_moe_as_llama_cpp_glm4moe(tmp_path: Path, tokenizer) -> None:
         "rope.dimension_count": 16, "attention.key_length": 32, "leading_dense_block_count": 1, "expert_count": 4,
         "expert_shared_count": 1, "expert_gating_func": 2, "expert_weights_norm": True, "expert_group_count": 2,
         "expert_group_used_count": 1}  # fmt: skip
-    for name, want in {"blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
-                       "blk.0.attn_k.bias": "model.layers.0.self_attn.k_proj.bias",
-                       "blk.0.attn_q_norm.weight": "model.layers.0.self_attn.q_norm.weight",
-                       "blk.0.post_attention_norm.weight": "model.layers.0.post_attention_layernorm.weight",
-                       "blk.0.ffn_gate.weight": "model.layers.0.mlp.gate_proj.weight",
-                       "blk.1.exp_probs_b.bias": "model.layers.1.mlp.gate.e_score_correction_bias",
-                       "blk.1.ffn_up_shexp.weight": "model.layers.1.mlp.shared_experts.up_proj.weight"}.items():  # fmt: skip
-        w = state[want]
-        assert np.array_equal(tensors[name].reshape(w.shape), (w.half() if w.dim() == 2 else w).numpy()), name
+    _assert_written(tensors, state, {"blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
+                                     "blk.0.attn_k.bias": "model.layers.0.self_attn.k_proj.bias",
+                                     "blk.0.attn_q_norm.weight": "model.layers.0.self_attn.q_norm.weight",
+                                     "blk.0.post_attention_norm.weight": "model.layers.0.post_attention_layernorm.weight",
+                                     "blk.0.ffn_gate.weight": "model.layers.0.mlp.gate_proj.weight",
+                                     "blk.1.exp_probs_b.bias": "model.layers.1.mlp.gate.e_score_correction_bias",
+                                     "blk.1.ffn_up_shexp.weight": "model.layers.1.mlp.shared_experts.up_proj.weight"})  # fmt: skip
     assert "blk.1.ffn_gate_exps.weight" in tensors and "blk.0.ffn_norm.weight" not in tensors
 
 
@@ -743,7 +751,6 @@ def test_dots1_as_llama_cpp_dots1(tmp_path: Path, tokenizer) -> None:
     V3's routing tensors and keys; fewer key/value heads than query heads (llama.cpp sizes K and V by
     the query heads) and sliding layers refused.  Logits in llama.cpp itself: bench/export_archs.py,
     row dots1."""
-    import numpy as np
     import transformers as tf
 
     from carve.export import check_config
@@ -755,12 +762,10 @@ def test_dots1_as_llama_cpp_dots1(tmp_path: Path, tokenizer) -> None:
     state, meta, tensors = _tiny_gguf(tf.Dots1Config(**sizes), tokenizer, tmp_path / "tiny-dots1", norms=True)
     assert meta["general.architecture"] == "dots1" and meta["dots1.expert_gating_func"] == 2
     assert meta["dots1.leading_dense_block_count"] == 1 and meta["dots1.expert_shared_count"] == 1
-    for name, want in {"blk.0.attn_k_norm.weight": "model.layers.0.self_attn.k_norm.weight",
-                       "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
-                       "blk.1.exp_probs_b.bias": "model.layers.1.mlp.gate.e_score_correction_bias",
-                       "blk.1.ffn_gate_shexp.weight": "model.layers.1.mlp.shared_experts.gate_proj.weight"}.items():  # fmt: skip
-        w = state[want]
-        assert np.array_equal(tensors[name].reshape(w.shape), (w.half() if w.dim() == 2 else w).numpy()), name
+    _assert_written(tensors, state, {"blk.0.attn_k_norm.weight": "model.layers.0.self_attn.k_norm.weight",
+                                     "blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",
+                                     "blk.1.exp_probs_b.bias": "model.layers.1.mlp.gate.e_score_correction_bias",
+                                     "blk.1.ffn_gate_shexp.weight": "model.layers.1.mlp.shared_experts.gate_proj.weight"})  # fmt: skip
     for change, message in (({"num_key_value_heads": 2}, "as many key/value heads"),
                             ({"layer_types": ["full_attention", "sliding_attention"]}, "sliding-window layers")):  # fmt: skip
         with pytest.raises(UsageError, match=message):
@@ -823,10 +828,8 @@ def test_hunyuan_moe_as_llama_cpp_hunyuan_moe(tmp_path: Path, tokenizer) -> None
     assert meta[a + "rope.freq_base"] == pytest.approx(_hunyuan_theta(config)) and _hunyuan_theta(config) > 1e6
     router = state["model.layers.1.mlp.gate.wg.weight"].numpy()
     assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"].reshape(router.shape), router)  # float32
-    for name, want in {"blk.1.ffn_down_shexp.weight": "model.layers.1.mlp.shared_mlp.down_proj.weight",
-                       "blk.1.attn_k_norm.weight": "model.layers.1.self_attn.key_layernorm.weight"}.items():  # fmt: skip
-        w = state[want]
-        assert np.array_equal(tensors[name].reshape(w.shape), (w.half() if w.dim() == 2 else w).numpy()), name
+    _assert_written(tensors, state, {"blk.1.ffn_down_shexp.weight": "model.layers.1.mlp.shared_mlp.down_proj.weight",
+                                     "blk.1.attn_k_norm.weight": "model.layers.1.self_attn.key_layernorm.weight"})  # fmt: skip
     # a top-k per block (Hunyuan-A13B's config), the same in each: one count; differing: refused
     state, meta, tensors = _tiny_gguf(tf.HunYuanMoEV1Config(**{**sizes, "moe_topk": [2, 2]}), tokenizer,
                                       tmp_path / "tiny-hunyuan-moe-per-block")  # fmt: skip
@@ -928,12 +931,10 @@ def test_lfm2_as_llama_cpp_lfm2(tmp_path: Path, tokenizer) -> None:
     kernel = state["model.layers.2.conv.conv.weight"]  # [hidden, 1, L]
     assert tensors["blk.2.shortconv.conv.weight"].dtype == np.float32
     assert np.array_equal(tensors["blk.2.shortconv.conv.weight"], kernel.reshape(64, 3).numpy())
-    for name, want in {"token_embd_norm.weight": "model.embedding_norm.weight",
-                       "blk.1.attn_q_norm.weight": "model.layers.1.self_attn.q_layernorm.weight",
-                       "blk.2.shortconv.in_proj.weight": "model.layers.2.conv.in_proj.weight",
-                       "blk.1.ffn_up.weight": "model.layers.1.feed_forward.w3.weight"}.items():  # fmt: skip
-        w = state[want]
-        assert np.array_equal(tensors[name].reshape(w.shape), (w.half() if w.dim() == 2 else w).numpy()), name
+    _assert_written(tensors, state, {"token_embd_norm.weight": "model.embedding_norm.weight",
+                                     "blk.1.attn_q_norm.weight": "model.layers.1.self_attn.q_layernorm.weight",
+                                     "blk.2.shortconv.in_proj.weight": "model.layers.2.conv.in_proj.weight",
+                                     "blk.1.ffn_up.weight": "model.layers.1.feed_forward.w3.weight"})  # fmt: skip
     with pytest.raises(UsageError, match="without biases"):
         check_config(tf.Lfm2Config(**sizes, conv_bias=True))
     # LFM2-MoE (LFM2-8B-A1B): the first block dense, then experts under `feed_forward`, their bias
@@ -1116,11 +1117,9 @@ def test_nemotron_h_as_llama_cpp_nemotron_h(tmp_path: Path, tokenizer) -> None:
     assert [meta[a + "ssm." + k] for k in ("inner_size", "group_count", "time_step_rank")] == [128, 2, 8]
     a_log = state["model.layers.2.mixer.A_log"]
     assert np.allclose(tensors["blk.2.ssm_a"].reshape(8, 1), -torch.exp(a_log).reshape(8, 1).numpy())
-    for name, want in {"token_embd.weight": "model.embeddings.weight", "output_norm.weight": "model.norm_f.weight",
-                       "blk.3.ffn_up.weight": "model.layers.3.mixer.up_proj.weight",
-                       "blk.1.attn_output.weight": "model.layers.1.mixer.o_proj.weight"}.items():  # fmt: skip
-        w = state[want]
-        assert np.array_equal(tensors[name].reshape(w.shape), (w.half() if w.dim() == 2 else w).numpy()), name
+    _assert_written(tensors, state, {"token_embd.weight": "model.embeddings.weight", "output_norm.weight": "model.norm_f.weight",
+                                     "blk.3.ffn_up.weight": "model.layers.3.mixer.up_proj.weight",
+                                     "blk.1.attn_output.weight": "model.layers.1.mixer.o_proj.weight"})  # fmt: skip
     with pytest.raises(UsageError, match="squared-ReLU"):
         check_config(tf.NemotronHConfig(**sizes, mlp_hidden_act="silu"))
 
@@ -1216,7 +1215,6 @@ def test_glm4_as_llama_cpp_glm4(tmp_path: Path, tokenizer) -> None:
     `post_attention_norm` / `post_ffw_norm` beside `attn_norm` / `ffn_norm`, the rotary width half a
     head; scaled RoPE and a non-SiLU MLP refused; query heads narrower than the hidden size taken.  Logits in
     llama.cpp itself: bench/export_archs.py, rows glm4 and glm4-structured."""
-    import numpy as np
     import transformers as tf
 
     from carve.errors import UsageError
@@ -1234,10 +1232,7 @@ def test_glm4_as_llama_cpp_glm4(tmp_path: Path, tokenizer) -> None:
              "model.layers.1.post_self_attn_layernorm.weight": "blk.1.post_attention_norm.weight",
              "model.layers.1.post_attention_layernorm.weight": "blk.1.ffn_norm.weight",
              "model.layers.1.post_mlp_layernorm.weight": "blk.1.post_ffw_norm.weight"}  # fmt: skip
-    for hf, name in names.items():
-        w = state[hf]
-        want = w.numpy() if w.dim() == 1 else w.half().numpy()  # norms and biases stay float32
-        assert np.array_equal(tensors[name].reshape(want.shape), want), name
+    _assert_written(tensors, state, {name: hf for hf, name in names.items()})  # norms and biases stay float32
     assert len(tensors) == len([n for n in state if "rotary" not in n])
     check = architecture("glm4").check
     assert check is not None
@@ -1313,7 +1308,6 @@ def test_seed_oss_as_llama_cpp_seed_oss(tmp_path: Path, tokenizer, capsys: pytes
     norm before the MLP as `post_attention_norm` (llama.cpp's name for it there), heads x head_dim
     apart from the hidden size; an output projection bias refused.  Logits in llama.cpp itself:
     bench/export_archs.py, row seed_oss."""
-    import numpy as np
     import transformers as tf
 
     sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -1321,12 +1315,10 @@ def test_seed_oss_as_llama_cpp_seed_oss(tmp_path: Path, tokenizer, capsys: pytes
              "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
     state, meta, tensors = _tiny_gguf(tf.SeedOssConfig(**sizes), tokenizer, tmp_path / "tiny-seed")
     assert meta["general.architecture"] == "seed_oss" and meta["seed_oss.attention.key_length"] == 32
-    for hf, name in {"model.layers.1.self_attn.q_proj.weight": "blk.1.attn_q.weight",
-                     "model.layers.1.self_attn.v_proj.bias": "blk.1.attn_v.bias",
-                     "model.layers.1.post_attention_layernorm.weight": "blk.1.post_attention_norm.weight"}.items():  # fmt: skip
-        w = state[hf]
-        want = w.numpy() if w.dim() == 1 else w.half().numpy()
-        assert np.array_equal(tensors[name].reshape(want.shape), want), name
+    _assert_written(tensors, state, {"blk.1.attn_q.weight": "model.layers.1.self_attn.q_proj.weight",
+                                     "blk.1.attn_v.bias": "model.layers.1.self_attn.v_proj.bias",
+                                     "blk.1.post_attention_norm.weight":
+                                         "model.layers.1.post_attention_layernorm.weight"})  # fmt: skip
     assert not any(k.endswith("ffn_norm.weight") for k in tensors)
     src = tmp_path / "tiny-seed-bias"
     tf.AutoModelForCausalLM.from_config(tf.SeedOssConfig(**sizes, attention_out_bias=True)).save_pretrained(src)
@@ -1409,7 +1401,6 @@ def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
     `post_ffw_norm`, the whole-projection Q/K norms as `attn_q_norm` / `attn_k_norm`; OLMo 3's sliding
     window and per-layer pattern.  transformers' GGUF loader reads neither; their logits in
     llama.cpp itself: bench/export_archs.py, rows olmo2 and olmo3."""
-    import numpy as np
     import transformers as tf
     from gguf import GGUFReader
 
@@ -1433,10 +1424,7 @@ def test_olmo_as_llama_cpp_olmo2(arch: str, tmp_path: Path, tokenizer) -> None:
         "model.layers.0.self_attn.q_proj.weight": "blk.0.attn_q.weight",
         "model.layers.0.self_attn.k_proj.weight": "blk.0.attn_k.weight",
     }
-    for hf, name in names.items():
-        w = model.state_dict()[hf]
-        want = w.numpy() if w.dim() == 1 else w.half().numpy()  # norms stay float32
-        assert np.array_equal(tensors[name].reshape(want.shape), want), name
+    _assert_written(tensors, model.state_dict(), {name: hf for hf, name in names.items()})
     assert len(tensors) == len([n for n in model.state_dict() if "rotary" not in n])
     assert not any(k.endswith(("attn_norm.weight", "ffn_norm.weight")) for k in tensors)
 
@@ -1592,12 +1580,9 @@ def test_cohere_as_llama_cpp_command_r(tmp_path: Path, tokenizer) -> None:
     gguf, meta = _exported(model, tokenizer, tmp_path / "tiny-cohere", "f16")
     assert meta["general.architecture"] == "command-r" and meta["command-r.logit_scale"] == 0.25
     tensors = _gguf_tensors(gguf)
-    for hf, name in (("model.layers.1.self_attn.q_proj.weight", "blk.1.attn_q.weight"),
-                     ("model.layers.1.self_attn.k_proj.weight", "blk.1.attn_k.weight"),
-                     ("model.layers.1.input_layernorm.weight", "blk.1.attn_norm.weight")):  # fmt: skip
-        w = model.state_dict()[hf]
-        want = w.numpy() if w.dim() == 1 else w.half().numpy()
-        assert np.array_equal(tensors[name].reshape(want.shape), want), name
+    _assert_written(tensors, model.state_dict(), {"blk.1.attn_q.weight": "model.layers.1.self_attn.q_proj.weight",
+                                                  "blk.1.attn_k.weight": "model.layers.1.self_attn.k_proj.weight",
+                                                  "blk.1.attn_norm.weight": "model.layers.1.input_layernorm.weight"})  # fmt: skip
     assert not any("ffn_norm" in k for k in tensors) and "output.weight" not in tensors  # the head is tied
     assert len(tensors) == len(model.state_dict()) - 1
     src = tmp_path / "cohere-qk-norm"

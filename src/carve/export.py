@@ -747,6 +747,12 @@ def _sigmoid_routing_metadata(writer: Any, config: Any) -> None:
     _routing_metadata(writer, config, sigmoid=True)
 
 
+def _check_no_sliding(config: Any, arch: str) -> None:
+    """Refuse sliding-window layers (`layer_types`) where llama.cpp's `arch` graph attends to the whole context."""
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
+        raise UsageError(f"llama.cpp's {arch} attends to the whole context; this model has sliding-window layers")
+
+
 def _check_dots1(config: Any) -> None:
     """Refuse what llama.cpp's dots1 graph (dots.llm1) computes otherwise: RoPE scaling, sliding
     layers (it has no window), fewer key/value heads than query heads (it sizes K and V by the query
@@ -756,8 +762,7 @@ def _check_dots1(config: Any) -> None:
     if kv != config.num_attention_heads:
         raise UsageError(f"llama.cpp's dots1 takes as many key/value heads as query heads; this model has {kv} "
                          f"key/value heads for {config.num_attention_heads}")  # fmt: skip
-    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-        raise UsageError("llama.cpp's dots1 attends to the whole context; this model has sliding-window layers")
+    _check_no_sliding(config, "dots1")
     _check_activation(config, "dots1", ("silu",), "gates its MLPs with SiLU")
     _leading_dense(config)
 
@@ -831,8 +836,7 @@ def _check_minimax_m2(config: Any) -> None:
     """Refuse what llama.cpp's minimax-m2 graph computes otherwise: RoPE scaling, sliding layers, an
     MLP other than SiLU-gated, an output matrix tied to the embeddings (it reads its own)."""
     _check_plain_rope(config, "minimax-m2")
-    if "sliding_attention" in (getattr(config, "layer_types", None) or []):
-        raise UsageError("llama.cpp's minimax-m2 attends to the whole context; this model has sliding-window layers")
+    _check_no_sliding(config, "minimax-m2")
     _check_activation(config, "minimax-m2", ("silu",), "gates its MLPs with SiLU")
     if getattr(config, "tie_word_embeddings", False):
         raise UsageError(
