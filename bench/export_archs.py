@@ -78,6 +78,9 @@ and router weights from N(0, 0.2), every other bias and the sinks from N(0, 0.5)
 scaled by 8; contrast: top-1 routing; `-experts`: cut by `--experts-keep 0.75` as the other MoEs;
 `-mxfp4`: the same model exported with `--type mxfp4` (its experts in MXFP4, the other matrices q8_0),
 no contrast (the agreement measures what MXFP4 costs).
+`hunyuan-moe-f32`, `lfm2-moe-f32`: those rows' models exported with `--type f32` (lossless), no contrast:
+where their f16 rows disagree with transformers, whether the disagreement is f16 rounding (gone in float32)
+or the layout (still there).
 Ministral 3 (`ministral3`): 4 Llama-style blocks with Ministral 3's RoPE as released (YaRN factor 16,
 both mscales 1, Llama 4's attention temperature β 0.1) over an original context of 64, so that the
 temperature acts past position 64; query and key weights scaled by 8; contrast: the temperature removed.
@@ -205,7 +208,8 @@ FALCON_H1_MUP = {"key_multiplier": 0.5, "attention_in_multiplier": 0.8, "attenti
                  "mlp_multipliers": [1.4, 0.6], "embedding_multiplier": 2.0, "lm_head_multiplier": 0.5}  # fmt: skip
 HUNYUAN_ROPE = {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0}
 ARCEE_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
-TYPE = {"gpt-oss-mxfp4": "mxfp4"}  # rows exported in a type other than f16
+# rows exported in a type other than f16; a `-f32` row is its model's row exported lossless (`--type f32`)
+TYPE = {"gpt-oss-mxfp4": "mxfp4", "hunyuan-moe-f32": "f32", "lfm2-moe-f32": "f32"}
 BLOCK = {"phi3-longrope": 300, "phi3-longrope-short": 200}
 
 
@@ -328,6 +332,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
     import transformers as tf
 
     torch.manual_seed(0)
+    kind = kind.removesuffix("-f32")  # the same model as its f16 row
     if kind in ("gemma3", "gemma3-multimodal"):
         sizes = {**SIZES, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1}
         kinds = ["sliding_attention", "full_attention", "sliding_attention"]
@@ -1061,11 +1066,13 @@ KINDS = (
     "dots1",
     "ernie4_5-moe",
     "hunyuan-moe",
+    "hunyuan-moe-f32",
     "minimax-m2",
     "llama4",
     "llama4-llama3-rope",
     "lfm2",
     "lfm2-moe",
+    "lfm2-moe-f32",
     "granite-hybrid",
     "granite-hybrid-rope",
     "nemotron-h",

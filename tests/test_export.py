@@ -19,7 +19,7 @@ from tests.conftest import gemma_style_tokenizer, tiny_model
 
 FAST = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--quiet", "--no-speed", "--cloze-items", "0"]
 # largest |logit difference| as a share of the largest |logit|, by type (tiny random models)
-TOLERANCE = {"f16": 5e-3, "bf16": 2e-2, "q8_0": 5e-2, "q4_0": 0.3}
+TOLERANCE = {"f32": 1e-5, "f16": 5e-3, "bf16": 2e-2, "q8_0": 5e-2, "q4_0": 0.3}
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -52,7 +52,7 @@ def _exported(model: torch.nn.Module, tokenizer, src: Path, kind: str) -> tuple[
     return gguf, read_gguf_header(gguf)
 
 
-@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0", "q4_0"])
+@pytest.mark.parametrize("kind", ["f32", "f16", "bf16", "q8_0", "q4_0"])
 def test_dense_model_every_type(kind: str, tmp_path: Path, model_dir: Path) -> None:
     gguf = tmp_path / f"m-{kind}.gguf"
     assert main(["export", str(model_dir), "--gguf", str(gguf), "--type", kind, "--json"]) == 0

@@ -1,4 +1,4 @@
-"""`carve export DIR --gguf OUT.gguf --type f16|bf16|q8_0|q4_0|mxfp4`: any carve output (dense, sparse,
+"""`carve export DIR --gguf OUT.gguf --type f32|f16|bf16|q8_0|q4_0|mxfp4`: any carve output (dense, sparse,
 structured, a fine-tuning update over its base) as a GGUF file llama.cpp runs.
 
 The model is loaded as carve loads any source (`load_model`), then written with the `gguf` package's
@@ -84,9 +84,9 @@ from carve.errors import UsageError
 from carve.models import pretokenize
 from carve.progress import progress
 
-TYPES = {"f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "mxfp4": "MXFP4"}
-_FILE_TYPES = {"f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0", "q4_0": "MOSTLY_Q4_0",
-               "mxfp4": "MOSTLY_MXFP4_MOE"}  # fmt: skip
+TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_0": "Q4_0", "mxfp4": "MXFP4"}
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+               "q4_0": "MOSTLY_Q4_0", "mxfp4": "MOSTLY_MXFP4_MOE"}  # fmt: skip
 # `mxfp4` (llama.cpp's MXFP4_MOE, the format gpt-oss ships in): an MoE's 3-D expert tensors in MXFP4,
 # every other matrix in this type
 _MXFP4_OTHERS = "Q8_0"

@@ -168,8 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument(
         "--type",
         default="f16",
-        choices=["f16", "bf16", "q8_0", "q4_0", "mxfp4"],
-        help="tensor type (default f16; mxfp4: an MoE's experts in MXFP4, the other matrices q8_0)",
+        choices=["f32", "f16", "bf16", "q8_0", "q4_0", "mxfp4"],
+        help="tensor type (default f16; f32: lossless for a float32 output, e.g. to requantize with llama.cpp's "
+        "llama-quantize; mxfp4: an MoE's experts in MXFP4, the other matrices q8_0)",
     )
     xp.add_argument("--overwrite", action="store_true", help="replace an existing file")
     xp.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
