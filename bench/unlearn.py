@@ -182,7 +182,8 @@ def equal_forgetting_table(rows: dict[str, dict[str, Any]], objectives: list[str
         return ""
     target = next(iter(runs.values()))["metrics"]["before"]
     lines = ["### Utility at equal forgetting: where PrivLeak comes down to +0.05 and to 0 (the retain model's)", "",
-             f"Each run measured every {EVAL_EVERY} steps (`--eval-every {EVAL_EVERY}`); between the two "
+             f"Each run measured every {EVAL_EVERY} steps (`--eval-every {EVAL_EVERY}`; a row tagged "
+             "`eval-every=N`, every N); between the two "
              "measures around the crossing, the step interpolated linearly and each perplexity geometrically "
              "(linear in its log). +0.05 is where a run enters the bar's band (PrivLeak within ±0.05 of the "
              "retain model's); a run that settles inside the band above 0 never reaches 0. Target: retain ppl "
