@@ -241,6 +241,7 @@ def test_unlearning_raises_forget_loss_and_leaves_weights_outside_the_mask_bitwi
         ({"density": "0"}, "outside (0, 1]"),
         ({"density": "1.5"}, "outside (0, 1]"),
         ({"mask": "sailun"}, "is not one of"),
+        ({"stop-privleak": "0.05"}, "needs --reference"),
     ],
 )
 def test_bad_input_is_refused_and_nothing_is_written(
@@ -298,3 +299,12 @@ def test_eval_every_records_the_curve_and_leaves_the_run_unchanged(
     assert {k: points[-1][k] for k in keys} == {k: m["after"][k] for k in keys}
     assert all(set(p) == {"step", *keys} for p in points)
     assert points[0]["forget_ppl"] != points[1]["forget_ppl"]  # measured at each step, not copied
+    # --stop-privleak: training stops at the first measure at or below the level (here the first, step 1);
+    # the model saved is the step-1 model the full run measured there
+    stopped = tmp_path / "stopped"
+    assert _unlearn(model_dir, split_corpora, stopped, *flags, "--eval-every", "1", "--stop-privleak", "100") == 0
+    manifest = json.loads((stopped / "carve.json").read_text())
+    assert manifest["training"]["stopped_at_step"] == 1 and len(manifest["training"]["losses"]) == 1
+    assert manifest["training"]["tokens"] == 48 and manifest["training"]["steps"] == 3
+    assert manifest["metrics"]["trajectory"] == [points[0]]
+    assert json.loads((curve / "carve.json").read_text())["training"]["stopped_at_step"] is None

@@ -87,6 +87,9 @@ class UnlearnRecipe:
     cloze_items: int = flag("retain cloze items (0: skip)", default=100)
     eval_every: int = flag("measure forget, retain and general perplexity and the MIA AUC every N steps, to see "
                            "where to stop (0: before and after only)", default=0)  # fmt: skip
+    stop_privleak: float | None = flag("stop at the first measure (--eval-every) whose PrivLeak against "
+                                       "--reference is at or below this, e.g. 0.05: within the band around the "
+                                       "retain model's 0 (default: train every step)", default=None)  # fmt: skip
     seed: int = flag("data order and the random mask", default=0)
     include: list[str] = flag("glob patterns of Linear modules that may change", factory=lambda: ["*"])
     exclude: list[str] = flag("glob patterns left frozen", factory=lambda: list(DEFAULT_EXCLUDE))
@@ -115,6 +118,9 @@ class UnlearnRecipe:
             raise UsageError("lr, beta and mu must be positive, alpha and warmup not negative")
         if self.verbatim_items < 0 or self.cloze_items < 0 or self.eval_every < 0:
             raise UsageError("verbatim-items, cloze-items and eval-every must not be negative")
+        if self.stop_privleak is not None and not (self.reference and self.eval_every):
+            raise UsageError("--stop-privleak needs --reference (PrivLeak's retain model) and --eval-every N "
+                             "(how often PrivLeak is measured)")  # fmt: skip
         return spec
 
     def schedule(self) -> Schedule:
@@ -279,13 +285,16 @@ def _unlearn(
     schedule = recipe.schedule()
     trajectory: list[dict[str, Any]] = []
 
-    def after_step(done: int) -> None:
-        if recipe.eval_every and done % recipe.eval_every == 0 and done < recipe.steps:
+    def after_step(done: int) -> bool:
+        measured = bool(recipe.eval_every) and done % recipe.eval_every == 0 and done < recipe.steps
+        if measured:
             lm.model.eval()  # the training loop's mode is restored below; no randomness is drawn
             trajectory.append({"step": done, **_with_privleak(trajectory_metrics(lm.model, data), reference)})
             lm.model.train()
         if on_step is not None:
             on_step(done)
+        level = recipe.stop_privleak
+        return measured and level is not None and trajectory[-1]["privleak"] <= level
 
     with stage("train"):
         result = train(
@@ -300,7 +309,11 @@ def _unlearn(
         after = unlearn_metrics(lm.model, lm.tokenizer, data)
     if recipe.eval_every:  # the curve ends at the run's own after-measures
         last = _with_privleak(after, reference)
-        trajectory.append({"step": recipe.steps, **{k: last[k] for k in TRAJECTORY if k in last}})
+        point = {"step": result.stopped_at or recipe.steps, **{k: last[k] for k in TRAJECTORY if k in last}}
+        if trajectory and trajectory[-1]["step"] == point["step"]:  # stopped there: the same model, measured again
+            trajectory[-1] = point
+        else:
+            trajectory.append(point)
     updated = sum(p.numel() if k is None else int(k.sum()) for p, k in _masked(lm, trainable))
     manifest: dict[str, Any] = {
         **manifest_head("unlearn", lm, recipe),

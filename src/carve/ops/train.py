@@ -205,13 +205,16 @@ class TrainResult:
     optimizer_state_mb: float
     resumed_from_step: int | None = None
     grad_norms: list[float] = field(default_factory=list)
+    stopped_at: int | None = None  # the step `on_step` stopped training at, before the schedule's last
 
     def describe(self, schedule: Schedule, block_len: int) -> dict[str, Any]:
-        """The manifest's `training` section."""
+        """The manifest's `training` section (`steps`: the schedule's; `tokens`: those trained on)."""
+        done = self.stopped_at or schedule.steps
         return {
             "steps": schedule.steps,
+            "stopped_at_step": self.stopped_at,
             "lr": schedule.lr,
-            "tokens": schedule.steps * schedule.batch_size * block_len,
+            "tokens": done * schedule.batch_size * block_len,
             "trainable_parameters": self.trained_entries,
             "optimizer_state_mb": self.optimizer_state_mb,
             "resumed_from_step": self.resumed_from_step,
@@ -306,11 +309,12 @@ def train(
     checkpoint: Path | None = None,
     resume: bool = False,
     run: dict[str, Any] | None = None,
-    on_step: Callable[[int], None] | None = None,
+    on_step: Callable[[int], bool | None] | None = None,
     desc: str = "training",
 ) -> TrainResult:
     """Train the `trainable` entries of `model` in place on `batches` [n >= steps·batch_size, L]
-    (step i takes rows i·batch_size ...).  `on_step(done)` runs after each step (and its checkpoint).
+    (step i takes rows i·batch_size ...).  `on_step(done)` runs after each step (and its checkpoint);
+    training stops there when it returns True (`TrainResult.stopped_at`).
     `run`: the settings a checkpoint records and a resume must match (JSON values)."""
     params = dict(model.named_parameters())
     unknown = sorted(set(trainable) - set(params))
@@ -329,6 +333,7 @@ def train(
     handles = opt.hooks()
     device = first_parameter(model).device
     norms: list[float] = []
+    stopped: int | None = None
     was_training = model.training
     model.train()
     try:
@@ -353,8 +358,9 @@ def train(
             due = done % schedule.checkpoint_every == 0 and done < schedule.steps
             if checkpoint is not None and due and distributed.writes():
                 _save_checkpoint(checkpoint, opt, done, losses, run or {})
-            if on_step is not None:
-                on_step(done)
+            if on_step is not None and on_step(done):
+                stopped = done if done < schedule.steps else None
+                break
     finally:
         for h in handles:
             h.remove()
@@ -363,7 +369,7 @@ def train(
             p.grad = None
         model.train(was_training)
     return TrainResult(
-        losses, opt.trained_entries(), round(opt.state_bytes() / 2**20, 3), start if resume else None, norms
+        losses, opt.trained_entries(), round(opt.state_bytes() / 2**20, 3), start if resume else None, norms, stopped
     )
 
 
