@@ -84,6 +84,9 @@ or the layout (still there).
 Ministral 3 (`ministral3`): 4 Llama-style blocks with Ministral 3's RoPE as released (YaRN factor 16,
 both mscales 1, Llama 4's attention temperature β 0.1) over an original context of 64, so that the
 temperature acts past position 64; query and key weights scaled by 8; contrast: the temperature removed.
+`ministral3-multimodal`: the same text model inside a Mistral 3 image-text checkpoint
+(Mistral3ForConditionalGeneration with a tiny Pixtral tower, as Ministral 3 and Mistral Small 3.x ship),
+loaded by carve with AutoModelForImageTextToText; no contrast (the text model's logits are the ministral3 row's).
 EXAONE 4 (`exaone4`): 4 blocks, norms after attention and MLP and per-head Q/K norms from N(1, 0.5),
 query and key weights scaled by 8, Llama 3's RoPE scaling as in the `llama3-rope` row (EXAONE 4.0
 1.2B scales its RoPE so); contrast: RoPE not scaled.
@@ -604,11 +607,20 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                 layer.self_attn.q_norm.weight.normal_(1, 0.5)
                 layer.self_attn.k_norm.weight.normal_(1, 0.5)
         return model.eval()
-    if kind == "ministral3":  # Llama's blocks, YaRN over an original 64 and Llama 4's attention temperature
+    if kind in ("ministral3", "ministral3-multimodal"):  # Llama's blocks, YaRN over an original 64, Llama 4's
+        # attention temperature; -multimodal: the same text model in a Mistral 3 image-text checkpoint
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.Ministral3Config(**sizes, vocab_size=vocab, head_dim=16)
         config.rope_parameters = dict(MINISTRAL3_ROPE)
-        return _perturbed(tf.AutoModelForCausalLM.from_config(config), (), 1.0)
+        text = _perturbed(tf.AutoModelForCausalLM.from_config(config), (), 1.0)
+        if kind == "ministral3":
+            return text
+        vision = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8, head_dim=16)  # fmt: skip
+        model = tf.Mistral3ForConditionalGeneration(tf.Mistral3Config(text_config=config, vision_config=vision))
+        model.model.language_model.load_state_dict(text.model.state_dict())
+        model.lm_head.load_state_dict(text.lm_head.state_dict())
+        return model.eval()
     if kind == "exaone4":  # norms after the sublayers, per-head Q/K norms, Llama 3 RoPE (EXAONE 4.0 1.2B's)
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.Exaone4Config(**sizes, vocab_size=vocab, sliding_window=None, sliding_window_pattern=None,
@@ -1038,6 +1050,7 @@ KINDS = (
     "ernie4_5",
     "exaone4",
     "ministral3",
+    "ministral3-multimodal",
     "phi3",
     "phi3-longrope",
     "phi3-longrope-short",

@@ -1188,6 +1188,24 @@ def test_text_model_of_a_multimodal_checkpoint(tmp_path: Path, tokenizer) -> Non
     assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
 
 
+def test_text_model_of_a_mistral3_checkpoint(tmp_path: Path, tokenizer) -> None:
+    """A Mistral 3 image-text checkpoint (Mistral Small 3.x, Magistral; loaded with
+    AutoModelForImageTextToText) exports its Mistral text model as llama.cpp's `llama`, the Pixtral
+    tower left out and said so; transformers' GGUF loader gives the text model's logits."""
+    from carve.export import export
+    from tests.test_structure import _mistral3
+
+    model = _mistral3(tokenizer, tmp_path / "mistral3")
+    info = export(tmp_path / "mistral3", tmp_path / "m.gguf", "f16", stream=False)
+    assert info["architecture"] == "llama" and "mmproj" in info["notes"][-1]
+    assert not any("vision" in name or "mm_" in name for name in _gguf_tensors(tmp_path / "m.gguf"))
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    want, got = _logits(model, ids), _logits(_reloaded(tmp_path / "m.gguf"), ids)
+    assert (got - want).abs().max() <= TOLERANCE["f16"] * want.abs().max()
+    export(tmp_path / "mistral3", tmp_path / "st.gguf", "f16", stream=True)
+    assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "m.gguf").read_bytes()
+
+
 @pytest.mark.parametrize(
     ("arch", "change", "message"),
     [

@@ -53,10 +53,11 @@ def test_fingerprint_reads_every_byte_and_remembers_large_files(monkeypatch, tmp
 
 
 def test_hub_id_goes_to_from_pretrained(monkeypatch, model_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     asked: list[str] = []
     real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+    real_config = AutoConfig.from_pretrained
 
     def fake_model(name: str, **kw: object) -> object:
         asked.append(name)
@@ -64,6 +65,7 @@ def test_hub_id_goes_to_from_pretrained(monkeypatch, model_dir: Path) -> None:
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", fake_model)
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda name, **kw: real_tok(model_dir))
+    monkeypatch.setattr(AutoConfig, "from_pretrained", lambda name, **kw: real_config(model_dir, **kw))
     lm = carve.load_model("some-org/some-model")
     assert asked == ["some-org/some-model"] and lm.source == "some-org/some-model"
 

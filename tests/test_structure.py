@@ -646,3 +646,74 @@ def test_a_streamed_plan_the_config_cannot_describe_is_refused_before_writing(
     with pytest.raises(UsageError, match=r"cannot slice HeliumForCausalLM to this plan: its config builds"):
         extract(recipe, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _mistral3(tokenizer: Any, out: Path) -> torch.nn.Module:
+    """A tiny Mistral 3 image-text checkpoint (Mistral3ForConditionalGeneration: Mistral Small 3.1 / 3.2,
+    Ministral 3, Magistral) saved with `tokenizer` in `out`: a Pixtral tower beside a 3-block Mistral."""
+    import transformers as tf
+
+    text = tf.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    vision = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                    image_size=32, patch_size=8, head_dim=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.Mistral3ForConditionalGeneration(tf.Mistral3Config(text_config=text, vision_config=vision)).eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return model
+
+
+def test_a_mistral3_image_text_checkpoint_is_carved_in_its_text_model(
+    tmp_path: Path, tokenizer, small_corpus: Path
+) -> None:
+    """Mistral 3 checkpoints are image-text models transformers does not list among causal LMs: carve
+    loads them with AutoModelForImageTextToText (their forward on token ids is the text model's). An
+    unstructured extraction prunes the text blocks alone (the vision tower, projector, embeddings and
+    norms bit for bit the source's), streamed gives the same tensors, a structured one narrows the
+    text model and rewrites its text config, and each output loads with stock from_pretrained."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from carve.cli.main import main
+
+    model = _mistral3(tokenizer, tmp_path / "src")
+    assert type(carve.load_model(str(tmp_path / "src")).model).__name__ == "Mistral3ForConditionalGeneration"
+    assert anatomy(model).prefix == "model.language_model.layers"
+    common = ["--domain", str(small_corpus), "--general", str(small_corpus), "--calib-blocks", "4", "--block-len",
+              "32", "--eval-blocks", "2", "--cloze-items", "0", "--no-speed", "--quiet"]  # fmt: skip
+    for name, extra in (("out", []), ("streamed", ["--stream"])):
+        args = ["extract", str(tmp_path / "src"), *common, "--method", "sparsegpt", "--sparsity", "0.5", *extra]
+        assert main([*args, "--out", str(tmp_path / name)]) == 0
+    before = model.state_dict()
+    after = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").state_dict()
+    assert sorted(before) == sorted(after)
+    blocks = [k for k in before if k.startswith("model.language_model.layers.") and k.endswith("proj.weight")]
+    assert len(blocks) == 3 * 7
+    for k in before:
+        if k in blocks:
+            assert (after[k] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), k
+        else:
+            assert torch.equal(after[k], before[k]), k
+    a, b = (
+        load_file(str(tmp_path / "out" / "model.safetensors")),
+        load_file(str(tmp_path / "streamed" / "model.safetensors")),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    args = ["extract", str(tmp_path / "src"), *common, "--structure", "--mlp-keep", "0.5", "--drop-blocks", "1"]
+    assert main([*args, "--out", str(tmp_path / "structured")]) == 0
+    small = AutoModelForImageTextToText.from_pretrained(tmp_path / "structured").eval()
+    c = small.config.get_text_config()
+    assert (c.num_hidden_layers, c.intermediate_size) == (2, 48)
+    assert small.model.vision_tower.state_dict().keys() == model.model.vision_tower.state_dict().keys()
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.isfinite(small(input_ids=ids).logits).all()

@@ -64,7 +64,8 @@ head), Falcon-H1 as `falcon-h1` (Mamba-2 beside attention in every block, its µ
 the weights), Jamba as `jamba` (Mamba (1) blocks beside attention ones), Nemotron-H as `nemotron_h`
 (Mamba-2, attention and MLP blocks);
 Apertus as `apertus` (its xIELU parameters, read from the weights, as keys). An image-text checkpoint
-whose text model is one of these (Gemma 3 4B-27B) goes in as its text model.
+whose text model is one of these (Gemma 3 4B-27B; Mistral 3: Mistral Small 3.x, Magistral, Ministral 3) goes in as its
+text model.
 """
 
 from __future__ import annotations
@@ -2086,7 +2087,7 @@ def _column_experts(name: str, w: torch.Tensor, interleaved: bool) -> Iterator[t
     yield f"blk.{blk}.ffn_up_exps.{bias}", up
 
 
-# where a multimodal checkpoint (Gemma 3's image-text models) holds its text model's tensors
+# where a multimodal checkpoint (Gemma 3's and Mistral 3's image-text models) holds its text model's tensors
 _TEXT_PREFIX = "model.language_model."
 
 

@@ -533,12 +533,13 @@ class CheckpointNames:
     a time, held while its experts are read."""
 
     def __init__(self, config: Any, shapes: dict[str, list[int]]) -> None:
-        from transformers import AutoModelForCausalLM
         from transformers.core_model_loading import revert_weight_conversion
+
+        from carve.models.load import causal_lm_class
 
         self._revert = revert_weight_conversion
         with torch.device("meta"):
-            self._model = AutoModelForCausalLM.from_config(config)
+            self._model = causal_lm_class(config).from_config(config)
         self.source: dict[str, str] = {}  # checkpoint name -> the entry that holds it, where they differ
         for key, shape in shapes.items():
             for name in revert_weight_conversion(self._model, {key: torch.empty(shape, device="meta")}):

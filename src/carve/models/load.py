@@ -290,6 +290,22 @@ def _cached_config(source: str) -> Path | None:
     return Path(found) if found else None
 
 
+def causal_lm_class(config: Any) -> Any:
+    """The transformers auto class that builds a causal LM for `config`: AutoModelForCausalLM, or for an
+    image-text model transformers does not list among causal LMs (Mistral 3: Mistral Small 3.x, Ministral 3,
+    Magistral) AutoModelForImageTextToText, whose forward on token ids alone is its text model's."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    kind = getattr(config, "model_type", None)
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return AutoModelForImageTextToText
+    return AutoModelForCausalLM
+
+
 def read_config(directory: str | Path) -> Any:
     """A model directory's config as transformers reads it, or one clear error when transformers
     refuses its config.json (unparsable, an unknown model type, parameters its own checks reject)."""
@@ -308,7 +324,7 @@ def read_config(directory: str | Path) -> Any:
 
 def _from_directory(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
     """A local Hugging Face directory (safetensors or .bin weights) or a carve sparse model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from carve.models.sparse import is_sparse_model, read_sparse_state
 
@@ -319,13 +335,13 @@ def _from_directory(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
     tok = AutoTokenizer.from_pretrained(path)
     if is_sparse_model(path) and not (path / "model.safetensors").is_file():
         state, aliases = read_sparse_state(path)
-        model = AutoModelForCausalLM.from_config(config, dtype=kwargs["dtype"])
+        model = causal_lm_class(config).from_config(config, dtype=kwargs["dtype"])
         for name, stored in aliases.items():
             state[name] = state[stored]
         model.load_state_dict({k: v.to(kwargs["dtype"]) if v.is_floating_point() else v for k, v in state.items()})
         return tok, model, fingerprint
     _check_safetensors(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = causal_lm_class(config).from_pretrained(path, **kwargs)
     if quantization_method(path) is not None:
         _plain_floats(model, f"{str(path)!r} is quantized")
     return tok, model, fingerprint
@@ -533,12 +549,11 @@ def _hub_reachable(source: str) -> str | None:
 def _from_hub(source: str, kwargs: dict[str, Any]) -> tuple[Any, Any, str]:
     """A hub id: from the local hub cache without any request when it is there; otherwise only
     after the hub answered for it within seconds."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     def load(**extra: Any) -> tuple[Any, Any]:
-        return AutoTokenizer.from_pretrained(source, **extra), AutoModelForCausalLM.from_pretrained(
-            source, **kwargs, **extra
-        )
+        auto = causal_lm_class(AutoConfig.from_pretrained(source, **extra))
+        return AutoTokenizer.from_pretrained(source, **extra), auto.from_pretrained(source, **kwargs, **extra)
 
     try:
         tok, model = load(local_files_only=True)

@@ -205,10 +205,13 @@ class Conversions:
 def tied_aliases(directory: Path, stored: set[str]) -> dict[str, str]:
     """For a checkpoint holding the tensors `stored`: every other name of a tied parameter (the
     model its config builds, on the meta device) -> the name it is stored under."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from carve.models.load import causal_lm_class
+
+    config = AutoConfig.from_pretrained(directory)
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory))
+        model = causal_lm_class(config).from_config(config)
     return group_aliases(parameter_groups(model), stored)
 
 
@@ -225,10 +228,8 @@ class SkeletonModel:
     """A causal LM from a safetensors directory, its decoder blocks read and freed one at a time."""
 
     def __init__(self, directory: str | Path, dtype: torch.dtype, device: str | torch.device) -> None:
-        from transformers import AutoModelForCausalLM
-
         from carve.engines.activations import bound_heap_retention
-        from carve.models.load import read_config
+        from carve.models.load import causal_lm_class, read_config
 
         # each block's freed buffers go back to the OS, not into a growing heap: without it, reading
         # and freeing the upcycled MoE's blocks (an MoE's per-expert tensors, stacked) grew the
@@ -241,7 +242,7 @@ class SkeletonModel:
         if self.source.dequantizes:  # read as floats (an MXFP4 gpt-oss): the output is a float model
             del config.quantization_config
         with parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = causal_lm_class(config).from_config(config, dtype=dtype)
         model.eval()
         self.model = model
         for module in model.modules():  # buffers are real (computed at construction): to the device
