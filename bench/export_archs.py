@@ -617,7 +617,8 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
             return text
         vision = tf.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=2, image_size=32, patch_size=8, head_dim=16)  # fmt: skip
-        model = tf.Mistral3ForConditionalGeneration(tf.Mistral3Config(text_config=config, vision_config=vision))
+        model = tf.Mistral3ForConditionalGeneration(tf.Mistral3Config(text_config=config, vision_config=vision,
+                                                                      tie_word_embeddings=False))  # fmt: skip
         model.model.language_model.load_state_dict(text.model.state_dict())
         model.lm_head.load_state_dict(text.lm_head.state_dict())
         return model.eval()
