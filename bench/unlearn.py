@@ -16,7 +16,9 @@ retain blocks) and cloze accuracy, general perplexity, the run's wall time and p
 also measures forget / retain / general perplexity and PrivLeak every 5 steps (`--eval-every 5`):
 the second table reads utility at equal forgetting off these curves (where PrivLeak comes down to
 +0.05, the edge of the bar's band, and to the retain model's 0), and the plot draws them.  Each
-run's weights are deleted once measured (its carve.json stays).
+run's weights are deleted once measured (its carve.json stays).  Rows run with `--extra "... --eval-every 1
+--stop-privleak 0.05"` stop where PrivLeak first comes down to +0.05: their after-measures (the first
+table) are each mask's utility at equal forgetting, measured whole rather than read off a curve.
 Results accumulate in bench/results/unlearn.jsonl (with each run's data fingerprints); the table
 goes to the `unlearn` section of bench/RESULTS.md and a plot per setting to bench/unlearn.png
 (default settings) and bench/unlearn-<setting>.png (rows run with --extra: unlearn-lr-9e-5.png).
