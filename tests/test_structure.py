@@ -593,6 +593,19 @@ def test_a_config_that_does_not_count_the_blocks_is_refused() -> None:
         anatomy(_odd_model("hrm_text"))
 
 
+def _only_text_blocks_pruned(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> None:
+    """An image-text model's 3 text blocks' 7 projections each half zeros; every other tensor (vision
+    tower, projector, embeddings, norms) bit for bit the source's."""
+    assert sorted(before) == sorted(after)
+    blocks = [k for k in before if k.startswith("model.language_model.layers.") and k.endswith("proj.weight")]
+    assert len(blocks) == 3 * 7
+    for k in before:
+        if k in blocks:
+            assert (after[k] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), k
+        else:
+            assert torch.equal(after[k], before[k]), k
+
+
 def test_a_multimodal_gemma3_is_carved_in_its_text_model(tmp_path: Path, tokenizer, small_corpus: Path) -> None:
     """Gemma 3 from 4B up is `Gemma3ForConditionalGeneration` (a SigLIP tower beside the text model),
     the class AutoModelForCausalLM loads for it: its text blocks are the blocks (the vision tower is
@@ -616,14 +629,7 @@ def test_a_multimodal_gemma3_is_carved_in_its_text_model(tmp_path: Path, tokeniz
             "--cloze-items", "0", "--no-speed", "--quiet", "--out", str(tmp_path / "out")]  # fmt: skip
     assert main(args) == 0
     before, after = model.state_dict(), AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
-    assert sorted(before) == sorted(after)
-    blocks = [k for k in before if k.startswith("model.language_model.layers.") and k.endswith("proj.weight")]
-    assert len(blocks) == 3 * 7
-    for k in before:
-        if k in blocks:
-            assert (after[k] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), k
-        else:
-            assert torch.equal(after[k], before[k]), k
+    _only_text_blocks_pruned(before, after)
 
 
 def test_a_streamed_plan_the_config_cannot_describe_is_refused_before_writing(
@@ -695,14 +701,7 @@ def test_a_mistral3_image_text_checkpoint_is_carved_in_its_text_model(
         assert main([*args, "--out", str(tmp_path / name)]) == 0
     before = model.state_dict()
     after = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").state_dict()
-    assert sorted(before) == sorted(after)
-    blocks = [k for k in before if k.startswith("model.language_model.layers.") and k.endswith("proj.weight")]
-    assert len(blocks) == 3 * 7
-    for k in before:
-        if k in blocks:
-            assert (after[k] == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), k
-        else:
-            assert torch.equal(after[k], before[k]), k
+    _only_text_blocks_pruned(before, after)
     a, b = (
         load_file(str(tmp_path / "out" / "model.safetensors")),
         load_file(str(tmp_path / "streamed" / "model.safetensors")),
