@@ -1348,6 +1348,14 @@ def _as_llama_caveats(config: Any) -> list[str]:
 # Qwen2 with fewer query heads than the hidden size holds: llama.cpp's llama graph sizes the query rows by
 # the heads and takes optional Q/K/V biases; its interleaved RoPE needs the Q and K rows (and biases) permuted
 _QWEN2_AS_LLAMA = Architecture("llama", True, ("q_proj", "k_proj", "v_proj"), "qwen2", caveats=_as_llama_caveats)
+# the MLP and final-norm names of the hybrids built on Granite 4.0 H's and Jamba's layout (`feed_forward`,
+# `pre_ff_layernorm`, `final_layernorm`): Bamba, Falcon-H1 (its own ffn_norm), Jamba
+_PRE_FF_NORM = (r"model\.layers\.(\d+)\.pre_ff_layernorm\.weight", "blk.{}.ffn_norm.weight")
+_FEED_FORWARD = (
+    (r"model\.layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}.weight"),
+    (r"model\.final_layernorm\.weight", "output_norm.weight"),
+)
+
 ARCHITECTURES = {
     "llama": Architecture("llama", True, (), "default"),
     "mistral": Architecture("llama", True, (), "default", caveats=_window_caveats),
@@ -1575,11 +1583,7 @@ ARCHITECTURES = {
         True,
         ("conv1d",),
         "default",
-        names=(
-            (r"model\.layers\.(\d+)\.pre_ff_layernorm\.weight", "blk.{}.ffn_norm.weight"),
-            (r"model\.layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}.weight"),
-            (r"model\.final_layernorm\.weight", "output_norm.weight"),
-        ),
+        names=(_PRE_FF_NORM, *_FEED_FORWARD),
         check=_check_bamba,
         metadata=_bamba_metadata,
         recurrent="mamba",
@@ -1595,10 +1599,9 @@ ARCHITECTURES = {
         names=(
             # llama.cpp's falcon-h1 reads the MLP's norm without the ".weight" suffix
             (r"model\.layers\.(\d+)\.pre_ff_layernorm\.weight", "blk.{}.ffn_norm"),
-            (r"model\.layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}.weight"),
+            *_FEED_FORWARD,
             (r"model\.layers\.(\d+)\.mamba\.in_proj\.weight", "blk.{}.ssm_in.weight"),
             (r"model\.layers\.(\d+)\.mamba\.out_proj\.weight", "blk.{}.ssm_out.weight"),
-            (r"model\.final_layernorm\.weight", "output_norm.weight"),
         ),
         check=_check_falcon_h1,
         metadata=_mamba2_metadata,
@@ -1611,10 +1614,9 @@ ARCHITECTURES = {
         ("conv1d", "dt_proj"),
         "default",
         names=(
-            (r"model\.layers\.(\d+)\.pre_ff_layernorm\.weight", "blk.{}.ffn_norm.weight"),
-            (r"model\.layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight", "blk.{}.ffn_{}.weight"),
+            _PRE_FF_NORM,
+            *_FEED_FORWARD,
             (r"model\.layers\.(\d+)\.feed_forward\.router\.weight", "blk.{}.ffn_gate_inp.weight"),
-            (r"model\.final_layernorm\.weight", "output_norm.weight"),
         ),
         check=_check_jamba,
         metadata=_jamba_metadata,
