@@ -158,6 +158,9 @@ export and from the same model exported with the architecture's pre-tokenizer na
 deepseek-v3-tokenizer: the deepseek-v3 row's model with a byte-level BPE tokenizer (2000 entries, trained on the
 same legal documents) that splits text by DeepSeek V3's three rules in turn (digits in threes, CJK runs, words and
 punctuation); tokenized as the llama3-tokenizer row's texts, with the same contrast.
+qwen2-padded-vocab: a tiny Qwen2 (random Q/K/V biases) with 64 embedding rows more than its tokenizer has tokens,
+as Qwen2 / Qwen2.5 / Qwen3 (151,936 rows, 151,665 tokens), Phi-3 and OLMo 2 ship; the export pads the token list
+with unused tokens (before 2026-12-05 it did not, and llama.cpp did not load such a file).
 default-tokenizer: no export; the embedded default's own GGUF tokenizes the held-out texts in
 llama.cpp, against carve's tokenizer of it and transformers' GGUF tokenizer as it comes.
 Results: bench/results/export_archs.jsonl; the table: the `export-archs` section of bench/RESULTS.md.
@@ -578,6 +581,9 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         config = tf.Phi3Config(**SIZES, sliding_window=16, vocab_size=vocab, pad_token_id=None, bos_token_id=None,
                                eos_token_id=None)  # fmt: skip
         return tf.AutoModelForCausalLM.from_config(config).eval()
+    if kind == "qwen2-padded-vocab":  # 64 embedding rows no token names
+        model = tf.AutoModelForCausalLM.from_config(tf.Qwen2Config(**SIZES, vocab_size=vocab + 64))
+        return _drawn(model, (lambda name: name.endswith("proj.bias"), lambda p: p.normal_(0, 0.5)))
     if kind in ("llama-structured", "qwen2-structured", "qwen2-structured-heads"):  # positions matter; Qwen2's biases
         sizes = {**SIZES, "num_hidden_layers": 4}
         config = tf.LlamaConfig(**sizes, vocab_size=vocab) if kind == "llama-structured" else tf.Qwen2Config(
@@ -1098,6 +1104,7 @@ KINDS = (
     "gpt-oss-experts",
     "gpt-oss-mxfp4",
     "llama3-tokenizer",
+    "qwen2-padded-vocab",
     "deepseek-v3-tokenizer",
     "default-tokenizer",
 )

@@ -15,7 +15,7 @@ import carve
 from carve.cli.main import main
 from carve.errors import UsageError
 from carve.models.gguf_header import read_gguf_header
-from tests.conftest import gemma_style_tokenizer, tiny_model
+from tests.conftest import VOCAB, gemma_style_tokenizer, tiny_model
 
 FAST = ["--calib-blocks", "4", "--block-len", "32", "--eval-blocks", "2", "--quiet", "--no-speed", "--cloze-items", "0"]
 # largest |logit difference| as a share of the largest |logit|, by type (tiny random models)
@@ -72,6 +72,42 @@ def test_qwen2_as_llama_cpp_qwen2(kind: str, tmp_path: Path, tokenizer) -> None:
     # transformers builds a Qwen2 directory's tokenizer as Qwen2Tokenizer, with Qwen2's split rule
     assert meta["general.architecture"] == "qwen2" and meta["tokenizer.ggml.pre"] == "qwen2"
     _check(src, gguf, kind)
+
+
+def test_embedding_rows_beyond_the_tokenizer_padded(tmp_path: Path, tokenizer, capsys) -> None:
+    """A model with more embedding rows than its tokenizer has tokens (Qwen2's 151,936 rows for 151,665
+    tokens) gets unused `[PAD<id>]` tokens up to its rows, as llama.cpp's converter writes them (llama.cpp
+    sizes the embeddings by the token list: unpadded, it does not load; bench/export_archs.py, row
+    llama-padded-vocab); transformers' GGUF loader reads it back with the same logits.  A tokenizer with
+    more tokens than rows is refused, nothing written."""
+    import transformers as tf
+    from gguf import GGUFReader, TokenType
+
+    config = tf.LlamaConfig(vocab_size=len(tokenizer) + 24, hidden_size=64, intermediate_size=128,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    src = tmp_path / "tiny-padded"
+    gguf, meta = _exported(tf.AutoModelForCausalLM.from_config(config), tokenizer, src, "f16")
+    assert meta["llama.vocab_size"] == config.vocab_size
+    fields = GGUFReader(gguf).fields
+    tokens = fields["tokenizer.ggml.tokens"]
+    types = [int(fields["tokenizer.ggml.token_type"].parts[i][0]) for i in fields["tokenizer.ggml.token_type"].data]
+    assert len(tokens.data) == len(types) == config.vocab_size
+    pads = [bytes(tokens.parts[i]).decode() for i in tokens.data[len(tokenizer) :]]
+    assert pads == [f"[PAD{i}]" for i in range(len(tokenizer), config.vocab_size)]
+    assert set(types[len(tokenizer) :]) == {TokenType.UNUSED} and TokenType.UNUSED not in types[: len(tokenizer)]
+    _check(src, gguf, "f16")
+
+    small = tmp_path / "tiny-short"
+    tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**{**config.to_dict(), "vocab_size": len(tokenizer) - 1})
+                                        ).save_pretrained(small)  # fmt: skip
+    tokenizer.save_pretrained(small)
+    out = tmp_path / "short.gguf"
+    assert main(["export", str(small), "--gguf", str(out), "--stream"]) == 2
+    assert f"{len(tokenizer)} tokens and the model {len(tokenizer) - 1} embedding rows" in capsys.readouterr().err
+    assert main(["export", str(small), "--gguf", str(out)]) == 2  # streamed, refused, then loaded whole: the loader's
+    assert f"embeds only {len(tokenizer) - 1} tokens" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
 
 
 @pytest.mark.parametrize(
@@ -1772,7 +1808,7 @@ def test_pre_tokenizer_named_from_the_split_rule(tmp_path: Path, capsys) -> None
              (by_name["deepseek-v3"], False, "deepseek-v3"), (by_name["deepseek-v3"][::-1], False, "default"),
              (None, True, "smollm"), (None, False, "gpt-2"), (r"\d+|\D+", False, "default")]  # fmt: skip
     for i, (split, digits, want) in enumerate(cases):
-        tok = byte_level_tokenizer(split, digits)
+        tok = byte_level_tokenizer(split, digits, size=VOCAB)  # as many tokens as the model has rows
         src = tmp_path / f"m{i}"
         tiny_model("llama").save_pretrained(src)
         tok.save_pretrained(src)

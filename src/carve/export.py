@@ -1901,10 +1901,15 @@ def rope_type(config: Any, layers: str = "full_attention") -> str:
     return str(rope.get("rope_type", rope.get("type")) or "default")
 
 
-def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str) -> list[str]:
+def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str, vocab: int) -> list[str]:
     """The tokenizer as GGUF metadata: a byte-level BPE one as llama.cpp's `gpt2` tokenizer model, a
     SentencePiece-style BPE one (byte fallback: Llama 2, Mistral 7B v0.1, Gemma) as its `llama` one.
-    Returns notes on what llama.cpp may do otherwise (a split rule carve has no llama.cpp name for)."""
+    Its token list is padded to the model's `vocab` embedding rows (Qwen2's 151,936 rows hold 151,665
+    tokens) with unused `[PAD<id>]` tokens, as llama.cpp's converter pads it: llama.cpp sizes the
+    embeddings by the token list and does not load a model whose rows it does not count.  Returns
+    notes on what llama.cpp may do otherwise (a split rule carve has no llama.cpp name for)."""
+    import gguf
+
     notes: list[str] = []
     data = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
     model = data.get("model") or {}
@@ -1913,6 +1918,9 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
             "GGUF export supports BPE tokenizers (byte-level or with byte fallback) so far; this one is not"
         )
     n = len(tokenizer)
+    if n > vocab:
+        raise UsageError(f"the tokenizer has {n} tokens and the model {vocab} embedding rows: llama.cpp gives every "
+                         "token a row, so this model cannot be written as GGUF")  # fmt: skip
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     special = set(tokenizer.all_special_ids)
     added = set(tokenizer.get_added_vocab().values())
@@ -1920,6 +1928,8 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
     merges = [" ".join(m) for m in pairs]
     spm = bool(model.get("byte_fallback"))
     types = [_token_type(i, t, special, added, spm) for i, t in enumerate(tokens)]
+    tokens += [f"[PAD{i}]" for i in range(n, vocab)]
+    types += [int(gguf.TokenType.UNUSED)] * (vocab - n)
     writer.add_tokenizer_model("llama" if spm else "gpt2")
     if spm:  # llama.cpp's SentencePiece tokenizer merges by score, not by a merge list
         writer.add_token_scores(_merge_scores(tokens, pairs))
@@ -2184,8 +2194,8 @@ def write_gguf(
             return read(name) if t.device.type == "meta" and read is not None else t
 
         arch.weight_metadata(writer, config, value)
-    notes = [*(arch.caveats(config) if arch.caveats else []), *_tokenizer_metadata(writer, lm.tokenizer, source_gguf,
-                                                                                   arch.pre)]  # fmt: skip
+    tokenizer = _tokenizer_metadata(writer, lm.tokenizer, source_gguf, arch.pre, int(config.vocab_size))
+    notes = [*(arch.caveats(config) if arch.caveats else []), *tokenizer]
     if config is not full:
         notes.append(f"the text model of a {full.model_type} checkpoint: its other parts (a vision tower, a projector) "
                      "are not written; llama.cpp reads them from a separate mmproj file, which carve does not "
