@@ -4,6 +4,7 @@ tolerance: dense, sparse-format, structured (narrower MLP and attention, dropped
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ def test_embedding_rows_beyond_the_tokenizer_padded(tmp_path: Path, tokenizer, c
     tokens) gets unused `[PAD<id>]` tokens up to its rows, as llama.cpp's converter writes them (llama.cpp
     sizes the embeddings by the token list: unpadded, it does not load; bench/export_archs.py, row
     llama-padded-vocab); transformers' GGUF loader reads it back with the same logits.  A tokenizer with
-    more tokens than rows is refused, nothing written."""
+    more tokens than rows is refused, nothing written; added tokens past the rows are left out, said in a note."""
     import transformers as tf
     from gguf import GGUFReader, TokenType
 
@@ -108,6 +109,16 @@ def test_embedding_rows_beyond_the_tokenizer_padded(tmp_path: Path, tokenizer, c
     assert main(["export", str(small), "--gguf", str(out)]) == 2  # streamed, refused, then loaded whole: the loader's
     assert f"embeds only {len(tokenizer) - 1} tokens" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
+
+    extra = copy.deepcopy(tokenizer)  # an added token past the rows (as transformers' GGUF reader adds some)
+    extra.add_tokens(["<extra>"], special_tokens=True)
+    tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**{**config.to_dict(), "vocab_size": len(tokenizer)})
+                                        ).save_pretrained(small)  # fmt: skip
+    extra.save_pretrained(small)
+    assert main(["export", str(small), "--gguf", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert any("<extra>" in n and "left out" in n for n in info["notes"])
+    assert len(GGUFReader(out).fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
 
 
 @pytest.mark.parametrize(

@@ -1906,8 +1906,9 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
     SentencePiece-style BPE one (byte fallback: Llama 2, Mistral 7B v0.1, Gemma) as its `llama` one.
     Its token list is padded to the model's `vocab` embedding rows (Qwen2's 151,936 rows hold 151,665
     tokens) with unused `[PAD<id>]` tokens, as llama.cpp's converter pads it: llama.cpp sizes the
-    embeddings by the token list and does not load a model whose rows it does not count.  Returns
-    notes on what llama.cpp may do otherwise (a split rule carve has no llama.cpp name for)."""
+    embeddings by the token list and does not load a model whose rows it does not count; added tokens
+    past the rows are left out (they have no row), other tokens past them refused.  Returns notes on
+    what llama.cpp may do otherwise (a split rule carve has no llama.cpp name for, tokens left out)."""
     import gguf
 
     notes: list[str] = []
@@ -1918,12 +1919,16 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
             "GGUF export supports BPE tokenizers (byte-level or with byte fallback) so far; this one is not"
         )
     n = len(tokenizer)
-    if n > vocab:
-        raise UsageError(f"the tokenizer has {n} tokens and the model {vocab} embedding rows: llama.cpp gives every "
-                         "token a row, so this model cannot be written as GGUF")  # fmt: skip
+    added = set(tokenizer.get_added_vocab().values())
+    if n > vocab:  # added tokens past the rows (transformers' GGUF reader adds some) have none to embed them
+        if not set(range(vocab, n)) <= added:
+            raise UsageError(f"the tokenizer has {n} tokens and the model {vocab} embedding rows: llama.cpp gives "
+                             "every token a row, so this model cannot be written as GGUF")  # fmt: skip
+        past = ", ".join(tokenizer.convert_ids_to_tokens(list(range(vocab, n))))
+        notes.append(f"the added tokens {past} lie past the model's {vocab} embedding rows: left out of the GGUF")
+        n = vocab
     tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
     special = set(tokenizer.all_special_ids)
-    added = set(tokenizer.get_added_vocab().values())
     pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     merges = [" ".join(m) for m in pairs]
     spm = bool(model.get("byte_fallback"))
@@ -1946,7 +1951,7 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
     writer.add_token_merges(merges)  # transformers' GGUF loader rebuilds the BPE model from them
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None:
+        if token_id is not None and token_id < n:
             getattr(writer, f"add_{kind}_token_id")(int(token_id))
     # whether a BOS goes before the text, as the tokenizer does it (llama.cpp's defaults differ by
     # pre-tokenizer: Llama 3's adds one, and a vocabulary without BOS would get token 11 as one)
