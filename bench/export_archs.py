@@ -158,6 +158,10 @@ export and from the same model exported with the architecture's pre-tokenizer na
 deepseek-v3-tokenizer: the deepseek-v3 row's model with a byte-level BPE tokenizer (2000 entries, trained on the
 same legal documents) that splits text by DeepSeek V3's three rules in turn (digits in threes, CJK runs, words and
 punctuation); tokenized as the llama3-tokenizer row's texts, with the same contrast.
+Mamba, Falcon-Mamba and Mamba-2 (`mamba`, `falcon-mamba`, `mamba2`): 4 Mamba blocks each and nothing else (Mamba
+(1): state 16, time-step rank 8; Mamba-2: 8 heads of 16 in 2 groups), convolution taps from N(0, 1), norm weights
+(the gated norm's too) from N(1, 0.5); the mamba and falcon-mamba rows have the same weights (the same seed and
+sizes), so each is the other's contrast (Falcon-Mamba RMS-norms the time step, B and C without weights).
 qwen2-padded-vocab: a tiny Qwen2 (random Q/K/V biases) with 64 embedding rows more than its tokenizer has tokens,
 as Qwen2 / Qwen2.5 / Qwen3 (151,936 rows, 151,665 tokens), Phi-3 and OLMo 2 ship; the export pads the token list
 with unused tokens (before 2026-12-05 it did not, and llama.cpp did not load such a file).
@@ -417,6 +421,15 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                    **FALCON_H1_MUP)  # fmt: skip
         model = _drawn(tf.AutoModelForCausalLM.from_config(config), TAPS)
         return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
+    if kind in ("mamba", "falcon-mamba", "mamba2"):  # pure Mamba (1) / Falcon-Mamba / Mamba-2, 4 blocks
+        sizes = {"vocab_size": vocab, "hidden_size": 64, "num_hidden_layers": 4, "state_size": 16, "conv_kernel": 4,
+                 "expand": 2, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}  # fmt: skip
+        mamba1 = tf.FalconMambaConfig if kind == "falcon-mamba" else tf.MambaConfig
+        config = (tf.Mamba2Config(**sizes, num_heads=8, head_dim=16, n_groups=2) if kind == "mamba2" else
+                  mamba1(**sizes, time_step_rank=8))  # fmt: skip
+        return _perturbed(
+            _drawn(tf.AutoModelForCausalLM.from_config(config), TAPS), ("norm.weight", "norm_f.weight"), 1.0
+        )
     if kind == "jamba":  # Jamba in small: Mamba (1) blocks around an attention block, experts every other block
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.JambaConfig(**sizes, num_experts=4, num_experts_per_tok=2, expert_layer_period=2,
@@ -1099,6 +1112,9 @@ KINDS = (
     "bamba",
     "falcon-h1",
     "jamba",
+    "mamba",
+    "falcon-mamba",
+    "mamba2",
     "apertus",
     "gpt-oss",
     "gpt-oss-experts",

@@ -1140,6 +1140,73 @@ def test_jamba_as_llama_cpp_jamba(tmp_path: Path, tokenizer) -> None:
     assert "blk.2.attn_q.weight" in tensors and "output_norm.weight" in tensors
 
 
+def _mamba_config(model_type: str, **changes: Any) -> Any:
+    import transformers as tf
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "state_size": 16, "conv_kernel": 4,
+             "expand": 2, **changes}  # fmt: skip
+    if model_type == "mamba2":
+        return tf.Mamba2Config(**{"num_heads": 8, "head_dim": 16, "n_groups": 2, **sizes})
+    return (tf.FalconMambaConfig if model_type == "falcon_mamba" else tf.MambaConfig)(time_step_rank=8, **sizes)
+
+
+def test_mamba_as_llama_cpp_mamba(tmp_path: Path, tokenizer) -> None:
+    """A pure Mamba (1) as llama.cpp's `mamba`: Mamba's parameters as for Jamba under `backbone.layers.N.mixer`,
+    the embeddings, block norms and final norm under llama.cpp's names, Mamba's sizes as `ssm.*` keys, no
+    attention heads; transformers' GGUF loader reads it back with the same logits.  Falcon-Mamba as the same
+    architecture with `ssm.dt_b_c_rms` set (its time step, B and C RMS-normed).  Logits in llama.cpp itself:
+    bench/export_archs.py, rows mamba and falcon-mamba."""
+    import transformers as tf
+
+    src = tmp_path / "tiny-mamba"
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(_mamba_config("mamba"))
+    with torch.no_grad():  # earlier tokens matter; a lost norm shows
+        for name, p in model.named_parameters():
+            if name.endswith("conv1d.weight"):
+                p.normal_(0, 1)
+            if name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                p.normal_(1, 0.5)
+    gguf, meta = _exported(model, tokenizer, src, "f16")
+    assert meta["general.architecture"] == "mamba" and meta["mamba.attention.head_count"] == 0
+    assert [meta["mamba.ssm." + k] for k in ("conv_kernel", "inner_size", "state_size", "time_step_rank")] == [
+        4, 128, 16, 8]  # fmt: skip
+    assert not meta["mamba.ssm.dt_b_c_rms"]
+    _check(src, gguf, "f16")
+    _, meta, tensors = _tiny_gguf(_mamba_config("falcon_mamba"), tokenizer, tmp_path / "tiny-falcon-mamba")
+    assert meta["general.architecture"] == "mamba" and meta["mamba.ssm.dt_b_c_rms"]
+    assert {"token_embd.weight", "blk.1.attn_norm.weight", "blk.1.ssm_x.weight", "blk.1.ssm_dt.bias",
+            "output_norm.weight"} <= set(tensors)  # fmt: skip
+
+
+def test_mamba2_as_llama_cpp_mamba2(tmp_path: Path, tokenizer) -> None:
+    """A pure Mamba-2 (Mamba-Codestral) as llama.cpp's `mamba2`: its mixer's parameters as for Granite 4.0 H
+    (A as -exp(A_log) and D as [heads, 1], the gated norm's weight by groups, the time-step bias as
+    `ssm_dt.bias`), Mamba-2's sizes as `ssm.*` keys; projection biases, a convolution without its bias and
+    a clamped time step refused.  Logits in llama.cpp itself: bench/export_archs.py, row mamba2."""
+    import numpy as np
+
+    from carve.export import check_config
+
+    state, meta, tensors = _tiny_gguf(_mamba_config("mamba2"), tokenizer, tmp_path / "tiny-mamba2", norms=True)
+    assert meta["general.architecture"] == "mamba2"
+    assert [meta["mamba2.ssm." + k] for k in ("conv_kernel", "inner_size", "state_size", "time_step_rank",
+                                              "group_count")] == [4, 128, 16, 8, 2]  # fmt: skip
+    p = "backbone.layers.1.mixer."
+    assert np.allclose(tensors["blk.1.ssm_a"].reshape(-1), -torch.exp(state[p + "A_log"]).numpy())
+    assert np.array_equal(tensors["blk.1.ssm_norm.weight"].reshape(2, 64), state[p + "norm.weight"].reshape(2, 64))
+    _assert_written(tensors, state, {"blk.1.ssm_dt.bias": p + "dt_bias", "blk.1.ssm_d": p + "D",
+                                     "blk.1.ssm_in.weight": p + "in_proj.weight",
+                                     "blk.0.attn_norm.weight": "backbone.layers.0.norm.weight",
+                                     "output_norm.weight": "backbone.norm_f.weight"})  # fmt: skip
+    for changes, message in (({"use_bias": True}, "without biases"), ({"use_conv_bias": False}, "reads a bias"),
+                             ({"time_step_limit": (0.0, 0.1)}, "does not clamp")):  # fmt: skip
+        with pytest.raises(UsageError, match=message):
+            check_config(_mamba_config("mamba2", **changes))
+    with pytest.raises(UsageError, match="without biases"):
+        check_config(_mamba_config("mamba", use_bias=True))
+
+
 def test_nemotron_h_as_llama_cpp_nemotron_h(tmp_path: Path, tokenizer) -> None:
     """Nemotron-H as llama.cpp's `nemotron_h`: blocks of one kind each, told apart by llama.cpp from the
     per-block key/value heads and MLP widths (Mamba-2: 0 and 0; attention: its heads and 0; MLP: 0 and

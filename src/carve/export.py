@@ -951,15 +951,23 @@ def _check_granite_hybrid(config: Any) -> None:
 
 
 def _mamba2_sizes(config: Any) -> dict[str, int]:
-    """Mamba-2's sizes under either config's names (Granite 4.0 H's `mamba_*`, Nemotron-H's)."""
+    """Mamba-2's sizes under each config's names (Granite 4.0 H's `mamba_*`, Nemotron-H's, Mamba-2's own)."""
     if hasattr(config, "mamba_n_heads"):  # Falcon-H1 may set the inner width apart (`mamba_d_ssm`)
         inner = getattr(config, "mamba_d_ssm", None) or config.mamba_expand * config.hidden_size
         return {"conv": int(config.mamba_d_conv), "inner": int(inner),
                 "state": int(config.mamba_d_state), "heads": int(config.mamba_n_heads),
                 "groups": int(config.mamba_n_groups)}  # fmt: skip
-    return {"conv": int(config.conv_kernel), "inner": int(config.mamba_num_heads * config.mamba_head_dim),
-            "state": int(config.ssm_state_size), "heads": int(config.mamba_num_heads),
-            "groups": int(config.n_groups)}  # fmt: skip
+    if hasattr(config, "mamba_num_heads"):  # Nemotron-H
+        return {"conv": int(config.conv_kernel), "inner": int(config.mamba_num_heads * config.mamba_head_dim),
+                "state": int(config.ssm_state_size), "heads": int(config.mamba_num_heads),
+                "groups": int(config.n_groups)}  # fmt: skip
+    return {
+        "conv": int(config.conv_kernel),
+        "inner": int(config.num_heads * config.head_dim),
+        "state": int(config.state_size),
+        "heads": int(config.num_heads),
+        "groups": int(config.n_groups),
+    }  # Mamba-2
 
 
 def _mamba2_metadata(writer: Any, config: Any) -> None:
@@ -1002,7 +1010,7 @@ def _mamba2_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, 
     the time-step bias as `ssm_dt.bias`, the depthwise convolution [channels, 1, L] as {L, channels},
     the gated norm's weight as [groups, inner / groups]; and a dense Granite 4.0 H's shared MLP (no
     experts) as its plain MLP. None for any other tensor."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(mamba|mixer|shared_mlp)\.(\w+)(?:\.(weight|bias))?", name)
+    m = re.fullmatch(r"(?:model|backbone)\.layers\.(\d+)\.(mamba|mixer|shared_mlp)\.(\w+)(?:\.(weight|bias))?", name)
     if m is None or (m[2] == "mixer" and m[3] not in _MAMBA2):  # Nemotron-H's attention and MLP mixers
         return None
     blk, part, what, kind = f"blk.{m[1]}", m[2], m[3], m[4]
@@ -1171,13 +1179,15 @@ def _jamba_metadata(writer: Any, config: Any) -> None:
 
 
 def _mamba1_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
-    """Jamba's Mamba (1) parameters as llama.cpp's converter writes them: A as -exp(A_log) [inner, state],
-    the depthwise convolution [channels, 1, L] as {L, channels}, the input, x, dt and output projections
-    and the dt / B / C norms under llama.cpp's `ssm_*` names. None for any other tensor."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.mamba\.(\w+?)(?:\.(weight|bias))?", name)
+    """Mamba (1) parameters (Jamba's, a pure Mamba's) as llama.cpp's converter writes them: A as -exp(A_log)
+    [inner, state], the depthwise convolution [channels, 1, L] as {L, channels}, the input, x, dt and output
+    projections and the dt / B / C norms under llama.cpp's `ssm_*` names. None for any other tensor."""
+    m = re.fullmatch(
+        r"(?:model\.layers\.(\d+)\.mamba|backbone\.layers\.(\d+)\.mixer)\.(\w+?)(?:\.(weight|bias))?", name
+    )
     if m is None:
         return None
-    blk, what, kind = f"blk.{m[1]}", m[2], m[3]
+    blk, what, kind = f"blk.{m[1] or m[2]}", m[3], m[4]
     if what == "A_log":
         return [(f"{blk}.ssm_a", -torch.exp(w.float()))]
     if what == "D":
@@ -1188,7 +1198,50 @@ def _mamba1_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, 
              "dt_layernorm": "ssm_dt_norm", "b_layernorm": "ssm_b_norm", "c_layernorm": "ssm_c_norm"}  # fmt: skip
     if what in names:
         return [(f"{blk}.{names[what]}.{kind}", w)]
-    raise UsageError(f"llama.cpp has no tensor for {name!r} in jamba: this layout cannot be exported")
+    raise UsageError(f"llama.cpp has no tensor for {name!r} in this architecture: this layout cannot be exported")
+
+
+def _check_mamba(config: Any) -> None:
+    """Refuse what llama.cpp's mamba and mamba2 graphs (Mamba, Falcon-Mamba, Mamba-2, Mamba-Codestral)
+    compute otherwise: biases in the input and output projections, a convolution without its bias,
+    an activation other than SiLU; Mamba-2's rules (`_check_mamba2`)."""
+    arch = "mamba2" if config.model_type == "mamba2" else "mamba"
+    if config.use_bias:
+        raise UsageError(f"llama.cpp's {arch} takes Mamba's projections without biases; this model's have them")
+    if not config.use_conv_bias:
+        raise UsageError(f"llama.cpp's {arch} reads a bias of Mamba's convolution; this model's has none")
+    if config.hidden_act != "silu":
+        raise UsageError(f"llama.cpp's {arch} gates with SiLU; this model uses {config.hidden_act!r}")
+    if arch == "mamba2":
+        _check_mamba2(config, arch)
+
+
+def _mamba_metadata(writer: Any, config: Any) -> None:
+    """A pure Mamba's keys: the RMSNorm epsilon; Mamba (1)'s sizes (convolution length, inner width,
+    state size, the time step's rank) and whether the time step, B and C are RMS-normed without weights
+    (Falcon-Mamba's `ssm.dt_b_c_rms`), or Mamba-2's (`_mamba2_metadata`)."""
+    writer.add_layer_norm_rms_eps(float(config.layer_norm_epsilon))
+    if config.model_type == "mamba2":
+        _mamba2_metadata(writer, config)
+        return
+    writer.add_ssm_conv_kernel(int(config.conv_kernel))
+    writer.add_ssm_inner_size(int(config.intermediate_size))
+    writer.add_ssm_state_size(int(config.state_size))
+    writer.add_ssm_time_step_rank(int(config.time_step_rank))
+    writer.add_ssm_dt_b_c_rms(config.model_type == "falcon_mamba")
+
+
+def _mamba_layout(config: Any, state: dict[str, torch.Tensor], arch: Architecture) -> dict[str, Any]:
+    """A pure Mamba's blocks: no attention (no heads, no key/value heads), no MLP."""
+    n = int(config.num_hidden_layers)
+    return {"head_dim": 0, "kv": [0] * n, "ffn": [0] * n}
+
+
+_MAMBA_NAMES = (  # a pure Mamba's embeddings, block norms and final norm under `backbone`
+    (r"backbone\.embeddings\.weight", "token_embd.weight"),
+    (r"backbone\.layers\.(\d+)\.norm\.weight", "blk.{}.attn_norm.weight"),
+    (r"backbone\.norm_f\.weight", "output_norm.weight"),
+)
 
 
 def _check_glm4_moe(config: Any) -> None:
@@ -1607,6 +1660,22 @@ ARCHITECTURES = {
         metadata=_mamba2_metadata,
         tensors=_falcon_h1_tensors,
     ),
+    # Mamba (state-spaces' Mamba, Falcon-Mamba: the time step, B and C RMS-normed) and Mamba-2 (Mamba-Codestral):
+    # Mamba blocks only, each a norm and a mixer
+    **{
+        model_type: Architecture(
+            "mamba2" if model_type == "mamba2" else "mamba",
+            False,
+            ("conv1d",) if model_type == "mamba2" else ("conv1d", "dt_proj"),
+            "gpt-2",
+            names=_MAMBA_NAMES,
+            check=_check_mamba,
+            metadata=_mamba_metadata,
+            tensors=_mamba2_tensors if model_type == "mamba2" else _mamba1_tensors,
+            layout=_mamba_layout,
+        )
+        for model_type in ("mamba", "falcon_mamba", "mamba2")
+    },
     # Jamba: Mamba (1) blocks and attention blocks (no RoPE), each with a dense MLP or experts
     "jamba": Architecture(
         "jamba",
@@ -1795,7 +1864,8 @@ def architecture(model_type: Any) -> Architecture:
             "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
-            "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H and Apertus "
+            "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H, Apertus, Mamba, "
+            "Falcon-Mamba and Mamba-2 "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -2162,12 +2232,13 @@ def write_gguf(
     writer = gguf.GGUFWriter(str(path), arch.gguf)
     # the source's directory name, not its path (a GGUF carries no local paths)
     writer.add_name(Path(str(getattr(full, "_name_or_path", "") or "")).name or "carve output")
-    writer.add_context_length(config.max_position_embeddings)
+    # a pure Mamba has no context length and no attention heads (llama.cpp's converter writes 2^20 and 0)
+    writer.add_context_length(int(getattr(config, "max_position_embeddings", None) or 2**20))
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     uniform_ffn, uniform_kv = len(set(shape["ffn"])) <= 1, len(set(shape["kv"])) <= 1
     writer.add_feed_forward_length(shape["ffn"][0] if uniform_ffn and shape["ffn"] else shape["ffn"])
-    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count(int(getattr(config, "num_attention_heads", 0) if shape["head_dim"] else 0))
     writer.add_head_count_kv(shape["kv"][0] if uniform_kv and shape["kv"] else shape["kv"])
     theta = (
         arch.theta(config)
@@ -2185,9 +2256,10 @@ def write_gguf(
             writer.add_layer_norm_eps(float(eps))
     # Phi-4-mini rotates 3/4 of a head, Bamba half; DeepSeek its rotated channels
     rotated = shape.get("rope_dims") or _rotary_dims(config, shape["head_dim"])
-    writer.add_rope_dimension_count(rotated)
-    writer.add_key_length(shape.get("key_length", shape["head_dim"]))
-    writer.add_value_length(shape.get("value_length", shape["head_dim"]))
+    if shape["head_dim"]:  # a model with attention
+        writer.add_rope_dimension_count(rotated)
+        writer.add_key_length(shape.get("key_length", shape["head_dim"]))
+        writer.add_value_length(shape.get("value_length", shape["head_dim"]))
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[kind]]))
     if arch.metadata is not None:
