@@ -2354,7 +2354,7 @@ def export(
         if reason is not None or auto:
             try:
                 info = _export_streamed(source, out, kind, origin)
-            except UsageError:
+            except _Unstreamable:  # loaded whole below; a refusal of the model itself is not retried
                 if not auto:
                     raise
             if info is not None:
@@ -2378,15 +2378,25 @@ def _streamable(source: Path) -> bool:
     return True
 
 
+class _Unstreamable(UsageError):
+    """The skeleton cannot read a directory one tensor at a time (an export of it then loads it whole)."""
+
+
 def _export_streamed(source: Path, out: Path, kind: str, origin: Path | None) -> dict[str, Any]:
-    """`write_gguf` on a skeleton of `source`: one decoder block in memory at a time (float32)."""
+    """`write_gguf` on a skeleton of `source`: one decoder block in memory at a time (float32).  What
+    `write_gguf` refuses is refused here, not retried by loading the model whole (a model larger than
+    memory would be read whole only to be refused again)."""
     from carve.models.load import LoadedModel
     from carve.models.skeleton import SkeletonModel
     from carve.output import atomic_file
     from carve.streamed import load_tokenizer
 
     tok = load_tokenizer(source)
-    with SkeletonModel(source, torch.float32, "cpu") as skeleton, atomic_file(out) as tmp:
+    try:
+        model = SkeletonModel(source, torch.float32, "cpu")
+    except UsageError as e:
+        raise _Unstreamable(str(e)) from e
+    with model as skeleton, atomic_file(out) as tmp:
         lm = LoadedModel(skeleton.model, tok, str(source), "", "float32")
         return write_gguf(
             lm, tmp, kind, origin, items=skeleton.state_items, read=lambda n: skeleton.source.get(skeleton.specs[n][0])
