@@ -124,6 +124,19 @@ def test_embedding_rows_beyond_the_tokenizer_padded(tmp_path: Path, tokenizer, c
     assert len(GGUFReader(out).fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
 
 
+def test_named_chat_templates(tmp_path: Path, tokenizer) -> None:
+    """A tokenizer with several chat templates by name (Command R's default, tool_use and rag) goes in as
+    llama.cpp's converter writes them: `default` as tokenizer.chat_template, each other under its name and
+    listed in tokenizer.chat_templates (before, the export failed with a traceback on them)."""
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = {"default": "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+                         "tool_use": "{{ tools }}{% for m in messages %}{{ m['content'] }}{% endfor %}"}  # fmt: skip
+    _, meta = _exported(tiny_model("llama"), tok, tmp_path / "tiny-templates", "f16")
+    assert meta["tokenizer.chat_template"] == tok.chat_template["default"]
+    assert meta["tokenizer.chat_template.tool_use"] == tok.chat_template["tool_use"]
+    assert meta["tokenizer.chat_templates"] == ["tool_use"]
+
+
 @pytest.mark.parametrize(
     "model_type, gguf",
     [("qwen2_moe", "qwen2moe"), ("cohere", "command-r"), ("cohere2", "cohere2"), ("phi3", "phi3"),

@@ -2026,8 +2026,12 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
     # whether a BOS goes before the text, as the tokenizer does it (llama.cpp's defaults differ by
     # pre-tokenizer: Llama 3's adds one, and a vocabulary without BOS would get token 11 as one)
     writer.add_add_bos_token(_adds_bos(tokenizer))
-    if getattr(tokenizer, "chat_template", None):
-        writer.add_chat_template(tokenizer.chat_template)
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):  # several, by name (Command R's default, tool_use and rag), as llama.cpp's
+        # converter writes them: `default` as the chat template, the others as tokenizer.chat_template.<name>
+        template = [{"name": name, "template": text} for name, text in template.items()]
+    if template:
+        writer.add_chat_template(template)
     return notes
 
 
