@@ -2275,8 +2275,8 @@ def write_gguf(
             return read(name) if t.device.type == "meta" and read is not None else t
 
         arch.weight_metadata(writer, config, value)
-    tokenizer = _tokenizer_metadata(writer, lm.tokenizer, source_gguf, arch.pre, int(config.vocab_size))
-    notes = [*(arch.caveats(config) if arch.caveats else []), *tokenizer]
+    tokenizer_notes = _tokenizer_metadata(writer, lm.tokenizer, source_gguf, arch.pre, int(config.vocab_size))
+    notes = [*(arch.caveats(config) if arch.caveats else []), *tokenizer_notes]
     if config is not full:
         notes.append(f"the text model of a {full.model_type} checkpoint: its other parts (a vision tower, a projector) "
                      "are not written; llama.cpp reads them from a separate mmproj file, which carve does not "
