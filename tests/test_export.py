@@ -115,12 +115,15 @@ def test_embedding_rows_beyond_the_tokenizer_padded(tmp_path: Path, tokenizer, c
 
     extra = copy.deepcopy(tokenizer)  # an added token past the rows (as transformers' GGUF reader adds some)
     extra.add_tokens(["<extra>"], special_tokens=True)
+    extra.pad_token = "<extra>"
     tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**{**config.to_dict(), "vocab_size": len(tokenizer)})
                                         ).save_pretrained(small)  # fmt: skip
     extra.save_pretrained(small)
     assert main(["export", str(small), "--gguf", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert any("<extra>" in n and "left out" in n for n in info["notes"])
+    assert any(f"PAD token ({len(tokenizer)}) lies past the token list" in n for n in info["notes"])
+    assert "tokenizer.ggml.padding_token_id" not in read_gguf_header(out)
     assert len(GGUFReader(out).fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
 
 

@@ -2021,7 +2021,9 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
     writer.add_token_merges(merges)  # transformers' GGUF loader rebuilds the BPE model from them
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None and token_id < n:
+        if token_id is not None and token_id >= n:
+            notes.append(f"the {kind.upper()} token ({token_id}) lies past the token list: not written")
+        elif token_id is not None:
             getattr(writer, f"add_{kind}_token_id")(int(token_id))
     # whether a BOS goes before the text, as the tokenizer does it (llama.cpp's defaults differ by
     # pre-tokenizer: Llama 3's adds one, and a vocabulary without BOS would get token 11 as one)
