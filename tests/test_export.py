@@ -79,7 +79,7 @@ def test_embedding_rows_beyond_the_tokenizer_padded(tmp_path: Path, tokenizer, c
     """A model with more embedding rows than its tokenizer has tokens (Qwen2's 151,936 rows for 151,665
     tokens) gets unused `[PAD<id>]` tokens up to its rows, as llama.cpp's converter writes them (llama.cpp
     sizes the embeddings by the token list: unpadded, it does not load; bench/export_archs.py, row
-    llama-padded-vocab); transformers' GGUF loader reads it back with the same logits.  A tokenizer with
+    qwen2-padded-vocab); transformers' GGUF loader reads it back with the same logits.  A tokenizer with
     more tokens than rows is refused, nothing written; added tokens past the rows are left out, said in a note."""
     import transformers as tf
     from gguf import GGUFReader, TokenType
