@@ -107,10 +107,10 @@ def test_embedding_rows_beyond_the_tokenizer_padded(tmp_path: Path, tokenizer, c
     for stream in ("--stream", "--no-stream"):  # streamed, a refusal is not retried by loading the model whole
         assert main(["export", str(small), "--gguf", str(out), stream]) == 2
         err = capsys.readouterr().err
-        assert f"{len(tokenizer)} tokens and the model {len(tokenizer) - 1} embedding rows" in err or (
+        assert f"tokens up to id {len(tokenizer) - 1} and the model {len(tokenizer) - 1} embedding rows" in err or (
             stream == "--no-stream" and f"embeds only {len(tokenizer) - 1} tokens" in err)  # the loader's  # fmt: skip
     assert main(["export", str(small), "--gguf", str(out)]) == 2  # the default streams a safetensors directory
-    assert f"{len(tokenizer)} tokens and the model" in capsys.readouterr().err
+    assert f"tokens up to id {len(tokenizer) - 1} and the model" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
 
     extra = copy.deepcopy(tokenizer)  # an added token past the rows (as transformers' GGUF reader adds some)
@@ -125,6 +125,27 @@ def test_embedding_rows_beyond_the_tokenizer_padded(tmp_path: Path, tokenizer, c
     assert any(f"PAD token ({len(tokenizer)}) lies past the token list" in n for n in info["notes"])
     assert "tokenizer.ggml.padding_token_id" not in read_gguf_header(out)
     assert len(GGUFReader(out).fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
+
+    # a gap in the tokenizer's ids (a vocabulary entry at id rows - 3, none at the ids before it): the gap and the
+    # rows after the token padded, the token at its own id
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    at = config.vocab_size - 3
+    data["model"]["vocab"]["<gap>"] = at
+    gapped = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), eos_token="<eos>",
+                                     unk_token="<unk>", pad_token="<eos>")  # fmt: skip
+    assert gapped.convert_tokens_to_ids("<gap>") == at and at - 5 >= len(tokenizer)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(small)
+    gapped.save_pretrained(small)
+    assert main(["export", str(small), "--gguf", str(out), "--overwrite"]) == 0
+    fields = GGUFReader(out).fields
+    tokens = fields["tokenizer.ggml.tokens"]
+    names = [bytes(tokens.parts[i]).decode() for i in tokens.data]
+    assert len(names) == config.vocab_size and names[at] == "<gap>"
+    assert [i for i, t in enumerate(names) if t.startswith("[PAD")] == [i for i in range(len(tokenizer), config.vocab_size)
+                                                                       if i != at]  # fmt: skip
 
 
 def test_named_chat_templates(tmp_path: Path, tokenizer) -> None:

@@ -1975,7 +1975,8 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
     """The tokenizer as GGUF metadata: a byte-level BPE one as llama.cpp's `gpt2` tokenizer model, a
     SentencePiece-style BPE one (byte fallback: Llama 2, Mistral 7B v0.1, Gemma) as its `llama` one.
     Its token list is padded to the model's `vocab` embedding rows (Qwen2's 151,936 rows hold 151,665
-    tokens) with unused `[PAD<id>]` tokens, as llama.cpp's converter pads it: llama.cpp sizes the
+    tokens), and a gap in the tokenizer's ids filled, with unused `[PAD<id>]` tokens, as llama.cpp's
+    converter does: llama.cpp sizes the
     embeddings by the token list and does not load a model whose rows it does not count; added tokens
     past the rows are left out (they have no row), other tokens past them refused.  Returns notes on
     what llama.cpp may do otherwise (a split rule carve has no llama.cpp name for, tokens left out)."""
@@ -1988,23 +1989,23 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
         raise UsageError(
             "GGUF export supports BPE tokenizers (byte-level or with byte fallback) so far; this one is not"
         )
-    n = len(tokenizer)
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}  # every token by its id, added ones too
     added = set(tokenizer.get_added_vocab().values())
-    if n > vocab:  # added tokens past the rows (transformers' GGUF reader adds some) have none to embed them
-        if not set(range(vocab, n)) <= added:
-            raise UsageError(f"the tokenizer has {n} tokens and the model {vocab} embedding rows: llama.cpp gives "
-                             "every token a row, so this model cannot be written as GGUF")  # fmt: skip
-        past = ", ".join(tokenizer.convert_ids_to_tokens(list(range(vocab, n))))
-        notes.append(f"the added tokens {past} lie past the model's {vocab} embedding rows: left out of the GGUF")
-        n = vocab
-    tokens = tokenizer.convert_ids_to_tokens(list(range(n)))
+    past = sorted(i for i in by_id if i >= vocab)
+    if past:  # added tokens past the rows (transformers' GGUF reader adds some) have none to embed them
+        if not set(past) <= added:
+            raise UsageError(f"the tokenizer has tokens up to id {past[-1]} and the model {vocab} embedding rows: "
+                             "llama.cpp gives every token a row, so this model cannot be written as GGUF")  # fmt: skip
+        notes.append(f"the added tokens {', '.join(by_id[i] for i in past)} lie past the model's {vocab} embedding "
+                     "rows: left out of the GGUF")  # fmt: skip
     special = set(tokenizer.all_special_ids)
     pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
     merges = [" ".join(m) for m in pairs]
     spm = bool(model.get("byte_fallback"))
-    types = [_token_type(i, t, special, added, spm) for i, t in enumerate(tokens)]
-    tokens += [f"[PAD{i}]" for i in range(n, vocab)]
-    types += [int(gguf.TokenType.UNUSED)] * (vocab - n)
+    # a row no token names (past the tokenizer, or a gap in its ids) as an unused `[PAD<id>]` token
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab)]
+    types = [_token_type(i, t, special, added, spm) if i in by_id else int(gguf.TokenType.UNUSED)
+             for i, t in enumerate(tokens)]  # fmt: skip
     writer.add_tokenizer_model("llama" if spm else "gpt2")
     if spm:  # llama.cpp's SentencePiece tokenizer merges by score, not by a merge list
         writer.add_token_scores(_merge_scores(tokens, pairs))
@@ -2021,7 +2022,7 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
     writer.add_token_merges(merges)  # transformers' GGUF loader rebuilds the BPE model from them
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
-        if token_id is not None and token_id >= n:
+        if token_id is not None and token_id >= vocab:
             notes.append(f"the {kind.upper()} token ({token_id}) lies past the token list: not written")
         elif token_id is not None:
             getattr(writer, f"add_{kind}_token_id")(int(token_id))
