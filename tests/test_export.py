@@ -104,26 +104,29 @@ def test_embedding_rows_beyond_the_tokenizer_padded(tmp_path: Path, tokenizer, c
                                         ).save_pretrained(small)  # fmt: skip
     tokenizer.save_pretrained(small)
     out = tmp_path / "short.gguf"
-    for stream in ("--stream", "--no-stream"):  # streamed, a refusal is not retried by loading the model whole
-        assert main(["export", str(small), "--gguf", str(out), stream]) == 2
-        err = capsys.readouterr().err
-        assert f"tokens up to id {len(tokenizer) - 1} and the model {len(tokenizer) - 1} embedding rows" in err or (
-            stream == "--no-stream" and f"embeds only {len(tokenizer) - 1} tokens" in err)  # the loader's  # fmt: skip
-    assert main(["export", str(small), "--gguf", str(out)]) == 2  # the default streams a safetensors directory
-    assert f"tokens up to id {len(tokenizer) - 1} and the model" in capsys.readouterr().err
+    refused = f"gives token ids up to {len(tokenizer) - 1} but the model embeds only {len(tokenizer) - 1} tokens"
+    for stream in ("--stream", "--no-stream", "--auto"):  # one rule (the loader's), however the model is read
+        assert main(["export", str(small), "--gguf", str(out), *([stream] if stream != "--auto" else [])]) == 2
+        assert refused in capsys.readouterr().err, stream
     assert not out.exists() and not list(tmp_path.glob("*.tmp*"))
 
     extra = copy.deepcopy(tokenizer)  # an added token past the rows (as transformers' GGUF reader adds some)
     extra.add_tokens(["<extra>"], special_tokens=True)
-    extra.pad_token = "<extra>"
     tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**{**config.to_dict(), "vocab_size": len(tokenizer)})
                                         ).save_pretrained(small)  # fmt: skip
+    extra.pad_token = "<extra>"  # a padding token past the rows: refused, by the loader and by the export alike
+    extra.save_pretrained(small)
+    for stream in ("--stream", "--no-stream"):
+        assert main(["export", str(small), "--gguf", str(out), stream]) == 2
+        assert f"gives token ids up to {len(tokenizer)} but the model embeds only" in capsys.readouterr().err
+    assert not out.exists()
+    extra.pad_token, extra.unk_token = tokenizer.pad_token, "<extra>"  # an unknown token past them: not written
     extra.save_pretrained(small)
     assert main(["export", str(small), "--gguf", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert any("<extra>" in n and "left out" in n for n in info["notes"])
-    assert any(f"PAD token ({len(tokenizer)}) lies past the token list" in n for n in info["notes"])
-    assert "tokenizer.ggml.padding_token_id" not in read_gguf_header(out)
+    assert any(f"UNK token ({len(tokenizer)}) lies past the token list" in n for n in info["notes"])
+    assert "tokenizer.ggml.unknown_token_id" not in read_gguf_header(out)
     assert len(GGUFReader(out).fields["tokenizer.ggml.tokens"].data) == len(tokenizer)
 
     # a gap in the tokenizer's ids (a vocabulary entry at id rows - 3, none at the ids before it): the gap and the

@@ -1971,16 +1971,21 @@ def rope_type(config: Any, layers: str = "full_attention") -> str:
     return str(rope.get("rope_type", rope.get("type")) or "default")
 
 
-def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str, vocab: int) -> list[str]:
+def _tokenizer_metadata(
+    writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str, vocab: int, name: str
+) -> list[str]:
     """The tokenizer as GGUF metadata: a byte-level BPE one as llama.cpp's `gpt2` tokenizer model, a
     SentencePiece-style BPE one (byte fallback: Llama 2, Mistral 7B v0.1, Gemma) as its `llama` one.
     Its token list is padded to the model's `vocab` embedding rows (Qwen2's 151,936 rows hold 151,665
     tokens), and a gap in the tokenizer's ids filled, with unused `[PAD<id>]` tokens, as llama.cpp's
     converter does: llama.cpp sizes the
     embeddings by the token list and does not load a model whose rows it does not count; added tokens
-    past the rows are left out (they have no row), other tokens past them refused.  Returns notes on
+    past the rows are left out (they have no row), other tokens past them refused, as carve's loader
+    refuses them (`carve.models.load.check_rows`, one rule for both).  Returns notes on
     what llama.cpp may do otherwise (a split rule carve has no llama.cpp name for, tokens left out)."""
     import gguf
+
+    from carve.models.load import check_rows
 
     notes: list[str] = []
     data = json.loads(tokenizer.backend_tokenizer.to_str()) if hasattr(tokenizer, "backend_tokenizer") else {}
@@ -1991,11 +1996,8 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, source_gguf: Path | None, p
         )
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}  # every token by its id, added ones too
     added = set(tokenizer.get_added_vocab().values())
-    past = sorted(i for i in by_id if i >= vocab)
+    past = check_rows(tokenizer, vocab, name)
     if past:  # added tokens past the rows (transformers' GGUF reader adds some) have none to embed them
-        if not set(past) <= added:
-            raise UsageError(f"the tokenizer has tokens up to id {past[-1]} and the model {vocab} embedding rows: "
-                             "llama.cpp gives every token a row, so this model cannot be written as GGUF")  # fmt: skip
         notes.append(f"the added tokens {', '.join(by_id[i] for i in past)} lie past the model's {vocab} embedding "
                      "rows: left out of the GGUF")  # fmt: skip
     special = set(tokenizer.all_special_ids)
@@ -2278,7 +2280,9 @@ def write_gguf(
             return read(name) if t.device.type == "meta" and read is not None else t
 
         arch.weight_metadata(writer, config, value)
-    tokenizer_notes = _tokenizer_metadata(writer, lm.tokenizer, source_gguf, arch.pre, int(config.vocab_size))
+    tokenizer_notes = _tokenizer_metadata(
+        writer, lm.tokenizer, source_gguf, arch.pre, int(config.vocab_size), lm.source
+    )
     notes = [*(arch.caveats(config) if arch.caveats else []), *tokenizer_notes]
     if config is not full:
         notes.append(f"the text model of a {full.model_type} checkpoint: its other parts (a vision tower, a projector) "

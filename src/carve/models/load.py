@@ -64,24 +64,34 @@ def first_parameter(model: torch.nn.Module) -> torch.nn.Parameter:
 
 
 def check_vocabulary(tokenizer: Any, model: Any, name: str) -> None:
-    """Refuse a tokenizer whose ordinary vocabulary, end-of-text or padding token reaches past the
-    model's embedding rows (a tokenizer from another model): every forward would stop on an index
-    error deep in the model.  Added tokens past the rows are let be (transformers' GGUF reader adds
-    an <|endoftext|> that way); text reaches them only by spelling them out, and such text is refused
-    when it is tokenized (`carve.corpora.corpus.embedded_ids`)."""
+    """Refuse a tokenizer whose tokens reach past the model's embedding rows (`check_rows`); a
+    model without a single input embedding to compare with is let be."""
     try:
         rows = getattr(model.get_input_embeddings(), "num_embeddings", None)
     except (AttributeError, NotImplementedError):  # no single input embedding to compare with
         return
-    special = [getattr(tokenizer, f"{what}_token_id", None) for what in ("eos", "pad")]
-    top = max([tokenizer.vocab_size - 1, *(i for i in special if isinstance(i, int))])
-    if isinstance(rows, int) and top >= rows:
+    if isinstance(rows, int) and check_rows(tokenizer, rows, name):
+        tokenizer.carve_embedded_rows = rows  # text spelling such a token out is refused (corpus.embedded_ids)
+
+
+def check_rows(tokenizer: Any, rows: int, name: str) -> list[int]:
+    """The one rule for a tokenizer against `rows` embedding rows, for a job's model and for a GGUF
+    export alike: refuse a tokenizer whose ordinary vocabulary (every id it does not add), or whose
+    BOS, end-of-text or padding token, reaches past the rows (a tokenizer from another model: every
+    forward would stop on an index error deep in the model, and llama.cpp gives every token a row).
+    Returns the ids of added tokens past the rows, which are let be (transformers' GGUF reader adds an
+    <|endoftext|> that way): text reaches them only by spelling them out, and such text is refused
+    when it is tokenized (`carve.corpora.corpus.embedded_ids`); a GGUF leaves them out."""
+    ids = tokenizer.get_vocab().values()  # every token's id, added ones too
+    added = set(tokenizer.get_added_vocab().values())
+    special = [getattr(tokenizer, f"{what}_token_id", None) for what in ("bos", "eos", "pad")]
+    top = max([-1, *(i for i in ids if i not in added), *(i for i in special if isinstance(i, int))])
+    if top >= rows:
         raise UsageError(
             f"the tokenizer of {name!r} gives token ids up to {top} but the model embeds only {rows} tokens: "
             "they do not belong together (use the model's own tokenizer, or resize its token embeddings)"
         )
-    if isinstance(rows, int) and any(i >= rows for i in tokenizer.get_added_vocab().values()):
-        tokenizer.carve_embedded_rows = rows  # text spelling such a token out is refused (corpus.embedded_ids)
+    return sorted(i for i in ids if i >= rows)
 
 
 def default_gguf() -> Path:
