@@ -162,6 +162,10 @@ Mamba, Falcon-Mamba and Mamba-2 (`mamba`, `falcon-mamba`, `mamba2`): 4 Mamba blo
 (1): state 16, time-step rank 8; Mamba-2: 8 heads of 16 in 2 groups), convolution taps from N(0, 1), norm weights
 (the gated norm's too) from N(1, 0.5); the mamba and falcon-mamba rows have the same weights (the same seed and
 sizes), so each is the other's contrast (Falcon-Mamba RMS-norms the time step, B and C without weights).
+Qwen3.5 (`qwen35`): 4 blocks, Gated DeltaNet in 0-2 (2 key heads and 4 value heads of 16: the value heads
+reordered for llama.cpp; taps from N(0, 1)), gated attention in 3 (4 query heads of 16, RoPE over half of each),
+norm weights from N(0, 0.5) (Qwen3.5's RMSNorms scale by 1 + w; the DeltaNet's gated norm by w), query and key
+weights scaled by 8; no contrast row.
 qwen2-padded-vocab: a tiny Qwen2 (random Q/K/V biases) with 64 embedding rows more than its tokenizer has tokens,
 as Qwen2 / Qwen2.5 / Qwen3 (151,936 rows, 151,665 tokens), Phi-3 and OLMo 2 ship; the export pads the token list
 with unused tokens (before 2026-12-05 it did not, and llama.cpp did not load such a file).
@@ -452,6 +456,14 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                     n_groups=2, conv_kernel=4, expand=2, hybrid_override_pattern="M*M-",
                                     vocab_size=vocab)  # fmt: skip
         return _perturbed(_drawn(tf.AutoModelForCausalLM.from_config(config), TAPS), ("norm.weight",), 1.0)
+    if kind == "qwen35":  # Qwen3.5 in small: 3 Gated DeltaNet blocks (4 value heads on 2 key heads), then attention
+        sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
+        rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
+                "mrope_interleaved": True}  # fmt: skip
+        config = tf.Qwen3_5TextConfig(**sizes, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16,
+                                      linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                                      rope_parameters=rope, vocab_size=vocab)  # fmt: skip
+        return _perturbed(_drawn(tf.AutoModelForCausalLM.from_config(config), TAPS), ("norm.weight",), 0.0)
     if kind == "apertus":  # Apertus in small: per-head Q/K norms, Llama 3 RoPE, an xIELU MLP with its parameters drawn
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.ApertusConfig(**sizes, vocab_size=vocab, rope_parameters=dict(LLAMA3))
@@ -1115,6 +1127,7 @@ KINDS = (
     "mamba",
     "falcon-mamba",
     "mamba2",
+    "qwen35",
     "apertus",
     "gpt-oss",
     "gpt-oss-experts",

@@ -1281,6 +1281,101 @@ def test_nemotron_h_as_llama_cpp_nemotron_h(tmp_path: Path, tokenizer) -> None:
         check_config(tf.NemotronHConfig(**sizes, mlp_hidden_act="silu"))
 
 
+def _qwen35_config(**changes: Any) -> Any:
+    import transformers as tf
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256,
+             "linear_conv_kernel_dim": 4, "linear_key_head_dim": 8, "linear_value_head_dim": 8,
+             "linear_num_key_heads": 2, "linear_num_value_heads": 6,
+             "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                 "mrope_section": [2, 1, 1], "mrope_interleaved": True}}  # fmt: skip
+    return tf.Qwen3_5TextConfig(**{**sizes, **changes})
+
+
+def test_qwen35_as_llama_cpp_qwen35(tmp_path: Path, tokenizer) -> None:
+    """Qwen3.5's text model as llama.cpp's `qwen35`: the Gated DeltaNet's tensors as llama.cpp's converter
+    writes them (A as -exp(A_log); QKV, output gate, b, a, A, the time-step bias, the convolution's value
+    channels and the output projection's columns with the value heads tiled: three per key head here),
+    the decoder's RMSNorms plus one (the DeltaNet's gated norm as it is), the attention's query-and-gate
+    rows as they are, the DeltaNet's sizes and which blocks are recurrent as keys; unequal key and value
+    head widths and a non-SiLU activation refused.  Logits in llama.cpp itself: bench/export_archs.py,
+    row qwen35."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from carve.export import check_config
+
+    config = _qwen35_config()
+    state, meta, tensors = _tiny_gguf(config, tokenizer, tmp_path / "tiny-qwen35", norms=True)
+    a = "qwen35."
+    assert meta["general.architecture"] == "qwen35"
+    assert [meta[a + "ssm." + k] for k in ("conv_kernel", "state_size", "group_count", "time_step_rank",
+                                           "inner_size")] == [4, 8, 2, 6, 48]  # fmt: skip
+    fields = GGUFReader(str(tmp_path / "tiny-qwen35-f16.gguf")).fields
+    assert [bool(x) for x in fields[a + "attention.recurrent_layers"].contents()] == [True, True, True, False]
+    assert fields[a + "rope.dimension_sections"].contents() == [2, 1, 1, 0]
+    assert meta[a + "rope.dimension_count"] == 8 and meta[a + "attention.key_length"] == 16
+    assert meta[a + "attention.head_count_kv"] == 2
+
+    def tiled(w: torch.Tensor, width: int, dim: int = 0) -> np.ndarray:  # k0v0 k1v0 k0v1 k1v1 k0v2 k1v2
+        heads = w.float().split(width, dim=dim)
+        return torch.cat([heads[k * 3 + v] for v in range(3) for k in range(2)], dim=dim).numpy()
+
+    p = "model.layers.1.linear_attn."
+    qkv = state[p + "in_proj_qkv.weight"]
+    want = np.concatenate([qkv[:32].float().numpy(), tiled(qkv[32:], 8)])
+    assert np.array_equal(tensors["blk.1.attn_qkv.weight"].reshape(want.shape), want.astype(np.float16))
+    conv = state[p + "conv1d.weight"].reshape(80, 4)
+    want = np.concatenate([conv[:32].numpy(), tiled(conv[32:], 8)])  # kept in float32, as llama.cpp's converter does
+    assert np.array_equal(tensors["blk.1.ssm_conv1d.weight"].reshape(80, 4), want)
+    for gguf_name, hf, width, dim in (("attn_gate.weight", "in_proj_z.weight", 8, 0), ("ssm_beta.weight", "in_proj_b.weight", 1, 0),
+                                      ("ssm_alpha.weight", "in_proj_a.weight", 1, 0), ("ssm_out.weight", "out_proj.weight", 8, 1)):  # fmt: skip
+        want = tiled(state[p + hf], width, dim).astype(np.float16)
+        assert np.array_equal(tensors[f"blk.1.{gguf_name}"].reshape(want.shape), want), gguf_name
+    assert np.array_equal(tensors["blk.1.ssm_dt.bias"].reshape(6), tiled(state[p + "dt_bias"], 1))
+    assert np.allclose(tensors["blk.1.ssm_a"].reshape(6), tiled(-torch.exp(state[p + "A_log"]), 1))
+    assert np.array_equal(tensors["blk.1.ssm_norm.weight"].reshape(8), state[p + "norm.weight"].numpy())
+    for gguf_name, hf in (("blk.3.attn_norm.weight", "model.layers.3.input_layernorm.weight"),
+                          ("blk.3.post_attention_norm.weight", "model.layers.3.post_attention_layernorm.weight"),
+                          ("blk.3.attn_q_norm.weight", "model.layers.3.self_attn.q_norm.weight"),
+                          ("output_norm.weight", "model.norm.weight")):  # fmt: skip
+        assert np.array_equal(tensors[gguf_name].reshape(-1), (state[hf].float() + 1).numpy()), gguf_name
+    _assert_written(tensors, state, {"blk.3.attn_q.weight": "model.layers.3.self_attn.q_proj.weight",
+                                     "blk.3.attn_output.weight": "model.layers.3.self_attn.o_proj.weight",
+                                     "blk.0.ffn_gate.weight": "model.layers.0.mlp.gate_proj.weight",
+                                     "token_embd.weight": "model.embed_tokens.weight"})  # fmt: skip
+    for changes, message in (({"linear_value_head_dim": 16}, "equally wide"), ({"hidden_act": "gelu"}, "SiLU")):
+        with pytest.raises(UsageError, match=message):
+            check_config(_qwen35_config(**changes))
+
+
+def test_qwen35_image_text_checkpoint_exports_its_text_model(tmp_path: Path, tokenizer) -> None:
+    """Qwen3.5 ships as an image-text checkpoint (Qwen3_5ForConditionalGeneration, model type qwen3_5): its
+    text model goes in as llama.cpp's `qwen35`, the vision tower left out; streamed, the same file (the
+    skeleton, built from the text config, takes the file's name from the source directory)."""
+    import transformers as tf
+    from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5VisionConfig
+
+    from carve.export import export
+
+    vision = Qwen3_5VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                 patch_size=8, temporal_patch_size=2, spatial_merge_size=2)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=_qwen35_config().to_dict(),
+                                                                vision_config=vision.to_dict()))  # fmt: skip
+    src = tmp_path / "qwen35-mm"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    assert export(src, tmp_path / "mem.gguf", "f16", stream=False)["architecture"] == "qwen35"
+    tensors = _gguf_tensors(tmp_path / "mem.gguf")
+    assert not any("visual" in name or "mm" in name for name in tensors)
+    text = [k for k in model.state_dict() if k.startswith("model.language_model.")]
+    assert len(tensors) == len(text) + ("lm_head.weight" in model.state_dict() and not model.config.tie_word_embeddings)
+    export(src, tmp_path / "st.gguf", "f16", stream=True)
+    assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+
+
 def test_apertus_as_llama_cpp_apertus(tmp_path: Path, tokenizer) -> None:
     """Apertus as llama.cpp's `apertus`: Q and K unpermuted (rotate-half RoPE in both), per-head Q/K
     norms, its norms under their Apertus names, the xIELU MLP's up and down, and each block's xIELU
@@ -2351,7 +2446,7 @@ def test_pre_tokenizer_rules_are_the_ones_transformers_restores_from_a_gguf() ->
 @pytest.mark.parametrize("arch, kind", [("llama", "q8_0"), ("qwen2", "f16"), ("mistral", "bf16"), ("qwen3", "q4_0"),
                                         ("mixtral", "f16"), ("qwen2_moe", "q8_0"), ("qwen3_moe", "f16"),
                                         ("gpt_oss", "q8_0"), ("deepseek_v3", "f16"), ("llama4_text", "q8_0"),
-                                        ("apertus", "f16")])  # fmt: skip
+                                        ("apertus", "f16"), ("qwen3_5_text", "q8_0")])  # fmt: skip
 def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Path, tokenizer) -> None:
     """`carve export --stream`: the header first, then each decoder block read when its tensors are
     written and freed (a sharded source; a Mixtral's or Qwen-MoE's per-expert checkpoint tensors fused
@@ -2361,8 +2456,9 @@ def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Pa
     src = tmp_path / "src"
     # qwen3moe: top-k renormalized; gpt-oss: its experts interleaved, stored fused in the file
     # DeepSeek V3: the latent's up-projection split in two, the routing bias a buffer; Llama 4: experts
-    # stored by columns, dense blocks between MoE ones; Apertus: keys read from its weights (xIELU's, per block)
-    if arch in ("deepseek_v3", "llama4_text", "apertus"):
+    # stored by columns, dense blocks between MoE ones; Apertus: keys read from its weights (xIELU's, per block);
+    # Qwen3.5: the DeltaNet's value heads reordered, its A from A_log
+    if arch in ("deepseek_v3", "llama4_text", "apertus", "qwen3_5_text"):
         import transformers as tf
 
         sizes = {"vocab_size": 512, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
@@ -2372,6 +2468,7 @@ def test_streamed_export_writes_the_same_file(arch: str, kind: str, tmp_path: Pa
                                                        num_hidden_layers=4, head_dim=16, num_local_experts=4,
                                                        interleave_moe_layer_step=2),
             "apertus": lambda: tf.ApertusConfig(**sizes, intermediate_size=96, num_hidden_layers=2),
+            "qwen3_5_text": _qwen35_config,
         }[arch]()  # fmt: skip
         model = tf.AutoModelForCausalLM.from_config(config)
         with torch.no_grad():

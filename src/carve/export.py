@@ -1244,6 +1244,123 @@ _MAMBA_NAMES = (  # a pure Mamba's embeddings, block norms and final norm under 
 )
 
 
+def _check_qwen35(config: Any) -> None:
+    """Refuse what llama.cpp's qwen35 graph (Qwen3.5's text model) computes otherwise: RoPE scaling,
+    key and value heads of different widths in the Gated DeltaNet blocks (llama.cpp sizes both by its
+    state size), value heads not a multiple of the key heads, an activation other than SiLU (the
+    DeltaNet's convolution and the MLP), layer kinds other than linear and full attention."""
+    _check_plain_rope(config, "qwen35")
+    _check_activation(config, "qwen35", ("silu",), "takes SiLU in the MLP and the DeltaNet's convolution")
+    kinds = set(config.layer_types) - {"linear_attention", "full_attention"}
+    if kinds:
+        raise UsageError(
+            f"GGUF export writes Qwen3.5's linear and full attention blocks; this model has {sorted(kinds)}"
+        )
+    if config.linear_key_head_dim != config.linear_value_head_dim:
+        raise UsageError(f"llama.cpp's qwen35 takes the DeltaNet's key and value heads equally wide; this model's are "
+                         f"{config.linear_key_head_dim} and {config.linear_value_head_dim}")  # fmt: skip
+    if config.linear_num_value_heads % config.linear_num_key_heads:
+        raise UsageError(f"the DeltaNet's {config.linear_num_value_heads} value heads are not a multiple of its "
+                         f"{config.linear_num_key_heads} key heads")  # fmt: skip
+
+
+def _qwen35_metadata(writer: Any, config: Any) -> None:
+    """Qwen3.5's keys: the Gated DeltaNet's sizes as llama.cpp's converter writes them (convolution
+    length, key head width as the state size, key heads as the groups, value heads as the time-step
+    rank, all value heads' width as the inner size), which blocks are recurrent, and the multimodal
+    RoPE's sections (the text model rotates every section by the token's position: plain RoPE)."""
+    writer.add_ssm_conv_kernel(int(config.linear_conv_kernel_dim))
+    writer.add_ssm_state_size(int(config.linear_key_head_dim))
+    writer.add_ssm_group_count(int(config.linear_num_key_heads))
+    writer.add_ssm_time_step_rank(int(config.linear_num_value_heads))
+    writer.add_ssm_inner_size(int(config.linear_value_head_dim * config.linear_num_value_heads))
+    writer.add_array(f"{writer.arch}.attention.recurrent_layers", [t == "linear_attention" for t in config.layer_types])
+    sections = list(_rope(config).get("mrope_section") or [11, 11, 10])
+    writer.add_rope_dimension_sections([*sections, *[0] * (4 - len(sections))])
+
+
+def _qwen35_layout(config: Any, state: dict[str, torch.Tensor], arch: Architecture) -> dict[str, Any]:
+    """Qwen3.5's blocks: full attention (a query projection twice the heads' width: each head's query,
+    then its output gate) or a Gated DeltaNet, each with an MLP; the attention blocks' key/value heads
+    stand for every block's (llama.cpp tells the DeltaNet blocks by `attention.recurrent_layers`)."""
+    head_dim, kv, ffn = _head_dim(config), set(), []
+    for i, kind in enumerate(config.layer_types):
+        p = f"model.layers.{i}."
+        if kind == "full_attention":
+            q_rows, k_rows = (
+                state[p + "self_attn.q_proj.weight"].shape[0],
+                state[p + "self_attn.k_proj.weight"].shape[0],
+            )
+            if q_rows != 2 * config.num_attention_heads * head_dim or k_rows % head_dim:
+                raise UsageError(f"block {i}'s attention shapes ({q_rows}, {k_rows} rows) do not fit llama.cpp's heads")
+            kv.add(int(k_rows // head_dim))
+        ffn.append(_ffn_width(state, p, arch))
+    if len(kv) > 1:
+        raise UsageError(
+            f"llama.cpp's qwen35 takes one number of key/value heads; this model's blocks have {sorted(kv)}"
+        )
+    return {"head_dim": head_dim, "kv": [kv.pop() if kv else 0] * len(ffn), "ffn": ffn}
+
+
+def _value_heads_tiled(w: torch.Tensor, dim: int, config: Any, width: int) -> torch.Tensor:
+    """The DeltaNet's value heads along `dim` (each `width` wide) from Hugging Face's order, grouped by
+    key head (k0's v0..v(r-1), k1's, ...), to llama.cpp's tiled one (each key head's v0, then each's
+    v1, ...), as llama.cpp's converter reorders them: ggml broadcasts the key heads that way."""
+    k_heads, v_heads = int(config.linear_num_key_heads), int(config.linear_num_value_heads)
+    if k_heads == v_heads:
+        return w
+    dim = dim % w.dim()
+    shape = list(w.shape)
+    grouped = w.reshape(*shape[:dim], k_heads, v_heads // k_heads, width, *shape[dim + 1 :])
+    return grouped.transpose(dim, dim + 1).reshape(shape)
+
+
+_QWEN35_NORMS = {  # Qwen3.5's RMSNorms scale by 1 + w (llama.cpp's by w): the weight written plus one
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
+
+
+def _qwen35_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
+    """Qwen3.5's tensors as llama.cpp's converter writes them: the decoder's RMSNorms plus one (the
+    DeltaNet's gated norm as it is); the DeltaNet's QKV projection as `attn_qkv`, its output gate as
+    `attn_gate`, b and a as `ssm_beta` and `ssm_alpha`, A as -exp(A_log), the time-step bias as
+    `ssm_dt.bias`, the depthwise convolution [channels, 1, L] as {L, channels}, every value-head
+    dimension tiled (`_value_heads_tiled`). None for the rest (attention, MLP, embeddings, head)."""
+    if name == "model.norm.weight":
+        return [("output_norm.weight", w.float() + 1.0)]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name) or re.fullmatch(
+        r"model\.layers\.(\d+)\.linear_attn\.(A_log|dt_bias)", name
+    )
+    if m is None:
+        return None
+    blk, what = f"blk.{m[1]}", m[2]
+    if what in _QWEN35_NORMS:
+        return [(f"{blk}.{_QWEN35_NORMS[what]}.weight", w.float() + 1.0)]
+    if not what.startswith("linear_attn") and what not in ("A_log", "dt_bias"):
+        return None
+    what = what.removeprefix("linear_attn.")
+    key, value = config.linear_key_head_dim * config.linear_num_key_heads, int(config.linear_value_head_dim)
+    if what in ("in_proj_qkv", "conv1d"):
+        w = w.reshape(w.shape[0], -1)  # the convolution's [channels, 1, L] as [channels, L]
+        qk, v = w[: 2 * key], _value_heads_tiled(w[2 * key :], 0, config, value)
+        target = f"{blk}.attn_qkv.weight" if what == "in_proj_qkv" else f"{blk}.ssm_conv1d.weight"
+        return [(target, torch.cat([qk, v]))]
+    if what == "A_log":
+        return [(f"{blk}.ssm_a", _value_heads_tiled(-torch.exp(w.float()), 0, config, 1))]
+    tiled = {"in_proj_z": ("attn_gate.weight", 0, value), "in_proj_b": ("ssm_beta.weight", 0, 1),
+             "in_proj_a": ("ssm_alpha.weight", 0, 1), "dt_bias": ("ssm_dt.bias", 0, 1),
+             "out_proj": ("ssm_out.weight", 1, value)}  # fmt: skip
+    if what in tiled:
+        target, dim, width = tiled[what]
+        return [(f"{blk}.{target}", _value_heads_tiled(w, dim, config, width))]
+    if what == "norm":
+        return [(f"{blk}.ssm_norm.weight", w)]
+    raise UsageError(f"llama.cpp has no tensor for {name!r} in this architecture: this layout cannot be exported")
+
+
 def _check_glm4_moe(config: Any) -> None:
     """Refuse what llama.cpp's glm4moe graph (GLM-4.5, GLM-4.5-Air) computes otherwise: RoPE scaling,
     an MLP other than SiLU-gated."""
@@ -1711,6 +1828,18 @@ ARCHITECTURES = {
         tensors=_mamba2_tensors,
         layout=_nemotron_h_layout,
     ),
+    # Qwen3.5 (text; of a multimodal checkpoint too): Gated DeltaNet blocks and gated full-attention ones
+    # (per-head Q/K norms, rotate-half RoPE over a quarter of each head), Gemma-style RMSNorms (1 + w)
+    "qwen3_5_text": Architecture(
+        "qwen35",
+        False,
+        (),
+        "qwen2",
+        check=_check_qwen35,
+        metadata=_qwen35_metadata,
+        layout=_qwen35_layout,
+        tensors=_qwen35_tensors,
+    ),
     # Apertus: Llama's attention with per-head Q/K norms, rotate-half RoPE in llama.cpp too (unpermuted), Llama 3
     # RoPE scaling, an xIELU MLP of up and down whose parameters go in as keys
     "apertus": Architecture(
@@ -1865,7 +1994,7 @@ def architecture(model_type: Any) -> Architecture:
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
             "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H, Apertus, Mamba, "
-            "Falcon-Mamba and Mamba-2 "
+            "Falcon-Mamba, Mamba-2 and Qwen3.5 (dense) "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
@@ -2240,7 +2369,9 @@ def write_gguf(
                          "experts: use q8_0 or q4_0")  # fmt: skip
     writer = gguf.GGUFWriter(str(path), arch.gguf)
     # the source's directory name, not its path (a GGUF carries no local paths)
-    writer.add_name(Path(str(getattr(full, "_name_or_path", "") or "")).name or "carve output")
+    # (a skeleton of a multimodal checkpoint built from its text config has no name: the source's, then)
+    named = str(getattr(full, "_name_or_path", "") or getattr(lm, "source", "") or "")
+    writer.add_name(Path(named).name or "carve output")
     # a pure Mamba has no context length and no attention heads (llama.cpp's converter writes 2^20 and 0)
     writer.add_context_length(int(getattr(config, "max_position_embeddings", None) or 2**20))
     writer.add_embedding_length(config.hidden_size)
