@@ -165,7 +165,9 @@ sizes), so each is the other's contrast (Falcon-Mamba RMS-norms the time step, B
 Qwen3.5 (`qwen35`): 4 blocks, Gated DeltaNet in 0-2 (2 key heads and 4 value heads of 16: the value heads
 reordered for llama.cpp; taps from N(0, 1)), gated attention in 3 (4 query heads of 16, RoPE over half of each),
 norm weights from N(0, 0.5) (Qwen3.5's RMSNorms scale by 1 + w; the DeltaNet's gated norm by w), query and key
-weights scaled by 8; no contrast row.
+weights scaled by 8; no contrast row. Qwen3.5-MoE (`qwen35-moe`): the same blocks with 4 experts of width 32
+(top-2, renormalized) and a sigmoid-gated shared expert of width 48 in each, their weights from N(0, 0.2);
+contrast: top-1.
 qwen2-padded-vocab: a tiny Qwen2 (random Q/K/V biases) with 64 embedding rows more than its tokenizer has tokens,
 as Qwen2 / Qwen2.5 / Qwen3 (151,936 rows, 151,665 tokens), Phi-3 and OLMo 2 ship; the export pads the token list
 with unused tokens (before 2026-12-05 it did not, and llama.cpp did not load such a file).
@@ -456,14 +458,22 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                     n_groups=2, conv_kernel=4, expand=2, hybrid_override_pattern="M*M-",
                                     vocab_size=vocab)  # fmt: skip
         return _perturbed(_drawn(tf.AutoModelForCausalLM.from_config(config), TAPS), ("norm.weight",), 1.0)
-    if kind == "qwen35":  # Qwen3.5 in small: 3 Gated DeltaNet blocks (4 value heads on 2 key heads), then attention
+    if kind in ("qwen35", "qwen35-moe"):  # Qwen3.5 in small: 3 Gated DeltaNet blocks (4 value heads on 2 key
+        # heads), then attention; -moe: 4 experts (top-2) and a gated shared expert in every block
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
                 "mrope_interleaved": True}  # fmt: skip
-        config = tf.Qwen3_5TextConfig(**sizes, head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=16,
-                                      linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-                                      rope_parameters=rope, vocab_size=vocab)  # fmt: skip
-        return _perturbed(_drawn(tf.AutoModelForCausalLM.from_config(config), TAPS), ("norm.weight",), 0.0)
+        common = {"head_dim": 16, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
+                  "linear_num_key_heads": 2, "linear_num_value_heads": 4, "rope_parameters": rope,
+                  "vocab_size": vocab}  # fmt: skip
+        if kind == "qwen35":
+            config = tf.Qwen3_5TextConfig(**sizes, **common)
+        else:
+            config = tf.Qwen3_5MoeTextConfig(**sizes, **common, num_experts=4, num_experts_per_tok=2,
+                                             moe_intermediate_size=32, shared_expert_intermediate_size=48)  # fmt: skip
+        routing: Rule = (lambda name: ".mlp." in name, lambda p: p.normal_(0, 0.2))
+        model = _drawn(tf.AutoModelForCausalLM.from_config(config), TAPS, *([routing] if kind != "qwen35" else []))
+        return _perturbed(model, ("norm.weight",), 0.0)
     if kind == "apertus":  # Apertus in small: per-head Q/K norms, Llama 3 RoPE, an xIELU MLP with its parameters drawn
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.ApertusConfig(**sizes, vocab_size=vocab, rope_parameters=dict(LLAMA3))
@@ -762,6 +772,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "lfm2-moe": ("export-archs-lfm2-moe-top1", {"num_experts_per_tok": 1}),
     "granite-hybrid": ("export-archs-granite-hybrid-top1", {"num_experts_per_tok": 1}),
     "jamba": ("export-archs-jamba-top1", {"num_experts_per_tok": 1}),
+    "qwen35-moe": ("export-archs-qwen35-moe-top1", {"num_experts_per_tok": 1}),
     # every multiplier 1
     "falcon-h1": (
         "export-archs-falcon-h1-no-mup",
@@ -1129,6 +1140,7 @@ KINDS = (
     "falcon-mamba",
     "mamba2",
     "qwen35",
+    "qwen35-moe",
     "apertus",
     "gpt-oss",
     "gpt-oss-experts",

@@ -1350,6 +1350,38 @@ def test_qwen35_as_llama_cpp_qwen35(tmp_path: Path, tokenizer) -> None:
             check_config(_qwen35_config(**changes))
 
 
+def test_qwen35_moe_as_llama_cpp_qwen35moe(tmp_path: Path, tokenizer) -> None:
+    """Qwen3.5-MoE's text model as llama.cpp's `qwen35moe`: Qwen3.5's blocks (as `qwen35`) with experts as
+    Qwen2-MoE's go in (the fused gate/up rows as two tensors, the shared expert and its sigmoid gate),
+    the experts' keys beside the DeltaNet's.  Logits in llama.cpp itself: bench/export_archs.py, row
+    qwen35-moe."""
+    import numpy as np
+    import transformers as tf
+
+    sizes = {k: v for k, v in _qwen35_config().to_dict().items() if k in (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+        "max_position_embeddings", "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+        "linear_num_key_heads", "linear_num_value_heads", "rope_parameters")}  # fmt: skip
+    config = tf.Qwen3_5MoeTextConfig(**sizes, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                     shared_expert_intermediate_size=48)  # fmt: skip
+    state, meta, tensors = _tiny_gguf(config, tokenizer, tmp_path / "tiny-qwen35-moe", norms=True)
+    a = "qwen35moe."
+    assert meta["general.architecture"] == "qwen35moe"
+    assert [meta[a + k] for k in ("expert_count", "expert_used_count", "expert_feed_forward_length",
+                                  "expert_shared_feed_forward_length", "ssm.time_step_rank")] == [4, 2, 32, 48, 6]  # fmt: skip
+    gate_up = state["model.layers.2.mlp.experts.gate_up_proj"]
+    assert np.array_equal(tensors["blk.2.ffn_gate_exps.weight"].reshape(4, 32, 64), gate_up[:, :32].half().numpy())
+    assert np.array_equal(tensors["blk.2.ffn_up_exps.weight"].reshape(4, 32, 64), gate_up[:, 32:].half().numpy())
+    assert np.array_equal(tensors["blk.0.ffn_gate_inp_shexp.weight"].reshape(-1),
+                          state["model.layers.0.mlp.shared_expert_gate.weight"].reshape(-1).numpy())  # fmt: skip
+    router = state["model.layers.3.mlp.gate.weight"]  # kept in float32, as llama.cpp's converter keeps it
+    assert np.array_equal(tensors["blk.3.ffn_gate_inp.weight"].reshape(router.shape), router.numpy())
+    _assert_written(tensors, state, {"blk.3.ffn_down_shexp.weight": "model.layers.3.mlp.shared_expert.down_proj.weight",
+                                     "blk.1.ssm_norm.weight": "model.layers.1.linear_attn.norm.weight"})  # fmt: skip
+    assert np.array_equal(tensors["blk.3.attn_k_norm.weight"].reshape(-1),
+                          (state["model.layers.3.self_attn.k_norm.weight"] + 1).numpy())  # fmt: skip
+
+
 def test_qwen35_image_text_checkpoint_exports_its_text_model(tmp_path: Path, tokenizer) -> None:
     """Qwen3.5 ships as an image-text checkpoint (Qwen3_5ForConditionalGeneration, model type qwen3_5): its
     text model goes in as llama.cpp's `qwen35`, the vision tower left out; streamed, the same file (the

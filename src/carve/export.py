@@ -1279,6 +1279,12 @@ def _qwen35_metadata(writer: Any, config: Any) -> None:
     writer.add_rope_dimension_sections([*sections, *[0] * (4 - len(sections))])
 
 
+def _qwen35_moe_metadata(writer: Any, config: Any) -> None:
+    """Qwen3.5-MoE's keys: Qwen3.5's and the experts' (count, used per token, width, the shared one's)."""
+    _qwen35_metadata(writer, config)
+    _moe_metadata(writer, config)
+
+
 def _qwen35_layout(config: Any, state: dict[str, torch.Tensor], arch: Architecture) -> dict[str, Any]:
     """Qwen3.5's blocks: full attention (a query projection twice the heads' width: each head's query,
     then its output gate) or a Gated DeltaNet, each with an MLP; the attention blocks' key/value heads
@@ -1830,6 +1836,8 @@ ARCHITECTURES = {
     ),
     # Qwen3.5 (text; of a multimodal checkpoint too): Gated DeltaNet blocks and gated full-attention ones
     # (per-head Q/K norms, rotate-half RoPE over a quarter of each head), Gemma-style RMSNorms (1 + w)
+    # Qwen3.5 (text; of an image-text checkpoint too): Gated DeltaNet blocks and gated full-attention ones
+    # (per-head Q/K norms, rotate-half RoPE over a quarter of each head), RMSNorms scaling by 1 + w
     "qwen3_5_text": Architecture(
         "qwen35",
         False,
@@ -1837,6 +1845,19 @@ ARCHITECTURES = {
         "qwen2",
         check=_check_qwen35,
         metadata=_qwen35_metadata,
+        layout=_qwen35_layout,
+        tensors=_qwen35_tensors,
+    ),
+    # Qwen3.5-MoE (35B-A3B to 397B-A17B): Qwen3.5's blocks with Qwen2-MoE's experts (top-k renormalized, as
+    # llama.cpp's qwen35moe does) and sigmoid-gated shared expert in every block
+    "qwen3_5_moe_text": Architecture(
+        "qwen35moe",
+        False,
+        (),
+        "qwen2",
+        names=_QWEN2_MOE_NAMES,
+        check=_check_qwen35,
+        metadata=_qwen35_moe_metadata,
         layout=_qwen35_layout,
         tensors=_qwen35_tensors,
     ),
@@ -1994,7 +2015,7 @@ def architecture(model_type: Any) -> Architecture:
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
             "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H, Apertus, Mamba, "
-            "Falcon-Mamba, Mamba-2 and Qwen3.5 (dense) "
+            "Falcon-Mamba, Mamba-2, Qwen3.5 and Qwen3.5-MoE "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
