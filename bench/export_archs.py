@@ -167,7 +167,8 @@ reordered for llama.cpp; taps from N(0, 1)), gated attention in 3 (4 query heads
 norm weights from N(0, 0.5) (Qwen3.5's RMSNorms scale by 1 + w; the DeltaNet's gated norm by w), query and key
 weights scaled by 8; no contrast row. Qwen3.5-MoE (`qwen35-moe`): the same blocks with 4 experts of width 32
 (top-2, renormalized) and a sigmoid-gated shared expert of width 48 in each, their weights from N(0, 0.2);
-contrast: top-1.
+contrast: top-1. Qwen3-Next (`qwen3-next`): the qwen35-moe row's sizes, the DeltaNet's projections fused per key
+head as Qwen3-Next stores them (value heads not reordered); contrast: top-1.
 qwen2-padded-vocab: a tiny Qwen2 (random Q/K/V biases) with 64 embedding rows more than its tokenizer has tokens,
 as Qwen2 / Qwen2.5 / Qwen3 (151,936 rows, 151,665 tokens), Phi-3 and OLMo 2 ship; the export pads the token list
 with unused tokens (before 2026-12-05 it did not, and llama.cpp did not load such a file).
@@ -458,19 +459,27 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                     n_groups=2, conv_kernel=4, expand=2, hybrid_override_pattern="M*M-",
                                     vocab_size=vocab)  # fmt: skip
         return _perturbed(_drawn(tf.AutoModelForCausalLM.from_config(config), TAPS), ("norm.weight",), 1.0)
-    if kind in ("qwen35", "qwen35-moe"):  # Qwen3.5 in small: 3 Gated DeltaNet blocks (4 value heads on 2 key
-        # heads), then attention; -moe: 4 experts (top-2) and a gated shared expert in every block
+    if kind in (
+        "qwen35",
+        "qwen35-moe",
+        "qwen3-next",
+    ):  # Qwen3.5 in small: 3 Gated DeltaNet blocks (4 value heads on 2 key
+        # heads), then attention; -moe: 4 experts (top-2) and a gated shared expert in every block; Qwen3-Next: as -moe
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
                 "mrope_interleaved": True}  # fmt: skip
         common = {"head_dim": 16, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 16, "linear_value_head_dim": 16,
                   "linear_num_key_heads": 2, "linear_num_value_heads": 4, "rope_parameters": rope,
                   "vocab_size": vocab}  # fmt: skip
+        moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+               "shared_expert_intermediate_size": 48}  # fmt: skip
         if kind == "qwen35":
             config = tf.Qwen3_5TextConfig(**sizes, **common)
+        elif kind == "qwen3-next":  # no multimodal RoPE sections
+            plain = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+            config = tf.Qwen3NextConfig(**sizes, **{**common, "rope_parameters": plain}, **moe)
         else:
-            config = tf.Qwen3_5MoeTextConfig(**sizes, **common, num_experts=4, num_experts_per_tok=2,
-                                             moe_intermediate_size=32, shared_expert_intermediate_size=48)  # fmt: skip
+            config = tf.Qwen3_5MoeTextConfig(**sizes, **common, **moe)
         routing: Rule = (lambda name: ".mlp." in name, lambda p: p.normal_(0, 0.2))
         model = _drawn(tf.AutoModelForCausalLM.from_config(config), TAPS, *([routing] if kind != "qwen35" else []))
         return _perturbed(model, ("norm.weight",), 0.0)
@@ -773,6 +782,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "granite-hybrid": ("export-archs-granite-hybrid-top1", {"num_experts_per_tok": 1}),
     "jamba": ("export-archs-jamba-top1", {"num_experts_per_tok": 1}),
     "qwen35-moe": ("export-archs-qwen35-moe-top1", {"num_experts_per_tok": 1}),
+    "qwen3-next": ("export-archs-qwen3-next-top1", {"num_experts_per_tok": 1}),
     # every multiplier 1
     "falcon-h1": (
         "export-archs-falcon-h1-no-mup",
@@ -1141,6 +1151,7 @@ KINDS = (
     "mamba2",
     "qwen35",
     "qwen35-moe",
+    "qwen3-next",
     "apertus",
     "gpt-oss",
     "gpt-oss-experts",

@@ -1382,6 +1382,44 @@ def test_qwen35_moe_as_llama_cpp_qwen35moe(tmp_path: Path, tokenizer) -> None:
                           (state["model.layers.3.self_attn.k_norm.weight"] + 1).numpy())  # fmt: skip
 
 
+def test_qwen3_next_as_llama_cpp_qwen3next(tmp_path: Path, tokenizer) -> None:
+    """Qwen3-Next as llama.cpp's `qwen3next`: the DeltaNet's fused `in_proj_qkvz` (per key head: its query,
+    its key, its value heads, their gates) taken apart into `attn_qkv` (every query, every key, every value)
+    and `attn_gate`, the value heads in Hugging Face's order (llama.cpp's qwen3next repeats the key heads
+    to match), `in_proj_ba` as `ssm_ba` as it is; the rest as Qwen3.5-MoE's; top-k routing weights not
+    renormalized refused.  Logits in llama.cpp itself: bench/export_archs.py, row qwen3-next."""
+    import numpy as np
+    import transformers as tf
+
+    from carve.export import check_config
+
+    sizes = {"vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256, "linear_conv_kernel_dim": 4,
+             "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2,
+             "linear_num_value_heads": 6, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+             "shared_expert_intermediate_size": 48}  # fmt: skip
+    state, meta, tensors = _tiny_gguf(tf.Qwen3NextConfig(**sizes), tokenizer, tmp_path / "tiny-qwen3-next", norms=True)
+    a = "qwen3next."
+    assert meta["general.architecture"] == "qwen3next" and meta[a + "rope.dimension_count"] == 4
+    assert [meta[a + k] for k in ("ssm.state_size", "ssm.group_count", "ssm.time_step_rank", "ssm.inner_size",
+                                  "expert_count", "expert_shared_feed_forward_length")] == [8, 2, 6, 48, 4, 48]  # fmt: skip
+    p = "model.layers.0.linear_attn."
+    per_head = state[p + "in_proj_qkvz.weight"].reshape(2, 8 + 8 + 24 + 24, 64)  # each key head's q, k, 3 v, 3 z
+    q, k, v, z = (per_head[:, lo:hi].reshape(-1, 64) for lo, hi in ((0, 8), (8, 16), (16, 40), (40, 64)))
+    want = torch.cat([q, k, v]).half().numpy()
+    assert np.array_equal(tensors["blk.0.attn_qkv.weight"].reshape(want.shape), want)
+    assert np.array_equal(tensors["blk.0.attn_gate.weight"].reshape(48, 64), z.half().numpy())
+    _assert_written(tensors, state, {"blk.0.ssm_ba.weight": p + "in_proj_ba.weight",
+                                     "blk.0.ssm_out.weight": p + "out_proj.weight", "blk.0.ssm_dt.bias": p + "dt_bias",
+                                     "blk.3.ffn_up_shexp.weight": "model.layers.3.mlp.shared_expert.up_proj.weight"})  # fmt: skip
+    assert np.allclose(tensors["blk.0.ssm_a"].reshape(6), -torch.exp(state[p + "A_log"]).numpy())
+    assert np.array_equal(tensors["output_norm.weight"].reshape(-1), (state["model.norm.weight"] + 1).numpy())
+    with pytest.raises(UsageError, match="renormalizes"):
+        check_config(tf.Qwen3NextConfig(**sizes, norm_topk_prob=False))
+    with pytest.raises(UsageError, match="dense MLP layers"):
+        check_config(tf.Qwen3NextConfig(**sizes, mlp_only_layers=[1]))
+
+
 def test_qwen35_image_text_checkpoint_exports_its_text_model(tmp_path: Path, tokenizer) -> None:
     """Qwen3.5 ships as an image-text checkpoint (Qwen3_5ForConditionalGeneration, model type qwen3_5): its
     text model goes in as llama.cpp's `qwen35`, the vision tower left out; streamed, the same file (the

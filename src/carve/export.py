@@ -1264,17 +1264,22 @@ def _check_qwen35(config: Any) -> None:
                          f"{config.linear_num_key_heads} key heads")  # fmt: skip
 
 
-def _qwen35_metadata(writer: Any, config: Any) -> None:
-    """Qwen3.5's keys: the Gated DeltaNet's sizes as llama.cpp's converter writes them (convolution
-    length, key head width as the state size, key heads as the groups, value heads as the time-step
-    rank, all value heads' width as the inner size), which blocks are recurrent, and the multimodal
-    RoPE's sections (the text model rotates every section by the token's position: plain RoPE)."""
+def _delta_net_metadata(writer: Any, config: Any) -> None:
+    """A Gated DeltaNet hybrid's keys (Qwen3.5, Qwen3-Next), as llama.cpp's converter writes them:
+    convolution length, key head width as the state size, key heads as the groups, value heads as
+    the time-step rank, all value heads' width as the inner size; which blocks are recurrent."""
     writer.add_ssm_conv_kernel(int(config.linear_conv_kernel_dim))
     writer.add_ssm_state_size(int(config.linear_key_head_dim))
     writer.add_ssm_group_count(int(config.linear_num_key_heads))
     writer.add_ssm_time_step_rank(int(config.linear_num_value_heads))
     writer.add_ssm_inner_size(int(config.linear_value_head_dim * config.linear_num_value_heads))
     writer.add_array(f"{writer.arch}.attention.recurrent_layers", [t == "linear_attention" for t in config.layer_types])
+
+
+def _qwen35_metadata(writer: Any, config: Any) -> None:
+    """Qwen3.5's keys: the DeltaNet's (`_delta_net_metadata`) and the multimodal RoPE's sections (the
+    text model rotates every section by the token's position: plain RoPE)."""
+    _delta_net_metadata(writer, config)
     sections = list(_rope(config).get("mrope_section") or [11, 11, 10])
     writer.add_rope_dimension_sections([*sections, *[0] * (4 - len(sections))])
 
@@ -1282,6 +1287,22 @@ def _qwen35_metadata(writer: Any, config: Any) -> None:
 def _qwen35_moe_metadata(writer: Any, config: Any) -> None:
     """Qwen3.5-MoE's keys: Qwen3.5's and the experts' (count, used per token, width, the shared one's)."""
     _qwen35_metadata(writer, config)
+    _moe_metadata(writer, config)
+
+
+def _check_qwen3_next(config: Any) -> None:
+    """Refuse what llama.cpp's qwen3next graph computes otherwise: Qwen3.5's rules (`_check_qwen35`),
+    top-k routing weights not renormalized, dense MLP blocks among the expert ones."""
+    _check_qwen35(config)
+    if not getattr(config, "norm_topk_prob", True):
+        raise UsageError("llama.cpp's qwen3next renormalizes the top-k routing weights; this model does not "
+                         "(norm_topk_prob false)")  # fmt: skip
+    _check_every_layer_moe(config, "qwen3next")
+
+
+def _qwen3_next_metadata(writer: Any, config: Any) -> None:
+    """Qwen3-Next's keys: the DeltaNet's and the experts'."""
+    _delta_net_metadata(writer, config)
     _moe_metadata(writer, config)
 
 
@@ -1330,11 +1351,24 @@ _QWEN35_NORMS = {  # Qwen3.5's RMSNorms scale by 1 + w (llama.cpp's by w): the w
 
 
 def _qwen35_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
-    """Qwen3.5's tensors as llama.cpp's converter writes them: the decoder's RMSNorms plus one (the
-    DeltaNet's gated norm as it is); the DeltaNet's QKV projection as `attn_qkv`, its output gate as
-    `attn_gate`, b and a as `ssm_beta` and `ssm_alpha`, A as -exp(A_log), the time-step bias as
-    `ssm_dt.bias`, the depthwise convolution [channels, 1, L] as {L, channels}, every value-head
-    dimension tiled (`_value_heads_tiled`). None for the rest (attention, MLP, embeddings, head)."""
+    """Qwen3.5's tensors (`_delta_net_tensors`), every value-head dimension tiled."""
+    return _delta_net_tensors(name, w, config, tiled=True)
+
+
+def _qwen3_next_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
+    """Qwen3-Next's tensors (`_delta_net_tensors`), the value heads in Hugging Face's order (llama.cpp's
+    qwen3next repeats the key heads to match them)."""
+    return _delta_net_tensors(name, w, config, tiled=False)
+
+
+def _delta_net_tensors(name: str, w: torch.Tensor, config: Any, tiled: bool) -> list[tuple[str, torch.Tensor]] | None:
+    """A Gated DeltaNet hybrid's tensors (Qwen3.5, Qwen3-Next) as llama.cpp's converter writes them: the
+    decoder's RMSNorms plus one (the DeltaNet's gated norm as it is); the DeltaNet's QKV projection as
+    `attn_qkv` and its output gate as `attn_gate` (Qwen3-Next's fused `in_proj_qkvz`, grouped by key
+    head, taken apart into the two), b and a as `ssm_beta` and `ssm_alpha` (Qwen3-Next's fused
+    `in_proj_ba` as `ssm_ba`, as it is), A as -exp(A_log), the time-step bias as `ssm_dt.bias`, the
+    depthwise convolution [channels, 1, L] as {L, channels}; `tiled`: every value-head dimension
+    reordered (`_value_heads_tiled`). None for the rest (attention, MLP, embeddings, head)."""
     if name == "model.norm.weight":
         return [("output_norm.weight", w.float() + 1.0)]
     m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", name) or re.fullmatch(
@@ -1349,19 +1383,29 @@ def _qwen35_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, 
         return None
     what = what.removeprefix("linear_attn.")
     key, value = config.linear_key_head_dim * config.linear_num_key_heads, int(config.linear_value_head_dim)
+
+    def order(w: torch.Tensor, dim: int, width: int) -> torch.Tensor:  # the value heads along `dim`
+        return _value_heads_tiled(w, dim, config, width) if tiled else w
+
+    if what == "in_proj_qkvz":  # per key head: its query, its key, its value heads, their gates
+        k_heads, k_width = int(config.linear_num_key_heads), int(config.linear_key_head_dim)
+        share = config.linear_num_value_heads // k_heads * value
+        q, k, v, z = (part.reshape(-1, w.shape[-1]) for part in w.reshape(k_heads, -1, w.shape[-1]).split(
+            [k_width, k_width, share, share], dim=1))  # fmt: skip
+        return [(f"{blk}.attn_qkv.weight", torch.cat([q, k, order(v, 0, value)])),
+                (f"{blk}.attn_gate.weight", order(z, 0, value))]  # fmt: skip
     if what in ("in_proj_qkv", "conv1d"):
         w = w.reshape(w.shape[0], -1)  # the convolution's [channels, 1, L] as [channels, L]
-        qk, v = w[: 2 * key], _value_heads_tiled(w[2 * key :], 0, config, value)
         target = f"{blk}.attn_qkv.weight" if what == "in_proj_qkv" else f"{blk}.ssm_conv1d.weight"
-        return [(target, torch.cat([qk, v]))]
+        return [(target, torch.cat([w[: 2 * key], order(w[2 * key :], 0, value)]))]
     if what == "A_log":
-        return [(f"{blk}.ssm_a", _value_heads_tiled(-torch.exp(w.float()), 0, config, 1))]
-    tiled = {"in_proj_z": ("attn_gate.weight", 0, value), "in_proj_b": ("ssm_beta.weight", 0, 1),
-             "in_proj_a": ("ssm_alpha.weight", 0, 1), "dt_bias": ("ssm_dt.bias", 0, 1),
-             "out_proj": ("ssm_out.weight", 1, value)}  # fmt: skip
-    if what in tiled:
-        target, dim, width = tiled[what]
-        return [(f"{blk}.{target}", _value_heads_tiled(w, dim, config, width))]
+        return [(f"{blk}.ssm_a", order(-torch.exp(w.float()), 0, 1))]
+    rows = {"in_proj_z": ("attn_gate.weight", 0, value), "in_proj_b": ("ssm_beta.weight", 0, 1),
+            "in_proj_a": ("ssm_alpha.weight", 0, 1), "dt_bias": ("ssm_dt.bias", 0, 1),
+            "out_proj": ("ssm_out.weight", 1, value), "in_proj_ba": ("ssm_ba.weight", 0, 0)}  # fmt: skip
+    if what in rows:  # Qwen3-Next's in_proj_ba (b and a per key head) as it is: never tiled
+        target, dim, width = rows[what]
+        return [(f"{blk}.{target}", order(w, dim, width) if width else w)]
     if what == "norm":
         return [(f"{blk}.ssm_norm.weight", w)]
     raise UsageError(f"llama.cpp has no tensor for {name!r} in this architecture: this layout cannot be exported")
@@ -1861,6 +1905,19 @@ ARCHITECTURES = {
         layout=_qwen35_layout,
         tensors=_qwen35_tensors,
     ),
+    # Qwen3-Next (80B-A3B): Qwen3.5-MoE's blocks before Qwen3.5, the DeltaNet's projections fused per key head
+    # (`in_proj_qkvz`, `in_proj_ba`), no multimodal RoPE
+    "qwen3_next": Architecture(
+        "qwen3next",
+        False,
+        (),
+        "qwen2",
+        names=_QWEN2_MOE_NAMES,
+        check=_check_qwen3_next,
+        metadata=_qwen3_next_metadata,
+        layout=_qwen35_layout,
+        tensors=_qwen3_next_tensors,
+    ),
     # Apertus: Llama's attention with per-head Q/K norms, rotate-half RoPE in llama.cpp too (unpermuted), Llama 3
     # RoPE scaling, an xIELU MLP of up and down whose parameters go in as keys
     "apertus": Architecture(
@@ -2015,7 +2072,7 @@ def architecture(model_type: Any) -> Architecture:
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
             "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H, Apertus, Mamba, "
-            "Falcon-Mamba, Mamba-2, Qwen3.5 and Qwen3.5-MoE "
+            "Falcon-Mamba, Mamba-2, Qwen3.5, Qwen3.5-MoE and Qwen3-Next "
             f"models ({names}) so far; "
             f"this is {model_type!r}"
         )
