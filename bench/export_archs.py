@@ -942,7 +942,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
         "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H, Mamba, "
-        "Falcon-Mamba, Mamba-2, Qwen3.5 (also MoE), Apertus, GLM-4, "
+        "Falcon-Mamba, Mamba-2, Qwen3.5 (also MoE), Qwen3-Next, Apertus, GLM-4, "
         "Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
