@@ -407,13 +407,22 @@ def _gguf_cache(fingerprint: str, dtype: torch.dtype) -> Path:
     return cache_dir() / "models" / f"{fingerprint}-{str(dtype).removeprefix('torch.')}-{libraries}-carve{reading}"
 
 
+def gguf_tokenizer(path: Path, header: dict[str, Any]) -> Any:
+    """A GGUF file's tokenizer as the model was trained: transformers' GGUF tokenizer with the split
+    rule the file's `tokenizer.ggml.pre` names restored (transformers leaves out SmolLM's digits)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    pretokenize.restore(tok, header.get("tokenizer.ggml.pre"))
+    return tok
+
+
 def _read_gguf(path: Path, header: dict[str, Any], kwargs: dict[str, Any]) -> tuple[Any, Any]:
     """A GGUF file through transformers: its tokenizer as the model was trained, its weights
     de-quantized to plain floats."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    pretokenize.restore(tok, header.get("tokenizer.ggml.pre"))  # as the model was trained: SmolLM's digits
+    tok = gguf_tokenizer(path, header)
     with library_bars("transformers.modeling_gguf_pytorch_utils"):
         model: Any = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     _plain_floats(model, f"{str(path)!r} is a GGUF file")  # its weights are plain floats now
