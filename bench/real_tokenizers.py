@@ -7,7 +7,8 @@ vocabulary-only GGUF converted from a real model's Hugging Face tokenizer; `.ggu
 
 Per vocabulary, two checks against the Hugging Face ids:
 - carve's reading of a GGUF's tokenizer (`carve.models.load.gguf_tokenizer`, what `carve extract
-  model.gguf` tokenizes with: transformers' GGUF tokenizer with the split rule restored): texts the same;
+  model.gguf` tokenizes with: transformers' GGUF tokenizer with what it leaves out restored), and the
+  same saved and loaded again (as carve's cache of a GGUF and its outputs hold it): texts the same;
 - `carve export` (the CLI) of a tiny random Llama that carries that tokenizer (as many embedding rows as
   the vocabulary has tokens), then llama.cpp itself (bench/llamacpp.py) tokenizing the texts with the
   exported file (its BOS, where the file says to add one, set aside): texts the same, and the
@@ -87,7 +88,11 @@ def row(models: Path, name: str) -> dict[str, Any]:
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                             pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
-    tok.save_pretrained(src)
+    tok.save_pretrained(src)  # as carve's cache of a GGUF and its outputs hold it, loaded again
+    saved = tf.AutoTokenizer.from_pretrained(src)
+    r["saved_same"] = sum(
+        saved(t, add_special_tokens=False)["input_ids"] == w for t, w in zip(texts, want, strict=True)
+    )
     done = subprocess.run([CARVE, "export", str(src), "--gguf", str(gguf), "--type", "f16", "--overwrite", "--json",
                            "--quiet"], capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
@@ -111,24 +116,28 @@ def table(rows: list[dict[str, Any]]) -> str:
         "llama.cpp's own tokenizer test files from the llama-cpp-python sdist on PyPI (the vocabulary-only GGUF of "
         "each real model's tokenizer, its test texts and the ids the Hugging Face tokenizer gives them, without "
         "special tokens). *carve reads*: carve's tokenizer of that GGUF (transformers' GGUF tokenizer, the split "
-        "rule restored), texts tokenized as Hugging Face does. *llama.cpp*: `carve export` of a tiny random Llama "
+        "rule restored), texts tokenized as Hugging Face does; *saved*: the same saved and loaded again (carve's "
+        "cache of a GGUF, its outputs). *llama.cpp*: `carve export` of a tiny random Llama "
         "carrying that tokenizer, tokenized by llama.cpp itself (llama-cpp-python 0.3.36; a BOS it adds as the "
         "file says set aside), texts tokenized as Hugging Face does; *pre written*: the pre-tokenizer name the "
         "export wrote (the source vocabulary's in brackets).",
         "",
-        "| vocabulary | tokenizer | texts | carve reads | llama.cpp (carve's export) | pre written (source's) "
-        "| first text that differs |",
-        "|---|---|---|---|---|---|---|",
+        "| vocabulary | tokenizer | texts | carve reads | saved | llama.cpp (carve's export) | pre written (source's) "
+        "| first text llama.cpp tokenizes otherwise |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "read_error" in r or "export_error" in r:
             what = r.get("read_error") or f"export refused: {r['export_error']}"
             read = f"{r['carve_read_same']} / {r['texts']}" if "carve_read_same" in r else "-"
-            lines.append(f"| {r['id']} | {r['tokenizer_model']} | {r['texts']} | {read} | {what} | ({r['pre']}) | - |")
+            saved = f"{r['saved_same']} / {r['texts']}" if "saved_same" in r else "-"
+            lines.append(f"| {r['id']} | {r['tokenizer_model']} | {r['texts']} | {read} | {saved} | {what} "
+                         f"| ({r['pre']}) | - |")  # fmt: skip
             continue
         first = json.dumps(r["first_differing"], ensure_ascii=False)[:60] if r["first_differing"] is not None else "-"
         lines.append(f"| {r['id']} | {r['tokenizer_model']} | {r['texts']} | {r['carve_read_same']} / {r['texts']} | "
-                     f"{r['llamacpp_same']} / {r['texts']} | {r['written_pre']} ({r['pre']}) | {first} |")  # fmt: skip
+                     f"{r['saved_same']} / {r['texts']} | {r['llamacpp_same']} / {r['texts']} | {r['written_pre']} "
+                     f"({r['pre']}) | {first} |")  # fmt: skip
     lines += [
         "",
         f"Commit {', '.join(sorted({r['commit'] for r in rows}))}; one run each (tokenization is deterministic).",

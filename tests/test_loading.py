@@ -272,3 +272,81 @@ def test_mxfp4_values_against_transformers_and_by_hand() -> None:
     assert got[e, i, o].item() == FP4_VALUES[byte >> 4] * 2.0 ** (scale - 127)
     with pytest.raises(carve.UsageError, match="do not pair up"):
         mxfp4_values(blocks, scales[:, :, :1])
+
+
+def _as_gguf(tok, tmp_path: Path, name: str, model_type: str = "llama") -> tuple[Path, dict]:
+    """`tok` on a tiny random model of `model_type`, written by `carve export`: the GGUF and its header."""
+    import transformers as tf
+
+    from carve.cli.main import main
+    from carve.models.gguf_header import read_gguf_header
+
+    src = tmp_path / name
+    config = tf.AutoConfig.for_model(model_type, vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tok.save_pretrained(src)
+    gguf = tmp_path / f"{name}.gguf"
+    assert main(["export", str(src), "--gguf", str(gguf), "--quiet"]) == 0
+    return gguf, read_gguf_header(gguf)
+
+
+def test_gguf_tokenizer_restores_what_transformers_leaves_out(tmp_path: Path) -> None:
+    """carve's tokenizer of a GGUF (`gguf_tokenizer`) tokenizes as the model's own tokenizer where
+    transformers' GGUF reader alone does not (found on llama.cpp's real vocabularies,
+    bench/real_tokenizers.py): SentencePiece's dummy prefix before text that starts with a space (Llama 2),
+    a word the vocabulary holds whole as one token (Llama 3's ignore_merges); and a tokenizer whose
+    class would rebuild another split rule on loading a saved copy is kept under the generic class."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from carve.models.load import gguf_tokenizer
+    from carve.models.pretokenize import SPLITS
+    from tests.conftest import byte_level_tokenizer, gemma_style_tokenizer
+
+    def plain(gguf: Path):  # transformers' GGUF reader alone
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    # Llama 2: "▁" before every text, even one that starts with a space
+    backend = gemma_style_tokenizer().backend_tokenizer
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = None
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])  # fmt: skip
+    llama2 = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", unk_token="<unk>")
+    gguf, header = _as_gguf(llama2, tmp_path, "llama2")
+    texts = [" The parties agree.", "  two spaces", "The licence is granted.", " é 😀"]
+    want = [llama2(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert [gguf_tokenizer(gguf, header)(t, add_special_tokens=False)["input_ids"] for t in texts] == want
+    assert [plain(gguf)(t, add_special_tokens=False)["input_ids"] for t in texts] != want
+
+    # Llama 3: a token the vocabulary holds whole, no merge reaching it
+    data = json.loads(byte_level_tokenizer(next(k for k, v in SPLITS.items() if v == "llama-bpe")).backend_tokenizer
+                      .to_str())  # fmt: skip
+    data["model"]["vocab"]["Ġzqxj"] = max(data["model"]["vocab"].values()) + 1
+    data["model"]["ignore_merges"] = True
+    llama3 = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)), eos_token="<eos>")
+    gguf, header = _as_gguf(llama3, tmp_path, "llama3")
+    assert header["tokenizer.ggml.pre"] == "llama-bpe"
+    assert len(llama3(" zqxj")["input_ids"]) == 1
+    assert gguf_tokenizer(gguf, header)(" zqxj")["input_ids"] == llama3(" zqxj")["input_ids"]
+    assert len(plain(gguf)(" zqxj")["input_ids"]) > 1
+
+    # a Qwen2 GGUF with Qwen3.5's rule: transformers reads it as a Qwen2Tokenizer, whose saved copy loads with
+    # Qwen2's rule; carve reads it with the file's rule, from the GGUF and from its cache alike
+    import transformers as tf
+
+    from carve.export import write_gguf
+    from carve.models.load import LoadedModel, load_model
+
+    qwen35 = byte_level_tokenizer(next(k for k, v in SPLITS.items() if v == "qwen35"))
+    config = tf.Qwen2Config(vocab_size=len(qwen35), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                            num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    gguf = tmp_path / "qwen2-with-qwen35-rule.gguf"
+    write_gguf(LoadedModel(tf.AutoModelForCausalLM.from_config(config), qwen35, "tiny", ""), gguf, "f16")
+    assert type(plain(gguf)).__name__ == "Qwen2Tokenizer"
+    rules = [json.loads(load_model(str(gguf)).tokenizer.backend_tokenizer.to_str())["pre_tokenizer"] for _ in range(2)]
+    assert rules[0] == rules[1] and "\\p{M}" in json.dumps(rules[0])  # read, then from the cache
+    assert isinstance(load_model(str(gguf)).tokenizer.backend_tokenizer.pre_tokenizer, pre_tokenizers.Sequence)

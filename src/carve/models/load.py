@@ -408,13 +408,36 @@ def _gguf_cache(fingerprint: str, dtype: torch.dtype) -> Path:
 
 
 def gguf_tokenizer(path: Path, header: dict[str, Any]) -> Any:
-    """A GGUF file's tokenizer as the model was trained: transformers' GGUF tokenizer with the split
-    rule the file's `tokenizer.ggml.pre` names restored (transformers leaves out SmolLM's digits)."""
+    """A GGUF file's tokenizer as the model was trained: transformers' GGUF tokenizer with what
+    transformers leaves out restored (`pretokenize.restore`: SmolLM's digits, Llama 3's whole words,
+    SentencePiece's dummy prefix)."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    pretokenize.restore(tok, header.get("tokenizer.ggml.pre"))
-    return tok
+    pretokenize.restore(tok, header)
+    return _kept_as_read(tok)
+
+
+def _kept_as_read(tok: Any) -> Any:
+    """`tok`, or the same tokenizer under transformers' generic class where its own class would rebuild
+    another split rule when a saved copy is loaded again: transformers reads a GGUF of Qwen2's
+    architecture as a Qwen2Tokenizer, which loads any saved tokenizer with Qwen2's rule, though the
+    file's (DeepSeek-R1-Distill-Qwen's, Qwen3.5's) differs.  carve's cache of the GGUF holds it under
+    the generic class and reads it back as such (`_cached_tokenizer`); AutoTokenizer, given the model's
+    config, still picks Qwen2Tokenizer for a Qwen2 model's directory (transformers' choice)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    if type(tok).__name__ == "TokenizersBackend" or not hasattr(tok, "backend_tokenizer"):
+        return tok
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        if AutoTokenizer.from_pretrained(tmp).backend_tokenizer.to_str() == tok.backend_tokenizer.to_str():
+            return tok
+        settings = Path(tmp) / "tokenizer_config.json"
+        settings.write_text(json.dumps({**json.loads(settings.read_text()), "tokenizer_class": "TokenizersBackend"}))
+        return AutoTokenizer.from_pretrained(tmp)
 
 
 def _read_gguf(path: Path, header: dict[str, Any], kwargs: dict[str, Any]) -> tuple[Any, Any]:
@@ -427,6 +450,21 @@ def _read_gguf(path: Path, header: dict[str, Any], kwargs: dict[str, Any]) -> tu
         model: Any = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     _plain_floats(model, f"{str(path)!r} is a GGUF file")  # its weights are plain floats now
     return tok, model
+
+
+def _cached_tokenizer(entry: Path) -> Any:
+    """A cache entry's tokenizer, under the class it was saved with where that is transformers' generic
+    one (`_kept_as_read`): AutoTokenizer would take the class its config's model type names instead."""
+    from transformers import AutoTokenizer
+
+    settings = (
+        json.loads((entry / "tokenizer_config.json").read_text()) if (entry / "tokenizer_config.json").is_file() else {}
+    )
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        from transformers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(entry)
+    return AutoTokenizer.from_pretrained(entry)
 
 
 def _cache_digests(entry: Path) -> dict[str, str]:
@@ -468,7 +506,7 @@ def _write_cache_entry(entry: Path, tok: Any, model: Any, info: dict[str, Any]) 
 def _from_gguf(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str, str]:
     """A .gguf file: from carve's cache of de-quantized models when an entry for it is there
     (seconds instead of de-quantizing anew); else read, then cached."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from carve.output import remove_path
 
@@ -481,7 +519,7 @@ def _from_gguf(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str, str]:
             _check_safetensors(entry)
             if json.loads((entry / _GGUF_CACHE_INFO).read_text()).get("sha256") != _cache_digests(entry):
                 raise UsageError("its weights are not the ones cached (or were cached without a checksum)")
-            tok = AutoTokenizer.from_pretrained(entry)
+            tok = _cached_tokenizer(entry)
             model = AutoModelForCausalLM.from_pretrained(entry, **kwargs)
             return tok, model, fingerprint, source_dtype
         except (UsageError, OSError, ValueError, RuntimeError, KeyError) as exc:

@@ -53,15 +53,38 @@ def name_of(data: dict[str, Any]) -> str | None:
     return None
 
 
-def restore(tokenizer: Any, name: object) -> None:
-    """Give a tokenizer transformers built from a GGUF the split rule its `tokenizer.ggml.pre` names where
-    transformers leaves it out: SmolLM's single digits before GPT-2's rule (`smollm`, the embedded
-    default's; transformers restores the regex rules of Llama 3, Qwen2 and o200k itself)."""
-    if name != "smollm" or not hasattr(tokenizer, "backend_tokenizer"):
-        return
-    from tokenizers import pre_tokenizers
+# llama.cpp's pre-tokenizers that split single digits off before GPT-2's rule (llama-vocab.cpp), as a
+# tokenizer.json's Digits(individual_digits) then ByteLevel do
+_SINGLE_DIGITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva", "mellum2")
 
-    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True),
-         pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]
-    )  # fmt: skip
+
+def restore(tokenizer: Any, header: dict[str, Any]) -> None:
+    """Give a tokenizer transformers built from a GGUF (its `header`) what transformers leaves out, so
+    that it tokenizes as the model's own tokenizer (measured on llama.cpp's real vocabularies:
+    bench/real_tokenizers.py):
+    - `smollm` (the embedded default's) and the others llama.cpp splits the same way (`_SINGLE_DIGITS`:
+      StarCoder, Command R, EXAONE, ...): single digits before GPT-2's rule (transformers restores the
+      regex rules of Llama 3, Qwen2 and o200k itself);
+    - `llama-bpe` (Llama 3): a word the vocabulary holds whole is that one token, merges or not
+      (`ignore_merges`, as Llama 3's tokenizer.json and llama.cpp do; "Việt" was 3 tokens, not 1);
+    - a SentencePiece vocabulary (`tokenizer.ggml.model` llama: Llama 2, Mistral 7B v0.1) with the dummy
+      prefix (`add_space_prefix`, true unless said): "▁" before every text, even one that starts with a
+      space, as SentencePiece and llama.cpp do (transformers' Metaspace leaves it off such text: " " was
+      "▁", not "▁▁")."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return
+    from tokenizers import normalizers, pre_tokenizers
+
+    name = header.get("tokenizer.ggml.pre")
+    if name in _SINGLE_DIGITS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)]
+        )  # fmt: skip
+    elif name == "llama-bpe" and hasattr(backend.model, "ignore_merges"):
+        backend.model.ignore_merges = True
+    spm = header.get("tokenizer.ggml.model") == "llama" and header.get("tokenizer.ggml.add_space_prefix", True)
+    if spm and isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace) and backend.normalizer is None:
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.pre_tokenizer = pre_tokenizers.Sequence([])
