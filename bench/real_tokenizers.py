@@ -6,7 +6,7 @@ vocabulary-only GGUF converted from a real model's Hugging Face tokenizer; `.ggu
     .venv/bin/python bench/real_tokenizers.py [--vocabs qwen2 llama-bpe ...]
 
 Per vocabulary, two checks against the Hugging Face ids:
-- carve's reading of a GGUF's tokenizer (`carve.models.load.gguf_tokenizer`, what `carve extract
+- carve's reading of a GGUF's tokenizer (`carve.models.pretokenize.gguf_tokenizer`, what `carve extract
   model.gguf` tokenizes with: transformers' GGUF tokenizer with what it leaves out restored), and the
   same saved and loaded again (as carve's cache of a GGUF and its outputs hold it): texts the same;
 - `carve export` (the CLI) of a tiny random Llama that carries that tokenizer (as many embedding rows as
@@ -68,7 +68,7 @@ def row(models: Path, name: str) -> dict[str, Any]:
     import transformers as tf
 
     from carve.models.gguf_header import read_gguf_header
-    from carve.models.load import gguf_tokenizer
+    from carve.models.pretokenize import gguf_tokenizer
 
     path = models / f"ggml-vocab-{name}.gguf"
     header = read_gguf_header(path)

@@ -295,15 +295,15 @@ def test_gguf_tokenizer_restores_what_transformers_leaves_out(tmp_path: Path) ->
     """carve's tokenizer of a GGUF (`gguf_tokenizer`) tokenizes as the model's own tokenizer where
     transformers' GGUF reader alone does not (found on llama.cpp's real vocabularies,
     bench/real_tokenizers.py): SentencePiece's dummy prefix before text that starts with a space (Llama 2),
-    a word the vocabulary holds whole as one token (Llama 3's ignore_merges); and a tokenizer whose
-    class would rebuild another split rule on loading a saved copy is kept under the generic class."""
+    a word the vocabulary holds whole as one token (Llama 3's ignore_merges), special tokens spelled
+    outside ASCII at their own ids (DeepSeek's); and a tokenizer whose class would rebuild another split
+    rule on loading a saved copy is kept under the generic class, in carve's cache too."""
     import json
 
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from carve.models.load import gguf_tokenizer
-    from carve.models.pretokenize import SPLITS
+    from carve.models.pretokenize import SPLITS, gguf_tokenizer
     from tests.conftest import byte_level_tokenizer, gemma_style_tokenizer
 
     def plain(gguf: Path):  # transformers' GGUF reader alone
@@ -333,6 +333,17 @@ def test_gguf_tokenizer_restores_what_transformers_leaves_out(tmp_path: Path) ->
     assert len(llama3(" zqxj")["input_ids"]) == 1
     assert gguf_tokenizer(gguf, header)(" zqxj")["input_ids"] == llama3(" zqxj")["input_ids"]
     assert len(plain(gguf)(" zqxj")["input_ids"]) > 1
+
+    # DeepSeek's special tokens, spelled outside ASCII: transformers' reader garbles them at their ids and adds them
+    # again past the vocabulary (BOS and EOS without an embedding row: the model was refused); carve puts them back
+    deepseek = byte_level_tokenizer(None)
+    deepseek.add_special_tokens({"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>"})
+    gguf, header = _as_gguf(deepseek, tmp_path, "deepseek")
+    assert plain(gguf).bos_token_id >= len(deepseek)
+    read = gguf_tokenizer(gguf, header)
+    assert (read.bos_token_id, read.eos_token_id) == (deepseek.bos_token_id, deepseek.eos_token_id)
+    text = "<｜begin▁of▁sentence｜>The parties agree.<｜end▁of▁sentence｜>"
+    assert read(text, add_special_tokens=False)["input_ids"] == deepseek(text, add_special_tokens=False)["input_ids"]
 
     # a Qwen2 GGUF with Qwen3.5's rule: transformers reads it as a Qwen2Tokenizer, whose saved copy loads with
     # Qwen2's rule; carve reads it with the file's rule, from the GGUF and from its cache alike

@@ -407,64 +407,16 @@ def _gguf_cache(fingerprint: str, dtype: torch.dtype) -> Path:
     return cache_dir() / "models" / f"{fingerprint}-{str(dtype).removeprefix('torch.')}-{libraries}-carve{reading}"
 
 
-def gguf_tokenizer(path: Path, header: dict[str, Any]) -> Any:
-    """A GGUF file's tokenizer as the model was trained: transformers' GGUF tokenizer with what
-    transformers leaves out restored (`pretokenize.restore`: SmolLM's digits, Llama 3's whole words,
-    SentencePiece's dummy prefix)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    pretokenize.restore(tok, header)
-    return _kept_as_read(tok)
-
-
-def _kept_as_read(tok: Any) -> Any:
-    """`tok`, or the same tokenizer under transformers' generic class where its own class would rebuild
-    another split rule when a saved copy is loaded again: transformers reads a GGUF of Qwen2's
-    architecture as a Qwen2Tokenizer, which loads any saved tokenizer with Qwen2's rule, though the
-    file's (DeepSeek-R1-Distill-Qwen's, Qwen3.5's) differs.  carve's cache of the GGUF holds it under
-    the generic class and reads it back as such (`_cached_tokenizer`); AutoTokenizer, given the model's
-    config, still picks Qwen2Tokenizer for a Qwen2 model's directory (transformers' choice)."""
-    import tempfile
-
-    from transformers import AutoTokenizer
-
-    if type(tok).__name__ == "TokenizersBackend" or not hasattr(tok, "backend_tokenizer"):
-        return tok
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        if AutoTokenizer.from_pretrained(tmp).backend_tokenizer.to_str() == tok.backend_tokenizer.to_str():
-            return tok
-        settings = Path(tmp) / "tokenizer_config.json"
-        settings.write_text(json.dumps({**json.loads(settings.read_text()), "tokenizer_class": "TokenizersBackend"}))
-        return AutoTokenizer.from_pretrained(tmp)
-
-
 def _read_gguf(path: Path, header: dict[str, Any], kwargs: dict[str, Any]) -> tuple[Any, Any]:
     """A GGUF file through transformers: its tokenizer as the model was trained, its weights
     de-quantized to plain floats."""
     from transformers import AutoModelForCausalLM
 
-    tok = gguf_tokenizer(path, header)
+    tok = pretokenize.gguf_tokenizer(path, header)
     with library_bars("transformers.modeling_gguf_pytorch_utils"):
         model: Any = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **kwargs)
     _plain_floats(model, f"{str(path)!r} is a GGUF file")  # its weights are plain floats now
     return tok, model
-
-
-def _cached_tokenizer(entry: Path) -> Any:
-    """A cache entry's tokenizer, under the class it was saved with where that is transformers' generic
-    one (`_kept_as_read`): AutoTokenizer would take the class its config's model type names instead."""
-    from transformers import AutoTokenizer
-
-    settings = (
-        json.loads((entry / "tokenizer_config.json").read_text()) if (entry / "tokenizer_config.json").is_file() else {}
-    )
-    if settings.get("tokenizer_class") == "TokenizersBackend":
-        from transformers import TokenizersBackend
-
-        return TokenizersBackend.from_pretrained(entry)
-    return AutoTokenizer.from_pretrained(entry)
 
 
 def _cache_digests(entry: Path) -> dict[str, str]:
@@ -519,7 +471,7 @@ def _from_gguf(path: Path, kwargs: dict[str, Any]) -> tuple[Any, Any, str, str]:
             _check_safetensors(entry)
             if json.loads((entry / _GGUF_CACHE_INFO).read_text()).get("sha256") != _cache_digests(entry):
                 raise UsageError("its weights are not the ones cached (or were cached without a checksum)")
-            tok = _cached_tokenizer(entry)
+            tok = pretokenize.cached_tokenizer(entry)
             model = AutoModelForCausalLM.from_pretrained(entry, **kwargs)
             return tok, model, fingerprint, source_dtype
         except (UsageError, OSError, ValueError, RuntimeError, KeyError) as exc:

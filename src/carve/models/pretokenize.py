@@ -1,9 +1,13 @@
 """llama.cpp's pre-tokenizers (the rule text is split by before BPE, named in a GGUF's
-`tokenizer.ggml.pre`) and Hugging Face's: the name of a tokenizer.json's rule for `carve export`,
-and the rule transformers' GGUF loader leaves out restored when carve loads a GGUF."""
+`tokenizer.ggml.pre`) and Hugging Face's: the name of a tokenizer.json's rule for `carve export`;
+and carve's reading of a GGUF's tokenizer (`gguf_tokenizer`: what transformers' GGUF loader leaves
+out restored, special tokens at their ids, a class that keeps the rule), whose bytes key carve's
+cache of de-quantized GGUFs (a change here reads every GGUF anew)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 # the split rule of a byte-level BPE tokenizer.json (its Split pre-tokenizer's regex, as Hugging Face
@@ -88,3 +92,85 @@ def restore(tokenizer: Any, header: dict[str, Any]) -> None:
     if spm and isinstance(backend.pre_tokenizer, pre_tokenizers.Metaspace) and backend.normalizer is None:
         backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
         backend.pre_tokenizer = pre_tokenizers.Sequence([])
+
+
+def gguf_tokenizer(path: Path, header: dict[str, Any]) -> Any:
+    """A GGUF file's tokenizer as the model was trained: transformers' GGUF tokenizer with what
+    transformers leaves out restored (`restore`: SmolLM's digits, Llama 3's whole words,
+    SentencePiece's dummy prefix)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    restore(tok, header)
+    return _kept_as_read(_specials_at_their_ids(tok, header))
+
+
+def _specials_at_their_ids(tok: Any, header: dict[str, Any]) -> Any:
+    """`tok` with each token the file holds that transformers added again past the file's vocabulary put
+    back at the file's id.  transformers' GGUF reader byte-level-encodes every token of a byte-level
+    vocabulary, the special ones too: one spelled outside ASCII (DeepSeek's <｜begin▁of▁sentence｜>, in
+    the R1 distills too) comes out garbled at its id and is added again, as itself, past the vocabulary,
+    where its model has no embedding row (the model could not be loaded: its BOS and EOS past the rows).
+    The garbled spelling, no text's bytes, gives way to the token itself in the vocabulary."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    tokens = header.get("tokenizer.ggml.tokens") or []
+    where = {text: i for i, text in reversed(list(enumerate(tokens)))}  # each text's first id in the file
+    moved = {old: where[text] for text, old in tok.get_added_vocab().items() if old >= len(tokens) and text in where}
+    if not moved or not hasattr(tok, "backend_tokenizer"):
+        return tok
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        for name, key in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
+            path = Path(tmp) / name
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if key == "added_tokens":  # tokenizers keeps an added token's id only where the vocabulary holds it
+                data[key] = [{**e, "id": moved.get(e["id"], e["id"])} for e in data.get(key, [])]
+                vocab = data["model"]["vocab"]
+                garbled = {i: text for text, i in vocab.items() if i in set(moved.values())}
+                for e in data[key]:
+                    if e["id"] in garbled and e["content"] not in vocab:
+                        vocab[e["content"]] = vocab.pop(garbled[e["id"]])
+            else:
+                data[key] = {str(moved.get(int(i), int(i))): e for i, e in (data.get(key) or {}).items()}
+            path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def _kept_as_read(tok: Any) -> Any:
+    """`tok`, or the same tokenizer under transformers' generic class where its own class would rebuild
+    another split rule when a saved copy is loaded again: transformers reads a GGUF of Qwen2's
+    architecture as a Qwen2Tokenizer, which loads any saved tokenizer with Qwen2's rule, though the
+    file's (DeepSeek-R1-Distill-Qwen's, Qwen3.5's) differs.  carve's cache of the GGUF holds it under
+    the generic class and reads it back as such (`cached_tokenizer`); AutoTokenizer, given the model's
+    config, still picks Qwen2Tokenizer for a Qwen2 model's directory (transformers' choice)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    if type(tok).__name__ == "TokenizersBackend" or not hasattr(tok, "backend_tokenizer"):
+        return tok
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        if AutoTokenizer.from_pretrained(tmp).backend_tokenizer.to_str() == tok.backend_tokenizer.to_str():
+            return tok
+        settings = Path(tmp) / "tokenizer_config.json"
+        settings.write_text(json.dumps({**json.loads(settings.read_text()), "tokenizer_class": "TokenizersBackend"}))
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def cached_tokenizer(entry: Path) -> Any:
+    """A cache entry's tokenizer, under the class it was saved with where that is transformers' generic
+    one (`_kept_as_read`): AutoTokenizer would take the class its config's model type names instead."""
+    from transformers import AutoTokenizer
+
+    settings = (
+        json.loads((entry / "tokenizer_config.json").read_text()) if (entry / "tokenizer_config.json").is_file() else {}
+    )
+    if settings.get("tokenizer_class") == "TokenizersBackend":
+        from transformers import TokenizersBackend
+
+        return TokenizersBackend.from_pretrained(entry)
+    return AutoTokenizer.from_pretrained(entry)
