@@ -353,6 +353,7 @@ def test_gguf_tokenizer_restores_what_transformers_leaves_out(tmp_path: Path) ->
     from carve.models.load import LoadedModel, load_model
 
     qwen35 = byte_level_tokenizer(next(k for k, v in SPLITS.items() if v == "qwen35"))
+    qwen35.add_special_tokens({"eos_token": "<｜end▁of▁sentence｜>"})  # as DeepSeek-R1-Distill-Qwen's: both fixes
     config = tf.Qwen2Config(vocab_size=len(qwen35), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     gguf = tmp_path / "qwen2-with-qwen35-rule.gguf"
@@ -360,4 +361,5 @@ def test_gguf_tokenizer_restores_what_transformers_leaves_out(tmp_path: Path) ->
     assert type(plain(gguf)).__name__ == "Qwen2Tokenizer"
     rules = [json.loads(load_model(str(gguf)).tokenizer.backend_tokenizer.to_str())["pre_tokenizer"] for _ in range(2)]
     assert rules[0] == rules[1] and "\\p{M}" in json.dumps(rules[0])  # read, then from the cache
+    assert load_model(str(gguf)).tokenizer.eos_token_id == qwen35.eos_token_id
     assert isinstance(load_model(str(gguf)).tokenizer.backend_tokenizer.pre_tokenizer, pre_tokenizers.Sequence)

@@ -129,12 +129,14 @@ def _specials_at_their_ids(tok: Any, header: dict[str, Any]) -> Any:
             if key == "added_tokens":  # tokenizers keeps an added token's id only where the vocabulary holds it
                 data[key] = [{**e, "id": moved.get(e["id"], e["id"])} for e in data.get(key, [])]
                 vocab = data["model"]["vocab"]
-                garbled = {i: text for text, i in vocab.items() if i in set(moved.values())}
+                targets = set(moved.values())
+                garbled = {i: text for text, i in vocab.items() if i in targets}
                 for e in data[key]:
                     if e["id"] in garbled and e["content"] not in vocab:
                         vocab[e["content"]] = vocab.pop(garbled[e["id"]])
-            else:
+            else:  # under the generic class: the GGUF's own class could rebuild another split rule (`_kept_as_read`)
                 data[key] = {str(moved.get(int(i), int(i))): e for i, e in (data.get(key) or {}).items()}
+                data["tokenizer_class"] = "TokenizersBackend"
             path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
         return AutoTokenizer.from_pretrained(tmp)
 
