@@ -459,12 +459,9 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                                     n_groups=2, conv_kernel=4, expand=2, hybrid_override_pattern="M*M-",
                                     vocab_size=vocab)  # fmt: skip
         return _perturbed(_drawn(tf.AutoModelForCausalLM.from_config(config), TAPS), ("norm.weight",), 1.0)
-    if kind in (
-        "qwen35",
-        "qwen35-moe",
-        "qwen3-next",
-    ):  # Qwen3.5 in small: 3 Gated DeltaNet blocks (4 value heads on 2 key
-        # heads), then attention; -moe: 4 experts (top-2) and a gated shared expert in every block; Qwen3-Next: as -moe
+    # Qwen3.5 in small: 3 Gated DeltaNet blocks (4 value heads on 2 key heads), then attention; -moe: 4 experts
+    # (top-2) and a gated shared expert in every block; Qwen3-Next: as -moe
+    if kind in ("qwen35", "qwen35-moe", "qwen3-next"):
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
                 "mrope_interleaved": True}  # fmt: skip
@@ -476,7 +473,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         if kind == "qwen35":
             config = tf.Qwen3_5TextConfig(**sizes, **common)
         elif kind == "qwen3-next":  # no multimodal RoPE sections
-            plain = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
+            plain = {k: v for k, v in rope.items() if not k.startswith("mrope")}
             config = tf.Qwen3NextConfig(**sizes, **{**common, "rope_parameters": plain}, **moe)
         else:
             config = tf.Qwen3_5MoeTextConfig(**sizes, **common, **moe)

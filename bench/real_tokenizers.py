@@ -82,7 +82,7 @@ def row(models: Path, name: str) -> dict[str, Any]:
     got = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
     r["carve_read_same"] = sum(a == b for a, b in zip(got, want, strict=True))
     src, gguf = OUT / f"real-tokenizer-{name}", OUT / f"real-tokenizer-{name}.gguf"
-    rows = len(read_gguf_header(path).get("tokenizer.ggml.tokens") or []) or len(tok)
+    rows = len(header.get("tokenizer.ggml.tokens") or []) or len(tok)
     torch.manual_seed(0)
     config = tf.LlamaConfig(vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -1878,8 +1878,6 @@ ARCHITECTURES = {
         tensors=_mamba2_tensors,
         layout=_nemotron_h_layout,
     ),
-    # Qwen3.5 (text; of a multimodal checkpoint too): Gated DeltaNet blocks and gated full-attention ones
-    # (per-head Q/K norms, rotate-half RoPE over a quarter of each head), Gemma-style RMSNorms (1 + w)
     # Qwen3.5 (text; of an image-text checkpoint too): Gated DeltaNet blocks and gated full-attention ones
     # (per-head Q/K norms, rotate-half RoPE over a quarter of each head), RMSNorms scaling by 1 + w
     "qwen3_5_text": Architecture(
@@ -2185,8 +2183,8 @@ def _tokenizer_metadata(
     SentencePiece-style BPE one (byte fallback: Llama 2, Mistral 7B v0.1, Gemma) as its `llama` one.
     Its token list is padded to the model's `vocab` embedding rows (Qwen2's 151,936 rows hold 151,665
     tokens), and a gap in the tokenizer's ids filled, with unused `[PAD<id>]` tokens, as llama.cpp's
-    converter does: llama.cpp sizes the
-    embeddings by the token list and does not load a model whose rows it does not count; added tokens
+    converter does: llama.cpp sizes the embeddings by the token list and does not load a model whose
+    rows it does not count; added tokens
     past the rows are left out (they have no row), other tokens past them refused, as carve's loader
     refuses them (`carve.models.load.check_rows`, one rule for both).  Returns notes on
     what llama.cpp may do otherwise (a split rule carve has no llama.cpp name for, tokens left out)."""

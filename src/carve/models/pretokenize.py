@@ -7,6 +7,7 @@ cache of de-quantized GGUFs (a change here reads every GGUF anew)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,33 +113,30 @@ def _specials_at_their_ids(tok: Any, header: dict[str, Any]) -> Any:
     the R1 distills too) comes out garbled at its id and is added again, as itself, past the vocabulary,
     where its model has no embedding row (the model could not be loaded: its BOS and EOS past the rows).
     The garbled spelling, no text's bytes, gives way to the token itself in the vocabulary."""
-    import tempfile
-
-    from transformers import AutoTokenizer
-
     tokens = header.get("tokenizer.ggml.tokens") or []
     where = {text: i for i, text in reversed(list(enumerate(tokens)))}  # each text's first id in the file
     moved = {old: where[text] for text, old in tok.get_added_vocab().items() if old >= len(tokens) and text in where}
     if not moved or not hasattr(tok, "backend_tokenizer"):
         return tok
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        for name, key in (("tokenizer.json", "added_tokens"), ("tokenizer_config.json", "added_tokens_decoder")):
-            path = Path(tmp) / name
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if key == "added_tokens":  # tokenizers keeps an added token's id only where the vocabulary holds it
-                data[key] = [{**e, "id": moved.get(e["id"], e["id"])} for e in data.get(key, [])]
-                vocab = data["model"]["vocab"]
-                targets = set(moved.values())
-                garbled = {i: text for text, i in vocab.items() if i in targets}
-                for e in data[key]:
-                    if e["id"] in garbled and e["content"] not in vocab:
-                        vocab[e["content"]] = vocab.pop(garbled[e["id"]])
-            else:  # under the generic class: the GGUF's own class could rebuild another split rule (`_kept_as_read`)
-                data[key] = {str(moved.get(int(i), int(i))): e for i, e in (data.get(key) or {}).items()}
-                data["tokenizer_class"] = "TokenizersBackend"
-            path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
-        return AutoTokenizer.from_pretrained(tmp)
+
+    def edit(saved: Path) -> None:
+        path = saved / "tokenizer.json"
+        data = json.loads(path.read_text(encoding="utf-8"))
+        # tokenizers keeps an added token's id only where the vocabulary holds it
+        data["added_tokens"] = [{**e, "id": moved.get(e["id"], e["id"])} for e in data.get("added_tokens", [])]
+        vocab, targets = data["model"]["vocab"], set(moved.values())
+        garbled = {i: text for text, i in vocab.items() if i in targets}
+        for e in data["added_tokens"]:
+            if e["id"] in garbled and e["content"] not in vocab:
+                vocab[e["content"]] = vocab.pop(garbled[e["id"]])
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        path = saved / "tokenizer_config.json"
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["added_tokens_decoder"] = {str(moved.get(int(i), int(i))): e
+                                        for i, e in (data.get("added_tokens_decoder") or {}).items()}  # fmt: skip
+        path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+    return _reloaded(tok, edit)  # under the generic class: the GGUF's own could rebuild another rule
 
 
 def _kept_as_read(tok: Any) -> Any:
@@ -148,18 +146,28 @@ def _kept_as_read(tok: Any) -> Any:
     file's (DeepSeek-R1-Distill-Qwen's, Qwen3.5's) differs.  carve's cache of the GGUF holds it under
     the generic class and reads it back as such (`cached_tokenizer`); AutoTokenizer, given the model's
     config, still picks Qwen2Tokenizer for a Qwen2 model's directory (transformers' choice)."""
+    if type(tok).__name__ == "TokenizersBackend" or not hasattr(tok, "backend_tokenizer"):
+        return tok
+    same = _reloaded(tok, generic=False).backend_tokenizer.to_str() == tok.backend_tokenizer.to_str()
+    return tok if same else _reloaded(tok)
+
+
+def _reloaded(tok: Any, edit: Callable[[Path], None] | None = None, generic: bool = True) -> Any:
+    """`tok` saved, its files changed by `edit`, and loaded again (`generic`: under transformers' generic
+    class, which takes the saved tokenizer.json as it is)."""
     import tempfile
 
     from transformers import AutoTokenizer
 
-    if type(tok).__name__ == "TokenizersBackend" or not hasattr(tok, "backend_tokenizer"):
-        return tok
     with tempfile.TemporaryDirectory() as tmp:
         tok.save_pretrained(tmp)
-        if AutoTokenizer.from_pretrained(tmp).backend_tokenizer.to_str() == tok.backend_tokenizer.to_str():
-            return tok
-        settings = Path(tmp) / "tokenizer_config.json"
-        settings.write_text(json.dumps({**json.loads(settings.read_text()), "tokenizer_class": "TokenizersBackend"}))
+        if edit is not None:
+            edit(Path(tmp))
+        if generic:
+            settings = Path(tmp) / "tokenizer_config.json"
+            settings.write_text(
+                json.dumps({**json.loads(settings.read_text()), "tokenizer_class": "TokenizersBackend"})
+            )
         return AutoTokenizer.from_pretrained(tmp)
 
 
