@@ -453,6 +453,29 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         smaller = (lambda name: name.endswith("mamba.out_proj.weight"), lambda p: p.mul_(0.1))  # so that RoPE shows
         model = _drawn(tf.AutoModelForCausalLM.from_config(config), TAPS, smaller)
         return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
+    # Gemma 4 in small: sliding and global layers of different head widths (16 / 32) and key/value heads (2 / 1,
+    # the global ones' values their keys), proportional RoPE over a quarter of the global heads; E2B's per-layer
+    # embeddings, keys and values shared by the last two blocks and their MLP double-wide; -moe: 26B-A4B's
+    # experts (4, top-2) beside the MLP in every block, nothing shared
+    if kind in ("gemma4", "gemma4-moe"):
+        kinds = ["sliding_attention", "full_attention"] * (3 if kind == "gemma4" else 2)
+        sizes = {**SIZES, "num_hidden_layers": len(kinds), "intermediate_size": 96}
+        common = {"head_dim": 16, "global_head_dim": 32, "num_global_key_value_heads": 1, "attention_k_eq_v": True,
+                  "sliding_window": 16, "layer_types": kinds, "final_logit_softcapping": 30.0, "vocab_size": vocab,
+                  "vocab_size_per_layer_input": vocab}  # fmt: skip
+        if kind == "gemma4":
+            extra = {"hidden_size_per_layer_input": 8, "num_kv_shared_layers": 2, "use_double_wide_mlp": True}
+        else:
+            extra = {"hidden_size_per_layer_input": 0, "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                     "moe_intermediate_size": 32}  # fmt: skip
+        config = tf.Gemma4TextConfig(**sizes, **common, **extra)
+        routing: Rule = (lambda name: ".experts." in name or ".router." in name, lambda p: p.normal_(0, 0.2))
+        scales: Rule = (lambda name: name.endswith(("router.scale", "per_expert_scale")), lambda p: p.normal_(1, 0.5))
+        model = _drawn(tf.AutoModelForCausalLM.from_config(config), routing, scales)
+        with torch.no_grad():  # each block's output scale away from 1 (a buffer: a lost one shows)
+            for layer in model.model.layers:
+                layer.layer_scalar.uniform_(0.5, 1.5)
+        return _perturbed(model, ("norm.weight", "layernorm.weight", "layernorm_1.weight", "layernorm_2.weight"), 1.0)
     if kind == "nemotron-h":  # Nemotron-H in small: Mamba-2, attention, Mamba-2, MLP blocks (no RoPE)
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.NemotronHConfig(**sizes, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
@@ -780,6 +803,17 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "jamba": ("export-archs-jamba-top1", {"num_experts_per_tok": 1}),
     "qwen35-moe": ("export-archs-qwen35-moe-top1", {"num_experts_per_tok": 1}),
     "qwen3-next": ("export-archs-qwen3-next-top1", {"num_experts_per_tok": 1}),
+    "gemma4-moe": ("export-archs-gemma4-moe-top1", {"top_k_experts": 1}),
+    # RoPE over every channel of the global heads (not a quarter): llama.cpp's rope_freqs must not match
+    "gemma4": (
+        "export-archs-gemma4-whole-rope",
+        {
+            "rope_parameters": {
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 1.0, "rope_theta": 1000000.0},
+            }
+        },
+    ),
     # every multiplier 1
     "falcon-h1": (
         "export-archs-falcon-h1-no-mup",
@@ -854,7 +888,12 @@ def row(kind: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure_model()
-    if kind.removesuffix("-structured").removesuffix("-multimodal") in ("gemma", "gemma2", "gemma3"):
+    if kind.removesuffix("-structured").removesuffix("-multimodal").removesuffix("-moe") in (
+        "gemma",
+        "gemma2",
+        "gemma3",
+        "gemma4",
+    ):
         tok = gemma_style_tokenizer(2000)
     elif kind == "llama3-tokenizer":  # byte-level BPE split first by Llama 3's rule
         from carve.models.pretokenize import SPLITS
@@ -887,7 +926,7 @@ def row(kind: str) -> dict[str, Any]:
     ids = torch.randint(0, len(tok), (1, BLOCK.get(kind, 200)), generator=torch.Generator().manual_seed(1))
     nll, top = scored(model, ids)
     texts = held_out_texts()
-    tokenized = kind == "gemma3" or kind.endswith("-tokenizer")
+    tokenized = kind in ("gemma3", "gemma4") or kind.endswith("-tokenizer")
     cpp = run_gguf(gguf, [ids[0].tolist()], decode_tokens=4, texts=texts if tokenized else None)
     cpp_top = cpp["top1"][0][: len(top)]  # llama.cpp's top-1 at every position but the last, as `top`
     r: dict[str, Any] = {
@@ -1148,6 +1187,8 @@ KINDS = (
     "mamba2",
     "qwen35",
     "qwen35-moe",
+    "gemma4",
+    "gemma4-moe",
     "qwen3-next",
     "apertus",
     "gpt-oss",

@@ -135,6 +135,12 @@ class Architecture:
     # the architecture's own tensor rule, tried first: (name, tensor, config) -> the llama.cpp tensors it
     # becomes, or None where the common rules apply (DeepSeek's latent split, Mamba-2's transforms)
     tensors: Callable[[str, torch.Tensor, Any], list[tuple[str, torch.Tensor]] | None] | None = None
+    # llama.cpp's tokenizer model for a SentencePiece-style BPE tokenizer (byte fallback): its `llama` one
+    # (merging by score), or the architecture's own BPE one that merges by the merge list (Gemma 4's `gemma4`)
+    spm_tokenizer: str = "llama"
+    # tensors computed from the config, not the weights, written before the model's (Gemma 4's global
+    # layers' RoPE factors)
+    computed: Callable[[Any], list[tuple[str, np.ndarray]]] | None = None
 
 
 def _check_exaone4(config: Any) -> None:
@@ -396,6 +402,118 @@ def _gemma3_metadata(writer: Any, config: Any) -> None:
         writer.add_rope_scaling_factor(float(_rope(config)["factor"]))
     if getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+
+
+def _check_gemma4(config: Any) -> None:
+    """Refuse what llama.cpp's gemma4 graph computes differently from transformers' Gemma 4: an MLP other
+    than tanh-approximated GELU, bidirectional attention over text, RoPE other than plain in the sliding
+    layers (over the whole head) and plain or proportional in the global ones, per-layer embeddings
+    with a vocabulary of their own (llama.cpp reads them by the token ids), an MoE block whose routing
+    transformers computes otherwise."""
+    _check_activation(config, "gemma4", _TANH_GELU, "uses tanh-approximated GELU")
+    if getattr(config, "use_bidirectional_attention", None) == "all":
+        raise UsageError("llama.cpp's gemma4 attends causally over text; this model attends both ways")
+    sliding = _rope(config, "sliding_attention")
+    if rope_type(config, "sliding_attention") != "default" or float(sliding.get("partial_rotary_factor", 1.0)) != 1:
+        raise UsageError("GGUF export writes Gemma 4's sliding layers with plain RoPE over the whole head; this "
+                         "model's scale it otherwise")  # fmt: skip
+    if rope_type(config) not in ("default", "proportional"):
+        raise UsageError(
+            f"GGUF export writes Gemma 4's plain or proportional global RoPE; this model's is {rope_type(config)!r}"
+        )
+    if set(config.layer_types) - {"sliding_attention", "full_attention"}:
+        raise UsageError(f"llama.cpp's gemma4 has sliding and global attention layers; this model has "
+                         f"{sorted(set(config.layer_types))}")  # fmt: skip
+    if getattr(config, "hidden_size_per_layer_input", 0) and config.vocab_size_per_layer_input != config.vocab_size:
+        raise UsageError(
+            f"llama.cpp's gemma4 reads the per-layer embeddings by the {config.vocab_size} token ids; this model "
+            f"has {config.vocab_size_per_layer_input} of them"
+        )
+
+
+def _gemma4_layer(config: Any, kind: str = "full_attention") -> Any:
+    """The settings of Gemma 4's layers of one kind (`per_layer_config`: their head width and key/value
+    heads; the config's own `head_dim` is refused as ambiguous); a global layer's where none is of `kind`."""
+    kinds = list(config.layer_types)
+    return config.per_layer_config[kinds.index(kind if kind in kinds else "full_attention")]
+
+
+def _gemma4_metadata(writer: Any, config: Any) -> None:
+    """Gemma 4's keys beyond the common ones: the sliding window and its per-layer pattern (always:
+    llama.cpp requires them), the sliding layers' RoPE base and head width (the global ones' are the
+    common keys), the layers that reuse an earlier layer's keys and values, the per-layer embeddings'
+    width (0 without them), final-logit soft-capping, an MoE block's experts."""
+    writer.add_sliding_window(int(config.sliding_window))
+    writer.add_sliding_window_pattern([k == "sliding_attention" for k in config.layer_types])
+    writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention").get("rope_theta", 10000.0)))
+    sliding = int(_gemma4_layer(config, "sliding_attention").head_dim)
+    writer.add_key_length_swa(sliding)
+    writer.add_value_length_swa(sliding)
+    writer.add_rope_dimension_count_swa(sliding)
+    writer.add_shared_kv_layers(int(config.num_kv_shared_layers or 0))
+    writer.add_embedding_length_per_layer_input(int(getattr(config, "hidden_size_per_layer_input", 0) or 0))
+    if getattr(config, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    if getattr(config, "enable_moe_block", False):
+        writer.add_expert_count(int(config.num_experts))
+        writer.add_expert_used_count(int(config.top_k_experts))
+        writer.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+
+
+def _gemma4_layout(config: Any, state: dict[str, torch.Tensor], arch: Architecture) -> dict[str, Any]:
+    """Gemma 4's per-block shapes: the global layers' head width as the common key length (the sliding
+    ones' in `_gemma4_metadata`), key/value heads by each layer's kind (a layer that reuses an earlier
+    one's keys and values has none of its own: its kind's), the MLP's width per block (twice as wide in
+    the reusing layers of the double-wide models)."""
+    full = _gemma4_layer(config)
+    ffn, kv = [], []
+    for i, kind in enumerate(config.layer_types):
+        p = f"model.layers.{i}."
+        layer = config.per_layer_config[i]
+        q_rows = state[p + "self_attn.q_proj.weight"].shape[0]
+        k = state.get(p + "self_attn.k_proj.weight")
+        if q_rows != config.num_attention_heads * layer.head_dim or (
+            k is not None and k.shape[0] != layer.num_key_value_heads * layer.head_dim
+        ):
+            raise UsageError(f"block {i}'s attention shapes do not fit llama.cpp's {kind.split('_')[0]} heads")
+        ffn.append(int(state[p + "mlp.gate_proj.weight"].shape[0]))
+        kv.append(int(layer.num_key_value_heads))
+    return {"head_dim": int(full.head_dim), "ffn": ffn, "kv": kv, "rope_dims": int(full.head_dim)}
+
+
+def _gemma4_rope_freqs(config: Any) -> np.ndarray:
+    """The global layers' RoPE as llama.cpp's gemma4 takes it (`rope_freqs.weight`, read by those layers
+    only): per rotary frequency of the whole head (NeoX pairs), the factor its angle is divided by.
+    transformers' proportional RoPE rotates the first partial_rotary_factor · head/2 frequencies, at the
+    whole head's frequencies divided by the config's `factor`, and leaves the others unrotated: those
+    get 1e30 (an angle of zero), as llama.cpp's converter writes them."""
+    rope, dim = _rope(config), int(_gemma4_layer(config).head_dim)
+    rotated = (
+        int(float(rope.get("partial_rotary_factor", 1.0)) * dim // 2)
+        if rope_type(config) == "proportional"
+        else dim // 2
+    )
+    factor = float(rope.get("factor", 1.0)) if rope_type(config) == "proportional" else 1.0
+    return np.array([factor] * rotated + [1e30] * (dim // 2 - rotated), dtype=np.float32)
+
+
+def _gemma4_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
+    """An MoE block's experts and router as llama.cpp's gemma4 holds them: the fused gate/up experts
+    [E, 2·ff, hidden] as ffn_gate_exps and ffn_up_exps, the router's input scale as `ffn_gate_inp.scale`,
+    its per-expert scale (which multiplies each chosen expert's weight) as `ffn_down_exps.scale`."""
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(experts\.gate_up_proj|experts\.down_proj|router\.\w+)", name)
+    if m is None:
+        return None
+    blk, what = m[1], m[2]
+    if what == "experts.gate_up_proj":
+        gate, up = w.chunk(2, dim=1)
+        return [(f"blk.{blk}.ffn_gate_exps.weight", gate), (f"blk.{blk}.ffn_up_exps.weight", up)]
+    targets = {"experts.down_proj": "ffn_down_exps.weight", "router.proj.weight": _ROUTER,
+               "router.scale": "ffn_gate_inp.scale", "router.per_expert_scale": "ffn_down_exps.scale"}  # fmt: skip
+    target = targets.get(what)
+    if target is None:
+        raise UsageError(f"llama.cpp has no tensor for {name!r} in this architecture: this layout cannot be exported")
+    return [(f"blk.{blk}.{target}", w)]
 
 
 def rope_freq_factors(model: Any, head_dim: int, base: float) -> np.ndarray:
@@ -1529,6 +1647,18 @@ _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
     (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
 )
+_GEMMA4_NAMES = (  # Gemma 3's four norms a block, an MoE block's three more, per-layer embeddings, a layer scale
+    *_GEMMA_NAMES,
+    (r"model\.layers\.(\d+)\.pre_feedforward_layernorm_2\.weight", "blk.{}.pre_ffw_norm_2.weight"),
+    (r"model\.layers\.(\d+)\.post_feedforward_layernorm_(1|2)\.weight", "blk.{}.post_ffw_norm_{}.weight"),
+    (r"model\.layers\.(\d+)\.layer_scalar", "blk.{}.layer_output_scale.weight"),
+    (r"model\.layers\.(\d+)\.per_layer_input_gate\.weight", "blk.{}.inp_gate.weight"),
+    (r"model\.layers\.(\d+)\.per_layer_projection\.weight", "blk.{}.proj.weight"),
+    (r"model\.layers\.(\d+)\.post_per_layer_input_norm\.weight", "blk.{}.post_norm.weight"),
+    (r"model\.embed_tokens_per_layer\.weight", "per_layer_token_embd.weight"),
+    (r"model\.per_layer_model_projection\.weight", "per_layer_model_proj.weight"),
+    (r"model\.per_layer_projection_norm\.weight", "per_layer_proj_norm.weight"),
+)
 _OLMO_NAMES = (  # no norm before attention or MLP: one after each, on the sublayer's output
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
     (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
@@ -1698,6 +1828,23 @@ ARCHITECTURES = {
         names=_GEMMA_NAMES,
         check=_check_gemma3,
         metadata=_gemma3_metadata,
+    ),
+    # Gemma 4 (text; E2B, E4B, 31B, 26B-A4B): Gemma 3's blocks with RMSNorms scaling by w (no offset), sliding
+    # and global layers of different head widths and key/value heads, the global ones' proportional RoPE as
+    # `rope_freqs`, keys and values shared across the last layers, per-layer embeddings, an MoE beside the
+    # MLP; its tokenizer as llama.cpp's own `gemma4` BPE
+    "gemma4_text": Architecture(
+        "gemma4",
+        False,
+        (),
+        "default",
+        names=_GEMMA4_NAMES,
+        check=_check_gemma4,
+        metadata=_gemma4_metadata,
+        layout=_gemma4_layout,
+        tensors=_gemma4_tensors,
+        spm_tokenizer="gemma4",
+        computed=lambda config: [("rope_freqs.weight", _gemma4_rope_freqs(config))],
     ),
     # DeepSeek V2 and V3 (Kimi K2, Moonlight): latent attention, leading dense blocks, shared experts
     "deepseek_v2": _DEEPSEEK,
@@ -2066,7 +2213,7 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
-            "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2 and 3 text, Phi-3, ERNIE 4.5, EXAONE 4, "
+            "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2, 3 and 4 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
             "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H, Apertus, Mamba, "
@@ -2177,10 +2324,12 @@ def rope_type(config: Any, layers: str = "full_attention") -> str:
 
 
 def _tokenizer_metadata(
-    writer: Any, tokenizer: Any, source_gguf: Path | None, pre: str, vocab: int, name: str
+    writer: Any, tokenizer: Any, source_gguf: Path | None, arch: Architecture, vocab: int, name: str
 ) -> list[str]:
     """The tokenizer as GGUF metadata: a byte-level BPE one as llama.cpp's `gpt2` tokenizer model, a
-    SentencePiece-style BPE one (byte fallback: Llama 2, Mistral 7B v0.1, Gemma) as its `llama` one.
+    SentencePiece-style BPE one (byte fallback: Llama 2, Mistral 7B v0.1, Gemma) as its `llama` one, or as
+    the architecture's own (`Architecture.spm_tokenizer`: Gemma 4's `gemma4`, a BPE that merges by the
+    merge list, its chat markers rendered as text).
     Its token list is padded to the model's `vocab` embedding rows (Qwen2's 151,936 rows hold 151,665
     tokens), and a gap in the tokenizer's ids filled, with unused `[PAD<id>]` tokens, as llama.cpp's
     converter does: llama.cpp sizes the embeddings by the token list and does not load a model whose
@@ -2211,19 +2360,21 @@ def _tokenizer_metadata(
     spm = bool(model.get("byte_fallback"))
     # a row no token names (past the tokenizer, or a gap in its ids) as an unused `[PAD<id>]` token
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab)]
-    types = [_token_type(i, t, special, added, spm) if i in by_id else int(gguf.TokenType.UNUSED)
+    own = spm and arch.spm_tokenizer != "llama"
+    types = [_token_type(i, t, special, added, spm, own) if i in by_id else int(gguf.TokenType.UNUSED)
              for i, t in enumerate(tokens)]  # fmt: skip
-    writer.add_tokenizer_model("llama" if spm else "gpt2")
-    if spm:  # llama.cpp's SentencePiece tokenizer merges by score, not by a merge list
+    writer.add_tokenizer_model(arch.spm_tokenizer if spm else "gpt2")
+    if spm:  # llama.cpp's SentencePiece tokenizer merges by score, not by a merge list (its own BPE ones by
+        # the list: the scores are the same there, unused)
         writer.add_token_scores(_merge_scores(tokens, pairs))
         writer.add_add_space_prefix(_prepends_space(data))
     else:
         known = _source_pre_tokenizer(source_gguf) or pretokenize.name_of(data)
         if known is None:
             notes.append(f"carve knows no llama.cpp pre-tokenizer splitting text as this tokenizer does; it wrote "
-                         f"{pre!r} (the architecture's): llama.cpp may tokenize some text otherwise than "
+                         f"{arch.pre!r} (the architecture's): llama.cpp may tokenize some text otherwise than "
                          "transformers")  # fmt: skip
-        writer.add_tokenizer_pre(known or pre)
+        writer.add_tokenizer_pre(known or arch.pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)  # transformers' GGUF loader rebuilds the BPE model from them
@@ -2251,9 +2402,18 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-def _token_type(i: int, token: str, special: set[int], added: set[int], spm: bool) -> int:
+# Gemma 4's chat markers that llama.cpp's converter writes as user-defined tokens, rendered as text (not as
+# control tokens, which detokenize to nothing), so that llama.cpp's chat parser reads them
+_GEMMA4_SHOWN = frozenset(("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                           "<tool_response|>", '<|"|>'))  # fmt: skip
+
+
+def _token_type(i: int, token: str, special: set[int], added: set[int], spm: bool, own: bool = False) -> int:
+    """llama.cpp's type of token `i` (`own`: the architecture's own BPE tokenizer model, Gemma 4's)."""
     import gguf
 
+    if own and token in _GEMMA4_SHOWN:
+        return int(gguf.TokenType.USER_DEFINED)
     if i in special:
         return int(gguf.TokenType.CONTROL)
     if i in added:
@@ -2487,15 +2647,15 @@ def write_gguf(
             return read(name) if t.device.type == "meta" and read is not None else t
 
         arch.weight_metadata(writer, config, value)
-    tokenizer_notes = _tokenizer_metadata(
-        writer, lm.tokenizer, source_gguf, arch.pre, int(config.vocab_size), lm.source
-    )
+    tokenizer_notes = _tokenizer_metadata(writer, lm.tokenizer, source_gguf, arch, int(config.vocab_size), lm.source)
     notes = [*(arch.caveats(config) if arch.caveats else []), *tokenizer_notes]
     if config is not full:
         notes.append(f"the text model of a {full.model_type} checkpoint: its other parts (a vision tower, a projector) "
                      "are not written; llama.cpp reads them from a separate mmproj file, which carve does not "
                      "write")  # fmt: skip
     rope_tensors, attn_factor = _rope_tensors(lm.model, config, shape["head_dim"], theta)
+    if arch.computed is not None:
+        rope_tensors += arch.computed(config)
     if attn_factor is not None:
         writer.add_rope_scaling_attn_factors(attn_factor)
     for name, values in rope_tensors:
