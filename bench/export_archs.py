@@ -888,13 +888,10 @@ def row(kind: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure_model()
-    if kind.removesuffix("-structured").removesuffix("-multimodal").removesuffix("-moe") in (
-        "gemma",
-        "gemma2",
-        "gemma3",
-        "gemma4",
-    ):
+    if kind.removesuffix("-structured").removesuffix("-multimodal") in ("gemma", "gemma2", "gemma3"):
         tok = gemma_style_tokenizer(2000)
+    elif kind in ("gemma4", "gemma4-moe"):  # no token joins newlines to other characters, a BOS before the text
+        tok = gemma_style_tokenizer(2000, gemma4=True)
     elif kind == "llama3-tokenizer":  # byte-level BPE split first by Llama 3's rule
         from carve.models.pretokenize import SPLITS
 

@@ -238,13 +238,15 @@ def byte_level_tokenizer(split: str | tuple[str, ...] | None, digits: bool = Fal
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
 
 
-def gemma_style_tokenizer(size: int = 512):
+def gemma_style_tokenizer(size: int = 512, gemma4: bool = False):
     """A Gemma-style SentencePiece BPE tokenizer (byte fallback, spaces as "▁", no prefix space)
     trained on builtin legal text: transformers' own GemmaTokenizer pipeline over the trained
-    vocabulary and merges, special tokens first and the 256 byte tokens after them, as in Gemma."""
+    vocabulary and merges, special tokens first and the 256 byte tokens after them, as in Gemma.
+    `gemma4`: as Gemma 4's, no token joins newlines to other characters (trained with runs of newlines
+    split apart) and a BOS goes before the text."""
     import json
 
-    from tokenizers import Tokenizer, models, normalizers, trainers
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import GemmaTokenizer
 
     import carve
@@ -252,13 +254,15 @@ def gemma_style_tokenizer(size: int = 512):
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
+    if gemma4:
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex("\n+"), behavior="isolated")
     trainer = trainers.BpeTrainer(
         vocab_size=size, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)], show_progress=False
     )
     tok.train_from_iterator([d[:2000] for d in carve.Corpus("legal").documents[:20]], trainer)
     model = json.loads(tok.to_str())["model"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    return GemmaTokenizer(vocab=model["vocab"], merges=merges)
+    return GemmaTokenizer(vocab=model["vocab"], merges=merges, **({"add_bos_token": True} if gemma4 else {}))
 
 
 @pytest.fixture(scope="session")

@@ -2600,3 +2600,181 @@ def test_streamed_export_of_sparse_and_structured_outputs(
         assert files[0].read_bytes() == files[1].read_bytes(), name
     assert main(["export", "default", "--gguf", str(tmp_path / "d.gguf"), "--stream", "--quiet"]) == 2
     assert not (tmp_path / "d.gguf").exists()
+
+
+def _gemma4_config(**changes: Any) -> Any:
+    """A tiny Gemma 4 (text) as E2B is built: sliding and global layers (head widths 16 and 32, 2 and 1
+    key/value heads, the global ones' values their keys), per-layer embeddings, the last two blocks
+    reusing earlier keys and values with a double-wide MLP."""
+    import transformers as tf
+
+    kinds = ["sliding_attention", "full_attention"] * 3
+    sizes = {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "global_head_dim": 32,
+             "num_global_key_value_heads": 1, "attention_k_eq_v": True, "max_position_embeddings": 256,
+             "vocab_size_per_layer_input": 512, "hidden_size_per_layer_input": 8, "num_kv_shared_layers": 2,
+             "use_double_wide_mlp": True, "sliding_window": 16, "layer_types": kinds,
+             "final_logit_softcapping": 30.0}  # fmt: skip
+    return tf.Gemma4TextConfig(**{**sizes, **changes})
+
+
+def test_gemma4_as_llama_cpp_gemma4(tmp_path: Path, tokenizer) -> None:
+    """Gemma 4's text model as llama.cpp's `gemma4`: the global layers' head width as the key length and the
+    sliding ones' as the `_swa` one, key/value heads and MLP widths per block (double-wide where keys and
+    values are reused), the layers reusing them and the per-layer embeddings' width as keys; every tensor
+    under llama.cpp's name as it is (Gemma 4's RMSNorms scale by w: no offset), no key or value projection
+    where the model has none; the global layers' proportional RoPE as `rope_freqs` (the factors under which
+    llama.cpp's frequencies over the whole head are transformers' own, unrotated ones 1e30).  Logits and
+    tokenizer in llama.cpp itself: bench/export_archs.py, rows gemma4 and gemma4-moe."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    config = _gemma4_config()
+    state, meta, tensors = _tiny_gguf(config, tokenizer, tmp_path / "tiny-gemma4", norms=True)
+    a = "gemma4."
+    assert meta["general.architecture"] == "gemma4"
+    assert [meta[a + k] for k in ("attention.key_length", "attention.key_length_swa", "rope.dimension_count",
+                                  "rope.dimension_count_swa", "attention.shared_kv_layers",
+                                  "embedding_length_per_layer_input", "attention.sliding_window")] == [
+        32, 16, 32, 16, 2, 8, 16]  # fmt: skip
+    assert meta[a + "rope.freq_base"] == 1e6 and meta[a + "rope.freq_base_swa"] == 1e4
+    fields = GGUFReader(str(tmp_path / "tiny-gemma4-f16.gguf")).fields
+    assert fields[a + "attention.head_count_kv"].contents() == [2, 1] * 3
+    assert fields[a + "feed_forward_length"].contents() == [96] * 4 + [192] * 2
+    assert fields[a + "attention.sliding_window_pattern"].contents() == [True, False] * 3
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
+
+    used = Gemma4TextRotaryEmbedding(config).full_attention_inv_freq.double()
+    plain = 1.0 / (1e6 ** (torch.arange(0, 32, 2, dtype=torch.float64) / 32))
+    freqs = tensors["rope_freqs.weight"]
+    assert np.allclose(freqs[used > 0], (plain / used)[used > 0].numpy()) and (freqs[used == 0] == 1e30).all()
+    assert int((used > 0).sum()) == 4  # a quarter of the global heads' 16 frequencies rotated
+    names = {"per_layer_token_embd.weight": "model.embed_tokens_per_layer.weight",
+             "per_layer_model_proj.weight": "model.per_layer_model_projection.weight",
+             "per_layer_proj_norm.weight": "model.per_layer_projection_norm.weight",
+             "blk.5.inp_gate.weight": "model.layers.5.per_layer_input_gate.weight",
+             "blk.5.proj.weight": "model.layers.5.per_layer_projection.weight",
+             "blk.5.post_norm.weight": "model.layers.5.post_per_layer_input_norm.weight",
+             "blk.5.layer_output_scale.weight": "model.layers.5.layer_scalar",
+             "blk.1.post_attention_norm.weight": "model.layers.1.post_attention_layernorm.weight",
+             "blk.1.ffn_norm.weight": "model.layers.1.pre_feedforward_layernorm.weight",
+             "blk.1.post_ffw_norm.weight": "model.layers.1.post_feedforward_layernorm.weight",
+             "blk.1.attn_q_norm.weight": "model.layers.1.self_attn.q_norm.weight",
+             "blk.1.attn_k.weight": "model.layers.1.self_attn.k_proj.weight",
+             "blk.0.attn_v.weight": "model.layers.0.self_attn.v_proj.weight",
+             "blk.4.ffn_gate.weight": "model.layers.4.mlp.gate_proj.weight"}  # fmt: skip
+    _assert_written(tensors, state, names)
+    # the global layers' values are their keys, the last two blocks' keys and values block 2's and 3's
+    assert "blk.1.attn_v.weight" not in tensors and "blk.4.attn_k.weight" not in tensors
+    assert "blk.4.attn_k_norm.weight" not in tensors and "output.weight" not in tensors  # tied head
+
+
+def test_gemma4_moe_experts_and_router(tmp_path: Path, tokenizer) -> None:
+    """Gemma 4's MoE block (26B-A4B) as llama.cpp's gemma4 holds it: the fused gate/up experts as
+    ffn_gate_exps and ffn_up_exps, the router as ffn_gate_inp (float32), its input scale as
+    `ffn_gate_inp.scale`, its per-expert scale as `ffn_down_exps.scale`, the block's three norms more under
+    their names; the experts' count, use and width as keys."""
+    import numpy as np
+
+    config = _gemma4_config(hidden_size_per_layer_input=0, num_kv_shared_layers=0, use_double_wide_mlp=False,
+                            num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"],
+                            enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)  # fmt: skip
+    state, meta, tensors = _tiny_gguf(config, tokenizer, tmp_path / "tiny-gemma4-moe", norms=True)
+    assert [meta["gemma4." + k] for k in ("expert_count", "expert_used_count", "expert_feed_forward_length")] == [
+        4, 2, 32]  # fmt: skip
+    gate_up = state["model.layers.1.experts.gate_up_proj"]
+    for name, want in (("ffn_gate_exps", gate_up[:, :32]), ("ffn_up_exps", gate_up[:, 32:]),
+                       ("ffn_down_exps", state["model.layers.1.experts.down_proj"])):  # fmt: skip
+        assert np.array_equal(tensors[f"blk.1.{name}.weight"].reshape(want.shape), want.half().numpy()), name
+    _assert_written(tensors, state, {"blk.1.ffn_gate_inp.scale": "model.layers.1.router.scale",
+                                     "blk.1.ffn_down_exps.scale": "model.layers.1.router.per_expert_scale",
+                                     "blk.1.pre_ffw_norm_2.weight": "model.layers.1.pre_feedforward_layernorm_2.weight",
+                                     "blk.1.post_ffw_norm_1.weight": "model.layers.1.post_feedforward_layernorm_1.weight",
+                                     "blk.1.post_ffw_norm_2.weight": "model.layers.1.post_feedforward_layernorm_2.weight"})  # fmt: skip
+    router = state["model.layers.1.router.proj.weight"].numpy()
+    assert np.array_equal(tensors["blk.1.ffn_gate_inp.weight"].reshape(router.shape), router)  # float32
+
+
+def test_gemma4_tokenizer_as_llama_cpp_gemma4_bpe(tmp_path: Path) -> None:
+    """A Gemma 4 model's SentencePiece-style BPE tokenizer goes in as llama.cpp's own `gemma4` tokenizer
+    model (a BPE that merges by the merge list), no space prefix, its chat markers as user-defined tokens
+    (rendered as text, so that llama.cpp's chat parser reads them), other special tokens as control ones;
+    a Gemma 3's as llama.cpp's `llama` model, as before."""
+    import json
+
+    import gguf
+    import transformers as tf
+    from gguf import GGUFReader
+
+    tok = gemma_style_tokenizer(gemma4=True)
+    tok.add_special_tokens({"additional_special_tokens": ["<|channel>", "<turn|>"]})
+    config = _gemma4_config(vocab_size=len(tok), vocab_size_per_layer_input=len(tok))
+    _, meta, _ = _tiny_gguf(config, tok, tmp_path / "g4")
+    assert meta["tokenizer.ggml.model"] == "gemma4" and meta["tokenizer.ggml.add_space_prefix"] is False
+    assert meta["tokenizer.ggml.add_bos_token"] is True
+    fields = GGUFReader(str(tmp_path / "g4-f16.gguf")).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    kind = {t: types[tokens.index(t)] for t in ("<|channel>", "<turn|>", "<bos>", "<0x41>")}
+    assert kind == {"<|channel>": gguf.TokenType.USER_DEFINED, "<turn|>": gguf.TokenType.CONTROL,
+                    "<bos>": gguf.TokenType.CONTROL, "<0x41>": gguf.TokenType.BYTE}  # fmt: skip
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]  # llama.cpp's gemma4 merges by them
+    assert fields["tokenizer.ggml.merges"].contents() == [m if isinstance(m, str) else " ".join(m) for m in merges]
+    gemma3 = tf.Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32)  # fmt: skip
+    _, meta, _ = _tiny_gguf(gemma3, tok, tmp_path / "g3")
+    assert meta["tokenizer.ggml.model"] == "llama"
+    fields = GGUFReader(str(tmp_path / "g3-f16.gguf")).fields
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[fields["tokenizer.ggml.tokens"].contents().index("<|channel>")] == gguf.TokenType.CONTROL
+
+
+def test_gemma4_refusals(tmp_path: Path, tokenizer, capsys) -> None:
+    """What llama.cpp's gemma4 graph computes otherwise is refused by name, with nothing written."""
+    cases = {
+        "activation": ({"hidden_activation": "silu"}, "tanh-approximated GELU"),
+        "bidirectional": ({"use_bidirectional_attention": "all"}, "attends both ways"),
+        "per-layer-vocab": ({"vocab_size_per_layer_input": 256}, "has 256 of them"),
+        "sliding-rope": ({"rope_parameters": {"sliding_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                    "rope_theta": 1e4},
+                                              "full_attention": {"rope_type": "proportional",
+                                                                 "partial_rotary_factor": 0.25,
+                                                                 "rope_theta": 1e6}}},
+                         "plain RoPE over the whole head"),
+    }  # fmt: skip
+    import transformers as tf
+
+    for name, (extra, message) in cases.items():
+        src = tmp_path / name
+        tf.AutoModelForCausalLM.from_config(_gemma4_config(**extra)).save_pretrained(src)
+        tokenizer.save_pretrained(src)
+        capsys.readouterr()
+        assert main(["export", str(src), "--gguf", str(tmp_path / f"{name}.gguf")]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not (tmp_path / f"{name}.gguf").exists()
+
+
+def test_gemma4_image_text_checkpoint_exports_its_text_model(tmp_path: Path, tokenizer) -> None:
+    """Gemma 4 ships as an image-text checkpoint (Gemma4ForConditionalGeneration, model type gemma4): its
+    text model goes in as llama.cpp's `gemma4`, the vision tower and its projector left out; streamed, the
+    same file."""
+    import transformers as tf
+
+    from carve.export import export
+
+    vision = tf.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=2, head_dim=16)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.Gemma4ForConditionalGeneration(tf.Gemma4Config(text_config=_gemma4_config().to_dict(),
+                                                              vision_config=vision.to_dict(), audio_config=None))  # fmt: skip
+    src = tmp_path / "gemma4-mm"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    assert export(src, tmp_path / "mem.gguf", "f16", stream=False)["architecture"] == "gemma4"
+    tensors = _gguf_tensors(tmp_path / "mem.gguf")
+    assert not any("vision" in name or "mm" in name for name in tensors)
+    text = [k for k in model.state_dict() if k.startswith("model.language_model.")]
+    assert len(tensors) == len(text) + 1  # and rope_freqs; the head tied
+    export(src, tmp_path / "st.gguf", "f16", stream=True)
+    assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()

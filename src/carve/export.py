@@ -501,7 +501,7 @@ def _gemma4_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, 
     """An MoE block's experts and router as llama.cpp's gemma4 holds them: the fused gate/up experts
     [E, 2·ff, hidden] as ffn_gate_exps and ffn_up_exps, the router's input scale as `ffn_gate_inp.scale`,
     its per-expert scale (which multiplies each chosen expert's weight) as `ffn_down_exps.scale`."""
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(experts\.gate_up_proj|experts\.down_proj|router\.\w+)", name)
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(experts\.gate_up_proj|experts\.down_proj|router\.[\w.]+)", name)
     if m is None:
         return None
     blk, what = m[1], m[2]
