@@ -169,6 +169,15 @@ weights scaled by 8; no contrast row. Qwen3.5-MoE (`qwen35-moe`): the same block
 (top-2, renormalized) and a sigmoid-gated shared expert of width 48 in each, their weights from N(0, 0.2);
 contrast: top-1. Qwen3-Next (`qwen3-next`): the qwen35-moe row's sizes, the DeltaNet's projections fused per key
 head as Qwen3-Next stores them (value heads not reordered); contrast: top-1.
+Gemma 4 (`gemma4`): 6 blocks, sliding and global alternating (4 query heads of 16 and 2 key/value heads; 4 of 32 and
+1, the global ones' values their keys), window 16, proportional RoPE over a quarter of the global heads, per-layer
+embeddings of 8, the last 2 blocks reusing blocks 2's and 3's keys and values with a double-wide MLP, final
+soft-capping at 30, norm weights from N(1, 0.5) (Gemma 4's RMSNorms scale by w), each block's output scale from
+U(0.5, 1.5), a Gemma-4-style tokenizer (tests/conftest.py's `gemma_style_tokenizer(gemma4=True)`: no token joins
+newlines to other characters, a BOS before the text) whose held-out texts llama.cpp tokenizes; contrast: RoPE over
+the whole global heads. `gemma4-f32`: the same model exported as f32 (the f16 row's misses are near-ties: their
+margins against f32). `gemma4-moe`: 4 blocks, 4 experts of 32 (top-2) beside the MLP in each (26B-A4B's block),
+expert and router weights from N(0, 0.2), the router's input and per-expert scales from N(1, 0.5); contrast: top-1.
 qwen2-padded-vocab: a tiny Qwen2 (random Q/K/V biases) with 64 embedding rows more than its tokenizer has tokens,
 as Qwen2 / Qwen2.5 / Qwen3 (151,936 rows, 151,665 tokens), Phi-3 and OLMo 2 ship; the export pads the token list
 with unused tokens (before 2026-12-05 it did not, and llama.cpp did not load such a file).
@@ -226,7 +235,7 @@ FALCON_H1_MUP = {"key_multiplier": 0.5, "attention_in_multiplier": 0.8, "attenti
 HUNYUAN_ROPE = {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0}
 ARCEE_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 # rows exported in a type other than f16; a `-f32` row is its model's row exported lossless (`--type f32`)
-TYPE = {"gpt-oss-mxfp4": "mxfp4", "hunyuan-moe-f32": "f32", "lfm2-moe-f32": "f32"}
+TYPE = {"gpt-oss-mxfp4": "mxfp4", "hunyuan-moe-f32": "f32", "lfm2-moe-f32": "f32", "gemma4-f32": "f32"}
 BLOCK = {"phi3-longrope": 300, "phi3-longrope-short": 200}
 
 
@@ -890,7 +899,10 @@ def row(kind: str) -> dict[str, Any]:
     ensure_model()
     if kind.removesuffix("-structured").removesuffix("-multimodal") in ("gemma", "gemma2", "gemma3"):
         tok = gemma_style_tokenizer(2000)
-    elif kind in ("gemma4", "gemma4-moe"):  # no token joins newlines to other characters, a BOS before the text
+    elif kind.removesuffix("-f32") in (
+        "gemma4",
+        "gemma4-moe",
+    ):  # no token joins newlines to other characters, a BOS before the text
         tok = gemma_style_tokenizer(2000, gemma4=True)
     elif kind == "llama3-tokenizer":  # byte-level BPE split first by Llama 3's rule
         from carve.models.pretokenize import SPLITS
@@ -975,7 +987,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
         "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H, Mamba, "
-        "Falcon-Mamba, Mamba-2, Qwen3.5 (also MoE), Qwen3-Next, Apertus, GLM-4, "
+        "Falcon-Mamba, Mamba-2, Qwen3.5 (also MoE), Qwen3-Next, Gemma 4 (also MoE), Apertus, GLM-4, "
         "Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
@@ -1046,7 +1058,13 @@ def table(rows: list[dict[str, Any]]) -> str:
         "(contrast: none rotated); Falcon-H1: Mamba-2 beside attention in every block, its µP multipliers away from 1 "
         "(contrast: all 1); Jamba: Mamba (1) blocks around an attention block, experts every other block (contrast: "
         "top-1); Apertus: per-head Q/K norms, Llama 3 RoPE, each block's xIELU drawn "
-        "(contrast: plain RoPE), "
+        "(contrast: plain RoPE); Gemma 4: 6 blocks sliding / global alternating (heads of 16 / 32, 2 / 1 key/value "
+        "heads, the global ones' values their keys, proportional RoPE over a quarter of the global heads), window "
+        "16, per-layer embeddings of 8, the last 2 blocks reusing earlier keys and values with a double-wide MLP, "
+        "final soft-capping at 30, norm weights from N(1, 0.5), each block's output scale from U(0.5, 1.5), a "
+        "Gemma-4-style tokenizer (newline runs apart, BOS; contrast: RoPE over the whole global heads; `-f32`: the "
+        "same model exported as f32), `-moe`: 4 blocks with 4 experts (top-2) beside the MLP, router and "
+        "per-expert scales drawn (contrast: top-1), "
         "`carve export --type f16`, "
         "one random 200-token block scored by transformers and by llama.cpp (llama-cpp-python 0.3.36 built from "
         "source). Contrast: the same block scored by transformers with the layout's feature removed (Llama 3: no "
@@ -1185,6 +1203,7 @@ KINDS = (
     "qwen35",
     "qwen35-moe",
     "gemma4",
+    "gemma4-f32",
     "gemma4-moe",
     "qwen3-next",
     "apertus",
