@@ -13,7 +13,10 @@ Per vocabulary, two checks against the Hugging Face ids:
   the vocabulary has tokens), then llama.cpp itself (bench/llamacpp.py) tokenizing the texts with the
   exported file (its BOS, where the file says to add one, set aside): texts the same, and the
   pre-tokenizer name carve wrote.
-A vocabulary transformers cannot read, or carve refuses to export, is a row that says so.
+A vocabulary transformers cannot read, or carve refuses to export, is a row that says so; except gemma-4
+(llama.cpp's own `gemma4` tokenizer model, which neither transformers nor carve reads): its Hugging Face
+tokenizer is rebuilt by hand from the file (`gemma4_tokenizer`, checked against the ids as carve's reading
+is), and the exported model is a tiny Gemma 4, which carve writes with that tokenizer model.
 Results: bench/results/real_tokenizers.jsonl; the table: the `real-tokenizers` section of bench/RESULTS.md.
 """
 
@@ -64,6 +67,26 @@ def cases(models: Path, name: str) -> tuple[list[str], list[list[int]]]:
     return texts, [[int(i) for i in line.split()] for line in ids[: len(texts)]]
 
 
+def gemma4_tokenizer(path: Path) -> Any:
+    """Gemma 4's Hugging Face tokenizer rebuilt from its vocabulary GGUF, which transformers cannot read
+    (llama.cpp's `gemma4` tokenizer model): transformers' GemmaTokenizer (what it gives Gemma 4) over the
+    file's tokens and merges, its control and user-defined tokens special, a BOS before the text.  Not
+    carve's reading (carve reads no GGUF of this tokenizer model): checked against the Hugging Face ids
+    like it."""
+    from gguf import GGUFReader
+    from transformers import GemmaTokenizer
+
+    fields = GGUFReader(str(path)).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    types = fields["tokenizer.ggml.token_type"].contents()
+    merges = [(m[: m.find(" ", 1)], m[m.find(" ", 1) + 1 :]) for m in fields["tokenizer.ggml.merges"].contents()]
+    tok = GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, add_bos_token=True)
+    named = {tok.pad_token, tok.eos_token, tok.bos_token, tok.unk_token, tok.mask_token}
+    special = [t for t, k in zip(tokens, types, strict=True) if k in (3, 4) and t not in named]  # control, user
+    tok.add_special_tokens({"additional_special_tokens": special})
+    return tok
+
+
 def row(models: Path, name: str) -> dict[str, Any]:
     import transformers as tf
 
@@ -75,18 +98,26 @@ def row(models: Path, name: str) -> dict[str, Any]:
     texts, want = cases(models, name)
     r: dict[str, Any] = {"id": name, "texts": len(texts), "tokenizer_model": header.get("tokenizer.ggml.model"),
                          "pre": header.get("tokenizer.ggml.pre")}  # fmt: skip
+    gemma4 = header.get("tokenizer.ggml.model") == "gemma4"
     try:
-        tok = gguf_tokenizer(path, header)
+        tok = gemma4_tokenizer(path) if gemma4 else gguf_tokenizer(path, header)
     except Exception as e:  # a row that says what failed
         return {**r, "read_error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", "commit": commit()}
     got = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    r["carve_read_same"] = sum(a == b for a, b in zip(got, want, strict=True))
+    r["rebuilt_same" if gemma4 else "carve_read_same"] = sum(a == b for a, b in zip(got, want, strict=True))
     src, gguf = OUT / f"real-tokenizer-{name}", OUT / f"real-tokenizer-{name}.gguf"
     rows = len(header.get("tokenizer.ggml.tokens") or []) or len(tok)
     torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                            pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
+    if gemma4:  # a tiny Gemma 4 (the export writes llama.cpp's gemma4 tokenizer model for it)
+        config = tf.Gemma4TextConfig(vocab_size=rows, vocab_size_per_layer_input=rows, hidden_size=64,
+                                     intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                                     hidden_size_per_layer_input=0, max_position_embeddings=512,
+                                     layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    else:
+        config = tf.LlamaConfig(vocab_size=rows, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
     tf.AutoModelForCausalLM.from_config(config).save_pretrained(src)
     tok.save_pretrained(src)  # as carve's cache of a GGUF and its outputs hold it, loaded again
     saved = tf.AutoTokenizer.from_pretrained(src)
@@ -117,7 +148,9 @@ def table(rows: list[dict[str, Any]]) -> str:
         "each real model's tokenizer, its test texts and the ids the Hugging Face tokenizer gives them, without "
         "special tokens). *carve reads*: carve's tokenizer of that GGUF (transformers' GGUF tokenizer, the split "
         "rule restored), texts tokenized as Hugging Face does; *saved*: the same saved and loaded again (carve's "
-        "cache of a GGUF, its outputs). *llama.cpp*: `carve export` of a tiny random Llama "
+        "cache of a GGUF, its outputs; gemma-4, which carve does not read: the Hugging Face tokenizer rebuilt by "
+        "hand from the file, GemmaTokenizer over its tokens and merges). *llama.cpp*: `carve export` of a tiny "
+        "random Llama (gemma-4: a tiny Gemma 4, written with llama.cpp's gemma4 tokenizer model) "
         "carrying that tokenizer, tokenized by llama.cpp itself (llama-cpp-python 0.3.36; a BOS it adds as the "
         "file says set aside), texts tokenized as Hugging Face does; *pre written*: the pre-tokenizer name the "
         "export wrote (the source vocabulary's in brackets).",
@@ -135,7 +168,9 @@ def table(rows: list[dict[str, Any]]) -> str:
                          f"| ({r['pre']}) | - |")  # fmt: skip
             continue
         first = json.dumps(r["first_differing"], ensure_ascii=False)[:60] if r["first_differing"] is not None else "-"
-        lines.append(f"| {r['id']} | {r['tokenizer_model']} | {r['texts']} | {r['carve_read_same']} / {r['texts']} | "
+        read = (f"{r['carve_read_same']} / {r['texts']}" if "carve_read_same" in r else
+                f"not read (rebuilt by hand: {r['rebuilt_same']} / {r['texts']})")  # fmt: skip
+        lines.append(f"| {r['id']} | {r['tokenizer_model']} | {r['texts']} | {read} | "
                      f"{r['saved_same']} / {r['texts']} | {r['llamacpp_same']} / {r['texts']} | {r['written_pre']} "
                      f"({r['pre']}) | {first} |")  # fmt: skip
     lines += [
