@@ -177,7 +177,8 @@ U(0.5, 1.5), a Gemma-4-style tokenizer (tests/conftest.py's `gemma_style_tokeniz
 newlines to other characters, a BOS before the text) whose held-out texts llama.cpp tokenizes; contrast: RoPE over
 the whole global heads. `gemma4-f32`: the same model exported as f32 (the f16 row's misses are near-ties: their
 margins against f32). `gemma4-moe`: 4 blocks, 4 experts of 32 (top-2) beside the MLP in each (26B-A4B's block),
-expert and router weights from N(0, 0.2), the router's input and per-expert scales from N(1, 0.5); contrast: top-1.
+expert and router weights from N(0, 0.2), the router's input and per-expert scales from N(1, 0.5); contrast: top-1;
+`gemma4-moe-f32` the same exported as f32.
 qwen2-padded-vocab: a tiny Qwen2 (random Q/K/V biases) with 64 embedding rows more than its tokenizer has tokens,
 as Qwen2 / Qwen2.5 / Qwen3 (151,936 rows, 151,665 tokens), Phi-3 and OLMo 2 ship; the export pads the token list
 with unused tokens (before 2026-12-05 it did not, and llama.cpp did not load such a file).
@@ -235,7 +236,13 @@ FALCON_H1_MUP = {"key_multiplier": 0.5, "attention_in_multiplier": 0.8, "attenti
 HUNYUAN_ROPE = {"rope_type": "dynamic", "rope_theta": 10000.0, "alpha": 1000.0, "factor": 1.0}
 ARCEE_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}
 # rows exported in a type other than f16; a `-f32` row is its model's row exported lossless (`--type f32`)
-TYPE = {"gpt-oss-mxfp4": "mxfp4", "hunyuan-moe-f32": "f32", "lfm2-moe-f32": "f32", "gemma4-f32": "f32"}
+TYPE = {
+    "gpt-oss-mxfp4": "mxfp4",
+    "hunyuan-moe-f32": "f32",
+    "lfm2-moe-f32": "f32",
+    "gemma4-f32": "f32",
+    "gemma4-moe-f32": "f32",
+}
 BLOCK = {"phi3-longrope": 300, "phi3-longrope-short": 200}
 
 
@@ -1205,6 +1212,7 @@ KINDS = (
     "gemma4",
     "gemma4-f32",
     "gemma4-moe",
+    "gemma4-moe-f32",
     "qwen3-next",
     "apertus",
     "gpt-oss",
