@@ -63,9 +63,11 @@ convolution blocks beside attention ones) and LFM2-MoE as `lfm2moe`; Granite 4.0
 head), Falcon-H1 as `falcon-h1` (Mamba-2 beside attention in every block, its µP multipliers folded into
 the weights), Jamba as `jamba` (Mamba (1) blocks beside attention ones), Nemotron-H as `nemotron_h`
 (Mamba-2, attention and MLP blocks);
-Apertus as `apertus` (its xIELU parameters, read from the weights, as keys). An image-text checkpoint
-whose text model is one of these (Gemma 3 4B-27B; Mistral 3: Mistral Small 3.x, Magistral, Ministral 3) goes in as its
-text model.
+Apertus as `apertus` (its xIELU parameters, read from the weights, as keys); Gemma 4 as `gemma4` (sliding and
+global layers of their own head widths and key/value heads, the global ones' proportional RoPE as
+`rope_freqs`, keys and values shared by the last blocks, per-layer embeddings, the MoE block beside the MLP,
+its tokenizer as llama.cpp's own `gemma4` BPE). An image-text checkpoint whose text model is one of these
+(Gemma 3 4B-27B; Gemma 4; Mistral 3: Mistral Small 3.x, Magistral, Ministral 3) goes in as its text model.
 """
 
 from __future__ import annotations
