@@ -538,15 +538,9 @@ def test_gemma2_refusals(tmp_path: Path, tokenizer, capsys) -> None:
         "query_pre_attn_scalar": ({"query_pre_attn_scalar": 64}, "scales attention by 1/sqrt(32)"),
         "activation": ({"hidden_activation": "silu"}, "tanh-approximated GELU"),
     }  # fmt: skip
-    for name, (extra, message) in cases.items():
-        src = tmp_path / name.replace(" ", "-")
-        tf.AutoModelForCausalLM.from_config(tf.Gemma2Config(**{**sizes, **extra})).save_pretrained(src)
-        tokenizer.save_pretrained(src)
-        capsys.readouterr()
-        assert main(["export", str(src), "--gguf", str(tmp_path / "out.gguf")]) == 2, name
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1, err
-        assert not (tmp_path / "out.gguf").exists()
+    models = {name: (tf.AutoModelForCausalLM.from_config(tf.Gemma2Config(**{**sizes, **extra})), message)
+              for name, (extra, message) in cases.items()}  # fmt: skip
+    _assert_export_refused(tmp_path, tokenizer, capsys, models)
 
 
 def _tiny_gguf(
@@ -576,6 +570,20 @@ def _assert_written(tensors: dict[str, Any], state: dict[str, torch.Tensor], nam
         w = state[hf]
         want = w.numpy() if w.dim() == 1 else w.half().numpy()
         assert np.array_equal(tensors[name].reshape(want.shape), want), name
+
+
+def _assert_export_refused(tmp_path: Path, tokenizer, capsys, models: dict[str, tuple[Any, str]]) -> None:
+    """Each model (name -> (model, message)) saved with `tokenizer` and exported: refused with one line that
+    says `message`, nothing written."""
+    for i, (name, (model, message)) in enumerate(models.items()):
+        src, out = tmp_path / f"refused-{i}", tmp_path / f"refused-{i}.gguf"
+        model.save_pretrained(src)
+        tokenizer.save_pretrained(src)
+        capsys.readouterr()
+        assert main(["export", str(src), "--gguf", str(out)]) == 2, name
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+        assert not out.exists()
 
 
 def _gguf_tensors(path: Path) -> dict[str, Any]:
@@ -2007,17 +2015,10 @@ def test_gemma3_refusals(tmp_path: Path, tokenizer, capsys) -> None:
         "softcap": ({"attn_logit_softcapping": 50.0}, "soft-capping"),
         "activation": ({"hidden_activation": "silu"}, "tanh-approximated GELU"),
     }
-    for name, (extra, message) in cases.items():
-        src = tmp_path / name
-        tf.AutoModelForCausalLM.from_config(
-            tf.Gemma3TextConfig(**{"query_pre_attn_scalar": 32, **sizes, **extra})
-        ).save_pretrained(src)
-        tokenizer.save_pretrained(src)
-        capsys.readouterr()
-        assert main(["export", str(src), "--gguf", str(tmp_path / f"{name}.gguf")]) == 2, name
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1, err
-        assert not (tmp_path / f"{name}.gguf").exists()
+    models = {name: (tf.AutoModelForCausalLM.from_config(tf.Gemma3TextConfig(**{"query_pre_attn_scalar": 32, **sizes,
+                                                                                **extra})), message)
+              for name, (extra, message) in cases.items()}  # fmt: skip
+    _assert_export_refused(tmp_path, tokenizer, capsys, models)
 
 
 def test_llama3_rope_scaling_as_rope_freqs(tmp_path: Path, tokenizer) -> None:
@@ -2469,15 +2470,7 @@ def test_moe_refusals(tmp_path: Path, tokenizer, capsys) -> None:
         "dense MLP layers among them": _qwen3_moe(mlp_only_layers=[1]),
         "norm_topk_prob true": AutoModelForCausalLM.from_config(qwen2_moe),
     }
-    for i, (message, model) in enumerate(cases.items()):
-        src = tmp_path / f"m{i}"
-        model.save_pretrained(src)
-        tokenizer.save_pretrained(src)
-        capsys.readouterr()
-        assert main(["export", str(src), "--gguf", str(tmp_path / f"m{i}.gguf")]) == 2
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1, err
-        assert not (tmp_path / f"m{i}.gguf").exists()
+    _assert_export_refused(tmp_path, tokenizer, capsys, {message: (model, message) for message, model in cases.items()})
 
 
 def test_refusals(tmp_path: Path, model_dir: Path, capsys) -> None:
@@ -2744,15 +2737,9 @@ def test_gemma4_refusals(tmp_path: Path, tokenizer, capsys) -> None:
     }  # fmt: skip
     import transformers as tf
 
-    for name, (extra, message) in cases.items():
-        src = tmp_path / name
-        tf.AutoModelForCausalLM.from_config(_gemma4_config(**extra)).save_pretrained(src)
-        tokenizer.save_pretrained(src)
-        capsys.readouterr()
-        assert main(["export", str(src), "--gguf", str(tmp_path / f"{name}.gguf")]) == 2, name
-        err = capsys.readouterr().err
-        assert message in err and err.count("\n") == 1, err
-        assert not (tmp_path / f"{name}.gguf").exists()
+    models = {name: (tf.AutoModelForCausalLM.from_config(_gemma4_config(**extra)), message)
+              for name, (extra, message) in cases.items()}  # fmt: skip
+    _assert_export_refused(tmp_path, tokenizer, capsys, models)
 
 
 def test_gemma4_image_text_checkpoint_exports_its_text_model(tmp_path: Path, tokenizer) -> None:
