@@ -169,6 +169,11 @@ weights scaled by 8; no contrast row. Qwen3.5-MoE (`qwen35-moe`): the same block
 (top-2, renormalized) and a sigmoid-gated shared expert of width 48 in each, their weights from N(0, 0.2);
 contrast: top-1. Qwen3-Next (`qwen3-next`): the qwen35-moe row's sizes, the DeltaNet's projections fused per key
 head as Qwen3-Next stores them (value heads not reordered); contrast: top-1.
+Gemma 3n (`gemma3n`): 22 blocks with what llama.cpp's gemma3n fixes (4 AltUp streams, LAuReL rank 64, per-layer
+embeddings of 256, the last 2 blocks reusing blocks 18's and 19's keys and values, activation sparsity at the 95th
+percentile in the first 10), 4 query heads of 16 in 2 key/value groups, window 16, norm weights from N(1, 0.5), the
+AltUp coefficients and router from N(0, 0.5) and its output scale from N(1, 0.5), the Gemma-style tokenizer (held-out
+texts tokenized); contrast: no activation sparsity.
 Gemma 4 (`gemma4`): 6 blocks, sliding and global alternating (4 query heads of 16 and 2 key/value heads; 4 of 32 and
 1, the global ones' values their keys), window 16, proportional RoPE over a quarter of the global heads, per-layer
 embeddings of 8, the last 2 blocks reusing blocks 2's and 3's keys and values with a double-wide MLP, final
@@ -469,6 +474,22 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         smaller = (lambda name: name.endswith("mamba.out_proj.weight"), lambda p: p.mul_(0.1))  # so that RoPE shows
         model = _drawn(tf.AutoModelForCausalLM.from_config(config), TAPS, smaller)
         return _perturbed(model, ("layernorm.weight", "mamba.norm.weight"), 1.0)
+    # Gemma 3n in small, with what llama.cpp's gemma3n fixes: 4 AltUp streams, LAuReL rank 64, per-layer embeddings
+    # of 256, 22 blocks of which the last 2 reuse keys and values (from block 20), activation sparsity (the 95th
+    # percentile) in the first 10
+    if kind == "gemma3n":
+        config = tf.Gemma3nTextConfig(**{**SIZES, "num_hidden_layers": 22, "intermediate_size": 96}, head_dim=16,
+                                      hidden_size_per_layer_input=256, laurel_rank=64, num_kv_shared_layers=2,
+                                      sliding_window=16, vocab_size=vocab,
+                                      vocab_size_per_layer_input=vocab)  # fmt: skip
+        model = tf.AutoModelForCausalLM.from_config(config)
+        with torch.no_grad():  # AltUp's coefficients and output scale (initialized to zero) drawn, so that they act
+            for name, p in model.named_parameters():
+                if name.endswith(("correction_coefs.weight", "prediction_coefs.weight", "modality_router.weight")):
+                    p.normal_(0, 0.5)
+                if name.endswith("correct_output_scale"):
+                    p.normal_(1, 0.5)
+        return _perturbed(model, ("norm.weight", "layernorm.weight"), 1.0)
     # Gemma 4 in small: sliding and global layers of different head widths (16 / 32) and key/value heads (2 / 1,
     # the global ones' values their keys), proportional RoPE over a quarter of the global heads; E2B's per-layer
     # embeddings, keys and values shared by the last two blocks and their MLP double-wide; -moe: 26B-A4B's
@@ -820,6 +841,7 @@ CONTRASTS: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen35-moe": ("export-archs-qwen35-moe-top1", {"num_experts_per_tok": 1}),
     "qwen3-next": ("export-archs-qwen3-next-top1", {"num_experts_per_tok": 1}),
     "gemma4-moe": ("export-archs-gemma4-moe-top1", {"top_k_experts": 1}),
+    "gemma3n": ("export-archs-gemma3n-dense", {"activation_sparsity_pattern": [0.0] * 22}),  # no activation sparsity
     # RoPE over every channel of the global heads (not a quarter): llama.cpp's rope_freqs must not match
     "gemma4": (
         "export-archs-gemma4-whole-rope",
@@ -904,7 +926,7 @@ def row(kind: str) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ensure_model()
-    if kind.removesuffix("-structured").removesuffix("-multimodal") in ("gemma", "gemma2", "gemma3"):
+    if kind.removesuffix("-structured").removesuffix("-multimodal") in ("gemma", "gemma2", "gemma3", "gemma3n"):
         tok = gemma_style_tokenizer(2000)
     elif kind.removesuffix("-f32") in (
         "gemma4",
@@ -942,7 +964,7 @@ def row(kind: str) -> dict[str, Any]:
     ids = torch.randint(0, len(tok), (1, BLOCK.get(kind, 200)), generator=torch.Generator().manual_seed(1))
     nll, top = scored(model, ids)
     texts = held_out_texts()
-    tokenized = kind in ("gemma3", "gemma4") or kind.endswith("-tokenizer")
+    tokenized = kind in ("gemma3", "gemma3n", "gemma4") or kind.endswith("-tokenizer")
     cpp = run_gguf(gguf, [ids[0].tolist()], decode_tokens=4, texts=texts if tokenized else None)
     cpp_top = cpp["top1"][0][: len(top)]  # llama.cpp's top-1 at every position but the last, as `top`
     r: dict[str, Any] = {
@@ -994,7 +1016,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         "Phi-3 (also LongRoPE and structured), structured Qwen2 and Llama, Mixtral (also with experts removed), "
         "Qwen3-MoE, Qwen2-MoE, OLMoE, Granite MoE, gpt-oss, DeepSeek V2 and V3, GLM-4.5, dots.llm1, ERNIE 4.5 MoE, "
         "Hunyuan-A13B, MiniMax-M2, Llama 4, LFM2, Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H, Mamba, "
-        "Falcon-Mamba, Mamba-2, Qwen3.5 (also MoE), Qwen3-Next, Gemma 4 (also MoE), Apertus, GLM-4, "
+        "Falcon-Mamba, Mamba-2, Qwen3.5 (also MoE), Qwen3-Next, Gemma 3n, Gemma 4 (also MoE), Apertus, GLM-4, "
         "Nemotron, "
         "OLMo, Seed-OSS, Arcee, HunYuan (tiny random models)",
         "",
@@ -1065,7 +1087,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         "(contrast: none rotated); Falcon-H1: Mamba-2 beside attention in every block, its µP multipliers away from 1 "
         "(contrast: all 1); Jamba: Mamba (1) blocks around an attention block, experts every other block (contrast: "
         "top-1); Apertus: per-head Q/K norms, Llama 3 RoPE, each block's xIELU drawn "
-        "(contrast: plain RoPE); Gemma 4: 6 blocks sliding / global alternating (heads of 16 / 32, 2 / 1 key/value "
+        "(contrast: plain RoPE); Gemma 3n: 22 blocks with llama.cpp's fixed AltUp (4 streams), LAuReL (rank 64), "
+        "per-layer embeddings (256), keys and values reused from block 20, activation sparsity in the first 10, "
+        "its coefficients and scales drawn, the Gemma-style tokenizer (contrast: no activation sparsity); "
+        "Gemma 4: 6 blocks sliding / global alternating (heads of 16 / 32, 2 / 1 key/value "
         "heads, the global ones' values their keys, proportional RoPE over a quarter of the global heads), window "
         "16, per-layer embeddings of 8, the last 2 blocks reusing earlier keys and values with a double-wide MLP, "
         "final soft-capping at 30, norm weights from N(1, 0.5), each block's output scale from U(0.5, 1.5), a "
@@ -1209,6 +1234,7 @@ KINDS = (
     "mamba2",
     "qwen35",
     "qwen35-moe",
+    "gemma3n",
     "gemma4",
     "gemma4-f32",
     "gemma4-moe",

@@ -143,6 +143,10 @@ class Architecture:
     # tensors computed from the config, not the weights, written before the model's (Gemma 4's global
     # layers' RoPE factors)
     computed: Callable[[Any], list[tuple[str, np.ndarray]]] | None = None
+    # tensors of the model that go in stacked as one of llama.cpp's, along a new first dimension in the
+    # order of their index (pattern with the index as its group -> llama.cpp's name): Gemma 3n's AltUp
+    # projections; they come one after another in the state dict's order
+    stacked: tuple[tuple[str, str], ...] = ()
 
 
 def _check_exaone4(config: Any) -> None:
@@ -516,6 +520,88 @@ def _gemma4_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, 
     if target is None:
         raise UsageError(f"llama.cpp has no tensor for {name!r} in this architecture: this layout cannot be exported")
     return [(f"blk.{blk}.{target}", w)]
+
+
+# what llama.cpp's gemma3n graph fixes rather than reads from the file (its hparams' defaults and constants)
+_GEMMA3N_FIXED = {"altup_num_inputs": 4, "altup_active_idx": 0, "laurel_rank": 64, "hidden_size_per_layer_input": 256}
+_GEMMA3N_KV_FROM = 20  # the first block that reuses an earlier block's keys and values, in llama.cpp's gemma3n
+_GEMMA3N_SPARSE = (10, 0.95)  # its first 10 blocks keep the MLP's gate activations above the 95th percentile
+
+
+def _check_gemma3n(config: Any) -> None:
+    """Refuse what llama.cpp's gemma3n graph computes differently from transformers' Gemma 3n: its AltUp
+    streams, LAuReL rank and per-layer embedding width are fixed (E2B's and E4B's), keys and values are
+    reused from block 20 on, activation sparsity (the 95th percentile) is in the first 10 blocks only, the
+    AltUp correction is always scaled, the logits always soft-capped; an MLP other than tanh-approximated
+    GELU, RoPE other than plain."""
+    _check_activation(config, "gemma3n", _TANH_GELU, "uses tanh-approximated GELU")
+    for key, value in _GEMMA3N_FIXED.items():
+        if getattr(config, key, None) != value:
+            raise UsageError(
+                f"llama.cpp's gemma3n fixes {key} at {value}; this model's is {getattr(config, key, None)}"
+            )
+    n, shared = config.num_hidden_layers, int(config.num_kv_shared_layers or 0)
+    if (n - shared if shared else max(n, _GEMMA3N_KV_FROM)) != _GEMMA3N_KV_FROM:
+        raise UsageError(f"llama.cpp's gemma3n reuses keys and values from block {_GEMMA3N_KV_FROM} on; this model's "
+                         f"{n} blocks reuse them from block {n - shared}")  # fmt: skip
+    first, level = _GEMMA3N_SPARSE
+    fixed = [level if i < first else 0.0 for i in range(n)]
+    if [float(x) for x in config.activation_sparsity_pattern] != fixed:
+        pattern = list(config.activation_sparsity_pattern)
+        raise UsageError(f"llama.cpp's gemma3n keeps the top 5% of the MLP's gate activations in the first {first} "
+                         f"blocks only; this model's sparsity pattern is {pattern}")  # fmt: skip
+    if not config.altup_correct_scale or not getattr(config, "final_logit_softcapping", None):
+        raise UsageError(
+            "llama.cpp's gemma3n scales the AltUp correction and soft-caps the logits; this model does not"
+        )
+    if any(rope_type(config, kind) != "default" for kind in ("full_attention", "sliding_attention")):
+        raise UsageError("GGUF export writes Gemma 3n's plain RoPE; this model scales it")
+
+
+def _gemma3n_metadata(writer: Any, config: Any) -> None:
+    """Gemma 3n's keys beyond the common ones: the sliding window and its per-layer pattern, the sliding
+    layers' RoPE base, final-logit soft-capping, the AltUp streams (count, the active one), the per-layer
+    embeddings' width, the layers reusing keys and values, activation sparsity per block (the standard
+    normal's quantile of each block's level: 0.95 -> 1.645, 0 -> -inf; llama.cpp reads its fixed levels,
+    `_check_gemma3n`), as llama.cpp's converter writes them."""
+    from statistics import NormalDist
+
+    _window_metadata(writer, config)
+    writer.add_rope_freq_base_swa(float(_rope(config, "sliding_attention").get("rope_theta", 10000.0)))
+    writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    writer.add_altup_active_idx(int(config.altup_active_idx))
+    writer.add_altup_num_inputs(int(config.altup_num_inputs))
+    writer.add_embedding_length_per_layer_input(int(config.hidden_size_per_layer_input))
+    writer.add_shared_kv_layers(int(config.num_kv_shared_layers or 0))
+    writer.add_activation_sparsity_scale(
+        [NormalDist().inv_cdf(float(x)) if x > 0 else float("-inf") for x in config.activation_sparsity_pattern]
+    )
+
+
+def _gemma3n_layout(config: Any, state: dict[str, torch.Tensor], arch: Architecture) -> dict[str, Any]:
+    """Gemma 3n's per-block shapes: one head width, key/value heads from the config (the blocks that
+    reuse earlier keys and values have no key projection to count them by; the others' are checked),
+    the MLP's width per block (a list in its config)."""
+    head_dim, kv = _head_dim(config), int(config.num_key_value_heads)
+    ffn = []
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        k = state.get(p + "self_attn.k_proj.weight")
+        if state[p + "self_attn.q_proj.weight"].shape[0] != config.num_attention_heads * head_dim or (
+            k is not None and k.shape[0] != kv * head_dim
+        ):
+            raise UsageError(f"block {i}'s attention shapes do not fit llama.cpp's heads")
+        ffn.append(int(state[p + "mlp.gate_proj.weight"].shape[0]))
+    return {"head_dim": head_dim, "ffn": ffn, "kv": [kv] * config.num_hidden_layers}
+
+
+def _gemma3n_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
+    """Gemma 3n's per-layer embeddings over the whole vocabulary, as llama.cpp reads them by the token
+    ids: where the model's has fewer rows (the image and audio tokens past `vocab_size_per_layer_input`),
+    those tokens get token 0's row, as transformers gives them (llama.cpp's converter writes zeros)."""
+    if name != "model.embed_tokens_per_layer.weight" or w.shape[0] >= config.vocab_size:
+        return None
+    return [("per_layer_token_embd.weight", torch.cat([w, w[:1].expand(config.vocab_size - w.shape[0], -1)]))]
 
 
 def rope_freq_factors(model: Any, head_dim: int, base: float) -> np.ndarray:
@@ -1649,17 +1735,32 @@ _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
     (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
 )
-_GEMMA4_NAMES = (  # Gemma 3's four norms a block, an MoE block's three more, per-layer embeddings, a layer scale
-    *_GEMMA_NAMES,
-    (r"model\.layers\.(\d+)\.pre_feedforward_layernorm_2\.weight", "blk.{}.pre_ffw_norm_2.weight"),
-    (r"model\.layers\.(\d+)\.post_feedforward_layernorm_(1|2)\.weight", "blk.{}.post_ffw_norm_{}.weight"),
-    (r"model\.layers\.(\d+)\.layer_scalar", "blk.{}.layer_output_scale.weight"),
+_PER_LAYER_NAMES = (  # per-layer input embeddings (Gemma 3n, Gemma 4 E2B / E4B)
     (r"model\.layers\.(\d+)\.per_layer_input_gate\.weight", "blk.{}.inp_gate.weight"),
     (r"model\.layers\.(\d+)\.per_layer_projection\.weight", "blk.{}.proj.weight"),
     (r"model\.layers\.(\d+)\.post_per_layer_input_norm\.weight", "blk.{}.post_norm.weight"),
     (r"model\.embed_tokens_per_layer\.weight", "per_layer_token_embd.weight"),
     (r"model\.per_layer_model_projection\.weight", "per_layer_model_proj.weight"),
     (r"model\.per_layer_projection_norm\.weight", "per_layer_proj_norm.weight"),
+)
+_GEMMA4_NAMES = (  # Gemma 3's four norms a block, an MoE block's three more, per-layer embeddings, a layer scale
+    *_GEMMA_NAMES,
+    *_PER_LAYER_NAMES,
+    (r"model\.layers\.(\d+)\.pre_feedforward_layernorm_2\.weight", "blk.{}.pre_ffw_norm_2.weight"),
+    (r"model\.layers\.(\d+)\.post_feedforward_layernorm_(1|2)\.weight", "blk.{}.post_ffw_norm_{}.weight"),
+    (r"model\.layers\.(\d+)\.layer_scalar", "blk.{}.layer_output_scale.weight"),
+)
+_GEMMA3N_NAMES = (  # Gemma 3's four norms a block, per-layer embeddings, AltUp and LAuReL
+    *_GEMMA_NAMES,
+    *_PER_LAYER_NAMES,
+    (r"model\.layers\.(\d+)\.altup\.correct_output_scale", "blk.{}.altup_correct_scale.weight"),
+    (r"model\.layers\.(\d+)\.altup\.correction_coefs\.weight", "blk.{}.altup_correct_coef.weight"),
+    (r"model\.layers\.(\d+)\.altup\.prediction_coefs\.weight", "blk.{}.altup_predict_coef.weight"),
+    (r"model\.layers\.(\d+)\.altup\.modality_router\.weight", "blk.{}.altup_router.weight"),
+    (r"model\.layers\.(\d+)\.altup\.router_norm\.weight", "blk.{}.altup_router_norm.weight"),
+    (r"model\.layers\.(\d+)\.laurel\.linear_left\.weight", "blk.{}.laurel_l.weight"),
+    (r"model\.layers\.(\d+)\.laurel\.linear_right\.weight", "blk.{}.laurel_r.weight"),
+    (r"model\.layers\.(\d+)\.laurel\.post_laurel_norm\.weight", "blk.{}.laurel_post_norm.weight"),
 )
 _OLMO_NAMES = (  # no norm before attention or MLP: one after each, on the sublayer's output
     (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", "blk.{}.post_attention_norm.weight"),
@@ -1830,6 +1931,23 @@ ARCHITECTURES = {
         names=_GEMMA_NAMES,
         check=_check_gemma3,
         metadata=_gemma3_metadata,
+    ),
+    # Gemma 3n (text; E2B, E4B): Gemma 3's blocks with RMSNorms scaling by w, four AltUp streams, LAuReL,
+    # per-layer embeddings, keys and values reused from block 20 on, activation sparsity in the first 10 blocks
+    "gemma3n_text": Architecture(
+        "gemma3n",
+        False,
+        (),
+        "default",
+        names=_GEMMA3N_NAMES,
+        check=_check_gemma3n,
+        metadata=_gemma3n_metadata,
+        layout=_gemma3n_layout,
+        tensors=_gemma3n_tensors,
+        stacked=(
+            (r"model\.altup_projections\.(\d+)\.weight", "altup_proj.weight"),
+            (r"model\.altup_unembed_projections\.(\d+)\.weight", "altup_unembd_proj.weight"),
+        ),
     ),
     # Gemma 4 (text; E2B, E4B, 31B, 26B-A4B): Gemma 3's blocks with RMSNorms scaling by w (no offset), sliding
     # and global layers of different head widths and key/value heads, the global ones' proportional RoPE as
@@ -2181,8 +2299,10 @@ _ROUTER = "ffn_gate_inp.weight"  # kept float32, as llama.cpp's conversion keeps
 def _keep_f32(target: str) -> bool:
     """Written float32 whatever the type: the router, biases (gpt-oss's experts' are [E, ff]), norms
     (Cohere's per-head Q/K norms are [heads, head_dim]), LFM2's and Mamba-2's convolution kernels and
-    Mamba-2's A and D (llama.cpp's ssm ops take them in float32, as its converter writes them)."""
-    return target.endswith((_ROUTER, ".bias", "norm.weight", _CONV, ".ssm_a", ".ssm_d", "ssm_conv1d.weight"))
+    Mamba-2's A and D (llama.cpp's ssm ops take them in float32, as its converter writes them), Gemma 3n's
+    AltUp coefficients (as its converter writes them)."""
+    return target.endswith((_ROUTER, ".bias", "norm.weight", _CONV, ".ssm_a", ".ssm_d", "ssm_conv1d.weight",
+                            "altup_correct_coef.weight", "altup_predict_coef.weight"))  # fmt: skip
 
 
 # one row written 1-D (float32): Qwen2-MoE's shared expert gate [1, hidden], ERNIE 4.5's routing bias [1, E]
@@ -2215,7 +2335,7 @@ def architecture(model_type: Any) -> Architecture:
         names = ", ".join(ARCHITECTURES)
         raise UsageError(
             f"GGUF export supports Llama-style, SmolLM3, Granite, Qwen2, Qwen3, OLMo 1, 2 and 3, StableLM, Cohere, "
-            "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2, 3 and 4 text, Phi-3, ERNIE 4.5, EXAONE 4, "
+            "GLM-4, Nemotron, Seed-OSS, Arcee, HunYuan, Gemma 1, 2, 3, 3n and 4 text, Phi-3, ERNIE 4.5, EXAONE 4, "
             "Ministral 3, StarCoder2, Phi-1/1.5/2, Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite MoE (also shared), "
             "gpt-oss, DeepSeek V2/V3, GLM-4.5, GLM-4.7-Flash, dots.llm1, ERNIE 4.5 MoE, Hunyuan-A13B, MiniMax-M2, "
             "Llama 4 (text), LFM2 (also MoE), Granite 4.0 H, Bamba, Falcon-H1, Jamba, Nemotron-H, Apertus, Mamba, "
@@ -2506,8 +2626,19 @@ def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture,
     (Llama 4's and gpt-oss's stored by columns taken apart and transposed, `_column_experts`); DeepSeek's
     latent up-projection as the absorbed pair (`_mla_split`), Mamba-2's state-space parameters
     (`_mamba2_tensors`): an architecture's own rule first; one-row tensors as vectors and LFM2's
-    convolution kernels as {L, hidden}."""
+    convolution kernels as {L, hidden}; consecutive tensors an architecture stacks (Gemma 3n's AltUp
+    projections, `Architecture.stacked`) as one, in the order of their index."""
+    stack: tuple[str, dict[int, torch.Tensor]] | None = None  # the stacked tensor being gathered
     for name, w in items:
+        into = next(((target, int(m[1])) for pattern, target in arch.stacked if (m := re.fullmatch(pattern, name))),
+                    None)  # fmt: skip
+        if stack is not None and (into is None or into[0] != stack[0]):
+            yield stack[0], torch.stack([t for _, t in sorted(stack[1].items())])
+            stack = None
+        if into is not None:
+            stack = stack or (into[0], {})
+            stack[1][into[1]] = w
+            continue
         if arch.experts != "rows" and ".experts." in name:
             yield from _column_experts(name, w, interleaved=arch.experts == "interleaved")
             continue
@@ -2530,6 +2661,8 @@ def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture,
         m, dim, names = halves
         for half, target in zip(w.chunk(2, dim=dim), names, strict=True):
             yield f"blk.{m[1]}.{target}.weight", half
+    if stack is not None:
+        yield stack[0], torch.stack([t for _, t in sorted(stack[1].items())])
 
 
 def _column_experts(name: str, w: torch.Tensor, interleaved: bool) -> Iterator[tuple[str, torch.Tensor]]:
