@@ -2765,3 +2765,78 @@ def test_gemma4_image_text_checkpoint_exports_its_text_model(tmp_path: Path, tok
     assert len(tensors) == len(text) + 1  # and rope_freqs; the head tied
     export(src, tmp_path / "st.gguf", "f16", stream=True)
     assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+
+
+def _gemma3n_config(**changes: Any) -> Any:
+    """A tiny Gemma 3n (text) with what llama.cpp's gemma3n fixes: 4 AltUp streams, LAuReL rank 64,
+    per-layer embeddings of 256, 22 blocks reusing keys and values from block 20 on, activation sparsity in
+    the first 10; 8 tokens past the per-layer vocabulary (Gemma 3n's image and audio tokens)."""
+    import transformers as tf
+
+    sizes = {"vocab_size": 520, "vocab_size_per_layer_input": 512, "hidden_size": 64, "intermediate_size": 96,
+             "num_hidden_layers": 22, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+             "hidden_size_per_layer_input": 256, "laurel_rank": 64, "num_kv_shared_layers": 2,
+             "sliding_window": 16, "max_position_embeddings": 256}  # fmt: skip
+    return tf.Gemma3nTextConfig(**{**sizes, **changes})
+
+
+def test_gemma3n_as_llama_cpp_gemma3n(tmp_path: Path, tokenizer) -> None:
+    """Gemma 3n's text model as llama.cpp's `gemma3n`: the AltUp projections stacked into llama.cpp's one tensor
+    each (in their index order), its coefficients in float32, LAuReL and the per-layer embeddings under
+    llama.cpp's names, the per-layer embeddings over the whole vocabulary (the tokens past
+    `vocab_size_per_layer_input` get token 0's row, as transformers reads them), norms as they are (Gemma
+    3n's RMSNorms scale by w), zero key and value tensors in the blocks that reuse earlier ones; the AltUp
+    streams, the per-layer width, the reusing blocks and each block's sparsity (the normal quantile of its
+    level) as keys.  Logits in llama.cpp itself: bench/export_archs.py, row gemma3n."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    state, meta, tensors = _tiny_gguf(_gemma3n_config(), tokenizer, tmp_path / "tiny-gemma3n", norms=True)
+    a = "gemma3n."
+    assert meta["general.architecture"] == "gemma3n"
+    assert [meta[a + k] for k in ("altup.active_idx", "altup.num_inputs", "embedding_length_per_layer_input",
+                                  "attention.shared_kv_layers", "final_logit_softcapping")] == [0, 4, 256, 2, 30.0]  # fmt: skip
+    fields = GGUFReader(str(tmp_path / "tiny-gemma3n-f16.gguf")).fields
+    scales = fields[a + "activation_sparsity_scale"].contents()
+    assert np.allclose(scales[:10], 1.6448536) and all(x == float("-inf") for x in scales[10:])
+    for target, hf in (("altup_proj.weight", "model.altup_projections"),
+                       ("altup_unembd_proj.weight", "model.altup_unembed_projections")):  # fmt: skip
+        want = torch.stack([state[f"{hf}.{i}.weight"] for i in range(3)]).half().numpy()
+        assert np.array_equal(tensors[target].reshape(want.shape), want), target
+    per_layer = state["model.embed_tokens_per_layer.weight"]
+    want = torch.cat([per_layer, per_layer[:1].expand(8, -1)]).half().numpy()
+    assert np.array_equal(tensors["per_layer_token_embd.weight"].reshape(want.shape), want)
+    for name, hf in (("blk.3.altup_predict_coef.weight", "model.layers.3.altup.prediction_coefs.weight"),
+                     ("blk.3.altup_correct_coef.weight", "model.layers.3.altup.correction_coefs.weight")):  # fmt: skip
+        w = state[hf].numpy()  # float32, as llama.cpp's converter keeps them
+        assert np.array_equal(tensors[name].reshape(w.shape), w), name
+    _assert_written(tensors, state, {"blk.3.altup_correct_scale.weight": "model.layers.3.altup.correct_output_scale",
+                                     "blk.3.altup_router.weight": "model.layers.3.altup.modality_router.weight",
+                                     "blk.3.altup_router_norm.weight": "model.layers.3.altup.router_norm.weight",
+                                     "blk.3.laurel_l.weight": "model.layers.3.laurel.linear_left.weight",
+                                     "blk.3.laurel_r.weight": "model.layers.3.laurel.linear_right.weight",
+                                     "blk.3.laurel_post_norm.weight": "model.layers.3.laurel.post_laurel_norm.weight",
+                                     "blk.3.inp_gate.weight": "model.layers.3.per_layer_input_gate.weight",
+                                     "blk.3.post_attention_norm.weight":
+                                         "model.layers.3.post_attention_layernorm.weight"})  # fmt: skip
+    # blocks 20 and 21 reuse block 18's and 19's keys and values and have no projections for them in transformers;
+    # llama.cpp loads them anyway (and reads none): zeros, the key norm ones
+    assert not tensors["blk.20.attn_k.weight"].any() and not tensors["blk.21.attn_v.weight"].any()
+    assert tensors["blk.20.attn_k.weight"].size == 32 * 64 and (tensors["blk.20.attn_k_norm.weight"] == 1).all()
+    assert tensors["blk.19.attn_k.weight"].any()
+
+
+def test_gemma3n_refusals(tmp_path: Path, tokenizer, capsys) -> None:
+    """What llama.cpp's gemma3n fixes rather than reads is refused by name, with nothing written."""
+    import transformers as tf
+
+    cases = {
+        "laurel_rank": ({"laurel_rank": 32}, "fixes laurel_rank at 64"),
+        "per-layer width": ({"hidden_size_per_layer_input": 128}, "fixes hidden_size_per_layer_input at 256"),
+        "kv sharing": ({"num_kv_shared_layers": 4}, "reuses keys and values from block 20 on"),
+        "sparsity": ({"activation_sparsity_pattern": [0.95] * 5 + [0.0] * 17}, "first 10 blocks only"),
+        "activation": ({"hidden_activation": "silu"}, "tanh-approximated GELU"),
+    }
+    models = {name: (tf.AutoModelForCausalLM.from_config(_gemma3n_config(**extra)), message)
+              for name, (extra, message) in cases.items()}  # fmt: skip
+    _assert_export_refused(tmp_path, tokenizer, capsys, models)

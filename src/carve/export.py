@@ -598,10 +598,19 @@ def _gemma3n_layout(config: Any, state: dict[str, torch.Tensor], arch: Architect
 def _gemma3n_tensors(name: str, w: torch.Tensor, config: Any) -> list[tuple[str, torch.Tensor]] | None:
     """Gemma 3n's per-layer embeddings over the whole vocabulary, as llama.cpp reads them by the token
     ids: where the model's has fewer rows (the image and audio tokens past `vocab_size_per_layer_input`),
-    those tokens get token 0's row, as transformers gives them (llama.cpp's converter writes zeros)."""
-    if name != "model.embed_tokens_per_layer.weight" or w.shape[0] >= config.vocab_size:
+    those tokens get token 0's row, as transformers gives them (llama.cpp's converter writes zeros).  A
+    block that reuses earlier keys and values has no key or value projection in transformers, but
+    llama.cpp's gemma3n loads them for every block (and reads none there; its converter writes the
+    checkpoint's unused ones): written beside the block's query projection, zeros (the key norm ones)."""
+    if name == "model.embed_tokens_per_layer.weight" and w.shape[0] < config.vocab_size:
+        return [("per_layer_token_embd.weight", torch.cat([w, w[:1].expand(config.vocab_size - w.shape[0], -1)]))]
+    m = re.fullmatch(r"model\.layers\.(\d+)\.self_attn\.q_proj\.weight", name)
+    if m is None or int(m[1]) < config.num_hidden_layers - int(config.num_kv_shared_layers or 0):
         return None
-    return [("per_layer_token_embd.weight", torch.cat([w, w[:1].expand(config.vocab_size - w.shape[0], -1)]))]
+    head_dim, blk = _head_dim(config), m[1]
+    kv = w.new_zeros(int(config.num_key_value_heads) * head_dim, w.shape[1])
+    return [(f"blk.{blk}.attn_q.weight", w), (f"blk.{blk}.attn_k.weight", kv), (f"blk.{blk}.attn_v.weight", kv),
+            (f"blk.{blk}.attn_k_norm.weight", w.new_ones(head_dim))]  # fmt: skip
 
 
 def rope_freq_factors(model: Any, head_dim: int, base: float) -> np.ndarray:
