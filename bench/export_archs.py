@@ -171,9 +171,9 @@ contrast: top-1. Qwen3-Next (`qwen3-next`): the qwen35-moe row's sizes, the Delt
 head as Qwen3-Next stores them (value heads not reordered); contrast: top-1.
 Gemma 3n (`gemma3n`): 22 blocks with what llama.cpp's gemma3n fixes (4 AltUp streams, LAuReL rank 64, per-layer
 embeddings of 256, the last 2 blocks reusing blocks 18's and 19's keys and values, activation sparsity at the 95th
-percentile in the first 10), 4 query heads of 16 in 2 key/value groups, window 16, norm weights from N(1, 0.5), the
-AltUp coefficients and router from N(0, 0.5) and its output scale from N(1, 0.5), the Gemma-style tokenizer (held-out
-texts tokenized); contrast: no activation sparsity.
+percentile in the first 10), 4 query heads of 16 in 2 key/value groups, an MLP of 2048 channels, window 16, norm
+weights from N(1, 0.5), the AltUp coefficients and router from N(0, 0.5) and its output scale from N(1, 0.5), the
+Gemma-style tokenizer (held-out texts tokenized); contrast: no activation sparsity.
 Gemma 4 (`gemma4`): 6 blocks, sliding and global alternating (4 query heads of 16 and 2 key/value heads; 4 of 32 and
 1, the global ones' values their keys), window 16, proportional RoPE over a quarter of the global heads, per-layer
 embeddings of 8, the last 2 blocks reusing blocks 2's and 3's keys and values with a double-wide MLP, final
@@ -478,7 +478,9 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
     # of 256, 22 blocks of which the last 2 reuse keys and values (from block 20), activation sparsity (the 95th
     # percentile) in the first 10
     if kind == "gemma3n":
-        config = tf.Gemma3nTextConfig(**{**SIZES, "num_hidden_layers": 22, "intermediate_size": 96}, head_dim=16,
+        # an MLP of 2048 channels: llama.cpp's sparsity cutoff takes the spread over n - 1 (transformers: over n),
+        # which moves the cutoff by sqrt(n / (n - 1)): 1.00024 here, 1.00006 at E2B's 8192 (0.5% at 96 channels)
+        config = tf.Gemma3nTextConfig(**{**SIZES, "num_hidden_layers": 22, "intermediate_size": 2048}, head_dim=16,
                                       hidden_size_per_layer_input=256, laurel_rank=64, num_kv_shared_layers=2,
                                       sliding_window=16, vocab_size=vocab,
                                       vocab_size_per_layer_input=vocab)  # fmt: skip

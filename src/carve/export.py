@@ -558,6 +558,17 @@ def _check_gemma3n(config: Any) -> None:
         raise UsageError("GGUF export writes Gemma 3n's plain RoPE; this model scales it")
 
 
+def _gemma3n_caveats(config: Any) -> list[str]:
+    """Where llama.cpp's gemma3n computes otherwise, said: its activation-sparsity cutoff takes the spread
+    of the gate's activations over n - 1 channels (transformers' over n), sqrt(n / (n - 1)) times
+    transformers' (1.00006 at Gemma 3n's 8192 channels)."""
+    sizes = config.intermediate_size if isinstance(config.intermediate_size, list) else [config.intermediate_size]
+    n = min(int(x) for x in sizes[: _GEMMA3N_SPARSE[0]])
+    return [f"llama.cpp's gemma3n computes the activation-sparsity cutoff with the spread over n - 1 channels "
+            f"(transformers: n): the cutoff's spread is {math.sqrt(n / (n - 1)):.5f} times transformers' at this "
+            f"model's {n}-channel MLP"]  # fmt: skip
+
+
 def _gemma3n_metadata(writer: Any, config: Any) -> None:
     """Gemma 3n's keys beyond the common ones: the sliding window and its per-layer pattern, the sliding
     layers' RoPE base, final-logit soft-capping, the AltUp streams (count, the active one), the per-layer
@@ -1953,6 +1964,7 @@ ARCHITECTURES = {
         metadata=_gemma3n_metadata,
         layout=_gemma3n_layout,
         tensors=_gemma3n_tensors,
+        caveats=_gemma3n_caveats,
         stacked=(
             (r"model\.altup_projections\.(\d+)\.weight", "altup_proj.weight"),
             (r"model\.altup_unembed_projections\.(\d+)\.weight", "altup_unembd_proj.weight"),
