@@ -32,12 +32,16 @@ def run_gguf(
     decode_tokens: int = 64,
     quality: bool = True,
     texts: list[str] | None = None,
+    kv_f32: bool = False,
+    save_logits: Path | None = None,
 ) -> dict[str, Any]:
     """llamacpp_worker.py's measures of `gguf` on the token `blocks` (see there); `texts` are also
-    tokenized by llama.cpp's own tokenizer."""
+    tokenized by llama.cpp's own tokenizer; `kv_f32`: keys and values cached in float32; `save_logits`:
+    the first block's logits saved there (.npy)."""
     python = ensure_llamacpp()
     spec = {"gguf": str(gguf), "blocks": blocks, "threads": threads, "decode_tokens": decode_tokens,
-            "quality": quality, "texts": texts or []}  # fmt: skip
+            "quality": quality, "texts": texts or [], "kv_f32": kv_f32,
+            "save_logits": str(save_logits) if save_logits else None}  # fmt: skip
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     proc = subprocess.run([str(python), str(HERE / "llamacpp_worker.py"), f.name], capture_output=True, text=True)

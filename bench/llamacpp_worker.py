@@ -4,8 +4,9 @@ llama.cpp itself.
     python llamacpp_worker.py SPEC.json   -> prints one JSON object
 
 SPEC: {"gguf": PATH, "blocks": [[token ids] ...], "threads": 2, "decode_tokens": 64, "quality": true,
-"texts": [str ...]} ("texts", optional: each tokenized by llama.cpp's own tokenizer, BOS added as
-the vocabulary says, returned as "tokenized").
+"texts": [str ...], "kv_f32": false, "save_logits": PATH} ("texts", optional: each tokenized by llama.cpp's
+own tokenizer, BOS added as the vocabulary says, returned as "tokenized"; "kv_f32": keys and values cached in
+float32, not llama.cpp's default f16; "save_logits": the first block's logits saved there as .npy).
 With "quality" (the default), per block: llama.cpp's logits at every position (its own
 tokenization is not used: the blocks are the token ids carve evaluates), the top-1 next token per
 position, and the summed negative log likelihood of each next token; without it llama.cpp computes
@@ -44,8 +45,9 @@ def main() -> None:
     blocks = spec["blocks"]
     quality = spec.get("quality", True)
     n_ctx = max(len(b) for b in blocks) + spec.get("decode_tokens", 64) + 8
+    kv = {"type_k": 0, "type_v": 0} if spec.get("kv_f32") else {}  # GGML_TYPE_F32
     llm = Llama(model_path=spec["gguf"], n_ctx=n_ctx, n_threads=spec.get("threads", 2), n_batch=n_ctx,
-                logits_all=quality, verbose=False)  # fmt: skip
+                logits_all=quality, verbose=False, **kv)  # fmt: skip
     top1, nll, tokens, prefill_s = [], 0.0, 0, 0.0
     for block in blocks:
         llm.reset()
@@ -55,6 +57,8 @@ def main() -> None:
         if not quality:
             continue
         logits = np.asarray(llm.scores[: len(block)], dtype=np.float64)
+        if spec.get("save_logits") and not top1:
+            np.save(spec["save_logits"], logits.astype(np.float32))
         top1.append(logits.argmax(-1).tolist())
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         nll += float((logz[:-1] - logits[np.arange(len(block) - 1), block[1:]]).sum())
