@@ -586,6 +586,25 @@ def _assert_export_refused(tmp_path: Path, tokenizer, capsys, models: dict[str, 
         assert not out.exists()
 
 
+def _assert_text_model_exported(model: Any, tokenizer, tmp_path: Path, arch: str, computed: int = 0) -> None:
+    """An image-text checkpoint `model` saved and exported: as llama.cpp's `arch`, only its text model's tensors
+    (plus `computed` ones from its config: Gemma 4's RoPE factors) and the head where not tied, nothing of its
+    vision tower; streamed, the same file."""
+    from carve.export import export
+
+    src = tmp_path / "image-text"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    assert export(src, tmp_path / "mem.gguf", "f16", stream=False)["architecture"] == arch
+    tensors = _gguf_tensors(tmp_path / "mem.gguf")
+    assert not any("vision" in name or "visual" in name or "mm" in name for name in tensors)
+    text = [k for k in model.state_dict() if k.startswith("model.language_model.")]
+    head = "lm_head.weight" in model.state_dict() and not model.config.get_text_config().tie_word_embeddings
+    assert len(tensors) == len(text) + head + computed
+    export(src, tmp_path / "st.gguf", "f16", stream=True)
+    assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+
+
 def _gguf_tensors(path: Path) -> dict[str, Any]:
     import numpy as np
     from gguf import GGUFReader
@@ -1435,23 +1454,12 @@ def test_qwen35_image_text_checkpoint_exports_its_text_model(tmp_path: Path, tok
     import transformers as tf
     from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5VisionConfig
 
-    from carve.export import export
-
     vision = Qwen3_5VisionConfig(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
                                  patch_size=8, temporal_patch_size=2, spatial_merge_size=2)  # fmt: skip
     torch.manual_seed(0)
     model = tf.Qwen3_5ForConditionalGeneration(tf.Qwen3_5Config(text_config=_qwen35_config().to_dict(),
                                                                 vision_config=vision.to_dict()))  # fmt: skip
-    src = tmp_path / "qwen35-mm"
-    model.save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    assert export(src, tmp_path / "mem.gguf", "f16", stream=False)["architecture"] == "qwen35"
-    tensors = _gguf_tensors(tmp_path / "mem.gguf")
-    assert not any("visual" in name or "mm" in name for name in tensors)
-    text = [k for k in model.state_dict() if k.startswith("model.language_model.")]
-    assert len(tensors) == len(text) + ("lm_head.weight" in model.state_dict() and not model.config.tie_word_embeddings)
-    export(src, tmp_path / "st.gguf", "f16", stream=True)
-    assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+    _assert_text_model_exported(model, tokenizer, tmp_path, "qwen35")
 
 
 def test_apertus_as_llama_cpp_apertus(tmp_path: Path, tokenizer) -> None:
@@ -2748,23 +2756,12 @@ def test_gemma4_image_text_checkpoint_exports_its_text_model(tmp_path: Path, tok
     same file."""
     import transformers as tf
 
-    from carve.export import export
-
     vision = tf.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                    num_key_value_heads=2, head_dim=16)  # fmt: skip
     torch.manual_seed(0)
     model = tf.Gemma4ForConditionalGeneration(tf.Gemma4Config(text_config=_gemma4_config().to_dict(),
                                                               vision_config=vision.to_dict(), audio_config=None))  # fmt: skip
-    src = tmp_path / "gemma4-mm"
-    model.save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    assert export(src, tmp_path / "mem.gguf", "f16", stream=False)["architecture"] == "gemma4"
-    tensors = _gguf_tensors(tmp_path / "mem.gguf")
-    assert not any("vision" in name or "mm" in name for name in tensors)
-    text = [k for k in model.state_dict() if k.startswith("model.language_model.")]
-    assert len(tensors) == len(text) + 1  # and rope_freqs; the head tied
-    export(src, tmp_path / "st.gguf", "f16", stream=True)
-    assert (tmp_path / "st.gguf").read_bytes() == (tmp_path / "mem.gguf").read_bytes()
+    _assert_text_model_exported(model, tokenizer, tmp_path, "gemma4", computed=1)  # rope_freqs
 
 
 def _gemma3n_config(**changes: Any) -> Any:
