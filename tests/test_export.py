@@ -2837,3 +2837,19 @@ def test_gemma3n_refusals(tmp_path: Path, tokenizer, capsys) -> None:
     models = {name: (tf.AutoModelForCausalLM.from_config(_gemma3n_config(**extra)), message)
               for name, (extra, message) in cases.items()}  # fmt: skip
     _assert_export_refused(tmp_path, tokenizer, capsys, models)
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+def test_large_tensors_converted_in_slices_give_the_same_file(
+    kind: str, tmp_path: Path, model_dir: Path, monkeypatch
+) -> None:
+    """A tensor larger than `_SLICE` values is converted a slice of rows at a time (its float32 copy never
+    whole): the same file byte for byte as converted whole."""
+    import carve.export as ex
+
+    whole = tmp_path / "whole.gguf"
+    ex.export(model_dir, whole, kind, stream=False)
+    monkeypatch.setattr(ex, "_SLICE", 1000)  # every matrix here in many slices, some of one row
+    sliced = tmp_path / "sliced.gguf"
+    ex.export(model_dir, sliced, kind, stream=False)
+    assert sliced.read_bytes() == whole.read_bytes()

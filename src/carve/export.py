@@ -2627,18 +2627,41 @@ def _tensor(
     w: torch.Tensor, kind: str, permute_heads: int | None = None, keep_f32: bool = False, rot: int | None = None
 ) -> tuple[np.ndarray, Any]:
     """(data, ggml type) of one tensor in the export type (`_ggml_type`), its rows permuted over
-    `permute_heads` heads when given (the first `rot` rows of each)."""
+    `permute_heads` heads when given (the first `rot` rows of each).  A large tensor is converted a
+    slice of its first dimension at a time (`_SLICE` values), each slice's float32 copy freed before
+    the next: a 262k-token embedding, or Gemma's per-layer embeddings (2.3B values in Gemma 4 E2B),
+    never has a float32 copy of its own beside the result (rows are quantized independently: the
+    same bytes)."""
+
+    qtype = _ggml_type(tuple(w.shape), kind, keep_f32)
+    if permute_heads or w.dim() < 2 or w.numel() <= _SLICE:
+        data = w.detach().float().cpu().numpy()
+        if permute_heads:
+            data = _permute(data, permute_heads, rot)
+        return _converted(data, qtype), qtype
+    step = max(1, _SLICE // math.prod(w.shape[1:]))
+    out: np.ndarray | None = None
+    for start in range(0, w.shape[0], step):
+        part = _converted(w[start : start + step].detach().float().cpu().numpy(), qtype)
+        if out is None:
+            out = np.empty((w.shape[0], *part.shape[1:]), dtype=part.dtype)
+        out[start : start + len(part)] = part
+    assert out is not None
+    return out, qtype
+
+
+_SLICE = 1 << 24  # values of a tensor converted at a time (64 MB in float32)
+
+
+def _converted(data: np.ndarray, qtype: Any) -> np.ndarray:
+    """float32 `data` in `qtype` (F32 as it is, F16 cast, the others quantized row by row)."""
     import gguf
 
-    data = w.detach().float().cpu().numpy()
-    if permute_heads:
-        data = _permute(data, permute_heads, rot)
-    qtype = _ggml_type(data.shape, kind, keep_f32)
     if qtype == gguf.GGMLQuantizationType.F32:
-        return data, qtype
+        return data
     if qtype == gguf.GGMLQuantizationType.F16:
-        return data.astype(np.float16), qtype
-    return gguf.quants.quantize(data, qtype), qtype
+        return data.astype(np.float16)
+    return np.asarray(gguf.quants.quantize(data, qtype))
 
 
 def _gguf_tensors(items: Iterable[tuple[str, torch.Tensor]], arch: Architecture, config: Any) -> Any:
