@@ -2950,7 +2950,7 @@ def _export_streamed(source: Path, out: Path, kind: str, origin: Path | None) ->
 
     tok = load_tokenizer(source)
     try:
-        model = SkeletonModel(source, torch.float32, "cpu")
+        model = SkeletonModel(source, torch.float32, "cpu", others=False)  # embeddings read at their turn
     except UsageError as e:
         raise _Unstreamable(str(e)) from e
     with model as skeleton, atomic_file(out) as tmp:

@@ -227,7 +227,11 @@ def group_aliases(groups: dict[str, list[tuple[nn.Module, str, str]]], stored: s
 class SkeletonModel:
     """A causal LM from a safetensors directory, its decoder blocks read and freed one at a time."""
 
-    def __init__(self, directory: str | Path, dtype: torch.dtype, device: str | torch.device) -> None:
+    def __init__(
+        self, directory: str | Path, dtype: torch.dtype, device: str | torch.device, others: bool = True
+    ) -> None:
+        """`others` False: the tensors outside the blocks stay on the meta device too (a streamed GGUF
+        export reads each at its turn, `state_items`)."""
         from carve.engines.activations import bound_heap_retention
         from carve.models.load import causal_lm_class, read_config
 
@@ -257,7 +261,7 @@ class SkeletonModel:
         # from several tensors: `conversions`), as carve's sparse format stores it
         self.specs = {name: (self._stored_name(name), self._shape(name)) for name in self.groups}
         for name in self.groups:
-            if self._in_block(name) is None:
+            if others and self._in_block(name) is None:
                 self._load(name)
         # persistent buffers the checkpoint holds (DeepSeek-V3's per-expert `e_score_correction_bias`,
         # LFM2-MoE's `expert_bias`: small) read now, in the dtype the model made them, kept, and
@@ -324,6 +328,17 @@ class SkeletonModel:
         param = nn.Parameter(tensor, requires_grad=False)
         for module, attr, _ in self.groups[name]:
             module._parameters[attr] = param
+
+    def _read(self, name: str) -> torch.Tensor:
+        """Parameter `name` as the checkpoint stores it (its dtype), not kept; one the model builds from
+        several checkpoint tensors, or cuts from one, as `_load` reads it."""
+        stored = self.specs[name][0]
+        if stored in self.conversions.fused or stored in self.conversions.split:
+            self._load(name)
+            t = self.parameter(name).data
+            self._free([name])
+            return t
+        return self.source.get(stored).to(self.device)
 
     def _load(self, name: str) -> None:
         stored, shape = self.specs[name]
@@ -433,7 +448,10 @@ class SkeletonModel:
 
     def state_items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The model's state dict, entry by entry in its order (tied names too), each decoder block
-        read when its first entry comes and freed after its last: a streamed GGUF export's tensors."""
+        read when its first entry comes and freed after its last: a streamed GGUF export's tensors.  A
+        tensor outside the blocks that is not held (`others` False) is read at its turn as the
+        checkpoint stores it (bfloat16 stays bfloat16: a 262k-token embedding has no float32 copy) and
+        not kept."""
         alias = self.aliases()
         held: int | None = None
         for name, t in self.model.state_dict().items():  # parameters on the meta device: names and order
@@ -447,6 +465,8 @@ class SkeletonModel:
                         self.load_block(i)
                     held = i
                 t = self.parameter(key)
+                if t.device.type == "meta" and self._in_block(key) is None:
+                    t = self._read(key)
             yield name, t
         if held is not None:
             self.free_block(held)
