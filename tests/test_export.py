@@ -2843,8 +2843,8 @@ def test_gemma3n_refusals(tmp_path: Path, tokenizer, capsys) -> None:
 def test_large_tensors_converted_in_slices_give_the_same_file(
     kind: str, tmp_path: Path, model_dir: Path, monkeypatch
 ) -> None:
-    """A tensor larger than `_SLICE` values is converted a slice of rows at a time (its float32 copy never
-    whole): the same file byte for byte as converted whole."""
+    """A tensor larger than `_SLICE` values is converted and written a slice of rows at a time (neither its
+    float32 copy nor its converted data ever whole): the same file byte for byte as converted whole."""
     import carve.export as ex
 
     whole = tmp_path / "whole.gguf"

@@ -2625,29 +2625,34 @@ def _nbytes(shape: tuple[int, ...], qtype: Any) -> int:
 
 def _tensor(
     w: torch.Tensor, kind: str, permute_heads: int | None = None, keep_f32: bool = False, rot: int | None = None
-) -> tuple[np.ndarray, Any]:
+) -> tuple[Any, Any]:
     """(data, ggml type) of one tensor in the export type (`_ggml_type`), its rows permuted over
-    `permute_heads` heads when given (the first `rot` rows of each).  A large tensor is converted a
-    slice of its first dimension at a time (`_SLICE` values), each slice's float32 copy freed before
-    the next: a 262k-token embedding, or Gemma's per-layer embeddings (2.3B values in Gemma 4 E2B),
-    never has a float32 copy of its own beside the result (rows are quantized independently: the
-    same bytes)."""
-
+    `permute_heads` heads when given (the first `rot` rows of each).  A large tensor's data is a
+    `_Sliced` one, converted and written a slice of its first dimension at a time (`_SLICE` values): a
+    262k-token embedding, or Gemma's per-layer embeddings (2.3B values in Gemma 4 E2B), has neither a
+    float32 copy nor a whole converted copy beside it (rows are quantized independently: the same
+    bytes)."""
     qtype = _ggml_type(tuple(w.shape), kind, keep_f32)
     if permute_heads or w.dim() < 2 or w.numel() <= _SLICE:
         data = w.detach().float().cpu().numpy()
         if permute_heads:
             data = _permute(data, permute_heads, rot)
         return _converted(data, qtype), qtype
-    step = max(1, _SLICE // math.prod(w.shape[1:]))
-    out: np.ndarray | None = None
-    for start in range(0, w.shape[0], step):
-        part = _converted(w[start : start + step].detach().float().cpu().numpy(), qtype)
-        if out is None:
-            out = np.empty((w.shape[0], *part.shape[1:]), dtype=part.dtype)
-        out[start : start + len(part)] = part
-    assert out is not None
-    return out, qtype
+    return _Sliced(w, qtype), qtype
+
+
+class _Sliced:
+    """A large tensor's GGUF data, converted as it is written: what the `gguf` writer reads of the data it
+    is given (its size in bytes, and `tofile`), one slice of the first dimension converted at a time."""
+
+    def __init__(self, w: torch.Tensor, qtype: Any) -> None:
+        self.w, self.qtype = w.detach(), qtype
+        self.nbytes = _nbytes(tuple(w.shape), qtype)
+        self.step = max(1, _SLICE // math.prod(w.shape[1:]))
+
+    def tofile(self, f: Any) -> None:
+        for start in range(0, self.w.shape[0], self.step):
+            _converted(self.w[start : start + self.step].float().cpu().numpy(), self.qtype).tofile(f)
 
 
 _SLICE = 1 << 24  # values of a tensor converted at a time (64 MB in float32)
