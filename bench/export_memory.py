@@ -8,7 +8,8 @@ safetensors (bench/out/export-memory-source, built once; its embedding alone is 
 in bfloat16) with the embedded default's tokenizer (the token list padded to the rows). Each row is
 `carve export SOURCE --gguf F --type KIND --stream` in its own process (wall seconds, peak RSS, the
 file's sha256): with carve at `--baseline` (default: 777c563, before the streamed export read the
-tensors outside the blocks at their turn, as stored, and converted large tensors a slice at a time; run
+tensors outside the blocks at their turn, as stored, and converted and wrote large tensors a slice at a
+time; run
 from a git worktree of it under bench/.cache, with this checkout's environment)
 and at this checkout, f16 and q8_0, one after the other. The two commits must write the same bytes.
 Results: bench/results/export_memory.jsonl; the table: the `export-memory` section of bench/RESULTS.md.
@@ -84,8 +85,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         "A Llama-architecture checkpoint with Gemma's vocabulary (262,144 tokens, hidden 2048, 2 blocks, tied "
         "embeddings: 537M values in the embedding), bfloat16 safetensors (1.1 GB), exported with `carve export "
         "--stream` by carve before the streamed export read the tensors outside the blocks at their turn as stored "
-        "and converted large tensors a slice at a time (the baseline commit) and after, each row its own process, "
-        "one after the other.",
+        "and converted and wrote large tensors a slice at a time (the baseline commit) and after, each row its own "
+        "process, one after the other.",
         "",
         "| carve | type | wall s | peak RSS MB | file MB | sha256 (16) |",
         "|---|---|---|---|---|---|",
