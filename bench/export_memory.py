@@ -9,9 +9,8 @@ in bfloat16) with the embedded default's tokenizer (the token list padded to the
 `carve export SOURCE --gguf F --type KIND --stream` in its own process (wall seconds, peak RSS, the
 file's sha256): with carve at `--baseline` (default: 777c563, before the streamed export read the
 tensors outside the blocks at their turn, as stored, and converted and wrote large tensors a slice at a
-time; run
-from a git worktree of it under bench/.cache, with this checkout's environment)
-and at this checkout, f16 and q8_0, one after the other. The two commits must write the same bytes.
+time; run from a git worktree of it under bench/.cache, with this checkout's environment) and at this
+checkout, f16 and q8_0, one after the other. The two commits must write the same bytes.
 Results: bench/results/export_memory.jsonl; the table: the `export-memory` section of bench/RESULTS.md.
 """
 
