@@ -63,7 +63,8 @@ convolution blocks beside attention ones) and LFM2-MoE as `lfm2moe`; Granite 4.0
 head), Falcon-H1 as `falcon-h1` (Mamba-2 beside attention in every block, its µP multipliers folded into
 the weights), Jamba as `jamba` (Mamba (1) blocks beside attention ones), Nemotron-H as `nemotron_h`
 (Mamba-2, attention and MLP blocks);
-Apertus as `apertus` (its xIELU parameters, read from the weights, as keys); Gemma 4 as `gemma4` (sliding and
+Apertus as `apertus` (its xIELU parameters, read from the weights, as keys); Gemma 3n as `gemma3n` (AltUp,
+LAuReL, per-layer embeddings, as llama.cpp fixes their sizes); Gemma 4 as `gemma4` (sliding and
 global layers of their own head widths and key/value heads, the global ones' proportional RoPE as
 `rope_freqs`, keys and values shared by the last blocks, per-layer embeddings, the MoE block beside the MLP,
 its tokenizer as llama.cpp's own `gemma4` BPE). An image-text checkpoint whose text model is one of these
@@ -414,15 +415,14 @@ def _check_gemma4(config: Any) -> None:
     """Refuse what llama.cpp's gemma4 graph computes differently from transformers' Gemma 4: an MLP other
     than tanh-approximated GELU, bidirectional attention over text, RoPE other than plain in the sliding
     layers (over the whole head) and plain or proportional in the global ones, per-layer embeddings
-    with a vocabulary of their own (llama.cpp reads them by the token ids), an MoE block whose routing
-    transformers computes otherwise."""
+    with a vocabulary of their own (llama.cpp reads them by the token ids)."""
     _check_activation(config, "gemma4", _TANH_GELU, "uses tanh-approximated GELU")
     if getattr(config, "use_bidirectional_attention", None) == "all":
         raise UsageError("llama.cpp's gemma4 attends causally over text; this model attends both ways")
     sliding = _rope(config, "sliding_attention")
     if rope_type(config, "sliding_attention") != "default" or float(sliding.get("partial_rotary_factor", 1.0)) != 1:
         raise UsageError("GGUF export writes Gemma 4's sliding layers with plain RoPE over the whole head; this "
-                         "model's scale it otherwise")  # fmt: skip
+                         "model rotates them otherwise")  # fmt: skip
     if rope_type(config) not in ("default", "proportional"):
         raise UsageError(
             f"GGUF export writes Gemma 4's plain or proportional global RoPE; this model's is {rope_type(config)!r}"
@@ -542,8 +542,9 @@ def _check_gemma3n(config: Any) -> None:
             )
     n, shared = config.num_hidden_layers, int(config.num_kv_shared_layers or 0)
     if (n - shared if shared else max(n, _GEMMA3N_KV_FROM)) != _GEMMA3N_KV_FROM:
+        reuse = f"from block {n - shared} on" if shared else "nowhere"
         raise UsageError(f"llama.cpp's gemma3n reuses keys and values from block {_GEMMA3N_KV_FROM} on; this model's "
-                         f"{n} blocks reuse them from block {n - shared}")  # fmt: skip
+                         f"{n} blocks reuse them {reuse}")  # fmt: skip
     first, level = _GEMMA3N_SPARSE
     fixed = [level if i < first else 0.0 for i in range(n)]
     if [float(x) for x in config.activation_sparsity_pattern] != fixed:
