@@ -190,3 +190,14 @@ def timed(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     if r["rc"] != 0:
         raise RuntimeError((r["err"].strip().splitlines() or ["no output"])[-1][:300])
     return {"wall_s": round(r["wall"], 2), "peak_rss_mb": round(r["rss_kb"] / 1024, 1)}
+
+
+def file_digest(path: Path) -> str:
+    """The first 16 hex digits of a file's sha256, read 16 MB at a time."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for piece in iter(lambda: f.read(1 << 24), b""):
+            h.update(piece)
+    return h.hexdigest()[:16]

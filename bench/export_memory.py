@@ -17,7 +17,6 @@ Results: bench/results/export_memory.jsonl; the table: the `export-memory` secti
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -28,7 +27,19 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, load_results, save_result, timed, write_section
+from common import (
+    HERE,
+    MODEL_DIR,
+    OUT,
+    ROOT,
+    commit,
+    ensure_model,
+    file_digest,
+    load_results,
+    save_result,
+    timed,
+    write_section,
+)
 
 RESULTS = HERE / "results" / "export_memory.jsonl"
 SOURCE = OUT / "export-memory-source"
@@ -67,14 +78,11 @@ def row(label: str, src_dir: Path, kind: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": str(src_dir / "src")}
     speed = timed([*CARVE, "export", str(source()), "--gguf", str(out), "--type", kind, "--stream", "--overwrite",
                    "--quiet"], env=env)  # fmt: skip
-    h = hashlib.sha256()
-    with out.open("rb") as f:
-        for piece in iter(lambda: f.read(1 << 24), b""):
-            h.update(piece)
+    digest = file_digest(out)
     size = out.stat().st_size
     out.unlink()
     return {"id": f"{label}/{kind}", "carve": label, "type": kind, **speed, "file_mb": round(size / 2**20, 1),
-            "digest": h.hexdigest()[:16]}  # fmt: skip
+            "digest": digest}  # fmt: skip
 
 
 def table(rows: list[dict[str, Any]]) -> str:

@@ -37,7 +37,19 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import HERE, MODEL_DIR, OUT, ROOT, commit, ensure_model, load_results, save_result, timed, write_section
+from common import (
+    HERE,
+    MODEL_DIR,
+    OUT,
+    ROOT,
+    commit,
+    ensure_model,
+    file_digest,
+    load_results,
+    save_result,
+    timed,
+    write_section,
+)
 
 RESULTS = HERE / "results" / "stream.jsonl"
 CARVE = str(ROOT / ".venv" / "bin" / "carve")
@@ -83,13 +95,10 @@ def run_export(kind: str, stream: bool, source: Path, tag: str) -> dict[str, Any
     cmd = [CARVE, "export", str(source), "--gguf", str(out), "--type", kind, "--overwrite", "--quiet",
            "--stream" if stream else "--no-stream"]  # fmt: skip
     speed = timed(cmd)
-    h = hashlib.sha256()
-    with out.open("rb") as f:
-        for piece in iter(lambda: f.read(1 << 24), b""):
-            h.update(piece)
+    digest = file_digest(out)
     size = out.stat().st_size
     out.unlink()
-    return {"speed": speed, "digest": h.hexdigest()[:16], "file_mb": round(size / 2**20, 1), "sparsity": None}
+    return {"speed": speed, "digest": digest, "file_mb": round(size / 2**20, 1), "sparsity": None}
 
 
 def run(method: str, stream: bool, source: Path, tag: str = "") -> dict[str, Any]:
