@@ -141,6 +141,9 @@ class Architecture:
     # llama.cpp's tokenizer model for a SentencePiece-style BPE tokenizer (byte fallback): its `llama` one
     # (merging by score), or the architecture's own BPE one that merges by the merge list (Gemma 4's `gemma4`)
     spm_tokenizer: str = "llama"
+    # tokens written as user-defined (rendered as text) whatever their class in transformers, as llama.cpp's
+    # converter writes them for this architecture (Gemma 4's chat markers, which its chat parser reads)
+    shown_tokens: frozenset[str] = frozenset()
     # tensors computed from the config, not the weights, written before the model's (Gemma 4's global
     # layers' RoPE factors)
     computed: Callable[[Any], list[tuple[str, np.ndarray]]] | None = None
@@ -1756,6 +1759,10 @@ _GEMMA_NAMES = (
     (r"model\.layers\.(\d+)\.pre_feedforward_layernorm\.weight", "blk.{}.ffn_norm.weight"),
     (r"model\.layers\.(\d+)\.post_feedforward_layernorm\.weight", "blk.{}.post_ffw_norm.weight"),
 )
+# Gemma 4's chat markers that llama.cpp's converter writes as user-defined tokens, rendered as text (not as
+# control tokens, which detokenize to nothing), so that llama.cpp's chat parser reads them
+_GEMMA4_SHOWN = frozenset(("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
+                           "<tool_response|>", '<|"|>'))  # fmt: skip
 _PER_LAYER_NAMES = (  # per-layer input embeddings (Gemma 3n, Gemma 4 E2B / E4B)
     (r"model\.layers\.(\d+)\.per_layer_input_gate\.weight", "blk.{}.inp_gate.weight"),
     (r"model\.layers\.(\d+)\.per_layer_projection\.weight", "blk.{}.proj.weight"),
@@ -1986,6 +1993,7 @@ ARCHITECTURES = {
         layout=_gemma4_layout,
         tensors=_gemma4_tensors,
         spm_tokenizer="gemma4",
+        shown_tokens=_GEMMA4_SHOWN,
         computed=lambda config: [("rope_freqs.weight", _gemma4_rope_freqs(config))],
     ),
     # DeepSeek V2 and V3 (Kimi K2, Moonlight): latent attention, leading dense blocks, shared experts
@@ -2504,8 +2512,7 @@ def _tokenizer_metadata(
     spm = bool(model.get("byte_fallback"))
     # a row no token names (past the tokenizer, or a gap in its ids) as an unused `[PAD<id>]` token
     tokens = [by_id.get(i, f"[PAD{i}]") for i in range(vocab)]
-    own = spm and arch.spm_tokenizer != "llama"
-    types = [_token_type(i, t, special, added, spm, own) if i in by_id else int(gguf.TokenType.UNUSED)
+    types = [_token_type(i, t, special, added, spm, arch.shown_tokens) if i in by_id else int(gguf.TokenType.UNUSED)
              for i, t in enumerate(tokens)]  # fmt: skip
     writer.add_tokenizer_model(arch.spm_tokenizer if spm else "gpt2")
     if spm:  # llama.cpp's SentencePiece tokenizer merges by score, not by a merge list (its own BPE ones by
@@ -2546,17 +2553,14 @@ def _adds_bos(tokenizer: Any) -> bool:
     return bool(ids) and ids[0] == bos
 
 
-# Gemma 4's chat markers that llama.cpp's converter writes as user-defined tokens, rendered as text (not as
-# control tokens, which detokenize to nothing), so that llama.cpp's chat parser reads them
-_GEMMA4_SHOWN = frozenset(("<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
-                           "<tool_response|>", '<|"|>'))  # fmt: skip
-
-
-def _token_type(i: int, token: str, special: set[int], added: set[int], spm: bool, own: bool = False) -> int:
-    """llama.cpp's type of token `i` (`own`: the architecture's own BPE tokenizer model, Gemma 4's)."""
+def _token_type(
+    i: int, token: str, special: set[int], added: set[int], spm: bool, shown: frozenset[str] = frozenset()
+) -> int:
+    """llama.cpp's type of token `i` (`shown`: tokens the architecture writes as user-defined,
+    `Architecture.shown_tokens`)."""
     import gguf
 
-    if own and token in _GEMMA4_SHOWN:
+    if token in shown:
         return int(gguf.TokenType.USER_DEFINED)
     if i in special:
         return int(gguf.TokenType.CONTROL)
