@@ -72,13 +72,16 @@ def sliced_as_zeroed(model: torch.nn.Module, shape: Shape, order: list[int], tmp
     c = reloaded.config.get_text_config()  # a multimodal model's text model's
     assert (c.num_hidden_layers, c.num_key_value_heads) == (len(anat.blocks) - shape.drop_blocks, shape.kv_groups)
     assert c.num_attention_heads == shape.kv_groups * anat.group_size
-    widths = c.intermediate_size if isinstance(c.intermediate_size, list) else [c.intermediate_size]  # Gemma 3n: a list
-    assert not anat.intermediate or set(widths) == {shape.mlp_channels}  # an MoE's experts keep their width
+    if anat.intermediate:  # an MoE's experts keep their width (its config may name none)
+        widths = c.intermediate_size if isinstance(c.intermediate_size, list) else [c.intermediate_size]  # Gemma 3n
+        assert set(widths) == {shape.mlp_channels}
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
     # parameter arithmetic: what the planner counted is what the model holds
     blocks = sum(p.numel() for b in anatomy(reloaded).blocks for p in b.parameters())
-    assert blocks == decoder_params(anat, plan.shape)
+    assert blocks == decoder_params(anat, plan.shape, plan.drop)
+    if len({sum(p.numel() for p in b.parameters()) for b in anat.blocks}) == 1:  # alike blocks: the planner's count
+        assert blocks == decoder_params(anat, plan.shape)
     return reloaded, zeroed
 
 
@@ -534,6 +537,63 @@ def test_blocks_of_different_shapes_refused() -> None:
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(UsageError, match="block 1's q_proj is not block 0's shape"):
         anatomy(model)
+
+
+def _hybrid(model_type: str) -> torch.nn.Module:
+    """A tiny hybrid: 3 blocks, the last one attention (Nemotron-H: 4 single-mixer blocks, Mamba, MLP,
+    attention, MLP)."""
+    config = any_tiny_config(model_type, layers=4 if model_type == "nemotron_h" else 3)
+    if model_type == "nemotron_h":
+        config.layer_types = ["linear_attention", "mlp", "full_attention", "mlp"]
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "held"),
+    [("qwen3_5_text", set()), ("bamba", set()), ("nemotron_h", set()), ("olmo_hybrid", {"heads"}),
+     ("qwen3_5_moe_text", {"mlp"})],
+)  # fmt: skip
+def test_hybrids_keep_their_other_mixers_whole_and_slice_the_rest(
+    model_type: str, held: set[str], tmp_path: Path
+) -> None:
+    """Qwen3.5's Gated DeltaNet, Bamba's Mamba, Nemotron-H's single-mixer blocks (Mamba, MLP,
+    attention), OLMo-hybrid's linear attention (whose q/k/v/o_proj are not softmax heads): a block whose
+    layer type is another mixer keeps it bit for bit; heads are cut in the attention blocks, MLP channels
+    wherever there is an MLP, and a dropped block takes its mixer with it.  Qwen3.5's q_proj holds each
+    head's query and then its gate (2 x head_dim rows a head).  The sliced model equals the zeroed one and
+    reloads with stock from_pretrained."""
+    model = _hybrid(model_type)
+    anat = anatomy(model)
+    anat.fixed.update(held_by_config(model, anat))
+    assert set(anat.fixed) == held, anat.fixed
+    types = model.config.layer_types
+    assert [p.attention is not None for p in anat.parts] == [t == "full_attention" for t in types]
+    assert anat.query_rows == anat.head_dim * (2 if model_type.startswith("qwen3_5") else 1)
+    shape = Shape(anat.kv_heads if "heads" in held else 1, anat.intermediate if "mlp" in held else 40, 1)
+    reloaded, _ = sliced_as_zeroed(model, shape, [0, 1, 2], tmp_path)  # block 0 (a Mamba / DeltaNet block) goes
+    source, got = dict(model.named_parameters()), dict(reloaded.named_parameters())
+    for i in (i for i, p in enumerate(anat.parts) if i and p.attention is None):  # now block i - 1
+        mixer = [n for n in source if n.startswith(f"{anat.prefix}.{i}.")
+                 and not any(r in n for r in ("mlp", "feed_forward", "mixer.up_proj", "mixer.down_proj"))]  # fmt: skip
+        assert mixer
+        for n in mixer:
+            assert torch.equal(got[n.replace(f".{i}.", f".{i - 1}.", 1)], source[n]), n
+
+
+def test_a_plan_that_drops_every_attention_block_is_refused_or_left_out() -> None:
+    """transformers' cache needs one attention block in a hybrid: a plan dropping the only one is refused by
+    name, and the split search leaves such candidates out."""
+    model = _hybrid("qwen3_5_text")
+    anat = anatomy(model)
+    groups, channels = unit_importance(random_scores(model), anat)
+    order = [2, 1, 0]  # the attention block first
+    with pytest.raises(UsageError, match=r"dropping blocks \[2\] removes every attention block"):
+        apply_plan(copy.deepcopy(model), make_plan(Shape(2, 96, 1), groups, channels, order))
+    plan = search_plan(model, [Shape(2, 96, 1), Shape(2, 64, 0)], groups, channels, order, _ids(2, 16))
+    assert plan.shape == Shape(2, 64, 0)
+    with pytest.raises(UsageError, match="every candidate drops each attention block"):
+        search_plan(model, [Shape(2, 96, 1), Shape(1, 96, 1)], groups, channels, order, _ids(2, 16))
 
 
 def _odd_model(model_type: str) -> torch.nn.Module:

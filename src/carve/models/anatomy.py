@@ -4,7 +4,12 @@ Llama, Mistral, Qwen2, Gemma/Gemma2/Gemma3; or Phi-3's fused qkv_proj and gate_u
 role a span of the fused projection's rows; or another family's name for a role, `ALIASES`: Phi's
 dense and fc1/fc2, StarCoder2's c_fc/c_proj), not by model class; the head layout
 (grouped-query attention: query head h reads key/value head h // (heads / kv_heads)); and what
-a block's parameters cost per key/value group and per MLP channel."""
+a block's parameters cost per key/value group and per MLP channel.
+
+Hybrids (Qwen3.5's Gated DeltaNet, Bamba's and Jamba's Mamba, Nemotron-H's single-mixer blocks):
+a block whose `layer_types` entry names a mixer other than softmax attention (`KEPT_MIXERS`)
+keeps that mixer whole; only its MLP channels, and the block itself, can go.  In such a model a
+block may also have no MLP (Nemotron-H's Mamba and attention blocks)."""
 
 from __future__ import annotations
 
@@ -28,14 +33,22 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 ALIASES = {"out_proj": "o_proj", "dense": "o_proj", "fc1": "up_proj", "fc2": "down_proj", "c_fc": "up_proj",
            "c_proj": "down_proj"}  # fmt: skip
 UP = tuple(a for a in ("up_proj", *ALIASES) if ALIASES.get(a, a) == "up_proj")
+# `layer_types` entries whose block's mixer is not softmax attention (Gated DeltaNet, Mamba, short
+# convolutions; Nemotron-H's blocks holding only an MLP or experts): kept whole, never searched for heads
+KEPT_MIXERS = frozenset({"linear_attention", "mamba", "conv", "recurrent", "mlp", "moe"})
+# model types whose q_proj holds each query head's rows followed by its output gate's (Qwen3.5,
+# Qwen3-Next: `view(..., heads, 2 * head_dim).chunk(2)`): a head's rows are 2 * head_dim contiguous ones
+GATED_QUERY = frozenset({"qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"})
 
 
 @dataclass
 class Parts:
     """The structural handles of one decoder block."""
 
-    attention: nn.Module  # the module holding q/k/v/o_proj
-    mlp: nn.Module  # the module holding gate/up/down_proj (an MoE block: the block; it has no dense MLP roles)
+    attention: nn.Module | None  # the module holding q/k/v/o_proj (None: a hybrid's block of another mixer)
+    # the module holding gate/up/down_proj (an MoE block: the block; it has no dense MLP roles; None: a
+    # hybrid's block without an MLP)
+    mlp: nn.Module | None
     names: dict[str, str]  # role ("q_proj", ...) -> full name of the module holding its rows
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # role -> its rows of a fused projection
 
@@ -46,6 +59,7 @@ class Parts:
     def linear(self, role: str) -> nn.Linear:
         """The projection holding `role`'s rows: its own, or the fused one it is a span of."""
         holder = self.attention if role in ATTENTION else self.mlp
+        assert holder is not None, role
         lin = getattr(holder, self.attribute(role))
         assert isinstance(lin, nn.Linear)
         return lin
@@ -71,6 +85,7 @@ class Anatomy:
     # the dimensions structured extraction must leave whole ("heads", "mlp", "depth") -> why; the
     # others can still be cut (a model with Q/K norms over the whole projection keeps its heads)
     fixed: dict[str, str] = field(default_factory=dict)
+    query_rows: int = 0  # q_proj's rows per query head: head_dim, or 2 * head_dim with a gate (GATED_QUERY)
 
     @property
     def group_size(self) -> int:
@@ -100,10 +115,17 @@ def text_part(config: Any) -> Any:
 def anatomy(model: nn.Module) -> Anatomy:
     """Find the attention and MLP projections of every decoder block, or say why not.  In a mixture of
     experts every block routes tokens through experts: its attention is found, no dense MLP (the
-    `intermediate` width is 0 and "mlp" is among the fixed dimensions: --experts-keep removes experts)."""
+    `intermediate` width is 0 and "mlp" is among the fixed dimensions: --experts-keep removes experts).
+    In a hybrid a block of another mixer (`KEPT_MIXERS`) has no attention roles, and a block may have
+    no MLP; the head layout comes from the first attention block, the MLP width from the first MLP."""
     prefix, blocks = find_blocks(model)
+    config = text_config(model)
+    types = getattr(config, "layer_types", None)
+    kept = [isinstance(types, list) and len(types) == len(blocks) and types[i] in KEPT_MIXERS
+            for i in range(len(blocks))]  # fmt: skip
+    hybrid = any(kept)
     parts: list[Parts] = []
-    moe: list[bool] = []
+    kinds: list[str | None] = []  # per block: "dense" MLP, "moe", or None (a hybrid's block without an MLP)
     for i, block in enumerate(blocks):
         holders: dict[str, nn.Module] = {}
         names: dict[str, str] = {}
@@ -111,17 +133,19 @@ def anatomy(model: nn.Module) -> Anatomy:
         # projection holding it): an attention's own output gate (HRM's gate_proj) is not the MLP's
         found = [(name, mod, attr, role) for name, mod in block.named_modules()
                  for attr in (*ATTENTION, *MLP, *FUSED, *ALIASES) if isinstance(getattr(mod, attr, None), nn.Linear)
-                 for role in FUSED.get(attr, (ALIASES.get(attr, attr),))]  # fmt: skip
+                 for role in FUSED.get(attr, (ALIASES.get(attr, attr),))
+                 if not (kept[i] and role in ATTENTION)]  # fmt: skip  # a kept mixer's projections are its own
         anchors = {r: next((m for _, m, _, role in found if role == r), None) for r in ("q_proj", "up_proj")}
         for name, mod, attr, role in found:
             if role not in names and anchors["q_proj" if role in ATTENTION else "up_proj"] in (mod, None):
                 holders[role] = mod
                 names[role] = f"{prefix}.{i}.{name}.{attr}" if name else f"{prefix}.{i}.{attr}"
         mlps = sum(any(isinstance(getattr(mod, a, None), nn.Linear) for a in UP) for mod in block.modules())
-        moe.append(mlps > 1 or any(is_fused_experts(m) or isinstance(m, ExpertLinears) for m in block.modules()))
-        if moe[-1]:  # the experts' (and a shared expert's) projections are not a dense MLP's
+        moe = mlps > 1 or any(is_fused_experts(m) or isinstance(m, ExpertLinears) for m in block.modules())
+        if moe:  # the experts' (and a shared expert's) projections are not a dense MLP's
             names = {r: n for r, n in names.items() if r in ATTENTION}
-        missing = [r for r in ATTENTION + ((), MLP[1:])[not moe[-1]] if r not in names]
+        kinds.append("moe" if moe else "dense" if "up_proj" in names or not hybrid else None)
+        missing = [r for r in ((), ATTENTION)[not kept[i]] + ((), MLP[1:])[kinds[-1] == "dense"] if r not in names]
         if missing:
             raise UsageError(
                 f"structured extraction needs Llama-style blocks (q/k/v/o_proj or qkv_proj/o_proj attention, "
@@ -129,13 +153,18 @@ def anatomy(model: nn.Module) -> Anatomy:
                 f"StarCoder2: dense or out_proj, fc1/fc2 or c_fc/c_proj); {type(model).__name__} block {i} "
                 f"has no {', '.join(missing)}"
             )
-        parts.append(Parts(holders["q_proj"], block if moe[-1] else holders["up_proj"], names))
-    if len(set(moe)) > 1:
+        mlp = block if moe else holders.get("up_proj")
+        parts.append(Parts(holders.get("q_proj"), mlp, names))
+    if {"dense", "moe"} <= set(kinds):
         raise UsageError(
             f"structured extraction slices blocks of one kind; {type(model).__name__} mixes dense MLP blocks with "
             "expert blocks; unstructured and N:M extraction work on it"
         )
-    config = text_config(model)
+    if not any(p.attention is not None for p in parts) or not any(kinds):
+        raise UsageError(
+            f"structured extraction needs Llama-style blocks; {type(model).__name__} has no "
+            f"{'attention' if any(kinds) else 'MLP or expert'} block among its {len(blocks)} (its layer_types: {types})"
+        )
     if getattr(config, "num_hidden_layers", len(blocks)) != len(blocks):
         raise UsageError(
             f"structured extraction rewrites the config's block count; {type(model).__name__}'s "
@@ -148,29 +177,33 @@ def anatomy(model: nn.Module) -> Anatomy:
     )
     for p in parts:
         _fused_spans(p, heads, kv_heads)
-    first = parts[0]
-    head_dim = first.width("k_proj") // kv_heads
-    intermediate = 0 if moe[0] else first.width("up_proj")
-    if first.width("q_proj") != heads * head_dim or heads % kv_heads:
+    at = next(i for i, p in enumerate(parts) if p.attention is not None)  # the first block of each kind
+    mi = next((i for i, k in enumerate(kinds) if k == "dense"), None)
+    attention, dense = parts[at], None if mi is None else parts[mi]
+    head_dim = attention.width("k_proj") // kv_heads
+    intermediate = 0 if dense is None else dense.width("up_proj")
+    gated = getattr(config, "model_type", None) in GATED_QUERY
+    query_rows = head_dim * (2 if gated else 1)
+    if attention.width("q_proj") != heads * query_rows or heads % kv_heads:
         raise UsageError(
-            f"{type(model).__name__}: q_proj has {first.width('q_proj')} outputs, not "
-            f"{heads} heads x {head_dim}; carve cannot tell its heads apart"
+            f"{type(model).__name__}: q_proj has {attention.width('q_proj')} outputs, not "
+            f"{heads} heads x {query_rows}; carve cannot tell its heads apart"
         )
-    roles = [r for r in (*ATTENTION, *MLP) if r in first.names]
-    for i, p in enumerate(parts[1:], 1):  # one config width per kind: every block as block 0
-        odd = [r for r in roles if r not in p.names or p.width(r) != first.width(r)
-               or p.linear(r).in_features != first.linear(r).in_features]  # fmt: skip
+    for i, p in enumerate(parts):  # one config width per kind: every block as the first of its kind
+        refs: list[tuple[int, tuple[str, ...]]] = [(at, ATTENTION)] if p.attention is not None else []
+        refs += [(mi, MLP)] if mi is not None and kinds[i] == "dense" else []
+        odd = [(j, r) for j, roles in refs for r in roles if _role_shape(p, r) != _role_shape(parts[j], r)]
         if odd:
             raise UsageError(
                 f"structured extraction slices blocks of one shape; {type(model).__name__} block {i}'s "
-                f"{odd[0]} is not block 0's shape (layers of different kinds); unstructured and N:M extraction "
-                "work on it"
+                f"{odd[0][1]} is not block {odd[0][0]}'s shape (layers of different kinds); unstructured and N:M "
+                "extraction work on it"
             )
     experts = "its blocks route tokens through experts, not one dense MLP: --experts-keep F removes whole experts"
     reasons = {
-        "heads": _fixed_heads(first, head_dim, heads * head_dim, kv_heads * head_dim),
-        "mlp": experts if moe[0] else _fixed_mlp(config, first, intermediate),
-        "depth": _fixed_depth(config, first),
+        "heads": _fixed_heads(attention, head_dim, heads * head_dim, kv_heads * head_dim),
+        "mlp": experts if "moe" in kinds else None if dense is None else _fixed_mlp(config, dense, intermediate),
+        "depth": _fixed_depth(config, attention),
     }
     what = {"heads": "remove heads of", "mlp": "remove MLP channels of", "depth": "drop blocks of"}
     fixed = {
@@ -178,7 +211,12 @@ def anatomy(model: nn.Module) -> Anatomy:
         for dim, why in reasons.items()
         if why is not None
     }
-    return Anatomy(prefix, blocks, parts, heads, kv_heads, head_dim, intermediate, fixed)
+    return Anatomy(prefix, blocks, parts, heads, kv_heads, head_dim, intermediate, fixed, query_rows)
+
+
+def _role_shape(p: Parts, role: str) -> tuple[int, int] | None:
+    """`role`'s (rows, inputs) in the block, None where it has no such role."""
+    return (p.width(role), p.linear(role).in_features) if role in p.names else None
 
 
 def _fixed_depth(config: Any, parts: Parts) -> str | None:
@@ -204,6 +242,7 @@ def _fixed_mlp(config: Any, parts: Parts, intermediate: int) -> str | None:
     if any(float(s) > 0 for s in getattr(config, "activation_sparsity_pattern", None) or []):
         return "its MLP keeps activations by statistics over all its channels (activation sparsity)"
     projections = {parts.attribute(r) for r in MLP if r in parts.names}
+    assert parts.mlp is not None
     spanning = [
         n for n, p in parts.mlp.named_parameters()
         if n.split(".")[0] not in projections and p.dim() >= 1 and p.shape[0] == intermediate
@@ -245,6 +284,7 @@ def _fixed_heads(parts: Parts, head_dim: int, q_width: int, kv_width: int) -> st
     (DiffLlama) subtracts one half of the heads from the other.  Such a model keeps every head;
     its MLP channels and blocks can go."""
     att = parts.attention
+    assert att is not None
     heads, kv_heads = q_width // head_dim, kv_width // head_dim
     stored = [a for a in FIXED_WIDTH_ATTRIBUTES if isinstance(getattr(att, a, None), int)]
     projections = {parts.attribute(r) for r in ATTENTION}
@@ -278,28 +318,31 @@ def compensable(model: nn.Module) -> list[str]:
         setattr(text_part(config), flag, True)
         with torch.device("meta"):
             built = type(model)(config)
-        parts = anatomy(built).parts[0]
-        if role in parts.names and parts.linear(role).bias is not None:
+        parts = next((p for p in anatomy(built).parts if role in p.names), None)  # a hybrid: the first holding it
+        if parts is not None and parts.linear(role).bias is not None:
             roles.append(role)
     return roles
 
 
-def block_param_counts(anat: Anatomy) -> tuple[int, int, int]:
-    """(parameters of a block that depend on neither groups nor channels, per kv group, per MLP
-    channel), from block 0 (every block has the same sizes)."""
-    p = anat.parts[0]
-    per_group = 0
-    for role in ("q_proj", "k_proj", "v_proj"):
-        lin = p.linear(role)
-        per_group += p.width(role) // anat.kv_heads * (lin.in_features + (lin.bias is not None))
-    o = p.linear("o_proj")
-    per_group += o.out_features * (o.in_features // anat.kv_heads)
-    per_channel = 0
-    for role in ("gate_proj", "up_proj"):
-        if role in p.names:
-            lin = p.linear(role)
-            per_channel += lin.in_features + (lin.bias is not None)
-    if "down_proj" in p.names:  # an MoE block has no dense MLP: no channel to count
-        per_channel += p.linear("down_proj").out_features
-    whole = sum(t.numel() for t in anat.blocks[0].parameters())
-    return whole - anat.kv_heads * per_group - anat.intermediate * per_channel, per_group, per_channel
+def block_param_counts(anat: Anatomy) -> list[tuple[int, int, int]]:
+    """Per block: (parameters that depend on neither groups nor channels, per kv group, per MLP
+    channel); a hybrid's block of another mixer has no groups, a block without an MLP no channels."""
+    counts = []
+    for p, block in zip(anat.parts, anat.blocks, strict=True):
+        per_group = 0
+        if p.attention is not None:
+            for role in ("q_proj", "k_proj", "v_proj"):
+                lin = p.linear(role)
+                per_group += p.width(role) // anat.kv_heads * (lin.in_features + (lin.bias is not None))
+            o = p.linear("o_proj")
+            per_group += o.out_features * (o.in_features // anat.kv_heads)
+        per_channel = 0
+        for role in ("gate_proj", "up_proj"):
+            if role in p.names:
+                lin = p.linear(role)
+                per_channel += lin.in_features + (lin.bias is not None)
+        if "down_proj" in p.names:  # an MoE block has no dense MLP: no channel to count
+            per_channel += p.linear("down_proj").out_features
+        whole = sum(t.numel() for t in block.parameters())
+        counts.append((whole - anat.kv_heads * per_group - anat.intermediate * per_channel, per_group, per_channel))
+    return counts

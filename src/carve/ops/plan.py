@@ -68,10 +68,12 @@ def block_unit_importance(
             raise UsageError(f"the importance map has no scores for {key}; score the attention and MLP weights")
         return scores[key][p.offset(role) : p.offset(role) + p.width(role)]  # a fused projection: its span
 
-    groups = _rows(s("k_proj"), anat.kv_heads) + _rows(s("v_proj"), anat.kv_heads)
-    groups += _rows(s("q_proj"), anat.kv_heads) + _cols(s("o_proj"), anat.kv_heads)
-    if not anat.intermediate:  # an MoE block: no dense MLP channels
-        return groups, torch.zeros(0)
+    groups = torch.zeros(anat.kv_heads)  # a hybrid's block of another mixer: no heads
+    if p.attention is not None:
+        groups += _rows(s("k_proj"), anat.kv_heads) + _rows(s("v_proj"), anat.kv_heads)
+        groups += _rows(s("q_proj"), anat.kv_heads) + _cols(s("o_proj"), anat.kv_heads)
+    if "up_proj" not in p.names:  # an MoE block, or a hybrid's block without an MLP: no dense MLP channels
+        return groups, torch.zeros(anat.intermediate)
     channels = _rows(s("up_proj"), anat.intermediate) + _cols(s("down_proj"), anat.intermediate)
     if "gate_proj" in p.names:
         channels += _rows(s("gate_proj"), anat.intermediate)
@@ -110,11 +112,14 @@ class Plan:
         return {"shape": asdict(self.shape), "dropped_blocks": self.drop, "candidates": self.search}
 
 
-def decoder_params(anat: Anatomy, shape: Shape) -> int:
-    fixed, per_group, per_channel = block_param_counts(anat)
-    return (len(anat.blocks) - shape.drop_blocks) * (
-        fixed + shape.kv_groups * per_group + shape.mlp_channels * per_channel
-    )
+def decoder_params(anat: Anatomy, shape: Shape, drop: Sequence[int] | None = None) -> int:
+    """The decoder blocks' parameters under `shape`: with the blocks dropped (`drop`), exactly; without,
+    the kept share of the whole, (blocks - drop_blocks) / blocks of it (exact where blocks are alike)."""
+    counts = block_param_counts(anat)
+    sizes = [f + shape.kv_groups * g + shape.mlp_channels * c for f, g, c in counts]
+    if drop is not None:
+        return sum(n for i, n in enumerate(sizes) if i not in drop)
+    return (len(sizes) - shape.drop_blocks) * sum(sizes) // len(sizes)
 
 
 def candidate_shapes(
@@ -176,7 +181,8 @@ def candidate_shapes(
     if None not in (mlp_keep, heads_keep, drop_blocks):
         raise UsageError("--keep with all of --mlp-keep, --heads-keep and --drop-blocks leaves nothing to choose")
     budget = keep * decoder_params(anat, Shape(anat.kv_heads, anat.intermediate, 0))
-    fixed, per_group, per_channel = block_param_counts(anat)
+    # a block's mean counts (a hybrid's blocks differ; alike blocks give each block's own, exactly)
+    fixed, per_group, per_channel = (sum(c) / n_blocks for c in zip(*block_param_counts(anat), strict=True))
     shapes = []
     for d in drop_options:
         for g in group_options:

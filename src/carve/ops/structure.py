@@ -127,24 +127,28 @@ def slice_block(p: Parts, anat: Anatomy, plan: Plan, i: int, roles: list[str],
     for dim in (d for d, c in cut.items() if c and d in anat.fixed):
         raise UsageError(anat.fixed[dim])
     hd, rep = anat.head_dim, anat.group_size
-    kv = _head_rows(plan.groups[i], hd)
-    q = _head_rows([h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)], hd)
-    removed = {"o_proj": sorted(set(range(p.linear("o_proj").in_features)) - set(q))}
+    heads = [h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)]  # the kept query heads
+    removed = {}
+    if p.attention is not None:  # a hybrid's block of another mixer keeps it whole
+        removed["o_proj"] = sorted(set(range(p.linear("o_proj").in_features)) - set(_head_rows(heads, hd)))
     if "down_proj" in p.names:
         removed["down_proj"] = sorted(set(range(p.linear("down_proj").in_features)) - set(plan.channels[i]))
     deltas = {}
-    for role in roles:
+    for role in (r for r in roles if r in removed):
         assert means is not None
         lin = p.linear(role)
         cols = removed[role]
         deltas[role] = lin.weight.detach()[:, cols].float() @ means[role][cols].to(lin.weight.device)
-    _slice_rows(p, p.attention, {"q_proj": q, "k_proj": kv, "v_proj": kv})
-    setattr(p.attention, p.attribute("o_proj"), _sliced(p.linear("o_proj"), cols=q))
-    for attr in HEAD_COUNT_ATTRIBUTES:
-        if isinstance(getattr(p.attention, attr, None), int):
-            setattr(p.attention, attr, len(kv if attr == "num_key_value_heads" else q) // hd)
+    if p.attention is not None:
+        kv = _head_rows(plan.groups[i], hd)
+        _slice_rows(p, p.attention, {"q_proj": _head_rows(heads, anat.query_rows), "k_proj": kv, "v_proj": kv})
+        setattr(p.attention, p.attribute("o_proj"), _sliced(p.linear("o_proj"), cols=_head_rows(heads, hd)))
+        for attr in HEAD_COUNT_ATTRIBUTES:
+            if isinstance(getattr(p.attention, attr, None), int):
+                setattr(p.attention, attr, len(plan.groups[i]) if attr == "num_key_value_heads" else len(heads))
     ch = plan.channels[i]
     if "down_proj" in p.names:  # a dense MLP (an MoE block's experts stay as they are)
+        assert p.mlp is not None
         _slice_rows(p, p.mlp, {"gate_proj": ch, "up_proj": ch})
         setattr(p.mlp, p.attribute("down_proj"), _sliced(p.linear("down_proj"), cols=ch))
     for role, delta in deltas.items():
@@ -192,7 +196,20 @@ def plan_config(config: Any, anat: Anatomy, plan: Plan, roles: list[str]) -> Non
 
 # config lists of block indices (Llama 4's `moe_layers`, Qwen-MoE's `mlp_only_layers`): a plan that
 # drops blocks renumbers them to the kept blocks
-INDEX_LISTS = ("moe_layers", "mlp_only_layers")
+INDEX_LISTS = ("moe_layers", "mlp_only_layers", "attn_layer_indices")
+
+
+def _drops_all_attention(model: nn.Module, anat: Anatomy, plan: Plan, refuse: bool = False) -> bool:
+    """Whether `plan` drops every attention block (a hybrid whose drop rule picked each one: transformers'
+    cache then fails); with `refuse`, say so instead."""
+    if any(p.attention is not None for i, p in enumerate(anat.parts) if i not in plan.drop):
+        return False
+    if refuse:
+        raise UsageError(
+            f"dropping blocks {plan.drop} removes every attention block of {type(model).__name__} (transformers' "
+            "cache needs one); drop fewer blocks"
+        )
+    return True
 
 
 def apply_plan(model: nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]] | None = None) -> nn.Module:
@@ -200,6 +217,7 @@ def apply_plan(model: nn.Module, plan: Plan, means: list[dict[str, torch.Tensor]
     `means` (from `input_means`), the removed heads' and channels' mean contributions are
     compensated by biases where the config can carry them (see `compensable`)."""
     anat = anatomy(model)
+    _drops_all_attention(model, anat, plan, refuse=True)
     roles = compensated_roles(model, plan, means)
     for i, p in enumerate(anat.parts):
         if i not in plan.drop:
@@ -265,13 +283,15 @@ def held_by_config(model: nn.Module, anat: Anatomy) -> dict[str, str]:
         "depth": Shape(anat.kv_heads, anat.intermediate, 1),
     }
     room = {"heads": anat.kv_heads > 1, "mlp": anat.intermediate > 1, "depth": n > 1}
+    attention = [i for i, p in enumerate(anat.parts) if p.attention is not None]
+    last = next((i for i in reversed(range(n)) if attention != [i]), n - 1)  # the last block that can go
     what = {"heads": "remove heads of", "mlp": "remove MLP channels of", "depth": "drop blocks of"}
     held: dict[str, str] = {}
     for dim, shape in cuts.items():
         if dim in anat.fixed or not room[dim]:
             continue
         skeleton = meta_twin(model)
-        plan = make_plan(shape, torch.zeros(n, anat.kv_heads), torch.zeros(n, anat.intermediate), [n - 1])
+        plan = make_plan(shape, torch.zeros(n, anat.kv_heads), torch.zeros(n, anat.intermediate), [last])
         why = None
         try:
             apply_plan(skeleton, plan)
@@ -310,9 +330,10 @@ def zero_plan(model: nn.Module, plan: Plan) -> nn.Module:
                     if id(prm) in outputs or any(out in name for out in ("o_proj", "down_proj", "out_proj")):
                         prm.zero_()  # out_proj by name: a Mamba branch's; o_proj, down_proj: experts' too
                 continue
-            o = p.linear("o_proj")
-            kept_q = set(_head_rows([h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)], hd))
-            o.weight[:, [c for c in range(o.in_features) if c not in kept_q]] = 0
+            if p.attention is not None:  # a hybrid's block of another mixer keeps it whole
+                o = p.linear("o_proj")
+                kept_q = set(_head_rows([h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)], hd))
+                o.weight[:, [c for c in range(o.in_features) if c not in kept_q]] = 0
             if "down_proj" in p.names:
                 down, kept_ch = p.linear("down_proj"), set(plan.channels[i])
                 down.weight[:, [c for c in range(down.in_features) if c not in kept_ch]] = 0
@@ -334,8 +355,9 @@ def sliced_copy(anat: Anatomy, plan: Plan, i: int, roles: list[str],
     twin = shared_copy(anat.blocks[i])
     p = anat.parts[i]
     holder = lambda role: p.names[role].removeprefix(f"{anat.prefix}.{i}.").rpartition(".")[0]  # noqa: E731
+    attention = twin.get_submodule(holder("q_proj")) if p.attention is not None else None
     mlp = twin.get_submodule(holder("up_proj")) if "up_proj" in p.names else twin  # an MoE block: the block
-    slice_block(Parts(twin.get_submodule(holder("q_proj")), mlp, p.names, p.spans), anat, plan, i, roles, means)
+    slice_block(Parts(attention, mlp, p.names, p.spans), anat, plan, i, roles, means)
     for m in twin.modules():  # the twin's own config copy, shared by its modules (Phi-3 splits qkv by it)
         if hasattr(config := getattr(m, "config", None), "num_attention_heads"):
             shape_config(config, anat, plan.shape)  # the same values each time
@@ -365,20 +387,28 @@ def search_plan(
     the lowest loss on `blocks` (each candidate is sliced from a `shared_copy` of the model,
     measured, and freed: a candidate costs only its sliced weights, not a second model; with
     `source`, one sliced block at a time)."""
-    if len(shapes) == 1:
-        return make_plan(shapes[0], groups, channels, drop_order)
     anat = anatomy(model)
+    plans = [make_plan(shape, groups, channels, drop_order) for shape in shapes]
+    plans = [plan for plan in plans if not _drops_all_attention(model, anat, plan, len(shapes) == 1)]
+    if not plans:  # only the searched shapes can be left out; an explicit one was refused
+        raise UsageError(
+            f"every candidate drops each attention block of {type(model).__name__} (transformers' cache needs "
+            "one); drop fewer blocks (--drop-blocks, or a larger --keep)"
+        )
+    if len(plans) == 1:
+        return plans[0]
     best: tuple[float, Plan] | None = None
     weighed = []
-    for shape in progress(shapes, "split search"):
-        plan = make_plan(shape, groups, channels, drop_order)
+    for plan in progress(plans, "split search"):
+        shape = plan.shape
         if source is not None:
             loss = _plan_loss(source, anat, plan, compensated_roles(model, plan, means), means, blocks)
         else:
             trial = apply_plan(shared_copy(model), plan, means)
             loss = calibration_loss(trial, blocks)
             del trial
-        weighed.append({**asdict(shape), "decoder_params": decoder_params(anat, shape), "loss": round(loss, 5)})
+        params = decoder_params(anat, shape, plan.drop)
+        weighed.append({**asdict(shape), "decoder_params": params, "loss": round(loss, 5)})
         if best is None or loss < best[0]:
             best = (loss, plan)
     assert best is not None
