@@ -20,8 +20,10 @@ every other one:
 with stock `AutoModelForCausalLM.from_pretrained` (loading info: no missing, unexpected or
 mismatched weights), its kept heads and channels are read back by matching its o_proj and down_proj
 columns to the source's, and its logits on 2 × 24 random tokens (seed 1) are compared with the
-source's with the removed units' outputs zeroed (`structure.zero_plan`, which makes a dropped
-block the identity): a correct slice agrees to float rounding.
+source's with the removed units' outputs zeroed (`structure.zero_plan`) and each dropped block
+passing its input through (since 2026-12-06; before, the zeroed block alone, which is the identity
+only where the block adds to an un-normalized residual stream): a correct slice agrees to float
+rounding.
 
 Outcomes: `sliced` (exact, reloads clean), `held+sliced` (the same, with dimensions held whole),
 `refused` (exit 2 with a one-line reason), `not built` (the generic tiny config does not make a
@@ -79,6 +81,23 @@ def _one_line(text: str) -> str:
     return (lines[-1] if lines else "no output")[:300]
 
 
+def _passed_through(model: Any, drop: list[int]) -> Any:
+    """Within, the dropped blocks return their input as they received it (what dropping a block computes,
+    also where a zeroed block is not the identity: MiniMax normalizes the residual stream itself)."""
+    from carve.engines.layerwise import arity, as_block_output, split_hidden
+    from carve.models.anatomy import anatomy
+    from carve.models.patch import replaced_forwards
+
+    def make(_block: Any, forward: Any) -> Any:
+        def through(*args: Any, **kwargs: Any) -> Any:
+            return as_block_output(split_hidden(args, kwargs)[0], arity(forward(*args, **kwargs)))
+
+        return through
+
+    blocks = anatomy(model).blocks
+    return replaced_forwards([blocks[i] for i in drop], make)
+
+
 def _kept_plan(source: Any, sliced: Any, manifest: dict[str, Any]) -> Any:
     """The plan the output was sliced to, read back from its weights: each kept block's query heads
     are the source heads whose o_proj columns it holds, its channels those of its down_proj columns."""
@@ -104,8 +123,9 @@ def _kept_plan(source: Any, sliced: Any, manifest: dict[str, Any]) -> Any:
     channels: list[list[int]] = [[] for _ in src.blocks]
     with torch.no_grad():
         for j, i in enumerate(kept):
-            heads = columns(out.parts[j].linear("o_proj").weight, src.parts[i].linear("o_proj").weight, hd)
-            groups[i] = sorted({h // rep for h in heads})
+            if src.parts[i].attention is not None:  # a hybrid's block of another mixer has no heads
+                heads = columns(out.parts[j].linear("o_proj").weight, src.parts[i].linear("o_proj").weight, hd)
+                groups[i] = sorted({h // rep for h in heads})
             if "down_proj" in src.parts[i].names:
                 channels[i] = columns(
                     out.parts[j].linear("down_proj").weight, src.parts[i].linear("down_proj").weight, 1
@@ -206,12 +226,15 @@ def worker(model_type: str) -> dict[str, Any]:
         bad = {k: v for k, v in info.items() if v and k != "error_msgs"}
         if set(m["structure"]["held"]) != set(held):
             return {**r, "outcome": "WRONG", "why": f"manifest holds {sorted(m['structure']['held'])}"}
-        zeroed = zero_plan(copy.deepcopy(model), _kept_plan(model, reloaded.eval(), m))
+        plan = _kept_plan(model, reloaded.eval(), m)
+        zeroed = zero_plan(copy.deepcopy(model), plan)
         ids = torch.randint(3, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad(), _passed_through(zeroed, plan.drop):
+            want = zeroed(ids, use_cache=False).logits
         with torch.no_grad():
-            diff = (reloaded.eval()(ids).logits - zeroed(ids).logits).abs().max().item()
+            diff = (reloaded.eval()(ids).logits - want).abs().max().item()
         r["max_abs_logit_diff"] = diff
-        scale = zeroed(ids).logits.abs().max().item() if diff == diff else 1.0
+        scale = want.abs().max().item() if diff == diff else 1.0
         if bad or not diff <= 1e-4 * max(1.0, scale):
             return {**r, "outcome": "WRONG", "why": f"loading info {bad}" if bad else f"logits differ by {diff:.3g}"}
         return {**r, "outcome": "held+sliced" if held else "sliced"}

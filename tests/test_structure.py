@@ -19,7 +19,15 @@ from carve.masks import ImportanceMap
 from carve.models import all_prunable_linears
 from carve.models.anatomy import anatomy, compensable
 from carve.ops.plan import Shape, ShapeTarget, candidate_shapes, decoder_params, make_plan, unit_importance
-from carve.ops.structure import apply_plan, held_by_config, search_plan, shared_copy, structure, zero_plan
+from carve.ops.structure import (
+    apply_plan,
+    attention_last,
+    held_by_config,
+    search_plan,
+    shared_copy,
+    structure,
+    zero_plan,
+)
 from tests.conftest import MORE_ARCHS, VOCAB, any_tiny_config, tiny_config
 
 # phi3: fused qkv_proj, gate_up_proj; phi, starcoder2: a role's projection under another name (anatomy.ALIASES)
@@ -594,6 +602,14 @@ def test_a_plan_that_drops_every_attention_block_is_refused_or_left_out() -> Non
     assert plan.shape == Shape(2, 64, 0)
     with pytest.raises(UsageError, match="every candidate drops each attention block"):
         search_plan(model, [Shape(2, 96, 1), Shape(1, 96, 1)], groups, channels, order, _ids(2, 16))
+    # the distance rule's order keeps the attention block it would drop last for the end, and the greedy
+    # rule never weighs dropping the last one: 2 of 3 blocks go, whatever the rule ranks first
+    assert attention_last(anat, order) == [1, 0, 2] and attention_last(anat, [0, 2, 1]) == [0, 1, 2]
+    for rule in ("distance", "greedy"):
+        res = structure(copy.deepcopy(model), random_scores(model), _ids(4, 16),
+                        ShapeTarget(drop_blocks=2, mlp_keep=1.0, heads_keep=1.0, drop_rule=rule))  # fmt: skip
+        assert res.plan.drop == [0, 1] and res.drop_order is not None
+        assert res.drop_order[-1] == 2 if rule == "distance" else 2 not in res.drop_order  # greedy: the 2 it dropped
 
 
 def _odd_model(model_type: str) -> torch.nn.Module:

@@ -199,6 +199,13 @@ def plan_config(config: Any, anat: Anatomy, plan: Plan, roles: list[str]) -> Non
 INDEX_LISTS = ("moe_layers", "mlp_only_layers", "attn_layer_indices")
 
 
+def attention_last(anat: Anatomy, order: list[int]) -> list[int]:
+    """`order` with the attention block it would drop last moved to its end, so that dropping any
+    number of blocks short of all keeps one (a hybrid's; transformers' cache needs one)."""
+    attention = [i for i in order if anat.parts[i].attention is not None]
+    return [i for i in order if i != attention[-1]] + attention[-1:] if attention else order
+
+
 def _drops_all_attention(model: nn.Module, anat: Anatomy, plan: Plan, refuse: bool = False) -> bool:
     """Whether `plan` drops every attention block (a hybrid whose drop rule picked each one: transformers'
     cache then fails); with `refuse`, say so instead."""
@@ -491,10 +498,14 @@ def structure(
     most = max(s.drop_blocks for s in shapes)
     run = target.drop_run
     if most and target.drop_rule == "greedy":
-        order, losses = greedy_drop_order(model, evenly_spaced(calibration, greedy_blocks), most, source, run)
+        attention = frozenset(i for i, p in enumerate(anat.parts) if p.attention is not None)
+        keep = attention if len(attention) < len(anat.parts) else frozenset()  # a hybrid keeps one
+        order, losses = greedy_drop_order(model, evenly_spaced(calibration, greedy_blocks), most, source, run, keep)
     elif most:
         distances = block_distances(model, evenly_spaced(calibration, distance_blocks), batch_size, source, run)
         order = run_order(distances, run)
+        if run == 1:  # the distance rule orders every block: a hybrid's last attention block goes last
+            order = attention_last(anat, order)
     spread = evenly_spaced(calibration, distance_blocks)
     means = input_means(model, spread, batch_size, source) if target.bias_compensation else None
     search = evenly_spaced(calibration, search_blocks)
