@@ -589,6 +589,15 @@ def test_hybrids_keep_their_other_mixers_whole_and_slice_the_rest(
             assert torch.equal(got[n.replace(f".{i}.", f".{i - 1}.", 1)], source[n]), n
 
 
+def test_blocks_sharing_their_projections_are_refused() -> None:
+    """Zamba2's hybrid blocks share one transformer block's weights: each would be sliced to its own
+    units and the reload would keep one of them, so structured extraction refuses by name."""
+    config = any_tiny_config("zamba2")
+    config.layers_block_type = ["linear_attention", "hybrid", "hybrid"]
+    with pytest.raises(UsageError, match=r"blocks 1 and 2 share their q_proj weights"):
+        anatomy(AutoModelForCausalLM.from_config(config))
+
+
 def test_a_plan_that_drops_every_attention_block_is_refused_or_left_out() -> None:
     """transformers' cache needs one attention block in a hybrid: a plan dropping the only one is refused by
     name, and the split search leaves such candidates out."""

@@ -165,6 +165,16 @@ def anatomy(model: nn.Module) -> Anatomy:
             f"structured extraction needs Llama-style blocks; {type(model).__name__} has no "
             f"{'attention' if any(kinds) else 'MLP or expert'} block among its {len(blocks)} (its layer_types: {types})"
         )
+    owner: dict[int, int] = {}  # a projection's weight -> the first block holding it
+    for i, p in enumerate(parts):
+        for role in p.names:
+            j = owner.setdefault(id(p.linear(role).weight), i)
+            if j != i:  # each block would be sliced to its own units, and the reloaded tie would keep one
+                raise UsageError(
+                    f"structured extraction slices each block on its own; {type(model).__name__}'s blocks {j} and "
+                    f"{i} share their {role} weights (a shared transformer block); unstructured and N:M "
+                    "extraction work on it"
+                )
     if getattr(config, "num_hidden_layers", len(blocks)) != len(blocks):
         raise UsageError(
             f"structured extraction rewrites the config's block count; {type(model).__name__}'s "
