@@ -467,7 +467,9 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         return _perturbed(
             _drawn(tf.AutoModelForCausalLM.from_config(config), routing, TAPS), ("layernorm.weight",), 1.0
         )
-    if kind == "bamba":  # Bamba in small: Mamba-2 blocks around an attention block with RoPE over half a head
+    if (
+        kind.removesuffix("-structured") == "bamba"
+    ):  # Bamba in small: Mamba-2 blocks around an attention block with RoPE over half a head
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.BambaConfig(**sizes, attn_layer_indices=[2], mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16,
                                 mamba_n_groups=1, mamba_d_conv=4, mamba_expand=2, vocab_size=vocab)  # fmt: skip
@@ -515,7 +517,9 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
             for layer in model.model.layers:
                 layer.layer_scalar.uniform_(0.5, 1.5)
         return _perturbed(model, ("norm.weight", "layernorm.weight", "layernorm_1.weight", "layernorm_2.weight"), 1.0)
-    if kind == "nemotron-h":  # Nemotron-H in small: Mamba-2, attention, Mamba-2, MLP blocks (no RoPE)
+    if (
+        kind.removesuffix("-structured") == "nemotron-h"
+    ):  # Nemotron-H in small: Mamba-2, attention, Mamba-2, MLP blocks (no RoPE)
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         config = tf.NemotronHConfig(**sizes, head_dim=16, mamba_num_heads=8, mamba_head_dim=16, ssm_state_size=16,
                                     n_groups=2, conv_kernel=4, expand=2, hybrid_override_pattern="M*M-",
@@ -523,7 +527,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         return _perturbed(_drawn(tf.AutoModelForCausalLM.from_config(config), TAPS), ("norm.weight",), 1.0)
     # Qwen3.5 in small: 3 Gated DeltaNet blocks (4 value heads on 2 key heads), then attention; -moe: 4 experts
     # (top-2) and a gated shared expert in every block; Qwen3-Next: as -moe
-    if kind in ("qwen35", "qwen35-moe", "qwen3-next"):
+    if kind in ("qwen35", "qwen35-structured", "qwen35-moe", "qwen3-next"):
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
         rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 1, 1],
                 "mrope_interleaved": True}  # fmt: skip
@@ -532,7 +536,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                   "vocab_size": vocab}  # fmt: skip
         moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
                "shared_expert_intermediate_size": 48}  # fmt: skip
-        if kind == "qwen35":
+        if kind.removesuffix("-structured") == "qwen35":
             config = tf.Qwen3_5TextConfig(**sizes, **common)
         elif kind == "qwen3-next":  # no multimodal RoPE sections
             plain = {k: v for k, v in rope.items() if not k.startswith("mrope")}
@@ -540,7 +544,8 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
         else:
             config = tf.Qwen3_5MoeTextConfig(**sizes, **common, **moe)
         routing: Rule = (lambda name: ".mlp." in name, lambda p: p.normal_(0, 0.2))
-        model = _drawn(tf.AutoModelForCausalLM.from_config(config), TAPS, *([routing] if kind != "qwen35" else []))
+        dense = kind.removesuffix("-structured") == "qwen35"
+        model = _drawn(tf.AutoModelForCausalLM.from_config(config), TAPS, *([routing] if not dense else []))
         return _perturbed(model, ("norm.weight",), 0.0)
     if kind == "apertus":  # Apertus in small: per-head Q/K norms, Llama 3 RoPE, an xIELU MLP with its parameters drawn
         sizes = {**SIZES, "num_hidden_layers": 4, "pad_token_id": None, "bos_token_id": None, "eos_token_id": None}
@@ -821,6 +826,10 @@ STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structur
               "granitemoe-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "gpt-oss-experts": [*_CUT[:6], "--experts-keep", "0.75"],
               "deepseek-v3-experts": [*_CUT[:6], "--experts-keep", "0.75"],  # 3 of 4 in each of 2 groups
+              # hybrids: their Gated DeltaNet / Mamba blocks kept whole, MLP channels and a block cut, and half the
+              # attention blocks' heads
+              "qwen35-structured": [*_CUT, "--heads-keep", "0.5"], "bamba-structured": [*_CUT, "--heads-keep", "0.5"],
+              "nemotron-h-structured": [*_CUT, "--heads-keep", "0.5"],
               # an MoE's heads and depth (its experts untouched: no dense MLP to narrow)
               "mixtral-structured": [*_CUT[:6], "--heads-keep", "0.5", "--drop-blocks", "1"]}  # fmt: skip
 
@@ -1228,13 +1237,16 @@ KINDS = (
     "granite-hybrid",
     "granite-hybrid-rope",
     "nemotron-h",
+    "nemotron-h-structured",
     "bamba",
+    "bamba-structured",
     "falcon-h1",
     "jamba",
     "mamba",
     "falcon-mamba",
     "mamba2",
     "qwen35",
+    "qwen35-structured",
     "qwen35-moe",
     "gemma3n",
     "gemma4",
