@@ -169,6 +169,9 @@ weights scaled by 8; no contrast row. Qwen3.5-MoE (`qwen35-moe`): the same block
 (top-2, renormalized) and a sigmoid-gated shared expert of width 48 in each, their weights from N(0, 0.2);
 contrast: top-1. Qwen3-Next (`qwen3-next`): the qwen35-moe row's sizes, the DeltaNet's projections fused per key
 head as Qwen3-Next stores them (value heads not reordered); contrast: top-1.
+Structured hybrids (`qwen35-structured`, `bamba-structured`, `nemotron-h-structured`): the qwen35, bamba and
+nemotron-h rows' models cut by `--mlp-keep 0.5 --drop-blocks 1 --heads-keep 0.5` (the DeltaNet and Mamba blocks
+kept whole); contrast: the unsliced source.
 Gemma 3n (`gemma3n`): 22 blocks with what llama.cpp's gemma3n fixes (4 AltUp streams, LAuReL rank 64, per-layer
 embeddings of 256, the last 2 blocks reusing blocks 18's and 19's keys and values, activation sparsity at the 95th
 percentile in the first 10), 4 query heads of 16 in 2 key/value groups, an MLP of 2048 channels, window 16, norm
