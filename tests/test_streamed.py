@@ -573,6 +573,13 @@ STRUCTURED_STREAMS = [("llama", {"keep": 0.5}), ("gemma3", {"keep": 0.5}),
                       ("gemma3", {"drop_blocks": 1, "mlp_keep": 1.0, "heads_keep": 1.0, "drop_rule": "greedy"})] + [(a, {"keep": 0.5}) for a in MORE_ARCHS] + [("phi3", {"keep": 0.5, "drop_rule": "greedy", "method": "dual-obs"})] + [
     (a, {"keep": 0.5}) for a in ("olmo2", "stablelm")] + [("phi", {"keep": 0.5}),
     ("starcoder2", {"keep": 0.5, "method": "dual-obs"})]  # fmt: skip  # olmo2, stablelm: every head kept
+# hybrids (their DeltaNet and Mamba blocks kept whole), Gemma 4 (every head kept, its last block pinned)
+STRUCTURED_STREAMS += [
+    ("any:qwen3_5_text", {"keep": 0.5}),
+    ("any:bamba", {"drop_blocks": 1, "mlp_keep": 0.5, "drop_rule": "greedy"}),
+    ("gemma4", {"keep": 0.6}),
+    ("gemma4", {"drop_blocks": 2, "mlp_keep": 0.5, "drop_rule": "greedy"}),
+]
 
 
 @pytest.mark.parametrize("arch, kw", STRUCTURED_STREAMS)
@@ -584,7 +591,16 @@ def test_streamed_structured_equals_in_memory(
     the in-memory plan, config and weights bit for bit, and the same perplexities."""
     import json
 
-    src = _saved(tmp_path, arch, tokenizer)
+    if arch == "gemma4":
+        from tests.test_structure import _gemma4
+
+        src = tmp_path / "src-gemma4"
+        _gemma4().save_pretrained(src)
+        tokenizer.save_pretrained(src)
+    else:
+        src = (
+            _any_saved(tmp_path, arch[4:], tokenizer) if arch.startswith("any:") else _saved(tmp_path, arch, tokenizer)
+        )
     kw = {"method": "wanda", **kw}
     method = kw.pop("method")
     mem = extract(_recipe(src, small_corpus, method, False, structure=True, sparsity=None, **kw), tmp_path / "mem")

@@ -23,6 +23,7 @@ from carve.ops.structure import (
     apply_plan,
     attention_last,
     held_by_config,
+    pinned_blocks,
     search_plan,
     shared_copy,
     structure,
@@ -78,8 +79,9 @@ def sliced_as_zeroed(model: torch.nn.Module, shape: Shape, order: list[int], tmp
     sliced.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     c = reloaded.config.get_text_config()  # a multimodal model's text model's
-    assert (c.num_hidden_layers, c.num_key_value_heads) == (len(anat.blocks) - shape.drop_blocks, shape.kv_groups)
-    assert c.num_attention_heads == shape.kv_groups * anat.group_size
+    assert c.num_hidden_layers == len(anat.blocks) - shape.drop_blocks
+    if getattr(c, "per_layer_config", None) is None:  # Gemma 4: head counts by block (its heads are held)
+        assert (c.num_key_value_heads, c.num_attention_heads) == (shape.kv_groups, shape.kv_groups * anat.group_size)
     if anat.intermediate:  # an MoE's experts keep their width (its config may name none)
         widths = c.intermediate_size if isinstance(c.intermediate_size, list) else [c.intermediate_size]  # Gemma 3n
         assert set(widths) == {shape.mlp_channels}
@@ -533,18 +535,50 @@ def test_gemma3n_keeps_its_depth_and_its_sparse_mlps(tmp_path: Path) -> None:
             apply_plan(copy.deepcopy(model), dropping)
 
 
-def test_blocks_of_different_shapes_refused() -> None:
-    """Gemma 4's global layers have wider heads than its sliding ones: structured extraction keeps one
-    width per kind across blocks, so it refuses by name (unstructured extraction works on it)."""
+def _gemma4(**extra: Any) -> torch.nn.Module:
+    """A tiny Gemma 4: sliding and global layers in turn (4 blocks), the global ones with wider heads (32 against
+    16), one key/value head (against 2) and values that are their keys (no v_proj)."""
     import transformers as tf
 
-    config = tf.Gemma4TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
-                                 layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256,
-                                 pad_token_id=None, bos_token_id=None, eos_token_id=None)  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(UsageError, match="block 1's q_proj is not block 0's shape"):
-        anatomy(model)
+    config = tf.Gemma4TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                                 num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=16,
+                                 layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=256,
+                                 pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                                 **{"hidden_size_per_layer_input": 0, **extra})  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_gemma4_keeps_its_heads_and_loses_mlp_channels_and_blocks(tmp_path: Path) -> None:
+    """Gemma 4's global layers lay out their heads otherwise than its sliding ones (per-kind head widths and
+    key/value heads in `per_layer_config`, values that are their keys): every head is kept, by name, and the
+    MLP channels and blocks go; the per-block settings follow the kept blocks, and the last block, which Gemma
+    4's config makes a global one, is pinned (no drop rule removes it).  The sliced model equals the zeroed one
+    and reloads with stock from_pretrained.  E2B/E4B's shape (per-layer embeddings, keys and values reused by
+    the last blocks, whose MLPs are double-wide) holds everything: refused by name."""
+    model = _gemma4()
+    anat = anatomy(model)
+    assert re.search(r"its full_attention layers lay out their heads otherwise", anat.fixed["heads"])
+    assert held_by_config(model, anat) == {} and list(pinned_blocks(model, anat)) == [3]
+    for order in ([0, 1, 2, 3], [1, 0, 2, 3]):  # a sliding block dropped, a global one
+        reloaded, _ = sliced_as_zeroed(model, Shape(anat.kv_heads, 40, 1), order, tmp_path / str(order[0]))
+        types = ["sliding_attention", "full_attention"] * 2
+        assert reloaded.config.layer_types == types[: order[0]] + types[order[0] + 1 :]
+        widths = [reloaded.config.per_layer_config[i].head_dim for i in range(3)]
+        assert widths == [16 if t == "sliding_attention" else 32 for t in reloaded.config.layer_types]
+    res = structure(copy.deepcopy(model), random_scores(model), _ids(4, 16),
+                    ShapeTarget(drop_blocks=3, mlp_keep=0.5, heads_keep=1.0))  # fmt: skip
+    assert res.plan.drop == [0, 1, 2] and res.describe(model)["structure"]["pinned_blocks"].keys() == {"3"}
+    with pytest.raises(UsageError, match=r"heads of Gemma4ForCausalLM: its full_attention layers.*--heads-keep 1\.0"):
+        candidate_shapes(anat, None, heads_keep=0.5)
+    # E2B/E4B: per-layer embeddings, the last two blocks reusing keys and values with double-wide MLPs
+    e2b = _gemma4(hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=2,
+                  use_double_wide_mlp=True)  # fmt: skip
+    held = anatomy(e2b).fixed
+    assert set(held) == {"heads", "mlp", "depth"} and "block 2's is not block 0's" in held["mlp"]
+    with pytest.raises(UsageError, match="no choice of heads, MLP width and blocks"):
+        candidate_shapes(anatomy(e2b), 0.5)
 
 
 def _hybrid(model_type: str) -> torch.nn.Module:

@@ -259,15 +259,24 @@ def _block_inputs(
     return states, kinds[0]
 
 
-def _runs(n_blocks: int, order: list[int], run: int, keep_one_of: frozenset[int] = frozenset()) -> list[list[int]]:
+def _runs(
+    n_blocks: int,
+    order: list[int],
+    run: int,
+    keep_one_of: frozenset[int] = frozenset(),
+    never: frozenset[int] = frozenset(),
+) -> list[list[int]]:
     """The candidate runs of one greedy step: every `run` consecutive blocks not yet dropped, but none
-    that would leave no block of `keep_one_of` (a hybrid's attention blocks)."""
+    that would leave no block of `keep_one_of` (a hybrid's attention blocks) or holds one of `never`."""
     kept = [i for i in range(n_blocks) if i not in order]
     runs = [kept[k : k + run] for k in range(len(kept) - run + 1)]
-    return [r for r in runs if not keep_one_of or not keep_one_of <= {*order, *r}]
+    return [r for r in runs if not (keep_one_of and keep_one_of <= {*order, *r}) and not never & set(r)]
 
 
-_NO_RUN = "no run of blocks is left to drop that keeps an attention block; drop fewer than {n} blocks"
+_NO_RUN = (
+    "no run of blocks is left to drop (an attention block and the end blocks the config needs stay); drop fewer "
+    "than {n} blocks"
+)
 
 
 @torch.no_grad()
@@ -278,11 +287,13 @@ def greedy_drop_order(
     source: BlockSource | None = None,
     run: int = 1,
     keep_one_of: frozenset[int] = frozenset(),
+    never: frozenset[int] = frozenset(),
 ) -> tuple[list[int], list[float]]:
     """The first `n` blocks to drop, a run of `run` consecutive kept blocks at a time (one block by
     default): each time the run whose removal (on top of those already chosen) gives the lowest
     next-token loss on the calibration blocks, never one that would leave no block of `keep_one_of`
-    (a hybrid's attention blocks).  Returns the order and the loss after each removal (one per run).
+    (a hybrid's attention blocks) or that holds a block of `never` (`structure.pinned_blocks`).  Returns
+    the order and the loss after each removal (one per run).
 
     Exact and cheaper than slicing a trial model per candidate: per step, one forward of the
     current model records the hidden state entering every block; a candidate's forward then
@@ -300,11 +311,11 @@ def greedy_drop_order(
     losses: list[float] = []
     if source is not None:
         for _ in range(n // run):
-            candidates = _streamed_candidates(source, list(calibration), order, run, keep_one_of)
+            candidates = _streamed_candidates(source, list(calibration), order, run, keep_one_of, never)
             if not candidates:
                 raise UsageError(_NO_RUN.format(n=n))
             loss, first = min((loss, r[0]) for r, loss in candidates)
-            order += next(r for r in _runs(len(blocks), order, run, keep_one_of) if r[0] == first)
+            order += next(r for r in _runs(len(blocks), order, run, keep_one_of, never) if r[0] == first)
             losses.append(round(loss, 5))
         return order, losses
     device = first_parameter(model).device
@@ -314,7 +325,7 @@ def greedy_drop_order(
     for _ in range(n // run):
         states, tuple_out = _block_inputs(model, blocks, seqs, order, tuple_out)
         best: tuple[float, list[int]] | None = None
-        for candidate in _runs(len(blocks), order, run, keep_one_of):
+        for candidate in _runs(len(blocks), order, run, keep_one_of, never):
             i = candidate[0]
             total = 0.0
             for s, ids in enumerate(seqs):
@@ -339,6 +350,7 @@ def _streamed_candidates(
     order: list[int],
     run: int = 1,
     keep_one_of: frozenset[int] = frozenset(),
+    never: frozenset[int] = frozenset(),
 ) -> list[tuple[list[int], float]]:
     """One step of the greedy search, streamed: (run, loss of the model without `order` and it)
     for every run of `run` consecutive blocks not in `order`.  Each block is read once: the current
@@ -360,7 +372,7 @@ def _streamed_candidates(
         tuple_out = arity(outs[0])
         return [o[0] if tuple_out else o for o in outs]
 
-    runs = {r[0]: r for r in _runs(len(source.blocks), order, run, keep_one_of)}
+    runs = {r[0]: r for r in _runs(len(source.blocks), order, run, keep_one_of, never)}
     for j in progress(range(len(source.blocks)), "greedy block search (streamed)"):
         if j in order:
             continue

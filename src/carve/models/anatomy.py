@@ -103,6 +103,22 @@ def width_key(config: Any) -> str:
     return key
 
 
+def layer_config(config: Any, i: int) -> Any:
+    """Block `i`'s own config where settings vary by block (transformers 5's `per_layer_config`: Gemma 4's
+    head widths and key/value heads, whose config-wide values it refuses to read), else the config."""
+    per = getattr(config, "per_layer_config", None)
+    return config if per is None else per[i]
+
+
+def config_value(config: Any, key: str) -> Any:
+    """`config`'s `key`, None where it has none; one per block where it varies by block (transformers 5
+    refuses to read Gemma 4's head counts config-wide)."""
+    try:
+        return getattr(config, key, None)
+    except Exception:  # AmbiguousGlobalPerLayerAttributeError (an AttributeError would have given None)
+        return [getattr(layer_config(config, i), key, None) for i in range(config.num_hidden_layers)]
+
+
 def text_config(model: nn.Module) -> Any:
     return text_part(model.config)
 
@@ -124,6 +140,8 @@ def anatomy(model: nn.Module) -> Anatomy:
     kept = [isinstance(types, list) and len(types) == len(blocks) and types[i] in KEPT_MIXERS
             for i in range(len(blocks))]  # fmt: skip
     hybrid = any(kept)
+    k_eq_v = bool(getattr(config, "attention_k_eq_v", False))  # Gemma 4's global layers: no v_proj, values are keys
+    shared = int(getattr(config, "num_kv_shared_layers", 0) or 0)  # the last blocks reuse earlier keys and values
     parts: list[Parts] = []
     kinds: list[str | None] = []  # per block: "dense" MLP, "moe", or None (a hybrid's block without an MLP)
     for i, block in enumerate(blocks):
@@ -145,7 +163,10 @@ def anatomy(model: nn.Module) -> Anatomy:
         if moe:  # the experts' (and a shared expert's) projections are not a dense MLP's
             names = {r: n for r, n in names.items() if r in ATTENTION}
         kinds.append("moe" if moe else "dense" if "up_proj" in names or not hybrid else None)
-        missing = [r for r in ((), ATTENTION)[not kept[i]] + ((), MLP[1:])[kinds[-1] == "dense"] if r not in names]
+        needed = () if kept[i] else ATTENTION if not k_eq_v else tuple(r for r in ATTENTION if r != "v_proj")
+        if i >= len(blocks) - shared and "q_proj" in names:  # Gemma 4 builds no key/value projections where they
+            needed = ("q_proj", "o_proj")  # are an earlier layer's
+        missing = [r for r in needed + ((), MLP[1:])[kinds[-1] == "dense"] if r not in names]
         if missing:
             raise UsageError(
                 f"structured extraction needs Llama-style blocks (q/k/v/o_proj or qkv_proj/o_proj attention, "
@@ -181,13 +202,24 @@ def anatomy(model: nn.Module) -> Anatomy:
             f"num_hidden_layers ({config.num_hidden_layers}) does not count the blocks of {prefix} ({len(blocks)}); "
             "unstructured and N:M extraction work on it"
         )
+    # each kind's first attention block, whose shapes its kind's blocks share: a kind per layer type, and the
+    # blocks reusing earlier keys and values a kind of their own
+    layer_type = [
+        (types[i] if isinstance(types, list) and len(types) == len(blocks) else None, i >= len(blocks) - shared)
+        for i in range(len(blocks))
+    ]
+    firsts: dict[Any, int] = {}
+    for i, p in enumerate(parts):
+        if p.attention is not None:
+            firsts.setdefault(layer_type[i], i)
+    at = min(firsts.values())
+    layer = layer_config(config, at)  # its head counts (a heterogeneous config: the block's own)
     heads, kv_heads = (
-        config.num_attention_heads,
-        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+        layer.num_attention_heads,
+        getattr(layer, "num_key_value_heads", None) or layer.num_attention_heads,
     )
     for p in parts:
         _fused_spans(p, heads, kv_heads)
-    at = next(i for i, p in enumerate(parts) if p.attention is not None)  # the first block of each kind
     mi = next((i for i, k in enumerate(kinds) if k == "dense"), None)
     attention, dense = parts[at], None if mi is None else parts[mi]
     head_dim = attention.width("k_proj") // kv_heads
@@ -199,20 +231,34 @@ def anatomy(model: nn.Module) -> Anatomy:
             f"{type(model).__name__}: q_proj has {attention.width('q_proj')} outputs, not "
             f"{heads} heads x {query_rows}; carve cannot tell its heads apart"
         )
-    for i, p in enumerate(parts):  # one config width per kind: every block as the first of its kind
-        refs: list[tuple[int, tuple[str, ...]]] = [(at, ATTENTION)] if p.attention is not None else []
-        refs += [(mi, MLP)] if mi is not None and kinds[i] == "dense" else []
-        odd = [(j, r) for j, roles in refs for r in roles if _role_shape(p, r) != _role_shape(parts[j], r)]
+    for i, p in enumerate(parts):  # one attention layout per layer type: every block as the first of its type
+        j = firsts.get(layer_type[i], at)
+        odd = [r for r in ATTENTION if p.attention is not None and _role_shape(p, r) != _role_shape(parts[j], r)]
         if odd:
             raise UsageError(
                 f"structured extraction slices blocks of one shape; {type(model).__name__} block {i}'s "
-                f"{odd[0][1]} is not block {odd[0][0]}'s shape (layers of different kinds); unstructured and N:M "
+                f"{odd[0]} is not block {j}'s shape (layers of different kinds); unstructured and N:M "
                 "extraction work on it"
             )
+    # layer types whose attention differs from the first's (Gemma 4's global layers: wider heads, fewer of
+    # them, values that are their keys), MLPs of other widths (Gemma 4's double-wide ones): held whole
+    apart = [f"{t}{' reusing keys and values' if reuse else ''}" for (t, reuse), j in firsts.items()
+             if any(_role_shape(parts[j], r) != _role_shape(attention, r) for r in ATTENTION)]  # fmt: skip
+    wide = [i for i, k in enumerate(kinds) if k == "dense" and dense is not None
+            and any(_role_shape(parts[i], r) != _role_shape(dense, r) for r in MLP)]  # fmt: skip
     experts = "its blocks route tokens through experts, not one dense MLP: --experts-keep F removes whole experts"
     reasons = {
-        "heads": _fixed_heads(attention, head_dim, heads * head_dim, kv_heads * head_dim),
-        "mlp": experts if "moe" in kinds else None if dense is None else _fixed_mlp(config, dense, intermediate),
+        "heads": f"its {' and '.join(apart)} layers lay out their heads otherwise than its {layer_type[at][0]} "
+        "layers (per-kind head layouts are not cut)"
+        if apart
+        else _fixed_heads(attention, head_dim, heads * head_dim, kv_heads * head_dim),
+        "mlp": experts
+        if "moe" in kinds
+        else f"its MLPs differ in width (block {wide[0]}'s is not block {mi}'s)"
+        if wide
+        else None
+        if dense is None
+        else _fixed_mlp(config, dense, intermediate),
         "depth": _fixed_depth(config, attention),
     }
     what = {"heads": "remove heads of", "mlp": "remove MLP channels of", "depth": "drop blocks of"}
@@ -341,9 +387,9 @@ def block_param_counts(anat: Anatomy) -> list[tuple[int, int, int]]:
     for p, block in zip(anat.parts, anat.blocks, strict=True):
         per_group = 0
         if p.attention is not None:
-            for role in ("q_proj", "k_proj", "v_proj"):
-                lin = p.linear(role)
-                per_group += p.width(role) // anat.kv_heads * (lin.in_features + (lin.bias is not None))
+            for qkv in [r for r in ("q_proj", "k_proj", "v_proj") if r in p.names]:  # Gemma 4: v_proj may be absent
+                lin = p.linear(qkv)
+                per_group += p.width(qkv) // anat.kv_heads * (lin.in_features + (lin.bias is not None))
             o = p.linear("o_proj")
             per_group += o.out_features * (o.in_features // anat.kv_heads)
         per_channel = 0

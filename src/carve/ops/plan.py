@@ -68,12 +68,14 @@ def block_unit_importance(
             raise UsageError(f"the importance map has no scores for {key}; score the attention and MLP weights")
         return scores[key][p.offset(role) : p.offset(role) + p.width(role)]  # a fused projection: its span
 
-    groups = torch.zeros(anat.kv_heads)  # a hybrid's block of another mixer: no heads
-    if p.attention is not None:
+    # a hybrid's block of another mixer has no heads, and heads held whole (Gemma 4's kinds of other layouts
+    # among them) are all kept: nothing to rank
+    groups = torch.zeros(anat.kv_heads)
+    if p.attention is not None and "heads" not in anat.fixed:
         groups += _rows(s("k_proj"), anat.kv_heads) + _rows(s("v_proj"), anat.kv_heads)
         groups += _rows(s("q_proj"), anat.kv_heads) + _cols(s("o_proj"), anat.kv_heads)
-    if "up_proj" not in p.names:  # an MoE block, or a hybrid's block without an MLP: no dense MLP channels
-        return groups, torch.zeros(anat.intermediate)
+    if "up_proj" not in p.names or "mlp" in anat.fixed:  # an MoE block, a hybrid's block without an MLP, or MLPs
+        return groups, torch.zeros(anat.intermediate)  # held whole (Gemma 4's double-wide ones): no channel to rank
     channels = _rows(s("up_proj"), anat.intermediate) + _cols(s("down_proj"), anat.intermediate)
     if "gate_proj" in p.names:
         channels += _rows(s("gate_proj"), anat.intermediate)

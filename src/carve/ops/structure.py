@@ -52,6 +52,7 @@ from carve.models.anatomy import (
     Parts,
     anatomy,
     compensable,
+    config_value,
     text_config,
     text_part,
     width_key,
@@ -128,10 +129,14 @@ def slice_block(p: Parts, anat: Anatomy, plan: Plan, i: int, roles: list[str],
         raise UsageError(anat.fixed[dim])
     hd, rep = anat.head_dim, anat.group_size
     heads = [h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)]  # the kept query heads
+    # a hybrid's block of another mixer keeps it whole, and what the plan does not cut is left as it is (Gemma 4's
+    # held heads and double-wide MLPs are not of the first block's layout)
+    heads_cut = p.attention is not None and plan.shape.kv_groups < anat.kv_heads
+    mlp_cut = "down_proj" in p.names and plan.shape.mlp_channels < anat.intermediate
     removed = {}
-    if p.attention is not None:  # a hybrid's block of another mixer keeps it whole
+    if heads_cut:
         removed["o_proj"] = sorted(set(range(p.linear("o_proj").in_features)) - set(_head_rows(heads, hd)))
-    if "down_proj" in p.names:
+    if mlp_cut:
         removed["down_proj"] = sorted(set(range(p.linear("down_proj").in_features)) - set(plan.channels[i]))
     deltas = {}
     for role in (r for r in roles if r in removed):
@@ -139,7 +144,8 @@ def slice_block(p: Parts, anat: Anatomy, plan: Plan, i: int, roles: list[str],
         lin = p.linear(role)
         cols = removed[role]
         deltas[role] = lin.weight.detach()[:, cols].float() @ means[role][cols].to(lin.weight.device)
-    if p.attention is not None:
+    if heads_cut:
+        assert p.attention is not None
         kv = _head_rows(plan.groups[i], hd)
         _slice_rows(p, p.attention, {"q_proj": _head_rows(heads, anat.query_rows), "k_proj": kv, "v_proj": kv})
         setattr(p.attention, p.attribute("o_proj"), _sliced(p.linear("o_proj"), cols=_head_rows(heads, hd)))
@@ -147,7 +153,7 @@ def slice_block(p: Parts, anat: Anatomy, plan: Plan, i: int, roles: list[str],
             if isinstance(getattr(p.attention, attr, None), int):
                 setattr(p.attention, attr, len(plan.groups[i]) if attr == "num_key_value_heads" else len(heads))
     ch = plan.channels[i]
-    if "down_proj" in p.names:  # a dense MLP (an MoE block's experts stay as they are)
+    if mlp_cut:  # a dense MLP (an MoE block's experts stay as they are)
         assert p.mlp is not None
         _slice_rows(p, p.mlp, {"gate_proj": ch, "up_proj": ch})
         setattr(p.mlp, p.attribute("down_proj"), _sliced(p.linear("down_proj"), cols=ch))
@@ -170,9 +176,10 @@ def _slice_rows(p: Parts, holder: nn.Module, rows: dict[str, list[int]]) -> None
 
 def shape_config(config: Any, anat: Anatomy, shape: Shape) -> None:
     """Rewrite the widths of `config` in place to what every kept block of `shape` holds."""
-    config.head_dim = anat.head_dim  # explicit: most configs derive it from hidden_size / heads otherwise
-    config.num_key_value_heads = shape.kv_groups
-    config.num_attention_heads = shape.kv_groups * anat.group_size
+    if shape.kv_groups < anat.kv_heads:  # heads not cut: their fields as they were (Gemma 4's per-kind layouts)
+        config.head_dim = anat.head_dim  # explicit: most configs derive it from hidden_size / heads otherwise
+        config.num_key_value_heads = shape.kv_groups
+        config.num_attention_heads = shape.kv_groups * anat.group_size
     # an MoE's intermediate_size (Mixtral: each expert's width) is left as it is, and a width not cut
     if anat.intermediate and shape.mlp_channels != anat.intermediate:
         key = width_key(config)
@@ -191,6 +198,9 @@ def plan_config(config: Any, anat: Anatomy, plan: Plan, roles: list[str]) -> Non
     for key in INDEX_LISTS:
         if isinstance(getattr(config, key, None), list):
             setattr(config, key, [kept.index(i) for i in getattr(config, key) if i in kept])
+    if getattr(config, "per_layer_config", None) is not None and plan.drop:  # transformers 5's per-block settings
+        overrides = config.to_dict().get("per_layer_config") or {}  # (Gemma 4's global layers' heads): by block index
+        config.per_layer_config = {str(kept.index(int(k))): v for k, v in overrides.items() if int(k) in kept}
     config.num_hidden_layers = len(kept)
 
 
@@ -282,31 +292,45 @@ def held_by_config(model: nn.Module, anat: Anatomy) -> dict[str, str]:
     """The dimensions ("heads", "mlp", "depth") a config cannot describe once cut, though the blocks
     could be sliced (Helium's o_proj is as wide as the hidden size whatever the heads): found by
     slicing one unit of each from a meta-device copy of `model` (no memory) and comparing it with
-    what its config builds."""
+    what its config builds; depth is held where neither the first nor the last block can go alone
+    (`pinned_blocks`)."""
     n = len(anat.blocks)
     cuts = {
         "heads": Shape(anat.kv_heads - 1, anat.intermediate, 0),
         "mlp": Shape(anat.kv_heads, anat.intermediate - 1, 0),
-        "depth": Shape(anat.kv_heads, anat.intermediate, 1),
     }
     room = {"heads": anat.kv_heads > 1, "mlp": anat.intermediate > 1, "depth": n > 1}
-    attention = [i for i, p in enumerate(anat.parts) if p.attention is not None]
-    last = next((i for i in reversed(range(n)) if attention != [i]), n - 1)  # the last block that can go
     what = {"heads": "remove heads of", "mlp": "remove MLP channels of", "depth": "drop blocks of"}
-    held: dict[str, str] = {}
-    for dim, shape in cuts.items():
-        if dim in anat.fixed or not room[dim]:
-            continue
-        skeleton = meta_twin(model)
-        plan = make_plan(shape, torch.zeros(n, anat.kv_heads), torch.zeros(n, anat.intermediate), [last])
-        why = None
-        try:
-            apply_plan(skeleton, plan)
-        except UsageError as e:
-            why = str(e).partition(": ")[2] or str(e)
-        if why is not None:
-            held[dim] = f"structured extraction cannot {what[dim]} {type(model).__name__}: {why}"
-    return held
+    whys = {dim: _refusal(model, anat, shape, []) for dim, shape in cuts.items() if dim not in anat.fixed and room[dim]}
+    if "depth" not in anat.fixed and room["depth"]:
+        pinned = pinned_blocks(model, anat)
+        whys["depth"] = next(iter(pinned.values())) if len(pinned) == len(_ends(n)) else None
+    return {dim: f"structured extraction cannot {what[dim]} {type(model).__name__}: {why}"
+            for dim, why in whys.items() if why is not None}  # fmt: skip
+
+
+def _ends(n: int) -> list[int]:
+    return sorted({0, n - 1})
+
+
+def pinned_blocks(model: nn.Module, anat: Anatomy) -> dict[int, str]:
+    """The end blocks (first, last) that cannot be dropped alone -> why: Gemma 4's config makes its last
+    layer a global one, and a hybrid's only attention block cannot go (a meta-device copy, no memory).
+    The drop rules leave them for last (`drop_order`); a block within is checked when a plan drops it."""
+    shape = Shape(anat.kv_heads, anat.intermediate, 1)
+    whys = {b: _refusal(model, anat, shape, [b]) for b in _ends(len(anat.blocks))}
+    return {b: why for b, why in whys.items() if why is not None}
+
+
+def _refusal(model: nn.Module, anat: Anatomy, shape: Shape, drop: list[int]) -> str | None:
+    """Why a meta-device copy of `model` cannot be sliced to `shape`, dropping `drop` (None: it can)."""
+    n = len(anat.blocks)
+    plan = make_plan(shape, torch.zeros(n, anat.kv_heads), torch.zeros(n, anat.intermediate), drop)
+    try:
+        apply_plan(meta_twin(model), plan)
+    except UsageError as e:
+        return str(e).partition(": ")[2] or str(e)
+    return None
 
 
 def per_layer_lists(config: Any, layers: int) -> dict[str, list[Any]]:
@@ -337,11 +361,11 @@ def zero_plan(model: nn.Module, plan: Plan) -> nn.Module:
                     if id(prm) in outputs or any(out in name for out in ("o_proj", "down_proj", "out_proj")):
                         prm.zero_()  # out_proj by name: a Mamba branch's; o_proj, down_proj: experts' too
                 continue
-            if p.attention is not None:  # a hybrid's block of another mixer keeps it whole
+            if p.attention is not None and plan.shape.kv_groups < anat.kv_heads:  # as slice_block: what is cut
                 o = p.linear("o_proj")
                 kept_q = set(_head_rows([h for g in plan.groups[i] for h in range(g * rep, (g + 1) * rep)], hd))
                 o.weight[:, [c for c in range(o.in_features) if c not in kept_q]] = 0
-            if "down_proj" in p.names:
+            if "down_proj" in p.names and plan.shape.mlp_channels < anat.intermediate:
                 down, kept_ch = p.linear("down_proj"), set(plan.channels[i])
                 down.weight[:, [c for c in range(down.in_features) if c not in kept_ch]] = 0
     return model
@@ -435,6 +459,7 @@ class StructureResult:
     means: list[dict[str, torch.Tensor]] | None = None  # the mean inputs folded into biases, if any
     config: Any = None  # the output's config where the model itself was not sliced (a streamed extraction)
     held: dict[str, str] = field(default_factory=dict)  # the dimensions the model holds whole -> why (Anatomy.fixed)
+    pinned: dict[int, str] = field(default_factory=dict)  # end blocks no drop rule removes -> why (`pinned_blocks`)
 
     def describe(self, model: nn.Module) -> dict[str, Any]:
         config = text_config(model) if self.config is None else self.config
@@ -445,11 +470,12 @@ class StructureResult:
         return {
             "structure": {
                 **self.plan.describe(),
-                "config": {k: getattr(config, k, None) for k in keys},
+                "config": {k: config_value(config, k) for k in keys},
                 "block_distances": distances,
                 "drop_order": self.drop_order,
                 "greedy_losses": self.greedy_losses,
                 "held": self.held,
+                "pinned_blocks": {str(b): why for b, why in self.pinned.items()},
             }
         }
 
@@ -497,15 +523,18 @@ def structure(
     distances, order, losses = None, None, None
     most = max(s.drop_blocks for s in shapes)
     run = target.drop_run
+    pins = pinned_blocks(model, anat) if most else {}  # an end block the config needs (Gemma 4's last)
+    pinned = frozenset(pins)
     if most and target.drop_rule == "greedy":
         attention = frozenset(i for i, p in enumerate(anat.parts) if p.attention is not None)
         keep = attention if len(attention) < len(anat.parts) else frozenset()  # a hybrid keeps one
-        order, losses = greedy_drop_order(model, evenly_spaced(calibration, greedy_blocks), most, source, run, keep)
+        blocks = evenly_spaced(calibration, greedy_blocks)
+        order, losses = greedy_drop_order(model, blocks, most, source, run, keep, pinned)
     elif most:
         distances = block_distances(model, evenly_spaced(calibration, distance_blocks), batch_size, source, run)
         order = run_order(distances, run)
-        if run == 1:  # the distance rule orders every block: a hybrid's last attention block goes last
-            order = attention_last(anat, order)
+        if run == 1:  # the distance rule orders every block: a hybrid's last attention block, then the pinned, last
+            order = attention_last(anat, [i for i in order if i not in pinned]) + sorted(pinned)
     spread = evenly_spaced(calibration, distance_blocks)
     means = input_means(model, spread, batch_size, source) if target.bias_compensation else None
     search = evenly_spaced(calibration, search_blocks)
@@ -514,4 +543,4 @@ def structure(
         apply_plan(model, plan, means)
     else:  # streamed: the blocks are sliced as they are written; the whole plan is checked first, on a
         apply_plan(meta_twin(model), plan)  # no-memory copy (its config must describe every cut)
-    return StructureResult(plan, kept_scores, distances, order, losses, means, held=dict(anat.fixed))
+    return StructureResult(plan, kept_scores, distances, order, losses, means, held=dict(anat.fixed), pinned=pins)
