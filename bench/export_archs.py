@@ -186,7 +186,10 @@ newlines to other characters, a BOS before the text) whose held-out texts llama.
 the whole global heads. `gemma4-f32`: the same model exported as f32 (the f16 row's misses are near-ties: their
 margins against f32). `gemma4-moe`: 4 blocks, 4 experts of 32 (top-2) beside the MLP in each (26B-A4B's block),
 expert and router weights from N(0, 0.2), the router's input and per-expert scales from N(1, 0.5); contrast: top-1;
-`gemma4-moe-f32` the same exported as f32.
+`gemma4-moe-f32` the same exported as f32. `gemma4-structured`: 4 blocks in 31B's shape (no per-layer embeddings,
+nothing shared, the gemma4 row's sizes otherwise) cut by `--mlp-keep 0.5 --drop-blocks 1` (every head kept: structured
+extraction holds Gemma 4's heads), `gemma4-moe-structured` the gemma4-moe row's model with a block dropped; contrast:
+the unsliced source.
 qwen2-padded-vocab: a tiny Qwen2 (random Q/K/V biases) with 64 embedding rows more than its tokenizer has tokens,
 as Qwen2 / Qwen2.5 / Qwen3 (151,936 rows, 151,665 tokens), Phi-3 and OLMo 2 ship; the export pads the token list
 with unused tokens (before 2026-12-05 it did not, and llama.cpp did not load such a file).
@@ -501,7 +504,7 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
     # the global ones' values their keys), proportional RoPE over a quarter of the global heads; E2B's per-layer
     # embeddings, keys and values shared by the last two blocks and their MLP double-wide; -moe: 26B-A4B's
     # experts (4, top-2) beside the MLP in every block, nothing shared
-    if kind in ("gemma4", "gemma4-moe"):
+    if kind in ("gemma4", "gemma4-moe", "gemma4-structured", "gemma4-moe-structured"):
         kinds = ["sliding_attention", "full_attention"] * (3 if kind == "gemma4" else 2)
         sizes = {**SIZES, "num_hidden_layers": len(kinds), "intermediate_size": 96}
         common = {"head_dim": 16, "global_head_dim": 32, "num_global_key_value_heads": 1, "attention_k_eq_v": True,
@@ -509,6 +512,8 @@ def tiny(kind: str, vocab: int) -> torch.nn.Module:
                   "vocab_size_per_layer_input": vocab}  # fmt: skip
         if kind == "gemma4":
             extra = {"hidden_size_per_layer_input": 8, "num_kv_shared_layers": 2, "use_double_wide_mlp": True}
+        elif kind == "gemma4-structured":  # 31B's shape: no per-layer embeddings, nothing shared, 4 blocks
+            extra = {"hidden_size_per_layer_input": 0}
         else:
             extra = {"hidden_size_per_layer_input": 0, "enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
                      "moe_intermediate_size": 32}  # fmt: skip
@@ -833,6 +838,9 @@ STRUCTURED = {"phi3-structured": [*_CUT, "--heads-keep", "1.0"], "qwen2-structur
               # attention blocks' heads
               "qwen35-structured": [*_CUT, "--heads-keep", "0.5"], "bamba-structured": [*_CUT, "--heads-keep", "0.5"],
               "nemotron-h-structured": [*_CUT, "--heads-keep", "0.5"],
+              # Gemma 4: every head kept (its global layers lay them out otherwise), MLP channels (31B's shape)
+              # and a block (never the last, which its config makes global) cut; the MoE's experts kept
+              "gemma4-structured": _CUT, "gemma4-moe-structured": [*_CUT[:6], "--drop-blocks", "1"],
               # an MoE's heads and depth (its experts untouched: no dense MLP to narrow)
               "mixtral-structured": [*_CUT[:6], "--heads-keep", "0.5", "--drop-blocks", "1"]}  # fmt: skip
 
@@ -942,7 +950,7 @@ def row(kind: str) -> dict[str, Any]:
     ensure_model()
     if kind.removesuffix("-structured").removesuffix("-multimodal") in ("gemma", "gemma2", "gemma3", "gemma3n"):
         tok = gemma_style_tokenizer(2000)
-    elif kind.removesuffix("-f32") in (
+    elif kind.removesuffix("-f32").removesuffix("-structured") in (
         "gemma4",
         "gemma4-moe",
     ):  # no token joins newlines to other characters, a BOS before the text
@@ -1256,6 +1264,8 @@ KINDS = (
     "gemma4-f32",
     "gemma4-moe",
     "gemma4-moe-f32",
+    "gemma4-structured",
+    "gemma4-moe-structured",
     "qwen3-next",
     "apertus",
     "gpt-oss",

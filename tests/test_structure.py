@@ -572,6 +572,10 @@ def test_gemma4_keeps_its_heads_and_loses_mlp_channels_and_blocks(tmp_path: Path
     assert res.plan.drop == [0, 1, 2] and res.describe(model)["structure"]["pinned_blocks"].keys() == {"3"}
     with pytest.raises(UsageError, match=r"heads of Gemma4ForCausalLM: its full_attention layers.*--heads-keep 1\.0"):
         candidate_shapes(anat, None, heads_keep=0.5)
+    # Gemma 4 unified's config turns a last sliding layer into a global one when read back, with the same
+    # shapes (its global layers keep their values): the read-back comparison refuses it, so the block is pinned
+    unified = _odd_model("gemma4_unified_text")
+    assert re.search(r"rewrites layer_types when read back", pinned_blocks(unified, anatomy(unified))[2])
     # E2B/E4B: per-layer embeddings, the last two blocks reusing keys and values with double-wide MLPs
     e2b = _gemma4(hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=2,
                   use_double_wide_mlp=True)  # fmt: skip

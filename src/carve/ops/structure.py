@@ -267,6 +267,13 @@ def config_mismatch(model: nn.Module) -> str | None:
             built = type(model)(config)
     except Exception as e:  # the stock class refuses the rewritten config
         return f"its rewritten config is refused ({type(e).__name__}: {e})"
+    # a config that rewrites its per-block settings on load (Gemma 4 unified makes its last layer a global one)
+    # would build the same shapes and compute otherwise
+    written, read = text_part(saved).to_dict(), text_part(config).to_dict()
+    n = written.get("num_hidden_layers")
+    for key in (*per_layer_lists(text_part(saved), n if isinstance(n, int) else 0), "per_layer_config"):
+        if written.get(key) != read.get(key):
+            return f"its config rewrites {key} when read back ({written.get(key)} becomes {read.get(key)})"
 
     def shapes(m: nn.Module) -> dict[str, tuple[int, ...]]:
         experts = [f"{n}." for n, mod in m.named_modules() if isinstance(mod, ExpertLinears) or is_fused_experts(mod)]
