@@ -44,7 +44,9 @@ SHAPE: dict[str, Any] = {
     "sparsity.linear": _NUM,
     "structure": _OPT_DICT,
     "structure.config": dict,
-    **{f"structure.config.{k}": int for k in ("num_key_value_heads", "intermediate_size", "num_hidden_layers")},
+    "structure.config.num_hidden_layers": int,
+    # one per block where the config holds them by block (Gemma 4's key/value heads)
+    **{f"structure.config.{k}": (int, list) for k in ("num_key_value_heads", "intermediate_size")},
     "trainable": _OPT_DICT,
     "trainable.kind": str,
     "trainable.density": _NUM,
@@ -69,7 +71,8 @@ SHAPE: dict[str, Any] = {
 
 def _type_names(types: Any) -> str:
     types = types if isinstance(types, tuple) else (types,)
-    names = {dict: "a mapping", str: "a string", int: "a whole number", float: "a number", type(None): "null"}
+    names = {dict: "a mapping", str: "a string", int: "a whole number", float: "a number", type(None): "null",
+             list: "a list"}  # fmt: skip
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 

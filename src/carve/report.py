@@ -58,6 +58,7 @@ def run_row(run: Run) -> dict[str, Any]:
     elif m.get("structure"):
         c = {k: "?" for k in ("num_key_value_heads", "intermediate_size", "num_hidden_layers")}
         c |= m["structure"].get("config") or {}
+        c = {k: "/".join(map(str, dict.fromkeys(v))) if isinstance(v, list) else v for k, v in c.items()}  # by block
         what = (
             f"{r.get('method')} structured: {c['num_key_value_heads']} kv groups, "
             f"{c['intermediate_size']} MLP, {c['num_hidden_layers']} blocks"
