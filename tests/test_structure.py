@@ -4,6 +4,7 @@ from_pretrained, parameter arithmetic, unit importance against a direct computat
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ def sliced_as_zeroed(model: torch.nn.Module, shape: Shape, order: list[int], tmp
         torch.testing.assert_close(sliced(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)
     # the config says what the weights are, and stock from_pretrained loads it with no custom code
     sliced.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())  # per-block settings only where the source had them
+    assert ("per_layer_config" in saved) == ("per_layer_config" in model.config.to_dict())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     c = reloaded.config.get_text_config()  # a multimodal model's text model's
     assert c.num_hidden_layers == len(anat.blocks) - shape.drop_blocks
@@ -430,6 +433,8 @@ def test_bias_compensation_keeps_the_mean_output_and_reloads(arch: str, tmp_path
         assert not torch.allclose(without, dense[r], atol=1e-4)  # the compensation did something
     sliced = apply_plan(copy.deepcopy(model), make_plan(Shape(1, 40, 0), groups, channels, None), means)
     sliced.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())  # per-block settings only where the source had them
+    assert ("per_layer_config" in saved) == ("per_layer_config" in model.config.to_dict())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert reloaded.config.attention_bias and (arch != "llama" or reloaded.config.mlp_bias)
     with torch.no_grad():

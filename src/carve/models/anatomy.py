@@ -106,8 +106,13 @@ def width_key(config: Any) -> str:
 def layer_config(config: Any, i: int) -> Any:
     """Block `i`'s own config where settings vary by block (transformers 5's `per_layer_config`: Gemma 4's
     head widths and key/value heads, whose config-wide values it refuses to read), else the config."""
-    per = getattr(config, "per_layer_config", None)
-    return config if per is None else per[i]
+    return config.per_layer_config[i] if per_block_settings(config) else config
+
+
+def per_block_settings(config: Any) -> dict[str, Any]:
+    """The settings `config` holds for single blocks (transformers 5's `per_layer_config` as written: Gemma 4's
+    global layers' head widths and key/value heads, by block index); empty for a config of alike blocks."""
+    return dict(config.to_dict().get("per_layer_config") or {})
 
 
 def config_value(config: Any, key: str) -> Any:

@@ -53,6 +53,7 @@ from carve.models.anatomy import (
     anatomy,
     compensable,
     config_value,
+    per_block_settings,
     text_config,
     text_part,
     width_key,
@@ -176,7 +177,8 @@ def _slice_rows(p: Parts, holder: nn.Module, rows: dict[str, list[int]]) -> None
 
 def shape_config(config: Any, anat: Anatomy, shape: Shape) -> None:
     """Rewrite the widths of `config` in place to what every kept block of `shape` holds."""
-    if shape.kv_groups < anat.kv_heads:  # heads not cut: their fields as they were (Gemma 4's per-kind layouts)
+    # written explicitly, unless the config holds them by block (Gemma 4's per-kind layouts) and they are not cut
+    if not per_block_settings(config) or shape.kv_groups < anat.kv_heads:
         config.head_dim = anat.head_dim  # explicit: most configs derive it from hidden_size / heads otherwise
         config.num_key_value_heads = shape.kv_groups
         config.num_attention_heads = shape.kv_groups * anat.group_size
@@ -198,8 +200,7 @@ def plan_config(config: Any, anat: Anatomy, plan: Plan, roles: list[str]) -> Non
     for key in INDEX_LISTS:
         if isinstance(getattr(config, key, None), list):
             setattr(config, key, [kept.index(i) for i in getattr(config, key) if i in kept])
-    if getattr(config, "per_layer_config", None) is not None and plan.drop:  # transformers 5's per-block settings
-        overrides = config.to_dict().get("per_layer_config") or {}  # (Gemma 4's global layers' heads): by block index
+    if (overrides := per_block_settings(config)) and plan.drop:  # by block index: renumbered to the kept blocks
         config.per_layer_config = {str(kept.index(int(k))): v for k, v in overrides.items() if int(k) in kept}
     config.num_hidden_layers = len(kept)
 
@@ -323,7 +324,8 @@ def _ends(n: int) -> list[int]:
 def pinned_blocks(model: nn.Module, anat: Anatomy) -> dict[int, str]:
     """The end blocks (first, last) that cannot be dropped alone -> why: Gemma 4's config makes its last
     layer a global one, and a hybrid's only attention block cannot go (a meta-device copy, no memory).
-    The drop rules leave them for last (`drop_order`); a block within is checked when a plan drops it."""
+    The distance rule orders them last and the greedy rule never weighs them; a block within is checked
+    when a plan drops it (`apply_plan`)."""
     shape = Shape(anat.kv_heads, anat.intermediate, 1)
     whys = {b: _refusal(model, anat, shape, [b]) for b in _ends(len(anat.blocks))}
     return {b: why for b, why in whys.items() if why is not None}
