@@ -9,7 +9,12 @@ a block's parameters cost per key/value group and per MLP channel.
 Hybrids (Qwen3.5's Gated DeltaNet, Bamba's and Jamba's Mamba, Nemotron-H's single-mixer blocks):
 a block whose `layer_types` entry names a mixer other than softmax attention (`KEPT_MIXERS`)
 keeps that mixer whole; only its MLP channels, and the block itself, can go.  In such a model a
-block may also have no MLP (Nemotron-H's Mamba and attention blocks)."""
+block may also have no MLP (Nemotron-H's Mamba and attention blocks).
+
+Kinds of attention (Gemma 4): blocks of one layer type share a layout; a type whose layout differs
+from the first attention block's (Gemma 4's global layers, its blocks reusing earlier keys and
+values) holds the heads whole, and MLPs of differing widths hold the MLP; head counts are read from
+the first attention block's own settings (`layer_config`)."""
 
 from __future__ import annotations
 
