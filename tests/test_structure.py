@@ -773,7 +773,7 @@ def test_a_streamed_plan_the_config_cannot_describe_is_refused_before_writing(
     src = tmp_path / "helium"
     _odd_model("helium").save_pretrained(src)
     tokenizer.save_pretrained(src)
-    monkeypatch.setattr(structure_module, "held_by_config", lambda _model, _anat: {})
+    monkeypatch.setattr(structure_module, "held_by_config", lambda _model, _anat, _pinned=None: {})
     recipe = Recipe(model=str(src), domain=str(small_corpus), general=str(small_corpus), method="magnitude",
                     structure=True, heads_keep=0.5, calib_blocks=4, block_len=32, eval_blocks=2, cloze_items=0,
                     speed=False, stream=True)  # fmt: skip

@@ -296,12 +296,12 @@ def meta_twin(model: nn.Module) -> nn.Module:
         return type(model)(copy.deepcopy(model.config))
 
 
-def held_by_config(model: nn.Module, anat: Anatomy) -> dict[str, str]:
+def held_by_config(model: nn.Module, anat: Anatomy, pinned: dict[int, str] | None = None) -> dict[str, str]:
     """The dimensions ("heads", "mlp", "depth") a config cannot describe once cut, though the blocks
     could be sliced (Helium's o_proj is as wide as the hidden size whatever the heads): found by
     slicing one unit of each from a meta-device copy of `model` (no memory) and comparing it with
     what its config builds; depth is held where neither the first nor the last block can go alone
-    (`pinned_blocks`)."""
+    (`pinned_blocks`, or `pinned` as it gave them)."""
     n = len(anat.blocks)
     cuts = {
         "heads": Shape(anat.kv_heads - 1, anat.intermediate, 0),
@@ -311,7 +311,7 @@ def held_by_config(model: nn.Module, anat: Anatomy) -> dict[str, str]:
     what = {"heads": "remove heads of", "mlp": "remove MLP channels of", "depth": "drop blocks of"}
     whys = {dim: _refusal(model, anat, shape, []) for dim, shape in cuts.items() if dim not in anat.fixed and room[dim]}
     if "depth" not in anat.fixed and room["depth"]:
-        pinned = pinned_blocks(model, anat)
+        pinned = pinned_blocks(model, anat) if pinned is None else pinned
         whys["depth"] = next(iter(pinned.values())) if len(pinned) == len(_ends(n)) else None
     return {dim: f"structured extraction cannot {what[dim]} {type(model).__name__}: {why}"
             for dim, why in whys.items() if why is not None}  # fmt: skip
@@ -515,7 +515,9 @@ def structure(
     With `source` (a streamed extraction: `model` is its skeleton) every pass runs one block at a
     time and `model` is not sliced: the plan is returned for the writer to slice block by block."""
     anat = anatomy(model)  # refuses an unsupported architecture before any long work
-    anat.fixed.update(held_by_config(model, anat))  # and a cut its config could not describe
+    # a cut its config could not describe; the end blocks it cannot lose (probed once: depth and the drop rules)
+    pins = pinned_blocks(model, anat) if "depth" not in anat.fixed and len(anat.blocks) > 1 else {}
+    anat.fixed.update(held_by_config(model, anat, pins))
     if target.bias_compensation and not compensable(model):
         raise UsageError(
             f"{type(model).__name__}'s config has neither mlp_bias nor attention_bias: the removed units' "
@@ -532,8 +534,7 @@ def structure(
     distances, order, losses = None, None, None
     most = max(s.drop_blocks for s in shapes)
     run = target.drop_run
-    pins = pinned_blocks(model, anat) if most else {}  # an end block the config needs (Gemma 4's last)
-    pinned = frozenset(pins)
+    pinned = frozenset(pins)  # an end block the config needs (Gemma 4's last): the drop rules leave it
     if most and target.drop_rule == "greedy":
         attention = frozenset(i for i, p in enumerate(anat.parts) if p.attention is not None)
         keep = attention if len(attention) < len(anat.parts) else frozenset()  # a hybrid keeps one
@@ -552,4 +553,6 @@ def structure(
         apply_plan(model, plan, means)
     else:  # streamed: the blocks are sliced as they are written; the whole plan is checked first, on a
         apply_plan(meta_twin(model), plan)  # no-memory copy (its config must describe every cut)
-    return StructureResult(plan, kept_scores, distances, order, losses, means, held=dict(anat.fixed), pinned=pins)
+    return StructureResult(
+        plan, kept_scores, distances, order, losses, means, held=dict(anat.fixed), pinned=pins if most else {}
+    )
